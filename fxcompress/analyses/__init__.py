@@ -1,0 +1,5 @@
+"""Shared analyses of a GraphModule (computed once per graph, see fxcompress.analysis)."""
+from .ownership import ParamOwnership
+from .shapes import ShapeInfo
+
+__all__ = ["ParamOwnership", "ShapeInfo"]

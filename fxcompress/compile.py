@@ -1,0 +1,101 @@
+"""compile(): trace once, then for each pass run -> invalidate analyses -> recompile -> verify -> record."""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import ConfigError, FxCompressError, VerificationError
+from .history import append_record
+from .pass_base import Pass, PassContext, PassRecord, PassResult
+from .tracing import trace
+from .verify import OutputSignature, forward, verify_graph
+
+
+def _node_signatures(gm: GraphModule) -> dict[str, str]:
+    return {n.name: f"{n.op}|{n.target}|{n.args}|{n.kwargs}" for n in gm.graph.nodes}
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ConfigError(f"compile.example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
+
+
+def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any = None, *,
+            calibration_data: Sequence | None = None, leaf_modules: Collection[Any] = (),
+            concrete_args: Mapping[str, Any] | None = None, inplace: bool = False,
+            verify: bool = True, progress: bool = False) -> GraphModule:
+    """Trace `model` (or take a GraphModule) and apply `passes` in order, verifying after each.
+
+    Returns the GraphModule itself; `fxcompress.history(gm)` lists what every pass changed.
+    Without `inplace=True` the caller's model is never modified (one deep copy is made).
+    `calibration_data` is an iterable of input tuples (or tensors) for passes that need data.
+    """
+    for index, p in enumerate(passes):
+        if not isinstance(p, Pass):
+            raise ConfigError(f"compile.passes[{index}] must be a Pass instance, got {p!r}")
+    if example_inputs is None:
+        raise ConfigError("compile.example_inputs is required: passes are verified by a forward pass on them")
+    inputs = _as_tuple(example_inputs)
+
+    if isinstance(model, GraphModule):
+        gm = model if inplace else copy.deepcopy(model)
+    elif isinstance(model, nn.Module):
+        gm = trace(model if inplace else copy.deepcopy(model), leaf_modules=leaf_modules,
+                   concrete_args=concrete_args)
+    else:
+        raise ConfigError(f"compile.model must be an nn.Module, got {type(model).__name__}")
+
+    expected = OutputSignature.of(forward(gm, inputs)) if verify else None
+    ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
+    for index, p in enumerate(passes):
+        gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify)
+        if p.changes_output_shapes and verify:
+            expected = OutputSignature.of(forward(gm, inputs))
+    return gm
+
+
+def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
+              expected: OutputSignature | None, verify: bool) -> GraphModule:
+    label = f"pass #{index} {p!r}"
+    before = _node_signatures(gm)
+    start = time.perf_counter()
+    ctx.gm = gm
+    try:
+        result = p(gm, ctx)
+    except FxCompressError:
+        raise  # a pass's own typed error (ConfigError, PreconditionError, ...) already says what is wrong
+    except Exception as exc:
+        raise VerificationError(f"{label} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, PassResult):
+        raise VerificationError(f"{label} returned {type(result).__name__}, not a PassResult")
+    seconds = time.perf_counter() - start
+    if result.gm is not None:
+        result.gm.meta.update({k: v for k, v in gm.meta.items() if k not in result.gm.meta})
+        gm = result.gm
+    ctx.gm = gm
+    if result.changed or result.gm is not None:
+        ctx.analyses.invalidate(keep=type(p).preserves)
+        gm.recompile()
+    if verify:
+        verify_graph(gm, ctx.example_inputs, expected, label)
+    after = _node_signatures(gm)
+    record = PassRecord(
+        name=type(p).__name__, config=p.config(), changed=result.changed,
+        nodes_created=tuple(n for n in after if n not in before),
+        nodes_erased=tuple(n for n in before if n not in after),
+        nodes_changed=tuple(n for n in after if n in before and before[n] != after[n]),
+        params_touched=tuple(result.params_touched), stats=dict(result.stats), seconds=seconds)
+    if not result.changed and (record.nodes_created or record.nodes_erased or record.nodes_changed):
+        raise VerificationError(f"{label} reported changed=False but rewrote nodes "
+                                f"{list(record.nodes_created + record.nodes_erased + record.nodes_changed)[:5]}")
+    append_record(gm, record)
+    return gm

@@ -1,0 +1,35 @@
+"""Small validators for pass configuration: each raises ConfigError naming `Owner.field`."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from numbers import Integral, Real
+from typing import Any
+
+from .errors import ConfigError
+
+
+def check_real(owner: str, field: str, value: Any, lo: float | None = None, hi: float | None = None,
+               *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """`value` must be a real number within [lo, hi] (ends open when asked)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{owner}.{field} must be a number, got {value!r}")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if below or above or value != value:
+        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ConfigError(f"{owner}.{field} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def check_int(owner: str, field: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
+    """`value` must be an integer within [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ConfigError(f"{owner}.{field} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{owner}.{field} must be in [{lo}, {hi}], got {value!r}")
+
+
+def check_choice(owner: str, field: str, value: Any, choices: Iterable[Any]) -> None:
+    """`value` must be one of `choices`."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")

@@ -1,0 +1,29 @@
+"""Every error fxcompress raises on purpose. Catch `FxCompressError` to catch them all."""
+
+
+class FxCompressError(Exception):
+    """Base class of all fxcompress errors."""
+
+
+class ConfigError(FxCompressError, ValueError):
+    """A pass, rule or option was given a bad value; the message names the field or rule line."""
+
+
+class TraceError(FxCompressError):
+    """torch.fx could not trace the model; the message names the module path and the op."""
+
+
+class PreconditionError(FxCompressError):
+    """A pass cannot run on this graph (e.g. it needs calibration data that was not given)."""
+
+
+class VerificationError(FxCompressError):
+    """The graph failed verification after a pass; the message names the pass and the node."""
+
+
+class FormatError(FxCompressError):
+    """A saved file is truncated, corrupted or of an unknown version; the message names the segment."""
+
+
+class MissingDependencyError(FxCompressError, ImportError):
+    """An optional extra (matplotlib, onnx, ...) is needed for this call and is not installed."""

@@ -1,0 +1,34 @@
+"""The record of passes applied to a GraphModule, kept as plain data in `gm.meta`."""
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from .pass_base import PassRecord
+
+_KEY = "fxcompress_history"
+
+
+def history(gm: GraphModule) -> tuple[PassRecord, ...]:
+    """The passes applied to `gm`, oldest first, across every compile() call."""
+    return tuple(PassRecord.from_dict(d) for d in gm.meta.get(_KEY, ()))
+
+
+def append_record(gm: GraphModule, record: PassRecord) -> None:
+    gm.meta.setdefault(_KEY, []).append(record.as_dict())
+
+
+def set_history(gm: GraphModule, records: tuple[PassRecord, ...]) -> None:
+    gm.meta[_KEY] = [r.as_dict() for r in records]
+
+
+def format_history(gm: GraphModule) -> str:
+    """One block per pass: its configuration, whether it changed the graph, and its statistics."""
+    lines = []
+    for i, r in enumerate(history(gm)):
+        config = ", ".join(f"{k}={v!r}" for k, v in r.config.items())
+        lines.append(f"#{i} {r.name}({config}) changed={r.changed} in {r.seconds:.3f}s")
+        lines.append(f"   nodes +{len(r.nodes_created)} -{len(r.nodes_erased)} ~{len(r.nodes_changed)}, "
+                     f"params touched {len(r.params_touched)}")
+        for key, value in r.stats.items():
+            lines.append(f"   {key}: {value}")
+    return "\n".join(lines) if lines else "(no passes applied)"

@@ -1,0 +1,191 @@
+"""Weight-bearing layers of a GraphModule and the chain of nodes that produces each weight.
+
+Passes that act on weights (masks, fake-quant, lowering) turn a `call_module` linear / conv node
+into its functional form so the weight becomes a visible value in the graph:
+
+    get_attr fc1.weight -> [mask mul] -> [fake-quant] -> F.linear(x, weight, bias)
+
+The nodes between the stored parameter and the layer call are the layer's *weight chain*.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+# module type -> (kind, functional form). Order matters: subclasses would come first.
+_MODULES: dict[type, tuple[str, Callable]] = {
+    nn.Linear: ("linear", F.linear),
+    nn.Conv1d: ("conv1d", F.conv1d),
+    nn.Conv2d: ("conv2d", F.conv2d),
+    nn.Conv3d: ("conv3d", F.conv3d),
+    nn.ConvTranspose1d: ("conv_transpose1d", F.conv_transpose1d),
+    nn.ConvTranspose2d: ("conv_transpose2d", F.conv_transpose2d),
+    nn.ConvTranspose3d: ("conv_transpose3d", F.conv_transpose3d),
+}
+FUNCTIONS: dict[Callable, str] = {fn: kind for kind, fn in _MODULES.values()}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A linear / conv layer found in the graph."""
+
+    name: str            # the module path owning the weight ("features.0"); the parameter name if root-owned
+    kind: str            # "linear", "conv2d", "conv_transpose2d", ...
+    node: str            # the node that computes the layer (call_module or call_function)
+    weight: str          # qualified name of the stored weight tensor ("features.0.weight")
+    bias: str | None     # qualified name of the bias, if any
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind.startswith("conv")
+
+
+def _module_kind(module: nn.Module) -> tuple[str, Callable] | None:
+    for cls, entry in _MODULES.items():
+        if type(module) is cls:  # exact type: a subclass may override forward
+            return entry
+    return None
+
+
+def weight_arg(node: Node) -> Node | None:
+    """The node passed as `weight` to a functional linear / conv call."""
+    value = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return value if isinstance(value, Node) else None
+
+
+def _bias_arg(node: Node) -> Node | None:
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return value if isinstance(value, Node) else None
+
+
+def weight_source(node: Node) -> Node | None:
+    """Follow a weight chain from the layer call back to the stored tensor's get_attr node.
+
+    Each transform in a chain takes the weight as its first argument (mul(w, mask), fake_quant(w)).
+    """
+    current = weight_arg(node)
+    while current is not None and current.op != "get_attr":
+        first = current.args[0] if current.args else None
+        current = first if isinstance(first, Node) else None
+    return current
+
+
+def find_layers(gm: GraphModule) -> list[Layer]:
+    """Every linear / conv layer of `gm`, in graph order, module or functional form."""
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            entry = _module_kind(module)
+            if entry is not None:
+                bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+                layers.append(Layer(node.target, entry[0], node.name, f"{node.target}.weight", bias))
+        elif node.op == "call_function" and node.target in FUNCTIONS:
+            source = weight_source(node)
+            if source is None:
+                continue  # the weight is computed from inputs: not a stored layer
+            bias_node = _bias_arg(node)
+            bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
+            owner, _, _ = source.target.rpartition(".")
+            layers.append(Layer(owner or source.target, FUNCTIONS[node.target], node.name, source.target, bias))
+    return layers
+
+
+def layer_node(gm: GraphModule, layer: Layer) -> Node:
+    for node in gm.graph.nodes:
+        if node.name == layer.node:
+            return node
+    raise KeyError(f"layer node {layer.node!r} is not in the graph")
+
+
+def functionalize(gm: GraphModule, node: Node) -> Node:
+    """Replace a call_module linear / conv by get_attr weight (and bias) + its functional form.
+
+    The parameters stay in their module (state_dict keys are unchanged); returns the new node.
+    Layers are named by module path, so the layer keeps its name even though the node's changes.
+    """
+    if node.op == "call_function":
+        return node
+    module = gm.get_submodule(node.target)
+    kind, fn = _module_kind(module)
+    graph: Graph = gm.graph
+    x = node.args[0]
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        if kind == "linear":
+            args = (x, weight, bias)
+        else:
+            if kind.startswith("conv_transpose"):
+                if len(node.args) > 1 or node.kwargs:
+                    raise NotImplementedError("ConvTranspose called with output_size cannot be functionalized")
+                args = (x, weight, bias, module.stride, module.padding, module.output_padding,
+                        module.groups, module.dilation)
+            else:
+                if module.padding_mode != "zeros":
+                    pad = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
+                                              {"mode": module.padding_mode})
+                    args = (pad, weight, bias, module.stride, 0, module.dilation, module.groups)
+                else:
+                    args = (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+        new = graph.create_node("call_function", fn, args, {}, name=node.name)  # fx adds a suffix
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def insert_on_weight(gm: GraphModule, layer: Layer,
+                     build: Callable[[Graph, Node], Node]) -> Node:
+    """Put `build(graph, weight)` between the layer's current weight value and the layer call.
+
+    Returns the node `build` created; the layer is functionalized first when needed.
+    """
+    node = functionalize(gm, layer_node(gm, layer))
+    current = weight_arg(node)
+    with gm.graph.inserting_before(node):
+        new = build(gm.graph, current)
+    node.replace_input_with(current, new)
+    return new
+
+
+def constant_value(gm: GraphModule, node: Node) -> torch.Tensor:
+    """Evaluate a node that depends on no placeholder (e.g. a weight chain), without grad."""
+    env: dict[Node, object] = {}
+
+    def value(n: Node):
+        if n in env:
+            return env[n]
+        if n.op == "placeholder":
+            raise ValueError(f"{n.format_node()} depends on a graph input")
+        args = torch.fx.node.map_arg(n.args, value)
+        kwargs = torch.fx.node.map_arg(n.kwargs, value)
+        if n.op == "get_attr":
+            out = operator.attrgetter(n.target)(gm)
+        elif n.op == "call_function":
+            out = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "call_module":
+            out = gm.get_submodule(n.target)(*args, **kwargs)
+        else:
+            raise ValueError(f"cannot evaluate {n.format_node()}")
+        env[n] = out
+        return out
+
+    with torch.no_grad():
+        return value(node)
+
+
+def effective_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
+    """The weight the layer really computes with (after masks, fake-quant, decoding)."""
+    node = layer_node(gm, layer)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).weight.detach()
+    return constant_value(gm, weight_arg(node)).detach()

@@ -1,0 +1,106 @@
+"""The pass protocol: a frozen dataclass whose fields are its whole configuration.
+
+A pass validates its fields in `__post_init__` (a bad value raises ConfigError naming the field),
+checks graph preconditions in `requires`, rewrites the GraphModule in `run`, and returns a
+PassResult saying what it changed. `__call__` is torch.fx's requires -> run -> ensures.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch.fx import GraphModule
+
+from .analysis import AnalysisCache
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass changed. Nodes created / erased are found by compile() from a graph diff."""
+
+    changed: bool
+    params_touched: tuple[str, ...] = ()
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    gm: GraphModule | None = None  # set only by a pass that returns a new GraphModule
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: inputs, calibration data and shared analyses."""
+
+    example_inputs: tuple
+    calibration_data: Sequence | None = None
+    analyses: AnalysisCache = field(default_factory=AnalysisCache)
+    gm: GraphModule | None = None
+    progress: bool = False
+
+    def get(self, analysis: type) -> Any:
+        """The result of `analysis` on the current graph, computed at most once."""
+        return self.analyses.get(analysis, self.gm, self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass:
+    """Base class of passes. Subclasses are `@dataclass(frozen=True, kw_only=True)`."""
+
+    preserves: ClassVar[tuple[type, ...]] = ()  # analyses still valid after this pass changed the graph
+    changes_output_shapes: ClassVar[bool] = False  # verification then skips the output-shape check
+
+    def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        self.requires(gm, ctx)
+        result = self.run(gm, ctx)
+        self.ensures(result.gm if result.gm is not None else gm, ctx)
+        return result
+
+    def requires(self, gm: GraphModule, ctx: PassContext) -> None:
+        """Raise PreconditionError if the pass cannot run on `gm`."""
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def ensures(self, gm: GraphModule, ctx: PassContext) -> None:
+        """Raise VerificationError if the pass's own postconditions do not hold."""
+
+    def config(self) -> dict[str, Any]:
+        """The configuration as plain data (for history, summaries and files)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly rendering of a config value (callables and objects by name)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, type):
+        return value.__name__
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One entry of a GraphModule's pass history: plain data, safe to save and print."""
+
+    name: str
+    config: Mapping[str, Any]
+    changed: bool
+    nodes_created: tuple[str, ...] = ()
+    nodes_erased: tuple[str, ...] = ()
+    nodes_changed: tuple[str, ...] = ()
+    params_touched: tuple[str, ...] = ()
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PassRecord:
+        tuples = {"nodes_created", "nodes_erased", "nodes_changed", "params_touched"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})

@@ -1,0 +1,6 @@
+"""The compression passes, installed as `fxcompress.passes`. One pass, one job, one file.
+
+Nothing here registers itself anywhere: importing a pass only defines its class.
+"""
+
+__all__: list[str] = []
