@@ -18,6 +18,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+class WeightTransform(nn.Module):
+    """Base class of modules that sit on a weight chain (fake-quant, encoded weights, ...).
+
+    `bits` is the number of bits per stored weight the transform implies (None: unchanged).
+    `storage_bytes()` returns the exact stored bytes split by part ({"positions": n, "indices": n,
+    "codebook": n, "header": n}) once a weight is really encoded, else None (summary estimates).
+    """
+
+    bits: int | None = None
+
+    def storage_bytes(self) -> dict[str, int] | None:
+        return None
+
+
+def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
+    """The WeightTransform modules on the weight chain of a functional layer node, source first."""
+    found = []
+    current = weight_arg(node)
+    while current is not None and current.op != "get_attr":
+        if current.op == "call_module":
+            module = gm.get_submodule(current.target)
+            if isinstance(module, WeightTransform):
+                found.append(module)
+        first = current.args[0] if current.args else None
+        current = first if isinstance(first, Node) else None
+    return found[::-1]
+
+
 # module type -> (kind, functional form). Order matters: subclasses would come first.
 _MODULES: dict[type, tuple[str, Callable]] = {
     nn.Linear: ("linear", F.linear),
@@ -68,11 +96,15 @@ def weight_source(node: Node) -> Node | None:
     """Follow a weight chain from the layer call back to the stored tensor's get_attr node.
 
     Each transform in a chain takes the weight as its first argument (mul(w, mask), fake_quant(w)).
+    The source is a get_attr of a stored tensor, or a call_module with no input that produces the
+    weight itself (an encoded weight after lowering); None when the weight comes from the inputs.
     """
     current = weight_arg(node)
     while current is not None and current.op != "get_attr":
         first = current.args[0] if current.args else None
-        current = first if isinstance(first, Node) else None
+        if not isinstance(first, Node):
+            return current if current.op == "call_module" and not current.args else None
+        current = first
     return current
 
 
