@@ -1,0 +1,134 @@
+"""Data loading: tiny IDX files built here (no network), digits from scikit-learn."""
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from fxcompress.datasets import FASHION_MNIST_SHA256, load_dataset, load_fashion_mnist, read_idx
+from fxcompress.errors import ConfigError, FormatError
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    magic = 0x800 | array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_gz(path, payload: bytes) -> str:
+    path.write_bytes(gzip.compress(payload))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tiny_fashion(folder, n_train=6, n_test=4, side=5):
+    """Four IDX files with known content; returns their checksums."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, side, side)),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, side, side)),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test),
+    }
+    sums = {name: write_gz(folder / name, idx_bytes(a)) for name, a in arrays.items()}
+    return arrays, sums
+
+
+def test_good_idx_files_load_with_their_values(tmp_path):
+    arrays, sums = tiny_fashion(tmp_path)
+    data = load_fashion_mnist(tmp_path, checksums=sums)
+    assert data.train_x.shape == (6, 1, 5, 5) and data.test_x.shape == (4, 1, 5, 5)
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    expected = torch.from_numpy(arrays["train-images-idx3-ubyte.gz"].astype(np.float32) / 255).unsqueeze(1)
+    assert torch.equal(data.train_x, expected)
+    assert data.test_y.tolist() == arrays["t10k-labels-idx1-ubyte.gz"].tolist()
+    assert (data.channels, data.image_size, data.num_classes) == (1, 5, 10)
+
+
+def test_checksum_mismatch_names_the_file(tmp_path):
+    _, sums = tiny_fashion(tmp_path)
+    bad = dict(sums, **{"t10k-labels-idx1-ubyte.gz": "0" * 64})
+    with pytest.raises(FormatError, match="t10k-labels-idx1-ubyte.gz: SHA-256"):
+        load_fashion_mnist(tmp_path, checksums=bad)
+
+
+def test_the_real_checksums_reject_tiny_files(tmp_path):
+    tiny_fashion(tmp_path)
+    with pytest.raises(FormatError, match="SHA-256"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_bad_magic_raises(tmp_path):
+    path = tmp_path / "x.gz"
+    write_gz(path, (0x0D03).to_bytes(4, "big") + (1).to_bytes(4, "big") * 3 + b"\0")
+    with pytest.raises(FormatError, match="x.gz: bad IDX magic"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("cut, message", [(2, "magic"), (9, "header"), (-3, "data bytes")])
+def test_truncated_files_raise(tmp_path, cut, message):
+    payload = idx_bytes(np.zeros((2, 3, 3)))
+    path = tmp_path / "t.gz"
+    write_gz(path, payload[:cut])
+    with pytest.raises(FormatError, match=message):
+        read_idx(path)
+
+
+def test_a_file_that_is_not_gzip_raises(tmp_path):
+    path = tmp_path / "plain.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(FormatError, match="plain.gz: not a readable gzip"):
+        read_idx(path)
+
+
+def test_images_and_labels_must_pair(tmp_path):
+    _, sums = tiny_fashion(tmp_path)
+    sums["train-labels-idx1-ubyte.gz"] = write_gz(tmp_path / "train-labels-idx1-ubyte.gz",
+                                                  idx_bytes(np.zeros(5)))
+    with pytest.raises(FormatError, match="do not pair"):
+        load_fashion_mnist(tmp_path, checksums=sums)
+
+
+def test_missing_files_explain_how_to_get_them(tmp_path):
+    with pytest.raises(FormatError, match="download=True"):
+        load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_download_writes_verified_files_atomically(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _, sums = tiny_fashion(mirror)
+    root = tmp_path / "data"
+    data = load_fashion_mnist(root, download=True, checksums=sums, mirror=mirror.as_uri())
+    assert len(data.train_x) == 6
+    assert sorted(p.name for p in root.iterdir()) == sorted(FASHION_MNIST_SHA256)  # no temp files left
+
+
+def test_download_with_a_bad_checksum_leaves_nothing(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _, sums = tiny_fashion(mirror)
+    root = tmp_path / "data"
+    with pytest.raises(FormatError, match="downloaded file has SHA-256"):
+        load_fashion_mnist(root, download=True, checksums=dict(sums, **{"train-images-idx3-ubyte.gz": "1" * 64}),
+                           mirror=mirror.as_uri())
+    assert not (root / "train-images-idx3-ubyte.gz").exists()
+    assert not [p for p in root.iterdir() if p.name.endswith(".part")]
+
+
+def test_auto_falls_back_to_digits_without_files(tmp_path):
+    data = load_dataset("auto", root=tmp_path)
+    assert data.name == "digits"
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    a, b = load_dataset("digits"), load_dataset("digits")
+    assert a.train_x.shape == (1437, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
+    assert torch.equal(a.test_y, b.test_y) and torch.equal(a.train_x, b.train_x)
+    assert 0.0 <= a.train_x.min() and a.train_x.max() <= 1.0
+    assert torch.bincount(a.test_y).min() >= 35  # stratified: every class ~36 of 360
+
+
+def test_unknown_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="load_dataset.name"):
+        load_dataset("cifar")
