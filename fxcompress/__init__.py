@@ -5,15 +5,17 @@
 """
 from .analysis import Analysis, AnalysisCache
 from .compile import compile
+from .draw import draw, to_networkx
 from .errors import (ConfigError, FormatError, FxCompressError, MissingDependencyError, PreconditionError,
                      TraceError, VerificationError)
 from .history import format_history, history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
+from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis", "AnalysisCache", "ConfigError", "FormatError", "FxCompressError", "MissingDependencyError",
     "Pass", "PassContext", "PassRecord", "PassResult", "PreconditionError", "TraceError", "VerificationError",
-    "compile", "format_history", "history",
+    "Summary", "compile", "draw", "format_history", "history", "summary", "to_networkx",
 ]

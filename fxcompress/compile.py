@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .analyses.shapes import ShapeInfo
 from .errors import ConfigError, FxCompressError, VerificationError
 from .history import append_record
 from .pass_base import Pass, PassContext, PassRecord, PassResult
@@ -60,6 +61,7 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
         gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify)
         if p.changes_output_shapes and verify:
             expected = OutputSignature.of(forward(gm, inputs))
+    ctx.get(ShapeInfo)  # leaves tensor shapes in node.meta for summary() and draw()
     return gm
 
 

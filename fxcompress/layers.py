@@ -130,10 +130,14 @@ def find_layers(gm: GraphModule) -> list[Layer]:
 
 
 def layer_node(gm: GraphModule, layer: Layer) -> Node:
+    """The node computing `layer`, found by its node name or, once rewritten, by its weight."""
     for node in gm.graph.nodes:
         if node.name == layer.node:
             return node
-    raise KeyError(f"layer node {layer.node!r} is not in the graph")
+    for found in find_layers(gm):  # the node was replaced (e.g. functionalized) since `layer` was found
+        if found.weight == layer.weight or found.name == layer.name:
+            return next(n for n in gm.graph.nodes if n.name == found.node)
+    raise KeyError(f"layer {layer.name!r} (node {layer.node!r}) is not in the graph")
 
 
 def functionalize(gm: GraphModule, node: Node) -> Node:

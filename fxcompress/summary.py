@@ -1,0 +1,177 @@
+"""summary(gm): one row per weight-bearing layer — size, sparsity, bits, bytes, MACs — and totals.
+
+Bytes are exact for layers whose weight chain holds an encoded weight (`storage_bytes()`), and
+estimated otherwise: nonzeros at the chain's bits per weight, plus relative indices when sparse
+(Deep Compression's 5 bits for fc, 8 for conv), plus a codebook of 2^bits fp32 entries when the
+bits are below 32, plus the bias in fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .history import format_history
+from .layers import Layer, chain_transforms, constant_value, effective_weight, find_layers, layer_node, weight_arg
+
+COLUMNS = ("layer", "op", "weight_shape", "params", "nonzeros", "sparsity", "bits", "sqnr_db",
+           "dense_bytes", "compressed_bytes", "exact", "macs", "macs_effective")
+_INDEX_BITS = {"linear": 5}  # relative-index width Deep Compression uses; 8 for every conv
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The table of `summary()`: `rows` (list of dicts, one per layer), `totals`, and the pass history."""
+
+    rows: tuple[dict[str, Any], ...]
+    totals: dict[str, Any]
+    history: str
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _cells(self) -> list[list[str]]:
+        return [[_fmt(row.get(c)) for c in COLUMNS] for row in (*self.rows, self.totals)]
+
+    def to_text(self, with_history: bool = True) -> str:
+        cells = [list(COLUMNS), *self._cells()]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in cells]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        lines.append(f"compression ratio {self.totals['ratio']:.2f}x "
+                     f"({'exact' if self.totals['exact'] == 'yes' else 'estimated'} bytes)")
+        if with_history:
+            lines += ["", "passes:", self.history]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        head = "| " + " | ".join(COLUMNS) + " |"
+        rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
+        body = ["| " + " | ".join(r) + " |" for r in self._cells()]
+        return "\n".join([head, rule, *body, "", f"Compression ratio: **{self.totals['ratio']:.2f}x**"])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def _output_shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _input_shape(node) -> tuple[int, ...] | None:
+    first = node.args[0] if node.args else None
+    return _output_shape(first) if first is not None and hasattr(first, "meta") else None
+
+
+def _macs(layer: Layer, weight: torch.Tensor, node) -> int | None:
+    """Multiply-accumulates of the layer for one forward on the example inputs (shape-propagated)."""
+    if layer.kind.startswith("conv_transpose"):
+        shape = _input_shape(node)  # every input element is multiplied by Cout/groups * kernel weights
+        return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
+    shape = _output_shape(node)  # every output element needs weight.numel() / out_features MACs
+    return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
+
+
+def _sqnr(gm: GraphModule, node, weight: torch.Tensor) -> float | None:
+    """SQNR (dB) of the effective weight against the input of the chain's first quantizing transform."""
+    current, reference = weight_arg(node), None
+    while current is not None and current.op != "get_attr":
+        if current.op == "call_module" and getattr(gm.get_submodule(current.target), "bits", None):
+            reference = current.args[0] if current.args else None
+        first = current.args[0] if current.args else None
+        current = first if hasattr(first, "op") else None
+    if reference is None:
+        return None
+    ref = constant_value(gm, reference).double()
+    noise = (ref - weight.double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else None
+
+
+def _row(gm: GraphModule, layer: Layer) -> dict[str, Any]:
+    node = layer_node(gm, layer)
+    weight = effective_weight(gm, layer)
+    transforms = chain_transforms(gm, node) if node.op == "call_function" else []
+    bits = next((t.bits for t in reversed(transforms) if t.bits), 32)
+    bias = gm.get_parameter(layer.bias) if layer.bias else None
+    bias_count = bias.numel() if bias is not None else 0
+    params, nonzeros = weight.numel() + bias_count, int(torch.count_nonzero(weight))
+    exact_parts = next((t.storage_bytes() for t in reversed(transforms) if t.storage_bytes() is not None), None)
+    if exact_parts is not None:
+        compressed, exact = sum(exact_parts.values()), True
+    else:
+        sparse = nonzeros < weight.numel()
+        index_bits = _INDEX_BITS.get(layer.kind, 8) if sparse else 0
+        stored = nonzeros if sparse else weight.numel()
+        codebook = 4 * 2 ** bits if bits < 32 else 0
+        compressed, exact = math.ceil(stored * (bits + index_bits) / 8) + codebook + 4 * bias_count, False
+    macs = _macs(layer, weight, node)
+    return {
+        "layer": layer.name, "op": layer.kind, "weight_shape": tuple(weight.shape), "params": params,
+        "nonzeros": nonzeros, "sparsity": 1 - nonzeros / weight.numel(), "bits": bits,
+        "sqnr_db": _sqnr(gm, node, weight) if transforms else None,
+        "dense_bytes": 4 * params, "compressed_bytes": compressed, "exact": "yes" if exact else "no",
+        "macs": macs, "macs_effective": None if macs is None else round(macs * nonzeros / weight.numel()),
+        **({"bytes_" + k: v for k, v in exact_parts.items()} if exact_parts else {}),
+    }
+
+
+def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
+    """The per-layer compression table of `gm` (MACs need shapes: from the last compile, or pass inputs)."""
+    if example_inputs is not None:
+        from .analyses.shapes import ShapeInfo
+        from .pass_base import PassContext
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        ShapeInfo.compute(gm, PassContext(example_inputs=inputs, gm=gm))
+    layers = find_layers(gm)
+    other = _other_parameters(gm, layers)
+    rows = tuple(_row(gm, layer) for layer in layers) + ((other,) if other else ())
+    return Summary(rows, _totals(rows), format_history(gm))
+
+
+def _other_parameters(gm: GraphModule, layers: list[Layer]) -> dict[str, Any] | None:
+    """One row for the parameters outside linear / conv layers (norms, attention, embeddings), kept fp32."""
+    from .layers import WeightTransform
+    owners = {layer.name for layer in layers}
+    owners |= {name for name, m in gm.named_modules() if isinstance(m, WeightTransform)}
+    tensors = [p for name, p in gm.named_parameters() if name.rpartition(".")[0] not in owners]
+    if not tensors:
+        return None
+    count = sum(p.numel() for p in tensors)
+    return {"layer": "(other parameters)", "op": "", "weight_shape": None, "params": count,
+            "nonzeros": None, "sparsity": None, "bits": 32, "sqnr_db": None, "dense_bytes": 4 * count,
+            "compressed_bytes": 4 * count, "exact": "yes", "macs": None, "macs_effective": None}
+
+
+def _totals(rows: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    def total(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return sum(values) if values else None
+
+    weights = sum(math.prod(r["weight_shape"]) for r in rows if r["weight_shape"])
+    nonzeros = total("nonzeros") or 0
+    return {
+        "layer": "total", "op": "", "weight_shape": None, "params": total("params") or 0, "nonzeros": nonzeros,
+        "sparsity": 1 - nonzeros / weights if weights else 0.0,
+        "bits": None, "sqnr_db": None, "dense_bytes": total("dense_bytes"),
+        "compressed_bytes": total("compressed_bytes"),
+        "exact": "yes" if rows and all(r["exact"] == "yes" for r in rows) else "no",
+        "macs": total("macs"), "macs_effective": total("macs_effective"),
+        "ratio": (total("dense_bytes") or 0) / max(total("compressed_bytes") or 1, 1),
+    }

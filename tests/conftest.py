@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+from fxcompress.zoo import ZOO
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=sorted(ZOO))
+def zoo_model(request):
+    """(name, model in eval mode, example inputs) for every model of the shared zoo."""
+    make_model, make_input = ZOO[request.param]
+    return request.param, make_model().eval(), (make_input(),)

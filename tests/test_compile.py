@@ -1,0 +1,198 @@
+import copy
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.analyses import ShapeInfo
+from fxcompress.config import check_real
+from fxcompress.errors import ConfigError, VerificationError
+from fxcompress.layers import find_layers, insert_on_weight
+from fxcompress.pass_base import Pass, PassResult
+from fxcompress.zoo import LeNet300100
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleWeights(Pass):
+    """Multiplies every linear / conv weight by `factor` through a mul node on its weight chain."""
+
+    factor: float = 1.0
+    preserves: ClassVar = (ShapeInfo,)
+
+    def __post_init__(self):
+        check_real("ScaleWeights", "factor", self.factor, 0.0, None)
+
+    def run(self, gm, ctx):
+        ctx.get(ShapeInfo)
+        layers = find_layers(gm)
+        for layer in layers:
+            insert_on_weight(gm, layer, lambda g, w: g.call_function(operator.mul, (w, self.factor)))
+        return PassResult(changed=bool(layers), params_touched=tuple(l.weight for l in layers),
+                          stats={"layers": len(layers)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeedsShapes(Pass):
+    def run(self, gm, ctx):
+        ctx.get(ShapeInfo)
+        return PassResult(changed=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breaker(Pass):
+    """Breaks the graph in a chosen way, to test verification."""
+
+    how: str = "forward"
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        value = out.args[0]
+        with gm.graph.inserting_before(out):
+            if self.how == "forward":  # a matmul with a wrong shape fails at run time
+                bad = gm.graph.call_function(torch.matmul, (value, torch.ones(3, 3)))
+            elif self.how == "shape":  # output shape changes without the pass declaring it
+                bad = gm.graph.call_function(torch.flatten, (value,))
+            elif self.how == "raise":
+                raise RuntimeError("boom")
+            elif self.how == "silent":  # rewrites the graph but claims nothing changed
+                bad = gm.graph.call_function(operator.add, (value, 0.0))
+                out.replace_input_with(value, bad)
+                return PassResult(changed=False)
+        out.replace_input_with(value, bad)
+        return PassResult(changed=True)
+
+
+def test_no_passes_is_identity_on_zoo(zoo_model):
+    name, model, inputs = zoo_model
+    gm = fxcompress.compile(model, [], example_inputs=inputs)
+    assert isinstance(gm, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(gm(*inputs), model(*inputs)), name
+
+
+def test_pass_changes_graph_and_history_records_it():
+    model, x = LeNet300100().eval(), torch.randn(4, 784)
+    gm = fxcompress.compile(model, [ScaleWeights(factor=2.0)], example_inputs=(x,))
+    muls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.mul]
+    assert len(muls) == 3
+    (record,) = fxcompress.history(gm)
+    assert record.name == "ScaleWeights" and record.config == {"factor": 2.0} and record.changed
+    assert set(n.name for n in muls) <= set(record.nodes_created)
+    assert len(record.nodes_erased) == 3  # the three call_module nodes became functional calls
+    assert record.params_touched == ("fc1.weight", "fc2.weight", "fc3.weight")
+    assert record.stats == {"layers": 3}
+    assert "ScaleWeights(factor=2.0)" in fxcompress.format_history(gm)
+
+
+def test_caller_model_is_not_mutated_unless_inplace():
+    model, x = LeNet300100().eval(), torch.randn(4, 784)
+    before = copy.deepcopy(model.state_dict())
+    gm = fxcompress.compile(model, [ScaleWeights(factor=2.0)], example_inputs=(x,))
+    gm.fc1.weight.data.zero_()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    shared = fxcompress.compile(model, [], example_inputs=(x,), inplace=True)
+    assert shared.fc1.weight is model.fc1.weight
+
+
+def test_graph_module_can_be_compiled_again_and_history_accumulates():
+    x = torch.randn(4, 784)
+    gm = fxcompress.compile(LeNet300100().eval(), [ScaleWeights(factor=2.0)], example_inputs=(x,))
+    gm2 = fxcompress.compile(gm, [ScaleWeights(factor=0.5)], example_inputs=(x,))
+    assert [r.config["factor"] for r in fxcompress.history(gm2)] == [2.0, 0.5]
+    assert len(fxcompress.history(gm)) == 1  # the first GraphModule was copied, not changed
+    with torch.no_grad():
+        ref = LeNet300100().eval()
+        ref.load_state_dict(gm2.state_dict())
+        assert torch.allclose(gm2(x), ref(x), atol=1e-6)  # x2 then x0.5 is the identity
+
+
+def test_analyses_are_shared_and_invalidated():
+    x = torch.randn(4, 784)
+    model = LeNet300100().eval()
+    calls = []
+    original = ShapeInfo.compute.__func__
+
+    def counting(cls, gm, ctx):
+        calls.append(1)
+        return original(cls, gm, ctx)
+
+    ShapeInfo.compute = classmethod(counting)
+    try:
+        fxcompress.compile(model, [NeedsShapes(), NeedsShapes()], example_inputs=(x,))
+        assert len(calls) == 1  # unchanged graph: computed once, shared by both passes and the final summary
+        calls.clear()
+        fxcompress.compile(model, [NeedsShapes(), ScaleWeights(factor=2.0), NeedsShapes()], example_inputs=(x,))
+        assert len(calls) == 1  # ScaleWeights declares it preserves ShapeInfo
+        calls.clear()
+        fxcompress.compile(model, [NeedsShapes(), Breaker(how="shape"), NeedsShapes()], example_inputs=(x,),
+                           verify=False)
+        assert len(calls) == 2  # Breaker preserves nothing: recomputed after it
+    finally:
+        ShapeInfo.compute = classmethod(original)
+
+
+def test_config_error_names_the_field():
+    with pytest.raises(ConfigError, match=r"ScaleWeights\.factor"):
+        ScaleWeights(factor=-1.0)
+    with pytest.raises(ConfigError, match=r"ScaleWeights\.factor"):
+        ScaleWeights(factor="big")
+    with pytest.raises(ConfigError, match=r"passes\[0\]"):
+        fxcompress.compile(LeNet300100(), ["prune"], example_inputs=(torch.randn(1, 784),))
+    with pytest.raises(ConfigError, match="example_inputs"):
+        fxcompress.compile(LeNet300100(), [])
+    with pytest.raises(ConfigError, match="model"):
+        fxcompress.compile("resnet", [], example_inputs=(torch.randn(1, 784),))
+
+
+@pytest.mark.parametrize("how, match", [
+    ("forward", r"pass #1 Breaker\(how='forward'\): forward pass failed at node .*matmul"),
+    ("shape", r"pass #1 Breaker\(how='shape'\): outputs changed"),
+    ("raise", r"pass #1 Breaker\(how='raise'\) raised RuntimeError: boom"),
+    ("silent", r"reported changed=False but rewrote nodes"),
+])
+def test_a_pass_that_breaks_the_graph_raises_verification_error(how, match):
+    x = torch.randn(4, 784)
+    with pytest.raises(VerificationError, match=match) as info:
+        fxcompress.compile(LeNet300100().eval(), [ScaleWeights(factor=1.0), Breaker(how=how)], example_inputs=(x,))
+    if how in ("forward", "raise"):
+        assert info.value.__cause__ is not None
+
+
+def test_lint_failure_is_reported():
+    @dataclass(frozen=True, kw_only=True)
+    class Unordered(Pass):
+        def run(self, gm, ctx):
+            nodes = list(gm.graph.nodes)
+            out = nodes[-1]
+            with gm.graph.inserting_before(nodes[1]):  # uses the output value before it is computed
+                gm.graph.call_function(torch.relu, (out.args[0],))
+            return PassResult(changed=True)
+
+    with pytest.raises(VerificationError, match=r"pass #0 .*Unordered\(\): the graph does not lint: Argument 'fc3' of Node 'relu_2'"):
+        fxcompress.compile(LeNet300100().eval(), [Unordered()], example_inputs=(torch.randn(2, 784),))
+
+
+def test_training_flags_and_bn_statistics_survive_compile():
+    from fxcompress.zoo import VGGBN
+    model = VGGBN().train()
+    gm = fxcompress.compile(model, [], example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert gm.training and all(m.training for m in gm.modules())
+    assert torch.equal(gm.get_submodule("features.1").running_mean, model.features[1].running_mean)
+    assert int(gm.get_submodule("features.1").num_batches_tracked) == 0
+
+
+def test_output_structures_are_checked_for_tuple_outputs():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"a": self.a(x), "b": self.b(x)}
+
+    gm = fxcompress.compile(TwoHeads(), [ScaleWeights(factor=3.0)], example_inputs=torch.randn(2, 4))
+    assert set(gm(torch.randn(2, 4))) == {"a", "b"}

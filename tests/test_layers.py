@@ -1,0 +1,108 @@
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.layers import (WeightTransform, chain_transforms, effective_weight, find_layers, functionalize,
+                               insert_on_weight, layer_node, weight_source)
+from fxcompress.tracing import trace
+
+
+def test_functional_form_is_equivalent_on_zoo(zoo_model):
+    name, model, inputs = zoo_model
+    gm = trace(model)
+    layers = find_layers(gm)
+    assert layers, name
+    for layer in layers:
+        functionalize(gm, layer_node(gm, layer))
+    gm.recompile()
+    after = find_layers(gm)
+    assert [(l.name, l.kind, l.weight, l.bias) for l in after] == [(l.name, l.kind, l.weight, l.bias) for l in layers]
+    with torch.no_grad():
+        assert torch.allclose(gm(*inputs), model(*inputs), atol=1e-6), name
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (2, 3, 8, 8)),
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, stride=2), (2, 4, 9, 9)),
+    (nn.ConvTranspose2d(3, 6, 3, stride=2, padding=1, output_padding=1, groups=3), (2, 3, 5, 5)),
+    (nn.Conv1d(3, 5, 3, bias=False), (2, 3, 10)),
+    (nn.Conv3d(2, 3, 3), (1, 2, 5, 5, 5)),
+])
+def test_functionalize_keeps_every_conv_option(module, shape):
+    model = nn.Sequential(module).eval()
+    gm = trace(model)
+    (layer,) = find_layers(gm)
+    functionalize(gm, layer_node(gm, layer))
+    gm.recompile()
+    x = torch.randn(shape)
+    assert all(n.op != "call_module" for n in gm.graph.nodes)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+
+
+def test_insert_on_weight_and_effective_weight():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    gm = trace(model)
+    (layer,) = find_layers(gm)
+    node = insert_on_weight(gm, layer, lambda g, w: g.call_function(operator.mul, (w, 0.5)))
+    gm.recompile()
+    assert node.target is operator.mul
+    assert torch.equal(effective_weight(gm, layer), model[0].weight.detach() * 0.5)
+    (again,) = find_layers(gm)
+    assert again.weight == "0.weight" and weight_source(layer_node(gm, again)).target == "0.weight"
+
+
+class Doubler(WeightTransform):
+    bits = 5
+
+    def forward(self, w):
+        return w * 2
+
+
+class StoredWeight(WeightTransform):
+    """A transform with no input that produces the weight itself (as an encoded weight does)."""
+
+    bits = 3
+
+    def __init__(self, weight):
+        super().__init__()
+        self.register_buffer("value", weight.clone())
+
+    def forward(self):
+        return self.value
+
+    def storage_bytes(self):
+        return {"indices": 7, "codebook": 32}
+
+
+def test_chain_transforms_and_generator_sources():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    gm = trace(model)
+    (layer,) = find_layers(gm)
+    gm.add_submodule("0.doubler", Doubler())
+    insert_on_weight(gm, layer, lambda g, w: g.call_module("0.doubler", (w,)))
+    gm.recompile()
+    node = layer_node(gm, find_layers(gm)[0])
+    assert [type(t).__name__ for t in chain_transforms(gm, node)] == ["Doubler"]
+    # replace the whole chain by a generator module: the layer is still found, named by its owner
+    gm.add_submodule("0.weight_encoded", StoredWeight(model[0].weight.detach() * 2))
+    with gm.graph.inserting_before(node):
+        generated = gm.graph.call_module("0.weight_encoded", ())
+    node.replace_input_with(node.args[1], generated)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    (layer,) = find_layers(gm)
+    assert layer.name == "0" and layer.weight == "0.weight_encoded"
+    x = torch.randn(2, 4)
+    assert torch.allclose(gm(x), F.linear(x, model[0].weight * 2, model[0].bias))
+
+
+def test_dynamic_weights_are_not_layers():
+    class Dynamic(nn.Module):
+        def forward(self, x, w):
+            return F.linear(x, w)
+
+    assert find_layers(trace(Dynamic())) == []

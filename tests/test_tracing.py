@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import TraceError
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a traced value: torch.fx cannot trace this
+            return x * 2
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), DataDependent())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, double):
+        y = self.fc(x)
+        return y * 2 if double else y
+
+
+def test_untraceable_model_names_module_path_op_and_hint():
+    with pytest.raises(TraceError) as info:
+        fxcompress.compile(Net(), [], example_inputs=torch.randn(2, 4))
+    message = str(info.value)
+    assert "'body.1' (DataDependent)" in message
+    assert "if x.sum() > 0" in message  # the user's line that could not be traced
+    assert "leaf_modules=['body.1']" in message and "concrete_args" in message
+    assert info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("leaf", ["body.1", DataDependent])
+def test_leaf_modules_by_path_or_type_make_it_traceable(leaf):
+    model, x = Net().eval(), torch.randn(2, 4)
+    gm = fxcompress.compile(model, [], example_inputs=x, leaf_modules=[leaf])
+    assert any(n.op == "call_module" and n.target == "body.1" for n in gm.graph.nodes)
+    assert torch.equal(gm(x), model(x))
+
+
+def test_concrete_args_fix_a_branching_flag():
+    model, x = Flagged().eval(), torch.randn(2, 4)
+    with pytest.raises(TraceError, match="<root>"):
+        fxcompress.compile(model, [], example_inputs=(x, True))
+    gm = fxcompress.compile(model, [], example_inputs=(x, True), concrete_args={"double": True})
+    assert torch.equal(gm(x, True), model(x, True))
