@@ -65,17 +65,12 @@ class Doubler(WeightTransform):
 class StoredWeight(WeightTransform):
     """A transform with no input that produces the weight itself (as an encoded weight does)."""
 
-    bits = 3
-
     def __init__(self, weight):
         super().__init__()
-        self.register_buffer("value", weight.clone())
+        self.value = nn.Parameter(weight.clone())
 
     def forward(self):
         return self.value
-
-    def storage_bytes(self):
-        return {"indices": 7, "codebook": 32}
 
 
 def test_chain_transforms_and_generator_sources():
