@@ -2,5 +2,6 @@
 
 Nothing here registers itself anywhere: importing a pass only defines its class.
 """
+from .fake_quant import ActivationConfig, InsertFakeQuant
 
-__all__: list[str] = []
+__all__: list[str] = ["ActivationConfig", "InsertFakeQuant"]

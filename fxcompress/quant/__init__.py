@@ -1,0 +1,98 @@
+"""Trained quantization: fake-quant modules, their quantizers and observers, and switches on a compiled model.
+
+    gm = fxcompress.compile(model, [InsertFakeQuant(bits=5, method="kmeans")], example_inputs=(x,))
+    set_quantization(gm, False)   # the float model, same GraphModule
+    set_quantization(gm, True)
+    freeze_observers(gm)          # activation grids stop following the data
+    recluster(gm)                 # k-means assignments recomputed from the float weights
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from ..errors import PreconditionError
+from ..execution import evaluating
+from ..layers import WeightTransform, constant_value
+from .kmeans1d import KMeans1DResult, assign, initial_centroids, kmeans1d
+from .modules import ActivationQuant, GridWeight, KMeansWeight
+from .observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, PercentileObserver
+from .quantizers import METHODS, Codebook, Grid, fake_quantize, fixed_point_grid, kmeans_codebook, linear_grid, quantize
+
+FAKE_QUANT_MODULES = (KMeansWeight, GridWeight, ActivationQuant)
+
+
+def fake_quant_modules(gm: nn.Module, kinds: tuple[type, ...] = FAKE_QUANT_MODULES) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every fake-quant module of `gm` of the given kinds."""
+    return ((name, m) for name, m in gm.named_modules() if isinstance(m, kinds))
+
+
+def set_quantization(gm: nn.Module, enabled: bool, *, weights: bool = True, activations: bool = True) -> int:
+    """Switch fake-quant on or off (off: the float model); returns how many modules were switched."""
+    kinds = ((KMeansWeight, GridWeight) if weights else ()) + ((ActivationQuant,) if activations else ())
+    switched = 0
+    for _, module in fake_quant_modules(gm, kinds):
+        module.enabled = bool(enabled)
+        switched += 1
+    return switched
+
+
+def freeze_observers(gm: nn.Module, frozen: bool = True) -> int:
+    """Stop (or restart) activation observers updating in training mode; returns how many."""
+    modules = [m for _, m in fake_quant_modules(gm, (ActivationQuant,))]
+    for module in modules:
+        module.observing = not frozen
+    return len(modules)
+
+
+def calibrate(gm: nn.Module, data: Iterable[Any], *, progress: bool = False) -> int:
+    """Run `data` (tensors or tuples of inputs) through `gm` in eval mode, feeding every observer.
+
+    Returns the number of batches seen. The model's training flags are restored afterwards.
+    """
+    modules = [m for _, m in fake_quant_modules(gm, (ActivationQuant,))]
+    if not modules:
+        raise PreconditionError("calibrate: the model has no activation fake-quant (InsertFakeQuant(activations=...))")
+    if progress:
+        from tqdm.auto import tqdm
+        data = tqdm(data, desc="calibrating", unit="batch")
+    batches = 0
+    for module in modules:
+        module.calibrating = True
+    try:
+        with evaluating(gm):
+            for batch in data:
+                gm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                batches += 1
+    finally:
+        for module in modules:
+            module.calibrating = False
+    return batches
+
+
+def recluster(gm: GraphModule, seed: int = 0) -> int:
+    """Re-run k-means on each k-means weight's float input (its chain before the fake-quant).
+
+    Start each clustering from the current centroids. Useful after training the float weights
+    with quantization switched off. Returns the number of layers re-clustered.
+    """
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), KMeansWeight):
+            with torch.no_grad():
+                module.recluster(constant_value(gm, node.args[0]), seed=seed)
+            count += 1
+    return count
+
+
+__all__ = [
+    "FAKE_QUANT_MODULES", "METHODS", "ActivationQuant", "Codebook", "Grid", "GridWeight", "KMeans1DResult",
+    "KMeansWeight", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver",
+    "WeightTransform", "assign", "calibrate", "fake_quant_modules", "fake_quantize", "fixed_point_grid",
+    "freeze_observers", "initial_centroids", "kmeans1d", "kmeans_codebook", "linear_grid", "quantize",
+    "recluster", "set_quantization",
+]

@@ -1,0 +1,157 @@
+"""The fake-quant modules InsertFakeQuant puts in the graph.
+
+Weight modules sit on a weight chain (`weight -> [mask mul] -> fake-quant -> F.linear`) and
+subclass `fxcompress.layers.WeightTransform`; the activation module sits on a layer's input. Each
+rebuilds from `type(m)(**m.config())` plus `load_state_dict`, and can be switched off
+(`enabled = False`) to run the float model on the same GraphModule.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PreconditionError
+from ..layers import WeightTransform
+from .observers import make_observer
+from .quantizers import (Grid, as_rows, check_finite, fake_quantize, fixed_point_grid, from_rows,
+                         kmeans_codebook, linear_grid, quantize)
+
+
+class KMeansWeight(WeightTransform):
+    """Weight sharing: each weight is a trainable centroid picked by a fixed code.
+
+    The forward is a gather of `codebook` by the `codes` buffer, so autograd gives every centroid
+    the sum of its members' gradients (Deep Compression's centroid update) and the assignment
+    never changes unless `recluster` is called. With `fixed_zero`, code 0 decodes to a constant 0
+    that receives no gradient: pruned weights stay exactly zero.
+    """
+
+    def __init__(self, shape: list[int], bits: int, size: int, groups: int = 1, axis: int | None = None,
+                 fixed_zero: bool = True) -> None:
+        super().__init__()
+        self.bits, self.size, self.groups, self.axis, self.fixed_zero = bits, size, groups, axis, fixed_zero
+        self.codebook = nn.Parameter(torch.zeros(groups, size))
+        self.register_buffer("codes", torch.zeros(tuple(shape), dtype=torch.int32))
+        self.enabled = True
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, bits: int, init: str = "linear", *, fix_zeros: bool = True,
+            axis: int | None = None, seed: int = 0) -> KMeansWeight:
+        """Cluster `weight` (per tensor, or per output channel along `axis`) into <= 2^bits values."""
+        book = kmeans_codebook(weight, bits, init, fix_zeros=fix_zeros, axis=axis, seed=seed)
+        module = cls(list(weight.shape), bits, book.centroids.shape[1], book.centroids.shape[0], axis,
+                     book.fixed_zero)
+        module.load_codebook(book.centroids, book.codes)
+        return module
+
+    def load_codebook(self, centroids: torch.Tensor, codes: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.codebook.copy_(centroids)
+            self.codes.copy_(codes)
+
+    def table(self) -> torch.Tensor:
+        """(groups, entries): the values codes decode to, the fixed 0 first when `fixed_zero`."""
+        return F.pad(self.codebook, (1, 0)) if self.fixed_zero else self.codebook
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        table = self.table()
+        if self.groups == 1:
+            return table[0][self.codes].to(weight.dtype)
+        rows = table.gather(1, as_rows(self.codes, self.axis).long())
+        return from_rows(rows, self.codes.shape, self.axis).to(weight.dtype)
+
+    def recluster(self, weight: torch.Tensor, seed: int = 0) -> None:
+        """Cluster `weight` (the chain's float input) again, starting from the current centroids.
+
+        The codebook keeps its shape (and its Parameter, so optimizers keep working).
+        """
+        check_finite(weight, "recluster")
+        if self.fixed_zero and not bool((weight == 0).any()):
+            raise PreconditionError("recluster: this codebook keeps a fixed zero, but the weight has no zeros any "
+                                    "more; insert the fake-quant again instead")
+        start = self.codebook.detach().double().cpu().numpy()
+        book = kmeans_codebook(weight, self.bits, start, fix_zeros=self.fixed_zero, axis=self.axis, seed=seed)
+        self.load_codebook(book.centroids, book.codes)
+
+    def config(self) -> dict[str, Any]:
+        return {"shape": list(self.codes.shape), "bits": self.bits, "size": self.size, "groups": self.groups,
+                "axis": self.axis, "fixed_zero": self.fixed_zero}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, codebook={tuple(self.codebook.shape)}, fixed_zero={self.fixed_zero}"
+
+
+class GridWeight(WeightTransform):
+    """Linear (affine) or fixed-point fake-quant of a weight, rounding with the straight-through estimator.
+
+    The grid is a function of the current weight (its min-max range, or the chosen fixed-point
+    format), recomputed each forward, so it follows the float weights while they train.
+    """
+
+    def __init__(self, bits: int, method: str = "linear", symmetric: bool = False, int_bits: int | None = None,
+                 axis: int | None = None) -> None:
+        super().__init__()
+        self.bits, self.method, self.symmetric, self.int_bits, self.axis = bits, method, symmetric, int_bits, axis
+        self.enabled = True
+
+    def grid(self, weight: torch.Tensor) -> Grid:
+        if self.method == "fixed_point":
+            return fixed_point_grid(weight, self.bits, self.int_bits, self.axis)
+        return linear_grid(weight, self.bits, self.symmetric, self.axis)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return fake_quantize(weight, self.grid(weight), self.axis).to(weight.dtype)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes of `weight` on its grid."""
+        return quantize(weight, self.grid(weight), self.axis)
+
+    def config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "method": self.method, "symmetric": self.symmetric, "int_bits": self.int_bits,
+                "axis": self.axis}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config().items())
+
+
+class ActivationQuant(nn.Module):
+    """Fake-quant of an activation on a min-max grid taken from an observer.
+
+    The observer takes in batches while `calibrating`, and in training mode while `observing`
+    (quantization-aware training); `observing = False` freezes the grid. Before anything was
+    observed the activation passes through unchanged.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, observer: str = "minmax",
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        self.observer = make_observer(observer, **(options or {}))
+        self.kind = observer
+        self.enabled, self.observing, self.calibrating = True, True, False
+
+    def grid(self) -> Grid | None:
+        observed = self.observer.range()
+        if observed is None:
+            return None
+        return linear_grid(torch.tensor(observed), self.bits, self.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating or (self.training and self.observing):
+            self.observer.update(x)
+        grid = self.grid() if self.enabled else None
+        return x if grid is None else fake_quantize(x, grid).to(x.dtype)
+
+    def config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "symmetric": self.symmetric, "observer": self.kind,
+                "options": self.observer.config()}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, observer={self.kind}"

@@ -1,0 +1,141 @@
+"""Observers: running statistics of an activation that give the range its fake-quant grid covers.
+
+Each observer is an nn.Module whose state lives in buffers (so it saves with the model) and whose
+constructor kwargs come back from `config()`; `update(x)` folds a batch in, `range()` returns
+(low, high) as floats, or None before anything was observed.
+
+* MinMaxObserver: the extremes of everything seen;
+* MovingAverageMinMaxObserver: an exponential moving average of per-batch extremes (QAT);
+* PercentileObserver: a histogram of everything seen, cut at a percentile on each side, so rare
+  outliers do not stretch the grid.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import check_int, check_real
+
+OBSERVERS = ("minmax", "moving_average", "percentile")
+
+
+class Observer(nn.Module):
+    """Base class: buffers `low` / `high` hold the observed range once `seen` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("low", torch.tensor(0.0))
+        self.register_buffer("high", torch.tensor(0.0))
+        self.register_buffer("seen", torch.tensor(False))
+
+    def update(self, x: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def range(self) -> tuple[float, float] | None:
+        return (float(self.low), float(self.high)) if bool(self.seen) else None
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = x.detach().float().aminmax()
+        return low, high
+
+
+class MinMaxObserver(Observer):
+    """The smallest and largest value seen."""
+
+    def update(self, x: torch.Tensor) -> None:
+        low, high = self._batch_range(x)
+        if bool(self.seen):
+            low, high = torch.minimum(low, self.low), torch.maximum(high, self.high)
+        self.low.copy_(low)
+        self.high.copy_(high)
+        self.seen.fill_(True)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """low/high move towards each batch's extremes by `momentum` (the first batch sets them)."""
+
+    def __init__(self, momentum: float = 0.1) -> None:
+        super().__init__()
+        check_real("MovingAverageMinMaxObserver", "momentum", momentum, 0.0, 1.0, lo_open=True)
+        self.momentum = float(momentum)
+
+    def update(self, x: torch.Tensor) -> None:
+        low, high = self._batch_range(x)
+        if bool(self.seen):
+            low = torch.lerp(self.low, low, self.momentum)
+            high = torch.lerp(self.high, high, self.momentum)
+        self.low.copy_(low)
+        self.high.copy_(high)
+        self.seen.fill_(True)
+
+    def config(self) -> dict[str, Any]:
+        return {"momentum": self.momentum}
+
+
+class PercentileObserver(Observer):
+    """A histogram over a symmetric range that doubles when a value falls outside it.
+
+    `range()` cuts `100 - percentile` percent of the mass off each tail (at bin resolution).
+    Doubling merges neighbouring bins pairwise, so the counts stay exact and no data is kept.
+    """
+
+    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
+        super().__init__()
+        check_real("PercentileObserver", "percentile", percentile, 50.0, 100.0)
+        check_int("PercentileObserver", "bins", bins, 2)
+        bins = -(-bins // 4) * 4  # doubling merges bins in pairs into the middle half: a multiple of 4
+        self.percentile = float(percentile)
+        self.bins = int(bins)
+        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.float64))
+        self.register_buffer("limit", torch.tensor(0.0))  # the histogram covers [-limit, limit]
+
+    def update(self, x: torch.Tensor) -> None:
+        values = x.detach().float().reshape(-1)
+        low, high = values.aminmax()
+        extent = float(torch.maximum(low.abs(), high.abs()))
+        if not bool(self.seen) or float(self.limit) == 0.0:
+            self.limit.fill_(max(extent, 1e-8))
+        while extent > float(self.limit):
+            self._double()
+        limit = float(self.limit)
+        self.histogram += torch.histc(values, self.bins, -limit, limit).double()
+        self.low.copy_(torch.minimum(low, self.low) if bool(self.seen) else low)
+        self.high.copy_(torch.maximum(high, self.high) if bool(self.seen) else high)
+        self.seen.fill_(True)
+
+    def _double(self) -> None:
+        """Cover [-2 limit, 2 limit] with the same number of bins: pairs of bins merge into the middle half."""
+        merged = self.histogram.reshape(-1, 2).sum(dim=1)
+        quarter = self.bins // 4
+        wider = torch.zeros_like(self.histogram)
+        wider[quarter: quarter + merged.numel()] = merged
+        self.histogram.copy_(wider)
+        self.limit.mul_(2.0)
+
+    def range(self) -> tuple[float, float] | None:
+        if not bool(self.seen):
+            return None
+        cdf = torch.cumsum(self.histogram, 0)
+        total = float(cdf[-1])
+        tail = total * (100.0 - self.percentile) / 100.0
+        width = 2 * float(self.limit) / self.bins
+        first = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=cdf.dtype), right=True))
+        last = int(torch.searchsorted(cdf, torch.tensor(total - tail, dtype=cdf.dtype)))
+        low = max(-float(self.limit) + first * width, float(self.low))
+        high = min(-float(self.limit) + (last + 1) * width, float(self.high))
+        return min(low, high), max(low, high)
+
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "bins": self.bins}
+
+
+def make_observer(kind: str, **options: Any) -> Observer:
+    """An observer by name: "minmax", "moving_average" (momentum=) or "percentile" (percentile=, bins=)."""
+    classes = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
+               "percentile": PercentileObserver}
+    return classes[kind](**options)

@@ -1,0 +1,189 @@
+"""Weight quantizers as pure functions: integer grids (linear, fixed-point) and k-means codebooks.
+
+A grid maps an integer code q in [qmin, qmax] to the value (q - zero_point) * scale. Every grid
+here contains 0 exactly, so pruned zeros stay zero.
+
+* linear, asymmetric: q in [0, 2^b - 1], the range [min(w, 0), max(w, 0)], an integer zero-point;
+* linear, symmetric: q in [-(2^(b-1) - 1), 2^(b-1) - 1], zero-point 0 (needs b >= 2);
+* fixed point: b-bit two's complement, q in [-2^(b-1), 2^(b-1) - 1], scale 2^-frac_bits with
+  frac_bits = b - int_bits; round to nearest, saturate at exactly that range;
+* k-means: a codebook of at most 2^b centroids (one of them a fixed 0 when zeros are kept).
+
+Scales are per tensor, or per output channel (`axis` = the output-channel dimension of the weight).
+Rounding of the fake-quantized forward uses the straight-through estimator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import PreconditionError
+from .kmeans1d import kmeans1d
+
+METHODS = ("kmeans", "linear", "fixed_point")
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """PreconditionError naming `what` when `tensor` holds NaN or Inf."""
+    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    if bad:
+        raise PreconditionError(f"{what}: {bad} of {tensor.numel()} values are NaN/Inf; only finite weights "
+                                f"can be quantized (check the training run that produced them)")
+
+
+def as_rows(tensor: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """The tensor as (groups, values): one row per output channel along `axis`, or one row."""
+    if axis is None:
+        return tensor.reshape(1, -1)
+    return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+
+
+def from_rows(rows: torch.Tensor, shape: torch.Size, axis: int | None) -> torch.Tensor:
+    """Inverse of `as_rows`."""
+    if axis is None:
+        return rows.reshape(shape)
+    moved = (shape[axis], *shape[:axis], *shape[axis + 1:])
+    return rows.reshape(moved).movedim(0, axis)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Integer codes qmin..qmax standing for (q - zero_point) * scale; scale is (groups,) or ()."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+    def broadcast(self, like: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale and zero_point shaped to broadcast against `like` along `axis`."""
+        if axis is None:
+            return self.scale, self.zero_point
+        shape = [1] * like.ndim
+        shape[axis] = -1
+        return self.scale.reshape(shape), self.zero_point.reshape(shape)
+
+
+def integer_range(method: str, bits: int, symmetric: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of a b-bit grid."""
+    if method == "fixed_point":
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if symmetric:
+        return -((1 << (bits - 1)) - 1), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _min_max(weight: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max, widened to include 0 so that 0 is on the grid."""
+    rows = as_rows(weight.detach(), axis).float()
+    low, high = rows.aminmax(dim=1)
+    low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+    return (low[0], high[0]) if axis is None else (low, high)
+
+
+def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: int | None = None) -> Grid:
+    """The min-max uniform grid of `bits` bits covering the weight (every value within half a step)."""
+    qmin, qmax = integer_range("linear", bits, symmetric)
+    low, high = _min_max(weight, axis)
+    if symmetric:
+        scale = torch.maximum(-low, high) / qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (high - low) / qmax
+        zero_point = torch.clamp(torch.round(-low / torch.where(scale > 0, scale, 1.0)), 0, qmax)
+    return Grid(torch.where(scale > 0, scale, torch.ones_like(scale)), zero_point, qmin, qmax)
+
+
+def fixed_point_grid(weight: torch.Tensor, bits: int, int_bits: int | None = None,
+                     axis: int | None = None) -> Grid:
+    """A b-bit two's-complement grid with step 2^-(bits - int_bits).
+
+    `int_bits` counts the bits left of the binary point, sign included. None picks, per group,
+    the most fraction bits for which no weight saturates (each is then within half a step).
+    """
+    qmin, qmax = integer_range("fixed_point", bits)
+    if int_bits is not None:
+        frac = torch.tensor(float(bits - int_bits))
+        if axis is not None:
+            frac = frac.expand(weight.shape[axis])
+    else:
+        low, high = _min_max(weight, axis)
+        # largest f with high <= (qmax + 1/2) 2^-f and -low <= (-qmin + 1/2) 2^-f
+        fits_high = torch.log2((qmax + 0.5) / high)
+        fits_low = torch.log2((-qmin + 0.5) / low.abs())  # abs: -(0.0) would give -inf
+        frac = torch.floor(torch.minimum(fits_high, fits_low))
+        frac = torch.where(torch.isfinite(frac), frac, torch.zeros_like(frac)).clamp(-100, 100)
+    scale = torch.exp2(-frac)
+    return Grid(scale, torch.zeros_like(scale), qmin, qmax)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def fake_quantize(x: torch.Tensor, grid: Grid, axis: int | None = None) -> torch.Tensor:
+    """x snapped onto the grid: round to nearest, saturate at [qmin, qmax].
+
+    Gradients pass straight through the rounding and are zero where the value saturates.
+    """
+    scale, zero_point = grid.broadcast(x, axis)
+    q = torch.clamp(_RoundSTE.apply(x / scale) + zero_point, grid.qmin, grid.qmax)
+    return (q - zero_point) * scale
+
+
+def quantize(x: torch.Tensor, grid: Grid, axis: int | None = None) -> torch.Tensor:
+    """The integer codes of x on the grid (int32); dequantize: (q - zero_point) * scale."""
+    scale, zero_point = grid.broadcast(x, axis)
+    with torch.no_grad():
+        return torch.clamp(torch.round(x / scale) + zero_point, grid.qmin, grid.qmax).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """Per-group centroids (groups, size) and each weight's code; code 0 is a fixed 0 when `fixed_zero`.
+
+    A weight's value is `centroids[group, code - 1]` when fixed_zero (0 for code 0), else
+    `centroids[group, code]`. Groups with fewer distinct values repeat their last centroid.
+    """
+
+    centroids: torch.Tensor  # float32 (groups, size)
+    codes: torch.Tensor      # int32, the weight's shape
+    fixed_zero: bool
+
+
+def kmeans_codebook(weight: torch.Tensor, bits: int, init: str | np.ndarray = "linear", *,
+                    fix_zeros: bool = True, axis: int | None = None, seed: int = 0) -> Codebook:
+    """Weight sharing: cluster each group's values into at most 2^bits shared values.
+
+    With `fix_zeros`, exact zeros (pruned weights) are left out of the clustering and keep a code
+    of their own that always decodes to 0; the nonzeros share the other 2^bits - 1 centroids.
+    `init` may also be an array (groups, size) of starting centroids (re-clustering).
+    """
+    rows = as_rows(weight.detach().float().cpu(), axis)
+    fixed_zero = bool(fix_zeros and (rows == 0).any())
+    size = (1 << bits) - int(fixed_zero)
+    centroids = np.zeros((rows.shape[0], max(size, 1)), np.float32)
+    codes = np.zeros(rows.shape, np.int32)
+    for g, row in enumerate(rows.numpy()):
+        keep = row != 0 if fixed_zero else np.ones(row.shape, bool)
+        if not keep.any():
+            continue
+        start = init if isinstance(init, str) else np.asarray(init, np.float64)[g]
+        result = kmeans1d(row[keep], size, start, seed=seed)
+        found = result.centroids.size
+        centroids[g, :found] = result.centroids
+        centroids[g, found:] = result.centroids[-1]
+        codes[g, keep] = result.labels.astype(np.int32) + int(fixed_zero)
+    shape = weight.shape
+    return Codebook(torch.from_numpy(centroids), from_rows(torch.from_numpy(codes), shape, axis).contiguous(),
+                    fixed_zero)

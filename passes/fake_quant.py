@@ -1,0 +1,271 @@
+"""InsertFakeQuant: trained quantization and weight sharing as fake-quant nodes in the graph
+(Han et al. 2016, "Deep Compression", section 3).
+
+    gm = fxcompress.compile(model, [InsertFakeQuant(bits=5, method="kmeans")], example_inputs=(x,))
+
+Every selected linear / conv weight goes through a fake-quant module before the layer uses it,
+after the mask's `mul(weight, weight_mask)` when the layer is pruned:
+
+    get_attr fc1.weight -> mul(., fc1.weight_mask) -> fc1.weight_quant -> F.linear(x, ., bias)
+
+* kmeans: `KMeansWeight`, a trainable codebook gathered by fixed codes (fine-tuning moves the
+  shared centroids by the summed gradient of their members);
+* linear / fixed_point: `GridWeight`, rounding onto an integer grid with the straight-through estimator.
+
+With `activations=ActivationConfig(...)`, each quantized layer's input gets an `ActivationQuant`
+node whose observer is calibrated on `compile(..., calibration_data=...)`, then frozen or left to
+follow the data in training (QAT). `fxcompress.quant.set_quantization(gm, False)` gives the float
+model back on the same GraphModule.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxcompress.config import check_choice, check_int, check_real
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.layers import FUNCTIONS, Layer, constant_value, find_layers, insert_on_weight, layer_node, weight_arg
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
+from fxcompress.quant.kmeans1d import INITS
+from fxcompress.quant.observers import OBSERVERS
+from fxcompress.quant.quantizers import METHODS, check_finite
+from fxcompress.rules import Field, RuleSchema, choice, integer
+
+# The origin documents' rule form: (parameter pattern, method, bits[, option]); the option is the
+# k-means init, "symmetric" / "asymmetric" for linear, or the integer bits of a fixed-point format.
+QUANT_RULES = RuleSchema("InsertFakeQuant.rules", [
+    Field("method", choice(*METHODS, "float")),
+    Field("bits", integer(1, 16)),
+    Field("option", lambda raw: raw, default=None),
+])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationConfig:
+    """Fake-quant of the inputs of quantized layers.
+
+    observer  "minmax", "moving_average" (momentum) or "percentile" (percentile of each tail kept)
+    freeze    True: the grid is fixed after calibration; False: observers keep following the data
+              in training mode (quantization-aware training)
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    observer: str = "minmax"
+    momentum: float = 0.1
+    percentile: float = 99.99
+    freeze: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("ActivationConfig", "bits", self.bits, 2 if self.symmetric else 1, 16)
+        check_choice("ActivationConfig", "observer", self.observer, OBSERVERS)
+        check_real("ActivationConfig", "momentum", self.momentum, 0.0, 1.0, lo_open=True)
+        check_real("ActivationConfig", "percentile", self.percentile, 50.0, 100.0)
+
+    def build(self) -> ActivationQuant:
+        options = {"moving_average": {"momentum": self.momentum},
+                   "percentile": {"percentile": self.percentile}}.get(self.observer, {})
+        return ActivationQuant(self.bits, self.symmetric, self.observer, options)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one layer's weight is quantized."""
+
+    method: str
+    bits: int
+    init: str = "linear"
+    symmetric: bool = False
+    int_bits: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InsertFakeQuant(Pass):
+    """Quantize selected linear / conv weights (and optionally their inputs) with fake-quant nodes.
+
+    bits         bits per weight, 1..16 (a k-means codebook has at most 2^bits entries)
+    method       "kmeans" (weight sharing), "linear" (uniform affine) or "fixed_point"
+    init         k-means initialisation: "linear", "forgy", "density" or "kmeans++"
+    per_channel  one grid / codebook per output channel instead of one per tensor
+    symmetric    linear only: zero-point 0 and a range symmetric around 0 (needs bits >= 2)
+    int_bits     fixed_point only: bits left of the binary point, sign included; None: the most
+                 fraction bits for which no weight saturates
+    fix_zeros    exact zeros (pruned weights) stay exactly zero; k-means leaves them out of the clustering
+    select       full-match regex over layer names; None: every layer
+    types        layer kinds ("linear", "conv2d", ...) to restrict to
+    rules        per-parameter rules (pattern, method, bits[, option]), a list or a text / YAML / JSON
+                 file; only the layers they match are quantized ("float" leaves a layer alone)
+    activations  ActivationConfig(...) to fake-quantize the inputs of the quantized layers
+    seed         random seed of the forgy / kmeans++ initialisations
+    """
+
+    bits: int = 8
+    method: str = "kmeans"
+    init: str = "linear"
+    per_channel: bool = False
+    symmetric: bool = False
+    int_bits: int | None = None
+    fix_zeros: bool = True
+    select: str | None = None
+    types: tuple[str, ...] = ()
+    rules: Any = None
+    activations: ActivationConfig | None = None
+    seed: int = 0
+
+    preserves: ClassVar[tuple[type, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_choice("InsertFakeQuant", "method", self.method, METHODS)
+        check_choice("InsertFakeQuant", "init", self.init, INITS)
+        for flag in ("per_channel", "symmetric", "fix_zeros"):
+            check_choice("InsertFakeQuant", flag, getattr(self, flag), (True, False))
+        _check_spec(self.default_spec(), "InsertFakeQuant")
+        if self.select is not None:
+            try:
+                re.compile(self.select)
+            except (re.error, TypeError) as exc:
+                raise ConfigError(f"InsertFakeQuant.select must be a regular expression, got {self.select!r} "
+                                  f"({exc})") from None
+        types = (self.types,) if isinstance(self.types, str) else tuple(self.types)
+        for kind in types:
+            check_choice("InsertFakeQuant", "types", kind, sorted(set(FUNCTIONS.values())))
+        object.__setattr__(self, "types", types)
+        if self.activations is not None and not isinstance(self.activations, ActivationConfig):
+            raise ConfigError(f"InsertFakeQuant.activations must be an ActivationConfig(...) or None, "
+                              f"got {self.activations!r}")
+        check_int("InsertFakeQuant", "seed", self.seed, 0)
+        if self.rules is not None:
+            rules = QUANT_RULES.load(self.rules)
+            for rule in rules.rules:
+                _check_spec(self.rule_spec(rule.values, rule.origin), rule.origin)
+            object.__setattr__(self, "rules", rules)
+
+    def default_spec(self) -> LayerQuant:
+        return LayerQuant(self.method, self.bits, self.init, self.symmetric, self.int_bits)
+
+    def rule_spec(self, values: dict[str, Any], origin: str) -> LayerQuant | None:
+        """A rule's (method, bits, option) as a LayerQuant; None for "float"."""
+        method, bits, option = values["method"], values["bits"], values["option"]
+        if method == "float":
+            return None
+        if method == "kmeans":
+            init = self.init if option is None else option
+            if init not in INITS:
+                raise ConfigError(f"{origin}: the k-means option is an init ({', '.join(INITS)}), got {option!r}")
+            return LayerQuant(method, bits, init=init)
+        if method == "linear":
+            if option not in (None, "symmetric", "asymmetric"):
+                raise ConfigError(f"{origin}: the linear option is 'symmetric' or 'asymmetric', got {option!r}")
+            return LayerQuant(method, bits, symmetric=self.symmetric if option is None else option == "symmetric")
+        try:
+            int_bits = None if option is None else integer(0, 64)(option)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: the fixed_point option is its integer bits: {exc}") from None
+        return LayerQuant(method, bits, int_bits=int_bits)
+
+    def plan(self, gm: GraphModule) -> list[tuple[Layer, LayerQuant]]:
+        """The layers this pass quantizes and how, in graph order."""
+        layers = find_layers(gm)
+        if self.types:
+            layers = [layer for layer in layers if layer.kind in self.types]
+        if self.select is not None:
+            layers = [layer for layer in layers if re.fullmatch(self.select, layer.name)]
+        if self.rules is None:
+            return [(layer, self.default_spec()) for layer in layers]
+        assigned = self.rules.assign(layer.weight for layer in layers)
+        specs = [(layer, self.rule_spec(rule.values, rule.origin)) for layer in layers
+                 if (rule := assigned.get(layer.weight)) is not None]
+        return [(layer, spec) for layer, spec in specs if spec is not None]
+
+    def requires(self, gm: GraphModule, ctx: PassContext) -> None:
+        if self.activations is not None and ctx.calibration_data is None:
+            raise PreconditionError("InsertFakeQuant.activations needs calibration data: pass "
+                                    "compile(..., calibration_data=batches)")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        plan = self.plan(gm)
+        stats: dict[str, Any] = {layer.name: self._quantize_weight(gm, layer, spec) for layer, spec in plan}
+        if self.activations is not None and plan:
+            inserted = self._insert_activations(gm, [layer for layer, _ in self.plan(gm)])  # nodes renamed
+            gm.recompile()
+            stats["calibration_batches"] = calibrate(gm, ctx.calibration_data, progress=ctx.progress)
+            stats["activation_quant"] = inserted
+            for name in inserted:
+                gm.get_submodule(name).observing = not self.activations.freeze
+        touched = tuple(layer.weight for layer, _ in plan)
+        return PassResult(changed=bool(touched), params_touched=touched, stats=stats)
+
+    def _quantize_weight(self, gm: GraphModule, layer: Layer, spec: LayerQuant) -> dict[str, Any]:
+        node = layer_node(gm, layer)
+        existing = _weight_quant_node(gm, node)
+        source = existing.args[0] if existing is not None else weight_arg(node)
+        weight = (constant_value(gm, source) if source is not None
+                  else gm.get_submodule(node.target).weight.detach())
+        check_finite(weight, f"InsertFakeQuant: layer {layer.name!r} ({layer.weight})")
+        axis = (1 if layer.kind.startswith("conv_transpose") else 0) if self.per_channel else None
+        if spec.method == "kmeans":
+            module = KMeansWeight.fit(weight, spec.bits, spec.init, fix_zeros=self.fix_zeros, axis=axis,
+                                      seed=self.seed)
+        else:
+            module = GridWeight(spec.bits, spec.method, spec.symmetric, spec.int_bits, axis)
+        name = existing.target if existing is not None else f"{layer.weight}_quant"
+        gm.add_submodule(name, module.to(weight.device))
+        if existing is None:
+            insert_on_weight(gm, layer, lambda graph, w: graph.call_module(name, (w,)))
+        with torch.no_grad():
+            quantized = module(weight)
+        return {"method": spec.method, "bits": spec.bits, "levels": int(torch.unique(quantized).numel()),
+                "sqnr_db": round(_sqnr_db(weight, quantized), 2)}
+
+    def _insert_activations(self, gm: GraphModule, layers: list[Layer]) -> list[str]:
+        """An ActivationQuant on the input of each layer (shared by layers reading the same value)."""
+        inserted: dict[Node, Node] = {}
+        for layer in layers:
+            node = layer_node(gm, layer)
+            x = node.args[0]
+            if isinstance(x, Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target),
+                                                                            ActivationQuant):
+                gm.add_submodule(x.target, self.activations.build())  # quantized before: calibrate afresh
+                inserted[x] = x
+                continue
+            if x not in inserted:
+                owner = layer.weight.rpartition(".")[0]
+                name = f"{owner}.input_quant" if owner else f"{node.name}_input_quant"
+                gm.add_submodule(name, self.activations.build())
+                with gm.graph.inserting_before(node):
+                    inserted[x] = gm.graph.call_module(name, (x,))
+            node.replace_input_with(x, inserted[x])
+        return sorted({n.target for n in inserted.values()})
+
+
+def _weight_quant_node(gm: GraphModule, node: Node) -> Node | None:
+    """The fake-quant node already on this layer's weight chain (from an earlier InsertFakeQuant)."""
+    current = weight_arg(node) if node.op == "call_function" else None
+    while isinstance(current, Node) and current.op != "get_attr":
+        if current.op == "call_module" and isinstance(gm.get_submodule(current.target), (KMeansWeight, GridWeight)):
+            return current
+        current = current.args[0] if current.args else None
+    return None
+
+
+def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    noise = float(((weight.double() - quantized.double()) ** 2).sum())
+    signal = float((weight.double() ** 2).sum())
+    return float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+def _check_spec(spec: LayerQuant | None, owner: str) -> None:
+    if spec is None:
+        return
+    check_int(owner, "bits", spec.bits, 1, 16)
+    if spec.method == "linear" and spec.symmetric and spec.bits < 2:
+        raise ConfigError(f"{owner}: symmetric linear quantization needs bits >= 2 (1 bit has no room for "
+                          f"-s, 0 and +s); use symmetric=False, kmeans or fixed_point at 1 bit")
+    if spec.int_bits is not None:
+        check_int(owner, "int_bits", spec.int_bits, 0, 64)
+
