@@ -1,0 +1,342 @@
+"""The op rules named in `fxcompress.channel_ops`: each maps input tracks to the output track.
+
+A rule is `rule(walk, node, *options) -> track`; a track is `{dim: element ids}` for a tensor, a
+tuple of tracks for a tuple of tensors, None for a non-tensor. Rules couple (`walk.couple`,
+`walk.union`) what must shrink together and freeze (`walk.freeze`) what must not shrink, with a
+reason; they never drop a channel dimension silently.
+"""
+from __future__ import annotations
+
+import numpy as np
+from torch.fx import Node
+
+from .channel_walk import NOT_CHANNEL, Edit, Walk, _arg, _dim, sdpa_scale
+
+
+def _first(node: Node) -> Node:
+    return node.args[0] if node.args else next(iter(node.kwargs.values()))
+
+
+def same(w: Walk, node: Node) -> dict:
+    return dict(w.tensor_track(_first(node)))
+
+
+def shape(w: Walk, node: Node) -> None:
+    return None  # a size read: no channels flow through it
+
+
+def spatial(w: Walk, node: Node, count: int | None) -> dict:
+    x = _first(node)
+    track, nd = dict(w.tensor_track(x)), len(w.shape(x) or ())
+    first = 2 if count is None else nd - count
+    for d in [d for d in track if d >= first]:
+        w.freeze(track.pop(d), f"{node.name} pools or resizes a channel dimension")
+    return track
+
+
+def pad(w: Walk, node: Node) -> dict:
+    x, amounts = node.args[0], _arg(node, 1, "pad")
+    track, nd = dict(w.tensor_track(x)), len(w.shape(x) or ())
+    for i in range(len(amounts) // 2):
+        d = nd - 1 - i
+        if d in track and (amounts[2 * i] != 0 or amounts[2 * i + 1] != 0):
+            w.freeze(track.pop(d), f"{node.name} pads a channel dimension")
+    return track
+
+
+def binary(w: Walk, node: Node) -> dict | None:
+    out = w.shape(node)
+    if out is None:
+        return None
+    inputs = [a for a in (*node.args, *node.kwargs.values()) if w.shape(a) is not None]
+    return _broadcast(w, node, inputs, len(out), trailing=0)
+
+
+def _broadcast(w: Walk, node: Node, tensors: list, count: int, trailing: int) -> dict:
+    """Couple the first `count` broadcast dims of `tensors`, leaving out each one's last `trailing`."""
+    track = {}
+    for k in range(count):
+        entries = []
+        for t in tensors:
+            s = w.shape(t)
+            d = k - (count - (len(s) - trailing))
+            if d >= 0:
+                entries.append((w.tensor_track(t).get(d), s[d]))
+        ids = w.couple(entries, f"{node.name} combines channels with a tensor whose channels cannot be sliced")
+        if ids is not None:
+            track[k] = ids
+    return track
+
+
+def _align(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
+    """Group the non-singleton dims of two shapes of equal numel into blocks of equal product."""
+    ia = [d for d, s in enumerate(a) if s != 1]
+    ib = [d for d, s in enumerate(b) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ia) and j < len(ib):
+        ga, gb, pa, pb = [ia[i]], [ib[j]], a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ga.append(ia[i]); pa *= a[ia[i]]; i += 1
+            else:
+                gb.append(ib[j]); pb *= b[ib[j]]; j += 1
+        groups.append((ga, gb))
+    return groups
+
+
+def _regroup(w: Walk, node: Node, track: dict, ins: list[int], outs: list[int], shapes) -> dict:
+    """Channels of input dims `ins` laid out again over output dims `outs` (same numel)."""
+    a, b = shapes
+    tracked = [d for d in ins if d in track]
+    if not tracked:
+        return {}
+    if len(tracked) > 1:
+        w.freeze({d: track[d] for d in tracked}, f"{node.name} merges two channel dimensions")
+        return {}
+    t = tracked[0]
+    sizes = [a[d] for d in ins]
+    spread = np.broadcast_to(track[t].reshape([-1 if d == t else 1 for d in ins]), sizes)
+    grid = spread.reshape([b[d] for d in outs])
+    varying = [k for k in range(grid.ndim) if grid.shape[k] > 1 and
+               np.any(np.diff(grid, axis=k) != 0)]
+    last = varying[-1]
+    columns = np.moveaxis(grid, last, -1).reshape(-1, grid.shape[last])
+    if len(varying) > 1:  # a split into (heads, head_dim): prune the same positions of every head
+        w.union(columns, np.broadcast_to(columns[0], columns.shape))
+    return {outs[last]: columns[0].copy()}
+
+
+def _reshape_track(w: Walk, node: Node, x: Node) -> dict:
+    a, b = w.shape(x), w.shape(node)
+    track, out = w.tensor_track(x), {}
+    if not track:
+        return out
+    for ins, outs in _align(a, b):
+        out.update(_regroup(w, node, track, ins, outs, (a, b)))
+    covered = {d for ins, _ in _align(a, b) for d in ins}
+    for d in set(track) - covered:
+        w.freeze(track[d], f"{node.name} reshapes a channel dimension")
+    return out
+
+
+def reshape(w: Walk, node: Node) -> dict:
+    out = _reshape_track(w, node, _first(node))
+    sized = node.op == "call_method" and node.target in ("view", "reshape") or node.op == "call_function" and \
+        getattr(node.target, "__name__", "") == "reshape"
+    if out and sized:
+        w.edits[node.name] = Edit("sizes", dict(out))
+    return out
+
+
+def reshape_as(w: Walk, node: Node) -> dict:
+    return _reshape_track(w, node, node.args[0])
+
+
+def squeeze(w: Walk, node: Node) -> dict:
+    return _reshape_track(w, node, _first(node))
+
+
+unsqueeze = squeeze
+
+
+def expand(w: Walk, node: Node) -> dict:
+    x, out = node.args[0], w.shape(node)
+    shift = len(out) - len(w.shape(x))
+    track = {d + shift: ids for d, ids in w.tensor_track(x).items()}
+    if track and node.target == "expand":
+        w.edits[node.name] = Edit("sizes", dict(track))
+    return track
+
+
+expand_as = expand
+
+
+def _dims_arg(node: Node, start: int) -> list[int]:
+    rest = node.args[start:] or (node.kwargs.get("dims"),)
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+
+
+def permute(w: Walk, node: Node) -> dict:
+    x = node.args[0]
+    nd = len(w.shape(x))
+    order = [_dim(d, nd) for d in _dims_arg(node, 1)]
+    track = w.tensor_track(x)
+    return {new: track[old] for new, old in enumerate(order) if old in track}
+
+
+def transpose(w: Walk, node: Node) -> dict:
+    x = node.args[0]
+    nd = len(w.shape(x))
+    d0, d1 = _dim(_arg(node, 1, "dim0"), nd), _dim(_arg(node, 2, "dim1"), nd)
+    swap = {d0: d1, d1: d0}
+    return {swap.get(d, d): ids for d, ids in w.tensor_track(x).items()}
+
+
+def reduce(w: Walk, node: Node) -> dict:
+    x = node.args[0]
+    nd = len(w.shape(x))
+    dims = _arg(node, 1, "dim")
+    keep = _arg(node, 2, "keepdim", False)
+    dims = set(range(nd)) if dims is None else {_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    track, out = w.tensor_track(x), {}
+    for d, ids in track.items():
+        if d in dims:
+            w.freeze(ids, f"{node.name} reduces over a channel dimension")
+        else:
+            out[d if keep else d - sum(1 for r in dims if r < d)] = ids
+    return out
+
+
+def softmax(w: Walk, node: Node) -> dict:
+    x = node.args[0]
+    nd = len(w.shape(x))
+    dim = w.gm.get_submodule(node.target).dim if node.op == "call_module" else _arg(node, 1, "dim")
+    track = dict(w.tensor_track(x))
+    if dim is not None and _dim(dim, nd) in track:
+        w.freeze(track.pop(_dim(dim, nd)), f"{node.name} normalizes over a channel dimension")
+    return track
+
+
+def cat(w: Walk, node: Node) -> dict:
+    tensors, out = list(_arg(node, 0, "tensors")), w.shape(node)
+    dim = _dim(_arg(node, 1, "dim", 0), len(out))
+    track = _couple_dims(w, node, tensors, len(out), skip=dim)
+    pieces = [w.tensor_track(t).get(dim) for t in tensors]
+    if any(p is not None for p in pieces):
+        for i, t in enumerate(tensors):
+            if pieces[i] is None:
+                pieces[i] = w.fresh(w.shape(t)[dim])
+                w.freeze(pieces[i], f"{node.name} concatenates channels that cannot be sliced")
+        track[dim] = np.concatenate(pieces)
+    return track
+
+
+def _couple_dims(w: Walk, node: Node, tensors: list, ndim: int, skip: int | None = None) -> dict:
+    track = {}
+    for d in range(ndim):
+        if d != skip:
+            entries = [(w.tensor_track(t).get(d), w.shape(t)[d]) for t in tensors]
+            ids = w.couple(entries, f"{node.name} joins channels with a tensor whose channels cannot be sliced")
+            if ids is not None:
+                track[d] = ids
+    return track
+
+
+def stack(w: Walk, node: Node) -> dict:
+    tensors, out = list(_arg(node, 0, "tensors")), w.shape(node)
+    dim = _dim(_arg(node, 1, "dim", 0), len(out))
+    inner = _couple_dims(w, node, tensors, len(w.shape(tensors[0])))
+    return {d + (d >= dim): ids for d, ids in inner.items()}
+
+
+def _pieces(w: Walk, node: Node, dim_index: int) -> tuple:
+    x = node.args[0]
+    nd = len(w.shape(x))
+    dim = _dim(_arg(node, dim_index, "dim", 0), nd)
+    track = w.tensor_track(x)
+    sizes = [m.shape[dim] for m in w.meta[node.name]]
+    if dim not in track:
+        return tuple(dict(track) for _ in sizes)
+    bounds = np.cumsum([0, *sizes])
+    pieces = [track[dim][bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
+    w.edits[node.name] = Edit("split", dim=dim, pieces=pieces)
+    return tuple({**track, dim: p} for p in pieces)
+
+
+def split(w: Walk, node: Node) -> tuple:
+    return _pieces(w, node, 2)
+
+
+def chunk(w: Walk, node: Node) -> tuple:
+    return _pieces(w, node, 2)
+
+
+def unbind(w: Walk, node: Node) -> tuple:
+    x = node.args[0]
+    nd = len(w.shape(x))
+    dim = _dim(_arg(node, 1, "dim", 0), nd)
+    track = dict(w.tensor_track(x))
+    if dim in track:
+        w.freeze(track.pop(dim), f"{node.name} unbinds a channel dimension")
+    out = {d - (d > dim): ids for d, ids in track.items()}
+    return tuple(dict(out) for _ in w.meta[node.name])
+
+
+def getitem(w: Walk, node: Node) -> object:
+    container, index = node.args
+    inner = w.track(container)
+    if isinstance(inner, tuple):
+        return inner[index] if isinstance(index, int) else w.unknown(node, f"{node.name} slices a tuple")
+    if w.shape(container) is None:
+        return None
+    return _index_tensor(w, node, container, index if isinstance(index, tuple) else (index,))
+
+
+def _index_tensor(w: Walk, node: Node, x: Node, index: tuple) -> dict:
+    track, nd = w.tensor_track(x), len(w.shape(x))
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in index):
+        return w.unknown(node, f"{node.name} indexes channels with a tensor")
+    out, slices, d_in, d_out = {}, {}, 0, 0
+    for position, item in enumerate(index):
+        if item is None:
+            d_out += 1
+        elif item is Ellipsis:
+            for _ in range(nd - sum(1 for i in index if i is not None and i is not Ellipsis)):
+                if d_in in track:
+                    out[d_out] = track[d_in]
+                d_in, d_out = d_in + 1, d_out + 1
+        elif isinstance(item, int):
+            if d_in in track:
+                w.freeze(track[d_in], f"{node.name} picks a single channel")
+            d_in += 1
+        else:
+            if d_in in track:
+                if item.step not in (None, 1) or any(isinstance(v, Node) for v in (item.start, item.stop)):
+                    w.freeze(track[d_in], f"{node.name} slices channels with a step or computed bounds")
+                else:
+                    out[d_out] = track[d_in][item]
+                    if item != slice(None):
+                        slices[position] = track[d_in]
+            d_in, d_out = d_in + 1, d_out + 1
+    for d in range(d_in, nd):
+        if d in track:
+            out[d_out + d - d_in] = track[d]
+    if slices:
+        w.edits[node.name] = Edit("slice", slices)
+    return out
+
+
+def matmul(w: Walk, node: Node) -> dict:
+    a, b = node.args[0], node.args[1]
+    sa, sb, out = w.shape(a), w.shape(b), w.shape(node)
+    ta, tb = w.tensor_track(a), w.tensor_track(b)
+    if len(sa) < 2 or len(sb) < 2:
+        return w.unknown(node, f"{node.name} multiplies a vector")
+    reason = f"{node.name} contracts channels with a tensor whose channels cannot be sliced"
+    w.couple([(ta.get(len(sa) - 1), sa[-1]), (tb.get(len(sb) - 2), sb[-2])], reason)
+    track = _broadcast(w, node, [a, b], len(out) - 2, trailing=2)
+    for d, ids in ((len(out) - 2, ta.get(len(sa) - 2)), (len(out) - 1, tb.get(len(sb) - 1))):
+        if ids is not None:
+            track[d] = ids
+    return track
+
+
+def sdpa(w: Walk, node: Node) -> dict:
+    q, k, v = node.args[:3]
+    sq, sk, sv, out = w.shape(q), w.shape(k), w.shape(v), w.shape(node)
+    tq, tk, tv = w.tensor_track(q), w.tensor_track(k), w.tensor_track(v)
+    reason = f"{node.name} attends with a tensor whose channels cannot be sliced"
+    w.couple([(tq.get(len(sq) - 1), sq[-1]), (tk.get(len(sk) - 1), sk[-1])], reason)
+    w.couple([(tk.get(len(sk) - 2), sk[-2]), (tv.get(len(sv) - 2), sv[-2])], reason)
+    track = _broadcast(w, node, [q, k, v], len(out) - 2, trailing=2)
+    for d, ids in ((len(out) - 2, tq.get(len(sq) - 2)), (len(out) - 1, tv.get(len(sv) - 1))):
+        if ids is not None:
+            track[d] = ids
+    if len(sq) - 1 in tq and node.kwargs.get("scale") is None:
+        w.edits[node.name] = Edit("sdpa_scale", value=sdpa_scale(sq[-1]))  # keep the unpruned scale
+    return track
+
+
+from .channel_layer_rules import (batch_norm, channel_shuffle, conv, conv_transpose, embedding,  # noqa: E402,F401
+                                  group_norm, instance_norm, layer_norm, linear, mha, prelu)

@@ -1,0 +1,229 @@
+"""The walk behind ChannelGraph: one pass over the graph in topological order applying op rules.
+
+Every channel of every prunable tensor dimension is an *element* (an int). Parameters own them:
+the first time a parameter dimension is seen it gets fresh elements (a *slot*). A tensor value
+carries a *track*, `{dim: ids}`, saying which element each position of a channel dimension holds;
+rules compute the output track from the input tracks (cat concatenates ids, slicing slices them,
+flatten repeats them in blocks, a head split couples them across heads) and record which elements
+must go together (`union`) or can never go (`freeze`, with the reason). Element classes are the
+connected components of the unions; they are computed afterwards, in C, by scipy.
+
+Cost: each node does numpy work proportional to the channels it carries, so the walk is linear in
+the size of the graph's tensors' channel lists; a DenseNet concatenation chain costs the length of
+its concatenated id arrays, nothing quadratic in Python.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from ..channel_ops import FUNCTION_RULES, METHOD_RULES, module_rule
+from ..layers import weight_source
+
+NOT_CHANNEL = "not a channel dimension"
+Track = dict  # {dim: np.ndarray of element ids}
+
+
+@dataclass
+class LayerChannels:
+    """A weight-bearing layer as the analysis sees it: which elements its output and input positions hold."""
+
+    node: str
+    name: str                  # module path (or the weight's owner for functional layers)
+    kind: str                  # "conv", "conv_transpose", "linear", "embedding", "mha"
+    weight: str | None         # qualified name of the stored weight
+    out_ids: np.ndarray | None  # element of each position of the weight's output dim
+    in_ids: np.ndarray | None   # element of each input channel (None: not prunable from here)
+    groups: int = 1
+    out_dim: int = 0            # the weight dim holding output channels (1 for transposed conv, embedding)
+
+
+@dataclass
+class Edit:
+    """A node whose arguments spell a channel count; the pass rewrites them after pruning.
+
+    kind "sizes": {out_dim: ids} of view/reshape/expand; "split": pieces of split/chunk along `dim`;
+    "slice": getitem slices {index position: ids}; "groups"/"num_groups": group counts of functional
+    conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin attention's scale to `value`.
+    """
+
+    kind: str
+    ids: dict = field(default_factory=dict)
+    dim: int = 0
+    pieces: list = field(default_factory=list)
+    per_group: int = 1
+    value: float = 0.0
+
+
+def _dim(d: int, nd: int) -> int:
+    return d + nd if d < 0 else d
+
+
+def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+class Walk:
+    """State of one walk over a GraphModule; `run()` visits every node once."""
+
+    def __init__(self, gm: GraphModule, meta) -> None:
+        self.gm, self.meta = gm, meta
+        self.count = 0
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.frozen: list[tuple[np.ndarray, str]] = []
+        self.slots: dict[tuple[str, int], np.ndarray] = {}
+        self.layers: list[LayerChannels] = []
+        self.edits: dict[str, Edit] = {}
+        self.tracks: dict[Node, Any] = {}
+
+    # ---- elements -------------------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        ids = np.arange(self.count, self.count + n, dtype=np.int64)
+        self.count += n
+        return ids
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.pairs.append((a.ravel(), b.ravel()))
+
+    def freeze(self, track: Any, reason: str) -> None:
+        if isinstance(track, dict):
+            for ids in track.values():
+                self.frozen.append((ids.ravel(), reason))
+        elif isinstance(track, np.ndarray):
+            self.frozen.append((track.ravel(), reason))
+        elif isinstance(track, (tuple, list)):
+            for t in track:
+                self.freeze(t, reason)
+
+    def couple(self, entries: list[tuple[np.ndarray | None, int]], reason: str) -> np.ndarray | None:
+        """Positions of same-size dims hold the same channel: union their ids.
+
+        `entries` are (ids or None, size). A size-1 dim broadcasts and couples nothing; a dim of the
+        full size that carries no ids (a constant, an input) cannot shrink, so the others freeze.
+        """
+        size = max((s for _, s in entries), default=1)
+        full = [(ids, s) for ids, s in entries if s == size and size > 1]
+        tracked = [ids for ids, _ in full if ids is not None]
+        if not tracked:
+            return None
+        if len(tracked) < len(full):
+            self.freeze(tracked, reason)
+        for other in tracked[1:]:
+            self.union(tracked[0], other)
+        return tracked[0]
+
+    def param_track(self, name: str, dims: tuple[int, ...] | None = None) -> Track:
+        """The elements of a stored tensor's dims (created once per parameter dim)."""
+        tensor = operator.attrgetter(name)(self.gm)
+        if not isinstance(tensor, torch.Tensor):
+            return {}
+        track = {}
+        for d in range(tensor.dim()) if dims is None else dims:
+            if tensor.shape[d] > 1:
+                key = (name, d)
+                if key not in self.slots:
+                    self.slots[key] = self.fresh(tensor.shape[d])
+                track[d] = self.slots[key]
+        return track
+
+    def module_param(self, node: Node, attr: str, dims: tuple[int, ...]) -> Track | None:
+        module = self.gm.get_submodule(node.target)
+        if getattr(module, attr, None) is None:
+            return None
+        return self.param_track(f"{node.target}.{attr}", dims)
+
+    # ---- values ---------------------------------------------------------------------------
+    def shape(self, value: Any) -> tuple[int, ...] | None:
+        if not isinstance(value, Node):
+            return None
+        m = self.meta.get(value.name)
+        return tuple(m.shape) if isinstance(m, TensorMetadata) else None
+
+    def track(self, value: Any) -> Any:
+        return self.tracks.get(value) if isinstance(value, Node) else None
+
+    def tensor_track(self, value: Any) -> Track:
+        t = self.track(value)
+        return t if isinstance(t, dict) else {}
+
+    def empty_output(self, node: Node) -> Any:
+        m = self.meta.get(node.name)
+        if isinstance(m, TensorMetadata):
+            return {}
+        if isinstance(m, (tuple, list)):
+            return tuple({} if isinstance(x, TensorMetadata) else None for x in m)
+        return None
+
+    # ---- the walk -------------------------------------------------------------------------
+    def run(self) -> None:
+        from . import channel_rules as rules
+
+        for node in self.gm.graph.nodes:
+            self.tracks[node] = self.visit(node, rules)
+
+    def visit(self, node: Node, rules) -> Any:
+        if node.op == "placeholder":
+            return self.empty_output(node)
+        if node.op == "get_attr":
+            return self.param_track(node.target) if self.shape(node) is not None else None
+        if node.op == "output":
+            self.freeze(self.all_input_tracks(node), f"reaches the model output ({node.name})")
+            return None
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            rule, what = module_rule(module), f"module {type(module).__name__} '{node.target}'"
+        elif node.op == "call_function":
+            rule, what = _lookup(FUNCTION_RULES, node.target), f"function {getattr(node.target, '__name__', node.target)}"
+        else:
+            rule, what = METHOD_RULES.get(node.target), f"method .{node.target}()"
+        if rule is None:
+            return self.unknown(node, f"unsupported {what} at {node.name}")
+        name, *options = rule if isinstance(rule, tuple) else (rule,)
+        return getattr(rules, name)(self, node, *options)
+
+    def all_input_tracks(self, node: Node) -> list:
+        found = []
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(self.tracks.get(n)))
+        return found
+
+    def unknown(self, node: Node, reason: str) -> Any:
+        self.freeze(self.all_input_tracks(node), reason)
+        return self.empty_output(node)
+
+    def add_layer(self, node: Node, kind: str, out_ids, in_ids, groups: int = 1, out_dim: int = 0) -> None:
+        if kind == "mha":
+            name, weight = node.target, f"{node.target}.in_proj_weight"
+        elif node.op == "call_module":
+            name, weight = node.target, f"{node.target}.weight"
+        else:
+            source = weight_source(node) if kind != "embedding" else _embedding_source(node)
+            weight = source.target if source is not None and source.op == "get_attr" else None
+            name = weight.rpartition(".")[0] or weight if weight else node.name
+        self.layers.append(LayerChannels(node.name, name, kind, weight, out_ids, in_ids, groups, out_dim))
+
+
+def _embedding_source(node: Node) -> Node | None:
+    w = _arg(node, 1, "weight")
+    while isinstance(w, Node) and w.op != "get_attr":
+        w = w.args[0] if w.args and isinstance(w.args[0], Node) else None
+    return w
+
+
+def _lookup(table: dict, target: Any) -> Any:
+    try:
+        return table.get(target)
+    except TypeError:  # an unhashable target
+        return None
+
+
+def sdpa_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

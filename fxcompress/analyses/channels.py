@@ -1,0 +1,139 @@
+"""ChannelGraph: which channels of which tensors must shrink together, computed once per graph.
+
+Channels are elements; the op rules (`fxcompress.channel_ops`) couple the elements that must be
+removed together (a residual add, a concatenation's offsets, a head split) and freeze the ones that
+must stay (an unknown op, the model output), each with its reason. A *class* is a set of coupled
+elements: removing a channel removes a class. A *group* is a connected component of the networkx
+graph whose nodes are parameter slots `(parameter, dim)` and whose edges join slots sharing a class:
+the layers whose widths change together. Print a ChannelGraph to see the groups before pruning.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import networkx as nx
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch.fx import GraphModule
+
+from ..analysis import Analysis
+from .channel_walk import NOT_CHANNEL, Edit, LayerChannels, Walk
+from .shapes import ShapeInfo
+
+Slot = tuple[str, int]  # (qualified parameter or buffer name, dim)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Slots whose widths change together, the classes (channels) they hold, and what is frozen."""
+
+    index: int
+    slots: tuple[Slot, ...]
+    classes: np.ndarray        # every class of the group
+    prunable: np.ndarray       # the classes that may be removed
+    frozen: str | None         # why some (or all) classes must stay; None if none must
+    producers: tuple[str, ...]  # layers whose output channels are in the group
+    consumers: tuple[str, ...]  # layers whose input channels are in the group
+
+    @property
+    def label(self) -> str:
+        if self.producers:
+            return self.producers[0] + (f" (+{len(self.producers) - 1})" if len(self.producers) > 1 else "")
+        return f"{self.slots[0][0]}[{self.slots[0][1]}]"
+
+    def __str__(self) -> str:
+        state = f"{len(self.prunable)}/{len(self.classes)} prunable"
+        if self.frozen:
+            state += f"; frozen: {self.frozen}"
+        return (f"group {self.index} [{self.label}]: {state}\n"
+                f"  producers: {', '.join(self.producers) or '-'}\n"
+                f"  consumers: {', '.join(self.consumers) or '-'}\n"
+                f"  slots: {', '.join(f'{p}[{d}]' for p, d in self.slots)}")
+
+
+@dataclass(frozen=True)
+class ChannelGraph(Analysis):
+    """The channel dependency graph of a GraphModule (see the module docstring)."""
+
+    labels: np.ndarray                    # element -> class
+    slots: Mapping[Slot, np.ndarray]      # parameter dims -> element of each position
+    layers: tuple[LayerChannels, ...]
+    edits: Mapping[str, Edit]             # nodes whose arguments spell channel counts
+    frozen_classes: Mapping[int, str]     # class -> why it must stay
+    groups: tuple[ChannelGroup, ...]
+    graph: nx.Graph                       # slots, joined when they share a class
+
+    @classmethod
+    def compute(cls, gm: GraphModule, ctx) -> ChannelGraph:
+        walk = Walk(gm, ctx.get(ShapeInfo).meta)
+        walk.run()
+        labels = _classes(walk.count, walk.pairs)
+        frozen = _frozen(labels, walk.frozen)
+        graph, groups = _groups(labels, walk.slots, frozen, walk.layers)
+        return cls(labels, MappingProxyType(walk.slots), tuple(walk.layers), MappingProxyType(walk.edits),
+                   MappingProxyType(frozen), groups, graph)
+
+    def classes_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.labels[ids]
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if len(g.prunable)]
+
+    def __str__(self) -> str:
+        return "\n".join(str(g) for g in self.groups) or "(no channel groups)"
+
+
+def _classes(count: int, pairs: list) -> np.ndarray:
+    if not pairs:
+        return np.arange(count)
+    rows = np.concatenate([a for a, _ in pairs])
+    cols = np.concatenate([b for _, b in pairs])
+    matrix = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(count, count))
+    return connected_components(matrix, directed=False)[1]
+
+
+def _frozen(labels: np.ndarray, frozen: list) -> dict[int, str]:
+    if not frozen:
+        return {}
+    ids = np.concatenate([ids for ids, _ in frozen])
+    reason = np.concatenate([np.full(len(ids), i) for i, (ids, _) in enumerate(frozen)])
+    classes, first = np.unique(labels[ids], return_index=True)
+    return {int(c): frozen[reason[i]][1] for c, i in zip(classes, first)}
+
+
+def _groups(labels, slots, frozen, layers) -> tuple[nx.Graph, tuple[ChannelGroup, ...]]:
+    keys = [k for k, ids in slots.items() if frozen.get(int(labels[ids[0]])) != NOT_CHANNEL]
+    per_slot = [np.unique(labels[slots[k]]) for k in keys]
+    graph = nx.Graph()
+    graph.add_nodes_from(keys)
+    if keys:
+        slot_of = np.concatenate([np.full(len(c), i) for i, c in enumerate(per_slot)])
+        cls = np.concatenate(per_slot)
+        order = np.argsort(cls, kind="stable")
+        cls, slot_of = cls[order], slot_of[order]
+        same = cls[1:] == cls[:-1]
+        edges = np.unique(np.stack([slot_of[:-1][same], slot_of[1:][same]], 1), axis=0)
+        graph.add_edges_from((keys[a], keys[b]) for a, b in edges if a != b)
+    index = {k: i for i, k in enumerate(keys)}
+    frozen_mask = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=bool)
+    frozen_mask[list(frozen)] = True
+    components = sorted(nx.connected_components(graph), key=lambda c: min(index[k] for k in c))
+    groups = []
+    for g, members in enumerate(components):
+        members = sorted(members, key=index.__getitem__)
+        classes = np.unique(np.concatenate([per_slot[index[k]] for k in members]))
+        prunable = classes[~frozen_mask[classes]]
+        reason = next((frozen[int(c)] for c in classes if frozen_mask[c]), None)
+        groups.append(ChannelGroup(g, tuple(members), classes, prunable, reason,
+                                   *_layers_in(classes, labels, layers)))
+    return graph, tuple(groups)
+
+
+def _layers_in(classes: np.ndarray, labels: np.ndarray, layers) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def touches(ids):
+        return ids is not None and np.isin(labels[ids], classes).any()
+    return (tuple(l.name for l in layers if touches(l.out_ids)),
+            tuple(l.name for l in layers if touches(l.in_ids)))

@@ -1,0 +1,123 @@
+"""The op rules of the channel dependency analysis, as data tables.
+
+Every op the analysis understands is listed here against the name of the rule that handles it
+(the rules live in `fxcompress.analyses.channels`). Dispatch is on the actual object: the function,
+the module type, or the tensor method name — never on substrings of names. An op missing from
+these tables freezes the channels it touches, with the reason recorded.
+
+Rule names:
+  same       output carries the input's channels unchanged (element-wise unary, activation, dropout, cast)
+  spatial    acts on trailing spatial dims only (pooling, interpolation); the int is how many (None: ndim - 2)
+  pad        F.pad: freezes a channel dimension only if it is really padded
+  binary     element-wise with broadcasting: channels of aligned dimensions are coupled
+  reshape    view / reshape / flatten: channels fold into blocks of features or split into heads
+  expand     broadcast to a larger shape (size arguments rewritten when they name a channel dim)
+  permute / transpose   dimensions move, channels follow them
+  squeeze / unsqueeze   a dimension of size 1 appears or goes
+  reduce     mean / sum / amax ... over dims (reducing a channel dim freezes it)
+  softmax    normalizes along one dim (freezes it if it carries channels)
+  cat / stack / split / chunk / unbind / getitem    index maps of concatenation and slicing
+  matmul, sdpa, linear, conv, conv_transpose, embedding, batch_norm, instance_norm, group_norm,
+  layer_norm, prelu, mha, channel_shuffle     layers and normalizations (parameters are sliced)
+  shape      reads a size (x.size(1), x.shape, x.dim()): no channels flow through it
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.mish, F.softplus, F.softsign, F.tanh, F.sigmoid, F.logsigmoid, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
+    torch.neg, torch.sqrt, torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.erf, torch.log,
+    F.relu_, torch.sin, torch.cos,
+    operator.neg, operator.pos, torch.clone, torch.detach,
+)
+
+FUNCTION_RULES: dict[object, str | tuple] = {fn: "same" for fn in _UNARY_FUNCTIONS}
+FUNCTION_RULES.update({
+    operator.add: "binary", operator.sub: "binary", operator.mul: "binary", operator.truediv: "binary",
+    operator.iadd: "binary", operator.isub: "binary", operator.imul: "binary", operator.itruediv: "binary",
+    operator.floordiv: "binary", operator.pow: "binary",
+    torch.add: "binary", torch.sub: "binary", torch.mul: "binary", torch.div: "binary",
+    torch.maximum: "binary", torch.minimum: "binary", torch.where: "binary", torch.pow: "binary",
+    F.max_pool1d: ("spatial", 1), F.max_pool2d: ("spatial", 2), F.max_pool3d: ("spatial", 3),
+    F.avg_pool1d: ("spatial", 1), F.avg_pool2d: ("spatial", 2), F.avg_pool3d: ("spatial", 3),
+    F.adaptive_avg_pool1d: ("spatial", 1), F.adaptive_avg_pool2d: ("spatial", 2),
+    F.adaptive_avg_pool3d: ("spatial", 3), F.adaptive_max_pool1d: ("spatial", 1),
+    F.adaptive_max_pool2d: ("spatial", 2), F.adaptive_max_pool3d: ("spatial", 3),
+    F.interpolate: ("spatial", None), F.upsample: ("spatial", None), F.pad: "pad",
+    torch.flatten: "reshape", torch.reshape: "reshape",
+    torch.permute: "permute", torch.transpose: "transpose", torch.swapaxes: "transpose",
+    torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
+    torch.mean: "reduce", torch.sum: "reduce", torch.amax: "reduce", torch.amin: "reduce",
+    torch.softmax: "softmax", F.softmax: "softmax", F.log_softmax: "softmax", torch.log_softmax: "softmax",
+    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat", torch.stack: "stack",
+    torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind", operator.getitem: "getitem",
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
+    F.scaled_dot_product_attention: "sdpa", F.linear: "linear",
+    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv",
+    F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+    F.conv_transpose3d: "conv_transpose", F.embedding: "embedding", F.batch_norm: "batch_norm",
+    F.instance_norm: "instance_norm", F.group_norm: "group_norm", F.layer_norm: "layer_norm",
+    F.prelu: "prelu", torch.channel_shuffle: "channel_shuffle", F.channel_shuffle: "channel_shuffle",
+    getattr: "shape",
+})
+
+METHOD_RULES: dict[str, str | tuple] = {name: "same" for name in (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_",
+    "clamp_min", "clamp_max", "square", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
+    "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "softmax_", "gelu", "silu", "erf",
+)}
+METHOD_RULES.update({
+    "add": "binary", "sub": "binary", "mul": "binary", "div": "binary", "add_": "binary", "sub_": "binary",
+    "mul_": "binary", "div_": "binary", "pow": "binary", "maximum": "binary", "minimum": "binary",
+    "view": "reshape", "reshape": "reshape", "flatten": "reshape", "view_as": "reshape_as",
+    "reshape_as": "reshape_as", "expand": "expand", "expand_as": "expand_as",
+    "permute": "permute", "transpose": "transpose", "swapaxes": "transpose",
+    "squeeze": "squeeze", "unsqueeze": "unsqueeze",
+    "mean": "reduce", "sum": "reduce", "amax": "reduce", "amin": "reduce",
+    "softmax": "softmax", "log_softmax": "softmax",
+    "split": "split", "chunk": "chunk", "unbind": "unbind",
+    "matmul": "matmul", "bmm": "matmul",
+    "size": "shape", "dim": "shape", "numel": "shape",
+})
+
+_SAME_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.LogSigmoid,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)
+
+MODULE_RULES: dict[type, str | tuple] = {cls: "same" for cls in _SAME_MODULES}
+MODULE_RULES.update({
+    nn.MaxPool1d: ("spatial", 1), nn.MaxPool2d: ("spatial", 2), nn.MaxPool3d: ("spatial", 3),
+    nn.AvgPool1d: ("spatial", 1), nn.AvgPool2d: ("spatial", 2), nn.AvgPool3d: ("spatial", 3),
+    nn.AdaptiveAvgPool1d: ("spatial", 1), nn.AdaptiveAvgPool2d: ("spatial", 2),
+    nn.AdaptiveAvgPool3d: ("spatial", 3), nn.AdaptiveMaxPool1d: ("spatial", 1),
+    nn.AdaptiveMaxPool2d: ("spatial", 2), nn.AdaptiveMaxPool3d: ("spatial", 3),
+    nn.Upsample: ("spatial", None), nn.UpsamplingNearest2d: ("spatial", 2),
+    nn.UpsamplingBilinear2d: ("spatial", 2), nn.ZeroPad2d: ("spatial", 2), nn.ReflectionPad2d: ("spatial", 2),
+    nn.ReplicationPad2d: ("spatial", 2), nn.ConstantPad2d: ("spatial", 2),
+    nn.Flatten: "reshape", nn.Softmax: "softmax", nn.LogSoftmax: "softmax",
+    nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "conv_transpose", nn.ConvTranspose2d: "conv_transpose",
+    nn.ConvTranspose3d: "conv_transpose", nn.Embedding: "embedding",
+    nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
+    nn.SyncBatchNorm: "batch_norm",
+    nn.InstanceNorm1d: "instance_norm", nn.InstanceNorm2d: "instance_norm", nn.InstanceNorm3d: "instance_norm",
+    nn.GroupNorm: "group_norm", nn.LayerNorm: "layer_norm", nn.PReLU: "prelu",
+    nn.MultiheadAttention: "mha", nn.ChannelShuffle: "channel_shuffle",
+})
+
+
+def module_rule(module: nn.Module) -> str | tuple | None:
+    """The rule of a module: its class or a base class whose forward it does not override."""
+    for cls in type(module).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls] if type(module).forward is cls.forward else None
+    return None

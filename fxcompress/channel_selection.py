@@ -1,0 +1,59 @@
+"""Which channels to remove: importance scores per channel class, counts per group, the removal set.
+
+Scores are per class (a set of coupled channels): `l1` / `l2` add the norms of every producer filter
+in the class (a residual group sums the filters of all the convs feeding the add), `random` draws
+them, a callable computes them. `greedy` and `lasso` (data-driven, in `fxcompress.reconstruct`)
+return the classes to remove directly.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+from torch.fx import GraphModule
+
+from .analyses.channels import ChannelGraph, ChannelGroup
+
+
+def norm_scores(gm: GraphModule, cg: ChannelGraph, p: int) -> np.ndarray:
+    """Sum over producer filters of |w|_1 (p=1) or the root of the summed squares (p=2), per class."""
+    total = np.zeros(cg.labels.max() + 1 if len(cg.labels) else 0)
+    for layer in cg.layers:
+        ids = cg.slots.get((layer.weight, layer.out_dim))
+        if ids is None:
+            continue
+        with torch.no_grad():
+            w = operator.attrgetter(layer.weight)(gm).detach().double().transpose(0, layer.out_dim).flatten(1)
+            norms = (w.abs().sum(1) if p == 1 else w.pow(2).sum(1)).cpu().numpy()
+        total += np.bincount(cg.labels[ids], weights=norms, minlength=len(total))
+    return total if p == 1 else np.sqrt(total)
+
+
+def removal_count(group: ChannelGroup, amount: float, min_channels: int, round_to: int) -> int:
+    """How many classes of `group` to remove: `amount` of them, keeping a multiple of `round_to`
+    and at least `min_channels` (and never all)."""
+    total = len(group.classes)
+    keep = total - math.floor(amount * total + 1e-9)
+    keep = min(total, math.ceil(keep / round_to) * round_to)
+    keep = max(keep, min(min_channels, total), 1)
+    return max(0, min(total - keep, len(group.prunable)))
+
+
+def lowest(group: ChannelGroup, scores: np.ndarray, count: int, cg: ChannelGraph,
+           min_channels: int) -> np.ndarray:
+    """The `count` prunable classes of lowest score, skipping any whose removal would leave some
+    producer layer of the group with fewer than `min_channels` output channels."""
+    order = group.prunable[np.argsort(scores[group.prunable], kind="stable")]
+    left = {l.name: set(cg.labels[l.out_ids]) for l in cg.layers
+            if l.out_ids is not None and l.name in group.producers}
+    chosen = []
+    for c in order:
+        if len(chosen) == count:
+            break
+        if all(c not in classes or len(classes) > max(min_channels, 1) for classes in left.values()):
+            chosen.append(c)
+            for classes in left.values():
+                classes.discard(c)
+    return np.asarray(chosen, dtype=np.int64)

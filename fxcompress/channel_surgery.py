@@ -1,0 +1,184 @@
+"""Physically removing channel classes chosen on a ChannelGraph: smaller parameters, fixed modules,
+rewritten size arguments. The modules stay in place with smaller tensors, so parameter counts,
+MACs and latency really drop, and state_dict keys are unchanged."""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from .analyses.channels import ChannelGraph
+
+
+def apply_removal(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray) -> list[str]:
+    """Remove every class flagged in `removed` (bool per class); returns the tensors resized."""
+    def kept(ids: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(~removed[cg.labels[ids]])
+
+    resized: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (name, dim), ids in cg.slots.items():
+        keep = kept(ids)
+        if len(keep) < len(ids):
+            resized.setdefault(name, []).append((dim, keep))
+    before = {m: _state(m) for m in gm.modules() if type(m) in _FIXERS}
+    for name, cuts in resized.items():
+        _slice_tensor(gm, name, cuts)
+    for module, state in before.items():  # recomputed from the weights: a no-op where nothing changed
+        _FIXERS[type(module)](module, state)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for node_name, edit in cg.edits.items():
+        _EDITORS[edit.kind](gm, nodes[node_name], edit, lambda ids: len(kept(ids)), kept)
+    return sorted(resized)
+
+
+def _state(module: nn.Module) -> dict:
+    return {k: v for k, v in vars(module).items() if isinstance(v, (int, tuple))}
+
+
+def _slice_tensor(gm: GraphModule, name: str, cuts: list[tuple[int, np.ndarray]]) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    tensor = operator.attrgetter(name)(gm)
+    with torch.no_grad():
+        new = tensor.detach()
+        for dim, keep in cuts:
+            new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+        new = new.clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=tensor.requires_grad))
+    elif attr in owner._buffers:
+        owner._buffers[attr] = new
+    else:
+        setattr(owner, attr, new)
+
+
+# ---- module attributes that spell widths, recomputed from the sliced parameters --------------
+def _fix_linear(m: nn.Linear, before: dict) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_conv(m: nn.modules.conv._ConvNd, before: dict) -> None:
+    groups, c_in, c_out = before["groups"], before["in_channels"], before["out_channels"]
+    transposed = m.transposed
+    w_in = m.weight.shape[0] if transposed else m.weight.shape[1] * groups
+    if groups > 1 and c_in // groups == 1:  # depthwise-like: whole groups went
+        m.groups = m.weight.shape[0] if transposed else m.weight.shape[0] // (c_out // groups)
+        w_in = m.groups
+    m.in_channels = w_in
+    m.out_channels = m.weight.shape[1] * m.groups if transposed else m.weight.shape[0]
+
+
+def _fix_norm(m: nn.Module, before: dict) -> None:
+    for name in ("weight", "running_mean"):
+        tensor = getattr(m, name, None)
+        if tensor is not None:
+            m.num_features = tensor.shape[0]
+            return
+
+
+def _fix_group_norm(m: nn.GroupNorm, before: dict) -> None:
+    if m.weight is not None:
+        per_group = before["num_channels"] // before["num_groups"]
+        m.num_channels = m.weight.shape[0]
+        m.num_groups = m.num_channels // per_group if before["num_groups"] > 1 else 1
+
+
+def _fix_prelu(m: nn.PReLU, before: dict) -> None:
+    m.num_parameters = m.weight.shape[0]
+
+
+def _fix_embedding(m: nn.Embedding, before: dict) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _fix_mha(m: nn.MultiheadAttention, before: dict) -> None:
+    head_dim = before["head_dim"]
+    m.embed_dim = m.kdim = m.vdim = m.in_proj_weight.shape[1]
+    m.num_heads = m.embed_dim // head_dim
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
+
+
+_FIXERS: dict[type, Callable] = {
+    nn.Linear: _fix_linear, nn.Conv1d: _fix_conv, nn.Conv2d: _fix_conv, nn.Conv3d: _fix_conv,
+    nn.ConvTranspose1d: _fix_conv, nn.ConvTranspose2d: _fix_conv, nn.ConvTranspose3d: _fix_conv,
+    nn.BatchNorm1d: _fix_norm, nn.BatchNorm2d: _fix_norm, nn.BatchNorm3d: _fix_norm, nn.SyncBatchNorm: _fix_norm,
+    nn.InstanceNorm1d: _fix_norm, nn.InstanceNorm2d: _fix_norm, nn.InstanceNorm3d: _fix_norm,
+    nn.GroupNorm: _fix_group_norm, nn.PReLU: _fix_prelu, nn.Embedding: _fix_embedding,
+    nn.MultiheadAttention: _fix_mha,
+}
+
+
+# ---- graph arguments that spell widths ----------------------------------------------------------
+def _edit_sizes(gm, node: Node, edit, count, kept) -> None:
+    """view / reshape / expand: the size at a channel dim becomes the new width (-1 stays -1)."""
+    start = 1
+    packed = len(node.args) == start + 1 and isinstance(node.args[start], (list, tuple))
+    sizes = list(node.args[start] if packed else node.args[start:])
+    if not sizes and "shape" in node.kwargs:
+        sizes, packed = list(node.kwargs["shape"]), None
+    for dim, ids in edit.ids.items():
+        if not (isinstance(sizes[dim], int) and sizes[dim] == -1):
+            sizes[dim] = count(ids)
+    if packed is None:
+        node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
+    else:
+        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+def _edit_split(gm, node: Node, edit, count, kept) -> None:
+    """split / chunk: explicit piece sizes (a chunk becomes a split, its pieces may now differ)."""
+    sizes = [count(p) for p in edit.pieces]
+    if node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args, node.kwargs = (node.args[0], sizes), {"dim": edit.dim}
+
+
+def _edit_slice(gm, node: Node, edit, count, kept) -> None:
+    container, index = node.args
+    items = list(index) if isinstance(index, tuple) else [index]
+    for position, ids in edit.ids.items():
+        start, stop, _ = items[position].indices(len(ids))
+        survivors = kept(ids)
+        items[position] = slice(int(np.searchsorted(survivors, start)), int(np.searchsorted(survivors, stop)))
+    node.args = (container, tuple(items) if isinstance(index, tuple) else items[0])
+
+
+def _edit_groups(gm, node: Node, edit, count, kept) -> None:
+    if node.op != "call_function":
+        return  # a module's groups are fixed from its weights
+    groups = count(edit.ids[0]) // edit.per_group
+    _set_arg(node, 6, "groups", groups)
+
+
+def _edit_num_groups(gm, node: Node, edit, count, kept) -> None:
+    groups = count(edit.ids[1]) // edit.per_group
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        module.num_groups, module.num_channels = groups, groups * edit.per_group
+    else:
+        _set_arg(node, 1, "num_groups", groups)
+
+
+def _edit_sdpa_scale(gm, node: Node, edit, count, kept) -> None:
+    node.kwargs = {**node.kwargs, "scale": edit.value}
+
+
+def _set_arg(node: Node, index: int, name: str, value) -> None:
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+_EDITORS: dict[str, Callable] = {
+    "sizes": _edit_sizes, "split": _edit_split, "slice": _edit_slice, "groups": _edit_groups,
+    "num_groups": _edit_num_groups, "sdpa_scale": _edit_sdpa_scale,
+}

@@ -1,0 +1,199 @@
+"""PruneChannels: remove whole channels, shrinking every layer that produces or consumes them.
+
+    gm = fxcompress.compile(model, [PruneChannels(amount=0.5, method="l1")], example_inputs=(x,))
+
+The channel dependency graph (`ChannelGraph`) says which channels must go together; this pass
+scores them, picks the lowest per group (or globally), removes them physically (smaller weights,
+BN statistics, group counts, attention heads, view sizes), and optionally refits the consumers by
+least squares on calibration data (He et al. 2017). Groups that cannot be pruned are reported in
+`stats["frozen"]` with the reason.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+from torch.fx import GraphModule
+
+from fxcompress.analyses.channels import ChannelGraph, ChannelGroup
+from fxcompress.channel_selection import lowest, norm_scores, removal_count
+from fxcompress.channel_surgery import apply_removal
+from fxcompress.config import check_choice, check_int, check_real
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+METHODS = ("l1", "l2", "random", "greedy", "lasso")
+DATA_METHODS = ("greedy", "lasso")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneChannels(Pass):
+    """Remove `amount` of the channels of each coupled group (or of all groups with `global_`).
+
+    amount: a fraction in [0, 1), or {regex over layer names: fraction} (first match wins; groups
+        whose layers match no pattern are left alone).
+    method: "l1" | "l2" (filter norms summed over a group) | "random" | "greedy" (ThiNet) |
+        "lasso" (He et al.) | a callable `(gm, graph, group) -> scores` (one per `group.prunable`,
+        higher = keep).
+    reconstruct: refit consumer layers by least squares on `calibration_data`.
+    select: regexes (full match over layer names) or module types of the layers whose output
+        channels may be pruned; empty = every layer.
+    keep: regexes or module types of layers that must not change at all.
+    min_channels / round_to: every group keeps at least `min_channels`, and a multiple of
+        `round_to`, of its channels (never none).
+    """
+
+    amount: float | Mapping[str, float] = 0.5
+    method: str | Callable = "l1"
+    reconstruct: bool = False
+    select: tuple = ()
+    keep: tuple = ()
+    min_channels: int = 1
+    round_to: int = 1
+    global_: bool = False
+    seed: int = 0
+    max_samples: int = 4096
+
+    preserves: ClassVar[tuple[type, ...]] = ()
+
+    def __post_init__(self) -> None:
+        owner = "PruneChannels"
+        amounts = self.amount.values() if isinstance(self.amount, Mapping) else [self.amount]
+        for value in amounts:
+            check_real(owner, "amount", value, 0.0, 1.0, hi_open=True)
+        if not callable(self.method):
+            check_choice(owner, "method", self.method, METHODS)
+        for field in ("select", "keep"):
+            value = getattr(self, field)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, (str, type)) for v in value):
+                raise ConfigError(f"{owner}.{field} must be a tuple of regexes or module types, got {value!r}")
+            for pattern in value:
+                if isinstance(pattern, str):
+                    try:
+                        re.compile(pattern)
+                    except re.error as exc:
+                        raise ConfigError(f"{owner}.{field}: bad regex {pattern!r}: {exc}") from None
+        check_int(owner, "min_channels", self.min_channels, 1)
+        check_int(owner, "round_to", self.round_to, 1)
+        check_int(owner, "seed", self.seed)
+        check_int(owner, "max_samples", self.max_samples, 16)
+        if not isinstance(self.reconstruct, bool) or not isinstance(self.global_, bool):
+            raise ConfigError(f"{owner}.reconstruct and {owner}.global_ must be booleans")
+
+    def requires(self, gm: GraphModule, ctx: PassContext) -> None:
+        needs_data = self.reconstruct or self.method in DATA_METHODS
+        if needs_data and not ctx.calibration_data:
+            raise PreconditionError(f"PruneChannels(method={self.method!r}, reconstruct={self.reconstruct}) "
+                                    "needs calibration_data= in compile()")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        cg = ctx.get(ChannelGraph)
+        groups, skipped = self._eligible(gm, cg)
+        removed = self._choose(gm, cg, groups, ctx)
+        before = sum(p.numel() for p in gm.parameters())
+        stats: dict[str, Any] = {"groups": len(cg.groups), "frozen": _frozen_report(cg, skipped)}
+        if not removed.any():
+            return PassResult(changed=False, stats={**stats, "channels_removed": 0})
+        targets = None
+        if self.reconstruct:
+            from fxcompress.reconstruct import capture_targets
+            targets = capture_targets(gm, cg, removed, ctx.calibration_data, self.max_samples, self.seed)
+        touched = apply_removal(gm, cg, removed)
+        if targets is not None:
+            from fxcompress.reconstruct import refit
+            stats["reconstructed"] = refit(gm, targets, ctx.calibration_data)
+        after = sum(p.numel() for p in gm.parameters())
+        stats.update(groups_pruned=int(sum(removed[g.classes].any() for g, _ in groups)),
+                     channels_removed=int(removed.sum()), params_before=before, params_after=after)
+        return PassResult(changed=True, params_touched=tuple(touched), stats=stats)
+
+    # ---- which groups, how many, which classes ------------------------------------------------
+    def _eligible(self, gm: GraphModule, cg: ChannelGraph) -> tuple[list[tuple[ChannelGroup, float]], dict]:
+        eligible, skipped = [], {}
+        for g in cg.prunable_groups():
+            if any(_matches(gm, name, self.keep) for name in (*g.producers, *g.consumers)):
+                skipped[g.label] = "a layer in keep= would change"
+                continue
+            amount = self._amount(gm, g)
+            if amount is not None and amount > 0:
+                eligible.append((g, amount))
+        return eligible, skipped
+
+    def _amount(self, gm: GraphModule, g: ChannelGroup) -> float | None:
+        producers = [p for p in g.producers if not self.select or _matches(gm, p, self.select)]
+        if not producers:
+            return None
+        if not isinstance(self.amount, Mapping):
+            return float(self.amount)
+        for pattern, value in self.amount.items():
+            if any(re.fullmatch(pattern, p) for p in producers):
+                return float(value)
+        return None
+
+    def _choose(self, gm, cg: ChannelGraph, groups, ctx: PassContext) -> np.ndarray:
+        removed = np.zeros(cg.labels.max() + 1 if len(cg.labels) else 0, dtype=bool)
+        if not groups:
+            return removed
+        counts = self._counts(gm, cg, groups, ctx)
+        if self.method in DATA_METHODS:
+            from fxcompress.reconstruct import data_driven_removal
+            chosen = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
+                                         self.max_samples, self.seed)
+            for g, classes in chosen:
+                removed[classes] = True
+            return removed
+        scores = self._scores(gm, cg, groups)
+        for g, count in counts:
+            removed[lowest(g, scores, count, cg, self.min_channels)] = True
+        return removed
+
+    def _counts(self, gm, cg, groups, ctx) -> list[tuple[ChannelGroup, int]]:
+        if not self.global_:
+            return [(g, removal_count(g, a, self.min_channels, self.round_to)) for g, a in groups]
+        scores = self._scores(gm, cg, groups) if self.method not in DATA_METHODS else norm_scores(gm, cg, 1)
+        normalized = [scores[g.prunable] / max(scores[g.prunable].mean(), 1e-12) for g, _ in groups]
+        total = sum(len(g.classes) for g, _ in groups)
+        budget = int(np.floor(np.mean([a for _, a in groups]) * total))
+        pooled = np.sort(np.concatenate(normalized))
+        threshold = pooled[min(budget, len(pooled)) - 1] if budget > 0 else -np.inf
+        return [(g, removal_count(g, float((n <= threshold).sum()) / len(g.classes), self.min_channels,
+                                  self.round_to)) for (g, _), n in zip(groups, normalized)]
+
+    def _scores(self, gm, cg: ChannelGraph, groups) -> np.ndarray:
+        if self.method in ("l1", "l2"):
+            return norm_scores(gm, cg, 1 if self.method == "l1" else 2)
+        size = cg.labels.max() + 1
+        if self.method == "random":
+            return np.random.default_rng(self.seed).random(size)
+        scores = np.zeros(size)
+        for g, _ in groups:
+            values = np.asarray(self.method(gm, cg, g), dtype=float)
+            if values.shape != g.prunable.shape:
+                raise ConfigError(f"PruneChannels.method returned {values.shape[0] if values.ndim else 0} scores "
+                                  f"for group {g.label}; expected one per prunable channel ({len(g.prunable)})")
+            scores[g.prunable] = values
+        return scores
+
+
+def _matches(gm: GraphModule, name: str, patterns: tuple) -> bool:
+    for p in patterns:
+        if isinstance(p, str) and re.fullmatch(p, name):
+            return True
+        if isinstance(p, type) and issubclass(p, nn.Module):
+            try:
+                if isinstance(gm.get_submodule(name), p):
+                    return True
+            except AttributeError:
+                continue
+    return False
+
+
+def _frozen_report(cg: ChannelGraph, skipped: dict) -> dict[str, str]:
+    """{group label: reason} for the groups with layers whose channels cannot all be pruned."""
+    report = {g.label: g.frozen for g in cg.groups if g.frozen and g.producers}
+    report.update(skipped)
+    return report

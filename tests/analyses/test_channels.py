@@ -1,0 +1,113 @@
+"""ChannelGraph: coupled groups, index maps and frozen reasons, inspectable before any change."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcompress.analyses.channels import ChannelGraph
+from fxcompress.pass_base import PassContext
+from fxcompress.tracing import trace
+from fxcompress.zoo import ZOO, DenseNetSmall, ResNetSmall
+
+
+def _graph(model: nn.Module, *inputs) -> ChannelGraph:
+    gm = trace(model.eval())
+    return PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
+
+
+def _group_of(cg: ChannelGraph, producer: str):
+    return next(g for g in cg.groups if producer in g.producers)
+
+
+def test_residual_adds_couple_every_conv_feeding_the_stream():
+    cg = _graph(ResNetSmall(), torch.randn(1, 3, 32, 32))
+    stream = _group_of(cg, "layer2.0.shortcut.0")
+    assert set(stream.producers) == {"layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2"}
+    assert set(stream.consumers) == {"layer2.1.conv1", "fc"}
+    assert len(stream.classes) == 32 and len(stream.prunable) == 32
+    inner = _group_of(cg, "layer1.0.conv1")
+    assert inner.producers == ("layer1.0.conv1",) and inner.consumers == ("layer1.0.conv2",)
+
+
+def test_concatenation_maps_channels_at_their_offsets():
+    cg = _graph(DenseNetSmall(), torch.randn(1, 3, 32, 32))
+    stem = cg.labels[cg.slots[("stem.weight", 0)]]
+    first = cg.labels[cg.slots[("block1.0.conv.weight", 0)]]
+    consumer = cg.labels[cg.slots[("block1.1.conv.weight", 1)]]  # reads cat(stem, first)
+    np.testing.assert_array_equal(consumer, np.concatenate([stem, first]))
+    assert len(set(stem) | set(first)) == 24  # independent channels, not merged by the cat
+
+
+class Heads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        b, t = x.size(0), x.size(1)
+        q = self.q(x).view(b, t, 3, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 3, 4).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.out((att @ q).transpose(1, 2).reshape(b, t, 12))
+
+
+def test_head_split_couples_the_same_position_of_every_head_and_q_with_k():
+    cg = _graph(Heads(), torch.randn(2, 5, 8))
+    q, k = cg.labels[cg.slots[("q.weight", 0)]], cg.labels[cg.slots[("k.weight", 0)]]
+    np.testing.assert_array_equal(q.reshape(3, 4), np.broadcast_to(q[:4], (3, 4)))  # head dims across heads
+    np.testing.assert_array_equal(q, k)  # q·k contracts the head dim
+    assert len(set(q)) == 4
+    assert cg.edits and {e.kind for e in cg.edits.values()} == {"sizes"}
+
+
+def test_flatten_maps_each_channel_to_a_block_of_features():
+    cg = _graph(ZOO["lenet5"][0](), torch.randn(1, 1, 28, 28))
+    conv2 = cg.labels[cg.slots[("conv2.weight", 0)]]
+    fc1_in = cg.labels[cg.slots[("fc1.weight", 1)]]
+    np.testing.assert_array_equal(fc1_in, np.repeat(conv2, 16))
+
+
+class Frozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.norm = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1), nn.LayerNorm(6)
+        self.c = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = torch.cumsum(self.a(x), 1)
+        z = self.norm(self.b(y).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.c(z + torch.ones(6, 1, 1))
+
+
+def test_unknown_ops_and_layer_norm_freeze_with_reasons_and_groups_print():
+    cg = _graph(Frozen(), torch.randn(1, 3, 4, 4))
+    assert "cumsum" in _group_of(cg, "a").frozen
+    assert "layer norm" in _group_of(cg, "b").frozen and not len(_group_of(cg, "b").prunable)
+    text = str(cg)
+    assert "group 0 [a]" in text and "frozen: unsupported function cumsum" in text
+    assert "producers: b" in text
+
+
+def test_an_input_of_full_width_in_a_binary_op_freezes_the_channels():
+    class AddInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x, offset):
+            return self.b(F.relu(self.a(x)) + offset)
+
+    cg = _graph(AddInput(), torch.randn(1, 3, 4, 4), torch.randn(6, 1, 1))
+    assert "cannot be sliced" in _group_of(cg, "a").frozen
+    broadcast = _graph(AddInput(), torch.randn(1, 3, 4, 4), torch.randn(1, 1, 1))
+    assert _group_of(broadcast, "a").frozen is None  # a size-1 dim broadcasts: nothing to slice
+
+
+def test_elements_grow_linearly_along_a_concatenation_chain():
+    layer = type(ZOO["densenet"][0]().block1[0])
+    depth = 40
+    model = nn.Sequential(*[layer(16 + 4 * i, 4) for i in range(depth)])
+    cg = _graph(model, torch.randn(1, 16, 4, 4))
+    # per layer: BN weight, bias, mean, var and the conv's input dim (5 x width) plus 4 new channels;
+    # the concatenations create none, except 16 frozen ones standing for the model input's channels
+    assert len(cg.labels) == sum(5 * (16 + 4 * i) + 4 for i in range(depth)) + 16

@@ -1,0 +1,319 @@
+"""Small models for the op families the zoo lacks, shared by the channel-pruning tests."""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcompress.analyses.channels import ChannelGraph
+from fxcompress.channel_selection import lowest, removal_count
+
+
+class TransposedNet(nn.Module):
+    """Encoder-decoder: strided conv, transposed conv (plain and grouped), instance norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, 2, 1)
+        self.norm = nn.InstanceNorm2d(16, affine=True)
+        self.up = nn.ConvTranspose2d(16, 12, 2, 2)
+        self.up_grouped = nn.ConvTranspose2d(12, 8, 3, 1, 1, groups=4)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.down(x)))
+        return self.out(F.relu(self.up_grouped(F.relu(self.up(x)))))
+
+
+class GroupedNet(nn.Module):
+    """Grouped convs (ResNeXt / RegNet style), group norm, depthwise with a channel multiplier, PReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.grouped = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.act = nn.PReLU(24)
+        self.depthwise = nn.Conv2d(24, 48, 3, padding=1, groups=24)
+        self.bn = nn.BatchNorm2d(48)
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, x):
+        x = self.act(self.grouped(F.relu(self.gn(self.stem(x)))))
+        x = F.relu(self.bn(self.depthwise(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class SplitShuffleNet(nn.Module):
+    """ShuffleNetV2-style units: chunk, split, cat, channel shuffle by view-transpose-view and by module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.mid = nn.Conv2d(16, 24, 1)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(16, 8, 3, padding=1)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        p, q = torch.split(self.mid(x), [8, 16], dim=1)
+        x = self.shuffle(torch.cat([self.left(p), self.right(q)], 1))
+        return self.head(x[:, :, 1:-1, 1:-1])
+
+
+class LayoutNet(nn.Module):
+    """Channels-last blocks (permute, linear over channels, permute back), interpolation and padding,
+    a layer-scale parameter, an embedding feeding a linear, a stack, and flatten into a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.pointwise = nn.Linear(12, 20)
+        self.scale = nn.Parameter(torch.rand(20, 1, 1) + 0.5)
+        self.embed = nn.Embedding(10, 20)
+        self.proj = nn.Conv2d(20, 6, 3)
+        self.fc = nn.Linear(6 * 8 * 8, 7)
+
+    def forward(self, x, tokens):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x = F.gelu(self.pointwise(x)).permute(0, 3, 1, 2)
+        x = self.scale * x + self.embed(tokens).mean(dim=1)[:, :, None, None]
+        x = F.interpolate(F.max_pool2d(x, 2), scale_factor=2.0, mode="nearest")
+        x = F.pad(x, (1, 1, 1, 1))
+        x = torch.stack([x, 2 * x], 0).sum(0)
+        x = F.avg_pool2d(F.relu(self.proj(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention without a layer norm in front (so its heads can go), a fused qkv
+    projection with F.scaled_dot_product_attention, and a transformer MLP."""
+
+    def __init__(self, dim: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(10, dim)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        h = self.mha(h, h, h, need_weights=False)[0]
+        b, t = x.size(0), x.size(1)
+        q, k, v = self.qkv(h).reshape(b, t, 3, self.heads, 6).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 24)
+        y = self.proj(y)
+        return self.head(self.mlp(y).mean(dim=1))
+
+
+class UnknownOpNet(nn.Module):
+    """An op the analysis does not know (torch.cumsum) between two convs: that group must freeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.cumsum(self.a(x), dim=1)
+        return self.c(F.relu(self.b(x)))
+
+
+EXTRA = {
+    "transposed": (TransposedNet, lambda: (torch.randn(2, 3, 16, 16),)),
+    "grouped": (GroupedNet, lambda: (torch.randn(2, 3, 12, 12),)),
+    "split_shuffle": (SplitShuffleNet, lambda: (torch.randn(2, 3, 10, 10),)),
+    "layout": (LayoutNet, lambda: (torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2, 5)))),
+    "attention": (AttentionNet, lambda: (torch.randn(2, 6, 10),)),
+    "unknown_op": (UnknownOpNet, lambda: (torch.randn(2, 3, 8, 8),)),
+}
+
+
+def randomize_norm_stats(module: nn.Module) -> None:
+    """Non-trivial BN statistics, so the equivalence tests also check that they are sliced right."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+
+
+def pick_half(cg: ChannelGraph, seed: int = 0) -> np.ndarray:
+    """A random half of every prunable group, as the pass would count it (bool per class)."""
+    removed = np.zeros(cg.labels.max() + 1, dtype=bool)
+    scores = np.random.default_rng(seed).random(len(removed))
+    for g in cg.prunable_groups():
+        removed[lowest(g, scores, removal_count(g, 0.5, 1, 1), cg, 1)] = True
+    return removed
+
+
+def zero_classes(gm: nn.Module, cg: ChannelGraph, removed: np.ndarray) -> None:
+    """Zero every parameter slice of the removed classes: filters, biases, BN shift and scale."""
+    with torch.no_grad():
+        for (name, dim), ids in cg.slots.items():
+            positions = np.flatnonzero(removed[cg.labels[ids]])
+            if len(positions):
+                operator.attrgetter(name)(gm).index_fill_(dim, torch.as_tensor(positions), 0.0)
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+import fxcompress  # noqa: E402
+from fxcompress.errors import ConfigError, PreconditionError  # noqa: E402
+from fxcompress.layers import find_layers, insert_on_weight  # noqa: E402
+from fxcompress.pass_base import PassContext  # noqa: E402
+from fxcompress.passes.prune_channels import PruneChannels  # noqa: E402
+from fxcompress.tracing import trace  # noqa: E402
+from fxcompress.zoo import ZOO  # noqa: E402
+
+MODELS = {**{name: (ctor, lambda make=make: (make(),)) for name, (ctor, make) in ZOO.items()}, **EXTRA}
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _traced(name: str):
+    ctor, make_inputs = MODELS[name]
+    gm = trace(ctor().eval())
+    randomize_norm_stats(gm)
+    return gm, make_inputs()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_removing_zeroed_channels_leaves_outputs_equal(name):
+    """Zero a random half of every prunable group, let l1 prune exactly those: outputs must not move."""
+    gm, inputs = _traced(name)
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
+    zero_classes(gm, cg, pick_half(cg))
+    expected = gm(*inputs)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method="l1")], example_inputs=inputs)
+    assert _params(pruned) < _params(gm)
+    torch.testing.assert_close(pruned(*inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("method", ["l2", "random"])
+def test_every_zoo_model_prunes_at_half(name, method):
+    gm, inputs = _traced(name)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method=method)], example_inputs=inputs)
+    stats = fxcompress.history(pruned)[-1].stats
+    assert stats["params_after"] == _params(pruned) < _params(gm) == stats["params_before"]
+    assert pruned(*inputs).shape == gm(*inputs).shape
+    assert torch.isfinite(pruned(*inputs)).all()
+
+
+def test_physical_shapes_and_module_attributes_follow():
+    gm, inputs = _traced("grouped")
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    grouped, dw, bn = pruned.grouped, pruned.depthwise, pruned.bn
+    assert grouped.out_channels == grouped.weight.shape[0] == 12 and grouped.groups == 4
+    assert dw.groups == dw.in_channels == 12 and dw.out_channels == 24 == bn.num_features
+    assert bn.running_mean.shape == (24,) and pruned.act.num_parameters == 12
+    assert pruned.head.in_features == 24
+
+
+def test_attention_heads_and_split_sizes_are_rewritten():
+    gm, inputs = _traced("attention")
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    mha = pruned.mha
+    assert (mha.num_heads, mha.head_dim, mha.embed_dim) == (2, 6, 12)
+    assert mha.in_proj_weight.shape == (36, 12)
+    assert pruned.qkv.out_features == 36 and pruned.proj.in_features == 12
+
+
+def test_frozen_groups_are_reported_with_the_reason():
+    gm, inputs = _traced("unknown_op")
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    frozen = fxcompress.history(pruned)[-1].stats["frozen"]
+    assert "cumsum" in frozen["a"] and "output" in frozen["c"]
+    assert pruned.a.out_channels == 8 and pruned.b.out_channels == 4
+
+
+def test_layer_norm_freezes_the_residual_stream_but_not_the_mlp():
+    gm, inputs = _traced("transformer")
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    frozen = fxcompress.history(pruned)[-1].stats["frozen"]
+    assert any("layer norm" in reason for reason in frozen.values())
+    assert pruned.embed.out_features == 32 and pruned.get_submodule("mlp.0").out_features == 32
+
+
+def test_keep_select_min_channels_and_round_to():
+    gm, inputs = _traced("vgg_bn")
+    kept = fxcompress.compile(gm, [PruneChannels(amount=0.5, keep=(r"features\.3",), select=(nn.Conv2d,))],
+                              example_inputs=inputs)
+    assert kept.get_submodule("features.3").out_channels == 16 and kept.get_submodule("features.3").in_channels == 16  # both sides kept
+    assert kept.get_submodule("features.7").out_channels == 16 and kept.get_submodule("classifier.1").out_features == 64  # linear not selected
+    rounded = fxcompress.compile(gm, [PruneChannels(amount=0.7, round_to=8, min_channels=8)], example_inputs=inputs)
+    assert [rounded.get_submodule(f"features.{i}").out_channels for i in (0, 7, 14)] == [8, 16, 24]
+    tiny = fxcompress.compile(gm, [PruneChannels(amount=0.99)], example_inputs=inputs)
+    assert all(m.out_channels >= 1 for m in tiny.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_per_layer_amounts_and_global_ranking():
+    gm, inputs = _traced("lenet5")
+    by_layer = fxcompress.compile(gm, [PruneChannels(amount={"conv1": 0.5, "fc1": 0.2})], example_inputs=inputs)
+    assert (by_layer.conv1.out_channels, by_layer.conv2.out_channels, by_layer.fc1.out_features) == (10, 50, 400)
+    with torch.no_grad():
+        gm.conv2.weight[:25] *= 1e-3  # globally, the weak half of conv2 goes first
+    ranked = fxcompress.compile(gm, [PruneChannels(amount=0.05, global_=True)], example_inputs=inputs)
+    assert ranked.conv2.out_channels < 50
+
+
+def test_callable_method_scores_each_prunable_channel():
+    gm, inputs = _traced("lenet300")
+
+    def prefer_last(gm, graph, group):
+        return np.arange(len(group.prunable), dtype=float)
+
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method=prefer_last)], example_inputs=inputs)
+    torch.testing.assert_close(pruned.fc1.weight, gm.fc1.weight[150:][:, :])
+
+    def wrong(gm, graph, group):
+        return [1.0]
+
+    with pytest.raises(ConfigError, match="PruneChannels.method"):
+        fxcompress.compile(gm, [PruneChannels(method=wrong)], example_inputs=inputs)
+
+
+def test_masks_on_the_weight_chain_are_sliced_with_the_weight():
+    gm, inputs = _traced("lenet5")
+    for layer in find_layers(gm):
+        owner = gm.get_submodule(layer.name)
+        owner.register_buffer("weight_mask", (torch.rand_like(owner.weight) > 0.3).float())
+        insert_on_weight(gm, layer, lambda graph, w, name=layer.name: graph.call_function(
+            torch.mul, (w, graph.get_attr(f"{name}.weight_mask"))))
+    gm.recompile()
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    assert pruned.conv2.weight_mask.shape == pruned.conv2.weight.shape == (25, 10, 5, 5)
+    assert pruned.fc1.weight_mask.shape == pruned.fc1.weight.shape
+
+
+@pytest.mark.parametrize("field, value", [("amount", 1.0), ("amount", -0.1), ("method", "l3"),
+                                          ("min_channels", 0), ("round_to", 0), ("select", "conv"),
+                                          ("keep", ("(",)), ("amount", {"fc": 2.0})])
+def test_bad_configuration_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"PruneChannels.{field}"):
+        PruneChannels(**{field: value})
+
+
+def test_data_driven_methods_need_calibration_data():
+    gm, inputs = _traced("lenet300")
+    with pytest.raises(PreconditionError, match="calibration_data"):
+        fxcompress.compile(gm, [PruneChannels(method="greedy")], example_inputs=inputs)
