@@ -3,5 +3,6 @@
 Nothing here registers itself anywhere: importing a pass only defines its class.
 """
 from .fake_quant import ActivationConfig, InsertFakeQuant
+from .prune_channels import PruneChannels
 
-__all__: list[str] = ["ActivationConfig", "InsertFakeQuant"]
+__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "PruneChannels"]
