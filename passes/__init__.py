@@ -3,6 +3,7 @@
 Nothing here registers itself anywhere: importing a pass only defines its class.
 """
 from .fake_quant import ActivationConfig, InsertFakeQuant
+from .lower_integer import LowerToInteger
 from .prune_channels import PruneChannels
 
-__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "PruneChannels"]
+__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "LowerToInteger", "PruneChannels"]

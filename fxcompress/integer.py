@@ -1,0 +1,108 @@
+"""Integer-only inference modules (Jacob et al. 2018): integer codes in, integer codes out.
+
+Between layers a tensor holds *centered codes* `q - zero_point` as int32, so ReLU (max with 0),
+max pooling and reshapes act on them directly. A layer multiplies centered input codes by
+centered weight codes into an int32 accumulator, adds a bias quantized to the accumulator's
+scale, and requantizes onto the next activation's grid with a 31-bit fixed-point multiplier and
+a rounding right shift — no floating-point arithmetic on values. The last layer dequantizes.
+
+PyTorch has no integer convolution on the CPU, so the accumulation runs through float64 kernels
+on integer-valued tensors: every partial sum is an integer below 2^31 (checked when lowering),
+which float64 represents exactly, so the result is the exact integer accumulator.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACCUMULATOR_BITS = 31  # accumulators are int32: |acc| < 2^31
+
+
+def fixed_point_multiplier(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each positive real multiplier M as (M0, shift) with M ~= M0 * 2^-shift, 2^30 <= M0 < 2^31."""
+    mantissas, exponents = [], []
+    for value in real.double().flatten().tolist():
+        mantissa, exponent = math.frexp(value)  # value = mantissa * 2^exponent, mantissa in [0.5, 1)
+        m0 = round(mantissa * (1 << 31))
+        if m0 == 1 << 31:  # rounding reached the next power of two
+            m0, exponent = 1 << 30, exponent + 1
+        mantissas.append(m0)
+        exponents.append(31 - exponent)
+    shape = real.shape
+    return (torch.tensor(mantissas, dtype=torch.int64).reshape(shape),
+            torch.tensor(exponents, dtype=torch.int64).reshape(shape))
+
+
+def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """round(acc * M0 / 2^shift) in int64, rounding half up (acc * M0 fits: both are below 2^31)."""
+    return (acc * multiplier + (torch.ones_like(shift) << (shift - 1))) >> shift
+
+
+class QuantizeInput(nn.Module):
+    """The float -> integer boundary: centered codes of the input on an activation grid."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point).to(torch.int32)
+
+    def config(self) -> dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "qmin": self.qmin, "qmax": self.qmax}
+
+
+class IntegerLayer(nn.Module):
+    """A linear / conv layer on centered integer codes.
+
+    Buffers: `weight` (centered weight codes, int32), `bias` (int32, at scale s_in * s_w),
+    and either `multiplier` / `shift` / `low` / `high` (requantize onto the next grid, centered
+    codes clamped to its range) or `output_scale` (dequantize: the last layer of the integer part).
+    """
+
+    def __init__(self, kind: str, weight_shape: list[int], requantize: bool, stride: list[int] | None = None,
+                 padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1) -> None:
+        super().__init__()
+        self.kind, self.requantize, self.groups = kind, requantize, groups
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        out = weight_shape[0]
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out, dtype=torch.int32))
+        if requantize:
+            self.register_buffer("multiplier", torch.zeros(out, dtype=torch.int64))
+            self.register_buffer("shift", torch.ones(out, dtype=torch.int64))
+            self.register_buffer("low", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("high", torch.zeros((), dtype=torch.int64))
+        else:
+            self.register_buffer("output_scale", torch.ones(out, dtype=torch.float64))
+
+    def accumulate(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact int64 accumulator sum(x * w) + bias, channels on dim 1 (dim -1 for linear)."""
+        x, w = x.double(), self.weight.double()
+        if self.kind == "linear":
+            acc = F.linear(x, w)
+            return acc.round().to(torch.int64) + self.bias
+        conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
+        acc = conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        return acc.round().to(torch.int64) + self.bias.reshape(-1, *([1] * (acc.ndim - 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = self.accumulate(x)
+        view = (-1,) if self.kind == "linear" else (-1, *([1] * (acc.ndim - 2)))
+        if not self.requantize:
+            return (acc.double() * self.output_scale.reshape(view)).float()
+        out = requantize(acc, self.multiplier.reshape(view), self.shift.reshape(view))
+        return torch.clamp(out, self.low, self.high).to(torch.int32)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "weight_shape": list(self.weight.shape), "requantize": self.requantize,
+                "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+
+    def extra_repr(self) -> str:
+        out = "requantize" if self.requantize else "dequantize"
+        return f"{self.kind}, weight={tuple(self.weight.shape)}, {out}"

@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+from torch.fx import Interpreter
+
+import fxcompress
+from fxcompress.errors import PreconditionError
+from fxcompress.integer import IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
+from fxcompress.passes import InsertFakeQuant, LowerToInteger
+from fxcompress.passes.fake_quant import ActivationConfig
+from fxcompress.quant import ActivationQuant
+from fxcompress.zoo import LeNet5, LeNet300100, ResNetSmall
+
+
+def _fake_quant(model, x, **options):
+    options.setdefault("method", "linear")
+    options.setdefault("bits", 8)
+    calibration = [x[i:i + 16] for i in range(0, len(x), 16)]
+    return fxcompress.compile(model.eval(), [InsertFakeQuant(activations=ActivationConfig(bits=8), **options)],
+                              example_inputs=(x[:2],), calibration_data=calibration)
+
+
+def _dtypes(gm, x):
+    """The dtype of every node's value on input x."""
+    seen = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor):
+                seen[n.name] = value.dtype
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(x)
+    return seen
+
+
+@pytest.mark.parametrize("make, shape, per_channel", [
+    (LeNet300100, (64, 1, 28, 28), True),
+    (LeNet300100, (64, 1, 28, 28), False),
+    (LeNet5, (64, 1, 28, 28), True),
+])
+def test_integer_model_computes_what_the_fake_quant_model_computes(make, shape, per_channel):
+    x = torch.rand(shape)
+    fq = _fake_quant(make(), x, per_channel=per_channel)
+    gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    step = expected.abs().max().item() / 127
+    assert (expected - got).abs().max().item() < 4 * step  # bias and requantization rounding only
+    assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.95
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["integer_layers"] == len([m for m in gm.modules() if isinstance(m, IntegerLayer)]) >= 3
+    assert stats["float_to_integer_boundaries"] == 1
+    # integer-only: every value between the input boundary and the dequantizing last layer is int32
+    dtypes = _dtypes(gm, x)
+    boundary = next(n for n in gm.graph.nodes
+                    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QuantizeInput))
+    last = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), IntegerLayer)][-1]
+    inside, names = False, []
+    for n in gm.graph.nodes:
+        if n is boundary:
+            inside = True
+        if inside and n is not last and n.op != "output":
+            names.append(n.name)
+            assert dtypes[n.name] == torch.int32, n.format_node()
+        if n is last:
+            break
+    assert len(names) >= 4
+    assert not any(isinstance(m, torch.nn.Parameter) for m in gm.parameters())  # no float weights left
+
+
+def test_fixed_point_multiplier_and_rounding():
+    real = torch.tensor([1e-6, 0.0123, 0.5, 0.999999999, 3.7], dtype=torch.float64)
+    m0, shift = fixed_point_multiplier(real)
+    assert bool(((m0 >= 2 ** 30) & (m0 < 2 ** 31)).all())
+    approx = m0.double() * torch.pow(2.0, -shift.double())
+    assert torch.allclose(approx, real, rtol=2 ** -30, atol=0)
+    acc = torch.randint(-2 ** 30, 2 ** 30, (1000,), dtype=torch.int64)
+    for value, m, s in zip(real.tolist(), m0, shift):
+        got = requantize(acc, m, s)
+        exact = torch.floor(acc.double() * m.double() / 2.0 ** s.item() + 0.5)  # round half up
+        assert torch.equal(got, exact.to(torch.int64))
+        assert (got.double() - acc.double() * value).abs().max() <= 0.5 + abs(value) * 2 ** 31 * 2 ** -30
+
+
+def test_residual_network_lowers_with_float_boundaries():
+    x = torch.rand(32, 3, 32, 32)
+    fq = _fake_quant(ResNetSmall(), x)
+    gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["integer_layers"] == 11
+    assert stats["float_to_integer_boundaries"] > 1  # BN and residual adds run in float between integer layers
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    assert torch.allclose(expected, got, atol=0.05 * expected.abs().max().item())
+
+
+def test_kmeans_weights_are_refused():
+    x = torch.rand(32, 1, 28, 28)
+    fq = _fake_quant(LeNet300100(), x, method="kmeans", bits=4)
+    with pytest.raises(PreconditionError, match="'fc1' shares weights by k-means"):
+        fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+
+
+def test_uncalibrated_activations_are_refused():
+    x = torch.rand(32, 1, 28, 28)
+    fq = _fake_quant(LeNet300100(), x)
+    fq.add_submodule("fc2.input_quant", ActivationQuant())  # a fresh observer that has seen nothing
+    with pytest.raises(PreconditionError, match="observed nothing; compile with calibration_data"):
+        fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))
+
+
+def test_accumulator_overflow_is_refused():
+    x = torch.rand(32, 1, 28, 28) * 100
+    fq = _fake_quant(LeNet300100(), x, bits=16)
+    with pytest.raises(PreconditionError, match=r"accumulator of \d+ \(>= 2\^31\)"):
+        fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+
+
+def test_float_model_is_left_alone():
+    x = torch.rand(4, 1, 28, 28)
+    gm = fxcompress.compile(LeNet300100(), [LowerToInteger()], example_inputs=(x,))
+    assert fxcompress.history(gm)[-1].changed is False and math.isclose(
+        fxcompress.history(gm)[-1].stats["integer_layers"], 0)
