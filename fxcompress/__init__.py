@@ -6,6 +6,8 @@
 from .analysis import Analysis, AnalysisCache
 from .compile import compile
 from .draw import draw, to_networkx
+from .encoded.decode import decode
+from .encoded.format import load, save
 from .errors import (ConfigError, FormatError, FxCompressError, MissingDependencyError, PreconditionError,
                      TraceError, VerificationError)
 from .history import format_history, history
@@ -17,5 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisCache", "ConfigError", "FormatError", "FxCompressError", "MissingDependencyError",
     "Pass", "PassContext", "PassRecord", "PassResult", "PreconditionError", "TraceError", "VerificationError",
-    "Summary", "compile", "draw", "format_history", "history", "summary", "to_networkx",
+    "Summary", "compile", "decode", "draw", "format_history", "history", "load", "save", "summary",
+    "to_networkx",
 ]

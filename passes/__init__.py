@@ -3,7 +3,8 @@
 Nothing here registers itself anywhere: importing a pass only defines its class.
 """
 from .fake_quant import ActivationConfig, InsertFakeQuant
+from .lower_encoded import LowerToEncoded
 from .lower_integer import LowerToInteger
 from .prune_channels import PruneChannels
 
-__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "LowerToInteger", "PruneChannels"]
+__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "LowerToEncoded", "LowerToInteger", "PruneChannels"]

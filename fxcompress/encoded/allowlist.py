@@ -1,0 +1,79 @@
+"""What a saved file may name: functions, tensor methods and module types (data tables).
+
+Loading resolves names through these tables only, so a file can never reach other code
+(no torch.load, no file or process functions, no imports by name).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d relu relu6
+gelu silu mish elu selu leaky_relu hardswish hardsigmoid hardtanh sigmoid tanh softmax log_softmax softplus
+max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
+adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d dropout batch_norm layer_norm group_norm
+instance_norm pad embedding normalize interpolate scaled_dot_product_attention pixel_shuffle glu""".split()
+_TORCH = """flatten cat concat stack add sub mul div matmul bmm mm addmm baddbmm einsum relu sigmoid tanh softmax
+log_softmax reshape transpose permute chunk split mean sum prod exp log sqrt rsqrt clamp where zeros_like
+ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maximum minimum conv1d conv2d conv3d
+conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
+gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
+adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select""".split()
+_OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem eq ne lt le gt ge and_ or_ xor invert
+abs""".split()
+METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
+sigmoid tanh chunk split unsqueeze squeeze expand expand_as view_as add sub mul div matmul t float half
+type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argmax narrow repeat flip roll dim
+numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
+mT transpose_ sub_ add_ mul_ div_ relu_ to""".split())
+
+
+def _functions() -> dict[str, object]:
+    table = {}
+    for prefix, module, names in (("torch.nn.functional", F, _FUNCTIONAL), ("torch", torch, _TORCH),
+                                  ("operator", operator, _OPERATOR)):
+        for name in names:
+            if hasattr(module, name):
+                table.setdefault(f"{prefix}.{name}", getattr(module, name))
+    return table
+
+
+FUNCTIONS: dict[str, object] = _functions()
+FUNCTION_NAMES: dict[object, str] = {}
+for _name, _fn in FUNCTIONS.items():
+    FUNCTION_NAMES.setdefault(_fn, _name)
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+_POOL = ("kernel_size", "stride", "padding")
+# standard layers: type -> the attributes that are also constructor arguments
+MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("in_features", "out_features")),
+    "Conv1d": (nn.Conv1d, _CONV), "Conv2d": (nn.Conv2d, _CONV), "Conv3d": (nn.Conv3d, _CONV),
+    "ConvTranspose1d": (nn.ConvTranspose1d, _CONV + ("output_padding",)),
+    "ConvTranspose2d": (nn.ConvTranspose2d, _CONV + ("output_padding",)),
+    "ConvTranspose3d": (nn.ConvTranspose3d, _CONV + ("output_padding",)),
+    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
+    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
+    "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
+    "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
+    "MultiheadAttention": (nn.MultiheadAttention, ("embed_dim", "num_heads", "dropout", "batch_first", "kdim",
+                                                   "vdim", "add_zero_attn")),
+    "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx")),
+    "ReLU": (nn.ReLU, ("inplace",)), "ReLU6": (nn.ReLU6, ("inplace",)), "SiLU": (nn.SiLU, ("inplace",)),
+    "GELU": (nn.GELU, ("approximate",)), "Sigmoid": (nn.Sigmoid, ()), "Tanh": (nn.Tanh, ()),
+    "Hardswish": (nn.Hardswish, ("inplace",)), "Hardsigmoid": (nn.Hardsigmoid, ("inplace",)),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")), "Identity": (nn.Identity, ()),
+    "Softmax": (nn.Softmax, ("dim",)), "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+    "Dropout": (nn.Dropout, ("p", "inplace")),
+    "MaxPool2d": (nn.MaxPool2d, _POOL + ("dilation", "ceil_mode")), "AvgPool2d": (nn.AvgPool2d, _POOL),
+    "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+}
+MODULE_NAMES: dict[type, str] = {cls: name for name, (cls, _) in MODULES.items()}
+
+DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}

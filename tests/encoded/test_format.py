@@ -1,0 +1,138 @@
+"""save / load: exact round trips, safety (no pickle, allow-lists), and damage always detected."""
+import struct
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.encoded.format import HEADER_BYTES, VERSION, from_bytes, to_bytes
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.errors import FormatError
+from fxcompress.layers import find_layers, insert_on_weight
+from fxcompress.passes import LowerToEncoded
+from fxcompress.zoo import ZOO
+
+
+def _sparse_fixed_point(gm, sparsity=0.9):
+    """Mask and round every layer's weight with plain graph ops (a mul by a buffer, then round)."""
+    for layer in find_layers(gm):
+        w = gm.get_parameter(layer.weight).detach()
+        owner, _, name = layer.weight.rpartition(".")
+        keep = w.abs() > w.abs().flatten().kthvalue(max(1, int(sparsity * w.numel()))).values
+        gm.get_submodule(owner).register_buffer(f"{name}_mask", keep.float())
+
+        def build(graph, weight, mask=f"{layer.weight}_mask"):
+            masked = graph.call_function(torch.mul, (weight, graph.get_attr(mask)))
+            scaled = graph.call_function(torch.mul, (masked, 32.0))
+            return graph.call_function(torch.mul, (graph.call_function(torch.round, (scaled,)), 1 / 32))
+        insert_on_weight(gm, layer, build)
+    gm.recompile()
+    return gm
+
+
+def _lowered(name, **kw):
+    make_model, make_input = ZOO[name]
+    x = make_input()
+    gm = _sparse_fixed_point(fxcompress.compile(make_model().eval(), [], example_inputs=(x,)))
+    return fxcompress.compile(gm, [LowerToEncoded(**kw)], example_inputs=(x,)), x
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_model_round_trips(tmp_path, name):
+    make_model, make_input = ZOO[name]
+    x = make_input()
+    gm = fxcompress.compile(make_model().eval(), [], example_inputs=(x,))
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    assert torch.equal(loaded(x), gm(x))
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "resnet", "transformer"])
+def test_lowered_models_round_trip_with_history(tmp_path, name):
+    gm, x = _lowered(name)
+    size = fxcompress.save(gm, tmp_path / "m.fxc")
+    assert size == (tmp_path / "m.fxc").stat().st_size
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    assert torch.equal(loaded(x), gm(x))
+    assert [r.name for r in fxcompress.history(loaded)] == ["LowerToEncoded"]
+    assert set(dict(loaded.named_parameters())) == set(dict(gm.named_parameters()))
+    assert set(dict(loaded.named_buffers())) == set(dict(gm.named_buffers()))
+
+
+def test_file_size_is_the_encoded_bytes_plus_a_small_header(tmp_path):
+    gm, _ = _lowered("lenet300")
+    payload = sum(m.payload.numel() for m in gm.modules() if isinstance(m, EncodedWeight))
+    biases = sum(4 * p.numel() for n, p in gm.named_parameters() if n.endswith("bias"))
+    size = fxcompress.save(gm, tmp_path / "m.fxc")
+    headers = sum(m.storage_bytes()["header"] for m in gm.modules() if isinstance(m, EncodedWeight))
+    assert payload + biases < size <= payload + biases + headers + 1024
+
+
+def test_torch_save_of_a_lowered_model_still_works(tmp_path):
+    make_model, make_input = ZOO["lenet5"]
+    x = make_input()
+    gm = _sparse_fixed_point(torch.fx.symbolic_trace(make_model().eval()))
+    gm = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    torch.save(gm.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert all(v.dtype == torch.uint8 for k, v in state.items() if k.endswith("payload"))
+    torch.save(gm, tmp_path / "whole.pt")  # the pickle route, for users who trust their files
+    assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(x), gm(x))
+
+
+def test_every_single_byte_flip_is_detected():
+    x = torch.randn(2, 12)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    gm = _sparse_fixed_point(fxcompress.compile(model, [], example_inputs=(x,)), sparsity=0.5)
+    gm = fxcompress.compile(gm, [LowerToEncoded(coding="huffman", layout="relative")], example_inputs=(x,))
+    data = bytearray(to_bytes(gm))
+    expected = gm(x)
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0xFF if i % 2 else 0x01
+        try:
+            out = from_bytes(bytes(flipped))(x)
+        except FormatError:
+            continue
+        assert torch.equal(out, expected), f"byte {i} changed the outputs silently"
+
+
+@pytest.mark.parametrize("cut", [0, 5, HEADER_BYTES, HEADER_BYTES + 10, -1])
+def test_truncated_files_name_the_segment(cut):
+    gm, _ = _lowered("lenet300")
+    data = to_bytes(gm)
+    with pytest.raises(FormatError, match="header|manifest|tensor"):
+        from_bytes(data[:cut] if cut >= 0 else data[:-1])
+
+
+def test_a_future_version_is_refused():
+    import zlib
+    gm, _ = _lowered("lenet300")
+    data = bytearray(to_bytes(gm))
+    struct.pack_into("<H", data, 8, VERSION + 1)
+    struct.pack_into("<I", data, 18, zlib.crc32(bytes(data[:18])))
+    with pytest.raises(FormatError, match=f"header: format version {VERSION + 1}"):
+        from_bytes(bytes(data))
+
+
+def test_a_corrupted_segment_is_named():
+    gm, _ = _lowered("lenet300")
+    data = bytearray(to_bytes(gm))
+    data[-3] ^= 0x10  # inside the last tensor segment
+    with pytest.raises(FormatError, match="tensor .*checksum"):
+        from_bytes(bytes(data))
+
+
+def test_a_graph_calling_something_unlisted_cannot_be_saved(tmp_path):
+    def unlisted(x):
+        return x
+
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        node = gm.graph.call_function(unlisted, (out.args[0],))
+    out.args = (node,)
+    gm.recompile()
+    with pytest.raises(FormatError, match="allow-list"):
+        fxcompress.save(gm, tmp_path / "m.fxc")
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -1,0 +1,144 @@
+"""LowerToEncoded: bit-identical outputs, stable names, exact bytes, decode() back to dense."""
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.errors import ConfigError
+from fxcompress.layers import WeightTransform, find_layers, insert_on_weight
+from fxcompress.passes import LowerToEncoded
+from fxcompress.zoo import ZOO, LeNet5, LeNet300100
+
+
+class RoundToGrid(WeightTransform):
+    """A stand-in fake-quant: rounds the weight to multiples of `step` (a fixed-point code)."""
+
+    def __init__(self, step: float, bits: int) -> None:
+        super().__init__()
+        self.step, self.bits = step, bits
+
+    def forward(self, w):
+        return torch.round(w / self.step) * self.step
+
+
+def hand_compressed(model, inputs, sparsity=0.9, step=2 ** -6):
+    """Magnitude mask (a buffer and a mul node) + rounding on every layer's weight chain."""
+    gm = fxcompress.compile(model, [], example_inputs=inputs)
+    for i, layer in enumerate(find_layers(gm)):
+        w = gm.get_parameter(layer.weight).detach()
+        keep = w.abs() > w.abs().flatten().kthvalue(max(1, int(sparsity * w.numel()))).values
+        owner, _, name = layer.weight.rpartition(".")
+        gm.get_submodule(owner).register_buffer(f"{name}_mask", keep.float())
+        gm.add_module(f"quant{i}", RoundToGrid(step, 6))
+
+        def build(graph, weight, layer=layer, i=i, mask=f"{layer.weight}_mask"):
+            masked = graph.call_function(torch.mul, (weight, graph.get_attr(mask)))
+            return graph.call_module(f"quant{i}", (masked,))
+        insert_on_weight(gm, layer, build)
+    gm.recompile()
+    return gm
+
+
+@pytest.fixture
+def lenet():
+    x = torch.randn(4, 1, 28, 28)
+    return hand_compressed(LeNet300100().eval(), (x,)), x
+
+
+def test_outputs_are_bit_identical_and_names_stable(lenet):
+    gm, x = lenet
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    assert torch.equal(lowered(x), gm(x))
+    assert [l.name for l in find_layers(lowered)] == ["fc1", "fc2", "fc3"]
+    encoded = [n.target for n in lowered.graph.nodes
+               if n.op == "call_module" and isinstance(lowered.get_submodule(n.target), EncodedWeight)]
+    assert encoded == ["fc1.weight_encoded", "fc2.weight_encoded", "fc3.weight_encoded"]
+    names = dict(lowered.named_parameters()) | dict(lowered.named_buffers())
+    assert "fc1.weight" not in names and "fc1.weight_mask" not in names
+    assert all(not isinstance(m, RoundToGrid) for m in lowered.modules())
+    assert all(lowered.get_submodule(t).bits == 6 for t in encoded)
+
+
+@pytest.mark.parametrize("coding", ["fixed", "huffman", "rans"])
+@pytest.mark.parametrize("layout", ["dense", "relative"])
+def test_every_forced_coding_is_exact(lenet, coding, layout):
+    gm, x = lenet
+    lowered = fxcompress.compile(gm, [LowerToEncoded(coding=coding, layout=layout)], example_inputs=(x,))
+    assert torch.equal(lowered(x), gm(x))
+    stats = fxcompress.history(lowered)[-1].stats
+    assert {s["values"] for s in stats.values()} <= {coding, "fixed"}  # a one-symbol stream is free as fixed
+    assert {s["layout"] for s in stats.values()} == {layout}
+
+
+def test_auto_is_no_larger_than_any_forced_choice(lenet):
+    gm, x = lenet
+
+    def size(**kw):
+        low = fxcompress.compile(gm, [LowerToEncoded(**kw)], example_inputs=(x,))
+        return sum(sum(m.storage_bytes().values()) for m in low.modules() if isinstance(m, EncodedWeight))
+    auto = size()
+    assert all(auto <= size(coding=c) for c in ("fixed", "huffman", "rans"))
+
+
+def test_conv_layers_and_deep_compression_index_widths():
+    x = torch.randn(2, 1, 28, 28)
+    gm = hand_compressed(LeNet5().eval(), (x,), sparsity=0.97)
+    lowered = fxcompress.compile(gm, [LowerToEncoded(layout="relative")], example_inputs=(x,))
+    assert torch.equal(lowered(x), gm(x))
+    assert lowered.get_submodule("conv1.weight_encoded").header["index_bits"] == 8
+    assert lowered.get_submodule("fc1.weight_encoded").header["index_bits"] == 5
+
+
+def test_float16_biases(lenet):
+    gm, x = lenet
+    lowered = fxcompress.compile(gm, [LowerToEncoded(bias="float16")], example_inputs=(x,))
+    assert isinstance(lowered.get_submodule("fc1.bias_encoded"), EncodedWeight)
+    assert torch.equal(lowered.get_submodule("fc1.bias_encoded")(), gm.fc1.bias.detach().half().float())
+    assert torch.allclose(lowered(x), gm(x), atol=1e-2)
+
+
+def test_decode_gives_a_plain_dense_module(lenet):
+    gm, x = lenet
+    lowered = fxcompress.compile(gm, [LowerToEncoded(bias="float16")], example_inputs=(x,))
+    dense = fxcompress.decode(lowered)
+    assert not any(isinstance(m, WeightTransform) for m in dense.modules())
+    assert {n.op for n in dense.graph.nodes} <= {"placeholder", "get_attr", "call_function", "output"}
+    assert torch.equal(dense(x), lowered(x))
+    assert isinstance(dense.fc1.weight, nn.Parameter) and dense.fc1.weight.shape == (300, 784)
+    assert torch.equal(fxcompress.decode(gm)(x), gm(x))  # masks and fake-quant fold as well
+
+
+def test_summary_bytes_are_exact(lenet):
+    gm, x = lenet
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    rows = {r["layer"]: r for r in fxcompress.summary(lowered).rows}
+    for name in ("fc1", "fc2", "fc3"):
+        module = lowered.get_submodule(f"{name}.weight_encoded")
+        assert rows[name]["exact"] == "yes"
+        assert rows[name]["compressed_bytes"] == sum(module.storage_bytes().values())
+        assert rows[name]["bytes_codebook"] + rows[name]["bytes_indices"] + rows[name]["bytes_positions"] \
+            == module.payload.numel()
+
+
+def test_layers_without_a_chain_are_left_alone():
+    x = torch.randn(2, 1, 28, 28)
+    gm = fxcompress.compile(LeNet300100().eval(), [LowerToEncoded()], example_inputs=(x,))
+    assert not fxcompress.history(gm)[-1].changed
+    assert isinstance(gm.fc1.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_lower_exactly(name):
+    make_model, make_input = ZOO[name]
+    x = make_input()
+    gm = hand_compressed(make_model().eval(), (x,), sparsity=0.8)
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    assert torch.equal(lowered(x), gm(x))
+
+
+@pytest.mark.parametrize("field,value", [("coding", "zip"), ("layout", "csr"), ("index_bits", 0),
+                                         ("index_bits", 17), ("index_bits", 4.5), ("bias", "int8")])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"LowerToEncoded.{field}"):
+        LowerToEncoded(**{field: value})
