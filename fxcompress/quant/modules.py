@@ -60,8 +60,8 @@ class KMeansWeight(WeightTransform):
         if not self.enabled:
             return weight
         table = self.table()
-        if self.groups == 1:
-            return table[0][self.codes].to(weight.dtype)
+        if self.groups == 1:  # index_select: the backward is one index_add into the codebook
+            return table[0].index_select(0, self.codes.reshape(-1)).reshape(self.codes.shape).to(weight.dtype)
         rows = table.gather(1, as_rows(self.codes, self.axis).long())
         return from_rows(rows, self.codes.shape, self.axis).to(weight.dtype)
 

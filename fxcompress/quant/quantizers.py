@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import PreconditionError
+from ..errors import ConfigError, PreconditionError
 from .kmeans1d import kmeans1d
 
 METHODS = ("kmeans", "linear", "fixed_point")
@@ -85,6 +85,8 @@ def _min_max(weight: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torc
 
 def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: int | None = None) -> Grid:
     """The min-max uniform grid of `bits` bits covering the weight (every value within half a step)."""
+    if symmetric and bits < 2:
+        raise ConfigError("linear_grid: a symmetric grid needs bits >= 2 (1 bit has no room for -s, 0 and +s)")
     qmin, qmax = integer_range("linear", bits, symmetric)
     low, high = _min_max(weight, axis)
     if symmetric:

@@ -1,0 +1,261 @@
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.layers import chain_transforms, effective_weight, find_layers, layer_node, weight_arg
+from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
+from fxcompress.quant import (ActivationQuant, GridWeight, KMeansWeight, freeze_observers, recluster,
+                              set_quantization)
+from fxcompress.zoo import ZOO, LeNet5, LeNet300100
+
+
+def lenet300(passes, calibration=None, model=None):
+    model = model or LeNet300100().eval()
+    x = torch.randn(8, 1, 28, 28)
+    return model, x, fxcompress.compile(model, passes, example_inputs=(x,), calibration_data=calibration)
+
+
+def weights_by_layer(gm):
+    return {layer.name: effective_weight(gm, layer) for layer in find_layers(gm)}
+
+
+def test_kmeans_after_masks_composes_on_the_weight_chain():
+    model, x, gm = lenet300([InsertMasks(sparsity=0.9), InsertFakeQuant(bits=4)])
+    for layer in find_layers(gm):
+        node = layer_node(gm, layer)
+        quant = weight_arg(node)
+        assert quant.op == "call_module" and quant.target == f"{layer.weight}_quant"
+        assert quant.args[0].target is operator.mul  # fake-quant comes after the mask
+        assert [type(t) for t in chain_transforms(gm, node)] == [KMeansWeight]
+        mask = gm.get_buffer(f"{layer.weight}_mask")
+        weight = effective_weight(gm, layer)
+        assert torch.all(weight[mask == 0] == 0)  # pruned weights stay exactly zero
+        assert torch.all(weight[mask == 1] != 0)  # and no kept weight snaps to zero
+        assert torch.unique(weight).numel() <= 16
+    record = fxcompress.history(gm)[-1]
+    assert record.name == "InsertFakeQuant" and record.stats["fc1"]["levels"] <= 16
+    assert set(record.params_touched) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+
+
+@pytest.mark.parametrize("method, bits", [("linear", 1), ("linear", 8), ("fixed_point", 6), ("kmeans", 1),
+                                          ("kmeans", 16), ("fixed_point", 16)])
+def test_every_method_bounds_the_levels_and_keeps_zeros(method, bits):
+    model, x, gm = lenet300([InsertMasks(sparsity=0.5), InsertFakeQuant(bits=bits, method=method)])
+    for layer in find_layers(gm):
+        weight = effective_weight(gm, layer)
+        assert torch.unique(weight).numel() <= 2 ** bits
+        assert torch.all(weight[gm.get_buffer(f"{layer.weight}_mask") == 0] == 0)
+    assert torch.isfinite(gm(x)).all()
+
+
+def test_per_channel_on_convolutions():
+    model = LeNet5().eval()
+    x = torch.randn(2, 1, 28, 28)
+    gm = fxcompress.compile(model, [InsertFakeQuant(bits=3, per_channel=True, types=("conv2d",))],
+                            example_inputs=(x,))
+    quantized = [layer for layer in find_layers(gm) if chain_transforms(gm, layer_node(gm, layer))]
+    assert [layer.name for layer in quantized] == ["conv1", "conv2"]
+    assert gm.get_submodule("conv2.weight_quant").codebook.shape == (50, 8)
+    for channel in effective_weight(gm, quantized[1]):
+        assert torch.unique(channel).numel() <= 8
+
+
+def test_switching_quantization_off_and_on_on_the_same_module():
+    model, x, gm = lenet300([InsertMasks(sparsity=0.7), InsertFakeQuant(bits=2, activations=ActivationConfig())],
+                            calibration=[torch.randn(8, 1, 28, 28) for _ in range(2)])
+    masked, _, masked_gm = lenet300([InsertMasks(sparsity=0.7)], model=model)
+    quantized = gm(x)
+    assert set_quantization(gm, False) == 6
+    assert torch.allclose(gm(x), masked_gm(x), atol=1e-6)  # the float (pruned) model
+    set_quantization(gm, True)
+    assert torch.equal(gm(x), quantized)
+    set_quantization(gm, False, activations=False)
+    assert not torch.equal(gm(x), quantized)
+
+
+def test_activation_fake_quant_is_calibrated_then_frozen_or_trained():
+    data = [torch.randn(8, 1, 28, 28) for _ in range(3)]
+    _, x, gm = lenet300([InsertFakeQuant(bits=8, activations=ActivationConfig(bits=4))], calibration=data)
+    record = fxcompress.history(gm)[-1]
+    assert record.stats["calibration_batches"] == 3
+    assert record.stats["activation_quant"] == ["fc1.input_quant", "fc2.input_quant", "fc3.input_quant"]
+    first = gm.get_submodule("fc1.input_quant")
+    flat = torch.cat([d.flatten(1) for d in data])
+    assert first.observer.range() == (float(flat.min()), float(flat.max()))
+    gm.train()(x * 10)
+    assert first.observer.range() == (float(flat.min()), float(flat.max()))  # frozen
+    freeze_observers(gm, False)
+    gm.train()(x * 10)
+    assert first.observer.range()[1] > float(flat.max())  # QAT: the grid follows the data
+    assert torch.unique(first(x).detach()).numel() <= 16
+
+
+def test_activations_need_calibration_data():
+    with pytest.raises(PreconditionError, match="calibration"):
+        lenet300([InsertFakeQuant(activations=ActivationConfig())])
+
+
+def test_centroid_fine_tuning_trains_only_the_codebooks():
+    torch.manual_seed(0)
+    model, x, gm = lenet300([InsertMasks(sparsity=0.8), InsertFakeQuant(bits=3)])
+    target = torch.randint(0, 10, (8,))
+    codes = {name: m.codes.clone() for name, m in gm.named_modules() if isinstance(m, KMeansWeight)}
+    optimizer = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(gm(x), target)
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    assert losses[-1] < losses[0] * 0.8
+    assert gm.get_parameter("fc1.weight").grad is None  # the float weight is not trained
+    for name, module in gm.named_modules():
+        if isinstance(module, KMeansWeight):
+            assert torch.equal(module.codes, codes[name])
+            assert module.codebook.grad is not None
+    for layer in find_layers(gm):
+        weight = effective_weight(gm, layer)
+        assert torch.all(weight[gm.get_buffer(f"{layer.weight}_mask") == 0] == 0)
+        assert torch.unique(weight).numel() <= 8
+
+
+RULES_TEXT = """# parameter  method  bits  option
+fc1\\.weight   kmeans       6  density
+fc2\\.weight   linear       8  symmetric
+fc3\\.weight   float        8
+"""
+
+
+@pytest.mark.parametrize("form", ["list", "text", "json", "yaml"])
+def test_rules_choose_per_layer(form, tmp_path):
+    rules = [("fc1\\.weight", "kmeans", 6, "density"), ("fc2\\.weight", "linear", 8, "symmetric"),
+             ("fc3\\.weight", "float", 8)]
+    if form == "text":
+        (tmp_path / "quant.rule").write_text(RULES_TEXT)
+        rules = str(tmp_path / "quant.rule")
+    elif form == "json":
+        import json
+        (tmp_path / "quant.json").write_text(json.dumps([list(r) for r in rules]))
+        rules = tmp_path / "quant.json"
+    elif form == "yaml":
+        pytest.importorskip("yaml")
+        (tmp_path / "quant.yaml").write_text("- {pattern: 'fc1\\.weight', method: kmeans, bits: 6, option: density}\n"
+                                             "- ['fc2\\.weight', linear, 8, symmetric]\n"
+                                             "- ['fc3\\.weight', float, 8]\n")
+        rules = tmp_path / "quant.yaml"
+    _, _, gm = lenet300([InsertFakeQuant(rules=rules)])
+    fc1, fc2 = gm.get_submodule("fc1.weight_quant"), gm.get_submodule("fc2.weight_quant")
+    assert isinstance(fc1, KMeansWeight) and fc1.bits == 6
+    assert isinstance(fc2, GridWeight) and fc2.symmetric and fc2.bits == 8
+    assert not hasattr(gm.get_submodule("fc3"), "weight_quant")
+
+
+@pytest.mark.parametrize("rules, match", [
+    ([("fc1\\.weight", "kmeans", 6, "nearest")], "rules\\[0\\]: the k-means option"),
+    ([("fc1\\.weight", "linear", 6, "skewed")], "linear option"),
+    ([("fc1\\.weight", "fixed_point", 6, "two")], "fixed_point option"),
+    ([("fc1\\.weight", "linear", 1, "symmetric")], "bits >= 2"),
+    ([("fc1\\.weight", "kmean", 6)], "method"),
+    ([("fc1\\.weight", "kmeans", 17)], "bits"),
+])
+def test_bad_rules_name_the_rule(rules, match):
+    with pytest.raises(ConfigError, match=match):
+        InsertFakeQuant(rules=rules)
+
+
+def test_a_rule_matching_no_layer_is_an_error():
+    with pytest.raises(ConfigError, match="matches no name"):
+        lenet300([InsertFakeQuant(rules=[("conv9\\.weight", "kmeans", 4)])])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"bits": 0}, "bits"), ({"bits": 17}, "bits"), ({"bits": 4.0}, "bits"), ({"method": "uniform"}, "method"),
+    ({"init": "random"}, "init"), ({"method": "linear", "symmetric": True, "bits": 1}, "bits >= 2"),
+    ({"select": "fc[1"}, "select"), ({"types": ("dense",)}, "types"), ({"activations": {"bits": 8}}, "activations"),
+    ({"per_channel": "yes"}, "per_channel"), ({"int_bits": -1, "method": "fixed_point"}, "int_bits"),
+])
+def test_bad_configuration_raises_config_error_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        InsertFakeQuant(**kwargs)
+    with pytest.raises(ConfigError, match="observer"):
+        ActivationConfig(observer="mean")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_rejected_naming_the_layer(bad):
+    model = LeNet300100().eval()
+    with torch.no_grad():
+        model.fc2.weight[3, 3] = bad
+    with pytest.raises(PreconditionError, match="layer 'fc2'.*1 of 30000 values are NaN/Inf"):
+        lenet300([InsertFakeQuant(bits=4)], model=model)
+
+
+def test_quantizing_again_replaces_the_fake_quant():
+    _, x, gm = lenet300([InsertMasks(sparsity=0.5), InsertFakeQuant(bits=6)])
+    gm = fxcompress.compile(gm, [InsertFakeQuant(bits=2, method="linear")], example_inputs=(x,))
+    node = layer_node(gm, find_layers(gm)[0])
+    assert [type(t) for t in chain_transforms(gm, node)] == [GridWeight]
+    assert torch.unique(effective_weight(gm, find_layers(gm)[0])).numel() <= 4
+
+
+def test_recluster_reassigns_from_the_float_weights():
+    _, x, gm = lenet300([InsertMasks(sparsity=0.5), InsertFakeQuant(bits=3)])
+    module = gm.get_submodule("fc1.weight_quant")
+    before = module.codes.clone()
+    with torch.no_grad():
+        gm.get_parameter("fc1.weight").mul_(torch.rand_like(gm.get_parameter("fc1.weight")) * 2)
+    assert recluster(gm) == 3
+    assert not torch.equal(module.codes, before)
+    weight = effective_weight(gm, find_layers(gm)[0])
+    assert torch.all(weight[gm.get_buffer("fc1.weight_mask") == 0] == 0)
+
+
+def test_state_dict_restores_a_quantized_model():
+    passes = [InsertMasks(sparsity=0.6), InsertFakeQuant(bits=4, activations=ActivationConfig())]
+    data = [torch.randn(8, 1, 28, 28)]
+    model, x, gm = lenet300(passes, calibration=data)
+    _, _, other = lenet300(passes, calibration=[torch.randn(8, 1, 28, 28) * 3], model=LeNet300100().eval())
+    other.load_state_dict(gm.state_dict())
+    assert torch.equal(other(x), gm(x))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_model_compiles_and_stays_close(name):
+    make_model, make_input = ZOO[name]
+    model = make_model().eval()
+    x = make_input()
+    gm = fxcompress.compile(model, [InsertFakeQuant(bits=8)], example_inputs=(x,))
+    assert len([m for m in gm.modules() if isinstance(m, KMeansWeight)]) == len(find_layers(gm))
+    with torch.no_grad():
+        reference, out = model(x), gm(x)
+    assert torch.allclose(out, reference, atol=0.05 * float(reference.abs().max()) + 1e-4)
+
+
+def test_conv_transpose_per_channel_uses_the_output_channel_axis():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 6, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 5, 5)
+    gm = fxcompress.compile(model, [InsertFakeQuant(bits=2, per_channel=True, method="linear")],
+                            example_inputs=(x,))
+    module = gm.get_submodule("0.weight_quant")
+    assert module.axis == 1 and module.grid(gm.get_parameter("0.weight")).scale.shape == (6,)
+
+
+def test_activation_modules_of_layers_reading_one_value_are_shared():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    x = torch.randn(5, 4)
+    gm = fxcompress.compile(TwoHeads(), [InsertFakeQuant(activations=ActivationConfig())], example_inputs=(x,),
+                            calibration_data=[x])
+    assert len([m for m in gm.modules() if isinstance(m, ActivationQuant)]) == 1
