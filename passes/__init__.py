@@ -3,8 +3,10 @@
 Nothing here registers itself anywhere: importing a pass only defines its class.
 """
 from .fake_quant import ActivationConfig, InsertFakeQuant
+from .insert_masks import InsertMasks
 from .lower_encoded import LowerToEncoded
 from .lower_integer import LowerToInteger
 from .prune_channels import PruneChannels
 
-__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "LowerToEncoded", "LowerToInteger", "PruneChannels"]
+__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "InsertMasks", "LowerToEncoded", "LowerToInteger",
+                      "PruneChannels"]

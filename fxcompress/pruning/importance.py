@@ -1,0 +1,82 @@
+"""Which weights to prune: importance scores per element or per group, and exact lowest-k selection.
+
+A *group* is the unit a granularity removes at once:
+
+* element - one weight;
+* kernel  - one 2-D (or 1-D / 3-D) kernel of a conv, i.e. one (out, in) pair;
+* filter  - everything that produces one output channel (rows of a linear weight);
+* channel - everything that reads one input channel (columns of a linear weight).
+
+A group's score is the L1 norm of its weights ("abs" and "l1"), their L2 norm ("l2"), or the sum
+of a user callable's per-element scores. Selection removes exactly round(sparsity * groups)
+groups, so the sparsity asked for is the sparsity obtained (a threshold would keep ties).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError, PreconditionError
+
+GRANULARITIES = ("element", "kernel", "filter", "channel")
+IMPORTANCES = ("abs", "l1", "l2")
+Importance = str | Callable[[torch.Tensor], torch.Tensor]
+
+
+def group_dims(granularity: str, kind: str, ndim: int, layer: str = "") -> tuple[int, ...]:
+    """The weight dimensions that index a group (the others are reduced into its score)."""
+    if granularity == "element":
+        return tuple(range(ndim))
+    if granularity == "kernel":
+        if not kind.startswith("conv"):
+            raise PreconditionError(f"granularity 'kernel' needs a conv layer; {layer or 'the layer'} is {kind}")
+        return (0, 1)
+    # ConvTranspose stores its weight as (in, out/groups, *kernel): the roles of dims 0 and 1 swap.
+    out_dim, in_dim = (1, 0) if kind.startswith("conv_transpose") else (0, 1)
+    return (out_dim,) if granularity == "filter" else (in_dim,)
+
+
+def group_scores(weight: torch.Tensor, dims: Sequence[int], importance: Importance) -> torch.Tensor:
+    """One score per group, shaped like `weight` with the reduced dimensions kept at size 1."""
+    reduce = [d for d in range(weight.ndim) if d not in dims]
+    weight = weight.detach().float()
+    if callable(importance):
+        scores = importance(weight)
+        if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ConfigError(f"importance callable must return scores shaped like the weight "
+                              f"{tuple(weight.shape)}, got {got}")
+        scores = scores.detach().float()
+        return scores.sum(reduce, keepdim=True) if reduce else scores
+    if importance == "l2":
+        return weight.pow(2).sum(reduce, keepdim=True).sqrt() if reduce else weight.abs()
+    return weight.abs().sum(reduce, keepdim=True) if reduce else weight.abs()
+
+
+def pruned_groups(mask: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Groups of an existing mask that are entirely pruned (bool, shaped like the group scores)."""
+    reduce = [d for d in range(mask.ndim) if d not in dims]
+    alive = mask.ne(0)
+    return ~alive.any(dim=tuple(reduce), keepdim=True) if reduce else ~alive
+
+
+def keep_highest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """A bool tensor shaped like `scores`: False for exactly the `n_prune` lowest scores."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    if n_prune > 0:
+        keep[torch.topk(scores.flatten(), n_prune, largest=False).indices] = False
+    return keep.view(scores.shape)
+
+
+def count_to_prune(sparsity: float, groups: int) -> int:
+    """round(sparsity * groups), as torch.nn.utils.prune counts it."""
+    return min(groups, round(sparsity * groups))
+
+
+def masked_scores(weight: torch.Tensor, mask: torch.Tensor | None, dims: Sequence[int],
+                  importance: Importance) -> torch.Tensor:
+    """Group scores of `weight * mask`; groups the mask already pruned score -inf, so they go first
+    and a new selection never revives them."""
+    scores = group_scores(weight if mask is None else weight.detach() * mask, dims, importance)
+    return scores if mask is None else scores.masked_fill(pruned_groups(mask, dims), float("-inf"))

@@ -1,0 +1,89 @@
+"""Masks as graph nodes: `mul(weight, get_attr <module>.weight_mask)` on a layer's weight chain.
+
+The mask is a buffer named `<param>_mask` on the module that owns the weight, as in
+torch.nn.utils.prune, so state_dict keys read `fc1.weight_mask`. Because the product is in the
+graph, autograd gives pruned weights a gradient of exactly zero and the layer always computes with
+exact zeros there, whatever the optimizer does to the stored tensor. A mask only ever shrinks:
+setting a new one keeps every weight an older mask pruned.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..layers import FUNCTIONS, Layer, find_layers, insert_on_weight, layer_node, weight_arg
+
+LAYER_KINDS = frozenset(FUNCTIONS.values())
+
+
+def module_kind(cls: type) -> str | None:
+    """The layer kind of a module class ("linear", "conv_transpose2d", ...), None if not maskable."""
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+    return kind if kind in LAYER_KINDS and cls.__module__.startswith("torch.nn") else None
+
+
+def mask_name(weight: str) -> str:
+    """The qualified buffer name of a weight's mask: "fc1.weight" -> "fc1.weight_mask"."""
+    return f"{weight}_mask"
+
+
+def mask_node(gm: GraphModule, layer: Layer) -> Node | None:
+    """The `mul(w, mask)` node on the layer's weight chain, if the layer is masked."""
+    node = layer_node(gm, layer)
+    current = weight_arg(node) if node.op == "call_function" else None
+    target = mask_name(layer.weight)
+    while isinstance(current, Node) and current.op != "get_attr":
+        mask = current.args[1] if len(current.args) > 1 else None
+        if (current.target is operator.mul and isinstance(mask, Node) and mask.op == "get_attr"
+                and mask.target == target):
+            return current
+        current = current.args[0] if current.args else None
+    return None
+
+
+def get_mask(gm: GraphModule, layer: Layer) -> torch.Tensor | None:
+    """The layer's mask buffer (1 = kept, 0 = pruned), or None when the layer is not masked."""
+    if mask_node(gm, layer) is None:
+        return None
+    return gm.get_buffer(mask_name(layer.weight))
+
+
+def masked_layers(gm: GraphModule) -> list[Layer]:
+    """The layers of `gm` that carry a mask node."""
+    return [layer for layer in find_layers(gm) if mask_node(gm, layer) is not None]
+
+
+def stored_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
+    return operator.attrgetter(layer.weight)(gm)
+
+
+def set_mask(gm: GraphModule, layer: Layer, keep: torch.Tensor) -> bool:
+    """Mask the layer with `keep` (bool, weight-shaped) AND any mask it already has.
+
+    Creates the buffer and the mul node when the layer has none (returns True: the graph changed);
+    the stored weight is zeroed where pruned, so state_dicts and exports see the zeros too.
+    """
+    weight = stored_weight(gm, layer)
+    mask = keep.to(device=weight.device, dtype=weight.dtype)
+    owner, _, attr = mask_name(layer.weight).rpartition(".")
+    module = gm.get_submodule(owner)
+    created = mask_node(gm, layer) is None
+    with torch.no_grad():
+        existing = getattr(module, attr, None)
+        if isinstance(existing, torch.Tensor) and existing.shape == mask.shape:
+            existing.mul_(mask)
+            mask = existing
+        else:
+            module.register_buffer(attr, mask.contiguous())
+        weight.mul_(mask)
+    if created:
+        name = mask_name(layer.weight)
+        insert_on_weight(gm, layer, lambda graph, w: graph.call_function(operator.mul, (w, graph.get_attr(name))))
+    return created
+
+
+def sparsity_of(mask: torch.Tensor) -> float:
+    return 1.0 - mask.count_nonzero().item() / max(mask.numel(), 1)

@@ -1,0 +1,47 @@
+"""Automated gradual pruning (Zhu & Gupta 2017, "To prune, or not to prune").
+
+Sparsity rises from `initial` to the final target over [begin, end] steps, fast at first and
+slowly at the end, updated every `every` steps:
+
+    s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin)) ** 3
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import check_int, check_real
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class AGP:
+    """The schedule; the final sparsity of each layer comes from the pass that uses it."""
+
+    end: int
+    begin: int = 0
+    every: int = 1
+    initial: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("AGP", "begin", self.begin, lo=0)
+        check_int("AGP", "end", self.end, lo=0)
+        check_int("AGP", "every", self.every, lo=1)
+        check_real("AGP", "initial", self.initial, 0.0, 1.0)
+        if self.end <= self.begin:
+            raise ConfigError(f"AGP.end must be after AGP.begin ({self.begin}), got {self.end}")
+
+    def progress(self, step: int) -> float:
+        """The fraction of the schedule done at `step`, held between updates (every `every` steps)."""
+        if step <= self.begin:
+            return 0.0
+        last_update = self.begin + (step - self.begin) // self.every * self.every
+        return min(1.0, (last_update - self.begin) / (self.end - self.begin))
+
+    def sparsity(self, final: float, step: int) -> float:
+        """s_t for a layer whose final sparsity is `final` (an initial above it is capped at it)."""
+        start = min(self.initial, final)
+        return final + (start - final) * (1.0 - self.progress(step)) ** 3
+
+    def updates_at(self, step: int) -> bool:
+        """Whether the masks change at `step` (so a loop may skip the work in between)."""
+        return step >= self.begin and (step - self.begin) % self.every == 0 and step - self.every < self.end

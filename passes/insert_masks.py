@@ -1,0 +1,228 @@
+"""InsertMasks: magnitude pruning as mask nodes in the graph (Han et al. 2015, "Learning both weights
+and connections").
+
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.9, scope="global")], example_inputs=(x,))
+
+Every selected linear / conv weight goes through `mul(weight, <module>.weight_mask)` before the
+layer uses it. Compiling a masked GraphModule again with a higher sparsity advances the same masks
+(a pruned weight is never revived, no second mul is stacked). With `schedule=AGP(...)`, compile
+inserts the masks at the schedule's initial sparsity and `update_masks(gm, step)`, called from any
+training loop, raises them along the Zhu & Gupta curve.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule
+
+from fxcompress.analyses import ShapeInfo
+from fxcompress.config import check_choice, check_int, check_real
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.layers import Layer, find_layers
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
+                                           keep_highest, masked_scores)
+from fxcompress.pruning.masks import LAYER_KINDS, get_mask, module_kind, set_mask, sparsity_of, stored_weight
+from fxcompress.pruning.schedule import AGP
+from fxcompress.rules import Field, RuleSchema, RuleSet, choice, real_list
+
+# The origin documents' rule form: (parameter pattern, granularity, sparsity per stage[, importance]).
+MASK_RULES = RuleSchema("InsertMasks.rules", [
+    Field("granularity", choice(*GRANULARITIES)),
+    Field("sparsity", real_list(0.0, 1.0)),
+    Field("importance", choice(*IMPORTANCES, allow_callable=True), default=None),  # None: the pass's own
+])
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one layer is pruned to."""
+
+    layer: Layer
+    granularity: str
+    sparsity: float
+    importance: Importance
+
+
+@dataclass(frozen=True, kw_only=True)
+class InsertMasks(Pass):
+    """Prune selected linear / conv weights with mask nodes.
+
+    sparsity     fraction of groups to prune, or one fraction per stage (picked by `stage`)
+    granularity  "element", "kernel" (conv only), "filter" or "channel"
+    importance   "abs" / "l1" (L1 norm of a group), "l2", or a callable weight -> per-element scores
+    scope        "local": every layer to its sparsity; "global": one threshold across the layers
+    select       full-match regex over layer names ("fc1", "features\\.\\d+"); None: every layer
+    types        layer kinds ("linear", "conv2d", ...) or module classes (nn.Conv2d) to restrict to
+    rules        per-parameter rules (pattern, granularity, sparsities[, importance]): a list or a
+                 text / YAML / JSON file; they replace sparsity / granularity for the layers they match
+    stage        which entry of each sparsity list applies
+    schedule     AGP(...) for gradual pruning driven by `update_masks(gm, step)`
+    """
+
+    sparsity: float | tuple[float, ...] = 0.5
+    granularity: str = "element"
+    importance: Importance = "abs"
+    scope: str = "local"
+    select: str | None = None
+    types: tuple[Any, ...] = ()
+    rules: Any = None
+    stage: int = 0
+    schedule: AGP | None = None
+
+    preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)
+
+    def __post_init__(self) -> None:
+        sparsities = tuple(self.sparsity) if isinstance(self.sparsity, (list, tuple)) else (self.sparsity,)
+        for value in sparsities:
+            check_real("InsertMasks", "sparsity", value, 0.0, 1.0)
+        object.__setattr__(self, "sparsity", sparsities if isinstance(self.sparsity, (list, tuple)) else self.sparsity)
+        check_choice("InsertMasks", "granularity", self.granularity, GRANULARITIES)
+        if not callable(self.importance):
+            check_choice("InsertMasks", "importance", self.importance, IMPORTANCES + ("<a callable>",))
+        check_choice("InsertMasks", "scope", self.scope, ("local", "global"))
+        check_int("InsertMasks", "stage", self.stage, lo=0)
+        _stage_value(sparsities, self.stage, "InsertMasks.sparsity")
+        if self.select is not None:
+            _check_regex("InsertMasks.select", self.select)
+        object.__setattr__(self, "types", _kinds(self.types))
+        if self.schedule is not None and not isinstance(self.schedule, AGP):
+            raise ConfigError(f"InsertMasks.schedule must be an AGP(...) schedule or None, got {self.schedule!r}")
+        if self.rules is not None:
+            rules = MASK_RULES.load(self.rules)
+            if self.scope == "global":
+                raise ConfigError("InsertMasks.rules give per-layer sparsities; they need scope='local'")
+            for rule in rules.rules:
+                _stage_value(rule["sparsity"], self.stage, rule.origin)
+            object.__setattr__(self, "rules", rules)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        step = self.schedule.begin if self.schedule is not None else None
+        targets = self.targets(gm, step)
+        before = {t.layer.name: _mask_zeros(gm, t.layer) for t in targets}
+        created, sparsities = self._apply(gm, targets)
+        changed = created > 0 or any(_mask_zeros(gm, t.layer) != before[t.layer.name] for t in targets)
+        total = sum(stored_weight(gm, t.layer).numel() for t in targets)
+        pruned = sum(_mask_zeros(gm, t.layer) for t in targets)
+        return PassResult(changed=changed, params_touched=tuple(t.layer.weight for t in targets),
+                          stats={"sparsity": round(pruned / max(total, 1), 6), "masks_created": created,
+                                 "layers": sparsities})
+
+    def update_masks(self, gm: GraphModule, step: int) -> dict[str, float]:
+        """Advance the masks `compile` inserted to this step's sparsity; returns each layer's sparsity.
+
+        Call it once per step (or epoch) from a training loop. Without a schedule the masks go
+        straight to the pass's sparsity; with one they follow it, and between the schedule's
+        update steps nothing is recomputed.
+        """
+        check_int("update_masks", "step", step, lo=0)
+        targets = self.targets(gm, step)
+        missing = [t.layer.name for t in targets if get_mask(gm, t.layer) is None]
+        if missing:
+            raise PreconditionError(f"update_masks: layers {missing} have no mask; compile the model with this "
+                                    f"InsertMasks pass first")
+        if self.schedule is not None and not self.schedule.updates_at(step):
+            return {t.layer.name: sparsity_of(get_mask(gm, t.layer)) for t in targets}
+        return self._apply(gm, targets)[1]
+
+    def targets(self, gm: GraphModule, step: int | None = None) -> list[Target]:
+        """The layers this pass prunes and what each is pruned to (at `step` of the schedule)."""
+        layers = self._candidates(gm)
+        if self.rules is None:
+            sparsities = self.sparsity if isinstance(self.sparsity, tuple) else (self.sparsity,)
+            final = _stage_value(sparsities, self.stage, "InsertMasks.sparsity")
+            plan = [(layer, self.granularity, final, self.importance) for layer in layers]
+        else:
+            assigned = self.rules.assign(layer.weight for layer in layers)
+            plan = [(layer, rule["granularity"], _stage_value(rule["sparsity"], self.stage, rule.origin),
+                     rule["importance"] or self.importance)
+                    for layer in layers if (rule := assigned.get(layer.weight)) is not None]
+        return [Target(layer, granularity, self._scheduled(final, step), importance)
+                for layer, granularity, final, importance in plan]
+
+    def _scheduled(self, final: float, step: int | None) -> float:
+        return final if self.schedule is None or step is None else self.schedule.sparsity(final, step)
+
+    def _candidates(self, gm: GraphModule) -> list[Layer]:
+        layers = find_layers(gm)
+        if self.types:
+            layers = [layer for layer in layers if layer.kind in self.types]
+        if self.select is not None:
+            layers = [layer for layer in layers if re.fullmatch(self.select, layer.name)]
+        if not layers:
+            names = [layer.name for layer in find_layers(gm)]
+            raise ConfigError(f"InsertMasks selects no layer (select={self.select!r}, types={self.types!r}); "
+                              f"the layers are {names}")
+        return layers
+
+    def _apply(self, gm: GraphModule, targets: Sequence[Target]) -> tuple[int, dict[str, float]]:
+        keeps = _global_keeps(gm, targets) if self.scope == "global" else {t.layer.name: _local_keep(gm, t)
+                                                                         for t in targets}
+        created = sum(set_mask(gm, t.layer, keeps[t.layer.name]) for t in targets)
+        return created, {t.layer.name: round(sparsity_of(get_mask(gm, t.layer)), 6) for t in targets}
+
+
+def _scores(gm: GraphModule, target: Target) -> torch.Tensor:
+    """Group scores of the layer's masked weight (groups pruned before score -inf)."""
+    layer = target.layer
+    weight = stored_weight(gm, layer)
+    dims = group_dims(target.granularity, layer.kind, weight.ndim, layer.name)
+    return masked_scores(weight, get_mask(gm, layer), dims, target.importance)
+
+
+def _local_keep(gm: GraphModule, target: Target) -> torch.Tensor:
+    scores = _scores(gm, target)
+    keep = keep_highest(scores, count_to_prune(target.sparsity, scores.numel()))
+    return keep.expand(stored_weight(gm, target.layer).shape)
+
+
+def _global_keeps(gm: GraphModule, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+    """One ranking across every target layer (torch.nn.utils.prune.global_unstructured's rule)."""
+    scores = [_scores(gm, t) for t in targets]
+    flat = torch.cat([s.flatten() for s in scores])
+    keep = keep_highest(flat, count_to_prune(targets[0].sparsity, flat.numel()))
+    parts = torch.split(keep, [s.numel() for s in scores])
+    return {t.layer.name: part.view(s.shape).expand(stored_weight(gm, t.layer).shape)
+            for t, s, part in zip(targets, scores, parts)}
+
+
+def _mask_zeros(gm: GraphModule, layer: Layer) -> int:
+    mask = get_mask(gm, layer)
+    return 0 if mask is None else mask.numel() - mask.count_nonzero().item()
+
+
+def _stage_value(values: Sequence[float], stage: int, origin: str) -> float:
+    """The sparsity of `stage`; a single value holds at every stage."""
+    if len(values) == 1:
+        return values[0]
+    if stage >= len(values):
+        raise ConfigError(f"{origin}: stage {stage} asked for, but only {len(values)} sparsities are given "
+                          f"({', '.join(map(str, values))})")
+    return values[stage]
+
+
+def _check_regex(owner: str, pattern: Any) -> None:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{owner} must be a regular expression string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{owner}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _kinds(types: Any) -> tuple[str, ...]:
+    """Layer kinds from kind names or module classes (nn.ConvTranspose2d -> "conv_transpose2d")."""
+    if not isinstance(types, (list, tuple)):
+        types = (types,)
+    kinds = []
+    for entry in types:
+        kind = module_kind(entry) if isinstance(entry, type) else entry
+        if kind not in LAYER_KINDS:
+            raise ConfigError(f"InsertMasks.types: {entry!r} is not a maskable layer type; "
+                              f"use one of {', '.join(sorted(LAYER_KINDS))} or the nn module classes")
+        kinds.append(kind)
+    return tuple(kinds)
