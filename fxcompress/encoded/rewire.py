@@ -20,7 +20,7 @@ def erase_unused(gm: GraphModule, start: Node) -> list[Node]:
     erased, pending = [], [start]
     while pending:
         node = pending.pop()
-        if node.users or node.op in ("placeholder", "output") or node.graph is not gm.graph:
+        if node in erased or node.users or node.op in ("placeholder", "output"):
             continue
         inputs = list(node.all_input_nodes)
         gm.graph.erase_node(node)

@@ -80,10 +80,9 @@ def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: i
 def grid_codebook(values: np.ndarray) -> Codebook | None:
     """Values that are exactly float32(k) * step for a shared step (fixed-point codes), else None."""
     distinct = np.unique(values.astype(np.float64))
-    gaps = np.diff(distinct)
-    if len(gaps) == 0 or gaps.min() <= 0:
-        return None
-    for step in (np.float32(gaps.min()), np.float32(2.0 ** np.floor(np.log2(gaps.min())))):
+    gaps = np.diff(distinct) if len(distinct) > 1 else np.abs(distinct[:1]) + (distinct[:1] == 0)
+    power = np.floor(np.log2(gaps.min()))  # fixed-point steps are powers of two, maybe below the smallest gap
+    for step in [np.float32(gaps.min())] + [np.float32(2.0 ** (power - i)) for i in range(8)]:
         k = np.rint(values / np.float64(step)).astype(np.int64)
         if k.max() - k.min() < MAX_ALPHABET and np.array_equal(k.astype(np.float32) * step, values):
             data = np.array([step], dtype="<f4").view(np.uint8)
