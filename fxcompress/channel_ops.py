@@ -24,6 +24,7 @@ Rule names:
 from __future__ import annotations
 
 import operator
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,26 @@ MODULE_RULES.update({
     nn.GroupNorm: "group_norm", nn.LayerNorm: "layer_norm", nn.PReLU: "prelu",
     nn.MultiheadAttention: "mha", nn.ChannelShuffle: "channel_shuffle",
 })
+
+
+# Functions of optional libraries, looked up by identity once their module is loaded (never imported here).
+OPTIONAL_FUNCTION_RULES: dict[tuple[str, str], str | tuple] = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): "same",  # per-sample scaling, channels unchanged
+}
+
+
+def function_rule(target: object) -> str | tuple | None:
+    """The rule of a called function: the table entry for that very object, if any."""
+    try:
+        rule = FUNCTION_RULES.get(target)
+    except TypeError:  # an unhashable callable
+        return None
+    if rule is None:
+        for (module_name, attr), candidate in OPTIONAL_FUNCTION_RULES.items():
+            module = sys.modules.get(module_name)
+            if module is not None and getattr(module, attr, None) is target:
+                return candidate
+    return rule
 
 
 def module_rule(module: nn.Module) -> str | tuple | None:

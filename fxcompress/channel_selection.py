@@ -43,17 +43,30 @@ def removal_count(group: ChannelGroup, amount: float, min_channels: int, round_t
 
 def lowest(group: ChannelGroup, scores: np.ndarray, count: int, cg: ChannelGraph,
            min_channels: int) -> np.ndarray:
-    """The `count` prunable classes of lowest score, skipping any whose removal would leave some
-    producer layer of the group with fewer than `min_channels` output channels."""
+    """The `count` prunable classes of lowest score, skipping any whose removal would empty a
+    tensor: every producer keeps `min_channels` outputs, every other slot and split piece one."""
     order = group.prunable[np.argsort(scores[group.prunable], kind="stable")]
-    left = {l.name: set(cg.labels[l.out_ids]) for l in cg.layers
-            if l.out_ids is not None and l.name in group.producers}
+    containers = _containers(group, cg, min_channels)
     chosen = []
-    for c in order:
+    for c in order.tolist():
         if len(chosen) == count:
             break
-        if all(c not in classes or len(classes) > max(min_channels, 1) for classes in left.values()):
+        if all(c not in classes or len(classes) > floor for classes, floor in containers):
             chosen.append(c)
-            for classes in left.values():
+            for classes, _ in containers:
                 classes.discard(c)
     return np.asarray(chosen, dtype=np.int64)
+
+
+def _containers(group: ChannelGroup, cg: ChannelGraph, min_channels: int) -> list[tuple[set, int]]:
+    """(classes, how many must stay) for each slot and split piece holding classes of `group`."""
+    outputs = {(l.weight, l.out_dim) for l in cg.layers if l.name in group.producers}
+    floors: dict[frozenset, int] = {}
+    pieces = [p for e in cg.edits.values() if e.kind == "split" for p in e.pieces]
+    mine = set(group.classes.tolist())
+    for key, ids in [*((k, cg.slots[k]) for k in group.slots), *((None, p) for p in pieces)]:
+        classes = frozenset(cg.labels[ids].tolist())
+        if key is not None or not classes.isdisjoint(mine):
+            floor = max(min_channels, 1) if key in outputs else 1
+            floors[classes] = max(floor, floors.get(classes, 0))
+    return [(set(classes), floor) for classes, floor in floors.items()]

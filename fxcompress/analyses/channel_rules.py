@@ -100,7 +100,8 @@ def _regroup(w: Walk, node: Node, track: dict, ins: list[int], outs: list[int], 
     grid = spread.reshape([b[d] for d in outs])
     varying = [k for k in range(grid.ndim) if grid.shape[k] > 1 and
                np.any(np.diff(grid, axis=k) != 0)]
-    last = varying[-1]
+    # the dim that keeps the channels: the innermost one along which they differ (all equal: one class)
+    last = varying[-1] if varying else max(k for k in range(grid.ndim) if grid.shape[k] > 1)
     columns = np.moveaxis(grid, last, -1).reshape(-1, grid.shape[last])
     if len(varying) > 1:  # a split into (heads, head_dim): prune the same positions of every head
         w.union(columns, np.broadcast_to(columns[0], columns.shape))

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..channel_ops import FUNCTION_RULES, METHOD_RULES, module_rule
+from ..channel_ops import METHOD_RULES, function_rule, module_rule
 from ..layers import weight_source
 
 NOT_CHANNEL = "not a channel dimension"
@@ -182,7 +182,7 @@ class Walk:
             module = self.gm.get_submodule(node.target)
             rule, what = module_rule(module), f"module {type(module).__name__} '{node.target}'"
         elif node.op == "call_function":
-            rule, what = _lookup(FUNCTION_RULES, node.target), f"function {getattr(node.target, '__name__', node.target)}"
+            rule, what = function_rule(node.target), f"function {getattr(node.target, '__name__', node.target)}"
         else:
             rule, what = METHOD_RULES.get(node.target), f"method .{node.target}()"
         if rule is None:
@@ -216,13 +216,6 @@ def _embedding_source(node: Node) -> Node | None:
     while isinstance(w, Node) and w.op != "get_attr":
         w = w.args[0] if w.args and isinstance(w.args[0], Node) else None
     return w
-
-
-def _lookup(table: dict, target: Any) -> Any:
-    try:
-        return table.get(target)
-    except TypeError:  # an unhashable target
-        return None
 
 
 def sdpa_scale(head_dim: int) -> float:

@@ -115,25 +115,34 @@ def _groups(labels, slots, frozen, layers) -> tuple[nx.Graph, tuple[ChannelGroup
         order = np.argsort(cls, kind="stable")
         cls, slot_of = cls[order], slot_of[order]
         same = cls[1:] == cls[:-1]
-        edges = np.unique(np.stack([slot_of[:-1][same], slot_of[1:][same]], 1), axis=0)
-        graph.add_edges_from((keys[a], keys[b]) for a, b in edges if a != b)
+        edges = np.unique(slot_of[:-1][same] * len(keys) + slot_of[1:][same])  # one int per slot pair
+        graph.add_edges_from((keys[e // len(keys)], keys[e % len(keys)]) for e in edges.tolist())
     index = {k: i for i, k in enumerate(keys)}
     frozen_mask = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=bool)
     frozen_mask[list(frozen)] = True
     components = sorted(nx.connected_components(graph), key=lambda c: min(index[k] for k in c))
+    members = [sorted(c, key=index.__getitem__) for c in components]
+    classes = [np.unique(np.concatenate([per_slot[index[k]] for k in m])) for m in members]
+    producers, consumers = _layers_by_group(classes, labels, layers)
     groups = []
-    for g, members in enumerate(components):
-        members = sorted(members, key=index.__getitem__)
-        classes = np.unique(np.concatenate([per_slot[index[k]] for k in members]))
-        prunable = classes[~frozen_mask[classes]]
-        reason = next((frozen[int(c)] for c in classes if frozen_mask[c]), None)
-        groups.append(ChannelGroup(g, tuple(members), classes, prunable, reason,
-                                   *_layers_in(classes, labels, layers)))
+    for g, (slots_g, classes_g) in enumerate(zip(members, classes)):
+        prunable = classes_g[~frozen_mask[classes_g]]
+        reason = next((frozen[int(c)] for c in classes_g if frozen_mask[c]), None)
+        groups.append(ChannelGroup(g, tuple(slots_g), classes_g, prunable, reason,
+                                   tuple(producers[g]), tuple(consumers[g])))
     return graph, tuple(groups)
 
 
-def _layers_in(classes: np.ndarray, labels: np.ndarray, layers) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    def touches(ids):
-        return ids is not None and np.isin(labels[ids], classes).any()
-    return (tuple(l.name for l in layers if touches(l.out_ids)),
-            tuple(l.name for l in layers if touches(l.in_ids)))
+def _layers_by_group(classes: list[np.ndarray], labels: np.ndarray, layers) -> tuple[list, list]:
+    """For each group, the layers writing (producers) and reading (consumers) its channels."""
+    group_of = np.full(labels.max() + 1 if len(labels) else 0, -1)
+    for g, c in enumerate(classes):
+        group_of[c] = g
+    producers, consumers = [[] for _ in classes], [[] for _ in classes]
+    for layer in layers:
+        for ids, found in ((layer.out_ids, producers), (layer.in_ids, consumers)):
+            if ids is not None:
+                for g in np.unique(group_of[labels[ids]]):
+                    if g >= 0:
+                        found[g].append(layer.name)
+    return producers, consumers

@@ -317,3 +317,24 @@ def test_data_driven_methods_need_calibration_data():
     gm, inputs = _traced("lenet300")
     with pytest.raises(PreconditionError, match="calibration_data"):
         fxcompress.compile(gm, [PruneChannels(method="greedy")], example_inputs=inputs)
+
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0",
+               "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_0", "vgg11_bn", "convnext_tiny", "vit_b_16"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_prune_at_half_exactly(name):
+    """Random init (weights=None, nothing downloads). Zeroed channels are removed without changing the
+    outputs, so the propagation is right on real architectures too; parameters drop."""
+    models = pytest.importorskip("torchvision.models", reason="torchvision (the vision extra) is not installed")
+    small = {"image_size": 32} if name.startswith("vit") else {}
+    gm = trace(getattr(models, name)(weights=None, **small).eval())
+    randomize_norm_stats(gm)
+    inputs = (torch.randn(1, 3, 32 if small else 64, 32 if small else 64),)
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
+    zero_classes(gm, cg, pick_half(cg))
+    expected = gm(*inputs)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    assert _params(pruned) < 0.75 * _params(gm)
+    torch.testing.assert_close(pruned(*inputs), expected, atol=1e-4, rtol=1e-4)
