@@ -247,15 +247,33 @@ def test_conv_transpose_per_channel_uses_the_output_channel_axis():
 
 
 def test_activation_modules_of_layers_reading_one_value_are_shared():
-    class TwoHeads(nn.Module):
+    class Fork(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+            self.heads = nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 2)])
 
         def forward(self, x):
-            return self.a(x), self.b(x)
+            return torch.cat([head(x) for head in self.heads], dim=1)
 
     x = torch.randn(5, 4)
-    gm = fxcompress.compile(TwoHeads(), [InsertFakeQuant(activations=ActivationConfig())], example_inputs=(x,),
+    gm = fxcompress.compile(Fork(), [InsertFakeQuant(activations=ActivationConfig())], example_inputs=(x,),
                             calibration_data=[x])
     assert len([m for m in gm.modules() if isinstance(m, ActivationQuant)]) == 1
+
+
+@pytest.mark.parametrize("quant", [InsertFakeQuant(bits=5), InsertFakeQuant(bits=4, method="linear", per_channel=True),
+                                   InsertFakeQuant(bits=8, method="fixed_point")])
+def test_lowering_reproduces_the_fake_quant_outputs_exactly(quant):
+    from fxcompress.passes import LowerToEncoded
+
+    _, x, gm = lenet300([InsertMasks(sparsity=0.9), quant])
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    assert torch.equal(lowered(x), gm(x))
+
+
+def test_calibration_shows_progress_when_asked(capsys):
+    model = LeNet300100().eval()
+    x = torch.randn(4, 1, 28, 28)
+    fxcompress.compile(model, [InsertFakeQuant(activations=ActivationConfig(observer="percentile"))],
+                       example_inputs=(x,), calibration_data=[x, (x,)], progress=True)
+    assert "calibrating" in capsys.readouterr().err
