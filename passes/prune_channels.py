@@ -105,7 +105,7 @@ class PruneChannels(Pass):
         touched = apply_removal(gm, cg, removed)
         if targets is not None:
             from fxcompress.reconstruct import refit
-            stats["reconstructed"] = refit(gm, targets, ctx.calibration_data)
+            stats["reconstructed"] = refit(gm, targets)
         after = sum(p.numel() for p in gm.parameters())
         stats.update(groups_pruned=int(sum(removed[g.classes].any() for g, _ in groups)),
                      channels_removed=int(removed.sum()), params_before=before, params_after=after)
@@ -141,8 +141,8 @@ class PruneChannels(Pass):
         counts = self._counts(gm, cg, groups, ctx)
         if self.method in DATA_METHODS:
             from fxcompress.reconstruct import data_driven_removal
-            chosen = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
-                                         self.max_samples, self.seed)
+            chosen, _ = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
+                                            self.max_samples, self.seed)
             for g, classes in chosen:
                 removed[classes] = True
             return removed

@@ -1,0 +1,252 @@
+"""Data-driven channel pruning: ThiNet's greedy and He et al.'s lasso selection, and the least-squares
+reconstruction of consumer layers (He et al. ICCV 2017; Luo et al. ThiNet 2017).
+
+Features are captured with torch.fx's Interpreter on the calibration batch, sampled at a bounded
+number of spatial positions so memory stays small, and solved in float64 on the CPU.
+
+A *consumer* is a conv2d (groups=1, zero padding) or linear module whose input channels shrink.
+Reconstruction is layer by layer, in graph order: each consumer sees the inputs of the already
+pruned and refitted model and is refitted (weights and bias) to reproduce the unpruned model's
+outputs at the same positions.
+"""
+from __future__ import annotations
+
+import warnings
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node
+
+from .analyses.channels import ChannelGraph, ChannelGroup
+from .channel_selection import lowest, norm_scores
+from .execution import evaluating
+
+RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equations well posed
+
+
+# ---- features -----------------------------------------------------------------------------------
+def calibration_batch(data: Iterable) -> tuple[torch.Tensor, ...]:
+    """All calibration inputs as one batch (each item a tensor or a tuple of tensors)."""
+    items = [item if isinstance(item, (tuple, list)) else (item,) for item in data]
+    return tuple(torch.cat([item[i] for item in items]) for i in range(len(items[0])))
+
+
+def _consumer(gm: GraphModule, node: Node) -> nn.Module | None:
+    """The module of a node that can be sampled and refitted, else None."""
+    if node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    if type(m) is nn.Linear:
+        return m
+    if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return m
+    return None
+
+
+def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as one row per output position: (positions, in_features [* kernel])."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def _outputs(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+class _Capture(Interpreter):
+    """Runs the graph; at each watched node calls `before(node, module, input rows)` and
+    `after(node, module, output rows)`, both sampled at the same positions (kept in `picks`)."""
+
+    def __init__(self, gm: GraphModule, watched: dict[str, nn.Module], samples: int, seed: int,
+                 before=None, after=None) -> None:
+        super().__init__(gm)
+        self.watched, self.samples, self.before, self.after = watched, samples, before, after
+        self.rng = np.random.default_rng(seed)
+        self.picks: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: Node) -> Any:
+        m = self.watched.get(n.name)
+        if m is None:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        rows = _rows(m, args[0])
+        if n.name not in self.picks:  # the same positions before and after pruning
+            count = min(self.samples, rows.shape[0])
+            self.picks[n.name] = torch.as_tensor(np.sort(self.rng.choice(rows.shape[0], count, replace=False)))
+        pick = self.picks[n.name]
+        if self.before is not None:
+            self.before(n, m, rows[pick].double())
+        result = super().run_node(n)
+        if self.after is not None:
+            self.after(n, m, _outputs(m, result)[pick].double())
+        return result
+
+
+def _run(gm: GraphModule, watched: dict, batch: tuple, samples: int, seed: int, *, before=None, after=None,
+         picks: dict | None = None) -> dict:
+    capture = _Capture(gm, watched, samples, seed, before, after)
+    capture.picks.update(picks or {})
+    with evaluating(gm):
+        capture.run(*batch)
+    return capture.picks
+
+
+# ---- reconstruction -----------------------------------------------------------------------------
+@dataclass
+class Targets:
+    """What the unpruned model's consumers produced at the sampled positions (kept outputs only)."""
+
+    outputs: dict[str, torch.Tensor]
+    picks: dict[str, torch.Tensor]
+    batch: tuple
+    samples: int
+    seed: int
+
+
+def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, samples: int,
+                    seed: int) -> Targets:
+    """Before pruning: the outputs of every consumer whose inputs will shrink."""
+    watched, kept, outputs = {}, {}, {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for layer in cg.layers:
+        m = _consumer(gm, nodes[layer.node])
+        if m is None or layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any():
+            continue
+        watched[layer.node] = m
+        out = np.ones(m.weight.shape[0], dtype=bool) if layer.out_ids is None else ~removed[cg.labels[layer.out_ids]]
+        kept[layer.node] = torch.as_tensor(np.flatnonzero(out))
+
+    def after(n, m, y):
+        outputs[n.name] = y[:, kept[n.name]]
+
+    batch = calibration_batch(data)
+    picks = _run(gm, watched, batch, samples, seed, after=after)
+    return Targets(outputs, picks, batch, samples, seed)
+
+
+def refit(gm: GraphModule, targets: Targets) -> list[str]:
+    """After pruning: refit each consumer, in graph order, on the pruned model's own inputs."""
+    watched = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.name in targets.outputs}
+    done = []
+
+    def before(n, m, rows):
+        _solve_into(m, rows, targets.outputs[n.name])
+        done.append(n.target)
+
+    _run(gm, watched, targets.batch, targets.samples, targets.seed, before=before, picks=targets.picks)
+    return done
+
+
+def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Least squares (ridge) fit of the layer's weight and bias so that x -> y."""
+    with_bias = m.bias is not None
+    if with_bias:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    gram = x.T @ x
+    gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, x.T @ y)  # (in [+1], out)
+    weight = solution[:-1] if with_bias else solution
+    with torch.no_grad():
+        m.weight.copy_(weight.T.reshape(m.weight.shape).to(m.weight.dtype))
+        if with_bias:
+            m.bias.copy_(solution[-1].to(m.bias.dtype))
+
+
+# ---- data-driven selection ----------------------------------------------------------------------
+def data_driven_removal(gm: GraphModule, cg: ChannelGraph, counts: list[tuple[ChannelGroup, int]], data,
+                        method: str, samples: int, seed: int) -> tuple[list, list[str]]:
+    """[(group, classes to remove)] by ThiNet greedy or lasso, and the groups that fell back to l1
+    (no consumer whose output could be measured)."""
+    contributions = _contributions(gm, cg, calibration_batch(data), samples, seed)
+    fallback_scores, chosen, fallbacks = None, [], []
+    for group, count in counts:
+        z = _class_columns(cg, group, contributions)
+        if z is None:
+            fallback_scores = norm_scores(gm, cg, 1) if fallback_scores is None else fallback_scores
+            scores, _ = fallback_scores, fallbacks.append(group.label)
+        else:
+            scores = np.full(cg.labels.max() + 1, np.inf)
+            scores[group.prunable] = (_greedy_order if method == "greedy" else _lasso_scores)(z, group, count, seed)
+        chosen.append((group, lowest(group, scores, count, cg, 1)))
+    return chosen, fallbacks
+
+
+def _contributions(gm, cg, batch, samples, seed) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+    """Per consumer: (in_ids, Z) where Z[s, c] is input channel c's contribution to one randomly
+    chosen output channel at sampled position s (ThiNet's sampling)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    layers = {l.node: l for l in cg.layers if l.in_ids is not None and _consumer(gm, nodes[l.node]) is not None}
+    watched = {name: _consumer(gm, nodes[name]) for name in layers}
+    found, rng = {}, np.random.default_rng(seed + 1)
+
+    def before(n, m, rows):
+        w = m.weight.detach().double().reshape(m.weight.shape[0], layers[n.name].in_ids.size, -1)
+        outs = torch.as_tensor(rng.integers(0, w.shape[0], rows.shape[0]))
+        x = rows.reshape(rows.shape[0], w.shape[1], -1)
+        found[n.name] = (layers[n.name].in_ids, torch.einsum("sck,sck->sc", x, w[outs]))
+
+    _run(gm, watched, batch, samples, seed, before=before)
+    return found
+
+
+def _class_columns(cg: ChannelGraph, group: ChannelGroup, contributions: dict) -> np.ndarray | None:
+    """Stack, over the group's consumers, the contributions summed per class: (rows, prunable)."""
+    column = {int(c): i for i, c in enumerate(group.prunable)}
+    blocks = []
+    for in_ids, z in contributions.values():
+        classes = cg.labels[in_ids]
+        inside = np.array([c in column for c in classes.tolist()])
+        if not inside.any():
+            continue
+        gather = np.zeros((len(classes), len(column)))
+        gather[np.flatnonzero(inside), [column[c] for c in classes[inside].tolist()]] = 1.0
+        blocks.append(z.numpy() @ gather)
+    return np.concatenate(blocks) if blocks else None
+
+
+def _greedy_order(z: np.ndarray, group: ChannelGroup, count: int, seed: int) -> np.ndarray:
+    """ThiNet: repeatedly remove the channel whose removal adds least to ||sum of removed contributions||^2."""
+    gram = z.T @ z
+    n = gram.shape[0]
+    order = np.full(n, np.inf)
+    acc, free = np.zeros(n), np.ones(n, dtype=bool)
+    for step in range(n):
+        cost = np.where(free, gram.diagonal() + 2 * acc, np.inf)
+        best = int(np.argmin(cost))
+        order[best], free[best] = step, False
+        acc += gram[best]
+    return order
+
+
+def _lasso_scores(z: np.ndarray, group: ChannelGroup, count: int, seed: int) -> np.ndarray:
+    """He et al.: y = sum of all contributions ~ z @ beta with an L1 penalty; alpha is bisected until
+    `keep` channels have nonzero beta. Channels with the smallest |beta| (the zeros) are removed."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import Lasso
+
+    keep = z.shape[1] - count
+    scale = np.linalg.norm(z, axis=0).clip(1e-12)
+    zn, y = z / scale, z.sum(1)
+    lo, hi = 0.0, float(np.abs(zn.T @ y).max() / len(y))  # at hi every beta is zero
+    best = np.ones(z.shape[1])
+    for _ in range(30):
+        alpha = (lo + hi) / 2
+        with warnings.catch_warnings():  # only the zero pattern matters here, not the last digits of beta
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            beta = Lasso(alpha=alpha, fit_intercept=False, max_iter=500, random_state=seed).fit(zn, y).coef_
+        nonzero = int((beta != 0).sum())
+        if nonzero >= keep:
+            best, lo = beta, alpha
+            if nonzero == keep:
+                break
+        else:
+            hi = alpha
+    return np.abs(best) + 1e-9 * scale / scale.max()  # ties among zeros: the weaker channel goes first

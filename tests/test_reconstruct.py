@@ -1,0 +1,93 @@
+"""Least-squares reconstruction and the data-driven channel selections (ThiNet greedy, He et al. lasso)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.analyses.channels import ChannelGroup
+from fxcompress.passes import PruneChannels
+from fxcompress.reconstruct import _greedy_order, _lasso_scores, _solve_into, calibration_batch
+from fxcompress.zoo import ZOO
+
+
+def _group(n: int) -> ChannelGroup:
+    return ChannelGroup(0, (), np.arange(n), np.arange(n), None, (), ())
+
+
+def test_least_squares_recovers_a_linear_layer_and_its_bias():
+    true = nn.Linear(6, 3)
+    x = torch.randn(200, 6, dtype=torch.float64)
+    y = true(x.float()).double().detach()
+    fitted = nn.Linear(6, 3)
+    _solve_into(fitted, x, y)
+    torch.testing.assert_close(fitted.weight, true.weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fitted.bias, true.bias, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_prefers_a_channel_that_cancels_the_ones_already_removed():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=1000), rng.normal(size=1000)
+    z = np.stack([0.5 * a, -0.6 * a, 0.55 * b], 1)  # by norm alone, 0 and 2 would go
+    order = _greedy_order(z, _group(3), 2, 0)
+    assert set(np.argsort(order)[:2]) == {0, 1}
+
+
+def test_lasso_scores_lowest_the_channels_that_contribute_nothing():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 6))
+    z[:, [1, 4]] *= 1e-4
+    scores = _lasso_scores(z, _group(6), 2, 0)
+    assert set(np.argsort(scores)[:2]) == {1, 4}  # removed, not kept (the seed code had this backwards)
+
+
+def test_calibration_items_are_concatenated_into_one_batch():
+    batch = calibration_batch([torch.ones(2, 3), torch.zeros(1, 3)])
+    assert len(batch) == 1 and batch[0].shape == (3, 3)
+    pairs = calibration_batch([(torch.ones(2, 3), torch.ones(2)), (torch.ones(1, 3), torch.ones(1))])
+    assert [t.shape[0] for t in pairs] == [3, 3]
+
+
+class DeadChannels(nn.Module):
+    """Half of conv1's channels are large but always zero after the ReLU: data shows it, norms do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv1.weight[:4] *= 0.01
+            self.conv1.weight[4:] *= 10
+            self.conv1.bias[4:] = -1e4
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("method", ["greedy", "lasso"])
+def test_data_driven_selection_removes_dead_channels_that_l1_keeps(method):
+    model, x = DeadChannels().eval(), torch.randn(4, 3, 8, 8)
+    calibration = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    by_data = fxcompress.compile(model, [PruneChannels(method=method)], example_inputs=(x,),
+                                 calibration_data=calibration)
+    by_norm = fxcompress.compile(model, [PruneChannels(method="l1")], example_inputs=(x,))
+    torch.testing.assert_close(by_data(x), model(x), atol=1e-5, rtol=1e-5)  # only dead channels went
+    assert (by_norm(x) - model(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet", "densenet"])
+def test_reconstruction_brings_outputs_back_toward_the_unpruned_model(name):
+    ctor, make = ZOO[name]
+    model, x = ctor().eval(), torch.cat([make() for _ in range(4)])
+    calibration = [make() for _ in range(16)]
+    expected = model(x)
+
+    def error(reconstruct):
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=reconstruct, max_samples=1024)],
+                                example_inputs=(make(),), calibration_data=calibration)
+        return ((gm(x) - expected).norm() / expected.norm()).item(), gm
+
+    plain, _ = error(False)
+    rebuilt, gm = error(True)
+    assert rebuilt < 0.5 * plain
+    assert fxcompress.history(gm)[-1].stats["reconstructed"]
