@@ -271,7 +271,7 @@ def _assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo or x.size < 4096 or hi - lo > np.finfo(x.dtype).max / 4:
         return np.searchsorted(midpoints, x, side="left").astype(dtype)
-    cells = int(min(1 << 16, max(1024, 64 * centroids.size)))
+    cells = int(min(1 << 16, max(1024, x.size // 8)))  # tables of 64K entries stay in cache
     cell = _grid_cell(x, lo, hi, cells)
     # a value computed to lie in cell c is within one cell of the truth: it lies in [edge c-1, edge c+2]
     edges = lo + (hi - lo) / cells * np.arange(-1, cells + 3)
