@@ -9,22 +9,14 @@ and per layer, and wall time of the pruned run (dense training + all stages).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
+import runpy
 from pathlib import Path
 
 import torch
 
 from fxcompress.datasets import load_dataset
 
-
-def load_example():
-    path = Path(__file__).resolve().parent.parent / "examples" / "prune_lenet.py"
-    spec = importlib.util.spec_from_file_location("prune_lenet", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "prune_lenet.py"
 
 
 def main() -> None:
@@ -32,13 +24,13 @@ def main() -> None:
     parser.add_argument("--dataset", choices=["auto", "digits", "fashion-mnist"], default="auto")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    example = load_example()
+    example = runpy.run_path(str(EXAMPLE))
     data = load_dataset(args.dataset)
     rows = []
-    for name, recipe in example.RECIPES.items():
-        rows.append(example.prune_iteratively(name, data, recipe))
+    for name, recipe in example["RECIPES"].items():
+        rows.append(example["prune_iteratively"](name, data, recipe))
         print(f"{name}: {recipe}", flush=True)
-    print(example.format_rows(rows))
+    print(example["format_rows"](rows))
 
 
 if __name__ == "__main__":

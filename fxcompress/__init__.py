@@ -12,6 +12,7 @@ from .errors import (ConfigError, FormatError, FxCompressError, MissingDependenc
                      TraceError, VerificationError)
 from .history import format_history, history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
+from .sensitivity import SensitivityTable, sensitivity
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisCache", "ConfigError", "FormatError", "FxCompressError", "MissingDependencyError",
     "Pass", "PassContext", "PassRecord", "PassResult", "PreconditionError", "TraceError", "VerificationError",
-    "Summary", "compile", "decode", "draw", "format_history", "history", "load", "save", "summary",
-    "to_networkx",
+    "SensitivityTable", "Summary", "compile", "decode", "draw", "format_history", "history", "load", "save",
+    "sensitivity", "summary", "to_networkx",
 ]

@@ -50,3 +50,11 @@ def test_bad_options_raise(kwargs, field):
     args = {"epochs": 1, **kwargs}
     with pytest.raises(ConfigError, match=f"train.{field}"):
         train(fresh_model(), (torch.randn(4, 64), torch.zeros(4, dtype=torch.long)), **args)
+
+
+def test_torch_threads_restores_the_setting():
+    from fxcompress.training import torch_threads
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -13,16 +13,14 @@ from fxcompress.layers import find_layers
 from fxcompress.passes import InsertMasks
 from fxcompress.pruning import AGP, get_mask, masked_layers
 from fxcompress.pruning.importance import count_to_prune, group_dims
+from fxcompress.training import torch_threads
 from fxcompress.zoo import ZOO, LeNet5, LeNet300100
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models train fastest on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # tiny models: one thread is fastest, and does not stall on shared cores
+        yield
 
 
 def compile_zoo(name, *passes):
