@@ -111,13 +111,13 @@ def smallest(symbols: np.ndarray, alphabet: int, codings: tuple[str, ...] = CODI
     """The smallest of the given codings for these symbols (ties go to the faster, earlier one).
 
     Sizes are first estimated from the symbol counts (exact for fixed and Huffman payloads); only the
-    codings whose estimate is within 1% of the best are really encoded and compared.
+    codings whose estimate is within 5% of the best are really encoded and compared.
     """
     symbols = np.asarray(symbols, dtype=np.int64)
     counts = np.bincount(symbols, minlength=alphabet)
     estimates = {c: estimate_bytes(counts, c) for c in codings}
     best = min(estimates.values())
-    streams = [encode_symbols(symbols, alphabet, c) for c in codings if estimates[c] <= best * 1.01 + 16]
+    streams = [encode_symbols(symbols, alphabet, c) for c in codings if estimates[c] <= best * 1.05 + 64]
     return min(streams, key=lambda s: s.nbytes + len(json.dumps(s.header(), separators=(",", ":"))))
 
 

@@ -142,3 +142,21 @@ def test_zoo_models_lower_exactly(name):
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"LowerToEncoded.{field}"):
         LowerToEncoded(**{field: value})
+
+
+@pytest.mark.parametrize("quant", [dict(method="kmeans", bits=5), dict(method="kmeans", bits=4, per_channel=True),
+                                   dict(method="linear", bits=6, per_channel=True),
+                                   dict(method="fixed_point", bits=8)])
+def test_the_deep_compression_passes_lower_bit_identically(quant):
+    from fxcompress.passes import InsertFakeQuant, InsertMasks
+    x = torch.randn(4, 1, 28, 28)
+    gm = fxcompress.compile(LeNet5().eval(), [InsertMasks(sparsity=0.9, scope="global"), InsertFakeQuant(**quant)],
+                            example_inputs=(x,))
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    assert torch.equal(lowered(x), gm(x))
+    for layer in find_layers(lowered):
+        module = lowered.get_submodule(f"{layer.name}.weight_encoded")
+        assert module.bits == quant["bits"]
+    dense = 4 * sum(p.numel() for p in LeNet5().parameters() if p.dim() > 1)
+    encoded = sum(m.payload.numel() for m in lowered.modules() if isinstance(m, EncodedWeight))
+    assert dense / encoded > 32 / (quant["bits"] + 5) * 5  # sparse and quantized: far below fp32
