@@ -30,6 +30,7 @@ from fxcompress.config import check_choice, check_int, check_real
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import FUNCTIONS, Layer, constant_value, find_layers, insert_on_weight, layer_node, weight_arg
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pruning.masks import module_kind
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
 from fxcompress.quant.observers import OBSERVERS
@@ -97,7 +98,7 @@ class InsertFakeQuant(Pass):
                  fraction bits for which no weight saturates
     fix_zeros    exact zeros (pruned weights) stay exactly zero; k-means leaves them out of the clustering
     select       full-match regex over layer names; None: every layer
-    types        layer kinds ("linear", "conv2d", ...) to restrict to
+    types        layer kinds ("linear", "conv2d", ...) or module classes (nn.Conv2d) to restrict to
     rules        per-parameter rules (pattern, method, bits[, option]), a list or a text / YAML / JSON
                  file; only the layers they match are quantized ("float" leaves a layer alone)
     activations  ActivationConfig(...) to fake-quantize the inputs of the quantized layers
@@ -131,7 +132,8 @@ class InsertFakeQuant(Pass):
             except (re.error, TypeError) as exc:
                 raise ConfigError(f"InsertFakeQuant.select must be a regular expression, got {self.select!r} "
                                   f"({exc})") from None
-        types = (self.types,) if isinstance(self.types, str) else tuple(self.types)
+        types = tuple(self.types) if isinstance(self.types, (list, tuple)) else (self.types,)
+        types = tuple(module_kind(t) or t.__name__ if isinstance(t, type) else t for t in types)  # nn.Conv2d too
         for kind in types:
             check_choice("InsertFakeQuant", "types", kind, sorted(set(FUNCTIONS.values())))
         object.__setattr__(self, "types", types)

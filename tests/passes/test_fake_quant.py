@@ -56,7 +56,7 @@ def test_every_method_bounds_the_levels_and_keeps_zeros(method, bits):
 def test_per_channel_on_convolutions():
     model = LeNet5().eval()
     x = torch.randn(2, 1, 28, 28)
-    gm = fxcompress.compile(model, [InsertFakeQuant(bits=3, per_channel=True, types=("conv2d",))],
+    gm = fxcompress.compile(model, [InsertFakeQuant(bits=3, per_channel=True, types=(nn.Conv2d,))],
                             example_inputs=(x,))
     quantized = [layer for layer in find_layers(gm) if chain_transforms(gm, layer_node(gm, layer))]
     assert [layer.name for layer in quantized] == ["conv1", "conv2"]
@@ -177,7 +177,7 @@ def test_a_rule_matching_no_layer_is_an_error():
 @pytest.mark.parametrize("kwargs, field", [
     ({"bits": 0}, "bits"), ({"bits": 17}, "bits"), ({"bits": 4.0}, "bits"), ({"method": "uniform"}, "method"),
     ({"init": "random"}, "init"), ({"method": "linear", "symmetric": True, "bits": 1}, "bits >= 2"),
-    ({"select": "fc[1"}, "select"), ({"types": ("dense",)}, "types"), ({"activations": {"bits": 8}}, "activations"),
+    ({"select": "fc[1"}, "select"), ({"types": ("dense",)}, "types"), ({"types": nn.ReLU}, "types"), ({"activations": {"bits": 8}}, "activations"),
     ({"per_channel": "yes"}, "per_channel"), ({"int_bits": -1, "method": "fixed_point"}, "int_bits"),
 ])
 def test_bad_configuration_raises_config_error_naming_the_field(kwargs, field):
