@@ -25,9 +25,9 @@ def norm_scores(gm: GraphModule, cg: ChannelGraph, p: int) -> np.ndarray:
         if ids is None:
             continue
         with torch.no_grad():
-            w = operator.attrgetter(layer.weight)(gm).detach().double().transpose(0, layer.out_dim).flatten(1)
-            norms = (w.abs().sum(1) if p == 1 else w.pow(2).sum(1)).cpu().numpy()
-        total += np.bincount(cg.labels[ids], weights=norms, minlength=len(total))
+            w = operator.attrgetter(layer.weight)(gm).detach().transpose(0, layer.out_dim).flatten(1)
+            norms = torch.linalg.vector_norm(w, ord=p, dim=1).double().cpu().numpy()
+        total += np.bincount(cg.labels[ids], weights=norms ** p, minlength=len(total))
     return total if p == 1 else np.sqrt(total)
 
 
