@@ -132,11 +132,7 @@ class InsertFakeQuant(Pass):
             except (re.error, TypeError) as exc:
                 raise ConfigError(f"InsertFakeQuant.select must be a regular expression, got {self.select!r} "
                                   f"({exc})") from None
-        types = tuple(self.types) if isinstance(self.types, (list, tuple)) else (self.types,)
-        types = tuple(module_kind(t) or t.__name__ if isinstance(t, type) else t for t in types)  # nn.Conv2d too
-        for kind in types:
-            check_choice("InsertFakeQuant", "types", kind, sorted(set(FUNCTIONS.values())))
-        object.__setattr__(self, "types", types)
+        object.__setattr__(self, "types", _kinds(self.types))
         if self.activations is not None and not isinstance(self.activations, ActivationConfig):
             raise ConfigError(f"InsertFakeQuant.activations must be an ActivationConfig(...) or None, "
                               f"got {self.activations!r}")
@@ -177,6 +173,10 @@ class InsertFakeQuant(Pass):
             layers = [layer for layer in layers if layer.kind in self.types]
         if self.select is not None:
             layers = [layer for layer in layers if re.fullmatch(self.select, layer.name)]
+        if not layers and (self.types or self.select is not None):
+            names = [layer.name for layer in find_layers(gm)]
+            raise ConfigError(f"InsertFakeQuant selects no layer (select={self.select!r}, types={self.types!r}); "
+                              f"the layers are {names}")
         if self.rules is None:
             return [(layer, self.default_spec()) for layer in layers]
         assigned = self.rules.assign(layer.weight for layer in layers)
@@ -253,6 +253,15 @@ def _weight_quant_node(gm: GraphModule, node: Node) -> Node | None:
             return current
         current = current.args[0] if current.args else None
     return None
+
+
+def _kinds(types: Any) -> tuple[str, ...]:
+    """Layer kinds from kind names or module classes (nn.Conv2d -> "conv2d")."""
+    types = tuple(types) if isinstance(types, (list, tuple)) else (types,)
+    kinds = tuple((module_kind(t) or t.__name__) if isinstance(t, type) else t for t in types)
+    for kind in kinds:
+        check_choice("InsertFakeQuant", "types", kind, sorted(set(FUNCTIONS.values())))
+    return kinds
 
 
 def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from ..errors import PreconditionError
 from ..execution import evaluating
-from ..layers import WeightTransform, constant_value
+from ..layers import constant_value
 from .kmeans1d import KMeans1DResult, assign, initial_centroids, kmeans1d
 from .modules import ActivationQuant, GridWeight, KMeansWeight
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, PercentileObserver
@@ -92,7 +92,7 @@ def recluster(gm: GraphModule, seed: int = 0) -> int:
 __all__ = [
     "FAKE_QUANT_MODULES", "METHODS", "ActivationQuant", "Codebook", "Grid", "GridWeight", "KMeans1DResult",
     "KMeansWeight", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver",
-    "WeightTransform", "assign", "calibrate", "fake_quant_modules", "fake_quantize", "fixed_point_grid",
+    "assign", "calibrate", "fake_quant_modules", "fake_quantize", "fixed_point_grid",
     "freeze_observers", "initial_centroids", "kmeans1d", "kmeans_codebook", "linear_grid", "quantize",
     "recluster", "set_quantization",
 ]

@@ -136,12 +136,13 @@ class _Sorted:
         return found
 
     def sums(self, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.diff(edges), self.s1[edges[1:]] - self.s1[edges[:-1]]
+        """Count and sum of each run."""
+        return np.diff(edges), np.diff(self.s1[edges])
 
     def sse(self, edges: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         """Summed squared distance of each run to its centroid (clipped at 0 against rounding)."""
         counts, sums = self.sums(edges)
-        squares = self.s2[edges[1:]] - self.s2[edges[:-1]]
+        squares = np.diff(self.s2[edges])
         return np.maximum(squares - 2.0 * centroids * sums + counts * centroids ** 2, 0.0)
 
 

@@ -277,3 +277,8 @@ def test_calibration_shows_progress_when_asked(capsys):
     fxcompress.compile(model, [InsertFakeQuant(activations=ActivationConfig(observer="percentile"))],
                        example_inputs=(x,), calibration_data=[x, (x,)], progress=True)
     assert "calibrating" in capsys.readouterr().err
+
+
+def test_selecting_no_layer_is_an_error():
+    with pytest.raises(ConfigError, match="selects no layer.*fc1"):
+        lenet300([InsertFakeQuant(select="conv.*")])
