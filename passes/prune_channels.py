@@ -93,9 +93,11 @@ class PruneChannels(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         cg = ctx.get(ChannelGraph)
         groups, skipped = self._eligible(gm, cg)
-        removed = self._choose(gm, cg, groups, ctx)
+        removed, fallbacks = self._choose(gm, cg, groups, ctx)
         before = sum(p.numel() for p in gm.parameters())
         stats: dict[str, Any] = {"groups": len(cg.groups), "frozen": _frozen_report(cg, skipped)}
+        if fallbacks:
+            stats["scored_by_l1"] = fallbacks
         if not removed.any():
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
         targets = None
@@ -134,22 +136,24 @@ class PruneChannels(Pass):
                 return float(value)
         return None
 
-    def _choose(self, gm, cg: ChannelGraph, groups, ctx: PassContext) -> np.ndarray:
+    def _choose(self, gm, cg: ChannelGraph, groups, ctx: PassContext) -> tuple[np.ndarray, list[str]]:
+        """The classes to remove (bool per class), and the groups a data-driven method scored by l1
+        because no consumer's output could be measured."""
         removed = np.zeros(cg.labels.max() + 1 if len(cg.labels) else 0, dtype=bool)
         if not groups:
-            return removed
+            return removed, []
         counts = self._counts(gm, cg, groups, ctx)
         if self.method in DATA_METHODS:
             from fxcompress.reconstruct import data_driven_removal
-            chosen, _ = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
-                                            self.max_samples, self.seed)
+            chosen, fallbacks = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
+                                                    self.max_samples, self.seed)
             for g, classes in chosen:
                 removed[classes] = True
-            return removed
+            return removed, fallbacks
         scores = self._scores(gm, cg, groups)
         for g, count in counts:
             removed[lowest(g, scores, count, cg, self.min_channels)] = True
-        return removed
+        return removed, []
 
     def _counts(self, gm, cg, groups, ctx) -> list[tuple[ChannelGroup, int]]:
         if not self.global_:

@@ -146,3 +146,15 @@ def _layers_by_group(classes: list[np.ndarray], labels: np.ndarray, layers) -> t
                     if g >= 0:
                         found[g].append(layer.name)
     return producers, consumers
+
+
+def channel_graph(model, example_inputs, *, leaf_modules=(), concrete_args=None) -> ChannelGraph:
+    """Trace `model` (an nn.Module or GraphModule) and return its ChannelGraph, changing nothing:
+    `print(channel_graph(model, (x,)))` lists the coupled groups and why any are frozen."""
+    from ..compile import _as_tuple
+    from ..pass_base import PassContext
+    from ..tracing import trace
+
+    gm = model if isinstance(model, GraphModule) else trace(model, leaf_modules=leaf_modules,
+                                                            concrete_args=concrete_args)
+    return PassContext(example_inputs=_as_tuple(example_inputs), gm=gm).get(ChannelGraph)

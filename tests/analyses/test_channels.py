@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.analyses.channels import ChannelGraph
+from fxcompress.analyses.channels import ChannelGraph, channel_graph
 from fxcompress.pass_base import PassContext
 from fxcompress.tracing import trace
 from fxcompress.zoo import ZOO, DenseNetSmall, ResNetSmall
@@ -111,3 +111,11 @@ def test_elements_grow_linearly_along_a_concatenation_chain():
     # per layer: BN weight, bias, mean, var and the conv's input dim (5 x width) plus 4 new channels;
     # the concatenations create none, except 16 frozen ones standing for the model input's channels
     assert len(cg.labels) == sum(5 * (16 + 4 * i) + 4 for i in range(depth)) + 16
+
+
+def test_channel_graph_of_a_plain_model_changes_nothing():
+    model = ResNetSmall().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    text = str(channel_graph(model, torch.randn(1, 3, 32, 32)))
+    assert text.startswith("group 0 [stem.0 (+2)]: 16/16 prunable")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
