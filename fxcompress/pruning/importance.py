@@ -63,7 +63,7 @@ def pruned_groups(mask: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 
 def keep_highest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """A bool tensor shaped like `scores`: False for exactly the `n_prune` lowest scores."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_prune > 0:
         keep[torch.topk(scores.flatten(), n_prune, largest=False).indices] = False
     return keep.view(scores.shape)

@@ -271,3 +271,11 @@ def test_the_pass_config_is_plain_data_and_frozen():
     with pytest.raises(AttributeError):
         p.sparsity = 0.9
     hash(p)
+
+
+def test_update_masks_checks_its_step():
+    masks = InsertMasks(sparsity=0.5)
+    gm = compile_zoo("lenet300", masks)
+    with pytest.raises(ConfigError, match="update_masks.step"):
+        masks.update_masks(gm, -1)
+    assert masks.update_masks(gm, 3) == {"fc1": 0.5, "fc2": 0.5, "fc3": 0.5}
