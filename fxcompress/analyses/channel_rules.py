@@ -8,9 +8,10 @@ reason; they never drop a channel dimension silently.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch.fx import Node
 
-from .channel_walk import NOT_CHANNEL, Edit, Walk, _arg, _dim, sdpa_scale
+from .channel_walk import Edit, Walk, _arg, _dim, sdpa_scale
 
 
 def _first(node: Node) -> Node:
@@ -123,8 +124,7 @@ def _reshape_track(w: Walk, node: Node, x: Node) -> dict:
 
 def reshape(w: Walk, node: Node) -> dict:
     out = _reshape_track(w, node, _first(node))
-    sized = node.op == "call_method" and node.target in ("view", "reshape") or node.op == "call_function" and \
-        getattr(node.target, "__name__", "") == "reshape"
+    sized = node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
     if out and sized:
         w.edits[node.name] = Edit("sizes", dict(out))
     return out

@@ -338,3 +338,19 @@ def test_torchvision_models_prune_at_half_exactly(name):
     pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
     assert _params(pruned) < 0.75 * _params(gm)
     torch.testing.assert_close(pruned(*inputs), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "mobilenetv2"])
+def test_channel_pruning_after_insert_masks_keeps_the_masks_of_surviving_weights(name):
+    from fxcompress.passes import InsertMasks
+
+    gm, inputs = _traced(name)
+    masked = fxcompress.compile(gm, [InsertMasks(sparsity=0.5)], example_inputs=inputs)
+    cg = PassContext(example_inputs=inputs, gm=masked).get(ChannelGraph)
+    removed = pick_half(cg)
+    zero_classes(masked, cg, removed)
+    expected = masked(*inputs)
+    pruned = fxcompress.compile(masked, [PruneChannels(amount=0.5)], example_inputs=inputs)
+    torch.testing.assert_close(pruned(*inputs), expected, atol=1e-5, rtol=1e-5)
+    owners = [pruned.get_submodule(layer.name) for layer in find_layers(pruned)]
+    assert all(m.weight_mask.shape == m.weight.shape for m in owners) and owners
