@@ -42,9 +42,16 @@ class SensitivityTable:
                 for layer, row in zip(self.layers, self.values) for s, v in zip(self.sparsities, row)]
 
     def max_sparsity(self, tolerance: float) -> dict[str, float]:
-        """For each layer, the highest sparsity tested whose metric stays within `tolerance` of the baseline."""
-        return {layer: max((s for s, v in zip(self.sparsities, row) if v >= self.baseline - tolerance), default=0.0)
-                for layer, row in zip(self.layers, self.values)}
+        """For each layer, the highest sparsity tested before the metric first drops by more than `tolerance`."""
+        return {layer: self._tolerated(row, tolerance) for layer, row in zip(self.layers, self.values)}
+
+    def _tolerated(self, row: Sequence[float], tolerance: float) -> float:
+        best = 0.0
+        for s, v in sorted(zip(self.sparsities, row)):
+            if v < self.baseline - tolerance:
+                break
+            best = s
+        return best
 
     def _grid(self) -> list[list[str]]:
         header = ["layer", *(f"{s:g}" for s in self.sparsities)]

@@ -74,3 +74,9 @@ def test_bad_arguments(kwargs, message):
 
 def test_public_name():
     assert fxcompress.sensitivity is sensitivity
+
+
+def test_max_sparsity_stops_at_the_first_drop():
+    from fxcompress.sensitivity import SensitivityTable
+    table = SensitivityTable(("a", "b"), (0.9, 0.5, 0.8), ((0.95, 0.9, 0.7), (0.2, 0.9, 0.9)), 0.95, "element")
+    assert table.max_sparsity(tolerance=0.1) == {"a": 0.5, "b": 0.8}
