@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import check_choice, check_int
+from ..config import check_choice, check_int, check_real
 from ..errors import ConfigError, PreconditionError
 
 INITS = ("linear", "forgy", "density", "kmeans++")
@@ -36,23 +36,27 @@ class KMeans1DResult:
     n_iter: int
 
 
-def kmeans1d(values: Any, k: int, init: str | Any = "linear", *, max_iter: int = 1000,
+def kmeans1d(values: Any, k: int, init: str | Any = "linear", *, max_iter: int = 1000, tol: float = 0.0,
              seed: int = 0) -> KMeans1DResult:
     """Cluster the 1-D `values` (any shape, flattened) into at most `k` centroids.
 
     `init` is "linear" (evenly spaced between min and max: Deep Compression's best), "forgy"
-    (k distinct random values), "density" (evenly spaced on the CDF), "kmeans++" (D^2 sampling),
+    (k values drawn at random), "density" (evenly spaced on the CDF), "kmeans++" (D^2 sampling),
     or an array of k initial centroids. Empty clusters are refilled deterministically: the cluster
     with the largest squared error gives up its farthest member as a new centroid.
+
+    With `tol=0` Lloyd runs until no cut moves (or `max_iter`). A positive `tol` is scikit-learn's
+    rule: stop once the summed squared centroid shift of an iteration is at most tol x variance.
     """
     x = _as_finite_vector(values)
     check_int("kmeans1d", "k", k, 1)
     check_int("kmeans1d", "max_iter", max_iter, 1)
+    check_real("kmeans1d", "tol", tol, 0.0)
     data = _Sorted(x)
     if data.distinct <= k:
         return _exact(x, data)
     centroids = _initial(data, k, init, np.random.default_rng(seed))
-    centroids, edges, n_iter = _lloyd(data, centroids, max_iter)
+    centroids, edges, n_iter = _lloyd(data, centroids, max_iter, tol * data.variance())
     inertia = float(data.sse(edges, centroids).sum())
     del data  # the sorted copy and prefix sums (20 bytes a float32 value) go before the labels are made
     return KMeans1DResult(centroids, _assign(x, centroids), inertia, n_iter)
@@ -97,6 +101,10 @@ class _Sorted:
         np.square(self.xs, out=self.s2[1:], dtype=np.float64)
         np.cumsum(self.s2[1:], out=self.s2[1:])
         self.distinct = 1 + int(np.count_nonzero(self.xs[1:] != self.xs[:-1]))
+
+    def variance(self) -> float:
+        mean = self.s1[-1] / self.n
+        return max(float(self.s2[-1] / self.n - mean * mean), 0.0)
 
     def _midpoints(self, centroids: np.ndarray) -> np.ndarray:
         return below_or_equal(0.5 * (centroids[:-1] + centroids[1:]), self.xs.dtype)
@@ -164,7 +172,9 @@ def _exact(x: np.ndarray, data: _Sorted) -> KMeans1DResult:
     return KMeans1DResult(centroids, _assign(x, centroids), 0.0, 0)
 
 
-def _lloyd(data: _Sorted, centroids: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _lloyd(data: _Sorted, centroids: np.ndarray, max_iter: int,
+           shift_limit: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Lloyd iterations from sorted `centroids`; returns centroids, the runs they cut, iterations."""
     edges = data.cuts(centroids)
     for n_iter in range(1, max_iter + 1):
         counts, sums = data.sums(edges)
@@ -172,10 +182,10 @@ def _lloyd(data: _Sorted, centroids: np.ndarray, max_iter: int) -> tuple[np.ndar
             centroids = _refill(data, edges, centroids)
             edges = data.cuts(centroids)
             continue
-        centroids = sums / counts
+        previous, centroids = centroids, sums / counts
         new_edges = data.recut(centroids, edges)
-        if new_edges is edges:
-            return centroids, edges, n_iter
+        if new_edges is edges or ((centroids - previous) ** 2).sum() <= shift_limit:
+            return centroids, new_edges, n_iter
         edges = new_edges
     return centroids, data.cuts(centroids), max_iter
 

@@ -36,6 +36,18 @@ def test_inertia_reaches_sklearn_with_the_same_initial_centroids(init):
 
 
 @pytest.mark.parametrize("init", ["forgy", "density", "kmeans++"])
+def test_with_sklearns_stopping_rule_the_iterations_are_sklearns(init):
+    for seed in range(3):
+        x = pruned_like(3000, seed)
+        start = initial_centroids(x, 16, init, seed=seed)
+        ours = kmeans1d(x, 16, init=start, tol=1e-4)
+        with threadpool_limits(1):
+            theirs = KMeans(16, init=start.reshape(-1, 1), n_init=1, tol=1e-4).fit(x.reshape(-1, 1))
+        assert ours.n_iter == theirs.n_iter_
+        assert ours.inertia == pytest.approx(theirs.inertia_, rel=1e-9)
+
+
+@pytest.mark.parametrize("init", ["forgy", "density", "kmeans++"])
 def test_same_fixed_point_as_a_fully_converged_sklearn_lloyd(init):
     x = pruned_like(3000, 7)
     start = initial_centroids(x, 8, init, seed=3)
@@ -101,6 +113,7 @@ def test_non_finite_values_are_rejected(bad):
 @pytest.mark.parametrize("kwargs, match", [
     ({"k": 0}, "k"), ({"k": 2.5}, "k"), ({"k": 4, "init": "random"}, "init"),
     ({"k": 4, "init": [0.0, 1.0]}, "4 finite centroids"), ({"k": 4, "max_iter": 0}, "max_iter"),
+    ({"k": 4, "tol": -1.0}, "tol"),
 ])
 def test_bad_arguments_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
