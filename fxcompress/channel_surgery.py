@@ -169,6 +169,20 @@ def _edit_sdpa_scale(gm, node: Node, edit, count, kept) -> None:
     node.kwargs = {**node.kwargs, "scale": edit.value}
 
 
+def _edit_normalized_shape(gm, node: Node, edit, count, kept) -> None:
+    """layer_norm: the normalized sizes that carried removed channels shrink."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        module.normalized_shape = _shrunk(module.normalized_shape, edit, count)
+    else:
+        _set_arg(node, 1, "normalized_shape", _shrunk(node.args[1] if len(node.args) > 1
+                                                      else node.kwargs["normalized_shape"], edit, count))
+
+
+def _shrunk(shape, edit, count) -> tuple:
+    return tuple(count(edit.ids[i]) if i in edit.ids else size for i, size in enumerate(shape))
+
+
 def _set_arg(node: Node, index: int, name: str, value) -> None:
     if len(node.args) > index:
         args = list(node.args)
@@ -180,5 +194,5 @@ def _set_arg(node: Node, index: int, name: str, value) -> None:
 
 _EDITORS: dict[str, Callable] = {
     "sizes": _edit_sizes, "split": _edit_split, "slice": _edit_slice, "groups": _edit_groups,
-    "num_groups": _edit_num_groups, "sdpa_scale": _edit_sdpa_scale,
+    "num_groups": _edit_num_groups, "sdpa_scale": _edit_sdpa_scale, "normalized_shape": _edit_normalized_shape,
 }

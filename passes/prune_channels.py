@@ -10,6 +10,7 @@ least squares on calibration data (He et al. 2017). Groups that cannot be pruned
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ class PruneChannels(Pass):
     keep: regexes or module types of layers that must not change at all.
     min_channels / round_to: every group keeps at least `min_channels`, and a multiple of
         `round_to`, of its channels (never none).
+    prune_normalized: also remove channels a layer norm normalizes over (transformer residual
+        streams); valid but not exact, since the norm's statistics change; reconstruction or
+        fine-tuning recovers it. Off by default.
     """
 
     amount: float | Mapping[str, float] = 0.5
@@ -57,6 +61,7 @@ class PruneChannels(Pass):
     global_: bool = False
     seed: int = 0
     max_samples: int = 4096
+    prune_normalized: bool = False
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
@@ -81,8 +86,9 @@ class PruneChannels(Pass):
         check_int(owner, "round_to", self.round_to, 1)
         check_int(owner, "seed", self.seed)
         check_int(owner, "max_samples", self.max_samples, 16)
-        if not isinstance(self.reconstruct, bool) or not isinstance(self.global_, bool):
-            raise ConfigError(f"{owner}.reconstruct and {owner}.global_ must be booleans")
+        for field in ("reconstruct", "global_", "prune_normalized"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{owner}.{field} must be a boolean, got {getattr(self, field)!r}")
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         needs_data = self.reconstruct or self.method in DATA_METHODS
@@ -95,7 +101,8 @@ class PruneChannels(Pass):
         groups, skipped = self._eligible(gm, cg)
         removed, fallbacks = self._choose(gm, cg, groups, ctx)
         before = sum(p.numel() for p in gm.parameters())
-        stats: dict[str, Any] = {"groups": len(cg.groups), "frozen": _frozen_report(cg, skipped)}
+        stats: dict[str, Any] = {"groups": len(cg.groups),
+                                 "frozen": _frozen_report(cg, skipped, self.prune_normalized)}
         if fallbacks:
             stats["scored_by_l1"] = fallbacks
         if not removed.any():
@@ -116,7 +123,11 @@ class PruneChannels(Pass):
     # ---- which groups, how many, which classes ------------------------------------------------
     def _eligible(self, gm: GraphModule, cg: ChannelGraph) -> tuple[list[tuple[ChannelGroup, float]], dict]:
         eligible, skipped = [], {}
-        for g in cg.prunable_groups():
+        for g in cg.groups:
+            if self.prune_normalized and len(g.inexact):
+                g = dataclasses.replace(g, prunable=np.union1d(g.prunable, g.inexact))
+            if not len(g.prunable):
+                continue
             if any(_matches(gm, name, self.keep) for name in (*g.producers, *g.consumers)):
                 skipped[g.label] = "a layer in keep= would change"
                 continue
@@ -196,8 +207,10 @@ def _matches(gm: GraphModule, name: str, patterns: tuple) -> bool:
     return False
 
 
-def _frozen_report(cg: ChannelGraph, skipped: dict) -> dict[str, str]:
+def _frozen_report(cg: ChannelGraph, skipped: dict, prune_normalized: bool) -> dict[str, str]:
     """{group label: reason} for the groups with layers whose channels cannot all be pruned."""
-    report = {g.label: g.frozen for g in cg.groups if g.frozen and g.producers}
+    def held(g: ChannelGroup) -> int:
+        return len(g.classes) - len(g.prunable) - (len(g.inexact) if prune_normalized else 0)
+    report = {g.label: g.frozen for g in cg.groups if g.frozen and g.producers and held(g)}
     report.update(skipped)
     return report

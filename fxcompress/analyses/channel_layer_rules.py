@@ -176,6 +176,8 @@ def group_norm(w: Walk, node: Node) -> dict:
 
 
 def layer_norm(w: Walk, node: Node) -> dict:
+    """Layer norm: its affine parameters follow the normalized channels. Removing any of them changes
+    the statistics, so they are frozen as inexact only (PruneChannels(prune_normalized=True))."""
     x = node.args[0]
     sx, track = w.shape(x), w.tensor_track(x)
     if node.op == "call_module":
@@ -183,14 +185,15 @@ def layer_norm(w: Walk, node: Node) -> dict:
     else:
         count = len(_arg(node, 1, "normalized_shape"))
     reason = f"{node.name} normalizes over these channels (layer norm statistics would change)"
-    for d in range(len(sx) - count, len(sx)):
-        w.freeze(track.get(d), reason)
+    first = len(sx) - count
     for attr, index in (("weight", 2), ("bias", 3)):
         param = _weight(w, node, attr, index, attr, dims=tuple(range(count))) or {}
-        for d, ids in param.items():  # the affine parameters hold the same channels, frozen with them
-            x_dim = len(sx) - count + d
-            w.couple([(track.get(x_dim), sx[x_dim]), (ids, sx[x_dim])], reason)
-        w.freeze(param, reason)
+        for d, ids in param.items():
+            w.couple([(track.get(first + d), sx[first + d]), (ids, sx[first + d])], reason)
+    normalized = {d - first: track[d] for d in range(first, len(sx)) if d in track}
+    w.freeze(normalized, reason, inexact_only=True)
+    if normalized:
+        w.edits[node.name] = Edit("normalized_shape", normalized)
     return dict(track)
 
 

@@ -80,6 +80,7 @@ class Walk:
         self.count = 0
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
+        self.inexact: list[tuple[np.ndarray, str]] = []
         self.slots: dict[tuple[str, int], np.ndarray] = {}
         self.layers: list[LayerChannels] = []
         self.edits: dict[str, Edit] = {}
@@ -94,15 +95,18 @@ class Walk:
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         self.pairs.append((a.ravel(), b.ravel()))
 
-    def freeze(self, track: Any, reason: str) -> None:
+    def freeze(self, track: Any, reason: str, *, inexact_only: bool = False) -> None:
+        """Keep these elements. `inexact_only`: removing them would be valid but not exact (a layer
+        norm's statistics would change); PruneChannels(prune_normalized=True) may still remove them."""
+        into = self.inexact if inexact_only else self.frozen
         if isinstance(track, dict):
             for ids in track.values():
-                self.frozen.append((ids.ravel(), reason))
+                into.append((ids.ravel(), reason))
         elif isinstance(track, np.ndarray):
-            self.frozen.append((track.ravel(), reason))
+            into.append((track.ravel(), reason))
         elif isinstance(track, (tuple, list)):
             for t in track:
-                self.freeze(t, reason)
+                self.freeze(t, reason, inexact_only=inexact_only)
 
     def couple(self, entries: list[tuple[np.ndarray | None, int]], reason: str) -> np.ndarray | None:
         """Positions of same-size dims hold the same channel: union their ids.

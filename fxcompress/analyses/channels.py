@@ -10,7 +10,7 @@ the layers whose widths change together. Print a ChannelGraph to see the groups 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import networkx as nx
@@ -33,10 +33,11 @@ class ChannelGroup:
     index: int
     slots: tuple[Slot, ...]
     classes: np.ndarray        # every class of the group
-    prunable: np.ndarray       # the classes that may be removed
+    prunable: np.ndarray       # the classes that may be removed, outputs unchanged where they are zero
     frozen: str | None         # why some (or all) classes must stay; None if none must
     producers: tuple[str, ...]  # layers whose output channels are in the group
     consumers: tuple[str, ...]  # layers whose input channels are in the group
+    inexact: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # removable, not exactly
 
     @property
     def label(self) -> str:
@@ -62,7 +63,7 @@ class ChannelGraph(Analysis):
     slots: Mapping[Slot, np.ndarray]      # parameter dims -> element of each position
     layers: tuple[LayerChannels, ...]
     edits: Mapping[str, Edit]             # nodes whose arguments spell channel counts
-    frozen_classes: Mapping[int, str]     # class -> why it must stay
+    frozen_classes: Mapping[int, str]     # class -> why it must stay (inexact ones included)
     groups: tuple[ChannelGroup, ...]
     graph: nx.Graph                       # slots, joined when they share a class
 
@@ -71,8 +72,9 @@ class ChannelGraph(Analysis):
         walk = Walk(gm, ctx.get(ShapeInfo).meta)
         walk.run()
         labels = _classes(walk.count, walk.pairs)
-        frozen = _frozen(labels, walk.frozen)
-        graph, groups = _groups(labels, walk.slots, frozen, walk.layers)
+        hard = _frozen(labels, walk.frozen)
+        frozen = {**_frozen(labels, walk.inexact), **hard}
+        graph, groups = _groups(labels, walk.slots, frozen, walk.layers, set(frozen) - set(hard))
         return cls(labels, MappingProxyType(walk.slots), tuple(walk.layers), MappingProxyType(walk.edits),
                    MappingProxyType(frozen), groups, graph)
 
@@ -104,7 +106,7 @@ def _frozen(labels: np.ndarray, frozen: list) -> dict[int, str]:
     return {int(c): frozen[reason[i]][1] for c, i in zip(classes, first)}
 
 
-def _groups(labels, slots, frozen, layers) -> tuple[nx.Graph, tuple[ChannelGroup, ...]]:
+def _groups(labels, slots, frozen, layers, inexact: set) -> tuple[nx.Graph, tuple[ChannelGroup, ...]]:
     keys = [k for k, ids in slots.items() if frozen.get(int(labels[ids[0]])) != NOT_CHANNEL]
     per_slot = [np.unique(labels[slots[k]]) for k in keys]
     graph = nx.Graph()
@@ -128,8 +130,9 @@ def _groups(labels, slots, frozen, layers) -> tuple[nx.Graph, tuple[ChannelGroup
     for g, (slots_g, classes_g) in enumerate(zip(members, classes)):
         prunable = classes_g[~frozen_mask[classes_g]]
         reason = next((frozen[int(c)] for c in classes_g if frozen_mask[c]), None)
+        soft = np.asarray([c for c in classes_g.tolist() if c in inexact], dtype=np.int64)
         groups.append(ChannelGroup(g, tuple(slots_g), classes_g, prunable, reason,
-                                   tuple(producers[g]), tuple(consumers[g])))
+                                   tuple(producers[g]), tuple(consumers[g]), soft))
     return graph, tuple(groups)
 
 

@@ -254,6 +254,17 @@ def test_layer_norm_freezes_the_residual_stream_but_not_the_mlp():
     assert pruned.embed.out_features == 32 and pruned.get_submodule("mlp.0").out_features == 32
 
 
+@pytest.mark.parametrize("name", ["transformer", "gpt_block"])
+def test_prune_normalized_also_shrinks_the_residual_stream_and_its_layer_norms(name):
+    gm, inputs = _traced(name)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, prune_normalized=True)], example_inputs=inputs)
+    norms = [m for m in pruned.modules() if isinstance(m, nn.LayerNorm)]
+    assert all(m.normalized_shape == (16,) == tuple(m.weight.shape) for m in norms)
+    assert pruned.embed.out_features == 16 and _params(pruned) < 0.4 * _params(gm)
+    assert not any("layer norm" in r for r in fxcompress.history(pruned)[-1].stats["frozen"].values())
+    assert torch.isfinite(pruned(*inputs)).all()
+
+
 def test_keep_select_min_channels_and_round_to():
     gm, inputs = _traced("vgg_bn")
     kept = fxcompress.compile(gm, [PruneChannels(amount=0.5, keep=(r"features\.3",), select=(nn.Conv2d,))],
