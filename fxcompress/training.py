@@ -37,6 +37,7 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: 
     """Train `model` with Adam on `data` (a Dataset or an (x, y) pair); returns the mean loss per epoch.
 
     The batch order depends only on `seed`, so two runs from the same weights give the same model.
+    The model is left in eval mode.
     """
     check_int("train", "epochs", epochs, lo=0)
     check_real("train", "lr", lr, lo=0.0, lo_open=True)

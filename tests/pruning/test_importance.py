@@ -1,5 +1,7 @@
 """Importance scores and exact lowest-k selection."""
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 
 from fxcompress.errors import ConfigError
@@ -37,3 +39,14 @@ def test_groups_pruned_before_go_first():
     assert pruned_groups(mask, (0,)).flatten().tolist() == [False, True, False]
     scores = masked_scores(torch.ones(3, 2), mask, (0,), "l1")
     assert scores.flatten().tolist() == [2.0, float("-inf"), 1.0]
+
+
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), sparsity=st.floats(0.0, 1.0),
+       dims=st.sampled_from([(0, 1), (0,), (1,)]))
+def test_selection_prunes_exactly_the_requested_groups(rows, cols, sparsity, dims):
+    weight = torch.randn(rows, cols)
+    scores = group_scores(weight, dims, "l1")
+    keep = keep_highest(scores, count_to_prune(sparsity, scores.numel()))
+    assert (~keep).sum().item() == round(sparsity * scores.numel())
+    if (~keep).any() and keep.any():
+        assert scores[~keep].max() <= scores[keep].min()  # nothing kept scores below anything pruned
