@@ -21,8 +21,8 @@ def code_lengths(counts: np.ndarray, limit: int = MAX_CODE_BITS) -> np.ndarray:
     """Huffman code lengths (0 for absent symbols), no longer than `limit` bits.
 
     Lengths come from the classic merge of the two lightest subtrees. If the longest code exceeds
-    `limit`, the counts are flattened (halved, keeping every present symbol at >= 1) and the code
-    rebuilt — a small loss that only very skewed streams of large alphabets ever see.
+    `limit`, the counts are flattened (shifted right, every present symbol kept at >= 1) as little
+    as needed and the code rebuilt: a small loss only very skewed streams of large alphabets see.
     """
     counts = np.asarray(counts, dtype=np.int64)
     present = np.flatnonzero(counts)
@@ -31,27 +31,37 @@ def code_lengths(counts: np.ndarray, limit: int = MAX_CODE_BITS) -> np.ndarray:
         lengths[present] = 1  # a single symbol still needs one bit to be a prefix code
         return lengths
     weights = counts[present]
-    while True:
-        depth = _tree_depths(weights)
-        if depth.max() <= limit:
-            lengths[present] = depth
-            return lengths
-        weights = (weights + 1) // 2
+    depth = _tree_depths(weights)
+    if depth.max() > limit:  # the smallest flattening (counts >> shift, kept >= 1) that fits the limit
+        low, high = 0, int(weights.max()).bit_length()  # at `high` all counts are 1: a balanced tree
+        while high - low > 1:
+            middle = (low + high) // 2
+            if _tree_depths(np.maximum(weights >> middle, 1)).max() <= limit:
+                high = middle
+            else:
+                low = middle
+        depth = _tree_depths(np.maximum(weights >> high, 1))
+    lengths[present] = depth
+    return lengths
 
 
 def _tree_depths(weights: np.ndarray) -> np.ndarray:
-    heap = [(int(w), i, (i,)) for i, w in enumerate(weights)]
+    """Leaf depths of the Huffman tree; merged nodes get increasing ids, so parents follow children."""
+    count = len(weights)
+    heap = [(int(w), i) for i, w in enumerate(weights)]
     heapq.heapify(heap)
-    depth = np.zeros(len(weights), dtype=np.int64)
-    order = len(weights)
+    parent = np.zeros(2 * count - 1, dtype=np.int64)
+    node = count
     while len(heap) > 1:
-        w1, _, a = heapq.heappop(heap)
-        w2, _, b = heapq.heappop(heap)
-        members = a + b
-        depth[list(members)] += 1
-        heapq.heappush(heap, (w1 + w2, order, members))
-        order += 1
-    return depth
+        w1, a = heapq.heappop(heap)
+        w2, b = heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (w1 + w2, node))
+        node += 1
+    depth = np.zeros(2 * count - 1, dtype=np.int64)
+    for child in range(2 * count - 3, -1, -1):  # from the root down
+        depth[child] = depth[parent[child]] + 1
+    return depth[:count]
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
@@ -75,11 +85,13 @@ def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, int]:
     lengths = np.asarray(lengths, dtype=np.int64)
     width = int(lengths.max())
     codes = canonical_codes(lengths)
+    symbols = np.flatnonzero(lengths)
+    firsts = codes[symbols] << (width - lengths[symbols])
+    order = np.argsort(firsts)  # canonical codes tile the table from 0 in this order
+    spans = 1 << (width - lengths[symbols[order]])
+    filled = np.repeat((lengths[symbols[order]] << 16) | symbols[order], spans)
     table = np.zeros(1 << width, dtype=np.int32)
-    for symbol in np.flatnonzero(lengths):
-        span = 1 << (width - lengths[symbol])
-        first = codes[symbol] << (width - lengths[symbol])
-        table[first:first + span] = (lengths[symbol] << 16) | symbol
+    table[:len(filled)] = filled
     return table, width
 
 

@@ -16,6 +16,7 @@ from .bits import pack, read_fixed, width_for
 
 CODINGS = ("fixed", "huffman", "rans")
 _LENGTH_BITS = 5  # Huffman code lengths are 0..16
+ENTROPY_CODED_ALPHABET = 4096  # larger alphabets (unshared float values) are only bit-packed by smallest()
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ def smallest(symbols: np.ndarray, alphabet: int, codings: tuple[str, ...] = CODI
     codings whose estimate is within 5% of the best are really encoded and compared.
     """
     symbols = np.asarray(symbols, dtype=np.int64)
+    if alphabet > ENTROPY_CODED_ALPHABET and "fixed" in codings:
+        codings = ("fixed",)  # a code table that large costs more than it can save
     counts = np.bincount(symbols, minlength=alphabet)
     estimates = {c: estimate_bytes(counts, c) for c in codings}
     best = min(estimates.values())
