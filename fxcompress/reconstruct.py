@@ -61,16 +61,24 @@ def _outputs(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How many positions per layer the features are sampled at, and the seed that picks them."""
+
+    samples: int = 4096
+    seed: int = 0
+
+
 class _Capture(Interpreter):
     """Runs the graph; at each watched node calls `before(node, module, input rows)` and
     `after(node, module, output rows)`, both sampled at the same positions (kept in `picks`)."""
 
-    def __init__(self, gm: GraphModule, watched: dict[str, nn.Module], samples: int, seed: int,
-                 before=None, after=None) -> None:
+    def __init__(self, gm: GraphModule, watched: dict[str, nn.Module], sampling: Sampling, *,
+                 before=None, after=None, picks: dict | None = None) -> None:
         super().__init__(gm)
-        self.watched, self.samples, self.before, self.after = watched, samples, before, after
-        self.rng = np.random.default_rng(seed)
-        self.picks: dict[str, torch.Tensor] = {}
+        self.watched, self.samples, self.before, self.after = watched, sampling.samples, before, after
+        self.rng = np.random.default_rng(sampling.seed)
+        self.picks: dict[str, torch.Tensor] = dict(picks or {})
 
     def run_node(self, n: Node) -> Any:
         m = self.watched.get(n.name)
@@ -90,11 +98,9 @@ class _Capture(Interpreter):
         return result
 
 
-def _run(gm: GraphModule, watched: dict, batch: tuple, samples: int, seed: int, *, before=None, after=None,
-         picks: dict | None = None) -> dict:
-    capture = _Capture(gm, watched, samples, seed, before, after)
-    capture.picks.update(picks or {})
-    with evaluating(gm):
+def _run(capture: _Capture, batch: tuple) -> dict:
+    """Run the captured graph on the batch in eval mode; returns the sampled positions."""
+    with evaluating(capture.module):
         capture.run(*batch)
     return capture.picks
 
@@ -107,12 +113,10 @@ class Targets:
     outputs: dict[str, torch.Tensor]
     picks: dict[str, torch.Tensor]
     batch: tuple
-    samples: int
-    seed: int
+    sampling: Sampling
 
 
-def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, samples: int,
-                    seed: int) -> Targets:
+def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, sampling: Sampling) -> Targets:
     """Before pruning: the outputs of every consumer whose inputs will shrink."""
     watched, kept, outputs = {}, {}, {}
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -128,8 +132,8 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
         outputs[n.name] = y[:, kept[n.name]]
 
     batch = calibration_batch(data)
-    picks = _run(gm, watched, batch, samples, seed, after=after)
-    return Targets(outputs, picks, batch, samples, seed)
+    picks = _run(_Capture(gm, watched, sampling, after=after), batch)
+    return Targets(outputs, picks, batch, sampling)
 
 
 def refit(gm: GraphModule, targets: Targets) -> list[str]:
@@ -141,7 +145,7 @@ def refit(gm: GraphModule, targets: Targets) -> list[str]:
         _solve_into(m, rows, targets.outputs[n.name])
         done.append(n.target)
 
-    _run(gm, watched, targets.batch, targets.samples, targets.seed, before=before, picks=targets.picks)
+    _run(_Capture(gm, watched, targets.sampling, before=before, picks=targets.picks), targets.batch)
     return done
 
 
@@ -162,10 +166,10 @@ def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 # ---- data-driven selection ----------------------------------------------------------------------
 def data_driven_removal(gm: GraphModule, cg: ChannelGraph, counts: list[tuple[ChannelGroup, int]], data,
-                        method: str, samples: int, seed: int) -> tuple[list, list[str]]:
+                        method: str, sampling: Sampling) -> tuple[list, list[str]]:
     """[(group, classes to remove)] by ThiNet greedy or lasso, and the groups that fell back to l1
     (no consumer whose output could be measured)."""
-    contributions = _contributions(gm, cg, calibration_batch(data), samples, seed)
+    contributions = _contributions(gm, cg, calibration_batch(data), sampling)
     fallback_scores, chosen, fallbacks = None, [], []
     for group, count in counts:
         z = _class_columns(cg, group, contributions)
@@ -174,18 +178,18 @@ def data_driven_removal(gm: GraphModule, cg: ChannelGraph, counts: list[tuple[Ch
             scores, _ = fallback_scores, fallbacks.append(group.label)
         else:
             scores = np.full(cg.labels.max() + 1, np.inf)
-            scores[group.prunable] = (_greedy_order if method == "greedy" else _lasso_scores)(z, group, count, seed)
+            scores[group.prunable] = (_greedy_order if method == "greedy" else _lasso_scores)(z, group, count, sampling.seed)
         chosen.append((group, lowest(group, scores, count, cg, 1)))
     return chosen, fallbacks
 
 
-def _contributions(gm, cg, batch, samples, seed) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+def _contributions(gm, cg, batch, sampling: Sampling) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
     """Per consumer: (in_ids, Z) where Z[s, c] is input channel c's contribution to one randomly
     chosen output channel at sampled position s (ThiNet's sampling)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     layers = {l.node: l for l in cg.layers if l.in_ids is not None and _consumer(gm, nodes[l.node]) is not None}
     watched = {name: _consumer(gm, nodes[name]) for name in layers}
-    found, rng = {}, np.random.default_rng(seed + 1)
+    found, rng = {}, np.random.default_rng(sampling.seed + 1)
 
     def before(n, m, rows):
         w = m.weight.detach().double().reshape(m.weight.shape[0], layers[n.name].in_ids.size, -1)
@@ -193,7 +197,7 @@ def _contributions(gm, cg, batch, samples, seed) -> dict[str, tuple[np.ndarray, 
         x = rows.reshape(rows.shape[0], w.shape[1], -1)
         found[n.name] = (layers[n.name].in_ids, torch.einsum("sck,sck->sc", x, w[outs]))
 
-    _run(gm, watched, batch, samples, seed, before=before)
+    _run(_Capture(gm, watched, sampling, before=before), batch)
     return found
 
 

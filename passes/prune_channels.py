@@ -109,8 +109,8 @@ class PruneChannels(Pass):
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
         targets = None
         if self.reconstruct:
-            from fxcompress.reconstruct import capture_targets
-            targets = capture_targets(gm, cg, removed, ctx.calibration_data, self.max_samples, self.seed)
+            from fxcompress.reconstruct import Sampling, capture_targets
+            targets = capture_targets(gm, cg, removed, ctx.calibration_data, Sampling(self.max_samples, self.seed))
         touched = apply_removal(gm, cg, removed)
         if targets is not None:
             from fxcompress.reconstruct import refit
@@ -155,9 +155,9 @@ class PruneChannels(Pass):
             return removed, []
         counts = self._counts(gm, cg, groups, ctx)
         if self.method in DATA_METHODS:
-            from fxcompress.reconstruct import data_driven_removal
+            from fxcompress.reconstruct import Sampling, data_driven_removal
             chosen, fallbacks = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
-                                                    self.max_samples, self.seed)
+                                                    Sampling(self.max_samples, self.seed))
             for g, classes in chosen:
                 removed[classes] = True
             return removed, fallbacks
