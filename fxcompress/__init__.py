@@ -3,6 +3,7 @@
     gm = fxcompress.compile(model, passes=[...], example_inputs=(x,))
     print(fxcompress.summary(gm))
 """
+from .analyses.channels import ChannelGraph, channel_graph
 from .analysis import Analysis, AnalysisCache
 from .compile import compile
 from .draw import draw, to_networkx
@@ -18,8 +19,8 @@ from .summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "AnalysisCache", "ConfigError", "FormatError", "FxCompressError", "MissingDependencyError",
-    "Pass", "PassContext", "PassRecord", "PassResult", "PreconditionError", "TraceError", "VerificationError",
-    "SensitivityTable", "Summary", "compile", "decode", "draw", "format_history", "history", "load", "save",
-    "sensitivity", "summary", "to_networkx",
+    "Analysis", "AnalysisCache", "ChannelGraph", "ConfigError", "FormatError", "FxCompressError",
+    "MissingDependencyError", "Pass", "PassContext", "PassRecord", "PassResult", "PreconditionError",
+    "TraceError", "VerificationError", "SensitivityTable", "Summary", "channel_graph", "compile", "decode",
+    "draw", "format_history", "history", "load", "save", "sensitivity", "summary", "to_networkx",
 ]
