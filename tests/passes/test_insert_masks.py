@@ -279,3 +279,11 @@ def test_update_masks_checks_its_step():
     with pytest.raises(ConfigError, match="update_masks.step"):
         masks.update_masks(gm, -1)
     assert masks.update_masks(gm, 3) == {"fc1": 0.5, "fc2": 0.5, "fc3": 0.5}
+
+
+def test_global_kernel_pruning_counts_kernels_across_convs():
+    gm = compile_zoo("lenet5", InsertMasks(sparsity=0.7, granularity="kernel", scope="global", types=("conv2d",)))
+    masks = [m for _, m in masks_of(gm).values()]
+    kernels = [m.flatten(2).amax(dim=2) for m in masks]  # one entry per (out, in) kernel
+    assert all(groups_are_uniform(m, (0, 1)) for m in masks)
+    assert sum((k == 0).sum().item() for k in kernels) == round(0.7 * sum(k.numel() for k in kernels))
