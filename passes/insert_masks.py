@@ -160,9 +160,11 @@ class InsertMasks(Pass):
         return layers
 
     def _apply(self, gm: GraphModule, targets: Sequence[Target]) -> tuple[int, dict[str, float]]:
-        keeps = _global_keeps(gm, targets) if self.scope == "global" else {t.layer.name: _local_keep(gm, t)
-                                                                         for t in targets}
-        created = sum(set_mask(gm, t.layer, keeps[t.layer.name]) for t in targets)
+        if self.scope == "global":
+            keeps = _global_keeps(gm, targets)
+            created = sum(set_mask(gm, t.layer, keeps[t.layer.name]) for t in targets)
+        else:  # layer by layer: one layer's scores in memory at a time
+            created = sum(set_mask(gm, t.layer, _local_keep(gm, t)) for t in targets)
         return created, {t.layer.name: round(sparsity_of(get_mask(gm, t.layer)), 6) for t in targets}
 
 

@@ -3,6 +3,9 @@ import torch
 
 from fxcompress.zoo import ZOO
 
+# One thread: on small shared machines, torch's thread pool makes tiny models many times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded():

@@ -61,21 +61,21 @@ def stored_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
 
 
 def set_mask(gm: GraphModule, layer: Layer, keep: torch.Tensor) -> bool:
-    """Mask the layer with `keep` (bool, weight-shaped) AND any mask it already has.
+    """Mask the layer with `keep` (weight-shaped) AND any mask it already has; masks are bool buffers.
 
     Creates the buffer and the mul node when the layer has none (returns True: the graph changed);
     the stored weight is zeroed where pruned, so state_dicts and exports see the zeros too.
     """
     weight = stored_weight(gm, layer)
-    mask = keep.to(device=weight.device, dtype=weight.dtype)
+    mask = keep.to(device=weight.device, dtype=torch.bool)  # a byte per weight, not four
     owner, _, attr = mask_name(layer.weight).rpartition(".")
     module = gm.get_submodule(owner)
     created = mask_node(gm, layer) is None
     with torch.no_grad():
         existing = getattr(module, attr, None)
         if isinstance(existing, torch.Tensor) and existing.shape == mask.shape:
-            existing.mul_(mask)
-            mask = existing
+            mask = mask & existing.bool()
+            existing.copy_(mask)
         else:
             module.register_buffer(attr, mask.contiguous())
         weight.mul_(mask)
