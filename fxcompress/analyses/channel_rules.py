@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .channel_walk import Edit, Walk, _arg, _dim, sdpa_scale
+from .channel_walk import Edit, Walk, Width, Widths, _arg, _dim, sdpa_scale
 
 
 def _first(node: Node) -> Node:
@@ -22,8 +22,20 @@ def same(w: Walk, node: Node) -> dict:
     return dict(w.tensor_track(_first(node)))
 
 
-def shape(w: Walk, node: Node) -> None:
-    return None  # a size read: no channels flow through it
+def shape(w: Walk, node: Node) -> Width | Widths | None:
+    """A size read (x.size(1), x.size(), x.shape, x.numel()): a number, but one that reads widths."""
+    x = node.args[0]
+    track, nd = w.tensor_track(x), len(w.shape(x) or ())
+    if not track:
+        return None
+    if node.target == "size" and len(node.args) + len(node.kwargs) > 1:
+        ids = track.get(_dim(_arg(node, 1, "dim"), nd))
+        return Width((ids,)) if ids is not None else None
+    if node.target == "size" or (node.target is getattr and node.args[1] == "shape"):
+        return Widths(dict(track), nd)
+    if node.target == "numel":
+        return Width(tuple(track.values()))
+    return None  # x.dim(), other attributes
 
 
 def spatial(w: Walk, node: Node, count: int | None) -> dict:

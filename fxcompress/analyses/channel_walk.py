@@ -62,6 +62,25 @@ class Edit:
     value: float = 0.0
 
 
+@dataclass(frozen=True)
+class Width:
+    """A number computed from channel widths (`x.size(1) // 4`): the channels whose count it reads."""
+
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The sizes of a tensor with channel dims (`x.size()`, `x.shape`)."""
+
+    track: dict
+    ndim: int
+
+    def item(self, index: int) -> Width | None:
+        ids = self.track.get(_dim(index, self.ndim))
+        return Width((ids,)) if ids is not None else None
+
+
 def _dim(d: int, nd: int) -> int:
     return d + nd if d < 0 else d
 
@@ -192,7 +211,40 @@ class Walk:
         if rule is None:
             return self.unknown(node, f"unsupported {what} at {node.name}")
         name, *options = rule if isinstance(rule, tuple) else (rule,)
-        return getattr(rules, name)(self, node, *options)
+        return self.check_widths(node, getattr(rules, name)(self, node, *options))
+
+    def check_widths(self, node: Node, out: Any) -> Any:
+        """Sizes read from channel dims may flow into size arithmetic and into the size arguments the
+        pass rewrites; any other use (a scale, a constant's shape) would compute with the new width,
+        so those channels are frozen as inexact."""
+        reads = []
+        torch.fx.node.map_arg((node.args, node.kwargs), lambda n: reads.append(n)
+                              if isinstance(self.tracks.get(n), (Width, Widths)) else None)
+        if not reads:
+            return out
+        if node.name not in self.meta:  # arithmetic on sizes: the result reads the same channels
+            if node.target is operator.getitem and isinstance(self.tracks[node.args[0]], Widths):
+                return self.tracks[node.args[0]].item(node.args[1])
+            return Width(tuple(p for n in reads for p in _parts(self.tracks[n])))
+        allowed = self.rewritten(node)
+        for n in reads:
+            if n not in allowed:
+                self.freeze(list(_parts(self.tracks[n])), f"{node.name} computes with the width of these channels",
+                            inexact_only=True)
+        return out
+
+    def rewritten(self, node: Node) -> set:
+        """The argument nodes the pass replaces by constants (sizes of pruned dims)."""
+        edit = self.edits.get(node.name)
+        if edit is None or edit.kind not in ("sizes", "split"):
+            return set()
+        if edit.kind == "split":
+            found = set()
+            torch.fx.node.map_arg(node.args[1:], found.add)
+            return found
+        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        sizes = list(node.args[1] if packed else node.args[1:]) or list(node.kwargs.get("shape", ()))
+        return {sizes[d] for d in edit.ids if isinstance(sizes[d], Node)}
 
     def all_input_tracks(self, node: Node) -> list:
         found = []
@@ -213,6 +265,10 @@ class Walk:
             weight = source.target if source is not None and source.op == "get_attr" else None
             name = weight.rpartition(".")[0] or weight if weight else node.name
         self.layers.append(LayerChannels(node.name, name, kind, weight, out_ids, in_ids, groups, out_dim))
+
+
+def _parts(read: Width | Widths) -> tuple:
+    return read.parts if isinstance(read, Width) else tuple(read.track.values())
 
 
 def _embedding_source(node: Node) -> Node | None:

@@ -119,3 +119,24 @@ def test_channel_graph_of_a_plain_model_changes_nothing():
     text = str(channel_graph(model, torch.randn(1, 3, 32, 32)))
     assert text.startswith("group 0 [stem.0 (+2)]: 16/16 prunable")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class ReadsWidth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # a size argument: rewritten
+        z = self.b(y)
+        return self.c(z * z.size(1) ** -0.5)  # a scale computed from a width: would change
+
+
+def test_widths_read_into_size_arguments_are_fine_but_into_arithmetic_are_inexact():
+    cg = _graph(ReadsWidth(), torch.randn(1, 3, 4, 4))
+    shuffled, scaled = _group_of(cg, "a"), _group_of(cg, "b")
+    assert shuffled.frozen is None and len(shuffled.prunable) == 4
+    assert "computes with the width" in scaled.frozen
+    assert not len(scaled.prunable) and len(scaled.inexact) == 8
