@@ -46,9 +46,10 @@ class PruneChannels(Pass):
     keep: regexes or module types of layers that must not change at all.
     min_channels / round_to: every group keeps at least `min_channels`, and a multiple of
         `round_to`, of its channels (never none).
-    prune_normalized: also remove channels a layer norm normalizes over (transformer residual
-        streams); valid but not exact, since the norm's statistics change; reconstruction or
-        fine-tuning recovers it. Off by default.
+    prune_normalized: also remove the channels that are frozen only for exactness — those a layer
+        norm normalizes over (transformer residual streams) and those whose width a computation
+        reads (a scale from `x.size(-1)`); valid, but the outputs change even for zero channels;
+        reconstruction or fine-tuning recovers it. Off by default.
     """
 
     amount: float | Mapping[str, float] = 0.5
