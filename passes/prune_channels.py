@@ -26,6 +26,7 @@ from fxcompress.channel_surgery import apply_removal
 from fxcompress.config import check_choice, check_int, check_real
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.reconstruct import Sampling, capture_targets, data_driven_removal, refit
 
 METHODS = ("l1", "l2", "random", "greedy", "lasso")
 DATA_METHODS = ("greedy", "lasso")
@@ -108,17 +109,15 @@ class PruneChannels(Pass):
             stats["scored_by_l1"] = fallbacks
         if not removed.any():
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
-        targets = None
-        if self.reconstruct:
-            from fxcompress.reconstruct import Sampling, capture_targets
-            targets = capture_targets(gm, cg, removed, ctx.calibration_data, Sampling(self.max_samples, self.seed))
+        sampling = Sampling(self.max_samples, self.seed)
+        targets = capture_targets(gm, cg, removed, ctx.calibration_data, sampling) if self.reconstruct else None
         touched = apply_removal(gm, cg, removed)
         if targets is not None:
-            from fxcompress.reconstruct import refit
             stats["reconstructed"] = refit(gm, targets)
         after = sum(p.numel() for p in gm.parameters())
+        outputs = sum(int(removed[cg.labels[l.out_ids]].sum()) for l in cg.layers if l.out_ids is not None)
         stats.update(groups_pruned=int(sum(removed[g.classes].any() for g, _ in groups)),
-                     channels_removed=int(removed.sum()), params_before=before, params_after=after)
+                     channels_removed=outputs, params_before=before, params_after=after)
         return PassResult(changed=True, params_touched=tuple(touched), stats=stats)
 
     # ---- which groups, how many, which classes ------------------------------------------------
@@ -156,7 +155,6 @@ class PruneChannels(Pass):
             return removed, []
         counts = self._counts(gm, cg, groups, ctx)
         if self.method in DATA_METHODS:
-            from fxcompress.reconstruct import Sampling, data_driven_removal
             chosen, fallbacks = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
                                                     Sampling(self.max_samples, self.seed))
             for g, classes in chosen:

@@ -281,6 +281,7 @@ def test_per_layer_amounts_and_global_ranking():
     gm, inputs = _traced("lenet5")
     by_layer = fxcompress.compile(gm, [PruneChannels(amount={"conv1": 0.5, "fc1": 0.2})], example_inputs=inputs)
     assert (by_layer.conv1.out_channels, by_layer.conv2.out_channels, by_layer.fc1.out_features) == (10, 50, 400)
+    assert fxcompress.history(by_layer)[-1].stats["channels_removed"] == 10 + 100
     with torch.no_grad():
         gm.conv2.weight[:25] *= 1e-3  # globally, the weak half of conv2 goes first
     ranked = fxcompress.compile(gm, [PruneChannels(amount=0.05, global_=True)], example_inputs=inputs)
