@@ -2,6 +2,8 @@
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import fxcompress
@@ -136,3 +138,17 @@ def test_a_graph_calling_something_unlisted_cannot_be_saved(tmp_path):
     with pytest.raises(FormatError, match="allow-list"):
         fxcompress.save(gm, tmp_path / "m.fxc")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@settings(max_examples=12, deadline=None)
+@given(widths=st.lists(st.integers(1, 24), min_size=2, max_size=4), sparsity=st.floats(0, 0.99),
+       coding=st.sampled_from(["auto", "fixed", "huffman", "rans"]), bias=st.sampled_from(["float32", "float16"]))
+def test_random_models_save_and_load_to_identical_outputs(widths, sparsity, coding, bias):
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    x = torch.randn(3, widths[0])
+    gm = _sparse_fixed_point(fxcompress.compile(torch.nn.Sequential(*layers).eval(), [], example_inputs=(x,)),
+                             sparsity)
+    gm = fxcompress.compile(gm, [LowerToEncoded(coding=coding, bias=bias)], example_inputs=(x,))
+    assert torch.equal(from_bytes(to_bytes(gm))(x), gm(x))
