@@ -1,6 +1,7 @@
 """Small validators for pass configuration: each raises ConfigError naming `Owner.field`."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
@@ -33,3 +34,13 @@ def check_choice(owner: str, field: str, value: Any, choices: Iterable[Any]) -> 
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_regex(owner: str, field: str, value: Any) -> None:
+    """`value` must be a regular expression string that compiles."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{owner}.{field} must be a regular expression string, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"{owner}.{field}: {value!r} is not a valid regular expression ({exc})") from None

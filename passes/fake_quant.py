@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import check_choice, check_int, check_real
+from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import FUNCTIONS, Layer, constant_value, find_layers, insert_on_weight, layer_node, weight_arg
 from fxcompress.pass_base import Pass, PassContext, PassResult
@@ -127,11 +127,7 @@ class InsertFakeQuant(Pass):
             check_choice("InsertFakeQuant", flag, getattr(self, flag), (True, False))
         _check_spec(self.default_spec(), "InsertFakeQuant")
         if self.select is not None:
-            try:
-                re.compile(self.select)
-            except (re.error, TypeError) as exc:
-                raise ConfigError(f"InsertFakeQuant.select must be a regular expression, got {self.select!r} "
-                                  f"({exc})") from None
+            check_regex("InsertFakeQuant", "select", self.select)
         object.__setattr__(self, "types", _kinds(self.types))
         if self.activations is not None and not isinstance(self.activations, ActivationConfig):
             raise ConfigError(f"InsertFakeQuant.activations must be an ActivationConfig(...) or None, "

@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.analyses import ShapeInfo
-from fxcompress.config import check_choice, check_int, check_real
+from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import Layer, find_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
@@ -88,7 +88,7 @@ class InsertMasks(Pass):
         check_int("InsertMasks", "stage", self.stage, lo=0)
         _stage_value(sparsities, self.stage, "InsertMasks.sparsity")
         if self.select is not None:
-            _check_regex("InsertMasks.select", self.select)
+            check_regex("InsertMasks", "select", self.select)
         object.__setattr__(self, "types", _kinds(self.types))
         if self.schedule is not None and not isinstance(self.schedule, AGP):
             raise ConfigError(f"InsertMasks.schedule must be an AGP(...) schedule or None, got {self.schedule!r}")
@@ -205,15 +205,6 @@ def _stage_value(values: Sequence[float], stage: int, origin: str) -> float:
         raise ConfigError(f"{origin}: stage {stage} asked for, but only {len(values)} sparsities are given "
                           f"({', '.join(map(str, values))})")
     return values[stage]
-
-
-def _check_regex(owner: str, pattern: Any) -> None:
-    if not isinstance(pattern, str):
-        raise ConfigError(f"{owner} must be a regular expression string, got {pattern!r}")
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{owner}: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
 def _kinds(types: Any) -> tuple[str, ...]:

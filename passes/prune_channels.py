@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from fxcompress.analyses.channels import ChannelGraph, ChannelGroup
 from fxcompress.channel_selection import lowest, norm_scores, removal_count
 from fxcompress.channel_surgery import apply_removal
-from fxcompress.config import check_choice, check_int, check_real
+from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.reconstruct import Sampling, capture_targets, data_driven_removal, refit
@@ -80,10 +80,7 @@ class PruneChannels(Pass):
                 raise ConfigError(f"{owner}.{field} must be a tuple of regexes or module types, got {value!r}")
             for pattern in value:
                 if isinstance(pattern, str):
-                    try:
-                        re.compile(pattern)
-                    except re.error as exc:
-                        raise ConfigError(f"{owner}.{field}: bad regex {pattern!r}: {exc}") from None
+                    check_regex(owner, field, pattern)
         check_int(owner, "min_channels", self.min_channels, 1)
         check_int(owner, "round_to", self.round_to, 1)
         check_int(owner, "seed", self.seed)
