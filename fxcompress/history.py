@@ -8,17 +8,30 @@ from .pass_base import PassRecord
 _KEY = "fxcompress_history"
 
 
+def _records(gm: GraphModule) -> list[dict]:
+    """The history list, held both in `gm.meta` and as an attribute (the same list object).
+
+    Deep copies of a GraphModule keep `meta` but drop other attributes; torch.save / torch.load
+    keep attributes but drop `meta`. Holding the list in both keeps the history through either.
+    """
+    records = gm.meta.get(_KEY)
+    if records is None:
+        records = gm.meta[_KEY] = list(getattr(gm, "_fxcompress_history", []))
+    gm._fxcompress_history = records
+    return records
+
+
 def history(gm: GraphModule) -> tuple[PassRecord, ...]:
     """The passes applied to `gm`, oldest first, across every compile() call."""
-    return tuple(PassRecord.from_dict(d) for d in gm.meta.get(_KEY, ()))
+    return tuple(PassRecord.from_dict(d) for d in _records(gm))
 
 
 def append_record(gm: GraphModule, record: PassRecord) -> None:
-    gm.meta.setdefault(_KEY, []).append(record.as_dict())
+    _records(gm).append(record.as_dict())
 
 
 def set_history(gm: GraphModule, records: tuple[PassRecord, ...]) -> None:
-    gm.meta[_KEY] = [r.as_dict() for r in records]
+    _records(gm)[:] = [r.as_dict() for r in records]
 
 
 def format_history(gm: GraphModule) -> str:

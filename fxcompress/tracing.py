@@ -18,7 +18,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 class _LocatingTracer(Tracer):
     """torch.fx's Tracer that treats chosen modules as leaves and remembers where tracing failed."""
 
-    def __init__(self, leaf_modules: Collection[Any]) -> None:
+    def __init__(self, leaf_modules: Collection[Any] = ()) -> None:  # a default: GraphModule unpickling re-creates it
         super().__init__()
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))

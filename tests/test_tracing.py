@@ -57,3 +57,13 @@ def test_concrete_args_fix_a_branching_flag():
         fxcompress.compile(model, [], example_inputs=(x, True))
     gm = fxcompress.compile(model, [], example_inputs=(x, True), concrete_args={"double": True})
     assert torch.equal(gm(x, True), model(x, True))
+
+
+def test_compiled_graph_module_survives_torch_save(tmp_path):
+    from fxcompress.passes import InsertMasks
+    model, x = Net().eval(), torch.randn(2, 4)
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=x, leaf_modules=["body.1"])
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)  # our own file, for users who want torch.save
+    assert torch.equal(loaded(x), gm(x))
+    assert fxcompress.history(loaded) == fxcompress.history(gm)
