@@ -74,6 +74,19 @@ MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
 }
 MODULE_NAMES: dict[type, str] = {cls: name for name, (cls, _) in MODULES.items()}
 
+
+def fxcompress_modules() -> dict[str, type]:
+    """fxcompress's own module types a file may name; each is rebuilt as `cls(**config)`.
+
+    Imported here, on first use, because those modules import this package's siblings.
+    """
+    from fxcompress.encoded.module import EncodedWeight
+    from fxcompress.integer import IntegerLayer, QuantizeInput
+    from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
+
+    types = (EncodedWeight, KMeansWeight, GridWeight, ActivationQuant, IntegerLayer, QuantizeInput)
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in types}
+
 DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}

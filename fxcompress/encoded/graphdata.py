@@ -9,9 +9,8 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxcompress.errors import FormatError
-from fxcompress.layers import WeightTransform
 
-from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES
+from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES, fxcompress_modules
 
 
 def _encode_arg(value: Any, where: str) -> Any:
@@ -86,34 +85,24 @@ def graph_from_data(nodes: list[dict]) -> Graph:
     return graph
 
 
-def _fxcompress_modules() -> dict[str, type]:
-    """Every WeightTransform subclass defined in the fxcompress package, by qualified name."""
-    import fxcompress.passes  # noqa: F401 - defines the passes' transform classes
-    found, pending = {}, [WeightTransform]
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if cls.__module__.startswith("fxcompress.") and hasattr(cls, "config"):
-            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return found
-
-
 def modules_to_data(gm: GraphModule) -> list[dict]:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    described = []
+    ours = {cls: name for name, cls in fxcompress_modules().items()}
+    described, rebuilt = [], []  # rebuilt: paths of our modules, whose children their config recreates
     for path, module in gm.named_modules():
         if not path:
             described.append({"path": "", "type": "root", "config": {}, "training": module.training})
+            continue
+        if any(path.startswith(prefix + ".") for prefix in rebuilt):
             continue
         cls = type(module)
         if cls in MODULE_NAMES:
             fields = MODULES[MODULE_NAMES[cls]][1]
             described.append({"path": path, "type": MODULE_NAMES[cls],
                               "config": {f: _encode_arg(getattr(module, f), path) for f in fields}})
-        elif (isinstance(module, WeightTransform) and cls.__module__.startswith("fxcompress.")
-              and hasattr(module, "config")):
-            described.append({"path": path, "type": f"{cls.__module__}.{cls.__qualname__}",
-                              "config": module.config()})
+        elif cls in ours:
+            described.append({"path": path, "type": ours[cls], "config": module.config()})
+            rebuilt.append(path)
         elif path in called:
             raise FormatError(f"cannot save module {path!r}: type {cls.__name__} is not in the allow-list")
         else:
@@ -135,7 +124,7 @@ def modules_from_data(described: list[dict]) -> nn.Module:
             cls = MODULES[kind][0]
             module = cls(**{k: _tuples(_decode_arg(v, {})) for k, v in config.items()})
         else:
-            ours = ours or _fxcompress_modules()
+            ours = ours or fxcompress_modules()
             if kind not in ours:
                 raise FormatError(f"module {path!r}: type {kind!r} is not in the allow-list")
             module = ours[kind](**config)
