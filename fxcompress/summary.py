@@ -16,7 +16,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .history import format_history
-from .layers import Layer, chain_transforms, constant_value, effective_weight, find_layers, layer_node, weight_arg
+from .layers import (Layer, WeightTransform, chain_transforms, constant_value, effective_weight, find_layers,
+                     layer_node, weight_arg)
 
 COLUMNS = ("layer", "op", "weight_shape", "params", "nonzeros", "sparsity", "bits", "sqnr_db",
            "dense_bytes", "compressed_bytes", "exact", "macs", "macs_effective")
@@ -104,23 +105,37 @@ def _sqnr(gm: GraphModule, node, weight: torch.Tensor) -> float | None:
     return 10 * math.log10(signal / noise) if signal > 0 else None
 
 
+def _bias(gm: GraphModule, node) -> tuple[int, int]:
+    """(values, stored bytes) of the layer's bias: exact for an encoded bias, else its dtype's size."""
+    if node.op == "call_module":
+        bias = getattr(gm.get_submodule(node.target), "bias", None)
+        return (0, 0) if bias is None else (bias.numel(), bias.numel() * bias.element_size())
+    arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not hasattr(arg, "op"):
+        return 0, 0
+    value = constant_value(gm, arg)
+    module = gm.get_submodule(arg.target) if arg.op == "call_module" else None
+    parts = module.storage_bytes() if isinstance(module, WeightTransform) else None
+    return value.numel(), sum(parts.values()) if parts is not None else value.numel() * value.element_size()
+
+
 def _row(gm: GraphModule, layer: Layer) -> dict[str, Any]:
     node = layer_node(gm, layer)
     weight = effective_weight(gm, layer)
     transforms = chain_transforms(gm, node) if node.op == "call_function" else []
     bits = next((t.bits for t in reversed(transforms) if t.bits), 32)
-    bias = gm.get_parameter(layer.bias) if layer.bias else None
-    bias_count = bias.numel() if bias is not None else 0
+    bias_count, bias_bytes = _bias(gm, node)
     params, nonzeros = weight.numel() + bias_count, int(torch.count_nonzero(weight))
     exact_parts = next((t.storage_bytes() for t in reversed(transforms) if t.storage_bytes() is not None), None)
     if exact_parts is not None:
+        exact_parts = {**exact_parts, "bias": bias_bytes}
         compressed, exact = sum(exact_parts.values()), True
     else:
         sparse = nonzeros < weight.numel()
         index_bits = _INDEX_BITS.get(layer.kind, 8) if sparse else 0
         stored = nonzeros if sparse else weight.numel()
         codebook = 4 * 2 ** bits if bits < 32 else 0
-        compressed, exact = math.ceil(stored * (bits + index_bits) / 8) + codebook + 4 * bias_count, False
+        compressed, exact = math.ceil(stored * (bits + index_bits) / 8) + codebook + bias_bytes, False
     macs = _macs(layer, weight, node)
     return {
         "layer": layer.name, "op": layer.kind, "weight_shape": tuple(weight.shape), "params": params,
@@ -147,7 +162,6 @@ def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
 
 def _other_parameters(gm: GraphModule, layers: list[Layer]) -> dict[str, Any] | None:
     """One row for the parameters outside linear / conv layers (norms, attention, embeddings), kept fp32."""
-    from .layers import WeightTransform
     owners = {layer.name for layer in layers}
     owners |= {name for name, m in gm.named_modules() if isinstance(m, WeightTransform)}
     tensors = [p for name, p in gm.named_parameters() if name.rpartition(".")[0] not in owners]

@@ -72,7 +72,8 @@ def test_exact_bytes_and_bits_come_from_the_weight_chain():
     gm.recompile()
     row = next(r for r in fxcompress.summary(gm, torch.randn(1, 784)).rows if r["layer"] == "fc3")
     assert row["bits"] == 3 and row["exact"] == "yes"
-    assert row["compressed_bytes"] == 39 and row["bytes_indices"] == 7 and row["bytes_codebook"] == 32
+    assert row["bytes_indices"] == 7 and row["bytes_codebook"] == 32 and row["bytes_bias"] == 4 * 10  # fp32 bias
+    assert row["compressed_bytes"] == 7 + 32 + 40
 
 
 def test_sqnr_of_a_quantizing_transform():

@@ -96,6 +96,10 @@ def test_float16_biases(lenet):
     assert isinstance(lowered.get_submodule("fc1.bias_encoded"), EncodedWeight)
     assert torch.equal(lowered.get_submodule("fc1.bias_encoded")(), gm.fc1.bias.detach().half().float())
     assert torch.allclose(lowered(x), gm(x), atol=1e-2)
+    row = next(r for r in fxcompress.summary(lowered).rows if r["layer"] == "fc1")
+    encoded_bias = lowered.get_submodule("fc1.bias_encoded")
+    assert row["bytes_bias"] == sum(encoded_bias.storage_bytes().values()) < 4 * 300  # the summary sees fp16
+    assert row["params"] == 300 * 784 + 300
 
 
 def test_decode_gives_a_plain_dense_module(lenet):
@@ -116,7 +120,9 @@ def test_summary_bytes_are_exact(lenet):
     for name in ("fc1", "fc2", "fc3"):
         module = lowered.get_submodule(f"{name}.weight_encoded")
         assert rows[name]["exact"] == "yes"
-        assert rows[name]["compressed_bytes"] == sum(module.storage_bytes().values())
+        bias = lowered.get_parameter(f"{name}.bias")
+        assert rows[name]["bytes_bias"] == 4 * bias.numel()  # kept fp32
+        assert rows[name]["compressed_bytes"] == sum(module.storage_bytes().values()) + rows[name]["bytes_bias"]
         assert rows[name]["bytes_codebook"] + rows[name]["bytes_indices"] + rows[name]["bytes_positions"] \
             == module.payload.numel()
 
