@@ -1,8 +1,8 @@
 """The Deep Compression pipeline end to end: InsertMasks -> InsertFakeQuant -> LowerToEncoded.
 
 LeNet-300-100 and LeNet-5 on Fashion-MNIST when installed (scikit-learn digits otherwise): dense
-training, four stages of magnitude pruning with retraining (per layer for LeNet-300-100, a global
-threshold for LeNet-5; the dense baseline gets the same epochs), linear-init k-means weight sharing
+training, four stages of global magnitude pruning with retraining (the dense baseline gets the
+same epochs), linear-init k-means weight sharing
 with centroid fine-tuning, then lowering into encoded weights and saving. The ratio is fp32
 parameter bytes over the bytes of the saved file on disk; the same model is saved with bit-packed
 codes only (`fixed`), with Huffman, and with the per-layer smallest coding (`auto`), so the entropy
@@ -31,10 +31,8 @@ BITS = {"lenet300": {"linear": 5}, "lenet5": {"conv2d": 8, "linear": 5}}  # Deep
 FINETUNE = {"lenet300": (3, 1e-4), "lenet5": (2, 1e-4)}                 # epochs, learning rate
 # (dense epochs, retraining epochs per stage, retraining lr, the InsertMasks pass of stage k)
 PRUNING = {
-    "lenet300": (12, 3, 1e-3, lambda k: InsertMasks(rules=[  # per layer: fc1 is pruned hardest
-        ("fc1.weight", "element", [0.6, 0.85, 0.93, 0.965], "abs"),
-        ("fc2.weight", "element", [0.5, 0.75, 0.85, 0.9], "abs"),
-        ("fc3.weight", "element", [0.3, 0.5, 0.6, 0.65], "abs")], stage=k)),
+    # the recipe of examples/prune_lenet.py: a global magnitude threshold, retrained at 2e-3
+    "lenet300": (10, 4, 2e-3, lambda k: InsertMasks(sparsity=(0.8, 0.9, 0.93, 0.95), scope="global", stage=k)),
     "lenet5": (4, 2, 5e-4, lambda k: InsertMasks(sparsity=(0.6, 0.8, 0.9, 0.95), scope="global", stage=k)),
 }
 
