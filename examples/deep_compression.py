@@ -5,7 +5,10 @@ Trains LeNet-300-100 on the embedded default data set (scikit-learn's 8x8 digits
     2. shares weights by k-means (InsertFakeQuant) and fine-tunes the centroids;
     3. lowers it to packed, entropy-coded weights (LowerToEncoded), saves the file, loads it back
        and checks the loaded model computes exactly what the fake-quant model computes;
-and prints the summary after each stage.
+and prints the summary after each stage. Two other roads from the same dense model follow:
+    4. structured pruning that really shrinks the layers (PruneChannels, least-squares
+       reconstruction of the next layer on calibration data);
+    5. integer-only inference (8-bit linear fake-quant with calibrated activations, LowerToInteger).
 
     python examples/deep_compression.py [--data digits|fashion-mnist|auto] [--epochs N]
 """
@@ -20,7 +23,8 @@ import torch
 
 import fxcompress
 from fxcompress.datasets import load_dataset
-from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger,
+                               PruneChannels)
 from fxcompress.training import evaluate, train
 from fxcompress.zoo import LeNet300100
 
@@ -82,9 +86,37 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"\nfile on disk: {file_bytes} bytes; fp32 model: {dense_bytes} bytes; "
           f"{dense_bytes / file_bytes:.1f}x smaller")
     print(f"loaded model outputs identical to the fake-quant model: {exact}")
-    print(f"accuracy: dense {dense:.4f} -> compressed {final:.4f} ({100 * (final - dense):+.2f} points); "
-          f"{time.perf_counter() - start:.1f}s")
-    return {"dense_accuracy": dense, "accuracy": final, "ratio": dense_bytes / file_bytes, "exact": exact}
+    print(f"accuracy: dense {dense:.4f} -> compressed {final:.4f} ({100 * (final - dense):+.2f} points)")
+
+    calibration = [data.train_x[i:i + 128] for i in range(0, 512, 128)]
+    structured = other_roads(model, data, example, calibration)
+    print(f"\n{time.perf_counter() - start:.1f}s")
+    return {"dense_accuracy": dense, "accuracy": final, "ratio": dense_bytes / file_bytes, "exact": exact,
+            **structured}
+
+
+def other_roads(model, data, example, calibration) -> dict[str, float]:
+    """Channel pruning with reconstruction, and integer-only lowering, of the dense model."""
+    results = {}
+    for reconstruct in (False, True):
+        slim = fxcompress.compile(model, [PruneChannels(amount=0.5, method="l1", reconstruct=reconstruct)],
+                                  example_inputs=example, calibration_data=calibration)
+        results[f"channels_{'reconstructed' if reconstruct else 'plain'}"] = evaluate(slim, data.test_x, data.test_y)
+    totals = fxcompress.summary(slim).totals
+    print(f"\nhalf the hidden units removed (PruneChannels, l1): {totals['params']} parameters "
+          f"(dense {sum(p.numel() for p in model.parameters())}), {totals['macs']} MACs a sample; accuracy "
+          f"{results['channels_plain']:.4f} without and {results['channels_reconstructed']:.4f} with "
+          "least-squares reconstruction, no fine-tuning")
+
+    quantized = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, per_channel=True,
+                                                           activations=ActivationConfig(bits=8))],
+                                   example_inputs=example, calibration_data=calibration)
+    integer = fxcompress.compile(quantized, [LowerToInteger()], example_inputs=example)
+    results["fake_quant_8bit"] = evaluate(quantized, data.test_x, data.test_y)
+    results["integer_8bit"] = evaluate(integer, data.test_x, data.test_y)
+    print(f"8-bit integer-only inference (LowerToInteger): accuracy {results['integer_8bit']:.4f} "
+          f"(fake-quant {results['fake_quant_8bit']:.4f}); stages: {fxcompress.history(integer)[-1].stats}")
+    return results
 
 
 if __name__ == "__main__":

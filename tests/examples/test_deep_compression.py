@@ -13,3 +13,6 @@ def test_demo_pipeline_runs_on_digits(capsys):
     assert result["ratio"] > 10
     assert result["dense_accuracy"] > 0.8
     assert result["accuracy"] >= result["dense_accuracy"] - 0.1
+    assert "PruneChannels" in out and "LowerToInteger" in out
+    assert result["channels_reconstructed"] >= result["channels_plain"] - 0.02
+    assert abs(result["integer_8bit"] - result["fake_quant_8bit"]) <= 0.02
