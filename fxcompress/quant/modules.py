@@ -30,12 +30,12 @@ class KMeansWeight(WeightTransform):
     """
 
     def __init__(self, shape: list[int], bits: int, size: int, groups: int = 1, axis: int | None = None,
-                 fixed_zero: bool = True) -> None:
+                 fixed_zero: bool = True, enabled: bool = True) -> None:
         super().__init__()
         self.bits, self.size, self.groups, self.axis, self.fixed_zero = bits, size, groups, axis, fixed_zero
         self.codebook = nn.Parameter(torch.zeros(groups, size))
         self.register_buffer("codes", torch.zeros(tuple(shape), dtype=torch.int32))
-        self.enabled = True
+        self.enabled = enabled
 
     @classmethod
     def fit(cls, weight: torch.Tensor, bits: int, init: str = "linear", *, fix_zeros: bool = True,
@@ -80,7 +80,7 @@ class KMeansWeight(WeightTransform):
 
     def config(self) -> dict[str, Any]:
         return {"shape": list(self.codes.shape), "bits": self.bits, "size": self.size, "groups": self.groups,
-                "axis": self.axis, "fixed_zero": self.fixed_zero}
+                "axis": self.axis, "fixed_zero": self.fixed_zero, "enabled": self.enabled}
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, codebook={tuple(self.codebook.shape)}, fixed_zero={self.fixed_zero}"
@@ -94,10 +94,10 @@ class GridWeight(WeightTransform):
     """
 
     def __init__(self, bits: int, method: str = "linear", symmetric: bool = False, int_bits: int | None = None,
-                 axis: int | None = None) -> None:
+                 axis: int | None = None, enabled: bool = True) -> None:
         super().__init__()
         self.bits, self.method, self.symmetric, self.int_bits, self.axis = bits, method, symmetric, int_bits, axis
-        self.enabled = True
+        self.enabled = enabled
 
     def grid(self, weight: torch.Tensor) -> Grid:
         if self.method == "fixed_point":
@@ -115,7 +115,7 @@ class GridWeight(WeightTransform):
 
     def config(self) -> dict[str, Any]:
         return {"bits": self.bits, "method": self.method, "symmetric": self.symmetric, "int_bits": self.int_bits,
-                "axis": self.axis}
+                "axis": self.axis, "enabled": self.enabled}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
@@ -130,12 +130,12 @@ class ActivationQuant(nn.Module):
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, observer: str = "minmax",
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, enabled: bool = True, observing: bool = True) -> None:
         super().__init__()
         self.bits, self.symmetric = bits, symmetric
         self.observer = make_observer(observer, **(options or {}))
         self.kind = observer
-        self.enabled, self.observing, self.calibrating = True, True, False
+        self.enabled, self.observing, self.calibrating = enabled, observing, False
 
     def grid(self) -> Grid | None:
         observed = self.observer.range()
@@ -151,7 +151,7 @@ class ActivationQuant(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"bits": self.bits, "symmetric": self.symmetric, "observer": self.kind,
-                "options": self.observer.config()}
+                "options": self.observer.config(), "enabled": self.enabled, "observing": self.observing}
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, observer={self.kind}"

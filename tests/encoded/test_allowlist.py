@@ -33,3 +33,20 @@ def test_activation_fake_quant_and_integer_models_round_trip(tmp_path):
             assert torch.equal(loaded.eval()(x), gm.eval()(x)), name
         assert fxcompress.history(loaded) == fxcompress.history(gm)
     assert any(isinstance(m, QuantizeInput) for m in fxcompress.load(tmp_path / "integer.fxc").modules())
+
+
+def test_switched_off_quantization_and_frozen_observers_survive_a_round_trip(tmp_path):
+    from fxcompress.quant import freeze_observers, set_quantization
+    x = torch.rand(16, 1, 28, 28)
+    gm = _activation_quantized(x)
+    set_quantization(gm, False, activations=False)  # float weights, quantized activations
+    freeze_observers(gm)
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    flags = [(type(m).__name__, m.enabled, getattr(m, "observing", None))
+             for m in loaded.modules() if hasattr(m, "enabled")]
+    assert flags == [(type(m).__name__, m.enabled, getattr(m, "observing", None))
+                     for m in gm.modules() if hasattr(m, "enabled")]
+    assert any(not enabled for _, enabled, _ in flags) and all(o is not True for _, _, o in flags)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), gm.eval()(x))
