@@ -4,7 +4,8 @@ reconstruction of consumer layers (He et al. ICCV 2017; Luo et al. ThiNet 2017).
 Features are captured with torch.fx's Interpreter on the calibration batch, sampled at a bounded
 number of spatial positions so memory stays small, and solved in float64 on the CPU.
 
-A *consumer* is a conv2d (groups=1, zero padding) or linear module whose input channels shrink.
+A *consumer* is a linear, conv1d or conv2d module (zero padding; grouped convs are refitted group by
+group) whose input channels shrink.
 Reconstruction is layer by layer, in graph order: each consumer sees the inputs of the already
 pruned and refitted model and is refitted (weights and bias) to reproduce the unpruned model's
 outputs at the same positions.
@@ -37,14 +38,15 @@ def calibration_batch(data: Iterable) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([item[i] for item in items]) for i in range(len(items[0])))
 
 
-def _consumer(gm: GraphModule, node: Node) -> nn.Module | None:
-    """The module of a node that can be sampled and refitted, else None."""
+def _consumer(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Module | None:
+    """The module of a node that can be sampled and refitted (grouped convs only if asked), else None."""
     if node.op != "call_module":
         return None
     m = gm.get_submodule(node.target)
     if type(m) is nn.Linear:
         return m
-    if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+    if (type(m) in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and (grouped or m.groups == 1)):
         return m
     return None
 
@@ -53,12 +55,16 @@ def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as one row per output position: (positions, in_features [* kernel])."""
     if isinstance(m, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+    if isinstance(m, nn.Conv1d):  # unfolded as a conv2d of height 1
+        patches = F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]), (0, m.padding[0]),
+                           (1, m.stride[0]))
+    else:
+        patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
 def _outputs(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    return y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
 
 
 @dataclass(frozen=True)
@@ -150,18 +156,26 @@ def refit(gm: GraphModule, targets: Targets) -> list[str]:
 
 
 def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Least squares (ridge) fit of the layer's weight and bias so that x -> y."""
-    with_bias = m.bias is not None
-    if with_bias:
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    gram = x.T @ x
-    gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, x.T @ y)  # (in [+1], out)
-    weight = solution[:-1] if with_bias else solution
-    with torch.no_grad():
-        m.weight.copy_(weight.T.reshape(m.weight.shape).to(m.weight.dtype))
+    """Least squares (ridge) fit of the layer's weight and bias so that x -> y, group by group.
+
+    A grouped conv's group g reads the g-th block of input columns (unfold orders them channel
+    first) and writes the g-th block of outputs, so each group is an independent problem.
+    """
+    groups, with_bias = getattr(m, "groups", 1), m.bias is not None
+    ins, outs = x.shape[1] // groups, y.shape[1] // groups
+    for g in range(groups):
+        xg, yg = x[:, g * ins:(g + 1) * ins], y[:, g * outs:(g + 1) * outs]
         if with_bias:
-            m.bias.copy_(solution[-1].to(m.bias.dtype))
+            xg = torch.cat([xg, torch.ones(xg.shape[0], 1, dtype=xg.dtype)], 1)
+        gram = xg.T @ xg
+        gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+        solution = torch.linalg.solve(gram, xg.T @ yg)  # (in [+1], out)
+        weight = solution[:-1] if with_bias else solution
+        with torch.no_grad():
+            block = m.weight[g * outs:(g + 1) * outs]
+            block.copy_(weight.T.reshape(block.shape).to(m.weight.dtype))
+            if with_bias:
+                m.bias[g * outs:(g + 1) * outs].copy_(solution[-1].to(m.bias.dtype))
 
 
 # ---- data-driven selection ----------------------------------------------------------------------
@@ -187,8 +201,9 @@ def _contributions(gm, cg, batch, sampling: Sampling) -> dict[str, tuple[np.ndar
     """Per consumer: (in_ids, Z) where Z[s, c] is input channel c's contribution to one randomly
     chosen output channel at sampled position s (ThiNet's sampling)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    layers = {l.node: l for l in cg.layers if l.in_ids is not None and _consumer(gm, nodes[l.node]) is not None}
-    watched = {name: _consumer(gm, nodes[name]) for name in layers}
+    layers = {l.node: l for l in cg.layers
+              if l.in_ids is not None and _consumer(gm, nodes[l.node], grouped=False) is not None}
+    watched = {name: _consumer(gm, nodes[name], grouped=False) for name in layers}
     found, rng = {}, np.random.default_rng(sampling.seed + 1)
 
     def before(n, m, rows):

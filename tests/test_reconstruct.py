@@ -91,3 +91,44 @@ def test_reconstruction_brings_outputs_back_toward_the_unpruned_model(name):
     rebuilt, gm = error(True)
     assert rebuilt < 0.5 * plain
     assert fxcompress.history(gm)[-1].stats["reconstructed"]
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+                                  lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                                  lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2)])
+def test_least_squares_recovers_grouped_and_1d_convs(make):
+    from fxcompress.reconstruct import _outputs, _rows
+    true, fitted = make().double(), make().double()
+    x = torch.randn(8, 4, 10, 10, dtype=torch.float64)[..., 0] if isinstance(true, nn.Conv1d) else \
+        torch.randn(8, 4, 10, 10, dtype=torch.float64)
+    _solve_into(fitted, _rows(true, x), _outputs(true, true(x)).detach())
+    torch.testing.assert_close(fitted.weight, true.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fitted.bias, true.bias, atol=1e-6, rtol=1e-6)
+
+
+class GroupedConsumers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)  # its inputs shrink in every group
+        self.head = nn.Conv1d(16, 8, 3)
+
+    def forward(self, x):
+        x = self.conv2(F.relu(self.conv1(x)))
+        return self.head(x.mean(dim=2))
+
+
+def test_grouped_and_1d_consumers_are_reconstructed():
+    model, x = GroupedConsumers().eval(), torch.randn(8, 3, 12, 12)
+    calibration = [torch.randn(8, 3, 12, 12) for _ in range(8)]
+    expected = model(x)
+
+    def error(reconstruct):
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=reconstruct, select=("conv1",))],
+                                example_inputs=(x[:2],), calibration_data=calibration)
+        return ((gm(x) - expected).norm() / expected.norm()).item(), gm
+
+    plain, _ = error(False)
+    rebuilt, gm = error(True)
+    assert "conv2" in fxcompress.history(gm)[-1].stats["reconstructed"]
+    assert rebuilt < 0.7 * plain
