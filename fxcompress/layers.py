@@ -32,6 +32,16 @@ class WeightTransform(nn.Module):
         return None
 
 
+def chain_module_node(gm: GraphModule, node: Node, types: type | tuple[type, ...]) -> Node | None:
+    """The call_module node on a functional layer's weight chain whose module is of `types`, if any."""
+    current = weight_arg(node) if node.op == "call_function" else None
+    while isinstance(current, Node) and current.op != "get_attr":
+        if current.op == "call_module" and isinstance(gm.get_submodule(current.target), types):
+            return current
+        current = current.args[0] if current.args else None
+    return None
+
+
 def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
     """The WeightTransform modules on the weight chain of a functional layer node, source first."""
     found = []

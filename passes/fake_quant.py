@@ -28,7 +28,8 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import FUNCTIONS, Layer, constant_value, find_layers, insert_on_weight, layer_node, weight_arg
+from fxcompress.layers import (FUNCTIONS, Layer, chain_module_node, constant_value, find_layers, insert_on_weight,
+                               layer_node, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.masks import module_kind
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
@@ -200,7 +201,7 @@ class InsertFakeQuant(Pass):
 
     def _quantize_weight(self, gm: GraphModule, layer: Layer, spec: LayerQuant) -> dict[str, Any]:
         node = layer_node(gm, layer)
-        existing = _weight_quant_node(gm, node)
+        existing = chain_module_node(gm, node, (KMeansWeight, GridWeight))
         source = existing.args[0] if existing is not None else weight_arg(node)
         weight = (constant_value(gm, source) if source is not None
                   else gm.get_submodule(node.target).weight.detach())
@@ -239,16 +240,6 @@ class InsertFakeQuant(Pass):
                     inserted[x] = gm.graph.call_module(name, (x,))
             node.replace_input_with(x, inserted[x])
         return sorted({n.target for n in inserted.values()})
-
-
-def _weight_quant_node(gm: GraphModule, node: Node) -> Node | None:
-    """The fake-quant node already on this layer's weight chain (from an earlier InsertFakeQuant)."""
-    current = weight_arg(node) if node.op == "call_function" else None
-    while isinstance(current, Node) and current.op != "get_attr":
-        if current.op == "call_module" and isinstance(gm.get_submodule(current.target), (KMeansWeight, GridWeight)):
-            return current
-        current = current.args[0] if current.args else None
-    return None
 
 
 def _kinds(types: Any) -> tuple[str, ...]:

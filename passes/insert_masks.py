@@ -28,7 +28,7 @@ from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importanc
                                            keep_highest, masked_scores)
 from fxcompress.pruning.masks import LAYER_KINDS, get_mask, module_kind, set_mask, sparsity_of, stored_weight
 from fxcompress.pruning.schedule import AGP
-from fxcompress.rules import Field, RuleSchema, RuleSet, choice, real_list
+from fxcompress.rules import Field, RuleSchema, choice, real_list
 
 # The origin documents' rule form: (parameter pattern, granularity, sparsity per stage[, importance]).
 MASK_RULES = RuleSchema("InsertMasks.rules", [

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PreconditionError
 from fxcompress.integer import ACCUMULATOR_BITS, IntegerLayer, QuantizeInput, fixed_point_multiplier
-from fxcompress.layers import Layer, constant_value, find_layers, layer_node, weight_arg
+from fxcompress.layers import Layer, chain_module_node, constant_value, find_layers, layer_node
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.quantizers import Grid, quantize
@@ -73,7 +73,7 @@ class LowerToInteger(Pass):
             if node.op != "call_function":
                 raise PreconditionError(f"LowerToInteger: layer '{layer.name}' has an input fake-quant but no "
                                         "weight fake-quant; run InsertFakeQuant(method='linear') on it")
-            quant_node = _weight_quantizer(gm, node)
+            quant_node = chain_module_node(gm, node, (GridWeight, KMeansWeight))
             module = gm.get_submodule(quant_node.target) if quant_node is not None else None
             if isinstance(module, KMeansWeight):
                 raise PreconditionError(f"LowerToInteger: layer '{layer.name}' shares weights by k-means; integer "
@@ -107,15 +107,6 @@ class LowerToInteger(Pass):
 def _is_activation_quant(gm: GraphModule, node) -> bool:
     return isinstance(node, Node) and node.op == "call_module" and isinstance(gm.get_submodule(node.target),
                                                                                 ActivationQuant)
-
-
-def _weight_quantizer(gm: GraphModule, node: Node) -> Node | None:
-    current = weight_arg(node)
-    while isinstance(current, Node) and current.op != "get_attr":
-        if current.op == "call_module" and isinstance(gm.get_submodule(current.target), (GridWeight, KMeansWeight)):
-            return current
-        current = current.args[0] if current.args else None
-    return None
 
 
 def _code_safe(gm: GraphModule, node: Node) -> bool:
