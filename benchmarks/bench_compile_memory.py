@@ -4,12 +4,17 @@ Each measurement runs in a fresh process (peak RSS cannot be reset): the model i
 resident size noted, then compile() runs with the given passes and the peak RSS growth is
 reported. Target: the pipeline's peak stays within ~2.5x the fp32 model.
 
+Peak RSS also counts memory glibc keeps after it was freed (transient tensors below its adaptive
+mmap threshold stay in the heap), so each row runs twice: with the default allocator, and with
+MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB so freed tensors go back to the system at once.
+
     python benchmarks/bench_compile_memory.py [--dim 1024] [--blocks 8]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -71,15 +76,16 @@ def main() -> None:
         print(json.dumps(measure(args.dim, args.blocks, args.child[0], args.child[1] == "1")))
         return
     print(f"GPT-style model, dim {args.dim}, {args.blocks} blocks; peak memory during compile()")
-    print(f"{'passes':<8} {'inplace':<8} {'model MB':>9} {'peak growth MB':>15} {'peak / model':>13}")
+    print(f"{'passes':<8} {'inplace':<8} {'allocator':<18} {'model MB':>9} {'peak growth MB':>15} {'peak / model':>13}")
     for passes in ("none", "masks"):
         for inplace in ("0", "1"):
-            out = subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--blocks", str(args.blocks),
-                                  "--child", passes, inplace], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout)
-            print(f"{r['passes']:<8} {str(r['inplace']):<8} {r['model_mb']:>9} {r['peak_growth_mb']:>15} "
-                  f"{r['peak_total_over_model']:>13}")
-
+            for allocator, extra in (("glibc default", {}), ("mmap threshold", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+                out = subprocess.run([sys.executable, __file__, "--dim", str(args.dim), "--blocks", str(args.blocks),
+                                      "--child", passes, inplace], capture_output=True, text=True, check=True,
+                                     env={**os.environ, **extra})
+                r = json.loads(out.stdout)
+                print(f"{r['passes']:<8} {str(r['inplace']):<8} {allocator:<18} {r['model_mb']:>9} "
+                      f"{r['peak_growth_mb']:>15} {r['peak_total_over_model']:>13}")
 
 if __name__ == "__main__":
     main()
