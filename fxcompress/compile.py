@@ -86,9 +86,10 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
     ctx.gm = gm
     if result.changed or result.gm is not None:
         ctx.analyses.invalidate(keep=type(p).preserves)
-        gm.recompile()
     if verify:
-        verify_graph(gm, ctx.example_inputs, expected, label)
+        verify_graph(gm, ctx.example_inputs, expected, label)  # lints, recompiles, runs
+    elif result.changed or result.gm is not None:
+        gm.recompile()
     after = _node_signatures(gm)
     record = PassRecord(
         name=type(p).__name__, config=p.config(), changed=result.changed,
