@@ -3,10 +3,11 @@
 Nothing here registers itself anywhere: importing a pass only defines its class.
 """
 from .fake_quant import ActivationConfig, InsertFakeQuant
+from .fold_batchnorm import FoldBatchNorm
 from .insert_masks import InsertMasks
 from .lower_encoded import LowerToEncoded
 from .lower_integer import LowerToInteger
 from .prune_channels import PruneChannels
 
-__all__: list[str] = ["ActivationConfig", "InsertFakeQuant", "InsertMasks", "LowerToEncoded", "LowerToInteger",
-                      "PruneChannels"]
+__all__: list[str] = ["ActivationConfig", "FoldBatchNorm", "InsertFakeQuant", "InsertMasks", "LowerToEncoded",
+                      "LowerToInteger", "PruneChannels"]
