@@ -1,17 +1,20 @@
 """Data-driven channel pruning: ThiNet's greedy and He et al.'s lasso selection, and the least-squares
 reconstruction of consumer layers (He et al. ICCV 2017; Luo et al. ThiNet 2017).
 
-Features are captured with torch.fx's Interpreter on the calibration batch, sampled at a bounded
-number of spatial positions so memory stays small, and solved in float64 on the CPU.
+Features are captured with torch.fx's Interpreter on the calibration batch and solved in float64
+on the CPU. Only a bounded number of output positions is sampled, and they are drawn before any
+feature is gathered: a conv's input patches stay a strided view of its (padded) input, so a large
+feature map is never materialized as one row per position.
 
-A *consumer* is a linear, conv1d or conv2d module (zero padding; grouped convs are refitted group by
-group) whose input channels shrink.
+A *consumer* is a linear, conv1d, conv2d or conv3d module (any padding and padding mode; grouped
+convs are refitted group by group) whose input channels shrink.
 Reconstruction is layer by layer, in graph order: each consumer sees the inputs of the already
 pruned and refitted model and is refitted (weights and bias) to reproduce the unpruned model's
 outputs at the same positions.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 from collections.abc import Iterable
@@ -45,26 +48,49 @@ def _consumer(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Module | 
     m = gm.get_submodule(node.target)
     if type(m) is nn.Linear:
         return m
-    if (type(m) in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and (grouped or m.groups == 1)):
+    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and (grouped or m.groups == 1):
         return m
     return None
 
 
-def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as one row per output position: (positions, in_features [* kernel])."""
+def _padding(m: nn.modules.conv._ConvNd) -> list[int]:
+    """The conv's padding as F.pad takes it: (left, right) per spatial dim, last dim first.
+
+    Built as nn.Conv builds `_reversed_padding_repeated_twice`: "same" pads dilation * (k - 1) in
+    all, the odd one on the right; "valid" pads nothing.
+    """
+    pads = []
+    for i, (k, d) in enumerate(zip(m.kernel_size, m.dilation)):
+        if m.padding == "same":
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        else:
+            p = 0 if m.padding == "valid" else m.padding[i]
+            pads.append((p, p))
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def _windows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input with the output positions first and what one position reads last:
+    (positions, in_features) for a linear layer, (N, *L, C, *kernel) for a conv.
+
+    For a conv this is a strided view of the padded input (one copy of the input, no more), so the
+    caller can gather the sampled positions without materializing a row for every position.
+    """
     if isinstance(m, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    if isinstance(m, nn.Conv1d):  # unfolded as a conv2d of height 1
-        patches = F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]), (0, m.padding[0]),
-                           (1, m.stride[0]))
-    else:
-        patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    # padded as the conv pads it (any padding mode), so what is left is a zero-padding convolution
+    x = F.pad(x, _padding(m), "constant" if m.padding_mode == "zeros" else m.padding_mode)
+    for i, (k, stride, d) in enumerate(zip(m.kernel_size, m.stride, m.dilation)):
+        # a window spans the dilated kernel and moves by the stride; every d-th element is a tap
+        x = x.unfold(2 + i, (k - 1) * d + 1, stride)[..., ::d]
+    # channels just before the taps: a flattened row is ordered like weight.reshape(out, -1)
+    return x.movedim(1, len(m.kernel_size) + 1)
 
 
 def _outputs(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    return y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
+    """The layer's output with the same positions first as `_windows`: (*positions, out), a view."""
+    return y.reshape(-1, y.shape[-1]) if isinstance(m, nn.Linear) else y.movedim(1, -1)
 
 
 @dataclass(frozen=True)
@@ -84,24 +110,33 @@ class _Capture(Interpreter):
         super().__init__(gm)
         self.watched, self.samples, self.before, self.after = watched, sampling.samples, before, after
         self.rng = np.random.default_rng(sampling.seed)
-        self.picks: dict[str, torch.Tensor] = dict(picks or {})
+        self.picks: dict[str, np.ndarray] = dict(picks or {})
 
     def run_node(self, n: Node) -> Any:
         m = self.watched.get(n.name)
         if m is None:
             return super().run_node(n)
         args, _ = self.fetch_args_kwargs_from_env(n)
-        rows = _rows(m, args[0])
-        if n.name not in self.picks:  # the same positions before and after pruning
-            count = min(self.samples, rows.shape[0])
-            self.picks[n.name] = torch.as_tensor(np.sort(self.rng.choice(rows.shape[0], count, replace=False)))
-        pick = self.picks[n.name]
+        windows = _windows(m, args[0])
+        # the trailing dims are one row's features, as many as the weight has besides its outputs
+        at = self._positions(n.name, windows.shape[:windows.dim() + 1 - m.weight.dim()])
         if self.before is not None:
-            self.before(n, m, rows[pick].double())
+            self.before(n, m, windows[at].flatten(1).double())
         result = super().run_node(n)
         if self.after is not None:
-            self.after(n, m, _outputs(m, result)[pick].double())
+            self.after(n, m, _outputs(m, result)[at].double())
         return result
+
+    def _positions(self, name: str, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+        """Indices, one tensor per dim of `shape`, of the sampled output positions of a layer.
+
+        Drawn (as flat indices) the first time a layer is seen and reused after, so the features
+        before and after pruning are taken at the same positions.
+        """
+        if name not in self.picks:
+            total = math.prod(shape)
+            self.picks[name] = np.sort(self.rng.choice(total, min(self.samples, total), replace=False))
+        return tuple(torch.as_tensor(i) for i in np.unravel_index(self.picks[name], shape))
 
 
 def _run(capture: _Capture, batch: tuple) -> dict:
@@ -117,7 +152,7 @@ class Targets:
     """What the unpruned model's consumers produced at the sampled positions (kept outputs only)."""
 
     outputs: dict[str, torch.Tensor]
-    picks: dict[str, torch.Tensor]
+    picks: dict[str, np.ndarray]
     batch: tuple
     sampling: Sampling
 
@@ -158,8 +193,8 @@ def refit(gm: GraphModule, targets: Targets) -> list[str]:
 def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Least squares (ridge) fit of the layer's weight and bias so that x -> y, group by group.
 
-    A grouped conv's group g reads the g-th block of input columns (unfold orders them channel
-    first) and writes the g-th block of outputs, so each group is an independent problem.
+    A grouped conv's group g reads the g-th block of input columns (rows are ordered channel first,
+    see `_windows`) and writes the g-th block of outputs, so each group is an independent problem.
     """
     groups, with_bias = getattr(m, "groups", 1), m.bias is not None
     ins, outs = x.shape[1] // groups, y.shape[1] // groups

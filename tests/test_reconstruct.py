@@ -8,7 +8,8 @@ from torch import nn
 import fxcompress
 from fxcompress.analyses.channels import ChannelGroup
 from fxcompress.passes import PruneChannels
-from fxcompress.reconstruct import _greedy_order, _lasso_scores, _solve_into, calibration_batch
+from fxcompress.reconstruct import (Sampling, _Capture, _greedy_order, _lasso_scores, _outputs, _solve_into,
+                                    _windows, calibration_batch)
 from fxcompress.zoo import ZOO
 
 
@@ -93,17 +94,113 @@ def test_reconstruction_brings_outputs_back_toward_the_unpruned_model(name):
     assert fxcompress.history(gm)[-1].stats["reconstructed"]
 
 
+def _all_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every output position's row (a full copy, fine for the small tests here)."""
+    windows = _windows(m, x)
+    return windows.flatten(windows.dim() + 1 - m.weight.dim()).flatten(0, -2)
+
+
+def _input(m: nn.Module, size: int = 10) -> torch.Tensor:
+    return torch.randn(8, m.in_channels, *[size] * len(m.kernel_size), dtype=torch.float64)
+
+
 @pytest.mark.parametrize("make", [lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
                                   lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4),
-                                  lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2)])
-def test_least_squares_recovers_grouped_and_1d_convs(make):
-    from fxcompress.reconstruct import _outputs, _rows
+                                  lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2),
+                                  lambda: nn.Conv3d(4, 6, 3, padding="same", padding_mode="circular", groups=2)])
+def test_least_squares_recovers_grouped_and_nd_convs(make):
     true, fitted = make().double(), make().double()
-    x = torch.randn(8, 4, 10, 10, dtype=torch.float64)[..., 0] if isinstance(true, nn.Conv1d) else \
-        torch.randn(8, 4, 10, 10, dtype=torch.float64)
-    _solve_into(fitted, _rows(true, x), _outputs(true, true(x)).detach())
+    x = _input(true, 6 if isinstance(true, nn.Conv3d) else 10)
+    _solve_into(fitted, _all_rows(true, x), _outputs(true, true(x)).flatten(0, -2).detach())
     torch.testing.assert_close(fitted.weight, true.weight, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fitted.bias, true.bias, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                               nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2),
+                               nn.Conv2d(4, 4, 5, padding=2, groups=4),
+                               nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)])
+def test_rows_are_the_unfolded_input(m):
+    x = _input(m)
+    if isinstance(m, nn.Conv1d):  # F.unfold is 2-d only: a conv1d is a conv2d of height 1
+        patches = F.unfold(x.unsqueeze(2), (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride))
+    else:
+        patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+    assert torch.equal(_all_rows(m, x), patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+
+
+def _captured(m: nn.Module, x: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The (input rows, outputs, picks) that the capture samples from a one-layer model."""
+    gm = torch.fx.symbolic_trace(nn.Sequential(m))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    seen = {}
+    capture = _Capture(gm, {node.name: m}, Sampling(samples),
+                       before=lambda n, _, rows: seen.update(rows=rows),
+                       after=lambda n, _, y: seen.update(outputs=y))
+    capture.run(x)
+    return seen["rows"], seen["outputs"], capture.picks[node.name]
+
+
+@pytest.mark.parametrize("options", [dict(padding="same"), dict(padding="valid", stride=(1, 2, 1)),
+                                     dict(padding=(1, 0, 2), stride=2),
+                                     dict(padding="same", padding_mode="reflect"),
+                                     dict(padding=1, padding_mode="replicate", stride=(2, 1, 1)),
+                                     dict(padding=(2, 1, 1), padding_mode="circular")])
+def test_conv3d_rows_reproduce_the_convolution_at_the_picked_positions(options):
+    m = nn.Conv3d(3, 5, (3, 2, 3), dilation=(1, 2, 1), **options).double()  # even kernel: uneven "same"
+    x = torch.randn(2, 3, 7, 8, 6, dtype=torch.float64)
+    rows, outputs, picks = _captured(m, x, samples=64)
+    assert rows.shape == (64, 3 * 3 * 2 * 3) and outputs.shape == (64, 5)
+    torch.testing.assert_close(rows @ m.weight.reshape(5, -1).T + m.bias, outputs, atol=1e-5, rtol=0)
+    assert torch.equal(outputs, m(x).movedim(1, -1).reshape(-1, 5)[picks])  # the positions picks names
+
+
+def test_only_max_samples_rows_are_gathered_and_the_same_positions_are_reused():
+    m = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 16, 16)  # 512 output positions
+    rows, outputs, picks = _captured(m, x, samples=100)
+    assert rows.shape == (100, 27) and outputs.shape == (100, 4)
+    assert len(np.unique(picks)) == 100 and picks.max() < 512
+    assert _captured(m, x, samples=100)[2].tolist() == picks.tolist()  # same seed, same positions
+    assert _captured(m, x, samples=4096)[0].shape[0] == 512  # never more rows than positions
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(2, 8, 3, padding=1)
+        self.conv2 = nn.Conv3d(8, 4, 3, padding="same", padding_mode="replicate")
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+class ReflectNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, (3, 2), padding="same", padding_mode="reflect")
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("model, shape", [(Conv3dNet, (4, 2, 6, 6, 6)), (ReflectNet, (4, 3, 10, 10))])
+def test_conv3d_and_padded_consumers_are_reconstructed(model, shape):
+    model = model().eval()
+    calibration = [torch.randn(shape) for _ in range(4)]
+    x = torch.cat(calibration)
+    expected = model(x)
+
+    def error(reconstruct):
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=reconstruct, select=("conv1",))],
+                                example_inputs=(calibration[0],), calibration_data=calibration)
+        return ((gm(x) - expected).norm() / expected.norm()).item(), gm
+
+    plain, _ = error(False)
+    rebuilt, gm = error(True)
+    assert fxcompress.history(gm)[-1].stats["reconstructed"] == ["conv2"]
+    assert rebuilt < 0.95 * plain
 
 
 class GroupedConsumers(nn.Module):
