@@ -114,15 +114,16 @@ _FIXERS: dict[type, Callable] = {
 
 # ---- graph arguments that spell widths ----------------------------------------------------------
 def _edit_sizes(gm, node: Node, edit, count, kept) -> None:
-    """view / reshape / expand: the size at a channel dim becomes the new width (-1 stays -1)."""
+    """view / reshape / expand: the size at a channel dim becomes the new width, the other dims of a
+    head split their constant size (-1 stays -1)."""
     start = 1
     packed = len(node.args) == start + 1 and isinstance(node.args[start], (list, tuple))
     sizes = list(node.args[start] if packed else node.args[start:])
     if not sizes and "shape" in node.kwargs:
         sizes, packed = list(node.kwargs["shape"]), None
-    for dim, ids in edit.ids.items():
+    for dim, size in {**edit.fixed, **{d: count(ids) for d, ids in edit.ids.items()}}.items():
         if not (isinstance(sizes[dim], int) and sizes[dim] == -1):
-            sizes[dim] = count(ids)
+            sizes[dim] = size
     if packed is None:
         node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
     else:

@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 from torch.fx import GraphModule
 
-from fxcompress.analyses.channels import ChannelGraph, ChannelGroup
+from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph, ChannelGroup
 from fxcompress.channel_selection import lowest, norm_scores, removal_count
 from fxcompress.channel_surgery import apply_removal
 from fxcompress.config import check_choice, check_int, check_real, check_regex
@@ -51,6 +51,15 @@ class PruneChannels(Pass):
         norm normalizes over (transformer residual streams) and those whose width a computation
         reads (a scale from `x.size(-1)`); valid, but the outputs change even for zero channels;
         reconstruction or fine-tuning recovers it. Off by default.
+    attention: how hand-written attention (q/k/v viewed as (heads, head_dim), then matmul and
+        softmax or F.scaled_dot_product_attention) is pruned. "head_dims" (default): the same
+        positions of every head go; head_dim shrinks, so a scale computed from it would change
+        (those channels are inexact; sdpa's default scale is pinned to the unpruned one). "heads":
+        whole heads go (a head's q, k, v rows and out-projection columns together); num_heads
+        shrinks, head_dim and the scale stay, the kept heads' outputs are unchanged (min_channels
+        and round_to count heads). Either mode applies to every view of a channel dim as
+        (groups, per_group) dims, a channel shuffle's too. nn.MultiheadAttention always loses
+        whole heads.
     """
 
     amount: float | Mapping[str, float] = 0.5
@@ -64,6 +73,7 @@ class PruneChannels(Pass):
     seed: int = 0
     max_samples: int = 4096
     prune_normalized: bool = False
+    attention: str = "head_dims"
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
@@ -85,6 +95,7 @@ class PruneChannels(Pass):
         check_int(owner, "round_to", self.round_to, 1)
         check_int(owner, "seed", self.seed)
         check_int(owner, "max_samples", self.max_samples, 16)
+        check_choice(owner, "attention", self.attention, ATTENTION_MODES)
         for field in ("reconstruct", "global_", "prune_normalized"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"{owner}.{field} must be a boolean, got {getattr(self, field)!r}")
@@ -96,7 +107,7 @@ class PruneChannels(Pass):
                                     "needs calibration_data= in compile()")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        cg = ctx.get(ChannelGraph)
+        cg = ctx.get(ChannelGraph.of(self.attention))
         groups, skipped = self._eligible(gm, cg)
         removed, fallbacks = self._choose(gm, cg, groups, ctx)
         before = sum(p.numel() for p in gm.parameters())

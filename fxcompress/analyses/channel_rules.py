@@ -98,56 +98,65 @@ def _align(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
     return groups
 
 
-def _regroup(w: Walk, node: Node, track: dict, ins: list[int], outs: list[int], shapes) -> dict:
-    """Channels of input dims `ins` laid out again over output dims `outs` (same numel)."""
+def _regroup(w: Walk, node: Node, track: dict, ins: list[int], outs: list[int], shapes) -> tuple[dict, dict]:
+    """Channels of input dims `ins` laid out again over output dims `outs` (same numel): the output
+    track, and {out dim: size} of the other dims a channel dim is split into (their sizes never change)."""
     a, b = shapes
     tracked = [d for d in ins if d in track]
     if not tracked:
-        return {}
+        return {}, {}
     if len(tracked) > 1:
         w.freeze({d: track[d] for d in tracked}, f"{node.name} merges two channel dimensions")
-        return {}
+        return {}, {}
     t = tracked[0]
     sizes = [a[d] for d in ins]
     spread = np.broadcast_to(track[t].reshape([-1 if d == t else 1 for d in ins]), sizes)
     grid = spread.reshape([b[d] for d in outs])
     varying = [k for k in range(grid.ndim) if grid.shape[k] > 1 and
                np.any(np.diff(grid, axis=k) != 0)]
-    # the dim that keeps the channels: the innermost one along which they differ (all equal: one class)
-    last = varying[-1] if varying else max(k for k in range(grid.ndim) if grid.shape[k] > 1)
-    columns = np.moveaxis(grid, last, -1).reshape(-1, grid.shape[last])
-    if len(varying) > 1:  # a split into (heads, head_dim): prune the same positions of every head
+    # the dim that keeps the channels: the innermost one along which they differ (all equal: one class).
+    # A split into ([qkv,] heads, head_dim) keeps them on head_dim, so the same positions of every head
+    # go; with attention="heads" on heads, so each head's whole block goes.
+    if len(varying) > 1 and w.attention == "heads":
+        keep = varying[-2]
+    else:
+        keep = varying[-1] if varying else max(k for k in range(grid.ndim) if grid.shape[k] > 1)
+    columns = np.moveaxis(grid, keep, -1).reshape(-1, grid.shape[keep])
+    if len(varying) > 1:  # couple each channel of the kept dim with its positions along the others
         w.union(columns, np.broadcast_to(columns[0], columns.shape))
-    return {outs[last]: columns[0].copy()}
+    return {outs[keep]: columns[0].copy()}, {outs[k]: b[outs[k]] for k in varying if k != keep}
 
 
-def _reshape_track(w: Walk, node: Node, x: Node) -> dict:
+def _reshape_track(w: Walk, node: Node, x: Node) -> tuple[dict, dict]:
+    """The output track of a reshape and its fixed sizes (see _regroup)."""
     a, b = w.shape(x), w.shape(node)
-    track, out = w.tensor_track(x), {}
+    track, out, fixed = w.tensor_track(x), {}, {}
     if not track:
-        return out
+        return out, fixed
     for ins, outs in _align(a, b):
-        out.update(_regroup(w, node, track, ins, outs, (a, b)))
+        kept, sizes = _regroup(w, node, track, ins, outs, (a, b))
+        out.update(kept)
+        fixed.update(sizes)
     covered = {d for ins, _ in _align(a, b) for d in ins}
     for d in set(track) - covered:
         w.freeze(track[d], f"{node.name} reshapes a channel dimension")
-    return out
+    return out, fixed
 
 
 def reshape(w: Walk, node: Node) -> dict:
-    out = _reshape_track(w, node, _first(node))
+    out, fixed = _reshape_track(w, node, _first(node))
     sized = node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
     if out and sized:
-        w.edits[node.name] = Edit("sizes", dict(out))
+        w.edits[node.name] = Edit("sizes", dict(out), fixed=fixed)
     return out
 
 
 def reshape_as(w: Walk, node: Node) -> dict:
-    return _reshape_track(w, node, node.args[0])
+    return _reshape_track(w, node, node.args[0])[0]
 
 
 def squeeze(w: Walk, node: Node) -> dict:
-    return _reshape_track(w, node, _first(node))
+    return _reshape_track(w, node, _first(node))[0]
 
 
 unsqueeze = squeeze

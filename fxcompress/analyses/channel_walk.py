@@ -4,9 +4,10 @@ Every channel of every prunable tensor dimension is an *element* (an int). Param
 the first time a parameter dimension is seen it gets fresh elements (a *slot*). A tensor value
 carries a *track*, `{dim: ids}`, saying which element each position of a channel dimension holds;
 rules compute the output track from the input tracks (cat concatenates ids, slicing slices them,
-flatten repeats them in blocks, a head split couples them across heads) and record which elements
-must go together (`union`) or can never go (`freeze`, with the reason). Element classes are the
-connected components of the unions; they are computed afterwards, in C, by scipy.
+flatten repeats them in blocks, a head split couples them across heads, or within each head when
+whole heads are pruned) and record which elements must go together (`union`) or can never go
+(`freeze`, with the reason). Element classes are the connected components of the unions; they are
+computed afterwards, in C, by scipy.
 
 Cost: each node does numpy work proportional to the channels it carries, so the walk is linear in
 the size of the graph's tensors' channel lists; a DenseNet concatenation chain costs the length of
@@ -49,15 +50,19 @@ class LayerChannels:
 class Edit:
     """A node whose arguments spell a channel count; the pass rewrites them after pruning.
 
-    kind "sizes": {out_dim: ids} of view/reshape/expand; "split": pieces of split/chunk along `dim`;
-    "slice": getitem slices {index position: ids}; "groups"/"num_groups": group counts of functional
-    conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin attention's scale to `value`.
+    kind "sizes": {out_dim: ids} of view/reshape/expand, and `fixed` {out_dim: size}: the other dims
+    a channel dim is split into (heads or head_dim, whichever keeps its size), written as constants,
+    so a size computed there from a width (`C // num_heads`) stays right; "split": pieces of
+    split/chunk along `dim`; "slice": getitem slices {index position: ids}; "groups"/"num_groups":
+    group counts of functional conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin
+    attention's scale to `value`.
     """
 
     kind: str
     ids: dict = field(default_factory=dict)
     dim: int = 0
     pieces: list = field(default_factory=list)
+    fixed: dict = field(default_factory=dict)
     per_group: int = 1
     value: float = 0.0
 
@@ -94,8 +99,9 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
 class Walk:
     """State of one walk over a GraphModule; `run()` visits every node once."""
 
-    def __init__(self, gm: GraphModule, meta) -> None:
+    def __init__(self, gm: GraphModule, meta, attention: str = "head_dims") -> None:
         self.gm, self.meta = gm, meta
+        self.attention = attention  # "head_dims" | "heads": what a head split keeps (see channel_rules._regroup)
         self.count = 0
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
@@ -244,7 +250,7 @@ class Walk:
             return found
         packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
         sizes = list(node.args[1] if packed else node.args[1:]) or list(node.kwargs.get("shape", ()))
-        return {sizes[d] for d in edit.ids if isinstance(sizes[d], Node)}
+        return {sizes[d] for d in (*edit.ids, *edit.fixed) if isinstance(sizes[d], Node)}
 
     def all_input_tracks(self, node: Node) -> list:
         found = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import ClassVar
 
 import networkx as nx
 import numpy as np
@@ -20,6 +21,7 @@ from scipy.sparse.csgraph import connected_components
 from torch.fx import GraphModule
 
 from ..analysis import Analysis
+from ..config import check_choice
 from .channel_walk import NOT_CHANNEL, Edit, LayerChannels, Walk
 from .shapes import ShapeInfo
 
@@ -57,7 +59,14 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class ChannelGraph(Analysis):
-    """The channel dependency graph of a GraphModule (see the module docstring)."""
+    """The channel dependency graph of a GraphModule (see the module docstring).
+
+    `attention` says how hand-written attention (a channel dim viewed as (heads, head_dim)) is pruned:
+    "head_dims" removes the same positions of every head, "heads" removes whole heads. The
+    AnalysisCache keys results by class, so each mode is a class of its own: `ChannelGraph.of(mode)`.
+    """
+
+    attention: ClassVar[str] = "head_dims"
 
     labels: np.ndarray                    # element -> class
     slots: Mapping[Slot, np.ndarray]      # parameter dims -> element of each position
@@ -69,7 +78,7 @@ class ChannelGraph(Analysis):
 
     @classmethod
     def compute(cls, gm: GraphModule, ctx) -> ChannelGraph:
-        walk = Walk(gm, ctx.get(ShapeInfo).meta)
+        walk = Walk(gm, ctx.get(ShapeInfo).meta, cls.attention)
         walk.run()
         labels = _classes(walk.count, walk.pairs)
         hard = _frozen(labels, walk.frozen)
@@ -77,6 +86,12 @@ class ChannelGraph(Analysis):
         graph, groups = _groups(labels, walk.slots, frozen, walk.layers, set(frozen) - set(hard))
         return cls(labels, MappingProxyType(walk.slots), tuple(walk.layers), MappingProxyType(walk.edits),
                    MappingProxyType(frozen), groups, graph)
+
+    @staticmethod
+    def of(attention: str) -> type[ChannelGraph]:
+        """The analysis of an attention mode (one of ATTENTION_MODES)."""
+        check_choice("ChannelGraph", "attention", attention, ATTENTION_MODES)
+        return _BY_ATTENTION[attention]
 
     def classes_of(self, ids: np.ndarray) -> np.ndarray:
         return self.labels[ids]
@@ -86,6 +101,16 @@ class ChannelGraph(Analysis):
 
     def __str__(self) -> str:
         return "\n".join(str(g) for g in self.groups) or "(no channel groups)"
+
+
+class WholeHeadChannelGraph(ChannelGraph):
+    """The ChannelGraph that prunes whole heads of hand-written attention."""
+
+    attention = "heads"
+
+
+_BY_ATTENTION = {c.attention: c for c in (ChannelGraph, WholeHeadChannelGraph)}
+ATTENTION_MODES = tuple(_BY_ATTENTION)
 
 
 def _classes(count: int, pairs: list) -> np.ndarray:
@@ -151,13 +176,15 @@ def _layers_by_group(classes: list[np.ndarray], labels: np.ndarray, layers) -> t
     return producers, consumers
 
 
-def channel_graph(model, example_inputs, *, leaf_modules=(), concrete_args=None) -> ChannelGraph:
+def channel_graph(model, example_inputs, *, leaf_modules=(), concrete_args=None,
+                  attention: str = "head_dims") -> ChannelGraph:
     """Trace `model` (an nn.Module or GraphModule) and return its ChannelGraph, changing nothing:
-    `print(channel_graph(model, (x,)))` lists the coupled groups and why any are frozen."""
+    `print(channel_graph(model, (x,)))` lists the coupled groups and why any are frozen.
+    `attention`: "head_dims" or "heads", as in PruneChannels."""
     from ..compile import _as_tuple
     from ..pass_base import PassContext
     from ..tracing import trace
 
     gm = model if isinstance(model, GraphModule) else trace(model, leaf_modules=leaf_modules,
                                                             concrete_args=concrete_args)
-    return PassContext(example_inputs=_as_tuple(example_inputs), gm=gm).get(ChannelGraph)
+    return PassContext(example_inputs=_as_tuple(example_inputs), gm=gm).get(ChannelGraph.of(attention))

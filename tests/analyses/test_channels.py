@@ -1,10 +1,12 @@
 """ChannelGraph: coupled groups, index maps and frozen reasons, inspectable before any change."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.analyses.channels import ChannelGraph, channel_graph
+from fxcompress.errors import ConfigError
 from fxcompress.pass_base import PassContext
 from fxcompress.tracing import trace
 from fxcompress.zoo import ZOO, DenseNetSmall, ResNetSmall
@@ -58,6 +60,24 @@ def test_head_split_couples_the_same_position_of_every_head_and_q_with_k():
     np.testing.assert_array_equal(q, k)  # q·k contracts the head dim
     assert len(set(q)) == 4
     assert cg.edits and {e.kind for e in cg.edits.values()} == {"sizes"}
+
+
+def test_whole_head_mode_couples_each_head_and_is_cached_apart_from_the_default():
+    ctx = PassContext(example_inputs=(torch.randn(2, 5, 8),), gm=trace(Heads().eval()))
+    dims, heads = ctx.get(ChannelGraph), ctx.get(ChannelGraph.of("heads"))
+    assert heads is not dims and ctx.get(ChannelGraph.of("head_dims")) is dims
+    assert ctx.get(ChannelGraph.of("heads")) is heads and len(ctx.analyses.computed) == 3  # + ShapeInfo
+    q, k = heads.labels[heads.slots[("q.weight", 0)]], heads.labels[heads.slots[("k.weight", 0)]]
+    np.testing.assert_array_equal(q.reshape(3, 4), np.repeat(q[::4], 4).reshape(3, 4))  # a head's block
+    assert len(set(q)) == 3 and np.array_equal(q, k)
+    splits = [e for e in heads.edits.values() if e.fixed]
+    assert len(splits) == 2 and all(len(e.ids[2]) == 3 and e.fixed == {3: 4} for e in splits)  # head_dim stays
+    assert "group 0 [q (+1)]: 3/3 prunable" in str(heads) and "group 0 [q (+1)]: 4/4 prunable" in str(dims)
+
+
+def test_an_unknown_attention_mode_names_the_field():
+    with pytest.raises(ConfigError, match="ChannelGraph.attention"):
+        channel_graph(Heads(), torch.randn(2, 5, 8), attention="rows")
 
 
 def test_flatten_maps_each_channel_to_a_block_of_features():

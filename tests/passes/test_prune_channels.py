@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.analyses.channels import ChannelGraph
+from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph
 from fxcompress.channel_selection import lowest, removal_count
 
 
@@ -120,6 +120,25 @@ class AttentionNet(nn.Module):
         return self.head(self.mlp(y).mean(dim=1))
 
 
+class HandAttention(nn.Module):
+    """Multi-head self-attention written out: q/k/v projections viewed as (num_heads, head_dim) by
+    constants, then matmul and softmax with a constant scale, or F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, sdpa: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.sdpa = num_heads, dim // num_heads, sdpa
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t = x.size(0), x.size(1)
+        q, k, v = (p(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.head_dim ** -0.5, -1), v)
+        return self.out(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
 class UnknownOpNet(nn.Module):
     """An op the analysis does not know (torch.cumsum) between two convs: that group must freeze."""
 
@@ -140,6 +159,8 @@ EXTRA = {
     "split_shuffle": (SplitShuffleNet, lambda: (torch.randn(2, 3, 10, 10),)),
     "layout": (LayoutNet, lambda: (torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2, 5)))),
     "attention": (AttentionNet, lambda: (torch.randn(2, 6, 10),)),
+    "hand_attention": (HandAttention, lambda: (torch.randn(2, 6, 32),)),
+    "hand_sdpa": (lambda: HandAttention(sdpa=True), lambda: (torch.randn(2, 6, 32),)),
     "unknown_op": (UnknownOpNet, lambda: (torch.randn(2, 3, 8, 8),)),
 }
 
@@ -169,6 +190,16 @@ def zero_classes(gm: nn.Module, cg: ChannelGraph, removed: np.ndarray) -> None:
             positions = np.flatnonzero(removed[cg.labels[ids]])
             if len(positions):
                 operator.attrgetter(name)(gm).index_fill_(dim, torch.as_tensor(positions), 0.0)
+
+
+def zero_heads(gm: nn.Module, projections: tuple[str, ...], heads: list[int], head_dim: int) -> None:
+    """Zero the output rows (weight and bias) of whole heads of the q/k/v projections."""
+    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    with torch.no_grad():
+        for name in projections:
+            layer = gm.get_submodule(name)
+            layer.weight[rows] = 0.0
+            layer.bias[rows] = 0.0
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -254,15 +285,78 @@ def test_layer_norm_freezes_the_residual_stream_but_not_the_mlp():
     assert pruned.embed.out_features == 32 and pruned.get_submodule("mlp.0").out_features == 32
 
 
+@pytest.mark.parametrize("attention", ATTENTION_MODES)
 @pytest.mark.parametrize("name", ["transformer", "gpt_block"])
-def test_prune_normalized_also_shrinks_the_residual_stream_and_its_layer_norms(name):
+def test_prune_normalized_also_shrinks_the_residual_stream_and_its_layer_norms(name, attention):
     gm, inputs = _traced(name)
-    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, prune_normalized=True)], example_inputs=inputs)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, prune_normalized=True, attention=attention)],
+                                example_inputs=inputs)
     norms = [m for m in pruned.modules() if isinstance(m, nn.LayerNorm)]
     assert all(m.normalized_shape == (16,) == tuple(m.weight.shape) for m in norms)
     assert pruned.embed.out_features == 16 and _params(pruned) < 0.4 * _params(gm)
     assert not any("layer norm" in r for r in fxcompress.history(pruned)[-1].stats["frozen"].values())
     assert torch.isfinite(pruned(*inputs)).all()
+
+
+def _views(gm: nn.Module) -> list[tuple]:
+    """The size arguments of every view / reshape, in graph order."""
+    return [n.args[1:] for n in gm.graph.nodes if n.op == "call_method" and n.target in ("view", "reshape")]
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
+def test_whole_heads_of_hand_written_attention_go_exactly(sdpa):
+    gm = trace(HandAttention(sdpa=sdpa).eval())
+    x = torch.randn(2, 6, 32)
+    zero_heads(gm, ("q", "k", "v"), [1, 3], head_dim=8)
+    expected = gm(x)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention="heads")], example_inputs=(x,))
+    torch.testing.assert_close(pruned(x), expected, atol=1e-5, rtol=1e-5)
+    alive = torch.cat([torch.arange(0, 8), torch.arange(16, 24)])  # heads 0 and 2, head_dim unchanged
+    for name in ("q", "k", "v"):
+        assert torch.equal(pruned.get_submodule(name).weight, gm.get_submodule(name).weight[alive])
+        assert torch.equal(pruned.get_submodule(name).bias, gm.get_submodule(name).bias[alive])
+    assert torch.equal(pruned.out.weight, gm.out.weight[:, alive]) and torch.equal(pruned.out.bias, gm.out.bias)
+    sizes = _views(pruned)
+    assert [s[2:] for s in sizes[:3]] == [(2, 8)] * 3 and sizes[3][2] == 16  # num_heads 4 -> 2, head_dim 8
+    per_head = 3 * (8 * 32 + 8) + 32 * 8  # q, k, v rows with biases, out-projection columns
+    assert _params(gm) - _params(pruned) == 2 * per_head
+    if sdpa:
+        assert not any(n.kwargs.get("scale") for n in pruned.graph.nodes)  # head_dim kept: no scale to pin
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
+def test_the_default_attention_mode_still_prunes_head_dims(sdpa):
+    gm = trace(HandAttention(sdpa=sdpa).eval())
+    x = torch.randn(2, 6, 32)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=(x,))
+    assert [s[2:] for s in _views(pruned)[:3]] == [(4, 4)] * 3  # every head keeps, head_dim 8 -> 4
+    assert pruned.q.out_features == pruned.v.out_features == pruned.out.in_features == 16
+
+
+def test_whole_heads_in_a_transformer_block_with_residual_mlp_and_layer_norm():
+    """GPTBlock: pre-norm attention (view(b, t, heads, d // heads)) and MLP on a layer-normed residual
+    stream. Heads 0 and 2 and half the MLP are zero: exactly those go, the stream stays."""
+    gm, inputs = _traced("gpt_block")
+    zero_heads(gm, ("attn.q", "attn.k", "attn.v"), [0, 2], head_dim=8)
+    with torch.no_grad():
+        gm.fc.weight[64:] = 0.0
+        gm.fc.bias[64:] = 0.0
+    expected = gm(*inputs)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention="heads", prune_normalized=False)],
+                                example_inputs=inputs)
+    torch.testing.assert_close(pruned(*inputs), expected, atol=1e-5, rtol=1e-5)
+    alive = torch.cat([torch.arange(8, 16), torch.arange(24, 32)])
+    assert torch.equal(pruned.attn.q.weight, gm.attn.q.weight[alive])
+    assert torch.equal(pruned.attn.out.weight, gm.attn.out.weight[:, alive])
+    assert [s[2:] for s in _views(pruned)[:3]] == [(2, 8)] * 3
+    assert pruned.embed.out_features == 32 and pruned.fc.out_features == 64  # the stream is frozen by the norms
+    heads = 2 * (3 * (8 * 32 + 8) + 32 * 8)
+    mlp = 64 * (32 + 1) + 32 * 64
+    assert _params(gm) - _params(pruned) == heads + mlp
+    stats = fxcompress.history(pruned)[-1].stats
+    assert stats["groups_pruned"] == 2 and "layer norm" in stats["frozen"]["embed (+2)"]
+    rows = {r["layer"]: r for r in fxcompress.summary(pruned).rows}
+    assert rows["attn.q"]["weight_shape"] == (16, 32) and rows["attn.out"]["weight_shape"] == (32, 16)
 
 
 def test_keep_select_min_channels_and_round_to():
@@ -319,7 +413,8 @@ def test_masks_on_the_weight_chain_are_sliced_with_the_weight():
 
 @pytest.mark.parametrize("field, value", [("amount", 1.0), ("amount", -0.1), ("method", "l3"),
                                           ("min_channels", 0), ("round_to", 0), ("select", "conv"),
-                                          ("keep", ("(",)), ("amount", {"fc": 2.0})])
+                                          ("keep", ("(",)), ("amount", {"fc": 2.0}),
+                                          ("attention", "rows")])
 def test_bad_configuration_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"PruneChannels.{field}"):
         PruneChannels(**{field: value})
