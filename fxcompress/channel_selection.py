@@ -7,6 +7,7 @@ return the classes to remove directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -29,6 +30,43 @@ def norm_scores(gm: GraphModule, cg: ChannelGraph, p: int) -> np.ndarray:
             norms = torch.linalg.vector_norm(w, ord=p, dim=1).double().cpu().numpy()
         total += np.bincount(cg.labels[ids], weights=norms ** p, minlength=len(total))
     return total if p == 1 else np.sqrt(total)
+
+
+def layer_units(cg: ChannelGraph, group: ChannelGroup) -> list[ChannelGroup]:
+    """The group split into the sets of classes written by the same producers, so an amount applies
+    to each layer's outputs. A residual stream's classes are all written by every conv feeding its
+    adds (one unit); a DenseNet block's group holds each layer's new channels, and each layer loses
+    its share instead of the group losing its lowest-scored channels wherever they are (filter norms
+    of different layers are not on one scale: the stem would be cut to one channel)."""
+    if len(group.producers) <= 1:
+        return [group]
+    producers = set(group.producers)
+    writers: dict[int, tuple[str, ...]] = {}
+    readers: dict[int, set[str]] = {}
+    for layer in cg.layers:
+        for ids, into in ((layer.out_ids, writers), (layer.in_ids, readers)):
+            if ids is None or (into is writers and layer.name not in producers):
+                continue
+            for c in np.unique(cg.labels[ids]).tolist():
+                if into is writers:
+                    writers[c] = writers.get(c, ()) + (layer.name,)
+                else:
+                    readers.setdefault(c, set()).add(layer.name)
+    by_writers: dict[tuple[str, ...], list[int]] = {}
+    for c in group.classes.tolist():
+        by_writers.setdefault(writers.get(c, ()), []).append(c)
+    if len(by_writers) == 1:
+        return [group]
+    units = []
+    for names, classes in by_writers.items():
+        classes = np.asarray(classes, dtype=np.int64)
+        prunable = np.intersect1d(group.prunable, classes)
+        read = set().union(*(readers.get(c, set()) for c in classes.tolist()))
+        units.append(dataclasses.replace(
+            group, classes=classes, prunable=prunable, producers=names,
+            consumers=tuple(n for n in group.consumers if n in read), inexact=np.intersect1d(group.inexact, classes),
+            frozen=group.frozen if len(prunable) < len(classes) else None))
+    return units
 
 
 def removal_count(group: ChannelGroup, amount: float, min_channels: int, round_to: int) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph, ChannelGroup
-from fxcompress.channel_selection import lowest, norm_scores, removal_count
+from fxcompress.channel_selection import layer_units, lowest, norm_scores, removal_count
 from fxcompress.channel_surgery import apply_removal
 from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
@@ -34,7 +34,9 @@ DATA_METHODS = ("greedy", "lasso")
 
 @dataclass(frozen=True, kw_only=True)
 class PruneChannels(Pass):
-    """Remove `amount` of the channels of each coupled group (or of all groups with `global_`).
+    """Remove `amount` of each layer's output channels (or of all of them ranked together with
+    `global_`). Coupled channels count once: the convs feeding a residual stream share its channels
+    and lose the same ones; in a DenseNet block, each layer loses its share of the channels it adds.
 
     amount: a fraction in [0, 1), or {regex over layer names: fraction} (first match wins; groups
         whose layers match no pattern are left alone).
@@ -124,7 +126,7 @@ class PruneChannels(Pass):
             stats["reconstructed"] = refit(gm, targets)
         after = sum(p.numel() for p in gm.parameters())
         outputs = sum(int(removed[cg.labels[l.out_ids]].sum()) for l in cg.layers if l.out_ids is not None)
-        stats.update(groups_pruned=int(sum(removed[g.classes].any() for g, _ in groups)),
+        stats.update(groups_pruned=int(sum(removed[g.classes].any() for g in cg.groups)),
                      channels_removed=outputs, params_before=before, params_after=after)
         return PassResult(changed=True, params_touched=tuple(touched), stats=stats)
 
@@ -136,12 +138,15 @@ class PruneChannels(Pass):
                 g = dataclasses.replace(g, prunable=np.union1d(g.prunable, g.inexact))
             if not len(g.prunable):
                 continue
-            if any(_matches(gm, name, self.keep) for name in (*g.producers, *g.consumers)):
-                skipped[g.label] = "a layer in keep= would change"
-                continue
-            amount = self._amount(gm, g)
-            if amount is not None and amount > 0:
-                eligible.append((g, amount))
+            for unit in layer_units(cg, g):
+                if not len(unit.prunable):
+                    continue
+                if any(_matches(gm, name, self.keep) for name in (*unit.producers, *unit.consumers)):
+                    skipped[unit.label] = "a layer in keep= would change"
+                    continue
+                amount = self._amount(gm, unit)
+                if amount is not None and amount > 0:
+                    eligible.append((unit, amount))
         return eligible, skipped
 
     def _amount(self, gm: GraphModule, g: ChannelGroup) -> float | None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph
-from fxcompress.channel_selection import lowest, removal_count
+from fxcompress.channel_selection import layer_units, lowest, removal_count
 
 
 class TransposedNet(nn.Module):
@@ -175,11 +175,13 @@ def randomize_norm_stats(module: nn.Module) -> None:
 
 
 def pick_half(cg: ChannelGraph, seed: int = 0) -> np.ndarray:
-    """A random half of every prunable group, as the pass would count it (bool per class)."""
+    """A random half of every layer's prunable channels, as the pass would count it (bool per class)."""
     removed = np.zeros(cg.labels.max() + 1, dtype=bool)
     scores = np.random.default_rng(seed).random(len(removed))
     for g in cg.prunable_groups():
-        removed[lowest(g, scores, removal_count(g, 0.5, 1, 1), cg, 1)] = True
+        for unit in layer_units(cg, g):
+            if len(unit.prunable):
+                removed[lowest(unit, scores, removal_count(unit, 0.5, 1, 1), cg, 1)] = True
     return removed
 
 
@@ -211,7 +213,7 @@ from fxcompress.layers import find_layers, insert_on_weight  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes.prune_channels import PruneChannels  # noqa: E402
 from fxcompress.tracing import trace  # noqa: E402
-from fxcompress.zoo import ZOO  # noqa: E402
+from fxcompress.zoo import ZOO, DenseNetSmall  # noqa: E402
 
 MODELS = {**{name: (ctor, lambda make=make: (make(),)) for name, (ctor, make) in ZOO.items()}, **EXTRA}
 
@@ -461,3 +463,17 @@ def test_channel_pruning_after_insert_masks_keeps_the_masks_of_surviving_weights
     torch.testing.assert_close(pruned(*inputs), expected, atol=1e-5, rtol=1e-5)
     owners = [pruned.get_submodule(layer.name) for layer in find_layers(pruned)]
     assert all(m.weight_mask.shape == m.weight.shape for m in owners) and owners
+
+
+def test_amount_applies_to_each_layer_of_a_dense_block():
+    """A DenseNet block is one coupled group holding every layer's new channels; each layer loses
+    its half even when one layer's filters are all weaker (here the stem, scaled down)."""
+    torch.manual_seed(0)
+    model = DenseNetSmall().eval()
+    with torch.no_grad():
+        model.stem.weight.mul_(0.01)
+    x = torch.randn(2, 3, 32, 32)
+    pruned = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=(x,))
+    convs = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {name: pruned.get_submodule(name).out_channels for name in convs} == {
+        name: c - c // 2 for name, c in convs.items()}
