@@ -40,31 +40,40 @@ def layer_units(cg: ChannelGraph, group: ChannelGroup) -> list[ChannelGroup]:
     of different layers are not on one scale: the stem would be cut to one channel)."""
     if len(group.producers) <= 1:
         return [group]
-    producers = set(group.producers)
-    writers: dict[int, tuple[str, ...]] = {}
-    readers: dict[int, set[str]] = {}
-    for layer in cg.layers:
-        for ids, into in ((layer.out_ids, writers), (layer.in_ids, readers)):
-            if ids is None or (into is writers and layer.name not in producers):
-                continue
-            for c in np.unique(cg.labels[ids]).tolist():
-                if into is writers:
-                    writers[c] = writers.get(c, ()) + (layer.name,)
-                else:
-                    readers.setdefault(c, set()).add(layer.name)
-    by_writers: dict[tuple[str, ...], list[int]] = {}
-    for c in group.classes.tolist():
-        by_writers.setdefault(writers.get(c, ()), []).append(c)
-    if len(by_writers) == 1:
+    wanted = set(group.producers)
+    writers = [(l.name, np.unique(cg.labels[l.out_ids])) for l in cg.layers
+               if l.name in wanted and l.out_ids is not None]
+    # a class's set of writers, as the xor of one random 64-bit key per writer: equal sets, equal keys
+    # (a collision needs two different sets to agree on 64 random bits)
+    keys = np.random.default_rng(0).integers(1, 2 ** 63, len(writers), dtype=np.int64)
+    signature = np.zeros(cg.labels.max() + 1, dtype=np.int64)
+    for key, (_, classes) in zip(keys, writers):
+        signature[classes] ^= key
+    _, unit_of_class = np.unique(signature[group.classes], return_inverse=True)
+    count = int(unit_of_class.max()) + 1
+    if count == 1:
         return [group]
+    unit = np.full(len(signature), -1)
+    unit[group.classes] = unit_of_class
+    producers, consumers = [[] for _ in range(count)], [set() for _ in range(count)]
+    for name, classes in writers:
+        for u in np.unique(unit[classes]).tolist():
+            if u >= 0:
+                producers[u].append(name)
+    readers = set(group.consumers)
+    for l in cg.layers:
+        if l.name in readers and l.in_ids is not None:
+            for u in np.unique(unit[cg.labels[l.in_ids]]).tolist():
+                if u >= 0:
+                    consumers[u].add(l.name)
     units = []
-    for names, classes in by_writers.items():
-        classes = np.asarray(classes, dtype=np.int64)
+    for u in range(count):
+        classes = group.classes[unit_of_class == u]
         prunable = np.intersect1d(group.prunable, classes)
-        read = set().union(*(readers.get(c, set()) for c in classes.tolist()))
         units.append(dataclasses.replace(
-            group, classes=classes, prunable=prunable, producers=names,
-            consumers=tuple(n for n in group.consumers if n in read), inexact=np.intersect1d(group.inexact, classes),
+            group, classes=classes, prunable=prunable, producers=tuple(producers[u]),
+            consumers=tuple(n for n in group.consumers if n in consumers[u]),
+            inexact=np.intersect1d(group.inexact, classes),
             frozen=group.frozen if len(prunable) < len(classes) else None))
     return units
 
@@ -97,14 +106,21 @@ def lowest(group: ChannelGroup, scores: np.ndarray, count: int, cg: ChannelGraph
 
 
 def _containers(group: ChannelGroup, cg: ChannelGraph, min_channels: int) -> list[tuple[set, int]]:
-    """(classes, how many must stay) for each slot and split piece holding classes of `group`."""
+    """(classes of `group`, how many of them must stay) for each slot and split piece holding some.
+
+    A slot's floor is `min_channels` for a producer's outputs, else one; classes of the slot outside
+    the group count towards it (another unit of a DenseNet block keeps at least one of its own), so
+    only the part that could still be emptied from here is checked.
+    """
     outputs = {(l.weight, l.out_dim) for l in cg.layers if l.name in group.producers}
+    slots = set(group.slots)
+    mine = frozenset(group.classes.tolist())
     floors: dict[frozenset, int] = {}
-    pieces = [p for e in cg.edits.values() if e.kind == "split" for p in e.pieces]
-    mine = set(group.classes.tolist())
-    for key, ids in [*((k, cg.slots[k]) for k in group.slots), *((None, p) for p in pieces)]:
-        classes = frozenset(cg.labels[ids].tolist())
-        if key is not None or not classes.isdisjoint(mine):
-            floor = max(min_channels, 1) if key in outputs else 1
-            floors[classes] = max(floor, floors.get(classes, 0))
+    for key, classes in cg.containers:
+        if key is not None and key not in slots:
+            continue
+        inside = classes & mine
+        floor = (max(min_channels, 1) if key in outputs else 1) - (len(classes) - len(inside))
+        if inside and floor > 0:
+            floors[inside] = max(floor, floors.get(inside, 0))
     return [(set(classes), floor) for classes, floor in floors.items()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -95,6 +96,14 @@ class ChannelGraph(Analysis):
 
     def classes_of(self, ids: np.ndarray) -> np.ndarray:
         return self.labels[ids]
+
+    @cached_property
+    def containers(self) -> tuple[tuple[Slot | None, frozenset], ...]:
+        """(slot or None, its classes) for every slot and every split / chunk piece: what channel
+        selection must never empty. Computed once, on first use."""
+        pieces = [p for e in self.edits.values() if e.kind == "split" for p in e.pieces]
+        return (*((k, frozenset(self.labels[ids].tolist())) for k, ids in self.slots.items()),
+                *((None, frozenset(self.labels[p].tolist())) for p in pieces))
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if len(g.prunable)]
