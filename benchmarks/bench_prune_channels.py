@@ -6,15 +6,18 @@ For each torchvision model (random init, weights=None, nothing downloads) at 1x3
   MagnitudePruner(...) (its dependency graph) + step(), L1 importance, the classifier ignored as ours
   leaves the output alone. Runs alternate between the two; the median is reported.
 - parameters, MACs (conv / linear, counted with forward hooks) and batch-1 latency (medians of
-  interleaved runs) of the dense model, ours and Torch-Pruning's.
+  interleaved runs) of the dense model, ours and Torch-Pruning's, each run two ways: eager as built,
+  and deployed (BatchNorm folded into the convs by FoldBatchNorm, channels-last memory, as oneDNN
+  prefers) — the same treatment for all three models.
 
-    python benchmarks/bench_prune_channels.py [--models resnet50 densenet201] [--repeats 3] [--rounds 7]
+    python benchmarks/bench_prune_channels.py [--models resnet50 densenet201] [--repeats 3] [--rounds 15]
 Needs the vision and bench extras (torchvision, torch-pruning).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import time
 
@@ -23,7 +26,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import MissingDependencyError
-from fxcompress.passes import PruneChannels
+from fxcompress.passes import FoldBatchNorm, PruneChannels
 from fxcompress.tracing import trace
 
 
@@ -73,13 +76,22 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def latencies(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+def deployed(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """How a CPU deployment runs the model: BatchNorm folded into the convs, channels-last memory."""
+    gm = fxcompress.compile(trace(model), [FoldBatchNorm()], example_inputs=(x,), verify=False)
+    return gm.to(memory_format=torch.channels_last)
+
+
+def latencies(models: dict[str, tuple[nn.Module, torch.Tensor]], rounds: int) -> dict[str, float]:
     times = {name: [] for name in models}
     with torch.no_grad():
-        for m in models.values():
+        for m, x in models.values():
             m(x)  # warm-up
+        order = list(models)
         for _ in range(rounds):
-            for name, m in models.items():  # interleaved, so drift hits every side alike
+            random.shuffle(order)  # interleaved in a new order each round: drift and cache state hit every side alike
+            for name in order:
+                m, x = models[name]
                 start = time.perf_counter()
                 m(x)
                 times[name].append(time.perf_counter() - start)
@@ -101,7 +113,10 @@ def bench(torchvision, tp, name: str, repeats: int, rounds: int) -> dict:
     for key, m in variants.items():
         row[f"{key}_params"] = sum(p.numel() for p in m.parameters())
         row[f"{key}_macs"] = macs(m, x)
-    row.update({f"{k}_ms": v for k, v in latencies(variants, x, rounds).items()})
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    runs = {f"eager_{k}": (m, x) for k, m in variants.items()}
+    runs.update({f"deployed_{k}": (deployed(m, x), x_last) for k, m in variants.items()})
+    row.update({f"{k}_ms": v for k, v in latencies(runs, rounds).items()})
     return row
 
 
@@ -109,25 +124,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "densenet201"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     torchvision, tp = _imports()
     torch.set_num_threads(1)
+    random.seed(0)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, torch-pruning {tp.__version__}; "
           f"1 thread, batch 1, 224x224, 50% of channels, L1")
-    print("| model | pass time ours (s) | Torch-Pruning (s) | ours / TP | params dense → ours / TP (M) "
-          "| MACs dense → ours / TP (G) | latency dense → ours / TP (ms) | speedup ours / TP | speedup ÷ MACs reduction ours / TP |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        r = bench(torchvision, tp, name, args.repeats, args.rounds)
-        speed = {k: r["dense_ms"] / r[f"{k}_ms"] for k in ("ours", "tp")}
-        reduction = {k: r["dense_macs"] / r[f"{k}_macs"] for k in ("ours", "tp")}
-        print(f"| {name} | {r['ours_s']:.2f} | {r['tp_s']:.2f} | {r['ours_s'] / r['tp_s']:.2f} | "
+    rows = [bench(torchvision, tp, name, args.repeats, args.rounds) for name in args.models]
+    print("\n| model | pass time ours (s) | Torch-Pruning (s) | ours / TP | params dense → ours / TP (M) "
+          "| MACs dense → ours / TP (G) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['ours_s']:.2f} | {r['tp_s']:.2f} | {r['ours_s'] / r['tp_s']:.2f} | "
               f"{r['dense_params'] / 1e6:.1f} → {r['ours_params'] / 1e6:.1f} / {r['tp_params'] / 1e6:.1f} | "
-              f"{r['dense_macs'] / 1e9:.2f} → {r['ours_macs'] / 1e9:.2f} / {r['tp_macs'] / 1e9:.2f} | "
-              f"{r['dense_ms']:.0f} → {r['ours_ms']:.0f} / {r['tp_ms']:.0f} | "
-              f"{speed['ours']:.2f}x / {speed['tp']:.2f}x | "
-              f"{speed['ours'] / reduction['ours']:.2f} / {speed['tp'] / reduction['tp']:.2f} |", flush=True)
+              f"{r['dense_macs'] / 1e9:.2f} → {r['ours_macs'] / 1e9:.2f} / {r['tp_macs'] / 1e9:.2f} |")
+    print("\n| model | run | latency dense → ours / TP (ms) | speedup ours / TP | "
+          "speedup ÷ MACs reduction ours / TP |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        for run in ("eager", "deployed"):
+            ms = {k: r[f"{run}_{k}_ms"] for k in ("dense", "ours", "tp")}
+            speed = {k: ms["dense"] / ms[k] for k in ("ours", "tp")}
+            ratio = {k: speed[k] * r[f"{k}_macs"] / r["dense_macs"] for k in ("ours", "tp")}
+            print(f"| {r['model']} | {run} | {ms['dense']:.0f} → {ms['ours']:.0f} / {ms['tp']:.0f} | "
+                  f"{speed['ours']:.2f}x / {speed['tp']:.2f}x | {ratio['ours']:.2f} / {ratio['tp']:.2f} |")
 
 
 if __name__ == "__main__":
