@@ -17,7 +17,7 @@ PASSES = [getattr(passes, name) for name in passes.__all__ if isinstance(getattr
 
 def test_every_public_pass_is_covered():
     names = {p.__name__ for p in PASSES}
-    assert {"InsertMasks", "PruneChannels", "InsertFakeQuant", "LowerToEncoded", "LowerToInteger"} <= names
+    assert {"InsertMasks", "PruneChannels", "InsertFakeQuant", "LowerToEncoded", "LowerToInteger", "FoldBatchNorm"} <= names
 
 
 @pytest.mark.parametrize("pass_type", PASSES, ids=lambda p: p.__name__)
