@@ -5,20 +5,25 @@ rows and bias can absorb it (torch.nn.utils.fusion does the arithmetic) and the 
 disappears. A deployed model then skips one memory-bound op per layer, and integer lowering sees
 conv -> activation chains with no float BatchNorm in between.
 
-Only a module-form layer whose output feeds the BatchNorm alone can absorb it: if anything else
-reads the un-normalized output, or the weight already flows through masks / fake-quant, the pair
-is left as it is and the reason is reported in the pass's statistics.
+A layer whose weight goes through masks (`mul(weight, weight_mask)`, after InsertMasks) folds too:
+scaling a weight's output rows commutes with the element-wise mask, so the stored weight is scaled
+and pruned weights stay exactly zero. A layer whose output is read by anything besides the
+BatchNorm, or whose weight goes through fake-quant or an encoding (scaling would move it off its
+grid), keeps its BatchNorm, and the reason is reported in the pass's statistics.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.fx import GraphModule, Node
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval, fuse_linear_bn_weights
 
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.errors import PreconditionError
+from fxcompress.layers import FUNCTIONS, weight_arg, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -37,8 +42,8 @@ class FoldBatchNorm(Pass):
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         for node in _norm_nodes(gm):
             producer = node.args[0]
-            paths = [node.target] + ([producer.target] if isinstance(producer, Node) and producer.op == "call_module" else [])
-            for path in paths:
+            module_form = isinstance(producer, Node) and producer.op == "call_module"
+            for path in [node.target] + ([producer.target] if module_form else []):
                 if gm.get_submodule(path).training:
                     raise PreconditionError(f"FoldBatchNorm folds running statistics, but {path} is in training "
                                             "mode: call model.eval() before compiling")
@@ -52,14 +57,19 @@ class FoldBatchNorm(Pass):
             if reason:
                 skipped[node.target] = reason
                 continue
-            layer, norm = gm.get_submodule(producer.target), gm.get_submodule(node.target)
-            fused = (fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear)
-                     else fuse_conv_bn_eval(layer, norm, transpose=isinstance(layer, _TRANSPOSED)))
-            _set_submodule(gm, producer.target, fused)  # same path, so names in reports stay stable
+            norm = gm.get_submodule(node.target)
+            if producer.op == "call_module":
+                layer = gm.get_submodule(producer.target)
+                fused = (fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear)
+                         else fuse_conv_bn_eval(layer, norm, transpose=isinstance(layer, _TRANSPOSED)))
+                _set_submodule(gm, producer.target, fused)  # same path, so names in reports stay stable
+                params = (f"{producer.target}.weight", f"{producer.target}.bias")
+            else:
+                params = _fold_into_stored(gm, producer, norm)
             node.replace_all_uses_with(producer)
             gm.graph.erase_node(node)
-            folded[producer.target] = node.target
-            touched += [f"{producer.target}.weight", f"{producer.target}.bias"]
+            folded[params[0].rpartition(".")[0] or params[0]] = node.target
+            touched += params
         gm.delete_all_unused_submodules()
         return PassResult(changed=bool(folded), params_touched=tuple(touched),
                           stats={"folded": folded, "skipped": skipped})
@@ -74,16 +84,85 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo) -> str | 
     bn = gm.get_submodule(norm.target)
     if bn.running_mean is None or bn.running_var is None:
         return "no running statistics to fold (track_running_stats=False)"
-    if not isinstance(producer, Node) or producer.op != "call_module":
-        return "not fed by a conv / linear module (functional layers keep their BatchNorm)"
-    layer = gm.get_submodule(producer.target)
-    if type(layer) not in (*_CONVS, *_TRANSPOSED, nn.Linear):
-        return f"fed by {type(layer).__name__}, which cannot absorb a per-channel affine map"
+    if not isinstance(producer, Node):
+        return "not fed by a layer"
+    if producer.op == "call_module":
+        layer = gm.get_submodule(producer.target)
+        if type(layer) not in (*_CONVS, *_TRANSPOSED, nn.Linear):
+            return f"fed by {type(layer).__name__}, which cannot absorb a per-channel affine map"
+        linear = isinstance(layer, nn.Linear)
+    elif producer.op == "call_function" and FUNCTIONS.get(producer.target) in _FUNCTIONAL:
+        reason = _functional_reason(producer)
+        if reason:
+            return reason
+        linear = FUNCTIONS[producer.target] == "linear"
+    else:
+        return f"fed by {producer.name}, which is not a conv / linear layer"
     if len(producer.users) > 1:
-        return f"{producer.target}'s un-normalized output is also read by {_others(producer, norm)}"
-    if isinstance(layer, nn.Linear) and len(shapes.shape(producer.name) or ()) != 2:
-        return f"{producer.target} writes features on its last dim, the BatchNorm normalizes dim 1"
+        return f"{producer.name}'s un-normalized output is also read by {_others(producer, norm)}"
+    if _shared(gm, producer):
+        return f"{producer.name}'s weight is shared with another call (folding would change it too)"
+    if linear and len(shapes.shape(producer.name) or ()) != 2:
+        return f"{producer.name} writes features on its last dim, the BatchNorm normalizes dim 1"
     return None
+
+
+_FUNCTIONAL = ("linear", "conv1d", "conv2d", "conv3d")
+
+
+def _shared(gm: GraphModule, producer: Node) -> bool:
+    """Whether the module (or stored weight) of `producer` is used by another node too."""
+    if producer.op == "call_module":
+        return sum(n.op == "call_module" and n.target == producer.target for n in gm.graph.nodes) > 1
+    source = weight_source(producer)
+    return sum(n.op == "get_attr" and n.target == source.target for n in gm.graph.nodes) > 1 or len(source.users) > 1
+
+
+def _functional_reason(producer: Node) -> str | None:
+    """Why a functional layer cannot absorb a BatchNorm: its weight must be a stored tensor through
+    mask multiplications only, its bias a stored tensor or absent."""
+    source, current = weight_source(producer), weight_arg(producer)
+    if source is None or source.op != "get_attr":
+        return f"{producer.name}'s weight is not a stored tensor"
+    while current is not source:
+        if current.op != "call_function" or current.target is not operator.mul:
+            return (f"{producer.name}'s weight goes through {current.name} (fake-quant or encoding): "
+                    "fold BatchNorm before quantizing")
+        current = current.args[0]
+    bias = _bias(producer)
+    if bias is not None and (not isinstance(bias, Node) or bias.op != "get_attr"):
+        return f"{producer.name}'s bias is computed, not stored"
+    return None
+
+
+def _bias(node: Node):
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
+def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str, str]:
+    """Scale a functional layer's stored weight rows and shift (or create) its stored bias; the
+    masks on the weight chain multiply the scaled weight as they did the original."""
+    weight_name = weight_source(layer).target
+    weight = gm.get_parameter(weight_name)
+    bias_node = _bias(layer)
+    bias = gm.get_parameter(bias_node.target) if bias_node is not None else None
+    fuse = fuse_linear_bn_weights if FUNCTIONS[layer.target] == "linear" else fuse_conv_bn_weights
+    new_weight, new_bias = fuse(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    with torch.no_grad():
+        weight.copy_(new_weight)
+        if bias is not None:
+            bias.copy_(new_bias)
+            return weight_name, bias_node.target
+    owner, _, name = weight_name.rpartition(".")
+    bias_name = f"{owner}.bias" if owner else f"{name}_bias"
+    _set_submodule(gm, bias_name, nn.Parameter(new_bias.detach()))
+    with gm.graph.inserting_before(layer):
+        fresh = gm.graph.get_attr(bias_name)
+    if len(layer.args) > 2:
+        layer.update_arg(2, fresh)
+    else:
+        layer.update_kwarg("bias", fresh)
+    return weight_name, bias_name
 
 
 def _others(producer: Node, norm: Node) -> str:

@@ -4,9 +4,10 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import PreconditionError
-from fxcompress.passes import FoldBatchNorm, InsertFakeQuant, LowerToInteger
+from fxcompress.layers import effective_weight, find_layers
+from fxcompress.passes import FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
-from fxcompress.zoo import ZOO, ResNetSmall
+from fxcompress.zoo import ZOO, ResNetSmall, VGGBN
 
 
 def _randomize_statistics(model: nn.Module) -> nn.Module:
@@ -79,7 +80,35 @@ class FeaturesOnDimOne(nn.Module):
         return self.bn(self.fc(x))
 
 
+def test_masked_layers_fold_and_pruned_weights_stay_zero():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    masked = fxcompress.compile(_randomize_statistics(VGGBN()), [InsertMasks(sparsity=0.6)], example_inputs=(x,))
+    zeros = {l.name: effective_weight(masked, l) == 0 for l in find_layers(masked)}
+    gm = fxcompress.compile(masked, [FoldBatchNorm()], example_inputs=(x,))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["skipped"] == {} and _norms(gm) == [] and len(stats["folded"]) == len(_norms(masked))
+    for layer in find_layers(gm):
+        assert torch.equal(effective_weight(gm, layer) == 0, zeros[layer.name]), layer.name  # same zeros exactly
+        assert layer.bias is not None  # a folded conv without bias gets one
+    with torch.no_grad():
+        expected = masked(x)
+        assert torch.allclose(expected, gm(x), atol=1e-5 * expected.abs().max().item())
+
+
+class SharedConv(nn.Module):
+    """One conv module called twice, each call with its own BatchNorm: folding either would change both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn2(self.conv(self.bn1(self.conv(x))))
+
+
 @pytest.mark.parametrize("model, x, reason", [
+    (SharedConv(), torch.randn(2, 3, 4, 4), "shared with another call"),
     (TwoReaders(), torch.randn(2, 3, 8, 8), "also read by add"),
     (FeaturesOnDimOne(), torch.randn(2, 4, 5), "normalizes dim 1"),
     (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), torch.randn(2, 3, 4, 4), "ReLU"),
@@ -91,10 +120,20 @@ def test_a_pair_that_cannot_fold_is_kept_and_the_reason_reported(model, x, reaso
     gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=(x,))
     record = fxcompress.history(gm)[-1]
     assert not record.changed and record.stats["folded"] == {}
-    (why,) = record.stats["skipped"].values()
-    assert reason in why
+    assert record.stats["skipped"] and all(reason in why for why in record.stats["skipped"].values())
     with torch.no_grad():
         assert torch.equal(model(x), gm(x))
+
+
+def test_a_fake_quantized_weight_keeps_its_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    quantized = fxcompress.compile(_randomize_statistics(VGGBN()), [InsertFakeQuant(bits=4)], example_inputs=(x,))
+    gm = fxcompress.compile(quantized, [FoldBatchNorm()], example_inputs=(x,))
+    skipped = fxcompress.history(gm)[-1].stats["skipped"]
+    assert skipped and all("fold BatchNorm before quantizing" in why for why in skipped.values())
+    with torch.no_grad():
+        assert torch.equal(quantized(x), gm(x))
 
 
 def test_training_mode_is_refused_by_module_path():
