@@ -33,7 +33,8 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 @dataclass(frozen=True, kw_only=True)
 class FoldBatchNorm(Pass):
-    """Fold BatchNorm{1,2,3}d into the preceding Conv / ConvTranspose / Linear module.
+    """Fold BatchNorm{1,2,3}d into the Conv / ConvTranspose / Linear module that feeds it, or into
+    the stored weight and bias of a masked functional conv / linear.
 
     The model must be in eval mode (the running statistics are what gets folded, as torch.ao's
     fusion requires); a BatchNorm still in training mode is refused by name.
@@ -154,8 +155,12 @@ def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str,
             bias.copy_(new_bias)
             return weight_name, bias_node.target
     owner, _, name = weight_name.rpartition(".")
-    bias_name = f"{owner}.bias" if owner else f"{name}_bias"
-    _set_submodule(gm, bias_name, nn.Parameter(new_bias.detach()))
+    holder = gm.get_submodule(owner)
+    # the layer had no bias: it gets one beside its weight (`conv.bias`, unless that name is taken)
+    free = not hasattr(holder, "bias") or holder._parameters.get("bias", ...) is None  # an empty bias slot
+    attr = "bias" if free else f"{name}_bias"
+    holder.register_parameter(attr, nn.Parameter(new_bias.detach()))
+    bias_name = f"{owner}.{attr}" if owner else attr
     with gm.graph.inserting_before(layer):
         fresh = gm.graph.get_attr(bias_name)
     if len(layer.args) > 2:
@@ -170,5 +175,6 @@ def _others(producer: Node, norm: Node) -> str:
 
 
 def _set_submodule(gm: GraphModule, path: str, module: nn.Module) -> None:
+    """Replace the module at `path` (its parent keeps the same attribute name)."""
     owner, _, name = path.rpartition(".")
     setattr(gm.get_submodule(owner), name, module)
