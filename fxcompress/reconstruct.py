@@ -6,8 +6,9 @@ on the CPU. Only a bounded number of output positions is sampled, and they are d
 feature is gathered: a conv's input patches stay a strided view of its (padded) input, so a large
 feature map is never materialized as one row per position.
 
-A *consumer* is a linear, conv1d, conv2d or conv3d module (any padding and padding mode; grouped
-convs are refitted group by group) whose input channels shrink.
+A *consumer* is a linear, conv1d, conv2d or conv3d layer (any padding and padding mode; grouped
+convs are refitted group by group) whose input channels shrink: a module, or a masked layer (its
+stored weight times masks), refitted within its mask so pruned weights stay zero.
 Reconstruction is layer by layer, in graph order: each consumer sees the inputs of the already
 pruned and refitted model and is refitted (weights and bias) to reproduce the unpruned model's
 outputs at the same positions.
@@ -30,6 +31,8 @@ from torch.fx import GraphModule, Interpreter, Node
 from .analyses.channels import ChannelGraph, ChannelGroup
 from .channel_selection import lowest, norm_scores
 from .execution import evaluating
+from .layers import FUNCTIONS, weight_source
+from .pruning.masks import masks_only
 
 RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equations well posed
 
@@ -41,16 +44,44 @@ def calibration_batch(data: Iterable) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([item[i] for item in items]) for i in range(len(items[0])))
 
 
-def _consumer(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Module | None:
-    """The module of a node that can be sampled and refitted (grouped convs only if asked), else None."""
-    if node.op != "call_module":
-        return None
-    m = gm.get_submodule(node.target)
-    if type(m) is nn.Linear:
-        return m
-    if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and (grouped or m.groups == 1):
-        return m
+_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+
+
+def _owner(node: Node) -> str | None:
+    """The module path holding the layer's parameters: the called module, or for a masked
+    (functional) layer the module its stored weight belongs to."""
+    if node.op == "call_module":
+        return node.target
+    if node.op == "call_function" and node.target in FUNCTIONS:
+        source = weight_source(node)
+        if source is not None and source.op == "get_attr" and source.target.endswith(".weight"):
+            return source.target.rpartition(".")[0]
     return None
+
+
+def _consumer(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Module | None:
+    """The module whose parameters a node computes with, if it can be sampled and refitted (grouped
+    convs only if asked), else None. A masked layer qualifies through its owner module, which keeps
+    its parameters and conv options: its weight must be the stored one times masks and nothing else,
+    its bias the owner's."""
+    path = _owner(node)
+    m = gm.get_submodule(path) if path is not None else None
+    if type(m) not in _KINDS:
+        return None
+    if node.op == "call_function":
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        same_bias = (bias is None and m.bias is None) or (isinstance(bias, Node) and bias.op == "get_attr"
+                                                          and bias.target == f"{path}.bias")
+        if FUNCTIONS[node.target] != _KINDS[type(m)] or masks_only(gm, node) is None or not same_bias:
+            return None
+    if type(m) is not nn.Linear and not grouped and m.groups != 1:
+        return None
+    return m
+
+
+def _support(gm: GraphModule, node: Node) -> torch.Tensor | None:
+    """Where a masked layer's weight may be nonzero (None: everywhere)."""
+    return masks_only(gm, node) if node.op == "call_function" else None
 
 
 def _padding(m: nn.modules.conv._ConvNd) -> list[int]:
@@ -178,23 +209,27 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
 
 
 def refit(gm: GraphModule, targets: Targets) -> list[str]:
-    """After pruning: refit each consumer, in graph order, on the pruned model's own inputs."""
-    watched = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.name in targets.outputs}
+    """After pruning: refit each consumer, in graph order, on the pruned model's own inputs. A masked
+    consumer keeps its zeros: each output is fitted on the inputs its mask leaves."""
+    nodes = [n for n in gm.graph.nodes if n.name in targets.outputs]
+    watched = {n.name: _consumer(gm, n) for n in nodes}
+    supports = {n.name: _support(gm, n) for n in nodes}
     done = []
 
     def before(n, m, rows):
-        _solve_into(m, rows, targets.outputs[n.name])
-        done.append(n.target)
+        _solve_into(m, rows, targets.outputs[n.name], supports[n.name])
+        done.append(_owner(n))
 
     _run(_Capture(gm, watched, targets.sampling, before=before, picks=targets.picks), targets.batch)
     return done
 
 
-def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor, support: torch.Tensor | None = None) -> None:
     """Least squares (ridge) fit of the layer's weight and bias so that x -> y, group by group.
 
     A grouped conv's group g reads the g-th block of input columns (rows are ordered channel first,
     see `_windows`) and writes the g-th block of outputs, so each group is an independent problem.
+    With a `support` (bool, the weight's shape), each output uses only its allowed inputs.
     """
     groups, with_bias = getattr(m, "groups", 1), m.bias is not None
     ins, outs = x.shape[1] // groups, y.shape[1] // groups
@@ -204,13 +239,32 @@ def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
             xg = torch.cat([xg, torch.ones(xg.shape[0], 1, dtype=xg.dtype)], 1)
         gram = xg.T @ xg
         gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
-        solution = torch.linalg.solve(gram, xg.T @ yg)  # (in [+1], out)
+        if support is None:
+            solution = torch.linalg.solve(gram, xg.T @ yg)  # (in [+1], out)
+        else:
+            allowed = support[g * outs:(g + 1) * outs].reshape(outs, -1)
+            if with_bias:
+                allowed = torch.cat([allowed, torch.ones(outs, 1, dtype=torch.bool)], 1)
+            solution = _solve_on_support(gram, xg.T @ yg, allowed)
         weight = solution[:-1] if with_bias else solution
         with torch.no_grad():
             block = m.weight[g * outs:(g + 1) * outs]
             block.copy_(weight.T.reshape(block.shape).to(m.weight.dtype))
             if with_bias:
                 m.bias[g * outs:(g + 1) * outs].copy_(solution[-1].to(m.bias.dtype))
+
+
+def _solve_on_support(gram: torch.Tensor, rhs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Solve gram @ w = rhs per output column, over that output's allowed inputs only (zeros
+    elsewhere). Outputs with the same pattern share one solve: filter / channel masks give a few
+    patterns; element masks give one per output, each the size of its kept inputs."""
+    solution = torch.zeros_like(rhs)
+    patterns, which = torch.unique(allowed, dim=0, return_inverse=True)
+    for k, pattern in enumerate(patterns):
+        cols, outs = pattern.nonzero().squeeze(1), (which == k).nonzero().squeeze(1)
+        if len(cols):
+            solution[cols[:, None], outs] = torch.linalg.solve(gram[cols][:, cols], rhs[cols][:, outs])
+    return solution
 
 
 # ---- data-driven selection ----------------------------------------------------------------------
@@ -239,10 +293,12 @@ def _contributions(gm, cg, batch, sampling: Sampling) -> dict[str, tuple[np.ndar
     layers = {l.node: l for l in cg.layers
               if l.in_ids is not None and _consumer(gm, nodes[l.node], grouped=False) is not None}
     watched = {name: _consumer(gm, nodes[name], grouped=False) for name in layers}
+    supports = {name: _support(gm, nodes[name]) for name in layers}
     found, rng = {}, np.random.default_rng(sampling.seed + 1)
 
     def before(n, m, rows):
-        w = m.weight.detach().double().reshape(m.weight.shape[0], layers[n.name].in_ids.size, -1)
+        w = m.weight.detach() if supports[n.name] is None else m.weight.detach() * supports[n.name]
+        w = w.double().reshape(m.weight.shape[0], layers[n.name].in_ids.size, -1)
         outs = torch.as_tensor(rng.integers(0, w.shape[0], rows.shape[0]))
         x = rows.reshape(rows.shape[0], w.shape[1], -1)
         found[n.name] = (layers[n.name].in_ids, torch.einsum("sck,sck->sc", x, w[outs]))

@@ -13,7 +13,6 @@ grid), keeps its BatchNorm, and the reason is reported in the pass's statistics.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +22,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_
 
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import FUNCTIONS, weight_arg, weight_source
+from fxcompress.layers import FUNCTIONS, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pruning.masks import masks_only
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -93,7 +93,7 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo) -> str | 
             return f"fed by {type(layer).__name__}, which cannot absorb a per-channel affine map"
         linear = isinstance(layer, nn.Linear)
     elif producer.op == "call_function" and FUNCTIONS.get(producer.target) in _FUNCTIONAL:
-        reason = _functional_reason(producer)
+        reason = _functional_reason(gm, producer)
         if reason:
             return reason
         linear = FUNCTIONS[producer.target] == "linear"
@@ -119,17 +119,12 @@ def _shared(gm: GraphModule, producer: Node) -> bool:
     return sum(n.op == "get_attr" and n.target == source.target for n in gm.graph.nodes) > 1 or len(source.users) > 1
 
 
-def _functional_reason(producer: Node) -> str | None:
+def _functional_reason(gm: GraphModule, producer: Node) -> str | None:
     """Why a functional layer cannot absorb a BatchNorm: its weight must be a stored tensor through
     mask multiplications only, its bias a stored tensor or absent."""
-    source, current = weight_source(producer), weight_arg(producer)
-    if source is None or source.op != "get_attr":
-        return f"{producer.name}'s weight is not a stored tensor"
-    while current is not source:
-        if current.op != "call_function" or current.target is not operator.mul:
-            return (f"{producer.name}'s weight goes through {current.name} (fake-quant or encoding): "
-                    "fold BatchNorm before quantizing")
-        current = current.args[0]
+    if masks_only(gm, producer) is None:
+        return (f"{producer.name}'s weight is not a stored tensor through masks only (fake-quant or an "
+                "encoding): fold BatchNorm before quantizing")
     bias = _bias(producer)
     if bias is not None and (not isinstance(bias, Node) or bias.op != "get_attr"):
         return f"{producer.name}'s bias is computed, not stored"

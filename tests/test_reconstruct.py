@@ -229,3 +229,46 @@ def test_grouped_and_1d_consumers_are_reconstructed():
     rebuilt, gm = error(True)
     assert "conv2" in fxcompress.history(gm)[-1].stats["reconstructed"]
     assert rebuilt < 0.7 * plain
+
+
+def test_a_masked_output_keeps_its_zeros_and_the_rest_is_fitted_exactly():
+    torch.manual_seed(0)
+    true = torch.randn(6, 12, dtype=torch.float64)
+    allowed = torch.rand(6, 12) > 0.5
+    allowed[0] = allowed[1]  # two outputs share a pattern: one solve for both
+    true[~allowed] = 0.0
+    x = torch.randn(400, 12, dtype=torch.float64)
+    fitted = nn.Linear(12, 6, bias=False).double()
+    _solve_into(fitted, x, x @ true.T, support=allowed)
+    assert torch.equal(fitted.weight[~allowed], torch.zeros(int((~allowed).sum()), dtype=torch.float64))
+    torch.testing.assert_close(fitted.weight, true, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["element", "filter"])
+def test_masked_consumers_are_reconstructed_within_their_masks(granularity):
+    from fxcompress.layers import effective_weight, find_layers
+    from fxcompress.passes import InsertMasks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    calibration = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    x = torch.cat(calibration)
+    masked = fxcompress.compile(model, [InsertMasks(sparsity=0.5, granularity=granularity)],
+                                example_inputs=(calibration[0],))
+    expected = masked(x)
+
+    def prune(reconstruct):
+        gm = fxcompress.compile(masked, [PruneChannels(amount=0.5, reconstruct=reconstruct, select=("0",))],
+                                example_inputs=(calibration[0],), calibration_data=calibration)
+        return gm, ((gm(x) - expected).norm() / expected.norm()).item()
+
+    plain, plain_error = prune(False)
+    rebuilt, error = prune(True)
+    assert fxcompress.history(rebuilt)[-1].stats["reconstructed"] == ["2"]
+    assert error < 0.9 * plain_error
+    layers = {l.name: l for l in find_layers(rebuilt)}
+    mask = rebuilt.get_buffer("2.weight_mask")
+    assert mask.shape == (8, 8, 3, 3) and bool((mask == 0).any())
+    assert torch.equal(effective_weight(rebuilt, layers["2"])[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert not torch.equal(rebuilt.get_parameter("2.weight"), plain.get_parameter("2.weight"))  # really refitted

@@ -14,7 +14,7 @@ import re
 import torch
 from torch.fx import GraphModule, Node
 
-from ..layers import FUNCTIONS, Layer, find_layers, insert_on_weight, layer_node, weight_arg
+from ..layers import FUNCTIONS, Layer, find_layers, insert_on_weight, layer_node, weight_arg, weight_source
 
 LAYER_KINDS = frozenset(FUNCTIONS.values())
 
@@ -42,6 +42,24 @@ def mask_node(gm: GraphModule, layer: Layer) -> Node | None:
             return current
         current = current.args[0] if current.args else None
     return None
+
+
+def masks_only(gm: GraphModule, node: Node) -> torch.Tensor | None:
+    """For a functional layer whose weight is its stored tensor times mask buffers and nothing else
+    (no fake-quant, no encoding), the combined mask; None for any other weight. Whatever is done to
+    the stored tensor's rows (scaled, refitted) then reaches the layer the same way, zeros kept."""
+    source, current = weight_source(node), weight_arg(node)
+    if source is None or source.op != "get_attr":
+        return None
+    combined = torch.ones_like(gm.get_parameter(source.target), dtype=torch.bool)
+    while current is not source:
+        mask = current.args[1] if len(current.args) > 1 else None
+        if not (current.op == "call_function" and current.target is operator.mul and isinstance(mask, Node)
+                and mask.op == "get_attr"):
+            return None
+        combined &= gm.get_buffer(mask.target) != 0
+        current = current.args[0]
+    return combined
 
 
 def get_mask(gm: GraphModule, layer: Layer) -> torch.Tensor | None:
