@@ -41,25 +41,21 @@ def layer_units(cg: ChannelGraph, group: ChannelGroup) -> list[ChannelGroup]:
     if len(group.producers) <= 1:
         return [group]
     wanted = set(group.producers)
-    writers = [(l.name, np.unique(cg.labels[l.out_ids])) for l in cg.layers
-               if l.name in wanted and l.out_ids is not None]
-    # a class's set of writers, as the xor of one random 64-bit key per writer: equal sets, equal keys
-    # (a collision needs two different sets to agree on 64 random bits)
-    keys = np.random.default_rng(0).integers(1, 2 ** 63, len(writers), dtype=np.int64)
-    signature = np.zeros(cg.labels.max() + 1, dtype=np.int64)
-    for key, (_, classes) in zip(keys, writers):
-        signature[classes] ^= key
-    _, unit_of_class = np.unique(signature[group.classes], return_inverse=True)
-    count = int(unit_of_class.max()) + 1
+    writers = [(l.name, cg.labels[l.out_ids]) for l in cg.layers if l.name in wanted and l.out_ids is not None]
+    # which writers write each class of the group: classes with the same row form one unit
+    writes = np.zeros((len(group.classes), len(writers)), dtype=bool)
+    for j, (_, classes) in enumerate(writers):
+        inside = np.isin(classes, group.classes)
+        writes[np.searchsorted(group.classes, classes[inside]), j] = True
+    patterns, unit_of_class = np.unique(writes, axis=0, return_inverse=True)
+    unit_of_class = unit_of_class.reshape(-1)  # 1-D on every numpy version
+    count = len(patterns)
     if count == 1:
         return [group]
-    unit = np.full(len(signature), -1)
+    producers = [tuple(name for (name, _), w in zip(writers, row) if w) for row in patterns]
+    unit = np.full(cg.labels.max() + 1, -1)
     unit[group.classes] = unit_of_class
-    producers, consumers = [[] for _ in range(count)], [set() for _ in range(count)]
-    for name, classes in writers:
-        for u in np.unique(unit[classes]).tolist():
-            if u >= 0:
-                producers[u].append(name)
+    consumers = [set() for _ in range(count)]
     readers = set(group.consumers)
     for l in cg.layers:
         if l.name in readers and l.in_ids is not None:
@@ -71,7 +67,7 @@ def layer_units(cg: ChannelGraph, group: ChannelGroup) -> list[ChannelGroup]:
         classes = group.classes[unit_of_class == u]
         prunable = np.intersect1d(group.prunable, classes)
         units.append(dataclasses.replace(
-            group, classes=classes, prunable=prunable, producers=tuple(producers[u]),
+            group, classes=classes, prunable=prunable, producers=producers[u],
             consumers=tuple(n for n in group.consumers if n in consumers[u]),
             inexact=np.intersect1d(group.inexact, classes),
             frozen=group.frozen if len(prunable) < len(classes) else None))

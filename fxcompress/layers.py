@@ -91,13 +91,20 @@ def _module_kind(module: nn.Module) -> tuple[str, Callable] | None:
     return None
 
 
+def layer_kind(module: nn.Module) -> str | None:
+    """The layer kind of a module ("linear", "conv2d", ...; exact type), None if it is not a layer."""
+    entry = _module_kind(module)
+    return entry[0] if entry is not None else None
+
+
 def weight_arg(node: Node) -> Node | None:
     """The node passed as `weight` to a functional linear / conv call."""
     value = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     return value if isinstance(value, Node) else None
 
 
-def _bias_arg(node: Node) -> Node | None:
+def bias_arg(node: Node) -> Node | None:
+    """The node passed as `bias` to a functional linear / conv call (None: no bias)."""
     value = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return value if isinstance(value, Node) else None
 
@@ -132,7 +139,7 @@ def find_layers(gm: GraphModule) -> list[Layer]:
             source = weight_source(node)
             if source is None:
                 continue  # the weight is computed from inputs: not a stored layer
-            bias_node = _bias_arg(node)
+            bias_node = bias_arg(node)
             bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
             owner, _, _ = source.target.rpartition(".")
             layers.append(Layer(owner or source.target, FUNCTIONS[node.target], node.name, source.target, bias))

@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from .analyses.channels import ChannelGraph, ChannelGroup
 from .channel_selection import lowest, norm_scores
 from .execution import evaluating
-from .layers import FUNCTIONS, weight_source
+from .layers import FUNCTIONS, bias_arg, layer_kind, weight_source
 from .pruning.masks import masks_only
 
 RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equations well posed
@@ -44,7 +44,7 @@ def calibration_batch(data: Iterable) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat([item[i] for item in items]) for i in range(len(items[0])))
 
 
-_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
 
 
 def _owner(node: Node) -> str | None:
@@ -66,13 +66,14 @@ def _consumer(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Module | 
     its bias the owner's."""
     path = _owner(node)
     m = gm.get_submodule(path) if path is not None else None
-    if type(m) not in _KINDS:
+    kind = layer_kind(m) if m is not None else None
+    if kind not in _KINDS:
         return None
     if node.op == "call_function":
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        same_bias = (bias is None and m.bias is None) or (isinstance(bias, Node) and bias.op == "get_attr"
+        bias = bias_arg(node)
+        same_bias = (bias is None and m.bias is None) or (bias is not None and bias.op == "get_attr"
                                                           and bias.target == f"{path}.bias")
-        if FUNCTIONS[node.target] != _KINDS[type(m)] or masks_only(gm, node) is None or not same_bias:
+        if FUNCTIONS[node.target] != kind or masks_only(gm, node) is None or not same_bias:
             return None
     if type(m) is not nn.Linear and not grouped and m.groups != 1:
         return None
@@ -84,23 +85,6 @@ def _support(gm: GraphModule, node: Node) -> torch.Tensor | None:
     return masks_only(gm, node) if node.op == "call_function" else None
 
 
-def _padding(m: nn.modules.conv._ConvNd) -> list[int]:
-    """The conv's padding as F.pad takes it: (left, right) per spatial dim, last dim first.
-
-    Built as nn.Conv builds `_reversed_padding_repeated_twice`: "same" pads dilation * (k - 1) in
-    all, the odd one on the right; "valid" pads nothing.
-    """
-    pads = []
-    for i, (k, d) in enumerate(zip(m.kernel_size, m.dilation)):
-        if m.padding == "same":
-            total = d * (k - 1)
-            pads.append((total // 2, total - total // 2))
-        else:
-            p = 0 if m.padding == "valid" else m.padding[i]
-            pads.append((p, p))
-    return [p for pair in reversed(pads) for p in pair]
-
-
 def _windows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input with the output positions first and what one position reads last:
     (positions, in_features) for a linear layer, (N, *L, C, *kernel) for a conv.
@@ -110,8 +94,9 @@ def _windows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(m, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    # padded as the conv pads it (any padding mode), so what is left is a zero-padding convolution
-    x = F.pad(x, _padding(m), "constant" if m.padding_mode == "zeros" else m.padding_mode)
+    # padded as the conv pads it (any padding mode; nn.Conv keeps its F.pad amounts, "same" and
+    # "valid" resolved), so what is left is a convolution without padding
+    x = F.pad(x, m._reversed_padding_repeated_twice, "constant" if m.padding_mode == "zeros" else m.padding_mode)
     for i, (k, stride, d) in enumerate(zip(m.kernel_size, m.stride, m.dilation)):
         # a window spans the dilated kernel and moves by the stride; every d-th element is a tap
         x = x.unfold(2 + i, (k - 1) * d + 1, stride)[..., ::d]

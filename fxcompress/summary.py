@@ -16,8 +16,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .history import format_history
-from .layers import (Layer, WeightTransform, chain_transforms, constant_value, effective_weight, find_layers,
-                     layer_node, weight_arg)
+from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
+                     find_layers, layer_node, weight_arg)
 
 COLUMNS = ("layer", "op", "weight_shape", "params", "nonzeros", "sparsity", "bits", "sqnr_db",
            "dense_bytes", "compressed_bytes", "exact", "macs", "macs_effective")
@@ -110,8 +110,8 @@ def _bias(gm: GraphModule, node) -> tuple[int, int]:
     if node.op == "call_module":
         bias = getattr(gm.get_submodule(node.target), "bias", None)
         return (0, 0) if bias is None else (bias.numel(), bias.numel() * bias.element_size())
-    arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not hasattr(arg, "op"):
+    arg = bias_arg(node)
+    if arg is None:
         return 0, 0
     value = constant_value(gm, arg)
     module = gm.get_submodule(arg.target) if arg.op == "call_module" else None

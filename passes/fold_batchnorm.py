@@ -13,6 +13,7 @@ grid), keeps its BatchNorm, and the reason is reported in the pass's statistics.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_
 
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import FUNCTIONS, weight_source
+from fxcompress.layers import FUNCTIONS, bias_arg, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.masks import masks_only
 
@@ -51,10 +52,11 @@ class FoldBatchNorm(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         shapes = ctx.get(ShapeInfo)
+        uses = Counter((n.op, n.target) for n in gm.graph.nodes)  # folding changes no module / weight use
         folded, skipped, touched = {}, {}, []
         for node in list(_norm_nodes(gm)):
             producer = node.args[0]
-            reason = _why_not(gm, node, producer, shapes)
+            reason = _why_not(gm, node, producer, shapes, uses)
             if reason:
                 skipped[node.target] = reason
                 continue
@@ -63,7 +65,7 @@ class FoldBatchNorm(Pass):
                 layer = gm.get_submodule(producer.target)
                 fused = (fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear)
                          else fuse_conv_bn_eval(layer, norm, transpose=isinstance(layer, _TRANSPOSED)))
-                _set_submodule(gm, producer.target, fused)  # same path, so names in reports stay stable
+                gm.set_submodule(producer.target, fused)  # same path, so names in reports stay stable
                 params = (f"{producer.target}.weight", f"{producer.target}.bias")
             else:
                 params = _fold_into_stored(gm, producer, norm)
@@ -80,7 +82,7 @@ def _norm_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) in _NORMS]
 
 
-def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo) -> str | None:
+def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Counter) -> str | None:
     """Why this BatchNorm cannot be folded into what feeds it (None: it can)."""
     bn = gm.get_submodule(norm.target)
     if bn.running_mean is None or bn.running_var is None:
@@ -101,7 +103,7 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo) -> str | 
         return f"fed by {producer.name}, which is not a conv / linear layer"
     if len(producer.users) > 1:
         return f"{producer.name}'s un-normalized output is also read by {_others(producer, norm)}"
-    if _shared(gm, producer):
+    if _shared(producer, uses):
         return f"{producer.name}'s weight is shared with another call (folding would change it too)"
     if linear and len(shapes.shape(producer.name) or ()) != 2:
         return f"{producer.name} writes features on its last dim, the BatchNorm normalizes dim 1"
@@ -111,12 +113,12 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo) -> str | 
 _FUNCTIONAL = ("linear", "conv1d", "conv2d", "conv3d")
 
 
-def _shared(gm: GraphModule, producer: Node) -> bool:
+def _shared(producer: Node, uses: Counter) -> bool:
     """Whether the module (or stored weight) of `producer` is used by another node too."""
     if producer.op == "call_module":
-        return sum(n.op == "call_module" and n.target == producer.target for n in gm.graph.nodes) > 1
+        return uses[("call_module", producer.target)] > 1
     source = weight_source(producer)
-    return sum(n.op == "get_attr" and n.target == source.target for n in gm.graph.nodes) > 1 or len(source.users) > 1
+    return uses[("get_attr", source.target)] > 1 or len(source.users) > 1
 
 
 def _functional_reason(gm: GraphModule, producer: Node) -> str | None:
@@ -125,14 +127,10 @@ def _functional_reason(gm: GraphModule, producer: Node) -> str | None:
     if masks_only(gm, producer) is None:
         return (f"{producer.name}'s weight is not a stored tensor through masks only (fake-quant or an "
                 "encoding): fold BatchNorm before quantizing")
-    bias = _bias(producer)
-    if bias is not None and (not isinstance(bias, Node) or bias.op != "get_attr"):
+    bias = bias_arg(producer)
+    if bias is not None and bias.op != "get_attr":
         return f"{producer.name}'s bias is computed, not stored"
     return None
-
-
-def _bias(node: Node):
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
 
 
 def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str, str]:
@@ -140,7 +138,7 @@ def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str,
     masks on the weight chain multiply the scaled weight as they did the original."""
     weight_name = weight_source(layer).target
     weight = gm.get_parameter(weight_name)
-    bias_node = _bias(layer)
+    bias_node = bias_arg(layer)
     bias = gm.get_parameter(bias_node.target) if bias_node is not None else None
     fuse = fuse_linear_bn_weights if FUNCTIONS[layer.target] == "linear" else fuse_conv_bn_weights
     new_weight, new_bias = fuse(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
@@ -167,9 +165,3 @@ def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str,
 
 def _others(producer: Node, norm: Node) -> str:
     return ", ".join(u.name for u in producer.users if u is not norm)
-
-
-def _set_submodule(gm: GraphModule, path: str, module: nn.Module) -> None:
-    """Replace the module at `path` (its parent keeps the same attribute name)."""
-    owner, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(owner), name, module)

@@ -18,7 +18,7 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
 from fxcompress.encoded.tensor import LAYOUTS, encode_half, encode_tensor
-from fxcompress.layers import Layer, chain_transforms, effective_weight, find_layers, layer_node, weight_arg
+from fxcompress.layers import Layer, bias_arg, chain_transforms, effective_weight, find_layers, layer_node, weight_arg
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _DEEP_COMPRESSION_INDEX_BITS = {"conv": 8, "fc": 5}
@@ -55,7 +55,7 @@ class LowerToEncoded(Pass):
             module = self._encode_weight(gm, layer)
             _replace_input(gm, node, weight_arg(node), module, layer.weight)
             touched.append(layer.weight)
-            bias = _bias_node(node)
+            bias = bias_arg(node)
             if self.bias == "float16" and bias is not None and bias.op == "get_attr":
                 _replace_input(gm, node, bias, EncodedWeight.from_encoded(encode_half(_attr(gm, bias.target))),
                                bias.target)
@@ -80,11 +80,6 @@ def _has_chain(gm: GraphModule, weight: Node | None) -> bool:
     if weight.op == "call_module" and isinstance(gm.get_submodule(weight.target), EncodedWeight):
         return False  # already lowered
     return True
-
-
-def _bias_node(node: Node) -> Node | None:
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return value if isinstance(value, Node) else None
 
 
 def _attr(gm: GraphModule, target: str):
