@@ -10,6 +10,7 @@ The nodes between the stored parameter and the layer call are the layer's *weigh
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+
+from .errors import ConfigError
 
 class WeightTransform(nn.Module):
     """Base class of modules that sit on a weight chain (fake-quant, encoded weights, ...).
@@ -143,6 +146,20 @@ def find_layers(gm: GraphModule) -> list[Layer]:
             bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
             owner, _, _ = source.target.rpartition(".")
             layers.append(Layer(owner or source.target, FUNCTIONS[node.target], node.name, source.target, bias))
+    return layers
+
+
+def select_layers(gm: GraphModule, owner: str, types: tuple, select: str | None, *,
+                  required: bool = False) -> list[Layer]:
+    """The layers of `gm` whose kind is in `types` (any if empty) and whose name fully matches
+    `select` (any if None). Selecting nothing is a ConfigError naming the layers there are, when a
+    filter was given or the pass `required` a layer."""
+    every = find_layers(gm)
+    layers = [layer for layer in every
+              if (not types or layer.kind in types) and (select is None or re.fullmatch(select, layer.name))]
+    if not layers and (required or types or select is not None):
+        raise ConfigError(f"{owner} selects no layer (select={select!r}, types={types!r}); "
+                          f"the layers are {[layer.name for layer in every]}")
     return layers
 
 

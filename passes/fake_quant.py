@@ -19,7 +19,6 @@ model back on the same GraphModule.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,8 +27,8 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import (FUNCTIONS, Layer, chain_module_node, constant_value, find_layers, insert_on_weight,
-                               layer_node, weight_arg)
+from fxcompress.layers import (FUNCTIONS, Layer, chain_module_node, constant_value, insert_on_weight, layer_node,
+                               select_layers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.masks import module_kind
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
@@ -165,15 +164,7 @@ class InsertFakeQuant(Pass):
 
     def plan(self, gm: GraphModule) -> list[tuple[Layer, LayerQuant]]:
         """The layers this pass quantizes and how, in graph order."""
-        layers = find_layers(gm)
-        if self.types:
-            layers = [layer for layer in layers if layer.kind in self.types]
-        if self.select is not None:
-            layers = [layer for layer in layers if re.fullmatch(self.select, layer.name)]
-        if not layers and (self.types or self.select is not None):
-            names = [layer.name for layer in find_layers(gm)]
-            raise ConfigError(f"InsertFakeQuant selects no layer (select={self.select!r}, types={self.types!r}); "
-                              f"the layers are {names}")
+        layers = select_layers(gm, "InsertFakeQuant", self.types, self.select)
         if self.rules is None:
             return [(layer, self.default_spec()) for layer in layers]
         assigned = self.rules.assign(layer.weight for layer in layers)

@@ -11,7 +11,6 @@ training loop, raises them along the Zhu & Gupta curve.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,7 +21,7 @@ from torch.fx import GraphModule
 from fxcompress.analyses import ShapeInfo
 from fxcompress.config import check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import Layer, find_layers
+from fxcompress.layers import Layer, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
                                            keep_highest, masked_scores)
@@ -148,16 +147,7 @@ class InsertMasks(Pass):
         return final if self.schedule is None or step is None else self.schedule.sparsity(final, step)
 
     def _candidates(self, gm: GraphModule) -> list[Layer]:
-        layers = find_layers(gm)
-        if self.types:
-            layers = [layer for layer in layers if layer.kind in self.types]
-        if self.select is not None:
-            layers = [layer for layer in layers if re.fullmatch(self.select, layer.name)]
-        if not layers:
-            names = [layer.name for layer in find_layers(gm)]
-            raise ConfigError(f"InsertMasks selects no layer (select={self.select!r}, types={self.types!r}); "
-                              f"the layers are {names}")
-        return layers
+        return select_layers(gm, "InsertMasks", self.types, self.select, required=True)
 
     def _apply(self, gm: GraphModule, targets: Sequence[Target]) -> tuple[int, dict[str, float]]:
         if self.scope == "global":
