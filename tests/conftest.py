@@ -1,10 +1,22 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from fxcompress.zoo import ZOO
 
 # One thread: on small shared machines, torch's thread pool makes tiny models many times slower.
 torch.set_num_threads(1)
+
+# Generated tests (hostile files, random architectures) run a bounded number of examples in CI;
+# FXCOMPRESS_LONG=1 selects the long mode (many more examples, no time limit per example).
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+LONG = os.environ.get("FXCOMPRESS_LONG", "") not in ("", "0")
+settings.load_profile("long" if LONG else "ci")
 
 
 @pytest.fixture(autouse=True)
