@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.node import map_arg
 
 from .analyses.channels import ChannelGraph, ChannelGroup
 from .channel_selection import lowest, norm_scores
 from .execution import evaluating
-from .layers import FUNCTIONS, bias_arg, layer_kind, weight_source
+from .layers import FUNCTIONS, bias_arg, layer_kind, weight_arg, weight_source
 from .pruning.masks import masks_only
 
 RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equations well posed
@@ -138,10 +139,31 @@ class _Capture(Interpreter):
         at = self._positions(n.name, windows.shape[:windows.dim() + 1 - m.weight.dim()])
         if self.before is not None:
             self.before(n, m, windows[at].flatten(1).double())
+            self._rerun_weight_chain(n)
         result = super().run_node(n)
         if self.after is not None:
             self.after(n, m, _outputs(m, result)[at].double())
         return result
+
+    def _rerun_weight_chain(self, n: Node) -> None:
+        """Recompute a functional layer's weight chain (stored weight -> mul(mask) ... -> layer).
+
+        `before` may rewrite the stored weight, but the chain's product was computed earlier in the
+        graph from the old values; without this the layer (and every layer after it, whose refit
+        targets are measured on its output) would run on the stale product while the model itself
+        computes with the new one.
+        """
+        chain, current = [], weight_arg(n) if n.op == "call_function" else None
+        while isinstance(current, Node) and current.op != "get_attr":
+            chain.append(current)
+            current = current.args[0]
+        # the chain reads only stored tensors (masks_only checked it), whose env values may be freed
+        values = {}
+        for node in reversed(chain):
+            args = map_arg(node.args, lambda a: values[a] if a in values else self.fetch_attr(a.target))
+            values[node] = node.target(*args, **node.kwargs)
+        if chain:
+            self.env[chain[0]] = values[chain[0]]
 
     def _positions(self, name: str, shape: torch.Size) -> tuple[torch.Tensor, ...]:
         """Indices, one tensor per dim of `shape`, of the sampled output positions of a layer.
