@@ -4,17 +4,24 @@ Nothing here knows about compression: masks and fake-quant live in the graph, so
 compressed GraphModule correctly. `step_hook(step)` runs after every optimizer step (schedules
 such as gradual pruning hook in there); `loss(logits, targets, inputs)` replaces cross-entropy
 (e.g. a distillation loss that needs the inputs to query a teacher).
+
+Data-parallel fine-tuning wraps the compressed GraphModule in DistributedDataParallel and trains
+each rank on `shard(data)`; `check_replicas(model)` then proves the ranks still hold bitwise
+identical parameters and buffers (shared centroids, masks, observer statistics).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .config import check_int, check_real
+from .errors import ConfigError, PreconditionError, VerificationError
 from .execution import evaluating
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,6 +37,59 @@ def _split(data) -> tuple[torch.Tensor, torch.Tensor]:
         return data.train_x, data.train_y
     inputs, targets = data
     return inputs, targets
+
+
+def shard(data, rank: int | None = None, world_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a training split (a Dataset or an (x, y) pair) for data-parallel training.
+
+    Rank r takes examples r, r + world_size, ...; the tail that does not divide evenly is dropped,
+    so every rank runs the same number of steps (a rank with one step more would wait forever in
+    DistributedDataParallel's gradient reduction). `rank` / `world_size` default to torch.distributed's.
+    """
+    if rank is None or world_size is None:
+        running = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if running else 0
+        world_size = dist.get_world_size() if running else 1
+    check_int("shard", "world_size", world_size, lo=1)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"shard.rank must be in [0, {world_size}), got {rank!r}")
+    inputs, targets = _split(data)
+    length = len(inputs) // world_size
+    return inputs[rank::world_size][:length], targets[rank::world_size][:length]
+
+
+def check_replicas(model: nn.Module) -> int:
+    """Raise VerificationError unless every rank holds bitwise the same parameters and buffers.
+
+    A collective: every rank calls it. Compares raw bytes (so -0.0 / 0.0 and NaN payloads count),
+    one gather for the whole model; the error names each tensor that differs and the ranks that
+    disagree with rank 0. Returns the number of tensors compared.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise PreconditionError("check_replicas: torch.distributed is not initialised (init_process_group first)")
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    layout = [(name, str(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+    layouts = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, layout)
+    for rank, other in enumerate(layouts):
+        if other != layout:
+            mismatch = sorted(set(other) ^ set(layout))[:3]
+            raise VerificationError(f"check_replicas: rank {rank} holds different tensors than rank "
+                                    f"{dist.get_rank()} (name, dtype, shape): {mismatch}")
+    raw = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
+    mine = torch.cat(raw) if raw else torch.zeros(0, dtype=torch.uint8)
+    gathered = [torch.empty_like(mine) for _ in layouts]
+    dist.all_gather(gathered, mine)
+    differ, start = [], 0
+    for name, part in zip(tensors, raw):
+        end = start + part.numel()
+        ranks = [r for r, other in enumerate(gathered) if not torch.equal(other[start:end], gathered[0][start:end])]
+        if ranks:
+            differ.append(f"{name} (ranks {ranks})")
+        start = end
+    if differ:
+        raise VerificationError(f"check_replicas: tensors differ from rank 0: {', '.join(differ)}")
+    return len(tensors)
 
 
 def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,

@@ -8,17 +8,36 @@ constructor kwargs come back from `config()`; `update(x)` folds a batch in, `ran
 * MovingAverageMinMaxObserver: an exponential moving average of per-batch extremes (QAT);
 * PercentileObserver: a histogram of everything seen, cut at a percentile on each side, so rare
   outliers do not stretch the grid.
+
+Under torch.distributed (initialised, world size > 1) every update reduces the batch's statistics
+across ranks before folding them in (extremes with MAX, histogram counts with SUM), so each rank
+holds the state one process would reach on the concatenation of the ranks' batches: identical
+grids everywhere, as calibration over the union of the data. Every rank must therefore feed its
+observers the same number of batches (calibrate on every rank, each on its own shard).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import check_int, check_real
 
 OBSERVERS = ("minmax", "moving_average", "percentile")
+
+
+def distributed() -> bool:
+    """Whether statistics are shared: torch.distributed is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """`tensor` reduced in place across all ranks when running distributed, else unchanged."""
+    if distributed():
+        dist.all_reduce(tensor, op)
+    return tensor
 
 
 class Observer(nn.Module):
@@ -40,8 +59,10 @@ class Observer(nn.Module):
         return {}
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's extremes, over every rank's batch when distributed (one MAX reduction of -low, high)."""
         low, high = x.detach().float().aminmax()
-        return low, high
+        extremes = all_reduce(torch.stack([-low, high]), dist.ReduceOp.MAX)
+        return -extremes[0], extremes[1]
 
 
 class MinMaxObserver(Observer):
@@ -96,14 +117,15 @@ class PercentileObserver(Observer):
 
     def update(self, x: torch.Tensor) -> None:
         values = x.detach().float().reshape(-1)
-        low, high = values.aminmax()
+        low, high = self._batch_range(values)  # every rank's extremes: all ranks grow the same limit
         extent = float(torch.maximum(low.abs(), high.abs()))
         if not bool(self.seen) or float(self.limit) == 0.0:
             self.limit.fill_(max(extent, 1e-8))
         while extent > float(self.limit):
             self._double()
         limit = float(self.limit)
-        self.histogram += torch.histc(values, self.bins, -limit, limit).double()
+        counts = torch.histc(values, self.bins, -limit, limit).double()
+        self.histogram += all_reduce(counts, dist.ReduceOp.SUM)  # integer counts: the sum is exact
         self.low.copy_(torch.minimum(low, self.low) if bool(self.seen) else low)
         self.high.copy_(torch.maximum(high, self.high) if bool(self.seen) else high)
         self.seen.fill_(True)
