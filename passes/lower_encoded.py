@@ -2,7 +2,8 @@
 
 The pass works from values: it evaluates the chain's effective weight (exact zeros where pruned, a
 few distinct values where quantized) and stores the smallest lossless encoding of it, so the
-lowered model computes with bit-identical weights. The encoded module is named inside the owner
+lowered model computes with bit-identical weights, in the weight's own dtype (float32, float64,
+float16 or bfloat16; the header records any but float32). The encoded module is named inside the owner
 (`fc1.weight_encoded`), the stored float weight and the chain's buffers and modules are removed.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from fxcompress.config import check_choice, check_int
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
-from fxcompress.encoded.tensor import LAYOUTS, encode_half, encode_tensor
+from fxcompress.encoded.tensor import DTYPES, LAYOUTS, encode_half, encode_tensor
+from fxcompress.errors import PreconditionError
 from fxcompress.layers import Layer, bias_arg, chain_transforms, effective_weight, find_layers, layer_node, weight_arg
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
@@ -66,6 +68,9 @@ class LowerToEncoded(Pass):
     def _encode_weight(self, gm: GraphModule, layer: Layer) -> EncodedWeight:
         node = layer_node(gm, layer)
         weight = effective_weight(gm, layer)
+        if str(weight.dtype).removeprefix("torch.") not in DTYPES:
+            raise PreconditionError(f"LowerToEncoded: layer {layer.name} has a {weight.dtype} weight; "
+                                    f"encoded weights are {', '.join(DTYPES)}")
         bits = [t.bits for t in chain_transforms(gm, node) if t.bits is not None]
         index_bits = self.index_bits or _DEEP_COMPRESSION_INDEX_BITS["conv" if layer.is_conv else "fc"]
         encoded = encode_tensor(weight, index_bits=index_bits,

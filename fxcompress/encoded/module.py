@@ -3,19 +3,21 @@
 It stores one uint8 buffer (`payload`: codebook, value stream, position stream, one after another)
 and a plain-data header. The dense tensor is decoded on first use and cached (the cache is not part
 of the state and is dropped on load or pickling).
+
+A file's header is untrusted: building the module allocates nothing by its sizes (the payload buffer
+starts empty and takes the size of the bytes attached to it), and `check_loaded` checks the header
+against those bytes, and the shape against the owning layer, before anything is decoded.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from fxcompress.errors import FormatError
 from fxcompress.layers import WeightTransform
 
-from .streams import Stream
-from .tensor import EncodedTensor, decode_tensor
-
-_STREAM_KEYS = ("coding", "count", "alphabet", "table_bytes", "payload_bytes")
+from .tensor import EncodedTensor, decode_tensor, tensor_from_header
 
 
 class EncodedWeight(WeightTransform):
@@ -25,8 +27,9 @@ class EncodedWeight(WeightTransform):
         super().__init__()
         self.header = header
         self.bits = bits
-        self.register_buffer("payload", torch.zeros(_payload_bytes(header), dtype=torch.uint8))
+        self.register_buffer("payload", torch.zeros(0, dtype=torch.uint8))
         self._dense: torch.Tensor | None = None
+        self._where = "encoded weight"  # the module path once check_loaded has named it
 
     @classmethod
     def from_encoded(cls, encoded: EncodedTensor, bits: int | None = None) -> EncodedWeight:
@@ -34,30 +37,42 @@ class EncodedWeight(WeightTransform):
         if encoded.positions is not None:
             parts += [encoded.positions.table, encoded.positions.payload]
         module = cls(encoded.header() | {"codebook_bytes": int(encoded.codebook_data.size)}, bits)
-        module.payload.copy_(torch.from_numpy(np.concatenate(parts).astype(np.uint8)))
+        module.payload = torch.from_numpy(np.concatenate(parts).astype(np.uint8))
         return module
 
     def encoded(self) -> EncodedTensor:
-        """The EncodedTensor view of the header and payload."""
-        header, data = self.header, self.payload.detach().cpu().numpy()
-        cursor = header["codebook_bytes"]
-        codebook = data[:cursor]
-        streams = []
-        for key in ("values", "positions"):
-            if header[key] is None:
-                streams.append(None)
-                continue
-            stream, cursor = _stream(header[key], data, cursor)
-            streams.append(stream)
-        return EncodedTensor(tuple(header["shape"]), header["layout"], header["index_bits"], header["codebook"],
-                             codebook, header["offset"], streams[0], streams[1])
+        """The EncodedTensor view of the header and payload; FormatError if they disagree."""
+        payload = self.payload
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.device.type == "meta":
+            raise FormatError(f"{self._where}: payload buffer is {payload.dtype} of shape {list(payload.shape)} "
+                              f"on {payload.device}, expected loaded uint8 bytes")
+        try:
+            return tensor_from_header(self.header, payload.detach().cpu().numpy())
+        except FormatError as exc:
+            raise FormatError(f"{self._where}: {exc}") from None
+
+    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
+        """Check a module rebuilt from a file, once its payload is attached: the header against the
+        payload's bytes and code tables, `bits`, and (given the model's root) the shape against the
+        layer that owns this weight. Raises FormatError naming `path` and the part."""
+        self._where = f"encoded weight {path}"
+        if self.bits is not None and (type(self.bits) is not int or not 1 <= self.bits <= 32):
+            raise FormatError(f"{self._where}: bits {self.bits!r} is not an integer in [1, 32]")
+        encoded = self.encoded()
+        owner, _, name = path.rpartition(".")
+        if root is not None and owner:
+            expected = layer_shapes(root.get_submodule(owner)).get(name.removesuffix("_encoded"))
+            if expected is not None and tuple(encoded.shape) != expected:
+                raise FormatError(f"{self._where}: header: shape {list(encoded.shape)} does not fit layer "
+                                  f"{owner} ({type(root.get_submodule(owner)).__name__}), which needs {list(expected)}")
 
     def forward(self) -> torch.Tensor:
         if self._dense is None or self._dense.device != self.payload.device:
+            encoded = self.encoded()
             try:
-                self._dense = decode_tensor(self.encoded()).to(self.payload.device)
-            except (ValueError, IndexError, KeyError, TypeError) as exc:
-                raise FormatError(f"encoded weight payload is inconsistent with its header: {exc}") from exc
+                self._dense = decode_tensor(encoded).to(self.payload.device)
+            except FormatError as exc:
+                raise FormatError(f"{self._where}: {exc}") from None
         return self._dense
 
     def storage_bytes(self) -> dict[str, int]:
@@ -72,28 +87,29 @@ class EncodedWeight(WeightTransform):
         return (f"shape={tuple(h['shape'])}, layout={h['layout']}, codebook={h['codebook']}, "
                 f"values={h['values']['coding']}, positions={positions}, bytes={self.payload.numel()}")
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._dense = None
-        super()._load_from_state_dict(*args, **kwargs)
+        incoming = state_dict.get(prefix + "payload")
+        if isinstance(incoming, torch.Tensor):  # the buffer takes the size of the bytes it is given
+            self.payload = torch.zeros(incoming.shape, dtype=torch.uint8, device=self.payload.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_dense"] = None
         return state
 
-
-def _payload_bytes(header: dict) -> int:
-    total = header["codebook_bytes"]
-    for key in ("values", "positions"):
-        if header[key] is not None:
-            total += header[key]["table_bytes"] + header[key]["payload_bytes"]
-    return total
+    def __setstate__(self, state):
+        super().__setstate__({"_where": "encoded weight"} | state)  # pickles from before paths were kept
 
 
-def _stream(header: dict, data: np.ndarray, cursor: int) -> tuple[Stream, int]:
-    table_end = cursor + header["table_bytes"]
-    end = table_end + header["payload_bytes"]
-    meta = {k: v for k, v in header.items() if k not in _STREAM_KEYS}
-    stream = Stream(header["coding"], header["count"], header["alphabet"], meta,
-                    data[cursor:table_end], data[table_end:end])
-    return stream, end
+def layer_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The weight and bias shapes a layer's configuration implies (empty for other modules)."""
+    if isinstance(layer, nn.Linear):
+        return {"weight": (layer.out_features, layer.in_features), "bias": (layer.out_features,)}
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        channels = (layer.in_channels, layer.out_channels) if layer.transposed else \
+            (layer.out_channels, layer.in_channels)
+        return {"weight": (channels[0], channels[1] // layer.groups, *layer.kernel_size),
+                "bias": (layer.out_channels,)}
+    return {}

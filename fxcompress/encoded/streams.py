@@ -11,12 +11,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fxcompress.errors import FormatError
+
 from . import huffman, rans
-from .bits import pack, read_fixed, width_for
+from .bits import MAX_CODE_BITS, pack, read_fixed, width_for
 
 CODINGS = ("fixed", "huffman", "rans")
 _LENGTH_BITS = 5  # Huffman code lengths are 0..16
 ENTROPY_CODED_ALPHABET = 4096  # larger alphabets (unshared float values) are only bit-packed by smallest()
+MAX_ALPHABET = 1 << 16  # symbols are 16-bit at most
+FREE_SYMBOLS = 1 << 16  # a single-symbol fixed stream codes up to this many symbols on 0 bits, longer ones on 1
+MAX_COUNT = 1 << 40  # far above any real tensor; keeps every size computed from a header an exact int64
+# the integer fields of each coding, besides the common ones
+_CODING_FIELDS = {"fixed": ("width",), "huffman": ("lanes", "lane_base", "lane_width"), "rans": ("lanes", "freq_width")}
+_COMMON_FIELDS = ("coding", "count", "alphabet", "table_bytes", "payload_bytes")
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class Stream:
 def encode_symbols(symbols: np.ndarray, alphabet: int, coding: str) -> Stream:
     symbols = np.asarray(symbols, dtype=np.int64)
     if coding == "fixed" or symbols.size == 0:
-        width = width_for(alphabet)
+        width = width_for(alphabet) or int(len(symbols) > FREE_SYMBOLS)  # keeps count bounded by the bytes
         return Stream("fixed", len(symbols), alphabet, {"width": width}, payload=pack(symbols, width))
     counts = np.bincount(symbols, minlength=alphabet)
     if coding == "huffman":
@@ -78,7 +86,10 @@ def _rans(symbols: np.ndarray, counts: np.ndarray) -> Stream:
 def decode_symbols(stream: Stream) -> np.ndarray:
     """The symbols of `stream` (int32 or int64 array of length `stream.count`)."""
     if stream.coding == "fixed":
-        return read_fixed(stream.payload, stream.meta["width"], stream.count)
+        symbols = read_fixed(stream.payload, stream.meta["width"], stream.count)
+        if symbols.max(initial=0) >= stream.alphabet:
+            raise FormatError(f"symbol {int(symbols.max())} is outside the alphabet of {stream.alphabet}")
+        return symbols
     if stream.coding == "huffman":
         return _decode_huffman(stream)
     if stream.coding == "rans":
@@ -87,25 +98,124 @@ def decode_symbols(stream: Stream) -> np.ndarray:
 
 
 def _decode_huffman(stream: Stream) -> np.ndarray:
+    lengths, lane_bits = _huffman_table(stream)
+    return huffman.decode(stream.payload, lengths, lane_bits, stream.count)
+
+
+def _huffman_table(stream: Stream) -> tuple[np.ndarray, np.ndarray]:
+    """(code lengths, bits of every lane), checked to form a prefix code that fits the payload."""
     meta, table = stream.meta, stream.table
     lengths = read_fixed(table, _LENGTH_BITS, stream.alphabet)
     length_bytes = (stream.alphabet * _LENGTH_BITS + 7) // 8
     starts = read_fixed(table[length_bytes:], meta["lane_width"], meta["lanes"] - 1) + meta["lane_base"]
-    lane_bits = np.append(starts, 0)
-    if lengths.max(initial=0) > 16 or int(starts.sum()) > 8 * stream.payload.size:
-        raise ValueError("Huffman table does not match its stream")
-    return huffman.decode(stream.payload, lengths, lane_bits, stream.count)
+    if lengths.max(initial=0) > MAX_CODE_BITS:
+        raise FormatError(f"Huffman code length {int(lengths.max())} is above {MAX_CODE_BITS}")
+    used = lengths[lengths > 0]
+    kraft = int((np.int64(1) << (MAX_CODE_BITS - used)).sum())  # 2^16 * the Kraft sum
+    # the encoder writes complete codes, or one symbol on one bit
+    if stream.count and kraft != 1 << MAX_CODE_BITS and used.tolist() != [1]:
+        raise FormatError("Huffman code lengths do not form a complete prefix code")
+    if int(starts.sum()) > 8 * stream.payload.size:
+        raise FormatError("Huffman lane lengths exceed the payload")
+    return lengths, np.append(starts, 0)
 
 
 def _decode_rans(stream: Stream) -> np.ndarray:
+    freq, states = _rans_table(stream)
+    try:
+        return rans.decode(stream.payload.view("<u2"), states, freq, stream.count)
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None
+
+
+def _rans_table(stream: Stream) -> tuple[np.ndarray, np.ndarray]:
+    """(frequencies, final lane states), checked: a power-of-two total, states in the coder's range."""
     meta, table = stream.meta, stream.table
     freq = read_fixed(table, meta["freq_width"], stream.alphabet)
     freq_bytes = (stream.alphabet * meta["freq_width"] + 7) // 8
-    states = table[freq_bytes:freq_bytes + 4 * meta["lanes"]].view("<u4")
+    states = table[freq_bytes:].view("<u4")
     total = int(freq.sum())
-    if total & (total - 1) or len(states) != meta["lanes"]:
-        raise ValueError("rANS table does not match its stream")
-    return rans.decode(stream.payload.view("<u2"), states, freq, stream.count)
+    if total == 0 or total & (total - 1) or total > 1 << 16:
+        raise FormatError(f"rANS frequencies sum to {total}, not a power of two up to 2^16")
+    if stream.count and states.min() < rans.LOW:
+        raise FormatError("rANS lane state below the coder's range")
+    return freq, states
+
+
+def stream_from_header(header: dict, data: np.ndarray) -> Stream:
+    """The Stream a plain-data header describes over `data` (its table then payload bytes), checked."""
+    if not isinstance(header, dict):
+        raise FormatError(f"header is {type(header).__name__}, not a mapping")
+    coding = header.get("coding")
+    if coding not in CODINGS:
+        raise FormatError(f"coding {coding!r} is not one of {CODINGS}")
+    expected = set(_COMMON_FIELDS + _CODING_FIELDS[coding])
+    if set(header) != expected:
+        raise FormatError(f"fields {sorted(set(header) ^ expected)} are missing or unknown for {coding}")
+    count, alphabet = header_int(header, "count", 0, MAX_COUNT), header_int(header, "alphabet", 1, MAX_ALPHABET)
+    table_bytes = header_int(header, "table_bytes", 0, data.size)
+    if table_bytes + header_int(header, "payload_bytes", 0, data.size) != data.size:
+        raise FormatError("table and payload bytes do not add up to the stream's part of the payload")
+    meta = {k: header_int(header, k, 0, MAX_COUNT) for k in _CODING_FIELDS[coding]}
+    stream = Stream(coding, count, alphabet, meta, data[:table_bytes], data[table_bytes:])
+    _SIZE_CHECKS[coding](stream)
+    return stream
+
+
+def check_tables(stream: Stream) -> None:
+    """Check the code tables (not the symbols): Huffman lengths, rANS frequencies and states."""
+    if stream.coding == "huffman":
+        _huffman_table(stream)
+    elif stream.coding == "rans":
+        _rans_table(stream)
+
+
+def header_int(header: dict, key: str, low: int, high: int) -> int:
+    value = header[key]
+    if type(value) is not int or not low <= value <= high:
+        raise FormatError(f"field {key!r} is {value!r}, expected an integer in [{low}, {high}]")
+    return value
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise FormatError(message)
+
+
+def _check_fixed(s: Stream) -> None:
+    width = s.meta["width"]
+    _expect(width_for(s.alphabet) <= width <= MAX_CODE_BITS,
+            f"width {width} cannot code an alphabet of {s.alphabet} on at most {MAX_CODE_BITS} bits")
+    _expect(width > 0 or s.count <= FREE_SYMBOLS, f"{s.count} symbols on 0 bits (at most {FREE_SYMBOLS})")
+    _expect(s.table.size == 0, "a fixed code has no table")
+    _expect(s.payload.size == (s.count * width + 7) // 8, f"{s.count} symbols of {width} bits need "
+            f"{(s.count * width + 7) // 8} bytes, the payload has {s.payload.size}")
+
+
+def _check_lanes(s: Stream, lane_symbols: int, table_bytes: int) -> None:
+    lanes = s.meta["lanes"]
+    _expect(1 <= lanes <= max(s.count, 1), f"{lanes} lanes for {s.count} symbols")
+    _expect(s.count <= lanes * lane_symbols, f"{s.count} symbols in {lanes} lanes of at most {lane_symbols}")
+    _expect(s.table.size == table_bytes, f"table is {s.table.size} bytes, its fields describe {table_bytes}")
+
+
+def _check_huffman(s: Stream) -> None:
+    _expect(s.meta["lane_width"] <= MAX_CODE_BITS, f"lane width {s.meta['lane_width']} is above {MAX_CODE_BITS}")
+    _expect(s.meta["lane_base"] <= 8 * s.payload.size, "lane base is past the payload")
+    _expect(s.count <= 8 * s.payload.size, f"{s.count} symbols cannot fit {s.payload.size} bytes of codes")
+    lanes = s.meta["lanes"]
+    table_bytes = (s.alphabet * _LENGTH_BITS + 7) // 8 + (max(lanes - 1, 0) * s.meta["lane_width"] + 7) // 8
+    _check_lanes(s, huffman.LANE_SYMBOLS, table_bytes)
+
+
+def _check_rans(s: Stream) -> None:
+    width = s.meta["freq_width"]
+    _expect(1 <= width <= 17, f"frequency width {width} is not in [1, 17]")
+    _expect(s.payload.size % 2 == 0, "payload is not a whole number of 16-bit words")
+    _check_lanes(s, rans.LANE_SYMBOLS, (s.alphabet * width + 7) // 8 + 4 * s.meta["lanes"])
+
+
+_SIZE_CHECKS = {"fixed": _check_fixed, "huffman": _check_huffman, "rans": _check_rans}
 
 
 def smallest(symbols: np.ndarray, alphabet: int, codings: tuple[str, ...] = CODINGS) -> Stream:
@@ -139,4 +249,4 @@ def estimate_bytes(counts: np.ndarray, coding: str) -> float:
     return bits / 8 + 6 * lanes + alphabet * int(freq.max()).bit_length() / 8 + 4 * lanes
 
 
-__all__ = ["CODINGS", "Stream", "decode_symbols", "encode_symbols", "smallest"]
+__all__ = ["CODINGS", "Stream", "check_tables", "decode_symbols", "encode_symbols", "smallest", "stream_from_header"]

@@ -4,7 +4,9 @@ Layouts: `dense` codes every element (zero is one more codebook value); `relativ
 nonzeros only, their positions as relative indices (see positions.py).
 Codebooks: `table` (the distinct values, per tensor or per output channel), `grid` (values are
 k * step for integers k, as fixed-point codes are: only the step is stored), `float16` / `float32`
-(no sharing: the raw bit patterns, two 16-bit symbols per float32).
+/ `float64` (no sharing: the raw bit patterns as 16-bit symbols, 1, 2 or 4 per value).
+Values are coded as float64 for float64 tensors and as float32 otherwise (exact for float16 and
+bfloat16); `dtype` gives the decoded tensor's dtype.
 """
 from __future__ import annotations
 
@@ -14,18 +16,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fxcompress.errors import FormatError
+
 from . import positions as pos
-from .streams import CODINGS, Stream, decode_symbols, smallest
+from .streams import CODINGS, MAX_ALPHABET, Stream, check_tables, decode_symbols, header_int, smallest, \
+    stream_from_header
 
 LAYOUTS = ("dense", "relative")
-MAX_ALPHABET = 1 << 16
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RAW_KINDS = {"float16": np.float16, "float32": np.float32, "float64": np.float64}  # 16-bit symbols: itemsize / 2
+CODEBOOKS = ("table", "table_per_channel", "grid", *RAW_KINDS)
+MAX_DIMS = 8
+_HEADER_FIELDS = {"shape", "layout", "index_bits", "codebook", "offset", "values", "positions", "codebook_bytes"}
+
+
+def coded_type(dtype: str) -> type:
+    """The float type a tensor of `dtype` is coded in: exact for every supported dtype."""
+    return np.float64 if dtype == "float64" else np.float32
 
 
 @dataclass(frozen=True)
 class Codebook:
-    kind: str                  # "table" | "table_per_channel" | "grid" | "float16" | "float32"
-    data: np.ndarray           # uint8: float32 values, (per channel) uint16 row counts first, or the grid step
-    symbols: np.ndarray        # one symbol per coded value (two per value for float32)
+    kind: str                  # "table" | "table_per_channel" | "grid" | "float16" | "float32" | "float64"
+    data: np.ndarray           # uint8: the values, (per channel) uint16 row counts first, or the grid step
+    symbols: np.ndarray        # one symbol per coded value (two / four per value for float32 / float64)
     alphabet: int
     offset: int = 0            # grid: the integer of symbol 0
 
@@ -40,6 +54,7 @@ class EncodedTensor:
     offset: int
     values: Stream
     positions: Stream | None
+    dtype: str = "float32"
 
     def storage_bytes(self) -> dict[str, int]:
         """Exact bytes by part; `header` is the compact JSON of everything that is not an array."""
@@ -48,70 +63,86 @@ class EncodedTensor:
                 "header": len(json.dumps(self.header(), separators=(",", ":")))}
 
     def header(self) -> dict:
-        return {"shape": list(self.shape), "layout": self.layout, "index_bits": self.index_bits,
-                "codebook": self.codebook, "offset": self.offset, "values": self.values.header(),
-                "positions": self.positions.header() if self.positions else None}
+        """The plain-data header; `dtype` only when it is not float32 (older files have none)."""
+        header = {"shape": list(self.shape), "layout": self.layout, "index_bits": self.index_bits,
+                  "codebook": self.codebook, "offset": self.offset, "values": self.values.header(),
+                  "positions": self.positions.header() if self.positions else None}
+        return header | ({"dtype": self.dtype} if self.dtype != "float32" else {})
 
     @property
     def nbytes(self) -> int:
         return sum(self.storage_bytes().values())
 
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def symbols_per_value(self) -> int:
+        return np.dtype(RAW_KINDS[self.codebook]).itemsize // 2 if self.codebook in RAW_KINDS else 1
+
 
 def _bits(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return np.ascontiguousarray(values).view(f"u{values.itemsize}")
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("<")).view(np.uint8)
 
 
 def table_codebook(values: np.ndarray) -> Codebook:
     uniq, symbols = np.unique(_bits(values), return_inverse=True)
-    return Codebook("table", uniq.astype("<u4").view(np.uint8), symbols, len(uniq))
+    return Codebook("table", _little_endian(uniq), symbols, len(uniq))
 
 
 def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: int) -> Codebook:
-    keys = (rows.astype(np.uint64) << np.uint64(32)) | _bits(values).astype(np.uint64)
+    distinct, value_id = np.unique(_bits(values), return_inverse=True)  # ids keep the values' order
+    keys = (rows.astype(np.uint64) << np.uint64(32)) | value_id.astype(np.uint64)
     uniq, inverse = np.unique(keys, return_inverse=True)
     counts = np.bincount((uniq >> np.uint64(32)).astype(np.int64), minlength=num_rows)
     first = np.cumsum(counts) - counts
     symbols = inverse - first[rows]
     data = np.concatenate([counts.astype("<u2").view(np.uint8),
-                           (uniq & np.uint64(0xFFFFFFFF)).astype("<u4").view(np.uint8)])
+                           _little_endian(distinct[(uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)])])
     return Codebook("table_per_channel", data, symbols, int(counts.max(initial=1)))
 
 
-def grid_codebook(values: np.ndarray) -> Codebook | None:
-    """Values that are exactly float32(k) * step for a shared step (fixed-point codes), else None."""
+def grid_codebook(values: np.ndarray, ftype: type = np.float32) -> Codebook | None:
+    """Values that are exactly ftype(k) * step for a shared step (fixed-point codes), else None."""
     distinct = np.unique(values.astype(np.float64))
     gaps = np.diff(distinct) if len(distinct) > 1 else np.abs(distinct[:1]) + (distinct[:1] == 0)
     power = np.floor(np.log2(gaps.min()))  # fixed-point steps are powers of two, maybe below the smallest gap
-    for step in [np.float32(gaps.min())] + [np.float32(2.0 ** (power - i)) for i in range(8)]:
+    for step in [ftype(gaps.min())] + [ftype(2.0 ** (power - i)) for i in range(8)]:
         k = np.rint(values / np.float64(step)).astype(np.int64)
-        if k.max() - k.min() < MAX_ALPHABET and np.array_equal(k.astype(np.float32) * step, values):
-            data = np.array([step], dtype="<f4").view(np.uint8)
+        if k.max() - k.min() < MAX_ALPHABET and np.array_equal(k.astype(ftype) * step, values):
+            data = _little_endian(np.array([step], dtype=ftype))
             return Codebook("grid", data, k - k.min(), int(k.max() - k.min() + 1), int(k.min()))
     return None
 
 
 def raw_codebook(values: np.ndarray, kind: str) -> Codebook:
-    symbols = np.ascontiguousarray(values, dtype=np.float16 if kind == "float16" else np.float32).view(np.uint16)
+    symbols = np.ascontiguousarray(values, dtype=RAW_KINDS[kind]).view(np.uint16)
     return Codebook(kind, np.zeros(0, np.uint8), symbols.astype(np.int64), MAX_ALPHABET)
 
 
 def codebooks(values: np.ndarray, rows: np.ndarray, num_rows: int) -> list[Codebook]:
-    """Every lossless codebook that applies to these float32 values."""
-    found = [raw_codebook(values, "float32")]
+    """Every lossless codebook that applies to these values (float32 or float64)."""
+    found = [raw_codebook(values, "float64" if values.dtype == np.float64 else "float32")]
     if values.size and len(np.unique(_bits(values))) <= MAX_ALPHABET:
         found.append(table_codebook(values))
     if values.size and num_rows > 1:
         per_channel = table_per_channel_codebook(values, rows, num_rows)
-        if per_channel.alphabet <= MAX_ALPHABET:
+        if per_channel.alphabet < MAX_ALPHABET:  # channel counts are stored as uint16
             found.append(per_channel)
-    grid = grid_codebook(values) if values.size else None
+    grid = grid_codebook(values, values.dtype.type) if values.size else None
     return found + ([grid] if grid is not None else [])
 
 
 def encode_tensor(weight: torch.Tensor, *, layouts: tuple[str, ...] = LAYOUTS,
                   codings: tuple[str, ...] = CODINGS, index_bits: int = 5) -> EncodedTensor:
-    """The smallest lossless encoding of a float32 tensor among the given layouts and codings."""
-    flat = weight.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1)
+    """The smallest lossless encoding of a floating-point tensor among the given layouts and codings."""
+    dtype = _dtype_name(weight)
+    flat = weight.detach().to("cpu", DTYPES[np.dtype(coded_type(dtype)).name]).contiguous().numpy().reshape(-1)
     shape = tuple(weight.shape)
     num_rows = shape[0] if len(shape) >= 2 else 1
     row_size = max(flat.size // max(num_rows, 1), 1)
@@ -120,59 +151,176 @@ def encode_tensor(weight: torch.Tensor, *, layouts: tuple[str, ...] = LAYOUTS,
         where = np.flatnonzero(flat) if layout == "relative" else np.arange(flat.size)
         positions = None
         if layout == "relative":
-            positions = smallest(pos.gaps_from_positions(where, index_bits), 1 << index_bits, codings)
+            positions = smallest(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings)
         for book in codebooks(flat[where], where // row_size, num_rows):
-            allowed = ("fixed",) if book.kind.startswith("float") else codings
+            allowed = ("fixed",) if book.kind in RAW_KINDS else codings
             values = smallest(book.symbols, book.alphabet, allowed)
-            candidate = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, values, positions)
+            candidate = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, values,
+                                      positions, dtype)
             if best is None or candidate.nbytes < best.nbytes:
                 best = candidate
     return best
 
 
 def encode_half(tensor: torch.Tensor) -> EncodedTensor:
-    """A tensor rounded to float16 (lossy, for biases when asked), stored raw."""
+    """A tensor rounded to float16 (lossy, for biases when asked), stored raw; decoded to its own dtype."""
+    dtype = _dtype_name(tensor)
     flat = tensor.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1)
     book = raw_codebook(flat, "float16")
     values = smallest(book.symbols, book.alphabet, ("fixed",))
-    return EncodedTensor(tuple(tensor.shape), "dense", 0, "float16", book.data, 0, values, None)
+    return EncodedTensor(tuple(tensor.shape), "dense", 0, "float16", book.data, 0, values, None, dtype)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise TypeError(f"cannot encode a {name} tensor; supported dtypes: {', '.join(DTYPES)}")
+    return name
 
 
 def decode_tensor(encoded: EncodedTensor) -> torch.Tensor:
-    """The float32 tensor, bit for bit as it was encoded (float16 codebooks: as rounded)."""
-    numel = int(np.prod(encoded.shape, dtype=np.int64))
-    per_value = 2 if encoded.codebook == "float32" else 1  # two 16-bit symbols per raw float32
+    """The tensor, bit for bit as it was encoded (float16 codebooks: as rounded), in its dtype."""
+    numel, per_value = encoded.numel, encoded.symbols_per_value
     where = None
     if encoded.layout == "relative":
-        where = pos.positions_from_gaps(decode_symbols(encoded.positions), encoded.index_bits)
-        if len(where) * per_value != encoded.values.count or (len(where) and where[-1] >= numel):
-            raise ValueError("positions do not match the tensor")
-    elif encoded.values.count != numel * per_value:
-        raise ValueError("value count does not match the tensor")
-    values = _values(encoded, decode_symbols(encoded.values), where, numel)
-    flat = values if where is None else np.zeros(numel, np.float32)
+        where, span = pos.positions_and_span(decode_symbols(encoded.positions), encoded.index_bits)
+        if len(where) * per_value != encoded.values.count:
+            raise FormatError(f"positions stream: {len(where)} positions for {encoded.values.count} value symbols")
+        if span > numel or numel - span >= (1 << encoded.index_bits) - 1:
+            raise FormatError(f"positions stream: covers {span} elements of a tensor of {numel}")
+    values = _values(encoded, decode_symbols(encoded.values), where)
+    flat = values if where is None else np.zeros(numel, values.dtype)
     if where is not None:
         flat[where] = values
-    return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).reshape(encoded.shape)
+    return torch.from_numpy(np.ascontiguousarray(flat)).reshape(encoded.shape).to(DTYPES[encoded.dtype])
 
 
-def _values(encoded: EncodedTensor, symbols: np.ndarray, where: np.ndarray | None, numel: int) -> np.ndarray:
-    kind, data = encoded.codebook, encoded.codebook_data
-    if kind == "float32":
-        return symbols.astype(np.uint16).view(np.float32)
-    if kind == "float16":
-        return symbols.astype(np.uint16).view(np.float16).astype(np.float32)
+def _values(encoded: EncodedTensor, symbols: np.ndarray, where: np.ndarray | None) -> np.ndarray:
+    kind, data, ftype = encoded.codebook, encoded.codebook_data, coded_type(encoded.dtype)
+    values = np.dtype(ftype).newbyteorder("<")
+    if kind in RAW_KINDS:
+        return symbols.astype(np.uint16).view(RAW_KINDS[kind]).astype(ftype)
     if kind == "grid":
-        return (symbols.astype(np.int64) + encoded.offset).astype(np.float32) * data.view("<f4")[0]
+        return (symbols.astype(np.int64) + encoded.offset).astype(ftype) * data.view(values)[0]
     if kind == "table":
-        return data.view("<f4")[symbols]
-    if kind == "table_per_channel":
-        num_rows = encoded.shape[0]
-        counts = data[:2 * num_rows].view("<u2").astype(np.int64)
-        index = np.arange(numel) if where is None else where
-        first = np.cumsum(counts) - counts
-        rows = index // (numel // num_rows)
-        if np.any(symbols >= counts[rows]):
-            raise ValueError("codebook index out of range")
-        return data[2 * num_rows:].view("<f4")[first[rows] + symbols]
-    raise ValueError(f"unknown codebook {kind!r}")
+        return data.view(values)[symbols]
+    num_rows = encoded.shape[0]  # table_per_channel
+    counts = data[:2 * num_rows].view("<u2").astype(np.int64)
+    index = np.arange(encoded.numel) if where is None else where
+    first = np.cumsum(counts) - counts
+    rows = index // max(encoded.numel // num_rows, 1)
+    if np.any(symbols >= counts[rows]):
+        raise FormatError("values stream: a codebook index is past its channel's codebook")
+    return data[2 * num_rows:].view(values)[first[rows] + symbols]
+
+
+def tensor_from_header(header: dict, payload: np.ndarray) -> EncodedTensor:
+    """The EncodedTensor a plain-data header describes over `payload`, every size checked first.
+
+    Raises FormatError naming the part ("header", "codebook", "values stream", "positions stream").
+    Nothing is allocated by a declared size: every part must be present in `payload`, and the
+    declared tensor must be one the streams can describe (see _check_counts).
+    """
+    if not isinstance(header, dict) or not _HEADER_FIELDS <= set(header) <= _HEADER_FIELDS | {"dtype"}:
+        raise FormatError(f"header: expected the fields {sorted(_HEADER_FIELDS)} (and optionally dtype)")
+    shape, layout, index_bits, kind, dtype = _header_fields(header)
+    cursor = _field(header_int, header, "codebook_bytes", 0, payload.size)
+    codebook, parts = payload[:cursor], []
+    for name in ("values", "positions"):
+        if header[name] is None:
+            parts.append(None)
+            continue
+        try:
+            size = header_int(header[name], "table_bytes", 0, payload.size) + \
+                header_int(header[name], "payload_bytes", 0, payload.size)
+            parts.append(stream_from_header(header[name], payload[cursor:cursor + size]))
+        except (FormatError, KeyError, TypeError) as exc:
+            raise FormatError(f"{name} stream: {_reason(exc)}") from None
+        cursor += size
+    if cursor != payload.size:
+        raise FormatError(f"header: codebook and streams describe {cursor} bytes, the payload has {payload.size}")
+    encoded = EncodedTensor(shape, layout, index_bits, kind, codebook, header["offset"], parts[0], parts[1], dtype)
+    _check_counts(encoded)
+    _check_codebook(encoded)
+    for name, stream in (("values", encoded.values), ("positions", encoded.positions)):
+        if stream is not None:
+            _in_part(f"{name} stream", check_tables, stream)
+    return encoded
+
+
+def _reason(exc: Exception) -> str:
+    return f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else str(exc)
+
+
+def _in_part(part: str, check, *args):
+    try:
+        return check(*args)
+    except FormatError as exc:
+        raise FormatError(f"{part}: {exc}") from None
+
+
+def _field(check, *args):
+    return _in_part("header", check, *args)
+
+
+def _header_fields(header: dict) -> tuple[tuple[int, ...], str, int, str, str]:
+    shape = header["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
+            any(type(d) is not int or not 0 <= d < 1 << 31 for d in shape):
+        raise FormatError(f"header: shape {shape!r} is not a list of at most {MAX_DIMS} sizes")
+    choices = {"layout": LAYOUTS, "codebook": CODEBOOKS, "dtype": tuple(DTYPES)}
+    for key, allowed in choices.items():
+        if header.get(key, "float32") not in allowed:
+            raise FormatError(f"header: {key} {header[key]!r} is not one of {allowed}")
+    relative = header["layout"] == "relative"
+    index_bits = _field(header_int, header, "index_bits", int(relative), 16)
+    _field(header_int, header, "offset", -(1 << 53), 1 << 53)
+    if (header["positions"] is None) == relative:
+        raise FormatError("header: a positions stream goes with the relative layout, and only with it")
+    return tuple(shape), header["layout"], index_bits, header["codebook"], header.get("dtype", "float32")
+
+
+def _check_counts(encoded: EncodedTensor) -> None:
+    """The declared tensor is one the streams describe: as many values as elements (dense), or
+    positions whose codes reach the last element (relative: trailing zeros are coded as fillers)."""
+    numel, per_value, values = encoded.numel, encoded.symbols_per_value, encoded.values.count
+    if encoded.layout == "dense" and values != numel * per_value:
+        raise FormatError(f"values stream: {values} symbols for {numel} elements of {per_value} symbols each")
+    if encoded.layout == "relative":
+        filler = (1 << encoded.index_bits) - 1
+        if values % per_value or values > numel * per_value:
+            raise FormatError(f"values stream: {values} symbols for at most {numel} elements")
+        if encoded.positions.alphabet != filler + 1:
+            raise FormatError(f"positions stream: alphabet {encoded.positions.alphabet} for "
+                              f"{encoded.index_bits}-bit indices")
+        if numel >= (encoded.positions.count + 1) * filler:
+            raise FormatError(f"positions stream: {encoded.positions.count} codes cannot reach element {numel - 1}")
+
+
+def _check_codebook(encoded: EncodedTensor) -> None:
+    """The codebook's size fits its kind and addresses every symbol the values stream can hold."""
+    kind, size, alphabet = encoded.codebook, encoded.codebook_data.size, encoded.values.alphabet
+    item = np.dtype(coded_type(encoded.dtype)).itemsize
+    if kind in RAW_KINDS:
+        if size:
+            raise FormatError(f"codebook: a raw {kind} codebook has no bytes, found {size}")
+        if alphabet != MAX_ALPHABET:
+            raise FormatError(f"values stream: alphabet {alphabet} for 16-bit raw symbols")
+        return
+    if encoded.offset and kind != "grid":
+        raise FormatError(f"header: offset {encoded.offset} is only for grid codebooks")
+    if kind == "grid":
+        if size != item or not np.isfinite(encoded.codebook_data.view(f"<f{item}")[0]):
+            raise FormatError(f"codebook: a grid is one finite step of {item} bytes")
+        return
+    rows = encoded.shape[0] if kind == "table_per_channel" else 0
+    if kind == "table_per_channel" and (len(encoded.shape) < 2 or rows == 0):
+        raise FormatError(f"codebook: per-channel codebook for shape {list(encoded.shape)}")
+    if size < 2 * rows or (size - 2 * rows) % item:
+        raise FormatError(f"codebook: {size} bytes are not {2 * rows} count bytes and whole {item}-byte values")
+    entries = (size - 2 * rows) // item
+    counts = encoded.codebook_data[:2 * rows].view("<u2")
+    if rows and (int(counts.sum(dtype=np.int64)) != entries or max(int(counts.max()), 1) != alphabet):
+        raise FormatError("codebook: channel counts do not match its values or the alphabet")
+    if not rows and alphabet > entries and encoded.values.count:
+        raise FormatError(f"values stream: alphabet {alphabet} is larger than the codebook ({entries} values)")
