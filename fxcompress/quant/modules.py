@@ -59,11 +59,23 @@ class KMeansWeight(WeightTransform):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        table = self.table()
-        if self.groups == 1:  # index_select: the backward is one index_add into the codebook
-            return table[0].index_select(0, self.codes.reshape(-1)).reshape(self.codes.shape).to(weight.dtype)
-        rows = table.gather(1, as_rows(self.codes, self.axis).long())
-        return from_rows(rows, self.codes.shape, self.axis).to(weight.dtype)
+        # One index_select into the flat table: the backward is one index_add whose codebook part is
+        # contiguous, laid out like the codebook (a padded 2-D table would give the codebook a strided
+        # gradient, which DistributedDataParallel has to copy into its buckets, with a warning).
+        flat = self.codebook.reshape(-1)
+        table = torch.cat([flat.new_zeros(1), flat]) if self.fixed_zero else flat
+        positions = self.positions()
+        values = table.index_select(0, positions.reshape(-1)).reshape(positions.shape)
+        return from_rows(values, self.codes.shape, self.axis).to(weight.dtype)
+
+    def positions(self) -> torch.Tensor:
+        """(groups, values): each weight's index in the codebook flattened row after row, after a fixed 0 if any.
+
+        Code c of group g is codebook[g, c - 1] (c >= 1) with a fixed zero, codebook[g, c] without.
+        """
+        codes = as_rows(self.codes, self.axis).long()
+        positions = codes + torch.arange(self.groups, device=codes.device).unsqueeze(1) * self.size
+        return positions.masked_fill(codes == 0, 0) if self.fixed_zero else positions
 
     def recluster(self, weight: torch.Tensor, seed: int = 0) -> None:
         """Cluster `weight` (the chain's float input) again, starting from the current centroids.

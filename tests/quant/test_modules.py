@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from fxcompress.errors import PreconditionError
 from fxcompress.layers import WeightTransform
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
+from fxcompress.quant.quantizers import as_rows, from_rows
 
 
 def pruned(shape=(12, 30), seed=0):
@@ -35,6 +36,20 @@ def test_centroid_gradient_is_the_sum_of_its_members_gradients(axis):
             expected = grad[rows][members].sum()
             assert module.codebook.grad[group, c] == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
     assert w.grad is None  # the float weight does not train while the codes stand in for it
+
+
+@pytest.mark.parametrize("shape, axis", [((12, 30), None), ((12, 30), 0), ((6, 4, 3, 3), 0), ((6, 4, 3, 3), 1)])
+@pytest.mark.parametrize("fix_zeros", [True, False])
+def test_codes_decode_through_the_table_and_the_codebook_gradient_has_its_layout(shape, axis, fix_zeros):
+    w = pruned(shape)
+    module = KMeansWeight.fit(w, 3, axis=axis, fix_zeros=fix_zeros)
+    assert module.fixed_zero == fix_zeros
+    rows = as_rows(module.codes, axis).long()
+    expected = from_rows(module.table().gather(1, rows), w.shape, axis)  # code c of group g is table()[g, c]
+    assert torch.equal(module(w), expected)
+    (module(w) * torch.randn(shape)).sum().backward()
+    # the layout DistributedDataParallel's gradient buckets expect: no strided gradient to copy
+    assert module.codebook.grad.stride() == module.codebook.stride() and module.codebook.grad.is_contiguous()
 
 
 def test_pruned_weights_stay_zero_through_training_steps():
