@@ -1,11 +1,18 @@
 """What a saved file may name: functions, tensor methods and module types (data tables).
 
 Loading resolves names through these tables only, so a file can never reach other code
-(no torch.load, no file or process functions, no imports by name).
+(no torch.load, no file or process functions, no imports by name). The tables grow in three
+ways, never from a file: torchvision's traced-through functions when torchvision imports,
+`register_function` and `register_module` for a program's own trusted code.
 """
 from __future__ import annotations
 
+import builtins
+import importlib
+import inspect
+import keyword
 import operator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +28,7 @@ log_softmax reshape transpose permute chunk split mean sum prod exp log sqrt rsq
 ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maximum minimum conv1d conv2d conv3d
 conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
-adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select""".split()
+adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert""".split()
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem eq ne lt le gt ge and_ or_ xor invert
 abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
@@ -31,8 +38,21 @@ numel unbind gather index_select cumsum norm std var square detach clone split_w
 mT transpose_ sub_ add_ mul_ div_ relu_ to""".split())
 
 
+# `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.
+TENSOR_PROPERTIES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT"})
+
+# torchvision functions that fx records as calls (torch.fx.wrap), registered when torchvision imports;
+# its modules (StochasticDepth, Conv2dNormActivation, SqueezeExcitation, ...) are traced through.
+TORCHVISION_FUNCTIONS = (
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"),
+    ("torchvision.models.swin_transformer", "shifted_window_attention"),
+    ("torchvision.models.swin_transformer", "_patch_merging_pad"),
+    ("torchvision.models.swin_transformer", "_get_relative_position_bias"),
+)
+
+
 def _functions() -> dict[str, object]:
-    table = {}
+    table = {"builtins.getattr": builtins.getattr}
     for prefix, module, names in (("torch.nn.functional", F, _FUNCTIONAL), ("torch", torch, _TORCH),
                                   ("operator", operator, _OPERATOR)):
         for name in names:
@@ -45,6 +65,7 @@ FUNCTIONS: dict[str, object] = _functions()
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():
     FUNCTION_NAMES.setdefault(_fn, _name)
+_torchvision_tried = False
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 _POOL = ("kernel_size", "stride", "padding")
@@ -73,6 +94,7 @@ MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
 }
 MODULE_NAMES: dict[type, str] = {cls: name for name, (cls, _) in MODULES.items()}
+STANDARD_MODULES = frozenset(MODULES)  # built on the meta device, their unsaved tensors dropped
 
 
 def fxcompress_modules() -> dict[str, type]:
@@ -90,3 +112,81 @@ def fxcompress_modules() -> dict[str, type]:
 DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _check_new_name(name: Any, table: dict, entry: object, what: str) -> None:
+    from fxcompress.errors import ConfigError  # errors imports nothing; kept local beside its only use
+    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+        raise ConfigError(f"{what}: name {name!r} must be a dotted Python name")
+    if table.get(name, entry) is not entry:
+        raise ConfigError(f"{what}: name {name!r} already names {table[name]!r}")
+
+
+def register_function(fn: Callable, name: str | None = None) -> str:
+    """Allow `fn` in saved graphs as a call_function target, under `name` (default: module.qualname).
+
+    Only a program that registered it can save or load a file naming it; register the same
+    function, under the same name, before `fxcompress.load`. Returns the name.
+    """
+    from fxcompress.errors import ConfigError
+    if not callable(fn):
+        raise ConfigError(f"register_function: {fn!r} is not callable")
+    name = _qualified_name(fn) if name is None else name
+    _check_new_name(name, FUNCTIONS, fn, "register_function")
+    FUNCTIONS[name] = fn
+    FUNCTION_NAMES.setdefault(fn, name)
+    return name
+
+
+def register_module(cls: type, fields: Iterable[str], name: str | None = None) -> str:
+    """Allow module type `cls` in saved files, rebuilt as `cls(**{f: module.f for f in fields})`.
+
+    `fields` are attributes of an instance that are also constructor arguments; its parameters and
+    buffers come from the file's tensor table. Returns the name the file will use.
+    """
+    from fxcompress.errors import ConfigError
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"register_module: {cls!r} is not an nn.Module subclass")
+    fields = tuple(fields)
+    accepted = inspect.signature(cls).parameters
+    for field in fields:
+        if not isinstance(field, str) or field not in accepted or not field.isidentifier():
+            raise ConfigError(f"register_module: field {field!r} is not a constructor argument of {cls.__name__}")
+    name = _qualified_name(cls) if name is None else name
+    _check_new_name(name, {k: v[0] for k, v in MODULES.items()}, cls, "register_module")
+    if MODULES.get(name, (cls, fields))[1] != fields:
+        raise ConfigError(f"register_module: {name!r} is already registered with fields {MODULES[name][1]}")
+    MODULES[name] = (cls, fields)
+    MODULE_NAMES[cls] = name
+    return name
+
+
+def ensure_torchvision() -> None:
+    """Register torchvision's traced functions, once, if torchvision can be imported (it is optional)."""
+    global _torchvision_tried
+    if _torchvision_tried:
+        return
+    _torchvision_tried = True
+    for module_name, attr in TORCHVISION_FUNCTIONS:
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            continue  # torchvision missing, or a version without this function
+        FUNCTIONS.setdefault(f"{module_name}.{attr}", fn)
+        FUNCTION_NAMES.setdefault(fn, f"{module_name}.{attr}")
+
+
+def is_safe_name(name: Any) -> bool:
+    """A name that may become Python source: an ASCII identifier (Python folds other letters to ASCII
+    ones), not a keyword, no dunder, not `self`."""
+    return (isinstance(name, str) and name.isascii() and name.isidentifier() and not keyword.iskeyword(name)
+            and "__" not in name and name != "self")
+
+
+def is_safe_path_part(part: str) -> bool:
+    """One step of a module / attribute path: a safe name, or a container index such as `0`."""
+    return is_safe_name(part) or (part.isdigit() and part.isascii())

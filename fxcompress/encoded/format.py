@@ -15,6 +15,7 @@ Layout (all integers little-endian; docs/file-format.md has the full description
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -29,13 +30,23 @@ from fxcompress.errors import FormatError
 from fxcompress.history import history, set_history
 from fxcompress.pass_base import PassRecord
 
-from .allowlist import DTYPES
-from .graphdata import graph_from_data, graph_to_data, modules_from_data, modules_to_data
+from .allowlist import DTYPES, MODULE_NAMES
+from .graphdata import fail, graph_from_data, graph_to_data, modules_from_data, modules_to_data, split_slot
 
 MAGIC = b"\x89FXC\r\n\x1a\n"
 VERSION = 1
 _HEADER = struct.Struct("<8sHII")  # magic, version, manifest length, manifest CRC32; then the header's CRC32
 HEADER_BYTES = _HEADER.size + 4
+# The manifest may inflate to at most this multiple of its compressed size, plus a constant: real
+# manifests inflate 5-20x, while a crafted zlib stream could reach 1000x.
+MANIFEST_RATIO = 64
+MANIFEST_SLACK = 1 << 20
+MAX_JSON_DEPTH = 64  # real manifests nest about 10 levels
+MAX_TENSOR_DIMS = 32
+_MANIFEST_KEYS = {"graph", "modules", "tensors", "history", "data_bytes"}
+_TENSOR_KEYS = {"name", "kind", "dtype", "shape", "offset", "length", "crc32", "requires_grad"}
+_HISTORY_TYPES = {"name": str, "config": dict, "changed": bool, "nodes_created": list, "nodes_erased": list,
+                  "nodes_changed": list, "params_touched": list, "stats": dict, "seconds": (int, float)}
 
 
 def _tensors(gm: GraphModule) -> list[tuple[str, str, torch.Tensor]]:
@@ -51,8 +62,12 @@ def _raw(tensor: torch.Tensor) -> bytes:
     return t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def to_bytes(gm: GraphModule) -> bytes:
-    """The file contents for `gm` (see the module docstring)."""
+def to_bytes(gm: GraphModule, *, deterministic: bool = True) -> bytes:
+    """The file contents for `gm` (see the module docstring).
+
+    `deterministic` zeroes the pass history's wall-clock seconds, so the same model, seed and
+    passes give byte-identical files.
+    """
     segments, table, offset = [], [], 0
     for name, kind, tensor in _tensors(gm):
         data = _raw(tensor)
@@ -61,16 +76,20 @@ def to_bytes(gm: GraphModule) -> bytes:
                       "crc32": zlib.crc32(data), "requires_grad": bool(tensor.requires_grad)})
         segments.append(data)
         offset += len(data)
+    records = [r.as_dict() | ({"seconds": 0.0} if deterministic else {}) for r in history(gm)]
     manifest = {"graph": graph_to_data(gm), "modules": modules_to_data(gm), "tensors": table,
-                "history": [r.as_dict() for r in history(gm)], "data_bytes": offset}
+                "history": records, "data_bytes": offset}
     packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     header = _HEADER.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed))
     return b"".join([header, struct.pack("<I", zlib.crc32(header)), packed, *segments])
 
 
-def save(gm: GraphModule, path: str | os.PathLike) -> int:
-    """Write `gm` to `path` atomically (temp file in the same folder, then rename); returns the size."""
-    data = to_bytes(gm)
+def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True) -> int:
+    """Write `gm` to `path` atomically (temp file in the same folder, then rename); returns the size.
+
+    With `deterministic` (the default) the pass history's timings are stored as 0.
+    """
+    data = to_bytes(gm, deterministic=deterministic)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
@@ -87,7 +106,10 @@ def save(gm: GraphModule, path: str | os.PathLike) -> int:
 
 
 def load(path: str | os.PathLike) -> GraphModule:
-    """Read a file written by `save`; any damage raises FormatError naming the segment."""
+    """Read a file written by `save`; any damage raises FormatError naming the part.
+
+    Never runs code from the file (docs/file-format.md, "What load guarantees").
+    """
     return from_bytes(Path(path).read_bytes())
 
 
@@ -96,12 +118,13 @@ def from_bytes(data: bytes) -> GraphModule:
     try:
         root = modules_from_data(manifest["modules"])
         _load_tensors(root, manifest["tensors"], data, start, manifest["data_bytes"])
-        gm = GraphModule(root, graph_from_data(manifest["graph"]))
+        _check_loaded(root)
+        gm = GraphModule(root, graph_from_data(manifest["graph"], root))
         gm.graph.lint()
-        set_history(gm, tuple(PassRecord.from_dict(r) for r in manifest["history"]))
+        set_history(gm, _history(manifest["history"]))
     except FormatError:
         raise
-    except Exception as exc:  # a manifest that passed its checksum but does not describe a model
+    except Exception as exc:  # defence in depth: every check above should have named the part already
         raise FormatError(f"manifest: does not describe a valid model ({type(exc).__name__}: {exc})") from exc
     return gm
 
@@ -121,51 +144,183 @@ def _read_manifest(data: bytes) -> tuple[dict, int]:
         raise FormatError("manifest: file is truncated inside the manifest")
     if zlib.crc32(packed) != crc:
         raise FormatError("manifest: checksum mismatch (the file is corrupted)")
+    manifest = _parse(_inflate(packed))
+    if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_KEYS:
+        raise FormatError(f"manifest: must be an object with exactly the keys {sorted(_MANIFEST_KEYS)}")
+    return manifest, HEADER_BYTES + length
+
+
+def _inflate(packed: bytes) -> bytes:
+    """The manifest's JSON text, refusing (before allocating it) any that would exceed the bound."""
+    limit = MANIFEST_RATIO * len(packed) + MANIFEST_SLACK
+    inflater = zlib.decompressobj()
     try:
-        return json.loads(zlib.decompress(packed)), HEADER_BYTES + length
-    except (zlib.error, ValueError) as exc:
-        raise FormatError(f"manifest: cannot be decoded ({exc})") from exc
+        text = inflater.decompress(packed, limit)
+    except zlib.error as exc:
+        raise FormatError(f"manifest: cannot be decompressed ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise FormatError(f"manifest: inflates beyond {limit} bytes ({MANIFEST_RATIO}x its compressed size "
+                          f"+ {MANIFEST_SLACK}), refused")
+    if not inflater.eof or inflater.unused_data:
+        raise FormatError("manifest: the compressed stream is truncated or followed by other bytes")
+    return text
 
 
-def _load_tensors(root: torch.nn.Module, table: list[dict], data: bytes, start: int, data_bytes: int) -> None:
+def _parse(text: bytes) -> object:
+    try:
+        manifest = json.loads(text)
+    except RecursionError:
+        raise FormatError("manifest: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise FormatError(f"manifest: cannot be decoded ({exc})") from None
+    _check_depth(manifest)
+    return manifest
+
+
+def _check_depth(value: object) -> None:
+    """Refuse JSON nested beyond MAX_JSON_DEPTH (iteratively: deep data must not exhaust the stack)."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise FormatError(f"manifest: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+
+
+def _load_tensors(root: torch.nn.Module, table: object, data: bytes, start: int, data_bytes: object) -> None:
+    """Attach every tensor of the table; entries must tile the data region exactly, in order."""
+    if not isinstance(data_bytes, int) or isinstance(data_bytes, bool) or data_bytes < 0:
+        raise FormatError("manifest: data_bytes must be a non-negative integer")
     if len(data) != start + data_bytes:
         what = "truncated" if len(data) < start + data_bytes else "followed by unexpected bytes"
         raise FormatError(f"tensor data: file is {what} ({len(data)} bytes, expected {start + data_bytes})")
-    for entry in table:
-        root_attr(root, entry, _tensor(entry, data, start))
-    saved = {e["name"] for e in table}
-    for path, module in root.named_modules():
-        for store in (module._parameters, module._buffers):
-            for name in [n for n, t in store.items() if t is not None and _join(path, n) not in saved]:
-                store[name] = None  # a rebuilt layer's own tensor that the saved model did not have
+    if not isinstance(table, list):
+        raise FormatError("manifest: tensors: must be a list")
+    seen, offset = set(), 0
+    for index, entry in enumerate(table):
+        name = _check_entry(entry, index, seen, offset, data_bytes)
+        module, slot = split_slot(root, name, f"tensor {name!r}")
+        _check_slot(module, slot, entry)
+        _attach(module, slot, entry, _tensor(entry, memoryview(data)[start:]))
+        seen.add(name)
+        offset += entry["length"]
+    if offset != data_bytes:
+        raise FormatError(f"tensor data: the table covers {offset} of its {data_bytes} bytes")
+    _drop_unsaved(root)
 
 
-def _tensor(entry: dict, data: bytes, start: int) -> torch.Tensor:
+def _check_entry(entry: object, index: int, seen: set, offset: int, data_bytes: int) -> str:
+    """The entry's name, once its fields have the right types and its bytes the right place and size."""
+    if not isinstance(entry, dict) or set(entry) != _TENSOR_KEYS:
+        raise FormatError(f"manifest: tensor #{index}: must have exactly the keys {sorted(_TENSOR_KEYS)}")
     name = entry["name"]
-    if entry["dtype"] not in DTYPES:
-        raise FormatError(f"tensor {name}: dtype {entry['dtype']!r} is not supported")
-    dtype = DTYPES[entry["dtype"]]
-    np_dtype = np.dtype(torch.empty(0, dtype=dtype if dtype != torch.bfloat16 else torch.int16).numpy().dtype)
-    segment = data[start + entry["offset"]:start + entry["offset"] + entry["length"]]
-    if len(segment) != entry["length"] or entry["length"] != np_dtype.itemsize * int(np.prod(entry["shape"])):
-        raise FormatError(f"tensor {name}: segment length does not match its shape")
+    where = f"tensor {name!r}" if isinstance(name, str) else f"tensor #{index}"
+    shape, length = entry["shape"], entry["length"]
+    if not isinstance(name, str) or name in seen:
+        raise fail(where, "name must be a string, used once")
+    if entry["kind"] not in ("parameter", "buffer") or not isinstance(entry["requires_grad"], bool):
+        raise fail(where, "kind must be 'parameter' or 'buffer' and requires_grad a boolean")
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
+        raise fail(where, f"dtype {entry['dtype']!r} is not supported")
+    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+            or not all(_is_count(d) and d < 2 ** 48 for d in shape)):
+        raise fail(where, f"shape must be at most {MAX_TENSOR_DIMS} non-negative integers")
+    if not all(_is_count(entry[k]) for k in ("offset", "length", "crc32")):
+        raise fail(where, "offset, length and crc32 must be non-negative integers")
+    if entry["offset"] != offset or offset + length > data_bytes:
+        raise fail(where, f"bytes [{entry['offset']}, +{length}) do not follow the previous tensor "
+                          f"(at {offset}) inside the {data_bytes} data bytes")
+    if length != _itemsize(DTYPES[entry["dtype"]]) * math.prod(shape):
+        raise fail(where, f"segment length {length} does not match shape {shape} of {entry['dtype']}")
+    return name
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _check_slot(module: torch.nn.Module, slot: str, entry: dict) -> None:
+    """An existing slot keeps its kind, shape and kind of dtype (a module with `check_loaded` checks its
+    own shapes); a new slot may not shadow an attribute."""
+    where = f"tensor {entry['name']!r}"
+    stores = {"parameter": module._parameters, "buffer": module._buffers}
+    if slot in stores["parameter"] or slot in stores["buffer"]:
+        if slot not in stores[entry["kind"]]:
+            raise fail(where, f"is stored as a {entry['kind']}, but the rebuilt module has it as the other kind")
+        current = stores[entry["kind"]][slot]
+        dtype = DTYPES[entry["dtype"]]
+        if current is not None and not hasattr(type(module), "check_loaded") and (list(current.shape) != entry["shape"]
+                                    or current.dtype.is_floating_point != dtype.is_floating_point
+                                    or (not dtype.is_floating_point and current.dtype != dtype)):
+            raise fail(where, f"{entry['dtype']}{entry['shape']} does not fit the module's slot "
+                              f"{str(current.dtype).removeprefix('torch.')}{list(current.shape)}")
+    elif slot in module._modules or hasattr(module, slot):
+        raise fail(where, f"slot {slot!r} would replace an attribute of {type(module).__name__}")
+
+
+def _tensor(entry: dict, region: memoryview) -> torch.Tensor:
+    """The tensor of one entry, checked, from its bytes: one copy, no larger than the segment."""
+    name, offset, length = entry["name"], entry["offset"], entry["length"]
+    segment = region[offset:offset + length]
     if zlib.crc32(segment) != entry["crc32"]:
         raise FormatError(f"tensor {name}: checksum mismatch (the file is corrupted)")
+    dtype = DTYPES[entry["dtype"]]
+    stored = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(dtype, dtype)
+    np_dtype = torch.empty(0, dtype=stored).numpy().dtype
     array = np.frombuffer(segment, dtype=np_dtype.newbyteorder("<")).astype(np_dtype).reshape(entry["shape"])
-    tensor = torch.from_numpy(array.copy())
-    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+    if dtype == torch.bool and array.size and array.max() > 1:
+        raise fail(f"tensor {name!r}", "a bool tensor holds bytes other than 0 and 1")
+    tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if dtype in (torch.bfloat16, torch.bool) else tensor
 
 
-def root_attr(root: torch.nn.Module, entry: dict, tensor: torch.Tensor) -> None:
-    parent, _, name = entry["name"].rpartition(".")
-    module = root.get_submodule(parent)
-    module._parameters.pop(name, None)
-    module._buffers.pop(name, None)
+def _attach(module: torch.nn.Module, slot: str, entry: dict, tensor: torch.Tensor) -> None:
+    module._parameters.pop(slot, None)
+    module._buffers.pop(slot, None)
     if entry["kind"] == "parameter":
-        module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=entry["requires_grad"]))
+        if entry["requires_grad"] and not (tensor.is_floating_point() or tensor.is_complex()):
+            raise fail(f"tensor {entry['name']!r}", "an integer parameter cannot require gradients")
+        module.register_parameter(slot, torch.nn.Parameter(tensor, requires_grad=entry["requires_grad"]))
     else:
-        module.register_buffer(name, tensor)
+        module.register_buffer(slot, tensor)
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+def _drop_unsaved(root: torch.nn.Module) -> None:
+    """Slots the file left on the meta device: a standard layer's are dropped (the saved model had none,
+    e.g. a lowered layer's float weight); fxcompress's own modules need all of theirs."""
+    for path, module in root.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name in [n for n, t in store.items() if t is not None and t.is_meta]:
+                if type(module) not in MODULE_NAMES:
+                    raise fail(f"module {path!r}", f"tensor {name!r} is missing from the tensor table")
+                store[name] = None
+
+
+def _check_loaded(root: torch.nn.Module) -> None:
+    """Let each module check itself against its tensors (an encoded weight its header against its
+    payload, and its shape against the layer it feeds: hence the root)."""
+    for path, module in root.named_modules():
+        if callable(getattr(type(module), "check_loaded", None)):
+            module.check_loaded(path, root)
+
+
+def _history(records: object) -> tuple[PassRecord, ...]:
+    if not isinstance(records, list):
+        raise FormatError("manifest: history: must be a list")
+    result = []
+    for index, record in enumerate(records):
+        where = f"history entry #{index}"
+        if not isinstance(record, dict) or not {"name", "config", "changed"} <= set(record) <= set(_HISTORY_TYPES):
+            raise fail(where, f"must be an object with keys among {sorted(_HISTORY_TYPES)}")
+        for key, value in record.items():
+            if not isinstance(value, _HISTORY_TYPES[key]) or (key == "seconds" and isinstance(value, bool)):
+                raise fail(where, f"{key} has the wrong type ({type(value).__name__})")
+            if _HISTORY_TYPES[key] is list and not all(isinstance(v, str) for v in value):
+                raise fail(where, f"{key} must list node or parameter names")
+        result.append(PassRecord.from_dict(record))
+    return tuple(result)

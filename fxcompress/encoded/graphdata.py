@@ -1,8 +1,17 @@
-"""A GraphModule's graph and module tree as plain JSON data, and back, through the allow-lists."""
+"""A GraphModule's graph and module tree as plain JSON data, and back, through the allow-lists.
+
+Loading treats every string as hostile: torch.fx turns node names, placeholder targets, kwargs keys
+and attribute paths into the source of `forward`, and copies attributes along `get_attr` /
+`call_module` paths. So each name must be a plain ASCII identifier (no keyword, no dunder), each
+path must walk only the module tree (`_modules`, then a parameter or buffer slot), and each
+argument is rebuilt from a closed set of tagged values. Any violation is a FormatError naming
+the node or module.
+"""
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -10,8 +19,19 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxcompress.errors import FormatError
 
-from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES, fxcompress_modules
+from .allowlist import (DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES, TENSOR_PROPERTIES,
+                        ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
 
+MAX_ARG_DEPTH = 32  # nesting of one argument (tuples, lists, dicts, slices)
+_NODE_KEYS = {"name", "op", "target", "args", "kwargs"}
+_MODULE_KEYS = {"path", "type", "config", "training"}
+
+
+def fail(where: str, message: str) -> FormatError:
+    return FormatError(f"manifest: {where}: {message}")
+
+
+# ---- saving -------------------------------------------------------------------------------------
 
 def _encode_arg(value: Any, where: str) -> Any:
     if isinstance(value, Node):
@@ -36,53 +56,40 @@ def _encode_arg(value: Any, where: str) -> Any:
     raise FormatError(f"cannot save {where}: argument {value!r} of type {type(value).__name__} is not storable")
 
 
-def _decode_arg(value: Any, nodes: dict[str, Node]) -> Any:
-    if isinstance(value, list):
-        return [_decode_arg(v, nodes) for v in value]
-    if not isinstance(value, dict):
-        return value
-    (key, inner), = value.items()
-    decoders = {
-        "n": lambda: nodes[inner], "f": lambda: float(inner), "e": lambda: Ellipsis,
-        "t": lambda: tuple(_decode_arg(v, nodes) for v in inner),
-        "d": lambda: {_decode_arg(k, nodes): _decode_arg(v, nodes) for k, v in inner},
-        "s": lambda: slice(*(_decode_arg(v, nodes) for v in inner)),
-        "dt": lambda: DTYPES[inner], "dev": lambda: torch.device(inner),
-    }
-    return decoders[key]()
+def _function_name(node: Node, where: str) -> str:
+    if node.target not in FUNCTION_NAMES:
+        ensure_torchvision()
+    if node.target not in FUNCTION_NAMES:
+        raise FormatError(f"cannot save {where}: {node.target!r} is not in the allow-list of functions "
+                          "(fxcompress.register_function adds a trusted one)")
+    if node.target is getattr and not _is_property_read(node.args, node.kwargs):
+        raise FormatError(f"cannot save {where}: getattr is stored only for tensor properties "
+                          f"{sorted(TENSOR_PROPERTIES)}")
+    return FUNCTION_NAMES[node.target]
+
+
+def _check_names_storable(node: Node, where: str) -> None:
+    names = [node.name, *node.kwargs]
+    if node.op == "placeholder":
+        names.append(node.target)
+    paths = [node.target] if node.op in ("get_attr", "call_module") else []
+    if not all(map(is_safe_name, names)) or not all(is_safe_path_part(p) for t in paths for p in t.split(".")):
+        raise FormatError(f"cannot save {where}: a name or target is not a plain identifier (or uses a dunder)")
 
 
 def graph_to_data(gm: GraphModule) -> list[dict]:
     nodes = []
     for node in gm.graph.nodes:
         where = f"node {node.format_node()}"
+        _check_names_storable(node, where)
         target = node.target
         if node.op == "call_function":
-            if target not in FUNCTION_NAMES:
-                raise FormatError(f"cannot save {where}: {target!r} is not in the allow-list of functions")
-            target = FUNCTION_NAMES[target]
+            target = _function_name(node, where)
         elif node.op == "call_method" and target not in METHODS:
             raise FormatError(f"cannot save {where}: method {target!r} is not in the allow-list")
         nodes.append({"name": node.name, "op": node.op, "target": target,
                       "args": _encode_arg(node.args, where), "kwargs": _encode_arg(node.kwargs, where)})
     return nodes
-
-
-def graph_from_data(nodes: list[dict]) -> Graph:
-    graph, env = Graph(), {}
-    for item in nodes:
-        op, target = item["op"], item["target"]
-        if op == "call_function":
-            if target not in FUNCTIONS:
-                raise FormatError(f"graph: function {target!r} is not in the allow-list")
-            target = FUNCTIONS[target]
-        elif op == "call_method" and target not in METHODS:
-            raise FormatError(f"graph: method {target!r} is not in the allow-list")
-        elif op not in ("placeholder", "get_attr", "call_module", "output", "call_method"):
-            raise FormatError(f"graph: unknown node op {op!r}")
-        args, kwargs = _decode_arg(item["args"], env), _decode_arg(item["kwargs"], env)
-        env[item["name"]] = graph.create_node(op, target, tuple(args), dict(kwargs), name=item["name"])
-    return graph
 
 
 def modules_to_data(gm: GraphModule) -> list[dict]:
@@ -95,6 +102,8 @@ def modules_to_data(gm: GraphModule) -> list[dict]:
             continue
         if any(path.startswith(prefix + ".") for prefix in rebuilt):
             continue
+        if not all(map(is_safe_path_part, path.split("."))):
+            raise FormatError(f"cannot save module {path!r}: a path step is not a plain identifier")
         cls = type(module)
         if cls in MODULE_NAMES:
             fields = MODULES[MODULE_NAMES[cls]][1]
@@ -104,33 +113,340 @@ def modules_to_data(gm: GraphModule) -> list[dict]:
             described.append({"path": path, "type": ours[cls], "config": module.config()})
             rebuilt.append(path)
         elif path in called:
-            raise FormatError(f"cannot save module {path!r}: type {cls.__name__} is not in the allow-list")
+            raise FormatError(f"cannot save module {path!r}: type {cls.__name__} is not in the allow-list "
+                              "(fxcompress.register_module adds a trusted one)")
         else:
             described.append({"path": path, "type": "container", "config": {}})
         described[-1]["training"] = module.training
     return described
 
 
-def modules_from_data(described: list[dict]) -> nn.Module:
-    root, ours = nn.Module(), None
-    for item in described:
-        path, kind, config = item["path"], item["type"], item["config"]
-        if kind == "root":
-            root.training = bool(item["training"])
+# ---- loading: values ----------------------------------------------------------------------------
+
+def _hashable(value: Any, where: str) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise fail(where, f"dict key {value!r} is not hashable") from None
+    return value
+
+
+def _device(inner: Any, where: str) -> torch.device:
+    try:
+        return torch.device(_typed(inner, str, where, "device"))
+    except RuntimeError as exc:
+        raise fail(where, f"device {inner!r} is invalid ({exc})") from None
+
+
+def _number(inner: Any, where: str) -> float:
+    try:
+        return float(_typed(inner, str, where, "non-finite float"))
+    except ValueError:
+        raise fail(where, f"non-finite float {inner!r} is not a number") from None
+
+
+def _dtype(inner: Any, where: str) -> torch.dtype:
+    if not isinstance(inner, str) or inner not in DTYPES:
+        raise fail(where, f"dtype {inner!r} is not supported")
+    return DTYPES[inner]
+
+
+def _typed(value: Any, kind: type | tuple, where: str, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise fail(where, f"{what} must be {getattr(kind, '__name__', kind)}, not {type(value).__name__}")
+    return value
+
+
+def _pairs(inner: Any, where: str) -> list:
+    items = _typed(inner, list, where, "a dict's items")
+    if not all(isinstance(p, list) and len(p) == 2 for p in items):
+        raise fail(where, "a dict's items must be [key, value] pairs")
+    return items
+
+
+def _slice_parts(inner: Any, where: str) -> list:
+    if not isinstance(inner, list) or len(inner) != 3:
+        raise fail(where, "a slice must be [start, stop, step]")
+    return inner
+
+
+# tag -> decoder(inner, decode-one-value, where); a closed set, so an argument is only ever data
+_TAGS: dict[str, Callable] = {
+    "t": lambda inner, dec, w: tuple(map(dec, _typed(inner, list, w, "a tuple"))),
+    "d": lambda inner, dec, w: {_hashable(dec(k), w): dec(v) for k, v in _pairs(inner, w)},
+    "s": lambda inner, dec, w: slice(*map(dec, _slice_parts(inner, w))),
+    "e": lambda inner, dec, w: Ellipsis,
+    "f": lambda inner, dec, w: _number(inner, w),
+    "dt": lambda inner, dec, w: _dtype(inner, w),
+    "dev": lambda inner, dec, w: _device(inner, w),
+}
+
+
+def decode_arg(value: Any, nodes: dict[str, Node] | None, where: str, depth: int = 0) -> Any:
+    """A stored argument back as a value; `nodes` are the earlier nodes (None: no node may be named)."""
+    if depth > MAX_ARG_DEPTH:
+        raise fail(where, f"an argument is nested deeper than {MAX_ARG_DEPTH} levels")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    dec = lambda v: decode_arg(v, nodes, where, depth + 1)  # noqa: E731
+    if isinstance(value, list):
+        return [dec(v) for v in value]
+    if not isinstance(value, dict) or len(value) != 1:
+        raise fail(where, f"argument {_short(value)} is not a stored value")
+    (tag, inner), = value.items()
+    if tag == "n":
+        if nodes is None or not isinstance(inner, str) or inner not in nodes:
+            raise fail(where, f"argument names {_short(inner)}, which is not an earlier node")
+        return nodes[inner]
+    if tag not in _TAGS:
+        raise fail(where, f"argument tag {_short(tag)} is unknown")
+    return _TAGS[tag](inner, dec, where)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---- loading: paths in the module tree ----------------------------------------------------------
+
+def submodule(root: nn.Module, path: str, where: str) -> nn.Module:
+    """The submodule at dotted `path`, walking only `_modules` (never attributes or classes)."""
+    module = root
+    for part in path.split(".") if path else []:
+        if not is_safe_path_part(part):
+            raise fail(where, f"path {_short(path)} has an unsafe step {_short(part)}")
+        if part not in module._modules or module._modules[part] is None:
+            raise fail(where, f"path {_short(path)} does not name a submodule")
+        module = module._modules[part]
+    return module
+
+
+def split_slot(root: nn.Module, path: Any, where: str) -> tuple[nn.Module, str]:
+    """(owning module, slot name) of a parameter / buffer path such as `fc1.weight`."""
+    parent, _, name = _typed(path, str, where, "a tensor path").rpartition(".")
+    if not is_safe_path_part(name):
+        raise fail(where, f"path {_short(path)} has an unsafe step {_short(name)}")
+    return submodule(root, parent, where), name
+
+
+def _attribute_target(root: nn.Module, target: Any, where: str) -> str:
+    module, name = split_slot(root, target, where)
+    slots = (module._modules, module._parameters, module._buffers)
+    if not any(store.get(name) is not None for store in slots):
+        raise fail(where, f"target {_short(target)} is not a submodule, parameter or buffer")
+    return target
+
+
+def _module_target(root: nn.Module, target: Any, where: str) -> str:
+    submodule(root, _typed(target, str, where, "a module target"), where)
+    return target
+
+
+def _function_target(name: Any, where: str) -> Callable:
+    if isinstance(name, str) and name not in FUNCTIONS and name.startswith("torchvision."):
+        ensure_torchvision()
+    if not isinstance(name, str) or name not in FUNCTIONS:
+        raise fail(where, f"function {_short(name)} is not in the allow-list; if you trust it, register it "
+                          "with fxcompress.register_function before loading")
+    return FUNCTIONS[name]
+
+
+def _method_target(name: Any, where: str) -> str:
+    if not isinstance(name, str) or name not in METHODS:
+        raise fail(where, f"method {_short(name)} is not in the allow-list")
+    return name
+
+
+def _placeholder_target(name: Any, where: str) -> str:
+    if not is_safe_name(name):
+        raise fail(where, f"placeholder target {_short(name)} is not a plain identifier")
+    return name
+
+
+def _output_target(name: Any, where: str) -> str:
+    if name != "output":
+        raise fail(where, f"output target {_short(name)} must be 'output'")
+    return name
+
+
+# op -> how its target is resolved (root, stored target, where) -> fx target
+_TARGETS: dict[str, Callable] = {
+    "placeholder": lambda root, t, w: _placeholder_target(t, w),
+    "get_attr": _attribute_target,
+    "call_module": lambda root, t, w: _module_target(root, t, w),
+    "call_function": lambda root, t, w: _function_target(t, w),
+    "call_method": lambda root, t, w: _method_target(t, w),
+    "output": lambda root, t, w: _output_target(t, w),
+}
+
+
+# ---- loading: the graph -------------------------------------------------------------------------
+
+def _is_property_read(args: tuple, kwargs: dict) -> bool:
+    return (len(args) == 2 and isinstance(args[0], Node) and isinstance(args[1], str)
+            and args[1] in TENSOR_PROPERTIES and not kwargs)
+
+
+def _check_call(op: str, target: Any, args: tuple, kwargs: dict, where: str) -> None:
+    """The argument shapes torch.fx's code generator assumes for each op."""
+    rules = {
+        "placeholder": len(args) <= 1 and not kwargs and not _mentions_node(args),
+        "get_attr": not args and not kwargs,
+        "output": len(args) == 1 and not kwargs,
+        "call_method": bool(args) and isinstance(args[0], Node),
+        "call_module": True,
+        "call_function": target is not getattr or _is_property_read(args, kwargs),
+    }
+    if not rules[op]:
+        raise fail(where, f"the arguments of this {op} node have the wrong form")
+    if op == "call_function" and not _binds(target, args, kwargs):
+        raise fail(where, f"the arguments do not match the signature of {getattr(target, '__name__', target)}")
+
+
+def _mentions_node(value: Any) -> bool:
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _binds(fn: Callable, args: tuple, kwargs: dict) -> bool:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True  # a builtin without a signature: torch checks its arguments when called
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+def _kwargs(value: Any, nodes: dict[str, Node], where: str) -> dict:
+    kwargs = decode_arg(value, nodes, where)
+    if not isinstance(kwargs, dict) or not all(map(is_safe_name, kwargs)):
+        raise fail(where, "kwargs must be a dict whose keys are plain identifiers")
+    return kwargs
+
+
+def _node_entry(item: Any, index: int) -> tuple[str, str]:
+    if not isinstance(item, dict) or set(item) != _NODE_KEYS:
+        raise fail(f"graph node #{index}", f"must be an object with exactly the keys {sorted(_NODE_KEYS)}")
+    name, op = item["name"], item["op"]
+    if not is_safe_name(name):
+        raise fail(f"graph node #{index}", f"name {_short(name)} is not a plain identifier")
+    if op not in _TARGETS:
+        raise fail(f"graph node {name!r}", f"unknown op {_short(op)}")
+    return name, op
+
+
+def graph_from_data(items: Any, root: nn.Module) -> Graph:
+    """The graph, checked against the rebuilt module tree `root` before torch.fx generates any code."""
+    graph, nodes = Graph(), {}
+    ops = [_node_entry(item, i)[1] for i, item in enumerate(_typed(items, list, "graph", "the graph"))]
+    if ops.count("output") != 1 or ops[-1] != "output":
+        raise fail("graph", "must end with its one output node")
+    if "placeholder" in ops[ops.count("placeholder"):]:
+        raise fail("graph", "placeholder nodes must come first")
+    for item in items:
+        name, op = item["name"], item["op"]
+        where = f"graph node {name!r}"
+        target = _TARGETS[op](root, item["target"], where)
+        args = decode_arg(item["args"], nodes, where)
+        if not isinstance(args, tuple):
+            raise fail(where, "args must be a tuple")
+        kwargs = _kwargs(item["kwargs"], nodes, where)
+        _check_call(op, target, args, kwargs, where)
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        if node.name != name:
+            raise fail(where, f"name is already used or reserved (torch.fx renamed it {node.name!r})")
+        nodes[name] = node
+    return graph
+
+
+# ---- loading: the module tree -------------------------------------------------------------------
+
+def _standard_module(kind: str, config: dict, where: str) -> nn.Module:
+    cls, fields = MODULES[kind]
+    if set(config) != set(fields):
+        raise fail(where, f"config keys {sorted(config)} are not exactly {kind}'s fields {sorted(fields)}")
+    kwargs = {k: _tuples(decode_arg(v, None, where)) for k, v in config.items()}
+    return _construct(cls, kwargs, where)
+
+
+def _fxcompress_module(cls: type, config: dict, where: str) -> nn.Module:
+    accepted = set(inspect.signature(cls).parameters)
+    if set(config) != accepted:
+        raise fail(where, f"config keys {sorted(config)} are not exactly {cls.__name__}'s {sorted(accepted)}")
+    return _construct(cls, config, where)
+
+
+def _construct(cls: type, kwargs: dict, where: str) -> nn.Module:
+    try:
+        return cls(**kwargs)
+    except FormatError:
+        raise
+    except Exception as exc:  # an allow-listed constructor refusing its configuration
+        raise fail(where, f"{cls.__name__}({_short(kwargs)}) cannot be built ({type(exc).__name__}: {exc})") from None
+
+
+def _build(kind: Any, config: Any, where: str) -> nn.Module:
+    config = _typed(config, dict, where, "config")
+    if kind == "container":
+        if config:
+            raise fail(where, "a container has no config")
+        return nn.Module()
+    if isinstance(kind, str) and kind in MODULES:
+        return _standard_module(kind, config, where)
+    ours = fxcompress_modules()
+    if isinstance(kind, str) and kind in ours:
+        return _fxcompress_module(ours[kind], config, where)
+    raise fail(where, f"type {_short(kind)} is not in the allow-list; if you trust it, register it with "
+                      "fxcompress.register_module before loading")
+
+
+def _module_entry(root: nn.Module, item: Any, index: int) -> tuple[nn.Module, str, str]:
+    """(parent, name, where) for module table entry `index`; the parent must exist, the name be a safe
+    step that is new or a child the parent's constructor made (MultiheadAttention's out_proj)."""
+    if not isinstance(item, dict) or set(item) != _MODULE_KEYS:
+        raise fail(f"module #{index}", f"must be an object with exactly the keys {sorted(_MODULE_KEYS)}")
+    path = _typed(item["path"], str, f"module #{index}", "path")
+    where = f"module {path!r}"
+    _typed(item["training"], bool, where, "training")
+    if (index == 0) != (item["type"] == "root") or (index == 0) != (path == ""):
+        raise fail(where, "the first entry, and only it, must be the root (path '', type 'root')")
+    parent_path, _, name = path.rpartition(".")
+    parent = submodule(root, parent_path, where)
+    if index and (not is_safe_path_part(name) or (name not in parent._modules and hasattr(parent, name))):
+        raise fail(where, f"path step {_short(name)} is unsafe or names an attribute")
+    return parent, name, where
+
+
+def modules_from_data(described: Any) -> nn.Module:
+    """The module tree, built on the meta device: no constructor allocates by the sizes a file declares.
+
+    The tensor table then provides every real tensor.
+    """
+    root, paths = nn.Module(), set()
+    for index, item in enumerate(_typed(described, list, "modules", "the module table")):
+        parent, name, where = _module_entry(root, item, index)
+        if item["path"] in paths:
+            raise fail(where, "is listed twice")
+        paths.add(item["path"])
+        if index == 0:
+            _typed(item["config"], dict, where, "config")
+            root.training = item["training"]
             continue
-        if kind == "container":
-            module = nn.Module()
-        elif kind in MODULES:
-            cls = MODULES[kind][0]
-            module = cls(**{k: _tuples(_decode_arg(v, {})) for k, v in config.items()})
+        if item["type"] == "container" and parent._modules.get(name) is not None:
+            module = parent._modules[name]  # made by its parent's constructor; its tensors follow
+            _build("container", item["config"], where)
         else:
-            ours = ours or fxcompress_modules()
-            if kind not in ours:
-                raise FormatError(f"module {path!r}: type {kind!r} is not in the allow-list")
-            module = ours[kind](**config)
-        module.training = bool(item["training"])
-        parent, _, name = path.rpartition(".")
-        root.get_submodule(parent).add_module(name, module)
+            with torch.device("meta"):
+                module = _build(item["type"], item["config"], where)
+        module.training = item["training"]
+        parent.add_module(name, module)
+    if not described:
+        raise fail("modules", "the module table is empty (it must start with the root)")
     return root
 
 

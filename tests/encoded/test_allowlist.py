@@ -27,7 +27,7 @@ def test_activation_fake_quant_and_integer_models_round_trip(tmp_path):
     integer = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
     for name, gm in (("fake_quant", fq), ("integer", integer)):
         path = tmp_path / f"{name}.fxc"
-        fxcompress.save(gm, path)
+        fxcompress.save(gm, path, deterministic=False)  # keeps the timings, so the history compares equal
         loaded = fxcompress.load(path)
         with torch.no_grad():
             assert torch.equal(loaded.eval()(x), gm.eval()(x)), name
