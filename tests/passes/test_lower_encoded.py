@@ -166,3 +166,39 @@ def test_the_deep_compression_passes_lower_bit_identically(quant):
     dense = 4 * sum(p.numel() for p in LeNet5().parameters() if p.dim() > 1)
     encoded = sum(m.payload.numel() for m in lowered.modules() if isinstance(m, EncodedWeight))
     assert dense / encoded > 32 / (quant["bits"] + 5) * 5  # sparse and quantized: far below fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_float_dtype_lowers_saves_and_loads_exactly(tmp_path, dtype):
+    from fxcompress.passes import InsertFakeQuant, InsertMasks
+    x = torch.randn(4, 1, 28, 28, dtype=dtype)
+    gm = fxcompress.compile(LeNet300100().to(dtype).eval(),
+                            [InsertMasks(sparsity=0.9, scope="global"), InsertFakeQuant(bits=5, method="kmeans")],
+                            example_inputs=(x,))
+    lowered = fxcompress.compile(gm, [LowerToEncoded(coding="auto")], example_inputs=(x,))
+    modules = [m for m in lowered.modules() if isinstance(m, EncodedWeight)]
+    assert len(modules) == 3 and all(m().dtype == dtype for m in modules)
+    assert all(m.header.get("dtype", "float32") == str(dtype).removeprefix("torch.") for m in modules)
+    expected = gm(x)
+    assert expected.dtype == dtype and torch.equal(lowered(x), expected)
+    fxcompress.save(lowered, tmp_path / "model.fxc")
+    loaded = fxcompress.load(tmp_path / "model.fxc")
+    assert torch.equal(loaded(x), expected)
+
+
+def test_float16_biases_keep_a_float64_models_dtype():
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    gm = hand_compressed(LeNet300100().double().eval(), (x,))
+    lowered = fxcompress.compile(gm, [LowerToEncoded(bias="float16")], example_inputs=(x,))
+    bias = lowered.get_submodule("fc1.bias_encoded")()
+    assert bias.dtype == torch.float64
+    assert torch.equal(bias, gm.get_submodule("fc1").bias.detach().half().double())
+
+
+def test_an_integer_weight_is_refused_naming_the_layer():
+    from fxcompress.errors import PreconditionError
+    gm = fxcompress.compile(LeNet300100().eval(), [], example_inputs=(torch.randn(1, 1, 28, 28),))
+    gm.fc1.weight = nn.Parameter(torch.zeros(300, 784, dtype=torch.int32), requires_grad=False)
+    layer = next(layer for layer in find_layers(gm) if layer.name == "fc1")
+    with pytest.raises(PreconditionError, match="fc1"):
+        LowerToEncoded()._encode_weight(gm, layer)
