@@ -7,6 +7,7 @@ from .analyses.channels import ChannelGraph, channel_graph
 from .analysis import Analysis, AnalysisCache
 from .compile import compile
 from .draw import draw, to_networkx
+from .encoded.allowlist import register_function, register_module
 from .encoded.decode import decode
 from .encoded.format import load, save
 from .errors import (ConfigError, FormatError, FxCompressError, MissingDependencyError, PreconditionError,
@@ -22,5 +23,6 @@ __all__ = [
     "Analysis", "AnalysisCache", "ChannelGraph", "ConfigError", "FormatError", "FxCompressError",
     "MissingDependencyError", "Pass", "PassContext", "PassRecord", "PassResult", "PreconditionError",
     "TraceError", "VerificationError", "SensitivityTable", "Summary", "channel_graph", "compile", "decode",
-    "draw", "format_history", "history", "load", "save", "sensitivity", "summary", "to_networkx",
+    "draw", "format_history", "history", "load", "register_function", "register_module", "save", "sensitivity",
+    "summary", "to_networkx",
 ]
