@@ -1,8 +1,9 @@
 """Small validators for pass configuration: each raises ConfigError naming `Owner.field`."""
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -44,3 +45,24 @@ def check_regex(owner: str, field: str, value: Any) -> None:
         re.compile(value)
     except re.error as exc:
         raise ConfigError(f"{owner}.{field}: {value!r} is not a valid regular expression ({exc})") from None
+
+
+def check_bool(owner: str, field: str, value: Any) -> None:
+    """`value` must be True or False itself: 1, 0.0, "yes" or None are refused rather than read as truthy."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}.{field} must be True or False, got {value!r}")
+
+
+def check_applicable(owner: str, config: Any, applies_to: Mapping[str, Collection[str]], in_use: Collection[str],
+                     what: str) -> None:
+    """A field set away from its default must apply to one of the variants `in_use` (methods, observers...).
+
+    `config` is a dataclass; `applies_to` maps a field to the variants that read it. A field no
+    variant in use reads would be ignored silently, so it is refused naming the field.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for field, variants in applies_to.items():
+        if getattr(config, field) != defaults[field] and not set(variants) & set(in_use):
+            raise ConfigError(f"{owner}.{field}={getattr(config, field)!r} does not apply to {what} "
+                              f"{', '.join(map(repr, sorted(in_use)))}: it is read only by "
+                              f"{', '.join(map(repr, variants))}")

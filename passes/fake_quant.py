@@ -19,13 +19,13 @@ model back on the same GraphModule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import check_choice, check_int, check_real, check_regex
+from fxcompress.config import check_applicable, check_bool, check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (FUNCTIONS, Layer, chain_module_node, constant_value, insert_on_weight, layer_node,
                                select_layers, weight_arg)
@@ -45,6 +45,11 @@ QUANT_RULES = RuleSchema("InsertFakeQuant.rules", [
     Field("option", lambda raw: raw, default=None),
 ])
 
+# Fields only some variants read: set on any other they would be ignored, so they are refused.
+_METHOD_FIELDS = {"init": ("kmeans",), "seed": ("kmeans",), "fix_zeros": ("kmeans",),  # grids always hold 0
+                  "symmetric": ("linear",), "int_bits": ("fixed_point",)}
+_OBSERVER_FIELDS = {"momentum": ("moving_average",), "percentile": ("percentile",)}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ActivationConfig:
@@ -63,10 +68,13 @@ class ActivationConfig:
     freeze: bool = True
 
     def __post_init__(self) -> None:
+        for flag in ("symmetric", "freeze"):
+            check_bool("ActivationConfig", flag, getattr(self, flag))
         check_int("ActivationConfig", "bits", self.bits, 2 if self.symmetric else 1, 16)
         check_choice("ActivationConfig", "observer", self.observer, OBSERVERS)
         check_real("ActivationConfig", "momentum", self.momentum, 0.0, 1.0, lo_open=True)
         check_real("ActivationConfig", "percentile", self.percentile, 50.0, 100.0)
+        check_applicable("ActivationConfig", self, _OBSERVER_FIELDS, {self.observer}, "observer")
 
     def build(self) -> ActivationQuant:
         options = {"moving_average": {"momentum": self.momentum},
@@ -124,7 +132,7 @@ class InsertFakeQuant(Pass):
         check_choice("InsertFakeQuant", "method", self.method, METHODS)
         check_choice("InsertFakeQuant", "init", self.init, INITS)
         for flag in ("per_channel", "symmetric", "fix_zeros"):
-            check_choice("InsertFakeQuant", flag, getattr(self, flag), (True, False))
+            check_bool("InsertFakeQuant", flag, getattr(self, flag))
         _check_spec(self.default_spec(), "InsertFakeQuant")
         if self.select is not None:
             check_regex("InsertFakeQuant", "select", self.select)
@@ -133,11 +141,18 @@ class InsertFakeQuant(Pass):
             raise ConfigError(f"InsertFakeQuant.activations must be an ActivationConfig(...) or None, "
                               f"got {self.activations!r}")
         check_int("InsertFakeQuant", "seed", self.seed, 0)
+        methods = {self.method}
         if self.rules is not None:
             rules = QUANT_RULES.load(self.rules)
             for rule in rules.rules:
                 _check_spec(self.rule_spec(rule.values, rule.origin), rule.origin)
             object.__setattr__(self, "rules", rules)
+            methods = {rule.values["method"] for rule in rules.rules} - {"float"}
+            for name in ("method", "bits"):  # each rule gives its layer's method and bits
+                if getattr(self, name) != next(f.default for f in fields(self) if f.name == name):
+                    raise ConfigError(f"InsertFakeQuant.{name}={getattr(self, name)!r} does not apply with rules: "
+                                      f"each rule gives its layer's method and bits")
+        check_applicable("InsertFakeQuant", self, _METHOD_FIELDS, methods, "method")
 
     def default_spec(self) -> LayerQuant:
         return LayerQuant(self.method, self.bits, self.init, self.symmetric, self.int_bits)
@@ -157,7 +172,7 @@ class InsertFakeQuant(Pass):
                 raise ConfigError(f"{origin}: the linear option is 'symmetric' or 'asymmetric', got {option!r}")
             return LayerQuant(method, bits, symmetric=self.symmetric if option is None else option == "symmetric")
         try:
-            int_bits = None if option is None else integer(0, 64)(option)
+            int_bits = self.int_bits if option is None else integer(0, 64)(option)
         except ValueError as exc:
             raise ConfigError(f"{origin}: the fixed_point option is its integer bits: {exc}") from None
         return LayerQuant(method, bits, int_bits=int_bits)
@@ -209,8 +224,11 @@ class InsertFakeQuant(Pass):
             insert_on_weight(gm, layer, lambda graph, w: graph.call_module(name, (w,)))
         with torch.no_grad():
             quantized = module(weight)
-        return {"method": spec.method, "bits": spec.bits, "levels": int(torch.unique(quantized).numel()),
-                "sqnr_db": round(_sqnr_db(weight, quantized), 2)}
+        stats = {"method": spec.method, "bits": spec.bits, "levels": int(torch.unique(quantized).numel()),
+                 "sqnr_db": round(_sqnr_db(weight, quantized), 2)}
+        if isinstance(module, GridWeight):
+            stats.update(_grid_losses(layer.name, spec, module, weight, quantized))
+        return stats
 
     def _insert_activations(self, gm: GraphModule, layers: list[Layer]) -> list[str]:
         """An ActivationQuant on the input of each layer (shared by layers reading the same value)."""
@@ -248,6 +266,28 @@ def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
 
 
+def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.Tensor,
+                 quantized: torch.Tensor) -> dict[str, int]:
+    """How many nonzero weights the grid rounds to 0 and how many it clips at its ends.
+
+    A grid that rounds every nonzero weight to 0 (a fixed-point format whose step dwarfs the
+    weights) would silently turn the layer off, so it is refused.
+    """
+    nonzero = weight != 0
+    zeroed = int((nonzero & (quantized == 0)).sum())
+    grid = module.grid(weight)
+    if zeroed and zeroed == int(nonzero.sum()):
+        fmt = f", int_bits={spec.int_bits}" if spec.int_bits is not None else ""
+        raise PreconditionError(
+            f"InsertFakeQuant: layer {name!r} ({spec.method}, bits={spec.bits}{fmt}): the grid's step "
+            f"{float(grid.scale.max()):g} rounds every weight to 0 (largest |w| is {float(weight.abs().max()):g}); "
+            f"choose fewer int_bits, or int_bits=None to fit the format to the weights")
+    scale, zero_point = grid.broadcast(weight, module.axis)
+    codes = weight / scale + zero_point
+    saturated = int(((codes < grid.qmin - 0.5) | (codes > grid.qmax + 0.5)).sum())
+    return {"zeroed": zeroed, "saturated": saturated}
+
+
 def _check_spec(spec: LayerQuant | None, owner: str) -> None:
     if spec is None:
         return
@@ -255,6 +295,6 @@ def _check_spec(spec: LayerQuant | None, owner: str) -> None:
     if spec.method == "linear" and spec.symmetric and spec.bits < 2:
         raise ConfigError(f"{owner}: symmetric linear quantization needs bits >= 2 (1 bit has no room for "
                           f"-s, 0 and +s); use symmetric=False, kmeans or fixed_point at 1 bit")
-    if spec.int_bits is not None:
-        check_int(owner, "int_bits", spec.int_bits, 0, 64)
+    if spec.int_bits is not None:  # int_bits > bits would put every weight below half a step: all zeros
+        check_int(owner, "int_bits", spec.int_bits, 0, spec.bits)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from ..errors import PreconditionError
 from ..execution import evaluating
@@ -38,7 +38,62 @@ def set_quantization(gm: nn.Module, enabled: bool, *, weights: bool = True, acti
     for _, module in fake_quant_modules(gm, kinds):
         module.enabled = bool(enabled)
         switched += 1
+    if isinstance(gm, GraphModule):
+        sync_trainable(gm)
     return switched
+
+
+def sync_trainable(gm: GraphModule) -> list[str]:
+    """Freeze every parameter no gradient can reach; those a k-means switch brings back train again.
+
+    An enabled KMeansWeight computes from its codebook and ignores its input's value, so the float
+    weight behind it takes no part in the loss; switched off, it is the codebook that takes no part.
+    The unused one stays (re-clustering and set_quantization read it) with requires_grad=False:
+    DistributedDataParallel refuses trainable parameters that get no gradient, and an optimizer
+    would decay them for nothing. Returns the names frozen.
+    """
+    reached, switched, idle = set(), set(), set()
+    pending = [n for n in gm.graph.nodes if n.op == "output"]
+    while pending:
+        node = pending.pop()
+        if node in reached:
+            continue
+        reached.add(node)
+        if node.op == "call_module" and isinstance(module := gm.get_submodule(node.target), KMeansWeight):
+            switched |= {n.target for n in _ancestors(node) if n.op == "get_attr"} | {f"{node.target}.codebook"}
+            if module.enabled:
+                continue
+            idle.add(node.target)  # switched off: the float weight passes through, the codebook is unused
+        pending.extend(node.all_input_nodes)
+    live = {n.target for n in reached if n.op in ("get_attr", "call_module")} - idle
+    names: dict[int, tuple[nn.Parameter, list[str]]] = {}  # a tied parameter has several names
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), (param, []))[1].append(name)
+    frozen = []
+    for param, aliases in names.values():
+        if any(_within(name, live) for name in aliases):
+            if switched.intersection(aliases):
+                param.requires_grad_(True)
+        elif param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(aliases[0])
+    return frozen
+
+
+def _within(name: str, paths: set[str]) -> bool:
+    """Whether `name` or one of the modules holding it is in `paths`."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in paths for i in range(1, len(parts) + 1))
+
+
+def _ancestors(node: Node) -> set[Node]:
+    found, pending = set(), list(node.all_input_nodes)
+    while pending:
+        current = pending.pop()
+        if current not in found:
+            found.add(current)
+            pending.extend(current.all_input_nodes)
+    return found
 
 
 def freeze_observers(gm: nn.Module, frozen: bool = True) -> int:
@@ -94,5 +149,5 @@ __all__ = [
     "KMeansWeight", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer", "PercentileObserver",
     "assign", "calibrate", "fake_quant_modules", "fake_quantize", "fixed_point_grid",
     "freeze_observers", "initial_centroids", "kmeans1d", "kmeans_codebook", "linear_grid", "quantize",
-    "recluster", "set_quantization",
+    "recluster", "set_quantization", "sync_trainable",
 ]

@@ -282,3 +282,105 @@ def test_calibration_shows_progress_when_asked(capsys):
 def test_selecting_no_layer_is_an_error():
     with pytest.raises(ConfigError, match="selects no layer.*fc1"):
         lenet300([InsertFakeQuant(select="conv.*")])
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: InsertFakeQuant(per_channel=1), "InsertFakeQuant.per_channel must be True or False, got 1"),
+    (lambda: InsertFakeQuant(symmetric=0.0, method="linear"), "InsertFakeQuant.symmetric must be True or False"),
+    (lambda: InsertFakeQuant(fix_zeros=None), "InsertFakeQuant.fix_zeros must be True or False, got None"),
+    (lambda: ActivationConfig(symmetric=1), "ActivationConfig.symmetric must be True or False"),
+    (lambda: ActivationConfig(freeze="no"), "ActivationConfig.freeze must be True or False, got 'no'"),
+])
+def test_boolean_fields_take_only_booleans(make, field):
+    with pytest.raises(ConfigError, match=field):
+        make()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "kmeans", "int_bits": 3}, r"int_bits=3 does not apply to method 'kmeans'.*'fixed_point'"),
+    ({"method": "kmeans", "symmetric": True}, r"symmetric=True does not apply to method 'kmeans'.*'linear'"),
+    ({"method": "fixed_point", "symmetric": True}, r"symmetric=True does not apply to method 'fixed_point'"),
+    ({"method": "linear", "int_bits": 2}, r"int_bits=2 does not apply to method 'linear'"),
+    ({"method": "linear", "init": "forgy"}, r"init='forgy' does not apply to method 'linear'.*'kmeans'"),
+    ({"method": "fixed_point", "seed": 3}, r"seed=3 does not apply to method 'fixed_point'"),
+    ({"method": "linear", "fix_zeros": False}, r"fix_zeros=False does not apply to method 'linear'"),
+    ({"rules": [("fc1\\.weight", "kmeans", 4)], "bits": 5}, r"bits=5 does not apply with rules"),
+    ({"rules": [("fc1\\.weight", "kmeans", 4)], "method": "linear"}, r"method='linear' does not apply with rules"),
+    ({"rules": [("fc1\\.weight", "kmeans", 4)], "int_bits": 2}, r"int_bits=2 does not apply to method 'kmeans'"),
+])
+def test_a_field_the_method_does_not_read_is_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        InsertFakeQuant(**kwargs)
+
+
+@pytest.mark.parametrize("option, value, reader, other", [("momentum", 0.5, "moving_average", "minmax"),
+                                                         ("percentile", 99.5, "percentile", "moving_average")])
+def test_an_observer_option_the_observer_does_not_read_is_refused(option, value, reader, other):
+    with pytest.raises(ConfigError, match=rf"ActivationConfig.{option}={value} does not apply to observer '{other}'"):
+        ActivationConfig(observer=other, **{option: value})
+    assert getattr(ActivationConfig(observer=reader, **{option: value}), option) == value
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "fixed_point", "bits": 8, "int_bits": 20}, r"InsertFakeQuant.int_bits must be in \[0, 8\], got 20"),
+    ({"rules": [("fc1\\.weight", "fixed_point", 4, 9)]}, r"rules\[0\].int_bits must be in \[0, 4\], got 9"),
+])
+def test_int_bits_beyond_the_word_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        InsertFakeQuant(**kwargs)
+
+
+def test_a_fixed_point_grid_that_zeroes_every_weight_is_refused():
+    # step 2^(8 - 8) = 1 against weights below 0.1: every weight would round to 0
+    with pytest.raises(PreconditionError, match=r"layer 'fc1' \(fixed_point, bits=8, int_bits=8\): the grid's "
+                                                r"step 1 rounds every weight to 0 \(largest \|w\| is 0\.0"):
+        lenet300([InsertFakeQuant(method="fixed_point", bits=8, int_bits=8)])
+
+
+def test_grid_statistics_count_zeroed_and_saturated_weights():
+    model = LeNet300100().eval()
+    with torch.no_grad():
+        model.fc1.weight[0, :3] = torch.tensor([5.0, -5.0, 0.9])  # int_bits=1 holds [-1, 1): two saturate
+    _, _, gm = lenet300([InsertFakeQuant(method="fixed_point", bits=6, int_bits=1)], model=model)
+    stats = fxcompress.history(gm)[-1].stats
+    for layer in find_layers(gm):
+        float_weight = gm.get_parameter(layer.weight).detach()
+        zeroed = int(((float_weight != 0) & (effective_weight(gm, layer) == 0)).sum())
+        assert stats[layer.name]["zeroed"] == zeroed > 0
+    assert stats["fc1"]["saturated"] == 2 and stats["fc2"]["saturated"] == 0
+    assert effective_weight(gm, find_layers(gm)[0])[0, :2].tolist() == [0.96875, -1.0]  # clamped to the word
+
+
+def test_a_fixed_point_rule_without_option_takes_the_pass_int_bits():
+    _, _, gm = lenet300([InsertFakeQuant(rules=[("fc1\\.weight", "fixed_point", 8)], int_bits=1)])
+    assert gm.get_submodule("fc1.weight_quant").int_bits == 1
+
+
+def _gradients_after_one_backward(gm, x):
+    gm.train()
+    gm.zero_grad()
+    gm(x).square().sum().backward()
+    return {name: p.grad is not None and bool(p.grad.abs().sum() > 0)
+            for name, p in gm.named_parameters() if p.requires_grad}
+
+
+def test_every_trainable_parameter_of_a_kmeans_model_gets_a_gradient():
+    """What DistributedDataParallel checks: no trainable parameter may be left out of the loss."""
+    _, x, gm = lenet300([InsertMasks(sparsity=0.8), InsertFakeQuant(bits=3)])
+    graded = _gradients_after_one_backward(gm, x)
+    assert graded and all(graded.values()), graded
+    assert {name for name in graded if name.endswith("codebook")} == {f"fc{i}.weight_quant.codebook" for i in (1, 2, 3)}
+    for i in (1, 2, 3):  # the float weights stay (re-clustering reads them) but are frozen
+        assert not gm.get_parameter(f"fc{i}.weight").requires_grad
+    set_quantization(gm, False)  # the float model: its weights train again
+    graded = _gradients_after_one_backward(gm, x)
+    assert all(graded.values()) and {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(graded)
+    set_quantization(gm, True)
+    assert not any(gm.get_parameter(f"fc{i}.weight").requires_grad for i in (1, 2, 3))
+    assert all(_gradients_after_one_backward(gm, x).values())
+
+
+def test_grid_methods_keep_the_float_weights_trainable():
+    _, x, gm = lenet300([InsertFakeQuant(bits=4, method="linear")])
+    graded = _gradients_after_one_backward(gm, x)
+    assert {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(graded) and all(graded.values())
