@@ -23,7 +23,7 @@ WIDTHS = (4, 6, 8, 12, 16)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
                "hardswish": F.hardswish}
 ACTIVATION_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ReLU6)
-FLATTEN_FORMS = {"method": lambda x: x.flatten(1), "view": lambda x: x.view(x.size(0), -1),
+FLATTEN_FORMS = {"method": lambda x: x.flatten(1), "reshape": lambda x: x.reshape(x.size(0), -1),
                  "function": lambda x: torch.flatten(x, 1)}
 POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d}
 
@@ -203,7 +203,8 @@ class Builder:
         stride = 2 if h >= 8 and self.rng.random() < 0.2 else 1
         conv = nn.Conv2d(c, out, k, stride, k // 2, groups=groups, bias=self.rng.random() < 0.7)
         size = (h + 2 * (k // 2) - k) // stride + 1
-        return self.add("module", (i,), [Value("image", (out, size, size))], self.register(self.name("conv"), conv))
+        j = self.add("module", (i,), [Value("image", (out, size, size))], self.register(self.name("conv"), conv))
+        return self.batchnorm(j) if self.rng.random() < 0.4 else j  # conv -> BatchNorm, so folds are common
 
     def batchnorm(self, i):
         v = self.values[i]
@@ -381,22 +382,28 @@ def _grow(b: Builder, steps: int) -> None:
 
 
 def _head(b: Builder) -> int:
-    """Bring the last unused value (or the last value) to a flat vector, join the other flat leaves, add a linear."""
-    unused = [i for i, n in enumerate(b.uses) if n == 0]
-    i = unused[-1] if unused else len(b.values) - 1
-    while b.values[i].kind != "flat":
-        i = TO_HEAD[b.values[i].kind](b, i)
-    for j in unused[:-1]:  # other flat leaves (a token branch) join the head
-        if b.values[j].kind == "flat" and b.uses[j] == 0:
-            i = b.add("cat", (i, j), [Value("flat", (b.values[i].shape[0] + b.values[j].shape[0],))], arg=-1)
-    return b.add("module", (i,), [Value("flat", (b.rng.randint(2, 5),))],
-                 b.register("head", nn.Linear(b.values[i].shape[0], b.rng.randint(2, 5))))
+    """Bring every unused value to a flat vector, concatenate them and add a linear head; with
+    probability 0.3 one branch stays dead (computed, never read), unless "dead_branch" is avoided."""
+    leaves = [i for i, n in enumerate(b.uses) if n == 0]
+    if len(leaves) > 1 and "dead_branch" not in b.avoid and b.rng.random() < 0.3:
+        leaves.pop(0)
+    flat = []
+    for i in leaves:
+        while b.values[i].kind != "flat":
+            i = TO_HEAD[b.values[i].kind](b, i)
+        flat.append(i)
+    i = flat[0]
+    for j in flat[1:]:
+        i = b.add("cat", (i, j), [Value("flat", (b.values[i].shape[0] + b.values[j].shape[0],))], arg=-1)
+    out = b.rng.randint(2, 5)
+    return b.add("module", (i,), [Value("flat", (out,))], b.register("head", nn.Linear(b.values[i].shape[0], out)))
 
 
 def random_model(seed: int, avoid: frozenset[str] = frozenset()) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A random model in eval mode and its example inputs, both determined by `seed`.
 
-    `avoid` names constructs to leave out ("interpolate_shape": F.interpolate with size=other.shape[-2:]).
+    `avoid` names constructs to leave out: "interpolate_shape" (F.interpolate with size=other.shape[-2:]),
+    "dead_branch" (a branch whose result is never read).
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -415,3 +422,164 @@ def calibration_batches(inputs: tuple[torch.Tensor, ...], seed: int, count: int 
     generator = torch.Generator().manual_seed(seed)
     return [tuple(torch.randint(0, 10, x.shape, generator=generator) if not x.is_floating_point()
                   else torch.randn(x.shape, generator=generator) for x in inputs) for _ in range(count)]
+
+
+# ---- the properties every pass keeps on these models ---------------------------------------------
+# Each check returns a short outcome ("verified", or a note when the property holds vacuously),
+# raises AssertionError when the property is broken, and lets typed fxcompress refusals propagate.
+
+def _prerequisites() -> dict:
+    from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
+    return {"kmeans": [InsertMasks(sparsity=0.5), InsertFakeQuant(method="kmeans", bits=4)],
+            "linear_calibrated": [InsertFakeQuant(method="linear", bits=8, per_channel=True,
+                                                  activations=ActivationConfig(bits=8))]}
+
+
+def pass_pipelines() -> dict[str, tuple[str | None, object]]:
+    """Every public pass under test: name -> (prerequisite pipeline or None, the pass)."""
+    from fxcompress.passes import (FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger,
+                                   PruneChannels)
+    return {"InsertMasks": (None, InsertMasks(sparsity=0.5)),
+            "InsertFakeQuant(linear)": (None, InsertFakeQuant(method="linear", bits=8)),
+            "InsertFakeQuant(kmeans)": (None, InsertFakeQuant(method="kmeans", bits=4)),
+            "PruneChannels": (None, PruneChannels(amount=0.5)),
+            "FoldBatchNorm": (None, FoldBatchNorm()),
+            "LowerToEncoded": ("kmeans", LowerToEncoded()),
+            "LowerToInteger": ("linear_calibrated", LowerToInteger())}
+
+
+def prepare(model, inputs, prerequisite: str | None, seed: int):
+    """The model after a prerequisite pipeline (traced as is without one), with its calibration data."""
+    import fxcompress
+    if prerequisite is None:
+        return model, None
+    calibration = calibration_batches(inputs, seed)
+    return fxcompress.compile(model, _prerequisites()[prerequisite], example_inputs=inputs,
+                              calibration_data=calibration), calibration
+
+
+def check_pass(name: str, model, inputs, seed: int) -> str:
+    """The pass gives a graph that compile verified, with the original output shape."""
+    import fxcompress
+    prerequisite, p = pass_pipelines()[name]
+    base, calibration = prepare(model, inputs, prerequisite, seed)
+    gm = fxcompress.compile(base, [p], example_inputs=inputs, calibration_data=calibration)
+    with torch.no_grad():
+        assert gm(*inputs).shape == model(*inputs).shape, name
+    return "verified"
+
+
+def _zero_half(gm, inputs, seed: int) -> bool:
+    """Zero a random half of every layer's prunable channels (all parameter slices of each removed
+    class), as PruneChannels would count them; False when nothing is prunable."""
+    import operator
+
+    import numpy as np
+
+    from fxcompress.analyses.channels import ChannelGraph
+    from fxcompress.channel_selection import layer_units, lowest, removal_count
+    from fxcompress.pass_base import PassContext
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
+    removed = np.zeros(cg.labels.max() + 1, dtype=bool)
+    scores = np.random.default_rng(seed).random(len(removed))
+    for group in cg.prunable_groups():
+        for unit in layer_units(cg, group):
+            if len(unit.prunable):
+                removed[lowest(unit, scores, removal_count(unit, 0.5, 1, 1), cg, 1)] = True
+    with torch.no_grad():
+        for (name, dim), ids in cg.slots.items():
+            positions = np.flatnonzero(removed[cg.labels[ids]])
+            if len(positions):
+                operator.attrgetter(name)(gm).index_fill_(dim, torch.as_tensor(positions), 0.0)
+    return bool(removed.any())
+
+
+def check_zeroed_pruning(model, inputs, seed: int) -> str:
+    """Removing channels whose parameters are all zero leaves the outputs unchanged."""
+    import fxcompress
+    from fxcompress.passes import PruneChannels
+    from fxcompress.tracing import trace
+    gm = trace(model)
+    if not _zero_half(gm, inputs, seed):
+        return "nothing prunable"
+    with torch.no_grad():
+        expected = gm(*inputs)
+        pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method="l1")], example_inputs=inputs)
+        got = pruned(*inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
+    return "verified"
+
+
+def check_encoded_round_trip(model, inputs, seed: int) -> str:
+    """masks -> k-means -> LowerToEncoded -> save -> load: every output bit-identical."""
+    import tempfile
+    from pathlib import Path
+
+    import fxcompress
+    from fxcompress.passes import LowerToEncoded
+    fake_quant, _ = prepare(model, inputs, "kmeans", seed)
+    lowered = fxcompress.compile(fake_quant, [LowerToEncoded()], example_inputs=inputs)
+    with tempfile.TemporaryDirectory() as folder:
+        fxcompress.save(lowered, Path(folder) / "model.fxc")
+        loaded = fxcompress.load(Path(folder) / "model.fxc")
+    with torch.no_grad():
+        expected = lowered(*inputs)
+        assert torch.equal(expected, fake_quant(*inputs)), "lowering changed the fake-quant model's outputs"
+        assert torch.equal(loaded(*inputs), expected), "the loaded model differs from the saved one"
+    return "verified"
+
+
+def check_fold_batchnorm(model, inputs, seed: int) -> str:
+    """Folding every BatchNorm it can leaves the outputs equal to float rounding."""
+    import fxcompress
+    from fxcompress.passes import FoldBatchNorm
+    gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=inputs)
+    with torch.no_grad():
+        expected, got = model(*inputs), gm(*inputs)
+    assert torch.allclose(got, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=1e-4)
+    return "verified" if fxcompress.history(gm)[-1].stats["folded"] else "nothing folded"
+
+
+# LowerToInteger's reference is the calibrated fake-quant model it lowers; they differ by bias and
+# requantization rounding (one 8-bit step per layer on the way), so the bound is relative to the output range.
+INTEGER_TOLERANCE = 0.05
+
+
+def check_lower_integer(model, inputs, seed: int) -> str:
+    """The integer model computes what its fake-quant reference computes, up to rounding."""
+    import fxcompress
+    from fxcompress.integer import IntegerLayer
+    from fxcompress.passes import LowerToInteger
+    fake_quant, _ = prepare(model, inputs, "linear_calibrated", seed)
+    gm = fxcompress.compile(fake_quant, [LowerToInteger()], example_inputs=inputs)
+    with torch.no_grad():
+        expected, got = fake_quant(*inputs), gm(*inputs)
+    bound = INTEGER_TOLERANCE * max(expected.abs().max().item(), 1e-3)
+    assert (got - expected).abs().max().item() <= bound, (got - expected).abs().max().item() / bound
+    return "verified" if any(isinstance(m, IntegerLayer) for m in gm.modules()) else "nothing lowered"
+
+
+PROPERTIES = {"zeroed pruning is exact": check_zeroed_pruning, "encoded save/load bit-identical": check_encoded_round_trip,
+              "FoldBatchNorm allclose": check_fold_batchnorm, "LowerToInteger matches reference": check_lower_integer}
+
+
+def classify(error: Exception) -> str:
+    """A typed refusal, or an internal crash that compile wrapped into a VerificationError."""
+    from fxcompress.errors import FxCompressError, VerificationError
+    cause = error.__cause__
+    if isinstance(error, VerificationError) and cause is not None and not isinstance(cause, FxCompressError):
+        return f"crashed inside the pass: {type(cause).__name__}"
+    if isinstance(error, FxCompressError):
+        return f"refused: {type(error).__name__}"
+    return f"other exception: {type(error).__name__}"
+
+
+def outcome(check, *args) -> str:
+    """Run a check and name what happened: its own outcome, a refusal, a crash, or a broken property."""
+    try:
+        return check(*args)
+    except AssertionError:
+        return "PROPERTY VIOLATED"
+    except Exception as error:  # noqa: BLE001 - naming every exception is the point
+        return classify(error)

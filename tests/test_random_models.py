@@ -1,0 +1,126 @@
+"""Property tests over every pass on seeded random models (tests/randmodels.py).
+
+Each test draws seeds with hypothesis; the "ci" profile runs a bounded share of its examples, the
+"long" profile (FXCOMPRESS_LONG=1) many more. Outcomes are counted per pass and per property and
+printed at the end of the module (`pytest -s`); benchmarks/random_models.py prints the same table
+for any number of graphs.
+"""
+import collections
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).parent))  # the generator is a sibling module; importlib mode adds no test folder
+import randmodels  # noqa: E402
+from randmodels import (PROPERTIES, check_encoded_round_trip, check_fold_batchnorm, check_lower_integer,  # noqa: E402
+                        check_pass, check_zeroed_pruning, classify, outcome, random_model)
+
+# Constructs the generator leaves out for one check because of a known library bug; each has a
+# strict xfail below that reproduces it, so the entry goes when the bug is fixed.
+KNOWN_BUGS = {
+    # LowerToInteger raises AttributeError (wrapped in VerificationError) when a quantized layer's
+    # output is never read: dead-code elimination deletes the module, then _drop_float_parameters looks it up.
+    "LowerToInteger": frozenset({"dead_branch"}),
+}
+CHEAP_PASSES = ("InsertMasks", "InsertFakeQuant(linear)", "InsertFakeQuant(kmeans)", "PruneChannels", "FoldBatchNorm")
+SEEDS = st.integers(0, 2 ** 31 - 1)
+OUTCOMES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+def examples(share: int) -> settings:
+    """A 1/share part of the active profile's examples (the expensive checks run fewer graphs)."""
+    return settings(max_examples=max(1, settings().max_examples // share))
+
+
+def record(label: str, check, *args) -> str:
+    """Run a check, count its outcome, and fail on anything but a result or a typed refusal."""
+    try:
+        result = check(*args)
+    except AssertionError:
+        OUTCOMES[label]["PROPERTY VIOLATED"] += 1
+        raise
+    except Exception as error:
+        result = classify(error)
+        OUTCOMES[label][result] += 1
+        if not result.startswith("refused"):
+            raise
+        return result
+    OUTCOMES[label][result] += 1
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_outcomes():
+    yield
+    print(f"\nrandom models: outcomes per pass and property ({settings().max_examples} examples per profile)")
+    for label, counts in sorted(OUTCOMES.items()):
+        print(f"  {label:34s} {sum(counts.values()):5d} graphs  " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
+
+
+@examples(4)
+@given(seed=SEEDS)
+def test_the_generator_is_deterministic_and_its_models_run(seed):
+    model, inputs = random_model(seed)
+    again, same_inputs = random_model(seed)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, same_inputs))
+    assert model.steps == again.steps
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not model.training
+    with torch.no_grad():
+        out = model(*inputs)
+    assert out.dim() == 2 and out.shape[0] == randmodels.BATCH and bool(torch.isfinite(out).all())
+
+
+@examples(4)
+@given(seed=SEEDS)
+def test_every_pass_verifies_or_refuses_with_a_typed_error(seed):
+    """LowerToEncoded and LowerToInteger are run (and classified the same way) by their property tests."""
+    model, inputs = random_model(seed)
+    for name in CHEAP_PASSES:
+        record(name, check_pass, name, model, inputs, seed)
+
+
+@examples(2)
+@given(seed=SEEDS)
+def test_pruning_zeroed_channels_leaves_outputs_equal(seed):
+    model, inputs = random_model(seed)
+    record("zeroed pruning is exact", check_zeroed_pruning, model, inputs, seed)
+
+
+@examples(4)
+@given(seed=SEEDS)
+def test_lowered_model_saves_and_loads_bit_identically(seed):
+    model, inputs = random_model(seed)
+    record("LowerToEncoded, save/load identical", check_encoded_round_trip, model, inputs, seed)
+
+
+@examples(2)
+@given(seed=SEEDS)
+def test_fold_batchnorm_agrees_with_the_unfolded_model(seed):
+    model, inputs = random_model(seed)
+    record("FoldBatchNorm allclose", check_fold_batchnorm, model, inputs, seed)
+
+
+@examples(4)
+@given(seed=SEEDS)
+def test_lower_integer_agrees_with_its_fake_quant_reference(seed):
+    model, inputs = random_model(seed, avoid=KNOWN_BUGS["LowerToInteger"])
+    record("LowerToInteger vs reference", check_lower_integer, model, inputs, seed)
+
+
+def test_every_property_has_a_test():
+    assert set(PROPERTIES.values()) == {check_zeroed_pruning, check_encoded_round_trip, check_fold_batchnorm,
+                                        check_lower_integer}
+
+
+# ---- known bugs, reproduced (strict: each fails once fixed, so its KNOWN_BUGS entry goes too) ----------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="LowerToInteger: AttributeError on a quantized layer whose output is never read")
+def test_lower_integer_on_a_model_with_a_dead_branch():
+    model, inputs = random_model(22)  # seed 22 leaves a quantized linear (fc4) computed but unread
+    assert outcome(check_lower_integer, model, inputs, 22) in ("verified", "nothing lowered")
