@@ -64,20 +64,26 @@ class LowerToInteger(Pass):
         })
 
     def _quantized_layers(self, gm: GraphModule) -> list[_Quantized]:
+        """Every layer to lower; a layer quantized only in part (or by k-means) is refused by name."""
         found = []
         for layer in find_layers(gm):
             node = layer_node(gm, layer)
             x = node.args[0]
-            if not _is_activation_quant(gm, x):
-                continue  # a float layer: left as it is
-            if node.op != "call_function":
-                raise PreconditionError(f"LowerToInteger: layer '{layer.name}' has an input fake-quant but no "
-                                        "weight fake-quant; run InsertFakeQuant(method='linear') on it")
             quant_node = chain_module_node(gm, node, (GridWeight, KMeansWeight))
             module = gm.get_submodule(quant_node.target) if quant_node is not None else None
             if isinstance(module, KMeansWeight):
-                raise PreconditionError(f"LowerToInteger: layer '{layer.name}' shares weights by k-means; integer "
-                                        "lowering needs linear or fixed-point weights (an affine grid)")
+                raise PreconditionError(f"LowerToInteger: layer '{layer.name}' shares weights by k-means; its "
+                                        "codebook is not an integer grid, and integer lowering needs linear or "
+                                        "fixed-point weights (an affine grid)")
+            if not _is_activation_quant(gm, x):
+                if module is None:
+                    continue  # a float layer (mixed precision): left as it is
+                raise PreconditionError(f"LowerToInteger: layer '{layer.name}' has a weight fake-quant but no "
+                                        "activation grid on its input; quantize its input too with "
+                                        "InsertFakeQuant(..., activations=ActivationConfig()) and calibration_data")
+            if node.op != "call_function":
+                raise PreconditionError(f"LowerToInteger: layer '{layer.name}' has an input fake-quant but no "
+                                        "weight fake-quant; run InsertFakeQuant(method='linear') on it")
             if not isinstance(module, GridWeight) or layer.kind not in ("linear", "conv1d", "conv2d", "conv3d"):
                 raise PreconditionError(f"LowerToInteger: layer '{layer.name}' ({layer.kind}) at "
                                         f"{node.format_node()} has no linear / fixed-point weight fake-quant")
@@ -86,6 +92,11 @@ class LowerToInteger(Pass):
                 raise PreconditionError(f"LowerToInteger: the input fake-quant '{x.target}' of layer '{layer.name}' "
                                         "has observed nothing; compile with calibration_data first")
             found.append(_Quantized(layer, node, module, quant_node.args[0], input_grid))
+        if not found:
+            raise PreconditionError("LowerToInteger: no layer has both a linear / fixed-point weight fake-quant and a "
+                                    "calibrated activation grid on its input, so there is nothing to lower; run "
+                                    "InsertFakeQuant(method='linear', activations=ActivationConfig()) with "
+                                    "calibration_data first")
         return found
 
     def _lower_activations(self, gm: GraphModule, fed_by_layer: set[Node]) -> int:

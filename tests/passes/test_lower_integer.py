@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from fxcompress.zoo import LeNet5, LeNet300100, ResNetSmall
 def _fake_quant(model, x, **options):
     options.setdefault("method", "linear")
     options.setdefault("bits", 8)
+    options = {k: v for k, v in options.items() if v is not None}  # None: the pass's default (rules give them)
     calibration = [x[i:i + 16] for i in range(0, len(x), 16)]
     return fxcompress.compile(model.eval(), [InsertFakeQuant(activations=ActivationConfig(bits=8), **options)],
                               example_inputs=(x[:2],), calibration_data=calibration)
@@ -120,8 +120,39 @@ def test_accumulator_overflow_is_refused():
         fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
 
 
-def test_float_model_is_left_alone():
+def test_a_float_model_is_refused_as_nothing_to_lower():
     x = torch.rand(4, 1, 28, 28)
-    gm = fxcompress.compile(LeNet300100(), [LowerToInteger()], example_inputs=(x,))
-    assert fxcompress.history(gm)[-1].changed is False and math.isclose(
-        fxcompress.history(gm)[-1].stats["integer_layers"], 0)
+    with pytest.raises(PreconditionError, match="no layer has both a linear / fixed-point weight fake-quant and a "
+                                                "calibrated activation grid on its input, so there is nothing to lower"):
+        fxcompress.compile(LeNet300100(), [LowerToInteger()], example_inputs=(x,))
+
+
+def test_kmeans_weights_without_activation_grids_are_refused():
+    x = torch.rand(4, 1, 28, 28)
+    fq = fxcompress.compile(LeNet300100().eval(), [InsertFakeQuant(bits=4)], example_inputs=(x,))
+    with pytest.raises(PreconditionError, match="layer 'fc1' shares weights by k-means; its codebook is not an "
+                                                "integer grid"):
+        fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))
+
+
+@pytest.mark.parametrize("method", ["linear", "fixed_point"])
+def test_weight_grids_without_activation_grids_are_refused(method):
+    x = torch.rand(4, 1, 28, 28)
+    fq = fxcompress.compile(LeNet300100().eval(), [InsertFakeQuant(bits=8, method=method)], example_inputs=(x,))
+    with pytest.raises(PreconditionError, match="layer 'fc1' has a weight fake-quant but no activation grid on its "
+                                                r"input; quantize its input too with InsertFakeQuant\(\.\.\., "
+                                                r"activations=ActivationConfig\(\)\)"):
+        fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))
+
+
+def test_layers_left_in_float_by_rules_stay_float_while_the_others_lower():
+    x = torch.rand(32, 1, 28, 28)
+    fq = _fake_quant(LeNet300100(), x, method=None, bits=None,
+                     rules=[("fc[12]\\.weight", "linear", 8), ("fc3\\.weight", "float", 8)])
+    gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["integer_layers"] == 2 and stats["dequantized"] == ["fc2"]
+    assert isinstance(gm.get_submodule("fc3"), torch.nn.Linear) and gm.get_parameter("fc3.weight").dtype == torch.float32
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    assert (expected - got).abs().max().item() < 0.05 * expected.abs().max().item()
