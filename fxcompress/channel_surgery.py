@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from .analyses.channel_walk import size_items
 from .analyses.channels import ChannelGraph
 
 
@@ -115,19 +116,25 @@ _FIXERS: dict[type, Callable] = {
 # ---- graph arguments that spell widths ----------------------------------------------------------
 def _edit_sizes(gm, node: Node, edit, count, kept) -> None:
     """view / reshape / expand: the size at a channel dim becomes the new width, the other dims of a
-    head split their constant size (-1 stays -1)."""
-    start = 1
-    packed = len(node.args) == start + 1 and isinstance(node.args[start], (list, tuple))
-    sizes = list(node.args[start] if packed else node.args[start:])
-    if not sizes and "shape" in node.kwargs:
-        sizes, packed = list(node.kwargs["shape"]), None
-    for dim, size in {**edit.fixed, **{d: count(ids) for d, ids in edit.ids.items()}}.items():
-        if not (isinstance(sizes[dim], int) and sizes[dim] == -1):
-            sizes[dim] = size
-    if packed is None:
-        node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
+    head split their constant size (-1 stays -1). Sizes computed as one tuple (`x.size()[:-1] +
+    (heads, d)`) are indexed item by item, so the other items keep their run-time values."""
+    sizes = size_items(node)
+    new = {**edit.fixed, **{d: count(ids) for d, ids in edit.ids.items()}}
+    if edit.spread:
+        with gm.graph.inserting_before(node):
+            sizes = [new[d] if d in new else gm.graph.call_function(operator.getitem, (sizes[0], d))
+                     for d in range(edit.spread)]
     else:
-        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+        for dim, size in new.items():
+            if not (isinstance(sizes[dim], int) and sizes[dim] == -1):
+                sizes[dim] = size
+    if len(node.args) == 1:  # given by keyword
+        key = "shape" if "shape" in node.kwargs else "size"
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+    elif len(node.args) == 2 and (edit.spread or isinstance(node.args[1], (list, tuple))):
+        node.args = (node.args[0], tuple(sizes))
+    else:  # one argument per dim, as written
+        node.args = (node.args[0], *sizes)
 
 
 def _edit_split(gm, node: Node, edit, count, kept) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .channel_walk import Edit, Walk, Width, Widths, _arg, _dim, sdpa_scale
+from .channel_walk import Edit, Walk, Width, Widths, _arg, _dim, sdpa_scale, size_items
 
 
 def _first(node: Node) -> Node:
@@ -23,17 +23,18 @@ def same(w: Walk, node: Node) -> dict:
 
 
 def shape(w: Walk, node: Node) -> Width | Widths | None:
-    """A size read (x.size(1), x.size(), x.shape, x.numel()): a number, but one that reads widths."""
+    """A size read (x.size(1), x.size(), x.shape, x.numel()): a number, but one that reads widths.
+    A whole shape is a Widths even without channels: its length places the items of `+` joins."""
     x = node.args[0]
-    track, nd = w.tensor_track(x), len(w.shape(x) or ())
-    if not track:
+    if w.shape(x) is None:
         return None
+    track = w.tensor_track(x)
+    sizes = Widths(tuple(Width((track[d],)) if d in track else None for d in range(len(w.shape(x)))))
     if node.target == "size" and len(node.args) + len(node.kwargs) > 1:
-        ids = track.get(_dim(_arg(node, 1, "dim"), nd))
-        return Width((ids,)) if ids is not None else None
+        return sizes.item(_arg(node, 1, "dim"))
     if node.target == "size" or (node.target is getattr and node.args[1] == "shape"):
-        return Widths(dict(track), nd)
-    if node.target == "numel":
+        return sizes
+    if node.target == "numel" and track:
         return Width(tuple(track.values()))
     return None  # x.dim(), other attributes
 
@@ -143,11 +144,19 @@ def _reshape_track(w: Walk, node: Node, x: Node) -> tuple[dict, dict]:
     return out, fixed
 
 
+def _sizes_edit(w: Walk, node: Node, ids: dict, fixed: dict | None = None) -> Edit:
+    """The edit of a view / reshape / expand's sizes; one computed tuple for a shape of several
+    dims (`x.size()[:-1] + (heads, d)`) is spread into its items by the pass."""
+    items, rank = size_items(node), len(w.shape(node))
+    spread = rank if len(items) == 1 and isinstance(items[0], Node) and rank > 1 else 0
+    return Edit("sizes", dict(ids), fixed=fixed or {}, spread=spread)
+
+
 def reshape(w: Walk, node: Node) -> dict:
     out, fixed = _reshape_track(w, node, _first(node))
     sized = node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
     if out and sized:
-        w.edits[node.name] = Edit("sizes", dict(out), fixed=fixed)
+        w.edits[node.name] = _sizes_edit(w, node, out, fixed)
     return out
 
 
@@ -167,7 +176,7 @@ def expand(w: Walk, node: Node) -> dict:
     shift = len(out) - len(w.shape(x))
     track = {d + shift: ids for d, ids in w.tensor_track(x).items()}
     if track and node.target == "expand":
-        w.edits[node.name] = Edit("sizes", dict(track))
+        w.edits[node.name] = _sizes_edit(w, node, track)
     return track
 
 

@@ -52,7 +52,9 @@ class Edit:
 
     kind "sizes": {out_dim: ids} of view/reshape/expand, and `fixed` {out_dim: size}: the other dims
     a channel dim is split into (heads or head_dim, whichever keeps its size), written as constants,
-    so a size computed there from a width (`C // num_heads`) stays right; "split": pieces of
+    so a size computed there from a width (`C // num_heads`) stays right, and `spread`: the length
+    of the sizes when they come as one computed tuple (`x.size()[:-1] + (heads, d)`; 0 if not),
+    which the pass indexes item by item so that single items can change; "split": pieces of
     split/chunk along `dim`; "slice": getitem slices {index position: ids}; "groups"/"num_groups":
     group counts of functional conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin
     attention's scale to `value`.
@@ -65,6 +67,7 @@ class Edit:
     fixed: dict = field(default_factory=dict)
     per_group: int = 1
     value: float = 0.0
+    spread: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,17 @@ class Width:
 
 @dataclass(frozen=True)
 class Widths:
-    """The sizes of a tensor with channel dims (`x.size()`, `x.shape`)."""
+    """A tuple of sizes (`x.size()`, `x.shape`, a slice of one, tuples joined by `+`): for each
+    position, the Width it reads, None where it reads no channel."""
 
-    track: dict
-    ndim: int
+    items: tuple
 
-    def item(self, index: int) -> Width | None:
-        ids = self.track.get(_dim(index, self.ndim))
-        return Width((ids,)) if ids is not None else None
+    def item(self, index: Any) -> Width | Widths | None:
+        """`sizes[index]`: one size, or a slice of them; an index computed at run time reads them all."""
+        bounds = (index.start, index.stop, index.step) if isinstance(index, slice) else (index,)
+        if not all(b is None or isinstance(b, int) for b in bounds):
+            return Width(_parts(self))
+        return Widths(self.items[index]) if isinstance(index, slice) else self.items[index]
 
 
 def _dim(d: int, nd: int) -> int:
@@ -229,15 +235,36 @@ class Walk:
         if not reads:
             return out
         if node.name not in self.meta:  # arithmetic on sizes: the result reads the same channels
-            if node.target is operator.getitem and isinstance(self.tracks[node.args[0]], Widths):
-                return self.tracks[node.args[0]].item(node.args[1])
-            return Width(tuple(p for n in reads for p in _parts(self.tracks[n])))
+            return self.computed_size(node, reads)
         allowed = self.rewritten(node)
         for n in reads:
             if n not in allowed:
                 self.freeze(list(_parts(self.tracks[n])), f"{node.name} computes with the width of these channels",
                             inexact_only=True)
         return out
+
+    def computed_size(self, node: Node, reads: list) -> Width | Widths:
+        """A size computed from sizes: an item or a slice of a tuple of sizes is that part of it,
+        tuples joined by `+` keep their positions, any other arithmetic reads every width it is given."""
+        if node.target is operator.getitem and isinstance(self.tracks.get(node.args[0]), Widths):
+            return self.tracks[node.args[0]].item(node.args[1])
+        if node.target is operator.add:
+            joined = [self.as_sizes(a) for a in node.args]
+            if all(j is not None for j in joined):
+                return Widths(sum((j.items for j in joined), ()))
+        return Width(tuple(p for n in reads for p in _parts(self.tracks[n])))
+
+    def as_sizes(self, value: Any) -> Widths | None:
+        """A tuple of sizes: a node computing one, or a literal tuple of ints and computed sizes."""
+        if isinstance(value, Node):
+            track = self.tracks.get(value)
+            return track if isinstance(track, Widths) else None
+        if not isinstance(value, (tuple, list)):
+            return None
+        tracks = [self.tracks.get(v) if isinstance(v, Node) else None for v in value]
+        if any(isinstance(t, Widths) for t in tracks):
+            return None  # a tuple of tuples is no size
+        return Widths(tuple(t if isinstance(t, Width) else None for t in tracks))
 
     def rewritten(self, node: Node) -> set:
         """The argument nodes the pass replaces by constants (sizes of pruned dims)."""
@@ -248,9 +275,12 @@ class Walk:
             found = set()
             torch.fx.node.map_arg(node.args[1:], found.add)
             return found
-        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        sizes = list(node.args[1] if packed else node.args[1:]) or list(node.kwargs.get("shape", ()))
-        return {sizes[d] for d in (*edit.ids, *edit.fixed) if isinstance(sizes[d], Node)}
+        sizes, edited = size_items(node), {*edit.ids, *edit.fixed}
+        if edit.spread:  # one computed tuple: rewritten if every width it reads lands on an edited dim
+            track = self.tracks.get(sizes[0])
+            items = track.items if isinstance(track, Widths) else ()
+            return {sizes[0]} if all(t is None or d in edited for d, t in enumerate(items)) else set()
+        return {sizes[d] for d in edited if isinstance(sizes[d], Node)}
 
     def all_input_tracks(self, node: Node) -> list:
         found = []
@@ -274,7 +304,20 @@ class Walk:
 
 
 def _parts(read: Width | Widths) -> tuple:
-    return read.parts if isinstance(read, Width) else tuple(read.track.values())
+    if isinstance(read, Width):
+        return read.parts
+    return tuple(p for item in read.items if item is not None for p in item.parts)
+
+
+def size_items(node: Node) -> list:
+    """The size arguments of a view / reshape / expand as a list: `x.view(a, b)`, `x.view((a, b))`,
+    `torch.reshape(x, shape=(a, b))`, or one computed tuple `x.view(sizes)` (a list of one node)."""
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    sizes = node.args[1] if packed else node.args[1:]
+    if not sizes:
+        shape = node.kwargs.get("shape", node.kwargs.get("size", ()))
+        sizes = shape if isinstance(shape, (list, tuple)) else (shape,)
+    return list(sizes)
 
 
 def _embedding_source(node: Node) -> Node | None:

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxcompress
+
 from fxcompress.analyses.channels import ChannelGraph, channel_graph
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import PassContext
@@ -160,3 +162,30 @@ def test_widths_read_into_size_arguments_are_fine_but_into_arithmetic_are_inexac
     assert shuffled.frozen is None and len(shuffled.prunable) == 4
     assert "computes with the width" in scaled.frozen
     assert not len(scaled.prunable) and len(scaled.inexact) == 8
+
+
+class ReadsSlicedWidths(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y.reshape(y.size()[:2] + (-1,))  # a slice holding the width, into rewritten sizes
+        y = self.b(y.reshape(y.shape[:2] + x.shape[-2:]))  # two slices joined: the width stays in place
+        return self.c(y * y.size()[1:][0] ** -0.5)  # the width, picked from a slice, scales: would change
+
+
+def test_slices_of_sizes_keep_each_width_in_its_place():
+    model = ReadsSlicedWidths().eval()
+    cg = _graph(model, torch.randn(1, 3, 4, 4))
+    reshaped, scaled = _group_of(cg, "a"), _group_of(cg, "b")
+    assert reshaped.frozen is None and len(reshaped.prunable) == 8
+    assert "computes with the width" in scaled.frozen and len(scaled.inexact) == 8
+    edits = [e for e in cg.edits.values() if e.kind == "sizes"]
+    assert [(sorted(e.ids), e.spread) for e in edits] == [([1], 3), ([1], 4)]
+    from fxcompress.passes import PruneChannels
+
+    pruned = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=(torch.randn(1, 3, 4, 4),))
+    assert (pruned.a.out_channels, pruned.b.in_channels, pruned.b.out_channels) == (4, 4, 8)
+    assert pruned(torch.randn(2, 3, 5, 7)).shape == (2, 2, 5, 7)

@@ -1,6 +1,7 @@
 """Small models for the op families the zoo lacks, shared by the channel-pruning tests."""
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -139,6 +140,50 @@ class HandAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
+class UNet(nn.Module):
+    """Two levels of a U-Net: strided down convs, up-sampling to the skip's size read from its shape
+    (`size=skip.shape[-2:]`, `size=skip.size()[2:]`: odd sizes, so no scale factor would do), and a
+    concatenation with the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1, self.enc2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, 2, 1)
+        self.bottom = nn.Conv2d(16, 16, 3, 2, 1)
+        self.up2, self.dec2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8 + 16, 16, 3, padding=1)
+        self.up1, self.dec1 = nn.Conv2d(16, 8, 1), nn.Conv2d(8 + 8, 8, 3, padding=1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        skip1 = F.relu(self.enc1(x))
+        skip2 = F.relu(self.enc2(skip1))
+        y = F.relu(self.bottom(skip2))
+        y = F.interpolate(self.up2(y), size=skip2.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.relu(self.dec2(torch.cat([y, skip2], 1)))
+        y = F.interpolate(self.up1(y), size=skip1.size()[2:], mode="nearest")
+        return self.out(F.relu(self.dec1(torch.cat([y, skip1], 1))))
+
+
+class HFSelfAttention(nn.Module):
+    """Hugging Face's BERT self-attention: heads split and merged by sizes computed from the input's
+    size (`x.size()[:-1] + (heads, head_size)`), then an output projection."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size, self.all_head_size = heads, dim // heads, dim
+        self.query, self.key, self.value, self.dense = (nn.Linear(dim, dim) for _ in range(4))
+
+    def transpose_for_scores(self, x):
+        new_x_shape = x.size()[:-1] + (self.num_attention_heads, self.attention_head_size)
+        return x.view(new_x_shape).permute(0, 2, 1, 3)
+
+    def forward(self, hidden):
+        q, k, v = (self.transpose_for_scores(p(hidden)) for p in (self.query, self.key, self.value))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+        context = torch.matmul(scores.softmax(dim=-1), v).permute(0, 2, 1, 3).contiguous()
+        context = context.view(context.size()[:-2] + (self.all_head_size,))
+        return self.dense(context)
+
+
 class UnknownOpNet(nn.Module):
     """An op the analysis does not know (torch.cumsum) between two convs: that group must freeze."""
 
@@ -162,6 +207,8 @@ EXTRA = {
     "hand_attention": (HandAttention, lambda: (torch.randn(2, 6, 32),)),
     "hand_sdpa": (lambda: HandAttention(sdpa=True), lambda: (torch.randn(2, 6, 32),)),
     "unknown_op": (UnknownOpNet, lambda: (torch.randn(2, 3, 8, 8),)),
+    "unet": (UNet, lambda: (torch.randn(2, 3, 10, 10),)),
+    "hf_attention": (HFSelfAttention, lambda: (torch.randn(2, 6, 32),)),
 }
 
 
@@ -477,3 +524,45 @@ def test_amount_applies_to_each_layer_of_a_dense_block():
     convs = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert {name: pruned.get_submodule(name).out_channels for name in convs} == {
         name: c - c // 2 for name, c in convs.items()}
+
+
+def _zeroed_and_pruned(name: str, attention: str = "head_dims"):
+    """(dense model with a random half of each prunable group zeroed, that model pruned at 0.5, inputs)."""
+    gm, inputs = _traced(name)
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph.of(attention))
+    zero_classes(gm, cg, pick_half(cg))
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention=attention)], example_inputs=inputs)
+    return gm, pruned, inputs
+
+
+def test_a_unet_with_sizes_read_from_the_skip_prunes_at_half_exactly():
+    gm, pruned, (x,) = _zeroed_and_pruned("unet")
+    widths = {name: pruned.get_submodule(name).out_channels for name in ("enc1", "enc2", "bottom", "up2", "dec2")}
+    assert widths == {"enc1": 4, "enc2": 8, "bottom": 8, "up2": 4, "dec2": 8}
+    assert pruned.dec2.in_channels == 4 + 8 and pruned.dec1.in_channels == 4 + 4 and pruned.out.in_channels == 4
+    for shape in (x.shape, (1, 3, 13, 7)):  # the up-sampled sizes still come from the skip at run time
+        other = torch.randn(shape)
+        assert pruned(other).shape == (shape[0], 2, *shape[2:])
+        torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)
+
+
+def _size_arguments(gm: nn.Module) -> list[list]:
+    """Every view's sizes, computed items shown as the node's name."""
+    return [[s.name if isinstance(s, torch.fx.Node) else s for s in n.args[1]]
+            for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
+
+
+@pytest.mark.parametrize("attention, split", [("head_dims", [4, 4]), ("heads", [2, 8])])
+def test_hugging_face_attention_sizes_computed_from_the_input_are_rewritten(attention, split):
+    if attention == "heads":
+        gm, (x,) = _traced("hf_attention")
+        zero_heads(gm, ("query", "key", "value"), [1, 2], head_dim=8)
+        pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention="heads")], example_inputs=(x,))
+    else:
+        gm, pruned, (x,) = _zeroed_and_pruned("hf_attention")
+    sizes = _size_arguments(pruned)
+    assert [s[2:] for s in sizes[:3]] == [split] * 3 and sizes[3][2] == 16  # heads / head_dim, merged width
+    assert all(isinstance(item, str) for s in sizes for item in s[:2])  # batch and length: read at run time
+    assert pruned.query.out_features == pruned.dense.in_features == 16 and _params(pruned) < _params(gm)
+    for other in (x, torch.randn(3, 9, 32)):
+        torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)
