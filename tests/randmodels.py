@@ -204,7 +204,7 @@ class Builder:
         conv = nn.Conv2d(c, out, k, stride, k // 2, groups=groups, bias=self.rng.random() < 0.7)
         size = (h + 2 * (k // 2) - k) // stride + 1
         j = self.add("module", (i,), [Value("image", (out, size, size))], self.register(self.name("conv"), conv))
-        return self.batchnorm(j) if self.rng.random() < 0.4 else j  # conv -> BatchNorm, so folds are common
+        return self.batchnorm(j) if self.rng.random() < 0.6 else j  # conv -> BatchNorm, so folds are common
 
     def batchnorm(self, i):
         v = self.values[i]

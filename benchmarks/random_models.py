@@ -1,0 +1,49 @@
+"""Long-mode property run over seeded random models: every pass and property on N graphs.
+
+    python benchmarks/random_models.py --graphs 500 [--start 0]
+
+Prints, per pass and per property, how many graphs ended in each outcome ("verified", a typed
+refusal, a crash inside a pass that compile wrapped, a violated property), the first seed of every
+outcome other than "verified" (to reproduce: `random_model(seed)` in tests/randmodels.py), and time.
+"""
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the generator lives with the tests
+from randmodels import PROPERTIES, check_pass, outcome, pass_pipelines, random_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graphs", type=int, default=200)
+    parser.add_argument("--start", type=int, default=0, help="first seed")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    checks = {name: (lambda name: lambda m, x, s: check_pass(name, m, x, s))(name) for name in pass_pipelines()}
+    checks.update(PROPERTIES)
+    counts = {label: collections.Counter() for label in checks}
+    first_seed, seconds = {}, collections.Counter()
+    for seed in range(args.start, args.start + args.graphs):
+        model, inputs = random_model(seed)
+        for label, check in checks.items():
+            start = time.perf_counter()
+            result = outcome(check, model, inputs, seed)
+            seconds[label] += time.perf_counter() - start
+            counts[label][result] += 1
+            first_seed.setdefault((label, result), seed)
+    print(f"{args.graphs} random models, seeds {args.start}..{args.start + args.graphs - 1}, torch {torch.__version__}, 1 thread\n")
+    print("| pass / property | outcome | graphs | first seed | ms per graph |")
+    print("|---|---|---:|---:|---:|")
+    for label, outcomes in counts.items():
+        for result, n in sorted(outcomes.items(), key=lambda item: -item[1]):
+            seed = "" if result == "verified" else first_seed[label, result]
+            print(f"| {label} | {result} | {n} | {seed} | {1000 * seconds[label] / args.graphs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
