@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fxcompress
 from fxcompress.datasets import load_dataset
+from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
 from fxcompress.quant import KMeansWeight
 from fxcompress.training import check_replicas, evaluate, shard, train
@@ -42,14 +43,9 @@ def parallel(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def pruned_weights_are_zero(gm: torch.fx.GraphModule) -> bool:
-    """Whether every masked layer's effective weight (mask, then fake-quant) is exactly 0 where pruned."""
-    for module in gm.modules():
-        if hasattr(module, "weight_mask"):
-            with torch.no_grad():
-                effective = module.weight_quant(module.weight * module.weight_mask)
-            if bool((effective[module.weight_mask == 0] != 0).any()):
-                return False
-    return True
+    """Whether every layer's effective weight (after its mask and fake-quant) is exactly 0 where pruned."""
+    return all(bool((effective_weight(gm, layer)[gm.get_buffer(f"{layer.name}.weight_mask") == 0] == 0).all())
+               for layer in find_layers(gm))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fxcompress
 from fxcompress.datasets import load_dataset
 from fxcompress.errors import ConfigError, PreconditionError, VerificationError
+from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
 from fxcompress.quant import ActivationQuant, KMeansWeight
 from fxcompress.quant.observers import OBSERVERS, distributed
@@ -124,13 +125,6 @@ QUANT_RULES = [("fc[12]\\.weight", "kmeans", 4), ("fc3\\.weight", "linear", 6)]
 LAYERS = ("fc1", "fc2", "fc3")
 
 
-def effective_weight(gm, layer):
-    """What the layer multiplies by: its weight chain, mask then fake-quant."""
-    module = gm.get_submodule(layer)
-    with torch.no_grad():
-        return module.weight_quant(module.weight * module.weight_mask)
-
-
 def compressed_lenet(calibration):
     torch.manual_seed(0)  # every rank builds the same model
     x = calibration[0]
@@ -155,7 +149,7 @@ def finetune(rank, steps):
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     compared = check_replicas(model)
-    weights = {layer: effective_weight(gm, layer) for layer in LAYERS}
+    weights = {layer.name: effective_weight(gm, layer) for layer in find_layers(gm)}  # mask, then fake-quant
     result = {"compared": compared, "before": before,
               "codebooks": {name: m.codebook.detach().clone() for name, m in gm.named_modules()
                             if isinstance(m, KMeansWeight)},
@@ -168,6 +162,12 @@ def finetune(rank, steps):
         check_replicas(model)
     except VerificationError as error:
         result["drift"] = str(error)
+    if rank == 1:  # one rank's model has a tensor the other lacks: every rank must refuse, none may hang
+        gm.register_buffer("extra", torch.zeros(1))
+    try:
+        check_replicas(model)
+    except VerificationError as error:
+        result["layout"] = str(error)
     return result
 
 
@@ -183,6 +183,7 @@ def test_ddp_finetunes_a_masked_kmeans_model_with_exact_masks_and_equal_centroid
             assert torch.equal(mask, first["masks"][layer])
             assert 0 < int((mask == 0).sum()) and bool((result["pruned_values"][layer] == 0).all()), layer
     assert "fc2.weight_quant.codebook" in ranks[0]["drift"] and "ranks [1]" in ranks[0]["drift"]
+    assert all("module.extra" in result["layout"] for result in ranks)
 
 
 def test_shard_gives_each_rank_an_equal_disjoint_part():

@@ -138,7 +138,8 @@ class ActivationQuant(nn.Module):
 
     The observer takes in batches while `calibrating`, and in training mode while `observing`
     (quantization-aware training); `observing = False` freezes the grid. Before anything was
-    observed the activation passes through unchanged.
+    observed the activation passes through unchanged. Under torch.distributed each observed batch
+    is a collective (the observer reduces its statistics across ranks): every rank runs it.
     """
 
     def __init__(self, bits: int = 8, symmetric: bool = False, observer: str = "minmax",

@@ -33,10 +33,14 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    """`tensor` reduced in place across all ranks when running distributed, else unchanged."""
+def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """`tensor` reduced in place across all ranks by `op` ("MAX", "SUM", ...) when running distributed.
+
+    Without a process group it is returned unchanged (the op is looked up only when needed: builds
+    without torch.distributed lack dist.ReduceOp).
+    """
     if distributed():
-        dist.all_reduce(tensor, op)
+        dist.all_reduce(tensor, getattr(dist.ReduceOp, op))
     return tensor
 
 
@@ -61,7 +65,7 @@ class Observer(nn.Module):
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's extremes, over every rank's batch when distributed (one MAX reduction of -low, high)."""
         low, high = x.detach().float().aminmax()
-        extremes = all_reduce(torch.stack([-low, high]), dist.ReduceOp.MAX)
+        extremes = all_reduce(torch.stack([-low, high]), "MAX")
         return -extremes[0], extremes[1]
 
 
@@ -125,7 +129,7 @@ class PercentileObserver(Observer):
             self._double()
         limit = float(self.limit)
         counts = torch.histc(values, self.bins, -limit, limit).double()
-        self.histogram += all_reduce(counts, dist.ReduceOp.SUM)  # integer counts: the sum is exact
+        self.histogram += all_reduce(counts, "SUM")  # integer counts: the sum is exact
         self.low.copy_(torch.minimum(low, self.low) if bool(self.seen) else low)
         self.high.copy_(torch.maximum(high, self.high) if bool(self.seen) else high)
         self.seen.fill_(True)

@@ -3,7 +3,7 @@ import torch
 
 from fxcompress.errors import ConfigError
 from fxcompress.quant.observers import (MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver,
-                                        make_observer)
+                                        all_reduce, distributed, make_observer)
 
 
 def batches(n=5, size=1000, seed=0):
@@ -66,3 +66,10 @@ def test_percentile_observer_bins_are_a_multiple_of_four():
 def test_bad_options_raise_config_error(make):
     with pytest.raises(ConfigError):
         make()
+
+
+def test_statistics_stay_local_without_a_process_group():
+    # the reduction across ranks is tests/test_distributed.py's; alone, a batch's statistics are its own
+    assert not distributed()
+    counts = torch.tensor([1.0, 2.0])
+    assert all_reduce(counts, "SUM") is counts and counts.tolist() == [1.0, 2.0]
