@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                     InsertFakeQuant(rules=rules, activations=ActivationConfig(bits=8, freeze=False))],
                             example_inputs=(data.test_x[:1],), calibration_data=calibration)
     quantized = evaluate(gm, data.test_x, data.test_y)
-    centroids = [m.codebook.detach().clone() for m in gm.modules() if isinstance(m, KMeansWeight)]
+    codebooks = [m.codebook for m in gm.modules() if isinstance(m, KMeansWeight)]
+    centroids = [codebook.detach().clone() for codebook in codebooks]
 
     train(parallel(gm), mine, epochs=args.epochs, lr=1e-3, batch_size=32, seed=1)
     tensors = check_replicas(gm) if dist.is_initialized() else 0
-    moved = any(not torch.equal(m.codebook, c) for m, c in
-                zip((m for m in gm.modules() if isinstance(m, KMeansWeight)), centroids))
+    moved = any(not torch.equal(codebook, before) for codebook, before in zip(codebooks, centroids))
     result = {"dense": dense, "quantized": quantized, "finetuned": evaluate(gm, data.test_x, data.test_y),
               "pruned_zero": pruned_weights_are_zero(gm), "centroids_moved": moved, "replica_tensors": tensors}
     if rank == 0:

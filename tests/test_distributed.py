@@ -120,8 +120,6 @@ def test_ranks_calibrating_on_halves_get_the_grids_of_one_process_on_all_data(tm
 # --- fine-tuning under DistributedDataParallel ---------------------------------------------------------
 
 QUANT_RULES = [("fc[12]\\.weight", "kmeans", 4), ("fc3\\.weight", "linear", 6)]
-
-
 LAYERS = ("fc1", "fc2", "fc3")
 
 
@@ -136,8 +134,8 @@ def compressed_lenet(calibration):
 
 def finetune(rank, steps):
     g = torch.Generator().manual_seed(7)
-    inputs, targets = torch.randn(WORLD * 8 * steps, 1, 28, 28, generator=g), torch.randint(0, 10, (WORLD * 8 * steps,), generator=g)
-    my_x, my_y = shard((inputs, targets))
+    count = WORLD * 8 * steps  # batches of 8 on each rank
+    my_x, my_y = shard((torch.randn(count, 1, 28, 28, generator=g), torch.randint(0, 10, (count,), generator=g)))
     gm = compressed_lenet(list(my_x.split(8)))
     before = {name: m.codebook.detach().clone() for name, m in gm.named_modules() if isinstance(m, KMeansWeight)}
     # no buffer broadcast before each forward: the observers' own reduction keeps their statistics equal
