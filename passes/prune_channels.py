@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph, ChannelGroup
 from fxcompress.channel_selection import layer_units, lowest, norm_scores, removal_count
 from fxcompress.channel_surgery import apply_removal
-from fxcompress.config import check_choice, check_int, check_real, check_regex
+from fxcompress.config import check_bool, check_choice, check_int, check_real, check_regex
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.reconstruct import Sampling, capture_targets, data_driven_removal, refit
@@ -81,26 +81,30 @@ class PruneChannels(Pass):
 
     def __post_init__(self) -> None:
         owner = "PruneChannels"
-        amounts = self.amount.values() if isinstance(self.amount, Mapping) else [self.amount]
-        for value in amounts:
-            check_real(owner, "amount", value, 0.0, 1.0, hi_open=True)
+        if isinstance(self.amount, Mapping):
+            if not self.amount:
+                raise ConfigError(f"{owner}.amount is an empty mapping: no layer would lose a channel")
+            for pattern, value in self.amount.items():
+                check_regex(owner, "amount", pattern)
+                check_real(owner, f"amount[{pattern!r}]", value, 0.0, 1.0, hi_open=True)
+        else:
+            check_real(owner, "amount", self.amount, 0.0, 1.0, hi_open=True)
         if not callable(self.method):
             check_choice(owner, "method", self.method, METHODS)
         for field in ("select", "keep"):
             value = getattr(self, field)
-            if not isinstance(value, (tuple, list)) or not all(isinstance(v, (str, type)) for v in value):
-                raise ConfigError(f"{owner}.{field} must be a tuple of regexes or module types, got {value!r}")
+            if not isinstance(value, (tuple, list)) or not all(_is_pattern(v) for v in value):
+                raise ConfigError(f"{owner}.{field} must be a tuple of regexes or nn.Module types, got {value!r}")
             for pattern in value:
                 if isinstance(pattern, str):
                     check_regex(owner, field, pattern)
         check_int(owner, "min_channels", self.min_channels, 1)
         check_int(owner, "round_to", self.round_to, 1)
-        check_int(owner, "seed", self.seed)
+        check_int(owner, "seed", self.seed, 0, 2 ** 32 - 2)  # numpy and scikit-learn seeds; seed + 1 is used too
         check_int(owner, "max_samples", self.max_samples, 16)
         check_choice(owner, "attention", self.attention, ATTENTION_MODES)
         for field in ("reconstruct", "global_", "prune_normalized"):
-            if not isinstance(getattr(self, field), bool):
-                raise ConfigError(f"{owner}.{field} must be a boolean, got {getattr(self, field)!r}")
+            check_bool(owner, field, getattr(self, field))
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         needs_data = self.reconstruct or self.method in DATA_METHODS
@@ -110,7 +114,9 @@ class PruneChannels(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         cg = ctx.get(ChannelGraph.of(self.attention))
-        groups, skipped = self._eligible(gm, cg)
+        units = self._units(cg)
+        self._check_patterns(gm, cg, units)
+        groups, skipped = self._eligible(gm, units)
         removed, fallbacks = self._choose(gm, cg, groups, ctx)
         before = sum(p.numel() for p in gm.parameters())
         stats: dict[str, Any] = {"groups": len(cg.groups),
@@ -131,22 +137,44 @@ class PruneChannels(Pass):
         return PassResult(changed=True, params_touched=tuple(touched), stats=stats)
 
     # ---- which groups, how many, which classes ------------------------------------------------
-    def _eligible(self, gm: GraphModule, cg: ChannelGraph) -> tuple[list[tuple[ChannelGroup, float]], dict]:
-        eligible, skipped = [], {}
+    def _units(self, cg: ChannelGraph) -> list[ChannelGroup]:
+        """Each group's per-layer units (see layer_units) that hold channels this pass may remove."""
+        units = []
         for g in cg.groups:
             if self.prune_normalized and len(g.inexact):
                 g = dataclasses.replace(g, prunable=np.union1d(g.prunable, g.inexact))
-            if not len(g.prunable):
+            if len(g.prunable):
+                units.extend(unit for unit in layer_units(cg, g) if len(unit.prunable))
+        return units
+
+    def _check_patterns(self, gm: GraphModule, cg: ChannelGraph, units: list[ChannelGroup]) -> None:
+        """Every pattern of select, keep and a per-layer amount must name a layer it can act on: one
+        that matches nothing would remove nothing (or keep nothing) without a word."""
+        every = sorted({layer.name for layer in cg.layers})
+        prunable = sorted({name for unit in units for name in unit.producers})
+        selected = [name for name in prunable if not self.select or _matches(gm, name, self.select)]
+        amounts = tuple(self.amount) if isinstance(self.amount, Mapping) else ()
+        checks = (("select", self.select, prunable, "prunable layers"), ("keep", self.keep, every, "layers"),
+                  ("amount", amounts, selected, "selected prunable layers"))
+        for field, patterns, names, what in checks:
+            for pattern in patterns:
+                if any(_matches(gm, name, (pattern,)) for name in names):
+                    continue
+                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+                elsewhere = [name for name in every if _matches(gm, name, (pattern,))]
+                note = f" (it matches {elsewhere}: frozen, see fxcompress.channel_graph, or not selected)"
+                raise ConfigError(f"PruneChannels.{field}: {shown} matches none of the {what}, which are "
+                                  f"{names}{note if elsewhere else ''}")
+
+    def _eligible(self, gm: GraphModule, units: list[ChannelGroup]) -> tuple[list[tuple[ChannelGroup, float]], dict]:
+        eligible, skipped = [], {}
+        for unit in units:
+            if any(_matches(gm, name, self.keep) for name in (*unit.producers, *unit.consumers)):
+                skipped[unit.label] = "a layer in keep= would change"
                 continue
-            for unit in layer_units(cg, g):
-                if not len(unit.prunable):
-                    continue
-                if any(_matches(gm, name, self.keep) for name in (*unit.producers, *unit.consumers)):
-                    skipped[unit.label] = "a layer in keep= would change"
-                    continue
-                amount = self._amount(gm, unit)
-                if amount is not None and amount > 0:
-                    eligible.append((unit, amount))
+            amount = self._amount(gm, unit)
+            if amount is not None and amount > 0:
+                eligible.append((unit, amount))
         return eligible, skipped
 
     def _amount(self, gm: GraphModule, g: ChannelGroup) -> float | None:
@@ -204,6 +232,10 @@ class PruneChannels(Pass):
                                   f"for group {g.label}; expected one per prunable channel ({len(g.prunable)})")
             scores[g.prunable] = values
         return scores
+
+
+def _is_pattern(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, type) and issubclass(value, nn.Module))
 
 
 def _matches(gm: GraphModule, name: str, patterns: tuple) -> bool:

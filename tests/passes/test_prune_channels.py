@@ -460,13 +460,33 @@ def test_masks_on_the_weight_chain_are_sliced_with_the_weight():
     assert pruned.fc1.weight_mask.shape == pruned.fc1.weight.shape
 
 
-@pytest.mark.parametrize("field, value", [("amount", 1.0), ("amount", -0.1), ("method", "l3"),
-                                          ("min_channels", 0), ("round_to", 0), ("select", "conv"),
-                                          ("keep", ("(",)), ("amount", {"fc": 2.0}),
-                                          ("attention", "rows")])
+@pytest.mark.parametrize("field, value", [("amount", 1.0), ("amount", -0.1), ("amount", True), ("amount", "0.5"),
+                                          ("amount", {"fc": 2.0}), ("amount", {"(": 0.5}), ("amount", {3: 0.5}),
+                                          ("amount", {}), ("method", "l3"), ("method", 3),
+                                          ("min_channels", 0), ("min_channels", 1.5), ("round_to", 0),
+                                          ("round_to", True), ("select", "conv"), ("select", ("[",)),
+                                          ("select", (int,)), ("keep", ("(",)), ("keep", ("fc", 3)),
+                                          ("seed", -1), ("seed", 2 ** 32), ("seed", 1.0), ("max_samples", 8),
+                                          ("max_samples", 100.0), ("reconstruct", 1), ("global_", 0),
+                                          ("prune_normalized", "yes"), ("attention", "rows")])
 def test_bad_configuration_names_the_field(field, value):
-    with pytest.raises(ConfigError, match=f"PruneChannels.{field}"):
+    with pytest.raises(ConfigError, match=rf"PruneChannels\.{field}\b"):
         PruneChannels(**{field: value})
+
+
+@pytest.mark.parametrize("config, culprit, listed", [
+    (dict(select=("conv3",)), r"select: 'conv3' matches none of the prunable layers", "conv1"),
+    (dict(select=("fc2",)), r"select: .fc2. matches none.*it matches \[.fc2.\]: frozen", "fc1"),
+    (dict(select=(nn.Conv1d,)), r"select: Conv1d matches none", "conv2"),
+    (dict(keep=("conv_1",)), r"keep: 'conv_1' matches none of the layers", "fc2"),
+    (dict(amount={"conv1": 0.5, "fc9": 0.5}), r"amount: 'fc9' matches none", "fc1"),
+    (dict(amount={"fc1": 0.5}, select=(nn.Conv2d,)), r"amount: 'fc1' matches none of the selected", "conv2"),
+])
+def test_patterns_that_match_no_layer_name_the_pattern_and_the_layers(config, culprit, listed):
+    gm, inputs = _traced("lenet5")
+    with pytest.raises(ConfigError, match=culprit) as raised:
+        fxcompress.compile(gm, [PruneChannels(**config)], example_inputs=inputs)
+    assert f"'{listed}'" in str(raised.value)
 
 
 def test_data_driven_methods_need_calibration_data():
