@@ -148,10 +148,9 @@ class _Capture(Interpreter):
     def _rerun_weight_chain(self, n: Node) -> None:
         """Recompute a functional layer's weight chain (stored weight -> mul(mask) ... -> layer).
 
-        `before` may rewrite the stored weight, but the chain's product was computed earlier in the
-        graph from the old values; without this the layer (and every layer after it, whose refit
-        targets are measured on its output) would run on the stale product while the model itself
-        computes with the new one.
+        `before` has just refitted the stored weight, but the chain's product was computed earlier
+        in the graph from the old values. Without this, the layer's output, which every later layer
+        is refitted on, would come from the old weight while the model computes with the new one.
         """
         chain, current = [], weight_arg(n) if n.op == "call_function" else None
         while isinstance(current, Node) and current.op != "get_attr":
@@ -160,8 +159,9 @@ class _Capture(Interpreter):
         # the chain reads only stored tensors (masks_only checked it), whose env values may be freed
         values = {}
         for node in reversed(chain):
-            args = map_arg(node.args, lambda a: values[a] if a in values else self.fetch_attr(a.target))
-            values[node] = node.target(*args, **node.kwargs)
+            args, kwargs = map_arg((node.args, node.kwargs), lambda a: values[a] if a in values
+                                   else self.fetch_attr(a.target))
+            values[node] = node.target(*args, **kwargs)
         if chain:
             self.env[chain[0]] = values[chain[0]]
 
