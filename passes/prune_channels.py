@@ -39,14 +39,15 @@ class PruneChannels(Pass):
     and lose the same ones; in a DenseNet block, each layer loses its share of the channels it adds.
 
     amount: a fraction in [0, 1), or {regex over layer names: fraction} (first match wins; groups
-        whose layers match no pattern are left alone).
+        whose layers match no pattern are left alone; a pattern matching no selected prunable layer
+        is a ConfigError).
     method: "l1" | "l2" (filter norms summed over a group) | "random" | "greedy" (ThiNet) |
         "lasso" (He et al.) | a callable `(gm, graph, group) -> scores` (one per `group.prunable`,
         higher = keep).
     reconstruct: refit consumer layers by least squares on `calibration_data`.
     select: regexes (full match over layer names) or module types of the layers whose output
-        channels may be pruned; empty = every layer.
-    keep: regexes or module types of layers that must not change at all.
+        channels may be pruned; empty = every layer. Each must match a prunable layer.
+    keep: regexes or module types of layers that must not change at all. Each must match a layer.
     min_channels / round_to: every group keeps at least `min_channels`, and a multiple of
         `round_to`, of its channels (never none).
     prune_normalized: also remove the channels that are frozen only for exactness — those a layer
