@@ -12,10 +12,11 @@ from torch.fx import GraphModule
 
 from .analyses.shapes import ShapeInfo
 from .errors import ConfigError, FxCompressError, VerificationError
-from .history import append_record
+from .history import adopt_history, append_record
 from .pass_base import Pass, PassContext, PassRecord, PassResult
+from .quant import sync_trainable
 from .tracing import trace
-from .verify import OutputSignature, forward, verify_graph
+from .verify import OutputSignature, check_example_inputs, forward, verify_graph
 
 
 def _node_signatures(gm: GraphModule) -> dict[str, str]:
@@ -39,6 +40,8 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     Returns the GraphModule itself; `fxcompress.history(gm)` lists what every pass changed.
     Without `inplace=True` the caller's model is never modified (one deep copy is made).
     `calibration_data` is an iterable of input tuples (or tensors) for passes that need data.
+    Inputs the model cannot run raise ConfigError naming them and the module that failed.
+    Threads may compile different models at once (traces take turns; see tracing.TRACE_LOCK).
     """
     for index, p in enumerate(passes):
         if not isinstance(p, Pass):
@@ -48,6 +51,7 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     inputs = _as_tuple(example_inputs)
 
     if isinstance(model, GraphModule):
+        adopt_history(model)  # one from torch.load holds it where a deep copy would drop it
         gm = model if inplace else copy.deepcopy(model)
     elif isinstance(model, nn.Module):
         gm = trace(model if inplace else copy.deepcopy(model), leaf_modules=leaf_modules,
@@ -55,13 +59,15 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     else:
         raise ConfigError(f"compile.model must be an nn.Module, got {type(model).__name__}")
 
-    expected = OutputSignature.of(forward(gm, inputs)) if verify else None
+    outputs = check_example_inputs(gm, inputs)  # a failure now is the inputs', before any pass is blamed
+    expected = OutputSignature.of(outputs) if verify else None
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
     for index, p in enumerate(passes):
         gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify)
         if p.changes_output_shapes and verify:
             expected = OutputSignature.of(forward(gm, inputs))
     ctx.get(ShapeInfo)  # leaves tensor shapes in node.meta for summary() and draw()
+    sync_trainable(gm)  # parameters no gradient reaches (behind k-means) must not look trainable
     return gm
 
 

@@ -21,6 +21,15 @@ def _records(gm: GraphModule) -> list[dict]:
     return records
 
 
+def adopt_history(gm: GraphModule) -> None:
+    """Put `gm`'s history in both of its homes before `gm` is copied.
+
+    A GraphModule from torch.load carries its history only as the attribute; a deep copy made
+    before anything read it would keep `meta` (empty) and drop the attribute, losing the history.
+    """
+    _records(gm)
+
+
 def history(gm: GraphModule) -> tuple[PassRecord, ...]:
     """The passes applied to `gm`, oldest first, across every compile() call."""
     return tuple(PassRecord.from_dict(d) for d in _records(gm))

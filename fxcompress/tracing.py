@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -14,6 +15,12 @@ from .errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
+# torch.fx's Tracer patches nn.Module.__call__ / __getattr__ (and functions' globals) for the whole
+# process while it traces, and restores them after. Two traces at once would restore each other's
+# patches, so our traces take turns; forwards that other threads run meanwhile pass through the
+# patches untouched (see _LocatingTracer._elsewhere).
+TRACE_LOCK = threading.Lock()
+
 
 class _LocatingTracer(Tracer):
     """torch.fx's Tracer that treats chosen modules as leaves and remembers where tracing failed."""
@@ -24,6 +31,21 @@ class _LocatingTracer(Tracer):
         self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
         self.stack: list[str] = []
         self.failed_in: str | None = None
+        self.thread: int | None = None
+
+    def trace(self, root, concrete_args=None):
+        with TRACE_LOCK:
+            self.thread = threading.get_ident()
+            return super().trace(root, concrete_args)
+
+    def _elsewhere(self) -> bool:
+        """Whether the caller is another thread, running some model's forward while this trace patches."""
+        return threading.get_ident() != self.thread
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._elsewhere():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -31,6 +53,8 @@ class _LocatingTracer(Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        if self._elsewhere():
+            return forward(*args, **kwargs)  # a plain call, as if nothing were patched
         path = self.path_of_module(m)
         self.stack.append(path)
         try:

@@ -196,3 +196,80 @@ def test_output_structures_are_checked_for_tuple_outputs():
 
     gm = fxcompress.compile(TwoHeads(), [ScaleWeights(factor=3.0)], example_inputs=torch.randn(2, 4))
     assert set(gm(torch.randn(2, 4))) == {"a", "b"}
+
+
+class TwoInputs(nn.Module):
+    """A model whose second input goes through a submodule, functionally, for input-error messages."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(8, 4)
+        self.side = nn.Sequential(nn.ReLU(), Project())
+
+    def forward(self, x, y):
+        return self.image(x) + self.side(y)
+
+
+class Project(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, y):
+        return torch.nn.functional.linear(y, self.weight)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("inputs, match", [
+    ((torch.randn(4, 3, 28, 28),), r"example_inputs\[0\] \(shape \(4, 3, 28, 28\), dtype torch.float32\) reaches "
+                                   r"module 'fc1', which failed at %fc1 .*RuntimeError: mat1 and mat2 shapes"),
+    ((torch.randn(4, 784, dtype=torch.float64),), r"example_inputs\[0\] \(shape \(4, 784\), dtype torch.float64\) "
+                                                  r"reaches module 'fc1'.*must have the same dtype"),
+    ((torch.randn(4, 784), torch.randn(4, 784)), r"2 inputs given, the model's forward takes \['x'\]"),
+])
+def test_example_inputs_the_model_cannot_run_are_a_config_error_naming_them(inputs, match, verify):
+    with pytest.raises(ConfigError, match=r"compile.example_inputs do not fit the model \(no pass has run yet\): "
+                                          + match):
+        fxcompress.compile(LeNet300100().eval(), [ScaleWeights(factor=2.0)], example_inputs=inputs, verify=verify)
+
+
+def test_a_bad_input_among_several_is_named_with_the_module_it_reaches():
+    good, bad = torch.randn(2, 8), torch.randn(2, 5)
+    with pytest.raises(ConfigError, match=r"example_inputs\[1\] \(shape \(2, 5\), dtype torch.float32\) reaches "
+                                          r"module 'side.1' \(Project\), which failed at %linear"):
+        fxcompress.compile(TwoInputs(), [], example_inputs=(good, bad))
+    assert fxcompress.compile(TwoInputs(), [], example_inputs=(good, torch.randn(2, 6))) is not None
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_history_survives_torch_save_and_load_into_the_next_compile(inplace, tmp_path):
+    x = torch.randn(4, 784)
+    gm = fxcompress.compile(LeNet300100().eval(), [ScaleWeights(factor=2.0)], example_inputs=(x,))
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    again = fxcompress.compile(loaded, [ScaleWeights(factor=0.5)], example_inputs=(x,), inplace=inplace)
+    assert [(r.name, r.config["factor"]) for r in fxcompress.history(again)] == [("ScaleWeights", 2.0),
+                                                                                 ("ScaleWeights", 0.5)]
+    assert [r.config["factor"] for r in fxcompress.history(copy.deepcopy(again))] == [2.0, 0.5]
+
+
+def test_concurrent_compiles_of_different_models_all_succeed_and_match_single_threaded():
+    """torch.fx tracing patches nn.Module.__call__ process-wide: a forward in another thread must wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fxcompress.zoo import ZOO
+
+    names = ["gpt_block", "lenet300", "lenet5", "senet", "transformer"]  # the quickest zoo models, of every kind
+    models = {name: (ZOO[name][0]().eval(), ZOO[name][1]()) for name in names}
+
+    def compiled_output(name):
+        model, x = models[name]
+        gm = fxcompress.compile(model, [], example_inputs=(x,))  # trace, verify, shapes: all a compile races on
+        with torch.no_grad():
+            return gm(x)
+
+    expected = {name: compiled_output(name) for name in names}
+    jobs = [names[i % len(names)] for i in range(40)]  # 4 threads x 10 compiles
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outputs = list(pool.map(compiled_output, jobs))
+    assert all(torch.equal(out, expected[name]) for name, out in zip(jobs, outputs))
