@@ -67,3 +67,40 @@ def test_compiled_graph_module_survives_torch_save(tmp_path):
     loaded = torch.load(tmp_path / "gm.pt", weights_only=False)  # our own file, for users who want torch.save
     assert torch.equal(loaded(x), gm(x))
     assert fxcompress.history(loaded) == fxcompress.history(gm)
+
+
+class PausesWhileTraced(nn.Module):
+    """Halts its own trace until another thread has run a forward, so the two always overlap."""
+
+    def __init__(self, while_traced):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.while_traced = while_traced
+
+    def forward(self, x):
+        self.while_traced()
+        return self.fc(x)
+
+
+def test_a_forward_in_another_thread_during_a_trace_runs_untouched():
+    import threading
+
+    from fxcompress.tracing import trace
+
+    other, x = Net().eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        expected = other(x)
+    results = {}
+
+    def run_other_model():
+        with torch.no_grad():
+            results["output"] = other(x)  # nn.Module.__call__ is patched by the trace meanwhile
+
+    def while_traced():
+        worker = threading.Thread(target=run_other_model)
+        worker.start()
+        worker.join()
+
+    gm = trace(PausesWhileTraced(while_traced))
+    assert torch.equal(results["output"], expected)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
