@@ -7,16 +7,33 @@ plain graph. The same seed always gives the same architecture, weights, statisti
 Values have one of four kinds: "image" (N, C, H, W), "seq" (N, T, D), "flat" (N, D) and "tokens"
 (N, T), integer. Each op below is a builder (which values it takes, what it creates) paired with the
 forward function it appends; `KIND_OPS` says which ops apply to which kind, and how often.
+
+The second half holds the checks the tests and benchmarks/random_models.py run on these models:
+each pass alone (`check_pass`) and the properties in `PROPERTIES`.
 """
 from __future__ import annotations
 
 import math
+import operator
 import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import fxcompress
+from fxcompress.analyses.channels import ChannelGraph
+from fxcompress.channel_selection import layer_units, lowest, removal_count
+from fxcompress.errors import FxCompressError, VerificationError
+from fxcompress.integer import IntegerLayer
+from fxcompress.pass_base import PassContext
+from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
+                               LowerToInteger, PruneChannels)
+from fxcompress.tracing import trace
 
 BATCH = 2
 WIDTHS = (4, 6, 8, 12, 16)
@@ -429,7 +446,6 @@ def calibration_batches(inputs: tuple[torch.Tensor, ...], seed: int, count: int 
 # raises AssertionError when the property is broken, and lets typed fxcompress refusals propagate.
 
 def _prerequisites() -> dict:
-    from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
     return {"kmeans": [InsertMasks(sparsity=0.5), InsertFakeQuant(method="kmeans", bits=4)],
             "linear_calibrated": [InsertFakeQuant(method="linear", bits=8, per_channel=True,
                                                   activations=ActivationConfig(bits=8))]}
@@ -437,8 +453,6 @@ def _prerequisites() -> dict:
 
 def pass_pipelines() -> dict[str, tuple[str | None, object]]:
     """Every public pass under test: name -> (prerequisite pipeline or None, the pass)."""
-    from fxcompress.passes import (FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger,
-                                   PruneChannels)
     return {"InsertMasks": (None, InsertMasks(sparsity=0.5)),
             "InsertFakeQuant(linear)": (None, InsertFakeQuant(method="linear", bits=8)),
             "InsertFakeQuant(kmeans)": (None, InsertFakeQuant(method="kmeans", bits=4)),
@@ -450,7 +464,6 @@ def pass_pipelines() -> dict[str, tuple[str | None, object]]:
 
 def prepare(model, inputs, prerequisite: str | None, seed: int):
     """The model after a prerequisite pipeline (traced as is without one), with its calibration data."""
-    import fxcompress
     if prerequisite is None:
         return model, None
     calibration = calibration_batches(inputs, seed)
@@ -460,7 +473,6 @@ def prepare(model, inputs, prerequisite: str | None, seed: int):
 
 def check_pass(name: str, model, inputs, seed: int) -> str:
     """The pass gives a graph that compile verified, with the original output shape."""
-    import fxcompress
     prerequisite, p = pass_pipelines()[name]
     base, calibration = prepare(model, inputs, prerequisite, seed)
     gm = fxcompress.compile(base, [p], example_inputs=inputs, calibration_data=calibration)
@@ -472,13 +484,8 @@ def check_pass(name: str, model, inputs, seed: int) -> str:
 def _zero_half(gm, inputs, seed: int) -> bool:
     """Zero a random half of every layer's prunable channels (all parameter slices of each removed
     class), as PruneChannels would count them; False when nothing is prunable."""
-    import operator
 
-    import numpy as np
 
-    from fxcompress.analyses.channels import ChannelGraph
-    from fxcompress.channel_selection import layer_units, lowest, removal_count
-    from fxcompress.pass_base import PassContext
     cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
     removed = np.zeros(cg.labels.max() + 1, dtype=bool)
     scores = np.random.default_rng(seed).random(len(removed))
@@ -496,9 +503,6 @@ def _zero_half(gm, inputs, seed: int) -> bool:
 
 def check_zeroed_pruning(model, inputs, seed: int) -> str:
     """Removing channels whose parameters are all zero leaves the outputs unchanged."""
-    import fxcompress
-    from fxcompress.passes import PruneChannels
-    from fxcompress.tracing import trace
     gm = trace(model)
     if not _zero_half(gm, inputs, seed):
         return "nothing prunable"
@@ -513,11 +517,7 @@ def check_zeroed_pruning(model, inputs, seed: int) -> str:
 
 def check_encoded_round_trip(model, inputs, seed: int) -> str:
     """masks -> k-means -> LowerToEncoded -> save -> load: every output bit-identical."""
-    import tempfile
-    from pathlib import Path
 
-    import fxcompress
-    from fxcompress.passes import LowerToEncoded
     fake_quant, _ = prepare(model, inputs, "kmeans", seed)
     lowered = fxcompress.compile(fake_quant, [LowerToEncoded()], example_inputs=inputs)
     with tempfile.TemporaryDirectory() as folder:
@@ -532,8 +532,6 @@ def check_encoded_round_trip(model, inputs, seed: int) -> str:
 
 def check_fold_batchnorm(model, inputs, seed: int) -> str:
     """Folding every BatchNorm it can leaves the outputs equal to float rounding."""
-    import fxcompress
-    from fxcompress.passes import FoldBatchNorm
     gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=inputs)
     with torch.no_grad():
         expected, got = model(*inputs), gm(*inputs)
@@ -548,9 +546,6 @@ INTEGER_TOLERANCE = 0.05
 
 def check_lower_integer(model, inputs, seed: int) -> str:
     """The integer model computes what its fake-quant reference computes, up to rounding."""
-    import fxcompress
-    from fxcompress.integer import IntegerLayer
-    from fxcompress.passes import LowerToInteger
     fake_quant, _ = prepare(model, inputs, "linear_calibrated", seed)
     gm = fxcompress.compile(fake_quant, [LowerToInteger()], example_inputs=inputs)
     with torch.no_grad():
@@ -566,7 +561,6 @@ PROPERTIES = {"zeroed pruning is exact": check_zeroed_pruning, "encoded save/loa
 
 def classify(error: Exception) -> str:
     """A typed refusal, or an internal crash that compile wrapped into a VerificationError."""
-    from fxcompress.errors import FxCompressError, VerificationError
     cause = error.__cause__
     if isinstance(error, VerificationError) and cause is not None and not isinstance(cause, FxCompressError):
         return f"crashed inside the pass: {type(cause).__name__}"
