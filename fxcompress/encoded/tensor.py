@@ -275,6 +275,8 @@ def _header_fields(header: dict) -> tuple[tuple[int, ...], str, int, str, str]:
     relative = header["layout"] == "relative"
     index_bits = _field(header_int, header, "index_bits", int(relative), 16)
     _field(header_int, header, "offset", -(1 << 53), 1 << 53)
+    if header["values"] is None:
+        raise FormatError("header: the values stream is missing")
     if (header["positions"] is None) == relative:
         raise FormatError("header: a positions stream goes with the relative layout, and only with it")
     return tuple(shape), header["layout"], index_bits, header["codebook"], header.get("dtype", "float32")

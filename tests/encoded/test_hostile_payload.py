@@ -169,7 +169,7 @@ def apply(header: dict, payload: bytearray, change: tuple) -> None:
                            "drop_dim": shape[:-1], "grow": [shape[0] * 2] + shape[1:],
                            "shrink": [max(shape[0] // 2, 1)] + shape[1:]}[change[1]]
     elif kind == "positions":
-        header["positions"] = None if change[1] == "none" else copy.deepcopy(header["values"])
+        header["positions"] = None if change[1] == "none" else copy.deepcopy(header.get("values"))
     elif kind == "flip" and payload:
         payload[change[1]] ^= change[2]
     elif kind == "resize":
