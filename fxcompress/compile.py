@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 
 from .analyses.shapes import ShapeInfo
 from .errors import ConfigError, FxCompressError, VerificationError
-from .history import adopt_history, append_record
+from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .quant import sync_trainable
 from .tracing import trace
@@ -51,8 +51,9 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     inputs = _as_tuple(example_inputs)
 
     if isinstance(model, GraphModule):
-        adopt_history(model)  # one from torch.load holds it where a deep copy would drop it
         gm = model if inplace else copy.deepcopy(model)
+        if gm is not model:
+            copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
     elif isinstance(model, nn.Module):
         gm = trace(model if inplace else copy.deepcopy(model), leaf_modules=leaf_modules,
                    concrete_args=concrete_args)

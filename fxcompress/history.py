@@ -1,6 +1,8 @@
 """The record of passes applied to a GraphModule, kept as plain data in `gm.meta`."""
 from __future__ import annotations
 
+import copy
+
 from torch.fx import GraphModule
 
 from .pass_base import PassRecord
@@ -14,20 +16,22 @@ def _records(gm: GraphModule) -> list[dict]:
     Deep copies of a GraphModule keep `meta` but drop other attributes; torch.save / torch.load
     keep attributes but drop `meta`. Holding the list in both keeps the history through either.
     """
-    records = gm.meta.get(_KEY)
-    if records is None:
-        records = gm.meta[_KEY] = list(getattr(gm, "_fxcompress_history", []))
-    gm._fxcompress_history = records
+    records = gm.meta[_KEY] = gm._fxcompress_history = _stored(gm)
     return records
 
 
-def adopt_history(gm: GraphModule) -> None:
-    """Put `gm`'s history in both of its homes before `gm` is copied.
+def _stored(gm: GraphModule) -> list[dict]:
+    """The history list wherever it survived, without writing to `gm`."""
+    return gm.meta[_KEY] if _KEY in gm.meta else getattr(gm, "_fxcompress_history", [])
 
-    A GraphModule from torch.load carries its history only as the attribute; a deep copy made
-    before anything read it would keep `meta` (empty) and drop the attribute, losing the history.
+
+def copy_history(source: GraphModule, target: GraphModule) -> None:
+    """Give `target` (a deep copy of `source`) its own copy of `source`'s history.
+
+    A GraphModule from torch.load carries its history only as the attribute, which a deep copy
+    drops (it keeps `meta`, which torch.load had left empty).
     """
-    _records(gm)
+    target.meta[_KEY] = target._fxcompress_history = copy.deepcopy(_stored(source))
 
 
 def history(gm: GraphModule) -> tuple[PassRecord, ...]:
