@@ -284,7 +284,8 @@ def _header_fields(header: dict) -> tuple[tuple[int, ...], str, int, str, str]:
 
 def _check_counts(encoded: EncodedTensor) -> None:
     """The declared tensor is one the streams describe: as many values as elements (dense), or
-    positions whose codes reach the last element (relative: trailing zeros are coded as fillers)."""
+    positions whose codes reach the last element (relative: trailing zeros are coded as fillers)
+    and are no more than the elements. Decoding then allocates in proportion to the tensor."""
     numel, per_value, values = encoded.numel, encoded.symbols_per_value, encoded.values.count
     if encoded.layout == "dense" and values != numel * per_value:
         raise FormatError(f"values stream: {values} symbols for {numel} elements of {per_value} symbols each")
@@ -297,6 +298,8 @@ def _check_counts(encoded: EncodedTensor) -> None:
                               f"{encoded.index_bits}-bit indices")
         if numel >= (encoded.positions.count + 1) * filler:
             raise FormatError(f"positions stream: {encoded.positions.count} codes cannot reach element {numel - 1}")
+        if encoded.positions.count > numel:  # every code covers at least one element
+            raise FormatError(f"positions stream: {encoded.positions.count} codes for {numel} elements")
 
 
 def _check_codebook(encoded: EncodedTensor) -> None:

@@ -316,6 +316,15 @@ def test_a_relative_tensor_cannot_be_larger_than_its_positions_reach():
     _refused(header, payload, "positions stream: .* codes cannot reach element 599999")
 
 
+def test_a_relative_tensor_cannot_have_more_position_codes_than_elements():
+    w = _weight("table", (30, 20), 0.3, 11)
+    module = EncodedWeight.from_encoded(encode_tensor(w, layouts=("relative",), codings=("fixed",), index_bits=1))
+    header, payload = copy.deepcopy(module.header), module.payload.numpy().tobytes()
+    assert header["positions"]["count"] == 600  # 1-bit indices: every zero is a filler
+    header["shape"] = [599]
+    _refused(header, payload, "positions stream: 600 codes for 599 elements")
+
+
 def test_bad_bits_and_a_missing_payload_are_refused():
     header, payload = _lowered_linear()
     module = attach(header, payload, bits=10 ** 9)
