@@ -43,6 +43,8 @@ ACTIVATION_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ReLU6)
 FLATTEN_FORMS = {"method": lambda x: x.flatten(1), "reshape": lambda x: x.reshape(x.size(0), -1),
                  "function": lambda x: torch.flatten(x, 1)}
 POOLS = {"max": F.max_pool2d, "avg": F.avg_pool2d}
+SIZE_READS = {"shape[-2:]": lambda ref: ref.shape[-2:], "shape[2:]": lambda ref: ref.shape[2:],
+              "size()[-2:]": lambda ref: ref.size()[-2:], "size(2), size(3)": lambda ref: (ref.size(2), ref.size(3))}
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,8 @@ def _squeeze_excite(net, step, x):
 
 def _interpolate(net, step, small, ref):
     """Resize to a size read from another value's shape, then merge with it (an FPN-style top-down path)."""
-    mode, merge = step.arg
-    up = F.interpolate(small, size=ref.shape[-2:], mode=mode)
+    mode, size, merge = step.arg
+    up = F.interpolate(small, size=SIZE_READS[size](ref), mode=mode)
     return (ref + up if merge == "add" else torch.cat([ref, up], 1),)
 
 
@@ -297,8 +299,6 @@ class Builder:
         return self.add("squeeze_excite", (i,), [self.values[i]], name)
 
     def interpolate(self, i):
-        if "interpolate_shape" in self.avoid:
-            return None
         c, h, w = self.values[i].shape
         j = self.partner(i, lambda u: u.kind == "image" and u.shape[1] > h)
         if j is None:
@@ -307,7 +307,7 @@ class Builder:
         merge = "add" if c == ref.shape[0] else "cat"
         out = ref.shape if merge == "add" else (ref.shape[0] + c,) + ref.shape[1:]
         return self.add("interpolate", (i, j), [Value("image", out)],
-                        arg=(self.rng.choice(["nearest", "bilinear"]), merge))
+                        arg=(self.rng.choice(["nearest", "bilinear"]), self.rng.choice(sorted(SIZE_READS)), merge))
 
     def to_flat(self, i):
         c, h, w = self.values[i].shape
@@ -419,8 +419,7 @@ def _head(b: Builder) -> int:
 def random_model(seed: int, avoid: frozenset[str] = frozenset()) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A random model in eval mode and its example inputs, both determined by `seed`.
 
-    `avoid` names constructs to leave out: "interpolate_shape" (F.interpolate with size=other.shape[-2:]),
-    "dead_branch" (a branch whose result is never read).
+    `avoid` names constructs to leave out: "dead_branch" (a branch whose result is never read).
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
