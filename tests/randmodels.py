@@ -456,6 +456,7 @@ def pass_pipelines() -> dict[str, tuple[str | None, object]]:
             "InsertFakeQuant(linear)": (None, InsertFakeQuant(method="linear", bits=8)),
             "InsertFakeQuant(kmeans)": (None, InsertFakeQuant(method="kmeans", bits=4)),
             "PruneChannels": (None, PruneChannels(amount=0.5)),
+            "PruneChannels(heads, normalized)": (None, PruneChannels(amount=0.5, attention="heads", prune_normalized=True)),
             "FoldBatchNorm": (None, FoldBatchNorm()),
             "LowerToEncoded": ("kmeans", LowerToEncoded()),
             "LowerToInteger": ("linear_calibrated", LowerToInteger())}
