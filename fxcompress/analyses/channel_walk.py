@@ -278,8 +278,9 @@ class Walk:
         sizes, edited = size_items(node), {*edit.ids, *edit.fixed}
         if edit.spread:  # one computed tuple: rewritten if every width it reads lands on an edited dim
             track = self.tracks.get(sizes[0])
-            items = track.items if isinstance(track, Widths) else ()
-            return {sizes[0]} if all(t is None or d in edited for d, t in enumerate(items)) else set()
+            if not isinstance(track, Widths):  # widths read by arithmetic the pass cannot place
+                return set()
+            return {sizes[0]} if all(t is None or d in edited for d, t in enumerate(track.items)) else set()
         return {sizes[d] for d in edited if isinstance(sizes[d], Node)}
 
     def all_input_tracks(self, node: Node) -> list:
