@@ -37,10 +37,14 @@ MAGIC = b"\x89FXC\r\n\x1a\n"
 VERSION = 1
 _HEADER = struct.Struct("<8sHII")  # magic, version, manifest length, manifest CRC32; then the header's CRC32
 HEADER_BYTES = _HEADER.size + 4
-# The manifest may inflate to at most this multiple of its compressed size, plus a constant: real
-# manifests inflate 5-20x, while a crafted zlib stream could reach 1000x.
+# Bounds on the manifest, relative to its compressed size M (real manifests, 24-block models included:
+# 4-19x inflation, at most 2.5 JSON tokens per compressed byte; a crafted zlib stream reaches 1000x).
+# The text may inflate to MANIFEST_RATIO * M + MANIFEST_SLACK bytes and hold MANIFEST_TOKENS * M +
+# MANIFEST_SLACK tokens (`,` `:` `[` `{`), which bounds the parsed objects too.
 MANIFEST_RATIO = 64
+MANIFEST_TOKENS = 8
 MANIFEST_SLACK = 1 << 20
+_INFLATE_CHUNK = 1 << 20
 MAX_JSON_DEPTH = 64  # real manifests nest about 10 levels
 MAX_TENSOR_DIMS = 32
 _MANIFEST_KEYS = {"graph", "modules", "tensors", "history", "data_bytes"}
@@ -150,23 +154,29 @@ def _read_manifest(data: bytes) -> tuple[dict, int]:
     return manifest, HEADER_BYTES + length
 
 
-def _inflate(packed: bytes) -> bytes:
-    """The manifest's JSON text, refusing (before allocating it) any that would exceed the bound."""
+def _inflate(packed: bytes) -> bytearray:
+    """The manifest's JSON text, inflated a chunk at a time and refused as soon as it passes its bound."""
     limit = MANIFEST_RATIO * len(packed) + MANIFEST_SLACK
-    inflater = zlib.decompressobj()
+    inflater, text, pending = zlib.decompressobj(), bytearray(), packed
     try:
-        text = inflater.decompress(packed, limit)
+        while not inflater.eof and len(text) <= limit and pending:
+            text += inflater.decompress(pending, _INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
     except zlib.error as exc:
         raise FormatError(f"manifest: cannot be decompressed ({exc})") from None
-    if inflater.unconsumed_tail:
+    if len(text) > limit:
         raise FormatError(f"manifest: inflates beyond {limit} bytes ({MANIFEST_RATIO}x its compressed size "
                           f"+ {MANIFEST_SLACK}), refused")
     if not inflater.eof or inflater.unused_data:
         raise FormatError("manifest: the compressed stream is truncated or followed by other bytes")
+    tokens = sum(text.count(token) for token in (b",", b":", b"[", b"{"))
+    if tokens > MANIFEST_TOKENS * len(packed) + MANIFEST_SLACK:
+        raise FormatError(f"manifest: {tokens} JSON tokens exceed the bound of {MANIFEST_TOKENS} per compressed "
+                          f"byte + {MANIFEST_SLACK}, refused")
     return text
 
 
-def _parse(text: bytes) -> object:
+def _parse(text: bytearray) -> object:
     try:
         manifest = json.loads(text)
     except RecursionError:

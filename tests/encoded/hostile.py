@@ -30,3 +30,18 @@ def with_manifest(data: bytes, manifest: object, tensors: bytes | None = None) -
     """`data` with `manifest` (any JSON value) in place of its own, checksums recomputed."""
     packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 6)
     return with_packed_manifest(data, packed, tensors)
+
+
+def zlib_bomb(megabytes: int) -> bytes:
+    """A valid zlib stream of `megabytes` MiB of zeros, built in milliseconds.
+
+    Each MiB is deflated once after a full flush (which resets the dictionary), so every later
+    MiB compresses to the same bytes and is repeated; the Adler-32 of n zeros is (n mod 65521) << 16 | 1.
+    """
+    zeros = bytes(1 << 20)
+    deflate = zlib.compressobj(9)
+    first = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    end = deflate.flush(zlib.Z_FINISH)[:-4]
+    adler = ((megabytes << 20) % 65521) << 16 | 1
+    return first + block * (megabytes - 1) + end + struct.pack(">I", adler)

@@ -152,3 +152,58 @@ def test_random_models_save_and_load_to_identical_outputs(widths, sparsity, codi
                              sparsity)
     gm = fxcompress.compile(gm, [LowerToEncoded(coding=coding, bias=bias)], example_inputs=(x,))
     assert torch.equal(from_bytes(to_bytes(gm))(x), gm(x))
+
+
+class _ShapeReader(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], -1)) * x.ndim
+
+
+def test_tensor_property_reads_save_and_load(tmp_path):
+    x = torch.randn(2, 3, 4)
+    gm = fxcompress.compile(_ShapeReader().eval(), [], example_inputs=(x,))
+    reads = [n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr]
+    assert reads == ["shape", "ndim"]  # what fx records for x.shape and x.ndim
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    assert torch.equal(loaded(x), gm(x))
+    assert torch.equal(loaded(torch.ones(5, 12)), gm(torch.ones(5, 12)))  # the batch size is read, not stored
+
+
+def test_getattr_of_anything_but_a_tensor_property_cannot_be_saved(tmp_path):
+    gm = torch.fx.symbolic_trace(_ShapeReader().eval())
+    read = next(n for n in gm.graph.nodes if n.target is getattr)
+    read.args = (read.args[0], "grad_fn")
+    gm.recompile()
+    with pytest.raises(FormatError, match="tensor properties"):
+        fxcompress.save(gm, tmp_path / "m.fxc")
+
+
+_DETERMINISM_SCRIPT = """
+import torch, fxcompress
+from fxcompress.passes import InsertMasks, InsertFakeQuant, LowerToEncoded
+torch.manual_seed(0)
+x = torch.randn(4, 24)
+model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)).eval()
+passes = [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=5, method="kmeans"), LowerToEncoded()]
+fxcompress.save(fxcompress.compile(model, passes, example_inputs=(x,)), PATH)
+"""
+
+
+def test_saving_is_byte_identical_across_processes(tmp_path):
+    """The same model, seed and passes saved by another process and by this one: the same bytes."""
+    import subprocess
+    import sys
+    script = {name: _DETERMINISM_SCRIPT.replace("PATH", repr(str(tmp_path / name))) for name in ("here", "other")}
+    other = subprocess.Popen([sys.executable, "-c", script["other"]])
+    exec(script["here"], {})  # meanwhile the same steps in this process
+    assert other.wait(timeout=300) == 0
+    here, there = (tmp_path / "here").read_bytes(), (tmp_path / "other").read_bytes()
+    assert here == there and len(here) > 1000
+    records = fxcompress.history(from_bytes(here))
+    assert [r.name for r in records] == ["InsertMasks", "InsertFakeQuant", "LowerToEncoded"]
+    assert all(r.seconds == 0.0 for r in records)

@@ -1,0 +1,388 @@
+"""Crafted files (manifest, graph and module table side): the attacker edits a valid manifest and
+recomputes every checksum. Loading must refuse with a FormatError naming the part, or build a model
+whose forward works or fails with an ordinary error: never run code from the file, never change a
+class of the process, never allocate by sizes the file only declares."""
+import collections
+import copy
+import functools
+import os
+import resource
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxcompress
+from fxcompress.encoded.format import MANIFEST_RATIO, MANIFEST_SLACK, from_bytes, to_bytes
+from fxcompress.errors import FormatError, FxCompressError
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+from fxcompress.zoo import ZOO
+
+from .hostile import read_manifest, tensor_data, with_manifest, with_packed_manifest, zlib_bomb
+
+MARKER = Path(tempfile.mkdtemp(prefix="fxc-hostile-")) / "pwned"
+FLAG = "FXCOMPRESS_HOSTILE_RAN"
+# Each payload, if it ever became source, would create MARKER or set FLAG.
+RUN = f"__import__('os').system('touch {MARKER}')"
+SET = f"__import__('os').environ.__setitem__('{FLAG}', '1')"
+PAYLOADS = [RUN, SET, f"x={RUN}", f"x, y=({SET}, 1)", f'a"); {RUN}; ("', f"a')\n{RUN}\n#", f"{SET} or x"]
+NAMES = ["__class__", "__class__.__base__.__init__", "_0.__class__", "__init__", "self", "ｓｅｌｆ", "a.b", "",
+         "0", "x y", "output", "forward", "training", "_modules", "weight", "fc1.weight", "fc1", "T", "shape",
+         "torch.nn.functional.linear", "builtins.getattr", "builtins.eval", "os.system", "operator.add",
+         "torchvision.ops.stochastic_depth", "view", "__getattribute__", "lambda", "None"]
+VALUES = PAYLOADS + NAMES + [None, 0, -1, 7, 2 ** 70, 40000, 1.5, True, [], {}, {"n": "nope"}, {"t": "x"},
+                             {"d": [[[1], 2]]}, {"zz": 1}, {"n": "x", "t": []}, {"f": "1e999"}, {"f": "abc"},
+                             {"dev": "nonsense"}, {"dt": "float128"}, {"s": [1]}, {"e": 1}, [[[[[]]]]]]
+WATCHED = (torch.fx.GraphModule, torch.fx.Graph, torch.fx.Node, torch.nn.Module, torch.nn.Linear, torch.Tensor,
+           object, type, FormatError)
+OUTCOMES: collections.Counter = collections.Counter()
+PEAKS: list[tuple[int, int]] = []  # (traced peak bytes during load, file bytes)
+
+
+def _class_state():
+    return {cls: dict(vars(cls)) for cls in WATCHED}
+
+
+def _assert_untouched(before):
+    assert not MARKER.exists(), "a command from the file ran"
+    assert FLAG not in os.environ, "code from the file ran"
+    for cls, attrs in before.items():
+        now = vars(cls)
+        changed = [k for k in set(attrs) | set(now) if attrs.get(k, KeyError) is not now.get(k, KeyError)]
+        assert not changed, f"{cls.__name__} was tampered with: {changed}"
+
+
+def _compressed_mlp():
+    """A small MLP pruned, k-means quantized and lowered to encoded weights."""
+    x = torch.randn(3, 24)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)).eval()
+    passes = [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans"), LowerToEncoded()]
+    return fxcompress.compile(model, passes, example_inputs=(x,), verify=False), x
+
+
+@functools.cache
+def saved(name):
+    """(file bytes, example input) of a small saved model."""
+    if name == "compressed":
+        gm, x = _compressed_mlp()
+    else:
+        make_model, make_input = ZOO[name]
+        x = make_input()
+        gm = torch.fx.symbolic_trace(make_model().eval())
+    return to_bytes(gm), x
+
+
+def _refused(data, match=None):
+    before = _class_state()
+    with pytest.raises(FormatError, match=match) as info:
+        from_bytes(data)
+    _assert_untouched(before)
+    return str(info.value)
+
+
+def _edited(name, edit):
+    data, _ = saved(name)
+    manifest = read_manifest(data)
+    edit(manifest)
+    return with_manifest(data, manifest)
+
+
+# ---- the measured cases --------------------------------------------------------------------------
+
+def test_placeholder_target_cannot_run_code_at_load():
+    data = _edited("lenet300", lambda m: m["graph"][0].update(target=f"x={RUN}"))
+    assert "graph node 'x'" in _refused(data, "placeholder target")
+
+
+def test_kwargs_key_cannot_run_code_at_first_forward():
+    def edit(m):  # today's reader pasted this key into forward's source: `fc1(x, <key> = 1)`
+        node = next(n for n in m["graph"] if n["op"] == "call_module")
+        node["kwargs"] = {"d": [[f"{SET} or x", 1]]}
+    _refused(_edited("lenet300", edit), "kwargs must be a dict whose keys are plain identifiers")
+
+
+def test_get_attr_cannot_walk_into_classes():
+    def edit(m):
+        m["graph"].insert(1, {"name": "g", "op": "get_attr", "target": "__class__.__base__.__init__",
+                              "args": {"t": []}, "kwargs": {"d": []}})
+    assert "graph node 'g'" in _refused(_edited("lenet300", edit), "unsafe step")
+
+
+@pytest.mark.parametrize("path", ["fc1.__class__", "__class__", "fc1.forward", "fc1.training", "nope.x"])
+def test_module_table_paths_stay_in_the_module_tree(path):
+    def edit(m):
+        m["modules"].append({"path": path, "type": "container", "config": {}, "training": False})
+    _refused(_edited("lenet300", edit), f"module '{path}'")
+
+
+def test_call_module_must_name_an_existing_submodule():
+    def edit(m):
+        next(n for n in m["graph"] if n["op"] == "call_module")["target"] = "fc9"
+    _refused(_edited("lenet300", edit), "does not name a submodule")
+
+
+def test_a_string_constant_cannot_receive_a_method_call():
+    def edit(m):
+        m["graph"].insert(-1, {"name": "s", "op": "call_method", "target": "view", "args": {"t": ["os", 1]},
+                               "kwargs": {"d": []}})
+    _refused(_edited("lenet300", edit), "graph node 's': the arguments of this call_method")
+
+
+@pytest.mark.parametrize("change", ["drop", "twice", "not_last"])
+def test_exactly_one_output_node_and_it_is_last(change):
+    def edit(m):
+        out = m["graph"].pop()
+        if change == "twice":
+            m["graph"] += [out, dict(out, name="output_1")]
+        elif change == "not_last":
+            m["graph"].insert(1, out)
+    _refused(_edited("lenet300", edit), "must end with its one output node")
+
+
+def test_manifest_nested_100000_levels_is_refused():
+    data, _ = saved("lenet300")
+    deep = "[" * 100_000 + "]" * 100_000
+    manifest = read_manifest(data)
+    text = '{"graph":' + deep + "," + ",".join(f'"{k}":0' for k in manifest if k != "graph") + "}"
+    import zlib
+    assert "nested" in _refused(with_packed_manifest(data, zlib.compress(text.encode())))
+
+
+def test_unknown_constructor_keys_are_refused():
+    def edit(m):
+        next(e for e in m["modules"] if e["type"] == "Linear")["config"]["device"] = "meta"
+    _refused(_edited("lenet300", edit), "config keys .* are not exactly Linear's fields")
+
+
+@pytest.mark.parametrize("change", ["duplicate", "overlap", "gap", "attribute", "kind", "shape", "negative"])
+def test_tensor_table_entries_tile_the_data_and_fill_real_slots(change):
+    data, _ = saved("lenet300")
+    m, extra = read_manifest(data), b""
+    table = m["tensors"]
+    first = table[0]
+    if change == "duplicate":  # the same name twice, its bytes appended so the data region stays tiled
+        table.append(dict(first, offset=m["data_bytes"]))
+        extra = tensor_data(data)[:first["length"]]
+    elif change == "overlap":
+        table[1]["offset"] -= 4
+    elif change == "gap":
+        extra = bytes(4)
+    elif change == "attribute":
+        first["name"] = first["name"].rpartition(".")[0] + ".training"
+    elif change == "kind":
+        first["kind"] = "buffer"
+    elif change == "shape":
+        first["shape"] = first["shape"][::-1]
+    else:
+        first["shape"] = [-1, *first["shape"]]
+    m["data_bytes"] += len(extra)
+    expected = {"duplicate": "used once", "overlap": "do not follow the previous tensor", "gap": "covers",
+                "attribute": "would replace an attribute", "kind": "the other kind", "shape": "does not fit",
+                "negative": "shape must be"}[change]
+    _refused(with_manifest(data, m, tensor_data(data) + extra), f"tensor.*{expected}")
+
+
+@pytest.mark.parametrize("case", ["number_as_name", "list_for_dict", "manifest_is_a_list", "string_op",
+                                  "history_record", "training_flag"])
+def test_wrong_json_types_are_format_errors(case):
+    def edit(m):
+        if case == "number_as_name":
+            m["graph"][1]["name"] = 7
+        elif case == "list_for_dict":
+            m["modules"][1] = [m["modules"][1]]
+        elif case == "string_op":
+            m["graph"][1]["op"] = ["call_module"]
+        elif case == "history_record":
+            m["history"] = [{"name": 1, "config": [], "changed": "yes"}]
+        elif case == "training_flag":
+            m["modules"][1]["training"] = "no"
+    data = _edited("lenet300", edit) if case != "manifest_is_a_list" else with_manifest(saved("lenet300")[0], [])
+    _refused(data, "manifest")
+
+
+def test_unregistered_function_names_say_to_register():
+    def edit(m):
+        next(n for n in m["graph"] if n["op"] == "call_function")["target"] = "os.system"
+    _refused(_edited("compressed", edit), "register_function")
+
+
+def test_getattr_in_a_file_reads_only_tensor_properties():
+    def edit(m):
+        m["graph"].insert(1, {"name": "g", "op": "call_function", "target": "builtins.getattr",
+                              "args": {"t": [{"n": m["graph"][0]["name"]}, "__class__"]}, "kwargs": {"d": []}})
+    _refused(_edited("lenet300", edit), "graph node 'g'")
+
+
+@pytest.mark.parametrize("name", ["self", "ｓｅｌｆ", "__x", "import", "a b"])
+def test_node_names_must_be_plain_identifiers(name):
+    _refused(_edited("lenet300", lambda m: m["graph"][1].update(name=name)), "graph node #1|graph node")
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def test_a_manifest_that_inflates_to_1_gib_is_refused_within_its_bound(capsys):
+    data, _ = saved("lenet300")
+    bomb = zlib_bomb(1024)  # 1 MiB that inflates to 1 GiB of zeros
+    hostile = with_packed_manifest(data, bomb)
+    tracemalloc.start()
+    try:
+        message = _refused(hostile, "inflates beyond")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = MANIFEST_RATIO * len(bomb) + MANIFEST_SLACK
+    assert str(bound) in message
+    assert peak < 1.25 * bound + (4 << 20), f"peak {peak} bytes for a {len(hostile)}-byte file"  # bytearray growth
+    with capsys.disabled():
+        print(f"\n1 GiB bomb: {len(bomb)} compressed bytes refused at a traced peak of {peak / 2 ** 20:.1f} MiB")
+
+
+@pytest.mark.parametrize("with_entry", [False, True])
+def test_declared_sizes_are_not_allocated(with_entry):
+    """Linear(40000, 40000) would allocate 6.4 GB at construction; the file holds none of it."""
+    def edit(m):
+        layer = next(e for e in m["modules"] if e["type"] == "Linear")
+        layer["config"] = {"in_features": 40000, "out_features": 40000}
+        entry = next(t for t in m["tensors"] if t["name"] == f"{layer['path']}.weight")
+        if with_entry:
+            entry.update(shape=[40000, 40000], length=4 * 40000 ** 2)
+    hostile = _edited("lenet300", edit)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    _refused(hostile, "data|does not fit")
+    assert time.perf_counter() - start < 2.0
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kib < 200 * 1024, f"loading grew the peak RSS by {grown_kib} KiB"
+
+
+# ---- generated hostile files ------------------------------------------------------------------------
+
+def _pick(data, items, label):
+    return items[data.draw(st.integers(0, len(items) - 1), label=label)] if items else None
+
+
+def _value(data):
+    deep = data.draw(st.integers(1, 3), label="depth") ** 5  # up to 243 levels of nesting
+    return data.draw(st.sampled_from(VALUES + [functools.reduce(lambda v, _: [v], range(deep), 0)]), label="value")
+
+
+def _mutate_node(m, data):
+    node = _pick(data, m["graph"], "node")
+    field = data.draw(st.sampled_from(["name", "op", "target", "args", "kwargs", "kwargs_key", "arg"]))
+    if field == "kwargs_key":
+        node["kwargs"] = {"d": [[data.draw(st.sampled_from(PAYLOADS + NAMES)), 1]]}
+    elif field == "arg":
+        node["args"] = {"t": [{"n": m["graph"][0]["name"]}, _value(data)]}
+    else:
+        node[field] = _value(data)
+
+
+def _mutate_order(m, data):
+    graph = m["graph"]
+    i, j = (data.draw(st.integers(0, len(graph) - 1)) for _ in range(2))
+    action = data.draw(st.sampled_from(["delete", "duplicate", "swap"]))
+    if action == "delete":
+        del graph[i]
+    elif action == "duplicate":
+        graph.insert(j, copy.deepcopy(graph[i]))
+    else:
+        graph[i], graph[j] = graph[j], graph[i]
+
+
+def _insert_node(m, data):
+    op = data.draw(st.sampled_from(["get_attr", "call_module", "call_method", "call_function", "placeholder"]))
+    target = data.draw(st.sampled_from(PAYLOADS + NAMES))
+    args = data.draw(st.sampled_from([{"t": []}, {"t": [{"n": m["graph"][0]["name"]}, _value(data)]}]))
+    m["graph"].insert(data.draw(st.integers(0, len(m["graph"]))),
+                      {"name": data.draw(st.sampled_from(["h", "x", "self", "_h1"] + PAYLOADS[:2])), "op": op,
+                       "target": target, "args": args, "kwargs": {"d": []}})
+
+
+def _mutate_module(m, data):
+    entry = _pick(data, m["modules"], "module")
+    field = data.draw(st.sampled_from(["path", "type", "config", "training", "config_key", "config_value"]))
+    if field == "config_key":
+        entry["config"] = dict(entry["config"], **{data.draw(st.sampled_from(["device", "dtype", "bias"])): "meta"})
+    elif field == "config_value" and entry["config"]:
+        entry["config"][_pick(data, sorted(entry["config"]), "key")] = _value(data)
+    else:
+        entry[field if field != "config_value" else "config"] = _value(data)
+
+
+def _mutate_tensor(m, data):
+    entry = _pick(data, m["tensors"], "tensor")
+    field = data.draw(st.sampled_from(sorted(entry) + ["duplicate"]))
+    if field == "duplicate":
+        m["tensors"].append(dict(entry))
+    elif field in ("shape", "offset", "length"):
+        entry[field] = data.draw(st.sampled_from([[], [0], [2 ** 40, 2 ** 40], [-1], [True], 0, 1, 2 ** 62, -4,
+                                                  entry[field], "8"]))
+    else:
+        entry[field] = _value(data)
+
+
+def _swap_existing(m, data):
+    """Plausible damage: one node takes another's target, args or kwargs, all strings from the file itself."""
+    a, b = _pick(data, m["graph"], "node a"), _pick(data, m["graph"], "node b")
+    field = data.draw(st.sampled_from(["target", "args", "kwargs", "op"]))
+    a[field] = copy.deepcopy(b[field])
+
+
+def _mutate_section(m, data):
+    key = data.draw(st.sampled_from(sorted(m)))
+    if data.draw(st.booleans()):
+        del m[key]
+    else:
+        m[key] = _value(data)
+
+
+MUTATIONS = [_mutate_node, _mutate_order, _insert_node, _mutate_module, _mutate_tensor, _mutate_section,
+             _swap_existing]
+FORWARD_ERRORS = (FxCompressError, RuntimeError, TypeError, ValueError, IndexError)
+
+
+@settings()  # the profile's example count (tests/conftest.py): 40 in CI, 2000 with FXCOMPRESS_LONG=1
+@given(name=st.sampled_from(["lenet300", "transformer", "senet", "compressed"]), data=st.data())
+def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name, data):
+    original, x = saved(name)
+    manifest = read_manifest(original)
+    for _ in range(data.draw(st.integers(1, 2), label="mutations")):
+        if isinstance(manifest, dict) and all(isinstance(manifest.get(k), list) and manifest[k]
+                                              for k in ("graph", "modules", "tensors")):
+            data.draw(st.sampled_from(MUTATIONS), label="mutation")(manifest, data)
+    hostile = with_manifest(original, manifest, tensor_data(original))
+    before = _class_state()
+    tracemalloc.start()
+    try:
+        gm = from_bytes(hostile)
+    except FormatError:
+        OUTCOMES["load: FormatError"] += 1
+        gm = None
+    finally:
+        PEAKS.append((tracemalloc.get_traced_memory()[1], len(hostile)))
+        tracemalloc.stop()
+    if gm is not None:
+        assert MARKER.name not in gm.code and "__import__" not in gm.code
+        try:
+            with torch.no_grad():
+                gm(x)
+            OUTCOMES["load ok, forward ok"] += 1
+        except FORWARD_ERRORS as exc:
+            OUTCOMES[f"load ok, forward {type(exc).__name__}"] += 1
+    _assert_untouched(before)
+
+
+def test_report_of_generated_files(capsys):
+    """Prints what the generated files did (the counts and peaks are the figures quoted in reports)."""
+    tried = sum(OUTCOMES.values())
+    assert tried >= settings().max_examples  # every generated file got an outcome above
+    worst = max(PEAKS, key=lambda p: p[0] / p[1])
+    with capsys.disabled():
+        print(f"\nhostile files tried: {tried}; outcomes: {dict(OUTCOMES)}; traced peak during load: "
+              f"max {max(p for p, _ in PEAKS) / 2 ** 20:.2f} MiB, worst ratio {worst[0] / worst[1]:.1f}x "
+              f"the file ({worst[0]} bytes for {worst[1]})")
