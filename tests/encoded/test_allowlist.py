@@ -1,7 +1,13 @@
+import sys
+
+import pytest
 import torch
 
 import fxcompress
+from fxcompress.encoded import allowlist
 from fxcompress.encoded.allowlist import fxcompress_modules
+from fxcompress.encoded.format import from_bytes, to_bytes
+from fxcompress.errors import ConfigError, FormatError
 from fxcompress.integer import IntegerLayer, QuantizeInput
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import ActivationQuant
@@ -50,3 +56,112 @@ def test_switched_off_quantization_and_frozen_observers_survive_a_round_trip(tmp
     assert any(not enabled for _, enabled, _ in flags) and all(o is not True for _, _, o in flags)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), gm.eval()(x))
+
+
+
+@pytest.fixture
+def clean_tables():
+    """Registration changes process-wide tables; put them back after each test."""
+    tables = (allowlist.FUNCTIONS, allowlist.FUNCTION_NAMES, allowlist.MODULES, allowlist.MODULE_NAMES)
+    saved = [dict(t) for t in tables]
+    tried = allowlist._torchvision_tried
+    yield
+    for table, contents in zip(tables, saved):
+        table.clear()
+        table.update(contents)
+    allowlist._torchvision_tried = tried
+
+
+def user_scale(x, factor=2.0):
+    return x * factor
+
+
+class UserGate(torch.nn.Module):
+    def __init__(self, width: int, sharp: bool = False):
+        super().__init__()
+        self.width, self.sharp = width, sharp
+        self.gate = torch.nn.Parameter(torch.full((width,), 0.5))
+
+    def forward(self, x):
+        return x * (self.gate > 0.5 if self.sharp else self.gate)
+
+
+class _GateLeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, UserGate) or super().is_leaf_module(module, qualified_name)
+
+
+def _user_graph():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), UserGate(6)).eval()
+    gm = torch.fx.GraphModule(model, _GateLeafTracer().trace(model))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        scaled = gm.graph.call_function(user_scale, (out.args[0],), {"factor": 3.0})
+    out.args = (scaled,)
+    gm.recompile()
+    return gm
+
+
+def test_user_functions_and_modules_load_only_once_registered(clean_tables):
+    gm, x = _user_graph(), torch.randn(2, 4)
+    with pytest.raises(FormatError, match="register_function"):
+        to_bytes(gm)
+    fxcompress.register_function(user_scale)
+    with pytest.raises(FormatError, match="register_module"):
+        to_bytes(gm)
+    assert fxcompress.register_module(UserGate, ["width", "sharp"]) == f"{__name__}.UserGate"
+    data = to_bytes(gm)
+    assert torch.equal(from_bytes(data)(x), gm(x))
+    del allowlist.MODULES[f"{__name__}.UserGate"]  # a program that never registered the type
+    with pytest.raises(FormatError, match=f"module '1'.*{__name__}.UserGate.*register_module"):
+        from_bytes(data)
+    fxcompress.register_module(UserGate, ["width", "sharp"])
+    del allowlist.FUNCTIONS[f"{__name__}.user_scale"]  # nor the function
+    with pytest.raises(FormatError, match="user_scale.*register_function"):
+        from_bytes(data)
+
+
+def test_registration_refuses_bad_fields_and_taken_names(clean_tables):
+    with pytest.raises(ConfigError, match="field 'gate'"):
+        fxcompress.register_module(UserGate, ["width", "gate"])
+    with pytest.raises(ConfigError, match="already names"):
+        fxcompress.register_function(user_scale, name="torch.flatten")
+    with pytest.raises(ConfigError, match="not callable"):
+        fxcompress.register_function(3)
+    with pytest.raises(ConfigError, match="already names"):
+        fxcompress.register_module(UserGate, ["width"], name="Linear")
+
+
+_FAKE_TORCHVISION = {
+    "torchvision/__init__.py": "",
+    "torchvision/ops/__init__.py": "from .stochastic_depth import stochastic_depth\n",
+    "torchvision/ops/stochastic_depth.py": "def stochastic_depth(input, p, mode, training=True):\n"
+                                           "    return input if not training or p == 0 else input * (1 - p)\n",
+}
+
+
+def test_torchvision_functions_are_registered_lazily_when_it_imports(clean_tables, tmp_path, monkeypatch):
+    """A stand-in torchvision package (the real one is an optional extra): stochastic depth saves and loads."""
+    for name, text in _FAKE_TORCHVISION.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    allowlist._torchvision_tried = False
+    import torchvision.ops
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    gm = torch.fx.symbolic_trace(model)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        dropped = gm.graph.call_function(torchvision.ops.stochastic_depth, (out.args[0], 0.2, "row", False))
+    out.args = (dropped,)
+    gm.recompile()
+    assert "torchvision.ops.stochastic_depth" not in allowlist.FUNCTIONS
+    data = to_bytes(gm)  # the miss imports torchvision and registers its functions
+    assert allowlist.FUNCTIONS["torchvision.ops.stochastic_depth.stochastic_depth"] is torchvision.ops.stochastic_depth
+    x = torch.randn(3, 4)
+    allowlist.FUNCTIONS.pop("torchvision.ops.stochastic_depth.stochastic_depth")
+    allowlist._torchvision_tried = False  # a fresh program: loading registers them again
+    assert torch.equal(from_bytes(data)(x), gm(x))
