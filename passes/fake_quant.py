@@ -147,11 +147,14 @@ class InsertFakeQuant(Pass):
             for rule in rules.rules:
                 _check_spec(self.rule_spec(rule.values, rule.origin), rule.origin)
             object.__setattr__(self, "rules", rules)
-            methods = {rule.values["method"] for rule in rules.rules} - {"float"}
-            for name in ("method", "bits"):  # each rule gives its layer's method and bits
-                if getattr(self, name) != next(f.default for f in fields(self) if f.name == name):
-                    raise ConfigError(f"InsertFakeQuant.{name}={getattr(self, name)!r} does not apply with rules: "
-                                      f"each rule gives its layer's method and bits")
+            quantized = [rule for rule in rules.rules if rule.values["method"] != "float"]
+            methods = {rule.values["method"] for rule in quantized}
+            for name in ("method", "bits"):  # each rule gives its layer's method and bits: the field may only agree
+                value, default = getattr(self, name), next(f.default for f in fields(self) if f.name == name)
+                differing = [rule.origin for rule in quantized if rule.values[name] != value]
+                if value != default and differing:
+                    raise ConfigError(f"InsertFakeQuant.{name}={value!r} does not apply with rules: each rule gives "
+                                      f"its layer's method and bits, and {differing[0]} says otherwise")
         check_applicable("InsertFakeQuant", self, _METHOD_FIELDS, methods, "method")
 
     def default_spec(self) -> LayerQuant:

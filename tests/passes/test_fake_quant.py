@@ -304,13 +304,20 @@ def test_boolean_fields_take_only_booleans(make, field):
     ({"method": "linear", "init": "forgy"}, r"init='forgy' does not apply to method 'linear'.*'kmeans'"),
     ({"method": "fixed_point", "seed": 3}, r"seed=3 does not apply to method 'fixed_point'"),
     ({"method": "linear", "fix_zeros": False}, r"fix_zeros=False does not apply to method 'linear'"),
-    ({"rules": [("fc1\\.weight", "kmeans", 4)], "bits": 5}, r"bits=5 does not apply with rules"),
-    ({"rules": [("fc1\\.weight", "kmeans", 4)], "method": "linear"}, r"method='linear' does not apply with rules"),
+    ({"rules": [("fc1\\.weight", "kmeans", 4)], "bits": 5}, r"bits=5 does not apply with rules.*rules\[0\] says"),
+    ({"rules": [("fc1\\.weight", "linear", 4), ("fc2\\.weight", "kmeans", 4)], "method": "linear"},
+     r"method='linear' does not apply with rules: each rule gives its layer's method and bits, and InsertFakeQuant.rules\[1\] says otherwise"),
     ({"rules": [("fc1\\.weight", "kmeans", 4)], "int_bits": 2}, r"int_bits=2 does not apply to method 'kmeans'"),
 ])
 def test_a_field_the_method_does_not_read_is_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         InsertFakeQuant(**kwargs)
+
+
+def test_method_and_bits_may_restate_what_every_rule_says():
+    rules = [("fc1\\.weight", "linear", 6), ("fc2\\.weight", "linear", 6), ("fc3\\.weight", "float", 8)]
+    _, _, gm = lenet300([InsertFakeQuant(method="linear", bits=6, rules=rules)])
+    assert gm.get_submodule("fc2.weight_quant").bits == 6 and not hasattr(gm.get_submodule("fc3"), "weight_quant")
 
 
 @pytest.mark.parametrize("option, value, reader, other", [("momentum", 0.5, "moving_average", "minmax"),
