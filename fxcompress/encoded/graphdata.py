@@ -239,7 +239,9 @@ def _attribute_target(root: nn.Module, target: Any, where: str) -> str:
 
 
 def _module_target(root: nn.Module, target: Any, where: str) -> str:
-    submodule(root, _typed(target, str, where, "a module target"), where)
+    if not _typed(target, str, where, "a module target"):
+        raise fail(where, "call_module needs a submodule path")
+    submodule(root, target, where)
     return target
 
 
@@ -437,8 +439,10 @@ def modules_from_data(described: Any) -> nn.Module:
             _typed(item["config"], dict, where, "config")
             root.training = item["training"]
             continue
-        if item["type"] == "container" and parent._modules.get(name) is not None:
-            module = parent._modules[name]  # made by its parent's constructor; its tensors follow
+        if name in parent._modules:  # made by its parent's constructor; its tensors follow
+            if item["type"] != "container" or parent._modules[name] is None:
+                raise fail(where, "a submodule its parent builds can only be listed as a container")
+            module = parent._modules[name]
             _build("container", item["config"], where)
         else:
             with torch.device("meta"):
