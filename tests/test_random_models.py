@@ -85,7 +85,7 @@ def test_every_pass_verifies_or_refuses_with_a_typed_error(seed):
         record(name, check_pass, name, model, inputs, seed)
 
 
-@examples(2)
+@examples(3)
 @given(seed=SEEDS)
 def test_pruning_zeroed_channels_leaves_outputs_equal(seed):
     model, inputs = random_model(seed)
