@@ -36,7 +36,8 @@ def main() -> None:
             seconds[label] += time.perf_counter() - start
             counts[label][result] += 1
             first_seed.setdefault((label, result), seed)
-    print(f"{args.graphs} random models, seeds {args.start}..{args.start + args.graphs - 1}, torch {torch.__version__}, 1 thread\n")
+    last = args.start + args.graphs - 1
+    print(f"{args.graphs} random models, seeds {args.start}..{last}, torch {torch.__version__}, 1 thread\n")
     print("| pass / property | outcome | graphs | first seed | ms per graph |")
     print("|---|---|---:|---:|---:|")
     for label, outcomes in counts.items():

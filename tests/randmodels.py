@@ -456,7 +456,8 @@ def pass_pipelines() -> dict[str, tuple[str | None, object]]:
             "InsertFakeQuant(linear)": (None, InsertFakeQuant(method="linear", bits=8)),
             "InsertFakeQuant(kmeans)": (None, InsertFakeQuant(method="kmeans", bits=4)),
             "PruneChannels": (None, PruneChannels(amount=0.5)),
-            "PruneChannels(heads, normalized)": (None, PruneChannels(amount=0.5, attention="heads", prune_normalized=True)),
+            "PruneChannels(heads, normalized)": (None, PruneChannels(amount=0.5, attention="heads",
+                                                                     prune_normalized=True)),
             "FoldBatchNorm": (None, FoldBatchNorm()),
             "LowerToEncoded": ("kmeans", LowerToEncoded()),
             "LowerToInteger": ("linear_calibrated", LowerToInteger())}
@@ -555,7 +556,8 @@ def check_lower_integer(model, inputs, seed: int) -> str:
     return "verified" if any(isinstance(m, IntegerLayer) for m in gm.modules()) else "nothing lowered"
 
 
-PROPERTIES = {"zeroed pruning is exact": check_zeroed_pruning, "encoded save/load bit-identical": check_encoded_round_trip,
+PROPERTIES = {"zeroed pruning is exact": check_zeroed_pruning,
+              "encoded save/load bit-identical": check_encoded_round_trip,
               "FoldBatchNorm allclose": check_fold_batchnorm, "LowerToInteger matches reference": check_lower_integer}
 
 

@@ -57,9 +57,11 @@ def record(label: str, check, *args) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _print_outcomes():
     yield
-    print(f"\nrandom models: outcomes per pass and property ({settings().max_examples} examples per profile)")
+    print(f"\nrandom models: outcomes per pass and property (profile of {settings().max_examples} examples, "
+          "each test a share of them)")
     for label, counts in sorted(OUTCOMES.items()):
-        print(f"  {label:34s} {sum(counts.values()):5d} graphs  " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
+        outcomes = ", ".join(f"{result}: {n}" for result, n in sorted(counts.items()))
+        print(f"  {label:34s} {sum(counts.values()):5d} graphs  {outcomes}")
 
 
 @examples(4)
