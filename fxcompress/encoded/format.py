@@ -37,12 +37,12 @@ MAGIC = b"\x89FXC\r\n\x1a\n"
 VERSION = 1
 _HEADER = struct.Struct("<8sHII")  # magic, version, manifest length, manifest CRC32; then the header's CRC32
 HEADER_BYTES = _HEADER.size + 4
-# Bounds on the manifest, relative to its compressed size M (real manifests, 24-block models included:
-# 4-19x inflation, at most 2.5 JSON tokens per compressed byte; a crafted zlib stream reaches 1000x).
-# The text may inflate to MANIFEST_RATIO * M + MANIFEST_SLACK bytes and hold MANIFEST_TOKENS * M +
-# MANIFEST_SLACK tokens (`,` `:` `[` `{`), which bounds the parsed objects too.
+# Bounds on the manifest, relative to its compressed size M. Real manifests (24-block models included)
+# inflate 4-19x and hold at most 2.5 JSON tokens per compressed byte; a crafted zlib stream reaches
+# 1000x. The text may inflate to MANIFEST_RATIO * M + MANIFEST_SLACK bytes and hold MANIFEST_TOKENS * M
+# + MANIFEST_SLACK tokens (`,` `:` `[` `{`); the tokens bound what parsing allocates (docs/file-format.md).
 MANIFEST_RATIO = 64
-MANIFEST_TOKENS = 8
+MANIFEST_TOKENS = 4
 MANIFEST_SLACK = 1 << 20
 _INFLATE_CHUNK = 1 << 20
 MAX_JSON_DEPTH = 64  # real manifests nest about 10 levels

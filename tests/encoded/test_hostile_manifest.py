@@ -242,6 +242,23 @@ def test_a_manifest_that_inflates_to_1_gib_is_refused_within_its_bound(capsys):
         print(f"\n1 GiB bomb: {len(bomb)} compressed bytes refused at a traced peak of {peak / 2 ** 20:.1f} MiB")
 
 
+def test_a_manifest_of_too_many_json_tokens_is_refused_before_parsing():
+    """Within the inflation bound, but 2.5 M tiny values (parsed, tens of bytes each): refused by count."""
+    import base64
+    import zlib
+    data, _ = saved("lenet300")
+    padding = base64.b64encode(os.urandom(96_000)).decode()  # incompressible: raises both bounds
+    text = ('{"graph":[' + "0," * 2_500_000 + '0],"pad":"' + padding + '"}').encode()
+    packed = zlib.compress(text, 6)
+    tracemalloc.start()
+    try:
+        _refused(with_packed_manifest(data, packed), "JSON tokens exceed the bound")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.25 * len(text) + (4 << 20)  # the text itself, no parsed objects
+
+
 @pytest.mark.parametrize("with_entry", [False, True])
 def test_declared_sizes_are_not_allocated(with_entry):
     """Linear(40000, 40000) would allocate 6.4 GB at construction; the file holds none of it."""
