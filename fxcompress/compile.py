@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analyses.shapes import ShapeInfo
+from .config import check_bool
 from .errors import ConfigError, FxCompressError, VerificationError
 from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
@@ -46,6 +47,8 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     for index, p in enumerate(passes):
         if not isinstance(p, Pass):
             raise ConfigError(f"compile.passes[{index}] must be a Pass instance, got {p!r}")
+    for flag, value in (("inplace", inplace), ("verify", verify), ("progress", progress)):
+        check_bool("compile", flag, value)
     if example_inputs is None:
         raise ConfigError("compile.example_inputs is required: passes are verified by a forward pass on them")
     inputs = _as_tuple(example_inputs)

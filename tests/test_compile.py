@@ -273,3 +273,9 @@ def test_concurrent_compiles_of_different_models_all_succeed_and_match_single_th
     with ThreadPoolExecutor(max_workers=4) as pool:
         outputs = list(pool.map(compiled_output, jobs))
     assert all(torch.equal(out, expected[name]) for name, out in zip(jobs, outputs))
+
+
+@pytest.mark.parametrize("flag, value", [("inplace", 1), ("verify", "no"), ("progress", None)])
+def test_boolean_options_take_only_booleans(flag, value):
+    with pytest.raises(ConfigError, match=rf"compile.{flag} must be True or False, got {value!r}"):
+        fxcompress.compile(LeNet300100(), [], example_inputs=torch.randn(2, 784), **{flag: value})
