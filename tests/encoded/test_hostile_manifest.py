@@ -2,6 +2,7 @@
 recomputes every checksum. Loading must refuse with a FormatError naming the part, or build a model
 whose forward works or fails with an ordinary error: never run code from the file, never change a
 class of the process, never allocate by sizes the file only declares."""
+import ast
 import collections
 import copy
 import functools
@@ -57,6 +58,13 @@ def _assert_untouched(before):
         assert not changed, f"{cls.__name__} was tampered with: {changed}"
 
 
+def _assert_code_is_data_only(code):
+    """The generated forward names no dunder or code runner: strings from the file are only literals."""
+    for node in ast.walk(ast.parse(code)):
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+        assert "__" not in name and name not in {"eval", "exec", "system", "environ", "open"}, name
+
+
 def _compressed_mlp():
     """A small MLP pruned, k-means quantized and lowered to encoded weights."""
     x = torch.randn(3, 24)
@@ -90,6 +98,19 @@ def _edited(name, edit):
     manifest = read_manifest(data)
     edit(manifest)
     return with_manifest(data, manifest)
+
+
+def test_the_detector_sees_a_payload_that_runs():
+    """The payloads really are detected when they run (so their absence below means something)."""
+    before = _class_state()
+    try:
+        eval(RUN), eval(SET)  # noqa: S307 - deliberately, to prove the detector
+        with pytest.raises(AssertionError, match="ran"):
+            _assert_untouched(before)
+    finally:
+        MARKER.unlink(missing_ok=True)
+        os.environ.pop(FLAG, None)
+    _assert_untouched(before)
 
 
 # ---- the measured cases --------------------------------------------------------------------------
@@ -358,6 +379,13 @@ def _mutate_section(m, data):
         m[key] = _value(data)
 
 
+def _mutable(m):
+    """Whether the mutations above can still find their way around `m` (an earlier one may have broken it)."""
+    sections = [m.get(k) if isinstance(m, dict) else None for k in ("graph", "modules", "tensors")]
+    return (all(isinstance(items, list) and items and all(isinstance(i, dict) for i in items) for items in sections)
+            and all(isinstance(e.get("config"), dict) for e in sections[1]))
+
+
 MUTATIONS = [_mutate_node, _mutate_order, _insert_node, _mutate_module, _mutate_tensor, _mutate_section,
              _swap_existing]
 FORWARD_ERRORS = (FxCompressError, RuntimeError, TypeError, ValueError, IndexError)
@@ -369,8 +397,7 @@ def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name
     original, x = saved(name)
     manifest = read_manifest(original)
     for _ in range(data.draw(st.integers(1, 2), label="mutations")):
-        if isinstance(manifest, dict) and all(isinstance(manifest.get(k), list) and manifest[k]
-                                              for k in ("graph", "modules", "tensors")):
+        if _mutable(manifest):
             data.draw(st.sampled_from(MUTATIONS), label="mutation")(manifest, data)
     hostile = with_manifest(original, manifest, tensor_data(original))
     before = _class_state()
@@ -384,7 +411,7 @@ def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name
         PEAKS.append((tracemalloc.get_traced_memory()[1], len(hostile)))
         tracemalloc.stop()
     if gm is not None:
-        assert MARKER.name not in gm.code and "__import__" not in gm.code
+        _assert_code_is_data_only(gm.code)
         try:
             with torch.no_grad():
                 gm(x)
