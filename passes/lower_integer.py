@@ -180,8 +180,8 @@ def _drop_float_parameters(gm: GraphModule, owner: str) -> None:
     The integer module and the input quantizer live under the layer's path, which keeps the float
     module alive; its weight, bias and mask would otherwise stay in the state dict for nothing.
     """
-    if not owner:
-        return
+    if not owner or not _has_submodule(gm, owner):
+        return  # the root, or a layer whose output nothing read: dead-code elimination removed it already
     referenced = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     if any(t == owner or (t.startswith(owner + ".") and t.count(".") == owner.count(".") + 1
                           and not isinstance(getattr(gm.get_submodule(owner), t.rpartition(".")[2]), nn.Module))
@@ -192,6 +192,14 @@ def _drop_float_parameters(gm: GraphModule, owner: str) -> None:
         container.add_module(name, child)
     parent, _, name = owner.rpartition(".")
     setattr(gm.get_submodule(parent), name, container)
+
+
+def _has_submodule(gm: GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _conv_options(node: Node, kind: str) -> dict:

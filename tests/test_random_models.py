@@ -19,13 +19,6 @@ import randmodels  # noqa: E402
 from randmodels import (PROPERTIES, check_encoded_round_trip, check_fold_batchnorm, check_lower_integer,  # noqa: E402
                         check_pass, check_zeroed_pruning, classify, outcome, random_model)
 
-# Constructs the generator leaves out for one check because of a known library bug; each has a
-# strict xfail below that reproduces it, so the entry goes when the bug is fixed.
-KNOWN_BUGS = {
-    # LowerToInteger raises AttributeError (wrapped in VerificationError) when a quantized layer's
-    # output is never read: dead-code elimination deletes the module, then _drop_float_parameters looks it up.
-    "LowerToInteger": frozenset({"dead_branch"}),
-}
 CHEAP_PASSES = ("InsertMasks", "InsertFakeQuant(linear)", "InsertFakeQuant(kmeans)", "PruneChannels",
                 "PruneChannels(heads, normalized)", "FoldBatchNorm")
 SEEDS = st.integers(0, 2 ** 31 - 1)
@@ -111,7 +104,7 @@ def test_fold_batchnorm_agrees_with_the_unfolded_model(seed):
 @examples(4)
 @given(seed=SEEDS)
 def test_lower_integer_agrees_with_its_fake_quant_reference(seed):
-    model, inputs = random_model(seed, avoid=KNOWN_BUGS["LowerToInteger"])
+    model, inputs = random_model(seed)
     record("LowerToInteger vs reference", check_lower_integer, model, inputs, seed)
 
 
@@ -120,10 +113,7 @@ def test_every_property_has_a_test():
                                         check_lower_integer}
 
 
-# ---- known bugs, reproduced (strict: each fails once fixed, so its KNOWN_BUGS entry goes too) ----------
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="LowerToInteger: AttributeError on a quantized layer whose output is never read")
 def test_lower_integer_on_a_model_with_a_dead_branch():
+    # a quantized layer computed but never read: dead-code elimination removes it during lowering
     model, inputs = random_model(22)  # seed 22 leaves a quantized linear (fc4) computed but unread
-    assert outcome(check_lower_integer, model, inputs, 22) in ("verified", "nothing lowered")
+    assert outcome(check_lower_integer, model, inputs, 22) == "verified"

@@ -155,3 +155,23 @@ def test_layers_left_in_float_by_rules_stay_float_while_the_others_lower():
     with torch.no_grad():
         expected, got = fq(x), gm(x)
     assert (expected - got).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_a_quantized_layer_whose_output_is_never_read_is_dropped():
+    class DeadBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            self.unused(x.relu())  # computed, never read
+            return self.used(x)
+
+    x = torch.randn(8, 3)
+    fq = fxcompress.compile(DeadBranch().eval(), [InsertFakeQuant(method="linear", bits=8,
+                                                                  activations=ActivationConfig(bits=8))],
+                            example_inputs=(x,), calibration_data=[(x,)])
+    gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))
+    assert not hasattr(gm, "unused")
+    assert sum(isinstance(m, IntegerLayer) for m in gm.modules()) == 1
+    assert torch.allclose(gm(x), fq(x), atol=0.05 * fq(x).abs().max().item())
