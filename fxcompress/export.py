@@ -71,7 +71,9 @@ def to_yaml(gm: GraphModule, path: str | os.PathLike, integer: bool = False) -> 
     except ImportError as exc:
         raise MissingDependencyError("to_yaml needs PyYAML: pip install 'fxcompress[yaml]'") from exc
     with open(path, "w") as f:
-        yaml.safe_dump(weights_as_data(gm, integer), f, default_flow_style=True)
+        # libyaml's emitter when PyYAML was built with it: the pure-Python one takes seconds per million numbers
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        yaml.dump(weights_as_data(gm, integer), f, Dumper=dumper, default_flow_style=True)
 
 
 def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple) -> None:

@@ -63,7 +63,7 @@ def test_yaml_integer_form(lowered, tmp_path):
     yaml = pytest.importorskip("yaml")
     gm, _ = lowered
     export.to_yaml(gm, tmp_path / "i.yaml", integer=True)
-    data = yaml.safe_load((tmp_path / "i.yaml").read_text())
+    data = yaml.load((tmp_path / "i.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert set(data) == {"conv1", "conv2", "fc1", "fc2"}
 
 
