@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.analyses.channels import ChannelGraph
+from fxcompress.channels import ChannelGraph
 from fxcompress.datasets import Dataset, load_dataset
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import PruneChannels

@@ -3,8 +3,8 @@
     gm = fxcompress.compile(model, passes=[...], example_inputs=(x,))
     print(fxcompress.summary(gm))
 """
-from .analyses.channels import ChannelGraph, channel_graph
 from .analysis import Analysis, AnalysisCache
+from .channels import ChannelGraph
 from .compile import compile
 from .draw import draw, to_networkx
 from .encoded.allowlist import register_function, register_module
@@ -13,6 +13,7 @@ from .encoded.format import load, save
 from .errors import (ConfigError, FormatError, FxCompressError, MissingDependencyError, PreconditionError,
                      TraceError, VerificationError)
 from .history import format_history, history
+from .inspection import channel_graph
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .sensitivity import SensitivityTable, sensitivity
 from .summary import Summary, summary

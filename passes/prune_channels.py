@@ -10,26 +10,23 @@ least squares on calibration data (He et al. 2017). Groups that cannot be pruned
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 from torch import nn
 from torch.fx import GraphModule
 
-from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph, ChannelGroup
-from fxcompress.channel_selection import layer_units, lowest, norm_scores, removal_count
-from fxcompress.channel_surgery import apply_removal
-from fxcompress.config import check_bool, check_choice, check_int, check_real, check_regex
+from fxcompress.channels.capture import Sampling
+from fxcompress.channels.graph import ATTENTION_MODES, ChannelGraph, ChannelGroup
+from fxcompress.channels.refit import capture_targets, refit
+from fxcompress.channels.select import DATA_METHODS, METHODS, Selection, choose_removal, prunable_units
+from fxcompress.channels.surgery import apply_removal
+from fxcompress.config import (Boolean, Callables, Interval, MappingOf, Options, Regex, SubclassOf, TupleOf,
+                               validate)
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.reconstruct import Sampling, capture_targets, data_driven_removal, refit
-
-METHODS = ("l1", "l2", "random", "greedy", "lasso")
-DATA_METHODS = ("greedy", "lasso")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,32 +77,19 @@ class PruneChannels(Pass):
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
+    _AMOUNT = Interval(float, 0.0, 1.0, hi_open=True)
+    _PATTERN = (Regex(), SubclassOf(nn.Module))
+    constraints: ClassVar[dict] = {
+        "amount": (_AMOUNT, MappingOf(Regex(), _AMOUNT, min_len=1)), "method": (Options(*METHODS), Callables()),
+        "reconstruct": (Boolean(),), "select": (TupleOf(*_PATTERN),), "keep": (TupleOf(*_PATTERN),),
+        "min_channels": (Interval(int, 1),), "round_to": (Interval(int, 1),), "global_": (Boolean(),),
+        "seed": (Interval(int, 0, 2 ** 32 - 2),),  # numpy and scikit-learn seeds; seed + 1 is used too
+        "max_samples": (Interval(int, 16),), "prune_normalized": (Boolean(),),
+        "attention": (Options(*ATTENTION_MODES),),
+    }
+
     def __post_init__(self) -> None:
-        owner = "PruneChannels"
-        if isinstance(self.amount, Mapping):
-            if not self.amount:
-                raise ConfigError(f"{owner}.amount is an empty mapping: no layer would lose a channel")
-            for pattern, value in self.amount.items():
-                check_regex(owner, "amount", pattern)
-                check_real(owner, f"amount[{pattern!r}]", value, 0.0, 1.0, hi_open=True)
-        else:
-            check_real(owner, "amount", self.amount, 0.0, 1.0, hi_open=True)
-        if not callable(self.method):
-            check_choice(owner, "method", self.method, METHODS)
-        for field in ("select", "keep"):
-            value = getattr(self, field)
-            if not isinstance(value, (tuple, list)) or not all(_is_pattern(v) for v in value):
-                raise ConfigError(f"{owner}.{field} must be a tuple of regexes or nn.Module types, got {value!r}")
-            for pattern in value:
-                if isinstance(pattern, str):
-                    check_regex(owner, field, pattern)
-        check_int(owner, "min_channels", self.min_channels, 1)
-        check_int(owner, "round_to", self.round_to, 1)
-        check_int(owner, "seed", self.seed, 0, 2 ** 32 - 2)  # numpy and scikit-learn seeds; seed + 1 is used too
-        check_int(owner, "max_samples", self.max_samples, 16)
-        check_choice(owner, "attention", self.attention, ATTENTION_MODES)
-        for field in ("reconstruct", "global_", "prune_normalized"):
-            check_bool(owner, field, getattr(self, field))
+        validate(self)
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         needs_data = self.reconstruct or self.method in DATA_METHODS
@@ -115,10 +99,12 @@ class PruneChannels(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         cg = ctx.get(ChannelGraph.of(self.attention))
-        units = self._units(cg)
+        units = prunable_units(cg, self.prune_normalized)
         self._check_patterns(gm, cg, units)
         groups, skipped = self._eligible(gm, units)
-        removed, fallbacks = self._choose(gm, cg, groups, ctx)
+        sampling = Sampling(self.max_samples, self.seed)
+        selection = Selection(self.method, self.global_, self.min_channels, self.round_to, sampling)
+        removed, fallbacks = choose_removal(gm, cg, groups, selection, ctx.calibration_data)
         before = sum(p.numel() for p in gm.parameters())
         stats: dict[str, Any] = {"groups": len(cg.groups),
                                  "frozen": _frozen_report(cg, skipped, self.prune_normalized)}
@@ -126,7 +112,6 @@ class PruneChannels(Pass):
             stats["scored_by_l1"] = fallbacks
         if not removed.any():
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
-        sampling = Sampling(self.max_samples, self.seed)
         targets = capture_targets(gm, cg, removed, ctx.calibration_data, sampling) if self.reconstruct else None
         touched = apply_removal(gm, cg, removed)
         if targets is not None:
@@ -137,17 +122,7 @@ class PruneChannels(Pass):
                      channels_removed=outputs, params_before=before, params_after=after)
         return PassResult(changed=True, params_touched=tuple(touched), stats=stats)
 
-    # ---- which groups, how many, which classes ------------------------------------------------
-    def _units(self, cg: ChannelGraph) -> list[ChannelGroup]:
-        """Each group's per-layer units (see layer_units) that hold channels this pass may remove."""
-        units = []
-        for g in cg.groups:
-            if self.prune_normalized and len(g.inexact):
-                g = dataclasses.replace(g, prunable=np.union1d(g.prunable, g.inexact))
-            if len(g.prunable):
-                units.extend(unit for unit in layer_units(cg, g) if len(unit.prunable))
-        return units
-
+    # ---- which groups may lose channels, and how many ----------------------------------------
     def _check_patterns(self, gm: GraphModule, cg: ChannelGraph, units: list[ChannelGroup]) -> None:
         """Every pattern of select, keep and a per-layer amount must name a layer it can act on: one
         that matches nothing would remove nothing (or keep nothing) without a word."""
@@ -188,55 +163,6 @@ class PruneChannels(Pass):
             if any(re.fullmatch(pattern, p) for p in producers):
                 return float(value)
         return None
-
-    def _choose(self, gm, cg: ChannelGraph, groups, ctx: PassContext) -> tuple[np.ndarray, list[str]]:
-        """The classes to remove (bool per class), and the groups a data-driven method scored by l1
-        because no consumer's output could be measured."""
-        removed = np.zeros(cg.labels.max() + 1 if len(cg.labels) else 0, dtype=bool)
-        if not groups:
-            return removed, []
-        counts = self._counts(gm, cg, groups, ctx)
-        if self.method in DATA_METHODS:
-            chosen, fallbacks = data_driven_removal(gm, cg, counts, ctx.calibration_data, self.method,
-                                                    Sampling(self.max_samples, self.seed))
-            for g, classes in chosen:
-                removed[classes] = True
-            return removed, fallbacks
-        scores = self._scores(gm, cg, groups)
-        for g, count in counts:
-            removed[lowest(g, scores, count, cg, self.min_channels)] = True
-        return removed, []
-
-    def _counts(self, gm, cg, groups, ctx) -> list[tuple[ChannelGroup, int]]:
-        if not self.global_:
-            return [(g, removal_count(g, a, self.min_channels, self.round_to)) for g, a in groups]
-        scores = self._scores(gm, cg, groups) if self.method not in DATA_METHODS else norm_scores(gm, cg, 1)
-        normalized = [scores[g.prunable] / max(scores[g.prunable].mean(), 1e-12) for g, _ in groups]
-        total = sum(len(g.classes) for g, _ in groups)
-        budget = int(np.floor(np.mean([a for _, a in groups]) * total))
-        pooled = np.sort(np.concatenate(normalized))
-        threshold = pooled[min(budget, len(pooled)) - 1] if budget > 0 else -np.inf
-        return [(g, removal_count(g, float((n <= threshold).sum()) / len(g.classes), self.min_channels,
-                                  self.round_to)) for (g, _), n in zip(groups, normalized)]
-
-    def _scores(self, gm, cg: ChannelGraph, groups) -> np.ndarray:
-        if self.method in ("l1", "l2"):
-            return norm_scores(gm, cg, 1 if self.method == "l1" else 2)
-        size = cg.labels.max() + 1
-        if self.method == "random":
-            return np.random.default_rng(self.seed).random(size)
-        scores = np.zeros(size)
-        for g, _ in groups:
-            values = np.asarray(self.method(gm, cg, g), dtype=float)
-            if values.shape != g.prunable.shape:
-                raise ConfigError(f"PruneChannels.method returned {values.shape[0] if values.ndim else 0} scores "
-                                  f"for group {g.label}; expected one per prunable channel ({len(g.prunable)})")
-            scores[g.prunable] = values
-        return scores
-
-
-def _is_pattern(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, type) and issubclass(value, nn.Module))
 
 
 def _matches(gm: GraphModule, name: str, patterns: tuple) -> bool:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.analyses.channels import ChannelGraph
-from fxcompress.channel_selection import layer_units, lowest, removal_count
+from fxcompress.channels import ChannelGraph
+from fxcompress.channels.select import layer_units, lowest, removal_count
 from fxcompress.errors import FxCompressError, VerificationError
 from fxcompress.integer import IntegerLayer
 from fxcompress.pass_base import PassContext

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.analyses.channels import ATTENTION_MODES, ChannelGraph
-from fxcompress.channel_selection import layer_units, lowest, removal_count
+from fxcompress.channels import ATTENTION_MODES, ChannelGraph
+from fxcompress.channels.select import layer_units, lowest, removal_count
 
 
 class TransposedNet(nn.Module):

@@ -15,8 +15,8 @@ its concatenated id arrays, nothing quadratic in Python.
 """
 from __future__ import annotations
 
-import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +25,12 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..channel_ops import METHOD_RULES, function_rule, module_rule
-from ..layers import weight_source
+from ...layers import weight_source
 
 NOT_CHANNEL = "not a channel dimension"
 Track = dict  # {dim: np.ndarray of element ids}
+Rule = Callable[["Walk", Node], Any]  # input tracks of a node -> its output track (see tensor_rules)
+RuleLookup = Callable[[GraphModule, Node], "tuple[Rule | None, str]"]  # a call's rule, and the op in words
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Walk:
 
     def __init__(self, gm: GraphModule, meta, attention: str = "head_dims") -> None:
         self.gm, self.meta = gm, meta
-        self.attention = attention  # "head_dims" | "heads": what a head split keeps (see channel_rules._regroup)
+        self.attention = attention  # "head_dims" | "heads": what a head split keeps (see tensor_rules._regroup)
         self.count = 0
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
@@ -199,13 +200,13 @@ class Walk:
         return None
 
     # ---- the walk -------------------------------------------------------------------------
-    def run(self) -> None:
-        from . import channel_rules as rules
-
+    def run(self, rule_of: RuleLookup) -> None:
+        """Visit every node in topological order; `rule_of(gm, node)` names the rule of a call
+        (see `ops.rule_of`), so the walk itself knows no op."""
         for node in self.gm.graph.nodes:
-            self.tracks[node] = self.visit(node, rules)
+            self.tracks[node] = self.visit(node, rule_of)
 
-    def visit(self, node: Node, rules) -> Any:
+    def visit(self, node: Node, rule_of: RuleLookup) -> Any:
         if node.op == "placeholder":
             return self.empty_output(node)
         if node.op == "get_attr":
@@ -213,17 +214,10 @@ class Walk:
         if node.op == "output":
             self.freeze(self.all_input_tracks(node), f"reaches the model output ({node.name})")
             return None
-        if node.op == "call_module":
-            module = self.gm.get_submodule(node.target)
-            rule, what = module_rule(module), f"module {type(module).__name__} '{node.target}'"
-        elif node.op == "call_function":
-            rule, what = function_rule(node.target), f"function {getattr(node.target, '__name__', node.target)}"
-        else:
-            rule, what = METHOD_RULES.get(node.target), f"method .{node.target}()"
+        rule, what = rule_of(self.gm, node)
         if rule is None:
             return self.unknown(node, f"unsupported {what} at {node.name}")
-        name, *options = rule if isinstance(rule, tuple) else (rule,)
-        return self.check_widths(node, getattr(rules, name)(self, node, *options))
+        return self.check_widths(node, rule(self, node))
 
     def check_widths(self, node: Node, out: Any) -> Any:
         """Sizes read from channel dims may flow into size arithmetic and into the size arguments the
@@ -327,6 +321,3 @@ def _embedding_source(node: Node) -> Node | None:
         w = w.args[0] if w.args and isinstance(w.args[0], Node) else None
     return w
 
-
-def sdpa_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

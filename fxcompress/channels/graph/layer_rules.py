@@ -1,11 +1,12 @@
-"""Channel rules of layers and normalizations: their parameters are slots whose elements are coupled
-to the channels of the tensors they read and write. Module and functional forms share one rule."""
+"""Op rules of layers and normalizations (`ops` maps each op to its rule): their parameters are
+slots whose elements are coupled to the channels of the tensors they read and write. Module and
+functional forms share one rule."""
 from __future__ import annotations
 
 import numpy as np
 from torch.fx import Node
 
-from .channel_walk import NOT_CHANNEL, Edit, Walk, _arg
+from .walk import NOT_CHANNEL, Edit, Walk, _arg
 
 
 def _weight(w: Walk, node: Node, attr: str, index: int, name: str, dims=(0, 1)) -> dict | None:

@@ -1,6 +1,6 @@
 """ChannelGraph: which channels of which tensors must shrink together, computed once per graph.
 
-Channels are elements; the op rules (`fxcompress.channel_ops`) couple the elements that must be
+Channels are elements; the op rules (mapped to ops in `ops`) couple the elements that must be
 removed together (a residual add, a concatenation's offsets, a head split) and freeze the ones that
 must stay (an unknown op, the model output), each with its reason. A *class* is a set of coupled
 elements: removing a channel removes a class. A *group* is a connected component of the networkx
@@ -21,10 +21,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch.fx import GraphModule
 
-from ..analysis import Analysis
-from ..config import check_choice
-from .channel_walk import NOT_CHANNEL, Edit, LayerChannels, Walk
-from .shapes import ShapeInfo
+from ...analyses.shapes import ShapeInfo
+from ...analysis import Analysis
+from ...config import check_choice
+from .ops import rule_of
+from .walk import NOT_CHANNEL, Edit, LayerChannels, Walk
 
 Slot = tuple[str, int]  # (qualified parameter or buffer name, dim)
 
@@ -80,7 +81,7 @@ class ChannelGraph(Analysis):
     @classmethod
     def compute(cls, gm: GraphModule, ctx) -> ChannelGraph:
         walk = Walk(gm, ctx.get(ShapeInfo).meta, cls.attention)
-        walk.run()
+        walk.run(rule_of)
         labels = _classes(walk.count, walk.pairs)
         hard = _frozen(labels, walk.frozen)
         frozen = {**_frozen(labels, walk.inexact), **hard}
@@ -184,16 +185,3 @@ def _layers_by_group(classes: list[np.ndarray], labels: np.ndarray, layers) -> t
                         found[g].append(layer.name)
     return producers, consumers
 
-
-def channel_graph(model, example_inputs, *, leaf_modules=(), concrete_args=None,
-                  attention: str = "head_dims") -> ChannelGraph:
-    """Trace `model` (an nn.Module or GraphModule) and return its ChannelGraph, changing nothing:
-    `print(channel_graph(model, (x,)))` lists the coupled groups and why any are frozen.
-    `attention`: "head_dims" or "heads", as in PruneChannels."""
-    from ..compile import _as_tuple
-    from ..pass_base import PassContext
-    from ..tracing import trace
-
-    gm = model if isinstance(model, GraphModule) else trace(model, leaf_modules=leaf_modules,
-                                                            concrete_args=concrete_args)
-    return PassContext(example_inputs=_as_tuple(example_inputs), gm=gm).get(ChannelGraph.of(attention))

@@ -1,20 +1,14 @@
-"""Least-squares reconstruction and the data-driven channel selections (ThiNet greedy, He et al. lasso)."""
-import numpy as np
+"""Least-squares reconstruction of the layers whose input channels were removed."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.analyses.channels import ChannelGroup
+from fxcompress.channels.capture import _outputs, _windows
+from fxcompress.channels.refit import _solve_into
 from fxcompress.passes import PruneChannels
-from fxcompress.reconstruct import (Sampling, _Capture, _greedy_order, _lasso_scores, _outputs, _solve_into,
-                                    _windows, calibration_batch)
 from fxcompress.zoo import ZOO
-
-
-def _group(n: int) -> ChannelGroup:
-    return ChannelGroup(0, (), np.arange(n), np.arange(n), None, (), ())
 
 
 def test_least_squares_recovers_a_linear_layer_and_its_bias():
@@ -25,55 +19,6 @@ def test_least_squares_recovers_a_linear_layer_and_its_bias():
     _solve_into(fitted, x, y)
     torch.testing.assert_close(fitted.weight, true.weight, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fitted.bias, true.bias, atol=1e-4, rtol=1e-4)
-
-
-def test_greedy_prefers_a_channel_that_cancels_the_ones_already_removed():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=1000), rng.normal(size=1000)
-    z = np.stack([0.5 * a, -0.6 * a, 0.55 * b], 1)  # by norm alone, 0 and 2 would go
-    order = _greedy_order(z, _group(3), 2, 0)
-    assert set(np.argsort(order)[:2]) == {0, 1}
-
-
-def test_lasso_scores_lowest_the_channels_that_contribute_nothing():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(300, 6))
-    z[:, [1, 4]] *= 1e-4
-    scores = _lasso_scores(z, _group(6), 2, 0)
-    assert set(np.argsort(scores)[:2]) == {1, 4}  # removed, not kept (the seed code had this backwards)
-
-
-def test_calibration_items_are_concatenated_into_one_batch():
-    batch = calibration_batch([torch.ones(2, 3), torch.zeros(1, 3)])
-    assert len(batch) == 1 and batch[0].shape == (3, 3)
-    pairs = calibration_batch([(torch.ones(2, 3), torch.ones(2)), (torch.ones(1, 3), torch.ones(1))])
-    assert [t.shape[0] for t in pairs] == [3, 3]
-
-
-class DeadChannels(nn.Module):
-    """Half of conv1's channels are large but always zero after the ReLU: data shows it, norms do not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
-        with torch.no_grad():
-            self.conv1.weight[:4] *= 0.01
-            self.conv1.weight[4:] *= 10
-            self.conv1.bias[4:] = -1e4
-
-    def forward(self, x):
-        return self.conv2(F.relu(self.conv1(x)))
-
-
-@pytest.mark.parametrize("method", ["greedy", "lasso"])
-def test_data_driven_selection_removes_dead_channels_that_l1_keeps(method):
-    model, x = DeadChannels().eval(), torch.randn(4, 3, 8, 8)
-    calibration = [torch.randn(4, 3, 8, 8) for _ in range(4)]
-    by_data = fxcompress.compile(model, [PruneChannels(method=method)], example_inputs=(x,),
-                                 calibration_data=calibration)
-    by_norm = fxcompress.compile(model, [PruneChannels(method="l1")], example_inputs=(x,))
-    torch.testing.assert_close(by_data(x), model(x), atol=1e-5, rtol=1e-5)  # only dead channels went
-    assert (by_norm(x) - model(x)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["vgg_bn", "resnet", "densenet"])
@@ -94,14 +39,10 @@ def test_reconstruction_brings_outputs_back_toward_the_unpruned_model(name):
     assert fxcompress.history(gm)[-1].stats["reconstructed"]
 
 
-def _all_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Every output position's row (a full copy, fine for the small tests here)."""
+def _every_position(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input rows, outputs) of a layer at every output position, as the capture lays them out."""
     windows = _windows(m, x)
-    return windows.flatten(windows.dim() + 1 - m.weight.dim()).flatten(0, -2)
-
-
-def _input(m: nn.Module, size: int = 10) -> torch.Tensor:
-    return torch.randn(8, m.in_channels, *[size] * len(m.kernel_size), dtype=torch.float64)
+    return windows.flatten(windows.dim() + 1 - m.weight.dim()).flatten(0, -2), _outputs(m, m(x)).flatten(0, -2)
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
@@ -110,59 +51,12 @@ def _input(m: nn.Module, size: int = 10) -> torch.Tensor:
                                   lambda: nn.Conv3d(4, 6, 3, padding="same", padding_mode="circular", groups=2)])
 def test_least_squares_recovers_grouped_and_nd_convs(make):
     true, fitted = make().double(), make().double()
-    x = _input(true, 6 if isinstance(true, nn.Conv3d) else 10)
-    _solve_into(fitted, _all_rows(true, x), _outputs(true, true(x)).flatten(0, -2).detach())
+    size = 6 if isinstance(true, nn.Conv3d) else 10
+    x = torch.randn(8, true.in_channels, *[size] * len(true.kernel_size), dtype=torch.float64)
+    rows, outputs = _every_position(true, x)
+    _solve_into(fitted, rows, outputs.detach())
     torch.testing.assert_close(fitted.weight, true.weight, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fitted.bias, true.bias, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("m", [nn.Conv2d(4, 6, 3, stride=2, padding=1),
-                               nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2),
-                               nn.Conv2d(4, 4, 5, padding=2, groups=4),
-                               nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)])
-def test_rows_are_the_unfolded_input(m):
-    x = _input(m)
-    if isinstance(m, nn.Conv1d):  # F.unfold is 2-d only: a conv1d is a conv2d of height 1
-        patches = F.unfold(x.unsqueeze(2), (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride))
-    else:
-        patches = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
-    assert torch.equal(_all_rows(m, x), patches.transpose(1, 2).reshape(-1, patches.shape[1]))
-
-
-def _captured(m: nn.Module, x: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The (input rows, outputs, picks) that the capture samples from a one-layer model."""
-    gm = torch.fx.symbolic_trace(nn.Sequential(m))
-    node = next(n for n in gm.graph.nodes if n.op == "call_module")
-    seen = {}
-    capture = _Capture(gm, {node.name: m}, Sampling(samples),
-                       before=lambda n, _, rows: seen.update(rows=rows),
-                       after=lambda n, _, y: seen.update(outputs=y))
-    capture.run(x)
-    return seen["rows"], seen["outputs"], capture.picks[node.name]
-
-
-@pytest.mark.parametrize("options", [dict(padding="same"), dict(padding="valid", stride=(1, 2, 1)),
-                                     dict(padding=(1, 0, 2), stride=2),
-                                     dict(padding="same", padding_mode="reflect"),
-                                     dict(padding=1, padding_mode="replicate", stride=(2, 1, 1)),
-                                     dict(padding=(2, 1, 1), padding_mode="circular")])
-def test_conv3d_rows_reproduce_the_convolution_at_the_picked_positions(options):
-    m = nn.Conv3d(3, 5, (3, 2, 3), dilation=(1, 2, 1), **options).double()  # even kernel: uneven "same"
-    x = torch.randn(2, 3, 7, 8, 6, dtype=torch.float64)
-    rows, outputs, picks = _captured(m, x, samples=64)
-    assert rows.shape == (64, 3 * 3 * 2 * 3) and outputs.shape == (64, 5)
-    torch.testing.assert_close(rows @ m.weight.reshape(5, -1).T + m.bias, outputs, atol=1e-5, rtol=0)
-    assert torch.equal(outputs, m(x).movedim(1, -1).reshape(-1, 5)[picks])  # the positions picks names
-
-
-def test_only_max_samples_rows_are_gathered_and_the_same_positions_are_reused():
-    m = nn.Conv2d(3, 4, 3, padding=1)
-    x = torch.randn(2, 3, 16, 16)  # 512 output positions
-    rows, outputs, picks = _captured(m, x, samples=100)
-    assert rows.shape == (100, 27) and outputs.shape == (100, 4)
-    assert len(np.unique(picks)) == 100 and picks.max() < 512
-    assert _captured(m, x, samples=100)[2].tolist() == picks.tolist()  # same seed, same positions
-    assert _captured(m, x, samples=4096)[0].shape[0] == 512  # never more rows than positions
 
 
 class Conv3dNet(nn.Module):

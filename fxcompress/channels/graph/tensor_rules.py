@@ -1,17 +1,20 @@
-"""The op rules named in `fxcompress.channel_ops`: each maps input tracks to the output track.
+"""Op rules of tensor operations (element-wise, shape, indexing, attention); `ops` maps each op to
+its rule. Each maps input tracks to the output track.
 
-A rule is `rule(walk, node, *options) -> track`; a track is `{dim: element ids}` for a tensor, a
+A rule is `rule(walk, node, **options) -> track`; a track is `{dim: element ids}` for a tensor, a
 tuple of tracks for a tuple of tensors, None for a non-tensor. Rules couple (`walk.couple`,
 `walk.union`) what must shrink together and freeze (`walk.freeze`) what must not shrink, with a
 reason; they never drop a channel dimension silently.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.fx import Node
 
-from .channel_walk import Edit, Walk, Width, Widths, _arg, _dim, sdpa_scale, size_items
+from .walk import Edit, Walk, Width, Widths, _arg, _dim, size_items
 
 
 def _first(node: Node) -> Node:
@@ -369,5 +372,7 @@ def sdpa(w: Walk, node: Node) -> dict:
     return track
 
 
-from .channel_layer_rules import (batch_norm, channel_shuffle, conv, conv_transpose, embedding,  # noqa: E402,F401
-                                  group_norm, instance_norm, layer_norm, linear, mha, prelu)
+
+def sdpa_scale(head_dim: int) -> float:
+    """F.scaled_dot_product_attention's default scale for a head_dim."""
+    return 1.0 / math.sqrt(head_dim)

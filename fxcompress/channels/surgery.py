@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .analyses.channel_walk import size_items
-from .analyses.channels import ChannelGraph
+from .graph import ChannelGraph
+from .graph.walk import size_items
 
 
 def apply_removal(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray) -> list[str]:

@@ -7,7 +7,8 @@ from torch import nn
 
 import fxcompress
 
-from fxcompress.analyses.channels import ChannelGraph, channel_graph
+from fxcompress.channels import ChannelGraph
+from fxcompress.inspection import channel_graph
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import PassContext
 from fxcompress.tracing import trace

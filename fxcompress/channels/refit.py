@@ -1,0 +1,110 @@
+"""Least-squares reconstruction of the layers whose input channels were removed (He et al. ICCV 2017).
+
+Before pruning, the outputs of every consumer whose inputs will shrink are captured on the
+calibration data (`capture`). After pruning, reconstruction goes layer by layer, in graph order:
+each consumer sees the inputs of the already pruned and refitted model and is refitted (weights and
+bias, ridge least squares in float64) to reproduce the unpruned model's outputs at the same
+positions. A masked consumer is refitted within its mask, so pruned weights stay zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .capture import Capture, Sampling, calibration_batch, consumer_module, owner_path, run_capture, weight_support
+from .graph import ChannelGraph
+
+RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equations well posed
+
+
+@dataclass
+class Targets:
+    """What the unpruned model's consumers produced at the sampled positions (kept outputs only)."""
+
+    outputs: dict[str, torch.Tensor]
+    picks: dict[str, np.ndarray]
+    batch: tuple
+    sampling: Sampling
+
+
+def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, sampling: Sampling) -> Targets:
+    """Before pruning: the outputs of every consumer whose inputs will shrink."""
+    watched, kept, outputs = {}, {}, {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for layer in cg.layers:
+        m = consumer_module(gm, nodes[layer.node])
+        if m is None or layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any():
+            continue
+        watched[layer.node] = m
+        out = np.ones(m.weight.shape[0], dtype=bool) if layer.out_ids is None else ~removed[cg.labels[layer.out_ids]]
+        kept[layer.node] = torch.as_tensor(np.flatnonzero(out))
+
+    def after(n, m, y):
+        outputs[n.name] = y[:, kept[n.name]]
+
+    batch = calibration_batch(data)
+    picks = run_capture(Capture(gm, watched, sampling, after=after), batch)
+    return Targets(outputs, picks, batch, sampling)
+
+
+def refit(gm: GraphModule, targets: Targets) -> list[str]:
+    """After pruning: refit each consumer, in graph order, on the pruned model's own inputs. A masked
+    consumer keeps its zeros: each output is fitted on the inputs its mask leaves."""
+    nodes = [n for n in gm.graph.nodes if n.name in targets.outputs]
+    watched = {n.name: consumer_module(gm, n) for n in nodes}
+    supports = {n.name: weight_support(gm, n) for n in nodes}
+    done = []
+
+    def before(n, m, rows):
+        _solve_into(m, rows, targets.outputs[n.name], supports[n.name])
+        done.append(owner_path(n))
+
+    run_capture(Capture(gm, watched, targets.sampling, before=before, picks=targets.picks), targets.batch)
+    return done
+
+
+def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor, support: torch.Tensor | None = None) -> None:
+    """Least squares (ridge) fit of the layer's weight and bias so that x -> y, group by group.
+
+    A grouped conv's group g reads the g-th block of input columns (rows are ordered channel first,
+    see `_windows`) and writes the g-th block of outputs, so each group is an independent problem.
+    With a `support` (bool, the weight's shape), each output uses only its allowed inputs.
+    """
+    groups, with_bias = getattr(m, "groups", 1), m.bias is not None
+    ins, outs = x.shape[1] // groups, y.shape[1] // groups
+    for g in range(groups):
+        xg, yg = x[:, g * ins:(g + 1) * ins], y[:, g * outs:(g + 1) * outs]
+        if with_bias:
+            xg = torch.cat([xg, torch.ones(xg.shape[0], 1, dtype=xg.dtype)], 1)
+        gram = xg.T @ xg
+        gram += RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+        if support is None:
+            solution = torch.linalg.solve(gram, xg.T @ yg)  # (in [+1], out)
+        else:
+            allowed = support[g * outs:(g + 1) * outs].reshape(outs, -1)
+            if with_bias:
+                allowed = torch.cat([allowed, torch.ones(outs, 1, dtype=torch.bool)], 1)
+            solution = _solve_onweight_support(gram, xg.T @ yg, allowed)
+        weight = solution[:-1] if with_bias else solution
+        with torch.no_grad():
+            block = m.weight[g * outs:(g + 1) * outs]
+            block.copy_(weight.T.reshape(block.shape).to(m.weight.dtype))
+            if with_bias:
+                m.bias[g * outs:(g + 1) * outs].copy_(solution[-1].to(m.bias.dtype))
+
+
+def _solve_onweight_support(gram: torch.Tensor, rhs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Solve gram @ w = rhs per output column, over that output's allowed inputs only (zeros
+    elsewhere). Outputs with the same pattern share one solve: filter / channel masks give a few
+    patterns; element masks give one per output, each the size of its kept inputs."""
+    solution = torch.zeros_like(rhs)
+    patterns, which = torch.unique(allowed, dim=0, return_inverse=True)
+    for k, pattern in enumerate(patterns):
+        cols, outs = pattern.nonzero().squeeze(1), (which == k).nonzero().squeeze(1)
+        if len(cols):
+            solution[cols[:, None], outs] = torch.linalg.solve(gram[cols][:, cols], rhs[cols][:, outs])
+    return solution
