@@ -13,12 +13,14 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from .config import Constraint, TupleOf
 from .errors import ConfigError
 
 class WeightTransform(nn.Module):
@@ -59,17 +61,91 @@ def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
     return found[::-1]
 
 
-# module type -> (kind, functional form). Order matters: subclasses would come first.
-_MODULES: dict[type, tuple[str, Callable]] = {
-    nn.Linear: ("linear", F.linear),
-    nn.Conv1d: ("conv1d", F.conv1d),
-    nn.Conv2d: ("conv2d", F.conv2d),
-    nn.Conv3d: ("conv3d", F.conv3d),
-    nn.ConvTranspose1d: ("conv_transpose1d", F.conv_transpose1d),
-    nn.ConvTranspose2d: ("conv_transpose2d", F.conv_transpose2d),
-    nn.ConvTranspose3d: ("conv_transpose3d", F.conv_transpose3d),
-}
-FUNCTIONS: dict[Callable, str] = {fn: kind for kind, fn in _MODULES.values()}
+@dataclass(frozen=True)
+class LayerKind:
+    """One kind of weight-bearing layer: the one place its module, functional form and dims are known.
+
+    The functional form takes `(input, weight, bias, ...)`: the weight and bias positions below are
+    read by `weight_arg` / `bias_arg`, and a keyword call names them "weight" / "bias".
+    """
+
+    name: str             # "linear", "conv2d", "conv_transpose2d", ...
+    module: type          # the nn module of this kind (matched by exact type: a subclass may override forward)
+    function: Callable    # its functional form (F.linear, F.conv2d, ...)
+    out_dim: int          # the weight dim that indexes output channels (1 for transposed convs)
+    in_dim: int           # the weight dim that indexes input channels
+    weight_pos: int = 1   # position of the weight argument in the functional call
+    bias_pos: int = 2     # position of the bias argument
+
+    @property
+    def is_conv(self) -> bool:
+        return self.module is not nn.Linear
+
+    @property
+    def is_transposed(self) -> bool:
+        return self.out_dim == 1
+
+
+KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (
+    LayerKind("linear", nn.Linear, F.linear, out_dim=0, in_dim=1),
+    LayerKind("conv1d", nn.Conv1d, F.conv1d, out_dim=0, in_dim=1),
+    LayerKind("conv2d", nn.Conv2d, F.conv2d, out_dim=0, in_dim=1),
+    LayerKind("conv3d", nn.Conv3d, F.conv3d, out_dim=0, in_dim=1),
+    LayerKind("conv_transpose1d", nn.ConvTranspose1d, F.conv_transpose1d, out_dim=1, in_dim=0),
+    LayerKind("conv_transpose2d", nn.ConvTranspose2d, F.conv_transpose2d, out_dim=1, in_dim=0),
+    LayerKind("conv_transpose3d", nn.ConvTranspose3d, F.conv_transpose3d, out_dim=1, in_dim=0),
+)}
+_BY_MODULE: dict[type, LayerKind] = {kind.module: kind for kind in KINDS.values()}
+_BY_FUNCTION: dict[Callable, LayerKind] = {kind.function: kind for kind in KINDS.values()}
+FUNCTIONS: dict[Callable, str] = {fn: kind.name for fn, kind in _BY_FUNCTION.items()}  # functional op -> kind
+
+
+def kind_of_type(cls: type) -> str | None:
+    """The layer kind of a module class ("linear", "conv_transpose2d", ...; exact type), None if not a layer."""
+    kind = _BY_MODULE.get(cls)
+    return kind.name if kind is not None else None
+
+
+def kind_of_node(gm: GraphModule, node: Node) -> LayerKind | None:
+    """The layer kind a call_module / call_function node computes, None for any other node."""
+    if node.op == "call_module":
+        return _BY_MODULE.get(type(gm.get_submodule(node.target)))
+    if node.op == "call_function":
+        return _BY_FUNCTION.get(node.target)
+    return None
+
+
+class LayerTypes(Constraint):
+    """A `types` entry of a pass: a layer kind name ("conv2d") or its module class (nn.Conv2d)."""
+
+    def satisfied_by(self, value: Any) -> bool:
+        return (isinstance(value, str) and value in KINDS) or (isinstance(value, type) and value in _BY_MODULE)
+
+    def claims(self, value: Any) -> bool:
+        return isinstance(value, (str, type))
+
+    def describe(self) -> str:
+        return f"a layer kind ({', '.join(KINDS)}) or its nn module class"
+
+    def explain(self, name: str, value: Any) -> str:
+        return (f"{name}: {value!r} is not a maskable layer type; use one of {', '.join(KINDS)} "
+                f"or the nn module classes")
+
+    def example(self) -> Any:
+        return "linear"
+
+    def invalid_values(self) -> tuple[Any, ...]:
+        return ("lstm", nn.ReLU, 3)
+
+
+# A pass's `types` field: one entry or a tuple of them (normalized by `kind_names`).
+TYPES_FIELD = (LayerTypes(), TupleOf(LayerTypes()))
+
+
+def kind_names(types: Any) -> tuple[str, ...]:
+    """A validated `types` value as kind names: nn.Conv2d -> "conv2d", a single entry -> a 1-tuple."""
+    entries = tuple(types) if isinstance(types, (list, tuple)) else (types,)
+    return tuple(kind_of_type(entry) if isinstance(entry, type) else entry for entry in entries)
 
 
 @dataclass(frozen=True)
@@ -83,33 +159,34 @@ class Layer:
     bias: str | None     # qualified name of the bias, if any
 
     @property
+    def spec(self) -> LayerKind:
+        return KINDS[self.kind]
+
+    @property
     def is_conv(self) -> bool:
-        return self.kind.startswith("conv")
-
-
-def _module_kind(module: nn.Module) -> tuple[str, Callable] | None:
-    for cls, entry in _MODULES.items():
-        if type(module) is cls:  # exact type: a subclass may override forward
-            return entry
-    return None
+        return self.spec.is_conv
 
 
 def layer_kind(module: nn.Module) -> str | None:
     """The layer kind of a module ("linear", "conv2d", ...; exact type), None if it is not a layer."""
-    entry = _module_kind(module)
-    return entry[0] if entry is not None else None
+    return kind_of_type(type(module))
+
+
+def _argument(node: Node, name: str) -> Node | None:
+    kind = _BY_FUNCTION.get(node.target) or KINDS["linear"]  # every kind shares the positions; a default
+    position = kind.weight_pos if name == "weight" else kind.bias_pos
+    value = node.args[position] if len(node.args) > position else node.kwargs.get(name)
+    return value if isinstance(value, Node) else None
 
 
 def weight_arg(node: Node) -> Node | None:
     """The node passed as `weight` to a functional linear / conv call."""
-    value = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    return value if isinstance(value, Node) else None
+    return _argument(node, "weight")
 
 
 def bias_arg(node: Node) -> Node | None:
     """The node passed as `bias` to a functional linear / conv call (None: no bias)."""
-    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return value if isinstance(value, Node) else None
+    return _argument(node, "bias")
 
 
 def weight_source(node: Node) -> Node | None:
@@ -132,28 +209,30 @@ def find_layers(gm: GraphModule) -> list[Layer]:
     """Every linear / conv layer of `gm`, in graph order, module or functional form."""
     layers = []
     for node in gm.graph.nodes:
+        kind = kind_of_node(gm, node)
+        if kind is None:
+            continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            entry = _module_kind(module)
-            if entry is not None:
-                bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
-                layers.append(Layer(node.target, entry[0], node.name, f"{node.target}.weight", bias))
-        elif node.op == "call_function" and node.target in FUNCTIONS:
+            bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+            layers.append(Layer(node.target, kind.name, node.name, f"{node.target}.weight", bias))
+        else:
             source = weight_source(node)
             if source is None:
                 continue  # the weight is computed from inputs: not a stored layer
             bias_node = bias_arg(node)
             bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
             owner, _, _ = source.target.rpartition(".")
-            layers.append(Layer(owner or source.target, FUNCTIONS[node.target], node.name, source.target, bias))
+            layers.append(Layer(owner or source.target, kind.name, node.name, source.target, bias))
     return layers
 
 
-def select_layers(gm: GraphModule, owner: str, types: tuple, select: str | None, *,
+def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), select: str | None = None, *,
                   required: bool = False) -> list[Layer]:
-    """The layers of `gm` whose kind is in `types` (any if empty) and whose name fully matches
-    `select` (any if None). Selecting nothing is a ConfigError naming the layers there are, when a
-    filter was given or the pass `required` a layer."""
+    """The layers of `gm` whose kind is in `types` (kind names, see `kind_names`; any if empty) and
+    whose name fully matches `select` (any if None), in graph order. Every pass selects its layers
+    here. Selecting nothing is a ConfigError naming the layers there are, when a filter was given or
+    the pass `required` a layer."""
     every = find_layers(gm)
     layers = [layer for layer in every
               if (not types or layer.kind in types) and (select is None or re.fullmatch(select, layer.name))]
@@ -183,16 +262,16 @@ def functionalize(gm: GraphModule, node: Node) -> Node:
     if node.op == "call_function":
         return node
     module = gm.get_submodule(node.target)
-    kind, fn = _module_kind(module)
+    kind = _BY_MODULE[type(module)]
     graph: Graph = gm.graph
     x = node.args[0]
     with graph.inserting_before(node):
         weight = graph.get_attr(f"{node.target}.weight")
         bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        if kind == "linear":
+        if not kind.is_conv:
             args = (x, weight, bias)
         else:
-            if kind.startswith("conv_transpose"):
+            if kind.is_transposed:
                 if len(node.args) > 1 or node.kwargs:
                     raise NotImplementedError("ConvTranspose called with output_size cannot be functionalized")
                 args = (x, weight, bias, module.stride, module.padding, module.output_padding,
@@ -204,7 +283,7 @@ def functionalize(gm: GraphModule, node: Node) -> Node:
                     args = (pad, weight, bias, module.stride, 0, module.dilation, module.groups)
                 else:
                     args = (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
-        new = graph.create_node("call_function", fn, args, {}, name=node.name)  # fx adds a suffix
+        new = graph.create_node("call_function", kind.function, args, {}, name=node.name)  # fx adds a suffix
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import TypeOf
 from .errors import ConfigError, MissingDependencyError
 
 _REQUIRED = object()
@@ -272,3 +273,8 @@ def _pattern(raw: Any, origin: str) -> str:
     except re.error as exc:
         raise ConfigError(f"{origin}: pattern {raw!r} is not a valid regular expression ({exc})") from None
     return raw
+
+
+# The declared constraint of a pass's `rules` field (RuleSchema.load checks the rules themselves).
+RULES_FIELD = (TypeOf(str, os.PathLike, list, tuple, RuleSet, what="a list of rules or a path to a rule file"),
+               None)

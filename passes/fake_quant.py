@@ -25,17 +25,16 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import check_applicable, check_bool, check_choice, check_int, check_real, check_regex
+from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import (FUNCTIONS, Layer, chain_module_node, constant_value, insert_on_weight, layer_node,
-                               select_layers, weight_arg)
+from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, constant_value, insert_on_weight,
+                               kind_names, layer_node, select_layers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.pruning.masks import module_kind
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
 from fxcompress.quant.observers import OBSERVERS
 from fxcompress.quant.quantizers import METHODS, check_finite
-from fxcompress.rules import Field, RuleSchema, choice, integer
+from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
 
 # The origin documents' rule form: (parameter pattern, method, bits[, option]); the option is the
 # k-means init, "symmetric" / "asymmetric" for linear, or the integer bits of a fixed-point format.
@@ -67,13 +66,16 @@ class ActivationConfig:
     percentile: float = 99.99
     freeze: bool = True
 
+    constraints: ClassVar[dict] = {
+        "bits": (Interval(int, 1, 16),), "symmetric": (Boolean(),), "observer": (Options(*OBSERVERS),),
+        "momentum": (Interval(float, 0.0, 1.0, lo_open=True),), "percentile": (Interval(float, 50.0, 100.0),),
+        "freeze": (Boolean(),),
+    }
+
     def __post_init__(self) -> None:
-        for flag in ("symmetric", "freeze"):
-            check_bool("ActivationConfig", flag, getattr(self, flag))
-        check_int("ActivationConfig", "bits", self.bits, 2 if self.symmetric else 1, 16)
-        check_choice("ActivationConfig", "observer", self.observer, OBSERVERS)
-        check_real("ActivationConfig", "momentum", self.momentum, 0.0, 1.0, lo_open=True)
-        check_real("ActivationConfig", "percentile", self.percentile, 50.0, 100.0)
+        validate(self)
+        if self.symmetric:  # a symmetric grid needs room for -s, 0 and +s
+            check_int("ActivationConfig", "bits", self.bits, 2, 16)
         check_applicable("ActivationConfig", self, _OBSERVER_FIELDS, {self.observer}, "observer")
 
     def build(self) -> ActivationQuant:
@@ -128,19 +130,19 @@ class InsertFakeQuant(Pass):
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
+    constraints: ClassVar[dict] = {
+        "bits": (Interval(int, 1, 16),), "method": (Options(*METHODS),), "init": (Options(*INITS),),
+        "per_channel": (Boolean(),), "symmetric": (Boolean(),),
+        "int_bits": (Interval(int, 0), None),  # at most `bits`: checked with the method below
+        "fix_zeros": (Boolean(),), "select": (Regex(), None), "types": TYPES_FIELD, "rules": RULES_FIELD,
+        "activations": (TypeOf(ActivationConfig, what="an ActivationConfig(...)"), None),
+        "seed": (Interval(int, 0),),
+    }
+
     def __post_init__(self) -> None:
-        check_choice("InsertFakeQuant", "method", self.method, METHODS)
-        check_choice("InsertFakeQuant", "init", self.init, INITS)
-        for flag in ("per_channel", "symmetric", "fix_zeros"):
-            check_bool("InsertFakeQuant", flag, getattr(self, flag))
+        validate(self)
         _check_spec(self.default_spec(), "InsertFakeQuant")
-        if self.select is not None:
-            check_regex("InsertFakeQuant", "select", self.select)
-        object.__setattr__(self, "types", _kinds(self.types))
-        if self.activations is not None and not isinstance(self.activations, ActivationConfig):
-            raise ConfigError(f"InsertFakeQuant.activations must be an ActivationConfig(...) or None, "
-                              f"got {self.activations!r}")
-        check_int("InsertFakeQuant", "seed", self.seed, 0)
+        object.__setattr__(self, "types", kind_names(self.types))
         methods = {self.method}
         if self.rules is not None:
             rules = QUANT_RULES.load(self.rules)
@@ -215,7 +217,7 @@ class InsertFakeQuant(Pass):
         weight = (constant_value(gm, source) if source is not None
                   else gm.get_submodule(node.target).weight.detach())
         check_finite(weight, f"InsertFakeQuant: layer {layer.name!r} ({layer.weight})")
-        axis = (1 if layer.kind.startswith("conv_transpose") else 0) if self.per_channel else None
+        axis = KINDS[layer.kind].out_dim if self.per_channel else None
         if spec.method == "kmeans":
             module = KMeansWeight.fit(weight, spec.bits, spec.init, fix_zeros=self.fix_zeros, axis=axis,
                                       seed=self.seed)
@@ -252,15 +254,6 @@ class InsertFakeQuant(Pass):
                     inserted[x] = gm.graph.call_module(name, (x,))
             node.replace_input_with(x, inserted[x])
         return sorted({n.target for n in inserted.values()})
-
-
-def _kinds(types: Any) -> tuple[str, ...]:
-    """Layer kinds from kind names or module classes (nn.Conv2d -> "conv2d")."""
-    types = tuple(types) if isinstance(types, (list, tuple)) else (types,)
-    kinds = tuple((module_kind(t) or t.__name__) if isinstance(t, type) else t for t in types)
-    for kind in kinds:
-        check_choice("InsertFakeQuant", "types", kind, sorted(set(FUNCTIONS.values())))
-    return kinds
 
 
 def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:

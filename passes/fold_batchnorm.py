@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,13 +23,12 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval, fuse_linear_bn_weights
 
 from fxcompress.analyses.shapes import ShapeInfo
+from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import FUNCTIONS, bias_arg, weight_source
+from fxcompress.layers import bias_arg, kind_of_node, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.masks import masks_only
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -40,6 +40,11 @@ class FoldBatchNorm(Pass):
     The model must be in eval mode (the running statistics are what gets folded, as torch.ao's
     fusion requires); a BatchNorm still in training mode is refused by name.
     """
+
+    constraints: ClassVar[dict] = {}  # no options: every foldable BatchNorm is folded
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         for node in _norm_nodes(gm):
@@ -62,9 +67,9 @@ class FoldBatchNorm(Pass):
                 continue
             norm = gm.get_submodule(node.target)
             if producer.op == "call_module":
-                layer = gm.get_submodule(producer.target)
-                fused = (fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear)
-                         else fuse_conv_bn_eval(layer, norm, transpose=isinstance(layer, _TRANSPOSED)))
+                layer, kind = gm.get_submodule(producer.target), kind_of_node(gm, producer)
+                fused = (fuse_conv_bn_eval(layer, norm, transpose=kind.is_transposed) if kind.is_conv
+                         else fuse_linear_bn_eval(layer, norm))
                 gm.set_submodule(producer.target, fused)  # same path, so names in reports stay stable
                 params = (f"{producer.target}.weight", f"{producer.target}.bias")
             else:
@@ -89,18 +94,16 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Cou
         return "no running statistics to fold (track_running_stats=False)"
     if not isinstance(producer, Node):
         return "not fed by a layer"
-    if producer.op == "call_module":
-        layer = gm.get_submodule(producer.target)
-        if type(layer) not in (*_CONVS, *_TRANSPOSED, nn.Linear):
-            return f"fed by {type(layer).__name__}, which cannot absorb a per-channel affine map"
-        linear = isinstance(layer, nn.Linear)
-    elif producer.op == "call_function" and FUNCTIONS.get(producer.target) in _FUNCTIONAL:
+    kind = kind_of_node(gm, producer)
+    if kind is None and producer.op == "call_module":
+        return f"fed by {type(gm.get_submodule(producer.target)).__name__}, which cannot absorb a per-channel affine map"
+    if kind is None or (producer.op == "call_function" and kind.is_transposed):  # stored rows are scaled: dim 0
+        return f"fed by {producer.name}, which is not a conv / linear layer"
+    if producer.op == "call_function":
         reason = _functional_reason(gm, producer)
         if reason:
             return reason
-        linear = FUNCTIONS[producer.target] == "linear"
-    else:
-        return f"fed by {producer.name}, which is not a conv / linear layer"
+    linear = not kind.is_conv
     if len(producer.users) > 1:
         return f"{producer.name}'s un-normalized output is also read by {_others(producer, norm)}"
     if _shared(producer, uses):
@@ -109,8 +112,6 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Cou
         return f"{producer.name} writes features on its last dim, the BatchNorm normalizes dim 1"
     return None
 
-
-_FUNCTIONAL = ("linear", "conv1d", "conv2d", "conv3d")
 
 
 def _shared(producer: Node, uses: Counter) -> bool:
@@ -140,7 +141,7 @@ def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str,
     weight = gm.get_parameter(weight_name)
     bias_node = bias_arg(layer)
     bias = gm.get_parameter(bias_node.target) if bias_node is not None else None
-    fuse = fuse_linear_bn_weights if FUNCTIONS[layer.target] == "linear" else fuse_conv_bn_weights
+    fuse = fuse_conv_bn_weights if kind_of_node(gm, layer).is_conv else fuse_linear_bn_weights
     new_weight, new_bias = fuse(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     with torch.no_grad():
         weight.copy_(new_weight)

@@ -19,15 +19,15 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.analyses import ShapeInfo
-from fxcompress.config import check_choice, check_int, check_real, check_regex
+from fxcompress.config import Callables, Interval, Options, Regex, TupleOf, TypeOf, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import Layer, select_layers
+from fxcompress.layers import TYPES_FIELD, Layer, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
                                            keep_highest, masked_scores)
-from fxcompress.pruning.masks import LAYER_KINDS, get_mask, module_kind, set_mask, sparsity_of, stored_weight
+from fxcompress.pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
 from fxcompress.pruning.schedule import AGP
-from fxcompress.rules import Field, RuleSchema, choice, real_list
+from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, real_list
 
 # The origin documents' rule form: (parameter pattern, granularity, sparsity per stage[, importance]).
 MASK_RULES = RuleSchema("InsertMasks.rules", [
@@ -35,6 +35,7 @@ MASK_RULES = RuleSchema("InsertMasks.rules", [
     Field("sparsity", real_list(0.0, 1.0)),
     Field("importance", choice(*IMPORTANCES, allow_callable=True), default=None),  # None: the pass's own
 ])
+_FRACTION = Interval(float, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -75,22 +76,24 @@ class InsertMasks(Pass):
 
     preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)
 
+    constraints: ClassVar[dict] = {
+        "sparsity": (_FRACTION, TupleOf(_FRACTION, min_len=1)),
+        "granularity": (Options(*GRANULARITIES),),
+        "importance": (Options(*IMPORTANCES), Callables()),
+        "scope": (Options("local", "global"),),
+        "select": (Regex(), None),
+        "types": TYPES_FIELD,
+        "rules": RULES_FIELD,
+        "stage": (Interval(int, 0),),
+        "schedule": (TypeOf(AGP, what="an AGP(...) schedule"), None),
+    }
+
     def __post_init__(self) -> None:
+        validate(self)
         sparsities = tuple(self.sparsity) if isinstance(self.sparsity, (list, tuple)) else (self.sparsity,)
-        for value in sparsities:
-            check_real("InsertMasks", "sparsity", value, 0.0, 1.0)
         object.__setattr__(self, "sparsity", sparsities if isinstance(self.sparsity, (list, tuple)) else self.sparsity)
-        check_choice("InsertMasks", "granularity", self.granularity, GRANULARITIES)
-        if not callable(self.importance):
-            check_choice("InsertMasks", "importance", self.importance, IMPORTANCES + ("<a callable>",))
-        check_choice("InsertMasks", "scope", self.scope, ("local", "global"))
-        check_int("InsertMasks", "stage", self.stage, lo=0)
         _stage_value(sparsities, self.stage, "InsertMasks.sparsity")
-        if self.select is not None:
-            check_regex("InsertMasks", "select", self.select)
-        object.__setattr__(self, "types", _kinds(self.types))
-        if self.schedule is not None and not isinstance(self.schedule, AGP):
-            raise ConfigError(f"InsertMasks.schedule must be an AGP(...) schedule or None, got {self.schedule!r}")
+        object.__setattr__(self, "types", kind_names(self.types))
         if self.rules is not None:
             rules = MASK_RULES.load(self.rules)
             if self.scope == "global":
@@ -196,16 +199,3 @@ def _stage_value(values: Sequence[float], stage: int, origin: str) -> float:
                           f"({', '.join(map(str, values))})")
     return values[stage]
 
-
-def _kinds(types: Any) -> tuple[str, ...]:
-    """Layer kinds from kind names or module classes (nn.ConvTranspose2d -> "conv_transpose2d")."""
-    if not isinstance(types, (list, tuple)):
-        types = (types,)
-    kinds = []
-    for entry in types:
-        kind = module_kind(entry) if isinstance(entry, type) else entry
-        if kind not in LAYER_KINDS:
-            raise ConfigError(f"InsertMasks.types: {entry!r} is not a maskable layer type; "
-                              f"use one of {', '.join(sorted(LAYER_KINDS))} or the nn module classes")
-        kinds.append(kind)
-    return tuple(kinds)

@@ -14,13 +14,13 @@ from typing import ClassVar
 from torch.fx import GraphModule, Node
 
 from fxcompress.analyses.shapes import ShapeInfo
-from fxcompress.config import check_choice, check_int
+from fxcompress.config import Interval, Options, validate
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
 from fxcompress.encoded.tensor import DTYPES, LAYOUTS, encode_half, encode_tensor
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import Layer, bias_arg, chain_transforms, effective_weight, find_layers, layer_node, weight_arg
+from fxcompress.layers import Layer, bias_arg, chain_transforms, effective_weight, layer_node, select_layers, weight_arg
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _DEEP_COMPRESSION_INDEX_BITS = {"conv": 8, "fc": 5}
@@ -41,16 +41,17 @@ class LowerToEncoded(Pass):
 
     preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)
 
+    constraints: ClassVar[dict] = {
+        "coding": (Options("auto", *CODINGS),), "layout": (Options("auto", *LAYOUTS),),
+        "index_bits": (Interval(int, 1, 16), None), "bias": (Options("float32", "float16"),),
+    }
+
     def __post_init__(self) -> None:
-        check_choice("LowerToEncoded", "coding", self.coding, ("auto",) + CODINGS)
-        check_choice("LowerToEncoded", "layout", self.layout, ("auto",) + LAYOUTS)
-        check_choice("LowerToEncoded", "bias", self.bias, ("float32", "float16"))
-        if self.index_bits is not None:
-            check_int("LowerToEncoded", "index_bits", self.index_bits, 1, 16)
+        validate(self)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         touched, stats = [], {}
-        for layer in find_layers(gm):
+        for layer in select_layers(gm, "LowerToEncoded"):
             node = layer_node(gm, layer)
             if node.op != "call_function" or not _has_chain(gm, weight_arg(node)):
                 continue  # no mask or fake-quant on this weight: it stays a float parameter

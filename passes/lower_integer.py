@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
 from fxcompress.integer import ACCUMULATOR_BITS, IntegerLayer, QuantizeInput, fixed_point_multiplier
-from fxcompress.layers import Layer, chain_module_node, constant_value, find_layers, layer_node
+from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.quantizers import Grid, quantize
@@ -45,6 +47,11 @@ class _Quantized:
 class LowerToInteger(Pass):
     """Lower every layer with a linear / fixed-point weight quantizer and an input fake-quant to integers."""
 
+    constraints: ClassVar[dict] = {}  # no options: which layers are lowered follows from the graph
+
+    def __post_init__(self) -> None:
+        validate(self)
+
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         layers = self._quantized_layers(gm)  # grids are read before their fake-quant nodes go
         targets = {q.node: _requant_target(gm, q.node) for q in layers}
@@ -66,7 +73,7 @@ class LowerToInteger(Pass):
     def _quantized_layers(self, gm: GraphModule) -> list[_Quantized]:
         """Every layer to lower; a layer quantized only in part (or by k-means) is refused by name."""
         found = []
-        for layer in find_layers(gm):
+        for layer in select_layers(gm, "LowerToInteger"):
             node = layer_node(gm, layer)
             x = node.args[0]
             quant_node = chain_module_node(gm, node, (GridWeight, KMeansWeight))

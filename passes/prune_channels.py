@@ -29,6 +29,10 @@ from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 
+_AMOUNT = Interval(float, 0.0, 1.0, hi_open=True)
+_PATTERN = (Regex(), SubclassOf(nn.Module))  # a layer-name regex or a module type
+
+
 @dataclass(frozen=True, kw_only=True)
 class PruneChannels(Pass):
     """Remove `amount` of each layer's output channels (or of all of them ranked together with
@@ -77,8 +81,6 @@ class PruneChannels(Pass):
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
-    _AMOUNT = Interval(float, 0.0, 1.0, hi_open=True)
-    _PATTERN = (Regex(), SubclassOf(nn.Module))
     constraints: ClassVar[dict] = {
         "amount": (_AMOUNT, MappingOf(Regex(), _AMOUNT, min_len=1)), "method": (Options(*METHODS), Callables()),
         "reconstruct": (Boolean(),), "select": (TupleOf(*_PATTERN),), "keep": (TupleOf(*_PATTERN),),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigError, PreconditionError
+from ..layers import KINDS
 
 GRANULARITIES = ("element", "kernel", "filter", "channel")
 IMPORTANCES = ("abs", "l1", "l2")
@@ -29,12 +30,11 @@ def group_dims(granularity: str, kind: str, ndim: int, layer: str = "") -> tuple
     if granularity == "element":
         return tuple(range(ndim))
     if granularity == "kernel":
-        if not kind.startswith("conv"):
+        if not KINDS[kind].is_conv:
             raise PreconditionError(f"granularity 'kernel' needs a conv layer; {layer or 'the layer'} is {kind}")
         return (0, 1)
-    # ConvTranspose stores its weight as (in, out/groups, *kernel): the roles of dims 0 and 1 swap.
-    out_dim, in_dim = (1, 0) if kind.startswith("conv_transpose") else (0, 1)
-    return (out_dim,) if granularity == "filter" else (in_dim,)
+    # ConvTranspose stores its weight as (in, out/groups, *kernel): the table says which dim is which.
+    return (KINDS[kind].out_dim,) if granularity == "filter" else (KINDS[kind].in_dim,)
 
 
 def group_scores(weight: torch.Tensor, dims: Sequence[int], importance: Importance) -> torch.Tensor:

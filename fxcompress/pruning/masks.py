@@ -9,20 +9,15 @@ setting a new one keeps every weight an older mask pruned.
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..layers import FUNCTIONS, Layer, find_layers, insert_on_weight, layer_node, weight_arg, weight_source
+from ..layers import KINDS, Layer, find_layers, insert_on_weight, kind_of_type, layer_node, weight_arg, weight_source
 
-LAYER_KINDS = frozenset(FUNCTIONS.values())
-
-
-def module_kind(cls: type) -> str | None:
-    """The layer kind of a module class ("linear", "conv_transpose2d", ...), None if not maskable."""
-    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
-    return kind if kind in LAYER_KINDS and cls.__module__.startswith("torch.nn") else None
+# Every layer kind can be masked: the vocabulary is fxcompress.layers.KINDS (these names stay for callers).
+LAYER_KINDS = frozenset(KINDS)
+module_kind = kind_of_type
 
 
 def mask_name(weight: str) -> str:

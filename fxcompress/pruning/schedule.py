@@ -8,8 +8,9 @@ slowly at the end, updated every `every` steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..config import check_int, check_real
+from ..config import Interval, validate
 from ..errors import ConfigError
 
 
@@ -22,11 +23,11 @@ class AGP:
     every: int = 1
     initial: float = 0.0
 
+    constraints: ClassVar[dict] = {"end": (Interval(int, 0),), "begin": (Interval(int, 0),),
+                                   "every": (Interval(int, 1),), "initial": (Interval(float, 0.0, 1.0),)}
+
     def __post_init__(self) -> None:
-        check_int("AGP", "begin", self.begin, lo=0)
-        check_int("AGP", "end", self.end, lo=0)
-        check_int("AGP", "every", self.every, lo=1)
-        check_real("AGP", "initial", self.initial, 0.0, 1.0)
+        validate(self)
         if self.end <= self.begin:
             raise ConfigError(f"AGP.end must be after AGP.begin ({self.begin}), got {self.end}")
 
