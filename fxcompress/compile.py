@@ -1,7 +1,12 @@
-"""compile(): trace once, then for each pass run -> invalidate analyses -> recompile -> verify -> record."""
+"""compile(): trace once, then for each pass run -> invalidate analyses -> verify -> annotate shapes -> record.
+
+With `check_analyses` (or FXCOMPRESS_CHECK_ANALYSES=1, as the test suite sets) every analysis a pass
+reported preserved is recomputed from scratch after it and compared with the cached result.
+"""
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -10,7 +15,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .analyses.shapes import ShapeInfo
+from .analyses.shapes import ShapeInfo, propagate_shapes
+from .analysis import AnalysisKey, check_preserved
 from .config import check_bool
 from .errors import ConfigError, FxCompressError, VerificationError
 from .history import append_record, copy_history
@@ -35,7 +41,7 @@ def _as_tuple(example_inputs: Any) -> tuple:
 def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any = None, *,
             calibration_data: Sequence | None = None, leaf_modules: Collection[Any] = (),
             concrete_args: Mapping[str, Any] | None = None, inplace: bool = False,
-            verify: bool = True, progress: bool = False) -> GraphModule:
+            verify: bool = True, progress: bool = False, check_analyses: bool | None = None) -> GraphModule:
     """Trace `model` (or take a GraphModule) and apply `passes` in order, verifying after each.
 
     Returns the GraphModule itself; `fxcompress.history(gm)` lists what every pass changed.
@@ -43,11 +49,18 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     `calibration_data` is an iterable of input tuples (or tensors) for passes that need data.
     Inputs the model cannot run raise ConfigError naming them and the module that failed.
     Threads may compile different models at once (traces take turns; see tracing.TRACE_LOCK).
+    After every pass that changed the graph, each node's `node.meta["tensor_meta"]` holds its shape.
+    `check_analyses=True` recomputes every analysis a pass reported preserved and raises
+    VerificationError naming the pass and the analysis if it differs (default: the environment
+    variable FXCOMPRESS_CHECK_ANALYSES, off unless set to something other than 0).
     """
     for index, p in enumerate(passes):
         if not isinstance(p, Pass):
             raise ConfigError(f"compile.passes[{index}] must be a Pass instance, got {p!r}")
-    for flag, value in (("inplace", inplace), ("verify", verify), ("progress", progress)):
+    if check_analyses is None:
+        check_analyses = os.environ.get("FXCOMPRESS_CHECK_ANALYSES", "") not in ("", "0")
+    for flag, value in (("inplace", inplace), ("verify", verify), ("progress", progress),
+                        ("check_analyses", check_analyses)):
         check_bool("compile", flag, value)
     if example_inputs is None:
         raise ConfigError("compile.example_inputs is required: passes are verified by a forward pass on them")
@@ -67,16 +80,18 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     expected = OutputSignature.of(outputs) if verify else None
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
     for index, p in enumerate(passes):
-        gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify)
+        gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify,
+                       check_analyses)
         if p.changes_output_shapes and verify:
             expected = OutputSignature.of(forward(gm, inputs))
-    ctx.get(ShapeInfo)  # leaves tensor shapes in node.meta for summary() and draw()
+    if not ctx.analyses.cached(ShapeInfo):  # a cached ShapeInfo was propagated on this very graph
+        ctx.analyses.put(propagate_shapes(gm, inputs))  # shapes in node.meta for summary() and draw()
     sync_trainable(gm)  # parameters no gradient reaches (behind k-means) must not look trainable
     return gm
 
 
 def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
-              expected: OutputSignature | None, verify: bool) -> GraphModule:
+              expected: OutputSignature | None, verify: bool, check_analyses: bool) -> GraphModule:
     label = f"pass #{index} {p!r}"
     before = _node_signatures(gm)
     start = time.perf_counter()
@@ -94,12 +109,12 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
         result.gm.meta.update({k: v for k, v in gm.meta.items() if k not in result.gm.meta})
         gm = result.gm
     ctx.gm = gm
-    if result.changed or result.gm is not None:
-        ctx.analyses.invalidate(keep=type(p).preserves)
     if verify:
         verify_graph(gm, ctx.example_inputs, expected, label)  # lints, recompiles, runs
     elif result.changed or result.gm is not None:
         gm.recompile()
+    if result.changed or result.gm is not None:
+        _refresh_analyses(gm, p, result, ctx, label, check_analyses)
     after = _node_signatures(gm)
     record = PassRecord(
         name=type(p).__name__, config=p.config(), changed=result.changed,
@@ -112,3 +127,23 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
                                 f"{list(record.nodes_created + record.nodes_erased + record.nodes_changed)[:5]}")
     append_record(gm, record)
     return gm
+
+
+def _refresh_analyses(gm: GraphModule, p: Pass, result: PassResult, ctx: PassContext, label: str,
+                      check: bool) -> None:
+    """After a pass that changed the graph: drop what it did not preserve, write every node's shape
+    (the nodes it added too), check what it preserved if asked, and cache the fresh shapes."""
+    preserved = type(p).preserves if result.preserved is None else check_preserved(result.preserved, label)
+    ctx.analyses.invalidate(keep=preserved)
+    try:
+        shapes = propagate_shapes(gm, ctx.example_inputs)
+    except Exception as exc:
+        raise VerificationError(f"{label}: shape propagation failed: {type(exc).__name__}: {exc}") from exc
+    if check:
+        scratch = PassContext(example_inputs=ctx.example_inputs, calibration_data=ctx.calibration_data, gm=gm)
+        scratch.analyses.put(shapes)
+
+        def recompute(key: AnalysisKey):
+            return scratch.get(key[0], **dict(key[1]))
+        ctx.analyses.check(recompute, label)
+    ctx.analyses.put(shapes)

@@ -2,7 +2,8 @@
 
 A pass validates its fields in `__post_init__` (a bad value raises ConfigError naming the field),
 checks graph preconditions in `requires`, rewrites the GraphModule in `run`, and returns a
-PassResult saying what it changed. `__call__` is torch.fx's requires -> run -> ensures.
+PassResult saying what it changed and which analyses it kept valid. `__call__` is torch.fx's
+requires -> run -> ensures.
 """
 from __future__ import annotations
 
@@ -13,17 +14,22 @@ from typing import Any, ClassVar
 
 from torch.fx import GraphModule
 
-from .analysis import AnalysisCache
+from .analysis import AnalysisCache, Preserved
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass changed. Nodes created / erased are found by compile() from a graph diff."""
+    """What a pass changed. Nodes created / erased are found by compile() from a graph diff.
+
+    `preserved` lists the analyses (classes, or `analysis_key(cls, **params)` keys) this run kept
+    valid; None means the pass class's `preserves`. A run that changed nothing preserves everything.
+    """
 
     changed: bool
     params_touched: tuple[str, ...] = ()
     stats: Mapping[str, Any] = field(default_factory=dict)
     gm: GraphModule | None = None  # set only by a pass that returns a new GraphModule
+    preserved: tuple[Preserved, ...] | None = None
 
 
 @dataclass
@@ -36,16 +42,17 @@ class PassContext:
     gm: GraphModule | None = None
     progress: bool = False
 
-    def get(self, analysis: type) -> Any:
-        """The result of `analysis` on the current graph, computed at most once."""
-        return self.analyses.get(analysis, self.gm, self)
+    def get(self, analysis: type, **params: Any) -> Any:
+        """The result of `analysis` with `params` on the current graph, computed at most once."""
+        return self.analyses.get(analysis, self.gm, self, **params)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Pass:
     """Base class of passes. Subclasses are `@dataclass(frozen=True, kw_only=True)`."""
 
-    preserves: ClassVar[tuple[type, ...]] = ()  # analyses still valid after this pass changed the graph
+    # analyses still valid after this pass changed the graph, unless its PassResult says otherwise
+    preserves: ClassVar[tuple[Preserved, ...]] = ()
     changes_output_shapes: ClassVar[bool] = False  # verification then skips the output-shape check
 
     def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult:

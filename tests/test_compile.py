@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.analyses import ShapeInfo
+from fxcompress.analyses import ParamOwnership, ShapeInfo
 from fxcompress.config import check_real
 from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.layers import find_layers, insert_on_weight
@@ -43,6 +43,13 @@ class NeedsShapes(Pass):
 
 
 @dataclass(frozen=True, kw_only=True)
+class NeedsOwnership(Pass):
+    def run(self, gm, ctx):
+        ctx.get(ParamOwnership)
+        return PassResult(changed=False)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Breaker(Pass):
     """Breaks the graph in a chosen way, to test verification."""
 
@@ -56,6 +63,12 @@ class Breaker(Pass):
                 bad = gm.graph.call_function(torch.matmul, (value, torch.ones(3, 3)))
             elif self.how == "shape":  # output shape changes without the pass declaring it
                 bad = gm.graph.call_function(torch.flatten, (value,))
+            elif self.how == "widen":  # a new node of a new shape that the output does not see
+                bad = gm.graph.call_function(torch.cat, ((value, value), 1))
+                gm.graph.call_function(torch.sum, (bad,))
+                return PassResult(changed=True)
+            elif self.how == "silent_ok":  # looks at the graph, changes nothing
+                return PassResult(changed=False)
             elif self.how == "raise":
                 raise RuntimeError("boom")
             elif self.how == "silent":  # rewrites the graph but claims nothing changed
@@ -110,29 +123,37 @@ def test_graph_module_can_be_compiled_again_and_history_accumulates():
         assert torch.allclose(gm2(x), ref(x), atol=1e-6)  # x2 then x0.5 is the identity
 
 
-def test_analyses_are_shared_and_invalidated():
+def test_analyses_are_shared_and_invalidated(monkeypatch):
     x = torch.randn(4, 784)
     model = LeNet300100().eval()
     calls = []
-    original = ShapeInfo.compute.__func__
+    original = ParamOwnership.compute.__func__
 
     def counting(cls, gm, ctx):
         calls.append(1)
         return original(cls, gm, ctx)
 
-    ShapeInfo.compute = classmethod(counting)
-    try:
-        fxcompress.compile(model, [NeedsShapes(), NeedsShapes()], example_inputs=(x,))
-        assert len(calls) == 1  # unchanged graph: computed once, shared by both passes and the final summary
-        calls.clear()
-        fxcompress.compile(model, [NeedsShapes(), ScaleWeights(factor=2.0), NeedsShapes()], example_inputs=(x,))
-        assert len(calls) == 1  # ScaleWeights declares it preserves ShapeInfo
-        calls.clear()
-        fxcompress.compile(model, [NeedsShapes(), Breaker(how="shape"), NeedsShapes()], example_inputs=(x,),
-                           verify=False)
-        assert len(calls) == 2  # Breaker preserves nothing: recomputed after it
-    finally:
-        ShapeInfo.compute = classmethod(original)
+    monkeypatch.setattr(ParamOwnership, "compute", classmethod(counting))
+    fxcompress.compile(model, [NeedsOwnership(), NeedsOwnership()], example_inputs=(x,))
+    assert len(calls) == 1  # unchanged graph: computed once, shared by both passes
+    calls.clear()
+    fxcompress.compile(model, [NeedsOwnership(), ScaleWeights(factor=2.0), NeedsOwnership()], example_inputs=(x,))
+    assert len(calls) == 2  # ScaleWeights changed the graph and preserves only ShapeInfo: recomputed after it
+    calls.clear()
+    fxcompress.compile(model, [NeedsOwnership(), Breaker(how="silent_ok"), NeedsOwnership()], example_inputs=(x,))
+    assert len(calls) == 1  # a pass that changed nothing preserves everything
+
+
+def test_shapes_are_computed_by_compile_after_each_change_not_by_passes(monkeypatch):
+    x = torch.randn(4, 784)
+    calls = []
+    original = ShapeInfo.compute.__func__
+    monkeypatch.setattr(ShapeInfo, "compute", classmethod(lambda cls, gm, ctx: calls.append(1) or original(cls, gm, ctx)))
+    gm = fxcompress.compile(LeNet300100().eval(), [NeedsShapes(), Breaker(how="widen"), NeedsShapes()],
+                            example_inputs=(x,))
+    assert len(calls) == 1  # the second NeedsShapes reads the shapes compile propagated after Breaker
+    widened = next(n for n in gm.graph.nodes if n.target is torch.cat)
+    assert tuple(widened.meta["tensor_meta"].shape) == (4, 20)  # a node the pass added has its shape
 
 
 def test_config_error_names_the_field():
