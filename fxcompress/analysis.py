@@ -102,7 +102,12 @@ class AnalysisCache:
         """Raise VerificationError naming `label` and the analysis if a cached result differs from
         `recompute(key)`, its value computed from scratch on the current graph."""
         for key, cached in self._results.items():
-            if not cached.same_as(recompute(key)):
+            try:
+                same = cached.same_as(recompute(key))
+            except (TypeError, ValueError) as exc:  # `==` on arrays: the analysis must define same_as
+                raise VerificationError(f"{label}: {describe(key)}.same_as cannot compare its results "
+                                        f"({type(exc).__name__}: {exc})") from exc
+            if not same:
                 raise VerificationError(f"{label} declared {describe(key)} preserved, but recomputing it "
                                         f"on the rewritten graph gives a different result")
 

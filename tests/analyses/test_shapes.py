@@ -1,9 +1,11 @@
+import pytest
 import torch
 
-from fxcompress.analyses import ParamOwnership, ShapeInfo
+from fxcompress.analyses import ParamOwnership, ShapeInfo, propagate_shapes
+from fxcompress.errors import PreconditionError
 from fxcompress.pass_base import PassContext
 from fxcompress.tracing import trace
-from fxcompress.zoo import ResNetSmall
+from fxcompress.zoo import LeNet300100, ResNetSmall
 
 
 def test_shapes_of_every_node_without_touching_bn_statistics():
@@ -23,3 +25,32 @@ def test_ownership_maps_parameters_to_modules_and_readers():
     assert own.owner["layer2.0.shortcut.0.weight"] == "layer2.0.shortcut.0"
     assert own.readers["fc.weight"] == ("fc",)
     assert own.readers["stem.1.running_mean"] == ("stem_1",)
+
+
+def test_propagate_shapes_writes_every_node_and_is_what_shape_info_computes():
+    gm = trace(ResNetSmall())
+    x = torch.randn(2, 3, 32, 32)
+    info = propagate_shapes(gm, (x,))
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes)
+    assert dict(info.meta) == {n.name: n.meta["tensor_meta"] for n in gm.graph.nodes}
+    assert ShapeInfo.compute(gm, PassContext(example_inputs=(x,), gm=gm)) == info
+    with pytest.raises(PreconditionError, match="example_inputs"):
+        propagate_shapes(gm, None)
+
+
+def test_same_as_compares_shapes_and_dtypes_of_the_nodes_it_describes():
+    gm = trace(LeNet300100())
+    x = torch.randn(2, 784)
+    cached = propagate_shapes(gm, (x,))
+    fc1 = next(n for n in gm.graph.nodes if n.target == "fc1")
+    with gm.graph.inserting_after(fc1):
+        extra = gm.graph.call_function(torch.cat, ((fc1, fc1), 1))  # a new node, read by nothing
+    gm.recompile()
+    assert cached.same_as(propagate_shapes(gm, (x,)))  # new nodes are not compared
+    gm.fc1.weight.requires_grad_(False)
+    assert cached.same_as(propagate_shapes(gm, (x,)))  # a gradient flag is not a shape
+    gm.fc1, gm.fc2 = torch.nn.Linear(784, 200), torch.nn.Linear(200, 100)  # fc1 and relu narrow
+    gm.graph.erase_node(extra)
+    gm.recompile()
+    assert not cached.same_as(propagate_shapes(gm, (x,)))
+    assert not cached.same_as(propagate_shapes(trace(LeNet300100()).double(), (x.double(),)))  # dtypes
