@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 
 from ..execution import evaluating
-from ..layers import FUNCTIONS, bias_arg, layer_kind, weight_arg, weight_source
+from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, weight_arg, weight_source
 from ..pruning.masks import masks_only
 
 
@@ -55,7 +55,7 @@ def consumer_module(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Mod
     m = gm.get_submodule(path) if path is not None else None
     kind = layer_kind(m) if m is not None else None
     # a transposed conv's output is no product of one input window, which is what rows gather
-    if kind is None or getattr(m, "transposed", False):
+    if kind is None or KINDS[kind].is_transposed:
         return None
     if node.op == "call_function":
         bias = bias_arg(node)

@@ -71,7 +71,7 @@ def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor, support: torch.T
     """Least squares (ridge) fit of the layer's weight and bias so that x -> y, group by group.
 
     A grouped conv's group g reads the g-th block of input columns (rows are ordered channel first,
-    see `_windows`) and writes the g-th block of outputs, so each group is an independent problem.
+    see `capture._windows`) and writes the g-th block of outputs, so each group is an independent problem.
     With a `support` (bool, the weight's shape), each output uses only its allowed inputs.
     """
     groups, with_bias = getattr(m, "groups", 1), m.bias is not None
@@ -88,7 +88,7 @@ def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor, support: torch.T
             allowed = support[g * outs:(g + 1) * outs].reshape(outs, -1)
             if with_bias:
                 allowed = torch.cat([allowed, torch.ones(outs, 1, dtype=torch.bool)], 1)
-            solution = _solve_onweight_support(gram, xg.T @ yg, allowed)
+            solution = _solve_on_support(gram, xg.T @ yg, allowed)
         weight = solution[:-1] if with_bias else solution
         with torch.no_grad():
             block = m.weight[g * outs:(g + 1) * outs]
@@ -97,7 +97,7 @@ def _solve_into(m: nn.Module, x: torch.Tensor, y: torch.Tensor, support: torch.T
                 m.bias[g * outs:(g + 1) * outs].copy_(solution[-1].to(m.bias.dtype))
 
 
-def _solve_onweight_support(gram: torch.Tensor, rhs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def _solve_on_support(gram: torch.Tensor, rhs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Solve gram @ w = rhs per output column, over that output's allowed inputs only (zeros
     elsewhere). Outputs with the same pattern share one solve: filter / channel masks give a few
     patterns; element masks give one per output, each the size of its kept inputs."""

@@ -12,6 +12,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from .graph import ChannelGraph
+from .graph.layer_rules import (batch_norm, conv, conv_transpose, embedding, group_norm, instance_norm, linear, mha,
+                                prelu)
+from .graph.ops import MODULE_RULES
 from .graph.walk import size_items
 
 
@@ -103,14 +106,14 @@ def _fix_mha(m: nn.MultiheadAttention, before: dict) -> None:
     m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
 
 
-_FIXERS: dict[type, Callable] = {
-    nn.Linear: _fix_linear, nn.Conv1d: _fix_conv, nn.Conv2d: _fix_conv, nn.Conv3d: _fix_conv,
-    nn.ConvTranspose1d: _fix_conv, nn.ConvTranspose2d: _fix_conv, nn.ConvTranspose3d: _fix_conv,
-    nn.BatchNorm1d: _fix_norm, nn.BatchNorm2d: _fix_norm, nn.BatchNorm3d: _fix_norm, nn.SyncBatchNorm: _fix_norm,
-    nn.InstanceNorm1d: _fix_norm, nn.InstanceNorm2d: _fix_norm, nn.InstanceNorm3d: _fix_norm,
-    nn.GroupNorm: _fix_group_norm, nn.PReLU: _fix_prelu, nn.Embedding: _fix_embedding,
-    nn.MultiheadAttention: _fix_mha,
+# The fixer of each module rule; the module types are those of the op tables, whose layers are the
+# kinds of `fxcompress.layers.KINDS`.
+_FIXER_OF_RULE: dict[Callable, Callable] = {
+    linear: _fix_linear, conv: _fix_conv, conv_transpose: _fix_conv, batch_norm: _fix_norm, instance_norm: _fix_norm,
+    group_norm: _fix_group_norm, prelu: _fix_prelu, embedding: _fix_embedding, mha: _fix_mha,
 }
+_FIXERS: dict[type, Callable] = {cls: _FIXER_OF_RULE[rule] for cls, rule in MODULE_RULES.items()
+                                 if rule in _FIXER_OF_RULE}
 
 
 # ---- graph arguments that spell widths ----------------------------------------------------------

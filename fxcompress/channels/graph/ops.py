@@ -3,8 +3,9 @@ the rule function that handles it (`tensor_rules`, `layer_rules`).
 
 Dispatch is on the actual object: the function, the module type, or the tensor method name — never
 on substrings of names. An op missing from these tables freezes the channels it touches, with the
-reason recorded. A rule with an option is a `functools.partial` of it (`spatial` with the count of
-trailing spatial dims).
+reason recorded. Linear and conv layers are the kinds of `fxcompress.layers.KINDS`, in module and
+functional form; their rule follows from the kind. A rule with an option is a `functools.partial`
+of it (`spatial` with the count of trailing spatial dims).
 
 To add an op: map it here to an existing rule; if none fits, write `rule(walk, node) -> track` in
 `tensor_rules` (tensor operations) or `layer_rules` (layers with parameters) and map it here.
@@ -36,12 +37,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ...layers import KINDS, LayerKind
 from .layer_rules import (batch_norm, channel_shuffle, conv, conv_transpose, embedding, group_norm, instance_norm,
                           layer_norm, linear, mha, prelu)
 from .tensor_rules import (binary, cat, chunk, expand, expand_as, getitem, matmul, pad, permute, reduce, reshape,
                            reshape_as, same, sdpa, shape, softmax, spatial, split, squeeze, stack, transpose, unbind,
                            unsqueeze)
 from .walk import Rule
+
+
+def _layer_rule(kind: LayerKind) -> Rule:
+    return conv_transpose if kind.is_transposed else conv if kind.is_conv else linear
+
+
+# weight-bearing layers, module and functional forms, come from the one vocabulary of layer kinds
+_LAYER_FUNCTIONS = {kind.function: _layer_rule(kind) for kind in KINDS.values()}
+_LAYER_MODULES = {kind.module: _layer_rule(kind) for kind in KINDS.values()}
 
 # pooling, interpolation and padding modules act on this many trailing dims (None: all but batch and channel)
 _SPATIAL = {count: partial(spatial, count=count) for count in (1, 2, 3, None)}
@@ -55,7 +66,7 @@ _UNARY_FUNCTIONS = (
     operator.neg, operator.pos, torch.clone, torch.detach,
 )
 
-FUNCTION_RULES: dict[object, Rule] = {fn: same for fn in _UNARY_FUNCTIONS}
+FUNCTION_RULES: dict[object, Rule] = {fn: same for fn in _UNARY_FUNCTIONS} | _LAYER_FUNCTIONS
 FUNCTION_RULES.update({
     operator.add: binary, operator.sub: binary, operator.mul: binary, operator.truediv: binary,
     operator.iadd: binary, operator.isub: binary, operator.imul: binary, operator.itruediv: binary,
@@ -76,10 +87,7 @@ FUNCTION_RULES.update({
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
     torch.split: split, torch.chunk: chunk, torch.unbind: unbind, operator.getitem: getitem,
     torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
-    F.scaled_dot_product_attention: sdpa, F.linear: linear,
-    F.conv1d: conv, F.conv2d: conv, F.conv3d: conv,
-    F.conv_transpose1d: conv_transpose, F.conv_transpose2d: conv_transpose,
-    F.conv_transpose3d: conv_transpose, F.embedding: embedding, F.batch_norm: batch_norm,
+    F.scaled_dot_product_attention: sdpa, F.embedding: embedding, F.batch_norm: batch_norm,
     F.instance_norm: instance_norm, F.group_norm: group_norm, F.layer_norm: layer_norm,
     F.prelu: prelu, torch.channel_shuffle: channel_shuffle, F.channel_shuffle: channel_shuffle,
     getattr: shape,
@@ -110,7 +118,7 @@ _SAME_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
 )
 
-MODULE_RULES: dict[type, Rule] = {cls: same for cls in _SAME_MODULES}
+MODULE_RULES: dict[type, Rule] = {cls: same for cls in _SAME_MODULES} | _LAYER_MODULES
 MODULE_RULES.update({
     nn.MaxPool1d: _SPATIAL[1], nn.MaxPool2d: _SPATIAL[2], nn.MaxPool3d: _SPATIAL[3],
     nn.AvgPool1d: _SPATIAL[1], nn.AvgPool2d: _SPATIAL[2], nn.AvgPool3d: _SPATIAL[3],
@@ -121,9 +129,7 @@ MODULE_RULES.update({
     nn.UpsamplingBilinear2d: _SPATIAL[2], nn.ZeroPad2d: _SPATIAL[2], nn.ReflectionPad2d: _SPATIAL[2],
     nn.ReplicationPad2d: _SPATIAL[2], nn.ConstantPad2d: _SPATIAL[2],
     nn.Flatten: reshape, nn.Softmax: softmax, nn.LogSoftmax: softmax,
-    nn.Linear: linear, nn.Conv1d: conv, nn.Conv2d: conv, nn.Conv3d: conv,
-    nn.ConvTranspose1d: conv_transpose, nn.ConvTranspose2d: conv_transpose,
-    nn.ConvTranspose3d: conv_transpose, nn.Embedding: embedding,
+    nn.Embedding: embedding,
     nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm, nn.BatchNorm3d: batch_norm,
     nn.SyncBatchNorm: batch_norm,
     nn.InstanceNorm1d: instance_norm, nn.InstanceNorm2d: instance_norm, nn.InstanceNorm3d: instance_norm,

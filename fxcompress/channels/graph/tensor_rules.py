@@ -212,7 +212,8 @@ def reduce(w: Walk, node: Node) -> dict:
     nd = len(w.shape(x))
     dims = _arg(node, 1, "dim")
     keep = _arg(node, 2, "keepdim", False)
-    dims = set(range(nd)) if dims is None else {_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    listed = dims if isinstance(dims, (list, tuple)) else [dims]
+    dims = set(range(nd)) if dims is None else {_dim(d, nd) for d in listed}
     track, out = w.tensor_track(x), {}
     for d, ids in track.items():
         if d in dims:
@@ -368,11 +369,11 @@ def sdpa(w: Walk, node: Node) -> dict:
         if ids is not None:
             track[d] = ids
     if len(sq) - 1 in tq and node.kwargs.get("scale") is None:
-        w.edits[node.name] = Edit("sdpa_scale", value=sdpa_scale(sq[-1]))  # keep the unpruned scale
+        w.edits[node.name] = Edit("sdpa_scale", value=_sdpa_scale(sq[-1]))  # keep the unpruned scale
     return track
 
 
 
-def sdpa_scale(head_dim: int) -> float:
+def _sdpa_scale(head_dim: int) -> float:
     """F.scaled_dot_product_attention's default scale for a head_dim."""
     return 1.0 / math.sqrt(head_dim)
