@@ -12,6 +12,7 @@ import importlib
 import inspect
 import keyword
 import operator
+import re
 from typing import Any, Callable, Iterable
 
 import torch
@@ -28,14 +29,15 @@ log_softmax reshape transpose permute chunk split mean sum prod exp log sqrt rsq
 ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maximum minimum conv1d conv2d conv3d
 conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
-adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert""".split()
+adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert swapaxes swapdims movedim
+moveaxis repeat_interleave""".split()
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem eq ne lt le gt ge and_ or_ xor invert
 abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
 sigmoid tanh chunk split unsqueeze squeeze expand expand_as view_as add sub mul div matmul t float half
 type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argmax narrow repeat flip roll dim
 numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
-mT transpose_ sub_ add_ mul_ div_ relu_ to""".split())
+mT transpose_ sub_ add_ mul_ div_ relu_ to swapaxes swapdims movedim moveaxis repeat_interleave bmm""".split())
 
 
 # `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.
@@ -188,5 +190,9 @@ def is_safe_name(name: Any) -> bool:
 
 
 def is_safe_path_part(part: str) -> bool:
-    """One step of a module / attribute path: a safe name, or a container index such as `0`."""
-    return is_safe_name(part) or (part.isdigit() and part.isascii())
+    """One step of a module / attribute path: a safe name, a container index such as `0`, or a child
+    name of letters, digits, `_` and `-` (torchvision's RegNet names blocks `block1-0`). torch.fx
+    writes a step that is not an identifier as `getattr(base, "step")`; without quotes or backslashes
+    such a step cannot leave that string."""
+    return is_safe_name(part) or (isinstance(part, str) and re.fullmatch(r"[A-Za-z0-9_-]+", part) is not None
+                                  and "__" not in part and part != "self")

@@ -1,0 +1,58 @@
+"""Models as people write them save and load: child names that are not identifiers, axis swaps,
+and the torchvision models with stochastic depth (when the vision extra is installed)."""
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.encoded.allowlist import is_safe_path_part
+from fxcompress.passes import InsertMasks
+
+
+class HyphenatedBlocks(nn.Module):
+    """RegNet-style child names (`block1-0`), an axis swap and a channel move."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential()
+        for i in range(2):
+            self.trunk.add_module(f"block1-{i}", nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.trunk(x)
+        y = torch.swapaxes(y, 1, 3).swapaxes(1, 2)          # NCHW -> NHWC
+        return self.head(torch.movedim(y, 3, 1).mean((2, 3)))
+
+
+def test_hyphenated_child_names_and_axis_swaps_save_and_load(tmp_path):
+    x = torch.randn(2, 4, 6, 6)
+    gm = fxcompress.compile(HyphenatedBlocks().eval(), [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    back = fxcompress.load(tmp_path / "m.fxc")
+    assert torch.equal(back(x), gm(x))
+    assert hasattr(back.trunk, "block1-1")
+
+
+@pytest.mark.parametrize("step", ['a"b', "a\\b", "a b", "a__b", "__x", "a)", "self", "", "ａ"])
+def test_path_steps_that_could_leave_fx_getattr_string_are_refused(step):
+    # torch.fx writes a step that is not an identifier as getattr(base, "step")
+    assert not is_safe_path_part(step)
+
+
+@pytest.mark.parametrize("step", ["block1-0", "0", "conv1", "a-b_c"])
+def test_plain_child_names_are_path_steps(step):
+    assert is_safe_path_part(step)
+
+
+VISION = ["convnext_tiny", "efficientnet_b0", "swin_t", "regnet_x_400mf", "maxvit_t", "mobilenet_v3_small"]
+
+
+@pytest.mark.parametrize("name", VISION)
+def test_torchvision_models_save_and_load(name, tmp_path):
+    models = pytest.importorskip("torchvision.models", reason="torchvision (the vision extra) is not installed")
+    x = torch.randn(1, 3, 224, 224)
+    gm = fxcompress.compile(models.get_model(name, weights=None).eval(), [InsertMasks(sparsity=0.5)],
+                            example_inputs=(x,))
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    assert torch.equal(fxcompress.load(tmp_path / "m.fxc")(x), gm(x))
