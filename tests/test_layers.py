@@ -6,8 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.layers import (WeightTransform, chain_transforms, effective_weight, find_layers, functionalize,
-                               insert_on_weight, layer_node, weight_source)
+from fxcompress.errors import ConfigError
+from fxcompress.layers import (FUNCTIONS, KINDS, WeightTransform, bias_arg, chain_transforms, effective_weight,
+                               find_layers, functionalize, insert_on_weight, kind_names, kind_of_node, kind_of_type,
+                               layer_kind, layer_node, select_layers, weight_arg, weight_source)
+from fxcompress.pruning import masks
 from fxcompress.tracing import trace
 
 
@@ -101,3 +104,64 @@ def test_dynamic_weights_are_not_layers():
             return F.linear(x, w)
 
     assert find_layers(trace(Dynamic())) == []
+
+
+def _built(kind) -> nn.Module:
+    """A small module of `kind` with 2 input and 3 output channels."""
+    return kind.module(2, 3) if not kind.is_conv else kind.module(2, 3, 1)
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_each_layer_kind_entry_agrees_with_torch(name):
+    kind = KINDS[name]
+    module = _built(kind).eval()
+    assert layer_kind(module) == kind_of_type(type(module)) == name
+    weight = module.weight
+    assert weight.shape[kind.out_dim] == 3 and weight.shape[kind.in_dim] == 2  # the table's channel dims
+    gm = trace(nn.Sequential(module))
+    node = functionalize(gm, layer_node(gm, find_layers(gm)[0]))
+    gm.recompile()
+    assert node.target is kind.function and kind_of_node(gm, node) is kind
+    assert weight_arg(node) is node.args[kind.weight_pos] and bias_arg(node) is node.args[kind.bias_pos]
+    x = torch.randn(1, 2) if not kind.is_conv else torch.randn(1, 2, *(4,) * (weight.ndim - 2))
+    with torch.no_grad():
+        assert torch.allclose(gm(x), module(x), atol=1e-6)
+
+
+def test_a_subclass_is_no_layer_kind_and_the_old_names_are_the_table():
+    class Scaled(nn.Linear):  # may override forward: never functionalized as a plain linear
+        pass
+
+    assert kind_of_type(Scaled) is None and kind_of_type(nn.ReLU) is None
+    assert masks.LAYER_KINDS == frozenset(KINDS) and masks.module_kind is kind_of_type
+    assert FUNCTIONS == {kind.function: name for name, kind in KINDS.items()}
+
+
+def test_kind_names_accept_names_and_classes():
+    assert kind_names((nn.ConvTranspose2d, "linear")) == ("conv_transpose2d", "linear")
+    assert kind_names(nn.Conv1d) == ("conv1d",)
+
+
+class TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc1 = nn.Linear(8, 4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(self.conv(x).flatten(1)[:, :8]))
+
+
+def test_select_layers_filters_by_kind_and_name_and_names_the_layers_when_nothing_matches():
+    gm = trace(TwoBranches())
+    assert [l.name for l in select_layers(gm, "P")] == ["conv", "fc1", "fc2"]
+    assert [l.name for l in select_layers(gm, "P", ("linear",))] == ["fc1", "fc2"]
+    assert [l.name for l in select_layers(gm, "P", ("linear",), "fc2")] == ["fc2"]
+    with pytest.raises(ConfigError, match=r"P selects no layer .*\['conv', 'fc1', 'fc2'\]"):
+        select_layers(gm, "P", ("conv1d",))
+    with pytest.raises(ConfigError, match="P selects no layer"):
+        select_layers(gm, "P", (), "fc")  # a full match: "fc" names no layer
+    assert select_layers(trace(nn.Sequential(nn.ReLU())), "P") == []
+    with pytest.raises(ConfigError, match="P selects no layer"):
+        select_layers(trace(nn.Sequential(nn.ReLU())), "P", required=True)
