@@ -1,4 +1,8 @@
-"""Small validators for pass configuration: each raises ConfigError naming `Owner.field`."""
+"""Validation of pass configuration: each failure raises ConfigError naming `Owner.field`.
+
+Passes declare their fields' constraints as data (`Interval`, `Options`, `Boolean`, `Regex`, `TypeOf`,
+`TupleOf`, `MappingOf`, ...) and check them with `validate`; the `check_*` helpers serve one-off values.
+"""
 from __future__ import annotations
 
 import dataclasses

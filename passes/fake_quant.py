@@ -184,7 +184,7 @@ class InsertFakeQuant(Pass):
 
     def plan(self, gm: GraphModule) -> list[tuple[Layer, LayerQuant]]:
         """The layers this pass quantizes and how, in graph order."""
-        layers = select_layers(gm, "InsertFakeQuant", self.types, self.select)
+        layers = select_layers(gm, "InsertFakeQuant", self.types, self.select, required=True)
         if self.rules is None:
             return [(layer, self.default_spec()) for layer in layers]
         assigned = self.rules.assign(layer.weight for layer in layers)

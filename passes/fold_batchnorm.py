@@ -96,7 +96,8 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Cou
         return "not fed by a layer"
     kind = kind_of_node(gm, producer)
     if kind is None and producer.op == "call_module":
-        return f"fed by {type(gm.get_submodule(producer.target)).__name__}, which cannot absorb a per-channel affine map"
+        module = type(gm.get_submodule(producer.target)).__name__
+        return f"fed by {module}, which cannot absorb a per-channel affine map"
     if kind is None or (producer.op == "call_function" and kind.is_transposed):  # stored rows are scaled: dim 0
         return f"fed by {producer.name}, which is not a conv / linear layer"
     if producer.op == "call_function":

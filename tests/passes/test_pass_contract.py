@@ -30,7 +30,8 @@ REQUIRED = {AGP: {"end": 10}}  # fields without a default
 
 def test_every_public_pass_is_covered():
     names = {p.__name__ for p in PASSES}
-    assert {"InsertMasks", "PruneChannels", "InsertFakeQuant", "LowerToEncoded", "LowerToInteger", "FoldBatchNorm"} <= names
+    assert {"InsertMasks", "PruneChannels", "InsertFakeQuant", "LowerToEncoded", "LowerToInteger",
+            "FoldBatchNorm"} <= names
 
 
 @pytest.mark.parametrize("pass_type", PASSES, ids=lambda p: p.__name__)
@@ -130,7 +131,7 @@ EXPECTED = {
 }
 # The passes a lowering pass needs before it; run after them it must change every zoo model.
 PREREQUISITES = {
-    LowerToEncoded: [InsertMasks()],
+    LowerToEncoded: [InsertMasks(sparsity=0.9)],  # sparse: quick to encode
     LowerToInteger: [InsertFakeQuant(method="linear", activations=ActivationConfig())],
 }
 
@@ -179,3 +180,9 @@ def test_fold_batchnorm_reports_why_nothing_folds_on_densenet():
     assert len(skipped) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in make_model().modules())
     reasons = r"fed by cat(_\d+)?, which is not a conv|also read by cat|fed by AvgPool2d, which cannot absorb"
     assert all(re.search(reasons, reason) for reason in skipped.values()), skipped
+
+
+@pytest.mark.parametrize("pass_type", [InsertMasks, InsertFakeQuant], ids=lambda p: p.__name__)
+def test_a_pass_that_acts_on_layers_refuses_a_model_without_one(pass_type):
+    with pytest.raises(ConfigError, match=rf"{pass_type.__name__} selects no layer"):
+        fxcompress.compile(torch.nn.Sequential(torch.nn.ReLU()), [pass_type()], example_inputs=(torch.randn(2, 3),))
