@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .config import check_choice, check_real
 from .errors import ConfigError, MissingDependencyError
+from .layers import kind_of_type
 from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
-from .pruning.masks import module_kind
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -116,7 +116,7 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
 
 
 def _prunable(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Module, str]]:
-    found = [(name, m, kind) for name, m in model.named_modules() if (kind := module_kind(type(m))) is not None]
+    found = [(name, m, kind) for name, m in model.named_modules() if (kind := kind_of_type(type(m))) is not None]
     if pattern is not None:
         found = [t for t in found if re.fullmatch(pattern, t[0])]
     if not found:

@@ -80,7 +80,7 @@ def _input_shape(node) -> tuple[int, ...] | None:
 
 def _macs(layer: Layer, weight: torch.Tensor, node) -> int | None:
     """Multiply-accumulates of the layer for one forward on the example inputs (shape-propagated)."""
-    if layer.kind.startswith("conv_transpose"):
+    if layer.spec.is_transposed:
         shape = _input_shape(node)  # every input element is multiplied by Cout/groups * kernel weights
         return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
     shape = _output_shape(node)  # every output element needs weight.numel() / out_features MACs

@@ -5,12 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fxcompress
 from fxcompress.errors import ConfigError
 from fxcompress.layers import (FUNCTIONS, KINDS, WeightTransform, bias_arg, chain_transforms, effective_weight,
                                find_layers, functionalize, insert_on_weight, kind_names, kind_of_node, kind_of_type,
                                layer_kind, layer_node, select_layers, weight_arg, weight_source)
-from fxcompress.pruning import masks
 from fxcompress.tracing import trace
 
 
@@ -128,12 +126,11 @@ def test_each_layer_kind_entry_agrees_with_torch(name):
         assert torch.allclose(gm(x), module(x), atol=1e-6)
 
 
-def test_a_subclass_is_no_layer_kind_and_the_old_names_are_the_table():
+def test_a_subclass_is_no_layer_kind_and_functions_are_the_table():
     class Scaled(nn.Linear):  # may override forward: never functionalized as a plain linear
         pass
 
     assert kind_of_type(Scaled) is None and kind_of_type(nn.ReLU) is None
-    assert masks.LAYER_KINDS == frozenset(KINDS) and masks.module_kind is kind_of_type
     assert FUNCTIONS == {kind.function: name for name, kind in KINDS.items()}
 
 

@@ -13,11 +13,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..layers import KINDS, Layer, find_layers, insert_on_weight, kind_of_type, layer_node, weight_arg, weight_source
-
-# Every layer kind can be masked: the vocabulary is fxcompress.layers.KINDS (these names stay for callers).
-LAYER_KINDS = frozenset(KINDS)
-module_kind = kind_of_type
+from ..layers import Layer, find_layers, insert_on_weight, layer_node, weight_arg, weight_source
 
 
 def mask_name(weight: str) -> str:
