@@ -18,6 +18,9 @@ settings.register_profile("long", max_examples=2000, deadline=None,
 LONG = os.environ.get("FXCOMPRESS_LONG", "") not in ("", "0")
 settings.load_profile("long" if LONG else "ci")
 
+# compile() recomputes every analysis a pass reports preserved and fails if it differs.
+os.environ.setdefault("FXCOMPRESS_CHECK_ANALYSES", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
