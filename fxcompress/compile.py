@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .analyses.shapes import ShapeInfo, propagate_shapes
-from .analysis import AnalysisKey, check_preserved
+from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
 from .errors import ConfigError, FxCompressError, VerificationError
 from .history import append_record, copy_history
@@ -104,6 +104,7 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
         raise VerificationError(f"{label} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, PassResult):
         raise VerificationError(f"{label} returned {type(result).__name__}, not a PassResult")
+    preserved = type(p).preserves if result.preserved is None else check_preserved(result.preserved, label)
     seconds = time.perf_counter() - start
     if result.gm is not None:
         result.gm.meta.update({k: v for k, v in gm.meta.items() if k not in result.gm.meta})
@@ -114,7 +115,7 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
     elif result.changed or result.gm is not None:
         gm.recompile()
     if result.changed or result.gm is not None:
-        _refresh_analyses(gm, p, result, ctx, label, check_analyses)
+        _refresh_analyses(gm, preserved, ctx, label, check_analyses)
     after = _node_signatures(gm)
     record = PassRecord(
         name=type(p).__name__, config=p.config(), changed=result.changed,
@@ -129,11 +130,10 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
     return gm
 
 
-def _refresh_analyses(gm: GraphModule, p: Pass, result: PassResult, ctx: PassContext, label: str,
+def _refresh_analyses(gm: GraphModule, preserved: tuple[Preserved, ...], ctx: PassContext, label: str,
                       check: bool) -> None:
     """After a pass that changed the graph: drop what it did not preserve, write every node's shape
     (the nodes it added too), check what it preserved if asked, and cache the fresh shapes."""
-    preserved = type(p).preserves if result.preserved is None else check_preserved(result.preserved, label)
     ctx.analyses.invalidate(keep=preserved)
     try:
         shapes = propagate_shapes(gm, ctx.example_inputs)
