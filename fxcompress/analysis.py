@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union
 
 from .errors import ConfigError, VerificationError
 
 if TYPE_CHECKING:
     from torch.fx import GraphModule
 
-    from .pass_base import PassContext
+
+class Context(Protocol):
+    """What an analysis reads while it computes: other analyses of the same graph (a PassContext)."""
+
+    def get(self, analysis: type, **params: Any) -> Any: ...
 
 AnalysisKey = tuple[type, tuple[tuple[str, Any], ...]]  # (analysis class, sorted (parameter, value) pairs)
 Preserved = Union[type, AnalysisKey]  # a class (every parameter value of it) or one key
@@ -32,7 +36,7 @@ class Analysis:
     name: ClassVar[str] = "analysis"
 
     @classmethod
-    def compute(cls, gm: GraphModule, ctx: PassContext, **params: Any) -> Any:  # pragma: no cover - interface
+    def compute(cls, gm: GraphModule, ctx: Context, **params: Any) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
     def same_as(self, fresh: Any) -> bool:
@@ -76,7 +80,7 @@ class AnalysisCache:
         self._results: dict[AnalysisKey, Any] = {}
         self.computed: list[str] = []  # keys described, in order of computation: lets tests prove sharing
 
-    def get(self, analysis: type, gm: GraphModule, ctx: PassContext, **params: Any) -> Any:
+    def get(self, analysis: type, gm: GraphModule, ctx: Context, **params: Any) -> Any:
         key = analysis_key(analysis, **params)
         if key not in self._results:
             self._results[key] = analysis.compute(gm, ctx, **dict(key[1]))

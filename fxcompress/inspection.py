@@ -17,4 +17,4 @@ def channel_graph(model, example_inputs, *, leaf_modules=(), concrete_args=None,
     `attention`: "head_dims" or "heads", as in PruneChannels."""
     gm = model if isinstance(model, GraphModule) else trace(model, leaf_modules=leaf_modules,
                                                             concrete_args=concrete_args)
-    return PassContext(example_inputs=_as_tuple(example_inputs), gm=gm).get(ChannelGraph.of(attention))
+    return PassContext(example_inputs=_as_tuple(example_inputs), gm=gm).get(ChannelGraph, attention=attention)

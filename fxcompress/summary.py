@@ -15,6 +15,7 @@ import torch
 from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .analyses.shapes import propagate_shapes
 from .history import format_history
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
                      find_layers, layer_node, weight_arg)
@@ -150,10 +151,7 @@ def _row(gm: GraphModule, layer: Layer) -> dict[str, Any]:
 def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
     """The per-layer compression table of `gm` (MACs need shapes: from the last compile, or pass inputs)."""
     if example_inputs is not None:
-        from .analyses.shapes import ShapeInfo
-        from .pass_base import PassContext
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        ShapeInfo.compute(gm, PassContext(example_inputs=inputs, gm=gm))
+        propagate_shapes(gm, example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
     layers = find_layers(gm)
     other = _other_parameters(gm, layers)
     rows = tuple(_row(gm, layer) for layer in layers) + ((other,) if other else ())

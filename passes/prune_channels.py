@@ -100,7 +100,7 @@ class PruneChannels(Pass):
                                     "needs calibration_data= in compile()")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        cg = ctx.get(ChannelGraph.of(self.attention))
+        cg = ctx.get(ChannelGraph, attention=self.attention)
         units = prunable_units(cg, self.prune_normalized)
         self._check_patterns(gm, cg, units)
         groups, skipped = self._eligible(gm, units)

@@ -549,7 +549,7 @@ def test_amount_applies_to_each_layer_of_a_dense_block():
 def _zeroed_and_pruned(name: str, attention: str = "head_dims"):
     """(dense model with a random half of each prunable group zeroed, that model pruned at 0.5, inputs)."""
     gm, inputs = _traced(name)
-    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph.of(attention))
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph, attention=attention)
     zero_classes(gm, cg, pick_half(cg))
     pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention=attention)], example_inputs=inputs)
     return gm, pruned, inputs

@@ -3,6 +3,6 @@
 `dependencies` (ChannelGraph, its groups), `walk` (one pass over the graph applying op rules),
 `tensor_rules` / `layer_rules` (the rules), `ops` (the tables mapping each op to its rule).
 """
-from .dependencies import ATTENTION_MODES, ChannelGraph, ChannelGroup, WholeHeadChannelGraph
+from .dependencies import ATTENTION_MODES, ChannelGraph, ChannelGroup
 
-__all__ = ["ATTENTION_MODES", "ChannelGraph", "ChannelGroup", "WholeHeadChannelGraph"]
+__all__ = ["ATTENTION_MODES", "ChannelGraph", "ChannelGroup"]

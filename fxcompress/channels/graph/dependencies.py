@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import ClassVar
 
 import networkx as nx
 import numpy as np
@@ -64,11 +63,9 @@ class ChannelGraph(Analysis):
     """The channel dependency graph of a GraphModule (see the module docstring).
 
     `attention` says how hand-written attention (a channel dim viewed as (heads, head_dim)) is pruned:
-    "head_dims" removes the same positions of every head, "heads" removes whole heads. The
-    AnalysisCache keys results by class, so each mode is a class of its own: `ChannelGraph.of(mode)`.
+    "head_dims" removes the same positions of every head, "heads" removes whole heads. It is the
+    analysis's parameter: `ctx.get(ChannelGraph, attention="heads")`, each mode cached on its own.
     """
-
-    attention: ClassVar[str] = "head_dims"
 
     labels: np.ndarray                    # element -> class
     slots: Mapping[Slot, np.ndarray]      # parameter dims -> element of each position
@@ -77,23 +74,25 @@ class ChannelGraph(Analysis):
     frozen_classes: Mapping[int, str]     # class -> why it must stay (inexact ones included)
     groups: tuple[ChannelGroup, ...]
     graph: nx.Graph                       # slots, joined when they share a class
+    attention: str = "head_dims"
 
     @classmethod
-    def compute(cls, gm: GraphModule, ctx) -> ChannelGraph:
-        walk = Walk(gm, ctx.get(ShapeInfo).meta, cls.attention)
+    def compute(cls, gm: GraphModule, ctx, attention: str = "head_dims") -> ChannelGraph:
+        check_choice("ChannelGraph", "attention", attention, ATTENTION_MODES)
+        walk = Walk(gm, ctx.get(ShapeInfo).meta, attention)
         walk.run(rule_of)
         labels = _classes(walk.count, walk.pairs)
         hard = _frozen(labels, walk.frozen)
         frozen = {**_frozen(labels, walk.inexact), **hard}
         graph, groups = _groups(labels, walk.slots, frozen, walk.layers, set(frozen) - set(hard))
         return cls(labels, MappingProxyType(walk.slots), tuple(walk.layers), MappingProxyType(walk.edits),
-                   MappingProxyType(frozen), groups, graph)
+                   MappingProxyType(frozen), groups, graph, attention)
 
-    @staticmethod
-    def of(attention: str) -> type[ChannelGraph]:
-        """The analysis of an attention mode (one of ATTENTION_MODES)."""
-        check_choice("ChannelGraph", "attention", attention, ATTENTION_MODES)
-        return _BY_ATTENTION[attention]
+    def same_as(self, fresh: ChannelGraph) -> bool:
+        """The same classes of the same slots, frozen for the same reasons (arrays compared by value)."""
+        return (np.array_equal(self.labels, fresh.labels) and self.slots.keys() == fresh.slots.keys()
+                and all(np.array_equal(ids, fresh.slots[k]) for k, ids in self.slots.items())
+                and dict(self.frozen_classes) == dict(fresh.frozen_classes))
 
     def classes_of(self, ids: np.ndarray) -> np.ndarray:
         return self.labels[ids]
@@ -113,14 +112,7 @@ class ChannelGraph(Analysis):
         return "\n".join(str(g) for g in self.groups) or "(no channel groups)"
 
 
-class WholeHeadChannelGraph(ChannelGraph):
-    """The ChannelGraph that prunes whole heads of hand-written attention."""
-
-    attention = "heads"
-
-
-_BY_ATTENTION = {c.attention: c for c in (ChannelGraph, WholeHeadChannelGraph)}
-ATTENTION_MODES = tuple(_BY_ATTENTION)
+ATTENTION_MODES = ("head_dims", "heads")
 
 
 def _classes(count: int, pairs: list) -> np.ndarray:

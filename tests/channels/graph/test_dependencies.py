@@ -11,6 +11,7 @@ from fxcompress.channels import ChannelGraph
 from fxcompress.inspection import channel_graph
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import PassContext
+from fxcompress.passes import PruneChannels
 from fxcompress.tracing import trace
 from fxcompress.zoo import ZOO, DenseNetSmall, ResNetSmall
 
@@ -67,9 +68,12 @@ def test_head_split_couples_the_same_position_of_every_head_and_q_with_k():
 
 def test_whole_head_mode_couples_each_head_and_is_cached_apart_from_the_default():
     ctx = PassContext(example_inputs=(torch.randn(2, 5, 8),), gm=trace(Heads().eval()))
-    dims, heads = ctx.get(ChannelGraph), ctx.get(ChannelGraph.of("heads"))
-    assert heads is not dims and ctx.get(ChannelGraph.of("head_dims")) is dims
-    assert ctx.get(ChannelGraph.of("heads")) is heads and len(ctx.analyses.computed) == 3  # + ShapeInfo
+    dims, heads = ctx.get(ChannelGraph), ctx.get(ChannelGraph, attention="heads")
+    assert heads is not dims and ctx.get(ChannelGraph, attention="head_dims") is dims
+    assert ctx.get(ChannelGraph, attention="heads") is heads
+    assert ctx.analyses.computed == ["ShapeInfo", "ChannelGraph(attention='head_dims')",
+                                     "ChannelGraph(attention='heads')"]
+    assert (dims.attention, heads.attention) == ("head_dims", "heads")
     q, k = heads.labels[heads.slots[("q.weight", 0)]], heads.labels[heads.slots[("k.weight", 0)]]
     np.testing.assert_array_equal(q.reshape(3, 4), np.repeat(q[::4], 4).reshape(3, 4))  # a head's block
     assert len(set(q)) == 3 and np.array_equal(q, k)
@@ -185,8 +189,16 @@ def test_slices_of_sizes_keep_each_width_in_its_place():
     assert "computes with the width" in scaled.frozen and len(scaled.inexact) == 8
     edits = [e for e in cg.edits.values() if e.kind == "sizes"]
     assert [(sorted(e.ids), e.spread) for e in edits] == [([1], 3), ([1], 4)]
-    from fxcompress.passes import PruneChannels
 
     pruned = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=(torch.randn(1, 3, 4, 4),))
     assert (pruned.a.out_channels, pruned.b.in_channels, pruned.b.out_channels) == (4, 4, 8)
     assert pruned(torch.randn(2, 3, 5, 7)).shape == (2, 2, 5, 7)
+
+
+def test_same_as_tells_a_recomputed_graph_from_one_of_a_pruned_model():
+    x = torch.randn(1, 1, 28, 28)
+    model = ZOO["lenet5"][0]().eval()
+    cg = _graph(model, x)
+    assert cg.same_as(_graph(model, x))
+    pruned = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=(x,))
+    assert not cg.same_as(_graph(pruned, x))
