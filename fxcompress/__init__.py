@@ -7,11 +7,10 @@ from .analysis import Analysis, AnalysisCache
 from .channels import ChannelGraph
 from .compile import compile
 from .draw import draw, to_networkx
-from .encoded.allowlist import register_function, register_module
 from .encoded.decode import decode
-from .encoded.format import load, save
 from .errors import (ConfigError, FormatError, FxCompressError, MissingDependencyError, PreconditionError,
                      TraceError, VerificationError)
+from .fileformat import load, register_function, register_module, save
 from .history import format_history, history
 from .inspection import channel_graph
 from .pass_base import Pass, PassContext, PassRecord, PassResult

@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
-from fxcompress.integer import ACCUMULATOR_BITS, IntegerLayer, QuantizeInput, fixed_point_multiplier
+from fxcompress.quant.integer import ACCUMULATOR_BITS, IntegerLayer, QuantizeInput, fixed_point_multiplier
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight

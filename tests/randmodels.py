@@ -29,7 +29,7 @@ import fxcompress
 from fxcompress.channels import ChannelGraph
 from fxcompress.channels.select import layer_units, lowest, removal_count
 from fxcompress.errors import FxCompressError, VerificationError
-from fxcompress.integer import IntegerLayer
+from fxcompress.quant.integer import IntegerLayer
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
                                LowerToInteger, PruneChannels)

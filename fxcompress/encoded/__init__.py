@@ -7,5 +7,7 @@
     streams    one interface over the coders: encode_symbols / decode_symbols
     tensor     a weight tensor as codebook + symbol streams (+ positions)
     module     EncodedWeight: the graph module that holds the bytes and decodes once
-    format     save / load: the versioned, checksummed, pickle-free container
+    decode     a lowered GraphModule back to plain float parameters
+
+The file format that saves any GraphModule (encoded or not) is fxcompress.fileformat.
 """

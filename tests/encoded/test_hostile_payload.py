@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxcompress
-from fxcompress.encoded.format import HEADER_BYTES
+from fxcompress.fileformat.container import HEADER_BYTES
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.tensor import encode_half, encode_tensor
 from fxcompress.errors import FormatError

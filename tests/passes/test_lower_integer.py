@@ -4,7 +4,7 @@ from torch.fx import Interpreter
 
 import fxcompress
 from fxcompress.errors import PreconditionError
-from fxcompress.integer import IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
+from fxcompress.quant.integer import IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
 from fxcompress.passes import InsertFakeQuant, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
 from fxcompress.quant import ActivationQuant

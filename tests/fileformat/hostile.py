@@ -5,7 +5,7 @@ import json
 import struct
 import zlib
 
-from fxcompress.encoded.format import HEADER_BYTES
+from fxcompress.fileformat.container import HEADER_BYTES
 
 
 def read_manifest(data: bytes) -> dict:

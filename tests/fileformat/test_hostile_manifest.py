@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxcompress
-from fxcompress.encoded.format import MANIFEST_RATIO, MANIFEST_SLACK, from_bytes, to_bytes
+from fxcompress.fileformat.container import MANIFEST_RATIO, MANIFEST_SLACK, from_bytes, to_bytes
 from fxcompress.errors import FormatError, FxCompressError
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
 from fxcompress.zoo import ZOO

@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.errors import ConfigError
+from fxcompress.quant.integer import IntegerLayer, QuantizeInput
+from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
+
 _FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d relu relu6
 gelu silu mish elu selu leaky_relu hardswish hardsigmoid hardtanh sigmoid tanh softmax log_softmax softplus
 max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
@@ -99,17 +104,22 @@ MODULE_NAMES: dict[type, str] = {cls: name for name, (cls, _) in MODULES.items()
 STANDARD_MODULES = frozenset(MODULES)  # built on the meta device, their unsaved tensors dropped
 
 
+# fxcompress's own module types a file may name, each rebuilt as `cls(**config)`. The names are part
+# of the file format, not of the code's layout: they stay when a class moves (IntegerLayer lived in
+# fxcompress.integer when version 1 was written), so older files keep loading.
+_OWN_MODULES: dict[str, type] = {
+    "fxcompress.encoded.module.EncodedWeight": EncodedWeight,
+    "fxcompress.quant.modules.KMeansWeight": KMeansWeight,
+    "fxcompress.quant.modules.GridWeight": GridWeight,
+    "fxcompress.quant.modules.ActivationQuant": ActivationQuant,
+    "fxcompress.integer.IntegerLayer": IntegerLayer,
+    "fxcompress.integer.QuantizeInput": QuantizeInput,
+}
+
+
 def fxcompress_modules() -> dict[str, type]:
-    """fxcompress's own module types a file may name; each is rebuilt as `cls(**config)`.
-
-    Imported here, on first use, because those modules import this package's siblings.
-    """
-    from fxcompress.encoded.module import EncodedWeight
-    from fxcompress.integer import IntegerLayer, QuantizeInput
-    from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
-
-    types = (EncodedWeight, KMeansWeight, GridWeight, ActivationQuant, IntegerLayer, QuantizeInput)
-    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in types}
+    """fxcompress's own module types a file may name, by their names in the file format."""
+    return dict(_OWN_MODULES)
 
 DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -121,7 +131,6 @@ def _qualified_name(obj: Any) -> str:
 
 
 def _check_new_name(name: Any, table: dict, entry: object, what: str) -> None:
-    from fxcompress.errors import ConfigError  # errors imports nothing; kept local beside its only use
     if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
         raise ConfigError(f"{what}: name {name!r} must be a dotted Python name")
     if table.get(name, entry) is not entry:
@@ -134,7 +143,6 @@ def register_function(fn: Callable, name: str | None = None) -> str:
     Only a program that registered it can save or load a file naming it; register the same
     function, under the same name, before `fxcompress.load`. Returns the name.
     """
-    from fxcompress.errors import ConfigError
     if not callable(fn):
         raise ConfigError(f"register_function: {fn!r} is not callable")
     name = _qualified_name(fn) if name is None else name
@@ -150,7 +158,6 @@ def register_module(cls: type, fields: Iterable[str], name: str | None = None) -
     `fields` are attributes of an instance that are also constructor arguments; its parameters and
     buffers come from the file's tensor table. Returns the name the file will use.
     """
-    from fxcompress.errors import ConfigError
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(f"register_module: {cls!r} is not an nn.Module subclass")
     fields = tuple(fields)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.encoded.allowlist import is_safe_path_part
+from fxcompress.fileformat.allowlist import is_safe_path_part
 from fxcompress.passes import InsertMasks
 
 

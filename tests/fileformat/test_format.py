@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import torch
 
 import fxcompress
-from fxcompress.encoded.format import HEADER_BYTES, VERSION, from_bytes, to_bytes
+from fxcompress.fileformat.container import HEADER_BYTES, VERSION, from_bytes, to_bytes
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import FormatError
 from fxcompress.layers import find_layers, insert_on_weight

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import fxcompress
-from fxcompress.encoded import allowlist
-from fxcompress.encoded.allowlist import fxcompress_modules
-from fxcompress.encoded.format import from_bytes, to_bytes
+from fxcompress.fileformat import allowlist
+from fxcompress.fileformat.allowlist import fxcompress_modules
+from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.errors import ConfigError, FormatError
-from fxcompress.integer import IntegerLayer, QuantizeInput
+from fxcompress.quant.integer import IntegerLayer, QuantizeInput
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import ActivationQuant
 from fxcompress.zoo import LeNet5
@@ -20,9 +20,9 @@ def _activation_quantized(x):
                               example_inputs=(x[:2],), calibration_data=[x])
 
 
-def test_every_fxcompress_module_type_is_named_by_its_qualified_name():
+def test_every_fxcompress_module_type_has_a_stable_file_name():
     table = fxcompress_modules()
-    assert table["fxcompress.integer.IntegerLayer"] is IntegerLayer
+    assert table["fxcompress.integer.IntegerLayer"] is IntegerLayer  # the name files of version 1 carry
     assert table["fxcompress.quant.modules.ActivationQuant"] is ActivationQuant
     assert all(hasattr(cls, "config") for cls in table.values())
 
