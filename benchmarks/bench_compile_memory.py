@@ -18,11 +18,14 @@ import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
 
 import torch
 from torch import nn
 
-from fxcompress.zoo import SelfAttention
+from zoo import SelfAttention
 
 
 class Block(nn.Module):

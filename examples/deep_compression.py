@@ -26,7 +26,7 @@ from fxcompress.datasets import load_dataset
 from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger,
                                PruneChannels)
 from fxcompress.training import evaluate, train
-from fxcompress.zoo import LeNet300100
+from zoo import LeNet300100
 
 STAGES = (0.6, 0.8, 0.9)  # global weight sparsity after each pruning stage
 

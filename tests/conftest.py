@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from fxcompress.zoo import ZOO
+from zoo import ZOO
 
 # One thread: on small shared machines, torch's thread pool makes tiny models many times slower.
 torch.set_num_threads(1)

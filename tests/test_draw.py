@@ -8,7 +8,7 @@ import fxcompress
 from fxcompress.errors import ConfigError
 from fxcompress.layers import find_layers, insert_on_weight
 from fxcompress.pass_base import Pass, PassResult
-from fxcompress.zoo import LeNet300100
+from zoo import LeNet300100
 
 
 @dataclass(frozen=True, kw_only=True)

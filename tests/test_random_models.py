@@ -6,17 +6,14 @@ printed at the end of the module (`pytest -s`); benchmarks/random_models.py prin
 for any number of graphs.
 """
 import collections
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))  # the generator is a sibling module; importlib mode adds no test folder
-import randmodels  # noqa: E402
-from randmodels import (PROPERTIES, check_encoded_round_trip, check_fold_batchnorm, check_lower_integer,  # noqa: E402
+import randmodels
+from randmodels import (PROPERTIES, check_encoded_round_trip, check_fold_batchnorm, check_lower_integer,
                         check_pass, check_zeroed_pruning, classify, outcome, random_model)
 
 CHEAP_PASSES = ("InsertMasks", "InsertFakeQuant(linear)", "InsertFakeQuant(kmeans)", "PruneChannels",

@@ -6,7 +6,7 @@ from torch import nn
 from fxcompress.datasets import load_dataset
 from fxcompress.errors import ConfigError
 from fxcompress.training import evaluate, train
-from fxcompress.zoo import LeNet300100
+from zoo import LeNet300100
 
 
 def fresh_model():

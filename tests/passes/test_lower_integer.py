@@ -8,7 +8,7 @@ from fxcompress.quant.integer import IntegerLayer, QuantizeInput, fixed_point_mu
 from fxcompress.passes import InsertFakeQuant, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
 from fxcompress.quant import ActivationQuant
-from fxcompress.zoo import LeNet5, LeNet300100, ResNetSmall
+from zoo import LeNet5, LeNet300100, ResNetSmall
 
 
 def _fake_quant(model, x, **options):
