@@ -1,7 +1,9 @@
-"""Pruning with masks: importance and selection, mask nodes, schedules, torch.nn.utils.prune interop."""
-from .interop import export_to_torch_prune, import_from_torch_prune, rewind
+"""Pruning with masks: importance and selection, mask nodes, schedules.
+
+`fxcompress.pruning.interop` (torch.nn.utils.prune both ways, lottery-ticket rewinding) compiles
+models, so it stands above the passes and is imported by name, not from here.
+"""
 from .masks import get_mask, mask_name, mask_node, masked_layers, sparsity_of
 from .schedule import AGP
 
-__all__ = ["AGP", "export_to_torch_prune", "get_mask", "import_from_torch_prune", "mask_name", "mask_node",
-           "masked_layers", "rewind", "sparsity_of"]
+__all__ = ["AGP", "get_mask", "mask_name", "mask_node", "masked_layers", "sparsity_of"]

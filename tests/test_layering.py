@@ -1,0 +1,110 @@
+"""The house's floors: a module imports only from its own floor or below, nothing imports in a
+circle, and no project import hides inside a function. docs/architecture.md explains the floors."""
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Floors, lowest first; a module's floor is the first prefix that names it (longest match wins).
+FLOORS = [
+    ("foundation", ["errors", "config", "execution"]),
+    ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill"]),
+    ("pass protocol", ["pass_base", "history"]),
+    ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels"]),
+    ("passes", ["passes"]),
+    ("front door", ["compile", "fileformat", "summary", "draw", "export", "inspection", "sensitivity",
+                    "pruning.interop", ""]),
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "passes":
+        parts = ["fxcompress", *parts]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in [*ROOT.glob("fxcompress/**/*.py"), *ROOT.glob("passes/**/*.py")]}
+
+
+def floor_of(module: str) -> int:
+    local = module.removeprefix("fxcompress").removeprefix(".")
+    matches = [(len(prefix), i) for i, (_, prefixes) in enumerate(FLOORS) for prefix in prefixes
+               if local == prefix or local.startswith(prefix + ".") or (prefix == "" and local == "")]
+    assert matches, f"{module} is on no floor: add it to FLOORS and to docs/architecture.md"
+    return max(matches)[1]
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:` (annotations only, never imported)."""
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+               for n in ast.walk(node)}
+    return [node for node in ast.walk(tree) if id(node) not in skipped]
+
+
+def project_imports(module: str) -> dict[str, ast.AST]:
+    """The project modules `module` imports at run time, with the import statement."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = {}
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update({name: node for name in names if name in MODULES and name != module})
+    return found
+
+
+GRAPH = nx.DiGraph([(m, target) for m in MODULES for target in project_imports(m)])
+
+
+def test_every_module_is_on_a_floor():
+    for module in MODULES:
+        floor_of(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_imports_from_a_higher_floor(module):
+    above = {t: FLOORS[floor_of(t)][0] for t in project_imports(module) if floor_of(t) > floor_of(module)}
+    assert not above, f"{module} ({FLOORS[floor_of(module)][0]}) imports from higher floors: {above}"
+
+
+def test_no_import_circle():
+    cycles = list(nx.simple_cycles(GRAPH))
+    assert not cycles, f"import circles: {cycles}"
+
+
+def test_no_project_import_inside_a_function():
+    hidden = []
+    for module, path in MODULES.items():
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{module}.{function.name}: {ast.unparse(node)}" for node in ast.walk(function)
+                           if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fxcompress"))]
+    assert not hidden, hidden
+
+
+def test_no_function_over_60_lines():
+    long = [f"{module}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for module, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long
+
+
+def test_the_checks_see_a_planted_violation():
+    """The floor check is not vacuous: an import from a higher floor is caught."""
+    assert floor_of("fxcompress.errors") < floor_of("fxcompress.passes.insert_masks") < floor_of("fxcompress.compile")
+    assert floor_of("fxcompress.pruning.interop") > floor_of("fxcompress.pruning.masks")
+    assert any(floor_of(t) < floor_of(m) for m, t in GRAPH.edges)  # the graph is really read
+    assert GRAPH.number_of_edges() > 100
