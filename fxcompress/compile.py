@@ -18,7 +18,8 @@ from torch.fx import GraphModule
 from .analyses.shapes import ShapeInfo, propagate_shapes
 from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
-from .errors import ConfigError, FxCompressError, VerificationError
+from .errors import ConfigError, FxCompressError, TraceError, VerificationError
+from .frontends import export_module, from_exported, is_exported_module
 from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .quant import sync_trainable
@@ -38,11 +39,48 @@ def _as_tuple(example_inputs: Any) -> tuple:
     raise ConfigError(f"compile.example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
 
 
+FRONTENDS = ("fx", "export", "auto")
+
+
+def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modules: Collection[Any],
+              concrete_args: Mapping[str, Any] | None) -> GraphModule:
+    """The GraphModule the passes rewrite: a compiled one as it is, an exported one respelled at
+    torch level, an nn.Module traced by torch.fx or exported by torch.export (per `frontend`)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = from_exported(model)  # shares the program's tensors: copied below unless inplace
+        return gm if inplace else copy.deepcopy(gm)
+    if isinstance(model, GraphModule):
+        gm = model if inplace else copy.deepcopy(model)
+        if gm is not model:
+            copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
+        return from_exported(gm) if is_exported_module(gm) else gm
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"compile.model must be an nn.Module or a torch.export.ExportedProgram, "
+                          f"got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    if frontend == "export":
+        return export_module(model, inputs)
+    try:
+        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except TraceError as fx_error:
+        if frontend == "fx":
+            raise
+        try:
+            return export_module(model, inputs)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\nand the torch.export fallback failed too: {export_error}") from export_error
+
+
 def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any = None, *,
             calibration_data: Sequence | None = None, leaf_modules: Collection[Any] = (),
             concrete_args: Mapping[str, Any] | None = None, inplace: bool = False,
-            verify: bool = True, progress: bool = False, check_analyses: bool | None = None) -> GraphModule:
+            verify: bool = True, progress: bool = False, check_analyses: bool | None = None,
+            frontend: str = "auto") -> GraphModule:
     """Trace `model` (or take a GraphModule) and apply `passes` in order, verifying after each.
+
+    `model` is an nn.Module, a GraphModule from an earlier compile, a `torch.export.ExportedProgram`
+    or its `.module()`. An nn.Module is traced by torch.fx (`frontend="fx"`), exported by
+    torch.export (`"export"`), or traced with export as the fallback when tracing fails (`"auto"`).
 
     Returns the GraphModule itself; `fxcompress.history(gm)` lists what every pass changed.
     Without `inplace=True` the caller's model is never modified (one deep copy is made).
@@ -65,16 +103,9 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     if example_inputs is None:
         raise ConfigError("compile.example_inputs is required: passes are verified by a forward pass on them")
     inputs = _as_tuple(example_inputs)
-
-    if isinstance(model, GraphModule):
-        gm = model if inplace else copy.deepcopy(model)
-        if gm is not model:
-            copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
-    elif isinstance(model, nn.Module):
-        gm = trace(model if inplace else copy.deepcopy(model), leaf_modules=leaf_modules,
-                   concrete_args=concrete_args)
-    else:
-        raise ConfigError(f"compile.model must be an nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"compile.frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
+    gm = _to_graph(model, inputs, frontend, inplace, leaf_modules, concrete_args)
 
     outputs = check_example_inputs(gm, inputs)  # a failure now is the inputs', before any pass is blamed
     expected = OutputSignature.of(outputs) if verify else None

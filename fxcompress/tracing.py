@@ -1,7 +1,9 @@
 """Tracing an nn.Module into a GraphModule, with failures explained (module path, op, hint)."""
 from __future__ import annotations
 
+import inspect
 import os
+import sysconfig
 import threading
 import traceback
 from collections.abc import Collection, Mapping
@@ -14,6 +16,8 @@ from torch.fx import GraphModule, Tracer
 from .errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+# torch, fxcompress and the standard library (functools' wrappers) are never the user's line
+_NOT_USER = (_TORCH_DIR, os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"])
 
 # torch.fx's Tracer patches nn.Module.__call__ / __getattr__ (and functions' globals) for the whole
 # process while it traces, and restores them after. Two traces at once would restore each other's
@@ -67,13 +71,20 @@ class _LocatingTracer(Tracer):
             self.stack.pop()
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The last traceback line outside torch: the user's line that tracing choked on."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    if not frames:
+def _user_frame(exc: BaseException, module: nn.Module) -> str:
+    """The last traceback line outside torch, fxcompress and the standard library: the user's line that tracing choked on.
+    When torch failed before running any user code (reading the forward's signature), the user's
+    forward itself."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_NOT_USER)]
+    if frames:
+        f = frames[-1]
+        return f"{os.path.basename(f.filename)}:{f.lineno}: {f.line}"
+    try:
+        lines, lineno = inspect.getsourcelines(type(module).forward)
+    except (OSError, TypeError):  # defined in a notebook or in C: no source to point at
         return ""
-    f = frames[-1]
-    return f"{os.path.basename(f.filename)}:{f.lineno}: {f.line}"
+    return f"{os.path.basename(inspect.getsourcefile(type(module).forward))}:{lineno}: {lines[0].strip()}"
 
 
 def trace(model: nn.Module, *, leaf_modules: Collection[Any] = (),
@@ -88,8 +99,9 @@ def trace(model: nn.Module, *, leaf_modules: Collection[Any] = (),
         graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:
         where = tracer.failed_in or ""  # "" is the root module itself
-        kind = type(model.get_submodule(where)).__name__
-        line = _user_frame(exc)
+        failed = model.get_submodule(where)
+        kind = type(failed).__name__
+        line = _user_frame(exc, failed)
         raise TraceError(
             f"torch.fx could not trace module '{where or '<root>'}' ({kind})"
             f"{' at ' + line if line else ''}: {type(exc).__name__}: {exc}\n"

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Floors, lowest first; a module's floor is the first prefix that names it (longest match wins).
 FLOORS = [
     ("foundation", ["errors", "config", "execution"]),
-    ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill"]),
+    ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill",
+                          "frontends"]),
     ("pass protocol", ["pass_base", "history"]),
     ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels"]),
     ("passes", ["passes"]),

@@ -1,0 +1,214 @@
+"""The torch.export front end: an ExportedProgram's aten graph in the torch-level form the passes read.
+
+`torch.export` keeps linear / conv / layer_norm / batch_norm / sdpa whole in its training IR, and
+`ExportedProgram.module()` already puts every parameter back under its original module path as a
+`get_attr` (`encoder.0.attention.query.weight`). What remains is spelling: each aten overload the
+table below knows becomes the torch / F / operator / method call that fx tracing would have
+produced, so the layer kinds, the channel op tables and the file format recognise it. An overload
+the table does not know stays as it is; the passes then treat it as an unknown op (frozen channels,
+refused saving, each with its reason), and a warning names each such op with its module path.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import CodeGen, Graph, GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen
+from torch.utils._pytree import tree_unflatten
+
+from ..errors import ConfigError, TraceError
+
+aten = torch.ops.aten
+_LAST = torch.iinfo(torch.int64).max  # what aten.slice writes for "to the end"
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one aten overload is written at torch level: `target` called as a function or a method;
+    `spread` unpacks a list argument at that position (`view(x, [2, 4])` -> `x.view(2, 4)`), as fx
+    traces of `x.view(b, h, d)` read."""
+
+    target: Callable | str
+    spread: int | None = None
+
+    @property
+    def op(self) -> str:
+        return "call_method" if isinstance(self.target, str) else "call_function"
+
+
+# aten overload -> torch-level spelling, arguments in the same order (rearranged ones are in _ADAPTERS).
+SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
+    aten.linear.default: F.linear,
+    aten.conv1d.default: F.conv1d, aten.conv2d.default: F.conv2d, aten.conv3d.default: F.conv3d,
+    aten.conv_transpose1d.default: F.conv_transpose1d, aten.conv_transpose2d.input: F.conv_transpose2d,
+    aten.conv_transpose3d.input: F.conv_transpose3d,
+    aten.relu.default: F.relu, aten.relu_.default: F.relu_, aten.gelu.default: F.gelu,
+    aten.silu.default: F.silu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
+    aten.hardtanh.default: F.hardtanh, aten.hardswish.default: F.hardswish,
+    aten.hardsigmoid.default: F.hardsigmoid, aten.leaky_relu.default: F.leaky_relu,
+    aten.elu.default: F.elu, aten.mish.default: F.mish, aten.softplus.default: F.softplus,
+    aten.dropout.default: F.dropout, aten.exp.default: torch.exp, aten.sqrt.default: torch.sqrt,
+    aten.rsqrt.default: torch.rsqrt, aten.neg.default: operator.neg, aten.abs.default: torch.abs,
+    aten.clone.default: torch.clone, aten.detach.default: torch.detach,
+    aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
+    aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
+    aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv,
+    aten.pow.Tensor_Scalar: torch.pow, aten.pow.Tensor_Tensor: torch.pow,
+    aten.maximum.default: torch.maximum, aten.minimum.default: torch.minimum,
+    aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm,
+    aten.softmax.int: torch.softmax, aten.log_softmax.int: torch.log_softmax,
+    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+    aten.mean.dim: torch.mean, aten.sum.dim_IntList: torch.sum, aten.amax.default: torch.amax,
+    aten.flatten.using_ints: torch.flatten, aten.transpose.int: torch.transpose,
+    aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze,
+    aten.squeeze.dims: torch.squeeze, aten.cat.default: torch.cat,
+    aten.split.Tensor: torch.split, aten.split_with_sizes.default: torch.split,
+    aten.chunk.default: torch.chunk, aten.unbind.int: torch.unbind,
+    aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+    aten.sym_size.int: "size", aten.contiguous.default: "contiguous",
+}.items()} | {
+    aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
+    aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),
+}
+
+
+def _embedding(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    weight, indices, padding_idx = (*args, -1)[:3]  # aten takes the table first and -1 for "no padding"
+    return F.embedding, (indices, weight), {"padding_idx": None if padding_idx == -1 else padding_idx}
+
+
+def _layer_norm(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    return F.layer_norm, tuple(args[:5]), {}  # the last aten argument (cudnn_enable) has no F form
+
+
+def _group_norm(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    x, groups, weight, bias, eps = (*args, None, None, 1e-5)[:5]
+    return F.group_norm, (x, groups, weight, bias, eps), {}
+
+
+def _batch_norm(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    x, weight, bias, mean, var, training, momentum, eps = args[:8]  # aten puts the affine pair first
+    return F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps), {}
+
+
+def _index(node: Node, dim: int, item: Any) -> tuple:
+    """An index tuple that picks `item` at `dim` (fx's spelling of x[:, a:b] / x[:, i])."""
+    ndim = node.args[0].meta["val"].dim()
+    return (slice(None),) * (dim % ndim) + (item,)
+
+
+def _slice(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    x, dim, start, end, step = (*args, 0, None, None, 1)[:5] if len(args) < 5 else args
+    end = None if end == _LAST else end
+    return operator.getitem, (x, _index(node, dim, slice(start, end, None if step == 1 else step))), {}
+
+
+def _select(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+    x, dim, position = args
+    return operator.getitem, (x, _index(node, dim, position)), {}
+
+
+_ADAPTERS: dict[Any, Callable[[Node, tuple, dict], tuple[Callable, tuple, dict]]] = {
+    aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
+    aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
+    aten.slice.Tensor: _slice, aten.select.int: _select,
+}
+
+# Graph nodes that only re-check what export already checked (input guards); compile verifies anew.
+_GUARD_MODULES = frozenset({"_guards_fn"})
+_KEPT_META = ("nn_module_stack", "stack_trace")  # where a node came from; shapes are recomputed
+
+
+def where(node: Node) -> str:
+    """The user's module path and source line a node came from, for messages."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    line = next((t.strip() for t in reversed(trace) if t.strip().startswith("File ")), "")
+    return f"module '{path or '<root>'}'" + (f" ({line})" if line else "")
+
+
+def is_exported_module(gm: nn.Module) -> bool:
+    """Whether `gm` is an `ExportedProgram.module()` not yet brought into torch-level form."""
+    return isinstance(gm, GraphModule) and isinstance(gm.graph._codegen, _PyTreeCodeGen)
+
+
+def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, dict]:
+    """The torch-level (op, target, args, kwargs) of an aten call; unknown overloads unchanged."""
+    if node.target in _ADAPTERS:
+        target, args, kwargs = _ADAPTERS[node.target](node, args, kwargs)
+        return "call_function", target, args, kwargs
+    spelling = SPELLINGS.get(node.target)
+    if spelling is None:
+        return node.op, node.target, args, kwargs
+    if spelling.spread is not None:
+        args = (*args[:spelling.spread], *args[spelling.spread], *args[spelling.spread + 1:])
+    return spelling.op, spelling.target, args, kwargs
+
+
+def _input_spec_check(gm: GraphModule) -> None:
+    args_spec, kwargs_spec = gm.graph._codegen.pytree_info.in_spec.children()
+    if kwargs_spec.num_children or any(not child.is_leaf() for child in args_spec.children()):
+        raise ConfigError("compile: an exported model must take its inputs as positional tensors "
+                          f"(its input structure is {gm.graph._codegen.pytree_info.in_spec})")
+
+
+def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:
+    """A plain-codegen copy of `gm`'s graph with aten calls respelled; the unknown ops, described."""
+    graph, env, unknown = Graph(), {}, []
+    # placeholders first, as in fx traces (export puts the parameters' get_attr before them)
+    for node in sorted(gm.graph.nodes, key=lambda n: n.op != "placeholder"):
+        if node.op == "call_module" and node.target in _GUARD_MODULES:
+            continue
+        args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda n: env[n])
+        if node.op == "output":
+            out_spec = gm.graph._codegen.pytree_info.out_spec
+            graph.output(tree_unflatten(list(args[0]), out_spec))
+            continue
+        op, target = node.op, node.target
+        if op == "call_function" and isinstance(target, torch._ops.OpOverload):
+            op, target, args, kwargs = _respell(node, args, kwargs)
+            if isinstance(target, torch._ops.OpOverload):
+                unknown.append(f"{target} at {where(node)}")
+        env[node] = graph.create_node(op, target, args, kwargs, name=node.name)
+        env[node].meta.update({k: node.meta[k] for k in _KEPT_META if k in node.meta})
+    graph.set_codegen(CodeGen())
+    return graph, unknown
+
+
+def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphModule:
+    """A GraphModule in torch-level form from an ExportedProgram or its `.module()`.
+
+    Parameters and buffers are attributes under their original module paths; the new module shares
+    them with `program` (compile deep-copies unless `inplace=True`).
+    """
+    gm = program.module() if isinstance(program, torch.export.ExportedProgram) else program
+    if not is_exported_module(gm):
+        raise ConfigError(f"compile: {type(program).__name__} is not an ExportedProgram or its .module()")
+    _input_spec_check(gm)
+    graph, unknown = _translate(gm)
+    if unknown:
+        warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
+                      "or refuse them): " + "; ".join(unknown), stacklevel=3)
+    out = GraphModule(gm, graph, type(gm).__name__)
+    out.meta["frontend"] = "export"
+    return out
+
+
+def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
+    """`torch.export.export(model, example_inputs)` in torch-level form; TraceError if export fails."""
+    try:
+        program = torch.export.export(model, example_inputs, strict=False)
+    except Exception as exc:
+        raise TraceError(f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    return from_exported(program)

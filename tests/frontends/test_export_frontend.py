@@ -1,0 +1,247 @@
+"""The torch.export front end: exported models compile, every pass works on them, names stay the user's."""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.channels import ChannelGraph
+from fxcompress.channels.select import layer_units, lowest, removal_count
+from fxcompress.errors import ConfigError, TraceError
+from fxcompress.inspection import channel_graph
+from fxcompress.layers import find_layers
+from fxcompress.pass_base import PassContext
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels
+from fxcompress.tracing import trace
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = F.relu(y + self.bn(self.conv(y)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class Attention(nn.Module):
+    """q / k / v projections viewed into heads, attention, output projection, then an MLP."""
+
+    def __init__(self, sdpa: bool = True, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.sdpa, self.heads = sdpa, heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def _split(self, t):
+        b, n, c = t.shape
+        return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, x):
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(x.shape)
+        y = x + self.out(a)
+        return self.down(F.relu(self.up(y)))
+
+
+class ShapeBranching(nn.Module):
+    """Python control flow on a shape: torch.fx cannot trace it, torch.export specializes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.even, self.odd = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        if x.shape[0] % 2 == 0:  # the line fx fails on
+            return self.even(x)
+        return self.odd(x)
+
+
+MODELS = {
+    "mlp": (MLP, lambda: torch.randn(4, 16)),
+    "cnn": (ResidualCNN, lambda: torch.randn(2, 3, 8, 8)),
+    "attention_sdpa": (Attention, lambda: torch.randn(2, 5, 32)),
+    "attention_softmax": (lambda: Attention(sdpa=False), lambda: torch.randn(2, 5, 32)),
+    "shape_branching": (ShapeBranching, lambda: torch.randn(4, 16)),
+}
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    make, inputs = MODELS[name]
+    model = make().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, so slicing them is checked
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model, (inputs(),)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _aten_ops(gm) -> list:
+    return [n.target for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_exported_graph_is_torch_level_with_the_users_names(name):
+    model, inputs = _model(name)
+    gm = fxcompress.compile(model, [], inputs, frontend="export")
+    assert gm.meta["frontend"] == "export"
+    assert _aten_ops(gm) == []  # every op of these models has a torch-level spelling
+    exported = {layer.name: layer.kind for layer in find_layers(gm)}
+    used = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    assert set(exported) <= {path for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert set(exported) == {path for path, m in model.named_modules()
+                             if isinstance(m, (nn.Linear, nn.Conv2d)) and path in used}
+    torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_program_its_module_and_the_model_give_the_same_graph():
+    model, inputs = _model("attention_sdpa")
+    program = torch.export.export(model, inputs)
+    from_model = fxcompress.compile(model, [], inputs, frontend="export")
+    from_program = fxcompress.compile(program, [], inputs)
+    from_module = fxcompress.compile(program.module(), [], inputs)
+    assert from_model.code == from_program.code == from_module.code
+    assert "self.query.weight" in from_program.code and "scaled_dot_product_attention" in from_program.code
+    before = program.state_dict["query.weight"].clone()
+    fxcompress.compile(program, [InsertMasks(sparsity=0.5)], inputs)
+    assert torch.equal(program.state_dict["query.weight"], before)  # the caller's program is untouched
+
+
+def test_fx_failure_falls_back_to_export_and_names_the_users_line():
+    model, inputs = _model("shape_branching")
+    with pytest.raises(TraceError) as caught:
+        fxcompress.compile(model, [], inputs, frontend="fx")
+    message = str(caught.value)
+    assert "test_export_frontend.py" in message and "if x.shape[0] % 2 == 0" in message
+    assert "tracing.py" not in message
+    gm = fxcompress.compile(model, [], inputs)  # frontend="auto"
+    assert gm.meta["frontend"] == "export"
+    assert [layer.name for layer in find_layers(gm)] == ["even"]  # the branch export specialized to
+    torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_trace_error_raised_inside_torch_before_any_user_line_points_at_the_forward(monkeypatch):
+    """torch.fx can fail while reading the forward's signature, before running a user line (as on
+    some decorated forwards): the error then names the forward, never fxcompress's own files."""
+    monkeypatch.setattr(torch.fx.Tracer, "create_args_for_root", torch.relu)  # a C function: no Python frame
+    with pytest.raises(TraceError) as caught:
+        trace(MLP())
+    message = str(caught.value)
+    assert "tracing.py" not in message
+    assert "test_export_frontend.py" in message and "def forward(self, x):" in message
+
+
+def test_bad_frontend_and_inputs_by_keyword_are_refused_by_name():
+    model, inputs = _model("mlp")
+    with pytest.raises(ConfigError, match="compile.frontend"):
+        fxcompress.compile(model, [], inputs, frontend="onnx")
+    program = torch.export.export(model, (), {"x": inputs[0]})
+    with pytest.raises(ConfigError, match="positional tensors"):
+        fxcompress.compile(program, [], inputs)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_masks_kmeans_encoding_save_and_load_reproduce_the_outputs(name, tmp_path):
+    model, inputs = _model(name)
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")],
+                            inputs, frontend="export")
+    fake_quant = gm(*inputs)
+    gm = fxcompress.compile(gm, [LowerToEncoded()], inputs)
+    fxcompress.save(gm, tmp_path / "model.fxc")
+    loaded = fxcompress.load(tmp_path / "model.fxc")
+    torch.testing.assert_close(loaded(*inputs), fake_quant, rtol=1e-6, atol=1e-6)
+    assert "encoded" in str(fxcompress.summary(loaded)).lower() or fxcompress.summary(loaded).rows
+
+
+def _zero_a_random_half(gm, cg: ChannelGraph) -> None:
+    """Zero a random half of every prunable group's channels (every parameter slice of them)."""
+    removed = np.zeros(cg.labels.max() + 1, dtype=bool)
+    scores = np.random.default_rng(0).random(len(removed))
+    for group in cg.prunable_groups():
+        for unit in layer_units(cg, group):
+            if len(unit.prunable):
+                removed[lowest(unit, scores, removal_count(unit, 0.5, 1, 1), cg, 1)] = True
+    with torch.no_grad():
+        for (param, dim), ids in cg.slots.items():
+            positions = np.flatnonzero(removed[cg.labels[ids]])
+            if len(positions):
+                operator.attrgetter(param)(gm).index_fill_(dim, torch.as_tensor(positions), 0.0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention_sdpa", "attention_softmax"])
+def test_pruning_zeroed_channels_shrinks_and_leaves_outputs_equal(name):
+    model, inputs = _model(name)
+    gm = fxcompress.compile(model, [], inputs, frontend="export")
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
+    _zero_a_random_half(gm, cg)
+    expected = gm(*inputs)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method="l1")], inputs)
+    assert _params(pruned) < 0.75 * _params(gm)
+    torch.testing.assert_close(pruned(*inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_channel_graph_of_an_exported_program_prints_its_groups():
+    model, inputs = _model("attention_sdpa")
+    text = str(channel_graph(torch.export.export(model, inputs), inputs))
+    assert "query" in text and "up" in text
+
+
+def test_an_aten_op_with_no_spelling_stays_warned_and_frozen():
+    class Cumulative(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.cumsum(self.fc1(x), dim=-1))
+
+    model, x = Cumulative().eval(), torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"aten\.cumsum\.default at module '<root>'.*test_export_frontend\.py"):
+        gm = fxcompress.compile(model, [], (x,), frontend="export")
+    assert _aten_ops(gm) == [torch.ops.aten.cumsum.default]
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    cg = channel_graph(gm, (x,))
+    assert "cumsum" in str(cg)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], (x,))
+    assert _params(pruned) == _params(model)  # fc1's channels meet an op nobody knows: frozen
+
+
+def test_dynamic_batch_survives_pruning_and_masks():
+    model, (x,) = _model("attention_sdpa")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    gm = fxcompress.compile(program, [InsertMasks(sparsity=0.5), PruneChannels(amount=0.5)], (x,))
+    bigger = torch.randn(7, *x.shape[1:])
+    assert gm(bigger).shape == (7, *x.shape[1:])
+    torch.testing.assert_close(gm(bigger)[:2], gm(torch.cat([bigger[:2]])), rtol=1e-5, atol=1e-5)
