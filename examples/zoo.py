@@ -253,6 +253,84 @@ class GPTBlock(nn.Module):
         return self.head(x[:, -1])
 
 
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2), written as transformers writes it: a linear layer whose weight
+    is stored [in, out] and applied by addmm on the flattened input."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2Attention(nn.Module):
+    """GPT-2's causal self-attention as transformers writes it: c_attn / c_proj Conv1Ds, a causal mask
+    built in the forward, the masked value from torch.finfo and torch.full, heads split with computed sizes."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.dim = heads, dim // heads, dim
+        self.c_attn = Conv1D(3 * dim, dim)
+        self.c_proj = Conv1D(dim, dim)
+
+    def _split_heads(self, tensor):
+        return tensor.view(tensor.size()[:-1] + (self.heads, self.head_dim)).permute(0, 2, 1, 3)
+
+    def _merge_heads(self, tensor):
+        tensor = tensor.permute(0, 2, 1, 3).contiguous()
+        return tensor.view(tensor.size()[:-2] + (self.heads * self.head_dim,))
+
+    def forward(self, x):
+        query, key, value = self.c_attn(x).split(self.dim, dim=2)
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
+        weights = torch.matmul(query, key.transpose(-1, -2))
+        weights = weights / torch.full([], value.size(-1) ** 0.5, dtype=weights.dtype, device=weights.device)
+        length = query.size(-2)  # the causal mask is built in the forward (fx cannot slice a buffer by sizes)
+        causal_mask = torch.tril(weights.new_ones(length, length)).bool()
+        mask_value = torch.full([], torch.finfo(torch.float32).min, dtype=weights.dtype, device=weights.device)
+        weights = torch.where(causal_mask, weights.to(weights.dtype), mask_value)
+        weights = nn.functional.softmax(weights, dim=-1).type(value.dtype)
+        return self.c_proj(self._merge_heads(torch.matmul(weights, value)))
+
+
+class GPT2Block(nn.Module):
+    """A small GPT-2 language model as transformers writes it: token and position embeddings, one
+    pre-norm block of Conv1D attention and MLP (c_attn / c_proj / c_fc), and an LM head tied to the
+    token embedding (one Parameter used by nn.Embedding and by F.linear)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, positions: int = 16) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(positions, dim)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = GPT2Attention(dim, heads)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.c_fc = Conv1D(4 * dim, dim)
+        self.c_proj = Conv1D(dim, 4 * dim)
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, input_ids):
+        positions = torch.arange(0, input_ids.size(-1), dtype=torch.long, device=input_ids.device).unsqueeze(0)
+        x = self.wte(input_ids) + self.wpe(positions)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt2_tokens() -> torch.Tensor:
+    """Example input of GPT2Block: a batch of 2 sequences of 8 token ids."""
+    return torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
 def _images(channels: int, side: int) -> Callable[[], torch.Tensor]:
     return lambda: torch.randn(2, channels, side, side)
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .config import Constraint, TupleOf
-from .errors import ConfigError
+from .errors import ConfigError, PreconditionError
 
 class WeightTransform(nn.Module):
     """Base class of modules that sit on a weight chain (fake-quant, encoded weights, ...).
@@ -65,21 +65,24 @@ def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
 class LayerKind:
     """One kind of weight-bearing layer: the one place its module, functional form and dims are known.
 
-    The functional form takes `(input, weight, bias, ...)`: the weight and bias positions below are
-    read by `weight_arg` / `bias_arg`, and a keyword call names them "weight" / "bias".
+    The functional form takes `(input, weight, bias, ...)` unless the positions below say otherwise
+    (`torch.addmm(bias, input, weight)`); they are read by `weight_arg` / `bias_arg` / `input_arg`,
+    and a keyword call names them "weight" / "bias".
     """
 
-    name: str             # "linear", "conv2d", "conv_transpose2d", ...
-    module: type          # the nn module of this kind (matched by exact type: a subclass may override forward)
-    function: Callable    # its functional form (F.linear, F.conv2d, ...)
-    out_dim: int          # the weight dim that indexes output channels (1 for transposed convs)
-    in_dim: int           # the weight dim that indexes input channels
-    weight_pos: int = 1   # position of the weight argument in the functional call
-    bias_pos: int = 2     # position of the bias argument
+    name: str                  # "linear", "conv2d", "conv_transpose2d", "embedding", "addmm", ...
+    module: type | None        # its nn module (matched by exact type: a subclass may override forward); None: none
+    function: Callable         # its functional form (F.linear, F.conv2d, ...)
+    out_dim: int               # the weight dim that indexes output channels (1 for transposed weights)
+    in_dim: int | None         # the weight dim that indexes input channels (None: an embedding table has none)
+    weight_pos: int = 1        # position of the weight argument in the functional call
+    bias_pos: int | None = 2   # position of the bias argument (None: the kind has no bias)
+    input_pos: int = 0         # position of the input
+    family: str = "conv"       # "linear", "conv" or "embedding": how the weight is applied
 
     @property
     def is_conv(self) -> bool:
-        return self.module is not nn.Linear
+        return self.family == "conv"
 
     @property
     def is_transposed(self) -> bool:
@@ -87,15 +90,20 @@ class LayerKind:
 
 
 KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (
-    LayerKind("linear", nn.Linear, F.linear, out_dim=0, in_dim=1),
+    LayerKind("linear", nn.Linear, F.linear, out_dim=0, in_dim=1, family="linear"),
     LayerKind("conv1d", nn.Conv1d, F.conv1d, out_dim=0, in_dim=1),
     LayerKind("conv2d", nn.Conv2d, F.conv2d, out_dim=0, in_dim=1),
     LayerKind("conv3d", nn.Conv3d, F.conv3d, out_dim=0, in_dim=1),
     LayerKind("conv_transpose1d", nn.ConvTranspose1d, F.conv_transpose1d, out_dim=1, in_dim=0),
     LayerKind("conv_transpose2d", nn.ConvTranspose2d, F.conv_transpose2d, out_dim=1, in_dim=0),
     LayerKind("conv_transpose3d", nn.ConvTranspose3d, F.conv_transpose3d, out_dim=1, in_dim=0),
+    # a table of rows [num_embeddings, dim]: its output channels are the embedding dim
+    LayerKind("embedding", nn.Embedding, F.embedding, out_dim=1, in_dim=None, bias_pos=None, family="embedding"),
+    # Hugging Face's Conv1D (GPT-2): addmm(bias, x2d, weight) with the weight stored [in, out]
+    LayerKind("addmm", None, torch.addmm, out_dim=1, in_dim=0, weight_pos=2, bias_pos=0, input_pos=1,
+              family="linear"),
 )}
-_BY_MODULE: dict[type, LayerKind] = {kind.module: kind for kind in KINDS.values()}
+_BY_MODULE: dict[type, LayerKind] = {kind.module: kind for kind in KINDS.values() if kind.module is not None}
 _BY_FUNCTION: dict[Callable, LayerKind] = {kind.function: kind for kind in KINDS.values()}
 FUNCTIONS: dict[Callable, str] = {fn: kind.name for fn, kind in _BY_FUNCTION.items()}  # functional op -> kind
 
@@ -173,10 +181,18 @@ def layer_kind(module: nn.Module) -> str | None:
 
 
 def _argument(node: Node, name: str) -> Node | None:
-    kind = _BY_FUNCTION.get(node.target) or KINDS["linear"]  # every kind shares the positions; a default
-    position = kind.weight_pos if name == "weight" else kind.bias_pos
-    value = node.args[position] if len(node.args) > position else node.kwargs.get(name)
+    kind = _BY_FUNCTION.get(node.target) or KINDS["linear"]  # a transform's chain call: the linear positions
+    position = {"weight": kind.weight_pos, "bias": kind.bias_pos, "input": kind.input_pos}[name]
+    if position is None:
+        return None
+    keyword = {"addmm": {"weight": "mat2", "bias": "input", "input": "mat1"}}.get(kind.name, {}).get(name, name)
+    value = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
     return value if isinstance(value, Node) else None
+
+
+def input_arg(node: Node) -> Node | None:
+    """The node passed as the input of a functional layer call (the indices of an embedding)."""
+    return _argument(node, "input")
 
 
 def weight_arg(node: Node) -> Node | None:
@@ -254,7 +270,7 @@ def layer_node(gm: GraphModule, layer: Layer) -> Node:
 
 
 def functionalize(gm: GraphModule, node: Node) -> Node:
-    """Replace a call_module linear / conv by get_attr weight (and bias) + its functional form.
+    """Replace a call_module layer by get_attr weight (and bias) + its functional form.
 
     The parameters stay in their module (state_dict keys are unchanged); returns the new node.
     Layers are named by module path, so the layer keeps its name even though the node's changes.
@@ -264,30 +280,37 @@ def functionalize(gm: GraphModule, node: Node) -> Node:
     module = gm.get_submodule(node.target)
     kind = _BY_MODULE[type(module)]
     graph: Graph = gm.graph
-    x = node.args[0]
     with graph.inserting_before(node):
         weight = graph.get_attr(f"{node.target}.weight")
-        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        if not kind.is_conv:
-            args = (x, weight, bias)
-        else:
-            if kind.is_transposed:
-                if len(node.args) > 1 or node.kwargs:
-                    raise NotImplementedError("ConvTranspose called with output_size cannot be functionalized")
-                args = (x, weight, bias, module.stride, module.padding, module.output_padding,
-                        module.groups, module.dilation)
-            else:
-                if module.padding_mode != "zeros":
-                    pad = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
-                                              {"mode": module.padding_mode})
-                    args = (pad, weight, bias, module.stride, 0, module.dilation, module.groups)
-                else:
-                    args = (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+        bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
+        args = _functional_args(graph, node, module, kind, weight, bias)
         new = graph.create_node("call_function", kind.function, args, {}, name=node.name)  # fx adds a suffix
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
+
+
+def _functional_args(graph: Graph, node: Node, module: nn.Module, kind: LayerKind, weight: Node,
+                     bias: Node | None) -> tuple:
+    """The arguments of the functional call that computes what `module` computes at `node`."""
+    x = node.args[0]
+    if kind.family == "linear":
+        return (x, weight, bias)
+    if kind.family == "embedding":
+        if module.max_norm is not None:  # F.embedding would renormalize the stored rows in place
+            raise PreconditionError(f"embedding '{node.target}' has max_norm={module.max_norm}: its rows are "
+                                    "rewritten in place on each call, so no mask or quantizer can sit on them")
+        return (x, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
+    if kind.is_transposed:
+        if len(node.args) > 1 or node.kwargs:
+            raise NotImplementedError("ConvTranspose called with output_size cannot be functionalized")
+        return (x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
+                module.dilation)
+    if module.padding_mode != "zeros":
+        pad = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
+        return (pad, weight, bias, module.stride, 0, module.dilation, module.groups)
+    return (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 
 
 def insert_on_weight(gm: GraphModule, layer: Layer,

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (FUNCTIONS, KINDS, WeightTransform, bias_arg, chain_transforms, effective_weight,
-                               find_layers, functionalize, insert_on_weight, kind_names, kind_of_node, kind_of_type,
+                               find_layers, functionalize, input_arg, insert_on_weight, kind_names, kind_of_node, kind_of_type,
                                layer_kind, layer_node, select_layers, weight_arg, weight_source)
 from fxcompress.tracing import trace
 
@@ -105,25 +105,60 @@ def test_dynamic_weights_are_not_layers():
 
 
 def _built(kind) -> nn.Module:
-    """A small module of `kind` with 2 input and 3 output channels."""
+    """A small module of `kind` with 2 input and 3 output channels (an embedding: 2 rows of 3)."""
     return kind.module(2, 3) if not kind.is_conv else kind.module(2, 3, 1)
 
 
-@pytest.mark.parametrize("name", sorted(KINDS))
+def _example(kind, weight) -> torch.Tensor:
+    if kind.family == "embedding":
+        return torch.tensor([[0, 1, 1]])
+    return torch.randn(1, 2) if not kind.is_conv else torch.randn(1, 2, *(4,) * (weight.ndim - 2))
+
+
+@pytest.mark.parametrize("name", sorted(name for name, kind in KINDS.items() if kind.module is not None))
 def test_each_layer_kind_entry_agrees_with_torch(name):
     kind = KINDS[name]
     module = _built(kind).eval()
     assert layer_kind(module) == kind_of_type(type(module)) == name
     weight = module.weight
-    assert weight.shape[kind.out_dim] == 3 and weight.shape[kind.in_dim] == 2  # the table's channel dims
+    assert weight.shape[kind.out_dim] == 3  # the table's channel dims
+    assert kind.in_dim is None if kind.family == "embedding" else weight.shape[kind.in_dim] == 2
     gm = trace(nn.Sequential(module))
     node = functionalize(gm, layer_node(gm, find_layers(gm)[0]))
     gm.recompile()
     assert node.target is kind.function and kind_of_node(gm, node) is kind
-    assert weight_arg(node) is node.args[kind.weight_pos] and bias_arg(node) is node.args[kind.bias_pos]
-    x = torch.randn(1, 2) if not kind.is_conv else torch.randn(1, 2, *(4,) * (weight.ndim - 2))
+    assert weight_arg(node) is node.args[kind.weight_pos] and input_arg(node) is node.args[kind.input_pos]
+    assert bias_arg(node) is (node.args[kind.bias_pos] if kind.bias_pos is not None else None)
+    x = _example(kind, weight)
     with torch.no_grad():
         assert torch.allclose(gm(x), module(x), atol=1e-6)
+
+
+class HFConv1D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight)
+
+
+def test_addmm_with_a_stored_weight_is_a_linear_layer_with_the_transposed_layout():
+    kind = KINDS["addmm"]
+    gm = trace(HFConv1D())
+    (layer,) = find_layers(gm)
+    node = layer_node(gm, layer)
+    assert (layer.kind, layer.weight, layer.bias) == ("addmm", "weight", "bias") and kind_of_node(gm, node) is kind
+    assert gm.weight.shape[kind.out_dim] == 3 and gm.weight.shape[kind.in_dim] == 2 and kind.is_transposed
+    assert weight_arg(node).target == "weight" and bias_arg(node).target == "bias" and input_arg(node).op == "placeholder"
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(gm(x), F.linear(x, gm.weight.t(), gm.bias))
+
+
+def test_an_embedding_with_max_norm_is_refused_by_name():
+    gm = trace(nn.Sequential(nn.Embedding(4, 3, max_norm=1.0)))
+    with pytest.raises(PreconditionError, match="embedding '0' has max_norm"):
+        functionalize(gm, layer_node(gm, find_layers(gm)[0]))
 
 
 def test_a_subclass_is_no_layer_kind_and_functions_are_the_table():

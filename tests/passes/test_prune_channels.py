@@ -260,7 +260,7 @@ from fxcompress.layers import find_layers, insert_on_weight  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes.prune_channels import PruneChannels  # noqa: E402
 from fxcompress.tracing import trace  # noqa: E402
-from zoo import ZOO, DenseNetSmall  # noqa: E402
+from zoo import ZOO, DenseNetSmall, GPT2Block, gpt2_tokens  # noqa: E402
 
 MODELS = {**{name: (ctor, lambda make=make: (make(),)) for name, (ctor, make) in ZOO.items()}, **EXTRA}
 
@@ -585,4 +585,19 @@ def test_hugging_face_attention_sizes_computed_from_the_input_are_rewritten(atte
     assert all(isinstance(item, str) for s in sizes for item in s[:2])  # batch and length: read at run time
     assert pruned.query.out_features == pruned.dense.in_features == 16 and _params(pruned) < _params(gm)
     for other in (x, torch.randn(3, 9, 32)):
+        torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_conv1d_block_prunes_zeroed_heads_exactly():
+    """HF's Conv1D (addmm, weight [in, out]) prunes as a linear layer: the MLP's c_fc columns with
+    c_proj's rows; the tied embedding / LM head pair and the residual stream stay (layer norms), and
+    the outputs do not move."""
+    gm = trace(GPT2Block().eval())
+    (x,) = inputs = (gpt2_tokens(),)
+    cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph, attention="heads")
+    zero_classes(gm, cg, pick_half(cg))
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention="heads")], example_inputs=inputs)
+    assert tuple(pruned.c_fc.weight.shape) == (32, 64) and tuple(pruned.c_proj.weight.shape) == (64, 32)
+    assert pruned.lm_head.weight is pruned.wte.weight
+    for other in (x, torch.randint(0, 50, (3, 5))):
         torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)

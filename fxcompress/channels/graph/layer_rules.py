@@ -49,6 +49,25 @@ def linear(w: Walk, node: Node) -> dict:
     return track
 
 
+def addmm(w: Walk, node: Node) -> dict:
+    """Hugging Face's Conv1D: addmm(bias, x [N, in], weight [in, out]), a linear layer whose weight
+    holds the output channels in dim 1."""
+    x, bias_node = _arg(node, 1, "mat1"), _arg(node, 0, "input")
+    if len(w.shape(x)) != 2 or not isinstance(bias_node, Node) or len(w.shape(bias_node)) != 1:
+        return w.unknown(node, f"{node.name} is an addmm without a 1-D bias: not a linear layer")
+    in_features, out_features = w.shape(x)[1], w.shape(node)[1]
+    weight = _weight(w, node, "weight", 2, "mat2")
+    bias = _weight(w, node, "bias", 0, "input", dims=(0,)) or {}
+    reason = f"{node.name} reads channels that cannot be sliced"
+    in_ids = w.couple([(w.tensor_track(x).get(1), in_features), (weight.get(0), in_features)], reason)
+    out_ids = w.couple([(weight.get(1), out_features), *_present(bias, out_features)], reason)
+    track = {0: w.tensor_track(x)[0]} if 0 in w.tensor_track(x) else {}
+    if out_ids is not None:
+        track[1] = out_ids
+    w.add_layer(node, "linear", out_ids, in_ids, out_dim=1)
+    return track
+
+
 def _conv(w: Walk, node: Node, transposed: bool) -> dict:
     x = node.args[0]
     sx = w.shape(x)

@@ -22,7 +22,7 @@ Rules:
   reduce     mean / sum / amax ... over dims (reducing a channel dim freezes it)
   softmax    normalizes along one dim (freezes it if it carries channels)
   cat / stack / split / chunk / unbind / getitem    index maps of concatenation and slicing
-  matmul, sdpa, linear, conv, conv_transpose, embedding, batch_norm, instance_norm, group_norm,
+  matmul, sdpa, linear, addmm, conv, conv_transpose, embedding, batch_norm, instance_norm, group_norm,
   layer_norm, prelu, mha, channel_shuffle     layers and normalizations (parameters are sliced)
   shape      reads a size (x.size(1), x.shape, x.dim()): no channels flow through it
 """
@@ -38,7 +38,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ...layers import KINDS, LayerKind
-from .layer_rules import (batch_norm, channel_shuffle, conv, conv_transpose, embedding, group_norm, instance_norm,
+from .layer_rules import (addmm, batch_norm, channel_shuffle, conv, conv_transpose, embedding, group_norm, instance_norm,
                           layer_norm, linear, mha, prelu)
 from .tensor_rules import (binary, cat, chunk, expand, expand_as, getitem, matmul, pad, permute, reduce, reshape,
                            reshape_as, same, sdpa, shape, softmax, spatial, split, squeeze, stack, transpose, unbind,
@@ -46,13 +46,19 @@ from .tensor_rules import (binary, cat, chunk, expand, expand_as, getitem, matmu
 from .walk import Rule
 
 
+# the rule of each layer kind that is not a conv (convs follow from the kind's channel dims)
+_KIND_RULES: dict[str, Rule] = {"linear": linear, "embedding": embedding, "addmm": addmm}
+
+
 def _layer_rule(kind: LayerKind) -> Rule:
-    return conv_transpose if kind.is_transposed else conv if kind.is_conv else linear
+    if kind.name in _KIND_RULES:
+        return _KIND_RULES[kind.name]
+    return conv_transpose if kind.is_transposed else conv
 
 
 # weight-bearing layers, module and functional forms, come from the one vocabulary of layer kinds
 _LAYER_FUNCTIONS = {kind.function: _layer_rule(kind) for kind in KINDS.values()}
-_LAYER_MODULES = {kind.module: _layer_rule(kind) for kind in KINDS.values()}
+_LAYER_MODULES = {kind.module: _layer_rule(kind) for kind in KINDS.values() if kind.module is not None}
 
 # pooling, interpolation and padding modules act on this many trailing dims (None: all but batch and channel)
 _SPATIAL = {count: partial(spatial, count=count) for count in (1, 2, 3, None)}
@@ -87,7 +93,7 @@ FUNCTION_RULES.update({
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
     torch.split: split, torch.chunk: chunk, torch.unbind: unbind, operator.getitem: getitem,
     torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
-    F.scaled_dot_product_attention: sdpa, F.embedding: embedding, F.batch_norm: batch_norm,
+    F.scaled_dot_product_attention: sdpa, F.batch_norm: batch_norm,
     F.instance_norm: instance_norm, F.group_norm: group_norm, F.layer_norm: layer_norm,
     F.prelu: prelu, torch.channel_shuffle: channel_shuffle, F.channel_shuffle: channel_shuffle,
     getattr: shape,
@@ -129,7 +135,6 @@ MODULE_RULES.update({
     nn.UpsamplingBilinear2d: _SPATIAL[2], nn.ZeroPad2d: _SPATIAL[2], nn.ReflectionPad2d: _SPATIAL[2],
     nn.ReplicationPad2d: _SPATIAL[2], nn.ConstantPad2d: _SPATIAL[2],
     nn.Flatten: reshape, nn.Softmax: softmax, nn.LogSoftmax: softmax,
-    nn.Embedding: embedding,
     nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm, nn.BatchNorm3d: batch_norm,
     nn.SyncBatchNorm: batch_norm,
     nn.InstanceNorm1d: instance_norm, nn.InstanceNorm2d: instance_norm, nn.InstanceNorm3d: instance_norm,
