@@ -19,7 +19,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxcompress.errors import FormatError
 
-from .allowlist import (DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES, TENSOR_PROPERTIES,
+from .allowlist import (DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES, NUMERIC_LIMITS,
+                        TENSOR_PROPERTIES,
                         ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
 
 MAX_ARG_DEPTH = 32  # nesting of one argument (tuples, lists, dicts, slices)
@@ -64,7 +65,7 @@ def _function_name(node: Node, where: str) -> str:
                           "(fxcompress.register_function adds a trusted one)")
     if node.target is getattr and not _is_property_read(node.args, node.kwargs):
         raise FormatError(f"cannot save {where}: getattr is stored only for tensor properties "
-                          f"{sorted(TENSOR_PROPERTIES)}")
+                          f"{sorted(TENSOR_PROPERTIES)} and torch.finfo / iinfo fields {sorted(NUMERIC_LIMITS)}")
     return FUNCTION_NAMES[node.target]
 
 
@@ -286,8 +287,12 @@ _TARGETS: dict[str, Callable] = {
 # ---- loading: the graph -------------------------------------------------------------------------
 
 def _is_property_read(args: tuple, kwargs: dict) -> bool:
-    return (len(args) == 2 and isinstance(args[0], Node) and isinstance(args[1], str)
-            and args[1] in TENSOR_PROPERTIES and not kwargs)
+    """A tensor property (`x.dtype`), or a field of a torch.finfo / iinfo node (`finfo(x.dtype).min`)."""
+    if not (len(args) == 2 and isinstance(args[0], Node) and isinstance(args[1], str) and not kwargs):
+        return False
+    if args[0].op == "call_function" and args[0].target in (torch.finfo, torch.iinfo):
+        return args[1] in NUMERIC_LIMITS
+    return args[1] in TENSOR_PROPERTIES
 
 
 def _check_call(op: str, target: Any, args: tuple, kwargs: dict, where: str) -> None:
