@@ -67,7 +67,7 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
             raise
         try:
             return export_module(model, inputs)
-        except TraceError as export_error:
+        except (TraceError, ConfigError) as export_error:
             raise TraceError(f"{fx_error}\nand the torch.export fallback failed too: {export_error}") from export_error
 
 

@@ -156,10 +156,17 @@ def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, di
 
 
 def _input_spec_check(gm: GraphModule) -> None:
+    """Positional tensors only: export specializes any other input to its example value, and the
+    graph keeps no guard that would catch a different one."""
     args_spec, kwargs_spec = gm.graph._codegen.pytree_info.in_spec.children()
     if kwargs_spec.num_children or any(not child.is_leaf() for child in args_spec.children()):
         raise ConfigError("compile: an exported model must take its inputs as positional tensors "
                           f"(its input structure is {gm.graph._codegen.pytree_info.in_spec})")
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            raise ConfigError(f"compile: exported input '{node.target}' is not a tensor "
+                              f"({node.meta.get('val')!r}); export fixed it to this value: pass it as "
+                              "concrete_args to the fx front end instead")
 
 
 def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:

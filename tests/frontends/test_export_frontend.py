@@ -170,6 +170,14 @@ def test_bad_frontend_and_inputs_by_keyword_are_refused_by_name():
     with pytest.raises(ConfigError, match="positional tensors"):
         fxcompress.compile(program, [], inputs)
 
+    class Scaled(nn.Module):
+        def forward(self, x, double):
+            return x * 2 if double else x
+
+    program = torch.export.export(Scaled(), (inputs[0], True))
+    with pytest.raises(ConfigError, match="exported input 'double' is not a tensor"):
+        fxcompress.compile(program, [], (inputs[0], True))  # export fixed it: a later False would be ignored
+
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_masks_kmeans_encoding_save_and_load_reproduce_the_outputs(name, tmp_path):
@@ -237,11 +245,14 @@ def test_an_aten_op_with_no_spelling_stays_warned_and_frozen():
     assert _params(pruned) == _params(model)  # fc1's channels meet an op nobody knows: frozen
 
 
-def test_dynamic_batch_survives_pruning_and_masks():
+def test_dynamic_batch_and_length_survive_pruning_masks_and_the_file(tmp_path):
     model, (x,) = _model("attention_sdpa")
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("length", min=2, max=64)}
+    program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
     gm = fxcompress.compile(program, [InsertMasks(sparsity=0.5), PruneChannels(amount=0.5)], (x,))
-    bigger = torch.randn(7, *x.shape[1:])
-    assert gm(bigger).shape == (7, *x.shape[1:])
-    torch.testing.assert_close(gm(bigger)[:2], gm(torch.cat([bigger[:2]])), rtol=1e-5, atol=1e-5)
+    assert _params(gm) < 0.75 * _params(model)
+    other = torch.randn(7, 9, x.shape[2])
+    assert gm(other).shape == other.shape
+    torch.testing.assert_close(gm(other)[:2], gm(other[:2]), rtol=1e-5, atol=1e-5)
+    fxcompress.save(gm, tmp_path / "dynamic.fxc")
+    torch.testing.assert_close(fxcompress.load(tmp_path / "dynamic.fxc")(other), gm(other), rtol=0, atol=0)
