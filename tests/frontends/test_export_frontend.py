@@ -189,7 +189,11 @@ def test_masks_kmeans_encoding_save_and_load_reproduce_the_outputs(name, tmp_pat
     fxcompress.save(gm, tmp_path / "model.fxc")
     loaded = fxcompress.load(tmp_path / "model.fxc")
     torch.testing.assert_close(loaded(*inputs), fake_quant, rtol=1e-6, atol=1e-6)
-    assert "encoded" in str(fxcompress.summary(loaded)).lower() or fxcompress.summary(loaded).rows
+    layers = [layer.name for layer in find_layers(loaded)]
+    rows = fxcompress.summary(loaded).rows
+    assert layers and set(layers) <= {row["layer"] for row in rows}
+    drawing = fxcompress.draw(loaded, tmp_path / "model.dot").read_text()
+    assert all(name.replace(".", "_") in drawing for name in layers)
 
 
 def _zero_a_random_half(gm, cg: ChannelGraph) -> None:
