@@ -239,6 +239,8 @@ class InsertFakeQuant(Pass):
         """An ActivationQuant on the input of each layer (shared by layers reading the same value)."""
         inserted: dict[Node, Node] = {}
         for layer in layers:
+            if KINDS[layer.kind].family == "embedding":
+                continue  # its input is token indices, not activations
             node = layer_node(gm, layer)
             x = node.args[0]
             if isinstance(x, Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target),

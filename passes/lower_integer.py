@@ -74,6 +74,8 @@ class LowerToInteger(Pass):
         """Every layer to lower; a layer quantized only in part (or by k-means) is refused by name."""
         found = []
         for layer in select_layers(gm, "LowerToInteger"):
+            if layer.kind in ("embedding", "addmm"):
+                continue  # no integer kernel: a table lookup, and addmm's [in, out] layout, stay fake-quant
             node = layer_node(gm, layer)
             x = node.args[0]
             quant_node = chain_module_node(gm, node, (GridWeight, KMeansWeight))
