@@ -107,7 +107,7 @@ def _index(node: Node, dim: int, item: Any) -> tuple:
 
 
 def _slice(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
-    x, dim, start, end, step = (*args, 0, None, None, 1)[:5] if len(args) < 5 else args
+    x, dim, start, end, step = (*args, *(None, 0, None, None, 1)[len(args):])  # aten's defaults
     end = None if end == _LAST else end
     return operator.getitem, (x, _index(node, dim, slice(start, end, None if step == 1 else step))), {}
 

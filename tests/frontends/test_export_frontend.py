@@ -14,7 +14,7 @@ from fxcompress.channels import ChannelGraph
 from fxcompress.channels.select import layer_units, lowest, removal_count
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.inspection import channel_graph
-from fxcompress.layers import find_layers
+from fxcompress.layers import find_layers, layer_kind
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels
 from fxcompress.tracing import trace
@@ -82,7 +82,22 @@ class ShapeBranching(nn.Module):
         return self.odd(x)
 
 
+class EmbedSliceSplit(nn.Module):
+    """An embedding table, slices and a select, a split and a cat: the aten spellings of indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.fc = nn.Linear(16, 12)
+
+    def forward(self, tokens):
+        y = self.fc(self.embed(tokens))[:, 1:]           # aten.slice with its step left out
+        first, rest = torch.split(y, [4, 8], dim=-1)
+        return torch.cat([rest, first * y[:, :, 0:1]], dim=-1)[..., ::2] + y[:, 0].unsqueeze(1)[..., :6]
+
+
 MODELS = {
+    "embedding_slicing": (EmbedSliceSplit, lambda: torch.randint(0, 20, (3, 5))),
     "mlp": (MLP, lambda: torch.randn(4, 16)),
     "cnn": (ResidualCNN, lambda: torch.randn(2, 3, 8, 8)),
     "attention_sdpa": (Attention, lambda: torch.randn(2, 5, 32)),
@@ -119,9 +134,8 @@ def test_exported_graph_is_torch_level_with_the_users_names(name):
     assert _aten_ops(gm) == []  # every op of these models has a torch-level spelling
     exported = {layer.name: layer.kind for layer in find_layers(gm)}
     used = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr" and n.users}
-    assert set(exported) <= {path for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    assert set(exported) == {path for path, m in model.named_modules()
-                             if isinstance(m, (nn.Linear, nn.Conv2d)) and path in used}
+    assert set(exported) == {path for path, m in model.named_modules() if layer_kind(m) and path in used}
+    assert all(exported[path] == layer_kind(model.get_submodule(path)) for path in exported)
     torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=0, atol=0)
 
 
