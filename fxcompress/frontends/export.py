@@ -74,6 +74,12 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
     aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+    aten.addmm.default: torch.addmm, aten.t.default: torch.t, aten.rms_norm.default: F.rms_norm,
+    aten.sin.default: torch.sin, aten.cos.default: torch.cos, aten.where.self: torch.where,
+    aten.masked_fill.Scalar: torch.masked_fill,
+    aten.eq.Scalar: operator.eq, aten.eq.Tensor: operator.eq, aten.ne.Scalar: operator.ne,
+    aten.lt.Scalar: operator.lt, aten.lt.Tensor: operator.lt, aten.le.Scalar: operator.le,
+    aten.gt.Scalar: operator.gt, aten.gt.Tensor: operator.gt, aten.ge.Scalar: operator.ge,
     aten.sym_size.int: "size", aten.contiguous.default: "contiguous",
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
