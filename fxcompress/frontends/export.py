@@ -87,21 +87,21 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
 }
 
 
-def _embedding(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+def _embedding(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     weight, indices, padding_idx = (*args, -1)[:3]  # aten takes the table first and -1 for "no padding"
     return F.embedding, (indices, weight), {"padding_idx": None if padding_idx == -1 else padding_idx}
 
 
-def _layer_norm(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+def _layer_norm(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     return F.layer_norm, tuple(args[:5]), {}  # the last aten argument (cudnn_enable) has no F form
 
 
-def _group_norm(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
-    x, groups, weight, bias, eps = (*args, None, None, 1e-5)[:5]
+def _group_norm(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+    x, groups, weight, bias, eps = (*args, *(None, None, None, None, 1e-5)[len(args):])[:5]  # aten's defaults
     return F.group_norm, (x, groups, weight, bias, eps), {}
 
 
-def _batch_norm(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+def _batch_norm(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     x, weight, bias, mean, var, training, momentum, eps = args[:8]  # aten puts the affine pair first
     return F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps), {}
 
@@ -112,18 +112,19 @@ def _index(node: Node, dim: int, item: Any) -> tuple:
     return (slice(None),) * (dim % ndim) + (item,)
 
 
-def _slice(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+def _slice(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     x, dim, start, end, step = (*args, *(None, 0, None, None, 1)[len(args):])  # aten's defaults
     end = None if end == _LAST else end
     return operator.getitem, (x, _index(node, dim, slice(start, end, None if step == 1 else step))), {}
 
 
-def _select(node: Node, args: tuple, kwargs: dict) -> tuple[Callable, tuple, dict]:
+def _select(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     x, dim, position = args
     return operator.getitem, (x, _index(node, dim, position)), {}
 
 
-_ADAPTERS: dict[Any, Callable[[Node, tuple, dict], tuple[Callable, tuple, dict]]] = {
+# aten overloads whose torch-level form takes its arguments in another order or shape.
+_ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
     aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
     aten.slice.Tensor: _slice, aten.select.int: _select,
@@ -150,8 +151,8 @@ def is_exported_module(gm: nn.Module) -> bool:
 
 def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, dict]:
     """The torch-level (op, target, args, kwargs) of an aten call; unknown overloads unchanged."""
-    if node.target in _ADAPTERS:
-        target, args, kwargs = _ADAPTERS[node.target](node, args, kwargs)
+    if node.target in _ADAPTERS and not kwargs:  # adapters read positions only: keywords stay aten
+        target, args, kwargs = _ADAPTERS[node.target](node, args)
         return "call_function", target, args, kwargs
     spelling = SPELLINGS.get(node.target)
     if spelling is None:

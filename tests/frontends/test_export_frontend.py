@@ -141,16 +141,16 @@ def test_exported_graph_is_torch_level_with_the_users_names(name):
 
 class Miscellany(nn.Module):
     """HF's Conv1D (addmm with a transposed weight), RMSNorm, rotary-style sin / cos, a mask by
-    comparison: the spellings of the table that the other test models do not reach."""
+    comparison, a group norm: the spellings of the table that the other test models do not reach."""
 
     def __init__(self):
         super().__init__()
         self.weight, self.bias = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6))
-        self.norm = nn.RMSNorm(6)
+        self.norm, self.group = nn.RMSNorm(6), nn.GroupNorm(2, 6)
 
     def forward(self, x):
         y = torch.addmm(self.bias, x, self.weight.t().t())
-        y = self.norm(y) * torch.cos(y) + torch.sin(y)
+        y = self.group(self.norm(y)) * torch.cos(y) + torch.sin(y)
         return torch.where(y > 0, y, y.masked_fill(y < -1, 0.0)) + (y == 0) + (y != 1) + (y <= 2) + (y >= 3)
 
 
@@ -159,7 +159,7 @@ def test_the_rest_of_the_table_is_spelled_at_torch_level():
     gm = fxcompress.compile(model, [], (x,), frontend="export")
     assert _aten_ops(gm) == []
     used = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert {torch.addmm, torch.t, F.rms_norm, torch.cos, torch.sin, torch.where, torch.masked_fill,
+    assert {torch.addmm, torch.t, F.rms_norm, F.group_norm, torch.cos, torch.sin, torch.where, torch.masked_fill,
             operator.gt, operator.lt, operator.eq, operator.ne, operator.le, operator.ge} <= used
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
