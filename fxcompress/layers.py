@@ -165,6 +165,7 @@ class Layer:
     node: str            # the node that computes the layer (call_module or call_function)
     weight: str          # qualified name of the stored weight tensor ("features.0.weight")
     bias: str | None     # qualified name of the bias, if any
+    tied_to: str | None = None  # the earlier layer whose very weight tensor this one uses (an LM head's)
 
     @property
     def spec(self) -> LayerKind:
@@ -222,8 +223,9 @@ def weight_source(node: Node) -> Node | None:
 
 
 def find_layers(gm: GraphModule) -> list[Layer]:
-    """Every linear / conv layer of `gm`, in graph order, module or functional form."""
-    layers = []
+    """Every layer of `gm`, in graph order, module or functional form. A layer whose weight is the
+    very tensor of an earlier layer (a tied LM head) says so in `tied_to`."""
+    layers, owners = [], {}
     for node in gm.graph.nodes:
         kind = kind_of_node(gm, node)
         if kind is None:
@@ -231,7 +233,7 @@ def find_layers(gm: GraphModule) -> list[Layer]:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
-            layers.append(Layer(node.target, kind.name, node.name, f"{node.target}.weight", bias))
+            layer = Layer(node.target, kind.name, node.name, f"{node.target}.weight", bias)
         else:
             source = weight_source(node)
             if source is None:
@@ -239,8 +241,34 @@ def find_layers(gm: GraphModule) -> list[Layer]:
             bias_node = bias_arg(node)
             bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
             owner, _, _ = source.target.rpartition(".")
-            layers.append(Layer(owner or source.target, kind.name, node.name, source.target, bias))
+            layer = Layer(owner or source.target, kind.name, node.name, source.target, bias)
+        tensor = _stored_weight(gm, node)
+        first = owners.setdefault(id(tensor), layer) if tensor is not None else layer
+        if first is not layer:
+            layer = Layer(node.name if layer.name == first.name else layer.name, layer.kind, layer.node,
+                          layer.weight, layer.bias, tied_to=first.name)
+        layers.append(layer)
     return layers
+
+
+def _stored_weight(gm: GraphModule, node: Node) -> object | None:
+    """What a layer node's weight is stored as: the tensor, or the module that produces it (an
+    encoded weight); two layers with the same one are tied."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).weight
+    source = weight_source(node)
+    if source is None:
+        return None
+    return operator.attrgetter(source.target)(gm) if source.op == "get_attr" else gm.get_submodule(source.target)
+
+
+def tied_readers(gm: GraphModule, node: Node) -> list[Node]:
+    """The other layer nodes that compute with the very weight tensor of layer node `node`."""
+    tensor = _stored_weight(gm, node)
+    if tensor is None:
+        return []
+    return [other for other in gm.graph.nodes if other is not node and kind_of_node(gm, other) is not None
+            and _stored_weight(gm, other) is tensor]
 
 
 def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), select: str | None = None, *,
@@ -250,8 +278,8 @@ def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), sele
     here. Selecting nothing is a ConfigError naming the layers there are, when a filter was given or
     the pass `required` a layer."""
     every = find_layers(gm)
-    layers = [layer for layer in every
-              if (not types or layer.kind in types) and (select is None or re.fullmatch(select, layer.name))]
+    layers = [layer for layer in every if layer.tied_to is None  # a tied weight is handled once, by its first layer
+              and (not types or layer.kind in types) and (select is None or re.fullmatch(select, layer.name))]
     if not layers and (required or types or select is not None):
         raise ConfigError(f"{owner} selects no layer (select={select!r}, types={types!r}); "
                           f"the layers are {[layer.name for layer in every]}")
@@ -317,14 +345,35 @@ def insert_on_weight(gm: GraphModule, layer: Layer,
                      build: Callable[[Graph, Node], Node]) -> Node:
     """Put `build(graph, weight)` between the layer's current weight value and the layer call.
 
-    Returns the node `build` created; the layer is functionalized first when needed.
+    Returns the node `build` created; the layer is functionalized first when needed. Layers tied to
+    it (the same weight tensor) read the same chain, so the weight stays one tensor with one mask
+    and one quantizer; a tied module left without use is removed (its weight lives on in the first).
     """
     node = functionalize(gm, layer_node(gm, layer))
+    tied_modules = [reader.target for reader in tied_readers(gm, node) if reader.op == "call_module"]
+    tied = [functionalize(gm, reader) for reader in tied_readers(gm, node)]
     current = weight_arg(node)
-    with gm.graph.inserting_before(node):
+    first = next(n for n in gm.graph.nodes if n is node or n in tied)
+    with gm.graph.inserting_before(first):
+        if current.op == "get_attr" and first is not node:  # the chain must precede its first reader
+            current = gm.graph.get_attr(current.target)
         new = build(gm.graph, current)
-    node.replace_input_with(current, new)
+    replaced = {weight_arg(reader) for reader in (node, *tied)} - {current}
+    for reader in (node, *tied):
+        reader.replace_input_with(weight_arg(reader), new)
+    _drop_unused(gm, replaced, tied_modules)
     return new
+
+
+def _drop_unused(gm: GraphModule, weights: set[Node], modules: list[str]) -> None:
+    """Erase the weight reads the tie left without users, then the tied modules nothing reads."""
+    for dead in [n for n in weights if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(dead)
+    read = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for path in modules:
+        if not any(t == path or t.startswith(path + ".") for t in read):
+            parent, _, name = path.rpartition(".")
+            delattr(gm.get_submodule(parent), name)
 
 
 def constant_value(gm: GraphModule, node: Node) -> torch.Tensor:

@@ -74,15 +74,18 @@ def _output_shape(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
-def _input_shape(node) -> tuple[int, ...] | None:
-    first = node.args[0] if node.args else None
+def _input_shape(layer: Layer, node) -> tuple[int, ...] | None:
+    position = layer.spec.input_pos if node.op == "call_function" else 0
+    first = node.args[position] if len(node.args) > position else None
     return _output_shape(first) if first is not None and hasattr(first, "meta") else None
 
 
 def _macs(layer: Layer, weight: torch.Tensor, node) -> int | None:
     """Multiply-accumulates of the layer for one forward on the example inputs (shape-propagated)."""
+    if layer.spec.family == "embedding":
+        return 0  # a table lookup multiplies nothing
     if layer.spec.is_transposed:
-        shape = _input_shape(node)  # every input element is multiplied by Cout/groups * kernel weights
+        shape = _input_shape(layer, node)  # every input element is multiplied by Cout/groups * kernel weights
         return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
     shape = _output_shape(node)  # every output element needs weight.numel() / out_features MACs
     return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
@@ -138,14 +141,22 @@ def _row(gm: GraphModule, layer: Layer) -> dict[str, Any]:
         codebook = 4 * 2 ** bits if bits < 32 else 0
         compressed, exact = math.ceil(stored * (bits + index_bits) / 8) + codebook + bias_bytes, False
     macs = _macs(layer, weight, node)
+    if layer.tied_to is not None:  # the weight is counted, and stored, once: in the row of `tied_to`
+        params, compressed, exact = bias_count, bias_bytes, exact_parts is not None
+        nonzeros, exact_parts = None, None
     return {
-        "layer": layer.name, "op": layer.kind, "weight_shape": tuple(weight.shape), "params": params,
-        "nonzeros": nonzeros, "sparsity": 1 - nonzeros / weight.numel(), "bits": bits,
+        "layer": layer.name if layer.tied_to is None else f"{layer.name} (tied to {layer.tied_to})",
+        "op": layer.kind, "weight_shape": tuple(weight.shape) if nonzeros is not None else None, "params": params,
+        "nonzeros": nonzeros, "sparsity": None if nonzeros is None else 1 - nonzeros / weight.numel(), "bits": bits,
         "sqnr_db": _sqnr(gm, node, weight) if transforms else None,
         "dense_bytes": 4 * params, "compressed_bytes": compressed, "exact": "yes" if exact else "no",
-        "macs": macs, "macs_effective": None if macs is None else round(macs * nonzeros / weight.numel()),
+        "macs": macs, "macs_effective": _effective(macs, int(torch.count_nonzero(weight)), weight.numel()),
         **({"bytes_" + k: v for k, v in exact_parts.items()} if exact_parts else {}),
     }
+
+
+def _effective(macs: int | None, nonzeros: int, size: int) -> int | None:
+    return None if macs is None else round(macs * nonzeros / size)
 
 
 def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:

@@ -20,7 +20,8 @@ from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
 from fxcompress.encoded.tensor import DTYPES, LAYOUTS, encode_half, encode_tensor
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import Layer, bias_arg, chain_transforms, effective_weight, layer_node, select_layers, weight_arg
+from fxcompress.layers import (Layer, bias_arg, chain_transforms, effective_weight, layer_node, select_layers,
+                               tied_readers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _DEEP_COMPRESSION_INDEX_BITS = {"conv": 8, "fc": 5}
@@ -97,8 +98,12 @@ def _replace_input(gm: GraphModule, node: Node, old: Node, module: EncodedWeight
     """Feed `node` from `module`, registered in the owner as `<name>_encoded` so names stay stable."""
     owner, _, name = stored.rpartition(".")
     gm.get_submodule(owner).add_module(f"{name}_encoded", module)
-    with gm.graph.inserting_before(node):
+    tied = [reader for reader in tied_readers(gm, node) if weight_arg(reader) is old]  # a tied LM head: stored once
+    first = next(n for n in gm.graph.nodes if n is node or n in tied)
+    with gm.graph.inserting_before(first):
         new = gm.graph.call_module(f"{stored}_encoded", ())
+    for reader in tied:
+        reader.replace_input_with(old, new)
     swap_input(gm, node, old, new)
 
 
