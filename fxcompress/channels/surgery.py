@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ..errors import PreconditionError
 from .graph import ChannelGraph
 from .graph.layer_rules import (batch_norm, conv, conv_transpose, embedding, group_norm, instance_norm, linear, mha,
                                 prelu)
@@ -29,8 +30,9 @@ def apply_removal(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray) -> lis
         if len(keep) < len(ids):
             resized.setdefault(name, []).append((dim, keep))
     before = {m: _state(m) for m in gm.modules() if type(m) in _FIXERS}
+    sliced: dict = {}  # a tensor tied under two names is cut once and stays one
     for name, cuts in resized.items():
-        _slice_tensor(gm, name, cuts)
+        _slice_tensor(gm, name, cuts, sliced)
     for module, state in before.items():  # recomputed from the weights: a no-op where nothing changed
         _FIXERS[type(module)](module, state)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -43,18 +45,28 @@ def _state(module: nn.Module) -> dict:
     return {k: v for k, v in vars(module).items() if isinstance(v, (int, tuple))}
 
 
-def _slice_tensor(gm: GraphModule, name: str, cuts: list[tuple[int, np.ndarray]]) -> None:
+def _slice_tensor(gm: GraphModule, name: str, cuts: list[tuple[int, np.ndarray]], sliced: dict) -> None:
+    """Cut `name` to the kept indices of each dim; `sliced` maps id(original) -> (original, cuts, result),
+    so a tensor tied under several names (an LM head's weight) is cut once and stays one tensor."""
     owner_path, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_path)
     tensor = operator.attrgetter(name)(gm)
-    with torch.no_grad():
-        new = tensor.detach()
-        for dim, keep in cuts:
-            new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
-        new = new.clone()
-    if isinstance(tensor, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(new, requires_grad=tensor.requires_grad))
-    elif attr in owner._buffers:
+    cuts = sorted(cuts, key=lambda cut: cut[0])
+    if id(tensor) in sliced:
+        _, done, new = sliced[id(tensor)]
+        if [(d, k.tolist()) for d, k in done] != [(d, k.tolist()) for d, k in cuts]:
+            raise PreconditionError(f"PruneChannels: the tied tensor {name!r} would be cut differently under "
+                                    "each of its names")
+    else:
+        with torch.no_grad():
+            new = tensor.detach()
+            for dim, keep in cuts:
+                new = new.index_select(dim, torch.as_tensor(keep, device=new.device))
+            new = new.clone()
+        if isinstance(tensor, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+        sliced[id(tensor)] = (tensor, cuts, new)  # the original kept alive: its id stays unique
+    if attr in owner._buffers:
         owner._buffers[attr] = new
     else:
         setattr(owner, attr, new)

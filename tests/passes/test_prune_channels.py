@@ -601,3 +601,19 @@ def test_gpt2_conv1d_block_prunes_zeroed_heads_exactly():
     assert pruned.lm_head.weight is pruned.wte.weight
     for other in (x, torch.randint(0, 50, (3, 5))):
         torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_embedding_dim_prunes_with_its_tied_head_and_every_consumer():
+    """prune_normalized=True unfreezes the residual stream (not exact: the layer norms' statistics
+    change): the embedding dim of the token and position tables goes with the tied LM head's columns,
+    the layer norms and every Conv1D reading or writing it, and the head stays tied."""
+    gm = trace(GPT2Block().eval())
+    (x,) = inputs = (gpt2_tokens(),)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, attention="heads", prune_normalized=True)],
+                                example_inputs=inputs)
+    assert tuple(pruned.wte.weight.shape) == (50, 16) and tuple(pruned.wpe.weight.shape) == (16, 16)
+    assert pruned.lm_head.weight is pruned.wte.weight and pruned.wte.embedding_dim == 16
+    assert tuple(pruned.c_fc.weight.shape) == (16, 64) and tuple(pruned.c_proj.weight.shape) == (64, 16)
+    assert tuple(pruned.ln_f.weight.shape) == (16,) and pruned.attn.c_proj.weight.shape[1] == 16
+    for other in (x, torch.randint(0, 50, (3, 5))):
+        assert pruned(other).shape == gm(other).shape and torch.isfinite(pruned(other)).all()
