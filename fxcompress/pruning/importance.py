@@ -33,6 +33,9 @@ def group_dims(granularity: str, kind: str, ndim: int, layer: str = "") -> tuple
         if not KINDS[kind].is_conv:
             raise PreconditionError(f"granularity 'kernel' needs a conv layer; {layer or 'the layer'} is {kind}")
         return (0, 1)
+    if granularity == "channel" and KINDS[kind].in_dim is None:
+        raise PreconditionError(f"granularity 'channel' needs input channels; {layer or 'the layer'} is {kind} "
+                                "(its rows are looked up, not summed over inputs)")
     # ConvTranspose stores its weight as (in, out/groups, *kernel): the table says which dim is which.
     return (KINDS[kind].out_dim,) if granularity == "filter" else (KINDS[kind].in_dim,)
 

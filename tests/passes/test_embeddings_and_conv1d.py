@@ -1,10 +1,12 @@
 """Embeddings and Hugging Face's Conv1D (addmm, weight [in, out]) as layers for every weight pass,
 and tied embedding / LM head pairs, which stay one tensor through masks, fake-quant, encoding and
 the file format."""
+import pytest
 import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.errors import PreconditionError
 from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.layers import find_layers, layer_node, weight_arg
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
@@ -80,3 +82,8 @@ def test_summary_counts_conv1d_macs_from_its_input_and_none_for_a_lookup():
     assert rows["c_fc"]["macs"] == tokens * 32 * 128 and rows["attn.c_attn"]["macs"] == tokens * 32 * 96
     assert rows["wte"]["macs"] == rows["wpe"]["macs"] == 0 and rows["lm_head (tied to wte)"]["macs"] == tokens * 32 * 50
     assert sum(row["params"] for row in rows.values()) == sum(p.numel() for p in GPT2Block().parameters())
+
+
+def test_channel_masks_of_an_embedding_are_refused_by_name():
+    with pytest.raises(PreconditionError, match="granularity 'channel' needs input channels; wte is embedding"):
+        _compiled([InsertMasks(sparsity=0.5, granularity="channel", select="wte")])
