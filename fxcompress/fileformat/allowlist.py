@@ -203,6 +203,7 @@ def is_safe_path_part(part: str) -> bool:
     """One step of a module / attribute path: a safe name, a container index such as `0`, or a child
     name of letters, digits, `_` and `-` (torchvision's RegNet names blocks `block1-0`). torch.fx
     writes a step that is not an identifier as `getattr(base, "step")`; without quotes or backslashes
-    such a step cannot leave that string."""
+    such a step cannot leave that string. `self` is a fine step (BERT's `attention.self.query`): it is
+    read as an attribute of a module, never as a name of its own."""
     return is_safe_name(part) or (isinstance(part, str) and re.fullmatch(r"[A-Za-z0-9_-]+", part) is not None
-                                  and "__" not in part and part != "self")
+                                  and "__" not in part)

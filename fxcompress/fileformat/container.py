@@ -54,8 +54,10 @@ _HISTORY_TYPES = {"name": str, "config": dict, "changed": bool, "nodes_created":
 
 
 def _tensors(gm: GraphModule) -> list[tuple[str, str, torch.Tensor]]:
-    found = [(name, "parameter", p) for name, p in gm.named_parameters()]
-    found += [(name, "buffer", b) for name, b in gm.named_buffers()]
+    # every name of a shared tensor (an LM head tied to its embedding): each slot is filled on load,
+    # the tensor stored once per name (the tie itself is not recorded)
+    found = [(name, "parameter", p) for name, p in gm.named_parameters(remove_duplicate=False)]
+    found += [(name, "buffer", b) for name, b in gm.named_buffers(remove_duplicate=False)]
     return found
 
 
