@@ -14,20 +14,18 @@ each pass alone (`check_pass`) and the properties in `PROPERTIES`.
 from __future__ import annotations
 
 import math
-import operator
 import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
+from zeroing import pick_half, zero_classes
 from fxcompress.channels import ChannelGraph
-from fxcompress.channels.select import layer_units, lowest, removal_count
 from fxcompress.errors import FxCompressError, VerificationError
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.pass_base import PassContext
@@ -483,22 +481,10 @@ def check_pass(name: str, model, inputs, seed: int) -> str:
 
 
 def _zero_half(gm, inputs, seed: int) -> bool:
-    """Zero a random half of every layer's prunable channels (all parameter slices of each removed
-    class), as PruneChannels would count them; False when nothing is prunable."""
-
-
+    """Zero a random half of every layer's prunable channels; False when nothing is prunable."""
     cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
-    removed = np.zeros(cg.labels.max() + 1, dtype=bool)
-    scores = np.random.default_rng(seed).random(len(removed))
-    for group in cg.prunable_groups():
-        for unit in layer_units(cg, group):
-            if len(unit.prunable):
-                removed[lowest(unit, scores, removal_count(unit, 0.5, 1, 1), cg, 1)] = True
-    with torch.no_grad():
-        for (name, dim), ids in cg.slots.items():
-            positions = np.flatnonzero(removed[cg.labels[ids]])
-            if len(positions):
-                operator.attrgetter(name)(gm).index_fill_(dim, torch.as_tensor(positions), 0.0)
+    removed = pick_half(cg, seed)
+    zero_classes(gm, cg, removed)
     return bool(removed.any())
 
 

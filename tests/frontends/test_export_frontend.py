@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import operator
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
+from zeroing import pick_half, zero_classes
 from fxcompress.channels import ChannelGraph
-from fxcompress.channels.select import layer_units, lowest, removal_count
 from fxcompress.errors import ConfigError, TraceError
 from fxcompress.inspection import channel_graph
 from fxcompress.layers import find_layers, layer_kind
@@ -235,27 +234,12 @@ def test_masks_kmeans_encoding_save_and_load_reproduce_the_outputs(name, tmp_pat
     assert all(name.replace(".", "_") in drawing for name in layers)
 
 
-def _zero_a_random_half(gm, cg: ChannelGraph) -> None:
-    """Zero a random half of every prunable group's channels (every parameter slice of them)."""
-    removed = np.zeros(cg.labels.max() + 1, dtype=bool)
-    scores = np.random.default_rng(0).random(len(removed))
-    for group in cg.prunable_groups():
-        for unit in layer_units(cg, group):
-            if len(unit.prunable):
-                removed[lowest(unit, scores, removal_count(unit, 0.5, 1, 1), cg, 1)] = True
-    with torch.no_grad():
-        for (param, dim), ids in cg.slots.items():
-            positions = np.flatnonzero(removed[cg.labels[ids]])
-            if len(positions):
-                operator.attrgetter(param)(gm).index_fill_(dim, torch.as_tensor(positions), 0.0)
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "attention_sdpa", "attention_softmax"])
 def test_pruning_zeroed_channels_shrinks_and_leaves_outputs_equal(name):
     model, inputs = _model(name)
     gm = fxcompress.compile(model, [], inputs, frontend="export")
     cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
-    _zero_a_random_half(gm, cg)
+    zero_classes(gm, cg, pick_half(cg))
     expected = gm(*inputs)
     pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method="l1")], inputs)
     assert _params(pruned) < 0.75 * _params(gm)
