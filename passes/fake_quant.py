@@ -19,6 +19,7 @@ model back on the same GraphModule.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -259,9 +260,10 @@ class InsertFakeQuant(Pass):
 
 
 def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
-    noise = float(((weight.double() - quantized.double()) ** 2).sum())
-    signal = float((weight.double() ** 2).sum())
-    return float("inf") if noise == 0 else 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+    weight, quantized = weight.detach().double(), quantized.detach().double()
+    noise = float(((weight - quantized) ** 2).sum())
+    signal = float((weight ** 2).sum())
+    return float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
 
 
 def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.Tensor,
