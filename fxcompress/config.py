@@ -15,47 +15,37 @@ from typing import Any
 from .errors import ConfigError
 
 
+def check(owner: str, field: str, value: Any, *alternatives: Any) -> None:
+    """`value` must satisfy one of `alternatives` (constraints below, or None for the value None);
+    the ConfigError names `Owner.field`. The check_* helpers are its common cases."""
+    if not satisfies(value, alternatives):
+        raise ConfigError(explain(f"{owner}.{field}", value, alternatives))
+
+
 def check_real(owner: str, field: str, value: Any, lo: float | None = None, hi: float | None = None,
                *, lo_open: bool = False, hi_open: bool = False) -> None:
     """`value` must be a real number within [lo, hi] (ends open when asked)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"{owner}.{field} must be a number, got {value!r}")
-    below = lo is not None and (value <= lo if lo_open else value < lo)
-    above = hi is not None and (value >= hi if hi_open else value > hi)
-    if below or above or value != value:
-        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ConfigError(f"{owner}.{field} must be in {left}{lo}, {hi}{right}, got {value!r}")
+    check(owner, field, value, Interval(float, lo, hi, lo_open, hi_open))
 
 
 def check_int(owner: str, field: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
     """`value` must be an integer within [lo, hi]."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ConfigError(f"{owner}.{field} must be an integer, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{owner}.{field} must be in [{lo}, {hi}], got {value!r}")
+    check(owner, field, value, Interval(int, lo, hi))
 
 
 def check_choice(owner: str, field: str, value: Any, choices: Iterable[Any]) -> None:
     """`value` must be one of `choices`."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise ConfigError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    check(owner, field, value, Options(*choices))
 
 
 def check_regex(owner: str, field: str, value: Any) -> None:
     """`value` must be a regular expression string that compiles."""
-    if not isinstance(value, str):
-        raise ConfigError(f"{owner}.{field} must be a regular expression string, got {value!r}")
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise ConfigError(f"{owner}.{field}: {value!r} is not a valid regular expression ({exc})") from None
+    check(owner, field, value, Regex())
 
 
 def check_bool(owner: str, field: str, value: Any) -> None:
     """`value` must be True or False itself: 1, 0.0, "yes" or None are refused rather than read as truthy."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}.{field} must be True or False, got {value!r}")
+    check(owner, field, value, Boolean())
 
 
 def check_applicable(owner: str, config: Any, applies_to: Mapping[str, Collection[str]], in_use: Collection[str],
