@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-transformers4 install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,14 @@ demo: install
 test: install-test
 	$(PY) -m pytest
 
+# The transformers suite once more on 4.46, the newest release whose own fx tracer takes BERT, GPT-2,
+# Llama and ViT (5.x has none): a second venv, since one venv holds one transformers.
+HF4 := .venv-transformers4
+test-transformers4:
+	$(PYTHON) -m venv $(HF4)
+	$(HF4)/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==4.46.3" "tokenizers>=0.20,<0.21"
+	$(HF4)/bin/python -m pip install -q -e ".[test]"
+	$(HF4)/bin/python -m pytest tests/frontends/test_transformers.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(HF4) build *.egg-info
