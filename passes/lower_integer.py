@@ -7,6 +7,15 @@ onto the grid of the next activation fake-quant when only ReLU / max-pool / resh
 between (those run on integer codes), and dequantizes otherwise (e.g. before a residual add or the
 model's output). The result computes what the fake-quant model computes, up to the rounding of
 the bias and of the requantization.
+
+Two backends compute it. "reference" (`quant.integer`) is the exact oracle: centered int32 codes
+and float64 kernels on integer values. "native" (`quant.native`, the default where this machine has
+oneDNN's int8 kernels and every layer fits them) runs uint8 codes through one fused int8 kernel per
+layer; it rounds the requantization in float32, so it agrees with the reference to one code per
+layer. A model native cannot run exactly (asymmetric weight codes outside int8, activation grids
+other than uint8, a layer kind or code op without a kernel, int16 saturation on a CPU without VNNI)
+keeps the reference backend by default, the reasons in the pass's statistics; `backend="native"`
+refuses it by layer instead.
 """
 from __future__ import annotations
 
@@ -19,11 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import validate
+from fxcompress.config import Options, validate
 from fxcompress.errors import PreconditionError
 from fxcompress.quant.integer import ACCUMULATOR_BITS, IntegerLayer, QuantizeInput, fixed_point_multiplier
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant import native
+from fxcompress.quant.native import NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.quantizers import Grid, quantize
 
@@ -32,6 +43,10 @@ _CODE_SAFE_FUNCTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_po
                         torch.reshape, F.dropout, operator.getitem}
 _CODE_SAFE_METHODS = {"relu", "flatten", "view", "reshape"}
 _CODE_SAFE_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
 @dataclass(frozen=True)
@@ -43,11 +58,31 @@ class _Quantized:
     input_grid: Grid    # the grid of the activation fake-quant on the layer's input
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What either backend builds a layer from, read before the graph changes."""
+
+    codes: torch.Tensor              # centered weight codes, int32
+    weight_scale: torch.Tensor       # float64, per output channel
+    bias: torch.Tensor | None        # int32 at the accumulator's scale
+    accumulator_scale: torch.Tensor  # float64, per output channel
+    out_grid: Grid | None            # None: the layer dequantizes
+    chain: tuple[Node, ...]          # the code-safe ops between the layer and out_grid's fake-quant
+    options: dict                    # conv stride / padding / dilation / groups
+
+
 @dataclass(frozen=True, kw_only=True)
 class LowerToInteger(Pass):
-    """Lower every layer with a linear / fixed-point weight quantizer and an input fake-quant to integers."""
+    """Lower every layer with a linear / fixed-point weight quantizer and an input fake-quant to integers.
 
-    constraints: ClassVar[dict] = {}  # no options: which layers are lowered follows from the graph
+    backend  "native" (oneDNN int8 kernels on uint8 codes), "reference" (exact, float64 kernels on
+             integer values) or None: native where this machine has the kernels and every layer fits
+             them, reference otherwise (stats["native_refused"] says why)
+    """
+
+    backend: str | None = None
+
+    constraints: ClassVar[dict] = {"backend": (Options("native", "reference"), None)}
 
     def __post_init__(self) -> None:
         validate(self)
@@ -55,20 +90,49 @@ class LowerToInteger(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         layers = self._quantized_layers(gm)  # grids are read before their fake-quant nodes go
         targets = {q.node: _requant_target(gm, q.node) for q in layers}
-        out_grids = {node: gm.get_submodule(t.target).grid() for node, t in targets.items() if t is not None}
-        boundaries = self._lower_activations(gm, set(targets.values()) - {None})
+        plans = {q.node: _plan(gm, q, targets[q.node]) for q in layers}
+        backend, refused = self._choose_backend(gm, layers, plans, set(targets.values()) - {None})
+        boundaries = self._lower_activations(gm, set(targets.values()) - {None}, backend)
         for q in layers:
-            _replace_layer(gm, q, out_grids.get(q.node))
+            (_replace_native if backend == "native" else _replace_layer)(gm, q, plans[q.node])
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         for q in layers:
             _drop_float_parameters(gm, q.layer.weight.rpartition(".")[0])
         return PassResult(changed=bool(layers), params_touched=tuple(q.layer.weight for q in layers), stats={
+            "backend": backend,
+            "native_refused": refused,
             "integer_layers": len(layers),
             "requantized": sum(t is not None for t in targets.values()),
             "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
             "float_to_integer_boundaries": boundaries,
         })
+
+    def _choose_backend(self, gm: GraphModule, layers: list[_Quantized], plans: dict[Node, _Plan],
+                        fed_by_layer: set[Node]) -> tuple[str, dict[str, str]]:
+        """The backend to build, and why native was not possible (by layer or fake-quant path)."""
+        if self.backend == "reference":
+            return "reference", {}
+        refused: dict[str, str] = {}
+        if not native.available():
+            refused["*"] = "this torch build has no oneDNN int8 kernels (torch.ops.onednn)"
+        else:
+            for q in layers:
+                if (reason := _native_refusal(gm, q, plans[q.node])) is not None:
+                    refused[q.layer.name] = reason
+            lowered = {q.node for q in layers}
+            for node in gm.graph.nodes:  # uint8 codes must reach native kernels only
+                if _is_activation_quant(gm, node) and node not in fed_by_layer:
+                    others = [u for u in node.users if u not in lowered]
+                    if others:
+                        refused[node.target] = f"its codes would also reach {others[0].format_node()}"
+        if not refused:
+            return "native", {}
+        if self.backend == "native":
+            reasons = "; ".join(f"'{name}': {reason}" for name, reason in refused.items())
+            raise PreconditionError(f"LowerToInteger(backend='native') cannot run this model on int8 kernels "
+                                    f"exactly: {reasons}; backend='reference' runs any grid")
+        return "reference", refused
 
     def _quantized_layers(self, gm: GraphModule) -> list[_Quantized]:
         """Every layer to lower; a layer quantized only in part (or by k-means) is refused by name."""
@@ -108,8 +172,8 @@ class LowerToInteger(Pass):
                                     "calibration_data first")
         return found
 
-    def _lower_activations(self, gm: GraphModule, fed_by_layer: set[Node]) -> int:
-        """Activation fake-quants fed by an integer layer vanish; the others become QuantizeInput."""
+    def _lower_activations(self, gm: GraphModule, fed_by_layer: set[Node], backend: str) -> int:
+        """Activation fake-quants fed by an integer layer vanish; the others become the float boundary."""
         boundaries = 0
         for node in list(gm.graph.nodes):
             if not _is_activation_quant(gm, node):
@@ -119,7 +183,9 @@ class LowerToInteger(Pass):
                 gm.graph.erase_node(node)
                 continue
             grid = gm.get_submodule(node.target).grid()
-            gm.add_submodule(node.target, QuantizeInput(float(grid.scale), int(grid.zero_point), grid.qmin, grid.qmax))
+            boundary = (QuantizeToCodes(float(grid.scale), int(grid.zero_point), grid.qmax) if backend == "native"
+                        else QuantizeInput(float(grid.scale), int(grid.zero_point), grid.qmin, grid.qmax))
+            gm.add_submodule(node.target, boundary)
             boundaries += 1
         return boundaries
 
@@ -150,35 +216,177 @@ def _requant_target(gm: GraphModule, node: Node) -> Node | None:
     return None
 
 
-def _replace_layer(gm: GraphModule, q: _Quantized, out_grid: Grid | None) -> None:
-    """Swap the layer for an IntegerLayer requantizing onto `out_grid` (None: dequantize)."""
-    node, x, in_grid = q.node, q.node.args[0], q.input_grid
+def _code_chain(gm: GraphModule, node: Node, target: Node | None) -> tuple[Node, ...]:
+    """The code-safe nodes from `node` (excluded) to its requantization target (excluded)."""
+    chain, current = [], node
+    while target is not None and current.users and next(iter(current.users)) is not target:
+        (current,) = current.users
+        chain.append(current)
+    return tuple(chain)
+
+
+def _plan(gm: GraphModule, q: _Quantized, target: Node | None) -> _Plan:
+    """The layer's integer weights, bias and scales (one computation for both backends)."""
     weight = constant_value(gm, q.weight_input)
     grid = q.quantizer.grid(weight)
     _, zero_point = grid.broadcast(weight, q.quantizer.axis)
     codes = (quantize(weight, grid, q.quantizer.axis) - zero_point.to(torch.int32)).to(torch.int32)
     out_channels = weight.shape[0]
-    accumulator_scale = (in_grid.scale.double() * grid.scale.double()).expand(out_channels)
-    module = IntegerLayer(q.layer.kind, list(weight.shape), requantize=out_grid is not None,
-                          **_conv_options(node, q.layer.kind))
-    module.weight.copy_(codes)
+    weight_scale = grid.scale.double().expand(out_channels)
+    accumulator_scale = q.input_grid.scale.double() * weight_scale
+    bias = None
     if q.layer.bias is not None:
-        bias = gm.get_parameter(q.layer.bias).detach().double()
-        module.bias.copy_(torch.round(bias / accumulator_scale).to(torch.int32))
-    _check_accumulator(q.layer.name, codes, in_grid, module.bias)
+        bias = torch.round(gm.get_parameter(q.layer.bias).detach().double() / accumulator_scale).to(torch.int32)
+    _check_accumulator(q.layer.name, codes, q.input_grid,
+                       bias if bias is not None else torch.zeros(out_channels, dtype=torch.int32))
+    out_grid = gm.get_submodule(target.target).grid() if target is not None else None
+    return _Plan(codes, weight_scale, bias, accumulator_scale, out_grid, _code_chain(gm, q.node, target),
+                 _conv_options(q.node, q.layer.kind))
+
+
+def _replace_layer(gm: GraphModule, q: _Quantized, plan: _Plan) -> None:
+    """Swap the layer for a reference IntegerLayer requantizing onto the plan's grid (None: dequantize)."""
+    node, out_grid = q.node, plan.out_grid
+    module = IntegerLayer(q.layer.kind, list(plan.codes.shape), requantize=out_grid is not None, **plan.options)
+    module.weight.copy_(plan.codes)
+    if plan.bias is not None:
+        module.bias.copy_(plan.bias)
     if out_grid is None:
-        module.output_scale.copy_(accumulator_scale)
+        module.output_scale.copy_(plan.accumulator_scale)
     else:
-        multiplier, shift = fixed_point_multiplier(accumulator_scale / out_grid.scale.double())
+        multiplier, shift = fixed_point_multiplier(plan.accumulator_scale / out_grid.scale.double())
         module.multiplier.copy_(multiplier)
         module.shift.copy_(shift)
         module.low.fill_(out_grid.qmin - int(out_grid.zero_point))
         module.high.fill_(out_grid.qmax - int(out_grid.zero_point))
+    _swap(gm, q, module, "integer")
+
+
+def _swap(gm: GraphModule, q: _Quantized, module: nn.Module, suffix: str) -> Node:
+    """Call `module` on the layer's input in place of the layer node."""
+    node = q.node
     owner = q.layer.weight.rpartition(".")[0]
-    name = f"{owner}.integer" if owner else f"{node.name}_integer"
+    name = f"{owner}.{suffix}" if owner else f"{node.name}_{suffix}"
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (x,))
+        new = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _is_relu(gm: GraphModule, node: Node) -> bool:
+    return ((node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+            or (node.op == "call_method" and node.target == "relu")
+            or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU)))
+
+
+def _is_max_pool2d(gm: GraphModule, node: Node) -> bool:
+    return ((node.op == "call_function" and node.target is F.max_pool2d)
+            or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MaxPool2d)))
+
+
+def _native_refusal(gm: GraphModule, q: _Quantized, plan: _Plan) -> str | None:
+    """Why the native kernels could not compute this layer exactly as the reference does, if they cannot."""
+    kind, codes, in_grid = q.layer.kind, plan.codes, q.input_grid
+    if kind not in native.KERNELS:
+        return f"{kind} has no native kernel (only {', '.join(native.KERNELS)})"
+    low, high = int(codes.min()), int(codes.max())
+    if low < native.INT8_RANGE[0] or high > native.INT8_RANGE[1]:
+        return (f"its centered weight codes span [{low}, {high}], beyond int8 with zero-point 0 (quantize with "
+                "InsertFakeQuant(method='linear', symmetric=True) or 'fixed_point', at most 8 bits)")
+    for grid, what in ((in_grid, "input"), (plan.out_grid, "output")):
+        if grid is not None and (grid.qmin != 0 or grid.qmax > native.UINT8_MAX):
+            return (f"its {what} activation grid [{grid.qmin}, {grid.qmax}] is not uint8 (use "
+                    "ActivationConfig(symmetric=False) with at most 8 bits)")
+    if not native.saturation_free(codes, in_grid.qmax):
+        return (f"two weight codes times input code {in_grid.qmax} could pass int16 in this CPU's u8 x s8 "
+                "kernels (no VNNI); use ActivationConfig(bits=7) or 7-bit weights")
+    for node in plan.chain:
+        if not _native_code_safe(gm, node):
+            return f"{node.format_node()} has no kernel on uint8 codes"
+    return None
+
+
+def _native_code_safe(gm: GraphModule, node: Node) -> bool:
+    """Code-safe ops native can run on uint8: ReLU, 2-d max pooling without indices, reshapes, dropout."""
+    if _is_relu(gm, node) or _is_max_pool2d(gm, node):
+        return _is_relu(gm, node) or _native_pool_ok(gm, node)
+    if node.target in (F.max_pool1d, F.max_pool3d) or (
+            node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.MaxPool1d, nn.MaxPool3d))):
+        return False
+    return _code_safe(gm, node)
+
+
+def _native_pool_ok(gm: GraphModule, node: Node) -> bool:
+    if not _is_max_pool2d(gm, node):
+        return False
+    if node.op == "call_module":
+        return not gm.get_submodule(node.target).return_indices
+    return not dict(zip(_MAX_POOL_ARGS, node.args[1:]), **node.kwargs).get("return_indices", False)
+
+
+def _replace_native(gm: GraphModule, q: _Quantized, plan: _Plan) -> None:
+    """Swap the layer for a NativeLayer: one fused kernel, the ReLU right after it fused as well."""
+    out_grid, in_grid = plan.out_grid, q.input_grid
+    users = list(q.node.users)
+    relu = users[0] if len(users) == 1 and _is_relu(gm, users[0]) and (not plan.chain or plan.chain[0] is users[0]) \
+        else None
+    module = NativeLayer(q.layer.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point),
+                         "float32" if out_grid is None else "uint8",
+                         output_scale=1.0 if out_grid is None else float(out_grid.scale),
+                         output_zero_point=0 if out_grid is None else int(out_grid.zero_point),
+                         clamp=_native_clamp(out_grid, relu is not None), **plan.options)
+    module.weight.copy_(plan.codes.to(torch.int8))
+    module.weight_scale.copy_(plan.weight_scale.float())
+    if plan.bias is not None:  # the reference's integer bias, as the value it stands for
+        module.bias.copy_((plan.bias.double() * plan.accumulator_scale).float())
+    new = _swap(gm, q, module, "native")
+    if relu is not None:
+        relu.replace_all_uses_with(new)
+        gm.graph.erase_node(relu)
+    zero_point = 0 if out_grid is None else int(out_grid.zero_point)
+    for node in plan.chain:
+        if node is not relu:
+            _native_code_op(gm, node, zero_point)
+
+
+def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float] | None:
+    """The fused clamp in real units: ReLU and / or the output grid's range where uint8 does not give it."""
+    if out_grid is None:
+        return (0.0, float("inf")) if relu else None
+    scale, zero = float(out_grid.scale), int(out_grid.zero_point)
+    high = float("inf") if out_grid.qmax == native.UINT8_MAX else (out_grid.qmax - zero) * scale
+    low = 0.0 if relu else (out_grid.qmin - zero) * scale
+    return None if (not relu and high == float("inf")) else (low, high)
+
+
+def _native_code_op(gm: GraphModule, node: Node, zero_point: int) -> None:
+    """Respell one code-safe op for uint8 codes (ReLU clamps at the zero-point; max pooling and view
+    take channels-last tensors, which the kernels write)."""
+    if _is_relu(gm, node):
+        target, args = relu_codes, (node.args[0], zero_point)
+    elif _is_max_pool2d(gm, node):
+        if node.op == "call_module":
+            pool = gm.get_submodule(node.target)
+            values = {name: getattr(pool, name) for name in _MAX_POOL_ARGS[:-1]}
+        else:
+            values = dict(zip(_MAX_POOL_ARGS, node.args[1:]), **node.kwargs)
+        pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+        kernel = pair(values["kernel_size"])
+        stride = pair(values.get("stride") or kernel)
+        target, args = max_pool2d_codes, (node.args[0], kernel, stride, pair(values.get("padding", 0)),
+                                          pair(values.get("dilation", 1)), bool(values.get("ceil_mode", False)))
+    elif node.op == "call_method" and node.target == "view":
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_method("reshape", node.args, node.kwargs)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return
+    else:
+        return
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 

@@ -1,0 +1,162 @@
+"""Native integer execution: LowerToInteger's fast backend on oneDNN's int8 kernels.
+
+Between layers a tensor holds the *raw codes* q of its activation grid as uint8 (not the centered
+int32 codes of `quant.integer`): that is what the kernels read. A linear / conv2d layer is one
+`NativeLayer` node: uint8 codes in, int8 weight codes (zero-point 0) times them accumulated in
+int32, the bias, the requantization onto the next grid and a clamp (ReLU, or the grid's range)
+fused into one oneDNN call (`torch.ops.onednn.qlinear_pointwise` / `qconv2d_pointwise`, what
+PT2E's x86 lowering emits); the last layer of a run writes float32 instead. Max pooling runs on
+the codes, and ReLU elsewhere on codes is a clamp at the zero-point.
+
+The kernels scale the int32 accumulator in float32 and round half to even where the reference
+backend (`quant.integer`) uses a 31-bit fixed-point multiplier rounding half up, so the two agree
+to one code per requantization, not bit for bit.
+
+Exactness condition: x86 CPUs without VNNI multiply uint8 by int8 with `vpmaddubsw`, which adds
+the products of two neighbouring inputs in int16 and saturates at 32767. A layer is exact there
+only if any two of its weight codes times the largest input code stay below that bound
+(`saturation_free`); 7-bit activations (what torch.ao's x86 `reduce_range` does) or 7-bit weights
+always fit. LowerToInteger checks this per layer and refuses (or keeps the reference backend)
+rather than run a layer that could saturate.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+INT16_MAX = 32767  # pairwise int16 sums of u8 x s8 products on x86 without VNNI
+UINT8_MAX = 255
+INT8_RANGE = (-128, 127)
+
+# layer kind -> the oneDNN kernel computing it on uint8 codes; kinds absent here have no native kernel
+KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's int8 kernels on plain tensors (x86 CPUs)."""
+    return (torch.backends.mkldnn.is_available()
+            and all(hasattr(torch.ops.onednn, name) for name in ("qlinear_prepack", "qconv_prepack",
+                                                                 *KERNELS.values())))
+
+
+def vnni() -> bool:
+    """Whether the CPU multiplies uint8 by int8 into int32 without an int16 intermediate (VNNI / AMX)."""
+    return bool(torch.cpu._is_vnni_supported())
+
+
+def saturation_free(codes: torch.Tensor, input_max: int) -> bool:
+    """Whether no two weight codes of one output channel times `input_max` can pass int16.
+
+    The kernel pairs neighbouring reduction elements in a layout of its own, so the bound takes the
+    two largest |codes| of each output channel: no pairing can do worse.
+    """
+    if vnni():
+        return True
+    rows = codes.flatten(1).abs().to(torch.int64)
+    top = rows.topk(min(2, rows.shape[1]), dim=1).values.sum(dim=1)
+    return int(top.max()) * input_max <= INT16_MAX
+
+
+class QuantizeToCodes(nn.Module):
+    """The float -> native boundary: uint8 codes of the input on an activation grid (qmin 0)."""
+
+    def __init__(self, scale: float, zero_point: int, qmax: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmax = scale, zero_point, qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x / scale, not x * (1 / scale): the same rounding as the reference boundary, code for code
+        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.qmax).to(torch.uint8)
+
+    def config(self) -> dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "qmax": self.qmax}
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}, zero_point={self.zero_point}, qmax={self.qmax}"
+
+
+class NativeLayer(nn.Module):
+    """A linear / conv2d layer on uint8 codes with bias, requantization and clamp fused.
+
+    Buffers: `weight` (int8 codes, zero-point 0), `weight_scale` (float32, per output channel),
+    `bias` (float32, the reference's int32 bias times the accumulator scale, so both add the same
+    value). `output` is "uint8" (requantize onto the grid `output_scale` / `output_zero_point`,
+    clamped to [`low`, `high`] in real units) or "float32" (dequantize). The oneDNN packed weight
+    is built on first use and never stored or copied: it is opaque memory, remade from `weight`.
+    """
+
+    def __init__(self, kind: str, weight_shape: list[int], input_scale: float, input_zero_point: int,
+                 output: str, output_scale: float = 1.0, output_zero_point: int = 0,
+                 clamp: tuple[float, float] | None = None, stride: list[int] | None = None,
+                 padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1) -> None:
+        super().__init__()
+        self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
+        # the fused clamp: ReLU alone is oneDNN's "relu"; a bounded range is "hardtanh"
+        self.post_op = "none" if clamp is None else "relu" if self.clamp == (0.0, float("inf")) else "hardtanh"
+        self.input_scale, self.input_zero_point = input_scale, input_zero_point
+        self.output_scale, self.output_zero_point = output_scale, output_zero_point
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        out = weight_shape[0]
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32), persistent=False)
+        self._packed: torch.Tensor | None = None
+
+    def packed(self) -> torch.Tensor:
+        if self._packed is None:
+            if self.kind == "linear":
+                self._packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
+            else:
+                self._packed = torch.ops.onednn.qconv_prepack(
+                    self.weight, self.weight_scale, self.input_scale, self.input_zero_point, self.stride,
+                    self.padding, self.dilation, self.groups, None)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
+        dtype = torch.uint8 if self.output == "uint8" else torch.float32
+        common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
+                  self.weight_zero_point, self.bias)
+        if self.kind == "linear":
+            return torch.ops.onednn.qlinear_pointwise(*common, self.output_scale, self.output_zero_point, dtype,
+                                                      post, args, "")
+        return torch.ops.onednn.qconv2d_pointwise(*common, self.stride, self.padding, self.dilation, self.groups,
+                                                  self.output_scale, self.output_zero_point, dtype, post, args, "")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # opaque oneDNN memory: deepcopy / pickle remake it from `weight`
+        return state
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "weight_shape": list(self.weight.shape), "input_scale": self.input_scale,
+                "input_zero_point": self.input_zero_point, "output": self.output,
+                "output_scale": self.output_scale, "output_zero_point": self.output_zero_point,
+                "clamp": None if self.clamp is None else list(self.clamp), "stride": self.stride,
+                "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+
+    def extra_repr(self) -> str:
+        clamp = "" if self.clamp is None else f", clamp={self.clamp}"
+        return f"{self.kind}, weight={tuple(self.weight.shape)}, -> {self.output}{clamp}"
+
+
+def max_pool2d_codes(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int], ceil_mode: bool) -> torch.Tensor:
+    """Max pooling of uint8 codes in any memory format (aten's refuses channels-last uint8)."""
+    return torch.ops.quantized.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def relu_codes(x: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """ReLU on codes: the real value 0 is the code `zero_point`."""
+    return torch.clamp_min(x, zero_point)
