@@ -8,23 +8,25 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from .analyses.shapes import ShapeInfo, propagate_shapes
 from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
-from .errors import ConfigError, FxCompressError, TraceError, VerificationError
+from .errors import ConfigError, FxCompressError, TraceError, UnknownOpError, UnknownOpWarning, VerificationError
 from .frontends import export_module, from_exported, is_exported_module
+from .frontends import specialize_shapes as fold_shapes
 from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .quant import sync_trainable
-from .tracing import trace
-from .verify import OutputSignature, check_example_inputs, forward, verify_graph
+from .tracing import origin, trace
+from .verify import OutputSignature, check_example_inputs, failing_node, forward, verify_graph
 
 
 def _node_signatures(gm: GraphModule) -> dict[str, str]:
@@ -75,7 +77,7 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
             calibration_data: Sequence | None = None, leaf_modules: Collection[Any] = (),
             concrete_args: Mapping[str, Any] | None = None, inplace: bool = False,
             verify: bool = True, progress: bool = False, check_analyses: bool | None = None,
-            frontend: str = "auto") -> GraphModule:
+            frontend: str = "auto", strict: bool = False, specialize_shapes: bool = False) -> GraphModule:
     """Trace `model` (or take a GraphModule) and apply `passes` in order, verifying after each.
 
     `model` is an nn.Module, a GraphModule from an earlier compile, a `torch.export.ExportedProgram`
@@ -91,28 +93,32 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     `check_analyses=True` recomputes every analysis a pass reported preserved and raises
     VerificationError naming the pass and the analysis if it differs (default: the environment
     variable FXCOMPRESS_CHECK_ANALYSES, off unless set to something other than 0).
+
+    A pass that changes nothing on a graph holding ops it does not know (`Pass.unknown_ops`) is
+    named with those ops, their module paths and source lines: an UnknownOpWarning, or an
+    UnknownOpError with `strict=True`.
+
+    `specialize_shapes=True` folds every size the graph computes from the inputs' shapes
+    (`x.size()[:-1] + (heads, head_dim)`, `x.shape[-1]`, `x.dim()`) into its value on
+    `example_inputs` before any pass runs: `view(x, (2, 8, 4, 8))`. The returned GraphModule then
+    accepts only inputs of exactly the example inputs' shapes (batch size included); sizes that
+    depend on the data, not only on shapes, are kept and named in a warning.
     """
-    for index, p in enumerate(passes):
-        if not isinstance(p, Pass):
-            raise ConfigError(f"compile.passes[{index}] must be a Pass instance, got {p!r}")
-    if check_analyses is None:
-        check_analyses = os.environ.get("FXCOMPRESS_CHECK_ANALYSES", "") not in ("", "0")
-    for flag, value in (("inplace", inplace), ("verify", verify), ("progress", progress),
-                        ("check_analyses", check_analyses)):
-        check_bool("compile", flag, value)
-    if example_inputs is None:
-        raise ConfigError("compile.example_inputs is required: passes are verified by a forward pass on them")
+    check_analyses = _check_options(passes, example_inputs, frontend, check_analyses, inplace=inplace,
+                                    verify=verify, progress=progress, strict=strict,
+                                    specialize_shapes=specialize_shapes)
     inputs = _as_tuple(example_inputs)
-    if frontend not in FRONTENDS:
-        raise ConfigError(f"compile.frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
     gm = _to_graph(model, inputs, frontend, inplace, leaf_modules, concrete_args)
 
     outputs = check_example_inputs(gm, inputs)  # a failure now is the inputs', before any pass is blamed
     expected = OutputSignature.of(outputs) if verify else None
+    if specialize_shapes:
+        fold_shapes(gm, inputs)
+        verify_graph(gm, inputs if verify else None, expected, "specialize_shapes")
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
     for index, p in enumerate(passes):
         gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify,
-                       check_analyses)
+                       check_analyses, strict)
         if p.changes_output_shapes and verify:
             expected = OutputSignature.of(forward(gm, inputs))
     if not ctx.analyses.cached(ShapeInfo):  # a cached ShapeInfo was propagated on this very graph
@@ -121,8 +127,25 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     return gm
 
 
-def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
-              expected: OutputSignature | None, verify: bool, check_analyses: bool) -> GraphModule:
+def _check_options(passes: Sequence[Pass], example_inputs: Any, frontend: str, check_analyses: bool | None,
+                   **flags: bool) -> bool:
+    """Refuse bad options by name before anything runs; returns check_analyses with its default applied."""
+    for index, p in enumerate(passes):
+        if not isinstance(p, Pass):
+            raise ConfigError(f"compile.passes[{index}] must be a Pass instance, got {p!r}")
+    if check_analyses is None:
+        check_analyses = os.environ.get("FXCOMPRESS_CHECK_ANALYSES", "") not in ("", "0")
+    for flag, value in (*flags.items(), ("check_analyses", check_analyses)):
+        check_bool("compile", flag, value)
+    if example_inputs is None:
+        raise ConfigError("compile.example_inputs is required: passes are verified by a forward pass on them")
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"compile.frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
+    return check_analyses
+
+
+def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: OutputSignature | None,
+              verify: bool, check_analyses: bool, strict: bool = False) -> GraphModule:
     label = f"pass #{index} {p!r}"
     before = _node_signatures(gm)
     start = time.perf_counter()
@@ -155,10 +178,43 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext,
         nodes_changed=tuple(n for n in after if n in before and before[n] != after[n]),
         params_touched=tuple(result.params_touched), stats=dict(result.stats), seconds=seconds)
     if not result.changed and (record.nodes_created or record.nodes_erased or record.nodes_changed):
+        rewritten = [n for n in gm.graph.nodes if n.name in record.nodes_created + record.nodes_changed]
         raise VerificationError(f"{label} reported changed=False but rewrote nodes "
-                                f"{list(record.nodes_created + record.nodes_erased + record.nodes_changed)[:5]}")
+                                f"{list(record.nodes_created + record.nodes_erased + record.nodes_changed)[:5]}"
+                                + "".join(f"; {n.name}: {origin(n)}" for n in rewritten[:5]))
+    if not result.changed and result.gm is None:
+        _report_unknown_ops(gm, p, label, strict)
     append_record(gm, record)
     return gm
+
+
+def _report_unknown_ops(gm: GraphModule, p: Pass, label: str, strict: bool, shown: int = 10) -> None:
+    """A pass that changed nothing on a graph holding ops it does not know says so, naming them:
+    it may have found nothing to do only because it could not read them."""
+    unknown = p.unknown_ops(gm)
+    if not unknown:
+        return
+    listed = "; ".join(f"{_op_name(gm, n)} at {origin(n)}" for n in unknown[:shown])
+    more = f"; and {len(unknown) - shown} more" if len(unknown) > shown else ""
+    message = (f"{label} changed nothing, and the graph holds {len(unknown)} op(s) it does not know: "
+               f"{listed}{more}. Teach its tables these ops (docs/architecture.md), mark them as leaf "
+               f"modules, or respell them")
+    if strict:
+        raise UnknownOpError(message)
+    warnings.warn(message + " (compile(..., strict=True) makes this an error)", UnknownOpWarning, stacklevel=4)
+
+
+def _op_name(gm: GraphModule, node: Node) -> str:
+    """An op as a user would write it: torch.cumsum, aten.foo.default, .cumsum(), LSTM 'rnn'."""
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} '{node.target}'"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(node.target)
+    module = getattr(node.target, "__module__", None) or ""
+    name = getattr(node.target, "__name__", repr(node.target))
+    return f"{module.replace('torch._C._nn', 'torch.nn.functional').replace('torch._C', 'torch')}.{name}".lstrip(".")
 
 
 def _refresh_analyses(gm: GraphModule, preserved: tuple[Preserved, ...], ctx: PassContext, label: str,
@@ -169,7 +225,8 @@ def _refresh_analyses(gm: GraphModule, preserved: tuple[Preserved, ...], ctx: Pa
     try:
         shapes = propagate_shapes(gm, ctx.example_inputs)
     except Exception as exc:
-        raise VerificationError(f"{label}: shape propagation failed: {type(exc).__name__}: {exc}") from exc
+        raise VerificationError(f"{label}: shape propagation failed{failing_node(gm, ctx.example_inputs)}: "
+                                f"{type(exc).__name__}: {exc}") from exc
     if check:
         scratch = PassContext(example_inputs=ctx.example_inputs, calibration_data=ctx.calibration_data, gm=gm)
         scratch.analyses.put(shapes)

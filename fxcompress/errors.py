@@ -27,3 +27,12 @@ class FormatError(FxCompressError):
 
 class MissingDependencyError(FxCompressError, ImportError):
     """An optional extra (matplotlib, onnx, ...) is needed for this call and is not installed."""
+
+
+class UnknownOpError(PreconditionError):
+    """A pass changed nothing on a graph holding ops it does not know (compile(..., strict=True));
+    the message names each op with its module path and source line."""
+
+
+class UnknownOpWarning(UserWarning):
+    """The same as UnknownOpError, as a warning: compile's default (strict=False)."""

@@ -3,18 +3,23 @@
 A pass validates its fields in `__post_init__` (a bad value raises ConfigError naming the field),
 checks graph preconditions in `requires`, rewrites the GraphModule in `run`, and returns a
 PassResult saying what it changed and which analyses it kept valid. `__call__` is torch.fx's
-requires -> run -> ensures.
+requires -> run -> ensures. `unknown_ops` says which ops of a graph the pass cannot read, so that
+compile() never lets a pass do nothing without a word on such a graph.
 """
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from torch.fx import GraphModule
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
 
 from .analysis import AnalysisCache, Preserved
+from .layers import bias_arg, find_layers, kind_of_node, weight_arg
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,58 @@ class Pass:
     def config(self) -> dict[str, Any]:
         """The configuration as plain data (for history, summaries and files)."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def unknown_ops(self, gm: GraphModule) -> list[Node]:
+        """The call nodes of `gm` whose ops this pass does not know. compile() names them when the
+        pass changed nothing (UnknownOpWarning; UnknownOpError with strict=True), since the pass
+        may have found nothing to do only because it could not read them.
+
+        The default serves the layer passes, which read only `fxcompress.layers.KINDS`: aten ops
+        the front end left unspelled, and ops that compute with a stored weight (a parameter of two
+        or more dims) without being a layer kind or a step of a layer's weight chain (an LSTM, a
+        custom leaf module, `x @ self.w`). A pass with op tables of its own overrides this."""
+        return unknown_weight_ops(gm)
+
+
+def is_unspelled_aten(node: Node) -> bool:
+    """An aten overload the front end had no torch-level spelling for: no table of ours knows it."""
+    return node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload,
+                                                                   torch._ops.OpOverloadPacket))
+
+
+def unknown_weight_ops(gm: GraphModule) -> list[Node]:
+    """Unspelled aten ops, and the ops that use a stored weight but are no known layer (see
+    `Pass.unknown_ops`), in graph order."""
+    known = _layer_nodes(gm)
+    return [n for n in gm.graph.nodes if n.op.startswith("call_") and n not in known
+            and (is_unspelled_aten(n) or _reads_weight(gm, n))]
+
+
+def _layer_nodes(gm: GraphModule) -> set[Node]:
+    """Every layer node of `gm` and the nodes of its weight and bias chains."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    known: set[Node] = set()
+    for layer in find_layers(gm):
+        node = nodes[layer.node]
+        known.add(node)
+        for arg in (weight_arg(node), bias_arg(node)):
+            while isinstance(arg, Node) and arg not in known:  # a chain step takes the weight first
+                known.add(arg)
+                arg = arg.args[0] if arg.args else None
+    return known
+
+
+def _reads_weight(gm: GraphModule, node: Node) -> bool:
+    """Whether a call node computes with a parameter of two or more dims (a layer's kind of weight)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return kind_of_node(gm, node) is None and any(p.dim() >= 2 for p in module.parameters())
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            value = operator.attrgetter(arg.target)(gm)
+            if isinstance(value, nn.Parameter) and value.dim() >= 2:
+                return True
+    return False
 
 
 def _plain(value: Any) -> Any:

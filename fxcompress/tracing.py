@@ -1,23 +1,32 @@
-"""Tracing an nn.Module into a GraphModule, with failures explained (module path, op, hint)."""
+"""Tracing an nn.Module into a GraphModule, with failures explained (module path, op, hint), and
+where each node came from: its module path and the user's source line, for every later message."""
 from __future__ import annotations
 
+import functools
 import inspect
+import linecache
 import os
+import re
+import sys
 import sysconfig
 import threading
 import traceback
 from collections.abc import Collection, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Tracer
+from torch.fx import GraphModule, Node, Tracer
 
 from .errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # torch, fxcompress and the standard library (functools' wrappers) are never the user's line
 _NOT_USER = (_TORCH_DIR, os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"])
+_TRACE_CODE = Tracer.trace.__code__  # frames above it are the caller of compile(), not the traced forward
+# one frame of a node's `stack_trace`, in the format torch.fx and torch.export both write
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>[^\n]+)(?:\n(?!\s*File ")(?P<code>[^\n]*))?')
 
 # torch.fx's Tracer patches nn.Module.__call__ / __getattr__ (and functions' globals) for the whole
 # process while it traces, and restores them after. Two traces at once would restore each other's
@@ -27,7 +36,9 @@ TRACE_LOCK = threading.Lock()
 
 
 class _LocatingTracer(Tracer):
-    """torch.fx's Tracer that treats chosen modules as leaves and remembers where tracing failed."""
+    """torch.fx's Tracer that treats chosen modules as leaves, remembers where tracing failed, and
+    writes each node's user line to `node.stack_trace` (torch.fx's own `record_stack_traces`
+    formats the whole Python stack for every node; the one user frame is all messages need)."""
 
     def __init__(self, leaf_modules: Collection[Any] = ()) -> None:  # a default: GraphModule unpickling re-creates it
         super().__init__()
@@ -51,6 +62,15 @@ class _LocatingTracer(Tracer):
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if not node.stack_trace:
+            frame = _traced_user_frame()
+            if frame is not None:
+                line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+                node.stack_trace = f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}\n    {line}'
+        return node
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
@@ -69,6 +89,22 @@ class _LocatingTracer(Tracer):
             raise
         finally:
             self.stack.pop()
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_library(filename: str) -> bool:
+    return filename.startswith(_NOT_USER)
+
+
+def _traced_user_frame() -> FrameType | None:
+    """The innermost frame of the traced forward outside torch, fxcompress and the standard library
+    (None for nodes the tracer makes itself: placeholders, the output)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _TRACE_CODE:
+        if not _is_library(frame.f_code.co_filename):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _user_frame(exc: BaseException, module: nn.Module) -> str:
@@ -110,3 +146,48 @@ def trace(model: nn.Module, *, leaf_modules: Collection[Any] = (),
         ) from exc
     name = type(model).__name__
     return GraphModule(tracer.root, graph, name)
+
+
+def source_line(node: Node) -> str | None:
+    """The user's source line a node came from ("model.py:12: q = self.q(x)"): the innermost frame of
+    its `stack_trace` outside torch, fxcompress and the standard library (fx traces and torch.export
+    both write one), None when the node has none (a node a pass added)."""
+    frames = [m for m in _FRAME.finditer(node.stack_trace or "") if not _is_library(m["file"])]
+    if not frames:
+        return None
+    last = frames[-1]
+    code = (last["code"] or "").strip()
+    return f"{os.path.basename(last['file'])}:{last['line']}" + (f": {code}" if code else "")
+
+
+def _own_origin(node: Node) -> tuple[str | None, bool]:
+    """A node's module path, module type and source line from what tracing recorded on it (None
+    when it has no record), and whether the source line is known."""
+    if node.op in ("placeholder", "output"):
+        return (f"input '{node.target}'" if node.op == "placeholder" else "the graph's output"), False
+    stack = node.meta.get("nn_module_stack") or {}
+    path, kind = list(stack.values())[-1] if stack else (node.target if node.op == "call_module" else "", None)
+    line = source_line(node)
+    if line is None and not stack and node.op != "call_module":
+        return (f"attribute '{node.target}'" if node.op == "get_attr" else None), False
+    kind_name = kind.__name__ if isinstance(kind, type) else str(kind or "").rpartition(".")[2]
+    text = f"module '{path or '<root>'}'" + (f" ({kind_name})" if kind_name else "") + (f" at {line}" if line else "")
+    return text, line is not None
+
+
+def origin(node: Node, reach: int = 6) -> str:
+    """Where `node` came from, for messages: "module 'attn.q' (Linear) at model.py:12: q = self.q(x)".
+
+    A node a pass added has no source line of its own; it is placed by the nearest node that has
+    one (its users and inputs, breadth first, up to `reach` steps away)."""
+    own, located = _own_origin(node)
+    if located:
+        return own
+    seen, level = {node}, [node]
+    for _ in range(reach):
+        level = [m for n in level for m in (*n.users, *n.all_input_nodes) if m not in seen]
+        seen.update(level)
+        near = next((text for text, found in map(_own_origin, level) if found), None)
+        if near is not None:
+            return f"{own or 'a node added by a pass'}, next to {near}"
+    return own or "a node added by a pass"

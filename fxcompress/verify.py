@@ -1,4 +1,7 @@
-"""Verification after every pass: lint, recompile, a forward pass, output structure unchanged."""
+"""Verification after every pass: lint, recompile, a forward pass, output structure unchanged.
+
+Every failure about a node names where the node came from (`tracing.origin`: the user's module path
+and source line), not only its fx name, which the user never wrote."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import ConfigError, VerificationError
 from .execution import evaluating, locate_failure
+from .tracing import origin
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def _input_failure(gm: GraphModule, example_inputs: tuple, node: Node | None) ->
             pending.extend(current.all_input_nodes)
     culprits = [f"example_inputs[{i}] ({_describe(example_inputs[i])})" for i, p in enumerate(placeholders)
                 if p in upstream and i < len(example_inputs)]
-    return f"{', '.join(culprits) or 'no input'} reaches {_module_path(node)}, which failed at {node.format_node()}"
+    return f"{', '.join(culprits) or 'no input'} reaches {origin(node)}, which failed at {node.format_node()}"
 
 
 def _describe(value: Any) -> str:
@@ -68,15 +72,10 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _module_path(node: Node) -> str:
-    """The module a node runs in: its own target for call_module, else the innermost traced module."""
-    if node.op == "call_module":
-        return f"module '{node.target}'"
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path, kind = list(stack.values())[-1]
-        return f"module '{path}' ({getattr(kind, '__name__', kind)})"
-    return "the model's own forward"
+def failing_node(gm: GraphModule, example_inputs: tuple) -> str:
+    """' at node %x = ... (<origin>)' for the node that raises on `example_inputs`; '' if none does."""
+    node = locate_failure(gm, example_inputs)
+    return f" at node {node.format_node()} ({origin(node)})" if node is not None else ""
 
 
 def verify_graph(gm: GraphModule, example_inputs: tuple | None, expected: OutputSignature | None,
@@ -96,13 +95,23 @@ def verify_graph(gm: GraphModule, example_inputs: tuple | None, expected: Output
     try:
         outputs = forward(gm, example_inputs)
     except Exception as exc:
-        node = locate_failure(gm, example_inputs)
-        where = f" at node {node.format_node()}" if node is not None else ""
-        raise VerificationError(f"{label}: forward pass failed{where}: {type(exc).__name__}: {exc}") from exc
+        raise VerificationError(f"{label}: forward pass failed{failing_node(gm, example_inputs)}: "
+                                f"{type(exc).__name__}: {exc}") from exc
     if expected is not None:
         got = OutputSignature.of(outputs)
         if got != expected:
             output = next(n for n in gm.graph.nodes if n.op == "output")
             raise VerificationError(
                 f"{label}: outputs changed at {output.format_node()}: expected {expected.leaves} "
-                f"({expected.spec}), got {got.leaves} ({got.spec})")
+                f"({expected.spec}), got {got.leaves} ({got.spec}); {_changed_leaves(output, expected, got)}")
+
+
+def _changed_leaves(output: Node, expected: OutputSignature, got: OutputSignature) -> str:
+    """Which output nodes changed, and where each came from."""
+    leaves = tree_flatten(output.args[0])[0]
+    if len(leaves) != len(expected.leaves) or len(leaves) != len(got.leaves):  # an output node holds a tuple
+        return "output nodes: " + "; ".join(f"{n.name}: {origin(n)}" for n in output.all_input_nodes)
+    changed = [f"output {i} {leaf.name if isinstance(leaf, Node) else repr(leaf)}: {origin(leaf)}"
+               for i, (leaf, before, after) in enumerate(zip(leaves, expected.leaves, got.leaves))
+               if before != after and isinstance(leaf, Node)]
+    return "; ".join(changed) or "no output node to name"

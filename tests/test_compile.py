@@ -248,9 +248,10 @@ class Project(nn.Module):
 @pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("inputs, match", [
     ((torch.randn(4, 3, 28, 28),), r"example_inputs\[0\] \(shape \(4, 3, 28, 28\), dtype torch.float32\) reaches "
-                                   r"module 'fc1', which failed at %fc1 .*RuntimeError: mat1 and mat2 shapes"),
+                                   r"module 'fc1' \(Linear\) at zoo.py:\d+: return self.fc3\(F.relu\(self.fc2\(F.relu\(self.fc1\(x\)"
+                                   r"\)\)\)\), which failed at %fc1 .*RuntimeError: mat1 and mat2 shapes"),
     ((torch.randn(4, 784, dtype=torch.float64),), r"example_inputs\[0\] \(shape \(4, 784\), dtype torch.float64\) "
-                                                  r"reaches module 'fc1'.*must have the same dtype"),
+                                                  r"reaches module 'fc1' \(Linear\) at zoo.py.*must have the same dtype"),
     ((torch.randn(4, 784), torch.randn(4, 784)), r"2 inputs given, the model's forward takes \['x'\]"),
 ])
 def test_example_inputs_the_model_cannot_run_are_a_config_error_naming_them(inputs, match, verify):
@@ -262,7 +263,8 @@ def test_example_inputs_the_model_cannot_run_are_a_config_error_naming_them(inpu
 def test_a_bad_input_among_several_is_named_with_the_module_it_reaches():
     good, bad = torch.randn(2, 8), torch.randn(2, 5)
     with pytest.raises(ConfigError, match=r"example_inputs\[1\] \(shape \(2, 5\), dtype torch.float32\) reaches "
-                                          r"module 'side.1' \(Project\), which failed at %linear"):
+                                          r"module 'side.1' \(Project\) at test_compile.py:\d+: return torch.nn.functional.linear"
+                                          r"\(y, self.weight\), which failed at %linear"):
         fxcompress.compile(TwoInputs(), [], example_inputs=(good, bad))
     assert fxcompress.compile(TwoInputs(), [], example_inputs=(good, torch.randn(2, 6))) is not None
 

@@ -1,4 +1,6 @@
-"""Front ends: ways other than torch.fx symbolic tracing to bring a model into a GraphModule."""
+"""Front ends: ways other than torch.fx symbolic tracing to bring a model into a GraphModule, and
+the rewrites that apply to a graph from any of them (shape specialization)."""
 from .export import export_module, from_exported, is_exported_module
+from .specialize import specialize_shapes
 
-__all__ = ["export_module", "from_exported", "is_exported_module"]
+__all__ = ["export_module", "from_exported", "is_exported_module", "specialize_shapes"]

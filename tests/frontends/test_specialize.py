@@ -1,0 +1,154 @@
+"""compile(..., specialize_shapes=True): sizes computed from the inputs' shapes become constants."""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from zeroing import pick_half, zero_classes
+from zoo import GPT2Block, gpt2_tokens
+from fxcompress.channels import ChannelGraph
+from fxcompress.frontends import specialize_shapes
+from fxcompress.frontends.specialize import reads_shape
+from fxcompress.pass_base import PassContext
+from fxcompress.passes import PruneChannels
+from fxcompress.tracing import trace
+
+
+class SizeArithmetic(nn.Module):
+    """Every way of computing a size that the issue lists, Hugging Face's head split among them."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.up = nn.Conv1d(width, 2 * width, 1)
+        self.down = nn.Linear(2 * width, 6)
+
+    def _split(self, t):
+        return t.view(t.size()[:-1] + (self.heads, self.head_dim)).transpose(1, 2)  # HF's spelling
+
+    def forward(self, x):
+        parts = self.qkv(x).split(x.shape[-1], dim=-1)
+        q, k, v = self._split(parts[0]), self._split(parts[1]), self._split(parts[2])
+        scale = k.size(-1) ** -0.5
+        attention = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+        merged = attention.transpose(1, 2).reshape(x.shape[:-1] + (-1,))
+        y = self.out(merged) + x
+        positions = torch.arange(y.size(1), device=y.device).float()  # a tensor built from a size stays
+        y = y + positions.view(1, -1, 1) / getattr(x, "shape")[1]
+        z = F.relu(self.up(y.transpose(1, 2)))  # (batch, 2 * width, length)
+        pooled = z.sum(dim=z.dim() - 1) / z.size(2)
+        return self.down(pooled.view(x.size(0), -1)) * x.ndim
+
+
+def _size_nodes(gm):
+    return [n for n in gm.graph.nodes if reads_shape(n)]
+
+
+def test_every_size_is_folded_outputs_identical_and_heads_split_by_constants():
+    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
+    traced = trace(model)
+    assert len(_size_nodes(traced)) >= 8  # size(), size(i), shape, getattr(x, "shape"), dim(), ndim
+    gm = fxcompress.compile(model, [], (x,), specialize_shapes=True)
+    assert _size_nodes(gm) == []
+    assert not any(n.target in (operator.add, operator.floordiv, operator.pow) and not n.all_input_nodes
+                   for n in gm.graph.nodes)
+    views = [n.args[1] for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
+    assert views.count((2, 8, 4, 8)) == 3  # x.size()[:-1] + (heads, head_dim), one per q, k, v
+    assert any(n.target is torch.arange and n.args == (8,) for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_the_specialized_model_accepts_only_the_example_shapes():
+    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
+    gm = fxcompress.compile(model, [], (x,), specialize_shapes=True)
+    general = fxcompress.compile(model, [], (x,))
+    other = torch.randn(3, 5, 32)
+    assert general(other).shape == (3, 6)
+    with pytest.raises(RuntimeError):
+        gm(other)
+
+
+def test_prune_channels_prunes_through_specialized_sizes_and_zeroed_channels_stay_equal():
+    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
+    gm = fxcompress.compile(model, [], (x,), specialize_shapes=True)
+    cg = PassContext(example_inputs=(x,), gm=gm).get(ChannelGraph)
+    zero_classes(gm, cg, pick_half(cg))
+    with torch.no_grad():
+        expected = gm(x)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], (x,))
+    stats = fxcompress.history(pruned)[-1].stats
+    assert stats["channels_removed"] > 0 and stats["params_after"] < 0.8 * stats["params_before"]
+    assert "qkv" in str(fxcompress.history(pruned)[-1].params_touched)  # the heads' projection shrank too
+    assert _size_nodes(pruned) == []
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_block_specialized_prunes_as_much_as_unspecialized_and_stays_exact():
+    model, tokens = GPT2Block().eval(), gpt2_tokens()
+    gm = fxcompress.compile(model, [], (tokens,), specialize_shapes=True)
+    assert _size_nodes(gm) == []
+    cg = PassContext(example_inputs=(tokens,), gm=gm).get(ChannelGraph)
+    zero_classes(gm, cg, pick_half(cg))
+    with torch.no_grad():
+        expected = gm(tokens)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], (tokens,))
+    plain = fxcompress.compile(model, [PruneChannels(amount=0.5)], (tokens,))
+    removed = fxcompress.history(pruned)[-1].stats["channels_removed"]
+    assert removed > 0 and removed >= fxcompress.history(plain)[-1].stats["channels_removed"]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sizes_of_an_exported_program_with_dynamic_dims_are_folded():
+    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
+    dims = {0: torch.export.Dim("batch", min=2, max=16), 1: torch.export.Dim("length", min=2, max=16)}
+    program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    general = fxcompress.compile(program, [], (x,))
+    assert _size_nodes(general)  # the dynamic sizes are read at run time
+    gm = fxcompress.compile(program, [], (x,), specialize_shapes=True)
+    assert _size_nodes(gm) == []
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        kept = x[x > 0]  # how many depends on the values
+        return self.fc(x) * kept.size(0) + x.size(1)
+
+
+def test_a_size_that_depends_on_the_data_is_kept_and_named():
+    model, x = DataDependent().eval(), torch.randn(3, 4)
+    gm = trace(model)
+    with pytest.warns(UserWarning, match=r"depend on the data.*size.*test_specialize\.py:\d+: return self\.fc\(x\) "
+                                         r"\* kept\.size\(0\)"):
+        folded = specialize_shapes(gm, (x,))
+    assert list(folded.values()) == [4]  # x.size(1) only
+    other = -x  # the same shape, another count of positive values
+    with torch.no_grad():
+        assert torch.equal(gm(other), model(other))
+
+
+def test_a_graph_without_sizes_is_left_alone():
+    gm = trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    code = gm.code
+    assert specialize_shapes(gm, (torch.randn(2, 4),)) == {}
+    assert gm.code == code
+
+
+def test_specialize_shapes_takes_only_booleans():
+    with pytest.raises(fxcompress.errors.ConfigError, match="compile.specialize_shapes must be True or False"):
+        fxcompress.compile(nn.Linear(4, 4), [], torch.randn(2, 4), specialize_shapes="yes")
