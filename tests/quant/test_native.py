@@ -1,0 +1,188 @@
+"""LowerToInteger's native backend (oneDNN int8 kernels) against the reference backend, its oracle."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Interpreter
+
+import fxcompress
+from fxcompress.datasets import load_digits
+from fxcompress.errors import FormatError, PreconditionError
+from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
+from fxcompress.quant import native
+from fxcompress.quant.integer import IntegerLayer
+from fxcompress.quant.native import NativeLayer, QuantizeToCodes, max_pool2d_codes
+from fxcompress.training import train
+from zoo import BasicBlock, LeNet5, LeNet300100
+
+
+
+class DigitsResNet(nn.Module):
+    """A ResNet-style CNN for 8x8 digits: identity and strided downsample shortcuts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, 2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS = {"lenet5": lambda: LeNet5(1, 8), "resnet": DigitsResNet}
+_TRAINED: dict[str, nn.Module] = {}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def _trained(name, data):
+    """A model trained briefly on real data (digits), once per test module."""
+    if name not in _TRAINED:
+        torch.manual_seed(0)
+        model = MODELS[name]()
+        train(model, data, 3, lr=3e-3)
+        _TRAINED[name] = model.eval()
+    return _TRAINED[name]
+
+
+def _fake_quant(model, x, weight_bits=8, activation_bits=8, symmetric=True):
+    calibration = [x[i:i + 64] for i in range(0, len(x), 64)]
+    passes = [FoldBatchNorm(), InsertFakeQuant(method="linear", bits=weight_bits, symmetric=symmetric,
+                                               per_channel=True, activations=ActivationConfig(bits=activation_bits))]
+    return fxcompress.compile(model, passes, example_inputs=(x[:2],), calibration_data=calibration)
+
+
+def _lower(fq, x, **options):
+    return fxcompress.compile(fq, [LowerToInteger(**options)], example_inputs=(x[:2],))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("weight_bits, activation_bits", [(8, 7), (7, 8)])
+def test_trained_models_agree_with_the_reference(digits, name, weight_bits, activation_bits):
+    x = digits.train_x[:256]
+    fq = _fake_quant(_trained(name, digits), x, weight_bits, activation_bits)
+    reference, fast = _lower(fq, x, backend="reference"), _lower(fq, x)
+    assert fxcompress.history(fast)[-1].stats["backend"] == "native"
+    assert any(isinstance(m, NativeLayer) for m in fast.modules())
+    assert not any(isinstance(m, IntegerLayer) for m in fast.modules())
+    with torch.no_grad():
+        expected, got = reference(digits.test_x), fast(digits.test_x)
+    assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
+    step = (expected.max() - expected.min()).item() / 255  # one step of an 8-bit grid over the logits
+    assert (expected - got).abs().max().item() <= step
+    assert (got.argmax(1) == digits.test_y).float().mean().item() >= 0.85  # trained, not a constant
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_eight_bit_activations_and_weights_run_natively_only_with_vnni(digits, name):
+    """u8 x s8 products summed in pairs pass int16 at 8 / 8 bits: exact only where the CPU has VNNI."""
+    x = digits.train_x[:256]
+    fq = _fake_quant(_trained(name, digits), x)
+    reference, chosen = _lower(fq, x, backend="reference"), _lower(fq, x)
+    stats = fxcompress.history(chosen)[-1].stats
+    with torch.no_grad():
+        expected, got = reference(digits.test_x), chosen(digits.test_x)
+    assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+    if native.vnni():
+        assert stats["backend"] == "native" and stats["native_refused"] == {}
+    else:
+        assert stats["backend"] == "reference" and torch.equal(expected, got)
+        assert all("could pass int16" in reason for reason in stats["native_refused"].values())
+        with pytest.raises(PreconditionError, match=r"backend='native'\) cannot run .* could pass int16"):
+            _lower(fq, x, backend="native")
+
+
+def _dtypes(gm, x):
+    seen = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            seen[n] = value.dtype if isinstance(value, torch.Tensor) else None
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(x)
+    return seen
+
+
+def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(digits):
+    x = digits.train_x[:128]
+    gm = _lower(_fake_quant(_trained("lenet5", digits), x, activation_bits=7), x)
+    nodes = list(gm.graph.nodes)
+    modules = [type(gm.get_submodule(n.target)) for n in nodes if n.op == "call_module"]
+    assert modules == [QuantizeToCodes, NativeLayer, NativeLayer, NativeLayer, NativeLayer]
+    assert [n.target for n in nodes if n.op == "call_function"] == [max_pool2d_codes, max_pool2d_codes,
+                                                                    torch.flatten]
+    assert not any(n.target in (F.relu, torch.relu) for n in nodes)  # fc1's ReLU is fused into its kernel
+    assert gm.get_submodule("fc1.native").post_op == "hardtanh"  # ReLU and the 7-bit grid's top, one clamp
+    dtypes = _dtypes(gm, x)
+    inner = [n for n in nodes if n.op not in ("placeholder", "output")][:-1]
+    assert [dtypes[n] for n in inner] == [torch.uint8] * 7
+    assert dtypes[nodes[-2]] == torch.float32
+
+
+def test_a_copy_and_a_pickle_run_the_same_and_the_file_format_refuses_by_name(digits, tmp_path):
+    x = digits.train_x[:128]
+    gm = _lower(_fake_quant(_trained("lenet5", digits), x, activation_bits=7), x)
+    with torch.no_grad():
+        expected = gm(x)
+        assert torch.equal(copy.deepcopy(gm)(x), expected)  # the packed weights are remade, never copied
+        path = tmp_path / "native.pt"
+        torch.save(gm, path)
+        assert torch.equal(torch.load(path, weights_only=False)(x), expected)
+    with pytest.raises(FormatError, match="not in the allow-list"):
+        fxcompress.save(gm, tmp_path / "native.fxc")
+
+
+def test_native_layer_matches_the_reference_layer_on_strided_grouped_convs():
+    torch.manual_seed(0)
+    x = torch.randint(0, 128, (2, 8, 11, 11), dtype=torch.uint8)
+    codes = torch.randint(-127, 128, (12, 4, 3, 3), dtype=torch.int32)
+    options = {"stride": [2, 1], "padding": [1, 0], "dilation": [1, 2], "groups": 2}
+    reference = IntegerLayer("conv2d", [12, 4, 3, 3], requantize=False, **options)
+    reference.weight.copy_(codes)
+    reference.bias.copy_(torch.randint(-5000, 5000, (12,)))
+    weight_scale, input_scale, input_zero = torch.rand(12, dtype=torch.float64) / 100 + 1e-3, 0.02, 60
+    reference.output_scale.copy_(weight_scale * input_scale)
+    fast = NativeLayer("conv2d", [12, 4, 3, 3], input_scale, input_zero, "float32", **options)
+    fast.weight.copy_(codes.to(torch.int8))
+    fast.weight_scale.copy_(weight_scale.float())
+    fast.bias.copy_((reference.bias.double() * reference.output_scale).float())
+    expected = reference(x.to(torch.int32) - input_zero)
+    got = fast(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_refusals_name_the_layer_and_the_default_keeps_the_reference(digits):
+    x = torch.rand(64, 1, 28, 28)
+    asymmetric = _fake_quant(LeNet300100().eval(), x, activation_bits=7, symmetric=False)
+    default = _lower(asymmetric, x)
+    refused = fxcompress.history(default)[-1].stats["native_refused"]
+    assert fxcompress.history(default)[-1].stats["backend"] == "reference" and "fc1" in refused
+    assert "beyond int8 with zero-point 0" in refused["fc1"]
+    with pytest.raises(PreconditionError, match=r"'fc1': its centered weight codes span \[-?\d+, \d+\], beyond int8"):
+        _lower(asymmetric, x, backend="native")
+    conv1d = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3)).eval()
+    fq = _fake_quant(conv1d, torch.rand(64, 2, 8), activation_bits=7)
+    with pytest.raises(PreconditionError, match="'0': conv1d has no native kernel"):
+        _lower(fq, torch.rand(4, 2, 8), backend="native")
+
+
+def test_saturation_is_refused_on_a_cpu_without_vnni(monkeypatch):
+    monkeypatch.setattr(native, "vnni", lambda: False)
+    codes = torch.tensor([[127, -127, 3], [64, 1, -63]])
+    assert not native.saturation_free(codes, 255)          # 127 + 127 at input code 255 passes 32767
+    assert native.saturation_free(codes, 127)              # 254 * 127 = 32258 does not
+    assert native.saturation_free(codes[1:], 255)          # 64 + 63 at 255: 32385
+    monkeypatch.setattr(native, "vnni", lambda: True)
+    assert native.saturation_free(codes, 255)
