@@ -33,6 +33,7 @@ def apply_removal(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray) -> lis
     sliced: dict = {}  # a tensor tied under two names is cut once and stays one
     for name, cuts in resized.items():
         _slice_tensor(gm, name, cuts, sliced)
+    _rebind_aliases(gm, sliced)
     for module, state in before.items():  # recomputed from the weights: a no-op where nothing changed
         _FIXERS[type(module)](module, state)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -70,6 +71,17 @@ def _slice_tensor(gm: GraphModule, name: str, cuts: list[tuple[int, np.ndarray]]
         owner._buffers[attr] = new
     else:
         setattr(owner, attr, new)
+
+
+def _rebind_aliases(gm: GraphModule, sliced: dict) -> None:
+    """A tied tensor the graph reads under one name only (torch.export reads an LM head tied to its
+    embedding as one get_attr) is still held under its other names: they get the cut tensor too, so
+    it stays one tensor and no stale full-width copy is left behind."""
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for attr, value in table.items():
+                if value is not None and id(value) in sliced and sliced[id(value)][0] is value:
+                    table[attr] = sliced[id(value)][2]
 
 
 # ---- module attributes that spell widths, recomputed from the sliced parameters --------------
@@ -143,6 +155,10 @@ def _edit_sizes(gm, node: Node, edit, count, kept) -> None:
         for dim, size in new.items():
             if not (isinstance(sizes[dim], int) and sizes[dim] == -1):
                 sizes[dim] = size
+    if node.op == "call_method" and node.target == "view" and len(node.args) > 1:
+        # reshape: the same view wherever a view works; a copy where a width pruned to 1 left strides
+        # a view cannot merge (torch.export drops a `.contiguous()` that was a no-op when traced)
+        node.target = "reshape"
     if len(node.args) == 1:  # given by keyword
         key = "shape" if "shape" in node.kwargs else "size"
         node.kwargs = {**node.kwargs, key: tuple(sizes)}
@@ -166,7 +182,7 @@ def _edit_slice(gm, node: Node, edit, count, kept) -> None:
     container, index = node.args
     items = list(index) if isinstance(index, tuple) else [index]
     for position, ids in edit.ids.items():
-        start, stop, _ = items[position].indices(len(ids))
+        start, stop, _ = edit.fixed[position].indices(len(ids))  # computed bounds resolved by the analysis
         survivors = kept(ids)
         items[position] = slice(int(np.searchsorted(survivors, start)), int(np.searchsorted(survivors, stop)))
     node.args = (container, tuple(items) if isinstance(index, tuple) else items[0])

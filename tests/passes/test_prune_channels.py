@@ -548,7 +548,7 @@ def test_a_unet_with_sizes_read_from_the_skip_prunes_at_half_exactly():
 def _size_arguments(gm: nn.Module) -> list[list]:
     """Every view's sizes, computed items shown as the node's name."""
     return [[s.name if isinstance(s, torch.fx.Node) else s for s in n.args[1]]
-            for n in gm.graph.nodes if n.op == "call_method" and n.target == "view"]
+            for n in gm.graph.nodes if n.op == "call_method" and n.target in ("view", "reshape")]
 
 
 @pytest.mark.parametrize("attention, split", [("head_dims", [4, 4]), ("heads", [2, 8])])

@@ -196,7 +196,8 @@ def group_norm(w: Walk, node: Node) -> dict:
 
 
 def layer_norm(w: Walk, node: Node) -> dict:
-    """Layer norm: its affine parameters follow the normalized channels. Removing any of them changes
+    """Layer norm (and F.rms_norm / nn.RMSNorm, whose third argument is eps, not a bias): its affine
+    parameters follow the normalized channels. Removing any of them changes
     the statistics, so they are frozen as inexact only (PruneChannels(prune_normalized=True))."""
     x = node.args[0]
     sx, track = w.shape(x), w.tensor_track(x)

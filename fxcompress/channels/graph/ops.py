@@ -94,7 +94,7 @@ FUNCTION_RULES.update({
     torch.split: split, torch.chunk: chunk, torch.unbind: unbind, operator.getitem: getitem,
     torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
     F.scaled_dot_product_attention: sdpa, F.batch_norm: batch_norm,
-    F.instance_norm: instance_norm, F.group_norm: group_norm, F.layer_norm: layer_norm,
+    F.instance_norm: instance_norm, F.group_norm: group_norm, F.layer_norm: layer_norm, F.rms_norm: layer_norm,
     F.prelu: prelu, torch.channel_shuffle: channel_shuffle, F.channel_shuffle: channel_shuffle,
     getattr: shape,
 })
@@ -103,6 +103,7 @@ METHOD_RULES: dict[str, Rule] = {name: same for name in (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_",
     "clamp_min", "clamp_max", "square", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
     "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "softmax_", "gelu", "silu", "erf",
+    "cos", "sin",  # rotary embeddings' tables: cos / sin of the frequencies, one per head-dim position
 )}
 METHOD_RULES.update({
     "add": binary, "sub": binary, "mul": binary, "div": binary, "add_": binary, "sub_": binary,
@@ -138,7 +139,7 @@ MODULE_RULES.update({
     nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm, nn.BatchNorm3d: batch_norm,
     nn.SyncBatchNorm: batch_norm,
     nn.InstanceNorm1d: instance_norm, nn.InstanceNorm2d: instance_norm, nn.InstanceNorm3d: instance_norm,
-    nn.GroupNorm: group_norm, nn.LayerNorm: layer_norm, nn.PReLU: prelu,
+    nn.GroupNorm: group_norm, nn.LayerNorm: layer_norm, nn.RMSNorm: layer_norm, nn.PReLU: prelu,
     nn.MultiheadAttention: mha, nn.ChannelShuffle: channel_shuffle,
 })
 

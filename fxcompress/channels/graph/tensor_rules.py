@@ -9,6 +9,7 @@ reason; they never drop a channel dimension silently.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -215,12 +216,37 @@ def reduce(w: Walk, node: Node) -> dict:
     listed = dims if isinstance(dims, (list, tuple)) else [dims]
     dims = set(range(nd)) if dims is None else {_dim(d, nd) for d in listed}
     track, out = w.tensor_track(x), {}
+    statistic = _is_mean(node) and _is_square(x)
     for d, ids in track.items():
-        if d in dims:
+        if d in dims and statistic:  # an RMS norm written out (x * rsqrt(x.pow(2).mean(-1) + eps))
+            w.freeze(ids, f"{node.name} normalizes over these channels (RMS norm statistics would change)",
+                     inexact_only=True)
+        elif d in dims:
             w.freeze(ids, f"{node.name} reduces over a channel dimension")
         else:
             out[d if keep else d - sum(1 for r in dims if r < d)] = ids
     return out
+
+
+def _is_mean(node: Node) -> bool:
+    return node.target in (torch.mean, "mean")
+
+
+_CASTS = ("to", "float", "double", "half", "bfloat16", "type_as", "type")
+
+
+def _is_square(x) -> bool:
+    """`x.pow(2)`, `torch.pow(x, 2)`, `x.square()`, `x * x`, seen through dtype casts: the mean of it
+    is a second moment, the statistic of an RMS norm; removing channels leaves a valid one."""
+    while isinstance(x, Node) and x.op == "call_method" and x.target in _CASTS:
+        x = x.args[0]
+    if not isinstance(x, Node) or x.op not in ("call_function", "call_method"):
+        return False
+    if x.target in (torch.pow, operator.pow, "pow"):
+        return len(x.args) > 1 and not isinstance(x.args[1], Node) and x.args[1] == 2
+    if x.target in (torch.square, "square"):
+        return True
+    return x.target in (operator.mul, torch.mul, "mul") and len(x.args) > 1 and x.args[0] is x.args[1]
 
 
 def softmax(w: Walk, node: Node) -> dict:
@@ -327,19 +353,49 @@ def _index_tensor(w: Walk, node: Node, x: Node, index: tuple) -> dict:
             d_in += 1
         else:
             if d_in in track:
-                if item.step not in (None, 1) or any(isinstance(v, Node) for v in (item.start, item.stop)):
+                item = _resolved(w, track[d_in], item, w.shape(x)[d_in], w.shape(node)[d_out])
+                if item is None:
                     w.freeze(track[d_in], f"{node.name} slices channels with a step or computed bounds")
                 else:
                     out[d_out] = track[d_in][item]
                     if item != slice(None):
-                        slices[position] = track[d_in]
+                        slices[position] = (track[d_in], item)
             d_in, d_out = d_in + 1, d_out + 1
     for d in range(d_in, nd):
         if d in track:
             out[d_out + d - d_in] = track[d]
     if slices:
-        w.edits[node.name] = Edit("slice", slices)
+        w.edits[node.name] = Edit("slice", {p: ids for p, (ids, _) in slices.items()},
+                                  fixed={p: item for p, (_, item) in slices.items()})
     return out
+
+
+def _resolved(w: Walk, ids: np.ndarray, item: slice, size: int, length: int) -> slice | None:
+    """A slice of a channel dim with constant bounds, or None if it cannot be pruned. A bound computed
+    from this very dim's width (rotary embeddings' `x[..., : x.shape[-1] // 2]`) is a constant of the
+    model: its value follows from the shapes (the other bound given, the output length known), and the
+    pass writes the pruned one in its place. A bound read from anything else (a sequence length)
+    would change at run time, so it freezes the channels."""
+    if item.step not in (None, 1):
+        return None
+    start, stop = item.start, item.stop
+    computed = [b for b in (start, stop) if isinstance(b, Node)]
+    if not computed:
+        return item
+    if len(computed) > 1 or not all(_reads_only(w.track(b), ids) for b in computed):
+        return None
+    if isinstance(stop, Node):
+        first = slice(start, None).indices(size)[0]
+        resolved = slice(start, first + length)
+    else:
+        end = slice(None, stop).indices(size)[1]
+        resolved = slice(end - length, stop)
+    return resolved if len(range(*resolved.indices(size))) == length else None
+
+
+def _reads_only(read, ids: np.ndarray) -> bool:
+    """Whether a computed size reads the width of `ids`'s dim and nothing else."""
+    return isinstance(read, Width) and bool(read.parts) and all(p is ids or np.array_equal(p, ids) for p in read.parts)
 
 
 def matmul(w: Walk, node: Node) -> dict:
@@ -364,7 +420,14 @@ def sdpa(w: Walk, node: Node) -> dict:
     reason = f"{node.name} attends with a tensor whose channels cannot be sliced"
     w.couple([(tq.get(len(sq) - 1), sq[-1]), (tk.get(len(sk) - 1), sk[-1])], reason)
     w.couple([(tk.get(len(sk) - 2), sk[-2]), (tv.get(len(sv) - 2), sv[-2])], reason)
+    mask = _arg(node, 3, "attn_mask")
+    mask = [mask] if w.shape(mask) is not None else []
+    for m in mask:  # its (query, key) dims hold positions; no channel may be cut there
+        tm = w.tensor_track(m)
+        w.freeze({d: tm[d] for d in tm if d >= len(w.shape(m)) - 2}, f"{node.name}: an attention mask over channels")
     track = _broadcast(w, node, [q, k, v], len(out) - 2, trailing=2)
+    if mask:  # a mask with a head dim (T5's position bias, (1, heads, q, k)) loses the heads q, k, v lose
+        _broadcast(w, node, [q, k, v, *mask], len(out) - 2, trailing=2)
     for d, ids in ((len(out) - 2, tq.get(len(sq) - 2)), (len(out) - 1, tv.get(len(sv) - 1))):
         if ids is not None:
             track[d] = ids

@@ -56,7 +56,8 @@ class Edit:
     so a size computed there from a width (`C // num_heads`) stays right, and `spread`: the length
     of the sizes when they come as one computed tuple (`x.size()[:-1] + (heads, d)`; 0 if not),
     which the pass indexes item by item so that single items can change; "split": pieces of
-    split/chunk along `dim`; "slice": getitem slices {index position: ids}; "groups"/"num_groups":
+    split/chunk along `dim`; "slice": getitem slices {index position: ids}, with `fixed` {index
+    position: the slice with constant bounds} (bounds computed from the width resolved); "groups"/"num_groups":
     group counts of functional conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin
     attention's scale to `value`.
     """
@@ -263,8 +264,11 @@ class Walk:
     def rewritten(self, node: Node) -> set:
         """The argument nodes the pass replaces by constants (sizes of pruned dims)."""
         edit = self.edits.get(node.name)
-        if edit is None or edit.kind not in ("sizes", "split"):
+        if edit is None or edit.kind not in ("sizes", "split", "slice"):
             return set()
+        if edit.kind == "slice":  # the computed bounds of the slices the pass rewrites
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            return {b for p in edit.ids for b in (index[p].start, index[p].stop) if isinstance(b, Node)}
         if edit.kind == "split":
             found = set()
             torch.fx.node.map_arg(node.args[1:], found.add)
