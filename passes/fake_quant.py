@@ -20,6 +20,7 @@ model back on the same GraphModule.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -58,6 +59,9 @@ class ActivationConfig:
     observer  "minmax", "moving_average" (momentum) or "percentile" (percentile of each tail kept)
     freeze    True: the grid is fixed after calibration; False: observers keep following the data
               in training mode (quantization-aware training)
+    adds      True: also put both operands of each residual add of a quantized layer's output and an
+              already quantized value on a grid (a layer's output gets one of its own), so that
+              LowerToInteger keeps the add integer
     """
 
     bits: int = 8
@@ -66,11 +70,12 @@ class ActivationConfig:
     momentum: float = 0.1
     percentile: float = 99.99
     freeze: bool = True
+    adds: bool = False
 
     constraints: ClassVar[dict] = {
         "bits": (Interval(int, 1, 16),), "symmetric": (Boolean(),), "observer": (Options(*OBSERVERS),),
         "momentum": (Interval(float, 0.0, 1.0, lo_open=True),), "percentile": (Interval(float, 50.0, 100.0),),
-        "freeze": (Boolean(),),
+        "freeze": (Boolean(),), "adds": (Boolean(),),
     }
 
     def __post_init__(self) -> None:
@@ -202,7 +207,10 @@ class InsertFakeQuant(Pass):
         plan = self.plan(gm)
         stats: dict[str, Any] = {layer.name: self._quantize_weight(gm, layer, spec) for layer, spec in plan}
         if self.activations is not None and plan:
-            inserted = self._insert_activations(gm, [layer for layer, _ in self.plan(gm)])  # nodes renamed
+            layers = [layer for layer, _ in self.plan(gm)]  # nodes renamed
+            inserted = self._insert_activations(gm, layers)
+            if self.activations.adds:
+                inserted += self._quantize_adds(gm, layers)
             gm.recompile()
             stats["calibration_batches"] = calibrate(gm, ctx.calibration_data, progress=ctx.progress)
             stats["activation_quant"] = inserted
@@ -257,6 +265,51 @@ class InsertFakeQuant(Pass):
                     inserted[x] = gm.graph.call_module(name, (x,))
             node.replace_input_with(x, inserted[x])
         return sorted({n.target for n in inserted.values()})
+
+
+    def _quantize_adds(self, gm: GraphModule, layers: list[Layer]) -> list[str]:
+        """Both operands of each residual add between quantized values on a grid; the names of new ones."""
+        produced = {layer_node(gm, layer) for layer in layers}
+        inserted = []
+        for node in list(gm.graph.nodes):
+            if not _is_residual_add(node):
+                continue
+            operands = node.args[:2]
+            quants = [_operand_quant(gm, x, produced) for x in operands]
+            if any(q is False for q in quants):
+                continue  # an operand on no grid (not a quantized value): the add stays float
+            for i, (x, quant) in enumerate(zip(operands, quants)):
+                if quant is None:  # a layer's raw output: a grid of its own
+                    name = f"{node.name}_input{i}_quant"
+                    gm.add_submodule(name, self.activations.build())
+                    with gm.graph.inserting_before(node):
+                        quant = gm.graph.call_module(name, (x,))
+                    inserted.append(name)
+                node.replace_input_with(x, quant)
+        return inserted
+
+
+# residual adds: two tensors of one shape, no alpha
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_residual_add(node: Node) -> bool:
+    if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS) or
+            (node.op == "call_method" and node.target in ("add", "add_"))):
+        return False
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(x, Node) for x in node.args):
+        return False
+    shapes = [getattr(x.meta.get("tensor_meta"), "shape", None) for x in node.args]
+    return shapes[0] is not None and shapes[0] == shapes[1]
+
+
+def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None | bool:
+    """The ActivationQuant already on `x`, None if `x` is a quantized layer's output, False otherwise."""
+    quant = next((u for u in x.users if u.op == "call_module"
+                  and isinstance(gm.get_submodule(u.target), ActivationQuant)), None)
+    if quant is not None:
+        return quant
+    return None if x in produced else False
 
 
 def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:

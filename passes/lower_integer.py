@@ -30,11 +30,12 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.config import Options, validate
 from fxcompress.errors import PreconditionError
-from fxcompress.quant.integer import ACCUMULATOR_BITS, IntegerLayer, QuantizeInput, fixed_point_multiplier
+from fxcompress.quant.integer import (ACCUMULATOR_BITS, IntegerAdd, IntegerLayer, QuantizeInput,
+                                      fixed_point_multiplier)
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import native
-from fxcompress.quant.native import NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
+from fxcompress.quant.native import NativeAdd, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.quantizers import Grid, quantize
 
@@ -71,6 +72,17 @@ class _Plan:
     options: dict                    # conv stride / padding / dilation / groups
 
 
+@dataclass(frozen=True)
+class _AddPlan:
+    """A residual add whose operands are both on activation grids (InsertFakeQuant(activations=
+    ActivationConfig(adds=True))): it runs on codes, requantizing onto `out_grid` or dequantizing."""
+
+    grids: tuple[Grid, Grid]
+    target: Node | None              # the activation fake-quant its output reaches through code-safe ops
+    out_grid: Grid | None
+    chain: tuple[Node, ...]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LowerToInteger(Pass):
     """Lower every layer with a linear / fixed-point weight quantizer and an input fake-quant to integers.
@@ -91,10 +103,14 @@ class LowerToInteger(Pass):
         layers = self._quantized_layers(gm)  # grids are read before their fake-quant nodes go
         targets = {q.node: _requant_target(gm, q.node) for q in layers}
         plans = {q.node: _plan(gm, q, targets[q.node]) for q in layers}
-        backend, refused = self._choose_backend(gm, layers, plans, set(targets.values()) - {None})
-        boundaries = self._lower_activations(gm, set(targets.values()) - {None}, backend)
+        adds = {node: _add_plan(gm, node) for node in gm.graph.nodes if _is_integer_add(gm, node)}
+        fed = {t for t in targets.values() if t is not None} | {a.target for a in adds.values() if a.target}
+        backend, refused = self._choose_backend(gm, layers, plans, adds, fed)
+        boundaries = self._lower_activations(gm, fed, backend)
         for q in layers:
             (_replace_native if backend == "native" else _replace_layer)(gm, q, plans[q.node])
+        for node, add in adds.items():
+            (_replace_native_add if backend == "native" else _replace_add)(gm, node, add)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         for q in layers:
@@ -103,14 +119,15 @@ class LowerToInteger(Pass):
             "backend": backend,
             "native_refused": refused,
             "integer_layers": len(layers),
+            "integer_adds": len(adds),
             "requantized": sum(t is not None for t in targets.values()),
             "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
             "float_to_integer_boundaries": boundaries,
         })
 
     def _choose_backend(self, gm: GraphModule, layers: list[_Quantized], plans: dict[Node, _Plan],
-                        fed_by_layer: set[Node]) -> tuple[str, dict[str, str]]:
-        """The backend to build, and why native was not possible (by layer or fake-quant path)."""
+                        adds: dict[Node, _AddPlan], fed: set[Node]) -> tuple[str, dict[str, str]]:
+        """The backend to build, and why native was not possible (by layer, add or fake-quant path)."""
         if self.backend == "reference":
             return "reference", {}
         refused: dict[str, str] = {}
@@ -120,10 +137,13 @@ class LowerToInteger(Pass):
             for q in layers:
                 if (reason := _native_refusal(gm, q, plans[q.node])) is not None:
                     refused[q.layer.name] = reason
-            lowered = {q.node for q in layers}
+            for node, add in adds.items():
+                if (reason := _native_add_refusal(gm, add)) is not None:
+                    refused[node.name] = reason
+            consumers = {q.node for q in layers} | set(adds)
             for node in gm.graph.nodes:  # uint8 codes must reach native kernels only
-                if _is_activation_quant(gm, node) and node not in fed_by_layer:
-                    others = [u for u in node.users if u not in lowered]
+                if _is_activation_quant(gm, node) and node not in fed:
+                    others = [u for u in node.users if u not in consumers]
                     if others:
                         refused[node.target] = f"its codes would also reach {others[0].format_node()}"
         if not refused:
@@ -389,6 +409,91 @@ def _native_code_op(gm: GraphModule, node: Node, zero_point: int) -> None:
         new = gm.graph.call_function(target, args)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_SHIFT_ROOM = 62  # the int64 sum of two operand codes times their aligned multipliers must stay below 2^62
+
+
+def _is_integer_add(gm: GraphModule, node: Node) -> bool:
+    """An add of two values that both come out of activation fake-quants."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target in ("add", "add_")))
+    return (is_add and len(node.args) == 2 and not node.kwargs
+            and all(_is_activation_quant(gm, x) for x in node.args))
+
+
+def _add_plan(gm: GraphModule, node: Node) -> _AddPlan:
+    grids = tuple(gm.get_submodule(x.target).grid() for x in node.args)
+    if any(grid is None for grid in grids):
+        raise PreconditionError(f"LowerToInteger: an operand fake-quant of the add {node.format_node()} has "
+                                "observed nothing; compile with calibration_data first")
+    target = _requant_target(gm, node)
+    out_grid = gm.get_submodule(target.target).grid() if target is not None else None
+    return _AddPlan(grids, target, out_grid, _code_chain(gm, node, target))
+
+
+def _replace_add(gm: GraphModule, node: Node, add: _AddPlan) -> None:
+    """A reference IntegerAdd: fixed-point multipliers on one shift, or the real sum."""
+    module = IntegerAdd(requantize=add.out_grid is not None)
+    module.scales.copy_(torch.tensor([float(g.scale) for g in add.grids], dtype=torch.float64))
+    if add.out_grid is not None:
+        out = add.out_grid
+        multipliers, shifts = fixed_point_multiplier(module.scales / float(out.scale))
+        shift = int(shifts.max())
+        aligned = multipliers << (shift - shifts)
+        for grid, multiplier in zip(add.grids, aligned.tolist()):
+            largest = max(abs(grid.qmin - int(grid.zero_point)), abs(grid.qmax - int(grid.zero_point)))
+            if largest * multiplier >= 1 << _SHIFT_ROOM:
+                raise PreconditionError(f"LowerToInteger: the add {node.format_node()} adds operands whose scales "
+                                        f"differ too much to share one fixed-point shift ({shift - int(shifts.min())} "
+                                        "bits apart)")
+        module.multipliers.copy_(aligned)
+        module.shift.fill_(shift)
+        module.low.fill_(out.qmin - int(out.zero_point))
+        module.high.fill_(out.qmax - int(out.zero_point))
+    _swap_add(gm, node, module)
+
+
+def _swap_add(gm: GraphModule, node: Node, module: nn.Module, suffix: str = "integer") -> Node:
+    name = f"{node.name}_{suffix}"
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, tuple(node.args))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _native_add_refusal(gm: GraphModule, add: _AddPlan) -> str | None:
+    for grid in (*add.grids, add.out_grid):
+        if grid is not None and (grid.qmin != 0 or grid.qmax > native.UINT8_MAX):
+            return f"an activation grid [{grid.qmin}, {grid.qmax}] of the add is not uint8"
+    for node in add.chain:
+        if not _native_code_safe(gm, node):
+            return f"{node.format_node()} has no kernel on uint8 codes"
+    return None
+
+
+def _replace_native_add(gm: GraphModule, node: Node, add: _AddPlan) -> None:
+    """A NativeAdd on uint8 codes, the ReLU right after it fused as its lower clamp."""
+    users = list(node.users)
+    relu = users[0] if len(users) == 1 and _is_relu(gm, users[0]) and (not add.chain or add.chain[0] is users[0]) \
+        else None
+    a, b = ((float(g.scale), int(g.zero_point)) for g in add.grids)
+    out = add.out_grid
+    if out is None:
+        module = NativeAdd(a, b, None, relu=relu is not None)
+    else:
+        zero = int(out.zero_point)
+        module = NativeAdd(a, b, (float(out.scale), zero), low=zero if relu is not None else out.qmin, high=out.qmax)
+    new = _swap_add(gm, node, module, "native")
+    if relu is not None:
+        relu.replace_all_uses_with(new)
+        gm.graph.erase_node(relu)
+    for chained in add.chain:
+        if chained is not relu:
+            _native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
 
 
 def _drop_float_parameters(gm: GraphModule, owner: str) -> None:

@@ -106,3 +106,34 @@ class IntegerLayer(nn.Module):
     def extra_repr(self) -> str:
         out = "requantize" if self.requantize else "dequantize"
         return f"{self.kind}, weight={tuple(self.weight.shape)}, {out}"
+
+
+class IntegerAdd(nn.Module):
+    """A residual add of two tensors of centered codes, each on its own grid.
+
+    Requantizing (`requantize=True`): each operand's codes times a 31-bit fixed-point multiplier of
+    its scale over the output's, brought to one shift, summed in int64 and rounded half up onto the
+    output grid, clamped to [`low`, `high`]. Dequantizing: the real sum, `a * scale_a + b * scale_b`.
+    """
+
+    def __init__(self, requantize: bool) -> None:
+        super().__init__()
+        self.requantize = requantize
+        self.register_buffer("multipliers", torch.zeros(2, dtype=torch.int64))  # requantizing: M0 a, M0 b
+        self.register_buffer("shift", torch.ones((), dtype=torch.int64))
+        self.register_buffer("low", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("high", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("scales", torch.ones(2, dtype=torch.float64))  # the operands' grid scales
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.requantize:
+            return (a.double() * self.scales[0] + b.double() * self.scales[1]).float()
+        total = a.to(torch.int64) * self.multipliers[0] + b.to(torch.int64) * self.multipliers[1]
+        out = (total + (torch.ones_like(self.shift) << (self.shift - 1))) >> self.shift
+        return torch.clamp(out, self.low, self.high).to(torch.int32)
+
+    def config(self) -> dict[str, Any]:
+        return {"requantize": self.requantize}
+
+    def extra_repr(self) -> str:
+        return "requantize" if self.requantize else "dequantize"

@@ -160,3 +160,35 @@ def max_pool2d_codes(x: torch.Tensor, kernel_size: list[int], stride: list[int],
 def relu_codes(x: torch.Tensor, zero_point: int) -> torch.Tensor:
     """ReLU on codes: the real value 0 is the code `zero_point`."""
     return torch.clamp_min(x, zero_point)
+
+
+class NativeAdd(nn.Module):
+    """A residual add of two uint8 code tensors on their grids, onto an output grid or to float32.
+
+    out = round(a * (sa / so) + b * (sb / so) + c) with c = zo - za * sa / so - zb * sb / so, in
+    float32 (one fused expression of torch ops: there is no int8 add kernel on plain tensors), then
+    clamped to [`low`, `high`] codes; dequantizing, the real sum (ReLU fused as a clamp at 0).
+    """
+
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], output: tuple[float, int] | None,
+                 low: int = 0, high: int = UINT8_MAX, relu: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.output = tuple(a), tuple(b), None if output is None else tuple(output)
+        self.low, self.high, self.relu = low, high, relu
+        out_scale, out_zero = (1.0, 0) if output is None else output
+        self.ka, self.kb = a[0] / out_scale, b[0] / out_scale
+        self.offset = out_zero - a[1] * self.ka - b[1] * self.kb
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        real = torch.add(a.float() * self.ka, b.float(), alpha=self.kb) + self.offset
+        if self.output is None:
+            return real.clamp_min(0.0) if self.relu else real
+        return torch.clamp(torch.round(real), self.low, self.high).to(torch.uint8)
+
+    def config(self) -> dict[str, Any]:
+        return {"a": list(self.a), "b": list(self.b), "output": None if self.output is None else list(self.output),
+                "low": self.low, "high": self.high, "relu": self.relu}
+
+    def extra_repr(self) -> str:
+        out = "float32" if self.output is None else f"uint8 [{self.low}, {self.high}]"
+        return f"-> {out}" + (", relu" if self.relu else "")
