@@ -152,7 +152,8 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
     ctx.gm = gm
     try:
         result = p(gm, ctx)
-    except FxCompressError:
+    except FxCompressError as exc:
+        _note_unknown_ops(exc, gm, p, label)
         raise  # a pass's own typed error (ConfigError, PreconditionError, ...) already says what is wrong
     except Exception as exc:
         raise VerificationError(f"{label} raised {type(exc).__name__}: {exc}") from exc
@@ -188,20 +189,33 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
     return gm
 
 
-def _report_unknown_ops(gm: GraphModule, p: Pass, label: str, strict: bool, shown: int = 10) -> None:
+def _report_unknown_ops(gm: GraphModule, p: Pass, label: str, strict: bool) -> None:
     """A pass that changed nothing on a graph holding ops it does not know says so, naming them:
     it may have found nothing to do only because it could not read them."""
     unknown = p.unknown_ops(gm)
     if not unknown:
         return
-    listed = "; ".join(f"{_op_name(gm, n)} at {origin(n)}" for n in unknown[:shown])
-    more = f"; and {len(unknown) - shown} more" if len(unknown) > shown else ""
-    message = (f"{label} changed nothing, and the graph holds {len(unknown)} op(s) it does not know: "
-               f"{listed}{more}. Teach its tables these ops (docs/architecture.md), mark them as leaf "
-               f"modules, or respell them")
+    message = (f"{label} changed nothing, and the graph holds {_listed(gm, unknown)}. Teach its tables these "
+               f"ops (docs/architecture.md), mark them as leaf modules, or respell them")
     if strict:
         raise UnknownOpError(message)
     warnings.warn(message + " (compile(..., strict=True) makes this an error)", UnknownOpWarning, stacklevel=4)
+
+
+def _note_unknown_ops(exc: FxCompressError, gm: GraphModule, p: Pass, label: str) -> None:
+    """A pass's own refusal ("selects no layer") may come from ops it could not read: name them in a note."""
+    try:
+        unknown = p.unknown_ops(gm)
+    except Exception:  # noqa: BLE001 - the pass may have left the graph half rewritten; its refusal stands
+        return
+    if unknown:
+        exc.add_note(f"{label}: the graph holds {_listed(gm, unknown)}")
+
+
+def _listed(gm: GraphModule, unknown: list[Node], shown: int = 10) -> str:
+    more = f"; and {len(unknown) - shown} more" if len(unknown) > shown else ""
+    return (f"{len(unknown)} op(s) it does not know: "
+            + "; ".join(f"{_op_name(gm, n)} at {origin(n)}" for n in unknown[:shown]) + more)
 
 
 def _op_name(gm: GraphModule, node: Node) -> str:
@@ -214,7 +228,12 @@ def _op_name(gm: GraphModule, node: Node) -> str:
         return str(node.target)
     module = getattr(node.target, "__module__", None) or ""
     name = getattr(node.target, "__name__", repr(node.target))
-    return f"{module.replace('torch._C._nn', 'torch.nn.functional').replace('torch._C', 'torch')}.{name}".lstrip(".")
+    return f"{_PUBLIC_MODULES.get(module, module)}.{name}".lstrip(".")
+
+
+# where C-implemented functions say they live, and where users import them from
+_PUBLIC_MODULES = {"_operator": "operator", "torch._C._nn": "torch.nn.functional", "torch._C": "torch",
+                   "torch._C._VariableFunctions": "torch", "torch.functional": "torch"}
 
 
 def _refresh_analyses(gm: GraphModule, preserved: tuple[Preserved, ...], ctx: PassContext, label: str,

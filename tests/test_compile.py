@@ -1,5 +1,7 @@
 import copy
 import operator
+import re
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,7 +12,7 @@ from torch import nn
 import fxcompress
 from fxcompress.analyses import ParamOwnership, ShapeInfo
 from fxcompress.config import check_real
-from fxcompress.errors import ConfigError, VerificationError
+from fxcompress.errors import ConfigError, UnknownOpError, UnknownOpWarning, VerificationError
 from fxcompress.layers import find_layers, insert_on_weight
 from fxcompress.pass_base import Pass, PassResult
 from zoo import LeNet300100
@@ -307,3 +309,92 @@ def test_concurrent_compiles_of_different_models_all_succeed_and_match_single_th
 def test_boolean_options_take_only_booleans(flag, value):
     with pytest.raises(ConfigError, match=rf"compile.{flag} must be True or False, got {value!r}"):
         fxcompress.compile(LeNet300100(), [], example_inputs=torch.randn(2, 784), **{flag: value})
+
+
+class Mixer(nn.Module):
+    """A weight applied by matmul: no layer kind, so no layer pass can see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w)
+
+
+class MixerWithLayers(Mixer):
+    """The same unknown op beside an MLP whose hidden channels can be pruned and weights masked."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) + super().forward(x)
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class Cumulative(nn.Module):
+    def forward(self, x):
+        return torch.logcumsumexp(x, dim=-1)
+
+
+def _pass(name):
+    from fxcompress.passes import InsertMasks, PruneChannels
+    return {"masks": InsertMasks(sparsity=0.5), "channels": PruneChannels(amount=0.5)}[name]
+
+
+@pytest.mark.parametrize("model, x, op", [
+    (Mixer, torch.randn(2, 8), r"operator.matmul at module '<root>' at test_compile.py:\d+: return torch.relu\(x @ "
+                               r"self.w\)"),
+    (Recurrent, torch.randn(2, 5, 8), r"LSTM 'rnn' at module 'rnn' \(LSTM\) at test_compile.py:\d+: "
+                                      r"return self.rnn\(x\)\[0\]"),
+])
+def test_a_pass_that_changes_nothing_names_the_ops_it_does_not_know(model, x, op):
+    with pytest.warns(UnknownOpWarning, match=r"pass #0 PruneChannels\(.*\) changed nothing, and the graph holds 1 "
+                                              r"op\(s\) it does not know: " + op):
+        gm = fxcompress.compile(model().eval(), [_pass("channels")], x)
+    assert fxcompress.history(gm)[0].changed is False
+    with pytest.raises(UnknownOpError, match=op):
+        fxcompress.compile(model().eval(), [_pass("channels")], x, strict=True)
+
+
+def test_an_aten_op_the_front_end_left_unspelled_is_named_with_the_users_line():
+    program = torch.export.export(Cumulative(), (torch.randn(2, 8),))
+    with pytest.warns(UserWarning) as caught:  # the front end warns as well, when it meets the op
+        fxcompress.compile(program, [_pass("channels")], torch.randn(2, 8))
+    unknown = [str(w.message) for w in caught if w.category is UnknownOpWarning]
+    assert len(unknown) == 1 and re.search(r"aten.logcumsumexp.default at module '<root>' \(Cumulative\) at "
+                                           r"test_compile.py:\d+: return torch.logcumsumexp\(x, dim=-1\)", unknown[0])
+
+
+def test_a_layer_pass_that_finds_no_layer_names_the_ops_it_could_not_read():
+    with pytest.raises(ConfigError, match=r"InsertMasks selects no layer") as info:
+        fxcompress.compile(Recurrent(), [_pass("masks")], torch.randn(2, 5, 8))
+    assert re.search(r"pass #0 InsertMasks\(.*\): the graph holds 1 op\(s\) it does not know: LSTM 'rnn' at module "
+                     r"'rnn' \(LSTM\) at test_compile.py", info.value.__notes__[0])
+
+
+@pytest.mark.parametrize("model, passes, changed", [
+    (MixerWithLayers, ["masks", "channels"], [True, True]),  # an unknown op is there, but each pass changes something
+    (LeNet300100, ["masks", "masks"], [True, False]),  # the second changes nothing, and knows every op (masks too)
+])
+def test_no_warning_where_a_pass_changes_something_or_knows_every_op(model, passes, changed):
+    x = torch.randn(2, 784 if model is LeNet300100 else 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnknownOpWarning)
+        gm = fxcompress.compile(model().eval(), [_pass(name) for name in passes], x, strict=True)
+    assert [record.changed for record in fxcompress.history(gm)] == changed
+
+
+def test_strict_takes_only_booleans():
+    with pytest.raises(ConfigError, match="compile.strict must be True or False"):
+        fxcompress.compile(LeNet300100(), [], torch.randn(2, 784), strict=1)
