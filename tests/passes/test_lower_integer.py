@@ -4,8 +4,8 @@ from torch.fx import Interpreter
 
 import fxcompress
 from fxcompress.errors import PreconditionError
-from fxcompress.quant.integer import IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
-from fxcompress.passes import InsertFakeQuant, LowerToInteger
+from fxcompress.quant.integer import IntegerAdd, IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
+from fxcompress.passes import FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
 from fxcompress.quant import ActivationQuant
 from zoo import LeNet5, LeNet300100, ResNetSmall
@@ -175,3 +175,38 @@ def test_a_quantized_layer_whose_output_is_never_read_is_dropped():
     assert not hasattr(gm, "unused")
     assert sum(isinstance(m, IntegerLayer) for m in gm.modules()) == 1
     assert torch.allclose(gm(x), fq(x), atol=0.05 * fq(x).abs().max().item())
+
+
+def test_residual_adds_stay_integer_when_their_operands_have_grids():
+    x = torch.rand(32, 3, 32, 32)
+    calibration = [x[i:i + 16] for i in range(0, len(x), 16)]
+    quantize = InsertFakeQuant(method="linear", bits=8, per_channel=True, activations=ActivationConfig(bits=8, adds=True))
+    fq = fxcompress.compile(ResNetSmall().eval(), [FoldBatchNorm(), quantize], example_inputs=(x[:2],),
+                            calibration_data=calibration)
+    gm = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["backend"] == "reference" and stats["integer_adds"] == 4
+    assert stats["float_to_integer_boundaries"] == 2  # the image and fc's input after the average pool
+    adds = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), IntegerAdd)]
+    dtypes = _dtypes(gm, x)
+    assert [dtypes[n.name] for n in adds] == [torch.int32] * 3 + [torch.float32]  # the last one dequantizes
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    assert (expected - got).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_integer_add_rounds_the_real_sum_onto_the_output_grid():
+    torch.manual_seed(0)
+    a, b = torch.randint(-128, 128, (1000,), dtype=torch.int32), torch.randint(-100, 156, (1000,), dtype=torch.int32)
+    scales, out_scale = torch.tensor([0.013, 0.0041], dtype=torch.float64), 0.021
+    module = IntegerAdd(requantize=True)
+    multipliers, shifts = fixed_point_multiplier(scales / out_scale)
+    module.multipliers.copy_(multipliers << (shifts.max() - shifts))
+    module.shift.fill_(int(shifts.max()))
+    module.low.fill_(-50)
+    module.high.fill_(60)
+    got = module(a, b)
+    real = (a.double() * scales[0] + b.double() * scales[1]) / out_scale
+    exact = torch.clamp(torch.floor(real + 0.5), -50, 60)
+    assert (got.double() - exact).abs().max().item() <= 1 and (got.double() == exact).float().mean() > 0.99
+    assert got.dtype == torch.int32 and int(got.min()) == -50 and int(got.max()) == 60  # clamped to the grid

@@ -13,7 +13,7 @@ from fxcompress.errors import FormatError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
 from fxcompress.quant.integer import IntegerLayer
-from fxcompress.quant.native import NativeLayer, QuantizeToCodes, max_pool2d_codes
+from fxcompress.quant.native import NativeAdd, NativeLayer, QuantizeToCodes, max_pool2d_codes
 from fxcompress.training import train
 from zoo import BasicBlock, LeNet5, LeNet300100
 
@@ -53,10 +53,11 @@ def _trained(name, data):
     return _TRAINED[name]
 
 
-def _fake_quant(model, x, weight_bits=8, activation_bits=8, symmetric=True):
+def _fake_quant(model, x, weight_bits=8, activation_bits=8, symmetric=True, adds=True):
     calibration = [x[i:i + 64] for i in range(0, len(x), 64)]
+    activations = ActivationConfig(bits=activation_bits, adds=adds)
     passes = [FoldBatchNorm(), InsertFakeQuant(method="linear", bits=weight_bits, symmetric=symmetric,
-                                               per_channel=True, activations=ActivationConfig(bits=activation_bits))]
+                                               per_channel=True, activations=activations)]
     return fxcompress.compile(model, passes, example_inputs=(x[:2],), calibration_data=calibration)
 
 
@@ -129,6 +130,26 @@ def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(digits):
     inner = [n for n in nodes if n.op not in ("placeholder", "output")][:-1]
     assert [dtypes[n] for n in inner] == [torch.uint8] * 7
     assert dtypes[nodes[-2]] == torch.float32
+
+
+def test_residual_adds_stay_integer_and_agree_with_the_reference(digits):
+    x = digits.train_x[:256]
+    fq = _fake_quant(_trained("resnet", digits), x, activation_bits=7)
+    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x)
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["integer_adds"] == 2 and stats["float_to_integer_boundaries"] == 2  # the input and fc's
+    adds = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NativeAdd)]
+    assert len(adds) == 2
+    assert not any(n.target in (F.relu, torch.relu) for n in gm.graph.nodes)  # both block ReLUs fused
+    dtypes = _dtypes(gm, x)
+    assert dtypes[adds[0]] == torch.uint8 and all(dtypes[a] == torch.uint8 for a in adds[0].args)
+    assert dtypes[adds[1]] == torch.float32  # the last add dequantizes before the average pool
+    with torch.no_grad():
+        expected, got = reference(digits.test_x), gm(digits.test_x)
+        without_adds = _lower(_fake_quant(_trained("resnet", digits), x, activation_bits=7, adds=False), x)
+    assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+    assert fxcompress.history(without_adds)[-1].stats["integer_adds"] == 0
 
 
 def test_a_copy_and_a_pickle_run_the_same_and_the_file_format_refuses_by_name(digits, tmp_path):
