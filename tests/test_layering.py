@@ -17,7 +17,7 @@ FLOORS = [
     ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels"]),
     ("passes", ["passes"]),
     ("front door", ["compile", "fileformat", "summary", "draw", "export", "inspection", "sensitivity",
-                    "pruning.interop", ""]),
+                    "pruning.interop", "cli", "__main__", ""]),
 ]
 
 

@@ -1,0 +1,124 @@
+"""`fxcompress inspect | decode | export`: look into a compressed file, decode it, export its weights.
+
+decode writes a dense model: a `.fxc` OUT is the dense GraphModule in the fxcompress file format
+(load it with fxcompress.load, pickle-free); a `.pt` / `.pth` OUT is a plain PyTorch state dict
+(`torch.load(OUT, weights_only=True)`), whose names are the GraphModule's (`fc1.weight`, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..encoded.decode import decode
+from ..errors import ConfigError
+from ..export import sparse_arrays, to_json, to_onnx
+from ..fileformat import load, save
+from ..summary import summary
+
+STATE_DICT_SUFFIXES = (".pt", ".pth")
+BYTE_COLUMNS = ("layer", "dense_bytes", "compressed_bytes", "exact")  # the per-layer bytes table of inspect
+
+
+def _per_layer_bytes(rows) -> str:
+    parts = sorted({k for row in rows for k in row if k.startswith("bytes_")})
+    head = [*BYTE_COLUMNS, *(p.removeprefix("bytes_") for p in parts)]
+    cells = [head, *([str(row.get(c, "")) for c in (*BYTE_COLUMNS, *parts)] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
+
+
+def inspect_file(args: argparse.Namespace) -> int:
+    gm = load(args.file)
+    table = summary(gm)
+    size = Path(args.file).stat().st_size
+    print(f"{args.file}: {size} bytes on disk; {table.totals['params']} parameters "
+          f"({table.totals['dense_bytes']} bytes in fp32, {table.totals['dense_bytes'] / size:.1f}x the file)")
+    print()
+    print(table.to_text(with_history=False))
+    print("\nper-layer bytes:")
+    print(_per_layer_bytes(table.rows))
+    print("\npasses:")
+    print(table.history or "(none)")
+    return 0
+
+
+def decode_file(args: argparse.Namespace) -> int:
+    dense = decode(load(args.file))
+    out = Path(args.out)
+    if out.suffix.lower() in STATE_DICT_SUFFIXES:
+        torch.save(dense.state_dict(), out)
+        what = "state dict"
+    else:
+        save(dense, out)
+        what = "dense fxcompress file"
+    print(f"{out}: {what}, {out.stat().st_size} bytes")
+    return 0
+
+
+def _input_shape(text: str | None) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in (text or "").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ConfigError(f"export --input-shape must be positive sizes such as 1,1,28,28, got {text!r}")
+    return shape
+
+
+def _npz(form: str) -> Callable[[object, Path, argparse.Namespace], None]:
+    def write(gm, out: Path, args) -> None:
+        arrays = {f"{layer}.{key}": np.asarray(value) for layer, entry in sparse_arrays(gm, form).items()
+                  for key, value in entry.items()}
+        with open(out, "wb") as f:  # np.savez would append .npz to a name without it
+            np.savez(f, **arrays)
+    return write
+
+
+# format -> (writer(gm, out, args), default suffix)
+EXPORTS: dict[str, tuple[Callable, str]] = {
+    "json": (lambda gm, out, args: to_json(gm, out, integer=args.integer), ".json"),
+    "csr": (_npz("csr"), ".csr.npz"),
+    "coo": (_npz("coo"), ".coo.npz"),
+    "onnx": (lambda gm, out, args: to_onnx(gm, out, (torch.zeros(_input_shape(args.input_shape)),)), ".onnx"),
+}
+
+
+def export_file(args: argparse.Namespace) -> int:
+    write, suffix = EXPORTS[args.format]
+    if args.format == "onnx":
+        _input_shape(args.input_shape)  # before the file is read
+    gm = load(args.file)
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
+    write(gm, out, args)
+    print(f"{out}: {args.format}, {out.stat().st_size} bytes")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("inspect", help="summary, per-layer bytes and pass history of a .fxc file",
+                                 description="Print the summary table, the bytes of every layer's streams and "
+                                             "the pass history of a saved model.")
+    parser.add_argument("file", help="a file written by fxcompress.save")
+    parser.set_defaults(handler=inspect_file)
+
+    parser = commands.add_parser("decode", help="write the dense model of a .fxc file", description=__doc__)
+    parser.add_argument("file", help="a file written by fxcompress.save")
+    parser.add_argument("out", help="OUT.fxc (dense fxcompress file) or OUT.pt / OUT.pth (state dict)")
+    parser.set_defaults(handler=decode_file)
+
+    parser = commands.add_parser("export", help="export a .fxc file's weights (json, csr, coo) or model (onnx)",
+                                 description="json: per-layer float weights (or codes with --integer); csr / coo: "
+                                             "per-layer sparse arrays in one .npz (LAYER.indptr, LAYER.indices, "
+                                             "LAYER.values, LAYER.shape); onnx: the decoded model (onnx extra).")
+    parser.add_argument("file", help="a file written by fxcompress.save")
+    parser.add_argument("--format", required=True, choices=sorted(EXPORTS))
+    parser.add_argument("--out", help="output path (default: FILE with the format's suffix)")
+    parser.add_argument("--integer", action="store_true", help="json: integer codes with codebook or scale")
+    parser.add_argument("--input-shape", help="onnx: the example input's shape, e.g. 1,1,28,28")
+    parser.set_defaults(handler=export_file)

@@ -1,0 +1,206 @@
+"""A recipe: one YAML file naming the model, the data set, the passes in order and the fine-tuning after
+each. `load_recipe` validates all of it before any work and reports a bad key or value at its line.
+
+    model: zoo:lenet300            # zoo:NAME, torchvision:NAME or package.module:factory
+    data: digits                   # or {name: cifar-10, root: DIR, channels: 3}
+    train: {epochs: 30, lr: 1e-3}  # dense training first (optional)
+    steps:
+      - pass: InsertMasks
+        config: {sparsity: 0.8, scope: global}
+        finetune: {epochs: 8, lr: 5e-4, distill: {temperature: 4.0, alpha: 0.9}}
+      - pass: LowerToEncoded
+    quick: {epochs: 1, train_samples: 512}   # what --quick caps
+
+The keys each section takes, and what each value must be, are the tables below (constraints of
+fxcompress.config, as the passes declare theirs); a pass's own config is checked by the pass itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import passes as passes_module
+from ..config import Boolean, Interval, Options, TypeOf, explain, satisfies
+from ..errors import ConfigError
+from ..pass_base import Pass
+from ..passes import ActivationConfig
+from ..pruning.schedule import AGP
+from .data import DATASETS
+from .yamldoc import Document, dotted, read
+
+PASSES: dict[str, type[Pass]] = {name: getattr(passes_module, name) for name in passes_module.__all__
+                                 if isinstance(getattr(passes_module, name), type)
+                                 and issubclass(getattr(passes_module, name), Pass)}
+# pass fields that take a configuration object: in a recipe they are written as its keyword mapping
+NESTED: dict[tuple[str, str], type] = {("InsertMasks", "schedule"): AGP,
+                                       ("InsertFakeQuant", "activations"): ActivationConfig}
+
+_TEXT = TypeOf(str, what="a string")
+_MAP = TypeOf(dict, what="a mapping")
+_COUNT = Interval(int, 0)
+_POSITIVE = Interval(int, 1)
+# section -> {key: alternatives}; a key missing from its table is refused
+TRAIN = {"epochs": (_COUNT,), "lr": (Interval(float, 0.0, lo_open=True),), "batch_size": (_POSITIVE,),
+         # fxcompress.training.train uses Adam; other optimizers need it to take one
+         "optimizer": (Options("adam"),)}
+FINETUNE = {**TRAIN, "distill": (Boolean(), _MAP)}
+DISTILL = {"temperature": (Interval(float, 0.0, lo_open=True),), "alpha": (Interval(float, 0.0, 1.0),)}
+DATA = {"name": (Options(*DATASETS),), "root": (_TEXT,), "channels": (_POSITIVE,), "image_size": (Interval(int, 4),)}
+CALIBRATION = {"batches": (_POSITIVE,), "batch_size": (_POSITIVE,)}
+QUICK = {"epochs": (_COUNT,), "train_samples": (_POSITIVE,), "test_samples": (_POSITIVE,)}
+STEP = {"pass": (Options(*PASSES),), "name": (_TEXT,), "config": (_MAP,), "finetune": (_MAP,)}
+TOP = {"description": (_TEXT,), "model": (_TEXT,), "model_args": (_MAP,), "data": (_TEXT, _MAP),
+       "seed": (_COUNT,), "threads": (_POSITIVE,), "train": (_MAP,), "calibration": (_MAP,),
+       "steps": (TypeOf(list, what="a list of steps"),), "quick": (_MAP,)}
+REQUIRED = {"top": ("model", "data", "steps"), "step": ("pass",), "data": ("name",)}
+DEFAULTS = {"train": {"epochs": 0, "lr": 1e-3, "batch_size": 64, "optimizer": "adam"},
+            "calibration": {"batches": 4, "batch_size": 128},
+            "quick": {"epochs": 1, "train_samples": 512, "test_samples": 360}}
+
+
+@dataclass(frozen=True)
+class Training:
+    epochs: int
+    lr: float
+    batch_size: int
+    distill: dict | None = None  # {"temperature", "alpha"}: the dense model teaches
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    name: str
+    make: Any  # () -> a fresh Pass (a pass with a schedule keeps no state, but each run gets its own)
+    finetune: Training | None
+    fingerprint: str  # of everything this step's result depends on: a changed recipe reruns from there
+
+
+@dataclass(frozen=True)
+class Recipe:
+    doc: Document
+    model: str
+    model_args: dict
+    data: dict
+    seed: int
+    threads: int
+    train: Training
+    calibration: dict
+    quick: dict
+    steps: tuple[Step, ...]
+    fingerprint: str  # of what the dense model depends on: model, data, seed, dense training, quick caps
+
+    def error(self, path: tuple, message: str) -> ConfigError:
+        return self.doc.error(path, message)
+
+
+def check_section(doc: Document, path: tuple, value: Any, table: dict, required: tuple = ()) -> dict:
+    """`value` must be a mapping whose keys are in `table` and whose values satisfy it."""
+    if not isinstance(value, dict):
+        raise doc.error(path, f"{dotted(path)} must be a mapping, got {value!r}")
+    for key, item in value.items():
+        if key not in table:
+            raise doc.error(path + (key,), f"unknown key {dotted(path + (key,))}; "
+                                           f"{dotted(path)} takes {', '.join(table)}")
+        if not satisfies(item, table[key]):
+            raise doc.error(path + (key,), explain(dotted(path + (key,)), item, table[key]))
+    for key in required:
+        if key not in value:
+            raise doc.error(path, f"{dotted(path)} needs the key {key!r}")
+    return value
+
+
+def _training(doc: Document, path: tuple, value: dict | None, base: dict) -> Training | None:
+    if value is None:
+        return None
+    settings = {**base, **check_section(doc, path, value, FINETUNE if path != ("train",) else TRAIN)}
+    distill = settings.pop("distill", False)
+    if isinstance(distill, dict):
+        distill = {"temperature": 4.0, "alpha": 0.9,
+                   **check_section(doc, path + ("distill",), distill, DISTILL)}
+    settings.pop("optimizer")
+    return Training(**settings, distill=distill or None)
+
+
+def _pass_value(doc: Document, path: tuple, owner: str, field: str, value: Any) -> Any:
+    """A recipe value as the pass field takes it: lists as tuples, nested configs built from mappings."""
+    nested = NESTED.get((owner, field))
+    if nested is not None and isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(nested)})
+        if unknown:
+            raise doc.error(path + (unknown[0],), f"unknown key {dotted(path + (unknown[0],))}; "
+                                                  f"{nested.__name__} takes "
+                                                  f"{', '.join(f.name for f in dataclasses.fields(nested))}")
+        return nested(**{k: _pass_value(doc, path + (k,), nested.__name__, k, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_pass_value(doc, path + (i,), owner, field, v) for i, v in enumerate(value))
+    return value
+
+
+def _make_pass(doc: Document, path: tuple, name: str, config: dict):
+    """A factory of the configured pass, tried once now so that a bad config fails here, at its line."""
+    cls = PASSES[name]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in config:
+        if key not in fields:
+            raise doc.error(path + (key,), f"unknown key {dotted(path + (key,))}; {name} takes "
+                                           f"{', '.join(fields) or 'no options'}")
+
+    def make() -> Pass:
+        return cls(**{k: _pass_value(doc, path + (k,), name, k, v) for k, v in config.items()})
+
+    try:
+        make()
+    except ConfigError as exc:
+        raise doc.error(_culprit(path, config, str(exc)), f"{dotted(path)}: {exc}") from None
+    return make
+
+
+def _culprit(path: tuple, config: dict, message: str) -> tuple:
+    """The config key a pass's ConfigError names (`InsertMasks.sparsity`, `AGP.end` under `schedule`)."""
+    for owner, field in re.findall(r"\b(\w+)\.(\w+)", message):
+        if field in config:
+            return path + (field,)
+        for key, value in config.items():
+            if isinstance(value, dict) and field in value:
+                return path + (key, field)
+    return path
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def _steps(doc: Document, items: list, base: tuple) -> tuple[Step, ...]:
+    if not items:
+        raise doc.error(("steps",), "steps is empty: a recipe needs at least one pass")
+    steps = []
+    for index, item in enumerate(items):
+        path = ("steps", index)
+        check_section(doc, path, item, STEP, REQUIRED["step"])
+        make = _make_pass(doc, path + ("config",), item["pass"], item.get("config", {}))
+        finetune = _training(doc, path + ("finetune",), item.get("finetune"), DEFAULTS["train"])
+        steps.append(Step(index, item.get("name", f"{index + 1}-{item['pass']}"), make, finetune,
+                          _fingerprint(base, items[:index + 1])))
+    return tuple(steps)
+
+
+def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
+    """Read and validate a recipe; every error is a ConfigError "file:line: what is wrong"."""
+    doc = read(path)
+    top = check_section(doc, (), doc.data if doc.data is not None else {}, TOP, REQUIRED["top"])
+    data = top["data"] if isinstance(top["data"], dict) else {"name": top["data"]}
+    check_section(doc, ("data",), data, DATA, REQUIRED["data"])
+    calibration = {**DEFAULTS["calibration"], **check_section(doc, ("calibration",), top.get("calibration", {}),
+                                                              CALIBRATION)}
+    quick_caps = {**DEFAULTS["quick"], **check_section(doc, ("quick",), top.get("quick", {}), QUICK)}
+    train = _training(doc, ("train",), top.get("train", {}), DEFAULTS["train"])
+    base = (top["model"], top.get("model_args", {}), data, top.get("seed", 0), top.get("train"), calibration,
+            quick and quick_caps)
+    return Recipe(doc, top["model"], dict(top.get("model_args", {})), data, top.get("seed", 0),
+                  top.get("threads", 1), train, calibration, quick_caps if quick else {},
+                  _steps(doc, top["steps"], base), _fingerprint(base))

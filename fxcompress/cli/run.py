@@ -1,0 +1,238 @@
+"""`fxcompress run RECIPE.yaml`: dense training, then each pass of the recipe with its fine-tuning, a
+checkpoint after every step, and a rerun that resumes after the last finished step.
+
+The output folder holds `state.json` (each finished step's fingerprint and accuracy), `dense.pt` (the
+trained dense weights, a plain state dict), `step-NN.fxc` (each step's model in the pickle-free file
+format), and at the end `model.fxc` and `summary.md`. A step is skipped on a rerun when its
+checkpoint exists and its fingerprint (everything the step depends on: model, data, seeds, training,
+the steps up to it) is unchanged; the first changed step and all later ones run again.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..compile import compile as compile_model
+from ..distill import DistillationLoss
+from ..errors import FxCompressError
+from ..fileformat import load, save
+from ..summary import summary
+from ..training import evaluate, torch_threads, train
+from .data import DATASETS, as_channels, image_folder_classes, subset
+from .models import build
+from .recipe import Recipe, Step, Training, load_recipe
+
+STATE = "state.json"
+
+
+def data_shape(recipe: Recipe) -> tuple[int, int, int]:
+    """(channels, side, classes) the model is built for, known before any image is read."""
+    spec, kind = recipe.data, DATASETS[recipe.data["name"]]
+    side = spec.get("image_size", kind.shape.image_size)
+    if side is None:
+        raise recipe.error(("data",), f"data {spec['name']} needs image_size (its images are resized to it)")
+    classes = kind.shape.num_classes
+    if classes is None:
+        classes = image_folder_classes(Path(spec["root"]))
+    return spec.get("channels", kind.shape.channels), side, classes
+
+
+def check_files(recipe: Recipe) -> None:
+    """The data set's root and files exist (before any work)."""
+    spec, kind = recipe.data, DATASETS[recipe.data["name"]]
+    if kind.needs_root and "root" not in spec:
+        raise recipe.error(("data",), f"data {spec['name']} needs root: the folder holding {', '.join(kind.files)}")
+    if "root" in spec:
+        missing = [f for f in kind.files if not (Path(spec["root"]) / f).exists()]
+        if not Path(spec["root"]).is_dir() or missing:
+            raise recipe.error(("data", "root"), f"data.root {spec['root']!r} does not hold "
+                                                 f"{', '.join(missing or kind.files)}")
+
+
+def load_data(recipe: Recipe, shape: tuple[int, int, int]):
+    spec = recipe.data
+    root = Path(spec["root"]) if "root" in spec else None
+    data = as_channels(DATASETS[spec["name"]].load(root, shape[1]), shape[0])
+    if recipe.quick:
+        data = subset(data, recipe.quick["train_samples"], recipe.quick["test_samples"])
+    return data
+
+
+def _epochs(recipe: Recipe, training: Training) -> int:
+    return min(training.epochs, recipe.quick["epochs"]) if recipe.quick else training.epochs
+
+
+def _finetune(recipe: Recipe, gm: nn.Module, data, training: Training | None, index: int,
+              teacher: nn.Module | None, hook: Callable[[int], None] | None) -> None:
+    if training is None or _epochs(recipe, training) == 0:
+        return
+    loss = None
+    if training.distill:
+        loss = DistillationLoss(teacher, training.distill["temperature"], training.distill["alpha"])
+    train(gm, data, _epochs(recipe, training), lr=training.lr, batch_size=training.batch_size,
+          seed=recipe.seed + index, loss=loss, step_hook=hook)
+
+
+def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list) -> None:
+    """Every step compiled once on the untrained model: a pass that cannot run fails here, at its line."""
+    gm = copy.deepcopy(model).eval()
+    for step in recipe.steps:
+        try:
+            gm = compile_model(gm, [step.make()], example_inputs=example, calibration_data=calibration)
+        except FxCompressError as exc:
+            raise recipe.error(("steps", step.index, "pass"), f"steps[{step.index}] ({step.name}) cannot run: "
+                                                               f"{_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class Run:
+    """One execution of a recipe into an output folder."""
+
+    def __init__(self, recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> None:
+        self.recipe, self.out, self.log = recipe, out, log
+        self.state = self._read_state()
+
+    def _read_state(self) -> dict:
+        path = self.out / STATE
+        if not path.is_file():
+            return {"dense": None, "steps": []}
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"dense": None, "steps": []}  # a broken state file means nothing is finished
+        return state if isinstance(state, dict) and isinstance(state.get("steps"), list) else {"dense": None, "steps": []}
+
+    def _write_state(self) -> None:
+        temp = self.out / (STATE + ".tmp")
+        temp.write_text(json.dumps(self.state, indent=1))
+        temp.replace(self.out / STATE)
+
+    def dense(self, model: nn.Module, data) -> float:
+        recipe, path = self.recipe, self.out / "dense.pt"
+        fingerprint = recipe.fingerprint
+        if self.state.get("dense") == fingerprint and path.is_file():
+            model.load_state_dict(torch.load(path, weights_only=True))
+            self.log("dense training: done before, loaded dense.pt")
+        else:
+            self.state = {"dense": None, "steps": []}
+            epochs = _epochs(recipe, recipe.train)
+            if epochs:
+                train(model, data, epochs, lr=recipe.train.lr, batch_size=recipe.train.batch_size, seed=recipe.seed)
+            torch.save(model.state_dict(), path)
+            self.state["dense"] = fingerprint
+            self._write_state()
+        model.eval()
+        accuracy = evaluate(model, data.test_x, data.test_y)
+        self.log(f"dense: accuracy {accuracy:.4f}")
+        return accuracy
+
+    def finished(self, step: Step) -> Path | None:
+        done = self.state["steps"]
+        path = self.out / f"step-{step.index + 1:02d}.fxc"
+        if step.index < len(done) and done[step.index].get("fingerprint") == step.fingerprint and path.is_file():
+            return path
+        return None
+
+    def _finetune_step(self, step: Step, pass_, gm: nn.Module, data, teacher) -> None:
+        """Fine-tune after the pass; a gradual-pruning schedule advances the masks at every optimizer step."""
+        schedule = getattr(pass_, "schedule", None)
+        steps = [0]
+
+        def hook(s: int) -> None:
+            steps[0] = s
+            pass_.update_masks(gm, s)
+
+        _finetune(self.recipe, gm, data, step.finetune, step.index + 1, teacher, hook if schedule else None)
+        if schedule is not None and steps[0] < schedule.end:
+            # fewer optimizer steps than the schedule (a --quick run): the masks still end at the target
+            pass_.update_masks(gm, schedule.end)
+            self.log(f"step {step.name}: the schedule ends at step {schedule.end}, fine-tuning stopped at "
+                     f"{steps[0]}; masks set to the final sparsity")
+
+    def step(self, step: Step, gm: nn.Module, data, example, calibration, teacher) -> tuple[nn.Module, float]:
+        done = self.finished(step)
+        if done is not None:
+            gm = load(done)
+            accuracy = self.state["steps"][step.index]["accuracy"]
+            self.log(f"step {step.name}: done before, loaded {done.name} (accuracy {accuracy:.4f})")
+            return gm, accuracy
+        del self.state["steps"][step.index:]
+        torch.manual_seed(self.recipe.seed + step.index + 1)
+        pass_ = step.make()
+        gm = compile_model(gm, [pass_], example_inputs=example, calibration_data=calibration)
+        self._finetune_step(step, pass_, gm, data, teacher)
+        accuracy = evaluate(gm, data.test_x, data.test_y)
+        path = self.out / f"step-{step.index + 1:02d}.fxc"
+        save(gm, path)
+        self.state["steps"].append({"name": step.name, "fingerprint": step.fingerprint, "accuracy": accuracy,
+                                    "file": path.name})
+        self._write_state()
+        self.log(f"step {step.name}: accuracy {accuracy:.4f}")
+        return gm, accuracy
+
+
+def run_recipe(path: str | Path, out: str | Path, quick: bool = False,
+               log: Callable[[str], None] = print) -> dict:
+    """Validate the recipe, then run (or resume) it into `out`; returns the accuracies and the file size."""
+    recipe = load_recipe(path, quick=quick)
+    check_files(recipe)
+    shape = data_shape(recipe)
+    torch.manual_seed(recipe.seed)
+    model = build(recipe.model, recipe.model_args, shape)
+    with torch_threads(recipe.threads):
+        data = load_data(recipe, shape)
+        example = (data.test_x[:2],)
+        step = recipe.calibration["batch_size"]
+        calibration = [data.train_x[i:i + step] for i in range(0, step * recipe.calibration["batches"], step)]
+        dry_run(recipe, model, example, [data.train_x[:32]])  # a small batch: the dry run checks structure
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        return _execute(Run(recipe, out, log), model, data, example, calibration)
+
+
+def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
+    recipe, out = run.recipe, run.out
+    dense = run.dense(model, data)
+    teacher = copy.deepcopy(model).eval() if any(s.finetune and s.finetune.distill for s in recipe.steps) else None
+    gm, accuracies = model, []
+    for step in recipe.steps:
+        gm, accuracy = run.step(step, gm, data, example, calibration, teacher)
+        accuracies.append(accuracy)
+    file_bytes = save(gm, out / "model.fxc")
+    table = summary(gm, example)
+    dense_bytes = 4 * sum(p.numel() for p in model.parameters())
+    lines = [f"# {recipe.doc.name}", "", f"data: {data.name}, {len(data.train_x)} train / {len(data.test_x)} test"
+             + (" (quick)" if recipe.quick else ""), "", "| step | accuracy |", "|---|---:|",
+             f"| dense | {dense:.4f} |", *(f"| {s.name} | {a:.4f} |" for s, a in zip(recipe.steps, accuracies)),
+             "", table.to_markdown(), "", f"model.fxc: {file_bytes} bytes; fp32 parameters: {dense_bytes} bytes "
+             f"({dense_bytes / file_bytes:.1f}x)", "", "```", table.history, "```", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    run.log(table.to_text(with_history=False))
+    run.log(f"model.fxc: {file_bytes} bytes, {dense_bytes / file_bytes:.1f}x smaller than the fp32 parameters; "
+            f"accuracy dense {dense:.4f} -> {accuracies[-1]:.4f}; written to {out}")
+    return {"dense_accuracy": dense, "accuracies": accuracies, "file_bytes": file_bytes,
+            "dense_bytes": dense_bytes, "out": str(out)}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("run", help="run a compression recipe (YAML), resuming from its checkpoints",
+                                 description="Validate a recipe, then train, compress and fine-tune as it says; "
+                                             "a checkpoint after each step lets a rerun resume.")
+    parser.add_argument("recipe", help="the recipe file (YAML)")
+    parser.add_argument("--out", help="output folder (default: runs/<recipe name>)")
+    parser.add_argument("--quick", action="store_true", help="cap epochs and data as the recipe's quick: says")
+    parser.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    run_recipe(args.recipe, args.out or Path("runs") / Path(args.recipe).stem, args.quick)
+    return 0

@@ -1,0 +1,88 @@
+"""`fxcompress sensitivity`: prune one layer at a time at each sparsity and print the accuracy table
+(fxcompress.sensitivity), for a model named as in recipes (trained first) or a saved .fxc file."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..fileformat import load
+from ..sensitivity import sensitivity
+from ..training import evaluate, torch_threads, train
+from .data import DATASETS, subset
+from .models import build
+
+QUICK = {"train_samples": 512, "test_samples": 360, "epochs": 1}
+
+
+def _sparsities(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"sensitivity --sparsities must be numbers such as 0.5,0.7,0.9, got {text!r}") from None
+
+
+def _data(args: argparse.Namespace):
+    kind = DATASETS[args.data]
+    if kind.needs_root and args.root is None:
+        raise ConfigError(f"sensitivity --data {args.data} needs --root (the folder holding "
+                          f"{', '.join(kind.files)})")
+    side = args.image_size or kind.shape.image_size
+    if side is None:
+        raise ConfigError(f"sensitivity --data {args.data} needs --image-size")
+    data = kind.load(Path(args.root) if args.root else None, side)
+    return subset(data, QUICK["train_samples"], QUICK["test_samples"]) if args.quick else data
+
+
+def _model(args: argparse.Namespace, data):
+    if (args.model is None) == (args.file is None):
+        raise ConfigError("sensitivity needs exactly one of --model SPEC and --file FILE.fxc")
+    if args.file is not None:
+        return load(args.file)
+    model = build(args.model, {}, (data.channels, data.image_size, data.num_classes))
+    epochs = min(args.epochs, QUICK["epochs"]) if args.quick else args.epochs
+    if epochs:
+        train(model, data, epochs, lr=1e-3, batch_size=64)
+    return model.eval()
+
+
+def sensitivity_command(args: argparse.Namespace) -> int:
+    sparsities = _sparsities(args.sparsities)
+    with torch_threads(args.threads):
+        torch.manual_seed(0)
+        data = _data(args)
+        model = _model(args, data)
+        try:
+            with torch.no_grad():
+                model.eval()(data.test_x[:1])
+        except RuntimeError as exc:
+            raise ConfigError(f"the model cannot run on {data.name} images of shape "
+                              f"{tuple(data.test_x.shape[1:])} ({' '.join(str(exc).split())[:200]})") from None
+        table = sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), sparsities,
+                            args.granularity, layers=args.layers)
+    print(table.to_text())
+    if args.out:
+        Path(args.out).write_text(table.to_markdown() + "\n")
+        print(f"written to {args.out}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("sensitivity", help="accuracy with each layer alone pruned to each sparsity",
+                                 description=__doc__)
+    parser.add_argument("--model", help="zoo:NAME, torchvision:NAME or package.module:factory (trained first)")
+    parser.add_argument("--file", help="a .fxc file to sweep instead of --model")
+    parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--root", help="the data set's folder (mnist, cifar-10, cifar-100, image-folder)")
+    parser.add_argument("--image-size", type=int, help="image side (image-folder)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of --model before the sweep")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
+    parser.add_argument("--granularity", default="element", choices=["element", "kernel", "filter", "channel"])
+    parser.add_argument("--layers", help="full-match regex over layer names (default: every layer)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK['train_samples']} training images, "
+                                                             f"{QUICK['epochs']} epoch")
+    parser.add_argument("--out", help="also write the table as Markdown to this file")
+    parser.set_defaults(handler=sensitivity_command)

@@ -1,0 +1,95 @@
+"""Recipe validation: every bad key or value is a ConfigError naming the file, the line and the key,
+raised before any training (the data set is never loaded)."""
+import pytest
+
+from fxcompress.cli import recipe as recipe_module
+from fxcompress.cli.recipe import load_recipe
+from fxcompress.errors import ConfigError
+from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
+from fxcompress.pruning.schedule import AGP
+
+GOOD = """
+model: zoo:lenet300
+data: digits
+train: {epochs: 2, lr: 1e-3}
+steps:
+  - pass: InsertMasks
+    config:
+      sparsity: 0.5
+      schedule: {end: 20, every: 5}
+    finetune: {epochs: 1, lr: 5e-4, distill: {temperature: 2.0}}
+  - pass: InsertFakeQuant
+    config:
+      method: linear
+      bits: 8
+      activations: {bits: 8}
+  - pass: LowerToInteger
+"""
+
+
+def test_a_good_recipe_builds_its_passes_and_training(write_recipe):
+    recipe = load_recipe(write_recipe(GOOD))
+    masks, quant = recipe.steps[0].make(), recipe.steps[1].make()
+    assert masks == InsertMasks(sparsity=0.5, schedule=AGP(end=20, every=5))
+    assert quant == InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(bits=8))
+    assert recipe.train.lr == 1e-3 and isinstance(recipe.train.lr, float)  # YAML 1.1 would read "1e-3" as text
+    assert recipe.steps[0].finetune.distill == {"temperature": 2.0, "alpha": 0.9}
+    assert recipe.steps[2].finetune is None
+    assert [s.name for s in recipe.steps] == ["1-InsertMasks", "2-InsertFakeQuant", "3-LowerToInteger"]
+
+
+def _line_of(text, needle):
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize("old, new, needle, words", [
+    ("train: {epochs: 2", "train: {epoch: 2", "train:", "unknown key train.epoch"),
+    ("      sparsity: 0.5", "      sparsity: 1.5", "sparsity:", "InsertMasks.sparsity"),
+    ("      sparsity: 0.5", "      sparsty: 0.5", "sparsty:", "unknown key steps[0].config.sparsty"),
+    ("{end: 20, every: 5}", "{end: 20, every: 0}", "schedule:", "AGP.every"),
+    ("{end: 20, every: 5}", "{end: 20, evry: 5}", "schedule:", "steps[0].config.schedule.evry"),
+    ("{temperature: 2.0}", "{temperature: -2.0}", "distill:", "steps[0].finetune.distill.temperature"),
+    ("      bits: 8\n", "      bits: 99\n", "bits: 99", "InsertFakeQuant.bits"),
+    ("activations: {bits: 8}", "activations: {bits: 8, observer: mean}", "activations:", "ActivationConfig.observer"),
+    ("  - pass: LowerToInteger", "  - pass: LowerToIntegers", "LowerToIntegers", "steps[2].pass must be one of"),
+    ("data: digits", "data: imagenet", "data:", "data.name must be one of"),
+    ("train: {epochs: 2, lr: 1e-3}", "train: {epochs: 2, lr: 1e-3, optimizer: sgd}", "train:", "train.optimizer"),
+    ("data: digits", "data: digits\nseed: -1", "seed:", "seed must be in"),
+    ("  - pass: LowerToInteger", "  - pass: LowerToInteger\nseed: 1\nseed: 2", "seed: 2", "seed is given twice"),
+])
+def test_a_bad_key_or_value_is_reported_at_its_line(write_recipe, old, new, needle, words):
+    assert old in GOOD
+    text = GOOD.replace(old, new)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write_recipe(text))
+    message = str(info.value)
+    assert message.startswith(f"recipe.yaml:{_line_of(text.lstrip(chr(10)), needle)}: "), message
+    assert words in message
+
+
+def test_missing_sections_and_broken_yaml_are_reported(write_recipe):
+    with pytest.raises(ConfigError, match=r"recipe.yaml:1: the recipe needs the key 'steps'"):
+        load_recipe(write_recipe("model: zoo:lenet300\ndata: digits\n"))
+    with pytest.raises(ConfigError, match=r"recipe.yaml:4: not valid YAML .*flow sequence at line 3"):
+        load_recipe(write_recipe("model: zoo:lenet300\nsteps:\n  - pass: [InsertMasks\n"))
+    with pytest.raises(ConfigError, match="steps is empty"):
+        load_recipe(write_recipe("model: zoo:lenet300\ndata: digits\nsteps: []\n"))
+    with pytest.raises(ConfigError, match="cannot read the recipe"):
+        load_recipe(write_recipe("x: 1").with_name("absent.yaml"))
+
+
+def test_every_pass_of_the_package_can_be_named():
+    import fxcompress.passes as passes
+    assert set(recipe_module.PASSES) == {"FoldBatchNorm", "InsertFakeQuant", "InsertMasks", "LowerToEncoded",
+                                         "LowerToInteger", "PruneChannels"}
+    assert all(cls is getattr(passes, name) for name, cls in recipe_module.PASSES.items())
+
+
+def test_fingerprints_change_from_the_changed_step_on(write_recipe):
+    first = load_recipe(write_recipe(GOOD))
+    changed = load_recipe(write_recipe(GOOD.replace("bits: 8\n", "bits: 7\n", 1), name="other.yaml"))
+    assert first.fingerprint == changed.fingerprint
+    assert first.steps[0].fingerprint == changed.steps[0].fingerprint
+    assert first.steps[1].fingerprint != changed.steps[1].fingerprint
+    assert first.steps[2].fingerprint != changed.steps[2].fingerprint
+    assert load_recipe(write_recipe(GOOD), quick=True).fingerprint != first.fingerprint

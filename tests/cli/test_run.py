@@ -1,0 +1,98 @@
+"""`fxcompress run`: steps run in order with their fine-tuning, a checkpoint after each, and a rerun
+resumes: finished steps are loaded, not recomputed, and the result equals an uninterrupted run's."""
+import json
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.cli import run as run_module
+from fxcompress.cli.run import run_recipe
+from fxcompress.layers import find_layers, effective_weight
+
+BASE = """
+model: zoo:lenet300
+data: digits
+seed: 3
+threads: 1
+train: {epochs: 2, lr: 2e-3}
+quick: {epochs: 1, train_samples: 400, test_samples: 200}
+steps:
+  - pass: InsertMasks
+    config: {sparsity: 0.7, scope: global}
+    finetune: {epochs: 1, lr: 5e-4}
+  - pass: InsertFakeQuant
+    config: {bits: 4}
+"""
+ENCODE = """
+  - pass: LowerToEncoded
+"""
+
+
+def _outputs(path, x):
+    with torch.no_grad():
+        return fxcompress.load(path).eval()(x)
+
+
+def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_recipe, tmp_path, monkeypatch):
+    short, full = write_recipe(BASE, "short.yaml"), write_recipe(BASE + ENCODE, "full.yaml")
+    fresh = run_recipe(full, tmp_path / "fresh", quick=True, log=lambda line: None)
+    first = run_recipe(short, tmp_path / "resumed", quick=True, log=lambda line: None)
+    assert first["accuracies"] == fresh["accuracies"][:2]  # seeded: the same steps give the same models
+
+    calls = []
+    real_train = run_module.train
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: calls.append(a) or real_train(*a, **k))
+    lines = []
+    resumed = run_recipe(full, tmp_path / "resumed", quick=True, log=lines.append)
+    assert calls == []  # neither the dense training nor the masks' fine-tuning ran again
+    assert sum("done before" in line for line in lines) == 3  # dense, masks, fake-quant loaded
+    assert resumed["accuracies"] == fresh["accuracies"]
+    x = torch.rand(5, 1, 8, 8)
+    assert torch.equal(_outputs(tmp_path / "resumed" / "model.fxc", x), _outputs(tmp_path / "fresh" / "model.fxc", x))
+    state = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    assert [s["file"] for s in state["steps"]] == ["step-01.fxc", "step-02.fxc", "step-03.fxc"]
+
+
+def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, monkeypatch):
+    run_recipe(write_recipe(BASE), tmp_path / "out", quick=True, log=lambda line: None)
+    lines = []
+    run_recipe(write_recipe(BASE.replace("bits: 4", "bits: 3"), "changed.yaml"), tmp_path / "out", quick=True,
+               log=lines.append)
+    assert [line.split(":")[0] for line in lines[:3]] == ["dense training", "dense", "step 1-InsertMasks"]
+    assert "done before" in lines[2] and "done before" not in lines[3]
+    gm = fxcompress.load(tmp_path / "out" / "model.fxc")
+    assert all(torch.unique(effective_weight(gm, layer)).numel() <= 2 ** 3 for layer in find_layers(gm))
+
+
+def test_gradual_pruning_and_distillation_during_fine_tuning(write_recipe, tmp_path):
+    recipe = BASE.replace("config: {sparsity: 0.7, scope: global}",
+                          "config: {sparsity: 0.7, scope: global, schedule: {end: 6, every: 2}}")
+    recipe = recipe.replace("finetune: {epochs: 1, lr: 5e-4}",
+                            "finetune: {epochs: 1, lr: 5e-4, batch_size: 50, distill: {alpha: 0.5}}")
+    lines = []
+    run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lines.append)
+    masked = fxcompress.load(tmp_path / "out" / "step-01.fxc")
+    weights = torch.cat([effective_weight(masked, layer).flatten() for layer in find_layers(masked)])
+    assert (weights == 0).float().mean().item() == pytest.approx(0.7, abs=0.01)  # AGP reached its target
+    assert not any("schedule ends" in line for line in lines)  # 8 optimizer steps ran past end=6
+
+
+def test_a_schedule_longer_than_the_fine_tuning_still_ends_at_its_target(write_recipe, tmp_path):
+    recipe = BASE.replace("config: {sparsity: 0.7, scope: global}",
+                          "config: {sparsity: 0.7, scope: global, schedule: {end: 1000, every: 10}}")
+    lines = []
+    run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lines.append)
+    assert any("the schedule ends at step 1000, fine-tuning stopped at 7" in line for line in lines)
+    masked = fxcompress.load(tmp_path / "out" / "step-01.fxc")
+    weights = torch.cat([effective_weight(masked, layer).flatten() for layer in find_layers(masked)])
+    assert (weights == 0).float().mean().item() == pytest.approx(0.7, abs=0.01)
+
+
+def test_a_pass_that_cannot_run_fails_before_any_training(write_recipe, tmp_path, monkeypatch):
+    recipe = BASE.replace("config: {bits: 4}", "config: {bits: 4}\n  - pass: LowerToInteger")
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained before validating"))
+    with pytest.raises(fxcompress.FxCompressError, match=r"recipe.yaml:13: steps\[2\] \(3-LowerToInteger\) "
+                                                         r"cannot run: .*k-means"):
+        run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lambda line: None)
+    assert not (tmp_path / "out").exists()
