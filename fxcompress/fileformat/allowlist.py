@@ -11,6 +11,7 @@ import builtins
 import importlib
 import inspect
 import keyword
+import math
 import operator
 import re
 from typing import Any, Callable, Iterable
@@ -28,14 +29,14 @@ _FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_tran
 gelu silu mish elu selu leaky_relu hardswish hardsigmoid hardtanh sigmoid tanh softmax log_softmax softplus
 max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
 adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d dropout batch_norm layer_norm group_norm
-instance_norm pad embedding normalize interpolate scaled_dot_product_attention pixel_shuffle glu""".split()
+instance_norm pad embedding normalize interpolate scaled_dot_product_attention pixel_shuffle glu relu_ rms_norm""".split()
 _TORCH = """flatten cat concat stack add sub mul div matmul bmm mm addmm baddbmm einsum relu sigmoid tanh softmax
 log_softmax reshape transpose permute chunk split mean sum prod exp log sqrt rsqrt clamp where zeros_like
 ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maximum minimum conv1d conv2d conv3d
 conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
 adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert swapaxes swapdims movedim
-moveaxis repeat_interleave finfo iinfo""".split()
+moveaxis repeat_interleave finfo iinfo clone detach sin cos diff""".split()
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem setitem eq ne lt le gt ge and_ or_ xor
 invert abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
@@ -43,13 +44,64 @@ sigmoid tanh chunk split unsqueeze squeeze expand expand_as view_as add sub mul 
 type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argmax narrow repeat flip roll dim
 numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
 mT transpose_ sub_ add_ mul_ div_ relu_ to swapaxes swapdims movedim moveaxis repeat_interleave bmm bool long int
-double type new_ones new_zeros new_full fill_ masked_fill_ tril triu eq ne lt le gt ge""".split())
+double type new_ones new_zeros new_full fill_ masked_fill_ tril triu eq ne lt le gt ge sin cos detach_""".split())
 
 
 # `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.
 TENSOR_PROPERTIES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT"})
 # ... and for the fields of torch.finfo / torch.iinfo (`torch.finfo(x.dtype).min`, a masked value).
 NUMERIC_LIMITS = frozenset({"min", "max", "eps", "tiny", "smallest_normal", "resolution", "bits"})
+# ... and for the fields of a tensor's device (`x.device.type == "cuda"`, Llama's rotary embedding).
+DEVICE_FIELDS = frozenset({"type", "index"})
+
+
+# ---- sizes a file states: functions and methods that allocate by their arguments -----------------
+# A file is hostile, so `torch.arange(10**12)` must not reach a forward. Each entry below says how many
+# elements a call creates from the sizes written in it; a size computed in the forward (a node: the
+# inputs' shapes) counts 1, as the file does not choose it. Loading refuses a call over its bound.
+
+def _count(value: Any) -> int:
+    """A literal size (an int; a node, a bool or anything else counts 1); -1 keeps a size (expand)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 1
+
+
+def _shape(sizes: tuple) -> int:
+    """Elements of a shape written as (2, 3) or ((2, 3),): torch takes both."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    return math.prod(_count(size) for size in sizes)
+
+
+def _arange(args: tuple, kwargs: dict) -> int:
+    values = dict(zip(("start", "end", "step"), args if len(args) > 1 else (0, *args))) | kwargs
+    start, end, step = values.get("start", 0), values.get("end"), values.get("step", 1)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end, step)) or not step:
+        return 1  # a bound computed in the forward, or one torch refuses itself
+    if all(isinstance(v, int) for v in (start, end, step)):
+        return max(-((start - end) // step), 0)  # exact for integers of any size
+    span = (end - start) / step  # floats: a JSON number is at most about 1.8e308
+    return max(math.ceil(span), 0) if math.isfinite(span) else _UNBOUNDED
+
+
+_UNBOUNDED = 1 << 62
+
+
+# function or method name -> elements created, from (args, kwargs) as the graph node holds them
+CREATED_ELEMENTS: dict[Any, Callable[[tuple, dict], int]] = {
+    torch.arange: _arange,
+    torch.ones: lambda args, kwargs: _shape(args or (kwargs.get("size", ()),)),
+    torch.zeros: lambda args, kwargs: _shape(args or (kwargs.get("size", ()),)),
+    torch.full: lambda args, kwargs: _shape((args[0] if args else kwargs.get("size", ()),)),
+    "new_ones": lambda args, kwargs: _shape(args[1:] or (kwargs.get("size", ()),)),
+    "new_zeros": lambda args, kwargs: _shape(args[1:] or (kwargs.get("size", ()),)),
+    "new_full": lambda args, kwargs: _shape((args[1] if len(args) > 1 else kwargs.get("size", ()),)),
+    "expand": lambda args, kwargs: _shape(args[1:] or (kwargs.get("size", ()),)),  # a view, read in full later
+    "repeat": lambda args, kwargs: _shape(args[1:] or (kwargs.get("repeats", ()),)),  # times the input's size
+}
+# Elements a call may create from sizes written in the file: as many as the model's own tensors hold
+# together (the file carries at least that many bytes), plus this much for a parameter-free graph's
+# masks and positions (a 2048 x 2048 causal mask).
+CREATED_SLACK = 1 << 22
 
 # torchvision functions that fx records as calls (torch.fx.wrap), registered when torchvision imports;
 # its modules (StochasticDepth, Conv2dNormActivation, SqueezeExcitation, ...) are traced through.

@@ -19,8 +19,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxcompress.errors import FormatError
 
-from .allowlist import (DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS, MODULE_NAMES, MODULES, NUMERIC_LIMITS,
-                        TENSOR_PROPERTIES,
+from .allowlist import (CREATED_ELEMENTS, CREATED_SLACK, DEVICE_FIELDS, DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS,
+                        MODULE_NAMES, MODULES, NUMERIC_LIMITS, TENSOR_PROPERTIES,
                         ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
 
 MAX_ARG_DEPTH = 32  # nesting of one argument (tuples, lists, dicts, slices)
@@ -292,6 +292,8 @@ def _is_property_read(args: tuple, kwargs: dict) -> bool:
         return False
     if args[0].op == "call_function" and args[0].target in (torch.finfo, torch.iinfo):
         return args[1] in NUMERIC_LIMITS
+    if args[0].op == "call_function" and args[0].target is getattr and args[0].args[1:] == ("device",):
+        return args[1] in DEVICE_FIELDS
     return args[1] in TENSOR_PROPERTIES
 
 
@@ -309,6 +311,14 @@ def _check_call(op: str, target: Any, args: tuple, kwargs: dict, where: str) -> 
         raise fail(where, f"the arguments of this {op} node have the wrong form")
     if op == "call_function" and not _binds(target, args, kwargs):
         raise fail(where, f"the arguments do not match the signature of {getattr(target, '__name__', target)}")
+
+
+def _check_sizes(op: str, target: Any, args: tuple, kwargs: dict, budget: int, where: str) -> None:
+    """A call that allocates by sizes written in the file stays within `budget` elements."""
+    count = CREATED_ELEMENTS.get(target) if op in ("call_function", "call_method") else None
+    if count is not None and count(args, kwargs) > budget:
+        raise fail(where, f"{getattr(target, '__name__', target)} would create {count(args, kwargs)} elements from "
+                          f"sizes the file states, more than the model's tensors hold plus {CREATED_SLACK} ({budget})")
 
 
 def _mentions_node(value: Any) -> bool:
@@ -350,6 +360,7 @@ def _node_entry(item: Any, index: int) -> tuple[str, str]:
 def graph_from_data(items: Any, root: nn.Module) -> Graph:
     """The graph, checked against the rebuilt module tree `root` before torch.fx generates any code."""
     graph, nodes = Graph(), {}
+    budget = sum(t.numel() for t in (*root.parameters(), *root.buffers())) + CREATED_SLACK
     ops = [_node_entry(item, i)[1] for i, item in enumerate(_typed(items, list, "graph", "the graph"))]
     if ops.count("output") != 1 or ops[-1] != "output":
         raise fail("graph", "must end with its one output node")
@@ -364,6 +375,7 @@ def graph_from_data(items: Any, root: nn.Module) -> Graph:
             raise fail(where, "args must be a tuple")
         kwargs = _kwargs(item["kwargs"], nodes, where)
         _check_call(op, target, args, kwargs, where)
+        _check_sizes(op, target, args, kwargs, budget, where)
         node = graph.create_node(op, target, args, kwargs, name=name)
         if node.name != name:
             raise fail(where, f"name is already used or reserved (torch.fx renamed it {node.name!r})")

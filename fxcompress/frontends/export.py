@@ -11,6 +11,7 @@ refused saving, each with its reason), and a warning names each such op with its
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,31 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.lt.Scalar: operator.lt, aten.lt.Tensor: operator.lt, aten.le.Scalar: operator.le,
     aten.gt.Scalar: operator.gt, aten.gt.Tensor: operator.gt, aten.ge.Scalar: operator.ge,
     aten.sym_size.int: "size", aten.contiguous.default: "contiguous",
+    # what transformer forwards build: position ids, token-type lookups, masks, casts, rotary tables
+    aten.gather.default: torch.gather, aten.cumsum.default: torch.cumsum, aten.diff.default: torch.diff,
+    aten.log.default: torch.log, aten.erf.default: torch.erf,
+    aten.arange.default: torch.arange, aten.arange.start: torch.arange, aten.arange.start_step: torch.arange,
+    aten.full.default: torch.full, aten.zeros.default: torch.zeros, aten.ones.default: torch.ones,
+    aten.full_like.default: torch.full_like, aten.zeros_like.default: torch.zeros_like,
+    aten.ones_like.default: torch.ones_like, aten.new_ones.default: "new_ones",
+    aten.new_zeros.default: "new_zeros", aten.new_full.default: "new_full",
+    aten.to.dtype: "to", aten.to.device: "to", aten.to.dtype_layout: "to", aten.type_as.default: "type_as",
+    aten.lift_fresh_copy.default: torch.clone, aten.detach_.default: "detach_",
+    aten.where.ScalarOther: torch.where, aten.where.ScalarSelf: torch.where, aten.where.Scalar: torch.where,
+    aten.masked_fill.Tensor: torch.masked_fill, aten.tril.default: torch.tril, aten.triu.default: torch.triu,
+    aten.min.other: torch.minimum, aten.max.other: torch.maximum, aten.clamp.default: torch.clamp,
+    aten.le.Tensor: operator.le, aten.ge.Tensor: operator.ge, aten.ne.Tensor: operator.ne,
+    aten.__and__.Tensor: operator.and_, aten.__or__.Tensor: operator.or_, aten.bitwise_not.default: operator.invert,
+    aten.floor_divide.default: operator.floordiv, aten.remainder.Scalar: operator.mod,
+    aten.remainder.Tensor: operator.mod,
+    aten.mean.default: torch.mean, aten.sum.default: torch.sum, aten.squeeze.default: torch.squeeze,
+    aten.stack.default: torch.stack, aten.mm.default: torch.mm, aten.baddbmm.default: torch.baddbmm,
+    aten.index_select.default: torch.index_select, aten.flip.default: torch.flip, aten.roll.default: torch.roll,
+    aten.narrow.default: torch.narrow, aten.unflatten.int: "unflatten", aten.expand_as.default: "expand_as",
+    aten.view_as.default: "view_as", aten.repeat.default: "repeat",
+    # in place, as the forward wrote it: a later reader of the input sees the update
+    aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_", aten.div_.Tensor: "div_",
+    aten.masked_fill_.Scalar: "masked_fill_", aten.fill_.Scalar: "fill_",
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),
@@ -123,12 +149,26 @@ def _select(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     return operator.getitem, (x, _index(node, dim, position)), {}
 
 
+def _advanced_index(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+    x, indices = args  # aten writes a full slice as None: x[i, :, j] is index(x, [i, None, j])
+    return operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)), {}
+
+
 # aten overloads whose torch-level form takes its arguments in another order or shape.
 _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
     aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
-    aten.slice.Tensor: _slice, aten.select.int: _select,
+    aten.slice.Tensor: _slice, aten.select.int: _select, aten.index.Tensor: _advanced_index,
 }
+
+# Keyword arguments export writes out at their defaults (every torch-level form takes them as its own
+# defaults, and a layout or memory format is no value a file stores): dropped from respelled calls.
+_DEFAULT_KEYWORDS: dict[str, Any] = {"layout": torch.strided, "pin_memory": False,
+                                     "memory_format": torch.preserve_format}
+# Checks export inserts (an input's dtype / device as traced): nothing reads them; compile verifies anew.
+_CHECKS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scalar.default})
+# Ops that return their input as it is (a view of the same data): readers read the input itself.
+_IDENTITIES = frozenset({aten.alias.default})
 
 # Graph nodes that only re-check what export already checked (input guards); compile verifies anew.
 _GUARD_MODULES = frozenset({"_guards_fn"})
@@ -144,6 +184,12 @@ def where(node: Node) -> str:
     return f"module '{path or '<root>'}'" + (f" ({line})" if line else "")
 
 
+def _plain_name(name: str) -> str:
+    """A node name a file can store: export names `detach_` + `_1` as `detach__1`, and a file refuses
+    names with a dunder. torch.fx renames on a clash."""
+    return re.sub("_{2,}", "_", name)
+
+
 def is_exported_module(gm: nn.Module) -> bool:
     """Whether `gm` is an `ExportedProgram.module()` not yet brought into torch-level form."""
     return isinstance(gm, GraphModule) and isinstance(gm.graph._codegen, _PyTreeCodeGen)
@@ -157,6 +203,7 @@ def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, di
     spelling = SPELLINGS.get(node.target)
     if spelling is None:
         return node.op, node.target, args, kwargs
+    kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULT_KEYWORDS or v != _DEFAULT_KEYWORDS[k]}
     if spelling.spread is not None:
         args = (*args[:spelling.spread], *args[spelling.spread], *args[spelling.spread + 1:])
     return spelling.op, spelling.target, args, kwargs
@@ -189,11 +236,16 @@ def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:
             graph.output(tree_unflatten(list(args[0]), out_spec))
             continue
         op, target = node.op, node.target
+        if op == "call_function" and target in _CHECKS and not node.users:
+            continue
+        if op == "call_function" and target in _IDENTITIES:
+            env[node] = args[0]
+            continue
         if op == "call_function" and isinstance(target, torch._ops.OpOverload):
             op, target, args, kwargs = _respell(node, args, kwargs)
             if isinstance(target, torch._ops.OpOverload):
                 unknown.append(f"{target} at {where(node)}")
-        env[node] = graph.create_node(op, target, args, kwargs, name=node.name)
+        env[node] = graph.create_node(op, target, args, kwargs, name=_plain_name(node.name))
         env[node].meta.update({k: node.meta[k] for k in _KEPT_META if k in node.meta})
     graph.set_codegen(CodeGen())
     return graph, unknown
@@ -218,11 +270,29 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
     return out
 
 
+# An output type torch.export cannot return, as its error names it; a cache is the usual one.
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([^']+)'> in output")
+
+
+def _export_failure(model: nn.Module, exc: Exception) -> str:
+    """Why export refused the model, and what the user can change when it is the output's type."""
+    text = str(exc).strip()
+    found = _UNKNOWN_OUTPUT.search(text)
+    if found is None:
+        return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    reason = f"the forward returns a {found.group(1)}, which torch.export cannot output"
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        reason += (" (the key / value cache of a model with config.use_cache=True): set model.config.use_cache "
+                   "= False before compiling, as Hugging Face's own fx tracer does; the compressed model then "
+                   "returns no cache")
+    return reason
+
+
 def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     """`torch.export.export(model, example_inputs)` in torch-level form; TraceError if export fails."""
     try:
         program = torch.export.export(model, example_inputs, strict=False)
     except Exception as exc:
-        raise TraceError(f"torch.export could not export {type(model).__name__}: {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        raise TraceError(f"torch.export could not export {type(model).__name__}: "
+                         f"{_export_failure(model, exc)}") from exc
     return from_exported(program)
