@@ -104,3 +104,39 @@ def test_a_forward_in_another_thread_during_a_trace_runs_untouched():
     gm = trace(PausesWhileTraced(while_traced))
     assert torch.equal(results["output"], expected)
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+
+
+def test_every_traced_call_node_carries_the_users_line_and_both_front_ends_agree():
+    import copy
+    from pathlib import Path
+
+    import zoo
+    from zoo import GPTBlock
+
+    from fxcompress.frontends import export_module
+    from fxcompress.tracing import origin, source_line, trace
+
+    model, x = GPTBlock().eval(), torch.randn(2, 8, 16)
+    gm = copy.deepcopy(trace(model))  # compile works on a copy: the lines must survive it
+    calls = [n for n in gm.graph.nodes if n.op.startswith("call_")]
+    assert calls and all(source_line(n) and source_line(n).startswith("zoo.py:") for n in calls)
+    assert not any(source_line(n) for n in gm.graph.nodes if n.op in ("placeholder", "output"))
+    q = next(n for n in calls if n.target == "attn.q")
+    text = "q = self.q(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)"
+    line = next(i for i, code in enumerate(Path(zoo.__file__).read_text().splitlines(), 1) if code.strip() == text)
+    assert origin(q) == f"module 'attn.q' (Linear) at zoo.py:{line}: {text}"
+    exported = export_module(model, (x,))
+    linears = {n.args[1].target.rpartition(".")[0]: origin(n) for n in exported.graph.nodes
+               if n.target is torch.nn.functional.linear}
+    assert linears["attn.q"] == origin(q)
+
+
+def test_source_lines_skip_torch_and_fxcompress_frames():
+    from fxcompress.tracing import source_line
+
+    node = torch.fx.Graph().placeholder("x")
+    node.stack_trace = ('File "/site/model.py", line 7, in forward\n    y = self.fc(x)\n'
+                        f'  File "{torch.__file__}", line 3, in forward\n    return F.linear(input, w)')
+    assert source_line(node) == "model.py:7: y = self.fc(x)"
+    node.stack_trace = f'File "{torch.__file__}", line 3, in forward\n    return F.linear(input, w)'
+    assert source_line(node) is None
