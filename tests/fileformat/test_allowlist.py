@@ -165,3 +165,46 @@ def test_torchvision_functions_are_registered_lazily_when_it_imports(clean_table
     allowlist.FUNCTIONS.pop("torchvision.ops.stochastic_depth.stochastic_depth")
     allowlist._torchvision_tried = False  # a fresh program: loading registers them again
     assert torch.equal(from_bytes(data)(x), gm(x))
+
+
+# ---- sizes a file states ------------------------------------------------------------------------
+
+# (function or method, args after the tensor a method is called on, kwargs): small calls of each form
+_CREATIONS = [
+    (torch.arange, (7,), {}), (torch.arange, (2, 9), {}), (torch.arange, (1, 10, 3), {}),
+    (torch.arange, (0.0, 2.5, 0.5), {}), (torch.arange, (5, 5), {}), (torch.arange, (), {"end": 4}),
+    (torch.arange, (-3.0, 3.0), {"step": 1.5, "dtype": torch.float32}),
+    (torch.ones, (2, 3), {}), (torch.ones, ((4, 5),), {}), (torch.ones, (), {"size": [3]}),
+    (torch.zeros, ([2, 2, 3],), {"dtype": torch.long}), (torch.zeros, (), {"size": (2, 0)}),
+    (torch.full, ((3, 4), 0.5), {}), (torch.full, (), {"size": [2], "fill_value": 1.0}),
+    ("new_ones", (2, 5), {}), ("new_ones", ((3, 3),), {"dtype": torch.bool}), ("new_zeros", ([4],), {}),
+    ("new_full", ((2, 3), 7.0), {}), ("expand", (4, 6), {}), ("expand", ((2, 3, 6),), {}),
+    ("expand", (5, -1), {}), ("repeat", (2, 3), {}), ("repeat", ((1, 4, 2),), {}),
+]
+
+
+@pytest.mark.parametrize("target, args, kwargs", _CREATIONS, ids=lambda v: getattr(v, "__name__", None))
+def test_created_elements_are_what_torch_creates(target, args, kwargs):
+    """Each count agrees with the tensor torch builds (methods on a 1 x 1 tensor: what expand keeps with
+    -1 and what repeat repeats is the input's size, not the file's)."""
+    x = torch.randn(1, 1)
+    count = allowlist.CREATED_ELEMENTS[target]
+    if isinstance(target, str):
+        assert target in allowlist.METHODS
+        made = getattr(x, target)(*args, **kwargs)
+        assert count((x, *args), kwargs) == made.numel()
+    else:
+        assert target in allowlist.FUNCTION_NAMES
+        assert count(args, kwargs) == target(*args, **kwargs).numel()
+
+
+def test_a_size_computed_in_the_forward_counts_one_element():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    length = graph.call_method("size", (x, 1))
+    assert allowlist.CREATED_ELEMENTS[torch.arange]((length,), {}) == 1  # the inputs' size, not the file's
+    assert allowlist.CREATED_ELEMENTS[torch.arange]((0, length, 2), {}) == 1
+    assert allowlist.CREATED_ELEMENTS[torch.ones]((length, 1000), {}) == 1000  # the written factor still counts
+    assert allowlist.CREATED_ELEMENTS["expand"]((x, length, 1000), {}) == 1000
+    assert allowlist.CREATED_ELEMENTS[torch.arange]((0, float("inf")), {}) > 1 << 60
+    assert allowlist.CREATED_ELEMENTS[torch.arange]((0, 10 ** 400), {}) == 10 ** 400  # exact, no float overflow

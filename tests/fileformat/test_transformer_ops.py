@@ -9,6 +9,7 @@ from torch import fx, nn
 
 import fxcompress
 from fxcompress.errors import FormatError
+from fxcompress.fileformat.allowlist import CREATED_SLACK
 from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
 from fxcompress.tracing import trace
@@ -96,3 +97,62 @@ def test_gpt2_block_masks_kmeans_encode_save_load_exact():
     loaded = _round_trip(encoded)
     assert torch.equal(encoded(x), expected) and torch.equal(loaded(x), expected)
     assert all(row["exact"] for row in fxcompress.summary(encoded).rows if row["layer"] in ("wte", "c_fc"))
+
+
+def test_rotary_sin_cos_methods_and_device_fields_save_and_load():
+    """Llama's rotary embedding as Hugging Face's fx tracer records it: emb.cos() / emb.sin() methods,
+    and `x.device.type` read for autocast (a dead comparison fx keeps)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    device_type = graph.call_function(getattr, (graph.call_function(getattr, (x, "device")), "type"))
+    graph.call_function(operator.eq, (device_type, "cuda"))
+    positions = graph.call_function(torch.arange, (graph.call_method("size", (x, 1)),), {"dtype": torch.float32})
+    graph.output(graph.call_function(operator.add, (graph.call_method("cos", (positions,)),
+                                                    graph.call_method("sin", (x,)))))
+    gm = fx.GraphModule(nn.Module(), graph)
+    x = torch.randn(2, 8)
+    loaded = _round_trip(gm)
+    assert torch.equal(loaded(x), gm(x)) and torch.equal(loaded(x), torch.arange(8.0).cos() + x.sin())
+
+
+def _creating(target, args) -> fx.GraphModule:
+    """A one-parameter model whose forward adds a tensor made by `target(*args)` (a method on x if a name)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    made = (graph.call_method(target, (x, *args)) if isinstance(target, str)
+            else graph.call_function(target, args))
+    graph.output(graph.call_function(operator.add, (graph.get_attr("weight"), made)))
+    root = nn.Module()
+    root.weight = nn.Parameter(torch.zeros(()))
+    return fx.GraphModule(root, graph)
+
+
+# name -> (function or method, its size arguments for n elements)
+SIZED_CALLS = {
+    "arange": (torch.arange, lambda n: (n,)), "arange_start": (torch.arange, lambda n: (5, n + 5)),
+    "ones": (torch.ones, lambda n: (n,)), "zeros": (torch.zeros, lambda n: (1, n)),
+    "full": (torch.full, lambda n: ((n,), 0.5)), "new_zeros": ("new_zeros", lambda n: ((n, 1),)),
+    "new_ones": ("new_ones", lambda n: (n,)), "new_full": ("new_full", lambda n: ((n,), 1.0)),
+    "expand": ("expand", lambda n: (n, 1)), "repeat": ("repeat", lambda n: (n, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIZED_CALLS))
+def test_a_size_the_file_states_is_bounded_by_the_files_tensors(name):
+    """The bound is exact: the model's one element plus CREATED_SLACK loads; one more is refused by name,
+    before any forward could allocate it (a crafted file's torch.arange(10**12) never runs)."""
+    target, size = SIZED_CALLS[name]
+    budget = 1 + CREATED_SLACK
+    _round_trip(_creating(target, size(budget)))
+    for n in (budget + 1, 10 ** 12):
+        with pytest.raises(FormatError, match=r"graph node '\w+'.* would create \d+ elements from sizes the file states"):
+            _round_trip(_creating(target, size(n)))
+
+
+def test_positions_from_the_inputs_size_load_whatever_the_length():
+    """torch.arange(x.size(1)): the file states no size, the input does."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.arange, (graph.call_method("size", (x, 1)),)))
+    loaded = _round_trip(fx.GraphModule(nn.Module(), graph))
+    assert torch.equal(loaded(torch.empty(1, 3000)), torch.arange(3000))
