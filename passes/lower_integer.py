@@ -384,6 +384,10 @@ def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float] | No
 def _native_code_op(gm: GraphModule, node: Node, zero_point: int) -> None:
     """Respell one code-safe op for uint8 codes (ReLU clamps at the zero-point; max pooling and view
     take channels-last tensors, which the kernels write)."""
+    if _is_relu(gm, node) and zero_point == 0:  # uint8 codes are >= 0 already: the identity
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        return
     if _is_relu(gm, node):
         target, args = relu_codes, (node.args[0], zero_point)
     elif _is_max_pool2d(gm, node):

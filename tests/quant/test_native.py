@@ -13,7 +13,7 @@ from fxcompress.errors import FormatError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
 from fxcompress.quant.integer import IntegerLayer
-from fxcompress.quant.native import NativeAdd, NativeLayer, QuantizeToCodes, max_pool2d_codes
+from fxcompress.quant.native import NativeAdd, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.training import train
 from zoo import BasicBlock, LeNet5, LeNet300100
 
@@ -207,3 +207,36 @@ def test_saturation_is_refused_on_a_cpu_without_vnni(monkeypatch):
     assert native.saturation_free(codes[1:], 255)          # 64 + 63 at 255: 32385
     monkeypatch.setattr(native, "vnni", lambda: True)
     assert native.saturation_free(codes, 255)
+
+
+class ModuleForms(nn.Module):
+    """ReLU and max pooling as modules, a second ReLU on codes (not fused) and a view into a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.pool(self.relu(self.conv(x)))).view(-1, 64))
+
+
+def test_module_forms_a_relu_on_codes_and_view_run_natively():
+    x = torch.randn(64, 1, 8, 8)
+    fq = _fake_quant(ModuleForms().eval(), x, activation_bits=7)
+    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x)
+    assert fxcompress.history(gm)[-1].stats["backend"] == "native"
+    functions = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert functions == [max_pool2d_codes]  # the ReLU after the pool reads codes whose zero is code 0: erased
+    assert gm.get_submodule("conv.native").output_zero_point == 0
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["reshape"]  # view of channels-last codes
+    with torch.no_grad():
+        expected, got = reference(x), gm(x)
+    assert torch.equal(expected.argmax(1), got.argmax(1))
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+
+
+def test_relu_on_codes_clamps_at_the_zero_point():
+    codes = torch.tensor([0, 9, 10, 11, 255], dtype=torch.uint8)
+    assert relu_codes(codes, 10).tolist() == [10, 10, 10, 11, 255]
+    assert relu_codes(codes, 10).dtype == torch.uint8
