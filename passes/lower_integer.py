@@ -4,9 +4,11 @@ Runs after InsertFakeQuant with linear or fixed-point weights and calibrated act
 fake-quant on the layers' inputs. Each `ActivationQuant` fed by float values becomes an explicit
 `QuantizeInput` boundary; each quantized layer becomes an `IntegerLayer` that requantizes straight
 onto the grid of the next activation fake-quant when only ReLU / max-pool / reshape ops stand in
-between (those run on integer codes), and dequantizes otherwise (e.g. before a residual add or the
-model's output). The result computes what the fake-quant model computes, up to the rounding of
-the bias and of the requantization.
+between (those run on integer codes), and dequantizes otherwise (e.g. before a float op or the
+model's output). A residual add whose two operands come out of activation fake-quants
+(`ActivationConfig(adds=True)` puts them there) runs on codes too, requantizing onto the next grid
+or dequantizing the same way. The result computes what the fake-quant model computes, up to the
+rounding of the bias and of the requantization.
 
 Two backends compute it. "reference" (`quant.integer`) is the exact oracle: centered int32 codes
 and float64 kernels on integer values. "native" (`quant.native`, the default where this machine has

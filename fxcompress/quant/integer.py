@@ -4,7 +4,8 @@ Between layers a tensor holds *centered codes* `q - zero_point` as int32, so ReL
 max pooling and reshapes act on them directly. A layer multiplies centered input codes by
 centered weight codes into an int32 accumulator, adds a bias quantized to the accumulator's
 scale, and requantizes onto the next activation's grid with a 31-bit fixed-point multiplier and
-a rounding right shift — no floating-point arithmetic on values. The last layer dequantizes.
+a rounding right shift — no floating-point arithmetic on values. A residual add (`IntegerAdd`)
+brings its two operands onto the output grid the same way. The last layer dequantizes.
 
 PyTorch has no integer convolution on the CPU, so the accumulation runs through float64 kernels
 on integer-valued tensors: every partial sum is an integer below 2^31 (checked when lowering),
