@@ -36,6 +36,13 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _message(exc: BaseException) -> str:
+    """The error as one line; an OSError as "what: path" rather than "[Errno 2] ..."."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {exc.filename}"
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (0 success, 1 an fxcompress error, 2 a usage error)."""
     try:
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 1
     except (FxCompressError, OSError) as exc:
-        print(f"fxcompress: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"fxcompress: error: {_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fxcompress: interrupted", file=sys.stderr)

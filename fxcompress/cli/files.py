@@ -15,13 +15,21 @@ import numpy as np
 import torch
 
 from ..encoded.decode import decode
-from ..errors import ConfigError
+from ..errors import ConfigError, FormatError
 from ..export import sparse_arrays, to_json, to_onnx
 from ..fileformat import load, save
 from ..summary import summary
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 BYTE_COLUMNS = ("layer", "dense_bytes", "compressed_bytes", "exact")  # the per-layer bytes table of inspect
+
+
+def _load(path: str):
+    """fxcompress.load, its FormatError naming the file as well as the part."""
+    try:
+        return load(path)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
 
 
 def _per_layer_bytes(rows) -> str:
@@ -34,7 +42,7 @@ def _per_layer_bytes(rows) -> str:
 
 
 def inspect_file(args: argparse.Namespace) -> int:
-    gm = load(args.file)
+    gm = _load(args.file)
     table = summary(gm)
     size = Path(args.file).stat().st_size
     print(f"{args.file}: {size} bytes on disk; {table.totals['params']} parameters "
@@ -49,7 +57,7 @@ def inspect_file(args: argparse.Namespace) -> int:
 
 
 def decode_file(args: argparse.Namespace) -> int:
-    dense = decode(load(args.file))
+    dense = decode(_load(args.file))
     out = Path(args.out)
     if out.suffix.lower() in STATE_DICT_SUFFIXES:
         torch.save(dense.state_dict(), out)
@@ -93,7 +101,7 @@ def export_file(args: argparse.Namespace) -> int:
     write, suffix = EXPORTS[args.format]
     if args.format == "onnx":
         _input_shape(args.input_shape)  # before the file is read
-    gm = load(args.file)
+    gm = _load(args.file)
     out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
     write(gm, out, args)
     print(f"{out}: {args.format}, {out.stat().st_size} bytes")

@@ -1,0 +1,91 @@
+"""`fxcompress inspect | decode | export` on a saved compressed model, and their error lines."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.layers import effective_weight, find_layers
+
+
+def test_inspect_prints_summary_bytes_and_history(cli, encoded_file):
+    path, gm, _ = encoded_file
+    status, out, err = cli("inspect", path)
+    assert status == 0 and err == ""
+    rows = fxcompress.summary(fxcompress.load(path)).rows
+    assert f"{path}: {path.stat().st_size} bytes on disk" in out
+    assert "per-layer bytes:" in out and "positions" in out and "indices" in out and "codebook" in out
+    for row in rows:  # each layer's exact stream bytes, as summary counts them
+        line = next(line for line in out.split("per-layer bytes:")[1].splitlines() if line.startswith(row["layer"]))
+        assert line.split()[1:3] == [str(row["dense_bytes"]), str(row["compressed_bytes"])]
+    assert "InsertMasks" in out and "InsertFakeQuant" in out and "LowerToEncoded" in out
+
+
+@pytest.mark.parametrize("suffix", [".fxc", ".pt"])
+def test_decode_writes_the_dense_weights(cli, encoded_file, tmp_path, suffix):
+    path, gm, x = encoded_file
+    out = tmp_path / f"dense{suffix}"
+    status, text, _ = cli("decode", path, out)
+    assert status == 0 and str(out) in text
+    expected = {layer.name: effective_weight(gm, layer) for layer in find_layers(gm)}
+    if suffix == ".pt":
+        state = torch.load(out, weights_only=True)
+        assert all(torch.equal(state[f"{name}.weight"], w) for name, w in expected.items())
+    else:
+        dense = fxcompress.load(out)
+        assert not any("encoded" in name for name, _ in dense.named_modules())
+        with torch.no_grad():
+            assert torch.equal(dense(x), gm(x))
+
+
+def test_export_json_csr_coo(cli, encoded_file, tmp_path):
+    path, gm, _ = encoded_file
+    weights = {layer.name: effective_weight(gm, layer).reshape(effective_weight(gm, layer).shape[0], -1).numpy()
+               for layer in find_layers(gm)}
+    assert cli("export", path, "--format", "json", "--out", tmp_path / "w.json")[0] == 0
+    data = json.loads((tmp_path / "w.json").read_text())
+    assert np.array_equal(np.array(data["fc1"]["weight"], dtype=np.float32), weights["fc1"].reshape(-1))
+    assert cli("export", path, "--format", "csr")[0] == 0  # default name: beside the file
+    csr = np.load(path.with_suffix(".csr.npz"))
+    for name, w in weights.items():
+        rebuilt = np.zeros_like(w)
+        for row in range(w.shape[0]):
+            span = slice(csr[f"{name}.indptr"][row], csr[f"{name}.indptr"][row + 1])
+            rebuilt[row, csr[f"{name}.indices"][span]] = csr[f"{name}.values"][span]
+        assert np.array_equal(rebuilt, w)
+    assert cli("export", path, "--format", "coo", "--out", tmp_path / "w.npz")[0] == 0
+    coo = np.load(tmp_path / "w.npz")
+    assert np.array_equal(coo["fc2.values"], weights["fc2"][coo["fc2.rows"], coo["fc2.cols"]])
+    assert (coo["fc2.values"] != 0).all() and len(coo["fc2.values"]) == np.count_nonzero(weights["fc2"])
+
+
+def _one_line(err):
+    assert err.startswith("fxcompress") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["decode", "{out}"], ["export", "--format", "json"]])
+def test_a_bad_file_is_one_error_line(cli, tmp_path, command):
+    bad = tmp_path / "bad.fxc"
+    bad.write_bytes(b"not an fxcompress file at all")
+    argv = [command[0], bad, *[a.replace("{out}", str(tmp_path / "o.pt")) for a in command[1:]]]
+    status, out, err = cli(*argv)
+    assert status == 1 and out == ""
+    assert f"{bad}: header: not an fxcompress file (bad magic bytes)" in _one_line(err)
+    status, _, err = cli(command[0], tmp_path / "absent.fxc", *argv[2:])
+    assert status == 1 and f"No such file or directory: {tmp_path / 'absent.fxc'}" in _one_line(err)
+
+
+def test_export_onnx_without_onnx_or_shape_is_one_error_line(cli, encoded_file):
+    path, _, _ = encoded_file
+    status, _, err = cli("export", path, "--format", "onnx")
+    assert status == 1 and "--input-shape" in _one_line(err)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        status, _, err = cli("export", path, "--format", "onnx", "--input-shape", "1,1,8,8")
+        assert status == 1 and "pip install 'fxcompress[onnx]'" in _one_line(err)
+    else:
+        status, out, _ = cli("export", path, "--format", "onnx", "--input-shape", "1,1,8,8")
+        assert status == 0 and path.with_suffix(".onnx").stat().st_size > 0
