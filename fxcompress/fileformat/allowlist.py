@@ -36,7 +36,7 @@ ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maxim
 conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
 adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert swapaxes swapdims movedim
-moveaxis repeat_interleave finfo iinfo clone detach sin cos diff""".split()
+moveaxis repeat_interleave finfo iinfo clone detach sin cos diff rsub""".split()
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem setitem eq ne lt le gt ge and_ or_ xor
 invert abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu

@@ -154,6 +154,11 @@ def _advanced_index(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     return operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)), {}
 
 
+def _rsub(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+    x, other, alpha = (*args, 1)[:3]  # other - alpha * x: `1.0 - mask` (BERT's extended attention mask)
+    return (operator.sub, (other, x), {}) if alpha == 1 else (torch.rsub, (x, other, alpha), {})
+
+
 def _in_place(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
     """`aten.hardswish_(x)` is `F.hardswish(x, inplace=True)` (nn.Hardswish(inplace=True)): in place, so
     a later reader of x sees what the module wrote, as in the model."""
@@ -165,6 +170,7 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
     aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index.Tensor: _advanced_index,
+    aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub,
     aten.hardswish_.default: _in_place(F.hardswish), aten.hardsigmoid_.default: _in_place(F.hardsigmoid),
     aten.silu_.default: _in_place(F.silu), aten.hardtanh_.default: _in_place(F.hardtanh),
     aten.leaky_relu_.default: _in_place(F.leaky_relu), aten.dropout_.default: _in_place(F.dropout),

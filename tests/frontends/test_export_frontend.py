@@ -334,6 +334,8 @@ TRANSFORMER_OPS = {
     aten.__and__.Tensor: lambda x, t: (x > 0) & (x < 1),
     aten.__or__.Tensor: lambda x, t: (x > 0) | (x < -1),
     aten.bitwise_not.default: lambda x, t: ~(x > 0),
+    aten.rsub.Scalar: lambda x, t: torch.rsub(x, 1.0),  # 1.0 - mask, as transformers 4.x writes it
+    aten.rsub.Tensor: lambda x, t: torch.rsub(x, x.flip(0)),
     aten.floor_divide.default: lambda x, t: t // (t.flip(0) + 1),
     aten.remainder.Scalar: lambda x, t: t % 3,
     aten.remainder.Tensor: lambda x, t: t % (t.flip(0) + 1),
