@@ -21,7 +21,8 @@ from torch import nn
 from ..compile import compile as compile_model
 from ..distill import DistillationLoss
 from ..errors import FxCompressError
-from ..fileformat import load, save
+from ..execution import evaluating
+from ..fileformat import load, save, to_bytes
 from ..summary import summary
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, as_channels, image_folder_classes, subset
@@ -80,11 +81,20 @@ def _finetune(recipe: Recipe, gm: nn.Module, data, training: Training | None, in
 
 
 def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list) -> None:
-    """Every step compiled once on the untrained model: a pass that cannot run fails here, at its line."""
+    """Every step compiled (and its checkpoint written to memory) once on the untrained model: a model
+    that does not fit the data, a pass that cannot run or a model the file format cannot hold fails
+    here, at its line, before any training."""
+    try:
+        with evaluating(model):
+            model(*example)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise recipe.error(("model",), f"model {recipe.model} cannot run on the {recipe.data['name']} images "
+                                       f"{tuple(example[0].shape)}: {_one_line(exc)[:300]}") from None
     gm = copy.deepcopy(model).eval()
     for step in recipe.steps:
         try:
             gm = compile_model(gm, [step.make()], example_inputs=example, calibration_data=calibration)
+            to_bytes(gm)
         except FxCompressError as exc:
             raise recipe.error(("steps", step.index, "pass"), f"steps[{step.index}] ({step.name}) cannot run: "
                                                                f"{_one_line(exc)}") from None

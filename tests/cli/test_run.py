@@ -96,3 +96,28 @@ def test_a_pass_that_cannot_run_fails_before_any_training(write_recipe, tmp_path
                                                          r"cannot run: .*k-means"):
         run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lambda line: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_does_not_fit_the_data_fails_at_the_model_line(write_recipe, tmp_path, monkeypatch):
+    recipe = BASE.replace("model: zoo:lenet300", "model: zoo:lenet300\nmodel_args: {in_features: 100}")
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained before validating"))
+    with pytest.raises(fxcompress.ConfigError, match=r"recipe.yaml:1: model zoo:lenet300 cannot run on the digits "
+                                                     r"images \(2, 1, 8, 8\): .*100"):
+        run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lambda line: None)
+
+
+def test_a_model_the_file_format_cannot_hold_fails_before_training(write_recipe, tmp_path, monkeypatch):
+    (tmp_path / "wrapped_models.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def twice(x):\n    return 2 * x\n"
+        "torch.fx.wrap('twice')  # a leaf function: it stays a call in the graph, unknown to the file format\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, in_features, num_classes):\n"
+        "        super().__init__()\n        self.fc = nn.Linear(in_features, num_classes)\n"
+        "    def forward(self, x):\n        return twice(self.fc(x.flatten(1)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained before validating"))
+    recipe = BASE.replace("zoo:lenet300", "wrapped_models:Net")
+    with pytest.raises(fxcompress.FxCompressError, match=r"recipe.yaml:8: steps\[0\] \(1-InsertMasks\) cannot run: "
+                                                         r".*twice"):
+        run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lambda line: None)
