@@ -180,10 +180,11 @@ class NativeAdd(nn.Module):
         self.offset = out_zero - a[1] * self.ka - b[1] * self.kb
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        real = torch.add(a.float() * self.ka, b.float(), alpha=self.kb) + self.offset
+        real = torch.add(a * self.ka, b, alpha=self.kb)  # uint8 times a float promotes: no conversion pass
+        real.add_(self.offset)
         if self.output is None:
-            return real.clamp_min(0.0) if self.relu else real
-        return torch.clamp(torch.round(real), self.low, self.high).to(torch.uint8)
+            return real.clamp_min_(0.0) if self.relu else real
+        return real.round_().clamp_(self.low, self.high).to(torch.uint8)
 
     def config(self) -> dict[str, Any]:
         return {"a": list(self.a), "b": list(self.b), "output": None if self.output is None else list(self.output),
