@@ -42,8 +42,9 @@ def _per_layer_bytes(rows) -> str:
 
 
 def inspect_file(args: argparse.Namespace) -> int:
+    example = (torch.zeros(_input_shape(args.input_shape)),) if args.input_shape else None
     gm = _load(args.file)
-    table = summary(gm)
+    table = summary(gm, example)  # MACs need shapes, which a file does not store
     size = Path(args.file).stat().st_size
     print(f"{args.file}: {size} bytes on disk; {table.totals['params']} parameters "
           f"({table.totals['dense_bytes']} bytes in fp32, {table.totals['dense_bytes'] / size:.1f}x the file)")
@@ -75,7 +76,7 @@ def _input_shape(text: str | None) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or min(shape) < 1:
-        raise ConfigError(f"export --input-shape must be positive sizes such as 1,1,28,28, got {text!r}")
+        raise ConfigError(f"--input-shape must be positive sizes such as 1,1,28,28, got {text!r}")
     return shape
 
 
@@ -113,6 +114,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                  description="Print the summary table, the bytes of every layer's streams and "
                                              "the pass history of a saved model.")
     parser.add_argument("file", help="a file written by fxcompress.save")
+    parser.add_argument("--input-shape", help="an input's shape, e.g. 1,1,28,28, to count MACs")
     parser.set_defaults(handler=inspect_file)
 
     parser = commands.add_parser("decode", help="write the dense model of a .fxc file", description=__doc__)

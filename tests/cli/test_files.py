@@ -20,6 +20,9 @@ def test_inspect_prints_summary_bytes_and_history(cli, encoded_file):
         line = next(line for line in out.split("per-layer bytes:")[1].splitlines() if line.startswith(row["layer"]))
         assert line.split()[1:3] == [str(row["dense_bytes"]), str(row["compressed_bytes"])]
     assert "InsertMasks" in out and "InsertFakeQuant" in out and "LowerToEncoded" in out
+    status, out, _ = cli("inspect", path, "--input-shape", "1,1,8,8")
+    macs = fxcompress.summary(fxcompress.load(path), torch.zeros(1, 1, 8, 8)).totals["macs"]
+    assert status == 0 and macs == 64 * 300 + 300 * 100 + 100 * 10 and str(macs) in out
 
 
 @pytest.mark.parametrize("suffix", [".fxc", ".pt"])
