@@ -373,14 +373,16 @@ def _replace_native(gm: GraphModule, q: _Quantized, plan: _Plan) -> None:
             _native_code_op(gm, node, zero_point)
 
 
-def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float] | None:
-    """The fused clamp in real units: ReLU and / or the output grid's range where uint8 does not give it."""
+def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float | None] | None:
+    """The fused clamp in real units: ReLU and / or the output grid's range where uint8 does not give it
+    (no upper bound: None, which keeps the layer's configuration plain data)."""
     if out_grid is None:
-        return (0.0, float("inf")) if relu else None
+        return (0.0, None) if relu else None
     scale, zero = float(out_grid.scale), int(out_grid.zero_point)
-    high = float("inf") if out_grid.qmax == native.UINT8_MAX else (out_grid.qmax - zero) * scale
-    low = 0.0 if relu else (out_grid.qmin - zero) * scale
-    return None if (not relu and high == float("inf")) else (low, high)
+    high = None if out_grid.qmax == native.UINT8_MAX else (out_grid.qmax - zero) * scale
+    if high is None and not relu:
+        return None
+    return (0.0 if relu else (out_grid.qmin - zero) * scale, high)
 
 
 def _native_code_op(gm: GraphModule, node: Node, zero_point: int) -> None:

@@ -83,18 +83,19 @@ class NativeLayer(nn.Module):
     Buffers: `weight` (int8 codes, zero-point 0), `weight_scale` (float32, per output channel),
     `bias` (float32, the reference's int32 bias times the accumulator scale, so both add the same
     value). `output` is "uint8" (requantize onto the grid `output_scale` / `output_zero_point`,
-    clamped to [`low`, `high`] in real units) or "float32" (dequantize). The oneDNN packed weight
+    clamped to `clamp` = (low, high) in real units, high None for ReLU alone) or "float32"
+    (dequantize; `clamp` (0.0, None) fuses a ReLU). The oneDNN packed weight
     is built on first use and never stored or copied: it is opaque memory, remade from `weight`.
     """
 
     def __init__(self, kind: str, weight_shape: list[int], input_scale: float, input_zero_point: int,
                  output: str, output_scale: float = 1.0, output_zero_point: int = 0,
-                 clamp: tuple[float, float] | None = None, stride: list[int] | None = None,
+                 clamp: tuple[float, float | None] | None = None, stride: list[int] | None = None,
                  padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1) -> None:
         super().__init__()
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
-        # the fused clamp: ReLU alone is oneDNN's "relu"; a bounded range is "hardtanh"
-        self.post_op = "none" if clamp is None else "relu" if self.clamp == (0.0, float("inf")) else "hardtanh"
+        # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
+        self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
         self.input_scale, self.input_zero_point = input_scale, input_zero_point
         self.output_scale, self.output_zero_point = output_scale, output_zero_point
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
