@@ -293,7 +293,8 @@ def test_dynamic_batch_and_length_survive_pruning_masks_and_the_file(tmp_path):
 
 aten = torch.ops.aten
 # aten overload -> a forward that export writes with it, from x (float [2, 6, 8]) and t (tokens [2, 6]):
-# positions, token-type lookups, masks, casts and rotary tables of BERT / GPT-2 / Llama / ViT / T5
+# positions, token-type lookups, masks, casts and rotary tables of BERT / GPT-2 / Llama / ViT / T5, and the
+# in-place activations of torchvision models
 TRANSFORMER_OPS = {
     aten.gather.default: lambda x, t: torch.gather(x, 2, t[:, :, None] % 8),
     aten.cumsum.default: lambda x, t: torch.cumsum(x, dim=-1),
@@ -354,6 +355,12 @@ TRANSFORMER_OPS = {
     aten.view_as.default: lambda x, t: x.view_as(x),
     aten.repeat.default: lambda x, t: x.repeat(1, 2, 1),
     aten.index.Tensor: lambda x, t: x[t % 2, :, t[0] % 8],
+    aten.hardswish_.default: lambda x, t: F.hardswish(x.clone(), inplace=True),  # nn.Hardswish(inplace=True)
+    aten.hardsigmoid_.default: lambda x, t: F.hardsigmoid(x.clone(), inplace=True),
+    aten.silu_.default: lambda x, t: F.silu(x.clone(), inplace=True),
+    aten.hardtanh_.default: lambda x, t: F.hardtanh(x.clone(), -0.5, 0.5, inplace=True),
+    aten.leaky_relu_.default: lambda x, t: F.leaky_relu(x.clone(), 0.2, inplace=True),
+    aten.dropout_.default: lambda x, t: F.dropout(x.clone(), 0.5, training=False, inplace=True),
     aten.add_.Tensor: lambda x, t: x.clone().add_(x),
     aten.sub_.Tensor: lambda x, t: x.clone().sub_(1.0 + x),
     aten.mul_.Tensor: lambda x, t: x.clone().mul_(x),
