@@ -75,7 +75,7 @@ def repeat_kv(hidden_states, n_rep: int):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, sdpa: bool) -> None:
+    def __init__(self, hidden: int, heads: int, kv_heads: int, sdpa: bool | str) -> None:
         super().__init__()
         self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, hidden // heads
         self.num_key_value_groups, self.scaling, self.sdpa = heads // kv_heads, (hidden // heads) ** -0.5, sdpa
@@ -90,6 +90,9 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.sdpa == "gqa":  # transformers' sdpa path without a mask: the kernel repeats the KV heads
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).contiguous().reshape(bsz, q_len, -1).contiguous())
         k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
@@ -106,7 +109,7 @@ class LlamaSmall(nn.Module):
     RMSNorms), final norm, LM head. 4 query heads share 2 KV heads; head_dim 8 (4 rotary pairs)."""
 
     def __init__(self, vocab: int = 50, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                 sdpa: bool = False) -> None:
+                 sdpa: bool | str = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.rotary_emb = LlamaRotaryEmbedding(hidden // heads)
@@ -190,10 +193,12 @@ def test_rotary_head_dims_prune_in_pairs_exactly(sdpa):
         torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_query_attention_loses_whole_kv_groups_with_their_query_heads():
-    """attention="heads": a KV head and the query heads reading it (repeat_kv) are one class; half the
-    groups go with q rows, k / v rows and o_proj columns; the kept heads compute what they did."""
-    gm = _trace_llama()
+@pytest.mark.parametrize("sdpa", [False, "gqa"], ids=["repeat_kv", "enable_gqa"])
+def test_grouped_query_attention_loses_whole_kv_groups_with_their_query_heads(sdpa):
+    """attention="heads": a KV head and the query heads reading it (repeat_kv, or sdpa's enable_gqa)
+    are one class; half the groups go with q rows, k / v rows and o_proj columns; the kept heads
+    compute what they did."""
+    gm = _trace_llama(sdpa=sdpa)
     (x,) = inputs = (_tokens(),)
     cg, removed, pruned = _zeroed_then_pruned(gm, inputs, "heads")
     for i in range(2):
@@ -205,7 +210,8 @@ def test_grouped_query_attention_loses_whole_kv_groups_with_their_query_heads():
         assert len(kv_heads) == 1 and np.array_equal(kv_rows, kv_heads[0] * 8 + np.arange(8))
         # query heads 2g and 2g + 1 read KV head g
         assert np.array_equal(q_rows, kv_heads[0] * 16 + np.arange(16))
-        assert torch.equal(pruned.get_submodule(f"{attn}.q_proj").weight, gm.get_submodule(f"{attn}.q_proj").weight[q_rows])
+        q_weight = gm.get_submodule(f"{attn}.q_proj").weight
+        assert torch.equal(pruned.get_submodule(f"{attn}.q_proj").weight, q_weight[q_rows])
         assert torch.equal(pruned.get_submodule(f"{attn}.o_proj").weight,
                            gm.get_submodule(f"{attn}.o_proj").weight[:, q_rows])
     assert tuple(pruned.rotary_emb.inv_freq.shape) == (4,)  # head_dim stays 8

@@ -426,6 +426,8 @@ def sdpa(w: Walk, node: Node) -> dict:
         tm = w.tensor_track(m)
         w.freeze({d: tm[d] for d in tm if d >= len(w.shape(m)) - 2}, f"{node.name}: an attention mask over channels")
     track = _broadcast(w, node, [q, k, v], len(out) - 2, trailing=2)
+    if node.kwargs.get("enable_gqa") and len(sq) > 2 and sq[-3] != sk[-3]:
+        _gqa_heads(w, node, (q, k, v), reason)
     if mask:  # a mask with a head dim (T5's position bias, (1, heads, q, k)) loses the heads q, k, v lose
         _broadcast(w, node, [q, k, v, *mask], len(out) - 2, trailing=2)
     for d, ids in ((len(out) - 2, tq.get(len(sq) - 2)), (len(out) - 1, tv.get(len(sv) - 1))):
@@ -435,6 +437,18 @@ def sdpa(w: Walk, node: Node) -> dict:
         w.edits[node.name] = Edit("sdpa_scale", value=_sdpa_scale(sq[-1]))  # keep the unpruned scale
     return track
 
+
+
+def _gqa_heads(w: Walk, node: Node, qkv: tuple, reason: str) -> None:
+    """sdpa(enable_gqa=True): query head h reads key / value head h // (query heads / kv heads), so a
+    KV head goes with the query heads that read it (broadcasting alone would couple nothing there)."""
+    q, k, v = qkv
+    heads, kv_heads = w.shape(q)[-3], w.shape(k)[-3]
+    entries = [(w.tensor_track(q).get(len(w.shape(q)) - 3), heads)]
+    for t in (k, v):
+        ids = w.tensor_track(t).get(len(w.shape(t)) - 3)
+        entries.append((None if ids is None else np.repeat(ids, heads // kv_heads), heads))
+    w.couple(entries, reason)
 
 
 def _sdpa_scale(head_dim: int) -> float:
