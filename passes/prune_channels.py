@@ -52,9 +52,10 @@ class PruneChannels(Pass):
     min_channels / round_to: every group keeps at least `min_channels`, and a multiple of
         `round_to`, of its channels (never none).
     prune_normalized: also remove the channels that are frozen only for exactness — those a layer
-        norm normalizes over (transformer residual streams) and those whose width a computation
-        reads (a scale from `x.size(-1)`); valid, but the outputs change even for zero channels;
-        reconstruction or fine-tuning recovers it. Off by default.
+        norm or RMS norm normalizes over (transformer residual streams; F.rms_norm, nn.RMSNorm, or
+        written out as Llama and T5 write it, `x * rsqrt(x.pow(2).mean(-1) + eps)`) and those whose
+        width a computation reads (a scale from `x.size(-1)`); valid, but the outputs change even
+        for zero channels; reconstruction or fine-tuning recovers it. Off by default.
     attention: how hand-written attention (q/k/v viewed as (heads, head_dim), then matmul and
         softmax or F.scaled_dot_product_attention) is pruned. "head_dims" (default): the same
         positions of every head go; head_dim shrinks, so a scale computed from it would change
@@ -63,7 +64,10 @@ class PruneChannels(Pass):
         shrinks, head_dim and the scale stay, the kept heads' outputs are unchanged (min_channels
         and round_to count heads). Either mode applies to every view of a channel dim as
         (groups, per_group) dims, a channel shuffle's too. nn.MultiheadAttention always loses
-        whole heads.
+        whole heads. Grouped-query attention (repeat_kv, or sdpa's enable_gqa) loses a KV head
+        with the query heads reading it; an sdpa attn_mask with a head dim (T5's position bias)
+        loses the same heads, and freezes them under "head_dims"; rotary embeddings' head dims
+        (rotate_half) go in pairs (j, j + head_dim / 2) with their frequencies.
     """
 
     amount: float | Mapping[str, float] = 0.5
