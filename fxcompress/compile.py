@@ -156,7 +156,7 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
         _note_unknown_ops(exc, gm, p, label)
         raise  # a pass's own typed error (ConfigError, PreconditionError, ...) already says what is wrong
     except Exception as exc:
-        raise VerificationError(f"{label} raised {type(exc).__name__}: {exc}") from exc
+        raise VerificationError(f"{label} raised {type(exc).__name__}{_handled_node(exc, gm)}: {exc}") from exc
     if not isinstance(result, PassResult):
         raise VerificationError(f"{label} returned {type(result).__name__}, not a PassResult")
     preserved = type(p).preserves if result.preserved is None else check_preserved(result.preserved, label)
@@ -187,6 +187,22 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
         _report_unknown_ops(gm, p, label, strict)
     append_record(gm, record)
     return gm
+
+
+def _handled_node(exc: BaseException, gm: GraphModule) -> str:
+    """' while handling node %x (<origin>)': the node of `gm` that the innermost frame of the crash
+    held in a local variable (`node` preferred), so that a crash inside a pass names the user's line."""
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        local = frame.f_locals
+        held = [v for k, v in sorted(local.items(), key=lambda kv: kv[0] != "node")
+                if isinstance(v, Node) and v.graph is gm.graph]
+        if held:
+            return f" while handling node {held[0].format_node()} ({origin(held[0])})"
+    return ""
 
 
 def _report_unknown_ops(gm: GraphModule, p: Pass, label: str, strict: bool) -> None:

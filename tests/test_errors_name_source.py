@@ -62,6 +62,10 @@ class Break(Pass):
             value = out.args[0]
             with gm.graph.inserting_before(out):
                 out.replace_input_with(value, gm.graph.call_function(torch.flatten, (value,)))
+        elif self.how == "crash":  # a bug of the pass, met while it handles the user's relu
+            for node in gm.graph.nodes:
+                if node.target in (torch.relu, F.relu):
+                    raise IndexError("tuple index out of range")
         elif self.how == "silent":  # rewrites the user's relu but reports no change
             _relu(gm).target = torch.sigmoid
             return PassResult(changed=False)
@@ -102,6 +106,12 @@ def test_changed_outputs_name_the_output_node_and_its_line(frontend):
     assert "outputs changed" in message
     assert re.search(rf"output 0 flatten: a node added by a pass, next to module 'head' \(Linear\) at {FILE}: "
                      rf"{HEAD_LINE}", message), message
+
+
+def test_a_pass_that_crashes_names_the_node_it_was_handling(frontend):
+    message = _compile("crash", frontend)
+    assert re.search(rf"raised IndexError while handling node %\w+ .*\(module 'block' \(Block\) at {FILE}: "
+                     rf"{RELU_LINE}\): tuple index out of range", message), message
 
 
 def test_a_pass_that_hides_a_rewrite_is_told_which_users_line_it_touched(frontend):
