@@ -149,10 +149,10 @@ def specialize_shapes(gm: GraphModule, example_inputs: tuple) -> dict[str, Any]:
                       "inputs' shapes: " + "; ".join(f"{n.format_node()} ({origin(n)})" for n in kept),
                       stacklevel=3)
     unfolded = _closure(candidates, kept)
-    folded = {n: _literal(recorder.values[n]) for n in candidates
+    folded = {n: recorder.values[n] for n in candidates
               if n not in unfolded and _is_plain(_literal(recorder.values[n]))}
     _replace(gm, folded)
-    return {n.name: value for n, value in folded.items()}
+    return {n.name: _literal(value) for n, value in folded.items()}
 
 
 def _closure(candidates: set[Node], kept: list[Node]) -> set[Node]:
@@ -171,11 +171,17 @@ def _order(nodes: set[Node]) -> Callable[[Node], int]:
 
 
 def _replace(gm: GraphModule, folded: dict[Node, Any]) -> None:
-    """Write each folded value into its readers' arguments, erase the folded nodes, recompile."""
-    for node, value in folded.items():
+    """Write each folded value into its readers' arguments, erase the folded nodes, recompile. The
+    model's outputs keep a torch.Size as one (its output structure must not change); arguments get
+    plain tuples."""
+    for node, size in folded.items():
         for user in list(node.users):
             if user in folded:
                 continue
+            value = _literal(size)
+            if user.op == "output" and isinstance(size, torch.Size):  # fx would store a plain tuple
+                with gm.graph.inserting_before(user):
+                    value = gm.graph.call_function(torch.Size, (value,))
             user.args = map_arg(user.args, lambda n, node=node, value=value: value if n is node else n)
             user.kwargs = map_arg(user.kwargs, lambda n, node=node, value=value: value if n is node else n)
     for node in reversed(list(gm.graph.nodes)):

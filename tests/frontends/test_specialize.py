@@ -152,3 +152,15 @@ def test_a_graph_without_sizes_is_left_alone():
 def test_specialize_shapes_takes_only_booleans():
     with pytest.raises(fxcompress.errors.ConfigError, match="compile.specialize_shapes must be True or False"):
         fxcompress.compile(nn.Linear(4, 4), [], torch.randn(2, 4), specialize_shapes="yes")
+
+
+def test_sizes_returned_as_outputs_keep_their_types():
+    class ReturnsSizes(nn.Module):
+        def forward(self, x):
+            return x * 2, x.size(), x.size(1) + 1
+
+    model, x = ReturnsSizes(), torch.randn(2, 3)
+    gm = fxcompress.compile(model, [], x, specialize_shapes=True)
+    assert _size_nodes(gm) == []
+    doubled, size, width = gm(x)
+    assert type(size) is torch.Size and size == (2, 3) and width == 4 and torch.equal(doubled, x * 2)
