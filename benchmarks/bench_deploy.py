@@ -14,7 +14,7 @@ with its ratio to fp32 eager of the same run — above 1 is faster):
 Ours are quantized with InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)
 and 8-bit activations, or 7-bit activations on a CPU without VNNI, where uint8 x int8 products
 are summed in int16 pairs and 8 / 8 bits could saturate (torch.ao's x86 default reduces activations to
-7 bits there too). Residual adds stay integer (ActivationConfig(adds=True)). Models have random
+7 bits there too). Residual adds stay integer (ActivationConfig(joins=True)). Models have random
 weights (nothing downloads); calibration uses random inputs, which is all a latency needs. The native
 model's predictions are compared with the reference's on the timed batch as a sanity check.
 
@@ -108,7 +108,7 @@ def torch_ao_int8(model: nn.Module, x: torch.Tensor, calibration: list[torch.Ten
 
 def ours(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]) -> dict[str, nn.Module]:
     quantize = InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
-                               activations=ActivationConfig(bits=activation_bits(), adds=True))
+                               activations=ActivationConfig(bits=activation_bits(), joins=True))
     fq = fxcompress.compile(model, [FoldBatchNorm(), quantize], example_inputs=(x,), calibration_data=calibration)
     reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x,))
     fast = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))

@@ -59,9 +59,9 @@ class ActivationConfig:
     observer  "minmax", "moving_average" (momentum) or "percentile" (percentile of each tail kept)
     freeze    True: the grid is fixed after calibration; False: observers keep following the data
               in training mode (quantization-aware training)
-    adds      True: also put both operands of each residual add of a quantized layer's output and an
-              already quantized value on a grid (a layer's output gets one of its own), so that
-              LowerToInteger keeps the add integer
+    joins     True: also put every operand of each residual add and concatenation whose operands are
+              all quantized layers' outputs or already quantized values on a grid (a layer's output
+              gets one of its own), so that LowerToInteger keeps the join integer
     """
 
     bits: int = 8
@@ -70,12 +70,12 @@ class ActivationConfig:
     momentum: float = 0.1
     percentile: float = 99.99
     freeze: bool = True
-    adds: bool = False
+    joins: bool = False
 
     constraints: ClassVar[dict] = {
         "bits": (Interval(int, 1, 16),), "symmetric": (Boolean(),), "observer": (Options(*OBSERVERS),),
         "momentum": (Interval(float, 0.0, 1.0, lo_open=True),), "percentile": (Interval(float, 50.0, 100.0),),
-        "freeze": (Boolean(),), "adds": (Boolean(),),
+        "freeze": (Boolean(),), "joins": (Boolean(),),
     }
 
     def __post_init__(self) -> None:
@@ -209,8 +209,8 @@ class InsertFakeQuant(Pass):
         if self.activations is not None and plan:
             layers = [layer for layer, _ in self.plan(gm)]  # nodes renamed
             inserted = self._insert_activations(gm, layers)
-            if self.activations.adds:
-                inserted += self._quantize_adds(gm, layers)
+            if self.activations.joins:
+                inserted += self._quantize_joins(gm, layers)
             gm.recompile()
             stats["calibration_batches"] = calibrate(gm, ctx.calibration_data, progress=ctx.progress)
             stats["activation_quant"] = inserted
@@ -267,17 +267,17 @@ class InsertFakeQuant(Pass):
         return sorted({n.target for n in inserted.values()})
 
 
-    def _quantize_adds(self, gm: GraphModule, layers: list[Layer]) -> list[str]:
-        """Both operands of each residual add between quantized values on a grid; the names of new ones."""
+    def _quantize_joins(self, gm: GraphModule, layers: list[Layer]) -> list[str]:
+        """Every operand of each add / cat between quantized values on a grid; the names of new ones."""
         produced = {layer_node(gm, layer) for layer in layers}
         inserted = []
         for node in list(gm.graph.nodes):
-            if not _is_residual_add(node):
+            operands = join_operands(node)
+            if operands is None:
                 continue
-            operands = node.args[:2]
             quants = [_operand_quant(gm, x, produced) for x in operands]
             if any(q is False for q in quants):
-                continue  # an operand on no grid (not a quantized value): the add stays float
+                continue  # an operand on no grid (not a quantized value): the join stays float
             for i, (x, quant) in enumerate(zip(operands, quants)):
                 if quant is None:  # a layer's raw output: a grid of its own
                     name = f"{node.name}_input{i}_quant"
@@ -285,31 +285,50 @@ class InsertFakeQuant(Pass):
                     with gm.graph.inserting_before(node):
                         quant = gm.graph.call_module(name, (x,))
                     inserted.append(name)
+                else:
+                    x.append(quant)  # right after its only input: before this join, wherever it stood
                 node.replace_input_with(x, quant)
         return inserted
 
 
-# residual adds: two tensors of one shape, no alpha
+# residual adds (two tensors of one shape, no alpha) and concatenations join quantized values
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
-def _is_residual_add(node: Node) -> bool:
+def join_operands(node: Node) -> list[Node] | None:
+    """The tensors a residual add or a concatenation joins, or None for any other node."""
+    if node.op == "call_function" and node.target is torch.cat:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        ok = isinstance(tensors, (list, tuple)) and tensors and all(isinstance(x, Node) for x in tensors)
+        return list(tensors) if ok else None
     if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS) or
             (node.op == "call_method" and node.target in ("add", "add_"))):
-        return False
+        return None
     if len(node.args) != 2 or node.kwargs or not all(isinstance(x, Node) for x in node.args):
-        return False
+        return None
     shapes = [getattr(x.meta.get("tensor_meta"), "shape", None) for x in node.args]
-    return shapes[0] is not None and shapes[0] == shapes[1]
+    return list(node.args) if shapes[0] is not None and shapes[0] == shapes[1] else None
+
+
+# ops that keep a quantized layer's output on codes in LowerToInteger (it requantizes across them)
+_CODE_FUNCTIONS = {torch.nn.functional.relu, torch.relu, torch.nn.functional.max_pool2d}
+_CODE_MODULES = (torch.nn.ReLU, torch.nn.MaxPool2d)
 
 
 def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None | bool:
-    """The ActivationQuant already on `x`, None if `x` is a quantized layer's output, False otherwise."""
+    """The ActivationQuant already on `x`; None if `x` is a quantized layer's output (through ReLU /
+    max pooling); False otherwise."""
     quant = next((u for u in x.users if u.op == "call_module"
                   and isinstance(gm.get_submodule(u.target), ActivationQuant)), None)
     if quant is not None:
         return quant
-    return None if x in produced else False
+    current = x
+    while current not in produced and (
+            (current.op == "call_function" and current.target in _CODE_FUNCTIONS)
+            or (current.op == "call_method" and current.target == "relu")
+            or (current.op == "call_module" and isinstance(gm.get_submodule(current.target), _CODE_MODULES))):
+        current = current.args[0]
+    return None if current in produced else False
 
 
 def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:

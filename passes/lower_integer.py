@@ -5,8 +5,8 @@ fake-quant on the layers' inputs. Each `ActivationQuant` fed by float values bec
 `QuantizeInput` boundary; each quantized layer becomes an `IntegerLayer` that requantizes straight
 onto the grid of the next activation fake-quant when only ReLU / max-pool / reshape ops stand in
 between (those run on integer codes), and dequantizes otherwise (e.g. before a float op or the
-model's output). A residual add whose two operands come out of activation fake-quants
-(`ActivationConfig(adds=True)` puts them there) runs on codes too, requantizing onto the next grid
+model's output). A residual add or a concatenation whose operands all come out of activation fake-quants
+(`ActivationConfig(joins=True)` puts them there) runs on codes too, requantizing onto the next grid
 or dequantizing the same way. The result computes what the fake-quant model computes, up to the
 rounding of the bias and of the requantization.
 
@@ -32,12 +32,12 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.config import Options, validate
 from fxcompress.errors import PreconditionError
-from fxcompress.quant.integer import (ACCUMULATOR_BITS, IntegerAdd, IntegerLayer, QuantizeInput,
+from fxcompress.quant.integer import (ACCUMULATOR_BITS, IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput,
                                       fixed_point_multiplier)
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import native
-from fxcompress.quant.native import NativeAdd, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
+from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.quantizers import Grid, quantize
 
@@ -75,14 +75,17 @@ class _Plan:
 
 
 @dataclass(frozen=True)
-class _AddPlan:
-    """A residual add whose operands are both on activation grids (InsertFakeQuant(activations=
-    ActivationConfig(adds=True))): it runs on codes, requantizing onto `out_grid` or dequantizing."""
+class _JoinPlan:
+    """A residual add or a concatenation whose operands all come out of activation fake-quants
+    (InsertFakeQuant(activations=ActivationConfig(joins=True)) puts them there): it runs on codes,
+    requantizing onto `out_grid` or dequantizing."""
 
-    grids: tuple[Grid, Grid]
+    kind: str                        # "add" or "cat"
+    grids: tuple[Grid, ...]
     target: Node | None              # the activation fake-quant its output reaches through code-safe ops
     out_grid: Grid | None
     chain: tuple[Node, ...]
+    dim: int = 0                     # cat only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,14 +108,17 @@ class LowerToInteger(Pass):
         layers = self._quantized_layers(gm)  # grids are read before their fake-quant nodes go
         targets = {q.node: _requant_target(gm, q.node) for q in layers}
         plans = {q.node: _plan(gm, q, targets[q.node]) for q in layers}
-        adds = {node: _add_plan(gm, node) for node in gm.graph.nodes if _is_integer_add(gm, node)}
+        adds = {node: _join_plan(gm, node, kind) for node in gm.graph.nodes if (kind := _integer_join(gm, node))}
         fed = {t for t in targets.values() if t is not None} | {a.target for a in adds.values() if a.target}
         backend, refused = self._choose_backend(gm, layers, plans, adds, fed)
         boundaries = self._lower_activations(gm, fed, backend)
         for q in layers:
             (_replace_native if backend == "native" else _replace_layer)(gm, q, plans[q.node])
-        for node, add in adds.items():
-            (_replace_native_add if backend == "native" else _replace_add)(gm, node, add)
+        for node, join in adds.items():
+            if join.kind == "cat":
+                (_replace_native_cat if backend == "native" else _replace_cat)(gm, node, join)
+            else:
+                (_replace_native_add if backend == "native" else _replace_add)(gm, node, join)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         for q in layers:
@@ -121,14 +127,15 @@ class LowerToInteger(Pass):
             "backend": backend,
             "native_refused": refused,
             "integer_layers": len(layers),
-            "integer_adds": len(adds),
+            "integer_adds": sum(join.kind == "add" for join in adds.values()),
+            "integer_cats": sum(join.kind == "cat" for join in adds.values()),
             "requantized": sum(t is not None for t in targets.values()),
             "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
             "float_to_integer_boundaries": boundaries,
         })
 
     def _choose_backend(self, gm: GraphModule, layers: list[_Quantized], plans: dict[Node, _Plan],
-                        adds: dict[Node, _AddPlan], fed: set[Node]) -> tuple[str, dict[str, str]]:
+                        adds: dict[Node, _JoinPlan], fed: set[Node]) -> tuple[str, dict[str, str]]:
         """The backend to build, and why native was not possible (by layer, add or fake-quant path)."""
         if self.backend == "reference":
             return "reference", {}
@@ -423,25 +430,31 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _SHIFT_ROOM = 62  # the int64 sum of two operand codes times their aligned multipliers must stay below 2^62
 
 
-def _is_integer_add(gm: GraphModule, node: Node) -> bool:
-    """An add of two values that both come out of activation fake-quants."""
+def _integer_join(gm: GraphModule, node: Node) -> str | None:
+    """"add" / "cat" for an add / concatenation of values that all come out of activation fake-quants."""
+    if node.op == "call_function" and node.target is torch.cat:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        ok = isinstance(tensors, (list, tuple)) and tensors and all(_is_activation_quant(gm, x) for x in tensors)
+        return "cat" if ok else None
     is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
               or (node.op == "call_method" and node.target in ("add", "add_")))
-    return (is_add and len(node.args) == 2 and not node.kwargs
-            and all(_is_activation_quant(gm, x) for x in node.args))
+    ok = is_add and len(node.args) == 2 and not node.kwargs and all(_is_activation_quant(gm, x) for x in node.args)
+    return "add" if ok else None
 
 
-def _add_plan(gm: GraphModule, node: Node) -> _AddPlan:
-    grids = tuple(gm.get_submodule(x.target).grid() for x in node.args)
+def _join_plan(gm: GraphModule, node: Node, kind: str) -> _JoinPlan:
+    operands = _cat_operands(node) if kind == "cat" else tuple(node.args)
+    grids = tuple(gm.get_submodule(x.target).grid() for x in operands)
     if any(grid is None for grid in grids):
-        raise PreconditionError(f"LowerToInteger: an operand fake-quant of the add {node.format_node()} has "
+        raise PreconditionError(f"LowerToInteger: an operand fake-quant of {node.format_node()} has "
                                 "observed nothing; compile with calibration_data first")
     target = _requant_target(gm, node)
     out_grid = gm.get_submodule(target.target).grid() if target is not None else None
-    return _AddPlan(grids, target, out_grid, _code_chain(gm, node, target))
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) if kind == "cat" else 0
+    return _JoinPlan(kind, grids, target, out_grid, _code_chain(gm, node, target), int(dim))
 
 
-def _replace_add(gm: GraphModule, node: Node, add: _AddPlan) -> None:
+def _replace_add(gm: GraphModule, node: Node, add: _JoinPlan) -> None:
     """A reference IntegerAdd: fixed-point multipliers on one shift, or the real sum."""
     module = IntegerAdd(requantize=add.out_grid is not None)
     module.scales.copy_(torch.tensor([float(g.scale) for g in add.grids], dtype=torch.float64))
@@ -463,17 +476,19 @@ def _replace_add(gm: GraphModule, node: Node, add: _AddPlan) -> None:
     _swap_add(gm, node, module)
 
 
-def _swap_add(gm: GraphModule, node: Node, module: nn.Module, suffix: str = "integer") -> Node:
+def _swap_add(gm: GraphModule, node: Node, module: nn.Module, suffix: str = "integer",
+              operands: tuple[Node, ...] | None = None) -> Node:
+    """Call `module` on the join's operands (the add's arguments unless given) in place of `node`."""
     name = f"{node.name}_{suffix}"
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, tuple(node.args))
+        new = gm.graph.call_module(name, tuple(node.args) if operands is None else operands)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
 
 
-def _native_add_refusal(gm: GraphModule, add: _AddPlan) -> str | None:
+def _native_add_refusal(gm: GraphModule, add: _JoinPlan) -> str | None:
     for grid in (*add.grids, add.out_grid):
         if grid is not None and (grid.qmin != 0 or grid.qmax > native.UINT8_MAX):
             return f"an activation grid [{grid.qmin}, {grid.qmax}] of the add is not uint8"
@@ -483,7 +498,7 @@ def _native_add_refusal(gm: GraphModule, add: _AddPlan) -> str | None:
     return None
 
 
-def _replace_native_add(gm: GraphModule, node: Node, add: _AddPlan) -> None:
+def _replace_native_add(gm: GraphModule, node: Node, add: _JoinPlan) -> None:
     """A NativeAdd on uint8 codes, the ReLU right after it fused as its lower clamp."""
     users = list(node.users)
     relu = users[0] if len(users) == 1 and _is_relu(gm, users[0]) and (not add.chain or add.chain[0] is users[0]) \
@@ -502,6 +517,35 @@ def _replace_native_add(gm: GraphModule, node: Node, add: _AddPlan) -> None:
     for chained in add.chain:
         if chained is not relu:
             _native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
+
+
+def _cat_operands(node: Node) -> tuple[Node, ...]:
+    """The tensors a cat node reads now (its operands' fake-quants may have given way to codes)."""
+    return tuple(node.args[0] if node.args else node.kwargs["tensors"])
+
+
+def _replace_cat(gm: GraphModule, node: Node, cat: _JoinPlan) -> None:
+    """A reference IntegerCat: each operand onto the output grid by its own fixed-point multiplier."""
+    module = IntegerCat(len(cat.grids), cat.dim, requantize=cat.out_grid is not None)
+    module.scales.copy_(torch.tensor([float(g.scale) for g in cat.grids], dtype=torch.float64))
+    if cat.out_grid is not None:
+        out = cat.out_grid
+        multipliers, shifts = fixed_point_multiplier(module.scales / float(out.scale))
+        module.multipliers.copy_(multipliers)
+        module.shifts.copy_(shifts)
+        module.low.fill_(out.qmin - int(out.zero_point))
+        module.high.fill_(out.qmax - int(out.zero_point))
+    _swap_add(gm, node, module, "integer", _cat_operands(node))
+
+
+def _replace_native_cat(gm: GraphModule, node: Node, cat: _JoinPlan) -> None:
+    out = cat.out_grid
+    grids = [(float(g.scale), int(g.zero_point)) for g in cat.grids]
+    output = None if out is None else (float(out.scale), int(out.zero_point))
+    module = NativeCat(grids, output, cat.dim, *(() if out is None else (out.qmin, out.qmax)))
+    _swap_add(gm, node, module, "native", _cat_operands(node))
+    for chained in cat.chain:
+        _native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
 
 
 def _drop_float_parameters(gm: GraphModule, owner: str) -> None:

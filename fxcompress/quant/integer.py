@@ -138,3 +138,35 @@ class IntegerAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return "requantize" if self.requantize else "dequantize"
+
+
+class IntegerCat(nn.Module):
+    """A concatenation of tensors of centered codes, each on its own grid, along `dim`.
+
+    Requantizing: each operand's codes times its own 31-bit fixed-point multiplier of its scale over
+    the output's (`multipliers`, `shifts`), rounded half up and clamped to [`low`, `high`], then
+    concatenated; an operand already on the output grid passes through unchanged. Dequantizing: the
+    operands' real values (codes times `scales`) concatenated.
+    """
+
+    def __init__(self, operands: int, dim: int, requantize: bool) -> None:
+        super().__init__()
+        self.dim, self.requantize = dim, requantize
+        self.register_buffer("multipliers", torch.zeros(operands, dtype=torch.int64))
+        self.register_buffer("shifts", torch.ones(operands, dtype=torch.int64))
+        self.register_buffer("low", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("high", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("scales", torch.ones(operands, dtype=torch.float64))
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if not self.requantize:
+            return torch.cat([(t.double() * s).float() for t, s in zip(tensors, self.scales)], self.dim)
+        parts = [torch.clamp(requantize(t.to(torch.int64), m, s), self.low, self.high).to(torch.int32)
+                 for t, m, s in zip(tensors, self.multipliers, self.shifts)]
+        return torch.cat(parts, self.dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"operands": len(self.scales), "dim": self.dim, "requantize": self.requantize}
+
+    def extra_repr(self) -> str:
+        return f"{len(self.scales)} operands, dim={self.dim}, " + ("requantize" if self.requantize else "dequantize")

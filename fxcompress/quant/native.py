@@ -194,3 +194,38 @@ class NativeAdd(nn.Module):
     def extra_repr(self) -> str:
         out = "float32" if self.output is None else f"uint8 [{self.low}, {self.high}]"
         return f"-> {out}" + (", relu" if self.relu else "")
+
+
+class NativeCat(nn.Module):
+    """A concatenation of uint8 code tensors along `dim`, each moved onto the output grid first.
+
+    An operand on the output grid already is concatenated as it is; another is requantized as
+    round(q * (s / so) + zo - z * s / so), clamped to [`low`, `high`]. Dequantizing (`output` None),
+    the operands' real values are concatenated in float32.
+    """
+
+    def __init__(self, grids: list[tuple[float, int]], output: tuple[float, int] | None, dim: int,
+                 low: int = 0, high: int = UINT8_MAX) -> None:
+        super().__init__()
+        self.grids, self.output = [tuple(g) for g in grids], None if output is None else tuple(output)
+        self.dim, self.low, self.high = dim, low, high
+        out_scale, out_zero = (1.0, 0) if output is None else output
+        self.factors = [(scale / out_scale, out_zero - zero * scale / out_scale) for scale, zero in grids]
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for t, grid, (factor, offset) in zip(tensors, self.grids, self.factors):
+            if grid == self.output:
+                parts.append(t)
+                continue
+            real = (t * factor).add_(offset)
+            parts.append(real if self.output is None else real.round_().clamp_(self.low, self.high).to(torch.uint8))
+        return torch.cat(parts, self.dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"grids": [list(g) for g in self.grids], "output": None if self.output is None else list(self.output),
+                "dim": self.dim, "low": self.low, "high": self.high}
+
+    def extra_repr(self) -> str:
+        out = "float32" if self.output is None else f"uint8 [{self.low}, {self.high}]"
+        return f"{len(self.grids)} operands, dim={self.dim} -> {out}"

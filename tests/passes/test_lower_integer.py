@@ -4,7 +4,7 @@ from torch.fx import Interpreter
 
 import fxcompress
 from fxcompress.errors import PreconditionError
-from fxcompress.quant.integer import IntegerAdd, IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
+from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput, fixed_point_multiplier, requantize
 from fxcompress.passes import FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
 from fxcompress.quant import ActivationQuant
@@ -180,7 +180,7 @@ def test_a_quantized_layer_whose_output_is_never_read_is_dropped():
 def test_residual_adds_stay_integer_when_their_operands_have_grids():
     x = torch.rand(32, 3, 32, 32)
     calibration = [x[i:i + 16] for i in range(0, len(x), 16)]
-    quantize = InsertFakeQuant(method="linear", bits=8, per_channel=True, activations=ActivationConfig(bits=8, adds=True))
+    quantize = InsertFakeQuant(method="linear", bits=8, per_channel=True, activations=ActivationConfig(bits=8, joins=True))
     fq = fxcompress.compile(ResNetSmall().eval(), [FoldBatchNorm(), quantize], example_inputs=(x[:2],),
                             calibration_data=calibration)
     gm = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
@@ -210,3 +210,26 @@ def test_integer_add_rounds_the_real_sum_onto_the_output_grid():
     exact = torch.clamp(torch.floor(real + 0.5), -50, 60)
     assert (got.double() - exact).abs().max().item() <= 1 and (got.double() == exact).float().mean() > 0.99
     assert got.dtype == torch.int32 and int(got.min()) == -50 and int(got.max()) == 60  # clamped to the grid
+
+
+def test_concatenations_stay_integer_in_the_reference():
+    class Concat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Conv2d(2, 6, 1)
+            self.c = torch.nn.Conv2d(10, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.c(torch.cat([torch.relu(self.a(x)), self.b(x)], 1))
+
+    x = torch.randn(32, 2, 8, 8)
+    fq = fxcompress.compile(Concat().eval(), [InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(
+        bits=8, joins=True))], example_inputs=(x[:2],), calibration_data=[x])
+    gm = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["integer_cats"] == 1 and stats["float_to_integer_boundaries"] == 1
+    (cat,) = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), IntegerCat)]
+    assert _dtypes(gm, x)[cat.name] == torch.int32
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    assert (expected - got).abs().max().item() < 0.05 * expected.abs().max().item()

@@ -13,7 +13,7 @@ from fxcompress.errors import FormatError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
 from fxcompress.quant.integer import IntegerLayer
-from fxcompress.quant.native import NativeAdd, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
+from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.training import train
 from zoo import BasicBlock, LeNet5, LeNet300100
 
@@ -55,7 +55,7 @@ def _trained(name, data):
 
 def _fake_quant(model, x, weight_bits=8, activation_bits=8, symmetric=True, adds=True):
     calibration = [x[i:i + 64] for i in range(0, len(x), 64)]
-    activations = ActivationConfig(bits=activation_bits, adds=adds)
+    activations = ActivationConfig(bits=activation_bits, joins=adds)
     passes = [FoldBatchNorm(), InsertFakeQuant(method="linear", bits=weight_bits, symmetric=symmetric,
                                                per_channel=True, activations=activations)]
     return fxcompress.compile(model, passes, example_inputs=(x[:2],), calibration_data=calibration)
@@ -240,3 +240,31 @@ def test_relu_on_codes_clamps_at_the_zero_point():
     codes = torch.tensor([0, 9, 10, 11, 255], dtype=torch.uint8)
     assert relu_codes(codes, 10).tolist() == [10, 10, 10, 11, 255]
     assert relu_codes(codes, 10).dtype == torch.uint8
+
+
+class Concat(nn.Module):
+    """An inception-style join: two branches (one through a ReLU) concatenated on channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 6, 1)
+        self.c, self.fc = nn.Conv2d(10, 3, 3, padding=1), nn.Linear(3 * 64, 5)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), self.b(x)], 1)
+        return self.fc(torch.flatten(F.relu(self.c(y)), 1))
+
+
+def test_concatenations_stay_integer_and_agree_with_the_reference():
+    x = torch.randn(128, 2, 8, 8)
+    fq = _fake_quant(Concat().eval(), x, activation_bits=7)
+    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x)
+    assert fxcompress.history(gm)[-1].stats["integer_cats"] == 1
+    (cat,) = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NativeCat)]
+    dtypes = _dtypes(gm, x)
+    assert dtypes[cat] == torch.uint8 and [dtypes[a] for a in cat.args] == [torch.uint8] * 2
+    assert fxcompress.history(gm)[-1].stats["float_to_integer_boundaries"] == 1  # the input only
+    with torch.no_grad():
+        expected, got = reference(x), gm(x)
+    assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.99
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
