@@ -197,9 +197,8 @@ def _handled_node(exc: BaseException, gm: GraphModule) -> str:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        local = frame.f_locals
-        held = [v for k, v in sorted(local.items(), key=lambda kv: kv[0] != "node")
-                if isinstance(v, Node) and v.graph is gm.graph]
+        named = sorted(frame.f_locals.items(), key=lambda item: item[0] != "node")
+        held = [value for _, value in named if isinstance(value, Node) and value.graph is gm.graph]
         if held:
             return f" while handling node {held[0].format_node()} ({origin(held[0])})"
     return ""
