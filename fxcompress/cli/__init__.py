@@ -1,4 +1,4 @@
-"""The `fxcompress` command (also `python -m fxcompress`): demo, run, inspect, decode, export, sensitivity.
+"""The `fxcompress` command (also `python -m fxcompress`): demo, run, inspect, report, decode, export, sensitivity.
 
     fxcompress demo [--data digits|fashion-mnist|auto] [--quick]
     fxcompress run recipes/deep_compression_lenet300.yaml [--quick] [--out DIR]

@@ -1,4 +1,5 @@
-"""`fxcompress inspect | decode | export`: look into a compressed file, decode it, export its weights.
+"""`fxcompress inspect | report | decode | export`: look into a compressed file (as text or a Markdown
+report, tables only), decode it, export its weights.
 
 decode writes a dense model: a `.fxc` OUT is the dense GraphModule in the fxcompress file format
 (load it with fxcompress.load, pickle-free); a `.pt` / `.pth` OUT is a plain PyTorch state dict
@@ -54,6 +55,18 @@ def inspect_file(args: argparse.Namespace) -> int:
     print(_per_layer_bytes(table.rows))
     print("\npasses:")
     print(table.history or "(none)")
+    return 0
+
+
+def report_file(args: argparse.Namespace) -> int:
+    """The summary as Markdown (the HTML report with pictures is not built yet)."""
+    example = (torch.zeros(_input_shape(args.input_shape)),) if args.input_shape else None
+    gm = _load(args.file)
+    table = summary(gm, example)
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(".md")
+    out.write_text(f"# {Path(args.file).name}\n\n{Path(args.file).stat().st_size} bytes on disk\n\n"
+                   f"{table.to_markdown()}\n\n## Passes\n\n```\n{table.history or '(none)'}\n```\n")
+    print(f"{out}: Markdown summary, {out.stat().st_size} bytes")
     return 0
 
 
@@ -116,6 +129,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("file", help="a file written by fxcompress.save")
     parser.add_argument("--input-shape", help="an input's shape, e.g. 1,1,28,28, to count MACs")
     parser.set_defaults(handler=inspect_file)
+
+    parser = commands.add_parser("report", help="write a .fxc file's summary and pass history as Markdown",
+                                 description="Write the summary table and the pass history as Markdown "
+                                             "(tables only: the HTML report with pictures is not built yet).")
+    parser.add_argument("file", help="a file written by fxcompress.save")
+    parser.add_argument("--out", help="the Markdown file (default: FILE with .md)")
+    parser.add_argument("--input-shape", help="an input's shape, e.g. 1,1,28,28, to count MACs")
+    parser.set_defaults(handler=report_file)
 
     parser = commands.add_parser("decode", help="write the dense model of a .fxc file", description=__doc__)
     parser.add_argument("file", help="a file written by fxcompress.save")

@@ -25,6 +25,14 @@ def test_inspect_prints_summary_bytes_and_history(cli, encoded_file):
     assert status == 0 and macs == 64 * 300 + 300 * 100 + 100 * 10 and str(macs) in out
 
 
+def test_report_writes_the_summary_as_markdown(cli, encoded_file):
+    path, _, _ = encoded_file
+    status, out, _ = cli("report", path)
+    text = path.with_suffix(".md").read_text()
+    assert status == 0 and str(path.with_suffix(".md")) in out
+    assert fxcompress.summary(fxcompress.load(path)).to_markdown() in text and "LowerToEncoded(" in text
+
+
 @pytest.mark.parametrize("suffix", [".fxc", ".pt"])
 def test_decode_writes_the_dense_weights(cli, encoded_file, tmp_path, suffix):
     path, gm, x = encoded_file
@@ -68,7 +76,7 @@ def _one_line(err):
     return err
 
 
-@pytest.mark.parametrize("command", [["inspect"], ["decode", "{out}"], ["export", "--format", "json"]])
+@pytest.mark.parametrize("command", [["inspect"], ["report"], ["decode", "{out}"], ["export", "--format", "json"]])
 def test_a_bad_file_is_one_error_line(cli, tmp_path, command):
     bad = tmp_path / "bad.fxc"
     bad.write_bytes(b"not an fxcompress file at all")

@@ -4,7 +4,7 @@ import pytest
 
 from fxcompress.cli import main, parser, yamldoc
 
-COMMANDS = ["demo", "run", "inspect", "decode", "export", "sensitivity"]
+COMMANDS = ["demo", "run", "inspect", "report", "decode", "export", "sensitivity"]
 
 
 def _one_line(err):
