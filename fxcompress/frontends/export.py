@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,32 +238,107 @@ def _input_spec_check(gm: GraphModule) -> None:
                               "concrete_args to the fx front end instead")
 
 
-def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:
-    """A plain-codegen copy of `gm`'s graph with aten calls respelled; the unknown ops, described."""
-    graph, env, unknown = Graph(), {}, []
-    # placeholders first, as in fx traces (export puts the parameters' get_attr before them)
-    for node in sorted(gm.graph.nodes, key=lambda n: n.op != "placeholder"):
+class _Subgraph(NamedTuple):
+    """A graph export put in a submodule for a region of the forward (`with torch.no_grad():`)."""
+
+    module: GraphModule
+    path: str
+
+
+def _region_no_grad(args: tuple) -> tuple[bool, Any, tuple, bool]:
+    return args[0], args[1], args[2:], True  # (enabled, subgraph, inputs, detach the outputs)
+
+
+def _region_autocast(args: tuple) -> tuple[bool, Any, tuple, bool]:
+    return args[2], args[4], args[5:], False  # (device_type, dtype, enabled, cache_enabled, subgraph, *inputs)
+
+
+# Regions export wraps in a higher-order op, by how to read its arguments. A region that switches
+# gradients off is inlined with its outputs detached (the values and gradients of the model); one that
+# switches autocast off (Llama's rotary embedding under transformers 4.x) is inlined as it is, exact
+# unless the caller runs the model under autocast. A region that switches either on stays, warned.
+_REGIONS: dict[Any, Callable[[tuple], tuple[bool, Any, tuple, bool]]] = {
+    torch.ops.higher_order.wrap_with_set_grad_enabled: _region_no_grad,
+    torch.ops.higher_order.wrap_with_autocast: _region_autocast,
+}
+
+
+@dataclass
+class _Copy:
+    """The graph being written, the module its get_attr paths start from, the unknown ops met."""
+
+    graph: Graph
+    root: GraphModule
+    unknown: list[str]
+
+
+def _attribute(root: nn.Module, path: str) -> Any:
+    value = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _inline(copy: _Copy, target: Any, args: tuple) -> tuple | None:
+    """The outputs of a region's subgraph copied in place of its higher-order op (None: it stays)."""
+    enabled, subgraph, inputs, detach = _REGIONS[target](args)
+    if enabled is not False or not isinstance(subgraph, _Subgraph):
+        return None
+    graph = subgraph.module.graph
+    env = dict(zip(graph.find_nodes(op="placeholder"), inputs))
+    outputs = _copy_nodes(copy, [n for n in graph.nodes if n.op != "placeholder"], env, subgraph.path + ".")
+    if detach:
+        outputs = [copy.graph.call_method("detach", (o,)) if isinstance(o, Node) else o for o in outputs]
+    return tuple(outputs)
+
+
+def _copy_node(copy: _Copy, node: Node, args: tuple, kwargs: dict, prefix: str) -> Any:
+    """What `node` becomes in the copy: a respelled node, or the value its readers read instead."""
+    op, target = node.op, node.target
+    if op == "get_attr":
+        target = prefix + target
+        if isinstance(_attribute(copy.root, target), GraphModule):
+            return _Subgraph(_attribute(copy.root, target), target)
+    if op == "call_function":
+        if target in _CHECKS and not node.users:
+            return None
+        if target in _IDENTITIES:
+            return args[0]
+        if target is operator.getitem and isinstance(args[0], tuple):  # an output of an inlined region
+            return args[0][args[1]]
+        inlined = _inline(copy, target, args) if target in _REGIONS else None
+        if inlined is not None:
+            return inlined
+        args = tuple(copy.graph.get_attr(a.path) if isinstance(a, _Subgraph) else a for a in args)
+        if isinstance(target, torch._ops.OpOverload):
+            op, target, args, kwargs = _respell(node, args, kwargs)
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+            copy.unknown.append(f"{target} at {where(node)}")
+    new = copy.graph.create_node(op, target, args, kwargs, name=_plain_name(node.name))
+    new.meta.update({k: node.meta[k] for k in _KEPT_META if k in node.meta})
+    return new
+
+
+def _copy_nodes(copy: _Copy, nodes: list[Node], env: dict, prefix: str) -> Any:
+    """Copies `nodes` (their inputs already in `env`); returns what their output node returns."""
+    for node in nodes:
         if node.op == "call_module" and node.target in _GUARD_MODULES:
             continue
         args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda n: env[n])
         if node.op == "output":
-            out_spec = gm.graph._codegen.pytree_info.out_spec
-            graph.output(tree_unflatten(list(args[0]), out_spec))
-            continue
-        op, target = node.op, node.target
-        if op == "call_function" and target in _CHECKS and not node.users:
-            continue
-        if op == "call_function" and target in _IDENTITIES:
-            env[node] = args[0]
-            continue
-        if op == "call_function" and isinstance(target, torch._ops.OpOverload):
-            op, target, args, kwargs = _respell(node, args, kwargs)
-            if isinstance(target, torch._ops.OpOverload):
-                unknown.append(f"{target} at {where(node)}")
-        env[node] = graph.create_node(op, target, args, kwargs, name=_plain_name(node.name))
-        env[node].meta.update({k: node.meta[k] for k in _KEPT_META if k in node.meta})
-    graph.set_codegen(CodeGen())
-    return graph, unknown
+            return args[0]
+        env[node] = _copy_node(copy, node, args, kwargs, prefix)
+    raise ConfigError("compile: an exported graph has no output node")
+
+
+def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:
+    """A plain-codegen copy of `gm`'s graph with aten calls respelled; the unknown ops, described."""
+    copy = _Copy(Graph(), gm, [])
+    # placeholders first, as in fx traces (export puts the parameters' get_attr before them)
+    outputs = _copy_nodes(copy, sorted(gm.graph.nodes, key=lambda n: n.op != "placeholder"), {}, "")
+    copy.graph.output(tree_unflatten(list(outputs), gm.graph._codegen.pytree_info.out_spec))
+    copy.graph.set_codegen(CodeGen())
+    return copy.graph, copy.unknown
 
 
 def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphModule:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import operator
 import types
+import warnings
 
 import pytest
 import torch
@@ -419,3 +420,38 @@ def test_a_cache_in_the_output_is_refused_with_what_to_change():
         fxcompress.compile(model, [], (x,), frontend="export")
     model.config.use_cache = False
     torch.testing.assert_close(fxcompress.compile(model, [], (x,), frontend="export")(x), model(x), rtol=0, atol=0)
+
+
+class Regions(nn.Module):
+    """A gate computed without gradients, a table computed with autocast off (Llama's rotary embedding
+    in transformers 4.x): export wraps each region in a higher-order op around a subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.fc = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("inv_freq", torch.rand(4))
+
+    def forward(self, x):
+        with torch.no_grad():
+            gate = torch.sigmoid(self.gate(x))
+            with torch.autocast("cpu", enabled=False):
+                angles = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+                table = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.fc(x) * gate + table
+
+
+def test_no_grad_and_autocast_regions_are_inlined_with_the_models_gradients(tmp_path):
+    model, x = Regions().train(), torch.randn(8, 8)
+    program = torch.export.export(model, (x,))
+    hops = {n.target for n in program.module().graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)}
+    assert hops == {torch.ops.higher_order.wrap_with_set_grad_enabled}  # autocast's is nested in its subgraph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing left unspelled
+        gm = fxcompress.compile(program, [], (x,))
+    assert _aten_ops(gm) == [] and not any(isinstance(n.target, torch._ops.HigherOrderOperator)
+                                           for n in gm.graph.nodes)
+    assert torch.equal(gm(x), model(x))
+    gm(x).sum().backward()
+    assert gm.gate.weight.grad is None and gm.fc.weight.grad is not None  # no gradient flows into the gate
+    fxcompress.save(gm, tmp_path / "regions.fxc")
+    assert torch.equal(fxcompress.load(tmp_path / "regions.fxc")(x), model(x))
