@@ -106,7 +106,8 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.view_as.default: "view_as", aten.repeat.default: "repeat",
     # in place, as the forward wrote it: a later reader of the input sees the update
     aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_", aten.div_.Tensor: "div_",
-    aten.masked_fill_.Scalar: "masked_fill_", aten.fill_.Scalar: "fill_",
+    aten.masked_fill_.Scalar: "masked_fill_", aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_",
+    aten.pad.default: F.pad,  # (input, pad, mode, value), as F.pad: swin's window padding
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),

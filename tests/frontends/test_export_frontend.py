@@ -368,6 +368,8 @@ TRANSFORMER_OPS = {
     aten.div_.Tensor: lambda x, t: x.clone().div_(x.abs() + 1),
     aten.masked_fill_.Scalar: lambda x, t: x.clone().masked_fill_(x > 0, 0.0),
     aten.fill_.Scalar: lambda x, t: x.clone()[0].fill_(2.0),
+    aten.fill_.Tensor: lambda x, t: x.clone()[0].fill_(x[1, 1, 1]),  # swin's shifted-window mask
+    aten.pad.default: lambda x, t: F.pad(x, (1, 2, 0, 3)),
 }
 
 
