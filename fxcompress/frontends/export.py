@@ -342,6 +342,29 @@ def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:
     return copy.graph, copy.unknown
 
 
+def _module_path(node: Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _read_ties_by_their_users(graph: Graph, root: nn.Module) -> None:
+    """A tensor with several names (an LM head tied to its token embedding) is read by each op under
+    the name of the module the op runs in, as fx traces read it: export reads every tie under one name,
+    so the embedding would look like a layer of the head and keep its own name as a float table."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), []).append(name)
+    for node in list(graph.find_nodes(op="get_attr")):
+        tied = names.get(id(_attribute(root, node.target)), [])
+        for user in list(node.users) if len(tied) > 1 else ():
+            own = next((n for n in tied if n.rpartition(".")[0] == _module_path(user)), node.target)
+            if own != node.target:
+                with graph.inserting_before(user):
+                    user.replace_input_with(node, graph.get_attr(own))
+        if len(tied) > 1 and not node.users:
+            graph.erase_node(node)
+
+
 def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphModule:
     """A GraphModule in torch-level form from an ExportedProgram or its `.module()`.
 
@@ -353,6 +376,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
         raise ConfigError(f"compile: {type(program).__name__} is not an ExportedProgram or its .module()")
     _input_spec_check(gm)
     graph, unknown = _translate(gm)
+    _read_ties_by_their_users(graph, gm)
     if unknown:
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
                       "or refuse them): " + "; ".join(unknown), stacklevel=3)

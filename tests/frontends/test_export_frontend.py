@@ -457,3 +457,22 @@ def test_no_grad_and_autocast_regions_are_inlined_with_the_models_gradients(tmp_
     assert gm.gate.weight.grad is None and gm.fc.weight.grad is not None  # no gradient flows into the gate
     fxcompress.save(gm, tmp_path / "regions.fxc")
     assert torch.equal(fxcompress.load(tmp_path / "regions.fxc")(x), model(x))
+
+
+def test_a_tied_table_is_read_under_each_layers_own_name_and_encoded_once(tmp_path):
+    """Export reads an LM head tied to its token embedding under one name for both ops; the embedding
+    reads `wte.weight` again, as in an fx trace, so Deep Compression leaves no float copy of the table."""
+    from zoo import GPT2Block, gpt2_tokens
+
+    torch.manual_seed(0)
+    model, x = GPT2Block().eval(), gpt2_tokens()
+    gm = fxcompress.compile(model, [], (x,), frontend="export")
+    reads = {n.target: [u.target for u in n.users] for n in gm.graph.nodes if n.op == "get_attr"}
+    assert reads["wte.weight"] == [F.embedding] and reads["lm_head.weight"] == [F.linear]
+    assert gm.wte.weight is gm.lm_head.weight
+    gm = fxcompress.compile(gm, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")], (x,))
+    fake_quant = gm(x)
+    gm = fxcompress.compile(gm, [LowerToEncoded()], (x,))
+    assert not {"wte.weight", "lm_head.weight"} & {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    fxcompress.save(gm, tmp_path / "tied.fxc")
+    assert torch.equal(fxcompress.load(tmp_path / "tied.fxc")(x), fake_quant)
