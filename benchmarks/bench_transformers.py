@@ -294,7 +294,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["bert_cls", "bert", "gpt2", "llama", "vit", "t5_encoder"])
     parser.add_argument("--frontend", choices=("auto", "export", "hf_fx"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="tiny configs and 3 latency rounds")
+    parser.add_argument("--quick", action="store_true", help="tiny configs, 3 latency rounds, 30 s for Torch-Pruning")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--tp-timeout", type=int, default=120, help="seconds allowed to Torch-Pruning per model")
     args = parser.parse_args()
@@ -307,9 +307,10 @@ def main() -> None:
     random.seed(0)
     size = SIZES["quick" if args.quick else "full"]
     rounds = 3 if args.quick else args.rounds
+    tp_timeout = min(args.tp_timeout, 30) if args.quick else args.tp_timeout
     print(f"torch {torch.__version__}, transformers {hf.__version__}, "
           f"torch-pruning {tp.__version__ if tp else 'not installed'}; 1 thread, batch 1, {size}")
-    reports = [bench_model(hf, tp, name, size, args.frontend, rounds, args.tp_timeout) for name in args.models]
+    reports = [bench_model(hf, tp, name, size, args.frontend, rounds, tp_timeout) for name in args.models]
     print("\n| model | mode | params / dense | MACs / dense | latency / dense | pass s | file / fp32 bytes |")
     print("|---|---|---|---|---|---|---|")
     notes = []
