@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from fxcompress.channels.capture import Sampling
 from fxcompress.channels.graph import ATTENTION_MODES, ChannelGraph, ChannelGroup
+from fxcompress.channels.graph.ops import rule_of
 from fxcompress.channels.refit import capture_targets, refit
 from fxcompress.channels.select import DATA_METHODS, METHODS, Selection, choose_removal, prunable_units
 from fxcompress.channels.surgery import apply_removal
@@ -102,6 +103,10 @@ class PruneChannels(Pass):
         if needs_data and not ctx.calibration_data:
             raise PreconditionError(f"PruneChannels(method={self.method!r}, reconstruct={self.reconstruct}) "
                                     "needs calibration_data= in compile()")
+
+    def unknown_ops(self, gm: GraphModule) -> list[Node]:
+        """The call nodes the channel op tables do not know: each freezes the channels it touches."""
+        return [n for n in gm.graph.nodes if n.op.startswith("call_") and rule_of(gm, n)[0] is None]
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         cg = ctx.get(ChannelGraph, attention=self.attention)
