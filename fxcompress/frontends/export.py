@@ -296,6 +296,8 @@ def _inline(copy: _Copy, target: Any, args: tuple) -> tuple | None:
 def _copy_node(copy: _Copy, node: Node, args: tuple, kwargs: dict, prefix: str) -> Any:
     """What `node` becomes in the copy: a respelled node, or the value its readers read instead."""
     op, target = node.op, node.target
+    if op == "get_attr" and not node.users:
+        return None  # a tensor the forward never reads (GoogLeNet's aux heads in eval): fx traces drop it too
     if op == "get_attr":
         target = prefix + target
         if isinstance(_attribute(copy.root, target), GraphModule):

@@ -476,3 +476,17 @@ def test_a_tied_table_is_read_under_each_layers_own_name_and_encoded_once(tmp_pa
     assert not {"wte.weight", "lm_head.weight"} & {n for n, _ in gm.named_parameters(remove_duplicate=False)}
     fxcompress.save(gm, tmp_path / "tied.fxc")
     assert torch.equal(fxcompress.load(tmp_path / "tied.fxc")(x), fake_quant)
+
+
+def test_tensors_the_forward_never_reads_are_dropped_as_fx_drops_them():
+    class WithAuxHead(nn.Module):  # GoogLeNet / Inception: an auxiliary classifier only training runs
+        def __init__(self):
+            super().__init__()
+            self.body, self.aux = nn.Linear(8, 4), nn.Linear(8, 100)
+
+        def forward(self, x):
+            return (self.body(x), self.aux(x)) if self.training else self.body(x)
+
+    model, x = WithAuxHead().eval(), torch.randn(2, 8)
+    exported = fxcompress.compile(model, [], (x,), frontend="export")
+    assert _params(exported) == _params(fxcompress.compile(model, [], (x,), frontend="fx")) == 8 * 4 + 4
