@@ -44,7 +44,7 @@ sigmoid tanh chunk split unsqueeze squeeze expand expand_as view_as add sub mul 
 type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argmax narrow repeat flip roll dim
 numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
 mT transpose_ sub_ add_ mul_ div_ relu_ to swapaxes swapdims movedim moveaxis repeat_interleave bmm bool long int
-double type new_ones new_zeros new_full fill_ masked_fill_ tril triu eq ne lt le gt ge sin cos detach_""".split())
+double type new_ones new_zeros new_full fill_ masked_fill_ tril triu eq ne lt le gt ge sin cos detach_ zero_""".split())
 
 
 # `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.

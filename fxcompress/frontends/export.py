@@ -108,6 +108,8 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.add_.Tensor: "add_", aten.sub_.Tensor: "sub_", aten.mul_.Tensor: "mul_", aten.div_.Tensor: "div_",
     aten.masked_fill_.Scalar: "masked_fill_", aten.fill_.Scalar: "fill_", aten.fill_.Tensor: "fill_",
     aten.pad.default: F.pad,  # (input, pad, mode, value), as F.pad: swin's window padding
+    aten.einsum.default: torch.einsum, aten.swapaxes.default: torch.swapaxes,  # maxvit's attention
+    aten.clamp_min.default: torch.clamp, aten.zero_.default: "zero_",  # swin v2's cosine attention, masks
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),

@@ -370,6 +370,10 @@ TRANSFORMER_OPS = {
     aten.fill_.Scalar: lambda x, t: x.clone()[0].fill_(2.0),
     aten.fill_.Tensor: lambda x, t: x.clone()[0].fill_(x[1, 1, 1]),  # swin's shifted-window mask
     aten.pad.default: lambda x, t: F.pad(x, (1, 2, 0, 3)),
+    aten.einsum.default: lambda x, t: torch.einsum("bij,bkj->bik", x, x),
+    aten.swapaxes.default: lambda x, t: torch.swapaxes(x, 1, 2),
+    aten.clamp_min.default: lambda x, t: torch.clamp_min(x, 0.1),
+    aten.zero_.default: lambda x, t: x.clone()[:, 0].zero_(),
 }
 
 
