@@ -210,13 +210,9 @@ def test_removing_zeroed_channels_leaves_the_outputs_equal(name, frontend, mode)
 
 # ---- Deep Compression: masks, k-means, encoding, file, fresh process ---------------------------
 
-# (model, front end) -> the transformers major versions on which encoding, and the file loaded in a
-# fresh process, are measured to work
+# (model, front end) -> the transformers major versions on which encoding (embedding tables included),
+# and the file loaded in a fresh process, are measured to work
 ENCODED = {case: (4, 5) for case in cases()}
-# ... and on which no embedding table is left as a float parameter: the export front end does not see
-# GPT-2's and T5's tied tables as one tensor yet (a float copy of wte / shared stays beside the codes)
-EMBEDDINGS = {case: versions for case, versions in ENCODED.items() if case[0] not in ("gpt2", "t5_encoder")}
-EMBEDDINGS.update({("gpt2", "hf_fx"): (4,)})
 LOAD_AND_RUN = textwrap.dedent("""
     import sys
     import torch
@@ -262,7 +258,7 @@ def check_embeddings_encoded(name: str, frontend: str) -> None:
     assert not left, f"{name} {frontend}: float embedding tables left beside the encoded weights: {left}"
 
 
-@pytest.mark.parametrize("name, frontend", measured(EMBEDDINGS))
+@pytest.mark.parametrize("name, frontend", measured(ENCODED))
 def test_deep_compression_leaves_no_float_embedding_table(name, frontend):
     check_embeddings_encoded(name, frontend)
 
