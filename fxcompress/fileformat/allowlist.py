@@ -22,7 +22,8 @@ from torch import nn
 
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
-from fxcompress.quant.integer import IntegerLayer, QuantizeInput
+from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
+from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
 _FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d relu relu6
@@ -123,7 +124,11 @@ def _functions() -> dict[str, object]:
     return table
 
 
-FUNCTIONS: dict[str, object] = _functions()
+FUNCTIONS: dict[str, object] = _functions() | {
+    # the native integer backend's functions on uint8 codes (names fixed, as the module names below)
+    "fxcompress.quant.native.max_pool2d_codes": max_pool2d_codes,
+    "fxcompress.quant.native.relu_codes": relu_codes,
+}
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():
     FUNCTION_NAMES.setdefault(_fn, _name)
@@ -169,6 +174,12 @@ _OWN_MODULES: dict[str, type] = {
     "fxcompress.quant.modules.ActivationQuant": ActivationQuant,
     "fxcompress.integer.IntegerLayer": IntegerLayer,
     "fxcompress.integer.QuantizeInput": QuantizeInput,
+    "fxcompress.quant.integer.IntegerAdd": IntegerAdd,
+    "fxcompress.quant.integer.IntegerCat": IntegerCat,
+    "fxcompress.quant.native.NativeLayer": NativeLayer,
+    "fxcompress.quant.native.QuantizeToCodes": QuantizeToCodes,
+    "fxcompress.quant.native.NativeAdd": NativeAdd,
+    "fxcompress.quant.native.NativeCat": NativeCat,
 }
 
 

@@ -26,12 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxcompress.errors import ConfigError, PreconditionError
+
 INT16_MAX = 32767  # pairwise int16 sums of u8 x s8 products on x86 without VNNI
 UINT8_MAX = 255
 INT8_RANGE = (-128, 127)
 
 # layer kind -> the oneDNN kernel computing it on uint8 codes; kinds absent here have no native kernel
 KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
+OUTPUTS = ("uint8", "float32")  # what a NativeLayer writes: codes for the next layer, or real values
 
 
 def available() -> bool:
@@ -93,6 +96,9 @@ class NativeLayer(nn.Module):
                  clamp: tuple[float, float | None] | None = None, stride: list[int] | None = None,
                  padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1) -> None:
         super().__init__()
+        if kind not in KERNELS or output not in OUTPUTS:  # a configuration read from a file is checked too
+            raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)} and output one of {OUTPUTS}, "
+                              f"got kind={kind!r}, output={output!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
         self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
@@ -108,6 +114,10 @@ class NativeLayer(nn.Module):
 
     def packed(self) -> torch.Tensor:
         if self._packed is None:
+            if not available():  # a file lowered on an x86 machine, opened on one without oneDNN's kernels
+                raise PreconditionError(f"NativeLayer ({self.kind}): this torch build has no oneDNN int8 "
+                                        f"kernel ({KERNELS[self.kind]}); lower the fake-quant model with "
+                                        "LowerToInteger(backend='reference') for this machine")
             if self.kind == "linear":
                 self._packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
             else:

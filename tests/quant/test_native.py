@@ -9,7 +9,7 @@ from torch.fx import Interpreter
 
 import fxcompress
 from fxcompress.datasets import load_digits
-from fxcompress.errors import FormatError, PreconditionError
+from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
 from fxcompress.quant.integer import IntegerLayer
@@ -152,7 +152,7 @@ def test_residual_adds_stay_integer_and_agree_with_the_reference(digits):
     assert fxcompress.history(without_adds)[-1].stats["integer_adds"] == 0
 
 
-def test_a_copy_and_a_pickle_run_the_same_and_the_file_format_refuses_by_name(digits, tmp_path):
+def test_a_copy_and_a_pickle_run_the_same(digits, tmp_path):
     x = digits.train_x[:128]
     gm = _lower(_fake_quant(_trained("lenet5", digits), x, activation_bits=7), x)
     with torch.no_grad():
@@ -161,8 +161,29 @@ def test_a_copy_and_a_pickle_run_the_same_and_the_file_format_refuses_by_name(di
         path = tmp_path / "native.pt"
         torch.save(gm, path)
         assert torch.equal(torch.load(path, weights_only=False)(x), expected)
-    with pytest.raises(FormatError, match="not in the allow-list"):
-        fxcompress.save(gm, tmp_path / "native.fxc")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_lowered_models_with_integer_joins_save_and_load_exactly(digits, tmp_path, name, backend):
+    x = digits.train_x[:128]
+    gm = _lower(_fake_quant(_trained(name, digits), x, activation_bits=7), x, backend=backend)
+    kinds = {type(m).__name__ for m in gm.modules()}
+    assert ("NativeLayer" in kinds) == (backend == "native")
+    if name == "resnet":  # the residual adds stay integer, and the file holds them
+        assert {"NativeAdd" if backend == "native" else "IntegerAdd"} <= kinds
+    fxcompress.save(gm, tmp_path / "lowered.fxc")
+    loaded = fxcompress.load(tmp_path / "lowered.fxc")
+    assert {type(m).__name__ for m in loaded.modules()} == kinds
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+
+
+def test_a_native_layer_from_a_file_is_checked_before_it_runs():
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        NativeLayer("conv3d", [4, 4], 1.0, 0, "uint8")
+    with pytest.raises(ConfigError, match="output one of"):
+        NativeLayer("linear", [4, 4], 1.0, 0, "int32")
 
 
 def test_native_layer_matches_the_reference_layer_on_strided_grouped_convs():
