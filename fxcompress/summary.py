@@ -17,6 +17,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .analyses.shapes import propagate_shapes
 from .history import format_history
+from .quant.integer import IntegerLayer
+from .quant.native import NativeLayer
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
                      find_layers, layer_node, weight_arg)
 
@@ -164,14 +166,37 @@ def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
     layers = find_layers(gm)
-    other = _other_parameters(gm, layers)
-    rows = tuple(_row(gm, layer) for layer in layers) + ((other,) if other else ())
+    lowered = [(node, gm.get_submodule(node.target)) for node in gm.graph.find_nodes(op="call_module")
+               if isinstance(gm.get_submodule(node.target), LOWERED)]
+    other = _other_parameters(gm, layers, {node.target for node, _ in lowered})
+    rows = (tuple(_row(gm, layer) for layer in layers) + tuple(_lowered_row(node, m) for node, m in lowered)
+            + ((other,) if other else ()))
     return Summary(rows, _totals(rows), format_history(gm))
 
 
-def _other_parameters(gm: GraphModule, layers: list[Layer]) -> dict[str, Any] | None:
+LOWERED = (IntegerLayer, NativeLayer)  # integer-lowered layers: a module holding integer weight codes
+
+
+def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
+    """An integer-lowered layer: its weight codes as the module holds them (int32 codes for the
+    reference backend, int8 for the native one), the bias in its dtype; bits are those the codes
+    span (sign included)."""
+    weight, bias = module.weight, module.bias
+    params, nonzeros = weight.numel() + bias.numel(), int(torch.count_nonzero(weight))
+    largest = int(weight.abs().max()) if weight.numel() else 0
+    held = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
+    shape = _output_shape(node)
+    macs = None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
+    return {"layer": node.target, "op": f"{module.kind} ({type(module).__name__})",
+            "weight_shape": tuple(weight.shape), "params": params, "nonzeros": nonzeros,
+            "sparsity": 1 - nonzeros / weight.numel(), "bits": largest.bit_length() + 1, "sqnr_db": None,
+            "dense_bytes": 4 * params, "compressed_bytes": held, "exact": "yes", "macs": macs,
+            "macs_effective": _effective(macs, nonzeros, weight.numel())}
+
+
+def _other_parameters(gm: GraphModule, layers: list[Layer], lowered: set[str] = frozenset()) -> dict[str, Any] | None:
     """One row for the parameters outside linear / conv layers (norms, attention, embeddings), kept fp32."""
-    owners = {layer.name for layer in layers}
+    owners = {layer.name for layer in layers} | set(lowered)
     owners |= {name for name, m in gm.named_modules() if isinstance(m, WeightTransform)}
     tensors = [p for name, p in gm.named_parameters() if name.rpartition(".")[0] not in owners]
     if not tensors:

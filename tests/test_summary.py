@@ -1,5 +1,4 @@
 import math
-import operator
 
 import pytest
 import torch
@@ -101,3 +100,25 @@ def test_other_parameters_are_counted():
 def test_summary_shows_history():
     gm = fxcompress.compile(LeNet300100().eval(), [], example_inputs=torch.randn(1, 784))
     assert "(no passes applied)" in str(fxcompress.summary(gm))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_integer_lowered_layers_are_rows_with_the_bytes_they_hold(backend):
+    from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
+    torch.manual_seed(0)
+    model, x = LeNet5(1, 8).eval(), torch.rand(16, 1, 8, 8)
+    fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                                    activations=ActivationConfig(bits=7))],
+                            example_inputs=(x[:2],), calibration_data=[x])
+    gm = fxcompress.compile(fq, [LowerToInteger(backend=backend)], example_inputs=(x[:2],))
+    rows = {row["layer"].partition(".")[0]: row for row in fxcompress.summary(gm).rows}
+    assert set(rows) == {"conv1", "conv2", "fc1", "fc2"}
+    for name, row in rows.items():
+        layer = model.get_submodule(name)
+        assert row["layer"] == f"{name}.{backend}" if backend == "native" else row["layer"].startswith(name)
+        assert row["params"] == layer.weight.numel() + layer.bias.numel()
+        assert row["weight_shape"] == tuple(layer.weight.shape)
+        held = layer.weight.numel() * (1 if backend == "native" else 4) + layer.bias.numel() * 4
+        assert row["compressed_bytes"] == held and row["bits"] <= 8
+    float_macs = {row["layer"]: row["macs"] for row in fxcompress.summary(fq).rows}
+    assert {name: row["macs"] for name, row in rows.items()} == float_macs and all(float_macs.values())
