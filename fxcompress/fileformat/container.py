@@ -53,9 +53,11 @@ _HISTORY_TYPES = {"name": str, "config": dict, "changed": bool, "nodes_created":
                   "nodes_changed": list, "params_touched": list, "stats": dict, "seconds": (int, float)}
 
 
+_TIE_KEYS = {"name", "same_as"}  # a second name of a tensor stored earlier (an LM head tied to its embedding)
+
+
 def _tensors(gm: GraphModule) -> list[tuple[str, str, torch.Tensor]]:
-    # every name of a shared tensor (an LM head tied to its embedding): each slot is filled on load,
-    # the tensor stored once per name (the tie itself is not recorded)
+    # every name of a shared tensor: the first carries its bytes, the others name it (`same_as`)
     found = [(name, "parameter", p) for name, p in gm.named_parameters(remove_duplicate=False)]
     found += [(name, "buffer", b) for name, b in gm.named_buffers(remove_duplicate=False)]
     return found
@@ -74,8 +76,12 @@ def to_bytes(gm: GraphModule, *, deterministic: bool = True) -> bytes:
     `deterministic` zeroes the pass history's wall-clock seconds, so the same model, seed and
     passes give byte-identical files.
     """
-    segments, table, offset = [], [], 0
+    segments, table, offset, first_name = [], [], 0, {}
     for name, kind, tensor in _tensors(gm):
+        if id(tensor) in first_name:  # stored once, the tie kept: loading gives both names one tensor
+            table.append({"name": name, "same_as": first_name[id(tensor)]})
+            continue
+        first_name[id(tensor)] = name
         data = _raw(tensor)
         table.append({"name": name, "kind": kind, "dtype": str(tensor.dtype).removeprefix("torch."),
                       "shape": list(tensor.shape), "offset": offset, "length": len(data),
@@ -209,17 +215,41 @@ def _load_tensors(root: torch.nn.Module, table: object, data: bytes, start: int,
         raise FormatError(f"tensor data: file is {what} ({len(data)} bytes, expected {start + data_bytes})")
     if not isinstance(table, list):
         raise FormatError("manifest: tensors: must be a list")
-    seen, offset = set(), 0
+    seen, offset, loaded = set(), 0, {}
     for index, entry in enumerate(table):
+        if isinstance(entry, dict) and set(entry) == _TIE_KEYS:
+            _attach_tie(root, entry, index, seen, loaded)
+            continue
         name = _check_entry(entry, index, seen, offset, data_bytes)
         module, slot = split_slot(root, name, f"tensor {name!r}")
         _check_slot(module, slot, entry)
         _attach(module, slot, entry, _tensor(entry, memoryview(data)[start:]))
+        loaded[name] = (entry, getattr(module, slot))
         seen.add(name)
         offset += entry["length"]
     if offset != data_bytes:
         raise FormatError(f"tensor data: the table covers {offset} of its {data_bytes} bytes")
     _drop_unsaved(root)
+
+
+def _attach_tie(root: torch.nn.Module, entry: dict, index: int, seen: set, loaded: dict) -> None:
+    """A second name of a tensor the table stored earlier: its slot gets that very tensor (no bytes)."""
+    name, first = entry["name"], entry["same_as"]
+    where = f"tensor {name!r}" if isinstance(name, str) else f"tensor #{index}"
+    if not isinstance(name, str) or name in seen:
+        raise fail(where, "name must be a string, used once")
+    if not isinstance(first, str) or first not in loaded:
+        raise fail(where, f"same_as {first!r} must name a tensor stored earlier in the table")
+    stored, tensor = loaded[first]
+    module, slot = split_slot(root, name, where)
+    _check_slot(module, slot, stored | {"name": name})
+    module._parameters.pop(slot, None)
+    module._buffers.pop(slot, None)
+    if stored["kind"] == "parameter":
+        module.register_parameter(slot, tensor)
+    else:
+        module.register_buffer(slot, tensor)
+    seen.add(name)
 
 
 def _check_entry(entry: object, index: int, seen: set, offset: int, data_bytes: int) -> str:

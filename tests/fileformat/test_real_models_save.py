@@ -6,7 +6,10 @@ from torch import nn
 
 import fxcompress
 from fxcompress.fileformat.allowlist import is_safe_path_part
+from fxcompress.errors import FormatError
 from fxcompress.passes import InsertMasks
+from .hostile import read_manifest, with_manifest
+import fxcompress.fileformat.container
 
 
 class HyphenatedBlocks(nn.Module):
@@ -75,6 +78,40 @@ class TiedHead(nn.Module):
 def test_a_tied_model_saved_without_any_pass_loads_and_runs(tmp_path):
     tokens = torch.randint(0, 11, (2, 5))
     gm = fxcompress.compile(TiedHead().eval(), [], example_inputs=(tokens,))
-    fxcompress.save(gm, tmp_path / "m.fxc")
+    size = fxcompress.save(gm, tmp_path / "m.fxc")
     back = fxcompress.load(tmp_path / "m.fxc")
     assert torch.equal(back(tokens), gm(tokens))
+    # the table is stored once and comes back as one Parameter under both names: still tied for training
+    assert back.head.weight is back.get_submodule("attention.self").weight
+    untied = TiedHead().eval()
+    untied.head.weight = nn.Parameter(untied.head.weight.detach().clone())
+    untied_size = fxcompress.save(fxcompress.compile(untied, [], example_inputs=(tokens,)), tmp_path / "u.fxc")
+    assert untied_size - size >= 11 * 6 * 4
+
+
+def _tied_file(tmp_path) -> bytes:
+    tokens = torch.randint(0, 11, (2, 5))
+    fxcompress.save(fxcompress.compile(TiedHead().eval(), [], example_inputs=(tokens,)), tmp_path / "m.fxc")
+    return (tmp_path / "m.fxc").read_bytes()
+
+
+@pytest.mark.parametrize("same_as, message", [
+    ("nowhere.weight", "must name a tensor stored earlier"),
+    (7, "must name a tensor stored earlier"),
+])
+def test_a_tie_must_name_a_tensor_stored_before_it(tmp_path, same_as, message):
+    data = _tied_file(tmp_path)
+    manifest = read_manifest(data)
+    tie = next(entry for entry in manifest["tensors"] if "same_as" in entry)
+    tie["same_as"] = same_as
+    with pytest.raises(FormatError, match=message):
+        fxcompress.fileformat.container.from_bytes(with_manifest(data, manifest))
+
+
+def test_a_tie_into_a_slot_of_another_shape_is_refused(tmp_path):
+    data = _tied_file(tmp_path)
+    manifest = read_manifest(data)
+    stored = next(entry for entry in manifest["tensors"] if "same_as" not in entry)
+    stored["shape"], stored["length"] = [6, 11], stored["length"]  # same bytes, the slot's transpose
+    with pytest.raises(FormatError, match="does not fit"):
+        fxcompress.fileformat.container.from_bytes(with_manifest(data, manifest))
