@@ -57,6 +57,9 @@ class PruneChannels(Pass):
         written out as Llama and T5 write it, `x * rsqrt(x.pow(2).mean(-1) + eps)`) and those whose
         width a computation reads (a scale from `x.size(-1)`); valid, but the outputs change even
         for zero channels; reconstruction or fine-tuning recovers it. Off by default.
+    prune_outputs: also remove channels that reach the model's output (a headless encoder's hidden
+        states, as Torch-Pruning does when its output layers are not ignored): the output shape
+        changes, so compile verifies the rest and takes the new shapes. Off by default.
     attention: how hand-written attention (q/k/v viewed as (heads, head_dim), then matmul and
         softmax or F.scaled_dot_product_attention) is pruned. "head_dims" (default): the same
         positions of every head go; head_dim shrinks, so a scale computed from it would change
@@ -82,6 +85,7 @@ class PruneChannels(Pass):
     seed: int = 0
     max_samples: int = 4096
     prune_normalized: bool = False
+    prune_outputs: bool = False
     attention: str = "head_dims"
 
     preserves: ClassVar[tuple[type, ...]] = ()
@@ -92,7 +96,7 @@ class PruneChannels(Pass):
         "min_channels": (Interval(int, 1),), "round_to": (Interval(int, 1),), "global_": (Boolean(),),
         "seed": (Interval(int, 0, 2 ** 32 - 2),),  # numpy and scikit-learn seeds; seed + 1 is used too
         "max_samples": (Interval(int, 16),), "prune_normalized": (Boolean(),),
-        "attention": (Options(*ATTENTION_MODES),),
+        "prune_outputs": (Boolean(),), "attention": (Options(*ATTENTION_MODES),),
     }
 
     def __post_init__(self) -> None:
@@ -104,13 +108,17 @@ class PruneChannels(Pass):
             raise PreconditionError(f"PruneChannels(method={self.method!r}, reconstruct={self.reconstruct}) "
                                     "needs calibration_data= in compile()")
 
+    @property
+    def changes_output_shapes(self) -> bool:  # compile then checks the rest and takes the new shapes
+        return self.prune_outputs
+
     def unknown_ops(self, gm: GraphModule) -> list[Node]:
         """The call nodes the channel op tables do not know: each freezes the channels it touches."""
         return [n for n in gm.graph.nodes if n.op.startswith("call_") and rule_of(gm, n)[0] is None]
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         cg = ctx.get(ChannelGraph, attention=self.attention)
-        units = prunable_units(cg, self.prune_normalized)
+        units = prunable_units(cg, self.prune_normalized, self.prune_outputs)
         self._check_patterns(gm, cg, units)
         groups, skipped = self._eligible(gm, units)
         sampling = Sampling(self.max_samples, self.seed)
@@ -118,7 +126,7 @@ class PruneChannels(Pass):
         removed, fallbacks = choose_removal(gm, cg, groups, selection, ctx.calibration_data)
         before = sum(p.numel() for p in gm.parameters())
         stats: dict[str, Any] = {"groups": len(cg.groups),
-                                 "frozen": _frozen_report(cg, skipped, self.prune_normalized)}
+                                 "frozen": _frozen_report(cg, skipped, self.prune_normalized, self.prune_outputs)}
         if fallbacks:
             stats["scored_by_l1"] = fallbacks
         if not removed.any():
@@ -189,10 +197,10 @@ def _matches(gm: GraphModule, name: str, patterns: tuple) -> bool:
     return False
 
 
-def _frozen_report(cg: ChannelGraph, skipped: dict, prune_normalized: bool) -> dict[str, str]:
+def _frozen_report(cg: ChannelGraph, skipped: dict, prune_normalized: bool, prune_outputs: bool) -> dict[str, str]:
     """{group label: reason} for the groups with layers whose channels cannot all be pruned."""
     def held(g: ChannelGroup) -> int:
-        return len(g.classes) - len(g.prunable) - (len(g.inexact) if prune_normalized else 0)
+        return len(g.classes) - len(g.prunable) - len(g.released(prune_normalized, prune_outputs))
     report = {g.label: g.frozen for g in cg.groups if g.frozen and g.producers and held(g)}
     report.update(skipped)
     return report

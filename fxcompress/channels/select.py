@@ -93,13 +93,16 @@ def _scores(gm, cg: ChannelGraph, groups, selection: Selection) -> np.ndarray:
     return scores
 
 
-def prunable_units(cg: ChannelGraph, prune_normalized: bool = False) -> list[ChannelGroup]:
+def prunable_units(cg: ChannelGraph, prune_normalized: bool = False, prune_outputs: bool = False
+                   ) -> list[ChannelGroup]:
     """Each group's per-layer units (see layer_units) holding channels that may be removed; with
-    `prune_normalized`, those frozen only for exactness (layer-norm channels) count as prunable."""
+    `prune_normalized`, those frozen only for exactness (layer-norm channels) count as prunable, with
+    `prune_outputs` those frozen only for reaching the model output."""
     units = []
     for g in cg.groups:
-        if prune_normalized and len(g.inexact):
-            g = dataclasses.replace(g, prunable=np.union1d(g.prunable, g.inexact))
+        released = g.released(prune_normalized, prune_outputs)
+        if len(released):
+            g = dataclasses.replace(g, prunable=np.union1d(g.prunable, released))
         if len(g.prunable):
             units.extend(unit for unit in layer_units(cg, g) if len(unit.prunable))
     return units
@@ -156,7 +159,7 @@ def layer_units(cg: ChannelGraph, group: ChannelGroup) -> list[ChannelGroup]:
         units.append(dataclasses.replace(
             group, classes=classes, prunable=prunable, producers=producers[u],
             consumers=tuple(n for n in group.consumers if n in consumers[u]),
-            inexact=np.intersect1d(group.inexact, classes),
+            inexact=np.intersect1d(group.inexact, classes), at_output=np.intersect1d(group.at_output, classes),
             frozen=group.frozen if len(prunable) < len(classes) else None))
     return units
 

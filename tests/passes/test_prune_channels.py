@@ -596,3 +596,28 @@ def test_gpt2_embedding_dim_prunes_with_its_tied_head_and_every_consumer():
     assert tuple(pruned.ln_f.weight.shape) == (16,) and pruned.attn.c_proj.weight.shape[1] == 16
     for other in (x, torch.randint(0, 50, (3, 5))):
         assert pruned(other).shape == gm(other).shape and torch.isfinite(pruned(other)).all()
+
+
+class HeadlessEncoder(nn.Module):
+    """Its output is a layer's channels, as a headless encoder returns its hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 12)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_prune_outputs_cuts_the_output_width_and_leaves_the_kept_outputs_exact():
+    torch.manual_seed(0)
+    model, x = HeadlessEncoder().eval(), torch.randn(4, 8)
+    kept_by_default = fxcompress.compile(model, [PruneChannels(amount=0.5)], x)
+    assert kept_by_default.fc2.weight.shape[0] == 12  # the output stays unless asked
+    assert "reaches the model output" in str(fxcompress.history(kept_by_default)[0].stats["frozen"])
+    gm = fxcompress.compile(model, [PruneChannels(amount=0.5, select=("fc2",), prune_outputs=True)], x)
+    assert gm.fc2.weight.shape == (6, 16)
+    kept = [int((model.fc2.bias == b).nonzero()) for b in gm.fc2.bias]  # the surviving output channels
+    assert len(set(kept)) == 6
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x)[:, kept], rtol=0, atol=1e-6)  # a narrower GEMM rounds differently

@@ -41,6 +41,14 @@ class ChannelGroup:
     producers: tuple[str, ...]  # layers whose output channels are in the group
     consumers: tuple[str, ...]  # layers whose input channels are in the group
     inexact: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # removable, not exactly
+    at_output: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # reach the output
+
+    def released(self, normalized: bool, outputs: bool) -> np.ndarray:
+        """The frozen classes that may go all the same: inexact ones with `normalized`, those reaching
+        the model output with `outputs` (a class that is both needs both)."""
+        soft = np.union1d(self.inexact, self.at_output)
+        keep = ((np.isin(soft, self.inexact) & (not normalized)) | (np.isin(soft, self.at_output) & (not outputs)))
+        return soft[~keep]
 
     @property
     def label(self) -> str:
@@ -83,8 +91,10 @@ class ChannelGraph(Analysis):
         walk.run(rule_of)
         labels = _classes(walk.count, walk.pairs)
         hard = _frozen(labels, walk.frozen)
-        frozen = {**_frozen(labels, walk.inexact), **hard}
-        graph, groups = _groups(labels, walk.slots, frozen, walk.layers, set(frozen) - set(hard))
+        inexact, at_output = _frozen(labels, walk.inexact), _frozen(labels, walk.at_output)
+        frozen = {**at_output, **inexact, **hard}
+        graph, groups = _groups(labels, walk.slots, frozen, walk.layers, set(inexact) - set(hard),
+                                set(at_output) - set(hard))
         return cls(labels, MappingProxyType(walk.slots), tuple(walk.layers), MappingProxyType(walk.edits),
                    MappingProxyType(frozen), groups, graph, attention)
 
@@ -133,7 +143,7 @@ def _frozen(labels: np.ndarray, frozen: list) -> dict[int, str]:
     return {int(c): frozen[reason[i]][1] for c, i in zip(classes, first)}
 
 
-def _groups(labels, slots, frozen, layers, inexact: set) -> tuple[nx.Graph, tuple[ChannelGroup, ...]]:
+def _groups(labels, slots, frozen, layers, inexact: set, at_output: set) -> tuple[nx.Graph, tuple[ChannelGroup, ...]]:
     keys = [k for k, ids in slots.items() if frozen.get(int(labels[ids[0]])) != NOT_CHANNEL]
     per_slot = [np.unique(labels[slots[k]]) for k in keys]
     graph = nx.Graph()
@@ -158,8 +168,9 @@ def _groups(labels, slots, frozen, layers, inexact: set) -> tuple[nx.Graph, tupl
         prunable = classes_g[~frozen_mask[classes_g]]
         reason = next((frozen[int(c)] for c in classes_g if frozen_mask[c]), None)
         soft = np.asarray([c for c in classes_g.tolist() if c in inexact], dtype=np.int64)
+        output = np.asarray([c for c in classes_g.tolist() if c in at_output], dtype=np.int64)
         groups.append(ChannelGroup(g, tuple(slots_g), classes_g, prunable, reason,
-                                   tuple(producers[g]), tuple(consumers[g]), soft))
+                                   tuple(producers[g]), tuple(consumers[g]), soft, output))
     return graph, tuple(groups)
 
 

@@ -114,6 +114,7 @@ class Walk:
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.inexact: list[tuple[np.ndarray, str]] = []
+        self.at_output: list[tuple[np.ndarray, str]] = []  # removable only if the output shape may change
         self.slots: dict[tuple[str, int], np.ndarray] = {}
         self.layers: list[LayerChannels] = []
         self.edits: dict[str, Edit] = {}
@@ -128,10 +129,11 @@ class Walk:
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         self.pairs.append((a.ravel(), b.ravel()))
 
-    def freeze(self, track: Any, reason: str, *, inexact_only: bool = False) -> None:
+    def freeze(self, track: Any, reason: str, *, inexact_only: bool = False, at_output: bool = False) -> None:
         """Keep these elements. `inexact_only`: removing them would be valid but not exact (a layer
-        norm's statistics would change); PruneChannels(prune_normalized=True) may still remove them."""
-        into = self.inexact if inexact_only else self.frozen
+        norm's statistics would change); PruneChannels(prune_normalized=True) may still remove them.
+        `at_output`: they reach the model's output; PruneChannels(prune_outputs=True) may remove them."""
+        into = self.inexact if inexact_only else self.at_output if at_output else self.frozen
         if isinstance(track, dict):
             for ids in track.values():
                 into.append((ids.ravel(), reason))
@@ -139,7 +141,7 @@ class Walk:
             into.append((track.ravel(), reason))
         elif isinstance(track, (tuple, list)):
             for t in track:
-                self.freeze(t, reason, inexact_only=inexact_only)
+                self.freeze(t, reason, inexact_only=inexact_only, at_output=at_output)
 
     def couple(self, entries: list[tuple[np.ndarray | None, int]], reason: str) -> np.ndarray | None:
         """Positions of same-size dims hold the same channel: union their ids.
@@ -213,7 +215,7 @@ class Walk:
         if node.op == "get_attr":
             return self.param_track(node.target) if self.shape(node) is not None else None
         if node.op == "output":
-            self.freeze(self.all_input_tracks(node), f"reaches the model output ({node.name})")
+            self.freeze(self.all_input_tracks(node), f"reaches the model output ({node.name})", at_output=True)
             return None
         rule, what = rule_of(self.gm, node)
         if rule is None:
