@@ -26,7 +26,7 @@ from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
 from fxcompress.layers import bias_arg, kind_of_node, weight_source
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, is_unspelled_aten
 from fxcompress.pruning.masks import masks_only
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -54,6 +54,10 @@ class FoldBatchNorm(Pass):
                 if gm.get_submodule(path).training:
                     raise PreconditionError(f"FoldBatchNorm folds running statistics, but {path} is in training "
                                             "mode: call model.eval() before compiling")
+
+    def unknown_ops(self, gm: GraphModule) -> list[Node]:
+        """Only aten ops left unspelled could hide a BatchNorm from it; other layers it never reads."""
+        return [n for n in gm.graph.nodes if is_unspelled_aten(n)]
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         shapes = ctx.get(ShapeInfo)
