@@ -8,7 +8,7 @@ Trains LeNet-300-100 on the embedded default data set (scikit-learn's 8x8 digits
 and prints the summary after each stage. Two other roads from the same dense model follow:
     4. structured pruning that really shrinks the layers (PruneChannels, least-squares
        reconstruction of the next layer on calibration data);
-    5. integer-only inference (8-bit linear fake-quant with calibrated activations, LowerToInteger).
+    5. integer-only inference (8-bit weights, 7-bit calibrated activations, LowerToInteger).
 
 The pipeline is `fxcompress.cli.demo.deep_compression`, which `fxcompress demo` runs too.
 
