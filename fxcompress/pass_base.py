@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
 
 from .analysis import AnalysisCache, Preserved
 from .layers import bias_arg, find_layers, kind_of_node, weight_arg
@@ -50,6 +51,17 @@ class PassContext:
     def get(self, analysis: type, **params: Any) -> Any:
         """The result of `analysis` with `params` on the current graph, computed at most once."""
         return self.analyses.get(analysis, self.gm, self, **params)
+
+    def each(self, items: Iterable, what: str, name: Callable[[Any], str] = lambda item: item.name,
+             file: Any = None) -> Iterator:
+        """`items` one by one; with `progress`, behind a tqdm bar saying `what` and naming the current
+        item's layer (off where the output is not a terminal, as tqdm decides)."""
+        items = list(items)
+        with tqdm(items, desc=what, unit="layer", disable=None if self.progress else True, file=file,
+                  leave=False) as bar:
+            for item in bar:
+                bar.set_postfix_str(name(item))  # drawn at once: each item is a layer's slow work
+                yield item
 
 
 @dataclass(frozen=True, kw_only=True)

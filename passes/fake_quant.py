@@ -205,7 +205,8 @@ class InsertFakeQuant(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         plan = self.plan(gm)
-        stats: dict[str, Any] = {layer.name: self._quantize_weight(gm, layer, spec) for layer, spec in plan}
+        stats: dict[str, Any] = {layer.name: self._quantize_weight(gm, layer, spec)
+                                 for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name)}
         if self.activations is not None and plan:
             layers = [layer for layer, _ in self.plan(gm)]  # nodes renamed
             inserted = self._insert_activations(gm, layers)

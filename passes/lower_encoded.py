@@ -52,7 +52,7 @@ class LowerToEncoded(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         touched, stats = [], {}
-        for layer in select_layers(gm, "LowerToEncoded"):
+        for layer in ctx.each(select_layers(gm, "LowerToEncoded"), "encoding"):
             node = layer_node(gm, layer)
             if node.op != "call_function" or not _has_chain(gm, weight_arg(node)):
                 continue  # no mask or fake-quant on this weight: it stays a float parameter

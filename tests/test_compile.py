@@ -1,4 +1,5 @@
 import copy
+import io
 import operator
 import re
 import warnings
@@ -409,3 +410,22 @@ def test_no_warning_where_a_pass_changes_something_or_knows_every_op(model, pass
 def test_strict_takes_only_booleans():
     with pytest.raises(ConfigError, match="compile.strict must be True or False"):
         fxcompress.compile(LeNet300100(), [], torch.randn(2, 784), strict=1)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):  # tqdm draws only on a terminal
+        return True
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_names_each_layer_on_a_terminal_only_when_asked(progress):
+    from fxcompress.pass_base import PassContext
+    layers = find_layers(fxcompress.compile(LeNet300100(), [], torch.randn(2, 784)))
+    screen = _Terminal()
+    seen = list(PassContext(example_inputs=(), progress=progress).each(layers, "encoding", file=screen))
+    assert seen == layers  # the items pass through unchanged, in order
+    drawn = screen.getvalue()
+    assert (("encoding" in drawn and all(l.name in drawn for l in layers)) if progress else drawn == "")
+    off_terminal = io.StringIO()
+    assert list(PassContext(example_inputs=(), progress=progress).each(layers, "x", file=off_terminal)) == layers
+    assert off_terminal.getvalue() == ""  # not a terminal: tqdm stays silent
