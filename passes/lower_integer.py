@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from fxcompress.config import Options, validate
 from fxcompress.errors import PreconditionError
 from fxcompress.quant.integer import (ACCUMULATOR_BITS, IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput,
-                                      fixed_point_multiplier)
+                                      fixed_point_multiplier, narrowest_dtype)
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import native
@@ -275,8 +275,9 @@ def _plan(gm: GraphModule, q: _Quantized, target: Node | None) -> _Plan:
 
 def _replace_layer(gm: GraphModule, q: _Quantized, plan: _Plan) -> None:
     """Swap the layer for a reference IntegerLayer requantizing onto the plan's grid (None: dequantize)."""
-    node, out_grid = q.node, plan.out_grid
-    module = IntegerLayer(q.layer.kind, list(plan.codes.shape), requantize=out_grid is not None, **plan.options)
+    out_grid = plan.out_grid
+    module = IntegerLayer(q.layer.kind, list(plan.codes.shape), requantize=out_grid is not None,
+                          weight_dtype=narrowest_dtype(plan.codes), **plan.options)
     module.weight.copy_(plan.codes)
     if plan.bias is not None:
         module.bias.copy_(plan.bias)

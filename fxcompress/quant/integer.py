@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxcompress.errors import ConfigError
+
 ACCUMULATOR_BITS = 31  # accumulators are int32: |acc| < 2^31
 
 
@@ -58,21 +60,36 @@ class QuantizeInput(nn.Module):
         return {"scale": self.scale, "zero_point": self.zero_point, "qmin": self.qmin, "qmax": self.qmax}
 
 
+# the weight codes' storage, narrowest first: a layer holds (and a file stores) the narrowest that fits
+WEIGHT_DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32}
+
+
+def narrowest_dtype(codes: torch.Tensor) -> str:
+    """The name of the narrowest integer dtype of WEIGHT_DTYPES holding every value of `codes`."""
+    low, high = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
+    return next(name for name, dtype in WEIGHT_DTYPES.items()
+                if torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max)
+
+
 class IntegerLayer(nn.Module):
     """A linear / conv layer on centered integer codes.
 
-    Buffers: `weight` (centered weight codes, int32), `bias` (int32, at scale s_in * s_w),
+    Buffers: `weight` (centered weight codes, in `weight_dtype`: int8 for 8-bit symmetric grids,
+    int16 or int32 for wider codes), `bias` (int32, at scale s_in * s_w),
     and either `multiplier` / `shift` / `low` / `high` (requantize onto the next grid, centered
     codes clamped to its range) or `output_scale` (dequantize: the last layer of the integer part).
     """
 
     def __init__(self, kind: str, weight_shape: list[int], requantize: bool, stride: list[int] | None = None,
-                 padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1) -> None:
+                 padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1,
+                 weight_dtype: str = "int32") -> None:
         super().__init__()
+        if weight_dtype not in WEIGHT_DTYPES:  # a configuration read from a file is checked too
+            raise ConfigError(f"IntegerLayer.weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
         self.kind, self.requantize, self.groups = kind, requantize, groups
         self.stride, self.padding, self.dilation = stride, padding, dilation
         out = weight_shape[0]
-        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int32))
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=WEIGHT_DTYPES[weight_dtype]))
         self.register_buffer("bias", torch.zeros(out, dtype=torch.int32))
         if requantize:
             self.register_buffer("multiplier", torch.zeros(out, dtype=torch.int64))
@@ -102,7 +119,8 @@ class IntegerLayer(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "weight_shape": list(self.weight.shape), "requantize": self.requantize,
-                "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+                "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
+                "weight_dtype": str(self.weight.dtype).removeprefix("torch.")}
 
     def extra_repr(self) -> str:
         out = "requantize" if self.requantize else "dequantize"

@@ -233,3 +233,27 @@ def test_concatenations_stay_integer_in_the_reference():
     with torch.no_grad():
         expected, got = fq(x), gm(x)
     assert (expected - got).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("symmetric, bits, expected", [(True, 8, torch.int8), (False, 8, torch.int16),
+                                                       (True, 12, torch.int16)])
+def test_weight_codes_are_held_and_saved_in_the_narrowest_integer_type(tmp_path, symmetric, bits, expected):
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    fq = _fake_quant(LeNet5(), x, symmetric=symmetric, bits=bits, per_channel=True)
+    gm = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    layers = [m for m in gm.modules() if isinstance(m, IntegerLayer)]
+    assert layers and all(m.weight.dtype == expected for m in layers)
+    held = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    saved_as_int32 = sum(m.weight.numel() * (4 - m.weight.element_size()) for m in layers)  # the bytes saved
+    size = fxcompress.save(gm, tmp_path / "int.fxc")
+    assert held <= size < held + 20_000 and saved_as_int32 >= 2 * sum(m.weight.numel() for m in layers)
+    loaded = fxcompress.load(tmp_path / "int.fxc")
+    assert all(m.weight.dtype == expected for m in loaded.modules() if isinstance(m, IntegerLayer))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+
+
+def test_a_weight_dtype_that_is_no_integer_storage_is_refused():
+    with pytest.raises(fxcompress.errors.ConfigError, match="weight_dtype must be one of"):
+        IntegerLayer("linear", [4, 4], requantize=False, weight_dtype="float64")
