@@ -89,7 +89,11 @@ def _macs(layer: Layer, weight: torch.Tensor, node) -> int | None:
     if layer.spec.is_transposed:
         shape = _input_shape(layer, node)  # every input element is multiplied by Cout/groups * kernel weights
         return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
-    shape = _output_shape(node)  # every output element needs weight.numel() / out_features MACs
+    return _output_macs(_output_shape(node), weight)
+
+
+def _output_macs(shape: tuple[int, ...] | None, weight: torch.Tensor) -> int | None:
+    """Every output element needs weight.numel() / out_features multiply-accumulates."""
     return None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
 
 
@@ -185,8 +189,7 @@ def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
     params, nonzeros = weight.numel() + bias.numel(), int(torch.count_nonzero(weight))
     largest = int(weight.abs().max()) if weight.numel() else 0
     held = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
-    shape = _output_shape(node)
-    macs = None if shape is None else math.prod(shape) * (weight.numel() // weight.shape[0])
+    macs = _output_macs(_output_shape(node), weight)
     return {"layer": node.target, "op": f"{module.kind} ({type(module).__name__})",
             "weight_shape": tuple(weight.shape), "params": params, "nonzeros": nonzeros,
             "sparsity": 1 - nonzeros / weight.numel(), "bits": largest.bit_length() + 1, "sqnr_db": None,

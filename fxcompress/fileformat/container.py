@@ -243,12 +243,7 @@ def _attach_tie(root: torch.nn.Module, entry: dict, index: int, seen: set, loade
     stored, tensor = loaded[first]
     module, slot = split_slot(root, name, where)
     _check_slot(module, slot, stored | {"name": name})
-    module._parameters.pop(slot, None)
-    module._buffers.pop(slot, None)
-    if stored["kind"] == "parameter":
-        module.register_parameter(slot, tensor)
-    else:
-        module.register_buffer(slot, tensor)
+    _register(module, slot, stored["kind"], tensor)  # the very tensor: the tie holds
     seen.add(name)
 
 
@@ -322,12 +317,19 @@ def _tensor(entry: dict, region: memoryview) -> torch.Tensor:
 
 
 def _attach(module: torch.nn.Module, slot: str, entry: dict, tensor: torch.Tensor) -> None:
-    module._parameters.pop(slot, None)
-    module._buffers.pop(slot, None)
     if entry["kind"] == "parameter":
         if entry["requires_grad"] and not (tensor.is_floating_point() or tensor.is_complex()):
             raise fail(f"tensor {entry['name']!r}", "an integer parameter cannot require gradients")
-        module.register_parameter(slot, torch.nn.Parameter(tensor, requires_grad=entry["requires_grad"]))
+        tensor = torch.nn.Parameter(tensor, requires_grad=entry["requires_grad"])
+    _register(module, slot, entry["kind"], tensor)
+
+
+def _register(module: torch.nn.Module, slot: str, kind: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in `slot` as a parameter or a buffer, replacing what the rebuilt module had there."""
+    module._parameters.pop(slot, None)
+    module._buffers.pop(slot, None)
+    if kind == "parameter":
+        module.register_parameter(slot, tensor)
     else:
         module.register_buffer(slot, tensor)
 
