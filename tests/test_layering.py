@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     ("foundation", ["errors", "config", "execution"]),
     ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill",
-                          "frontends"]),
+                          "frontends", "text"]),
     ("pass protocol", ["pass_base", "history"]),
-    ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels"]),
+    ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels", "kernels", "calibration"]),
     ("passes", ["passes"]),
     ("front door", ["compile", "fileformat", "summary", "draw", "export", "inspection", "sensitivity",
-                    "pruning.interop", "cli", "__main__", ""]),
+                    "pruning.interop", "cli", "report", "integrations", "compressed_tensors", "__main__", ""]),
 ]
 
 
