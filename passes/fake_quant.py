@@ -35,7 +35,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
 from fxcompress.quant.observers import OBSERVERS
-from fxcompress.quant.quantizers import METHODS, check_finite
+from fxcompress.quant.quantizers import METHODS, check_finite, check_groups
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
 
 # The origin documents' rule form: (parameter pattern, method, bits[, option]); the option is the
@@ -48,7 +48,7 @@ QUANT_RULES = RuleSchema("InsertFakeQuant.rules", [
 
 # Fields only some variants read: set on any other they would be ignored, so they are refused.
 _METHOD_FIELDS = {"init": ("kmeans",), "seed": ("kmeans",), "fix_zeros": ("kmeans",),  # grids always hold 0
-                  "symmetric": ("linear",), "int_bits": ("fixed_point",)}
+                  "symmetric": ("linear",), "int_bits": ("fixed_point",), "group_size": ("linear",)}
 _OBSERVER_FIELDS = {"momentum": ("moving_average",), "percentile": ("percentile",)}
 
 
@@ -99,6 +99,7 @@ class LayerQuant:
     init: str = "linear"
     symmetric: bool = False
     int_bits: int | None = None
+    group_size: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +113,8 @@ class InsertFakeQuant(Pass):
     symmetric    linear only: zero-point 0 and a range symmetric around 0 (needs bits >= 2)
     int_bits     fixed_point only: bits left of the binary point, sign included; None: the most
                  fraction bits for which no weight saturates
+    group_size   linear only, linear layers only: one grid per group of this many consecutive input
+                 channels within each output channel (GPTQ / AWQ's group layout; implies per channel)
     fix_zeros    exact zeros (pruned weights) stay exactly zero; k-means leaves them out of the clustering
     select       full-match regex over layer names; None: every layer
     types        layer kinds ("linear", "conv2d", ...) or module classes (nn.Conv2d) to restrict to
@@ -133,6 +136,7 @@ class InsertFakeQuant(Pass):
     rules: Any = None
     activations: ActivationConfig | None = None
     seed: int = 0
+    group_size: int | None = None
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
@@ -142,7 +146,7 @@ class InsertFakeQuant(Pass):
         "int_bits": (Interval(int, 0), None),  # at most `bits`: checked with the method below
         "fix_zeros": (Boolean(),), "select": (Regex(), None), "types": TYPES_FIELD, "rules": RULES_FIELD,
         "activations": (TypeOf(ActivationConfig, what="an ActivationConfig(...)"), None),
-        "seed": (Interval(int, 0),),
+        "seed": (Interval(int, 0),), "group_size": (Interval(int, 1), None),
     }
 
     def __post_init__(self) -> None:
@@ -166,7 +170,8 @@ class InsertFakeQuant(Pass):
         check_applicable("InsertFakeQuant", self, _METHOD_FIELDS, methods, "method")
 
     def default_spec(self) -> LayerQuant:
-        return LayerQuant(self.method, self.bits, self.init, self.symmetric, self.int_bits)
+        return LayerQuant(self.method, self.bits, self.init, self.symmetric, self.int_bits,
+                          self.group_size if self.method == "linear" else None)
 
     def rule_spec(self, values: dict[str, Any], origin: str) -> LayerQuant | None:
         """A rule's (method, bits, option) as a LayerQuant; None for "float"."""
@@ -181,7 +186,8 @@ class InsertFakeQuant(Pass):
         if method == "linear":
             if option not in (None, "symmetric", "asymmetric"):
                 raise ConfigError(f"{origin}: the linear option is 'symmetric' or 'asymmetric', got {option!r}")
-            return LayerQuant(method, bits, symmetric=self.symmetric if option is None else option == "symmetric")
+            return LayerQuant(method, bits, symmetric=self.symmetric if option is None else option == "symmetric",
+                              group_size=self.group_size)
         try:
             int_bits = self.int_bits if option is None else integer(0, 64)(option)
         except ValueError as exc:
@@ -227,12 +233,15 @@ class InsertFakeQuant(Pass):
         weight = (constant_value(gm, source) if source is not None
                   else gm.get_submodule(node.target).weight.detach())
         check_finite(weight, f"InsertFakeQuant: layer {layer.name!r} ({layer.weight})")
-        axis = KINDS[layer.kind].out_dim if self.per_channel else None
+        axis = KINDS[layer.kind].out_dim if self.per_channel or spec.group_size is not None else None
+        if spec.group_size is not None:
+            _check_groups(layer, weight, axis, spec.group_size)
         if spec.method == "kmeans":
             module = KMeansWeight.fit(weight, spec.bits, spec.init, fix_zeros=self.fix_zeros, axis=axis,
                                       seed=self.seed)
         else:
-            module = GridWeight(spec.bits, spec.method, spec.symmetric, spec.int_bits, axis)
+            module = GridWeight(spec.bits, spec.method, spec.symmetric, spec.int_bits, axis,
+                                group_size=spec.group_size)
         name = existing.target if existing is not None else f"{layer.weight}_quant"
         gm.add_submodule(name, module.to(weight.device))
         if existing is None:
@@ -359,6 +368,14 @@ def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.
     codes = weight / scale + zero_point
     saturated = int(((codes < grid.qmin - 0.5) | (codes > grid.qmax + 0.5)).sum())
     return {"zeroed": zeroed, "saturated": saturated}
+
+
+def _check_groups(layer: Layer, weight: torch.Tensor, axis: int, group_size: int) -> None:
+    """Groups are runs of input channels of a linear layer's weight, and must tile each output row."""
+    if KINDS[layer.kind].family != "linear":
+        raise ConfigError(f"InsertFakeQuant.group_size={group_size}: layer {layer.name!r} is a {layer.kind} layer; "
+                          f"groups of input channels are for linear layers (select them with types=('linear',))")
+    check_groups(weight, axis, group_size, f"InsertFakeQuant.group_size: layer {layer.name!r} ({layer.weight})")
 
 
 def _check_spec(spec: LayerQuant | None, owner: str) -> None:

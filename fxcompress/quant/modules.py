@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PreconditionError
+from ..errors import ConfigError, PreconditionError
 from ..layers import WeightTransform
 from .observers import make_observer
-from .quantizers import (Grid, as_rows, check_finite, fake_quantize, fixed_point_grid, from_rows,
-                         kmeans_codebook, linear_grid, quantize)
+from .quantizers import (Grid, GroupedCodes, as_rows, check_finite, fake_quantize, fixed_point_grid, from_rows,
+                         grouped_codes, kmeans_codebook, linear_grid, quantize)
 
 
 class KMeansWeight(WeightTransform):
@@ -102,19 +102,28 @@ class GridWeight(WeightTransform):
     """Linear (affine) or fixed-point fake-quant of a weight, rounding with the straight-through estimator.
 
     The grid is a function of the current weight (its min-max range, or the chosen fixed-point
-    format), recomputed each forward, so it follows the float weights while they train.
+    format), recomputed each forward, so it follows the float weights while they train. With
+    `group_size` (linear grids of 2-D weights), each run of that many input channels of an output
+    channel has its own grid.
     """
 
     def __init__(self, bits: int, method: str = "linear", symmetric: bool = False, int_bits: int | None = None,
-                 axis: int | None = None, enabled: bool = True) -> None:
+                 axis: int | None = None, enabled: bool = True, group_size: int | None = None) -> None:
         super().__init__()
+        if group_size is not None and (method != "linear" or axis is None):  # a file's configuration too
+            raise ConfigError(f"GridWeight: group_size={group_size} needs method='linear' and an output-channel "
+                              f"axis, got method={method!r}, axis={axis!r}")
         self.bits, self.method, self.symmetric, self.int_bits, self.axis = bits, method, symmetric, int_bits, axis
-        self.enabled = enabled
+        self.enabled, self.group_size = enabled, group_size
 
     def grid(self, weight: torch.Tensor) -> Grid:
         if self.method == "fixed_point":
             return fixed_point_grid(weight, self.bits, self.int_bits, self.axis)
-        return linear_grid(weight, self.bits, self.symmetric, self.axis)
+        return linear_grid(weight, self.bits, self.symmetric, self.axis, self.group_size)
+
+    def grouped(self, weight: torch.Tensor) -> GroupedCodes:
+        """`weight` on its grid as codes, scales and zero-points per (output channel, group), for lowering."""
+        return grouped_codes(weight, self.grid(weight), self.axis)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -126,8 +135,9 @@ class GridWeight(WeightTransform):
         return quantize(weight, self.grid(weight), self.axis)
 
     def config(self) -> dict[str, Any]:
-        return {"bits": self.bits, "method": self.method, "symmetric": self.symmetric, "int_bits": self.int_bits,
-                "axis": self.axis, "enabled": self.enabled}
+        config = {"bits": self.bits, "method": self.method, "symmetric": self.symmetric, "int_bits": self.int_bits,
+                  "axis": self.axis, "enabled": self.enabled}
+        return config if self.group_size is None else config | {"group_size": self.group_size}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())

@@ -9,7 +9,9 @@ here contains 0 exactly, so pruned zeros stay zero.
   frac_bits = b - int_bits; round to nearest, saturate at exactly that range;
 * k-means: a codebook of at most 2^b centroids (one of them a fixed 0 when zeros are kept).
 
-Scales are per tensor, or per output channel (`axis` = the output-channel dimension of the weight).
+Scales are per tensor, per output channel (`axis` = the output-channel dimension of the weight), or
+per group of `group_size` consecutive input channels within each output channel (GPTQ / AWQ's "group"
+layout, for 2-D weights: one scale and zero-point per (output channel, group)).
 Rounding of the fake-quantized forward uses the straight-through estimator.
 """
 from __future__ import annotations
@@ -50,15 +52,23 @@ def from_rows(rows: torch.Tensor, shape: torch.Size, axis: int | None) -> torch.
 
 @dataclass(frozen=True)
 class Grid:
-    """Integer codes qmin..qmax standing for (q - zero_point) * scale; scale is (groups,) or ()."""
+    """Integer codes qmin..qmax standing for (q - zero_point) * scale; scale is (groups,) or ().
+
+    With `group_size`, scale and zero_point are (output channels, input channels // group_size):
+    one grid per run of `group_size` consecutive input channels of each output channel.
+    """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     qmin: int
     qmax: int
+    group_size: int | None = None
 
     def broadcast(self, like: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """scale and zero_point shaped to broadcast against `like` along `axis`."""
+        if self.group_size is not None:  # one value per weight: each group's repeated over its columns
+            return tuple(from_rows(t.repeat_interleave(self.group_size, dim=1), like.shape, axis)
+                         for t in (self.scale, self.zero_point))
         if axis is None:
             return self.scale, self.zero_point
         shape = [1] * like.ndim
@@ -75,27 +85,45 @@ def integer_range(method: str, bits: int, symmetric: bool = False) -> tuple[int,
     return 0, (1 << bits) - 1
 
 
-def _min_max(weight: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def check_groups(weight: torch.Tensor, axis: int | None, group_size: int, what: str) -> None:
+    """ConfigError naming `what` unless `weight` splits into groups of `group_size` input channels."""
+    if weight.ndim != 2 or axis is None:
+        raise ConfigError(f"{what}: group_size={group_size} needs a 2-D weight grouped per output channel "
+                          f"(a linear layer's), got a weight of shape {tuple(weight.shape)}")
+    columns = weight.shape[1 - axis]
+    if group_size < 1 or columns % group_size:
+        raise ConfigError(f"{what}: group_size={group_size} does not divide the layer's {columns} input "
+                          f"features; choose a divisor of {columns}")
+
+
+def _min_max(weight: torch.Tensor, axis: int | None,
+             group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group min and max, widened to include 0 so that 0 is on the grid."""
     rows = as_rows(weight.detach(), axis).float()
-    low, high = rows.aminmax(dim=1)
+    if group_size is not None:
+        rows = rows.reshape(rows.shape[0], -1, group_size)
+    low, high = rows.aminmax(dim=-1)
     low, high = low.clamp(max=0.0), high.clamp(min=0.0)
     return (low[0], high[0]) if axis is None else (low, high)
 
 
-def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: int | None = None) -> Grid:
-    """The min-max uniform grid of `bits` bits covering the weight (every value within half a step)."""
+def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: int | None = None,
+                group_size: int | None = None) -> Grid:
+    """The min-max uniform grid of `bits` bits covering the weight (every value within half a step);
+    with `group_size`, one grid per group of that many input channels of each output channel."""
     if symmetric and bits < 2:
         raise ConfigError("linear_grid: a symmetric grid needs bits >= 2 (1 bit has no room for -s, 0 and +s)")
+    if group_size is not None:
+        check_groups(weight, axis, group_size, "linear_grid")
     qmin, qmax = integer_range("linear", bits, symmetric)
-    low, high = _min_max(weight, axis)
+    low, high = _min_max(weight, axis, group_size)
     if symmetric:
         scale = torch.maximum(-low, high) / qmax
         zero_point = torch.zeros_like(scale)
     else:
         scale = (high - low) / qmax
         zero_point = torch.clamp(torch.round(-low / torch.where(scale > 0, scale, 1.0)), 0, qmax)
-    return Grid(torch.where(scale > 0, scale, torch.ones_like(scale)), zero_point, qmin, qmax)
+    return Grid(torch.where(scale > 0, scale, torch.ones_like(scale)), zero_point, qmin, qmax, group_size)
 
 
 def fixed_point_grid(weight: torch.Tensor, bits: int, int_bits: int | None = None,
@@ -148,6 +176,40 @@ def quantize(x: torch.Tensor, grid: Grid, axis: int | None = None) -> torch.Tens
     scale, zero_point = grid.broadcast(x, axis)
     with torch.no_grad():
         return torch.clamp(torch.round(x / scale) + zero_point, grid.qmin, grid.qmax).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class GroupedCodes:
+    """A weight on a grid in the (output channel, input channel) layout kernels read.
+
+    codes       int32 (rows, columns): row r is output channel r (one row for a per-tensor grid)
+    scale       float32 (rows, columns // group_size); zero_point the same shape (integers as floats)
+    group_size  input channels sharing one scale (columns for per-channel and per-tensor grids)
+
+    `dequantize()` is bit-identical to the fake-quantized weight in this layout.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    group_size: int
+    qmin: int
+    qmax: int
+
+    def dequantize(self) -> torch.Tensor:
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        zero_point = self.zero_point.repeat_interleave(self.group_size, dim=1)
+        return (self.codes.to(scale.dtype) - zero_point) * scale
+
+
+def grouped_codes(weight: torch.Tensor, grid: Grid, axis: int | None) -> GroupedCodes:
+    """The codes of `weight` on `grid` with their scales and zero-points, one row per output channel."""
+    codes = as_rows(quantize(weight, grid, axis), axis)
+    rows = codes.shape[0]
+    scale = grid.scale.float().reshape(rows, -1)
+    zero_point = grid.zero_point.float().reshape(rows, -1)
+    return GroupedCodes(codes.contiguous(), scale, zero_point, codes.shape[1] // scale.shape[1],
+                        grid.qmin, grid.qmax)
 
 
 @dataclass(frozen=True)
