@@ -1,0 +1,99 @@
+"""Per-layer input statistics and the damped inverse Hessian the second-order updates use.
+
+For a linear layer y = x W^T, the layer-wise reconstruction loss ||W X - W' X||^2 has the Hessian
+2 X^T X over the calibration tokens (Hassibi & Stork's OBS, as SparseGPT and GPTQ use it). It is
+accumulated in float64: summing millions of float32 outer products loses the small eigenvalues
+that the Cholesky factorization needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PreconditionError
+
+PERCDAMP = 0.01      # damping as a fraction of the mean diagonal (GPTQ's default)
+DAMP_CAP = 10.0      # the largest damping tried before giving up: beyond it the update is meaningless
+DAMP_GROWTH = 10.0   # each retry multiplies the damping by this
+
+
+@dataclass
+class InputStats:
+    """Statistics of one layer input over the calibration tokens (rows of the flattened input).
+
+    `hessian` is the mean X^T X (float64), `sq_sum` the per-channel sum of squares (Wanda's
+    ||X_j||_2^2), `abs_max` the per-channel largest magnitude (outliers, SmoothQuant / AWQ).
+    """
+
+    channels: int
+    with_hessian: bool = True
+    rows: int = 0
+    sq_sum: torch.Tensor = field(init=False)
+    abs_max: torch.Tensor = field(init=False)
+    hessian: torch.Tensor | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sq_sum = torch.zeros(self.channels, dtype=torch.float64)
+        self.abs_max = torch.zeros(self.channels, dtype=torch.float64)
+        self.hessian = torch.zeros(self.channels, self.channels, dtype=torch.float64) if self.with_hessian else None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch; the last dimension of `x` is the input channels."""
+        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        n = rows.shape[0]
+        self.sq_sum += rows.pow(2).sum(0)
+        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0)) if n else self.abs_max
+        if self.hessian is not None and n:
+            # running mean: the scale stays that of one token however many batches come
+            self.hessian.mul_(self.rows / (self.rows + n)).addmm_(rows.T, rows, alpha=1.0 / (self.rows + n))
+        self.rows += n
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """Per-channel L2 norm over all calibration tokens (float32)."""
+        return self.sq_sum.sqrt().float()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sq_sum, self.abs_max, self.hessian) if t is not None)
+
+
+@dataclass(frozen=True)
+class DampedInverse:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and how it was obtained."""
+
+    factor: torch.Tensor   # upper triangular, float64
+    damp: float            # the damping that succeeded (a fraction of the mean diagonal)
+    retries: int           # how many factorizations failed before it
+    dead: torch.Tensor     # input channels that never saw a nonzero value (their weights carry no signal)
+
+    def report(self) -> dict[str, float | int]:
+        return {"damp": self.damp, "retries": self.retries, "dead_inputs": int(self.dead.sum())}
+
+
+def damped_inverse(hessian: torch.Tensor, layer: str, percdamp: float = PERCDAMP,
+                   cap: float = DAMP_CAP) -> DampedInverse:
+    """Cholesky of the inverse of the damped Hessian, raising the damping x10 while a factorization fails.
+
+    A Hessian from few tokens, or from inputs with exactly collinear channels, is singular; float
+    error then makes it indefinite and Cholesky fails (GPTQ's "not positive-definite"). More damping
+    always succeeds eventually, at the price of a weaker update; beyond `cap` a PreconditionError
+    names the layer rather than returning an update that would not be second-order at all.
+    """
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    damp, retries = percdamp, 0
+    while damp <= cap * (1 + 1e-9):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return DampedInverse(upper, damp, retries, dead)
+        damp, retries = damp * DAMP_GROWTH, retries + 1
+    raise PreconditionError(f"layer {layer!r}: the input Hessian ({h.shape[0]} channels) stays not positive-definite "
+                            f"with damping up to {cap:g} x its mean diagonal; the calibration inputs of this layer "
+                            f"are degenerate (NaN, or far too few tokens)")

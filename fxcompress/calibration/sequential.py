@@ -1,0 +1,251 @@
+"""Sequential calibration: walk the graph block by block, each layer seeing the inputs that the
+already-compressed layers before it produce (GPTQ's and SparseGPT's "sequential" mode).
+
+Blocks are found from the layers' module paths: the first path component that is an index of a
+repeated container (`model.layers.3`, `h.7`, `encoder.layer.0`) names a layer's block; a layer in
+no repeated container (an `lm_head`) is a block of its own. Within a block, layers reading the
+same value (q / k / v, gate / up) form one group and share one set of statistics.
+
+Memory: the walker keeps, per calibration batch, only the values live at the current block
+boundary (the residual stream, the attention mask, rotary tables), plus one group's statistics
+(one Hessian). Values computed from weights alone (a weight chain, a mask product) are never
+kept: they are recomputed on demand, so a layer compressed a moment ago is read as it is now.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from ..errors import ConfigError, PreconditionError
+from ..execution import evaluating
+from ..layers import KINDS, Layer, input_arg, layer_node
+from .hessian import InputStats
+
+# The layer families whose input is (..., in_features) and whose weight reads it as a matrix.
+CALIBRATED_FAMILIES = ("linear",)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Layers of one block that read the same input value."""
+
+    layers: tuple[Layer, ...]
+    input: Node
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def check_calibrated(layers: Sequence[Layer], owner: str) -> None:
+    """Only linear-family layers have one input-channel axis the statistics can describe."""
+    others = [f"{layer.name} ({layer.kind})" for layer in layers if KINDS[layer.kind].family not in CALIBRATED_FAMILIES]
+    if others:
+        raise ConfigError(f"{owner} calibrates linear layers only; the selection also holds {', '.join(others)}: "
+                          f"restrict it with types=('linear',) or select=...")
+
+
+def block_key(name: str, repeated: set[str]) -> str:
+    """The block a layer belongs to: its path up to the first index of a repeated container."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit() and ".".join(parts[:i]) in repeated:
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def repeated_containers(names: Iterable[str]) -> set[str]:
+    """Paths that are followed by at least two different indices among the layer names."""
+    seen: dict[str, set[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                seen.setdefault(".".join(parts[:i]), set()).add(part)
+    return {prefix for prefix, indices in seen.items() if len(indices) > 1}
+
+
+def plan_blocks(gm: GraphModule, layers: Sequence[Layer]) -> list[list[Group]]:
+    """The layers as blocks (runs of consecutive layers, in graph order, with one block key), each a
+    list of groups in the order their inputs are computed."""
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    ordered = sorted(layers, key=lambda layer: order[layer.node])
+    repeated = repeated_containers(layer.name for layer in ordered)
+    runs: list[list[Layer]] = []
+    for layer in ordered:
+        key = block_key(layer.name, repeated)
+        if runs and block_key(runs[-1][-1].name, repeated) == key:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    blocks = []
+    for run in runs:
+        by_input: dict[Node, list[Layer]] = {}
+        for layer in run:
+            x = input_arg(nodes[layer.node])
+            if not isinstance(x, Node):
+                raise PreconditionError(f"layer {layer.name!r}: its input is no graph value ({x!r})")
+            by_input.setdefault(x, []).append(layer)
+        inputs = sorted(by_input, key=lambda n: order[n.name])
+        blocks.append([Group(tuple(by_input[x]), x) for x in inputs])
+    return blocks
+
+
+class _Runner:
+    """Runs slices of a graph node by node on per-batch environments (torch.fx's Interpreter)."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((self.index[u] for u in node.users), default=self.index[node])
+                         for node in self.nodes}
+        self.weights_only = _weights_only(self.nodes)
+        self.interpreter = Interpreter(gm, garbage_collect_values=False)
+
+    def start(self, batch: Any) -> dict[Node, Any]:
+        """The environment of a batch: its values bound to the placeholders."""
+        inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        self.interpreter.args_iter = iter(inputs)
+        env: dict[Node, Any] = {}
+        self.interpreter.env = env
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = self.interpreter.run_node(node)
+        return env
+
+    def run(self, env: dict[Node, Any], start: int, stop: int) -> dict[Node, Any]:
+        """Run nodes [start, stop) on a copy of `env`; the copy holds every value computed."""
+        env = dict(env)
+        self.interpreter.env = env
+        for node in self.nodes[start:stop]:
+            if node.op in ("placeholder", "output") or node in self.weights_only:
+                continue
+            self._ensure_inputs(node, env)
+            env[node] = self.interpreter.run_node(node)
+        return env
+
+    def keep_live(self, env: dict[Node, Any], position: int) -> dict[Node, Any]:
+        """Only the values a node at or after `position` still reads (the block boundary's state)."""
+        return {node: value for node, value in env.items()
+                if node not in self.weights_only and self.last_use[node] >= position}
+
+    def _ensure_inputs(self, node: Node, env: dict[Node, Any]) -> None:
+        for arg in node.all_input_nodes:
+            if arg not in env:
+                if arg not in self.weights_only:
+                    raise PreconditionError(f"sequential calibration: {arg.format_node()} is read by "
+                                            f"{node.format_node()} but was computed before the kept boundary")
+                self._ensure_inputs(arg, env)
+                env[arg] = self.interpreter.run_node(arg)
+
+
+def _weights_only(nodes: Sequence[Node]) -> set[Node]:
+    """Nodes whose value depends on no placeholder: weights, weight chains, constant tables."""
+    found: set[Node] = set()
+    for node in nodes:
+        if node.op == "get_attr" or (node.op.startswith("call_") and all(a in found for a in node.all_input_nodes)
+                                     and node.all_input_nodes and not _random(node)):
+            found.add(node)
+    return found
+
+
+def _random(node: Node) -> bool:
+    """Ops whose value is not a function of their inputs (kept in the order they ran)."""
+    return "rand" in getattr(node.target, "__name__", str(node.target))
+
+
+Handler = Callable[[Group, InputStats], dict[str, Any]]
+
+
+@dataclass
+class WalkReport:
+    """What a walk did: the blocks, each layer's report, and the most bytes it held at once."""
+
+    blocks: list[list[list[str]]]
+    layers: dict[str, Any]
+    batches: int
+    peak_held_bytes: int
+
+
+def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle: Handler, *, owner: str,
+         hessian: bool = True) -> WalkReport:
+    """Calibrate `layers` group by group in graph order; `handle(group, stats)` compresses a group
+    (changing its weights in `gm`) and returns a report per layer name.
+
+    Each group's statistics come from running its block, from the stored block-boundary state, on
+    every batch with every earlier group already compressed. After a block, its boundary state is
+    advanced through it once. `data` is compile's `calibration_data`: batches of model inputs.
+    """
+    batches = _batches(data, owner)
+    check_calibrated(layers, owner)
+    blocks = plan_blocks(gm, layers)
+    reports: dict[str, Any] = {}
+    peak, done = 0, None  # done: the last node the boundary states have run through
+    with evaluating(gm), torch.no_grad():
+        runner = _Runner(gm)
+        states = [runner.start(batch) for batch in batches]
+        for block in blocks:
+            for group in block:
+                # a handler may rewrite the graph (a layer turned functional, chain nodes added): re-read it
+                runner = _Runner(gm)
+                position = 0 if done is None else runner.index[done] + 1
+                x = input_arg(layer_node(gm, group.layers[0]))
+                stats = InputStats(_width(gm, group), with_hessian=hessian)
+                for state in states:
+                    stats.update(runner.run(state, position, runner.index[x] + 1)[x])
+                peak = max(peak, _held(states) + stats.nbytes())
+                reports.update(handle(group, stats))
+            runner = _Runner(gm)
+            position = 0 if done is None else runner.index[done] + 1
+            done = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
+            end = runner.index[done] + 1
+            states = [runner.keep_live(runner.run(state, position, end), end) for state in states]
+    return WalkReport([[g.names for g in block] for block in blocks], reports, len(batches), peak)
+
+
+def _batches(data: Sequence | None, owner: str) -> list:
+    if data is None:
+        raise PreconditionError(f"{owner} needs calibration data: pass compile(..., calibration_data=batches)")
+    batches = list(data)
+    if not batches:
+        raise PreconditionError(f"{owner}: calibration_data holds no batch")
+    return batches
+
+
+def _width(gm: GraphModule, group: Group) -> int:
+    """The input channels of the group's layers (they read one value, so they agree)."""
+    widths = {_in_features(gm, layer) for layer in group.layers}
+    if len(widths) != 1:
+        raise PreconditionError(f"layers {group.names} read one value but take {sorted(widths)} input channels")
+    return widths.pop()
+
+
+def _in_features(gm: GraphModule, layer: Layer) -> int:
+    return operator.attrgetter(layer.weight)(gm).shape[KINDS[layer.kind].in_dim]
+
+
+def _held(states: Sequence[dict[Node, Any]]) -> int:
+    """Bytes of the tensors the boundary states hold (each tensor counted once)."""
+    seen: dict[int, int] = {}
+    for state in states:
+        for value in state.values():
+            for tensor in _tensors(value):
+                seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
