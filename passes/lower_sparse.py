@@ -1,0 +1,180 @@
+"""LowerToSparse: run each pruned linear / conv2d layer on the fastest of its dense and sparse forms.
+
+Runs after InsertMasks (or LowerToEncoded: an encoded weight is decoded once, here). For every layer
+whose weight chain (mask, fake-quant or encoded weight) yields at least `min_sparsity` zeros, the
+pass records the layer's real input on the example inputs, times the dense form and every allowed
+sparse form on it (`kernels.choose_kernel`: interleaved rounds, medians; dense stays unless a sparse
+form is `margin` times faster) and replaces the layer by a `SparseLayer` holding only the chosen
+form. The stored float weight, its mask and its chain are removed, so the running model holds no
+dense copy of a weight that runs sparse.
+
+Speed depends on the machine and the batch size, so the choice is made on the example inputs of
+this compile, recorded per layer (kernel and milliseconds of each candidate: the module's
+`kernel_choice`, the pass's statistics and history, `summary`'s columns, the saved file), and can
+be made again elsewhere with `fxcompress.kernels.remeasure(gm, inputs)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node
+
+from fxcompress.config import Interval, Options, Regex, TupleOf, validate
+from fxcompress.encoded.rewire import erase_unused
+from fxcompress.execution import evaluating
+from fxcompress.kernels.sparse import DTYPES, SPARSE_KERNELS, SparseLayer, choose_form
+from fxcompress.layers import (Layer, bias_arg, constant_value, effective_weight, input_arg, layer_node,
+                               select_layers, tied_readers, weight_arg)
+from fxcompress.pass_base import Pass, PassContext, PassResult
+
+_CONV_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))  # F.conv2d's, after the bias
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowerToSparse(Pass):
+    """min_sparsity  layers with fewer zeros keep their graph as it is (not worth timing)
+    kernels       the sparse kernels allowed (dense is always a candidate): "torch_csr", "scipy_csr", "torch_bsr"
+    repeats       timed rounds per candidate (medians); margin: how much faster a sparse form must be
+    select        full-match regex over layer names (None: every pruned linear / conv2d layer)
+    """
+
+    min_sparsity: float = 0.5
+    kernels: tuple[str, ...] = SPARSE_KERNELS
+    repeats: int = 7
+    margin: float = 1.05
+    select: str | None = None
+
+    constraints: ClassVar[dict] = {
+        "min_sparsity": (Interval(float, 0.0, 1.0, hi_open=True),),
+        "kernels": (TupleOf(Options(*SPARSE_KERNELS), min_len=1),),
+        "repeats": (Interval(int, 1, 1000),),
+        "margin": (Interval(float, 1.0, 10.0),),
+        "select": (Regex(), None),
+    }
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        layers = select_layers(gm, "LowerToSparse", ("linear", "conv2d"), self.select)
+        skipped: dict[str, str] = {}
+        eligible = []
+        for layer in layers:
+            reason = _refusal(gm, layer, self.min_sparsity)
+            if reason is None:
+                eligible.append(layer)
+            else:
+                skipped[layer.name] = reason
+        inputs = _layer_inputs(gm, [layer_node(gm, layer) for layer in eligible], ctx.example_inputs)
+        stats: dict[str, Any] = {}
+        for layer in ctx.each(eligible, "timing kernels"):
+            node = layer_node(gm, layer)
+            stats[layer.name] = self._lower(gm, layer, node, inputs[node])
+        return PassResult(changed=bool(eligible), params_touched=tuple(layer.weight for layer in eligible),
+                          stats={"layers": stats, "skipped": skipped,
+                                 "kernels": {k: sum(s["kernel"] == k for s in stats.values())
+                                             for k in ("dense", *self.kernels)}})
+
+    def _lower(self, gm: GraphModule, layer: Layer, node: Node, x: torch.Tensor) -> dict[str, Any]:
+        weight = effective_weight(gm, layer)
+        bias_node = bias_arg(node)
+        # a bias stored in float16 (LowerToEncoded(bias="float16")) is computed in the weight's dtype
+        bias = None if bias_node is None else constant_value(gm, bias_node).detach().to(weight.dtype)
+        conv = _conv_options(node) if layer.kind == "conv2d" else None
+        module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
+                             margin=self.margin)
+        path = _install(gm, layer, node, module)
+        choice = module.kernel_choice
+        dense_bytes = (weight.numel() + (0 if bias is None else bias.numel())) * weight.element_size()
+        return {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("dense"), 4),
+                "sparsity": round(1 - int(torch.count_nonzero(weight)) / weight.numel(), 6),
+                "input_shape": list(x.shape), "held_bytes": module.held_bytes(), "dense_bytes": dense_bytes}
+
+
+def _refusal(gm: GraphModule, layer: Layer, min_sparsity: float) -> str | None:
+    """Why the layer stays as it is, or None when it can be lowered."""
+    node = layer_node(gm, layer)
+    weight = weight_arg(node) if node.op == "call_function" else None
+    if weight is None or weight.op == "get_attr":
+        return "no mask, fake-quant or encoded weight on its weight chain"
+    if tied_readers(gm, node):
+        return "its weight is tied to another layer's"
+    if layer.kind == "conv2d":
+        options = _conv_options(node)
+        if options is None:
+            return "groups > 1 or string padding: no sparse form (it stays a dense conv)"
+    value = effective_weight(gm, layer)
+    if value.dtype not in DTYPES:
+        return f"weight is {value.dtype}; sparse forms take {', '.join(str(d) for d in DTYPES)}"
+    sparsity = 1 - int(torch.count_nonzero(value)) / max(value.numel(), 1)
+    if sparsity < min_sparsity:
+        return f"sparsity {sparsity:.3f} below min_sparsity {min_sparsity}"
+    return None
+
+
+def _conv_options(node: Node) -> dict[str, list[int]] | None:
+    """F.conv2d's stride / padding / dilation as pairs; None for grouped convs or string padding."""
+    values = {name: node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(name, default)
+              for i, (name, default) in enumerate(_CONV_ARGS)}
+    if values.pop("groups") != 1 or isinstance(values["padding"], str):
+        return None
+    return {name: list(v) if isinstance(v, (tuple, list)) else [v, v] for name, v in values.items()}
+
+
+class _Recorder(Interpreter):
+    """Runs the graph once and keeps the input each watched layer node receives."""
+
+    def __init__(self, gm: GraphModule, watched: list[Node]) -> None:
+        super().__init__(gm)
+        self.watched, self.seen = set(watched), {}
+
+    def run_node(self, n: Node) -> Any:
+        if n in self.watched:
+            self.seen[n] = self.env[input_arg(n)]
+        return super().run_node(n)
+
+
+def _layer_inputs(gm: GraphModule, nodes: list[Node], example_inputs: tuple) -> dict[Node, torch.Tensor]:
+    if not nodes:
+        return {}
+    recorder = _Recorder(gm, nodes)
+    with evaluating(gm):
+        recorder.run(*example_inputs)
+    return recorder.seen
+
+
+def _install(gm: GraphModule, layer: Layer, node: Node, module: SparseLayer) -> str:
+    """Put `module` in the graph in place of the layer node; erase the weight chain and its tensors."""
+    owner, _, name = layer.weight.rpartition(".")
+    path = f"{owner}.sparse" if owner else f"{name}_sparse"
+    (gm.get_submodule(owner) if owner else gm).add_module(path.rpartition(".")[2], module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(path, (input_arg(node),))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    for dead in erase_unused(gm, node):
+        if dead.op == "get_attr" and not any(n.op == "get_attr" and n.target == dead.target for n in gm.graph.nodes):
+            parent, _, attr = dead.target.rpartition(".")
+            delattr(gm.get_submodule(parent), attr)
+    gm.delete_all_unused_submodules()
+    if owner:
+        _empty_husk(gm, owner)
+    return path
+
+
+def _empty_husk(gm: GraphModule, owner: str) -> None:
+    """Replace the float layer module, left without its weight, by a plain container of its children
+    (an nn.Linear without `weight` cannot even print itself), unless its own tensors are still read."""
+    module = gm.get_submodule(owner)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    if type(module) is nn.Module or any(f"{owner}.{name}" in read for name, _ in
+                                        (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))):
+        return
+    container = nn.Module()
+    for child_name, child in module.named_children():
+        container.add_module(child_name, child)
+    parent, _, attr = owner.rpartition(".")
+    setattr(gm.get_submodule(parent), attr, container)
