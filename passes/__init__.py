@@ -7,7 +7,8 @@ from .fold_batchnorm import FoldBatchNorm
 from .insert_masks import InsertMasks
 from .lower_encoded import LowerToEncoded
 from .lower_integer import LowerToInteger
+from .lower_sparse import LowerToSparse
 from .prune_channels import PruneChannels
 
 __all__: list[str] = ["ActivationConfig", "FoldBatchNorm", "InsertFakeQuant", "InsertMasks", "LowerToEncoded",
-                      "LowerToInteger", "PruneChannels"]
+                      "LowerToInteger", "LowerToSparse", "PruneChannels"]
