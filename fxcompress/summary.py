@@ -17,13 +17,14 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .analyses.shapes import propagate_shapes
 from .history import format_history
+from .kernels.sparse import SparseLayer
 from .quant.integer import IntegerLayer
 from .quant.native import NativeLayer
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
                      find_layers, layer_node, weight_arg)
 
 COLUMNS = ("layer", "op", "weight_shape", "params", "nonzeros", "sparsity", "bits", "sqnr_db",
-           "dense_bytes", "compressed_bytes", "exact", "macs", "macs_effective")
+           "dense_bytes", "compressed_bytes", "exact", "macs", "macs_effective", "kernel", "latency_ms")
 _INDEX_BITS = {"linear": 5}  # relative-index width Deep Compression uses; 8 for every conv
 
 
@@ -173,12 +174,33 @@ def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
     lowered = [(node, gm.get_submodule(node.target)) for node in gm.graph.find_nodes(op="call_module")
                if isinstance(gm.get_submodule(node.target), LOWERED)]
     other = _other_parameters(gm, layers, {node.target for node, _ in lowered})
-    rows = (tuple(_row(gm, layer) for layer in layers) + tuple(_lowered_row(node, m) for node, m in lowered)
+    rows = (tuple(_row(gm, layer) for layer in layers)
+            + tuple((_sparse_row if isinstance(m, SparseLayer) else _lowered_row)(node, m) for node, m in lowered)
             + ((other,) if other else ()))
     return Summary(rows, _totals(rows), format_history(gm))
 
 
-LOWERED = (IntegerLayer, NativeLayer)  # integer-lowered layers: a module holding integer weight codes
+LOWERED = (IntegerLayer, NativeLayer, SparseLayer)  # lowered layers: modules holding their weight in a run-time form
+
+
+def _kernel_columns(module) -> dict[str, Any]:
+    """The kernel a lowered layer runs and its measured milliseconds per call (when it was measured)."""
+    choice = getattr(module, "kernel_choice", None)
+    return {"kernel": choice.kernel if choice is not None else getattr(module, "kernel", None),
+            "latency_ms": None if choice is None else choice.ms}
+
+
+def _sparse_row(node, module: SparseLayer) -> dict[str, Any]:
+    """A layer lowered by LowerToSparse: the bytes it holds in its chosen form (sparse or dense)."""
+    size = math.prod(module.weight_shape)
+    params, nonzeros = size + (module.out_features if module.has_bias else 0), module.nonzeros()
+    shape = _output_shape(node)
+    macs = None if shape is None else math.prod(shape) * module.in_features
+    return {"layer": node.target.removesuffix(".sparse"), "op": f"{module.kind} (SparseLayer)",
+            "weight_shape": tuple(module.weight_shape), "params": params, "nonzeros": nonzeros,
+            "sparsity": 1 - nonzeros / size, "bits": 8 * getattr(torch, module.dtype).itemsize, "sqnr_db": None,
+            "dense_bytes": 4 * params, "compressed_bytes": module.held_bytes(), "exact": "yes", "macs": macs,
+            "macs_effective": _effective(macs, nonzeros, size), **_kernel_columns(module)}
 
 
 def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
@@ -194,7 +216,7 @@ def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
             "weight_shape": tuple(weight.shape), "params": params, "nonzeros": nonzeros,
             "sparsity": 1 - nonzeros / weight.numel(), "bits": largest.bit_length() + 1, "sqnr_db": None,
             "dense_bytes": 4 * params, "compressed_bytes": held, "exact": "yes", "macs": macs,
-            "macs_effective": _effective(macs, nonzeros, weight.numel())}
+            "macs_effective": _effective(macs, nonzeros, weight.numel()), **_kernel_columns(module)}
 
 
 def _other_parameters(gm: GraphModule, layers: list[Layer], lowered: set[str] = frozenset()) -> dict[str, Any] | None:
