@@ -22,6 +22,7 @@ from torch import nn
 
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
+from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
@@ -180,6 +181,7 @@ _OWN_MODULES: dict[str, type] = {
     "fxcompress.quant.native.QuantizeToCodes": QuantizeToCodes,
     "fxcompress.quant.native.NativeAdd": NativeAdd,
     "fxcompress.quant.native.NativeCat": NativeCat,
+    "fxcompress.kernels.sparse.SparseLayer": SparseLayer,
 }
 
 
