@@ -23,9 +23,12 @@ from fxcompress.config import Callables, Interval, Options, Regex, TupleOf, Type
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import TYPES_FIELD, Layer, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pruning.calibrated import calibrated_masks, check_mask_config, keep_for, needs_calibration
 from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
                                            keep_highest, masked_scores)
 from fxcompress.pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
+from fxcompress.pruning.nm import NMPattern, nm_pattern
+from fxcompress.pruning.owl import OWL
 from fxcompress.pruning.schedule import AGP
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, real_list
 
@@ -53,8 +56,11 @@ class InsertMasks(Pass):
     """Prune selected linear / conv weights with mask nodes.
 
     sparsity     fraction of groups to prune, or one fraction per stage (picked by `stage`)
-    granularity  "element", "kernel" (conv only), "filter" or "channel"
-    importance   "abs" / "l1" (L1 norm of a group), "l2", or a callable weight -> per-element scores
+    granularity  "element", "kernel" (conv only), "filter", "channel", or "N:M" ("2:4", "4:8": in every M
+                 consecutive input weights keep the N of highest importance)
+    importance   "abs" / "l1" (L1 norm of a group), "l2", a callable weight -> per-element scores, or
+                 "wanda" (|W| * input-channel norm on compile's calibration_data, per output row)
+    profile      OWL(...): per-layer sparsities from each layer's outlier ratio (calibrated), mean kept
     scope        "local": every layer to its sparsity; "global": one threshold across the layers
     select       full-match regex over layer names ("fc1", "features\\.\\d+"); None: every layer
     types        layer kinds ("linear", "conv2d", ...) or module classes (nn.Conv2d) to restrict to
@@ -73,12 +79,13 @@ class InsertMasks(Pass):
     rules: Any = None
     stage: int = 0
     schedule: AGP | None = None
+    profile: OWL | None = None
 
     preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)
 
     constraints: ClassVar[dict] = {
         "sparsity": (_FRACTION, TupleOf(_FRACTION, min_len=1)),
-        "granularity": (Options(*GRANULARITIES),),
+        "granularity": (Options(*GRANULARITIES), NMPattern()),
         "importance": (Options(*IMPORTANCES), Callables()),
         "scope": (Options("local", "global"),),
         "select": (Regex(), None),
@@ -86,6 +93,7 @@ class InsertMasks(Pass):
         "rules": RULES_FIELD,
         "stage": (Interval(int, 0),),
         "schedule": (TypeOf(AGP, what="an AGP(...) schedule"), None),
+        "profile": (TypeOf(OWL, what="an OWL(...) profile"), None),
     }
 
     def __post_init__(self) -> None:
@@ -94,6 +102,8 @@ class InsertMasks(Pass):
         object.__setattr__(self, "sparsity", sparsities if isinstance(self.sparsity, (list, tuple)) else self.sparsity)
         _stage_value(sparsities, self.stage, "InsertMasks.sparsity")
         object.__setattr__(self, "types", kind_names(self.types))
+        check_mask_config("InsertMasks", importance=self.importance, granularity=self.granularity, scope=self.scope,
+                          sparsity=self.sparsity, profile=self.profile, schedule=self.schedule)
         if self.rules is not None:
             rules = MASK_RULES.load(self.rules)
             if self.scope == "global":
@@ -106,13 +116,17 @@ class InsertMasks(Pass):
         step = self.schedule.begin if self.schedule is not None else None
         targets = self.targets(gm, step)
         before = {t.layer.name: _mask_zeros(gm, t.layer) for t in targets}
-        created, sparsities = self._apply(gm, targets)
+        if needs_calibration(self.importance, self.profile):  # Wanda / OWL: block by block on calibration data
+            created, extra = calibrated_masks(gm, ctx.calibration_data, targets, "InsertMasks", self.profile)
+            sparsities = extra.pop("layers")
+        else:
+            created, sparsities, extra = *self._apply(gm, targets), {}
         changed = created > 0 or any(_mask_zeros(gm, t.layer) != before[t.layer.name] for t in targets)
         total = sum(stored_weight(gm, t.layer).numel() for t in targets)
         pruned = sum(_mask_zeros(gm, t.layer) for t in targets)
         return PassResult(changed=changed, params_touched=tuple(t.layer.weight for t in targets),
                           stats={"sparsity": round(pruned / max(total, 1), 6), "masks_created": created,
-                                 "layers": sparsities})
+                                 "layers": sparsities, **extra})
 
     def update_masks(self, gm: GraphModule, step: int) -> dict[str, float]:
         """Advance the masks `compile` inserted to this step's sparsity; returns each layer's sparsity.
@@ -170,6 +184,8 @@ def _scores(gm: GraphModule, target: Target) -> torch.Tensor:
 
 
 def _local_keep(gm: GraphModule, target: Target) -> torch.Tensor:
+    if nm_pattern(target.granularity) is not None:
+        return keep_for(gm, target, target.sparsity)
     scores = _scores(gm, target)
     keep = keep_highest(scores, count_to_prune(target.sparsity, scores.numel()))
     return keep.expand(stored_weight(gm, target.layer).shape)

@@ -8,7 +8,9 @@ A *group* is the unit a granularity removes at once:
 * channel - everything that reads one input channel (columns of a linear weight).
 
 A group's score is the L1 norm of its weights ("abs" and "l1"), their L2 norm ("l2"), or the sum
-of a user callable's per-element scores. Selection removes exactly round(sparsity * groups)
+of a user callable's per-element scores. "wanda" (Sun et al. 2023) scores each weight |W_ij| *
+||X_j||_2, the norm of its input channel over the calibration tokens: it needs calibration
+statistics, so it goes through `element_scores` with the norms, never `group_scores`. Selection removes exactly round(sparsity * groups)
 groups, so the sparsity asked for is the sparsity obtained (a threshold would keep ties).
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ..errors import ConfigError, PreconditionError
 from ..layers import KINDS
 
 GRANULARITIES = ("element", "kernel", "filter", "channel")
-IMPORTANCES = ("abs", "l1", "l2")
+IMPORTANCES = ("abs", "l1", "l2", "wanda")
+CALIBRATED_IMPORTANCES = ("wanda",)  # these read per-input-channel statistics of the calibration data
 Importance = str | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -44,6 +47,9 @@ def group_scores(weight: torch.Tensor, dims: Sequence[int], importance: Importan
     """One score per group, shaped like `weight` with the reduced dimensions kept at size 1."""
     reduce = [d for d in range(weight.ndim) if d not in dims]
     weight = weight.detach().float()
+    if isinstance(importance, str) and importance in CALIBRATED_IMPORTANCES:
+        raise PreconditionError(f"importance {importance!r} needs the inputs' statistics: use it as the pass's "
+                                f"importance with compile(..., calibration_data=...), not in group scores")
     if callable(importance):
         scores = importance(weight)
         if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
@@ -83,3 +89,27 @@ def masked_scores(weight: torch.Tensor, mask: torch.Tensor | None, dims: Sequenc
     and a new selection never revives them."""
     scores = group_scores(weight if mask is None else weight.detach() * mask, dims, importance)
     return scores if mask is None else scores.masked_fill(pruned_groups(mask, dims), float("-inf"))
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, kind: str) -> torch.Tensor:
+    """|W| times the L2 norm of each weight's input channel (Wanda), shaped like the weight."""
+    in_dim = KINDS[kind].in_dim
+    if in_dim is None:
+        raise PreconditionError(f"importance 'wanda' needs input channels; a {kind} weight has none")
+    shape = [1] * weight.ndim
+    shape[in_dim] = -1
+    return weight.detach().float().abs() * norms.to(weight.device, torch.float32).view(shape)
+
+
+def element_scores(weight: torch.Tensor, mask: torch.Tensor | None, kind: str, importance: Importance,
+                   norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-weight scores of `weight * mask` (pruned weights -inf): Wanda's with `norms`, else the
+    importance's element-level scores."""
+    masked = weight.detach().float() if mask is None else weight.detach().float() * mask
+    if importance == "wanda":
+        if norms is None:
+            raise PreconditionError("importance 'wanda' needs the input-channel norms of the calibration data")
+        scores = wanda_scores(masked, norms, kind)
+    else:
+        scores = group_scores(masked, tuple(range(weight.ndim)), importance)
+    return scores if mask is None else scores.masked_fill(mask == 0, float("-inf"))

@@ -1,0 +1,82 @@
+"""N:M sparsity as a mask constraint, and per-row selection (Wanda's comparison group).
+
+"N:M" keeps, in every run of M consecutive input channels of each output (and kernel position),
+the N weights of highest score: 2:4 is what sparse tensor cores execute, 4:8 a looser variant.
+The selection is exact: every group ends with at most N kept weights (fewer only where an
+earlier mask had already pruned more), whatever the scores.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import Constraint
+from ..errors import PreconditionError
+from ..layers import KINDS
+
+_PATTERN = re.compile(r"(\d+):(\d+)")
+MAX_M = 64  # a group wider than this is no hardware pattern; larger M is a typo more likely than a wish
+
+
+def nm_pattern(granularity: Any) -> tuple[int, int] | None:
+    """(N, M) of an "N:M" granularity, None for any other value (or an invalid pattern)."""
+    match = _PATTERN.fullmatch(granularity) if isinstance(granularity, str) else None
+    if match is None:
+        return None
+    n, m = int(match[1]), int(match[2])
+    return (n, m) if 0 < n < m <= MAX_M else None
+
+
+@dataclass(frozen=True)
+class NMPattern(Constraint):
+    """An "N:M" granularity string with 0 < N < M <= 64 ("2:4", "4:8")."""
+
+    def satisfied_by(self, value: Any) -> bool:
+        return nm_pattern(value) is not None
+
+    def claims(self, value: Any) -> bool:
+        return isinstance(value, str) and ":" in value
+
+    def describe(self) -> str:
+        return f"an 'N:M' pattern with 0 < N < M <= {MAX_M} ('2:4', '4:8')"
+
+    def example(self) -> Any:
+        return "2:4"
+
+    def invalid_values(self) -> tuple[Any, ...]:
+        return ("4:4", "0:4", "2:x", "3:200")
+
+
+def _channels_last(scores: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    in_dim = KINDS[kind].in_dim
+    if in_dim is None:
+        raise PreconditionError(f"a {kind} weight has no input channels to group")
+    return scores.movedim(in_dim, -1), in_dim
+
+
+def nm_keep(scores: torch.Tensor, n: int, m: int, kind: str, layer: str) -> torch.Tensor:
+    """Bool, shaped like `scores`: the N highest of every M consecutive input channels."""
+    moved, in_dim = _channels_last(scores, kind)
+    width = moved.shape[-1]
+    if width % m:
+        raise PreconditionError(f"layer {layer!r}: {n}:{m} sparsity needs input channels in multiples of {m}; "
+                                f"it has {width}")
+    groups = moved.reshape(-1, width // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return keep.reshape(moved.shape).movedim(-1, in_dim)
+
+
+def row_keep(scores: torch.Tensor, sparsity: float, kind: str) -> torch.Tensor:
+    """Bool, shaped like `scores`: in each output channel, all but the round(sparsity * row) lowest."""
+    out_dim = KINDS[kind].out_dim
+    rows = scores.movedim(out_dim, 0).reshape(scores.shape[out_dim], -1)
+    count = min(rows.shape[1], round(sparsity * rows.shape[1]))
+    keep = torch.ones_like(rows, dtype=torch.bool)
+    if count:
+        keep.scatter_(1, torch.topk(rows, count, dim=1, largest=False).indices, False)
+    moved = (scores.shape[out_dim], *scores.shape[:out_dim], *scores.shape[out_dim + 1:])
+    return keep.reshape(moved).movedim(0, out_dim)
