@@ -1,0 +1,132 @@
+"""Train a small byte-level Llama (transformers' LlamaForCausalLM built from a config) on
+Shakespeare's plays, holding whole plays out, and save it for bench_llm.py.
+
+    nice -n 10 python benchmarks/train_lm.py --minutes 25 --threads 2 > /tmp/train_lm.log 2>&1 &
+
+Writes benchmarks/.cache/llama-bytes/ (save_pretrained: config.json + model.safetensors) and
+prints held-out perplexity (per byte) on the held-out plays and on Debian's fortunes.
+The default config has 4 layers of width 256 (4 heads of 64, MLP 512): 2.7 M parameters, every
+linear layer's input width a multiple of 64 and 128 so group-wise grids fit. (`--layers 8
+--intermediate 768` gives 6.9 M, which took 14-41 s per 16 x 128-byte step on a shared 2-core
+machine: too few steps in half an hour to learn much.)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fxcompress import text
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+DEFAULT_OUT = CACHE / "llama-bytes"
+
+
+def build_model(hidden: int = 256, layers: int = 4, heads: int = 4, intermediate: int = 512, context: int = 128,
+                seed: int = 0):
+    """A LlamaForCausalLM over bytes (vocabulary 256), tied embeddings, no dropout."""
+    from transformers import LlamaConfig, LlamaForCausalLM   # optional and slow to import
+
+    config = LlamaConfig(vocab_size=text.VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross entropy (nats) of a B x T batch."""
+    logits = model(input_ids=batch).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
+    """exp(mean next-byte cross entropy) over all windows, weighting every predicted byte equally."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        total += float(lm_loss(model, batch)) * batch[:, 1:].numel()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def train(model, tokens: torch.Tensor, *, seconds: float, context: int = 128, batch_size: int = 8,
+          lr: float = 3e-3, warmup: int = 50, log_every: int = 10, seed: int = 0, max_steps: int | None = None):
+    """AdamW with linear warm-up and cosine decay over a time budget (the decay is planned from the
+    speed of the first steps, so the schedule ends when the time does). Random windows of the
+    training tokens; returns the list of (step, loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    start, planned, history, step = time.perf_counter(), max_steps or 10**9, [], 0
+    model.train()
+    while step < planned:
+        starts = torch.randint(0, tokens.numel() - context, (batch_size,), generator=gen)
+        batch = torch.stack([tokens[s:s + context] for s in starts.tolist()])
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, planned, warmup, lr)
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        history.append((step, float(loss.detach())))
+        if step == 20 and max_steps is None:   # plan the schedule from the measured step time
+            planned = max(step + 1, int(seconds / ((time.perf_counter() - start) / step)))
+        if log_every and step % log_every == 0:
+            print(f"step {step}/{planned} loss {loss.item():.3f} {time.perf_counter() - start:.0f}s", flush=True)
+    return history
+
+
+def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def corpora(cache: Path, context: int, eval_windows: int):
+    """Training tokens, held-out-play windows and fortune windows."""
+    train_plays, held = text.split_plays(text.shakespeare(cache))
+    tokens = text.encode_bytes(text.join_texts(train_plays))
+    held_w = text.windows(text.encode_bytes(text.join_texts(held)), context, limit=eval_windows)
+    fortune_w = text.windows(text.encode_bytes(text.join_texts(text.fortunes())), context, limit=eval_windows)
+    return tokens, held_w, fortune_w
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=25.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokens, held_w, fortune_w = corpora(CACHE, args.context, args.eval_windows)
+    model = build_model(args.hidden, args.layers, intermediate=args.intermediate, context=args.context)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{params / 1e6:.2f} M parameters; {tokens.numel() / 1e6:.2f} M training bytes; "
+          f"{len(held_w)} held-out and {len(fortune_w)} fortune windows of {args.context}", flush=True)
+    t0 = time.perf_counter()
+    train(model, tokens, seconds=args.minutes * 60, context=args.context, batch_size=args.batch_size)
+    print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
+    model.save_pretrained(args.out)
+    print(f"held-out plays perplexity {perplexity(model, held_w):.3f}; fortunes perplexity "
+          f"{perplexity(model, fortune_w):.3f}; saved to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
