@@ -9,6 +9,7 @@ from .lower_encoded import LowerToEncoded
 from .lower_integer import LowerToInteger
 from .lower_sparse import LowerToSparse
 from .prune_channels import PruneChannels
+from .sparsegpt import SparseGPT
 
 __all__: list[str] = ["ActivationConfig", "FoldBatchNorm", "InsertFakeQuant", "InsertMasks", "LowerToEncoded",
-                      "LowerToInteger", "LowerToSparse", "PruneChannels"]
+                      "LowerToInteger", "LowerToSparse", "PruneChannels", "SparseGPT"]

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 from ..calibration import InputStats, walk
 from ..calibration.sequential import Group
 from ..errors import ConfigError
-from .importance import CALIBRATED_IMPORTANCES, element_scores
+from .importance import CALIBRATED_IMPORTANCES, count_to_prune, element_scores, keep_highest
 from .masks import get_mask, set_mask, sparsity_of, stored_weight
 from .nm import nm_keep, nm_pattern, row_keep
 from .owl import OWL, outlier_ratio, owl_sparsities
@@ -50,14 +50,25 @@ def check_mask_config(owner: str, *, importance: Any, granularity: str, scope: s
 
 
 def keep_for(gm: GraphModule, target: Any, sparsity: float, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """The keep mask of one target (InsertMasks's Target: layer, granularity, importance): N:M
-    groups, or per output row for Wanda."""
+    """The keep mask of one target (InsertMasks's Target: layer, granularity, importance)."""
     layer = target.layer
-    scores = element_scores(stored_weight(gm, layer), get_mask(gm, layer), layer.kind, target.importance, norms)
-    nm = nm_pattern(target.granularity)
+    return select_keep(stored_weight(gm, layer), get_mask(gm, layer), layer, target.granularity, target.importance,
+                       sparsity, norms)
+
+
+def select_keep(weight: torch.Tensor, mask: torch.Tensor | None, layer: Any, granularity: str, importance: Any,
+                sparsity: float, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Element keep mask: N:M groups for an "N:M" granularity; else Wanda per output row (as the paper
+    compares), magnitude over the whole layer. Weights `mask` pruned are never kept."""
+    scores = element_scores(weight, mask, layer.kind, importance, norms)
+    nm = nm_pattern(granularity)
     if nm is not None:
-        return nm_keep(scores, nm[0], nm[1], layer.kind, layer.name)
-    return row_keep(scores, sparsity, layer.kind)
+        keep = nm_keep(scores, nm[0], nm[1], layer.kind, layer.name)
+    elif importance == "wanda":
+        keep = row_keep(scores, sparsity, layer.kind)
+    else:
+        keep = keep_highest(scores, count_to_prune(sparsity, scores.numel()))
+    return keep if mask is None else keep & mask.bool()
 
 
 def calibrated_masks(gm: GraphModule, data: Sequence | None, targets: Sequence[Any], owner: str,
