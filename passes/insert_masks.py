@@ -11,7 +11,8 @@ training loop, raises them along the Zhu & Gupta curve.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ from fxcompress.pruning.masks import get_mask, set_mask, sparsity_of, stored_wei
 from fxcompress.pruning.nm import NMPattern, nm_pattern
 from fxcompress.pruning.owl import OWL
 from fxcompress.pruning.schedule import AGP
+from fxcompress.pruning.selection import LowestN
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, real_list
 
 # The origin documents' rule form: (parameter pattern, granularity, sparsity per stage[, importance]).
@@ -39,6 +41,8 @@ MASK_RULES = RuleSchema("InsertMasks.rules", [
     Field("importance", choice(*IMPORTANCES, allow_callable=True), default=None),  # None: the pass's own
 ])
 _FRACTION = Interval(float, 0.0, 1.0)
+# PassContext.each (a progress bar naming each layer) or None for a plain loop
+Each = Callable[[Iterable, str, Callable], Iterator] | None
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class InsertMasks(Pass):
             created, extra = calibrated_masks(gm, ctx.calibration_data, targets, "InsertMasks", self.profile)
             sparsities = extra.pop("layers")
         else:
-            created, sparsities, extra = *self._apply(gm, targets), {}
+            created, sparsities, extra = *self._apply(gm, targets, ctx.each), {}
         changed = created > 0 or any(_mask_zeros(gm, t.layer) != before[t.layer.name] for t in targets)
         total = sum(stored_weight(gm, t.layer).numel() for t in targets)
         pruned = sum(_mask_zeros(gm, t.layer) for t in targets)
@@ -166,12 +170,19 @@ class InsertMasks(Pass):
     def _candidates(self, gm: GraphModule) -> list[Layer]:
         return select_layers(gm, "InsertMasks", self.types, self.select, required=True)
 
-    def _apply(self, gm: GraphModule, targets: Sequence[Target]) -> tuple[int, dict[str, float]]:
+    def _apply(self, gm: GraphModule, targets: Sequence[Target], each: Each = None) -> tuple[int, dict[str, float]]:
+        """Set every target's mask, one layer at a time: a layer's scores are freed before the next
+        layer's are made, so the pass holds no more than one layer's scores (global scope too)."""
+        each = each or (lambda items, what, name: items)
         if self.scope == "global":
-            keeps = _global_keeps(gm, targets)
-            created = sum(set_mask(gm, t.layer, keeps[t.layer.name]) for t in targets)
-        else:  # layer by layer: one layer's scores in memory at a time
-            created = sum(set_mask(gm, t.layer, _local_keep(gm, t)) for t in targets)
+            selection = _global_selection(gm, targets, each)
+            keeps = (selection.keep(_scores(gm, t), t.layer.name).expand(stored_weight(gm, t.layer).shape)
+                     for t in each(targets, "masks", _target_name))
+        else:
+            keeps = (_local_keep(gm, t) for t in each(targets, "masks", _target_name))
+        created = 0
+        for t, keep in zip(targets, keeps):  # each keep is made, applied and dropped before the next
+            created += set_mask(gm, t.layer, keep)
         return created, {t.layer.name: round(sparsity_of(get_mask(gm, t.layer)), 6) for t in targets}
 
 
@@ -191,14 +202,27 @@ def _local_keep(gm: GraphModule, target: Target) -> torch.Tensor:
     return keep.expand(stored_weight(gm, target.layer).shape)
 
 
-def _global_keeps(gm: GraphModule, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
-    """One ranking across every target layer (torch.nn.utils.prune.global_unstructured's rule)."""
-    scores = [_scores(gm, t) for t in targets]
-    flat = torch.cat([s.flatten() for s in scores])
-    keep = keep_highest(flat, count_to_prune(targets[0].sparsity, flat.numel()))
-    parts = torch.split(keep, [s.numel() for s in scores])
-    return {t.layer.name: part.view(s.shape).expand(stored_weight(gm, t.layer).shape)
-            for t, s, part in zip(targets, scores, parts)}
+def _score_shape(gm: GraphModule, target: Target) -> tuple[int, ...]:
+    """The shape of a layer's group scores: the weight's, with the dims reduced into a group at 1."""
+    weight = stored_weight(gm, target.layer)
+    dims = group_dims(target.granularity, target.layer.kind, weight.ndim, target.layer.name)
+    return tuple(size if d in dims else 1 for d, size in enumerate(weight.shape))
+
+
+def _global_selection(gm: GraphModule, targets: Sequence[Target], each: Each) -> LowestN:
+    """One ranking across every target layer (torch.nn.utils.prune.global_unstructured's rule), found
+    without holding all the scores at once: exactly the lowest round(sparsity x groups) groups, ties at
+    the threshold going in layer order, then index order (as a stable sort of all scores ranks them)."""
+    groups = sum(math.prod(_score_shape(gm, t)) for t in targets)
+    passes = iter(("global scores (1/2)", "global scores (2/2)"))
+
+    def batches():
+        return ((t.layer.name, _scores(gm, t)) for t in each(targets, next(passes), _target_name))
+    return LowestN.find(batches, count_to_prune(targets[0].sparsity, groups))
+
+
+def _target_name(target: Target) -> str:
+    return target.layer.name
 
 
 def _mask_zeros(gm: GraphModule, layer: Layer) -> int:

@@ -1,0 +1,88 @@
+"""Exact lowest-n selection across many score tensors, holding one tensor's scores at a time.
+
+Global magnitude pruning ranks every group of every layer at once. Concatenating all scores and
+asking torch.topk for the lowest n costs several times the model's size (the scores, their
+concatenation, topk's values and int64 indices). Here the scores are instead visited layer by layer,
+three times, keeping only two 65,536-bin histograms:
+
+1. each float32 score is mapped to an int32 *order key* (its bit pattern, negatives flipped, so keys
+   order exactly as the floats do; -0.0 counts as +0.0) and the keys' high 16 bits are counted;
+   the bin holding the n-th lowest key is found from the running counts;
+2. the low 16 bits of the keys in that one bin are counted, which pins down the n-th lowest key
+   exactly, and how many keys lie below it;
+3. each layer prunes every score whose key is below the threshold key, and as many of the scores
+   equal to it as are still owed, earliest first (layer order, then flat index).
+
+The groups pruned are exactly the first n of a stable sort of all scores (`torch.sort(...,
+stable=True)`), tested so; torch.topk breaks ties at the threshold in an unspecified order.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..errors import PreconditionError
+
+_BINS = 1 << 16
+_HALF = 1 << 15
+_LOW = _BINS - 1
+
+
+def order_keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
+    """Flat int32 keys that order as the float32 `scores` do (-0.0 and +0.0 alike); NaN is refused."""
+    flat = scores.detach().reshape(-1).float()
+    if torch.isnan(flat).any():
+        raise PreconditionError(f"{name or 'a layer'} has {int(torch.isnan(flat).sum())} NaN importance scores; "
+                                "they have no place in a ranking (NaN or Inf weights, or an importance that "
+                                "divides by zero)")
+    bits = (flat + 0.0).view(torch.int32)  # -0.0 + 0.0 is +0.0: equal floats, equal keys
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats order backwards by bits
+
+
+def _first_reaching(counts: torch.Tensor, start: int, n: int) -> tuple[int, int]:
+    """The first bin at which `start` plus the running count reaches n, and the count before that bin."""
+    running = torch.cumsum(counts, 0) + start
+    index = int(torch.searchsorted(running, torch.tensor([n], dtype=running.dtype)).item())
+    return index, int(running[index - 1]) if index > 0 else start
+
+
+class LowestN:
+    """The lowest `n` of a sequence of score tensors, as a threshold key plus a count of ties owed.
+
+    Build it with `LowestN.find(batches, n)`, where `batches()` yields the (name, scores) of each
+    layer in a fixed order (called twice); then call `keep(scores)` once per layer, in the same
+    order, for a bool tensor shaped like the scores: False for the pruned groups.
+    """
+
+    def __init__(self, key: int | None, ties: int) -> None:
+        self.key, self.ties_left = key, ties
+
+    @classmethod
+    def find(cls, batches: Callable[[], Iterable[tuple[str, torch.Tensor]]], n: int) -> LowestN:
+        if n <= 0:
+            return cls(None, 0)
+        high = torch.zeros(_BINS, dtype=torch.int64)
+        for name, scores in batches():
+            high += torch.bincount((order_keys(scores, name) >> 16) + _HALF, minlength=_BINS)
+        total = int(high.sum())
+        if n > total:
+            raise PreconditionError(f"cannot prune {n} of {total} groups")
+        top, below_top = _first_reaching(high, 0, n)
+        low = torch.zeros(_BINS, dtype=torch.int64)
+        for name, scores in batches():
+            keys = order_keys(scores, name)
+            low += torch.bincount(keys[(keys >> 16) == top - _HALF] & _LOW, minlength=_BINS)
+        bottom, below = _first_reaching(low, below_top, n)
+        return cls(((top - _HALF) << 16) | bottom, n - below)
+
+    def keep(self, scores: torch.Tensor, name: str = "") -> torch.Tensor:
+        """False where this layer's groups are among the lowest n (ties at the threshold: earliest first)."""
+        if self.key is None:
+            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        keys = order_keys(scores, name)
+        keep = keys > self.key
+        tied = torch.nonzero(keys == self.key).flatten()
+        keep[tied[self.ties_left:]] = True  # ties owed go first; the later ones stay
+        self.ties_left -= min(self.ties_left, tied.numel())
+        return keep.view(scores.shape)
