@@ -15,8 +15,9 @@ A conv2d layer runs as im2col (`F.unfold`) and one sparse matmul over every outp
 Both sparse matmuls are wrapped in one custom op (`torch.ops.fxcompress.sparse_linear`) over plain
 tensors, so `torch.compile` and `torch.export` see an opaque call with a known output shape instead of
 a scipy call or a sparse tensor they cannot trace. The CSR / BSR views (a torch sparse tensor, a scipy
-matrix) share the buffers' memory: no second copy of the weight is made. The op has no gradient:
-a lowered layer is for inference (train the masked model, then lower).
+matrix) share the buffers' memory: no second copy of the weight is made. Gradients flow to the input
+(a lowered layer may sit behind layers that still train), never to the stored weight: train the masked
+model, then lower it.
 
 Indices from a file are untrusted and scipy does not check them: `check_loaded` validates every
 row pointer and column index before any kernel reads them.
@@ -66,6 +67,41 @@ def sparse_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values
 @sparse_linear.register_fake
 def _(x, crow, col, values, bias, in_features, out_features, kernel):
     return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("fxcompress::sparse_linear_input_grad", mutates_args=())
+def sparse_linear_input_grad(grad: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                             in_features: int, out_features: int, kernel: str) -> torch.Tensor:
+    """grad [M, out] times the sparse weight [out, in]: the gradient of sparse_linear's input, so a
+    lowered layer can sit behind layers that still train (its own weight receives none)."""
+    if kernel == "scipy_csr":
+        matrix = _scipy_matrix(crow, col, values, (out_features, in_features))
+        return torch.from_numpy(np.ascontiguousarray((matrix.T @ grad.numpy().T).T))
+    if values.dim() == 3:  # torch has no CPU product with a transposed BSR matrix: a temporary dense one
+        weight = torch.sparse_bsr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
+        return grad @ weight.to_dense()
+    weight = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
+    return torch.mm(weight.t(), grad.t()).t().contiguous()
+
+
+@sparse_linear_input_grad.register_fake
+def _(grad, crow, col, values, in_features, out_features, kernel):
+    return grad.new_empty((grad.shape[0], in_features))
+
+
+def _backward(ctx, grad):
+    crow, col, values = ctx.saved_tensors
+    dx = torch.ops.fxcompress.sparse_linear_input_grad(grad.contiguous(), crow, col, values, *ctx.sizes)
+    return dx, None, None, None, None, None, None, None
+
+
+def _save_for_backward(ctx, inputs, output):
+    _, crow, col, values, _, in_features, out_features, kernel = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.sizes = (in_features, out_features, kernel)
+
+
+sparse_linear.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def _scipy_matrix(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -143,7 +179,7 @@ class SparseLayer(nn.Module):
                 sparse = matrix.to_sparse_bsr((self.blocksize,) * 2) if self.blocksize else matrix.to_sparse_csr()
             self.crow_indices = sparse.crow_indices().to(INDEX_DTYPE)
             self.col_indices = sparse.col_indices().to(INDEX_DTYPE)
-            self.values = sparse.values().contiguous()
+            self.values = sparse.values().clone()  # not a view: its base would be the sparse tensor
         if bias is not None:
             self.bias = bias.clone().contiguous()
 
