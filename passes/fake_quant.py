@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
+from fxcompress.calibration.gptq import gptq_layers
 from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, constant_value, insert_on_weight,
@@ -115,6 +116,9 @@ class InsertFakeQuant(Pass):
                  fraction bits for which no weight saturates
     group_size   linear only, linear layers only: one grid per group of this many consecutive input
                  channels within each output channel (GPTQ / AWQ's group layout; implies per channel)
+    rounding     "nearest", or "gptq": error-feedback rounding through the inverse Hessian of each
+                 layer's inputs on compile's calibration_data, block by block (linear layers)
+    act_order    gptq only: round the input channels of largest Hessian diagonal first
     fix_zeros    exact zeros (pruned weights) stay exactly zero; k-means leaves them out of the clustering
     select       full-match regex over layer names; None: every layer
     types        layer kinds ("linear", "conv2d", ...) or module classes (nn.Conv2d) to restrict to
@@ -137,6 +141,8 @@ class InsertFakeQuant(Pass):
     activations: ActivationConfig | None = None
     seed: int = 0
     group_size: int | None = None
+    rounding: str = "nearest"
+    act_order: bool = False
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
@@ -147,6 +153,7 @@ class InsertFakeQuant(Pass):
         "fix_zeros": (Boolean(),), "select": (Regex(), None), "types": TYPES_FIELD, "rules": RULES_FIELD,
         "activations": (TypeOf(ActivationConfig, what="an ActivationConfig(...)"), None),
         "seed": (Interval(int, 0),), "group_size": (Interval(int, 1), None),
+        "rounding": (Options("nearest", "gptq"),), "act_order": (Boolean(),),
     }
 
     def __post_init__(self) -> None:
@@ -168,6 +175,7 @@ class InsertFakeQuant(Pass):
                     raise ConfigError(f"InsertFakeQuant.{name}={value!r} does not apply with rules: each rule gives "
                                       f"its layer's method and bits, and {differing[0]} says otherwise")
         check_applicable("InsertFakeQuant", self, _METHOD_FIELDS, methods, "method")
+        check_applicable("InsertFakeQuant", self, {"act_order": ("gptq",)}, {self.rounding}, "rounding")
 
     def default_spec(self) -> LayerQuant:
         return LayerQuant(self.method, self.bits, self.init, self.symmetric, self.int_bits,
@@ -208,11 +216,18 @@ class InsertFakeQuant(Pass):
         if self.activations is not None and ctx.calibration_data is None:
             raise PreconditionError("InsertFakeQuant.activations needs calibration data: pass "
                                     "compile(..., calibration_data=batches)")
+        if self.rounding == "gptq" and ctx.calibration_data is None:
+            raise PreconditionError("InsertFakeQuant.rounding='gptq' needs calibration data: pass "
+                                    "compile(..., calibration_data=batches)")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         plan = self.plan(gm)
-        stats: dict[str, Any] = {layer.name: self._quantize_weight(gm, layer, spec)
-                                 for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name)}
+        if self.rounding == "gptq":  # block by block: each layer rounded on inputs the rounded layers before it give
+            stats, _ = gptq_layers(gm, ctx.calibration_data, plan,
+                                   lambda layer, spec: self._quantize_weight(gm, layer, spec), act_order=self.act_order)
+        else:
+            stats = {layer.name: self._quantize_weight(gm, layer, spec)
+                     for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name)}
         if self.activations is not None and plan:
             layers = [layer for layer, _ in self.plan(gm)]  # nodes renamed
             inserted = self._insert_activations(gm, layers)

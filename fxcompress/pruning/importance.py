@@ -10,8 +10,8 @@ A *group* is the unit a granularity removes at once:
 A group's score is the L1 norm of its weights ("abs" and "l1"), their L2 norm ("l2"), or the sum
 of a user callable's per-element scores. "wanda" (Sun et al. 2023) scores each weight |W_ij| *
 ||X_j||_2, the norm of its input channel over the calibration tokens: it needs calibration
-statistics, so it goes through `element_scores` with the norms, never `group_scores`. Selection removes exactly round(sparsity * groups)
-groups, so the sparsity asked for is the sparsity obtained (a threshold would keep ties).
+statistics, so it goes through `element_scores` with the norms, never `group_scores`. Selection
+removes exactly round(sparsity * groups) groups, so the sparsity asked for is the sparsity obtained (a threshold would keep ties).
 """
 from __future__ import annotations
 

@@ -1,0 +1,158 @@
+"""GPTQ (Frantar et al. 2023): rounding with second-order error feedback, onto a grid or a codebook.
+
+InsertFakeQuant(rounding="gptq") builds each layer's fake-quant module as usual (a grid from the
+weight's range, or a k-means codebook), then fixes the weights column by column with the
+blockwise sweep of `second_order.sweep`: each column is rounded onto the module's own values and
+its rounding error is carried onto the columns not yet rounded through the inverse Hessian of the
+layer's calibration inputs. `act_order` rounds the columns of largest Hessian diagonal first.
+
+What the graph holds afterwards:
+
+* grids (`GridWeight`, whose grid is recomputed from the weight each forward): the stored weight
+  becomes the rounded values, except at each grid group's smallest and largest weight, which keep
+  their float values so that the recomputed grid is exactly the one rounded onto; every other value
+  is kept inside that range. The module's output is then exactly the GPTQ result (checked).
+* codebooks (`KMeansWeight`): the codes are rewritten; the centroids stay as k-means found them.
+
+Masked weights (a mask node before the fake-quant) are fixed to exactly zero, as SparseGPT does
+when it prunes and quantizes in one sweep.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from ..errors import PreconditionError, VerificationError
+from ..layers import Layer, chain_module_node, constant_value, layer_node
+from ..pruning.masks import get_mask, stored_weight
+from ..quant.modules import GridWeight, KMeansWeight
+from .hessian import InputStats, damped_inverse
+from .second_order import BLOCKSIZE, as_matrix, from_matrix, output_error, sweep
+from .sequential import walk
+
+
+@dataclass
+class _Target:
+    """What a column may be rounded to: per-element grid scale / zero point and the allowed range,
+    or per-row codebook tables; plus the positions whose rounding is fixed in advance (pins)."""
+
+    round_column: Callable[[int, torch.Tensor], torch.Tensor]
+    pinned: torch.Tensor          # (out, in) bool
+    pinned_values: torch.Tensor   # (out, in) float64, read where pinned
+
+
+def _grid_target(module: GridWeight, weight: torch.Tensor, kind: str) -> _Target:
+    grid = module.grid(weight)
+    scale, zero = (as_matrix(t.expand_as(weight).to(torch.float32), kind) for t in grid.broadcast(weight, module.axis))
+    matrix = as_matrix(weight, kind).to(torch.float32)
+    # one row per grid: the whole tensor, an output channel, or a group of input channels of one
+    width = module.group_size or (matrix.shape[1] if module.axis is not None else matrix.numel())
+    rows = matrix.reshape(-1, width)
+    low, high = rows.amin(1, keepdim=True).clamp(max=0), rows.amax(1, keepdim=True).clamp(min=0)
+    lo, hi = low.expand_as(rows).reshape(matrix.shape), high.expand_as(rows).reshape(matrix.shape)
+    pinned = torch.zeros_like(rows, dtype=torch.bool)
+    pinned.scatter_(1, rows.argmin(1, keepdim=True), low < 0)    # the range's ends define the grid:
+    pinned.scatter_(1, rows.argmax(1, keepdim=True), high > 0)   # their values stay as they are
+    pinned = pinned.reshape(matrix.shape)
+
+    def snap(j: int | slice, x: torch.Tensor) -> torch.Tensor:
+        s, z = scale[:, j], zero[:, j]
+        q = torch.clamp(torch.round(x / s) + z, grid.qmin, grid.qmax)
+        q = torch.where((q - z) * s > hi[:, j], q - 1, q)  # never outside the range the grid is computed from
+        q = torch.where((q - z) * s < lo[:, j], q + 1, q)
+        return (q - z) * s
+
+    with torch.no_grad():  # the pins keep their float value: the module rounds them as it rounds any weight
+        own = as_matrix(module(weight), kind).to(torch.float64)
+    return _Target(lambda j, x: snap(j, x.to(torch.float32)).to(torch.float64), pinned, own)
+
+
+def _codebook_target(module: KMeansWeight, kind: str, shape: torch.Size) -> _Target:
+    table = module.table().detach().to(torch.float64)  # (groups, entries); entry index = code
+    rows = as_matrix(torch.empty(shape), kind).shape[0]
+    tables = table.expand(rows, -1) if table.shape[0] == 1 else table
+
+    def nearest(j: int, x: torch.Tensor) -> torch.Tensor:
+        return tables.gather(1, (x.unsqueeze(1) - tables).abs().argmin(1, keepdim=True)).squeeze(1)
+
+    matrix_shape = as_matrix(torch.empty(shape), kind).shape
+    return _Target(nearest, torch.zeros(matrix_shape, dtype=torch.bool), torch.zeros(matrix_shape, dtype=torch.float64))
+
+
+def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: bool, blocksize: int = BLOCKSIZE,
+               percdamp: float = 0.01) -> dict[str, Any]:
+    """Re-round one layer's weight (its fake-quant module already on the chain) by GPTQ; the report."""
+    node = chain_module_node(gm, layer_node(gm, layer), (GridWeight, KMeansWeight))
+    module = gm.get_submodule(node.target)
+    weight = constant_value(gm, node.args[0])  # the chain's value before the fake-quant: masked weights are 0
+    mask = get_mask(gm, layer)
+    pruned = None if mask is None else ~as_matrix(mask.bool(), layer.kind)
+    if isinstance(module, KMeansWeight):
+        if pruned is not None and bool(pruned.any()) and not module.fixed_zero:
+            raise PreconditionError(f"layer {layer.name!r}: GPTQ onto a codebook keeps pruned weights at zero only "
+                                    f"with a fixed zero code (fix_zeros=True)")
+        target = _codebook_target(module, layer.kind, weight.shape)
+    else:
+        target = _grid_target(module, weight, layer.kind)
+    original = as_matrix(weight, layer.kind).to(torch.float64)
+    with torch.no_grad():
+        plain = as_matrix(module(weight), layer.kind).to(torch.float64)
+    order = torch.argsort(torch.diag(stats.hessian), descending=True) if act_order else torch.arange(original.shape[1])
+    inverse = damped_inverse(stats.hessian[order][:, order], layer.name, percdamp)
+    start = original[:, order].clone()
+    start[:, inverse.dead] = 0.0
+
+    def round_column(j: int, x: torch.Tensor) -> torch.Tensor:
+        column = int(order[j])
+        fixed = target.round_column(column, x)
+        return torch.where(target.pinned[:, column], target.pinned_values[:, column], fixed)
+
+    result = sweep(start, inverse.factor, pruned=None if pruned is None else pruned[:, order], round_=round_column,
+                   blocksize=blocksize)
+    rounded = torch.empty_like(result.weight)
+    rounded[:, order] = result.weight
+    _store(gm, layer, module, rounded, target, original)
+    reference = max(output_error(original, torch.zeros_like(original), stats.hessian), 1e-30)
+    return {"levels": int(torch.unique(rounded).numel()), "rounding": "gptq", "act_order": act_order,
+            "error_nearest": round(output_error(original, plain, stats.hessian) / reference, 8),
+            "error_gptq": round(output_error(original, rounded, stats.hessian) / reference, 8), **inverse.report()}
+
+
+def _store(gm: GraphModule, layer: Layer, module: GridWeight | KMeansWeight, rounded: torch.Tensor,
+           target: _Target, original: torch.Tensor) -> None:
+    """Write the rounded weight where the module reads it, and check the module now gives exactly it."""
+    with torch.no_grad():
+        if isinstance(module, KMeansWeight):
+            table = module.table().detach().to(torch.float64)
+            tables = table.expand(rounded.shape[0], -1) if table.shape[0] == 1 else table
+            codes = (rounded.unsqueeze(2) - tables.unsqueeze(1)).abs().argmin(2)
+            module.codes.copy_(from_matrix(codes, layer.kind).to(module.codes.dtype))
+        else:
+            stored = torch.where(target.pinned, original, rounded)
+            weight = stored_weight(gm, layer)
+            weight.copy_(from_matrix(stored, layer.kind).to(weight.dtype))
+        node = chain_module_node(gm, layer_node(gm, layer), (GridWeight, KMeansWeight))
+        produced = as_matrix(module(constant_value(gm, node.args[0])), layer.kind).to(torch.float64)
+    wrong = int((produced != rounded).sum())
+    if wrong:
+        raise VerificationError(f"GPTQ on layer {layer.name!r}: {wrong} of {rounded.numel()} weights do not come out "
+                                f"of its {type(module).__name__} as rounded")
+
+
+def gptq_layers(gm: GraphModule, data: Sequence | None, plan: Sequence[tuple[Layer, Any]],
+                quantize: Callable[[Layer, Any], dict[str, Any]], *, act_order: bool,
+                owner: str = "InsertFakeQuant") -> tuple[dict[str, Any], Any]:
+    """Quantize the planned layers block by block: `quantize(layer, spec)` puts the layer's module on
+    its chain (from the weights as the earlier layers' updates left them), then GPTQ re-rounds it."""
+    specs = {layer.name: spec for layer, spec in plan}
+
+    def handle(group, stats: InputStats) -> dict[str, Any]:
+        return {layer.name: {**quantize(layer, specs[layer.name]), **gptq_round(gm, layer, stats, act_order=act_order)}
+                for layer in group.layers}
+
+    report = walk(gm, [layer for layer, _ in plan], data, handle, owner=owner)
+    return report.layers, report
