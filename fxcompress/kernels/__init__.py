@@ -4,4 +4,5 @@ from .sparse import SparseLayer, remeasure
 from .timing import KernelChoice, choose_kernel, median_ms
 from .weight_only import WeightOnlyLinear
 
-__all__ = ["DynamicInt8Linear", "KernelChoice", "WeightOnlyLinear", "choose_kernel", "median_ms"]
+__all__ = ["DynamicInt8Linear", "KernelChoice", "SparseLayer", "WeightOnlyLinear", "choose_kernel", "median_ms",
+           "remeasure"]
