@@ -1,0 +1,161 @@
+"""Dynamic int8 linear layers: int8 weights per output channel, activations quantized at run time.
+
+`DynamicInt8Linear` holds symmetric int8 weight codes (zero-point 0) with one float scale per output
+channel, and the float bias. Each call quantizes its input on the fly and multiplies in integers:
+
+- "fbgemm": torch.ao's `quantize_dynamic` kernel (`torch.ops.quantized.linear_dynamic`): the input
+  on one uint8 grid per call (its min-max range, 7-bit with `reduce_range` as torch.ao does on x86,
+  where uint8 x int8 products are added in int16 pairs without VNNI), int32 accumulation, float output;
+  with one input row per call (decoding) that grid is the row's own;
+- "int_mm": the input on a symmetric int8 grid per row (max |x| / 127), `torch._int_mm` (int8 x int8
+  -> int32), then both scales and the bias in float;
+- "float": the dequantized weight and `F.linear` (no activation rounding; kept where int8 loses).
+
+The packed fbgemm weight and the transposed int8 matrix are built on first use, never stored.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, FormatError
+from .timing import KernelChoice, choose_kernel
+from .weight_only import expect_tensor
+
+KERNELS = ("float", "fbgemm", "int_mm")
+QUANTIZED_KERNELS = KERNELS[1:]
+ACTIVATION_GRIDS = {"float": "none", "fbgemm": "uint8 per call (min-max, 7-bit: reduce_range)",
+                    "int_mm": "int8 per row (symmetric, max |x| / 127)"}
+
+
+class DynamicInt8Linear(nn.Module):
+    """A linear layer with int8 weight codes [out, in] (`weight`), scales per output channel
+    (`weight_scale`) and a float bias, whose input is quantized at run time by the chosen kernel."""
+
+    def __init__(self, in_features: int, out_features: int, kernel: str = "float", has_bias: bool = True,
+                 times_ms: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        sizes = (in_features, out_features)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes) or kernel not in KERNELS:
+            raise ConfigError(f"DynamicInt8Linear: needs positive in_features / out_features and kernel one of "
+                              f"{KERNELS}; got {in_features!r}, {out_features!r}, kernel={kernel!r}")
+        self.in_features, self.out_features, self.kernel, self.has_bias = in_features, out_features, kernel, has_bias
+        self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
+                                                                                    "times_ms": times_ms})
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._where = "DynamicInt8Linear"
+
+    @property
+    def times_ms(self) -> dict[str, float] | None:
+        return None if self.kernel_choice is None else dict(self.kernel_choice.times_ms)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   kernel: str = "float") -> "DynamicInt8Linear":
+        """The layer from int8-range codes [out, in] (zero-point 0), scales [out] and its float bias."""
+        if float(codes.min()) < -128 or float(codes.max()) > 127:
+            raise ConfigError("DynamicInt8Linear: weight codes must lie in [-128, 127] (a symmetric 8-bit grid)")
+        module = cls(codes.shape[1], codes.shape[0], kernel, bias is not None)
+        module.weight.copy_(codes.to(torch.int8))
+        module.weight_scale.copy_(scale.reshape(-1).float())
+        if bias is not None:
+            module.bias.copy_(bias.detach().float())
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._run is None:
+            self._run = BUILDERS[self.kernel](self)
+        rows = x.reshape(-1, self.in_features)
+        return self._run(rows.float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._run = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # the packed weight is opaque memory: copies remake it
+        state = dict(self.__dict__)
+        state["_run"] = None
+        return state
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "kernel": self.kernel,
+                "has_bias": self.has_bias, "times_ms": self.times_ms}
+
+    def extra_repr(self) -> str:
+        chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}{chosen}"
+
+    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
+        self._where = f"DynamicInt8Linear {path}"
+        expect_tensor(self, "weight", torch.int8, (self.out_features, self.in_features))
+        expect_tensor(self, "weight_scale", torch.float32, (self.out_features,))
+        if self.has_bias:
+            expect_tensor(self, "bias", torch.float32, (self.out_features,))
+        if not bool(torch.isfinite(self.weight_scale).all()) or not bool((self.weight_scale > 0).all()):
+            raise FormatError(f"{self._where}: weight scales must be finite and positive")
+        self._run = None
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _float(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, bias = module.dequantize(), module.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _fbgemm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    scale = module.weight_scale.double()
+    qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, torch.zeros_like(scale, dtype=torch.int64),
+                                                       0)
+    packed = torch.ops.quantized.linear_prepack(qweight, module.bias)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def _int_mm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight_t, scale, bias = module.weight.t().contiguous(), module.weight_scale, module.bias
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127
+        codes = torch.round(x / x_scale).to(torch.int8)
+        out = torch._int_mm(codes, weight_t).float().mul_(x_scale).mul_(scale)
+        return out if bias is None else out.add_(bias)
+    return run
+
+
+BUILDERS: dict[str, Callable[[DynamicInt8Linear], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "float": _float, "fbgemm": _fbgemm, "int_mm": _int_mm}
+
+
+def refusals(kernels: Sequence[str] = QUANTIZED_KERNELS) -> dict[str, str]:
+    """Why each of `kernels` cannot run on this machine (kernels that can are absent)."""
+    reasons = {"fbgemm": None if fbgemm_available() else "this torch build has no fbgemm",
+               "int_mm": None if hasattr(torch, "_int_mm") else "this torch has no _int_mm"}
+    return {name: reason for name in kernels if (reason := reasons.get(name)) is not None}
+
+
+def choose(module: DynamicInt8Linear, x: torch.Tensor, kernels: Sequence[str] = QUANTIZED_KERNELS, *,
+           repeats: int = 7, margin: float = 1.05) -> KernelChoice:
+    """Time the float layer and each allowed int8 kernel on input `x`; set the fastest (float unless
+    beaten by `margin`) as the module's kernel."""
+    rows = x.detach().reshape(-1, module.in_features).float().contiguous()
+    refused = refusals(kernels)
+    names = ["float", *(k for k in kernels if k != "float" and k not in refused)]
+    candidates = {name: BUILDERS[name](module) for name in names}
+    choice = choose_kernel(candidates, (rows,), baseline="float", repeats=repeats, margin=margin)
+    module.kernel, module.kernel_choice, module._run = choice.kernel, choice, candidates[choice.kernel]
+    return choice

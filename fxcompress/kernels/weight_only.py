@@ -1,0 +1,341 @@
+"""Weight-only quantized linear layers: integer weight codes, float activations, chosen kernel.
+
+A `WeightOnlyLinear` computes `F.linear(x, W, b)` where W is held only as integer codes u with one
+scale s and zero-point z per (output channel, group of `group_size` input channels):
+W = (u - z) * s. Codes are unsigned (u = q - qmin of the fake-quant grid): one per byte for grids of
+5..8 bits, two per byte (low nibble first) for grids of at most 4 bits.
+
+Each kernel turns the codes into what it multiplies, on first use (never stored, never saved):
+
+- "float": the dequantized float weight and `F.linear` (the float layer; kept where nothing beats it);
+- "dequantize": dequantizes the weight on every call (holds no float copy; slow);
+- "int8pack": `torch._weight_int8pack_mm`, int8 codes centered on a zero-point that fits int8
+  (symmetric 8-bit grids), one scale per output channel;
+- "int4pack": `torch._weight_int4pack_mm_for_cpu` (tinygemm's layout: W = (u - 8) * s + zero per
+  group of 32..256), grids of at most 4 bits whose groups it can tile;
+- "fbgemm_fp16": fbgemm's fp16-weight GEMM on the centered integer codes u - z (exact in fp16, which
+  holds every integer up to 2048), with the scales applied after: one output row per group (the input
+  split block-diagonally by group), scaled and summed. fp32 activations and accumulation, so the
+  result is the float layer's up to summation order.
+
+Which kernel wins depends on the machine and the input shape (on an AVX2 machine without AVX-512,
+torch's int8pack / int4pack ran 5-20x slower than fp32 at batch 1), so `choose` times every kernel
+that fits on the layer's real input (`choose_kernel`: interleaved rounds, medians, float kept unless
+beaten by its margin).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, FormatError, PreconditionError
+from ..quant.quantizers import GroupedCodes
+from .timing import KernelChoice, choose_kernel
+
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4pack kernel takes, largest first
+INT4_N_MULTIPLE = 16              # its packed layout needs output channels in multiples of 16
+FP16_EXACT = 2048                 # every integer of magnitude up to this is exact in fp16
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A way to run a WeightOnlyLinear: `refusal(m)` says why it cannot (None: it can), `build(m)`
+    returns the function computing the layer on 2-D inputs (bias included)."""
+
+    name: str
+    refusal: Callable[["WeightOnlyLinear"], str | None]
+    build: Callable[["WeightOnlyLinear"], Callable[[torch.Tensor], torch.Tensor]]
+
+
+class WeightOnlyLinear(nn.Module):
+    """A linear layer held as integer weight codes, run by the kernel `kernel`.
+
+    Buffers: `codes` (uint8: [out, in] for 8-bit storage, [out, in / 2] two codes per byte for 4-bit),
+    `scale` and `zero` (float32 [out, in / group_size]), `bias` (float32 [out]) when the layer has one.
+    `kernel_choice` is the measurement that picked the kernel (None when it was set by hand).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kernel: str = "float",
+                 has_bias: bool = True, times_ms: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        _check_config(in_features, out_features, bits, group_size, kernel)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.kernel, self.has_bias = kernel, has_bias
+        self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
+                                                                                    "times_ms": times_ms})
+        groups = in_features // group_size
+        self.register_buffer("codes", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.register_buffer("zero", torch.zeros(out_features, groups))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._where = "WeightOnlyLinear"
+
+    @property
+    def times_ms(self) -> dict[str, float] | None:
+        return None if self.kernel_choice is None else dict(self.kernel_choice.times_ms)
+
+    @classmethod
+    def from_grouped(cls, grouped: GroupedCodes, bias: torch.Tensor | None, kernel: str = "float",
+                     times_ms: Mapping[str, float] | None = None) -> "WeightOnlyLinear":
+        """The layer from a fake-quant grid's codes (rows = output channels) and its float bias."""
+        levels = grouped.qmax - grouped.qmin
+        if levels > 255:
+            raise PreconditionError(f"WeightOnlyLinear: a grid of {levels + 1} levels needs more than 8 bits; "
+                                    f"weight-only kernels take grids of at most 8 bits")
+        out, columns = grouped.codes.shape
+        bits = 4 if levels <= 15 and columns % 2 == 0 else 8
+        module = cls(columns, out, bits, grouped.group_size, kernel, bias is not None, times_ms)
+        unsigned = (grouped.codes - grouped.qmin).to(torch.uint8)
+        module.codes.copy_(pack_nibbles(unsigned) if bits == 4 else unsigned)
+        module.scale.copy_(grouped.scale)
+        module.zero.copy_(grouped.zero_point - grouped.qmin)
+        if bias is not None:
+            module.bias.copy_(bias.detach().float())
+        return module
+
+    def unsigned_codes(self) -> torch.Tensor:
+        """The codes u as uint8 [out, in], unpacked."""
+        return unpack_nibbles(self.codes) if self.bits == 4 else self.codes
+
+    def centered(self) -> torch.Tensor:
+        """u - z as float32 [out, in]: small integers, exact in float."""
+        return self.unsigned_codes().float() - self.zero.repeat_interleave(self.group_size, dim=1)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [out, in], bit-identical to the fake-quant weight it came from."""
+        return self.centered() * self.scale.repeat_interleave(self.group_size, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._run is None:
+            self._run = KERNELS[self.kernel].build(self)
+        rows = x.reshape(-1, self.in_features)
+        return self._run(rows.float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):  # moved or converted buffers: the run-time form is remade
+        self._run = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild the run-time form from the codes
+        state = dict(self.__dict__)
+        state["_run"] = None
+        return state
+
+    def held_bytes(self) -> int:
+        """Bytes of the stored tensors (codes, scales, zero-points, bias)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "kernel": self.kernel, "has_bias": self.has_bias,
+                "times_ms": self.times_ms}
+
+    def extra_repr(self) -> str:
+        chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, kernel={self.kernel}{chosen}")
+
+    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
+        """FormatError naming `path` and the tensor when a file attached tensors of the wrong kind."""
+        self._where = f"WeightOnlyLinear {path}"
+        groups = (self.out_features, self.in_features // self.group_size)
+        expected = {"codes": (torch.uint8, (self.out_features, self.in_features * self.bits // 8)),
+                    "scale": (torch.float32, groups), "zero": (torch.float32, groups)}
+        if self.has_bias:
+            expected["bias"] = (torch.float32, (self.out_features,))
+        for name, (dtype, shape) in expected.items():
+            expect_tensor(self, name, dtype, shape)
+        if not bool(torch.isfinite(self.scale).all()) or not bool(torch.isfinite(self.zero).all()):
+            raise FormatError(f"{self._where}: scales and zero-points must be finite")
+        self._run = None
+
+
+def expect_tensor(module: nn.Module, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """FormatError (naming the module's `_where` and the tensor) unless it is a contiguous `dtype` `shape`."""
+    tensor = module._buffers.get(name)
+    if tensor is None or tensor.dtype != dtype or tensor.device.type == "meta" or tuple(tensor.shape) != shape \
+            or not tensor.is_contiguous():
+        got = "nothing" if tensor is None else f"{tensor.dtype} {list(tensor.shape)} on {tensor.device}"
+        raise FormatError(f"{module._where}: tensor {name!r} is {got}, expected contiguous {dtype} {list(shape)}")
+
+
+def _check_config(in_features: int, out_features: int, bits: int, group_size: int, kernel: str) -> None:
+    """A configuration read from a file is checked before anything is built from it."""
+    sizes = (in_features, out_features, group_size)
+    if (not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes) or bits not in (4, 8)
+            or in_features % group_size or (bits == 4 and in_features % 2) or kernel not in KERNELS):
+        raise ConfigError(f"WeightOnlyLinear: needs positive in_features / out_features / group_size with "
+                          f"group_size dividing in_features (even for bits=4), bits 4 or 8, kernel one of "
+                          f"{sorted(KERNELS)}; got in_features={in_features!r}, out_features={out_features!r}, "
+                          f"bits={bits!r}, group_size={group_size!r}, kernel={kernel!r}")
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes < 16, [rows, 2n] -> [rows, n], column 2j in the low nibble, 2j + 1 in the high one."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# ---- the kernels -----------------------------------------------------------------------------------
+
+def _with_bias(module: WeightOnlyLinear, out: torch.Tensor) -> torch.Tensor:
+    return out if module.bias is None else out.add_(module.bias)
+
+
+def _float(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, bias = module.dequantize(), module.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _dequantize(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: F.linear(x, module.dequantize(), module.bias)
+
+
+def _int8pack_refusal(module: WeightOnlyLinear) -> str | None:
+    if module.group_size != module.in_features:
+        return "one scale per output channel only (the grid has groups)"
+    centered = module.centered()
+    if float(centered.min()) < -128 or float(centered.max()) > 127:
+        return "codes minus zero-point do not fit int8 (an asymmetric 8-bit grid)"
+    return None
+
+
+def _int8pack(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight = module.centered().to(torch.int8)
+    scale = module.scale[:, 0].contiguous()
+    return lambda x: _with_bias(module, torch._weight_int8pack_mm(x, weight, scale))
+
+
+def _int4_group(module: WeightOnlyLinear) -> int | None:
+    return next((g for g in INT4_GROUPS if module.group_size % g == 0), None)
+
+
+def _int4pack_refusal(module: WeightOnlyLinear) -> str | None:
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return "this torch has no _weight_int4pack_mm_for_cpu"
+    if module.bits != 4:
+        return "the grid has more than 16 levels"
+    if _int4_group(module) is None:
+        return f"group_size {module.group_size} is not a multiple of any of {INT4_GROUPS}"
+    if module.out_features % INT4_N_MULTIPLE:
+        return f"out_features {module.out_features} is not a multiple of {INT4_N_MULTIPLE}"
+    return None
+
+
+def _int4pack(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    group = _int4_group(module)
+    repeat = module.group_size // group
+    packed = torch._convert_weight_to_int4pack_for_cpu(module.unsigned_codes().to(torch.int32), 1)
+    scale = module.scale.repeat_interleave(repeat, dim=1)
+    zero = (8 - module.zero.repeat_interleave(repeat, dim=1)) * scale  # tinygemm: (u - 8) * s + zero
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return lambda x: _with_bias(module, torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros))
+
+
+def _fbgemm_refusal(module: WeightOnlyLinear) -> str | None:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this torch build has no fbgemm"
+    if float(module.centered().abs().max()) > FP16_EXACT:
+        return "centered codes are not exact in fp16"
+    return None
+
+
+def _fbgemm_fp16(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    packed = torch.ops.quantized.linear_prepack_fp16(module.centered(), None)
+    groups = module.in_features // module.group_size
+    scale_t = module.scale.t().contiguous()  # [groups, out]
+    if groups == 1:
+        return lambda x: _with_bias(module, torch.ops.quantized.linear_dynamic_fp16(x, packed).mul_(scale_t[0]))
+    # block-diagonal input: row (m, g) holds x[m] on group g's columns only, so output row (m, g) is
+    # the dot product of x with group g of every output channel; scale each group and sum
+    select = torch.block_diag(*[torch.ones(1, module.group_size)] * groups)  # [groups, in]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        blocks = (x.unsqueeze(1) * select).reshape(-1, module.in_features)
+        partial = torch.ops.quantized.linear_dynamic_fp16(blocks, packed).reshape(x.shape[0], groups, -1)
+        return _with_bias(module, (partial * scale_t).sum(dim=1))
+    return run
+
+
+KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
+    Kernel("float", lambda m: None, _float),
+    Kernel("dequantize", lambda m: None, _dequantize),
+    Kernel("int8pack", _int8pack_refusal, _int8pack),
+    Kernel("int4pack", _int4pack_refusal, _int4pack),
+    Kernel("fbgemm_fp16", _fbgemm_refusal, _fbgemm_fp16),
+)}
+QUANTIZED_KERNELS = tuple(name for name in KERNELS if name != "float")
+
+
+def refusals(module: WeightOnlyLinear, kernels: Sequence[str] = QUANTIZED_KERNELS) -> dict[str, str]:
+    """Why each of `kernels` cannot run this layer (kernels that can are absent)."""
+    return {name: reason for name in kernels if (reason := KERNELS[name].refusal(module)) is not None}
+
+
+def choose(module: WeightOnlyLinear, x: torch.Tensor, kernels: Sequence[str] = QUANTIZED_KERNELS, *,
+           repeats: int = 7, margin: float = 1.05) -> KernelChoice:
+    """Time the float layer and every kernel of `kernels` that fits on input `x`, and set the fastest
+    (float unless a kernel beats it by `margin`) as the module's kernel."""
+    rows = x.detach().reshape(-1, module.in_features).float().contiguous()
+    names = ["float", *(k for k in kernels if k != "float" and KERNELS[k].refusal(module) is None)]
+    candidates = {name: KERNELS[name].build(module) for name in names}
+    choice = choose_kernel(candidates, (rows,), baseline="float", repeats=repeats, margin=margin)
+    module.kernel, module.kernel_choice, module._run = choice.kernel, choice, candidates[choice.kernel]
+    return choice
+
+
+# ---- weights whose values lie on a uniform grid (k-means codebooks) ------------------------------
+
+def fit_grid(rows: torch.Tensor, per_row: bool, max_levels: int = 256) -> GroupedCodes | str:
+    """`rows` [out, in] as codes on one uniform grid (per row, or one for the whole tensor) that
+    reproduces every value bit for bit; otherwise the reason, naming the first row that does not fit.
+
+    A k-means codebook fits when its centroids are integer multiples of one step (plus an offset), e.g.
+    after snapping them to a grid; trained centroids almost never do, and are refused rather than rounded.
+    """
+    rows = rows.detach().float()
+    groups = rows if per_row else rows.reshape(1, -1)
+    codes, scales, zeros = [], [], []
+    for index, group in enumerate(groups):
+        found = _grid_of(torch.unique(group), max_levels)
+        if isinstance(found, str):
+            return f"{'row ' + str(index) if per_row else 'the weight'}: {found}"
+        step, low, values = found
+        codes.append(torch.round(group / step).to(torch.int32) - low)
+        scales.append(float(step))
+        zeros.append(-low)
+    scale = torch.tensor(scales, dtype=torch.float32).reshape(-1, 1).expand(rows.shape[0], 1).contiguous()
+    zero = torch.tensor(zeros, dtype=torch.float32).reshape(-1, 1).expand(rows.shape[0], 1).contiguous()
+    q = torch.stack(codes).reshape(rows.shape)
+    levels = int(q.max()) + 1
+    grouped = GroupedCodes(q, scale, zero, rows.shape[1], 0, 15 if levels <= 16 else 255)
+    if not torch.equal(grouped.dequantize(), rows):  # the grid must give back every value exactly
+        return "the values are not reproduced exactly by (code - zero) * step in float32"
+    return grouped
+
+
+def _grid_of(values: torch.Tensor, max_levels: int) -> tuple[torch.Tensor, int, int] | str:
+    """(step, lowest n, levels): every value is n * step exactly, for integers n spanning `levels`; or why not."""
+    if values.numel() == 1:
+        step = values.abs().clamp(min=torch.finfo(torch.float32).tiny)[0]
+        n = int(torch.round(values[0] / step))
+        return step, min(n, 0), abs(n) + 1
+    gaps = values[1:] - values[:-1]
+    smallest = gaps.min()
+    for divisor in range(1, max_levels):  # the step divides the smallest gap between two values
+        step = smallest / divisor
+        n = torch.round(values / step)
+        if float(n.max() - n.min()) >= max_levels:
+            break
+        if torch.equal(n * step, values):
+            return step, int(n.min()), int(n.max() - n.min()) + 1
+    return (f"its {values.numel()} distinct values are not integer multiples of one step "
+            f"(smallest gap {float(smallest):.6g}) within {max_levels} levels")

@@ -1,0 +1,158 @@
+"""LowerWeightOnly: linear layers with fake-quantized weights run from integer codes (weight-only).
+
+Runs after `InsertFakeQuant(method="linear", ...)`: int8 per channel (`bits=8, per_channel=True`),
+int4 group-wise (`bits=4, group_size=32 | 64 | 128`), or any linear grid of at most 8 bits; a k-means
+codebook lowers too when its values lie exactly on a uniform grid (checked value for value; otherwise
+the layer is skipped with the reason). Each selected linear / addmm layer becomes a
+`WeightOnlyLinear` holding the codes, scales and zero-points only: the float weight, its mask and
+its fake-quant module are removed. Activations stay float, so the outputs equal the fake-quant
+model's up to float summation order.
+
+The kernel is chosen per layer by measurement on the layer's real input from the example inputs
+(`kernels.weight_only.choose`): the float layer (the dequantized weight and `F.linear`) against every
+allowed kernel that fits, interleaved medians; a kernel replaces float only when it is `margin`
+times faster. Statistics per layer: the kernel, the milliseconds of every candidate, the bytes held.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxcompress.config import Interval, Options, Regex, TupleOf, validate
+from fxcompress.encoded.rewire import erase_unused
+from fxcompress.errors import PreconditionError
+from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyLinear, choose, fit_grid, refusals
+from fxcompress.layers import (KINDS, Layer, bias_arg, constant_value, input_arg, layer_node, select_layers,
+                               tied_readers, weight_arg)
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant import GridWeight, KMeansWeight
+from fxcompress.quant.quantizers import GroupedCodes, as_rows
+
+from .lower_sparse import _empty_husk, _layer_inputs
+
+LINEAR_KINDS = ("linear", "addmm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowerWeightOnly(Pass):
+    """kernels  the quantized kernels allowed (the float layer is always measured and kept where it wins):
+             "int8pack", "int4pack", "fbgemm_fp16", "dequantize"
+    repeats  timed rounds per candidate (medians); margin: how much faster a kernel must be than float
+    select   full-match regex over layer names (None: every linear layer with a linear fake-quant weight)
+    """
+
+    kernels: tuple[str, ...] = QUANTIZED_KERNELS
+    repeats: int = 7
+    margin: float = 1.05
+    select: str | None = None
+
+    constraints: ClassVar[dict] = {
+        "kernels": (TupleOf(Options(*QUANTIZED_KERNELS), min_len=1),),
+        "repeats": (Interval(int, 1, 1000),),
+        "margin": (Interval(float, 1.0, 10.0),),
+        "select": (Regex(), None),
+    }
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        layers = select_layers(gm, "LowerWeightOnly", LINEAR_KINDS, self.select)
+        planned, skipped = plan_layers(gm, layers, weight_codes)
+        if not planned:
+            raise PreconditionError(f"LowerWeightOnly: no layer to lower: {skipped or 'no linear layer'}; "
+                                    f"put InsertFakeQuant(method='linear', ...) on them first")
+        inputs = _layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
+        stats: dict[str, Any] = {}
+        for layer, grouped in ctx.each(planned, "timing kernels", lambda item: item[0].name):
+            node = layer_node(gm, layer)
+            module = WeightOnlyLinear.from_grouped(grouped, layer_bias(gm, node))
+            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin)
+            path = install(gm, layer, node, module, "weight_only")
+            stats[layer.name] = {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("float"), 4),
+                                 "bits": module.bits, "group_size": module.group_size,
+                                 "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
+                                 "fp32_bytes": 4 * (module.in_features + module.has_bias) * module.out_features,
+                                 "refused": refusals(module, self.kernels)}
+        kernels = ("float", *self.kernels)
+        return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
+                          stats={"layers": stats, "skipped": skipped,
+                                 "kernels": {k: sum(s["kernel"] == k for s in stats.values()) for k in kernels}})
+
+
+def plan_layers(gm: GraphModule, layers: list[Layer], read) -> tuple[list[tuple[Layer, Any]], dict[str, str]]:
+    """(layer, what `read` made of it) for the layers `read` accepts; the others with the reason it gave."""
+    planned, skipped = [], {}
+    for layer in layers:
+        node = layer_node(gm, layer)
+        found = "its weight is tied to another layer's" if tied_readers(gm, node) else read(gm, layer, node)
+        if isinstance(found, str):
+            skipped[layer.name] = found
+        else:
+            planned.append((layer, found))
+    return planned, skipped
+
+
+def fake_quant_module(gm: GraphModule, node: Node) -> tuple[torch.nn.Module, Node] | str:
+    """The fake-quant module that produces the layer's weight (last on its chain), or why there is none."""
+    quant = weight_arg(node) if node.op == "call_function" else None
+    if quant is None or quant.op != "call_module":
+        return "no fake-quant module produces its weight"
+    module = gm.get_submodule(quant.target)
+    if not isinstance(module, (GridWeight, KMeansWeight)):
+        return f"its weight comes from {type(module).__name__}, not a fake-quant module"
+    if not module.enabled:
+        return "its fake-quant module is switched off (set_quantization(gm, False))"
+    return module, quant
+
+
+def weight_codes(gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | str:
+    """The layer's fake-quant weight as codes in rows of output channels, or why it has none."""
+    if layer.kind == "addmm" and any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+        return "addmm with alpha / beta other than 1"
+    found = fake_quant_module(gm, node)
+    if isinstance(found, str):
+        return found
+    module, quant = found
+    weight = constant_value(gm, quant.args[0])
+    out_dim = KINDS[layer.kind].out_dim
+    if isinstance(module, KMeansWeight):
+        fitted = fit_grid(as_rows(module(weight), out_dim), per_row=module.axis is not None)
+        return fitted if not isinstance(fitted, str) else f"k-means codebook is not a uniform grid: {fitted}"
+    if module.method != "linear" or module.bits > 8:
+        return f"{module.method} grid of {module.bits} bits: weight-only kernels take linear grids of at most 8 bits"
+    grouped = module.grouped(weight)
+    if module.axis is None:  # one grid for the tensor: the same scale on every output row
+        codes = as_rows(grouped.codes.reshape(weight.shape), out_dim)
+        rows = codes.shape[0]
+        grouped = GroupedCodes(codes.contiguous(), grouped.scale.expand(rows, 1).contiguous(),
+                               grouped.zero_point.expand(rows, 1).contiguous(), codes.shape[1],
+                               grouped.qmin, grouped.qmax)
+    return grouped
+
+
+def layer_bias(gm: GraphModule, node: Node) -> torch.Tensor | None:
+    bias = bias_arg(node)
+    return None if bias is None else constant_value(gm, bias).detach().float()
+
+
+def install(gm: GraphModule, layer: Layer, node: Node, module: torch.nn.Module, suffix: str) -> str:
+    """Put `module` in the graph in place of the layer node; erase the weight chain and its tensors."""
+    owner, _, name = layer.weight.rpartition(".")
+    path = f"{owner}.{suffix}" if owner else f"{name}_{suffix}"
+    (gm.get_submodule(owner) if owner else gm).add_module(path.rpartition(".")[2], module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(path, (input_arg(node),))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    for dead in erase_unused(gm, node):
+        if dead.op == "get_attr" and not any(n.op == "get_attr" and n.target == dead.target for n in gm.graph.nodes):
+            parent, _, attr = dead.target.rpartition(".")
+            delattr(gm.get_submodule(parent), attr)
+    gm.delete_all_unused_submodules()
+    if owner:
+        _empty_husk(gm, owner)
+    return path
