@@ -22,7 +22,9 @@ from torch import nn
 
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
+from fxcompress.kernels.dynamic import DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
+from fxcompress.kernels.weight_only import WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
@@ -182,6 +184,8 @@ _OWN_MODULES: dict[str, type] = {
     "fxcompress.quant.native.NativeAdd": NativeAdd,
     "fxcompress.quant.native.NativeCat": NativeCat,
     "fxcompress.kernels.sparse.SparseLayer": SparseLayer,
+    "fxcompress.kernels.weight_only.WeightOnlyLinear": WeightOnlyLinear,
+    "fxcompress.kernels.dynamic.DynamicInt8Linear": DynamicInt8Linear,
 }
 
 
