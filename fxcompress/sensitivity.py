@@ -74,6 +74,14 @@ class SensitivityTable:
     def __str__(self) -> str:
         return self.to_text()
 
+    def plot(self, ax) -> None:
+        """Draw the curves on a matplotlib Axes: one per layer, metric against sparsity, baseline dashed."""
+        for layer, row in zip(self.layers, self.values):
+            ax.plot(self.sparsities, row, marker="o", label=layer)
+        ax.axhline(self.baseline, linestyle="--", color="grey", label="baseline")
+        ax.set(xlabel="sparsity", ylabel="metric", title=f"Pruning sensitivity ({self.granularity})")
+        ax.legend(fontsize="small")
+
     def save_plot(self, path: str | Path) -> Path:
         """Write a PNG: one curve per layer, metric against sparsity, baseline dashed."""
         try:
@@ -83,11 +91,7 @@ class SensitivityTable:
         except ImportError as exc:
             raise MissingDependencyError("sensitivity plots need matplotlib: pip install 'fxcompress[draw]'") from exc
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for layer, row in zip(self.layers, self.values):
-            ax.plot(self.sparsities, row, marker="o", label=layer)
-        ax.axhline(self.baseline, linestyle="--", color="grey", label="baseline")
-        ax.set(xlabel="sparsity", ylabel="metric", title=f"Pruning sensitivity ({self.granularity})")
-        ax.legend(fontsize="small")
+        self.plot(ax)
         fig.tight_layout()
         fig.savefig(path, format="png")
         plt.close(fig)

@@ -1,0 +1,103 @@
+"""The report's pictures as inline PNG data (base64), drawn with matplotlib, an optional extra.
+
+`available()` says whether matplotlib can be imported; without it the report keeps its tables and
+the graph (which draw.py writes as SVG itself). Every figure is closed after it is encoded.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import torch
+
+from ..sensitivity import SensitivityTable
+from .collect import LayerWeights
+
+BLUE, ORANGE, RED, GREY = "#4c78a8", "#f58518", "#d62728", "#9d9d9d"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def available() -> bool:
+    return _pyplot() is not None
+
+
+def _encode(fig) -> str:
+    """The figure as a data: URI (PNG), and the figure closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def bytes_and_sparsity(rows: Sequence[dict]) -> str:
+    """Per layer: dense vs compressed bytes (log scale) and weight sparsity, side by side."""
+    plt = _pyplot()
+    rows = [r for r in rows if r.get("dense_bytes")]
+    names = [str(r["layer"]) for r in rows]
+    height = max(2.6, 0.32 * len(rows) + 1.2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, height), sharey=True,
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    where = torch.arange(len(rows)).numpy()
+    left.barh(where - 0.2, [r["dense_bytes"] for r in rows], height=0.4, color=GREY, label="dense fp32")
+    left.barh(where + 0.2, [r["compressed_bytes"] for r in rows], height=0.4, color=BLUE, label="compressed")
+    left.set(xscale="log", xlabel="bytes (log scale)", title="Bytes per layer")
+    left.set_yticks(where, names, fontsize=9)
+    left.invert_yaxis()
+    left.legend(fontsize=9, loc="lower right")
+    right.barh(where, [100 * (r.get("sparsity") or 0) for r in rows], color=ORANGE)
+    right.set(xlim=(0, 100), xlabel="weights pruned (%)", title="Sparsity per layer")
+    for y, r in zip(where, rows):
+        if r.get("sparsity") is not None:
+            right.text(min(100 * r["sparsity"] + 1, 88), y, f"{100 * r['sparsity']:.1f}%", va="center", fontsize=8)
+    # fixed margins (tight_layout draws every figure twice): room on the left for the longest name
+    fig.subplots_adjust(left=min(0.4, 0.03 + 0.0075 * max(map(len, names), default=0)), right=0.98,
+                        bottom=0.9 / height, top=1 - 0.45 / height, wspace=0.08)
+    return _encode(fig)
+
+
+def histogram(weights: LayerWeights) -> str:
+    """Deep Compression's picture of a layer: the weights before quantization (zeros left out) with
+    the centroids marked, and how many weights each centroid took after quantization."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 2.7))
+    after = weights.after.flatten().float()
+    before = weights.before.flatten().float() if weights.before is not None else None
+    shown = before[before != 0] if before is not None else after[after != 0]
+    left.hist(shown.numpy(), bins=120, color=BLUE if before is not None else GREY)
+    left.set(title=f"{weights.name}: {'before' if before is not None else 'after'} quantization "
+                   "(nonzero weights)", xlabel="weight value", ylabel="count")
+    if weights.centroids is not None and weights.centroids.numel() <= 64:
+        for c in weights.centroids.numpy():
+            left.axvline(c, color=RED, linewidth=0.6, alpha=0.35)
+        left.plot(weights.centroids.numpy(), [0] * weights.centroids.numel(), "^", color=RED, markersize=6,
+                  clip_on=False, label=f"{weights.centroids.numel()} centroids")
+        left.legend(fontsize=8, loc="upper right")
+    if weights.centroids is not None:
+        values, counts = torch.unique(after[after != 0], return_counts=True)
+        right.vlines(values.numpy(), 0, counts.numpy(), color=RED, linewidth=2)
+        right.plot(values.numpy(), counts.numpy(), "o", color=RED, markersize=3)
+        right.set(title="after quantization: weights per centroid", xlabel="centroid value", ylabel="count")
+    else:
+        right.hist(after[after != 0].numpy(), bins=120, color=GREY)
+        right.set(title="after (not on a codebook)", xlabel="weight value", ylabel="count")
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.18, top=0.88, wspace=0.2)
+    return _encode(fig)
+
+
+def sensitivity_curves(table: SensitivityTable) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    table.plot(ax)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.92)
+    return _encode(fig)
