@@ -188,7 +188,8 @@ class SparseLayer(nn.Module):
         if self.kernel == "dense":
             return self.weight
         make = torch.sparse_bsr_tensor if self.blocksize else torch.sparse_csr_tensor
-        matrix = make(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))
+        matrix = make(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features),
+                      check_invariants=True)
         return matrix.to_dense().reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
