@@ -4,7 +4,10 @@ The stages (staged pruning, k-means, encoding and the file; then channel pruning
 inference from the same dense model) are described and run by `fxcompress.cli.demo.deep_compression`,
 which `fxcompress demo` runs too.
 
-    python examples/deep_compression.py [--data digits|fashion-mnist|auto] [--epochs N]
+    python examples/deep_compression.py [--data digits|fashion-mnist|auto] [--epochs N] [--out DIR]
+
+It leaves lenet300.fxc, summary.md and the report (report.html with its pictures, report.md) in
+--out (default fxcompress-demo/).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from zoo import LeNet300100
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return demo(parser.parse_args(argv), LeNet300100)
+    parser.add_argument("--out", default="fxcompress-demo", help="folder for the file and the report")
+    args = parser.parse_args(argv)
+    return demo(args, LeNet300100, out=args.out)
 
 
 if __name__ == "__main__":

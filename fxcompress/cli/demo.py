@@ -26,6 +26,8 @@ from ..compile import compile as compile_model
 from ..datasets import Dataset, load_dataset
 from ..fileformat import load, save
 from ..history import history
+from ..report import write_report
+from ..sensitivity import sensitivity
 from ..passes import ActivationConfig, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger, PruneChannels
 from ..summary import summary
 from ..training import evaluate, train
@@ -33,14 +35,15 @@ from .models import zoo_module
 
 STAGES = (0.6, 0.8, 0.9)  # global weight sparsity after each pruning stage
 QUICK = {"epochs": 4, "retrain_epochs": 1}  # --quick: a minute's run that still shows every stage
+SENSITIVITY = (0.5, 0.7, 0.8, 0.9, 0.95)  # the report's sensitivity curves of the dense model
 
 
 def deep_compression(model: nn.Module, data: Dataset, *, epochs: int = 30, retrain_epochs: int = 8, bits: int = 5,
                      out: str | os.PathLike | None = None) -> dict[str, float]:
     """Train `model` on `data`, compress it in three stages and try the two other roads; prints as it goes.
 
-    The compressed file (and, with `out`, the summary as Markdown) is written to `out`, else to a
-    temporary folder. Returns the accuracies, the compression ratio and whether the file is exact.
+    The compressed file (and, with `out`, the summary as Markdown and the HTML report with its
+    Markdown) is written to `out`, else to a temporary folder. Returns the accuracies, the compression ratio and whether the file is exact.
     """
     start = time.perf_counter()
     train(model, data, epochs=epochs, lr=1e-3, batch_size=64)
@@ -70,11 +73,26 @@ def deep_compression(model: nn.Module, data: Dataset, *, epochs: int = 30, retra
     if out is not None:
         Path(out, "summary.md").write_text(f"# Deep Compression of LeNet-300-100 on {data.name}\n\n"
                                            f"{table.to_markdown()}\n\n```\n{table.history}\n```\n")
+        facts = {"data": f"{data.name}, {len(data.train_x)} train / {len(data.test_x)} test images",
+                 "accuracy": f"dense {dense:.4f} -> compressed {final:.4f}",
+                 "file": f"lenet300.fxc, {file_bytes} bytes ({dense_bytes / file_bytes:.1f}x smaller than fp32)",
+                 "outputs identical to the fake-quant model": str(exact)}
+        _report(encoded, gm, model, data, Path(out) / "report.html", facts)
     calibration = [data.train_x[i:i + 128] for i in range(0, 512, 128)]
     structured = other_roads(model, data, example, calibration)
     print(f"\n{time.perf_counter() - start:.1f}s")
     return {"dense_accuracy": dense, "accuracy": final, "ratio": dense_bytes / file_bytes, "exact": exact,
             **structured}
+
+
+def _report(encoded, fake_quant, dense_model, data: Dataset, path: Path, facts: dict) -> None:
+    """The HTML report (and its Markdown) of the encoded model: its weights before quantization come
+    from the fake-quant model; the sensitivity curves from the dense one."""
+    table = sensitivity(dense_model, lambda m: evaluate(m, data.test_x, data.test_y), SENSITIVITY)
+    files = write_report(encoded, path, title=f"Deep Compression of LeNet-300-100 on {data.name}",
+                         reference=fake_quant, sensitivity=table, facts=facts,
+                         example_inputs=(data.test_x[:1],))
+    print(f"report: {files.html} ({files.pictures} pictures) and {files.markdown}")
 
 
 def _prune_and_share(model: nn.Module, data: Dataset, example: tuple, retrain_epochs: int, bits: int):
@@ -153,7 +171,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['epochs']} dense epochs and {QUICK['retrain_epochs']} after each stage")
-    parser.add_argument("--out", default="fxcompress-demo", help="folder for lenet300.fxc and summary.md")
+    parser.add_argument("--out", default="fxcompress-demo",
+                        help="folder for lenet300.fxc, summary.md and report.html (with report.md)")
     parser.set_defaults(handler=_command)
 
 

@@ -1,5 +1,5 @@
-"""`fxcompress inspect | report | decode | export`: look into a compressed file (as text or a Markdown
-report, tables only), decode it, export its weights.
+"""`fxcompress inspect | report | decode | export`: look into a compressed file (as text, or as an HTML
+report with pictures and its Markdown), decode it, export its weights.
 
 decode writes a dense model: a `.fxc` OUT is the dense GraphModule in the fxcompress file format
 (load it with fxcompress.load, pickle-free); a `.pt` / `.pth` OUT is a plain PyTorch state dict
@@ -19,6 +19,8 @@ from ..encoded.decode import decode
 from ..errors import ConfigError, FormatError
 from ..export import sparse_arrays, to_json, to_onnx
 from ..fileformat import load, save
+from ..draw import DEFAULT_MAX_NODES
+from ..report import write_report
 from ..summary import summary
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
@@ -59,14 +61,21 @@ def inspect_file(args: argparse.Namespace) -> int:
 
 
 def report_file(args: argparse.Namespace) -> int:
-    """The summary as Markdown (the HTML report with pictures is not built yet)."""
+    """The HTML report with its pictures and the Markdown beside it (only the Markdown with --markdown)."""
     example = (torch.zeros(_input_shape(args.input_shape)),) if args.input_shape else None
     gm = _load(args.file)
-    table = summary(gm, example)
-    out = Path(args.out) if args.out else Path(args.file).with_suffix(".md")
-    out.write_text(f"# {Path(args.file).name}\n\n{Path(args.file).stat().st_size} bytes on disk\n\n"
-                   f"{table.to_markdown()}\n\n## Passes\n\n```\n{table.history or '(none)'}\n```\n")
-    print(f"{out}: Markdown summary, {out.stat().st_size} bytes")
+    reference = _load(args.reference) if args.reference else None
+    suffix = ".md" if args.markdown else ".html"
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
+    if out.suffix.lower() != suffix:
+        raise ConfigError(f"report --out must end in {suffix}{' (with --markdown)' if args.markdown else ''}, "
+                          f"got {out.name!r}")
+    facts = {"file": f"{Path(args.file).name}, {Path(args.file).stat().st_size} bytes on disk"}
+    files = write_report(gm, out, title=f"Report of {Path(args.file).name}", reference=reference,
+                         example_inputs=example, facts=facts, max_nodes=args.max_nodes)
+    if files.html is not None:
+        print(f"{files.html}: HTML report, {files.html.stat().st_size} bytes, {files.pictures} pictures")
+    print(f"{files.markdown}: Markdown report, {files.markdown.stat().st_size} bytes")
     return 0
 
 
@@ -130,11 +139,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--input-shape", help="an input's shape, e.g. 1,1,28,28, to count MACs")
     parser.set_defaults(handler=inspect_file)
 
-    parser = commands.add_parser("report", help="write a .fxc file's summary and pass history as Markdown",
-                                 description="Write the summary table and the pass history as Markdown "
-                                             "(tables only: the HTML report with pictures is not built yet).")
+    parser = commands.add_parser("report", help="write a .fxc file's HTML report (pictures) and its Markdown",
+                                 description="Write a self-contained HTML report (summary, bytes and sparsity per "
+                                             "layer, weight histograms with centroids, pass history, graph) and "
+                                             "the same tables as Markdown beside it; pictures need matplotlib.")
     parser.add_argument("file", help="a file written by fxcompress.save")
-    parser.add_argument("--out", help="the Markdown file (default: FILE with .md)")
+    parser.add_argument("--out", help="the report (default: FILE with .html, or .md with --markdown)")
+    parser.add_argument("--markdown", action="store_true", help="only the Markdown tables, no HTML")
+    parser.add_argument("--reference", help="a .fxc file holding the weights before quantization (the "
+                                            "fake-quant model of an encoded FILE) for the histograms")
+    parser.add_argument("--max-nodes", type=int, default=DEFAULT_MAX_NODES,
+                        help="draw modules collapsed when the graph has more boxes than this")
     parser.add_argument("--input-shape", help="an input's shape, e.g. 1,1,28,28, to count MACs")
     parser.set_defaults(handler=report_file)
 

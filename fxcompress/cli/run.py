@@ -3,7 +3,8 @@ checkpoint after every step, and a rerun that resumes after the last finished st
 
 The output folder holds `state.json` (each finished step's fingerprint and accuracy), `dense.pt` (the
 trained dense weights, a plain state dict), `step-NN.fxc` (each step's model in the pickle-free file
-format), and at the end `model.fxc` and `summary.md`. A step is skipped on a rerun when its
+format), and at the end `model.fxc`, `summary.md` and the report (`report.html` with its pictures, and
+`report.md`). A step is skipped on a rerun when its
 checkpoint exists and its fingerprint (everything the step depends on: model, data, seeds, training,
 the steps up to it) is unchanged; the first changed step and all later ones run again.
 """
@@ -23,6 +24,7 @@ from ..distill import DistillationLoss
 from ..errors import FxCompressError
 from ..execution import evaluating
 from ..fileformat import load, save, to_bytes
+from ..report import write_report
 from ..summary import summary
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, as_channels, image_folder_classes, subset
@@ -213,8 +215,9 @@ def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
     recipe, out = run.recipe, run.out
     dense = run.dense(model, data)
     teacher = copy.deepcopy(model).eval() if any(s.finetune and s.finetune.distill for s in recipe.steps) else None
-    gm, accuracies = model, []
+    gm, accuracies, before = model, [], model
     for step in recipe.steps:
+        before = gm  # the last step's input: a lowered model's weights before quantization are there
         gm, accuracy = run.step(step, gm, data, example, calibration, teacher)
         accuracies.append(accuracy)
     file_bytes = save(gm, out / "model.fxc")
@@ -226,9 +229,14 @@ def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
              "", table.to_markdown(), "", f"model.fxc: {file_bytes} bytes; fp32 parameters: {dense_bytes} bytes "
              f"({dense_bytes / file_bytes:.1f}x)", "", "```", table.history, "```", ""]
     (out / "summary.md").write_text("\n".join(lines))
+    facts = {"recipe": recipe.doc.name, "data": f"{data.name}" + (" (quick)" if recipe.quick else ""),
+             "accuracy": f"dense {dense:.4f} -> {accuracies[-1]:.4f}" if accuracies else f"dense {dense:.4f}",
+             "model.fxc": f"{file_bytes} bytes ({dense_bytes / file_bytes:.1f}x smaller than fp32)"}
+    report = write_report(gm, out / "report.html", title=f"{recipe.doc.name}: {recipe.model}", facts=facts,
+                          reference=before if before is not gm else None, example_inputs=example)
     run.log(table.to_text(with_history=False))
     run.log(f"model.fxc: {file_bytes} bytes, {dense_bytes / file_bytes:.1f}x smaller than the fp32 parameters; "
-            f"accuracy dense {dense:.4f} -> {accuracies[-1]:.4f}; written to {out}")
+            f"accuracy dense {dense:.4f} -> {accuracies[-1]:.4f}; written to {out} (report: {report.html.name})")
     return {"dense_accuracy": dense, "accuracies": accuracies, "file_bytes": file_bytes,
             "dense_bytes": dense_bytes, "out": str(out)}
 

@@ -25,12 +25,34 @@ def test_inspect_prints_summary_bytes_and_history(cli, encoded_file):
     assert status == 0 and macs == 64 * 300 + 300 * 100 + 100 * 10 and str(macs) in out
 
 
-def test_report_writes_the_summary_as_markdown(cli, encoded_file):
+def test_report_writes_html_with_the_markdown_beside_it(cli, encoded_file):
     path, _, _ = encoded_file
     status, out, _ = cli("report", path)
-    text = path.with_suffix(".md").read_text()
-    assert status == 0 and str(path.with_suffix(".md")) in out
+    page, text = path.with_suffix(".html").read_text(), path.with_suffix(".md").read_text()
+    assert status == 0 and str(path.with_suffix(".html")) in out and str(path.with_suffix(".md")) in out
     assert fxcompress.summary(fxcompress.load(path)).to_markdown() in text and "LowerToEncoded(" in text
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "LowerToEncoded" in page
+    assert page.count('src="data:image/png;base64,') >= 1 + 3  # the bars and one histogram per layer
+
+
+def test_report_markdown_only(cli, encoded_file, tmp_path):
+    path, _, _ = encoded_file
+    out = tmp_path / "only.md"
+    status, printed, _ = cli("report", path, "--markdown", "--out", out)
+    assert status == 0 and str(out) in printed and "HTML" not in printed
+    assert "LowerToEncoded(" in out.read_text() and not out.with_suffix(".html").exists()
+    status, _, err = cli("report", path, "--markdown", "--out", tmp_path / "page.html")
+    assert status == 1 and "--out must end in .md" in _one_line(err)
+
+
+def test_report_takes_the_weights_before_quantization_from_a_reference(cli, encoded_file, tmp_path):
+    path, gm, _ = encoded_file
+    fake_quant = tmp_path / "fake_quant.fxc"
+    fxcompress.save(gm, fake_quant)
+    status, _, _ = cli("report", path, "--out", tmp_path / "r.html")
+    assert status == 0 and "pass a reference model" in (tmp_path / "r.html").read_text()
+    status, _, _ = cli("report", path, "--reference", fake_quant, "--out", tmp_path / "r2.html")
+    assert status == 0 and "pass a reference model" not in (tmp_path / "r2.html").read_text()
 
 
 @pytest.mark.parametrize("suffix", [".fxc", ".pt"])
