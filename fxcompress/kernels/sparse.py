@@ -47,9 +47,8 @@ BSR_BLOCKS = (16, 8, 4)                      # block sizes tried, largest first
 BSR_MIN_FILL = 0.5                           # a BSR candidate needs its blocks at least this full
 
 
-@torch.library.custom_op("fxcompress::sparse_linear", mutates_args=())
-def sparse_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                  bias: torch.Tensor | None, in_features: int, out_features: int, kernel: str) -> torch.Tensor:
+def sparse_linear_eager(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                        bias: torch.Tensor | None, in_features: int, out_features: int, kernel: str) -> torch.Tensor:
     """x [M, in] times the transposed sparse weight [out, in] (CSR, or BSR when `values` is 3-D), plus bias."""
     if kernel == "scipy_csr":
         matrix = _scipy_matrix(crow, col, values, (out_features, in_features))
@@ -62,6 +61,12 @@ def sparse_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values
         weight = make(crow, col, values, (out_features, in_features), check_invariants=False)
         out = torch.mm(weight, x.t()).t().contiguous()
     return out.add_(bias) if bias is not None else out
+
+
+# The same product as an opaque custom op, for graphs that torch.compile / torch.export trace and for
+# autograd; eager inference calls the function itself (the op's wrapper imports torch._dynamo on first
+# use, seconds, and costs microseconds per call on layers that take microseconds).
+sparse_linear = torch.library.custom_op("fxcompress::sparse_linear", sparse_linear_eager, mutates_args=())
 
 
 @sparse_linear.register_fake
@@ -203,8 +208,12 @@ class SparseLayer(nn.Module):
         return self._conv(x)
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fxcompress.sparse_linear(rows, self.crow_indices, self.col_indices, self.values, self.bias,
-                                                  self.in_features, self.out_features, self.kernel)
+        args = (rows, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features,
+                self.out_features, self.kernel)
+        if type(rows) is torch.Tensor and not torch.compiler.is_compiling() and not (
+                rows.requires_grad and torch.is_grad_enabled()):
+            return sparse_linear_eager(*args)  # plain eager inference: no op dispatch
+        return torch.ops.fxcompress.sparse_linear(*args)  # traced (fake / proxy tensors) or differentiated
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """im2col, one sparse matmul over every output position of every image, back to N x C x H x W."""
@@ -332,7 +341,7 @@ def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: t
     choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense", repeats=repeats,
                            margin=margin)
     chosen = forms[choice.kernel]
-    chosen.kernel_choice = choice
+    chosen.kernel_choice = KernelChoice.from_stats(choice.as_stats())  # as stats, history and files hold it
     return chosen
 
 

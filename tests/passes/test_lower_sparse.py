@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.errors import ConfigError
+from fxcompress.kernels import SparseLayer, remeasure
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToSparse
+from zoo import LeNet5, LeNet300100
+
+FAST = {"repeats": 2}
+
+
+def _masked(model, x, sparsity=0.9):
+    return fxcompress.compile(model.eval(), [InsertMasks(sparsity=sparsity, scope="global")], example_inputs=(x,))
+
+
+def _sparse_layers(gm):
+    return {path: m for path, m in gm.named_modules() if isinstance(m, SparseLayer)}
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_lenet300_lowers_every_pruned_layer_and_computes_what_the_masked_model_does(batch):
+    x = torch.randn(batch, 1, 28, 28)
+    masked = _masked(LeNet300100(), x)
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
+    for inputs in (x, torch.randn(3, 1, 28, 28)):  # any batch size runs, whatever the timing batch was
+        torch.testing.assert_close(lowered(inputs), masked(inputs), rtol=1e-5, atol=1e-5)
+    layers = _sparse_layers(lowered)
+    assert set(layers) == {"fc1.sparse", "fc2.sparse", "fc3.sparse"}
+    stats = fxcompress.history(lowered)[-1].stats["layers"]
+    for name, entry in stats.items():
+        module = layers[entry["module"]]
+        assert entry["kernel"] == module.kernel == module.kernel_choice.kernel
+        assert set(entry["times_ms"]) == {"dense", "torch_csr", "scipy_csr"}  # random sparsity: no BSR candidate
+        assert entry["speedup"] == pytest.approx(entry["times_ms"]["dense"] / entry["times_ms"][entry["kernel"]],
+                                                 rel=1e-3)
+        assert entry["input_shape"] == [batch, module.in_features] and entry["held_bytes"] == module.held_bytes()
+    assert sum(fxcompress.history(lowered)[-1].stats["kernels"].values()) == 3
+
+
+def test_the_float_weights_masks_and_chains_are_gone():
+    x = torch.randn(2, 1, 28, 28)
+    lowered = fxcompress.compile(_masked(LeNet300100(), x), [LowerToSparse(min_sparsity=0.0, **FAST)],
+                                 example_inputs=(x,))
+    names = set(lowered.state_dict())
+    assert not any(n.endswith(("weight_mask", ".weight", ".bias")) and ".sparse." not in n for n in names), names
+    assert not list(lowered.parameters())
+    for layer in _sparse_layers(lowered).values():  # held bytes: the chosen form only
+        dense = layer.kernel == "dense"
+        assert ("weight" in dict(layer.named_buffers())) == dense and ("values" in dict(layer.named_buffers())) != dense
+    print(lowered)  # the emptied layer modules still print (a weightless nn.Linear would not)
+
+
+def test_lenet5_convolutions_and_layers_below_min_sparsity():
+    x = torch.randn(2, 1, 28, 28)
+    masked = _masked(LeNet5(), x)
+    sparsity = fxcompress.history(masked)[-1].stats["layers"]
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.5, **FAST)], example_inputs=(x,))
+    torch.testing.assert_close(lowered(x), masked(x), rtol=1e-5, atol=1e-5)
+    record = fxcompress.history(lowered)[-1].stats
+    expected = {name for name, s in sparsity.items() if s >= 0.5}
+    assert set(record["layers"]) == expected and "conv2" in expected
+    assert set(record["skipped"]) == set(sparsity) - expected
+    assert all("below min_sparsity 0.5" in reason for reason in record["skipped"].values())
+
+
+def test_encoded_layers_are_decoded_once_into_the_chosen_form():
+    x = torch.randn(2, 1, 28, 28)
+    encoded = fxcompress.compile(_masked(LeNet300100(), x), [InsertFakeQuant(bits=5, method="kmeans"),
+                                                             LowerToEncoded(bias="float16")], example_inputs=(x,))
+    lowered = fxcompress.compile(encoded, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
+    torch.testing.assert_close(lowered(x), encoded(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, EncodedWeight) for m in lowered.modules())
+    assert all(layer.values.dtype == torch.float32 for layer in _sparse_layers(lowered).values() if layer.kernel != "dense")
+
+
+def test_a_model_without_masks_is_unchanged_with_the_reasons():
+    x = torch.randn(2, 1, 28, 28)
+    gm = fxcompress.compile(LeNet300100().eval(), [LowerToSparse(**FAST)], example_inputs=(x,))
+    record = fxcompress.history(gm)[-1]
+    assert not record.changed and not _sparse_layers(gm)
+    assert set(record.stats["skipped"]) == {"fc1", "fc2", "fc3"}
+    assert all("no mask" in reason for reason in record.stats["skipped"].values())
+
+
+@pytest.mark.parametrize("field, value", [("kernels", ("coo",)), ("kernels", ()), ("margin", 0.9),
+                                          ("repeats", 0), ("min_sparsity", 1.0), ("select", "fc(")])
+def test_bad_configuration_is_refused_by_field(field, value):
+    with pytest.raises(ConfigError, match=rf"LowerToSparse\.{field}"):
+        LowerToSparse(**{field: value})
+
+
+def test_save_load_keeps_the_choice_and_remeasure_rechooses(tmp_path):
+    x = torch.randn(1, 1, 28, 28)
+    masked = _masked(LeNet5(), x)
+    lowered = fxcompress.compile(masked, [LowerToSparse(**FAST)], example_inputs=(x,))
+    fxcompress.save(lowered, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    torch.testing.assert_close(loaded(x), masked(x), rtol=1e-5, atol=1e-5)
+    before, after = _sparse_layers(lowered), _sparse_layers(loaded)
+    assert {p: (m.kernel, m.kernel_choice) for p, m in after.items()} == \
+        {p: (m.kernel, m.kernel_choice) for p, m in before.items()}
+    rows = {row["layer"]: row for row in fxcompress.summary(loaded).rows}
+    for path, layer in after.items():
+        row = rows[path.removesuffix(".sparse")]
+        assert row["kernel"] == layer.kernel and row["latency_ms"] == layer.kernel_choice.ms
+        assert row["compressed_bytes"] == layer.held_bytes() and row["nonzeros"] == layer.nonzeros()
+    batch = torch.randn(16, 1, 28, 28)
+    stats = remeasure(loaded, (batch,), repeats=2)
+    assert set(stats) == set(after)
+    assert all(after[p].kernel_choice.as_stats() == s for p, s in stats.items())
+    torch.testing.assert_close(loaded(batch), masked(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_and_compile_run_the_lowered_model():
+    x = torch.randn(2, 1, 28, 28)
+    masked = _masked(LeNet300100(), x)
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
+    for layer, kernel in zip(_sparse_layers(lowered).values(), ("torch_csr", "scipy_csr", "dense")):
+        layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, kernel))  # each form once
+    exported = torch.export.export(lowered, (x,))
+    assert any("fxcompress.sparse_linear" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), masked(x), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(lowered, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), masked(x), rtol=1e-5, atol=1e-5)
