@@ -1,0 +1,90 @@
+"""write_report: the HTML page and its Markdown, the weights before / after quantization, the pictures,
+and the tables-only page without matplotlib."""
+import base64
+import re
+import sys
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.errors import ConfigError
+from fxcompress.layers import find_layers
+from fxcompress.report import layer_weights, write_report
+
+PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def test_weights_before_quantization_come_from_the_chain_or_the_reference(compressed):
+    dense, fake_quant, encoded, _ = compressed
+    from_chain = {w.name: w for w in layer_weights(fake_quant)}
+    for layer in find_layers(fake_quant):
+        masked = dense.get_submodule(layer.name).weight * fake_quant.get_submodule(layer.name).weight_mask
+        weights = from_chain[layer.name]
+        assert torch.equal(weights.before, masked)  # the quantizer's input: the pruned float weight
+        assert torch.equal(weights.centroids, torch.unique(weights.after[weights.after != 0]))
+        assert 1 < weights.centroids.numel() <= 16  # 4-bit k-means
+        assert (weights.after[weights.before == 0] == 0).all()
+    assert all(w.before is None for w in layer_weights(encoded))  # encoded: the float weights are gone
+    referenced = {w.name: w for w in layer_weights(encoded, reference=fake_quant)}
+    assert all(torch.equal(referenced[n].before, w.before) and torch.equal(referenced[n].after, w.after)
+               for n, w in from_chain.items())
+    plain = {w.name: w for w in layer_weights(encoded, reference=dense)}  # a plain module: its weights
+    assert torch.equal(plain["fc1"].before, dense.fc1.weight)
+
+
+def test_a_reference_that_does_not_fit_is_refused(compressed):
+    _, _, encoded, _ = compressed
+    from zoo import LeNet300100
+    with pytest.raises(ConfigError, match="layer fc1 has weight shape"):
+        layer_weights(encoded, reference=LeNet300100(in_features=784))
+    with pytest.raises(ConfigError, match="report.reference"):
+        layer_weights(encoded, reference="fake_quant.fxc")
+
+
+def test_html_page_holds_tables_pictures_and_graph(compressed, table, tmp_path):
+    _, fake_quant, encoded, x = compressed
+    files = write_report(encoded, tmp_path / "r.html", reference=fake_quant, sensitivity=table,
+                         example_inputs=(x[:1],), facts={"accuracy": "0.9 -> 0.9"}, title="LeNet <test>")
+    page = files.html.read_text()
+    pictures = PNG.findall(page)
+    assert files.pictures == len(pictures) == 1 + 3 + 1  # bars, a histogram per layer, the sensitivity curves
+    for data in pictures:
+        png = base64.b64decode(data)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    summary = fxcompress.summary(encoded, (x[:1],))
+    assert f"<b>{summary.totals['ratio']:.2f}x</b>" in page and "LeNet &lt;test&gt;" in page
+    for record in fxcompress.history(encoded):
+        assert f"<td>{record.name}</td>" in page
+    assert page.count('<g class="node">') >= len([n for n in encoded.graph.nodes if n.op != "get_attr"]) - 3
+    assert not re.search(r'(src|href)="(https?:)?//|<link|@import|url\(http', page)  # nothing is fetched
+    text = files.markdown.read_text()
+    assert files.markdown == tmp_path / "r.md" and summary.to_markdown() in text
+    assert table.to_markdown() in text and "LowerToEncoded" in text
+
+
+def test_without_matplotlib_the_page_keeps_its_tables_and_graph(compressed, table, tmp_path, monkeypatch):
+    _, _, encoded, _ = compressed
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    files = write_report(encoded, tmp_path / "r.html", sensitivity=table)
+    page = files.html.read_text()
+    assert files.pictures == 0 and not PNG.search(page)
+    assert "matplotlib is not installed" in page and "<svg" in page and "compressed_bytes" in page
+    assert "<td>fc1</td>" in page and "Pruning sensitivity" in page
+
+
+def test_markdown_only_and_bad_arguments(compressed, tmp_path):
+    _, fake_quant, _, _ = compressed
+    files = write_report(fake_quant, tmp_path / "only.md")
+    assert files.html is None and files.pictures == 0 and "InsertFakeQuant" in files.markdown.read_text()
+    assert not (tmp_path / "only.html").exists()
+    with pytest.raises(ConfigError, match="report.path"):
+        write_report(fake_quant, tmp_path / "r.pdf")
+    with pytest.raises(ConfigError, match="report.gm"):
+        write_report(torch.nn.Linear(2, 2), tmp_path / "r.html")
+    with pytest.raises(ConfigError, match="report.sensitivity"):
+        write_report(fake_quant, tmp_path / "r.html", sensitivity={"fc1": 0.5})
+    with pytest.raises(ConfigError, match="report.max_histograms"):
+        write_report(fake_quant, tmp_path / "r.html", max_histograms=-1)
