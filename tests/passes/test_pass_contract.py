@@ -17,7 +17,7 @@ from fxcompress.config import (Boolean, Callables, Interval, MappingOf, Options,
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass
 from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
-                               LowerToInteger)
+                               LowerToInteger, LowerToSparse)
 from fxcompress.pruning import AGP
 from zoo import ZOO
 
@@ -128,12 +128,15 @@ EXPECTED = {
     # lowering needs what earlier passes put on the weight chains (see PREREQUISITES)
     **{("LowerToEncoded", model): UNCHANGED for model in ZOO},
     **{("LowerToInteger", model): PreconditionError for model in ZOO},
+    **{("LowerToSparse", model): UNCHANGED for model in ZOO},
     **{("SparseGPT", model): PreconditionError for model in ZOO},  # calibrated: needs calibration_data
+    **{("ScaleChannels", model): PreconditionError for model in ZOO},  # calibrated: needs calibration_data
 }
 # The passes a lowering pass needs before it; run after them it must change every zoo model.
 PREREQUISITES = {
     LowerToEncoded: [InsertMasks(sparsity=0.9)],  # sparse: quick to encode
     LowerToInteger: [InsertFakeQuant(method="linear", activations=ActivationConfig())],
+    LowerToSparse: [InsertMasks(sparsity=0.9)],
 }
 
 
