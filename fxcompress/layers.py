@@ -401,7 +401,10 @@ def constant_value(gm: GraphModule, node: Node) -> torch.Tensor:
         return out
 
     with torch.no_grad():
-        return value(node)
+        try:
+            return value(node)
+        finally:  # `value` refers to itself, a cycle only the garbage collector frees: drop what it holds now
+            env.clear()
 
 
 def effective_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
