@@ -135,6 +135,10 @@ def weight_codes(gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | st
 
 
 def layer_bias(gm: GraphModule, node: Node) -> torch.Tensor | None:
+    """The layer's float bias, from its functional node's argument or its module (a layer nothing rewrote)."""
+    if node.op == "call_module":
+        bias = gm.get_submodule(node.target).bias
+        return None if bias is None else bias.detach().float()
     bias = bias_arg(node)
     return None if bias is None else constant_value(gm, bias).detach().float()
 

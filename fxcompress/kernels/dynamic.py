@@ -15,6 +15,7 @@ The packed fbgemm weight and the transposed int8 matrix are built on first use, 
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -120,9 +121,11 @@ def _float(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _fbgemm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     scale = module.weight_scale.double()
-    qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, torch.zeros_like(scale, dtype=torch.int64),
-                                                       0)
-    packed = torch.ops.quantized.linear_prepack(qweight, module.bias)
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's prepack still takes only them
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(module.weight, scale,
+                                                           torch.zeros_like(scale, dtype=torch.int64), 0)
+        packed = torch.ops.quantized.linear_prepack(qweight, module.bias)
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 

@@ -56,7 +56,8 @@ class WeightOnlyLinear(nn.Module):
     """A linear layer held as integer weight codes, run by the kernel `kernel`.
 
     Buffers: `codes` (uint8: [out, in] for 8-bit storage, [out, in / 2] two codes per byte for 4-bit),
-    `scale` and `zero` (float32 [out, in / group_size]), `bias` (float32 [out]) when the layer has one.
+    `scale` (float32 [out, in / group_size]), `zero` (uint8, the same shape: zero-points are integers in
+    the codes' range), `bias` (float32 [out]) when the layer has one.
     `kernel_choice` is the measurement that picked the kernel (None when it was set by hand).
     """
 
@@ -71,7 +72,7 @@ class WeightOnlyLinear(nn.Module):
         groups = in_features // group_size
         self.register_buffer("codes", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups))
-        self.register_buffer("zero", torch.zeros(out_features, groups))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._where = "WeightOnlyLinear"
@@ -94,7 +95,7 @@ class WeightOnlyLinear(nn.Module):
         unsigned = (grouped.codes - grouped.qmin).to(torch.uint8)
         module.codes.copy_(pack_nibbles(unsigned) if bits == 4 else unsigned)
         module.scale.copy_(grouped.scale)
-        module.zero.copy_(grouped.zero_point - grouped.qmin)
+        module.zero.copy_((grouped.zero_point - grouped.qmin).to(torch.uint8))
         if bias is not None:
             module.bias.copy_(bias.detach().float())
         return module
@@ -105,7 +106,7 @@ class WeightOnlyLinear(nn.Module):
 
     def centered(self) -> torch.Tensor:
         """u - z as float32 [out, in]: small integers, exact in float."""
-        return self.unsigned_codes().float() - self.zero.repeat_interleave(self.group_size, dim=1)
+        return self.unsigned_codes().float() - self.zero.float().repeat_interleave(self.group_size, dim=1)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [out, in], bit-identical to the fake-quant weight it came from."""
@@ -145,13 +146,13 @@ class WeightOnlyLinear(nn.Module):
         self._where = f"WeightOnlyLinear {path}"
         groups = (self.out_features, self.in_features // self.group_size)
         expected = {"codes": (torch.uint8, (self.out_features, self.in_features * self.bits // 8)),
-                    "scale": (torch.float32, groups), "zero": (torch.float32, groups)}
+                    "scale": (torch.float32, groups), "zero": (torch.uint8, groups)}
         if self.has_bias:
             expected["bias"] = (torch.float32, (self.out_features,))
         for name, (dtype, shape) in expected.items():
             expect_tensor(self, name, dtype, shape)
-        if not bool(torch.isfinite(self.scale).all()) or not bool(torch.isfinite(self.zero).all()):
-            raise FormatError(f"{self._where}: scales and zero-points must be finite")
+        if not bool(torch.isfinite(self.scale).all()):
+            raise FormatError(f"{self._where}: scales must be finite")
         self._run = None
 
 
@@ -235,7 +236,7 @@ def _int4pack(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor
     repeat = module.group_size // group
     packed = torch._convert_weight_to_int4pack_for_cpu(module.unsigned_codes().to(torch.int32), 1)
     scale = module.scale.repeat_interleave(repeat, dim=1)
-    zero = (8 - module.zero.repeat_interleave(repeat, dim=1)) * scale  # tinygemm: (u - 8) * s + zero
+    zero = (8 - module.zero.float().repeat_interleave(repeat, dim=1)) * scale  # tinygemm: (u - 8) * s + zero
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return lambda x: _with_bias(module, torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros))
 
@@ -323,19 +324,32 @@ def fit_grid(rows: torch.Tensor, per_row: bool, max_levels: int = 256) -> Groupe
 
 
 def _grid_of(values: torch.Tensor, max_levels: int) -> tuple[torch.Tensor, int, int] | str:
-    """(step, lowest n, levels): every value is n * step exactly, for integers n spanning `levels`; or why not."""
+    """(step, lowest n, levels): every value is n * step exactly for integers n, which with 0 span `levels`;
+    or why not."""
     if values.numel() == 1:
         step = values.abs().clamp(min=torch.finfo(torch.float32).tiny)[0]
         n = int(torch.round(values[0] / step))
         return step, min(n, 0), abs(n) + 1
-    gaps = values[1:] - values[:-1]
-    smallest = gaps.min()
+    smallest = (values[1:] - values[:-1]).min()
     for divisor in range(1, max_levels):  # the step divides the smallest gap between two values
-        step = smallest / divisor
-        n = torch.round(values / step)
-        if float(n.max() - n.min()) >= max_levels:
+        n = torch.round(values / (smallest / divisor))
+        low, high = min(int(n.min()), 0), max(int(n.max()), 0)  # the grid spans 0 too: the zero-point is a code
+        if high - low >= max_levels:
             break
-        if torch.equal(n * step, values):
-            return step, int(n.min()), int(n.max() - n.min()) + 1
+        step = _exact_step(values, n)
+        if step is not None:
+            return step, low, high - low + 1
     return (f"its {values.numel()} distinct values are not integer multiples of one step "
             f"(smallest gap {float(smallest):.6g}) within {max_levels} levels")
+
+
+def _exact_step(values: torch.Tensor, n: torch.Tensor) -> torch.Tensor | None:
+    """A float32 step with n * step == values bit for bit, if one of the candidates is (each value over
+    its integer, largest integers first, and their neighbouring floats: the gap was rounded)."""
+    order = torch.argsort(n.abs(), descending=True)[:4]
+    for i in order[n[order] != 0]:
+        base = values[i] / n[i]
+        for step in (base, torch.nextafter(base, base + 1), torch.nextafter(base, base - 1)):
+            if torch.equal(n * step, values):
+                return step
+    return None

@@ -1,0 +1,80 @@
+"""DynamicInt8Linear: each kernel against the computation it stands for."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxcompress.errors import ConfigError, FormatError
+from fxcompress.kernels.dynamic import BUILDERS, DynamicInt8Linear, choose, fbgemm_available
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm")
+
+
+def layer(out=40, columns=96, seed=0):
+    torch.manual_seed(seed)
+    weight = torch.randn(out, columns) * 0.1
+    scale = weight.abs().amax(dim=1) / 127
+    codes = torch.round(weight / scale.unsqueeze(1)).to(torch.int8)
+    return DynamicInt8Linear.from_codes(codes, scale, torch.randn(out)), torch.randn(3, columns)
+
+
+@needs_fbgemm
+def test_fbgemm_kernel_is_torch_ao_dynamic_linear_on_the_same_weights():
+    module, x = layer()
+    with warnings.catch_warnings():  # torch.ao's quantized tensors are deprecated: still the reference here
+        warnings.simplefilter("ignore")
+        reference = torch.ao.nn.quantized.dynamic.Linear(96, 40, dtype=torch.qint8)
+        scale = module.weight_scale.double()
+        qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, torch.zeros(40, dtype=torch.int64), 0)
+        reference.set_weight_bias(qweight, module.bias)
+        expected = reference(x)
+    assert torch.equal(BUILDERS["fbgemm"](module)(x), expected)
+
+
+def test_int_mm_kernel_quantizes_each_row_symmetrically():
+    module, x = layer()
+    x[1] *= 100.0  # a row of another magnitude gets its own grid
+    out = BUILDERS["int_mm"](module)(x)
+    x_scale = x.abs().amax(dim=1, keepdim=True) / 127
+    codes = torch.round(x / x_scale)
+    expected = (codes.double() @ module.weight.double().t()) * x_scale.double() * module.weight_scale.double() \
+        + module.bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_each_kernel_stays_within_the_activation_rounding_bound_of_the_float_layer(kernel):
+    if kernel == "fbgemm" and not fbgemm_available():
+        pytest.skip("this torch build has no fbgemm")
+    module, x = layer()
+    exact = F.linear(x, module.dequantize(), module.bias)
+    out = BUILDERS[kernel](module)(x)
+    # each input moves by at most half its step (fbgemm: the row's range over 127 levels, reduce_range;
+    # int_mm: max |x| / 127), so each output by at most sum_k |w_k| * step / 2
+    step = ((x.amax(dim=1, keepdim=True).clamp(min=0) - x.amin(dim=1, keepdim=True).clamp(max=0)) / 127
+            if kernel == "fbgemm" else x.abs().amax(dim=1, keepdim=True) / 127)
+    bound = module.dequantize().abs().sum(dim=1) * step / 2
+    if kernel == "fbgemm":  # one grid per call: the rows share the widest range
+        bound = module.dequantize().abs().sum(dim=1) * step.max() / 2
+    assert bool(((out - exact).abs() <= bound * 1.01 + 1e-5).all())
+    assert not torch.equal(out, exact)  # the activations really were rounded
+
+
+def test_choose_records_every_candidate():
+    module, x = layer()
+    choice = choose(module, x[:1], repeats=1)
+    assert "float" in choice.times_ms and module.kernel == choice.kernel
+    assert module.times_ms == dict(choice.times_ms)
+    assert module(x[:1].reshape(1, 1, 96)).shape == (1, 1, 40)
+
+
+def test_refusals():
+    with pytest.raises(ConfigError, match=r"\[-128, 127\]"):
+        DynamicInt8Linear.from_codes(torch.full((2, 3), 200), torch.ones(2), None)
+    with pytest.raises(ConfigError, match="kernel"):
+        DynamicInt8Linear(3, 2, kernel="fast")
+    module, _ = layer()
+    module.weight_scale = -module.weight_scale
+    with pytest.raises(FormatError, match="positive"):
+        module.check_loaded("fc.dynamic_int8")

@@ -1,0 +1,96 @@
+"""LowerWeightOnly: fake-quant linear layers become integer codes run by a measured kernel."""
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import PreconditionError
+from fxcompress.kernels.weight_only import WeightOnlyLinear
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerWeightOnly
+
+
+class Block(nn.Module):
+    """A linear layer, a GPT-2 style addmm layer ([in, out] weight) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(128, 256)
+        self.proj_weight = nn.Parameter(torch.randn(256, 64) * 0.05)
+        self.proj_bias = nn.Parameter(torch.randn(64))
+        self.head = nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        h = torch.addmm(self.proj_bias, h, self.proj_weight)
+        return self.head(h)
+
+
+def quantized(passes, x=None):
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(2, 128) if x is None else x
+    return fxcompress.compile(model, passes, example_inputs=(x,)), x
+
+
+def lowered(fq, x, **options):
+    return fxcompress.compile(fq, [LowerWeightOnly(repeats=2, **options)], example_inputs=(x,))
+
+
+@pytest.mark.parametrize("config", [dict(bits=4, group_size=32), dict(bits=4, group_size=64, symmetric=True),
+                                    dict(bits=8, per_channel=True, symmetric=True), dict(bits=8)])
+def test_outputs_equal_the_fake_quant_model(config):
+    fq, x = quantized([InsertFakeQuant(method="linear", **config)])
+    gm = lowered(fq, x)
+    modules = [m for m in gm.modules() if isinstance(m, WeightOnlyLinear)]
+    assert len(modules) == 3
+    # no float weight is left: only the codes, scales, zero-points and biases
+    assert not [name for name, p in gm.named_parameters()]
+    assert all(t.numel() < 64 * 32 for t in gm.buffers() if t.is_floating_point())  # scales and biases only
+    for batch in (x, torch.randn(5, 128)):
+        torch.testing.assert_close(gm(batch), fq(batch), rtol=1e-5, atol=1e-5)
+    stats = fxcompress.history(gm)[-1].stats
+    assert len(stats["layers"]) == 3 and not stats["skipped"]
+    for layer in stats["layers"].values():
+        assert layer["kernel"] in layer["times_ms"] and "float" in layer["times_ms"]
+        assert layer["held_bytes"] < layer["fp32_bytes"] / 3
+
+
+def test_lowered_model_saves_and_loads_with_its_kernel(tmp_path):
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    fxcompress.save(gm, tmp_path / "w4.fxc")
+    loaded = fxcompress.load(tmp_path / "w4.fxc")
+    assert torch.equal(loaded(x), gm(x))
+    before = {n: (m.kernel, m.times_ms) for n, m in gm.named_modules() if isinstance(m, WeightOnlyLinear)}
+    after = {n: (m.kernel, m.times_ms) for n, m in loaded.named_modules() if isinstance(m, WeightOnlyLinear)}
+    assert before == after and len(before) == 3
+    assert (tmp_path / "w4.fxc").stat().st_size < sum(p.numel() * 4 for p in Block().parameters()) / 4
+
+
+def test_masked_weights_lower_with_their_zeros():
+    fq, x = quantized([InsertMasks(sparsity=0.5), InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    torch.testing.assert_close(gm(x), fq(x), rtol=1e-5, atol=1e-5)
+
+
+def test_kmeans_codebook_on_a_grid_lowers_and_a_trained_one_is_skipped_with_the_reason():
+    fq, x = quantized([InsertFakeQuant(method="kmeans", bits=4, per_channel=True)])
+    quant = fq.get_submodule("fc.weight_quant")
+    step = torch.tensor(0.01)
+    with torch.no_grad():  # centroids snapped onto multiples of one step: an exact uniform grid
+        quant.codebook.copy_(torch.round(quant.codebook / step) * step)
+    gm = lowered(fq, x)
+    stats = fxcompress.history(gm)[-1].stats
+    assert list(stats["layers"]) == ["fc"]
+    assert "not a uniform grid" in stats["skipped"]["head"]
+    torch.testing.assert_close(gm(x), fq(x), rtol=1e-5, atol=1e-5)
+
+
+def test_layers_it_cannot_lower_are_named_with_the_reason():
+    fq, x = quantized([InsertFakeQuant(method="fixed_point", bits=8, select="fc"),
+                       InsertFakeQuant(method="linear", bits=4, group_size=32, select="head")])
+    gm = lowered(fq, x)
+    skipped = fxcompress.history(gm)[-1].stats["skipped"]
+    assert "fixed_point grid" in skipped["fc"] and "no fake-quant" in skipped["proj_weight"]
+    with pytest.raises(PreconditionError, match="LowerWeightOnly: no layer to lower.*fc"):
+        lowered(quantized([])[0], x)
