@@ -11,7 +11,8 @@ from .lower_integer import LowerToInteger
 from .lower_sparse import LowerToSparse
 from .lower_weight_only import LowerWeightOnly
 from .prune_channels import PruneChannels
+from .scale_channels import ScaleChannels
 from .sparsegpt import SparseGPT
 
 __all__: list[str] = ["ActivationConfig", "FoldBatchNorm", "InsertFakeQuant", "InsertMasks", "LowerDynamicInt8",
-                      "LowerToEncoded", "LowerToInteger", "LowerToSparse", "LowerWeightOnly", "PruneChannels", "SparseGPT"]
+                      "LowerToEncoded", "LowerToInteger", "LowerToSparse", "LowerWeightOnly", "PruneChannels", "ScaleChannels", "SparseGPT"]

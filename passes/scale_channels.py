@@ -1,0 +1,425 @@
+"""ScaleChannels: AWQ and SmoothQuant as one scale rewrite (Lin et al. 2024, "AWQ: Activation-aware
+Weight Quantization"; Xiao et al. 2023, "SmoothQuant").
+
+    gm = fxcompress.compile(model, [ScaleChannels(method="awq", bits=4, group_size=64),
+                                    InsertFakeQuant(method="linear", bits=4, group_size=64)],
+                            example_inputs=(ids,), calibration_data=batches)
+
+For every group of linear layers reading one value x (q / k / v, gate / up, o_proj, down_proj),
+a graph query walks back from x to the op that last scaled its channels: a norm's weight (RMSNorm
+written out as pow / mean / rsqrt / mul, LayerNorm) or a linear layer (v_proj -> attention ->
+o_proj, up -> silu(gate) * up -> down_proj). Then x = x' * s per input channel, so
+
+    producer output / s   and   consumer columns * s
+
+compute exactly the same function in float. What changes is what quantization sees: AWQ scales
+salient input channels (large |x|) up in the weights so their rounding error shrinks, SmoothQuant
+moves activation outliers into the weights so both can be 8-bit.
+
+* awq: s = rms(x)^alpha (normalized around 1), alpha searched on `grid` values in [0, 1) for the
+  smallest output error of the quantized consumers on the calibration data,
+  sum tr(dW H dW^T) with H = mean x^T x: exact for a linear layer, and no activations are kept.
+  alpha = 0 is plain rounding, so the search never does worse than it on the calibration data.
+* smoothquant: s = max|x|^alpha / max|W|^(1 - alpha) per channel (alpha = 0.5 by default).
+
+Statistics come from sequential calibration (`fxcompress.calibration.walk`): each group sees the
+inputs that the already-rescaled layers before it produce. Channels reach x through the ops in the
+tables below; the channel map from producer to consumer is found by pushing channel ids through
+the very ops of the path (views, transposes, attention's value operand), so heads, reshapes and
+repeated key / value heads (GQA: one producer channel feeding several consumer channels) are all
+read from the graph, with no per-architecture table. A group whose x comes from anything else (a
+residual add, an embedding) is left as it is and reported with the op that stopped the query.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcompress.analyses import ShapeInfo
+from fxcompress.calibration import walk
+from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.layers import (Layer, chain_transforms, find_layers, input_arg, kind_of_node, layer_node,
+                               select_layers, tied_readers)
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant.quantizers import check_groups, fake_quantize, linear_grid
+
+METHODS = ("awq", "smoothquant")
+_METHOD_FIELDS = {"grid": ("awq",), "bits": ("awq",), "group_size": ("awq",), "symmetric": ("awq",)}
+
+# ---- op tables: how channel ids travel from a producer's output to a consumer's input ----------------
+# "same": the value's channels pass unchanged (dtype casts, copies, dropout in eval);
+# "shape": the op only moves values (ids are moved by calling the op itself on them).
+CHANNEL_METHODS: dict[str, str] = {"to": "same", "contiguous": "same", "float": "same", "clone": "same",
+                                   "view": "shape", "reshape": "shape", "transpose": "shape", "permute": "shape",
+                                   "flatten": "shape", "unflatten": "shape", "expand": "shape",
+                                   "unsqueeze": "shape", "squeeze": "shape"}
+CHANNEL_FUNCTIONS: dict[Callable, str] = {torch.clone: "same", F.dropout: "same", torch.reshape: "shape",
+                                          torch.transpose: "shape", torch.permute: "shape", torch.flatten: "shape",
+                                          torch.unflatten: "shape", operator.getitem: "shape",
+                                          torch.unsqueeze: "shape", torch.squeeze: "shape"}
+# ops that mix tokens, not channels, of one operand: (position of that operand); its channels pass
+VALUE_OPERANDS: dict[Callable, int] = {F.scaled_dot_product_attention: 2, torch.matmul: 1, operator.matmul: 1,
+                                       torch.bmm: 1}
+# element-wise products: scaling one factor scales the product by the same amount
+PRODUCTS: tuple[Callable, ...] = (operator.mul, torch.mul)
+# norm modules whose affine weight (and bias) scale their output channels
+NORM_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm)
+NORM_FUNCTIONS: dict[Callable, tuple[int, int | None]] = {F.layer_norm: (2, 3), F.rms_norm: (2, None)}
+
+
+@dataclass(frozen=True)
+class Producer:
+    """What last scaled x's channels: parameters whose output rows / entries are divided by s."""
+
+    name: str                      # a layer name or a parameter name, for reports
+    tensors: tuple[str, ...]       # qualified names of the tensors to divide (weight, bias)
+    dims: tuple[int, ...]          # the dim of each that indexes the producer's output channels
+    channels: int                  # how many output channels
+    output: Node                   # the node whose last dim carries those channels
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleChannels(Pass):
+    """Fold per-input-channel scales into each linear group's producer and the group's columns.
+
+    method      "awq" (alpha searched for the smallest quantized output error) or "smoothquant"
+    alpha       fixed migration strength in [0, 1]; None: searched (awq) or 0.5 (smoothquant)
+    grid        awq: how many alphas, evenly spaced in [0, 1), to try
+    bits        awq: bits of the linear weight grid the search quantizes with
+    group_size  awq: input channels per grid (None: one grid per output channel)
+    symmetric   awq: a symmetric grid
+    select      full-match regex over the consumer layers' names; None: every linear layer
+    """
+
+    method: str = "awq"
+    alpha: float | None = None
+    grid: int = 20
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    select: str | None = None
+
+    preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)   # weights change, the graph does not
+    constraints: ClassVar[dict] = {
+        "method": (Options(*METHODS),), "alpha": (Interval(float, 0.0, 1.0), None),
+        "grid": (Interval(int, 1, 1000),), "bits": (Interval(int, 2, 16),),
+        "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "select": (Regex(), None),
+    }
+
+    def __post_init__(self) -> None:
+        validate(self)
+        check_applicable("ScaleChannels", self, _METHOD_FIELDS, {self.method}, "method")
+
+    def requires(self, gm: GraphModule, ctx: PassContext) -> None:
+        if ctx.calibration_data is None:
+            raise PreconditionError(f"ScaleChannels(method={self.method!r}) needs calibration data: pass "
+                                    "compile(..., calibration_data=batches)")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        layers = select_layers(gm, "ScaleChannels", ("linear",), self.select, required=True)
+        for layer in layers:
+            _check_float(gm, layer)
+            if self.method == "awq" and self.group_size is not None:
+                check_groups(_weight(gm, layer), 0, self.group_size, f"ScaleChannels.group_size: layer {layer.name!r}")
+        shapes = ctx.get(ShapeInfo)
+        touched: list[str] = []
+        by_input: dict[str, dict[str, Any]] = {}   # the walk may split layers reading one value into groups
+
+        def handle(group, stats) -> dict[str, Any]:
+            if group.input.name not in by_input:
+                consumers = tuple(l for l in layers if input_arg(layer_node(gm, l)) is group.input)
+                by_input[group.input.name] = self._group(gm, consumers, group.input, stats, shapes, touched)
+            return {layer.name: by_input[group.input.name] for layer in group.layers}
+
+        walked = walk(gm, layers, ctx.calibration_data, handle, owner="ScaleChannels", hessian=self.method == "awq")
+        scaled = {n: r for n, r in walked.layers.items() if "skipped" not in r}
+        return PassResult(changed=bool(scaled), params_touched=tuple(dict.fromkeys(touched)),
+                          stats={"layers_scaled": len(scaled), "layers_skipped": len(walked.layers) - len(scaled),
+                                 "layers": walked.layers, "calibration_batches": walked.batches,
+                                 "calibration_peak_bytes": walked.peak_held_bytes})
+
+    def _group(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,
+               touched: list[str]) -> dict[str, Any]:
+        """Find the producer of x for all its consumers, then fold; the report, or why it was skipped."""
+        producer, why = find_producer(gm, x, {layer_node(gm, layer) for layer in consumers})
+        if producer is None:
+            return {"skipped": why}
+        channel_map, why = map_channels(producer, x, shapes)
+        if channel_map is None:
+            return {"skipped": why}
+        touched.extend([*producer.tensors, *(layer.weight for layer in consumers)])
+        return self._rescale(gm, consumers, producer, channel_map, stats)
+
+    def _rescale(self, gm: GraphModule, layers: tuple[Layer, ...], producer: Producer, channel_map: torch.Tensor,
+                 stats) -> dict[str, Any]:
+        weights = [_weight(gm, layer) for layer in layers]
+        if self.method == "smoothquant":
+            alpha = 0.5 if self.alpha is None else self.alpha
+            scale = smoothquant_scales(stats.abs_max, weights, channel_map, producer.channels, alpha)
+            report: dict[str, Any] = {"alpha": alpha}
+        else:
+            rms = (stats.sq_sum / max(stats.rows, 1)).sqrt()
+            alphas = [self.alpha] if self.alpha is not None else [i / self.grid for i in range(self.grid)]
+            scale, report = self._search(weights, stats.hessian, rms, channel_map, producer.channels, alphas)
+        fold(gm, producer, layers, scale, channel_map)
+        return {"producer": producer.name, **report, "scale_min": round(float(scale.min()), 6),
+                "scale_max": round(float(scale.max()), 6)}
+
+    def _search(self, weights: list[torch.Tensor], hessian: torch.Tensor, rms: torch.Tensor,
+                channel_map: torch.Tensor, channels: int, alphas: list[float]) -> tuple[torch.Tensor, dict]:
+        """AWQ's grid search: the alpha whose scales give the smallest quantized output error."""
+        magnitude = _per_producer(rms, channel_map, channels)
+        used = torch.bincount(channel_map, minlength=channels) > 0
+        magnitude[~used] = magnitude[used].mean()   # a channel no consumer reads: any finite scale is exact
+        magnitude = magnitude.clamp(min=float(magnitude.max()) * 1e-4)   # never divide by a dead channel's 0
+        plain = sum(self.output_error(w, torch.ones(w.shape[1], dtype=torch.float64), hessian) for w in weights)
+        best = (math.inf, 0.0, torch.ones(channels, dtype=torch.float64))
+        for alpha in alphas:
+            scale = awq_scales(magnitude, alpha)
+            error = sum(self.output_error(w, scale[channel_map], hessian) for w in weights)
+            if error < best[0]:
+                best = (error, alpha, scale)
+        error, alpha, scale = best
+        return scale, {"alpha": alpha, "error_plain": float(plain), "error": float(error),
+                       "error_ratio": round(float(error / plain), 6) if plain > 0 else 1.0}
+
+    def output_error(self, weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
+        """sum over output rows of dW H dW^T: the mean squared output error over the calibration tokens
+        of the layer quantized after its columns were multiplied by `scale` (and its input divided)."""
+        scaled = weight.double() * scale
+        grid = linear_grid(scaled, self.bits, self.symmetric, axis=0, group_size=self.group_size)
+        delta = fake_quantize(scaled, grid, axis=0) / scale - weight.double()
+        return float(((delta @ hessian) * delta).sum())
+
+
+def awq_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
+    """magnitude^alpha, normalized so that the largest and smallest scale straddle 1 evenly."""
+    scale = magnitude.double().pow(alpha)
+    return scale / (scale.max() * scale.min()).sqrt()
+
+
+def smoothquant_scales(abs_max: torch.Tensor, weights: list[torch.Tensor], channel_map: torch.Tensor,
+                       channels: int, alpha: float) -> torch.Tensor:
+    """max|x|^alpha / max|W|^(1-alpha) per producer channel (1 where a channel is never active)."""
+    x_max = _per_producer(abs_max.double(), channel_map, channels)
+    w_cols = torch.stack([w.detach().abs().amax(dim=0).double() for w in weights]).amax(dim=0)
+    w_max = _per_producer(w_cols, channel_map, channels)
+    scale = x_max.pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
+    return torch.where((x_max > 0) & (w_max > 0), scale.clamp(min=1e-5), torch.ones_like(scale))
+
+
+def _per_producer(values: torch.Tensor, channel_map: torch.Tensor, channels: int) -> torch.Tensor:
+    """A per-consumer-channel statistic as one value per producer channel (the largest of those it feeds)."""
+    out = torch.zeros(channels, dtype=values.dtype)
+    return out.scatter_reduce(0, channel_map, values, reduce="amax", include_self=False)
+
+
+def fold(gm: GraphModule, producer: Producer, layers: tuple[Layer, ...], scale: torch.Tensor,
+         channel_map: torch.Tensor) -> None:
+    """Divide the producer's output channels by `scale`, multiply the consumers' columns by it."""
+    with torch.no_grad():
+        for name, dim in zip(producer.tensors, producer.dims):
+            tensor = operator.attrgetter(name)(gm)
+            shape = [1] * tensor.dim()
+            shape[dim] = -1
+            tensor.div_(scale.to(tensor.dtype).reshape(shape))
+        for layer in layers:
+            weight = _weight(gm, layer)
+            weight.mul_(scale[channel_map].to(weight.dtype).reshape(1, -1))
+
+
+def _weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
+    weight = operator.attrgetter(layer.weight)(gm)
+    return weight.data if isinstance(weight, nn.Parameter) else weight
+
+
+def _check_float(gm: GraphModule, layer: Layer) -> None:
+    """Scales fold into stored float weights: a weight already behind a quantizer or codebook would
+    no longer compute what it did, so the pass must come before InsertFakeQuant."""
+    node = layer_node(gm, layer)
+    transforms = chain_transforms(gm, node) if node.op == "call_function" else []
+    if transforms or not torch.is_floating_point(operator.attrgetter(layer.weight)(gm)):
+        raise PreconditionError(f"ScaleChannels: layer {layer.name!r} ({layer.weight}) is already quantized or "
+                                f"encoded ({', '.join(type(t).__name__ for t in transforms) or 'integer weight'}); "
+                                "run ScaleChannels before InsertFakeQuant / LowerToEncoded")
+
+
+# ---- the graph query -------------------------------------------------------------------------------------
+
+def find_producer(gm: GraphModule, x: Node, consumers: set[Node]) -> tuple[Producer | None, str]:
+    """The producer of x's channels and an empty reason, or None and why there is none.
+
+    Every node between the producer and x must feed only the next one, and x only the consumers:
+    otherwise the rescaled value would reach something that is not compensated."""
+    others = [u for u in x.users if u not in consumers]
+    if others:
+        return None, f"{x.name} also feeds {', '.join(u.name for u in others)}"
+    return _walk_back(gm, x, first=True)
+
+
+def _walk_back(gm: GraphModule, node: Node, first: bool = False) -> tuple[Producer | None, str]:
+    if not first and len(node.users) != 1:
+        return None, f"{node.name} feeds {len(node.users)} ops"
+    found = _as_producer(gm, node)
+    if found is not None:
+        return found
+    if _is_product(node):
+        return _through_product(gm, node)
+    step = _channel_step(node)
+    if step is None:
+        return None, f"{node.name} ({_op_name(node)}) is not an op that keeps channels"
+    return _walk_back(gm, step)
+
+
+def _as_producer(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | None:
+    """A linear layer or a norm at `node` as a Producer (or the reason it cannot be one); None: neither."""
+    kind = kind_of_node(gm, node)
+    if kind is not None:
+        if kind.name != "linear":
+            return None, f"{node.name} is a {kind.name} layer"
+        layer = next((l for l in find_layers(gm) if l.node == node.name), None)
+        if layer is None or layer.tied_to is not None or tied_readers(gm, node):
+            return None, f"{node.name}'s weight is shared with another layer"
+        _check_float(gm, layer)
+        tensors = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
+        return Producer(layer.name, tensors, (kind.out_dim,) + (0,) * (len(tensors) - 1),
+                        _weight(gm, layer).shape[kind.out_dim], node), ""
+    return _as_norm(gm, node)
+
+
+def _as_norm(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | None:
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), NORM_MODULES):
+        module = gm.get_submodule(node.target)
+        if getattr(module, "weight", None) is None or len(module.normalized_shape) != 1:
+            return None, f"{node.target} has no per-channel affine weight"
+        names = tuple(f"{node.target}.{p}" for p in ("weight", "bias") if getattr(module, p, None) is not None)
+        return Producer(node.target, names, (0,) * len(names), module.weight.numel(), node), ""
+    if node.op == "call_function" and node.target in NORM_FUNCTIONS:
+        positions = NORM_FUNCTIONS[node.target]
+        args = [node.args[p] if p is not None and len(node.args) > p else None for p in positions]
+        params = [a for a in args if a is not None]
+        if not params or not all(_private_param(gm, a) for a in params):
+            return None, f"{node.name}'s affine weight is not a parameter of its own"
+        return Producer(params[0].target, tuple(a.target for a in params), (0,) * len(params),
+                        _param(gm, params[0]).numel(), node), ""
+    return None
+
+
+def _through_product(gm: GraphModule, node: Node) -> tuple[Producer | None, str]:
+    """x = a * b: a 1-D parameter factor is the producer (a norm's weight); else scaling one computed
+    factor (up_proj in silu(gate) * up) scales the product, if the other does not depend on it."""
+    a, b = node.args[:2]
+    for factor, other in ((a, b), (b, a)):
+        if isinstance(factor, Node) and _private_param(gm, factor) and _param(gm, factor).dim() == 1:
+            return Producer(factor.target, (factor.target,), (0,), _param(gm, factor).numel(), node), ""
+    reasons = []
+    for factor, other in ((b, a), (a, b)):
+        if not isinstance(factor, Node):
+            continue
+        found, why = _walk_back(gm, factor)
+        if found is not None and not (isinstance(other, Node) and _depends_on(other, found.output)):
+            return found, ""
+        reasons.append(why or f"both factors of {node.name} depend on {found.name}")
+    return None, "; ".join(reasons) or f"{node.name} multiplies no computed value"
+
+
+def _channel_step(node: Node) -> Node | None:
+    """The input through which `node` passes its channels on, or None when it mixes them."""
+    if node.op == "call_method" and node.target in CHANNEL_METHODS:
+        return node.args[0] if isinstance(node.args[0], Node) else None
+    if node.op == "call_function" and node.target in CHANNEL_FUNCTIONS:
+        return node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if node.op == "call_function" and node.target in VALUE_OPERANDS:
+        position = VALUE_OPERANDS[node.target]
+        value = node.args[position] if len(node.args) > position else node.kwargs.get("value")
+        return value if isinstance(value, Node) else None
+    return None
+
+
+def _is_product(node: Node) -> bool:
+    return ((node.op == "call_function" and node.target in PRODUCTS) or
+            (node.op == "call_method" and node.target == "mul")) and len(node.args) == 2 and not node.kwargs
+
+
+def _private_param(gm: GraphModule, node: Node) -> bool:
+    """A get_attr of a parameter that no other node reads (so dividing it changes only this use)."""
+    if node.op != "get_attr" or len(node.users) != 1:
+        return False
+    tensor = _param(gm, node)
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and _param(gm, n) is tensor]
+    return isinstance(tensor, torch.Tensor) and torch.is_floating_point(tensor) and len(readers) == 1
+
+
+def _param(gm: GraphModule, node: Node) -> Any:
+    return operator.attrgetter(node.target)(gm)
+
+
+def _depends_on(node: Node, ancestor: Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is ancestor:
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
+
+
+def _op_name(node: Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+# ---- the channel map -------------------------------------------------------------------------------------
+
+def map_channels(producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.Tensor | None, str]:
+    """For each channel of x (its last dim), the producer channel it carries, found by pushing channel
+    ids through the path's ops; None (and why) when a channel of x mixes producer channels."""
+    path = _path(producer.output, x)
+    shape = shapes.shape(producer.output.name)
+    if shape is None or shape[-1] != producer.channels:
+        return None, f"{producer.output.name}'s last dim is not {producer.name}'s {producer.channels} channels"
+    ids = torch.arange(producer.channels).expand(shape)
+    for prev, node in zip(path, path[1:]):
+        ids = _move_ids(node, prev, ids, shapes)
+        if ids is None:
+            return None, f"channel ids cannot pass {node.name} ({_op_name(node)})"
+    rows = ids.reshape(-1, ids.shape[-1])
+    if not bool((rows == rows[0]).all()):
+        return None, f"{x.name} mixes {producer.name}'s channels across positions"
+    return rows[0].clone(), ""
+
+
+def _path(start: Node, end: Node) -> list[Node]:
+    """The nodes from `start` to `end` (each on the way has one user, as find_producer checked)."""
+    path, node = [end], end
+    while node is not start:
+        node = next(a for a in node.all_input_nodes if _depends_on(a, start))
+        path.append(node)
+    return path[::-1]
+
+
+def _move_ids(node: Node, prev: Node, ids: torch.Tensor, shapes: ShapeInfo) -> torch.Tensor | None:
+    out = shapes.shape(node.name)
+    if out is None:
+        return None
+    if _is_product(node) or CHANNEL_METHODS.get(node.target) == "same" or CHANNEL_FUNCTIONS.get(node.target) == "same":
+        return ids.broadcast_to(out) if torch.broadcast_shapes(ids.shape, out) == torch.Size(out) else None
+    if node.op == "call_function" and node.target in VALUE_OPERANDS:   # channels kept, tokens mixed
+        first = ids.narrow(-2, 0, 1)
+        return first.expand(out) if bool((ids == first).all()) and first.shape[:-2] == out[:-2] else None
+    if any(a is not prev for a in node.all_input_nodes):
+        return None   # a shape computed at run time: read only constant ones
+    args = [ids if a is prev else a for a in node.args]
+    moved = getattr(ids, node.target)(*args[1:], **node.kwargs) if node.op == "call_method" else \
+        node.target(*args, **node.kwargs)
+    return moved if tuple(moved.shape) == tuple(out) else None

@@ -1,0 +1,129 @@
+"""ScaleChannels (AWQ / SmoothQuant): the fold is exact in float on every producer the graph query
+finds (norm weights, LayerNorm, a preceding linear through attention and the gated MLP, repeated
+key / value heads), AWQ lowers the 4-bit output error of a layer fed by outlier channels, and
+what cannot be folded is reported or refused by name."""
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.passes import InsertFakeQuant
+from fxcompress.passes.scale_channels import ScaleChannels
+
+transformers = pytest.importorskip("transformers")
+
+
+class NormMLP(nn.Module):
+    """LayerNorm -> (fc1, fc2) sharing its output; fc1 -> ReLU -> fc3 (no fold through a ReLU)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.fc3 = nn.Linear(width, 16)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.fc3(torch.relu(self.fc1(h))) + self.fc2(h)[..., :16]
+
+
+def _outlier_model(width: int = 64, outliers: int = 4) -> NormMLP:
+    torch.manual_seed(0)
+    model = NormMLP(width).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.weight[:outliers] = 30.0   # a few input channels of fc1 / fc2 dominate their outputs
+        model.norm.bias.normal_(0, 0.1)
+    return model
+
+
+def _llama(kv_heads: int):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=16, use_cache=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)   # HF initializes norm weights to 1: make the fold visible
+    x = torch.randint(0, 64, (2, 16))
+    return fxcompress.compile(torch.export.export(model, (x,), strict=False), [], (x,)), x
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_fold_is_exact_on_llama_and_finds_every_producer(method, kv_heads):
+    gm, x = _llama(kv_heads)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    reference = gm(x)["logits"].detach()
+    cal = [(torch.randint(0, 64, (2, 16)),) for _ in range(2)]
+    config = ScaleChannels(method=method, alpha=0.5, group_size=16) if method == "awq" else ScaleChannels(method=method)
+    out_gm = fxcompress.compile(gm, [config], (x,), calibration_data=cal)
+    out = out_gm(x)["logits"].detach()
+    assert float((out - reference).abs().max() / reference.abs().max()) < 1e-5
+    layers = fxcompress.history(out_gm)[-1].stats["layers"]
+    producers = {name.rsplit(".", 1)[-1]: report["producer"].rsplit(".", 2)[-2] for name, report in layers.items()}
+    assert producers == {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+                         "o_proj": "self_attn", "gate_proj": "post_attention_layernorm",
+                         "up_proj": "post_attention_layernorm", "down_proj": "mlp", "lm_head": "norm"}
+    assert layers["model.layers.0.self_attn.o_proj"]["producer"] == "model.layers.0.self_attn.v_proj"
+    assert layers["model.layers.0.mlp.down_proj"]["producer"] == "model.layers.0.mlp.up_proj"
+    changed = [k for k, v in out_gm.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert "model.layers.0.input_layernorm.weight" in changed and "model.layers.0.self_attn.v_proj.weight" in changed
+
+
+def test_layernorm_fold_is_exact_and_a_relu_stops_the_query():
+    model = _outlier_model()
+    x = torch.randn(32, 64)
+    gm = fxcompress.compile(model, [ScaleChannels(method="smoothquant")], (x,), calibration_data=[(x,)])
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))
+    layers = fxcompress.history(gm)[-1].stats["layers"]
+    assert layers["fc1"]["producer"] == layers["fc2"]["producer"] == "norm"
+    assert "relu" in layers["fc3"]["skipped"]
+    assert not torch.equal(gm.get_submodule("norm").bias, model.norm.bias)   # the bias is divided too
+
+
+@torch.no_grad()
+def _output_error(gm, model, x) -> float:
+    return float((gm(x) - model(x)).pow(2).mean())
+
+
+def test_awq_lowers_4bit_error_on_a_layer_with_outlier_input_channels():
+    model = _outlier_model()
+    cal = [(torch.randn(64, 64),) for _ in range(4)]
+    test = torch.randn(256, 64)
+    quant = InsertFakeQuant(method="linear", bits=4, group_size=32, select="fc[12]")
+    plain = fxcompress.compile(model, [quant], (test[:4],))
+    awq = fxcompress.compile(model, [ScaleChannels(bits=4, group_size=32, select="fc[12]"), quant], (test[:4],),
+                             calibration_data=cal)
+    report = fxcompress.history(awq)[0].stats["layers"]["fc1"]
+    assert report["alpha"] > 0 and report["error"] < report["error_plain"]
+    assert _output_error(awq, model, test) < 0.6 * _output_error(plain, model, test)
+
+
+def test_smoothquant_moves_activation_outliers_into_the_weights():
+    model = _outlier_model()
+    x = torch.randn(64, 64)
+    gm = fxcompress.compile(model, [ScaleChannels(method="smoothquant", alpha=0.5, select="fc[12]")], (x,),
+                            calibration_data=[(x,)])
+    h_before = model.norm(x).abs().amax(0)
+    h_after = gm.get_submodule("norm")(x).abs().amax(0)
+    # the activations' outlier ratio shrinks by the square root (alpha 0.5 balances them with the weights)
+    assert float(h_after.max() / h_after.median()) < 0.5 * float(h_before.max() / h_before.median())
+
+
+def test_refusals_name_the_culprit():
+    model = _outlier_model()
+    x = torch.randn(8, 64)
+    with pytest.raises(PreconditionError, match="calibration data"):
+        fxcompress.compile(model, [ScaleChannels()], (x,))
+    with pytest.raises(ConfigError, match="ScaleChannels.grid"):
+        ScaleChannels(method="smoothquant", grid=5)
+    with pytest.raises(ConfigError, match="'fc1'.*group_size=48 does not divide"):
+        fxcompress.compile(model, [ScaleChannels(group_size=48)], (x,), calibration_data=[(x,)])
+    quantized = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8)], (x,))
+    with pytest.raises(PreconditionError, match="'fc1'.*before InsertFakeQuant"):
+        fxcompress.compile(quantized, [ScaleChannels()], (x,), calibration_data=[(x,)])
