@@ -1,0 +1,257 @@
+"""Weight-only and dynamic int8 linear layers on GPT-style decoding, one token at a time, batch 1.
+
+Two tables, one CPU thread, every row measured in one run beside its baseline (interleaved rounds:
+each round runs every form once; medians; ratios against fp32 of the same run, above 1 is faster):
+
+- Layers: the decoder's linear shapes (768 -> 2304 qkv, 768 -> 768 attention output, 768 -> 3072 and
+  3072 -> 768 MLP, 768 -> 50304 LM head) at batch 1: fp32 `F.linear`, torch.ao's dynamic int8 Linear
+  (fbgemm), and every weight-only kernel of `fxcompress.kernels.weight_only` on int8 per-channel and
+  int4 group-wise (32 / 64 / 128) codes, with the kernel `choose` keeps.
+- Decoding: a GPT-2-small-shaped decoder of our own (width 768, 12 layers, 12 heads, 50304-token
+  vocabulary with the LM head tied to the token embedding, learned positions, a key / value cache in
+  buffers, `F.scaled_dot_product_attention`) generating `--tokens` tokens greedily after one token of
+  prompt: tokens per second for fp32, torch.ao `quantize_dynamic`, ours weight-only int8 (per
+  channel, symmetric), int4 (group 32 / 64 / 128, asymmetric), and dynamic int8 (`LowerDynamicInt8`).
+  The tied LM head stays fp32 in every form (our passes skip tied weights; quantize_dynamic leaves
+  F.linear alone), so all forms spend the same on it. Forms are built in two groups to bound memory,
+  each group with its own fp32 baseline.
+
+Weights are random (nothing downloads): what the kernels see is the same as trained weights.
+`benchmarks/bench_deploy.py` imports `layer_rows` and `decode_rows`.
+
+    python benchmarks/deploy_decode.py [--tokens 16] [--rounds 5] [--layers 12] [--skip-layers]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.kernels import choose_kernel
+from fxcompress.kernels.weight_only import KERNELS, WeightOnlyLinear, choose
+from fxcompress.passes import InsertFakeQuant, LowerDynamicInt8, LowerWeightOnly
+from fxcompress.quant import GridWeight
+
+WIDTH, HEADS, VOCAB, CONTEXT = 768, 12, 50304, 128
+GRIDS = {"int8 per channel": dict(bits=8, symmetric=True, per_channel=True),
+         "int4 g32": dict(bits=4, group_size=32), "int4 g64": dict(bits=4, group_size=64),
+         "int4 g128": dict(bits=4, group_size=128)}
+WEIGHT_ONLY_KERNELS = ("int8pack", "int4pack", "fbgemm_fp16")  # "dequantize" loses everywhere: layer table
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Attention(nn.Module):
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        shape = (1, HEADS, context, WIDTH // HEADS)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("positions", torch.arange(context), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(WIDTH, dim=-1)
+        q, k, v = (t.view(1, 1, HEADS, WIDTH // HEADS).transpose(1, 2) for t in (q, k, v))
+        self.k_cache.index_copy_(2, pos, k)  # the new token's key and value join the cache
+        self.v_cache.index_copy_(2, pos, v)
+        visible = (self.positions <= pos).view(1, 1, 1, -1)  # earlier positions only
+        out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=visible)
+        return self.proj(out.transpose(1, 2).reshape(1, 1, WIDTH))
+
+
+class Block(nn.Module):
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(WIDTH), Attention(context)
+        self.ln2, self.fc, self.out = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), pos)
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class Decoder(nn.Module):
+    """One decoding step: token [1, 1] at position pos [1] -> next-token logits [1, 1, vocab]."""
+
+    def __init__(self, layers: int = 12, context: int = CONTEXT) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, WIDTH), nn.Embedding(context, WIDTH)
+        self.blocks = nn.ModuleList(Block(context) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(WIDTH)
+        for module in self.modules():  # GPT-2's initialisation scale
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.wte(token) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x, pos)
+        return F.linear(self.ln_f(x), self.wte.weight)  # the LM head tied to the token embedding
+
+
+def generate(model: nn.Module, tokens: int) -> list[int]:
+    """Greedy decoding of `tokens` tokens after token 0 (the caches are overwritten position by position)."""
+    token, out = torch.zeros(1, 1, dtype=torch.long), []
+    with torch.no_grad():
+        for position in range(tokens):
+            logits = model(token, torch.tensor([position]))
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(token))
+    return out
+
+
+def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])
+
+
+def _shared_embedding(form: nn.Module, base: Decoder) -> nn.Module:
+    """Point the form's (unquantized) embeddings at the base model's tensors: one copy in memory."""
+    for name in ("wte", "wpe"):
+        getattr(form, name).weight = getattr(base, name).weight
+    return form
+
+
+def forms(base: Decoder, group: str) -> dict[str, tuple[nn.Module, dict]]:
+    """The decoder's forms of one group, each with its lowering statistics (kernels chosen per layer)."""
+    x = example_inputs()
+    built: dict[str, tuple[nn.Module, dict]] = {"fp32": (base, {})}
+    if group == "int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao is deprecated: measured while it is importable
+            built["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8), {})
+        built["ours dynamic int8"] = _lower(base, [LowerDynamicInt8()], x)
+        built["ours weight-only int8 per channel"] = _weight_only(base, GRIDS["int8 per channel"], x)
+    else:
+        for name in ("int4 g32", "int4 g64", "int4 g128"):
+            built[f"ours weight-only {name}"] = _weight_only(base, GRIDS[name], x)
+    return built
+
+
+def _weight_only(base: Decoder, grid: dict, x: tuple) -> tuple[nn.Module, dict]:
+    return _lower(base, [InsertFakeQuant(method="linear", types=("linear",), **grid),
+                         LowerWeightOnly(kernels=WEIGHT_ONLY_KERNELS)], x)
+
+
+def _lower(base: Decoder, passes: list, x: tuple) -> tuple[nn.Module, dict]:
+    gm = fxcompress.compile(base, passes, example_inputs=x)
+    gc.collect()
+    stats = fxcompress.history(gm)[-1].stats
+    return _shared_embedding(gm, base), stats
+
+
+def tokens_per_second(built: dict[str, tuple[nn.Module, dict]], tokens: int, rounds: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in built}
+    names = list(built)
+    for round_ in range(rounds + 1):  # round 0 warms every form up (kernels packed on first use)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            start = time.perf_counter()
+            generate(built[name][0], tokens)
+            if round_:
+                samples[name].append(tokens / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def decode_rows(tokens: int = 16, rounds: int = 5, layers: int = 12) -> list[dict]:
+    """Tokens per second of every form, with its speed-up over fp32 of its group and the kernels chosen."""
+    rows = []
+    with one_thread():
+        torch.manual_seed(0)
+        base = Decoder(layers).eval()
+        reference = generate(base, tokens)
+        for group in ("int8", "int4"):
+            built = forms(base, group)
+            rates = tokens_per_second(built, tokens, rounds)
+            for name, (model, stats) in built.items():
+                kernels = _kernel_counts(stats)
+                rows.append({"group": group, "form": name, "tokens_per_s": rates[name],
+                             "speedup": rates[name] / rates["fp32"], "kernels": kernels,
+                             "same_tokens": generate(model, tokens) == reference})
+            del built
+            gc.collect()
+    return rows
+
+
+def _kernel_counts(stats: dict) -> str:
+    counts = stats.get("kernels", {})
+    return ", ".join(f"{k} {n}" for k, n in counts.items() if n) or "-"
+
+
+def layer_rows(rounds: int = 9) -> list[dict]:
+    """Milliseconds per call of every kernel on each decoder linear shape at batch 1."""
+    rows = []
+    shapes = [("qkv", 768, 2304), ("attn out", 768, 768), ("mlp in", 768, 3072), ("mlp out", 3072, 768),
+              ("lm head", 768, VOCAB)]
+    with one_thread():
+        for name, fan_in, fan_out in shapes:
+            torch.manual_seed(0)
+            weight, bias, x = torch.randn(fan_out, fan_in) * 0.02, torch.randn(fan_out), torch.randn(1, fan_in)
+            for grid_name, grid in GRIDS.items():
+                rows.append({"layer": name, "shape": f"{fan_in}->{fan_out}", "grid": grid_name,
+                             **_layer_times(weight, bias, x, grid, rounds)})
+    return rows
+
+
+def _layer_times(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, grid: dict, rounds: int) -> dict:
+    quant = GridWeight(grid["bits"], "linear", grid.get("symmetric", False), axis=0,
+                       group_size=grid.get("group_size"))
+    module = WeightOnlyLinear.from_grouped(quant.grouped(weight), bias)
+    candidates: dict[str, Callable] = {"fp32": lambda t: F.linear(t, weight, bias)}
+    candidates.update({k: KERNELS[k].build(module) for k in KERNELS if k != "float" and KERNELS[k].refusal(module) is None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear.weight.data, linear.bias.data = weight, bias
+        candidates["torch.ao dynamic"] = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear})
+    times = choose_kernel(candidates, (x,), baseline="fp32", repeats=rounds).times_ms
+    chosen = choose(module, x, WEIGHT_ONLY_KERNELS, repeats=rounds)
+    return {"times_ms": times, "chosen": chosen.kernel, "held_bytes": module.held_bytes(),
+            "fp32_bytes": 4 * (weight.numel() + bias.numel())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--skip-layers", action="store_true", help="only the decoding table")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread\n")
+    if not args.skip_layers:
+        kernels = ["fp32", "torch.ao dynamic", *(k for k in KERNELS if k != "float")]
+        print("| layer | shape | grid | " + " | ".join(f"{k} ms" for k in kernels) + " | chosen | held / fp32 bytes |")
+        print("|---|---|---|" + "---:|" * len(kernels) + "---|---:|")
+        for row in layer_rows():
+            times = [f"{row['times_ms'][k]:.3f}" if k in row["times_ms"] else "-" for k in kernels]
+            print(f"| {row['layer']} | {row['shape']} | {row['grid']} | " + " | ".join(times)
+                  + f" | {row['chosen']} | {row['held_bytes'] / row['fp32_bytes']:.3f} |", flush=True)
+        print()
+    print(f"decoder: width {WIDTH}, {args.layers} layers, {args.tokens} tokens, batch 1, median of {args.rounds}\n")
+    print("| group | form | tokens/s | vs fp32 | kernels chosen (layers) | same tokens as fp32 |")
+    print("|---|---|---:|---:|---|---|")
+    for row in decode_rows(args.tokens, args.rounds, args.layers):
+        print(f"| {row['group']} | {row['form']} | {row['tokens_per_s']:.2f} | {row['speedup']:.2f}x | "
+              f"{row['kernels']} | {row['same_tokens']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
