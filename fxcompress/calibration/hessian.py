@@ -16,6 +16,7 @@ from ..errors import PreconditionError
 PERCDAMP = 0.01      # damping as a fraction of the mean diagonal (GPTQ's default)
 DAMP_CAP = 10.0      # the largest damping tried before giving up: beyond it the update is meaningless
 DAMP_GROWTH = 10.0   # each retry multiplies the damping by this
+CHUNK_ELEMENTS = 1 << 20  # rows are added in float64 chunks of at most this many values (8 MiB)
 
 
 @dataclass
@@ -40,11 +41,16 @@ class InputStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch; the last dimension of `x` is the input channels."""
-        rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        flat = x.detach().reshape(-1, x.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // self.channels)
+        for start in range(0, flat.shape[0], step):  # float64 copies of a chunk, never of the whole batch
+            self._add(flat[start:start + step].to(torch.float64))
+
+    def _add(self, rows: torch.Tensor) -> None:
         n = rows.shape[0]
         self.sq_sum += rows.pow(2).sum(0)
-        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0)) if n else self.abs_max
-        if self.hessian is not None and n:
+        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
+        if self.hessian is not None:
             # running mean: the scale stays that of one token however many batches come
             self.hessian.mul_(self.rows / (self.rows + n)).addmm_(rows.T, rows, alpha=1.0 / (self.rows + n))
         self.rows += n
@@ -81,6 +87,9 @@ def damped_inverse(hessian: torch.Tensor, layer: str, percdamp: float = PERCDAMP
     names the layer rather than returning an update that would not be second-order at all.
     """
     h = hessian.to(torch.float64).clone()
+    if not bool(torch.isfinite(h).all()):  # Cholesky reads one triangle: a NaN in the other would pass unseen
+        raise PreconditionError(f"layer {layer!r}: the input Hessian holds NaN / Inf; the calibration data reach "
+                                f"this layer as non-finite values")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     mean_diag = float(torch.diag(h).mean())

@@ -107,6 +107,9 @@ class _Runner:
         self.last_use = {node: max((self.index[u] for u in node.users), default=self.index[node])
                          for node in self.nodes}
         self.weights_only = _weights_only(self.nodes)
+        # weight-derived values are the same for every batch while no weight changes: computed once
+        # per runner (a runner is rebuilt after each compression)
+        self.cache: dict[Node, Any] = {}
         self.interpreter = Interpreter(gm, garbage_collect_values=False)
 
     def start(self, batch: Any) -> dict[Node, Any]:
@@ -138,12 +141,15 @@ class _Runner:
 
     def _ensure_inputs(self, node: Node, env: dict[Node, Any]) -> None:
         for arg in node.all_input_nodes:
-            if arg not in env:
-                if arg not in self.weights_only:
-                    raise PreconditionError(f"sequential calibration: {arg.format_node()} is read by "
-                                            f"{node.format_node()} but was computed before the kept boundary")
+            if arg in env:
+                continue
+            if arg not in self.weights_only:
+                raise PreconditionError(f"sequential calibration: {arg.format_node()} is read by "
+                                        f"{node.format_node()} but was computed before the kept boundary")
+            if arg not in self.cache:
                 self._ensure_inputs(arg, env)
-                env[arg] = self.interpreter.run_node(arg)
+                self.cache[arg] = self.interpreter.run_node(arg)
+            env[arg] = self.cache[arg]
 
 
 def _weights_only(nodes: Sequence[Node]) -> set[Node]:
@@ -206,7 +212,9 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
             position = 0 if done is None else runner.index[done] + 1
             done = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
             end = runner.index[done] + 1
-            states = [runner.keep_live(runner.run(state, position, end), end) for state in states]
+            for i, state in enumerate(states):  # one at a time: the old boundary goes as the new one comes
+                states[i] = runner.keep_live(runner.run(state, position, end), end)
+            del state
     return WalkReport([[g.names for g in block] for block in blocks], reports, len(batches), peak)
 
 
