@@ -17,7 +17,9 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .analyses.shapes import propagate_shapes
 from .history import format_history
+from .kernels.dynamic import DynamicInt8Linear
 from .kernels.sparse import SparseLayer
+from .kernels.weight_only import WeightOnlyLinear
 from .quant.integer import IntegerLayer
 from .quant.native import NativeLayer
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
@@ -175,12 +177,13 @@ def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
                if isinstance(gm.get_submodule(node.target), LOWERED)]
     other = _other_parameters(gm, layers, {node.target for node, _ in lowered})
     rows = (tuple(_row(gm, layer) for layer in layers)
-            + tuple((_sparse_row if isinstance(m, SparseLayer) else _lowered_row)(node, m) for node, m in lowered)
+            + tuple(_ROWS.get(type(m), _lowered_row)(node, m) for node, m in lowered)
             + ((other,) if other else ()))
     return Summary(rows, _totals(rows), format_history(gm))
 
 
-LOWERED = (IntegerLayer, NativeLayer, SparseLayer)  # lowered layers: modules holding their weight in a run-time form
+LOWERED = (IntegerLayer, NativeLayer, SparseLayer, WeightOnlyLinear,
+           DynamicInt8Linear)  # lowered layers: modules holding their weight in a run-time form
 
 
 def _kernel_columns(module) -> dict[str, Any]:
@@ -203,6 +206,19 @@ def _sparse_row(node, module: SparseLayer) -> dict[str, Any]:
             "macs_effective": _effective(macs, nonzeros, size), **_kernel_columns(module)}
 
 
+def _quantized_linear_row(node, module: WeightOnlyLinear | DynamicInt8Linear) -> dict[str, Any]:
+    """A weight-only or dynamic int8 linear layer: the bytes of its codes, scales and bias."""
+    size = module.in_features * module.out_features
+    params = size + (module.out_features if module.has_bias else 0)
+    shape = _output_shape(node)
+    macs = None if shape is None else math.prod(shape) * module.in_features
+    return {"layer": node.target, "op": f"linear ({type(module).__name__})",
+            "weight_shape": (module.out_features, module.in_features), "params": params, "nonzeros": None,
+            "sparsity": None, "bits": getattr(module, "bits", 8), "sqnr_db": None, "dense_bytes": 4 * params,
+            "compressed_bytes": module.held_bytes(), "exact": "yes", "macs": macs, "macs_effective": macs,
+            **_kernel_columns(module)}
+
+
 def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
     """An integer-lowered layer: its weight codes as the module holds them (int32 codes for the
     reference backend, int8 for the native one), the bias in its dtype; bits are those the codes
@@ -217,6 +233,9 @@ def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
             "sparsity": 1 - nonzeros / weight.numel(), "bits": largest.bit_length() + 1, "sqnr_db": None,
             "dense_bytes": 4 * params, "compressed_bytes": held, "exact": "yes", "macs": macs,
             "macs_effective": _effective(macs, nonzeros, weight.numel()), **_kernel_columns(module)}
+
+
+_ROWS = {SparseLayer: _sparse_row, WeightOnlyLinear: _quantized_linear_row, DynamicInt8Linear: _quantized_linear_row}
 
 
 def _other_parameters(gm: GraphModule, layers: list[Layer], lowered: set[str] = frozenset()) -> dict[str, Any] | None:
