@@ -86,3 +86,12 @@ def test_layers_with_other_grids_are_skipped_with_the_reason():
     assert stats["layers"]["2"]["weights"] == "symmetric 8-bit per channel (here)"
     kernels = {s["kernel"] for s in stats["layers"].values()}
     assert kernels <= {"float", "fbgemm", "int_mm"}
+
+
+def test_summary_shows_each_lowered_layer_with_its_kernel():
+    model, x = mlp(), torch.randn(2, 96)
+    gm = lower(model, x)
+    rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
+    module = gm.get_submodule("0.dynamic_int8")
+    assert rows["0.dynamic_int8"]["kernel"] == module.kernel
+    assert rows["0.dynamic_int8"]["compressed_bytes"] == 96 * 128 + 128 * 4 + 128 * 4  # int8 codes, scales, bias

@@ -94,3 +94,15 @@ def test_layers_it_cannot_lower_are_named_with_the_reason():
     assert "fixed_point grid" in skipped["fc"] and "no fake-quant" in skipped["proj_weight"]
     with pytest.raises(PreconditionError, match="LowerWeightOnly: no layer to lower.*fc"):
         lowered(quantized([])[0], x)
+
+
+def test_summary_shows_each_lowered_layer_with_its_kernel():
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
+    modules = dict(gm.named_modules())
+    for path in ("fc.weight_only", "head.weight_only"):
+        assert rows[path]["kernel"] == modules[path].kernel
+        assert rows[path]["latency_ms"] == modules[path].kernel_choice.ms
+        assert rows[path]["compressed_bytes"] == modules[path].held_bytes()
+    assert rows["fc.weight_only"]["macs"] == 2 * 128 * 256
