@@ -1,12 +1,14 @@
 """LowerToSparse: run each pruned linear / conv2d layer on the fastest of its dense and sparse forms.
 
 Runs after InsertMasks (or LowerToEncoded: an encoded weight is decoded once, here). For every layer
-whose weight chain (mask, fake-quant or encoded weight) yields at least `min_sparsity` zeros, the
-pass records the layer's real input on the example inputs, times the dense form and every allowed
-sparse form on it (`kernels.choose_kernel`: interleaved rounds, medians; dense stays unless a sparse
-form is `margin` times faster) and replaces the layer by a `SparseLayer` holding only the chosen
-form. The stored float weight, its mask and its chain are removed, so the running model holds no
-dense copy of a weight that runs sparse.
+with a weight chain (mask, fake-quant or encoded weight) whose weight has at least `min_sparsity`
+zeros, the pass records the layer's real input on the example inputs, times the dense form and every
+allowed sparse form on it (`kernels.choose_kernel`: interleaved rounds, medians; dense stays unless a
+sparse form is `margin` times faster) and replaces the layer by a `SparseLayer` holding only the
+chosen form. A layer with a chain but fewer zeros becomes a dense SparseLayer without timing: its
+mask product would otherwise run on every call, making the lowered model slower than a dense one.
+The stored float weight, its mask and its chain are removed, so the running model holds no dense
+copy of a weight that runs sparse.
 
 Speed depends on the machine and the batch size, so the choice is made on the example inputs of
 this compile, recorded per layer (kernel and milliseconds of each candidate: the module's
@@ -35,7 +37,7 @@ _CONV_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))  # 
 
 @dataclass(frozen=True, kw_only=True)
 class LowerToSparse(Pass):
-    """min_sparsity  layers with fewer zeros keep their graph as it is (not worth timing)
+    """min_sparsity  layers with fewer zeros run dense without timing sparse forms (their chain is folded)
     kernels       the sparse kernels allowed (dense is always a candidate): "torch_csr", "scipy_csr", "torch_bsr"
     repeats       timed rounds per candidate (medians); margin: how much faster a sparse form must be
     select        full-match regex over layer names (None: every pruned linear / conv2d layer)
@@ -63,7 +65,7 @@ class LowerToSparse(Pass):
         skipped: dict[str, str] = {}
         eligible = []
         for layer in layers:
-            reason = _refusal(gm, layer, self.min_sparsity)
+            reason = _refusal(gm, layer)
             if reason is None:
                 eligible.append(layer)
             else:
@@ -73,6 +75,9 @@ class LowerToSparse(Pass):
         for layer in ctx.each(eligible, "timing kernels"):
             node = layer_node(gm, layer)
             stats[layer.name] = self._lower(gm, layer, node, inputs[node])
+        for name in (n for n, s in stats.items() if not s["times_ms"]):
+            skipped[name] = f"sparsity {stats[name]['sparsity']:.3f} below min_sparsity {self.min_sparsity}: " \
+                            "folded to a dense form, not timed"
         return PassResult(changed=bool(eligible), params_touched=tuple(layer.weight for layer in eligible),
                           stats={"layers": stats, "skipped": skipped,
                                  "kernels": {k: sum(s["kernel"] == k for s in stats.values())
@@ -84,17 +89,23 @@ class LowerToSparse(Pass):
         # a bias stored in float16 (LowerToEncoded(bias="float16")) is computed in the weight's dtype
         bias = None if bias_node is None else constant_value(gm, bias_node).detach().to(weight.dtype)
         conv = _conv_options(node) if layer.kind == "conv2d" else None
-        module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
-                             margin=self.margin)
+        sparsity = 1 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+        if sparsity < self.min_sparsity:
+            module = SparseLayer.from_dense(layer.kind, weight, bias, "dense", conv)
+        else:
+            module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
+                                 margin=self.margin)
         path = _install(gm, layer, node, module)
         choice = module.kernel_choice
         dense_bytes = (weight.numel() + (0 if bias is None else bias.numel())) * weight.element_size()
-        return {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("dense"), 4),
-                "sparsity": round(1 - int(torch.count_nonzero(weight)) / weight.numel(), 6),
-                "input_shape": list(x.shape), "held_bytes": module.held_bytes(), "dense_bytes": dense_bytes}
+        times = {} if choice is None else choice.as_stats()["times_ms"]
+        return {"module": path, "kernel": module.kernel, "times_ms": times,
+                "speedup": None if choice is None else round(choice.speedup_over("dense"), 4),
+                "sparsity": round(sparsity, 6), "input_shape": list(x.shape), "held_bytes": module.held_bytes(),
+                "dense_bytes": dense_bytes}
 
 
-def _refusal(gm: GraphModule, layer: Layer, min_sparsity: float) -> str | None:
+def _refusal(gm: GraphModule, layer: Layer) -> str | None:
     """Why the layer stays as it is, or None when it can be lowered."""
     node = layer_node(gm, layer)
     weight = weight_arg(node) if node.op == "call_function" else None
@@ -109,9 +120,6 @@ def _refusal(gm: GraphModule, layer: Layer, min_sparsity: float) -> str | None:
     value = effective_weight(gm, layer)
     if value.dtype not in DTYPES:
         return f"weight is {value.dtype}; sparse forms take {', '.join(str(d) for d in DTYPES)}"
-    sparsity = 1 - int(torch.count_nonzero(value)) / max(value.numel(), 1)
-    if sparsity < min_sparsity:
-        return f"sparsity {sparsity:.3f} below min_sparsity {min_sparsity}"
     return None
 
 

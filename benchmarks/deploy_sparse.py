@@ -1,0 +1,224 @@
+"""Sparse execution: pruned fully-connected layers on dense and sparse kernels, one thread.
+
+Three tables, each row measured in one run (interleaved rounds: each round calls every form once;
+medians; ratios against dense fp32 of the same run):
+
+- Deep Compression's layer table (Han et al. 2016, Table 4 shapes): AlexNet's fc6 / fc7 / fc8
+  (9216 -> 4096, 4096 -> 4096, 4096 -> 1000) at 91 / 91 / 75% sparsity and VGG-16's (25088 -> 4096,
+  4096 -> 4096, 4096 -> 1000) at 96 / 96 / 77%, batch 1: dense fp32 ms, each sparse kernel's ms, the
+  kernel `choose_form` keeps (dense unless a sparse form is 5% faster), its speed-up and the bytes it
+  holds beside the dense weight's.
+- Whole models through `LowerToSparse`: LeNet-300-100 at 90 / 95% (global magnitude pruning) and the
+  AlexNet / VGG-16 classifier stacks at the layer table's sparsities, lowered vs the same model with
+  dense fp32 weights.
+- Resident memory: each lowered model built in a fresh process; the growth of its resident set
+  (after the dense and masked copies are dropped) against the bytes its lowered layers hold.
+
+Weights are random, pruned by magnitude (a random mask: what the kernels see is the same); nothing
+downloads. `benchmarks/bench_deploy.py` imports `layer_rows`, `model_rows` and `resident_rows`.
+
+    python benchmarks/deploy_sparse.py [--rounds 15] [--batch 1] [--no-vgg]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
+
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.kernels import SparseLayer, choose_kernel
+from fxcompress.kernels.sparse import SPARSE_KERNELS, candidate_kernels
+from fxcompress.passes import InsertMasks, LowerToSparse
+from zoo import LeNet300100
+
+# (name, in_features, out_features, sparsity): Deep Compression's pruned fully-connected layers
+DEEP_COMPRESSION = (
+    ("AlexNet fc6", 9216, 4096, 0.91), ("AlexNet fc7", 4096, 4096, 0.91), ("AlexNet fc8", 4096, 1000, 0.75),
+    ("VGG-16 fc6", 25088, 4096, 0.96), ("VGG-16 fc7", 4096, 4096, 0.96), ("VGG-16 fc8", 4096, 1000, 0.77),
+)
+CLASSIFIERS = {"AlexNet FC": DEEP_COMPRESSION[:3], "VGG-16 FC": DEEP_COMPRESSION[3:]}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pruned(out_features: int, in_features: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """A random weight with its smallest-magnitude `sparsity` share set to zero."""
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    k = int(round(sparsity * weight.numel()))
+    threshold = weight.abs().flatten().kthvalue(k).values if k else -1.0
+    return weight * (weight.abs() > threshold)
+
+
+def layer_rows(batch: int = 1, rounds: int = 15, layers=DEEP_COMPRESSION) -> list[dict]:
+    """One row per layer: milliseconds of dense and each sparse kernel, the kept kernel, bytes held."""
+    rows = []
+    with one_thread(), torch.no_grad():
+        for name, fan_in, fan_out, sparsity in layers:
+            weight, bias = pruned(fan_out, fan_in, sparsity), torch.randn(fan_out)
+            x = torch.randn(batch, fan_in)
+            forms = {k: SparseLayer.from_dense("linear", weight, bias, k)
+                     for k in candidate_kernels(weight, SPARSE_KERNELS)}
+            choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense",
+                                   repeats=rounds, warmup=3)
+            rows.append({"layer": name, "shape": f"{fan_in}->{fan_out}", "sparsity": sparsity, "batch": batch,
+                         **{f"{k}_ms": t for k, t in choice.times_ms.items()}, "chosen": choice.kernel,
+                         "speedup": choice.speedup_over("dense"), "chosen_bytes": forms[choice.kernel].held_bytes(),
+                         "dense_bytes": forms["dense"].held_bytes()})
+            del forms, weight
+    return rows
+
+
+def _stack(layers) -> nn.Module:
+    modules = []
+    for _, fan_in, fan_out, _ in layers:
+        modules += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*modules[:-1]).eval()
+
+
+def _masks(name: str, layers) -> InsertMasks:
+    if name.startswith("LeNet"):
+        return InsertMasks(sparsity=layers, scope="global")
+    return InsertMasks(rules=[(f"{2 * i}.weight", "element", s) for i, (*_, s) in enumerate(layers)])
+
+
+def models(include_vgg: bool = True) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], object]]:
+    """name -> (model factory, input shape without batch, what InsertMasks reads: a sparsity or the layers)."""
+    table = {"LeNet-300-100 90%": (lambda: LeNet300100().eval(), (1, 28, 28), 0.9),
+             "LeNet-300-100 95%": (lambda: LeNet300100().eval(), (1, 28, 28), 0.95),
+             "AlexNet FC": (lambda: _stack(CLASSIFIERS["AlexNet FC"]), (9216,), CLASSIFIERS["AlexNet FC"])}
+    if include_vgg:
+        table["VGG-16 FC"] = (lambda: _stack(CLASSIFIERS["VGG-16 FC"]), (25088,), CLASSIFIERS["VGG-16 FC"])
+    return table
+
+
+def lowered_model(name: str, batch: int = 1, with_dense: bool = True) -> tuple[nn.Module | None, nn.Module, torch.Tensor]:
+    """(the model with dense fp32 weights pruned as the lowered one, the LowerToSparse model, an input)."""
+    make, shape, masks = models()[name]
+    torch.manual_seed(0)
+    x = torch.randn(batch, *shape)
+    masked = fxcompress.compile(make(), [_masks(name, masks)], example_inputs=(x,), inplace=True)
+    dense = fxcompress.decode(masked) if with_dense else None
+    lowered = fxcompress.compile(masked, [LowerToSparse()], example_inputs=(x,), inplace=True)
+    return dense, lowered, x
+
+
+def _median_ms(forms: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    samples = {k: [] for k in forms}
+    with torch.no_grad():
+        for round_ in range(rounds + 2):
+            for k, form in forms.items():
+                start = time.perf_counter()
+                form(x)
+                if round_ >= 2:
+                    samples[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def model_rows(batch: int = 1, rounds: int = 15, include_vgg: bool = True) -> list[dict]:
+    """One row per model: dense fp32 ms vs LowerToSparse ms (interleaved), kernels chosen, bytes."""
+    rows = []
+    with one_thread():
+        for name in models(include_vgg):
+            dense, lowered, x = lowered_model(name, batch)
+            times = _median_ms({"dense": dense, "lowered": lowered}, x, rounds)
+            torch.testing.assert_close(lowered(x), dense(x), rtol=1e-4, atol=1e-4)  # a wrong model is no result
+            stats = fxcompress.history(lowered)[-1].stats["layers"]
+            rows.append({"model": name, "batch": batch, "dense_ms": times["dense"], "lowered_ms": times["lowered"],
+                         "speedup": times["dense"] / times["lowered"],
+                         "kernels": " ".join(s["kernel"] for s in stats.values()),
+                         "held_bytes": sum(s["held_bytes"] for s in stats.values()),
+                         "dense_bytes": sum(s["dense_bytes"] for s in stats.values())})
+            del dense, lowered
+            gc.collect()
+    return rows
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096  # resident pages (Linux)
+
+
+def _release() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, as a long-running server would
+
+
+def measure_resident(name: str) -> dict:
+    """In this (fresh) process: the resident-set growth of one lowered model, dense copies dropped."""
+    torch.set_num_threads(1)
+    small = lowered_model("LeNet-300-100 90%", 1, with_dense=False)[1]  # loads every library and kernel first
+    with torch.no_grad():
+        small(torch.randn(1, 1, 28, 28))
+    del small
+    _release()
+    before = _rss_bytes()
+    _, lowered, x = lowered_model(name, 1, with_dense=False)
+    _release()
+    with torch.no_grad():
+        lowered(x)
+    _release()
+    held = sum(m.held_bytes() for m in lowered.modules() if isinstance(m, SparseLayer))
+    return {"model": name, "resident_bytes": _rss_bytes() - before, "held_bytes": held}
+
+
+def resident_rows(include_vgg: bool = True) -> list[dict]:
+    """Each model measured in a fresh process (resident memory is per process)."""
+    rows = []
+    for name in models(include_vgg):
+        out = subprocess.run([sys.executable, __file__, "--resident", name], capture_output=True, text=True,
+                             check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({**row, "ratio": row["resident_bytes"] / row["held_bytes"]})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A Markdown table of rows (floats to 3 decimals)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[f"{row.get(c):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
+             for row in rows]
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(r) + " |" for r in cells)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-vgg", action="store_true", help="skip the VGG-16 classifier (2 GB while building)")
+    parser.add_argument("--resident", help=argparse.SUPPRESS)  # the child process of resident_rows
+    args = parser.parse_args()
+    if args.resident:
+        print(json.dumps(measure_resident(args.resident)))
+        return
+    print(f"torch {torch.__version__}, one thread, batch {args.batch}, {args.rounds} interleaved rounds, medians\n")
+    print("Deep Compression's layers\n" + format_rows(layer_rows(args.batch, args.rounds)) + "\n")
+    print("Whole models through LowerToSparse\n" + format_rows(model_rows(args.batch, args.rounds, not args.no_vgg))
+          + "\n")
+    print("Resident memory of the lowered models\n" + format_rows(resident_rows(not args.no_vgg)))
+
+
+if __name__ == "__main__":
+    main()
