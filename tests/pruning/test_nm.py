@@ -1,0 +1,76 @@
+"""N:M sparsity as a mask constraint: exactly N kept in every M consecutive input weights, the N of
+highest importance, for linear and conv layers, with magnitude or Wanda; refusals by field and layer."""
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.passes import InsertMasks
+
+
+def _groups(tensor, m):
+    """(…, M) groups of consecutive input channels; the input channels are dim 1 of the weight."""
+    moved = tensor.movedim(1, -1)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_every_group_of_m_inputs_keeps_its_n_largest_weights(n, m):
+    model = nn.Sequential(nn.Linear(64, 16))
+    weight = model[0].weight.detach().clone()
+    gm = fxcompress.compile(model, [InsertMasks(granularity=f"{n}:{m}")], example_inputs=(torch.randn(2, 64),))
+    mask = _groups(gm.get_buffer("0.weight_mask"), m)
+    expected = torch.zeros_like(mask).scatter_(-1, _groups(weight.abs(), m).topk(n, dim=-1).indices, True)
+    assert torch.equal(mask, expected) and (mask.sum(-1) == n).all()
+    assert fxcompress.history(gm)[-1].stats["sparsity"] == pytest.approx(1 - n / m)
+    assert (_groups(gm.get_submodule("0").weight.detach(), m).ne(0).sum(-1) <= n).all()  # the zeros are stored
+
+
+def test_conv_groups_run_along_input_channels_at_each_kernel_position():
+    model = nn.Sequential(nn.Conv2d(8, 4, 3))
+    weight = model[0].weight.detach().clone()
+    gm = fxcompress.compile(model, [InsertMasks(granularity="2:4")], example_inputs=(torch.randn(1, 8, 5, 5),))
+    mask = _groups(gm.get_buffer("0.weight_mask"), 4)  # (out, kh, kw, in/4, 4)
+    expected = torch.zeros_like(mask).scatter_(-1, _groups(weight.abs(), 4).topk(2, dim=-1).indices, True)
+    assert torch.equal(mask, expected)
+
+
+def test_wanda_scores_choose_within_each_group():
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    gain = torch.linspace(0.1, 10.0, 16)
+    batches = [torch.randn(32, 16) * gain for _ in range(3)]
+    gm = fxcompress.compile(model, [InsertMasks(granularity="2:4", importance="wanda")],
+                            example_inputs=(batches[0],), calibration_data=batches)
+    scores = model[0].weight.detach().abs() * torch.cat(batches).norm(dim=0)
+    mask = _groups(gm.get_buffer("0.weight_mask"), 4)
+    assert torch.equal(mask, torch.zeros_like(mask).scatter_(-1, _groups(scores, 4).topk(2, dim=-1).indices, True))
+
+
+def test_an_earlier_mask_is_kept_even_where_it_pruned_more_than_the_pattern():
+    model = nn.Sequential(nn.Linear(16, 4))
+    x = torch.randn(2, 16)
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.9)], example_inputs=(x,))
+    before = gm.get_buffer("0.weight_mask").clone()
+    gm = fxcompress.compile(gm, [InsertMasks(granularity="2:4")], example_inputs=(x,))
+    after = gm.get_buffer("0.weight_mask")
+    assert not (after & ~before).any()  # nothing revived
+    assert (_groups(after, 4).sum(-1) <= 2).all()
+
+
+def test_input_channels_that_do_not_split_into_groups_are_an_error_naming_the_layer():
+    model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(PreconditionError, match=r"layer '4'.*multiples of 4; it has 3"):
+        fxcompress.compile(model, [InsertMasks(granularity="2:4")], example_inputs=(torch.randn(2, 16),))
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"granularity": "4:4"}, "InsertMasks.granularity"),
+    ({"granularity": "0:4"}, "InsertMasks.granularity"),
+    ({"granularity": "2:4", "sparsity": 0.7}, "InsertMasks.sparsity"),
+    ({"granularity": "2:4", "scope": "global"}, "InsertMasks.scope"),
+])
+def test_bad_patterns_and_fields_the_pattern_does_not_read_are_refused(config, field):
+    with pytest.raises(ConfigError, match=field):
+        InsertMasks(**config)
+    InsertMasks(granularity="2:4", sparsity=0.5)  # the sparsity the pattern implies is no contradiction
