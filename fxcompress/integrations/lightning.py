@@ -1,0 +1,107 @@
+"""A PyTorch Lightning callback that prunes and quantizes during `Trainer.fit` (the `lightning` extra).
+
+    from fxcompress.integrations.lightning import Compression
+    callback = Compression(prune=InsertMasks(sparsity=0.9, schedule=AGP(end=4)), quantize=InsertFakeQuant(bits=5),
+                           quantize_epoch=4)
+    pl.Trainer(max_epochs=6, callbacks=[callback]).fit(module, data)
+    fxcompress.save(module.model, "model.fxc")          # or callback.model
+
+At fit start (the callback's `setup`, before the optimizers exist) the LightningModule's
+`attribute` (default `model`) is compiled with `prune`: the masks become graph nodes, and the
+module is replaced by the GraphModule, so the optimizers Lightning builds next train it. The
+schedule counts epochs (`unit="epoch"`: the masks follow it at every epoch's end, as Lightning's
+own ModelPruning prunes there) or optimizer steps (`unit="step"`). At the start of epoch
+`quantize_epoch` the model is compiled again with `quantize` (fake-quant in the graph: k-means
+centroids then train) and the optimizers are built again for the new parameters. Example inputs
+come from `example_inputs` or the module's `example_input_array`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..compile import compile as compile_model
+from ..errors import ConfigError, MissingDependencyError
+from ..passes import InsertFakeQuant, InsertMasks
+from ..pruning.masks import get_mask, masked_layers, sparsity_of
+
+try:  # the optional extra: the callback's base class
+    import pytorch_lightning as pl
+    _Callback: type = pl.Callback
+except ImportError:  # pragma: no cover - exercised where Lightning is absent
+    pl = None
+    _Callback = object
+
+UNITS = ("epoch", "step")
+
+
+class Compression(_Callback):
+    """Iterative pruning (masks in the graph, an AGP schedule) and quantization-aware training during fit.
+
+    `history` holds one entry per epoch end: the epoch and each masked layer's sparsity.
+    """
+
+    def __init__(self, prune: InsertMasks | None = None, quantize: InsertFakeQuant | None = None, *,
+                 quantize_epoch: int = 0, unit: str = "epoch", attribute: str = "model",
+                 example_inputs: Any = None) -> None:
+        if pl is None:
+            raise MissingDependencyError("the Lightning callback needs pytorch-lightning: "
+                                         "pip install 'fxcompress[lightning]'")
+        if prune is not None and not isinstance(prune, InsertMasks):
+            raise ConfigError(f"Compression.prune must be an InsertMasks pass, got {type(prune).__name__}")
+        if quantize is not None and not isinstance(quantize, InsertFakeQuant):
+            raise ConfigError(f"Compression.quantize must be an InsertFakeQuant pass, got {type(quantize).__name__}")
+        if prune is None and quantize is None:
+            raise ConfigError("Compression needs prune=InsertMasks(...), quantize=InsertFakeQuant(...) or both")
+        if not isinstance(quantize_epoch, int) or isinstance(quantize_epoch, bool) or quantize_epoch < 0:
+            raise ConfigError(f"Compression.quantize_epoch must be an epoch number >= 0, got {quantize_epoch!r}")
+        if unit not in UNITS:
+            raise ConfigError(f"Compression.unit must be one of {UNITS}, got {unit!r}")
+        end = prune.schedule.end if prune is not None and prune.schedule is not None and unit == "epoch" else 0
+        if quantize is not None and quantize_epoch < end:
+            # k-means codes are fixed once the weights are quantized: later masks would change nothing
+            raise ConfigError(f"Compression.quantize_epoch must be at or after the pruning schedule's end "
+                              f"(epoch {end}), got {quantize_epoch}")
+        self.prune, self.quantize, self.quantize_epoch, self.unit = prune, quantize, quantize_epoch, unit
+        self.attribute, self.example_inputs = attribute, example_inputs
+        self.model: nn.Module | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def _inputs(self, module) -> tuple:
+        inputs = self.example_inputs if self.example_inputs is not None else getattr(module, "example_input_array",
+                                                                                     None)
+        if inputs is None:
+            raise ConfigError("Compression.example_inputs: give example inputs, or set example_input_array on "
+                              f"{type(module).__name__}")
+        return inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def _replace(self, module, passes: list) -> None:
+        model = getattr(module, self.attribute, None)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"Compression.attribute: {type(module).__name__}.{self.attribute} is not a "
+                              f"torch.nn.Module (got {type(model).__name__})")
+        self.model = compile_model(model, passes, example_inputs=self._inputs(module)).train(module.training)
+        setattr(module, self.attribute, self.model)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Before the optimizers exist: the model with masks (at the schedule's start) in its graph."""
+        if stage == "fit" and self.prune is not None:
+            self._replace(pl_module, [self.prune])
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.quantize is not None and trainer.current_epoch == self.quantize_epoch:
+            self._replace(pl_module, [self.quantize])
+            trainer.strategy.setup_optimizers(trainer)  # the new graph's parameters (centroids) train too
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.prune is not None and self.unit == "step":
+            self.prune.update_masks(self.model, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.prune is not None and self.unit == "epoch":
+            self.prune.update_masks(self.model, trainer.current_epoch + 1)
+        layers = {layer.name: sparsity_of(get_mask(self.model, layer)) for layer in masked_layers(self.model)}
+        self.history.append({"epoch": trainer.current_epoch, "sparsity": layers})
+        for name, value in layers.items():
+            pl_module.log(f"sparsity/{name}", value)

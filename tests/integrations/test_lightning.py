@@ -1,0 +1,106 @@
+"""The Lightning callback in a real `pl.Trainer` on CPU: masks follow the AGP schedule epoch by epoch,
+fake-quant joins at its epoch, accuracy stays sane, and the result saves and loads with fxcompress."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxcompress
+from fxcompress.errors import ConfigError
+from fxcompress.passes import InsertFakeQuant, InsertMasks
+from fxcompress.pruning.schedule import AGP
+from fxcompress.quant.modules import KMeansWeight
+from fxcompress.datasets import load_digits
+from fxcompress.training import evaluate
+from zoo import LeNet300100
+
+pl = pytest.importorskip("pytorch_lightning")
+lightning = pytest.importorskip("fxcompress.integrations.lightning")
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = LeNet300100(in_features=64)
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def _fit(callback, data, epochs=2):
+    torch.manual_seed(0)
+    module = Classifier()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.train_x, data.train_y), batch_size=32,
+                                         shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, loader)
+    return module
+
+
+def test_masks_follow_the_schedule_per_epoch(digits):
+    prune = InsertMasks(sparsity=0.8, schedule=AGP(end=2))
+    callback = lightning.Compression(prune=prune)
+    module = _fit(callback, digits)
+    assert isinstance(module.model, torch.fx.GraphModule) and module.model is callback.model
+    assert [h["epoch"] for h in callback.history] == [0, 1]
+    for entry, epoch in zip(callback.history, (1, 2)):
+        expected = prune.schedule.sparsity(0.8, epoch)  # 0.7 after the first epoch, 0.8 after the second
+        assert set(entry["sparsity"]) == {"fc1", "fc2", "fc3"}
+        assert all(abs(s - expected) < 0.005 for s in entry["sparsity"].values()), (entry, expected)
+    weights = {layer.name: fxcompress.layers.effective_weight(module.model, layer)
+               for layer in fxcompress.layers.find_layers(module.model)}
+    assert all(abs((w == 0).float().mean().item() - 0.8) < 0.005 for w in weights.values())
+    assert evaluate(module.model, digits.test_x, digits.test_y) > 0.75
+
+
+def test_pruning_then_quantization_trains_and_saves(digits, tmp_path):
+    callback = lightning.Compression(prune=InsertMasks(sparsity=0.8, schedule=AGP(end=1)),
+                                     quantize=InsertFakeQuant(bits=4, method="kmeans"), quantize_epoch=1)
+    module = _fit(callback, digits)
+    gm = module.model
+    quantizers = [m for m in gm.modules() if isinstance(m, KMeansWeight)]
+    assert len(quantizers) == 3
+    assert [r.name for r in fxcompress.history(gm)] == ["InsertMasks", "InsertFakeQuant"]
+    accuracy = evaluate(gm, digits.test_x, digits.test_y)
+    assert accuracy > 0.75
+    path = tmp_path / "lightning.fxc"
+    fxcompress.save(gm, path)
+    loaded = fxcompress.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(digits.test_x), gm.eval()(digits.test_x))
+    for layer in fxcompress.layers.find_layers(gm):
+        weight = fxcompress.layers.effective_weight(gm, layer)
+        assert torch.unique(weight).numel() <= 16 and (weight == 0).float().mean() > 0.79
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="Compression.prune"):
+        lightning.Compression(prune=InsertFakeQuant(bits=4))
+    with pytest.raises(ConfigError, match="needs prune"):
+        lightning.Compression()
+    with pytest.raises(ConfigError, match="Compression.unit"):
+        lightning.Compression(prune=InsertMasks(sparsity=0.5), unit="batch")
+    with pytest.raises(ConfigError, match="quantize_epoch must be at or after"):
+        lightning.Compression(prune=InsertMasks(sparsity=0.5, schedule=AGP(end=3)), quantize=InsertFakeQuant(bits=4),
+                              quantize_epoch=1)
+    with pytest.raises(ConfigError, match="Compression.quantize_epoch"):
+        lightning.Compression(quantize=InsertFakeQuant(bits=4), quantize_epoch=-1)
+
+
+def test_a_missing_model_attribute_is_named(digits):
+    callback = lightning.Compression(prune=InsertMasks(sparsity=0.5), attribute="net")
+    with pytest.raises(ConfigError, match="Classifier.net is not a torch.nn.Module"):
+        _fit(callback, digits, epochs=1)
