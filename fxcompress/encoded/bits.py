@@ -6,23 +6,31 @@ import numpy as np
 MAX_CODE_BITS = 16  # a code plus its bit offset in a byte fits the 24-bit windows used below
 
 
+_CHUNK = 1 << 20  # codes per step of the bit writer: bounds its transient arrays to ~16 bytes a code
+
+
 def write_codes(codes: np.ndarray, lengths: np.ndarray | int) -> np.ndarray:
-    """Concatenate `codes[i]` written on `lengths[i]` bits into a uint8 array (the last byte zero-padded)."""
+    """Concatenate `codes[i]` written on `lengths[i]` bits into a uint8 array (the last byte zero-padded).
+
+    Each code is left-aligned in 16 bits and spread into single bits by numpy's unpackbits; the
+    first `lengths[i]` of them are kept and packbits joins them, MSB first.
+    """
     codes = np.asarray(codes, dtype=np.int64)
-    lengths = np.broadcast_to(np.asarray(lengths, dtype=np.int64), codes.shape)
     if codes.size == 0:
         return np.zeros(0, np.uint8)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    nbytes = (int(ends[-1]) + 7) // 8
-    # each code lands in the 3 bytes from starts >> 3; codes never overlap, so summing the byte
-    # contributions (exact in float64) is the same as OR-ing them
-    window = codes << (24 - lengths - (starts & 7))
-    byte = starts >> 3
-    out = np.bincount(byte, weights=window >> 16, minlength=nbytes + 2)
-    out += np.bincount(byte + 1, weights=(window >> 8) & 255, minlength=nbytes + 2)
-    out += np.bincount(byte + 2, weights=window & 255, minlength=nbytes + 2)
-    return out[:nbytes].astype(np.uint8)
+    fixed = np.ndim(lengths) == 0
+    if fixed and int(lengths) in (8, 16):
+        return codes.astype(">u2" if int(lengths) == 16 else np.uint8).view(np.uint8)
+    lengths = np.broadcast_to(np.asarray(lengths, dtype=np.int64), codes.shape)
+    pieces = []
+    for start in range(0, codes.size, _CHUNK):
+        part, width = codes[start:start + _CHUNK], lengths[start:start + _CHUNK]
+        bits = np.unpackbits((part << (16 - width)).astype(">u2").view(np.uint8)).reshape(-1, 16)
+        if fixed:
+            pieces.append(bits[:, :int(width[0])].reshape(-1))
+        else:
+            pieces.append(bits[np.arange(16) < width[:, None]])
+    return np.packbits(np.concatenate(pieces))
 
 
 def windows24(data: np.ndarray, extra: int = 0) -> np.ndarray:

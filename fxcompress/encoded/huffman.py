@@ -97,12 +97,22 @@ def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, int]:
 
 def encode(symbols: np.ndarray, lengths: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray]:
     """The bitstream and the bit length of every lane. Symbol i goes to lane i % lanes."""
+    return write(symbols, lengths, lanes), lane_bits(symbols, lengths, lanes)
+
+
+def lane_bits(symbols: np.ndarray, lengths: np.ndarray, lanes: int) -> np.ndarray:
+    """The bit length of every lane, from the code lengths alone (no bits written)."""
+    steps = _per_lane(len(symbols), lanes)
+    grid = np.zeros(steps * lanes, dtype=np.int64)
+    grid[:len(symbols)] = lengths[symbols]
+    return grid.reshape(steps, lanes).sum(axis=0)
+
+
+def write(symbols: np.ndarray, lengths: np.ndarray, lanes: int) -> np.ndarray:
+    """The bitstream: each lane's codes one after another, lane 0 first."""
     codes = canonical_codes(lengths)
-    order = lane_order(len(symbols), lanes)
-    ordered = symbols[order]
-    lane_of = np.arange(len(symbols)) % lanes
-    lane_bits = np.bincount(lane_of, weights=lengths[symbols], minlength=lanes).astype(np.int64)
-    return write_codes(codes[ordered], lengths[ordered]), lane_bits
+    ordered = symbols[lane_order(len(symbols), lanes)]
+    return write_codes(codes[ordered], lengths[ordered])
 
 
 def _per_lane(count: int, lanes: int) -> int:

@@ -43,21 +43,80 @@ def quantize_counts(counts: np.ndarray, scale_bits: int) -> np.ndarray:
 
 def encode(symbols: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray]:
     """(16-bit words in decoding order, final state of every lane)."""
-    scale = int(freq.sum()).bit_length() - 1
-    cum = (np.cumsum(freq) - freq).astype(np.uint64)
-    f64 = freq.astype(np.uint64)
-    grid = _grid(symbols, freq, lanes)
-    x = np.full(lanes, LOW, dtype=np.uint64)
-    blocks = []
+    return encode_many([(symbols, freq, lanes)])[0]
+
+
+def encode_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`encode` for several streams (symbols, frequencies, lanes) at once, byte for byte the same.
+
+    Every lane of every stream is one element of a single state vector, so all streams advance
+    in one loop of numpy operations per step: a layer's (or several layers') streams cost one
+    pass of Python overhead instead of one each. Streams are ordered by their number of steps,
+    longest first, so the lanes still coding at any step are a prefix of the vector. States are
+    float64: every value the coder forms stays below 2^32, so each operation is exact, and
+    floor(x / f) replaces the slower integer division.
+    """
+    if not jobs:
+        return []
+    order = sorted(range(len(jobs)), key=lambda j: -_steps(jobs[j]))
+    grid, table, lane_job, active = _batch([jobs[j] for j in order])
+    x = np.full(len(lane_job), float(LOW))
+    blocks, masks = [], []
     for step in range(grid.shape[0] - 1, -1, -1):
-        s = grid[step]
-        f = f64[s]
-        emit = x >= (f << np.uint64(32 - scale))
-        blocks.append((x[emit] & np.uint64(0xFFFF)).astype(np.uint16))
-        x = np.where(emit, x >> np.uint64(16), x)
-        x = ((x // f) << np.uint64(scale)) + (x % f) + cum[s]
-    words = np.concatenate(blocks[::-1]) if blocks else np.zeros(0, np.uint16)
-    return words, x.astype(np.uint32)
+        k = active[step]
+        row, xv = table[grid[step, :k]], x[:k]  # row: (emit threshold, f, M - f, cumulative) per lane
+        emit = xv >= row[:, 0]
+        out = xv[emit]
+        blocks.append(out)
+        masks.append(emit)
+        xv[emit] = np.floor(out * (1 / 65536))
+        q = np.floor(xv / row[:, 1])
+        q *= row[:, 2]
+        q += row[:, 3]
+        xv += q
+    results = _split_words(blocks[::-1], masks[::-1], lane_job, x, len(jobs))
+    unsorted = [None] * len(jobs)
+    for position, j in enumerate(order):
+        unsorted[j] = results[position]
+    return unsorted
+
+
+def _steps(job: tuple[np.ndarray, np.ndarray, int]) -> int:
+    return -(-len(job[0]) // job[2])
+
+
+def _batch(jobs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps x lanes grid of row numbers into `table`, the table, the job of every lane, the lanes still
+    coding at each step). Each job's symbols index its own block of table rows."""
+    lanes = np.array([job[2] for job in jobs])
+    steps = np.array([_steps(job) for job in jobs])
+    grid = np.zeros((int(steps.max(initial=0)), int(lanes.sum())), dtype=np.int32)
+    tables, base, lane = [], 0, 0
+    for (symbols, freq, width), count in zip(jobs, steps):
+        scale = int(freq.sum()).bit_length() - 1
+        f = freq.astype(np.float64)
+        tables.append(np.stack([f * 2.0 ** (32 - scale), f, 2.0 ** scale - f, np.cumsum(f) - f], axis=1))
+        grid[:count, lane:lane + width] = _grid(symbols, freq, width) + base
+        base, lane = base + len(freq), lane + width
+    active = np.searchsorted(-steps, -np.arange(grid.shape[0]), side="left")  # jobs with more steps than t
+    active = np.cumsum(np.append(0, lanes))[active]
+    return grid, np.concatenate(tables), np.repeat(np.arange(len(jobs)), lanes), active
+
+
+def _split_words(blocks: list, masks: list, lane_job: np.ndarray, x: np.ndarray, count: int) -> list:
+    """Each job's words, steps ascending and lanes ascending within a step, and its final states."""
+    words = (np.concatenate(blocks) if blocks else np.zeros(0)).astype(np.uint64) & np.uint64(0xFFFF)
+    owner = np.concatenate([lane_job[:len(m)][m] for m in masks]) if masks else np.zeros(0, np.int64)
+    grouped = words[np.argsort(owner, kind="stable")].astype(np.uint16)
+    word_ends = np.cumsum(np.bincount(owner, minlength=count))
+    lane_ends = np.cumsum(np.bincount(lane_job, minlength=count))
+    states = x.astype(np.uint32)
+    return [(grouped[_start(word_ends, j):word_ends[j]],
+             states[_start(lane_ends, j):lane_ends[j]]) for j in range(count)]
+
+
+def _start(ends: np.ndarray, j: int) -> int:
+    return int(ends[j - 1]) if j else 0
 
 
 def _grid(symbols: np.ndarray, freq: np.ndarray, lanes: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -50,37 +51,132 @@ class Stream:
 
 def encode_symbols(symbols: np.ndarray, alphabet: int, coding: str) -> Stream:
     symbols = np.asarray(symbols, dtype=np.int64)
-    if coding == "fixed" or symbols.size == 0:
-        width = width_for(alphabet) or int(len(symbols) > FREE_SYMBOLS)  # keeps count bounded by the bytes
-        return Stream("fixed", len(symbols), alphabet, {"width": width}, payload=pack(symbols, width))
-    counts = np.bincount(symbols, minlength=alphabet)
+    return choose([Request(symbols, alphabet, (coding,), filtered=False)])[0].write()
+
+
+@dataclass
+class Plan:
+    """One coding of one symbol stream, sized exactly before any byte is written: the sizes come from
+    the symbol counts (fixed, Huffman) or from running the coder (rANS, whose words are kept)."""
+
+    coding: str
+    count: int
+    alphabet: int
+    meta: dict
+    table_bytes: int
+    payload_bytes: int
+    write: Callable[[], Stream]
+
+    @property
+    def nbytes(self) -> int:
+        return self.table_bytes + self.payload_bytes
+
+    def header(self) -> dict:
+        return {"coding": self.coding, "count": self.count, "alphabet": self.alphabet, **self.meta,
+                "table_bytes": self.table_bytes, "payload_bytes": self.payload_bytes}
+
+    def cost(self) -> int:
+        """What `smallest` compares: the bytes plus the compact JSON of the header."""
+        return self.nbytes + len(json.dumps(self.header(), separators=(",", ":")))
+
+
+@dataclass
+class Request:
+    """A symbol stream to code with the smallest of `codings`. `symbols` may be a callable that makes
+    them (so a stream only fixed-width packing can code is never materialised before it wins);
+    `counts`, when given, are its symbol counts. With `filtered`, only the codings whose size
+    estimate is within 5% of the best are tried, as `smallest` does."""
+
+    symbols: np.ndarray | Callable[[], np.ndarray]
+    alphabet: int
+    codings: tuple[str, ...] = CODINGS
+    count: int | None = None
+    counts: np.ndarray | None = None
+    filtered: bool = True
+
+    def materialise(self) -> np.ndarray:
+        if callable(self.symbols):
+            self.symbols = np.asarray(self.symbols())
+        return self.symbols
+
+
+def choose(requests: list[Request]) -> list[Plan]:
+    """The smallest coding of every request, byte for byte what `smallest` picks; the rANS runs of
+    all requests share one batched coder loop (rans.encode_many)."""
+    pending, jobs = [], []
+    for request in requests:
+        plans = []
+        for coding in _tried(request):
+            plans.append(_plan(request, coding, jobs))
+        pending.append(plans)
+    done = rans.encode_many([job[:3] for job in jobs])
+    for (symbols, freq, lanes, slot), (words, states) in zip(jobs, done):
+        slot[0] = _rans_plan(len(symbols), freq, lanes, words, states)
+    return [min((p[0] if isinstance(p, list) else p for p in plans), key=Plan.cost) for plans in pending]
+
+
+def _tried(request: Request) -> list[str]:
+    codings = request.codings
+    if not request.filtered:
+        return list(codings)
+    if request.alphabet > ENTROPY_CODED_ALPHABET and "fixed" in codings:
+        codings = ("fixed",)  # a code table that large costs more than it can save
+    if codings == ("fixed",):
+        return ["fixed"]  # the estimate of a lone coding cannot exclude it: no counts needed
+    counts = _counts(request)
+    estimates = {c: estimate_bytes(counts, c) for c in codings}
+    best = min(estimates.values())
+    return [c for c in codings if estimates[c] <= best * 1.05 + 64]
+
+
+def _counts(request: Request) -> np.ndarray:
+    if request.counts is None:
+        request.counts = np.bincount(request.materialise(), minlength=request.alphabet)
+    return request.counts
+
+
+def _plan(request: Request, coding: str, jobs: list) -> Plan | list:
+    count = request.count if request.count is not None else len(request.materialise())
+    if coding == "fixed" or count == 0:
+        width = width_for(request.alphabet) or int(count > FREE_SYMBOLS)  # keeps count bounded by the bytes
+        return Plan("fixed", count, request.alphabet, {"width": width}, 0, (count * width + 7) // 8,
+                    lambda: Stream("fixed", count, request.alphabet, {"width": width},
+                                   payload=pack(request.materialise(), width)))
+    counts = _counts(request)
     if coding == "huffman":
-        return _huffman(symbols, counts)
-    if coding == "rans":
-        return _rans(symbols, counts)
-    raise ValueError(f"unknown coding {coding!r}; expected one of {CODINGS}")
+        return _huffman_plan(request.materialise(), counts)
+    if coding != "rans":
+        raise ValueError(f"unknown coding {coding!r}; expected one of {CODINGS}")
+    slot = [None]  # filled once the batched rANS loop has run
+    freq = rans.quantize_counts(counts, rans.scale_bits_for(len(counts)))
+    jobs.append((request.materialise(), freq, rans.lanes_for(count), slot))
+    return slot
 
 
-def _huffman(symbols: np.ndarray, counts: np.ndarray) -> Stream:
+def _huffman_plan(symbols: np.ndarray, counts: np.ndarray) -> Plan:
     lengths = huffman.code_lengths(counts)
     lanes = huffman.lanes_for(len(symbols))
-    data, lane_bits = huffman.encode(symbols, lengths, lanes)
+    lane_bits = huffman.lane_bits(symbols, lengths, lanes)
     starts = lane_bits[:-1]
     base = int(starts.min(initial=0))
     width = width_for(int(starts.max(initial=0)) - base + 1)
-    table = np.concatenate([pack(lengths, _LENGTH_BITS), pack(starts - base, width)])
     meta = {"lanes": lanes, "lane_base": base, "lane_width": width}
-    return Stream("huffman", len(symbols), len(counts), meta, table, data)
+    table_bytes = (len(counts) * _LENGTH_BITS + 7) // 8 + ((lanes - 1) * width + 7) // 8
+
+    def write() -> Stream:
+        table = np.concatenate([pack(lengths, _LENGTH_BITS), pack(starts - base, width)])
+        return Stream("huffman", len(symbols), len(counts), meta, table, huffman.write(symbols, lengths, lanes))
+    return Plan("huffman", len(symbols), len(counts), meta, table_bytes, (int(lane_bits.sum()) + 7) // 8, write)
 
 
-def _rans(symbols: np.ndarray, counts: np.ndarray) -> Stream:
-    freq = rans.quantize_counts(counts, rans.scale_bits_for(len(counts)))
-    lanes = rans.lanes_for(len(symbols))
-    words, states = rans.encode(symbols, freq, lanes)
+def _rans_plan(count: int, freq: np.ndarray, lanes: int, words: np.ndarray, states: np.ndarray) -> Plan:
     width = int(freq.max()).bit_length()
-    table = np.concatenate([pack(freq, width), states.astype("<u4").view(np.uint8)])
     meta = {"lanes": lanes, "freq_width": width}
-    return Stream("rans", len(symbols), len(counts), meta, table, words.astype("<u2").view(np.uint8))
+    table_bytes = (len(freq) * width + 7) // 8 + 4 * lanes
+    return Plan("rans", count, len(freq), meta, table_bytes, 2 * len(words),
+                lambda: Stream("rans", count, len(freq), meta,
+                               np.concatenate([pack(freq, width), states.astype("<u4").view(np.uint8)]),
+                               words.astype("<u2").view(np.uint8)))
 
 
 def decode_symbols(stream: Stream) -> np.ndarray:
@@ -222,16 +318,10 @@ def smallest(symbols: np.ndarray, alphabet: int, codings: tuple[str, ...] = CODI
     """The smallest of the given codings for these symbols (ties go to the faster, earlier one).
 
     Sizes are first estimated from the symbol counts (exact for fixed and Huffman payloads); only the
-    codings whose estimate is within 5% of the best are really encoded and compared.
+    codings whose estimate is within 5% of the best are really sized (fixed and Huffman from the
+    counts, rANS by running it) and compared; only the winner's bytes are written.
     """
-    symbols = np.asarray(symbols, dtype=np.int64)
-    if alphabet > ENTROPY_CODED_ALPHABET and "fixed" in codings:
-        codings = ("fixed",)  # a code table that large costs more than it can save
-    counts = np.bincount(symbols, minlength=alphabet)
-    estimates = {c: estimate_bytes(counts, c) for c in codings}
-    best = min(estimates.values())
-    streams = [encode_symbols(symbols, alphabet, c) for c in codings if estimates[c] <= best * 1.05 + 64]
-    return min(streams, key=lambda s: s.nbytes + len(json.dumps(s.header(), separators=(",", ":"))))
+    return choose([Request(np.asarray(symbols, dtype=np.int64), alphabet, codings)])[0].write()
 
 
 def estimate_bytes(counts: np.ndarray, coding: str) -> float:
@@ -249,4 +339,4 @@ def estimate_bytes(counts: np.ndarray, coding: str) -> float:
     return bits / 8 + 6 * lanes + alphabet * int(freq.max()).bit_length() / 8 + 4 * lanes
 
 
-__all__ = ["CODINGS", "Stream", "check_tables", "decode_symbols", "encode_symbols", "smallest", "stream_from_header"]
+__all__ = ["CODINGS", "Plan", "Request", "Stream", "choose", "check_tables", "decode_symbols", "encode_symbols", "smallest", "stream_from_header"]

@@ -19,8 +19,8 @@ import torch
 from fxcompress.errors import FormatError
 
 from . import positions as pos
-from .streams import CODINGS, MAX_ALPHABET, Stream, check_tables, decode_symbols, header_int, smallest, \
-    stream_from_header
+from .streams import CODINGS, MAX_ALPHABET, Request, Stream, check_tables, choose, \
+    decode_symbols, header_int, smallest, stream_from_header
 
 LAYOUTS = ("dense", "relative")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,33 +90,61 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("<")).view(np.uint8)
 
 
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the sorted distinct bit patterns, each value's index among them): np.unique(return_inverse=True)
+    without sorting every value: a hash-based unique, then a binary search of the few distinct ones."""
+    bits = _bits(values)
+    uniq = np.sort(_unique_values(bits))
+    return uniq, np.searchsorted(uniq, bits)
+
+
+_unique_values = getattr(np, "unique_values", np.unique)  # numpy >= 2.3 hashes instead of sorting
+
+
 def table_codebook(values: np.ndarray) -> Codebook:
-    uniq, symbols = np.unique(_bits(values), return_inverse=True)
+    uniq, symbols = _distinct(values)
     return Codebook("table", _little_endian(uniq), symbols, len(uniq))
 
 
-def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: int) -> Codebook:
-    distinct, value_id = np.unique(_bits(values), return_inverse=True)  # ids keep the values' order
-    keys = (rows.astype(np.uint64) << np.uint64(32)) | value_id.astype(np.uint64)
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    counts = np.bincount((uniq >> np.uint64(32)).astype(np.int64), minlength=num_rows)
+def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: int,
+                               distinct: tuple[np.ndarray, np.ndarray] | None = None) -> Codebook:
+    """Each channel's distinct values, in the order of the values' bit patterns; symbols index them."""
+    distinct, value_id = distinct if distinct is not None else _distinct(values)
+    keys = rows.astype(np.int64) * len(distinct) + value_id  # sorts as (row, value) pairs do
+    if num_rows * len(distinct) <= 4 * keys.size + (1 << 20):  # a presence table is small: no sort
+        present = np.bincount(keys, minlength=num_rows * len(distinct)) > 0
+        uniq = np.flatnonzero(present)
+        inverse = (np.cumsum(present) - 1)[keys]
+    else:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(uniq // len(distinct), minlength=num_rows)
     first = np.cumsum(counts) - counts
     symbols = inverse - first[rows]
-    data = np.concatenate([counts.astype("<u2").view(np.uint8),
-                           _little_endian(distinct[(uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)])])
+    data = np.concatenate([counts.astype("<u2").view(np.uint8), _little_endian(distinct[uniq % len(distinct)])])
     return Codebook("table_per_channel", data, symbols, int(counts.max(initial=1)))
 
 
 def grid_codebook(values: np.ndarray, ftype: type = np.float32) -> Codebook | None:
     """Values that are exactly ftype(k) * step for a shared step (fixed-point codes), else None."""
-    distinct = np.unique(values.astype(np.float64))
+    uniq, value_id = _distinct(values)
+    grid = _grid_of_distinct(uniq.view(values.dtype), ftype)
+    if grid is None:
+        return None
+    step, k = grid
+    return Codebook("grid", _little_endian(np.array([step], dtype=ftype)), (k - k.min())[value_id],
+                    int(k.max() - k.min() + 1), int(k.min()))
+
+
+def _grid_of_distinct(distinct_values: np.ndarray, ftype: type) -> tuple[object, np.ndarray] | None:
+    """(step, the integer k of every distinct value) if they all lie on one grid of ftype(k) * step.
+    Every test is an equality or an extreme over the values, so the distinct ones decide it."""
+    distinct = np.unique(distinct_values.astype(np.float64))
     gaps = np.diff(distinct) if len(distinct) > 1 else np.abs(distinct[:1]) + (distinct[:1] == 0)
     power = np.floor(np.log2(gaps.min()))  # fixed-point steps are powers of two, maybe below the smallest gap
     for step in [ftype(gaps.min())] + [ftype(2.0 ** (power - i)) for i in range(8)]:
-        k = np.rint(values / np.float64(step)).astype(np.int64)
-        if k.max() - k.min() < MAX_ALPHABET and np.array_equal(k.astype(ftype) * step, values):
-            data = _little_endian(np.array([step], dtype=ftype))
-            return Codebook("grid", data, k - k.min(), int(k.max() - k.min() + 1), int(k.min()))
+        k = np.rint(distinct_values / np.float64(step)).astype(np.int64)
+        if k.max() - k.min() < MAX_ALPHABET and np.array_equal(k.astype(ftype) * step, distinct_values):
+            return step, k
     return None
 
 
@@ -127,39 +155,99 @@ def raw_codebook(values: np.ndarray, kind: str) -> Codebook:
 
 def codebooks(values: np.ndarray, rows: np.ndarray, num_rows: int) -> list[Codebook]:
     """Every lossless codebook that applies to these values (float32 or float64)."""
-    found = [raw_codebook(values, "float64" if values.dtype == np.float64 else "float32")]
-    if values.size and len(np.unique(_bits(values))) <= MAX_ALPHABET:
-        found.append(table_codebook(values))
-    if values.size and num_rows > 1:
-        per_channel = table_per_channel_codebook(values, rows, num_rows)
-        if per_channel.alphabet < MAX_ALPHABET:  # channel counts are stored as uint16
-            found.append(per_channel)
-    grid = grid_codebook(values, values.dtype.type) if values.size else None
-    return found + ([grid] if grid is not None else [])
+    found = []
+    for book in _books(values, lambda: rows, num_rows):
+        symbols = book.request.materialise()
+        found.append(Codebook(book.kind, book.data, np.asarray(symbols, dtype=np.int64), book.request.alphabet,
+                              book.offset))
+    return found
+
+
+@dataclass
+class _Book:
+    """A codebook whose symbols are a Request: made when first needed (raw symbols never are unless they win)."""
+    kind: str
+    data: np.ndarray
+    request: Request
+    offset: int = 0
+
+
+def _books(values: np.ndarray, rows, num_rows: int, codings: tuple[str, ...] = CODINGS) -> list[_Book]:
+    """The codebooks of `codebooks`, in its order, each with a Request for its symbols; `rows` makes the
+    channel of every value. The distinct values are found once and serve table, per-channel and grid."""
+    kind = "float64" if values.dtype == np.float64 else "float32"
+    per_value = np.dtype(RAW_KINDS[kind]).itemsize // 2
+    found = [_Book(kind, np.zeros(0, np.uint8), Request(lambda: raw_codebook(values, kind).symbols, MAX_ALPHABET,
+                                                         ("fixed",), count=values.size * per_value))]
+    if not values.size:
+        return found
+    uniq, value_id = _distinct(values)
+    if len(uniq) <= MAX_ALPHABET:
+        found.append(_Book("table", _little_endian(uniq),
+                           Request(value_id, len(uniq), codings, counts=np.bincount(value_id, minlength=len(uniq)))))
+    if num_rows > 1:
+        book = table_per_channel_codebook(values, rows(), num_rows, (uniq, value_id))
+        if book.alphabet < MAX_ALPHABET:  # channel counts are stored as uint16
+            found.append(_Book(book.kind, book.data, Request(book.symbols, book.alphabet, codings)))
+    grid = _grid_of_distinct(uniq.view(values.dtype), values.dtype.type)
+    if grid is not None:
+        step, k = grid
+        alphabet = int(k.max() - k.min() + 1)
+        counts = np.bincount(k - k.min(), weights=np.bincount(value_id, minlength=len(uniq)), minlength=alphabet)
+        found.append(_Book("grid", _little_endian(np.array([step], dtype=values.dtype.type)),
+                           Request((k - k.min())[value_id], alphabet, codings, counts=counts.astype(np.int64)),
+                           int(k.min())))
+    return found
 
 
 def encode_tensor(weight: torch.Tensor, *, layouts: tuple[str, ...] = LAYOUTS,
                   codings: tuple[str, ...] = CODINGS, index_bits: int = 5) -> EncodedTensor:
     """The smallest lossless encoding of a floating-point tensor among the given layouts and codings."""
+    return encode_tensors([weight], layouts=layouts, codings=codings, index_bits=[index_bits])[0]
+
+
+def encode_tensors(weights: list[torch.Tensor], *, layouts: tuple[str, ...] = LAYOUTS,
+                   codings: tuple[str, ...] = CODINGS, index_bits: list[int]) -> list[EncodedTensor]:
+    """`encode_tensor` of each weight (with its own index width); their rANS runs share one batched loop.
+
+    Every (layout, codebook) candidate is sized exactly before any byte is written: fixed and Huffman
+    sizes follow from symbol counts, rANS sizes from running the coder. Only the smallest candidate's
+    streams are then written, so the result is the one trying every candidate in turn gives.
+    """
+    tensors = [_candidates(w, layouts, codings, bits) for w, bits in zip(weights, index_bits)]
+    requests = [r for candidates in tensors for c in candidates for r in (c[2], c[3]) if r is not None]
+    plans = dict(zip(map(id, requests), choose(requests)))
+    return [_smallest(candidates, plans) for candidates in tensors]
+
+
+def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[str, ...], index_bits: int) -> list:
+    """(EncodedTensor fields, book, positions request, values request) for every layout and codebook."""
     dtype = _dtype_name(weight)
     flat = weight.detach().to("cpu", DTYPES[np.dtype(coded_type(dtype)).name]).contiguous().numpy().reshape(-1)
     shape = tuple(weight.shape)
     num_rows = shape[0] if len(shape) >= 2 else 1
     row_size = max(flat.size // max(num_rows, 1), 1)
-    best = None
+    found = []
     for layout in layouts:
-        where = np.flatnonzero(flat) if layout == "relative" else np.arange(flat.size)
-        positions = None
+        positions, values, rows = None, flat, lambda: np.arange(flat.size) // row_size
         if layout == "relative":
-            positions = smallest(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings)
-        for book in codebooks(flat[where], where // row_size, num_rows):
-            allowed = ("fixed",) if book.kind in RAW_KINDS else codings
-            values = smallest(book.symbols, book.alphabet, allowed)
-            candidate = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, values,
-                                      positions, dtype)
-            if best is None or candidate.nbytes < best.nbytes:
-                best = candidate
-    return best
+            where = np.flatnonzero(flat)
+            values, rows = flat[where], lambda where=where: where // row_size
+            positions = Request(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings)
+        for book in _books(values, rows, num_rows, codings):
+            found.append(((shape, layout, index_bits, dtype), book, positions, book.request))
+    return found
+
+
+def _smallest(candidates: list, plans: dict) -> EncodedTensor:
+    best, best_size = None, None
+    for (shape, layout, index_bits, dtype), book, positions, values in candidates:
+        sized = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, plans[id(values)],
+                              plans[id(positions)] if positions is not None else None, dtype)
+        if best is None or sized.nbytes < best_size:
+            best, best_size = sized, sized.nbytes
+    return EncodedTensor(best.shape, best.layout, best.index_bits, best.codebook, best.codebook_data, best.offset,
+                         best.values.write(), best.positions.write() if best.positions else None, best.dtype)
 
 
 def encode_half(tensor: torch.Tensor) -> EncodedTensor:
