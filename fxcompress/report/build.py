@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..history import history
 from ..sensitivity import SensitivityTable
 from ..summary import summary
-from . import figures
+from .figures import available, bytes_and_sparsity, histogram, sensitivity_curves
 from .collect import layer_weights
 from .page import Content, to_html, to_markdown
 
@@ -38,7 +38,7 @@ def _histograms(gm: GraphModule, reference: nn.Module | None, limit: int) -> tup
     if shown and all(w.before is None for w in shown):
         notes.append("This model no longer holds its weights before quantization: pass a reference model "
                      "(the fake-quant or dense model) to show them.")
-    return [(w.name, figures.histogram(w)) for w in shown], notes
+    return [(w.name, histogram(w)) for w in shown], notes
 
 
 def build_content(gm: GraphModule, *, title: str, reference: nn.Module | None = None,
@@ -54,10 +54,10 @@ def build_content(gm: GraphModule, *, title: str, reference: nn.Module | None = 
     table = summary(gm, example_inputs)
     graph = to_svg(gm, max_nodes, table) if draw_graph else None
     extra: dict = {}
-    if pictures and figures.available():
+    if pictures and available():
         histograms, notes = _histograms(gm, reference, max_histograms)
-        extra = {"bars": figures.bytes_and_sparsity(table.rows), "histograms": histograms, "notes": notes,
-                 "sensitivity_plot": figures.sensitivity_curves(sensitivity) if sensitivity else None}
+        extra = {"bars": bytes_and_sparsity(table.rows), "histograms": histograms, "notes": notes,
+                 "sensitivity_plot": sensitivity_curves(sensitivity) if sensitivity else None}
     return Content(title=title, table=table, records=history(gm), graph_svg=graph,
                    facts={str(k): str(v) for k, v in (facts or {}).items()}, sensitivity=sensitivity, **extra)
 
