@@ -17,7 +17,7 @@ from fxcompress.config import (Boolean, Callables, Interval, MappingOf, Options,
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.pass_base import Pass
 from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
-                               LowerToInteger, LowerToSparse)
+                               LowerToInteger, LowerToSparse, LowerWeightOnly)
 from fxcompress.pruning import AGP
 from zoo import ZOO
 
@@ -128,6 +128,7 @@ EXPECTED = {
     # lowering needs what earlier passes put on the weight chains (see PREREQUISITES)
     **{("LowerToEncoded", model): UNCHANGED for model in ZOO},
     **{("LowerToInteger", model): PreconditionError for model in ZOO},
+    **{("LowerWeightOnly", model): PreconditionError for model in ZOO},  # needs linear fake-quant weights
     **{("LowerToSparse", model): UNCHANGED for model in ZOO},
     **{("SparseGPT", model): PreconditionError for model in ZOO},  # calibrated: needs calibration_data
     **{("ScaleChannels", model): PreconditionError for model in ZOO},  # calibrated: needs calibration_data
@@ -136,6 +137,7 @@ EXPECTED = {
 PREREQUISITES = {
     LowerToEncoded: [InsertMasks(sparsity=0.9)],  # sparse: quick to encode
     LowerToInteger: [InsertFakeQuant(method="linear", activations=ActivationConfig())],
+    LowerWeightOnly: [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)],
     LowerToSparse: [InsertMasks(sparsity=0.9)],
 }
 
