@@ -1,20 +1,33 @@
 """Exports of a compressed GraphModule: dense module, per-layer sparse COO / CSR arrays, JSON / YAML of
-float and integer weights (the CNN_Compress storage forms), and ONNX of the decoded model."""
+float and integer weights (the CNN_Compress storage forms), ONNX of the decoded model with named inputs
+and a dynamic batch, and the int8 QDQ ONNX of a fake-quant model that ONNX Runtime runs on its int8
+kernels."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
-from torch.fx import GraphModule
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_leaves
 
 from .encoded.decode import decode
 from .encoded.tensor import grid_codebook
-from .errors import ConfigError, MissingDependencyError
-from .layers import effective_weight, find_layers
+from .errors import ConfigError, MissingDependencyError, PreconditionError
+from .layers import bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
+from .quant import ActivationQuant, GridWeight, KMeansWeight
+from .quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from .quant.quantizers import Grid, quantize
 
-__all__ = ["decode", "sparse_arrays", "to_json", "to_onnx", "to_yaml", "weights_as_data"]
+__all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_json", "to_onnx", "to_onnx_int8",
+           "to_yaml", "weights_as_data"]
+
+NATIVE_MODULES = (NativeLayer, QuantizeToCodes, NativeAdd, NativeCat)  # oneDNN kernels: no ONNX operator
 
 
 def _matrices(gm: GraphModule) -> dict[str, np.ndarray]:
@@ -76,11 +89,276 @@ def to_yaml(gm: GraphModule, path: str | os.PathLike, integer: bool = False) -> 
         yaml.dump(weights_as_data(gm, integer), f, Dumper=dumper, default_flow_style=True)
 
 
-def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple) -> None:
-    """ONNX of the decoded dense model (needs the `onnx` extra)."""
+# ONNX: the TorchScript exporter's opsets from the first with per-channel QuantizeLinear (13) to its newest
+OPSETS = (13, 20)
+DEFAULT_OPSET = 17
+BATCH = "batch"  # the symbolic first axis of every input and output under dynamic_batch
+# the integer types ONNX quantizes to, each with its full range: QuantizeLinear saturates there
+_ONNX_INTEGERS = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+_INT32_MAX = 2 ** 31 - 1
+
+
+def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
+            input_names: list[str] | None = None, output_names: list[str] | None = None,
+            dynamic_batch: bool = True, opset: int = DEFAULT_OPSET, quantized: bool = False) -> None:
+    """Write `gm` as an ONNX model (needs the `onnx` extra).
+
+    Inputs are named `input_names` (default: the GraphModule's placeholder names), outputs
+    `output_names` (default: "output", or "output_0", "output_1", ...). With `dynamic_batch`, the
+    first axis of every input and output is the symbol "batch", so any batch size runs. `quantized`
+    writes the int8 QDQ form of a fake-quant model (see `to_onnx_int8`); otherwise the decoded
+    dense float model.
+    """
+    _check_onnx()
+    if not isinstance(gm, GraphModule):
+        raise ConfigError(f"to_onnx needs a GraphModule from fxcompress.compile, got {type(gm).__name__}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ConfigError(f"to_onnx.opset must be an int in [{OPSETS[0]}, {OPSETS[1]}], got {opset!r}")
+    if not isinstance(dynamic_batch, bool) or not isinstance(quantized, bool):
+        raise ConfigError(f"to_onnx.dynamic_batch and to_onnx.quantized must be True or False, "
+                          f"got {dynamic_batch!r} and {quantized!r}")
+    example_inputs = _check_inputs(gm, example_inputs)
+    module = _quantize_dequantize(gm) if quantized else decode(gm)
+    _refuse_native(module)
+    with torch.no_grad():
+        outputs = [t for t in tree_leaves(module.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = _names("input_names", input_names, len(example_inputs), placeholders)
+    outputs_named = _names("output_names", output_names, len(outputs),
+                           ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
+    if set(inputs) & set(outputs_named):
+        raise ConfigError(f"to_onnx: {sorted(set(inputs) & set(outputs_named))} name both an input and an output; "
+                          "ONNX names each value once")
+    axes = None
+    if dynamic_batch:
+        axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
+        axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is the one with QDQ symbolics
+        torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, input_names=inputs,
+                          output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
+                          # QDQ functions export by their symbolic; inlined, their traced bodies break the exporter
+                          autograd_inlining=not quantized)
+
+
+def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, **options: Any) -> None:
+    """The int8 QDQ ONNX model of a fake-quant GraphModule: `to_onnx(..., quantized=True)`.
+
+    Every calibrated ActivationQuant becomes QuantizeLinear -> DequantizeLinear with its scale and
+    zero point (uint8 for asymmetric grids, int8 for symmetric ones); every linear / fixed-point
+    weight grid of at most 8 bits becomes int8 (uint8 when asymmetric) codes -> DequantizeLinear
+    with our per-channel scales on axis 0; a bias next to an input grid becomes int32 codes at the
+    accumulator's scale (input scale times weight scale), as LowerToInteger rounds it. ONNX Runtime
+    fuses these pairs into its int8 kernels (QLinearConv, QLinearMatMul / QGemm, QLinearAdd).
+    """
+    to_onnx(gm, path, example_inputs, quantized=True, **options)
+
+
+def _check_onnx() -> None:
     try:
         import onnx  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("to_onnx needs onnx: pip install 'fxcompress[onnx]'") from exc
-    import torch
-    torch.onnx.export(decode(gm).eval(), tuple(example_inputs), str(path), dynamo=False)
+
+
+def _check_inputs(gm: GraphModule, example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(f"to_onnx.example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"to_onnx.example_inputs[{i}] must be a tensor, got {type(t).__name__}")
+    count = sum(n.op == "placeholder" for n in gm.graph.nodes)
+    if len(example_inputs) != count:
+        raise ConfigError(f"to_onnx.example_inputs holds {len(example_inputs)} tensors but the model takes {count}")
+    return tuple(example_inputs)
+
+
+def _names(field: str, names: Any, count: int, default: list[str]) -> list[str]:
+    """`names` checked (a list of `count` distinct non-empty strings), or `default`."""
+    if names is None:
+        return default
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"to_onnx.{field} must be a list of strings, got {names!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ConfigError(f"to_onnx.{field}: {bad!r} are not names (non-empty strings)")
+    if len(names) != count:
+        raise ConfigError(f"to_onnx.{field} gives {len(names)} names {list(names)} but the model has {count}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"to_onnx.{field} repeats {repeated}; each value needs its own name")
+    return list(names)
+
+
+def _refuse_native(module: nn.Module) -> None:
+    for name, m in module.named_modules():
+        if isinstance(m, NATIVE_MODULES):
+            raise PreconditionError(f"to_onnx: module '{name}' ({type(m).__name__}) runs oneDNN kernels that ONNX "
+                                    "has no operator for; export the fake-quant model it was lowered from with "
+                                    "to_onnx(..., quantized=True)")
+
+
+class _QuantizeDequantizeFn(torch.autograd.Function):
+    """Fake-quant of an activation on a grid; exports as [Clip ->] QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):
+        q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)  # fake_quantize's arithmetic
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):
+        dtype = torch.int8 if signed else torch.uint8
+        if (qmin, qmax) != _ONNX_INTEGERS[dtype]:  # QuantizeLinear saturates at the type's range, not the grid's
+            bounds = [g.op("Constant", value_t=torch.tensor((q - zero_point) * scale, dtype=torch.float32))
+                      for q in (qmin, qmax)]
+            x = g.op("Clip", x, *bounds)
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class _DequantizeFn(torch.autograd.Function):
+    """Stored integer codes to float; exports as DequantizeLinear (per channel on axis 0 when `axis`)."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point, axis: int | None):
+        shape = [-1] + [1] * (codes.ndim - 1) if axis is not None else []
+        return ((codes.to(torch.float32) - zero_point.to(torch.float32).reshape(shape))
+                * scale.reshape(shape))
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis: int | None):
+        if axis is None:
+            return g.op("DequantizeLinear", codes, scale, zero_point)
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+class QuantizeDequantize(nn.Module):
+    """An activation grid as ONNX sees it: QuantizeLinear -> DequantizeLinear (uint8, or int8 if signed)."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmin, self.qmax, self.signed = scale, zero_point, qmin, qmax, signed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantizeDequantizeFn.apply(x, self.scale, self.zero_point, self.qmin, self.qmax, self.signed)
+
+
+class Dequantize(nn.Module):
+    """Stored integer codes (a weight or a bias) -> DequantizeLinear; per channel on `axis` 0, or per tensor."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 axis: int | None) -> None:
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.to(torch.float32))
+        self.register_buffer("zero_point", zero_point.to(codes.dtype))
+
+    def forward(self) -> torch.Tensor:
+        return _DequantizeFn.apply(self.codes, self.scale, self.zero_point, self.axis)
+
+
+def _integer_type(qmin: int, qmax: int) -> torch.dtype | None:
+    """The ONNX integer type holding every code of [qmin, qmax]: int8 first, then uint8; None if neither."""
+    return next((t for t in (torch.int8, torch.uint8) if _ONNX_INTEGERS[t][0] <= qmin and qmax <= _ONNX_INTEGERS[t][1]),
+                None)
+
+
+def _activation_grids(gm: GraphModule) -> dict[Node, Grid]:
+    """Each ActivationQuant node's grid, its module swapped for QuantizeDequantize."""
+    grids = {}
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, ActivationQuant):
+            continue
+        grid = module.grid() if module.enabled else None
+        if grid is None:
+            raise PreconditionError(f"to_onnx(quantized=True): the activation fake-quant '{node.target}' is "
+                                    "disabled or has observed nothing; compile with calibration_data first")
+        signed = grid.qmin < 0
+        low, high = _ONNX_INTEGERS[torch.int8 if signed else torch.uint8]
+        if not low <= grid.qmin <= grid.qmax <= high:
+            raise PreconditionError(f"to_onnx(quantized=True): the activation grid '{node.target}' spans codes "
+                                    f"[{grid.qmin}, {grid.qmax}] ({module.bits} bits); QDQ ONNX holds at most 8")
+        gm.add_submodule(node.target, QuantizeDequantize(float(grid.scale), int(grid.zero_point), grid.qmin,
+                                                         grid.qmax, signed))
+        grids[node] = grid
+    return grids
+
+
+def _quantize_dequantize(gm: GraphModule) -> GraphModule:
+    """A copy of fake-quant `gm` whose grids are QDQ modules and whose weights are stored integer codes."""
+    gm = copy.deepcopy(gm)
+    grids = _activation_grids(gm)
+    weights = 0
+    for layer in find_layers(gm):
+        node = layer_node(gm, layer)
+        chain = chain_module_node(gm, node, (GridWeight, KMeansWeight))
+        if chain is None:
+            continue  # a float layer (mixed precision) stays float
+        _quantize_layer(gm, layer, node, chain, grids.get(input_arg(node)))
+        weights += 1
+    if not grids and not weights:
+        raise PreconditionError("to_onnx(quantized=True): the model has no activation or weight fake-quant; run "
+                                "InsertFakeQuant(method='linear', bits=8, activations=ActivationConfig(bits=8)) "
+                                "with calibration_data first")
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    _drop_unread_tensors(gm)
+    gm.recompile()
+    return gm
+
+
+def _drop_unread_tensors(gm: GraphModule) -> None:
+    """Delete the float weights (and masks) the integer codes replaced: the exporter would keep them."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
+    tensors = [name for name, _ in gm.named_parameters(remove_duplicate=False)]
+    tensors += [name for name, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in tensors:
+        if name not in read and not name.startswith(called):
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner), attr)
+
+
+def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_grid: Grid | None) -> None:
+    """Replace the layer's weight chain by integer codes -> DequantizeLinear, and its bias by int32 codes."""
+    quantizer = gm.get_submodule(chain.target)
+    if not isinstance(quantizer, GridWeight) or not quantizer.enabled:
+        raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has a {type(quantizer).__name__} "
+                                "weight (k-means codebooks are no integer grid) or a disabled one; QDQ needs an "
+                                "enabled linear / fixed-point grid")
+    weight = constant_value(gm, chain.args[0])
+    grid = quantizer.grid(weight)
+    dtype = _integer_type(grid.qmin, grid.qmax)
+    if dtype is None:
+        raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has {quantizer.bits}-bit weight codes "
+                                f"[{grid.qmin}, {grid.qmax}]; QDQ ONNX holds at most 8 bits")
+    axis = quantizer.axis
+    if axis not in (None, 0):  # DequantizeLinear's axis 0 is the output channel of conv and Gemm weights
+        raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has per-channel weight scales on "
+                                f"axis {axis}; only axis 0 or per-tensor grids are exported")
+    codes = quantize(weight, grid, axis).to(dtype)
+    _replace(gm, chain, f"{layer.name}.weight_dequantize",
+             Dequantize(codes, grid.scale, grid.zero_point.round(), axis))
+    bias = bias_arg(node)
+    if bias is None or input_grid is None:
+        return  # without an input grid the layer's accumulator has no scale: the bias stays float
+    scale = (input_grid.scale.float() * grid.scale.float()).expand(weight.shape[0])
+    bias_codes = torch.round(constant_value(gm, bias).float() / scale)
+    if bias_codes.abs().max() > _INT32_MAX:
+        raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has a bias beyond int32 at the "
+                                f"accumulator's scale (largest |code| {bias_codes.abs().max():.3g})")
+    _replace(gm, bias, f"{layer.name}.bias_dequantize",
+             Dequantize(bias_codes.to(torch.int32), scale, torch.zeros_like(scale), 0), users=[node])
+
+
+def _replace(gm: GraphModule, node: Node, target: str, module: nn.Module, users: list[Node] | None = None) -> None:
+    """A call_module of `module` (no inputs) in place of `node` for `users` (default: all of them)."""
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_before(node if node.op != "get_attr" else next(iter(users or node.users))):
+        new = gm.graph.call_module(target, ())
+    for user in list(users or node.users):
+        user.replace_input_with(node, new)

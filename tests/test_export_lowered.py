@@ -1,0 +1,112 @@
+"""torch.export and torch.compile of every lowered form: each runs and computes what the lowered
+GraphModule computes.
+
+LOWERINGS is the table: (name, passes) applied to one tiny residual CNN (conv, BatchNorm, a residual
+add, max pooling, linear) with calibration data; add an entry for every new lowering pass. Each form
+is exported once (`torch.export.export`, then its `.module()` run) and compiled once with aot_eager
+(dynamo's capture and AOT autograd's tracing, where a lowered module breaks if it breaks), and the
+native integer form also with inductor, where a C++ compiler works: it is the form whose compiled
+kernels matter for speed. Inductor lowers oneDNN's int8 kernels only with their packed weights as
+constants, so that compile uses freezing (`torch._inductor.config.freezing`, PT2E's x86 inference
+setting; without it inductor fails an assertion in its qlinear lowering). Freezing is no general
+answer: it hands the reference backend's float64 convolutions to oneDNN, which refuses double.
+Outputs must equal the lowered model's to 1e-5 (logits of order 1; compiled kernels may sum in
+another order).
+Cost: about 22 s of CPU for the file (measured on a loaded 2-core machine): 1-3 s per export and
+aot_eager compile, the first export paying torch.export's warm-up, and the inductor compile (C++
+builds, cached by inductor across runs) the largest part.
+"""
+import functools
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
+from fxcompress.quant import native
+from fxcompress.quant.native import NativeLayer
+from zoo import BasicBlock
+
+ATOL = 1e-5
+HAS_CXX = bool(shutil.which("g++") or shutil.which("c++"))  # inductor's CPU code generation needs one
+
+
+def _quantize() -> list:
+    """8-bit symmetric per-channel weights and 8-bit activations (7 without VNNI: native stays exact)."""
+    bits = 8 if native.vnni() else 7
+    return [FoldBatchNorm(), InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                             activations=ActivationConfig(bits=bits, joins=True))]
+
+
+LOWERINGS = [
+    ("integer reference", [*_quantize(), LowerToInteger(backend="reference")]),
+    ("integer native", [*_quantize(), LowerToInteger(backend="native")]),
+    ("encoded", [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans"), LowerToEncoded()]),
+    ("masked", [InsertMasks(sparsity=0.9, scope="global")]),
+    ("masked, BatchNorm folded", [FoldBatchNorm(), InsertMasks(sparsity=0.9, scope="global")]),
+]
+NEEDS = {"integer native": (native.available(), "this torch build has no oneDNN int8 kernels")}
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.block = BasicBlock(8, 8)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.max_pool2d(self.block(self.stem(x)), 2), 1))
+
+
+@functools.cache
+def _lowered(name: str):
+    available, reason = NEEDS.get(name, (True, ""))
+    if not available:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    for m in model.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(32, 1, 8, 8)
+    passes = dict(LOWERINGS)[name]
+    gm = fxcompress.compile(model, passes, example_inputs=(x[:4],), calibration_data=[x])
+    assert fxcompress.history(gm)[-1].name == type(passes[-1]).__name__  # the form really is lowered
+    with torch.no_grad():
+        expected = gm(x[:4])
+    return gm, x[:4], expected
+
+
+@pytest.mark.parametrize("name", [name for name, _ in LOWERINGS])
+def test_torch_export_runs_and_matches(name):
+    gm, x, expected = _lowered(name)
+    program = torch.export.export(gm, (x,))
+    with torch.no_grad():
+        got = program.module()(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in LOWERINGS])
+def test_torch_compile_runs_and_matches(name):
+    gm, x, expected = _lowered(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="inductor needs a C++ compiler")
+def test_inductor_compiles_the_native_integer_model_with_frozen_packed_weights():
+    gm, x, expected = _lowered("integer native")
+    assert any(isinstance(m, NativeLayer) for m in gm.modules())
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="inductor", fullgraph=True)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        got = compiled(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)

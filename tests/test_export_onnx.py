@@ -1,0 +1,239 @@
+"""ONNX exports checked by onnx.checker and run by ONNX Runtime: named inputs, a dynamic batch, opsets,
+and the int8 QDQ model of a fake-quant graph on ORT's int8 kernels.
+
+Tolerances: the float model runs in ORT within 1e-5 (absolute, logits of order 1) of ours; the QDQ
+model computes the same integer codes as our QDQ module on >= 98% of the inputs (5e-6: float32
+summation order only; ORT requantizes by multiplying the accumulator, so a code at a rounding tie may
+move by one) and every output stays within one 8-bit step of the logits' range of the fake-quant and the reference integer model
+(the bias is rounded to the accumulator's scale, as LowerToInteger rounds it).
+ONNX Runtime multiplies uint8 by int8 with vpmaddubsw on x86 CPUs without VNNI, which saturates in
+int16 at 8 / 8 bits (its documentation says so): there the int8 tests quantize weights to 7 bits.
+About 4 s on one core (two small models trained for 3 epochs on digits).
+"""
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress import export
+from fxcompress.datasets import load_digits
+from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
+from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
+from fxcompress.quant import native
+from fxcompress.training import train
+from zoo import BasicBlock, LeNet5
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed")
+
+FLOAT_ATOL = 1e-5
+INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "QLinearAdd"}
+WEIGHT_BITS = 8 if native.vnni() else 7  # ORT's u8 x s8 kernels saturate at 8 / 8 bits without VNNI
+
+
+class DigitsResNet(nn.Module):
+    """A small residual CNN for 8x8 digits: identity and strided downsample shortcuts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, 2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS = {"lenet5": lambda: LeNet5(1, 8), "resnet": DigitsResNet}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    x = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(0)
+    gm = fxcompress.compile(LeNet5(1, 8).eval(), [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=5, method="kmeans"),
+                                                  LowerToEncoded()], example_inputs=(x,))
+    return gm, x
+
+
+def _session(path, optimized=None):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT warns that an optimized model is machine-specific: known
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_float_model_has_named_inputs_a_dynamic_batch_and_runs_at_two_batch_sizes(encoded, tmp_path):
+    gm, x = encoded
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["x"]  # the placeholder's name, not an auto-name
+    assert [o.name for o in model.graph.output] == ["output"]
+    assert _dims(model.graph.input[0]) == ["batch", 1, 8, 8] and _dims(model.graph.output[0]) == ["batch", 10]
+    assert model.opset_import[0].version == export.DEFAULT_OPSET
+    session, dense = _session(tmp_path / "m.onnx"), fxcompress.decode(gm)
+    for batch in (1, 7):
+        inputs = torch.randn(batch, 1, 8, 8)
+        (got,) = session.run(None, {"x": inputs.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(got, dense(inputs).numpy(), rtol=0, atol=FLOAT_ATOL)
+
+
+def test_chosen_names_opset_and_a_fixed_batch(encoded, tmp_path):
+    gm, x = encoded
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,), input_names=["image"], output_names=["logits"],
+                   dynamic_batch=False, opset=13)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version == 13
+    assert _dims(model.graph.input[0]) == [2, 1, 8, 8] and model.graph.output[0].name == "logits"
+    session = _session(tmp_path / "m.onnx")
+    assert session.run(["logits"], {"image": x.numpy()})[0].shape == (2, 10)
+    with pytest.raises(Exception, match="dimension"):  # the batch is the example's when not dynamic
+        session.run(None, {"image": torch.randn(3, 1, 8, 8).numpy()})
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"input_names": ["a", "b"]}, r"input_names gives 2 names \['a', 'b'\] but the model has 1"),
+    ({"input_names": "x"}, "input_names must be a list of strings"),
+    ({"output_names": [""]}, r"output_names: \[''\] are not names"),
+    ({"output_names": [3]}, r"output_names: \[3\] are not names"),
+    ({"input_names": ["y"], "output_names": ["y"]}, r"\['y'\] name both an input and an output"),
+    ({"opset": 9}, r"to_onnx.opset must be an int in \[13, 20\], got 9"),
+    ({"dynamic_batch": "yes"}, "to_onnx.dynamic_batch"),
+])
+def test_bad_options_are_config_errors_naming_the_field(encoded, tmp_path, options, match):
+    gm, x = encoded
+    with pytest.raises(ConfigError, match=match):
+        export.to_onnx(gm, tmp_path / "m.onnx", (x,), **options)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_repeated_names_and_wrong_inputs(encoded, tmp_path):
+    gm, x = encoded
+
+    class Two(nn.Module):
+        def forward(self, a, b):
+            return a + b, a * b
+
+    two = fxcompress.compile(Two(), [], example_inputs=(x, x))
+    with pytest.raises(ConfigError, match=r"output_names repeats \['o'\]"):
+        export.to_onnx(two, tmp_path / "m.onnx", (x, x), output_names=["o", "o"])
+    with pytest.raises(ConfigError, match="example_inputs holds 1 tensors but the model takes 2"):
+        export.to_onnx(two, tmp_path / "m.onnx", (x,))
+    export.to_onnx(two, tmp_path / "two.onnx", (x, x))
+    model = onnx.load(str(tmp_path / "two.onnx"))
+    assert [i.name for i in model.graph.input] == ["a", "b"]
+    assert [o.name for o in model.graph.output] == ["output_0", "output_1"]
+
+
+def test_missing_onnx_is_a_typed_error(encoded, tmp_path, monkeypatch):
+    gm, x = encoded
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"to_onnx needs onnx: pip install 'fxcompress\[onnx\]'"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+
+
+_TRAINED: dict = {}
+
+
+def _fake_quant(name, digits, weight_bits=WEIGHT_BITS, activation_bits=8):
+    key = (name, weight_bits, activation_bits)
+    if key not in _TRAINED:
+        if name not in _TRAINED:
+            torch.manual_seed(0)
+            model = MODELS[name]()
+            train(model, digits, 3, lr=3e-3)
+            _TRAINED[name] = model.eval()
+        x = digits.train_x[:256]
+        quantize = InsertFakeQuant(method="linear", bits=weight_bits, symmetric=True, per_channel=True,
+                                   activations=ActivationConfig(bits=activation_bits, joins=True))
+        _TRAINED[key] = fxcompress.compile(_TRAINED[name], [FoldBatchNorm(), quantize], example_inputs=(x[:2],),
+                                           calibration_data=[x[i:i + 64] for i in range(0, 256, 64)])
+    return _TRAINED[key]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(digits, name, tmp_path):
+    fq = _fake_quant(name, digits)
+    x = digits.test_x
+    export.to_onnx_int8(fq, tmp_path / "q.onnx", (x[:2],))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] >= 2 and ops["DequantizeLinear"] >= 2
+    weights = {i.name: i for i in model.graph.initializer}
+    assert any(w.data_type == onnx.TensorProto.INT8 for w in weights.values())  # int8 weight codes are stored
+    assert not any(w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 4 for w in weights.values())
+    session = _session(tmp_path / "q.onnx", optimized=tmp_path / "opt.onnx")
+    fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert fused["QLinearConv"] >= 1 and fused["QGemm"] + fused["QLinearMatMul"] + fused["MatMulInteger"] >= 1
+    qdq = export._quantize_dequantize(fq)
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    for batch in (x[:1], x):
+        (got,) = session.run(None, {"x": batch.numpy()})
+        with torch.no_grad():
+            ours, fake, integer = qdq(batch).numpy(), fq(batch).numpy(), reference(batch).numpy()
+        step = (fake.max() - fake.min()) / 255  # one step of an 8-bit grid over the logits
+        exact_rows = (np.abs(got - ours).max(1) <= 5e-6).mean()  # ORT rounds acc * (s_in s_w / s_out), we x / s
+        assert exact_rows >= 0.98 and np.abs(got - ours).max() <= step
+        assert np.abs(got - fake).max() <= step and np.abs(got - integer).max() <= step
+    assert (got.argmax(1) == fake.argmax(1)).mean() >= 0.995 and (got.argmax(1) == integer.argmax(1)).mean() >= 0.995
+    assert (got.argmax(1) == digits.test_y.numpy()).mean() >= 0.85  # trained, not a constant
+
+
+def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(digits, tmp_path):
+    fq = _fake_quant("lenet5", digits, weight_bits=8, activation_bits=7)
+    x = digits.test_x * 1.5  # beyond the calibrated range: the grid's clamp at code 127 must hold
+    export.to_onnx(fq, tmp_path / "q.onnx", (x[:2],), quantized=True)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert Counter(n.op_type for n in model.graph.node)["Clip"] == 4  # one per activation grid
+    (got,) = _session(tmp_path / "q.onnx").run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        ours = export._quantize_dequantize(fq)(x).numpy()
+    assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98  # codes at a rounding tie may move by one
+    assert np.abs(got - ours).max() <= (ours.max() - ours.min()) / 255
+
+
+def test_int8_export_refuses_what_qdq_cannot_hold(digits, tmp_path):
+    x = digits.train_x[:64]
+    model = LeNet5(1, 8).eval()
+    kmeans = fxcompress.compile(model, [InsertFakeQuant(bits=4, method="kmeans")], example_inputs=(x,))
+    with pytest.raises(PreconditionError, match="layer 'conv1' has a KMeansWeight weight"):
+        export.to_onnx_int8(kmeans, tmp_path / "q.onnx", (x,))
+    wide = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=12)], example_inputs=(x,))
+    with pytest.raises(PreconditionError, match=r"layer 'conv1' has 12-bit weight codes \[0, 4095\]"):
+        export.to_onnx_int8(wide, tmp_path / "q.onnx", (x,))
+    uncalibrated = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8,
+                                                              activations=ActivationConfig(bits=8))],
+                                      example_inputs=(x,))
+    with pytest.raises(PreconditionError, match="activation fake-quant 'conv1.input_quant' .* observed nothing"):
+        export.to_onnx_int8(uncalibrated, tmp_path / "q.onnx", (x,))
+    with pytest.raises(PreconditionError, match="no activation or weight fake-quant"):
+        export.to_onnx_int8(fxcompress.compile(model, [], example_inputs=(x,)), tmp_path / "q.onnx", (x,))
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_native_lowered_model_is_refused_by_module(digits, tmp_path):
+    fq = _fake_quant("lenet5", digits, weight_bits=8, activation_bits=7)
+    lowered = fxcompress.compile(fq, [LowerToInteger(backend="native")], example_inputs=(digits.train_x[:2],))
+    with pytest.raises(PreconditionError, match="module 'conv1.input_quant' \\(QuantizeToCodes\\) runs oneDNN"):
+        export.to_onnx(lowered, tmp_path / "m.onnx", (digits.train_x[:2],))
