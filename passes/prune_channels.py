@@ -131,10 +131,11 @@ class PruneChannels(Pass):
             stats["scored_by_l1"] = fallbacks
         if not removed.any():
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
-        targets = capture_targets(gm, cg, removed, ctx.calibration_data, sampling) if self.reconstruct else None
+        targets = (capture_targets(gm, cg, removed, ctx.calibration_data, sampling, progress=ctx.progress)
+                   if self.reconstruct else None)
         touched = apply_removal(gm, cg, removed)
         if targets is not None:
-            stats["reconstructed"] = refit(gm, targets)
+            stats["reconstructed"] = refit(gm, targets, progress=ctx.progress)
         after = sum(p.numel() for p in gm.parameters())
         outputs = sum(int(removed[cg.labels[l.out_ids]].sum()) for l in cg.layers if l.out_ids is not None)
         stats.update(groups_pruned=int(sum(removed[g.classes].any() for g in cg.groups)),
