@@ -8,8 +8,9 @@ Layers are calibrated block by block (`fxcompress.calibration.walk`): each sees 
 already-pruned layers before it produce them. Every selected layer gets a mask node (as
 InsertMasks puts one), and its kept weights are updated column by column through the damped
 inverse Hessian of its inputs, so its output on the calibration data changes as little as
-possible. The mask is SparseGPT's own OBS choice, magnitude, Wanda, or the one already in the
-graph (importance="mask": reconstruction after any InsertMasks).
+possible. The mask is SparseGPT's own OBS choice, magnitude, Wanda or any per-weight score; a
+mask already in the graph is kept (what it pruned stays pruned) and only what is pruned now is
+compensated, since InsertMasks zeroed the stored weights it pruned.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration import walk
 from fxcompress.calibration.second_order import BLOCKSIZE
 from fxcompress.calibration.sparsegpt import SPARSEGPT_IMPORTANCES, reconstruct_layer
-from fxcompress.config import Interval, Options, Regex, validate
+from fxcompress.config import Callables, Interval, Options, Regex, validate
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import TYPES_FIELD, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
@@ -34,11 +35,11 @@ from fxcompress.pruning.nm import NMPattern, nm_pattern
 class SparseGPT(Pass):
     """Prune linear layers with masks and second-order weight updates on calibration data.
 
-    sparsity     fraction of each layer's weights to prune (not read with an N:M pattern or importance="mask")
+    sparsity     fraction of each layer's weights to prune (not read with an N:M pattern)
     granularity  "element", or "N:M" ("2:4", "4:8"): at most N kept in every M consecutive input weights
     importance   "sparsegpt" (OBS saliency w^2 / [H^-1]_jj^2, chosen block by block during the update),
-                 "abs" (magnitude, per layer), "wanda" (|W| x input norm, per output row), or "mask"
-                 (keep each layer's existing mask and only update its weights)
+                 "abs" (magnitude, per layer), "wanda" (|W| x input norm, per output row), or a callable
+                 weight -> per-element scores (lowest pruned, per layer)
     blocksize    columns per lazy-update block (the paper's 128)
     percdamp     damping of the Hessian as a fraction of its mean diagonal, raised x10 while Cholesky fails
     select       full-match regex over layer names; None: every selected kind
@@ -47,7 +48,7 @@ class SparseGPT(Pass):
 
     sparsity: float = 0.5
     granularity: str = "element"
-    importance: str = "sparsegpt"
+    importance: Any = "sparsegpt"
     blocksize: int = BLOCKSIZE
     percdamp: float = 0.01
     select: str | None = None
@@ -57,7 +58,7 @@ class SparseGPT(Pass):
     constraints: ClassVar[dict] = {
         "sparsity": (Interval(float, 0.0, 1.0),),
         "granularity": (Options("element"), NMPattern()),
-        "importance": (Options(*SPARSEGPT_IMPORTANCES),),
+        "importance": (Options(*SPARSEGPT_IMPORTANCES), Callables()),
         "blocksize": (Interval(int, 1, 1 << 16),),
         "percdamp": (Interval(float, 0.0, 10.0, lo_open=True),),
         "select": (Regex(), None),
@@ -68,12 +69,9 @@ class SparseGPT(Pass):
         validate(self)
         object.__setattr__(self, "types", kind_names(self.types))
         nm = nm_pattern(self.granularity)
-        if (nm or self.importance == "mask") and self.sparsity != 0.5:
-            raise ConfigError(f"SparseGPT.sparsity={self.sparsity!r} does not apply: "
-                              f"{'the N:M pattern' if nm else 'importance=mask'} fixes what is pruned")
-        if nm and self.importance == "mask":
-            raise ConfigError("SparseGPT.granularity: importance='mask' keeps the existing masks; an N:M pattern "
-                              "would choose new ones")
+        if nm and self.sparsity != 0.5 and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ConfigError(f"SparseGPT.sparsity={self.sparsity!r} does not apply: the {self.granularity} "
+                              f"pattern prunes {1 - nm[0] / nm[1]:g} of every group")
         if nm and self.blocksize % nm[1]:
             raise ConfigError(f"SparseGPT.blocksize={self.blocksize} must be a multiple of M={nm[1]} "
                               f"(an N:M group may not straddle two blocks)")

@@ -1,7 +1,11 @@
 """SparseGPT (Frantar & Alistarh 2023) as reconstruction: given a layer's mask — its own OBS choice,
-magnitude, Wanda, or one already in the graph — update the kept weights by the blockwise
-second-order rule so that the layer's output on the calibration inputs moves as little as
-possible. Pruned weights end exactly zero (the mask node multiplies them by 0 as well).
+magnitude, Wanda or any per-weight score — update the kept weights by the blockwise second-order
+rule so that the layer's output on the calibration inputs moves as little as possible. Pruned
+weights end exactly zero (the mask node multiplies them by 0 as well).
+
+The update needs the values of the weights it prunes (their loss is what it makes up for), so it
+chooses the mask itself; a mask already in the graph (InsertMasks zeroes the stored weights it
+prunes) is kept, and only the weights pruned now are compensated.
 """
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..errors import PreconditionError
 from ..layers import Layer
 from ..pruning.calibrated import select_keep
 from ..pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
@@ -18,17 +21,14 @@ from ..pruning.nm import nm_pattern
 from .hessian import InputStats, damped_inverse
 from .second_order import as_matrix, from_matrix, obs_select, obs_select_nm, output_error, sweep
 
-SPARSEGPT_IMPORTANCES = ("sparsegpt", "abs", "wanda", "mask")
+SPARSEGPT_IMPORTANCES = ("sparsegpt", "abs", "wanda")
 
 
 def reconstruct_layer(gm: GraphModule, layer: Layer, stats: InputStats, *, sparsity: float, granularity: str,
-                      importance: str, blocksize: int, percdamp: float) -> dict[str, Any]:
+                      importance: Any, blocksize: int, percdamp: float) -> dict[str, Any]:
     """Prune one layer to `sparsity` (or its N:M pattern) and update its kept weights; the report."""
     weight = stored_weight(gm, layer)
     mask = get_mask(gm, layer)
-    if importance == "mask" and mask is None:
-        raise PreconditionError(f"SparseGPT(importance='mask'): layer {layer.name!r} has no mask; insert one first "
-                                f"(InsertMasks) or choose the importance")
     original = as_matrix(weight.detach(), layer.kind).to(torch.float64)
     inverse = damped_inverse(stats.hessian, layer.name, percdamp)
     start = original.clone()
@@ -40,8 +40,7 @@ def reconstruct_layer(gm: GraphModule, layer: Layer, stats: InputStats, *, spars
         result = sweep(start, inverse.factor, pruned=pruned, select=select, select_every=nm[1] if nm else blocksize,
                        blocksize=blocksize)
     else:
-        keep = mask.bool() if importance == "mask" else select_keep(weight, mask, layer, granularity, importance,
-                                                                    sparsity, stats.norms)
+        keep = select_keep(weight, mask, layer, granularity, importance, sparsity, stats.norms)
         result = sweep(start, inverse.factor, pruned=~as_matrix(keep, layer.kind), blocksize=blocksize)
     with torch.no_grad():
         weight.copy_(from_matrix(result.weight, layer.kind).to(weight.dtype))
