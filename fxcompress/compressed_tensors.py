@@ -1,0 +1,197 @@
+"""Export to the compressed-tensors checkpoint format (what vLLM and transformers load).
+
+    to_compressed_tensors(gm, "out/", config=model.config.to_dict())   # W4A16 / W8A16, pack-quantized
+    to_compressed_tensors(gm, "out/", format="dense")                  # a pruned model, zeros in place
+
+"pack-quantized" writes, for every linear layer whose weight chain ends in a linear grid of at
+most 8 bits (`InsertFakeQuant(method="linear", per_channel=True)` or `group_size=N`):
+
+    <layer>.weight_packed      int32 (out, ceil(in * bits / 32)): codes offset to unsigned, packed
+                               densely from bit 0 of word 0, 32 codes in `bits` words
+    <layer>.weight_scale       float32 (out, groups)
+    <layer>.weight_zero_point  int32 (ceil(out * bits / 32), groups), asymmetric grids only: signed
+                               zero-points packed along the output dim
+    <layer>.weight_shape       int64 (2,)
+
+and config.json's `quantization_config` (quant_method "compressed-tensors", one config group per
+grid kind, its targets the layers' module paths). Codes are stored signed, as compressed-tensors
+reads them: an asymmetric b-bit grid's codes and zero-point are both shifted by 2^(b-1), which
+leaves (q - z) * scale, and so every dequantized weight, bit-identical to our fake-quant weight
+(checked here before anything is written). Every other tensor is written as it is computed
+(masked, fake-quantized weights as their float values); the file layout is written here, so the
+export needs only `safetensors`, while `compressed-tensors` reads it back in the tests.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from .errors import ConfigError, FormatError, MissingDependencyError
+from .layers import (KINDS, Layer, WeightTransform, chain_module_node, chain_transforms, constant_value,
+                     effective_weight, find_layers, layer_node)
+from .pruning.masks import get_mask, mask_name
+from .quant.modules import ActivationQuant, GridWeight
+from .quant.quantizers import GroupedCodes
+
+FORMATS = ("pack-quantized", "dense")
+QUANT_METHOD = "compressed-tensors"
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One linear layer's weight on a grid, ready to write."""
+
+    layer: Layer
+    bits: int
+    symmetric: bool
+    group_size: int | None     # None: one grid per output channel ("channel" strategy)
+    codes: GroupedCodes
+
+
+def to_compressed_tensors(gm: GraphModule, directory: str | os.PathLike, format: str = "pack-quantized",
+                          config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write model.safetensors and config.json (`config`, e.g. a transformers config as a dict,
+    plus `quantization_config` when layers are packed) into `directory`; returns what was written."""
+    if format not in FORMATS:
+        raise ConfigError(f"to_compressed_tensors: format={format!r} is not one of {', '.join(FORMATS)}")
+    packed = packed_layers(gm) if format == "pack-quantized" else []
+    tensors, tied = _tensors(gm, packed)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _save(tensors, out / "model.safetensors")
+    data = dict(config or {})
+    if packed:
+        data["quantization_config"] = quantization_config(packed, [l.name for l in find_layers(gm)
+                                                                    if l.name not in {p.layer.name for p in packed}])
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    return {"format": format, "packed_layers": [p.layer.name for p in packed], "tied_skipped": tied,
+            "bytes": (out / "model.safetensors").stat().st_size}
+
+
+def packed_layers(gm: GraphModule) -> list[PackedLayer]:
+    """Every linear layer whose weight ends in a linear grid of at most 8 bits, with its codes;
+    a quantized layer the format cannot express is a ConfigError naming it and why."""
+    found = []
+    for layer in find_layers(gm):
+        node = layer_node(gm, layer)
+        grid_node = chain_module_node(gm, node, GridWeight) if node.op == "call_function" else None
+        others = [type(t).__name__ for t in (chain_transforms(gm, node) if node.op == "call_function" else [])
+                  if not isinstance(t, GridWeight)]
+        if others and layer.tied_to is None:
+            raise ConfigError(f"to_compressed_tensors: layer {layer.name!r}: its weight goes through {others[0]} "
+                              "(pack-quantized holds linear integer grids); use format='dense' to write its "
+                              "float values")
+        if grid_node is None or layer.tied_to is not None:
+            continue
+        module: GridWeight = gm.get_submodule(grid_node.target)
+        why = _unpackable(layer, module)
+        if why:
+            raise ConfigError(f"to_compressed_tensors: layer {layer.name!r} ({grid_node.target}): {why}; "
+                              "use format='dense' to write its float values")
+        codes = module.grouped(constant_value(gm, grid_node.args[0]))
+        if not torch.equal(codes.dequantize(), effective_weight(gm, layer).float()):
+            raise FormatError(f"to_compressed_tensors: layer {layer.name!r}: its weight chain does not end in "
+                              f"its grid ({grid_node.target} is followed by other steps)")
+        found.append(PackedLayer(layer, module.bits, module.symmetric, module.group_size, codes))
+    return found
+
+
+def _unpackable(layer: Layer, module: GridWeight) -> str:
+    if KINDS[layer.kind].name != "linear":
+        return f"a {layer.kind} layer (pack-quantized holds nn.Linear weights)"
+    if module.method != "linear":
+        return f"a {module.method} grid (pack-quantized holds linear integer grids)"
+    if module.bits > 8:
+        return f"bits={module.bits} (pack-quantized packs 1 to 8 bits)"
+    if module.axis is None:
+        return "a per-tensor grid (quantize with per_channel=True or group_size=N)"
+    return ""
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed b-bit integers (rows, cols) packed along cols into int32 words as compressed-tensors
+    packs them: offset by 2^(b-1), element i of a row at bits [i*b, i*b + b) of the row's stream."""
+    rows, cols = values.shape
+    unsigned = (values.to(torch.int64) + (1 << (bits - 1)))
+    if bool(((unsigned < 0) | (unsigned >= 1 << bits)).any()):
+        raise FormatError(f"pack_int32: values outside the signed {bits}-bit range")
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    words = math.ceil(cols * bits / 32)
+    out = torch.zeros(rows, words + 1, dtype=torch.int64)
+    word, offset = start // 32, start % 32
+    out.scatter_add_(1, word.expand(rows, -1), (unsigned << offset) & 0xFFFFFFFF)
+    spill = offset + bits > 32   # an element straddling two words: its high bits open the next one
+    out.scatter_add_(1, (word[spill] + 1).expand(rows, -1), unsigned[:, spill] >> (32 - offset[spill]))
+    out = out[:, :words]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def _packed_tensors(p: PackedLayer) -> dict[str, torch.Tensor]:
+    shift = 0 if p.symmetric else 1 << (p.bits - 1)
+    name = p.layer.name
+    tensors = {f"{name}.weight_packed": pack_int32(p.codes.codes - shift, p.bits),
+               f"{name}.weight_scale": p.codes.scale.float().contiguous(),
+               f"{name}.weight_shape": torch.tensor(list(p.codes.codes.shape), dtype=torch.int64)}
+    if not p.symmetric:
+        zero = p.codes.zero_point.round().to(torch.int64) - shift
+        tensors[f"{name}.weight_zero_point"] = pack_int32(zero.T, p.bits).T.contiguous()
+    return tensors
+
+
+def _tensors(gm: GraphModule, packed: list[PackedLayer]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The checkpoint: the model's own parameters and buffers (not masks, quantizers or observers),
+    layer weights as computed, packed layers replaced by their packed tensors. A tensor held under
+    two names (a tied LM head) is written once, under its first name."""
+    masks = {mask_name(l.weight) for l in find_layers(gm) if get_mask(gm, l) is not None}
+    ours = tuple(f"{name}." for name, m in gm.named_modules() if isinstance(m, (WeightTransform, ActivationQuant)))
+    weights = {l.weight: l for l in find_layers(gm) if l.tied_to is None}
+    by_packed = {p.layer.weight: p for p in packed}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    tied = []
+    for name, tensor in gm.state_dict(keep_vars=True).items():
+        if name in masks or name.startswith(ours):
+            continue
+        if id(tensor) in seen:
+            tied.append(name)
+            continue
+        seen[id(tensor)] = name
+        if name in by_packed:
+            out.update(_packed_tensors(by_packed[name]))
+        elif name in weights:
+            out[name] = effective_weight(gm, weights[name]).detach().contiguous().clone()
+        else:
+            out[name] = tensor.detach().contiguous().clone()
+    return out, tied
+
+
+def quantization_config(packed: list[PackedLayer], ignore: list[str]) -> dict[str, Any]:
+    """config.json's `quantization_config`: one config group per (bits, symmetric, group size)."""
+    groups: dict[tuple, list[str]] = {}
+    for p in packed:
+        groups.setdefault((p.bits, p.symmetric, p.group_size), []).append(p.layer.name)
+    config_groups = {}
+    for i, ((bits, symmetric, group_size), targets) in enumerate(sorted(groups.items(), key=str)):
+        weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+                   "strategy": "group" if group_size is not None else "channel", "group_size": group_size}
+        config_groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": None,
+                                       "output_activations": None, "format": "pack-quantized"}
+    return {"quant_method": QUANT_METHOD, "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": sorted(ignore), "kv_cache_scheme": None,
+            "sparsity_config": {}}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        from safetensors.torch import save_file   # optional: only this export needs it
+    except ImportError as exc:
+        raise MissingDependencyError("to_compressed_tensors needs safetensors: pip install safetensors") from exc
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -1,0 +1,112 @@
+"""compressed-tensors export: packing identical to the package's own, every packed layer
+decompressed by the package bit-identical to our fake-quant weight, a quantized Llama loaded back
+by transformers computing the same logits, a pruned model's dense export, and refusals by name."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.compressed_tensors import pack_int32, to_compressed_tensors
+from fxcompress.errors import ConfigError
+from fxcompress.layers import effective_weight, find_layers
+from fxcompress.passes import InsertFakeQuant, InsertMasks
+
+ct = pytest.importorskip("compressed_tensors")
+safetensors = pytest.importorskip("safetensors.torch")
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
+from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_matches_the_package_along_both_dims(bits):
+    torch.manual_seed(bits)
+    values = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, 83), dtype=torch.int8)   # 83: a ragged tail
+    assert torch.equal(pack_int32(values, bits), pack_to_int32(values, bits))
+    assert torch.equal(pack_int32(values.T, bits).T, pack_to_int32(values, bits, packed_dim=0))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _decompressed(directory) -> dict[str, torch.Tensor]:
+    """Every packed layer's weight as the compressed-tensors package decompresses it."""
+    config = QuantizationConfig.model_validate(json.loads((directory / "config.json").read_text())["quantization_config"])
+    tensors = safetensors.load_file(directory / "model.safetensors")
+    out = {}
+    for scheme in config.config_groups.values():
+        for target in scheme.targets:
+            own = {k[len(target) + 1:]: v for k, v in tensors.items() if k.startswith(target + ".weight_")}
+            out[target] = PackedQuantizationCompressor.decompress(own, scheme)["weight"]
+    return out
+
+
+def test_package_decompresses_every_layer_bit_exactly(tmp_path):
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertMasks(sparsity=0.5),
+                                     InsertFakeQuant(method="linear", bits=4, group_size=32, select="[02]"),
+                                     InsertFakeQuant(method="linear", bits=8, per_channel=True, symmetric=True,
+                                                     select="4")], (x,))
+    report = to_compressed_tensors(gm, tmp_path)
+    assert report["packed_layers"] == ["0", "2", "4"]
+    weights = _decompressed(tmp_path)
+    layers = {layer.name: layer for layer in find_layers(gm)}
+    assert set(weights) == {"0", "2", "4"}
+    for name, weight in weights.items():
+        assert torch.equal(weight, effective_weight(gm, layers[name])), name
+    groups = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted((g["weights"]["num_bits"], g["weights"]["strategy"]) for g in groups.values()) == [
+        (4, "group"), (8, "channel")]
+    stored = safetensors.load_file(tmp_path / "model.safetensors")
+    assert stored["0.weight_packed"].shape == (128, 64 * 4 // 32) and stored["0.weight_packed"].dtype == torch.int32
+    assert "4.weight_zero_point" not in stored and not any("mask" in k or "quant" in k for k in stored)
+
+
+def test_transformers_loads_a_w4a16_llama_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, use_cache=False,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = torch.randint(0, 64, (2, 16))
+    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False),
+                            [InsertFakeQuant(method="linear", bits=4, group_size=32, symmetric=True,
+                                             select=r"model\.layers\..*")], (x,))
+    report = to_compressed_tensors(gm, tmp_path, config=model.config.to_dict())
+    assert len(report["packed_layers"]) == 7 and report["tied_skipped"] == ["lm_head.weight"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, gm(x)["logits"])
+        plain = model(x).logits
+    assert not torch.equal(plain, gm(x)["logits"].detach())   # the 4-bit weights really are what was loaded
+
+
+def test_dense_export_of_a_pruned_model_keeps_its_zeros(tmp_path):
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertMasks(sparsity=0.75)], (x,))
+    to_compressed_tensors(gm, tmp_path, format="dense", config={"model_type": "mlp"})
+    stored = safetensors.load_file(tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "mlp"}
+    for layer in find_layers(gm):
+        weight = stored[layer.weight]
+        assert torch.equal(weight, effective_weight(gm, layer))
+        assert float((weight == 0).float().mean()) == pytest.approx(0.75, abs=0.01)
+    assert not any("mask" in k for k in stored)
+
+
+def test_refusals_name_the_layer(tmp_path):
+    x = torch.randn(4, 64)
+    with pytest.raises(ConfigError, match="format='zip'"):
+        to_compressed_tensors(fxcompress.compile(_mlp(), [], (x,)), tmp_path, format="zip")
+    kmeans = fxcompress.compile(_mlp(), [InsertFakeQuant(method="kmeans", bits=4, select="2")], (x,))
+    with pytest.raises(ConfigError, match="layer '2'.*KMeansWeight"):
+        to_compressed_tensors(kmeans, tmp_path)
+    per_tensor = fxcompress.compile(_mlp(), [InsertFakeQuant(method="linear", bits=4, select="0")], (x,))
+    with pytest.raises(ConfigError, match="layer '0'.*per-tensor"):
+        to_compressed_tensors(per_tensor, tmp_path)
+    to_compressed_tensors(kmeans, tmp_path / "dense", format="dense")   # the float values are always writable
