@@ -44,6 +44,11 @@ class _Target:
     pinned: torch.Tensor          # (out, in) bool
     pinned_values: torch.Tensor   # (out, in) float64, read where pinned
 
+    def __post_init__(self) -> None:
+        self.any_pinned = bool(self.pinned.any())
+        self.pinned_columns = self.pinned.T.contiguous()
+        self.pinned_column_values = self.pinned_values.T.contiguous()
+
 
 def _grid_target(module: GridWeight, weight: torch.Tensor, kind: str) -> _Target:
     grid = module.grid(weight)
@@ -59,16 +64,20 @@ def _grid_target(module: GridWeight, weight: torch.Tensor, kind: str) -> _Target
     pinned.scatter_(1, rows.argmax(1, keepdim=True), high > 0)   # their values stay as they are
     pinned = pinned.reshape(matrix.shape)
 
-    def snap(j: int | slice, x: torch.Tensor) -> torch.Tensor:
-        s, z = scale[:, j], zero[:, j]
-        q = torch.clamp(torch.round(x / s) + z, grid.qmin, grid.qmax)
-        q = torch.where((q - z) * s > hi[:, j], q - 1, q)  # never outside the range the grid is computed from
-        q = torch.where((q - z) * s < lo[:, j], q + 1, q)
-        return (q - z) * s
+    # the codes whose values lie inside the range, computed with the module's own float operations
+    qlo = torch.clamp(torch.round(lo / scale) + zero, grid.qmin, grid.qmax)
+    qlo = torch.where((qlo - zero) * scale < lo, qlo + 1, qlo)
+    qhi = torch.clamp(torch.round(hi / scale) + zero, grid.qmin, grid.qmax)
+    qhi = torch.where((qhi - zero) * scale > hi, qhi - 1, qhi)
+    columns = [t.T.contiguous() for t in (scale, zero, qlo, qhi)]  # column j is row j: one contiguous read
+
+    def snap(j: int, x: torch.Tensor) -> torch.Tensor:
+        s, z, low_code, high_code = (t[j] for t in columns)
+        return ((torch.clamp(torch.round(x.to(torch.float32) / s) + z, low_code, high_code) - z) * s).double()
 
     with torch.no_grad():  # the pins keep their float value: the module rounds them as it rounds any weight
         own = as_matrix(module(weight), kind).to(torch.float64)
-    return _Target(lambda j, x: snap(j, x.to(torch.float32)).to(torch.float64), pinned, own)
+    return _Target(snap, pinned, own)
 
 
 def _codebook_target(module: KMeansWeight, kind: str, shape: torch.Size) -> _Target:
@@ -106,10 +115,14 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
     start = original[:, order].clone()
     start[:, inverse.dead] = 0.0
 
+    columns = order.tolist()
+
     def round_column(j: int, x: torch.Tensor) -> torch.Tensor:
-        column = int(order[j])
+        column = columns[j]
         fixed = target.round_column(column, x)
-        return torch.where(target.pinned[:, column], target.pinned_values[:, column], fixed)
+        if not target.any_pinned:
+            return fixed
+        return torch.where(target.pinned_columns[column], target.pinned_column_values[column], fixed)
 
     result = sweep(start, inverse.factor, pruned=None if pruned is None else pruned[:, order], round_=round_column,
                    blocksize=blocksize)

@@ -61,14 +61,16 @@ def sweep(weight: torch.Tensor, factor: torch.Tensor, *, pruned: torch.Tensor | 
         i2 = min(i1 + blocksize, cols)
         w1, h1 = w[:, i1:i2].clone(), factor[i1:i2, i1:i2]
         errors = torch.zeros_like(w1)
+        zeros = select is not None or bool(forced[:, i1:i2].any())  # no masked_fill where nothing is pruned
         for i in range(i2 - i1):
             if select is not None and i % select_every == 0:
                 j = min(i + select_every, i2 - i1)
                 forced[:, i1 + i:i1 + j] |= select(w1[:, i:j], torch.diag(h1)[i:j])
             column = w1[:, i]
-            fixed = column.masked_fill(forced[:, i1 + i], 0.0)
+            fixed = column.masked_fill(forced[:, i1 + i], 0.0) if zeros else column
             if round_ is not None:
-                fixed = round_(i1 + i, fixed).masked_fill(forced[:, i1 + i], 0.0)
+                fixed = round_(i1 + i, fixed)
+                fixed = fixed.masked_fill(forced[:, i1 + i], 0.0) if zeros else fixed
             out[:, i1 + i] = fixed
             error = (column - fixed) / h1[i, i]
             w1[:, i:] -= error.unsqueeze(1) * h1[i, i:].unsqueeze(0)

@@ -1,0 +1,129 @@
+"""GPTQ as a rounding mode of InsertFakeQuant: on a layer with correlated inputs its output error is
+clearly below plain rounding's, onto grids (per tensor, channel, group; symmetric or not; act-order)
+and k-means codebooks; the weight the fake-quant module gives is exactly on its grid or codebook;
+masked weights stay exactly zero (sparse + 4-bit)."""
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from calibration.tiny_lm import correlated_batches, relative_error
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.passes import InsertFakeQuant, InsertMasks
+from fxcompress.quant.quantizers import fake_quantize
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 64)).eval(), correlated_batches()
+
+
+def _compile(model, passes, batches):
+    return fxcompress.compile(model, passes, example_inputs=(batches[0],), calibration_data=batches)
+
+
+def _quantized_weight(gm):
+    """The weight the layer computes with: the fake-quant module's output on its chain input."""
+    chain_input = gm.get_submodule("0").weight.detach()
+    if hasattr(gm.get_submodule("0"), "weight_mask"):
+        chain_input = chain_input * gm.get_buffer("0.weight_mask")
+    module = gm.get_submodule("0.weight_quant")
+    with torch.no_grad():
+        return module(chain_input), module, chain_input
+
+
+GRIDS = {
+    "per_channel": {"per_channel": True},
+    "per_tensor": {},
+    "group_64": {"group_size": 64},
+    "symmetric_3bit": {"per_channel": True, "symmetric": True, "bits": 3},
+}
+
+
+@pytest.mark.parametrize("grid, act_order", [*((grid, False) for grid in sorted(GRIDS)), ("per_channel", True),
+                                             ("group_64", True)])
+def test_gptq_loses_clearly_less_output_than_rounding_to_nearest_and_stays_on_the_grid(layer, grid, act_order):
+    model, batches = layer
+    x = torch.cat(batches)
+    config = {"method": "linear", "bits": 4, **GRIDS[grid]}
+    nearest = _compile(model, [InsertFakeQuant(**config)], batches)
+    gm = _compile(model, [InsertFakeQuant(**config, rounding="gptq", act_order=act_order)], batches)
+    assert relative_error(gm, model, x) < 0.5 * relative_error(nearest, model, x)
+    weight, module, chain_input = _quantized_weight(gm)
+    grid_now = module.grid(chain_input)
+    assert torch.equal(fake_quantize(weight, grid_now, module.axis), weight)  # every value is a grid point
+    scale, zero = grid_now.broadcast(weight, module.axis)
+    codes = weight / scale + zero
+    assert float((codes - codes.round()).abs().max()) < 1e-3
+    assert codes.round().min() >= grid_now.qmin and codes.round().max() <= grid_now.qmax
+    report = fxcompress.history(gm)[-1].stats["0"]
+    assert report["error_gptq"] < report["error_nearest"] and report["rounding"] == "gptq"
+
+
+def test_the_grid_is_the_one_the_float_weights_give(layer):
+    model, batches = layer
+    gm = _compile(model, [InsertFakeQuant(method="linear", bits=4, group_size=64, rounding="gptq")], batches)
+    weight, module, _ = _quantized_weight(gm)
+    original = module.grid(model[0].weight.detach())
+    now = module.grid(gm.get_submodule("0").weight.detach())
+    assert torch.equal(original.scale, now.scale) and torch.equal(original.zero_point, now.zero_point)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gptq_onto_a_kmeans_codebook_uses_only_its_centroids(layer, per_channel):
+    model, batches = layer
+    x = torch.cat(batches)
+    config = {"method": "kmeans", "bits": 3, "per_channel": per_channel}
+    nearest = _compile(model, [InsertFakeQuant(**config)], batches)
+    gm = _compile(model, [InsertFakeQuant(**config, rounding="gptq")], batches)
+    assert relative_error(gm, model, x) < 0.5 * relative_error(nearest, model, x)
+    book, fitted = gm.get_submodule("0.weight_quant"), nearest.get_submodule("0.weight_quant")
+    assert torch.equal(book.codebook, fitted.codebook)  # the same learned codebook: only the assignment changed
+    weight, _, _ = _quantized_weight(gm)
+    table = book.table().detach()
+    rows = weight if per_channel else weight.reshape(1, -1)
+    for row, values in zip(rows, table.expand(rows.shape[0], -1)):
+        assert torch.isin(row, values).all()
+
+
+def test_sparse_and_four_bit_masked_weights_stay_exactly_zero(layer):
+    model, batches = layer
+    x = torch.cat(batches)
+    prune = InsertMasks(sparsity=0.5)
+    nearest = _compile(model, [prune, InsertFakeQuant(method="linear", bits=4, group_size=64)], batches)
+    gm = _compile(model, [prune, InsertFakeQuant(method="linear", bits=4, group_size=64, rounding="gptq")], batches)
+    weight, _, _ = _quantized_weight(gm)
+    mask = gm.get_buffer("0.weight_mask")
+    assert torch.equal(weight[~mask], torch.zeros(int((~mask).sum())))
+    assert relative_error(gm, model, x) < relative_error(nearest, model, x)
+    kmeans = _compile(model, [prune, InsertFakeQuant(method="kmeans", bits=4, rounding="gptq")], batches)
+    weight, _, _ = _quantized_weight(kmeans)
+    assert torch.equal(weight[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_layers_are_rounded_on_the_outputs_of_the_rounded_layers_before_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 32)).eval()
+    batches = correlated_batches(count=4)
+    x = torch.cat(batches)
+    nearest = _compile(model, [InsertFakeQuant(method="linear", bits=3, per_channel=True)], batches)
+    gm = _compile(model, [InsertFakeQuant(method="linear", bits=3, per_channel=True, rounding="gptq")], batches)
+    assert relative_error(gm, model, x) < 0.6 * relative_error(nearest, model, x)
+    assert set(fxcompress.history(gm)[-1].stats) == {"0", "2"}
+
+
+def test_refusals_name_the_field_or_the_layer(layer):
+    model, batches = layer
+    with pytest.raises(ConfigError, match="InsertFakeQuant.act_order"):
+        InsertFakeQuant(act_order=True)
+    with pytest.raises(ConfigError, match="InsertFakeQuant.rounding"):
+        InsertFakeQuant(rounding="stochastic")
+    with pytest.raises(PreconditionError, match="rounding='gptq' needs calibration data"):
+        fxcompress.compile(model, [InsertFakeQuant(rounding="gptq")], example_inputs=(batches[0],))
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    image = torch.randn(1, 3, 6, 6)
+    with pytest.raises(ConfigError, match=r"0 \(conv2d\)"):
+        fxcompress.compile(conv, [InsertFakeQuant(rounding="gptq")], example_inputs=(image,), calibration_data=[image])
+    with pytest.raises(PreconditionError, match="layer '0'.*fixed zero code"):
+        _compile(model, [InsertMasks(sparsity=0.5), InsertFakeQuant(fix_zeros=False, rounding="gptq")], batches)
