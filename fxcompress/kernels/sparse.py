@@ -7,6 +7,9 @@ A `SparseLayer` computes one layer from one stored form of its weight, chosen by
   CSR matmul (MKL on x86), which wins at batch > 1 here;
 - "scipy_csr": the same buffers run by scipy's CSR matrix-vector product, which wins at batch 1 (about
   2.5x over dense at 91% sparsity on AlexNet's 9216 -> 4096 here, where torch's CSR reached 2.2x);
+- "scipy_csc": the buffers of the transposed weight (CSR of [in, out], that is CSC of the weight) run
+  by scipy's CSC product, which scatters into the short output instead of gathering from a long input
+  (VGG-16's 25088 -> 4096: the output fits in L1 where the input does not);
 - "torch_bsr": block-sparse rows (dense b x b blocks) by torch's BSR matmul, a candidate only where
   the kept weights fill their blocks (structured pruning), as random sparsity leaves blocks nearly empty.
 
@@ -38,7 +41,7 @@ from torch import nn
 from ..errors import ConfigError, FormatError, PreconditionError
 from .timing import KernelChoice, choose_kernel
 
-KERNELS = ("dense", "torch_csr", "scipy_csr", "torch_bsr")
+KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr")
 SPARSE_KERNELS = KERNELS[1:]
 KINDS = ("linear", "conv2d")                 # layer kinds a SparseLayer computes
 DTYPES = (torch.float32, torch.float64)      # value dtypes both sparse libraries multiply
@@ -50,8 +53,8 @@ BSR_MIN_FILL = 0.5                           # a BSR candidate needs its blocks 
 def sparse_linear_eager(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                         bias: torch.Tensor | None, in_features: int, out_features: int, kernel: str) -> torch.Tensor:
     """x [M, in] times the transposed sparse weight [out, in] (CSR, or BSR when `values` is 3-D), plus bias."""
-    if kernel == "scipy_csr":
-        matrix = _scipy_matrix(crow, col, values, (out_features, in_features))
+    if kernel.startswith("scipy"):
+        matrix = _scipy_weight(crow, col, values, in_features, out_features, kernel)
         if x.shape[0] == 1:  # one row: scipy's matrix-vector product, its fastest path
             out = torch.from_numpy(matrix @ x[0].detach().numpy()).unsqueeze(0)
         else:
@@ -79,8 +82,8 @@ def sparse_linear_input_grad(grad: torch.Tensor, crow: torch.Tensor, col: torch.
                              in_features: int, out_features: int, kernel: str) -> torch.Tensor:
     """grad [M, out] times the sparse weight [out, in]: the gradient of sparse_linear's input, so a
     lowered layer can sit behind layers that still train (its own weight receives none)."""
-    if kernel == "scipy_csr":
-        matrix = _scipy_matrix(crow, col, values, (out_features, in_features))
+    if kernel.startswith("scipy"):
+        matrix = _scipy_weight(crow, col, values, in_features, out_features, kernel)
         return torch.from_numpy(np.ascontiguousarray((matrix.T @ grad.numpy().T).T))
     if values.dim() == 3:  # torch has no CPU product with a transposed BSR matrix: a temporary dense one
         weight = torch.sparse_bsr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
@@ -109,12 +112,18 @@ def _save_for_backward(ctx, inputs, output):
 sparse_linear.register_autograd(_backward, setup_context=_save_for_backward)
 
 
-def _scipy_matrix(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                  shape: tuple[int, int]) -> scipy.sparse.csr_matrix:
-    """A scipy CSR view of the buffers (their memory, no copy; the buffers were checked when built)."""
-    matrix = scipy.sparse.csr_matrix(shape, dtype=values.numpy().dtype)
+def _scipy_weight(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int,
+                  out_features: int, kernel: str) -> scipy.sparse.spmatrix:
+    """A scipy view [out, in] of the buffers (their memory, no copy; the buffers were checked when
+    built): CSR, or for "scipy_csc" the transpose of the [in, out] CSR they describe."""
+    matrix = scipy.sparse.csr_matrix(compressed_shape(kernel, in_features, out_features), dtype=values.numpy().dtype)
     matrix.data, matrix.indices, matrix.indptr = values.numpy(), col.numpy(), crow.numpy()
-    return matrix
+    return matrix.T if kernel == "scipy_csc" else matrix
+
+
+def compressed_shape(kernel: str, in_features: int, out_features: int) -> tuple[int, int]:
+    """The shape of the matrix a kernel's CSR / BSR buffers describe: the weight's, or its transpose."""
+    return (in_features, out_features) if kernel == "scipy_csc" else (out_features, in_features)
 
 
 class SparseLayer(nn.Module):
@@ -176,6 +185,7 @@ class SparseLayer(nn.Module):
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
+        matrix = matrix.t() if self.kernel == "scipy_csc" else matrix
         if self.kernel == "dense":
             self.weight = weight.clone().contiguous()
         else:
@@ -193,9 +203,9 @@ class SparseLayer(nn.Module):
         if self.kernel == "dense":
             return self.weight
         make = torch.sparse_bsr_tensor if self.blocksize else torch.sparse_csr_tensor
-        matrix = make(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features),
-                      check_invariants=True)
-        return matrix.to_dense().reshape(self.weight_shape)
+        shape = compressed_shape(self.kernel, self.in_features, self.out_features)
+        matrix = make(self.crow_indices, self.col_indices, self.values, shape, check_invariants=True).to_dense()
+        return (matrix.t() if self.kernel == "scipy_csc" else matrix).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dense":
@@ -256,11 +266,12 @@ class SparseLayer(nn.Module):
             _expect(self, "weight", value_dtype, tuple(self.weight_shape))
             return
         block = self.blocksize or 1
-        _expect(self, "crow_indices", INDEX_DTYPE, (self.out_features // block + 1,))
+        rows, columns = compressed_shape(self.kernel, self.in_features, self.out_features)
+        _expect(self, "crow_indices", INDEX_DTYPE, (rows // block + 1,))
         count = self.col_indices.shape[0] if self.col_indices.dim() == 1 else -1
         _expect(self, "col_indices", INDEX_DTYPE, (count,))
         _expect(self, "values", value_dtype, (count, block, block) if self.blocksize else (count,))
-        _check_indices(self._where, self.crow_indices, self.col_indices, self.in_features // block)
+        _check_indices(self._where, self.crow_indices, self.col_indices, columns // block)
 
     def adopt(self, other: "SparseLayer") -> None:
         """Take `other`'s form and measurement (re-measuring swaps the form of a layer in place)."""

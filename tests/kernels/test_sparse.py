@@ -27,7 +27,7 @@ def _reference(kind, x, weight, bias):
     return F.linear(x, weight, bias) if kind == "linear" else F.conv2d(x, weight, bias, **CONV)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr"])
+@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc"])
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 3, 96)], ids=["batch1", "batch7", "3d"])
 def test_linear_forms_compute_the_layer(kernel, shape):
     weight, bias, x = _pruned(40, 96), torch.randn(40), torch.randn(*shape)
@@ -37,7 +37,7 @@ def test_linear_forms_compute_the_layer(kernel, shape):
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr"])
+@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv2d_forms_compute_the_layer_through_im2col(kernel, batch):
     weight, bias, x = _pruned(12, 5, 3, 3, sparsity=0.8), torch.randn(12), torch.randn(batch, 5, 9, 11)
@@ -47,7 +47,7 @@ def test_conv2d_forms_compute_the_layer_through_im2col(kernel, batch):
 
 def test_float64_and_no_bias():
     weight, x = _pruned(8, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
-    for kernel in ("torch_csr", "scipy_csr"):
+    for kernel in ("torch_csr", "scipy_csr", "scipy_csc"):
         layer = SparseLayer.from_dense("linear", weight, None, kernel)
         assert layer.bias is None and layer.values.dtype == torch.float64
         torch.testing.assert_close(layer(x), x @ weight.T)
@@ -74,7 +74,7 @@ def test_bsr_runs_block_structured_weights_and_is_no_candidate_for_scattered_one
     torch.testing.assert_close(layer.dense_weight(), weight)
     scattered = _pruned(64, 128)
     assert bsr_blocksize(scattered) is None and BSR_MIN_FILL > 0.1
-    assert candidate_kernels(scattered, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr"]
+    assert candidate_kernels(scattered, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr", "scipy_csc"]
     assert candidate_kernels(weight, SPARSE_KERNELS) == ["dense", *SPARSE_KERNELS]
     with pytest.raises(PreconditionError, match="no block size"):
         SparseLayer.from_dense("linear", scattered, bias, "torch_bsr")
@@ -159,4 +159,13 @@ def test_tensors_from_a_file_are_checked_before_any_kernel_reads_them(tamper, ma
     layer = _loaded()
     tamper(layer)
     with pytest.raises(FormatError, match=rf"SparseLayer fc\.sparse: tensor {match}"):
+        layer.check_loaded("fc.sparse")
+
+
+def test_csc_indices_are_checked_against_the_output_size():
+    layer = SparseLayer.from_dense("linear", _pruned(8, 16, sparsity=0.5), None, "scipy_csc")
+    assert layer.crow_indices.shape == (17,)  # one pointer per input feature: CSR of the transposed weight
+    layer.check_loaded("fc.sparse")
+    layer.col_indices[0] = 8  # a column of the weight's shape, but no output of this layer
+    with pytest.raises(FormatError, match="'col_indices' holds a column outside \\[0, 8\\)"):
         layer.check_loaded("fc.sparse")
