@@ -62,18 +62,23 @@ def encode_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np
     grid, table, lane_job, active = _batch([jobs[j] for j in order])
     x = np.full(len(lane_job), float(LOW))
     blocks, masks = [], []
-    for step in range(grid.shape[0] - 1, -1, -1):
-        k = active[step]
-        row, xv = table[grid[step, :k]], x[:k]  # row: (emit threshold, f, M - f, cumulative) per lane
-        emit = xv >= row[:, 0]
-        out = xv[emit]
-        blocks.append(out)
-        masks.append(emit)
-        xv[emit] = np.floor(out * (1 / 65536))
-        q = np.floor(xv / row[:, 1])
-        q *= row[:, 2]
-        q += row[:, 3]
-        xv += q
+    chunk = max(16, (1 << 20) // max(len(lane_job), 1))  # steps whose table rows are gathered at once
+    for top in range(grid.shape[0], 0, -chunk):
+        low = max(top - chunk, 0)
+        rows = table[:, grid[low:top, :active[low]]]  # (emit threshold, f, M - f, cumulative) x step x lane
+        for step in range(top - 1, low - 1, -1):
+            k = active[step]
+            threshold, f, spread, cum = rows[:, step - low, :k]
+            xv = x[:k]
+            emit = xv >= threshold
+            out = xv[emit]
+            blocks.append(out)
+            masks.append(emit)
+            xv[emit] = np.floor(out * (1 / 65536))
+            q = np.floor(xv / f)
+            q *= spread  # x' = floor(x / f) * M + x mod f + c = x + floor(x / f) * (M - f) + c
+            q += cum
+            xv += q
     results = _split_words(blocks[::-1], masks[::-1], lane_job, x, len(jobs))
     unsorted = [None] * len(jobs)
     for position, j in enumerate(order):
@@ -100,13 +105,16 @@ def _batch(jobs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         base, lane = base + len(freq), lane + width
     active = np.searchsorted(-steps, -np.arange(grid.shape[0]), side="left")  # jobs with more steps than t
     active = np.cumsum(np.append(0, lanes))[active]
-    return grid, np.concatenate(tables), np.repeat(np.arange(len(jobs)), lanes), active
+    return grid, np.concatenate(tables).T.copy(), np.repeat(np.arange(len(jobs)), lanes), active
 
 
 def _split_words(blocks: list, masks: list, lane_job: np.ndarray, x: np.ndarray, count: int) -> list:
     """Each job's words, steps ascending and lanes ascending within a step, and its final states."""
     words = (np.concatenate(blocks) if blocks else np.zeros(0)).astype(np.uint64) & np.uint64(0xFFFF)
-    owner = np.concatenate([lane_job[:len(m)][m] for m in masks]) if masks else np.zeros(0, np.int64)
+    flags = np.concatenate(masks) if masks else np.zeros(0, bool)
+    starts = np.cumsum([0] + [len(m) for m in masks])
+    emitted = np.flatnonzero(flags)
+    owner = lane_job[emitted - starts[np.searchsorted(starts, emitted, side="right") - 1]]
     grouped = words[np.argsort(owner, kind="stable")].astype(np.uint16)
     word_ends = np.cumsum(np.bincount(owner, minlength=count))
     lane_ends = np.cumsum(np.bincount(lane_job, minlength=count))

@@ -113,6 +113,10 @@ def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: i
     keys = rows.astype(np.int64) * len(distinct) + value_id  # sorts as (row, value) pairs do
     if num_rows * len(distinct) <= 4 * keys.size + (1 << 20):  # a presence table is small: no sort
         present = np.bincount(keys, minlength=num_rows * len(distinct)) > 0
+        if present.all():  # every channel holds every value: its symbols are the table's
+            counts = np.full(num_rows, len(distinct))
+            data = np.concatenate([counts.astype("<u2").view(np.uint8), _little_endian(np.tile(distinct, num_rows))])
+            return Codebook("table_per_channel", data, value_id, len(distinct))
         uniq = np.flatnonzero(present)
         inverse = (np.cumsum(present) - 1)[keys]
     else:
@@ -188,7 +192,9 @@ def _books(values: np.ndarray, rows, num_rows: int, codings: tuple[str, ...] = C
     if num_rows > 1:
         book = table_per_channel_codebook(values, rows(), num_rows, (uniq, value_id))
         if book.alphabet < MAX_ALPHABET:  # channel counts are stored as uint16
-            found.append(_Book(book.kind, book.data, Request(book.symbols, book.alphabet, codings)))
+            same = book.symbols is value_id and len(found) > 1  # the table's stream: coded once, shared
+            found.append(_Book(book.kind, book.data, found[1].request if same else
+                               Request(book.symbols, book.alphabet, codings)))
     grid = _grid_of_distinct(uniq.view(values.dtype), values.dtype.type)
     if grid is not None:
         step, k = grid
@@ -215,8 +221,8 @@ def encode_tensors(weights: list[torch.Tensor], *, layouts: tuple[str, ...] = LA
     streams are then written, so the result is the one trying every candidate in turn gives.
     """
     tensors = [_candidates(w, layouts, codings, bits) for w, bits in zip(weights, index_bits)]
-    requests = [r for candidates in tensors for c in candidates for r in (c[2], c[3]) if r is not None]
-    plans = dict(zip(map(id, requests), choose(requests)))
+    requests = {id(r): r for candidates in tensors for c in candidates for r in (c[2], c[3]) if r is not None}
+    plans = dict(zip(requests, choose(list(requests.values()))))
     return [_smallest(candidates, plans) for candidates in tensors]
 
 
@@ -229,7 +235,7 @@ def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[s
     row_size = max(flat.size // max(num_rows, 1), 1)
     found = []
     for layout in layouts:
-        positions, values, rows = None, flat, lambda: np.arange(flat.size) // row_size
+        positions, values, rows = None, flat, lambda: np.repeat(np.arange(num_rows), row_size)[:flat.size]
         if layout == "relative":
             where = np.flatnonzero(flat)
             values, rows = flat[where], lambda where=where: where // row_size

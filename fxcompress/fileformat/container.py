@@ -14,13 +14,17 @@ Layout (all integers little-endian; docs/file-format.md has the full description
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import mmap as mmap_module
 import os
 import struct
+import sys
 import tempfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -63,20 +67,19 @@ def _tensors(gm: GraphModule) -> list[tuple[str, str, torch.Tensor]]:
     return found
 
 
-def _raw(tensor: torch.Tensor) -> bytes:
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, little-endian, without a copy when it is already a contiguous CPU tensor."""
     t = tensor.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+    array = t.numpy()
+    return memoryview(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))).cast("B")
 
 
-def to_bytes(gm: GraphModule, *, deterministic: bool = True) -> bytes:
-    """The file contents for `gm` (see the module docstring).
-
-    `deterministic` zeroes the pass history's wall-clock seconds, so the same model, seed and
-    passes give byte-identical files.
-    """
-    segments, table, offset, first_name = [], [], 0, {}
+def _layout(gm: GraphModule, deterministic: bool) -> tuple[bytes, list[torch.Tensor]]:
+    """(header and manifest bytes, the tensors whose bytes follow, in order). Each tensor's CRC32 is
+    computed from its bytes one tensor at a time, so no more than one tensor's bytes are held."""
+    table, stored, offset, first_name = [], [], 0, {}
     for name, kind, tensor in _tensors(gm):
         if id(tensor) in first_name:  # stored once, the tie kept: loading gives both names one tensor
             table.append({"name": name, "same_as": first_name[id(tensor)]})
@@ -86,27 +89,49 @@ def to_bytes(gm: GraphModule, *, deterministic: bool = True) -> bytes:
         table.append({"name": name, "kind": kind, "dtype": str(tensor.dtype).removeprefix("torch."),
                       "shape": list(tensor.shape), "offset": offset, "length": len(data),
                       "crc32": zlib.crc32(data), "requires_grad": bool(tensor.requires_grad)})
-        segments.append(data)
+        stored.append(tensor)
         offset += len(data)
     records = [r.as_dict() | ({"seconds": 0.0} if deterministic else {}) for r in history(gm)]
     manifest = {"graph": graph_to_data(gm), "modules": modules_to_data(gm), "tensors": table,
                 "history": records, "data_bytes": offset}
     packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     header = _HEADER.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed))
-    return b"".join([header, struct.pack("<I", zlib.crc32(header)), packed, *segments])
+    return header + struct.pack("<I", zlib.crc32(header)) + packed, stored
+
+
+def _write(gm: GraphModule, out: BinaryIO, deterministic: bool) -> int:
+    """Write the file to `out`: the header and manifest, then each tensor's bytes as they are made."""
+    head, stored = _layout(gm, deterministic)
+    size = out.write(head)
+    for tensor in stored:
+        size += out.write(_raw(tensor))
+    return size
+
+
+def to_bytes(gm: GraphModule, *, deterministic: bool = True) -> bytes:
+    """The file contents for `gm` (see the module docstring).
+
+    `deterministic` zeroes the pass history's wall-clock seconds, so the same model, seed and
+    passes give byte-identical files.
+    """
+    buffer = io.BytesIO()
+    _write(gm, buffer, deterministic)
+    return buffer.getvalue()
 
 
 def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True) -> int:
-    """Write `gm` to `path` atomically (temp file in the same folder, then rename); returns the size.
+    """Write `gm` to `path` atomically; returns the size.
 
-    With `deterministic` (the default) the pass history's timings are stored as 0.
+    The tensors' bytes are streamed to a temporary file beside the target (no whole-file buffer),
+    which is flushed to disk and renamed over `path` only when complete: on any error the temporary
+    file is removed and `path` is left as it was. With `deterministic` (the default) the pass
+    history's timings are stored as 0.
     """
-    data = to_bytes(gm, deterministic=deterministic)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            size = _write(gm, f, deterministic)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,22 +139,39 @@ def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return len(data)
+    return size
 
 
-def load(path: str | os.PathLike) -> GraphModule:
+def load(path: str | os.PathLike, *, mmap: bool = False) -> GraphModule:
     """Read a file written by `save`; any damage raises FormatError naming the part.
 
+    With `mmap=True` the file is mapped (copy-on-write: the model may change its tensors, the file
+    never changes) instead of read: encoded weights keep their payloads in the mapped pages and
+    decode them on first use, and other tensors whose bytes are aligned for their type map too.
+    Every check of a plain load runs first (sizes against the file, every segment's CRC32), and
+    the pages read for a check are handed back, so opening costs little memory.
     Never runs code from the file (docs/file-format.md, "What load guarantees").
     """
-    return from_bytes(Path(path).read_bytes())
+    if not mmap:
+        return from_bytes(Path(path).read_bytes())
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < HEADER_BYTES:
+            raise FormatError(f"header: file is truncated ({os.fstat(f.fileno()).st_size} bytes, the header "
+                              f"alone is {HEADER_BYTES})")
+        mapped = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY)
+    return _from_buffer(mapped, mapped=mapped)
 
 
 def from_bytes(data: bytes) -> GraphModule:
+    return _from_buffer(data)
+
+
+def _from_buffer(data, mapped: mmap_module.mmap | None = None) -> GraphModule:
+    """The model in `data` (bytes, or the file's mapping, which tensors may then keep pointing into)."""
     manifest, start = _read_manifest(data)
     try:
         root = modules_from_data(manifest["modules"])
-        _load_tensors(root, manifest["tensors"], data, start, manifest["data_bytes"])
+        _load_tensors(root, manifest["tensors"], data, start, manifest["data_bytes"], mapped)
         _check_loaded(root)
         gm = GraphModule(root, graph_from_data(manifest["graph"], root))
         gm.graph.lint()
@@ -206,7 +248,8 @@ def _check_depth(value: object) -> None:
         pending.extend((child, depth + 1) for child in children)
 
 
-def _load_tensors(root: torch.nn.Module, table: object, data: bytes, start: int, data_bytes: object) -> None:
+def _load_tensors(root: torch.nn.Module, table: object, data: bytes, start: int, data_bytes: object,
+                  mapped: mmap_module.mmap | None = None) -> None:
     """Attach every tensor of the table; entries must tile the data region exactly, in order."""
     if not isinstance(data_bytes, int) or isinstance(data_bytes, bool) or data_bytes < 0:
         raise FormatError("manifest: data_bytes must be a non-negative integer")
@@ -223,7 +266,7 @@ def _load_tensors(root: torch.nn.Module, table: object, data: bytes, start: int,
         name = _check_entry(entry, index, seen, offset, data_bytes)
         module, slot = split_slot(root, name, f"tensor {name!r}")
         _check_slot(module, slot, entry)
-        _attach(module, slot, entry, _tensor(entry, memoryview(data)[start:]))
+        _attach(module, slot, entry, _tensor(entry, memoryview(data)[start:], start, mapped))
         loaded[name] = (entry, getattr(module, slot))
         seen.add(name)
         offset += entry["length"]
@@ -300,8 +343,9 @@ def _check_slot(module: torch.nn.Module, slot: str, entry: dict) -> None:
         raise fail(where, f"slot {slot!r} would replace an attribute of {type(module).__name__}")
 
 
-def _tensor(entry: dict, region: memoryview) -> torch.Tensor:
-    """The tensor of one entry, checked, from its bytes: one copy, no larger than the segment."""
+def _tensor(entry: dict, region: memoryview, start: int = 0, mapped: mmap_module.mmap | None = None) -> torch.Tensor:
+    """The tensor of one entry, checked, from its bytes: one copy, no larger than the segment; from a
+    mapping, no copy at all where the bytes are aligned for the type (always, for byte payloads)."""
     name, offset, length = entry["name"], entry["offset"], entry["length"]
     segment = region[offset:offset + length]
     if zlib.crc32(segment) != entry["crc32"]:
@@ -309,11 +353,26 @@ def _tensor(entry: dict, region: memoryview) -> torch.Tensor:
     dtype = DTYPES[entry["dtype"]]
     stored = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}.get(dtype, dtype)
     np_dtype = torch.empty(0, dtype=stored).numpy().dtype
-    array = np.frombuffer(segment, dtype=np_dtype.newbyteorder("<")).astype(np_dtype).reshape(entry["shape"])
+    if mapped is not None:
+        _release(mapped, start + offset, length)  # the checksum's reads: pages the model may never use
+    if mapped is not None and length and (start + offset) % np_dtype.itemsize == 0 and sys.byteorder == "little":
+        array = np.frombuffer(segment, dtype=np_dtype).reshape(entry["shape"])  # the mapped pages themselves
+    else:
+        array = np.frombuffer(segment, dtype=np_dtype.newbyteorder("<")).astype(np_dtype).reshape(entry["shape"])
     if dtype == torch.bool and array.size and array.max() > 1:
         raise fail(f"tensor {name!r}", "a bool tensor holds bytes other than 0 and 1")
     tensor = torch.from_numpy(array)
     return tensor.view(dtype) if dtype in (torch.bfloat16, torch.bool) else tensor
+
+
+def _release(mapped: mmap_module.mmap, start: int, length: int) -> None:
+    """Drop the process's copy of the pages of [start, start + length) (unmodified: they are read
+    again from the file when used)."""
+    advise = getattr(mapped, "madvise", None)
+    page = mmap_module.PAGESIZE
+    first = start // page * page
+    if advise is not None and hasattr(mmap_module, "MADV_DONTNEED") and length >= page:
+        advise(mmap_module.MADV_DONTNEED, first, start + length - first)
 
 
 def _attach(module: torch.nn.Module, slot: str, entry: dict, tensor: torch.Tensor) -> None:
