@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, FormatError
+from ..errors import ConfigError, FormatError, PreconditionError
 from .timing import KernelChoice, choose_kernel
 from .weight_only import expect_tensor
 
@@ -75,6 +75,10 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
+            refusal = refusals((self.kernel,)).get(self.kernel)
+            if refusal is not None:  # a file lowered on another machine: say so rather than crash in torch
+                raise PreconditionError(f"{self._where}: kernel {self.kernel!r} cannot run here ({refusal}); "
+                                        f"set another with kernels.dynamic.choose(module, x)")
             self._run = BUILDERS[self.kernel](self)
         rows = x.reshape(-1, self.in_features)
         return self._run(rows.float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -114,6 +114,10 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run is None:
+            refusal = KERNELS[self.kernel].refusal(self)
+            if refusal is not None:  # a file lowered on another machine: say so rather than crash in torch
+                raise PreconditionError(f"{self._where}: kernel {self.kernel!r} cannot run here ({refusal}); "
+                                        f"set another with kernels.weight_only.choose(module, x)")
             self._run = KERNELS[self.kernel].build(self)
         rows = x.reshape(-1, self.in_features)
         return self._run(rows.float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxcompress.errors import ConfigError, FormatError
+from fxcompress.errors import ConfigError, FormatError, PreconditionError
 from fxcompress.kernels.weight_only import (KERNELS, WeightOnlyLinear, choose, fit_grid, pack_nibbles, refusals,
                                             unpack_nibbles)
 from fxcompress.quant import GridWeight
@@ -91,3 +91,10 @@ def test_bad_configurations_and_loaded_tensors_are_refused():
     module.scale = torch.ones(48, 8, dtype=torch.float64)
     with pytest.raises(FormatError, match="tensor 'scale'"):
         module.check_loaded("fc1.weight_only")
+
+
+def test_a_kernel_this_machine_cannot_run_is_named_at_the_first_forward():
+    module, _, _ = layer(4, 32, False, out=40)  # 40 output channels: int4pack cannot tile them
+    module.kernel = "int4pack"
+    with pytest.raises(PreconditionError, match="kernel 'int4pack' cannot run here.*multiple of 16"):
+        module(torch.randn(1, 256))
