@@ -104,7 +104,8 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
     """Evaluate `model` with each linear / conv layer alone pruned to each sparsity.
 
     `evaluate(model) -> float` is any metric (accuracy, negative loss); `layers` is a full-match
-    regex over layer names (None: every layer); `progress` shows a tqdm bar over the sweep.
+    regex over layer names (None: every layer); `progress` shows a tqdm bar over the sweep naming the
+    layer and sparsity being evaluated (off where the output is not a terminal).
     """
     for s in sparsities:
         check_real("sensitivity", "sparsities", s, 0.0, 1.0)
@@ -112,7 +113,8 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
     targets = _prunable(model, layers)
     baseline = float(evaluate(model))
     values = []
-    with tqdm(total=len(targets) * len(sparsities), desc="sensitivity", disable=not progress) as bar:
+    with tqdm(total=len(targets) * len(sparsities), desc="sensitivity", unit="eval",
+              disable=None if progress else True, leave=False) as bar:
         for name, module, kind in targets:
             values.append(tuple(_sweep_layer(model, evaluate, (name, module, kind), sparsities,
                                              (granularity, importance), bar)))
@@ -138,6 +140,7 @@ def _sweep_layer(model, evaluate, target, sparsities, how, bar) -> list[float]:
     saved = weight.detach().clone()
     row = []
     for s in sparsities:
+        bar.set_postfix_str(f"{name} at {s:g}")
         keep = keep_highest(scores, count_to_prune(s, scores.numel())).expand(weight.shape)
         try:
             with torch.no_grad():

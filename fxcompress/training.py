@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import check_int, check_real
 from .errors import ConfigError, PreconditionError, VerificationError
@@ -93,11 +94,13 @@ def check_replicas(model: nn.Module) -> int:
 
 
 def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
-          step_hook: Callable[[int], None] | None = None, loss: Loss | None = None) -> list[float]:
+          step_hook: Callable[[int], None] | None = None, loss: Loss | None = None,
+          progress: bool = False) -> list[float]:
     """Train `model` with Adam on `data` (a Dataset or an (x, y) pair); returns the mean loss per epoch.
 
     The batch order depends only on `seed`, so two runs from the same weights give the same model.
-    The model is left in eval mode.
+    The model is left in eval mode. `progress` shows a tqdm bar over the batches (the epoch and the
+    last epoch's loss beside it), off where the output is not a terminal.
     """
     check_int("train", "epochs", epochs, lo=0)
     check_real("train", "lr", lr, lo=0.0, lo_open=True)
@@ -106,23 +109,29 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: 
     loss = loss or _cross_entropy
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    batches = -(-len(inputs) // batch_size)
     model.train()
     history, step = [], 0
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        total = 0.0
-        for start in range(0, len(inputs), batch_size):
-            batch = order[start:start + batch_size]
-            x, y = inputs[batch], targets[batch]
-            optimizer.zero_grad(set_to_none=True)
-            value = loss(model(x), y, x)
-            value.backward()
-            optimizer.step()
-            step += 1
-            if step_hook is not None:
-                step_hook(step)
-            total += value.item() * len(batch)
-        history.append(total / max(len(inputs), 1))
+    with tqdm(total=epochs * batches, desc="train", unit="batch", disable=None if progress else True,
+              leave=False) as bar:
+        for epoch in range(epochs):
+            bar.set_description(f"train epoch {epoch + 1}/{epochs}")
+            order = torch.randperm(len(inputs), generator=generator)
+            total = 0.0
+            for start in range(0, len(inputs), batch_size):
+                batch = order[start:start + batch_size]
+                x, y = inputs[batch], targets[batch]
+                optimizer.zero_grad(set_to_none=True)
+                value = loss(model(x), y, x)
+                value.backward()
+                optimizer.step()
+                step += 1
+                if step_hook is not None:
+                    step_hook(step)
+                total += value.item() * len(batch)
+                bar.update(1)
+            history.append(total / max(len(inputs), 1))
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
     return history
 

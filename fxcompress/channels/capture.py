@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
+from tqdm.auto import tqdm
 
 from ..execution import evaluating
 from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, weight_arg, weight_source
@@ -110,16 +111,20 @@ class Capture(Interpreter):
     `after(node, module, output rows)`, both sampled at the same positions (kept in `picks`)."""
 
     def __init__(self, gm: GraphModule, watched: dict[str, nn.Module], sampling: Sampling, *,
-                 before=None, after=None, picks: dict | None = None) -> None:
+                 before=None, after=None, picks: dict | None = None, progress: str | None = None) -> None:
         super().__init__(gm)
         self.watched, self.samples, self.before, self.after = watched, sampling.samples, before, after
         self.rng = np.random.default_rng(sampling.seed)
         self.picks: dict[str, np.ndarray] = dict(picks or {})
+        # `progress` names the work for a tqdm bar over the watched layers (off where not a terminal)
+        self.bar = tqdm(total=len(watched), desc=progress, unit="layer", disable=None if progress else True,
+                        leave=False)
 
     def run_node(self, n: Node) -> Any:
         m = self.watched.get(n.name)
         if m is None:
             return super().run_node(n)
+        self.bar.set_postfix_str(n.name)  # drawn at once: a watched layer's solve is the slow part
         args, _ = self.fetch_args_kwargs_from_env(n)
         windows = _windows(m, args[0])
         # the trailing dims are one row's features, as many as the weight has besides its outputs
@@ -130,6 +135,7 @@ class Capture(Interpreter):
         result = super().run_node(n)
         if self.after is not None:
             self.after(n, m, _outputs(m, result)[at].double())
+        self.bar.update(1)
         return result
 
     def _rerun_weight_chain(self, n: Node) -> None:
@@ -166,7 +172,7 @@ class Capture(Interpreter):
 
 def run_capture(capture: Capture, batch: tuple) -> dict:
     """Run the captured graph on the batch in eval mode; returns the sampled positions."""
-    with evaluating(capture.module):
+    with evaluating(capture.module), capture.bar:
         capture.run(*batch)
     return capture.picks
 

@@ -31,8 +31,9 @@ class Targets:
     sampling: Sampling
 
 
-def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, sampling: Sampling) -> Targets:
-    """Before pruning: the outputs of every consumer whose inputs will shrink."""
+def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, sampling: Sampling,
+                    progress: bool = False) -> Targets:
+    """Before pruning: the outputs of every consumer whose inputs will shrink (`progress`: a tqdm bar)."""
     watched, kept, outputs = {}, {}, {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for layer in cg.layers:
@@ -47,13 +48,15 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
         outputs[n.name] = y[:, kept[n.name]]
 
     batch = calibration_batch(data)
-    picks = run_capture(Capture(gm, watched, sampling, after=after), batch)
+    picks = run_capture(Capture(gm, watched, sampling, after=after,
+                                progress="capture features" if progress else None), batch)
     return Targets(outputs, picks, batch, sampling)
 
 
-def refit(gm: GraphModule, targets: Targets) -> list[str]:
+def refit(gm: GraphModule, targets: Targets, progress: bool = False) -> list[str]:
     """After pruning: refit each consumer, in graph order, on the pruned model's own inputs. A masked
-    consumer keeps its zeros: each output is fitted on the inputs its mask leaves."""
+    consumer keeps its zeros: each output is fitted on the inputs its mask leaves. `progress` shows
+    a tqdm bar over the layers (off where the output is not a terminal)."""
     nodes = [n for n in gm.graph.nodes if n.name in targets.outputs]
     watched = {n.name: consumer_module(gm, n) for n in nodes}
     supports = {n.name: weight_support(gm, n) for n in nodes}
@@ -63,7 +66,8 @@ def refit(gm: GraphModule, targets: Targets) -> list[str]:
         _solve_into(m, rows, targets.outputs[n.name], supports[n.name])
         done.append(owner_path(n))
 
-    run_capture(Capture(gm, watched, targets.sampling, before=before, picks=targets.picks), targets.batch)
+    run_capture(Capture(gm, watched, targets.sampling, before=before, picks=targets.picks,
+                        progress="reconstruct" if progress else None), targets.batch)
     return done
 
 

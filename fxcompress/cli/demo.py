@@ -46,13 +46,13 @@ def deep_compression(model: nn.Module, data: Dataset, *, epochs: int = 30, retra
     Markdown) is written to `out`, else to a temporary folder. Returns the accuracies, the compression ratio and whether the file is exact.
     """
     start = time.perf_counter()
-    train(model, data, epochs=epochs, lr=1e-3, batch_size=64)
+    train(model, data, epochs=epochs, lr=1e-3, batch_size=64, progress=True)
     dense = evaluate(model, data.test_x, data.test_y)
     print(f"data: {data.name}, {len(data.train_x)} train / {len(data.test_x)} test images")
     print(f"dense LeNet-300-100: accuracy {dense:.4f}")
     example = (data.test_x[:1],)
     gm = _prune_and_share(model, data, example, retrain_epochs, bits)
-    encoded = compile_model(gm, [LowerToEncoded(coding="auto")], example_inputs=example)
+    encoded = compile_model(gm, [LowerToEncoded(coding="auto")], example_inputs=example, progress=True)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(out if out is not None else folder) / "lenet300.fxc"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,19 +98,20 @@ def _report(encoded, fake_quant, dense_model, data: Dataset, path: Path, facts: 
 def _prune_and_share(model: nn.Module, data: Dataset, example: tuple, retrain_epochs: int, bits: int):
     """Stages 1 and 2: pruning with retraining, then k-means weight sharing with centroid fine-tuning."""
     def retrain(gm, epochs, lr):
-        train(gm, data, epochs=epochs, lr=lr, batch_size=64, seed=1)
+        train(gm, data, epochs=epochs, lr=lr, batch_size=64, seed=1, progress=True)
         return evaluate(gm, data.test_x, data.test_y)
 
     # 1. pruning: the same pass compiled again advances the masks; pruned weights stay zero
     gm = model
     for sparsity in STAGES:
-        gm = compile_model(gm, [InsertMasks(sparsity=sparsity, scope="global")], example_inputs=example)
+        gm = compile_model(gm, [InsertMasks(sparsity=sparsity, scope="global")], example_inputs=example, progress=True)
         pruned = retrain(gm, retrain_epochs, 5e-4)
         print(f"pruned to {sparsity:.0%} (global magnitude), retrained: accuracy {pruned:.4f}")
     print(summary(gm).to_text(with_history=False))
 
     # 2. weight sharing: k-means codebooks whose centroids train; zeros stay out of the clustering
-    gm = compile_model(gm, [InsertFakeQuant(bits=bits, method="kmeans", init="linear")], example_inputs=example)
+    gm = compile_model(gm, [InsertFakeQuant(bits=bits, method="kmeans", init="linear")], example_inputs=example,
+                       progress=True)
     shared = evaluate(gm, data.test_x, data.test_y)
     quantized = retrain(gm, retrain_epochs, 1e-4)
     print(f"\n{bits}-bit k-means weight sharing: accuracy {shared:.4f}, {quantized:.4f} after centroid fine-tuning")

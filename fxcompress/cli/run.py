@@ -79,7 +79,7 @@ def _finetune(recipe: Recipe, gm: nn.Module, data, training: Training | None, in
     if training.distill:
         loss = DistillationLoss(teacher, training.distill["temperature"], training.distill["alpha"])
     train(gm, data, _epochs(recipe, training), lr=training.lr, batch_size=training.batch_size,
-          seed=recipe.seed + index, loss=loss, step_hook=hook)
+          seed=recipe.seed + index, loss=loss, step_hook=hook, progress=True)
 
 
 def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list) -> None:
@@ -138,7 +138,8 @@ class Run:
             self.state = {"dense": None, "steps": []}
             epochs = _epochs(recipe, recipe.train)
             if epochs:
-                train(model, data, epochs, lr=recipe.train.lr, batch_size=recipe.train.batch_size, seed=recipe.seed)
+                train(model, data, epochs, lr=recipe.train.lr, batch_size=recipe.train.batch_size, seed=recipe.seed,
+                      progress=True)
             torch.save(model.state_dict(), path)
             self.state["dense"] = fingerprint
             self._write_state()
@@ -180,7 +181,7 @@ class Run:
         del self.state["steps"][step.index:]
         torch.manual_seed(self.recipe.seed + step.index + 1)
         pass_ = step.make()
-        gm = compile_model(gm, [pass_], example_inputs=example, calibration_data=calibration)
+        gm = compile_model(gm, [pass_], example_inputs=example, calibration_data=calibration, progress=True)
         self._finetune_step(step, pass_, gm, data, teacher)
         accuracy = evaluate(gm, data.test_x, data.test_y)
         path = self.out / f"step-{step.index + 1:02d}.fxc"

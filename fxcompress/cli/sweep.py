@@ -44,7 +44,7 @@ def _model(args: argparse.Namespace, data):
     model = build(args.model, {}, (data.channels, data.image_size, data.num_classes))
     epochs = min(args.epochs, QUICK["epochs"]) if args.quick else args.epochs
     if epochs:
-        train(model, data, epochs, lr=1e-3, batch_size=64)
+        train(model, data, epochs, lr=1e-3, batch_size=64, progress=True)
     return model.eval()
 
 
@@ -61,7 +61,7 @@ def sensitivity_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"the model cannot run on {data.name} images of shape "
                               f"{tuple(data.test_x.shape[1:])} ({' '.join(str(exc).split())[:200]})") from None
         table = sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), sparsities,
-                            args.granularity, layers=args.layers)
+                            args.granularity, layers=args.layers, progress=True)
     print(table.to_text())
     if args.out:
         Path(args.out).write_text(table.to_markdown() + "\n")
