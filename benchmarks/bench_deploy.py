@@ -1,28 +1,45 @@
 """Deployment speed: what compression buys at inference time, every row beside its peers in one run.
 
-For each model and batch size, one CPU thread, these forms of one model are timed in interleaved
-rounds (each round runs every form once, in a rotating order; the median over rounds is reported,
-with its ratio to fp32 eager of the same run — above 1 is faster):
+For each model, thread count (one, and all of torch's) and batch size (1 and 32), these forms of one
+model are timed in interleaved rounds (each round runs every form once, in a rotating order; the
+median over rounds is reported, with its ratio to fp32 eager of the same run: above 1 is faster):
 
 - fp32 eager: the model as built;
 - fp32 folded: FoldBatchNorm, channels-last for convolutional models;
-- torch.ao FX int8: prepare_fx / convert_fx with the x86 backend's default qconfig (deprecated in
-  torch but still importable; measured while it is);
-- ours, reference: LowerToInteger(backend="reference"), the exact integer oracle;
-- ours, native: LowerToInteger() on oneDNN's int8 kernels.
+- torch.ao FX int8: prepare_fx / convert_fx with the x86 backend's default qconfig, and torch.ao
+  dynamic: `quantize_dynamic` of the linear layers (both deprecated in torch but still importable;
+  measured while they are);
+- torchao int8 dynamic / weight-only: `quantize_` with Int8DynamicActivationInt8WeightConfig and
+  Int8WeightOnlyConfig, when torchao is installed (optional; a line says when it is not);
+- ORT fp32: ONNX Runtime on `export.to_onnx` of the model; ORT int8 ours: on `export.to_onnx_int8`
+  of our fake-quant model (QDQ, our scales); ORT int8 quantize_static: ONNX Runtime's own static
+  QDQ quantization (per channel, calibrated on the same batches), for comparison; ONNX Runtime is
+  optional too;
+- ours reference: LowerToInteger(backend="reference"), the exact integer oracle;
+- ours native: LowerToInteger() on oneDNN's int8 kernels; ours native compiled: the same GraphModule
+  through torch.compile (inductor, freezing: oneDNN's packed weights become constants), which
+  removes the per-node Python dispatch between kernels.
 
 Ours are quantized with InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)
 and 8-bit activations, or 7-bit activations on a CPU without VNNI, where uint8 x int8 products
 are summed in int16 pairs and 8 / 8 bits could saturate (torch.ao's x86 default reduces activations to
-7 bits there too). Residual adds stay integer (ActivationConfig(joins=True)). Models have random
-weights (nothing downloads); calibration uses random inputs, which is all a latency needs. The native
-model's predictions are compared with the reference's on the timed batch as a sanity check.
+7 bits there too). ONNX Runtime saturates the same way at 8 / 8 bits, so its QDQ model takes 7-bit
+weights and 8-bit activations there (ORT's own `reduce_range`). Residual adds stay integer
+(ActivationConfig(joins=True)). Models have random weights (nothing downloads); calibration uses
+random inputs, which is all a latency needs. Agreement lines compare the native model's and ORT's
+int8 outputs with the reference / fake-quant ones on the timed batch as a sanity check.
 
-    python benchmarks/bench_deploy.py [--models lenet5 lenet300 resnet18] [--batches 1 32] [--rounds 7]
-                                      [--resnet-size 224]
+The other tables of the issue come from the files that build those forms, imported when present:
+`benchmarks/deploy_sparse.py` (Deep Compression's layer table at 91 / 91 / 75% and 96 / 96 / 77%
+sparsity, whole models through LowerToSparse) and `benchmarks/deploy_decode.py` (a GPT-style decoder
+generating one token at a time: weight-only int8 / int4, dynamic int8).
 
-resnet18 is torchvision's when torchvision is installed, otherwise a definition of our own with the
-same shapes (BasicBlock stages of 64 / 128 / 256 / 512 channels).
+    python benchmarks/bench_deploy.py [--models lenet5 lenet300 resnet18 mobilenet_v2] [--batches 1 32]
+                                      [--threads 1 all] [--rounds 5] [--resnet-size 224] [--no-compile]
+                                      [--no-sparse] [--no-decode]
+
+resnet18 and mobilenet_v2 are torchvision's when torchvision is installed, otherwise definitions of our
+own with the same shapes.
 """
 from __future__ import annotations
 
@@ -30,23 +47,28 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling deploy_* benchmarks
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
+from fxcompress import export
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
 from zoo import BasicBlock, LeNet5, LeNet300100
 
 MIN_SAMPLE_S = 0.02  # each timed sample loops the forward until it takes at least this long
+Form = tuple[Callable, object]  # a callable and the input it takes (a tensor, or ONNX Runtime's feed dict)
 
 
 class ResNet18(nn.Module):
@@ -67,21 +89,68 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
 
 
-def resnet18() -> nn.Module:
-    try:
-        import torchvision
-    except ImportError:
-        return ResNet18()
-    return torchvision.models.resnet18(weights=None)
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu6: bool = True) -> list:
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU6()] if relu6 else layers
 
 
-def models(resnet_size: int) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 block: 1x1 expansion (none when t = 1), 3x3 depthwise, 1x1 projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        expansion = _conv_bn(cin, hidden, 1) if expand != 1 else []
+        self.block = nn.Sequential(*expansion, *_conv_bn(hidden, hidden, 3, stride, hidden),
+                                   *_conv_bn(hidden, cout, 1, relu6=False))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's mobilenet_v2 shapes (width 1.0): 17 inverted residual blocks, a 1280-wide head."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))  # (expansion t, channels c, repeats n, first stride s)
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers, cin = _conv_bn(3, 32, 3, 2), 32
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        self.features = nn.Sequential(*layers, *_conv_bn(cin, 1280, 1))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def _torchvision(name: str, fallback: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        try:
+            import torchvision
+        except ImportError:
+            return fallback()
+        return getattr(torchvision.models, name)(weights=None)
+    return make
+
+
+def models(image_size: int) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
     return {"lenet5": (LeNet5, (1, 28, 28)), "lenet300": (LeNet300100, (1, 28, 28)),
-            "resnet18": (resnet18, (3, resnet_size, resnet_size))}
+            "resnet18": (_torchvision("resnet18", ResNet18), (3, image_size, image_size)),
+            "mobilenet_v2": (_torchvision("mobilenet_v2", MobileNetV2), (3, image_size, image_size))}
 
 
 def activation_bits() -> int:
     return 8 if native.vnni() else 7
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def fp32_folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -89,110 +158,268 @@ def fp32_folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return gm.to(memory_format=torch.channels_last) if x.ndim == 4 and _has_conv(model) else gm
 
 
-def _has_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def torch_ao_int8(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
+def torch_ao(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]) -> dict[str, nn.Module]:
+    """torch.ao's FX int8 (x86) and quantize_dynamic, each reported and skipped if it fails."""
+    forms = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated: measured while it is importable
-        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
         torch.backends.quantized.engine = "x86"
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
-        with torch.no_grad():
-            for batch in calibration:
-                prepared(batch)
-        return convert_fx(prepared)
+        try:
+            prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+            with torch.no_grad():
+                for batch in calibration:
+                    prepared(batch)
+            forms["torch.ao FX int8"] = convert_fx(prepared)
+        except Exception as exc:  # noqa: BLE001 - a deprecated peer that may fail: reported, never fatal
+            print(f"  torch.ao FX int8 unavailable: {type(exc).__name__}: {exc}")
+        forms["torch.ao dynamic"] = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    return forms
 
 
-def ours(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]) -> dict[str, nn.Module]:
-    quantize = InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
-                               activations=ActivationConfig(bits=activation_bits(), joins=True))
-    fq = fxcompress.compile(model, [FoldBatchNorm(), quantize], example_inputs=(x,), calibration_data=calibration)
-    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x,))
+def torchao_forms(model: nn.Module) -> dict[str, nn.Module]:
+    """torchao's CPU int8 paths when torchao is installed (an optional peer)."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        print(f"  torchao not available ({exc}): its rows are left out")
+        return {}
+    forms = {}
+    for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
+                         ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+        try:
+            quantized = copy.deepcopy(model)
+            quantize_(quantized, config)
+            forms[name] = quantized
+        except Exception as exc:  # noqa: BLE001 - an optional peer: reported, never fatal
+            print(f"  {name} unavailable: {type(exc).__name__}: {exc}")
+    return forms
+
+
+def fake_quant(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], weight_bits: int,
+               act_bits: int) -> torch.fx.GraphModule:
+    quantize = InsertFakeQuant(method="linear", bits=weight_bits, symmetric=True, per_channel=True,
+                               activations=ActivationConfig(bits=act_bits, joins=True))
+    return fxcompress.compile(model, [FoldBatchNorm(), quantize], example_inputs=(x,), calibration_data=calibration)
+
+
+def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dict[str, nn.Module]:
+    forms = {"ours reference": fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x,))}
     fast = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))
     stats = fxcompress.history(fast)[-1].stats
     if stats["backend"] != "native":
         print(f"  native backend refused: {stats['native_refused']}")
-    return {"ours reference": reference,
-            "ours native" if stats["backend"] == "native" else "ours default (fell back to reference)": fast}
-
-
-def build(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...], batch: int) -> dict[str, nn.Module]:
-    torch.manual_seed(0)
-    model = make().eval()
-    x = torch.rand(batch, *shape)
-    calibration = [torch.rand(8, *shape) for _ in range(4)]
-    forms = {"fp32 eager": model, "fp32 folded": fp32_folded(model, x)}
-    try:
-        forms["torch.ao FX int8"] = torch_ao_int8(model, x, calibration)
-    except Exception as exc:  # noqa: BLE001 - a deprecated peer that may fail: reported, never fatal
-        print(f"  torch.ao FX int8 unavailable for {name}: {type(exc).__name__}: {exc}")
-    forms.update(ours(model, x, calibration))
+        return forms | {"ours default (fell back to reference)": fast}
+    forms["ours native"] = fast
+    if compile_native:
+        torch._inductor.config.freezing = True  # inductor lowers oneDNN int8 kernels only with constant packed weights
+        forms["ours native compiled"] = torch.compile(fast, backend="inductor", dynamic=False)
     return forms
 
 
-def _loops(form: nn.Module, x: torch.Tensor) -> int:
-    """How many forwards make one sample of at least MIN_SAMPLE_S."""
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over our calibration batches."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = iter([{"x": b.numpy()} for b in batches])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def onnx_files(model: nn.Module, fq_ort: torch.fx.GraphModule, x: torch.Tensor, calibration: list[torch.Tensor],
+               folder: Path) -> dict[str, Path]:
+    """fp32, our QDQ and ORT's quantize_static models on disk (ONNX Runtime optional: {} without it)."""
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    except ImportError as exc:
+        print(f"  ONNX Runtime not available ({exc}): its rows are left out")
+        return {}
+    files = {"ORT fp32": folder / "fp32.onnx", "ORT int8 ours": folder / "ours.onnx",
+             "ORT int8 quantize_static": folder / "static.onnx"}
+    export.to_onnx(fxcompress.compile(model, [], example_inputs=(x,)), files["ORT fp32"], (x,), input_names=["x"])
+    export.to_onnx_int8(fq_ort, files["ORT int8 ours"], (x,), input_names=["x"])
+    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(calibration)
+    quantize_static(str(files["ORT fp32"]), str(files["ORT int8 quantize_static"]), reader,
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, reduce_range=not native.vnni())
+    return files
+
+
+def ort_sessions(files: dict[str, Path], threads: int) -> dict[str, Callable]:
+    import onnxruntime as ort
+    sessions = {}
+    for name, path in files.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[name] = lambda feed, session=session: session.run(None, feed)[0]
+    return sessions
+
+
+def build(make: Callable[[], nn.Module], shape: tuple[int, ...], args, folder: Path) -> tuple[dict, dict]:
+    """The torch forms (module per name) and the ONNX files of one model."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand(2, *shape)
+    calibration = [torch.rand(8, *shape) for _ in range(4)]
+    forms = {"fp32 eager": model, "fp32 folded": fp32_folded(model, x), **torch_ao(model, x, calibration),
+             **torchao_forms(model)}
+    fq = fake_quant(model, x, calibration, 8, activation_bits())
+    forms |= ours(fq, x, not args.no_compile)
+    # ORT's u8 x s8 kernels saturate at 8 / 8 bits without VNNI: its QDQ model takes 7-bit weights there
+    fq_ort = fq if native.vnni() else fake_quant(model, x, calibration, 7, 8)
+    files = onnx_files(model, fq_ort, x, calibration, folder)
+    forms["fake-quant"], forms["fake-quant for ORT"] = fq, fq_ort  # agreement checks only, not timed
+    return forms, files
+
+
+def inputs_of(forms: dict[str, Callable], x: torch.Tensor) -> dict[str, Form]:
+    """Each timed form with the input it takes: channels-last, a feed dict for ONNX Runtime."""
+    timed = {}
+    for name, form in forms.items():
+        if name.startswith("fake-quant"):
+            continue
+        if name.startswith("ORT"):
+            timed[name] = (form, {"x": x.numpy()})
+        elif name == "fp32 folded" and x.ndim == 4:
+            timed[name] = (form, x.contiguous(memory_format=torch.channels_last))
+        else:
+            timed[name] = (form, x)
+    return timed
+
+
+def _loops(fn: Callable, x) -> int:
+    """How many calls make one sample of at least MIN_SAMPLE_S."""
     start, count = time.perf_counter(), 0
     while time.perf_counter() - start < MIN_SAMPLE_S:
-        form(x)
+        fn(x)
         count += 1
     return count
 
 
-def time_forms(forms: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds per forward of each form, over interleaved rounds in rotating order."""
+def time_forms(forms: dict[str, Form], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each form, over interleaved rounds in rotating order."""
     names = list(forms)
     samples: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
-        inputs = {name: x.contiguous(memory_format=torch.channels_last) if name == "fp32 folded" and x.ndim == 4
-                  else x for name in names}
-        loops = {name: _loops(forms[name], inputs[name]) for name in names}  # also the warm-up
+        for fn, x in forms.values():
+            fn(x)  # warm-up: a compiled form compiles here, not inside a timed sample
+        loops = {name: _loops(*forms[name]) for name in names}
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
+                fn, x = forms[name]
                 start = time.perf_counter()
                 for _ in range(loops[name]):
-                    forms[name](inputs[name])
+                    fn(x)
                 samples[name].append((time.perf_counter() - start) / loops[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def agreement(forms: dict[str, nn.Module], x: torch.Tensor) -> str:
-    fast = next((m for n, m in forms.items() if n == "ours native"), None)
-    if fast is None:
-        return "native not built"
+def agreement(forms: dict[str, Callable], x: torch.Tensor) -> str:
+    """The native and ORT int8 outputs against their exact references, in 8-bit steps of the logits."""
     with torch.no_grad():
-        expected, got = forms["ours reference"](x), fast(x)
-    same = (expected.argmax(1) == got.argmax(1)).float().mean().item()
-    step = (expected.max() - expected.min()).item() / 255
-    return f"native vs reference: predictions {100 * same:.1f}% equal, max |diff| {(expected - got).abs().max():.3g} " \
-           f"(8-bit step of the logits {step:.3g})"
+        expected = forms["ours reference"](x)
+        checks = [("native vs reference", forms.get("ours native"), expected),
+                  ("ORT int8 ours vs fake-quant", forms.get("ORT int8 ours"), forms["fake-quant for ORT"](x))]
+        parts = []
+        for label, form, want in checks:
+            if form is None:
+                continue
+            got = torch.as_tensor(np.asarray(form({"x": x.numpy()}) if label.startswith("ORT") else form(x)))
+            step = (want.max() - want.min()).item() / 255
+            same = (want.argmax(1) == got.argmax(1)).float().mean().item()
+            parts.append(f"{label}: predictions {100 * same:.1f}% equal, max |diff| "
+                         f"{(want - got).abs().max().item() / step:.2f} steps")
+    return "; ".join(parts) or "nothing to compare"
+
+
+def model_rows(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...], args) -> list[dict]:
+    """Every form of one model at every thread count and batch size: ms and speed-up over fp32 eager."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        torch.set_num_threads(1)  # built (calibrated, compiled) on one thread, as it is timed first
+        forms, files = build(make, shape, args, Path(folder))
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            runnable = forms | ort_sessions(files, threads) if files else forms
+            for batch in args.batches:
+                x = torch.rand(batch, *shape)
+                times = time_forms(inputs_of(runnable, x), args.rounds)
+                for form, seconds in times.items():
+                    row = {"model": name, "threads": threads, "batch": batch, "form": form, "ms": 1e3 * seconds,
+                           "speedup": times["fp32 eager"] / seconds}
+                    rows.append(row)
+                    print(f"| {name} | {threads} | {batch} | {form} | {row['ms']:.3f} | {row['speedup']:.2f}x |")
+                print(f"  {name}, {threads} thread(s), batch {batch}: {agreement(runnable, x)}", flush=True)
+    return rows
+
+
+def pivot(rows: list[dict]) -> str:
+    """One line per model / threads / batch, one column per form: speed-up over fp32 eager."""
+    forms = list(dict.fromkeys(r["form"] for r in rows if r["form"] != "fp32 eager"))
+    lines = ["| model | threads | batch | " + " | ".join(forms) + " |", "|---|---|---|" + "---|" * len(forms)]
+    keys = list(dict.fromkeys((r["model"], r["threads"], r["batch"]) for r in rows))
+    for key in keys:
+        found = {r["form"]: r["speedup"] for r in rows if (r["model"], r["threads"], r["batch"]) == key}
+        cells = [f"{found[f]:.2f}x" if f in found else "-" for f in forms]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sibling_tables(args) -> None:
+    """The sparse and decoding tables, from the benchmarks that build those forms, when they exist."""
+    sections = [("sparse", args.no_sparse, "deploy_sparse", ("layer_rows", "model_rows")),
+                ("decode", args.no_decode, "deploy_decode", ("decode_rows",))]
+    torch.set_num_threads(1)
+    for label, skipped, module, functions in sections:
+        if skipped:
+            print(f"\n{label} rows: skipped (--no-{label})")
+            continue
+        try:
+            source = __import__(module)
+            found = [getattr(source, f) for f in functions]
+            format_rows = getattr(__import__("deploy_sparse"), "format_rows")
+        except (ImportError, AttributeError) as exc:
+            print(f"\n{label} rows: not available ({module}.py: {type(exc).__name__}: {exc})")
+            continue
+        for function in found:
+            print(f"\n{module}.{function.__name__}() (one thread; speed-up against its own fp32 in the same run):")
+            print(format_rows(function()), flush=True)
+
+
+def _threads(values: list[str]) -> list[int]:
+    every = torch.get_num_threads()
+    return list(dict.fromkeys(every if v == "all" else int(v) for v in values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["lenet5", "lenet300", "resnet18"])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "lenet300", "resnet18", "mobilenet_v2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--resnet-size", type=int, default=224)
+    parser.add_argument("--threads", nargs="+", default=["1", "all"], help="thread counts; 'all' is torch's default")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--resnet-size", type=int, default=224, help="image side of resnet18 and mobilenet_v2")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
+    parser.add_argument("--no-sparse", action="store_true", help="leave out deploy_sparse's tables")
+    parser.add_argument("--no-decode", action="store_true", help="leave out deploy_decode's table")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    args.threads = _threads(args.threads)
     table = models(args.resnet_size)
-    print(f"torch {torch.__version__}, one thread, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"VNNI {native.vnni()}, ours at 8-bit weights / {activation_bits()}-bit activations")
-    print("| model | batch | form | ms / batch | speed-up vs fp32 eager |")
-    print("|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, threads {args.threads}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {native.vnni()}, ours at 8-bit weights / "
+          f"{activation_bits()}-bit activations")
+    print("| model | threads | batch | form | ms / batch | speed-up vs fp32 eager |")
+    print("|---|---|---|---|---|---|")
+    rows = []
     for name in args.models:
         make, shape = table[name]
-        for batch in args.batches:
-            forms = build(name, make, shape, batch)
-            x = torch.rand(batch, *shape)
-            times = time_forms(forms, x, args.rounds)
-            for form, seconds in times.items():
-                print(f"| {name} | {batch} | {form} | {1e3 * seconds:.3f} | {times['fp32 eager'] / seconds:.2f}x |")
-            print(f"  {name} batch {batch}: {agreement(forms, x)}", flush=True)
+        rows += model_rows(name, make, shape, args)
+    print("\nSpeed-up over fp32 eager of the same run (above 1 is faster):")
+    print(pivot(rows))
+    sibling_tables(args)
 
 
 if __name__ == "__main__":
