@@ -27,17 +27,34 @@ from ..errors import PreconditionError
 _BINS = 1 << 16
 _HALF = 1 << 15
 _LOW = _BINS - 1
+_INF = 0x7F800000  # the bit pattern of +inf; larger magnitudes are NaN
+_CHUNK = 1 << 20  # scores turned into keys at a time: the keys' buffers stay a few MB whatever the layer
 
 
-def order_keys(scores: torch.Tensor, name: str = "") -> torch.Tensor:
-    """Flat int32 keys that order as the float32 `scores` do (-0.0 and +0.0 alike); NaN is refused."""
-    flat = scores.detach().reshape(-1).float()
-    if torch.isnan(flat).any():
-        raise PreconditionError(f"{name or 'a layer'} has {int(torch.isnan(flat).sum())} NaN importance scores; "
-                                "they have no place in a ranking (NaN or Inf weights, or an importance that "
-                                "divides by zero)")
-    bits = (flat + 0.0).view(torch.int32)  # -0.0 + 0.0 is +0.0: equal floats, equal keys
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats order backwards by bits
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Flat int32 keys that order as the float32 `scores` do, -0.0 and +0.0 alike (NaN: beyond +-inf).
+
+    A float's bits without the sign are its magnitude in order, so the key is that magnitude,
+    negated for negative floats: -0.0 becomes 0 as +0.0 does.
+    """
+    bits = scores.detach().reshape(-1).float().view(torch.int32)
+    sign = bits >> 31  # -1 for negative floats, 0 otherwise
+    keys = bits & 0x7FFFFFFF
+    keys ^= sign
+    keys -= sign  # (m ^ -1) + 1 == -m
+    return keys
+
+
+def _keys(name: str, scores: torch.Tensor, check: bool = False):
+    """The order keys of `scores`, a chunk at a time; with `check`, NaN scores raise naming the layer."""
+    flat = scores.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        keys = order_keys(flat[start:start + _CHUNK])
+        if check and bool((keys.abs() > _INF).any()):
+            bad = int(torch.isnan(scores).sum())
+            raise PreconditionError(f"{name or 'a layer'} has {bad} NaN importance scores; they have no place in "
+                                    "a ranking (NaN or Inf weights, or an importance that divides by zero)")
+        yield keys
 
 
 def _first_reaching(counts: torch.Tensor, start: int, n: int) -> tuple[int, int]:
@@ -64,25 +81,30 @@ class LowestN:
             return cls(None, 0)
         high = torch.zeros(_BINS, dtype=torch.int64)
         for name, scores in batches():
-            high += torch.bincount((order_keys(scores, name) >> 16) + _HALF, minlength=_BINS)
+            for keys in _keys(name, scores, check=True):
+                keys >>= 16
+                keys += _HALF
+                high += torch.bincount(keys, minlength=_BINS)
         total = int(high.sum())
         if n > total:
             raise PreconditionError(f"cannot prune {n} of {total} groups")
         top, below_top = _first_reaching(high, 0, n)
         low = torch.zeros(_BINS, dtype=torch.int64)
         for name, scores in batches():
-            keys = order_keys(scores, name)
-            low += torch.bincount(keys[(keys >> 16) == top - _HALF] & _LOW, minlength=_BINS)
+            for keys in _keys(name, scores):
+                low += torch.bincount(keys[(keys >> 16) == top - _HALF] & _LOW, minlength=_BINS)
         bottom, below = _first_reaching(low, below_top, n)
         return cls(((top - _HALF) << 16) | bottom, n - below)
 
     def keep(self, scores: torch.Tensor, name: str = "") -> torch.Tensor:
         """False where this layer's groups are among the lowest n (ties at the threshold: earliest first)."""
+        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
         if self.key is None:
-            return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-        keys = order_keys(scores, name)
-        keep = keys > self.key
-        tied = torch.nonzero(keys == self.key).flatten()
-        keep[tied[self.ties_left:]] = True  # ties owed go first; the later ones stay
-        self.ties_left -= min(self.ties_left, tied.numel())
+            return keep.view(scores.shape)
+        for start, keys in zip(range(0, scores.numel(), _CHUNK), _keys(name, scores)):
+            part = keep[start:start + _CHUNK]
+            torch.gt(keys, self.key, out=part)
+            tied = torch.nonzero(keys == self.key).flatten()
+            part[tied[self.ties_left:]] = True  # ties owed go first; the later ones stay
+            self.ties_left -= min(self.ties_left, tied.numel())
         return keep.view(scores.shape)
