@@ -54,6 +54,9 @@ def sparse_linear_eager(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, 
                         bias: torch.Tensor | None, in_features: int, out_features: int, kernel: str) -> torch.Tensor:
     """x [M, in] times the transposed sparse weight [out, in] (CSR, or BSR when `values` is 3-D), plus bias."""
     if kernel.startswith("scipy"):
+        if x.device.type != "cpu":
+            raise PreconditionError(f"SparseLayer kernel {kernel!r} runs on the CPU only, got an input on "
+                                    f"{x.device}; remeasure the model on that device (torch_csr runs there)")
         matrix = _scipy_weight(crow, col, values, in_features, out_features, kernel)
         if x.shape[0] == 1:  # one row: scipy's matrix-vector product, its fastest path
             out = torch.from_numpy(matrix @ x[0].detach().numpy()).unsqueeze(0)
@@ -348,6 +351,8 @@ def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: t
     """Build every candidate form of the layer, time them on its real input `x` (interleaved medians,
     dense kept unless a sparse form is `margin` times faster) and return the chosen one, which
     records the measurement; the other forms are dropped."""
+    if x.device.type != "cpu":  # scipy multiplies numpy arrays: host memory only
+        allowed = [k for k in allowed if not k.startswith("scipy")]
     forms = {k: SparseLayer.from_dense(kind, weight, bias, k, conv) for k in candidate_kernels(weight, allowed)}
     choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense", repeats=repeats,
                            margin=margin)

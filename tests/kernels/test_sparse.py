@@ -169,3 +169,9 @@ def test_csc_indices_are_checked_against_the_output_size():
     layer.col_indices[0] = 8  # a column of the weight's shape, but no output of this layer
     with pytest.raises(FormatError, match="'col_indices' holds a column outside \\[0, 8\\)"):
         layer.check_loaded("fc.sparse")
+
+
+def test_scipy_kernels_refuse_inputs_off_the_cpu_by_name():
+    layer = SparseLayer.from_dense("linear", _pruned(8, 16), None, "scipy_csc")
+    with pytest.raises(PreconditionError, match="kernel 'scipy_csc' runs on the CPU only, got an input on meta"):
+        layer(torch.randn(2, 16, device="meta"))
