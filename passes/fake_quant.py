@@ -263,7 +263,7 @@ class InsertFakeQuant(Pass):
             insert_on_weight(gm, layer, lambda graph, w: graph.call_module(name, (w,)))
         with torch.no_grad():
             quantized = module(weight)
-        stats = {"method": spec.method, "bits": spec.bits, "levels": int(torch.unique(quantized).numel()),
+        stats = {"method": spec.method, "bits": spec.bits, "levels": _levels(quantized),
                  "sqnr_db": round(_sqnr_db(weight, quantized), 2)}
         if isinstance(module, GridWeight):
             stats.update(_grid_losses(layer.name, spec, module, weight, quantized))
@@ -356,11 +356,29 @@ def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None
     return None if current in produced else False
 
 
+# Statistics are summed a million values at a time: whole-layer float64 copies of a large layer's
+# weight, its quantized value, their difference and its square would cost 32 bytes a weight at once.
+_CHUNK = 1 << 20
+
+
+def _chunks(*tensors: torch.Tensor):
+    flat = [t.detach().reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), _CHUNK):
+        yield [f[start:start + _CHUNK] for f in flat]
+
+
 def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
-    weight, quantized = weight.detach().double(), quantized.detach().double()
-    noise = float(((weight - quantized) ** 2).sum())
-    signal = float((weight ** 2).sum())
+    noise = signal = 0.0
+    for w, q in _chunks(weight, quantized):
+        w, q = w.double(), q.double()
+        noise += float(((w - q) ** 2).sum())
+        signal += float((w ** 2).sum())
     return float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
+
+
+def _levels(quantized: torch.Tensor) -> int:
+    """How many distinct values the quantized weight takes (each chunk's distinct values, then theirs)."""
+    return int(torch.unique(torch.cat([torch.unique(q) for q, in _chunks(quantized)])).numel())
 
 
 def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.Tensor,
