@@ -19,6 +19,7 @@ when it prunes and quantizes in one sweep.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +131,10 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
     rounded[:, order] = result.weight
     _store(gm, layer, module, rounded, target, original)
     reference = max(output_error(original, torch.zeros_like(original), stats.hessian), 1e-30)
+    noise = float((original - rounded).pow(2).sum())
     return {"levels": int(torch.unique(rounded).numel()), "rounding": "gptq", "act_order": act_order,
+            "sqnr_db": round(10 * math.log10(float(original.pow(2).sum()) / noise), 2) if noise else float("inf"),
+            "zeroed": int(((original != 0) & (rounded == 0)).sum()),
             "error_nearest": round(output_error(original, plain, stats.hessian) / reference, 8),
             "error_gptq": round(output_error(original, rounded, stats.hessian) / reference, 8), **inverse.report()}
 
@@ -164,8 +168,12 @@ def gptq_layers(gm: GraphModule, data: Sequence | None, plan: Sequence[tuple[Lay
     specs = {layer.name: spec for layer, spec in plan}
 
     def handle(group, stats: InputStats) -> dict[str, Any]:
-        return {layer.name: {**quantize(layer, specs[layer.name]), **gptq_round(gm, layer, stats, act_order=act_order)}
-                for layer in group.layers}
+        reports = {}
+        for layer in group.layers:
+            report = quantize(layer, specs[layer.name])
+            report.pop("saturated", None)  # counted for nearest rounding of the float weights, not for what GPTQ rounds
+            reports[layer.name] = {**report, **gptq_round(gm, layer, stats, act_order=act_order)}
+        return reports
 
     report = walk(gm, [layer for layer, _ in plan], data, handle, owner=owner)
     return report.layers, report
