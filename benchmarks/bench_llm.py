@@ -1,0 +1,235 @@
+"""Language-model compression arms on the byte-level Llama that benchmarks/train_lm.py trains.
+
+    nice -n 10 python benchmarks/bench_llm.py [--cal 32] [--eval 32] [--arms dense awq4 ...] [--json out.json]
+
+Every arm compiles the same exported graph (torch.export of the checkpoint, shapes fixed to
+batches of 8 x 128 bytes) with its passes, calibrated on the same windows of the training plays,
+and reports perplexity per byte on the held-out plays and on Debian's fortunes, bytes on disk
+(the compressed-tensors checkpoint: pack-quantized when the weights are on a linear grid, dense
+otherwise; the Deep Compression arm's fxcompress file), the passes' seconds and the peak resident
+memory above the loaded model while they ran. Only the decoder blocks' linear layers are
+compressed (the tied embedding / LM head stays float, as llm-compressor's recipes leave lm_head).
+An arm whose pass is not in this checkout prints "not available: <why>".
+
+Beside them, when present: torchao's plain rounding (int4 weight-only, group 64; `pip install
+torchao`) and llm-compressor's `oneshot` run by `--llmc-python` (a separate environment).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fxcompress
+from fxcompress import passes, text
+from fxcompress.compressed_tensors import to_compressed_tensors
+
+HERE = Path(__file__).resolve().parent
+CHECKPOINT = HERE / ".cache" / "llama-bytes"
+BLOCKS = r"model\.layers\..*"
+BATCH, LENGTH = 8, 128
+
+
+def q(bits: int, **kw):
+    return passes.InsertFakeQuant(method="linear", bits=bits, group_size=64, select=BLOCKS, **kw)
+
+
+def arms() -> dict[str, callable]:
+    """name -> a function returning the pass list (built lazily: a missing pass is an arm's error)."""
+    masks = lambda **kw: passes.InsertMasks(select=BLOCKS, **kw)  # noqa: E731
+    sgpt = lambda **kw: passes.SparseGPT(select=BLOCKS, **kw)  # noqa: E731
+    w8a8 = lambda: passes.InsertFakeQuant(method="linear", bits=8, per_channel=True, symmetric=True,  # noqa: E731
+                                          select=BLOCKS, activations=passes.ActivationConfig(bits=8))
+    table = {"dense": lambda: []}
+    for name, g in (("50%", {}), ("4:8", {"granularity": "4:8"}), ("2:4", {"granularity": "2:4"})):
+        table[f"magnitude {name}"] = lambda g=g: [masks(**g)]   # InsertMasks' default sparsity is 0.5
+        table[f"wanda {name}"] = lambda g=g: [masks(importance="wanda", **g)]
+        table[f"sparsegpt {name}"] = lambda g=g: [sgpt(**g)]
+        table[f"wanda+update {name}"] = lambda g=g: [sgpt(importance="wanda", **g)]
+    for bits in (4, 3):
+        table[f"w{bits} g64 rtn"] = lambda b=bits: [q(b)]
+        table[f"w{bits} g64 gptq"] = lambda b=bits: [q(b, rounding="gptq")]
+        table[f"w{bits} g64 awq"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS), q(b)]
+    table["w8a8"] = lambda: [w8a8()]
+    table["w8a8 smoothquant"] = lambda: [passes.ScaleChannels(method="smoothquant", select=BLOCKS), w8a8()]
+    table["50% sparsegpt + w4 g64"] = lambda: [sgpt(), q(4)]
+    table["50% sparsegpt + w4 g64 gptq"] = lambda: [sgpt(), q(4, rounding="gptq")]
+    return table
+
+
+def load(checkpoint: Path):
+    from transformers import LlamaForCausalLM   # optional and slow to import
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint)
+    model.config.use_cache = False   # a DynamicCache output is no tensor tree torch.export can return
+    return model.eval()
+
+
+def data(n_cal: int, n_eval: int, seed: int = 0):
+    """Calibration batches (random windows of the training plays) and held-out / fortune batches."""
+    train_plays, held = text.split_plays(text.shakespeare(HERE / ".cache"))
+    tokens = text.encode_bytes(text.join_texts(train_plays))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - LENGTH, (n_cal,), generator=gen).tolist()
+    cal = torch.stack([tokens[s:s + LENGTH] for s in starts])
+    held_w = text.windows(text.encode_bytes(text.join_texts(held)), LENGTH, limit=n_eval)
+    fortune_w = text.windows(text.encode_bytes(text.join_texts(text.fortunes())), LENGTH, limit=n_eval)
+    split = lambda w: [(w[i:i + BATCH],) for i in range(0, len(w) - BATCH + 1, BATCH)]  # noqa: E731
+    return split(cal), split(held_w), split(fortune_w)
+
+
+@torch.no_grad()
+def perplexity(forward, batches) -> float:
+    total, count = 0.0, 0
+    for (batch,) in batches:
+        out = forward(batch)
+        logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+class PeakRSS:
+    """The largest resident set size seen (sampled every 20 ms) while the block runs, in bytes."""
+
+    def __enter__(self):
+        self.peak, self.running = _rss(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict) -> dict:
+    try:
+        pass_list = build()
+    except (AttributeError, TypeError, ValueError) as exc:   # a pass or option this checkout lacks
+        return {"arm": name, "status": f"not available: {exc}"}
+    base = _rss()
+    start = time.perf_counter()
+    with PeakRSS() as peak:
+        gm = fxcompress.compile(graph, pass_list, example, calibration_data=cal)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            size = to_compressed_tensors(gm, tmp, config=config)["bytes"]
+            fmt = "pack-quantized" if any(isinstance(p, passes.InsertFakeQuant) for p in pass_list) else "dense"
+        except fxcompress.errors.FxCompressError:
+            size, fmt = to_compressed_tensors(gm, tmp, format="dense", config=config)["bytes"], "dense"
+    return {"arm": name, "status": "ok", "held_ppl": perplexity(gm, held), "fortunes_ppl": perplexity(gm, fortunes),
+            "bytes": size, "format": fmt, "pass_s": seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm}
+
+
+def deep_compression_file(gm, example) -> dict:
+    """The Deep Compression file of an arm: weights entropy-coded by LowerToEncoded, fxcompress.save."""
+    start = time.perf_counter()
+    lowered = fxcompress.compile(gm, [passes.LowerToEncoded()], example)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.fxc"
+        fxcompress.save(lowered, path)
+        size = path.stat().st_size
+    return {"bytes": size, "pass_s": time.perf_counter() - start, "gm": lowered}
+
+
+def torchao_rtn(model, held, fortunes) -> dict:
+    """torchao's int4 weight-only plain rounding, group 64, on the decoder blocks' linear layers."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        return {"arm": "torchao int4 g64 rtn", "status": f"not available: {exc}"}
+    import copy
+    quantized = copy.deepcopy(model)
+    start = time.perf_counter()
+    try:
+        quantize_(quantized, Int4WeightOnlyConfig(group_size=64),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("model.layers."))
+        seconds = time.perf_counter() - start
+        forward = lambda x: quantized(input_ids=x)  # noqa: E731
+        return {"arm": "torchao int4 g64 rtn", "status": "ok", "held_ppl": perplexity(forward, held),
+                "fortunes_ppl": perplexity(forward, fortunes), "pass_s": seconds}
+    except Exception as exc:   # noqa: BLE001 - a peer's failure is a result to report, not a crash
+        return {"arm": "torchao int4 g64 rtn", "status": f"failed: {type(exc).__name__}: {exc}"[:300]}
+
+
+def row(r: dict, dense_bytes: int | None) -> str:
+    if r.get("status") != "ok":
+        return f"| {r['arm']} | {r['status']} | | | | | |"
+    ratio = f"{dense_bytes / r['bytes']:.1f}x" if dense_bytes and r.get("bytes") else ""
+    return (f"| {r['arm']} | {r['held_ppl']:.3f} | {r['fortunes_ppl']:.3f} | {r.get('bytes', '')} "
+            f"({r.get('format', '')}) | {ratio} | {r['pass_s']:.1f} | {r.get('peak_mb', float('nan')):.0f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    ap.add_argument("--cal", type=int, default=32, help="calibration windows of 128 bytes")
+    ap.add_argument("--eval", type=int, default=32, help="held-out and fortune windows of 128 bytes")
+    ap.add_argument("--arms", nargs="*", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load(args.checkpoint)
+    cal, held, fortunes = data(args.cal, args.eval)
+    example = cal[0]
+    graph = fxcompress.compile(torch.export.export(model, example, strict=False), [], example)
+    config = model.config.to_dict()
+    table = arms()
+    chosen = args.arms or list(table)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {len(cal) * BATCH} calibration, "
+          f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} bytes", flush=True)
+    print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n|---|---:|---:|---|---:|---:|---:|")
+    results = []
+    for name in chosen:
+        r = run_arm(name, table[name], graph, example, cal, held, fortunes, config)
+        results.append(r)
+        print(row(r, results[0].get("bytes") if results[0]["arm"] == "dense" else None), flush=True)
+    results += extras(results, model, example, held, fortunes, results[0].get("bytes"))
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "gm"} for r in results], indent=1))
+
+
+def extras(results, model, example, held, fortunes, dense_bytes) -> list[dict]:
+    """The Deep Compression file of the sparse + 4-bit arm, and torchao beside ours."""
+    out = []
+    best = next((r for r in results if r["arm"].startswith("50% sparsegpt + w4") and r.get("status") == "ok"), None)
+    if best is not None:
+        try:
+            dc = deep_compression_file(best["gm"], example)
+            out.append({"arm": f"{best['arm']} -> LowerToEncoded file", "status": "ok", "bytes": dc["bytes"],
+                        "format": "fxcompress", "pass_s": dc["pass_s"], "held_ppl": perplexity(dc["gm"], held),
+                        "fortunes_ppl": perplexity(dc["gm"], fortunes)})
+        except fxcompress.errors.FxCompressError as exc:
+            out.append({"arm": "Deep Compression file", "status": f"not available: {exc}"[:300]})
+    out.append(torchao_rtn(model, held, fortunes))
+    for r in out:
+        print(row(r, dense_bytes), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
