@@ -29,6 +29,7 @@ class InputStats:
 
     channels: int
     with_hessian: bool = True
+    name: str = "the layer"     # for messages: the layers reading this input
     rows: int = 0
     sq_sum: torch.Tensor = field(init=False)
     abs_max: torch.Tensor = field(init=False)
@@ -39,8 +40,12 @@ class InputStats:
         self.abs_max = torch.zeros(self.channels, dtype=torch.float64)
         self.hessian = torch.zeros(self.channels, self.channels, dtype=torch.float64) if self.with_hessian else None
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, batch: int = 0) -> None:
         """Add a batch; the last dimension of `x` is the input channels."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim == 0 or x.shape[-1] != self.channels:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise PreconditionError(f"calibration batch {batch}: the input of {self.name} is {got}; it takes "
+                                    f"floating-point values with {self.channels} channels last")
         flat = x.detach().reshape(-1, x.shape[-1])
         step = max(1, CHUNK_ELEMENTS // self.channels)
         for start in range(0, flat.shape[0], step):  # float64 copies of a chunk, never of the whole batch

@@ -24,6 +24,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from ..errors import ConfigError, PreconditionError
 from ..execution import evaluating
 from ..layers import KINDS, Layer, input_arg, layer_node
+from ..tracing import origin
 from .hessian import InputStats
 
 # The layer families whose input is (..., in_features) and whose weight reads it as a matrix.
@@ -112,7 +113,7 @@ class _Runner:
         self.cache: dict[Node, Any] = {}
         self.interpreter = Interpreter(gm, garbage_collect_values=False)
 
-    def start(self, batch: Any) -> dict[Node, Any]:
+    def start(self, batch: Any, index: int) -> dict[Node, Any]:
         """The environment of a batch: its values bound to the placeholders."""
         inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         self.interpreter.args_iter = iter(inputs)
@@ -120,19 +121,26 @@ class _Runner:
         self.interpreter.env = env
         for node in self.nodes:
             if node.op == "placeholder":
-                env[node] = self.interpreter.run_node(node)
+                env[node] = self._run_node(node, index)
         return env
 
-    def run(self, env: dict[Node, Any], start: int, stop: int) -> dict[Node, Any]:
-        """Run nodes [start, stop) on a copy of `env`; the copy holds every value computed."""
+    def run(self, env: dict[Node, Any], start: int, stop: int, index: int) -> dict[Node, Any]:
+        """Run nodes [start, stop) on a copy of `env` (batch `index`); the copy holds every value computed."""
         env = dict(env)
         self.interpreter.env = env
         for node in self.nodes[start:stop]:
             if node.op in ("placeholder", "output") or node in self.weights_only:
                 continue
             self._ensure_inputs(node, env)
-            env[node] = self.interpreter.run_node(node)
+            env[node] = self._run_node(node, index)
         return env
+
+    def _run_node(self, node: Node, index: int) -> Any:
+        try:
+            return self.interpreter.run_node(node)
+        except Exception as exc:  # a batch the model cannot run: name it and the node, as compile names inputs
+            raise PreconditionError(f"calibration batch {index} fails at node {node.name!r} ({origin(node)}): "
+                                    f"{type(exc).__name__}: {exc}") from exc
 
     def keep_live(self, env: dict[Node, Any], position: int) -> dict[Node, Any]:
         """Only the values a node at or after `position` still reads (the block boundary's state)."""
@@ -196,16 +204,16 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
     peak, done = 0, None  # done: the last node the boundary states have run through
     with evaluating(gm), torch.no_grad():
         runner = _Runner(gm)
-        states = [runner.start(batch) for batch in batches]
+        states = [runner.start(batch, i) for i, batch in enumerate(batches)]
         for block in blocks:
             for group in block:
                 # a handler may rewrite the graph (a layer turned functional, chain nodes added): re-read it
                 runner = _Runner(gm)
                 position = 0 if done is None else runner.index[done] + 1
                 x = input_arg(layer_node(gm, group.layers[0]))
-                stats = InputStats(_width(gm, group), with_hessian=hessian)
-                for state in states:
-                    stats.update(runner.run(state, position, runner.index[x] + 1)[x])
+                stats = InputStats(_width(gm, group), with_hessian=hessian, name=", ".join(group.names))
+                for i, state in enumerate(states):
+                    stats.update(runner.run(state, position, runner.index[x] + 1, i)[x], i)
                 peak = max(peak, _held(states) + stats.nbytes())
                 reports.update(handle(group, stats))
             runner = _Runner(gm)
@@ -213,7 +221,7 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
             done = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
             end = runner.index[done] + 1
             for i, state in enumerate(states):  # one at a time: the old boundary goes as the new one comes
-                states[i] = runner.keep_live(runner.run(state, position, end), end)
+                states[i] = runner.keep_live(runner.run(state, position, end, i), end)
             del state
     return WalkReport([[g.names for g in block] for block in blocks], reports, len(batches), peak)
 

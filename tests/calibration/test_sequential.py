@@ -133,6 +133,10 @@ def test_calibration_refusals_name_what_is_missing():
         walk(gm, layers, None, lambda g, s: {}, owner="SparseGPT")
     with pytest.raises(PreconditionError, match="holds no batch"):
         walk(gm, layers, [], lambda g, s: {}, owner="SparseGPT")
+    with pytest.raises(PreconditionError, match=r"batch 1: the input of layers\.0\.q, layers\.0\.k is \(2, 5, 9\)"):
+        walk(gm, layers, [torch.randn(2, 5, 16), torch.randn(2, 5, 9)], lambda g, s: {}, owner="SparseGPT")
+    with pytest.raises(PreconditionError, match=r"batch 0 fails at node .*module 'layers\.0\.q' \(Linear\)"):
+        walk(gm, layers, [torch.randn(2, 5, 16, dtype=torch.float64)], lambda g, s: {}, owner="SparseGPT")
     conv = fxcompress.compile(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)), [],
                               example_inputs=(torch.randn(1, 3, 4, 4),))
     with pytest.raises(ConfigError, match=r"linear layers only.*0 \(conv2d\)"):
