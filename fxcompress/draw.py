@@ -179,15 +179,17 @@ def _data_path(gm: GraphModule) -> set[str]:
 
 
 def _hosts(gm: GraphModule, data_path: set[str]) -> dict[str, str]:
-    """Each constant node -> the first data-path node it feeds (directly or through other constants)."""
+    """Each constant node -> the first data-path node it feeds (directly or through other constants);
+    a constant that feeds nothing (dead code a front end left) sits beside the output."""
     hosts: dict[str, str] = {}
+    output = next((n.name for n in gm.graph.nodes if n.op == "output"), None)
     for node in reversed(list(gm.graph.nodes)):
         if node.name in data_path:
             continue
         candidates = [u.name if u.name in data_path else hosts.get(u.name) for u in node.users]
         order = [c for c in candidates if c is not None]
-        if order:
-            hosts[node.name] = min(order, key=_position(gm))
+        if order or output is not None:
+            hosts[node.name] = min(order, key=_position(gm)) if order else output
     return hosts
 
 
@@ -207,6 +209,18 @@ def _module_path(node: Node) -> str:
 def _group_of(path: str, depth: int) -> str | None:
     parts = [p for p in path.split(".") if p] if path else []
     return ".".join(parts[:depth]) if len(parts) >= depth else None
+
+
+def _enclose(graph: nx.DiGraph, main: list[str], group: dict[str, str]) -> None:
+    """A node without a module path (a front end's translated op) joins the module all its inputs
+    and users are in: it is that module's work, spelled without the module's name."""
+    for _ in range(3):
+        for n in main:
+            if group[n] != n:
+                continue
+            around = {group.get(m) for m in (*graph.predecessors(n), *graph.successors(n)) if m in group}
+            if len(around) == 1 and (only := around.pop()) not in graph:
+                group[n] = only
 
 
 def _collapse_depth(graph: nx.DiGraph, main: list[str], max_nodes: int) -> int | None:
@@ -229,6 +243,7 @@ def _groups(graph: nx.DiGraph, main: list[str], depth: int | None) -> dict[str, 
     if depth is None:
         return group
     group.update({n: _group_of(graph.nodes[n]["module"], depth) or n for n in main})
+    _enclose(graph, main, group)
     sizes = defaultdict(int)
     for box in group.values():
         sizes[box] += 1
@@ -304,7 +319,12 @@ def _side_blocks(gm: GraphModule, graph: nx.DiGraph, boxes: dict[str, _Box], gro
         upstream[node.name] = 1 + max((upstream.get(a.name, 0) for a in node.all_input_nodes), default=0)
         host = graph.nodes[node.name]["side"]
         tip = f"{node.op} {node.name}: {node.target}" + (f" ({tips[node.name]})" if node.name in tips else "")
-        side_boxes[node.name] = _Box(node.name, _side_lines(gm, node), status.get(node.name, "original"), tip, True)
+        # a constant that also feeds other boxes (a shared attention mask, a tied weight) says so
+        # instead of sending edges across the whole picture
+        others = sorted({group[u.name] for u in node.users if u.name in group and group[u.name] != host})
+        lines = _side_lines(gm, node) + ([f"+ {len(others)} more users"] if others else [])
+        tip += f"; also feeds {', '.join(others)}" if others else ""
+        side_boxes[node.name] = _Box(node.name, lines, status.get(node.name, "original"), tip, True)
         columns = blocks[host].columns
         while len(columns) <= column[node.name]:
             columns.append([])
@@ -445,18 +465,17 @@ def layout(gm: GraphModule, max_nodes: int = DEFAULT_MAX_NODES, table: Summary |
 
 
 def _side_edges(gm, graph, group, side_boxes, boxes) -> list:
-    """Edges out of side nodes: into the next chain step or the host (solid), to another layer (dashed).
-    Edges into one box enter at different heights, so that each arrowhead is seen."""
+    """Edges out of side nodes: into the next chain step or the host. Edges into one box enter at
+    different heights, so that each arrowhead is seen."""
     edges, entering = [], defaultdict(int)
     for name, box in side_boxes.items():
         for user in graph.successors(name):
             if user in side_boxes:
                 target, style = side_boxes[user], "side"
-            elif user in group:
-                target = boxes[group[user]]
-                style = "side" if group[user] == graph.nodes[name]["side"] else "tied"
+            elif user in group and group[user] == graph.nodes[name]["side"]:
+                target, style = boxes[group[user]], "side"
             else:
-                continue
+                continue  # another box's input: the side box names it ("+ N more users")
             slot = entering[target.key]
             entering[target.key] += 1
             y = min(target.y + 9 + 11 * slot, target.y + target.height - 4)
@@ -464,8 +483,7 @@ def _side_edges(gm, graph, group, side_boxes, boxes) -> list:
     return edges
 
 
-EDGE_STYLES = {"data": 'stroke="#555" stroke-width="1.4"', "side": 'stroke="#8a8a8a" stroke-width="1.1"',
-               "tied": 'stroke="#8a8a8a" stroke-width="1.1" stroke-dasharray="5,4"'}
+EDGE_STYLES = {"data": 'stroke="#555" stroke-width="1.4"', "side": 'stroke="#8a8a8a" stroke-width="1.1"'}
 
 
 def _edge_path(source: _Box, points: list[tuple[float, float]] | None, target: _Box, style: str) -> str:
@@ -588,7 +606,7 @@ def _draw_matplotlib(plan: _Layout, path: Path) -> None:
             xy = [(source.x + source.width, source.y + source.height / 2), points[0]]
         ax.plot([p[0] for p in xy[:-1]], [p[1] for p in xy[:-1]], color="#555", lw=0.9 * scale)
         ax.add_patch(FancyArrowPatch(xy[-2], xy[-1], arrowstyle="-|>", mutation_scale=9 * scale, color="#555",
-                                     lw=0.9 * scale, linestyle="--" if style == "tied" else "-"))
+                                     lw=0.9 * scale))
     for box in [b for level in plan.ranks for block in level
                 for b in (block.host, *(c for col in block.columns for c in col)) if b.lines]:
         fill = (SIDE_COLOURS if box.side else STATUS_COLOURS)[box.status]
