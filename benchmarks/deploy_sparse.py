@@ -123,15 +123,25 @@ def lowered_model(name: str, batch: int = 1, with_dense: bool = True) -> tuple[n
     return dense, lowered, x
 
 
+MIN_SAMPLE_S = 0.01  # a sample of a small model loops its forward until the first form takes this long
+
+
 def _median_ms(forms: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    samples = {k: [] for k in forms}
+    """Interleaved rounds, every form `loops` calls per sample (the same count for all), medians per call."""
+    first = next(iter(forms.values()))
     with torch.no_grad():
+        start, loops = time.perf_counter(), 0
+        while time.perf_counter() - start < MIN_SAMPLE_S:
+            first(x)
+            loops += 1
+        samples = {k: [] for k in forms}
         for round_ in range(rounds + 2):
             for k, form in forms.items():
                 start = time.perf_counter()
-                form(x)
+                for _ in range(loops):
+                    form(x)
                 if round_ >= 2:
-                    samples[k].append((time.perf_counter() - start) * 1e3)
+                    samples[k].append((time.perf_counter() - start) * 1e3 / loops)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
