@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
+from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
+                               LowerToInteger, LowerToSparse)
 from fxcompress.quant import native
 from fxcompress.quant.native import NativeLayer
 from zoo import BasicBlock
@@ -47,6 +48,8 @@ LOWERINGS = [
     ("encoded", [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans"), LowerToEncoded()]),
     ("masked", [InsertMasks(sparsity=0.9, scope="global")]),
     ("masked, BatchNorm folded", [FoldBatchNorm(), InsertMasks(sparsity=0.9, scope="global")]),
+    ("sparse", [FoldBatchNorm(), InsertMasks(sparsity=0.9, scope="global"),
+                LowerToSparse(min_sparsity=0.0, repeats=2)]),
 ]
 NEEDS = {"integer native": (native.available(), "this torch build has no oneDNN int8 kernels")}
 
