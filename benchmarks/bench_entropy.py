@@ -6,21 +6,38 @@ mask (the positions stream). One thread, median of repeats.
 Compared in the same run: our fixed-width packing, canonical Huffman (lane-parallel decoding) and
 interleaved rANS, the pure-Python `dahuffman`, and zstd-19 / zlib-9 on the same symbols as bytes.
 
-    python benchmarks/bench_entropy.py [--symbols 10000000]
+Then the encoding throughput (`--layers`): encode_tensor, the vectorised path, against the
+straightforward encoder it replaced (tests/encoded/reference_encoding.py), interleaved layer by layer
+on the weights of GPT-style blocks pruned by magnitude and shared on 16 values (what masks + 4-bit
+k-means leave), parameters per second of each and the median ratio; the outputs are checked identical.
+And the file (`--load`): save, then load with and without mmap, each in a fresh process: seconds and
+RSS growth after load and after decoding every weight (a first forward decodes them all).
+
+    python benchmarks/bench_entropy.py [--symbols 10000000] [--layers 1024x2] [--load 1024x8]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fxcompress.encoded.positions import gaps_from_positions
-from fxcompress.quant.kmeans1d import kmeans1d
 from fxcompress.encoded.streams import decode_symbols, encode_symbols
+from fxcompress.encoded.tensor import encode_tensor
+from fxcompress.quant.kmeans1d import kmeans1d
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "encoded"))  # the reference encoder
+import reference_encoding  # noqa: E402
 
 
 def streams(n: int, seed: int = 0) -> dict[str, tuple[np.ndarray, int]]:
@@ -76,12 +93,110 @@ def dahuffman_run(symbols, alphabet, repeats):
     return len(codec.encode(symbols.tolist())), enc_t * scale, dec_t * scale
 
 
+def gpt_weights(dim: int, blocks: int, seed: int = 0):
+    """Each block's qkv, output, MLP-in and MLP-out weights: 90% pruned by magnitude, survivors on 16 values."""
+    rng = np.random.default_rng(seed)
+    for block in range(blocks):
+        for name, shape in (("qkv", (3 * dim, dim)), ("proj", (dim, dim)), ("fc", (4 * dim, dim)),
+                            ("fc2", (dim, 4 * dim))):
+            w = rng.standard_normal(shape, dtype=np.float32)
+            keep = np.abs(w) > np.quantile(np.abs(w), 0.9)
+            centroids = np.quantile(w[keep], (np.arange(16) + 0.5) / 16).astype(np.float32)
+            shared = centroids[np.searchsorted((centroids[1:] + centroids[:-1]) / 2, w)]  # the nearest
+            yield f"blocks.{block}.{name}", torch.from_numpy(np.where(keep, shared, np.float32(0)))
+
+
+def throughput(dim: int, blocks: int) -> None:
+    """New against old encode_tensor on the same layers, interleaved (the order alternates per layer)."""
+    times, ratios, params = {"vectorised": [], "reference": []}, [], 0
+    for index, (name, w) in enumerate(gpt_weights(dim, blocks)):
+        fns = {"vectorised": lambda: encode_tensor(w), "reference": lambda: reference_encoding.encode_tensor(w)}
+        outs = {}
+        for key in (list(fns) if index % 2 == 0 else list(fns)[::-1]):
+            start = time.process_time()
+            outs[key] = fns[key]()
+            times[key].append(time.process_time() - start)
+        assert reference_encoding.encoded_bytes(outs["vectorised"]) == reference_encoding.encoded_bytes(outs["reference"])
+        ratios.append(times["reference"][-1] / times["vectorised"][-1])
+        params += w.numel()
+    print(f"\nencode_tensor on {blocks} GPT blocks of width {dim} ({params / 1e6:.1f} M parameters, 90% pruned, "
+          f"16 shared values), one thread, CPU seconds, outputs identical\n")
+    print("| encoder | CPU s | M params / s |\n|---|---:|---:|")
+    for key, values in times.items():
+        print(f"| {key} | {sum(values):.2f} | {params / sum(values) / 1e6:.2f} |")
+    print(f"| median per-layer speed-up | {statistics.median(ratios):.1f}x | |")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def load_child(path: str, mmap: bool) -> dict:
+    import fxcompress
+    torch.set_num_threads(1)
+    before = _rss_mb()
+    start = time.perf_counter()
+    gm = fxcompress.load(path, mmap=mmap)
+    loaded = time.perf_counter() - start
+    after_load = _rss_mb()
+    start = time.perf_counter()
+    gm()  # decodes every weight
+    return {"mmap": mmap, "load_s": round(loaded, 3), "load_rss_mb": round(after_load - before, 1),
+            "decode_s": round(time.perf_counter() - start, 2), "decoded_rss_mb": round(_rss_mb() - before, 1)}
+
+
+def file_costs(dim: int, blocks: int) -> None:
+    """Save a lowered model of these layers, then load it in fresh processes with and without mmap."""
+    import fxcompress
+    from torch import nn
+    from fxcompress.encoded.module import EncodedWeight
+    root, graph, outputs = nn.Module(), torch.fx.Graph(), []
+    for name, w in gpt_weights(dim, blocks):
+        layer = nn.Module()
+        layer.add_module("weight_encoded", EncodedWeight.from_encoded(encode_tensor(w)))
+        root.add_module(name.replace(".", "_"), layer)
+        outputs.append(graph.call_module(f"{name.replace('.', '_')}.weight_encoded", ()))
+    graph.output(tuple(outputs))  # the forward is every weight decoded: what a first forward does
+    gm = torch.fx.GraphModule(root, graph)
+    params = sum(m.encoded().numel for m in gm.modules() if isinstance(m, EncodedWeight))
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "model.fxc")
+        start = time.perf_counter()
+        size = fxcompress.save(gm, path)
+        saved = time.perf_counter() - start
+        rows = [json.loads(subprocess.run([sys.executable, __file__, "--load-child", path, str(int(m))],
+                                          capture_output=True, text=True, check=True).stdout) for m in (False, True)]
+    print(f"\nfile of {params / 1e6:.1f} M encoded parameters ({params * 4 / 2**20:.0f} MiB fp32): {size / 2**20:.1f} "
+          f"MiB, saved in {saved:.2f} s; each load in a fresh process, RSS growth in MiB\n")
+    print("| load | load s | RSS after load | decode every weight s | RSS after decoding |\n|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {'mmap=True' if row['mmap'] else 'read'} | {row['load_s']} | {row['load_rss_mb']} | "
+              f"{row['decode_s']} | {row['decoded_rss_mb']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--symbols", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", default="1024x2", help="WIDTHxBLOCKS for the throughput table ('' skips it)")
+    parser.add_argument("--load", default="1024x8", help="WIDTHxBLOCKS for the file table ('' skips it)")
+    parser.add_argument("--skip-coders", action="store_true", help="only the throughput and file tables")
+    parser.add_argument("--load-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load_child:
+        print(json.dumps(load_child(args.load_child[0], args.load_child[1] == "1")))
+        return
     torch.set_num_threads(1)
+    if not args.skip_coders:
+        coders(args)
+    if args.layers:
+        throughput(*map(int, args.layers.split("x")))
+    if args.load:
+        file_costs(*map(int, args.load.split("x")))
+
+
+def coders(args) -> None:
     import zstandard
     others = {"zstd-19": byte_compressor(zstandard.ZstdCompressor(level=19).compress,
                                          zstandard.ZstdDecompressor().decompress),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch.fx import GraphModule, Node
 
 from fxcompress.analyses.shapes import ShapeInfo
@@ -18,13 +19,14 @@ from fxcompress.config import Interval, Options, validate
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
-from fxcompress.encoded.tensor import DTYPES, LAYOUTS, encode_half, encode_tensor
+from fxcompress.encoded.tensor import DTYPES, LAYOUTS, encode_half, encode_tensors
 from fxcompress.errors import PreconditionError
 from fxcompress.layers import (Layer, bias_arg, chain_transforms, effective_weight, layer_node, select_layers,
                                tied_readers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _DEEP_COMPRESSION_INDEX_BITS = {"conv": 8, "fc": 5}
+_BATCH_ELEMENTS = 1 << 22  # weights encoded together: enough to share the coder's loop, few enough to bound memory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +53,48 @@ class LowerToEncoded(Pass):
         validate(self)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        touched, stats = [], {}
+        touched, stats, batch = [], {}, []
         for layer in ctx.each(select_layers(gm, "LowerToEncoded"), "encoding"):
             node = layer_node(gm, layer)
             if node.op != "call_function" or not _has_chain(gm, weight_arg(node)):
                 continue  # no mask or fake-quant on this weight: it stays a float parameter
-            module = self._encode_weight(gm, layer)
+            if any(weight_arg(node) is weight_arg(layer_node(gm, queued)) for queued, *_ in batch):
+                continue  # a tied reader of a weight already queued: lowered with it
+            batch.append((layer, *self._prepare(gm, layer)))
+            if sum(item[1].numel() for item in batch) >= _BATCH_ELEMENTS:
+                self._lower(gm, batch, touched, stats)
+                batch = []  # the batch's dense weights are freed before the next is evaluated
+        self._lower(gm, batch, touched, stats)
+        return PassResult(changed=bool(touched), params_touched=tuple(touched), stats=stats)
+
+    def _prepare(self, gm: GraphModule, layer: Layer) -> tuple[torch.Tensor, int, int | None]:
+        """(effective weight, relative index width, the chain's smallest bit width) of a layer."""
+        node = layer_node(gm, layer)
+        weight = effective_weight(gm, layer)
+        if str(weight.dtype).removeprefix("torch.") not in DTYPES:
+            raise PreconditionError(f"LowerToEncoded: layer {layer.name} has a {weight.dtype} weight; "
+                                    f"encoded weights are {', '.join(DTYPES)}")
+        bits = [t.bits for t in chain_transforms(gm, node) if t.bits is not None]
+        index_bits = self.index_bits or _DEEP_COMPRESSION_INDEX_BITS["conv" if layer.is_conv else "fc"]
+        return weight, index_bits, min(bits) if bits else None
+
+    def _encode_weight(self, gm: GraphModule, layer: Layer) -> EncodedWeight:
+        """One layer's EncodedWeight (what `_lower` makes for each layer of a batch)."""
+        weight, index_bits, bits = self._prepare(gm, layer)
+        return EncodedWeight.from_encoded(self._encode([weight], [index_bits])[0], bits=bits)
+
+    def _encode(self, weights: list[torch.Tensor], index_bits: list[int]) -> list:
+        return encode_tensors(weights, index_bits=index_bits,
+                              layouts=LAYOUTS if self.layout == "auto" else (self.layout,),
+                              codings=CODINGS if self.coding == "auto" else (self.coding,))
+
+    def _lower(self, gm: GraphModule, batch: list, touched: list, stats: dict) -> None:
+        """Encode a batch of layers' weights together (their rANS streams share one coder loop), then
+        feed each layer from its EncodedWeight."""
+        encoded = self._encode([weight for _, weight, _, _ in batch], [b for _, _, b, _ in batch])
+        for (layer, _, _, bits), tensor in zip(batch, encoded):
+            node = layer_node(gm, layer)
+            module = EncodedWeight.from_encoded(tensor, bits=bits)
             _replace_input(gm, node, weight_arg(node), module, layer.weight)
             touched.append(layer.weight)
             bias = bias_arg(node)
@@ -65,20 +103,6 @@ class LowerToEncoded(Pass):
                                bias.target)
                 touched.append(bias.target)
             stats[layer.name] = {"bytes": sum(module.storage_bytes().values()), **_describe(module)}
-        return PassResult(changed=bool(touched), params_touched=tuple(touched), stats=stats)
-
-    def _encode_weight(self, gm: GraphModule, layer: Layer) -> EncodedWeight:
-        node = layer_node(gm, layer)
-        weight = effective_weight(gm, layer)
-        if str(weight.dtype).removeprefix("torch.") not in DTYPES:
-            raise PreconditionError(f"LowerToEncoded: layer {layer.name} has a {weight.dtype} weight; "
-                                    f"encoded weights are {', '.join(DTYPES)}")
-        bits = [t.bits for t in chain_transforms(gm, node) if t.bits is not None]
-        index_bits = self.index_bits or _DEEP_COMPRESSION_INDEX_BITS["conv" if layer.is_conv else "fc"]
-        encoded = encode_tensor(weight, index_bits=index_bits,
-                                layouts=LAYOUTS if self.layout == "auto" else (self.layout,),
-                                codings=CODINGS if self.coding == "auto" else (self.coding,))
-        return EncodedWeight.from_encoded(encoded, bits=min(bits) if bits else None)
 
 
 def _has_chain(gm: GraphModule, weight: Node | None) -> bool:

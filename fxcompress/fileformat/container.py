@@ -72,8 +72,8 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    array = t.numpy()
-    return memoryview(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))).cast("B")
+    array = np.ascontiguousarray(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False))
+    return memoryview(array.reshape(-1).view(np.uint8))  # flat bytes (a view: no copy)
 
 
 def _layout(gm: GraphModule, deterministic: bool) -> tuple[bytes, list[torch.Tensor]]:
