@@ -6,9 +6,9 @@ repeated container (`model.layers.3`, `h.7`, `encoder.layer.0`) names a layer's 
 no repeated container (an `lm_head`) is a block of its own. Within a block, layers reading the
 same value (q / k / v, gate / up) form one group and share one set of statistics.
 
-Memory: the walker keeps, per calibration batch, only the values live at the current block
-boundary (the residual stream, the attention mask, rotary tables), plus one group's statistics
-(one Hessian). Values computed from weights alone (a weight chain, a mask product) are never
+Memory: the walker keeps, per calibration batch, only the values live where it stands in the
+current block (the residual stream, the attention mask, rotary tables, an attention or MLP
+intermediate), plus one group's statistics (one Hessian). Values computed from weights alone (a weight chain, a mask product) are never
 kept: they are recomputed on demand, so a layer compressed a moment ago is read as it is now.
 """
 from __future__ import annotations
@@ -193,15 +193,16 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
     """Calibrate `layers` group by group in graph order; `handle(group, stats)` compresses a group
     (changing its weights in `gm`) and returns a report per layer name.
 
-    Each group's statistics come from running its block, from the stored block-boundary state, on
-    every batch with every earlier group already compressed. After a block, its boundary state is
-    advanced through it once. `data` is compile's `calibration_data`: batches of model inputs.
+    The stored per-batch states are run forward to each group's input, with every earlier group
+    already compressed; the group's statistics are taken there and the states keep only what later
+    nodes read. A group's input does not depend on the group itself, so nothing is run twice: one
+    walk costs one forward pass of the calibration data. `data` is compile's `calibration_data`.
     """
     batches = _batches(data, owner)
     check_calibrated(layers, owner)
     blocks = plan_blocks(gm, layers)
     reports: dict[str, Any] = {}
-    peak, done = 0, None  # done: the last node the boundary states have run through
+    peak, done = 0, None  # done: the last node the stored states have run through
     with evaluating(gm), torch.no_grad():
         runner = _Runner(gm)
         states = [runner.start(batch, i) for i, batch in enumerate(batches)]
@@ -209,21 +210,31 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
             for group in block:
                 # a handler may rewrite the graph (a layer turned functional, chain nodes added): re-read it
                 runner = _Runner(gm)
-                position = 0 if done is None else runner.index[done] + 1
                 x = input_arg(layer_node(gm, group.layers[0]))
                 stats = InputStats(_width(gm, group), with_hessian=hessian, name=", ".join(group.names))
-                for i, state in enumerate(states):
-                    stats.update(runner.run(state, position, runner.index[x] + 1, i)[x], i)
+                done = _advance(runner, states, done, x, lambda i, env: stats.update(env[x], i))
                 peak = max(peak, _held(states) + stats.nbytes())
                 reports.update(handle(group, stats))
             runner = _Runner(gm)
-            position = 0 if done is None else runner.index[done] + 1
-            done = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
-            end = runner.index[done] + 1
-            for i, state in enumerate(states):  # one at a time: the old boundary goes as the new one comes
-                states[i] = runner.keep_live(runner.run(state, position, end, i), end)
-            del state
+            last = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
+            done = _advance(runner, states, done, last, None)  # through the block's last layer, compressed
     return WalkReport([[g.names for g in block] for block in blocks], reports, len(batches), peak)
+
+
+def _advance(runner: _Runner, states: list[dict[Node, Any]], done: Node | None, until: Node,
+             visit: Callable[[int, dict[Node, Any]], None] | None) -> Node:
+    """Run every state from after `done` through `until` (if not already past it); `visit(i, env)`
+    sees each batch's environment before the state keeps only what later nodes read. Returns the
+    last node the states have now run through."""
+    position = 0 if done is None else runner.index[done] + 1
+    stop = max(runner.index[until] + 1, position)
+    for i, state in enumerate(states):  # one at a time: the old state goes as the new one comes
+        env = runner.run(state, position, stop, i)
+        if visit is not None:
+            visit(i, env)
+        states[i] = runner.keep_live(env, stop)
+        del env, state
+    return runner.nodes[stop - 1]
 
 
 def _batches(data: Sequence | None, owner: str) -> list:
