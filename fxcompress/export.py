@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_leaves
@@ -28,6 +29,13 @@ __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_js
            "to_yaml", "weights_as_data"]
 
 NATIVE_MODULES = (NativeLayer, QuantizeToCodes, NativeAdd, NativeCat)  # oneDNN kernels: no ONNX operator
+
+# Ops that commute with rounding onto a grid holding 0 exactly (LowerToInteger runs them on codes): a
+# grid reached through them may equally be applied right at the layer's output, where ONNX Runtime
+# fuses it into the layer's int8 kernel; it does not move a QuantizeLinear back across all of them.
+_COMMUTING_FUNCTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten, torch.reshape}
+_COMMUTING_METHODS = {"relu", "flatten", "view", "reshape"}
+_COMMUTING_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
 
 
 def _matrices(gm: GraphModule) -> dict[str, np.ndarray]:
@@ -299,6 +307,7 @@ def _quantize_dequantize(gm: GraphModule) -> GraphModule:
         if chain is None:
             continue  # a float layer (mixed precision) stays float
         _quantize_layer(gm, layer, node, chain, grids.get(input_arg(node)))
+        _quantize_output_early(gm, node, grids)
         weights += 1
     if not grids and not weights:
         raise PreconditionError("to_onnx(quantized=True): the model has no activation or weight fake-quant; run "
@@ -321,6 +330,34 @@ def _drop_unread_tensors(gm: GraphModule) -> None:
         if name not in read and not name.startswith(called):
             owner, _, attr = name.rpartition(".")
             delattr(gm.get_submodule(owner), attr)
+
+
+def _commutes(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _COMMUTING_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _COMMUTING_METHODS
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _COMMUTING_MODULES)
+
+
+def _quantize_output_early(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> None:
+    """Apply the grid the layer's output reaches through commuting ops (max pool, flatten, ReLU) at
+    the output itself too: the same values (rounding is monotone, the grid holds 0, and rounding
+    twice onto one grid is rounding once), and a Conv -> QuantizeLinear pair ORT fuses."""
+    current, steps = node, 0
+    while len(current.users) == 1:
+        (user,) = current.users
+        if user in grids:
+            break
+        if not _commutes(gm, user) or user.args[0] is not current:
+            return
+        current, steps = user, steps + 1
+    else:
+        return
+    if steps:
+        with gm.graph.inserting_after(node):
+            early = gm.graph.call_module(user.target, (node,))
+        node.replace_all_uses_with(early, delete_user_cb=lambda u: u is not early)
 
 
 def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_grid: Grid | None) -> None:
