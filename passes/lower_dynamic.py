@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import Interval, Options, Regex, TupleOf, validate
+from fxcompress.config import Boolean, Interval, Options, Regex, TupleOf, validate
 from fxcompress.errors import PreconditionError
 from fxcompress.kernels.dynamic import ACTIVATION_GRIDS, QUANTIZED_KERNELS, DynamicInt8Linear, choose, refusals
 from fxcompress.layers import KINDS, Layer, constant_value, layer_node, select_layers, weight_arg
@@ -38,18 +38,22 @@ class LowerDynamicInt8(Pass):
     """kernels  the int8 kernels allowed (the float layer is always measured and kept where it wins):
              "fbgemm", "int_mm"
     repeats  timed rounds per candidate (medians); margin: how much faster a kernel must be than float
+    cold     time each call after writing more than the caches hold (as between a decoder's layers,
+             whose weights then come from memory): picks kernels that read fewer bytes; False: warm caches
     select   full-match regex over layer names (None: every linear / addmm layer)
     """
 
     kernels: tuple[str, ...] = QUANTIZED_KERNELS
     repeats: int = 7
     margin: float = 1.05
+    cold: bool = False
     select: str | None = None
 
     constraints: ClassVar[dict] = {
         "kernels": (TupleOf(Options(*QUANTIZED_KERNELS), min_len=1),),
         "repeats": (Interval(int, 1, 1000),),
         "margin": (Interval(float, 1.0, 10.0),),
+        "cold": (Boolean(),),
         "select": (Regex(), None),
     }
 
@@ -66,7 +70,8 @@ class LowerDynamicInt8(Pass):
         for layer, (codes, scale, source) in ctx.each(planned, "timing kernels", lambda item: item[0].name):
             node = layer_node(gm, layer)
             module = DynamicInt8Linear.from_codes(codes, scale, layer_bias(gm, node))
-            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin)
+            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin,
+                            cold=self.cold)
             path = install(gm, layer, node, module, "dynamic_int8")
             stats[layer.name] = {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("float"), 4),
                                  "weights": source, "activations": ACTIVATION_GRIDS[choice.kernel],

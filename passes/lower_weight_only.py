@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import Interval, Options, Regex, TupleOf, validate
+from fxcompress.config import Boolean, Interval, Options, Regex, TupleOf, validate
 from fxcompress.encoded.rewire import erase_unused
 from fxcompress.errors import PreconditionError
 from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyLinear, choose, fit_grid, refusals
@@ -41,18 +41,22 @@ class LowerWeightOnly(Pass):
     """kernels  the quantized kernels allowed (the float layer is always measured and kept where it wins):
              "int8pack", "int4pack", "fbgemm_fp16", "dequantize"
     repeats  timed rounds per candidate (medians); margin: how much faster a kernel must be than float
+    cold     time each call after writing more than the caches hold (as between a decoder's layers,
+             whose weights then come from memory): picks kernels that read fewer bytes; False: warm caches
     select   full-match regex over layer names (None: every linear layer with a linear fake-quant weight)
     """
 
     kernels: tuple[str, ...] = QUANTIZED_KERNELS
     repeats: int = 7
     margin: float = 1.05
+    cold: bool = False
     select: str | None = None
 
     constraints: ClassVar[dict] = {
         "kernels": (TupleOf(Options(*QUANTIZED_KERNELS), min_len=1),),
         "repeats": (Interval(int, 1, 1000),),
         "margin": (Interval(float, 1.0, 10.0),),
+        "cold": (Boolean(),),
         "select": (Regex(), None),
     }
 
@@ -70,7 +74,8 @@ class LowerWeightOnly(Pass):
         for layer, grouped in ctx.each(planned, "timing kernels", lambda item: item[0].name):
             node = layer_node(gm, layer)
             module = WeightOnlyLinear.from_grouped(grouped, layer_bias(gm, node))
-            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin)
+            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin,
+                            cold=self.cold)
             path = install(gm, layer, node, module, "weight_only")
             stats[layer.name] = {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("float"), 4),
                                  "bits": module.bits, "group_size": module.group_size,

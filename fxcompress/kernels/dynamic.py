@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
-from .timing import KernelChoice, choose_kernel
-from .weight_only import expect_tensor
+from .timing import KernelChoice
+from .weight_only import expect_tensor, measure
 
 KERNELS = ("float", "fbgemm", "int_mm")
 QUANTIZED_KERNELS = KERNELS[1:]
@@ -156,13 +156,13 @@ def refusals(kernels: Sequence[str] = QUANTIZED_KERNELS) -> dict[str, str]:
 
 
 def choose(module: DynamicInt8Linear, x: torch.Tensor, kernels: Sequence[str] = QUANTIZED_KERNELS, *,
-           repeats: int = 7, margin: float = 1.05) -> KernelChoice:
+           repeats: int = 7, margin: float = 1.05, cold: bool = False) -> KernelChoice:
     """Time the float layer and each allowed int8 kernel on input `x`; set the fastest (float unless
-    beaten by `margin`) as the module's kernel."""
+    beaten by `margin`) as the module's kernel; `cold`: see `weight_only.measure`."""
     rows = x.detach().reshape(-1, module.in_features).float().contiguous()
     refused = refusals(kernels)
     names = ["float", *(k for k in kernels if k != "float" and k not in refused)]
     candidates = {name: BUILDERS[name](module) for name in names}
-    choice = choose_kernel(candidates, (rows,), baseline="float", repeats=repeats, margin=margin)
+    choice = measure(candidates, rows, repeats=repeats, margin=margin, cold=cold)
     module.kernel, module.kernel_choice, module._run = choice.kernel, choice, candidates[choice.kernel]
     return choice

@@ -98,3 +98,12 @@ def test_a_kernel_this_machine_cannot_run_is_named_at_the_first_forward():
     module.kernel = "int4pack"
     with pytest.raises(PreconditionError, match="kernel 'int4pack' cannot run here.*multiple of 16"):
         module(torch.randn(1, 256))
+
+
+def test_cold_timing_subtracts_the_eviction_and_still_picks_a_candidate():
+    module, fake, bias = layer(8, None, True)
+    x = torch.randn(1, 256)
+    choice = choose(module, x, repeats=1, cold=True)
+    assert "evict" not in choice.times_ms and "float" in choice.times_ms
+    assert all(t > 0 for t in choice.times_ms.values())
+    torch.testing.assert_close(module(x), F.linear(x, fake, bias), rtol=1e-5, atol=1e-5)
