@@ -33,7 +33,7 @@ import torch
 
 from fxcompress.encoded.positions import gaps_from_positions
 from fxcompress.encoded.streams import decode_symbols, encode_symbols
-from fxcompress.encoded.tensor import encode_tensor
+from fxcompress.encoded.tensor import encode_tensor, encode_tensors
 from fxcompress.quant.kmeans1d import kmeans1d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "encoded"))  # the reference encoder
@@ -119,6 +119,20 @@ def throughput(dim: int, blocks: int) -> None:
         assert reference_encoding.encoded_bytes(outs["vectorised"]) == reference_encoding.encoded_bytes(outs["reference"])
         ratios.append(times["reference"][-1] / times["vectorised"][-1])
         params += w.numel()
+    weights = [w for _, w in gpt_weights(dim, blocks)]
+    start = time.process_time()
+    batch = []
+    for w in weights + [None]:  # in batches of ~4 M elements, as LowerToEncoded does
+        if w is None or sum(b.numel() for b in batch) >= 1 << 22:
+            encode_tensors(batch, index_bits=[5] * len(batch))
+            batch = []
+        if w is not None:
+            batch.append(w)
+    times["vectorised, layers batched as LowerToEncoded does"] = [time.process_time() - start]
+    start, wall = time.process_time(), time.perf_counter()
+    encode_tensors(weights[:4], index_bits=[5] * 4, threads=2)
+    print(f"\none block in two threads: {time.perf_counter() - wall:.2f} s wall, {time.process_time() - start:.2f} "
+          f"CPU s (one thread: see the table), {sum(w.numel() for w in weights[:4]) / 1e6:.1f} M parameters")
     print(f"\nencode_tensor on {blocks} GPT blocks of width {dim} ({params / 1e6:.1f} M parameters, 90% pruned, "
           f"16 shared values), one thread, CPU seconds, outputs identical\n")
     print("| encoder | CPU s | M params / s |\n|---|---:|---:|")

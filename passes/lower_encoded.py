@@ -84,7 +84,7 @@ class LowerToEncoded(Pass):
         return EncodedWeight.from_encoded(self._encode([weight], [index_bits])[0], bits=bits)
 
     def _encode(self, weights: list[torch.Tensor], index_bits: list[int]) -> list:
-        return encode_tensors(weights, index_bits=index_bits,
+        return encode_tensors(weights, index_bits=index_bits, threads=torch.get_num_threads(),
                               layouts=LAYOUTS if self.layout == "auto" else (self.layout,),
                               codings=CODINGS if self.coding == "auto" else (self.coding,))
 

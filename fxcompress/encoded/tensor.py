@@ -11,6 +11,7 @@ bfloat16); `dtype` gives the decoded tensor's dtype.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,17 +214,37 @@ def encode_tensor(weight: torch.Tensor, *, layouts: tuple[str, ...] = LAYOUTS,
 
 
 def encode_tensors(weights: list[torch.Tensor], *, layouts: tuple[str, ...] = LAYOUTS,
-                   codings: tuple[str, ...] = CODINGS, index_bits: list[int]) -> list[EncodedTensor]:
+                   codings: tuple[str, ...] = CODINGS, index_bits: list[int], threads: int = 1) -> list[EncodedTensor]:
     """`encode_tensor` of each weight (with its own index width); their rANS runs share one batched loop.
 
     Every (layout, codebook) candidate is sized exactly before any byte is written: fixed and Huffman
     sizes follow from symbol counts, rANS sizes from running the coder. Only the smallest candidate's
     streams are then written, so the result is the one trying every candidate in turn gives.
+    With `threads` > 1 the weights are split into that many groups of about equal size, each encoded
+    in its own thread (numpy releases the GIL inside its operations); the results do not depend on it.
     """
+    groups = _split(weights, threads)
+    if len(groups) > 1:
+        with ThreadPoolExecutor(len(groups)) as pool:
+            done = list(pool.map(lambda g: encode_tensors([weights[i] for i in g], layouts=layouts, codings=codings,
+                                                          index_bits=[index_bits[i] for i in g]), groups))
+        result = {i: tensor for g, tensors in zip(groups, done) for i, tensor in zip(g, tensors)}
+        return [result[i] for i in range(len(weights))]
     tensors = [_candidates(w, layouts, codings, bits) for w, bits in zip(weights, index_bits)]
     requests = {id(r): r for candidates in tensors for c in candidates for r in (c[2], c[3]) if r is not None}
     plans = dict(zip(requests, choose(list(requests.values()))))
     return [_smallest(candidates, plans) for candidates in tensors]
+
+
+def _split(weights: list[torch.Tensor], threads: int) -> list[list[int]]:
+    """Indices of the weights in at most `threads` groups, largest first into the lightest group."""
+    groups = [[] for _ in range(max(1, min(threads, len(weights))))]
+    loads = [0] * len(groups)
+    for i in sorted(range(len(weights)), key=lambda i: -weights[i].numel()):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(i)
+        loads[lightest] += weights[i].numel()
+    return [sorted(g) for g in groups if g]
 
 
 def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[str, ...], index_bits: int) -> list:

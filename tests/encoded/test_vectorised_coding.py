@@ -53,6 +53,8 @@ def test_large_layers_and_batches_write_the_reference_bytes():
     for w, bits, fast in zip(weights, [5, 8, 5, 5], batch):
         assert ref.encoded_bytes(fast) == ref.encoded_bytes(ref.encode_tensor(w, index_bits=bits))
     assert {b.values.coding for b in batch} >= {"rans"}  # the batched coder really ran
+    threaded = encode_tensors(weights, index_bits=[5, 8, 5, 5], threads=3)
+    assert [ref.encoded_bytes(t) for t in threaded] == [ref.encoded_bytes(b) for b in batch]
 
 
 def test_rans_streams_coded_together_match_each_coded_alone():
