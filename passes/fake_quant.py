@@ -356,9 +356,9 @@ def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None
     return None if current in produced else False
 
 
-# Statistics are summed a million values at a time: whole-layer float64 copies of a large layer's
+# Statistics are summed a quarter million values at a time: whole-layer float64 copies of a large layer's
 # weight, its quantized value, their difference and its square would cost 32 bytes a weight at once.
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 def _chunks(*tensors: torch.Tensor):
