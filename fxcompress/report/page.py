@@ -59,8 +59,8 @@ class Content:
     notes: Sequence[str] = ()
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]], last_total: bool = False) -> str:
-    cells = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+def _table(head: Sequence[str] | None, rows: Sequence[Sequence[str]], last_total: bool = False) -> str:
+    cells = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"] if head else []
     for i, row in enumerate(rows):
         total = ' class="total"' if last_total and i == len(rows) - 1 else ""
         cells.append(f"<tr{total}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
@@ -140,7 +140,7 @@ def _sensitivity_html(content: Content) -> str:
 
 
 def to_html(content: Content) -> str:
-    facts = _table(["", ""], list(content.facts.items())) if content.facts else ""
+    facts = _table(None, list(content.facts.items())) if content.facts else ""
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in content.notes)
     bars = (f'<img alt="bytes and sparsity per layer" src="{content.bars}">' if content.bars
             else _pictures_missing())
