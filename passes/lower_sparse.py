@@ -28,6 +28,7 @@ from fxcompress.config import Interval, Options, Regex, TupleOf, validate
 from fxcompress.encoded.rewire import erase_unused
 from fxcompress.execution import evaluating
 from fxcompress.kernels.sparse import DTYPES, SPARSE_KERNELS, SparseLayer, choose_form
+from fxcompress.kernels.timing import CLOCKS
 from fxcompress.layers import (Layer, bias_arg, constant_value, effective_weight, input_arg, layer_node,
                                select_layers, tied_readers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
@@ -41,6 +42,8 @@ class LowerToSparse(Pass):
     kernels       the sparse kernels allowed (dense is always a candidate): "torch_csr", "scipy_csr", "torch_bsr"
     repeats       timed rounds per candidate (medians); margin: how much faster a sparse form must be
     select        full-match regex over layer names (None: every pruned linear / conv2d layer)
+    clock         "wall" (elapsed time) or "thread" (this thread's CPU time: steadier on a shared machine,
+                  where the process is preempted; every kernel here runs on the calling thread at one thread)
     """
 
     min_sparsity: float = 0.5
@@ -48,6 +51,7 @@ class LowerToSparse(Pass):
     repeats: int = 7
     margin: float = 1.05
     select: str | None = None
+    clock: str = "wall"
 
     constraints: ClassVar[dict] = {
         "min_sparsity": (Interval(float, 0.0, 1.0, hi_open=True),),
@@ -55,6 +59,7 @@ class LowerToSparse(Pass):
         "repeats": (Interval(int, 1, 1000),),
         "margin": (Interval(float, 1.0, 10.0),),
         "select": (Regex(), None),
+        "clock": (Options(*CLOCKS),),
     }
 
     def __post_init__(self) -> None:
@@ -94,7 +99,7 @@ class LowerToSparse(Pass):
             module = SparseLayer.from_dense(layer.kind, weight, bias, "dense", conv)
         else:
             module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
-                                 margin=self.margin)
+                                 margin=self.margin, clock=self.clock)
         path = _install(gm, layer, node, module)
         choice = module.kernel_choice
         dense_bytes = (weight.numel() + (0 if bias is None else bias.numel())) * weight.element_size()

@@ -347,7 +347,7 @@ def candidate_kernels(weight: torch.Tensor, allowed: Sequence[str]) -> list[str]
 
 def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
                 allowed: Sequence[str], *, conv: Mapping[str, Sequence[int]] | None = None, repeats: int = 7,
-                margin: float = 1.05) -> SparseLayer:
+                margin: float = 1.05, clock: str = "wall") -> SparseLayer:
     """Build every candidate form of the layer, time them on its real input `x` (interleaved medians,
     dense kept unless a sparse form is `margin` times faster) and return the chosen one, which
     records the measurement; the other forms are dropped."""
@@ -355,26 +355,27 @@ def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: t
         allowed = [k for k in allowed if not k.startswith("scipy")]
     forms = {k: SparseLayer.from_dense(kind, weight, bias, k, conv) for k in candidate_kernels(weight, allowed)}
     choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense", repeats=repeats,
-                           margin=margin)
+                           margin=margin, clock=clock)
     chosen = forms[choice.kernel]
     chosen.kernel_choice = KernelChoice.from_stats(choice.as_stats())  # as stats, history and files hold it
     return chosen
 
 
 def remeasure_layer(layer: SparseLayer, x: torch.Tensor, allowed: Sequence[str] = SPARSE_KERNELS, *,
-                    repeats: int = 7, margin: float = 1.05) -> KernelChoice:
+                    repeats: int = 7, margin: float = 1.05, clock: str = "wall") -> KernelChoice:
     """Time every form of `layer` again on input `x` (another machine, another batch size) and switch
     it, in place, to the fastest form."""
     conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
     with torch.no_grad():
         chosen = choose_form(layer.kind, layer.dense_weight(), layer.bias, x, allowed,
-                             conv=conv if layer.kind == "conv2d" else None, repeats=repeats, margin=margin)
+                             conv=conv if layer.kind == "conv2d" else None, repeats=repeats, margin=margin,
+                             clock=clock)
     layer.adopt(chosen)
     return chosen.kernel_choice
 
 
 def remeasure(gm: nn.Module, example_inputs: tuple, allowed: Sequence[str] = SPARSE_KERNELS, *,
-              repeats: int = 7, margin: float = 1.05) -> dict[str, dict[str, Any]]:
+              repeats: int = 7, margin: float = 1.05, clock: str = "wall") -> dict[str, dict[str, Any]]:
     """Re-time and re-choose the kernel of every SparseLayer of `gm` on `example_inputs` (a model
     loaded on another machine); returns {module path: {"kernel", "times_ms"}}."""
     if not isinstance(example_inputs, tuple):
@@ -391,5 +392,6 @@ def remeasure(gm: nn.Module, example_inputs: tuple, allowed: Sequence[str] = SPA
     finally:
         for hook in hooks:
             hook.remove()
-    return {path: remeasure_layer(layers[path], inputs[path], allowed, repeats=repeats, margin=margin).as_stats()
+    return {path: remeasure_layer(layers[path], inputs[path], allowed, repeats=repeats, margin=margin,
+                                  clock=clock).as_stats()
             for path in layers if path in inputs}

@@ -49,12 +49,24 @@ def median_ms(fn: Callable[..., Any], args: tuple, repeats: int = 7, warmup: int
     return choose_kernel({"only": fn}, args, repeats=repeats, warmup=warmup, baseline="only").ms
 
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # CPU seconds of the calling thread: on a shared machine, time the process spends preempted is not
+    # counted (single-threaded kernels only: work on other threads is not counted either)
+    "thread": time.thread_time,
+}
+
+
 def choose_kernel(candidates: Mapping[str, Callable[..., Any]], args: tuple, *, baseline: str,
-                  repeats: int = 7, warmup: int = 2, margin: float = 1.05) -> KernelChoice:
+                  repeats: int = 7, warmup: int = 2, margin: float = 1.05, clock: str = "wall") -> KernelChoice:
     """Time each candidate on `args` (interleaved rounds, medians) and pick the fastest; the baseline
-    stays unless a candidate is at least `margin` times faster, so noise never swaps kernels."""
+    stays unless a candidate is at least `margin` times faster, so noise never swaps kernels. `clock`
+    is "wall" (elapsed time) or "thread" (the calling thread's CPU time, see CLOCKS)."""
     if baseline not in candidates:
         raise ConfigError(f"baseline kernel {baseline!r} is not among the candidates {sorted(candidates)}")
+    if clock not in CLOCKS:
+        raise ConfigError(f"choose_kernel: clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     if repeats < 1 or warmup < 0 or margin < 1.0:
         raise ConfigError(f"choose_kernel needs repeats >= 1, warmup >= 0 and margin >= 1 "
                           f"(got {repeats}, {warmup}, {margin})")
@@ -62,10 +74,10 @@ def choose_kernel(candidates: Mapping[str, Callable[..., Any]], args: tuple, *, 
     with torch.no_grad():
         for round_ in range(warmup + repeats):
             for name, fn in candidates.items():
-                start = time.perf_counter()
+                start = now()
                 fn(*args)
                 if round_ >= warmup:
-                    samples[name].append((time.perf_counter() - start) * 1e3)
+                    samples[name].append((now() - start) * 1e3)
     times = {name: statistics.median(values) for name, values in samples.items()}
     fastest = min(times, key=times.__getitem__)
     kernel = fastest if times[fastest] * margin <= times[baseline] else baseline

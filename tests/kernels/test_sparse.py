@@ -1,9 +1,11 @@
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fxcompress.errors import ConfigError, FormatError, PreconditionError
-from fxcompress.kernels import KernelChoice, SparseLayer, remeasure
+from fxcompress.kernels import KernelChoice, SparseLayer, choose_kernel, remeasure
 from fxcompress.kernels.sparse import (BSR_MIN_FILL, SPARSE_KERNELS, bsr_blocksize, candidate_kernels, choose_form,
                                        remeasure_layer)
 
@@ -175,3 +177,17 @@ def test_scipy_kernels_refuse_inputs_off_the_cpu_by_name():
     layer = SparseLayer.from_dense("linear", _pruned(8, 16), None, "scipy_csc")
     with pytest.raises(PreconditionError, match="kernel 'scipy_csc' runs on the CPU only, got an input on meta"):
         layer(torch.randn(2, 16, device="meta"))
+
+
+def test_the_thread_clock_counts_work_not_waiting():
+    def busy():
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+
+    candidates = {"dense": lambda: time.sleep(0.006), "busy": busy}  # sleeping takes time but no CPU
+    assert choose_kernel(candidates, (), baseline="dense", repeats=3, clock="wall").kernel == "busy"
+    by_cpu = choose_kernel(candidates, (), baseline="dense", repeats=3, clock="thread")
+    assert by_cpu.kernel == "dense" and by_cpu.times_ms["dense"] < 1.0 <= by_cpu.times_ms["busy"]
+    with pytest.raises(ConfigError, match="clock must be one of"):
+        choose_kernel(candidates, (), baseline="dense", clock="gpu")

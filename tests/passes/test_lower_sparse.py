@@ -87,7 +87,7 @@ def test_a_model_without_masks_is_unchanged_with_the_reasons():
     assert all("no mask" in reason for reason in record.stats["skipped"].values())
 
 
-@pytest.mark.parametrize("field, value", [("kernels", ("coo",)), ("kernels", ()), ("margin", 0.9),
+@pytest.mark.parametrize("field, value", [("kernels", ("coo",)), ("kernels", ()), ("margin", 0.9), ("clock", "gpu"),
                                           ("repeats", 0), ("min_sparsity", 1.0), ("select", "fc(")])
 def test_bad_configuration_is_refused_by_field(field, value):
     with pytest.raises(ConfigError, match=rf"LowerToSparse\.{field}"):
