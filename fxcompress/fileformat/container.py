@@ -11,6 +11,10 @@ Layout (all integers little-endian; docs/file-format.md has the full description
     22      M     manifest: zlib-compressed UTF-8 JSON (graph, modules, tensor table, history)
     22+M    ...   tensor segments, raw little-endian bytes, at the offsets the tensor table gives,
                   each with its own CRC32; the file ends exactly after the last segment
+
+`save` streams: the CRC32s are computed a tensor at a time to write the manifest, then each tensor's
+bytes are written after it (no whole-file buffer), into a temporary file renamed into place when
+complete. `load(path, mmap=True)` maps the file instead of reading it, after the same checks.
 """
 from __future__ import annotations
 
