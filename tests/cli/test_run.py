@@ -52,6 +52,9 @@ def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_reci
     assert torch.equal(_outputs(tmp_path / "resumed" / "model.fxc", x), _outputs(tmp_path / "fresh" / "model.fxc", x))
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
     assert [s["file"] for s in state["steps"]] == ["step-01.fxc", "step-02.fxc", "step-03.fxc"]
+    page = (tmp_path / "fresh" / "report.html").read_text()  # the report, from the encoded model
+    assert "LowerToEncoded" in page and "<svg" in page and (tmp_path / "fresh" / "report.md").is_file()
+    assert "pass a reference model" not in page  # the weights before quantization: from the fake-quant step
 
 
 def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, monkeypatch):
