@@ -11,14 +11,17 @@ memory above the loaded model while they ran. Only the decoder blocks' linear la
 compressed (the tied embedding / LM head stays float, as llm-compressor's recipes leave lm_head).
 An arm whose pass is not in this checkout prints "not available: <why>".
 
-Beside them, when present: torchao's plain rounding (int4 weight-only, group 64; `pip install
-torchao`) and llm-compressor's `oneshot` run by `--llmc-python` (a separate environment).
+Beside them, when torchao is importable: its plain rounding at 4 and 3 bits, group 64; and with
+`--llmc-python PYTHON` (an environment with llmcompressor; it must import this checkout too), the
+same recipes through llm-compressor's `oneshot` on the same windows, run by this file as a worker
+in that environment (`--llmc-worker`), each arm on a freshly loaded model.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import threading
@@ -155,24 +158,120 @@ def deep_compression_file(gm, example) -> dict:
     return {"bytes": size, "pass_s": time.perf_counter() - start, "gm": lowered}
 
 
-def torchao_rtn(model, held, fortunes) -> dict:
-    """torchao's int4 weight-only plain rounding, group 64, on the decoder blocks' linear layers."""
+def torchao_rtn(model, held, fortunes, bits: int) -> dict:
+    """torchao's plain rounding (IntxWeightOnlyConfig: asymmetric, group 64; its Int4WeightOnlyConfig
+    kernels need a GPU library) on the decoder blocks' linear layers."""
+    name = f"torchao w{bits} g64 rtn"
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
+        from torchao.quantization.granularity import PerGroup
     except ImportError as exc:
-        return {"arm": "torchao int4 g64 rtn", "status": f"not available: {exc}"}
+        return {"arm": name, "status": f"not available: {exc}"}
     import copy
     quantized = copy.deepcopy(model)
     start = time.perf_counter()
     try:
-        quantize_(quantized, Int4WeightOnlyConfig(group_size=64),
+        config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(64),
+                                      mapping_type=MappingType.ASYMMETRIC)
+        quantize_(quantized, config,
                   filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("model.layers."))
         seconds = time.perf_counter() - start
         forward = lambda x: quantized(input_ids=x)  # noqa: E731
-        return {"arm": "torchao int4 g64 rtn", "status": "ok", "held_ppl": perplexity(forward, held),
+        return {"arm": name, "status": "ok", "held_ppl": perplexity(forward, held),
                 "fortunes_ppl": perplexity(forward, fortunes), "pass_s": seconds}
     except Exception as exc:   # noqa: BLE001 - a peer's failure is a result to report, not a crash
-        return {"arm": "torchao int4 g64 rtn", "status": f"failed: {type(exc).__name__}: {exc}"[:300]}
+        return {"arm": name, "status": f"failed: {type(exc).__name__}: {exc}"[:300]}
+
+
+def llmc_recipes() -> dict[str, callable]:
+    """llm-compressor's modifiers for the arms it has, configured as ours are (asymmetric group-64
+    weights, decoder blocks only, static per-tensor 8-bit activations)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
+
+    def wq(bits):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=64)
+        return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+
+    w8a8 = {"group_0": QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor"))}
+    skip = {"ignore": ["lm_head"]}
+    table = {}
+    for name, structure in (("50%", "0:0"), ("2:4", "2:4"), ("4:8", "4:8")):
+        table[f"wanda {name}"] = lambda s=structure: [WandaPruningModifier(sparsity=0.5, mask_structure=s, **skip)]
+        table[f"sparsegpt {name}"] = lambda s=structure: [SparseGPTModifier(sparsity=0.5, mask_structure=s, **skip)]
+    for bits in (4, 3):
+        table[f"w{bits} g64 rtn"] = lambda b=bits: [QuantizationModifier(config_groups=wq(b), **skip)]
+        table[f"w{bits} g64 gptq"] = lambda b=bits: [GPTQModifier(config_groups=wq(b), **skip)]
+    table["w8a8"] = lambda: [QuantizationModifier(config_groups=w8a8, **skip)]
+    table["w8a8 smoothquant"] = lambda: [SmoothQuantModifier(smoothing_strength=0.5),
+                                         QuantizationModifier(config_groups=w8a8, **skip)]
+    for bits in (4, 3):   # last: on this CPU its smoothing pass was the slowest to finish
+        table[f"w{bits} g64 awq"] = lambda b=bits: [AWQModifier(), QuantizationModifier(config_groups=wq(b), **skip)]
+    return table
+
+
+def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] | None) -> None:
+    """Run every llm-compressor recipe on a fresh model; write the rows as JSON."""
+    import transformers
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    tensors = torch.load(data_path)
+    ids = tensors["cal"]
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    # oneshot insists on a processor; the model reads bytes, so any tokenizer object will do
+    processor = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab={str(i): i for i in range(256)}, unk_token="0")))
+    held = [(b,) for b in tensors["held"].split(BATCH)]
+    fortunes = [(b,) for b in tensors["fortunes"].split(BATCH)]
+    rows = []
+    for name, recipe in llmc_recipes().items():
+        if arms is not None and name not in arms:
+            continue
+        model = load(Path(checkpoint))
+        base, start = _rss(), time.perf_counter()
+        try:
+            with PeakRSS() as peak:
+                oneshot(model=model, processor=processor, dataset=dataset, recipe=recipe(),
+                        num_calibration_samples=len(ids), max_seq_length=LENGTH)
+        except Exception as exc:   # noqa: BLE001 - a peer's failure is a result to report
+            rows.append({"arm": f"llmc {name}", "status": f"failed: {type(exc).__name__}: {exc}"[:300]})
+            continue
+        forward = lambda x, m=model: m(input_ids=x)  # noqa: E731
+        rows.append({"arm": f"llmc {name}", "status": "ok", "pass_s": time.perf_counter() - start,
+                     "peak_mb": (peak.peak - base) / 2**20, "held_ppl": perplexity(forward, held),
+                     "fortunes_ppl": perplexity(forward, fortunes)})
+        Path(out_path).write_text(json.dumps(rows))
+
+
+def start_llmc(python: str, checkpoint: Path, cal, held, fortunes, arms: list[str] | None):
+    """Start the llm-compressor worker in the other environment (it runs beside our arms)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-llmc-"))
+    torch.save({"cal": torch.cat([b for (b,) in cal]), "held": torch.cat([b for (b,) in held]),
+                "fortunes": torch.cat([b for (b,) in fortunes])}, tmp / "data.pt")
+    cmd = [python, __file__, "--llmc-worker", str(tmp / "data.pt"), str(checkpoint), str(tmp / "rows.json"),
+           *(["--arms", *arms] if arms else [])]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr.txt", "w")), tmp
+
+
+def finish_llmc(process, tmp: Path, timeout: int) -> list[dict]:
+    """The worker's rows (those it finished in time), or why there are none."""
+    try:
+        process.wait(timeout=timeout)
+        why = ((tmp / "stderr.txt").read_text().strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        why = f"timed out after {timeout} s"
+    rows = json.loads((tmp / "rows.json").read_text()) if (tmp / "rows.json").exists() else []
+    if process.returncode not in (0, None) or not rows:
+        rows.append({"arm": "llm-compressor oneshot (rest)", "status": f"stopped: {why}"[:300]})
+    return rows
 
 
 def row(r: dict, dense_bytes: int | None) -> str:
@@ -191,7 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--llmc-python", default=None, help="a python with llmcompressor installed")
+    ap.add_argument("--llmc-timeout", type=int, default=1800)
+    ap.add_argument("--llmc-worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.llmc_worker:
+        return llmc_worker(*args.llmc_worker, args.arms)
     torch.set_num_threads(args.threads)
     model = load(args.checkpoint)
     cal, held, fortunes = data(args.cal, args.eval)
@@ -203,12 +307,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {len(cal) * BATCH} calibration, "
           f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} bytes", flush=True)
     print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n|---|---:|---:|---|---:|---:|---:|")
+    llmc = start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, args.arms) if args.llmc_python else None
     results = []
     for name in chosen:
         r = run_arm(name, table[name], graph, example, cal, held, fortunes, config)
         results.append(r)
         print(row(r, results[0].get("bytes") if results[0]["arm"] == "dense" else None), flush=True)
     results += extras(results, model, example, held, fortunes, results[0].get("bytes"))
+    if llmc is not None:
+        for r in finish_llmc(*llmc, args.llmc_timeout):
+            results.append(r)
+            print(row(r, None), flush=True)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "gm"} for r in results], indent=1))
 
@@ -225,7 +334,7 @@ def extras(results, model, example, held, fortunes, dense_bytes) -> list[dict]:
                         "fortunes_ppl": perplexity(dc["gm"], fortunes)})
         except fxcompress.errors.FxCompressError as exc:
             out.append({"arm": "Deep Compression file", "status": f"not available: {exc}"[:300]})
-    out.append(torchao_rtn(model, held, fortunes))
+    out += [torchao_rtn(model, held, fortunes, bits) for bits in (4, 3)]
     for r in out:
         print(row(r, dense_bytes), flush=True)
     return out
