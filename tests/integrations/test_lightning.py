@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import fxcompress
 from fxcompress.errors import ConfigError
 from fxcompress.passes import InsertFakeQuant, InsertMasks
+from fxcompress.pruning.masks import get_mask, masked_layers, sparsity_of
 from fxcompress.pruning.schedule import AGP
 from fxcompress.quant.modules import KMeansWeight
 from fxcompress.datasets import load_digits
@@ -39,13 +40,24 @@ def digits():
     return load_digits()
 
 
-def _fit(callback, data, epochs=2):
+class Recorder(pl.Callback):
+    """fc1's mask sparsity after every optimizer step (it runs after the compression callback)."""
+
+    def __init__(self, compression):
+        self.compression, self.seen = compression, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        layer = next(l for l in masked_layers(self.compression.model) if l.name == "fc1")
+        self.seen.append((trainer.global_step, sparsity_of(get_mask(self.compression.model, layer))))
+
+
+def _fit(callback, data, epochs=2, extra=()):
     torch.manual_seed(0)
     module = Classifier()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.train_x, data.train_y), batch_size=32,
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, *extra])
     trainer.fit(module, loader)
     return module
 
@@ -63,6 +75,20 @@ def test_masks_follow_the_schedule_per_epoch(digits):
     weights = {layer.name: fxcompress.layers.effective_weight(module.model, layer)
                for layer in fxcompress.layers.find_layers(module.model)}
     assert all(abs((w == 0).float().mean().item() - 0.8) < 0.005 for w in weights.values())
+    assert evaluate(module.model, digits.test_x, digits.test_y) > 0.75
+
+
+def test_a_schedule_in_optimizer_steps(digits):
+    prune = InsertMasks(sparsity=0.6, schedule=AGP(end=20, every=5))
+    callback = lightning.Compression(prune=prune, unit="step")
+    recorder = Recorder(callback)
+    module = _fit(callback, digits, epochs=1, extra=[recorder])  # 45 steps: the schedule ends within the epoch
+    assert len(recorder.seen) == 45 and [step for step, _ in recorder.seen] == list(range(1, 46))
+    for step, sparsity in recorder.seen:  # rises every 5 steps, held in between, 0.6 from step 20 on
+        assert abs(sparsity - prune.schedule.sparsity(0.6, step)) < 0.005, (step, sparsity)
+    assert len({round(s, 3) for _, s in recorder.seen}) == 5  # steps 0 (none yet), 5, 10, 15, 20+
+    (entry,) = callback.history
+    assert all(abs(s - 0.6) < 0.005 for s in entry["sparsity"].values()), entry
     assert evaluate(module.model, digits.test_x, digits.test_y) > 0.75
 
 
