@@ -1,7 +1,7 @@
 """Sparse execution: pruned fully-connected layers on dense and sparse kernels, one thread.
 
 Three tables, each row measured in one run (interleaved rounds: each round calls every form once;
-medians; ratios against dense fp32 of the same run):
+medians of the calling thread's CPU time, see CLOCK; ratios against dense fp32 of the same run):
 
 - Deep Compression's layer table (Han et al. 2016, Table 4 shapes): AlexNet's fc6 / fc7 / fc8
   (9216 -> 4096, 4096 -> 4096, 4096 -> 1000) at 91 / 91 / 75% sparsity and VGG-16's (25088 -> 4096,
@@ -9,8 +9,8 @@ medians; ratios against dense fp32 of the same run):
   kernel `choose_form` keeps (dense unless a sparse form is 5% faster), its speed-up and the bytes it
   holds beside the dense weight's.
 - Whole models through `LowerToSparse`: LeNet-300-100 at 90 / 95% (global magnitude pruning) and the
-  AlexNet / VGG-16 classifier stacks at the layer table's sparsities, lowered vs the same model with
-  dense fp32 weights.
+  AlexNet / VGG-16 classifier stacks at the layer table's sparsities, lowered vs the fp32 model as
+  built (eager nn.Linear modules) holding the same pruned weights.
 - Resident memory: each lowered model built in a fresh process; the growth of its resident set
   (after the dense and masked copies are dropped) against the bytes its lowered layers hold.
 
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import json
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,11 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 import fxcompress
 from fxcompress.kernels import SparseLayer, choose_kernel
 from fxcompress.kernels.sparse import SPARSE_KERNELS, candidate_kernels
+from fxcompress.kernels.timing import CLOCKS
+from fxcompress.layers import find_layers
 from fxcompress.passes import InsertMasks, LowerToSparse
+from fxcompress.pruning.masks import get_mask, masked_layers, set_mask
 from zoo import LeNet300100
 
 # (name, in_features, out_features, sparsity): Deep Compression's pruned fully-connected layers
@@ -50,6 +54,9 @@ DEEP_COMPRESSION = (
     ("VGG-16 fc6", 25088, 4096, 0.96), ("VGG-16 fc7", 4096, 4096, 0.96), ("VGG-16 fc8", 4096, 1000, 0.77),
 )
 CLASSIFIERS = {"AlexNet FC": DEEP_COMPRESSION[:3], "VGG-16 FC": DEEP_COMPRESSION[3:]}
+# Every kernel here runs on the calling thread (one torch thread; scipy has one), so its CPU time is its
+# cost; on a shared machine wall-clock samples also count the time the process waits for a core.
+CLOCK = "thread"
 
 
 @contextlib.contextmanager
@@ -80,7 +87,7 @@ def layer_rows(batch: int = 1, rounds: int = 15, layers=DEEP_COMPRESSION) -> lis
             forms = {k: SparseLayer.from_dense("linear", weight, bias, k)
                      for k in candidate_kernels(weight, SPARSE_KERNELS)}
             choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense",
-                                   repeats=rounds, warmup=3)
+                                   repeats=rounds, warmup=3, clock=CLOCK)
             rows.append({"layer": name, "shape": f"{fan_in}->{fan_out}", "sparsity": sparsity, "batch": batch,
                          **{f"{k}_ms": t for k, t in choice.times_ms.items()}, "chosen": choice.kernel,
                          "speedup": choice.speedup_over("dense"), "chosen_bytes": forms[choice.kernel].held_bytes(),
@@ -96,10 +103,19 @@ def _stack(layers) -> nn.Module:
     return nn.Sequential(*modules[:-1]).eval()
 
 
-def _masks(name: str, layers) -> InsertMasks:
+def _masked(name: str, model: nn.Module, x: torch.Tensor, layers) -> GraphModule:
+    """The model with mask nodes: InsertMasks for LeNet; for the classifier stacks, masks set from a
+    sampled magnitude quantile (InsertMasks' exact selection over a 100M-weight layer needs gigabytes)."""
     if name.startswith("LeNet"):
-        return InsertMasks(sparsity=layers, scope="global")
-    return InsertMasks(rules=[(f"{2 * i}.weight", "element", s) for i, (*_, s) in enumerate(layers)])
+        return fxcompress.compile(model, [InsertMasks(sparsity=layers, scope="global")], example_inputs=(x,),
+                                  inplace=True)
+    gm = fxcompress.compile(model, [], example_inputs=(x,), inplace=True)
+    for layer, (*_, sparsity) in zip(find_layers(gm), layers):
+        weight = gm.get_parameter(layer.weight)
+        sample = weight.detach().flatten()[torch.randint(weight.numel(), (1 << 20,))].abs()
+        set_mask(gm, layer, weight.detach().abs() > sample.quantile(sparsity))
+    gm.recompile()
+    return gm
 
 
 def models(include_vgg: bool = True) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], object]]:
@@ -113,14 +129,18 @@ def models(include_vgg: bool = True) -> dict[str, tuple[Callable[[], nn.Module],
 
 
 def lowered_model(name: str, batch: int = 1, with_dense: bool = True) -> tuple[nn.Module | None, nn.Module, torch.Tensor]:
-    """(the model with dense fp32 weights pruned as the lowered one, the LowerToSparse model, an input)."""
+    """(the fp32 model with the lowered model's pruned weights, the LowerToSparse model, an input)."""
     make, shape, masks = models()[name]
     torch.manual_seed(0)
     x = torch.randn(batch, *shape)
-    masked = fxcompress.compile(make(), [_masks(name, masks)], example_inputs=(x,), inplace=True)
-    dense = fxcompress.decode(masked) if with_dense else None
-    lowered = fxcompress.compile(masked, [LowerToSparse()], example_inputs=(x,), inplace=True)
-    return dense, lowered, x
+    model = make()
+    masked = _masked(name, copy.deepcopy(model) if with_dense else model, x, masks)
+    if with_dense:  # the fp32 model as built, its weights pruned as the masked model's
+        with torch.no_grad():
+            for layer in masked_layers(masked):
+                model.get_parameter(layer.weight).mul_(get_mask(masked, layer))
+    lowered = fxcompress.compile(masked, [LowerToSparse(clock=CLOCK)], example_inputs=(x,), inplace=True)
+    return (model if with_dense else None), lowered, x
 
 
 MIN_SAMPLE_S = 0.01  # a sample of a small model loops its forward until the first form takes this long
@@ -128,20 +148,20 @@ MIN_SAMPLE_S = 0.01  # a sample of a small model loops its forward until the fir
 
 def _median_ms(forms: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Interleaved rounds, every form `loops` calls per sample (the same count for all), medians per call."""
-    first = next(iter(forms.values()))
+    first, now = next(iter(forms.values())), CLOCKS[CLOCK]
     with torch.no_grad():
-        start, loops = time.perf_counter(), 0
-        while time.perf_counter() - start < MIN_SAMPLE_S:
+        start, loops = now(), 0
+        while now() - start < MIN_SAMPLE_S:
             first(x)
             loops += 1
         samples = {k: [] for k in forms}
         for round_ in range(rounds + 2):
             for k, form in forms.items():
-                start = time.perf_counter()
+                start = now()
                 for _ in range(loops):
                     form(x)
                 if round_ >= 2:
-                    samples[k].append((time.perf_counter() - start) * 1e3 / loops)
+                    samples[k].append((now() - start) * 1e3 / loops)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

@@ -96,7 +96,7 @@ class LowerToSparse(Pass):
         conv = _conv_options(node) if layer.kind == "conv2d" else None
         sparsity = 1 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
         if sparsity < self.min_sparsity:
-            module = SparseLayer.from_dense(layer.kind, weight, bias, "dense", conv)
+            module = SparseLayer.from_dense(layer.kind, weight, bias, "dense", conv, share=True)  # a fresh value
         else:
             module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
                                  margin=self.margin, clock=self.clock)

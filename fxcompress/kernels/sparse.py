@@ -174,8 +174,9 @@ class SparseLayer(nn.Module):
     @classmethod
     def from_dense(cls, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str,
                    conv: Mapping[str, Sequence[int]] | None = None,
-                   times_ms: Mapping[str, float] | None = None) -> "SparseLayer":
-        """The layer in form `kernel`, built from its dense weight (which it does not keep)."""
+                   times_ms: Mapping[str, float] | None = None, share: bool = False) -> "SparseLayer":
+        """The layer in form `kernel`, built from its dense weight (which a sparse form does not keep;
+        a dense form keeps a copy, or with `share` the tensor itself: a temporary no one else holds)."""
         dtype = str(weight.dtype).removeprefix("torch.")
         blocksize = bsr_blocksize(weight) if kernel == "torch_bsr" else None
         if kernel == "torch_bsr" and blocksize is None:
@@ -183,14 +184,14 @@ class SparseLayer(nn.Module):
                                     f"{list(weight.shape)} with blocks at least {BSR_MIN_FILL:.0%} full")
         module = cls(kind, list(weight.shape), kernel, bias is not None, blocksize, times_ms, **(conv or {}),
                      dtype=dtype)
-        module._store(weight.detach(), None if bias is None else bias.detach())
+        module._store(weight.detach(), None if bias is None else bias.detach(), share)
         return module
 
-    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None, share: bool = False) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
         matrix = matrix.t() if self.kernel == "scipy_csc" else matrix
         if self.kernel == "dense":
-            self.weight = weight.clone().contiguous()
+            self.weight = weight.contiguous() if share else weight.clone().contiguous()
         else:
             with warnings.catch_warnings():  # torch calls its sparse CSR support beta: we check the results
                 warnings.simplefilter("ignore", UserWarning)
@@ -350,10 +351,12 @@ def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: t
                 margin: float = 1.05, clock: str = "wall") -> SparseLayer:
     """Build every candidate form of the layer, time them on its real input `x` (interleaved medians,
     dense kept unless a sparse form is `margin` times faster) and return the chosen one, which
-    records the measurement; the other forms are dropped."""
+    records the measurement; the other forms are dropped. A dense choice holds `weight` itself."""
     if x.device.type != "cpu":  # scipy multiplies numpy arrays: host memory only
         allowed = [k for k in allowed if not k.startswith("scipy")]
-    forms = {k: SparseLayer.from_dense(kind, weight, bias, k, conv) for k in candidate_kernels(weight, allowed)}
+    # the dense form shares `weight` (a temporary of the caller's): a second copy of a 400 MB layer is avoided
+    forms = {k: SparseLayer.from_dense(kind, weight, bias, k, conv, share=True)
+             for k in candidate_kernels(weight, allowed)}
     choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense", repeats=repeats,
                            margin=margin, clock=clock)
     chosen = forms[choice.kernel]
