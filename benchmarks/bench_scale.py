@@ -24,6 +24,7 @@ inplace=True and 2.5x without, at every size; slope at most 1.1.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import inspect
 import json
@@ -112,7 +113,7 @@ def build(dim: int, blocks: int) -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
-def stage(name: str, results: dict, base_kb: int, fp32_kb: float, work):
+def stage(name: str, *, results: dict, base_kb: int, fp32_kb: float, work):
     """Run `work()`, recording its seconds and its peak RSS growth over `base_kb` in model sizes."""
     gc.collect()
     exact = reset_peak()
@@ -152,48 +153,68 @@ def warm_up(scope: str) -> None:
         _forward(fxcompress.load(Path(folder) / "warm.fxc"), x)
 
 
-def child(size: str, scope: str, inplace: bool, threads: int) -> dict:
-    import fxcompress
-    from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-
+def child(size: str, scope: str, inplace: bool, threads: int, until: str = "all") -> dict:
     torch.set_num_threads(threads)
     warm_up(scope)  # imports and one-off buffers of the first call are the process's, not the model's
     model, x = build(*SIZES[size])
     params = sum(p.numel() for p in model.parameters())
-    fp32_kb = params * 4 / 1024
     reference = full_ranking(model) if scope == "global" and params < CHECKED_BELOW else None
     gc.collect()
-    base = rss_kb()
     results: dict = {}
+    measure = functools.partial(stage, results=results, base_kb=rss_kb(), fp32_kb=params * 4 / 1024)
     total, total_cpu = time.perf_counter(), time.process_time()
+    box = [model]
+    del model  # the stages hold the only reference: with inplace=False the input of each goes once it is copied
+    box = [_compile_stages(box, x, scope, inplace, until, measure, reference)]
+    if box[0] is not None:
+        _file_stages(box, x, measure)
+        results["end_to_end_s"] = round(time.perf_counter() - total, 2)
+        results["end_to_end_cpu_s"] = round(time.process_time() - total_cpu, 2)
+    return {"size": size, "params": params, "scope": scope, "inplace": inplace, **results}
+
+
+def _compile_stages(box, x, scope, inplace, until, measure, reference):
+    """masks -> k-means -> encode, each a compile call; None when `until` stops before the file stages."""
+    import fxcompress
+    from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+
+    gm = box.pop()
 
     def run(passes):
         return lambda: fxcompress.compile(gm, passes, example_inputs=(x,), inplace=inplace)
 
-    gm = model
-    del model  # `gm = compile(gm, ...)` below drops each stage's input once its result exists
-    gm = stage("masks", results, base, fp32_kb, run([InsertMasks(sparsity=0.9, scope=scope)]))
+    # `gm = compile(gm, ...)`: each stage's input is dropped once its result exists
+    gm = measure("masks", work=run([InsertMasks(sparsity=0.9, scope=scope)]))
     if reference is not None:
-        results["masks_equal_full_ranking"] = all(torch.equal(gm.get_buffer(f"{name}_mask"), keep)
-                                                  for name, keep in reference.items())
+        measure.keywords["results"]["masks_equal_full_ranking"] = all(
+            torch.equal(gm.get_buffer(f"{name}_mask"), keep) for name, keep in reference.items())
         del reference
-    gm = stage("kmeans", results, base, fp32_kb, run([InsertFakeQuant(bits=4, method="kmeans")]))
-    gm = stage("encode", results, base, fp32_kb, run([LowerToEncoded()]))
+    if until == "masks":
+        return None
+    gm = measure("kmeans", work=run([InsertFakeQuant(bits=4, method="kmeans")]))
+    if until == "kmeans":
+        return None
+    return measure("encode", work=run([LowerToEncoded()]))
+
+
+def _file_stages(box: list, x, measure) -> None:
+    """save -> load -> first forward, and again with load(mmap=True) when load takes it. The model
+    comes in `box`, the only reference to it, so that it is gone before the loads are measured."""
+    import fxcompress
+
+    gm = box.pop()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.fxc"
-        stage("save", results, base, fp32_kb, lambda: fxcompress.save(gm, path))
+        measure("save", work=lambda: fxcompress.save(gm, path))
         del gm
         loads = [("load", {}, "forward")]
         if "mmap" in inspect.signature(fxcompress.load).parameters:
             loads.append(("load_mmap", {"mmap": True}, "forward_mmap"))
         for load_name, options, forward_name in loads:
-            loaded = stage(load_name, results, base, fp32_kb, lambda: fxcompress.load(path, **options))
-            stage(forward_name, results, base, fp32_kb, lambda: _forward(loaded, x))
+            loaded = measure(load_name, work=lambda: fxcompress.load(path, **options))
+            measure(forward_name, work=lambda: _forward(loaded, x))
             del loaded
-        results["file_bytes"] = path.stat().st_size
-    results["end_to_end_s"] = round(time.perf_counter() - total, 2)
-    results["end_to_end_cpu_s"] = round(time.process_time() - total_cpu, 2)
-    return {"size": size, "params": params, "scope": scope, "inplace": inplace, **results}
+        measure.keywords["results"]["file_bytes"] = path.stat().st_size
 
 
 def _forward(gm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -214,8 +235,9 @@ def report(rows: list[dict]) -> None:
     for r in rows:
         cells = " ".join(f"{r[s]['s']:>6.1f} ({r[s]['cpu_s']:>5.1f}) / {r[s]['peak_x']:>4.2f}x" if s in r
                          else f"{'-':>21}" for s in stages)
-        print(f"{r['size']:>5} {r['params']:>11,} {r['scope']:<7} {str(r['inplace']):<7} {cells} "
-              f"{r['file_bytes'] / 2 ** 20:>8.1f} {r['end_to_end_s']:>7.1f} ({r['end_to_end_cpu_s']:>5.1f})")
+        ends = (f"{r['file_bytes'] / 2 ** 20:>8.1f} {r['end_to_end_s']:>7.1f} ({r['end_to_end_cpu_s']:>5.1f})"
+                if "file_bytes" in r else f"{'-':>8} {'-':>15}")
+        print(f"{r['size']:>5} {r['params']:>11,} {r['scope']:<7} {str(r['inplace']):<7} {cells} {ends}")
     for r in rows:
         if "masks_equal_full_ranking" in r:
             print(f"{r['size']} global masks equal to a stable sort of all scores: {r['masks_equal_full_ranking']}")
@@ -224,7 +246,7 @@ def report(rows: list[dict]) -> None:
         peak = max(r[s]["peak_x"] for s in stages if s in r)
         flag = "met" if peak <= worst[r["inplace"]] else "NOT met"
         print(f"{r['size']} {r['scope']} inplace={r['inplace']}: worst peak growth {peak:.2f}x "
-              f"(target {worst[r['inplace']]}x: {flag}); end to end {r['end_to_end_s']:.0f} s")
+              f"(target {worst[r['inplace']]}x: {flag}); end to end {r.get('end_to_end_s', '-')} s")
     for scope in sorted({r["scope"] for r in rows}):
         for inplace in (True, False):
             kind = sorted((r for r in rows if r["scope"] == scope and r["inplace"] == inplace),
@@ -232,10 +254,12 @@ def report(rows: list[dict]) -> None:
             if len({r["params"] for r in kind}) < 2:
                 continue
             params = [r["params"] for r in kind]
-            fits = {s: slope(params, [r[s]["cpu_s"] for r in kind]) for s in ("masks", "kmeans", "encode")}
-            print(f"log-log slope of time vs parameters, {scope} inplace={inplace}: end to end "
-                  f"{slope(params, [r['end_to_end_cpu_s'] for r in kind]):.2f} CPU, "
-                  f"{slope(params, [r['end_to_end_s'] for r in kind]):.2f} wall (target <= 1.1); CPU by stage: "
+            fits = {s: slope(params, [r[s]["cpu_s"] for r in kind])
+                    for s in ("masks", "kmeans", "encode") if all(s in r for r in kind)}
+            whole = (f"end to end {slope(params, [r['end_to_end_cpu_s'] for r in kind]):.2f} CPU, "
+                     f"{slope(params, [r['end_to_end_s'] for r in kind]):.2f} wall (target <= 1.1); "
+                     if all("end_to_end_s" in r for r in kind) else "")
+            print(f"log-log slope of time vs parameters, {scope} inplace={inplace}: {whole}CPU by stage: "
                   + ", ".join(f"{s} {v:.2f}" for s, v in fits.items()))
 
 
@@ -246,11 +270,13 @@ def main() -> None:
     parser.add_argument("--inplace", default="1,0", help="1, 0 or both")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--until", choices=("masks", "kmeans", "all"), default="all",
+                        help="stop after this stage (memory and time of the first stages on the largest sizes)")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "SCOPE", "INPLACE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         size, scope, inplace = args.child
-        print(json.dumps(child(size, scope, inplace == "1", args.threads)))
+        print(json.dumps(child(size, scope, inplace == "1", args.threads, args.until)))
         return
     sizes = [s.strip() for s in args.sizes.split(",")]
     unknown = [s for s in sizes if s not in SIZES]
@@ -262,17 +288,18 @@ def main() -> None:
     for size in sizes:
         for scope in args.scopes.split(","):
             for inplace in args.inplace.split(","):
-                rows.append(_run_child(size, scope, inplace, args.threads))
+                rows.append(_run_child(size, scope, inplace, args.threads, args.until))
                 r = rows[-1]
-                print(f"  {size} {scope} inplace={r['inplace']}: {r['end_to_end_s']} s end to end, "
+                print(f"  {size} {scope} inplace={r['inplace']}: {r.get('end_to_end_s', '-')} s end to end, "
                       + ", ".join(f"{s} {r[s]['s']} s / {r[s]['peak_x']}x" for s in STAGES if s in r), flush=True)
     report(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def _run_child(size: str, scope: str, inplace: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--child", size, scope, inplace],
+def _run_child(size: str, scope: str, inplace: str, threads: int, until: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--until", until,
+                          "--child", size, scope, inplace],
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode != 0:
         raise SystemExit(f"{size} {scope} inplace={inplace} failed:\n{out.stderr[-3000:]}")
