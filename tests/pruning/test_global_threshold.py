@@ -1,6 +1,7 @@
 """The streaming global selection equals a full ranking of all scores, ties and -inf included, and
 keeps memory to one layer's scores."""
 import copy
+import io
 import gc
 import os
 import resource
@@ -194,3 +195,18 @@ def test_global_masks_hold_one_layer_of_scores_not_all_of_them():
     inplace, copied = map(float, out.stdout.split()[-2:])
     assert inplace < 0.8, inplace  # measured 0.37x; ranking all scores at once: 8.9x
     assert copied < 1.8, copied    # measured 1.35x; ranking all scores at once: 9.9x
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):  # tqdm draws only on a terminal
+        return True
+
+
+def test_progress_names_each_layer_of_both_score_passes_and_the_masks(monkeypatch):
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    fxcompress.compile(MLP(), [InsertMasks(sparsity=0.5, scope="global")], example_inputs=(torch.randn(2, 40),),
+                       progress=True)
+    drawn = screen.getvalue()
+    for what in ("global scores (1/2)", "global scores (2/2)", "masks", "fc1", "fc2", "fc3"):
+        assert what in drawn, what
