@@ -234,12 +234,20 @@ def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
              "accuracy": f"dense {dense:.4f} -> {accuracies[-1]:.4f}" if accuracies else f"dense {dense:.4f}",
              "model.fxc": f"{file_bytes} bytes ({dense_bytes / file_bytes:.1f}x smaller than fp32)"}
     report = write_report(gm, out / "report.html", title=f"{recipe.doc.name}: {recipe.model}", facts=facts,
-                          reference=before if before is not gm else None, example_inputs=example)
+                          reference=before if _same_shapes(before, gm) else None, example_inputs=example)
     run.log(table.to_text(with_history=False))
     run.log(f"model.fxc: {file_bytes} bytes, {dense_bytes / file_bytes:.1f}x smaller than the fp32 parameters; "
             f"accuracy dense {dense:.4f} -> {accuracies[-1]:.4f}; written to {out} (report: {report.html.name})")
     return {"dense_accuracy": dense, "accuracies": accuracies, "file_bytes": file_bytes,
             "dense_bytes": dense_bytes, "out": str(out)}
+
+
+def _same_shapes(before: nn.Module, after: nn.Module) -> bool:
+    """Whether `before` can lend `after` its weights before quantization: no tensor both hold changed
+    shape (channel pruning shrinks them; lowering only renames the weights it encodes)."""
+    held = {name: tuple(t.shape) for name, t in before.state_dict().items()}
+    return before is not after and all(held.get(name, tuple(t.shape)) == tuple(t.shape)
+                                       for name, t in after.state_dict().items())
 
 
 def register(commands: argparse._SubParsersAction) -> None:
