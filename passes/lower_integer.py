@@ -189,6 +189,10 @@ class LowerToInteger(Pass):
             if not isinstance(module, GridWeight) or layer.kind not in ("linear", "conv1d", "conv2d", "conv3d"):
                 raise PreconditionError(f"LowerToInteger: layer '{layer.name}' ({layer.kind}) at "
                                         f"{node.format_node()} has no linear / fixed-point weight fake-quant")
+            if module.group_size is not None:  # one scale per group of inputs: no integer accumulator spans them
+                raise PreconditionError(f"LowerToInteger: layer '{layer.name}' has group-wise weight grids "
+                                        f"(group_size={module.group_size}); integer lowering needs one scale per "
+                                        "output channel or tensor; use LowerWeightOnly for group-wise weights")
             input_grid = gm.get_submodule(x.target).grid()
             if input_grid is None:
                 raise PreconditionError(f"LowerToInteger: the input fake-quant '{x.target}' of layer '{layer.name}' "

@@ -394,9 +394,13 @@ def _standard_module(kind: str, config: dict, where: str) -> nn.Module:
 
 
 def _fxcompress_module(cls: type, config: dict, where: str) -> nn.Module:
-    accepted = set(inspect.signature(cls).parameters)
-    if set(config) != accepted:
-        raise fail(where, f"config keys {sorted(config)} are not exactly {cls.__name__}'s {sorted(accepted)}")
+    # every parameter without a default must be given, none unknown: a parameter added later with a
+    # default (GridWeight's group_size) is left out by modules that do not use it, and by older files
+    parameters = inspect.signature(cls).parameters
+    required = {name for name, p in parameters.items() if p.default is inspect.Parameter.empty}
+    if not required <= set(config) <= set(parameters):
+        raise fail(where, f"config keys {sorted(config)} are not {cls.__name__}'s: it needs {sorted(required)} "
+                          f"and accepts {sorted(parameters)}")
     return _construct(cls, config, where)
 
 

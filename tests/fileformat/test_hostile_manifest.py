@@ -180,6 +180,28 @@ def test_unknown_constructor_keys_are_refused():
     _refused(_edited("lenet300", edit), "config keys .* are not exactly Linear's fields")
 
 
+def test_our_modules_need_their_required_keys_and_accept_no_unknown_one():
+    """A parameter with a default (GridWeight's group_size) may be absent; nothing unknown may be present."""
+    x = torch.rand(4, 16)
+    gm = fxcompress.compile(torch.nn.Sequential(torch.nn.Linear(16, 8)),
+                            [InsertFakeQuant(method="linear", bits=4, per_channel=True, group_size=8)],
+                            example_inputs=(x,))
+    data = to_bytes(gm)
+    torch.testing.assert_close(from_bytes(data)(x), gm(x), rtol=0, atol=0)  # group_size kept through the file
+
+    def grid(m):
+        return next(e for e in m["modules"] if e["type"].endswith(".GridWeight"))["config"]
+
+    manifest = read_manifest(data)
+    assert grid(manifest)["group_size"] == 8
+    del grid(manifest)["group_size"]  # an older file: per-channel grids, which are different weights
+    assert not torch.equal(from_bytes(with_manifest(data, manifest))(x), gm(x))
+    for edit, match in [(lambda c: c.update(evil=1), "accepts .*'symmetric'"), (lambda c: c.pop("bits"), "needs .*'bits'")]:
+        manifest = read_manifest(data)
+        edit(grid(manifest))
+        _refused(with_manifest(data, manifest), match)
+
+
 @pytest.mark.parametrize("change", ["duplicate", "overlap", "gap", "attribute", "kind", "shape", "negative"])
 def test_tensor_table_entries_tile_the_data_and_fill_real_slots(change):
     data, _ = saved("lenet300")

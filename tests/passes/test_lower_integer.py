@@ -104,6 +104,13 @@ def test_kmeans_weights_are_refused():
         fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
 
 
+def test_group_wise_weights_are_refused_by_layer():
+    x = torch.rand(32, 1, 28, 28)
+    fq = _fake_quant(LeNet300100(), x, bits=4, per_channel=True, group_size=4, types=("linear",))
+    with pytest.raises(PreconditionError, match="'fc1' has group-wise weight grids .group_size=4.*LowerWeightOnly"):
+        fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+
+
 def test_uncalibrated_activations_are_refused():
     x = torch.rand(32, 1, 28, 28)
     fq = _fake_quant(LeNet300100(), x)
