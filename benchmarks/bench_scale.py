@@ -19,7 +19,8 @@ Targets: the 1 B model end to end in under 10 minutes; peak growth at most 1.5x 
 inplace=True and 2.5x without, at every size; slope at most 1.1.
 
     python benchmarks/bench_scale.py [--sizes 10M,100M,300M,1B] [--scopes global,local]
-                                     [--inplace 1,0] [--threads 1]
+                                     [--inplace 1,0] [--threads 1] [--until masks|kmeans] [--json rows.json]
+    python benchmarks/bench_scale.py --from-json rows10M.json rows100M.json   # one table and fit over runs
 """
 from __future__ import annotations
 
@@ -272,11 +273,16 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--until", choices=("masks", "kmeans", "all"), default="all",
                         help="stop after this stage (memory and time of the first stages on the largest sizes)")
+    parser.add_argument("--from-json", nargs="+", metavar="FILE",
+                        help="print the tables and fits of rows saved by earlier runs' --json, run nothing")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "SCOPE", "INPLACE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         size, scope, inplace = args.child
         print(json.dumps(child(size, scope, inplace == "1", args.threads, args.until)))
+        return
+    if args.from_json:
+        report([row for name in args.from_json for row in json.loads(Path(name).read_text())])
         return
     sizes = [s.strip() for s in args.sizes.split(",")]
     unknown = [s for s in sizes if s not in SIZES]
