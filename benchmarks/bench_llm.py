@@ -267,9 +267,10 @@ def finish_llmc(process, tmp: Path, timeout: int) -> list[dict]:
         why = ((tmp / "stderr.txt").read_text().strip().splitlines() or ["no output"])[-1]
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
         why = f"timed out after {timeout} s"
     rows = json.loads((tmp / "rows.json").read_text()) if (tmp / "rows.json").exists() else []
-    if process.returncode not in (0, None) or not rows:
+    if process.returncode != 0 or not rows:
         rows.append({"arm": "llm-compressor oneshot (rest)", "status": f"stopped: {why}"[:300]})
     return rows
 
