@@ -1,7 +1,7 @@
 """Train a small byte-level Llama (transformers' LlamaForCausalLM built from a config) on
 Shakespeare's plays, holding whole plays out, and save it for bench_llm.py.
 
-    nice -n 10 python benchmarks/train_lm.py --minutes 25 --threads 1 > /tmp/train_lm.log 2>&1 &
+    nice -n 10 python benchmarks/train_lm.py --minutes 25 --threads 1 > train_lm.log 2>&1 &
 
 Writes benchmarks/.cache/llama-bytes/ (save_pretrained: config.json + model.safetensors) and
 prints held-out perplexity (per byte) on the held-out plays and on Debian's fortunes.
