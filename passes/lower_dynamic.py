@@ -23,14 +23,14 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.config import Boolean, Interval, Options, Regex, TupleOf, validate
 from fxcompress.errors import PreconditionError
+from fxcompress.kernels.lowering import fake_quant_module, install, layer_bias, layer_inputs, plan_layers
 from fxcompress.kernels.dynamic import ACTIVATION_GRIDS, QUANTIZED_KERNELS, DynamicInt8Linear, choose, refusals
 from fxcompress.layers import KINDS, Layer, constant_value, layer_node, select_layers, weight_arg
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import GridWeight
 from fxcompress.quant.quantizers import as_rows
 
-from .lower_sparse import _layer_inputs
-from .lower_weight_only import LINEAR_KINDS, fake_quant_module, install, layer_bias, plan_layers
+from .lower_weight_only import LINEAR_KINDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +65,7 @@ class LowerDynamicInt8(Pass):
         planned, skipped = plan_layers(gm, layers, int8_weight)
         if not planned:
             raise PreconditionError(f"LowerDynamicInt8: no layer to lower: {skipped or 'no linear layer'}")
-        inputs = _layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
+        inputs = layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
         stats: dict[str, Any] = {}
         for layer, (codes, scale, source) in ctx.each(planned, "timing kernels", lambda item: item[0].name):
             node = layer_node(gm, layer)

@@ -21,16 +21,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule, Node
 
 from fxcompress.config import Interval, Options, Regex, TupleOf, validate
-from fxcompress.encoded.rewire import erase_unused
-from fxcompress.execution import evaluating
 from fxcompress.kernels.sparse import DTYPES, SPARSE_KERNELS, SparseLayer, choose_form
+from fxcompress.kernels.lowering import install, layer_inputs
 from fxcompress.kernels.timing import CLOCKS
-from fxcompress.layers import (Layer, bias_arg, constant_value, effective_weight, input_arg, layer_node,
-                               select_layers, tied_readers, weight_arg)
+from fxcompress.layers import (Layer, bias_arg, constant_value, effective_weight, layer_node, select_layers,
+                               tied_readers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _CONV_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))  # F.conv2d's, after the bias
@@ -75,7 +73,7 @@ class LowerToSparse(Pass):
                 eligible.append(layer)
             else:
                 skipped[layer.name] = reason
-        inputs = _layer_inputs(gm, [layer_node(gm, layer) for layer in eligible], ctx.example_inputs)
+        inputs = layer_inputs(gm, [layer_node(gm, layer) for layer in eligible], ctx.example_inputs)
         stats: dict[str, Any] = {}
         for layer in ctx.each(eligible, "timing kernels"):
             node = layer_node(gm, layer)
@@ -100,7 +98,7 @@ class LowerToSparse(Pass):
         else:
             module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
                                  margin=self.margin, clock=self.clock)
-        path = _install(gm, layer, node, module)
+        path = install(gm, layer, node, module, "sparse")
         choice = module.kernel_choice
         dense_bytes = (weight.numel() + (0 if bias is None else bias.numel())) * weight.element_size()
         times = {} if choice is None else choice.as_stats()["times_ms"]
@@ -136,58 +134,3 @@ def _conv_options(node: Node) -> dict[str, list[int]] | None:
         return None
     return {name: list(v) if isinstance(v, (tuple, list)) else [v, v] for name, v in values.items()}
 
-
-class _Recorder(Interpreter):
-    """Runs the graph once and keeps the input each watched layer node receives."""
-
-    def __init__(self, gm: GraphModule, watched: list[Node]) -> None:
-        super().__init__(gm)
-        self.watched, self.seen = set(watched), {}
-
-    def run_node(self, n: Node) -> Any:
-        if n in self.watched:
-            self.seen[n] = self.env[input_arg(n)]
-        return super().run_node(n)
-
-
-def _layer_inputs(gm: GraphModule, nodes: list[Node], example_inputs: tuple) -> dict[Node, torch.Tensor]:
-    if not nodes:
-        return {}
-    recorder = _Recorder(gm, nodes)
-    with evaluating(gm):
-        recorder.run(*example_inputs)
-    return recorder.seen
-
-
-def _install(gm: GraphModule, layer: Layer, node: Node, module: SparseLayer) -> str:
-    """Put `module` in the graph in place of the layer node; erase the weight chain and its tensors."""
-    owner, _, name = layer.weight.rpartition(".")
-    path = f"{owner}.sparse" if owner else f"{name}_sparse"
-    (gm.get_submodule(owner) if owner else gm).add_module(path.rpartition(".")[2], module)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(path, (input_arg(node),))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    for dead in erase_unused(gm, node):
-        if dead.op == "get_attr" and not any(n.op == "get_attr" and n.target == dead.target for n in gm.graph.nodes):
-            parent, _, attr = dead.target.rpartition(".")
-            delattr(gm.get_submodule(parent), attr)
-    gm.delete_all_unused_submodules()
-    if owner:
-        _empty_husk(gm, owner)
-    return path
-
-
-def _empty_husk(gm: GraphModule, owner: str) -> None:
-    """Replace the float layer module, left without its weight, by a plain container of its children
-    (an nn.Linear without `weight` cannot even print itself), unless its own tensors are still read."""
-    module = gm.get_submodule(owner)
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    if type(module) is nn.Module or any(f"{owner}.{name}" in read for name, _ in
-                                        (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))):
-        return
-    container = nn.Module()
-    for child_name, child in module.named_children():
-        container.add_module(child_name, child)
-    parent, _, attr = owner.rpartition(".")
-    setattr(gm.get_submodule(parent), attr, container)

@@ -18,20 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch.fx import GraphModule, Node
 
 from fxcompress.config import Boolean, Interval, Options, Regex, TupleOf, validate
-from fxcompress.encoded.rewire import erase_unused
 from fxcompress.errors import PreconditionError
+from fxcompress.kernels.lowering import fake_quant_module, install, layer_bias, layer_inputs, plan_layers
 from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyLinear, choose, fit_grid, refusals
-from fxcompress.layers import (KINDS, Layer, bias_arg, constant_value, input_arg, layer_node, select_layers,
-                               tied_readers, weight_arg)
+from fxcompress.layers import KINDS, Layer, constant_value, layer_node, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.quant import GridWeight, KMeansWeight
+from fxcompress.quant import KMeansWeight
 from fxcompress.quant.quantizers import GroupedCodes, as_rows
 
-from .lower_sparse import _empty_husk, _layer_inputs
 
 LINEAR_KINDS = ("linear", "addmm")
 
@@ -69,7 +66,7 @@ class LowerWeightOnly(Pass):
         if not planned:
             raise PreconditionError(f"LowerWeightOnly: no layer to lower: {skipped or 'no linear layer'}; "
                                     f"put InsertFakeQuant(method='linear', ...) on them first")
-        inputs = _layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
+        inputs = layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
         stats: dict[str, Any] = {}
         for layer, grouped in ctx.each(planned, "timing kernels", lambda item: item[0].name):
             node = layer_node(gm, layer)
@@ -86,32 +83,6 @@ class LowerWeightOnly(Pass):
         return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
                           stats={"layers": stats, "skipped": skipped,
                                  "kernels": {k: sum(s["kernel"] == k for s in stats.values()) for k in kernels}})
-
-
-def plan_layers(gm: GraphModule, layers: list[Layer], read) -> tuple[list[tuple[Layer, Any]], dict[str, str]]:
-    """(layer, what `read` made of it) for the layers `read` accepts; the others with the reason it gave."""
-    planned, skipped = [], {}
-    for layer in layers:
-        node = layer_node(gm, layer)
-        found = "its weight is tied to another layer's" if tied_readers(gm, node) else read(gm, layer, node)
-        if isinstance(found, str):
-            skipped[layer.name] = found
-        else:
-            planned.append((layer, found))
-    return planned, skipped
-
-
-def fake_quant_module(gm: GraphModule, node: Node) -> tuple[torch.nn.Module, Node] | str:
-    """The fake-quant module that produces the layer's weight (last on its chain), or why there is none."""
-    quant = weight_arg(node) if node.op == "call_function" else None
-    if quant is None or quant.op != "call_module":
-        return "no fake-quant module produces its weight"
-    module = gm.get_submodule(quant.target)
-    if not isinstance(module, (GridWeight, KMeansWeight)):
-        return f"its weight comes from {type(module).__name__}, not a fake-quant module"
-    if not module.enabled:
-        return "its fake-quant module is switched off (set_quantization(gm, False))"
-    return module, quant
 
 
 def weight_codes(gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | str:
@@ -138,30 +109,3 @@ def weight_codes(gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | st
                                grouped.qmin, grouped.qmax)
     return grouped
 
-
-def layer_bias(gm: GraphModule, node: Node) -> torch.Tensor | None:
-    """The layer's float bias, from its functional node's argument or its module (a layer nothing rewrote)."""
-    if node.op == "call_module":
-        bias = gm.get_submodule(node.target).bias
-        return None if bias is None else bias.detach().float()
-    bias = bias_arg(node)
-    return None if bias is None else constant_value(gm, bias).detach().float()
-
-
-def install(gm: GraphModule, layer: Layer, node: Node, module: torch.nn.Module, suffix: str) -> str:
-    """Put `module` in the graph in place of the layer node; erase the weight chain and its tensors."""
-    owner, _, name = layer.weight.rpartition(".")
-    path = f"{owner}.{suffix}" if owner else f"{name}_{suffix}"
-    (gm.get_submodule(owner) if owner else gm).add_module(path.rpartition(".")[2], module)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(path, (input_arg(node),))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    for dead in erase_unused(gm, node):
-        if dead.op == "get_attr" and not any(n.op == "get_attr" and n.target == dead.target for n in gm.graph.nodes):
-            parent, _, attr = dead.target.rpartition(".")
-            delattr(gm.get_submodule(parent), attr)
-    gm.delete_all_unused_submodules()
-    if owner:
-        _empty_husk(gm, owner)
-    return path

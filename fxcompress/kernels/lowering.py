@@ -1,0 +1,109 @@
+"""What every lowering pass does around its kernel: record each layer's real input from the example
+inputs (kernels are timed on it), choose which layers to lower with the reason for the others, read a
+layer's fake-quant module and float bias, and put a run-time module in the layer's place with its
+weight chain erased. LowerToSparse, LowerWeightOnly and LowerDynamicInt8 share these."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node
+
+from ..encoded.rewire import erase_unused
+from ..execution import evaluating
+from ..layers import Layer, bias_arg, constant_value, input_arg, layer_node, tied_readers, weight_arg
+from ..quant import GridWeight, KMeansWeight
+
+
+class _Recorder(Interpreter):
+    """Runs the graph once and keeps the input each watched layer node receives."""
+
+    def __init__(self, gm: GraphModule, watched: list[Node]) -> None:
+        super().__init__(gm)
+        self.watched, self.seen = set(watched), {}
+
+    def run_node(self, n: Node) -> Any:
+        if n in self.watched:
+            self.seen[n] = self.env[input_arg(n)]
+        return super().run_node(n)
+
+
+def layer_inputs(gm: GraphModule, nodes: list[Node], example_inputs: tuple) -> dict[Node, torch.Tensor]:
+    """The input each of `nodes` receives when the graph runs on `example_inputs` (one run)."""
+    if not nodes:
+        return {}
+    recorder = _Recorder(gm, nodes)
+    with evaluating(gm):
+        recorder.run(*example_inputs)
+    return recorder.seen
+
+
+def plan_layers(gm: GraphModule, layers: list[Layer], read) -> tuple[list[tuple[Layer, Any]], dict[str, str]]:
+    """(layer, what `read` made of it) for the layers `read` accepts; the others with the reason it gave."""
+    planned, skipped = [], {}
+    for layer in layers:
+        node = layer_node(gm, layer)
+        found = "its weight is tied to another layer's" if tied_readers(gm, node) else read(gm, layer, node)
+        if isinstance(found, str):
+            skipped[layer.name] = found
+        else:
+            planned.append((layer, found))
+    return planned, skipped
+
+
+def fake_quant_module(gm: GraphModule, node: Node) -> tuple[torch.nn.Module, Node] | str:
+    """The fake-quant module that produces the layer's weight (last on its chain), or why there is none."""
+    quant = weight_arg(node) if node.op == "call_function" else None
+    if quant is None or quant.op != "call_module":
+        return "no fake-quant module produces its weight"
+    module = gm.get_submodule(quant.target)
+    if not isinstance(module, (GridWeight, KMeansWeight)):
+        return f"its weight comes from {type(module).__name__}, not a fake-quant module"
+    if not module.enabled:
+        return "its fake-quant module is switched off (set_quantization(gm, False))"
+    return module, quant
+
+
+def layer_bias(gm: GraphModule, node: Node) -> torch.Tensor | None:
+    """The layer's float bias, from its functional node's argument or its module (a layer nothing rewrote)."""
+    if node.op == "call_module":
+        bias = gm.get_submodule(node.target).bias
+        return None if bias is None else bias.detach().float()
+    bias = bias_arg(node)
+    return None if bias is None else constant_value(gm, bias).detach().float()
+
+
+def install(gm: GraphModule, layer: Layer, node: Node, module: torch.nn.Module, suffix: str) -> str:
+    """Put `module` in the graph in place of the layer node (at `<owner>.<suffix>`); erase the weight
+    chain and its tensors. Returns the module's path."""
+    owner, _, name = layer.weight.rpartition(".")
+    path = f"{owner}.{suffix}" if owner else f"{name}_{suffix}"
+    (gm.get_submodule(owner) if owner else gm).add_module(path.rpartition(".")[2], module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(path, (input_arg(node),))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    for dead in erase_unused(gm, node):
+        if dead.op == "get_attr" and not any(n.op == "get_attr" and n.target == dead.target for n in gm.graph.nodes):
+            parent, _, attr = dead.target.rpartition(".")
+            delattr(gm.get_submodule(parent), attr)
+    gm.delete_all_unused_submodules()
+    if owner:
+        _empty_husk(gm, owner)
+    return path
+
+
+def _empty_husk(gm: GraphModule, owner: str) -> None:
+    """Replace the float layer module, left without its weight, by a plain container of its children
+    (an nn.Linear without `weight` cannot even print itself), unless its own tensors are still read."""
+    module = gm.get_submodule(owner)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    if type(module) is nn.Module or any(f"{owner}.{name}" in read for name, _ in
+                                        (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))):
+        return
+    container = nn.Module()
+    for child_name, child in module.named_children():
+        container.add_module(child_name, child)
+    parent, _, attr = owner.rpartition(".")
+    setattr(gm.get_submodule(parent), attr, container)
