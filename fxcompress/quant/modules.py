@@ -20,6 +20,11 @@ from .quantizers import (Grid, GroupedCodes, as_rows, check_finite, fake_quantiz
                          grouped_codes, kmeans_codebook, linear_grid, quantize)
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer type of a k-means layer's codes at `bits` (codes run from 0 to 2^bits)."""
+    return torch.uint8 if bits < 8 else torch.int16 if bits < 15 else torch.int32
+
+
 class KMeansWeight(WeightTransform):
     """Weight sharing: each weight is a trainable centroid picked by a fixed code.
 
@@ -34,7 +39,9 @@ class KMeansWeight(WeightTransform):
         super().__init__()
         self.bits, self.size, self.groups, self.axis, self.fixed_zero = bits, size, groups, axis, fixed_zero
         self.codebook = nn.Parameter(torch.zeros(groups, size))
-        self.register_buffer("codes", torch.zeros(tuple(shape), dtype=torch.int32))
+        # the narrowest type the codes fit (0 .. size): a uint8 buffer is a quarter of the float weight
+        # it stands for, an int32 one as large, and it lives as long as the fake-quant model
+        self.register_buffer("codes", torch.zeros(tuple(shape), dtype=code_dtype(bits)))
         self.enabled = enabled
 
     @classmethod
