@@ -268,7 +268,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10M,100M", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--scopes", default="global,local")
-    parser.add_argument("--inplace", default="1,0", help="1, 0 or both")
+    parser.add_argument("--inplace", default="1,0", choices=("1", "0", "1,0", "0,1"),
+                        help="1 (inplace=True), 0 (False) or 1,0 (both)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--until", choices=("masks", "kmeans", "all"), default="all",
