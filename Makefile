@@ -11,9 +11,10 @@ PIP := $(PY) -m pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# the demo's report draws its pictures with matplotlib (the draw extra); without it, tables only
 install: $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[draw]"
 
 install-test: $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
