@@ -20,11 +20,11 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.analyses import ShapeInfo
+from fxcompress.calibration.masks import calibrated_masks, check_mask_config, keep_for, needs_calibration
 from fxcompress.config import Callables, Interval, Options, Regex, TupleOf, TypeOf, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import TYPES_FIELD, Layer, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.pruning.calibrated import calibrated_masks, check_mask_config, keep_for, needs_calibration
 from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
                                            masked_scores)
 from fxcompress.pruning.masks import get_mask, set_mask, sparsity_of, stored_weight

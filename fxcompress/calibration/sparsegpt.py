@@ -15,10 +15,10 @@ import torch
 from torch.fx import GraphModule
 
 from ..layers import Layer
-from ..pruning.calibrated import select_keep
 from ..pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
 from ..pruning.nm import nm_pattern
 from .hessian import InputStats, damped_inverse
+from .masks import select_keep
 from .second_order import as_matrix, from_matrix, obs_select, obs_select_nm, output_error, sweep
 
 SPARSEGPT_IMPORTANCES = ("sparsegpt", "abs", "wanda")

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from ..calibration import InputStats, walk
-from ..calibration.sequential import Group
 from ..errors import ConfigError
-from .importance import CALIBRATED_IMPORTANCES, count_to_prune, element_scores, keep_highest
-from .masks import get_mask, set_mask, sparsity_of, stored_weight
-from .nm import nm_keep, nm_pattern, row_keep
-from .owl import OWL, outlier_ratio, owl_sparsities
+from ..pruning.importance import CALIBRATED_IMPORTANCES, count_to_prune, element_scores, keep_highest
+from ..pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
+from ..pruning.nm import nm_keep, nm_pattern, row_keep
+from ..pruning.owl import OWL, outlier_ratio, owl_sparsities
+from .hessian import InputStats
+from .sequential import Group, walk
 
 
 def needs_calibration(importance: Any, profile: OWL | None) -> bool:

@@ -11,12 +11,6 @@ from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import InsertMasks, SparseGPT
 
 
-@pytest.fixture(scope="module")
-def layer():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(256, 64)).eval(), correlated_batches()
-
-
 def _compile(model, passes, batches):
     return fxcompress.compile(model, passes, example_inputs=(batches[0],), calibration_data=batches)
 

@@ -13,12 +13,6 @@ from fxcompress.passes import InsertFakeQuant, InsertMasks
 from fxcompress.quant.quantizers import fake_quantize
 
 
-@pytest.fixture(scope="module")
-def layer():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(256, 64)).eval(), correlated_batches()
-
-
 def _compile(model, passes, batches):
     return fxcompress.compile(model, passes, example_inputs=(batches[0],), calibration_data=batches)
 
