@@ -19,10 +19,11 @@ from fxcompress.config import Interval, Options, validate
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
-from fxcompress.encoded.tensor import DTYPES, LAYOUTS, encode_half, encode_tensors
+from fxcompress.encoded.tensor import DTYPES, LAYOUTS, GroupSteps, encode_half, encode_tensors
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import (Layer, bias_arg, chain_transforms, effective_weight, layer_node, select_layers,
-                               tied_readers, weight_arg)
+from fxcompress.layers import (Layer, bias_arg, chain_module_node, chain_transforms, constant_value, effective_weight,
+                               layer_node, select_layers, tied_readers, weight_arg)
+from fxcompress.quant.modules import GridWeight
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _DEEP_COMPRESSION_INDEX_BITS = {"conv": 8, "fc": 5}
@@ -60,7 +61,7 @@ class LowerToEncoded(Pass):
                 continue  # no mask or fake-quant on this weight: it stays a float parameter
             if any(weight_arg(node) is weight_arg(layer_node(gm, queued)) for queued, *_ in batch):
                 continue  # a tied reader of a weight already queued: lowered with it
-            batch.append((layer, *self._prepare(gm, layer)))
+            batch.append((layer, *self._prepare(gm, layer), _group_steps(gm, layer)))
             if sum(item[1].numel() for item in batch) >= _BATCH_ELEMENTS:
                 self._lower(gm, batch, touched, stats)
                 batch = []  # the batch's dense weights are freed before the next is evaluated
@@ -81,18 +82,18 @@ class LowerToEncoded(Pass):
     def _encode_weight(self, gm: GraphModule, layer: Layer) -> EncodedWeight:
         """One layer's EncodedWeight (what `_lower` makes for each layer of a batch)."""
         weight, index_bits, bits = self._prepare(gm, layer)
-        return EncodedWeight.from_encoded(self._encode([weight], [index_bits])[0], bits=bits)
+        return EncodedWeight.from_encoded(self._encode([weight], [index_bits], [_group_steps(gm, layer)])[0], bits=bits)
 
-    def _encode(self, weights: list[torch.Tensor], index_bits: list[int]) -> list:
-        return encode_tensors(weights, index_bits=index_bits, threads=torch.get_num_threads(),
+    def _encode(self, weights: list[torch.Tensor], index_bits: list[int], groups: list) -> list:
+        return encode_tensors(weights, index_bits=index_bits, threads=torch.get_num_threads(), groups=groups,
                               layouts=LAYOUTS if self.layout == "auto" else (self.layout,),
                               codings=CODINGS if self.coding == "auto" else (self.coding,))
 
     def _lower(self, gm: GraphModule, batch: list, touched: list, stats: dict) -> None:
         """Encode a batch of layers' weights together (their rANS streams share one coder loop), then
         feed each layer from its EncodedWeight."""
-        encoded = self._encode([weight for _, weight, _, _ in batch], [b for _, _, b, _ in batch])
-        for (layer, _, _, bits), tensor in zip(batch, encoded):
+        encoded = self._encode([item[1] for item in batch], [item[2] for item in batch], [item[4] for item in batch])
+        for (layer, _, _, bits, _), tensor in zip(batch, encoded):
             node = layer_node(gm, layer)
             module = EncodedWeight.from_encoded(tensor, bits=bits)
             _replace_input(gm, node, weight_arg(node), module, layer.weight)
@@ -103,6 +104,23 @@ class LowerToEncoded(Pass):
                                bias.target)
                 touched.append(bias.target)
             stats[layer.name] = {"bytes": sum(module.storage_bytes().values()), **_describe(module)}
+
+
+def _group_steps(gm: GraphModule, layer: Layer) -> GroupSteps | None:
+    """The steps of a group-wise linear grid on the layer's weight chain, in the weight's storage order
+    (2-D weights grouped along dim 1), computed as the fake-quant layer computes them on its input; the
+    encoder checks every value against them, so a later transform on the chain costs bytes, not exactness."""
+    found = chain_module_node(gm, layer_node(gm, layer), GridWeight) if layer_node(gm, layer).op == "call_function" \
+        else None
+    module = gm.get_submodule(found.target) if found is not None else None
+    if module is None or module.group_size is None or not module.enabled or module.axis != 0:
+        return None
+    with torch.no_grad():
+        source = constant_value(gm, found.args[0])
+        if source.dim() != 2 or source.dtype != torch.float32:
+            return None
+        steps = module.grid(source).scale
+    return GroupSteps(steps.detach().float().contiguous().numpy().reshape(-1), module.group_size)
 
 
 def _has_chain(gm: GraphModule, weight: Node | None) -> bool:

@@ -3,7 +3,10 @@
 Layouts: `dense` codes every element (zero is one more codebook value); `relative` codes the
 nonzeros only, their positions as relative indices (see positions.py).
 Codebooks: `table` (the distinct values, per tensor or per output channel), `grid` (values are
-k * step for integers k, as fixed-point codes are: only the step is stored), `float16` / `float32`
+k * step for integers k, as fixed-point codes are: only the step is stored), `group_grid` (each run
+of `group_size` elements in storage order has its own step, stored as float16 where that decodes
+exactly, else float32; the symbols are the integers k of all groups in one shared alphabet, so the
+coders see one distribution: GPTQ / AWQ-style group-wise linear grids), `float16` / `float32`
 / `float64` (no sharing: the raw bit patterns as 16-bit symbols, 1, 2 or 4 per value).
 Values are coded as float64 for float64 tensors and as float32 otherwise (exact for float16 and
 bfloat16); `dtype` gives the decoded tensor's dtype.
@@ -20,15 +23,17 @@ import torch
 from fxcompress.errors import FormatError
 
 from . import positions as pos
-from .streams import CODINGS, MAX_ALPHABET, Request, Stream, check_tables, choose, \
+from .streams import CODINGS, ENTROPY_CODED_ALPHABET, MAX_ALPHABET, Request, Stream, check_tables, choose, \
     decode_symbols, header_int, smallest, stream_from_header
 
 LAYOUTS = ("dense", "relative")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RAW_KINDS = {"float16": np.float16, "float32": np.float32, "float64": np.float64}  # 16-bit symbols: itemsize / 2
-CODEBOOKS = ("table", "table_per_channel", "grid", *RAW_KINDS)
+CODEBOOKS = ("table", "table_per_channel", "grid", "group_grid", *RAW_KINDS)
 MAX_DIMS = 8
 _HEADER_FIELDS = {"shape", "layout", "index_bits", "codebook", "offset", "values", "positions", "codebook_bytes"}
+_OPTIONAL_FIELDS = {"dtype", "group_size"}
+_EXACT_INTEGERS = 1 << 24  # a group grid's integers k are exact in float32 up to this magnitude
 
 
 def coded_type(dtype: str) -> type:
@@ -56,6 +61,7 @@ class EncodedTensor:
     values: Stream
     positions: Stream | None
     dtype: str = "float32"
+    group_size: int = 0        # group_grid: elements per step (runs in storage order); 0 for other kinds
 
     def storage_bytes(self) -> dict[str, int]:
         """Exact bytes by part; `header` is the compact JSON of everything that is not an array."""
@@ -68,6 +74,7 @@ class EncodedTensor:
         header = {"shape": list(self.shape), "layout": self.layout, "index_bits": self.index_bits,
                   "codebook": self.codebook, "offset": self.offset, "values": self.values.header(),
                   "positions": self.positions.header() if self.positions else None}
+        header |= {"group_size": self.group_size} if self.codebook == "group_grid" else {}
         return header | ({"dtype": self.dtype} if self.dtype != "float32" else {})
 
     @property
@@ -153,6 +160,54 @@ def _grid_of_distinct(distinct_values: np.ndarray, ftype: type) -> tuple[object,
     return None
 
 
+@dataclass(frozen=True)
+class GroupSteps:
+    """The step of every run of `group_size` elements in storage order (a group-wise linear grid's
+    scales, read from its fake-quant layer): a hint the encoder checks value by value, never trusts."""
+    steps: np.ndarray          # float32, one per group
+    group_size: int
+
+    def check(self, numel: int) -> None:
+        if self.group_size < 1 or numel % self.group_size or self.steps.size != numel // self.group_size:
+            raise ValueError(f"GroupSteps: {self.steps.size} steps of {self.group_size} elements do not cover "
+                             f"a tensor of {numel}")
+
+
+def _per_value(steps: np.ndarray, group_size: int, where: np.ndarray | None) -> np.ndarray:
+    """Each value's step: every element's (where is None) or the elements' at `where`."""
+    return np.repeat(steps, group_size) if where is None else steps[where // group_size]
+
+
+def _grid_integers(values: np.ndarray, steps: np.ndarray) -> np.ndarray | None:
+    """The integers k with float32(k) * step == value for every value (int32), or None if any has none.
+    Equality, not bit patterns: a -0.0 decodes as +0.0, as the relative layout's zeros do."""
+    with np.errstate(all="ignore"):
+        k = np.rint(values / steps)
+    if not np.isfinite(k).all() or np.abs(k).max(initial=0) > _EXACT_INTEGERS or \
+            k.max(initial=0) - k.min(initial=0) >= ENTROPY_CODED_ALPHABET:
+        return None
+    k = k.astype(np.int32)
+    return k if np.array_equal(k.astype(np.float32) * steps, values) else None
+
+
+def group_grid_book(values: np.ndarray, where: np.ndarray | None, hint: GroupSteps,
+                    codings: tuple[str, ...] = CODINGS) -> _Book | None:
+    """The group_grid codebook of `values` (all elements, or the nonzeros at `where`) if each is exactly
+    k * its group's step; steps stored as float16 when those decode every value exactly, else float32."""
+    if values.dtype != np.float32 or not values.size:
+        return None
+    for width in ("<f2", "<f4"):
+        with np.errstate(over="ignore"):
+            steps = hint.steps.astype(width)
+        k = _grid_integers(values, _per_value(steps.astype(np.float32), hint.group_size, where))
+        if k is not None:
+            low = int(k.min())
+            k -= low
+            return _Book("group_grid", steps.view(np.uint8), Request(k, int(k.max()) + 1, codings), low,
+                         hint.group_size)
+    return None
+
+
 def raw_codebook(values: np.ndarray, kind: str) -> Codebook:
     symbols = np.ascontiguousarray(values, dtype=RAW_KINDS[kind]).view(np.uint16)
     return Codebook(kind, np.zeros(0, np.uint8), symbols.astype(np.int64), MAX_ALPHABET)
@@ -175,6 +230,7 @@ class _Book:
     data: np.ndarray
     request: Request
     offset: int = 0
+    group_size: int = 0
 
 
 def _books(values: np.ndarray, rows, num_rows: int, codings: tuple[str, ...] = CODINGS) -> list[_Book]:
@@ -208,13 +264,16 @@ def _books(values: np.ndarray, rows, num_rows: int, codings: tuple[str, ...] = C
 
 
 def encode_tensor(weight: torch.Tensor, *, layouts: tuple[str, ...] = LAYOUTS,
-                  codings: tuple[str, ...] = CODINGS, index_bits: int = 5) -> EncodedTensor:
-    """The smallest lossless encoding of a floating-point tensor among the given layouts and codings."""
-    return encode_tensors([weight], layouts=layouts, codings=codings, index_bits=[index_bits])[0]
+                  codings: tuple[str, ...] = CODINGS, index_bits: int = 5,
+                  groups: GroupSteps | None = None) -> EncodedTensor:
+    """The smallest lossless encoding of a floating-point tensor among the given layouts and codings
+    (`groups`: the steps of a group-wise grid the weight may lie on, which adds the group_grid codebook)."""
+    return encode_tensors([weight], layouts=layouts, codings=codings, index_bits=[index_bits], groups=[groups])[0]
 
 
 def encode_tensors(weights: list[torch.Tensor], *, layouts: tuple[str, ...] = LAYOUTS,
-                   codings: tuple[str, ...] = CODINGS, index_bits: list[int], threads: int = 1) -> list[EncodedTensor]:
+                   codings: tuple[str, ...] = CODINGS, index_bits: list[int], threads: int = 1,
+                   groups: list[GroupSteps | None] | None = None) -> list[EncodedTensor]:
     """`encode_tensor` of each weight (with its own index width); their rANS runs share one batched loop.
 
     Every (layout, codebook) candidate is sized exactly before any byte is written: fixed and Huffman
@@ -223,14 +282,19 @@ def encode_tensors(weights: list[torch.Tensor], *, layouts: tuple[str, ...] = LA
     With `threads` > 1 the weights are split into that many groups of about equal size, each encoded
     in its own thread (numpy releases the GIL inside its operations); the results do not depend on it.
     """
-    groups = _split(weights, threads)
-    if len(groups) > 1:
-        with ThreadPoolExecutor(len(groups)) as pool:
+    hints = groups if groups is not None else [None] * len(weights)
+    for weight, hint in zip(weights, hints):
+        if hint is not None:
+            hint.check(weight.numel())
+    parts = _split(weights, threads)
+    if len(parts) > 1:
+        with ThreadPoolExecutor(len(parts)) as pool:
             done = list(pool.map(lambda g: encode_tensors([weights[i] for i in g], layouts=layouts, codings=codings,
-                                                          index_bits=[index_bits[i] for i in g]), groups))
-        result = {i: tensor for g, tensors in zip(groups, done) for i, tensor in zip(g, tensors)}
+                                                          index_bits=[index_bits[i] for i in g],
+                                                          groups=[hints[i] for i in g]), parts))
+        result = {i: tensor for g, tensors in zip(parts, done) for i, tensor in zip(g, tensors)}
         return [result[i] for i in range(len(weights))]
-    tensors = [_candidates(w, layouts, codings, bits) for w, bits in zip(weights, index_bits)]
+    tensors = [_candidates(w, layouts, codings, bits, hint) for w, bits, hint in zip(weights, index_bits, hints)]
     requests = {id(r): r for candidates in tensors for c in candidates for r in (c[2], c[3]) if r is not None}
     plans = dict(zip(requests, choose(list(requests.values()))))
     return [_smallest(candidates, plans) for candidates in tensors]
@@ -247,7 +311,8 @@ def _split(weights: list[torch.Tensor], threads: int) -> list[list[int]]:
     return [sorted(g) for g in groups if g]
 
 
-def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[str, ...], index_bits: int) -> list:
+def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[str, ...], index_bits: int,
+                hint: GroupSteps | None = None) -> list:
     """(EncodedTensor fields, book, positions request, values request) for every layout and codebook."""
     dtype = _dtype_name(weight)
     flat = weight.detach().to("cpu", DTYPES[np.dtype(coded_type(dtype)).name]).contiguous().numpy().reshape(-1)
@@ -256,12 +321,14 @@ def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[s
     row_size = max(flat.size // max(num_rows, 1), 1)
     found = []
     for layout in layouts:
-        positions, values, rows = None, flat, lambda: np.repeat(np.arange(num_rows), row_size)[:flat.size]
+        positions, values, rows, where = None, flat, lambda: np.repeat(np.arange(num_rows), row_size)[:flat.size], None
         if layout == "relative":
             where = np.flatnonzero(flat)
             values, rows = flat[where], lambda where=where: where // row_size
             positions = Request(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings)
-        for book in _books(values, rows, num_rows, codings):
+        books = _books(values, rows, num_rows, codings)
+        grouped = group_grid_book(values, where, hint, codings) if hint is not None else None
+        for book in books + ([grouped] if grouped is not None else []):
             found.append(((shape, layout, index_bits, dtype), book, positions, book.request))
     return found
 
@@ -270,11 +337,12 @@ def _smallest(candidates: list, plans: dict) -> EncodedTensor:
     best, best_size = None, None
     for (shape, layout, index_bits, dtype), book, positions, values in candidates:
         sized = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, plans[id(values)],
-                              plans[id(positions)] if positions is not None else None, dtype)
+                              plans[id(positions)] if positions is not None else None, dtype, book.group_size)
         if best is None or sized.nbytes < best_size:
             best, best_size = sized, sized.nbytes
     return EncodedTensor(best.shape, best.layout, best.index_bits, best.codebook, best.codebook_data, best.offset,
-                         best.values.write(), best.positions.write() if best.positions else None, best.dtype)
+                         best.values.write(), best.positions.write() if best.positions else None, best.dtype,
+                         best.group_size)
 
 
 def encode_half(tensor: torch.Tensor) -> EncodedTensor:
@@ -317,6 +385,10 @@ def _values(encoded: EncodedTensor, symbols: np.ndarray, where: np.ndarray | Non
         return symbols.astype(np.uint16).view(RAW_KINDS[kind]).astype(ftype)
     if kind == "grid":
         return (symbols.astype(np.int64) + encoded.offset).astype(ftype) * data.view(values)[0]
+    if kind == "group_grid":  # float32 arithmetic, as the fake-quant layer computed (q - zero_point) * scale
+        steps = data.view("<f2" if data.size == encoded.numel // encoded.group_size * 2 else "<f4")
+        return (symbols.astype(np.int32) + encoded.offset).astype(np.float32) * \
+            _per_value(steps.astype(np.float32), encoded.group_size, where)
     if kind == "table":
         return data.view(values)[symbols]
     num_rows = encoded.shape[0]  # table_per_channel
@@ -329,6 +401,22 @@ def _values(encoded: EncodedTensor, symbols: np.ndarray, where: np.ndarray | Non
     return data[2 * num_rows:].view(values)[first[rows] + symbols]
 
 
+def _check_group_grid(encoded: EncodedTensor) -> None:
+    """One finite float16 or float32 step per group, and integers offset .. offset + alphabet - 1 that
+    float32 holds exactly (the decode's arithmetic)."""
+    groups, size = encoded.numel // encoded.group_size, encoded.codebook_data.size
+    if encoded.dtype == "float64":
+        raise FormatError("header: a group_grid codebook decodes in float32, not to a float64 tensor")
+    if size not in (2 * groups, 4 * groups):
+        raise FormatError(f"codebook: {size} bytes are not one float16 or float32 step for each of {groups} groups")
+    steps = encoded.codebook_data.view("<f2" if size == 2 * groups else "<f4")
+    if not np.isfinite(steps).all():
+        raise FormatError("codebook: a group step is not finite")
+    if max(abs(encoded.offset), abs(encoded.offset + encoded.values.alphabet - 1)) > _EXACT_INTEGERS:
+        raise FormatError(f"header: offset {encoded.offset} and alphabet {encoded.values.alphabet} reach integers "
+                          f"beyond {_EXACT_INTEGERS}")
+
+
 def tensor_from_header(header: dict, payload: np.ndarray) -> EncodedTensor:
     """The EncodedTensor a plain-data header describes over `payload`, every size checked first.
 
@@ -336,8 +424,9 @@ def tensor_from_header(header: dict, payload: np.ndarray) -> EncodedTensor:
     Nothing is allocated by a declared size: every part must be present in `payload`, and the
     declared tensor must be one the streams can describe (see _check_counts).
     """
-    if not isinstance(header, dict) or not _HEADER_FIELDS <= set(header) <= _HEADER_FIELDS | {"dtype"}:
-        raise FormatError(f"header: expected the fields {sorted(_HEADER_FIELDS)} (and optionally dtype)")
+    if not isinstance(header, dict) or not _HEADER_FIELDS <= set(header) <= _HEADER_FIELDS | _OPTIONAL_FIELDS:
+        raise FormatError(f"header: expected the fields {sorted(_HEADER_FIELDS)} (and optionally "
+                          f"{', '.join(sorted(_OPTIONAL_FIELDS))})")
     shape, layout, index_bits, kind, dtype = _header_fields(header)
     cursor = _field(header_int, header, "codebook_bytes", 0, payload.size)
     codebook, parts = payload[:cursor], []
@@ -354,7 +443,8 @@ def tensor_from_header(header: dict, payload: np.ndarray) -> EncodedTensor:
         cursor += size
     if cursor != payload.size:
         raise FormatError(f"header: codebook and streams describe {cursor} bytes, the payload has {payload.size}")
-    encoded = EncodedTensor(shape, layout, index_bits, kind, codebook, header["offset"], parts[0], parts[1], dtype)
+    encoded = EncodedTensor(shape, layout, index_bits, kind, codebook, header["offset"], parts[0], parts[1], dtype,
+                            _group_size(header, shape))
     _check_counts(encoded)
     _check_codebook(encoded)
     for name, stream in (("values", encoded.values), ("positions", encoded.positions)):
@@ -397,6 +487,19 @@ def _header_fields(header: dict) -> tuple[tuple[int, ...], str, int, str, str]:
     return tuple(shape), header["layout"], index_bits, header["codebook"], header.get("dtype", "float32")
 
 
+def _group_size(header: dict, shape: tuple[int, ...]) -> int:
+    """A group grid's group size: present with that codebook only, and dividing the tensor's elements."""
+    if (header["codebook"] == "group_grid") != ("group_size" in header):
+        raise FormatError("header: group_size goes with the group_grid codebook, and only with it")
+    if "group_size" not in header:
+        return 0
+    numel = int(np.prod(shape, dtype=np.int64))
+    size = _field(header_int, header, "group_size", 1, max(numel, 1))
+    if numel % size:
+        raise FormatError(f"header: group_size {size} does not divide the {numel} elements")
+    return size
+
+
 def _check_counts(encoded: EncodedTensor) -> None:
     """The declared tensor is one the streams describe: as many values as elements (dense), or
     positions whose codes reach the last element (relative: trailing zeros are coded as fillers)
@@ -427,8 +530,11 @@ def _check_codebook(encoded: EncodedTensor) -> None:
         if alphabet != MAX_ALPHABET:
             raise FormatError(f"values stream: alphabet {alphabet} for 16-bit raw symbols")
         return
-    if encoded.offset and kind != "grid":
+    if encoded.offset and kind not in ("grid", "group_grid"):
         raise FormatError(f"header: offset {encoded.offset} is only for grid codebooks")
+    if kind == "group_grid":
+        _check_group_grid(encoded)
+        return
     if kind == "grid":
         if size != item or not np.isfinite(encoded.codebook_data.view(f"<f{item}")[0]):
             raise FormatError(f"codebook: a grid is one finite step of {item} bytes")
