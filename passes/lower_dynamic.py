@@ -10,8 +10,10 @@ channel computed here; a layer whose fake-quant grid is not symmetric, wider tha
 k-means or fixed point is skipped with the reason.
 
 Activation rounding changes the outputs (that is the method), so the kernel is chosen by measurement
-on the layer's real input against the float layer with the same int8 weights, which stays where int8
-loses; statistics per layer: the kernel, the milliseconds of every candidate, the activation grid.
+on the layer's real input against the float kernel with the same int8 weights (dequantized on the
+fly), which stays where int8 loses, with the float layer it replaced timed beside them as the reference;
+statistics per layer: the kernel, the milliseconds of every candidate, the activation grid. Fields
+and their checks are `kernels.lowering.MeasuredLowering`'s.
 """
 from __future__ import annotations
 
@@ -21,69 +23,39 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import Boolean, Interval, Options, Regex, TupleOf, validate
-from fxcompress.errors import PreconditionError
-from fxcompress.kernels.lowering import fake_quant_module, install, layer_bias, layer_inputs, plan_layers
-from fxcompress.kernels.dynamic import ACTIVATION_GRIDS, QUANTIZED_KERNELS, DynamicInt8Linear, choose, refusals
-from fxcompress.layers import KINDS, Layer, constant_value, layer_node, select_layers, weight_arg
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.kernels.dynamic import ACTIVATION_GRIDS, QUANTIZED_KERNELS, DynamicInt8Linear
+from fxcompress.kernels.lowering import MeasuredLowering, fake_quant_module, layer_bias, measured_constraints
+from fxcompress.layers import KINDS, Layer, constant_value, weight_arg
 from fxcompress.quant import GridWeight
 from fxcompress.quant.quantizers import as_rows
 
-from .lower_weight_only import LINEAR_KINDS
+Int8Weight = tuple[torch.Tensor, torch.Tensor, str]  # codes [out, in], scales [out], where the grid came from
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowerDynamicInt8(Pass):
-    """kernels  the int8 kernels allowed (the float layer is always measured and kept where it wins):
+class LowerDynamicInt8(MeasuredLowering):
+    """kernels  the int8 kernels allowed (the float kernel is always measured and kept where it wins):
              "fbgemm", "int_mm"
-    repeats  timed rounds per candidate (medians); margin: how much faster a kernel must be than float
-    cold     time each call after writing more than the caches hold (as between a decoder's layers,
-             whose weights then come from memory): picks kernels that read fewer bytes; False: warm caches
-    select   full-match regex over layer names (None: every linear / addmm layer)
+    repeats, margin, cold, select: see MeasuredLowering (select None: every linear / addmm layer)
     """
 
     kernels: tuple[str, ...] = QUANTIZED_KERNELS
-    repeats: int = 7
-    margin: float = 1.05
-    cold: bool = False
-    select: str | None = None
 
-    constraints: ClassVar[dict] = {
-        "kernels": (TupleOf(Options(*QUANTIZED_KERNELS), min_len=1),),
-        "repeats": (Interval(int, 1, 1000),),
-        "margin": (Interval(float, 1.0, 10.0),),
-        "cold": (Boolean(),),
-        "select": (Regex(), None),
-    }
+    constraints: ClassVar[dict] = measured_constraints(QUANTIZED_KERNELS)
+    suffix: ClassVar[str] = "dynamic_int8"
 
-    def __post_init__(self) -> None:
-        validate(self)
+    def read(self, gm: GraphModule, layer: Layer, node: Node) -> Int8Weight | str:
+        return int8_weight(gm, layer, node)
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        layers = select_layers(gm, "LowerDynamicInt8", LINEAR_KINDS, self.select)
-        planned, skipped = plan_layers(gm, layers, int8_weight)
-        if not planned:
-            raise PreconditionError(f"LowerDynamicInt8: no layer to lower: {skipped or 'no linear layer'}")
-        inputs = layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
-        stats: dict[str, Any] = {}
-        for layer, (codes, scale, source) in ctx.each(planned, "timing kernels", lambda item: item[0].name):
-            node = layer_node(gm, layer)
-            module = DynamicInt8Linear.from_codes(codes, scale, layer_bias(gm, node))
-            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin,
-                            cold=self.cold)
-            path = install(gm, layer, node, module, "dynamic_int8")
-            stats[layer.name] = {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("float"), 4),
-                                 "weights": source, "activations": ACTIVATION_GRIDS[choice.kernel],
-                                 "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
-                                 "refused": refusals(self.kernels)}
-        kernels = ("float", *self.kernels)
-        return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
-                          stats={"layers": stats, "skipped": skipped,
-                                 "kernels": {k: sum(s["kernel"] == k for s in stats.values()) for k in kernels}})
+    def build(self, gm: GraphModule, node: Node, found: Int8Weight) -> DynamicInt8Linear:
+        codes, scale, _ = found
+        return DynamicInt8Linear.from_codes(codes, scale, layer_bias(gm, node))
+
+    def layer_stats(self, module: DynamicInt8Linear, found: Int8Weight) -> dict[str, Any]:
+        return {"weights": found[2], "activations": ACTIVATION_GRIDS[module.kernel]}
 
 
-def int8_weight(gm: GraphModule, layer: Layer, node: Node) -> tuple[torch.Tensor, torch.Tensor, str] | str:
+def int8_weight(gm: GraphModule, layer: Layer, node: Node) -> Int8Weight | str:
     """(codes [out, in], scales [out], where the grid came from), or why the layer has no int8 weight."""
     if layer.kind == "addmm" and any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
         return "addmm with alpha / beta other than 1"

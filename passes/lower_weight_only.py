@@ -9,9 +9,12 @@ its fake-quant module are removed. Activations stay float, so the outputs equal 
 model's up to float summation order.
 
 The kernel is chosen per layer by measurement on the layer's real input from the example inputs
-(`kernels.weight_only.choose`): the float layer (the dequantized weight and `F.linear`) against every
-allowed kernel that fits, interleaved medians; a kernel replaces float only when it is `margin`
-times faster. Statistics per layer: the kernel, the milliseconds of every candidate, the bytes held.
+(`kernels.timing.MeasuredLayer.choose`): the float kernel (dequantizing on the fly: no float weight is
+held) against every allowed kernel that fits, with the float layer it replaced timed beside them as the
+reference ("fp32"), interleaved medians; a kernel replaces the float kernel only when it is `margin`
+times faster. Our C kernel ("c_gemv") serves decoding, a few rows per call. Statistics per layer: the
+kernel, the milliseconds of every candidate, the speed-up over the float layer, the bytes held.
+Fields and their checks are `kernels.lowering.MeasuredLowering`'s.
 """
 from __future__ import annotations
 
@@ -20,69 +23,35 @@ from typing import Any, ClassVar
 
 from torch.fx import GraphModule, Node
 
-from fxcompress.config import Boolean, Interval, Options, Regex, TupleOf, validate
-from fxcompress.errors import PreconditionError
-from fxcompress.kernels.lowering import fake_quant_module, install, layer_bias, layer_inputs, plan_layers
-from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyLinear, choose, fit_grid, refusals
-from fxcompress.layers import KINDS, Layer, constant_value, layer_node, select_layers
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.kernels.lowering import MeasuredLowering, fake_quant_module, layer_bias, measured_constraints
+from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyLinear, fit_grid
+from fxcompress.layers import KINDS, Layer, constant_value
 from fxcompress.quant import KMeansWeight
 from fxcompress.quant.quantizers import GroupedCodes, as_rows
 
-
-LINEAR_KINDS = ("linear", "addmm")
-
-
 @dataclass(frozen=True, kw_only=True)
-class LowerWeightOnly(Pass):
-    """kernels  the quantized kernels allowed (the float layer is always measured and kept where it wins):
-             "int8pack", "int4pack", "fbgemm_fp16", "dequantize"
-    repeats  timed rounds per candidate (medians); margin: how much faster a kernel must be than float
-    cold     time each call after writing more than the caches hold (as between a decoder's layers,
-             whose weights then come from memory): picks kernels that read fewer bytes; False: warm caches
-    select   full-match regex over layer names (None: every linear layer with a linear fake-quant weight)
+class LowerWeightOnly(MeasuredLowering):
+    """kernels  the quantized kernels allowed (the float kernel is always measured and kept where it
+             wins): "c_gemv", "int8pack", "int4pack", "fbgemm_fp16"
+    repeats, margin, cold, select: see MeasuredLowering (select None: every linear layer with a
+             linear fake-quant weight)
     """
 
     kernels: tuple[str, ...] = QUANTIZED_KERNELS
-    repeats: int = 7
-    margin: float = 1.05
-    cold: bool = False
-    select: str | None = None
 
-    constraints: ClassVar[dict] = {
-        "kernels": (TupleOf(Options(*QUANTIZED_KERNELS), min_len=1),),
-        "repeats": (Interval(int, 1, 1000),),
-        "margin": (Interval(float, 1.0, 10.0),),
-        "cold": (Boolean(),),
-        "select": (Regex(), None),
-    }
+    constraints: ClassVar[dict] = measured_constraints(QUANTIZED_KERNELS)
+    suffix: ClassVar[str] = "weight_only"
+    hint: ClassVar[str] = "; put InsertFakeQuant(method='linear', ...) on them first"
 
-    def __post_init__(self) -> None:
-        validate(self)
+    def read(self, gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | str:
+        return weight_codes(gm, layer, node)
 
-    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        layers = select_layers(gm, "LowerWeightOnly", LINEAR_KINDS, self.select)
-        planned, skipped = plan_layers(gm, layers, weight_codes)
-        if not planned:
-            raise PreconditionError(f"LowerWeightOnly: no layer to lower: {skipped or 'no linear layer'}; "
-                                    f"put InsertFakeQuant(method='linear', ...) on them first")
-        inputs = layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
-        stats: dict[str, Any] = {}
-        for layer, grouped in ctx.each(planned, "timing kernels", lambda item: item[0].name):
-            node = layer_node(gm, layer)
-            module = WeightOnlyLinear.from_grouped(grouped, layer_bias(gm, node))
-            choice = choose(module, inputs[node], self.kernels, repeats=self.repeats, margin=self.margin,
-                            cold=self.cold)
-            path = install(gm, layer, node, module, "weight_only")
-            stats[layer.name] = {"module": path, **choice.as_stats(), "speedup": round(choice.speedup_over("float"), 4),
-                                 "bits": module.bits, "group_size": module.group_size,
-                                 "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
-                                 "fp32_bytes": 4 * (module.in_features + module.has_bias) * module.out_features,
-                                 "refused": refusals(module, self.kernels)}
-        kernels = ("float", *self.kernels)
-        return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
-                          stats={"layers": stats, "skipped": skipped,
-                                 "kernels": {k: sum(s["kernel"] == k for s in stats.values()) for k in kernels}})
+    def build(self, gm: GraphModule, node: Node, found: GroupedCodes) -> WeightOnlyLinear:
+        return WeightOnlyLinear.from_grouped(found, layer_bias(gm, node))
+
+    def layer_stats(self, module: WeightOnlyLinear, found: GroupedCodes) -> dict[str, Any]:
+        return {"bits": module.bits, "group_size": module.group_size, "packing": module.packing,
+                "fp32_bytes": 4 * (module.in_features + module.has_bias) * module.out_features}
 
 
 def weight_codes(gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | str:

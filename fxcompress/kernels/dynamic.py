@@ -9,31 +9,27 @@ channel, and the float bias. Each call quantizes its input on the fly and multip
   with one input row per call (decoding) that grid is the row's own;
 - "int_mm": the input on a symmetric int8 grid per row (max |x| / 127), `torch._int_mm` (int8 x int8
   -> int32), then both scales and the bias in float;
-- "float": the dequantized weight and `F.linear` (no activation rounding; kept where int8 loses).
+- "float": the weight dequantized on the fly in slices and torch's matmul (no activation rounding;
+  kept where int8 loses; holds no float weight between calls).
 
-The packed fbgemm weight and the transposed int8 matrix are built on first use, never stored.
+The packed fbgemm weight and the transposed int8 matrix are built on first use, never stored. The
+choice, its times and `remeasure` are `timing.MeasuredLayer`'s.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, FormatError, PreconditionError
-from .timing import KernelChoice
-from .weight_only import expect_tensor, measure
-
-KERNELS = ("float", "fbgemm", "int_mm")
-QUANTIZED_KERNELS = KERNELS[1:]
-ACTIVATION_GRIDS = {"float": "none", "fbgemm": "uint8 per call (min-max, 7-bit: reduce_range)",
-                    "int_mm": "int8 per row (symmetric, max |x| / 127)"}
+from ..errors import ConfigError, FormatError
+from .timing import FLOAT, Kernel, KernelChoice, MeasuredLayer, Rows
+from .weight_only import expect_tensor
 
 
-class DynamicInt8Linear(nn.Module):
+class DynamicInt8Linear(MeasuredLayer):
     """A linear layer with int8 weight codes [out, in] (`weight`), scales per output channel
     (`weight_scale`) and a float bias, whose input is quantized at run time by the chosen kernel."""
 
@@ -43,19 +39,12 @@ class DynamicInt8Linear(nn.Module):
         sizes = (in_features, out_features)
         if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes) or kernel not in KERNELS:
             raise ConfigError(f"DynamicInt8Linear: needs positive in_features / out_features and kernel one of "
-                              f"{KERNELS}; got {in_features!r}, {out_features!r}, kernel={kernel!r}")
-        self.in_features, self.out_features, self.kernel, self.has_bias = in_features, out_features, kernel, has_bias
-        self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
-                                                                                    "times_ms": times_ms})
+                              f"{tuple(KERNELS)}; got {in_features!r}, {out_features!r}, kernel={kernel!r}")
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, has_bias
+        self._init_kernel(kernel, times_ms)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
-        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._where = "DynamicInt8Linear"
-
-    @property
-    def times_ms(self) -> dict[str, float] | None:
-        return None if self.kernel_choice is None else dict(self.kernel_choice.times_ms)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -70,38 +59,15 @@ class DynamicInt8Linear(nn.Module):
             module.bias.copy_(bias.detach().float())
         return module
 
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.weight_scale.unsqueeze(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._run is None:
-            refusal = refusals((self.kernel,)).get(self.kernel)
-            if refusal is not None:  # a file lowered on another machine: say so rather than crash in torch
-                raise PreconditionError(f"{self._where}: kernel {self.kernel!r} cannot run here ({refusal}); "
-                                        f"set another with kernels.dynamic.choose(module, x)")
-            self._run = BUILDERS[self.kernel](self)
-        rows = x.reshape(-1, self.in_features)
-        return self._run(rows.float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse=True):
-        self._run = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:  # the packed weight is opaque memory: copies remake it
-        state = dict(self.__dict__)
-        state["_run"] = None
-        return state
-
-    def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.weight[start:stop].float() * self.weight_scale[start:stop].unsqueeze(1)
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "kernel": self.kernel,
-                "has_bias": self.has_bias, "times_ms": self.times_ms}
+        return {"in_features": self.in_features, "out_features": self.out_features, "has_bias": self.has_bias,
+                **self.choice_config()}
 
     def extra_repr(self) -> str:
-        chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}{chosen}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.choice_repr()}"
 
     def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
         self._where = f"DynamicInt8Linear {path}"
@@ -118,12 +84,7 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def _float(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    weight, bias = module.dequantize(), module.bias
-    return lambda x: F.linear(x, weight, bias)
-
-
-def _fbgemm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+def _fbgemm(module: DynamicInt8Linear) -> Rows:
     scale = module.weight_scale.double()
     with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's prepack still takes only them
         warnings.simplefilter("ignore", UserWarning)
@@ -133,7 +94,7 @@ def _fbgemm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
-def _int_mm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+def _int_mm(module: DynamicInt8Linear) -> Rows:
     weight_t, scale, bias = module.weight.t().contiguous(), module.weight_scale, module.bias
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -144,25 +105,24 @@ def _int_mm(module: DynamicInt8Linear) -> Callable[[torch.Tensor], torch.Tensor]
     return run
 
 
-BUILDERS: dict[str, Callable[[DynamicInt8Linear], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "float": _float, "fbgemm": _fbgemm, "int_mm": _int_mm}
+KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
+    FLOAT,
+    Kernel("fbgemm", lambda m: None if fbgemm_available() else "this torch build has no fbgemm", _fbgemm),
+    Kernel("int_mm", lambda m: None if hasattr(torch, "_int_mm") else "this torch has no _int_mm", _int_mm),
+)}
+DynamicInt8Linear.KERNELS = KERNELS  # the table names the kernel functions, which are defined after the class
+QUANTIZED_KERNELS = tuple(name for name in KERNELS if name != "float")
+ACTIVATION_GRIDS = {"float": "none", "fbgemm": "uint8 per call (min-max, 7-bit: reduce_range)",
+                    "int_mm": "int8 per row (symmetric, max |x| / 127)"}
 
 
 def refusals(kernels: Sequence[str] = QUANTIZED_KERNELS) -> dict[str, str]:
     """Why each of `kernels` cannot run on this machine (kernels that can are absent)."""
-    reasons = {"fbgemm": None if fbgemm_available() else "this torch build has no fbgemm",
-               "int_mm": None if hasattr(torch, "_int_mm") else "this torch has no _int_mm"}
-    return {name: reason for name in kernels if (reason := reasons.get(name)) is not None}
+    return {name: reason for name in kernels if (reason := KERNELS[name].refusal(None)) is not None}
 
 
 def choose(module: DynamicInt8Linear, x: torch.Tensor, kernels: Sequence[str] = QUANTIZED_KERNELS, *,
            repeats: int = 7, margin: float = 1.05, cold: bool = False) -> KernelChoice:
-    """Time the float layer and each allowed int8 kernel on input `x`; set the fastest (float unless
-    beaten by `margin`) as the module's kernel; `cold`: see `weight_only.measure`."""
-    rows = x.detach().reshape(-1, module.in_features).float().contiguous()
-    refused = refusals(kernels)
-    names = ["float", *(k for k in kernels if k != "float" and k not in refused)]
-    candidates = {name: BUILDERS[name](module) for name in names}
-    choice = measure(candidates, rows, repeats=repeats, margin=margin, cold=cold)
-    module.kernel, module.kernel_choice, module._run = choice.kernel, choice, candidates[choice.kernel]
-    return choice
+    """Time the float layer, the float kernel and each allowed int8 kernel on input `x`; set the fastest
+    (the float kernel unless beaten by `margin`) as the module's kernel; `cold`: see `timing.measure`."""
+    return module.choose(x, kernels, repeats=repeats, margin=margin, cold=cold)

@@ -1,19 +1,100 @@
 """What every lowering pass does around its kernel: record each layer's real input from the example
 inputs (kernels are timed on it), choose which layers to lower with the reason for the others, read a
 layer's fake-quant module and float bias, and put a run-time module in the layer's place with its
-weight chain erased. LowerToSparse, LowerWeightOnly and LowerDynamicInt8 share these."""
+weight chain erased. LowerToSparse, LowerWeightOnly and LowerDynamicInt8 share these.
+
+`MeasuredLowering` is the one configuration (fields and their constraints, `MEASURED_FIELDS`) and the
+one `run` of the passes that replace linear layers by a `timing.MeasuredLayer`: a subclass says which
+kernels it allows, how it reads a layer (`read`), what module it builds (`build`) and what statistics
+it adds (`layer_stats`).
+"""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
+from ..config import Boolean, Interval, Options, Regex, TupleOf, validate
 from ..encoded.rewire import erase_unused
+from ..errors import PreconditionError
 from ..execution import evaluating
-from ..layers import Layer, bias_arg, constant_value, input_arg, layer_node, tied_readers, weight_arg
+from ..layers import Layer, bias_arg, constant_value, input_arg, layer_node, select_layers, tied_readers, weight_arg
+from ..pass_base import Pass, PassContext, PassResult
 from ..quant import GridWeight, KMeansWeight
+from .timing import MeasuredLayer
+
+LINEAR_KINDS = ("linear", "addmm")
+# the fields every measured lowering shares, with what each accepts (the kernels field: `measured_constraints`)
+MEASURED_FIELDS: dict[str, tuple] = {
+    "repeats": (Interval(int, 1, 1000),),
+    "margin": (Interval(float, 1.0, 10.0),),
+    "cold": (Boolean(),),
+    "select": (Regex(), None),
+}
+
+
+def measured_constraints(kernels: Sequence[str]) -> dict[str, tuple]:
+    """A measured lowering's constraints: a non-empty tuple of `kernels`, and MEASURED_FIELDS."""
+    return {"kernels": (TupleOf(Options(*kernels), min_len=1),), **MEASURED_FIELDS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredLowering(Pass):
+    """Linear layers replaced by a MeasuredLayer whose kernel is timed on each layer's real input.
+
+    kernels  the kernels allowed (the float kernel is always measured, and the float layer beside it
+             as the reference of the speed-ups; the float kernel stays unless beaten by `margin`)
+    repeats  timed rounds per candidate (medians); margin: how much faster a kernel must be
+    cold     time each call after writing more than the caches hold (as between a decoder's layers,
+             whose weights then come from memory): picks kernels that read fewer bytes; False: warm caches
+    select   full-match regex over layer names (None: every layer the pass can read)
+    """
+
+    kernels: tuple[str, ...] = ()
+    repeats: int = 7
+    margin: float = 1.05
+    cold: bool = False
+    select: str | None = None
+
+    suffix: ClassVar[str] = "lowered"  # the module's name beside the layer's other children
+    hint: ClassVar[str] = ""           # appended to the error when no layer can be lowered
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def read(self, gm: GraphModule, layer: Layer, node: Node) -> Any:  # pragma: no cover - interface
+        """What the layer's module is built from, or why the layer cannot be lowered (a string)."""
+        raise NotImplementedError
+
+    def build(self, gm: GraphModule, node: Node, found: Any) -> MeasuredLayer:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def layer_stats(self, module: MeasuredLayer, found: Any) -> dict[str, Any]:
+        return {}
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        name = type(self).__name__
+        planned, skipped = plan_layers(gm, select_layers(gm, name, LINEAR_KINDS, self.select), self.read)
+        if not planned:
+            raise PreconditionError(f"{name}: no layer to lower: {skipped or 'no linear layer'}{self.hint}")
+        inputs = layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
+        stats: dict[str, Any] = {}
+        for layer, found in ctx.each(planned, "timing kernels", lambda item: item[0].name):
+            node = layer_node(gm, layer)
+            module = self.build(gm, node, found)
+            module.choose(inputs[node], self.kernels, repeats=self.repeats, margin=self.margin, cold=self.cold)
+            path = install(gm, layer, node, module, self.suffix)
+            stats[layer.name] = {"module": path, **module.choice_stats(self.kernels),
+                                 "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
+                                 **self.layer_stats(module, found)}
+        kernels = ("float", *self.kernels)
+        return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
+                          stats={"layers": stats, "skipped": skipped,
+                                 "kernels": {k: sum(s["kernel"] == k for s in stats.values()) for k in kernels}})
 
 
 class _Recorder(Interpreter):

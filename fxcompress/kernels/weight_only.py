@@ -3,83 +3,100 @@
 A `WeightOnlyLinear` computes `F.linear(x, W, b)` where W is held only as integer codes u with one
 scale s and zero-point z per (output channel, group of `group_size` input channels):
 W = (u - z) * s. Codes are unsigned (u = q - qmin of the fake-quant grid): one per byte for grids of
-5..8 bits, two per byte (low nibble first) for grids of at most 4 bits.
+5..8 bits, two per byte for grids of at most 4 bits, in one of two packings (`PACKINGS`):
+"blocks" (chosen when lowering wherever in_features is a multiple of 32: in each block of 32 columns,
+byte j holds column j in its low nibble and column j + 16 in its high one, which the C kernel unpacks
+with one mask and one shift per 32 codes) or "pairs" (column 2j low, 2j + 1 high: files written
+before "blocks" existed).
 
-Each kernel turns the codes into what it multiplies, on first use (never stored, never saved):
+Each kernel computes from the codes; none keeps a float weight between calls:
 
-- "float": the dequantized float weight and `F.linear` (the float layer; kept where nothing beats it);
-- "dequantize": dequantizes the weight on every call (holds no float copy; slow);
+- "float": dequantizes slices of output channels on every call (4 MB of float weight at most) and
+  multiplies them with torch's matmul — the layer everywhere, slow at batch 1;
+- "c_gemv": our C kernel (csrc/wo_gemv.c, built at first use where a C compiler exists): unpacks
+  each block of 32 codes once per call and multiplies it with every input row, float32 accumulators
+  per group scaled once per group; for decoding (1..8 rows), where the bytes read decide. Needs
+  groups of a multiple of 32 columns (and "blocks" packing for 4-bit codes);
 - "int8pack": `torch._weight_int8pack_mm`, int8 codes centered on a zero-point that fits int8
-  (symmetric 8-bit grids), one scale per output channel;
+  (symmetric 8-bit grids), one scale per output channel (holds its int8 copy of the codes);
 - "int4pack": `torch._weight_int4pack_mm_for_cpu` (tinygemm's layout: W = (u - 8) * s + zero per
-  group of 32..256), grids of at most 4 bits whose groups it can tile;
+  group of 32..256), grids of at most 4 bits whose groups it can tile (holds its packed copy);
 - "fbgemm_fp16": fbgemm's fp16-weight GEMM on the centered integer codes u - z (exact in fp16, which
   holds every integer up to 2048), with the scales applied after: one output row per group (the input
-  split block-diagonally by group), scaled and summed. fp32 activations and accumulation, so the
-  result is the float layer's up to summation order.
+  split block-diagonally by group), scaled and summed (holds its fp16 copy: 2 bytes a weight).
 
 Which kernel wins depends on the machine and the input shape (on an AVX2 machine without AVX-512,
-torch's int8pack / int4pack ran 5-20x slower than fp32 at batch 1), so `choose` times every kernel
-that fits on the layer's real input (`choose_kernel`: interleaved rounds, medians, float kept unless
-beaten by its margin).
+torch's int8pack / int4pack ran 10-60x slower than fp32 at batch 1), so `choose` times every kernel
+that fits on the layer's real input, beside the float layer it replaced (`timing.MeasuredLayer`).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
 from ..quant.quantizers import GroupedCodes
-from .timing import KernelChoice, choose_kernel
+from . import compiled
+from .timing import FLOAT, Kernel, KernelChoice, MeasuredLayer, Rows
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4pack kernel takes, largest first
 INT4_N_MULTIPLE = 16              # its packed layout needs output channels in multiples of 16
 FP16_EXACT = 2048                 # every integer of magnitude up to this is exact in fp16
+C_BLOCK = 32                      # columns the C kernel unpacks at once (csrc/wo_gemv.c: BLOCK)
 
 
-@dataclass(frozen=True)
-class Kernel:
-    """A way to run a WeightOnlyLinear: `refusal(m)` says why it cannot (None: it can), `build(m)`
-    returns the function computing the layer on 2-D inputs (bias included)."""
-
-    name: str
-    refusal: Callable[["WeightOnlyLinear"], str | None]
-    build: Callable[["WeightOnlyLinear"], Callable[[torch.Tensor], torch.Tensor]]
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes < 16, [rows, 2n] -> [rows, n], column 2j in the low nibble, 2j + 1 in the high one."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
-class WeightOnlyLinear(nn.Module):
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes < 16, [rows, 32n] -> [rows, 16n]: in each block of 32 columns, byte j holds column j
+    (low nibble) and column j + 16 (high nibble)."""
+    blocks = codes.reshape(codes.shape[0], -1, 2, C_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+
+
+def unpack_blocks(packed: torch.Tensor) -> torch.Tensor:
+    blocks = packed.reshape(packed.shape[0], -1, C_BLOCK // 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+# packing name -> (pack, unpack) of 4-bit codes [rows, in] <-> [rows, in / 2]
+PACKINGS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "pairs": (pack_nibbles, unpack_nibbles), "blocks": (pack_blocks, unpack_blocks)}
+
+
+class WeightOnlyLinear(MeasuredLayer):
     """A linear layer held as integer weight codes, run by the kernel `kernel`.
 
-    Buffers: `codes` (uint8: [out, in] for 8-bit storage, [out, in / 2] two codes per byte for 4-bit),
-    `scale` (float32 [out, in / group_size]), `zero` (uint8, the same shape: zero-points are integers in
-    the codes' range), `bias` (float32 [out]) when the layer has one.
+    Buffers: `codes` (uint8: [out, in] for 8-bit storage, [out, in / 2] two codes per byte for 4-bit,
+    packed as `packing` says), `scale` (float32 [out, in / group_size]), `zero` (uint8, the same shape:
+    zero-points are integers in the codes' range), `bias` (float32 [out]) when the layer has one.
     `kernel_choice` is the measurement that picked the kernel (None when it was set by hand).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kernel: str = "float",
-                 has_bias: bool = True, times_ms: Mapping[str, float] | None = None) -> None:
+                 has_bias: bool = True, times_ms: Mapping[str, float] | None = None, packing: str = "pairs") -> None:
         super().__init__()
-        _check_config(in_features, out_features, bits, group_size, kernel)
+        _check_config(in_features, out_features, bits, group_size, kernel, packing)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.kernel, self.has_bias = kernel, has_bias
-        self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
-                                                                                    "times_ms": times_ms})
+        self.has_bias, self.packing = has_bias, packing
+        self._init_kernel(kernel, times_ms)
         groups = in_features // group_size
         self.register_buffer("codes", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
-        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._where = "WeightOnlyLinear"
-
-    @property
-    def times_ms(self) -> dict[str, float] | None:
-        return None if self.kernel_choice is None else dict(self.kernel_choice.times_ms)
 
     @classmethod
     def from_grouped(cls, grouped: GroupedCodes, bias: torch.Tensor | None, kernel: str = "float",
@@ -91,59 +108,40 @@ class WeightOnlyLinear(nn.Module):
                                     f"weight-only kernels take grids of at most 8 bits")
         out, columns = grouped.codes.shape
         bits = 4 if levels <= 15 and columns % 2 == 0 else 8
-        module = cls(columns, out, bits, grouped.group_size, kernel, bias is not None, times_ms)
+        packing = "blocks" if columns % C_BLOCK == 0 else "pairs"
+        module = cls(columns, out, bits, grouped.group_size, kernel, bias is not None, times_ms, packing)
         unsigned = (grouped.codes - grouped.qmin).to(torch.uint8)
-        module.codes.copy_(pack_nibbles(unsigned) if bits == 4 else unsigned)
+        module.codes.copy_(PACKINGS[packing][0](unsigned) if bits == 4 else unsigned)
         module.scale.copy_(grouped.scale)
         module.zero.copy_((grouped.zero_point - grouped.qmin).to(torch.uint8))
         if bias is not None:
             module.bias.copy_(bias.detach().float())
         return module
 
-    def unsigned_codes(self) -> torch.Tensor:
-        """The codes u as uint8 [out, in], unpacked."""
-        return unpack_nibbles(self.codes) if self.bits == 4 else self.codes
+    def unsigned_codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The codes u of output channels start..stop as uint8 [rows, in], unpacked."""
+        codes = self.codes[start:stop]
+        return PACKINGS[self.packing][1](codes) if self.bits == 4 else codes
 
     def centered(self) -> torch.Tensor:
         """u - z as float32 [out, in]: small integers, exact in float."""
         return self.unsigned_codes().float() - self.zero.float().repeat_interleave(self.group_size, dim=1)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float weight [out, in], bit-identical to the fake-quant weight it came from."""
-        return self.centered() * self.scale.repeat_interleave(self.group_size, dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._run is None:
-            refusal = KERNELS[self.kernel].refusal(self)
-            if refusal is not None:  # a file lowered on another machine: say so rather than crash in torch
-                raise PreconditionError(f"{self._where}: kernel {self.kernel!r} cannot run here ({refusal}); "
-                                        f"set another with kernels.weight_only.choose(module, x)")
-            self._run = KERNELS[self.kernel].build(self)
-        rows = x.reshape(-1, self.in_features)
-        return self._run(rows.float().contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn, recurse=True):  # moved or converted buffers: the run-time form is remade
-        self._run = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild the run-time form from the codes
-        state = dict(self.__dict__)
-        state["_run"] = None
-        return state
-
-    def held_bytes(self) -> int:
-        """Bytes of the stored tensors (codes, scales, zero-points, bias)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """The float weight of output channels start..stop, bit-identical to the fake-quant weight."""
+        rows = stop - start
+        u = self.unsigned_codes(start, stop).float().reshape(rows, -1, self.group_size)
+        weight = (u - self.zero[start:stop].float().unsqueeze(2)) * self.scale[start:stop].unsqueeze(2)
+        return weight.reshape(rows, self.in_features)
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-                "group_size": self.group_size, "kernel": self.kernel, "has_bias": self.has_bias,
-                "times_ms": self.times_ms}
+                "group_size": self.group_size, "has_bias": self.has_bias, "packing": self.packing,
+                **self.choice_config()}
 
     def extra_repr(self) -> str:
-        chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, kernel={self.kernel}{chosen}")
+                f"group_size={self.group_size}, {self.choice_repr()}")
 
     def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
         """FormatError naming `path` and the tensor when a file attached tensors of the wrong kind."""
@@ -169,24 +167,18 @@ def expect_tensor(module: nn.Module, name: str, dtype: torch.dtype, shape: tuple
         raise FormatError(f"{module._where}: tensor {name!r} is {got}, expected contiguous {dtype} {list(shape)}")
 
 
-def _check_config(in_features: int, out_features: int, bits: int, group_size: int, kernel: str) -> None:
+def _check_config(in_features: int, out_features: int, bits: int, group_size: int, kernel: str,
+                  packing: str) -> None:
     """A configuration read from a file is checked before anything is built from it."""
     sizes = (in_features, out_features, group_size)
     if (not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes) or bits not in (4, 8)
-            or in_features % group_size or (bits == 4 and in_features % 2) or kernel not in KERNELS):
+            or in_features % group_size or (bits == 4 and in_features % 2) or kernel not in KERNELS
+            or packing not in PACKINGS or (packing == "blocks" and in_features % C_BLOCK)):
         raise ConfigError(f"WeightOnlyLinear: needs positive in_features / out_features / group_size with "
                           f"group_size dividing in_features (even for bits=4), bits 4 or 8, kernel one of "
-                          f"{sorted(KERNELS)}; got in_features={in_features!r}, out_features={out_features!r}, "
-                          f"bits={bits!r}, group_size={group_size!r}, kernel={kernel!r}")
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes < 16, [rows, 2n] -> [rows, n], column 2j in the low nibble, 2j + 1 in the high one."""
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+                          f"{sorted(KERNELS)}, packing one of {sorted(PACKINGS)} ('blocks' needs in_features a "
+                          f"multiple of {C_BLOCK}); got in_features={in_features!r}, out_features={out_features!r}, "
+                          f"bits={bits!r}, group_size={group_size!r}, kernel={kernel!r}, packing={packing!r}")
 
 
 # ---- the kernels -----------------------------------------------------------------------------------
@@ -195,13 +187,45 @@ def _with_bias(module: WeightOnlyLinear, out: torch.Tensor) -> torch.Tensor:
     return out if module.bias is None else out.add_(module.bias)
 
 
-def _float(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
-    weight, bias = module.dequantize(), module.bias
-    return lambda x: F.linear(x, weight, bias)
+@functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """csrc/wo_gemv.c built for this machine with its argument types set once, or None where it cannot be."""
+    lib = compiled.library("wo_gemv")
+    if lib is not None:
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        for fn in (lib.wo_int4, lib.wo_int8):
+            fn.restype = None
+            fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, pointer, pointer]
+    return lib
 
 
-def _dequantize(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: F.linear(x, module.dequantize(), module.bias)
+def _c_refusal(module: WeightOnlyLinear) -> str | None:
+    if module.group_size % C_BLOCK:
+        return f"group_size {module.group_size} is not a multiple of {C_BLOCK}"
+    if module.bits == 4 and module.packing != "blocks":
+        return "4-bit codes packed in pairs (an older file): the C kernel reads blocks of 32 columns"
+    if module.codes.device.type != "cpu":
+        return f"the codes are on {module.codes.device}, the C kernel runs on the CPU"
+    if c_library() is None:
+        return "no C compiler here to build it (or FXCOMPRESS_NO_C=1)"
+    return None
+
+
+def _c_gemv(module: WeightOnlyLinear) -> Rows:
+    fn = c_library().wo_int4 if module.bits == 4 else c_library().wo_int8
+    codes, scale, zero, bias = module.codes, module.scale, module.zero, module.bias
+    shape = (module.in_features, module.out_features)
+    static = (codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), module.group_size,
+              None if bias is None else bias.data_ptr())
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # x is float32, contiguous and on the CPU (forward and choose make it so); the tensors behind the
+        # pointers are the module's buffers, kept alive by the closure, and moving them rebuilds it
+        y = torch.empty(x.shape[0], shape[1], dtype=torch.float32)
+        fn(x.data_ptr(), x.shape[0], *shape, *static, y.data_ptr())
+        return y
+    run.keep = (codes, scale, zero, bias)  # the buffers whose memory the pointers name
+    return run
 
 
 def _int8pack_refusal(module: WeightOnlyLinear) -> str | None:
@@ -213,7 +237,7 @@ def _int8pack_refusal(module: WeightOnlyLinear) -> str | None:
     return None
 
 
-def _int8pack(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+def _int8pack(module: WeightOnlyLinear) -> Rows:
     weight = module.centered().to(torch.int8)
     scale = module.scale[:, 0].contiguous()
     return lambda x: _with_bias(module, torch._weight_int8pack_mm(x, weight, scale))
@@ -235,7 +259,7 @@ def _int4pack_refusal(module: WeightOnlyLinear) -> str | None:
     return None
 
 
-def _int4pack(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+def _int4pack(module: WeightOnlyLinear) -> Rows:
     group = _int4_group(module)
     repeat = module.group_size // group
     packed = torch._convert_weight_to_int4pack_for_cpu(module.unsigned_codes().to(torch.int32), 1)
@@ -253,7 +277,7 @@ def _fbgemm_refusal(module: WeightOnlyLinear) -> str | None:
     return None
 
 
-def _fbgemm_fp16(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+def _fbgemm_fp16(module: WeightOnlyLinear) -> Rows:
     packed = torch.ops.quantized.linear_prepack_fp16(module.centered(), None)
     groups = module.in_features // module.group_size
     scale_t = module.scale.t().contiguous()  # [groups, out]
@@ -271,52 +295,26 @@ def _fbgemm_fp16(module: WeightOnlyLinear) -> Callable[[torch.Tensor], torch.Ten
 
 
 KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
-    Kernel("float", lambda m: None, _float),
-    Kernel("dequantize", lambda m: None, _dequantize),
+    FLOAT,
+    Kernel("c_gemv", _c_refusal, _c_gemv),
     Kernel("int8pack", _int8pack_refusal, _int8pack),
     Kernel("int4pack", _int4pack_refusal, _int4pack),
     Kernel("fbgemm_fp16", _fbgemm_refusal, _fbgemm_fp16),
 )}
+WeightOnlyLinear.KERNELS = KERNELS  # the table names the kernel functions, which are defined after the class
 QUANTIZED_KERNELS = tuple(name for name in KERNELS if name != "float")
 
 
 def refusals(module: WeightOnlyLinear, kernels: Sequence[str] = QUANTIZED_KERNELS) -> dict[str, str]:
     """Why each of `kernels` cannot run this layer (kernels that can are absent)."""
-    return {name: reason for name in kernels if (reason := KERNELS[name].refusal(module)) is not None}
+    return module.refusals(kernels)
 
 
 def choose(module: WeightOnlyLinear, x: torch.Tensor, kernels: Sequence[str] = QUANTIZED_KERNELS, *,
            repeats: int = 7, margin: float = 1.05, cold: bool = False) -> KernelChoice:
-    """Time the float layer and every kernel of `kernels` that fits on input `x`, and set the fastest
-    (float unless a kernel beats it by `margin`) as the module's kernel; `cold`: see `measure`."""
-    rows = x.detach().reshape(-1, module.in_features).float().contiguous()
-    names = ["float", *(k for k in kernels if k != "float" and KERNELS[k].refusal(module) is None)]
-    candidates = {name: KERNELS[name].build(module) for name in names}
-    choice = measure(candidates, rows, repeats=repeats, margin=margin, cold=cold)
-    module.kernel, module.kernel_choice, module._run = choice.kernel, choice, candidates[choice.kernel]
-    return choice
-
-
-EVICT_BYTES = 64 << 20  # more than the last-level cache of the machines here
-
-
-def measure(candidates: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], rows: torch.Tensor, *,
-            repeats: int, margin: float, cold: bool) -> KernelChoice:
-    """`choose_kernel` with "float" as the baseline. With `cold`, every timed call first writes a
-    buffer larger than the caches, as the other layers of a model do between two calls of one layer
-    (decoding: each layer's weights come from memory, where fewer bytes win); the writing's own median
-    is subtracted from every candidate's, and the margin applies to what is left."""
-    if not cold:
-        return choose_kernel(candidates, (rows,), baseline="float", repeats=repeats, margin=margin)
-    scratch = torch.zeros(EVICT_BYTES // 4)
-
-    def evicting(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda t: (scratch.add_(1.0), fn(t))[1]
-    timed = {name: evicting(fn) for name, fn in candidates.items()} | {"evict": lambda t: scratch.add_(1.0)}
-    raw = choose_kernel(timed, (rows,), baseline="float", repeats=repeats, margin=margin).times_ms
-    times = {name: max(raw[name] - raw["evict"], 1e-6) for name in candidates}
-    fastest = min(times, key=times.__getitem__)
-    return KernelChoice(fastest if times[fastest] * margin <= times["float"] else "float", times)
+    """Time the float layer, the float kernel and every kernel of `kernels` that fits on input `x`, and
+    set the fastest (the float kernel unless a kernel beats it by `margin`) as the module's kernel."""
+    return module.choose(x, kernels, repeats=repeats, margin=margin, cold=cold)
 
 
 # ---- weights whose values lie on a uniform grid (k-means codebooks) ------------------------------

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fxcompress.errors import ConfigError, FormatError
-from fxcompress.kernels.dynamic import BUILDERS, DynamicInt8Linear, choose, fbgemm_available
+from fxcompress.kernels.dynamic import KERNELS, DynamicInt8Linear, choose, fbgemm_available
 
 needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no fbgemm")
 
@@ -29,13 +29,13 @@ def test_fbgemm_kernel_is_torch_ao_dynamic_linear_on_the_same_weights():
         qweight = torch._make_per_channel_quantized_tensor(module.weight, scale, torch.zeros(40, dtype=torch.int64), 0)
         reference.set_weight_bias(qweight, module.bias)
         expected = reference(x)
-    assert torch.equal(BUILDERS["fbgemm"](module)(x), expected)
+    assert torch.equal(KERNELS["fbgemm"].build(module)(x), expected)
 
 
 def test_int_mm_kernel_quantizes_each_row_symmetrically():
     module, x = layer()
     x[1] *= 100.0  # a row of another magnitude gets its own grid
-    out = BUILDERS["int_mm"](module)(x)
+    out = KERNELS["int_mm"].build(module)(x)
     x_scale = x.abs().amax(dim=1, keepdim=True) / 127
     codes = torch.round(x / x_scale)
     expected = (codes.double() @ module.weight.double().t()) * x_scale.double() * module.weight_scale.double() \
@@ -49,7 +49,7 @@ def test_each_kernel_stays_within_the_activation_rounding_bound_of_the_float_lay
         pytest.skip("this torch build has no fbgemm")
     module, x = layer()
     exact = F.linear(x, module.dequantize(), module.bias)
-    out = BUILDERS[kernel](module)(x)
+    out = KERNELS[kernel].build(module)(x)
     # each input moves by at most half its step (fbgemm: the row's range over 127 levels, reduce_range;
     # int_mm: max |x| / 127), so each output by at most sum_k |w_k| * step / 2
     step = ((x.amax(dim=1, keepdim=True).clamp(min=0) - x.amin(dim=1, keepdim=True).clamp(max=0)) / 127

@@ -25,7 +25,7 @@ def test_every_kernel_that_fits_computes_the_fake_quant_layer(bits, group_size, 
     x = torch.randn(5, 256)
     expected = F.linear(x, fake, bias)
     fitting = [name for name in KERNELS if KERNELS[name].refusal(module) is None]
-    assert {"float", "dequantize", "fbgemm_fp16"} <= set(fitting) or "fbgemm" not in \
+    assert {"float", "fbgemm_fp16"} <= set(fitting) or "fbgemm" not in \
         torch.backends.quantized.supported_engines
     for name in fitting:
         out = KERNELS[name].build(module)(x)
@@ -57,7 +57,8 @@ def test_choose_times_float_and_the_fitting_kernels_and_keeps_the_result():
     module, fake, bias = layer(4, 128, True)
     x = torch.randn(1, 256)
     choice = choose(module, x, repeats=1)
-    assert set(choice.times_ms) == {"float", *[k for k in KERNELS if KERNELS[k].refusal(module) is None]}
+    assert set(choice.times_ms) == {"fp32", *[k for k in KERNELS if KERNELS[k].refusal(module) is None]}
+    assert choice.kernel != "fp32"  # the float layer is timed as the reference, never chosen
     assert module.kernel == choice.kernel and module.times_ms == dict(choice.times_ms)
     torch.testing.assert_close(module(x), F.linear(x, fake, bias), rtol=1e-5, atol=1e-5)
     assert module(x.reshape(1, 1, 256)).shape == (1, 1, 48)
