@@ -3,23 +3,27 @@
     table = fxcompress.sensitivity(model, lambda m: evaluate(m, x, y), sparsities=[0.5, 0.7, 0.9])
     print(table.to_markdown()); table.save_plot("sensitivity.png")
     per_layer = table.max_sparsity(tolerance=0.005)   # the most each layer tolerates on its own
+    table.save("sensitivity.json"); SensitivityTable.load("sensitivity.json")   # the report reads these
 
 Layers are pruned in place and restored after each evaluation, so the sweep needs no copy of the
 model. A layer that already carries a mask is pruned further from it (its pruned weights stay pruned).
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import check_choice, check_real
-from .errors import ConfigError, MissingDependencyError
+from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import kind_of_type
 from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
 
@@ -82,6 +86,42 @@ class SensitivityTable:
         ax.set(xlabel="sparsity", ylabel="metric", title=f"Pruning sensitivity ({self.granularity})")
         ax.legend(fontsize="small")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": JSON_FORMAT, "granularity": self.granularity, "baseline": self.baseline,
+                "sparsities": list(self.sparsities), "layers": list(self.layers),
+                "values": [list(row) for row in self.values]}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "sensitivity table") -> SensitivityTable:
+        """The table `to_dict` wrote; FormatError naming the field for anything else."""
+        if not isinstance(data, dict) or data.get("format") != JSON_FORMAT:
+            raise FormatError(f"{source}: not a sensitivity table (its 'format' must be {JSON_FORMAT!r})")
+        layers, sparsities = _list_of(data, "layers", str, source), _list_of(data, "sparsities", float, source)
+        values = data.get("values")
+        if not (isinstance(values, list) and len(values) == len(layers)
+                and all(isinstance(row, list) and len(row) == len(sparsities) and all(map(_is_number, row))
+                        for row in values)):
+            raise FormatError(f"{source}: 'values' must be {len(layers)} rows (one per layer) of "
+                              f"{len(sparsities)} numbers (one per sparsity)")
+        if not _is_number(data.get("baseline")) or data.get("granularity") not in GRANULARITIES:
+            raise FormatError(f"{source}: 'baseline' must be a number and 'granularity' one of "
+                              f"{', '.join(GRANULARITIES)}")
+        return cls(tuple(layers), tuple(map(float, sparsities)), tuple(tuple(map(float, row)) for row in values),
+                   float(data["baseline"]), data["granularity"])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON (what `load` and `fxcompress report --sensitivity FILE` read)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path}: not JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
     def save_plot(self, path: str | Path) -> Path:
         """Write a PNG: one curve per layer, metric against sparsity, baseline dashed."""
         try:
@@ -96,6 +136,22 @@ class SensitivityTable:
         fig.savefig(path, format="png")
         plt.close(fig)
         return Path(path)
+
+
+JSON_FORMAT = "fxcompress-sensitivity-1"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _list_of(data: dict, key: str, kind: type, source: str) -> list:
+    items = data.get(key)
+    ok = isinstance(items, list) and items and all(isinstance(i, str) if kind is str else _is_number(i) for i in items)
+    if not ok:
+        raise FormatError(f"{source}: {key!r} must be a non-empty list of "
+                          f"{'names' if kind is str else 'numbers'}, got {items!r}"[:300])
+    return items
 
 
 def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],

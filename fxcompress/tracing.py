@@ -24,6 +24,8 @@ from .errors import TraceError
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # torch, fxcompress and the standard library (functools' wrappers) are never the user's line
 _NOT_USER = (_TORCH_DIR, os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"])
+# the zoo's models are models a user compiles: their lines are the user's lines
+_ZOO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zoo.py")
 _TRACE_CODE = Tracer.trace.__code__  # frames above it are the caller of compile(), not the traced forward
 # one frame of a node's `stack_trace`, in the format torch.fx and torch.export both write
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>[^\n]+)(?:\n(?!\s*File ")(?P<code>[^\n]*))?')
@@ -93,7 +95,7 @@ class _LocatingTracer(Tracer):
 
 @functools.lru_cache(maxsize=4096)
 def _is_library(filename: str) -> bool:
-    return filename.startswith(_NOT_USER)
+    return filename.startswith(_NOT_USER) and filename != _ZOO_FILE
 
 
 def _traced_user_frame() -> FrameType | None:
@@ -112,7 +114,7 @@ def _user_frame(exc: BaseException, module: nn.Module) -> str:
     When torch failed before running any user code (reading the forward's signature), the user's
     forward itself."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(_NOT_USER)]
+              if not _is_library(f.filename)]
     if frames:
         f = frames[-1]
         return f"{os.path.basename(f.filename)}:{f.lineno}: {f.line}"

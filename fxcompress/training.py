@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -21,11 +23,60 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import check_int, check_real
+from .config import Boolean, Interval, Options, TypeOf, check, check_applicable, check_int, check_real, validate
 from .errors import ConfigError, PreconditionError, VerificationError
 from .execution import evaluating
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# optimizer name -> torch's class; each is built with lr, weight_decay and the options it reads
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                                                      "adamw": torch.optim.AdamW}
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """What `train` optimizes with: torch's SGD (momentum, Nesterov), Adam or AdamW, a weight decay, and a
+    learning-rate schedule over the run — constant, step (the rate times `gamma` every `step_epochs`
+    epochs) or cosine (from lr down to 0 at the last optimizer step, torch's CosineAnnealingLR).
+
+    Every run of `train` starts a fresh optimizer and schedule, so a model saved after a run holds all
+    the state the next run needs (a resumed recipe ends where an uninterrupted one does). A field the
+    chosen optimizer or schedule does not read is refused rather than ignored (momentum with adam)."""
+
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_epochs: int = 1
+    gamma: float = 0.1
+    constraints: ClassVar[dict] = {"optimizer": (Options(*OPTIMIZERS),), "momentum": (Interval(float, 0.0, 1.0),),
+                                   "nesterov": (Boolean(),), "weight_decay": (Interval(float, 0.0),),
+                                   "schedule": (Options(*SCHEDULES),), "step_epochs": (Interval(int, 1),),
+                                   "gamma": (Interval(float, 0.0, 1.0, lo_open=True),)}
+
+    def __post_init__(self) -> None:
+        validate(self)
+        check_applicable("OptimizerConfig", self, {"momentum": ("sgd",), "nesterov": ("sgd",)},
+                         (self.optimizer,), "optimizer")
+        check_applicable("OptimizerConfig", self, {"step_epochs": ("step",), "gamma": ("step",)},
+                         (self.schedule,), "schedule")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("OptimizerConfig.nesterov=True needs OptimizerConfig.momentum > 0 (torch's SGD)")
+
+    def build(self, parameters: list[nn.Parameter], lr: float, steps_per_epoch: int, epochs: int):
+        """(optimizer, scheduler or None); the scheduler advances once per optimizer step."""
+        options = {"momentum": self.momentum, "nesterov": self.nesterov} if self.optimizer == "sgd" else {}
+        optimizer = OPTIMIZERS[self.optimizer](parameters, lr=lr, weight_decay=self.weight_decay, **options)
+        if self.schedule == "step":
+            return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, self.step_epochs * steps_per_epoch,
+                                                              self.gamma)
+        if self.schedule == "cosine":
+            return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
+                                                                         max(epochs * steps_per_epoch, 1))
+        return optimizer, None
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -95,8 +146,11 @@ def check_replicas(model: nn.Module) -> int:
 
 def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
           step_hook: Callable[[int], None] | None = None, loss: Loss | None = None,
-          progress: bool = False) -> list[float]:
-    """Train `model` with Adam on `data` (a Dataset or an (x, y) pair); returns the mean loss per epoch.
+          progress: bool = False, optimizer: OptimizerConfig | None = None) -> list[float]:
+    """Train `model` on `data` (a Dataset or an (x, y) pair); returns the mean loss per epoch.
+
+    `optimizer` names torch's optimizer, weight decay and learning-rate schedule (OptimizerConfig;
+    default Adam at a constant `lr`).
 
     The batch order depends only on `seed`, so two runs from the same weights give the same model.
     The model is left in eval mode. `progress` shows a tqdm bar over the batches (the epoch and the
@@ -105,11 +159,13 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: 
     check_int("train", "epochs", epochs, lo=0)
     check_real("train", "lr", lr, lo=0.0, lo_open=True)
     check_int("train", "batch_size", batch_size, lo=1)
+    check("train", "optimizer", optimizer, TypeOf(OptimizerConfig, what="an OptimizerConfig"), None)
     inputs, targets = _split(data)
     loss = loss or _cross_entropy
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     batches = -(-len(inputs) // batch_size)
+    optimizer, scheduler = (optimizer or OptimizerConfig()).build(
+        [p for p in model.parameters() if p.requires_grad], lr, batches, epochs)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     history, step = [], 0
     with tqdm(total=epochs * batches, desc="train", unit="batch", disable=None if progress else True,
@@ -125,6 +181,8 @@ def train(model: nn.Module, data, epochs: int, *, lr: float = 1e-3, batch_size: 
                 value = loss(model(x), y, x)
                 value.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 if step_hook is not None:
                     step_hook(step)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     ("foundation", ["errors", "config", "execution"]),
     ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill",
-                          "frontends", "text"]),
+                          "frontends", "text", "zoo"]),
     ("pass protocol", ["pass_base", "history"]),
     ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels", "kernels", "calibration"]),
     ("passes", ["passes"]),

@@ -110,7 +110,7 @@ def test_every_traced_call_node_carries_the_users_line_and_both_front_ends_agree
     import copy
     from pathlib import Path
 
-    import zoo
+    from fxcompress import zoo
     from zoo import GPTBlock
 
     from fxcompress.frontends import export_module

@@ -31,7 +31,7 @@ from ..sensitivity import sensitivity
 from ..passes import ActivationConfig, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger, PruneChannels
 from ..summary import summary
 from ..training import evaluate, train
-from .models import zoo_module
+from ..zoo import LeNet300100
 
 STAGES = (0.6, 0.8, 0.9)  # global weight sparsity after each pruning stage
 QUICK = {"epochs": 4, "retrain_epochs": 1}  # --quick: a minute's run that still shows every stage
@@ -180,5 +180,5 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _command(args: argparse.Namespace) -> int:
     if args.quick:
         args.epochs, args.retrain_epochs = QUICK["epochs"], QUICK["retrain_epochs"]
-    demo(args, zoo_module().LeNet300100, out=args.out)
+    demo(args, LeNet300100, out=args.out)
     return 0

@@ -21,7 +21,10 @@ from ..export import sparse_arrays, to_json, to_onnx
 from ..fileformat import load, save
 from ..draw import DEFAULT_MAX_NODES
 from ..report import write_report
+from ..sensitivity import SensitivityTable
 from ..summary import summary
+from ..training import torch_threads
+from .sweep import add_sweep_arguments, sweep, sweep_data
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 BYTE_COLUMNS = ("layer", "dense_bytes", "compressed_bytes", "exact")  # the per-layer bytes table of inspect
@@ -71,12 +74,25 @@ def report_file(args: argparse.Namespace) -> int:
         raise ConfigError(f"report --out must end in {suffix}{' (with --markdown)' if args.markdown else ''}, "
                           f"got {out.name!r}")
     facts = {"file": f"{Path(args.file).name}, {Path(args.file).stat().st_size} bytes on disk"}
+    table = _sensitivity(gm, args)
     files = write_report(gm, out, title=f"Report of {Path(args.file).name}", reference=reference,
-                         example_inputs=example, facts=facts, max_nodes=args.max_nodes)
+                         example_inputs=example, facts=facts, max_nodes=args.max_nodes, sensitivity=table)
     if files.html is not None:
         print(f"{files.html}: HTML report, {files.html.stat().st_size} bytes, {files.pictures} pictures")
     print(f"{files.markdown}: Markdown report, {files.markdown.stat().st_size} bytes")
     return 0
+
+
+def _sensitivity(gm, args: argparse.Namespace) -> SensitivityTable | None:
+    """--sensitivity TABLE.json: the saved table; --sensitivity alone: swept now on the file's own weights
+    (decoded to dense: masks, codebooks and encodings folded in), each layer pruned further alone."""
+    if args.sensitivity is None:
+        return None
+    if args.sensitivity:
+        return SensitivityTable.load(args.sensitivity)
+    with torch_threads(1):
+        data = sweep_data(args)
+        return sweep(decode(gm), data, args)
 
 
 def decode_file(args: argparse.Namespace) -> int:
@@ -151,6 +167,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-nodes", type=int, default=DEFAULT_MAX_NODES,
                         help="draw modules collapsed when the graph has more boxes than this")
     parser.add_argument("--input-shape", help="an input's shape, e.g. 1,1,28,28, to count MACs")
+    parser.add_argument("--sensitivity", nargs="?", const="", metavar="TABLE.json",
+                        help="add sensitivity curves: read TABLE.json (fxcompress sensitivity --out), or with no "
+                             "value sweep the file's own weights on --data (each layer pruned further alone)")
+    add_sweep_arguments(parser)
     parser.set_defaults(handler=report_file)
 
     parser = commands.add_parser("decode", help="write the dense model of a .fxc file", description=__doc__)

@@ -1,4 +1,4 @@
-"""Models a recipe can name: `zoo:NAME` (examples/zoo.py), `torchvision:NAME`, or `package.module:factory`.
+"""Models a recipe can name: `zoo:NAME` (fxcompress.zoo), `torchvision:NAME`, or `package.module:factory`.
 
 A factory's keyword arguments come from the recipe's `model_args`; those it accepts by the names in
 `FROM_DATA` and the recipe leaves out are filled from the data set (a LeNet on 8x8 digits gets
@@ -7,17 +7,15 @@ A factory's keyword arguments come from the recipe's `model_args`; those it acce
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import re
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError
+from ..zoo import ZOO
 
 # factory keyword -> what of the data set's shape it receives
 FROM_DATA: dict[str, Callable[[int, int, int], int]] = {
@@ -26,30 +24,13 @@ FROM_DATA: dict[str, Callable[[int, int, int], int]] = {
     "image_size": lambda channels, side, classes: side,
     "num_classes": lambda channels, side, classes: classes,
 }
-# The zoo lives beside the package in a source checkout (examples/zoo.py): it is test and example
-# code, not part of the installed package.
-ZOO_FILE = Path(__file__).resolve().parents[2] / "examples" / "zoo.py"
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def zoo_module():
-    """examples/zoo.py as the module `zoo` (the one already imported, when the examples are on the path)."""
-    if "zoo" in sys.modules and hasattr(sys.modules["zoo"], "ZOO"):
-        return sys.modules["zoo"]
-    if not ZOO_FILE.is_file():
-        raise ConfigError(f"zoo models need examples/zoo.py from a source checkout (looked for {ZOO_FILE})")
-    spec = importlib.util.spec_from_file_location("zoo", ZOO_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["zoo"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _zoo(name: str) -> Callable[..., nn.Module]:
-    table = zoo_module().ZOO
-    if name not in table:
-        raise ConfigError(f"unknown zoo model {name!r}; the zoo has {', '.join(sorted(table))}")
-    return table[name][0]
+    if name not in ZOO:
+        raise ConfigError(f"unknown zoo model {name!r}; the zoo has {', '.join(sorted(ZOO))}")
+    return ZOO[name][0]
 
 
 def _torchvision(name: str) -> Callable[..., nn.Module]:

@@ -8,11 +8,20 @@ each. `load_recipe` validates all of it before any work and reports a bad key or
       - pass: InsertMasks
         config: {sparsity: 0.8, scope: global}
         finetune: {epochs: 8, lr: 5e-4, distill: {temperature: 4.0, alpha: 0.9}}
+      - pass: InsertFakeQuant
+        config: {bits: 5, method: kmeans}
+        finetune: {epochs: 4, lr: 0.01, optimizer: sgd, momentum: 0.9, nesterov: true,
+                   weight_decay: 1e-5, schedule: cosine}   # or adam / adamw; schedule constant / step
       - pass: LowerToEncoded
     quick: {epochs: 1, train_samples: 512}   # what --quick caps
+    sensitivity: {sparsities: [0.5, 0.9]}    # the report's curves of the dense model (or `true`)
 
 The keys each section takes, and what each value must be, are the tables below (constraints of
-fxcompress.config, as the passes declare theirs); a pass's own config is checked by the pass itself.
+fxcompress.config, as the passes declare theirs); a pass's own config is checked by the pass itself,
+the optimizer keys (optimizer, momentum, nesterov, weight_decay, schedule, step_epochs, gamma) by
+fxcompress.training.OptimizerConfig. Each fine-tuning starts a fresh optimizer and schedule.
+
+A shipped recipe (fxcompress/recipes/NAME.yaml, package data) is found by its NAME.
 """
 from __future__ import annotations
 
@@ -25,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import passes as passes_module
-from ..config import Boolean, Interval, Options, TypeOf, explain, satisfies
+from ..config import Boolean, Interval, Options, Regex, TypeOf, explain, satisfies
 from ..errors import ConfigError
 from ..pass_base import Pass
 from ..passes import ActivationConfig
+from ..pruning.importance import GRANULARITIES
 from ..pruning.schedule import AGP
+from ..training import OptimizerConfig
 from .data import DATASETS
 from .yamldoc import Document, dotted, read
 
@@ -45,9 +56,9 @@ _MAP = TypeOf(dict, what="a mapping")
 _COUNT = Interval(int, 0)
 _POSITIVE = Interval(int, 1)
 # section -> {key: alternatives}; a key missing from its table is refused
+# the optimizer's keys are OptimizerConfig's fields, checked by its own constraints (then as a whole by it)
 TRAIN = {"epochs": (_COUNT,), "lr": (Interval(float, 0.0, lo_open=True),), "batch_size": (_POSITIVE,),
-         # fxcompress.training.train uses Adam; other optimizers need it to take one
-         "optimizer": (Options("adam"),)}
+         **OptimizerConfig.constraints}
 FINETUNE = {**TRAIN, "distill": (Boolean(), _MAP)}
 DISTILL = {"temperature": (Interval(float, 0.0, lo_open=True),), "alpha": (Interval(float, 0.0, 1.0),)}
 DATA = {"name": (Options(*DATASETS),), "root": (_TEXT,), "channels": (_POSITIVE,), "image_size": (Interval(int, 4),)}
@@ -56,11 +67,17 @@ QUICK = {"epochs": (_COUNT,), "train_samples": (_POSITIVE,), "test_samples": (_P
 STEP = {"pass": (Options(*PASSES),), "name": (_TEXT,), "config": (_MAP,), "finetune": (_MAP,)}
 TOP = {"description": (_TEXT,), "model": (_TEXT,), "model_args": (_MAP,), "data": (_TEXT, _MAP),
        "seed": (_COUNT,), "threads": (_POSITIVE,), "train": (_MAP,), "calibration": (_MAP,),
-       "steps": (TypeOf(list, what="a list of steps"),), "quick": (_MAP,)}
+       "steps": (TypeOf(list, what="a list of steps"),), "quick": (_MAP,), "sensitivity": (Boolean(), _MAP)}
+# the report's sensitivity curves of the trained dense model (fxcompress.sensitivity), when asked for
+SENSITIVITY = {"sparsities": (TypeOf(list, what="a list of sparsities in [0, 1]"),),
+               "granularity": (Options(*GRANULARITIES),), "layers": (Regex(),)}
+OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+SHIPPED = Path(__file__).resolve().parents[1] / "recipes"  # package data: fxcompress/recipes/*.yaml
 REQUIRED = {"top": ("model", "data", "steps"), "step": ("pass",), "data": ("name",)}
-DEFAULTS = {"train": {"epochs": 0, "lr": 1e-3, "batch_size": 64, "optimizer": "adam"},
+DEFAULTS = {"train": {"epochs": 0, "lr": 1e-3, "batch_size": 64},
             "calibration": {"batches": 4, "batch_size": 128},
-            "quick": {"epochs": 1, "train_samples": 512, "test_samples": 360}}
+            "quick": {"epochs": 1, "train_samples": 512, "test_samples": 360},
+            "sensitivity": {"sparsities": [0.5, 0.7, 0.8, 0.9, 0.95], "granularity": "element", "layers": None}}
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,7 @@ class Training:
     epochs: int
     lr: float
     batch_size: int
+    optimizer: OptimizerConfig = OptimizerConfig()
     distill: dict | None = None  # {"temperature", "alpha"}: the dense model teaches
 
 
@@ -93,6 +111,7 @@ class Recipe:
     quick: dict
     steps: tuple[Step, ...]
     fingerprint: str  # of what the dense model depends on: model, data, seed, dense training, quick caps
+    sensitivity: dict | None = None  # {"sparsities", "granularity", "layers"}: the report's curves
 
     def error(self, path: tuple, message: str) -> ConfigError:
         return self.doc.error(path, message)
@@ -122,8 +141,25 @@ def _training(doc: Document, path: tuple, value: dict | None, base: dict) -> Tra
     if isinstance(distill, dict):
         distill = {"temperature": 4.0, "alpha": 0.9,
                    **check_section(doc, path + ("distill",), distill, DISTILL)}
-    settings.pop("optimizer")
-    return Training(**settings, distill=distill or None)
+    chosen = {key: settings.pop(key) for key in OPTIMIZER_KEYS if key in settings}
+    try:
+        optimizer = OptimizerConfig(**chosen)
+    except ConfigError as exc:  # a key the chosen optimizer or schedule does not read: reported at that key
+        culprit = next((key for key in re.findall(r"OptimizerConfig\.(\w+)", str(exc)) if key in value), None)
+        raise doc.error(path + ((culprit,) if culprit else ()), f"{dotted(path)}: {exc}") from None
+    return Training(**settings, optimizer=optimizer, distill=distill or None)
+
+
+def _sensitivity(doc: Document, value: Any) -> dict | None:
+    if value is None or value is False:
+        return None
+    settings = {**DEFAULTS["sensitivity"],
+                **(check_section(doc, ("sensitivity",), value, SENSITIVITY) if isinstance(value, dict) else {})}
+    sparsities = settings["sparsities"]
+    if not sparsities or not all(satisfies(s, (Interval(float, 0.0, 1.0),)) for s in sparsities):
+        raise doc.error(("sensitivity", "sparsities"), f"sensitivity.sparsities must be a non-empty list of "
+                                                       f"numbers in [0, 1], got {sparsities!r}")
+    return {**settings, "sparsities": tuple(float(s) for s in sparsities)}
 
 
 def _pass_value(doc: Document, path: tuple, owner: str, field: str, value: Any) -> Any:
@@ -189,9 +225,30 @@ def _steps(doc: Document, items: list, base: tuple) -> tuple[Step, ...]:
     return tuple(steps)
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes shipped with the package: name -> file."""
+    return {path.stem: path for path in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """A recipe file: `spec` itself when it is a file, else the shipped recipe of that name."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if path.parent != Path("."):
+        raise ConfigError(f"{path}: cannot read the recipe (no such file)")
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"no recipe file {str(spec)!r} and no shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped) or 'none'})")
+
+
 def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
-    """Read and validate a recipe; every error is a ConfigError "file:line: what is wrong"."""
-    doc = read(path)
+    """Read and validate a recipe (a file, or the name of a shipped one); every error is a ConfigError
+    "file:line: what is wrong"."""
+    doc = read(find_recipe(path))
     top = check_section(doc, (), doc.data if doc.data is not None else {}, TOP, REQUIRED["top"])
     data = top["data"] if isinstance(top["data"], dict) else {"name": top["data"]}
     check_section(doc, ("data",), data, DATA, REQUIRED["data"])
@@ -203,4 +260,4 @@ def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
             quick and quick_caps)
     return Recipe(doc, top["model"], dict(top.get("model_args", {})), data, top.get("seed", 0),
                   top.get("threads", 1), train, calibration, quick_caps if quick else {},
-                  _steps(doc, top["steps"], base), _fingerprint(base))
+                  _steps(doc, top["steps"], base), _fingerprint(base), _sensitivity(doc, top.get("sensitivity")))

@@ -3,7 +3,8 @@ checkpoint after every step, and a rerun that resumes after the last finished st
 
 The output folder holds `state.json` (each finished step's fingerprint and accuracy), `dense.pt` (the
 trained dense weights, a plain state dict), `step-NN.fxc` (each step's model in the pickle-free file
-format), and at the end `model.fxc`, `summary.md` and the report (`report.html` with its pictures, and
+format), `sensitivity.json` (the dense model's sensitivity table, when the recipe's `sensitivity:`
+asks for the report's curves), and at the end `model.fxc`, `summary.md` and the report (`report.html` with its pictures, and
 `report.md`). A step is skipped on a rerun when its
 checkpoint exists and its fingerprint (everything the step depends on: model, data, seeds, training,
 the steps up to it) is unchanged; the first changed step and all later ones run again.
@@ -25,11 +26,12 @@ from ..errors import FxCompressError
 from ..execution import evaluating
 from ..fileformat import load, save, to_bytes
 from ..report import write_report
+from ..sensitivity import SensitivityTable, sensitivity
 from ..summary import summary
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, as_channels, image_folder_classes, subset
 from .models import build
-from .recipe import Recipe, Step, Training, load_recipe
+from .recipe import Recipe, Step, Training, load_recipe, shipped_recipes
 
 STATE = "state.json"
 
@@ -79,7 +81,7 @@ def _finetune(recipe: Recipe, gm: nn.Module, data, training: Training | None, in
     if training.distill:
         loss = DistillationLoss(teacher, training.distill["temperature"], training.distill["alpha"])
     train(gm, data, _epochs(recipe, training), lr=training.lr, batch_size=training.batch_size,
-          seed=recipe.seed + index, loss=loss, step_hook=hook, progress=True)
+          seed=recipe.seed + index, loss=loss, step_hook=hook, progress=True, optimizer=training.optimizer)
 
 
 def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list) -> None:
@@ -139,7 +141,7 @@ class Run:
             epochs = _epochs(recipe, recipe.train)
             if epochs:
                 train(model, data, epochs, lr=recipe.train.lr, batch_size=recipe.train.batch_size, seed=recipe.seed,
-                      progress=True)
+                      progress=True, optimizer=recipe.train.optimizer)
             torch.save(model.state_dict(), path)
             self.state["dense"] = fingerprint
             self._write_state()
@@ -147,6 +149,24 @@ class Run:
         accuracy = evaluate(model, data.test_x, data.test_y)
         self.log(f"dense: accuracy {accuracy:.4f}")
         return accuracy
+
+    def sensitivity(self, model: nn.Module, data) -> SensitivityTable | None:
+        """The dense model's sensitivity curves when the recipe asks: read from sensitivity.json when a
+        run of the same dense model and sweep wrote it, else swept now and written there."""
+        asked = self.recipe.sensitivity
+        if asked is None:
+            return None
+        path, fingerprint = self.out / "sensitivity.json", [self.recipe.fingerprint, repr(sorted(asked.items()))]
+        if self.state.get("sensitivity") == fingerprint and path.is_file():
+            self.log("sensitivity: done before, loaded sensitivity.json")
+            return SensitivityTable.load(path)
+        table = sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), asked["sparsities"],
+                            asked["granularity"], layers=asked["layers"], progress=True)
+        table.save(path)
+        self.state["sensitivity"] = fingerprint
+        self._write_state()
+        self.log(table.to_text())
+        return table
 
     def finished(self, step: Step) -> Path | None:
         done = self.state["steps"]
@@ -193,9 +213,11 @@ class Run:
         return gm, accuracy
 
 
-def run_recipe(path: str | Path, out: str | Path, quick: bool = False,
-               log: Callable[[str], None] = print) -> dict:
-    """Validate the recipe, then run (or resume) it into `out`; returns the accuracies and the file size."""
+def run_recipe(path: str | Path, out: str | Path | None, quick: bool = False,
+               log: Callable[[str], None] = print, check_only: bool = False) -> dict:
+    """Validate the recipe (a file, or a shipped recipe's name), then run (or resume) it into `out`;
+    returns the accuracies and the file size. `check_only`: stop after the validation and the dry run
+    (no training, nothing written) and return {"checked": recipe file}."""
     recipe = load_recipe(path, quick=quick)
     check_files(recipe)
     shape = data_shape(recipe)
@@ -207,6 +229,9 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False,
         step = recipe.calibration["batch_size"]
         calibration = [data.train_x[i:i + step] for i in range(0, step * recipe.calibration["batches"], step)]
         dry_run(recipe, model, example, [data.train_x[:32]])  # a small batch: the dry run checks structure
+        if check_only:
+            log(f"{recipe.doc.name}: valid; every step compiles on {recipe.model} with {data.name} images")
+            return {"checked": recipe.doc.name}
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         return _execute(Run(recipe, out, log), model, data, example, calibration)
@@ -215,6 +240,7 @@ def run_recipe(path: str | Path, out: str | Path, quick: bool = False,
 def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
     recipe, out = run.recipe, run.out
     dense = run.dense(model, data)
+    curves = run.sensitivity(model, data)
     teacher = copy.deepcopy(model).eval() if any(s.finetune and s.finetune.distill for s in recipe.steps) else None
     gm, accuracies, before = model, [], model
     for step in recipe.steps:
@@ -234,7 +260,8 @@ def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
              "accuracy": f"dense {dense:.4f} -> {accuracies[-1]:.4f}" if accuracies else f"dense {dense:.4f}",
              "model.fxc": f"{file_bytes} bytes ({dense_bytes / file_bytes:.1f}x smaller than fp32)"}
     report = write_report(gm, out / "report.html", title=f"{recipe.doc.name}: {recipe.model}", facts=facts,
-                          reference=before if _same_shapes(before, gm) else None, example_inputs=example)
+                          reference=before if _same_shapes(before, gm) else None, example_inputs=example,
+                          sensitivity=curves)
     run.log(table.to_text(with_history=False))
     run.log(f"model.fxc: {file_bytes} bytes, {dense_bytes / file_bytes:.1f}x smaller than the fp32 parameters; "
             f"accuracy dense {dense:.4f} -> {accuracies[-1]:.4f}; written to {out} (report: {report.html.name})")
@@ -254,12 +281,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("run", help="run a compression recipe (YAML), resuming from its checkpoints",
                                  description="Validate a recipe, then train, compress and fine-tune as it says; "
                                              "a checkpoint after each step lets a rerun resume.")
-    parser.add_argument("recipe", help="the recipe file (YAML)")
+    parser.add_argument("recipe", help="the recipe file (YAML), or the name of a shipped recipe: "
+                                       + ", ".join(shipped_recipes()))
     parser.add_argument("--out", help="output folder (default: runs/<recipe name>)")
     parser.add_argument("--quick", action="store_true", help="cap epochs and data as the recipe's quick: says")
+    parser.add_argument("--check", action="store_true",
+                        help="only validate the recipe and compile every step on the untrained model")
     parser.set_defaults(handler=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    run_recipe(args.recipe, args.out or Path("runs") / Path(args.recipe).stem, args.quick)
+    run_recipe(args.recipe, args.out or Path("runs") / Path(args.recipe).stem, args.quick, check_only=args.check)
     return 0

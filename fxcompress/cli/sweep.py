@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ConfigError
 from ..fileformat import load
-from ..sensitivity import sensitivity
+from ..sensitivity import SensitivityTable, sensitivity
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, subset
 from .models import build
@@ -24,7 +24,7 @@ def _sparsities(text: str) -> list[float]:
         raise ConfigError(f"sensitivity --sparsities must be numbers such as 0.5,0.7,0.9, got {text!r}") from None
 
 
-def _data(args: argparse.Namespace):
+def sweep_data(args: argparse.Namespace):
     kind = DATASETS[args.data]
     if kind.needs_root and args.root is None:
         raise ConfigError(f"sensitivity --data {args.data} needs --root (the folder holding "
@@ -48,25 +48,44 @@ def _model(args: argparse.Namespace, data):
     return model.eval()
 
 
-def sensitivity_command(args: argparse.Namespace) -> int:
+def sweep(model, data, args: argparse.Namespace) -> SensitivityTable:
+    """The accuracy table of `model` on `data` with the sweep options of `args` (sparsities, granularity,
+    layers); a model that cannot run on the data's images is a ConfigError saying so."""
     sparsities = _sparsities(args.sparsities)
+    try:
+        with torch.no_grad():
+            model.eval()(data.test_x[:1])
+    except RuntimeError as exc:
+        raise ConfigError(f"the model cannot run on {data.name} images of shape "
+                          f"{tuple(data.test_x.shape[1:])} ({' '.join(str(exc).split())[:200]})") from None
+    return sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), sparsities,
+                       args.granularity, layers=args.layers, progress=True)
+
+
+def sensitivity_command(args: argparse.Namespace) -> int:
+    _sparsities(args.sparsities)  # a typo fails before any training
     with torch_threads(args.threads):
         torch.manual_seed(0)
-        data = _data(args)
-        model = _model(args, data)
-        try:
-            with torch.no_grad():
-                model.eval()(data.test_x[:1])
-        except RuntimeError as exc:
-            raise ConfigError(f"the model cannot run on {data.name} images of shape "
-                              f"{tuple(data.test_x.shape[1:])} ({' '.join(str(exc).split())[:200]})") from None
-        table = sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), sparsities,
-                            args.granularity, layers=args.layers, progress=True)
+        data = sweep_data(args)
+        table = sweep(_model(args, data), data, args)
     print(table.to_text())
     if args.out:
-        Path(args.out).write_text(table.to_markdown() + "\n")
+        out = Path(args.out)
+        table.save(out) if out.suffix.lower() == ".json" else out.write_text(table.to_markdown() + "\n")
         print(f"written to {args.out}")
     return 0
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data set and sweep options, shared by `sensitivity` and `report --sensitivity`."""
+    parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--root", help="the data set's folder (mnist, cifar-10, cifar-100, image-folder)")
+    parser.add_argument("--image-size", type=int, help="image side (image-folder)")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
+    parser.add_argument("--granularity", default="element", choices=["element", "kernel", "filter", "channel"])
+    parser.add_argument("--layers", help="full-match regex over layer names (default: every layer)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK['train_samples']} training images, "
+                                                             f"{QUICK['epochs']} epoch")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -74,15 +93,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                                  description=__doc__)
     parser.add_argument("--model", help="zoo:NAME, torchvision:NAME or package.module:factory (trained first)")
     parser.add_argument("--file", help="a .fxc file to sweep instead of --model")
-    parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
-    parser.add_argument("--root", help="the data set's folder (mnist, cifar-10, cifar-100, image-folder)")
-    parser.add_argument("--image-size", type=int, help="image side (image-folder)")
+    add_sweep_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of --model before the sweep")
-    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
-    parser.add_argument("--granularity", default="element", choices=["element", "kernel", "filter", "channel"])
-    parser.add_argument("--layers", help="full-match regex over layer names (default: every layer)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK['train_samples']} training images, "
-                                                             f"{QUICK['epochs']} epoch")
-    parser.add_argument("--out", help="also write the table as Markdown to this file")
+    parser.add_argument("--out", help="also write the table to this file: .json (what report --sensitivity "
+                                      "reads) or Markdown")
     parser.set_defaults(handler=sensitivity_command)

@@ -7,6 +7,7 @@ from fxcompress.cli.recipe import load_recipe
 from fxcompress.errors import ConfigError
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
 from fxcompress.pruning.schedule import AGP
+from fxcompress.training import OptimizerConfig
 
 GOOD = """
 model: zoo:lenet300
@@ -35,6 +36,23 @@ def test_a_good_recipe_builds_its_passes_and_training(write_recipe):
     assert recipe.train.lr == 1e-3 and isinstance(recipe.train.lr, float)  # YAML 1.1 would read "1e-3" as text
     assert recipe.steps[0].finetune.distill == {"temperature": 2.0, "alpha": 0.9}
     assert recipe.steps[2].finetune is None
+    assert recipe.train.optimizer == OptimizerConfig() == recipe.steps[0].finetune.optimizer  # Adam, constant
+    assert recipe.sensitivity is None
+
+
+def test_fine_tuning_names_its_optimizer_weight_decay_and_schedule(write_recipe):
+    text = GOOD.replace("finetune: {epochs: 1, lr: 5e-4, distill: {temperature: 2.0}}",
+                        "finetune: {epochs: 1, lr: 0.01, optimizer: sgd, momentum: 0.9, nesterov: true,\n"
+                        "               weight_decay: 1e-4, schedule: step, step_epochs: 2, gamma: 0.5}")
+    text = text.replace("train: {epochs: 2, lr: 1e-3}", "train: {epochs: 2, lr: 1e-3, optimizer: adamw, "
+                                                        "weight_decay: 0.01, schedule: cosine}")
+    recipe = load_recipe(write_recipe(text + "sensitivity: true\n"))
+    assert recipe.steps[0].finetune.optimizer == OptimizerConfig(optimizer="sgd", momentum=0.9, nesterov=True,
+                                                                 weight_decay=1e-4, schedule="step",
+                                                                 step_epochs=2, gamma=0.5)
+    assert recipe.train.optimizer == OptimizerConfig(optimizer="adamw", weight_decay=0.01, schedule="cosine")
+    assert recipe.sensitivity == {"sparsities": (0.5, 0.7, 0.8, 0.9, 0.95), "granularity": "element",
+                                  "layers": None}
     assert [s.name for s in recipe.steps] == ["1-InsertMasks", "2-InsertFakeQuant", "3-LowerToInteger"]
 
 
@@ -53,7 +71,21 @@ def _line_of(text, needle):
     ("activations: {bits: 8}", "activations: {bits: 8, observer: mean}", "activations:", "ActivationConfig.observer"),
     ("  - pass: LowerToInteger", "  - pass: LowerToIntegers", "LowerToIntegers", "steps[2].pass must be one of"),
     ("data: digits", "data: imagenet", "data:", "data.name must be one of"),
-    ("train: {epochs: 2, lr: 1e-3}", "train: {epochs: 2, lr: 1e-3, optimizer: sgd}", "train:", "train.optimizer"),
+    ("train: {epochs: 2, lr: 1e-3}", "train: {epochs: 2, lr: 1e-3, optimizer: rmsprop}", "train:",
+     "train.optimizer must be one of 'sgd', 'adam', 'adamw'"),
+    ("train: {epochs: 2, lr: 1e-3}", "train:\n  epochs: 2\n  optimizer: adam\n  momentum: 0.9", "momentum:",
+     "OptimizerConfig.momentum=0.9 does not apply to optimizer 'adam'"),
+    ("train: {epochs: 2, lr: 1e-3}", "train:\n  epochs: 2\n  optimizer: sgd\n  nesterov: true", "nesterov:",
+     "nesterov=True needs OptimizerConfig.momentum > 0"),
+    ("train: {epochs: 2, lr: 1e-3}", "train:\n  epochs: 2\n  schedule: cosine\n  gamma: 0.5", "gamma:",
+     "OptimizerConfig.gamma=0.5 does not apply to schedule 'cosine'"),
+    ("{epochs: 1, lr: 5e-4,", "{epochs: 1, lr: 5e-4, schedule: linear,", "finetune:",
+     "steps[0].finetune.schedule must be one of 'constant', 'step', 'cosine'"),
+    ("{epochs: 1, lr: 5e-4,", "{epochs: 1, lr: 5e-4, weight_decay: -1e-4,", "finetune:",
+     "steps[0].finetune.weight_decay"),
+    ("data: digits", "data: digits\nsensitivity: {sparsities: [0.5, 1.5]}", "sensitivity:",
+     "sensitivity.sparsities must be a non-empty list of numbers in [0, 1]"),
+    ("data: digits", "data: digits\nsensitivity: {granularity: row}", "sensitivity:", "sensitivity.granularity"),
     ("data: digits", "data: digits\nseed: -1", "seed:", "seed must be in"),
     ("  - pass: LowerToInteger", "  - pass: LowerToInteger\nseed: 1\nseed: 2", "seed: 2", "seed is given twice"),
 ])
@@ -74,8 +106,18 @@ def test_missing_sections_and_broken_yaml_are_reported(write_recipe):
         load_recipe(write_recipe("model: zoo:lenet300\nsteps:\n  - pass: [InsertMasks\n"))
     with pytest.raises(ConfigError, match="steps is empty"):
         load_recipe(write_recipe("model: zoo:lenet300\ndata: digits\nsteps: []\n"))
-    with pytest.raises(ConfigError, match="cannot read the recipe"):
+    with pytest.raises(ConfigError, match="absent.yaml: cannot read the recipe"):
         load_recipe(write_recipe("x: 1").with_name("absent.yaml"))
+    with pytest.raises(ConfigError, match=r"no recipe file 'deep_compression' and no shipped recipe of that name "
+                                          r"\(shipped: .*deep_compression_lenet300"):
+        load_recipe("deep_compression")
+
+
+def test_a_shipped_recipe_is_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of that name here: the package's own recipe
+    recipe = load_recipe("deep_compression_lenet300")
+    assert recipe.model == "zoo:lenet300" and recipe.doc.name == "deep_compression_lenet300.yaml"
+    assert load_recipe("deep_compression_lenet300.yaml").steps[-1].make() == recipe.steps[-1].make()
 
 
 def test_every_pass_of_the_package_can_be_named():

@@ -1,4 +1,4 @@
-"""Each shipped recipe (recipes/*.yaml) runs with `fxcompress run --quick`, and its file holds what the
+"""Each shipped recipe (fxcompress/recipes/*.yaml, found by name) runs with `fxcompress run --quick`, and its file holds what the
 recipe asked for: the sparsity, the codebook sizes, the removed channels, the integer layers."""
 import json
 from pathlib import Path
@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.cli.recipe import load_recipe
+from fxcompress.cli.recipe import load_recipe, shipped_recipes
 from fxcompress.cli.run import data_shape, load_data
 from fxcompress.layers import effective_weight, find_layers
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.training import evaluate
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(fxcompress.__file__).resolve().parent / "recipes"
 
 
 def _sparsity(gm):
@@ -56,13 +56,13 @@ CHECKS = {f.__name__.lstrip("_"): f for f in (_deep_compression_lenet300, _deep_
 
 
 def test_every_shipped_recipe_is_checked():
-    assert {p.stem for p in RECIPES.glob("*.yaml")} == set(CHECKS)
+    assert {p.stem for p in RECIPES.glob("*.yaml")} == set(CHECKS) == set(shipped_recipes())
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_shipped_recipe_runs_quick(cli, tmp_path, name):
     path = RECIPES / f"{name}.yaml"
-    status, out, err = cli("run", path, "--quick", "--out", tmp_path)
+    status, out, err = cli("run", name, "--quick", "--out", tmp_path)  # found by name
     assert status == 0, err
     state = json.loads((tmp_path / "state.json").read_text())
     recipe = load_recipe(path, quick=True)
