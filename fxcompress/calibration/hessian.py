@@ -24,7 +24,8 @@ class InputStats:
     """Statistics of one layer input over the calibration tokens (rows of the flattened input).
 
     `hessian` is the mean X^T X (float64), `sq_sum` the per-channel sum of squares (Wanda's
-    ||X_j||_2^2), `abs_max` the per-channel largest magnitude (outliers, SmoothQuant / AWQ).
+    ||X_j||_2^2), `abs_sum` the per-channel sum of magnitudes (AWQ's mean |x|), `abs_max` the
+    per-channel largest magnitude (SmoothQuant's max |x|).
     """
 
     channels: int
@@ -32,11 +33,13 @@ class InputStats:
     name: str = "the layer"     # for messages: the layers reading this input
     rows: int = 0
     sq_sum: torch.Tensor = field(init=False)
+    abs_sum: torch.Tensor = field(init=False)
     abs_max: torch.Tensor = field(init=False)
     hessian: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.sq_sum = torch.zeros(self.channels, dtype=torch.float64)
+        self.abs_sum = torch.zeros(self.channels, dtype=torch.float64)
         self.abs_max = torch.zeros(self.channels, dtype=torch.float64)
         self.hessian = torch.zeros(self.channels, self.channels, dtype=torch.float64) if self.with_hessian else None
 
@@ -54,7 +57,9 @@ class InputStats:
     def _add(self, rows: torch.Tensor) -> None:
         n = rows.shape[0]
         self.sq_sum += rows.pow(2).sum(0)
-        self.abs_max = torch.maximum(self.abs_max, rows.abs().amax(0))
+        magnitude = rows.abs()
+        self.abs_sum += magnitude.sum(0)
+        self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
         if self.hessian is not None:
             # running mean: the scale stays that of one token however many batches come
             self.hessian.mul_(self.rows / (self.rows + n)).addmm_(rows.T, rows, alpha=1.0 / (self.rows + n))
@@ -66,7 +71,8 @@ class InputStats:
         return self.sq_sum.sqrt().float()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sq_sum, self.abs_max, self.hessian) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.sq_sum, self.abs_sum, self.abs_max, self.hessian)
+                   if t is not None)
 
 
 @dataclass(frozen=True)
