@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,97 @@ def file_costs(dim: int, blocks: int) -> None:
               f"{row['decode_s']} | {row['decoded_rss_mb']} |")
 
 
+# --- group-wise grids on the language model (--lm) ------------------------------------------------
+
+LM_ARMS = ["w4 g64 rtn", "w4 g64 rtn symmetric", "50% magnitude + w4 g64", "50% sparsegpt + w4 g64",
+           "50% sparsegpt + w4 g64 gptq"]
+
+
+def _bits(n_bytes: float, numel: int) -> str:
+    return f"{8 * n_bytes / numel:.3f}"
+
+
+def _information(encoded) -> tuple[float, float]:
+    """(mask entropy, code entropy) in bytes of one group_grid weight: the binary entropy of its zero
+    pattern over every element, and the empirical entropy of the nonzeros' integers k across all groups."""
+    from fxcompress.encoded.tensor import decode_tensor
+    w = decode_tensor(encoded).numpy().reshape(-1)
+    groups = encoded.numel // encoded.group_size
+    steps = encoded.codebook_data.view("<f2" if encoded.codebook_data.size == 2 * groups else "<f4")
+    nonzero = np.flatnonzero(w)
+    k = np.rint(w[nonzero] / np.repeat(steps.astype(np.float32), encoded.group_size)[nonzero]).astype(np.int64)
+    p = len(nonzero) / w.size
+    mask = 0.0 if p in (0.0, 1.0) else -(p * np.log2(p) + (1 - p) * np.log2(1 - p)) * w.size / 8
+    return mask, entropy_bytes(k - k.min()) if len(k) else 0.0
+
+
+def _arm_rows(name: str, lowered, fake_quant_weights: dict) -> dict:
+    """Bytes by part of the encoded block weights, the per-group float codebook of the same weights (the
+    encoding without the grid's steps), and the information bound."""
+    from fxcompress.encoded.module import EncodedWeight
+    parts, numel, old, mask, codes, kinds = Counter(), 0, 0, 0.0, 0.0, Counter()
+    for path, module in lowered.named_modules():
+        if not isinstance(module, EncodedWeight) or not path.startswith("model.layers."):
+            continue
+        encoded = module.encoded()
+        assert torch.equal(module(), fake_quant_weights[path])  # bit-identical to the fake-quant weights
+        parts.update(encoded.storage_bytes())
+        numel += encoded.numel
+        kinds[f"{encoded.layout}/{encoded.codebook}"] += 1
+        old += encode_tensor(fake_quant_weights[path], index_bits=5).nbytes
+        if encoded.codebook == "group_grid":
+            m, c = _information(encoded)
+            mask, codes = mask + m, codes + c
+    total = sum(parts.values())
+    return {"arm": name, "numel": numel, "parts": dict(parts), "total": total, "old": old, "mask": mask,
+            "codes": codes, "kinds": dict(kinds)}
+
+
+def lm_groups(checkpoint: Path, arm_names: list[str], n_cal: int) -> None:
+    """50% sparse + 4-bit group-64 arms of bench_llm on its trained byte-level Llama, lowered to the
+    entropy-coded file: bytes per weight by part against fp32, the per-group float codebook, the bound."""
+    import fxcompress
+    from fxcompress import passes
+    from fxcompress.layers import effective_weight, find_layers
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_llm
+    model = bench_llm.load(checkpoint)
+    cal, held, _ = bench_llm.data(n_cal, 8)
+    example = cal[0]
+    graph = fxcompress.compile(torch.export.export(model, example, strict=False), [], example)
+    table = bench_llm.arms() | {"w4 g64 rtn symmetric": lambda: [bench_llm.q(4, symmetric=True)],
+                                "50% magnitude + w4 g64": lambda: [passes.InsertMasks(select=bench_llm.BLOCKS),
+                                                                   bench_llm.q(4)]}
+    rows = []
+    for name in arm_names:
+        gm = fxcompress.compile(graph, table[name](), example, calibration_data=cal)
+        weights = {layer.weight + "_encoded": effective_weight(gm, layer).clone() for layer in find_layers(gm)}
+        lowered = fxcompress.compile(gm, [passes.LowerToEncoded()], example)
+        rows.append(_arm_rows(name, lowered, weights) | {"ppl": bench_llm.perplexity(gm, held),
+                                                         "lowered_ppl": bench_llm.perplexity(lowered, held)})
+        with tempfile.TemporaryDirectory() as folder:
+            rows[-1]["file"] = fxcompress.save(lowered, Path(folder) / "m.fxc")
+            rows[-1]["dense_file"] = fxcompress.save(graph, Path(folder) / "d.fxc")
+    _print_lm(rows)
+
+
+def _print_lm(rows: list[dict]) -> None:
+    print("\nblock weights of the byte-level Llama (bench_llm's checkpoint), bits per weight by part; x fp32 is "
+          "fp32 bytes / encoded bytes of those weights; bound = mask entropy + code entropy (steps excluded)\n")
+    print("| arm | layouts / codebooks | positions | indices | codebook (steps) | header | total | x fp32 "
+          "| per-group float codebook (x fp32) | bound (x fp32) | held-out ppl fake-quant / lowered | whole file x fp32 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        n, p = r["numel"], r["parts"]
+        bound = r["mask"] + r["codes"]
+        print(f"| {r['arm']} | {', '.join(f'{k} x{v}' for k, v in r['kinds'].items())} | "
+              f"{_bits(p['positions'], n)} | {_bits(p['indices'], n)} | {_bits(p['codebook'], n)} | "
+              f"{_bits(p['header'], n)} | {_bits(r['total'], n)} | {4 * n / r['total']:.2f}x | "
+              f"{_bits(r['old'], n)} ({4 * n / r['old']:.2f}x) | "
+              f"{_bits(bound, n) + f' ({4 * n / bound:.2f}x)' if bound else 'n/a'} | "
+              f"{r['ppl']:.3f} / {r['lowered_ppl']:.3f} | {r['dense_file'] / r['file']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--symbols", type=int, default=10_000_000)
@@ -196,12 +288,17 @@ def main() -> None:
     parser.add_argument("--layers", default="1024x2", help="WIDTHxBLOCKS for the throughput table ('' skips it)")
     parser.add_argument("--load", default="1024x8", help="WIDTHxBLOCKS for the file table ('' skips it)")
     parser.add_argument("--skip-coders", action="store_true", help="only the throughput and file tables")
+    parser.add_argument("--lm", nargs="*", default=None, metavar="ARM",
+                        help="only the group-wise grid table on bench_llm's checkpoint (default arms if none named)")
+    parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent / ".cache" / "llama-bytes")
     parser.add_argument("--load-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_child:
         print(json.dumps(load_child(args.load_child[0], args.load_child[1] == "1")))
         return
     torch.set_num_threads(1)
+    if args.lm is not None:
+        return lm_groups(args.checkpoint, args.lm or LM_ARMS, 32)
     if not args.skip_coders:
         coders(args)
     if args.layers:

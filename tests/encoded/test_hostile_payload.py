@@ -18,7 +18,7 @@ from torch import nn
 import fxcompress
 from fxcompress.fileformat.container import HEADER_BYTES
 from fxcompress.encoded.module import EncodedWeight
-from fxcompress.encoded.tensor import encode_half, encode_tensor
+from fxcompress.encoded.tensor import GroupSteps, encode_half, encode_tensor
 from fxcompress.errors import FormatError
 
 PATH = "fc1.weight_encoded"
@@ -52,6 +52,11 @@ def _corpus() -> list[tuple[dict, bytes]]:
                                                           index_bits=2)))
     found.append(EncodedWeight.from_encoded(encode_tensor(_weight("grid", (16, 9), 0.5, 8, torch.bfloat16))))
     found.append(EncodedWeight.from_encoded(encode_half(torch.randn(10))))
+    for i, (coding, layout) in enumerate((("rans", "dense"), ("huffman", "relative"), ("fixed", "dense"))):
+        steps = torch.rand(8 * 4, generator=torch.Generator().manual_seed(i)) / 50 + 0.01  # group-wise grid
+        w = _weight("grid", (8, 64), 0.5, 9 + i) * 16 * steps.repeat_interleave(16).reshape(8, 64)
+        found.append(EncodedWeight.from_encoded(encode_tensor(w, layouts=(layout,), codings=(coding,),
+                                                              groups=GroupSteps(steps.numpy(), 16))))
     return [(m.header, m.payload.numpy().tobytes()) for m in found]
 
 
@@ -63,7 +68,8 @@ def test_the_corpus_covers_every_coding_layout_and_codebook():
     streams = [h["values"] for h in headers] + [h["positions"] for h in headers if h["positions"]]
     assert {s["coding"] for s in streams} == {"fixed", "huffman", "rans"}
     assert {h["layout"] for h in headers} == {"dense", "relative"}
-    assert {h["codebook"] for h in headers} == {"table", "table_per_channel", "grid", "float32", "float16"}
+    assert {h["codebook"] for h in headers} == {"table", "table_per_channel", "grid", "group_grid", "float32",
+                                                "float16"}
     assert {h.get("dtype", "float32") for h in headers} == {"float32", "float64", "bfloat16"}
     assert any(s.get("lanes", 1) > 1 for s in streams if s["coding"] == "huffman")
     assert any(s.get("lanes", 1) > 1 for s in streams if s["coding"] == "rans")
@@ -119,7 +125,7 @@ def _get(header, path):
     return header
 
 
-NAMES = ["fixed", "huffman", "rans", "dense", "relative", "table", "table_per_channel", "grid", "float16",
+NAMES = ["fixed", "huffman", "rans", "dense", "relative", "table", "table_per_channel", "grid", "group_grid", "float16",
          "float32", "float64", "bfloat16", "int8", ""]
 HUGE = [2 ** 16, 2 ** 16 + 1, 2 ** 31, 3 << 30, 2 ** 32, 10 ** 8, 10 ** 9, 2 ** 40, 2 ** 62, 2 ** 64, -(2 ** 63)]
 ODD = [None, "7", 1.5, float("nan"), True, [], {}, [3, 4]]
