@@ -2,9 +2,13 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
+from torch import nn
 
-from zoo import ZOO
+from fxcompress.datasets import load_digits
+from fxcompress.training import train
+from zoo import ZOO, BasicBlock, LeNet5
 
 # One thread: on small shared machines, torch's thread pool makes tiny models many times slower.
 torch.set_num_threads(1)
@@ -32,3 +36,44 @@ def zoo_model(request):
     """(name, model in eval mode, example inputs) for every model of the shared zoo."""
     make_model, make_input = ZOO[request.param]
     return request.param, make_model().eval(), (make_input(),)
+
+
+class DigitsResNet(nn.Module):
+    """A ResNet-style CNN for 8x8 digits: identity and strided downsample shortcuts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, 2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+DIGITS_MODELS = {"lenet5": lambda: LeNet5(1, 8), "resnet": DigitsResNet}
+
+
+class TrainedDigits:
+    """The digits data set and small models trained on it (3 epochs, seed 0), each trained once per
+    session on first use: the integer-lowering and export tests check agreement on real data."""
+
+    def __init__(self) -> None:
+        self.data = load_digits()
+        self._models: dict[str, nn.Module] = {}
+
+    def model(self, name: str) -> nn.Module:
+        """The trained model in eval mode, shared: compile() copies it, a test that changes it copies it first."""
+        if name not in self._models:
+            torch.manual_seed(0)
+            model = DIGITS_MODELS[name]()
+            train(model, self.data, 3, lr=3e-3)
+            self._models[name] = model.eval()
+        return self._models[name]
+
+
+@pytest.fixture(scope="session")
+def trained_digits():
+    return TrainedDigits()

@@ -26,7 +26,8 @@ from fxcompress.kernels.dynamic import DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
-from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
+from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, fake_quant_values,
+                                     max_pool2d_codes, relu_codes)
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
 _FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d relu relu6
@@ -131,6 +132,7 @@ FUNCTIONS: dict[str, object] = _functions() | {
     # the native integer backend's functions on uint8 codes (names fixed, as the module names below)
     "fxcompress.quant.native.max_pool2d_codes": max_pool2d_codes,
     "fxcompress.quant.native.relu_codes": relu_codes,
+    "fxcompress.quant.native.fake_quant_values": fake_quant_values,
 }
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():

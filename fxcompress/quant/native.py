@@ -24,9 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.kernels.timing import KernelChoice
 
 INT16_MAX = 32767  # pairwise int16 sums of u8 x s8 products on x86 without VNNI
 UINT8_MAX = 255
@@ -35,6 +37,8 @@ INT8_RANGE = (-128, 127)
 # layer kind -> the oneDNN kernel computing it on uint8 codes; kinds absent here have no native kernel
 KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
 OUTPUTS = ("uint8", "float32")  # what a NativeLayer writes: codes for the next layer, or real values
+LAYER_KERNELS = ("int8", "float")  # what computes a NativeLayer: oneDNN's int8 kernel or the float one
+INPUTS = ("codes", "values")       # what a float-kernel NativeLayer reads: uint8 codes or values on the grid
 
 
 def available() -> bool:
@@ -87,30 +91,45 @@ class NativeLayer(nn.Module):
     `bias` (float32, the reference's int32 bias times the accumulator scale, so both add the same
     value). `output` is "uint8" (requantize onto the grid `output_scale` / `output_zero_point`,
     clamped to `clamp` = (low, high) in real units, high None for ReLU alone) or "float32"
-    (dequantize; `clamp` (0.0, None) fuses a ReLU). The oneDNN packed weight
-    is built on first use and never stored or copied: it is opaque memory, remade from `weight`.
+    (dequantize; `clamp` (0.0, None) fuses a ReLU).
+
+    `kernel` is what computes it, chosen by measurement (`kernel_choice`: milliseconds per call of
+    each candidate, None when set by hand): "int8" is one oneDNN call; "float" multiplies the
+    weight dequantized from its codes in float32 (`F.linear` / `F.conv2d`), with the input's scale
+    and zero-point and the output's requantization folded into that weight and the bias, so it
+    reads and writes the same codes at the cost of a cast in and a rounding out. A float layer's
+    `input` is "codes" (uint8) or "values" (float32 already on the input grid, from another float
+    layer or a float boundary: no cast). The oneDNN packed weight and the float weight are built
+    on first use and never stored or copied: the codes are what a file holds.
     """
 
     def __init__(self, kind: str, weight_shape: list[int], input_scale: float, input_zero_point: int,
                  output: str, output_scale: float = 1.0, output_zero_point: int = 0,
                  clamp: tuple[float, float | None] | None = None, stride: list[int] | None = None,
-                 padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1) -> None:
+                 padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1,
+                 kernel: str = "int8", input: str = "codes", times_ms: dict[str, float] | None = None) -> None:
         super().__init__()
-        if kind not in KERNELS or output not in OUTPUTS:  # a configuration read from a file is checked too
-            raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)} and output one of {OUTPUTS}, "
-                              f"got kind={kind!r}, output={output!r}")
+        if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
+                or (kernel == "int8" and input != "codes"):  # a configuration read from a file is checked too
+            raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
+                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 reads codes), got "
+                              f"kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
         self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
         self.input_scale, self.input_zero_point = input_scale, input_zero_point
         self.output_scale, self.output_zero_point = output_scale, output_zero_point
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.kernel, self.input = kernel, input
+        self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
+                                                                                    "times_ms": times_ms})
         out = weight_shape[0]
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out, dtype=torch.float32))
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32), persistent=False)
         self._packed: torch.Tensor | None = None
+        self._float: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def packed(self) -> torch.Tensor:
         if self._packed is None:
@@ -127,6 +146,8 @@ class NativeLayer(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "float":
+            return self._forward_float(x)
         post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
         dtype = torch.uint8 if self.output == "uint8" else torch.float32
         common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
@@ -137,17 +158,60 @@ class NativeLayer(nn.Module):
         return torch.ops.onednn.qconv2d_pointwise(*common, self.stride, self.padding, self.dilation, self.groups,
                                                   self.output_scale, self.output_zero_point, dtype, post, args, "")
 
+    def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, shift = self.float_weights()
+        if self.input == "codes":
+            x = x.float() if not shift else x.float().sub_(shift)
+        if self.kind == "linear":
+            y = F.linear(x, weight, bias)
+        else:
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.output == "uint8":  # y is in output codes already: round, clamp (ReLU included), narrow
+            low, high = self.code_range()
+            return y.round_().clamp_(low, high).to(torch.uint8)
+        if self.clamp is None:
+            return y
+        return y.clamp_min_(self.clamp[0]) if self.clamp[1] is None else y.clamp_(*self.clamp)
+
+    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(weight, bias, input shift) of the float kernel, made once: the dequantized weight times the
+        input's scale (codes in) over the output's (codes out), the bias on the same scale plus the
+        output zero-point; the input zero-point folded into the bias where no padding reads it."""
+        if self._float is None:
+            view = (-1,) + (1,) * (self.weight.dim() - 1)
+            weight = self.weight.float() * self.weight_scale.reshape(view)
+            bias = self.bias.clone()
+            shift = 0.0
+            if self.input == "codes":
+                weight = weight * self.input_scale
+                if self.input_zero_point and (self.kind == "linear" or not any(self.padding)):
+                    bias = bias - self.input_zero_point * weight.flatten(1).sum(dim=1)
+                else:
+                    shift = float(self.input_zero_point)
+            if self.output == "uint8":
+                weight, bias = weight / self.output_scale, bias / self.output_scale + self.output_zero_point
+            self._float = (weight.contiguous(), bias, shift)
+        return self._float
+
+    def code_range(self) -> tuple[int, int]:
+        """The output codes the fused clamp allows (uint8 output): ReLU's zero or the grid's range."""
+        zero, scale = self.output_zero_point, self.output_scale
+        if self.clamp is None:
+            return 0, UINT8_MAX
+        low = max(0, zero + round(self.clamp[0] / scale))
+        return low, UINT8_MAX if self.clamp[1] is None else min(UINT8_MAX, zero + round(self.clamp[1] / scale))
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_packed"] = None  # opaque oneDNN memory: deepcopy / pickle remake it from `weight`
+        state["_packed"] = state["_float"] = None  # remade from `weight`: deepcopy / pickle never copy them
         return state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._packed = None
+        self._packed = self._float = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None
+        self._packed = self._float = None
         return super()._apply(fn, recurse)
 
     def config(self) -> dict[str, Any]:
@@ -155,11 +219,21 @@ class NativeLayer(nn.Module):
                 "input_zero_point": self.input_zero_point, "output": self.output,
                 "output_scale": self.output_scale, "output_zero_point": self.output_zero_point,
                 "clamp": None if self.clamp is None else list(self.clamp), "stride": self.stride,
-                "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+                "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "kernel": self.kernel,
+                "input": self.input,
+                "times_ms": None if self.kernel_choice is None else dict(self.kernel_choice.as_stats()["times_ms"])}
 
     def extra_repr(self) -> str:
         clamp = "" if self.clamp is None else f", clamp={self.clamp}"
-        return f"{self.kind}, weight={tuple(self.weight.shape)}, -> {self.output}{clamp}"
+        chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
+        return (f"{self.kind}, weight={tuple(self.weight.shape)}, {self.kernel} {self.input} -> {self.output}"
+                f"{clamp}{chosen}")
+
+
+def fake_quant_values(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Float values rounded onto an activation grid, as float (between two float-kernel layers: the
+    fake-quant model's rounding without codes); x / scale as QuantizeToCodes divides, code for code."""
+    return (x / scale).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
 
 
 def max_pool2d_codes(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],

@@ -107,8 +107,25 @@ def test_kmeans_weights_are_refused():
 def test_group_wise_weights_are_refused_by_layer():
     x = torch.rand(32, 1, 28, 28)
     fq = _fake_quant(LeNet300100(), x, bits=4, per_channel=True, group_size=4, types=("linear",))
-    with pytest.raises(PreconditionError, match="'fc1' has group-wise weight grids .group_size=4.*LowerWeightOnly"):
+    with pytest.raises(PreconditionError, match=r"'fc1' \(fc1.weight_quant\): its group-wise weight grid "
+                                                r"\(group_size=4\) has 300 output channel\(s\).*LowerWeightOnly"):
         fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x[:2],))
+
+
+def test_group_wise_grids_with_one_group_per_channel_lower_as_per_channel_grids():
+    """One group spanning each row is a per-channel grid: the same integer model, code for code."""
+    x = torch.randn(64, 12)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 5))
+    one_group, channel = (_fake_quant(model, x, per_channel=True, group_size=size) for size in (12, None))
+    lowered = [fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+               for fq in (one_group, channel)]
+    assert torch.equal(lowered[0].get_submodule("0.integer").weight, lowered[1].get_submodule("0.integer").weight)
+    with torch.no_grad():
+        assert torch.equal(lowered[0](x), lowered[1](x))
+        assert (lowered[0](x) - one_group(x)).abs().max() < 0.05 * one_group(x).abs().max()  # not a constant
+    with pytest.raises(PreconditionError, match="'0' .0.weight_quant.: its group-wise weight grid .group_size=4."):
+        fxcompress.compile(_fake_quant(model, x, per_channel=True, group_size=4), [LowerToInteger()],
+                           example_inputs=(x[:2],))
 
 
 def test_uncalibrated_activations_are_refused():

@@ -8,49 +8,20 @@ from torch import nn
 from torch.fx import Interpreter
 
 import fxcompress
-from fxcompress.datasets import load_digits
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
 from fxcompress.quant.integer import IntegerLayer
-from fxcompress.quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes, relu_codes
-from fxcompress.training import train
-from zoo import BasicBlock, LeNet5, LeNet300100
+from fxcompress.quant.native import (LAYER_KERNELS, NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes,
+                                     relu_codes)
+from zoo import LeNet300100
+
+MODELS = ("lenet5", "resnet")  # conftest's DIGITS_MODELS, trained once per session (trained_digits)
 
 
-
-class DigitsResNet(nn.Module):
-    """A ResNet-style CNN for 8x8 digits: identity and strided downsample shortcuts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.layer1 = BasicBlock(16, 16)
-        self.layer2 = BasicBlock(16, 32, 2)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.stem(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-MODELS = {"lenet5": lambda: LeNet5(1, 8), "resnet": DigitsResNet}
-_TRAINED: dict[str, nn.Module] = {}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-def _trained(name, data):
-    """A model trained briefly on real data (digits), once per test module."""
-    if name not in _TRAINED:
-        torch.manual_seed(0)
-        model = MODELS[name]()
-        train(model, data, 3, lr=3e-3)
-        _TRAINED[name] = model.eval()
-    return _TRAINED[name]
+@pytest.fixture
+def digits(trained_digits):
+    return trained_digits.data
 
 
 def _fake_quant(model, x, weight_bits=8, activation_bits=8, symmetric=True, adds=True):
@@ -65,13 +36,16 @@ def _lower(fq, x, **options):
     return fxcompress.compile(fq, [LowerToInteger(**options)], example_inputs=(x[:2],))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("weight_bits, activation_bits", [(8, 7), (7, 8)])
-def test_trained_models_agree_with_the_reference(digits, name, weight_bits, activation_bits):
+@pytest.mark.parametrize("kernel", LAYER_KERNELS)
+def test_trained_models_agree_with_the_reference(trained_digits, digits, name, weight_bits, activation_bits, kernel):
+    """Every layer on oneDNN's int8 kernel, or every layer on the float kernel (codes in and out)."""
     x = digits.train_x[:256]
-    fq = _fake_quant(_trained(name, digits), x, weight_bits, activation_bits)
-    reference, fast = _lower(fq, x, backend="reference"), _lower(fq, x)
-    assert fxcompress.history(fast)[-1].stats["backend"] == "native"
+    fq = _fake_quant(trained_digits.model(name), x, weight_bits, activation_bits)
+    reference, fast = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=(kernel,))
+    stats = fxcompress.history(fast)[-1].stats
+    assert stats["backend"] == "native" and stats["kernels"][kernel] == stats["integer_layers"]
     assert any(isinstance(m, NativeLayer) for m in fast.modules())
     assert not any(isinstance(m, IntegerLayer) for m in fast.modules())
     with torch.no_grad():
@@ -82,11 +56,11 @@ def test_trained_models_agree_with_the_reference(digits, name, weight_bits, acti
     assert (got.argmax(1) == digits.test_y).float().mean().item() >= 0.85  # trained, not a constant
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_eight_bit_activations_and_weights_run_natively_only_with_vnni(digits, name):
+@pytest.mark.parametrize("name", MODELS)
+def test_eight_bit_activations_and_weights_run_natively_only_with_vnni(trained_digits, digits, name):
     """u8 x s8 products summed in pairs pass int16 at 8 / 8 bits: exact only where the CPU has VNNI."""
     x = digits.train_x[:256]
-    fq = _fake_quant(_trained(name, digits), x)
+    fq = _fake_quant(trained_digits.model(name), x)
     reference, chosen = _lower(fq, x, backend="reference"), _lower(fq, x)
     stats = fxcompress.history(chosen)[-1].stats
     with torch.no_grad():
@@ -116,9 +90,9 @@ def _dtypes(gm, x):
     return seen
 
 
-def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(digits):
+def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(trained_digits, digits):
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(_trained("lenet5", digits), x, activation_bits=7), x)
+    gm = _lower(_fake_quant(trained_digits.model("lenet5"), x, activation_bits=7), x, kernels=("int8",))
     nodes = list(gm.graph.nodes)
     modules = [type(gm.get_submodule(n.target)) for n in nodes if n.op == "call_module"]
     assert modules == [QuantizeToCodes, NativeLayer, NativeLayer, NativeLayer, NativeLayer]
@@ -132,10 +106,10 @@ def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(digits):
     assert dtypes[nodes[-2]] == torch.float32
 
 
-def test_residual_adds_stay_integer_and_agree_with_the_reference(digits):
+def test_residual_adds_stay_integer_and_agree_with_the_reference(trained_digits, digits):
     x = digits.train_x[:256]
-    fq = _fake_quant(_trained("resnet", digits), x, activation_bits=7)
-    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x)
+    fq = _fake_quant(trained_digits.model("resnet"), x, activation_bits=7)
+    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=("int8",))
     stats = fxcompress.history(gm)[-1].stats
     assert stats["integer_adds"] == 2 and stats["float_to_integer_boundaries"] == 2  # the input and fc's
     adds = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NativeAdd)]
@@ -146,15 +120,15 @@ def test_residual_adds_stay_integer_and_agree_with_the_reference(digits):
     assert dtypes[adds[1]] == torch.float32  # the last add dequantizes before the average pool
     with torch.no_grad():
         expected, got = reference(digits.test_x), gm(digits.test_x)
-        without_adds = _lower(_fake_quant(_trained("resnet", digits), x, activation_bits=7, adds=False), x)
+        without_adds = _lower(_fake_quant(trained_digits.model("resnet"), x, activation_bits=7, adds=False), x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
     assert fxcompress.history(without_adds)[-1].stats["integer_adds"] == 0
 
 
-def test_a_copy_and_a_pickle_run_the_same(digits, tmp_path):
+def test_a_copy_and_a_pickle_run_the_same(trained_digits, digits, tmp_path):
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(_trained("lenet5", digits), x, activation_bits=7), x)
+    gm = _lower(_fake_quant(trained_digits.model("lenet5"), x, activation_bits=7), x)
     with torch.no_grad():
         expected = gm(x)
         assert torch.equal(copy.deepcopy(gm)(x), expected)  # the packed weights are remade, never copied
@@ -163,11 +137,11 @@ def test_a_copy_and_a_pickle_run_the_same(digits, tmp_path):
         assert torch.equal(torch.load(path, weights_only=False)(x), expected)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("backend", ["native", "reference"])
-def test_lowered_models_with_integer_joins_save_and_load_exactly(digits, tmp_path, name, backend):
+def test_lowered_models_with_integer_joins_save_and_load_exactly(trained_digits, digits, tmp_path, name, backend):
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(_trained(name, digits), x, activation_bits=7), x, backend=backend)
+    gm = _lower(_fake_quant(trained_digits.model(name), x, activation_bits=7), x, backend=backend)
     kinds = {type(m).__name__ for m in gm.modules()}
     assert ("NativeLayer" in kinds) == (backend == "native")
     if name == "resnet":  # the residual adds stay integer, and the file holds them
@@ -245,7 +219,7 @@ class ModuleForms(nn.Module):
 def test_module_forms_a_relu_on_codes_and_view_run_natively():
     x = torch.randn(64, 1, 8, 8)
     fq = _fake_quant(ModuleForms().eval(), x, activation_bits=7)
-    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x)
+    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=("int8",))
     assert fxcompress.history(gm)[-1].stats["backend"] == "native"
     functions = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert functions == [max_pool2d_codes]  # the ReLU after the pool reads codes whose zero is code 0: erased
@@ -279,7 +253,7 @@ class Concat(nn.Module):
 def test_concatenations_stay_integer_and_agree_with_the_reference():
     x = torch.randn(128, 2, 8, 8)
     fq = _fake_quant(Concat().eval(), x, activation_bits=7)
-    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x)
+    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=("int8",))
     assert fxcompress.history(gm)[-1].stats["integer_cats"] == 1
     (cat,) = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NativeCat)]
     dtypes = _dtypes(gm, x)

@@ -1,0 +1,272 @@
+"""LowerToInteger's native backend: uint8 codes between layers, each layer on the faster of
+oneDNN's int8 kernel and a float kernel, chosen by measurement (`quant.native`).
+
+Every linear / conv2d layer becomes a `NativeLayer`. Where the model allows it (`kernels` holds both),
+each layer's int8 kernel and its float kernel (the weight dequantized from its codes, codes in and
+out: the cast and the rounding are part of its cost) are timed on the layer's real input
+(`kernels.choose_kernel`: interleaved medians; float stays unless int8 is `margin` times faster):
+oneDNN's int8 calls cost tens of microseconds each, which small layers at small batches never win
+back. Both read and write the same codes, so the choice never changes what the model computes
+beyond float rounding.
+
+An activation grid whose every reader is a float-kernel layer, and whose writer is one too or the
+model's float input, needs no codes: it becomes one `fake_quant_values` node (the fake-quant model's
+rounding in float), the float layers around it read and write float values, and the ReLU / pooling /
+reshape ops between them stay the float ops they were. A model whose layers all chose float runs as
+the fake-quant model with frozen weights, node for node as many as the float model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcompress.kernels.lowering import layer_inputs
+from fxcompress.kernels.timing import KernelChoice, choose_kernel
+from fxcompress.quant import native
+from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, fake_quant_values,
+                                     max_pool2d_codes, relu_codes)
+from fxcompress.quant.quantizers import Grid
+
+from .lower_integer_graph import (MAX_POOL_ARGS, JoinPlan, LayerPlan, Quantized, cat_operands, code_safe,
+                                  is_activation_quant, is_max_pool2d, is_relu, swap, swap_join)
+
+
+def choose_kernels(gm: GraphModule, layers: list[Quantized], plans: dict[Node, LayerPlan], example_inputs: tuple,
+                   options: dict[str, Any]) -> dict[Node, KernelChoice | str]:
+    """Each layer's kernel: a KernelChoice where both were timed on the layer's real input, else the
+    kernel's name (one kernel allowed, or the layer forced onto float by `float_select`)."""
+    kernels, forced = options["kernels"], options["float_select"]
+    chosen: dict[Node, KernelChoice | str] = {}
+    timed = []
+    for q in layers:
+        if forced is not None and re.fullmatch(forced, q.layer.name):
+            chosen[q.node] = "float"
+        elif len(kernels) == 1:
+            chosen[q.node] = kernels[0]
+        else:
+            timed.append(q)
+    inputs = layer_inputs(gm, [q.node for q in timed], example_inputs)
+    for q in timed:
+        plan, grid = plans[q.node], q.input_grid
+        codes = QuantizeToCodes(float(grid.scale), int(grid.zero_point), grid.qmax)(inputs[q.node].float())
+        relu = fused_relu(gm, q.node, plan.chain) is not None
+        forms = {kernel: native_layer(q, plan, relu, kernel) for kernel in ("float", "int8")}
+        chosen[q.node] = choose_kernel({k: m.forward for k, m in forms.items()}, (codes,), baseline="float",
+                                       repeats=options["repeats"], margin=options["margin"], clock=options["clock"])
+    return chosen
+
+
+def kernel_name(choice: KernelChoice | str) -> str:
+    return choice if isinstance(choice, str) else choice.kernel
+
+
+def value_edges(gm: GraphModule, layers: list[Quantized], chosen: dict[Node, KernelChoice | str],
+                targets: dict[Node, Node | None], joins: dict[Node, JoinPlan]) -> set[Node]:
+    """The activation fake-quants that stay float values: every reader a float-kernel layer, the writer
+    one too or float code before the integer part (not an int8 layer, not a join)."""
+    floats = {q.node for q in layers if kernel_name(chosen[q.node]) == "float"}
+    writers = {target: node for node, target in targets.items() if target is not None}
+    join_targets = {join.target for join in joins.values() if join.target is not None}
+    edges = set()
+    for node in gm.graph.nodes:
+        if not is_activation_quant(gm, node) or node in join_targets:
+            continue
+        writer = writers.get(node)
+        if (writer is None or writer in floats) and node.users and all(user in floats for user in node.users):
+            edges.add(node)
+    return edges
+
+
+def boundary(gm: GraphModule, node: Node, grid: Grid, values: bool) -> None:
+    """The activation fake-quant `node` where float code meets the integer part: codes (QuantizeToCodes),
+    or, on a value edge, the grid's rounding in float (one function node: no module to call)."""
+    if not values:
+        gm.add_submodule(node.target, QuantizeToCodes(float(grid.scale), int(grid.zero_point), grid.qmax))
+        return
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(fake_quant_values, (node.args[0], float(grid.scale), int(grid.zero_point),
+                                                         grid.qmin, grid.qmax))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def fused_relu(gm: GraphModule, node: Node, chain: tuple[Node, ...]) -> Node | None:
+    """The ReLU right after `node` that its kernel's clamp can take, if there is one."""
+    users = list(node.users)
+    fits = len(users) == 1 and is_relu(gm, users[0]) and (not chain or chain[0] is users[0])
+    return users[0] if fits else None
+
+
+def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_in: bool = False,
+                 values_out: bool = False) -> NativeLayer:
+    """The layer as a NativeLayer on `kernel`: codes in (float values with `values_in`), codes onto the
+    plan's grid out, or real values where the plan dequantizes or `values_out` (a value edge follows)."""
+    in_grid, out_grid = q.input_grid, None if values_out else plan.out_grid
+    module = NativeLayer(q.layer.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point),
+                         "float32" if out_grid is None else "uint8",
+                         output_scale=1.0 if out_grid is None else float(out_grid.scale),
+                         output_zero_point=0 if out_grid is None else int(out_grid.zero_point),
+                         clamp=_native_clamp(out_grid, relu), kernel=kernel,
+                         input="values" if values_in else "codes", **plan.options)
+    module.weight.copy_(plan.codes.to(torch.int8))
+    module.weight_scale.copy_(plan.weight_scale.float())
+    if plan.bias is not None:  # the reference's integer bias, as the value it stands for
+        module.bias.copy_((plan.bias.double() * plan.accumulator_scale).float())
+    return module
+
+
+def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: KernelChoice | str,
+                   edges: set[Node]) -> dict[str, Any]:
+    """Swap the layer for a NativeLayer on its chosen kernel, the ReLU right after it fused; the ops up
+    to its output grid respelled for codes (left as float ops before a value edge). Returns its stats."""
+    relu = fused_relu(gm, q.node, plan.chain)
+    values_in, values_out = q.input_quant in edges, plan.target in edges
+    module = native_layer(q, plan, relu is not None, kernel_name(choice), values_in, values_out)
+    if isinstance(choice, KernelChoice):
+        module.kernel_choice = choice = KernelChoice.from_stats(choice.as_stats())  # as stats and files hold it
+    new = swap(gm, q, module, "native")
+    if relu is not None:
+        relu.replace_all_uses_with(new)
+        gm.graph.erase_node(relu)
+    zero_point = 0 if plan.out_grid is None else int(plan.out_grid.zero_point)
+    for node in plan.chain:
+        if node is not relu and not values_out:
+            native_code_op(gm, node, zero_point)
+    times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
+    return {"module": new.target, "kernel": module.kernel, "times_ms": times,
+            "speedup": round(choice.speedup_over("float"), 4) if isinstance(choice, KernelChoice) else None,
+            "input": module.input, "output": module.output}
+
+
+def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan) -> str | None:
+    """Why the native kernels could not compute this layer exactly as the reference does, if they cannot."""
+    kind, codes, in_grid = q.layer.kind, plan.codes, q.input_grid
+    if kind not in native.KERNELS:
+        return f"{kind} has no native kernel (only {', '.join(native.KERNELS)})"
+    low, high = int(codes.min()), int(codes.max())
+    if low < native.INT8_RANGE[0] or high > native.INT8_RANGE[1]:
+        return (f"its centered weight codes span [{low}, {high}], beyond int8 with zero-point 0 (quantize with "
+                "InsertFakeQuant(method='linear', symmetric=True) or 'fixed_point', at most 8 bits)")
+    for grid, what in ((in_grid, "input"), (plan.out_grid, "output")):
+        if grid is not None and (grid.qmin != 0 or grid.qmax > native.UINT8_MAX):
+            return (f"its {what} activation grid [{grid.qmin}, {grid.qmax}] is not uint8 (use "
+                    "ActivationConfig(symmetric=False) with at most 8 bits)")
+    if not native.saturation_free(codes, in_grid.qmax):
+        return (f"two weight codes times input code {in_grid.qmax} could pass int16 in this CPU's u8 x s8 "
+                "kernels (no VNNI); use ActivationConfig(bits=7) or 7-bit weights")
+    for node in plan.chain:
+        if not native_code_safe(gm, node):
+            return f"{node.format_node()} has no kernel on uint8 codes"
+    return None
+
+
+def native_code_safe(gm: GraphModule, node: Node) -> bool:
+    """Code-safe ops native can run on uint8: ReLU, 2-d max pooling without indices, reshapes, dropout."""
+    if is_relu(gm, node) or is_max_pool2d(gm, node):
+        return is_relu(gm, node) or _native_pool_ok(gm, node)
+    if node.target in (F.max_pool1d, F.max_pool3d) or (
+            node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.MaxPool1d, nn.MaxPool3d))):
+        return False
+    return code_safe(gm, node)
+
+
+def _native_pool_ok(gm: GraphModule, node: Node) -> bool:
+    if not is_max_pool2d(gm, node):
+        return False
+    if node.op == "call_module":
+        return not gm.get_submodule(node.target).return_indices
+    return not dict(zip(MAX_POOL_ARGS, node.args[1:]), **node.kwargs).get("return_indices", False)
+
+
+def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float | None] | None:
+    """The fused clamp in real units: ReLU and / or the output grid's range where uint8 does not give it
+    (no upper bound: None, which keeps the layer's configuration plain data)."""
+    if out_grid is None:
+        return (0.0, None) if relu else None
+    scale, zero = float(out_grid.scale), int(out_grid.zero_point)
+    high = None if out_grid.qmax == native.UINT8_MAX else (out_grid.qmax - zero) * scale
+    if high is None and not relu:
+        return None
+    return (0.0 if relu else (out_grid.qmin - zero) * scale, high)
+
+
+def native_code_op(gm: GraphModule, node: Node, zero_point: int) -> None:
+    """Respell one code-safe op for uint8 codes (ReLU clamps at the zero-point; max pooling and view
+    take channels-last tensors, which the kernels write)."""
+    if is_relu(gm, node) and zero_point == 0:  # uint8 codes are >= 0 already: the identity
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        return
+    if is_relu(gm, node):
+        target, args = relu_codes, (node.args[0], zero_point)
+    elif is_max_pool2d(gm, node):
+        if node.op == "call_module":
+            pool = gm.get_submodule(node.target)
+            values = {name: getattr(pool, name) for name in MAX_POOL_ARGS[:-1]}
+        else:
+            values = dict(zip(MAX_POOL_ARGS, node.args[1:]), **node.kwargs)
+        pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+        kernel = pair(values["kernel_size"])
+        stride = pair(values.get("stride") or kernel)
+        target, args = max_pool2d_codes, (node.args[0], kernel, stride, pair(values.get("padding", 0)),
+                                          pair(values.get("dilation", 1)), bool(values.get("ceil_mode", False)))
+    elif node.op == "call_method" and node.target == "view":
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_method("reshape", node.args, node.kwargs)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return
+    else:
+        return
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def native_join_refusal(gm: GraphModule, add: JoinPlan) -> str | None:
+    for grid in (*add.grids, add.out_grid):
+        if grid is not None and (grid.qmin != 0 or grid.qmax > native.UINT8_MAX):
+            return f"an activation grid [{grid.qmin}, {grid.qmax}] of the add is not uint8"
+    for node in add.chain:
+        if not native_code_safe(gm, node):
+            return f"{node.format_node()} has no kernel on uint8 codes"
+    return None
+
+
+def replace_native_add(gm: GraphModule, node: Node, add: JoinPlan) -> None:
+    """A NativeAdd on uint8 codes, the ReLU right after it fused as its lower clamp."""
+    users = list(node.users)
+    relu = users[0] if len(users) == 1 and is_relu(gm, users[0]) and (not add.chain or add.chain[0] is users[0]) \
+        else None
+    a, b = ((float(g.scale), int(g.zero_point)) for g in add.grids)
+    out = add.out_grid
+    if out is None:
+        module = NativeAdd(a, b, None, relu=relu is not None)
+    else:
+        zero = int(out.zero_point)
+        module = NativeAdd(a, b, (float(out.scale), zero), low=zero if relu is not None else out.qmin, high=out.qmax)
+    new = swap_join(gm, node, module, "native")
+    if relu is not None:
+        relu.replace_all_uses_with(new)
+        gm.graph.erase_node(relu)
+    for chained in add.chain:
+        if chained is not relu:
+            native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
+
+
+def replace_native_cat(gm: GraphModule, node: Node, cat: JoinPlan) -> None:
+    out = cat.out_grid
+    grids = [(float(g.scale), int(g.zero_point)) for g in cat.grids]
+    output = None if out is None else (float(out.scale), int(out.zero_point))
+    module = NativeCat(grids, output, cat.dim, *(() if out is None else (out.qmin, out.qmax)))
+    swap_join(gm, node, module, "native", cat_operands(node))
+    for chained in cat.chain:
+        native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
+

@@ -1,0 +1,122 @@
+"""LowerToInteger's native backend choosing each layer's kernel (int8 or float) by measurement: float
+layers inside an int8 chain, float runs carrying values, the record in stats, summary and files."""
+import pytest
+import torch
+from torch.fx import Interpreter
+
+import fxcompress
+from fxcompress.kernels import timing
+from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
+from fxcompress.passes import lower_integer_native
+from fxcompress.quant import native
+from fxcompress.quant.native import NativeLayer, fake_quant_values
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+
+
+def _fake_quant(model, x):
+    activations = ActivationConfig(bits=7)  # 7 bits: exact on CPUs without VNNI too
+    return fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                                      activations=activations)],
+                              example_inputs=(x[:2],), calibration_data=[x[i:i + 64] for i in range(0, len(x), 64)])
+
+
+@pytest.fixture
+def lenet5(trained_digits):
+    data = trained_digits.data
+    fq = _fake_quant(trained_digits.model("lenet5"), data.train_x[:256])
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(data.train_x[:2],))
+    return data, fq, reference
+
+
+def _inputs(gm, x):
+    """The value each NativeLayer node reads, by module path."""
+    seen = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NativeLayer):
+                seen[n.target] = self.env[n.args[0]]
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Recorder(gm).run(x)
+    return seen
+
+
+@pytest.mark.parametrize("floats, value_edges", [("conv2", 0), ("fc1|fc2", 1), ("conv1|conv2|fc1|fc2", 4)])
+def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floats, value_edges):
+    """A float layer between int8 ones reads and writes their codes; between float layers (or after the
+    float input) values stay float, rounded onto each grid by one node."""
+    data, fq, reference = lenet5
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("int8",), float_select=floats)],
+                            example_inputs=(data.train_x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    kernels = {name: layer["kernel"] for name, layer in stats["layers"].items()}
+    names = ("conv1", "conv2", "fc1", "fc2")
+    assert kernels == {name: "float" if name in floats.split("|") else "int8" for name in names}
+    assert stats["value_edges"] == value_edges
+    assert sum(n.target is fake_quant_values for n in gm.graph.nodes) == value_edges
+    for path, x in _inputs(gm, data.test_x[:4]).items():  # what each layer reads is what it was built for
+        module = gm.get_submodule(path)
+        assert x.dtype == (torch.float32 if module.input == "values" else torch.uint8), path
+    with torch.no_grad():
+        expected, got = reference(data.test_x), gm(data.test_x)
+    assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+    assert (got.argmax(1) == data.test_y).float().mean().item() >= 0.85  # trained, not a constant
+
+
+@pytest.fixture
+def rigged(monkeypatch):
+    """Kernel timing on a fake clock: int8 costs 1 ms on convolutions and 3 ms on linear layers, float 2 ms."""
+    clock = {"now": 0.0}
+    monkeypatch.setitem(timing.CLOCKS, "fake", lambda: clock["now"])
+    real = lower_integer_native.choose_kernel
+
+    def costing(seconds):
+        def run(*args):
+            clock["now"] += seconds
+        return run
+
+    def choose(candidates, args, **options):
+        conv = candidates["int8"].__self__.kind == "conv2d"
+        costs = {"float": costing(0.002), "int8": costing(0.001 if conv else 0.003)}
+        return real(costs, args, **{**options, "clock": "fake"})
+
+    monkeypatch.setattr(lower_integer_native, "choose_kernel", choose)
+
+
+def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(lenet5, rigged, tmp_path):
+    data, fq, reference = lenet5
+    gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(data.train_x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["kernels"] == {"int8": 2, "float": 2}
+    assert stats["layers"]["conv1"]["times_ms"] == pytest.approx({"float": 2.0, "int8": 1.0})
+    assert stats["layers"]["conv1"]["speedup"] == pytest.approx(2.0)
+    assert stats["layers"]["fc1"] == {"module": "fc1.native", "kernel": "float", "speedup": 1.0, "input": "codes",
+                                      "times_ms": {"float": 2.0, "int8": 3.0}, "output": "float32"}
+    assert stats["value_edges"] == 1  # fc1 -> fc2: both float
+    rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
+    assert (rows["conv2.native"]["kernel"], rows["conv2.native"]["latency_ms"]) == ("int8", pytest.approx(1.0))
+    assert (rows["fc2.native"]["kernel"], rows["fc2.native"]["latency_ms"]) == ("float", pytest.approx(2.0))
+    fxcompress.save(gm, tmp_path / "mixed.fxc")
+    loaded = fxcompress.load(tmp_path / "mixed.fxc")
+    for path in ("conv1.native", "conv2.native", "fc1.native", "fc2.native"):
+        saved, back = gm.get_submodule(path), loaded.get_submodule(path)
+        assert (back.kernel, back.input, back.kernel_choice) == (saved.kernel, saved.input, saved.kernel_choice)
+    with torch.no_grad():
+        assert torch.equal(loaded(data.test_x), gm(data.test_x))
+        expected, got = reference(data.test_x), gm(data.test_x)
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+
+
+def test_a_float_run_has_no_more_nodes_than_the_float_model_plus_one_rounding_per_grid(lenet5):
+    data, fq, _ = lenet5
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(data.train_x[:2],))
+    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    rounding = [n for n in calls if n.target is fake_quant_values]
+    assert len(rounding) == 4  # one per activation grid
+    # LeNet-5: conv, pool, conv, pool, flatten, fc, relu, fc; the ReLU is fused into fc1's float kernel
+    assert len(calls) - len(rounding) == 7
+    assert not any(isinstance(m, NativeLayer) and m._packed is not None for m in gm.modules())  # no oneDNN weight
