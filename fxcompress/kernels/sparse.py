@@ -27,6 +27,8 @@ row pointer and column index before any kernel reads them.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,15 +41,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
+from . import compiled
 from .timing import KernelChoice, choose_kernel
 
-KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr")
+KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr", "c_relative")
 SPARSE_KERNELS = KERNELS[1:]
 KINDS = ("linear", "conv2d")                 # layer kinds a SparseLayer computes
 DTYPES = (torch.float32, torch.float64)      # value dtypes both sparse libraries multiply
 INDEX_DTYPE = torch.int32                    # half the index bytes of torch's default int64
 BSR_BLOCKS = (16, 8, 4)                      # block sizes tried, largest first
 BSR_MIN_FILL = 0.5                           # a BSR candidate needs its blocks at least this full
+# c_relative's relative indices; 16-bit ones are held as int16 bits (an integer type files know) and
+# read unsigned by the kernel
+GAP_DTYPES = {"uint8": torch.uint8, "uint16": torch.int16}
+GAP_MAX = {"uint8": 255, "uint16": 65535}
+CODEBOOK_MAX = 256                           # c_relative's codes are uint8
+RELATIVE_BUFFERS = ("gaps", "codes", "codebook")  # c_relative's tensors besides crow_indices / values
 
 
 def sparse_linear_eager(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -115,6 +124,155 @@ def _save_for_backward(ctx, inputs, output):
 sparse_linear.register_autograd(_backward, setup_context=_save_for_backward)
 
 
+def relative_form(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Deep Compression's storage of a float32 weight matrix [out, in] for the c_relative kernel:
+    per row, each nonzero as the count of zeros before it (`gaps`, uint8, or uint16 where that is
+    smaller) with filler zeros bridging longer runs, and its value: a uint8 `codes` index into a
+    float32 `codebook` where the layer has at most 256 distinct weights (fillers included), `values`
+    otherwise. `crow_indices` (int32) delimits each row's entries."""
+    rows, cols = matrix.shape
+    where = matrix.nonzero()
+    row, col = where[:, 0], where[:, 1]
+    kept = matrix[row, col]
+    previous = torch.full_like(col, -1)
+    previous[1:] = torch.where(row[1:] == row[:-1], col[:-1], -1)
+    gap = col - previous - 1
+    gap_dtype = min(GAP_MAX, key=lambda name: _relative_bytes(gap, name, kept))
+    fillers = gap // (GAP_MAX[gap_dtype] + 1)
+    per_entry = fillers + 1
+    entries = int(per_entry.sum())
+    if entries >= 2 ** 31:
+        raise PreconditionError(f"c_relative: {entries} entries overflow its int32 row pointers")
+    slot = per_entry.cumsum(0) - 1                         # each nonzero after its fillers
+    gaps = torch.full((entries,), GAP_MAX[gap_dtype], dtype=torch.int64)
+    gaps[slot] = gap - fillers * (GAP_MAX[gap_dtype] + 1)
+    values = matrix.new_zeros(entries)
+    values[slot] = kept
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = torch.zeros(rows, dtype=torch.int64).index_add_(0, row, per_entry).cumsum(0)
+    form = {"crow_indices": crow.to(INDEX_DTYPE), "gaps": _to_gap_dtype(gaps, gap_dtype)}
+    codebook = torch.unique(values)                         # sorted; holds 0.0 where fillers exist
+    if codebook.numel() <= CODEBOOK_MAX:
+        form.update(codes=torch.searchsorted(codebook, values).to(torch.uint8), codebook=codebook.contiguous())
+    else:
+        form["values"] = values.contiguous()
+    return form
+
+
+def _relative_bytes(gap: torch.Tensor, gap_dtype: str, kept: torch.Tensor) -> int:
+    """Bytes of the entries with `gap_dtype` indices (values counted at 4 bytes: codes only shrink both)."""
+    entries = int((gap // (GAP_MAX[gap_dtype] + 1)).sum()) + gap.numel()
+    return entries * (GAP_DTYPES[gap_dtype].itemsize + 4)
+
+
+def _to_gap_dtype(gaps: torch.Tensor, gap_dtype: str) -> torch.Tensor:
+    if gap_dtype == "uint8":
+        return gaps.to(torch.uint8)
+    return torch.where(gaps > 32767, gaps - 65536, gaps).to(torch.int16)  # the same 16 bits
+
+
+def relative_columns(crow: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+    """Each entry's column (int64): one past the previous entry of its row, plus its gap."""
+    steps = (gaps.to(torch.int64) & 0xFFFF) + 1
+    total = steps.cumsum(0)
+    starts = crow.to(torch.int64)
+    before = torch.cat([total.new_zeros(1), total])[starts[:-1]]  # the running sum where each row starts
+    counts = starts[1:] - starts[:-1]
+    return total - before.repeat_interleave(counts, output_size=steps.numel()) - 1
+
+
+def relative_values(values: torch.Tensor | None, codes: torch.Tensor | None,
+                    codebook: torch.Tensor | None) -> torch.Tensor:
+    """Each entry's float value (fillers are zeros)."""
+    return values if values is not None else codebook[codes.to(torch.int64)]
+
+
+def relative_csr(crow: torch.Tensor, gaps: torch.Tensor, values: torch.Tensor | None, codes: torch.Tensor | None,
+                 codebook: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """The c_relative form as a torch CSR tensor [out, in] (a temporary; fillers kept as zeros)."""
+    columns = relative_columns(crow, gaps).to(INDEX_DTYPE)
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta: we check the results
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, columns, relative_values(values, codes, codebook), shape,
+                                       check_invariants=False)
+
+
+@functools.cache
+def _relative_functions() -> dict[tuple[str, str, str], Any] | None:
+    """The C kernels by (matvec / matmul, gap dtype, float32 / code), argtypes set once (ctypes then
+    converts plain ints without looking anything up); None where the library cannot be built here."""
+    library = compiled.library("sparse_relative")
+    if library is None:
+        return None
+    pointers, functions = [ctypes.c_void_p] * 8, {}
+    for op, extra in (("matvec", [ctypes.c_int64]), ("matmul", [ctypes.c_int64] * 3)):
+        for gap, c_gap in (("uint8", "u8"), ("uint16", "u16")):
+            for value, c_value in (("float32", "f32"), ("code", "code")):
+                function = getattr(library, f"{op}_{c_gap}_{c_value}")
+                function.argtypes, function.restype = pointers + extra, None
+                functions[op, gap, value] = function
+    return functions
+
+
+def relative_available() -> bool:
+    """Whether the c_relative kernel runs here (a C compiler built it)."""
+    return _relative_functions() is not None
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def relative_linear_eager(x: torch.Tensor, crow: torch.Tensor, gaps: torch.Tensor, values: torch.Tensor | None,
+                          codes: torch.Tensor | None, codebook: torch.Tensor | None, bias: torch.Tensor | None,
+                          in_features: int, out_features: int) -> torch.Tensor:
+    """x [M, in] times the transposed c_relative weight, plus bias, by the C kernel (one thread)."""
+    functions = _relative_functions()
+    if functions is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        raise PreconditionError(f"SparseLayer kernel 'c_relative' needs its C library and float32 CPU inputs, got "
+                                f"{x.dtype} on {x.device}" + ("" if functions else " and no C compiler here")
+                                + "; remeasure the model here to pick another kernel")
+    x = x.detach().contiguous()
+    batch = x.shape[0]
+    out = x.new_empty((batch, out_features))
+    if batch == 0:
+        return out
+    key = ("uint8" if gaps.dtype == torch.uint8 else "uint16", "float32" if codes is None else "code")
+    weight = (crow.data_ptr(), gaps.data_ptr(), _pointer(values), _pointer(codes), _pointer(codebook), _pointer(bias))
+    if batch == 1:
+        functions[("matvec", *key)](*weight, x.data_ptr(), out.data_ptr(), out_features)
+        return out
+    stride = -(-batch // 8) * 8  # the kernel's tiles of 8 inputs, zero-padded
+    xt = x.new_zeros((in_features, stride))
+    xt[:, :batch] = x.t()
+    functions[("matmul", *key)](*weight, xt.data_ptr(), out.data_ptr(), out_features, batch, stride)
+    return out
+
+
+relative_linear = torch.library.custom_op("fxcompress::relative_linear", relative_linear_eager, mutates_args=())
+
+
+@relative_linear.register_fake
+def _(x, crow, gaps, values, codes, codebook, bias, in_features, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _relative_backward(ctx, grad):
+    crow, gaps, values, codes, codebook = ctx.saved_tensors
+    weight = relative_csr(crow, gaps, values, codes, codebook, (ctx.out_features, ctx.in_features))
+    dx = torch.mm(weight.t(), grad.t().contiguous()).t().contiguous()  # a temporary CSR: training is rare here
+    return dx, None, None, None, None, None, None, None, None
+
+
+def _relative_save(ctx, inputs, output):
+    _, crow, gaps, values, codes, codebook, _, in_features, out_features = inputs
+    ctx.save_for_backward(crow, gaps, values, codes, codebook)
+    ctx.in_features, ctx.out_features = in_features, out_features
+
+
+relative_linear.register_autograd(_relative_backward, setup_context=_relative_save)
+
+
 def _scipy_weight(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int,
                   out_features: int, kernel: str) -> scipy.sparse.spmatrix:
     """A scipy view [out, in] of the buffers (their memory, no copy; the buffers were checked when
@@ -134,24 +292,30 @@ class SparseLayer(nn.Module):
 
     Buffers: "dense" holds `weight`; the sparse kernels hold `crow_indices` / `col_indices` (int32)
     and `values` ([nnz] for CSR, [blocks, b, b] for BSR) of the weight as a matrix [out, in * kh * kw];
-    `bias` when the layer has one. `kernel_choice` is the measurement that picked the kernel
+    "c_relative" holds `crow_indices`, `gaps` (`gap_dtype`) and either `values` or, with `shared`,
+    `codes` (uint8) and `codebook` (float32) (see `relative_form`); `bias` when the layer has one. `kernel_choice` is the measurement that picked the kernel
     (None when the kernel was set by hand): times in milliseconds per call for each candidate.
     """
 
     def __init__(self, kind: str, weight_shape: Sequence[int], kernel: str, has_bias: bool = True,
                  blocksize: int | None = None, times_ms: Mapping[str, float] | None = None,
                  stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
-                 dilation: Sequence[int] = (1, 1), dtype: str = "float32") -> None:
+                 dilation: Sequence[int] = (1, 1), dtype: str = "float32", gap_dtype: str | None = None,
+                 shared: bool = False) -> None:
         super().__init__()
         _check_config(kind, weight_shape, kernel, blocksize, dtype)
+        _check_relative_config(kernel, gap_dtype, shared, dtype)
         self.kind, self.weight_shape, self.kernel = kind, [int(s) for s in weight_shape], kernel
         self.has_bias, self.blocksize, self.dtype = has_bias, blocksize, dtype
+        self.gap_dtype, self.shared = gap_dtype, shared
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
                                                                                     "times_ms": times_ms})
         value_dtype = getattr(torch, dtype)
         if kernel == "dense":
             self.register_buffer("weight", torch.zeros(0, dtype=value_dtype))
+        elif kernel == "c_relative":
+            self._relative_slots(value_dtype)
         else:
             self.register_buffer("crow_indices", torch.zeros(0, dtype=INDEX_DTYPE))
             self.register_buffer("col_indices", torch.zeros(0, dtype=INDEX_DTYPE))
@@ -161,6 +325,16 @@ class SparseLayer(nn.Module):
         else:
             self.bias = None
         self._where = "SparseLayer"
+
+    def _relative_slots(self, value_dtype: torch.dtype) -> None:
+        """Empty c_relative buffers of the configured dtypes (filled by _store or a file)."""
+        self.register_buffer("crow_indices", torch.zeros(0, dtype=INDEX_DTYPE))
+        self.register_buffer("gaps", torch.zeros(0, dtype=GAP_DTYPES[self.gap_dtype]))
+        if self.shared:
+            self.register_buffer("codes", torch.zeros(0, dtype=torch.uint8))
+            self.register_buffer("codebook", torch.zeros(0, dtype=value_dtype))
+        else:
+            self.register_buffer("values", torch.zeros(0, dtype=value_dtype))
 
     @property
     def out_features(self) -> int:
@@ -182,9 +356,21 @@ class SparseLayer(nn.Module):
         if kernel == "torch_bsr" and blocksize is None:
             raise PreconditionError(f"SparseLayer: no block size of {BSR_BLOCKS} divides weight "
                                     f"{list(weight.shape)} with blocks at least {BSR_MIN_FILL:.0%} full")
-        module = cls(kind, list(weight.shape), kernel, bias is not None, blocksize, times_ms, **(conv or {}),
-                     dtype=dtype)
-        module._store(weight.detach(), None if bias is None else bias.detach(), share)
+        if kernel != "c_relative":
+            module = cls(kind, list(weight.shape), kernel, bias is not None, blocksize, times_ms, **(conv or {}),
+                         dtype=dtype)
+            module._store(weight.detach(), None if bias is None else bias.detach(), share)
+            return module
+        if weight.dtype != torch.float32:
+            raise PreconditionError(f"SparseLayer: kernel 'c_relative' multiplies float32 weights, got {weight.dtype}")
+        form = relative_form(weight.detach().reshape(weight.shape[0], -1))
+        gap_dtype = "uint8" if form["gaps"].dtype == torch.uint8 else "uint16"
+        module = cls(kind, list(weight.shape), kernel, bias is not None, None, times_ms, **(conv or {}),
+                     dtype=dtype, gap_dtype=gap_dtype, shared="codes" in form)
+        for name, tensor in form.items():
+            setattr(module, name, tensor)
+        if bias is not None:
+            module.bias = bias.detach().clone().contiguous()
         return module
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None, share: bool = False) -> None:
@@ -206,6 +392,9 @@ class SparseLayer(nn.Module):
         """The weight as a dense tensor (a temporary: for re-measuring and checks, never kept)."""
         if self.kernel == "dense":
             return self.weight
+        if self.kernel == "c_relative":
+            return relative_csr(*self._relative_tensors(), (self.out_features, self.in_features)).to_dense().reshape(
+                self.weight_shape)
         make = torch.sparse_bsr_tensor if self.blocksize else torch.sparse_csr_tensor
         shape = compressed_shape(self.kernel, self.in_features, self.out_features)
         matrix = make(self.crow_indices, self.col_indices, self.values, shape, check_invariants=True).to_dense()
@@ -221,11 +410,20 @@ class SparseLayer(nn.Module):
             return out.reshape(*x.shape[:-1], self.out_features)
         return self._conv(x)
 
+    def _relative_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """crow_indices, gaps, values, codes, codebook (None where this form has none)."""
+        return (self.crow_indices, self.gaps, self._buffers.get("values"), self._buffers.get("codes"),
+                self._buffers.get("codebook"))
+
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        eager = type(rows) is torch.Tensor and not torch.compiler.is_compiling() and not (
+            rows.requires_grad and torch.is_grad_enabled())
+        if self.kernel == "c_relative":
+            args = (rows, *self._relative_tensors(), self.bias, self.in_features, self.out_features)
+            return relative_linear_eager(*args) if eager else torch.ops.fxcompress.relative_linear(*args)
         args = (rows, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features,
                 self.out_features, self.kernel)
-        if type(rows) is torch.Tensor and not torch.compiler.is_compiling() and not (
-                rows.requires_grad and torch.is_grad_enabled()):
+        if eager:
             return sparse_linear_eager(*args)  # plain eager inference: no op dispatch
         return torch.ops.fxcompress.sparse_linear(*args)  # traced (fake / proxy tensors) or differentiated
 
@@ -246,6 +444,8 @@ class SparseLayer(nn.Module):
     def nonzeros(self) -> int:
         if self.kernel == "dense":
             return int(torch.count_nonzero(self.weight))
+        if self.kernel == "c_relative":  # fillers are zeros
+            return int(torch.count_nonzero(relative_values(*self._relative_tensors()[2:])))
         return int(torch.count_nonzero(self.values))
 
     def config(self) -> dict[str, Any]:
@@ -253,7 +453,7 @@ class SparseLayer(nn.Module):
                 "has_bias": self.has_bias, "blocksize": self.blocksize,
                 "times_ms": None if self.kernel_choice is None else dict(self.kernel_choice.as_stats()["times_ms"]),
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
-                "dtype": self.dtype}
+                "dtype": self.dtype, "gap_dtype": self.gap_dtype, "shared": self.shared}
 
     def extra_repr(self) -> str:
         chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
@@ -269,6 +469,9 @@ class SparseLayer(nn.Module):
         if self.kernel == "dense":
             _expect(self, "weight", value_dtype, tuple(self.weight_shape))
             return
+        if self.kernel == "c_relative":
+            self._check_relative(value_dtype)
+            return
         block = self.blocksize or 1
         rows, columns = compressed_shape(self.kernel, self.in_features, self.out_features)
         _expect(self, "crow_indices", INDEX_DTYPE, (rows // block + 1,))
@@ -279,12 +482,38 @@ class SparseLayer(nn.Module):
 
     def adopt(self, other: "SparseLayer") -> None:
         """Take `other`'s form and measurement (re-measuring swaps the form of a layer in place)."""
-        for name in ("weight", "crow_indices", "col_indices", "values"):
+        for name in ("weight", "crow_indices", "col_indices", "values", *RELATIVE_BUFFERS):
             if name in self._buffers:
                 del self._buffers[name]
         for name, tensor in other._buffers.items():
             self._buffers[name] = tensor
         self.kernel, self.blocksize, self.kernel_choice = other.kernel, other.blocksize, other.kernel_choice
+        self.gap_dtype, self.shared = other.gap_dtype, other.shared
+
+    def _check_relative(self, value_dtype: torch.dtype) -> None:
+        """c_relative's tensors: row pointers, every row's columns inside the layer, codes inside the
+        codebook; where no C compiler exists here, the layer switches to scipy's CSR (with a warning)."""
+        _expect(self, "crow_indices", INDEX_DTYPE, (self.out_features + 1,))
+        count = self.gaps.shape[0] if self.gaps.dim() == 1 else -1
+        _expect(self, "gaps", GAP_DTYPES[self.gap_dtype], (count,))
+        if self.shared:
+            _expect(self, "codes", torch.uint8, (count,))
+            size = self.codebook.shape[0] if self.codebook.dim() == 1 else -1
+            _expect(self, "codebook", value_dtype, (size,))
+            if size > CODEBOOK_MAX or (count and (size == 0 or int(self.codes.max()) >= size)):
+                raise FormatError(f"{self._where}: tensor 'codes' indexes outside its codebook of {size} entries")
+        else:
+            _expect(self, "values", value_dtype, (count,))
+        _check_pointers(self._where, self.crow_indices, count)
+        columns = relative_columns(self.crow_indices, self.gaps)
+        if columns.numel() and int(columns.max()) >= self.in_features:
+            raise FormatError(f"{self._where}: tensor 'gaps' runs a row past its {self.in_features} columns")
+        if not relative_available():
+            warnings.warn(f"{self._where}: no C compiler here for kernel 'c_relative'; running scipy_csr instead "
+                          "(remeasure to choose again)", stacklevel=2)
+            self.adopt(SparseLayer.from_dense(self.kind, self.dense_weight(), self.bias, "scipy_csr",
+                                              {"stride": self.stride, "padding": self.padding,
+                                               "dilation": self.dilation} if self.kind == "conv2d" else None))
 
 
 def _check_config(kind: str, weight_shape: Sequence[int], kernel: str, blocksize: int | None, dtype: str) -> None:
@@ -302,6 +531,15 @@ def _check_config(kind: str, weight_shape: Sequence[int], kernel: str, blocksize
                           f"{list(weight_shape)} (torch_bsr needs one of {BSR_BLOCKS} dividing both sides)")
 
 
+def _check_relative_config(kernel: str, gap_dtype: str | None, shared: bool, dtype: str) -> None:
+    relative = kernel == "c_relative"
+    if shared not in (True, False) or (gap_dtype in GAP_DTYPES) != relative or (shared and not relative) or (
+            relative and dtype != "float32"):
+        raise ConfigError(f"SparseLayer: gap_dtype {gap_dtype!r} and shared {shared!r} do not fit kernel {kernel!r} "
+                          f"and dtype {dtype!r} (c_relative needs gap_dtype one of {sorted(GAP_DTYPES)} and "
+                          "float32; other kernels take neither)")
+
+
 def _expect(module: SparseLayer, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     tensor = module._buffers.get(name)
     if tensor is None or tensor.dtype != dtype or tensor.device.type == "meta" or tuple(tensor.shape) != shape \
@@ -310,11 +548,15 @@ def _expect(module: SparseLayer, name: str, dtype: torch.dtype, shape: tuple[int
         raise FormatError(f"{module._where}: tensor {name!r} is {got}, expected contiguous {dtype} {list(shape)}")
 
 
-def _check_indices(where: str, crow: torch.Tensor, col: torch.Tensor, columns: int) -> None:
+def _check_pointers(where: str, crow: torch.Tensor, entries: int) -> None:
     steps = crow[1:] - crow[:-1]
-    if int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((steps < 0).any()):
+    if int(crow[0]) != 0 or int(crow[-1]) != entries or bool((steps < 0).any()):
         raise FormatError(f"{where}: tensor 'crow_indices' is not a row-pointer array (starts at 0, never "
-                          f"decreases, ends at the {col.numel()} stored entries)")
+                          f"decreases, ends at the {entries} stored entries)")
+
+
+def _check_indices(where: str, crow: torch.Tensor, col: torch.Tensor, columns: int) -> None:
+    _check_pointers(where, crow, col.numel())
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= columns):
         raise FormatError(f"{where}: tensor 'col_indices' holds a column outside [0, {columns})")
 
@@ -341,9 +583,11 @@ def bsr_blocksize(weight: torch.Tensor) -> int | None:
 
 
 def candidate_kernels(weight: torch.Tensor, allowed: Sequence[str]) -> list[str]:
-    """The kernels worth timing for this weight: dense always, BSR only with full enough blocks."""
+    """The kernels worth timing for this weight: dense always, BSR only with full enough blocks,
+    c_relative for float32 weights where its C library builds."""
     return ["dense"] + [k for k in allowed if k in SPARSE_KERNELS
-                        and (k != "torch_bsr" or bsr_blocksize(weight) is not None)]
+                        and (k != "torch_bsr" or bsr_blocksize(weight) is not None)
+                        and (k != "c_relative" or (weight.dtype == torch.float32 and relative_available()))]
 
 
 def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,

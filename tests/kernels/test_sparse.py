@@ -3,11 +3,16 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fxcompress.errors import ConfigError, FormatError, PreconditionError
 from fxcompress.kernels import KernelChoice, SparseLayer, choose_kernel, remeasure
+from fxcompress.kernels import sparse
 from fxcompress.kernels.sparse import (BSR_MIN_FILL, SPARSE_KERNELS, bsr_blocksize, candidate_kernels, choose_form,
-                                       remeasure_layer)
+                                       relative_available, relative_form, remeasure_layer)
+
+needs_c = pytest.mark.skipif(not relative_available(), reason="no C compiler: the c_relative kernel cannot be built")
 
 CONV = {"stride": [2, 1], "padding": [1, 2], "dilation": [1, 2]}
 
@@ -29,7 +34,10 @@ def _reference(kind, x, weight, bias):
     return F.linear(x, weight, bias) if kind == "linear" else F.conv2d(x, weight, bias, **CONV)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc"])
+C_KERNELS = [pytest.param("c_relative", marks=needs_c)]
+
+
+@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc", *C_KERNELS])
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 3, 96)], ids=["batch1", "batch7", "3d"])
 def test_linear_forms_compute_the_layer(kernel, shape):
     weight, bias, x = _pruned(40, 96), torch.randn(40), torch.randn(*shape)
@@ -39,7 +47,7 @@ def test_linear_forms_compute_the_layer(kernel, shape):
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc"])
+@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc", *C_KERNELS])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv2d_forms_compute_the_layer_through_im2col(kernel, batch):
     weight, bias, x = _pruned(12, 5, 3, 3, sparsity=0.8), torch.randn(12), torch.randn(batch, 5, 9, 11)
@@ -76,13 +84,15 @@ def test_bsr_runs_block_structured_weights_and_is_no_candidate_for_scattered_one
     torch.testing.assert_close(layer.dense_weight(), weight)
     scattered = _pruned(64, 128)
     assert bsr_blocksize(scattered) is None and BSR_MIN_FILL > 0.1
-    assert candidate_kernels(scattered, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr", "scipy_csc"]
-    assert candidate_kernels(weight, SPARSE_KERNELS) == ["dense", *SPARSE_KERNELS]
+    c_kernel = ["c_relative"] if relative_available() else []
+    assert candidate_kernels(scattered, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr", "scipy_csc", *c_kernel]
+    assert candidate_kernels(weight, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr",
+                                                         *c_kernel]
     with pytest.raises(PreconditionError, match="no block size"):
         SparseLayer.from_dense("linear", scattered, bias, "torch_bsr")
 
 
-@pytest.mark.parametrize("kernel", SPARSE_KERNELS)
+@pytest.mark.parametrize("kernel", [k for k in SPARSE_KERNELS if k != "c_relative"] + C_KERNELS)
 def test_the_input_gets_the_dense_layers_gradient(kernel):
     weight, bias = (_blocky(), torch.randn(64)) if kernel == "torch_bsr" else (_pruned(64, 128), torch.randn(64))
     layer = SparseLayer.from_dense("linear", weight, bias, kernel)
@@ -191,3 +201,156 @@ def test_the_thread_clock_counts_work_not_waiting():
     assert by_cpu.kernel == "dense" and by_cpu.times_ms["dense"] < 1.0 <= by_cpu.times_ms["busy"]
     with pytest.raises(ConfigError, match="clock must be one of"):
         choose_kernel(candidates, (), baseline="dense", clock="gpu")
+
+
+# --- c_relative: Deep Compression's storage (relative indices, codebook codes) run by our C kernel ---
+
+def _within_summation_error(out, x, weight, bias):
+    """`out` equals x @ weight.T + bias up to float32 summation-order error: against the float64 product,
+    at most (terms + 1) float32 roundings of the sum of absolute products (the recursive-sum bound)."""
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    scale = x.double().abs() @ weight.double().abs().T + (0 if bias is None else bias.double().abs())
+    terms = int((weight != 0).sum(1).max()) + 2
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    slack = (out.double() - exact).abs() - terms * 2.0 ** -24 * scale
+    assert float(slack.max()) <= 1e-30, f"off by more than summation order: {float(slack.max())}"
+
+
+def _weight(rows, cols, sparsity, shared=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator) * (torch.rand(rows, cols, generator=generator) >= sparsity)
+    return torch.round(weight * 8) / 8 if shared else weight  # at most 256 distinct values: a codebook
+
+
+@needs_c
+@pytest.mark.parametrize("rows, cols, sparsity", [(1, 1, 0.0), (5, 3, 0.0), (40, 96, 0.5), (64, 300, 0.9),
+                                                  (33, 1000, 0.99), (9, 5000, 0.999), (17, 8, 1.0)])
+@pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
+@pytest.mark.parametrize("batch", [1, 8, 13])
+def test_c_relative_equals_the_dense_product(rows, cols, sparsity, shared, batch):
+    weight, bias = _weight(rows, cols, sparsity, shared), torch.randn(rows)
+    weight[rows // 2] = 0  # an empty row
+    layer = SparseLayer.from_dense("linear", weight, bias, "c_relative")
+    assert layer.shared == ("codes" in layer._buffers) and (layer.shared or not shared or weight.any())
+    x = torch.randn(batch, cols)
+    _within_summation_error(layer(x), x, weight, bias)
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
+    assert layer.nonzeros() == int(torch.count_nonzero(weight))
+
+
+@needs_c
+@pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
+def test_c_relative_bridges_long_gaps_with_filler_zeros(shared):
+    weight = torch.zeros(3, 2000)
+    columns = [*range(100), 355, 612, 1999]           # gaps 0 (x 100), 255, 256, 1386
+    weight[0, columns] = torch.arange(1.0, 104.0) / 8
+    weight[1, :300] = torch.randn(300) + 10            # 300 more values: no codebook unless shared
+    weight[2, 300] = -5.0                              # a row starting past 255
+    if shared:
+        weight = torch.round(weight * 8) / 8
+    form = relative_form(weight)
+    assert form["gaps"].dtype == torch.uint8 and form["crow_indices"].tolist() == [0, 109, 409, 411]
+    # 255 zeros fit one gap; 256 need a filler zero at column 611; 1386 need five fillers and 106
+    assert form["gaps"][100:109].tolist() == [255, 255, 0, 255, 255, 255, 255, 255, 106]
+    assert form["gaps"][109:409].tolist() == [0] * 300 and form["gaps"][409:].tolist() == [255, 44]
+    assert ("codes" in form) == shared
+    layer = SparseLayer.from_dense("linear", weight, None, "c_relative")
+    for batch in (1, 8):
+        x = torch.randn(batch, 2000)
+        _within_summation_error(layer(x), x, weight, None)
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
+    assert layer.nonzeros() == 404
+
+
+@needs_c
+def test_c_relative_picks_16_bit_indices_where_fillers_would_cost_more():
+    weight = torch.zeros(4, 200000)
+    weight[:3, ::9000] = torch.randn(3, 23)                   # gaps of 8999: 35 fillers each in 8 bits
+    weight[1, 199999] = 1.5
+    weight[3, [0, 150000]] = torch.tensor([2.0, -3.0])        # a gap of 149999: two fillers in 16 bits
+    layer = SparseLayer.from_dense("linear", weight, torch.randn(4), "c_relative")
+    assert layer.gap_dtype == "uint16" and layer.gaps.dtype == torch.int16 and layer.gaps.numel() == 3 * 23 + 1 + 4
+    assert (layer.gaps[-3:].to(torch.int64) & 0xFFFF).tolist() == [65535, 65535, 149999 - 2 * 65536]
+    for batch in (1, 8):
+        x = torch.randn(batch, 200000)
+        _within_summation_error(layer(x), x, weight, layer.bias)
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
+
+
+@needs_c
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 700), sparsity=st.sampled_from([0.0, 0.3, 0.9, 0.99, 0.999]),
+       shared=st.booleans(), batch=st.integers(1, 17), seed=st.integers(0, 2 ** 16))
+def test_c_relative_property(rows, cols, sparsity, shared, batch, seed):
+    weight = _weight(rows, cols, sparsity, shared, seed)
+    layer = SparseLayer.from_dense("linear", weight, torch.randn(rows), "c_relative")
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed))
+    _within_summation_error(layer(x), x, weight, layer.bias)
+
+
+@needs_c
+def test_c_relative_holds_a_byte_per_index_and_per_code():
+    weight, bias = _weight(300, 784, 0.9, shared=True), torch.randn(300)
+    layer = SparseLayer.from_dense("linear", weight, bias, "c_relative")
+    entries = layer.gaps.numel()
+    assert layer.shared and layer.gaps.dtype == layer.codes.dtype == torch.uint8
+    assert set(dict(layer.named_buffers())) == {"crow_indices", "gaps", "codes", "codebook", "bias"}
+    assert layer.held_bytes() == 2 * entries + 4 * layer.codebook.numel() + 4 * 301 + 4 * 300
+    csr = SparseLayer.from_dense("linear", weight, bias, "scipy_csr")
+    assert layer.held_bytes() < 0.3 * csr.held_bytes()
+    unshared = SparseLayer.from_dense("linear", _weight(300, 784, 0.9), bias, "c_relative")
+    assert not unshared.shared and unshared.values.dtype == torch.float32
+
+
+def _relative_loaded(shared=True):
+    layer = SparseLayer.from_dense("linear", _weight(8, 600, 0.9, shared), torch.randn(8), "c_relative")
+    layer.check_loaded("fc.sparse")
+    return layer
+
+
+@needs_c
+@pytest.mark.parametrize("tamper, match", [
+    (lambda m: m.gaps.__setitem__(-1, 255), "'gaps' runs a row past its 600 columns"),
+    (lambda m: m.codes.__setitem__(0, 255), "'codes' indexes outside its codebook"),
+    (lambda m: setattr(m, "codebook", torch.zeros(300)), "'codes' indexes outside its codebook of 300"),
+    (lambda m: m.crow_indices.__setitem__(2, -1), "'crow_indices' is not a row-pointer array"),
+    (lambda m: setattr(m, "gaps", m.gaps.to(torch.int16)), "'gaps' is torch.int16"),
+    (lambda m: setattr(m, "codes", m.codes[:-1]), "'codes' is torch.uint8"),
+])
+def test_c_relative_tensors_from_a_file_are_checked(tamper, match):
+    layer = _relative_loaded()
+    tamper(layer)
+    with pytest.raises(FormatError, match=rf"SparseLayer fc\.sparse: tensor {match}"):
+        layer.check_loaded("fc.sparse")
+
+
+def test_c_relative_configuration_is_checked():
+    with pytest.raises(ConfigError, match="gap_dtype None"):
+        SparseLayer("linear", [4, 4], "c_relative")
+    with pytest.raises(ConfigError, match="other kernels take neither"):
+        SparseLayer("linear", [4, 4], "scipy_csr", gap_dtype="uint8")
+    with pytest.raises(ConfigError, match="dtype 'float64'"):
+        SparseLayer("linear", [4, 4], "c_relative", gap_dtype="uint8", dtype="float64")
+    with pytest.raises(PreconditionError, match="float32 weights"):
+        SparseLayer.from_dense("linear", _pruned(4, 8, dtype=torch.float64), None, "c_relative")
+
+
+@needs_c
+def test_without_a_compiler_c_relative_is_no_candidate_and_a_loaded_one_runs_on_scipy(monkeypatch):
+    layer = _relative_loaded(shared=False)
+    weight, x = layer.dense_weight().clone(), torch.randn(2, 600)
+    monkeypatch.setattr(sparse, "_relative_functions", lambda: None)
+    assert "c_relative" not in candidate_kernels(weight, SPARSE_KERNELS)
+    with pytest.raises(PreconditionError, match="no C compiler here"):
+        layer(x)
+    with pytest.warns(UserWarning, match="running scipy_csr instead"):
+        layer.check_loaded("fc.sparse")
+    assert layer.kernel == "scipy_csr" and layer.gap_dtype is None and "gaps" not in layer._buffers
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+def test_c_relative_refuses_inputs_it_cannot_multiply_by_name():
+    layer = SparseLayer.from_dense("linear", _pruned(8, 16), None, "c_relative")
+    with pytest.raises(PreconditionError, match="'c_relative' needs .* float32 CPU inputs, got torch.float64"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
