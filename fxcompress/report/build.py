@@ -38,7 +38,7 @@ def _histograms(gm: GraphModule, reference: nn.Module | None, limit: int) -> tup
     if shown and all(w.before is None for w in shown):
         notes.append("This model no longer holds its weights before quantization: pass a reference model "
                      "(the fake-quant or dense model) to show them.")
-    return [(w.name, histogram(w)) for w in shown], notes
+    return [(w.name, histogram(w), w.caption) for w in shown], notes
 
 
 def build_content(gm: GraphModule, *, title: str, reference: nn.Module | None = None,

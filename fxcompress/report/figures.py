@@ -15,6 +15,7 @@ from ..sensitivity import SensitivityTable
 from .collect import LayerWeights
 
 BLUE, ORANGE, RED, GREY = "#4c78a8", "#f58518", "#d62728", "#9d9d9d"
+MAX_LINES = 64  # more centroids or levels than this are marked by ticks along the axis, not lines
 
 
 def _pyplot():
@@ -66,31 +67,57 @@ def bytes_and_sparsity(rows: Sequence[dict]) -> str:
     return _encode(fig)
 
 
+def _mark(ax, weights: LayerWeights) -> None:
+    """The centroids or grid levels on the left panel: a line each up to MAX_LINES, ticks along the axis."""
+    values = weights.centroids.numpy()
+    if len(values) <= MAX_LINES:
+        for c in values:
+            ax.axvline(c, color=RED, linewidth=0.6, alpha=0.35)
+    ax.plot(values, [0] * len(values), "^" if len(values) <= MAX_LINES else "|", color=RED,
+            markersize=6, clip_on=False, label=weights.marks)
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+
+
+def _per_level(ax, weights: LayerWeights) -> None:
+    """The right panel: how many weights each centroid or grid level took."""
+    after = weights.after.flatten().float()
+    if weights.grid is not None:  # counted over every channel / group, by level (code - zero-point)
+        grid = weights.grid
+        centred = (grid.codes.float() - grid.zero_point.repeat_interleave(grid.group_size, dim=1)).flatten()
+        values, counts = torch.unique(centred[centred != 0], return_counts=True)
+        title = f"after: weights per grid level, all {'groups' if grid.scale.shape[1] > 1 else 'channels'}"
+        label = "level (code - zero-point)"
+    elif weights.centroids is not None or weights.codes_only:
+        values, counts = torch.unique(after[after != 0], return_counts=True)
+        title, label = (("after: weights per integer code", "code")
+                        if weights.codes_only else ("after quantization: weights per centroid", "centroid value"))
+    else:
+        ax.hist(after[after != 0].numpy(), bins=120, color=GREY)
+        ax.set(title="after (not on a codebook)", xlabel="weight value", ylabel="count")
+        return
+    ax.vlines(values.numpy(), 0, counts.numpy(), color=RED, linewidth=2 if len(values) <= 64 else 1)
+    if len(values) <= 64:
+        ax.plot(values.numpy(), counts.numpy(), "o", color=RED, markersize=3)
+    ax.set(title=title, xlabel=label, ylabel="count")
+
+
 def histogram(weights: LayerWeights) -> str:
     """Deep Compression's picture of a layer: the weights before quantization (zeros left out) with
-    the centroids marked, and how many weights each centroid took after quantization."""
+    the centroids or grid levels marked, and how many weights each centroid or level took after."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 2.7))
     after = weights.after.flatten().float()
     before = weights.before.flatten().float() if weights.before is not None else None
     shown = before[before != 0] if before is not None else after[after != 0]
-    left.hist(shown.numpy(), bins=120, color=BLUE if before is not None else GREY)
-    left.set(title=f"{weights.name}: {'before' if before is not None else 'after'} quantization "
-                   "(nonzero weights)", xlabel="weight value", ylabel="count")
-    if weights.centroids is not None and weights.centroids.numel() <= 64:
-        for c in weights.centroids.numpy():
-            left.axvline(c, color=RED, linewidth=0.6, alpha=0.35)
-        left.plot(weights.centroids.numpy(), [0] * weights.centroids.numel(), "^", color=RED, markersize=6,
-                  clip_on=False, label=f"{weights.centroids.numel()} centroids")
-        left.legend(fontsize=8, loc="upper right")
+    codes = before is None and weights.codes_only  # integer codes: one bin per code
+    bins = torch.arange(shown.min() - 0.5, shown.max() + 1.5).numpy() if codes and len(shown) else 120
+    left.hist(shown.numpy(), bins=bins, color=BLUE if before is not None else GREY)
+    title = ("integer codes after quantization" if codes else
+             f"{'before' if before is not None else 'after'} quantization (nonzero weights)")
+    left.set(title=f"{weights.name}: {title}", xlabel="integer code" if codes else "weight value", ylabel="count")
     if weights.centroids is not None:
-        values, counts = torch.unique(after[after != 0], return_counts=True)
-        right.vlines(values.numpy(), 0, counts.numpy(), color=RED, linewidth=2)
-        right.plot(values.numpy(), counts.numpy(), "o", color=RED, markersize=3)
-        right.set(title="after quantization: weights per centroid", xlabel="centroid value", ylabel="count")
-    else:
-        right.hist(after[after != 0].numpy(), bins=120, color=GREY)
-        right.set(title="after (not on a codebook)", xlabel="weight value", ylabel="count")
+        _mark(left, weights)
+    _per_level(right, weights)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.18, top=0.88, wspace=0.2)
     return _encode(fig)
 

@@ -26,6 +26,7 @@ tr.total td { font-weight: bold; background: #fafafa; }
 .zoom button { font-size: 13px; margin-right: 4px; }
 td.wrap { text-align: left; white-space: normal; font-size: 12px; min-width: 220px; max-width: 420px; }
 details summary { cursor: pointer; color: #335; }
+figure { margin: 10px 0 18px; } figcaption { color: #555; font-size: 13px; margin-top: -4px; }
 """
 
 ZOOM = """
@@ -53,7 +54,7 @@ class Content:
     facts: Mapping[str, str] = field(default_factory=dict)
     graph_svg: str | None = None
     bars: str | None = None
-    histograms: Sequence[tuple[str, str]] = ()  # (layer, picture)
+    histograms: Sequence[tuple[str, str, str]] = ()  # (layer, picture, caption)
     sensitivity: SensitivityTable | None = None
     sensitivity_plot: str | None = None
     notes: Sequence[str] = ()
@@ -112,9 +113,11 @@ def _weights_html(content: Content) -> str:
     if not content.histograms:
         return _pictures_missing() if content.bars is None else '<p class="note">No layer weights to show.</p>'
     parts = ['<p class="note">Each layer\'s nonzero weights before quantization (blue; grey where the model '
-             "no longer holds them) with the centroids in red, and how many weights each centroid took "
-             "after quantization (as in the Deep Compression paper's figures).</p>"]
-    parts += [f'<img alt="weights of {html.escape(name)}" src="{picture}">' for name, picture in content.histograms]
+             "no longer holds them) with the centroids or grid levels in red, and how many weights each "
+             "centroid or level took after quantization (as in the Deep Compression paper's figures).</p>"]
+    for name, picture, caption in content.histograms:
+        parts.append(f'<figure><img alt="weights of {html.escape(name)}" src="{picture}">'
+                     + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
     return "".join(parts)
 
 
