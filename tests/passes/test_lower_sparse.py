@@ -5,10 +5,12 @@ import fxcompress
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
 from fxcompress.kernels import SparseLayer, remeasure
+from fxcompress.kernels.sparse import relative_available
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToSparse
 from zoo import LeNet5, LeNet300100
 
 FAST = {"repeats": 2}
+C_KERNELS = ("c_relative",) if relative_available() else ()  # where a C compiler builds our kernel
 
 
 def _masked(model, x, sparsity=0.9):
@@ -32,7 +34,7 @@ def test_lenet300_lowers_every_pruned_layer_and_computes_what_the_masked_model_d
     for name, entry in stats.items():
         module = layers[entry["module"]]
         assert entry["kernel"] == module.kernel == module.kernel_choice.kernel
-        assert set(entry["times_ms"]) == {"dense", "torch_csr", "scipy_csr", "scipy_csc"}  # random: no BSR
+        assert set(entry["times_ms"]) == {"dense", "torch_csr", "scipy_csr", "scipy_csc", *C_KERNELS}  # no BSR
         assert entry["speedup"] == pytest.approx(entry["times_ms"]["dense"] / entry["times_ms"][entry["kernel"]],
                                                  rel=1e-3)
         assert entry["input_shape"] == [batch, module.in_features] and entry["held_bytes"] == module.held_bytes()
@@ -75,7 +77,10 @@ def test_encoded_layers_are_decoded_once_into_the_chosen_form():
     lowered = fxcompress.compile(encoded, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
     torch.testing.assert_close(lowered(x), encoded(x), rtol=1e-5, atol=1e-5)
     assert not any(isinstance(m, EncodedWeight) for m in lowered.modules())
-    assert all(layer.values.dtype == torch.float32 for layer in _sparse_layers(lowered).values() if layer.kernel != "dense")
+    for layer in _sparse_layers(lowered).values():  # float32 values, or a 5-bit codebook in c_relative's codes
+        held = dict(layer.named_buffers())
+        assert held.get("values", held.get("codebook", held.get("weight"))).dtype == torch.float32
+        assert layer.kernel != "c_relative" or (layer.shared and layer.codebook.numel() <= 2 ** 5 + 1)
 
 
 def test_a_model_without_masks_is_unchanged_with_the_reasons():
@@ -121,10 +126,36 @@ def test_torch_export_and_compile_run_the_lowered_model():
     x = torch.randn(2, 1, 28, 28)
     masked = _masked(LeNet300100(), x)
     lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
-    for layer, kernel in zip(_sparse_layers(lowered).values(), ("torch_csr", "scipy_csr", "scipy_csc")):
+    for layer, kernel in zip(_sparse_layers(lowered).values(), (*C_KERNELS, "torch_csr", "scipy_csr", "scipy_csc")):
         layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, kernel))  # each form once
     exported = torch.export.export(lowered, (x,))
     assert any("fxcompress.sparse_linear" in str(n.target) for n in exported.graph.nodes)
+    assert bool(C_KERNELS) == any("fxcompress.relative_linear" in str(n.target) for n in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(x), masked(x), rtol=1e-5, atol=1e-5)
     compiled = torch.compile(lowered, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not C_KERNELS, reason="no C compiler: the c_relative kernel cannot be built")
+@pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
+def test_c_relative_layers_save_load_and_remeasure(tmp_path, shared):
+    """The file holds the relative indices and codes (checked on load); the kernel is bound again there."""
+    x = torch.randn(1, 1, 28, 28)
+    masked = _masked(LeNet300100(), x)
+    steps = [InsertFakeQuant(bits=5, method="kmeans")] if shared else []
+    masked = fxcompress.compile(masked, steps, example_inputs=(x,)) if steps else masked
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, kernels=("c_relative",), margin=1.0,
+                                                        **FAST)], example_inputs=(x,))
+    layers = _sparse_layers(lowered)
+    for layer in layers.values():  # the form under test on every layer, whichever won the timing
+        layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, "c_relative"))
+        assert layer.shared == shared
+    fxcompress.save(lowered, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    assert all(m.kernel == "c_relative" and m.shared == shared for m in _sparse_layers(loaded).values())
+    batch = torch.randn(8, 1, 28, 28)
+    for inputs in (x, batch):
+        torch.testing.assert_close(loaded(inputs), masked(inputs), rtol=1e-5, atol=1e-5)
+    stats = remeasure(loaded, (batch,), repeats=2)
+    assert all("c_relative" in s["times_ms"] for s in stats.values())
+    torch.testing.assert_close(loaded(batch), masked(batch), rtol=1e-5, atol=1e-5)
