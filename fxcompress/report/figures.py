@@ -92,7 +92,7 @@ def _per_level(ax, weights: LayerWeights) -> None:
         title, label = (("after: weights per integer code", "code")
                         if weights.codes_only else ("after quantization: weights per centroid", "centroid value"))
     else:
-        ax.hist(after[after != 0].numpy(), bins=120, color=GREY)
+        ax.hist(after[after != 0].numpy(), bins=120, color=GREY, histtype="stepfilled")
         ax.set(title="after (not on a codebook)", xlabel="weight value", ylabel="count")
         return
     ax.vlines(values.numpy(), 0, counts.numpy(), color=RED, linewidth=2 if len(values) <= 64 else 1)
@@ -111,7 +111,7 @@ def histogram(weights: LayerWeights) -> str:
     shown = before[before != 0] if before is not None else after[after != 0]
     codes = before is None and weights.codes_only  # integer codes: one bin per code
     bins = torch.arange(shown.min() - 0.5, shown.max() + 1.5).numpy() if codes and len(shown) else 120
-    left.hist(shown.numpy(), bins=bins, color=BLUE if before is not None else GREY)
+    left.hist(shown.numpy(), bins=bins, color=BLUE if before is not None else GREY, histtype="stepfilled")
     title = ("integer codes after quantization" if codes else
              f"{'before' if before is not None else 'after'} quantization (nonzero weights)")
     left.set(title=f"{weights.name}: {title}", xlabel="integer code" if codes else "weight value", ylabel="count")

@@ -115,12 +115,12 @@ def test_weight_only_and_dynamic_int8_layers_get_their_weights_read_back(group_w
     assert (fc2.after - dense.fc2.weight).abs().max() <= fc2.grid.scale.max() / 2 + 1e-7  # within half a step
 
 
-def test_the_report_draws_every_lowered_layer_with_its_caption(per_channel, tmp_path):
+def test_the_report_draws_lowered_layers_with_their_caption(per_channel, tmp_path):
     pytest.importorskip("matplotlib")
     lowered = fxcompress.compile(per_channel, [LowerToInteger(backend="reference")], example_inputs=(X,))
-    files = write_report(lowered, tmp_path / "r.html", reference=per_channel, draw_graph=False)
+    # the two largest of the four integer layers (each picture costs a second of matplotlib)
+    files = write_report(lowered, tmp_path / "r.html", reference=per_channel, draw_graph=False, max_histograms=2)
     page = files.html.read_text()
-    assert files.pictures == 1 + 4  # the bars and a histogram for each of the four integer layers
-    for name in ("conv1", "conv2", "fc1", "fc2"):
-        assert f'alt="weights of {name}"' in page
-    assert len(re.findall(r"<figcaption>Marked: the 255 grid levels of output channel \d+", page)) == 4
+    assert files.pictures == 1 + 2  # the bars and the two histograms
+    assert 'alt="weights of conv2"' in page and 'alt="weights of fc1"' in page
+    assert len(re.findall(r"<figcaption>Marked: the 255 grid levels of output channel \d+", page)) == 2
