@@ -8,19 +8,24 @@ each round runs every form once; medians; ratios against fp32 of the same run, a
   (fbgemm), and the weight-only kernels of `fxcompress.kernels.weight_only` on int8 per-channel and
   int4 group-wise (32 / 64 / 128) codes, with the kernel `choose` keeps (timed again: a second opinion).
 - Decoding: a GPT-2-small-shaped decoder of our own (width 768, 12 layers, 12 heads, 50304-token
-  vocabulary with the LM head tied to the token embedding, learned positions, a key / value cache in
-  buffers, `F.scaled_dot_product_attention`) generating `--tokens` tokens greedily after one token of
-  prompt: tokens per second for fp32, torch.ao `quantize_dynamic`, ours weight-only int8 (per
-  channel, symmetric), int4 (group 32 / 64 / 128, asymmetric), and dynamic int8 (`LowerDynamicInt8`).
-  The tied LM head stays fp32 in every form (our passes skip tied weights; quantize_dynamic leaves
-  F.linear alone), so all forms spend the same on it. Forms are built in two groups to bound memory,
-  each group with its own fp32 baseline. Our passes pick each layer's kernel with warm caches, or
-  with cold ones (`cold=True`: each call after evicting the caches) with --cold.
+  vocabulary, learned positions, a key / value cache in buffers, `F.scaled_dot_product_attention`)
+  generating `--tokens` tokens greedily after one token of prompt: tokens per second for fp32,
+  torch.ao `quantize_dynamic`, ours weight-only int8 (per channel, symmetric), int4 (group 32 / 64 /
+  128, asymmetric), and dynamic int8 (`LowerDynamicInt8`). With the LM head tied to the token
+  embedding (GPT-2) the head stays fp32 in every form (our passes skip tied weights; quantize_dynamic
+  leaves F.linear alone): 39 M of the 124 M weights, a fixed cost that bounds every form's speed-up.
+  The "untied" groups give the decoder its own LM head (an `nn.Linear` holding the same values, as
+  GPT-NeoX / Llama-style models have), which the int4 and int8 forms quantize too. Forms are built in
+  groups to bound memory, each group with its own fp32 baseline. Our passes pick each layer's kernel
+  with warm caches, or with cold ones (`cold=True`: each call after evicting the caches) with --cold.
+  Tokens per second are by the thread's CPU time (`--clock thread`, the default: on a shared machine
+  the time a process waits preempted is not its own) or elapsed time (`--clock wall`).
 
 Weights are random (nothing downloads): what the kernels see is the same as trained weights.
 `benchmarks/bench_deploy.py` imports `layer_rows` and `decode_rows`.
 
     python benchmarks/deploy_decode.py [--tokens 8] [--rounds 3] [--layers 12] [--skip-layers] [--cold]
+                                       [--clock thread|wall] [--groups int8 int4 int4-untied int8-untied]
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ import contextlib
 import copy
 import gc
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -39,6 +43,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.kernels import choose_kernel
+from fxcompress.kernels.timing import CLOCKS
 from fxcompress.kernels.weight_only import KERNELS, WeightOnlyLinear, choose
 from fxcompress.passes import InsertFakeQuant, LowerDynamicInt8, LowerWeightOnly
 from fxcompress.quant import GridWeight
@@ -47,9 +52,9 @@ WIDTH, HEADS, VOCAB, CONTEXT = 768, 12, 50304, 128
 GRIDS = {"int8 per channel": dict(bits=8, symmetric=True, per_channel=True),
          "int4 g32": dict(bits=4, group_size=32), "int4 g64": dict(bits=4, group_size=64),
          "int4 g128": dict(bits=4, group_size=128)}
-# "dequantize" (the float weight rebuilt on every call) ran 20-100x slower than fp32 on every shape here
-# (e.g. 125 ms against 1.0 ms on 768 -> 2304): left out of both tables to keep the run short
-WEIGHT_ONLY_KERNELS = ("int8pack", "int4pack", "fbgemm_fp16")
+# "float" (the weight dequantized on the fly, what runs where nothing else fits) is measured by choose
+# in the decoding table; the layer table times fp32 itself beside the quantized kernels
+WEIGHT_ONLY_KERNELS = ("c_gemv", "int8pack", "int4pack", "fbgemm_fp16")
 # Our passes time kernels with warm caches unless --cold: timing after evicting the caches (what decoding
 # does to each layer's weights) subtracts two noisy medians, and on a loaded 2-core machine it chose worse
 # kernels than warm timing (dynamic int8 1.15x against 1.75x, weight-only int8 0.95x against 1.11x).
@@ -97,13 +102,15 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """One decoding step: token [1, 1] at position pos [1] -> next-token logits [1, 1, vocab]."""
+    """One decoding step: token [1, 1] at position pos [1] -> next-token logits [1, 1, vocab].
+    `tied`: the LM head reads the token embedding (GPT-2); otherwise it is a linear layer of its own."""
 
-    def __init__(self, layers: int = 12, context: int = CONTEXT) -> None:
+    def __init__(self, layers: int = 12, context: int = CONTEXT, tied: bool = True) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(VOCAB, WIDTH), nn.Embedding(context, WIDTH)
         self.blocks = nn.ModuleList(Block(context) for _ in range(layers))
         self.ln_f = nn.LayerNorm(WIDTH)
+        self.head = None if tied else nn.Linear(WIDTH, VOCAB, bias=False)
         for module in self.modules():  # GPT-2's initialisation scale
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -112,7 +119,9 @@ class Decoder(nn.Module):
         x = self.wte(token) + self.wpe(pos)
         for block in self.blocks:
             x = block(x, pos)
-        return F.linear(self.ln_f(x), self.wte.weight)  # the LM head tied to the token embedding
+        if self.head is None:
+            return F.linear(self.ln_f(x), self.wte.weight)  # the LM head tied to the token embedding
+        return self.head(self.ln_f(x))
 
 
 def generate(model: nn.Module, tokens: int) -> list[int]:
@@ -141,7 +150,7 @@ def forms(base: Decoder, group: str) -> dict[str, tuple[nn.Module, dict]]:
     """The decoder's forms of one group, each with its lowering statistics (kernels chosen per layer)."""
     x = example_inputs()
     built: dict[str, tuple[nn.Module, dict]] = {"fp32": (base, {})}
-    if group == "int8":
+    if group.startswith("int8"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao is deprecated: measured while it is importable
             built["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
@@ -166,34 +175,44 @@ def _lower(base: Decoder, passes: list, x: tuple) -> tuple[nn.Module, dict]:
     return _shared_embedding(gm, base), stats
 
 
-def tokens_per_second(built: dict[str, tuple[nn.Module, dict]], tokens: int, rounds: int) -> dict[str, float]:
+def tokens_per_second(built: dict[str, tuple[nn.Module, dict]], tokens: int, rounds: int,
+                      clock: str = "thread") -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in built}
-    names = list(built)
+    names, now = list(built), CLOCKS[clock]
     for round_ in range(rounds + 1):  # round 0 warms every form up (kernels packed on first use)
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            start = time.perf_counter()
+            start = now()
             generate(built[name][0], tokens)
             if round_:
-                samples[name].append(tokens / (time.perf_counter() - start))
+                samples[name].append(tokens / (now() - start))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def decode_rows(tokens: int = 8, rounds: int = 3, layers: int = 12) -> list[dict]:
+GROUPS = ("int8", "int4", "int4-untied")  # "-untied": the decoder has its own LM head, quantized with the rest
+
+
+def decode_rows(tokens: int = 8, rounds: int = 3, layers: int = 12, clock: str = "thread",
+                groups: tuple[str, ...] = GROUPS) -> list[dict]:
     """Tokens per second of every form, with its speed-up over fp32 of its group and the kernels chosen."""
     rows = []
     with one_thread():
-        torch.manual_seed(0)
-        base = Decoder(layers).eval()
-        reference = generate(base, tokens)
-        for group in ("int8", "int4"):
-            built = forms(base, group)
-            rates = tokens_per_second(built, tokens, rounds)
-            for name, (model, stats) in built.items():
-                kernels = _kernel_counts(stats)
-                rows.append({"group": group, "form": name, "tokens_per_s": rates[name],
-                             "speedup": rates[name] / rates["fp32"], "kernels": kernels,
-                             "same_tokens": generate(model, tokens) == reference})
-            del built
+        for tied in (True, False):
+            chosen = [g for g in groups if g.endswith("-untied") != tied]
+            if not chosen:
+                continue
+            torch.manual_seed(0)
+            base = Decoder(layers, tied=tied).eval()
+            reference = generate(base, tokens)
+            for group in chosen:
+                built = forms(base, group)
+                rates = tokens_per_second(built, tokens, rounds, clock)
+                for name, (model, stats) in built.items():
+                    rows.append({"group": group, "form": name, "tokens_per_s": rates[name],
+                                 "speedup": rates[name] / rates["fp32"], "kernels": _kernel_counts(stats),
+                                 "same_tokens": generate(model, tokens) == reference})
+                del built
+                gc.collect()
+            del base
             gc.collect()
     return rows
 
@@ -242,6 +261,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--skip-layers", action="store_true", help="only the decoding table")
     parser.add_argument("--cold", action="store_true", help="our passes time kernels with cold caches")
+    parser.add_argument("--clock", choices=("thread", "wall"), default="thread",
+                        help="tokens per second by the thread's CPU time or by elapsed time")
+    parser.add_argument("--groups", nargs="+", choices=(*GROUPS, "int8-untied"), default=list(GROUPS))
     args = parser.parse_args()
     global COLD
     COLD = args.cold
@@ -256,10 +278,10 @@ def main() -> None:
                   + f" | {row['chosen']} | {row['held_bytes'] / row['fp32_bytes']:.3f} |", flush=True)
         print()
     print(f"decoder: width {WIDTH}, {args.layers} layers, {args.tokens} tokens, batch 1, median of {args.rounds}, "
-          f"kernels chosen with {'cold' if COLD else 'warm'} caches\n")
+          f"kernels chosen with {'cold' if COLD else 'warm'} caches, tokens/s by {args.clock} clock\n")
     print("| group | form | tokens/s | vs fp32 | kernels chosen (layers) | same tokens as fp32 |")
     print("|---|---|---:|---:|---|---|")
-    for row in decode_rows(args.tokens, args.rounds, args.layers):
+    for row in decode_rows(args.tokens, args.rounds, args.layers, args.clock, tuple(args.groups)):
         print(f"| {row['group']} | {row['form']} | {row['tokens_per_s']:.2f} | {row['speedup']:.2f}x | "
               f"{row['kernels']} | {row['same_tokens']} |", flush=True)
 

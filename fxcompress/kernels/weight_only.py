@@ -194,7 +194,7 @@ def c_library() -> ctypes.CDLL | None:
     if lib is not None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.wo_int4, lib.wo_int8):
-            fn.restype = None
+            fn.restype = ctypes.c_int  # 0, or -1 where its scratch could not be allocated
             fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, pointer, pointer]
     return lib
 
@@ -222,7 +222,9 @@ def _c_gemv(module: WeightOnlyLinear) -> Rows:
         # x is float32, contiguous and on the CPU (forward and choose make it so); the tensors behind the
         # pointers are the module's buffers, kept alive by the closure, and moving them rebuilds it
         y = torch.empty(x.shape[0], shape[1], dtype=torch.float32)
-        fn(x.data_ptr(), x.shape[0], *shape, *static, y.data_ptr())
+        if fn(x.data_ptr(), x.shape[0], *shape, *static, y.data_ptr()):
+            raise MemoryError(f"{module._where}: the C kernel could not allocate {x.shape[0]} x "
+                              f"{shape[0] // module.group_size} floats of scratch")
         return y
     run.keep = (codes, scale, zero, bias)  # the buffers whose memory the pointers name
     return run

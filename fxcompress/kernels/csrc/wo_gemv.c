@@ -1,28 +1,32 @@
 /* Weight-only quantized linear layers for a few input rows (decoding: one row per token).
 
-   y[r, o] = sum_g scale[o, g] * sum_{k in group g} (u[o, k] - zero[o, g]) * x[r, k] + bias[o]
+   y[r, o] = sum_g scale[o, g] * (sum_{k in g} u[o, k] * x[r, k] - zero[o, g] * sum_{k in g} x[r, k]) + bias[o]
 
-   u are unsigned integer codes, either one per byte (bits = 8) or two per byte (bits = 4) in blocks of
-   32 columns: byte j of a block holds column j in its low nibble and column j + 16 in its high one, so
-   one 16-byte load unpacks with a mask and a shift into 32 consecutive columns (no interleaving).
-   Groups are multiples of 32 columns.
+   which is sum_k (u - z) * s * x: the dequantized weight's product. u are unsigned integer codes, one
+   per byte (bits = 8) or two per byte (bits = 4) in blocks of 32 columns: byte j of a block holds
+   column j in its low nibble and column j + 16 in its high one. Groups are multiples of 32 columns.
 
-   Batch 1 is memory-bound: the codes are read once per call, so 4-bit codes read an eighth of the
-   bytes of float32 weights. Each block of 32 codes is unpacked once to float (u - z is exact) and
-   used for every row of a tile of up to 4 rows; each row keeps float32 lane accumulators per group
-   (independent lanes, so the loops vectorise without reassociating a reduction), scaled once per
-   group into lane totals, summed across lanes at the end of the output channel. Written with gcc's
-   generic vector types (also clang's), which -O3 -march=native maps onto the machine's vector unit:
-   gcc 12 left the nibble unpacking scalar when written as plain byte loops. */
+   Batch 1 is memory-bound for float32 weights (each weight is read once per token), so 4-bit codes
+   read an eighth of the bytes; the work left is unpacking, which must stay cheaper than the bytes
+   saved. Eight bytes of a block are zero-extended into eight 32-bit lanes at once; each lane then
+   holds a low nibble (column j) and a high one (column j + 16), separated with one mask and one shift,
+   so 32 codes cost two widening loads, two mask / shift pairs and four conversions to float. The
+   zero-point is not subtracted per code: each group's sum of x is computed once per call and
+   z * sum(x) subtracted once per group. Each block is used for every row of a tile of up to 4
+   rows; each row keeps float32 lane accumulators per group (independent lanes, so nothing
+   reassociates a reduction), scaled once per group into lane totals, summed across lanes at the end
+   of the output channel. Written with gcc's generic vector types (clang's too), which -O3
+   -march=native maps onto the machine's vector unit, with the widening by name on AVX2: gcc 12
+   turned the generic byte-to-float conversion into one extract and one convert per byte. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 32
 
 typedef float v8f __attribute__((vector_size(32)));
-typedef uint8_t v16b __attribute__((vector_size(16)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
 
 #if defined(__FMA__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -41,38 +45,28 @@ static inline v8f load8(const float *p) {
     return v;
 }
 
-/* 32 codes as four vectors of floats minus the zero-point: exact (small integers). gcc 12 turns the
-   generic byte -> float conversion into one extract and one convert per byte, so AVX2 machines get
-   the zero extension (vpmovzxbd) and conversion instructions by name. */
-static inline __attribute__((always_inline)) void unpack(const int bits, const uint8_t *restrict p, float z,
-                                                          v8f w[4]) {
+/* Eight bytes zero-extended to eight int32 lanes. */
+static inline v8i widen(const uint8_t *p) {
 #ifdef __AVX2__
-    __m128i part[4];
-    if (bits == 4) {
-        const __m128i b = _mm_loadu_si128((const __m128i *)p), low = _mm_set1_epi8(15);
-        const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-        part[0] = lo, part[1] = _mm_srli_si128(lo, 8), part[2] = hi, part[3] = _mm_srli_si128(hi, 8);
-    } else {
-        for (int i = 0; i < 4; i++) part[i] = _mm_loadl_epi64((const __m128i *)(p + 8 * i));
-    }
-    for (int i = 0; i < 4; i++) w[i] = (v8f)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[i])) - z;
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
 #else
-    uint8_t u[BLOCK];
-    if (bits == 4) {
-        v16b b;
-        memcpy(&b, p, sizeof b);
-        const v16b lo = b & 15, hi = b >> 4;
-        memcpy(u, &lo, sizeof lo);
-        memcpy(u + 16, &hi, sizeof hi);
-    } else {
-        memcpy(u, p, BLOCK);
-    }
-    for (int i = 0; i < 4; i++) {
-        v8b part;
-        memcpy(&part, u + 8 * i, sizeof part);
-        w[i] = __builtin_convertvector(__builtin_convertvector(part, v8i), v8f) - z;
-    }
+    v8b part;
+    memcpy(&part, p, sizeof part);
+    return __builtin_convertvector(part, v8i);
 #endif
+}
+
+/* 32 codes of one block as four vectors of floats (columns 0-7, 8-15, 16-23, 24-31). */
+static inline __attribute__((always_inline)) void unpack(const int bits, const uint8_t *restrict p, v8f w[4]) {
+    if (bits == 4) {
+        const v8i a = widen(p), b = widen(p + 8);
+        w[0] = __builtin_convertvector(a & 15, v8f);
+        w[1] = __builtin_convertvector(b & 15, v8f);
+        w[2] = __builtin_convertvector(a >> 4, v8f);
+        w[3] = __builtin_convertvector(b >> 4, v8f);
+    } else {
+        for (int i = 0; i < 4; i++) w[i] = __builtin_convertvector(widen(p + 8 * i), v8f);
+    }
 }
 
 static inline float lanes_sum(v8f v) {
@@ -81,56 +75,81 @@ static inline float lanes_sum(v8f v) {
     return s;
 }
 
-/* R rows (1, 2 or 4: compile-time constants after inlining) of the product, every output channel.
-   Each row has 4 / R vector accumulators, so every tile keeps four independent chains in flight. */
+/* R rows (1, 2 or 4: compile-time constants after inlining) of the product, every output channel;
+   xsum[r * groups + g] is the sum of row r's inputs in group g. Each row has 4 / R vector
+   accumulators, so every tile keeps four independent chains in flight. */
 static inline __attribute__((always_inline)) void tile(
-    const int R, const int bits, const float *restrict x, int64_t in, int64_t out, const uint8_t *restrict codes,
-    const float *restrict scale, const uint8_t *restrict zero, int64_t group, const float *restrict bias,
-    float *restrict y) {
+    const int R, const int bits, const float *restrict x, const float *restrict xsum, int64_t in, int64_t out,
+    const uint8_t *restrict codes, const float *restrict scale, const uint8_t *restrict zero, int64_t group,
+    const float *restrict bias, float *restrict y) {
     const int CHAINS = 4 / R;
     const int64_t row_bytes = in * bits / 8, groups = in / group, block_bytes = BLOCK * bits / 8;
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *c = codes + o * row_bytes;
         v8f total[4][4] = {{{0}}};
+        float shift[4] = {0};
         for (int64_t g = 0; g < groups; g++) {
             v8f acc[4][4] = {{{0}}};
-            const float z = (float)zero[o * groups + g];
             for (int64_t k = g * group; k < (g + 1) * group; k += BLOCK, c += block_bytes) {
                 v8f w[4];
-                unpack(bits, c, z, w);
+                unpack(bits, c, w);
                 for (int r = 0; r < R; r++)
                     for (int i = 0; i < 4; i++)
                         acc[r][i % CHAINS] = MADD(w[i], load8(x + r * in + k + 8 * i), acc[r][i % CHAINS]);
             }
-            const v8f s = (v8f){0} + scale[o * groups + g];
-            for (int r = 0; r < R; r++)
-                for (int i = 0; i < CHAINS; i++) total[r][i] = MADD(s, acc[r][i], total[r][i]);
+            const float s = scale[o * groups + g], sz = s * (float)zero[o * groups + g];
+            const v8f vs = (v8f){0} + s;
+            for (int r = 0; r < R; r++) {
+                for (int i = 0; i < CHAINS; i++) total[r][i] = MADD(vs, acc[r][i], total[r][i]);
+                shift[r] += sz * xsum[r * groups + g];
+            }
         }
         for (int r = 0; r < R; r++) {
             v8f sum = total[r][0];
             for (int i = 1; i < CHAINS; i++) sum += total[r][i];
-            y[r * out + o] = lanes_sum(sum) + (bias ? bias[o] : 0.0f);
+            y[r * out + o] = lanes_sum(sum) - shift[r] + (bias ? bias[o] : 0.0f);
         }
     }
 }
 
-static void run(const int bits, const float *x, int64_t rows, int64_t in, int64_t out, const uint8_t *codes,
-                const float *scale, const uint8_t *zero, int64_t group, const float *bias, float *y) {
+/* Each group's sum of each row's inputs: [rows, groups]. */
+static void group_sums(const float *x, int64_t rows, int64_t in, int64_t group, float *xsum) {
+    const int64_t groups = in / group;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            v8f acc = {0};
+            for (int64_t k = g * group; k < (g + 1) * group; k += 8) acc += load8(x + r * in + k);
+            xsum[r * groups + g] = lanes_sum(acc);
+        }
+}
+
+/* Returns 0, or -1 where the scratch for the group sums cannot be allocated (nothing is written). */
+static int run(const int bits, const float *x, int64_t rows, int64_t in, int64_t out, const uint8_t *codes,
+               const float *scale, const uint8_t *zero, int64_t group, const float *bias, float *y) {
+    const int64_t groups = in / group;
+    float *xsum = malloc(sizeof(float) * (size_t)(rows * groups));
+    if (!xsum) return -1;
+    group_sums(x, rows, in, group, xsum);
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) tile(4, bits, x + r * in, in, out, codes, scale, zero, group, bias, y + r * out);
-    for (; r + 2 <= rows; r += 2) tile(2, bits, x + r * in, in, out, codes, scale, zero, group, bias, y + r * out);
-    for (; r < rows; r++) tile(1, bits, x + r * in, in, out, codes, scale, zero, group, bias, y + r * out);
+    for (; r + 4 <= rows; r += 4)
+        tile(4, bits, x + r * in, xsum + r * groups, in, out, codes, scale, zero, group, bias, y + r * out);
+    for (; r + 2 <= rows; r += 2)
+        tile(2, bits, x + r * in, xsum + r * groups, in, out, codes, scale, zero, group, bias, y + r * out);
+    for (; r < rows; r++)
+        tile(1, bits, x + r * in, xsum + r * groups, in, out, codes, scale, zero, group, bias, y + r * out);
+    free(xsum);
+    return 0;
 }
 
 /* x: float32 [rows, in]; codes: uint8 [out, in / 2] in blocks of 32 columns; scale: float32 [out, in / group];
    zero: uint8 [out, in / group]; bias: float32 [out] or NULL; y: float32 [rows, out]. group % 32 == 0. */
-void wo_int4(const float *x, int64_t rows, int64_t in, int64_t out, const uint8_t *codes, const float *scale,
-             const uint8_t *zero, int64_t group, const float *bias, float *y) {
-    run(4, x, rows, in, out, codes, scale, zero, group, bias, y);
+int wo_int4(const float *x, int64_t rows, int64_t in, int64_t out, const uint8_t *codes, const float *scale,
+            const uint8_t *zero, int64_t group, const float *bias, float *y) {
+    return run(4, x, rows, in, out, codes, scale, zero, group, bias, y);
 }
 
 /* As wo_int4 with codes uint8 [out, in], one per byte. */
-void wo_int8(const float *x, int64_t rows, int64_t in, int64_t out, const uint8_t *codes, const float *scale,
-             const uint8_t *zero, int64_t group, const float *bias, float *y) {
-    run(8, x, rows, in, out, codes, scale, zero, group, bias, y);
+int wo_int8(const float *x, int64_t rows, int64_t in, int64_t out, const uint8_t *codes, const float *scale,
+            const uint8_t *zero, int64_t group, const float *bias, float *y) {
+    return run(8, x, rows, in, out, codes, scale, zero, group, bias, y);
 }
