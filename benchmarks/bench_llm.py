@@ -231,9 +231,9 @@ def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] 
     held = [(b,) for b in tensors["held"].split(BATCH)]
     fortunes = [(b,) for b in tensors["fortunes"].split(BATCH)]
     rows = []
-    for name, recipe in llmc_recipes().items():
-        if arms is not None and name not in arms:
-            continue
+    recipes = llmc_recipes()
+    for name in [a for a in arms if a in recipes] if arms else list(recipes):   # in the order asked for
+        recipe = recipes[name]
         model = load(Path(checkpoint))
         base, start = _rss(), time.perf_counter()
         try:
@@ -275,6 +275,29 @@ def finish_llmc(process, tmp: Path, timeout: int) -> list[dict]:
     return rows
 
 
+# the published orderings: (better, worse) arm pairs, each arm named as in arms()
+ORDERINGS = [*((f"sparsegpt {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
+             *((f"wanda {p}", f"magnitude {p}") for p in ("50%", "4:8", "2:4")),
+             *((f"wanda+update {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
+             *((f"w{b} g64 {m}", f"w{b} g64 rtn") for b in (4, 3) for m in ("gptq", "awq")),
+             ("w8a8 smoothquant", "w8a8")]
+
+
+def orderings(results: list[dict]) -> list[str]:
+    """One line per published ordering both of whose arms ran: the perplexities and whether it holds
+    (SparseGPT <= Wanda is met when within 0.5%, the others must be strictly lower)."""
+    ppl = {r["arm"]: r for r in results if r.get("status") == "ok"}
+    lines = []
+    for better, worse in ORDERINGS:
+        if better in ppl and worse in ppl:
+            slack = 1.005 if better.startswith("sparsegpt") else 1.0
+            verdict = lambda key: "holds" if ppl[better][key] < slack * ppl[worse][key] else "FAILS"  # noqa: E731
+            lines.append(f"{better} {'<=' if slack > 1 else '<'} {worse}: held-out {ppl[better]['held_ppl']:.3f} vs {ppl[worse]['held_ppl']:.3f} "
+                         f"{verdict('held_ppl')}; fortunes {ppl[better]['fortunes_ppl']:.3f} vs "
+                         f"{ppl[worse]['fortunes_ppl']:.3f} {verdict('fortunes_ppl')}")
+    return lines
+
+
 def row(r: dict, dense_bytes: int | None) -> str:
     if r.get("status") != "ok":
         return f"| {r['arm']} | {r['status']} | | | | | |"
@@ -293,10 +316,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--llmc-python", default=None, help="a python with llmcompressor installed")
     ap.add_argument("--llmc-timeout", type=int, default=1800)
+    ap.add_argument("--llmc-arms", nargs="*", default=None,
+                    help="llm-compressor's arms, run in this order (default: --arms, or all)")
     ap.add_argument("--llmc-worker", nargs=3, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--from-json", nargs="+", type=Path, default=None,
+                    help="print one table and the orderings over rows saved by earlier runs (--json)")
     args = ap.parse_args(argv)
     if args.llmc_worker:
         return llmc_worker(*args.llmc_worker, args.arms)
+    if args.from_json:
+        return print_saved(args.from_json)
     torch.set_num_threads(args.threads)
     model = load(args.checkpoint)
     cal, held, fortunes = data(args.cal, args.eval)
@@ -308,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {len(cal) * BATCH} calibration, "
           f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} bytes", flush=True)
     print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n|---|---:|---:|---|---:|---:|---:|")
-    llmc = start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, args.arms) if args.llmc_python else None
+    llmc_arms = args.llmc_arms if args.llmc_arms is not None else args.arms
+    llmc = start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, llmc_arms) if args.llmc_python else None
     results = []
     for name in chosen:
         r = run_arm(name, table[name], graph, example, cal, held, fortunes, config)
@@ -319,14 +349,28 @@ def main(argv: list[str] | None = None) -> None:
         for r in finish_llmc(*llmc, args.llmc_timeout):
             results.append(r)
             print(row(r, None), flush=True)
+    print("\n".join(orderings(results)), flush=True)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "gm"} for r in results], indent=1))
 
 
+def print_saved(paths: list[Path]) -> None:
+    """The rows of several runs (the arms split over runs to fit a time budget) as one table."""
+    results = [r for path in paths for r in json.loads(path.read_text())]
+    dense = next((r.get("bytes") for r in results if r["arm"] == "dense" and r.get("status") == "ok"), None)
+    print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n"
+          "|---|---:|---:|---|---:|---:|---:|")
+    for r in results:
+        print(row(r, None if r["arm"].startswith("llmc") else dense))
+    print("\n".join(orderings(results)))
+
+
 def extras(results, model, example, held, fortunes, dense_bytes) -> list[dict]:
-    """The Deep Compression file of the sparse + 4-bit arm, and torchao beside ours."""
+    """The Deep Compression file of the best sparse + 4-bit arm (lowest held-out perplexity), and
+    torchao beside ours."""
     out = []
-    best = next((r for r in results if r["arm"].startswith("50% sparsegpt + w4") and r.get("status") == "ok"), None)
+    combined = [r for r in results if r["arm"].startswith("50% sparsegpt + w4") and r.get("status") == "ok"]
+    best = min(combined, key=lambda r: r["held_ppl"], default=None)
     if best is not None:
         try:
             dc = deep_compression_file(best["gm"], example)
