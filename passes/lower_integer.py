@@ -37,7 +37,7 @@ from fxcompress.quant import native
 from fxcompress.quant.native import LAYER_KERNELS
 
 from .lower_integer_native import (boundary, choose_kernels, native_join_refusal, native_refusal, replace_native,
-                                   replace_native_add, replace_native_cat, value_edges)
+                                   replace_native_add, replace_native_cat, float_code_edges)
 from .lower_integer_reference import boundary as reference_boundary
 from .lower_integer_reference import replace_add, replace_cat, replace_layer
 from .lower_integer_graph import (JoinPlan, LayerPlan, Quantized, integer_join, is_activation_quant, join_plan,
@@ -89,7 +89,7 @@ class LowerToInteger(Pass):
             options = {"kernels": self.kernels, "float_select": self.float_select, "repeats": self.repeats,
                        "margin": self.margin, "clock": self.clock}
             chosen = choose_kernels(gm, layers, plans, ctx.example_inputs, options)
-            edges = value_edges(gm, layers, chosen, targets, joins)
+            edges = float_code_edges(gm, layers, chosen, targets, joins)
         boundaries = _lower_activations(gm, fed, backend, edges)
         lowered = {}
         for q in layers:
@@ -114,7 +114,7 @@ class LowerToInteger(Pass):
             "float_to_integer_boundaries": boundaries,
             "layers": lowered,
             "kernels": {k: sum(s["kernel"] == k for s in lowered.values()) for k in LAYER_KERNELS} if lowered else {},
-            "value_edges": len(edges),
+            "float_code_edges": len(edges),
         })
 
     def _choose_backend(self, gm: GraphModule, layers: list[Quantized], plans: dict[Node, LayerPlan],
@@ -148,25 +148,22 @@ class LowerToInteger(Pass):
 
 
 def _lower_activations(gm: GraphModule, fed_by_layer: set[Node], backend: str, edges: set[Node]) -> int:
-    """Activation fake-quants fed by an integer layer vanish; the others become the float boundary; on
-    a value edge (native: float kernels on both sides) each becomes the grid's rounding in float."""
+    """Activation fake-quants fed by an integer layer vanish; the others become the float boundary (into
+    float32 codes where only float-kernel layers read them)."""
     boundaries = 0
     for node in list(gm.graph.nodes):
         if not is_activation_quant(gm, node):
             continue
-        grid = gm.get_submodule(node.target).grid()
-        if node in edges:
-            boundary(gm, node, grid, values=True)
-            boundaries += node not in fed_by_layer
-        elif node in fed_by_layer:  # the layer before already requantized onto this grid
+        if node in fed_by_layer:  # the layer before already requantized onto this grid
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+            continue
+        grid = gm.get_submodule(node.target).grid()
+        if backend == "native":
+            boundary(gm, node, grid, values=node in edges)
         else:
-            if backend == "native":
-                boundary(gm, node, grid, values=False)
-            else:
-                gm.add_submodule(node.target, reference_boundary(grid))
-            boundaries += 1
+            gm.add_submodule(node.target, reference_boundary(grid))
+        boundaries += 1
     return boundaries
 
 

@@ -10,10 +10,11 @@ back. Both read and write the same codes, so the choice never changes what the m
 beyond float rounding.
 
 An activation grid whose every reader is a float-kernel layer, and whose writer is one too or the
-model's float input, needs no codes: it becomes one `fake_quant_values` node (the fake-quant model's
-rounding in float), the float layers around it read and write float values, and the ReLU / pooling /
-reshape ops between them stay the float ops they were. A model whose layers all chose float runs as
-the fake-quant model with frozen weights, node for node as many as the float model.
+model's float input, needs no uint8: its codes stay float32 ("float_codes": no cast on either side,
+the float input's boundary one `float_codes` node), the pooling / reshape ops between stay the float
+ops they were, and a ReLU is the writer's clamp. A model whose layers all chose float runs with as
+many nodes as the float model: each hidden layer rounds and clamps in place where the float model
+has its ReLU, and the input's boundary stands for the first layer's.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from torch.fx import GraphModule, Node
 from fxcompress.kernels.lowering import layer_inputs
 from fxcompress.kernels.timing import KernelChoice, choose_kernel
 from fxcompress.quant import native
-from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, fake_quant_values,
+from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
 from fxcompress.quant.quantizers import Grid
 
@@ -65,9 +66,9 @@ def kernel_name(choice: KernelChoice | str) -> str:
     return choice if isinstance(choice, str) else choice.kernel
 
 
-def value_edges(gm: GraphModule, layers: list[Quantized], chosen: dict[Node, KernelChoice | str],
-                targets: dict[Node, Node | None], joins: dict[Node, JoinPlan]) -> set[Node]:
-    """The activation fake-quants that stay float values: every reader a float-kernel layer, the writer
+def float_code_edges(gm: GraphModule, layers: list[Quantized], chosen: dict[Node, KernelChoice | str],
+                     targets: dict[Node, Node | None], joins: dict[Node, JoinPlan]) -> set[Node]:
+    """The activation fake-quants whose codes stay float32: every reader a float-kernel layer, the writer
     one too or float code before the integer part (not an int8 layer, not a join)."""
     floats = {q.node for q in layers if kernel_name(chosen[q.node]) == "float"}
     writers = {target: node for node, target in targets.items() if target is not None}
@@ -83,14 +84,13 @@ def value_edges(gm: GraphModule, layers: list[Quantized], chosen: dict[Node, Ker
 
 
 def boundary(gm: GraphModule, node: Node, grid: Grid, values: bool) -> None:
-    """The activation fake-quant `node` where float code meets the integer part: codes (QuantizeToCodes),
-    or, on a value edge, the grid's rounding in float (one function node: no module to call)."""
+    """The activation fake-quant `node` where float code meets the integer part: uint8 codes
+    (QuantizeToCodes), or before float-kernel layers float32 codes (one function node: no module call)."""
     if not values:
         gm.add_submodule(node.target, QuantizeToCodes(float(grid.scale), int(grid.zero_point), grid.qmax))
         return
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(fake_quant_values, (node.args[0], float(grid.scale), int(grid.zero_point),
-                                                         grid.qmin, grid.qmax))
+        new = gm.graph.call_function(float_codes, (node.args[0], float(grid.scale), int(grid.zero_point), grid.qmax))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -105,15 +105,15 @@ def fused_relu(gm: GraphModule, node: Node, chain: tuple[Node, ...]) -> Node | N
 
 def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_in: bool = False,
                  values_out: bool = False) -> NativeLayer:
-    """The layer as a NativeLayer on `kernel`: codes in (float values with `values_in`), codes onto the
-    plan's grid out, or real values where the plan dequantizes or `values_out` (a value edge follows)."""
-    in_grid, out_grid = q.input_grid, None if values_out else plan.out_grid
-    module = NativeLayer(q.layer.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point),
-                         "float32" if out_grid is None else "uint8",
+    """The layer as a NativeLayer on `kernel`: uint8 codes in (float32 codes with `values_in`), codes onto
+    the plan's grid out (float32 codes with `values_out`), or real values where the plan dequantizes."""
+    in_grid, out_grid = q.input_grid, plan.out_grid
+    output = "float32" if out_grid is None else "float_codes" if values_out else "uint8"
+    module = NativeLayer(q.layer.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point), output,
                          output_scale=1.0 if out_grid is None else float(out_grid.scale),
                          output_zero_point=0 if out_grid is None else int(out_grid.zero_point),
                          clamp=_native_clamp(out_grid, relu), kernel=kernel,
-                         input="values" if values_in else "codes", **plan.options)
+                         input="float_codes" if values_in else "uint8", **plan.options)
     module.weight.copy_(plan.codes.to(torch.int8))
     module.weight_scale.copy_(plan.weight_scale.float())
     if plan.bias is not None:  # the reference's integer bias, as the value it stands for
@@ -124,7 +124,7 @@ def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_
 def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: KernelChoice | str,
                    edges: set[Node]) -> dict[str, Any]:
     """Swap the layer for a NativeLayer on its chosen kernel, the ReLU right after it fused; the ops up
-    to its output grid respelled for codes (left as float ops before a value edge). Returns its stats."""
+    to its output grid respelled for uint8 codes (float32 codes: only a ReLU changes). Returns its stats."""
     relu = fused_relu(gm, q.node, plan.chain)
     values_in, values_out = q.input_quant in edges, plan.target in edges
     module = native_layer(q, plan, relu is not None, kernel_name(choice), values_in, values_out)
@@ -136,7 +136,7 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
         gm.graph.erase_node(relu)
     zero_point = 0 if plan.out_grid is None else int(plan.out_grid.zero_point)
     for node in plan.chain:
-        if node is not relu and not values_out:
+        if node is not relu and (not values_out or is_relu(gm, node)):  # pooling / views read float codes as they are
             native_code_op(gm, node, zero_point)
     times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
     return {"module": new.target, "kernel": module.kernel, "times_ms": times,

@@ -26,7 +26,7 @@ from fxcompress.kernels.dynamic import DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
-from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, fake_quant_values,
+from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
@@ -132,7 +132,7 @@ FUNCTIONS: dict[str, object] = _functions() | {
     # the native integer backend's functions on uint8 codes (names fixed, as the module names below)
     "fxcompress.quant.native.max_pool2d_codes": max_pool2d_codes,
     "fxcompress.quant.native.relu_codes": relu_codes,
-    "fxcompress.quant.native.fake_quant_values": fake_quant_values,
+    "fxcompress.quant.native.float_codes": float_codes,
 }
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():

@@ -36,9 +36,10 @@ INT8_RANGE = (-128, 127)
 
 # layer kind -> the oneDNN kernel computing it on uint8 codes; kinds absent here have no native kernel
 KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
-OUTPUTS = ("uint8", "float32")  # what a NativeLayer writes: codes for the next layer, or real values
+# what a NativeLayer writes: codes for the next layer, real values, or (float kernel only) codes held in float32
+OUTPUTS = ("uint8", "float32", "float_codes")
 LAYER_KERNELS = ("int8", "float")  # what computes a NativeLayer: oneDNN's int8 kernel or the float one
-INPUTS = ("codes", "values")       # what a float-kernel NativeLayer reads: uint8 codes or values on the grid
+INPUTS = ("uint8", "float_codes")  # the codes a NativeLayer reads: uint8, or (float kernel only) float32
 
 
 def available() -> bool:
@@ -96,10 +97,11 @@ class NativeLayer(nn.Module):
     `kernel` is what computes it, chosen by measurement (`kernel_choice`: milliseconds per call of
     each candidate, None when set by hand): "int8" is one oneDNN call; "float" multiplies the
     weight dequantized from its codes in float32 (`F.linear` / `F.conv2d`), with the input's scale
-    and zero-point and the output's requantization folded into that weight and the bias, so it
-    reads and writes the same codes at the cost of a cast in and a rounding out. A float layer's
-    `input` is "codes" (uint8) or "values" (float32 already on the input grid, from another float
-    layer or a float boundary: no cast). The oneDNN packed weight and the float weight are built
+    and zero-point and the output's scale and zero-point folded into that weight and the bias, so
+    it reads and writes the same codes at the cost of a cast in and a rounding out. Between two
+    float layers the codes stay float32 (`input` / `output` "float_codes": integers on the grid,
+    no cast), so a run of float layers costs one in-place rounding and clamp per layer over the
+    float model (the clamp is the ReLU). The oneDNN packed weight and the float weight are built
     on first use and never stored or copied: the codes are what a file holds.
     """
 
@@ -107,13 +109,13 @@ class NativeLayer(nn.Module):
                  output: str, output_scale: float = 1.0, output_zero_point: int = 0,
                  clamp: tuple[float, float | None] | None = None, stride: list[int] | None = None,
                  padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1,
-                 kernel: str = "int8", input: str = "codes", times_ms: dict[str, float] | None = None) -> None:
+                 kernel: str = "int8", input: str = "uint8", times_ms: dict[str, float] | None = None) -> None:
         super().__init__()
         if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
-                or (kernel == "int8" and input != "codes"):  # a configuration read from a file is checked too
+                or (kernel == "int8" and "float_codes" in (input, output)):  # a file's configuration is checked too
             raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
-                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 reads codes), got "
-                              f"kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}")
+                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 reads and writes no float "
+                              f"codes), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
         self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
@@ -159,42 +161,40 @@ class NativeLayer(nn.Module):
                                                   self.output_scale, self.output_zero_point, dtype, post, args, "")
 
     def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, shift = self.float_weights()
-        if self.input == "codes":
-            x = x.float() if not shift else x.float().sub_(shift)
+        weight, bias, shift, low, high = self._float or self.float_weights()
+        if self.input == "uint8":
+            x = x.float()
+        if shift:
+            x = x - shift
         if self.kind == "linear":
             y = F.linear(x, weight, bias)
         else:
             y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.output == "uint8":  # y is in output codes already: round, clamp (ReLU included), narrow
-            low, high = self.code_range()
-            return y.round_().clamp_(low, high).to(torch.uint8)
-        if self.clamp is None:
-            return y
-        return y.clamp_min_(self.clamp[0]) if self.clamp[1] is None else y.clamp_(*self.clamp)
+        if self.output == "float32":
+            if self.clamp is None:
+                return y
+            return y.clamp_min_(self.clamp[0]) if self.clamp[1] is None else y.clamp_(*self.clamp)
+        y = y.round_().clamp_(low, high)  # y is in output codes already: the clamp holds the ReLU and the grid
+        return y.to(torch.uint8) if self.output == "uint8" else y
 
-    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(weight, bias, input shift) of the float kernel, made once: the dequantized weight times the
-        input's scale (codes in) over the output's (codes out), the bias on the same scale plus the
-        output zero-point; the input zero-point folded into the bias where no padding reads it."""
-        if self._float is None:
-            view = (-1,) + (1,) * (self.weight.dim() - 1)
-            weight = self.weight.float() * self.weight_scale.reshape(view)
-            bias = self.bias.clone()
-            shift = 0.0
-            if self.input == "codes":
-                weight = weight * self.input_scale
-                if self.input_zero_point and (self.kind == "linear" or not any(self.padding)):
-                    bias = bias - self.input_zero_point * weight.flatten(1).sum(dim=1)
-                else:
-                    shift = float(self.input_zero_point)
-            if self.output == "uint8":
-                weight, bias = weight / self.output_scale, bias / self.output_scale + self.output_zero_point
-            self._float = (weight.contiguous(), bias, shift)
+    def float_weights(self) -> tuple[torch.Tensor, torch.Tensor, float, int, int]:
+        """(weight, bias, input shift, lowest and highest output code) of the float kernel, made once: the
+        dequantized weight times the input's scale over the output's (codes out), the bias on the output's
+        scale plus its zero-point; the input zero-point folded into the bias where no padding reads it."""
+        view = (-1,) + (1,) * (self.weight.dim() - 1)
+        weight = self.weight.float() * (self.weight_scale.reshape(view) * self.input_scale)
+        bias, shift = self.bias.clone(), 0.0
+        if self.input_zero_point and (self.kind == "linear" or not any(self.padding)):
+            bias = bias - self.input_zero_point * weight.flatten(1).sum(dim=1)
+        elif self.input_zero_point:  # zero padding stands for the real value 0: the code zero_point
+            shift = float(self.input_zero_point)
+        if self.output != "float32":
+            weight, bias = weight / self.output_scale, bias / self.output_scale + self.output_zero_point
+        self._float = (weight.contiguous(), bias, shift, *self.code_range())
         return self._float
 
     def code_range(self) -> tuple[int, int]:
-        """The output codes the fused clamp allows (uint8 output): ReLU's zero or the grid's range."""
+        """The output codes the fused clamp allows: ReLU's zero-point or the grid's range, within uint8."""
         zero, scale = self.output_zero_point, self.output_scale
         if self.clamp is None:
             return 0, UINT8_MAX
@@ -230,10 +230,11 @@ class NativeLayer(nn.Module):
                 f"{clamp}{chosen}")
 
 
-def fake_quant_values(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """Float values rounded onto an activation grid, as float (between two float-kernel layers: the
-    fake-quant model's rounding without codes); x / scale as QuantizeToCodes divides, code for code."""
-    return (x / scale).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
+def float_codes(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """The codes of `x` on an activation grid (qmin 0) held in float32: the boundary into a run of
+    float-kernel layers (QuantizeToCodes without the narrowing, code for code)."""
+    codes = (x / scale).round_()
+    return (codes.add_(zero_point) if zero_point else codes).clamp_(0, qmax)
 
 
 def max_pool2d_codes(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],

@@ -9,7 +9,7 @@ from fxcompress.kernels import timing
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.passes import lower_integer_native
 from fxcompress.quant import native
-from fxcompress.quant.native import NativeLayer, fake_quant_values
+from fxcompress.quant.native import NativeLayer, float_codes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 
@@ -44,10 +44,11 @@ def _inputs(gm, x):
     return seen
 
 
-@pytest.mark.parametrize("floats, value_edges", [("conv2", 0), ("fc1|fc2", 1), ("conv1|conv2|fc1|fc2", 4)])
-def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floats, value_edges):
-    """A float layer between int8 ones reads and writes their codes; between float layers (or after the
-    float input) values stay float, rounded onto each grid by one node."""
+@pytest.mark.parametrize("floats, edges, boundaries", [("conv2", 0, 0), ("fc1|fc2", 1, 0),
+                                                       ("conv1|conv2|fc1|fc2", 4, 1)])
+def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floats, edges, boundaries):
+    """A float layer between int8 ones reads and writes their uint8 codes; between float layers (or after
+    the float input) the codes stay float32."""
     data, fq, reference = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("int8",), float_select=floats)],
                             example_inputs=(data.train_x[:2],))
@@ -55,11 +56,11 @@ def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floa
     kernels = {name: layer["kernel"] for name, layer in stats["layers"].items()}
     names = ("conv1", "conv2", "fc1", "fc2")
     assert kernels == {name: "float" if name in floats.split("|") else "int8" for name in names}
-    assert stats["value_edges"] == value_edges
-    assert sum(n.target is fake_quant_values for n in gm.graph.nodes) == value_edges
+    assert stats["float_code_edges"] == edges
+    assert sum(n.target is float_codes for n in gm.graph.nodes) == boundaries
     for path, x in _inputs(gm, data.test_x[:4]).items():  # what each layer reads is what it was built for
         module = gm.get_submodule(path)
-        assert x.dtype == (torch.float32 if module.input == "values" else torch.uint8), path
+        assert x.dtype == (torch.float32 if module.input == "float_codes" else torch.uint8), path
     with torch.no_grad():
         expected, got = reference(data.test_x), gm(data.test_x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
@@ -94,9 +95,9 @@ def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(l
     assert stats["kernels"] == {"int8": 2, "float": 2}
     assert stats["layers"]["conv1"]["times_ms"] == pytest.approx({"float": 2.0, "int8": 1.0})
     assert stats["layers"]["conv1"]["speedup"] == pytest.approx(2.0)
-    assert stats["layers"]["fc1"] == {"module": "fc1.native", "kernel": "float", "speedup": 1.0, "input": "codes",
-                                      "times_ms": {"float": 2.0, "int8": 3.0}, "output": "float32"}
-    assert stats["value_edges"] == 1  # fc1 -> fc2: both float
+    assert stats["layers"]["fc1"] == {"module": "fc1.native", "kernel": "float", "speedup": 1.0, "input": "uint8",
+                                      "times_ms": {"float": 2.0, "int8": 3.0}, "output": "float_codes"}
+    assert stats["float_code_edges"] == 1  # fc1 -> fc2: both float
     rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
     assert (rows["conv2.native"]["kernel"], rows["conv2.native"]["latency_ms"]) == ("int8", pytest.approx(1.0))
     assert (rows["fc2.native"]["kernel"], rows["fc2.native"]["latency_ms"]) == ("float", pytest.approx(2.0))
@@ -111,12 +112,12 @@ def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(l
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
 
 
-def test_a_float_run_has_no_more_nodes_than_the_float_model_plus_one_rounding_per_grid(lenet5):
+def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, trained_digits):
     data, fq, _ = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(data.train_x[:2],))
+    float_model = torch.fx.symbolic_trace(trained_digits.model("lenet5"))
     calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    rounding = [n for n in calls if n.target is fake_quant_values]
-    assert len(rounding) == 4  # one per activation grid
-    # LeNet-5: conv, pool, conv, pool, flatten, fc, relu, fc; the ReLU is fused into fc1's float kernel
-    assert len(calls) - len(rounding) == 7
+    # conv, pool, conv, pool, flatten, fc, relu, fc: the input's boundary in, fc1's ReLU fused into its clamp
+    assert len(calls) == len([n for n in float_model.graph.nodes if n.op not in ("placeholder", "output")]) == 8
+    assert [n.target for n in calls].count(float_codes) == 1
     assert not any(isinstance(m, NativeLayer) and m._packed is not None for m in gm.modules())  # no oneDNN weight
