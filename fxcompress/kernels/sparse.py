@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
-from . import compiled
+from .compiled import library as c_library
 from .timing import KernelChoice, choose_kernel
 
 KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr", "c_relative")
@@ -199,18 +199,18 @@ def relative_csr(crow: torch.Tensor, gaps: torch.Tensor, values: torch.Tensor | 
 
 @functools.cache
 def _relative_functions() -> dict[tuple[str, str, str], Any] | None:
-    """The C kernels by (matvec / matmul, gap dtype, float32 / code), argtypes set once (ctypes then
+    """The C kernels by (matvec / matmul, 8-bit gaps, float32 values), argtypes set once (ctypes then
     converts plain ints without looking anything up); None where the library cannot be built here."""
-    library = compiled.library("sparse_relative")
+    library = c_library("sparse_relative")
     if library is None:
         return None
     pointers, functions = [ctypes.c_void_p] * 8, {}
     for op, extra in (("matvec", [ctypes.c_int64]), ("matmul", [ctypes.c_int64] * 3)):
-        for gap, c_gap in (("uint8", "u8"), ("uint16", "u16")):
-            for value, c_value in (("float32", "f32"), ("code", "code")):
+        for short, c_gap in ((True, "u8"), (False, "u16")):
+            for floats, c_value in ((True, "f32"), (False, "code")):
                 function = getattr(library, f"{op}_{c_gap}_{c_value}")
                 function.argtypes, function.restype = pointers + extra, None
-                functions[op, gap, value] = function
+                functions[op, short, floats] = function
     return functions
 
 
@@ -227,25 +227,27 @@ def relative_linear_eager(x: torch.Tensor, crow: torch.Tensor, gaps: torch.Tenso
                           codes: torch.Tensor | None, codebook: torch.Tensor | None, bias: torch.Tensor | None,
                           in_features: int, out_features: int) -> torch.Tensor:
     """x [M, in] times the transposed c_relative weight, plus bias, by the C kernel (one thread)."""
+    # every step here costs microseconds on a layer that takes tens: cheap tests first, no copies of x
     functions = _relative_functions()
-    if functions is None or x.device.type != "cpu" or x.dtype != torch.float32:
+    if functions is None or not x.is_cpu or x.dtype is not torch.float32:
         raise PreconditionError(f"SparseLayer kernel 'c_relative' needs its C library and float32 CPU inputs, got "
                                 f"{x.dtype} on {x.device}" + ("" if functions else " and no C compiler here")
                                 + "; remeasure the model here to pick another kernel")
-    x = x.detach().contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     batch = x.shape[0]
-    out = x.new_empty((batch, out_features))
+    out = torch.empty((batch, out_features))
     if batch == 0:
         return out
-    key = ("uint8" if gaps.dtype == torch.uint8 else "uint16", "float32" if codes is None else "code")
+    key = (gaps.dtype is torch.uint8, codes is None)
     weight = (crow.data_ptr(), gaps.data_ptr(), _pointer(values), _pointer(codes), _pointer(codebook), _pointer(bias))
     if batch == 1:
-        functions[("matvec", *key)](*weight, x.data_ptr(), out.data_ptr(), out_features)
+        functions["matvec", *key](*weight, x.data_ptr(), out.data_ptr(), out_features)
         return out
     stride = -(-batch // 8) * 8  # the kernel's tiles of 8 inputs, zero-padded
     xt = x.new_zeros((in_features, stride))
     xt[:, :batch] = x.t()
-    functions[("matmul", *key)](*weight, xt.data_ptr(), out.data_ptr(), out_features, batch, stride)
+    functions["matmul", *key](*weight, xt.data_ptr(), out.data_ptr(), out_features, batch, stride)
     return out
 
 
@@ -308,6 +310,7 @@ class SparseLayer(nn.Module):
         self.kind, self.weight_shape, self.kernel = kind, [int(s) for s in weight_shape], kernel
         self.has_bias, self.blocksize, self.dtype = has_bias, blocksize, dtype
         self.gap_dtype, self.shared = gap_dtype, shared
+        self._features = (self.in_features, self.out_features)
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
                                                                                     "times_ms": times_ms})
@@ -405,6 +408,11 @@ class SparseLayer(nn.Module):
             if self.kind == "linear":
                 return F.linear(x, self.weight, self.bias)
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.kernel == "c_relative" and x.dim() == 2 and self.kind == "linear" and _plain_eager(x):
+            buffers = self._buffers  # the common case, with nothing between the call and the kernel
+            return relative_linear_eager(x, buffers["crow_indices"], buffers["gaps"], buffers.get("values"),
+                                         buffers.get("codes"), buffers.get("codebook"), buffers.get("bias"),
+                                         *self._features)
         if self.kind == "linear":
             out = self._matmul(x.reshape(-1, self.in_features))
             return out.reshape(*x.shape[:-1], self.out_features)
@@ -416,8 +424,7 @@ class SparseLayer(nn.Module):
                 self._buffers.get("codebook"))
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        eager = type(rows) is torch.Tensor and not torch.compiler.is_compiling() and not (
-            rows.requires_grad and torch.is_grad_enabled())
+        eager = _plain_eager(rows)
         if self.kernel == "c_relative":
             args = (rows, *self._relative_tensors(), self.bias, self.in_features, self.out_features)
             return relative_linear_eager(*args) if eager else torch.ops.fxcompress.relative_linear(*args)
@@ -529,6 +536,13 @@ def _check_config(kind: str, weight_shape: Sequence[int], kernel: str, blocksize
             blocksize is not None and (blocksize not in BSR_BLOCKS or rows % blocksize or cols % blocksize)):
         raise ConfigError(f"SparseLayer: blocksize {blocksize!r} does not fit kernel {kernel!r} and weight "
                           f"{list(weight_shape)} (torch_bsr needs one of {BSR_BLOCKS} dividing both sides)")
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """Plain eager inference: the kernels are called directly; traced (fake / proxy tensors) or
+    differentiated calls go through the custom ops."""
+    return type(x) is torch.Tensor and not (x.requires_grad and torch.is_grad_enabled()) and \
+        not torch.compiler.is_compiling()
 
 
 def _check_relative_config(kernel: str, gap_dtype: str | None, shared: bool, dtype: str) -> None:
