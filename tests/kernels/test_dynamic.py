@@ -78,3 +78,11 @@ def test_refusals():
     module.weight_scale = -module.weight_scale
     with pytest.raises(FormatError, match="positive"):
         module.check_loaded("fc.dynamic_int8")
+
+
+def test_the_float_kernel_dequantizes_on_the_fly_and_holds_no_float_weight():
+    module, x = layer()
+    run = KERNELS["float"].build(module)
+    torch.testing.assert_close(run(x), F.linear(x, module.dequantize(), module.bias), rtol=1e-6, atol=1e-6)
+    cells = [c.cell_contents for c in run.__closure__]
+    assert not [c for c in cells if isinstance(c, torch.Tensor)]  # the module's int8 buffers only

@@ -1,6 +1,7 @@
 import time
 
 import pytest
+import torch
 
 from fxcompress.errors import ConfigError
 from fxcompress.kernels import KernelChoice, choose_kernel, median_ms, timing
@@ -57,3 +58,26 @@ def test_stats_round_trip_and_bad_choices_are_refused():
     with pytest.raises(ConfigError, match="baseline"):
         choose_kernel({"a": _sleeper(0)}, (), baseline="b")
     assert median_ms(_sleeper(0.001), (), repeats=3, warmup=0) >= 0.9
+
+
+def test_a_reference_is_timed_but_never_chosen(fake):
+    candidates = {"fp32": fake.costing(0.0001), "float": fake.costing(0.004), "c": fake.costing(0.001)}
+    choice = choose_kernel(candidates, (), baseline="float", repeats=3, clock="fake", references=("fp32",))
+    assert choice.kernel == "c" and choice.times_ms["fp32"] == pytest.approx(0.1)
+    assert choice.speedup_over("fp32") == pytest.approx(0.1)  # the float layer it replaced was faster here
+    with pytest.raises(ConfigError, match="baseline"):
+        choose_kernel(candidates, (), baseline="fp32", references=("fp32",))
+
+
+def test_cold_measurement_subtracts_the_eviction_from_every_candidate(fake, monkeypatch):
+    monkeypatch.setattr(timing, "EVICT_BYTES", 1 << 12)
+    monkeypatch.setattr(timing, "CLOCKS", {**timing.CLOCKS, "wall": lambda: fake.now})
+    real_add = torch.Tensor.add_
+
+    def costly_add(self, *args, **kwargs):  # the eviction costs 2 ms on the fake clock
+        fake.now += 0.002
+        return real_add(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "add_", costly_add)
+    choice = timing.measure({"float": fake.costing(0.003), "c": fake.costing(0.001)}, torch.zeros(1),
+                            baseline="float", repeats=3, margin=1.05, cold=True)
+    assert choice.times_ms == pytest.approx({"float": 3.0, "c": 1.0}) and choice.kernel == "c"

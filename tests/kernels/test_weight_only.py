@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from fxcompress.errors import ConfigError, FormatError, PreconditionError
-from fxcompress.kernels.weight_only import (KERNELS, WeightOnlyLinear, choose, fit_grid, pack_nibbles, refusals,
-                                            unpack_nibbles)
+from fxcompress.kernels import weight_only
+from fxcompress.kernels.weight_only import (KERNELS, WeightOnlyLinear, c_library, choose, fit_grid, pack_blocks,
+                                            pack_nibbles, refusals, unpack_blocks, unpack_nibbles)
 from fxcompress.quant import GridWeight
 
 CONFIGS = [(4, 32, False), (4, 64, True), (4, 128, False), (8, None, True), (8, None, False), (3, 32, True)]
@@ -108,3 +109,122 @@ def test_cold_timing_subtracts_the_eviction_and_still_picks_a_candidate():
     assert "evict" not in choice.times_ms and "float" in choice.times_ms
     assert all(t > 0 for t in choice.times_ms.values())
     torch.testing.assert_close(module(x), F.linear(x, fake, bias), rtol=1e-5, atol=1e-5)
+
+
+# ---- our C kernel ------------------------------------------------------------------------------------
+
+needs_c = pytest.mark.skipif(c_library() is None, reason="no C compiler on this machine to build csrc/wo_gemv.c")
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def c_layer(bits, group_size, columns, out, with_bias, seed):
+    """A layer on an asymmetric grid (zero-points far from 0), straight from random codes."""
+    torch.manual_seed(seed)
+    levels = 2 ** bits
+    groups = columns // group_size
+    module = WeightOnlyLinear(columns, out, bits, group_size, has_bias=with_bias, packing="blocks")
+    codes = torch.randint(0, levels, (out, columns), dtype=torch.uint8)
+    module.codes.copy_(pack_blocks(codes) if bits == 4 else codes)
+    module.scale.copy_(torch.rand(out, groups) * 0.02 + 0.001)
+    module.zero.copy_(torch.randint(0, levels, (out, groups), dtype=torch.uint8))
+    if with_bias:
+        module.bias.copy_(torch.randn(out))
+    return module, codes
+
+
+@needs_c
+@pytest.mark.parametrize("bits, group_size, columns, out", [(4, 32, 256, 40), (4, 64, 192, 33), (4, 128, 384, 16),
+                                                            (4, 256, 256, 8), (8, 32, 96, 24), (8, 160, 160, 17)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+def test_c_kernel_is_the_dequantized_product_up_to_float32_summation(bits, group_size, columns, out, rows):
+    module, codes = c_layer(bits, group_size, columns, out, with_bias=rows % 2 == 1, seed=rows)
+    assert torch.equal(module.unsigned_codes(), codes)
+    x = torch.randn(rows, columns)
+    got = KERNELS["c_gemv"].build(module)(x)
+    weight = module.dequantize().double()
+    exact = x.double() @ weight.t() + (0 if module.bias is None else module.bias.double())
+    # Rigorous float32 bound for how the kernel sums: per group, sum(u x) over at most `group_size`
+    # products and z * sum(x) (each |.| <= s (u + z) |x| summed), then the groups and the lanes.
+    scale = module.scale.repeat_interleave(group_size, dim=1).double()
+    zero = module.zero.repeat_interleave(group_size, dim=1).double()
+    magnitude = x.double().abs() @ (scale * (codes.double() + zero)).t()
+    bound = (group_size + columns // group_size + 16) * EPS32 * magnitude + 1e-6
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert float(bound.max()) < 0.01 * float(exact.abs().max())  # a real constraint, not a free pass
+    torch.testing.assert_close(module(x.reshape(rows, 1, columns)).reshape(rows, out),
+                               KERNELS["float"].build(module)(x), rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_packing_puts_column_j_and_j_plus_16_in_one_byte():
+    codes = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = pack_blocks(codes)
+    assert packed.shape == (3, 32)
+    assert int(packed[1, 16 + 5]) == int(codes[1, 32 + 5]) | (int(codes[1, 32 + 21]) << 4)
+    assert torch.equal(unpack_blocks(packed), codes)
+    assert WeightOnlyLinear.from_grouped(GridWeight(4, "linear", axis=0).grouped(torch.randn(4, 64)), None).packing \
+        == "blocks"
+    assert WeightOnlyLinear.from_grouped(GridWeight(4, "linear", axis=0).grouped(torch.randn(4, 48)), None).packing \
+        == "pairs"  # 48 columns: no whole blocks of 32
+
+
+def test_pairs_packing_from_older_files_runs_on_float_and_the_c_kernel_says_why_not():
+    blocks, fake, bias = layer(4, 32, False)
+    pairs = WeightOnlyLinear(256, 48, 4, 32, packing="pairs")
+    pairs.codes.copy_(pack_nibbles(blocks.unsigned_codes()))
+    pairs.scale.copy_(blocks.scale), pairs.zero.copy_(blocks.zero), pairs.bias.copy_(blocks.bias)
+    assert torch.equal(pairs.dequantize(), fake)
+    assert "packed in pairs" in pairs.refusals(["c_gemv"])["c_gemv"]
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(pairs(x), F.linear(x, fake, bias), rtol=1e-5, atol=1e-5)
+
+
+def _held_tensors(value, seen=None):
+    """Every tensor a built kernel keeps alive: through closures, attributes, containers and modules."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, torch.nn.Module):
+        return list(value.buffers()) + list(value.parameters())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _held_tensors(item, seen)]
+    found = []
+    for cell in getattr(value, "__closure__", None) or ():
+        found += _held_tensors(cell.cell_contents, seen)
+    for item in getattr(value, "__dict__", {}).values():
+        found += _held_tensors(item, seen)
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["float", "c_gemv"])
+def test_the_float_and_c_kernels_hold_no_float_weight(kernel):
+    module, fake, bias = layer(4, 32, False)
+    if module.refusals([kernel]):
+        pytest.skip(module.refusals([kernel])[kernel])
+    module.kernel = kernel
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(module(x), F.linear(x, fake, bias), rtol=1e-5, atol=1e-5)
+    held = _held_tensors(module._run)
+    assert held and all(t.numel() < fake.numel() for t in held if t.is_floating_point())
+    assert {t.data_ptr() for t in held} <= {t.data_ptr() for t in module.buffers()}  # the buffers, no copies
+
+
+def test_choose_keeps_only_the_chosen_kernel_and_the_float_layer_only_as_a_reference():
+    module, fake, bias = layer(4, 64, True)
+    choice = choose(module, torch.randn(1, 256), repeats=1)
+    assert choice.kernel != "fp32" and "fp32" in choice.times_ms
+    if choice.kernel in ("float", "c_gemv"):
+        assert all(t.numel() < fake.numel() for t in _held_tensors(module._run) if t.is_floating_point())
+
+
+def test_without_a_compiler_the_c_kernel_is_refused_and_torch_kernels_remain(monkeypatch):
+    monkeypatch.setattr(weight_only, "c_library", lambda: None)
+    module, fake, bias = layer(4, 32, False)
+    assert "no C compiler" in refusals(module)["c_gemv"]
+    choice = choose(module, torch.randn(1, 256), repeats=1)
+    assert "c_gemv" not in choice.times_ms and "float" in choice.times_ms
+    module.kernel, module._run = "c_gemv", None
+    with pytest.raises(PreconditionError, match="kernel 'c_gemv' cannot run here.*remeasure"):
+        module(torch.randn(1, 256))

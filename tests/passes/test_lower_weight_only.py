@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import PreconditionError
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.kernels.timing import remeasure
 from fxcompress.kernels.weight_only import WeightOnlyLinear
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerWeightOnly
 
@@ -106,3 +107,30 @@ def test_summary_shows_each_lowered_layer_with_its_kernel():
         assert rows[path]["latency_ms"] == modules[path].kernel_choice.ms
         assert rows[path]["compressed_bytes"] == modules[path].held_bytes()
     assert rows["fc.weight_only"]["macs"] == 2 * 128 * 256
+
+
+def test_a_loaded_model_is_measured_again_and_keeps_its_outputs(tmp_path):
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    fxcompress.save(gm, tmp_path / "w4.fxc")
+    loaded = fxcompress.load(tmp_path / "w4.fxc")
+    chosen = remeasure(loaded, (x,), {WeightOnlyLinear: ()}, repeats=1)  # nothing but the float kernel allowed
+    assert set(chosen) == {"fc.weight_only", "proj_weight_weight_only", "head.weight_only"}
+    assert all(c["kernel"] == "float" and set(c["times_ms"]) == {"fp32", "float"} for c in chosen.values())
+    torch.testing.assert_close(loaded(x), fq(x), rtol=1e-5, atol=1e-5)
+    again = remeasure(loaded, (torch.randn(1, 128),), repeats=1)
+    modules = dict(loaded.named_modules())
+    assert all(modules[path].kernel == c["kernel"] and modules[path].times_ms == pytest.approx(c["times_ms"])
+               for path, c in again.items())
+    torch.testing.assert_close(loaded(x), fq(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="no layer with a measured kernel"):
+        remeasure(fq, (x,))
+
+
+def test_statistics_quote_the_float_layer_it_replaced():
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=64)])
+    stats = fxcompress.history(lowered(fq, x))[-1].stats["layers"]
+    for layer in stats.values():
+        times = layer["times_ms"]
+        assert layer["speedup"] == pytest.approx(times["fp32"] / times[layer["kernel"]], rel=1e-3)
+        assert layer["kernel"] != "fp32" and layer["packing"] == "blocks"
