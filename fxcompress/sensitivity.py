@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from .config import check_choice, check_real
 from .errors import ConfigError, FormatError, MissingDependencyError
-from .layers import kind_of_type
+from .layers import chain_transforms, find_layers, kind_of_type, layer_node
 from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -177,8 +178,28 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
     return SensitivityTable(tuple(t[0] for t in targets), tuple(sparsities), tuple(values), baseline, granularity)
 
 
+def _graph_layers(gm: GraphModule, found: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module, str]]:
+    """The functional layers of a GraphModule (a loaded file's owners are plain modules) not found by type;
+    a layer computing with a transformed weight (fake-quant, encoded) is refused: pruning its stored
+    weight would not change what it computes."""
+    known = {name for name, _, _ in found}
+    extra = []
+    for layer in find_layers(gm):
+        transforms = chain_transforms(gm, layer_node(gm, layer)) if layer.node else []
+        if transforms:
+            raise ConfigError(f"sensitivity: layer {layer.name} computes with its weight through "
+                              f"{', '.join(type(t).__name__ for t in transforms)}; pruning the stored weight "
+                              "would change nothing: sweep the decoded model (fxcompress.decode(gm))")
+        owner, _, attribute = layer.weight.rpartition(".")
+        if layer.name not in known and attribute == "weight" and layer.tied_to is None:
+            extra.append((layer.name, gm.get_submodule(owner), layer.kind))
+    return extra
+
+
 def _prunable(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Module, str]]:
     found = [(name, m, kind) for name, m in model.named_modules() if (kind := kind_of_type(type(m))) is not None]
+    if isinstance(model, GraphModule):
+        found += _graph_layers(model, found)
     if pattern is not None:
         found = [t for t in found if re.fullmatch(pattern, t[0])]
     if not found:

@@ -80,3 +80,54 @@ def test_max_sparsity_stops_at_the_first_drop():
     from fxcompress.sensitivity import SensitivityTable
     table = SensitivityTable(("a", "b"), (0.9, 0.5, 0.8), ((0.95, 0.9, 0.7), (0.2, 0.9, 0.9)), 0.95, "element")
     assert table.max_sparsity(tolerance=0.1) == {"a": 0.5, "b": 0.8}
+
+
+def test_a_table_saved_as_json_loads_back_equal(tmp_path):
+    from fxcompress.sensitivity import SensitivityTable
+    table = sensitivity(LeNet300100(), weight_sparsity_metric("fc2"), sparsities=[0.5, 0.9], layers="fc[23]")
+    path = table.save(tmp_path / "sens.json")
+    assert SensitivityTable.load(path) == table and SensitivityTable.from_dict(table.to_dict()) == table
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": "other"}, "not a sensitivity table"),
+    ({"layers": []}, "'layers' must be a non-empty list of names"),
+    ({"sparsities": [0.5, "x"]}, "'sparsities' must be a non-empty list of numbers"),
+    ({"values": [[0.5, 0.5]]}, "'values' must be 2 rows"),
+    ({"values": [[0.5], [0.5]]}, "of 2 numbers"),
+    ({"values": [[0.5, float("nan")], [0.5, 0.5]]}, "'values' must be"),
+    ({"baseline": "high"}, "'baseline' must be a number"),
+    ({"granularity": "rows"}, "'granularity' one of"),
+])
+def test_a_bad_table_file_is_a_format_error_naming_the_field(tmp_path, change, message):
+    import json
+    from fxcompress.errors import FormatError
+    from fxcompress.sensitivity import SensitivityTable
+    good = {"format": "fxcompress-sensitivity-1", "granularity": "element", "baseline": 0.9,
+            "sparsities": [0.5, 0.9], "layers": ["fc1", "fc2"], "values": [[0.9, 0.8], [0.9, 0.7]]}
+    assert SensitivityTable.from_dict(good).values == ((0.9, 0.8), (0.9, 0.7))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**good, **change}))
+    with pytest.raises(FormatError, match=message):
+        SensitivityTable.load(path)
+    path.write_text("{not json")
+    with pytest.raises(FormatError, match="bad.json: not JSON"):
+        SensitivityTable.load(path)
+
+
+def test_a_loaded_file_is_swept_by_its_functional_layers_and_a_quantized_one_is_refused(tmp_path):
+    from fxcompress.encoded.decode import decode
+    from fxcompress.passes import InsertFakeQuant
+    x = torch.rand(2, 1, 8, 8)
+    gm = fxcompress.compile(LeNet300100(64).eval(), [InsertMasks(sparsity=0.5), InsertFakeQuant(bits=4)],
+                            example_inputs=(x,))
+    with pytest.raises(ConfigError, match=r"layer fc1 computes with its weight through KMeansWeight.*decode"):
+        sensitivity(gm, lambda m: 0.0, [0.5])
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    loaded = decode(fxcompress.load(tmp_path / "m.fxc"))  # plain modules own the weights of a loaded file
+    assert not any(isinstance(m, torch.nn.Linear) for m in loaded.modules())
+    zeros = lambda m: (m.get_submodule("fc2").weight == 0).float().mean().item()  # noqa: E731
+    table = sensitivity(loaded, zeros, [0.5, 0.75])
+    assert table.layers == ("fc1", "fc2", "fc3")
+    assert table.values[1] == (pytest.approx(0.5, abs=0.01), pytest.approx(0.75, abs=0.01))  # fc2 pruned further
+    assert table.values[0][1] == table.baseline == pytest.approx(0.5, abs=0.01)  # fc1 swept: fc2 untouched

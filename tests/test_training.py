@@ -1,6 +1,9 @@
-"""The shared training loop: deterministic, learns, runs the step hook, takes a custom loss."""
+"""The shared training loop: deterministic, learns, runs the step hook, takes a custom loss, and optimizes
+with torch's SGD / Adam / AdamW, weight decay and a constant, step or cosine learning-rate schedule."""
 import copy
 import io
+import math
+import re
 import sys
 
 import pytest
@@ -12,7 +15,7 @@ import fxcompress
 from fxcompress.datasets import load_dataset
 from fxcompress.errors import ConfigError
 from fxcompress.passes import PruneChannels
-from fxcompress.training import evaluate, train
+from fxcompress.training import OptimizerConfig, evaluate, train
 from zoo import LeNet300100
 
 
@@ -114,3 +117,76 @@ def test_reconstruction_and_sensitivity_sweeps_show_progress(monkeypatch):
     fxcompress.sensitivity(model, lambda m: (m(x).argmax(1) == labels).float().mean().item(), [0.5, 0.9],
                            progress=True)
     assert "sensitivity" in terminal.getvalue() and "fc3 at 0.9" in terminal.getvalue()
+
+
+def _by_hand(model, x, y, epochs, batch_size, seed, make_optimizer, make_scheduler):
+    """The same loop written out with torch's classes: the reference the options must reproduce."""
+    optimizer = make_optimizer(model.parameters())
+    scheduler = make_scheduler(optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            batch = order[start:start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+    return model
+
+
+@pytest.mark.parametrize("config, make_optimizer, make_scheduler", [
+    (OptimizerConfig(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="step",
+                     step_epochs=2, gamma=0.5),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+     lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2 * 4, gamma=0.5)),  # 4 batches an epoch
+    (OptimizerConfig(optimizer="adamw", weight_decay=0.05, schedule="cosine"),
+     lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.05),
+     lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3 * 4)),
+    (OptimizerConfig(optimizer="sgd"), lambda p: torch.optim.SGD(p, lr=0.05), lambda o: None),
+])
+def test_the_optimizer_weight_decay_and_schedule_are_torchs(config, make_optimizer, make_scheduler):
+    x, y = torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.arange(50) % 10
+    ours, theirs = fresh_model(), fresh_model()
+    train(ours, (x, y), 3, lr=0.05, batch_size=13, seed=4, optimizer=config)
+    _by_hand(theirs, x, y, 3, 13, 4, make_optimizer, make_scheduler)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), name
+    adam = fresh_model()
+    train(adam, (x, y), 3, lr=0.05, batch_size=13, seed=4)
+    assert not torch.equal(adam.fc1.weight, ours.fc1.weight)  # the choice changed the result
+
+
+def test_a_cosine_schedule_ends_at_zero_and_a_step_schedule_decays(monkeypatch):
+    rates = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"])
+                        or real_step(self, *a, **k))
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40) % 10
+    train(fresh_model(), (x, y), 2, lr=0.1, batch_size=10, optimizer=OptimizerConfig(optimizer="sgd",
+                                                                                      schedule="cosine"))
+    assert rates[0] == 0.1 and rates[-1] == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
+    rates.clear()
+    train(fresh_model(), (x, y), 3, lr=0.1, batch_size=10, optimizer=OptimizerConfig(
+        optimizer="sgd", schedule="step", step_epochs=1, gamma=0.5))
+    assert rates == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimizer": "rmsprop"}, "OptimizerConfig.optimizer must be one of 'sgd', 'adam', 'adamw'"),
+    ({"momentum": 0.9}, "OptimizerConfig.momentum=0.9 does not apply to optimizer 'adam'"),
+    ({"optimizer": "adamw", "nesterov": True}, "OptimizerConfig.nesterov=True does not apply"),
+    ({"optimizer": "sgd", "nesterov": True}, "nesterov=True needs OptimizerConfig.momentum > 0"),
+    ({"gamma": 0.5}, "OptimizerConfig.gamma=0.5 does not apply to schedule 'constant'"),
+    ({"schedule": "cosine", "step_epochs": 3}, "OptimizerConfig.step_epochs=3 does not apply"),
+    ({"schedule": "linear"}, "OptimizerConfig.schedule must be one of"),
+    ({"weight_decay": -1.0}, "OptimizerConfig.weight_decay"),
+    ({"momentum": 1.5, "optimizer": "sgd"}, "OptimizerConfig.momentum"),
+])
+def test_bad_optimizer_options_are_refused_naming_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        OptimizerConfig(**kwargs)
+    with pytest.raises(ConfigError, match="train.optimizer must be"):
+        train(fresh_model(), (torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), 1, optimizer="sgd")

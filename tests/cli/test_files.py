@@ -1,4 +1,5 @@
-"""`fxcompress inspect | decode | export` on a saved compressed model, and their error lines."""
+"""`fxcompress inspect | report | decode | export` on a saved compressed model (the report's sensitivity
+curves read from a saved table or swept on the file's weights), and their error lines."""
 import json
 
 import numpy as np
@@ -6,7 +7,11 @@ import pytest
 import torch
 
 import fxcompress
+from fxcompress.datasets import load_digits
+from fxcompress.encoded.decode import decode
 from fxcompress.layers import effective_weight, find_layers
+from fxcompress.sensitivity import SensitivityTable, sensitivity
+from fxcompress.training import evaluate
 
 
 def test_inspect_prints_summary_bytes_and_history(cli, encoded_file):
@@ -53,6 +58,41 @@ def test_report_takes_the_weights_before_quantization_from_a_reference(cli, enco
     assert status == 0 and "pass a reference model" in (tmp_path / "r.html").read_text()
     status, _, _ = cli("report", path, "--reference", fake_quant, "--out", tmp_path / "r2.html")
     assert status == 0 and "pass a reference model" not in (tmp_path / "r2.html").read_text()
+
+
+def test_report_sensitivity_swept_on_the_files_own_weights(cli, encoded_file, tmp_path):
+    path, _, _ = encoded_file
+    out = tmp_path / "swept.md"
+    status, _, err = cli("report", path, "--markdown", "--out", out, "--sensitivity", "--sparsities", "0.5,0.95")
+    assert status == 0, err
+    data = load_digits()
+    expected = sensitivity(decode(fxcompress.load(path)), lambda m: evaluate(m, data.test_x, data.test_y),
+                           [0.5, 0.95])
+    assert expected.to_markdown() in out.read_text()  # the same numbers, from the decoded file on digits
+    assert expected.layers == ("fc1", "fc2", "fc3") and expected.sparsities == (0.5, 0.95)
+
+
+def test_report_sensitivity_read_from_a_saved_table(cli, encoded_file, tmp_path):
+    path, _, _ = encoded_file
+    table = SensitivityTable(("fc1", "fc2", "fc3"), (0.5, 0.9), ((0.9, 0.5), (0.9, 0.8), (0.9, 0.85)), 0.9, "element")
+    saved = table.save(tmp_path / "sens.json")
+    status, _, err = cli("report", path, "--out", tmp_path / "r.html", "--sensitivity", saved)
+    assert status == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert 'alt="sensitivity curves"' in page and "<td>0.8500</td>" in page
+    assert table.to_markdown() in (tmp_path / "r.md").read_text()
+    saved.write_text(saved.read_text().replace('"baseline": 0.9', '"baseline": "x"'))
+    status, _, err = cli("report", path, "--out", tmp_path / "r.html", "--sensitivity", saved)
+    assert status == 1 and "sens.json: 'baseline' must be a number" in err and len(err.splitlines()) == 1
+
+
+def test_sensitivity_out_json_is_what_report_reads(cli, tmp_path):
+    out = tmp_path / "sens.json"
+    status, printed, err = cli("sensitivity", "--model", "zoo:lenet300", "--quick", "--epochs", "0",
+                               "--sparsities", "0.5,0.9", "--layers", "fc3", "--out", out)
+    assert status == 0, err
+    table = SensitivityTable.load(out)
+    assert table.layers == ("fc3",) and table.sparsities == (0.5, 0.9) and table.to_text() in printed
 
 
 @pytest.mark.parametrize("suffix", [".fxc", ".pt"])
