@@ -28,6 +28,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 
 _DEEP_COMPRESSION_INDEX_BITS = {"conv": 8, "fc": 5}
 _BATCH_ELEMENTS = 1 << 22  # weights encoded together: enough to share the coder's loop, few enough to bound memory
+_BATCH_SHARE = 16  # ... and at most this fraction of the lowered weights, so a small model's transients stay small
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,14 +56,16 @@ class LowerToEncoded(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         touched, stats, batch = [], {}, []
-        for layer in ctx.each(select_layers(gm, "LowerToEncoded"), "encoding"):
+        layers = select_layers(gm, "LowerToEncoded")
+        limit = min(_BATCH_ELEMENTS, sum(_stored_numel(gm, layer) for layer in layers) // _BATCH_SHARE)
+        for layer in ctx.each(layers, "encoding"):
             node = layer_node(gm, layer)
             if node.op != "call_function" or not _has_chain(gm, weight_arg(node)):
                 continue  # no mask or fake-quant on this weight: it stays a float parameter
             if any(weight_arg(node) is weight_arg(layer_node(gm, queued)) for queued, *_ in batch):
                 continue  # a tied reader of a weight already queued: lowered with it
             batch.append((layer, *self._prepare(gm, layer), _group_steps(gm, layer)))
-            if sum(item[1].numel() for item in batch) >= _BATCH_ELEMENTS:
+            if sum(item[1].numel() for item in batch) >= limit:
                 self._lower(gm, batch, touched, stats)
                 batch = []  # the batch's dense weights are freed before the next is evaluated
         self._lower(gm, batch, touched, stats)
@@ -121,6 +124,13 @@ def _group_steps(gm: GraphModule, layer: Layer) -> GroupSteps | None:
             return None
         steps = module.grid(source).scale
     return GroupSteps(steps.detach().float().contiguous().numpy().reshape(-1), module.group_size)
+
+
+def _stored_numel(gm: GraphModule, layer: Layer) -> int:
+    """Elements of the layer's stored weight (0 where it is not a plain attribute)."""
+    owner, _, name = layer.weight.rpartition(".")
+    value = getattr(gm.get_submodule(owner), name, None)
+    return value.numel() if isinstance(value, torch.Tensor) else 0
 
 
 def _has_chain(gm: GraphModule, weight: Node | None) -> bool:

@@ -103,9 +103,9 @@ def encode(symbols: np.ndarray, lengths: np.ndarray, lanes: int) -> tuple[np.nda
 def lane_bits(symbols: np.ndarray, lengths: np.ndarray, lanes: int) -> np.ndarray:
     """The bit length of every lane, from the code lengths alone (no bits written)."""
     steps = _per_lane(len(symbols), lanes)
-    grid = np.zeros(steps * lanes, dtype=np.int64)
-    grid[:len(symbols)] = lengths[symbols]
-    return grid.reshape(steps, lanes).sum(axis=0)
+    grid = np.zeros(steps * lanes, dtype=np.uint8)  # code lengths are at most 16: one byte a symbol
+    grid[:len(symbols)] = np.asarray(lengths, dtype=np.uint8)[symbols]
+    return grid.reshape(steps, lanes).sum(axis=0, dtype=np.int64)
 
 
 def write(symbols: np.ndarray, lengths: np.ndarray, lanes: int) -> np.ndarray:

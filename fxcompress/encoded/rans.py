@@ -12,6 +12,7 @@ import numpy as np
 
 LANE_SYMBOLS = 8192
 LOW = 1 << 16  # states live in [LOW, 2^32)
+_GATHERED = 1 << 17  # lane-steps whose four float64 table rows are gathered at once: 4 MiB, whatever the model
 
 
 def lanes_for(count: int, lane_symbols: int = LANE_SYMBOLS) -> int:
@@ -61,8 +62,8 @@ def encode_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np
     order = sorted(range(len(jobs)), key=lambda j: -_steps(jobs[j]))
     grid, table, lane_job, active = _batch([jobs[j] for j in order])
     x = np.full(len(lane_job), float(LOW))
-    blocks, masks = [], []
-    chunk = max(16, (1 << 20) // max(len(lane_job), 1))  # steps whose table rows are gathered at once
+    blocks, masks, rows = [], [], None
+    chunk = max(16, _GATHERED // max(len(lane_job), 1))  # steps whose table rows are gathered at once
     for top in range(grid.shape[0], 0, -chunk):
         low = max(top - chunk, 0)
         rows = table[:, grid[low:top, :active[low]]]  # (emit threshold, f, M - f, cumulative) x step x lane
@@ -79,7 +80,10 @@ def encode_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np
             q *= spread  # x' = floor(x / f) * M + x mod f + c = x + floor(x / f) * (M - f) + c
             q += cum
             xv += q
-    results = _split_words(blocks[::-1], masks[::-1], lane_job, x, len(jobs))
+    del grid, table, rows  # the symbols are coded: only the words and their masks are needed now
+    blocks.reverse()
+    masks.reverse()
+    results = _split_words(blocks, masks, lane_job, x, len(jobs))
     unsorted = [None] * len(jobs)
     for position, j in enumerate(order):
         unsorted[j] = results[position]
@@ -101,7 +105,10 @@ def _batch(jobs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         scale = int(freq.sum()).bit_length() - 1
         f = freq.astype(np.float64)
         tables.append(np.stack([f * 2.0 ** (32 - scale), f, 2.0 ** scale - f, np.cumsum(f) - f], axis=1))
-        grid[:count, lane:lane + width] = _grid(symbols, freq, width) + base
+        rows = _grid(symbols, freq, width)
+        rows += base  # in place: the grid is the coder's largest array, int32 like its rows
+        grid[:count, lane:lane + width] = rows
+        del rows
         base, lane = base + len(freq), lane + width
     active = np.searchsorted(-steps, -np.arange(grid.shape[0]), side="left")  # jobs with more steps than t
     active = np.cumsum(np.append(0, lanes))[active]
@@ -110,9 +117,14 @@ def _batch(jobs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _split_words(blocks: list, masks: list, lane_job: np.ndarray, x: np.ndarray, count: int) -> list:
     """Each job's words, steps ascending and lanes ascending within a step, and its final states."""
-    words = (np.concatenate(blocks) if blocks else np.zeros(0)).astype(np.uint64) & np.uint64(0xFFFF)
+    # a block holds whole states (below 2^32) of which the word is the low 16 bits; converted block by
+    # block, so the float64 blocks and the words are never both whole copies
+    words = np.concatenate([(b.astype(np.uint32) & 0xFFFF).astype(np.uint16) for b in blocks] or
+                           [np.zeros(0, np.uint16)])
+    blocks.clear()
     flags = np.concatenate(masks) if masks else np.zeros(0, bool)
     starts = np.cumsum([0] + [len(m) for m in masks])
+    masks.clear()  # the steps' arrays are joined: each is freed (the caller's lists hold them otherwise)
     emitted = np.flatnonzero(flags)
     owner = lane_job[emitted - starts[np.searchsorted(starts, emitted, side="right") - 1]]
     grouped = words[np.argsort(owner, kind="stable")].astype(np.uint16)
@@ -130,7 +142,7 @@ def _start(ends: np.ndarray, j: int) -> int:
 def _grid(symbols: np.ndarray, freq: np.ndarray, lanes: int) -> np.ndarray:
     """Symbols as (steps, lanes); the tail is padded with the most frequent symbol."""
     steps = -(-len(symbols) // lanes)
-    grid = np.full(steps * lanes, int(np.argmax(freq)), dtype=np.int64)
+    grid = np.full(steps * lanes, int(np.argmax(freq)), dtype=np.int32)
     grid[:len(symbols)] = symbols
     return grid.reshape(steps, lanes)
 

@@ -103,9 +103,13 @@ def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     without sorting every value: a hash-based unique, then a binary search of the few distinct ones."""
     bits = _bits(values)
     uniq = np.sort(_unique_values(bits))
-    return uniq, np.searchsorted(uniq, bits).astype(np.int32)  # int32: half the memory of the index
+    index = np.empty(bits.size, np.int32)  # int32: half the memory of searchsorted's int64, made a chunk at a time
+    for start in range(0, bits.size, _CHUNK):
+        index[start:start + _CHUNK] = np.searchsorted(uniq, bits[start:start + _CHUNK])
+    return uniq, index
 
 
+_CHUNK = 1 << 18  # elements per step of the encoder's int64 temporaries
 _unique_values = getattr(np, "unique_values", np.unique)  # numpy >= 2.3 hashes instead of sorting
 
 
@@ -118,7 +122,9 @@ def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: i
                                distinct: tuple[np.ndarray, np.ndarray] | None = None) -> Codebook:
     """Each channel's distinct values, in the order of the values' bit patterns; symbols index them."""
     distinct, value_id = distinct if distinct is not None else _distinct(values)
-    keys = rows.astype(np.int64) * len(distinct) + value_id  # sorts as (row, value) pairs do
+    narrow = num_rows * len(distinct) < 1 << 31  # int32 keys: half the memory of int64 ones
+    keys = rows.astype(np.int32 if narrow else np.int64, copy=False) * len(distinct)
+    keys += value_id  # sorts as (row, value) pairs do
     if num_rows * len(distinct) <= 4 * keys.size + (1 << 20):  # a presence table is small: no sort
         present = np.bincount(keys, minlength=num_rows * len(distinct)) > 0
         if present.all():  # every channel holds every value: its symbols are the table's
@@ -126,12 +132,14 @@ def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: i
             data = np.concatenate([counts.astype("<u2").view(np.uint8), _little_endian(np.tile(distinct, num_rows))])
             return Codebook("table_per_channel", data, value_id, len(distinct))
         uniq = np.flatnonzero(present)
-        inverse = (np.cumsum(present) - 1)[keys]
+        inverse = (np.cumsum(present) - 1).astype(keys.dtype)[keys]
     else:
         uniq, inverse = np.unique(keys, return_inverse=True)
+    del keys
     counts = np.bincount(uniq // len(distinct), minlength=num_rows)
-    first = np.cumsum(counts) - counts
-    symbols = inverse - first[rows]
+    first = (np.cumsum(counts) - counts).astype(inverse.dtype)
+    inverse -= first[rows]
+    symbols = inverse  # each value's index in its channel's codebook
     data = np.concatenate([counts.astype("<u2").view(np.uint8), _little_endian(distinct[uniq % len(distinct)])])
     return Codebook("table_per_channel", data, symbols, int(counts.max(initial=1)))
 
@@ -258,7 +266,8 @@ def _books(values: np.ndarray, rows, num_rows: int, codings: tuple[str, ...] = C
         alphabet = int(k.max() - k.min() + 1)
         counts = np.bincount(k - k.min(), weights=np.bincount(value_id, minlength=len(uniq)), minlength=alphabet)
         found.append(_Book("grid", _little_endian(np.array([step], dtype=values.dtype.type)),
-                           Request((k - k.min())[value_id], alphabet, codings, counts=counts.astype(np.int64)),
+                           Request((k - k.min()).astype(np.int32)[value_id], alphabet, codings,
+                                   counts=counts.astype(np.int64)),
                            int(k.min())))
     return found
 
@@ -321,7 +330,8 @@ def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[s
     row_size = max(flat.size // max(num_rows, 1), 1)
     found = []
     for layout in layouts:
-        positions, values, rows, where = None, flat, lambda: np.repeat(np.arange(num_rows), row_size)[:flat.size], None
+        positions, values, where = None, flat, None
+        rows = lambda: np.repeat(np.arange(num_rows, dtype=np.int32), row_size)[:flat.size]  # noqa: E731
         if layout == "relative":
             where = np.flatnonzero(flat)
             values, rows = flat[where], lambda where=where: where // row_size
