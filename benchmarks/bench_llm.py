@@ -257,13 +257,13 @@ def start_llmc(python: str, checkpoint: Path, cal, held, fortunes, arms: list[st
                 "fortunes": torch.cat([b for (b,) in fortunes])}, tmp / "data.pt")
     cmd = [python, __file__, "--llmc-worker", str(tmp / "data.pt"), str(checkpoint), str(tmp / "rows.json"),
            *(["--arms", *arms] if arms else [])]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr.txt", "w")), tmp
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr.txt", "w")), tmp, time.time()
 
 
-def finish_llmc(process, tmp: Path, timeout: int) -> list[dict]:
-    """The worker's rows (those it finished in time), or why there are none."""
+def finish_llmc(process, tmp: Path, started: float, timeout: int) -> list[dict]:
+    """The worker's rows (those it finished within `timeout` s of its start), or why there are none."""
     try:
-        process.wait(timeout=timeout)
+        process.wait(timeout=max(1.0, started + timeout - time.time()))
         why = ((tmp / "stderr.txt").read_text().strip().splitlines() or ["no output"])[-1]
     except subprocess.TimeoutExpired:
         process.kill()
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--llmc-python", default=None, help="a python with llmcompressor installed")
-    ap.add_argument("--llmc-timeout", type=int, default=1800)
+    ap.add_argument("--llmc-timeout", type=int, default=1800, help="seconds from its start the worker may run")
     ap.add_argument("--llmc-arms", nargs="*", default=None,
                     help="llm-compressor's arms, run in this order (default: --arms, or all)")
     ap.add_argument("--llmc-worker", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -343,21 +343,31 @@ def main(argv: list[str] | None = None) -> None:
     for name in chosen:
         r = run_arm(name, table[name], graph, example, cal, held, fortunes, config)
         results.append(r)
-        print(row(r, results[0].get("bytes") if results[0]["arm"] == "dense" else None), flush=True)
-    results += extras(results, model, example, held, fortunes, results[0].get("bytes"))
+        print(row(r, dense_bytes(results)), flush=True)
+        save(args.json, results)   # each row as it comes: a run stopped for time keeps what it finished
+    results += extras(results, model, example, held, fortunes, dense_bytes(results))
     if llmc is not None:
         for r in finish_llmc(*llmc, args.llmc_timeout):
             results.append(r)
             print(row(r, None), flush=True)
     print("\n".join(orderings(results)), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "gm"} for r in results], indent=1))
+    save(args.json, results)
+
+
+def dense_bytes(results: list[dict]) -> int | None:
+    """The dense arm's bytes (the ratios' base), None where this run has no dense arm."""
+    return next((r.get("bytes") for r in results if r["arm"] == "dense" and r.get("status") == "ok"), None)
+
+
+def save(path: Path | None, results: list[dict]) -> None:
+    if path is not None:
+        path.write_text(json.dumps([{k: v for k, v in r.items() if k != "gm"} for r in results], indent=1))
 
 
 def print_saved(paths: list[Path]) -> None:
     """The rows of several runs (the arms split over runs to fit a time budget) as one table."""
     results = [r for path in paths for r in json.loads(path.read_text())]
-    dense = next((r.get("bytes") for r in results if r["arm"] == "dense" and r.get("status") == "ok"), None)
+    dense = dense_bytes(results)
     print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n"
           "|---|---:|---:|---|---:|---:|---:|")
     for r in results:
