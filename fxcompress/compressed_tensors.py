@@ -38,8 +38,9 @@ from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import (KINDS, Layer, WeightTransform, chain_module_node, chain_transforms, constant_value,
                      effective_weight, find_layers, layer_node)
 from .pruning.masks import get_mask, mask_name
+from .quant.channel_grid import per_channel_grid
 from .quant.modules import ActivationQuant, GridWeight
-from .quant.quantizers import GroupedCodes
+from .quant.quantizers import GroupedCodes, grouped_codes
 
 FORMATS = ("pack-quantized", "dense")
 QUANT_METHOD = "compressed-tensors"
@@ -96,12 +97,20 @@ def packed_layers(gm: GraphModule) -> list[PackedLayer]:
         if why:
             raise ConfigError(f"to_compressed_tensors: layer {layer.name!r} ({grid_node.target}): {why}; "
                               "use format='dense' to write its float values")
-        codes = module.grouped(constant_value(gm, grid_node.args[0]))
+        codes, group_size = _codes(module, constant_value(gm, grid_node.args[0]))
         if not torch.equal(codes.dequantize(), effective_weight(gm, layer).float()):
             raise FormatError(f"to_compressed_tensors: layer {layer.name!r}: its weight chain does not end in "
                               f"its grid ({grid_node.target} is followed by other steps)")
-        found.append(PackedLayer(layer, module.bits, module.symmetric, module.group_size, codes))
+        found.append(PackedLayer(layer, module.bits, module.symmetric, group_size, codes))
     return found
+
+
+def _codes(module: GridWeight, weight: torch.Tensor) -> tuple[GroupedCodes, int | None]:
+    """The layer's codes and group size: a group-wise grid whose groups agree within every output
+    channel is that channel's grid, written with the "channel" strategy (one scale per row)."""
+    if module.group_size is not None and not isinstance(grid := per_channel_grid(module, weight), str):
+        return grouped_codes(weight, grid, module.axis), None
+    return module.grouped(weight), module.group_size
 
 
 def _unpackable(layer: Layer, module: GridWeight) -> str:

@@ -22,6 +22,7 @@ from .encoded.tensor import grid_codebook
 from .errors import ConfigError, MissingDependencyError, PreconditionError
 from .layers import bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
 from .quant import ActivationQuant, GridWeight, KMeansWeight
+from .quant.channel_grid import per_channel_grid
 from .quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from .quant.quantizers import Grid, quantize
 
@@ -368,7 +369,10 @@ def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_
                                 "weight (k-means codebooks are no integer grid) or a disabled one; QDQ needs an "
                                 "enabled linear / fixed-point grid")
     weight = constant_value(gm, chain.args[0])
-    grid = quantizer.grid(weight)
+    grid = per_channel_grid(quantizer, weight)
+    if isinstance(grid, str):
+        raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' ({chain.target}): {grid}; QDQ ONNX "
+                                "holds one weight scale per output channel or tensor")
     dtype = _integer_type(grid.qmin, grid.qmax)
     if dtype is None:
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has {quantizer.bits}-bit weight codes "

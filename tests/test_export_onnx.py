@@ -17,17 +17,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
 from fxcompress import export
-from fxcompress.datasets import load_digits
 from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
 from fxcompress.quant import native, set_quantization
-from fxcompress.training import train
-from zoo import BasicBlock, LeNet5
+from zoo import LeNet5
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed")
@@ -37,27 +34,12 @@ INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulI
 WEIGHT_BITS = 8 if native.vnni() else 7  # ORT's u8 x s8 kernels saturate at 8 / 8 bits without VNNI
 
 
-class DigitsResNet(nn.Module):
-    """A small residual CNN for 8x8 digits: identity and strided downsample shortcuts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.layer1 = BasicBlock(16, 16)
-        self.layer2 = BasicBlock(16, 32, 2)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.stem(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+MODELS = ("lenet5", "resnet")  # conftest's DIGITS_MODELS, trained once per session (trained_digits)
 
 
-MODELS = {"lenet5": lambda: LeNet5(1, 8), "resnet": DigitsResNet}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
+@pytest.fixture
+def digits(trained_digits):
+    return trained_digits.data
 
 
 @pytest.fixture(scope="module")
@@ -153,28 +135,29 @@ def test_missing_onnx_is_a_typed_error(encoded, tmp_path, monkeypatch):
         export.to_onnx(gm, tmp_path / "m.onnx", (x,))
 
 
-_TRAINED: dict = {}
+_FAKE_QUANT: dict = {}
 
 
-def _fake_quant(name, digits, weight_bits=WEIGHT_BITS, activation_bits=8):
-    key = (name, weight_bits, activation_bits)
-    if key not in _TRAINED:
-        if name not in _TRAINED:
-            torch.manual_seed(0)
-            model = MODELS[name]()
-            train(model, digits, 3, lr=3e-3)
-            _TRAINED[name] = model.eval()
-        x = digits.train_x[:256]
-        quantize = InsertFakeQuant(method="linear", bits=weight_bits, symmetric=True, per_channel=True,
-                                   activations=ActivationConfig(bits=activation_bits, joins=True))
-        _TRAINED[key] = fxcompress.compile(_TRAINED[name], [FoldBatchNorm(), quantize], example_inputs=(x[:2],),
-                                           calibration_data=[x[i:i + 64] for i in range(0, 256, 64)])
-    return _TRAINED[key]
+@pytest.fixture
+def fake_quant(trained_digits):
+    """The fake-quant form of a trained digits model, made once per (model, weight bits, activation bits)."""
+    def make(name, weight_bits=WEIGHT_BITS, activation_bits=8):
+        key = (name, weight_bits, activation_bits)
+        if key not in _FAKE_QUANT:
+            x = trained_digits.data.train_x[:256]
+            quantize = InsertFakeQuant(method="linear", bits=weight_bits, symmetric=True, per_channel=True,
+                                       activations=ActivationConfig(bits=activation_bits, joins=True))
+            _FAKE_QUANT[key] = fxcompress.compile(trained_digits.model(name), [FoldBatchNorm(), quantize],
+                                                  example_inputs=(x[:2],),
+                                                  calibration_data=[x[i:i + 64] for i in range(0, 256, 64)])
+        return _FAKE_QUANT[key]
+    return make
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(digits, name, tmp_path):
-    fq = _fake_quant(name, digits)
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(trained_digits, fake_quant, digits, name,
+                                                                     tmp_path):
+    fq = fake_quant(name)
     x = digits.test_x
     export.to_onnx_int8(fq, tmp_path / "q.onnx", (x[:2],))
     model = onnx.load(str(tmp_path / "q.onnx"))
@@ -186,7 +169,7 @@ def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(digits, na
     assert not any(w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 4 for w in weights.values())
     session = _session(tmp_path / "q.onnx", optimized=tmp_path / "opt.onnx")
     fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
-    convs = sum(isinstance(m, nn.Conv2d) for m in MODELS[name]().modules())
+    convs = sum(isinstance(m, nn.Conv2d) for m in trained_digits.model(name).modules())
     assert fused["QLinearConv"] == convs and fused["Conv"] == 0  # every conv runs on ORT's int8 kernel
     assert fused["QGemm"] + fused["QLinearMatMul"] + fused["MatMulInteger"] >= 1
     qdq = export._quantize_dequantize(fq)
@@ -203,8 +186,8 @@ def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(digits, na
     assert (got.argmax(1) == digits.test_y.numpy()).mean() >= 0.85  # trained, not a constant
 
 
-def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(digits, tmp_path):
-    fq = _fake_quant("lenet5", digits, weight_bits=8, activation_bits=7)
+def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(fake_quant, digits, tmp_path):
+    fq = fake_quant("lenet5", weight_bits=8, activation_bits=7)
     x = digits.test_x * 1.5  # beyond the calibrated range: the grid's clamp at code 127 must hold
     export.to_onnx(fq, tmp_path / "q.onnx", (x[:2],), quantized=True)
     model = onnx.load(str(tmp_path / "q.onnx"))
@@ -218,7 +201,7 @@ def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(digits, t
     assert np.abs(got - ours).max() <= (ours.max() - ours.min()) / 255
 
 
-def test_int8_export_refuses_what_qdq_cannot_hold(digits, tmp_path):
+def test_int8_export_refuses_what_qdq_cannot_hold(fake_quant, digits, tmp_path):
     x = digits.train_x[:64]
     model = LeNet5(1, 8).eval()
     kmeans = fxcompress.compile(model, [InsertFakeQuant(bits=4, method="kmeans")], example_inputs=(x,))
@@ -227,7 +210,7 @@ def test_int8_export_refuses_what_qdq_cannot_hold(digits, tmp_path):
     wide = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=12)], example_inputs=(x,))
     with pytest.raises(PreconditionError, match=r"layer 'conv1' has 12-bit weight codes \[0, 4095\]"):
         export.to_onnx_int8(wide, tmp_path / "q.onnx", (x,))
-    switched_off = copy.deepcopy(_fake_quant("lenet5", digits))
+    switched_off = copy.deepcopy(fake_quant("lenet5"))
     set_quantization(switched_off, False, weights=False)  # the activation grids no longer apply
     with pytest.raises(PreconditionError, match="activation fake-quant 'conv1.input_quant' is disabled"):
         export.to_onnx_int8(switched_off, tmp_path / "q.onnx", (x,))
@@ -236,8 +219,8 @@ def test_int8_export_refuses_what_qdq_cannot_hold(digits, tmp_path):
 
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
-def test_native_lowered_model_is_refused_by_module(digits, tmp_path):
-    fq = _fake_quant("lenet5", digits, weight_bits=8, activation_bits=7)
+def test_native_lowered_model_is_refused_by_module(fake_quant, digits, tmp_path):
+    fq = fake_quant("lenet5", weight_bits=8, activation_bits=7)
     lowered = fxcompress.compile(fq, [LowerToInteger(backend="native")], example_inputs=(digits.train_x[:2],))
     with pytest.raises(PreconditionError, match="module 'conv1.input_quant' \\(QuantizeToCodes\\) runs oneDNN"):
         export.to_onnx(lowered, tmp_path / "m.onnx", (digits.train_x[:2],))
