@@ -5,19 +5,23 @@ medians of the calling thread's CPU time, see CLOCK; ratios against dense fp32 o
 
 - Deep Compression's layer table (Han et al. 2016, Table 4 shapes): AlexNet's fc6 / fc7 / fc8
   (9216 -> 4096, 4096 -> 4096, 4096 -> 1000) at 91 / 91 / 75% sparsity and VGG-16's (25088 -> 4096,
-  4096 -> 4096, 4096 -> 1000) at 96 / 96 / 77%, batch 1: dense fp32 ms, each sparse kernel's ms, the
-  kernel `choose_form` keeps (dense unless a sparse form is 5% faster), its speed-up and the bytes it
-  holds beside the dense weight's.
-- Whole models through `LowerToSparse`: LeNet-300-100 at 90 / 95% (global magnitude pruning) and the
-  AlexNet / VGG-16 classifier stacks at the layer table's sparsities, lowered vs the fp32 model as
-  built (eager nn.Linear modules) holding the same pruned weights.
+  4096 -> 4096, 4096 -> 1000) at 96 / 96 / 77%, batch 1: dense fp32 ms, each sparse kernel's ms
+  (torch's and scipy's CSR / CSC, and c_relative: our C kernel over Deep Compression's storage, uint8
+  relative indices and float32 values or uint8 codes), the kernel `choose_form` keeps (dense unless a
+  sparse form is 5% faster), its speed-up, c_relative's, and the bytes the kept form holds beside the
+  dense weight's. Each layer twice: float32 weights, and the same weights shared through 32 values
+  (5 bits, as Deep Compression's fully-connected layers: c_relative then holds one byte per code).
+- Whole models through `LowerToSparse`: LeNet-300-100 at 90 / 95% (global magnitude pruning), once
+  with every layer kept dense (min_sparsity above its sparsity: the lowered layer's own cost), and
+  the AlexNet / VGG-16 classifier stacks at the layer table's sparsities, lowered vs the fp32 model
+  as built (eager nn.Linear modules) holding the same pruned weights.
 - Resident memory: each lowered model built in a fresh process; the growth of its resident set
   (after the dense and masked copies are dropped) against the bytes its lowered layers hold.
 
 Weights are random, pruned by magnitude (a random mask: what the kernels see is the same); nothing
 downloads. `benchmarks/bench_deploy.py` imports `layer_rows`, `model_rows` and `resident_rows`.
 
-    python benchmarks/deploy_sparse.py [--rounds 15] [--batch 1] [--no-vgg]
+    python benchmarks/deploy_sparse.py [--rounds 15] [--batch 1] [--no-vgg] [--models lenet] [--no-resident]
 """
 from __future__ import annotations
 
@@ -77,22 +81,43 @@ def pruned(out_features: int, in_features: int, sparsity: float, seed: int = 0) 
     return weight * (weight.abs() > threshold)
 
 
+SHARED_BITS = 5  # Deep Compression's fully-connected layers share 32 values
+
+
+def shared(weight: torch.Tensor, bits: int = SHARED_BITS) -> torch.Tensor:
+    """The nonzeros replaced by the nearest of 2**bits values spread evenly over their range (linear
+    initialisation, Deep Compression's choice before k-means), in place; zeros stay zeros."""
+    nonzero = weight != 0
+    low, high = float(weight[nonzero].min()), float(weight[nonzero].max())
+    step = (high - low) / (2 ** bits - 1)
+    levels = torch.round((weight - low) / step).clamp_(0, 2 ** bits - 1).mul_(step).add_(low)
+    return weight.copy_(torch.where(nonzero, levels, weight))
+
+
 def layer_rows(batch: int = 1, rounds: int = 15, layers=DEEP_COMPRESSION) -> list[dict]:
-    """One row per layer: milliseconds of dense and each sparse kernel, the kept kernel, bytes held."""
+    """Two rows per layer (float32, then shared weights): milliseconds of dense and each sparse kernel,
+    the kept kernel and its speed-up, c_relative's speed-up, bytes held."""
     rows = []
     with one_thread(), torch.no_grad():
         for name, fan_in, fan_out, sparsity in layers:
             weight, bias = pruned(fan_out, fan_in, sparsity), torch.randn(fan_out)
             x = torch.randn(batch, fan_in)
-            forms = {k: SparseLayer.from_dense("linear", weight, bias, k)
-                     for k in candidate_kernels(weight, SPARSE_KERNELS)}
-            choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense",
-                                   repeats=rounds, warmup=3, clock=CLOCK)
-            rows.append({"layer": name, "shape": f"{fan_in}->{fan_out}", "sparsity": sparsity, "batch": batch,
-                         **{f"{k}_ms": t for k, t in choice.times_ms.items()}, "chosen": choice.kernel,
-                         "speedup": choice.speedup_over("dense"), "chosen_bytes": forms[choice.kernel].held_bytes(),
-                         "dense_bytes": forms["dense"].held_bytes()})
-            del forms, weight
+            for weights in ("float32", f"{SHARED_BITS}-bit shared"):
+                if weights != "float32":
+                    shared(weight)
+                forms = {k: SparseLayer.from_dense("linear", weight, bias, k)
+                         for k in candidate_kernels(weight, SPARSE_KERNELS)}
+                choice = choose_kernel({k: m.forward for k, m in forms.items()}, (x,), baseline="dense",
+                                       repeats=rounds, warmup=3, clock=CLOCK)
+                relative = choice.times_ms.get("c_relative")
+                rows.append({"layer": name, "shape": f"{fan_in}->{fan_out}", "sparsity": sparsity, "batch": batch,
+                             "weights": weights, **{f"{k}_ms": t for k, t in choice.times_ms.items()},
+                             "chosen": choice.kernel, "speedup": choice.speedup_over("dense"),
+                             "c_relative_speedup": None if relative is None else choice.times_ms["dense"] / relative,
+                             "chosen_bytes": forms[choice.kernel].held_bytes(),
+                             "dense_bytes": forms["dense"].held_bytes()})
+                del forms
+            del weight
     return rows
 
 
@@ -118,10 +143,15 @@ def _masked(name: str, model: nn.Module, x: torch.Tensor, layers) -> GraphModule
     return gm
 
 
+KEPT_DENSE = "LeNet-300-100 90%, kept dense"  # lowered with min_sparsity above its sparsity: every layer dense
+LOWER_REPEATS = 15                            # timed rounds per candidate when LowerToSparse chooses
+
+
 def models(include_vgg: bool = True) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], object]]:
     """name -> (model factory, input shape without batch, what InsertMasks reads: a sparsity or the layers)."""
     table = {"LeNet-300-100 90%": (lambda: LeNet300100().eval(), (1, 28, 28), 0.9),
              "LeNet-300-100 95%": (lambda: LeNet300100().eval(), (1, 28, 28), 0.95),
+             KEPT_DENSE: (lambda: LeNet300100().eval(), (1, 28, 28), 0.9),
              "AlexNet FC": (lambda: _stack(CLASSIFIERS["AlexNet FC"]), (9216,), CLASSIFIERS["AlexNet FC"])}
     if include_vgg:
         table["VGG-16 FC"] = (lambda: _stack(CLASSIFIERS["VGG-16 FC"]), (25088,), CLASSIFIERS["VGG-16 FC"])
@@ -139,7 +169,8 @@ def lowered_model(name: str, batch: int = 1, with_dense: bool = True) -> tuple[n
         with torch.no_grad():
             for layer in masked_layers(masked):
                 model.get_parameter(layer.weight).mul_(get_mask(masked, layer))
-    lowered = fxcompress.compile(masked, [LowerToSparse(clock=CLOCK)], example_inputs=(x,), inplace=True)
+    lower = LowerToSparse(clock=CLOCK, repeats=LOWER_REPEATS, min_sparsity=0.99 if name == KEPT_DENSE else 0.5)
+    lowered = fxcompress.compile(masked, [lower], example_inputs=(x,), inplace=True)
     return (model if with_dense else None), lowered, x
 
 
@@ -165,11 +196,12 @@ def _median_ms(forms: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dic
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def model_rows(batch: int = 1, rounds: int = 15, include_vgg: bool = True) -> list[dict]:
-    """One row per model: dense fp32 ms vs LowerToSparse ms (interleaved), kernels chosen, bytes."""
+def model_rows(batch: int = 1, rounds: int = 15, include_vgg: bool = True, only: str = "") -> list[dict]:
+    """One row per model (names starting with one of the comma-separated `only`, or all): dense fp32 ms
+    vs LowerToSparse ms (interleaved), kernels chosen, bytes."""
     rows = []
     with one_thread():
-        for name in models(include_vgg):
+        for name in _selected(models(include_vgg), only):
             dense, lowered, x = lowered_model(name, batch)
             times = _median_ms({"dense": dense, "lowered": lowered}, x, rounds)
             torch.testing.assert_close(lowered(x), dense(x), rtol=1e-4, atol=1e-4)  # a wrong model is no result
@@ -182,6 +214,11 @@ def model_rows(batch: int = 1, rounds: int = 15, include_vgg: bool = True) -> li
             del dense, lowered
             gc.collect()
     return rows
+
+
+def _selected(names, only: str) -> list[str]:
+    prefixes = tuple(p.strip().lower() for p in only.split(",") if p.strip())
+    return [name for name in names if not prefixes or name.lower().startswith(prefixes)]
 
 
 def _rss_bytes() -> int:
@@ -213,10 +250,10 @@ def measure_resident(name: str) -> dict:
     return {"model": name, "resident_bytes": _rss_bytes() - before, "held_bytes": held}
 
 
-def resident_rows(include_vgg: bool = True) -> list[dict]:
+def resident_rows(include_vgg: bool = True, only: str = "") -> list[dict]:
     """Each model measured in a fresh process (resident memory is per process)."""
     rows = []
-    for name in models(include_vgg):
+    for name in _selected(models(include_vgg), only):
         out = subprocess.run([sys.executable, __file__, "--resident", name], capture_output=True, text=True,
                              check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -238,6 +275,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-vgg", action="store_true", help="skip the VGG-16 classifier (2 GB while building)")
+    parser.add_argument("--models", default="", help="comma-separated name prefixes of the whole models (lenet, alexnet, "
+                                                     "vgg); default all")
+    parser.add_argument("--no-resident", action="store_true", help="skip the resident-memory table")
     parser.add_argument("--resident", help=argparse.SUPPRESS)  # the child process of resident_rows
     args = parser.parse_args()
     if args.resident:
@@ -245,9 +285,10 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, one thread, batch {args.batch}, {args.rounds} interleaved rounds, medians\n")
     print("Deep Compression's layers\n" + format_rows(layer_rows(args.batch, args.rounds)) + "\n")
-    print("Whole models through LowerToSparse\n" + format_rows(model_rows(args.batch, args.rounds, not args.no_vgg))
-          + "\n")
-    print("Resident memory of the lowered models\n" + format_rows(resident_rows(not args.no_vgg)))
+    print("Whole models through LowerToSparse\n"
+          + format_rows(model_rows(args.batch, args.rounds, not args.no_vgg, args.models)) + "\n")
+    if not args.no_resident:
+        print("Resident memory of the lowered models\n" + format_rows(resident_rows(not args.no_vgg, args.models)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,14 @@ A `SparseLayer` computes one layer from one stored form of its weight, chosen by
   by scipy's CSC product, which scatters into the short output instead of gathering from a long input
   (VGG-16's 25088 -> 4096: the output fits in L1 where the input does not);
 - "torch_bsr": block-sparse rows (dense b x b blocks) by torch's BSR matmul, a candidate only where
-  the kept weights fill their blocks (structured pruning), as random sparsity leaves blocks nearly empty.
+  the kept weights fill their blocks (structured pruning), as random sparsity leaves blocks nearly empty;
+- "c_relative": Deep Compression's storage (per row, each nonzero as the count of zeros before it in
+  a uint8 — uint16 where filler zeros would cost more — and its value as a uint8 code into a float32
+  codebook where the layer has at most 256 distinct weights, float32 otherwise) run by our own
+  single-threaded C kernel (csrc/sparse_relative.c): 2-3 bytes a weight instead of CSR's 8, and a
+  product that beat torch's and scipy's CSR 1.5-2x at batch 1 here (benchmarks/deploy_sparse.py).
+  A candidate only where the machine's C compiler built it; a file holding it loads elsewhere too
+  (it then runs scipy's CSR, with a warning).
 
 A conv2d layer runs as im2col (`F.unfold`) and one sparse matmul over every output position.
 
