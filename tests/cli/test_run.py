@@ -9,6 +9,8 @@ import fxcompress
 from fxcompress.cli import run as run_module
 from fxcompress.cli.run import run_recipe
 from fxcompress.layers import find_layers, effective_weight
+from fxcompress.sensitivity import SensitivityTable
+from fxcompress.training import OptimizerConfig
 
 BASE = """
 model: zoo:lenet300
@@ -35,8 +37,19 @@ def _outputs(path, x):
 
 
 def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_recipe, tmp_path, monkeypatch):
-    short, full = write_recipe(BASE, "short.yaml"), write_recipe(BASE + ENCODE, "full.yaml")
+    # fine-tuning with SGD, Nesterov momentum, weight decay and a cosine schedule: each fine-tuning starts
+    # its optimizer afresh, so the checkpoint after a step is all a resumed run needs
+    sgd = "finetune: {epochs: 1, lr: 0.02, optimizer: sgd, momentum: 0.9, nesterov: true, weight_decay: 1e-4, " \
+          "schedule: cosine}"
+    base = BASE.replace("finetune: {epochs: 1, lr: 5e-4}", sgd)
+    short, full = write_recipe(base, "short.yaml"), write_recipe(base + ENCODE, "full.yaml")
+    optimizers = []
+    real_train = run_module.train
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: optimizers.append(k["optimizer"]) or real_train(*a, **k))
     fresh = run_recipe(full, tmp_path / "fresh", quick=True, log=lambda line: None)
+    assert optimizers == [OptimizerConfig(), OptimizerConfig(optimizer="sgd", momentum=0.9, nesterov=True,
+                                                             weight_decay=1e-4, schedule="cosine")]
+    monkeypatch.setattr(run_module, "train", real_train)
     first = run_recipe(short, tmp_path / "resumed", quick=True, log=lambda line: None)
     assert first["accuracies"] == fresh["accuracies"][:2]  # seeded: the same steps give the same models
 
@@ -124,3 +137,22 @@ def test_a_model_the_file_format_cannot_hold_fails_before_training(write_recipe,
     with pytest.raises(fxcompress.FxCompressError, match=r"recipe.yaml:8: steps\[0\] \(1-InsertMasks\) cannot run: "
                                                          r".*twice"):
         run_recipe(write_recipe(recipe), tmp_path / "out", quick=True, log=lambda line: None)
+
+
+def test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model(write_recipe, tmp_path, monkeypatch):
+    recipe = write_recipe(BASE.replace("steps:", "sensitivity: {sparsities: [0.5, 0.9], layers: 'fc[12]'}\nsteps:")
+                          .replace("finetune: {epochs: 1, lr: 5e-4}", "finetune: {epochs: 0}"))
+    lines = []
+    run_recipe(recipe, tmp_path / "out", quick=True, log=lines.append)
+    table = SensitivityTable.load(tmp_path / "out" / "sensitivity.json")
+    assert table.layers == ("fc1", "fc2") and table.sparsities == (0.5, 0.9)
+    dense = run_module.build("zoo:lenet300", {}, (1, 8, 10))  # (channels, side, classes) of digits
+    dense.load_state_dict(torch.load(tmp_path / "out" / "dense.pt", weights_only=True))
+    data = run_module.load_data(run_module.load_recipe(recipe, quick=True), (1, 8, 10))
+    assert table.baseline == run_module.evaluate(dense, data.test_x, data.test_y)  # the trained dense model's
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Pruning sensitivity" in page and f"baseline {table.baseline:.4f}" in page
+    monkeypatch.setattr(run_module, "sensitivity", lambda *a, **k: pytest.fail("swept again"))
+    lines.clear()
+    run_recipe(recipe, tmp_path / "out", quick=True, log=lines.append)
+    assert "sensitivity: done before, loaded sensitivity.json" in lines
