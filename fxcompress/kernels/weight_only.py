@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
 from ..quant.quantizers import GroupedCodes
-from . import compiled
+from .compiled import library
 from .timing import FLOAT, Kernel, KernelChoice, MeasuredLayer, Rows
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4pack kernel takes, largest first
@@ -190,7 +190,7 @@ def _with_bias(module: WeightOnlyLinear, out: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def c_library() -> ctypes.CDLL | None:
     """csrc/wo_gemv.c built for this machine with its argument types set once, or None where it cannot be."""
-    lib = compiled.library("wo_gemv")
+    lib = library("wo_gemv")
     if lib is not None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.wo_int4, lib.wo_int8):
