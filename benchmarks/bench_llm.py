@@ -134,8 +134,11 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
         return {"arm": name, "status": f"not available: {exc}"}
     base = _rss()
     start = time.perf_counter()
-    with PeakRSS() as peak:
-        gm = fxcompress.compile(graph, pass_list, example, calibration_data=cal)
+    try:
+        with PeakRSS() as peak:
+            gm = fxcompress.compile(graph, pass_list, example, calibration_data=cal)
+    except fxcompress.errors.FxCompressError as exc:   # a refusal is this arm's result; the other arms still run
+        return {"arm": name, "status": f"failed: {type(exc).__name__}: {exc}"[:300]}
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         try:
