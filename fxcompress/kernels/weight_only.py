@@ -211,22 +211,45 @@ def _c_refusal(module: WeightOnlyLinear) -> str | None:
     return None
 
 
+def gemv_eager(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               bias: torch.Tensor | None, bits: int, group_size: int, out_features: int) -> torch.Tensor:
+    """x float32 [rows, in] (contiguous, CPU) times the weight the codes hold, plus bias, by csrc/wo_gemv.c."""
+    fn = c_library().wo_int4 if bits == 4 else c_library().wo_int8
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if fn(x.data_ptr(), x.shape[0], x.shape[1], out_features, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+          group_size, None if bias is None else bias.data_ptr(), y.data_ptr()):
+        raise MemoryError(f"wo_gemv could not allocate {x.shape[0]} x {x.shape[1] // group_size} floats of scratch")
+    return y
+
+
+# The same product as an opaque custom op, for graphs that torch.compile / torch.export trace; plain
+# eager inference calls ctypes directly (the op's dispatch costs microseconds on calls that take tens)
+weight_only_gemv = torch.library.custom_op("fxcompress::weight_only_gemv", gemv_eager, mutates_args=())
+
+
+@weight_only_gemv.register_fake
+def _(x, codes, scale, zero, bias, bits, group_size, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 def _c_gemv(module: WeightOnlyLinear) -> Rows:
+    tensors = (module.codes, module.scale, module.zero, module.bias)
+    sizes = (module.bits, module.group_size, module.out_features)
     fn = c_library().wo_int4 if module.bits == 4 else c_library().wo_int8
-    codes, scale, zero, bias = module.codes, module.scale, module.zero, module.bias
+    # the buffers' addresses, taken once: the closure keeps the buffers alive, and moving or reloading
+    # them (_apply, check_loaded) rebuilds the closure
     shape = (module.in_features, module.out_features)
-    static = (codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), module.group_size,
-              None if bias is None else bias.data_ptr())
+    static = (*(t.data_ptr() for t in tensors[:3]), module.group_size,
+              None if module.bias is None else module.bias.data_ptr())
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        # x is float32, contiguous and on the CPU (forward and choose make it so); the tensors behind the
-        # pointers are the module's buffers, kept alive by the closure, and moving them rebuilds it
-        y = torch.empty(x.shape[0], shape[1], dtype=torch.float32)
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # traced: fake or proxy tensors
+            return torch.ops.fxcompress.weight_only_gemv(x, *tensors, *sizes)
+        y = torch.empty(x.shape[0], shape[1], dtype=torch.float32)  # x: float32, contiguous, CPU (forward's)
         if fn(x.data_ptr(), x.shape[0], *shape, *static, y.data_ptr()):
             raise MemoryError(f"{module._where}: the C kernel could not allocate {x.shape[0]} x "
                               f"{shape[0] // module.group_size} floats of scratch")
         return y
-    run.keep = (codes, scale, zero, bias)  # the buffers whose memory the pointers name
     return run
 
 

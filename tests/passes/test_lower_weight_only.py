@@ -134,3 +134,18 @@ def test_statistics_quote_the_float_layer_it_replaced():
         times = layer["times_ms"]
         assert layer["speedup"] == pytest.approx(times["fp32"] / times[layer["kernel"]], rel=1e-3)
         assert layer["kernel"] != "fp32" and layer["packing"] == "blocks"
+
+
+def test_torch_export_traces_the_c_kernel_as_one_op():
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    modules = [m for m in gm.modules() if isinstance(m, WeightOnlyLinear)]
+    if modules[0].refusals(["c_gemv"]):
+        pytest.skip(modules[0].refusals(["c_gemv"])["c_gemv"])
+    for module in modules:
+        module.kernel, module._run = "c_gemv", None
+    expected = gm(x)
+    exported = torch.export.export(gm, (x,))
+    ops = [n for n in exported.graph.nodes if "weight_only_gemv" in str(n.target)]
+    assert len(ops) == 3
+    torch.testing.assert_close(exported.module()(x), expected)  # torch.compile traces through the same op
