@@ -48,6 +48,7 @@ INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4pack kernel takes, l
 INT4_N_MULTIPLE = 16              # its packed layout needs output channels in multiples of 16
 FP16_EXACT = 2048                 # every integer of magnitude up to this is exact in fp16
 C_BLOCK = 32                      # columns the C kernel unpacks at once (csrc/wo_gemv.c: BLOCK)
+RENAMED = {"dequantize": "float"}  # kernels files may name that are now another: the float kernel dequantizes
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,7 @@ class WeightOnlyLinear(MeasuredLayer):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, kernel: str = "float",
                  has_bias: bool = True, times_ms: Mapping[str, float] | None = None, packing: str = "pairs") -> None:
         super().__init__()
+        kernel = RENAMED.get(kernel, kernel)
         _check_config(in_features, out_features, bits, group_size, kernel, packing)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.has_bias, self.packing = has_bias, packing

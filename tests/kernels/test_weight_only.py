@@ -228,3 +228,8 @@ def test_without_a_compiler_the_c_kernel_is_refused_and_torch_kernels_remain(mon
     module.kernel, module._run = "c_gemv", None
     with pytest.raises(PreconditionError, match="kernel 'c_gemv' cannot run here.*remeasure"):
         module(torch.randn(1, 256))
+
+
+def test_a_file_naming_the_former_dequantize_kernel_loads_on_the_float_kernel():
+    module = WeightOnlyLinear(256, 48, 4, 32, kernel="dequantize", times_ms={"float": 1.0, "dequantize": 2.0})
+    assert module.kernel == "float" and module.kernel_choice.ms == 1.0 and module.packing == "pairs"
