@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.errors import ConfigError
 from fxcompress.kernels.lowering import layer_inputs
 from fxcompress.kernels.timing import KernelChoice, choose_kernel
 from fxcompress.quant import native
@@ -51,6 +52,9 @@ def choose_kernels(gm: GraphModule, layers: list[Quantized], plans: dict[Node, L
             chosen[q.node] = kernels[0]
         else:
             timed.append(q)
+    if forced is not None and "float" not in {kernel_name(c) for c in chosen.values()}:
+        raise ConfigError(f"LowerToInteger.float_select={forced!r} selects none of the layers lowered: "
+                          f"{', '.join(q.layer.name for q in layers)}")
     inputs = layer_inputs(gm, [q.node for q in timed], example_inputs)
     for q in timed:
         plan, grid = plans[q.node], q.input_grid

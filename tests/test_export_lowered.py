@@ -44,14 +44,18 @@ def _quantize() -> list:
 
 LOWERINGS = [
     ("integer reference", [*_quantize(), LowerToInteger(backend="reference")]),
-    ("integer native", [*_quantize(), LowerToInteger(backend="native")]),
+    ("integer native", [*_quantize(), LowerToInteger(backend="native", kernels=("int8",))]),
+    ("integer native, float kernels", [*_quantize(), LowerToInteger(backend="native", kernels=("float",))]),
+    ("integer native, mixed kernels", [*_quantize(), LowerToInteger(backend="native", kernels=("int8",),
+                                                                    float_select="block.conv2|fc")]),
     ("encoded", [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans"), LowerToEncoded()]),
     ("masked", [InsertMasks(sparsity=0.9, scope="global")]),
     ("masked, BatchNorm folded", [FoldBatchNorm(), InsertMasks(sparsity=0.9, scope="global")]),
     ("sparse", [FoldBatchNorm(), InsertMasks(sparsity=0.9, scope="global"),
                 LowerToSparse(min_sparsity=0.0, repeats=2)]),
 ]
-NEEDS = {"integer native": (native.available(), "this torch build has no oneDNN int8 kernels")}
+NEEDS = {name: (native.available(), "this torch build has no oneDNN int8 kernels")
+         for name, _ in LOWERINGS if name.startswith("integer native")}
 
 
 class TinyResNet(nn.Module):

@@ -5,6 +5,7 @@ import torch
 from torch.fx import Interpreter
 
 import fxcompress
+from fxcompress.errors import ConfigError
 from fxcompress.kernels import timing
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.passes import lower_integer_native
@@ -121,3 +122,9 @@ def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, tr
     assert len(calls) == len([n for n in float_model.graph.nodes if n.op not in ("placeholder", "output")]) == 8
     assert [n.target for n in calls].count(float_codes) == 1
     assert not any(isinstance(m, NativeLayer) and m._packed is not None for m in gm.modules())  # no oneDNN weight
+
+
+def test_a_float_selection_that_selects_nothing_names_the_layers(lenet5):
+    data, fq, _ = lenet5
+    with pytest.raises(ConfigError, match=r"float_select='conv3' selects none of the layers lowered: conv1, conv2, fc1"):
+        fxcompress.compile(fq, [LowerToInteger(float_select="conv3")], example_inputs=(data.train_x[:2],))
