@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from .config import check_choice, check_real
+from .config import TypeOf, check, check_choice, check_real
 from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import chain_transforms, find_layers, kind_of_type, layer_node
 from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
@@ -40,6 +40,7 @@ class SensitivityTable:
     values: tuple[tuple[float, ...], ...]
     baseline: float
     granularity: str
+    metric: str = "metric"  # what `evaluate` measured, for the plot and the report ("accuracy")
 
     def rows(self) -> list[dict]:
         """Plain rows for programs: one dict per (layer, sparsity)."""
@@ -84,11 +85,12 @@ class SensitivityTable:
         for layer, row in zip(self.layers, self.values):
             ax.plot(self.sparsities, row, marker="o", label=layer)
         ax.axhline(self.baseline, linestyle="--", color="grey", label="baseline")
-        ax.set(xlabel="sparsity", ylabel="metric", title=f"Pruning sensitivity ({self.granularity})")
+        ax.set(xlabel="sparsity of the one pruned layer", ylabel=self.metric,
+               title=f"Pruning sensitivity ({self.granularity}-wise)")
         ax.legend(fontsize="small")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": JSON_FORMAT, "granularity": self.granularity, "baseline": self.baseline,
+        return {"format": JSON_FORMAT, "granularity": self.granularity, "baseline": self.baseline, "metric": self.metric,
                 "sparsities": list(self.sparsities), "layers": list(self.layers),
                 "values": [list(row) for row in self.values]}
 
@@ -107,8 +109,11 @@ class SensitivityTable:
         if not _is_number(data.get("baseline")) or data.get("granularity") not in GRANULARITIES:
             raise FormatError(f"{source}: 'baseline' must be a number and 'granularity' one of "
                               f"{', '.join(GRANULARITIES)}")
+        metric = data.get("metric", "metric")
+        if not isinstance(metric, str):
+            raise FormatError(f"{source}: 'metric' must be a name, got {metric!r}"[:300])
         return cls(tuple(layers), tuple(map(float, sparsities)), tuple(tuple(map(float, row)) for row in values),
-                   float(data["baseline"]), data["granularity"])
+                   float(data["baseline"]), data["granularity"], metric)
 
     def save(self, path: str | Path) -> Path:
         """Write the table as JSON (what `load` and `fxcompress report --sensitivity FILE` read)."""
@@ -157,10 +162,12 @@ def _list_of(data: dict, key: str, kind: type, source: str) -> list:
 
 def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
                 sparsities: Sequence[float] = DEFAULT_SPARSITIES, granularity: str = "element", *,
-                importance: Importance = "abs", layers: str | None = None, progress: bool = False) -> SensitivityTable:
+                importance: Importance = "abs", layers: str | None = None, progress: bool = False,
+                metric: str = "metric") -> SensitivityTable:
     """Evaluate `model` with each linear / conv layer alone pruned to each sparsity.
 
-    `evaluate(model) -> float` is any metric (accuracy, negative loss); `layers` is a full-match
+    `evaluate(model) -> float` is any metric (accuracy, negative loss), `metric` its name in tables
+    and plots; `layers` is a full-match
     regex over layer names (None: every layer); `progress` shows a tqdm bar over the sweep naming the
     layer and sparsity being evaluated (off where the output is not a terminal).
     """
@@ -175,7 +182,9 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
         for name, module, kind in targets:
             values.append(tuple(_sweep_layer(model, evaluate, (name, module, kind), sparsities,
                                              (granularity, importance), bar)))
-    return SensitivityTable(tuple(t[0] for t in targets), tuple(sparsities), tuple(values), baseline, granularity)
+    check("sensitivity", "metric", metric, TypeOf(str, what="a name"))
+    return SensitivityTable(tuple(t[0] for t in targets), tuple(sparsities), tuple(values), baseline, granularity,
+                            metric)
 
 
 def _graph_layers(gm: GraphModule, found: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module, str]]:

@@ -88,7 +88,8 @@ def deep_compression(model: nn.Module, data: Dataset, *, epochs: int = 30, retra
 def _report(encoded, fake_quant, dense_model, data: Dataset, path: Path, facts: dict) -> None:
     """The HTML report (and its Markdown) of the encoded model: its weights before quantization come
     from the fake-quant model; the sensitivity curves from the dense one."""
-    table = sensitivity(dense_model, lambda m: evaluate(m, data.test_x, data.test_y), SENSITIVITY)
+    table = sensitivity(dense_model, lambda m: evaluate(m, data.test_x, data.test_y), SENSITIVITY,
+                        metric="test accuracy")
     files = write_report(encoded, path, title=f"Deep Compression of LeNet-300-100 on {data.name}",
                          reference=fake_quant, sensitivity=table, facts=facts,
                          example_inputs=(data.test_x[:1],))

@@ -161,7 +161,7 @@ class Run:
             self.log("sensitivity: done before, loaded sensitivity.json")
             return SensitivityTable.load(path)
         table = sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), asked["sparsities"],
-                            asked["granularity"], layers=asked["layers"], progress=True)
+                            asked["granularity"], layers=asked["layers"], progress=True, metric="test accuracy")
         table.save(path)
         self.state["sensitivity"] = fingerprint
         self._write_state()

@@ -59,7 +59,7 @@ def sweep(model, data, args: argparse.Namespace) -> SensitivityTable:
         raise ConfigError(f"the model cannot run on {data.name} images of shape "
                           f"{tuple(data.test_x.shape[1:])} ({' '.join(str(exc).split())[:200]})") from None
     return sensitivity(model, lambda m: evaluate(m, data.test_x, data.test_y), sparsities,
-                       args.granularity, layers=args.layers, progress=True)
+                       args.granularity, layers=args.layers, progress=True, metric="test accuracy")
 
 
 def sensitivity_command(args: argparse.Namespace) -> int:

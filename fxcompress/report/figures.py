@@ -74,13 +74,16 @@ def _mark(ax, weights: LayerWeights) -> None:
         for c in values:
             ax.axvline(c, color=RED, linewidth=0.6, alpha=0.35)
     ax.plot(values, [0] * len(values), "^" if len(values) <= MAX_LINES else "|", color=RED,
-            markersize=6, clip_on=False, label=weights.marks)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+            markersize=6, clip_on=False)
 
 
 def _per_level(ax, weights: LayerWeights) -> None:
     """The right panel: how many weights each centroid or grid level took."""
     after = weights.after.flatten().float()
+    if not after.count_nonzero():
+        ax.text(0.5, 0.5, "every weight is zero (pruned)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("after quantization", fontsize=10)
+        return
     if weights.grid is not None:  # counted over every channel / group, by level (code - zero-point)
         grid = weights.grid
         centred = (grid.codes.float() - grid.zero_point.repeat_interleave(grid.group_size, dim=1)).flatten()
@@ -93,32 +96,40 @@ def _per_level(ax, weights: LayerWeights) -> None:
                         if weights.codes_only else ("after quantization: weights per centroid", "centroid value"))
     else:
         ax.hist(after[after != 0].numpy(), bins=120, color=GREY, histtype="stepfilled")
-        ax.set(title="after (not on a codebook)", xlabel="weight value", ylabel="count")
+        ax.set_title("after (not on a codebook)", fontsize=10)
+        ax.set(xlabel="weight value", ylabel="count")
         return
     ax.vlines(values.numpy(), 0, counts.numpy(), color=RED, linewidth=2 if len(values) <= 64 else 1)
     if len(values) <= 64:
         ax.plot(values.numpy(), counts.numpy(), "o", color=RED, markersize=3)
-    ax.set(title=title, xlabel=label, ylabel="count")
+    ax.set_title(title, fontsize=10)
+    ax.set(xlabel=label, ylabel="count")
 
 
 def histogram(weights: LayerWeights) -> str:
     """Deep Compression's picture of a layer: the weights before quantization (zeros left out) with
     the centroids or grid levels marked, and how many weights each centroid or level took after."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 2.7))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.0))
     after = weights.after.flatten().float()
     before = weights.before.flatten().float() if weights.before is not None else None
     shown = before[before != 0] if before is not None else after[after != 0]
     codes = before is None and weights.codes_only  # integer codes: one bin per code
     bins = torch.arange(shown.min() - 0.5, shown.max() + 1.5).numpy() if codes and len(shown) else 120
-    left.hist(shown.numpy(), bins=bins, color=BLUE if before is not None else GREY, histtype="stepfilled")
+    if len(shown):
+        left.hist(shown.numpy(), bins=bins, color=BLUE if before is not None else GREY, histtype="stepfilled")
+    else:
+        left.text(0.5, 0.5, "every weight is zero (pruned)", ha="center", va="center", transform=left.transAxes)
     title = ("integer codes after quantization" if codes else
              f"{'before' if before is not None else 'after'} quantization (nonzero weights)")
-    left.set(title=f"{weights.name}: {title}", xlabel="integer code" if codes else "weight value", ylabel="count")
+    # what is marked goes in the title's second line: a legend inside the axes covers the weights
+    marked = f"\nin red: {weights.marks}" if weights.centroids is not None else ""
+    left.set_title(f"{weights.name}: {title}{marked}", fontsize=10)
+    left.set(xlabel="integer code" if codes else "weight value", ylabel="count")
     if weights.centroids is not None:
         _mark(left, weights)
     _per_level(right, weights)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.18, top=0.88, wspace=0.2)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.83, wspace=0.2)
     return _encode(fig)
 
 

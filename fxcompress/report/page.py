@@ -19,6 +19,9 @@ h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; margin-top: 34
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-space: nowrap; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th.text, td.text { text-align: left; }
+table.facts td { text-align: left; } table.facts td:first-child { color: #555; }
+table.summary { font-size: 12px; } table.summary th, table.summary td { padding: 2px 5px; }
 tr.total td { font-weight: bold; background: #fafafa; }
 .scroll { overflow-x: auto; } img { max-width: 100%; display: block; margin: 8px 0; }
 .note { color: #666; font-size: 13px; } code, pre { font-size: 12.5px; }
@@ -60,12 +63,13 @@ class Content:
     notes: Sequence[str] = ()
 
 
-def _table(head: Sequence[str] | None, rows: Sequence[Sequence[str]], last_total: bool = False) -> str:
+def _table(head: Sequence[str] | None, rows: Sequence[Sequence[str]], last_total: bool = False,
+           kind: str = "") -> str:
     cells = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"] if head else []
     for i, row in enumerate(rows):
         total = ' class="total"' if last_total and i == len(rows) - 1 else ""
         cells.append(f"<tr{total}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
-    return '<div class="scroll"><table>' + "".join(cells) + "</table></div>"
+    return f'<div class="scroll"><table class="{kind}">' + "".join(cells) + "</table></div>"
 
 
 def _cell(value) -> str:
@@ -81,7 +85,7 @@ def _summary_html(table: Summary) -> str:
     rows = [[_cell(row.get(c)) for c in COLUMNS] for row in (*table.rows, table.totals)]
     ratio = table.totals["ratio"]
     exact = "exact" if table.totals["exact"] == "yes" else "estimated"
-    return (_table(COLUMNS, rows, last_total=True)
+    return (_table(COLUMNS, rows, last_total=True, kind="summary")
             + f"<p>Compression ratio <b>{ratio:.2f}x</b> ({exact} bytes).</p>")
 
 
@@ -89,14 +93,16 @@ def _history_html(records: Sequence[PassRecord]) -> str:
     if not records:
         return '<p class="note">No passes applied.</p>'
     head = ["#", "pass", "config", "changed", "nodes +/-/~", "params", "seconds", "statistics"]
-    cells = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    text = {"pass", "config", "statistics"}  # left-aligned, as their cells
+    cells = ["<tr>" + "".join(f'<th class="text">{h}</th>' if h in text else f"<th>{h}</th>" for h in head)
+             + "</tr>"]
     for i, r in enumerate(records):
         config = ", ".join(f"{k}={v!r}" for k, v in r.config.items())
         stats = "; ".join(f"{k}: {json.dumps(v, default=str)[:200]}" for k, v in r.stats.items())
         values = [str(i), r.name, str(r.changed),
                   f"+{len(r.nodes_created)} -{len(r.nodes_erased)} ~{len(r.nodes_changed)}",
                   str(len(r.params_touched)), f"{r.seconds:.3f}"]
-        cells.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in values[:2])
+        cells.append(f"<tr><td>{values[0]}</td><td class=\"text\">{html.escape(values[1])}</td>"
                      + f'<td class="wrap">{html.escape(config)}</td>'
                      + "".join(f"<td>{html.escape(v)}</td>" for v in values[2:])
                      + f'<td class="wrap"><details><summary>{len(r.stats)} entries</summary>'
@@ -137,13 +143,15 @@ def _sensitivity_html(content: Content) -> str:
         return ""
     grid = [[layer, *(f"{v:.4f}" for v in row)] for layer, row in zip(table.layers, table.values)]
     picture = f'<img alt="sensitivity curves" src="{content.sensitivity_plot}">' if content.sensitivity_plot else ""
-    return (f"<h2>Pruning sensitivity</h2><p>Metric with one layer alone pruned ({table.granularity}); "
-            f"baseline {table.baseline:.4f}.</p>{picture}"
+    return (f"<h2>Pruning sensitivity</h2><p>{html.escape(table.metric.capitalize())} with one layer alone "
+            f"pruned to each sparsity ({table.granularity}-wise, smallest magnitudes first), the others "
+            f"untouched; baseline {table.baseline:.4f} (nothing more pruned). A flat curve marks a layer that "
+            f"takes that sparsity.</p>{picture}"
             + _table(["layer", *(f"{s:g}" for s in table.sparsities)], grid))
 
 
 def to_html(content: Content) -> str:
-    facts = _table(None, list(content.facts.items())) if content.facts else ""
+    facts = _table(None, list(content.facts.items()), kind="facts") if content.facts else ""
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in content.notes)
     bars = (f'<img alt="bytes and sparsity per layer" src="{content.bars}">' if content.bars
             else _pictures_missing())

@@ -55,7 +55,7 @@ def test_html_page_holds_tables_pictures_and_graph(compressed, table, tmp_path):
     summary = fxcompress.summary(encoded, (x[:1],))
     assert f"<b>{summary.totals['ratio']:.2f}x</b>" in page and "LeNet &lt;test&gt;" in page
     for record in fxcompress.history(encoded):
-        assert f"<td>{record.name}</td>" in page
+        assert f'<td class="text">{record.name}</td>' in page
     assert page.count('<g class="node">') >= len([n for n in encoded.graph.nodes if n.op != "get_attr"]) - 3
     assert not re.search(r'(src|href)="(https?:)?//|<link|@import|url\(http', page)  # nothing is fetched
     text = files.markdown.read_text()
@@ -88,3 +88,17 @@ def test_markdown_only_and_bad_arguments(compressed, tmp_path):
         write_report(fake_quant, tmp_path / "r.html", sensitivity={"fc1": 0.5})
     with pytest.raises(ConfigError, match="report.max_histograms"):
         write_report(fake_quant, tmp_path / "r.html", max_histograms=-1)
+
+
+def test_write_report_is_exported_at_the_top_level():
+    assert fxcompress.write_report is write_report and "write_report" in fxcompress.__all__
+    assert "write_report(gm, path" in fxcompress.__doc__  # documented where users look first
+
+
+def test_a_fully_pruned_layer_is_drawn_as_such():
+    pytest.importorskip("matplotlib")
+    from fxcompress.report.collect import LayerWeights
+    from fxcompress.report.figures import histogram
+    zeros = torch.zeros(4, 3)
+    png = base64.b64decode(histogram(LayerWeights("fc", zeros, zeros, None)).split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"  # drawn, with a note, rather than failing on no weights
