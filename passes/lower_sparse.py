@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.config import Interval, Options, Regex, TupleOf, validate
@@ -100,7 +101,7 @@ class LowerToSparse(Pass):
         else:
             module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
                                  margin=self.margin, clock=self.clock)
-        path = install(gm, layer, node, module, "sparse")
+        path = _take_the_layers_place(gm, install(gm, layer, node, module, "sparse"))
         choice = module.kernel_choice
         dense_bytes = (weight.numel() + (0 if bias is None else bias.numel())) * weight.element_size()
         times = {} if choice is None else choice.as_stats()["times_ms"]
@@ -108,6 +109,24 @@ class LowerToSparse(Pass):
                 "speedup": None if choice is None else round(choice.speedup_over("dense"), 4),
                 "sparsity": round(sparsity, 6), "input_shape": list(x.shape), "held_bytes": module.held_bytes(),
                 "dense_bytes": dense_bytes}
+
+
+def _take_the_layers_place(gm: GraphModule, path: str) -> str:
+    """Move the SparseLayer from `<layer>.sparse` to `<layer>` where the layer's module was left an empty
+    container: the graph then reaches it in one attribute look-up, as it reached the float layer, so a
+    layer kept dense costs what the nn.Linear did (a nested look-up cost LeNet-300-100 about 5%)."""
+    owner, _, name = path.rpartition(".")
+    container = gm.get_submodule(owner) if owner else None
+    if container is None or type(container) is not nn.Module or list(container._modules) != [name] \
+            or container._parameters or container._buffers:
+        return path
+    parent, _, attr = owner.rpartition(".")
+    setattr(gm.get_submodule(parent), attr, container._modules[name])
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == path:
+            node.target = owner
+    gm.recompile()
+    return owner
 
 
 def _refusal(gm: GraphModule, layer: Layer) -> str | None:
