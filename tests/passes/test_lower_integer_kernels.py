@@ -113,7 +113,7 @@ def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(l
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
 
 
-def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, trained_digits):
+def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, trained_digits, tmp_path):
     data, fq, _ = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(data.train_x[:2],))
     float_model = torch.fx.symbolic_trace(trained_digits.model("lenet5"))
@@ -122,6 +122,9 @@ def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, tr
     assert len(calls) == len([n for n in float_model.graph.nodes if n.op not in ("placeholder", "output")]) == 8
     assert [n.target for n in calls].count(float_codes) == 1
     assert not any(isinstance(m, NativeLayer) and m._packed is not None for m in gm.modules())  # no oneDNN weight
+    fxcompress.save(gm, tmp_path / "float.fxc")  # the boundary function is one a file may name
+    with torch.no_grad():
+        assert torch.equal(fxcompress.load(tmp_path / "float.fxc")(data.test_x), gm(data.test_x))
 
 
 def test_a_float_selection_that_selects_nothing_names_the_layers(lenet5):
