@@ -39,8 +39,8 @@ _CONV_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))  # 
 class LowerToSparse(Pass):
     """min_sparsity  layers with fewer zeros run dense without timing sparse forms (their chain is folded)
     kernels       the sparse kernels allowed (dense is always a candidate): "torch_csr", "scipy_csr", "scipy_csc",
-                  "torch_bsr", "c_relative" (Deep Compression's relative indices and codebook codes, our C
-                  kernel: timed only where a C compiler built it)
+                  "torch_bsr", "c_relative" / "c_relative_csc" (Deep Compression's relative indices and
+                  codebook codes by rows / by columns, our C kernels: timed only where a C compiler built them)
     repeats       timed rounds per candidate (medians); margin: how much faster a sparse form must be
     select        full-match regex over layer names (None: every pruned linear / conv2d layer)
     clock         "wall" (elapsed time) or "thread" (this thread's CPU time: steadier on a shared machine,

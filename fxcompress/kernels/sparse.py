@@ -51,7 +51,7 @@ from ..errors import ConfigError, FormatError, PreconditionError
 from .compiled import library as c_library
 from .timing import KernelChoice, choose_kernel
 
-KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr", "c_relative")
+KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr", "c_relative", "c_relative_csc")
 SPARSE_KERNELS = KERNELS[1:]
 KINDS = ("linear", "conv2d")                 # layer kinds a SparseLayer computes
 DTYPES = (torch.float32, torch.float64)      # value dtypes both sparse libraries multiply
@@ -64,6 +64,8 @@ GAP_DTYPES = {"uint8": torch.uint8, "uint16": torch.int16}
 GAP_MAX = {"uint8": 255, "uint16": 65535}
 CODEBOOK_MAX = 256                           # c_relative's codes are uint8
 RELATIVE_BUFFERS = ("gaps", "codes", "codebook")  # c_relative's tensors besides crow_indices / values
+RELATIVE = ("c_relative", "c_relative_csc")  # our C kernels: the weight's rows, or (csc) its columns
+TRANSPOSED = ("scipy_csc", "c_relative_csc")  # kernels storing the transposed weight [in, out]
 
 
 def sparse_linear_eager(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -212,7 +214,8 @@ def _relative_functions() -> dict[tuple[str, str, str], Any] | None:
     if library is None:
         return None
     pointers, functions = [ctypes.c_void_p] * 8, {}
-    for op, extra in (("matvec", [ctypes.c_int64]), ("matmul", [ctypes.c_int64] * 3)):
+    for op, extra in (("matvec", [ctypes.c_int64]), ("matmul", [ctypes.c_int64] * 3),
+                      ("scatter", [ctypes.c_int64] * 2), ("scatterb", [ctypes.c_int64] * 3)):
         for short, c_gap in ((True, "u8"), (False, "u16")):
             for floats, c_value in ((True, "f32"), (False, "code")):
                 function = getattr(library, f"{op}_{c_gap}_{c_value}")
@@ -232,8 +235,9 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 def relative_linear_eager(x: torch.Tensor, crow: torch.Tensor, gaps: torch.Tensor, values: torch.Tensor | None,
                           codes: torch.Tensor | None, codebook: torch.Tensor | None, bias: torch.Tensor | None,
-                          in_features: int, out_features: int) -> torch.Tensor:
-    """x [M, in] times the transposed c_relative weight, plus bias, by the C kernel (one thread)."""
+                          in_features: int, out_features: int, transposed: bool) -> torch.Tensor:
+    """x [M, in] times the transposed weight, plus bias, by the C kernel (one thread): the weight's rows
+    in c_relative's storage, or with `transposed` its columns (c_relative_csc)."""
     # every step here costs microseconds on a layer that takes tens: cheap tests first, no copies of x
     functions = _relative_functions()
     if functions is None or not x.is_cpu or x.dtype is not torch.float32:
@@ -249,34 +253,45 @@ def relative_linear_eager(x: torch.Tensor, crow: torch.Tensor, gaps: torch.Tenso
     key = (gaps.dtype is torch.uint8, codes is None)
     weight = (crow.data_ptr(), gaps.data_ptr(), _pointer(values), _pointer(codes), _pointer(codebook), _pointer(bias))
     if batch == 1:
-        functions["matvec", *key](*weight, x.data_ptr(), out.data_ptr(), out_features)
+        if transposed:
+            functions["scatter", *key](*weight, x.data_ptr(), out.data_ptr(), in_features, out_features)
+        else:
+            functions["matvec", *key](*weight, x.data_ptr(), out.data_ptr(), out_features)
         return out
     stride = -(-batch // 8) * 8  # the kernel's tiles of 8 inputs, zero-padded
     xt = x.new_zeros((in_features, stride))
     xt[:, :batch] = x.t()
-    functions["matmul", *key](*weight, xt.data_ptr(), out.data_ptr(), out_features, batch, stride)
-    return out
+    if not transposed:
+        functions["matmul", *key](*weight, xt.data_ptr(), out.data_ptr(), out_features, batch, stride)
+        return out
+    yt = x.new_empty((out_features, stride))
+    functions["scatterb", *key](*weight, xt.data_ptr(), yt.data_ptr(), in_features, out_features, stride)
+    return out.copy_(yt[:, :batch].t())
 
 
 relative_linear = torch.library.custom_op("fxcompress::relative_linear", relative_linear_eager, mutates_args=())
 
 
 @relative_linear.register_fake
-def _(x, crow, gaps, values, codes, codebook, bias, in_features, out_features):
+def _(x, crow, gaps, values, codes, codebook, bias, in_features, out_features, transposed):
     return x.new_empty((x.shape[0], out_features))
 
 
 def _relative_backward(ctx, grad):
     crow, gaps, values, codes, codebook = ctx.saved_tensors
-    weight = relative_csr(crow, gaps, values, codes, codebook, (ctx.out_features, ctx.in_features))
-    dx = torch.mm(weight.t(), grad.t().contiguous()).t().contiguous()  # a temporary CSR: training is rare here
-    return dx, None, None, None, None, None, None, None, None
+    if ctx.transposed:  # a temporary CSR of the [in, out] matrix: dx = grad @ W = (W^T grad^T)^T
+        weight = relative_csr(crow, gaps, values, codes, codebook, (ctx.in_features, ctx.out_features))
+        dx = torch.mm(weight, grad.t().contiguous()).t().contiguous()
+    else:  # a temporary CSR: training through a lowered layer is rare
+        weight = relative_csr(crow, gaps, values, codes, codebook, (ctx.out_features, ctx.in_features))
+        dx = torch.mm(weight.t(), grad.t().contiguous()).t().contiguous()
+    return dx, None, None, None, None, None, None, None, None, None
 
 
 def _relative_save(ctx, inputs, output):
-    _, crow, gaps, values, codes, codebook, _, in_features, out_features = inputs
+    _, crow, gaps, values, codes, codebook, _, in_features, out_features, transposed = inputs
     ctx.save_for_backward(crow, gaps, values, codes, codebook)
-    ctx.in_features, ctx.out_features = in_features, out_features
+    ctx.in_features, ctx.out_features, ctx.transposed = in_features, out_features, transposed
 
 
 relative_linear.register_autograd(_relative_backward, setup_context=_relative_save)
@@ -293,7 +308,7 @@ def _scipy_weight(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, i
 
 def compressed_shape(kernel: str, in_features: int, out_features: int) -> tuple[int, int]:
     """The shape of the matrix a kernel's CSR / BSR buffers describe: the weight's, or its transpose."""
-    return (in_features, out_features) if kernel == "scipy_csc" else (out_features, in_features)
+    return (in_features, out_features) if kernel in TRANSPOSED else (out_features, in_features)
 
 
 class SparseLayer(nn.Module):
@@ -324,7 +339,7 @@ class SparseLayer(nn.Module):
         value_dtype = getattr(torch, dtype)
         if kernel == "dense":
             self.register_buffer("weight", torch.zeros(0, dtype=value_dtype))
-        elif kernel == "c_relative":
+        elif kernel in RELATIVE:
             self._relative_slots(value_dtype)
         else:
             self.register_buffer("crow_indices", torch.zeros(0, dtype=INDEX_DTYPE))
@@ -366,26 +381,37 @@ class SparseLayer(nn.Module):
         if kernel == "torch_bsr" and blocksize is None:
             raise PreconditionError(f"SparseLayer: no block size of {BSR_BLOCKS} divides weight "
                                     f"{list(weight.shape)} with blocks at least {BSR_MIN_FILL:.0%} full")
-        if kernel != "c_relative":
-            module = cls(kind, list(weight.shape), kernel, bias is not None, blocksize, times_ms, **(conv or {}),
-                         dtype=dtype)
-            module._store(weight.detach(), None if bias is None else bias.detach(), share)
-            return module
+        if kernel in RELATIVE:
+            return cls._relative(kind, weight.detach(), None if bias is None else bias.detach(), kernel, conv,
+                                 times_ms)
+        module = cls(kind, list(weight.shape), kernel, bias is not None, blocksize, times_ms, **(conv or {}),
+                     dtype=dtype)
+        module._store(weight.detach(), None if bias is None else bias.detach(), share)
+        return module
+
+    @classmethod
+    def _relative(cls, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str,
+                  conv: Mapping[str, Sequence[int]] | None, times_ms: Mapping[str, float] | None) -> "SparseLayer":
+        """The layer in one of our C kernels' forms (`relative_form` of the weight matrix or its transpose)."""
         if weight.dtype != torch.float32:
-            raise PreconditionError(f"SparseLayer: kernel 'c_relative' multiplies float32 weights, got {weight.dtype}")
-        form = relative_form(weight.detach().reshape(weight.shape[0], -1))
+            raise PreconditionError(f"SparseLayer: kernel {kernel!r} multiplies float32 weights, got {weight.dtype}")
+        if kernel == "c_relative_csc" and not bool(torch.isfinite(weight).all()):
+            raise PreconditionError("SparseLayer: kernel 'c_relative_csc' skips zero inputs, which is exact only "
+                                    "for finite weights; this weight holds inf or nan")
+        matrix = weight.reshape(weight.shape[0], -1)
+        form = relative_form(matrix.t() if kernel in TRANSPOSED else matrix)
         gap_dtype = "uint8" if form["gaps"].dtype == torch.uint8 else "uint16"
         module = cls(kind, list(weight.shape), kernel, bias is not None, None, times_ms, **(conv or {}),
-                     dtype=dtype, gap_dtype=gap_dtype, shared="codes" in form)
+                     dtype="float32", gap_dtype=gap_dtype, shared="codes" in form)
         for name, tensor in form.items():
             setattr(module, name, tensor)
         if bias is not None:
-            module.bias = bias.detach().clone().contiguous()
+            module.bias = bias.clone().contiguous()
         return module
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None, share: bool = False) -> None:
         matrix = weight.reshape(weight.shape[0], -1)
-        matrix = matrix.t() if self.kernel == "scipy_csc" else matrix
+        matrix = matrix.t() if self.kernel in TRANSPOSED else matrix
         if self.kernel == "dense":
             self.weight = weight.contiguous() if share else weight.clone().contiguous()
         else:
@@ -402,24 +428,24 @@ class SparseLayer(nn.Module):
         """The weight as a dense tensor (a temporary: for re-measuring and checks, never kept)."""
         if self.kernel == "dense":
             return self.weight
-        if self.kernel == "c_relative":
-            return relative_csr(*self._relative_tensors(), (self.out_features, self.in_features)).to_dense().reshape(
-                self.weight_shape)
-        make = torch.sparse_bsr_tensor if self.blocksize else torch.sparse_csr_tensor
         shape = compressed_shape(self.kernel, self.in_features, self.out_features)
-        matrix = make(self.crow_indices, self.col_indices, self.values, shape, check_invariants=True).to_dense()
-        return (matrix.t() if self.kernel == "scipy_csc" else matrix).reshape(self.weight_shape)
+        if self.kernel in RELATIVE:
+            matrix = relative_csr(*self._relative_tensors(), shape).to_dense()
+        else:
+            make = torch.sparse_bsr_tensor if self.blocksize else torch.sparse_csr_tensor
+            matrix = make(self.crow_indices, self.col_indices, self.values, shape, check_invariants=True).to_dense()
+        return (matrix.t() if self.kernel in TRANSPOSED else matrix).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dense":
             if self.kind == "linear":
                 return F.linear(x, self.weight, self.bias)
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        if self.kernel == "c_relative" and x.dim() == 2 and self.kind == "linear" and _plain_eager(x):
+        if self.kernel in RELATIVE and x.dim() == 2 and self.kind == "linear" and _plain_eager(x):
             buffers = self._buffers  # the common case, with nothing between the call and the kernel
             return relative_linear_eager(x, buffers["crow_indices"], buffers["gaps"], buffers.get("values"),
                                          buffers.get("codes"), buffers.get("codebook"), buffers.get("bias"),
-                                         *self._features)
+                                         *self._features, self.kernel == "c_relative_csc")
         if self.kind == "linear":
             out = self._matmul(x.reshape(-1, self.in_features))
             return out.reshape(*x.shape[:-1], self.out_features)
@@ -432,8 +458,9 @@ class SparseLayer(nn.Module):
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         eager = _plain_eager(rows)
-        if self.kernel == "c_relative":
-            args = (rows, *self._relative_tensors(), self.bias, self.in_features, self.out_features)
+        if self.kernel in RELATIVE:
+            args = (rows, *self._relative_tensors(), self.bias, self.in_features, self.out_features,
+                    self.kernel == "c_relative_csc")
             return relative_linear_eager(*args) if eager else torch.ops.fxcompress.relative_linear(*args)
         args = (rows, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features,
                 self.out_features, self.kernel)
@@ -458,7 +485,7 @@ class SparseLayer(nn.Module):
     def nonzeros(self) -> int:
         if self.kernel == "dense":
             return int(torch.count_nonzero(self.weight))
-        if self.kernel == "c_relative":  # fillers are zeros
+        if self.kernel in RELATIVE:  # fillers are zeros
             return int(torch.count_nonzero(relative_values(*self._relative_tensors()[2:])))
         return int(torch.count_nonzero(self.values))
 
@@ -483,7 +510,7 @@ class SparseLayer(nn.Module):
         if self.kernel == "dense":
             _expect(self, "weight", value_dtype, tuple(self.weight_shape))
             return
-        if self.kernel == "c_relative":
+        if self.kernel in RELATIVE:
             self._check_relative(value_dtype)
             return
         block = self.blocksize or 1
@@ -507,7 +534,8 @@ class SparseLayer(nn.Module):
     def _check_relative(self, value_dtype: torch.dtype) -> None:
         """c_relative's tensors: row pointers, every row's columns inside the layer, codes inside the
         codebook; where no C compiler exists here, the layer switches to scipy's CSR (with a warning)."""
-        _expect(self, "crow_indices", INDEX_DTYPE, (self.out_features + 1,))
+        rows, columns = compressed_shape(self.kernel, self.in_features, self.out_features)
+        _expect(self, "crow_indices", INDEX_DTYPE, (rows + 1,))
         count = self.gaps.shape[0] if self.gaps.dim() == 1 else -1
         _expect(self, "gaps", GAP_DTYPES[self.gap_dtype], (count,))
         if self.shared:
@@ -519,11 +547,14 @@ class SparseLayer(nn.Module):
         else:
             _expect(self, "values", value_dtype, (count,))
         _check_pointers(self._where, self.crow_indices, count)
-        columns = relative_columns(self.crow_indices, self.gaps)
-        if columns.numel() and int(columns.max()) >= self.in_features:
-            raise FormatError(f"{self._where}: tensor 'gaps' runs a row past its {self.in_features} columns")
+        found = relative_columns(self.crow_indices, self.gaps)
+        if found.numel() and int(found.max()) >= columns:
+            raise FormatError(f"{self._where}: tensor 'gaps' runs a row past its {columns} columns")
+        if self.kernel == "c_relative_csc" and not bool(torch.isfinite(relative_values(*self._relative_tensors()[2:])).all()):
+            raise FormatError(f"{self._where}: tensor '{'codebook' if self.shared else 'values'}' holds inf or nan "
+                              "(c_relative_csc skips zero inputs: exact for finite weights only)")
         if not relative_available():
-            warnings.warn(f"{self._where}: no C compiler here for kernel 'c_relative'; running scipy_csr instead "
+            warnings.warn(f"{self._where}: no C compiler here for kernel {self.kernel!r}; running scipy_csr instead "
                           "(remeasure to choose again)", stacklevel=2)
             self.adopt(SparseLayer.from_dense(self.kind, self.dense_weight(), self.bias, "scipy_csr",
                                               {"stride": self.stride, "padding": self.padding,
@@ -553,7 +584,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
 
 
 def _check_relative_config(kernel: str, gap_dtype: str | None, shared: bool, dtype: str) -> None:
-    relative = kernel == "c_relative"
+    relative = kernel in RELATIVE
     if shared not in (True, False) or (gap_dtype in GAP_DTYPES) != relative or (shared and not relative) or (
             relative and dtype != "float32"):
         raise ConfigError(f"SparseLayer: gap_dtype {gap_dtype!r} and shared {shared!r} do not fit kernel {kernel!r} "
@@ -605,10 +636,10 @@ def bsr_blocksize(weight: torch.Tensor) -> int | None:
 
 def candidate_kernels(weight: torch.Tensor, allowed: Sequence[str]) -> list[str]:
     """The kernels worth timing for this weight: dense always, BSR only with full enough blocks,
-    c_relative for float32 weights where its C library builds."""
+    our C kernels for float32 weights where their library builds."""
     return ["dense"] + [k for k in allowed if k in SPARSE_KERNELS
                         and (k != "torch_bsr" or bsr_blocksize(weight) is not None)
-                        and (k != "c_relative" or (weight.dtype == torch.float32 and relative_available()))]
+                        and (k not in RELATIVE or (weight.dtype == torch.float32 and relative_available()))]
 
 
 def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,

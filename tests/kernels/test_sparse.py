@@ -34,7 +34,7 @@ def _reference(kind, x, weight, bias):
     return F.linear(x, weight, bias) if kind == "linear" else F.conv2d(x, weight, bias, **CONV)
 
 
-C_KERNELS = [pytest.param("c_relative", marks=needs_c)]
+C_KERNELS = [pytest.param("c_relative", marks=needs_c), pytest.param("c_relative_csc", marks=needs_c)]
 
 
 @pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc", *C_KERNELS])
@@ -84,7 +84,7 @@ def test_bsr_runs_block_structured_weights_and_is_no_candidate_for_scattered_one
     torch.testing.assert_close(layer.dense_weight(), weight)
     scattered = _pruned(64, 128)
     assert bsr_blocksize(scattered) is None and BSR_MIN_FILL > 0.1
-    c_kernel = ["c_relative"] if relative_available() else []
+    c_kernel = ["c_relative", "c_relative_csc"] if relative_available() else []
     assert candidate_kernels(scattered, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr", "scipy_csc", *c_kernel]
     assert candidate_kernels(weight, SPARSE_KERNELS) == ["dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr",
                                                          *c_kernel]
@@ -222,17 +222,24 @@ def _weight(rows, cols, sparsity, shared=False, seed=0):
     return torch.round(weight * 8) / 8 if shared else weight  # at most 256 distinct values: a codebook
 
 
+RELATIVE = ["c_relative", "c_relative_csc"]
+
+
 @needs_c
 @pytest.mark.parametrize("rows, cols, sparsity", [(1, 1, 0.0), (5, 3, 0.0), (40, 96, 0.5), (64, 300, 0.9),
                                                   (33, 1000, 0.99), (9, 5000, 0.999), (17, 8, 1.0)])
 @pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
 @pytest.mark.parametrize("batch", [1, 8, 13])
-def test_c_relative_equals_the_dense_product(rows, cols, sparsity, shared, batch):
+@pytest.mark.parametrize("kernel", RELATIVE)
+def test_c_relative_equals_the_dense_product(rows, cols, sparsity, shared, batch, kernel):
     weight, bias = _weight(rows, cols, sparsity, shared), torch.randn(rows)
     weight[rows // 2] = 0  # an empty row
-    layer = SparseLayer.from_dense("linear", weight, bias, "c_relative")
+    weight[:, cols // 2] = 0  # an empty column
+    layer = SparseLayer.from_dense("linear", weight, bias, kernel)
     assert layer.shared == ("codes" in layer._buffers) and (layer.shared or not shared or weight.any())
     x = torch.randn(batch, cols)
+    x[:, cols // 3] = 0  # a zero input (as after a ReLU: c_relative_csc skips its column)
+    x[batch // 2, :cols // 2] = 0
     _within_summation_error(layer(x), x, weight, bias)
     torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
     assert layer.nonzeros() == int(torch.count_nonzero(weight))
@@ -240,7 +247,8 @@ def test_c_relative_equals_the_dense_product(rows, cols, sparsity, shared, batch
 
 @needs_c
 @pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
-def test_c_relative_bridges_long_gaps_with_filler_zeros(shared):
+@pytest.mark.parametrize("kernel", RELATIVE)
+def test_c_relative_bridges_long_gaps_with_filler_zeros(shared, kernel):
     weight = torch.zeros(3, 2000)
     columns = [*range(100), 355, 612, 1999]           # gaps 0 (x 100), 255, 256, 1386
     weight[0, columns] = torch.arange(1.0, 104.0) / 8
@@ -254,25 +262,29 @@ def test_c_relative_bridges_long_gaps_with_filler_zeros(shared):
     assert form["gaps"][100:109].tolist() == [255, 255, 0, 255, 255, 255, 255, 255, 106]
     assert form["gaps"][109:409].tolist() == [0] * 300 and form["gaps"][409:].tolist() == [255, 44]
     assert ("codes" in form) == shared
-    layer = SparseLayer.from_dense("linear", weight, None, "c_relative")
+    layer = SparseLayer.from_dense("linear", weight if kernel == "c_relative" else weight.t(), None, kernel)
+    assert layer.gaps.tolist() == form["gaps"].tolist()  # the csc form of the transpose is the same storage
+    weight = layer.dense_weight()
     for batch in (1, 8):
-        x = torch.randn(batch, 2000)
+        x = torch.randn(batch, weight.shape[1])
         _within_summation_error(layer(x), x, weight, None)
     torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
     assert layer.nonzeros() == 404
 
 
 @needs_c
-def test_c_relative_picks_16_bit_indices_where_fillers_would_cost_more():
+@pytest.mark.parametrize("kernel", RELATIVE)
+def test_c_relative_picks_16_bit_indices_where_fillers_would_cost_more(kernel):
     weight = torch.zeros(4, 200000)
     weight[:3, ::9000] = torch.randn(3, 23)                   # gaps of 8999: 35 fillers each in 8 bits
     weight[1, 199999] = 1.5
     weight[3, [0, 150000]] = torch.tensor([2.0, -3.0])        # a gap of 149999: two fillers in 16 bits
-    layer = SparseLayer.from_dense("linear", weight, torch.randn(4), "c_relative")
+    weight = weight if kernel == "c_relative" else weight.t().contiguous()
+    layer = SparseLayer.from_dense("linear", weight, torch.randn(weight.shape[0]), kernel)
     assert layer.gap_dtype == "uint16" and layer.gaps.dtype == torch.int16 and layer.gaps.numel() == 3 * 23 + 1 + 4
     assert (layer.gaps[-3:].to(torch.int64) & 0xFFFF).tolist() == [65535, 65535, 149999 - 2 * 65536]
     for batch in (1, 8):
-        x = torch.randn(batch, 200000)
+        x = torch.randn(batch, weight.shape[1])
         _within_summation_error(layer(x), x, weight, layer.bias)
     torch.testing.assert_close(layer.dense_weight(), weight, rtol=0, atol=0)
 
@@ -280,11 +292,11 @@ def test_c_relative_picks_16_bit_indices_where_fillers_would_cost_more():
 @needs_c
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 12), cols=st.integers(1, 700), sparsity=st.sampled_from([0.0, 0.3, 0.9, 0.99, 0.999]),
-       shared=st.booleans(), batch=st.integers(1, 17), seed=st.integers(0, 2 ** 16))
-def test_c_relative_property(rows, cols, sparsity, shared, batch, seed):
+       shared=st.booleans(), batch=st.integers(1, 17), seed=st.integers(0, 2 ** 16), kernel=st.sampled_from(RELATIVE))
+def test_c_relative_property(rows, cols, sparsity, shared, batch, seed, kernel):
     weight = _weight(rows, cols, sparsity, shared, seed)
-    layer = SparseLayer.from_dense("linear", weight, torch.randn(rows), "c_relative")
-    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed))
+    layer = SparseLayer.from_dense("linear", weight, torch.randn(rows), kernel)
+    x = torch.relu(torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)))
     _within_summation_error(layer(x), x, weight, layer.bias)
 
 
@@ -354,3 +366,17 @@ def test_c_relative_refuses_inputs_it_cannot_multiply_by_name():
     layer = SparseLayer.from_dense("linear", _pruned(8, 16), None, "c_relative")
     with pytest.raises(PreconditionError, match="'c_relative' needs .* float32 CPU inputs, got torch.float64"):
         layer(torch.randn(2, 16, dtype=torch.float64))
+
+
+@needs_c
+def test_c_relative_csc_refuses_weights_it_would_not_multiply_exactly():
+    weight = _pruned(8, 16)
+    weight[0, 0] = float("inf")
+    with pytest.raises(PreconditionError, match="'c_relative_csc' skips zero inputs.*inf or nan"):
+        SparseLayer.from_dense("linear", weight, None, "c_relative_csc")
+    layer = SparseLayer.from_dense("linear", _pruned(40, 96, sparsity=0.5), None, "c_relative_csc")
+    layer.check_loaded("fc.sparse")
+    assert not layer.shared
+    layer.values[0] = float("nan")
+    with pytest.raises(FormatError, match="tensor 'values' holds inf or nan"):
+        layer.check_loaded("fc.sparse")

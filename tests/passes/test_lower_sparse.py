@@ -10,7 +10,7 @@ from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, Lowe
 from zoo import LeNet5, LeNet300100
 
 FAST = {"repeats": 2}
-C_KERNELS = ("c_relative",) if relative_available() else ()  # where a C compiler builds our kernel
+C_KERNELS = ("c_relative", "c_relative_csc") if relative_available() else ()  # where a C compiler builds our kernel
 
 
 def _masked(model, x, sparsity=0.9):
@@ -139,24 +139,25 @@ def test_torch_export_and_compile_run_the_lowered_model():
 
 @pytest.mark.skipif(not C_KERNELS, reason="no C compiler: the c_relative kernel cannot be built")
 @pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
-def test_c_relative_layers_save_load_and_remeasure(tmp_path, shared):
+@pytest.mark.parametrize("kernel", C_KERNELS)
+def test_c_relative_layers_save_load_and_remeasure(tmp_path, shared, kernel):
     """The file holds the relative indices and codes (checked on load); the kernel is bound again there."""
     x = torch.randn(1, 1, 28, 28)
     masked = _masked(LeNet300100(), x)
     steps = [InsertFakeQuant(bits=5, method="kmeans")] if shared else []
     masked = fxcompress.compile(masked, steps, example_inputs=(x,)) if steps else masked
-    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, kernels=("c_relative",), margin=1.0,
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, kernels=(kernel,), margin=1.0,
                                                         **FAST)], example_inputs=(x,))
     layers = _sparse_layers(lowered)
     for layer in layers.values():  # the form under test on every layer, whichever won the timing
-        layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, "c_relative"))
+        layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, kernel))
         assert layer.shared == shared
     fxcompress.save(lowered, tmp_path / "m.fxc")
     loaded = fxcompress.load(tmp_path / "m.fxc")
-    assert all(m.kernel == "c_relative" and m.shared == shared for m in _sparse_layers(loaded).values())
+    assert all(m.kernel == kernel and m.shared == shared for m in _sparse_layers(loaded).values())
     batch = torch.randn(8, 1, 28, 28)
     for inputs in (x, batch):
         torch.testing.assert_close(loaded(inputs), masked(inputs), rtol=1e-5, atol=1e-5)
     stats = remeasure(loaded, (batch,), repeats=2)
-    assert all("c_relative" in s["times_ms"] for s in stats.values())
+    assert all(kernel in s["times_ms"] for s in stats.values())
     torch.testing.assert_close(loaded(batch), masked(batch), rtol=1e-5, atol=1e-5)
