@@ -44,15 +44,29 @@ def _as_tuple(example_inputs: Any) -> tuple:
 FRONTENDS = ("fx", "export", "auto")
 
 
+def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
+    """A deep copy of `model`. With `share_tensors` (every pass only reads tensors), the copy's
+    parameters and buffers are new tensor objects over the original's storage: the module tree is
+    copied, the weights are not, and flags set on the copy (requires_grad) stay on the copy."""
+    if not share_tensors:
+        return copy.deepcopy(model)
+    memo: dict[int, Any] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):  # tied parameters stay tied
+        memo.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=param.requires_grad))
+    for _, buffer in model.named_buffers(remove_duplicate=False):
+        memo.setdefault(id(buffer), buffer.detach())
+    return copy.deepcopy(model, memo)
+
+
 def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modules: Collection[Any],
-              concrete_args: Mapping[str, Any] | None) -> GraphModule:
+              concrete_args: Mapping[str, Any] | None, share_tensors: bool = False) -> GraphModule:
     """The GraphModule the passes rewrite: a compiled one as it is, an exported one respelled at
     torch level, an nn.Module traced by torch.fx or exported by torch.export (per `frontend`)."""
     if isinstance(model, torch.export.ExportedProgram):
         gm = from_exported(model)  # shares the program's tensors: copied below unless inplace
         return gm if inplace else copy.deepcopy(gm)
     if isinstance(model, GraphModule):
-        gm = model if inplace else copy.deepcopy(model)
+        gm = model if inplace else _copy(model, share_tensors)
         if gm is not model:
             copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
         return from_exported(gm) if is_exported_module(gm) else gm
@@ -108,7 +122,10 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
                                     verify=verify, progress=progress, strict=strict,
                                     specialize_shapes=specialize_shapes)
     inputs = _as_tuple(example_inputs)
-    gm = _to_graph(model, inputs, frontend, inplace, leaf_modules, concrete_args)
+    # passes that only read tensors (LowerToEncoded) are given a copy of the module tree around the
+    # caller's tensors: inplace=False then costs no copy of the weights they replace anyway
+    share = bool(passes) and all(getattr(p, "reads_tensors_only", False) for p in passes) and not specialize_shapes
+    gm = _to_graph(model, inputs, frontend, inplace, leaf_modules, concrete_args, share)
 
     outputs = check_example_inputs(gm, inputs)  # a failure now is the inputs', before any pass is blamed
     expected = OutputSignature.of(outputs) if verify else None

@@ -45,6 +45,9 @@ class LowerToEncoded(Pass):
     bias: str = "float32"
 
     preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)
+    # it reads weights and replaces modules, never writing a tensor: compile(inplace=False) shares the
+    # caller's tensors instead of copying the float weights this pass removes
+    reads_tensors_only: ClassVar[bool] = True
 
     constraints: ClassVar[dict] = {
         "coding": (Options("auto", *CODINGS),), "layout": (Options("auto", *LAYOUTS),),

@@ -12,7 +12,7 @@ import numpy as np
 
 LANE_SYMBOLS = 8192
 LOW = 1 << 16  # states live in [LOW, 2^32)
-_GATHERED = 1 << 17  # lane-steps whose four float64 table rows are gathered at once: 4 MiB, whatever the model
+_GATHERED = 1 << 16  # lane-steps whose four float64 table rows are gathered at once: 2 MiB, whatever the model
 
 
 def lanes_for(count: int, lane_symbols: int = LANE_SYMBOLS) -> int:
@@ -99,14 +99,15 @@ def _batch(jobs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     coding at each step). Each job's symbols index its own block of table rows."""
     lanes = np.array([job[2] for job in jobs])
     steps = np.array([_steps(job) for job in jobs])
-    grid = np.zeros((int(steps.max(initial=0)), int(lanes.sum())), dtype=np.int32)
+    rows_dtype = np.int16 if sum(len(job[1]) for job in jobs) <= 1 << 15 else np.int32  # the grid is the largest array
+    grid = np.zeros((int(steps.max(initial=0)), int(lanes.sum())), dtype=rows_dtype)
     tables, base, lane = [], 0, 0
     for (symbols, freq, width), count in zip(jobs, steps):
         scale = int(freq.sum()).bit_length() - 1
         f = freq.astype(np.float64)
         tables.append(np.stack([f * 2.0 ** (32 - scale), f, 2.0 ** scale - f, np.cumsum(f) - f], axis=1))
-        rows = _grid(symbols, freq, width)
-        rows += base  # in place: the grid is the coder's largest array, int32 like its rows
+        rows = _grid(symbols, freq, width, rows_dtype)
+        rows += base  # in place, in the grid's own narrow type
         grid[:count, lane:lane + width] = rows
         del rows
         base, lane = base + len(freq), lane + width
@@ -139,10 +140,10 @@ def _start(ends: np.ndarray, j: int) -> int:
     return int(ends[j - 1]) if j else 0
 
 
-def _grid(symbols: np.ndarray, freq: np.ndarray, lanes: int) -> np.ndarray:
+def _grid(symbols: np.ndarray, freq: np.ndarray, lanes: int, dtype: type = np.int32) -> np.ndarray:
     """Symbols as (steps, lanes); the tail is padded with the most frequent symbol."""
     steps = -(-len(symbols) // lanes)
-    grid = np.full(steps * lanes, int(np.argmax(freq)), dtype=np.int32)
+    grid = np.full(steps * lanes, int(np.argmax(freq)), dtype=dtype)
     grid[:len(symbols)] = symbols
     return grid.reshape(steps, lanes)
 

@@ -80,3 +80,23 @@ def test_batched_encoding_writes_the_reference_file(tmp_path, monkeypatch):
     assert [b for b in batches if b] == [len(find_layers(gm))]
     assert _file_hash(together, tmp_path / "together.fxc") == ours
     assert torch.equal(together(x), gm(x))
+
+
+def test_inplace_false_shares_the_callers_tensors_and_leaves_them_untouched():
+    """compile(inplace=False) with passes that only read tensors copies the module tree, not the weights:
+    the caller's model keeps every tensor, value, version and flag, and still computes as before."""
+    gm, x, _ = _fake_quant_model()
+    before = {name: (t.clone(), t.data_ptr(), t._version, t.requires_grad) for name, t in gm.state_dict(keep_vars=True).items()}
+    expected = gm(x)
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    after = gm.state_dict(keep_vars=True)
+    assert set(after) == set(before)
+    for name, (value, pointer, version, grad) in before.items():
+        assert torch.equal(after[name], value) and after[name].data_ptr() == pointer, name
+        assert after[name]._version == version and after[name].requires_grad == grad, name
+    assert torch.equal(gm(x), expected) and torch.equal(lowered(x), expected)
+    kept = dict(lowered.named_parameters())
+    assert kept and all(kept[name].data_ptr() == before[name][1] for name in kept)  # aliases, not copies
+    assert all(kept[name] is not after[name] for name in kept)  # ... in parameters of the copy's own
+    masked = fxcompress.compile(gm, [InsertMasks(sparsity=0.5, select="0.fc")], example_inputs=(x,))
+    assert masked.get_parameter("0.fc.weight").data_ptr() != before["0.fc.weight"][1]  # other passes: a real copy
