@@ -116,6 +116,16 @@ LOWERED: dict[type, Callable[[nn.Module], tuple[torch.Tensor | None, GroupedCode
 }
 
 
+# the attribute a lowering pass gives its run-time module under the layer's path (`fc1.integer`); a module
+# put in the layer's own place (LowerToSparse's `fc1`) is named by its path
+LOWERED_SUFFIXES = ("integer", "native", "weight_only", "dynamic_int8", "sparse")
+
+
+def _layer_name(path: str) -> str:
+    owner, _, last = path.rpartition(".")
+    return owner if owner and last in LOWERED_SUFFIXES else path
+
+
 def _chain_grid(gm: GraphModule, name: str, before: torch.Tensor | None) -> GroupedCodes | None:
     """The grid the GridWeight on layer `name`'s chain in `gm` puts `before` on, if it has one."""
     layer = next((layer for layer in find_layers(gm) if layer.name == name), None)
@@ -167,7 +177,7 @@ def _lowered(gm: GraphModule, reference: nn.Module | None) -> list[LayerWeights]
         read = LOWERED.get(type(module))
         if read is None:
             continue
-        name = path.rpartition(".")[0] or path
+        name = _layer_name(path)
         after, grid = read(module)
         before = None if reference is None else _reference_weight(reference, name)
         codes_only = False

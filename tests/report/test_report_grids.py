@@ -124,3 +124,20 @@ def test_the_report_draws_lowered_layers_with_their_caption(per_channel, tmp_pat
     assert files.pictures == 1 + 2  # the bars and the two histograms
     assert 'alt="weights of conv2"' in page and 'alt="weights of fc1"' in page
     assert len(re.findall(r"<figcaption>Marked: the 255 grid levels of output channel \d+", page)) == 2
+
+
+def test_lowered_layers_deep_in_the_model_keep_their_layer_names():
+    from torch import nn
+
+    from fxcompress.passes import InsertMasks, LowerToSparse
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(64, 32), nn.ReLU()), nn.Linear(32, 10)).eval()
+    masked = fxcompress.compile(model, [InsertMasks(sparsity=0.7)], example_inputs=(X,))
+    expected = _fake_quant_weights(masked)
+    for source, lowering in ((masked, LowerToSparse()), (model, LowerDynamicInt8())):
+        lowered = fxcompress.compile(source, [lowering], example_inputs=(X,))
+        weights = {w.name: w for w in layer_weights(lowered, reference=source)}
+        assert list(weights) == ["1.0", "2"]  # the layers' paths, wherever the pass put its module
+        assert all(weights[n].before is not None for n in weights)  # so the reference's layers were found
+        if isinstance(lowering, LowerToSparse):
+            assert all(torch.equal(weights[n].after, expected[n]) for n in expected)  # sparse keeps the floats
