@@ -146,7 +146,7 @@ def relative_form(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     previous = torch.full_like(col, -1)
     previous[1:] = torch.where(row[1:] == row[:-1], col[:-1], -1)
     gap = col - previous - 1
-    gap_dtype = min(GAP_MAX, key=lambda name: _relative_bytes(gap, name, kept))
+    gap_dtype = min(GAP_MAX, key=lambda name: _relative_bytes(gap, name))
     fillers = gap // (GAP_MAX[gap_dtype] + 1)
     per_entry = fillers + 1
     entries = int(per_entry.sum())
@@ -161,14 +161,14 @@ def relative_form(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     crow[1:] = torch.zeros(rows, dtype=torch.int64).index_add_(0, row, per_entry).cumsum(0)
     form = {"crow_indices": crow.to(INDEX_DTYPE), "gaps": _to_gap_dtype(gaps, gap_dtype)}
     codebook = torch.unique(values)                         # sorted; holds 0.0 where fillers exist
-    if codebook.numel() <= CODEBOOK_MAX:
+    if codebook.numel() <= CODEBOOK_MAX and bool(torch.isfinite(codebook).all()):  # nan has no place in a sort
         form.update(codes=torch.searchsorted(codebook, values).to(torch.uint8), codebook=codebook.contiguous())
     else:
         form["values"] = values.contiguous()
     return form
 
 
-def _relative_bytes(gap: torch.Tensor, gap_dtype: str, kept: torch.Tensor) -> int:
+def _relative_bytes(gap: torch.Tensor, gap_dtype: str) -> int:
     """Bytes of the entries with `gap_dtype` indices (values counted at 4 bytes: codes only shrink both)."""
     entries = int((gap // (GAP_MAX[gap_dtype] + 1)).sum()) + gap.numel()
     return entries * (GAP_DTYPES[gap_dtype].itemsize + 4)

@@ -380,3 +380,14 @@ def test_c_relative_csc_refuses_weights_it_would_not_multiply_exactly():
     layer.values[0] = float("nan")
     with pytest.raises(FormatError, match="tensor 'values' holds inf or nan"):
         layer.check_loaded("fc.sparse")
+
+
+@needs_c
+def test_c_relative_keeps_nan_and_inf_weights_as_values():
+    weight = torch.zeros(2, 300)
+    weight[0, [3, 100]] = torch.tensor([float("nan"), 1.0])
+    weight[1, 299] = float("inf")
+    layer = SparseLayer.from_dense("linear", weight, None, "c_relative")
+    assert not layer.shared  # a codebook would sort nan away from its code
+    out = layer(torch.ones(1, 300))
+    assert out[0, 0].isnan() and out[0, 1] == float("inf")
