@@ -156,3 +156,15 @@ def test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model(write_recipe,
     lines.clear()
     run_recipe(recipe, tmp_path / "out", quick=True, log=lines.append)
     assert "sensitivity: done before, loaded sensitivity.json" in lines
+
+
+def test_check_validates_and_compiles_every_step_without_training(cli, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("--check trained"))
+    monkeypatch.chdir(tmp_path)
+    status, out, err = cli("run", "deep_compression_lenet5", "--check")  # a shipped recipe, by name
+    assert status == 0, err
+    assert "deep_compression_lenet5.yaml: valid; every step compiles on zoo:lenet5 with digits images" in out
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the output folder
+    bad = write_recipe(BASE.replace("config: {bits: 4}", "config: {bits: 4}\n  - pass: LowerToInteger"), "bad.yaml")
+    status, _, err = cli("run", bad, "--check")
+    assert status == 1 and "bad.yaml:13: steps[2] (3-LowerToInteger) cannot run" in err
