@@ -11,11 +11,11 @@
    saved. Eight bytes of a block are zero-extended into eight 32-bit lanes at once; each lane then
    holds a low nibble (column j) and a high one (column j + 16), separated with one mask and one shift,
    so 32 codes cost two widening loads, two mask / shift pairs and four conversions to float. The
-   zero-point is not subtracted per code: each group's sum of x is computed once per call and
-   z * sum(x) subtracted once per group. Each block is used for every row of a tile of up to 4
-   rows; each row keeps float32 lane accumulators per group (independent lanes, so nothing
-   reassociates a reduction), scaled once per group into lane totals, summed across lanes at the end
-   of the output channel. Written with gcc's generic vector types (clang's too), which -O3
+   zero-point is not subtracted per code: each group's sum of x is computed once per call, and the
+   groups' s * z * sum(x) are summed eight at a time at the end of the output channel. Each block is
+   used for every row of a tile of up to 4 rows; each row keeps float32 lane accumulators per group
+   (independent lanes, so nothing reassociates a reduction), scaled once per group into lane totals,
+   summed across lanes at the end of the output channel. Written with gcc's generic vector types (clang's too), which -O3
    -march=native maps onto the machine's vector unit, with the widening by name on AVX2: gcc 12
    turned the generic byte-to-float conversion into one extract and one convert per byte. */
 #include <stdint.h>
@@ -75,6 +75,20 @@ static inline float lanes_sum(v8f v) {
     return s;
 }
 
+/* sum_g scale[g] * zero[g] * xsum[g] over one output channel's groups: what the zero-points take
+   away, eight groups at a time (with groups of 32 columns, a scalar step per group cost as much as
+   the group's codes). */
+static inline float zero_shift(const float *restrict scale, const uint8_t *restrict zero,
+                               const float *restrict xsum, int64_t groups) {
+    v8f acc = {0};
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8)
+        acc = MADD(load8(scale + g) * __builtin_convertvector(widen(zero + g), v8f), load8(xsum + g), acc);
+    float shift = lanes_sum(acc);
+    for (; g < groups; g++) shift += scale[g] * (float)zero[g] * xsum[g];
+    return shift;
+}
+
 /* R rows (1, 2 or 4: compile-time constants after inlining) of the product, every output channel;
    xsum[r * groups + g] is the sum of row r's inputs in group g. Each row has 4 / R vector
    accumulators, so every tile keeps four independent chains in flight. */
@@ -87,7 +101,6 @@ static inline __attribute__((always_inline)) void tile(
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *c = codes + o * row_bytes;
         v8f total[4][4] = {{{0}}};
-        float shift[4] = {0};
         for (int64_t g = 0; g < groups; g++) {
             v8f acc[4][4] = {{{0}}};
             for (int64_t k = g * group; k < (g + 1) * group; k += BLOCK, c += block_bytes) {
@@ -97,17 +110,15 @@ static inline __attribute__((always_inline)) void tile(
                     for (int i = 0; i < 4; i++)
                         acc[r][i % CHAINS] = MADD(w[i], load8(x + r * in + k + 8 * i), acc[r][i % CHAINS]);
             }
-            const float s = scale[o * groups + g], sz = s * (float)zero[o * groups + g];
-            const v8f vs = (v8f){0} + s;
-            for (int r = 0; r < R; r++) {
+            const v8f vs = (v8f){0} + scale[o * groups + g];
+            for (int r = 0; r < R; r++)
                 for (int i = 0; i < CHAINS; i++) total[r][i] = MADD(vs, acc[r][i], total[r][i]);
-                shift[r] += sz * xsum[r * groups + g];
-            }
         }
         for (int r = 0; r < R; r++) {
             v8f sum = total[r][0];
             for (int i = 1; i < CHAINS; i++) sum += total[r][i];
-            y[r * out + o] = lanes_sum(sum) - shift[r] + (bias ? bias[o] : 0.0f);
+            const float shift = zero_shift(scale + o * groups, zero + o * groups, xsum + r * groups, groups);
+            y[r * out + o] = lanes_sum(sum) - shift + (bias ? bias[o] : 0.0f);
         }
     }
 }
