@@ -11,8 +11,9 @@ beyond float rounding.
 
 An activation grid whose every reader is a float-kernel layer, and whose writer is one too or the
 model's float input, needs no uint8: its codes stay float32 ("float_codes": no cast on either side,
-the float input's boundary one `float_codes` node), the pooling / reshape ops between stay the float
-ops they were, and a ReLU is the writer's clamp. A model whose layers all chose float runs with as
+the float input's boundary one `float_codes` node), max pooling between stays the float op, a view
+becomes a reshape (a float layer reading channels-last uint8 writes channels-last) and a ReLU is the
+writer's clamp. A model whose layers all chose float runs with as
 many nodes as the float model: each hidden layer rounds and clamps in place where the float model
 has its ReLU, and the input's boundary stands for the first layer's.
 """
@@ -140,8 +141,8 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
         gm.graph.erase_node(relu)
     zero_point = 0 if plan.out_grid is None else int(plan.out_grid.zero_point)
     for node in plan.chain:
-        if node is not relu and (not values_out or is_relu(gm, node)):  # pooling / views read float codes as they are
-            native_code_op(gm, node, zero_point)
+        if node is not relu:
+            native_code_op(gm, node, zero_point, in_float=values_out)
     times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
     return {"module": new.target, "kernel": module.kernel, "times_ms": times,
             "speedup": round(choice.speedup_over("float"), 4) if isinstance(choice, KernelChoice) else None,
@@ -200,10 +201,12 @@ def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float | Non
     return (0.0 if relu else (out_grid.qmin - zero) * scale, high)
 
 
-def native_code_op(gm: GraphModule, node: Node, zero_point: int) -> None:
-    """Respell one code-safe op for uint8 codes (ReLU clamps at the zero-point; max pooling and view
-    take channels-last tensors, which the kernels write)."""
-    if is_relu(gm, node) and zero_point == 0:  # uint8 codes are >= 0 already: the identity
+def native_code_op(gm: GraphModule, node: Node, zero_point: int, in_float: bool = False) -> None:
+    """Respell one code-safe op for codes (ReLU clamps at the zero-point; max pooling and view take
+    channels-last tensors, which the kernels write; float32 codes pool with the float op)."""
+    if in_float and is_max_pool2d(gm, node):
+        return
+    if is_relu(gm, node) and zero_point == 0:  # codes are >= 0 already: the identity
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         return

@@ -131,3 +131,28 @@ def test_a_float_selection_that_selects_nothing_names_the_layers(lenet5):
     data, fq, _ = lenet5
     with pytest.raises(ConfigError, match=r"float_select='conv3' selects none of the layers lowered: conv1, conv2, fc1"):
         fxcompress.compile(fq, [LowerToInteger(float_select="conv3")], example_inputs=(data.train_x[:2],))
+
+
+class ConvView(torch.nn.Module):
+    """conv -> ReLU -> conv -> ReLU -> view -> linear: a float conv reading an int8 conv's channels-last
+    codes writes channels-last float32 codes, which the view before the float linear layer must read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).view(-1, 4 * 6 * 6))
+
+
+def test_float_codes_through_a_view_from_a_channels_last_layer():
+    x = torch.randn(64, 2, 6, 6)
+    fq = _fake_quant(ConvView().eval(), x)
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("int8",), float_select="conv2|fc")], example_inputs=(x[:2],))
+    assert fxcompress.history(gm)[-1].stats["float_code_edges"] == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["reshape"]
+    with torch.no_grad():
+        expected, got = reference(x), gm(x)
+    assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
