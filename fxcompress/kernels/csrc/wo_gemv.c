@@ -15,9 +15,10 @@
    groups' s * z * sum(x) are summed eight at a time at the end of the output channel. Each block is
    used for every row of a tile of up to 4 rows; each row keeps float32 lane accumulators per group
    (independent lanes, so nothing reassociates a reduction), scaled once per group into lane totals,
-   summed across lanes at the end of the output channel. Written with gcc's generic vector types (clang's too), which -O3
-   -march=native maps onto the machine's vector unit, with the widening by name on AVX2: gcc 12
-   turned the generic byte-to-float conversion into one extract and one convert per byte. */
+   summed across lanes at the end of the output channel. Written with gcc's generic vector types
+   (clang's too), which -O3 -march=native maps onto the machine's vector unit, with the widening by
+   name on AVX2: gcc 12 turned the generic byte-to-float conversion into one extract and one convert
+   per byte. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
