@@ -8,6 +8,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.kernels.dynamic import DynamicInt8Linear, fbgemm_available
+from fxcompress.kernels.timing import remeasure
 from fxcompress.passes import InsertFakeQuant, LowerDynamicInt8
 
 
@@ -95,3 +96,13 @@ def test_summary_shows_each_lowered_layer_with_its_kernel():
     module = gm.get_submodule("0.dynamic_int8")
     assert rows["0.dynamic_int8"]["kernel"] == module.kernel
     assert rows["0.dynamic_int8"]["compressed_bytes"] == 96 * 128 + 128 * 4 + 128 * 4  # int8 codes, scales, bias
+
+
+def test_remeasure_chooses_again_among_the_allowed_kernels():
+    model, x = mlp(), torch.randn(2, 96)
+    gm = lower(model, x)
+    chosen = remeasure(gm, (x,), {DynamicInt8Linear: ()}, repeats=1)  # only the float kernel allowed
+    assert set(chosen) == {"0.dynamic_int8", "2.dynamic_int8"}
+    assert all(c["kernel"] == "float" and set(c["times_ms"]) == {"fp32", "float"} for c in chosen.values())
+    first = gm.get_submodule("0.dynamic_int8")
+    torch.testing.assert_close(first(x), torch.nn.functional.linear(x, first.dequantize(), first.bias))
