@@ -129,7 +129,8 @@ def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, tr
 
 def test_a_float_selection_that_selects_nothing_names_the_layers(lenet5):
     data, fq, _ = lenet5
-    with pytest.raises(ConfigError, match=r"float_select='conv3' selects none of the layers lowered: conv1, conv2, fc1"):
+    with pytest.raises(ConfigError, match=r"float_select='conv3' selects none of the layers lowered: conv1, conv2, "
+                                          r"fc1, fc2"):
         fxcompress.compile(fq, [LowerToInteger(float_select="conv3")], example_inputs=(data.train_x[:2],))
 
 
