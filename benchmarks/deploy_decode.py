@@ -222,7 +222,7 @@ def _kernel_counts(stats: dict) -> str:
     return ", ".join(f"{k} {n}" for k, n in counts.items() if n) or "-"
 
 
-def layer_rows(rounds: int = 7) -> list[dict]:
+def layer_rows(rounds: int = 7, clock: str = "thread") -> list[dict]:
     """Milliseconds per call of every kernel on each decoder linear shape at batch 1."""
     rows = []
     shapes = [("qkv", 768, 2304), ("attn out", 768, 768), ("mlp in", 768, 3072), ("mlp out", 3072, 768),
@@ -233,11 +233,12 @@ def layer_rows(rounds: int = 7) -> list[dict]:
             weight, bias, x = torch.randn(fan_out, fan_in) * 0.02, torch.randn(fan_out), torch.randn(1, fan_in)
             for grid_name, grid in GRIDS.items():
                 rows.append({"layer": name, "shape": f"{fan_in}->{fan_out}", "grid": grid_name,
-                             **_layer_times(weight, bias, x, grid, rounds)})
+                             **_layer_times(weight, bias, x, grid, rounds, clock)})
     return rows
 
 
-def _layer_times(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, grid: dict, rounds: int) -> dict:
+def _layer_times(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, grid: dict, rounds: int,
+                 clock: str) -> dict:
     quant = GridWeight(grid["bits"], "linear", grid.get("symmetric", False), axis=0,
                        group_size=grid.get("group_size"))
     module = WeightOnlyLinear.from_grouped(quant.grouped(weight), bias)
@@ -248,7 +249,7 @@ def _layer_times(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, grid
         linear = nn.Linear(weight.shape[1], weight.shape[0])
         linear.weight.data, linear.bias.data = weight, bias
         candidates["torch.ao dynamic"] = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear})
-    times = choose_kernel(candidates, (x,), baseline="fp32", repeats=rounds).times_ms
+    times = choose_kernel(candidates, (x,), baseline="fp32", repeats=rounds, clock=clock).times_ms
     chosen = choose(module, x, WEIGHT_ONLY_KERNELS, repeats=rounds)
     return {"times_ms": times, "chosen": chosen.kernel, "held_bytes": module.held_bytes(),
             "fp32_bytes": 4 * (weight.numel() + bias.numel())}
@@ -272,7 +273,7 @@ def main() -> None:
         kernels = ["fp32", "torch.ao dynamic", *WEIGHT_ONLY_KERNELS]
         print("| layer | shape | grid | " + " | ".join(f"{k} ms" for k in kernels) + " | chosen | held / fp32 bytes |")
         print("|---|---|---|" + "---:|" * len(kernels) + "---|---:|")
-        for row in layer_rows(max(args.rounds, 5)):
+        for row in layer_rows(max(args.rounds, 5), args.clock):
             times = [f"{row['times_ms'][k]:.3f}" if k in row["times_ms"] else "-" for k in kernels]
             print(f"| {row['layer']} | {row['shape']} | {row['grid']} | " + " | ".join(times)
                   + f" | {row['chosen']} | {row['held_bytes'] / row['fp32_bytes']:.3f} |", flush=True)
