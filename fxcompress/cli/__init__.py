@@ -1,7 +1,8 @@
 """The `fxcompress` command (also `python -m fxcompress`): demo, run, inspect, report, decode, export, sensitivity.
 
     fxcompress demo [--data digits|fashion-mnist|auto] [--quick]
-    fxcompress run recipes/deep_compression_lenet300.yaml [--quick] [--out DIR]
+    fxcompress run deep_compression_lenet300 [--quick] [--check] [--out DIR]   # a shipped recipe, or a file
+    fxcompress report model.fxc [--sensitivity [TABLE.json]]
     fxcompress inspect model.fxc
 
 `main(argv)` returns the exit status. An error fxcompress raises on purpose (a bad recipe value, a
