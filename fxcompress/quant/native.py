@@ -8,6 +8,11 @@ fused into one oneDNN call (`torch.ops.onednn.qlinear_pointwise` / `qconv2d_poin
 PT2E's x86 lowering emits); the last layer of a run writes float32 instead. Max pooling runs on
 the codes, and ReLU elsewhere on codes is a clamp at the zero-point.
 
+A oneDNN call costs tens of microseconds whatever its size, so a layer may instead run its float
+kernel (`NativeLayer(kernel="float")`: the weight dequantized from its codes, the scales folded in,
+the same codes read and written), chosen per layer by measurement; between two float layers the
+codes stay in float32 (`float_codes`), so a run of float layers costs about what the float model does.
+
 The kernels scale the int32 accumulator in float32 and round half to even where the reference
 backend (`quant.integer`) uses a 31-bit fixed-point multiplier rounding half up, so the two agree
 to one code per requantization, not bit for bit.
