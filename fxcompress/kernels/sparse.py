@@ -18,7 +18,10 @@ A `SparseLayer` computes one layer from one stored form of its weight, chosen by
   single-threaded C kernel (csrc/sparse_relative.c): 2-3 bytes a weight instead of CSR's 8, and a
   product that beat torch's and scipy's CSR 1.5-2x at batch 1 here (benchmarks/deploy_sparse.py).
   A candidate only where the machine's C compiler built it; a file holding it loads elsewhere too
-  (it then runs scipy's CSR, with a warning).
+  (it then runs scipy's CSR, with a warning);
+- "c_relative_csc": the same storage by columns (the weight's transpose), a product that reads the
+  input once and scatters into the output, skipping every zero input (a ReLU's zeros cost nothing);
+  it wins where the input is long (VGG-16's 25088) or half zeros. Finite weights only (0 * inf).
 
 A conv2d layer runs as im2col (`F.unfold`) and one sparse matmul over every output position.
 
@@ -317,7 +320,8 @@ class SparseLayer(nn.Module):
     Buffers: "dense" holds `weight`; the sparse kernels hold `crow_indices` / `col_indices` (int32)
     and `values` ([nnz] for CSR, [blocks, b, b] for BSR) of the weight as a matrix [out, in * kh * kw];
     "c_relative" holds `crow_indices`, `gaps` (`gap_dtype`) and either `values` or, with `shared`,
-    `codes` (uint8) and `codebook` (float32) (see `relative_form`); `bias` when the layer has one. `kernel_choice` is the measurement that picked the kernel
+    `codes` (uint8) and `codebook` (float32) (see `relative_form`), "c_relative_csc" the same of the
+    transposed matrix [in * kh * kw, out]; `bias` when the layer has one. `kernel_choice` is the measurement that picked the kernel
     (None when the kernel was set by hand): times in milliseconds per call for each candidate.
     """
 
