@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import Interval, Options, validate
+from fxcompress.encoded.memory import release_freed_memory
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
@@ -61,16 +62,18 @@ class LowerToEncoded(Pass):
         touched, stats, batch = [], {}, []
         layers = select_layers(gm, "LowerToEncoded")
         limit = min(_BATCH_ELEMENTS, sum(_stored_numel(gm, layer) for layer in layers) // _BATCH_SHARE)
+        release_freed_memory()  # what earlier passes freed would otherwise stay resident under our batches
         for layer in ctx.each(layers, "encoding"):
             node = layer_node(gm, layer)
             if node.op != "call_function" or not _has_chain(gm, weight_arg(node)):
                 continue  # no mask or fake-quant on this weight: it stays a float parameter
             if any(weight_arg(node) is weight_arg(layer_node(gm, queued)) for queued, *_ in batch):
                 continue  # a tied reader of a weight already queued: lowered with it
-            batch.append((layer, *self._prepare(gm, layer), _group_steps(gm, layer)))
-            if sum(item[1].numel() for item in batch) >= limit:
-                self._lower(gm, batch, touched, stats)
+            if batch and sum(item[1].numel() for item in batch) + _stored_numel(gm, layer) > limit:
+                self._lower(gm, batch, touched, stats)  # full: lowered before this layer's weight is evaluated
                 batch = []  # the batch's dense weights are freed before the next is evaluated
+                release_freed_memory()  # ... and its transients handed back, not kept resident
+            batch.append((layer, *self._prepare(gm, layer), _group_steps(gm, layer)))
         self._lower(gm, batch, touched, stats)
         return PassResult(changed=bool(touched), params_touched=tuple(touched), stats=stats)
 
