@@ -21,6 +21,10 @@ inplace=True and 2.5x without, at every size; slope at most 1.1.
     python benchmarks/bench_scale.py [--sizes 10M,100M,300M,1B] [--scopes global,local]
                                      [--inplace 1,0] [--threads 1] [--until masks|kmeans] [--json rows.json]
     python benchmarks/bench_scale.py --from-json rows10M.json rows100M.json   # one table and fit over runs
+
+`--fixed-mmap-threshold` runs the rows with glibc's MALLOC_MMAP_THRESHOLD_=131072: large blocks are
+then always mapped and unmapped, so freed memory leaves the resident size at once; the difference
+from a default run is what glibc's dynamic threshold keeps resident between stages (not the code's).
 """
 from __future__ import annotations
 
@@ -276,6 +280,8 @@ def main() -> None:
                         help="stop after this stage (memory and time of the first stages on the largest sizes)")
     parser.add_argument("--from-json", nargs="+", metavar="FILE",
                         help="print the tables and fits of rows saved by earlier runs' --json, run nothing")
+    parser.add_argument("--fixed-mmap-threshold", action="store_true",
+                        help="children run with MALLOC_MMAP_THRESHOLD_=131072 (glibc: freed blocks unmapped)")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "SCOPE", "INPLACE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -289,13 +295,14 @@ def main() -> None:
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s); GPT-style models (pre-norm, fused qkv, "
+    print(f"torch {torch.__version__}, {args.threads} thread(s)"
+          f"{', MALLOC_MMAP_THRESHOLD_=131072' if args.fixed_mmap_threshold else ''}; GPT-style models (pre-norm, fused qkv, "
           f"scaled_dot_product_attention, MLP 4x), input 1 x 16 x width")
     rows = []
     for size in sizes:
         for scope in args.scopes.split(","):
             for inplace in args.inplace.split(","):
-                rows.append(_run_child(size, scope, inplace, args.threads, args.until))
+                rows.append(_run_child(size, scope, inplace, args.threads, args.until, args.fixed_mmap_threshold))
                 r = rows[-1]
                 print(f"  {size} {scope} inplace={r['inplace']}: {r.get('end_to_end_s', '-')} s end to end, "
                       + ", ".join(f"{s} {r[s]['s']} s / {r[s]['peak_x']}x" for s in STAGES if s in r), flush=True)
@@ -304,10 +311,11 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
-def _run_child(size: str, scope: str, inplace: str, threads: int, until: str) -> dict:
+def _run_child(size: str, scope: str, inplace: str, threads: int, until: str, fixed_mmap: bool = False) -> dict:
+    malloc = {"MALLOC_MMAP_THRESHOLD_": "131072"} if fixed_mmap else {}
     out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--until", until,
                           "--child", size, scope, inplace],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", **malloc})
     if out.returncode != 0:
         raise SystemExit(f"{size} {scope} inplace={inplace} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
