@@ -103,7 +103,8 @@ def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     without sorting every value: a hash-based unique, then a binary search of the few distinct ones."""
     bits = _bits(values)
     uniq = np.sort(_unique_values(bits))
-    index = np.empty(bits.size, np.int32)  # int32: half the memory of searchsorted's int64, made a chunk at a time
+    # uint16 (int32 past 2^16 distinct values): a quarter of searchsorted's int64, made a chunk at a time
+    index = np.empty(bits.size, np.uint16 if len(uniq) <= MAX_ALPHABET else np.int32)
     for start in range(0, bits.size, _CHUNK):
         index[start:start + _CHUNK] = np.searchsorted(uniq, bits[start:start + _CHUNK])
     return uniq, index
@@ -139,7 +140,8 @@ def table_per_channel_codebook(values: np.ndarray, rows: np.ndarray, num_rows: i
     counts = np.bincount(uniq // len(distinct), minlength=num_rows)
     first = (np.cumsum(counts) - counts).astype(inverse.dtype)
     inverse -= first[rows]
-    symbols = inverse  # each value's index in its channel's codebook
+    # each value's index in its channel's codebook, in 16 bits when the counts allow (they are uint16)
+    symbols = inverse.astype(np.uint16) if counts.max(initial=0) <= MAX_ALPHABET else inverse
     data = np.concatenate([counts.astype("<u2").view(np.uint8), _little_endian(distinct[uniq % len(distinct)])])
     return Codebook("table_per_channel", data, symbols, int(counts.max(initial=1)))
 
@@ -266,7 +268,7 @@ def _books(values: np.ndarray, rows, num_rows: int, codings: tuple[str, ...] = C
         alphabet = int(k.max() - k.min() + 1)
         counts = np.bincount(k - k.min(), weights=np.bincount(value_id, minlength=len(uniq)), minlength=alphabet)
         found.append(_Book("grid", _little_endian(np.array([step], dtype=values.dtype.type)),
-                           Request((k - k.min()).astype(np.int32)[value_id], alphabet, codings,
+                           Request((k - k.min()).astype(np.uint16)[value_id], alphabet, codings,
                                    counts=counts.astype(np.int64)),
                            int(k.min())))
     return found
