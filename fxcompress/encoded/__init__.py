@@ -8,6 +8,7 @@
     tensor     a weight tensor as codebook + symbol streams (+ positions)
     module     EncodedWeight: the graph module that holds the bytes and decodes once
     decode     a lowered GraphModule back to plain float parameters
+    memory     handing the encoder's freed memory back to the system between batches
 
 The file format that saves any GraphModule (encoded or not) is fxcompress.fileformat.
 """
