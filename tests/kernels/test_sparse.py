@@ -195,7 +195,9 @@ def test_the_thread_clock_counts_work_not_waiting():
         while time.thread_time() < end:
             pass
 
-    candidates = {"dense": lambda: time.sleep(0.006), "busy": busy}  # sleeping takes time but no CPU
+    # sleeping takes time but no CPU; 15 times the busy loop's CPU time, so that on a loaded machine
+    # (where the busy loop's 2 ms of CPU take longer to get) wall-clock still ranks it first
+    candidates = {"dense": lambda: time.sleep(0.03), "busy": busy}
     assert choose_kernel(candidates, (), baseline="dense", repeats=3, clock="wall").kernel == "busy"
     by_cpu = choose_kernel(candidates, (), baseline="dense", repeats=3, clock="thread")
     assert by_cpu.kernel == "dense" and by_cpu.times_ms["dense"] < 1.0 <= by_cpu.times_ms["busy"]
