@@ -213,6 +213,8 @@ def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dic
         print(f"  native backend refused: {stats['native_refused']}")
         return forms | {"ours default (fell back to reference)": fast}
     forms["ours native"] = fast
+    # which layers run int8 and which float: each is chosen by timing both on the example input
+    print(f"  ours native kernels (chosen at batch {x.shape[0]}): {stats.get('kernels')}")
     if compile_native:
         torch._inductor.config.freezing = True  # inductor lowers oneDNN int8 kernels only with constant packed weights
         forms["ours native compiled"] = torch.compile(fast, backend="inductor", dynamic=False)
