@@ -64,14 +64,20 @@ def test_fold_is_exact_on_llama_and_finds_every_producer(method, kv_heads):
     out = out_gm(x)["logits"].detach()
     assert float((out - reference).abs().max() / reference.abs().max()) < 1e-5
     layers = fxcompress.history(out_gm)[-1].stats["layers"]
-    producers = {name.rsplit(".", 1)[-1]: report["producer"].rsplit(".", 2)[-2] for name, report in layers.items()}
-    assert producers == {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
-                         "o_proj": "self_attn", "gate_proj": "post_attention_layernorm",
-                         "up_proj": "post_attention_layernorm", "down_proj": "mlp", "lm_head": "norm"}
-    assert layers["model.layers.0.self_attn.o_proj"]["producer"] == "model.layers.0.self_attn.v_proj"
-    assert layers["model.layers.0.mlp.down_proj"]["producer"] == "model.layers.0.mlp.up_proj"
+    producers = {name.rsplit(".", 1)[-1]: report["producer"].rsplit(".", 2)[-2]
+                 for name, report in layers.items() if "producer" in report}
+    norms = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+             "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm", "lm_head": "norm"}
     changed = [k for k, v in out_gm.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert "model.layers.0.input_layernorm.weight" in changed and "model.layers.0.self_attn.v_proj.weight" in changed
+    if method == "smoothquant":   # as the paper: only norms take the scales
+        assert producers == norms
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            assert "folds only into norms" in layers[f"model.layers.0.{name}"]["skipped"]
+        return
+    assert producers == {**norms, "o_proj": "self_attn", "down_proj": "mlp"}
+    assert layers["model.layers.0.self_attn.o_proj"]["producer"] == "model.layers.0.self_attn.v_proj"
+    assert layers["model.layers.0.mlp.down_proj"]["producer"] == "model.layers.0.mlp.up_proj"
 
 
 def test_layernorm_fold_is_exact_and_a_relu_stops_the_query():
