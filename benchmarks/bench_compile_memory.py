@@ -18,14 +18,12 @@ import os
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
 
 import torch
 from torch import nn
 
-from zoo import SelfAttention
+from fxcompress.zoo import SelfAttention
 
 
 class Block(nn.Module):

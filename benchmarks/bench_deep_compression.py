@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
 
 import torch
 
@@ -28,7 +26,7 @@ from fxcompress.datasets import load_dataset
 from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
 from fxcompress.training import evaluate, train
-from zoo import LeNet5, LeNet300100
+from fxcompress.zoo import LeNet5, LeNet300100
 
 BITS = {"lenet300": {"linear": 5}, "lenet5": {"conv2d": 8, "linear": 5}}  # Deep Compression's choices
 FINETUNE = {"lenet300": (3, 1e-4), "lenet5": (2, 1e-4)}                 # epochs, learning rate

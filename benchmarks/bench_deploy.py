@@ -53,7 +53,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling deploy_* benchmarks
 
 import numpy as np
@@ -66,7 +65,7 @@ from fxcompress import export
 from fxcompress.errors import PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import native
-from zoo import BasicBlock, LeNet5, LeNet300100
+from fxcompress.zoo import BasicBlock, LeNet5, LeNet300100
 
 MIN_SAMPLE_S = 0.02  # each timed sample loops the forward until it takes at least this long
 Form = tuple[Callable, object]  # a callable and the input it takes (a tensor, or ONNX Runtime's feed dict)

@@ -37,9 +37,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
 
 import torch
 from torch import nn
@@ -52,7 +50,7 @@ from fxcompress.kernels.timing import CLOCKS
 from fxcompress.layers import find_layers
 from fxcompress.passes import InsertMasks, LowerToSparse
 from fxcompress.pruning.masks import get_mask, masked_layers, set_mask
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 # (name, in_features, out_features, sparsity): Deep Compression's pruned fully-connected layers
 DEEP_COMPRESSION = (

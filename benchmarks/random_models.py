@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the generator lives with the tests
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the model zoo lives with the examples
 from randmodels import PROPERTIES, check_pass, outcome, pass_pipelines, random_model  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
 from fxcompress.quant import KMeansWeight
 from fxcompress.training import check_replicas, evaluate, shard, train
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 QUANT_RULES = [("fc[12]\\.weight", "kmeans", 5), ("fc3\\.weight", "linear", 8)]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from fxcompress.cli.demo import add_arguments, demo
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -21,7 +21,7 @@ from fxcompress.datasets import Dataset, load_dataset
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import PruneChannels
 from fxcompress.training import evaluate, train
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 CALIBRATION = 512
 

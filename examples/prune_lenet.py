@@ -22,7 +22,7 @@ from fxcompress.datasets import Dataset, load_dataset
 from fxcompress.passes import InsertMasks
 from fxcompress.pruning import get_mask, masked_layers
 from fxcompress.training import evaluate, train
-from zoo import LeNet5, LeNet300100
+from fxcompress.zoo import LeNet5, LeNet300100
 
 
 @dataclass(frozen=True)

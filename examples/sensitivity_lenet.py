@@ -16,7 +16,7 @@ import fxcompress
 from fxcompress.datasets import load_dataset
 from fxcompress.passes import InsertMasks
 from fxcompress.training import evaluate, torch_threads, train
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 

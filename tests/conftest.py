@@ -8,7 +8,7 @@ from torch import nn
 
 from fxcompress.datasets import load_digits
 from fxcompress.training import train
-from zoo import ZOO, BasicBlock, LeNet5
+from fxcompress.zoo import ZOO, BasicBlock, LeNet5
 
 # One thread: on small shared machines, torch's thread pool makes tiny models many times slower.
 torch.set_num_threads(1)

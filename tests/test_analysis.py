@@ -14,7 +14,7 @@ from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.passes import InsertMasks, LowerToEncoded
 from fxcompress.tracing import trace
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 @dataclass(frozen=True)

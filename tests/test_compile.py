@@ -16,7 +16,7 @@ from fxcompress.config import check_real
 from fxcompress.errors import ConfigError, UnknownOpError, UnknownOpWarning, VerificationError
 from fxcompress.layers import find_layers, insert_on_weight
 from fxcompress.pass_base import Pass, PassResult
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,7 +206,7 @@ def test_lint_failure_is_reported():
 
 
 def test_training_flags_and_bn_statistics_survive_compile():
-    from zoo import VGGBN
+    from fxcompress.zoo import VGGBN
     model = VGGBN().train()
     gm = fxcompress.compile(model, [], example_inputs=(torch.randn(2, 3, 32, 32),))
     assert gm.training and all(m.training for m in gm.modules())
@@ -288,7 +288,7 @@ def test_concurrent_compiles_of_different_models_all_succeed_and_match_single_th
     """torch.fx tracing patches nn.Module.__call__ process-wide: a forward in another thread must wait."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from zoo import ZOO
+    from fxcompress.zoo import ZOO
 
     names = ["gpt_block", "lenet300", "lenet5", "senet", "transformer"]  # the quickest zoo models, of every kind
     models = {name: (ZOO[name][0]().eval(), ZOO[name][1]()) for name in names}

@@ -27,7 +27,7 @@ from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
 from fxcompress.quant import ActivationQuant, KMeansWeight
 from fxcompress.quant.observers import OBSERVERS, distributed
 from fxcompress.training import check_replicas, shard
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_finetune.py"
 WORLD = 2

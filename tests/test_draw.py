@@ -11,7 +11,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.layers import find_layers, insert_on_weight
 from fxcompress.pass_base import Pass, PassResult
 from fxcompress.passes import InsertFakeQuant, InsertMasks
-from zoo import LeNet300100, ResNetSmall
+from fxcompress.zoo import LeNet300100, ResNetSmall
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ from fxcompress import export
 from fxcompress.errors import ConfigError
 from fxcompress.layers import effective_weight, find_layers, insert_on_weight
 from fxcompress.passes import LowerToEncoded
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 
 @pytest.fixture(scope="module")

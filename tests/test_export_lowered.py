@@ -29,7 +29,7 @@ from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant,
                                LowerToInteger, LowerToSparse)
 from fxcompress.quant import native
 from fxcompress.quant.native import NativeLayer
-from zoo import BasicBlock
+from fxcompress.zoo import BasicBlock
 
 ATOL = 1e-5
 HAS_CXX = bool(shutil.which("g++") or shutil.which("c++"))  # inductor's CPU code generation needs one

@@ -24,7 +24,7 @@ from fxcompress import export
 from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
 from fxcompress.quant import native, set_quantization
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed")

@@ -6,7 +6,7 @@ import fxcompress
 from fxcompress.errors import ConfigError
 from fxcompress.passes import InsertMasks
 from fxcompress.sensitivity import sensitivity
-from zoo import LeNet5, LeNet300100
+from fxcompress.zoo import LeNet5, LeNet300100
 
 
 def weight_sparsity_metric(layer):

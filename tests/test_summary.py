@@ -6,7 +6,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.layers import WeightTransform, find_layers, insert_on_weight
-from zoo import LeNet5, LeNet300100
+from fxcompress.zoo import LeNet5, LeNet300100
 
 
 class PackedWeight(WeightTransform):
@@ -89,7 +89,7 @@ def test_sqnr_of_a_quantizing_transform():
 
 
 def test_other_parameters_are_counted():
-    from zoo import TransformerBlock
+    from fxcompress.zoo import TransformerBlock
     model = TransformerBlock().eval()
     gm = fxcompress.compile(model, [], example_inputs=torch.randn(2, 8, 16))
     s = fxcompress.summary(gm)

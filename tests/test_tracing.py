@@ -111,7 +111,7 @@ def test_every_traced_call_node_carries_the_users_line_and_both_front_ends_agree
     from pathlib import Path
 
     from fxcompress import zoo
-    from zoo import GPTBlock
+    from fxcompress.zoo import GPTBlock
 
     from fxcompress.frontends import export_module
     from fxcompress.tracing import origin, source_line, trace

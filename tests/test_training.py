@@ -16,7 +16,7 @@ from fxcompress.datasets import load_dataset
 from fxcompress.errors import ConfigError
 from fxcompress.passes import PruneChannels
 from fxcompress.training import OptimizerConfig, evaluate, train
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 def fresh_model():

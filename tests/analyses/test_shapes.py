@@ -5,7 +5,7 @@ from fxcompress.analyses import ParamOwnership, ShapeInfo, propagate_shapes
 from fxcompress.errors import PreconditionError
 from fxcompress.pass_base import PassContext
 from fxcompress.tracing import trace
-from zoo import LeNet300100, ResNetSmall
+from fxcompress.zoo import LeNet300100, ResNetSmall
 
 
 def test_shapes_of_every_node_without_touching_bn_statistics():

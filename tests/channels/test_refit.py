@@ -8,7 +8,7 @@ import fxcompress
 from fxcompress.channels.capture import _outputs, _windows
 from fxcompress.channels.refit import _solve_into
 from fxcompress.passes import PruneChannels
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 
 def test_least_squares_recovers_a_linear_layer_and_its_bias():

@@ -7,7 +7,7 @@ import torch
 import fxcompress
 from fxcompress.cli import main
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from torch import nn
 
 from fxcompress.cli.models import build, factory_of
 from fxcompress.errors import ConfigError
-from zoo import LeNet5, LeNet300100
+from fxcompress.zoo import LeNet5, LeNet300100
 
 
 def test_zoo_models_get_their_sizes_from_the_data_set():

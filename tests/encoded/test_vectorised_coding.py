@@ -13,7 +13,7 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.streams import CODINGS, Request, choose, smallest
 from fxcompress.encoded.tensor import decode_tensor, encode_tensor, encode_tensors, grid_codebook
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 from . import reference_encoding as ref
 

@@ -11,7 +11,7 @@ from fxcompress.errors import ConfigError, FormatError
 from fxcompress.quant.integer import IntegerLayer, QuantizeInput
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import ActivationQuant
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 
 def _activation_quantized(x):

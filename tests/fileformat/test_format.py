@@ -12,7 +12,7 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import FormatError
 from fxcompress.layers import find_layers, insert_on_weight
 from fxcompress.passes import LowerToEncoded
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 
 def _sparse_fixed_point(gm, sparsity=0.9):

@@ -22,7 +22,7 @@ import fxcompress
 from fxcompress.fileformat.container import MANIFEST_RATIO, MANIFEST_SLACK, from_bytes, to_bytes
 from fxcompress.errors import FormatError, FxCompressError
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 from .hostile import read_manifest, tensor_data, with_manifest, with_packed_manifest, zlib_bomb
 

@@ -11,7 +11,7 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import FormatError
 from fxcompress.fileformat.container import HEADER_BYTES
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 from .hostile import read_manifest, with_manifest
 

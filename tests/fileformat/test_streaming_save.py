@@ -16,7 +16,7 @@ from fxcompress.fileformat.container import _HEADER, MAGIC, VERSION, _tensors, t
 from fxcompress.history import history
 from fxcompress.fileformat.graphdata import graph_to_data, modules_to_data
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 
 def _whole_buffer_bytes(gm):

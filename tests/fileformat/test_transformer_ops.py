@@ -13,7 +13,7 @@ from fxcompress.fileformat.allowlist import CREATED_SLACK
 from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
 from fxcompress.tracing import trace
-from zoo import GPT2Block, gpt2_tokens
+from fxcompress.zoo import GPT2Block, gpt2_tokens
 
 
 class MaskedScores(nn.Module):

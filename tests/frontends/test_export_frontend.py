@@ -466,7 +466,7 @@ def test_no_grad_and_autocast_regions_are_inlined_with_the_models_gradients(tmp_
 def test_a_tied_table_is_read_under_each_layers_own_name_and_encoded_once(tmp_path):
     """Export reads an LM head tied to its token embedding under one name for both ops; the embedding
     reads `wte.weight` again, as in an fx trace, so Deep Compression leaves no float copy of the table."""
-    from zoo import GPT2Block, gpt2_tokens
+    from fxcompress.zoo import GPT2Block, gpt2_tokens
 
     torch.manual_seed(0)
     model, x = GPT2Block().eval(), gpt2_tokens()

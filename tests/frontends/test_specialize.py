@@ -10,7 +10,7 @@ from torch import nn
 
 import fxcompress
 from zeroing import pick_half, zero_classes
-from zoo import GPT2Block, gpt2_tokens
+from fxcompress.zoo import GPT2Block, gpt2_tokens
 from fxcompress.channels import ChannelGraph
 from fxcompress.frontends import specialize_shapes
 from fxcompress.frontends.specialize import reads_shape

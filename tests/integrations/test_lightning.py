@@ -12,7 +12,7 @@ from fxcompress.pruning.schedule import AGP
 from fxcompress.quant.modules import KMeansWeight
 from fxcompress.datasets import load_digits
 from fxcompress.training import evaluate
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 pl = pytest.importorskip("pytorch_lightning")
 lightning = pytest.importorskip("fxcompress.integrations.lightning")

@@ -10,7 +10,7 @@ from fxcompress.errors import PreconditionError
 from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.layers import find_layers, layer_node, weight_arg
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import GPT2Block, gpt2_tokens
+from fxcompress.zoo import GPT2Block, gpt2_tokens
 
 
 def _compiled(passes):

@@ -11,7 +11,7 @@ from fxcompress.layers import chain_transforms, effective_weight, find_layers, l
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
 from fxcompress.quant import (ActivationQuant, GridWeight, KMeansWeight, freeze_observers, recluster,
                               set_quantization)
-from zoo import ZOO, LeNet5, LeNet300100
+from fxcompress.zoo import ZOO, LeNet5, LeNet300100
 
 
 def lenet300(passes, calibration=None, model=None):

@@ -9,7 +9,7 @@ from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import InsertFakeQuant
 from fxcompress.quant import GridWeight
 from fxcompress.quant.quantizers import linear_grid
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 
 class MLP(nn.Module):

@@ -7,7 +7,7 @@ from fxcompress.errors import PreconditionError
 from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
-from zoo import ZOO, ResNetSmall, VGGBN
+from fxcompress.zoo import ZOO, ResNetSmall, VGGBN
 
 
 def _randomize_statistics(model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ from fxcompress.passes import InsertMasks
 from fxcompress.pruning import AGP, get_mask, masked_layers
 from fxcompress.pruning.importance import count_to_prune, group_dims
 from fxcompress.training import torch_threads
-from zoo import ZOO, LeNet5, LeNet300100
+from fxcompress.zoo import ZOO, LeNet5, LeNet300100
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
 from fxcompress.layers import WeightTransform, find_layers, insert_on_weight
 from fxcompress.passes import LowerToEncoded
-from zoo import ZOO, LeNet5, LeNet300100
+from fxcompress.zoo import ZOO, LeNet5, LeNet300100
 
 
 class RoundToGrid(WeightTransform):

@@ -8,7 +8,7 @@ from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, Quant
 from fxcompress.passes import FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.passes.fake_quant import ActivationConfig
 from fxcompress.quant import ActivationQuant
-from zoo import LeNet5, LeNet300100, ResNetSmall
+from fxcompress.zoo import LeNet5, LeNet300100, ResNetSmall
 
 
 def _fake_quant(model, x, **options):

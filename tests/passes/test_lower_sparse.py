@@ -7,7 +7,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.kernels import SparseLayer, remeasure
 from fxcompress.kernels.sparse import relative_available
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToSparse
-from zoo import LeNet5, LeNet300100
+from fxcompress.zoo import LeNet5, LeNet300100
 
 FAST = {"repeats": 2}
 C_KERNELS = ("c_relative", "c_relative_csc") if relative_available() else ()  # where a C compiler builds our kernel

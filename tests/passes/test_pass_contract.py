@@ -19,7 +19,7 @@ from fxcompress.pass_base import Pass
 from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
                                LowerToInteger, LowerToSparse, LowerWeightOnly)
 from fxcompress.pruning import AGP
-from zoo import ZOO
+from fxcompress.zoo import ZOO
 
 PASSES = [getattr(passes, name) for name in passes.__all__ if isinstance(getattr(passes, name), type)
           and issubclass(getattr(passes, name), Pass)]

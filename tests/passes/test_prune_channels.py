@@ -239,7 +239,7 @@ from fxcompress.layers import find_layers, insert_on_weight  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes.prune_channels import PruneChannels  # noqa: E402
 from fxcompress.tracing import trace  # noqa: E402
-from zoo import ZOO, DenseNetSmall, GPT2Block, gpt2_tokens  # noqa: E402
+from fxcompress.zoo import ZOO, DenseNetSmall, GPT2Block, gpt2_tokens  # noqa: E402
 
 MODELS = {**{name: (ctor, lambda make=make: (make(),)) for name, (ctor, make) in ZOO.items()}, **EXTRA}
 

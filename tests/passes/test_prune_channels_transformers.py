@@ -23,7 +23,7 @@ from fxcompress.pass_base import PassContext
 from fxcompress.passes.prune_channels import PruneChannels
 from fxcompress.tracing import trace
 from zeroing import pick_half, zero_classes
-from zoo import Conv1D
+from fxcompress.zoo import Conv1D
 
 
 # ---- Llama: RMSNorm, rotary embeddings, grouped-query attention --------------------------------------

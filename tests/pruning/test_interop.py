@@ -11,7 +11,7 @@ from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import InsertMasks
 from fxcompress.pruning import get_mask, masked_layers
 from fxcompress.pruning.interop import export_to_torch_prune, import_from_torch_prune, rewind
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 X = torch.randn(3, 1, 28, 28)
 

@@ -14,7 +14,7 @@ from fxcompress.quant import native
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.quant.native import (LAYER_KERNELS, NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes,
                                      relu_codes)
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 MODELS = ("lenet5", "resnet")  # conftest's DIGITS_MODELS, trained once per session (trained_digits)
 

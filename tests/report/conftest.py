@@ -4,7 +4,7 @@ import torch
 
 import fxcompress
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-from zoo import LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 @pytest.fixture(scope="module")

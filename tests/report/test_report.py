@@ -35,7 +35,7 @@ def test_weights_before_quantization_come_from_the_chain_or_the_reference(compre
 
 def test_a_reference_that_does_not_fit_is_refused(compressed):
     _, _, encoded, _ = compressed
-    from zoo import LeNet300100
+    from fxcompress.zoo import LeNet300100
     with pytest.raises(ConfigError, match="layer fc1 has weight shape"):
         layer_weights(encoded, reference=LeNet300100(in_features=784))
     with pytest.raises(ConfigError, match="report.reference"):

@@ -15,7 +15,7 @@ from fxcompress.passes import (ActivationConfig, InsertFakeQuant, LowerDynamicIn
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.quant.native import available as native_available
 from fxcompress.report import layer_weights, write_report
-from zoo import LeNet5
+from fxcompress.zoo import LeNet5
 
 X = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 CALIBRATION = [torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))]

@@ -13,7 +13,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import PruneChannels
 from fxcompress.tracing import trace
-from zoo import ZOO, DenseNetSmall, ResNetSmall
+from fxcompress.zoo import ZOO, DenseNetSmall, ResNetSmall
 
 
 def _graph(model: nn.Module, *inputs) -> ChannelGraph:
