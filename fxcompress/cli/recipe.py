@@ -1,7 +1,7 @@
 """A recipe: one YAML file naming the model, the data set, the passes in order and the fine-tuning after
 each. `load_recipe` validates all of it before any work and reports a bad key or value at its line.
 
-    model: zoo:lenet300            # zoo:NAME, torchvision:NAME or package.module:factory
+    model: zoo:lenet300            # zoo:NAME, torchvision:NAME, transformers:ClassName or package.module:factory
     data: digits                   # or {name: cifar-10, root: DIR, channels: 3}
     train: {epochs: 30, lr: 1e-3}  # dense training first (optional)
     steps:
@@ -245,6 +245,20 @@ def find_recipe(spec: str | Path) -> Path:
                       f"(shipped: {', '.join(shipped) or 'none'})")
 
 
+def _model_args(doc: Document, model: str, args: dict) -> tuple[dict, str | None]:
+    """The model's arguments, a transformers `config:` file named relative to the recipe read from the
+    recipe's folder, and a digest of that file: a changed config file changes the dense model."""
+    args = dict(args)
+    path = args.get("config")
+    if not (model.startswith("transformers:") and isinstance(path, str)):
+        return args, None
+    beside = Path(doc.name).parent / path
+    if not Path(path).is_absolute() and beside.is_file():
+        args["config"] = str(beside)
+    file = Path(args["config"])
+    return args, hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else None
+
+
 def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
     """Read and validate a recipe (a file, or the name of a shipped one); every error is a ConfigError
     "file:line: what is wrong"."""
@@ -256,8 +270,9 @@ def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
                                                               CALIBRATION)}
     quick_caps = {**DEFAULTS["quick"], **check_section(doc, ("quick",), top.get("quick", {}), QUICK)}
     train = _training(doc, ("train",), top.get("train", {}), DEFAULTS["train"])
+    model_args, config_digest = _model_args(doc, top["model"], top.get("model_args", {}))
     base = (top["model"], top.get("model_args", {}), data, top.get("seed", 0), top.get("train"), calibration,
-            quick and quick_caps)
-    return Recipe(doc, top["model"], dict(top.get("model_args", {})), data, top.get("seed", 0),
+            quick and quick_caps) + ((config_digest,) if config_digest else ())
+    return Recipe(doc, top["model"], model_args, data, top.get("seed", 0),
                   top.get("threads", 1), train, calibration, quick_caps if quick else {},
                   _steps(doc, top["steps"], base), _fingerprint(base), _sensitivity(doc, top.get("sensitivity")))

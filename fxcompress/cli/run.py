@@ -30,7 +30,7 @@ from ..sensitivity import SensitivityTable, sensitivity
 from ..summary import summary
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, as_channels, image_folder_classes, subset
-from .models import build
+from .models import LogitsOf, build, export_free_batch
 from .recipe import Recipe, Step, Training, load_recipe, shipped_recipes
 
 STATE = "state.json"
@@ -94,7 +94,7 @@ def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise recipe.error(("model",), f"model {recipe.model} cannot run on the {recipe.data['name']} images "
                                        f"{tuple(example[0].shape)}: {_one_line(exc)[:300]}") from None
-    gm = copy.deepcopy(model).eval()
+    gm = _compilable(copy.deepcopy(model).eval(), example)
     for step in recipe.steps:
         try:
             gm = compile_model(gm, [step.make()], example_inputs=example, calibration_data=calibration)
@@ -102,6 +102,12 @@ def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list)
         except FxCompressError as exc:
             raise recipe.error(("steps", step.index, "pass"), f"steps[{step.index}] ({step.name}) cannot run: "
                                                                f"{_one_line(exc)}") from None
+
+
+def _compilable(model: nn.Module, example: tuple):
+    """What the first compile takes: a transformers classifier exported with a free batch size (compile's
+    own export would fix it at the example's two images); any other model as it is."""
+    return export_free_batch(model, example) if isinstance(model, LogitsOf) else model
 
 
 def _one_line(exc: BaseException) -> str:
@@ -201,7 +207,8 @@ class Run:
         del self.state["steps"][step.index:]
         torch.manual_seed(self.recipe.seed + step.index + 1)
         pass_ = step.make()
-        gm = compile_model(gm, [pass_], example_inputs=example, calibration_data=calibration, progress=True)
+        gm = compile_model(_compilable(gm, example), [pass_], example_inputs=example, calibration_data=calibration,
+                           progress=True)
         self._finetune_step(step, pass_, gm, data, teacher)
         accuracy = evaluate(gm, data.test_x, data.test_y)
         path = self.out / f"step-{step.index + 1:02d}.fxc"
