@@ -150,11 +150,14 @@ def _read_config_file(spec: str, config_class: type, path: Any) -> dict:
 def build_transformers(spec: str, args: dict[str, Any], shape: tuple[int, int, int] | None) -> LogitsOf:
     """`transformers:ClassName` with random weights from its config, wrapped to return the logits."""
     cls = transformers_class(spec[len(TRANSFORMERS):])
-    config = _hf_config(spec, cls, args, shape)
     try:
-        model = cls(config)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"model {spec!r} could not be built from its config ({_first_line(exc)})") from None
+        model = cls(_hf_config(spec, cls, args, shape))
+    except ConfigError:
+        raise
+    except Exception as exc:  # transformers raises many types on a bad value (KeyError for an unknown
+        # activation, ZeroDivisionError for patch_size 0, its own validation errors): each becomes one
+        raise ConfigError(f"model {spec!r} could not be built from its config ({type(exc).__name__}: "
+                          f"{_first_line(exc)})") from None
     return LogitsOf(model)
 
 

@@ -223,7 +223,7 @@ class Run:
 def run_recipe(path: str | Path, out: str | Path | None, quick: bool = False,
                log: Callable[[str], None] = print, check_only: bool = False) -> dict:
     """Validate the recipe (a file, or a shipped recipe's name), then run (or resume) it into `out`;
-    returns the accuracies and the file size. `check_only`: stop after the validation and the dry run
+    returns the accuracies, the file size and the final model. `check_only`: stop after the validation and the dry run
     (no training, nothing written) and return {"checked": recipe file}."""
     recipe = load_recipe(path, quick=quick)
     check_files(recipe)
@@ -273,7 +273,7 @@ def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:
     run.log(f"model.fxc: {file_bytes} bytes, {dense_bytes / file_bytes:.1f}x smaller than the fp32 parameters; "
             f"accuracy dense {dense:.4f} -> {accuracies[-1]:.4f}; written to {out} (report: {report.html.name})")
     return {"dense_accuracy": dense, "accuracies": accuracies, "file_bytes": file_bytes,
-            "dense_bytes": dense_bytes, "out": str(out)}
+            "dense_bytes": dense_bytes, "out": str(out), "model": gm}
 
 
 def _same_shapes(before: nn.Module, after: nn.Module) -> bool:

@@ -1,9 +1,18 @@
-"""Model specs of recipes: zoo names, `package.module:factory`, and the keywords filled from the data set."""
+"""Model specs of recipes: zoo names, `package.module:factory`, `transformers:ClassName`, and the keywords filled
+from the data set."""
+import copy
+import json
+import sys
+
 import pytest
+import torch
 from torch import nn
 
-from fxcompress.cli.models import build, factory_of
-from fxcompress.errors import ConfigError
+import fxcompress
+from fxcompress.cli.models import LogitsOf, build, export_free_batch, factory_of
+from fxcompress.errors import ConfigError, MissingDependencyError
+from fxcompress.layers import find_layers
+from fxcompress.passes import InsertMasks
 from fxcompress.zoo import LeNet5, LeNet300100
 
 
@@ -36,3 +45,79 @@ def test_bad_specs_are_config_errors():
         factory_of(3)
     with pytest.raises(ConfigError, match="unknown zoo model 'resnet9'"):
         factory_of("zoo:resnet9")
+
+
+VIT = "transformers:ViTForImageClassification"
+TINY_VIT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+            "patch_size": 4}
+
+
+def test_a_transformers_spec_names_an_image_classifier_built_from_its_config():
+    transformers = pytest.importorskip("transformers")
+    factory = factory_of(VIT)
+    model = factory(image_size=8, num_channels=1, num_labels=3, **TINY_VIT)
+    assert isinstance(model, LogitsOf) and isinstance(model.model, transformers.ViTForImageClassification)
+    x = torch.rand(5, 1, 8, 8)
+    logits = model.eval()(x)  # the logits tensor itself, not the ModelOutput
+    assert isinstance(logits, torch.Tensor) and logits.shape == (5, 3)
+    assert torch.equal(logits, model.model(pixel_values=x).logits)
+
+
+def test_the_data_set_fills_the_config_fields_the_recipe_leaves_out():
+    pytest.importorskip("transformers")
+    config = build(VIT, TINY_VIT, (1, 8, 10)).model.config
+    assert (config.num_channels, config.image_size, config.num_labels, config.hidden_size) == (1, 8, 10, 16)
+    config = build(VIT, {**TINY_VIT, "num_labels": 7, "image_size": 16}, (3, 8, 10)).model.config
+    assert (config.num_channels, config.image_size, config.num_labels) == (3, 16, 7)  # the recipe's values win
+
+
+def test_a_local_config_file_is_read_and_the_data_set_fills_what_it_leaves_out(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    full = tmp_path / "full.json"
+    transformers.ViTConfig(image_size=8, num_channels=1, num_labels=4, **TINY_VIT).to_json_file(str(full))
+    config = build(VIT, {"config": str(full)}, (3, 16, 10)).model.config
+    assert (config.num_channels, config.image_size, config.num_labels, config.hidden_size) == (1, 8, 4, 16)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({**TINY_VIT, "hidden_size": 24}))
+    model = build(VIT, {"config": str(partial)}, (1, 8, 10))
+    config = model.model.config
+    assert (config.num_channels, config.image_size, config.num_labels, config.hidden_size) == (1, 8, 10, 24)
+    assert model.eval()(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_transformers_refusals_name_the_culprit(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    with pytest.raises(ConfigError, match="'google/vit-base-patch16-224' is not a local file; nothing is downloaded"):
+        build(VIT, {"config": "google/vit-base-patch16-224"}, (1, 8, 10))
+    with pytest.raises(ConfigError, match="unknown transformers model class 'ViTForPainting'"):
+        factory_of("transformers:ViTForPainting")
+    with pytest.raises(ConfigError, match="unknown transformers model class 'ViTConfig'"):
+        factory_of("transformers:ViTConfig")  # a config, not a model
+    with pytest.raises(ConfigError, match="BertForSequenceClassification takes no pixel_values"):
+        factory_of("transformers:BertForSequenceClassification")
+    with pytest.raises(ConfigError, match="ViTConfig has no field 'hiden_size'"):
+        build(VIT, {"hiden_size": 32}, (1, 8, 10))  # transformers itself would keep the typo silently
+    with pytest.raises(ConfigError, match="not both .also given: hidden_size"):
+        build(VIT, {"config": str(tmp_path / "c.json"), "hidden_size": 32}, (1, 8, 10))
+    (tmp_path / "broken.json").write_text("{hidden_size: 3")
+    with pytest.raises(ConfigError, match="broken.json' is not a JSON config"):
+        build(VIT, {"config": str(tmp_path / "broken.json")}, (1, 8, 10))
+    with pytest.raises(ConfigError, match="could not be built from its config .KeyError: 'nope'"):
+        build(VIT, {**TINY_VIT, "hidden_act": "nope"}, (1, 8, 10))
+    with pytest.raises(ConfigError, match="could not be built from its config .*image_size"):
+        build(VIT, {**TINY_VIT, "image_size": "large"}, (1, 8, 10))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"needs transformers: pip install 'fxcompress\[llm\]'"):
+        factory_of(VIT)
+
+
+def test_the_exported_classifier_takes_any_batch_size():
+    pytest.importorskip("transformers")
+    model = build(VIT, TINY_VIT, (1, 8, 10)).eval()
+    program = export_free_batch(model, (torch.rand(2, 1, 8, 8),))
+    gm = fxcompress.compile(program, [InsertMasks(sparsity=0.5)], example_inputs=(torch.rand(2, 1, 8, 8),))
+    x = torch.rand(7, 1, 8, 8)
+    masked = copy.deepcopy(model)
+    for layer in find_layers(gm):  # the same masks on the eager model give the same logits
+        masked.get_submodule(layer.name).weight.data *= gm.get_submodule(layer.name).weight_mask
+    assert torch.allclose(gm(x), masked(x), atol=1e-5) and gm(x[:1]).shape == (1, 10)
