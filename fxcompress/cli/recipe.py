@@ -245,14 +245,14 @@ def find_recipe(spec: str | Path) -> Path:
                       f"(shipped: {', '.join(shipped) or 'none'})")
 
 
-def _model_args(doc: Document, model: str, args: dict) -> tuple[dict, str | None]:
+def _model_args(folder: Path, model: str, args: dict) -> tuple[dict, str | None]:
     """The model's arguments, a transformers `config:` file named relative to the recipe read from the
     recipe's folder, and a digest of that file: a changed config file changes the dense model."""
     args = dict(args)
     path = args.get("config")
     if not (model.startswith("transformers:") and isinstance(path, str)):
         return args, None
-    beside = Path(doc.name).parent / path
+    beside = folder / path
     if not Path(path).is_absolute() and beside.is_file():
         args["config"] = str(beside)
     file = Path(args["config"])
@@ -262,7 +262,8 @@ def _model_args(doc: Document, model: str, args: dict) -> tuple[dict, str | None
 def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
     """Read and validate a recipe (a file, or the name of a shipped one); every error is a ConfigError
     "file:line: what is wrong"."""
-    doc = read(find_recipe(path))
+    file = find_recipe(path)
+    doc = read(file)
     top = check_section(doc, (), doc.data if doc.data is not None else {}, TOP, REQUIRED["top"])
     data = top["data"] if isinstance(top["data"], dict) else {"name": top["data"]}
     check_section(doc, ("data",), data, DATA, REQUIRED["data"])
@@ -270,7 +271,7 @@ def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
                                                               CALIBRATION)}
     quick_caps = {**DEFAULTS["quick"], **check_section(doc, ("quick",), top.get("quick", {}), QUICK)}
     train = _training(doc, ("train",), top.get("train", {}), DEFAULTS["train"])
-    model_args, config_digest = _model_args(doc, top["model"], top.get("model_args", {}))
+    model_args, config_digest = _model_args(file.parent, top["model"], top.get("model_args", {}))
     base = (top["model"], top.get("model_args", {}), data, top.get("seed", 0), top.get("train"), calibration,
             quick and quick_caps) + ((config_digest,) if config_digest else ())
     return Recipe(doc, top["model"], model_args, data, top.get("seed", 0),

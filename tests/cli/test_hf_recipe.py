@@ -1,0 +1,61 @@
+"""The shipped recipe hf_vit_digits (a Hugging Face ViT from its config) runs with --quick end to end, and a
+recipe may name the model's config as a JSON file beside it."""
+import json
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.cli.recipe import load_recipe
+from fxcompress.cli.run import data_shape, load_data, run_recipe
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.layers import effective_weight, find_layers
+from fxcompress.training import evaluate
+
+pytest.importorskip("transformers")
+
+
+def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path):
+    lines = []
+    result = run_recipe("hf_vit_digits", tmp_path, quick=True, log=lines.append)
+    final = result["model"]
+    assert (tmp_path / "model.fxc").stat().st_size == result["file_bytes"] > 0
+    assert any(f"accuracy dense {result['dense_accuracy']:.4f} -> {result['accuracies'][-1]:.4f}" in line
+               for line in lines)
+    assert json.loads((tmp_path / "state.json").read_text())["steps"][-1]["accuracy"] == result["accuracies"][-1]
+    loaded = fxcompress.load(tmp_path / "model.fxc")
+    recipe = load_recipe("hf_vit_digits", quick=True)
+    data = load_data(recipe, data_shape(recipe))
+    batch = data.test_x[:50]  # another batch size than the example's two images
+    assert torch.equal(loaded(batch), final(batch))
+    assert evaluate(loaded, data.test_x, data.test_y) == result["accuracies"][-1]
+    assert any(isinstance(m, EncodedWeight) for m in loaded.modules())
+    layers = find_layers(loaded)
+    weights = torch.cat([effective_weight(loaded, layer).flatten() for layer in layers])
+    assert (weights == 0).float().mean().item() == pytest.approx(0.8, abs=1e-3)  # global 80%, as asked
+    for layer in layers:  # 5-bit k-means: at most 32 distinct nonzero values per layer
+        weight = effective_weight(loaded, layer)
+        assert torch.unique(weight[weight != 0]).numel() <= 32, layer.name
+    assert result["accuracies"][-1] > 0.4 and result["dense_accuracy"] > 0.4  # ten classes: chance is 0.1
+
+
+def test_a_config_file_beside_the_recipe(tmp_path, write_recipe):
+    transformers = pytest.importorskip("transformers")
+    transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           patch_size=4, image_size=8, num_channels=1).to_json_file(str(tmp_path / "vit.json"))
+    recipe = write_recipe("""
+        model: transformers:ViTForImageClassification
+        model_args: {config: vit.json}      # beside the recipe; num_labels comes from the data set
+        data: digits
+        steps:
+          - pass: InsertMasks
+            config: {sparsity: 0.5}
+        """)
+    lines = []
+    assert run_recipe(recipe, None, quick=True, log=lines.append, check_only=True) == {"checked": "recipe.yaml"}
+    assert "valid; every step compiles on transformers:ViTForImageClassification" in lines[-1]
+    assert load_recipe(recipe).model_args == {"config": str(tmp_path / "vit.json")}
+    changed = load_recipe(recipe).fingerprint
+    (tmp_path / "vit.json").write_text((tmp_path / "vit.json").read_text().replace('"hidden_size": 16',
+                                                                                   '"hidden_size": 8'))
+    assert load_recipe(recipe).fingerprint != changed  # a changed config file trains the dense model again
