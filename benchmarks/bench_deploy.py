@@ -64,7 +64,7 @@ import fxcompress
 from fxcompress import export
 from fxcompress.errors import PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
-from fxcompress.quant import native
+from fxcompress.kernels import native
 from fxcompress.zoo import BasicBlock, LeNet5, LeNet300100
 
 MIN_SAMPLE_S = 0.02  # each timed sample loops the forward until it takes at least this long

@@ -23,7 +23,7 @@ from .errors import ConfigError, MissingDependencyError, PreconditionError
 from .layers import bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
 from .quant import ActivationQuant, GridWeight, KMeansWeight
 from .quant.channel_grid import per_channel_grid
-from .quant.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from .kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from .quant.quantizers import Grid, quantize
 
 __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_json", "to_onnx", "to_onnx_int8",

@@ -21,7 +21,7 @@ from .kernels.dynamic import DynamicInt8Linear
 from .kernels.sparse import SparseLayer
 from .kernels.weight_only import WeightOnlyLinear
 from .quant.integer import IntegerLayer
-from .quant.native import NativeLayer
+from .kernels.native import NativeLayer
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
                      find_layers, layer_node, weight_arg)
 

@@ -12,7 +12,7 @@ rounding of the bias and of the requantization.
 
 Two backends compute it. "reference" (`lower_integer_reference`, `quant.integer`) is the exact
 oracle: centered int32 codes and float64 kernels on integer values. "native" (`lower_integer_native`,
-`quant.native`, the default where this machine has oneDNN's int8 kernels and every layer fits them)
+`kernels.native`, the default where this machine has oneDNN's int8 kernels and every layer fits them)
 runs uint8 codes, each layer on the faster of its int8 kernel and its float kernel as measured on
 the layer's real input (`kernels`, `margin`, `repeats`, `clock`; `float_select` forces layers onto
 float); it rounds the requantization in float32, so it agrees with the reference to one code per
@@ -33,8 +33,8 @@ from fxcompress.config import Interval, Options, Regex, TupleOf, validate
 from fxcompress.errors import PreconditionError
 from fxcompress.kernels.timing import CLOCKS
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.quant import native
-from fxcompress.quant.native import LAYER_KERNELS
+from fxcompress.kernels import native
+from fxcompress.kernels.native import LAYER_KERNELS
 
 from .lower_integer_native import (boundary, choose_kernels, native_join_refusal, native_refusal, replace_native,
                                    replace_native_add, replace_native_cat, float_code_edges)

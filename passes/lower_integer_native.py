@@ -1,5 +1,5 @@
 """LowerToInteger's native backend: uint8 codes between layers, each layer on the faster of
-oneDNN's int8 kernel and a float kernel, chosen by measurement (`quant.native`).
+oneDNN's int8 kernel and a float kernel, chosen by measurement (`kernels.native`).
 
 Every linear / conv2d layer becomes a `NativeLayer`. Where the model allows it (`kernels` holds both),
 each layer's int8 kernel and its float kernel (the weight dequantized from its codes, codes in and
@@ -30,8 +30,8 @@ from torch.fx import GraphModule, Node
 from fxcompress.errors import ConfigError
 from fxcompress.kernels.lowering import layer_inputs
 from fxcompress.kernels.timing import KernelChoice, choose_kernel
-from fxcompress.quant import native
-from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
+from fxcompress.kernels import native
+from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
 from fxcompress.quant.quantizers import Grid
 

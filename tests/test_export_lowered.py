@@ -27,8 +27,8 @@ from torch import nn
 import fxcompress
 from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
                                LowerToInteger, LowerToSparse)
-from fxcompress.quant import native
-from fxcompress.quant.native import NativeLayer
+from fxcompress.kernels import native
+from fxcompress.kernels.native import NativeLayer
 from fxcompress.zoo import BasicBlock
 
 ATOL = 1e-5

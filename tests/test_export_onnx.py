@@ -23,7 +23,8 @@ import fxcompress
 from fxcompress import export
 from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
-from fxcompress.quant import native, set_quantization
+from fxcompress.kernels import native
+from fxcompress.quant import set_quantization
 from fxcompress.zoo import LeNet5
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")

@@ -26,7 +26,7 @@ from fxcompress.kernels.dynamic import DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
-from fxcompress.quant.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
+from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
@@ -129,7 +129,8 @@ def _functions() -> dict[str, object]:
 
 
 FUNCTIONS: dict[str, object] = _functions() | {
-    # the native integer backend's functions on uint8 codes (names fixed, as the module names below)
+    # the native integer backend's functions on uint8 codes (kernels/native.py); the names are the file
+    # format's, fixed when the module lived in quant/, as the module names below
     "fxcompress.quant.native.max_pool2d_codes": max_pool2d_codes,
     "fxcompress.quant.native.relu_codes": relu_codes,
     "fxcompress.quant.native.float_codes": float_codes,

@@ -28,7 +28,7 @@ from ..kernels.weight_only import WeightOnlyLinear
 from ..layers import chain_module_node, constant_value, effective_weight, find_layers, layer_node, weight_arg
 from ..quant.integer import IntegerLayer
 from ..quant.modules import GridWeight
-from ..quant.native import NativeLayer
+from ..kernels.native import NativeLayer
 from ..quant.quantizers import GroupedCodes
 
 MAX_CENTROIDS = 256  # more distinct values than this: the weight is not on a codebook or grid worth marking

@@ -9,8 +9,8 @@ from fxcompress.errors import ConfigError
 from fxcompress.kernels import timing
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.passes import lower_integer_native
-from fxcompress.quant import native
-from fxcompress.quant.native import NativeLayer, float_codes
+from fxcompress.kernels import native
+from fxcompress.kernels.native import NativeLayer, float_codes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 

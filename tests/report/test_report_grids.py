@@ -13,7 +13,7 @@ from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import (ActivationConfig, InsertFakeQuant, LowerDynamicInt8, LowerToInteger,
                                LowerWeightOnly)
 from fxcompress.quant.integer import IntegerLayer
-from fxcompress.quant.native import available as native_available
+from fxcompress.kernels.native import available as native_available
 from fxcompress.report import layer_weights, write_report
 from fxcompress.zoo import LeNet5
 

@@ -10,9 +10,9 @@ from torch.fx import Interpreter
 import fxcompress
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
-from fxcompress.quant import native
+from fxcompress.kernels import native
 from fxcompress.quant.integer import IntegerLayer
-from fxcompress.quant.native import (LAYER_KERNELS, NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes,
+from fxcompress.kernels.native import (LAYER_KERNELS, NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes,
                                      relu_codes)
 from fxcompress.zoo import LeNet300100
 

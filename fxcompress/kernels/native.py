@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.kernels.timing import KernelChoice
+from .timing import KernelChoice
 
 INT16_MAX = 32767  # pairwise int16 sums of u8 x s8 products on x86 without VNNI
 UINT8_MAX = 255
