@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_leaves
@@ -23,6 +22,7 @@ from .errors import ConfigError, MissingDependencyError, PreconditionError
 from .layers import bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
 from .quant import ActivationQuant, GridWeight, KMeansWeight
 from .quant.channel_grid import per_channel_grid
+from .quant.commuting import commutes_with_quantization
 from .kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from .quant.quantizers import Grid, quantize
 
@@ -30,14 +30,6 @@ __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_js
            "to_yaml", "weights_as_data"]
 
 NATIVE_MODULES = (NativeLayer, QuantizeToCodes, NativeAdd, NativeCat)  # oneDNN kernels: no ONNX operator
-
-# Ops that commute with rounding onto a grid holding 0 exactly (LowerToInteger runs them on codes): a
-# grid reached through them may equally be applied right at the layer's output, where ONNX Runtime
-# fuses it into the layer's int8 kernel; it does not move a QuantizeLinear back across all of them.
-_COMMUTING_FUNCTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten, torch.reshape}
-_COMMUTING_METHODS = {"relu", "flatten", "view", "reshape"}
-_COMMUTING_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity)
-
 
 def _matrices(gm: GraphModule) -> dict[str, np.ndarray]:
     """Each layer's effective weight as a 2-D array (output channels x the rest)."""
@@ -333,14 +325,6 @@ def _drop_unread_tensors(gm: GraphModule) -> None:
             delattr(gm.get_submodule(owner), attr)
 
 
-def _commutes(gm: GraphModule, node: Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _COMMUTING_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _COMMUTING_METHODS
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _COMMUTING_MODULES)
-
-
 def _quantize_output_early(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> None:
     """Apply the grid the layer's output reaches through commuting ops (max pool, flatten, ReLU) at
     the output itself too: the same values (rounding is monotone, the grid holds 0, and rounding
@@ -350,7 +334,7 @@ def _quantize_output_early(gm: GraphModule, node: Node, grids: dict[Node, Grid])
         (user,) = current.users
         if user in grids:
             break
-        if not _commutes(gm, user) or user.args[0] is not current:
+        if not commutes_with_quantization(gm, user) or user.args[0] is not current:
             return
         current, steps = user, steps + 1
     else:

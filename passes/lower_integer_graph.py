@@ -20,14 +20,10 @@ from fxcompress.errors import PreconditionError
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.channel_grid import per_channel_grid
+from fxcompress.quant.commuting import commutes_with_quantization
 from fxcompress.quant.integer import ACCUMULATOR_BITS
 from fxcompress.quant.quantizers import Grid, quantize
 
-# Ops that commute with quantization onto a grid whose zero is exact: they may run on codes.
-CODE_SAFE_FUNCTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten,
-                       torch.reshape, F.dropout, operator.getitem}
-CODE_SAFE_METHODS = {"relu", "flatten", "view", "reshape"}
-CODE_SAFE_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity)
 
 
 RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -80,14 +76,6 @@ def is_activation_quant(gm: GraphModule, node) -> bool:
                                                                                 ActivationQuant)
 
 
-def code_safe(gm: GraphModule, node: Node) -> bool:
-    if node.op == "call_function":
-        return node.target in CODE_SAFE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in CODE_SAFE_METHODS
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), CODE_SAFE_MODULES)
-
-
 def requant_target(gm: GraphModule, node: Node) -> Node | None:
     """The activation fake-quant this layer's output reaches through code-safe ops only, if any."""
     current = node
@@ -95,7 +83,7 @@ def requant_target(gm: GraphModule, node: Node) -> Node | None:
         (user,) = current.users
         if is_activation_quant(gm, user):
             return user
-        if not code_safe(gm, user) or user.args[0] is not current:
+        if not commutes_with_quantization(gm, user) or user.args[0] is not current:
             return None
         current = user
     return None

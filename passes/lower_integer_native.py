@@ -33,9 +33,10 @@ from fxcompress.kernels.timing import KernelChoice, choose_kernel
 from fxcompress.kernels import native
 from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
+from fxcompress.quant.commuting import commutes_with_quantization
 from fxcompress.quant.quantizers import Grid
 
-from .lower_integer_graph import (MAX_POOL_ARGS, JoinPlan, LayerPlan, Quantized, cat_operands, code_safe,
+from .lower_integer_graph import (MAX_POOL_ARGS, JoinPlan, LayerPlan, Quantized, cat_operands,
                                   is_activation_quant, is_max_pool2d, is_relu, swap, swap_join)
 
 
@@ -178,7 +179,7 @@ def native_code_safe(gm: GraphModule, node: Node) -> bool:
     if node.target in (F.max_pool1d, F.max_pool3d) or (
             node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.MaxPool1d, nn.MaxPool3d))):
         return False
-    return code_safe(gm, node)
+    return commutes_with_quantization(gm, node)
 
 
 def _native_pool_ok(gm: GraphModule, node: Node) -> bool:
