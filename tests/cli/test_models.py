@@ -85,7 +85,15 @@ def test_a_local_config_file_is_read_and_the_data_set_fills_what_it_leaves_out(t
     assert model.eval()(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
-def test_transformers_refusals_name_the_culprit(tmp_path, monkeypatch):
+def test_transformers_missing_is_a_missing_dependency(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed (runs either way)
+    with pytest.raises(MissingDependencyError, match=r"needs transformers: pip install 'fxcompress\[llm\]'"):
+        factory_of(VIT)
+    with pytest.raises(MissingDependencyError, match="model transformers:ViTForImageClassification needs"):
+        build(VIT, TINY_VIT, (1, 8, 10))
+
+
+def test_transformers_refusals_name_the_culprit(tmp_path):
     pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match="'google/vit-base-patch16-224' is not a local file; nothing is downloaded"):
         build(VIT, {"config": "google/vit-base-patch16-224"}, (1, 8, 10))
@@ -106,9 +114,6 @@ def test_transformers_refusals_name_the_culprit(tmp_path, monkeypatch):
         build(VIT, {**TINY_VIT, "hidden_act": "nope"}, (1, 8, 10))
     with pytest.raises(ConfigError, match="could not be built from its config .(TypeError|.*image_size)"):
         build(VIT, {**TINY_VIT, "image_size": "large"}, (1, 8, 10))
-    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
-    with pytest.raises(MissingDependencyError, match=r"needs transformers: pip install 'fxcompress\[llm\]'"):
-        factory_of(VIT)
 
 
 def test_the_exported_classifier_takes_any_batch_size():
