@@ -192,8 +192,8 @@ def factory_of(spec: Any) -> Callable[..., nn.Module]:
         return lambda **config: build_transformers(spec, config, None)
     if _FACTORY.match(spec):
         return _import(spec)
-    raise ConfigError(f"model {spec!r} is not zoo:NAME, torchvision:NAME, transformers:ClassName "
-                      f"or package.module:factory")
+    raise ConfigError(f"model {spec!r} is not zoo:NAME, torchvision:NAME or package.module:factory "
+                      f"(nor transformers:ClassName)")
 
 
 def build(spec: str, args: dict[str, Any], shape: tuple[int, int, int]) -> nn.Module:

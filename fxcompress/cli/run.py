@@ -22,7 +22,7 @@ from torch import nn
 
 from ..compile import compile as compile_model
 from ..distill import DistillationLoss
-from ..errors import FxCompressError
+from ..errors import ConfigError, FxCompressError
 from ..execution import evaluating
 from ..fileformat import load, save, to_bytes
 from ..report import write_report
@@ -102,6 +102,15 @@ def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list)
         except FxCompressError as exc:
             raise recipe.error(("steps", step.index, "pass"), f"steps[{step.index}] ({step.name}) cannot run: "
                                                                f"{_one_line(exc)}") from None
+
+
+def _build(recipe: Recipe, shape: tuple[int, int, int]) -> nn.Module:
+    """The recipe's model; a bad spec or argument is reported at its line of the recipe."""
+    try:
+        return build(recipe.model, recipe.model_args, shape)
+    except ConfigError as exc:  # at the model_args line when the message is about them
+        about_args = recipe.model_args and any(word in str(exc) for word in ("config", "field", "built with"))
+        raise recipe.error(("model_args",) if about_args else ("model",), str(exc)) from None
 
 
 def _compilable(model: nn.Module, example: tuple):
@@ -229,7 +238,7 @@ def run_recipe(path: str | Path, out: str | Path | None, quick: bool = False,
     check_files(recipe)
     shape = data_shape(recipe)
     torch.manual_seed(recipe.seed)
-    model = build(recipe.model, recipe.model_args, shape)
+    model = _build(recipe, shape)
     with torch_threads(recipe.threads):
         data = load_data(recipe, shape)
         example = (data.test_x[:2],)
