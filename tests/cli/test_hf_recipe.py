@@ -59,3 +59,18 @@ def test_a_config_file_beside_the_recipe(tmp_path, write_recipe):
     (tmp_path / "vit.json").write_text((tmp_path / "vit.json").read_text().replace('"hidden_size": 16',
                                                                                    '"hidden_size": 8'))
     assert load_recipe(recipe).fingerprint != changed  # a changed config file trains the dense model again
+
+
+def test_a_hub_id_is_refused_at_its_recipe_line(cli, write_recipe, tmp_path):
+    recipe = write_recipe("""
+        model: transformers:ViTForImageClassification
+        model_args: {config: google/vit-base-patch16-224}
+        data: digits
+        steps:
+          - pass: LowerToEncoded
+        """)
+    status, out, err = cli("run", recipe, "--out", tmp_path / "out")
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert "recipe.yaml:2: model 'transformers:ViTForImageClassification': config 'google/vit-base-patch16-224' " \
+           "is not a local file; nothing is downloaded" in err
+    assert not (tmp_path / "out").exists()
