@@ -58,6 +58,24 @@ def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _own_tensors(gm: nn.Module, source: nn.Module) -> None:
+    """Give `gm` its own copy of each tensor it still shares with `source` after the passes (those
+    they read but did not replace, such as biases and norms), so that training or editing the result
+    never writes into the caller's model; tied parameters stay tied."""
+    shared = {t.untyped_storage().data_ptr() for t in (*source.parameters(), *source.buffers()) if t.numel()}
+    copies: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or not tensor.numel() or tensor.untyped_storage().data_ptr() not in shared:
+                    continue
+                if id(tensor) not in copies:
+                    clone = tensor.detach().clone()
+                    copies[id(tensor)] = nn.Parameter(clone, tensor.requires_grad) if table is module._parameters \
+                        else clone
+                table[name] = copies[id(tensor)]
+
+
 def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modules: Collection[Any],
               concrete_args: Mapping[str, Any] | None, share_tensors: bool = False) -> GraphModule:
     """The GraphModule the passes rewrite: a compiled one as it is, an exported one respelled at
@@ -141,6 +159,8 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
             expected = OutputSignature.of(forward(gm, inputs))
     if not ctx.analyses.cached(ShapeInfo):  # a cached ShapeInfo was propagated on this very graph
         ctx.analyses.put(propagate_shapes(gm, inputs))  # shapes in node.meta for summary() and draw()
+    if share and isinstance(model, GraphModule) and gm is not model:
+        _own_tensors(gm, model)
     sync_trainable(gm)  # parameters no gradient reaches (behind k-means) must not look trainable
     return gm
 

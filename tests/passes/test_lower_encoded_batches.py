@@ -83,8 +83,9 @@ def test_batched_encoding_writes_the_reference_file(tmp_path, monkeypatch):
 
 
 def test_inplace_false_shares_the_callers_tensors_and_leaves_them_untouched():
-    """compile(inplace=False) with passes that only read tensors copies the module tree, not the weights:
-    the caller's model keeps every tensor, value, version and flag, and still computes as before."""
+    """compile(inplace=False) with passes that only read tensors copies the module tree, not the weights
+    the passes replace: the caller's model keeps every tensor, value, version and flag, and still computes
+    as before; the tensors the result keeps (biases) are its own, so writing into it leaves the caller's."""
     gm, x, _ = _fake_quant_model()
     before = {name: (t.clone(), t.data_ptr(), t._version, t.requires_grad) for name, t in gm.state_dict(keep_vars=True).items()}
     expected = gm(x)
@@ -96,7 +97,11 @@ def test_inplace_false_shares_the_callers_tensors_and_leaves_them_untouched():
         assert after[name]._version == version and after[name].requires_grad == grad, name
     assert torch.equal(gm(x), expected) and torch.equal(lowered(x), expected)
     kept = dict(lowered.named_parameters())
-    assert kept and all(kept[name].data_ptr() == before[name][1] for name in kept)  # aliases, not copies
-    assert all(kept[name] is not after[name] for name in kept)  # ... in parameters of the copy's own
+    assert kept and all(kept[name].data_ptr() != before[name][1] for name in kept)  # copies of what is kept
+    with torch.no_grad():
+        for parameter in kept.values():
+            parameter.add_(1.0)  # as an optimizer step would
+    assert all(torch.equal(after[name], before[name][0]) for name in kept)
+    assert torch.equal(gm(x), expected)
     masked = fxcompress.compile(gm, [InsertMasks(sparsity=0.5, select="0.fc")], example_inputs=(x,))
     assert masked.get_parameter("0.fc.weight").data_ptr() != before["0.fc.weight"][1]  # other passes: a real copy
