@@ -52,7 +52,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
 from .compiled import library as c_library
-from .timing import KernelChoice, choose_kernel
+from .timing import KernelChoice, choose_kernel, layer_inputs
 
 KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr", "c_relative", "c_relative_csc")
 SPARSE_KERNELS = KERNELS[1:]
@@ -686,15 +686,7 @@ def remeasure(gm: nn.Module, example_inputs: tuple, allowed: Sequence[str] = SPA
     layers = {path: m for path, m in gm.named_modules() if isinstance(m, SparseLayer)}
     if not layers:
         raise ConfigError("remeasure: the model holds no SparseLayer (lower it with LowerToSparse first)")
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, path=path: inputs.setdefault(path, args[0]))
-             for path, m in layers.items()]
-    try:
-        with torch.no_grad():
-            gm(*example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    inputs = layer_inputs(gm, layers, example_inputs)
     return {path: remeasure_layer(layers[path], inputs[path], allowed, repeats=repeats, margin=margin,
                                   clock=clock).as_stats()
             for path in layers if path in inputs}

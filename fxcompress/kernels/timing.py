@@ -269,7 +269,7 @@ def remeasure(model: nn.Module, example_inputs: tuple, kernels: Mapping[type, Se
     if not layers:
         raise ConfigError("remeasure: the model holds no layer with a measured kernel "
                           "(lower it with LowerWeightOnly or LowerDynamicInt8 first)")
-    inputs = _layer_inputs(model, layers, example_inputs)
+    inputs = layer_inputs(model, layers, example_inputs)
     chosen = {}
     for path, layer in layers.items():
         if path in inputs:
@@ -278,7 +278,7 @@ def remeasure(model: nn.Module, example_inputs: tuple, kernels: Mapping[type, Se
     return chosen
 
 
-def _layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: tuple) -> dict[str, torch.Tensor]:
+def layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: tuple) -> dict[str, torch.Tensor]:
     """The input each of `layers` receives in one run of `model` (first call of each)."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda _m, args, path=path: inputs.setdefault(path, args[0]))
