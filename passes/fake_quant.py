@@ -36,7 +36,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
 from fxcompress.quant.observers import OBSERVERS
-from fxcompress.quant.quantizers import METHODS, check_finite, check_groups
+from fxcompress.quant.quantizers import METHODS, SCALE_DTYPES, check_finite, check_groups
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
 
 # The origin documents' rule form: (parameter pattern, method, bits[, option]); the option is the
@@ -49,7 +49,8 @@ QUANT_RULES = RuleSchema("InsertFakeQuant.rules", [
 
 # Fields only some variants read: set on any other they would be ignored, so they are refused.
 _METHOD_FIELDS = {"init": ("kmeans",), "seed": ("kmeans",), "fix_zeros": ("kmeans",),  # grids always hold 0
-                  "symmetric": ("linear",), "int_bits": ("fixed_point",), "group_size": ("linear",)}
+                  "symmetric": ("linear",), "int_bits": ("fixed_point",), "group_size": ("linear",),
+                  "scale_dtype": ("linear",)}
 _OBSERVER_FIELDS = {"momentum": ("moving_average",), "percentile": ("percentile",)}
 
 
@@ -119,6 +120,8 @@ class InsertFakeQuant(Pass):
     rounding     "nearest", or "gptq": error-feedback rounding through the inverse Hessian of each
                  layer's inputs on compile's calibration_data, block by block (linear layers)
     act_order    gptq only: round the input channels of largest Hessian diagonal first
+    scale_dtype  linear only: "float16" rounds every scale to half precision inside the fake-quant (as GPTQ
+                 checkpoints keep them), so LowerToEncoded stores group steps in 16 bits exactly
     fix_zeros    exact zeros (pruned weights) stay exactly zero; k-means leaves them out of the clustering
     select       full-match regex over layer names; None: every layer
     types        layer kinds ("linear", "conv2d", ...) or module classes (nn.Conv2d) to restrict to
@@ -143,6 +146,7 @@ class InsertFakeQuant(Pass):
     group_size: int | None = None
     rounding: str = "nearest"
     act_order: bool = False
+    scale_dtype: str = "float32"
 
     preserves: ClassVar[tuple[type, ...]] = ()
 
@@ -154,6 +158,7 @@ class InsertFakeQuant(Pass):
         "activations": (TypeOf(ActivationConfig, what="an ActivationConfig(...)"), None),
         "seed": (Interval(int, 0),), "group_size": (Interval(int, 1), None),
         "rounding": (Options("nearest", "gptq"),), "act_order": (Boolean(),),
+        "scale_dtype": (Options(*SCALE_DTYPES),),
     }
 
     def __post_init__(self) -> None:
@@ -256,7 +261,8 @@ class InsertFakeQuant(Pass):
                                       seed=self.seed)
         else:
             module = GridWeight(spec.bits, spec.method, spec.symmetric, spec.int_bits, axis,
-                                group_size=spec.group_size)
+                                group_size=spec.group_size,
+                                scale_dtype=self.scale_dtype if spec.method == "linear" else "float32")
         name = existing.target if existing is not None else f"{layer.weight}_quant"
         gm.add_submodule(name, module.to(weight.device))
         if existing is None:

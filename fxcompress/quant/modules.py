@@ -16,8 +16,8 @@ from torch import nn
 from ..errors import ConfigError, PreconditionError
 from ..layers import WeightTransform
 from .observers import make_observer
-from .quantizers import (Grid, GroupedCodes, as_rows, check_finite, fake_quantize, fixed_point_grid, from_rows,
-                         grouped_codes, kmeans_codebook, linear_grid, quantize)
+from .quantizers import (SCALE_DTYPES, Grid, GroupedCodes, as_rows, check_finite, fake_quantize, fixed_point_grid,
+                         from_rows, grouped_codes, kmeans_codebook, linear_grid, quantize)
 
 
 def code_dtype(bits: int) -> torch.dtype:
@@ -111,22 +111,28 @@ class GridWeight(WeightTransform):
     The grid is a function of the current weight (its min-max range, or the chosen fixed-point
     format), recomputed each forward, so it follows the float weights while they train. With
     `group_size` (linear grids of 2-D weights), each run of that many input channels of an output
-    channel has its own grid.
+    channel has its own grid. `scale_dtype="float16"` rounds the scales to half precision.
     """
 
+    scale_dtype: str = "float32"  # modules pickled before the option had none
+
     def __init__(self, bits: int, method: str = "linear", symmetric: bool = False, int_bits: int | None = None,
-                 axis: int | None = None, enabled: bool = True, group_size: int | None = None) -> None:
+                 axis: int | None = None, enabled: bool = True, group_size: int | None = None,
+                 scale_dtype: str = "float32") -> None:
         super().__init__()
+        if scale_dtype not in SCALE_DTYPES or (scale_dtype != "float32" and method != "linear"):  # a file's too
+            raise ConfigError(f"GridWeight: scale_dtype={scale_dtype!r} needs method='linear' and one of "
+                              f"{sorted(SCALE_DTYPES)}")
         if group_size is not None and (method != "linear" or axis is None):  # a file's configuration too
             raise ConfigError(f"GridWeight: group_size={group_size} needs method='linear' and an output-channel "
                               f"axis, got method={method!r}, axis={axis!r}")
         self.bits, self.method, self.symmetric, self.int_bits, self.axis = bits, method, symmetric, int_bits, axis
-        self.enabled, self.group_size = enabled, group_size
+        self.enabled, self.group_size, self.scale_dtype = enabled, group_size, scale_dtype
 
     def grid(self, weight: torch.Tensor) -> Grid:
         if self.method == "fixed_point":
             return fixed_point_grid(weight, self.bits, self.int_bits, self.axis)
-        return linear_grid(weight, self.bits, self.symmetric, self.axis, self.group_size)
+        return linear_grid(weight, self.bits, self.symmetric, self.axis, self.group_size, self.scale_dtype)
 
     def grouped(self, weight: torch.Tensor) -> GroupedCodes:
         """`weight` on its grid as codes, scales and zero-points per (output channel, group), for lowering."""
@@ -144,7 +150,8 @@ class GridWeight(WeightTransform):
     def config(self) -> dict[str, Any]:
         config = {"bits": self.bits, "method": self.method, "symmetric": self.symmetric, "int_bits": self.int_bits,
                   "axis": self.axis, "enabled": self.enabled}
-        return config if self.group_size is None else config | {"group_size": self.group_size}
+        config |= {} if self.group_size is None else {"group_size": self.group_size}
+        return config if self.scale_dtype == "float32" else config | {"scale_dtype": self.scale_dtype}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())

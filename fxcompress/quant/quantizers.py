@@ -107,23 +107,42 @@ def _min_max(weight: torch.Tensor, axis: int | None,
     return (low[0], high[0]) if axis is None else (low, high)
 
 
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: int | None = None,
-                group_size: int | None = None) -> Grid:
+                group_size: int | None = None, scale_dtype: str = "float32") -> Grid:
     """The min-max uniform grid of `bits` bits covering the weight (every value within half a step);
-    with `group_size`, one grid per group of that many input channels of each output channel."""
+    with `group_size`, one grid per group of that many input channels of each output channel.
+    `scale_dtype="float16"` rounds each scale to half precision before the zero point is chosen (as
+    GPTQ checkpoints keep scales in the model's half dtype), so a file stores every scale in 16 bits exactly."""
     if symmetric and bits < 2:
         raise ConfigError("linear_grid: a symmetric grid needs bits >= 2 (1 bit has no room for -s, 0 and +s)")
     if group_size is not None:
         check_groups(weight, axis, group_size, "linear_grid")
     qmin, qmax = integer_range("linear", bits, symmetric)
     low, high = _min_max(weight, axis, group_size)
+    scale = _rounded((torch.maximum(-low, high) if symmetric else high - low) / qmax, scale_dtype)
     if symmetric:
-        scale = torch.maximum(-low, high) / qmax
         zero_point = torch.zeros_like(scale)
     else:
-        scale = (high - low) / qmax
         zero_point = torch.clamp(torch.round(-low / torch.where(scale > 0, scale, 1.0)), 0, qmax)
     return Grid(torch.where(scale > 0, scale, torch.ones_like(scale)), zero_point, qmin, qmax, group_size)
+
+
+def _rounded(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Scales rounded to `scale_dtype` and back to float32; a nonzero scale below that dtype's smallest
+    positive value keeps the smallest one (never 0), one above its largest is refused."""
+    if scale_dtype == "float32":
+        return scale
+    kind = SCALE_DTYPES[scale_dtype]
+    info = torch.finfo(kind)
+    if bool((scale > info.max).any()):
+        raise PreconditionError(f"linear_grid: a scale of {float(scale.max()):g} is beyond {scale_dtype}'s largest "
+                                f"value {info.max:g}; use scale_dtype='float32' for weights this large")
+    rounded = scale.to(kind).to(torch.float32)
+    return torch.where((scale > 0) & (rounded == 0), torch.tensor(info.smallest_normal * info.eps),
+                       rounded)
 
 
 def fixed_point_grid(weight: torch.Tensor, bits: int, int_bits: int | None = None,
