@@ -41,8 +41,26 @@ BLOCKS = r"model\.layers\..*"
 BATCH, LENGTH = 8, 128
 
 
-def q(bits: int, **kw):
-    return passes.InsertFakeQuant(method="linear", bits=bits, group_size=64, select=BLOCKS, **kw)
+def q(bits: int, group_size: int = 64, **kw):
+    return passes.InsertFakeQuant(method="linear", bits=bits, group_size=group_size, select=BLOCKS, **kw)
+
+
+EMBEDDING = r"model\.embed_tokens"   # the tied embedding / LM head: one tensor, stored once
+
+
+def file_arms(sgpt, masks) -> dict[str, callable]:
+    """The arms for the 12x file (50% sparse + 4-bit): half-precision group steps, 2:4 masks coded as one
+    pattern symbol per group of 4, and the tied embedding on an 8-bit per-tensor grid (file arms: --files)."""
+    fp16 = {"rounding": "gptq", "scale_dtype": "float16"}
+    emb = lambda: passes.InsertFakeQuant(method="linear", bits=8, select=EMBEDDING)  # noqa: E731
+    return {
+        "50% sparsegpt + w4 g128 gptq fp16": lambda: [sgpt(), q(4, 128, **fp16)],
+        "50% sparsegpt + w4 g128 gptq fp16 + emb8": lambda: [sgpt(), q(4, 128, **fp16), emb()],
+        "2:4 sparsegpt + w4 g128 gptq fp16 + emb8": lambda: [sgpt(granularity="2:4"), q(4, 128, **fp16), emb()],
+        "4:8 sparsegpt + w4 g128 gptq fp16 + emb8": lambda: [sgpt(granularity="4:8"), q(4, 128, **fp16), emb()],
+        "50% sparsegpt + w3 g128 gptq fp16 + emb8": lambda: [sgpt(), q(3, 128, **fp16), emb()],
+        "2:4 sparsegpt + w4 g256 gptq fp16 + emb8": lambda: [sgpt(granularity="2:4"), q(4, 256, **fp16), emb()],
+    }
 
 
 def arms() -> dict[str, callable]:
@@ -65,7 +83,7 @@ def arms() -> dict[str, callable]:
     table["w8a8 smoothquant"] = lambda: [passes.ScaleChannels(method="smoothquant", select=BLOCKS), w8a8()]
     table["50% sparsegpt + w4 g64"] = lambda: [sgpt(), q(4)]
     table["50% sparsegpt + w4 g64 gptq"] = lambda: [sgpt(), q(4, rounding="gptq")]
-    return table
+    return table | file_arms(sgpt, masks)
 
 
 def load(checkpoint: Path):
@@ -159,6 +177,43 @@ def deep_compression_file(gm, example) -> dict:
         fxcompress.save(lowered, path)
         size = path.stat().st_size
     return {"bytes": size, "pass_s": time.perf_counter() - start, "gm": lowered}
+
+
+def file_row(r: dict, example, held, fortunes, fp32: int, keep: Path | None) -> dict:
+    """An arm's Deep Compression file, measured from the file: LowerToEncoded, save, load back, perplexity of
+    the loaded model; bytes on disk against the fp32 parameters' bytes. With `keep`, the arm's fake-quant model
+    and its file are left there (to re-lower with another encoder without recalibrating)."""
+    name = f"{r['arm']} -> file"
+    start = time.perf_counter()
+    lowered = fxcompress.compile(r["gm"], [passes.LowerToEncoded()], example)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = r["arm"].replace(" ", "_").replace("%", "pct").replace(":", "of").replace("+", "and")
+        if keep is not None:
+            fxcompress.save(r["gm"], folder / f"{stem}.fake_quant.fxc")
+        path = folder / f"{stem}.fxc"
+        size = fxcompress.save(lowered, path)
+        seconds = time.perf_counter() - start
+        loaded = fxcompress.load(path)
+        return {"arm": name, "status": "ok", "bytes": size, "format": "fxcompress", "pass_s": seconds,
+                "held_ppl": perplexity(loaded, held), "fortunes_ppl": perplexity(loaded, fortunes),
+                "x_fp32": fp32 / size, "encoded": encoded_parts(lowered)}
+
+
+def encoded_parts(lowered) -> dict:
+    """Bytes of the encoded weights by part, the block weights' elements, and the layouts / codebooks used."""
+    from fxcompress.encoded.module import EncodedWeight
+    parts, kinds, numel = {}, {}, 0
+    for path, module in lowered.named_modules():
+        if isinstance(module, EncodedWeight):
+            encoded = module.encoded()
+            numel += encoded.numel if path.startswith("model.layers.") else 0
+            for key, value in encoded.storage_bytes().items():
+                parts[key] = parts.get(key, 0) + value
+            kind = f"{encoded.layout}/{encoded.codebook}"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {"parts": parts, "kinds": kinds, "block_numel": numel}
 
 
 def torchao_rtn(model, held, fortunes, bits: int) -> dict:
@@ -317,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--files", action="store_true",
+                    help="also lower every quantized arm to its file, load it back and measure it (bytes vs fp32)")
+    ap.add_argument("--keep", type=Path, default=None, help="with --files: leave fake-quant models and files here")
     ap.add_argument("--llmc-python", default=None, help="a python with llmcompressor installed")
     ap.add_argument("--llmc-timeout", type=int, default=1800, help="seconds from its start the worker may run")
     ap.add_argument("--llmc-arms", nargs="*", default=None,
@@ -347,6 +405,10 @@ def main(argv: list[str] | None = None) -> None:
         r = run_arm(name, table[name], graph, example, cal, held, fortunes, config)
         results.append(r)
         print(row(r, dense_bytes(results)), flush=True)
+        if args.files and r.get("status") == "ok" and any(isinstance(p, passes.InsertFakeQuant) for p in table[name]()):
+            results.append(file_row(r, example, held, fortunes, 4 * sum(p.numel() for p in model.parameters()),
+                                    args.keep))
+            print(row(results[-1], None) + f" {results[-1]['x_fp32']:.2f}x fp32", flush=True)
         save(args.json, results)   # each row as it comes: a run stopped for time keeps what it finished
     results += extras(results, model, example, held, fortunes, dense_bytes(results))
     if llmc is not None:

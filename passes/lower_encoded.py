@@ -20,7 +20,7 @@ from fxcompress.encoded.memory import release_freed_memory
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
-from fxcompress.encoded.tensor import DTYPES, LAYOUTS, GroupSteps, encode_half, encode_tensors
+from fxcompress.encoded.tensor import DTYPES, LAYOUTS, GroupSteps, encode_half, encode_tensors, pattern_applies
 from fxcompress.errors import PreconditionError
 from fxcompress.layers import (Layer, bias_arg, chain_module_node, chain_transforms, constant_value, effective_weight,
                                layer_node, select_layers, tied_readers, weight_arg)
@@ -35,7 +35,8 @@ _BATCH_SHARE = 16  # ... and at most this fraction of the lowered weights, so a 
 @dataclass(frozen=True, kw_only=True)
 class LowerToEncoded(Pass):
     """coding: "auto" (smallest per stream) or one of "fixed", "huffman", "rans".
-    layout: "auto", "relative" (nonzero positions as relative indices) or "dense".
+    layout: "auto", "relative" (nonzero positions as relative indices), "dense", or "pattern" (N:M sparse
+            weights: one symbol per block of 4 or 8 saying which elements are stored; every layer must be N:M).
     index_bits: width of a relative index; None gives Deep Compression's 8 (conv) / 5 (fc).
     bias: "float32" keeps biases as they are; "float16" stores them rounded to half precision.
     """
@@ -84,6 +85,10 @@ class LowerToEncoded(Pass):
         if str(weight.dtype).removeprefix("torch.") not in DTYPES:
             raise PreconditionError(f"LowerToEncoded: layer {layer.name} has a {weight.dtype} weight; "
                                     f"encoded weights are {', '.join(DTYPES)}")
+        if self.layout == "pattern" and not pattern_applies(weight):
+            raise PreconditionError(f"LowerToEncoded.layout='pattern': layer {layer.name} ({layer.weight}, shape "
+                                    f"{list(weight.shape)}) is not N:M sparse in blocks of 4 or 8 (at most half of "
+                                    f"each block nonzero); use layout='auto'")
         bits = [t.bits for t in chain_transforms(gm, node) if t.bits is not None]
         index_bits = self.index_bits or _DEEP_COMPRESSION_INDEX_BITS["conv" if layer.is_conv else "fc"]
         return weight, index_bits, min(bits) if bits else None

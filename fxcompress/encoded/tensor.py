@@ -1,7 +1,8 @@
 """A weight tensor as a codebook plus symbol streams, decoded bit-identically.
 
 Layouts: `dense` codes every element (zero is one more codebook value); `relative` codes the
-nonzeros only, their positions as relative indices (see positions.py).
+nonzeros only, their positions as relative indices (see positions.py); `pattern` codes n elements of
+every block of m (N:M sparsity), their positions as one pattern symbol per block (see patterns.py).
 Codebooks: `table` (the distinct values, per tensor or per output channel), `grid` (values are
 k * step for integers k, as fixed-point codes are: only the step is stored), `group_grid` (each run
 of `group_size` elements in storage order has its own step, stored as float16 where that decodes
@@ -22,17 +23,18 @@ import torch
 
 from fxcompress.errors import FormatError
 
+from . import patterns
 from . import positions as pos
 from .streams import CODINGS, ENTROPY_CODED_ALPHABET, MAX_ALPHABET, Request, Stream, check_tables, choose, \
     decode_symbols, header_int, smallest, stream_from_header
 
-LAYOUTS = ("dense", "relative")
+LAYOUTS = ("dense", "relative", "pattern")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RAW_KINDS = {"float16": np.float16, "float32": np.float32, "float64": np.float64}  # 16-bit symbols: itemsize / 2
 CODEBOOKS = ("table", "table_per_channel", "grid", "group_grid", *RAW_KINDS)
 MAX_DIMS = 8
 _HEADER_FIELDS = {"shape", "layout", "index_bits", "codebook", "offset", "values", "positions", "codebook_bytes"}
-_OPTIONAL_FIELDS = {"dtype", "group_size"}
+_OPTIONAL_FIELDS = {"dtype", "group_size", "pattern"}
 _EXACT_INTEGERS = 1 << 24  # a group grid's integers k are exact in float32 up to this magnitude
 
 
@@ -62,6 +64,7 @@ class EncodedTensor:
     positions: Stream | None
     dtype: str = "float32"
     group_size: int = 0        # group_grid: elements per step (runs in storage order); 0 for other kinds
+    pattern: tuple[int, int] | None = None  # the pattern layout's (n, m): n stored elements per block of m
 
     def storage_bytes(self) -> dict[str, int]:
         """Exact bytes by part; `header` is the compact JSON of everything that is not an array."""
@@ -75,6 +78,7 @@ class EncodedTensor:
                   "codebook": self.codebook, "offset": self.offset, "values": self.values.header(),
                   "positions": self.positions.header() if self.positions else None}
         header |= {"group_size": self.group_size} if self.codebook == "group_grid" else {}
+        header |= {"pattern": list(self.pattern)} if self.layout == "pattern" else {}
         return header | ({"dtype": self.dtype} if self.dtype != "float32" else {})
 
     @property
@@ -331,30 +335,59 @@ def _candidates(weight: torch.Tensor, layouts: tuple[str, ...], codings: tuple[s
     num_rows = shape[0] if len(shape) >= 2 else 1
     row_size = max(flat.size // max(num_rows, 1), 1)
     found = []
-    for layout in layouts:
-        positions, values, where = None, flat, None
-        rows = lambda: np.repeat(np.arange(num_rows, dtype=np.int32), row_size)[:flat.size]  # noqa: E731
-        if layout == "relative":
-            where = np.flatnonzero(flat)
-            values, rows = flat[where], lambda where=where: where // row_size
-            positions = Request(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings)
+    for layout, bits, pattern, positions, where in _layout_views(flat, layouts, codings, index_bits):
+        values = flat if where is None else flat[where]
+        if where is None:
+            rows = lambda: np.repeat(np.arange(num_rows, dtype=np.int32), row_size)[:flat.size]  # noqa: E731
+        else:
+            rows = lambda where=where: where // row_size  # noqa: E731
         books = _books(values, rows, num_rows, codings)
         grouped = group_grid_book(values, where, hint, codings) if hint is not None else None
         for book in books + ([grouped] if grouped is not None else []):
-            found.append(((shape, layout, index_bits, dtype), book, positions, book.request))
+            found.append(((shape, layout, bits, dtype, pattern), book, positions, book.request))
     return found
+
+
+def _layout_views(flat: np.ndarray, layouts: tuple[str, ...], codings: tuple[str, ...], index_bits: int):
+    """(layout, index bits, pattern, positions request, stored positions) of every layout that applies:
+    dense stores every element (None), relative the nonzeros; pattern is tried for blocks of 4 and 8 whose
+    fullest block holds at most half its elements nonzero (N:M masks: 2:4, 4:8 and sparser ones)."""
+    for layout in layouts:
+        if layout == "dense":
+            yield "dense", index_bits, None, None, None
+        elif layout == "relative":
+            where = np.flatnonzero(flat)
+            yield "relative", index_bits, None, \
+                Request(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings), where
+        else:
+            for m in patterns.BLOCKS:
+                n = patterns.block_nonzeros(flat, m)
+                if n is not None and n <= m // 2:  # an all-zero tensor stores one zero per block
+                    symbols, where = patterns.encode_pattern(flat, n := max(n, 1), m)
+                    yield "pattern", 0, (n, m), Request(symbols, patterns.alphabet(n, m), codings), where
+
+
+def pattern_applies(weight: torch.Tensor) -> bool:
+    """Whether the pattern layout can code this tensor: blocks of 4 or 8 elements, each at most half nonzero."""
+    flat = weight.detach().reshape(-1).cpu().numpy()
+    return any(patterns.block_nonzeros(flat, m) is not None and patterns.block_nonzeros(flat, m) <= m // 2
+               for m in patterns.BLOCKS)
 
 
 def _smallest(candidates: list, plans: dict) -> EncodedTensor:
     best, best_size = None, None
-    for (shape, layout, index_bits, dtype), book, positions, values in candidates:
+    for (shape, layout, index_bits, dtype, pattern), book, positions, values in candidates:
         sized = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, plans[id(values)],
-                              plans[id(positions)] if positions is not None else None, dtype, book.group_size)
+                              plans[id(positions)] if positions is not None else None, dtype, book.group_size,
+                              pattern)
         if best is None or sized.nbytes < best_size:
             best, best_size = sized, sized.nbytes
+    if best is None:
+        raise ValueError("no layout applies to this tensor (the pattern layout needs blocks of 4 or 8 elements, "
+                         "each at most half nonzero)")
     return EncodedTensor(best.shape, best.layout, best.index_bits, best.codebook, best.codebook_data, best.offset,
                          best.values.write(), best.positions.write() if best.positions else None, best.dtype,
-                         best.group_size)
+                         best.group_size, best.pattern)
 
 
 def encode_half(tensor: torch.Tensor) -> EncodedTensor:
@@ -383,6 +416,8 @@ def decode_tensor(encoded: EncodedTensor) -> torch.Tensor:
             raise FormatError(f"positions stream: {len(where)} positions for {encoded.values.count} value symbols")
         if span > numel or numel - span >= (1 << encoded.index_bits) - 1:
             raise FormatError(f"positions stream: covers {span} elements of a tensor of {numel}")
+    elif encoded.layout == "pattern":  # the counts were checked against the shape when the header was read
+        where = patterns.positions_from_patterns(decode_symbols(encoded.positions), *encoded.pattern)
     values = _values(encoded, decode_symbols(encoded.values), where)
     flat = values if where is None else np.zeros(numel, values.dtype)
     if where is not None:
@@ -456,7 +491,7 @@ def tensor_from_header(header: dict, payload: np.ndarray) -> EncodedTensor:
     if cursor != payload.size:
         raise FormatError(f"header: codebook and streams describe {cursor} bytes, the payload has {payload.size}")
     encoded = EncodedTensor(shape, layout, index_bits, kind, codebook, header["offset"], parts[0], parts[1], dtype,
-                            _group_size(header, shape))
+                            _group_size(header, shape), _pattern(header, shape))
     _check_counts(encoded)
     _check_codebook(encoded)
     for name, stream in (("values", encoded.values), ("positions", encoded.positions)):
@@ -491,11 +526,12 @@ def _header_fields(header: dict) -> tuple[tuple[int, ...], str, int, str, str]:
             raise FormatError(f"header: {key} {header[key]!r} is not one of {allowed}")
     relative = header["layout"] == "relative"
     index_bits = _field(header_int, header, "index_bits", int(relative), 16)
+    positioned = header["layout"] in ("relative", "pattern")
     _field(header_int, header, "offset", -(1 << 53), 1 << 53)
     if header["values"] is None:
         raise FormatError("header: the values stream is missing")
-    if (header["positions"] is None) == relative:
-        raise FormatError("header: a positions stream goes with the relative layout, and only with it")
+    if (header["positions"] is None) == positioned:
+        raise FormatError("header: a positions stream goes with the relative layout or the pattern layout, and only with them")
     return tuple(shape), header["layout"], index_bits, header["codebook"], header.get("dtype", "float32")
 
 
@@ -512,11 +548,41 @@ def _group_size(header: dict, shape: tuple[int, ...]) -> int:
     return size
 
 
+def _pattern(header: dict, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The pattern layout's [n, m]: present with that layout only, 1 <= n < m <= 16, m dividing the elements."""
+    if (header["layout"] == "pattern") != ("pattern" in header):
+        raise FormatError("header: pattern goes with the pattern layout, and only with it")
+    if "pattern" not in header:
+        return None
+    value = header["pattern"]
+    if not isinstance(value, list) or len(value) != 2 or any(type(v) is not int for v in value) or \
+            not 1 <= value[0] < value[1] <= patterns.MAX_BLOCK:
+        raise FormatError(f"header: pattern {value!r} is not [n, m] with 1 <= n < m <= {patterns.MAX_BLOCK}")
+    numel = int(np.prod(shape, dtype=np.int64))
+    if numel % value[1]:
+        raise FormatError(f"header: pattern blocks of {value[1]} do not divide the {numel} elements")
+    return value[0], value[1]
+
+
+def _check_pattern_counts(encoded: EncodedTensor) -> None:
+    """One pattern symbol of C(m, n) per block of m, and n values (of symbols_per_value symbols) per block."""
+    (n, m), blocks = encoded.pattern, encoded.numel // encoded.pattern[1]
+    if encoded.positions.alphabet != patterns.alphabet(n, m):
+        raise FormatError(f"positions stream: alphabet {encoded.positions.alphabet} for {n}:{m} patterns "
+                          f"(expected {patterns.alphabet(n, m)})")
+    if encoded.positions.count != blocks:
+        raise FormatError(f"positions stream: {encoded.positions.count} patterns for {blocks} blocks of {m}")
+    if encoded.values.count != blocks * n * encoded.symbols_per_value:
+        raise FormatError(f"values stream: {encoded.values.count} symbols for {blocks} blocks of {n} values")
+
+
 def _check_counts(encoded: EncodedTensor) -> None:
     """The declared tensor is one the streams describe: as many values as elements (dense), or
     positions whose codes reach the last element (relative: trailing zeros are coded as fillers)
     and are no more than the elements. Decoding then allocates in proportion to the tensor."""
     numel, per_value, values = encoded.numel, encoded.symbols_per_value, encoded.values.count
+    if encoded.layout == "pattern":
+        _check_pattern_counts(encoded)
     if encoded.layout == "dense" and values != numel * per_value:
         raise FormatError(f"values stream: {values} symbols for {numel} elements of {per_value} symbols each")
     if encoded.layout == "relative":

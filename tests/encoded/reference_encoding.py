@@ -12,7 +12,7 @@ import json
 import numpy as np
 import torch
 
-from fxcompress.encoded import huffman, rans
+from fxcompress.encoded import huffman, patterns, rans
 from fxcompress.encoded.bits import width_for
 from fxcompress.encoded.positions import gaps_from_positions
 from fxcompress.encoded.streams import CODINGS, ENTROPY_CODED_ALPHABET, FREE_SYMBOLS, Stream, estimate_bytes
@@ -172,19 +172,32 @@ def encode_tensor(weight: torch.Tensor, *, layouts=LAYOUTS, codings=CODINGS, ind
     num_rows = shape[0] if len(shape) >= 2 else 1
     row_size = max(flat.size // max(num_rows, 1), 1)
     best = None
-    for layout in layouts:
-        where = np.flatnonzero(flat) if layout == "relative" else np.arange(flat.size)
-        positions = None
-        if layout == "relative":
-            positions = smallest(gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings)
+    for layout, bits, pattern, where, positions in _views(flat, layouts, codings, index_bits):
         for book in codebooks(flat[where], where // row_size, num_rows):
             allowed = ("fixed",) if book.kind in RAW_KINDS else codings
             values = smallest(book.symbols, book.alphabet, allowed)
-            candidate = EncodedTensor(shape, layout, index_bits, book.kind, book.data, book.offset, values,
-                                      positions, dtype)
+            candidate = EncodedTensor(shape, layout, bits, book.kind, book.data, book.offset, values,
+                                      positions, dtype, pattern=pattern)
             if best is None or candidate.nbytes < best.nbytes:
                 best = candidate
     return best
+
+
+def _views(flat, layouts, codings, index_bits):
+    """(layout, index bits, pattern, stored positions, positions stream) of each layout that applies."""
+    for layout in layouts:
+        if layout == "dense":
+            yield layout, index_bits, None, np.arange(flat.size), None
+        elif layout == "relative":
+            where = np.flatnonzero(flat)
+            yield layout, index_bits, None, where, smallest(gaps_from_positions(where, index_bits, flat.size),
+                                                            1 << index_bits, codings)
+        else:
+            for m in patterns.BLOCKS:
+                n = patterns.block_nonzeros(flat, m)
+                if n is not None and n <= m // 2:  # an all-zero tensor stores one zero per block
+                    symbols, where = patterns.encode_pattern(flat, n := max(n, 1), m)
+                    yield layout, 0, (n, m), where, smallest(symbols, patterns.alphabet(n, m), codings)
 
 
 def encoded_bytes(encoded: EncodedTensor) -> bytes:
