@@ -48,11 +48,13 @@ from .lower_integer_graph import (JoinPlan, LayerPlan, Quantized, integer_join, 
 class LowerToInteger(Pass):
     """Lower every layer with a linear / fixed-point weight quantizer and an input fake-quant to integers.
 
-    backend       "native" (uint8 codes, oneDNN int8 or float kernels), "reference" (exact, float64
-                  kernels on integer values) or None: native where this machine has the kernels and every
-                  layer fits them, reference otherwise (stats["native_refused"] says why)
-    kernels       native: the kernels a layer may run; with both, each layer's are timed on its real input
-                  and float stays unless int8 is `margin` times faster (one: every layer runs it, untimed)
+    backend       "native" (uint8 codes, oneDNN int8, float or our C int8 kernels), "reference" (exact,
+                  float64 kernels on integer values) or None: native where this machine has the kernels and
+                  every layer fits them, reference otherwise (stats["native_refused"] says why)
+    kernels       native: the kernels a layer may run ("int8": oneDNN's, "float", "c_int8": ours in C, linear
+                  layers only, bit for bit the reference, offered where a C compiler builds it); where several
+                  can run a layer they are timed on its real input and float stays unless another is
+                  `margin` times faster (one: the layer runs it, untimed; none: PreconditionError)
     float_select  native: full-match regex over layer names forced onto the float kernel, untimed
     repeats, margin, clock   native timing: rounds per kernel (medians), the factor int8 must win by,
                   "wall" or "thread" time

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.kernels.lowering import layer_inputs
 from fxcompress.kernels.timing import KernelChoice, choose_kernel
 from fxcompress.kernels import native
@@ -42,30 +42,54 @@ from .lower_integer_graph import (MAX_POOL_ARGS, JoinPlan, LayerPlan, Quantized,
 
 def choose_kernels(gm: GraphModule, layers: list[Quantized], plans: dict[Node, LayerPlan], example_inputs: tuple,
                    options: dict[str, Any]) -> dict[Node, KernelChoice | str]:
-    """Each layer's kernel: a KernelChoice where both were timed on the layer's real input, else the
-    kernel's name (one kernel allowed, or the layer forced onto float by `float_select`)."""
+    """Each layer's kernel: a KernelChoice where several were timed on the layer's real input, else the
+    kernel's name (one kernel of `kernels` runs the layer, or `float_select` forces it onto float)."""
     kernels, forced = options["kernels"], options["float_select"]
     chosen: dict[Node, KernelChoice | str] = {}
-    timed = []
+    timed: dict[Node, dict[str, NativeLayer]] = {}
     for q in layers:
         if forced is not None and re.fullmatch(forced, q.layer.name):
             chosen[q.node] = "float"
-        elif len(kernels) == 1:
-            chosen[q.node] = kernels[0]
+            continue
+        forms = layer_forms(gm, q, plans[q.node], kernels)
+        if len(forms) == 1:
+            chosen[q.node] = next(iter(forms))
         else:
-            timed.append(q)
+            timed[q.node] = forms
     if forced is not None and "float" not in {kernel_name(c) for c in chosen.values()}:
         raise ConfigError(f"LowerToInteger.float_select={forced!r} selects none of the layers lowered: "
                           f"{', '.join(q.layer.name for q in layers)}")
-    inputs = layer_inputs(gm, [q.node for q in timed], example_inputs)
-    for q in timed:
-        plan, grid = plans[q.node], q.input_grid
+    inputs = layer_inputs(gm, list(timed), example_inputs)
+    for q in layers:
+        if q.node not in timed:
+            continue
+        grid, forms = q.input_grid, timed[q.node]
         codes = QuantizeToCodes(float(grid.scale), int(grid.zero_point), grid.qmax)(inputs[q.node].float())
-        relu = fused_relu(gm, q.node, plan.chain) is not None
-        forms = {kernel: native_layer(q, plan, relu, kernel) for kernel in ("float", "int8")}
-        chosen[q.node] = choose_kernel({k: m.forward for k, m in forms.items()}, (codes,), baseline="float",
+        chosen[q.node] = choose_kernel({k: m.forward for k, m in forms.items()}, (codes,),
+                                       baseline="float" if "float" in forms else next(iter(forms)),
                                        repeats=options["repeats"], margin=options["margin"], clock=options["clock"])
     return chosen
+
+
+def layer_forms(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tuple[str, ...]) -> dict[str, NativeLayer]:
+    """The layer as a NativeLayer on each of `kernels` that can run it here (uint8 codes in and out, as
+    they are timed); a PreconditionError naming the layer where none can."""
+    relu = fused_relu(gm, q.node, plan.chain) is not None
+    forms, refused = {}, {}
+    for kernel in kernels:
+        if kernel == "c_int8" and q.layer.kind != "linear":
+            refused[kernel] = "our C kernel runs linear layers only"
+            continue
+        module = native_layer(q, plan, relu, kernel)
+        if kernel == "c_int8" and (reason := module.c_refusal()) is not None:
+            refused[kernel] = reason
+        else:
+            forms[kernel] = module
+    if not forms:
+        reasons = "; ".join(f"{kernel}: {reason}" for kernel, reason in refused.items())
+        raise PreconditionError(f"LowerToInteger: no kernel of kernels={kernels} can run layer '{q.layer.name}' "
+                                f"({reasons}); allow 'float', which runs every layer")
+    return forms
 
 
 def kernel_name(choice: KernelChoice | str) -> str:
@@ -119,7 +143,7 @@ def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_
                          output_scale=1.0 if out_grid is None else float(out_grid.scale),
                          output_zero_point=0 if out_grid is None else int(out_grid.zero_point),
                          clamp=_native_clamp(out_grid, relu), kernel=kernel,
-                         input="float_codes" if values_in else "uint8", **plan.options)
+                         input="float_codes" if values_in else "uint8", input_qmax=int(in_grid.qmax), **plan.options)
     module.weight.copy_(plan.codes.to(torch.int8))
     module.weight_scale.copy_(plan.weight_scale.float())
     if plan.bias is not None:  # the reference's integer bias, as the value it stands for
@@ -146,7 +170,8 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
             native_code_op(gm, node, zero_point, in_float=values_out)
     times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
     return {"module": new.target, "kernel": module.kernel, "times_ms": times,
-            "speedup": round(choice.speedup_over("float"), 4) if isinstance(choice, KernelChoice) else None,
+            "speedup": (round(choice.speedup_over("float"), 4)
+                        if isinstance(choice, KernelChoice) and "float" in choice.times_ms else None),
             "input": module.input, "output": module.output}
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.errors import ConfigError, PreconditionError
+from . import q8
 from .timing import KernelChoice
 
 INT16_MAX = 32767  # pairwise int16 sums of u8 x s8 products on x86 without VNNI
@@ -43,7 +44,9 @@ INT8_RANGE = (-128, 127)
 KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
 # what a NativeLayer writes: codes for the next layer, real values, or (float kernel only) codes held in float32
 OUTPUTS = ("uint8", "float32", "float_codes")
-LAYER_KERNELS = ("int8", "float")  # what computes a NativeLayer: oneDNN's int8 kernel or the float one
+# what computes a NativeLayer: oneDNN's int8 kernel, the float one, or our C int8 kernel (linear layers, `q8`)
+LAYER_KERNELS = ("int8", "float", "c_int8")
+CODE_KERNELS = ("int8", "c_int8")  # the kernels reading and writing uint8 codes only
 INPUTS = ("uint8", "float_codes")  # the codes a NativeLayer reads: uint8, or (float kernel only) float32
 
 
@@ -80,6 +83,9 @@ class QuantizeToCodes(nn.Module):
         self.scale, self.zero_point, self.qmax = scale, zero_point, qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = q8.quantize(x, self.scale, self.zero_point, self.qmax)  # one C call where it can
+        if codes is not None:
+            return codes
         # x / scale, not x * (1 / scale): the same rounding as the reference boundary, code for code
         return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.qmax).to(torch.uint8)
 
@@ -107,20 +113,27 @@ class NativeLayer(nn.Module):
     float layers the codes stay float32 (`input` / `output` "float_codes": integers on the grid,
     no cast), so a run of float layers costs one in-place rounding and clamp per layer over the
     float model (the clamp is the ReLU). The oneDNN packed weight and the float weight are built
-    on first use and never stored or copied: the codes are what a file holds.
+    on first use and never stored or copied: the codes are what a file holds. "c_int8" (linear layers)
+    is our C kernel (`q8`): uint8 codes times int8 codes in an int32 accumulator and the reference
+    backend's fixed-point requantization, bit for bit the reference, in one call; `input_qmax` (the
+    input grid's largest code) lets it take vpmaddubsw's int16 pair sums where they cannot saturate.
     """
 
     def __init__(self, kind: str, weight_shape: list[int], input_scale: float, input_zero_point: int,
                  output: str, output_scale: float = 1.0, output_zero_point: int = 0,
                  clamp: tuple[float, float | None] | None = None, stride: list[int] | None = None,
                  padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1,
-                 kernel: str = "int8", input: str = "uint8", times_ms: dict[str, float] | None = None) -> None:
+                 kernel: str = "int8", input: str = "uint8", times_ms: dict[str, float] | None = None,
+                 input_qmax: int = UINT8_MAX) -> None:
         super().__init__()
         if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
-                or (kernel == "int8" and "float_codes" in (input, output)):  # a file's configuration is checked too
+                or (kernel in CODE_KERNELS and "float_codes" in (input, output)) \
+                or (kernel == "c_int8" and kind != "linear") \
+                or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
             raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
-                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 reads and writes no float "
-                              f"codes), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}")
+                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 and c_int8 read and write no "
+                              f"float codes; c_int8 runs linear layers; input_qmax in 1..255), got kind={kind!r}, "
+                              f"output={output!r}, kernel={kernel!r}, input={input!r}, input_qmax={input_qmax!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
         self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
@@ -128,6 +141,7 @@ class NativeLayer(nn.Module):
         self.output_scale, self.output_zero_point = output_scale, output_zero_point
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.kernel, self.input = kernel, input
+        self.input_qmax = input_qmax  # the largest input code (the grid's qmax): our C kernel's exactness bound
         self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
                                                                                     "times_ms": times_ms})
         out = weight_shape[0]
@@ -137,6 +151,7 @@ class NativeLayer(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32), persistent=False)
         self._packed: torch.Tensor | None = None
         self._float: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._c: q8.Packed | None = None
 
     def packed(self) -> torch.Tensor:
         if self._packed is None:
@@ -155,6 +170,8 @@ class NativeLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "float":
             return self._forward_float(x)
+        if self.kernel == "c_int8":
+            return q8.run(x, self._c or self.c_packed())
         post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
         dtype = torch.uint8 if self.output == "uint8" else torch.float32
         common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
@@ -198,6 +215,32 @@ class NativeLayer(nn.Module):
         self._float = (weight.contiguous(), bias, shift, *self.code_range())
         return self._float
 
+    def c_refusal(self) -> str | None:
+        """Why our C kernel cannot run this layer here (None: it can)."""
+        if self.kind != "linear" or self.input != "uint8" or self.output == "float_codes":
+            return "our C kernel runs linear layers on uint8 codes only"
+        if self.output == "float32" and self.clamp not in (None, (0.0, None)):
+            return f"it dequantizes with ReLU at most, not clamp {self.clamp}"
+        return q8.refusal(self.weight, self.bias, self.accumulator_scale(), self._multiplier())
+
+    def c_packed(self) -> q8.Packed:
+        """Our C kernel's arguments, made once from the buffers (the codes are what a file holds)."""
+        if (refusal := self.c_refusal()) is not None:  # a file lowered on a machine with a compiler
+            raise PreconditionError(f"NativeLayer ({self.kind}): kernel 'c_int8' cannot run here ({refusal}); "
+                                    "lower again, or remeasure the model with kernels 'int8' / 'float'")
+        self._c = q8.pack(self.weight, self.accumulator_scale(), self.bias, self.input_zero_point,
+                          self.input_qmax, self._multiplier(), self.output_zero_point, self.code_range(),
+                          self.clamp is not None and self.clamp[1] is None)
+        return self._c
+
+    def accumulator_scale(self) -> torch.Tensor:
+        """float64 per output channel: the value of one accumulator step (input scale times weight scale)."""
+        return self.input_scale * self.weight_scale.double()
+
+    def _multiplier(self) -> torch.Tensor | None:
+        """The requantization's real multiplier per output channel, None where the layer dequantizes."""
+        return None if self.output == "float32" else self.accumulator_scale() / self.output_scale
+
     def code_range(self) -> tuple[int, int]:
         """The output codes the fused clamp allows: ReLU's zero-point or the grid's range, within uint8."""
         zero, scale = self.output_zero_point, self.output_scale
@@ -208,15 +251,15 @@ class NativeLayer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_packed"] = state["_float"] = None  # remade from `weight`: deepcopy / pickle never copy them
+        state["_packed"] = state["_float"] = state["_c"] = None  # remade from `weight`: deepcopy / pickle never copy them
         return state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._packed = self._float = None
+        self._packed = self._float = self._c = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._packed = self._float = None
+        self._packed = self._float = self._c = None
         return super()._apply(fn, recurse)
 
     def config(self) -> dict[str, Any]:
@@ -225,7 +268,7 @@ class NativeLayer(nn.Module):
                 "output_scale": self.output_scale, "output_zero_point": self.output_zero_point,
                 "clamp": None if self.clamp is None else list(self.clamp), "stride": self.stride,
                 "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "kernel": self.kernel,
-                "input": self.input,
+                "input": self.input, "input_qmax": self.input_qmax,
                 "times_ms": None if self.kernel_choice is None else dict(self.kernel_choice.as_stats()["times_ms"])}
 
     def extra_repr(self) -> str:

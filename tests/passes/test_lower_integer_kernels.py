@@ -11,8 +11,10 @@ from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.passes import lower_integer_native
 from fxcompress.kernels import native
 from fxcompress.kernels.native import NativeLayer, float_codes
+from fxcompress.kernels import q8
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+C_TIMES = {} if q8.c_library() is None else {"c_int8": 2.5}  # our C kernel is timed where a compiler builds it
 
 
 def _fake_quant(model, x):
@@ -71,7 +73,8 @@ def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floa
 
 @pytest.fixture
 def rigged(monkeypatch):
-    """Kernel timing on a fake clock: int8 costs 1 ms on convolutions and 3 ms on linear layers, float 2 ms."""
+    """Kernel timing on a fake clock: int8 costs 1 ms on convolutions and 3 ms on linear layers, float 2 ms,
+    our C kernel (linear layers only) 2.5 ms."""
     clock = {"now": 0.0}
     monkeypatch.setitem(timing.CLOCKS, "fake", lambda: clock["now"])
     real = lower_integer_native.choose_kernel
@@ -83,8 +86,8 @@ def rigged(monkeypatch):
 
     def choose(candidates, args, **options):
         conv = candidates["int8"].__self__.kind == "conv2d"
-        costs = {"float": costing(0.002), "int8": costing(0.001 if conv else 0.003)}
-        return real(costs, args, **{**options, "clock": "fake"})
+        costs = {"float": costing(0.002), "int8": costing(0.001 if conv else 0.003), "c_int8": costing(0.0025)}
+        return real({k: costs[k] for k in candidates}, args, **{**options, "clock": "fake"})
 
     monkeypatch.setattr(lower_integer_native, "choose_kernel", choose)
 
@@ -93,11 +96,12 @@ def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(l
     data, fq, reference = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(data.train_x[:2],))
     stats = fxcompress.history(gm)[-1].stats
-    assert stats["kernels"] == {"int8": 2, "float": 2}
+    assert stats["kernels"] == {"int8": 2, "float": 2, "c_int8": 0}
     assert stats["layers"]["conv1"]["times_ms"] == pytest.approx({"float": 2.0, "int8": 1.0})
     assert stats["layers"]["conv1"]["speedup"] == pytest.approx(2.0)
     assert stats["layers"]["fc1"] == {"module": "fc1.native", "kernel": "float", "speedup": 1.0, "input": "uint8",
-                                      "times_ms": {"float": 2.0, "int8": 3.0}, "output": "float_codes"}
+                                      "times_ms": {"float": 2.0, "int8": 3.0, **C_TIMES},
+                                      "output": "float_codes"}
     assert stats["float_code_edges"] == 1  # fc1 -> fc2: both float
     rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
     assert (rows["conv2.native"]["kernel"], rows["conv2.native"]["latency_ms"]) == ("int8", pytest.approx(1.0))

@@ -1,0 +1,196 @@
+"""Our C int8 linear kernel (csrc/q8_linear.c): a native linear layer in one call, bit for bit the reference.
+
+oneDNN's int8 linear costs tens of microseconds a call whatever its size, so small layers at small batches
+ran their float kernel, which keeps the activations on their grids with a few elementwise ops per layer.
+This kernel reads the layer's uint8 codes, multiplies them by the int8 weight codes in an int32
+accumulator, adds the integer bias and requantizes onto the next grid with the reference backend's
+31-bit fixed-point multiplier rounding half up (`quant.integer.requantize`), the clamp (ReLU, the grid's
+range) fused — or dequantizes as the reference's last layer does. So where oneDNN and the float kernel
+agree with the reference to one code per layer, this one agrees exactly. It widens both operands to
+int16 and multiplies with vpmaddwd (pair sums in int32), so on AVX2 without VNNI it never saturates.
+
+`pack` turns a NativeLayer's buffers (the codes a file holds) into the kernel's arguments once (the
+weight padded to 16 columns, the integer bias recovered from the float one, the multipliers); `run`
+calls the kernel through ctypes in eager inference and through the custom op `fxcompress::q8_linear`
+when torch.compile / torch.export trace it. `quantize` is the float -> codes boundary in one call.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from fxcompress.quant.integer import fixed_point_multiplier
+from fxcompress.errors import ConfigError
+from .compiled import library
+
+STEP = 16  # the kernel's columns per vector step (int16 path; twice that raw): weight rows are padded to it
+INT16_MAX = 32767  # vpmaddubsw's saturating pair sums
+INT32_LIMIT = 1 << 31
+BIAS_EXACT = 1 << 22  # integer biases below this come back exactly from their float32 value times the scale
+SHIFTS = (1, 62)  # the requantization shifts the kernel's int64 arithmetic takes
+
+
+class Layer(ctypes.Structure):
+    """csrc/q8_linear.c's `Layer`: one layer's constant arguments, filled once, passed by pointer (a ctypes
+    call costs about a tenth of a microsecond per argument)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("mult", ctypes.c_void_p),
+                ("shift", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("in_features", ctypes.c_int64),
+                ("out", ctypes.c_int64), ("stride", ctypes.c_int64), ("x_zero", ctypes.c_int32),
+                ("y_zero", ctypes.c_int32), ("low", ctypes.c_int32), ("high", ctypes.c_int32),
+                ("relu", ctypes.c_int32), ("raw", ctypes.c_int32)]
+
+
+@functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """csrc/q8_linear.c built for this machine with its argument types set, or None where it cannot be."""
+    lib = library("q8_linear")
+    if lib is not None:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        lib.q8_linear.argtypes = [p, i64, p, ctypes.POINTER(Layer)]
+        lib.q8_linear.restype = ctypes.c_int
+        lib.q8_quantize.argtypes = [p, i64, ctypes.c_float, i32, i32, p]
+        lib.q8_quantize.restype = None
+    return lib
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The kernel's arguments for one layer: weight int8 [out, stride] (zero past in_features), bias int32,
+    then mult / shift (int64, requantizing onto codes clamped to [low, high]) or scale (float64, dequantizing);
+    `layer` points at them all (the tensors here keep that memory alive)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mult: torch.Tensor | None
+    shift: torch.Tensor | None
+    scale: torch.Tensor | None
+    in_features: int
+    x_zero: int
+    y_zero: int
+    low: int
+    high: int
+    relu: bool
+    raw: bool = False
+
+    @functools.cached_property
+    def layer(self) -> Layer:
+        address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return Layer(self.weight.data_ptr(), self.bias.data_ptr(), address(self.mult), address(self.shift),
+                     address(self.scale), self.in_features, self.weight.shape[0], self.weight.shape[1], self.x_zero,
+                     self.y_zero, self.low, self.high, int(self.relu), int(self.raw))
+
+    @functools.cached_property
+    def ref(self) -> object:
+        return ctypes.byref(self.layer)
+
+
+def integer_bias(bias: torch.Tensor, accumulator_scale: torch.Tensor) -> torch.Tensor | None:
+    """The int32 bias a NativeLayer's float32 bias stands for (it holds the reference's integer bias times the
+    accumulator's scale), or None where float32 cannot have kept it exactly."""
+    integer = torch.round(bias.double() / accumulator_scale)
+    if bool((integer.abs() >= BIAS_EXACT).any()) or not torch.equal((integer * accumulator_scale).float(), bias):
+        return None
+    return integer.to(torch.int32)
+
+
+def refusal(weight: torch.Tensor, bias: torch.Tensor, accumulator_scale: torch.Tensor,
+            multiplier: torch.Tensor | None) -> str | None:
+    """Why the C kernel cannot compute this linear layer exactly here (None: it can)."""
+    if c_library() is None:
+        return "no C compiler here to build it (or FXCOMPRESS_NO_C=1)"
+    if weight.device.type != "cpu":
+        return f"the codes are on {weight.device}, the C kernel runs on the CPU"
+    if integer_bias(bias, accumulator_scale) is None:
+        return f"an integer bias reaches {BIAS_EXACT}, beyond what its float32 value keeps exactly"
+    if multiplier is not None:
+        _, shift = fixed_point_multiplier(multiplier)
+        if int(shift.min()) < SHIFTS[0] or int(shift.max()) > SHIFTS[1]:
+            return f"a requantization shift of {int(shift.min())}..{int(shift.max())} bits is outside {SHIFTS}"
+    return None
+
+
+def raw_fits(weight: torch.Tensor, bias: torch.Tensor, x_zero: int, input_max: int) -> bool:
+    """Whether raw uint8 codes up to `input_max` times `weight` run exactly in vpmaddubsw's int16 pair sums
+    (neighbouring columns 2j, 2j + 1 of a row) and every partial sum stays in int32 (the bias taking the
+    zero-point's share, x_zero * sum_k w)."""
+    codes = weight.to(torch.int64)
+    width = codes.shape[1] + codes.shape[1] % 2
+    pairs = torch.nn.functional.pad(codes.abs(), (0, width - codes.shape[1])).reshape(codes.shape[0], -1, 2).sum(2)
+    shifted = bias.to(torch.int64) - x_zero * codes.sum(1)
+    return (int(pairs.max()) * input_max <= INT16_MAX and int(codes.abs().sum(1).max()) * input_max < INT32_LIMIT
+            and int(shifted.abs().max()) < INT32_LIMIT)
+
+
+def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tensor, x_zero: int, input_max: int,
+         multiplier: torch.Tensor | None, y_zero: int, code_range: tuple[int, int], relu: bool) -> Packed:
+    """The kernel's arguments: `multiplier` is the requantization's real multiplier per output channel
+    (accumulator scale over output scale; None: dequantize with `accumulator_scale`). Inputs never pass
+    `input_max`; where the raw path is exact for them it is taken (about twice the products per
+    instruction), the int16 path otherwise."""
+    out, in_features = weight.shape
+    integer = integer_bias(bias, accumulator_scale)
+    raw = raw_fits(weight, integer, x_zero, input_max)
+    step = 2 * STEP if raw else STEP
+    stride = -(-in_features // step) * step
+    padded = torch.zeros(out, stride, dtype=torch.int8)
+    padded[:, :in_features] = weight
+    if raw:
+        integer = (integer.to(torch.int64) - x_zero * weight.to(torch.int64).sum(1)).to(torch.int32)
+    mult = shift = scale = None
+    if multiplier is not None:
+        mult, shift = fixed_point_multiplier(multiplier)
+    else:
+        scale = accumulator_scale.double().contiguous()
+    return Packed(padded, integer, mult, shift, scale, in_features, int(x_zero), int(y_zero), *code_range, relu, raw)
+
+
+def eager(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """The layer on uint8 codes x [..., in_features] (CPU): uint8 codes, or float32 values dequantizing."""
+    if x.dtype != torch.uint8 or x.shape[-1] != p.in_features:
+        raise ConfigError(f"q8_linear reads uint8 codes [..., {p.in_features}], got {x.dtype} {tuple(x.shape)}")
+    rows = x if x.dim() == 2 else x.reshape(-1, p.in_features)
+    rows = rows.contiguous()
+    y = torch.empty(rows.shape[0], p.weight.shape[0], dtype=torch.uint8 if p.mult is not None else torch.float32)
+    if c_library().q8_linear(rows.data_ptr(), rows.shape[0], y.data_ptr(), p.ref):
+        raise MemoryError(f"q8_linear could not allocate {rows.shape[0]} x {p.weight.shape[1]} int16 of scratch")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.weight.shape[0])
+
+
+def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor | None,
+        shift: torch.Tensor | None, scale: torch.Tensor | None, in_features: int, x_zero: int, y_zero: int,
+        low: int, high: int, relu: bool, raw: bool) -> torch.Tensor:
+    return eager(x, Packed(weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw))
+
+
+# The same layer as an opaque custom op, for graphs torch.compile / torch.export trace; eager inference calls
+# ctypes directly (the op's dispatch costs microseconds on calls that take a few)
+q8_linear = torch.library.custom_op("fxcompress::q8_linear", _op, mutates_args=())
+
+
+@q8_linear.register_fake
+def _(x, weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw):
+    dtype = torch.uint8 if mult is not None else torch.float32
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
+
+
+def run(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # traced: fake or proxy tensors
+        return torch.ops.fxcompress.q8_linear(x, p.weight, p.bias, p.mult, p.shift, p.scale, p.in_features,
+                                              p.x_zero, p.y_zero, p.low, p.high, p.relu, p.raw)
+    return eager(x, p)
+
+
+def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor | None:
+    """uint8 codes of float32 x in one C call (QuantizeToCodes code for code), or None where the torch ops
+    must do it: no compiler, another dtype or device, a strided tensor, or a traced graph."""
+    lib = c_library()
+    if (lib is None or type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not x.is_contiguous() or torch.compiler.is_compiling()):
+        return None
+    y = torch.empty(x.shape, dtype=torch.uint8)
+    lib.q8_quantize(x.data_ptr(), x.numel(), scale, zero_point, qmax, y.data_ptr())
+    return y
