@@ -57,7 +57,17 @@ def _corpus() -> list[tuple[dict, bytes]]:
         w = _weight("grid", (8, 64), 0.5, 9 + i) * 16 * steps.repeat_interleave(16).reshape(8, 64)
         found.append(EncodedWeight.from_encoded(encode_tensor(w, layouts=(layout,), codings=(coding,),
                                                               groups=GroupSteps(steps.numpy(), 16))))
+    for i, (coding, keep, block) in enumerate((("fixed", 2, 4), ("huffman", 1, 4), ("rans", 4, 8))):  # N:M
+        w = _n_of_m(_weight("table" if i else "grid", (16, 24), 1.0, 12 + i), keep, block)
+        found.append(EncodedWeight.from_encoded(encode_tensor(w, layouts=("pattern",), codings=(coding,))))
     return [(m.header, m.payload.numpy().tobytes()) for m in found]
+
+
+def _n_of_m(w: torch.Tensor, keep: int, block: int) -> torch.Tensor:
+    """w with all but the `keep` largest magnitudes of every run of `block` elements zeroed."""
+    runs = w.reshape(-1, block)
+    drop = runs.abs().argsort(dim=1)[:, :block - keep]
+    return runs.scatter(1, drop, torch.zeros_like(runs[:, :block - keep])).reshape(w.shape)
 
 
 CORPUS = _corpus()
@@ -67,7 +77,8 @@ def test_the_corpus_covers_every_coding_layout_and_codebook():
     headers = [h for h, _ in CORPUS]
     streams = [h["values"] for h in headers] + [h["positions"] for h in headers if h["positions"]]
     assert {s["coding"] for s in streams} == {"fixed", "huffman", "rans"}
-    assert {h["layout"] for h in headers} == {"dense", "relative"}
+    assert {h["layout"] for h in headers} == {"dense", "relative", "pattern"}
+    assert {tuple(h["pattern"]) for h in headers if "pattern" in h} == {(2, 4), (1, 4), (4, 8)}
     assert {h["codebook"] for h in headers} == {"table", "table_per_channel", "grid", "group_grid", "float32",
                                                 "float16"}
     assert {h.get("dtype", "float32") for h in headers} == {"float32", "float64", "bfloat16"}
@@ -125,7 +136,7 @@ def _get(header, path):
     return header
 
 
-NAMES = ["fixed", "huffman", "rans", "dense", "relative", "table", "table_per_channel", "grid", "group_grid", "float16",
+NAMES = ["fixed", "huffman", "rans", "dense", "relative", "pattern", "table", "table_per_channel", "grid", "group_grid", "float16",
          "float32", "float64", "bfloat16", "int8", ""]
 HUGE = [2 ** 16, 2 ** 16 + 1, 2 ** 31, 3 << 30, 2 ** 32, 10 ** 8, 10 ** 9, 2 ** 40, 2 ** 62, 2 ** 64, -(2 ** 63)]
 ODD = [None, "7", 1.5, float("nan"), True, [], {}, [3, 4]]
@@ -388,3 +399,42 @@ def test_load_refuses_crafted_headers_naming_the_weight(saved_file, tmp_path, ed
     with pytest.raises(FormatError, match=f"encoded weight {PATH}: {match}"):
         fxcompress.load(tmp_path / "crafted.fxc")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB: nothing near 3 GiB
+
+
+# --- the pattern layout's header field -------------------------------------------------------------
+
+def _two_of_four(coding: str = "fixed") -> tuple[dict, bytes]:
+    w = _n_of_m(_weight("table", (30, 20), 1.0, 11), 2, 4)
+    module = EncodedWeight.from_encoded(encode_tensor(w, layouts=("pattern",), codings=(coding,)))
+    assert module.header["pattern"] == [2, 4] and module.header["positions"]["count"] == 150
+    return copy.deepcopy(module.header), module.payload.numpy().tobytes()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.update(pattern=[2, 8]), r"positions stream: alphabet 6 for 2:8 patterns \(expected 28\)"),
+    (lambda h: h.update(pattern=[4, 4]), r"header: pattern \[4, 4\] is not \[n, m\] with 1 <= n < m <= 16"),
+    (lambda h: h.update(pattern=[0, 4]), r"header: pattern \[0, 4\] is not"),
+    (lambda h: h.update(pattern=[8, 17]), r"header: pattern \[8, 17\] is not"),
+    (lambda h: h.update(pattern=[2, 2 ** 40]), r"header: pattern \[2, 1099511627776\] is not"),
+    (lambda h: h.update(pattern=[2.0, 4]), r"header: pattern \[2.0, 4\] is not"),
+    (lambda h: h.update(pattern=[2, 4, 1]), r"header: pattern \[2, 4, 1\] is not"),
+    (lambda h: h.update(pattern="2:4"), "header: pattern '2:4' is not"),
+    (lambda h: h.pop("pattern"), "header: pattern goes with the pattern layout, and only with it"),
+    (lambda h: h.update(layout="relative"), r"header: field 'index_bits' is 0, expected an integer in \[1, 16\]"),
+    (lambda h: h.update(layout="relative", index_bits=5), "header: pattern goes with the pattern layout, and only"),
+    (lambda h: h.update(shape=[30, 21]), "header: pattern blocks of 4 do not divide the 630 elements"),
+    (lambda h: h.update(shape=[60, 20]), "positions stream: 150 patterns for 300 blocks of 4"),
+    (lambda h: h.update(shape=[10 ** 6, 20]), "positions stream: 150 patterns for 5000000 blocks of 4"),
+    (lambda h: h["values"].update(count=299), "values stream: 299 symbols for 150 blocks of 2 values"),
+    (lambda h: h.update(positions=None), "header: a positions stream goes with the relative layout or the pattern"),
+])
+def test_inconsistent_pattern_headers_name_the_part(edit, match):
+    header, payload = _two_of_four()
+    edit(header)
+    _refused(header, payload, match)
+
+
+def test_a_pattern_header_on_a_dense_weight_is_refused():
+    header, payload = _lowered_linear("fixed")
+    header["pattern"] = [2, 4]
+    _refused(header, payload, "header: pattern goes with the pattern layout, and only with it")
