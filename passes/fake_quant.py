@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.calibration.gptq import gptq_layers
 from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
+from fxcompress.encoded.memory import release_freed_memory
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, constant_value, insert_on_weight,
                                kind_names, layer_node, select_layers, weight_arg)
@@ -231,8 +232,11 @@ class InsertFakeQuant(Pass):
             stats, _ = gptq_layers(gm, ctx.calibration_data, plan,
                                    lambda layer, spec: self._quantize_weight(gm, layer, spec), act_order=self.act_order)
         else:
-            stats = {layer.name: self._quantize_weight(gm, layer, spec)
-                     for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name)}
+            stats = {}
+            release_freed_memory()  # what earlier passes freed would otherwise stay resident under our transients
+            for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name):
+                stats[layer.name] = self._quantize_weight(gm, layer, spec)
+                release_freed_memory()  # glibc keeps the layer's freed transients resident; hand them back
         if self.activations is not None and plan:
             layers = [layer for layer, _ in self.plan(gm)]  # nodes renamed
             inserted = self._insert_activations(gm, layers)
@@ -362,9 +366,9 @@ def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None
     return None if current in produced else False
 
 
-# Statistics are summed a quarter million values at a time: whole-layer float64 copies of a large layer's
+# Statistics are summed 65536 values at a time: whole-layer float64 copies of a large layer's
 # weight, its quantized value, their difference and its square would cost 32 bytes a weight at once.
-_CHUNK = 1 << 18
+_CHUNK = 1 << 16
 
 
 def _chunks(*tensors: torch.Tensor):

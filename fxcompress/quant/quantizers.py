@@ -240,8 +240,13 @@ class Codebook:
     """
 
     centroids: torch.Tensor  # float32 (groups, size)
-    codes: torch.Tensor      # int32, the weight's shape
+    codes: torch.Tensor      # the weight's shape, in `codebook_code_dtype(bits)` (uint8 up to 8 bits)
     fixed_zero: bool
+
+
+def codebook_code_dtype(bits: int) -> np.dtype:
+    """The narrowest type torch can hold for codes 0 .. 2^bits - 1 (k-means codes, a fixed zero included)."""
+    return np.dtype(np.uint8 if bits <= 8 else np.int16 if bits <= 15 else np.int32)
 
 
 def kmeans_codebook(weight: torch.Tensor, bits: int, init: str | np.ndarray = "linear", *,
@@ -256,17 +261,24 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str | np.ndarray = "l
     fixed_zero = bool(fix_zeros and (rows == 0).any())
     size = (1 << bits) - int(fixed_zero)
     centroids = np.zeros((rows.shape[0], max(size, 1)), np.float32)
-    codes = np.zeros(rows.shape, np.int32)
+    # the codes are written in their final narrow type: an int32 array (and int32 labels) would cost
+    # 4 + 4 bytes a weight on top of the 1 the KMeansWeight keeps
+    codes = np.zeros(rows.shape, codebook_code_dtype(bits))
     for g, row in enumerate(rows.numpy()):
-        keep = row != 0 if fixed_zero else np.ones(row.shape, bool)
-        if not keep.any():
+        keep = row != 0 if fixed_zero else None
+        if keep is not None and not keep.any():
             continue
         start = init if isinstance(init, str) else np.asarray(init, np.float64)[g]
-        result = kmeans1d(row[keep], size, start, seed=seed)
+        result = kmeans1d(row if keep is None else row[keep], size, start, seed=seed)
         found = result.centroids.size
         centroids[g, :found] = result.centroids
         centroids[g, found:] = result.centroids[-1]
-        codes[g, keep] = result.labels.astype(np.int32) + int(fixed_zero)
+        labels = np.add(result.labels, int(fixed_zero), dtype=codes.dtype)
+        del result
+        if keep is None:
+            codes[g] = labels
+        else:
+            codes[g, keep] = labels
     shape = weight.shape
     return Codebook(torch.from_numpy(centroids), from_rows(torch.from_numpy(codes), shape, axis).contiguous(),
                     fixed_zero)

@@ -47,6 +47,7 @@ def test_codes_decode_through_the_table_and_the_codebook_gradient_has_its_layout
     rows = as_rows(module.codes, axis).long()
     expected = from_rows(module.table().gather(1, rows), w.shape, axis)  # code c of group g is table()[g, c]
     assert torch.equal(module(w), expected)
+    assert module.positions().dtype == torch.int32  # 4 bytes a weight on every forward, not int64's 8 (three times)
     (module(w) * torch.randn(shape)).sum().backward()
     # the layout DistributedDataParallel's gradient buckets expect: no strided gradient to copy
     assert module.codebook.grad.stride() == module.codebook.stride() and module.codebook.grad.is_contiguous()

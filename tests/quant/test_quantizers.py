@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.quant.kmeans1d import kmeans1d
 from fxcompress.quant.quantizers import (as_rows, check_finite, fake_quantize, fixed_point_grid, from_rows,
                                          kmeans_codebook, linear_grid, quantize)
 
@@ -140,6 +141,21 @@ def test_kmeans_codebook_nearest_centroid_and_zeros_kept(bits):
     nonzero = w[w != 0]
     distance = (nonzero[:, None] - book.centroids[0][None, :]).abs()
     assert torch.all((q[w != 0] - nonzero).abs() <= distance.min(dim=1).values + 1e-7)  # nearest centroid
+
+
+@pytest.mark.parametrize("bits, dtype", [(4, torch.uint8), (8, torch.uint8), (12, torch.int16), (16, torch.int32)])
+def test_kmeans_codes_are_written_in_the_narrowest_type_and_are_the_labels_after_the_fixed_zero(bits, dtype):
+    w = weights((64, 40), sparsity=0.3)  # 1792 distinct nonzeros: every one of 255 codes is used at 8 bits
+    book = kmeans_codebook(w, bits)
+    assert book.codes.dtype == dtype
+    nonzero = w != 0
+    labels = torch.from_numpy(kmeans1d(w[nonzero], 2 ** bits - 1).labels.astype(np.int64))
+    assert torch.equal(book.codes[nonzero].long(), labels + 1) and torch.all(book.codes[~nonzero] == 0)
+    if bits <= 8:  # the highest code, 2^bits - 1, fits the narrow type
+        assert int(book.codes.max()) == 2 ** bits - 1
+    unfixed = kmeans_codebook(w, bits, fix_zeros=False)
+    assert unfixed.codes.dtype == dtype
+    assert torch.equal(unfixed.codes.long().flatten(), torch.from_numpy(kmeans1d(w, 2 ** bits).labels.astype(np.int64)))
 
 
 def test_kmeans_without_fix_zeros_clusters_the_zeros_too():
