@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .analyses.shapes import ShapeInfo, propagate_shapes
+from .analyses.shapes import propagate_shapes
 from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
 from .errors import ConfigError, FxCompressError, TraceError, UnknownOpError, UnknownOpWarning, VerificationError
@@ -152,13 +152,14 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
         fold_shapes(gm, inputs)
         verify_graph(gm, inputs if verify else None, expected, "specialize_shapes")
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
+    # the explicit shape step, before the first pass too: passes read node.meta (summary() and draw()
+    # after them), and a freshly traced graph has none; after each changing pass _refresh_analyses redoes it
+    ctx.analyses.put(propagate_shapes(gm, inputs))
     for index, p in enumerate(passes):
         gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify,
                        check_analyses, strict)
         if p.changes_output_shapes and verify:
             expected = OutputSignature.of(forward(gm, inputs))
-    if not ctx.analyses.cached(ShapeInfo):  # a cached ShapeInfo was propagated on this very graph
-        ctx.analyses.put(propagate_shapes(gm, inputs))  # shapes in node.meta for summary() and draw()
     if share and isinstance(model, GraphModule) and gm is not model:
         _own_tensors(gm, model)
     sync_trainable(gm)  # parameters no gradient reaches (behind k-means) must not look trainable

@@ -1,9 +1,13 @@
+from dataclasses import dataclass
+
 import pytest
 import torch
 
+import fxcompress
 from fxcompress.analyses import ParamOwnership, ShapeInfo, propagate_shapes
 from fxcompress.errors import PreconditionError
-from fxcompress.pass_base import PassContext
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.passes import ActivationConfig, InsertFakeQuant
 from fxcompress.tracing import trace
 from fxcompress.zoo import LeNet300100, ResNetSmall
 
@@ -54,3 +58,37 @@ def test_same_as_compares_shapes_and_dtypes_of_the_nodes_it_describes():
     gm.recompile()
     assert not cached.same_as(propagate_shapes(gm, (x,)))
     assert not cached.same_as(propagate_shapes(trace(LeNet300100()).double(), (x.double(),)))  # dtypes
+
+
+class _Residual(torch.nn.Module):
+    """Two linear layers joined by an add: the join's operands are layer outputs of one shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_the_first_pass_finds_every_node_shape_in_meta_as_later_passes_do():
+    """compile writes shapes before the first pass too: a pass reading node.meta sees the same graph
+    facts on a freshly traced model as on one an earlier compile left (joins were left float on the former)."""
+    seen = []
+
+    @dataclass(frozen=True, kw_only=True)
+    class Spy(Pass):
+        def run(self, gm, ctx):
+            seen.append(sum("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"))
+            return PassResult(changed=False)
+
+    x = torch.randn(4, 8)
+    fxcompress.compile(_Residual().eval(), [Spy()], example_inputs=(x,))
+    assert seen == [0]
+    joins = InsertFakeQuant(method="linear", activations=ActivationConfig(joins=True))
+    fresh = fxcompress.compile(_Residual().eval(), [joins], example_inputs=(x,), calibration_data=[(x,)])
+    again = fxcompress.compile(fxcompress.compile(_Residual().eval(), [], example_inputs=(x,)), [joins],
+                               example_inputs=(x,), calibration_data=[(x,)])
+    quantized = [sorted(n for n, _ in gm.named_modules() if n.startswith("add_input")) for gm in (fresh, again)]
+    assert quantized[0] == quantized[1] == ["add_input0_quant", "add_input0_quant.observer", "add_input1_quant",
+                                            "add_input1_quant.observer"]
