@@ -48,12 +48,13 @@ def _runtime_nodes(tree: ast.AST):
     return [node for node in ast.walk(tree) if id(node) not in skipped]
 
 
-def project_imports(module: str) -> dict[str, ast.AST]:
-    """The project modules `module` imports at run time, with the import statement."""
+def project_imports(module: str, source: str | None = None) -> dict[str, ast.AST]:
+    """The project modules `module` imports at run time (from `source`, else its file), with the
+    import statement."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = {}
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text() if source is None else source)):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -75,9 +76,14 @@ def test_every_module_is_on_a_floor():
         floor_of(module)
 
 
+def imports_from_above(module: str, source: str | None = None) -> dict[str, str]:
+    """{imported module: its floor} for each import of `module` from a floor above its own."""
+    return {t: FLOORS[floor_of(t)][0] for t in project_imports(module, source) if floor_of(t) > floor_of(module)}
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_module_imports_from_a_higher_floor(module):
-    above = {t: FLOORS[floor_of(t)][0] for t in project_imports(module) if floor_of(t) > floor_of(module)}
+    above = imports_from_above(module)
     assert not above, f"{module} ({FLOORS[floor_of(module)][0]}) imports from higher floors: {above}"
 
 
@@ -86,13 +92,21 @@ def test_no_import_circle():
     assert not cycles, f"import circles: {cycles}"
 
 
+def _is_project_import(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return bool(node.level) or (node.module or "").split(".")[0] in ("fxcompress", "passes")
+    return isinstance(node, ast.Import) and any(a.name.split(".")[0] in ("fxcompress", "passes") for a in node.names)
+
+
+def imports_inside_functions(module: str, source: str) -> list[str]:
+    """`module.function: import ...` for each project import made inside a function of `source`."""
+    return [f"{module}.{function.name}: {ast.unparse(node)}" for function in ast.walk(ast.parse(source))
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(function) if _is_project_import(node)]
+
+
 def test_no_project_import_inside_a_function():
-    hidden = []
-    for module, path in MODULES.items():
-        for function in ast.walk(ast.parse(path.read_text())):
-            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                hidden += [f"{module}.{function.name}: {ast.unparse(node)}" for node in ast.walk(function)
-                           if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fxcompress"))]
+    hidden = [line for module, path in MODULES.items() for line in imports_inside_functions(module, path.read_text())]
     assert not hidden, hidden
 
 
@@ -104,8 +118,18 @@ def test_no_function_over_60_lines():
 
 
 def test_the_checks_see_a_planted_violation():
-    """The floor check is not vacuous: an import from a higher floor is caught."""
+    """The checks are not vacuous: a real module's source with one import planted fails each of them."""
     assert floor_of("fxcompress.errors") < floor_of("fxcompress.passes.insert_masks") < floor_of("fxcompress.compile")
     assert floor_of("fxcompress.pruning.interop") > floor_of("fxcompress.pruning.masks")
     assert any(floor_of(t) < floor_of(m) for m, t in GRAPH.edges)  # the graph is really read
     assert GRAPH.number_of_edges() > 100
+    module = "fxcompress.channels.select"
+    source = MODULES[module].read_text()
+    assert not imports_from_above(module, source) and not imports_inside_functions(module, source)
+    back = source + "\nfrom ..compile import compile\nimport fxcompress.passes.prune_channels\n"
+    assert set(imports_from_above(module, back)) == {"fxcompress.compile", "fxcompress.passes.prune_channels"}
+    late = source + "\n\ndef late():\n    from .. import compile\n    import fxcompress.summary\n"
+    assert len(imports_inside_functions(module, late)) == 2
+    looped = GRAPH.copy()
+    looped.add_edges_from((module, target) for target in project_imports(module, back))
+    assert [module, "fxcompress.passes.prune_channels"] in [sorted(c) for c in nx.simple_cycles(looped)]
