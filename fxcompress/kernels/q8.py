@@ -187,9 +187,10 @@ def run(x: torch.Tensor, p: Packed) -> torch.Tensor:
 def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor | None:
     """uint8 codes of float32 x in one C call (QuantizeToCodes code for code), or None where the torch ops
     must do it: no compiler, another dtype or device, a strided tensor, or a traced graph."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
     lib = c_library()
-    if (lib is None or type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu"
-            or not x.is_contiguous() or torch.compiler.is_compiling()):
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
         return None
     y = torch.empty(x.shape, dtype=torch.uint8)
     lib.q8_quantize(x.data_ptr(), x.numel(), scale, zero_point, qmax, y.data_ptr())

@@ -1,0 +1,185 @@
+"""Our C int8 linear kernel (NativeLayer kernel "c_int8", csrc/q8_linear.c) against the reference integer
+arithmetic, code for code: random codes, saturation edges, zero-points, both requantization and
+dequantization, ReLU, batch 1 and 33; LeNet-300-100 lowered onto it; files; machines without a compiler."""
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.kernels import native, q8
+from fxcompress.kernels.native import NativeLayer, QuantizeToCodes
+from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
+from fxcompress.quant.integer import IntegerLayer, fixed_point_multiplier
+from fxcompress.zoo import LeNet300100
+
+needs_c = pytest.mark.skipif(q8.c_library() is None, reason="no C compiler on this machine to build csrc/q8_linear.c")
+pytestmark = needs_c
+
+
+def pair(weight, x_zero, input_qmax, requantize, relu, y_zero=0, seed=0):
+    """A c_int8 NativeLayer and the reference IntegerLayer computing the same layer."""
+    gen = torch.Generator().manual_seed(seed)
+    out, columns = weight.shape
+    weight_scale = torch.rand(out, generator=gen) * 0.01 + 1e-3
+    in_scale, out_scale = 0.02, 0.05
+    accumulator = in_scale * weight_scale.double()
+    bias = torch.randint(-5000, 5000, (out,), generator=gen, dtype=torch.int32)
+    layer = NativeLayer("linear", [out, columns], in_scale, x_zero, "uint8" if requantize else "float32",
+                        output_scale=out_scale, output_zero_point=y_zero, clamp=(0.0, None) if relu else None,
+                        kernel="c_int8", input_qmax=input_qmax)
+    layer.weight.copy_(weight)
+    layer.weight_scale.copy_(weight_scale)
+    layer.bias.copy_((bias.double() * accumulator).float())  # as the lowering stores it
+    reference = IntegerLayer("linear", [out, columns], requantize=requantize, weight_dtype="int8")
+    reference.weight.copy_(weight)
+    reference.bias.copy_(bias)
+    if requantize:
+        multiplier, shift = fixed_point_multiplier(accumulator / out_scale)
+        reference.multiplier.copy_(multiplier)
+        reference.shift.copy_(shift)
+        reference.low.fill_(-y_zero)
+        reference.high.fill_(255 - y_zero)
+    else:
+        reference.output_scale.copy_(accumulator)
+    return layer, reference
+
+
+def expected(reference, x, x_zero, requantize, relu, y_zero=0):
+    """The reference on raw codes: centered in, the ReLU after it on its centered (or real) output, raw out."""
+    y = reference(x.to(torch.int32) - x_zero)
+    if relu:
+        y = y.clamp_min(0)
+    return (y + y_zero).to(torch.uint8) if requantize else y
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+@pytest.mark.parametrize("requantize, relu", [(True, True), (True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("input_qmax", [255, 127])
+def test_random_codes_agree_with_the_reference_exactly(rows, requantize, relu, input_qmax):
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randint(-128, 128, (37, 203), generator=gen, dtype=torch.int8)
+    x = torch.randint(0, input_qmax + 1, (rows, 203), generator=gen, dtype=torch.uint8)
+    for x_zero, y_zero in ((0, 0), (19, 101)):
+        layer, reference = pair(weight, x_zero, input_qmax, requantize, relu, y_zero)
+        got = layer(x)
+        assert layer._c.raw == (input_qmax == 127)  # vpmaddubsw only where no pair of products passes int16
+        assert torch.equal(got, expected(reference, x, x_zero, requantize, relu, y_zero)), (x_zero, y_zero)
+    if requantize:  # the requantized codes span the grid: the clamps were exercised, not a constant output
+        assert int(got.min()) == (y_zero if relu else 0) and int(got.max()) == 255
+
+
+@pytest.mark.parametrize("input_qmax, code", [(255, 255), (127, 127)])
+def test_saturation_edges_and_a_long_reduction(input_qmax, code):
+    """Largest codes times -128 / 127 weights over 4099 columns: every int16 pair at its limit (exactly
+    32512 = 127 * 256 on the raw path), the int32 accumulator at hundreds of millions."""
+    weight = torch.full((5, 4099), -128, dtype=torch.int8)
+    weight[1] = 127
+    weight[2, ::2] = 127
+    weight[3] = torch.randint(-128, 128, (4099,), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    x = torch.full((3, 4099), code, dtype=torch.uint8)
+    x[1, ::3] = 0
+    layer, reference = pair(weight, 0, input_qmax, requantize=False, relu=False)
+    got = layer(x)
+    want = expected(reference, x, 0, False, False)
+    assert torch.equal(got, want)
+    assert float(want.abs().max()) > 4099 * 100 * 100 * float(layer.accumulator_scale().min())  # a large sum
+
+
+def test_three_dimensional_inputs_and_bad_inputs():
+    weight = torch.randint(-128, 128, (6, 40), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
+    layer, reference = pair(weight, 3, 255, requantize=True, relu=False, y_zero=7)
+    x = torch.randint(0, 256, (2, 5, 40), dtype=torch.uint8)
+    assert torch.equal(layer(x), expected(reference, x, 3, True, False, 7))
+    with pytest.raises(ConfigError, match=r"q8_linear reads uint8 codes \[\.\.\., 40\], got torch.float32"):
+        layer(x.float())
+
+
+def test_the_input_boundary_in_one_call_matches_the_torch_ops():
+    x = torch.randn(4000) * 4
+    x[:6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 300.0]) * 0.0137  # ties round half to even, as torch.round
+    for scale, zero, qmax in ((0.0137, 3, 255), (1 / 255, 0, 127), (0.1, 60, 127)):
+        boundary = QuantizeToCodes(scale, zero, qmax)
+        want = torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8)
+        assert torch.equal(boundary(x), want)
+        assert torch.equal(boundary(x.reshape(40, 100).t()), want.reshape(40, 100).t())  # strided: torch's ops
+
+
+def test_a_bias_float32_cannot_hold_exactly_is_refused_by_name():
+    weight = torch.ones(2, 16, dtype=torch.int8)
+    layer, _ = pair(weight, 0, 255, requantize=True, relu=False)
+    layer.bias.copy_(torch.tensor([1e8, 1.0]) * layer.accumulator_scale().float())
+    assert "integer bias reaches" in layer.c_refusal()
+    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(an integer bias reaches"):
+        layer(torch.zeros(1, 16, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="c_int8 runs linear layers"):
+        NativeLayer("conv2d", [2, 1, 3, 3], 0.1, 0, "uint8", kernel="c_int8")
+    with pytest.raises(ConfigError, match="input_qmax=300"):
+        NativeLayer("linear", [2, 3], 0.1, 0, "uint8", kernel="c_int8", input_qmax=300)
+
+
+@pytest.fixture(scope="module")
+def lenet300(trained_digits):
+    """LeNet-300-100 on the 8x8 digits (40 full-batch Adam steps: about 96% on the test set), fake-quantized
+    (8-bit weights, 7-bit activations: the native backend runs on CPUs without VNNI too) and lowered to the
+    reference backend."""
+    data = trained_digits.data
+    torch.manual_seed(0)
+    model = LeNet300100(in_features=64)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.train_x), data.train_y).backward()
+        optimizer.step()
+    model.eval()
+    x = data.train_x[:256]
+    fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                                    activations=ActivationConfig(bits=7))],
+                            example_inputs=(x[:2],), calibration_data=[x[i:i + 64] for i in range(0, 256, 64)])
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    return data, fq, reference
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_lenet300_on_our_kernel_is_the_reference_bit_for_bit_and_survives_a_file(lenet300, tmp_path):
+    data, fq, reference = lenet300
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(data.train_x[:2],))
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["kernels"] == {"int8": 0, "float": 0, "c_int8": 3} and stats["float_code_edges"] == 0
+    # input -> boundary -> three fused layers -> logits: no op between the layers
+    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    assert [type(gm.get_submodule(n.target)).__name__ for n in calls if n.op == "call_module"] == \
+        ["QuantizeToCodes", "NativeLayer", "NativeLayer", "NativeLayer"] and len(calls) == 5  # and the flatten
+    with torch.no_grad():
+        want, got = reference(data.test_x), gm(data.test_x)
+    assert torch.equal(got, want)
+    assert (got.argmax(1) == data.test_y).float().mean().item() >= 0.85  # trained, not a constant
+    fxcompress.save(gm, tmp_path / "c.fxc")
+    loaded = fxcompress.load(tmp_path / "c.fxc")
+    assert [loaded.get_submodule(f"fc{i}.native").kernel for i in (1, 2, 3)] == ["c_int8"] * 3
+    assert loaded.fc1.native.input_qmax == 127
+    with torch.no_grad():
+        assert torch.equal(loaded(data.test_x), want)
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_our_kernel_is_timed_beside_the_others_and_absent_without_a_compiler(lenet300, monkeypatch, tmp_path):
+    data, fq, reference = lenet300
+    x = data.train_x[:2]
+    gm = fxcompress.compile(fq, [LowerToInteger(repeats=3)], example_inputs=(x,))
+    layers = fxcompress.history(gm)[-1].stats["layers"]
+    assert all(set(layer["times_ms"]) == {"int8", "float", "c_int8"} for layer in layers.values())
+    with torch.no_grad():
+        want, got = reference(data.test_x), gm(data.test_x)
+    assert (want.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
+    assert (want - got).abs().max().item() <= (want.max() - want.min()).item() / 255
+    forced = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x,))
+    fxcompress.save(forced, tmp_path / "c.fxc")
+    monkeypatch.setattr(q8, "c_library", lambda: None)  # a machine without a C compiler
+    gm = fxcompress.compile(fq, [LowerToInteger(repeats=1)], example_inputs=(x,))
+    assert all("c_int8" not in layer["times_ms"] for layer in fxcompress.history(gm)[-1].stats["layers"].values())
+    with pytest.raises(PreconditionError, match=r"no kernel of kernels=\('c_int8',\) can run layer 'fc1' "
+                                                 r"\(c_int8: no C compiler"):
+        fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x,))
+    loaded = fxcompress.load(tmp_path / "c.fxc")  # the file opens; running it names the kernel and the way out
+    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(no C compiler"):
+        loaded(data.test_x)
