@@ -9,7 +9,7 @@ from torch import nn
 import fxcompress
 from calibration.tiny_lm import correlated_batches, relative_error
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.passes import InsertFakeQuant, InsertMasks
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
 from fxcompress.quant.quantizers import fake_quantize
 
 
@@ -94,6 +94,23 @@ def test_sparse_and_four_bit_masked_weights_stay_exactly_zero(layer):
     kmeans = _compile(model, [prune, InsertFakeQuant(method="kmeans", bits=4, rounding="gptq")], batches)
     weight, _, _ = _quantized_weight(kmeans)
     assert torch.equal(weight[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_two_of_four_gptq_with_half_scales_lowers_to_the_same_weight_with_16_bit_steps(layer):
+    model, batches = layer
+    x = torch.cat(batches)
+    quant = {"method": "linear", "bits": 4, "group_size": 64, "rounding": "gptq"}
+    prune = InsertMasks(sparsity=0.5, granularity="2:4")
+    full = _compile(model, [prune, InsertFakeQuant(**quant)], batches)
+    gm = _compile(model, [prune, InsertFakeQuant(**quant, scale_dtype="float16")], batches)
+    weight, module, chain_input = _quantized_weight(gm)
+    assert torch.equal(module.grid(chain_input).scale, module.grid(chain_input).scale.half().float())
+    assert relative_error(gm, model, x) < 1.05 * relative_error(full, model, x)  # the rounded scales cost little
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(batches[0],))
+    encoded = lowered.get_submodule("0.weight_encoded").encoded()
+    assert (encoded.layout, encoded.codebook, encoded.codebook_data.size) == ("pattern", "group_grid",
+                                                                              2 * weight.numel() // 64)
+    assert lowered.get_submodule("0.weight_encoded")().view(torch.int32).equal(weight.view(torch.int32))
 
 
 def test_layers_are_rounded_on_the_outputs_of_the_rounded_layers_before_them():
