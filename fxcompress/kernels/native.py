@@ -26,7 +26,8 @@ rather than run a layer that could saturate.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torch import nn
 
 from fxcompress.errors import ConfigError, PreconditionError
 from . import q8
-from .timing import KernelChoice
+from .timing import KernelChoice, measure
 
 INT16_MAX = 32767  # pairwise int16 sums of u8 x s8 products on x86 without VNNI
 UINT8_MAX = 255
@@ -152,6 +153,44 @@ class NativeLayer(nn.Module):
         self._packed: torch.Tensor | None = None
         self._float: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._c: q8.Packed | None = None
+
+    KERNELS: ClassVar[tuple[str, ...]] = LAYER_KERNELS  # what `timing.remeasure` may choose among
+
+    def kernel_refusals(self, kernels: Sequence[str]) -> dict[str, str]:
+        """Why each of `kernels` cannot run this layer where it stands here (its input and output forms are
+        fixed by the graph around it); the kernels that can are absent."""
+        refused = {}
+        for kernel in kernels:
+            if kernel not in LAYER_KERNELS:
+                raise ConfigError(f"NativeLayer: no kernel named {kernel!r}; kernels: {LAYER_KERNELS}")
+            if kernel in CODE_KERNELS and "float_codes" in (self.input, self.output):
+                refused[kernel] = "it reads or writes float32 codes, which only the float kernel does"
+            elif kernel == "int8" and not available():
+                refused[kernel] = "this torch build has no oneDNN int8 kernels"
+            elif kernel == "int8" and not saturation_free(self.weight, self.input_qmax):
+                refused[kernel] = f"two weight codes times input code {self.input_qmax} could pass int16 (no VNNI)"
+            elif kernel == "c_int8" and (reason := self.c_refusal()) is not None:
+                refused[kernel] = reason
+        return refused
+
+    def choose(self, x: torch.Tensor, kernels: Sequence[str], *, repeats: int = 7, margin: float = 1.05,
+               cold: bool = False) -> KernelChoice:
+        """Time every kernel of `kernels` that can run this layer here on its input `x` (interleaved medians,
+        `timing.measure`) and switch to the fastest: float unless another wins by `margin` (where only one
+        can run, it is timed and kept). `timing.remeasure` calls this on another machine or batch size."""
+        refused = self.kernel_refusals(kernels)
+        names = [kernel for kernel in kernels if kernel not in refused] or [self.kernel]
+        forms = {}
+        for kernel in names:
+            forms[kernel] = form = NativeLayer(**{**self.config(), "kernel": kernel, "times_ms": None})
+            form.load_state_dict(self.state_dict())
+        choice = measure({k: form.forward for k, form in forms.items()}, x.detach(),
+                         baseline="float" if "float" in forms else names[0], repeats=repeats, margin=margin,
+                         cold=cold)
+        chosen = forms[choice.kernel]
+        self.kernel, self.kernel_choice = choice.kernel, choice
+        self._packed, self._float, self._c = chosen._packed, chosen._float, chosen._c  # built while timing
+        return choice
 
     def packed(self) -> torch.Tensor:
         if self._packed is None:

@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -257,18 +257,29 @@ class MeasuredLayer(nn.Module):
         return stats
 
 
+@runtime_checkable
+class Remeasurable(Protocol):
+    """A lowered layer outside MeasuredLayer whose kernel `remeasure` can choose again (the native integer
+    layer: its kernels read and write codes, not float rows): its table of kernel names and `choose`."""
+
+    KERNELS: ClassVar[Sequence[str]]
+
+    def choose(self, x: torch.Tensor, kernels: Sequence[str], *, repeats: int = 7, margin: float = 1.05,
+               cold: bool = False) -> KernelChoice: ...
+
+
 def remeasure(model: nn.Module, example_inputs: tuple, kernels: Mapping[type, Sequence[str]] | None = None, *,
               repeats: int = 7, margin: float = 1.05, cold: bool = False) -> dict[str, dict[str, Any]]:
-    """Time again and choose again the kernel of every MeasuredLayer of `model` on the input it receives
-    from `example_inputs` (a model loaded on another machine, or to run at another batch size).
-    `kernels`: the kernels allowed per layer class (default: every kernel of its table). Returns
-    {module path: {"kernel", "times_ms"}}."""
+    """Time again and choose again the kernel of every MeasuredLayer (and Remeasurable layer: the native
+    integer layers) of `model` on the input it receives from `example_inputs` (a model loaded on another
+    machine, or to run at another batch size). `kernels`: the kernels allowed per layer class (default:
+    every kernel of its table). Returns {module path: {"kernel", "times_ms"}}."""
     if not isinstance(example_inputs, tuple):
         raise ConfigError(f"remeasure: example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, MeasuredLayer)}
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, (MeasuredLayer, Remeasurable))}
     if not layers:
-        raise ConfigError("remeasure: the model holds no layer with a measured kernel "
-                          "(lower it with LowerWeightOnly or LowerDynamicInt8 first)")
+        raise ConfigError("remeasure: the model holds no layer with a measured kernel (lower it with "
+                          "LowerWeightOnly, LowerDynamicInt8 or LowerToInteger's native backend first)")
     inputs = layer_inputs(model, layers, example_inputs)
     chosen = {}
     for path, layer in layers.items():

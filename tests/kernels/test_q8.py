@@ -7,6 +7,7 @@ import torch
 import fxcompress
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.kernels import native, q8
+from fxcompress.kernels.timing import remeasure
 from fxcompress.kernels.native import NativeLayer, QuantizeToCodes
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.quant.integer import IntegerLayer, fixed_point_multiplier
@@ -183,3 +184,26 @@ def test_our_kernel_is_timed_beside_the_others_and_absent_without_a_compiler(len
     loaded = fxcompress.load(tmp_path / "c.fxc")  # the file opens; running it names the kernel and the way out
     with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(no C compiler"):
         loaded(data.test_x)
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_remeasure_chooses_again_among_the_kernels_each_native_layer_can_run_where_it_stands(lenet300):
+    data, fq, reference = lenet300
+    x = data.test_x
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x[:2],))
+    with torch.no_grad():
+        want = reference(x)
+    chosen = remeasure(gm, (x[:33],), {NativeLayer: ("int8",)}, repeats=1)  # only oneDNN's allowed
+    assert {path: c["kernel"] for path, c in chosen.items()} == {f"fc{i}.native": "int8" for i in (1, 2, 3)}
+    assert gm.fc2.native.kernel == "int8" and set(gm.fc2.native.kernel_choice.times_ms) == {"int8"}
+    with torch.no_grad():
+        got = gm(x)
+    assert (want - got).abs().max().item() <= (want.max() - want.min()).item() / 255  # oneDNN: within a step
+    chosen = remeasure(gm, (x[:1],), repeats=3)  # every kernel: each layer times all three at batch 1
+    assert all(set(c["times_ms"]) == {"int8", "float", "c_int8"} for c in chosen.values())
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(x[:2],))
+    chosen = remeasure(gm, (x[:1],), repeats=1)  # float32 codes between float layers: float is all that fits
+    assert all(set(c["times_ms"]) == {"float"} for c in chosen.values())
+    assert "float32 codes" in gm.fc2.native.kernel_refusals(["c_int8"])["c_int8"]
+    with pytest.raises(ConfigError, match="no kernel named 'fp16'"):
+        gm.fc2.native.kernel_refusals(["fp16"])
