@@ -16,9 +16,11 @@ median over rounds is reported, with its ratio to fp32 eager of the same run: ab
   QDQ quantization (per channel, calibrated on the same batches), for comparison; ONNX Runtime is
   optional too;
 - ours reference: LowerToInteger(backend="reference"), the exact integer oracle;
-- ours native: LowerToInteger() on oneDNN's int8 kernels; ours native compiled: the same GraphModule
-  through torch.compile (inductor, freezing: oneDNN's packed weights become constants), which
-  removes the per-node Python dispatch between kernels.
+- ours native: LowerToInteger(), each layer on the fastest of oneDNN's int8 kernel, its float kernel
+  and our C int8 kernel (linear layers), chosen again at each batch size it is timed at
+  (`kernels.timing.remeasure`); ours native int8/float: the same without our C kernel (the choice
+  before it existed); ours native compiled: the first through torch.compile (inductor, freezing:
+  oneDNN's packed weights become constants), which removes the per-node Python dispatch between kernels.
 
 Ours are quantized with InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)
 and 8-bit activations, or 7-bit activations on a CPU without VNNI, where uint8 x int8 products
@@ -65,6 +67,8 @@ from fxcompress import export
 from fxcompress.errors import PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.kernels import native
+from fxcompress.kernels.native import NativeLayer
+from fxcompress.kernels.timing import remeasure
 from fxcompress.zoo import BasicBlock, LeNet5, LeNet300100
 
 MIN_SAMPLE_S = 0.02  # each timed sample loops the forward until it takes at least this long
@@ -212,8 +216,8 @@ def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dic
         print(f"  native backend refused: {stats['native_refused']}")
         return forms | {"ours default (fell back to reference)": fast}
     forms["ours native"] = fast
-    # which layers run int8 and which float: each is chosen by timing both on the example input
-    print(f"  ours native kernels (chosen at batch {x.shape[0]}): {stats.get('kernels')}")
+    forms["ours native int8/float"] = fxcompress.compile(fq, [LowerToInteger(kernels=("int8", "float"))],
+                                                         example_inputs=(x,))
     if compile_native:
         torch._inductor.config.freezing = True  # inductor lowers oneDNN int8 kernels only with constant packed weights
         forms["ours native compiled"] = torch.compile(fast, backend="inductor", dynamic=False)
@@ -368,6 +372,7 @@ def model_rows(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...],
             runnable = forms | ort_sessions(files, threads) if files else forms
             for batch in args.batches:
                 x = torch.rand(batch, *shape)
+                choose_native(runnable, x)
                 times = time_forms(inputs_of(runnable, x), args.rounds)
                 for form, seconds in times.items():
                     row = {"model": name, "threads": threads, "batch": batch, "form": form, "ms": 1e3 * seconds,
@@ -376,6 +381,18 @@ def model_rows(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...],
                     print(f"| {name} | {threads} | {batch} | {form} | {row['ms']:.3f} | {row['speedup']:.2f}x |")
                 print(f"  {name}, {threads} thread(s), batch {batch}: {agreement(runnable, x)}", flush=True)
     return rows
+
+
+NATIVE_KERNELS = {"ours native": NativeLayer.KERNELS, "ours native int8/float": ("int8", "float")}
+
+
+def choose_native(forms: dict[str, Callable], x: torch.Tensor) -> None:
+    """Each native form's kernels chosen again on this batch at this thread count (the layers' real inputs)."""
+    for name, kernels in NATIVE_KERNELS.items():
+        if name in forms:
+            chosen = remeasure(forms[name], (x,), {NativeLayer: kernels})
+            counts = {k: sum(c["kernel"] == k for c in chosen.values()) for k in kernels}
+            print(f"  {name} kernels at batch {x.shape[0]}: {counts}", flush=True)
 
 
 def pivot(rows: list[dict]) -> str:

@@ -36,8 +36,8 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.kernels import native
 from fxcompress.kernels.native import LAYER_KERNELS
 
-from .lower_integer_native import (boundary, choose_kernels, native_join_refusal, native_refusal, replace_native,
-                                   replace_native_add, replace_native_cat, float_code_edges)
+from .lower_integer_native import (boundary, choose_kernels, fuse_boundaries, native_join_refusal, native_refusal,
+                                   replace_native, replace_native_add, replace_native_cat, float_code_edges)
 from .lower_integer_reference import boundary as reference_boundary
 from .lower_integer_reference import replace_add, replace_cat, replace_layer
 from .lower_integer_graph import (JoinPlan, LayerPlan, Quantized, integer_join, is_activation_quant, join_plan,
@@ -101,6 +101,7 @@ class LowerToInteger(Pass):
                 replace_layer(gm, q, plans[q.node])
         for node, join in joins.items():
             _replace_join(gm, node, join, backend)
+        fused = fuse_boundaries(gm) if backend == "native" else 0
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         for q in layers:
@@ -114,6 +115,7 @@ class LowerToInteger(Pass):
             "requantized": sum(t is not None for t in targets.values()),
             "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
             "float_to_integer_boundaries": boundaries,
+            "boundaries_fused": fused,  # of those, quantized inside the c_int8 layer reading them
             "layers": lowered,
             "kernels": {k: sum(s["kernel"] == k for s in lowered.values()) for k in LAYER_KERNELS} if lowered else {},
             "float_code_edges": len(edges),

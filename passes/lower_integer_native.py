@@ -175,6 +175,29 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
             "input": module.input, "output": module.output}
 
 
+def fuse_boundaries(gm: GraphModule) -> int:
+    """Each float -> codes boundary read only by a c_int8 layer on its grid becomes part of that layer's call
+    (NativeLayer input "float32": our C kernel quantizes the values itself, code for code as the boundary
+    did), so a model's input, its first layer and each layer after it are one call each. Returns how many."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), QuantizeToCodes):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
+            continue
+        boundary, layer = gm.get_submodule(node.target), gm.get_submodule(users[0].target)
+        grid = (boundary.scale, boundary.zero_point, boundary.qmax)
+        if not isinstance(layer, NativeLayer) or layer.kernel != "c_int8" or layer.input != "uint8" \
+                or grid != (layer.input_scale, layer.input_zero_point, layer.input_qmax):
+            continue
+        layer.input, layer._c = "float32", None
+        users[0].replace_input_with(node, node.args[0])
+        gm.graph.erase_node(node)
+        fused += 1
+    return fused
+
+
 def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan) -> str | None:
     """Why the native kernels could not compute this layer exactly as the reference does, if they cannot."""
     kind, codes, in_grid = q.layer.kind, plan.codes, q.input_grid

@@ -48,7 +48,9 @@ OUTPUTS = ("uint8", "float32", "float_codes")
 # what computes a NativeLayer: oneDNN's int8 kernel, the float one, or our C int8 kernel (linear layers, `q8`)
 LAYER_KERNELS = ("int8", "float", "c_int8")
 CODE_KERNELS = ("int8", "c_int8")  # the kernels reading and writing uint8 codes only
-INPUTS = ("uint8", "float_codes")  # the codes a NativeLayer reads: uint8, or (float kernel only) float32
+# what a NativeLayer reads: uint8 codes, (float kernel only) codes held in float32, or (c_int8 only) the real
+# values before the input grid, which it quantizes itself (a model's float input and its first layer in one call)
+INPUTS = ("uint8", "float_codes", "float32")
 
 
 def available() -> bool:
@@ -129,12 +131,13 @@ class NativeLayer(nn.Module):
         super().__init__()
         if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
                 or (kernel in CODE_KERNELS and "float_codes" in (input, output)) \
-                or (kernel == "c_int8" and kind != "linear") \
+                or (kernel == "c_int8" and kind != "linear") or (input == "float32" and kernel != "c_int8") \
                 or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
             raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
                               f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 and c_int8 read and write no "
-                              f"float codes; c_int8 runs linear layers; input_qmax in 1..255), got kind={kind!r}, "
-                              f"output={output!r}, kernel={kernel!r}, input={input!r}, input_qmax={input_qmax!r}")
+                              f"float codes; c_int8 runs linear layers, and it alone reads float32; input_qmax in "
+                              f"1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}, "
+                              f"input_qmax={input_qmax!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
         self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
@@ -165,6 +168,8 @@ class NativeLayer(nn.Module):
                 raise ConfigError(f"NativeLayer: no kernel named {kernel!r}; kernels: {LAYER_KERNELS}")
             if kernel in CODE_KERNELS and "float_codes" in (self.input, self.output):
                 refused[kernel] = "it reads or writes float32 codes, which only the float kernel does"
+            elif kernel != "c_int8" and self.input == "float32":
+                refused[kernel] = "it quantizes its float input itself, which only c_int8 does"
             elif kernel == "int8" and not available():
                 refused[kernel] = "this torch build has no oneDNN int8 kernels"
             elif kernel == "int8" and not saturation_free(self.weight, self.input_qmax):
@@ -210,7 +215,7 @@ class NativeLayer(nn.Module):
         if self.kernel == "float":
             return self._forward_float(x)
         if self.kernel == "c_int8":
-            return q8.run(x, self._c or self.c_packed())
+            return (self._c or self.c_packed()).call(x)
         post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
         dtype = torch.uint8 if self.output == "uint8" else torch.float32
         common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
@@ -256,8 +261,8 @@ class NativeLayer(nn.Module):
 
     def c_refusal(self) -> str | None:
         """Why our C kernel cannot run this layer here (None: it can)."""
-        if self.kind != "linear" or self.input != "uint8" or self.output == "float_codes":
-            return "our C kernel runs linear layers on uint8 codes only"
+        if self.kind != "linear" or self.input == "float_codes" or self.output == "float_codes":
+            return "our C kernel runs linear layers on uint8 codes (or float input) only"
         if self.output == "float32" and self.clamp not in (None, (0.0, None)):
             return f"it dequantizes with ReLU at most, not clamp {self.clamp}"
         return q8.refusal(self.weight, self.bias, self.accumulator_scale(), self._multiplier())
@@ -269,7 +274,8 @@ class NativeLayer(nn.Module):
                                     "lower again, or remeasure the model with kernels 'int8' / 'float'")
         self._c = q8.pack(self.weight, self.accumulator_scale(), self.bias, self.input_zero_point,
                           self.input_qmax, self._multiplier(), self.output_zero_point, self.code_range(),
-                          self.clamp is not None and self.clamp[1] is None)
+                          self.clamp is not None and self.clamp[1] is None,
+                          self.input_scale if self.input == "float32" else 0.0)
         return self._c
 
     def accumulator_scale(self) -> torch.Tensor:
@@ -290,7 +296,7 @@ class NativeLayer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_packed"] = state["_float"] = state["_c"] = None  # remade from `weight`: deepcopy / pickle never copy them
+        state["_packed"] = state["_float"] = state["_c"] = None  # remade from `weight`: copies never hold them
         return state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

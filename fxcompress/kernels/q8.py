@@ -17,7 +17,9 @@ when torch.compile / torch.export trace it. `quantize` is the float -> codes bou
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,8 @@ def c_library() -> ctypes.CDLL | None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         lib.q8_linear.argtypes = [p, i64, p, ctypes.POINTER(Layer)]
         lib.q8_linear.restype = ctypes.c_int
+        lib.q8_linear_float.argtypes = [p, i64, p, ctypes.POINTER(Layer), ctypes.c_float, i32]
+        lib.q8_linear_float.restype = ctypes.c_int
         lib.q8_quantize.argtypes = [p, i64, ctypes.c_float, i32, i32, p]
         lib.q8_quantize.restype = None
     return lib
@@ -61,7 +65,8 @@ def c_library() -> ctypes.CDLL | None:
 class Packed:
     """The kernel's arguments for one layer: weight int8 [out, stride] (zero past in_features), bias int32,
     then mult / shift (int64, requantizing onto codes clamped to [low, high]) or scale (float64, dequantizing);
-    `layer` points at them all (the tensors here keep that memory alive)."""
+    `layer` points at them all (the tensors here keep that memory alive). With `x_scale` (0: uint8 codes in)
+    the layer reads float32 values and quantizes them onto its input grid (x_scale, x_zero, x_qmax) first."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -75,6 +80,8 @@ class Packed:
     high: int
     relu: bool
     raw: bool = False
+    x_scale: float = 0.0
+    x_qmax: int = 255
 
     @functools.cached_property
     def layer(self) -> Layer:
@@ -86,6 +93,30 @@ class Packed:
     @functools.cached_property
     def ref(self) -> object:
         return ctypes.byref(self.layer)
+
+    @functools.cached_property
+    def call(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layer as one function, its constants bound once: a 2-D contiguous input of the right dtype goes
+        straight to the kernel (per call: one output allocation and one ctypes call), anything else through
+        `eager`'s checks, a traced graph through the custom op."""
+        lib, ref, out, columns = c_library(), self.ref, self.weight.shape[0], self.in_features
+        dtype, wanted = torch.uint8 if self.mult is not None else torch.float32, self.input_dtype
+        fn, extra = (lib.q8_linear_float, (self.x_scale, self.x_qmax)) if self.x_scale else (lib.q8_linear, ())
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+                return traced(x, self)
+            if x.dtype != wanted or x.dim() != 2 or x.shape[1] != columns or not x.is_contiguous():
+                return eager(x, self)
+            y = torch.empty((x.shape[0], out), dtype=dtype)
+            if fn(x.data_ptr(), x.shape[0], y.data_ptr(), ref, *extra):
+                raise MemoryError(f"q8_linear could not allocate {x.shape[0]} x {self.weight.shape[1]} of scratch")
+            return y
+        return call
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32 if self.x_scale else torch.uint8
 
 
 def integer_bias(bias: torch.Tensor, accumulator_scale: torch.Tensor) -> torch.Tensor | None:
@@ -126,11 +157,12 @@ def raw_fits(weight: torch.Tensor, bias: torch.Tensor, x_zero: int, input_max: i
 
 
 def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tensor, x_zero: int, input_max: int,
-         multiplier: torch.Tensor | None, y_zero: int, code_range: tuple[int, int], relu: bool) -> Packed:
+         multiplier: torch.Tensor | None, y_zero: int, code_range: tuple[int, int], relu: bool,
+         x_scale: float = 0.0) -> Packed:
     """The kernel's arguments: `multiplier` is the requantization's real multiplier per output channel
-    (accumulator scale over output scale; None: dequantize with `accumulator_scale`). Inputs never pass
-    `input_max`; where the raw path is exact for them it is taken (about twice the products per
-    instruction), the int16 path otherwise."""
+    (accumulator scale over output scale; None: dequantize with `accumulator_scale`); `x_scale` > 0: the
+    layer reads float32 values and quantizes them itself. Input codes never pass `input_max`; where the raw
+    path is exact for them it is taken (about twice the products per instruction), the int16 path otherwise."""
     out, in_features = weight.shape
     integer = integer_bias(bias, accumulator_scale)
     raw = raw_fits(weight, integer, x_zero, input_max)
@@ -145,25 +177,32 @@ def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tens
         mult, shift = fixed_point_multiplier(multiplier)
     else:
         scale = accumulator_scale.double().contiguous()
-    return Packed(padded, integer, mult, shift, scale, in_features, int(x_zero), int(y_zero), *code_range, relu, raw)
+    return Packed(padded, integer, mult, shift, scale, in_features, int(x_zero), int(y_zero), *code_range, relu, raw,
+                  float(x_scale), int(input_max))
 
 
 def eager(x: torch.Tensor, p: Packed) -> torch.Tensor:
-    """The layer on uint8 codes x [..., in_features] (CPU): uint8 codes, or float32 values dequantizing."""
-    if x.dtype != torch.uint8 or x.shape[-1] != p.in_features:
-        raise ConfigError(f"q8_linear reads uint8 codes [..., {p.in_features}], got {x.dtype} {tuple(x.shape)}")
+    """The layer on x [..., in_features] (CPU; uint8 codes, or float32 values with `x_scale`): uint8 codes, or
+    float32 values dequantizing."""
+    if p.x_scale and x.is_floating_point() and x.dtype != torch.float32:  # the boundary's own ops, as unfused
+        codes = torch.clamp(torch.round(x / p.x_scale) + p.x_zero, 0, p.x_qmax).to(torch.uint8)
+        return eager(codes, dataclasses.replace(p, x_scale=0.0))
+    if x.dtype != p.input_dtype or x.shape[-1] != p.in_features:
+        raise ConfigError(f"q8_linear reads {p.input_dtype} [..., {p.in_features}], got {x.dtype} {tuple(x.shape)}")
     rows = x if x.dim() == 2 else x.reshape(-1, p.in_features)
     rows = rows.contiguous()
     y = torch.empty(rows.shape[0], p.weight.shape[0], dtype=torch.uint8 if p.mult is not None else torch.float32)
-    if c_library().q8_linear(rows.data_ptr(), rows.shape[0], y.data_ptr(), p.ref):
+    lib, common = c_library(), (rows.data_ptr(), rows.shape[0], y.data_ptr(), p.ref)
+    if lib.q8_linear_float(*common, p.x_scale, p.x_qmax) if p.x_scale else lib.q8_linear(*common):
         raise MemoryError(f"q8_linear could not allocate {rows.shape[0]} x {p.weight.shape[1]} int16 of scratch")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.weight.shape[0])
 
 
 def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor | None,
         shift: torch.Tensor | None, scale: torch.Tensor | None, in_features: int, x_zero: int, y_zero: int,
-        low: int, high: int, relu: bool, raw: bool) -> torch.Tensor:
-    return eager(x, Packed(weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw))
+        low: int, high: int, relu: bool, raw: bool, x_scale: float, x_qmax: int) -> torch.Tensor:
+    return eager(x, Packed(weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw,
+                           x_scale, x_qmax))
 
 
 # The same layer as an opaque custom op, for graphs torch.compile / torch.export trace; eager inference calls
@@ -172,16 +211,15 @@ q8_linear = torch.library.custom_op("fxcompress::q8_linear", _op, mutates_args=(
 
 
 @q8_linear.register_fake
-def _(x, weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw):
+def _(x, weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw, x_scale, x_qmax):
     dtype = torch.uint8 if mult is not None else torch.float32
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
 
 
-def run(x: torch.Tensor, p: Packed) -> torch.Tensor:
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():  # traced: fake or proxy tensors
-        return torch.ops.fxcompress.q8_linear(x, p.weight, p.bias, p.mult, p.shift, p.scale, p.in_features,
-                                              p.x_zero, p.y_zero, p.low, p.high, p.relu, p.raw)
-    return eager(x, p)
+def traced(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """The layer in a graph torch.compile / torch.export trace (fake or proxy tensors): the custom op."""
+    return torch.ops.fxcompress.q8_linear(x, p.weight, p.bias, p.mult, p.shift, p.scale, p.in_features, p.x_zero,
+                                          p.y_zero, p.low, p.high, p.relu, p.raw, p.x_scale, p.x_qmax)
 
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor | None:

@@ -205,3 +205,14 @@ void q8_quantize(const float *x, int64_t n, float scale, int32_t zero, int32_t q
         y[i] = (uint8_t)q;
     }
 }
+
+/* The layer on float32 values x [rows, L->in]: their codes on the input grid (`scale`, L->x_zero, `qmax`,
+   as q8_quantize) first, then q8_linear: a model's float input and its first layer in one call. */
+int q8_linear_float(const float *x, int64_t rows, void *y, const Layer *L, float scale, int32_t qmax) {
+    uint8_t *codes = malloc((size_t)(rows * L->in) + 32);
+    if (!codes) return -1;
+    q8_quantize(x, rows * L->in, scale, L->x_zero, qmax, codes);
+    const int status = q8_linear(codes, rows, y, L);
+    free(codes);
+    return status;
+}
