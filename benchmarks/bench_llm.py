@@ -201,19 +201,49 @@ def file_row(r: dict, example, held, fortunes, fp32: int, keep: Path | None) -> 
                 "x_fp32": fp32 / size, "encoded": encoded_parts(lowered)}
 
 
+def relower(folder: Path, example, held, fortunes, fp32: int) -> None:
+    """The files of the fake-quant models an earlier --files --keep run left (no recalibration): each
+    lowered with this checkout's encoder, saved, loaded back and measured."""
+    for path in sorted(folder.glob("*.fake_quant.fxc")):
+        gm = fxcompress.load(path)
+        arm = path.name.removesuffix(".fake_quant.fxc")
+        r = {"arm": arm, "held_ppl": perplexity(gm, held), "fortunes_ppl": perplexity(gm, fortunes)}
+        with tempfile.TemporaryDirectory() as tmp:
+            f = file_row({"arm": arm, "gm": gm}, example, held, fortunes, fp32, Path(tmp))
+        print(f"| {arm} | fake-quant {r['held_ppl']:.3f} / {r['fortunes_ppl']:.3f} | file {f['held_ppl']:.3f} / "
+              f"{f['fortunes_ppl']:.3f} | {f['bytes']:,} | {f['x_fp32']:.2f}x |\n{describe_file(f)}", flush=True)
+
+
 def encoded_parts(lowered) -> dict:
-    """Bytes of the encoded weights by part, the block weights' elements, and the layouts / codebooks used."""
+    """Where a file's bytes go: the block weights' encoded bytes by part (and their elements), the other
+    encoded weights (the tied embedding), the tensors left float (norms), and the layouts / codebooks used;
+    the file's rest is its manifest and headers."""
     from fxcompress.encoded.module import EncodedWeight
-    parts, kinds, numel = {}, {}, 0
+    parts, kinds, numel, other = {}, {}, 0, 0
     for path, module in lowered.named_modules():
         if isinstance(module, EncodedWeight):
             encoded = module.encoded()
-            numel += encoded.numel if path.startswith("model.layers.") else 0
+            if not path.startswith("model.layers."):
+                other += encoded.nbytes
+                continue
+            numel += encoded.numel
             for key, value in encoded.storage_bytes().items():
                 parts[key] = parts.get(key, 0) + value
             kind = f"{encoded.layout}/{encoded.codebook}"
             kinds[kind] = kinds.get(kind, 0) + 1
-    return {"parts": parts, "kinds": kinds, "block_numel": numel}
+    floats = sum(t.numel() * t.element_size() for name, t in lowered.state_dict().items()
+                 if not name.endswith("_encoded.payload"))
+    return {"parts": parts, "kinds": kinds, "block_numel": numel, "other_encoded": other, "float_tensors": floats}
+
+
+def describe_file(r: dict) -> str:
+    """One line: bits per block weight by part, and the rest of the file in bytes."""
+    e = r["encoded"]
+    n, p = e["block_numel"], e["parts"]
+    bits = ", ".join(f"{k} {8 * v / n:.3f}" for k, v in p.items())
+    rest = r["bytes"] - sum(p.values()) - e["other_encoded"] - e["float_tensors"]
+    return (f"    block weights {8 * sum(p.values()) / n:.3f} bits/weight ({bits}; {e['kinds']}); other encoded "
+            f"{e['other_encoded']:,} B, float tensors {e['float_tensors']:,} B, manifest and headers {rest:,} B")
 
 
 def torchao_rtn(model, held, fortunes, bits: int) -> dict:
@@ -375,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--files", action="store_true",
                     help="also lower every quantized arm to its file, load it back and measure it (bytes vs fp32)")
     ap.add_argument("--keep", type=Path, default=None, help="with --files: leave fake-quant models and files here")
+    ap.add_argument("--relower", type=Path, default=None,
+                    help="only re-lower the fake-quant models --keep left in this folder and measure their files")
     ap.add_argument("--llmc-python", default=None, help="a python with llmcompressor installed")
     ap.add_argument("--llmc-timeout", type=int, default=1800, help="seconds from its start the worker may run")
     ap.add_argument("--llmc-arms", nargs="*", default=None,
@@ -391,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load(args.checkpoint)
     cal, held, fortunes = data(args.cal, args.eval)
     example = cal[0]
+    if args.relower:
+        return relower(args.relower, example, held, fortunes, 4 * sum(p.numel() for p in model.parameters()))
     graph = fxcompress.compile(torch.export.export(model, example, strict=False), [], example)
     config = model.config.to_dict()
     table = arms()
@@ -408,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.files and r.get("status") == "ok" and any(isinstance(p, passes.InsertFakeQuant) for p in table[name]()):
             results.append(file_row(r, example, held, fortunes, 4 * sum(p.numel() for p in model.parameters()),
                                     args.keep))
-            print(row(results[-1], None) + f" {results[-1]['x_fp32']:.2f}x fp32", flush=True)
+            print(row(results[-1], None) + f" {results[-1]['x_fp32']:.2f}x fp32\n" + describe_file(results[-1]),
+                  flush=True)
         save(args.json, results)   # each row as it comes: a run stopped for time keeps what it finished
     results += extras(results, model, example, held, fortunes, dense_bytes(results))
     if llmc is not None:
