@@ -1,4 +1,9 @@
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +82,21 @@ class TrainedDigits:
 @pytest.fixture(scope="session")
 def trained_digits():
     return TrainedDigits()
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """fxcompress's wheel, built once per session without build isolation (offline) from a copy of the
+    sources: setuptools' build/ folder in a checkout keeps files that moved away."""
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed in this environment, the wheel cannot be built offline")
+    root, where = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel")
+    source = where / "source"
+    for part in ("fxcompress", "passes"):
+        shutil.copytree(root / part, source / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(root / part, source / part)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(where / "dist")], check=True, capture_output=True)
+    (wheel,) = (where / "dist").glob("fxcompress-*.whl")
+    return wheel

@@ -1,11 +1,8 @@
-import importlib.util
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 
 import fxcompress
 import fxcompress.passes
@@ -24,17 +21,8 @@ def test_no_top_level_passes_module_outside_the_repository(tmp_path):
     assert out.stdout.strip() == "True"
 
 
-def test_wheel_installs_passes_under_fxcompress_only(tmp_path):
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.skip("setuptools is not installed in this environment, the wheel cannot be built offline")
-    source = tmp_path / "source"  # a copy: setuptools' build/ folder in a checkout keeps files that moved away
-    for part in ("fxcompress", "passes"):
-        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
-    for part in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / part, source / part)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("fxcompress-*.whl")
+def test_wheel_installs_passes_under_fxcompress_only(built_wheel):
+    wheel = built_wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "fxcompress/passes/__init__.py" in names
     assert not any(n.startswith("passes/") for n in names)

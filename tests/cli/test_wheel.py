@@ -2,13 +2,11 @@
 so `fxcompress run NAME --check` (a shipped recipe found by name, its zoo model built, every step
 compiled on digits) works in a fresh environment that cannot see the source tree.
 
-Kept to about 20 s on 2 cores: the wheel is built without build isolation from a copy of the sources,
-installed with --no-deps into a venv without pip (torch and the other dependencies come from this
+Kept to about 20 s on 2 cores: the wheel (the `built_wheel` fixture, shared with tests/test_packaging.py)
+is built offline, installed with --no-deps into a venv without pip (torch and the other dependencies come from this
 environment through a .pth line), and `--check` compiles the recipe's steps without training.
 """
-import importlib.util
 import os
-import shutil
 import site
 import subprocess
 import sys
@@ -16,22 +14,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 RECIPES_LINE = '"fxcompress" = ["recipes/*.yaml"]'
-
-
-def _wheel(tmp_path: Path) -> Path:
-    source = tmp_path / "source"  # a copy: setuptools' build/ folder in a checkout keeps files that moved away
-    for part in ("fxcompress", "passes"):
-        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    for part in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / part, source / part)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist")], check=True, capture_output=True)
-    (wheel,) = (tmp_path / "dist").glob("fxcompress-*.whl")
-    return wheel
 
 
 def _venv(tmp_path: Path, wheel: Path) -> Path:
@@ -48,9 +31,8 @@ def _venv(tmp_path: Path, wheel: Path) -> Path:
     return venv
 
 
-@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="setuptools builds the wheel offline")
-def test_the_installed_wheel_runs_a_shipped_recipe_on_a_zoo_model_outside_the_checkout(tmp_path):
-    wheel = _wheel(tmp_path)
+def test_the_installed_wheel_runs_a_shipped_recipe_on_a_zoo_model_outside_the_checkout(built_wheel, tmp_path):
+    wheel = built_wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "fxcompress/zoo.py" in names
     shipped = {n for n in names if n.startswith("fxcompress/recipes/") and n.endswith(".yaml")}
