@@ -52,7 +52,7 @@ def file_arms(sgpt, masks) -> dict[str, callable]:
     """The arms for the 12x file (50% sparse + 4-bit): half-precision group steps, 2:4 masks coded as one
     pattern symbol per group of 4, and the tied embedding on an 8-bit per-tensor grid (file arms: --files)."""
     fp16 = {"rounding": "gptq", "scale_dtype": "float16"}
-    emb = lambda: passes.InsertFakeQuant(method="linear", bits=8, select=EMBEDDING)  # noqa: E731
+    emb = lambda bits=8: passes.InsertFakeQuant(method="linear", bits=bits, select=EMBEDDING)  # noqa: E731
     return {
         "50% sparsegpt + w4 g128 gptq fp16": lambda: [sgpt(), q(4, 128, **fp16)],
         "50% sparsegpt + w4 g128 gptq fp16 + emb8": lambda: [sgpt(), q(4, 128, **fp16), emb()],
@@ -60,6 +60,7 @@ def file_arms(sgpt, masks) -> dict[str, callable]:
         "4:8 sparsegpt + w4 g128 gptq fp16 + emb8": lambda: [sgpt(granularity="4:8"), q(4, 128, **fp16), emb()],
         "50% sparsegpt + w3 g128 gptq fp16 + emb8": lambda: [sgpt(), q(3, 128, **fp16), emb()],
         "2:4 sparsegpt + w4 g256 gptq fp16 + emb8": lambda: [sgpt(granularity="2:4"), q(4, 256, **fp16), emb()],
+        "2:4 sparsegpt + w4 g256 gptq fp16 + emb6": lambda: [sgpt(granularity="2:4"), q(4, 256, **fp16), emb(6)],
     }
 
 
@@ -216,15 +217,15 @@ def relower(folder: Path, example, held, fortunes, fp32: int) -> None:
 
 def encoded_parts(lowered) -> dict:
     """Where a file's bytes go: the block weights' encoded bytes by part (and their elements), the other
-    encoded weights (the tied embedding), the tensors left float (norms), and the layouts / codebooks used;
-    the file's rest is its manifest and headers."""
+    encoded weights' payloads (the tied embedding), the tensors left float (norms), and the layouts /
+    codebooks used; the file's rest is its manifest (graph, headers, history) and container."""
     from fxcompress.encoded.module import EncodedWeight
     parts, kinds, numel, other = {}, {}, 0, 0
     for path, module in lowered.named_modules():
         if isinstance(module, EncodedWeight):
             encoded = module.encoded()
             if not path.startswith("model.layers."):
-                other += encoded.nbytes
+                other += encoded.nbytes - encoded.storage_bytes()["header"]
                 continue
             numel += encoded.numel
             for key, value in encoded.storage_bytes().items():
@@ -239,11 +240,12 @@ def encoded_parts(lowered) -> dict:
 def describe_file(r: dict) -> str:
     """One line: bits per block weight by part, and the rest of the file in bytes."""
     e = r["encoded"]
-    n, p = e["block_numel"], e["parts"]
+    n, p = e["block_numel"], {k: v for k, v in e["parts"].items() if k != "header"}
     bits = ", ".join(f"{k} {8 * v / n:.3f}" for k, v in p.items())
     rest = r["bytes"] - sum(p.values()) - e["other_encoded"] - e["float_tensors"]
     return (f"    block weights {8 * sum(p.values()) / n:.3f} bits/weight ({bits}; {e['kinds']}); other encoded "
-            f"{e['other_encoded']:,} B, float tensors {e['float_tensors']:,} B, manifest and headers {rest:,} B")
+            f"weights {e['other_encoded']:,} B, float tensors {e['float_tensors']:,} B, the rest (manifest with "
+            f"every header, zlib-compressed; container) {rest:,} B")
 
 
 def torchao_rtn(model, held, fortunes, bits: int) -> dict:
