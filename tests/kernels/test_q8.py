@@ -216,3 +216,13 @@ def test_remeasure_chooses_again_among_the_kernels_each_native_layer_can_run_whe
     assert "float32 codes" in gm.fc2.native.kernel_refusals(["c_int8"])["c_int8"]
     with pytest.raises(ConfigError, match="no kernel named 'fp16'"):
         gm.fc2.native.kernel_refusals(["fp16"])
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_torch_export_runs_our_kernel_as_a_custom_op(lenet300):
+    data, fq, reference = lenet300
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(data.train_x[:2],))
+    exported = torch.export.export(gm, (data.test_x[:4],))
+    assert sum(n.target is torch.ops.fxcompress.q8_linear.default for n in exported.graph.nodes) == 3
+    with torch.no_grad():
+        assert torch.equal(exported.module()(data.test_x[:4]), reference(data.test_x[:4]))
