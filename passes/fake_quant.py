@@ -32,7 +32,7 @@ from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_a
 from fxcompress.encoded.memory import release_freed_memory
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, constant_value, insert_on_weight,
-                               kind_names, layer_node, select_layers, weight_arg)
+                               input_arg, kind_names, layer_node, select_layers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
@@ -286,7 +286,7 @@ class InsertFakeQuant(Pass):
             if KINDS[layer.kind].family == "embedding":
                 continue  # its input is token indices, not activations
             node = layer_node(gm, layer)
-            x = node.args[0]
+            x = input_arg(node)  # addmm reads its input second, after the bias
             if isinstance(x, Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target),
                                                                             ActivationQuant):
                 gm.add_submodule(x.target, self.activations.build())  # quantized before: calibrate afresh
