@@ -245,10 +245,19 @@ def find_layers(gm: GraphModule) -> list[Layer]:
         tensor = _stored_weight(gm, node)
         first = owners.setdefault(id(tensor), layer) if tensor is not None else layer
         if first is not layer:
-            layer = Layer(node.name if layer.name == first.name else layer.name, layer.kind, layer.node,
-                          layer.weight, layer.bias, tied_to=first.name)
+            name = layer.name if layer.name != first.name else _module_path(node, first.name) or node.name
+            layer = Layer(name, layer.kind, layer.node, layer.weight, layer.bias, tied_to=first.name)
         layers.append(layer)
     return layers
+
+
+def _module_path(node: Node, taken: str) -> str | None:
+    """The module path a layer node was traced or exported in (fx and export record it), unless it is
+    `taken`: the name of a tied layer whose weight chain starts at another layer's tensor (an LM head
+    reading its token table's masked weight is still `lm_head`)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else None
+    return path if path and path != taken else None
 
 
 def _stored_weight(gm: GraphModule, node: Node) -> object | None:
