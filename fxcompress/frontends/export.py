@@ -369,6 +369,59 @@ def _read_ties_by_their_users(graph: Graph, root: nn.Module) -> None:
             graph.erase_node(node)
 
 
+# Norm modules whose eval-mode call export writes as F.batch_norm over the module's own tensors: put back
+# as the module, as an fx trace has it, so FoldBatchNorm folds it and train() switches it to batch statistics.
+_BATCH_NORMS: dict[str, type[nn.Module]] = {f"torch.nn.modules.batchnorm.{m.__name__}": m
+                                            for m in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+
+
+def _norm_module_type(node: Node) -> type[nn.Module] | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    kind = list(stack.values())[-1][1] if stack else None
+    name = f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind)
+    return _BATCH_NORMS.get(name)
+
+
+def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module] | None:
+    """(path, module) for an eval-mode `F.batch_norm` node over one BatchNorm's own statistics and
+    affine pair, read by nothing else; None for any other batch_norm (computed statistics, training)."""
+    if len(node.args) != 8 or node.kwargs:
+        return None
+    x, mean, var, weight, bias, training, momentum, eps = node.args
+    module_type, path = _norm_module_type(node), _module_path(node)
+    own = {"running_mean": mean, "running_var": var} | ({"weight": weight, "bias": bias} if weight is not None else {})
+    if (training is not False or module_type is None or (weight is None) != (bias is None)
+            or any(not isinstance(t, Node) or t.op != "get_attr" or t.target != f"{path}.{name}" or len(t.users) != 1
+                   for name, t in own.items())):
+        return None  # not the module's own tensors (a shared or computed statistic), or batch statistics
+    module = module_type(_attribute(root, f"{path}.running_mean").numel(), eps=eps, momentum=momentum,
+                         affine=weight is not None)
+    for name in (*own, "num_batches_tracked"):
+        if hasattr(_attribute(root, path), name):
+            setattr(module, name, _attribute(root, f"{path}.{name}"))  # the very tensors, so ties stay ties
+    return path, module.eval()
+
+
+def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> None:
+    """Eval-mode BatchNorm calls back into modules (see `_BATCH_NORMS`), their get_attr nodes erased;
+    `root` is the exported module, which also holds the counters the graph never reads."""
+    for node in list(gm.graph.find_nodes(op="call_function", target=F.batch_norm)):
+        found = _batch_norm_module(root, node)
+        if found is None:
+            continue
+        path, module = found
+        gm.set_submodule(path, module)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        attrs = [a for a in node.args[1:5] if isinstance(a, Node)]
+        gm.graph.erase_node(node)
+        for attr in attrs:
+            gm.graph.erase_node(attr)
+    gm.recompile()
+
+
 def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphModule:
     """A GraphModule in torch-level form from an ExportedProgram or its `.module()`.
 
@@ -385,6 +438,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
                       "or refuse them): " + "; ".join(unknown), stacklevel=3)
     out = GraphModule(gm, graph, type(gm).__name__)
+    _batch_norms_as_modules(out, gm)
     out.meta["frontend"] = "export"
     return out
 

@@ -1,0 +1,151 @@
+"""Every pass of fxcompress.passes on exported graphs: it changes what it changes on the fx trace of the
+same model, touches the same parameters, computes the same outputs, and the file reproduces them.
+
+Three small models carry the table: a CNN with BatchNorm, an MLP behind a LayerNorm, and a GPT-2 block
+as transformers writes it (HF's Conv1D layers, token and position tables, an LM head tied to the
+token table).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress import passes
+from fxcompress.fileformat.container import from_bytes, to_bytes
+from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerDynamicInt8,
+                               LowerToEncoded, LowerToInteger, LowerToSparse, LowerWeightOnly, PruneChannels,
+                               ScaleChannels, SparseGPT)
+from fxcompress.quant.modules import ActivationQuant
+from fxcompress.zoo import GPT2Block, gpt2_tokens
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def _cnn():
+    model = SmallCNN().eval()
+    with torch.no_grad():  # statistics that are not the identity, so folding them is checked
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+    return model, torch.randn(2, 3, 8, 8)
+
+
+def _mlp():
+    return nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval(), torch.randn(4, 16)
+
+
+def _gpt2():
+    return GPT2Block().eval(), gpt2_tokens()
+
+
+MODELS = {"cnn": _cnn, "mlp": _mlp, "gpt2": _gpt2}
+CONV1D = ("linear", "addmm")  # HF's Conv1D is the addmm kind: passes with a types field take it as linear
+
+# pass -> (model, the compiles leading to it and it, whether its result is the same function on both
+# front ends: kernel-choosing lowerings time candidates, so two runs may keep different ones)
+PASSES = {
+    FoldBatchNorm: ("cnn", [[FoldBatchNorm()]], True),
+    InsertMasks: ("gpt2", [[InsertMasks(sparsity=0.5)]], True),
+    InsertFakeQuant: ("gpt2", [[InsertFakeQuant(bits=4, method="kmeans")]], True),
+    LowerToEncoded: ("gpt2", [[InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")],
+                              [LowerToEncoded()]], True),
+    LowerToSparse: ("cnn", [[InsertMasks(sparsity=0.9)], [LowerToSparse(min_sparsity=0.0, repeats=2)]], False),
+    LowerToInteger: ("cnn", [[FoldBatchNorm(), InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig())],
+                             [LowerToInteger(backend="reference")]], True),
+    LowerDynamicInt8: ("gpt2", [[LowerDynamicInt8(repeats=2)]], False),
+    LowerWeightOnly: ("gpt2", [[InsertFakeQuant(method="linear", bits=4, group_size=16, types=CONV1D)],
+                               [LowerWeightOnly(repeats=2)]], False),
+    PruneChannels: ("gpt2", [[PruneChannels(amount=0.5)]], True),
+    ScaleChannels: ("mlp", [[ScaleChannels(method="smoothquant")]], True),
+    SparseGPT: ("gpt2", [[SparseGPT(sparsity=0.5, types=CONV1D)]], True),
+}
+
+
+def test_the_table_holds_every_pass():
+    every = {getattr(passes, name) for name in passes.__all__} - {ActivationConfig}
+    assert every == set(PASSES)
+
+
+@functools.cache
+def _program(name: str):
+    torch.manual_seed(0)
+    model, x = MODELS[name]()
+    return model, torch.export.export(model, (x,)), x
+
+
+def _run(source, steps, x):
+    gm = source
+    for step in steps:
+        gm = fxcompress.compile(gm, step, (x,), calibration_data=[x, x])
+    return gm
+
+
+@pytest.mark.parametrize("pass_type", list(PASSES), ids=lambda t: t.__name__)
+def test_every_pass_does_on_an_exported_graph_what_it_does_on_the_trace(pass_type):
+    name, steps, same_function = PASSES[pass_type]
+    model, program, x = _program(name)
+    traced = _run(fxcompress.compile(model, [], (x,), frontend="fx"), steps, x)
+    exported = _run(program, steps, x)
+    assert exported.meta["frontend"] == "export"
+    record, expected = fxcompress.history(exported)[-1], fxcompress.history(traced)[-1]
+    assert record.name == pass_type.__name__ and record.changed and expected.changed
+    assert sorted(record.params_touched) == sorted(expected.params_touched)
+    with torch.no_grad():
+        out = exported(x)
+        if same_function:
+            torch.testing.assert_close(out, traced(x), rtol=1e-4, atol=1e-3)  # op order differs a little
+        assert torch.equal(from_bytes(to_bytes(exported))(x), out)
+
+
+def test_an_exported_batch_norm_is_folded_like_a_traced_one_and_trains_like_the_models():
+    model, program, x = _program("cnn")
+    gm = fxcompress.compile(program, [], (x,))
+    norms = {n.target: type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
+    assert norms == {"bn1": nn.BatchNorm2d, "bn2": nn.BatchNorm2d}
+    assert gm.bn1.running_var is not model.bn1.running_var and torch.equal(gm.bn1.running_var, model.bn1.running_var)
+    folded = fxcompress.compile(program, [FoldBatchNorm()], (x,))
+    assert fxcompress.history(folded)[-1].stats["folded"] == {"conv1": "bn1", "conv2": "bn2"}
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    trained, reference = gm.train(), fxcompress.compile(model, [], (x,), frontend="fx").train()
+    torch.testing.assert_close(trained(x), reference(x), rtol=1e-5, atol=1e-5)  # batch statistics, as the model
+    torch.testing.assert_close(trained.bn1.running_mean, reference.bn1.running_mean, rtol=0, atol=0)
+    assert not torch.equal(trained.bn1.running_mean, model.bn1.running_mean)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_activation_grids_of_conv1d_layers_sit_on_their_input_not_on_their_bias(frontend):
+    model, x = _gpt2()
+    gm = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, types=CONV1D,
+                                                    activations=ActivationConfig())],
+                            (x,), calibration_data=[x], frontend=frontend)
+    addmms = [n for n in gm.graph.nodes if n.target is torch.addmm]
+    assert len(addmms) == 4
+    for node in addmms:
+        bias, inputs = node.args[0], node.args[1]
+        assert bias.op == "get_attr" and bias.target.endswith(".bias"), node.format_node()
+        assert inputs.op == "call_module" and isinstance(gm.get_submodule(inputs.target), ActivationQuant)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_tied_head_keeps_its_module_path_after_passes_share_its_weight(frontend):
+    model, x = _gpt2()
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], (x,), frontend=frontend)
+    rows = [row["layer"] for row in fxcompress.summary(gm).rows]
+    assert "lm_head (tied to wte)" in rows, rows
