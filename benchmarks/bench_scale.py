@@ -8,7 +8,10 @@ encode (LowerToEncoded()) -> save -> load (and load with mmap=True when fxcompre
 Every (size, scope, inplace) row runs in a fresh process, so one row's memory never counts in the
 next. Peak memory is VmHWM of /proc/self/status, reset before each stage by writing "5" to
 /proc/self/clear_refs (Linux), and reported as the growth over the resident size of the built
-model, in multiples of the model's fp32 bytes. With inplace=False each stage's caller drops the
+model, in multiples of the model's fp32 bytes. The baseline is taken after the whole pipeline has run
+once on a tiny model of the same kind in the same process, so the libraries' imports (about 1100
+modules, about 100 MB resident) and one-off buffers are the process's cost, not a stage's; each row
+prints that warm-up's cost and any module first imported inside a stage. With inplace=False each stage's caller drops the
 previous GraphModule as soon as compile returns it (`gm = compile(gm, ...)`), so the one copy
 compile makes is the only one alive.
 
@@ -309,7 +312,8 @@ def main() -> None:
         parser.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
     print(f"torch {torch.__version__}, {args.threads} thread(s)"
           f"{', MALLOC_MMAP_THRESHOLD_=131072' if args.fixed_mmap_threshold else ''}; GPT-style models (pre-norm, fused qkv, "
-          f"scaled_dot_product_attention, MLP 4x), input 1 x 16 x width")
+          f"scaled_dot_product_attention, MLP 4x), input 1 x 16 x width; peak growth is over the resident size "
+          f"after a warm-up run of the pipeline on a tiny model (imports not counted) and the built model")
     rows = []
     for size in sizes:
         for scope in args.scopes.split(","):
