@@ -66,6 +66,33 @@ def test_every_size_is_folded_outputs_identical_and_heads_split_by_constants():
         assert torch.equal(gm(x), model(x))
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_unspecialized_sizes_are_rewritten_or_frozen_with_a_reason_never_a_type_error(frontend):
+    """Without specialize_shapes the channel analysis reads the same arithmetic: HF's head split is
+    rewritten, a width used as a number or a dim computed from z.dim() freezes what it touches,
+    named; removing zeroed channels leaves the outputs equal."""
+    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
+    dims = {0: torch.export.Dim("batch", min=2, max=16), 1: torch.export.Dim("length", min=2, max=16)}
+    source = model if frontend == "fx" else torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    gm = fxcompress.compile(source, [], (x,), frontend="fx")  # a program is exported already
+    assert _size_nodes(gm)  # the sizes are read at run time: the export's dynamic ones too
+    cg = PassContext(example_inputs=(x,), gm=gm).get(ChannelGraph)
+    held = [g for g in cg.groups if len(g.prunable) < len(g.classes)]
+    assert held and all(isinstance(g.frozen, str) and g.frozen.strip() for g in held)
+    if frontend == "fx":  # export writes z.dim() - 1 as the constant it is
+        assert any("reads a dim computed in the graph" in g.frozen for g in held), [g.frozen for g in held]
+    zero_classes(gm, cg, pick_half(cg))
+    with torch.no_grad():
+        expected = gm(x)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], (x,))
+    stats = fxcompress.history(pruned)[-1].stats
+    assert stats["params_after"] < 0.8 * stats["params_before"]
+    other = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)  # any batch and length
+
+
 def test_the_specialized_model_accepts_only_the_example_shapes():
     model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
     gm = fxcompress.compile(model, [], (x,), specialize_shapes=True)

@@ -94,7 +94,13 @@ class Widths:
         return Widths(self.items[index]) if isinstance(index, slice) else self.items[index]
 
 
+class ComputedDim(Exception):
+    """A dim argument the graph computes (`x.sum(dim=x.dim() - 1)`): no rule can tell which dim it is."""
+
+
 def _dim(d: int, nd: int) -> int:
+    if not isinstance(d, int):
+        raise ComputedDim(d)  # visit() freezes the op's channels, with the node named
     return d + nd if d < 0 else d
 
 
@@ -220,7 +226,11 @@ class Walk:
         rule, what = rule_of(self.gm, node)
         if rule is None:
             return self.unknown(node, f"unsupported {what} at {node.name}")
-        return self.check_widths(node, rule(self, node))
+        try:
+            out = rule(self, node)
+        except ComputedDim as computed:
+            return self.unknown(node, f"{node.name} reads a dim computed in the graph ({computed.args[0]})")
+        return self.check_widths(node, out)
 
     def check_widths(self, node: Node, out: Any) -> Any:
         """Sizes read from channel dims may flow into size arithmetic and into the size arguments the
