@@ -97,6 +97,11 @@ class Constraint:
         """Values this constraint refuses: wrong types, out-of-range numbers, bad choices."""
         raise NotImplementedError
 
+    def __repr__(self) -> str:
+        # constraints without fields read as their class name (dataclass ones override this with their
+        # fields), the same in every process: test ids and error texts never show an object address
+        return f"{type(self).__name__}()"
+
 
 @dataclass(frozen=True)
 class Interval(Constraint):
