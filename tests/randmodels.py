@@ -29,8 +29,9 @@ from fxcompress.channels import ChannelGraph
 from fxcompress.errors import FxCompressError, VerificationError
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.pass_base import PassContext
-from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded,
-                               LowerToInteger, PruneChannels)
+from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerDynamicInt8,
+                               LowerToEncoded, LowerToInteger, LowerToSparse, LowerWeightOnly, PruneChannels,
+                               ScaleChannels, SparseGPT)
 from fxcompress.tracing import trace
 
 BATCH = 2
@@ -445,7 +446,9 @@ def calibration_batches(inputs: tuple[torch.Tensor, ...], seed: int, count: int 
 def _prerequisites() -> dict:
     return {"kmeans": [InsertMasks(sparsity=0.5), InsertFakeQuant(method="kmeans", bits=4)],
             "linear_calibrated": [InsertFakeQuant(method="linear", bits=8, per_channel=True,
-                                                  activations=ActivationConfig(bits=8))]}
+                                                  activations=ActivationConfig(bits=8))],
+            "masks": [InsertMasks(sparsity=0.7)],
+            "linear_symmetric": [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)]}
 
 
 def pass_pipelines() -> dict[str, tuple[str | None, object]]:
@@ -458,7 +461,17 @@ def pass_pipelines() -> dict[str, tuple[str | None, object]]:
                                                                      prune_normalized=True)),
             "FoldBatchNorm": (None, FoldBatchNorm()),
             "LowerToEncoded": ("kmeans", LowerToEncoded()),
-            "LowerToInteger": ("linear_calibrated", LowerToInteger())}
+            "LowerToInteger": ("linear_calibrated", LowerToInteger()),
+            # the measured lowerings time their kernels once per layer: the choice, not its quality, is under test
+            "LowerToSparse": ("masks", LowerToSparse(repeats=1)),
+            "LowerWeightOnly": ("linear_symmetric", LowerWeightOnly(repeats=1)),
+            "LowerDynamicInt8": (None, LowerDynamicInt8(repeats=1)),
+            "ScaleChannels": (None, ScaleChannels(group_size=None)),  # widths here are no multiple of 128
+            "SparseGPT": (None, SparseGPT(sparsity=0.5))}
+
+
+# passes that read calibration data: they get the batches of `calibration_batches` even without a prerequisite
+CALIBRATED = ("ScaleChannels", "SparseGPT")
 
 
 def prepare(model, inputs, prerequisite: str | None, seed: int):
@@ -474,10 +487,12 @@ def check_pass(name: str, model, inputs, seed: int) -> str:
     """The pass gives a graph that compile verified, with the original output shape."""
     prerequisite, p = pass_pipelines()[name]
     base, calibration = prepare(model, inputs, prerequisite, seed)
+    if name in CALIBRATED:
+        calibration = calibration_batches(inputs, seed)
     gm = fxcompress.compile(base, [p], example_inputs=inputs, calibration_data=calibration)
     with torch.no_grad():
         assert gm(*inputs).shape == model(*inputs).shape, name
-    return "verified"
+    return "verified" if fxcompress.history(gm)[-1].changed else "verified, changed nothing"
 
 
 def _zero_half(gm, inputs, seed: int) -> bool:
@@ -542,9 +557,31 @@ def check_lower_integer(model, inputs, seed: int) -> str:
     return "verified" if any(isinstance(m, IntegerLayer) for m in gm.modules()) else "nothing lowered"
 
 
+# What each measured lowering may change, relative to the output range: the sparse and weight-only
+# kernels compute the model they lower up to float summation order; dynamic int8 also rounds each
+# activation row to 8 bits, as LowerToInteger does.
+MEASURED_TOLERANCE = {"LowerToSparse": 1e-4, "LowerWeightOnly": 1e-4, "LowerDynamicInt8": INTEGER_TOLERANCE}
+
+
+def check_measured_lowerings(model, inputs, seed: int) -> str:
+    """Each measured lowering, whatever kernel it chose, computes what the model it lowers computes."""
+    lowered = 0
+    for name, tolerance in MEASURED_TOLERANCE.items():
+        prerequisite, p = pass_pipelines()[name]
+        base, _ = prepare(model, inputs, prerequisite, seed)
+        gm = fxcompress.compile(base, [p], example_inputs=inputs)
+        with torch.no_grad():
+            expected, got = base(*inputs), gm(*inputs)
+        error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-3)
+        assert error <= tolerance, (name, error)
+        lowered += bool(fxcompress.history(gm)[-1].changed)
+    return "verified" if lowered == len(MEASURED_TOLERANCE) else f"verified, {lowered} of 3 lowered something"
+
+
 PROPERTIES = {"zeroed pruning is exact": check_zeroed_pruning,
               "encoded save/load bit-identical": check_encoded_round_trip,
-              "FoldBatchNorm allclose": check_fold_batchnorm, "LowerToInteger matches reference": check_lower_integer}
+              "FoldBatchNorm allclose": check_fold_batchnorm, "LowerToInteger matches reference": check_lower_integer,
+              "measured lowerings match their model": check_measured_lowerings}
 
 
 def classify(error: Exception) -> str:

@@ -13,11 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import randmodels
+import fxcompress.passes
+from fxcompress.pass_base import Pass
 from randmodels import (PROPERTIES, check_encoded_round_trip, check_fold_batchnorm, check_lower_integer,
-                        check_pass, check_zeroed_pruning, classify, outcome, random_model)
+                        check_measured_lowerings, check_pass, check_zeroed_pruning, classify, outcome,
+                        pass_pipelines, random_model)
 
 CHEAP_PASSES = ("InsertMasks", "InsertFakeQuant(linear)", "InsertFakeQuant(kmeans)", "PruneChannels",
                 "PruneChannels(heads, normalized)", "FoldBatchNorm")
+# passes that time kernels or read calibration data: a second, smaller share of the graphs
+MEASURED_AND_CALIBRATED = ("LowerToSparse", "LowerWeightOnly", "LowerDynamicInt8", "ScaleChannels", "SparseGPT")
 SEEDS = st.integers(0, 2 ** 31 - 1)
 OUTCOMES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
@@ -77,6 +82,30 @@ def test_every_pass_verifies_or_refuses_with_a_typed_error(seed):
         record(name, check_pass, name, model, inputs, seed)
 
 
+@examples(8)
+@given(seed=SEEDS)
+def test_every_measured_or_calibrated_pass_verifies_or_refuses_with_a_typed_error(seed):
+    model, inputs = random_model(seed)
+    for name in MEASURED_AND_CALIBRATED:
+        record(name, check_pass, name, model, inputs, seed)
+
+
+def test_every_public_pass_runs_on_the_random_models():
+    """A pass added to fxcompress.passes without a place here would never meet a random graph."""
+    public = {name for name in fxcompress.passes.__all__
+              if isinstance(getattr(fxcompress.passes, name), type) and issubclass(getattr(fxcompress.passes, name), Pass)}
+    tested = {type(p).__name__ for _, p in pass_pipelines().values()}
+    assert tested == public
+    assert set(pass_pipelines()) == {*CHEAP_PASSES, *MEASURED_AND_CALIBRATED, "LowerToEncoded", "LowerToInteger"}
+
+
+@examples(8)
+@given(seed=SEEDS)
+def test_measured_lowerings_compute_what_they_lower(seed):
+    model, inputs = random_model(seed)
+    record("measured lowerings match their model", check_measured_lowerings, model, inputs, seed)
+
+
 @examples(3)
 @given(seed=SEEDS)
 def test_pruning_zeroed_channels_leaves_outputs_equal(seed):
@@ -107,10 +136,19 @@ def test_lower_integer_agrees_with_its_fake_quant_reference(seed):
 
 def test_every_property_has_a_test():
     assert set(PROPERTIES.values()) == {check_zeroed_pruning, check_encoded_round_trip, check_fold_batchnorm,
-                                        check_lower_integer}
+                                        check_lower_integer, check_measured_lowerings}
 
 
 def test_lower_integer_on_a_model_with_a_dead_branch():
     # a quantized layer computed but never read: dead-code elimination removes it during lowering
     model, inputs = random_model(22)  # seed 22 leaves a quantized linear (fc4) computed but unread
     assert outcome(check_lower_integer, model, inputs, 22) == "verified"
+
+
+def test_lower_weight_only_on_a_one_feature_linear_over_a_permuted_input():
+    # seed 36: Linear(1, n) on x.permute(0, 2, 3, 1); its rows are "contiguous" with a last-dimension
+    # stride torch's int8pack kernel refused, which crashed the kernel timing
+    model, inputs = random_model(36)
+    assert any(isinstance(m, torch.nn.Linear) and m.in_features == 1 for m in model.modules())
+    assert outcome(check_pass, "LowerWeightOnly", model, inputs, 36) == "verified"
+    assert outcome(check_measured_lowerings, model, inputs, 36).startswith("verified")

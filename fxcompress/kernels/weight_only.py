@@ -267,7 +267,10 @@ def _int8pack_refusal(module: WeightOnlyLinear) -> str | None:
 def _int8pack(module: WeightOnlyLinear) -> Rows:
     weight = module.centered().to(torch.int8)
     scale = module.scale[:, 0].contiguous()
-    return lambda x: _with_bias(module, torch._weight_int8pack_mm(x, weight, scale))
+    # torch's kernel wants the last dimension's stride to be 1, which "contiguous" rows of one feature
+    # (a Linear(1, n) on a permuted input) need not have: torch ignores strides of size-1 dimensions
+    return lambda x: _with_bias(module, torch._weight_int8pack_mm(
+        x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format), weight, scale))
 
 
 def _int4_group(module: WeightOnlyLinear) -> int | None:
