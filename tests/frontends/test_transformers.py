@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers", reason="transformers (the tra
 
 import fxcompress  # noqa: E402
 from fxcompress.channels import ChannelGraph  # noqa: E402
+from fxcompress.fileformat.container import from_bytes, to_bytes  # noqa: E402
 from fxcompress.inspection import channel_graph  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels  # noqa: E402
@@ -305,3 +306,27 @@ def check_file(name: str, frontend: str, tmp_path) -> None:
 @pytest.mark.parametrize("name, frontend", measured(ENCODED))
 def test_the_file_loaded_in_a_fresh_process_reproduces_the_fake_quant_outputs(name, frontend, tmp_path):
     check_file(name, frontend, tmp_path)
+
+
+# ---- torch.export.Dim: dynamic batch and sequence length through the passes and the file ---------
+
+@pytest.mark.parametrize("name", ["llama"])  # rotary tables, GQA repeats, causal mask: all sized by the length
+def test_dynamic_batch_and_length_survive_masks_pruning_and_the_file(name):
+    torch.manual_seed(0)
+    model, inputs = MODELS[name][0]().eval(), (_tokens(),)
+    dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("length", min=2, max=16)}
+    program = torch.export.export(model, inputs, dynamic_shapes=(dims,), strict=False)
+    other = (torch.randint(0, VOCAB, (3, 5)),)  # another batch size and length
+    dense = fxcompress.compile(program, [], inputs)
+    for a, b in zip(run(dense, other), run(model, other)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    gm = fxcompress.compile(program, [InsertMasks(sparsity=0.5), PruneChannels(amount=0.5, prune_normalized=True)],
+                            inputs)
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["params_after"] / stats["params_before"] <= PARAM_BOUNDS[name, "normalized"]
+    outputs = run(gm, other)
+    assert [t.shape for t in outputs] == [t.shape for t in run(model, other)]
+    first = run(gm, (other[0][:1],))  # each sequence is computed on its own, whatever the batch
+    torch.testing.assert_close(first[0], outputs[0][:1], rtol=1e-5, atol=1e-5)
+    loaded = from_bytes(to_bytes(gm))
+    assert all(torch.equal(a, b) for a, b in zip(run(loaded, other), outputs))
