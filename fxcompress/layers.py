@@ -287,12 +287,29 @@ def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), sele
     here. Selecting nothing is a ConfigError naming the layers there are, when a filter was given or
     the pass `required` a layer."""
     every = find_layers(gm)
+    patterns = () if select is None else (select,)
     layers = [layer for layer in every if layer.tied_to is None  # a tied weight is handled once, by its first layer
-              and (not types or layer.kind in types) and (select is None or re.fullmatch(select, layer.name))]
+              and (not types or layer.kind in types) and (not patterns or name_matches(gm, layer.name, patterns))]
     if not layers and (required or types or select is not None):
         raise ConfigError(f"{owner} selects no layer (select={select!r}, types={types!r}); "
                           f"the layers are {[layer.name for layer in every]}")
     return layers
+
+
+def name_matches(gm: GraphModule, name: str, patterns: tuple) -> bool:
+    """Whether the layer (module path) `name` is selected by any of `patterns`: a regex that fully matches
+    the name, or an nn.Module class the module at that path is an instance of. The one matching rule
+    of every pass's `select=` / `keep=` (PruneChannels picks channel groups by their producers' names)."""
+    for pattern in patterns:
+        if isinstance(pattern, str) and re.fullmatch(pattern, name):
+            return True
+        if isinstance(pattern, type) and issubclass(pattern, nn.Module):
+            try:
+                if isinstance(gm.get_submodule(name), pattern):
+                    return True
+            except AttributeError:  # a functional layer: no module at that path
+                continue
+    return False
 
 
 def layer_node(gm: GraphModule, layer: Layer) -> Node:

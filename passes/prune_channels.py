@@ -27,6 +27,7 @@ from fxcompress.channels.surgery import apply_removal
 from fxcompress.config import (Boolean, Callables, Interval, MappingOf, Options, Regex, SubclassOf, TupleOf,
                                validate)
 from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.layers import name_matches
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 
@@ -148,16 +149,16 @@ class PruneChannels(Pass):
         that matches nothing would remove nothing (or keep nothing) without a word."""
         every = sorted({layer.name for layer in cg.layers})
         prunable = sorted({name for unit in units for name in unit.producers})
-        selected = [name for name in prunable if not self.select or _matches(gm, name, self.select)]
+        selected = [name for name in prunable if not self.select or name_matches(gm, name, self.select)]
         amounts = tuple(self.amount) if isinstance(self.amount, Mapping) else ()
         checks = (("select", self.select, prunable, "prunable layers"), ("keep", self.keep, every, "layers"),
                   ("amount", amounts, selected, "selected prunable layers"))
         for field, patterns, names, what in checks:
             for pattern in patterns:
-                if any(_matches(gm, name, (pattern,)) for name in names):
+                if any(name_matches(gm, name, (pattern,)) for name in names):
                     continue
                 shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
-                elsewhere = [name for name in every if _matches(gm, name, (pattern,))]
+                elsewhere = [name for name in every if name_matches(gm, name, (pattern,))]
                 note = f" (it matches {elsewhere}: frozen, see fxcompress.channel_graph, or not selected)"
                 raise ConfigError(f"PruneChannels.{field}: {shown} matches none of the {what}, which are "
                                   f"{names}{note if elsewhere else ''}")
@@ -165,7 +166,7 @@ class PruneChannels(Pass):
     def _eligible(self, gm: GraphModule, units: list[ChannelGroup]) -> tuple[list[tuple[ChannelGroup, float]], dict]:
         eligible, skipped = [], {}
         for unit in units:
-            if any(_matches(gm, name, self.keep) for name in (*unit.producers, *unit.consumers)):
+            if any(name_matches(gm, name, self.keep) for name in (*unit.producers, *unit.consumers)):
                 skipped[unit.label] = "a layer in keep= would change"
                 continue
             amount = self._amount(gm, unit)
@@ -174,7 +175,7 @@ class PruneChannels(Pass):
         return eligible, skipped
 
     def _amount(self, gm: GraphModule, g: ChannelGroup) -> float | None:
-        producers = [p for p in g.producers if not self.select or _matches(gm, p, self.select)]
+        producers = [p for p in g.producers if not self.select or name_matches(gm, p, self.select)]
         if not producers:
             return None
         if not isinstance(self.amount, Mapping):
@@ -183,19 +184,6 @@ class PruneChannels(Pass):
             if any(re.fullmatch(pattern, p) for p in producers):
                 return float(value)
         return None
-
-
-def _matches(gm: GraphModule, name: str, patterns: tuple) -> bool:
-    for p in patterns:
-        if isinstance(p, str) and re.fullmatch(p, name):
-            return True
-        if isinstance(p, type) and issubclass(p, nn.Module):
-            try:
-                if isinstance(gm.get_submodule(name), p):
-                    return True
-            except AttributeError:
-                continue
-    return False
 
 
 def _frozen_report(cg: ChannelGraph, skipped: dict, prune_normalized: bool, prune_outputs: bool) -> dict[str, str]:
