@@ -193,32 +193,43 @@ def file_costs(dim: int, blocks: int) -> None:
 # --- group-wise grids on the language model (--lm) ------------------------------------------------
 
 LM_ARMS = ["w4 g64 rtn", "w4 g64 rtn symmetric", "50% magnitude + w4 g64", "50% sparsegpt + w4 g64",
-           "50% sparsegpt + w4 g64 gptq"]
+           "50% sparsegpt + w4 g64 gptq", "50% sparsegpt + w4 g128 gptq fp16", "2:4 sparsegpt + w4 g128 gptq fp16 + emb8",
+           "2:4 sparsegpt + w4 g256 gptq fp16 + emb8"]
 
 
 def _bits(n_bytes: float, numel: int) -> str:
     return f"{8 * n_bytes / numel:.3f}"
 
 
-def _information(encoded) -> tuple[float, float]:
-    """(mask entropy, code entropy) in bytes of one group_grid weight: the binary entropy of its zero
-    pattern over every element, and the empirical entropy of the nonzeros' integers k across all groups."""
+def _information(encoded) -> tuple[float, float, float]:
+    """(mask entropy, code entropy, relative-index bytes) of one group_grid weight. The mask: the binary
+    entropy of its zero pattern over every element, or for the pattern layout the empirical entropy of its
+    block patterns; the codes: the empirical entropy of the stored values' integers k across all groups;
+    and what the same mask costs as 5-bit relative indices (smallest coding), for comparison."""
+    from fxcompress.encoded import patterns
+    from fxcompress.encoded.positions import gaps_from_positions
+    from fxcompress.encoded.streams import decode_symbols, smallest
     from fxcompress.encoded.tensor import decode_tensor
     w = decode_tensor(encoded).numpy().reshape(-1)
     groups = encoded.numel // encoded.group_size
     steps = encoded.codebook_data.view("<f2" if encoded.codebook_data.size == 2 * groups else "<f4")
     nonzero = np.flatnonzero(w)
-    k = np.rint(w[nonzero] / np.repeat(steps.astype(np.float32), encoded.group_size)[nonzero]).astype(np.int64)
+    stored = nonzero
     p = len(nonzero) / w.size
     mask = 0.0 if p in (0.0, 1.0) else -(p * np.log2(p) + (1 - p) * np.log2(1 - p)) * w.size / 8
-    return mask, entropy_bytes(k - k.min()) if len(k) else 0.0
+    if encoded.layout == "pattern":
+        symbols = decode_symbols(encoded.positions)
+        stored, mask = patterns.positions_from_patterns(symbols, *encoded.pattern), entropy_bytes(symbols)
+    k = np.rint(w[stored] / np.repeat(steps.astype(np.float32), encoded.group_size)[stored]).astype(np.int64)
+    relative = smallest(gaps_from_positions(nonzero, 5, w.size), 32).nbytes
+    return mask, entropy_bytes(k - k.min()) if len(k) else 0.0, relative
 
 
 def _arm_rows(name: str, lowered, fake_quant_weights: dict) -> dict:
     """Bytes by part of the encoded block weights, the per-group float codebook of the same weights (the
-    encoding without the grid's steps), and the information bound."""
+    encoding without the grid's steps), the information bound, and the masks as relative indices."""
     from fxcompress.encoded.module import EncodedWeight
-    parts, numel, old, mask, codes, kinds = Counter(), 0, 0, 0.0, 0.0, Counter()
+    parts, numel, old, mask, codes, relative, kinds = Counter(), 0, 0, 0.0, 0.0, 0, Counter()
     for path, module in lowered.named_modules():
         if not isinstance(module, EncodedWeight) or not path.startswith("model.layers."):
             continue
@@ -229,11 +240,11 @@ def _arm_rows(name: str, lowered, fake_quant_weights: dict) -> dict:
         kinds[f"{encoded.layout}/{encoded.codebook}"] += 1
         old += encode_tensor(fake_quant_weights[path], index_bits=5).nbytes
         if encoded.codebook == "group_grid":
-            m, c = _information(encoded)
-            mask, codes = mask + m, codes + c
+            m, c, r = _information(encoded)
+            mask, codes, relative = mask + m, codes + c, relative + r
     total = sum(parts.values())
     return {"arm": name, "numel": numel, "parts": dict(parts), "total": total, "old": old, "mask": mask,
-            "codes": codes, "kinds": dict(kinds)}
+            "codes": codes, "relative": relative, "kinds": dict(kinds)}
 
 
 def lm_groups(checkpoint: Path, arm_names: list[str], n_cal: int) -> None:
@@ -268,8 +279,9 @@ def _print_lm(rows: list[dict]) -> None:
     print("\nblock weights of the byte-level Llama (bench_llm's checkpoint), bits per weight by part; x fp32 is "
           "fp32 bytes / encoded bytes of those weights; bound = mask entropy + code entropy (steps excluded)\n")
     print("| arm | layouts / codebooks | positions | indices | codebook (steps) | header | total | x fp32 "
-          "| per-group float codebook (x fp32) | bound (x fp32) | held-out ppl fake-quant / lowered | whole file x fp32 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| per-group float codebook (x fp32) | bound (x fp32) | mask as relative indices "
+          "| held-out ppl fake-quant / lowered | whole file x fp32 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         n, p = r["numel"], r["parts"]
         bound = r["mask"] + r["codes"]
@@ -278,6 +290,7 @@ def _print_lm(rows: list[dict]) -> None:
               f"{_bits(p['header'], n)} | {_bits(r['total'], n)} | {4 * n / r['total']:.2f}x | "
               f"{_bits(r['old'], n)} ({4 * n / r['old']:.2f}x) | "
               f"{_bits(bound, n) + f' ({4 * n / bound:.2f}x)' if bound else 'n/a'} | "
+              f"{_bits(r['relative'], n)} | "
               f"{r['ppl']:.3f} / {r['lowered_ppl']:.3f} | {r['dense_file'] / r['file']:.2f}x |")
 
 
