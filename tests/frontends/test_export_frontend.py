@@ -23,6 +23,8 @@ from fxcompress.pass_base import PassContext
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels
 from fxcompress.tracing import trace
 
+aten = torch.ops.aten
+
 
 class MLP(nn.Module):
     def __init__(self):
@@ -168,6 +170,44 @@ def test_the_rest_of_the_table_is_spelled_at_torch_level():
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
 
+class IssueSpellings(nn.Module):
+    """One of each op family the front end must spell at torch level: linear, conv, embedding, the
+    norms, attention, view, slice, split, cat, expand."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.conv = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Conv1d(8, 8, 1)
+        self.layer, self.group, self.rms = nn.LayerNorm(8), nn.GroupNorm(2, 8), nn.RMSNorm(8)
+
+    def forward(self, tokens):
+        x = self.layer(self.fc(self.embed(tokens)))                        # (2, 6, 8)
+        x = self.rms(self.group(self.conv(x.transpose(1, 2))).transpose(1, 2))
+        q = x.view(2, 6, 2, 4).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, 6, 8)
+        left, right = torch.split(a[:, 1:], [3, 5], dim=-1)
+        return torch.cat([right, left], dim=-1) + a[:, :1, :].expand(2, 5, 8)
+
+
+ISSUE_SPELLINGS = {  # aten overload export writes -> the torch-level target it becomes
+    aten.embedding.default: F.embedding, aten.linear.default: F.linear, aten.conv1d.default: F.conv1d,
+    aten.layer_norm.default: F.layer_norm, aten.group_norm.default: F.group_norm, aten.rms_norm.default: F.rms_norm,
+    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention, aten.view.default: "view",
+    aten.slice.Tensor: operator.getitem, aten.split_with_sizes.default: torch.split, aten.cat.default: torch.cat,
+    aten.expand.default: "expand",
+}
+
+
+def test_the_issues_op_families_are_spelled_at_torch_level():
+    model, tokens = IssueSpellings().eval(), torch.randint(0, 20, (2, 6))
+    program = torch.export.export(model, (tokens,))
+    assert set(ISSUE_SPELLINGS) <= {n.target for n in program.module().graph.nodes}
+    gm = fxcompress.compile(program, [], (tokens,))
+    assert _aten_ops(gm) == []
+    assert set(ISSUE_SPELLINGS.values()) <= {n.target for n in gm.graph.nodes}
+    assert {layer.name for layer in find_layers(gm)} == {"embed", "fc", "conv"}
+    torch.testing.assert_close(gm(tokens), model(tokens), rtol=0, atol=0)
+
+
 def test_program_its_module_and_the_model_give_the_same_graph():
     model, inputs = _model("attention_sdpa")
     program = torch.export.export(model, inputs)
@@ -292,7 +332,6 @@ def test_dynamic_batch_and_length_survive_pruning_masks_and_the_file(tmp_path):
 
 # ---- the spellings transformer forwards need ---------------------------------------------------
 
-aten = torch.ops.aten
 # aten overload -> a forward that export writes with it, from x (float [2, 6, 8]) and t (tokens [2, 6]):
 # positions, token-type lookups, masks, casts and rotary tables of BERT / GPT-2 / Llama / ViT / T5, and the
 # in-place activations of torchvision models
