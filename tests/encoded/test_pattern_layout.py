@@ -106,3 +106,15 @@ def test_half_steps_halve_the_step_bytes_of_the_file():
         sizes[scale_dtype] = sum(m.encoded().codebook_data.size for m in lowered.modules()
                                  if isinstance(m, EncodedWeight))
     assert sizes == {"float32": 4 * (128 * 256 + 64 * 128) // 128, "float16": 2 * (128 * 256 + 64 * 128) // 128}
+
+
+def test_half_scales_survive_save_and_load_and_a_bad_one_in_a_file_is_refused(tmp_path):
+    gm, fake, x = _two_of_four()
+    fxcompress.save(gm, tmp_path / "fq.fxc")
+    loaded = fxcompress.load(tmp_path / "fq.fxc")
+    assert loaded.get_submodule("0.weight_quant").scale_dtype == "float16"
+    assert torch.equal(loaded(x), gm(x))
+    with pytest.raises(fxcompress.errors.ConfigError, match="scale_dtype='bfloat16' needs method='linear'"):
+        GridWeight(4, group_size=64, axis=0, scale_dtype="bfloat16")
+    with pytest.raises(fxcompress.errors.ConfigError, match="scale_dtype='float16' needs method='linear'"):
+        GridWeight(4, method="fixed_point", scale_dtype="float16")
