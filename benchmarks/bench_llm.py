@@ -1,6 +1,7 @@
 """Language-model compression arms on the byte-level Llama that benchmarks/train_lm.py trains.
 
     nice -n 10 python benchmarks/bench_llm.py [--cal 32] [--eval 32] [--arms dense awq4 ...] [--json out.json]
+        [--files [--keep DIR]] [--relower DIR]
 
 Every arm compiles the same exported graph (torch.export of the checkpoint, shapes fixed to
 batches of 8 x 128 bytes) with its passes, calibrated on the same windows of the training plays,
@@ -10,6 +11,13 @@ otherwise; the Deep Compression arm's fxcompress file), the passes' seconds and 
 memory above the loaded model while they ran. Only the decoder blocks' linear layers are
 compressed (the tied embedding / LM head stays float, as llm-compressor's recipes leave lm_head).
 An arm whose pass is not in this checkout prints "not available: <why>".
+
+With `--files`, every quantized arm is also lowered to its fxcompress file (LowerToEncoded, save), the file
+is loaded back and its perplexities measured, and a second line says where its bytes go (block weights' bits
+per weight by part, the tied embedding, float tensors, manifest); the ratio is against the fp32 parameters.
+The file arms (`file_arms`) are the ones for the 12x file: float16 group steps, 2:4 masks (the pattern
+layout), the tied embedding on an 8- or 6-bit grid. `--keep DIR` leaves each arm's fake-quant model there,
+and `--relower DIR` measures their files again with this checkout's encoder, without recalibrating.
 
 Beside them, when torchao is importable: its plain rounding at 4 and 3 bits, group 64; and with
 `--llmc-python PYTHON` (an environment with llmcompressor; it must import this checkout too), the
