@@ -2,6 +2,7 @@
 or raises FormatError, in bounded memory and time; each attack measured on earlier code is refused."""
 import copy
 import json
+import resource
 import struct
 import time
 import tracemalloc
@@ -214,6 +215,7 @@ def test_every_crafted_weight_decodes_or_raises_format_error(capsys):
     @given(crafted())
     def run(case):
         header, payload, changes = case
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         tracemalloc.start()
         start = time.perf_counter()
         try:
@@ -222,17 +224,20 @@ def test_every_crafted_weight_decodes_or_raises_format_error(capsys):
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
         seconds = time.perf_counter() - start
+        rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before  # torch's tensors, untraced
         assert peak <= MEMORY_LIMIT, (peak, changes)
+        assert rss_growth <= MEMORY_LIMIT >> 10, (rss_growth, changes)
         assert seconds <= TIME_LIMIT, (seconds, changes)
         outcomes[result] += 1
         kinds.update(c[0] for c in changes)
         worst["memory"], worst["seconds"] = max(worst["memory"], peak), max(worst["seconds"], seconds)
+        worst["rss_kib"] = max(worst.get("rss_kib", 0), rss_growth)
 
     run()
     with capsys.disabled():
         print(f"\ncrafted encoded weights: {sum(outcomes.values())} cases, outcomes {dict(outcomes)}, "
               f"mutations {dict(kinds)}, peak traced memory {worst['memory'] / 2 ** 20:.2f} MiB, "
-              f"slowest {worst['seconds'] * 1000:.1f} ms")
+              f"slowest {worst['seconds'] * 1000:.1f} ms, peak RSS growth during one case {worst['rss_kib']} KiB")
     assert outcomes["refused by check_loaded"] and outcomes["decoded"]  # both sides were exercised
 
 
@@ -393,7 +398,6 @@ def _with_header(data: bytes, path: str, edit) -> bytes:
     (lambda h: h.update(shape=h["shape"][::-1]), r"header: shape \[40, 30\] does not fit layer fc1"),
 ])
 def test_load_refuses_crafted_headers_naming_the_weight(saved_file, tmp_path, edit, match):
-    import resource
     (tmp_path / "crafted.fxc").write_bytes(_with_header(saved_file, PATH, edit))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(FormatError, match=f"encoded weight {PATH}: {match}"):

@@ -43,6 +43,11 @@ WATCHED = (torch.fx.GraphModule, torch.fx.Graph, torch.fx.Node, torch.nn.Module,
            object, type, FormatError)
 OUTCOMES: collections.Counter = collections.Counter()
 PEAKS: list[tuple[int, int]] = []  # (traced peak bytes during load, file bytes)
+RSS_GROWTH: list[int] = []  # KiB the process's peak RSS grew during each load (torch's allocations, untraced)
+# What one hostile file may cost while it loads: the documented bound of a parsed manifest (about 350
+# bytes per compressed byte, README "Guarantees") with slack; torch's own allocations are not traced,
+# so the process's peak RSS may not grow by more than RSS_LIMIT_KIB during a load either.
+TRACED_PER_BYTE, TRACED_SLACK, RSS_LIMIT_KIB = 400, 4 << 20, 64 << 10
 
 
 def _class_state():
@@ -423,6 +428,7 @@ def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name
             data.draw(st.sampled_from(MUTATIONS), label="mutation")(manifest, data)
     hostile = with_manifest(original, manifest, tensor_data(original))
     before = _class_state()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     try:
         gm = from_bytes(hostile)
@@ -432,6 +438,9 @@ def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name
     finally:
         PEAKS.append((tracemalloc.get_traced_memory()[1], len(hostile)))
         tracemalloc.stop()
+        RSS_GROWTH.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before)
+    assert PEAKS[-1][0] <= TRACED_PER_BYTE * len(hostile) + TRACED_SLACK, PEAKS[-1]
+    assert RSS_GROWTH[-1] <= RSS_LIMIT_KIB, f"the peak RSS grew by {RSS_GROWTH[-1]} KiB during one load"
     if gm is not None:
         _assert_code_is_data_only(gm.code)
         try:
@@ -451,4 +460,5 @@ def test_report_of_generated_files(capsys):
     with capsys.disabled():
         print(f"\nhostile files tried: {tried}; outcomes: {dict(OUTCOMES)}; traced peak during load: "
               f"max {max(p for p, _ in PEAKS) / 2 ** 20:.2f} MiB, worst ratio {worst[0] / worst[1]:.1f}x "
-              f"the file ({worst[0]} bytes for {worst[1]})")
+              f"the file ({worst[0]} bytes for {worst[1]}); file sizes {min(n for _, n in PEAKS)}-"
+              f"{max(n for _, n in PEAKS)} bytes; peak RSS growth during one load: max {max(RSS_GROWTH)} KiB")
