@@ -13,11 +13,12 @@ rounding of the bias and of the requantization.
 Two backends compute it. "reference" (`lower_integer_reference`, `quant.integer`) is the exact
 oracle: centered int32 codes and float64 kernels on integer values. "native" (`lower_integer_native`,
 `kernels.native`, the default where this machine has oneDNN's int8 kernels and every layer fits them)
-runs uint8 codes, each layer on the faster of its int8 kernel and its float kernel as measured on
-the layer's real input (`kernels`, `margin`, `repeats`, `clock`; `float_select` forces layers onto
-float); it rounds the requantization in float32, so it agrees with the reference to one code per
-layer. A model native cannot run exactly (asymmetric weight codes outside int8, activation grids
-other than uint8, a layer kind or code op without a kernel, int16 saturation on a CPU without VNNI)
+runs uint8 codes, each layer on the fastest of oneDNN's int8 kernel, its float kernel and (linear
+layers) our C int8 kernel as measured on the layer's real input (`kernels`, `margin`, `repeats`,
+`clock`; `float_select` forces layers onto float); oneDNN and the float kernel round the requantization
+in float32, so they agree with the reference to one code per layer; ours is the reference bit for bit. A model native cannot run exactly (asymmetric weight codes outside int8, activation grids
+other than uint8, a layer kind or code op without a kernel, int16 saturation on a CPU without VNNI where
+oneDNN's int8 is the only kernel allowed: elsewhere such a layer runs the float kernel or ours, never int8)
 keeps the reference backend by default, the reasons in the pass's statistics; `backend="native"`
 refuses it by layer instead. `lower_integer_graph` reads the fake-quant graph for both.
 """
@@ -131,7 +132,7 @@ class LowerToInteger(Pass):
             refused["*"] = "this torch build has no oneDNN int8 kernels (torch.ops.onednn)"
         else:
             for q in layers:
-                if (reason := native_refusal(gm, q, plans[q.node])) is not None:
+                if (reason := native_refusal(gm, q, plans[q.node], self.kernels)) is not None:
                     refused[q.layer.name] = reason
             for node, join in joins.items():
                 if (reason := native_join_refusal(gm, join)) is not None:

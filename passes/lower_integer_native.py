@@ -80,6 +80,9 @@ def layer_forms(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tuple[s
         if kernel == "c_int8" and q.layer.kind != "linear":
             refused[kernel] = "our C kernel runs linear layers only"
             continue
+        if kernel == "int8" and not native.saturation_free(plan.codes, q.input_grid.qmax):
+            refused[kernel] = f"two weight codes times input code {q.input_grid.qmax} could pass int16 (no VNNI)"
+            continue
         module = native_layer(q, plan, relu, kernel)
         if kernel == "c_int8" and (reason := module.c_refusal()) is not None:
             refused[kernel] = reason
@@ -198,8 +201,10 @@ def fuse_boundaries(gm: GraphModule) -> int:
     return fused
 
 
-def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan) -> str | None:
-    """Why the native kernels could not compute this layer exactly as the reference does, if they cannot."""
+def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tuple[str, ...]) -> str | None:
+    """Why the native kernels allowed (`kernels`) could not compute this layer as the reference does, if they
+    cannot. oneDNN's int8 kernel may saturate on a CPU without VNNI; the float kernel and ours never do, so
+    such a layer only refuses when int8 is the one kernel allowed (otherwise int8 is just not offered)."""
     kind, codes, in_grid = q.layer.kind, plan.codes, q.input_grid
     if kind not in native.KERNELS:
         return f"{kind} has no native kernel (only {', '.join(native.KERNELS)})"
@@ -211,9 +216,10 @@ def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan) -> str | None
         if grid is not None and (grid.qmin != 0 or grid.qmax > native.UINT8_MAX):
             return (f"its {what} activation grid [{grid.qmin}, {grid.qmax}] is not uint8 (use "
                     "ActivationConfig(symmetric=False) with at most 8 bits)")
-    if not native.saturation_free(codes, in_grid.qmax):
+    if not native.saturation_free(codes, in_grid.qmax) and set(kernels) <= {"int8"}:
         return (f"two weight codes times input code {in_grid.qmax} could pass int16 in this CPU's u8 x s8 "
-                "kernels (no VNNI); use ActivationConfig(bits=7) or 7-bit weights")
+                "kernels (no VNNI); use ActivationConfig(bits=7) or 7-bit weights, or allow the float / c_int8 "
+                "kernels")
     for node in plan.chain:
         if not native_code_safe(gm, node):
             return f"{node.format_node()} has no kernel on uint8 codes"
