@@ -533,3 +533,22 @@ def test_tensors_the_forward_never_reads_are_dropped_as_fx_drops_them():
     model, x = WithAuxHead().eval(), torch.randn(2, 8)
     exported = fxcompress.compile(model, [], (x,), frontend="export")
     assert _params(exported) == _params(fxcompress.compile(model, [], (x,), frontend="fx")) == 8 * 4 + 4
+
+
+@pytest.mark.parametrize("field", ["max", "min"])
+def test_iinfo_fields_and_tensor_properties_save_and_load(field):
+    """t.masked_fill(t < 0, torch.iinfo(t.dtype).<field>) and t.new_zeros(t.shape, device=t.device), as
+    Hugging Face's fx tracer records them on token ids."""
+    graph = torch.fx.Graph()
+    t = graph.placeholder("t")
+    limits = graph.call_function(torch.iinfo, (graph.call_function(getattr, (t, "dtype")),))
+    filled = graph.call_method("masked_fill", (t, graph.call_function(operator.lt, (t, 0)),
+                                               graph.call_function(getattr, (limits, field))))
+    zeros = graph.call_method("new_zeros", (t, graph.call_function(getattr, (t, "shape"))),
+                              {"device": graph.call_function(getattr, (t, "device"))})
+    graph.output(graph.call_function(operator.add, (filled, zeros)))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    tokens = torch.tensor([[3, -1, 2], [-5, 4, 0]])
+    loaded = from_bytes(to_bytes(gm))
+    assert torch.equal(loaded(tokens), gm(tokens))
+    assert (loaded(tokens) == getattr(torch.iinfo(torch.int64), field)).sum() == 2
