@@ -139,12 +139,12 @@ def lenet300(trained_digits):
                                                     activations=ActivationConfig(bits=7))],
                             example_inputs=(x[:2],), calibration_data=[x[i:i + 64] for i in range(0, 256, 64)])
     reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
-    return data, fq, reference
+    return data, fq, reference, model
 
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 def test_lenet300_on_our_kernel_is_the_reference_bit_for_bit_and_survives_a_file(lenet300, tmp_path):
-    data, fq, reference = lenet300
+    data, fq, reference, _ = lenet300
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(data.train_x[:2],))
     stats = fxcompress.history(gm)[-1].stats
     assert stats["kernels"] == {"int8": 0, "float": 0, "c_int8": 3} and stats["float_code_edges"] == 0
@@ -170,7 +170,7 @@ def test_lenet300_on_our_kernel_is_the_reference_bit_for_bit_and_survives_a_file
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 def test_our_kernel_is_timed_beside_the_others_and_absent_without_a_compiler(lenet300, monkeypatch, tmp_path):
-    data, fq, reference = lenet300
+    data, fq, reference, _ = lenet300
     x = data.train_x[:2]
     gm = fxcompress.compile(fq, [LowerToInteger(repeats=3)], example_inputs=(x,))
     layers = fxcompress.history(gm)[-1].stats["layers"]
@@ -194,7 +194,7 @@ def test_our_kernel_is_timed_beside_the_others_and_absent_without_a_compiler(len
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 def test_remeasure_chooses_again_among_the_kernels_each_native_layer_can_run_where_it_stands(lenet300):
-    data, fq, reference = lenet300
+    data, fq, reference, _ = lenet300
     x = data.test_x
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x[:2],))
     with torch.no_grad():
@@ -220,9 +220,25 @@ def test_remeasure_chooses_again_among_the_kernels_each_native_layer_can_run_whe
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 def test_torch_export_runs_our_kernel_as_a_custom_op(lenet300):
-    data, fq, reference = lenet300
+    data, fq, reference, _ = lenet300
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(data.train_x[:2],))
     exported = torch.export.export(gm, (data.test_x[:4],))
     assert sum(n.target is torch.ops.fxcompress.q8_linear.default for n in exported.graph.nodes) == 3
     with torch.no_grad():
         assert torch.equal(exported.module()(data.test_x[:4]), reference(data.test_x[:4]))
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_eight_bit_activations_run_natively_on_our_kernel_bit_for_bit(lenet300):
+    """8-bit activations times 8-bit weights may pass int16 in oneDNN's kernel on a CPU without VNNI; ours
+    multiplies int16 pairs into int32 (vpmaddwd), so forced onto it the model is the reference exactly."""
+    data, _, _, model = lenet300  # the same trained weights with 8-bit activations
+    x = data.train_x[:256]
+    fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                                    activations=ActivationConfig(bits=8))],
+                            example_inputs=(x[:2],), calibration_data=[x[i:i + 64] for i in range(0, 256, 64)])
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    gm = fxcompress.compile(fq, [LowerToInteger(backend="native", kernels=("c_int8",))], example_inputs=(x[:2],))
+    assert not gm.fc2.native.c_packed().raw  # input codes up to 255: the int16 path
+    with torch.no_grad():
+        assert torch.equal(gm(data.test_x), reference(data.test_x))
