@@ -20,7 +20,6 @@ model back on the same GraphModule.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, con
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
+from fxcompress.quant.commuting import commutes_with_quantization, is_add
 from fxcompress.quant.observers import OBSERVERS
 from fxcompress.quant.quantizers import METHODS, SCALE_DTYPES, check_finite, check_groups
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
@@ -326,18 +326,13 @@ class InsertFakeQuant(Pass):
         return inserted
 
 
-# residual adds (two tensors of one shape, no alpha) and concatenations join quantized values
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-
-
 def join_operands(node: Node) -> list[Node] | None:
     """The tensors a residual add or a concatenation joins, or None for any other node."""
     if node.op == "call_function" and node.target is torch.cat:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         ok = isinstance(tensors, (list, tuple)) and tensors and all(isinstance(x, Node) for x in tensors)
         return list(tensors) if ok else None
-    if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS) or
-            (node.op == "call_method" and node.target in ("add", "add_"))):
+    if not is_add(node):  # residual adds: two tensors of one shape, no alpha
         return None
     if len(node.args) != 2 or node.kwargs or not all(isinstance(x, Node) for x in node.args):
         return None
@@ -345,23 +340,16 @@ def join_operands(node: Node) -> list[Node] | None:
     return list(node.args) if shapes[0] is not None and shapes[0] == shapes[1] else None
 
 
-# ops that keep a quantized layer's output on codes in LowerToInteger (it requantizes across them)
-_CODE_FUNCTIONS = {torch.nn.functional.relu, torch.relu, torch.nn.functional.max_pool2d}
-_CODE_MODULES = (torch.nn.ReLU, torch.nn.MaxPool2d)
-
-
 def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None | bool:
-    """The ActivationQuant already on `x`; None if `x` is a quantized layer's output (through ReLU /
-    max pooling); False otherwise."""
+    """The ActivationQuant already on `x`; None if `x` is a quantized layer's output (through ops that
+    commute with quantization, which LowerToInteger runs on codes); False otherwise."""
     quant = next((u for u in x.users if u.op == "call_module"
                   and isinstance(gm.get_submodule(u.target), ActivationQuant)), None)
     if quant is not None:
         return quant
     current = x
-    while current not in produced and (
-            (current.op == "call_function" and current.target in _CODE_FUNCTIONS)
-            or (current.op == "call_method" and current.target == "relu")
-            or (current.op == "call_module" and isinstance(gm.get_submodule(current.target), _CODE_MODULES))):
+    while current not in produced and commutes_with_quantization(gm, current) and current.args \
+            and isinstance(current.args[0], Node):
         current = current.args[0]
     return None if current in produced else False
 

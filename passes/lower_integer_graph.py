@@ -8,7 +8,6 @@ module takes a node's place.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from fxcompress.errors import PreconditionError
 from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.channel_grid import per_channel_grid
-from fxcompress.quant.commuting import commutes_with_quantization
+from fxcompress.quant.commuting import commutes_with_quantization, is_add
 from fxcompress.quant.integer import ACCUMULATOR_BITS
 from fxcompress.quant.quantizers import Grid, quantize
 
@@ -141,7 +140,6 @@ def is_max_pool2d(gm: GraphModule, node: Node) -> bool:
 
 
 
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 SHIFT_ROOM = 62  # the int64 sum of two operand codes times their aligned multipliers must stay below 2^62
 
 
@@ -151,9 +149,7 @@ def integer_join(gm: GraphModule, node: Node) -> str | None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         ok = isinstance(tensors, (list, tuple)) and tensors and all(is_activation_quant(gm, x) for x in tensors)
         return "cat" if ok else None
-    is_add = ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
-              or (node.op == "call_method" and node.target in ("add", "add_")))
-    ok = is_add and len(node.args) == 2 and not node.kwargs and all(is_activation_quant(gm, x) for x in node.args)
+    ok = is_add(node) and len(node.args) == 2 and not node.kwargs and all(is_activation_quant(gm, x) for x in node.args)
     return "add" if ok else None
 
 

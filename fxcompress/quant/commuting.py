@@ -3,7 +3,8 @@
 Monotone, zero-preserving ops (ReLU, max pooling) and ops that only move or select values (flatten,
 reshape, view, slicing, eval-mode dropout) give the same result before or after rounding to such a
 grid, so a layer's output may be quantized where the layer writes it and the op may run on codes.
-The integer lowering and the QDQ ONNX export both read this one table.
+The integer lowering and the QDQ ONNX export both read this one table; InsertFakeQuant reads it to
+see that an operand of a residual add is already on a quantized layer's grid.
 """
 from __future__ import annotations
 
@@ -27,3 +28,15 @@ def commutes_with_quantization(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_method":
         return node.target in COMMUTING_METHODS
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), COMMUTING_MODULES)
+
+
+# residual adds as fx spells them (operator, torch and method forms); both the placement of the grids a
+# join needs (InsertFakeQuant) and the integer lowering of the join recognise them here
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_"}
+
+
+def is_add(node: Node) -> bool:
+    """Whether `node` adds tensors (its operands are not checked)."""
+    return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ADD_METHODS))
