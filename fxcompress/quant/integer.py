@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.errors import ConfigError
+from fxcompress.layers import KINDS
 
 ACCUMULATOR_BITS = 31  # accumulators are int32: |acc| < 2^31
 
@@ -71,6 +72,11 @@ def narrowest_dtype(codes: torch.Tensor) -> str:
                 if torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max)
 
 
+# the layer kinds (fxcompress.layers.KINDS) whose functional form takes (x, w, bias, stride, padding,
+# dilation, groups) or (x, w): transposed convolutions order their arguments otherwise
+INTEGER_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
+
+
 class IntegerLayer(nn.Module):
     """A linear / conv layer on centered integer codes.
 
@@ -84,7 +90,9 @@ class IntegerLayer(nn.Module):
                  padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1,
                  weight_dtype: str = "int32") -> None:
         super().__init__()
-        if weight_dtype not in WEIGHT_DTYPES:  # a configuration read from a file is checked too
+        if kind not in INTEGER_KINDS:  # a configuration read from a file is checked too
+            raise ConfigError(f"IntegerLayer.kind must be one of {list(INTEGER_KINDS)}, got {kind!r}")
+        if weight_dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"IntegerLayer.weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
         self.kind, self.requantize, self.groups = kind, requantize, groups
         self.stride, self.padding, self.dilation = stride, padding, dilation
@@ -105,8 +113,7 @@ class IntegerLayer(nn.Module):
         if self.kind == "linear":
             acc = F.linear(x, w)
             return acc.round().to(torch.int64) + self.bias
-        conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
-        acc = conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        acc = KINDS[self.kind].function(x, w, None, self.stride, self.padding, self.dilation, self.groups)
         return acc.round().to(torch.int64) + self.bias.reshape(-1, *([1] * (acc.ndim - 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
