@@ -52,7 +52,8 @@ def encode_pattern(flat: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.nda
         needed = n - rows.sum(axis=1, keepdims=True)
         rows |= (np.cumsum(~rows, axis=1) <= needed) & ~rows
         mask[short] = rows
-    bits = (mask.astype(np.int64) << np.arange(m, dtype=np.int64)).sum(axis=1)
+    # each block's bit mask in 16 bits (m <= 16): 2 bytes per element of temporaries, not int64's 8
+    bits = (mask * (np.uint16(1) << np.arange(m, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
     symbols = _symbol_of_mask(n, m)[bits]
     where = np.flatnonzero(mask.reshape(-1))
     return symbols.astype(np.int64), where
