@@ -68,7 +68,7 @@ from fxcompress.errors import PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.kernels import native
 from fxcompress.kernels.native import NativeLayer
-from fxcompress.kernels.timing import remeasure
+from fxcompress.kernels.timing import CLOCKS, remeasure
 from fxcompress.zoo import BasicBlock, LeNet5, LeNet300100
 
 MIN_SAMPLE_S = 0.02  # each timed sample loops the forward until it takes at least this long
@@ -325,8 +325,9 @@ def _loops(fn: Callable, x) -> int:
     return count
 
 
-def time_forms(forms: dict[str, Form], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each form, over interleaved rounds in rotating order."""
+def time_forms(forms: dict[str, Form], rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each form, over interleaved rounds in rotating order; `clock` is wall time
+    or (--clock thread) the calling thread's CPU time, which a loaded machine's preemption does not inflate."""
     names = list(forms)
     samples: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
@@ -336,10 +337,10 @@ def time_forms(forms: dict[str, Form], rounds: int) -> dict[str, float]:
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 fn, x = forms[name]
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(loops[name]):
                     fn(x)
-                samples[name].append((time.perf_counter() - start) / loops[name])
+                samples[name].append((clock() - start) / loops[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -373,7 +374,7 @@ def model_rows(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...],
             for batch in args.batches:
                 x = torch.rand(batch, *shape)
                 choose_native(runnable, x)
-                times = time_forms(inputs_of(runnable, x), args.rounds)
+                times = time_forms(inputs_of(runnable, x), args.rounds, CLOCKS[args.clock])
                 for form, seconds in times.items():
                     row = {"model": name, "threads": threads, "batch": batch, "form": form, "ms": 1e3 * seconds,
                            "speedup": times["fp32 eager"] / seconds}
@@ -439,16 +440,21 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--threads", nargs="+", default=["1", "all"], help="thread counts; 'all' is torch's default")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or the calling thread's CPU time (one thread only: steadier on a loaded "
+                             "machine, blind to work on other threads)")
     parser.add_argument("--resnet-size", type=int, default=224, help="image side of resnet18 and mobilenet_v2")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     parser.add_argument("--no-sparse", action="store_true", help="leave out deploy_sparse's tables")
     parser.add_argument("--no-decode", action="store_true", help="leave out deploy_decode's table")
     args = parser.parse_args()
     args.threads = _threads(args.threads)
+    if args.clock == "thread" and args.threads != [1]:
+        parser.error("--clock thread counts the calling thread only: use it with --threads 1")
     table = models(args.resnet_size)
     print(f"torch {torch.__version__}, threads {args.threads}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, VNNI {native.vnni()}, ours at 8-bit weights / "
-          f"{activation_bits()}-bit activations")
+          f"{activation_bits()}-bit activations, {args.clock} clock")
     print("| model | threads | batch | form | ms / batch | speed-up vs fp32 eager |")
     print("|---|---|---|---|---|---|")
     rows = []
