@@ -394,6 +394,10 @@ def choose_native(forms: dict[str, Callable], x: torch.Tensor) -> None:
             chosen = remeasure(forms[name], (x,), {NativeLayer: kernels})
             counts = {k: sum(c["kernel"] == k for c in chosen.values()) for k in kernels}
             print(f"  {name} kernels at batch {x.shape[0]}: {counts}", flush=True)
+            for path, c in chosen.items():  # the linear layers' times, where our C kernel was a candidate
+                if name == "ours native" and "c_int8" in c["times_ms"]:
+                    times = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in c["times_ms"].items())
+                    print(f"    {path}: {c['kernel']} (us per call: {times})")
 
 
 def pivot(rows: list[dict]) -> str:
