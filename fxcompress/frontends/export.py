@@ -208,6 +208,18 @@ def _plain_name(name: str) -> str:
     return re.sub("_{2,}", "_", name)
 
 
+def _node_name(node: Node, op: str, prefix: str) -> str:
+    """The name fx tracing gives the node: a torch.nn module's own call is named by its module path
+    (`encoder_layer_0_output_LayerNorm`, not `layer_norm_7`), so reasons and messages that name a node
+    name the user's module; any other node keeps export's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path, kind = list(stack.values())[-1] if stack and op == "call_function" else ("", None)
+    kind = f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind or "")
+    if path and not prefix and kind.startswith("torch.nn.modules."):
+        return _plain_name(path.replace(".", "_"))  # a second node of the module gets fx's numbered suffix
+    return _plain_name(node.name)
+
+
 def is_exported_module(gm: nn.Module) -> bool:
     """Whether `gm` is an `ExportedProgram.module()` not yet brought into torch-level form."""
     return isinstance(gm, GraphModule) and isinstance(gm.graph._codegen, _PyTreeCodeGen)
@@ -319,7 +331,7 @@ def _copy_node(copy: _Copy, node: Node, args: tuple, kwargs: dict, prefix: str) 
             op, target, args, kwargs = _respell(node, args, kwargs)
         if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
             copy.unknown.append(f"{target} at {where(node)}")
-    new = copy.graph.create_node(op, target, args, kwargs, name=_plain_name(node.name))
+    new = copy.graph.create_node(op, target, args, kwargs, name=_node_name(node, op, prefix))
     new.meta.update({k: node.meta[k] for k in _KEPT_META if k in node.meta})
     return new
 
