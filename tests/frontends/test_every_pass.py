@@ -106,6 +106,8 @@ def test_every_pass_does_on_an_exported_graph_what_it_does_on_the_trace(pass_typ
     record, expected = fxcompress.history(exported)[-1], fxcompress.history(traced)[-1]
     assert record.name == pass_type.__name__ and record.changed and expected.changed
     assert sorted(record.params_touched) == sorted(expected.params_touched)
+    for reasons in ("frozen", "skipped"):  # named by the user's module paths on both front ends
+        assert record.stats.get(reasons) == expected.stats.get(reasons)
     with torch.no_grad():
         out = exported(x)
         if same_function:
