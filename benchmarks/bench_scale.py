@@ -320,11 +320,13 @@ def main() -> None:
             for inplace in args.inplace.split(","):
                 rows.append(_run_child(size, scope, inplace, args.threads, args.until, args.fixed_mmap_threshold))
                 r = rows[-1]
-                print(f"  {size} {scope} inplace={r['inplace']}: {r.get('end_to_end_s', '-')} s end to end, "
-                      + ", ".join(f"{s} {r[s]['s']} s / {r[s]['peak_x']}x" for s in STAGES if s in r), flush=True)
+                print(f"  {size} {scope} inplace={r['inplace']}: {r.get('end_to_end_s', '-')} s end to end "
+                      f"({r.get('end_to_end_cpu_s', '-')} CPU s), "
+                      + ", ".join(f"{s} {r[s]['s']} s ({r[s]['cpu_s']} CPU) / {r[s]['peak_x']}x"
+                                  for s in STAGES if s in r), flush=True)
+                if args.json:  # after every row: a long run stopped part way keeps the rows it finished
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
     report(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def _run_child(size: str, scope: str, inplace: str, threads: int, until: str, fixed_mmap: bool = False) -> dict:
