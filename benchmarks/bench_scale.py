@@ -11,8 +11,8 @@ next. Peak memory is VmHWM of /proc/self/status, reset before each stage by writ
 model, in multiples of the model's fp32 bytes. The baseline is taken after the whole pipeline has run
 once on a tiny model of the same kind in the same process, so the libraries' imports (about 1100
 modules, about 100 MB resident) and one-off buffers are the process's cost, not a stage's; each row
-prints that warm-up's cost and any module first imported inside a stage. With inplace=False each stage's caller drops the
-previous GraphModule as soon as compile returns it (`gm = compile(gm, ...)`), so the one copy
+prints that warm-up's cost and any module first imported inside a stage. With inplace=False each
+stage's caller drops the previous GraphModule as soon as compile returns it (`gm = compile(gm, ...)`), so the one copy
 compile makes is the only one alive.
 
 Time grows linearly with parameters when the slope of log(seconds) against log(parameters) is 1;
