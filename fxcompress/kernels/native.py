@@ -270,8 +270,10 @@ class NativeLayer(nn.Module):
     def c_packed(self) -> q8.Packed:
         """Our C kernel's arguments, made once from the buffers (the codes are what a file holds)."""
         if (refusal := self.c_refusal()) is not None:  # a file lowered on a machine with a compiler
-            raise PreconditionError(f"NativeLayer ({self.kind}): kernel 'c_int8' cannot run here ({refusal}); "
-                                    "lower again, or remeasure the model with kernels 'int8' / 'float'")
+            way = ("lower the fake-quant model again here (this layer quantizes its float input itself, which only "
+                   "c_int8 does)" if self.input == "float32" else
+                   "lower again, or remeasure the model with kernels 'int8' / 'float'")
+            raise PreconditionError(f"NativeLayer ({self.kind}): kernel 'c_int8' cannot run here ({refusal}); {way}")
         self._c = q8.pack(self.weight, self.accumulator_scale(), self.bias, self.input_zero_point,
                           self.input_qmax, self._multiplier(), self.output_zero_point, self.code_range(),
                           self.clamp is not None and self.clamp[1] is None,

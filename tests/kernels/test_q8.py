@@ -188,8 +188,11 @@ def test_our_kernel_is_timed_beside_the_others_and_absent_without_a_compiler(len
                                                  r"\(c_int8: no C compiler"):
         fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x,))
     loaded = fxcompress.load(tmp_path / "c.fxc")  # the file opens; running it names the kernel and the way out
-    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(no C compiler"):
+    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(no C compiler.*\); lower the "
+                                                 r"fake-quant model again here"):  # fc1 reads the float input
         loaded(data.test_x)
+    with pytest.raises(PreconditionError, match=r"cannot run here \(no C compiler.*\); lower again, or remeasure"):
+        loaded.fc2.native(torch.zeros(1, 300, dtype=torch.uint8))
 
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
