@@ -48,11 +48,15 @@ HEADER_BYTES = _HEADER.size + 4
 # Bounds on the manifest, relative to its compressed size M. Real manifests (24-block models included)
 # inflate 4-19x and hold at most 2.5 JSON tokens per compressed byte; a crafted zlib stream reaches
 # 1000x. The text may inflate to MANIFEST_RATIO * M + MANIFEST_SLACK bytes and hold MANIFEST_TOKENS * M
-# + MANIFEST_SLACK tokens (`,` `:` `[` `{`); the tokens bound what parsing allocates (docs/file-format.md).
+# + MANIFEST_TOKEN_SLACK tokens (`,` `:` `[` `{`); the tokens bound what parsing allocates (docs/file-format.md).
+# The slacks are what a tiny real manifest needs (an empty model's: 306 bytes, 58 tokens) with room to spare,
+# and no more: parsed, each token can cost about 60 bytes, so a slack of a million tokens let a 1 KB file
+# cost 48 MiB.
 MANIFEST_RATIO = 64
 MANIFEST_TOKENS = 4
-MANIFEST_SLACK = 1 << 20
-_INFLATE_CHUNK = 1 << 20
+MANIFEST_SLACK = 1 << 16
+MANIFEST_TOKEN_SLACK = 1 << 14
+_INFLATE_CHUNK = 1 << 16  # what one decompress call may add: a small file costs no more
 MAX_JSON_DEPTH = 64  # real manifests nest about 10 levels
 MAX_TENSOR_DIMS = 32
 _MANIFEST_KEYS = {"graph", "modules", "tensors", "history", "data_bytes"}
@@ -224,9 +228,9 @@ def _inflate(packed: bytes) -> bytearray:
     if not inflater.eof or inflater.unused_data:
         raise FormatError("manifest: the compressed stream is truncated or followed by other bytes")
     tokens = sum(text.count(token) for token in (b",", b":", b"[", b"{"))
-    if tokens > MANIFEST_TOKENS * len(packed) + MANIFEST_SLACK:
+    if tokens > MANIFEST_TOKENS * len(packed) + MANIFEST_TOKEN_SLACK:
         raise FormatError(f"manifest: {tokens} JSON tokens exceed the bound of {MANIFEST_TOKENS} per compressed "
-                          f"byte + {MANIFEST_SLACK}, refused")
+                          f"byte + {MANIFEST_TOKEN_SLACK}, refused")
     return text
 
 

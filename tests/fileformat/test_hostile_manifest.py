@@ -11,6 +11,7 @@ import resource
 import tempfile
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -170,13 +171,15 @@ def test_exactly_one_output_node_and_it_is_last(change):
     _refused(_edited("lenet300", edit), "must end with its one output node")
 
 
-def test_manifest_nested_100000_levels_is_refused():
+@pytest.mark.parametrize("depth, match", [(100_000, "inflates beyond"), (10_000, "nested too deeply")])
+def test_manifest_nested_100000_levels_is_refused(depth, match):
+    """100,000 levels are 200 kB of text from a few hundred compressed bytes: refused by size; 10,000
+    stay within the size bound and are refused for their nesting (once a RecursionError)."""
     data, _ = saved("lenet300")
-    deep = "[" * 100_000 + "]" * 100_000
+    deep = "[" * depth + "]" * depth
     manifest = read_manifest(data)
     text = '{"graph":' + deep + "," + ",".join(f'"{k}":0' for k in manifest if k != "graph") + "}"
-    import zlib
-    assert "nested" in _refused(with_packed_manifest(data, zlib.compress(text.encode())))
+    assert match in _refused(with_packed_manifest(data, zlib.compress(text.encode())), "manifest: ")
 
 
 def test_unknown_constructor_keys_are_refused():
@@ -293,7 +296,6 @@ def test_a_manifest_that_inflates_to_1_gib_is_refused_within_its_bound(capsys):
 def test_a_manifest_of_too_many_json_tokens_is_refused_before_parsing():
     """Within the inflation bound, but 2.5 M tiny values (parsed, tens of bytes each): refused by count."""
     import base64
-    import zlib
     data, _ = saved("lenet300")
     padding = base64.b64encode(os.urandom(96_000)).decode()  # incompressible: raises both bounds
     text = ('{"graph":[' + "0," * 2_500_000 + '0],"pad":"' + padding + '"}').encode()
@@ -305,6 +307,23 @@ def test_a_manifest_of_too_many_json_tokens_is_refused_before_parsing():
     finally:
         tracemalloc.stop()
     assert peak < 1.25 * len(text) + (4 << 20)  # the text itself, no parsed objects
+
+
+@pytest.mark.parametrize("lists", [5_000, 20_000, 80_000, 340_000])
+def test_a_small_file_of_many_tiny_json_values_costs_a_small_multiple_of_itself(lists):
+    """`[[]],` repeated compresses about 1000x and parses to two lists (about 120 bytes) per 5 characters:
+    before the slacks were cut, 340,000 of them (a 1.1 kB file) cost 48 MiB while parsing."""
+    data, _ = saved("lenet300")
+    text = '{"graph":[' + "[[]]," * lists + '[]],"modules":[],"tensors":[],"history":[],"data_bytes":0}'
+    hostile = with_packed_manifest(data, zlib.compress(text.encode(), 9), b"")
+    tracemalloc.start()
+    try:
+        _refused(hostile)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the slack: MANIFEST_TOKEN_SLACK tokens parsed (about 1.1 MiB) beside the text
+    assert peak <= TRACED_PER_BYTE * len(hostile) + (2 << 20), f"{peak} bytes for a {len(hostile)}-byte file"
 
 
 @pytest.mark.parametrize("with_entry", [False, True])
