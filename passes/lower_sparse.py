@@ -67,7 +67,7 @@ class LowerToSparse(Pass):
         validate(self)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        layers = select_layers(gm, "LowerToSparse", ("linear", "conv2d"), self.select)
+        layers = select_layers(gm, "LowerToSparse", ("linear", "addmm", "conv2d"), self.select)
         skipped: dict[str, str] = {}
         eligible = []
         for layer in layers:
@@ -91,15 +91,18 @@ class LowerToSparse(Pass):
 
     def _lower(self, gm: GraphModule, layer: Layer, node: Node, x: torch.Tensor) -> dict[str, Any]:
         weight = effective_weight(gm, layer)
+        kind = layer.kind
+        if kind == "addmm":  # HF's Conv1D: x @ W + b with W stored [in, out] is the linear layer of W.t()
+            kind, weight = "linear", weight.t().contiguous()
         bias_node = bias_arg(node)
         # a bias stored in float16 (LowerToEncoded(bias="float16")) is computed in the weight's dtype
         bias = None if bias_node is None else constant_value(gm, bias_node).detach().to(weight.dtype)
         conv = _conv_options(node) if layer.kind == "conv2d" else None
         sparsity = 1 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
         if sparsity < self.min_sparsity:
-            module = SparseLayer.from_dense(layer.kind, weight, bias, "dense", conv, share=True)  # a fresh value
+            module = SparseLayer.from_dense(kind, weight, bias, "dense", conv, share=True)  # a fresh value
         else:
-            module = choose_form(layer.kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
+            module = choose_form(kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
                                  margin=self.margin, clock=self.clock)
         path = _take_the_layers_place(gm, install(gm, layer, node, module, "sparse"))
         choice = module.kernel_choice
@@ -137,6 +140,8 @@ def _refusal(gm: GraphModule, layer: Layer) -> str | None:
         return "no mask, fake-quant or encoded weight on its weight chain"
     if tied_readers(gm, node):
         return "its weight is tied to another layer's"
+    if layer.kind == "addmm" and any(node.kwargs.get(k, 1) != 1 for k in ("alpha", "beta")):
+        return "addmm with alpha / beta other than 1"
     if layer.kind == "conv2d":
         options = _conv_options(node)
         if options is None:

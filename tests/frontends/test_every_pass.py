@@ -151,3 +151,30 @@ def test_a_tied_head_keeps_its_module_path_after_passes_share_its_weight(fronten
     gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], (x,), frontend=frontend)
     rows = [row["layer"] for row in fxcompress.summary(gm).rows]
     assert "lm_head (tied to wte)" in rows, rows
+
+
+CONV1D_WEIGHTS = {"attn.c_attn.weight", "attn.c_proj.weight", "c_fc.weight", "c_proj.weight"}
+# each pass that works on linear layers, with what it needs first: HF's Conv1D layers must be among its layers
+CONV1D_PASSES = {
+    "masks": [[InsertMasks(sparsity=0.5)]],
+    "kmeans": [[InsertFakeQuant(bits=4, method="kmeans")]],
+    "gptq": [[InsertFakeQuant(method="linear", bits=4, group_size=16, rounding="gptq", types=CONV1D)]],
+    "sparsegpt": [[SparseGPT(sparsity=0.5, types=CONV1D)]],
+    "encoded": [[InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")], [LowerToEncoded()]],
+    "sparse": [[InsertMasks(sparsity=0.9)], [LowerToSparse(min_sparsity=0.0, repeats=2)]],
+    "weight_only": [[InsertFakeQuant(method="linear", bits=4, group_size=16, types=CONV1D)], [LowerWeightOnly(repeats=2)]],
+    "dynamic_int8": [[LowerDynamicInt8(repeats=2)]],
+    "channels": [[PruneChannels(amount=0.5)]],
+}
+
+
+@pytest.mark.parametrize("steps", list(CONV1D_PASSES.values()), ids=list(CONV1D_PASSES))
+def test_conv1d_layers_are_linear_layers_for_every_layer_pass(steps):
+    model, program, x = _program("gpt2")
+    before = _run(program, steps[:-1], x)
+    gm = _run(before, steps[-1:], x)
+    assert CONV1D_WEIGHTS <= set(fxcompress.history(gm)[-1].params_touched)
+    with torch.no_grad():
+        if steps[-1][0].__class__ in (LowerToSparse, LowerToEncoded):  # both claim the weights they lowered
+            torch.testing.assert_close(gm(x), before(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(from_bytes(to_bytes(gm))(x), gm(x))
