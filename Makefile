@@ -23,8 +23,10 @@ install-test: $(PY)
 demo: install
 	$(PY) examples/deep_compression.py
 
+# one pytest worker per core (pytest-xdist); a test module's tests stay on one worker, so its
+# module-scoped fixtures are built once
 test: install-test
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadscope
 
 # The transformers suite once more on 4.46, the newest release whose own fx tracer takes BERT, GPT-2,
 # Llama and ViT (5.x has none): a second venv, since one venv holds one transformers.
