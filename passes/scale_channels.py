@@ -50,12 +50,15 @@ from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration import walk
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import (Layer, chain_transforms, find_layers, input_arg, kind_of_node, layer_node,
+from fxcompress.layers import (KINDS, Layer, chain_transforms, find_layers, input_arg, kind_of_node, layer_node,
                                select_layers, tied_readers)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.quantizers import check_groups, fake_quantize, linear_grid
 
 METHODS = ("awq", "smoothquant")
+# nn.Linear and HF's Conv1D (addmm with an [in, out] weight): the scales act on input channels, read
+# through each kind's in_dim, so both are producers and consumers alike
+LINEAR_KINDS: tuple[str, ...] = tuple(kind.name for kind in KINDS.values() if kind.family == "linear")
 _METHOD_FIELDS = {"grid": ("awq",), "bits": ("awq",), "group_size": ("awq",), "symmetric": ("awq",)}
 
 # ---- op tables: how channel ids travel from a producer's output to a consumer's input ----------------
@@ -69,6 +72,11 @@ CHANNEL_FUNCTIONS: dict[Callable, str] = {torch.clone: "same", F.dropout: "same"
                                           torch.transpose: "shape", torch.permute: "shape", torch.flatten: "shape",
                                           torch.unflatten: "shape", operator.getitem: "shape",
                                           torch.unsqueeze: "shape", torch.squeeze: "shape"}
+# methods that read only a value's shape, never its values
+SHAPE_READERS: frozenset[str] = frozenset({"size", "dim"})
+# ops whose result is fixed by their output shape alone: ids move by reshaping to it, whatever computed the shape
+RESHAPES: frozenset[Any] = frozenset({"view", "reshape", "flatten", "unflatten", torch.reshape, torch.flatten,
+                                      torch.unflatten})
 # ops that mix tokens, not channels, of one operand: (position of that operand); its channels pass
 VALUE_OPERANDS: dict[Callable, int] = {F.scaled_dot_product_attention: 2, torch.matmul: 1, operator.matmul: 1,
                                        torch.bmm: 1}
@@ -129,11 +137,11 @@ class ScaleChannels(Pass):
                                     "compile(..., calibration_data=batches)")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        layers = select_layers(gm, "ScaleChannels", ("linear",), self.select, required=True)
+        layers = select_layers(gm, "ScaleChannels", LINEAR_KINDS, self.select, required=True)
         for layer in layers:
             _check_float(gm, layer)
             if self.method == "awq" and self.group_size is not None:
-                check_groups(_weight(gm, layer), 0, self.group_size, f"ScaleChannels.group_size: layer {layer.name!r}")
+                check_groups(_rows(gm, layer), 0, self.group_size, f"ScaleChannels.group_size: layer {layer.name!r}")
         shapes = ctx.get(ShapeInfo)
         touched: list[str] = []
         by_input: dict[str, dict[str, Any]] = {}   # the walk may split layers reading one value into groups
@@ -169,7 +177,7 @@ class ScaleChannels(Pass):
 
     def _rescale(self, gm: GraphModule, layers: tuple[Layer, ...], producer: Producer, channel_map: torch.Tensor,
                  stats) -> dict[str, Any]:
-        weights = [_weight(gm, layer) for layer in layers]
+        weights = [_rows(gm, layer) for layer in layers]
         if self.method == "smoothquant":
             alpha = 0.5 if self.alpha is None else self.alpha
             scale = smoothquant_scales(stats.abs_max, weights, channel_map, producer.channels, alpha)
@@ -241,13 +249,20 @@ def fold(gm: GraphModule, producer: Producer, layers: tuple[Layer, ...], scale: 
             shape[dim] = -1
             tensor.div_(scale.to(tensor.dtype).reshape(shape))
         for layer in layers:
-            weight = _weight(gm, layer)
+            weight = _rows(gm, layer)
             weight.mul_(scale[channel_map].to(weight.dtype).reshape(1, -1))
 
 
 def _weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
     weight = operator.attrgetter(layer.weight)(gm)
     return weight.data if isinstance(weight, nn.Parameter) else weight
+
+
+def _rows(gm: GraphModule, layer: Layer) -> torch.Tensor:
+    """The weight as [out, in] rows: a view, so scaling its columns scales the stored tensor (an addmm
+    weight is stored [in, out]: its input channels are rows, and its grids run along dim 1, the rows here)."""
+    weight = _weight(gm, layer)
+    return weight if KINDS[layer.kind].out_dim == 0 else weight.t()
 
 
 def _check_float(gm: GraphModule, layer: Layer) -> None:
@@ -268,15 +283,16 @@ def find_producer(gm: GraphModule, x: Node, consumers: set[Node]) -> tuple[Produ
 
     Every node between the producer and x must feed only the next one, and x only the consumers:
     otherwise the rescaled value would reach something that is not compensated."""
-    others = [u for u in x.users if u not in consumers]
+    others = [u for u in _value_users(x) if u not in consumers]
     if others:
         return None, f"{x.name} also feeds {', '.join(u.name for u in others)}"
     return _walk_back(gm, x, first=True)
 
 
 def _walk_back(gm: GraphModule, node: Node, first: bool = False) -> tuple[Producer | None, str]:
-    if not first and len(node.users) != 1:
-        return None, f"{node.name} feeds {len(node.users)} ops"
+    users = _value_users(node)
+    if not first and len(users) != 1:
+        return None, f"{node.name} feeds {len(users)} ops"
     found = _as_producer(gm, node)
     if found is not None:
         return found
@@ -292,7 +308,7 @@ def _as_producer(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | N
     """A linear layer or a norm at `node` as a Producer (or the reason it cannot be one); None: neither."""
     kind = kind_of_node(gm, node)
     if kind is not None:
-        if kind.name != "linear":
+        if kind.name not in LINEAR_KINDS:
             return None, f"{node.name} is a {kind.name} layer"
         layer = next((l for l in find_layers(gm) if l.node == node.name), None)
         if layer is None or layer.tied_to is not None or tied_readers(gm, node):
@@ -351,6 +367,12 @@ def _channel_step(node: Node) -> Node | None:
         value = node.args[position] if len(node.args) > position else node.kwargs.get("value")
         return value if isinstance(value, Node) else None
     return None
+
+
+def _value_users(node: Node) -> list[Node]:
+    """The users that read `node`'s values: a scale leaves sizes alone, so `x.size()` (HF's Conv1D
+    flattens its input by `x.view(-1, x.size(-1))`) needs no compensation."""
+    return [u for u in node.users if not (u.op == "call_method" and u.target in SHAPE_READERS)]
 
 
 def _is_product(node: Node) -> bool:
@@ -425,6 +447,8 @@ def _move_ids(node: Node, prev: Node, ids: torch.Tensor, shapes: ShapeInfo) -> t
     if node.op == "call_function" and node.target in VALUE_OPERANDS:   # channels kept, tokens mixed
         first = ids.narrow(-2, 0, 1)
         return first.expand(out) if bool((ids == first).all()) and first.shape[:-2] == out[:-2] else None
+    if node.target in RESHAPES and node.args[0] is prev and ids.numel() == math.prod(out):
+        return ids.reshape(out)   # HF's Conv1D views by sizes read at run time: the recorded shape says where
     if any(a is not prev for a in node.all_input_nodes):
         return None   # a shape computed at run time: read only constant ones
     args = [ids if a is prev else a for a in node.args]

@@ -10,6 +10,7 @@ import fxcompress
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import InsertFakeQuant
 from fxcompress.passes.scale_channels import ScaleChannels
+from fxcompress.zoo import Conv1D
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,3 +134,60 @@ def test_refusals_name_the_culprit():
     quantized = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8)], (x,))
     with pytest.raises(PreconditionError, match="'fc1'.*before InsertFakeQuant"):
         fxcompress.compile(quantized, [ScaleChannels()], (x,), calibration_data=[(x,)])
+
+
+class Conv1DChain(nn.Module):
+    """LayerNorm -> up -> down as HF's Conv1D layers (addmm with [in, out] weights): the norm and the
+    up layer are the two producers; `linear=True` builds the nn.Linear twin read by the same forward."""
+
+    def __init__(self, width: int = 32, hidden: int = 64, linear: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        make = (lambda i, o: nn.Linear(i, o)) if linear else (lambda i, o: Conv1D(o, i))
+        self.up, self.down = make(width, hidden), make(hidden, 16)
+
+    def forward(self, x):
+        return self.down(self.up(self.norm(x)))
+
+
+def _conv1d_pair():
+    torch.manual_seed(0)
+    model = Conv1DChain().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.weight[:3] = 20.0   # outlier channels, so the scales are far from 1
+        for layer in (model.up, model.down):
+            layer.weight.normal_(0, 0.2)
+            layer.bias.normal_(0, 0.1)
+    twin = Conv1DChain(linear=True).eval()
+    with torch.no_grad():
+        twin.norm.load_state_dict(model.norm.state_dict())
+        for name in ("up", "down"):
+            getattr(twin, name).weight.copy_(getattr(model, name).weight.t())
+            getattr(twin, name).bias.copy_(getattr(model, name).bias)
+    return model, twin, torch.randn(2, 6, 32) * 2
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_conv1d_layers_are_scaled_exactly_and_like_their_linear_twins(method, frontend):
+    model, twin, x = _conv1d_pair()
+    config = ScaleChannels(method=method, bits=4, group_size=16, grid=10) if method == "awq" else \
+        ScaleChannels(method=method)
+    gm = fxcompress.compile(model, [config], (x,), calibration_data=[x, x * 0.5], frontend=frontend)
+    ref = fxcompress.compile(twin, [config], (x,), calibration_data=[x, x * 0.5], frontend="fx")
+    stats, expected = fxcompress.history(gm)[-1].stats, fxcompress.history(ref)[-1].stats
+    # same producers, alphas, errors and scale ranges (an exported norm is named by its weight)
+    named = {layer: {**r, "producer": r.get("producer", "").removesuffix(".weight")} for layer, r in stats["layers"].items()}
+    assert named == {layer: {**r, "producer": r.get("producer", "")} for layer, r in expected["layers"].items()}
+    assert stats["layers_scaled"] == (2 if method == "awq" else 1)   # SmoothQuant folds only into norms
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)   # the rewrite is exact in float
+        torch.testing.assert_close(gm.norm.weight, ref.norm.weight, rtol=1e-6, atol=0)
+        for name in ("up", "down"):
+            scaled = name == "up" or method == "awq"   # SmoothQuant leaves `down` (fed by a linear layer)
+            assert torch.equal(gm.get_parameter(f"{name}.weight"), getattr(model, name).weight) != scaled
+            torch.testing.assert_close(gm.get_parameter(f"{name}.weight").t(), ref.get_parameter(f"{name}.weight"),
+                                       rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(gm.get_parameter(f"{name}.bias"), ref.get_parameter(f"{name}.bias"),
+                                       rtol=1e-6, atol=1e-7)
