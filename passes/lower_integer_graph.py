@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import Layer, chain_module_node, constant_value, layer_node, select_layers
+from fxcompress.layers import KINDS, Layer, chain_module_node, constant_value, input_arg, layer_node, select_layers
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.channel_grid import per_channel_grid
 from fxcompress.quant.commuting import commutes_with_quantization, is_add
@@ -26,6 +26,9 @@ from fxcompress.quant.quantizers import Grid, quantize
 
 
 RELU_FUNCTIONS = {F.relu, torch.relu}
+# layer kinds with an integer form, and the kind each runs as: HF's Conv1D (addmm with an [in, out]
+# weight) is a linear layer of the transposed weight, transposed once when it is planned
+INTEGER_KINDS = {"linear": "linear", "addmm": "linear", "conv1d": "conv1d", "conv2d": "conv2d", "conv3d": "conv3d"}
 MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
@@ -54,6 +57,7 @@ class LayerPlan:
     chain: tuple[Node, ...]          # the code-safe ops between the layer and out_grid's fake-quant
     target: Node | None              # that activation fake-quant (None: the layer dequantizes)
     options: dict                    # conv stride / padding / dilation / groups
+    kind: str                        # the integer layer's kind (INTEGER_KINDS): codes are [out, in, ...]
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,10 @@ def plan_layer(gm: GraphModule, q: Quantized, target: Node | None) -> LayerPlan:
     weight, grid = constant_value(gm, q.weight_input), q.weight_grid
     _, zero_point = grid.broadcast(weight, q.quantizer.axis)
     codes = (quantize(weight, grid, q.quantizer.axis) - zero_point.to(torch.int32)).to(torch.int32)
-    out_channels = weight.shape[0]
+    if KINDS[q.layer.kind].is_transposed:
+        codes = codes.t().contiguous()   # addmm's [in, out] weight as a linear layer's [out, in] rows
+    kind = INTEGER_KINDS[q.layer.kind]
+    out_channels = codes.shape[0]
     weight_scale = grid.scale.double().expand(out_channels)
     accumulator_scale = q.input_grid.scale.double() * weight_scale
     bias = None
@@ -112,7 +119,7 @@ def plan_layer(gm: GraphModule, q: Quantized, target: Node | None) -> LayerPlan:
                        bias if bias is not None else torch.zeros(out_channels, dtype=torch.int32))
     out_grid = gm.get_submodule(target.target).grid() if target is not None else None
     return LayerPlan(codes, weight_scale, bias, accumulator_scale, out_grid, code_chain(gm, q.node, target), target,
-                     conv_options(q.node, q.layer.kind))
+                     conv_options(q.node, kind), kind)
 
 
 def swap(gm: GraphModule, q: Quantized, module: nn.Module, suffix: str) -> Node:
@@ -122,7 +129,7 @@ def swap(gm: GraphModule, q: Quantized, module: nn.Module, suffix: str) -> Node:
     name = f"{owner}.{suffix}" if owner else f"{node.name}_{suffix}"
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (node.args[0],))
+        new = gm.graph.call_module(name, (input_arg(node),))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return new
@@ -215,10 +222,10 @@ def quantized_layers(gm: GraphModule) -> list[Quantized]:
     """Every layer to lower; a layer quantized only in part (or by k-means) is refused by name."""
     found = []
     for layer in select_layers(gm, "LowerToInteger"):
-        if layer.kind in ("embedding", "addmm"):
-            continue  # no integer kernel: a table lookup, and addmm's [in, out] layout, stay fake-quant
+        if layer.kind == "embedding":
+            continue  # a table lookup has no integer kernel: it stays fake-quant
         node = layer_node(gm, layer)
-        x = node.args[0]
+        x = input_arg(node)
         quant_node = chain_module_node(gm, node, (GridWeight, KMeansWeight))
         module = gm.get_submodule(quant_node.target) if quant_node is not None else None
         if isinstance(module, KMeansWeight):
@@ -234,7 +241,7 @@ def quantized_layers(gm: GraphModule) -> list[Quantized]:
         if node.op != "call_function":
             raise PreconditionError(f"LowerToInteger: layer '{layer.name}' has an input fake-quant but no "
                                     "weight fake-quant; run InsertFakeQuant(method='linear') on it")
-        if not isinstance(module, GridWeight) or layer.kind not in ("linear", "conv1d", "conv2d", "conv3d"):
+        if not isinstance(module, GridWeight) or layer.kind not in INTEGER_KINDS:
             raise PreconditionError(f"LowerToInteger: layer '{layer.name}' ({layer.kind}) at "
                                     f"{node.format_node()} has no linear / fixed-point weight fake-quant")
         weight_input = quant_node.args[0]

@@ -77,7 +77,7 @@ def layer_forms(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tuple[s
     relu = fused_relu(gm, q.node, plan.chain) is not None
     forms, refused = {}, {}
     for kernel in kernels:
-        if kernel == "c_int8" and q.layer.kind != "linear":
+        if kernel == "c_int8" and plan.kind != "linear":
             refused[kernel] = "our C kernel runs linear layers only"
             continue
         if kernel == "int8" and not native.saturation_free(plan.codes, q.input_grid.qmax):
@@ -142,7 +142,7 @@ def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_
     the plan's grid out (float32 codes with `values_out`), or real values where the plan dequantizes."""
     in_grid, out_grid = q.input_grid, plan.out_grid
     output = "float32" if out_grid is None else "float_codes" if values_out else "uint8"
-    module = NativeLayer(q.layer.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point), output,
+    module = NativeLayer(plan.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point), output,
                          output_scale=1.0 if out_grid is None else float(out_grid.scale),
                          output_zero_point=0 if out_grid is None else int(out_grid.zero_point),
                          clamp=_native_clamp(out_grid, relu), kernel=kernel,
@@ -205,7 +205,7 @@ def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tupl
     """Why the native kernels allowed (`kernels`) could not compute this layer as the reference does, if they
     cannot. oneDNN's int8 kernel may saturate on a CPU without VNNI; the float kernel and ours never do, so
     such a layer only refuses when int8 is the one kernel allowed (otherwise int8 is just not offered)."""
-    kind, codes, in_grid = q.layer.kind, plan.codes, q.input_grid
+    kind, codes, in_grid = plan.kind, plan.codes, q.input_grid
     if kind not in native.KERNELS:
         return f"{kind} has no native kernel (only {', '.join(native.KERNELS)})"
     low, high = int(codes.min()), int(codes.max())

@@ -25,7 +25,7 @@ def boundary(grid: Grid) -> QuantizeInput:
 def replace_layer(gm: GraphModule, q: Quantized, plan: LayerPlan) -> None:
     """Swap the layer for a reference IntegerLayer requantizing onto the plan's grid (None: dequantize)."""
     out_grid = plan.out_grid
-    module = IntegerLayer(q.layer.kind, list(plan.codes.shape), requantize=out_grid is not None,
+    module = IntegerLayer(plan.kind, list(plan.codes.shape), requantize=out_grid is not None,
                           weight_dtype=narrowest_dtype(plan.codes), **plan.options)
     module.weight.copy_(plan.codes)
     if plan.bias is not None:
