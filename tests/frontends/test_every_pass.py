@@ -165,6 +165,9 @@ CONV1D_PASSES = {
     "weight_only": [[InsertFakeQuant(method="linear", bits=4, group_size=16, types=CONV1D)], [LowerWeightOnly(repeats=2)]],
     "dynamic_int8": [[LowerDynamicInt8(repeats=2)]],
     "channels": [[PruneChannels(amount=0.5)]],
+    "integer": [[InsertFakeQuant(method="linear", bits=8, symmetric=True, types=CONV1D,
+                                 activations=ActivationConfig())],
+                [LowerToInteger(backend="reference")]],   # as integer linear layers of the transposed weights
 }
 
 
@@ -175,6 +178,23 @@ def test_conv1d_layers_are_linear_layers_for_every_layer_pass(steps):
     gm = _run(before, steps[-1:], x)
     assert CONV1D_WEIGHTS <= set(fxcompress.history(gm)[-1].params_touched)
     with torch.no_grad():
-        if steps[-1][0].__class__ in (LowerToSparse, LowerToEncoded):  # both claim the weights they lowered
+        # each lowering claims the weights it lowered: the lowered model computes what it was given
+        if steps[-1][0].__class__ in (LowerToSparse, LowerToEncoded, LowerToInteger):
             torch.testing.assert_close(gm(x), before(x), rtol=1e-4, atol=1e-4)
         assert torch.equal(from_bytes(to_bytes(gm))(x), gm(x))
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_scale_channels_folds_norms_into_conv1d_layers_exactly(method):
+    """ScaleChannels takes Conv1D layers as linear ones: ln_1 -> c_attn and ln_2 -> c_fc fold; c_proj reads
+    attention heads split from c_attn and c_fc's output through gelu, which no scale passes, so both are reported."""
+    model, program, x = _program("gpt2")
+    gm = _run(program, [[ScaleChannels(method=method, **({"group_size": 16} if method == "awq" else {}))]], x)
+    record = fxcompress.history(gm)[-1]
+    assert {"attn.c_attn.weight", "c_fc.weight"} <= set(record.params_touched)
+    assert record.stats["layers_scaled"] == 2
+    assert set(record.stats["layers"]) == {name.rpartition(".")[0] for name in CONV1D_WEIGHTS}
+    assert all("skipped" in record.stats["layers"][name] for name in ("attn.c_proj", "c_proj"))
+    with torch.no_grad():
+        assert not torch.equal(gm.get_parameter("c_fc.weight"), model.c_fc.weight)
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)   # the rewrite is exact in float

@@ -178,7 +178,8 @@ def test_conv1d_layers_are_scaled_exactly_and_like_their_linear_twins(method, fr
     ref = fxcompress.compile(twin, [config], (x,), calibration_data=[x, x * 0.5], frontend="fx")
     stats, expected = fxcompress.history(gm)[-1].stats, fxcompress.history(ref)[-1].stats
     # same producers, alphas, errors and scale ranges (an exported norm is named by its weight)
-    named = {layer: {**r, "producer": r.get("producer", "").removesuffix(".weight")} for layer, r in stats["layers"].items()}
+    named = {layer: {**r, "producer": r.get("producer", "").removesuffix(".weight")}
+             for layer, r in stats["layers"].items()}
     assert named == {layer: {**r, "producer": r.get("producer", "")} for layer, r in expected["layers"].items()}
     assert stats["layers_scaled"] == (2 if method == "awq" else 1)   # SmoothQuant folds only into norms
     with torch.no_grad():
