@@ -14,9 +14,10 @@ o_proj, up -> silu(gate) * up -> down_proj). Then x = x' * s per input channel, 
 
 compute exactly the same function in float. A linear layer is nn.Linear or Hugging Face's Conv1D
 (addmm with an [in, out] weight): its weight is read as [out, in] rows, so the scales, the fold and the
-AWQ grids (one per output channel, dim 1 of the stored weight) are the same as for its nn.Linear twin. What changes is what quantization sees: AWQ scales
-salient input channels (large |x|) up in the weights so their rounding error shrinks, SmoothQuant
-moves activation outliers into the weights so both can be 8-bit.
+AWQ grids (one per output channel, dim 1 of the stored weight) are the same as for its nn.Linear twin.
+What changes is what quantization sees: AWQ scales salient input channels (large |x|) up in the
+weights so their rounding error shrinks, SmoothQuant moves activation outliers into the weights so
+both can be 8-bit.
 
 * awq: s = mean|x|^alpha (normalized around 1, as the paper and llm-compressor take it: the root
   mean square weighs the rare large values more and chose worse scales on a trained model's MLP,
