@@ -218,6 +218,17 @@ def check_accumulator(name: str, codes: torch.Tensor, in_grid: Grid, bias: torch
                                 f"(>= 2^{ACCUMULATOR_BITS}); use fewer weight or activation bits")
 
 
+def _check_unscaled(layer: Layer, node: Node) -> None:
+    """addmm(bias, x, W, beta=, alpha=) scales its bias and product: the integer layer computes x W + bias."""
+    if layer.kind != "addmm":
+        return
+    scaled = {k: node.kwargs[k] for k in ("beta", "alpha") if node.kwargs.get(k, 1) != 1}
+    if scaled or len(node.args) > 3:   # beta and alpha are keyword-only: extra positions name them too
+        raise PreconditionError(f"LowerToInteger: layer '{layer.name}' at {node.format_node()} scales its bias or "
+                                f"product ({scaled or node.args[3:]}); the integer linear layer computes "
+                                "x @ weight + bias only")
+
+
 def quantized_layers(gm: GraphModule) -> list[Quantized]:
     """Every layer to lower; a layer quantized only in part (or by k-means) is refused by name."""
     found = []
@@ -244,6 +255,7 @@ def quantized_layers(gm: GraphModule) -> list[Quantized]:
         if not isinstance(module, GridWeight) or layer.kind not in INTEGER_KINDS:
             raise PreconditionError(f"LowerToInteger: layer '{layer.name}' ({layer.kind}) at "
                                     f"{node.format_node()} has no linear / fixed-point weight fake-quant")
+        _check_unscaled(layer, node)
         weight_input = quant_node.args[0]
         grid = per_channel_grid(module, constant_value(gm, weight_input))
         if isinstance(grid, str):  # one scale per group of inputs: no integer accumulator spans them

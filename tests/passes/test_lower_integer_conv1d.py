@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.errors import PreconditionError
 from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.kernels import native
 from fxcompress.kernels.native import NativeLayer
@@ -51,3 +52,17 @@ def test_an_addmm_layer_lowers_as_an_integer_linear_layer(backend, frontend):
         step = expected.abs().max().item() / 127
         assert (expected - got).abs().max().item() < 4 * step   # bias and requantization rounding only
         assert torch.equal(from_bytes(to_bytes(gm))(x), got)
+
+
+class ScaledAddmm(AddmmChain):
+    def forward(self, x):
+        return self.fc2(torch.addmm(self.bias, torch.relu(self.fc1(x)), self.weight, beta=0.5, alpha=2.0))
+
+
+def test_an_addmm_that_scales_its_bias_or_product_is_refused_by_name():
+    torch.manual_seed(0)
+    model, x = ScaledAddmm().eval(), torch.randn(16, 16)
+    fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True,
+                                                    activations=ActivationConfig())], (x,), calibration_data=[x])
+    with pytest.raises(PreconditionError, match=r"layer 'weight'.*\{'beta': 0.5, 'alpha': 2.0\}"):
+        fxcompress.compile(fq, [LowerToInteger(backend="reference")], (x,))
