@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..encoded.memory import release_freed_memory
 from ..errors import PreconditionError
 
 _BINS = 1 << 16
@@ -85,6 +86,8 @@ class LowestN:
                 keys >>= 16
                 keys += _HALF
                 high += torch.bincount(keys, minlength=_BINS)
+            scores = keys = None  # the layer's scores and keys go before the trim, not when the next layer's arrive
+            release_freed_memory()  # glibc keeps a layer's freed scores and keys resident; hand them back
         total = int(high.sum())
         if n > total:
             raise PreconditionError(f"cannot prune {n} of {total} groups")
@@ -93,6 +96,8 @@ class LowestN:
         for name, scores in batches():
             for keys in _keys(name, scores):
                 low += torch.bincount(keys[(keys >> 16) == top - _HALF] & _LOW, minlength=_BINS)
+            scores = keys = None
+            release_freed_memory()
         bottom, below = _first_reaching(low, below_top, n)
         return cls(((top - _HALF) << 16) | bottom, n - below)
 
