@@ -13,16 +13,17 @@ kernel (`NativeLayer(kernel="float")`: the weight dequantized from its codes, th
 the same codes read and written), chosen per layer by measurement; between two float layers the
 codes stay in float32 (`float_codes`), so a run of float layers costs about what the float model does.
 
-The kernels scale the int32 accumulator in float32 and round half to even where the reference
-backend (`quant.integer`) uses a 31-bit fixed-point multiplier rounding half up, so the two agree
-to one code per requantization, not bit for bit.
+A linear layer has a third kernel, our C `c_int8` (`q8`): the reference backend's arithmetic bit
+for bit, in one call. oneDNN's kernels scale the int32 accumulator in float32 and round half to
+even where the reference backend (`quant.integer`) uses a 31-bit fixed-point multiplier rounding
+half up, so the two agree to one code per requantization, not bit for bit.
 
 Exactness condition: x86 CPUs without VNNI multiply uint8 by int8 with `vpmaddubsw`, which adds
-the products of two neighbouring inputs in int16 and saturates at 32767. A layer is exact there
-only if any two of its weight codes times the largest input code stay below that bound
-(`saturation_free`); 7-bit activations (what torch.ao's x86 `reduce_range` does) or 7-bit weights
-always fit. LowerToInteger checks this per layer and refuses (or keeps the reference backend)
-rather than run a layer that could saturate.
+the products of two neighbouring inputs in int16 and saturates at 32767. oneDNN's int8 kernel is
+exact there only if any two of a layer's weight codes times the largest input code stay below that
+bound (`saturation_free`); 7-bit activations (what torch.ao's x86 `reduce_range` does) or 7-bit
+weights always fit. Where they do not, the layer runs the float kernel or `c_int8` (which widens to
+int16 pairs that cannot saturate) instead; only `kernels=("int8",)` refuses it.
 """
 from __future__ import annotations
 
