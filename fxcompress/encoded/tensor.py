@@ -360,18 +360,25 @@ def _layout_views(flat: np.ndarray, layouts: tuple[str, ...], codings: tuple[str
             yield "relative", index_bits, None, \
                 Request(pos.gaps_from_positions(where, index_bits, flat.size), 1 << index_bits, codings), where
         else:
-            for m in patterns.BLOCKS:
-                n = patterns.block_nonzeros(flat, m)
-                if n is not None and n <= m // 2:  # an all-zero tensor stores one zero per block
-                    symbols, where = patterns.encode_pattern(flat, n := max(n, 1), m)
-                    yield "pattern", 0, (n, m), Request(symbols, patterns.alphabet(n, m), codings), where
+            for n, m in _pattern_blocks(flat):
+                symbols, where = patterns.encode_pattern(flat, n, m)
+                yield "pattern", 0, (n, m), Request(symbols, patterns.alphabet(n, m), codings), where
+
+
+def _pattern_blocks(flat: np.ndarray) -> list[tuple[int, int]]:
+    """The (n, m) the pattern layout can code `flat` with: blocks of m in `patterns.BLOCKS` whose fullest
+    holds n <= m / 2 nonzeros (an all-zero tensor stores one zero per block: n is at least 1)."""
+    found = []
+    for m in patterns.BLOCKS:
+        n = patterns.block_nonzeros(flat, m)
+        if n is not None and n <= m // 2:
+            found.append((max(n, 1), m))
+    return found
 
 
 def pattern_applies(weight: torch.Tensor) -> bool:
     """Whether the pattern layout can code this tensor: blocks of 4 or 8 elements, each at most half nonzero."""
-    flat = weight.detach().reshape(-1).cpu().numpy()
-    return any(patterns.block_nonzeros(flat, m) is not None and patterns.block_nonzeros(flat, m) <= m // 2
-               for m in patterns.BLOCKS)
+    return bool(_pattern_blocks(weight.detach().reshape(-1).cpu().numpy()))
 
 
 def _smallest(candidates: list, plans: dict) -> EncodedTensor:
