@@ -208,13 +208,20 @@ def _plain_name(name: str) -> str:
     return re.sub("_{2,}", "_", name)
 
 
+def _innermost_module(node: Node) -> tuple[str, str]:
+    """(module path, qualified class name) of the innermost module export recorded the node in; ("", "") if none."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    return path, f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind or "")
+
+
 def _node_name(node: Node, op: str, prefix: str) -> str:
     """The name fx tracing gives the node: a torch.nn module's own call is named by its module path
     (`encoder_layer_0_output_LayerNorm`, not `layer_norm_7`), so reasons and messages that name a node
     name the user's module; any other node keeps export's name."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path, kind = list(stack.values())[-1] if stack and op == "call_function" else ("", None)
-    kind = f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind or "")
+    path, kind = _innermost_module(node) if op == "call_function" else ("", "")
     if path and not prefix and kind.startswith("torch.nn.modules."):
         return _plain_name(path.replace(".", "_"))  # a second node of the module gets fx's numbered suffix
     return _plain_name(node.name)
@@ -388,10 +395,7 @@ _BATCH_NORMS: dict[str, type[nn.Module]] = {f"torch.nn.modules.batchnorm.{m.__na
 
 
 def _norm_module_type(node: Node) -> type[nn.Module] | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    kind = list(stack.values())[-1][1] if stack else None
-    name = f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind)
-    return _BATCH_NORMS.get(name)
+    return _BATCH_NORMS.get(_innermost_module(node)[1])
 
 
 def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module] | None:
