@@ -117,7 +117,8 @@ class InsertFakeQuant(Pass):
     int_bits     fixed_point only: bits left of the binary point, sign included; None: the most
                  fraction bits for which no weight saturates
     group_size   linear only, linear layers only: one grid per group of this many consecutive input
-                 channels within each output channel (GPTQ / AWQ's group layout; implies per channel)
+                 channels within each output channel (GPTQ / AWQ's group layout; implies per channel);
+                 on an embedding table, groups of each token's row (the rows a tied LM head computes)
     rounding     "nearest", or "gptq": error-feedback rounding through the inverse Hessian of each
                  layer's inputs on compile's calibration_data, block by block (linear layers)
     act_order    gptq only: round the input channels of largest Hessian diagonal first
@@ -258,6 +259,8 @@ class InsertFakeQuant(Pass):
                   else gm.get_submodule(node.target).weight.detach())
         check_finite(weight, f"InsertFakeQuant: layer {layer.name!r} ({layer.weight})")
         axis = KINDS[layer.kind].out_dim if self.per_channel or spec.group_size is not None else None
+        if spec.group_size is not None and KINDS[layer.kind].family == "embedding":
+            axis = 0  # groups run along each token's row: a tied LM head's output channels, one grid for both
         if spec.group_size is not None:
             _check_groups(layer, weight, axis, spec.group_size)
         if spec.method == "kmeans":
@@ -403,9 +406,10 @@ def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.
 
 def _check_groups(layer: Layer, weight: torch.Tensor, axis: int, group_size: int) -> None:
     """Groups are runs of input channels of a linear layer's weight, and must tile each output row."""
-    if KINDS[layer.kind].family != "linear":
+    if KINDS[layer.kind].family not in ("linear", "embedding"):
         raise ConfigError(f"InsertFakeQuant.group_size={group_size}: layer {layer.name!r} is a {layer.kind} layer; "
-                          f"groups of input channels are for linear layers (select them with types=('linear',))")
+                          f"groups of input channels are for linear layers and embedding tables (select them "
+                          f"with types=('linear', 'embedding'))")
     check_groups(weight, axis, group_size, f"InsertFakeQuant.group_size: layer {layer.name!r} ({layer.weight})")
 
 
