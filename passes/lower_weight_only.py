@@ -14,6 +14,12 @@ held) against every allowed kernel that fits, with the float layer it replaced t
 reference ("fp32"), interleaved medians; a kernel replaces the float kernel only when it is `margin`
 times faster. Our C kernel ("c_gemv") serves decoding, a few rows per call. Statistics per layer: the
 kernel, the milliseconds of every candidate, the speed-up over the float layer, the bytes held.
+
+A linear layer whose weight is tied to token embeddings (GPT-2's LM head reading `wte`; quantize the
+table with `InsertFakeQuant(..., group_size=N)` selecting the embedding, which groups each token's row,
+the head's output channel) lowers too: the head becomes a `WeightOnlyLinear` on its measured kernel and
+each embedding a `WeightOnlyEmbedding` gathering the rows it reads from the head's codes, scales and
+zero-points (one packed copy; its statistics name the embeddings under `tied_embeddings`).
 Fields and their checks are `kernels.lowering.MeasuredLowering`'s.
 """
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, ClassVar
 from torch.fx import GraphModule, Node
 
 from fxcompress.kernels.lowering import MeasuredLowering, fake_quant_module, layer_bias, measured_constraints
-from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyLinear, fit_grid
+from fxcompress.kernels.weight_only import QUANTIZED_KERNELS, WeightOnlyEmbedding, WeightOnlyLinear, fit_grid
 from fxcompress.layers import KINDS, Layer, constant_value
 from fxcompress.quant import KMeansWeight
 from fxcompress.quant.quantizers import GroupedCodes, as_rows
@@ -41,6 +47,7 @@ class LowerWeightOnly(MeasuredLowering):
 
     constraints: ClassVar[dict] = measured_constraints(QUANTIZED_KERNELS)
     suffix: ClassVar[str] = "weight_only"
+    tied_module: ClassVar = WeightOnlyEmbedding.tied_to
     hint: ClassVar[str] = "; put InsertFakeQuant(method='linear', ...) on them first"
 
     def read(self, gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | str:
@@ -69,6 +76,9 @@ def weight_codes(gm: GraphModule, layer: Layer, node: Node) -> GroupedCodes | st
         return fitted if not isinstance(fitted, str) else f"k-means codebook is not a uniform grid: {fitted}"
     if module.method != "linear" or module.bits > 8:
         return f"{module.method} grid of {module.bits} bits: weight-only kernels take linear grids of at most 8 bits"
+    if module.axis not in (None, out_dim):  # a tied embedding's per-channel grid: one per table column
+        return (f"its grid runs along weight dim {module.axis}, not along its output channels (dim {out_dim}); "
+                f"a tied embedding's table takes group_size (grids along its rows)")
     grouped = module.grouped(weight)
     if module.axis is None:  # one grid for the tensor: the same scale on every output row
         codes = as_rows(grouped.codes.reshape(weight.shape), out_dim)

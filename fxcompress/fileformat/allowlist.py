@@ -24,7 +24,7 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
 from fxcompress.kernels.dynamic import DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
-from fxcompress.kernels.weight_only import WeightOnlyLinear
+from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
@@ -188,6 +188,7 @@ _OWN_MODULES: dict[str, type] = {
     "fxcompress.quant.native.NativeCat": NativeCat,
     "fxcompress.kernels.sparse.SparseLayer": SparseLayer,
     "fxcompress.kernels.weight_only.WeightOnlyLinear": WeightOnlyLinear,
+    "fxcompress.kernels.weight_only.WeightOnlyEmbedding": WeightOnlyEmbedding,
     "fxcompress.kernels.dynamic.DynamicInt8Linear": DynamicInt8Linear,
 }
 

@@ -6,11 +6,13 @@ weight chain erased. LowerToSparse, LowerWeightOnly and LowerDynamicInt8 share t
 `MeasuredLowering` is the one configuration (fields and their constraints, `MEASURED_FIELDS`) and the
 one `run` of the passes that replace linear layers by a `timing.MeasuredLayer`: a subclass says which
 kernels it allows, how it reads a layer (`read`), what module it builds (`build`) and what statistics
-it adds (`layer_stats`).
+it adds (`layer_stats`). A subclass that defines `build_tied` also lowers a linear layer whose weight
+is tied to token embeddings (GPT-2's LM head and `wte`): the head runs on its measured kernel and each
+embedding becomes `build_tied(head)`, a lookup reading the head's own tensors (one copy of the weight).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,9 +22,10 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from ..config import Boolean, Interval, Options, Regex, TupleOf, validate
 from ..encoded.rewire import erase_unused
-from ..errors import PreconditionError
+from ..errors import ConfigError, PreconditionError
 from ..execution import evaluating
-from ..layers import Layer, bias_arg, constant_value, input_arg, layer_node, select_layers, tied_readers, weight_arg
+from ..layers import (KINDS, Layer, bias_arg, constant_value, find_layers, input_arg, kind_of_node, layer_node,
+                      name_matches, select_layers, tied_readers, weight_arg)
 from ..pass_base import Pass, PassContext, PassResult
 from ..quant import GridWeight, KMeansWeight
 from .timing import MeasuredLayer
@@ -76,9 +79,14 @@ class MeasuredLowering(Pass):
     def layer_stats(self, module: MeasuredLayer, found: Any) -> dict[str, Any]:
         return {}
 
+    # builds the module a token embedding tied to a lowered layer becomes, from that layer's module (a
+    # lookup reading its tensors); None (the default): the pass leaves layers with tied weights alone
+    tied_module: ClassVar[Callable[[MeasuredLayer], nn.Module] | None] = None
+
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         name = type(self).__name__
-        planned, skipped = plan_layers(gm, select_layers(gm, name, LINEAR_KINDS, self.select), self.read)
+        ties = self.tied_module is not None
+        planned, skipped = plan_layers(gm, measured_layers(gm, name, self.select, ties), self.read, ties)
         if not planned:
             raise PreconditionError(f"{name}: no layer to lower: {skipped or 'no linear layer'}{self.hint}")
         inputs = layer_inputs(gm, [layer_node(gm, layer) for layer, _ in planned], ctx.example_inputs)
@@ -87,10 +95,15 @@ class MeasuredLowering(Pass):
             node = layer_node(gm, layer)
             module = self.build(gm, node, found)
             module.choose(inputs[node], self.kernels, repeats=self.repeats, margin=self.margin, cold=self.cold)
+            readers = tied_readers(gm, node)  # token embeddings only: plan_layers refused any other tie
             path = install(gm, layer, node, module, self.suffix)
+            tied = [install(gm, Layer(reader.name, "embedding", reader.name, layer.weight, None), reader,
+                            self.tied_module(module), f"{self.suffix}_embedding") for reader in readers]
             stats[layer.name] = {"module": path, **module.choice_stats(self.kernels),
                                  "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
-                                 **self.layer_stats(module, found)}
+                                 **self.layer_stats(module, found),
+                                 **({"tied_embeddings": tied, "shared_weight": f"{path} (one packed copy, its "
+                                     f"rows read by {', '.join(tied)})"} if tied else {})}
         kernels = ("float", *self.kernels)
         return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
                           stats={"layers": stats, "skipped": skipped,
@@ -120,17 +133,57 @@ def layer_inputs(gm: GraphModule, nodes: list[Node], example_inputs: tuple) -> d
     return recorder.seen
 
 
-def plan_layers(gm: GraphModule, layers: list[Layer], read) -> tuple[list[tuple[Layer, Any]], dict[str, str]]:
-    """(layer, what `read` made of it) for the layers `read` accepts; the others with the reason it gave."""
+def measured_layers(gm: GraphModule, owner: str, select: str | None, ties: bool) -> list[Layer]:
+    """The linear layers a measured lowering considers, in graph order: `select_layers`' and, with `ties`,
+    the linear layers whose weight an earlier layer owns (an LM head tied to its token embedding), which
+    `select_layers` leaves to that first layer."""
+    every = find_layers(gm)
+    heads = [layer for layer in every if ties and layer.tied_to is not None and layer.kind in LINEAR_KINDS
+             and (select is None or name_matches(gm, layer.name, (select,)))]
+    try:
+        layers = select_layers(gm, owner, LINEAR_KINDS, select)
+    except ConfigError:
+        if not heads:
+            raise
+        layers = []  # `select` names only tied heads
+    chosen = {layer.node for layer in (*layers, *heads)}
+    return [layer for layer in every if layer.node in chosen]
+
+
+def plan_layers(gm: GraphModule, layers: list[Layer], read, ties: bool = False
+                ) -> tuple[list[tuple[Layer, Any]], dict[str, str]]:
+    """(layer, what `read` made of it) for the layers `read` accepts; the others with the reason it gave.
+    A layer with a tied weight is refused, unless `ties` and its other readers are token embeddings it
+    can serve (`tie_refusal`)."""
     planned, skipped = [], {}
     for layer in layers:
         node = layer_node(gm, layer)
-        found = "its weight is tied to another layer's" if tied_readers(gm, node) else read(gm, layer, node)
+        readers = tied_readers(gm, node)
+        refusal = (None if not readers else tie_refusal(gm, layer, node, readers) if ties
+                   else "its weight is tied to another layer's")
+        found = refusal if refusal is not None else read(gm, layer, node)
         if isinstance(found, str):
             skipped[layer.name] = found
         else:
             planned.append((layer, found))
     return planned, skipped
+
+
+def tie_refusal(gm: GraphModule, layer: Layer, node: Node, readers: list[Node]) -> str | None:
+    """Why the tied layer `node` cannot be lowered with its other readers as lookups into its lowered
+    weight: each must be a token embedding reading the very weight value the layer reads (the same chain
+    of masks and fake-quant), and the layer's weight rows must be its output channels (the table's rows)."""
+    if KINDS[layer.kind].out_dim != 0:
+        return "its weight is tied to another layer's and stored [in, out]: its rows are not a table's rows"
+    for reader in readers:
+        kind = kind_of_node(gm, reader)
+        if kind.family != "embedding":
+            return f"its weight is tied to another layer's ({reader.name}, {kind.name}), not only to token embeddings"
+        if reader.op != "call_function" or weight_arg(reader) is not weight_arg(node):
+            return f"its tied embedding {reader.name} does not read the layer's weight chain"
+        if (reader.args[3] if len(reader.args) > 3 else reader.kwargs.get("max_norm")) is not None:
+            return f"its tied embedding {reader.name} has max_norm (it rewrites the table's rows)"
+    return None
 
 
 def fake_quant_module(gm: GraphModule, node: Node) -> tuple[torch.nn.Module, Node] | str:

@@ -131,10 +131,8 @@ class WeightOnlyLinear(MeasuredLayer):
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         """The float weight of output channels start..stop, bit-identical to the fake-quant weight."""
-        rows = stop - start
-        u = self.unsigned_codes(start, stop).float().reshape(rows, -1, self.group_size)
-        weight = (u - self.zero[start:stop].float().unsqueeze(2)) * self.scale[start:stop].unsqueeze(2)
-        return weight.reshape(rows, self.in_features)
+        return dequantize(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop], self.bits,
+                          self.group_size, self.packing)
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
@@ -160,6 +158,115 @@ class WeightOnlyLinear(MeasuredLayer):
         self._run = None
 
 
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+               packing: str) -> torch.Tensor:
+    """Float rows (u - z) * s from packed code rows and their groups' scales and zero-points: the fake-quant
+    grid's (q - zero_point) * scale, bit for bit (u - z is a small integer, exact in float32)."""
+    u = PACKINGS[packing][1](codes) if bits == 4 else codes
+    rows = u.shape[0]
+    weight = (u.float().reshape(rows, -1, group_size) - zero.float().unsqueeze(2)) * scale.unsqueeze(2)
+    return weight.reshape(rows, -1)
+
+
+TIED = ("codes", "scale", "zero")  # the tensors a WeightOnlyEmbedding shares with its head
+
+
+class WeightOnlyEmbedding(nn.Module):
+    """A token embedding whose table is the weight of a tied LM head lowered to a WeightOnlyLinear.
+
+    It holds no tensor of its own: `codes`, `scale` and `zero` are the very tensors of the head (`tie`),
+    so the running model and the file (which stores a shared tensor once, its second name pointing at
+    the first) keep one packed copy. A lookup gathers the code rows of its token ids and dequantizes
+    only those rows, as `WeightOnlyLinear.dequantize_rows` does: the fake-quant table's rows exactly.
+    The head is found again on load (`check_loaded`: the WeightOnlyLinear holding these tensors).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 packing: str = "blocks") -> None:
+        super().__init__()
+        _check_config(embedding_dim, num_embeddings, bits, group_size, "float", packing, "WeightOnlyEmbedding")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size, self.packing = bits, group_size, packing
+        self._where = "WeightOnlyEmbedding"
+        object.__setattr__(self, "_head", None)  # not a child: the head sits at its own path in the model
+        groups = (num_embeddings, embedding_dim // group_size)
+        self.register_buffer("codes", torch.zeros(num_embeddings, embedding_dim * bits // 8, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(groups))
+        self.register_buffer("zero", torch.zeros(groups, dtype=torch.uint8))
+
+    @classmethod
+    def tied_to(cls, head: WeightOnlyLinear) -> "WeightOnlyEmbedding":
+        """The embedding reading `head`'s packed weight as its table (rows = the head's output channels)."""
+        module = cls(head.out_features, head.in_features, head.bits, head.group_size, head.packing)
+        module.tie(head)
+        return module
+
+    def tie(self, head: WeightOnlyLinear) -> None:
+        """Share `head`'s codes, scales and zero-points (this module's own placeholders are dropped)."""
+        for name in TIED:
+            self._buffers[name] = head._buffers[name]
+        object.__setattr__(self, "_head", head)
+
+    @property
+    def head(self) -> WeightOnlyLinear | None:
+        return self._head
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        rows = dequantize(self.codes.index_select(0, flat), self.scale.index_select(0, flat),
+                          self.zero.index_select(0, flat), self.bits, self.group_size, self.packing)
+        return rows.reshape(*indices.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        """Moving or converting the model converts the shared tensors once: whichever of the head and this
+        module comes first converts them, the other takes the result (conversions return a tensor already
+        converted unchanged, so the head converting ours again keeps the tie)."""
+        head = self._head
+        before = None if head is None else tuple(head._buffers[name] for name in TIED)
+        result = super()._apply(fn, recurse)
+        if head is not None:
+            if any(head._buffers[name] is not old for name, old in zip(TIED, before)):
+                self.tie(head)  # the head was converted first: take its tensors
+            else:
+                for name in TIED:  # converted here first: the head takes ours
+                    head._buffers[name] = self._buffers[name]
+                head._run = None
+        return result
+
+    def held_bytes(self) -> int:
+        """Bytes held beyond the head's: none."""
+        return 0
+
+    def config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
+                "group_size": self.group_size, "packing": self.packing}
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
+                f"rows of the tied head's packed weight")
+
+    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
+        """FormatError naming `path` unless its tensors have the table's shapes and are the very tensors of
+        one WeightOnlyLinear of `root` of the same shape (the file kept the tie)."""
+        self._where = f"WeightOnlyEmbedding {path}"
+        groups = (self.num_embeddings, self.embedding_dim // self.group_size)
+        for name, dtype, shape in (("codes", torch.uint8, (self.num_embeddings, self.embedding_dim * self.bits // 8)),
+                                   ("scale", torch.float32, groups), ("zero", torch.uint8, groups)):
+            expect_tensor(self, name, dtype, shape)
+        heads = [m for m in (root.modules() if root is not None else ())
+                 if isinstance(m, WeightOnlyLinear) and all(m._buffers.get(n) is self._buffers[n] for n in TIED)]
+        if not heads:
+            raise FormatError(f"{self._where}: its codes, scales and zero-points are not those of one "
+                              f"WeightOnlyLinear of the model (a tied embedding reads its head's packed weight)")
+        head = heads[0]
+        if (head.out_features, head.in_features, head.bits, head.group_size, head.packing) != (
+                self.num_embeddings, self.embedding_dim, self.bits, self.group_size, self.packing):
+            raise FormatError(f"{self._where}: its configuration does not match its head's "
+                              f"({head.out_features} x {head.in_features}, bits={head.bits}, "
+                              f"group_size={head.group_size}, packing={head.packing!r})")
+        object.__setattr__(self, "_head", head)
+
+
 def expect_tensor(module: nn.Module, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """FormatError (naming the module's `_where` and the tensor) unless it is a contiguous `dtype` `shape`."""
     tensor = module._buffers.get(name)
@@ -170,13 +277,13 @@ def expect_tensor(module: nn.Module, name: str, dtype: torch.dtype, shape: tuple
 
 
 def _check_config(in_features: int, out_features: int, bits: int, group_size: int, kernel: str,
-                  packing: str) -> None:
+                  packing: str, owner: str = "WeightOnlyLinear") -> None:
     """A configuration read from a file is checked before anything is built from it."""
     sizes = (in_features, out_features, group_size)
     if (not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes) or bits not in (4, 8)
             or in_features % group_size or (bits == 4 and in_features % 2) or kernel not in KERNELS
             or packing not in PACKINGS or (packing == "blocks" and in_features % C_BLOCK)):
-        raise ConfigError(f"WeightOnlyLinear: needs positive in_features / out_features / group_size with "
+        raise ConfigError(f"{owner}: needs positive in_features / out_features / group_size with "
                           f"group_size dividing in_features (even for bits=4), bits 4 or 8, kernel one of "
                           f"{sorted(KERNELS)}, packing one of {sorted(PACKINGS)} ('blocks' needs in_features a "
                           f"multiple of {C_BLOCK}); got in_features={in_features!r}, out_features={out_features!r}, "
