@@ -13,7 +13,9 @@ Activation rounding changes the outputs (that is the method), so the kernel is c
 on the layer's real input against the float kernel with the same int8 weights (dequantized on the
 fly), which stays where int8 loses, with the float layer it replaced timed beside them as the reference;
 statistics per layer: the kernel, the milliseconds of every candidate, the activation grid. Fields
-and their checks are `kernels.lowering.MeasuredLowering`'s.
+and their checks are `kernels.lowering.MeasuredLowering`'s. A linear layer tied to token embeddings
+(GPT-2's LM head and `wte`) lowers too, each embedding becoming a `DynamicInt8Embedding` that gathers
+the rows it reads from the head's int8 codes (one copy): the table is then on the head's int8 grid.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.kernels.dynamic import ACTIVATION_GRIDS, QUANTIZED_KERNELS, DynamicInt8Linear
+from fxcompress.kernels.dynamic import ACTIVATION_GRIDS, QUANTIZED_KERNELS, DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.kernels.lowering import MeasuredLowering, fake_quant_module, layer_bias, measured_constraints
 from fxcompress.layers import KINDS, Layer, constant_value, weight_arg
 from fxcompress.quant import GridWeight
@@ -43,6 +45,7 @@ class LowerDynamicInt8(MeasuredLowering):
 
     constraints: ClassVar[dict] = measured_constraints(QUANTIZED_KERNELS)
     suffix: ClassVar[str] = "dynamic_int8"
+    tied_module: ClassVar = DynamicInt8Embedding.tied_to
 
     def read(self, gm: GraphModule, layer: Layer, node: Node) -> Int8Weight | str:
         return int8_weight(gm, layer, node)
@@ -70,10 +73,12 @@ def int8_weight(gm: GraphModule, layer: Layer, node: Node) -> Int8Weight | str:
         module, origin = GridWeight(8, "linear", symmetric=True, axis=out_dim), "symmetric 8-bit per channel (here)"
     else:
         module, quant = found
-        if not (isinstance(module, GridWeight) and module.method == "linear" and module.symmetric and module.bits <= 8
-                and getattr(module, "group_size", None) is None):
-            return "its fake-quant grid is not a symmetric linear grid of at most 8 bits per channel or tensor"
         weight, origin = constant_value(gm, quant.args[0]), "fake-quant grid"
+        row = weight.shape[1 - out_dim]  # one group per output channel is a per-channel grid
+        if not (isinstance(module, GridWeight) and module.method == "linear" and module.symmetric and module.bits <= 8
+                and getattr(module, "group_size", None) in (None, row) and module.axis in (None, out_dim)):
+            return ("its fake-quant grid is not a symmetric linear grid of at most 8 bits per output channel or "
+                    "tensor (a tied table's per-row grid is group_size = its dim)")
     grouped = module.grouped(weight)
     rows = weight.shape[out_dim]
     codes = as_rows(grouped.codes.reshape(weight.shape), out_dim) if module.axis is None else grouped.codes

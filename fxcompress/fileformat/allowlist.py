@@ -22,7 +22,7 @@ from torch import nn
 
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
-from fxcompress.kernels.dynamic import DynamicInt8Linear
+from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
@@ -190,6 +190,7 @@ _OWN_MODULES: dict[str, type] = {
     "fxcompress.kernels.weight_only.WeightOnlyLinear": WeightOnlyLinear,
     "fxcompress.kernels.weight_only.WeightOnlyEmbedding": WeightOnlyEmbedding,
     "fxcompress.kernels.dynamic.DynamicInt8Linear": DynamicInt8Linear,
+    "fxcompress.kernels.dynamic.DynamicInt8Embedding": DynamicInt8Embedding,
 }
 
 

@@ -13,20 +13,21 @@ channel, and the float bias. Each call quantizes its input on the fly and multip
   kept where int8 loses; holds no float weight between calls).
 
 The packed fbgemm weight and the transposed int8 matrix are built on first use, never stored. The
-choice, its times and `remeasure` are `timing.MeasuredLayer`'s.
+choice, its times and `remeasure` are `timing.MeasuredLayer`'s. A token embedding tied to the layer
+(GPT-2's `wte` and LM head) becomes a `DynamicInt8Embedding` gathering rows of the same int8 codes.
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, FormatError
 from .timing import FLOAT, Kernel, KernelChoice, MeasuredLayer, Rows
-from .weight_only import expect_tensor
+from .weight_only import TiedEmbedding, expect_tensor
 
 
 class DynamicInt8Linear(MeasuredLayer):
@@ -78,6 +79,50 @@ class DynamicInt8Linear(MeasuredLayer):
         if not bool(torch.isfinite(self.weight_scale).all()) or not bool((self.weight_scale > 0).all()):
             raise FormatError(f"{self._where}: weight scales must be finite and positive")
         self._run = None
+
+
+class DynamicInt8Embedding(TiedEmbedding):
+    """A token embedding reading the int8 weight of its tied LM head, a DynamicInt8Linear: `weight` and
+    `weight_scale` are the head's (one per output channel: one per token row); a lookup dequantizes only
+    the rows it reads, as `DynamicInt8Linear.dequantize_rows` does."""
+
+    HEAD: ClassVar[type] = DynamicInt8Linear
+    TIED: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        sizes = (num_embeddings, embedding_dim)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            raise ConfigError(f"DynamicInt8Embedding: needs positive num_embeddings / embedding_dim; got "
+                              f"{num_embeddings!r}, {embedding_dim!r}")
+        self._init_tie(num_embeddings, embedding_dim)
+        for name, (dtype, shape) in self.expected().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+    @classmethod
+    def tied_to(cls, head: DynamicInt8Linear) -> "DynamicInt8Embedding":
+        module = cls(head.out_features, head.in_features)
+        module.tie(head)
+        return module
+
+    def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"weight": (torch.int8, (self.num_embeddings, self.embedding_dim)),
+                "weight_scale": (torch.float32, (self.num_embeddings,))}
+
+    def head_mismatch(self, head: DynamicInt8Linear) -> str | None:
+        ours, theirs = (self.num_embeddings, self.embedding_dim), (head.out_features, head.in_features)
+        return None if ours == theirs else f"(rows, dim) {ours} against {theirs}"
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        rows = self.weight.index_select(0, flat).float() * self.weight_scale.index_select(0, flat).unsqueeze(1)
+        return rows.reshape(*indices.shape, self.embedding_dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied head's int8 weight"
 
 
 def fbgemm_available() -> bool:

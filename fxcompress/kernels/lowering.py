@@ -24,8 +24,8 @@ from ..config import Boolean, Interval, Options, Regex, TupleOf, validate
 from ..encoded.rewire import erase_unused
 from ..errors import ConfigError, PreconditionError
 from ..execution import evaluating
-from ..layers import (KINDS, Layer, bias_arg, constant_value, find_layers, input_arg, kind_of_node, layer_node,
-                      name_matches, select_layers, tied_readers, weight_arg)
+from ..layers import (KINDS, Layer, bias_arg, constant_value, find_layers, functionalize, input_arg, kind_of_node,
+                      layer_node, name_matches, select_layers, tied_readers, weight_arg)
 from ..pass_base import Pass, PassContext, PassResult
 from ..quant import GridWeight, KMeansWeight
 from .timing import MeasuredLayer
@@ -95,14 +95,15 @@ class MeasuredLowering(Pass):
             node = layer_node(gm, layer)
             module = self.build(gm, node, found)
             module.choose(inputs[node], self.kernels, repeats=self.repeats, margin=self.margin, cold=self.cold)
-            readers = tied_readers(gm, node)  # token embeddings only: plan_layers refused any other tie
+            # token embeddings only (plan_layers refused any other tie), as calls reading the weight value
+            readers = [functionalize(gm, reader) for reader in tied_readers(gm, node)]
             path = install(gm, layer, node, module, self.suffix)
             tied = [install(gm, Layer(reader.name, "embedding", reader.name, layer.weight, None), reader,
                             self.tied_module(module), f"{self.suffix}_embedding") for reader in readers]
             stats[layer.name] = {"module": path, **module.choice_stats(self.kernels),
                                  "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
                                  **self.layer_stats(module, found),
-                                 **({"tied_embeddings": tied, "shared_weight": f"{path} (one packed copy, its "
+                                 **({"tied_embeddings": tied, "shared_weight": f"{path} (one copy of the weight, its "
                                      f"rows read by {', '.join(tied)})"} if tied else {})}
         kernels = ("float", *self.kernels)
         return PassResult(changed=True, params_touched=tuple(layer.weight for layer, _ in planned),
@@ -175,13 +176,18 @@ def tie_refusal(gm: GraphModule, layer: Layer, node: Node, readers: list[Node]) 
     of masks and fake-quant), and the layer's weight rows must be its output channels (the table's rows)."""
     if KINDS[layer.kind].out_dim != 0:
         return "its weight is tied to another layer's and stored [in, out]: its rows are not a table's rows"
+    weight = weight_arg(node)
     for reader in readers:
         kind = kind_of_node(gm, reader)
         if kind.family != "embedding":
             return f"its weight is tied to another layer's ({reader.name}, {kind.name}), not only to token embeddings"
-        if reader.op != "call_function" or weight_arg(reader) is not weight_arg(node):
-            return f"its tied embedding {reader.name} does not read the layer's weight chain"
-        if (reader.args[3] if len(reader.args) > 3 else reader.kwargs.get("max_norm")) is not None:
+        # the same value: the same chain of masks and fake-quant, or both the stored tensor itself
+        theirs = weight_arg(reader) if reader.op == "call_function" else None
+        if theirs is not weight and not (weight.op == "get_attr" and (theirs is None or theirs.op == "get_attr")):
+            return f"its tied embedding {reader.name} does not read the weight value the layer reads"
+        max_norm = (gm.get_submodule(reader.target).max_norm if reader.op == "call_module" else
+                    reader.args[3] if len(reader.args) > 3 else reader.kwargs.get("max_norm"))
+        if max_norm is not None:
             return f"its tied embedding {reader.name} has max_norm (it rewrites the table's rows)"
     return None
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -168,67 +168,53 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return weight.reshape(rows, -1)
 
 
-TIED = ("codes", "scale", "zero")  # the tensors a WeightOnlyEmbedding shares with its head
+class TiedEmbedding(nn.Module):
+    """Base of the token embeddings whose table is the weight of a tied LM head lowered to a MeasuredLayer.
 
-
-class WeightOnlyEmbedding(nn.Module):
-    """A token embedding whose table is the weight of a tied LM head lowered to a WeightOnlyLinear.
-
-    It holds no tensor of its own: `codes`, `scale` and `zero` are the very tensors of the head (`tie`),
+    It holds no tensor of its own: the tensors named in `TIED` are the very tensors of the head (`tie`),
     so the running model and the file (which stores a shared tensor once, its second name pointing at
-    the first) keep one packed copy. A lookup gathers the code rows of its token ids and dequantizes
-    only those rows, as `WeightOnlyLinear.dequantize_rows` does: the fake-quant table's rows exactly.
-    The head is found again on load (`check_loaded`: the WeightOnlyLinear holding these tensors).
+    the first) keep one copy. A subclass gathers the rows of its token ids and dequantizes only those,
+    as its head's `dequantize_rows` does; it names the shapes its tensors must have (`expected`) and
+    what must match between it and its head (`head_mismatch`). On load `check_loaded` finds the head
+    again (the module of type `HEAD` holding these very tensors) or refuses the file.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
-                 packing: str = "blocks") -> None:
-        super().__init__()
-        _check_config(embedding_dim, num_embeddings, bits, group_size, "float", packing, "WeightOnlyEmbedding")
+    HEAD: ClassVar[type] = nn.Module
+    TIED: ClassVar[tuple[str, ...]] = ()
+
+    def _init_tie(self, num_embeddings: int, embedding_dim: int) -> None:
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.bits, self.group_size, self.packing = bits, group_size, packing
-        self._where = "WeightOnlyEmbedding"
+        self._where = type(self).__name__
         object.__setattr__(self, "_head", None)  # not a child: the head sits at its own path in the model
-        groups = (num_embeddings, embedding_dim // group_size)
-        self.register_buffer("codes", torch.zeros(num_embeddings, embedding_dim * bits // 8, dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(groups))
-        self.register_buffer("zero", torch.zeros(groups, dtype=torch.uint8))
 
-    @classmethod
-    def tied_to(cls, head: WeightOnlyLinear) -> "WeightOnlyEmbedding":
-        """The embedding reading `head`'s packed weight as its table (rows = the head's output channels)."""
-        module = cls(head.out_features, head.in_features, head.bits, head.group_size, head.packing)
-        module.tie(head)
-        return module
+    def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:  # pragma: no cover - interface
+        raise NotImplementedError
 
-    def tie(self, head: WeightOnlyLinear) -> None:
-        """Share `head`'s codes, scales and zero-points (this module's own placeholders are dropped)."""
-        for name in TIED:
+    def head_mismatch(self, head: nn.Module) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def tie(self, head: nn.Module) -> None:
+        """Share `head`'s tensors (this module's own placeholders are dropped)."""
+        for name in self.TIED:
             self._buffers[name] = head._buffers[name]
         object.__setattr__(self, "_head", head)
 
     @property
-    def head(self) -> WeightOnlyLinear | None:
+    def head(self) -> nn.Module | None:
         return self._head
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        flat = indices.reshape(-1)
-        rows = dequantize(self.codes.index_select(0, flat), self.scale.index_select(0, flat),
-                          self.zero.index_select(0, flat), self.bits, self.group_size, self.packing)
-        return rows.reshape(*indices.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):
         """Moving or converting the model converts the shared tensors once: whichever of the head and this
-        module comes first converts them, the other takes the result (conversions return a tensor already
-        converted unchanged, so the head converting ours again keeps the tie)."""
+        module comes first converts them, the other takes the result (a conversion returns a tensor it
+        already converted unchanged, so the head converting ours again keeps the tie)."""
         head = self._head
-        before = None if head is None else tuple(head._buffers[name] for name in TIED)
+        before = None if head is None else tuple(head._buffers[name] for name in self.TIED)
         result = super()._apply(fn, recurse)
         if head is not None:
-            if any(head._buffers[name] is not old for name, old in zip(TIED, before)):
+            if any(head._buffers[name] is not old for name, old in zip(self.TIED, before)):
                 self.tie(head)  # the head was converted first: take its tensors
             else:
-                for name in TIED:  # converted here first: the head takes ours
+                for name in self.TIED:  # converted here first: the head takes ours
                     head._buffers[name] = self._buffers[name]
                 head._run = None
         return result
@@ -237,6 +223,63 @@ class WeightOnlyEmbedding(nn.Module):
         """Bytes held beyond the head's: none."""
         return 0
 
+    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
+        """FormatError naming `path` unless its tensors have the table's shapes and are the very tensors of
+        one `HEAD` module of `root` that matches it (the file kept the tie)."""
+        self._where = f"{type(self).__name__} {path}"
+        for name, (dtype, shape) in self.expected().items():
+            expect_tensor(self, name, dtype, shape)
+        heads = [m for m in (root.modules() if root is not None else ()) if isinstance(m, self.HEAD)
+                 and all(m._buffers.get(name) is self._buffers[name] for name in self.TIED)]
+        if not heads:
+            raise FormatError(f"{self._where}: its tensors {list(self.TIED)} are not those of one "
+                              f"{self.HEAD.__name__} of the model (a tied embedding reads its head's weight)")
+        mismatch = self.head_mismatch(heads[0])
+        if mismatch is not None:
+            raise FormatError(f"{self._where}: its configuration does not match its head's: {mismatch}")
+        object.__setattr__(self, "_head", heads[0])
+
+
+class WeightOnlyEmbedding(TiedEmbedding):
+    """A token embedding reading the packed weight of its tied LM head, a WeightOnlyLinear: `codes`,
+    `scale` and `zero` are the head's; a lookup dequantizes only the rows it reads, as
+    `WeightOnlyLinear.dequantize_rows` does, so it returns the fake-quant table's rows exactly."""
+
+    HEAD = WeightOnlyLinear
+    TIED = ("codes", "scale", "zero")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 packing: str = "blocks") -> None:
+        super().__init__()
+        _check_config(embedding_dim, num_embeddings, bits, group_size, "float", packing, "WeightOnlyEmbedding")
+        self._init_tie(num_embeddings, embedding_dim)
+        self.bits, self.group_size, self.packing = bits, group_size, packing
+        for name, (dtype, shape) in self.expected().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+    @classmethod
+    def tied_to(cls, head: WeightOnlyLinear) -> "WeightOnlyEmbedding":
+        """The embedding reading `head`'s packed weight as its table (rows = the head's output channels)."""
+        module = cls(head.out_features, head.in_features, head.bits, head.group_size, head.packing)
+        module.tie(head)
+        return module
+
+    def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        groups = (self.num_embeddings, self.embedding_dim // self.group_size)
+        return {"codes": (torch.uint8, (self.num_embeddings, self.embedding_dim * self.bits // 8)),
+                "scale": (torch.float32, groups), "zero": (torch.uint8, groups)}
+
+    def head_mismatch(self, head: WeightOnlyLinear) -> str | None:
+        ours = (self.num_embeddings, self.embedding_dim, self.bits, self.group_size, self.packing)
+        theirs = (head.out_features, head.in_features, head.bits, head.group_size, head.packing)
+        return None if ours == theirs else f"(rows, dim, bits, group_size, packing) {ours} against {theirs}"
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        rows = dequantize(self.codes.index_select(0, flat), self.scale.index_select(0, flat),
+                          self.zero.index_select(0, flat), self.bits, self.group_size, self.packing)
+        return rows.reshape(*indices.shape, self.embedding_dim)
+
     def config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
                 "group_size": self.group_size, "packing": self.packing}
@@ -244,27 +287,6 @@ class WeightOnlyEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
                 f"rows of the tied head's packed weight")
-
-    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
-        """FormatError naming `path` unless its tensors have the table's shapes and are the very tensors of
-        one WeightOnlyLinear of `root` of the same shape (the file kept the tie)."""
-        self._where = f"WeightOnlyEmbedding {path}"
-        groups = (self.num_embeddings, self.embedding_dim // self.group_size)
-        for name, dtype, shape in (("codes", torch.uint8, (self.num_embeddings, self.embedding_dim * self.bits // 8)),
-                                   ("scale", torch.float32, groups), ("zero", torch.uint8, groups)):
-            expect_tensor(self, name, dtype, shape)
-        heads = [m for m in (root.modules() if root is not None else ())
-                 if isinstance(m, WeightOnlyLinear) and all(m._buffers.get(n) is self._buffers[n] for n in TIED)]
-        if not heads:
-            raise FormatError(f"{self._where}: its codes, scales and zero-points are not those of one "
-                              f"WeightOnlyLinear of the model (a tied embedding reads its head's packed weight)")
-        head = heads[0]
-        if (head.out_features, head.in_features, head.bits, head.group_size, head.packing) != (
-                self.num_embeddings, self.embedding_dim, self.bits, self.group_size, self.packing):
-            raise FormatError(f"{self._where}: its configuration does not match its head's "
-                              f"({head.out_features} x {head.in_features}, bits={head.bits}, "
-                              f"group_size={head.group_size}, packing={head.packing!r})")
-        object.__setattr__(self, "_head", head)
 
 
 def expect_tensor(module: nn.Module, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
