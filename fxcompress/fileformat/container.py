@@ -4,17 +4,20 @@ Layout (all integers little-endian; docs/file-format.md has the full description
 
     offset  size  field
     0       8     magic b"\\x89FXC\\r\\n\\x1a\\n"
-    8       2     format version (1)
+    8       2     format version (2; version 1 files, which record no input shapes, still load)
     10      4     manifest length in bytes (M)
     14      4     CRC32 of the manifest
     18      4     CRC32 of bytes 0..17 (this header)
     22      M     manifest: zlib-compressed UTF-8 JSON (graph, modules, tensor table, history)
+                  and, from version 2, the example inputs' shapes and dtypes (`inputs`, null if unknown)
     22+M    ...   tensor segments, raw little-endian bytes, at the offsets the tensor table gives,
                   each with its own CRC32; the file ends exactly after the last segment
 
 `save` streams: the CRC32s are computed a tensor at a time to write the manifest, then each tensor's
 bytes are written after it (no whole-file buffer), into a temporary file renamed into place when
 complete. `load(path, mmap=True)` maps the file instead of reading it, after the same checks.
+Before returning, load runs the graph once on meta tensors of the recorded inputs (`dryrun.py`), so a
+graph that cannot run on them is a FormatError naming the node, not an error at the first forward.
 """
 from __future__ import annotations
 
@@ -39,10 +42,12 @@ from fxcompress.history import history, set_history
 from fxcompress.pass_base import PassRecord
 
 from .allowlist import DTYPES, MODULE_NAMES
+from .dryrun import dry_run, record_inputs
 from .graphdata import fail, graph_from_data, graph_to_data, modules_from_data, modules_to_data, split_slot
 
 MAGIC = b"\x89FXC\r\n\x1a\n"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # what this reader knows: version 1 files have no `inputs` and load without a dry run
 _HEADER = struct.Struct("<8sHII")  # magic, version, manifest length, manifest CRC32; then the header's CRC32
 HEADER_BYTES = _HEADER.size + 4
 # Bounds on the manifest, relative to its compressed size M. Real manifests (24-block models included)
@@ -60,6 +65,7 @@ _INFLATE_CHUNK = 1 << 16  # what one decompress call may add: a small file costs
 MAX_JSON_DEPTH = 64  # real manifests nest about 10 levels
 MAX_TENSOR_DIMS = 32
 _MANIFEST_KEYS = {"graph", "modules", "tensors", "history", "data_bytes"}
+_KEYS_BY_VERSION = {1: _MANIFEST_KEYS, 2: _MANIFEST_KEYS | {"inputs"}}
 _TENSOR_KEYS = {"name", "kind", "dtype", "shape", "offset", "length", "crc32", "requires_grad"}
 _HISTORY_TYPES = {"name": str, "config": dict, "changed": bool, "nodes_created": list, "nodes_erased": list,
                   "nodes_changed": list, "params_touched": list, "stats": dict, "seconds": (int, float)}
@@ -84,9 +90,22 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))  # flat bytes (a view: no copy)
 
 
-def _layout(gm: GraphModule, deterministic: bool) -> tuple[bytes, list[torch.Tensor]]:
+def _recorded_inputs(gm: GraphModule, example_inputs: object) -> list | None:
+    """What the file records of the inputs, checked by the dry run load will do: a file save writes loads."""
+    inputs = record_inputs(gm, example_inputs)
+    if inputs is not None:
+        try:
+            dry_run(gm, inputs)
+        except FormatError as exc:
+            raise FormatError(f"cannot save: the graph does not run on the input shapes it would record "
+                              f"(pass save(..., example_inputs=...) to record others): {exc}") from None
+    return inputs
+
+
+def _layout(gm: GraphModule, deterministic: bool, example_inputs: object = None) -> tuple[bytes, list[torch.Tensor]]:
     """(header and manifest bytes, the tensors whose bytes follow, in order). Each tensor's CRC32 is
     computed from its bytes one tensor at a time, so no more than one tensor's bytes are held."""
+    inputs = _recorded_inputs(gm, example_inputs)
     table, stored, offset, first_name = [], [], 0, {}
     for name, kind, tensor in _tensors(gm):
         if id(tensor) in first_name:  # stored once, the tie kept: loading gives both names one tensor
@@ -101,34 +120,41 @@ def _layout(gm: GraphModule, deterministic: bool) -> tuple[bytes, list[torch.Ten
         offset += len(data)
     records = [r.as_dict() | ({"seconds": 0.0} if deterministic else {}) for r in history(gm)]
     manifest = {"graph": graph_to_data(gm), "modules": modules_to_data(gm), "tensors": table,
-                "history": records, "data_bytes": offset}
+                "history": records, "data_bytes": offset, "inputs": inputs}
     packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     header = _HEADER.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed))
     return header + struct.pack("<I", zlib.crc32(header)) + packed, stored
 
 
-def _write(gm: GraphModule, out: BinaryIO, deterministic: bool) -> int:
+def _write(gm: GraphModule, out: BinaryIO, deterministic: bool, example_inputs: object = None) -> int:
     """Write the file to `out`: the header and manifest, then each tensor's bytes as they are made."""
-    head, stored = _layout(gm, deterministic)
+    head, stored = _layout(gm, deterministic, example_inputs)
     size = out.write(head)
     for tensor in stored:
         size += out.write(_raw(tensor))
     return size
 
 
-def to_bytes(gm: GraphModule, *, deterministic: bool = True) -> bytes:
-    """The file contents for `gm` (see the module docstring).
+def to_bytes(gm: GraphModule, *, deterministic: bool = True, example_inputs: object = None) -> bytes:
+    """The file contents for `gm` (see the module docstring and `save`).
 
     `deterministic` zeroes the pass history's wall-clock seconds, so the same model, seed and
     passes give byte-identical files.
     """
     buffer = io.BytesIO()
-    _write(gm, buffer, deterministic)
+    _write(gm, buffer, deterministic, example_inputs)
     return buffer.getvalue()
 
 
-def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True) -> int:
+def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True,
+         example_inputs: object = None) -> int:
     """Write `gm` to `path` atomically; returns the size.
+
+    The file records the shape and dtype of each input (batch dimension included), which `load`
+    checks the graph against: from `example_inputs` when given (tensors, or tuples of them), else from
+    the shapes compile wrote to the placeholders. A GraphModule that never went through compile and
+    is saved without `example_inputs` records none, and loads without that check. The graph is run
+    on meta tensors of what is recorded first: a FormatError naming the node if it cannot run on them.
 
     The tensors' bytes are streamed to a temporary file beside the target (no whole-file buffer),
     which is flushed to disk and renamed over `path` only when complete: on any error the temporary
@@ -139,7 +165,7 @@ def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            size = _write(gm, f, deterministic)
+            size = _write(gm, f, deterministic, example_inputs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -177,6 +203,7 @@ def from_bytes(data: bytes) -> GraphModule:
 def _from_buffer(data, mapped: mmap_module.mmap | None = None) -> GraphModule:
     """The model in `data` (bytes, or the file's mapping, which tensors may then keep pointing into)."""
     manifest, start = _read_manifest(data)
+    inputs = manifest.pop("inputs", None)
     try:
         root = modules_from_data(manifest["modules"])
         _load_tensors(root, manifest["tensors"], data, start, manifest["data_bytes"], mapped)
@@ -184,6 +211,8 @@ def _from_buffer(data, mapped: mmap_module.mmap | None = None) -> GraphModule:
         gm = GraphModule(root, graph_from_data(manifest["graph"], root))
         gm.graph.lint()
         set_history(gm, _history(manifest["history"]))
+        if inputs is not None:
+            dry_run(gm, inputs)  # before any forward: a graph its recorded inputs cannot run is refused here
     except FormatError:
         raise
     except Exception as exc:  # defence in depth: every check above should have named the part already
@@ -199,16 +228,17 @@ def _read_manifest(data: bytes) -> tuple[dict, int]:
         raise FormatError("header: not an fxcompress file (bad magic bytes)")
     if zlib.crc32(data[:_HEADER.size]) != struct.unpack_from("<I", data, _HEADER.size)[0]:
         raise FormatError("header: checksum mismatch (the file is corrupted)")
-    if version != VERSION:
-        raise FormatError(f"header: format version {version} is not supported (this reader knows {VERSION})")
+    if version not in VERSIONS:
+        raise FormatError(f"header: format version {version} is not supported (this reader knows {VERSIONS})")
     packed = data[HEADER_BYTES:HEADER_BYTES + length]
     if len(packed) != length:
         raise FormatError("manifest: file is truncated inside the manifest")
     if zlib.crc32(packed) != crc:
         raise FormatError("manifest: checksum mismatch (the file is corrupted)")
     manifest = _parse(_inflate(packed))
-    if not isinstance(manifest, dict) or set(manifest) != _MANIFEST_KEYS:
-        raise FormatError(f"manifest: must be an object with exactly the keys {sorted(_MANIFEST_KEYS)}")
+    if not isinstance(manifest, dict) or set(manifest) != _KEYS_BY_VERSION[version]:
+        raise FormatError(f"manifest: must be an object with exactly the keys {sorted(_KEYS_BY_VERSION[version])} "
+                          f"(format version {version})")
     return manifest, HEADER_BYTES + length
 
 

@@ -1,0 +1,389 @@
+"""Load's dry run: the rebuilt graph runs once on meta tensors of the recorded input shapes.
+
+A file records the structure of its example inputs (`inputs`: each placeholder's shape and dtype,
+the batch dimension as recorded). `load` runs the graph node by node on the meta device (no
+memory, no compute: every parameter and buffer appears as a meta tensor of its stored shape and
+dtype) before it returns, so a graph whose ops do not accept their arguments (a shape constant
+that no longer fits, a swapped argument, a layer whose table entry disagrees with its input) is a
+FormatError naming the node, its op and target, and the exception, rather than a PyTorch error at
+the first forward. `save` runs the same dry run on what it records, so a file it writes loads.
+
+How each kind of node runs:
+
+- torch functions, tensor methods and torch's own modules (the allow-lists' built-in entries) run
+  as they are, on meta tensors (a module through `torch.func.functional_call` with its tensors
+  swapped for meta ones; factory functions inside make meta tensors under `torch.device("meta")`);
+- fxcompress's own modules run by the table `MODULE_RULES`: those written in plain torch ops
+  (k-means weights, the integer reference runtime, the native add / cat and the input quantizer) run
+  their own forward on meta tensors; those whose forward calls our C kernels, oneDNN or decodes
+  bytes (encoded weights, native layers, sparse, weight-only and dynamic int8 layers) and the
+  fake-quant modules whose grids read values (grid weights, activation quantizers) compute their
+  output's shape and dtype from their configuration and input, as their forward would;
+- functions and modules a program registered (`register_function`, `register_module`) are trusted
+  code that may not run on meta tensors: they run, and if they fail their output is unknown;
+- an op whose result depends on the data (`.item()`, `nonzero`, a Python `bool` of a tensor) or
+  that has no meta kernel leaves its output unknown.
+
+A node whose input is unknown is skipped, as are the nodes depending on it: the dry run proves
+what it can and never refuses a file for what it cannot run. Files written before the format
+recorded inputs (version 1), and files of graphs that carried no input shapes when saved
+(`inputs` null), load without a dry run.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.errors import ConfigError, FormatError
+from fxcompress.execution import evaluating
+from fxcompress.kernels.dynamic import DynamicInt8Linear
+from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from fxcompress.kernels.sparse import SparseLayer
+from fxcompress.kernels.weight_only import WeightOnlyLinear
+from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
+from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
+
+from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES
+
+MAX_INPUT_DIMS = 32
+MAX_INPUT_ELEMENTS = 1 << 48  # per recorded input: meta tensors cost nothing, but sizes must stay exact integers
+MAX_INPUT_DEPTH = 8  # nesting of one recorded input (tuples of tensors)
+# An op that splits a tensor makes one meta tensor per piece (a Python object each): a recorded shape
+# chosen by the file must not turn `unbind` into millions of them. More pieces than this leave the
+# node unknown (a real model's graph reads far fewer).
+MAX_PIECES = 1 << 16
+UNKNOWN = object()  # a value the dry run could not compute: the nodes reading it are skipped
+_LIBRARY_FUNCTIONS = frozenset(id(fn) for fn in FUNCTIONS.values())  # before any registration
+_STANDARD_MODULES = frozenset(MODULES[name][0] for name in STANDARD_MODULES)
+
+
+class _Unknown(Exception):
+    """The dry run cannot compute this node (data-dependent, no meta kernel, trusted foreign code)."""
+
+
+# ---- recording inputs (save) --------------------------------------------------------------------
+
+def _spec_of_value(value: Any, where: str) -> Any:
+    """One example input as data: a tensor's shape and dtype, tuples and lists of them, plain constants."""
+    if isinstance(value, (torch.Tensor, TensorMetadata)):
+        dtype = str(value.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ConfigError(f"{where}: dtype {dtype} cannot be recorded (supported: {sorted(DTYPES)})")
+        return {"shape": [int(d) for d in value.shape], "dtype": dtype}
+    if isinstance(value, tuple):
+        return {"t": [_spec_of_value(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_spec_of_value(v, where) for v in value]
+    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise ConfigError(f"{where}: a {type(value).__name__} cannot be recorded as an input")
+
+
+def record_inputs(gm: GraphModule, example_inputs: Any = None) -> list | None:
+    """The structure of each placeholder's input: from `example_inputs` when given, else from the shapes
+    compile wrote to the placeholders (`node.meta["tensor_meta"]`); None when the graph carries none."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is not None:
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if len(inputs) > len(placeholders) or any(not p.args for p in placeholders[len(inputs):]):
+            raise ConfigError(f"save.example_inputs: {len(inputs)} inputs for a graph of {len(placeholders)} "
+                              f"placeholders ({len([p for p in placeholders if not p.args])} without a default)")
+        return [_spec_of_value(v, f"save.example_inputs[{i}]") for i, v in enumerate(inputs)] + \
+            [{"default": True}] * (len(placeholders) - len(inputs))
+    specs = []
+    for node in placeholders:
+        if "tensor_meta" in node.meta:
+            try:
+                specs.append(_spec_of_value(node.meta["tensor_meta"], f"input {node.name!r}"))
+            except ConfigError:
+                return None  # an input the format cannot describe: the file loads without a dry run
+        elif node.args:
+            specs.append({"default": True})
+        else:
+            return None
+    return specs
+
+
+# ---- reading recorded inputs (load) -------------------------------------------------------------
+
+def _fail(where: str, message: str) -> FormatError:
+    return FormatError(f"manifest: {where}: {message}")
+
+
+def _tensor_spec(spec: dict, where: str) -> torch.Tensor:
+    shape, dtype = spec["shape"], spec["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail(where, f"dtype {dtype!r} is not supported")
+    if (not isinstance(shape, list) or len(shape) > MAX_INPUT_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)
+            or math.prod(shape) > MAX_INPUT_ELEMENTS):
+        raise _fail(where, f"shape must be at most {MAX_INPUT_DIMS} non-negative sizes of at most "
+                           f"{MAX_INPUT_ELEMENTS} elements together")
+    return torch.empty(shape, dtype=DTYPES[dtype], device="meta")
+
+
+def _input_value(spec: Any, placeholder: Node, where: str, depth: int = 0) -> Any:
+    """The meta value of one recorded input (FormatError naming `where` if it is not a recorded input)."""
+    if depth > MAX_INPUT_DEPTH:
+        raise _fail(where, f"nested deeper than {MAX_INPUT_DEPTH} levels")
+    if spec is None or isinstance(spec, (bool, int, float, str)):
+        return spec
+    if isinstance(spec, list):
+        return [_input_value(s, placeholder, where, depth + 1) for s in spec]
+    if isinstance(spec, dict) and set(spec) == {"shape", "dtype"}:
+        return _tensor_spec(spec, where)
+    if isinstance(spec, dict) and set(spec) == {"t"} and isinstance(spec["t"], list):
+        return tuple(_input_value(s, placeholder, where, depth + 1) for s in spec["t"])
+    if spec == {"default": True} and depth == 0:
+        if not placeholder.args:
+            raise _fail(where, "uses its default, but the placeholder has none")
+        return placeholder.args[0]
+    raise _fail(where, f"{str(spec)[:60]} is not a recorded input (shape and dtype, a tuple, a list, a constant)")
+
+
+def input_values(specs: Any, gm: GraphModule) -> list:
+    """The meta inputs `specs` records, one per placeholder (FormatError if they do not fit the graph)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not isinstance(specs, list) or len(specs) != len(placeholders):
+        raise _fail("inputs", f"must list one recorded input for each of the {len(placeholders)} placeholders")
+    return [_input_value(s, p, f"inputs: {p.name!r}") for s, p in zip(specs, placeholders)]
+
+
+def keep_input_shapes(gm: GraphModule, values: list) -> None:
+    """Write the recorded inputs to the placeholders' `tensor_meta`, as compile does, so saving the
+    loaded model records them again."""
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], values):
+        meta = torch.fx.node.map_aggregate(
+            value, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v)
+        if any(isinstance(v, torch.Tensor) for v in _leaves(value)):
+            node.meta["tensor_meta"] = meta
+
+
+def _leaves(value: Any) -> list:
+    found = []
+    torch.fx.node.map_aggregate(value, found.append)
+    return found
+
+
+# ---- fxcompress's own modules: how each runs on meta tensors --------------------------------------
+
+def _own_forward(module: nn.Module, state: dict, *args: Any, **kwargs: Any) -> Any:
+    """Plain torch ops on the module's tensors: its forward itself, on meta tensors."""
+    return torch.func.functional_call(module, state, args, kwargs, strict=False)
+
+
+def _encoded(module: EncodedWeight, state: dict) -> torch.Tensor:
+    header = module.header  # checked against the payload by check_loaded already
+    return torch.empty(header["shape"], dtype=DTYPES[header.get("dtype", "float32")], device="meta")
+
+
+def _weight_like(module: nn.Module, state: dict, weight: torch.Tensor) -> torch.Tensor:
+    axis = getattr(module, "axis", None)
+    if axis is not None and not -weight.dim() <= axis < weight.dim():
+        raise IndexError(f"{type(module).__name__}: axis {axis} is outside a weight of {weight.dim()} dims")
+    if isinstance(module, KMeansWeight) and module.enabled:
+        return torch.empty(module.codes.shape, dtype=weight.dtype, device="meta")
+    return torch.empty_like(weight)
+
+
+def _activation(module: ActivationQuant, state: dict, x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _linear_or_conv(kind: str, x: torch.Tensor, weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    if kind == "linear":
+        return F.linear(x, weight)
+    return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, getattr(module, "groups", 1))
+
+
+def _native_layer(module: NativeLayer, state: dict, x: torch.Tensor) -> torch.Tensor:
+    """The float kernel's arithmetic (it takes any input its casts take); the int8 kernels read uint8 codes
+    (float32 for a layer that quantizes its input itself)."""
+    expected = torch.uint8 if module.input == "uint8" else torch.float32
+    if module.kernel != "float" and x.dtype != expected:
+        raise TypeError(f"NativeLayer kernel {module.kernel!r} reads {expected} codes, got {x.dtype}")
+    x = x.float() if module.input == "uint8" else x
+    y = _linear_or_conv(module.kind, x, torch.empty(module.weight.shape, device="meta"), module)
+    return y.to(torch.uint8) if module.output == "uint8" else y
+
+
+def _sparse_layer(module: SparseLayer, state: dict, x: torch.Tensor) -> torch.Tensor:
+    weight = torch.empty(module.weight_shape, dtype=getattr(torch, module.dtype), device="meta")
+    return _linear_or_conv(module.kind, x if module.kernel == "dense" else x.to(weight.dtype), weight, module)
+
+
+def _measured_linear(module: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
+    """MeasuredLayer.forward's reshapes around any kernel: rows of in_features in, out_features out."""
+    rows = x.reshape(-1, module.in_features)
+    return torch.empty(rows.shape[0], module.out_features, dtype=x.dtype, device="meta").reshape(*x.shape[:-1], module.out_features)
+
+
+MODULE_RULES: dict[type, Callable] = {
+    EncodedWeight: _encoded,
+    KMeansWeight: _weight_like, GridWeight: _weight_like, ActivationQuant: _activation,
+    QuantizeInput: _own_forward, IntegerLayer: _own_forward, IntegerAdd: _own_forward, IntegerCat: _own_forward,
+    QuantizeToCodes: _own_forward, NativeAdd: _own_forward, NativeCat: _own_forward,
+    NativeLayer: _native_layer, SparseLayer: _sparse_layer,
+    WeightOnlyLinear: _measured_linear, DynamicInt8Linear: _measured_linear,
+}
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+def _meta(tensor: torch.Tensor, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A meta tensor of `tensor`'s shape, strides and dtype; one per tensor, so ties stay ties."""
+    found = memo.get(id(tensor))
+    if found is None:
+        found = memo[id(tensor)] = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype,
+                                                       device="meta")
+    return found
+
+
+def _state(module: nn.Module, memo: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {name: _meta(t, memo) for name, t in named if t is not None}
+
+
+def _on_meta(args: tuple, kwargs: dict, method: str | None) -> tuple[tuple, dict]:
+    """Devices written in the graph become the meta device: a factory call with `device="cpu"` must not
+    allocate for real, and a real tensor must not meet the meta ones."""
+    def device(value: Any) -> Any:
+        return torch.device("meta") if isinstance(value, torch.device) else value
+    args = torch.fx.node.map_aggregate(args, device)
+    kwargs = {k: "meta" if k == "device" and isinstance(v, str) else device(v) for k, v in kwargs.items()}
+    if method == "to":
+        args = tuple("meta" if isinstance(a, str) else a for a in args)
+    return args, kwargs
+
+
+# op name -> position of its `dim` argument, for the ops that split a tensor into pieces
+_SPLITS = {"split": 2, "chunk": 2, "unbind": 1, "split_with_sizes": 2}
+
+
+def _pieces(name: str, args: tuple, kwargs: dict) -> int:
+    """How many tensors a split-like call makes (0 for other calls, or ones torch refuses itself)."""
+    if name not in _SPLITS or not args or not isinstance(args[0], torch.Tensor):
+        return 0
+    x, position = args[0], _SPLITS[name]
+    dim = kwargs.get("dim", args[position] if len(args) > position else 0)
+    if not isinstance(dim, int) or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        return 0
+    length = x.shape[dim] if x.dim() else 1
+    if name == "unbind":
+        return length
+    size = args[1] if len(args) > 1 else next((kwargs[k] for k in ("split_size_or_sections", "split_size",
+                                                                     "split_sizes", "chunks") if k in kwargs), 1)
+    if isinstance(size, (list, tuple)):
+        return len(size)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return 0
+    return min(size, length) if name == "chunk" else -(-length // size)
+
+
+def _call(gm: GraphModule, node: Node, args: tuple, kwargs: dict, memo: dict) -> Any:
+    """Run one node on meta values; _Unknown where the dry run cannot tell."""
+    if node.op == "get_attr":
+        value = _attribute(gm, node.target)
+        return _meta(value, memo) if isinstance(value, torch.Tensor) else UNKNOWN
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        rule = MODULE_RULES.get(type(module))
+        if rule is not None:
+            inspect.signature(module.forward).bind(*args, **kwargs)
+            return rule(module, _state(module, memo), *args, **kwargs)
+        return _trusted(type(module) not in _STANDARD_MODULES, _own_forward, module, _state(module, memo),
+                        *args, **kwargs)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    args, kwargs = _on_meta(args, kwargs, node.target if node.op == "call_method" else None)
+    if _pieces(name, args, kwargs) > MAX_PIECES:
+        raise _Unknown(f"{name} would make more than {MAX_PIECES} tensors")
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return _trusted(id(node.target) not in _LIBRARY_FUNCTIONS and not _torchvision(node.target), node.target,
+                    *args, **kwargs)
+
+
+def _attribute(gm: GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _torchvision(fn: Any) -> bool:
+    return str(getattr(fn, "__module__", "")).startswith("torchvision.")
+
+
+def _trusted(registered: bool, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call `fn`; a function or module a program registered is trusted code that may not run on meta
+    tensors, so any failure of it leaves its output unknown rather than refusing the file."""
+    if not registered:
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - foreign code: whatever it raises, the dry run cannot tell
+        raise _Unknown(f"{type(exc).__name__}: {exc}") from None
+
+
+def _undecidable(exc: Exception) -> bool:
+    """An error of running on meta tensors, not of the graph: data-dependent values, missing meta kernels."""
+    return isinstance(exc, (NotImplementedError, _Unknown)) or re.search(r"\bmeta\b", str(exc), re.I) is not None
+
+
+def _describe(value: Any) -> str:
+    def one(v: Any) -> Any:
+        return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}" if isinstance(v, torch.Tensor) else v
+    text = ", ".join(repr(torch.fx.node.map_aggregate(v, one)).replace("'", "") for v in value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _what(gm: GraphModule, node: Node) -> str:
+    if node.op == "call_module":
+        return f"call_module {node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        return f"call_method .{node.target}()"
+    if node.op == "call_function":
+        return f"call_function {FUNCTION_NAMES.get(node.target, getattr(node.target, '__name__', node.target))}"
+    return f"{node.op} {node.target}"
+
+
+def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict) -> Any:
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+    if any(v is UNKNOWN for v in _leaves((args, kwargs))):
+        return UNKNOWN  # an input the dry run could not compute: nothing to check here
+    try:
+        return _call(gm, node, args, kwargs, memo)
+    except FormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure is either the dry run's limit or the file's
+        if _undecidable(exc):
+            return UNKNOWN
+        message = (str(exc).strip().splitlines() or [""])[0]
+        message = message if len(message) <= 300 else message[:297] + "..."
+        raise _fail(f"graph node {node.name!r} ({_what(gm, node)})",
+                    f"fails on the recorded input shapes, with arguments ({_describe(args)}"
+                    f"{', ' if args and kwargs else ''}{_describe([kwargs]) if kwargs else ''}): "
+                    f"{type(exc).__name__}: {message}") from None
+
+
+def dry_run(gm: GraphModule, specs: Any) -> None:
+    """Run `gm` once on meta tensors of the recorded inputs `specs` (module docstring); FormatError naming
+    the first node that fails. Writes the recorded shapes to the placeholders' `tensor_meta`."""
+    values = input_values(specs, gm)
+    env: dict[Node, Any] = {}
+    memo: dict[int, torch.Tensor] = {}
+    pending = iter(values)
+    with evaluating(gm), torch.device("meta"):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(pending)
+            elif node.op != "output":
+                env[node] = _run_node(gm, node, env, memo)
+    keep_input_shapes(gm, values)
