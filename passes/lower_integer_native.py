@@ -149,8 +149,8 @@ def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_
                          input="float_codes" if values_in else "uint8", input_qmax=int(in_grid.qmax), **plan.options)
     module.weight.copy_(plan.codes.to(torch.int8))
     module.weight_scale.copy_(plan.weight_scale.float())
-    if plan.bias is not None:  # the reference's integer bias, as the value it stands for
-        module.bias.copy_((plan.bias.double() * plan.accumulator_scale).float())
+    if plan.bias is not None:  # the reference's integer bias, at the accumulator's scale
+        module.bias.copy_(plan.bias)
     return module
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.errors import ConfigError, FormatError, PreconditionError
 from . import q8
 from .timing import KernelChoice, measure
 
@@ -104,8 +104,10 @@ class NativeLayer(nn.Module):
     """A linear / conv2d layer on uint8 codes with bias, requantization and clamp fused.
 
     Buffers: `weight` (int8 codes, zero-point 0), `weight_scale` (float32, per output channel),
-    `bias` (float32, the reference's int32 bias times the accumulator scale, so both add the same
-    value). `output` is "uint8" (requantize onto the grid `output_scale` / `output_zero_point`,
+    `bias` (int32, the reference's integer bias at the accumulator's scale: our C kernel adds it as it
+    is; oneDNN's and the float kernel add its value, `float_bias`, made once). Files written before
+    the bias was int32 hold its float32 value: `check_loaded` recovers the integers where that value
+    keeps them exactly and refuses the file by module path otherwise. `output` is "uint8" (requantize onto the grid `output_scale` / `output_zero_point`,
     clamped to `clamp` = (low, high) in real units, high None for ReLU alone) or "float32"
     (dequantize; `clamp` (0.0, None) fuses a ReLU).
 
@@ -140,6 +142,7 @@ class NativeLayer(nn.Module):
                               f"1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}, "
                               f"input_qmax={input_qmax!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
+        self._shape = list(weight_shape)  # what the codes must be (a file's tensors are checked against it)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
         self.post_op = "none" if clamp is None else "relu" if self.clamp[1] is None else "hardtanh"
         self.input_scale, self.input_zero_point = input_scale, input_zero_point
@@ -152,11 +155,12 @@ class NativeLayer(nn.Module):
         out = weight_shape[0]
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out, dtype=torch.int32))
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32), persistent=False)
         self._packed: torch.Tensor | None = None
         self._float: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._c: q8.Packed | None = None
+        self._bias: torch.Tensor | None = None  # float_bias, made once
 
     KERNELS: ClassVar[tuple[str, ...]] = LAYER_KERNELS  # what `timing.remeasure` may choose among
 
@@ -220,7 +224,7 @@ class NativeLayer(nn.Module):
         post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
         dtype = torch.uint8 if self.output == "uint8" else torch.float32
         common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
-                  self.weight_zero_point, self.bias)
+                  self.weight_zero_point, self._bias if self._bias is not None else self.float_bias())
         if self.kind == "linear":
             return torch.ops.onednn.qlinear_pointwise(*common, self.output_scale, self.output_zero_point, dtype,
                                                       post, args, "")
@@ -250,7 +254,7 @@ class NativeLayer(nn.Module):
         scale plus its zero-point; the input zero-point folded into the bias where no padding reads it."""
         view = (-1,) + (1,) * (self.weight.dim() - 1)
         weight = self.weight.float() * (self.weight_scale.reshape(view) * self.input_scale)
-        bias, shift = self.bias.clone(), 0.0
+        bias, shift = self.float_bias().clone(), 0.0
         if self.input_zero_point and (self.kind == "linear" or not any(self.padding)):
             bias = bias - self.input_zero_point * weight.flatten(1).sum(dim=1)
         elif self.input_zero_point:  # zero padding stands for the real value 0: the code zero_point
@@ -281,6 +285,35 @@ class NativeLayer(nn.Module):
                           self.input_scale if self.input == "float32" else 0.0)
         return self._c
 
+    def float_bias(self) -> torch.Tensor:
+        """The bias as the float32 value oneDNN's kernel and the float kernel add: the integer bias times the
+        accumulator scale, rounded once (float64 product), so every kernel adds what the reference adds."""
+        self._bias = (self.bias.double() * self.accumulator_scale()).float()
+        return self._bias
+
+    def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
+        """A layer rebuilt from a file: its tensors' dtypes and shapes against its configuration; an older
+        file's float32 bias (its value, not its integers) becomes the int32 bias it stands for where float32
+        kept it exactly, and the file is refused by module path where it did not."""
+        shape, out = list(self.weight.shape), self.weight.shape[0] if self.weight.dim() else 0
+        expected = {"weight": (torch.int8, self._shape), "weight_scale": (torch.float32, [out]),
+                    "bias": (None, [out])}
+        for name, (dtype, want) in expected.items():
+            tensor = getattr(self, name)
+            if list(tensor.shape) != want or (dtype is not None and tensor.dtype != dtype):
+                raise FormatError(f"module {path!r}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}"
+                                  f"{list(tensor.shape)}, the layer needs {dtype or 'int32'}{want} "
+                                  f"(weight {shape})")
+        if self.bias.dtype == torch.int32:
+            return
+        integer = q8.integer_bias(self.bias, self.accumulator_scale()) if self.bias.dtype == torch.float32 else None
+        if integer is None:
+            raise FormatError(f"module {path!r}: tensor 'bias' is {str(self.bias.dtype).removeprefix('torch.')}; "
+                              "the layer needs int32 codes, or (files of earlier versions) float32 values that are "
+                              "integers times the accumulator scale exactly")
+        self.bias = integer
+        self._packed = self._float = self._c = self._bias = None
+
     def accumulator_scale(self) -> torch.Tensor:
         """float64 per output channel: the value of one accumulator step (input scale times weight scale)."""
         return self.input_scale * self.weight_scale.double()
@@ -299,15 +332,15 @@ class NativeLayer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_packed"] = state["_float"] = state["_c"] = None  # remade from `weight`: copies never hold them
+        state["_packed"] = state["_float"] = state["_c"] = state["_bias"] = None  # remade from `weight`: copies never hold them
         return state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._packed = self._float = self._c = None
+        self._packed = self._float = self._c = self._bias = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._packed = self._float = self._c = None
+        self._packed = self._float = self._c = self._bias = None
         return super()._apply(fn, recurse)
 
     def config(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ agree with the reference to one code per layer, this one agrees exactly. It wide
 int16 and multiplies with vpmaddwd (pair sums in int32), so on AVX2 without VNNI it never saturates.
 
 `pack` turns a NativeLayer's buffers (the codes a file holds) into the kernel's arguments once (the
-weight padded to 16 columns, the integer bias recovered from the float one, the multipliers); `run`
+weight padded to 16 columns, the int32 bias, the multipliers); `run`
 calls the kernel through ctypes in eager inference and through the custom op `fxcompress::q8_linear`
 when torch.compile / torch.export trace it. `quantize` is the float -> codes boundary in one call.
 """
@@ -120,8 +120,8 @@ class Packed:
 
 
 def integer_bias(bias: torch.Tensor, accumulator_scale: torch.Tensor) -> torch.Tensor | None:
-    """The int32 bias a NativeLayer's float32 bias stands for (it holds the reference's integer bias times the
-    accumulator's scale), or None where float32 cannot have kept it exactly."""
+    """The int32 bias a float32 bias value stands for (files of earlier versions held the reference's integer
+    bias times the accumulator's scale), or None where float32 cannot have kept it exactly."""
     integer = torch.round(bias.double() / accumulator_scale)
     if bool((integer.abs() >= BIAS_EXACT).any()) or not torch.equal((integer * accumulator_scale).float(), bias):
         return None
@@ -135,8 +135,8 @@ def refusal(weight: torch.Tensor, bias: torch.Tensor, accumulator_scale: torch.T
         return "no C compiler here to build it (or FXCOMPRESS_NO_C=1)"
     if weight.device.type != "cpu":
         return f"the codes are on {weight.device}, the C kernel runs on the CPU"
-    if integer_bias(bias, accumulator_scale) is None:
-        return f"an integer bias reaches {BIAS_EXACT}, beyond what its float32 value keeps exactly"
+    if bias.dtype != torch.int32:
+        return f"its bias is {bias.dtype}, the kernel adds int32 codes"
     if multiplier is not None:
         _, shift = fixed_point_multiplier(multiplier)
         if int(shift.min()) < SHIFTS[0] or int(shift.max()) > SHIFTS[1]:
@@ -164,7 +164,7 @@ def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tens
     layer reads float32 values and quantizes them itself. Input codes never pass `input_max`; where the raw
     path is exact for them it is taken (about twice the products per instruction), the int16 path otherwise."""
     out, in_features = weight.shape
-    integer = integer_bias(bias, accumulator_scale)
+    integer = bias.to(torch.int32).contiguous()
     raw = raw_fits(weight, integer, x_zero, input_max)
     step = 2 * STEP if raw else STEP
     stride = -(-in_features // step) * step

@@ -8,7 +8,7 @@ from torch import nn
 from torch.fx import Interpreter
 
 import fxcompress
-from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.errors import ConfigError, FormatError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
 from fxcompress.kernels import native
 from fxcompress.quant.integer import IntegerLayer
@@ -162,6 +162,42 @@ def test_a_native_layer_from_a_file_is_checked_before_it_runs():
         NativeLayer("linear", [4, 4], 1.0, 0, "int32")
 
 
+def test_files_with_the_earlier_float32_bias_load_as_int32_or_are_refused_by_module(trained_digits, digits,
+                                                                                      tmp_path):
+    """Files of earlier versions held each NativeLayer's bias as its float32 value: where that value is the
+    integer bias times the accumulator scale exactly, it loads as those integers; otherwise FormatError."""
+    x = digits.train_x[:128]
+    gm = _lower(_fake_quant(trained_digits.model("lenet5"), x, activation_bits=7), x)
+    layers = {name: m for name, m in gm.named_modules() if isinstance(m, NativeLayer)}
+    assert all(m.bias.dtype == torch.int32 for m in layers.values()) and any(m.bias.any() for m in layers.values())
+    with torch.no_grad():
+        expected = gm(x)
+    old = copy.deepcopy(gm)
+    for m in old.modules():
+        if isinstance(m, NativeLayer):
+            m.bias = m.float_bias().clone()  # what earlier versions stored
+    fxcompress.save(old, tmp_path / "old.fxc")
+    loaded = fxcompress.load(tmp_path / "old.fxc")
+    for name, m in layers.items():
+        assert torch.equal(loaded.get_submodule(name).bias, m.bias)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    name = next(iter(layers))
+    broken = old.get_submodule(name)
+    broken.bias = broken.bias + 0.37 * broken.accumulator_scale().float()  # no integer times the scale
+    fxcompress.save(old, tmp_path / "bad.fxc")
+    with pytest.raises(FormatError, match=rf"module '{name}': tensor 'bias' is float32"):
+        fxcompress.load(tmp_path / "bad.fxc")
+    broken.bias, broken.weight_scale = layers[name].bias.clone(), broken.weight_scale[:1].clone()
+    fxcompress.save(old, tmp_path / "shape.fxc")
+    with pytest.raises(FormatError, match=rf"module '{name}': tensor 'weight_scale' is float32\[1\]"):
+        fxcompress.load(tmp_path / "shape.fxc")
+    broken.weight_scale, broken.weight = layers[name].weight_scale.clone(), broken.weight.to(torch.int32)
+    fxcompress.save(old, tmp_path / "dtype.fxc")
+    with pytest.raises(FormatError, match=rf"module '{name}': tensor 'weight' is int32\["):
+        fxcompress.load(tmp_path / "dtype.fxc")
+
+
 def test_native_layer_matches_the_reference_layer_on_strided_grouped_convs():
     torch.manual_seed(0)
     x = torch.randint(0, 128, (2, 8, 11, 11), dtype=torch.uint8)
@@ -175,7 +211,7 @@ def test_native_layer_matches_the_reference_layer_on_strided_grouped_convs():
     fast = NativeLayer("conv2d", [12, 4, 3, 3], input_scale, input_zero, "float32", **options)
     fast.weight.copy_(codes.to(torch.int8))
     fast.weight_scale.copy_(weight_scale.float())
-    fast.bias.copy_((reference.bias.double() * reference.output_scale).float())
+    fast.bias.copy_(reference.bias)
     expected = reference(x.to(torch.int32) - input_zero)
     got = fast(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

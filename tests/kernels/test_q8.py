@@ -30,7 +30,7 @@ def pair(weight, x_zero, input_qmax, requantize, relu, y_zero=0, seed=0):
                         kernel="c_int8", input_qmax=input_qmax)
     layer.weight.copy_(weight)
     layer.weight_scale.copy_(weight_scale)
-    layer.bias.copy_((bias.double() * accumulator).float())  # as the lowering stores it
+    layer.bias.copy_(bias)  # the reference's integer bias, as the lowering stores it
     reference = IntegerLayer("linear", [out, columns], requantize=requantize, weight_dtype="int8")
     reference.weight.copy_(weight)
     reference.bias.copy_(bias)
@@ -105,13 +105,16 @@ def test_the_input_boundary_in_one_call_matches_the_torch_ops():
         assert torch.equal(boundary(x.reshape(40, 100).t()), want.reshape(40, 100).t())  # strided: torch's ops
 
 
-def test_a_bias_float32_cannot_hold_exactly_is_refused_by_name():
+def test_an_integer_bias_float32_could_not_hold_runs_exactly_and_bad_configs_are_refused():
     weight = torch.ones(2, 16, dtype=torch.int8)
-    layer, _ = pair(weight, 0, 255, requantize=True, relu=False)
-    layer.bias.copy_(torch.tensor([1e8, 1.0]) * layer.accumulator_scale().float())
-    assert "integer bias reaches" in layer.c_refusal()
-    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(an integer bias reaches"):
-        layer(torch.zeros(1, 16, dtype=torch.uint8))
+    layer, reference = pair(weight, 3, 255, requantize=False, relu=False)
+    big = torch.tensor([10 ** 8 + 1, -(10 ** 8) - 3], dtype=torch.int32)  # float32 keeps neither (24-bit mantissa)
+    assert not torch.equal(big.float().to(torch.int64), big.to(torch.int64))
+    layer.bias.copy_(big)
+    reference.bias.copy_(big)
+    x = torch.randint(0, 256, (5, 16), dtype=torch.uint8)
+    assert layer.c_refusal() is None
+    assert torch.equal(layer(x), reference(x.to(torch.int32) - 3))  # bit for bit: the int32 bias as it is
     with pytest.raises(ConfigError, match="c_int8 runs linear layers"):
         NativeLayer("conv2d", [2, 1, 3, 3], 0.1, 0, "uint8", kernel="c_int8")
     with pytest.raises(ConfigError, match="it alone reads float32"):
