@@ -88,6 +88,9 @@ def arms() -> dict[str, callable]:
         table[f"w{bits} g64 rtn"] = lambda b=bits: [q(b)]
         table[f"w{bits} g64 gptq"] = lambda b=bits: [q(b, rounding="gptq")]
         table[f"w{bits} g64 awq"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS), q(b)]
+        # AWQ's scale search alone (AutoAWQ's apply_clip=False; llm-compressor's AWQModifier has no clip step)
+        table[f"w{bits} g64 awq noclip"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS,
+                                                                                clip=False), q(b)]
     table["w8a8"] = lambda: [w8a8()]
     table["w8a8 smoothquant"] = lambda: [passes.ScaleChannels(method="smoothquant", select=BLOCKS), w8a8()]
     table["50% sparsegpt + w4 g64"] = lambda: [sgpt(), q(4)]
@@ -174,7 +177,22 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
         except fxcompress.errors.FxCompressError:
             size, fmt = to_compressed_tensors(gm, tmp, format="dense", config=config)["bytes"], "dense"
     return {"arm": name, "status": "ok", "held_ppl": perplexity(gm, held), "fortunes_ppl": perplexity(gm, fortunes),
-            "bytes": size, "format": fmt, "pass_s": seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm}
+            "bytes": size, "format": fmt, "pass_s": seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
+            **scale_layers(gm)}
+
+
+def scale_layers(gm) -> dict:
+    """ScaleChannels' per-layer record (alpha, calibration output errors before / after the scales and the
+    clip, groups clipped), kept in the JSON rows to say where AWQ wins or loses; {} for other arms."""
+    record = next((r for r in fxcompress.history(gm) if r.name == "ScaleChannels"), None)
+    if record is None:
+        return {}
+    keep = ("alpha", "error_plain", "error", "skipped")
+    clip_keep = ("groups", "groups_clipped", "error_before", "error_after", "skipped")
+    return {"scale_layers": {name: {**{k: v for k, v in r.items() if k in keep},
+                                    **({"clip": {k: v for k, v in r["clip"].items() if k in clip_keep}}
+                                       if "clip" in r else {})}
+                             for name, r in record.stats["layers"].items()}}
 
 
 def deep_compression_file(gm, example) -> dict:

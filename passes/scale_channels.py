@@ -25,6 +25,16 @@ both can be 8-bit.
   smallest output error of the quantized consumers on the calibration data,
   sum tr(dW H dW^T) with H = mean x^T x: exact for a linear layer, and no activations are kept.
   alpha = 0 is plain rounding, so the search never does worse than it on the calibration data.
+  Then, with `clip=True` (AutoAWQ's second step, auto_clip), each quantization group of each consumer
+  (one output row, `group_size` input channels) is clamped to the ratio of its largest magnitude, among
+  1, 1 - 1/clip_grid, ... down to 1 - max_shrink (exclusive), whose quantized group gives the smallest
+  output error of that group, dw_g H_gg dw_g^T on the scaled inputs: AutoAWQ's objective (the mean
+  squared partial output x_g . dw_g over the tokens), read from the same Hessian, with no activations
+  kept. The clamp is symmetric, ratio * max|w|, as AutoAWQ's, and stays in the weight, so the later
+  InsertFakeQuant's min-max grid is the one the search chose. Layers whose output reaches attention
+  scores (the query / key operands of scaled_dot_product_attention, or a softmax) are not clipped, as
+  AutoAWQ skips q / k: their error reaches the output through the softmax of q . k, which a per-layer
+  output error does not measure.
 * smoothquant: s = max|x|^alpha / max|W|^(1 - alpha) per channel (alpha = 0.5 by default), folded
   only into norms (q / k / v, gate / up), as the paper does: o_proj and down_proj are reported skipped.
 
@@ -62,7 +72,8 @@ METHODS = ("awq", "smoothquant")
 # nn.Linear and HF's Conv1D (addmm with an [in, out] weight): the scales act on input channels, read
 # through each kind's in_dim, so both are producers and consumers alike
 LINEAR_KINDS: tuple[str, ...] = tuple(kind.name for kind in KINDS.values() if kind.family == "linear")
-_METHOD_FIELDS = {"grid": ("awq",), "bits": ("awq",), "group_size": ("awq",), "symmetric": ("awq",)}
+_METHOD_FIELDS = {"grid": ("awq",), "bits": ("awq",), "group_size": ("awq",), "symmetric": ("awq",),
+                  "clip": ("awq",), "clip_grid": ("awq",), "max_shrink": ("awq",)}
 
 # ---- op tables: how channel ids travel from a producer's output to a consumer's input ----------------
 # "same": the value's channels pass unchanged (dtype casts, copies, dropout in eval);
@@ -85,6 +96,10 @@ VALUE_OPERANDS: dict[Callable, int] = {F.scaled_dot_product_attention: 2, torch.
                                        torch.bmm: 1}
 # element-wise products: scaling one factor scales the product by the same amount
 PRODUCTS: tuple[Callable, ...] = (operator.mul, torch.mul)
+# attention scores: a layer whose output reaches one of these before any other layer is a query / key
+# projection (its error passes a softmax): AWQ's clip leaves it alone. (function: its score operands)
+SCORE_OPERANDS: dict[Callable, tuple[int, ...]] = {F.scaled_dot_product_attention: (0, 1)}
+SOFTMAXES: tuple[Any, ...] = (torch.softmax, F.softmax, "softmax", nn.Softmax)
 # norm modules whose affine weight (and bias) scale their output channels
 NORM_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm)
 NORM_FUNCTIONS: dict[Callable, tuple[int, int | None]] = {F.layer_norm: (2, 3), F.rms_norm: (2, None)}
@@ -112,6 +127,10 @@ class ScaleChannels(Pass):
     bits        awq: bits of the linear weight grid the search quantizes with
     group_size  awq: input channels per grid (None: one grid per output channel)
     symmetric   awq: a symmetric grid
+    clip        awq: after the scales, clamp each weight group to the ratio of its max |w| with the
+                smallest quantized output error of the group (AutoAWQ's auto_clip); q / k are left alone
+    clip_grid   awq with clip: ratios are 1 - i / clip_grid
+    max_shrink  awq with clip: for i / clip_grid < max_shrink (AutoAWQ: 20 and 0.5, ratios 1 to 0.55)
     select      full-match regex over the consumer layers' names; None: every linear layer
     """
 
@@ -121,13 +140,18 @@ class ScaleChannels(Pass):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
     select: str | None = None
 
     preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)   # weights change, the graph does not
     constraints: ClassVar[dict] = {
         "method": (Options(*METHODS),), "alpha": (Interval(float, 0.0, 1.0), None),
         "grid": (Interval(int, 1, 1000),), "bits": (Interval(int, 2, 16),),
-        "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "select": (Regex(), None),
+        "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "clip": (Boolean(),),
+        "clip_grid": (Interval(int, 1, 1000),), "max_shrink": (Interval(float, 0.0, 1.0, hi_open=True),),
+        "select": (Regex(), None),
     }
 
     def __post_init__(self) -> None:
@@ -153,33 +177,50 @@ class ScaleChannels(Pass):
             if group.input.name not in by_input:
                 consumers = tuple(l for l in layers if input_arg(layer_node(gm, l)) is group.input)
                 by_input[group.input.name] = self._group(gm, consumers, group.input, stats, shapes, touched)
-            return {layer.name: by_input[group.input.name] for layer in group.layers}
+            return {layer.name: by_input[group.input.name][layer.name] for layer in group.layers}
 
         walked = walk(gm, layers, ctx.calibration_data, handle, owner="ScaleChannels", hessian=self.method == "awq")
         scaled = {n: r for n, r in walked.layers.items() if "skipped" not in r}
-        return PassResult(changed=bool(scaled), params_touched=tuple(dict.fromkeys(touched)),
+        clipped = [n for n, r in walked.layers.items() if r.get("clip", {}).get("groups_clipped", 0)]
+        return PassResult(changed=bool(scaled or clipped), params_touched=tuple(dict.fromkeys(touched)),
                           stats={"layers_scaled": len(scaled), "layers_skipped": len(walked.layers) - len(scaled),
+                                 **({"layers_clipped": len(clipped)} if self._clips else {}),
                                  "layers": walked.layers, "calibration_batches": walked.batches,
                                  "calibration_peak_bytes": walked.peak_held_bytes})
 
+    @property
+    def _clips(self) -> bool:
+        return self.method == "awq" and self.clip
+
     def _group(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,
-               touched: list[str]) -> dict[str, Any]:
-        """Find the producer of x for all its consumers, then fold; the report, or why it was skipped."""
+               touched: list[str]) -> dict[str, dict[str, Any]]:
+        """Scale, then (awq) clip the consumers of x; each consumer's report."""
+        report, scale = self._scale(gm, consumers, x, stats, shapes, touched)
+        reports = {layer.name: dict(report) for layer in consumers}
+        if self._clips:
+            for layer in consumers:
+                reports[layer.name]["clip"] = self._clip(gm, layer, stats.hessian, scale, touched)
+        return reports
+
+    def _scale(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,
+               touched: list[str]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Find the producer of x for all its consumers, then fold: the report (or why it was skipped)
+        and the scale of each consumer input channel (None when skipped)."""
         producer, why = find_producer(gm, x, {layer_node(gm, layer) for layer in consumers})
         if producer is None:
-            return {"skipped": why}
+            return {"skipped": why}, None
         if self.method == "smoothquant" and producer.layer:
             # the paper and llm-compressor smooth only norm -> linear; on a trained 6.9 M Llama, scales
             # folded from up_proj into down_proj reached 100x and 8-bit weights lost (perplexity 6.76 -> 8.53)
-            return {"skipped": f"{producer.name} is a linear layer: SmoothQuant folds only into norms"}
+            return {"skipped": f"{producer.name} is a linear layer: SmoothQuant folds only into norms"}, None
         channel_map, why = map_channels(producer, x, shapes)
         if channel_map is None:
-            return {"skipped": why}
+            return {"skipped": why}, None
         touched.extend([*producer.tensors, *(layer.weight for layer in consumers)])
         return self._rescale(gm, consumers, producer, channel_map, stats)
 
     def _rescale(self, gm: GraphModule, layers: tuple[Layer, ...], producer: Producer, channel_map: torch.Tensor,
-                 stats) -> dict[str, Any]:
+                 stats) -> tuple[dict[str, Any], torch.Tensor]:
         weights = [_rows(gm, layer) for layer in layers]
         if self.method == "smoothquant":
             alpha = 0.5 if self.alpha is None else self.alpha
@@ -191,7 +232,7 @@ class ScaleChannels(Pass):
             scale, report = self._search(weights, stats.hessian, mean_abs, channel_map, producer.channels, alphas)
         fold(gm, producer, layers, scale, channel_map)
         return {"producer": producer.name, **report, "scale_min": round(float(scale.min()), 6),
-                "scale_max": round(float(scale.max()), 6)}
+                "scale_max": round(float(scale.max()), 6)}, scale[channel_map]
 
     def _search(self, weights: list[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor,
                 channel_map: torch.Tensor, channels: int, alphas: list[float]) -> tuple[torch.Tensor, dict]:
@@ -210,6 +251,68 @@ class ScaleChannels(Pass):
         error, alpha, scale = best
         return scale, {"alpha": alpha, "error_plain": float(plain), "error": float(error),
                        "error_ratio": round(float(error / plain), 6) if plain > 0 else 1.0}
+
+    def _clip(self, gm: GraphModule, layer: Layer, hessian: torch.Tensor, scale: torch.Tensor | None,
+              touched: list[str]) -> dict[str, Any]:
+        """AWQ's clip of one consumer (its columns already scaled): the search on the Hessian of the
+        scaled inputs x / s, the clamp written into the weight, and the report."""
+        why = reaches_scores(gm, layer_node(gm, layer))
+        if why:
+            return {"skipped": why}
+        weight = _rows(gm, layer)
+        if scale is not None:
+            hessian = hessian / torch.outer(scale, scale)
+        bound, report = self.search_clip(weight, hessian)
+        if report["groups_clipped"]:
+            with torch.no_grad():   # a group left whole has bound max|w|: the clamp keeps it bit for bit
+                groups = weight.reshape(weight.shape[0], bound.shape[1], -1)
+                weight.copy_(torch.minimum(torch.maximum(groups, -bound), bound).reshape(weight.shape))
+            touched.append(layer.weight)
+        return report
+
+    def clip_ratios(self) -> list[float]:
+        """AutoAWQ's clip grid: 1, 1 - 1/clip_grid, ... while the shrink is below max_shrink."""
+        return [1 - i / self.clip_grid for i in range(max(1, math.ceil(self.max_shrink * self.clip_grid - 1e-9)))]
+
+    def search_clip(self, weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Per (output row, input group): the bound ratio * max|w| among `clip_ratios` whose quantized
+        group has the smallest output error dw_g H_gg dw_g^T (ratio 1, no clamp, wins ties). Returns the
+        bounds (rows, groups, 1) in the weight's dtype and the report: ratios chosen, the groups' summed
+        error and the layer's whole output error tr(dW H dW^T), before and after."""
+        rows, size = weight.shape[0], self.group_size or weight.shape[1]
+        groups = weight.detach().reshape(rows, -1, size)
+        blocks = torch.stack([hessian[g:g + size, g:g + size] for g in range(0, weight.shape[1], size)])
+        peak = groups.abs().amax(dim=-1, keepdim=True)
+        best = torch.full(peak.shape[:2], math.inf, dtype=torch.float64)
+        ratio = torch.ones_like(best)
+        plain_groups = None
+        for r in self.clip_ratios():
+            bound = (peak * r).to(weight.dtype)
+            delta = self._group_delta(torch.minimum(torch.maximum(groups, -bound), bound), groups)
+            error = (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum(-1)
+            plain_groups = error if plain_groups is None else plain_groups
+            better = error < best
+            best, ratio = torch.where(better, error, best), torch.where(better, r, ratio)
+        bound = (peak * ratio.unsqueeze(-1)).to(weight.dtype)
+        clipped = torch.minimum(torch.maximum(groups, -bound), bound)
+        chosen = torch.unique(ratio, return_counts=True)
+        return torch.where(ratio.unsqueeze(-1) < 1, bound, peak), {
+            "groups": best.numel(), "groups_clipped": int((ratio < 1).sum()),
+            "ratios": {f"{float(r):.2f}": int(n) for r, n in zip(*chosen)},
+            "group_error_before": float(plain_groups.sum()), "group_error_after": float(best.sum()),
+            "error_before": self._whole_error(groups, groups, hessian),
+            "error_after": self._whole_error(clipped, groups, hessian)}
+
+    def _group_delta(self, clipped: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """quantize(clipped) - original, as float64 (rows, groups, size), on this pass's grid."""
+        flat = clipped.reshape(clipped.shape[0], -1)
+        grid = linear_grid(flat, self.bits, self.symmetric, axis=0, group_size=self.group_size)
+        return (fake_quantize(flat, grid, axis=0).double().reshape(clipped.shape) - original.double())
+
+    def _whole_error(self, clipped: torch.Tensor, original: torch.Tensor, hessian: torch.Tensor) -> float:
+        """The layer's mean squared output error tr(dW H dW^T), cross-group terms included."""
+        delta = self._group_delta(clipped, original).reshape(original.shape[0], -1)
+        return float(((delta @ hessian) * delta).sum())
 
     def output_error(self, weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
         """sum over output rows of dW H dW^T: the mean squared output error over the calibration tokens
@@ -280,6 +383,29 @@ def _check_float(gm: GraphModule, layer: Layer) -> None:
 
 
 # ---- the graph query -------------------------------------------------------------------------------------
+
+def reaches_scores(gm: GraphModule, start: Node) -> str:
+    """Why a layer's output is a query or key (it reaches a score operand of attention, or a softmax,
+    before any other layer reads it), or "" when it is not."""
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            score = SCORE_OPERANDS.get(user.target, ()) if user.op == "call_function" else ()
+            if any(user.args[p] is node for p in score if p < len(user.args)) or _is_softmax(gm, user):
+                return (f"{start.name}'s output reaches attention scores at {user.name} ({_op_name(user)}): "
+                        "its error passes a softmax, as q / k, which AWQ's clip leaves alone")
+            if user not in seen and kind_of_node(gm, user) is None:
+                seen.add(user)
+                stack.append(user)
+    return ""
+
+
+def _is_softmax(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), tuple(t for t in SOFTMAXES if isinstance(t, type)))
+    return node.op in ("call_function", "call_method") and node.target in SOFTMAXES
+
 
 def find_producer(gm: GraphModule, x: Node, consumers: set[Node]) -> tuple[Producer | None, str]:
     """The producer of x's channels and an empty reason, or None and why there is none.

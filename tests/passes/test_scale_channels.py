@@ -60,7 +60,8 @@ def test_fold_is_exact_on_llama_and_finds_every_producer(method, kv_heads):
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     reference = gm(x)["logits"].detach()
     cal = [(torch.randint(0, 64, (2, 16)),) for _ in range(2)]
-    config = ScaleChannels(method=method, alpha=0.5, group_size=16) if method == "awq" else ScaleChannels(method=method)
+    config = ScaleChannels(method=method, alpha=0.5, group_size=16, clip=False) if method == "awq" else \
+        ScaleChannels(method=method)   # the clip changes weights on purpose: the fold alone is exact
     out_gm = fxcompress.compile(gm, [config], (x,), calibration_data=cal)
     out = out_gm(x)["logits"].detach()
     assert float((out - reference).abs().max() / reference.abs().max()) < 1e-5
@@ -172,7 +173,7 @@ def _conv1d_pair():
 @pytest.mark.parametrize("method", ["awq", "smoothquant"])
 def test_conv1d_layers_are_scaled_exactly_and_like_their_linear_twins(method, frontend):
     model, twin, x = _conv1d_pair()
-    config = ScaleChannels(method=method, bits=4, group_size=16, grid=10) if method == "awq" else \
+    config = ScaleChannels(method=method, bits=4, group_size=16, grid=10, clip=False) if method == "awq" else \
         ScaleChannels(method=method)
     gm = fxcompress.compile(model, [config], (x,), calibration_data=[x, x * 0.5], frontend=frontend)
     ref = fxcompress.compile(twin, [config], (x,), calibration_data=[x, x * 0.5], frontend="fx")
