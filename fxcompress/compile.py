@@ -190,6 +190,9 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
     before = _node_signatures(gm)
     start = time.perf_counter()
     ctx.gm = gm
+    # the forwards before the pass (the input check, shapes, the last pass's checks) freed their transients
+    # into glibc's free lists, where they stay resident under the pass's own peak unless handed back
+    release_freed_memory()
     try:
         result = p(gm, ctx)
     except FxCompressError as exc:
@@ -212,6 +215,7 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
         gm.recompile()
     if result.changed or result.gm is not None:
         _refresh_analyses(gm, preserved, ctx, label, check_analyses)
+        release_freed_memory()  # the shape propagation's forward too: what follows (a next stage) starts from what is live
     after = _node_signatures(gm)
     record = PassRecord(
         name=type(p).__name__, config=p.config(), changed=result.changed,
