@@ -25,6 +25,10 @@ def code_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits < 8 else torch.int16 if bits < 15 else torch.int32
 
 
+# Positions gathered at a time by a forward without autograd (int32: 1 MiB).
+_GATHER_BLOCK = 1 << 18
+
+
 class KMeansWeight(WeightTransform):
     """Weight sharing: each weight is a trainable centroid picked by a fixed code.
 
@@ -71,22 +75,49 @@ class KMeansWeight(WeightTransform):
         # gradient, which DistributedDataParallel has to copy into its buckets, with a warning).
         flat = self.codebook.reshape(-1)
         table = torch.cat([flat.new_zeros(1), flat]) if self.fixed_zero else flat
-        positions = self.positions()
-        values = table.index_select(0, positions.reshape(-1)).reshape(positions.shape)
+        if torch.is_grad_enabled() and self.codebook.requires_grad:
+            positions = self.positions()
+            values = table.index_select(0, positions.reshape(-1)).reshape(positions.shape)
+        else:
+            values = self._gather(table)
         return from_rows(values, self.codes.shape, self.axis).to(weight.dtype)
 
-    def positions(self) -> torch.Tensor:
+    def _gather(self, table: torch.Tensor) -> torch.Tensor:
+        """`table[positions()]` without autograd, a block of positions at a time into one output: the
+        whole-layer int32 positions (as large as the float weight) are never held, only a block's."""
+        codes = as_rows(self.codes, self.axis)
+        out = torch.empty(codes.shape, dtype=table.dtype, device=table.device)
+        for index, first in self._blocks(codes):
+            part = out[index]
+            torch.index_select(table, 0, self.positions(codes[index], first).reshape(-1), out=part.view(-1))
+        return out
+
+    def _blocks(self, codes: torch.Tensor):
+        """(index into the rows of codes, its first row) of about _GATHER_BLOCK positions each: one group
+        is one row, cut into runs of columns; several groups are cut into runs of whole rows (each row
+        has its own offset in the flat codebook)."""
+        if self.groups == 1:
+            for start in range(0, codes.shape[1], _GATHER_BLOCK):
+                yield (slice(None), slice(start, start + _GATHER_BLOCK)), 0
+            return
+        step = max(1, _GATHER_BLOCK // max(codes.shape[1], 1))
+        for first in range(0, codes.shape[0], step):
+            yield (slice(first, first + step), slice(None)), first
+
+    def positions(self, codes: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
         """(groups, values), int32: each weight's index in the codebook flattened row after row, after
         a fixed 0 if any. Code c of group g is codebook[g, c - 1] (c >= 1) with a fixed zero, codebook[g, c] without.
+        `codes` may be a block of the rows of `as_rows(self.codes, self.axis)` starting at row `first`.
 
         One int32 array worked on in place: int64 copies (the codes widened, offset, then masked) cost
         24 bytes a weight on every forward, six times the float weight they decode to.
         """
-        codes = as_rows(self.codes, self.axis)
+        codes = as_rows(self.codes, self.axis) if codes is None else codes
         positions = codes.to(torch.int32, copy=True)
         if self.groups == 1:  # one group: the position is the code itself, a fixed zero's code 0 included
             return positions
-        positions += torch.arange(self.groups, device=codes.device, dtype=torch.int32).unsqueeze(1) * self.size
+        rows = torch.arange(first, first + codes.shape[0], device=codes.device, dtype=torch.int32)
+        positions += rows.unsqueeze(1) * self.size
         return positions.masked_fill_(codes == 0, 0) if self.fixed_zero else positions
 
     def recluster(self, weight: torch.Tensor, seed: int = 0) -> None:

@@ -156,3 +156,21 @@ def test_activation_quant_gradient_is_clipped_straight_through():
     x = torch.tensor([-0.5, 0.25, 0.5, 2.0], requires_grad=True)
     module(x).sum().backward()
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("shape, axis", [((12, 30), None), ((12, 30), 0), ((6, 4, 3, 3), 0), ((6, 4, 3, 3), 1)])
+@pytest.mark.parametrize("fix_zeros", [True, False])
+def test_forward_without_autograd_gathers_block_by_block_the_same_values(shape, axis, fix_zeros, monkeypatch):
+    from fxcompress.quant import modules
+    w = pruned(shape, seed=3)
+    module = KMeansWeight.fit(w, 3, axis=axis, fix_zeros=fix_zeros)
+    with torch.no_grad():
+        module.codebook.add_(torch.randn(module.codebook.shape))  # trained centroids: every entry distinct
+    expected = module(w)  # the autograd path: one whole-layer gather
+    assert expected.requires_grad
+    for block in (7, 30, 1 << 18):  # several blocks, cutting rows; one row a block; the whole layer at once
+        monkeypatch.setattr(modules, "_GATHER_BLOCK", block)
+        with torch.no_grad():
+            got = module(w)
+        assert torch.equal(got, expected.detach()), block
+        assert got.shape == w.shape and not got.requires_grad
