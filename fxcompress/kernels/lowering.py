@@ -25,7 +25,7 @@ from ..encoded.rewire import erase_unused
 from ..errors import ConfigError, PreconditionError
 from ..execution import evaluating
 from ..layers import (KINDS, Layer, bias_arg, constant_value, find_layers, functionalize, input_arg, kind_of_node,
-                      layer_node, name_matches, select_layers, tied_readers, weight_arg)
+                      layer_node, name_matches, select_layers, tied_readers, weight_arg, weight_source)
 from ..pass_base import Pass, PassContext, PassResult
 from ..quant import GridWeight, KMeansWeight
 from .timing import MeasuredLayer
@@ -98,8 +98,7 @@ class MeasuredLowering(Pass):
             # token embeddings only (plan_layers refused any other tie), as calls reading the weight value
             readers = [functionalize(gm, reader) for reader in tied_readers(gm, node)]
             path = install(gm, layer, node, module, self.suffix)
-            tied = [install(gm, Layer(reader.name, "embedding", reader.name, layer.weight, None), reader,
-                            self.tied_module(module), f"{self.suffix}_embedding") for reader in readers]
+            tied = [install_tied(gm, reader, self.tied_module(module), self.suffix) for reader in readers]
             stats[layer.name] = {"module": path, **module.choice_stats(self.kernels),
                                  "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),
                                  **self.layer_stats(module, found),
@@ -232,6 +231,13 @@ def install(gm: GraphModule, layer: Layer, node: Node, module: torch.nn.Module, 
     if owner:
         _empty_husk(gm, owner)
     return path
+
+
+def install_tied(gm: GraphModule, reader: Node, module: torch.nn.Module, suffix: str) -> str:
+    """Put `module` in place of the token embedding node `reader` (at `<table owner>.<suffix>_embedding`);
+    erase its weight chain. Returns the module's path."""
+    layer = Layer(reader.name, "embedding", reader.name, weight_source(reader).target, None)
+    return install(gm, layer, reader, module, f"{suffix}_embedding")
 
 
 def _empty_husk(gm: GraphModule, owner: str) -> None:
