@@ -12,10 +12,14 @@ each round runs every form once; medians; ratios against fp32 of the same run, a
   generating `--tokens` tokens greedily after one token of prompt: tokens per second for fp32,
   torch.ao `quantize_dynamic`, ours weight-only int8 (per channel, symmetric), int4 (group 32 / 64 /
   128, asymmetric), and dynamic int8 (`LowerDynamicInt8`). With the LM head tied to the token
-  embedding (GPT-2) the head stays fp32 in every form (our passes skip tied weights; quantize_dynamic
-  leaves F.linear alone): 39 M of the 124 M weights, a fixed cost that bounds every form's speed-up.
-  The "untied" groups give the decoder its own LM head (an `nn.Linear` holding the same values, as
-  GPT-NeoX / Llama-style models have), which the int4 and int8 forms quantize too. Forms are built in
+  embedding (GPT-2: 39 M of the 124 M weights) our weight-only forms quantize the shared table too
+  (`InsertFakeQuant(select="wte", group_size=...)`: a grid per group of each token's row, the head's
+  output channel; int8 per channel is one group per row) and `LowerWeightOnly` runs the head on its
+  measured kernel while the embedding gathers its rows from the same packed codes; quantize_dynamic
+  leaves F.linear (the tied head) fp32. The "-fp32-head" groups keep the tied head fp32 (as before it
+  could be lowered), for comparison. The "untied" groups give the decoder its own LM head (an
+  `nn.Linear` holding the same values, as GPT-NeoX / Llama-style models have), which the int4 and
+  int8 forms quantize too. Forms are built in
   groups to bound memory, each group with its own fp32 baseline. Our passes pick each layer's kernel
   with warm caches, or with cold ones (`cold=True`: each call after evicting the caches) with --cold.
   Tokens per second are by the thread's CPU time (`--clock thread`, the default: on a shared machine
@@ -25,7 +29,8 @@ Weights are random (nothing downloads): what the kernels see is the same as trai
 `benchmarks/bench_deploy.py` imports `layer_rows` and `decode_rows`.
 
     python benchmarks/deploy_decode.py [--tokens 8] [--rounds 3] [--layers 12] [--skip-layers] [--cold]
-                                       [--clock thread|wall] [--groups int8 int4 int4-untied int8-untied]
+                                       [--clock thread|wall]
+                                       [--groups int8 int4 int4-untied int8-untied int4-fp32-head int8-fp32-head]
 """
 from __future__ import annotations
 
@@ -140,32 +145,46 @@ def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _shared_embedding(form: nn.Module, base: Decoder) -> nn.Module:
-    """Point the form's (unquantized) embeddings at the base model's tensors: one copy in memory."""
+    """Point the form's float embeddings at the base model's tensors: one copy in memory (a table the
+    form lowered with its tied head holds no float weight)."""
     for name in ("wte", "wpe"):
-        getattr(form, name).weight = getattr(base, name).weight
+        if isinstance(getattr(getattr(form, name), "weight", None), torch.Tensor):
+            getattr(form, name).weight = getattr(base, name).weight
     return form
 
 
 def forms(base: Decoder, group: str) -> dict[str, tuple[nn.Module, dict]]:
-    """The decoder's forms of one group, each with its lowering statistics (kernels chosen per layer)."""
+    """The decoder's forms of one group, each with its lowering statistics (kernels chosen per layer).
+    With a tied head, the weight-only forms quantize the shared table unless the group ends in -fp32-head."""
     x = example_inputs()
     built: dict[str, tuple[nn.Module, dict]] = {"fp32": (base, {})}
+    table = base.head is None and not group.endswith("-fp32-head")
     if group.startswith("int8"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao is deprecated: measured while it is importable
             built["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
                 copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8), {})
-        built["ours dynamic int8"] = _lower(base, [LowerDynamicInt8(cold=COLD)], x)
-        built["ours weight-only int8 per channel"] = _weight_only(base, GRIDS["int8 per channel"], x)
+        built["ours dynamic int8"] = _lower(base, [LowerDynamicInt8(cold=COLD, **_tied_select(base, group))], x)
+        built["ours weight-only int8 per channel"] = _weight_only(base, GRIDS["int8 per channel"], x, table)
     else:
         for name in ("int4 g32", "int4 g64", "int4 g128"):
-            built[f"ours weight-only {name}"] = _weight_only(base, GRIDS[name], x)
+            built[f"ours weight-only {name}"] = _weight_only(base, GRIDS[name], x, table)
     return built
 
 
-def _weight_only(base: Decoder, grid: dict, x: tuple) -> tuple[nn.Module, dict]:
-    return _lower(base, [InsertFakeQuant(method="linear", types=("linear",), **grid),
-                         LowerWeightOnly(kernels=WEIGHT_ONLY_KERNELS, cold=COLD)], x)
+def _tied_select(base: Decoder, group: str) -> dict:
+    """LowerDynamicInt8 lowers a tied head (named `linear` in the traced decoder) unless -fp32-head."""
+    return {"select": "(?!linear$).*"} if base.head is None and group.endswith("-fp32-head") else {}
+
+
+def _weight_only(base: Decoder, grid: dict, x: tuple, table: bool) -> tuple[nn.Module, dict]:
+    """Fake-quant linear layers, and with `table` the tied token table (a grid per group of each token's
+    row: int8 per channel is one group per row), then LowerWeightOnly."""
+    passes = [InsertFakeQuant(method="linear", types=("linear",), **grid)]
+    if table:
+        row_grid = {k: v for k, v in grid.items() if k != "per_channel"}
+        passes.append(InsertFakeQuant(method="linear", select="wte", **({"group_size": WIDTH} | row_grid)))
+    return _lower(base, [*passes, LowerWeightOnly(kernels=WEIGHT_ONLY_KERNELS, cold=COLD)], x)
 
 
 def _lower(base: Decoder, passes: list, x: tuple) -> tuple[nn.Module, dict]:
@@ -189,6 +208,8 @@ def tokens_per_second(built: dict[str, tuple[nn.Module, dict]], tokens: int, rou
 
 
 GROUPS = ("int8", "int4", "int4-untied")  # "-untied": the decoder has its own LM head, quantized with the rest
+# "-fp32-head": GPT-2's tied head (and its table) kept fp32 by our passes, as before they could lower it
+OPTIONAL_GROUPS = ("int8-untied", "int4-fp32-head", "int8-fp32-head")
 
 
 def decode_rows(tokens: int = 8, rounds: int = 3, layers: int = 12, clock: str = "thread",
@@ -264,7 +285,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="our passes time kernels with cold caches")
     parser.add_argument("--clock", choices=("thread", "wall"), default="thread",
                         help="tokens per second by the thread's CPU time or by elapsed time")
-    parser.add_argument("--groups", nargs="+", choices=(*GROUPS, "int8-untied"), default=list(GROUPS))
+    parser.add_argument("--groups", nargs="+", choices=(*GROUPS, *OPTIONAL_GROUPS), default=list(GROUPS))
     args = parser.parse_args()
     global COLD
     COLD = args.cold
