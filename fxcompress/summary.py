@@ -19,7 +19,7 @@ from .analyses.shapes import propagate_shapes
 from .history import format_history
 from .kernels.dynamic import DynamicInt8Linear
 from .kernels.sparse import SparseLayer
-from .kernels.weight_only import WeightOnlyLinear
+from .kernels.weight_only import TiedEmbedding, WeightOnlyLinear
 from .quant.integer import IntegerLayer
 from .kernels.native import NativeLayer
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
@@ -178,7 +178,7 @@ def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
     other = _other_parameters(gm, layers, {node.target for node, _ in lowered})
     rows = (tuple(_row(gm, layer) for layer in layers)
             + tuple(_ROWS.get(type(m), _lowered_row)(node, m) for node, m in lowered)
-            + ((other,) if other else ()))
+            + _tied_embedding_rows(gm) + ((other,) if other else ()))
     return Summary(rows, _totals(rows), format_history(gm))
 
 
@@ -233,6 +233,19 @@ def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
             "sparsity": 1 - nonzeros / weight.numel(), "bits": largest.bit_length() + 1, "sqnr_db": None,
             "dense_bytes": 4 * params, "compressed_bytes": held, "exact": "yes", "macs": macs,
             "macs_effective": _effective(macs, nonzeros, weight.numel()), **_kernel_columns(module)}
+
+
+def _tied_embedding_rows(gm: GraphModule) -> tuple[dict[str, Any], ...]:
+    """A token embedding reading a lowered LM head's tensors: its weight is counted, and stored, once, in
+    the head's row (as a tied layer's is in the row of the layer it is tied to)."""
+    paths = {id(m): path for path, m in gm.named_modules()}
+    return tuple({"layer": f"{node.target} (rows of {paths.get(id(m.head), 'its tied head')})",
+                  "op": f"embedding ({type(m).__name__})", "weight_shape": None, "params": 0, "nonzeros": None,
+                  "sparsity": None, "bits": getattr(m, "bits", 8), "sqnr_db": None, "dense_bytes": 0,
+                  "compressed_bytes": 0, "exact": "yes", "macs": 0, "macs_effective": 0, "kernel": None,
+                  "latency_ms": None}
+                 for node in gm.graph.find_nodes(op="call_module")
+                 if isinstance(m := gm.get_submodule(node.target), TiedEmbedding))
 
 
 _ROWS = {SparseLayer: _sparse_row, WeightOnlyLinear: _quantized_linear_row, DynamicInt8Linear: _quantized_linear_row}

@@ -98,6 +98,9 @@ def test_outputs_equal_the_fake_quant_model_and_the_weight_is_held_once(function
     name = "linear" if functional else "lm_head"
     assert stats["layers"][name]["tied_embeddings"] == ["wte.weight_only_embedding"] and not stats["skipped"]
     assert "wte.weight_only_embedding" in stats["layers"][name]["shared_weight"]
+    rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
+    tied = rows["wte.weight_only_embedding (rows of wte.weight_only)"]  # its weight is the head's row
+    assert tied["params"] == tied["compressed_bytes"] == 0 and rows["wte.weight_only"]["params"] == VOCAB * DIM
 
 
 def test_save_load_keeps_one_copy_and_the_tie():
