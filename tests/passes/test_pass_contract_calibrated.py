@@ -39,8 +39,7 @@ EXPECTED = {
     # the default group_size=128 divides no zoo layer's input features: refused, naming the layer
     **{("AWQ", model): ConfigError for model in ZOO},
     # scales fold only into an op that keeps channels (a norm, a linear layer); a ReLU or a pooling
-    # in between leaves the layer unscaled, with that reason
-    **{("AWQ per channel", model): UNCHANGED for model in WITHOUT_NORMS},
+    # in between leaves the layer unscaled, with that reason (AWQ still clips its weight groups)
     **{("SmoothQuant", model): UNCHANGED for model in WITHOUT_NORMS},
     # second-order updates and input norms read linear layers' inputs: a conv in the selection is refused
     **{(mode, model): ConfigError for mode in ("GPTQ", "Wanda", "OWL") for model in WITH_CONVS},
