@@ -396,7 +396,9 @@ ORDERINGS = [*((f"sparsegpt {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
              *((f"wanda {p}", f"magnitude {p}") for p in ("50%", "4:8", "2:4")),
              *((f"wanda+update {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
              *((f"w{b} g64 {m}", f"w{b} g64 rtn") for b in (4, 3) for m in ("gptq", "awq")),
-             ("w8a8 smoothquant", "w8a8")]
+             ("w8a8 smoothquant", "w8a8"),
+             # AWQ's ablation (the paper, AutoAWQ's apply_clip): the weight clip after the scales helps
+             *((f"w{b} g64 awq", f"w{b} g64 awq noclip") for b in (4, 3))]
 
 
 def orderings(results: list[dict]) -> list[str]:

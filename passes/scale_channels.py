@@ -256,9 +256,10 @@ class ScaleChannels(Pass):
               touched: list[str]) -> dict[str, Any]:
         """AWQ's clip of one consumer (its columns already scaled): the search on the Hessian of the
         scaled inputs x / s, the clamp written into the weight, and the report."""
-        why = reaches_scores(gm, layer_node(gm, layer))
-        if why:
-            return {"skipped": why}
+        scores = reaches_scores(gm, layer_node(gm, layer))
+        if scores is not None:
+            return {"skipped": f"{layer.name}'s output reaches attention scores at {scores.name} ({_op_name(scores)}): "
+                               "its error passes a softmax, as q / k do, which AWQ's clip leaves alone"}
         weight = _rows(gm, layer)
         if scale is not None:
             hessian = hessian / torch.outer(scale, scale)
@@ -384,21 +385,20 @@ def _check_float(gm: GraphModule, layer: Layer) -> None:
 
 # ---- the graph query -------------------------------------------------------------------------------------
 
-def reaches_scores(gm: GraphModule, start: Node) -> str:
-    """Why a layer's output is a query or key (it reaches a score operand of attention, or a softmax,
-    before any other layer reads it), or "" when it is not."""
+def reaches_scores(gm: GraphModule, start: Node) -> Node | None:
+    """The attention op (a score operand of scaled_dot_product_attention, or a softmax) that a layer's
+    output reaches before any other layer reads it: the layer is a query or key; None when there is none."""
     seen, stack = {start}, [start]
     while stack:
         node = stack.pop()
         for user in node.users:
             score = SCORE_OPERANDS.get(user.target, ()) if user.op == "call_function" else ()
             if any(user.args[p] is node for p in score if p < len(user.args)) or _is_softmax(gm, user):
-                return (f"{start.name}'s output reaches attention scores at {user.name} ({_op_name(user)}): "
-                        "its error passes a softmax, as q / k, which AWQ's clip leaves alone")
+                return user
             if user not in seen and kind_of_node(gm, user) is None:
                 seen.add(user)
                 stack.append(user)
-    return ""
+    return None
 
 
 def _is_softmax(gm: GraphModule, node: Node) -> bool:
