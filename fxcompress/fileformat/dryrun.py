@@ -66,6 +66,18 @@ _LIBRARY_FUNCTIONS = frozenset(id(fn) for fn in FUNCTIONS.values())  # before an
 _STANDARD_MODULES = frozenset(MODULES[name][0] for name in STANDARD_MODULES)
 
 
+class _Submodule:
+    """What a get_attr of a submodule gives the dry run: an opaque stand-in, so that an op given a module
+    where it wants a tensor fails as it would in the forward, while nothing can call, move or convert the
+    real module (`.to("meta")` on it would empty the loaded model)."""
+
+    def __init__(self, path: str, module: nn.Module) -> None:
+        self.description = f"submodule {path!r} ({type(module).__name__})"
+
+    def __repr__(self) -> str:
+        return self.description
+
+
 class _Unknown(Exception):
     """The dry run cannot compute this node (data-dependent, no meta kernel, trusted foreign code)."""
 
@@ -293,6 +305,8 @@ def _call(gm: GraphModule, node: Node, args: tuple, kwargs: dict, memo: dict) ->
     """Run one node on meta values; _Unknown where the dry run cannot tell."""
     if node.op == "get_attr":
         value = _attribute(gm, node.target)
+        if isinstance(value, nn.Module):
+            return _Submodule(node.target, value)
         return _meta(value, memo) if isinstance(value, torch.Tensor) else UNKNOWN
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -373,9 +387,10 @@ def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict) -> Any:
                     f"{type(exc).__name__}: {message}") from None
 
 
-def dry_run(gm: GraphModule, specs: Any) -> None:
+def dry_run(gm: GraphModule, specs: Any) -> dict[str, Any]:
     """Run `gm` once on meta tensors of the recorded inputs `specs` (module docstring); FormatError naming
-    the first node that fails. Writes the recorded shapes to the placeholders' `tensor_meta`."""
+    the first node that fails. Writes the recorded shapes to the placeholders' `tensor_meta`; returns each
+    node's meta value by name (UNKNOWN where the dry run could not tell)."""
     values = input_values(specs, gm)
     env: dict[Node, Any] = {}
     memo: dict[int, torch.Tensor] = {}
@@ -387,3 +402,4 @@ def dry_run(gm: GraphModule, specs: Any) -> None:
             elif node.op != "output":
                 env[node] = _run_node(gm, node, env, memo)
     keep_input_shapes(gm, values)
+    return {node.name: value for node, value in env.items()}

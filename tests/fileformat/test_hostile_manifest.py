@@ -43,6 +43,7 @@ VALUES = PAYLOADS + NAMES + [None, 0, -1, 7, 2 ** 70, 40000, 1.5, True, [], {}, 
 WATCHED = (torch.fx.GraphModule, torch.fx.Graph, torch.fx.Node, torch.nn.Module, torch.nn.Linear, torch.Tensor,
            object, type, FormatError)
 OUTCOMES: collections.Counter = collections.Counter()
+FORWARD_FAILURES: list[str] = []  # files that loaded and then failed at their first forward: what failed
 PEAKS: list[tuple[int, int]] = []  # (traced peak bytes during load, file bytes)
 RSS_GROWTH: list[int] = []  # KiB the process's peak RSS grew during each load (torch's allocations, untraced)
 # What one hostile file may cost while it loads: the documented bound of a parsed manifest (about 350
@@ -88,7 +89,7 @@ def saved(name):
         make_model, make_input = ZOO[name]
         x = make_input()
         gm = torch.fx.symbolic_trace(make_model().eval())
-    return to_bytes(gm), x
+    return to_bytes(gm, example_inputs=(x,)), x  # the file records x's shape: load runs the graph on it
 
 
 def _refused(data, match=None):
@@ -468,6 +469,7 @@ def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name
             OUTCOMES["load ok, forward ok"] += 1
         except FORWARD_ERRORS as exc:
             OUTCOMES[f"load ok, forward {type(exc).__name__}"] += 1
+            FORWARD_FAILURES.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     _assert_untouched(before)
 
 
@@ -481,3 +483,5 @@ def test_report_of_generated_files(capsys):
               f"max {max(p for p, _ in PEAKS) / 2 ** 20:.2f} MiB, worst ratio {worst[0] / worst[1]:.1f}x "
               f"the file ({worst[0]} bytes for {worst[1]}); file sizes {min(n for _, n in PEAKS)}-"
               f"{max(n for _, n in PEAKS)} bytes; peak RSS growth during one load: max {max(RSS_GROWTH)} KiB")
+        for failure in FORWARD_FAILURES[:20]:
+            print(f"  loaded, then the forward failed: {failure}")

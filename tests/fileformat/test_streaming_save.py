@@ -13,6 +13,7 @@ import torch
 import fxcompress
 from fxcompress.fileformat import container
 from fxcompress.fileformat.container import _HEADER, MAGIC, VERSION, _tensors, to_bytes
+from fxcompress.fileformat.dryrun import record_inputs
 from fxcompress.history import history
 from fxcompress.fileformat.graphdata import graph_to_data, modules_to_data
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
@@ -36,7 +37,8 @@ def _whole_buffer_bytes(gm):
         segments.append(data)
         offset += len(data)
     manifest = {"graph": graph_to_data(gm), "modules": modules_to_data(gm), "tensors": table,
-                "history": [r.as_dict() | {"seconds": 0.0} for r in history(gm)], "data_bytes": offset}
+                "history": [r.as_dict() | {"seconds": 0.0} for r in history(gm)], "data_bytes": offset,
+                "inputs": record_inputs(gm)}
     packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
     header = _HEADER.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed))
     return b"".join([header, struct.pack("<I", zlib.crc32(header)), packed, *segments])

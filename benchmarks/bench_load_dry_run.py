@@ -1,0 +1,112 @@
+"""What load's dry run costs: load time of a file that records its inputs (format version 2: the graph
+runs once on meta tensors before load returns) against the same file without them (version 1: no dry
+run), interleaved, one thread, medians of the repeats and their ratio in the same run.
+
+Files: the README's quick-start / demo pipeline on LeNet-300-100 (90% global pruning, 5-bit k-means,
+LowerToEncoded(coding="auto"); untrained weights: load time does not depend on their values) and the
+100 M-parameter GPT-style model of benchmarks/bench_scale.py (width 1024, 8 blocks), saved in float.
+
+    python benchmarks/bench_load_dry_run.py [--sizes demo,100M] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+import fxcompress
+from fxcompress.fileformat.container import HEADER_BYTES
+from fxcompress.fileformat.dryrun import dry_run
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+from fxcompress.zoo import ZOO
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_scale import SIZES, build  # noqa: E402  (the GPT builder of the scale benchmark)
+
+
+def demo_model() -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    make_model, _ = ZOO["lenet300"]
+    x = torch.randn(8, 1, 28, 28)
+    gm = fxcompress.compile(make_model().eval(), [InsertMasks(sparsity=0.9, scope="global"),
+                                                 InsertFakeQuant(bits=5, method="kmeans")], example_inputs=(x,))
+    return fxcompress.compile(gm, [LowerToEncoded(coding="auto")], example_inputs=(x,)), x
+
+
+def gpt_model(size: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    model, x = build(*SIZES[size])
+    return fxcompress.compile(model, [], example_inputs=(x,), inplace=True), x
+
+
+def without_inputs(data: bytes) -> bytes:
+    """The same file as format version 1 wrote it: no `inputs` in the manifest, so load runs no dry run."""
+    length = struct.unpack_from("<I", data, 10)[0]
+    manifest = json.loads(zlib.decompress(data[HEADER_BYTES:HEADER_BYTES + length]))
+    del manifest["inputs"]
+    packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+    header = bytearray(data[:HEADER_BYTES])
+    struct.pack_into("<HII", header, 8, 1, len(packed), zlib.crc32(packed))
+    struct.pack_into("<I", header, 18, zlib.crc32(bytes(header[:18])))
+    return bytes(header) + packed + data[HEADER_BYTES + length:]
+
+
+def timed_load(path: Path) -> float:
+    start = time.perf_counter()
+    gm = fxcompress.load(path)
+    seconds = time.perf_counter() - start
+    del gm
+    return seconds
+
+
+def measure(name: str, gm: torch.fx.GraphModule, folder: Path, repeats: int) -> dict:
+    with_run, without = folder / f"{name}.v2.fxc", folder / f"{name}.v1.fxc"
+    fxcompress.save(gm, with_run)
+    without.write_bytes(without_inputs(with_run.read_bytes()))
+    loaded = fxcompress.load(with_run)
+    inputs = json.loads(zlib.decompress(with_run.read_bytes()[HEADER_BYTES:HEADER_BYTES + struct.unpack_from(
+        "<I", with_run.read_bytes(), 10)[0]]))["inputs"]
+    del gm
+    times: dict[str, list[float]] = {"v1 (no dry run)": [], "v2 (dry run)": [], "dry run alone": []}
+    timed_load(with_run), timed_load(without)  # first loads: page cache and lazy initialisation
+    for _ in range(repeats):  # interleaved: drift on a shared machine hits both alike
+        times["v1 (no dry run)"].append(timed_load(without))
+        times["v2 (dry run)"].append(timed_load(with_run))
+        start = time.perf_counter()
+        dry_run(loaded, inputs)
+        times["dry run alone"].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"file": name, "bytes": with_run.stat().st_size, "nodes": len(loaded.graph.nodes),
+            "params": sum(t.numel() for t in loaded.state_dict().values()), **medians,
+            "ratio": medians["v2 (dry run)"] / medians["v1 (no dry run)"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="demo,100M")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes.split(","):
+            gm, _ = demo_model() if size == "demo" else gpt_model(size)
+            rows.append(measure(size, gm, Path(folder), args.repeats))
+            del gm
+    print(f"torch {torch.__version__}, 1 thread, medians of {args.repeats} interleaved loads\n")
+    print("| file | bytes | nodes | stored values | load, no dry run (v1) s | load with dry run (v2) s | "
+          "dry run alone ms | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['file']} | {r['bytes']:,} | {r['nodes']} | {r['params']:,} | {r['v1 (no dry run)']:.4f} | "
+              f"{r['v2 (dry run)']:.4f} | {1000 * r['dry run alone']:.1f} | {r['ratio']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""load runs the rebuilt graph once on meta tensors of the inputs the file records, so a graph whose ops
+cannot take their arguments is a FormatError naming the node at load, not a PyTorch error at the first
+forward: a Linear whose in_features changed together with its weight, a view with a wrong size constant,
+a swapped argument. Every lowered module kind runs on meta tensors with the shapes of its real forward."""
+import operator
+import struct
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.analyses.shapes import propagate_shapes
+from fxcompress.errors import FormatError
+from fxcompress.execution import locate_failure
+from fxcompress.fileformat import register_function
+from fxcompress.fileformat.container import HEADER_BYTES, from_bytes, to_bytes
+from fxcompress.fileformat.dryrun import UNKNOWN, dry_run, record_inputs
+from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
+                               LowerToInteger, LowerToSparse, LowerWeightOnly)
+
+from fxcompress.encoded.module import EncodedWeight
+from fxcompress.kernels.dynamic import DynamicInt8Linear
+from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from fxcompress.kernels.sparse import SparseLayer
+from fxcompress.kernels.weight_only import WeightOnlyLinear
+from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
+from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
+
+from .hostile import read_manifest, tensor_data, with_manifest
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(24, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), 24))))
+
+
+def _mlp_file():
+    x = torch.randn(3, 2, 12)
+    gm = fxcompress.compile(Mlp().eval(), [], example_inputs=(x,))
+    return to_bytes(gm), gm, x
+
+
+def _refused(data, node):
+    with pytest.raises(FormatError, match="fails on the recorded input shapes") as info:
+        from_bytes(data)
+    assert f"graph node {node!r}" in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def _retile(manifest, data, replaced):
+    """The manifest's tensor table and data region with the named tensors' bytes replaced (offsets, lengths
+    and checksums recomputed): an edit an attacker makes consistently."""
+    old, region, offset = tensor_data(data), [], 0
+    for entry in manifest["tensors"]:
+        if "same_as" in entry:
+            continue
+        if entry["name"] in replaced:
+            tensor = replaced[entry["name"]]
+            raw = tensor.numpy().tobytes()
+            entry.update(shape=list(tensor.shape), length=len(raw), crc32=zlib.crc32(raw))
+        else:
+            raw = old[entry["offset"]:entry["offset"] + entry["length"]]
+        entry["offset"] = offset
+        region.append(raw)
+        offset += len(raw)
+    manifest["data_bytes"] = offset
+    return with_manifest(data, manifest, b"".join(region))
+
+
+def test_the_file_records_each_input_and_loads_with_the_same_outputs():
+    data, gm, x = _mlp_file()
+    assert read_manifest(data)["inputs"] == [{"shape": [3, 2, 12], "dtype": "float32"}]
+    loaded = from_bytes(data)
+    torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    assert record_inputs(loaded) == read_manifest(data)["inputs"]  # saving the loaded model records them again
+
+
+def test_a_linear_changed_consistently_in_the_module_table_is_refused_at_load():
+    """fc1 becomes Linear(20, 32) with a weight of that shape: the table is consistent, the input is not."""
+    data, _, _ = _mlp_file()
+    manifest = read_manifest(data)
+    next(m for m in manifest["modules"] if m["path"] == "fc1")["config"]["in_features"] = 20
+    message = _refused(_retile(manifest, data, {"fc1.weight": torch.randn(32, 20)}), "fc1")
+    assert "call_module fc1 (Linear)" in message and "float32[3, 24]" in message and "RuntimeError" in message
+
+
+def test_a_view_with_a_wrong_size_constant_is_refused_at_load():
+    data, _, _ = _mlp_file()
+    manifest = read_manifest(data)
+    view = next(n for n in manifest["graph"] if n["target"] == "view")
+    view["args"]["t"][2] = 25
+    message = _refused(with_manifest(data, manifest), view["name"])
+    assert "call_method .view()" in message and "shape '[3, 25]' is invalid" in message
+
+
+def test_a_swapped_argument_is_refused_at_load():
+    """view(x, size, 24) becomes view(size, x, 24): every name still resolves, the forward cannot run."""
+    data, _, _ = _mlp_file()
+    manifest = read_manifest(data)
+    view = next(n for n in manifest["graph"] if n["target"] == "view")
+    arguments = view["args"]["t"]
+    arguments[0], arguments[1] = arguments[1], arguments[0]
+    assert "AttributeError: 'int' object has no attribute 'view'" in _refused(with_manifest(data, manifest),
+                                                                               view["name"])
+
+
+def test_recorded_input_shapes_that_the_graph_cannot_take_are_refused():
+    data, _, _ = _mlp_file()
+    manifest = read_manifest(data)
+    manifest["inputs"][0]["shape"] = [3, 2, 13]
+    _refused(with_manifest(data, manifest), "view")
+
+
+@pytest.mark.parametrize("inputs, match", [([], "one recorded input for each"), ([{"shape": [-1], "dtype": "float32"}],
+                         "shape must be"), ([{"shape": [2], "dtype": "complex64"}], "dtype"),
+                         ([{"shape": [2 ** 30] * 3, "dtype": "float32"}], "shape must be"), ([{"x": 1}], "not a recorded"),
+                         ([{"default": True}], "has none"), ("nope", "one recorded input")])
+def test_malformed_recorded_inputs_are_format_errors(inputs, match):
+    data, _, _ = _mlp_file()
+    manifest = read_manifest(data)
+    manifest["inputs"] = inputs
+    with pytest.raises(FormatError, match=f"manifest: inputs.*{match}"):
+        from_bytes(with_manifest(data, manifest))
+
+
+def _with_version(data, version):
+    header = bytearray(data[:HEADER_BYTES])
+    struct.pack_into("<H", header, 8, version)
+    struct.pack_into("<I", header, 18, zlib.crc32(bytes(header[:18])))
+    return bytes(header) + data[HEADER_BYTES:]
+
+
+def test_version_1_files_load_without_a_dry_run_and_version_2_needs_its_inputs():
+    data, _, x = _mlp_file()
+    manifest = read_manifest(data)
+    next(n for n in manifest["graph"] if n["target"] == "view")["args"]["t"][2] = 25
+    del manifest["inputs"]
+    old = _with_version(with_manifest(data, manifest), 1)  # as written before inputs were recorded
+    loaded = from_bytes(old)
+    with pytest.raises(RuntimeError, match="invalid for input"):  # what such a file did: fail at the forward
+        loaded(x)
+    with pytest.raises(FormatError, match="exactly the keys"):
+        from_bytes(_with_version(old, 2))  # version 2 without inputs
+    with pytest.raises(FormatError, match="exactly the keys"):
+        from_bytes(_with_version(data, 1))  # version 1 with inputs
+
+
+def test_a_graph_that_carries_no_shapes_records_none_and_save_checks_what_it_records():
+    x = torch.randn(3, 2, 12)
+    traced = torch.fx.symbolic_trace(Mlp().eval())
+    assert read_manifest(to_bytes(traced))["inputs"] is None
+    torch.testing.assert_close(from_bytes(to_bytes(traced))(x), traced(x), rtol=0, atol=0)
+    assert read_manifest(to_bytes(traced, example_inputs=x))["inputs"] == [{"shape": [3, 2, 12], "dtype": "float32"}]
+    with pytest.raises(FormatError, match="cannot save: .*graph node 'view'"):
+        to_bytes(traced, example_inputs=(torch.randn(3, 25),))
+
+
+def _numpy_scale(x):
+    """A trusted function of the loading program that cannot run on meta tensors (it reads the data)."""
+    return x * float(x.abs().max().item() > 0)
+
+
+def test_registered_functions_that_cannot_run_on_meta_leave_their_output_unknown():
+    register_function(_numpy_scale, "tests.dry_run.numpy_scale")
+
+    graph = torch.fx.Graph()  # x -> _numpy_scale(x) -> view(2, 6) -> add 1
+    scaled = graph.call_function(_numpy_scale, (graph.placeholder("x"),))
+    graph.output(graph.call_function(operator.add, (graph.call_method("view", (scaled, 2, 6)), 1)))
+    traced = torch.fx.GraphModule(nn.Module(), graph)
+    x = torch.randn(3, 5)  # not the recorded shape: 15 values cannot be viewed as 2 x 6
+    data = to_bytes(traced, example_inputs=(torch.randn(2, 6),))
+    assert dry_run(from_bytes(data), [{"shape": [2, 6], "dtype": "float32"}])["add"] is UNKNOWN
+    with pytest.raises(RuntimeError):  # what the dry run could not see stays the forward's to find
+        from_bytes(data)(x)
+
+
+def test_a_split_into_millions_of_pieces_is_left_unknown_not_made():
+    class Unbind(nn.Module):
+        def forward(self, x):
+            return x.unbind(1)[0] + 1
+
+    data = to_bytes(torch.fx.symbolic_trace(Unbind()), example_inputs=(torch.randn(2, 3),))
+    manifest = read_manifest(data)
+    manifest["inputs"][0]["shape"] = [2, 1 << 40]
+    values = dry_run(from_bytes(with_manifest(data, manifest)), manifest["inputs"])
+    assert values["unbind"] is UNKNOWN and values["add"] is UNKNOWN
+
+
+# ---- every module kind fxcompress lowers to runs on meta tensors as its forward does -----------------
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        y = F.relu(self.conv2(y) + y)
+        y = torch.cat([y, self.conv3(y)], 1)
+        return self.fc2(F.relu(self.fc1(torch.flatten(y, 1))))
+
+
+CALIBRATED = [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                              activations=ActivationConfig(bits=8, joins=True))]
+# kind -> (the compiles, the module types they must leave in the model)
+KINDS = {
+    "kmeans": ([[InsertMasks(sparsity=0.5), InsertFakeQuant(method="kmeans", bits=4)]], {KMeansWeight}),
+    "grids_and_activations": ([CALIBRATED], {GridWeight, ActivationQuant}),
+    "encoded": ([[InsertMasks(sparsity=0.5), InsertFakeQuant(method="kmeans", bits=4)], [LowerToEncoded()]],
+                {EncodedWeight}),
+    "integer_reference": ([CALIBRATED, [LowerToInteger(backend="reference")]],
+                          {QuantizeInput, IntegerLayer, IntegerAdd, IntegerCat}),
+    "integer_native": ([CALIBRATED, [LowerToInteger(backend="native", repeats=1)]], {NativeLayer, NativeAdd, NativeCat}),
+    "sparse": ([[InsertMasks(sparsity=0.9)], [LowerToSparse(min_sparsity=0.0, repeats=1)]], {SparseLayer}),
+    "weight_only": ([[InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)],
+                     [LowerWeightOnly(repeats=1)]], {WeightOnlyLinear}),
+    "dynamic_int8": ([[LowerDynamicInt8(repeats=1)]], {DynamicInt8Linear}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_lowered_module_kind_runs_on_meta_with_its_real_shapes(kind):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 4)
+    gm = Residual().eval()
+    steps, made = KINDS[kind]
+    for passes in steps:
+        gm = fxcompress.compile(gm, passes, example_inputs=(x,), calibration_data=[(x,)])
+    assert made <= {type(m) for m in gm.modules()}
+    data = to_bytes(gm)
+    loaded = from_bytes(data)
+    torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    values = dry_run(loaded, read_manifest(data)["inputs"])
+    real = propagate_shapes(loaded, (x,)).meta
+    compared = 0
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            assert (tuple(value.shape), value.dtype) == (tuple(real[name].shape), real[name].dtype), name
+            compared += 1
+    assert UNKNOWN not in values.values() and compared >= len(values) - 1  # all but the flatten's int
+    manifest = read_manifest(data)
+    manifest["inputs"][0]["shape"] = [2, 4, 4, 4]  # four channels where the first conv takes three
+    failing = locate_failure(loaded, (torch.rand(2, 4, 4, 4),))
+    assert failing is not None
+    _refused(with_manifest(data, manifest), failing.name)
+
+
+def test_the_native_boundary_runs_on_meta_as_it_runs():
+    """QuantizeToCodes (float in, uint8 codes out; one C call where it can) keeps its real shape and dtype."""
+    graph = torch.fx.Graph()
+    graph.output(graph.call_module("q", (graph.placeholder("x"),)))
+    root = nn.Module()
+    root.q = QuantizeToCodes(0.05, 3, 255)
+    gm = torch.fx.GraphModule(root, graph)
+    x = torch.randn(2, 7)
+    value = dry_run(from_bytes(to_bytes(gm, example_inputs=(x,))), [{"shape": [2, 7], "dtype": "float32"}])["q"]
+    assert (value.shape, value.dtype) == (gm(x).shape, gm(x).dtype) == ((2, 7), torch.uint8)
