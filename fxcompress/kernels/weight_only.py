@@ -25,6 +25,10 @@ Each kernel computes from the codes; none keeps a float weight between calls:
   holds every integer up to 2048), with the scales applied after: one output row per group (the input
   split block-diagonally by group), scaled and summed (holds its fp16 copy: 2 bytes a weight).
 
+A token embedding whose table is a lowered layer's weight (GPT-2's `wte`, tied to its LM head) becomes a
+`WeightOnlyEmbedding` (a `TiedEmbedding`): it holds the head's own codes, scales and zero-points, no copy,
+and dequantizes only the rows its token ids read.
+
 Which kernel wins depends on the machine and the input shape (on an AVX2 machine without AVX-512,
 torch's int8pack / int4pack ran 10-60x slower than fp32 at batch 1), so `choose` times every kernel
 that fits on the layer's real input, beside the float layer it replaced (`timing.MeasuredLayer`).
