@@ -6,9 +6,9 @@ weight chain erased. LowerToSparse, LowerWeightOnly and LowerDynamicInt8 share t
 `MeasuredLowering` is the one configuration (fields and their constraints, `MEASURED_FIELDS`) and the
 one `run` of the passes that replace linear layers by a `timing.MeasuredLayer`: a subclass says which
 kernels it allows, how it reads a layer (`read`), what module it builds (`build`) and what statistics
-it adds (`layer_stats`). A subclass that defines `build_tied` also lowers a linear layer whose weight
+it adds (`layer_stats`). A subclass that sets `tied_module` also lowers a linear layer whose weight
 is tied to token embeddings (GPT-2's LM head and `wte`): the head runs on its measured kernel and each
-embedding becomes `build_tied(head)`, a lookup reading the head's own tensors (one copy of the weight).
+embedding becomes `tied_module(head)`, a lookup reading the head's own tensors (one copy of the weight).
 """
 from __future__ import annotations
 
@@ -175,14 +175,14 @@ def tie_refusal(gm: GraphModule, layer: Layer, node: Node, readers: list[Node]) 
     of masks and fake-quant), and the layer's weight rows must be its output channels (the table's rows)."""
     if KINDS[layer.kind].out_dim != 0:
         return "its weight is tied to another layer's and stored [in, out]: its rows are not a table's rows"
-    weight = weight_arg(node)
+    ours = weight_arg(node) if node.op == "call_function" else None  # None: a module reading its own tensor
     for reader in readers:
         kind = kind_of_node(gm, reader)
         if kind.family != "embedding":
             return f"its weight is tied to another layer's ({reader.name}, {kind.name}), not only to token embeddings"
         # the same value: the same chain of masks and fake-quant, or both the stored tensor itself
         theirs = weight_arg(reader) if reader.op == "call_function" else None
-        if theirs is not weight and not (weight.op == "get_attr" and (theirs is None or theirs.op == "get_attr")):
+        if theirs is not ours and not all(n is None or n.op == "get_attr" for n in (ours, theirs)):
             return f"its tied embedding {reader.name} does not read the weight value the layer reads"
         max_norm = (gm.get_submodule(reader.target).max_norm if reader.op == "call_module" else
                     reader.args[3] if len(reader.args) > 3 else reader.kwargs.get("max_norm"))

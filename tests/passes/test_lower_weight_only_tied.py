@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import FormatError
+from fxcompress.errors import FormatError, PreconditionError
 from fxcompress.fileformat.container import HEADER_BYTES, from_bytes, to_bytes
 from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
@@ -172,3 +172,23 @@ def test_dynamic_int8_lowers_the_tied_head_and_its_embedding_reads_the_same_code
     assert stats["tied_embeddings"] == ["wte.dynamic_int8_embedding"]
     loaded = from_bytes(to_bytes(gm))
     assert torch.equal(loaded(x), gm(x)) and _pair(loaded, DynamicInt8Linear, DynamicInt8Embedding)[1].head is not None
+
+
+def test_select_may_name_the_tied_head_alone_and_a_weight_shared_by_two_linear_layers_is_refused():
+    gm = _lowered(_fake_quant(), LowerWeightOnly(repeats=1, select="lm_head"))
+    assert set(fxcompress.history(gm)[-1].stats["layers"]) == {"lm_head"}
+    torch.testing.assert_close(gm(_tokens()), _fake_quant()(_tokens()), rtol=1e-5, atol=1e-5)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+            self.fc2.weight = self.fc1.weight
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+    x = torch.randn(2, DIM)
+    fq = fxcompress.compile(Shared().eval(), [InsertFakeQuant(method="linear", bits=4, group_size=32)],
+                            example_inputs=(x,))
+    with pytest.raises(PreconditionError, match=r"tied to another layer's \(fc2_1?, linear\), not only to token"):
+        fxcompress.compile(fq, [LowerWeightOnly(repeats=1)], example_inputs=(x,))
