@@ -1,8 +1,8 @@
 """Run-time kernels for lowered layers, and choosing among them by measurement."""
-from .dynamic import DynamicInt8Linear
+from .dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from .sparse import SparseLayer, remeasure
 from .timing import KernelChoice, choose_kernel, median_ms
-from .weight_only import WeightOnlyLinear
+from .weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 
-__all__ = ["DynamicInt8Linear", "KernelChoice", "SparseLayer", "WeightOnlyLinear", "choose_kernel", "median_ms",
-           "remeasure"]
+__all__ = ["DynamicInt8Embedding", "DynamicInt8Linear", "KernelChoice", "SparseLayer", "WeightOnlyEmbedding",
+           "WeightOnlyLinear", "choose_kernel", "median_ms", "remeasure"]
