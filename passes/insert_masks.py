@@ -176,8 +176,7 @@ class InsertMasks(Pass):
         each = each or (lambda items, what, name: items)
         if self.scope == "global":
             selection = _global_selection(gm, targets, each)
-            keeps = (selection.keep(_scores(gm, t), t.layer.name).expand(stored_weight(gm, t.layer).shape)
-                     for t in each(targets, "masks", _target_name))
+            keeps = (_scored_keep(gm, t, lambda scores: selection) for t in each(targets, "masks", _target_name))
         else:
             keeps = (_local_keep(gm, t) for t in each(targets, "masks", _target_name))
         created = 0
@@ -197,11 +196,20 @@ def _scores(gm: GraphModule, target: Target) -> torch.Tensor:
 def _local_keep(gm: GraphModule, target: Target) -> torch.Tensor:
     if nm_pattern(target.granularity) is not None:
         return keep_for(gm, target, target.sparsity)
-    scores = _scores(gm, target)
     # the histogram selection of the global scope on one layer: torch.topk of 90% of a layer's groups is
     # several times slower and holds their values and int64 indices; same groups, ties earliest first
-    selection = LowestN.find(lambda: [(target.layer.name, scores)], count_to_prune(target.sparsity, scores.numel()))
-    return selection.keep(scores, target.layer.name).expand(stored_weight(gm, target.layer).shape)
+    return _scored_keep(gm, target, lambda scores: LowestN.find(
+        lambda: [(target.layer.name, scores)], count_to_prune(target.sparsity, scores.numel())))
+
+
+def _scored_keep(gm: GraphModule, target: Target, selection: Callable[[torch.Tensor], LowestN]) -> torch.Tensor:
+    """The layer's keep mask from its scores and `selection(scores)`. The mask outlives the scores, so it
+    is allocated first: made after them it would sit above the hole they leave, and glibc's heap could
+    neither shrink past it nor fit the next layer's larger scores into that hole."""
+    weight = stored_weight(gm, target.layer)
+    keep = torch.empty(_score_shape(gm, target), dtype=torch.bool, device=weight.device)
+    scores = _scores(gm, target)
+    return selection(scores).keep(scores, target.layer.name, out=keep).expand(weight.shape)
 
 
 def _score_shape(gm: GraphModule, target: Target) -> tuple[int, ...]:

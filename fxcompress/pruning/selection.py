@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..encoded.memory import release_freed_memory
-from ..errors import PreconditionError
+from ..errors import ConfigError, PreconditionError
 
 _BINS = 1 << 16
 _HALF = 1 << 15
@@ -101,9 +101,16 @@ class LowestN:
         bottom, below = _first_reaching(low, below_top, n)
         return cls(((top - _HALF) << 16) | bottom, n - below)
 
-    def keep(self, scores: torch.Tensor, name: str = "") -> torch.Tensor:
-        """False where this layer's groups are among the lowest n (ties at the threshold: earliest first)."""
-        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    def keep(self, scores: torch.Tensor, name: str = "", out: torch.Tensor | None = None) -> torch.Tensor:
+        """False where this layer's groups are among the lowest n (ties at the threshold: earliest first).
+        `out`: a bool tensor shaped like the scores to write into (a mask allocated before the scores)."""
+        if out is None:
+            keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        elif out.dtype != torch.bool or out.shape != scores.shape or not out.is_contiguous():
+            raise ConfigError(f"LowestN.keep: layer {name!r}: out must be a contiguous bool tensor of the scores' "
+                              f"shape {tuple(scores.shape)}, got {out.dtype} {tuple(out.shape)}")
+        else:
+            keep = out.view(-1).fill_(True)
         if self.key is None:
             return keep.view(scores.shape)
         for start, keys in zip(range(0, scores.numel(), _CHUNK), _keys(name, scores)):

@@ -55,7 +55,14 @@ class KMeansWeight(WeightTransform):
         book = kmeans_codebook(weight, bits, init, fix_zeros=fix_zeros, axis=axis, seed=seed)
         module = cls(list(weight.shape), bits, book.centroids.shape[1], book.centroids.shape[0], axis,
                      book.fixed_zero)
-        module.load_codebook(book.centroids, book.codes)
+        if book.codes.dtype == module.codes.dtype and book.codes.is_contiguous():
+            # the module keeps the codes the clustering wrote (allocated before its transients), not a
+            # copy made after them: one block a layer, low in the heap, instead of two
+            module.codes = book.codes
+            with torch.no_grad():
+                module.codebook.copy_(book.centroids)
+        else:
+            module.load_codebook(book.centroids, book.codes)
         return module
 
     def load_codebook(self, centroids: torch.Tensor, codes: torch.Tensor) -> None:

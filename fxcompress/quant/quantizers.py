@@ -258,12 +258,14 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str | np.ndarray = "l
     `init` may also be an array (groups, size) of starting centroids (re-clustering).
     """
     rows = as_rows(weight.detach().float().cpu(), axis)
+    # the codes are written in their final narrow type: an int32 array (and int32 labels) would cost
+    # 4 + 4 bytes a weight on top of the 1 the KMeansWeight keeps. They outlive every transient of the
+    # clustering, so they are allocated before any: a long-lived block made after the transients would
+    # sit above the holes they leave, and the heap could not shrink past it
+    codes = np.zeros(rows.shape, codebook_code_dtype(bits))
     fixed_zero = bool(fix_zeros and (rows == 0).any())
     size = (1 << bits) - int(fixed_zero)
     centroids = np.zeros((rows.shape[0], max(size, 1)), np.float32)
-    # the codes are written in their final narrow type: an int32 array (and int32 labels) would cost
-    # 4 + 4 bytes a weight on top of the 1 the KMeansWeight keeps
-    codes = np.zeros(rows.shape, codebook_code_dtype(bits))
     for g, row in enumerate(rows.numpy()):
         keep = row != 0 if fixed_zero else None
         if keep is not None and not keep.any():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import PreconditionError
+from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
 from fxcompress.passes import insert_masks as insert_masks_module
 from fxcompress.pruning.importance import group_dims, masked_scores
@@ -137,8 +137,9 @@ class TopkSelection:
         parts = torch.split(keep, [s.numel() for s in scores])
         self.keeps = iter([part.view(s.shape) for part, s in zip(parts, scores)])
 
-    def keep(self, scores, name):
-        return next(self.keeps)
+    def keep(self, scores, name, out=None):
+        keep = next(self.keeps)
+        return keep if out is None else out.copy_(keep)
 
 
 def pipeline_bytes(model, x, tmp_path, name):
@@ -210,3 +211,17 @@ def test_progress_names_each_layer_of_both_score_passes_and_the_masks(monkeypatc
     drawn = screen.getvalue()
     for what in ("global scores (1/2)", "global scores (2/2)", "masks", "fc1", "fc2", "fc3"):
         assert what in drawn, what
+
+
+def test_keep_into_a_mask_allocated_before_the_scores_is_the_same_mask():
+    scores = torch.randn(64, 48, generator=torch.Generator().manual_seed(5))
+    scores[3, :7] = scores[0, 0]  # ties at the threshold: the earliest pruned, in both forms
+    n = int((scores < scores[0, 0]).sum()) + 4
+    expected = LowestN.find(lambda: [("fc", scores)], n).keep(scores, "fc")
+    out = torch.zeros(scores.shape, dtype=torch.bool)  # all False: every True below is written by keep
+    got = LowestN.find(lambda: [("fc", scores)], n).keep(scores, "fc", out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, expected)
+    assert int((~got).sum()) == n
+    for bad in (torch.zeros(64, 48), torch.zeros(48, 64, dtype=torch.bool), torch.zeros(48, 64, dtype=torch.bool).t()):
+        with pytest.raises(ConfigError, match="LowestN.keep: layer 'fc'"):
+            LowestN.find(lambda: [("fc", scores)], n).keep(scores, "fc", out=bad)
