@@ -91,6 +91,10 @@ def arms() -> dict[str, callable]:
         # AWQ's scale search alone (AutoAWQ's apply_clip=False; llm-compressor's AWQModifier has no clip step)
         table[f"w{bits} g64 awq noclip"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS,
                                                                                 clip=False), q(b)]
+        # a measurement of where the clip pays: only the layers whose output is the block's (o_proj, down_proj),
+        # where a layer's output error is the block's; gate / up / v errors pass a float projection first
+        table[f"w{bits} g64 awq clip o/down"] = lambda b=bits: [
+            passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS, clip=r".*\.(o_proj|down_proj)"), q(b)]
     table["w8a8"] = lambda: [w8a8()]
     table["w8a8 smoothquant"] = lambda: [passes.ScaleChannels(method="smoothquant", select=BLOCKS), w8a8()]
     table["50% sparsegpt + w4 g64"] = lambda: [sgpt(), q(4)]

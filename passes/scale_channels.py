@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -128,7 +129,8 @@ class ScaleChannels(Pass):
     group_size  awq: input channels per grid (None: one grid per output channel)
     symmetric   awq: a symmetric grid
     clip        awq: after the scales, clamp each weight group to the ratio of its max |w| with the
-                smallest quantized output error of the group (AutoAWQ's auto_clip); q / k are left alone
+                smallest quantized output error of the group (AutoAWQ's auto_clip); q / k are left alone.
+                True: every consumer; a regex: only the consumers whose names it full-matches; False: none
     clip_grid   awq with clip: ratios are 1 - i / clip_grid
     max_shrink  awq with clip: for i / clip_grid < max_shrink (AutoAWQ: 20 and 0.5, ratios 1 to 0.55)
     select      full-match regex over the consumer layers' names; None: every linear layer
@@ -140,7 +142,7 @@ class ScaleChannels(Pass):
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
-    clip: bool = True
+    clip: bool | str = True
     clip_grid: int = 20
     max_shrink: float = 0.5
     select: str | None = None
@@ -149,7 +151,7 @@ class ScaleChannels(Pass):
     constraints: ClassVar[dict] = {
         "method": (Options(*METHODS),), "alpha": (Interval(float, 0.0, 1.0), None),
         "grid": (Interval(int, 1, 1000),), "bits": (Interval(int, 2, 16),),
-        "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "clip": (Boolean(),),
+        "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "clip": (Boolean(), Regex()),
         "clip_grid": (Interval(int, 1, 1000),), "max_shrink": (Interval(float, 0.0, 1.0, hi_open=True),),
         "select": (Regex(), None),
     }
@@ -190,16 +192,18 @@ class ScaleChannels(Pass):
 
     @property
     def _clips(self) -> bool:
-        return self.method == "awq" and self.clip
+        return self.method == "awq" and self.clip is not False
+
+    def _clipped(self, layer: Layer) -> bool:
+        return self._clips and (self.clip is True or re.fullmatch(self.clip, layer.name) is not None)
 
     def _group(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,
                touched: list[str]) -> dict[str, dict[str, Any]]:
         """Scale, then (awq) clip the consumers of x; each consumer's report."""
         report, scale = self._scale(gm, consumers, x, stats, shapes, touched)
         reports = {layer.name: dict(report) for layer in consumers}
-        if self._clips:
-            for layer in consumers:
-                reports[layer.name]["clip"] = self._clip(gm, layer, stats.hessian, scale, touched)
+        for layer in filter(self._clipped, consumers):
+            reports[layer.name]["clip"] = self._clip(gm, layer, stats.hessian, scale, touched)
         return reports
 
     def _scale(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,

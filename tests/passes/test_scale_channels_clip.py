@@ -64,6 +64,19 @@ def test_clip_is_the_fold_clamped_per_group_and_lowers_the_output_error(bits):
     assert "skipped" in record.stats["layers"]["fc2"] and record.stats["layers"]["fc2"]["clip"]["groups_clipped"]
 
 
+def test_a_clip_regex_clips_only_the_layers_it_names():
+    model, cal = _model_and_data()
+    x = cal[0][0]
+    folded = fxcompress.compile(model, [ScaleChannels(group_size=32, clip=False)], (x,), calibration_data=cal)
+    named = fxcompress.compile(model, [ScaleChannels(group_size=32, clip="fc2")], (x,), calibration_data=cal)
+    layers = fxcompress.history(named)[-1].stats["layers"]
+    assert "clip" not in layers["fc1"] and layers["fc2"]["clip"]["groups_clipped"] > 0
+    assert torch.equal(named.fc1.weight, folded.fc1.weight)   # fc1 keeps its folded weight, unclipped
+    assert not torch.equal(named.fc2.weight, folded.fc2.weight)
+    with pytest.raises(ConfigError, match="ScaleChannels.clip"):
+        ScaleChannels(clip="fc[")
+
+
 def test_clip_needs_awq_and_a_grid_it_can_search():
     with pytest.raises(ConfigError, match="ScaleChannels.clip"):
         ScaleChannels(method="smoothquant", clip=False)
