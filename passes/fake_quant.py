@@ -274,10 +274,16 @@ class InsertFakeQuant(Pass):
         gm.add_submodule(name, module.to(weight.device))
         if existing is None:
             insert_on_weight(gm, layer, lambda graph, w: graph.call_module(name, (w,)))
+        stats = {"method": spec.method, "bits": spec.bits}
+        if isinstance(module, KMeansWeight) and module.axis in (None, 0):
+            # decoded a chunk at a time from the codes (as_rows keeps the weight's order on these axes):
+            # a whole quantized copy of the layer is never made
+            flat = weight.detach().reshape(-1)
+            pairs = ((flat[i:i + _CHUNK], module.decoded(i, i + _CHUNK)) for i in range(0, flat.numel(), _CHUNK))
+            return stats | _pair_stats(pairs)
         with torch.no_grad():
             quantized = module(weight)
-        stats = {"method": spec.method, "bits": spec.bits, "levels": _levels(quantized),
-                 "sqnr_db": round(_sqnr_db(weight, quantized), 2)}
+        stats |= _pair_stats(_chunks(weight, quantized))
         if isinstance(module, GridWeight):
             stats.update(_grid_losses(layer.name, spec, module, weight, quantized))
         return stats
@@ -368,18 +374,18 @@ def _chunks(*tensors: torch.Tensor):
         yield [f[start:start + _CHUNK] for f in flat]
 
 
-def _sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+def _pair_stats(pairs) -> dict[str, Any]:
+    """How many distinct values the quantized weight takes (each chunk's distinct values, then theirs)
+    and its SQNR in dB, from (weight, quantized) chunk pairs in the weight's order."""
     noise = signal = 0.0
-    for w, q in _chunks(weight, quantized):
+    distinct = []
+    for w, q in pairs:
+        distinct.append(torch.unique(q))
         w, q = w.double(), q.double()
         noise += float(((w - q) ** 2).sum())
         signal += float((w ** 2).sum())
-    return float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
-
-
-def _levels(quantized: torch.Tensor) -> int:
-    """How many distinct values the quantized weight takes (each chunk's distinct values, then theirs)."""
-    return int(torch.unique(torch.cat([torch.unique(q) for q, in _chunks(quantized)])).numel())
+    sqnr = float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
+    return {"levels": int(torch.unique(torch.cat(distinct)).numel()), "sqnr_db": round(sqnr, 2)}
 
 
 def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.Tensor,

@@ -94,37 +94,43 @@ class KMeansWeight(WeightTransform):
         whole-layer int32 positions (as large as the float weight) are never held, only a block's."""
         codes = as_rows(self.codes, self.axis)
         out = torch.empty(codes.shape, dtype=table.dtype, device=table.device)
-        for index, first in self._blocks(codes):
-            part = out[index]
-            torch.index_select(table, 0, self.positions(codes[index], first).reshape(-1), out=part.view(-1))
+        flat = out.view(-1)
+        for start in range(0, flat.numel(), _GATHER_BLOCK):
+            end = start + _GATHER_BLOCK
+            torch.index_select(table, 0, self.flat_positions(start, end, codes), out=flat[start:end])
         return out
 
-    def _blocks(self, codes: torch.Tensor):
-        """(index into the rows of codes, its first row) of about _GATHER_BLOCK positions each: one group
-        is one row, cut into runs of columns; several groups are cut into runs of whole rows (each row
-        has its own offset in the flat codebook)."""
-        if self.groups == 1:
-            for start in range(0, codes.shape[1], _GATHER_BLOCK):
-                yield (slice(None), slice(start, start + _GATHER_BLOCK)), 0
-            return
-        step = max(1, _GATHER_BLOCK // max(codes.shape[1], 1))
-        for first in range(0, codes.shape[0], step):
-            yield (slice(first, first + step), slice(None)), first
+    def decoded(self, start: int, stop: int) -> torch.Tensor:
+        """Values start..stop of the decoded weight in `as_rows(weight, axis)` order, flat, without autograd."""
+        with torch.no_grad():
+            flat = self.codebook.detach().reshape(-1)
+            table = torch.cat([flat.new_zeros(1), flat]) if self.fixed_zero else flat
+            return table.index_select(0, self.flat_positions(start, stop))
 
-    def positions(self, codes: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+    def flat_positions(self, start: int, stop: int, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions start..stop of `positions()` flattened, int32, made from those codes only."""
+        codes = as_rows(self.codes, self.axis) if codes is None else codes
+        stop = min(stop, codes.numel())
+        part = codes.reshape(-1)[start:stop]
+        positions = part.to(torch.int32, copy=True)
+        if self.groups == 1:
+            return positions
+        rows = torch.arange(start, stop, device=codes.device, dtype=torch.int32) // max(codes.shape[1], 1)
+        positions += rows * self.size
+        return positions.masked_fill_(part == 0, 0) if self.fixed_zero else positions
+
+    def positions(self) -> torch.Tensor:
         """(groups, values), int32: each weight's index in the codebook flattened row after row, after
         a fixed 0 if any. Code c of group g is codebook[g, c - 1] (c >= 1) with a fixed zero, codebook[g, c] without.
-        `codes` may be a block of the rows of `as_rows(self.codes, self.axis)` starting at row `first`.
 
         One int32 array worked on in place: int64 copies (the codes widened, offset, then masked) cost
         24 bytes a weight on every forward, six times the float weight they decode to.
         """
-        codes = as_rows(self.codes, self.axis) if codes is None else codes
+        codes = as_rows(self.codes, self.axis)
         positions = codes.to(torch.int32, copy=True)
         if self.groups == 1:  # one group: the position is the code itself, a fixed zero's code 0 included
             return positions
-        rows = torch.arange(first, first + codes.shape[0], device=codes.device, dtype=torch.int32)
-        positions += rows.unsqueeze(1) * self.size
+        positions += torch.arange(self.groups, device=codes.device, dtype=torch.int32).unsqueeze(1) * self.size
         return positions.masked_fill_(codes == 0, 0) if self.fixed_zero else positions
 
     def recluster(self, weight: torch.Tensor, seed: int = 0) -> None:

@@ -29,7 +29,9 @@ METHODS = ("kmeans", "linear", "fixed_point")
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """PreconditionError naming `what` when `tensor` holds NaN or Inf."""
-    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    flat = tensor.detach().reshape(-1)  # counted a block at a time: no bool copy of a whole layer
+    block = 1 << 18
+    bad = flat.numel() - sum(int(torch.isfinite(flat[i:i + block]).sum()) for i in range(0, flat.numel(), block))
     if bad:
         raise PreconditionError(f"{what}: {bad} of {tensor.numel()} values are NaN/Inf; only finite weights "
                                 f"can be quantized (check the training run that produced them)")
