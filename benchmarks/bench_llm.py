@@ -135,6 +135,23 @@ def perplexity(forward, batches) -> float:
     return math.exp(total / count)
 
 
+def _logits(out) -> torch.Tensor:
+    return (out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)).float()
+
+
+@torch.no_grad()
+def kl_to_dense(dense, forward, batches) -> float:
+    """Mean KL(dense || compressed) of the next-byte distributions, nats per byte: how far an arm moved the
+    model, which perplexity (a model may gain on some text by chance) measures only through the text."""
+    total, count = 0.0, 0
+    for (batch,) in batches:
+        p = F.log_softmax(_logits(dense(batch)), dim=-1)
+        q = F.log_softmax(_logits(forward(batch)), dim=-1)
+        total += float((p.exp() * (p - q)).sum())
+        count += batch.numel()
+    return total / count
+
+
 class PeakRSS:
     """The largest resident set size seen (sampled every 20 ms) while the block runs, in bytes."""
 
@@ -182,6 +199,7 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
             size, fmt = to_compressed_tensors(gm, tmp, format="dense", config=config)["bytes"], "dense"
     return {"arm": name, "status": "ok", "held_ppl": perplexity(gm, held), "fortunes_ppl": perplexity(gm, fortunes),
             "bytes": size, "format": fmt, "pass_s": seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
+            "held_kl": kl_to_dense(graph, gm, held), "fortunes_kl": kl_to_dense(graph, gm, fortunes),
             **scale_layers(gm)}
 
 
@@ -395,6 +413,9 @@ def finish_llmc(process, tmp: Path, started: float, timeout: int) -> list[dict]:
     return rows
 
 
+HEADER = ("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB | "
+          "KL to dense, 1e-3 nats/byte: held-out / fortunes |\n|---|---:|---:|---|---:|---:|---:|---:|")
+
 # the published orderings: (better, worse) arm pairs, each arm named as in arms()
 ORDERINGS = [*((f"sparsegpt {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
              *((f"wanda {p}", f"magnitude {p}") for p in ("50%", "4:8", "2:4")),
@@ -422,10 +443,11 @@ def orderings(results: list[dict]) -> list[str]:
 
 def row(r: dict, dense_bytes: int | None) -> str:
     if r.get("status") != "ok":
-        return f"| {r['arm']} | {r['status']} | | | | | |"
+        return f"| {r['arm']} | {r['status']} | | | | | | |"
     ratio = f"{dense_bytes / r['bytes']:.1f}x" if dense_bytes and r.get("bytes") else ""
+    kl = f"{1e3 * r['held_kl']:.2f} / {1e3 * r['fortunes_kl']:.2f}" if "held_kl" in r else ""
     return (f"| {r['arm']} | {r['held_ppl']:.3f} | {r['fortunes_ppl']:.3f} | {r.get('bytes', '')} "
-            f"({r.get('format', '')}) | {ratio} | {r['pass_s']:.1f} | {r.get('peak_mb', float('nan')):.0f} |")
+            f"({r.get('format', '')}) | {ratio} | {r['pass_s']:.1f} | {r.get('peak_mb', float('nan')):.0f} | {kl} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -465,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = args.arms or list(table)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {len(cal) * BATCH} calibration, "
           f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} bytes", flush=True)
-    print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n|---|---:|---:|---|---:|---:|---:|")
+    print(HEADER)
     llmc_arms = args.llmc_arms if args.llmc_arms is not None else args.arms
     llmc = start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, llmc_arms) if args.llmc_python else None
     results = []
@@ -502,8 +524,7 @@ def print_saved(paths: list[Path]) -> None:
     """The rows of several runs (the arms split over runs to fit a time budget) as one table."""
     results = [r for path in paths for r in json.loads(path.read_text())]
     dense = dense_bytes(results)
-    print("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB |\n"
-          "|---|---:|---:|---|---:|---:|---:|")
+    print(HEADER)
     for r in results:
         print(row(r, None if r["arm"].startswith("llmc") else dense))
     print("\n".join(orderings(results)))
