@@ -15,7 +15,8 @@ median over rounds is reported, with its ratio to fp32 eager of the same run: ab
   of our fake-quant model (QDQ, our scales); ORT int8 quantize_static: ONNX Runtime's own static
   QDQ quantization (per channel, calibrated on the same batches), for comparison; ONNX Runtime is
   optional too;
-- ours reference: LowerToInteger(backend="reference"), the exact integer oracle;
+- ours reference: LowerToInteger(backend="reference"), the exact integer oracle (float64 kernels: timed at
+  --reference-batches only, batch 1 by default, and run on the first inputs of a batch for the agreement);
 - ours native: LowerToInteger(), each layer on the fastest of oneDNN's int8 kernel, its float kernel
   and our C int8 kernel (linear layers), chosen again at each batch size it is timed at
   (`kernels.timing.remeasure`); ours native int8/float: the same without our C kernel (the choice
@@ -301,11 +302,12 @@ def build(make: Callable[[], nn.Module], shape: tuple[int, ...], args, folder: P
     return forms, files
 
 
-def inputs_of(forms: dict[str, Callable], x: torch.Tensor) -> dict[str, Form]:
-    """Each timed form with the input it takes: channels-last, a feed dict for ONNX Runtime."""
+def inputs_of(forms: dict[str, Callable], x: torch.Tensor, reference: bool = True) -> dict[str, Form]:
+    """Each timed form with the input it takes: channels-last, a feed dict for ONNX Runtime (the reference
+    oracle only with `reference`)."""
     timed = {}
     for name, form in forms.items():
-        if name.startswith("fake-quant"):
+        if name.startswith("fake-quant") or (name == "ours reference" and not reference):
             continue
         if name.startswith("ORT"):
             timed[name] = (form, {"x": x.numpy()})
@@ -344,11 +346,18 @@ def time_forms(forms: dict[str, Form], rounds: int, clock: Callable[[], float] =
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+AGREEMENT_INPUTS = 8  # the reference runs float64 kernels: mobilenet_v2 at 224 takes seconds an input
+
+
 def agreement(forms: dict[str, Callable], x: torch.Tensor) -> str:
-    """The native and ORT int8 outputs against their exact references, in 8-bit steps of the logits."""
+    """The native and ORT int8 outputs against their exact references, in 8-bit steps of the logits, on the
+    batch's first AGREEMENT_INPUTS inputs. The fake-quant model against the reference is the scale of the
+    rounding differences alone: the same codes rounded in float32 instead of fixed point."""
+    x = x[:AGREEMENT_INPUTS]
     with torch.no_grad():
         expected = forms["ours reference"](x)
         checks = [("native vs reference", forms.get("ours native"), expected),
+                  ("fake-quant vs reference", forms["fake-quant"], expected),
                   ("ORT int8 ours vs fake-quant", forms.get("ORT int8 ours"), forms["fake-quant for ORT"](x))]
         parts = []
         for label, form, want in checks:
@@ -372,9 +381,13 @@ def model_rows(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...],
             torch.set_num_threads(threads)
             runnable = forms | ort_sessions(files, threads) if files else forms
             for batch in args.batches:
-                x = torch.rand(batch, *shape)
+                x, start = torch.rand(batch, *shape), time.perf_counter()
                 choose_native(runnable, x)
-                times = time_forms(inputs_of(runnable, x), args.rounds, CLOCKS[args.clock])
+                chosen = time.perf_counter()
+                times = time_forms(inputs_of(runnable, x, batch in args.reference_batches), args.rounds,
+                                   CLOCKS[args.clock])
+                print(f"  {name}, batch {batch}: kernels chosen in {chosen - start:.0f} s, timed in "
+                      f"{time.perf_counter() - chosen:.0f} s", flush=True)
                 for form, seconds in times.items():
                     row = {"model": name, "threads": threads, "batch": batch, "form": form, "ms": 1e3 * seconds,
                            "speedup": times["fp32 eager"] / seconds}
@@ -448,6 +461,9 @@ def main() -> None:
                         help="wall time, or the calling thread's CPU time (one thread only: steadier on a loaded "
                              "machine, blind to work on other threads)")
     parser.add_argument("--resnet-size", type=int, default=224, help="image side of resnet18 and mobilenet_v2")
+    parser.add_argument("--reference-batches", nargs="+", type=int, default=[1],
+                        help="batch sizes the reference oracle is timed at (float64 kernels: mobilenet_v2 at 224 "
+                             "and batch 32 takes about a minute a call)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     parser.add_argument("--no-sparse", action="store_true", help="leave out deploy_sparse's tables")
     parser.add_argument("--no-decode", action="store_true", help="leave out deploy_decode's table")

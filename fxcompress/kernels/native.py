@@ -220,7 +220,9 @@ class NativeLayer(nn.Module):
         if self.kernel == "float":
             return self._forward_float(x)
         if self.kernel == "c_int8":
-            return (self._c or self.c_packed()).call(x)
+            c = self._c or self.c_packed()
+            # traced, straight to the op: tracing into `call`'s closure made guards torch.compile checks in Python
+            return q8.traced(x, c) if torch.compiler.is_compiling() else c.call(x)
         post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
         dtype = torch.uint8 if self.output == "uint8" else torch.float32
         common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,

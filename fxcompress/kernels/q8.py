@@ -11,7 +11,7 @@ int16 and multiplies with vpmaddwd (pair sums in int32), so on AVX2 without VNNI
 
 `pack` turns a NativeLayer's buffers (the codes a file holds) into the kernel's arguments once (the
 weight padded to 16 columns, the int32 bias, the multipliers); `run`
-calls the kernel through ctypes in eager inference and through the custom op `fxcompress::q8_linear`
+calls the kernel through ctypes in eager inference and through the op `fxcompress::q8_linear`
 when torch.compile / torch.export trace it. `quantize` is the float -> codes boundary in one call.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,6 +92,13 @@ class Packed:
                      self.y_zero, self.low, self.high, int(self.relu), int(self.raw))
 
     @functools.cached_property
+    def arguments(self) -> tuple:
+        """What identifies the layer: its tensors' addresses and its scalars."""
+        return _arguments((self.weight, self.bias, self.mult, self.shift, self.scale),
+                          (self.in_features, self.x_zero, self.y_zero, self.low, self.high, self.relu, self.raw,
+                           self.x_scale, self.x_qmax))
+
+    @functools.cached_property
     def ref(self) -> object:
         return ctypes.byref(self.layer)
 
@@ -156,6 +164,12 @@ def raw_fits(weight: torch.Tensor, bias: torch.Tensor, x_zero: int, input_max: i
             and int(shifted.abs().max()) < INT32_LIMIT)
 
 
+# The Packed a traced graph was made from, by its weight's address: the op of a compiled graph finds it there
+# and makes the one ctypes call (building a Packed and its ctypes structure per call cost more than the kernel on
+# small layers). While a registered Packed lives it holds its tensors, so no other tensor has their addresses.
+_TRACED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tensor, x_zero: int, input_max: int,
          multiplier: torch.Tensor | None, y_zero: int, code_range: tuple[int, int], relu: bool,
          x_scale: float = 0.0) -> Packed:
@@ -177,8 +191,16 @@ def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tens
         mult, shift = fixed_point_multiplier(multiplier)
     else:
         scale = accumulator_scale.double().contiguous()
-    return Packed(padded, integer, mult, shift, scale, in_features, int(x_zero), int(y_zero), *code_range, relu, raw,
-                  float(x_scale), int(input_max))
+    packed = Packed(padded, integer, mult, shift, scale, in_features, int(x_zero), int(y_zero), *code_range, relu,
+                    raw, float(x_scale), int(input_max))
+    _register(packed)
+    return packed
+
+
+@torch.compiler.disable  # a weak reference is no tensor op: made outside any trace
+def _register(p: Packed) -> None:
+    """Where the custom op of a traced graph finds `p` (while `p` lives): its arguments are p's tensors."""
+    _TRACED[p.weight.data_ptr()] = p
 
 
 def eager(x: torch.Tensor, p: Packed) -> torch.Tensor:
@@ -201,16 +223,29 @@ def eager(x: torch.Tensor, p: Packed) -> torch.Tensor:
 def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor | None,
         shift: torch.Tensor | None, scale: torch.Tensor | None, in_features: int, x_zero: int, y_zero: int,
         low: int, high: int, relu: bool, raw: bool, x_scale: float, x_qmax: int) -> torch.Tensor:
-    return eager(x, Packed(weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw,
-                           x_scale, x_qmax))
+    scalars = (in_features, x_zero, y_zero, low, high, relu, raw, x_scale, x_qmax)
+    found = _TRACED.get(weight.data_ptr())
+    if found is not None and found.arguments == _arguments((weight, bias, mult, shift, scale), scalars):
+        return found.call(x)  # the very layer: the same tensors (addresses) and scalars
+    return eager(x, Packed(weight, bias, mult, shift, scale, *scalars))
 
 
-# The same layer as an opaque custom op, for graphs torch.compile / torch.export trace; eager inference calls
-# ctypes directly (the op's dispatch costs microseconds on calls that take a few)
-q8_linear = torch.library.custom_op("fxcompress::q8_linear", _op, mutates_args=())
+def _arguments(tensors: tuple[torch.Tensor | None, ...], scalars: tuple) -> tuple:
+    return tuple(None if t is None else t.data_ptr() for t in tensors) + scalars
 
 
-@q8_linear.register_fake
+# The same layer as an opaque op, for graphs torch.compile / torch.export trace; eager inference calls ctypes
+# directly. Defined with torch.library.Library and a CPU kernel rather than torch.library.custom_op: a
+# custom_op call costs about 40 times as much Python as this dispatch (194 against 5 us measured), more than
+# the kernel on a small layer, which made compiled native models slower than eager ones
+_LIBRARY = torch.library.Library("fxcompress", "FRAGMENT")
+_LIBRARY.define("q8_linear(Tensor x, Tensor weight, Tensor bias, Tensor? mult, Tensor? shift, Tensor? scale, "
+                "int in_features, int x_zero, int y_zero, int low, int high, bool relu, bool raw, float x_scale, "
+                "int x_qmax) -> Tensor")
+_LIBRARY.impl("q8_linear", _op, "CPU")
+
+
+@torch.library.register_fake("fxcompress::q8_linear")
 def _(x, weight, bias, mult, shift, scale, in_features, x_zero, y_zero, low, high, relu, raw, x_scale, x_qmax):
     dtype = torch.uint8 if mult is not None else torch.float32
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)

@@ -248,3 +248,26 @@ def test_eight_bit_activations_run_natively_on_our_kernel_bit_for_bit(lenet300):
     assert not gm.fc2.native.c_packed().raw  # input codes up to 255: the int16 path
     with torch.no_grad():
         assert torch.equal(gm(data.test_x), reference(data.test_x))
+
+
+def test_the_op_of_a_traced_graph_calls_its_layer_and_computes_any_other_arguments_itself(monkeypatch):
+    """A compiled graph passes a layer's own tensors to `fxcompress::q8_linear`: the op finds that layer's
+    packed arguments and makes the one ctypes call; other tensors (a copy) go through the checked path."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randint(-128, 128, (9, 40), generator=gen, dtype=torch.int8)
+    layer, reference = pair(weight, 7, 255, requantize=True, relu=True)
+    x = torch.randint(0, 256, (3, 40), generator=gen, dtype=torch.uint8)
+    want = expected(reference, x, 7, requantize=True, relu=True)
+    p = layer.c_packed()
+    args = (p.weight, p.bias, p.mult, p.shift, p.scale, p.in_features, p.x_zero, p.y_zero, p.low, p.high, p.relu,
+            p.raw, p.x_scale, p.x_qmax)
+    checked = []
+    monkeypatch.setattr(q8, "eager", lambda *a: checked.append(1) or EAGER(*a))
+    assert torch.equal(torch.ops.fxcompress.q8_linear(x, *args), want) and not checked  # found: one ctypes call
+    copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.equal(torch.ops.fxcompress.q8_linear(x, *copies), want) and checked == [1]
+    lower = args[:8] + (p.low + 50,) + args[9:]  # the same tensors and another clamp: not that layer
+    assert torch.equal(torch.ops.fxcompress.q8_linear(x, *lower), want.clamp_min(50)) and checked == [1, 1]
+
+
+EAGER = q8.eager
