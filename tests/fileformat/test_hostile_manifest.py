@@ -1,7 +1,8 @@
 """Crafted files (manifest, graph and module table side): the attacker edits a valid manifest and
 recomputes every checksum. Loading must refuse with a FormatError naming the part, or build a model
-whose forward works or fails with an ordinary error: never run code from the file, never change a
-class of the process, never allocate by sizes the file only declares."""
+whose forward works on the inputs the file records (load runs the graph on meta tensors of them
+first): never run code from the file, never change a class of the process, never allocate by sizes
+the file only declares."""
 import ast
 import collections
 import copy
@@ -467,9 +468,10 @@ def test_generated_hostile_manifests_never_run_code_or_escape_format_errors(name
             with torch.no_grad():
                 gm(x)
             OUTCOMES["load ok, forward ok"] += 1
-        except FORWARD_ERRORS as exc:
+        except FORWARD_ERRORS as exc:  # load's dry run on the recorded input shapes should have refused it
             OUTCOMES[f"load ok, forward {type(exc).__name__}"] += 1
             FORWARD_FAILURES.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            raise AssertionError(f"the file loaded, then its first forward failed: {FORWARD_FAILURES[-1]}") from exc
     _assert_untouched(before)
 
 
