@@ -391,3 +391,25 @@ def test_grid_methods_keep_the_float_weights_trainable():
     _, x, gm = lenet300([InsertFakeQuant(bits=4, method="linear")])
     graded = _gradients_after_one_backward(gm, x)
     assert {"fc1.weight", "fc2.weight", "fc3.weight"} <= set(graded) and all(graded.values())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_kmeans_statistics_from_the_codes_equal_those_of_the_whole_quantized_weight(per_channel):
+    import math
+    from fxcompress.passes import fake_quant
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 400)).eval()  # 120,000 weights: two chunks, the second cut short
+    x = torch.randn(2, 300)
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.7), InsertFakeQuant(bits=3, per_channel=per_channel)],
+                            example_inputs=(x,))
+    stats = fxcompress.history(gm)[-1].stats["0"]
+    module = next(m for m in gm.modules() if isinstance(m, KMeansWeight))
+    masked = gm.get_parameter("0.weight").detach() * gm.get_buffer("0.weight_mask")
+    with torch.no_grad():
+        quantized = module(masked)  # the whole decoded layer, as the statistics were computed before
+    noise = float(((masked.double() - quantized.double()) ** 2).sum())
+    expected_db = 10 * math.log10(float((masked.double() ** 2).sum()) / noise)
+    assert stats["levels"] == int(torch.unique(quantized).numel()) and 2 <= stats["levels"] <= 8 * (400 if per_channel else 1)
+    assert stats["sqnr_db"] == pytest.approx(round(expected_db, 2), abs=0.011)
+    pairs = fake_quant._pair_stats(fake_quant._chunks(masked, quantized))  # the chunked sums as before, exactly
+    assert {k: stats[k] for k in ("levels", "sqnr_db")} == pairs
