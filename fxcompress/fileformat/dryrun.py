@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import re
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ MAX_PIECES = 1 << 16
 UNKNOWN = object()  # a value the dry run could not compute: the nodes reading it are skipped
 _LIBRARY_FUNCTIONS = frozenset(id(fn) for fn in FUNCTIONS.values())  # before any registration
 _STANDARD_MODULES = frozenset(MODULES[name][0] for name in STANDARD_MODULES)
+_STANDARD_FIELDS = {MODULES[name][0]: MODULES[name][1] for name in STANDARD_MODULES}  # what a file rebuilds each from
 
 
 class _Submodule:
@@ -368,12 +370,74 @@ def _what(gm: GraphModule, node: Node) -> str:
     return f"{node.op} {node.target}"
 
 
-def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict) -> Any:
+# ---- repeated calls: a model's blocks repeat the same calls on the same shapes ----------------------
+_TENSOR = object()  # marks a tensor's (shape, strides, dtype) in a cache key or a cached result
+_SEQUENCES = (tuple, list, torch.Size, torch.fx.immutable_collections.immutable_list)  # each rebuilt from an iterable
+
+
+def _cache_key(gm: GraphModule, node: Node, args: tuple, kwargs: dict) -> tuple | None:
+    """The key of a call whose meta result depends only on what the key holds: a library function or
+    tensor method that changes none of its arguments (its target and its arguments' shapes, strides,
+    dtypes and values), or one of torch's own modules (its type, the configuration fields the file
+    rebuilds it from, its tensors' metadata and its arguments). None for other calls (fxcompress's and
+    registered modules, registered functions, in-place ops), which always run."""
+    try:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            fields = _STANDARD_FIELDS.get(type(module))
+            if fields is None or getattr(module, "inplace", False) is True:
+                return None
+            tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+            target = (type(module), _frozen([getattr(module, f) for f in fields]), _frozen(dict(tensors)))
+        else:
+            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+            if (name.endswith("_") or node.target is operator.setitem or kwargs.get("inplace") is True
+                    or (node.op == "call_function" and id(node.target) not in _LIBRARY_FUNCTIONS)):
+                return None
+            target = node.target
+        key = (node.op, target, _frozen(args), _frozen(kwargs))
+        hash(key)
+    except TypeError:  # an argument the key cannot hold (a slice, a submodule): the call runs
+        return None
+    return key
+
+
+def _frozen(value: Any, depth: int = 0) -> Any:
+    """`value` as hashable data: tensors as their metadata; TypeError for anything else than plain values."""
+    if isinstance(value, torch.Tensor):
+        return (_TENSOR, tuple(value.shape), value.stride(), value.dtype)
+    if value is None or type(value) in (int, float, bool, str):
+        return value
+    if type(value) in _SEQUENCES and depth < MAX_INPUT_DEPTH:
+        return (type(value), *(_frozen(v, depth + 1) for v in value))
+    if isinstance(value, dict) and depth < MAX_INPUT_DEPTH:
+        return (dict, *((k, _frozen(v, depth + 1)) for k, v in value.items()))
+    raise TypeError(f"a {type(value).__name__} is not cached")
+
+
+def _thawed(frozen: Any) -> Any:
+    """A cached result made anew: fresh meta tensors (a later in-place op must not reach the cache)."""
+    if type(frozen) is not tuple:
+        return frozen
+    if frozen[0] is _TENSOR:
+        return torch.empty_strided(frozen[1], frozen[2], dtype=frozen[3], device="meta")
+    if frozen[0] is dict:
+        return {k: _thawed(v) for k, v in frozen[1:]}
+    return frozen[0](_thawed(v) for v in frozen[1:])
+
+
+def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict, cache: dict) -> Any:
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
     if any(v is UNKNOWN for v in _leaves((args, kwargs))):
         return UNKNOWN  # an input the dry run could not compute: nothing to check here
+    key = _cache_key(gm, node, args, kwargs)
+    if key is not None and key in cache:
+        return _thawed(cache[key])
     try:
-        return _call(gm, node, args, kwargs, memo)
+        result = _call(gm, node, args, kwargs, memo)
+        if key is not None:
+            _remember(cache, key, result)
+        return result
     except FormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure is either the dry run's limit or the file's
@@ -387,6 +451,13 @@ def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict) -> Any:
                     f"{type(exc).__name__}: {message}") from None
 
 
+def _remember(cache: dict, key: tuple, result: Any) -> None:
+    try:
+        cache[key] = _frozen(result)
+    except TypeError:  # a result the cache cannot hold (torch.Size, a dtype): the next such call runs again
+        pass
+
+
 def dry_run(gm: GraphModule, specs: Any) -> dict[str, Any]:
     """Run `gm` once on meta tensors of the recorded inputs `specs` (module docstring); FormatError naming
     the first node that fails. Writes the recorded shapes to the placeholders' `tensor_meta`; returns each
@@ -394,12 +465,13 @@ def dry_run(gm: GraphModule, specs: Any) -> dict[str, Any]:
     values = input_values(specs, gm)
     env: dict[Node, Any] = {}
     memo: dict[int, torch.Tensor] = {}
+    cache: dict[tuple, Any] = {}
     pending = iter(values)
     with evaluating(gm), torch.device("meta"):
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 env[node] = next(pending)
             elif node.op != "output":
-                env[node] = _run_node(gm, node, env, memo)
+                env[node] = _run_node(gm, node, env, memo, cache)
     keep_input_shapes(gm, values)
     return {node.name: value for node, value in env.items()}
