@@ -59,6 +59,9 @@ def c_library() -> ctypes.CDLL | None:
         lib.q8_linear_float.restype = ctypes.c_int
         lib.q8_quantize.argtypes = [p, i64, ctypes.c_float, i32, i32, p]
         lib.q8_quantize.restype = None
+        f32 = ctypes.c_float
+        lib.q8_add.argtypes = [p, p, i64, f32, f32, f32, i32, i32, p]
+        lib.q8_add.restype = None
     return lib
 
 
@@ -267,4 +270,21 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch
         return None
     y = torch.empty(x.shape, dtype=torch.uint8)
     lib.q8_quantize(x.data_ptr(), x.numel(), scale, zero_point, qmax, y.data_ptr())
+    return y
+
+
+def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: float, low: int, high: int
+        ) -> torch.Tensor | None:
+    """NativeAdd onto an output grid in one C pass: clamp(round(a * ka + b * kb + offset), low, high) of two
+    uint8 code tensors laid out alike (any memory format), or None where the torch ops must do it: no
+    compiler, other dtypes, shapes or strides, a layout neither contiguous nor channels-last, or a traced graph."""
+    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    lib = c_library()
+    if (lib is None or a.dtype != torch.uint8 or b.dtype != torch.uint8 or a.device.type != "cpu"
+            or b.device.type != "cpu" or a.shape != b.shape or a.stride() != b.stride()
+            or not (a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    y = torch.empty_like(a)  # the same strides: one pass over the storage of each
+    lib.q8_add(a.data_ptr(), b.data_ptr(), a.numel(), ka, kb, offset, low, high, y.data_ptr())
     return y

@@ -10,7 +10,7 @@ from torch.fx import Interpreter
 import fxcompress
 from fxcompress.errors import ConfigError, FormatError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, LowerToInteger
-from fxcompress.kernels import native
+from fxcompress.kernels import native, q8
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, max_pool2d_codes,
                                      relu_codes)
@@ -301,3 +301,21 @@ def test_concatenations_stay_integer_and_agree_with_the_reference():
         expected, got = reference(x), gm(x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.99
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+
+
+def test_a_residual_add_onto_a_grid_runs_in_one_c_pass_within_a_code_of_the_torch_ops():
+    """q8.add is NativeAdd's torch ops in one pass (no fused multiply-add: at most one code apart on ties of
+    the rounding) on any layout both operands share; other layouts keep the torch ops."""
+    if q8.c_library() is None:
+        pytest.skip("no C compiler on this machine")
+    gen = torch.Generator().manual_seed(3)
+    add = NativeAdd((0.031, 3), (0.017, 60), (0.04, 5), low=5, high=250)
+    a, b = (torch.randint(0, 256, (2, 16, 9, 7), generator=gen, dtype=torch.uint8) for _ in range(2))
+    torch_ops = torch.add(a * add.ka, b, alpha=add.kb).add_(add.offset).round_().clamp_(5, 250).to(torch.uint8)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = add(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout))
+        assert got.is_contiguous(memory_format=layout) and int(got.min()) == 5 and int(got.max()) == 250
+        diff = (got.int() - torch_ops.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    mixed = add(a, b.contiguous(memory_format=torch.channels_last))  # layouts differ: the torch ops
+    assert torch.equal(mixed, torch_ops)

@@ -216,3 +216,17 @@ int q8_linear_float(const float *x, int64_t rows, void *y, const Layer *L, float
     free(codes);
     return status;
 }
+
+/* A residual add of two uint8 code tensors onto an output grid, in one pass (NativeAdd's torch ops made six):
+   y = clamp(round(a * ka + b * kb + offset), low, high), in float32 with the products and sums in torch's
+   order and no contraction (-std=c11), rounding half to even as torch.round. */
+void q8_add(const uint8_t *a, const uint8_t *b, int64_t n, float ka, float kb, float offset, int32_t low,
+            int32_t high, uint8_t *y) {
+    const float lo = (float)low, hi = (float)high;
+    for (int64_t i = 0; i < n; i++) {
+        float v = nearbyintf(((float)a[i] * ka + (float)b[i] * kb) + offset);
+        v = v > lo ? v : lo;
+        v = v < hi ? v : hi;
+        y[i] = (uint8_t)v;
+    }
+}
