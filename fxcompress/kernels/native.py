@@ -383,8 +383,9 @@ class NativeAdd(nn.Module):
     """A residual add of two uint8 code tensors on their grids, onto an output grid or to float32.
 
     out = round(a * (sa / so) + b * (sb / so) + c) with c = zo - za * sa / so - zb * sb / so, in
-    float32 (one fused expression of torch ops: there is no int8 add kernel on plain tensors), then
-    clamped to [`low`, `high`] codes; dequantizing, the real sum (ReLU fused as a clamp at 0).
+    float32, then clamped to [`low`, `high`] codes: one pass of our C `q8.add` where both operands
+    share a layout (torch has no int8 add kernel on plain tensors; its ops take six passes, kept for
+    other layouts and traced graphs); dequantizing, the real sum (ReLU fused as a clamp at 0).
     """
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], output: tuple[float, int] | None,
