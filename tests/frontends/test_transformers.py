@@ -235,17 +235,20 @@ def test_removing_zeroed_channels_leaves_the_outputs_equal(name, frontend, mode)
 # (model, front end) -> the transformers major versions on which encoding (embedding tables included),
 # and the file loaded in a fresh process, are measured to work
 ENCODED = {case: (4, 5) for case in cases()}
+# every file in one fresh process (each start imports torch anew): argv holds (file, inputs, outputs) triples
 LOAD_AND_RUN = textwrap.dedent("""
     import sys
     import torch
     import fxcompress
     torch.set_num_threads(1)  # as the test process runs it
-    model = fxcompress.load(sys.argv[1]).eval()
-    with torch.no_grad():
-        torch.save(model(*torch.load(sys.argv[2])), sys.argv[3])
+    for file, inputs, outputs in zip(*[iter(sys.argv[1:])] * 3):
+        model = fxcompress.load(file).eval()
+        with torch.no_grad():
+            torch.save(model(*torch.load(inputs)), outputs)
 """)
 
 
+@functools.cache  # three tests read the same encoded model; none changes it
 def encode(name: str, frontend: str):
     """(encoded GraphModule, its inputs, the fake-quant model's outputs): 80% masks, 4-bit k-means on
     every layer (embeddings included), then LowerToEncoded, whose outputs must equal the fake-quant
@@ -285,27 +288,32 @@ def test_deep_compression_leaves_no_float_embedding_table(name, frontend):
     check_embeddings_encoded(name, frontend)
 
 
-def load_in_fresh_process(path, inputs, tmp_path) -> list[torch.Tensor]:
-    torch.save(list(inputs), tmp_path / "inputs.pt")
+@pytest.fixture(scope="module")
+def loaded_in_fresh_process(tmp_path_factory) -> dict[tuple[str, str], list[torch.Tensor]]:
+    """Every measured model's file, saved here and loaded and run in one fresh process: its outputs."""
+    root = tmp_path_factory.mktemp("files")
+    args, cases = [], measured(ENCODED)
+    for name, frontend in cases:
+        gm, inputs, _ = encode(name, frontend)
+        stem = root / f"{name}-{frontend}"
+        fxcompress.save(gm, f"{stem}.fxc")
+        torch.save(list(inputs), f"{stem}.inputs.pt")
+        args += [f"{stem}.fxc", f"{stem}.inputs.pt", f"{stem}.outputs.pt"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
-    done = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(path), str(tmp_path / "inputs.pt"),
-                           str(tmp_path / "outputs.pt")], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, *args], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return tensors(torch.load(tmp_path / "outputs.pt"))
-
-
-def check_file(name: str, frontend: str, tmp_path) -> None:
-    gm, inputs, fake_quant = encode(name, frontend)
-    fxcompress.save(gm, tmp_path / "model.fxc")
-    loaded = load_in_fresh_process(tmp_path / "model.fxc", inputs, tmp_path)
-    assert len(loaded) == len(fake_quant)
-    for a, b in zip(loaded, fake_quant):
-        assert torch.equal(a, b), f"{name} {frontend}: largest difference {(a - b).abs().max().item()}"
+    return {case: tensors(torch.load(root / f"{case[0]}-{case[1]}.outputs.pt")) for case in cases}
 
 
 @pytest.mark.parametrize("name, frontend", measured(ENCODED))
-def test_the_file_loaded_in_a_fresh_process_reproduces_the_fake_quant_outputs(name, frontend, tmp_path):
-    check_file(name, frontend, tmp_path)
+def test_the_file_loaded_in_a_fresh_process_reproduces_the_fake_quant_outputs(name, frontend,
+                                                                              loaded_in_fresh_process):
+    _, _, fake_quant = encode(name, frontend)
+    loaded = loaded_in_fresh_process[name, frontend]
+    assert len(loaded) == len(fake_quant)
+    for a, b in zip(loaded, fake_quant):
+        assert torch.equal(a, b), f"{name} {frontend}: largest difference {(a - b).abs().max().item()}"
 
 
 # ---- torch.export.Dim: dynamic batch and sequence length through the passes and the file ---------
