@@ -14,11 +14,13 @@ How each kind of node runs:
   as they are, on meta tensors (a module through `torch.func.functional_call` with its tensors
   swapped for meta ones; factory functions inside make meta tensors under `torch.device("meta")`);
 - fxcompress's own modules run by the table `MODULE_RULES`: those written in plain torch ops
-  (k-means weights, the integer reference runtime, the native add / cat and the input quantizer) run
+  (k-means weights, the integer reference runtime, the native add / cat and the input quantizer, the
+  embeddings tied to a weight-only or dynamic int8 head) run
   their own forward on meta tensors; those whose forward calls our C kernels, oneDNN or decodes
   bytes (encoded weights, native layers, sparse, weight-only and dynamic int8 layers) and the
   fake-quant modules whose grids read values (grid weights, activation quantizers) compute their
-  output's shape and dtype from their configuration and input, as their forward would;
+  output's shape and dtype from their configuration and input, as their forward would; a module type
+  of ours missing from the table is never run on meta tensors (its output is unknown);
 - functions and modules a program registered (`register_function`, `register_module`) are trusted
   code that may not run on meta tensors: they run, and if they fail their output is unknown;
 - an op whose result depends on the data (`.item()`, `nonzero`, a Python `bool` of a tensor) or
@@ -46,14 +48,14 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError, FormatError
 from fxcompress.execution import evaluating
-from fxcompress.kernels.dynamic import DynamicInt8Linear
+from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from fxcompress.kernels.sparse import SparseLayer
-from fxcompress.kernels.weight_only import WeightOnlyLinear
+from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
-from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES
+from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES, fxcompress_modules
 
 MAX_INPUT_DIMS = 32
 MAX_INPUT_ELEMENTS = 1 << 48  # per recorded input: meta tensors cost nothing, but sizes must stay exact integers
@@ -248,6 +250,7 @@ MODULE_RULES: dict[type, Callable] = {
     QuantizeToCodes: _own_forward, NativeAdd: _own_forward, NativeCat: _own_forward,
     NativeLayer: _native_layer, SparseLayer: _sparse_layer,
     WeightOnlyLinear: _measured_linear, DynamicInt8Linear: _measured_linear,
+    WeightOnlyEmbedding: _own_forward, DynamicInt8Embedding: _own_forward,  # index_select and torch arithmetic
 }
 
 
@@ -316,6 +319,8 @@ def _call(gm: GraphModule, node: Node, args: tuple, kwargs: dict, memo: dict) ->
         if rule is not None:
             inspect.signature(module.forward).bind(*args, **kwargs)
             return rule(module, _state(module, memo), *args, **kwargs)
+        if type(module) in fxcompress_modules().values():  # a kernel module without a rule: never run it on meta
+            raise _Unknown(f"{type(module).__name__} has no rule in MODULE_RULES")
         return _trusted(type(module) not in _STANDARD_MODULES, _own_forward, module, _state(module, memo),
                         *args, **kwargs)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")

@@ -17,7 +17,8 @@ from fxcompress.errors import FormatError
 from fxcompress.execution import locate_failure
 from fxcompress.fileformat import register_function
 from fxcompress.fileformat.container import HEADER_BYTES, from_bytes, to_bytes
-from fxcompress.fileformat.dryrun import UNKNOWN, dry_run, record_inputs
+from fxcompress.fileformat.allowlist import fxcompress_modules
+from fxcompress.fileformat.dryrun import MODULE_RULES, UNKNOWN, dry_run, record_inputs
 from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
                                LowerToInteger, LowerToSparse, LowerWeightOnly)
 
@@ -264,3 +265,8 @@ def test_the_native_boundary_runs_on_meta_as_it_runs():
     x = torch.randn(2, 7)
     value = dry_run(from_bytes(to_bytes(gm, example_inputs=(x,))), [{"shape": [2, 7], "dtype": "float32"}])["q"]
     assert (value.shape, value.dtype) == (gm(x).shape, gm(x).dtype) == ((2, 7), torch.uint8)
+
+
+def test_every_module_type_a_file_may_name_has_a_meta_rule():
+    """A new kernel module must say how it runs on meta tensors (its forward may call C on data pointers)."""
+    assert set(fxcompress_modules().values()) <= set(MODULE_RULES), set(fxcompress_modules().values()) - set(MODULE_RULES)
