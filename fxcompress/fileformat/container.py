@@ -29,6 +29,7 @@ import os
 import struct
 import sys
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -91,14 +92,20 @@ def _raw(tensor: torch.Tensor) -> memoryview:
 
 
 def _recorded_inputs(gm: GraphModule, example_inputs: object) -> list | None:
-    """What the file records of the inputs, checked by the dry run load will do: a file save writes loads."""
+    """What the file records of the inputs, checked by the dry run load will do. Inputs the caller gave
+    that the graph cannot run are refused; shapes the graph carries from an earlier compile that it no
+    longer runs on (edited since) are left out, with a warning: the file then loads without a dry run."""
     inputs = record_inputs(gm, example_inputs)
     if inputs is not None:
         try:
             dry_run(gm, inputs)
         except FormatError as exc:
-            raise FormatError(f"cannot save: the graph does not run on the input shapes it would record "
-                              f"(pass save(..., example_inputs=...) to record others): {exc}") from None
+            if example_inputs is not None:
+                raise FormatError(f"cannot save: the graph does not run on save.example_inputs: {exc}") from None
+            warnings.warn(f"save: the graph does not run on the input shapes compile recorded on it ({exc}); the "
+                          "file records no input shapes, so load cannot check it (pass save(..., example_inputs=...))",
+                          UserWarning, stacklevel=4)
+            return None
     return inputs
 
 
@@ -154,7 +161,8 @@ def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True
     checks the graph against: from `example_inputs` when given (tensors, or tuples of them), else from
     the shapes compile wrote to the placeholders. A GraphModule that never went through compile and
     is saved without `example_inputs` records none, and loads without that check. The graph is run
-    on meta tensors of what is recorded first: a FormatError naming the node if it cannot run on them.
+    on meta tensors of what is recorded first: `example_inputs` it cannot run are a FormatError naming
+    the node; shapes left from compile that it no longer runs on are not recorded (a UserWarning).
 
     The tensors' bytes are streamed to a temporary file beside the target (no whole-file buffer),
     which is flushed to disk and renamed over `path` only when complete: on any error the temporary

@@ -161,6 +161,10 @@ def test_a_graph_that_carries_no_shapes_records_none_and_save_checks_what_it_rec
     assert read_manifest(to_bytes(traced, example_inputs=x))["inputs"] == [{"shape": [3, 2, 12], "dtype": "float32"}]
     with pytest.raises(FormatError, match="cannot save: .*graph node 'view'"):
         to_bytes(traced, example_inputs=(torch.randn(3, 25),))
+    gm = fxcompress.compile(Mlp().eval(), [], example_inputs=(x,))
+    gm.fc1 = nn.Linear(20, 32)  # edited after compile: the shapes it carries no longer run
+    with pytest.warns(UserWarning, match="records no input shapes"):
+        assert read_manifest(to_bytes(gm))["inputs"] is None
 
 
 def _numpy_scale(x):
