@@ -4,6 +4,7 @@ forward: a Linear whose in_features changed together with its weight, a view wit
 a swapped argument. Every lowered module kind runs on meta tensors with the shapes of its real forward."""
 import operator
 import struct
+import warnings
 import zlib
 
 import pytest
@@ -99,6 +100,28 @@ def test_a_view_with_a_wrong_size_constant_is_refused_at_load():
     view["args"]["t"][2] = 25
     message = _refused(with_manifest(data, manifest), view["name"])
     assert "call_method .view()" in message and "shape '[3, 25]' is invalid" in message
+
+
+class _Attention(nn.Module):
+    """Heads split, attended and joined with `view` only: CPU attention returns its output stored
+    transposed, so the `view` after `transpose` works there (HF GPT-2 exported by torch.export reads so)."""
+
+    def forward(self, x):
+        b, n, _ = x.size()
+        heads = x.view(b, n, 4, 8).permute(0, 2, 1, 3)
+        out = F.scaled_dot_product_attention(heads, heads, heads, torch.ones(n, n, dtype=torch.bool))
+        return out.transpose(1, 2).view(b, n, 32)
+
+
+def test_a_view_that_works_on_the_cpu_kernels_layout_is_not_refused(tmp_path):
+    x = torch.randn(2, 8, 32)
+    gm = fxcompress.compile(_Attention(), [], (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning here would mean the file records no inputs
+        fxcompress.save(gm, tmp_path / "attention.fxc")
+    assert read_manifest((tmp_path / "attention.fxc").read_bytes())["inputs"] == [{"shape": [2, 8, 32],
+                                                                                   "dtype": "float32"}]
+    torch.testing.assert_close(fxcompress.load(tmp_path / "attention.fxc")(x), gm(x), rtol=0, atol=0)
 
 
 def test_a_swapped_argument_is_refused_at_load():
