@@ -62,6 +62,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration import walk
+from fxcompress.calibration.clip import ClipGrid, clamp, clip_ratios, search_clip
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (KINDS, Layer, chain_transforms, find_layers, input_arg, kind_of_node, layer_node,
@@ -267,57 +268,17 @@ class ScaleChannels(Pass):
         weight = _rows(gm, layer)
         if scale is not None:
             hessian = hessian / torch.outer(scale, scale)
-        bound, report = self.search_clip(weight, hessian)
+        bound, report = search_clip(weight, hessian, self.clip_ratios(),
+                                    ClipGrid(self.bits, self.symmetric, self.group_size))
         if report["groups_clipped"]:
             with torch.no_grad():   # a group left whole has bound max|w|: the clamp keeps it bit for bit
-                groups = weight.reshape(weight.shape[0], bound.shape[1], -1)
-                weight.copy_(torch.minimum(torch.maximum(groups, -bound), bound).reshape(weight.shape))
+                weight.copy_(clamp(weight.reshape(weight.shape[0], bound.shape[1], -1), bound).reshape(weight.shape))
             touched.append(layer.weight)
         return report
 
     def clip_ratios(self) -> list[float]:
         """AutoAWQ's clip grid: 1, 1 - 1/clip_grid, ... while the shrink is below max_shrink."""
-        return [1 - i / self.clip_grid for i in range(max(1, math.ceil(self.max_shrink * self.clip_grid - 1e-9)))]
-
-    def search_clip(self, weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Per (output row, input group): the bound ratio * max|w| among `clip_ratios` whose quantized
-        group has the smallest output error dw_g H_gg dw_g^T (ratio 1, no clamp, wins ties). Returns the
-        bounds (rows, groups, 1) in the weight's dtype and the report: ratios chosen, the groups' summed
-        error and the layer's whole output error tr(dW H dW^T), before and after."""
-        rows, size = weight.shape[0], self.group_size or weight.shape[1]
-        groups = weight.detach().reshape(rows, -1, size)
-        blocks = torch.stack([hessian[g:g + size, g:g + size] for g in range(0, weight.shape[1], size)])
-        peak = groups.abs().amax(dim=-1, keepdim=True)
-        best = torch.full(peak.shape[:2], math.inf, dtype=torch.float64)
-        ratio = torch.ones_like(best)
-        plain_groups = None
-        for r in self.clip_ratios():
-            bound = (peak * r).to(weight.dtype)
-            delta = self._group_delta(torch.minimum(torch.maximum(groups, -bound), bound), groups)
-            error = (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum(-1)
-            plain_groups = error if plain_groups is None else plain_groups
-            better = error < best
-            best, ratio = torch.where(better, error, best), torch.where(better, r, ratio)
-        bound = (peak * ratio.unsqueeze(-1)).to(weight.dtype)
-        clipped = torch.minimum(torch.maximum(groups, -bound), bound)
-        chosen = torch.unique(ratio, return_counts=True)
-        return torch.where(ratio.unsqueeze(-1) < 1, bound, peak), {
-            "groups": best.numel(), "groups_clipped": int((ratio < 1).sum()),
-            "ratios": {f"{float(r):.2f}": int(n) for r, n in zip(*chosen)},
-            "group_error_before": float(plain_groups.sum()), "group_error_after": float(best.sum()),
-            "error_before": self._whole_error(groups, groups, hessian),
-            "error_after": self._whole_error(clipped, groups, hessian)}
-
-    def _group_delta(self, clipped: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """quantize(clipped) - original, as float64 (rows, groups, size), on this pass's grid."""
-        flat = clipped.reshape(clipped.shape[0], -1)
-        grid = linear_grid(flat, self.bits, self.symmetric, axis=0, group_size=self.group_size)
-        return (fake_quantize(flat, grid, axis=0).double().reshape(clipped.shape) - original.double())
-
-    def _whole_error(self, clipped: torch.Tensor, original: torch.Tensor, hessian: torch.Tensor) -> float:
-        """The layer's mean squared output error tr(dW H dW^T), cross-group terms included."""
-        delta = self._group_delta(clipped, original).reshape(original.shape[0], -1)
-        return float(((delta @ hessian) * delta).sum())
+        return clip_ratios(self.clip_grid, self.max_shrink)
 
     def output_error(self, weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
         """sum over output rows of dW H dW^T: the mean squared output error over the calibration tokens
