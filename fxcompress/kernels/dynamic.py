@@ -61,7 +61,7 @@ class DynamicInt8Linear(MeasuredLayer):
         return module
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.weight[start:stop].float() * self.weight_scale[start:stop].unsqueeze(1)
+        return dequantize_int8(self.weight[start:stop], self.weight_scale[start:stop])
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "has_bias": self.has_bias,
@@ -81,10 +81,15 @@ class DynamicInt8Linear(MeasuredLayer):
         self._run = None
 
 
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float rows of int8 codes, one scale per row (what the layer and its tied embedding both read)."""
+    return weight.float() * scale.unsqueeze(1)
+
+
 class DynamicInt8Embedding(TiedEmbedding):
     """A token embedding reading the int8 weight of its tied LM head, a DynamicInt8Linear: `weight` and
     `weight_scale` are the head's (one per output channel: one per token row); a lookup dequantizes only
-    the rows it reads, as `DynamicInt8Linear.dequantize_rows` does."""
+    the rows it reads, with `dequantize_int8` as the head does."""
 
     HEAD: ClassVar[type] = DynamicInt8Linear
     TIED: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
@@ -100,22 +105,16 @@ class DynamicInt8Embedding(TiedEmbedding):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
 
     @classmethod
-    def tied_to(cls, head: DynamicInt8Linear) -> "DynamicInt8Embedding":
-        module = cls(head.out_features, head.in_features)
-        module.tie(head)
-        return module
+    def config_for(cls, head: DynamicInt8Linear) -> dict[str, Any]:
+        return {"num_embeddings": head.out_features, "embedding_dim": head.in_features}
 
     def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {"weight": (torch.int8, (self.num_embeddings, self.embedding_dim)),
                 "weight_scale": (torch.float32, (self.num_embeddings,))}
 
-    def head_mismatch(self, head: DynamicInt8Linear) -> str | None:
-        ours, theirs = (self.num_embeddings, self.embedding_dim), (head.out_features, head.in_features)
-        return None if ours == theirs else f"(rows, dim) {ours} against {theirs}"
-
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.reshape(-1)
-        rows = self.weight.index_select(0, flat).float() * self.weight_scale.index_select(0, flat).unsqueeze(1)
+        rows = dequantize_int8(self.weight.index_select(0, flat), self.weight_scale.index_select(0, flat))
         return rows.reshape(*indices.shape, self.embedding_dim)
 
     def config(self) -> dict[str, Any]:

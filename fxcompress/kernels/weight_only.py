@@ -194,8 +194,23 @@ class TiedEmbedding(nn.Module):
     def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def head_mismatch(self, head: nn.Module) -> str | None:  # pragma: no cover - interface
+    @classmethod
+    def config_for(cls, head: nn.Module) -> dict[str, Any]:  # pragma: no cover - interface
+        """The configuration of the embedding whose table is `head`'s weight (rows: its output channels)."""
         raise NotImplementedError
+
+    @classmethod
+    def tied_to(cls, head: nn.Module) -> "TiedEmbedding":
+        """The embedding reading `head`'s tensors as its table."""
+        module = cls(**cls.config_for(head))
+        module.tie(head)
+        return module
+
+    def head_mismatch(self, head: nn.Module) -> str | None:
+        """What differs between this embedding's configuration and the one its head implies, if anything."""
+        theirs = self.config_for(head)
+        ours = self.config()
+        return None if ours == theirs else f"{ours} against {theirs}"
 
     def tie(self, head: nn.Module) -> None:
         """Share `head`'s tensors (this module's own placeholders are dropped)."""
@@ -262,21 +277,14 @@ class WeightOnlyEmbedding(TiedEmbedding):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
 
     @classmethod
-    def tied_to(cls, head: WeightOnlyLinear) -> "WeightOnlyEmbedding":
-        """The embedding reading `head`'s packed weight as its table (rows = the head's output channels)."""
-        module = cls(head.out_features, head.in_features, head.bits, head.group_size, head.packing)
-        module.tie(head)
-        return module
+    def config_for(cls, head: WeightOnlyLinear) -> dict[str, Any]:
+        return {"num_embeddings": head.out_features, "embedding_dim": head.in_features, "bits": head.bits,
+                "group_size": head.group_size, "packing": head.packing}
 
     def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         groups = (self.num_embeddings, self.embedding_dim // self.group_size)
         return {"codes": (torch.uint8, (self.num_embeddings, self.embedding_dim * self.bits // 8)),
                 "scale": (torch.float32, groups), "zero": (torch.uint8, groups)}
-
-    def head_mismatch(self, head: WeightOnlyLinear) -> str | None:
-        ours = (self.num_embeddings, self.embedding_dim, self.bits, self.group_size, self.packing)
-        theirs = (head.out_features, head.in_features, head.bits, head.group_size, head.packing)
-        return None if ours == theirs else f"(rows, dim, bits, group_size, packing) {ours} against {theirs}"
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.reshape(-1)
