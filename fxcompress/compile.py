@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from .analyses.shapes import propagate_shapes
 from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
-from .encoded.memory import release_freed_memory
+from .memory import release_freed_memory
 from .errors import ConfigError, FxCompressError, TraceError, UnknownOpError, UnknownOpWarning, VerificationError
 from .frontends import export_module, from_exported, is_exported_module
 from .frontends import specialize_shapes as fold_shapes

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.calibration.gptq import gptq_layers
 from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
-from fxcompress.encoded.memory import release_freed_memory
+from fxcompress.memory import release_freed_memory
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, constant_value, insert_on_weight,
                                input_arg, kind_names, layer_node, select_layers, weight_arg)
@@ -234,7 +234,6 @@ class InsertFakeQuant(Pass):
                                    lambda layer, spec: self._quantize_weight(gm, layer, spec), act_order=self.act_order)
         else:
             stats = {}
-            release_freed_memory()  # what earlier passes freed would otherwise stay resident under our transients
             for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name):
                 stats[layer.name] = self._quantize_weight(gm, layer, spec)
                 release_freed_memory()  # glibc keeps the layer's freed transients resident; hand them back

@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import Interval, Options, validate
-from fxcompress.encoded.memory import release_freed_memory
+from fxcompress.memory import release_freed_memory
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.encoded.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
@@ -63,7 +63,6 @@ class LowerToEncoded(Pass):
         touched, stats, batch = [], {}, []
         layers = select_layers(gm, "LowerToEncoded")
         limit = min(_BATCH_ELEMENTS, sum(_stored_numel(gm, layer) for layer in layers) // _BATCH_SHARE)
-        release_freed_memory()  # what earlier passes freed would otherwise stay resident under our batches
         for layer in ctx.each(layers, "encoding"):
             node = layer_node(gm, layer)
             if node.op != "call_function" or not _has_chain(gm, weight_arg(node)):

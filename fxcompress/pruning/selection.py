@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..encoded.memory import release_freed_memory
+from ..memory import release_freed_memory
 from ..errors import ConfigError, PreconditionError
 
 _BINS = 1 << 16

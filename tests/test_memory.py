@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from fxcompress.encoded.memory import release_freed_memory
+from fxcompress.memory import release_freed_memory
 
 
 def _rss_kb() -> int:

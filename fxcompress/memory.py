@@ -1,4 +1,5 @@
-"""Handing freed memory back to the operating system between the encoder's batches.
+"""Handing freed memory back to the operating system: between passes (compile), between the
+layers of a pass and between the encoder's batches.
 
 glibc's malloc keeps freed blocks for reuse, and after a large block is freed it raises the size
 above which it maps memory directly (up to 32 MiB), so the encoder's transients — arrays of a few
