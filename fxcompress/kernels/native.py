@@ -100,6 +100,10 @@ class QuantizeToCodes(nn.Module):
         return f"scale={self.scale:g}, zero_point={self.zero_point}, qmax={self.qmax}"
 
 
+# what a NativeLayer makes from its buffers on first use, dropped whenever the buffers may change
+_DERIVED = ("_packed", "_float", "_c", "_bias")
+
+
 class NativeLayer(nn.Module):
     """A linear / conv2d layer on uint8 codes with bias, requantization and clamp fused.
 
@@ -314,7 +318,7 @@ class NativeLayer(nn.Module):
                               "the layer needs int32 codes, or (files of earlier versions) float32 values that are "
                               "integers times the accumulator scale exactly")
         self.bias = integer
-        self._packed = self._float = self._c = self._bias = None
+        self._drop_derived()
 
     def accumulator_scale(self) -> torch.Tensor:
         """float64 per output channel: the value of one accumulator step (input scale times weight scale)."""
@@ -334,15 +338,19 @@ class NativeLayer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_packed"] = state["_float"] = state["_c"] = state["_bias"] = None  # remade from `weight`: copies never hold them
+        state.update(dict.fromkeys(_DERIVED))  # remade from the buffers: copies never hold them
         return state
 
+    def _drop_derived(self) -> None:
+        """Forget what was made from the buffers (packed weights, the float kernel, C arguments, float bias)."""
+        self.__dict__.update(dict.fromkeys(_DERIVED))
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._packed = self._float = self._c = self._bias = None
+        self._drop_derived()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._packed = self._float = self._c = self._bias = None
+        self._drop_derived()
         return super()._apply(fn, recurse)
 
     def config(self) -> dict[str, Any]:
