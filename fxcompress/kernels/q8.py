@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,10 +201,21 @@ def pack(weight: torch.Tensor, accumulator_scale: torch.Tensor, bias: torch.Tens
     return packed
 
 
-@torch.compiler.disable  # a weak reference is no tensor op: made outside any trace
 def _register(p: Packed) -> None:
     """Where the custom op of a traced graph finds `p` (while `p` lives): its arguments are p's tensors."""
+    # A weak reference is no tensor op: it is made outside any trace. Without torch._dynamo loaded no trace
+    # can be running, and decorating with torch.compiler.disable at import would load it (about 2 s of every
+    # process that imports fxcompress).
+    (_store_outside_traces() if "torch._dynamo" in sys.modules else _store)(p)
+
+
+def _store(p: Packed) -> None:
     _TRACED[p.weight.data_ptr()] = p
+
+
+@functools.cache
+def _store_outside_traces() -> Callable[[Packed], None]:
+    return torch.compiler.disable(_store)
 
 
 def eager(x: torch.Tensor, p: Packed) -> torch.Tensor:
