@@ -11,14 +11,27 @@ PIP := $(PY) -m pip
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# An install is done once per venv, torch spec and pyproject.toml: a stamp file names the spec, and
+# pyproject.toml (the dependencies) newer than the stamp redoes it. The package is installed editable,
+# so changed sources need no reinstall; `make clean` starts over.
+SPEC_ID := $(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+DEMO_STAMP := $(VENV)/.installed-demo-$(SPEC_ID)
+TEST_STAMP := $(VENV)/.installed-test-$(SPEC_ID)
+
 # the demo's report draws its pictures with matplotlib (the draw extra); without it, tables only
-install: $(PY)
+install: $(DEMO_STAMP)
+$(DEMO_STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[draw]"
+	rm -f $(VENV)/.installed-*  # another spec's stamp no longer describes this venv
+	touch $@
 
-install-test: $(PY)
+install-test: $(TEST_STAMP)
+$(TEST_STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@ $(DEMO_STAMP)  # the test extra holds the draw extra
 
 demo: install
 	$(PY) examples/deep_compression.py
@@ -31,11 +44,15 @@ test: install-test
 # The transformers suite once more on 4.46, the newest release whose own fx tracer takes BERT, GPT-2,
 # Llama and ViT (5.x has none): a second venv, since one venv holds one transformers.
 HF4 := .venv-transformers4
-test-transformers4:
+HF4_STAMP := $(HF4)/.installed-test-$(SPEC_ID)
+test-transformers4: $(HF4_STAMP)
+	$(HF4)/bin/python -m pytest tests/frontends/test_transformers.py
+$(HF4_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(HF4)
 	$(HF4)/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==4.46.3" "tokenizers>=0.20,<0.21"
 	$(HF4)/bin/python -m pip install -q -e ".[test]"
-	$(HF4)/bin/python -m pytest tests/frontends/test_transformers.py
+	rm -f $(HF4)/.installed-*
+	touch $@
 
 clean:
 	rm -rf $(VENV) $(HF4) build *.egg-info
