@@ -95,6 +95,13 @@ def arms() -> dict[str, callable]:
         # where a layer's output error is the block's; gate / up / v errors pass a float projection first
         table[f"w{bits} g64 awq clip o/down"] = lambda b=bits: [
             passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS, clip=r".*\.(o_proj|down_proj)"), q(b)]
+        # AWQ's options, one arm per combination measured: what the alpha search and the clip's keep-or-drop
+        # compare (each layer's own output error, or its block's output), and duo scaling (x_mean^a / w_mean^(1-a))
+        for search, duo, clip in (("layer", False, "layer"), ("block", False, "layer"), ("block", False, "block"),
+                                  ("block", True, "block"), ("block", True, "layer")):
+            table[f"w{bits} g64 awq {search}{' duo' if duo else ''} clip-{clip}"] = \
+                lambda b=bits, o=search, d=duo, c=clip: [passes.ScaleChannels(
+                    bits=b, group_size=64, select=BLOCKS, objective=o, duo_scaling=d, clip_objective=c), q(b)]
     table["w8a8"] = lambda: [w8a8()]
     table["w8a8 smoothquant"] = lambda: [passes.ScaleChannels(method="smoothquant", select=BLOCKS), w8a8()]
     table["50% sparsegpt + w4 g64"] = lambda: [sgpt(), q(4)]
@@ -200,6 +207,7 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
     return {"arm": name, "status": "ok", "held_ppl": perplexity(gm, held), "fortunes_ppl": perplexity(gm, fortunes),
             "bytes": size, "format": fmt, "pass_s": seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
             "held_kl": kl_to_dense(graph, gm, held), "fortunes_kl": kl_to_dense(graph, gm, fortunes),
+            "cal_kl": kl_to_dense(graph, gm, cal),   # what options are chosen by: never the evaluation text
             **scale_layers(gm)}
 
 
@@ -209,8 +217,9 @@ def scale_layers(gm) -> dict:
     record = next((r for r in fxcompress.history(gm) if r.name == "ScaleChannels"), None)
     if record is None:
         return {}
-    keep = ("alpha", "error_plain", "error", "skipped")
-    clip_keep = ("groups", "groups_clipped", "error_before", "error_after", "skipped")
+    keep = ("objective", "inspected", "alpha", "error_plain", "error", "skipped")
+    clip_keep = ("groups", "groups_clipped", "error_before", "error_after", "block_error_clipped",
+                 "block_error_unclipped", "kept", "skipped")
     return {"scale_layers": {name: {**{k: v for k, v in r.items() if k in keep},
                                     **({"clip": {k: v for k, v in r["clip"].items() if k in clip_keep}}
                                        if "clip" in r else {})}
@@ -414,7 +423,7 @@ def finish_llmc(process, tmp: Path, started: float, timeout: int) -> list[dict]:
 
 
 HEADER = ("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB | "
-          "KL to dense, 1e-3 nats/byte: held-out / fortunes |\n|---|---:|---:|---|---:|---:|---:|---:|")
+          "KL to dense, 1e-3 nats/byte: held-out / fortunes / calibration |\n|---|---:|---:|---|---:|---:|---:|---:|")
 
 # the published orderings: (better, worse) arm pairs, each arm named as in arms()
 ORDERINGS = [*((f"sparsegpt {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
@@ -446,6 +455,7 @@ def row(r: dict, dense_bytes: int | None) -> str:
         return f"| {r['arm']} | {r['status']} | | | | | | |"
     ratio = f"{dense_bytes / r['bytes']:.1f}x" if dense_bytes and r.get("bytes") else ""
     kl = f"{1e3 * r['held_kl']:.2f} / {1e3 * r['fortunes_kl']:.2f}" if "held_kl" in r else ""
+    kl += f" / {1e3 * r['cal_kl']:.2f}" if "cal_kl" in r else ""
     return (f"| {r['arm']} | {r['held_ppl']:.3f} | {r['fortunes_ppl']:.3f} | {r.get('bytes', '')} "
             f"({r.get('format', '')}) | {ratio} | {r['pass_s']:.1f} | {r.get('peak_mb', float('nan')):.0f} | {kl} |")
 

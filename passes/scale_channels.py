@@ -62,6 +62,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration import walk
+from fxcompress.calibration.sequential import Probe
 from fxcompress.calibration.clip import ClipGrid, clamp, clip_ratios, search_clip
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
 from fxcompress.errors import ConfigError, PreconditionError
@@ -75,7 +76,9 @@ METHODS = ("awq", "smoothquant")
 # through each kind's in_dim, so both are producers and consumers alike
 LINEAR_KINDS: tuple[str, ...] = tuple(kind.name for kind in KINDS.values() if kind.family == "linear")
 _METHOD_FIELDS = {"grid": ("awq",), "bits": ("awq",), "group_size": ("awq",), "symmetric": ("awq",),
-                  "clip": ("awq",), "clip_grid": ("awq",), "max_shrink": ("awq",)}
+                  "clip": ("awq",), "clip_grid": ("awq",), "max_shrink": ("awq",), "objective": ("awq",),
+                  "duo_scaling": ("awq",), "clip_objective": ("awq",)}
+OBJECTIVES = ("layer", "block")
 
 # ---- op tables: how channel ids travel from a producer's output to a consumer's input ----------------
 # "same": the value's channels pass unchanged (dtype casts, copies, dropout in eval);
@@ -102,6 +105,9 @@ PRODUCTS: tuple[Callable, ...] = (operator.mul, torch.mul)
 # projection (its error passes a softmax): AWQ's clip leaves it alone. (function: its score operands)
 SCORE_OPERANDS: dict[Callable, tuple[int, ...]] = {F.scaled_dot_product_attention: (0, 1)}
 SOFTMAXES: tuple[Any, ...] = (torch.softmax, F.softmax, "softmax", nn.Softmax)
+# residual adds: the first of these that adds a value computed from every consumer of x to one computed
+# from none of them closes the consumers' block; that value is AWQ's "module to inspect" output
+ADDS: tuple[Any, ...] = (operator.add, torch.add, "add")
 # norm modules whose affine weight (and bias) scale their output channels
 NORM_MODULES: tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm)
 NORM_FUNCTIONS: dict[Callable, tuple[int, int | None]] = {F.layer_norm: (2, 3), F.rms_norm: (2, None)}
@@ -134,6 +140,17 @@ class ScaleChannels(Pass):
                 True: every consumer; a regex: only the consumers whose names it full-matches; False: none
     clip_grid   awq with clip: ratios are 1 - i / clip_grid
     max_shrink  awq with clip: for i / clip_grid < max_shrink (AutoAWQ: 20 and 0.5, ratios 1 to 0.55)
+    objective   awq: what the alpha search compares. "block": the output of the consumers' block (the
+                value it adds back to the residual stream, found in the graph: AutoAWQ's and llm-compressor's
+                "module to inspect"), with every consumer quantized and the rest of the block float, run
+                on the calibration batches; "layer": the sum of the consumers' own output errors,
+                tr(dW H dW^T). A group with no such residual add falls back to "layer" (reported)
+    duo_scaling awq: scales mean|x|^alpha / w_mean^(1 - alpha), w_mean the mean over output rows of
+                |w| / max|w| of its quantization group (llm-compressor's default); False: mean|x|^alpha.
+                No scale at all (plain rounding) is a candidate either way
+    clip_objective  awq with clip: "layer": every clip the per-group search chose is kept (AutoAWQ);
+                "block": a consumer's clip is kept only where the block output, every consumer
+                quantized, is closer to float with it than without it (reported)
     select      full-match regex over the consumer layers' names; None: every linear layer
     """
 
@@ -146,6 +163,9 @@ class ScaleChannels(Pass):
     clip: bool | str = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+    objective: str = "block"
+    duo_scaling: bool = True
+    clip_objective: str = "block"
     select: str | None = None
 
     preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)   # weights change, the graph does not
@@ -154,6 +174,7 @@ class ScaleChannels(Pass):
         "grid": (Interval(int, 1, 1000),), "bits": (Interval(int, 2, 16),),
         "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "clip": (Boolean(), Regex()),
         "clip_grid": (Interval(int, 1, 1000),), "max_shrink": (Interval(float, 0.0, 1.0, hi_open=True),),
+        "objective": (Options(*OBJECTIVES),), "duo_scaling": (Boolean(),), "clip_objective": (Options(*OBJECTIVES),),
         "select": (Regex(), None),
     }
 
@@ -176,13 +197,15 @@ class ScaleChannels(Pass):
         touched: list[str] = []
         by_input: dict[str, dict[str, Any]] = {}   # the walk may split layers reading one value into groups
 
-        def handle(group, stats) -> dict[str, Any]:
+        def handle(group, stats, probe: Probe) -> dict[str, Any]:
             if group.input.name not in by_input:
                 consumers = tuple(l for l in layers if input_arg(layer_node(gm, l)) is group.input)
-                by_input[group.input.name] = self._group(gm, consumers, group.input, stats, shapes, touched)
+                by_input[group.input.name] = self._group(gm, consumers, group.input, stats,
+                                                         _Walking(shapes, touched, probe))
             return {layer.name: by_input[group.input.name][layer.name] for layer in group.layers}
 
-        walked = walk(gm, layers, ctx.calibration_data, handle, owner="ScaleChannels", hessian=self.method == "awq")
+        walked = walk(gm, layers, ctx.calibration_data, handle, owner="ScaleChannels", hessian=self.method == "awq",
+                      probe=True)
         scaled = {n: r for n, r in walked.layers.items() if "skipped" not in r}
         clipped = [n for n, r in walked.layers.items() if r.get("clip", {}).get("groups_clipped", 0)]
         return PassResult(changed=bool(scaled or clipped), params_touched=tuple(dict.fromkeys(touched)),
@@ -198,17 +221,61 @@ class ScaleChannels(Pass):
     def _clipped(self, layer: Layer) -> bool:
         return self._clips and (self.clip is True or re.fullmatch(self.clip, layer.name) is not None)
 
-    def _group(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,
-               touched: list[str]) -> dict[str, dict[str, Any]]:
+    def _group(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats,
+               walking: _Walking) -> dict[str, dict[str, Any]]:
         """Scale, then (awq) clip the consumers of x; each consumer's report."""
-        report, scale = self._scale(gm, consumers, x, stats, shapes, touched)
+        inspected, why = self._inspect(gm, consumers, walking.probe)
+        report, scale = self._scale(gm, consumers, x, stats, walking, inspected)
+        if scale is not None:
+            # the fold divided x's producer, but the walk stored x as it was: without this the consumers
+            # (and every later group of the block, and the next blocks) would see x * s on the scaled weights
+            walking.probe.replace(x, lambda value: value / scale.to(value.dtype))
+        if why:
+            report["inspected"] = why
         reports = {layer.name: dict(report) for layer in consumers}
+        folded: dict[str, torch.Tensor] = {}
         for layer in filter(self._clipped, consumers):
-            reports[layer.name]["clip"] = self._clip(gm, layer, stats.hessian, scale, touched)
+            folded[layer.name] = _rows(gm, layer).clone()
+            reports[layer.name]["clip"] = self._clip(gm, layer, stats.hessian, scale, walking.touched)
+        if folded and self.clip_objective == "block" and inspected is not None:
+            self._check_clips(gm, consumers, folded, reports, inspected)
         return reports
 
-    def _scale(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, shapes: ShapeInfo,
-               touched: list[str]) -> tuple[dict[str, Any], torch.Tensor | None]:
+    def _inspect(self, gm: GraphModule, consumers: tuple[Layer, ...],
+                 probe: Probe) -> tuple[Inspected | None, str]:
+        """The consumers' block output and its float value on the calibration batches, where a block
+        objective asks for it; else None, and why where one was asked for and the graph has none."""
+        wanted = self.objective == "block" or (self._clips and self.clip_objective == "block")
+        if self.method != "awq" or not wanted:
+            return None, ""
+        nodes = [layer_node(gm, layer) for layer in consumers]
+        node = block_output(gm, nodes)
+        if node is None:
+            return None, (f"no residual add after {', '.join(layer.name for layer in consumers)}: "
+                          "the search and the clip read the layers' own output errors")
+        return Inspected(node, probe.run(node), probe), ""
+
+    def _check_clips(self, gm: GraphModule, consumers: tuple[Layer, ...], folded: dict[str, torch.Tensor],
+                     reports: dict[str, dict[str, Any]], inspected: Inspected) -> None:
+        """Keep each consumer's clip only where the block output, every consumer quantized, is closer to
+        float with it: a clamp's error follows the signal, and a float layer after it (down_proj after
+        gate / up) can add it up where rounding errors average out."""
+        weights = [_rows(gm, layer) for layer in consumers]
+        for i, layer in enumerate(consumers):
+            clip = reports[layer.name].get("clip", {})
+            if not clip.get("groups_clipped"):
+                continue
+            quantized = [self.quantized(w) for w in weights]
+            clipped = inspected.error(weights, quantized)
+            quantized[i] = self.quantized(folded[layer.name])
+            whole = inspected.error(weights, quantized)
+            clip.update(block_error_clipped=clipped, block_error_unclipped=whole, kept=clipped < whole)
+            if not clipped < whole:
+                with torch.no_grad():
+                    weights[i].copy_(folded[layer.name])
+
+    def _scale(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, walking: _Walking,
+               inspected: Inspected | None) -> tuple[dict[str, Any], torch.Tensor | None]:
         """Find the producer of x for all its consumers, then fold: the report (or why it was skipped)
         and the scale of each consumer input channel (None when skipped)."""
         producer, why = find_producer(gm, x, {layer_node(gm, layer) for layer in consumers})
@@ -218,14 +285,14 @@ class ScaleChannels(Pass):
             # the paper and llm-compressor smooth only norm -> linear; on a trained 6.9 M Llama, scales
             # folded from up_proj into down_proj reached 100x and 8-bit weights lost (perplexity 6.76 -> 8.53)
             return {"skipped": f"{producer.name} is a linear layer: SmoothQuant folds only into norms"}, None
-        channel_map, why = map_channels(producer, x, shapes)
+        channel_map, why = map_channels(producer, x, walking.shapes)
         if channel_map is None:
             return {"skipped": why}, None
-        touched.extend([*producer.tensors, *(layer.weight for layer in consumers)])
-        return self._rescale(gm, consumers, producer, channel_map, stats)
+        walking.touched.extend([*producer.tensors, *(layer.weight for layer in consumers)])
+        return self._rescale(gm, consumers, producer, channel_map, stats, inspected)
 
     def _rescale(self, gm: GraphModule, layers: tuple[Layer, ...], producer: Producer, channel_map: torch.Tensor,
-                 stats) -> tuple[dict[str, Any], torch.Tensor]:
+                 stats, inspected: Inspected | None) -> tuple[dict[str, Any], torch.Tensor]:
         weights = [_rows(gm, layer) for layer in layers]
         if self.method == "smoothquant":
             alpha = 0.5 if self.alpha is None else self.alpha
@@ -234,28 +301,45 @@ class ScaleChannels(Pass):
         else:
             mean_abs = stats.abs_sum / max(stats.rows, 1)
             alphas = [self.alpha] if self.alpha is not None else [i / self.grid for i in range(self.grid)]
-            scale, report = self._search(weights, stats.hessian, mean_abs, channel_map, producer.channels, alphas)
+            error, objective = self._objective(weights, stats.hessian, inspected)
+            scale, report = self._search(weights, error, mean_abs, channel_map, producer.channels, alphas)
+            report = {"objective": objective, **report}
         fold(gm, producer, layers, scale, channel_map)
         return {"producer": producer.name, **report, "scale_min": round(float(scale.min()), 6),
                 "scale_max": round(float(scale.max()), 6)}, scale[channel_map]
 
-    def _search(self, weights: list[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor,
+    def _objective(self, weights: list[torch.Tensor], hessian: torch.Tensor,
+                   inspected: Inspected | None) -> tuple[Callable[[torch.Tensor], float], str]:
+        """What the search minimizes for a scale of each consumer input channel: the block output's
+        mean squared error (objective="block", where the graph has a block output) or the consumers'
+        summed own output errors."""
+        if self.objective == "block" and inspected is not None:
+            return lambda scale: inspected.error(weights, [self.quantized(w, scale) for w in weights]), "block"
+        return lambda scale: sum(self.output_error(w, scale, hessian) for w in weights), "layer"
+
+    def _search(self, weights: list[torch.Tensor], error: Callable[[torch.Tensor], float], mean_abs: torch.Tensor,
                 channel_map: torch.Tensor, channels: int, alphas: list[float]) -> tuple[torch.Tensor, dict]:
-        """AWQ's grid search: the alpha whose scales give the smallest quantized output error."""
-        magnitude = _per_producer(mean_abs, channel_map, channels)
-        used = torch.bincount(channel_map, minlength=channels) > 0
-        magnitude[~used] = magnitude[used].mean()   # a channel no consumer reads: any finite scale is exact
+        """AWQ's grid search: the alpha whose scales give the smallest quantized output error (or no
+        scale, where none beats plain rounding)."""
+        magnitude = _fill_unused(_per_producer(mean_abs, channel_map, channels), channel_map)
         magnitude = magnitude.clamp(min=float(magnitude.max()) * 1e-4)   # never divide by a dead channel's 0
-        plain = sum(self.output_error(w, torch.ones(w.shape[1], dtype=torch.float64), hessian) for w in weights)
-        best = (math.inf, 0.0, torch.ones(channels, dtype=torch.float64))
+        w_mean = None
+        if self.duo_scaling:
+            w_mean = _fill_unused(_per_producer(weight_means(weights, self.group_size), channel_map, channels),
+                                  channel_map)
+        ones = torch.ones(channels, dtype=torch.float64)
+        plain = error(ones[channel_map])
+        best = (math.inf, 0.0, ones)
         for alpha in alphas:
-            scale = awq_scales(magnitude, alpha)
-            error = sum(self.output_error(w, scale[channel_map], hessian) for w in weights)
-            if error < best[0]:
-                best = (error, alpha, scale)
-        error, alpha, scale = best
-        return scale, {"alpha": alpha, "error_plain": float(plain), "error": float(error),
-                       "error_ratio": round(float(error / plain), 6) if plain > 0 else 1.0}
+            scale = awq_scales(magnitude, alpha, w_mean)
+            candidate = error(scale[channel_map])
+            if candidate < best[0]:
+                best = (candidate, alpha, scale)
+        if plain < best[0]:   # with duo scaling, alpha = 0 is not plain rounding
+            best = (plain, None, ones)
+        value, alpha, scale = best
+        return scale, {"alpha": alpha, "error_plain": float(plain), "error": float(value),
+                       "error_ratio": round(float(value / plain), 6) if plain > 0 else 1.0}
 
     def _clip(self, gm: GraphModule, layer: Layer, hessian: torch.Tensor, scale: torch.Tensor | None,
               touched: list[str]) -> dict[str, Any]:
@@ -283,16 +367,39 @@ class ScaleChannels(Pass):
     def output_error(self, weight: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> float:
         """sum over output rows of dW H dW^T: the mean squared output error over the calibration tokens
         of the layer quantized after its columns were multiplied by `scale` (and its input divided)."""
-        scaled = weight.double() * scale
-        grid = linear_grid(scaled, self.bits, self.symmetric, axis=0, group_size=self.group_size)
-        delta = fake_quantize(scaled, grid, axis=0) / scale - weight.double()
+        delta = self.quantized(weight, scale) - weight.double()
         return float(((delta @ hessian) * delta).sum())
 
+    def quantized(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Q(W * s) / s in float64: the [out, in] rows as the later InsertFakeQuant will see them once
+        the scales are folded, divided back so that they read the unscaled input."""
+        scaled = weight.double() * (1.0 if scale is None else scale)
+        grid = linear_grid(scaled, self.bits, self.symmetric, axis=0, group_size=self.group_size)
+        return fake_quantize(scaled, grid, axis=0) / (1.0 if scale is None else scale)
 
-def awq_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
-    """magnitude^alpha, normalized so that the largest and smallest scale straddle 1 evenly."""
+
+def awq_scales(magnitude: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """magnitude^alpha (over w_mean^(1 - alpha) with duo scaling, llm-compressor's form, its 1e-4 guards),
+    normalized so that the largest and smallest scale straddle 1 evenly."""
     scale = magnitude.double().pow(alpha)
+    if w_mean is not None:
+        scale = (scale / (w_mean.double().pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
     return scale / (scale.max() * scale.min()).sqrt()
+
+
+def weight_means(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
+    """Per input channel, the mean over all consumers' output rows of |w| / max|w| of its quantization
+    group: how large a channel's weights are where the grid is set (duo scaling's w_mean)."""
+    rows = torch.cat([w.detach().double().abs() for w in weights])
+    groups = rows.reshape(rows.shape[0], -1, group_size or rows.shape[1])
+    return (groups / (groups.amax(-1, keepdim=True) + 1e-6)).reshape(rows.shape).mean(0)
+
+
+def _fill_unused(values: torch.Tensor, channel_map: torch.Tensor) -> torch.Tensor:
+    """A producer channel no consumer reads takes the mean of the others: any finite scale is exact there."""
+    used = torch.bincount(channel_map, minlength=values.numel()) > 0
+    values[~used] = values[used].mean()
+    return values
 
 
 def smoothquant_scales(abs_max: torch.Tensor, weights: list[torch.Tensor], channel_map: torch.Tensor,
@@ -303,6 +410,40 @@ def smoothquant_scales(abs_max: torch.Tensor, weights: list[torch.Tensor], chann
     w_max = _per_producer(w_cols, channel_map, channels)
     scale = x_max.pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
     return torch.where((x_max > 0) & (w_max > 0), scale.clamp(min=1e-5), torch.ones_like(scale))
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """The consumers' block output (AWQ's module to inspect) and its float value on each calibration batch."""
+
+    node: Node
+    reference: list[torch.Tensor]
+    probe: Probe
+
+    def error(self, weights: list[torch.Tensor], candidates: list[torch.Tensor]) -> float:
+        """The block output's mean squared difference from float with `weights` set to `candidates`
+        (each restored after)."""
+        saved = [w.clone() for w in weights]
+        try:
+            with torch.no_grad():
+                for weight, candidate in zip(weights, candidates):
+                    weight.copy_(candidate.to(weight.dtype))
+            outputs = self.probe.run(self.node)
+        finally:
+            with torch.no_grad():
+                for weight, kept in zip(weights, saved):
+                    weight.copy_(kept)
+        total = sum(float(((o.double() - r.double()) ** 2).sum()) for o, r in zip(outputs, self.reference))
+        return total / max(sum(r.numel() for r in self.reference), 1)
+
+
+@dataclass(frozen=True)
+class _Walking:
+    """What a group's handler reads besides the group: shapes, the tensors touched so far, the walk's states."""
+
+    shapes: ShapeInfo
+    touched: list[str]
+    probe: Probe
 
 
 def _per_producer(values: torch.Tensor, channel_map: torch.Tensor, channels: int) -> torch.Tensor:
@@ -364,6 +505,37 @@ def reaches_scores(gm: GraphModule, start: Node) -> Node | None:
                 seen.add(user)
                 stack.append(user)
     return None
+
+
+def block_output(gm: GraphModule, consumers: list[Node]) -> Node | None:
+    """The value the consumers' block adds back to the residual stream: at the first add (in graph order)
+    of a value computed from every consumer and one computed from none, the former (o_proj's output for
+    q / k / v and for v -> o, down_proj's for gate / up and up -> down); None when there is no such add."""
+    reached = [_descendants(node) for node in consumers]
+    every, some = set.intersection(*reached), set.union(*reached)
+    for node in gm.graph.nodes:
+        if node not in every or not _is_add(node):
+            continue
+        a, b = node.args[:2]
+        for mine, other in ((a, b), (b, a)):
+            if mine in every and isinstance(other, Node) and other not in some:
+                return mine
+    return None
+
+
+def _descendants(node: Node) -> set[Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _is_add(node: Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in ADDS and len(node.args) >= 2 \
+        and not node.kwargs
 
 
 def _is_softmax(gm: GraphModule, node: Node) -> bool:

@@ -175,7 +175,27 @@ def _random(node: Node) -> bool:
     return "rand" in getattr(node.target, "__name__", str(node.target))
 
 
-Handler = Callable[[Group, InputStats], dict[str, Any]]
+Handler = Callable[..., dict[str, Any]]
+
+
+class Probe:
+    """The stored per-batch states at a group's input, for a handler that must read more than the
+    group's statistics: `run(node)` runs every batch on from there to a later node with the weights as
+    they are now (a candidate's effect on a downstream value), keeping nothing; `replace(node, fn)`
+    rewrites a stored value (a handler that rescaled the producer of its own input)."""
+
+    def __init__(self, runner: _Runner, states: list[dict[Node, Any]], done: Node) -> None:
+        self.runner, self.states, self.position = runner, states, runner.index[done] + 1
+
+    def run(self, node: Node) -> list[Any]:
+        self.runner.cache.clear()   # weight-derived values are recomputed: the handler may have changed weights
+        stop = max(self.runner.index[node] + 1, self.position)
+        return [self.runner.run(state, self.position, stop, i)[node] for i, state in enumerate(self.states)]
+
+    def replace(self, node: Node, fn: Callable[[Any], Any]) -> None:
+        for state in self.states:
+            if node in state:
+                state[node] = fn(state[node])
 
 
 @dataclass
@@ -189,7 +209,7 @@ class WalkReport:
 
 
 def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle: Handler, *, owner: str,
-         hessian: bool = True) -> WalkReport:
+         hessian: bool = True, probe: bool = False) -> WalkReport:
     """Calibrate `layers` group by group in graph order; `handle(group, stats)` compresses a group
     (changing its weights in `gm`) and returns a report per layer name.
 
@@ -197,6 +217,7 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
     already compressed; the group's statistics are taken there and the states keep only what later
     nodes read. A group's input does not depend on the group itself, so nothing is run twice: one
     walk costs one forward pass of the calibration data. `data` is compile's `calibration_data`.
+    With `probe`, the handler is called as `handle(group, stats, Probe(...))`.
     """
     batches = _batches(data, owner)
     check_calibrated(layers, owner)
@@ -214,7 +235,7 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
                 stats = InputStats(_width(gm, group), with_hessian=hessian, name=", ".join(group.names))
                 done = _advance(runner, states, done, x, lambda i, env: stats.update(env[x], i))
                 peak = max(peak, _held(states) + stats.nbytes())
-                reports.update(handle(group, stats))
+                reports.update(handle(group, stats, Probe(runner, states, done)) if probe else handle(group, stats))
             runner = _Runner(gm)
             last = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
             done = _advance(runner, states, done, last, None)  # through the block's last layer, compressed
