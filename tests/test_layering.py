@@ -1,9 +1,9 @@
 """The house's floors: a module imports only from its own floor or below, nothing imports in a
 circle, and no project import hides inside a function. docs/architecture.md explains the floors."""
 import ast
+import functools
 from pathlib import Path
 
-import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,19 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in [*ROOT.glob("fxcompress/**/*.py"), *ROOT.glob("passes/**/*.py")]}
 
 
+# Every check reads the same files: each is read and parsed once per session (and not at collection).
+@functools.cache
+def _source(module: str) -> str:
+    return MODULES[module].read_text()
+
+
+@functools.cache
+def _nodes(source: str) -> list[ast.AST]:
+    """Every node of the parsed source in ast.walk's (breadth-first) order: each check reads this list
+    instead of walking the tree again."""
+    return list(ast.walk(ast.parse(source)))
+
+
 def floor_of(module: str) -> int:
     local = module.removeprefix("fxcompress").removeprefix(".")
     matches = [(len(prefix), i) for i, (_, prefixes) in enumerate(FLOORS) for prefix in prefixes
@@ -41,20 +54,25 @@ def floor_of(module: str) -> int:
     return max(matches)[1]
 
 
-def _runtime_nodes(tree: ast.AST):
+def _runtime_nodes(nodes: list[ast.AST]):
     """Every node except those under `if TYPE_CHECKING:` (annotations only, never imported)."""
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    skipped = {id(n) for node in nodes if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                for n in ast.walk(node)}
-    return [node for node in ast.walk(tree) if id(node) not in skipped]
+    return [node for node in nodes if id(node) not in skipped]
 
 
 def project_imports(module: str, source: str | None = None) -> dict[str, ast.AST]:
     """The project modules `module` imports at run time (from `source`, else its file), with the
     import statement."""
+    return _project_imports(module, _source(module) if source is None else source)
+
+
+@functools.cache
+def _project_imports(module: str, source: str) -> dict[str, ast.AST]:
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = {}
-    for node in _runtime_nodes(ast.parse(path.read_text() if source is None else source)):
+    for node in _runtime_nodes(_nodes(source)):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -68,7 +86,11 @@ def project_imports(module: str, source: str | None = None) -> dict[str, ast.AST
     return found
 
 
-GRAPH = nx.DiGraph([(m, target) for m in MODULES for target in project_imports(m)])
+@functools.cache
+def graph():
+    """The import graph of the package (networkx is imported here: about 1 s that collection need not pay)."""
+    import networkx as nx
+    return nx.DiGraph([(m, target) for m in MODULES for target in project_imports(m)])
 
 
 def test_every_module_is_on_a_floor():
@@ -88,7 +110,8 @@ def test_no_module_imports_from_a_higher_floor(module):
 
 
 def test_no_import_circle():
-    cycles = list(nx.simple_cycles(GRAPH))
+    import networkx as nx
+    cycles = list(nx.simple_cycles(graph()))
     assert not cycles, f"import circles: {cycles}"
 
 
@@ -99,30 +122,36 @@ def _is_project_import(node: ast.AST) -> bool:
 
 
 def imports_inside_functions(module: str, source: str) -> list[str]:
-    """`module.function: import ...` for each project import made inside a function of `source`."""
-    return [f"{module}.{function.name}: {ast.unparse(node)}" for function in ast.walk(ast.parse(source))
+    """`module.function: import ...` for each project import made inside a function of `source`.
+    An import statement lies under a function exactly when it lies within the function's lines
+    (decorators, the only children before `def`, are expressions), so the few imports are matched
+    to the functions by line instead of walking every function's subtree."""
+    nodes = _nodes(source)
+    imports = [node for node in nodes if _is_project_import(node)]
+    return [f"{module}.{function.name}: {ast.unparse(node)}" for function in nodes
             if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for node in ast.walk(function) if _is_project_import(node)]
+            for node in imports if function.lineno <= node.lineno <= function.end_lineno]
 
 
 def test_no_project_import_inside_a_function():
-    hidden = [line for module, path in MODULES.items() for line in imports_inside_functions(module, path.read_text())]
+    hidden = [line for module in MODULES for line in imports_inside_functions(module, _source(module))]
     assert not hidden, hidden
 
 
 def test_no_function_over_60_lines():
     long = [f"{module}.{node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for module, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text()))
+            for module in MODULES for node in _nodes(_source(module))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
     assert not long, long
 
 
 def test_the_checks_see_a_planted_violation():
     """The checks are not vacuous: a real module's source with one import planted fails each of them."""
+    import networkx as nx
     assert floor_of("fxcompress.errors") < floor_of("fxcompress.passes.insert_masks") < floor_of("fxcompress.compile")
     assert floor_of("fxcompress.pruning.interop") > floor_of("fxcompress.pruning.masks")
-    assert any(floor_of(t) < floor_of(m) for m, t in GRAPH.edges)  # the graph is really read
-    assert GRAPH.number_of_edges() > 100
+    assert any(floor_of(t) < floor_of(m) for m, t in graph().edges)  # the graph is really read
+    assert graph().number_of_edges() > 100
     module = "fxcompress.channels.select"
     source = MODULES[module].read_text()
     assert not imports_from_above(module, source) and not imports_inside_functions(module, source)
@@ -130,6 +159,6 @@ def test_the_checks_see_a_planted_violation():
     assert set(imports_from_above(module, back)) == {"fxcompress.compile", "fxcompress.passes.prune_channels"}
     late = source + "\n\ndef late():\n    from .. import compile\n    import fxcompress.summary\n"
     assert len(imports_inside_functions(module, late)) == 2
-    looped = GRAPH.copy()
+    looped = graph().copy()
     looped.add_edges_from((module, target) for target in project_imports(module, back))
     assert [module, "fxcompress.passes.prune_channels"] in [sorted(c) for c in nx.simple_cycles(looped)]
