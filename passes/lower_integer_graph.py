@@ -26,6 +26,13 @@ from fxcompress.quant.quantizers import Grid, quantize
 
 
 RELU_FUNCTIONS = {F.relu, torch.relu}
+# Clamps with constant bounds (ReLU6, hardtanh, clamp): for the monotone rounding q onto any activation grid,
+# q(clamp(y, lo, hi)) = clamp(q(y), q(lo), q(hi)), so a layer may requantize through one and the clamp runs on
+# its codes (fused into the layer where it follows it directly). Each entry: the names of the bound arguments
+# after the input, their defaults; ReLU6 modules are Hardtanh modules (min_val, max_val)
+CLAMP_FUNCTIONS = {F.relu6: ((), (0.0, 6.0)), F.hardtanh: (("min_val", "max_val"), (-1.0, 1.0)),
+                   torch.clamp: (("min", "max"), (None, None)), torch.clip: (("min", "max"), (None, None))}
+CLAMP_METHODS = {"clamp": (("min", "max"), (None, None)), "clip": (("min", "max"), (None, None))}
 # layer kinds with an integer form, and the kind each runs as: HF's Conv1D (addmm with an [in, out]
 # weight) is a linear layer of the transposed weight, transposed once when it is planned
 INTEGER_KINDS = {"linear": "linear", "addmm": "linear", "conv1d": "conv1d", "conv2d": "conv2d", "conv3d": "conv3d"}
@@ -86,10 +93,54 @@ def requant_target(gm: GraphModule, node: Node) -> Node | None:
         (user,) = current.users
         if is_activation_quant(gm, user):
             return user
-        if not commutes_with_quantization(gm, user) or user.args[0] is not current:
+        code_safe = commutes_with_quantization(gm, user) or clamp_bounds(gm, user) is not None
+        if not code_safe or user.args[0] is not current:
             return None
         current = user
     return None
+
+
+Bounds = tuple[float | None, float | None]  # a clamp's (low, high) in real units; None: unbounded on that side
+
+
+def clamp_bounds(gm: GraphModule, node: Node) -> Bounds | None:
+    """The constant (low, high) of a clamp node (CLAMP_FUNCTIONS / CLAMP_METHODS, nn.Hardtanh and ReLU6), None
+    for any other node or bounds that are not plain numbers (a tensor bound is no clamp onto codes)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return (float(module.min_val), float(module.max_val)) if isinstance(module, nn.Hardtanh) else None
+    table = CLAMP_FUNCTIONS if node.op == "call_function" else CLAMP_METHODS if node.op == "call_method" else {}
+    try:
+        names, defaults = table[node.target]
+    except (KeyError, TypeError):  # an unhashable target is no clamp either
+        return None
+    given = dict(zip(names, node.args[1:]), **{k: v for k, v in node.kwargs.items() if k in names})
+    bounds = [given.get(name, default) for name, default in zip(names, defaults)] if names else list(defaults)
+    if len(node.args) > 1 + len(names) or any(b is not None and type(b) not in (int, float) for b in bounds):
+        return None
+    return tuple(None if b is None else float(b) for b in bounds)
+
+
+def clamp_codes(grid: Grid, bounds: Bounds) -> tuple[int, int]:
+    """The codes of a clamp's bounds on `grid` (the grid's own range where a side is unbounded): what the
+    clamp is on codes, as the fake-quant model rounds them."""
+    code = lambda b, side: side if b is None else int(quantize(torch.tensor(b), grid))  # noqa: E731
+    return code(bounds[0], grid.qmin), code(bounds[1], grid.qmax)
+
+
+def respell_clamps(gm: GraphModule, chain: tuple[Node, ...], grid: Grid | None, centered: bool) -> None:
+    """Each clamp of `chain` (ops on codes of `grid`) as torch.clamp at its bounds' codes (centered: minus the
+    zero-point, as the reference backend's codes are)."""
+    for node in chain:
+        if (bounds := clamp_bounds(gm, node)) is None or grid is None:
+            continue
+        low, high = clamp_codes(grid, bounds)
+        shift = int(grid.zero_point) if centered else 0
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.clamp, (node.args[0], low - shift, high - shift))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
 
 
 def code_chain(gm: GraphModule, node: Node, target: Node | None) -> tuple[Node, ...]:

@@ -36,8 +36,8 @@ from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, Quanti
 from fxcompress.quant.commuting import commutes_with_quantization
 from fxcompress.quant.quantizers import Grid
 
-from .lower_integer_graph import (MAX_POOL_ARGS, JoinPlan, LayerPlan, Quantized, cat_operands,
-                                  is_activation_quant, is_max_pool2d, is_relu, swap, swap_join)
+from .lower_integer_graph import (MAX_POOL_ARGS, Bounds, JoinPlan, LayerPlan, Quantized, cat_operands, clamp_bounds,
+                                  clamp_codes, is_activation_quant, is_max_pool2d, is_relu, swap, swap_join)
 
 
 def choose_kernels(gm: GraphModule, layers: list[Quantized], plans: dict[Node, LayerPlan], example_inputs: tuple,
@@ -74,7 +74,8 @@ def choose_kernels(gm: GraphModule, layers: list[Quantized], plans: dict[Node, L
 def layer_forms(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tuple[str, ...]) -> dict[str, NativeLayer]:
     """The layer as a NativeLayer on each of `kernels` that can run it here (uint8 codes in and out, as
     they are timed); a PreconditionError naming the layer where none can."""
-    relu = fused_relu(gm, q.node, plan.chain) is not None
+    fused = fused_clamp(gm, q.node, plan.chain)
+    bounds = None if fused is None else fused[1]
     forms, refused = {}, {}
     for kernel in kernels:
         if kernel == "c_int8" and plan.kind != "linear":
@@ -83,7 +84,7 @@ def layer_forms(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tuple[s
         if kernel == "int8" and not native.saturation_free(plan.codes, q.input_grid.qmax):
             refused[kernel] = f"two weight codes times input code {q.input_grid.qmax} could pass int16 (no VNNI)"
             continue
-        module = native_layer(q, plan, relu, kernel)
+        module = native_layer(q, plan, bounds, kernel)
         if kernel == "c_int8" and (reason := module.c_refusal()) is not None:
             refused[kernel] = reason
         else:
@@ -129,14 +130,20 @@ def boundary(gm: GraphModule, node: Node, grid: Grid, values: bool) -> None:
     gm.graph.erase_node(node)
 
 
-def fused_relu(gm: GraphModule, node: Node, chain: tuple[Node, ...]) -> Node | None:
-    """The ReLU right after `node` that its kernel's clamp can take, if there is one."""
+def fused_clamp(gm: GraphModule, node: Node, chain: tuple[Node, ...]) -> tuple[Node, Bounds] | None:
+    """The ReLU or constant clamp (ReLU6, hardtanh) right after `node` that its kernel's clamp can take, with
+    its bounds in real units, if there is one: on the way to the output grid, or (a ReLU, or a clamp with a
+    lower bound) right after a layer that dequantizes."""
     users = list(node.users)
-    fits = len(users) == 1 and is_relu(gm, users[0]) and (not chain or chain[0] is users[0])
-    return users[0] if fits else None
+    if len(users) != 1 or (chain and chain[0] is not users[0]) or users[0].args[:1] != (node,):
+        return None
+    bounds = (0.0, None) if is_relu(gm, users[0]) else clamp_bounds(gm, users[0])
+    if bounds is None or (not chain and bounds[0] is None):
+        return None
+    return users[0], bounds
 
 
-def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_in: bool = False,
+def native_layer(q: Quantized, plan: LayerPlan, bounds: Bounds | None, kernel: str, values_in: bool = False,
                  values_out: bool = False) -> NativeLayer:
     """The layer as a NativeLayer on `kernel`: uint8 codes in (float32 codes with `values_in`), codes onto
     the plan's grid out (float32 codes with `values_out`), or real values where the plan dequantizes."""
@@ -145,7 +152,7 @@ def native_layer(q: Quantized, plan: LayerPlan, relu: bool, kernel: str, values_
     module = NativeLayer(plan.kind, list(plan.codes.shape), float(in_grid.scale), int(in_grid.zero_point), output,
                          output_scale=1.0 if out_grid is None else float(out_grid.scale),
                          output_zero_point=0 if out_grid is None else int(out_grid.zero_point),
-                         clamp=_native_clamp(out_grid, relu), kernel=kernel,
+                         clamp=_native_clamp(out_grid, bounds), kernel=kernel,
                          input="float_codes" if values_in else "uint8", input_qmax=int(in_grid.qmax), **plan.options)
     module.weight.copy_(plan.codes.to(torch.int8))
     module.weight_scale.copy_(plan.weight_scale.float())
@@ -158,19 +165,19 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
                    edges: set[Node]) -> dict[str, Any]:
     """Swap the layer for a NativeLayer on its chosen kernel, the ReLU right after it fused; the ops up
     to its output grid respelled for uint8 codes (float32 codes: only a ReLU changes). Returns its stats."""
-    relu = fused_relu(gm, q.node, plan.chain)
+    fused = fused_clamp(gm, q.node, plan.chain)
+    relu = None if fused is None else fused[0]  # the ReLU or clamp the kernel takes
     values_in, values_out = q.input_quant in edges, plan.target in edges
-    module = native_layer(q, plan, relu is not None, kernel_name(choice), values_in, values_out)
+    module = native_layer(q, plan, None if fused is None else fused[1], kernel_name(choice), values_in, values_out)
     if isinstance(choice, KernelChoice):
         module.kernel_choice = choice = KernelChoice.from_stats(choice.as_stats())  # as stats and files hold it
     new = swap(gm, q, module, "native")
     if relu is not None:
         relu.replace_all_uses_with(new)
         gm.graph.erase_node(relu)
-    zero_point = 0 if plan.out_grid is None else int(plan.out_grid.zero_point)
     for node in plan.chain:
         if node is not relu:
-            native_code_op(gm, node, zero_point, in_float=values_out)
+            native_code_op(gm, node, plan.out_grid, in_float=values_out)
     times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
     return {"module": new.target, "kernel": module.kernel, "times_ms": times,
             "speedup": (round(choice.speedup_over("float"), 4)
@@ -228,8 +235,10 @@ def native_refusal(gm: GraphModule, q: Quantized, plan: LayerPlan, kernels: tupl
 
 def native_code_safe(gm: GraphModule, node: Node) -> bool:
     """Code-safe ops native can run on uint8: ReLU, 2-d max pooling without indices, reshapes, dropout."""
-    if is_relu(gm, node) or is_max_pool2d(gm, node):
-        return is_relu(gm, node) or _native_pool_ok(gm, node)
+    if is_relu(gm, node) or clamp_bounds(gm, node) is not None:
+        return True
+    if is_max_pool2d(gm, node):
+        return _native_pool_ok(gm, node)
     if node.target in (F.max_pool1d, F.max_pool3d) or (
             node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.MaxPool1d, nn.MaxPool3d))):
         return False
@@ -244,21 +253,26 @@ def _native_pool_ok(gm: GraphModule, node: Node) -> bool:
     return not dict(zip(MAX_POOL_ARGS, node.args[1:]), **node.kwargs).get("return_indices", False)
 
 
-def _native_clamp(out_grid: Grid | None, relu: bool) -> tuple[float, float | None] | None:
-    """The fused clamp in real units: ReLU and / or the output grid's range where uint8 does not give it
-    (no upper bound: None, which keeps the layer's configuration plain data)."""
+def _native_clamp(out_grid: Grid | None, bounds: Bounds | None) -> tuple[float, float | None] | None:
+    """The fused clamp in real units: the fused ReLU's / clamp's `bounds` and / or the output grid's range where
+    uint8 does not give it (no upper bound: None, which keeps the layer's configuration plain data)."""
     if out_grid is None:
-        return (0.0, None) if relu else None
+        return bounds  # fused_clamp gives a dequantizing layer lower-bounded clamps only
     scale, zero = float(out_grid.scale), int(out_grid.zero_point)
+    low = (out_grid.qmin - zero) * scale
     high = None if out_grid.qmax == native.UINT8_MAX else (out_grid.qmax - zero) * scale
-    if high is None and not relu:
-        return None
-    return (0.0 if relu else (out_grid.qmin - zero) * scale, high)
+    if bounds is None:
+        return None if high is None else (low, high)
+    if bounds[1] is not None:
+        high = bounds[1] if high is None else min(high, bounds[1])
+    return (low if bounds[0] is None else max(low, bounds[0]), high)
 
 
-def native_code_op(gm: GraphModule, node: Node, zero_point: int, in_float: bool = False) -> None:
-    """Respell one code-safe op for codes (ReLU clamps at the zero-point; max pooling and view take
-    channels-last tensors, which the kernels write; float32 codes pool with the float op)."""
+def native_code_op(gm: GraphModule, node: Node, grid: Grid | None, in_float: bool = False) -> None:
+    """Respell one code-safe op for codes on `grid` (ReLU clamps at the zero-point, ReLU6 / clamp at its bounds'
+    codes; max pooling and view take channels-last tensors, which the kernels write; float32 codes pool with
+    the float op)."""
+    zero_point = 0 if grid is None else int(grid.zero_point)
     if in_float and is_max_pool2d(gm, node):
         return
     if is_relu(gm, node) and zero_point == 0:  # codes are >= 0 already: the identity
@@ -267,6 +281,8 @@ def native_code_op(gm: GraphModule, node: Node, zero_point: int, in_float: bool 
         return
     if is_relu(gm, node):
         target, args = relu_codes, (node.args[0], zero_point)
+    elif (bounds := clamp_bounds(gm, node)) is not None and grid is not None:
+        target, args = torch.clamp, (node.args[0], *clamp_codes(grid, bounds))
     elif is_max_pool2d(gm, node):
         if node.op == "call_module":
             pool = gm.get_submodule(node.target)
@@ -304,23 +320,23 @@ def native_join_refusal(gm: GraphModule, add: JoinPlan) -> str | None:
 
 def replace_native_add(gm: GraphModule, node: Node, add: JoinPlan) -> None:
     """A NativeAdd on uint8 codes, the ReLU right after it fused as its lower clamp."""
-    users = list(node.users)
-    relu = users[0] if len(users) == 1 and is_relu(gm, users[0]) and (not add.chain or add.chain[0] is users[0]) \
-        else None
+    out, fused = add.out_grid, fused_clamp(gm, node, add.chain)
+    if fused is not None and out is None and fused[1] != (0.0, None):
+        fused = None  # dequantizing, NativeAdd fuses a ReLU only: the clamp stays the float op after it
+    relu = None if fused is None else fused[0]  # the ReLU or clamp the add takes
     a, b = ((float(g.scale), int(g.zero_point)) for g in add.grids)
-    out = add.out_grid
     if out is None:
         module = NativeAdd(a, b, None, relu=relu is not None)
     else:
-        zero = int(out.zero_point)
-        module = NativeAdd(a, b, (float(out.scale), zero), low=zero if relu is not None else out.qmin, high=out.qmax)
+        low, high = (out.qmin, out.qmax) if fused is None else clamp_codes(out, fused[1])
+        module = NativeAdd(a, b, (float(out.scale), int(out.zero_point)), low=low, high=high)
     new = swap_join(gm, node, module, "native")
     if relu is not None:
         relu.replace_all_uses_with(new)
         gm.graph.erase_node(relu)
     for chained in add.chain:
         if chained is not relu:
-            native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
+            native_code_op(gm, chained, out)
 
 
 def replace_native_cat(gm: GraphModule, node: Node, cat: JoinPlan) -> None:
@@ -330,5 +346,5 @@ def replace_native_cat(gm: GraphModule, node: Node, cat: JoinPlan) -> None:
     module = NativeCat(grids, output, cat.dim, *(() if out is None else (out.qmin, out.qmax)))
     swap_join(gm, node, module, "native", cat_operands(node))
     for chained in cat.chain:
-        native_code_op(gm, chained, 0 if out is None else int(out.zero_point))
+        native_code_op(gm, chained, out)
 

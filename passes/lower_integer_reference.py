@@ -14,7 +14,8 @@ from fxcompress.quant.integer import (IntegerAdd, IntegerCat, IntegerLayer, Quan
                                       narrowest_dtype)
 from fxcompress.quant.quantizers import Grid
 
-from .lower_integer_graph import SHIFT_ROOM, JoinPlan, LayerPlan, Quantized, cat_operands, swap, swap_join
+from .lower_integer_graph import (SHIFT_ROOM, JoinPlan, LayerPlan, Quantized, cat_operands, respell_clamps, swap,
+                                  swap_join)
 
 
 def boundary(grid: Grid) -> QuantizeInput:
@@ -39,6 +40,7 @@ def replace_layer(gm: GraphModule, q: Quantized, plan: LayerPlan) -> None:
         module.low.fill_(out_grid.qmin - int(out_grid.zero_point))
         module.high.fill_(out_grid.qmax - int(out_grid.zero_point))
     swap(gm, q, module, "integer")
+    respell_clamps(gm, plan.chain, out_grid, centered=True)  # a ReLU6 on the way runs on the centered codes
 
 
 
@@ -62,6 +64,7 @@ def replace_add(gm: GraphModule, node: Node, add: JoinPlan) -> None:
         module.low.fill_(out.qmin - int(out.zero_point))
         module.high.fill_(out.qmax - int(out.zero_point))
     swap_join(gm, node, module)
+    respell_clamps(gm, add.chain, add.out_grid, centered=True)
 
 
 
@@ -77,4 +80,5 @@ def replace_cat(gm: GraphModule, node: Node, cat: JoinPlan) -> None:
         module.low.fill_(out.qmin - int(out.zero_point))
         module.high.fill_(out.qmax - int(out.zero_point))
     swap_join(gm, node, module, "integer", cat_operands(node))
+    respell_clamps(gm, cat.chain, cat.out_grid, centered=True)
 
