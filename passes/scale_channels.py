@@ -230,8 +230,8 @@ class ScaleChannels(Pass):
             # the fold divided x's producer, but the walk stored x as it was: without this the consumers
             # (and every later group of the block, and the next blocks) would see x * s on the scaled weights
             walking.probe.replace(x, lambda value: value / scale.to(value.dtype))
-        if why:
-            report["inspected"] = why
+        if why or inspected is not None:   # the block output read, or why none was
+            report["inspected"] = why or inspected.node.name
         reports = {layer.name: dict(report) for layer in consumers}
         folded: dict[str, torch.Tensor] = {}
         for layer in filter(self._clipped, consumers):
@@ -335,7 +335,7 @@ class ScaleChannels(Pass):
             candidate = error(scale[channel_map])
             if candidate < best[0]:
                 best = (candidate, alpha, scale)
-        if plain < best[0]:   # with duo scaling, alpha = 0 is not plain rounding
+        if self.alpha is None and plain < best[0]:   # searched: with duo scaling, alpha = 0 is not plain rounding
             best = (plain, None, ones)
         value, alpha, scale = best
         return scale, {"alpha": alpha, "error_plain": float(plain), "error": float(value),

@@ -9,7 +9,8 @@ from torch import nn
 import fxcompress
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.passes import InsertFakeQuant
-from fxcompress.passes.scale_channels import ScaleChannels
+from fxcompress.layers import find_layers
+from fxcompress.passes.scale_channels import ScaleChannels, awq_scales, weight_means
 from fxcompress.zoo import Conv1D
 
 transformers = pytest.importorskip("transformers")
@@ -194,3 +195,69 @@ def test_conv1d_layers_are_scaled_exactly_and_like_their_linear_twins(method, fr
                                        rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(gm.get_parameter(f"{name}.bias"), ref.get_parameter(f"{name}.bias"),
                                        rtol=1e-6, atol=1e-7)
+
+
+def _llama_blocks(layers: int = 2):
+    """A tiny Llama of `layers` blocks, exported, with norm weights away from 1 so the scales matter."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                      use_cache=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    x = torch.randint(0, 64, (2, 16))
+    cal = [(torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    return fxcompress.compile(torch.export.export(model, (x,), strict=False), [], (x,)), x, cal
+
+
+def test_the_block_output_is_found_in_the_graph_and_searched_on():
+    """AWQ's "module to inspect": the value each group's block adds back to the residual stream (o_proj's
+    output for q / k / v and v -> o, down_proj's for gate / up and up -> down), found by the graph query."""
+    gm, x, cal = _llama_blocks(1)
+    nodes = {layer.name.rsplit(".", 1)[-1]: layer.node for layer in find_layers(gm)}
+    out = fxcompress.compile(gm, [ScaleChannels(group_size=16, select=r"model\.layers\..*")], (x,),
+                             calibration_data=cal)
+    layers = fxcompress.history(out)[-1].stats["layers"]
+    inspected = {name.rsplit(".", 1)[-1]: (report["inspected"], report["objective"]) for name, report in layers.items()}
+    block = {"q_proj": "o_proj", "k_proj": "o_proj", "v_proj": "o_proj", "o_proj": "o_proj",
+             "gate_proj": "down_proj", "up_proj": "down_proj", "down_proj": "down_proj"}
+    assert inspected == {name: (nodes[output], "block") for name, output in block.items()}
+
+
+def test_without_a_residual_add_the_search_reads_the_layers_own_errors():
+    model = _outlier_model()
+    x = torch.randn(32, 64)
+    gm = fxcompress.compile(model, [ScaleChannels(group_size=32)], (x,), calibration_data=[(x,)])
+    layers = fxcompress.history(gm)[-1].stats["layers"]
+    assert layers["fc1"]["objective"] == "layer" and "no residual add after fc1, fc2" in layers["fc1"]["inspected"]
+
+
+def test_later_groups_calibrate_on_what_the_rescaled_graph_computes():
+    """The fold leaves the model's function unchanged in float, so every group after the first sees the
+    same inputs (the same Hessian, the same plain-rounding error) whatever scales the earlier ones took."""
+    gm, x, cal = _llama_blocks(2)
+    reports = []
+    for alpha in (0.0, 0.9):
+        config = ScaleChannels(alpha=alpha, duo_scaling=False, group_size=16, clip=False, objective="layer",
+                               select=r"model\.layers\..*")
+        out = fxcompress.compile(gm, [config], (x,), calibration_data=cal)
+        reports.append(fxcompress.history(out)[-1].stats["layers"])
+    first = "model.layers.0.self_attn.q_proj"
+    assert reports[1][first]["scale_max"] > 1.5 * reports[0][first]["scale_max"]   # the scales differ
+    for name, report in reports[0].items():
+        if name != first and not name.endswith(("k_proj", "v_proj")):   # q / k / v share the first input
+            assert reports[1][name]["error_plain"] == pytest.approx(report["error_plain"], rel=1e-4), name
+
+
+def test_duo_scaling_divides_by_the_weights_normalized_group_magnitude():
+    weights = [torch.tensor([[1.0, 2.0, -3.0, 6.0]]), torch.tensor([[-4.0, 4.0, 1.0, 1.0]])]
+    w_mean = weight_means(weights, group_size=2)   # |w| / max|w| per group of 2: [.5 1 .5 1], [1 1 1 1]
+    assert torch.allclose(w_mean, torch.tensor([0.75, 1.0, 0.75, 1.0], dtype=torch.float64))
+    x_mean = torch.tensor([1.0, 4.0, 9.0, 16.0])
+    scale = awq_scales(x_mean, 0.5, w_mean)
+    raw = x_mean.double().sqrt() / (w_mean.sqrt() + 1e-4)
+    assert torch.allclose(scale, raw / (raw.max() * raw.min()).sqrt())
+    assert torch.allclose(awq_scales(x_mean, 0.5), x_mean.double().sqrt() / 8 ** 0.5)   # without: x_mean^a alone
