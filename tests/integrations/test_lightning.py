@@ -14,25 +14,16 @@ from fxcompress.datasets import load_digits
 from fxcompress.training import evaluate
 from fxcompress.zoo import LeNet300100
 
-pl = pytest.importorskip("pytorch_lightning")
-lightning = pytest.importorskip("fxcompress.integrations.lightning")
+# Lightning takes seconds to import: it is imported by the first test that needs it, not when the
+# module is collected, and the classes deriving from its own are built then (a missing package skips).
+@pytest.fixture(scope="module")
+def pl():
+    return pytest.importorskip("pytorch_lightning")
 
 
-class Classifier(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = LeNet300100(in_features=64)
-        self.example_input_array = torch.zeros(1, 1, 8, 8)
-
-    def forward(self, x):
-        return self.model(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+@pytest.fixture(scope="module")
+def lightning(pl):
+    return pytest.importorskip("fxcompress.integrations.lightning")
 
 
 @pytest.fixture(scope="module")
@@ -40,32 +31,65 @@ def digits():
     return load_digits()
 
 
-class Recorder(pl.Callback):
-    """fc1's mask sparsity after every optimizer step (it runs after the compression callback)."""
+def _classes(pl):
+    """(Classifier, Recorder): a LightningModule over LeNet-300-100 and a callback recording fc1's
+    mask sparsity after every optimizer step (it runs after the compression callback)."""
 
-    def __init__(self, compression):
-        self.compression, self.seen = compression, []
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = LeNet300100(in_features=64)
+            self.example_input_array = torch.zeros(1, 1, 8, 8)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        layer = next(l for l in masked_layers(self.compression.model) if l.name == "fc1")
-        self.seen.append((trainer.global_step, sparsity_of(get_mask(self.compression.model, layer))))
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    class Recorder(pl.Callback):
+        def __init__(self, compression):
+            self.compression, self.seen = compression, []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            layer = next(l for l in masked_layers(self.compression.model) if l.name == "fc1")
+            self.seen.append((trainer.global_step, sparsity_of(get_mask(self.compression.model, layer))))
+
+    return Classifier, Recorder
 
 
-def _fit(callback, data, epochs=2, extra=()):
-    torch.manual_seed(0)
-    module = Classifier()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.train_x, data.train_y), batch_size=32,
-                                         shuffle=True, generator=torch.Generator().manual_seed(0))
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, *extra])
-    trainer.fit(module, loader)
-    return module
+@pytest.fixture(scope="module")
+def classes(pl):
+    return _classes(pl)
 
 
-def test_masks_follow_the_schedule_per_epoch(digits):
+@pytest.fixture(scope="module")
+def fit(pl, classes):
+    """fit(callback, data, epochs=2, extra=()) -> the trained LightningModule."""
+    classifier = classes[0]
+
+    def _fit(callback, data, epochs=2, extra=()):
+        torch.manual_seed(0)
+        module = classifier()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.train_x, data.train_y),
+                                             batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback, *extra])
+        trainer.fit(module, loader)
+        return module
+
+    return _fit
+
+
+def test_masks_follow_the_schedule_per_epoch(digits, lightning, fit):
     prune = InsertMasks(sparsity=0.8, schedule=AGP(end=2))
     callback = lightning.Compression(prune=prune)
-    module = _fit(callback, digits)
+    module = fit(callback, digits)
     assert isinstance(module.model, torch.fx.GraphModule) and module.model is callback.model
     assert [h["epoch"] for h in callback.history] == [0, 1]
     for entry, epoch in zip(callback.history, (1, 2)):
@@ -78,11 +102,11 @@ def test_masks_follow_the_schedule_per_epoch(digits):
     assert evaluate(module.model, digits.test_x, digits.test_y) > 0.75
 
 
-def test_a_schedule_in_optimizer_steps(digits):
+def test_a_schedule_in_optimizer_steps(digits, lightning, fit, classes):
     prune = InsertMasks(sparsity=0.6, schedule=AGP(end=20, every=5))
     callback = lightning.Compression(prune=prune, unit="step")
-    recorder = Recorder(callback)
-    module = _fit(callback, digits, epochs=1, extra=[recorder])  # 45 steps: the schedule ends within the epoch
+    recorder = classes[1](callback)
+    module = fit(callback, digits, epochs=1, extra=[recorder])  # 45 steps: the schedule ends within the epoch
     assert len(recorder.seen) == 45 and [step for step, _ in recorder.seen] == list(range(1, 46))
     for step, sparsity in recorder.seen:  # rises every 5 steps, held in between, 0.6 from step 20 on
         assert abs(sparsity - prune.schedule.sparsity(0.6, step)) < 0.005, (step, sparsity)
@@ -92,10 +116,10 @@ def test_a_schedule_in_optimizer_steps(digits):
     assert evaluate(module.model, digits.test_x, digits.test_y) > 0.75
 
 
-def test_pruning_then_quantization_trains_and_saves(digits, tmp_path):
+def test_pruning_then_quantization_trains_and_saves(digits, tmp_path, lightning, fit):
     callback = lightning.Compression(prune=InsertMasks(sparsity=0.8, schedule=AGP(end=1)),
                                      quantize=InsertFakeQuant(bits=4, method="kmeans"), quantize_epoch=1)
-    module = _fit(callback, digits)
+    module = fit(callback, digits)
     gm = module.model
     quantizers = [m for m in gm.modules() if isinstance(m, KMeansWeight)]
     assert len(quantizers) == 3
@@ -112,7 +136,7 @@ def test_pruning_then_quantization_trains_and_saves(digits, tmp_path):
         assert torch.unique(weight).numel() <= 16 and (weight == 0).float().mean() > 0.79
 
 
-def test_bad_settings_are_refused():
+def test_bad_settings_are_refused(lightning):
     with pytest.raises(ConfigError, match="Compression.prune"):
         lightning.Compression(prune=InsertFakeQuant(bits=4))
     with pytest.raises(ConfigError, match="needs prune"):
@@ -126,7 +150,7 @@ def test_bad_settings_are_refused():
         lightning.Compression(quantize=InsertFakeQuant(bits=4), quantize_epoch=-1)
 
 
-def test_a_missing_model_attribute_is_named(digits):
+def test_a_missing_model_attribute_is_named(digits, lightning, fit):
     callback = lightning.Compression(prune=InsertMasks(sparsity=0.5), attribute="net")
     with pytest.raises(ConfigError, match="Classifier.net is not a torch.nn.Module"):
-        _fit(callback, digits, epochs=1)
+        fit(callback, digits, epochs=1)
