@@ -8,7 +8,8 @@ from torch import nn
 
 import fxcompress
 from fxcompress.errors import ConfigError
-from fxcompress.passes import ScaleChannels
+from calibration import llama_mlp
+from fxcompress.passes import InsertFakeQuant, ScaleChannels
 
 
 class NormMLP(nn.Module):
@@ -107,3 +108,55 @@ def test_queries_and_keys_are_not_clipped(attention):
     for name, parent in (("v_proj", "self_attn"), ("o_proj", "self_attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"),
                          ("down_proj", "mlp")):
         assert clips[name]["groups"] == model.get_submodule(f"model.layers.0.{parent}.{name}").weight.numel() // 16
+
+
+class ResidualMLP(nn.Module):
+    """x + mlp(x): the trained Llama MLP with the residual add its block has, so the graph has a block output."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+@torch.no_grad()
+def _block_mse(gm, model, x) -> float:
+    return float((gm(x) - model(x)).pow(2).mean())
+
+
+def test_a_clip_is_kept_only_where_the_block_output_gains():
+    """On a trained Llama MLP the clip lowers gate's and up's own output errors yet raises the block's (the
+    float down projection adds a clamp's signal-following error up): clip_objective="block" drops those two
+    clips and keeps down's, and the quantized block is closer to float on the calibration data than with
+    every clip kept (clip_objective="layer", AutoAWQ's)."""
+    mlp, calibration, _ = llama_mlp.load()
+    model = ResidualMLP(mlp).eval()
+    batches = list(calibration.split(128))
+    quant = InsertFakeQuant(method="linear", bits=4, group_size=64, select=r"mlp\..*")
+    compiled = {objective: fxcompress.compile(model, [ScaleChannels(group_size=64, clip_objective=objective), quant],
+                                              (batches[0],), calibration_data=batches)
+                for objective in ("layer", "block")}
+    clips = {name.rsplit(".", 1)[-1]: report["clip"]
+             for name, report in fxcompress.history(compiled["block"])[0].stats["layers"].items()}
+    for name in ("gate", "up", "down"):   # each decision is the comparison it reports
+        clip = clips[name]
+        assert clip["groups_clipped"] > 0 and clip["error_after"] < clip["error_before"]   # its own error falls
+        assert clip["kept"] == (clip["block_error_clipped"] < clip["block_error_unclipped"])
+    assert [clips[name]["kept"] for name in ("gate", "up", "down")] == [False, False, True]
+    layer = fxcompress.history(compiled["layer"])[0].stats["layers"]["mlp.gate"]["clip"]
+    assert "kept" not in layer   # AutoAWQ's: no block check
+    block, every = (_block_mse(compiled[o], model, calibration) for o in ("block", "layer"))
+    assert block < 0.95 * every, (block, every)   # measured: 2.10e-4 against 2.29e-4
+
+
+def test_a_dropped_clip_leaves_the_folded_weight_bit_for_bit():
+    mlp, calibration, _ = llama_mlp.load()
+    model = ResidualMLP(mlp).eval()
+    batches = list(calibration.split(128))
+    folded, checked = (fxcompress.compile(model, [ScaleChannels(group_size=64, **kw)], (batches[0],),
+                                          calibration_data=batches) for kw in ({"clip": False}, {}))
+    assert torch.equal(checked.mlp.gate.weight, folded.mlp.gate.weight)   # dropped: the fold's weight
+    assert torch.equal(checked.mlp.up.weight, folded.mlp.up.weight)
+    assert not torch.equal(checked.mlp.down.weight, folded.mlp.down.weight)   # kept: clamped
