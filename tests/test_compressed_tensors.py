@@ -2,6 +2,7 @@
 decompressed by the package bit-identical to our fake-quant weight, a quantized Llama loaded back
 by transformers computing the same logits, a pruned model's dense export, and refusals by name."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,19 +14,31 @@ from fxcompress.errors import ConfigError
 from fxcompress.layers import effective_weight, find_layers
 from fxcompress.passes import InsertFakeQuant, InsertMasks
 
-ct = pytest.importorskip("compressed_tensors")
-safetensors = pytest.importorskip("safetensors.torch")
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
-from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
+
+# compressed-tensors takes over a second to import: imported by the tests that read files back with it,
+# not at collection (a missing package still skips them with its reason).
+@pytest.fixture(scope="module")
+def safetensors():
+    return pytest.importorskip("safetensors.torch")
+
+
+@pytest.fixture(scope="module")
+def ct(safetensors):
+    """The compressed-tensors package's packing helper, compressor and config class."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationConfig
+    return SimpleNamespace(compressor=PackedQuantizationCompressor, pack_to_int32=pack_to_int32,
+                           config=QuantizationConfig, safetensors=safetensors)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_packing_matches_the_package_along_both_dims(bits):
+def test_packing_matches_the_package_along_both_dims(bits, ct):
     torch.manual_seed(bits)
     values = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, 83), dtype=torch.int8)   # 83: a ragged tail
-    assert torch.equal(pack_int32(values, bits), pack_to_int32(values, bits))
-    assert torch.equal(pack_int32(values.T, bits).T, pack_to_int32(values, bits, packed_dim=0))
+    assert torch.equal(pack_int32(values, bits), ct.pack_to_int32(values, bits))
+    assert torch.equal(pack_int32(values.T, bits).T, ct.pack_to_int32(values, bits, packed_dim=0))
 
 
 def _mlp():
@@ -33,19 +46,19 @@ def _mlp():
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def _decompressed(directory) -> dict[str, torch.Tensor]:
+def _decompressed(ct, directory) -> dict[str, torch.Tensor]:
     """Every packed layer's weight as the compressed-tensors package decompresses it."""
-    config = QuantizationConfig.model_validate(json.loads((directory / "config.json").read_text())["quantization_config"])
-    tensors = safetensors.load_file(directory / "model.safetensors")
+    config = ct.config.model_validate(json.loads((directory / "config.json").read_text())["quantization_config"])
+    tensors = ct.safetensors.load_file(directory / "model.safetensors")
     out = {}
     for scheme in config.config_groups.values():
         for target in scheme.targets:
             own = {k[len(target) + 1:]: v for k, v in tensors.items() if k.startswith(target + ".weight_")}
-            out[target] = PackedQuantizationCompressor.decompress(own, scheme)["weight"]
+            out[target] = ct.compressor.decompress(own, scheme)["weight"]
     return out
 
 
-def test_package_decompresses_every_layer_bit_exactly(tmp_path):
+def test_package_decompresses_every_layer_bit_exactly(tmp_path, ct):
     x = torch.randn(4, 64)
     gm = fxcompress.compile(_mlp(), [InsertMasks(sparsity=0.5),
                                      InsertFakeQuant(method="linear", bits=4, group_size=32, select="[02]"),
@@ -53,7 +66,7 @@ def test_package_decompresses_every_layer_bit_exactly(tmp_path):
                                                      select="4")], (x,))
     report = to_compressed_tensors(gm, tmp_path)
     assert report["packed_layers"] == ["0", "2", "4"]
-    weights = _decompressed(tmp_path)
+    weights = _decompressed(ct, tmp_path)
     layers = {layer.name: layer for layer in find_layers(gm)}
     assert set(weights) == {"0", "2", "4"}
     for name, weight in weights.items():
@@ -61,12 +74,12 @@ def test_package_decompresses_every_layer_bit_exactly(tmp_path):
     groups = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]
     assert sorted((g["weights"]["num_bits"], g["weights"]["strategy"]) for g in groups.values()) == [
         (4, "group"), (8, "channel")]
-    stored = safetensors.load_file(tmp_path / "model.safetensors")
+    stored = ct.safetensors.load_file(tmp_path / "model.safetensors")
     assert stored["0.weight_packed"].shape == (128, 64 * 4 // 32) and stored["0.weight_packed"].dtype == torch.int32
     assert "4.weight_zero_point" not in stored and not any("mask" in k or "quant" in k for k in stored)
 
 
-def test_transformers_loads_a_w4a16_llama_with_the_same_logits(tmp_path):
+def test_transformers_loads_a_w4a16_llama_with_the_same_logits(tmp_path, ct):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -86,7 +99,7 @@ def test_transformers_loads_a_w4a16_llama_with_the_same_logits(tmp_path):
     assert not torch.equal(plain, gm(x)["logits"].detach())   # the 4-bit weights really are what was loaded
 
 
-def test_dense_export_of_a_pruned_model_keeps_its_zeros(tmp_path):
+def test_dense_export_of_a_pruned_model_keeps_its_zeros(tmp_path, safetensors):
     x = torch.randn(4, 64)
     gm = fxcompress.compile(_mlp(), [InsertMasks(sparsity=0.75)], (x,))
     to_compressed_tensors(gm, tmp_path, format="dense", config={"model_type": "mlp"})
@@ -99,7 +112,7 @@ def test_dense_export_of_a_pruned_model_keeps_its_zeros(tmp_path):
     assert not any("mask" in k for k in stored)
 
 
-def test_refusals_name_the_layer(tmp_path):
+def test_refusals_name_the_layer(tmp_path, safetensors):
     x = torch.randn(4, 64)
     with pytest.raises(ConfigError, match="format='zip'"):
         to_compressed_tensors(fxcompress.compile(_mlp(), [], (x,)), tmp_path, format="zip")
