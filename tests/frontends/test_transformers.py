@@ -89,6 +89,23 @@ def source(name: str, frontend: str):
     return symbolic_trace(model, input_names=input_names).eval(), inputs
 
 
+@functools.cache
+def graph(name: str, frontend: str):
+    """(GraphModule, example inputs): the source through compile's front end once (for an
+    ExportedProgram: unlifted and respelled at torch level), shared by every test that compiles the
+    model; compile copies a GraphModule, so each still starts from the same graph. The front end on
+    its own program runs here, in encode() and in the dynamic-shape test."""
+    src, inputs = source(name, frontend)
+    return fxcompress.compile(src, [], inputs), inputs
+
+
+@functools.cache
+def reference(name: str, frontend: str) -> list[torch.Tensor]:
+    """The uncompressed graph's outputs on other_inputs(name), which the pruning tests compare shapes with."""
+    gm, _ = graph(name, frontend)
+    return run(gm, other_inputs(name))
+
+
 def other_inputs(name: str) -> tuple:
     """Inputs of the example's shape (the exported graph is specialized to it) and new values."""
     torch.manual_seed(1)
@@ -125,8 +142,8 @@ CHANNEL_GRAPH_CASES = cases()
 @pytest.mark.parametrize("attention", ["head_dims", "heads"])
 @pytest.mark.parametrize("name, frontend", CHANNEL_GRAPH_CASES)
 def test_channel_graph_gives_a_reason_for_every_frozen_group(name, frontend, attention):
-    src, inputs = source(name, frontend)
-    cg = channel_graph(src, inputs, attention=attention)
+    gm, inputs = graph(name, frontend)
+    cg = channel_graph(gm, inputs, attention=attention)
     text = str(cg)
     held = [g for g in cg.groups if len(g.prunable) < len(g.classes)]
     assert held, "a transformer has frozen channels (at least the ones reaching its outputs)"
@@ -161,17 +178,16 @@ def measured(table: dict) -> list:
 
 
 def check_prunes(name: str, frontend: str, mode: str) -> None:
-    src, inputs = source(name, frontend)
-    pruned = fxcompress.compile(src, [PruneChannels(amount=0.5, **MODES[mode])], inputs)  # verifies
+    gm, inputs = graph(name, frontend)
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, **MODES[mode])], inputs)  # verifies
     stats = fxcompress.history(pruned)[-1].stats
     ratio = stats["params_after"] / stats["params_before"]
     assert params(pruned) == stats["params_after"]
     bound = VERSION_BOUNDS.get((name, frontend, mode, HF_MAJOR), PARAM_BOUNDS[name, mode])
     assert ratio <= bound, f"{name} {frontend} {mode}: parameters x{ratio:.3f}, bound {bound}"
     assert all(isinstance(why, str) and why.strip() for why in stats["frozen"].values()), stats["frozen"]
-    reference = run(fxcompress.compile(src, [], inputs), other_inputs(name))
     outputs = run(pruned, other_inputs(name))
-    assert [t.shape for t in outputs] == [t.shape for t in reference]
+    assert [t.shape for t in outputs] == [t.shape for t in reference(name, frontend)]
     assert all(torch.isfinite(t).all() for t in outputs if t.is_floating_point())
 
 
@@ -188,15 +204,14 @@ OUTPUT_VERSION_BOUNDS = {("t5_encoder", 4): 0.35}  # 4.46's exported T5 keeps mo
 
 @pytest.mark.parametrize("name, frontend", [(m, f) for m, f in cases() if m in OUTPUT_BOUNDS])
 def test_prune_outputs_shrinks_a_headless_encoders_hidden_states(name, frontend):
-    src, inputs = source(name, frontend)
+    gm, inputs = graph(name, frontend)
     passes = [PruneChannels(amount=0.5, prune_normalized=True, prune_outputs=True)]
-    pruned = fxcompress.compile(src, passes, inputs)  # verifies everything but the output shapes
+    pruned = fxcompress.compile(gm, passes, inputs)  # verifies everything but the output shapes
     stats = fxcompress.history(pruned)[-1].stats
     bound = OUTPUT_VERSION_BOUNDS.get((name, HF_MAJOR), OUTPUT_BOUNDS[name])
     assert stats["params_after"] / stats["params_before"] <= bound
-    reference = run(fxcompress.compile(src, [], inputs), other_inputs(name))
     outputs = run(pruned, other_inputs(name))
-    hidden = [(r.shape, o.shape) for r, o in zip(reference, outputs) if r.dim() == 3]
+    hidden = [(r.shape, o.shape) for r, o in zip(reference(name, frontend), outputs) if r.dim() == 3]
     assert hidden and all(o[:-1] == r[:-1] and o[-1] < r[-1] for r, o in hidden)  # only the width shrinks
     assert all(torch.isfinite(t).all() for t in outputs if t.is_floating_point())
 
@@ -209,9 +224,9 @@ ZEROED_CASES = [(m, f, mode) for m, f in cases() for mode in EXACT_MODES]
 def check_zeroed_equivalence(name: str, frontend: str, mode: str) -> None:
     """Zero a random half of every prunable unit's channels, let l1 prune: the outputs must not move,
     on the example inputs and on new ones."""
-    src, inputs = source(name, frontend)
+    base, inputs = graph(name, frontend)
     attention = MODES[mode].get("attention", "head_dims")
-    gm = fxcompress.compile(src, [], inputs)
+    gm = fxcompress.compile(base, [], inputs)  # a copy: the shared graph is not zeroed
     cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph, attention=attention)
     removed = pick_half(cg)
     assert removed.any()
