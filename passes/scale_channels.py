@@ -35,6 +35,15 @@ both can be 8-bit.
   scores (the query / key operands of scaled_dot_product_attention, or a softmax) are not clipped, as
   AutoAWQ skips q / k: their error reaches the output through the softmax of q . k, which a per-layer
   output error does not measure.
+  What the search compares is `objective`: by default ("block") the output of the consumers' block, as
+  AutoAWQ's and llm-compressor's "module to inspect": the value that the first residual add after them
+  adds back (found in the graph: the add of a value computed from every consumer and one computed from
+  none; o_proj's output for q / k / v and v -> o, down_proj's for gate / up and up -> down), run from the
+  walk's stored states with the consumers set to Q(W s) / s and the rest of the block float; "layer" is
+  the sum above. With clip_objective="block" (the default) a consumer's clip is then kept only where
+  that block output is closer to float with it: on a trained Llama's MLP the clip lowers gate's and up's
+  own errors and raises the block's, since a clamp's error follows the signal and the float down_proj
+  adds it up. duo_scaling=True takes llm-compressor's scales, mean|x|^alpha / w_mean^(1 - alpha).
 * smoothquant: s = max|x|^alpha / max|W|^(1 - alpha) per channel (alpha = 0.5 by default), folded
   only into norms (q / k / v, gate / up), as the paper does: o_proj and down_proj are reported skipped.
 
@@ -164,7 +173,7 @@ class ScaleChannels(Pass):
     clip_grid: int = 20
     max_shrink: float = 0.5
     objective: str = "block"
-    duo_scaling: bool = True
+    duo_scaling: bool = False
     clip_objective: str = "block"
     select: str | None = None
 
