@@ -39,6 +39,26 @@ def _lowered(name, **kw):
     return fxcompress.compile(gm, [LowerToEncoded(**kw)], example_inputs=(x,)), x
 
 
+@pytest.fixture(scope="module")
+def lowered():
+    """`lowered(name)`: (lowered zoo model, its input), built once per module from seed 0 as each test
+    would build it; the tests only save, serialize and run it, none changes it."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                built[name] = _lowered(name)
+        return built[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def lenet300_bytes(lowered):
+    return to_bytes(lowered("lenet300")[0])
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_every_zoo_model_round_trips(tmp_path, name):
     make_model, make_input = ZOO[name]
@@ -50,8 +70,8 @@ def test_every_zoo_model_round_trips(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["lenet300", "lenet5", "resnet", "transformer"])
-def test_lowered_models_round_trip_with_history(tmp_path, name):
-    gm, x = _lowered(name)
+def test_lowered_models_round_trip_with_history(tmp_path, name, lowered):
+    gm, x = lowered(name)
     size = fxcompress.save(gm, tmp_path / "m.fxc")
     assert size == (tmp_path / "m.fxc").stat().st_size
     loaded = fxcompress.load(tmp_path / "m.fxc")
@@ -61,8 +81,8 @@ def test_lowered_models_round_trip_with_history(tmp_path, name):
     assert set(dict(loaded.named_buffers())) == set(dict(gm.named_buffers()))
 
 
-def test_file_size_is_the_encoded_bytes_plus_a_small_header(tmp_path):
-    gm, _ = _lowered("lenet300")
+def test_file_size_is_the_encoded_bytes_plus_a_small_header(tmp_path, lowered):
+    gm, _ = lowered("lenet300")
     payload = sum(m.payload.numel() for m in gm.modules() if isinstance(m, EncodedWeight))
     biases = sum(4 * p.numel() for n, p in gm.named_parameters() if n.endswith("bias"))
     size = fxcompress.save(gm, tmp_path / "m.fxc")
@@ -100,26 +120,23 @@ def test_every_single_byte_flip_is_detected():
 
 
 @pytest.mark.parametrize("cut", [0, 5, HEADER_BYTES, HEADER_BYTES + 10, -1])
-def test_truncated_files_name_the_segment(cut):
-    gm, _ = _lowered("lenet300")
-    data = to_bytes(gm)
+def test_truncated_files_name_the_segment(cut, lenet300_bytes):
+    data = lenet300_bytes
     with pytest.raises(FormatError, match="header|manifest|tensor"):
         from_bytes(data[:cut] if cut >= 0 else data[:-1])
 
 
-def test_a_future_version_is_refused():
+def test_a_future_version_is_refused(lenet300_bytes):
     import zlib
-    gm, _ = _lowered("lenet300")
-    data = bytearray(to_bytes(gm))
+    data = bytearray(lenet300_bytes)
     struct.pack_into("<H", data, 8, VERSION + 1)
     struct.pack_into("<I", data, 18, zlib.crc32(bytes(data[:18])))
     with pytest.raises(FormatError, match=f"header: format version {VERSION + 1}"):
         from_bytes(bytes(data))
 
 
-def test_a_corrupted_segment_is_named():
-    gm, _ = _lowered("lenet300")
-    data = bytearray(to_bytes(gm))
+def test_a_corrupted_segment_is_named(lenet300_bytes):
+    data = bytearray(lenet300_bytes)
     data[-3] ^= 0x10  # inside the last tensor segment
     with pytest.raises(FormatError, match="tensor .*checksum"):
         from_bytes(bytes(data))
