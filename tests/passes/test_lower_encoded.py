@@ -40,15 +40,32 @@ def hand_compressed(model, inputs, sparsity=0.9, step=2 ** -6):
     return gm
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def lenet():
+    """Built once for the module (no test changes it: compile and decode copy it)."""
+    torch.manual_seed(0)
     x = torch.randn(4, 1, 28, 28)
     return hand_compressed(LeNet300100().eval(), (x,)), x
 
 
-def test_outputs_are_bit_identical_and_names_stable(lenet):
+@pytest.fixture(scope="module")
+def lowered_lenet(lenet):
+    """`lowered_lenet(**config)`: the lenet lowered by LowerToEncoded(**config), each configuration
+    lowered once for the module (tests only read the lowered models; decode copies)."""
     gm, x = lenet
-    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    cache = {}
+
+    def lowered(**config):
+        key = tuple(sorted(config.items()))
+        if key not in cache:
+            cache[key] = fxcompress.compile(gm, [LowerToEncoded(**config)], example_inputs=(x,))
+        return cache[key]
+    return lowered
+
+
+def test_outputs_are_bit_identical_and_names_stable(lenet, lowered_lenet):
+    gm, x = lenet
+    lowered = lowered_lenet()
     assert torch.equal(lowered(x), gm(x))
     assert [l.name for l in find_layers(lowered)] == ["fc1", "fc2", "fc3"]
     encoded = [n.target for n in lowered.graph.nodes
@@ -62,20 +79,18 @@ def test_outputs_are_bit_identical_and_names_stable(lenet):
 
 @pytest.mark.parametrize("coding", ["fixed", "huffman", "rans"])
 @pytest.mark.parametrize("layout", ["dense", "relative"])
-def test_every_forced_coding_is_exact(lenet, coding, layout):
+def test_every_forced_coding_is_exact(lenet, lowered_lenet, coding, layout):
     gm, x = lenet
-    lowered = fxcompress.compile(gm, [LowerToEncoded(coding=coding, layout=layout)], example_inputs=(x,))
+    lowered = lowered_lenet(coding=coding, layout=layout)
     assert torch.equal(lowered(x), gm(x))
     stats = fxcompress.history(lowered)[-1].stats
     assert {s["values"] for s in stats.values()} <= {coding, "fixed"}  # a one-symbol stream is free as fixed
     assert {s["layout"] for s in stats.values()} == {layout}
 
 
-def test_auto_is_no_larger_than_any_forced_choice(lenet):
-    gm, x = lenet
-
+def test_auto_is_no_larger_than_any_forced_choice(lowered_lenet):
     def size(**kw):
-        low = fxcompress.compile(gm, [LowerToEncoded(**kw)], example_inputs=(x,))
+        low = lowered_lenet(**kw)
         return sum(sum(m.storage_bytes().values()) for m in low.modules() if isinstance(m, EncodedWeight))
     auto = size()
     assert all(auto <= size(coding=c) for c in ("fixed", "huffman", "rans"))
@@ -90,9 +105,9 @@ def test_conv_layers_and_deep_compression_index_widths():
     assert lowered.get_submodule("fc1.weight_encoded").header["index_bits"] == 5
 
 
-def test_float16_biases(lenet):
+def test_float16_biases(lenet, lowered_lenet):
     gm, x = lenet
-    lowered = fxcompress.compile(gm, [LowerToEncoded(bias="float16")], example_inputs=(x,))
+    lowered = lowered_lenet(bias="float16")
     assert isinstance(lowered.get_submodule("fc1.bias_encoded"), EncodedWeight)
     assert torch.equal(lowered.get_submodule("fc1.bias_encoded")(), gm.fc1.bias.detach().half().float())
     assert torch.allclose(lowered(x), gm(x), atol=1e-2)
@@ -102,9 +117,9 @@ def test_float16_biases(lenet):
     assert row["params"] == 300 * 784 + 300
 
 
-def test_decode_gives_a_plain_dense_module(lenet):
+def test_decode_gives_a_plain_dense_module(lenet, lowered_lenet):
     gm, x = lenet
-    lowered = fxcompress.compile(gm, [LowerToEncoded(bias="float16")], example_inputs=(x,))
+    lowered = lowered_lenet(bias="float16")
     dense = fxcompress.decode(lowered)
     assert not any(isinstance(m, WeightTransform) for m in dense.modules())
     assert {n.op for n in dense.graph.nodes} <= {"placeholder", "get_attr", "call_function", "output"}
@@ -113,9 +128,8 @@ def test_decode_gives_a_plain_dense_module(lenet):
     assert torch.equal(fxcompress.decode(gm)(x), gm(x))  # masks and fake-quant fold as well
 
 
-def test_summary_bytes_are_exact(lenet):
-    gm, x = lenet
-    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+def test_summary_bytes_are_exact(lowered_lenet):
+    lowered = lowered_lenet()
     rows = {r["layer"]: r for r in fxcompress.summary(lowered).rows}
     for name in ("fc1", "fc2", "fc3"):
         module = lowered.get_submodule(f"{name}.weight_encoded")
