@@ -19,8 +19,21 @@ def _compiled(passes):
     return fxcompress.compile(GPT2Block().eval(), passes, example_inputs=(x,)), x
 
 
-def test_every_embedding_and_conv1d_is_a_layer_and_the_lm_head_is_tied_to_the_token_table():
-    gm, _ = _compiled([])
+@pytest.fixture(scope="module")
+def traced():
+    """The block compiled without passes, once for the module: the tests using it only read it."""
+    return _compiled([])
+
+
+@pytest.fixture(scope="module")
+def masked_and_quantized():
+    """The block with masks and 4-bit k-means, once for the module: the tests using it only read it
+    (compile copies it; a hook a test adds is removed)."""
+    return _compiled([InsertMasks(sparsity=0.7), InsertFakeQuant(bits=4, method="kmeans")])
+
+
+def test_every_embedding_and_conv1d_is_a_layer_and_the_lm_head_is_tied_to_the_token_table(traced):
+    gm, _ = traced
     layers = {layer.name: layer for layer in find_layers(gm)}
     assert {name: layer.kind for name, layer in layers.items() if layer.tied_to is None} == {
         "wte": "embedding", "wpe": "embedding", "attn.c_attn": "addmm", "attn.c_proj": "addmm", "c_fc": "addmm",
@@ -28,20 +41,23 @@ def test_every_embedding_and_conv1d_is_a_layer_and_the_lm_head_is_tied_to_the_to
     assert layers["lm_head"].tied_to == "wte" and layers["lm_head"].kind == "linear"
 
 
-def test_a_tied_weight_gets_one_mask_and_one_quantizer_read_by_both_layers():
-    gm, x = _compiled([InsertMasks(sparsity=0.7), InsertFakeQuant(bits=4, method="kmeans")])
+def test_a_tied_weight_gets_one_mask_and_one_quantizer_read_by_both_layers(masked_and_quantized):
+    gm, x = masked_and_quantized
     embedding, head = (layer_node(gm, layer) for layer in find_layers(gm) if layer.weight == "wte.weight")
     assert weight_arg(embedding) is weight_arg(head) and weight_arg(embedding).target == "wte.weight_quant"
     assert not hasattr(gm, "lm_head")  # the head's module held only the shared weight
     shared = gm.wte.weight_quant(gm.wte.weight * gm.wte.weight_mask)
     assert torch.unique(shared).numel() <= 16 and (shared == 0).float().mean() >= 0.7
     hidden = {}
-    gm.ln_f.register_forward_hook(lambda m, i, out: hidden.setdefault("h", out))
-    torch.testing.assert_close(gm(x), hidden["h"] @ shared.t())
+    hook = gm.ln_f.register_forward_hook(lambda m, i, out: hidden.setdefault("h", out))
+    try:
+        torch.testing.assert_close(gm(x), hidden["h"] @ shared.t())
+    finally:
+        hook.remove()
 
 
-def test_a_tied_weight_is_encoded_and_saved_once_and_loads_shared_and_exact():
-    gm, x = _compiled([InsertMasks(sparsity=0.7), InsertFakeQuant(bits=4, method="kmeans")])
+def test_a_tied_weight_is_encoded_and_saved_once_and_loads_shared_and_exact(masked_and_quantized):
+    gm, x = masked_and_quantized
     expected = gm(x)
     encoded = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
     loaded = from_bytes(to_bytes(encoded))
@@ -75,8 +91,8 @@ def test_filter_masks_of_conv1d_remove_whole_output_columns():
     assert mask.shape == (32, 128) and torch.equal(mask.all(0), mask.any(0)) and int(mask.all(0).sum()) == 64
 
 
-def test_summary_counts_conv1d_macs_from_its_input_and_none_for_a_lookup():
-    gm, x = _compiled([])
+def test_summary_counts_conv1d_macs_from_its_input_and_none_for_a_lookup(traced):
+    gm, x = traced
     rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
     tokens = x.numel()
     assert rows["c_fc"]["macs"] == tokens * 32 * 128 and rows["attn.c_attn"]["macs"] == tokens * 32 * 96
