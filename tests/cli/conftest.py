@@ -1,4 +1,5 @@
 """Helpers of the command-line tests: run `main(argv)` in-process, write recipes, save small models."""
+import shutil
 import textwrap
 
 import pytest
@@ -30,13 +31,24 @@ def write_recipe(tmp_path):
     return write
 
 
-@pytest.fixture
-def encoded_file(tmp_path):
-    """A LeNet-300-100 for 8x8 inputs, 80% pruned, 4-bit k-means, lowered and saved; (path, fake-quant gm, x)."""
+@pytest.fixture(scope="module")
+def _encoded_model(tmp_path_factory):
+    """The compiled models and saved file behind `encoded_file`, built once per test module (the compiles
+    dominate its cost); each test gets its own copy of the file."""
     x = torch.rand(4, 1, 8, 8)
     gm = fxcompress.compile(LeNet300100(in_features=64).eval(),
                             [InsertMasks(sparsity=0.8, scope="global"), InsertFakeQuant(bits=4)], example_inputs=(x,))
     encoded = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
-    path = tmp_path / "lenet.fxc"
+    path = tmp_path_factory.mktemp("encoded") / "lenet.fxc"
     fxcompress.save(encoded, path)
+    return path, gm, x
+
+
+@pytest.fixture
+def encoded_file(_encoded_model, tmp_path):
+    """A LeNet-300-100 for 8x8 inputs, 80% pruned, 4-bit k-means, lowered and saved; (path, fake-quant gm, x).
+    The path is this test's own copy, so what a command writes beside it is this test's alone."""
+    built, gm, x = _encoded_model
+    path = tmp_path / built.name
+    shutil.copyfile(built, path)
     return path, gm, x
