@@ -8,7 +8,8 @@ move by one) and every output stays within one 8-bit step of the logits' range o
 (the bias is rounded to the accumulator's scale, as LowerToInteger rounds it).
 ONNX Runtime multiplies uint8 by int8 with vpmaddubsw on x86 CPUs without VNNI, which saturates in
 int16 at 8 / 8 bits (its documentation says so): there the int8 tests quantize weights to 7 bits.
-About 4 s on one core (two small models trained for 3 epochs on digits).
+About 4 s on one core (two small models trained for 3 epochs on digits). onnx and onnxruntime are
+imported by a fixture, when the first test runs, not when the file is collected (about 1.3 s).
 """
 import copy
 import sys
@@ -17,6 +18,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
@@ -27,8 +29,6 @@ from fxcompress.kernels import native
 from fxcompress.quant import set_quantization
 from fxcompress.zoo import LeNet5
 
-onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed")
 
 FLOAT_ATOL = 1e-5
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "QLinearAdd"}
@@ -38,21 +38,48 @@ WEIGHT_BITS = 8 if native.vnni() else 7  # ORT's u8 x s8 kernels saturate at 8 /
 MODELS = ("lenet5", "resnet")  # conftest's DIGITS_MODELS, trained once per session (trained_digits)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def onnx_modules():
+    """(onnx, onnxruntime), or every test of the file skips with the missing one's reason."""
+    return (pytest.importorskip("onnx", reason="the onnx extra is not installed"),
+            pytest.importorskip("onnxruntime", reason="onnxruntime (test extra) is not installed"))
+
+
+@pytest.fixture(scope="module")
+def onnx(onnx_modules):
+    return onnx_modules[0]
+
+
 @pytest.fixture
 def digits(trained_digits):
     return trained_digits.data
+
+
+class SmallLeNet(nn.Module):
+    """LeNet-5's layer kinds at 3 K weights: the export's names, batch axis and agreement do not depend on
+    the size, and each to_onnx decodes the whole model first (0.2 s for LeNet-5's 131 K weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5, padding=2), nn.Conv2d(20, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8 * 2 * 2, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.conv2(F.max_pool2d(self.conv1(x), 2)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
 
 @pytest.fixture(scope="module")
 def encoded():
     x = torch.randn(2, 1, 8, 8)
     torch.manual_seed(0)
-    gm = fxcompress.compile(LeNet5(1, 8).eval(), [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=5, method="kmeans"),
+    gm = fxcompress.compile(SmallLeNet().eval(), [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=5, method="kmeans"),
                                                   LowerToEncoded()], example_inputs=(x,))
     return gm, x
 
 
 def _session(path, optimized=None):
+    import onnxruntime as ort  # present: the autouse fixture skipped the file otherwise
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT warns that an optimized model is machine-specific: known
     if optimized is not None:
@@ -64,7 +91,7 @@ def _dims(value):
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def test_float_model_has_named_inputs_a_dynamic_batch_and_runs_at_two_batch_sizes(encoded, tmp_path):
+def test_float_model_has_named_inputs_a_dynamic_batch_and_runs_at_two_batch_sizes(encoded, tmp_path, onnx):
     gm, x = encoded
     export.to_onnx(gm, tmp_path / "m.onnx", (x,))
     model = onnx.load(str(tmp_path / "m.onnx"))
@@ -81,7 +108,7 @@ def test_float_model_has_named_inputs_a_dynamic_batch_and_runs_at_two_batch_size
             np.testing.assert_allclose(got, dense(inputs).numpy(), rtol=0, atol=FLOAT_ATOL)
 
 
-def test_chosen_names_opset_and_a_fixed_batch(encoded, tmp_path):
+def test_chosen_names_opset_and_a_fixed_batch(encoded, tmp_path, onnx):
     gm, x = encoded
     export.to_onnx(gm, tmp_path / "m.onnx", (x,), input_names=["image"], output_names=["logits"],
                    dynamic_batch=False, opset=13)
@@ -111,7 +138,7 @@ def test_bad_options_are_config_errors_naming_the_field(encoded, tmp_path, optio
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_repeated_names_and_wrong_inputs(encoded, tmp_path):
+def test_repeated_names_and_wrong_inputs(encoded, tmp_path, onnx):
     gm, x = encoded
 
     class Two(nn.Module):
@@ -157,7 +184,7 @@ def fake_quant(trained_digits):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(trained_digits, fake_quant, digits, name,
-                                                                     tmp_path):
+                                                                     tmp_path, onnx):
     fq = fake_quant(name)
     x = digits.test_x
     export.to_onnx_int8(fq, tmp_path / "q.onnx", (x[:2],))
@@ -187,7 +214,7 @@ def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(trained_di
     assert (got.argmax(1) == digits.test_y.numpy()).mean() >= 0.85  # trained, not a constant
 
 
-def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(fake_quant, digits, tmp_path):
+def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(fake_quant, digits, tmp_path, onnx):
     fq = fake_quant("lenet5", weight_bits=8, activation_bits=7)
     x = digits.test_x * 1.5  # beyond the calibrated range: the grid's clamp at code 127 must hold
     export.to_onnx(fq, tmp_path / "q.onnx", (x[:2],), quantized=True)
