@@ -4,8 +4,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.quant.kmeans1d import INITS, assign, below_or_equal, initial_centroids, kmeans1d
@@ -17,43 +15,53 @@ def pruned_like(n, seed, dtype=np.float64):
     return w[np.abs(w) > 0.3][:n].astype(dtype)
 
 
+@pytest.fixture(scope="module")
+def sklearn_kmeans():
+    """`fit(x, k, start, **options)`: scikit-learn's KMeans from the centroids `start`, on one thread.
+    Imported here rather than at collection, which every test process would pay for."""
+    cluster = pytest.importorskip("sklearn.cluster", reason="scikit-learn is not installed")
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl is not installed")
+
+    def fit(x, k, start, **options):
+        with threadpoolctl.threadpool_limits(1):
+            return cluster.KMeans(k, init=start.reshape(-1, 1), n_init=1, **options).fit(x.reshape(-1, 1))
+    return fit
+
+
 def exact_inertia(x, result):
     return float(((np.asarray(x, np.float64) - result.centroids[result.labels]) ** 2).sum())
 
 
 @pytest.mark.parametrize("init", INITS)
-def test_inertia_reaches_sklearn_with_the_same_initial_centroids(init):
+def test_inertia_reaches_sklearn_with_the_same_initial_centroids(init, sklearn_kmeans):
     gaps = []
     for seed in range(5):
         x = pruned_like(4000, seed)
         start = initial_centroids(x, 16, init, seed=seed)
         ours = kmeans1d(x, 16, init=init, seed=seed)
-        with threadpool_limits(1):
-            theirs = KMeans(16, init=start.reshape(-1, 1), n_init=1).fit(x.reshape(-1, 1))
+        theirs = sklearn_kmeans(x, 16, start)
         assert exact_inertia(x, ours) == pytest.approx(ours.inertia, rel=1e-9)
         gaps.append(ours.inertia / theirs.inertia_ - 1)
     assert statistics.median(gaps) <= 1e-3
 
 
 @pytest.mark.parametrize("init", ["forgy", "density", "kmeans++"])
-def test_with_sklearns_stopping_rule_the_iterations_are_sklearns(init):
+def test_with_sklearns_stopping_rule_the_iterations_are_sklearns(init, sklearn_kmeans):
     for seed in range(3):
         x = pruned_like(3000, seed)
         start = initial_centroids(x, 16, init, seed=seed)
         ours = kmeans1d(x, 16, init=start, tol=1e-4)
-        with threadpool_limits(1):
-            theirs = KMeans(16, init=start.reshape(-1, 1), n_init=1, tol=1e-4).fit(x.reshape(-1, 1))
+        theirs = sklearn_kmeans(x, 16, start, tol=1e-4)
         assert ours.n_iter == theirs.n_iter_
         assert ours.inertia == pytest.approx(theirs.inertia_, rel=1e-9)
 
 
 @pytest.mark.parametrize("init", ["forgy", "density", "kmeans++"])
-def test_same_fixed_point_as_a_fully_converged_sklearn_lloyd(init):
+def test_same_fixed_point_as_a_fully_converged_sklearn_lloyd(init, sklearn_kmeans):
     x = pruned_like(3000, 7)
     start = initial_centroids(x, 8, init, seed=3)
     ours = kmeans1d(x, 8, init=start)
-    with threadpool_limits(1):
-        theirs = KMeans(8, init=start.reshape(-1, 1), n_init=1, tol=0, max_iter=5000).fit(x.reshape(-1, 1))
+    theirs = sklearn_kmeans(x, 8, start, tol=0, max_iter=5000)
     np.testing.assert_allclose(ours.centroids, np.sort(theirs.cluster_centers_.ravel()), rtol=1e-9, atol=1e-12)
 
 
