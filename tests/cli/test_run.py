@@ -1,6 +1,8 @@
 """`fxcompress run`: steps run in order with their fine-tuning, a checkpoint after each, and a rerun
 resumes: finished steps are loaded, not recomputed, and the result equals an uninterrupted run's."""
 import json
+import shutil
+import textwrap
 
 import pytest
 import torch
@@ -31,49 +33,76 @@ ENCODE = """
 """
 
 
+# fine-tuning with SGD, Nesterov momentum, weight decay and a cosine schedule: each fine-tuning starts
+# its optimizer afresh, so the checkpoint after a step is all a resumed run needs
+SGD = BASE.replace("finetune: {epochs: 1, lr: 5e-4}", "finetune: {epochs: 1, lr: 0.02, optimizer: sgd, momentum: 0.9, "
+                                                       "nesterov: true, weight_decay: 1e-4, schedule: cosine}")
+
+
 def _outputs(path, x):
     with torch.no_grad():
         return fxcompress.load(path).eval()(x)
 
 
-def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_recipe, tmp_path, monkeypatch):
-    # fine-tuning with SGD, Nesterov momentum, weight decay and a cosine schedule: each fine-tuning starts
-    # its optimizer afresh, so the checkpoint after a step is all a resumed run needs
-    sgd = "finetune: {epochs: 1, lr: 0.02, optimizer: sgd, momentum: 0.9, nesterov: true, weight_decay: 1e-4, " \
-          "schedule: cosine}"
-    base = BASE.replace("finetune: {epochs: 1, lr: 5e-4}", sgd)
-    short, full = write_recipe(base, "short.yaml"), write_recipe(base + ENCODE, "full.yaml")
+def _recipe(folder, text, name):
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """An uninterrupted run of the whole recipe (masks, fake-quant, encoding), once for the module; the
+    optimizer each train call was given is recorded. (result, its folder, the optimizers)"""
+    folder = tmp_path_factory.mktemp("fresh")
     optimizers = []
     real_train = run_module.train
-    monkeypatch.setattr(run_module, "train", lambda *a, **k: optimizers.append(k["optimizer"]) or real_train(*a, **k))
-    fresh = run_recipe(full, tmp_path / "fresh", quick=True, log=lambda line: None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "train", lambda *a, **k: optimizers.append(k["optimizer"]) or real_train(*a, **k))
+        result = run_recipe(_recipe(folder, SGD + ENCODE, "full.yaml"), folder / "out", quick=True,
+                            log=lambda line: None)
+    return result, folder / "out", optimizers
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    """A run of the recipe's first two steps only (a run stopped before the encoding); (result, its folder).
+    Tests resume from copies of its folder."""
+    folder = tmp_path_factory.mktemp("short")
+    return run_recipe(_recipe(folder, SGD, "short.yaml"), folder / "out", quick=True, log=lambda line: None), \
+        folder / "out"
+
+
+def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_recipe, tmp_path, monkeypatch, fresh,
+                                                                      short):
+    fresh, fresh_out, optimizers = fresh
     assert optimizers == [OptimizerConfig(), OptimizerConfig(optimizer="sgd", momentum=0.9, nesterov=True,
                                                              weight_decay=1e-4, schedule="cosine")]
-    monkeypatch.setattr(run_module, "train", real_train)
-    first = run_recipe(short, tmp_path / "resumed", quick=True, log=lambda line: None)
+    first, short_out = short
     assert first["accuracies"] == fresh["accuracies"][:2]  # seeded: the same steps give the same models
+    shutil.copytree(short_out, tmp_path / "resumed")
 
     calls = []
     real_train = run_module.train
     monkeypatch.setattr(run_module, "train", lambda *a, **k: calls.append(a) or real_train(*a, **k))
     lines = []
-    resumed = run_recipe(full, tmp_path / "resumed", quick=True, log=lines.append)
+    resumed = run_recipe(write_recipe(SGD + ENCODE, "full.yaml"), tmp_path / "resumed", quick=True, log=lines.append)
     assert calls == []  # neither the dense training nor the masks' fine-tuning ran again
     assert sum("done before" in line for line in lines) == 3  # dense, masks, fake-quant loaded
     assert resumed["accuracies"] == fresh["accuracies"]
     x = torch.rand(5, 1, 8, 8)
-    assert torch.equal(_outputs(tmp_path / "resumed" / "model.fxc", x), _outputs(tmp_path / "fresh" / "model.fxc", x))
+    assert torch.equal(_outputs(tmp_path / "resumed" / "model.fxc", x), _outputs(fresh_out / "model.fxc", x))
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
     assert [s["file"] for s in state["steps"]] == ["step-01.fxc", "step-02.fxc", "step-03.fxc"]
-    page = (tmp_path / "fresh" / "report.html").read_text()  # the report, from the encoded model
-    assert "LowerToEncoded" in page and "<svg" in page and (tmp_path / "fresh" / "report.md").is_file()
+    page = (fresh_out / "report.html").read_text()  # the report, from the encoded model
+    assert "LowerToEncoded" in page and "<svg" in page and (fresh_out / "report.md").is_file()
     assert "pass a reference model" not in page  # the weights before quantization: from the fake-quant step
 
 
-def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, monkeypatch):
-    run_recipe(write_recipe(BASE), tmp_path / "out", quick=True, log=lambda line: None)
+def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, short):
+    shutil.copytree(short[1], tmp_path / "out")  # a finished run of SGD
     lines = []
-    run_recipe(write_recipe(BASE.replace("bits: 4", "bits: 3"), "changed.yaml"), tmp_path / "out", quick=True,
+    run_recipe(write_recipe(SGD.replace("bits: 4", "bits: 3"), "changed.yaml"), tmp_path / "out", quick=True,
                log=lines.append)
     assert [line.split(":")[0] for line in lines[:3]] == ["dense training", "dense", "step 1-InsertMasks"]
     assert "done before" in lines[2] and "done before" not in lines[3]
