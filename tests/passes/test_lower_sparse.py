@@ -17,6 +17,25 @@ def _masked(model, x, sparsity=0.9):
     return fxcompress.compile(model.eval(), [InsertMasks(sparsity=sparsity, scope="global")], example_inputs=(x,))
 
 
+@pytest.fixture(scope="module")
+def masked_lenet300():
+    """(x, LeNet-300-100 masked at 90% on x): built once for the module; tests only read it (compile copies)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    return x, _masked(LeNet300100(), x)
+
+
+@pytest.fixture(scope="module")
+def masked_lenet300_one_row():
+    """{shared: LeNet-300-100 masked at 90% on one row, then 5-bit k-means when shared}, with the row:
+    built once for the module; tests only read them (compile copies)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 28, 28)
+    masked = _masked(LeNet300100(), x)
+    return x, {False: masked, True: fxcompress.compile(masked, [InsertFakeQuant(bits=5, method="kmeans")],
+                                                       example_inputs=(x,))}
+
+
 def _sparse_layers(gm):
     return {path: m for path, m in gm.named_modules() if isinstance(m, SparseLayer)}
 
@@ -41,10 +60,9 @@ def test_lenet300_lowers_every_pruned_layer_and_computes_what_the_masked_model_d
     assert sum(fxcompress.history(lowered)[-1].stats["kernels"].values()) == 3
 
 
-def test_the_float_weights_masks_and_chains_are_gone():
-    x = torch.randn(2, 1, 28, 28)
-    lowered = fxcompress.compile(_masked(LeNet300100(), x), [LowerToSparse(min_sparsity=0.0, **FAST)],
-                                 example_inputs=(x,))
+def test_the_float_weights_masks_and_chains_are_gone(masked_lenet300):
+    x, masked = masked_lenet300
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
     names = set(lowered.state_dict())
     sparse = tuple(f"{path}." for path in _sparse_layers(lowered))
     assert not any(n.endswith(("weight_mask", ".weight", ".bias")) and not n.startswith(sparse) for n in names), names
@@ -71,10 +89,10 @@ def test_lenet5_convolutions_and_layers_below_min_sparsity():
     assert not any(name.endswith("weight_mask") for name in lowered.state_dict())
 
 
-def test_encoded_layers_are_decoded_once_into_the_chosen_form():
-    x = torch.randn(2, 1, 28, 28)
-    encoded = fxcompress.compile(_masked(LeNet300100(), x), [InsertFakeQuant(bits=5, method="kmeans"),
-                                                             LowerToEncoded(bias="float16")], example_inputs=(x,))
+def test_encoded_layers_are_decoded_once_into_the_chosen_form(masked_lenet300):
+    x, masked = masked_lenet300
+    encoded = fxcompress.compile(masked, [InsertFakeQuant(bits=5, method="kmeans"), LowerToEncoded(bias="float16")],
+                                 example_inputs=(x,))
     lowered = fxcompress.compile(encoded, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
     torch.testing.assert_close(lowered(x), encoded(x), rtol=1e-5, atol=1e-5)
     assert not any(isinstance(m, EncodedWeight) for m in lowered.modules())
@@ -123,9 +141,8 @@ def test_save_load_keeps_the_choice_and_remeasure_rechooses(tmp_path):
     torch.testing.assert_close(loaded(batch), masked(batch), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_export_and_compile_run_the_lowered_model():
-    x = torch.randn(2, 1, 28, 28)
-    masked = _masked(LeNet300100(), x)
+def test_torch_export_and_compile_run_the_lowered_model(masked_lenet300):
+    x, masked = masked_lenet300
     lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, **FAST)], example_inputs=(x,))
     for layer, kernel in zip(_sparse_layers(lowered).values(), (*C_KERNELS, "torch_csr", "scipy_csr", "scipy_csc")):
         layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, kernel))  # each form once
@@ -140,12 +157,10 @@ def test_torch_export_and_compile_run_the_lowered_model():
 @pytest.mark.skipif(not C_KERNELS, reason="no C compiler: the c_relative kernel cannot be built")
 @pytest.mark.parametrize("shared", [False, True], ids=["float", "codebook"])
 @pytest.mark.parametrize("kernel", C_KERNELS)
-def test_c_relative_layers_save_load_and_remeasure(tmp_path, shared, kernel):
+def test_c_relative_layers_save_load_and_remeasure(tmp_path, masked_lenet300_one_row, shared, kernel):
     """The file holds the relative indices and codes (checked on load); the kernel is bound again there."""
-    x = torch.randn(1, 1, 28, 28)
-    masked = _masked(LeNet300100(), x)
-    steps = [InsertFakeQuant(bits=5, method="kmeans")] if shared else []
-    masked = fxcompress.compile(masked, steps, example_inputs=(x,)) if steps else masked
+    x, models = masked_lenet300_one_row
+    masked = models[shared]
     lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, kernels=(kernel,), margin=1.0,
                                                         **FAST)], example_inputs=(x,))
     layers = _sparse_layers(lowered)
