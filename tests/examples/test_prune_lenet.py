@@ -16,10 +16,13 @@ def _one_thread():
         yield
 
 
-@pytest.mark.parametrize("name", ["lenet300", "lenet5"])
-def test_iterative_pruning_on_digits(name):
+# LeNet-5's epochs cost about seven times LeNet-300-100's: it trains 5 dense epochs and one per stage
+# (dense 93.1%, pruned 91.9% at seed 0, against 95.3% / 95.8% with 6 and 2: both clear the thresholds below)
+@pytest.mark.parametrize("name, dense_epochs, stage_epochs", [("lenet300", 6, 2), ("lenet5", 5, 1)])
+def test_iterative_pruning_on_digits(name, dense_epochs, stage_epochs):
     example = runpy.run_path(str(EXAMPLE))
-    recipe = example["Recipe"](stages=(0.5, 0.7), dense_epochs=6, stage_epochs=2, retrain_lr=1e-3)
+    recipe = example["Recipe"](stages=(0.5, 0.7), dense_epochs=dense_epochs, stage_epochs=stage_epochs,
+                               retrain_lr=1e-3)
     row = example["prune_iteratively"](name, load_dataset("digits"), recipe)
     assert row["sparsity"] == pytest.approx(70.0, abs=0.01)
     assert row["dense"] > 85.0
