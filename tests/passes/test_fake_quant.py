@@ -261,8 +261,9 @@ def test_activation_modules_of_layers_reading_one_value_are_shared():
     assert len([m for m in gm.modules() if isinstance(m, ActivationQuant)]) == 1
 
 
-@pytest.mark.parametrize("quant", [InsertFakeQuant(bits=5), InsertFakeQuant(bits=4, method="linear", per_channel=True),
-                                   InsertFakeQuant(bits=8, method="fixed_point")])
+# k-means at 5 bits and fixed point at 8 bits are lowered after masks, and checked equal, by
+# test_lower_encoded.py::test_the_deep_compression_passes_lower_bit_identically; a 4-bit grid is not.
+@pytest.mark.parametrize("quant", [InsertFakeQuant(bits=4, method="linear", per_channel=True)])
 def test_lowering_reproduces_the_fake_quant_outputs_exactly(quant):
     from fxcompress.passes import LowerToEncoded
 
