@@ -12,7 +12,11 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.layers import effective_weight, find_layers
 from fxcompress.training import evaluate
 
-pytest.importorskip("transformers")
+
+@pytest.fixture(scope="module", autouse=True)
+def transformers():
+    """Every test here needs transformers; imported when they run, not when the suite is collected."""
+    return pytest.importorskip("transformers")
 
 
 def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path):
@@ -39,8 +43,7 @@ def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path):
     assert result["accuracies"][-1] > 0.4 and result["dense_accuracy"] > 0.4  # ten classes: chance is 0.1
 
 
-def test_a_config_file_beside_the_recipe(tmp_path, write_recipe):
-    transformers = pytest.importorskip("transformers")
+def test_a_config_file_beside_the_recipe(tmp_path, write_recipe, transformers):
     transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                            patch_size=4, image_size=8, num_channels=1).to_json_file(str(tmp_path / "vit.json"))
     recipe = write_recipe("""
