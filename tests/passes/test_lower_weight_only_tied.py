@@ -53,6 +53,13 @@ def _fake_quant(functional=False, **grid):
                               example_inputs=(_tokens(),))
 
 
+@pytest.fixture(scope="module")
+def fake_quantized():
+    """The default 4-bit, group-32 fake-quant model, once for the module: the tests only read it (compile
+    copies it; the lowered models each test changes are its own)."""
+    return _fake_quant()
+
+
 def _lowered(fq, lowering=None):
     return fxcompress.compile(fq, [lowering or LowerWeightOnly(repeats=1)], example_inputs=(_tokens(),))
 
@@ -63,8 +70,8 @@ def _pair(gm, head_type=WeightOnlyLinear, embedding_type=WeightOnlyEmbedding):
     return head, embedding
 
 
-def test_one_group_wise_grid_on_the_tied_table_is_read_by_the_embedding_and_the_head():
-    fq = _fake_quant()
+def test_one_group_wise_grid_on_the_tied_table_is_read_by_the_embedding_and_the_head(fake_quantized):
+    fq = fake_quantized
     embedding, head = (layer_node(fq, layer) for layer in find_layers(fq) if layer.weight == "wte.weight")
     assert weight_arg(embedding) is weight_arg(head) and weight_arg(head).target == "wte.weight_quant"
     quant = fq.wte.weight_quant
@@ -103,8 +110,8 @@ def test_outputs_equal_the_fake_quant_model_and_the_weight_is_held_once(function
     assert tied["params"] == tied["compressed_bytes"] == 0 and rows["wte.weight_only"]["params"] == VOCAB * DIM
 
 
-def test_save_load_keeps_one_copy_and_the_tie():
-    fq = _fake_quant()
+def test_save_load_keeps_one_copy_and_the_tie(fake_quantized):
+    fq = fake_quantized
     gm, x = _lowered(fq), _tokens()
     data = to_bytes(gm)
     manifest = json.loads(zlib.decompress(data[HEADER_BYTES:]))
@@ -116,8 +123,8 @@ def test_save_load_keeps_one_copy_and_the_tie():
     assert torch.equal(loaded(x), gm(x))
 
 
-def _reloaded(change):
-    gm = _lowered(_fake_quant())
+def _reloaded(fq, change):
+    gm = _lowered(fq)
     change(*_pair(gm))
     return from_bytes(to_bytes(gm))
 
@@ -129,21 +136,21 @@ def _reloaded(change):
     (lambda head, emb: setattr(emb, "packing", "pairs"), "does not match its head's"),
     (lambda head, emb: setattr(emb, "bits", 5), "WeightOnlyEmbedding: needs positive"),
 ])
-def test_a_file_that_breaks_the_tie_or_its_shapes_is_refused(change, message):
+def test_a_file_that_breaks_the_tie_or_its_shapes_is_refused(fake_quantized, change, message):
     with pytest.raises(FormatError, match=message):
-        _reloaded(change)
+        _reloaded(fake_quantized, change)
 
 
-def test_copies_and_conversions_keep_the_tie():
-    gm = _lowered(_fake_quant())
+def test_copies_and_conversions_keep_the_tie(fake_quantized):
+    gm = _lowered(fake_quantized)
     for model in (copy.deepcopy(gm), gm._apply(lambda t: t.clone())):
         head, embedding = _pair(model)
         assert embedding.head is head and all(embedding._buffers[n] is head._buffers[n]
                                               for n in ("codes", "scale", "zero"))
 
 
-def test_torch_export_and_compile_run_the_tied_model():
-    gm, x = _lowered(_fake_quant()), _tokens()
+def test_torch_export_and_compile_run_the_tied_model(fake_quantized):
+    gm, x = _lowered(fake_quantized), _tokens()
     expected = gm(x)
     exported = torch.export.export(gm, (x,))
     torch.testing.assert_close(exported.module()(x), expected, rtol=0, atol=1e-5)
@@ -174,10 +181,10 @@ def test_dynamic_int8_lowers_the_tied_head_and_its_embedding_reads_the_same_code
     assert torch.equal(loaded(x), gm(x)) and _pair(loaded, DynamicInt8Linear, DynamicInt8Embedding)[1].head is not None
 
 
-def test_select_may_name_the_tied_head_alone_and_a_weight_shared_by_two_linear_layers_is_refused():
-    gm = _lowered(_fake_quant(), LowerWeightOnly(repeats=1, select="lm_head"))
+def test_select_may_name_the_tied_head_alone_and_a_weight_shared_by_two_linear_layers_is_refused(fake_quantized):
+    gm = _lowered(fake_quantized, LowerWeightOnly(repeats=1, select="lm_head"))
     assert set(fxcompress.history(gm)[-1].stats["layers"]) == {"lm_head"}
-    torch.testing.assert_close(gm(_tokens()), _fake_quant()(_tokens()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm(_tokens()), fake_quantized(_tokens()), rtol=1e-5, atol=1e-5)
 
     class Shared(nn.Module):
         def __init__(self):
