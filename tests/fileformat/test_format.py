@@ -90,11 +90,8 @@ def test_file_size_is_the_encoded_bytes_plus_a_small_header(tmp_path, lowered):
     assert payload + biases < size <= payload + biases + headers + 1024
 
 
-def test_torch_save_of_a_lowered_model_still_works(tmp_path):
-    make_model, make_input = ZOO["lenet5"]
-    x = make_input()
-    gm = _sparse_fixed_point(torch.fx.symbolic_trace(make_model().eval()))
-    gm = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+def test_torch_save_of_a_lowered_model_still_works(tmp_path, lowered):
+    gm, x = lowered("lenet5")
     torch.save(gm.state_dict(), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert all(v.dtype == torch.uint8 for k, v in state.items() if k.endswith("payload"))
