@@ -40,6 +40,18 @@ def group_wise():
                               example_inputs=(X,))
 
 
+@pytest.fixture(scope="module")
+def integer(per_channel):
+    """per_channel lowered by LowerToInteger on a backend, made once per backend: two tests read the same one."""
+    made = {}
+
+    def lower(backend):
+        if backend not in made:
+            made[backend] = fxcompress.compile(per_channel, [LowerToInteger(backend=backend)], example_inputs=(X,))
+        return made[backend]
+    return lower
+
+
 def _fake_quant_weights(gm):
     return {layer.name: effective_weight(gm, layer) for layer in find_layers(gm)}
 
@@ -80,10 +92,10 @@ def test_a_group_wise_grid_marks_one_group_and_counts_every_group(group_wise):
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
-def test_integer_lowered_layers_get_their_weights_read_back(per_channel, backend):
+def test_integer_lowered_layers_get_their_weights_read_back(per_channel, integer, backend):
     if backend == "native" and not native_available():
         pytest.skip("this torch build has no oneDNN int8 kernels")
-    lowered = fxcompress.compile(per_channel, [LowerToInteger(backend=backend)], example_inputs=(X,))
+    lowered = integer(backend)
     assert find_layers(lowered) == []  # no layer is left in float form: all four come from the table
     expected = _fake_quant_weights(per_channel)
     alone = {w.name: w for w in layer_weights(lowered)}
@@ -115,9 +127,9 @@ def test_weight_only_and_dynamic_int8_layers_get_their_weights_read_back(group_w
     assert (fc2.after - dense.fc2.weight).abs().max() <= fc2.grid.scale.max() / 2 + 1e-7  # within half a step
 
 
-def test_the_report_draws_lowered_layers_with_their_caption(per_channel, tmp_path):
+def test_the_report_draws_lowered_layers_with_their_caption(per_channel, integer, tmp_path):
     pytest.importorskip("matplotlib")
-    lowered = fxcompress.compile(per_channel, [LowerToInteger(backend="reference")], example_inputs=(X,))
+    lowered = integer("reference")
     # the two largest of the four integer layers (each picture costs a second of matplotlib)
     files = write_report(lowered, tmp_path / "r.html", reference=per_channel, draw_graph=False, max_histograms=2)
     page = files.html.read_text()
