@@ -4,6 +4,7 @@ Each test runs a worker on two ranks joined through a file store in tmp_path (no
 process-group timeout and an overall deadline, so a hang fails the test instead of blocking CI.
 """
 import datetime
+import importlib
 import runpy
 import time
 from pathlib import Path
@@ -12,10 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-# Modules torch imports lazily on first use (ShapeProp: sympy; DistributedDataParallel: dynamo), seconds
-# each: loaded once here, before forking, rather than again in every rank.
-import torch._dynamo  # noqa: F401
-import torch.fx.experimental.symbolic_shapes  # noqa: F401
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +29,15 @@ from fxcompress.zoo import LeNet300100
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_finetune.py"
 WORLD = 2
 DEADLINE_S = 60.0  # far above the few seconds a run takes; only a hang reaches it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loaded_before_forking():
+    """Modules torch imports lazily on first use (ShapeProp: sympy; DistributedDataParallel: dynamo),
+    seconds each: loaded once, before the ranks fork, rather than again in every rank; and here, not
+    at collection, where every test process would pay for them."""
+    importlib.import_module("torch._dynamo")
+    importlib.import_module("torch.fx.experimental.symbolic_shapes")
 
 
 def _rank_main(rank, folder, work, args):
