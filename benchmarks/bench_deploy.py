@@ -451,6 +451,23 @@ def _threads(values: list[str]) -> list[int]:
     return list(dict.fromkeys(every if v == "all" else int(v) for v in values))
 
 
+class _OneOp(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+def compile_floor(rounds: int, clock: str) -> None:
+    """torch.compile's own cost per call here: a one-op module compiled against its eager call (guards, the
+    compiled wrapper), the floor under every compiled row, which small models at batch 1 cannot win back."""
+    torch._inductor.config.freezing = True
+    eager = _OneOp()
+    compiled = torch.compile(eager, backend="inductor", dynamic=False)
+    times = time_forms({"eager": (eager, torch.rand(1, 784)), "compiled": (compiled, torch.rand(1, 784))},
+                       max(rounds, 5), CLOCKS[clock])
+    print(f"torch.compile floor: a one-op module takes {1e6 * times['eager']:.1f} us a call eager, "
+          f"{1e6 * times['compiled']:.1f} us compiled ({clock} clock)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lenet5", "lenet300", "resnet18", "mobilenet_v2"])
@@ -477,6 +494,8 @@ def main() -> None:
           f"{activation_bits()}-bit activations, {args.clock} clock")
     print("| model | threads | batch | form | ms / batch | speed-up vs fp32 eager |")
     print("|---|---|---|---|---|---|")
+    if not args.no_compile:
+        compile_floor(args.rounds, args.clock)
     rows = []
     for name in args.models:
         make, shape = table[name]

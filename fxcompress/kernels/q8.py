@@ -274,13 +274,15 @@ def traced(x: torch.Tensor, p: Packed) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor | None:
     """uint8 codes of float32 x in one C call (QuantizeToCodes code for code), or None where the torch ops
-    must do it: no compiler, another dtype or device, a strided tensor, or a traced graph."""
+    must do it: no compiler, another dtype or device, a strided tensor (channels-last is dense: one pass over
+    its storage, the codes keep its layout), or a traced graph."""
     if type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return None
     lib = c_library()
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" \
+            or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None
-    y = torch.empty(x.shape, dtype=torch.uint8)
+    y = torch.empty_like(x, dtype=torch.uint8)  # the same strides: element i of the storage maps to element i
     lib.q8_quantize(x.data_ptr(), x.numel(), scale, zero_point, qmax, y.data_ptr())
     return y
 

@@ -103,6 +103,10 @@ def test_the_input_boundary_in_one_call_matches_the_torch_ops():
         want = torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8)
         assert torch.equal(boundary(x), want)
         assert torch.equal(boundary(x.reshape(40, 100).t()), want.reshape(40, 100).t())  # strided: torch's ops
+        images = x.reshape(2, 5, 20, 20).contiguous(memory_format=torch.channels_last)  # a float layer's output
+        codes = boundary(images)
+        assert q8.quantize(images, scale, zero, qmax) is not None  # one C pass, not the torch ops' four
+        assert torch.equal(codes, want.reshape(2, 5, 20, 20)) and codes.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_an_integer_bias_float32_could_not_hold_runs_exactly_and_bad_configs_are_refused():
