@@ -2,6 +2,7 @@
 alphabet. Decoding is bit-identical to the fake-quant weights, and the file is smaller than the
 per-group float codebooks the encoder found without the steps."""
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -28,13 +29,19 @@ class TwoLayers(nn.Module):
         return self.fc2(torch.cat([h, h[:, :32]], dim=1))
 
 
-def _lowered(group_size: int, symmetric: bool, sparsity: float | None, **lower):
+@functools.cache
+def _fake_quant(group_size: int, symmetric: bool, sparsity: float | None):
+    """The fake-quant model, made once per setting: both tests lower the same ones (compile copies it)."""
     torch.manual_seed(group_size + symmetric)
     x = torch.randn(4, 256)
     passes = ([InsertMasks(sparsity=sparsity)] if sparsity else []) + \
         [InsertFakeQuant(bits=4, method="linear", group_size=group_size, symmetric=symmetric)]
     gm = fxcompress.compile(TwoLayers().eval(), passes, example_inputs=(x,))
-    fake = {layer.weight: effective_weight(gm, layer).clone() for layer in find_layers(gm)}
+    return gm, {layer.weight: effective_weight(gm, layer).clone() for layer in find_layers(gm)}, x
+
+
+def _lowered(group_size: int, symmetric: bool, sparsity: float | None, **lower):
+    gm, fake, x = _fake_quant(group_size, symmetric, sparsity)
     return fxcompress.compile(gm, [LowerToEncoded(**lower)], example_inputs=(x,)), fake, x
 
 
