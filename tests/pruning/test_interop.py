@@ -21,12 +21,21 @@ def masked_lenet5(sparsity=0.6):
     return model, fxcompress.compile(model, [InsertMasks(sparsity=sparsity, scope="global")], example_inputs=(X,))
 
 
+@pytest.fixture(scope="module")
+def masked():
+    """(LeNet-5, its global 60% masked compile), built once from seed 0 as each test built it before; the tests
+    read it, and the one that calls rewind (which changes the model it is given) works on a copy."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return masked_lenet5()
+
+
 def masks(gm):
     return {layer.weight: get_mask(gm, layer) for layer in masked_layers(gm)}
 
 
-def test_round_trip_through_torch_prune_keeps_masks_weights_and_outputs():
-    _, gm = masked_lenet5()
+def test_round_trip_through_torch_prune_keeps_masks_weights_and_outputs(masked):
+    _, gm = masked
     exported = export_to_torch_prune(gm, LeNet5())
     assert {"fc1.weight_orig", "fc1.weight_mask", "conv1.weight_orig"} <= set(exported.state_dict())
     assert prune.is_pruned(exported)
@@ -58,8 +67,8 @@ def test_import_refuses_masks_it_cannot_place():
         import_from_torch_prune(model, (X,))
 
 
-def test_export_needs_a_matching_unpruned_model():
-    _, gm = masked_lenet5()
+def test_export_needs_a_matching_unpruned_model(masked):
+    _, gm = masked
     with pytest.raises(ConfigError, match="does not match"):
         export_to_torch_prune(gm, LeNet5(image_size=32))
 
@@ -79,8 +88,8 @@ def test_rewind_resets_survivors_to_their_initial_values_and_keeps_zeros():
     assert torch.equal(gm.fc1.bias, initial["fc1.bias"])
 
 
-def test_rewind_checks_the_state_it_is_given():
-    model, gm = masked_lenet5()
+def test_rewind_checks_the_state_it_is_given(masked):
+    model, gm = masked[0], copy.deepcopy(masked[1])
     state = model.state_dict()
     with pytest.raises(ConfigError, match="no entry for 'fc2.bias'"):
         rewind(gm, {k: v for k, v in state.items() if k != "fc2.bias"})
@@ -88,8 +97,8 @@ def test_rewind_checks_the_state_it_is_given():
         rewind(gm, dict(state, **{"fc2.bias": torch.zeros(3)}))
 
 
-def test_exported_model_trains_with_torch_prune_semantics():
-    _, gm = masked_lenet5()
+def test_exported_model_trains_with_torch_prune_semantics(masked):
+    _, gm = masked
     exported = export_to_torch_prune(gm, LeNet5())
     nn.functional.cross_entropy(exported(X), torch.zeros(3, dtype=torch.long)).backward()
     assert not exported.fc1.weight_orig.grad[exported.fc1.weight_mask == 0].any()
