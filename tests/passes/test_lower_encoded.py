@@ -155,6 +155,8 @@ def test_zoo_models_lower_exactly(name):
     gm = hand_compressed(make_model().eval(), (x,), sparsity=0.8)
     lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
     assert torch.equal(lowered(x), gm(x))
+    record = fxcompress.history(lowered)[-1]  # the default configuration encodes every layer of every zoo model
+    assert record.changed and set(record.params_touched) == {layer.weight for layer in find_layers(gm)}
 
 
 @pytest.mark.parametrize("field,value", [("coding", "zip"), ("layout", "csr"), ("index_bits", 0),
