@@ -40,12 +40,17 @@ def hand_compressed(model, inputs, sparsity=0.9, step=2 ** -6):
     return gm
 
 
+IN_FEATURES = 14 * 14
+
+
 @pytest.fixture(scope="module")
 def lenet():
-    """Built once for the module (no test changes it: compile and decode copy it)."""
+    """Built once for the module (no test changes it: compile and decode copy it). A 196-300-100-10
+    LeNet (14x14 inputs): what these tests check does not depend on the input width, and each of
+    the dozen lowerings below encodes a quarter of LeNet-300-100's weights."""
     torch.manual_seed(0)
-    x = torch.randn(4, 1, 28, 28)
-    return hand_compressed(LeNet300100().eval(), (x,)), x
+    x = torch.randn(4, 1, 14, 14)
+    return hand_compressed(LeNet300100(in_features=IN_FEATURES).eval(), (x,)), x
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +119,7 @@ def test_float16_biases(lenet, lowered_lenet):
     row = next(r for r in fxcompress.summary(lowered).rows if r["layer"] == "fc1")
     encoded_bias = lowered.get_submodule("fc1.bias_encoded")
     assert row["bytes_bias"] == sum(encoded_bias.storage_bytes().values()) < 4 * 300  # the summary sees fp16
-    assert row["params"] == 300 * 784 + 300
+    assert row["params"] == 300 * IN_FEATURES + 300
 
 
 def test_decode_gives_a_plain_dense_module(lenet, lowered_lenet):
@@ -124,7 +129,7 @@ def test_decode_gives_a_plain_dense_module(lenet, lowered_lenet):
     assert not any(isinstance(m, WeightTransform) for m in dense.modules())
     assert {n.op for n in dense.graph.nodes} <= {"placeholder", "get_attr", "call_function", "output"}
     assert torch.equal(dense(x), lowered(x))
-    assert isinstance(dense.fc1.weight, nn.Parameter) and dense.fc1.weight.shape == (300, 784)
+    assert isinstance(dense.fc1.weight, nn.Parameter) and dense.fc1.weight.shape == (300, IN_FEATURES)
     assert torch.equal(fxcompress.decode(gm)(x), gm(x))  # masks and fake-quant fold as well
 
 
