@@ -27,9 +27,14 @@ SEEDS = st.integers(0, 2 ** 31 - 1)
 OUTCOMES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
-def examples(share: int) -> settings:
-    """A 1/share part of the active profile's examples (the expensive checks run fewer graphs)."""
-    return settings(max_examples=max(1, settings().max_examples // share))
+def examples(share: int, ci_graphs: int | None = None) -> settings:
+    """A 1/share part of the active profile's examples (the expensive checks run fewer graphs), at
+    most `ci_graphs` in the "ci" profile (every property still meets five graphs or more, each
+    compiled several times); the long profile keeps its whole share."""
+    count = max(1, settings().max_examples // share)
+    if ci_graphs is not None and settings.get_current_profile_name() == "ci":
+        count = min(count, ci_graphs)
+    return settings(max_examples=count)
 
 
 def record(label: str, check, *args) -> str:
@@ -73,7 +78,7 @@ def test_the_generator_is_deterministic_and_its_models_run(seed):
     assert out.dim() == 2 and out.shape[0] == randmodels.BATCH and bool(torch.isfinite(out).all())
 
 
-@examples(4)
+@examples(4, ci_graphs=6)
 @given(seed=SEEDS)
 def test_every_pass_verifies_or_refuses_with_a_typed_error(seed):
     """LowerToEncoded and LowerToInteger are run (and classified the same way) by their property tests."""
@@ -106,28 +111,28 @@ def test_measured_lowerings_compute_what_they_lower(seed):
     record("measured lowerings match their model", check_measured_lowerings, model, inputs, seed)
 
 
-@examples(3)
+@examples(3, ci_graphs=8)
 @given(seed=SEEDS)
 def test_pruning_zeroed_channels_leaves_outputs_equal(seed):
     model, inputs = random_model(seed)
     record("zeroed pruning is exact", check_zeroed_pruning, model, inputs, seed)
 
 
-@examples(4)
+@examples(4, ci_graphs=6)
 @given(seed=SEEDS)
 def test_lowered_model_saves_and_loads_bit_identically(seed):
     model, inputs = random_model(seed)
     record("LowerToEncoded, save/load identical", check_encoded_round_trip, model, inputs, seed)
 
 
-@examples(2)
+@examples(2, ci_graphs=8)
 @given(seed=SEEDS)
 def test_fold_batchnorm_agrees_with_the_unfolded_model(seed):
     model, inputs = random_model(seed)
     record("FoldBatchNorm allclose", check_fold_batchnorm, model, inputs, seed)
 
 
-@examples(4)
+@examples(4, ci_graphs=6)
 @given(seed=SEEDS)
 def test_lower_integer_agrees_with_its_fake_quant_reference(seed):
     model, inputs = random_model(seed)
