@@ -89,6 +89,15 @@ def _program(name: str):
     return model, torch.export.export(model, (x,)), x
 
 
+@functools.cache
+def _graphs(name: str):
+    """(fx trace, exported graph): the model through each front end once (the program unlifted and
+    respelled at torch level), shared by the tests that run passes on them; compile copies a
+    GraphModule, so each test starts from the same graph."""
+    model, program, x = _program(name)
+    return fxcompress.compile(model, [], (x,), frontend="fx"), fxcompress.compile(program, [], (x,))
+
+
 def _run(source, steps, x):
     gm = source
     for step in steps:
@@ -99,9 +108,10 @@ def _run(source, steps, x):
 @pytest.mark.parametrize("pass_type", list(PASSES), ids=lambda t: t.__name__)
 def test_every_pass_does_on_an_exported_graph_what_it_does_on_the_trace(pass_type):
     name, steps, same_function = PASSES[pass_type]
-    model, program, x = _program(name)
-    traced = _run(fxcompress.compile(model, [], (x,), frontend="fx"), steps, x)
-    exported = _run(program, steps, x)
+    _, _, x = _program(name)
+    traced_graph, exported_graph = _graphs(name)
+    traced = _run(traced_graph, steps, x)
+    exported = _run(exported_graph, steps, x)
     assert exported.meta["frontend"] == "export"
     record, expected = fxcompress.history(exported)[-1], fxcompress.history(traced)[-1]
     assert record.name == pass_type.__name__ and record.changed and expected.changed
@@ -173,8 +183,8 @@ CONV1D_PASSES = {
 
 @pytest.mark.parametrize("steps", list(CONV1D_PASSES.values()), ids=list(CONV1D_PASSES))
 def test_conv1d_layers_are_linear_layers_for_every_layer_pass(steps):
-    model, program, x = _program("gpt2")
-    before = _run(program, steps[:-1], x)
+    _, _, x = _program("gpt2")
+    before = _run(_graphs("gpt2")[1], steps[:-1], x)
     gm = _run(before, steps[-1:], x)
     assert CONV1D_WEIGHTS <= set(fxcompress.history(gm)[-1].params_touched)
     with torch.no_grad():
