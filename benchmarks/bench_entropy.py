@@ -301,6 +301,8 @@ def main() -> None:
     parser.add_argument("--layers", default="1024x2", help="WIDTHxBLOCKS for the throughput table ('' skips it)")
     parser.add_argument("--load", default="1024x8", help="WIDTHxBLOCKS for the file table ('' skips it)")
     parser.add_argument("--skip-coders", action="store_true", help="only the throughput and file tables")
+    parser.add_argument("--rans-decoders", action="store_true",
+                        help="only rANS decoding in C against the numpy loop (no optional coders needed)")
     parser.add_argument("--lm", nargs="*", default=None, metavar="ARM",
                         help="only the group-wise grid table on bench_llm's checkpoint (default arms if none named)")
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent / ".cache" / "llama-bytes")
@@ -312,8 +314,11 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.lm is not None:
         return lm_groups(args.checkpoint, args.lm or LM_ARMS, 32)
+    if args.rans_decoders:
+        return rans_decoders(args)
     if not args.skip_coders:
         coders(args)
+        rans_decoders(args)
     if args.layers:
         throughput(*map(int, args.layers.split("x")))
     if args.load:
@@ -337,6 +342,25 @@ def coders(args) -> None:
             print(f"| {name} | {coder} | {size:,} | {size / bound:.4f} | {len(symbols) / enc_t / 1e6:.1f} | "
                   f"{len(symbols) / dec_t / 1e6:.1f} |")
         print(f"| {name} | Shannon bound | {bound:,.0f} | 1.0000 | | |")
+
+
+def rans_decoders(args) -> None:
+    """rANS decoding in C (csrc/rans_decode.c) against the numpy loop it replaces, on a stream of LeNet-5's
+    size (431 K weights: 53 lanes, 8,192 steps of Python) and on the coders' streams."""
+    from fxcompress.encoded import rans
+    c_decoder = rans._c_decoder
+    print("\n| rANS stream | symbols | lanes | numpy loop Msym/s | C Msym/s | C / numpy |\n|---|---:|---:|---:|---:|---:|")
+    for name, (symbols, alphabet) in streams(args.symbols).items():
+        for count in (431_080, len(symbols)):
+            stream = encode_symbols(symbols[:count], alphabet, "rans")
+            times = {}
+            for label, decoder in (("numpy", lambda: None), ("c", c_decoder)):
+                rans._c_decoder = decoder
+                times[label], decoded = timed(lambda: decode_symbols(stream), args.repeats)
+                assert np.array_equal(decoded, symbols[:count])
+            rans._c_decoder = c_decoder
+            print(f"| {name} | {count:,} | {rans.lanes_for(count)} | {count / times['numpy'] / 1e6:.1f} | "
+                  f"{count / times['c'] / 1e6:.1f} | {times['numpy'] / times['c']:.1f}x |")
 
 
 if __name__ == "__main__":

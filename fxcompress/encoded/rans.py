@@ -8,7 +8,12 @@ frequency quantization and 32 bits of final state per lane.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import numpy as np
+
+from fxcompress.kernels.compiled import library
 
 LANE_SYMBOLS = 8192
 LOW = 1 << 16  # states live in [LOW, 2^32)
@@ -157,12 +162,25 @@ def decode(words: np.ndarray, states: np.ndarray, freq: np.ndarray, count: int) 
     lanes = len(states)
     steps = -(-count // lanes)
     x = states.astype(np.uint32).copy()
-    words = words.astype(np.uint32)
+    words = np.ascontiguousarray(words, dtype=np.uint32)
     out = np.empty((steps, lanes), dtype=np.int32)
-    slot, low = np.empty(lanes, np.uint32), np.empty(lanes, bool)
+    tables = (sym_of_slot, freq_of_slot, bias_of_slot)
+    lib = _c_decoder() if 0 < scale < 32 and len(sym_of_slot) >= total else None
+    ended_early = (_decode_c(lib, words, x, scale, tables, out) if lib is not None
+                   else _decode_numpy(words, x, scale, tables, out))
+    if ended_early:
+        raise ValueError("rANS stream ends early")
+    return out.reshape(-1)[:count]
+
+
+def _decode_numpy(words: np.ndarray, x: np.ndarray, scale: int, tables: tuple, out: np.ndarray) -> bool:
+    """The steps of `out` [steps, lanes], one numpy operation per step across the lanes; True where the
+    stream ends early."""
+    sym_of_slot, freq_of_slot, bias_of_slot = tables
+    slot, low = np.empty(len(x), np.uint32), np.empty(len(x), bool)
     read = 0
-    for step in range(steps):
-        np.bitwise_and(x, total - 1, out=slot)
+    for step in range(out.shape[0]):
+        np.bitwise_and(x, (1 << scale) - 1, out=slot)
         np.take(sym_of_slot, slot, out=out[step])
         x >>= scale
         x *= freq_of_slot[slot]
@@ -171,7 +189,27 @@ def decode(words: np.ndarray, states: np.ndarray, freq: np.ndarray, count: int) 
         need = int(np.count_nonzero(low))
         if need:
             if read + need > len(words):
-                raise ValueError("rANS stream ends early")
+                return True
             x[low] = (x[low] << 16) | words[read:read + need]
             read += need
-    return out.reshape(-1)[:count]
+    return False
+
+
+def _decode_c(lib: ctypes.CDLL, words: np.ndarray, x: np.ndarray, scale: int, tables: tuple,
+              out: np.ndarray) -> bool:
+    """The same steps in csrc/rans_decode.c (bit for bit the numpy loop; tested)."""
+    sym_of_slot, freq_of_slot, bias_of_slot = tables
+    return bool(lib.rans_decode(words.ctypes.data, len(words), x.ctypes.data, len(x), out.shape[0], scale,
+                                sym_of_slot.ctypes.data, freq_of_slot.ctypes.data, bias_of_slot.ctypes.data,
+                                out.ctypes.data))
+
+
+@functools.cache
+def _c_decoder() -> ctypes.CDLL | None:
+    """csrc/rans_decode.c built for this machine with its argument types set, or None (numpy decodes)."""
+    lib = library("rans_decode")
+    if lib is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.rans_decode.argtypes = [p, i64, p, i64, i64, ctypes.c_int, p, p, p, p]
+        lib.rans_decode.restype = ctypes.c_int
+    return lib
