@@ -140,14 +140,24 @@ _FAKE_TORCHVISION = {
 }
 
 
-def test_torchvision_functions_are_registered_lazily_when_it_imports(clean_tables, tmp_path, monkeypatch):
-    """A stand-in torchvision package (the real one is an optional extra): stochastic depth saves and loads."""
+@pytest.fixture
+def fake_torchvision(tmp_path, monkeypatch):
+    """The stand-in on sys.path for one test; afterwards its modules leave sys.modules (a package imported
+    later in this process, as Lightning imports torchvision, must not find the stand-in) and monkeypatch
+    puts back any real torchvision modules it hid."""
     for name, text in _FAKE_TORCHVISION.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[module]
+
+
+def test_torchvision_functions_are_registered_lazily_when_it_imports(clean_tables, fake_torchvision):
+    """A stand-in torchvision package (the real one is an optional extra): stochastic depth saves and loads."""
     # an earlier test may have registered the real torchvision's functions (clean_tables puts them back)
     for key in [k for k in allowlist.FUNCTIONS if k.startswith("torchvision.")]:
         allowlist.FUNCTION_NAMES.pop(allowlist.FUNCTIONS.pop(key), None)
