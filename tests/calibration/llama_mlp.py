@@ -34,6 +34,17 @@ class MLP(nn.Module):
         return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
 
 
+class ResidualMLP(nn.Module):
+    """x + mlp(x), as the MLP sits in its block: the value added back is AWQ's block output."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
 def load() -> tuple[MLP, torch.Tensor, torch.Tensor]:
     """(the block in float32, eval mode; calibration inputs (512, 128); held-out inputs (256, 128))."""
     data = torch.load(DATA, weights_only=True)

@@ -61,25 +61,14 @@ def _outlier_case():
     return NormLinear().eval(), "fc", _outlier_inputs(512), _outlier_inputs(256, seed=1)
 
 
-class ResidualMLP(nn.Module):
-    """x + mlp(x), as the MLP sits in its block: the value added back is AWQ's block output."""
-
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.mlp = mlp
-
-    def forward(self, x):
-        return x + self.mlp(x)
-
-
 def _llama_case():
     mlp, calibration, held_out = llama_mlp.load()
-    return ResidualMLP(mlp).eval(), r"mlp\.down", calibration, held_out
+    return llama_mlp.ResidualMLP(mlp).eval(), r"mlp\.down", calibration, held_out
 
 
 def _llama_gate_up_case():
     mlp, calibration, held_out = llama_mlp.load()
-    return ResidualMLP(mlp).eval(), r"mlp\.(gate|up)", calibration, held_out
+    return llama_mlp.ResidualMLP(mlp).eval(), r"mlp\.(gate|up)", calibration, held_out
 
 
 CASES = {"outlier channels": _outlier_case, "trained llama mlp down": _llama_case,
@@ -117,7 +106,7 @@ def _errors(case: str, methods) -> dict[str, float]:
     batches = list(calibration.split(128))
     with torch.no_grad():
         expected = model(held_out)
-        own = expected - held_out if isinstance(model, ResidualMLP) else expected
+        own = expected - held_out if isinstance(model, llama_mlp.ResidualMLP) else expected
     result = {}
     for name, passes in methods(layer).items():
         gm = fxcompress.compile(model, passes, example_inputs=(batches[0],), calibration_data=batches)

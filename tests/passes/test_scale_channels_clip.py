@@ -110,17 +110,6 @@ def test_queries_and_keys_are_not_clipped(attention):
         assert clips[name]["groups"] == model.get_submodule(f"model.layers.0.{parent}.{name}").weight.numel() // 16
 
 
-class ResidualMLP(nn.Module):
-    """x + mlp(x): the trained Llama MLP with the residual add its block has, so the graph has a block output."""
-
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.mlp = mlp
-
-    def forward(self, x):
-        return x + self.mlp(x)
-
-
 @torch.no_grad()
 def _block_mse(gm, model, x) -> float:
     return float((gm(x) - model(x)).pow(2).mean())
@@ -132,7 +121,7 @@ def test_a_clip_is_kept_only_where_the_block_output_gains():
     clips and keeps down's, and the quantized block is closer to float on the calibration data than with
     every clip kept (clip_objective="layer", AutoAWQ's)."""
     mlp, calibration, _ = llama_mlp.load()
-    model = ResidualMLP(mlp).eval()
+    model = llama_mlp.ResidualMLP(mlp).eval()
     batches = list(calibration.split(128))
     quant = InsertFakeQuant(method="linear", bits=4, group_size=64, select=r"mlp\..*")
     compiled = {objective: fxcompress.compile(model, [ScaleChannels(group_size=64, clip_objective=objective), quant],
@@ -153,7 +142,7 @@ def test_a_clip_is_kept_only_where_the_block_output_gains():
 
 def test_a_dropped_clip_leaves_the_folded_weight_bit_for_bit():
     mlp, calibration, _ = llama_mlp.load()
-    model = ResidualMLP(mlp).eval()
+    model = llama_mlp.ResidualMLP(mlp).eval()
     batches = list(calibration.split(128))
     folded, checked = (fxcompress.compile(model, [ScaleChannels(group_size=64, **kw)], (batches[0],),
                                           calibration_data=batches) for kw in ({"clip": False}, {}))
