@@ -18,7 +18,7 @@ from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import Interval, Options, validate
 from fxcompress.memory import release_freed_memory
 from fxcompress.encoded.module import EncodedWeight
-from fxcompress.encoded.rewire import swap_input
+from fxcompress.rewire import swap_input
 from fxcompress.encoded.streams import CODINGS
 from fxcompress.encoded.tensor import DTYPES, LAYOUTS, GroupSteps, encode_half, encode_tensors, pattern_applies
 from fxcompress.errors import PreconditionError

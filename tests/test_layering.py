@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     ("foundation", ["errors", "config", "execution", "memory"]),
     ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill",
-                          "frontends", "text", "zoo"]),
+                          "frontends", "text", "zoo", "rewire"]),
     ("pass protocol", ["pass_base", "history"]),
     ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels", "kernels", "calibration"]),
     ("passes", ["passes"]),

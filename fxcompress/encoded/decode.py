@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from fxcompress.layers import effective_weight, find_layers, layer_node, weight_arg
 
 from .module import EncodedWeight
-from .rewire import swap_input
+from fxcompress.rewire import swap_input
 
 
 def decode(gm: GraphModule) -> GraphModule:
