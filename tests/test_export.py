@@ -4,34 +4,21 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import fxcompress
 from fxcompress import export
 from fxcompress.errors import ConfigError
 from fxcompress.layers import effective_weight, find_layers, insert_on_weight
 from fxcompress.passes import LowerToEncoded
-
-
-class SmallLeNet(nn.Module):
-    """LeNet-5's layers (conv1, conv2, fc1, fc2) at 1.5 K weights: the exports are exact whatever the size,
-    and YAML's emitter and parser take seconds per 100 K numbers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
-        self.fc1, self.fc2 = nn.Linear(8 * 2 * 2, 24), nn.Linear(24, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(self.conv2(F.max_pool2d(self.conv1(x), 2)), 2)
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+from small_lenet import SmallLeNet
 
 
 @pytest.fixture(scope="module")
 def lowered():
     x = torch.randn(2, 1, 8, 8)
-    gm = fxcompress.compile(SmallLeNet().eval(), [], example_inputs=(x,))
+    # 1.5 K weights: the exports are exact whatever the size, and YAML's emitter and parser take seconds per
+    # 100 K numbers
+    gm = fxcompress.compile(SmallLeNet(conv1=(4, 3), conv2=(8, 3), hidden=24).eval(), [], example_inputs=(x,))
     for layer in find_layers(gm):
         def build(graph, weight):  # prune small weights and round to multiples of 1/64
             kept = graph.call_function(torch.mul, (weight, graph.call_function(torch.gt, (

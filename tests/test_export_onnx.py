@@ -28,6 +28,7 @@ from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, 
 from fxcompress.kernels import native
 from fxcompress.quant import set_quantization
 from fxcompress.zoo import LeNet5
+from small_lenet import SmallLeNet
 
 
 FLOAT_ATOL = 1e-5
@@ -55,26 +56,15 @@ def digits(trained_digits):
     return trained_digits.data
 
 
-class SmallLeNet(nn.Module):
-    """LeNet-5's layer kinds at 3 K weights: the export's names, batch axis and agreement do not depend on
-    the size, and each to_onnx decodes the whole model first (0.2 s for LeNet-5's 131 K weights)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5, padding=2), nn.Conv2d(20, 8, 3, padding=1)
-        self.fc1, self.fc2 = nn.Linear(8 * 2 * 2, 32), nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(self.conv2(F.max_pool2d(self.conv1(x), 2)), 2)
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
 @pytest.fixture(scope="module")
 def encoded():
     x = torch.randn(2, 1, 8, 8)
     torch.manual_seed(0)
-    gm = fxcompress.compile(SmallLeNet().eval(), [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=5, method="kmeans"),
-                                                  LowerToEncoded()], example_inputs=(x,))
+    # LeNet-5's layer kinds at 3 K weights: the export's names, batch axis and agreement do not depend on the
+    # size, and each to_onnx decodes the whole model first (0.2 s for LeNet-5's 131 K weights)
+    model = SmallLeNet(conv1=(20, 5), conv2=(8, 3), hidden=32).eval()
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=5, method="kmeans"),
+                                    LowerToEncoded()], example_inputs=(x,))
     return gm, x
 
 
