@@ -163,21 +163,16 @@ def native_layer(q: Quantized, plan: LayerPlan, bounds: Bounds | None, kernel: s
 
 def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: KernelChoice | str,
                    edges: set[Node]) -> dict[str, Any]:
-    """Swap the layer for a NativeLayer on its chosen kernel, the ReLU right after it fused; the ops up
-    to its output grid respelled for uint8 codes (float32 codes: only a ReLU changes). Returns its stats."""
+    """Swap the layer for a NativeLayer on its chosen kernel, the ReLU or clamp right after it fused; the ops
+    up to its output grid respelled for uint8 codes (float32 codes: only a ReLU changes). Returns its stats."""
     fused = fused_clamp(gm, q.node, plan.chain)
-    relu = None if fused is None else fused[0]  # the ReLU or clamp the kernel takes
+    taken = None if fused is None else fused[0]  # the ReLU or clamp the kernel takes
     values_in, values_out = q.input_quant in edges, plan.target in edges
     module = native_layer(q, plan, None if fused is None else fused[1], kernel_name(choice), values_in, values_out)
     if isinstance(choice, KernelChoice):
         module.kernel_choice = choice = KernelChoice.from_stats(choice.as_stats())  # as stats and files hold it
     new = swap(gm, q, module, "native")
-    if relu is not None:
-        relu.replace_all_uses_with(new)
-        gm.graph.erase_node(relu)
-    for node in plan.chain:
-        if node is not relu:
-            native_code_op(gm, node, plan.out_grid, in_float=values_out)
+    respell_chain(gm, new, taken, plan.chain, plan.out_grid, in_float=values_out)
     times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
     return {"module": new.target, "kernel": module.kernel, "times_ms": times,
             "speedup": (round(choice.speedup_over("float"), 4)
@@ -319,24 +314,30 @@ def native_join_refusal(gm: GraphModule, add: JoinPlan) -> str | None:
 
 
 def replace_native_add(gm: GraphModule, node: Node, add: JoinPlan) -> None:
-    """A NativeAdd on uint8 codes, the ReLU right after it fused as its lower clamp."""
+    """A NativeAdd on uint8 codes, the ReLU or clamp right after it fused as its clamp."""
     out, fused = add.out_grid, fused_clamp(gm, node, add.chain)
     if fused is not None and out is None and fused[1] != (0.0, None):
         fused = None  # dequantizing, NativeAdd fuses a ReLU only: the clamp stays the float op after it
-    relu = None if fused is None else fused[0]  # the ReLU or clamp the add takes
+    taken = None if fused is None else fused[0]  # the ReLU or clamp the add takes
     a, b = ((float(g.scale), int(g.zero_point)) for g in add.grids)
     if out is None:
-        module = NativeAdd(a, b, None, relu=relu is not None)
+        module = NativeAdd(a, b, None, relu=taken is not None)
     else:
         low, high = (out.qmin, out.qmax) if fused is None else clamp_codes(out, fused[1])
         module = NativeAdd(a, b, (float(out.scale), int(out.zero_point)), low=low, high=high)
-    new = swap_join(gm, node, module, "native")
-    if relu is not None:
-        relu.replace_all_uses_with(new)
-        gm.graph.erase_node(relu)
-    for chained in add.chain:
-        if chained is not relu:
-            native_code_op(gm, chained, out)
+    respell_chain(gm, swap_join(gm, node, module, "native"), taken, add.chain, out)
+
+
+def respell_chain(gm: GraphModule, new: Node, taken: Node | None, chain: tuple[Node, ...], grid: Grid | None,
+                  in_float: bool = False) -> None:
+    """After a layer or add became the kernel node `new`: the ReLU / clamp it took (`taken`) goes, its users
+    reading `new`, and the rest of `chain` up to the output grid is respelled for codes on `grid`."""
+    if taken is not None:
+        taken.replace_all_uses_with(new)
+        gm.graph.erase_node(taken)
+    for node in chain:
+        if node is not taken:
+            native_code_op(gm, node, grid, in_float=in_float)
 
 
 def replace_native_cat(gm: GraphModule, node: Node, cat: JoinPlan) -> None:
