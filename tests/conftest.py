@@ -31,6 +31,25 @@ settings.load_profile("long" if LONG else "ci")
 os.environ.setdefault("FXCOMPRESS_CHECK_ANALYSES", "1")
 
 
+# The longest test modules, longest first: they run first, so that under `--dist loadscope` (which hands
+# out whole modules in collection order) the two workers finish together instead of one idling while the
+# other runs a long module handed out last. A stale list costs balance only, never a test.
+RUN_FIRST = (
+    "tests/frontends/test_transformers.py", "tests/cli/test_run.py", "tests/cli/test_recipes.py",
+    "tests/passes/test_pass_contract.py", "tests/test_random_models.py", "tests/cli/test_wheel.py",
+    "tests/cli/test_console.py", "tests/cli/test_hf_recipe.py", "tests/test_export_lowered.py",
+    "tests/fileformat/test_format.py", "tests/passes/test_scale_channels_clip.py",
+    "tests/pruning/test_global_threshold.py", "tests/passes/test_scale_channels.py",
+    "tests/frontends/test_export_frontend.py", "tests/passes/test_pass_contract_calibrated.py",
+    "tests/cli/test_files.py", "tests/encoded/test_vectorised_coding.py", "tests/kernels/test_native.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     # the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator backend,
