@@ -6,15 +6,18 @@ from typing import ClassVar
 import pytest
 import torch
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 import fxcompress
 from fxcompress.analyses import ParamOwnership, ShapeInfo
+from fxcompress.analyses.shapes import _tensor_metadata, propagate_shapes
+from fxcompress.execution import evaluating
 from fxcompress.analysis import Analysis, analysis_key
 from fxcompress.errors import ConfigError, VerificationError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.passes import InsertMasks, LowerToEncoded
 from fxcompress.tracing import trace
-from fxcompress.zoo import LeNet300100
+from fxcompress.zoo import ZOO, LeNet300100
 
 
 @dataclass(frozen=True)
@@ -177,3 +180,34 @@ def test_every_node_has_its_shape_after_a_pass_that_preserves_shapes():
     assert [tuple(n.meta["tensor_meta"].shape) for n in added] == [(300, 784), (100, 300), (10, 100)] * 2
     assert all("tensor_meta" in n.meta for n in gm.graph.nodes)
     assert seen == [(300, 784), (100, 300), (10, 100)] * 2  # the next pass's ShapeInfo knows the new nodes
+
+
+def _layouts():
+    """Tensors in every memory format torch describes, and the edge cases of its contiguity rules."""
+    x = torch.randn(2, 3, 4, 5)
+    v = torch.randn(2, 3, 4, 5, 6)
+    yield from (x, x.contiguous(memory_format=torch.channels_last), x.transpose(1, 2), x[:, :1], x[..., ::2],
+                v, v.contiguous(memory_format=torch.channels_last_3d), v.permute(4, 3, 2, 1, 0),
+                torch.randn(1, 3, 1, 1), torch.randn(1, 3, 1, 1).contiguous(memory_format=torch.channels_last),
+                torch.randn(2, 1, 4, 4).contiguous(memory_format=torch.channels_last), torch.empty(0, 3, 4, 4),
+                torch.empty(0, 3, 4, 4).contiguous(memory_format=torch.channels_last), torch.tensor(3.0),
+                torch.randn(1), torch.randn(5).expand(3, 5), torch.randn(4, 6).t(), torch.randn(3, 4)[:, 1:],
+                nn.Parameter(torch.randn(3, 4)), torch.randn(3, 4, dtype=torch.float64).requires_grad_(),
+                torch.randint(0, 9, (2, 3, 2, 2), dtype=torch.int8).permute(0, 2, 3, 1),
+                torch.randn(3, 4).to_sparse())
+
+
+def test_shape_metadata_equals_torch_shape_prop_field_by_field():
+    # compile's shape step describes tensors without torch._prims_common's symbolic checks: the same
+    # TensorMetadata for every layout torch distinguishes, and the same node.meta on every zoo model
+    for t in _layouts():
+        assert _tensor_metadata(t) == _extract_tensor_metadata(t), (t.shape, t.stride())
+    for name in ("densenet", "gpt_block", "mobilenetv2", "transformer"):
+        make_model, make_input = ZOO[name]
+        x = make_input()
+        ours, theirs = trace(make_model().eval()), trace(make_model().eval())
+        propagate_shapes(ours, (x,))
+        with evaluating(theirs):  # as propagate_shapes runs it
+            ShapeProp(theirs).propagate(x)
+        for a, b in zip(ours.graph.nodes, theirs.graph.nodes, strict=True):
+            assert (a.meta.get("tensor_meta"), a.meta["type"]) == (b.meta.get("tensor_meta"), b.meta["type"]), a.name
