@@ -55,6 +55,7 @@ from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
+from . import metaops
 from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES, fxcompress_modules
 
 MAX_INPUT_DIMS = 32
@@ -321,16 +322,32 @@ def _call(gm: GraphModule, node: Node, args: tuple, kwargs: dict, memo: dict) ->
             return rule(module, _state(module, memo), *args, **kwargs)
         if type(module) in fxcompress_modules().values():  # a kernel module without a rule: never run it on meta
             raise _Unknown(f"{type(module).__name__} has no rule in MODULE_RULES")
+        tabled = _tabled(node, args, kwargs, module, memo)
+        if tabled is not None:
+            return tabled
         return _trusted(type(module) not in _STANDARD_MODULES, _own_forward, module, _state(module, memo),
                         *args, **kwargs)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     args, kwargs = _on_meta(args, kwargs, node.target if node.op == "call_method" else None)
+    tabled = _tabled(node, args, kwargs)
+    if tabled is not None:
+        return tabled
     if _pieces(name, args, kwargs) > MAX_PIECES:
         raise _Unknown(f"{name} would make more than {MAX_PIECES} tensors")
     if node.op == "call_method":
         return getattr(args[0], _sized(node.target, args, kwargs))(*args[1:], **kwargs)
     return _trusted(id(node.target) not in _LIBRARY_FUNCTIONS and not _torchvision(node.target), node.target,
                     *args, **kwargs)
+
+
+def _tabled(node: Node, args: tuple, kwargs: dict, module: nn.Module | None = None, memo: dict | None = None) -> Any:
+    """The output metaops' tables compute for a common op without running torch's Python references
+    (which import torch._dynamo); None where the call runs on meta tensors."""
+    if module is not None:
+        rule = metaops.MODULES.get(type(module))
+        return None if rule is None else rule(module, _state(module, memo), *args, **kwargs)
+    rule = metaops.rule_for(node.op, node.target)
+    return None if rule is None else rule(args, kwargs)
 
 
 def _sized(method: str, args: tuple, kwargs: dict) -> str:

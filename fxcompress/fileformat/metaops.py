@@ -1,0 +1,221 @@
+"""Load's dry run, the common ops by table: their output's shape, strides and dtype computed, not run.
+
+On the meta device torch runs most ops through its Python references (torch._refs, torch._decomp,
+torch._meta_registrations). Their type-promotion wrapper is decorated with `torch._disable_dynamo`,
+which imports torch._dynamo (about 2 s) at its first call, so the first `mul`, `relu` or biased
+`linear` of a fresh process's `fxcompress.load` paid for a compiler it never uses, and every later
+call pays for the references' Python. The ops here compute what those references compute, from
+broadcasting and torch's own type promotion (`torch.broadcast_shapes`, `torch.result_type`) and the
+output strides torch's elementwise kernels choose (`compute_elementwise_output_strides`), and make
+the output with `torch.empty_strided` on the meta device: nothing is allocated or run.
+
+A rule returns None for any call it does not cover exactly (an unusual argument, an operand type or
+dtype outside its table, shapes that do not broadcast); the dry run then runs that call on meta
+tensors as before, so every error torch raises is still torch's own error, with its own message.
+`tests/fileformat/test_metaops.py` checks every entry against torch on real CPU tensors.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._prims_common import compute_elementwise_output_strides
+
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_NUMBER = (bool, int, float)
+
+
+def _meta_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "meta" and value.layout == torch.strided
+
+
+def _operands(*values: Any) -> bool:
+    """Each a strided meta tensor or a plain Python number, at least one of them a tensor."""
+    return (all(_meta_tensor(v) or type(v) in _NUMBER for v in values)
+            and any(isinstance(v, torch.Tensor) for v in values))
+
+
+def _result(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """The output of an elementwise op on `tensors`: their broadcast shape, the strides torch's kernels
+    give it (the layout of the operands, as TensorIterator chooses), `dtype`. None if they do not broadcast."""
+    try:
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    except RuntimeError:
+        return None  # torch's own run refuses it, with its own message
+    strides = compute_elementwise_output_strides(*(t.expand(shape) for t in tensors))
+    return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
+    """Positional and keyword arguments as a list in the order of `names` (the last len(defaults) have
+    defaults); None for anything a plain call of that signature would not accept."""
+    if len(args) > len(names) or any(k not in names[len(args):] for k in kwargs):
+        return None
+    required = len(names) - len(defaults)
+    values = list(args) + [kwargs.get(n, defaults[i - required] if i >= required else _MISSING)
+                           for i, n in enumerate(names[len(args):], start=len(args))]
+    return None if any(v is _MISSING for v in values) else values
+
+
+_MISSING = object()
+
+
+# ---- binary arithmetic and comparisons -------------------------------------------------------------
+
+def _binary(kind: str) -> Callable:
+    """add / sub / mul ("arith": torch's default promotion), true division ("div": integers and bools
+    promote to the default float dtype) and comparisons ("compare": bool), on tensors and Python numbers."""
+    def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if kwargs or len(args) != 2 or not _operands(*args):
+            return None
+        dtype = torch.result_type(*args)
+        if kind == "compare":
+            dtype = torch.bool
+        elif kind == "div" and not (dtype.is_floating_point or dtype.is_complex):
+            dtype = torch.get_default_dtype()
+        elif kind == "sub" and dtype == torch.bool:
+            return None  # torch refuses `-` on bools, with its own message
+        return _result([a for a in args if isinstance(a, torch.Tensor)], dtype)
+    return rule
+
+
+def _neg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if kwargs or len(args) != 1 or not _meta_tensor(args[0]) or args[0].dtype == torch.bool:
+        return None  # torch refuses `-` on a bool tensor
+    return _result([args[0]], args[0].dtype)
+
+
+# ---- unary float activations ------------------------------------------------------------------------
+
+def _unary(names: tuple[str, ...] = (), defaults: tuple = (), check: Callable = lambda **options: True) -> Callable:
+    """An activation on a floating-point tensor: same shape and dtype (integer and bool inputs, which some
+    of these refuse and others promote, run on meta as before). With inplace=True the output is the input."""
+    def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        bound = _bind(args, kwargs, ("input", *names), defaults)
+        if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS:
+            return None
+        options = dict(zip(names, bound[1:]))
+        if not check(**options) or options.get("inplace", False) not in (True, False):
+            return None
+        return bound[0] if options.get("inplace") else _result([bound[0]], bound[0].dtype)
+    return rule
+
+
+def _limits(min_val: Any = -1.0, max_val: Any = 1.0, inplace: bool = False) -> bool:
+    return type(min_val) in (int, float) and type(max_val) in (int, float) and min_val <= max_val
+
+
+def _approximate(approximate: Any = "none") -> bool:
+    return approximate in ("none", "tanh")
+
+
+def _clamp(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """clamp / clip of a floating-point tensor between Python numbers (at least one bound, as torch asks)."""
+    bound = _bind(args, kwargs, ("input", "min", "max"), (None, None))
+    if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS:
+        return None
+    low, high = bound[1:]
+    if (low is None and high is None) or not all(v is None or type(v) in (int, float) for v in (low, high)):
+        return None
+    return _result([bound[0]], bound[0].dtype)
+
+
+def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """where(condition, x, y): a bool condition; x and y tensors or numbers, promoted together."""
+    bound = _bind(args, kwargs, ("condition", "input", "other"), ())
+    if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype != torch.bool or not _operands(*bound[1:]):
+        return None
+    return _result([v for v in bound if isinstance(v, torch.Tensor)], torch.result_type(*bound[1:]))
+
+
+def _masked_fill(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """masked_fill(mask, value) of a floating-point tensor with a bool mask broadcast to it and a number."""
+    bound = _bind(args, kwargs, ("input", "mask", "value"), ())
+    if (bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS or not _meta_tensor(bound[1])
+            or bound[1].dtype != torch.bool or type(bound[2]) not in (int, float)):
+        return None
+    try:
+        fits = torch.broadcast_shapes(bound[0].shape, bound[1].shape) == bound[0].shape
+    except RuntimeError:
+        return None
+    return _result([bound[0]], bound[0].dtype) if fits else None
+
+
+# ---- linear with a bias -------------------------------------------------------------------------------
+
+def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """F.linear with a bias: torch's meta run of the product without it (matmul's meta kernel, no
+    reference), then the bias checked as addmm checks it (same dtype, broadcast to the output)."""
+    bound = _bind(args, kwargs, ("input", "weight", "bias"), (None,))
+    if bound is None or not all(_meta_tensor(v) for v in bound):
+        return None  # no bias: torch's meta run needs no reference
+    x, weight, bias = bound
+    if not x.dtype == weight.dtype == bias.dtype or x.dtype not in FLOATS or x.dim() == 0 or weight.dim() != 2:
+        return None
+    if x.shape[-1] != weight.shape[1] or bias.shape != weight.shape[:1]:
+        return None
+    return F.linear(x, weight)
+
+
+# ---- the tables -------------------------------------------------------------------------------------
+
+_ARITH, _DIV, _COMPARE, _SUB = _binary("arith"), _binary("div"), _binary("compare"), _binary("sub")
+_RELU = _unary(("inplace",), (False,))
+_HARDTANH = _unary(("min_val", "max_val", "inplace"), (-1.0, 1.0, False), _limits)
+_PLAIN = _unary()
+_GELU = _unary(("approximate",), ("none",), _approximate)
+
+# call_function targets
+FUNCTIONS: dict[Any, Callable] = {
+    operator.add: _ARITH, operator.mul: _ARITH, operator.sub: _SUB, operator.truediv: _DIV, operator.neg: _neg,
+    torch.add: _ARITH, torch.mul: _ARITH, torch.sub: _SUB, torch.div: _DIV, torch.neg: _neg,
+    **{op: _COMPARE for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                               torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)},
+    F.relu: _RELU, torch.relu: _PLAIN, F.relu6: _unary(("inplace",), (False,)),
+    F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU,
+    torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
+    torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
+    F.linear: _linear,
+}
+# call_method names (self is the first argument)
+METHODS: dict[str, Callable] = {
+    "add": _ARITH, "mul": _ARITH, "sub": _SUB, "div": _DIV, "neg": _neg,
+    **{name: _COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
+    "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
+}
+
+
+def _module_call(rule: Callable, *fields: str) -> Callable:
+    """One of torch's activation modules as its functional form, with its configuration as keywords."""
+    def call(module: nn.Module, state: dict, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        if kwargs or len(args) != 1:
+            return None
+        return rule(args, {f: getattr(module, f) for f in fields})
+    return call
+
+
+def _linear_module(module: nn.Module, state: dict, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+    if kwargs or len(args) != 1 or state.get("bias") is None:
+        return None
+    return _linear((args[0], state["weight"], state["bias"]), {})
+
+
+# call_module types (exact types: a subclass may change forward); `state` holds the module's meta tensors
+MODULES: dict[type, Callable] = {
+    nn.ReLU: _module_call(_RELU, "inplace"), nn.ReLU6: _module_call(_HARDTANH, "min_val", "max_val", "inplace"),
+    nn.Hardtanh: _module_call(_HARDTANH, "min_val", "max_val", "inplace"), nn.SiLU: _module_call(_RELU, "inplace"),
+    nn.GELU: _module_call(_GELU, "approximate"), nn.Sigmoid: _module_call(_PLAIN), nn.Tanh: _module_call(_PLAIN),
+    nn.Linear: _linear_module,
+}
+
+
+def rule_for(op: str, target: Any) -> Callable | None:
+    """The table's rule for a call_function target or call_method name, or None."""
+    table = METHODS if op == "call_method" else FUNCTIONS
+    try:
+        return table.get(target)
+    except TypeError:  # an unhashable target is in no table
+        return None
