@@ -224,7 +224,8 @@ def _global_selection(gm: GraphModule, targets: Sequence[Target], each: Each) ->
     without holding all the scores at once: exactly the lowest round(sparsity x groups) groups, ties at
     the threshold going in layer order, then index order (as a stable sort of all scores ranks them)."""
     groups = sum(math.prod(_score_shape(gm, t)) for t in targets)
-    passes = iter(("global scores (1/2)", "global scores (2/2)"))
+    # a few scores are ranked in one visit; many are counted in two (pruning/selection.py)
+    passes = iter(("global scores (1/2)", "global scores (2/2)") if LowestN.streams(groups) else ("global scores",))
 
     def batches():
         return ((t.layer.name, _scores(gm, t)) for t in each(targets, next(passes), _target_name))

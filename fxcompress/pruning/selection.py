@@ -13,6 +13,10 @@ three times, keeping only two 65,536-bin histograms:
 3. each layer prunes every score whose key is below the threshold key, and as many of the scores
    equal to it as are still owed, earliest first (layer order, then flat index).
 
+Up to 65,536 scores in all (a small layer, a small model), the keys are kept and the n-th lowest
+is found by torch.kthvalue: the same threshold key and the same count below it, without the
+histograms' fixed cost.
+
 The groups pruned are exactly the first n of a stable sort of all scores (`torch.sort(...,
 stable=True)`), tested so; torch.topk breaks ties at the threshold in an unspecified order.
 """
@@ -30,6 +34,9 @@ _HALF = 1 << 15
 _LOW = _BINS - 1
 _INF = 0x7F800000  # the bit pattern of +inf; larger magnitudes are NaN
 _CHUNK = 1 << 20  # scores turned into keys at a time: the keys' buffers stay a few MB whatever the layer
+# up to this many scores in all, their keys are kept and ranked at once: 256 KB, less than the histograms
+# themselves, and one kthvalue instead of two 65,536-bin counts (about 9 ms a call, however small the layer)
+_SMALL = 1 << 16
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,13 @@ def _keys(name: str, scores: torch.Tensor, check: bool = False):
         yield keys
 
 
+def _count_high(high: torch.Tensor, keys: torch.Tensor) -> None:
+    """Add the high 16 bits of `keys` (overwritten) to the counts `high`."""
+    keys >>= 16
+    keys += _HALF
+    high += torch.bincount(keys, minlength=_BINS)
+
+
 def _first_reaching(counts: torch.Tensor, start: int, n: int) -> tuple[int, int]:
     """The first bin at which `start` plus the running count reaches n, and the count before that bin."""
     running = torch.cumsum(counts, 0) + start
@@ -80,17 +94,42 @@ class LowestN:
     def find(cls, batches: Callable[[], Iterable[tuple[str, torch.Tensor]]], n: int) -> LowestN:
         if n <= 0:
             return cls(None, 0)
-        high = torch.zeros(_BINS, dtype=torch.int64)
+        few, high, total = [], None, 0
         for name, scores in batches():
             for keys in _keys(name, scores, check=True):
-                keys >>= 16
-                keys += _HALF
-                high += torch.bincount(keys, minlength=_BINS)
+                total += keys.numel()
+                if high is None and total <= _SMALL:
+                    few.append(keys)  # a few scores in all: their keys are kept and ranked directly
+                    continue
+                if high is None:  # too many to keep: count them, those kept so far first
+                    high = torch.zeros(_BINS, dtype=torch.int64)
+                    for kept in few:
+                        _count_high(high, kept)
+                    few = []
+                _count_high(high, keys)
             scores = keys = None  # the layer's scores and keys go before the trim, not when the next layer's arrive
-            release_freed_memory()  # glibc keeps a layer's freed scores and keys resident; hand them back
-        total = int(high.sum())
+            if high is not None:
+                release_freed_memory()  # glibc keeps a layer's freed scores and keys resident; hand them back
         if n > total:
             raise PreconditionError(f"cannot prune {n} of {total} groups")
+        return cls._ranked(torch.cat(few), n) if high is None else cls._streamed(batches, high, n)
+
+    @staticmethod
+    def streams(total: int) -> bool:
+        """Whether `find` visits `total` scores twice (the histograms) rather than ranking them at once."""
+        return total > _SMALL
+
+    @classmethod
+    def _ranked(cls, keys: torch.Tensor, n: int) -> LowestN:
+        """The n-th lowest key and how many keys lie below it, as the histograms would pin them down:
+        the same threshold and ties owed, without two 65,536-bin counts and their running sums."""
+        key = int(torch.kthvalue(keys, n).values)
+        return cls(key, n - int((keys < key).sum()))
+
+    @classmethod
+    def _streamed(cls, batches: Callable[[], Iterable[tuple[str, torch.Tensor]]], high: torch.Tensor,
+                  n: int) -> LowestN:
+        """Steps 2 and 3 of the module's histogram walk, from the high bits' counts of step 1."""
         top, below_top = _first_reaching(high, 0, n)
         low = torch.zeros(_BINS, dtype=torch.int64)
         for name, scores in batches():
