@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 
+from fxcompress.errors import ConfigError
 from fxcompress.kernels.compiled import library
 
 LANE_SYMBOLS = 8192
@@ -33,6 +34,10 @@ def scale_bits_for(alphabet: int) -> int:
 def quantize_counts(counts: np.ndarray, scale_bits: int) -> np.ndarray:
     """Frequencies summing to 2^scale_bits, every present symbol at least 1."""
     counts = np.asarray(counts, dtype=np.int64)
+    if not counts.any() or counts.min() < 0 or np.count_nonzero(counts) > 1 << scale_bits:
+        # no present symbol, or more than the total can give 1 each: the loop below would never end
+        raise ConfigError(f"rANS counts must be >= 0 with 1 to 2^{scale_bits} symbols present, got "
+                          f"{int(np.count_nonzero(counts))} present of {len(counts)}")
     total = 1 << scale_bits
     freq = np.where(counts > 0, np.maximum(1, counts * total // max(counts.sum(), 1)), 0)
     # hand the rounding remainder to (or take it from) the symbols that lose the least by it
@@ -54,6 +59,72 @@ def encode(symbols: np.ndarray, freq: np.ndarray, lanes: int) -> tuple[np.ndarra
 
 def encode_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """`encode` for several streams (symbols, frequencies, lanes) at once, byte for byte the same.
+
+    Each stream is coded by csrc/rans_encode.c where a compiler exists (one call per stream, the GIL
+    released, so threads code streams side by side), by the numpy loop otherwise; both write the same
+    words and states (tested). A stream neither can code exactly is refused with a ConfigError naming
+    it: lanes below 1, frequencies not summing to a power of two up to 2^16, a symbol outside the
+    table or of frequency 0.
+    """
+    checked = [_checked(job, j) for j, job in enumerate(jobs)]
+    lib = _c_encoder()
+    if lib is None:
+        for j, (symbols, freq, _) in enumerate(checked):
+            _check_symbols(symbols, freq, j)
+        return _encode_many_numpy(checked)
+    return [_encode_c(lib, *job, j) for j, job in enumerate(checked)]
+
+
+def _checked(job: tuple, j: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(symbols as int64, frequencies as uint32, lanes) of stream `j`, or a ConfigError naming its field."""
+    symbols, freq, lanes = np.asarray(job[0]), np.asarray(job[1]), job[2]
+    if symbols.ndim != 1 or (symbols.size and symbols.dtype.kind not in "iu"):
+        raise ConfigError(f"rANS stream {j}: symbols must be a 1-D integer array, got {symbols.dtype} "
+                          f"of shape {symbols.shape}")
+    if not isinstance(lanes, (int, np.integer)) or lanes < 1:
+        raise ConfigError(f"rANS stream {j}: lanes must be an integer >= 1, got {lanes!r}")
+    if freq.ndim != 1 or freq.dtype.kind not in "iu" or (freq.size and freq.min() < 0):
+        raise ConfigError(f"rANS stream {j}: frequencies must be a 1-D array of integers >= 0")
+    total = int(freq.sum())
+    if total == 0 or total & (total - 1) or total > 1 << 16:
+        raise ConfigError(f"rANS stream {j}: frequencies sum to {total}, not a power of two up to 2^16")
+    return np.ascontiguousarray(symbols, np.int64), np.ascontiguousarray(freq, np.uint32), int(lanes)
+
+
+def _check_symbols(symbols: np.ndarray, freq: np.ndarray, j: int) -> None:
+    """The numpy loop's guard: it would index another stream's table rows or divide by 0 otherwise."""
+    bad = np.flatnonzero((symbols < 0) | (symbols >= len(freq)))
+    if not bad.size:
+        bad = np.flatnonzero(freq[symbols] == 0)
+    if bad.size:
+        raise ConfigError(_refusal(symbols, freq, j, int(bad[0])))
+
+
+def _refusal(symbols: np.ndarray, freq: np.ndarray, j: int, i: int) -> str:
+    s = int(symbols[i])
+    why = f"outside the alphabet of {len(freq)}" if not 0 <= s < len(freq) else "of frequency 0"
+    return f"rANS stream {j}: symbol {s} at position {i} is {why}"
+
+
+def _encode_c(lib: ctypes.CDLL, symbols: np.ndarray, freq: np.ndarray, lanes: int,
+              j: int) -> tuple[np.ndarray, np.ndarray]:
+    """One stream through csrc/rans_encode.c: the words are written from the end of a buffer of one word
+    per lane-step (the most a valid stream emits), then copied out so the buffer is freed."""
+    scale = int(freq.sum()).bit_length() - 1
+    capacity = -(-len(symbols) // lanes) * lanes
+    words, states, used = np.empty(capacity, np.uint16), np.empty(lanes, np.uint32), ctypes.c_int64(0)
+    pad = int(np.argmax(freq))
+    status = lib.rans_encode(symbols.ctypes.data, len(symbols), freq.ctypes.data, len(freq), scale, pad, lanes,
+                             words.ctypes.data, capacity, states.ctypes.data, ctypes.byref(used))
+    if status == 1:
+        raise ConfigError(_refusal(symbols, freq, j, used.value))
+    if status:
+        raise MemoryError("rANS encoder: no memory for the cumulative frequency table")
+    return words[capacity - used.value:].copy(), states
+
+
+def _encode_many_numpy(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The numpy coder, every stream at once.
 
     Every lane of every stream is one element of a single state vector, so all streams advance
     in one loop of numpy operations per step: a layer's (or several layers') streams cost one
@@ -212,4 +283,15 @@ def _c_decoder() -> ctypes.CDLL | None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.rans_decode.argtypes = [p, i64, p, i64, i64, ctypes.c_int, p, p, p, p]
         lib.rans_decode.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def _c_encoder() -> ctypes.CDLL | None:
+    """csrc/rans_encode.c built for this machine with its argument types set, or None (numpy encodes)."""
+    lib = library("rans_encode")
+    if lib is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.rans_encode.argtypes = [p, i64, p, i64, ctypes.c_int, i64, i64, p, i64, p, p]
+        lib.rans_encode.restype = ctypes.c_int
     return lib
