@@ -1,6 +1,7 @@
 """write_report: the HTML page and its Markdown, the weights before / after quantization, the pictures,
 and the tables-only page without matplotlib."""
 import base64
+import io
 import re
 import sys
 
@@ -102,3 +103,25 @@ def test_a_fully_pruned_layer_is_drawn_as_such():
     zeros = torch.zeros(4, 3)
     png = base64.b64decode(histogram(LayerWeights("fc", zeros, zeros, None)).split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"  # drawn, with a note, rather than failing on no weights
+
+
+def test_pinned_titles_draw_the_same_pixels_and_clear_an_offset_text(compressed, monkeypatch):
+    """Titles are pinned at the top of their axes instead of matplotlib measuring every tick label to
+    place them: the picture must not change, and a title above an offset text ("1e7") is still moved."""
+    image = pytest.importorskip("matplotlib.image")
+    from fxcompress.report import figures
+    weights = layer_weights(compressed[1])[0]
+    def pixels(uri):
+        return image.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    pinned = pixels(figures.histogram(weights))
+    monkeypatch.setattr(figures, "_pin_titles", lambda fig: None)
+    assert (pinned == pixels(figures.histogram(weights))).all()  # matplotlib's own placement, pixel for pixel
+    monkeypatch.undo()
+    plt = figures._pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1e7, 3e7])
+    ax.set_title("a title as wide as the axes, over the offset text at their top left corner", fontsize=10)
+    figures._pin_titles(fig)
+    fig.canvas.draw()
+    assert ax.yaxis.offsetText.get_text() and ax.title.get_position()[1] > 1.0  # moved above the offset text
+    plt.close(fig)
