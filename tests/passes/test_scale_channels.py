@@ -2,6 +2,8 @@
 finds (norm weights, LayerNorm, a preceding linear through attention and the gated MLP, repeated
 key / value heads), AWQ lowers the 4-bit output error of a layer fed by outlier channels, and
 what cannot be folded is reported or refused by name."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -40,9 +42,12 @@ def _outlier_model(width: int = 64, outliers: int = 4) -> NormMLP:
     return model
 
 
-def _llama(kv_heads: int):
+@functools.cache
+def _exported_llama(layers: int, kv_heads: int):
+    """A tiny Llama, exported and compiled with no pass, and the generator's state after building it.
+    Built once per shape for the module's tests (compile copies it; no test changes it in place)."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=2, num_key_value_heads=kv_heads,
                                       max_position_embeddings=16, use_cache=False)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -51,7 +56,14 @@ def _llama(kv_heads: int):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)   # HF initializes norm weights to 1: make the fold visible
     x = torch.randint(0, 64, (2, 16))
-    return fxcompress.compile(torch.export.export(model, (x,), strict=False), [], (x,)), x
+    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False), [], (x,))
+    return gm, x, torch.random.get_rng_state()
+
+
+def _llama(kv_heads: int):
+    gm, x, state = _exported_llama(1, kv_heads)
+    torch.random.set_rng_state(state)  # what follows draws the numbers it drew when each test built its own
+    return gm, x
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
@@ -199,18 +211,9 @@ def test_conv1d_layers_are_scaled_exactly_and_like_their_linear_twins(method, fr
 
 def _llama_blocks(layers: int = 2):
     """A tiny Llama of `layers` blocks, exported, with norm weights away from 1 so the scales matter."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                                      use_cache=False)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    x = torch.randint(0, 64, (2, 16))
+    gm, x, _ = _exported_llama(layers, 1)
     cal = [(torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-    return fxcompress.compile(torch.export.export(model, (x,), strict=False), [], (x,)), x, cal
+    return gm, x, cal
 
 
 def test_the_block_output_is_found_in_the_graph_and_searched_on():
