@@ -115,17 +115,28 @@ def _block_mse(gm, model, x) -> float:
     return float((gm(x) - model(x)).pow(2).mean())
 
 
-def test_a_clip_is_kept_only_where_the_block_output_gains():
+@pytest.fixture(scope="module")
+def trained_mlp():
+    """The trained Llama MLP, its calibration batches, and ScaleChannels(group_size=64) on it three ways:
+    clip_objective "layer" and "block" (the default), and no clip. Computed once for the module's tests."""
+    mlp, calibration, _ = llama_mlp.load()
+    model = llama_mlp.ResidualMLP(mlp).eval()
+    batches = list(calibration.split(128))
+    scaled = {name: fxcompress.compile(model, [ScaleChannels(group_size=64, **kw)], (batches[0],),
+                                       calibration_data=batches)
+              for name, kw in (("layer", {"clip_objective": "layer"}), ("block", {}), ("folded", {"clip": False}))}
+    return model, calibration, batches, scaled
+
+
+def test_a_clip_is_kept_only_where_the_block_output_gains(trained_mlp):
     """On a trained Llama MLP the clip lowers gate's and up's own output errors yet raises the block's (the
     float down projection adds a clamp's signal-following error up): clip_objective="block" drops those two
     clips and keeps down's, and the quantized block is closer to float on the calibration data than with
     every clip kept (clip_objective="layer", AutoAWQ's)."""
-    mlp, calibration, _ = llama_mlp.load()
-    model = llama_mlp.ResidualMLP(mlp).eval()
-    batches = list(calibration.split(128))
+    model, calibration, batches, scaled = trained_mlp
     quant = InsertFakeQuant(method="linear", bits=4, group_size=64, select=r"mlp\..*")
-    compiled = {objective: fxcompress.compile(model, [ScaleChannels(group_size=64, clip_objective=objective), quant],
-                                              (batches[0],), calibration_data=batches)
+    # quantizing a scaled model is the second pass of compile(model, [ScaleChannels(...), quant]): the same graph
+    compiled = {objective: fxcompress.compile(scaled[objective], [quant], (batches[0],))
                 for objective in ("layer", "block")}
     clips = {name.rsplit(".", 1)[-1]: report["clip"]
              for name, report in fxcompress.history(compiled["block"])[0].stats["layers"].items()}
@@ -140,12 +151,9 @@ def test_a_clip_is_kept_only_where_the_block_output_gains():
     assert block < 0.95 * every, (block, every)   # measured: 2.10e-4 against 2.29e-4
 
 
-def test_a_dropped_clip_leaves_the_folded_weight_bit_for_bit():
-    mlp, calibration, _ = llama_mlp.load()
-    model = llama_mlp.ResidualMLP(mlp).eval()
-    batches = list(calibration.split(128))
-    folded, checked = (fxcompress.compile(model, [ScaleChannels(group_size=64, **kw)], (batches[0],),
-                                          calibration_data=batches) for kw in ({"clip": False}, {}))
+def test_a_dropped_clip_leaves_the_folded_weight_bit_for_bit(trained_mlp):
+    _, _, _, scaled = trained_mlp
+    folded, checked = scaled["folded"], scaled["block"]
     assert torch.equal(checked.mlp.gate.weight, folded.mlp.gate.weight)   # dropped: the fold's weight
     assert torch.equal(checked.mlp.up.weight, folded.mlp.up.weight)
     assert not torch.equal(checked.mlp.down.weight, folded.mlp.down.weight)   # kept: clamped
