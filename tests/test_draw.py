@@ -21,8 +21,8 @@ class HalveFirst(Pass):
         return PassResult(changed=True)
 
 
-@pytest.fixture
-def compiled():
+@pytest.fixture(scope="module")
+def compiled():  # read, never changed, by the tests that draw it
     return fxcompress.compile(LeNet300100().eval(), [HalveFirst()], example_inputs=torch.randn(1, 784))
 
 
@@ -56,14 +56,17 @@ def test_bad_suffix(compiled, tmp_path):
 
 @pytest.fixture(scope="module")
 def lenet_chain():
-    """LeNet-300-100 with masks and k-means fake-quant: each layer has a weight chain of four nodes and a bias."""
-    return fxcompress.compile(LeNet300100().eval(), [InsertMasks(sparsity=0.9), InsertFakeQuant(bits=5, method="kmeans")],
-                              example_inputs=torch.randn(1, 784))
+    """LeNet-300-100 with masks and k-means fake-quant: each layer has a weight chain of four nodes and a bias.
+    On 64 inputs, not 784: the same nodes and labels, and k-means clusters a tenth of the weights."""
+    return fxcompress.compile(LeNet300100(in_features=64).eval(),
+                              [InsertMasks(sparsity=0.9), InsertFakeQuant(bits=5, method="kmeans")],
+                              example_inputs=torch.randn(1, 64))
 
 
 @pytest.fixture(scope="module")
 def resnet():
-    return fxcompress.compile(ResNetSmall().eval(), [InsertMasks(sparsity=0.5)], example_inputs=torch.randn(1, 3, 32, 32))
+    # 8x8 images: the same graph (the net pools adaptively) at a sixteenth of the forward passes' work
+    return fxcompress.compile(ResNetSmall().eval(), [InsertMasks(sparsity=0.5)], example_inputs=torch.randn(1, 3, 8, 8))
 
 
 def _all_boxes(plan):
@@ -136,9 +139,10 @@ def test_large_graphs_collapse_whole_modules(resnet):
         layout(resnet, max_nodes=0)
 
 
-def test_pdf_through_matplotlib(lenet_chain, tmp_path):
+def test_pdf_through_matplotlib(compiled, tmp_path):
+    # the small graph with one weight chain: PDF's text embedding made the four-chain LeNet cost 4x as much
     pytest.importorskip("matplotlib")
-    assert fxcompress.draw(lenet_chain, tmp_path / "g.pdf").read_bytes()[:5] == b"%PDF-"
+    assert fxcompress.draw(compiled, tmp_path / "g.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_a_bert_from_the_export_front_end_collapses_into_its_layers():
