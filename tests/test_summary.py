@@ -102,14 +102,23 @@ def test_summary_shows_history():
     assert "(no passes applied)" in str(fxcompress.summary(gm))
 
 
-@pytest.mark.parametrize("backend", ["reference", "native"])
-def test_integer_lowered_layers_are_rows_with_the_bytes_they_hold(backend):
-    from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
+@pytest.fixture(scope="module")
+def calibrated_lenet5():
+    """(model, 8-bit per-channel fake-quant with 7-bit activations, inputs): calibrated once, lowered by
+    each backend's test (compile copies it, so neither changes it)."""
+    from fxcompress.passes import ActivationConfig, InsertFakeQuant
     torch.manual_seed(0)
     model, x = LeNet5(1, 8).eval(), torch.rand(16, 1, 8, 8)
     fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
                                                     activations=ActivationConfig(bits=7))],
                             example_inputs=(x[:2],), calibration_data=[x])
+    return model, fq, x
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_integer_lowered_layers_are_rows_with_the_bytes_they_hold(backend, calibrated_lenet5):
+    from fxcompress.passes import LowerToInteger
+    model, fq, x = calibrated_lenet5
     gm = fxcompress.compile(fq, [LowerToInteger(backend=backend)], example_inputs=(x[:2],))
     rows = {row["layer"].partition(".")[0]: row for row in fxcompress.summary(gm).rows}
     assert set(rows) == {"conv1", "conv2", "fc1", "fc2"}
