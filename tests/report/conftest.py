@@ -1,13 +1,16 @@
-"""A small compressed LeNet-300-100 (8x8 inputs): fake-quant and encoded, and a sensitivity table."""
+"""A small compressed LeNet-300-100 (8x8 inputs): fake-quant and encoded, a sensitivity table, and its full
+report. Package-wide: the report's modules only read them, and a worker that runs more than one of them
+builds them once."""
 import pytest
 import torch
 
 import fxcompress
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+from fxcompress.report import write_report
 from fxcompress.zoo import LeNet300100
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def compressed():
     """(dense model, fake-quant gm, encoded gm, inputs): 80% pruned, 4-bit k-means."""
     torch.manual_seed(0)
@@ -19,8 +22,18 @@ def compressed():
     return dense, fake_quant, encoded, x
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def table(compressed):
     dense, _, _, x = compressed
     labels = dense(x).argmax(1)  # the dense model's own answers: its baseline is 1.0
     return fxcompress.sensitivity(dense, lambda m: (m(x).argmax(1) == labels).float().mean().item(), [0.5, 0.9])
+
+
+@pytest.fixture(scope="package")
+def report_page(compressed, table, tmp_path_factory):
+    """The encoded model's full report (weights before quantization from the fake-quant model, sensitivity
+    curves, MACs, facts), written once: the page tests read it and the browser test renders it."""
+    _, fake_quant, encoded, x = compressed
+    return write_report(encoded, tmp_path_factory.mktemp("report") / "r.html", reference=fake_quant,
+                        sensitivity=table, example_inputs=(x[:1],), facts={"accuracy": "0.9 -> 0.9"},
+                        title="LeNet <test>")

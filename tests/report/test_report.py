@@ -43,10 +43,9 @@ def test_a_reference_that_does_not_fit_is_refused(compressed):
         layer_weights(encoded, reference="fake_quant.fxc")
 
 
-def test_html_page_holds_tables_pictures_and_graph(compressed, table, tmp_path):
-    _, fake_quant, encoded, x = compressed
-    files = write_report(encoded, tmp_path / "r.html", reference=fake_quant, sensitivity=table,
-                         example_inputs=(x[:1],), facts={"accuracy": "0.9 -> 0.9"}, title="LeNet <test>")
+def test_html_page_holds_tables_pictures_and_graph(compressed, table, report_page):
+    _, _, encoded, x = compressed
+    files = report_page  # write_report(encoded, .../r.html, reference=fake_quant, sensitivity=table, ...)
     page = files.html.read_text()
     pictures = PNG.findall(page)
     assert files.pictures == len(pictures) == 1 + 3 + 1  # bars, a histogram per layer, the sensitivity curves
@@ -60,7 +59,7 @@ def test_html_page_holds_tables_pictures_and_graph(compressed, table, tmp_path):
     assert page.count('<g class="node">') >= len([n for n in encoded.graph.nodes if n.op != "get_attr"]) - 3
     assert not re.search(r'(src|href)="(https?:)?//|<link|@import|url\(http', page)  # nothing is fetched
     text = files.markdown.read_text()
-    assert files.markdown == tmp_path / "r.md" and summary.to_markdown() in text
+    assert files.markdown == files.html.with_name("r.md") and summary.to_markdown() in text
     assert table.to_markdown() in text and "LowerToEncoded" in text
 
 
