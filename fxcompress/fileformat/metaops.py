@@ -65,19 +65,21 @@ _MISSING = object()
 
 # ---- binary arithmetic and comparisons -------------------------------------------------------------
 
-def _binary(kind: str) -> Callable:
+def _binary(kind: str, tensor_first: bool = False) -> Callable:
     """add / sub / mul ("arith": torch's default promotion), true division ("div": integers and bools
-    promote to the default float dtype) and comparisons ("compare": bool), on tensors and Python numbers."""
+    promote to the default float dtype) and comparisons ("compare": bool), on tensors and Python numbers
+    (torch's functions take a number second only: `tensor_first`; Python's operators either way)."""
     def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
-        if kwargs or len(args) != 2 or not _operands(*args):
+        if kwargs or len(args) != 2 or not _operands(*args) or (tensor_first and not _meta_tensor(args[0])):
             return None
         dtype = torch.result_type(*args)
         if kind == "compare":
             dtype = torch.bool
         elif kind == "div" and not (dtype.is_floating_point or dtype.is_complex):
             dtype = torch.get_default_dtype()
-        elif kind == "sub" and dtype == torch.bool:
-            return None  # torch refuses `-` on bools, with its own message
+        elif kind == "sub" and any(a.dtype == torch.bool if isinstance(a, torch.Tensor) else type(a) is bool
+                                   for a in args):
+            return None  # torch refuses `-` with a bool operand, with its own message
         return _result([a for a in args if isinstance(a, torch.Tensor)], dtype)
     return rule
 
@@ -132,16 +134,17 @@ def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def _masked_fill(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """masked_fill(mask, value) of a floating-point tensor with a bool mask broadcast to it and a number."""
+    """masked_fill(mask, value) of a floating-point tensor with a bool mask and a number: the two broadcast
+    together (out of place, torch fills a contiguous copy of the input expanded to the mask's shape)."""
     bound = _bind(args, kwargs, ("input", "mask", "value"), ())
     if (bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS or not _meta_tensor(bound[1])
             or bound[1].dtype != torch.bool or type(bound[2]) not in (int, float)):
         return None
     try:
-        fits = torch.broadcast_shapes(bound[0].shape, bound[1].shape) == bound[0].shape
+        shape = torch.broadcast_shapes(bound[0].shape, bound[1].shape)
     except RuntimeError:
         return None
-    return _result([bound[0]], bound[0].dtype) if fits else None
+    return torch.empty(shape, dtype=bound[0].dtype, device="meta")
 
 
 # ---- linear with a bias -------------------------------------------------------------------------------
@@ -163,6 +166,7 @@ def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
 # ---- the tables -------------------------------------------------------------------------------------
 
 _ARITH, _DIV, _COMPARE, _SUB = _binary("arith"), _binary("div"), _binary("compare"), _binary("sub")
+_T_ARITH, _T_DIV, _T_COMPARE, _T_SUB = (_binary(kind, tensor_first=True) for kind in ("arith", "div", "compare", "sub"))
 _RELU = _unary(("inplace",), (False,))
 _HARDTANH = _unary(("min_val", "max_val", "inplace"), (-1.0, 1.0, False), _limits)
 _PLAIN = _unary()
@@ -171,9 +175,9 @@ _GELU = _unary(("approximate",), ("none",), _approximate)
 # call_function targets
 FUNCTIONS: dict[Any, Callable] = {
     operator.add: _ARITH, operator.mul: _ARITH, operator.sub: _SUB, operator.truediv: _DIV, operator.neg: _neg,
-    torch.add: _ARITH, torch.mul: _ARITH, torch.sub: _SUB, torch.div: _DIV, torch.neg: _neg,
-    **{op: _COMPARE for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-                               torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)},
+    torch.add: _T_ARITH, torch.mul: _T_ARITH, torch.sub: _T_SUB, torch.div: _T_DIV, torch.neg: _neg,
+    **{op: _COMPARE for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
+    **{op: _T_COMPARE for op in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)},
     F.relu: _RELU, torch.relu: _PLAIN, F.relu6: _unary(("inplace",), (False,)),
     F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU,
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
@@ -182,8 +186,8 @@ FUNCTIONS: dict[Any, Callable] = {
 }
 # call_method names (self is the first argument)
 METHODS: dict[str, Callable] = {
-    "add": _ARITH, "mul": _ARITH, "sub": _SUB, "div": _DIV, "neg": _neg,
-    **{name: _COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
+    "add": _T_ARITH, "mul": _T_ARITH, "sub": _T_SUB, "div": _T_DIV, "neg": _neg,
+    **{name: _T_COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
     "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
 }
 

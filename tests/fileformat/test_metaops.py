@@ -1,0 +1,194 @@
+"""The dry run's op tables (fileformat/metaops.py) against torch itself: for every entry, on small real CPU
+tensors of every dtype a file may record (bool, integers, float16, bfloat16, float32, float64), scalars,
+broadcasting and non-contiguous operands, the table's output has the shape, dtype and strides torch's own
+result has, in-place spellings give back their input, and every call torch refuses is left to torch (the
+rule declines it, so load refuses it with the FormatError and message it always gave)."""
+import copy
+import itertools
+import json
+import operator
+import struct
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.errors import FormatError
+from fxcompress.fileformat import metaops
+from fxcompress.fileformat.container import HEADER_BYTES, from_bytes, to_bytes
+
+DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
+          torch.float64)
+
+
+def _tensors(dtypes=DTYPES, shapes=((), (3,), (2, 1), (2, 3), (4,))):
+    """Small CPU tensors: every dtype at two shapes, float32 and int64 at every shape, and a transposed and a
+    channels-last operand of each of those two."""
+    def made(dtype, shape):
+        return (torch.arange(1, 1 + torch.Size(shape).numel()).reshape(shape) % 3).to(dtype)
+    every = [made(d, s) for d in dtypes for s in shapes[-2:]]
+    every += [made(d, s) for d in (torch.float32, torch.int64) for s in shapes[:-2]]
+    every += [made(d, (3, 2)).t() for d in (torch.float32, torch.int64)]
+    return every + [made(d, (2, 3, 2, 2)).to(memory_format=torch.channels_last) for d in (torch.float32, torch.int64)]
+
+
+def _meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+def _agrees(call, rule, args, kwargs=None):
+    """(torch accepts the call, the rule covers it). The rule may decline a call torch accepts, never cover
+    one torch refuses; when it covers one, its result agrees with torch's in shape, dtype and strides, and
+    in identity for in-place calls."""
+    kwargs = kwargs or {}
+    try:
+        expected = call(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        expected = None
+    meta_args = tuple(_meta(a) for a in args)
+    with torch.device("meta"):
+        got = rule(meta_args, {k: _meta(v) for k, v in kwargs.items()})
+    if expected is None or got is None:
+        assert got is None, f"the table accepts a call torch refuses: {args}, {kwargs}"
+        return expected is not None, False
+    assert (got.shape, got.dtype, got.stride()) == (expected.shape, expected.dtype, expected.stride()), (args, kwargs)
+    assert (got is meta_args[0]) == (expected is args[0]), "in place: the output is the input"
+    return True, True
+
+
+def _count(cases):
+    """(calls torch accepts, calls the rule covers) over (call, rule, args, kwargs) cases."""
+    results = [_agrees(*case) for case in cases]
+    return sum(a for a, _ in results), sum(c for _, c in results)
+
+
+def _method(name):
+    return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+
+
+BINARY = [operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub, torch.div,
+          operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+          torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge]
+BINARY_METHODS = ["add", "mul", "sub", "div", "eq", "ne", "lt", "le", "gt", "ge"]
+# activation -> keyword settings tried (torch refuses some: an unknown approximation, min above max)
+UNARY = {operator.neg: [{}], torch.neg: [{}], torch.relu: [{}], torch.sigmoid: [{}], F.sigmoid: [{}],
+         torch.tanh: [{}], F.tanh: [{}], F.relu: [{}, {"inplace": True}], F.relu6: [{}, {"inplace": True}],
+         F.silu: [{}, {"inplace": True}], F.gelu: [{}, {"approximate": "tanh"}, {"approximate": "exact"}],
+         F.hardtanh: [{}, {"min_val": -2, "max_val": 0.5}, {"min_val": 1.0, "max_val": 0.0}, {"inplace": True}],
+         torch.clamp: [{"min": 0}, {"max": 0.5}, {"min": -1.0, "max": 1}, {}],
+         torch.clip: [{"min": 0}, {"min": 2, "max": 1}]}
+UNARY_METHODS = {"neg": [{}], "relu": [{}], "sigmoid": [{}], "tanh": [{}], "clamp": [{"min": 0.0}, {}],
+                 "clip": [{"max": 1}]}
+OTHERS = [torch.where, torch.masked_fill, F.linear]  # their own cases below
+
+
+def test_every_table_entry_is_checked_here():
+    assert set(metaops.FUNCTIONS) == set(BINARY) | set(UNARY) | set(OTHERS)
+    assert set(metaops.METHODS) == set(BINARY_METHODS) | set(UNARY_METHODS) | {"masked_fill"}
+
+
+def test_binary_ops_promote_and_broadcast_as_torch_does():
+    """Every call torch accepts is covered: tensors of every dtype, scalars, broadcasting, odd layouts (torch's
+    other spellings share those rules and are tried on fewer operands, a tensor first)."""
+    operands = _tensors() + [True, 2, -1.5]  # 31 operands: every dtype, scalars, broadcasting, layouts
+    pairs = [p for p in itertools.product(operands, repeat=2) if any(isinstance(v, torch.Tensor) for v in p)]
+    tensor_first = list(itertools.product(_tensors()[::3], _tensors()[1::3] + [True, 2, -1.5]))
+    full = {operator.add, operator.sub, operator.truediv, operator.lt}  # one spelling of each rule: every pair
+    cases = [(target, metaops.FUNCTIONS[target], pairs if target in full else tensor_first) for target in BINARY]
+    cases += [(_method(name), metaops.METHODS[name], tensor_first) for name in BINARY_METHODS]
+    for call, rule, tried in cases:
+        accepted, covered = _count((call, rule, pair) for pair in tried)
+        assert covered == accepted > len(tried) / 3, (call, covered, accepted)
+    assert metaops.FUNCTIONS[operator.mul]((3, 4), {}) is None  # sizes multiplied: plain Python runs it
+    assert metaops.FUNCTIONS[torch.add]((2, torch.empty(3, device="meta")), {}) is None  # left to torch
+
+
+def test_activations_cover_float_tensors_and_leave_the_rest_to_torch():
+    operands = _tensors()
+    floats = [t for t in operands if t.dtype.is_floating_point]
+    for targets, rules, call in ((UNARY, metaops.FUNCTIONS, lambda t: t), (UNARY_METHODS, metaops.METHODS, _method)):
+        for target, settings in targets.items():
+            for kwargs in settings:
+                accepted, covered = _count((call(target), rules[target], (t.clone(),), kwargs) for t in floats)
+                assert covered == accepted, (target, kwargs)
+                _count((call(target), rules[target], (t.clone(),), kwargs) for t in operands
+                       if not t.dtype.is_floating_point)  # declined or refused, never wrong
+    refused = [(F.gelu, {"approximate": "exact"}), (F.hardtanh, {"min_val": 1.0, "max_val": 0.0}), (torch.clamp, {})]
+    for target, kwargs in refused:  # torch refuses these: the rule declines them
+        assert _agrees(target, metaops.FUNCTIONS[target], (floats[0],), kwargs) == (False, False)
+    assert _count((F.relu, metaops.FUNCTIONS[F.relu], (t.clone(),), {}) for t in floats) == (len(floats),) * 2
+
+
+def test_where_masked_fill_and_a_biased_linear_agree_with_torch():
+    operands = _tensors(shapes=((), (3,), (2, 1), (4,)))
+    conditions = [t for t in operands if t.dtype == torch.bool] + [operands[-1]]
+    cases = [(torch.where, metaops.FUNCTIONS[torch.where], abc)
+             for abc in itertools.product(conditions, operands[::3] + [0.5, 2], operands[1::3] + [True])
+             if any(isinstance(v, torch.Tensor) for v in abc[1:])]
+    accepted, covered = _count(cases)
+    assert covered == accepted > len(cases) / 3, (covered, accepted, len(cases))
+    for x, mask, value in itertools.product(operands, conditions, (0.0, -1, float("-inf"))):
+        _agrees(torch.masked_fill, metaops.FUNCTIONS[torch.masked_fill], (x, mask, value))
+        _agrees(_method("masked_fill"), metaops.METHODS["masked_fill"], (x, mask, value))
+    floats = [t for t in operands if t.dtype.is_floating_point]
+    masks = [(torch.masked_fill, metaops.FUNCTIONS[torch.masked_fill], (x, m, -1)) for x in floats for m in conditions]
+    accepted, covered = _count(masks)
+    assert covered == accepted > len(masks) / 3
+    for dtype, x_shape, w_shape, b_shape in itertools.product(
+            (torch.float32, torch.float64, torch.bfloat16, torch.int64), ((5,), (2, 5), (3, 2, 5), (2, 4)),
+            ((3, 5), (3, 4)), ((3,), (1,), (2,), ())):
+        x, w, b = torch.rand(x_shape).to(dtype), torch.rand(w_shape).to(dtype), torch.rand(b_shape).to(dtype)
+        covered = _agrees(F.linear, metaops.FUNCTIONS[F.linear], (x, w, b))[1]
+        assert covered == (dtype.is_floating_point and x_shape[-1] == w_shape[1] and b_shape == (3,))
+    x, w = torch.rand(2, 5), torch.rand(3, 5)
+    assert _agrees(F.linear, metaops.FUNCTIONS[F.linear], (x, w, torch.rand(3, dtype=torch.float64))) == (False, False)
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(-2.0, 3.0), nn.SiLU(),
+                                    nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Linear(3, 4)])
+def test_each_torch_module_in_the_table_agrees_with_its_forward(module):
+    for x in _tensors(shapes=((3,), (2, 3))):
+        own = copy.deepcopy(module).to(x.dtype) if x.dtype.is_floating_point else module
+        state = {k: _meta(v) for k, v in own.state_dict().items()}
+        rule = metaops.MODULES[type(module)]
+        result = _agrees(own, lambda args, kwargs: rule(own, state, *args, **kwargs), (x.clone(),))
+        if x.dtype.is_floating_point and (x.shape[-1] == 3 or not isinstance(module, nn.Linear)):
+            assert result == (True, True), (module, x.dtype, x.shape)
+
+
+class _Binary(nn.Module):
+    def forward(self, x, y):
+        return F.relu(x - y) * 2
+
+
+def _with_inputs(data, inputs):
+    """The file with other recorded inputs (manifest checksum and header made consistent again)."""
+    length = struct.unpack_from("<I", data, 10)[0]
+    manifest = json.loads(zlib.decompress(data[HEADER_BYTES:HEADER_BYTES + length]))
+    manifest["inputs"] = inputs
+    packed = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+    header = bytearray(data[:HEADER_BYTES])
+    struct.pack_into("<II", header, 10, len(packed), zlib.crc32(packed))
+    struct.pack_into("<I", header, 18, zlib.crc32(bytes(header[:18])))
+    return bytes(header) + packed + data[HEADER_BYTES + length:]
+
+
+@pytest.mark.parametrize("x, y, message", [
+    ([2, 3], [4], "Attempting to broadcast a dimension of length 4 at -1! Mismatching argument at index 1 had "
+                  "torch.Size([4]); but expected shape should be broadcastable to [2, 3]"),
+    ([2, 3], [5, 3], "Attempting to broadcast a dimension of length 5 at -2!")])
+def test_shapes_that_do_not_broadcast_are_refused_at_load_with_torchs_message(x, y, message):
+    data = to_bytes(fxcompress.compile(_Binary(), [], example_inputs=(torch.rand(2, 3), torch.rand(3))))
+    assert torch.equal(from_bytes(data)(torch.ones(2, 3), torch.ones(3)), torch.zeros(2, 3))
+    bad = _with_inputs(data, [{"shape": x, "dtype": "float32"}, {"shape": y, "dtype": "float32"}])
+    with pytest.raises(FormatError, match="graph node 'sub' .*fails on the recorded input shapes") as info:
+        from_bytes(bad)
+    assert "RuntimeError: " + message in str(info.value)  # torch's own meta message, as before the table
+    bools = _with_inputs(data, [{"shape": [2, 3], "dtype": "bool"}, {"shape": [3], "dtype": "bool"}])
+    with pytest.raises(FormatError, match="graph node 'sub' .*Subtraction, the `-` operator, with two bool"):
+        from_bytes(bools)
