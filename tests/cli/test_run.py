@@ -3,6 +3,7 @@ resumes: finished steps are loaded, not recomputed, and the result equals an uni
 import json
 import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import fxcompress
 from fxcompress.cli import run as run_module
 from fxcompress.cli.run import run_recipe
 from fxcompress.layers import find_layers, effective_weight
+from fxcompress.report import ReportFiles
 from fxcompress.sensitivity import SensitivityTable
 from fxcompress.training import OptimizerConfig
 
@@ -52,6 +54,24 @@ def _recipe(folder, text, name):
     return path
 
 
+def _record_reports(patch, calls):
+    """Runs whose report no test reads record where they would write it instead of drawing it (its
+    pictures cost a run about 1.5 s of CPU). The report a run draws is read by
+    test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends (the encoded model's, with the
+    fake-quant step as reference) and test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model (with
+    the curves); the tests that record it check that the run reached it."""
+    patch.setattr(run_module, "write_report", lambda gm, path, **options: calls.append(Path(path))
+                  or ReportFiles(Path(path), None, 0))
+
+
+@pytest.fixture
+def reports(monkeypatch):
+    """The report paths this test's runs asked for, recorded, not drawn (see _record_reports)."""
+    calls = []
+    _record_reports(monkeypatch, calls)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     """An uninterrupted run of the whole recipe (masks, fake-quant, encoding), once for the module; the
@@ -71,12 +91,16 @@ def short(tmp_path_factory):
     """A run of the recipe's first two steps only (a run stopped before the encoding); (result, its folder).
     Tests resume from copies of its folder."""
     folder = tmp_path_factory.mktemp("short")
-    return run_recipe(_recipe(folder, SGD, "short.yaml"), folder / "out", quick=True, log=lambda line: None), \
-        folder / "out"
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        _record_reports(patch, calls)
+        result = run_recipe(_recipe(folder, SGD, "short.yaml"), folder / "out", quick=True, log=lambda line: None)
+    assert calls == [folder / "out" / "report.html"]
+    return result, folder / "out"
 
 
 def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_recipe, tmp_path, monkeypatch, fresh,
-                                                                      short):
+                                                                      short, reports):
     fresh, fresh_out, optimizers = fresh
     assert optimizers == [OptimizerConfig(), OptimizerConfig(optimizer="sgd", momentum=0.9, nesterov=True,
                                                              weight_decay=1e-4, schedule="cosine")]
@@ -91,7 +115,7 @@ def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_reci
     resumed = run_recipe(write_recipe(SGD + ENCODE, "full.yaml"), tmp_path / "resumed", quick=True, log=lines.append)
     assert calls == []  # neither the dense training nor the masks' fine-tuning ran again
     assert sum("done before" in line for line in lines) == 3  # dense, masks, fake-quant loaded
-    assert resumed["accuracies"] == fresh["accuracies"]
+    assert resumed["accuracies"] == fresh["accuracies"] and reports == [tmp_path / "resumed" / "report.html"]
     x = torch.rand(5, 1, 8, 8)
     assert torch.equal(_outputs(tmp_path / "resumed" / "model.fxc", x), _outputs(fresh_out / "model.fxc", x))
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
@@ -101,7 +125,7 @@ def test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends(write_reci
     assert "pass a reference model" not in page  # the weights before quantization: from the fake-quant step
 
 
-def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, short):
+def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, short, reports):
     shutil.copytree(short[1], tmp_path / "out")  # a finished run of SGD
     lines = []
     run_recipe(write_recipe(SGD.replace("bits: 4", "bits: 3"), "changed.yaml"), tmp_path / "out", quick=True,
@@ -110,9 +134,10 @@ def test_a_changed_step_reruns_from_that_step(write_recipe, tmp_path, short):
     assert "done before" in lines[2] and "done before" not in lines[3]
     gm = fxcompress.load(tmp_path / "out" / "model.fxc")
     assert all(torch.unique(effective_weight(gm, layer)).numel() <= 2 ** 3 for layer in find_layers(gm))
+    assert reports == [tmp_path / "out" / "report.html"]
 
 
-def test_gradual_pruning_and_distillation_during_fine_tuning(write_recipe, tmp_path):
+def test_gradual_pruning_and_distillation_during_fine_tuning(write_recipe, tmp_path, reports):
     recipe = MASKS_ONLY.replace("config: {sparsity: 0.7, scope: global}",
                                 "config: {sparsity: 0.7, scope: global, schedule: {end: 6, every: 2}}")
     recipe = recipe.replace("finetune: {epochs: 1, lr: 5e-4}",
@@ -123,9 +148,10 @@ def test_gradual_pruning_and_distillation_during_fine_tuning(write_recipe, tmp_p
     weights = torch.cat([effective_weight(masked, layer).flatten() for layer in find_layers(masked)])
     assert (weights == 0).float().mean().item() == pytest.approx(0.7, abs=0.01)  # AGP reached its target
     assert not any("schedule ends" in line for line in lines)  # 8 optimizer steps ran past end=6
+    assert reports == [tmp_path / "out" / "report.html"]
 
 
-def test_a_schedule_longer_than_the_fine_tuning_still_ends_at_its_target(write_recipe, tmp_path):
+def test_a_schedule_longer_than_the_fine_tuning_still_ends_at_its_target(write_recipe, tmp_path, reports):
     recipe = MASKS_ONLY.replace("config: {sparsity: 0.7, scope: global}",
                                 "config: {sparsity: 0.7, scope: global, schedule: {end: 1000, every: 10}}")
     lines = []
@@ -134,6 +160,7 @@ def test_a_schedule_longer_than_the_fine_tuning_still_ends_at_its_target(write_r
     masked = fxcompress.load(tmp_path / "out" / "step-01.fxc")
     weights = torch.cat([effective_weight(masked, layer).flatten() for layer in find_layers(masked)])
     assert (weights == 0).float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert reports == [tmp_path / "out" / "report.html"]
 
 
 def test_a_pass_that_cannot_run_fails_before_any_training(write_recipe, tmp_path, monkeypatch):
@@ -188,8 +215,10 @@ def test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model(write_recipe,
     assert "Pruning sensitivity" in page and f"baseline {table.baseline:.4f}" in page
     monkeypatch.setattr(run_module, "sensitivity", lambda *a, **k: pytest.fail("swept again"))
     lines.clear()
+    calls = []  # the rerun's report: the same page as the first run's, read above
+    _record_reports(monkeypatch, calls)
     run_recipe(recipe, tmp_path / "out", quick=True, log=lines.append)
-    assert "sensitivity: done before, loaded sensitivity.json" in lines
+    assert "sensitivity: done before, loaded sensitivity.json" in lines and calls == [tmp_path / "out" / "report.html"]
 
 
 def test_check_validates_and_compiles_every_step_without_training(cli, write_recipe, tmp_path, monkeypatch):
