@@ -8,8 +8,6 @@ steps' rows are already the symbols in their original order.
 """
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
 from .bits import MAX_CODE_BITS, write_codes
@@ -46,22 +44,32 @@ def code_lengths(counts: np.ndarray, limit: int = MAX_CODE_BITS) -> np.ndarray:
 
 
 def _tree_depths(weights: np.ndarray) -> np.ndarray:
-    """Leaf depths of the Huffman tree; merged nodes get increasing ids, so parents follow children."""
-    count = len(weights)
-    heap = [(int(w), i) for i, w in enumerate(weights)]
-    heapq.heapify(heap)
-    parent = np.zeros(2 * count - 1, dtype=np.int64)
-    node = count
-    while len(heap) > 1:
-        w1, a = heapq.heappop(heap)
-        w2, b = heapq.heappop(heap)
-        parent[a] = parent[b] = node
-        heapq.heappush(heap, (w1 + w2, node))
-        node += 1
-    depth = np.zeros(2 * count - 1, dtype=np.int64)
+    """Leaf depths of the Huffman tree that merges the two lightest nodes, ties to the lower id (leaves
+    are ids 0..n-1, merged nodes get increasing ids). Two queues instead of a heap (van Leeuwen): the
+    leaves sorted by (weight, id) and the merged nodes, made with nondecreasing weights and increasing
+    ids, so the lighter front, a leaf on a tie, is the (weight, id) minimum a heap would pop: the same
+    tree, in plain Python lists (numpy's per-element indexing cost more than the merging)."""
+    weight = [int(w) for w in weights]
+    count = len(weight)
+    leaves = sorted(range(count), key=weight.__getitem__)  # stable: ties in id order
+    weight += [0] * max(count - 1, 0)
+    parent = [0] * max(2 * count - 1, 0)
+    leaf, merged = 0, count  # the front of each queue; merged nodes are ids merged..node-1
+    for node in range(count, 2 * count - 1):
+        pair = []
+        for _ in range(2):
+            if leaf < count and (merged == node or weight[leaves[leaf]] <= weight[merged]):
+                pair.append(leaves[leaf])
+                leaf += 1
+            else:
+                pair.append(merged)
+                merged += 1
+        parent[pair[0]] = parent[pair[1]] = node
+        weight[node] = weight[pair[0]] + weight[pair[1]]
+    depth = [0] * len(parent)
     for child in range(2 * count - 3, -1, -1):  # from the root down
         depth[child] = depth[parent[child]] + 1
-    return depth[:count]
+    return np.array(depth[:count], dtype=np.int64)
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:

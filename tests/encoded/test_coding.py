@@ -1,4 +1,6 @@
 """Every coder round-trips exactly; sizes are near the entropy; degenerate streams work."""
+import heapq
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -107,3 +109,26 @@ def test_rans_frequencies_sum_to_the_scale_and_keep_rare_symbols():
 
 def test_width_for():
     assert [width_for(a) for a in (1, 2, 3, 4, 5, 256, 257)] == [0, 1, 2, 2, 3, 8, 9]
+
+
+def _heap_depths(weights):
+    """The Huffman tree as a heap of (weight, id) merges it, lightest first, ties to the lower id."""
+    heap = [(int(w), i) for i, w in enumerate(weights)]
+    heapq.heapify(heap)
+    parent, node = {}, len(heap)
+    while len(heap) > 1:
+        (w1, a), (w2, b) = heapq.heappop(heap), heapq.heappop(heap)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (w1 + w2, node))
+        node += 1
+    depth = {node - 1: 0}
+    for child in range(node - 2, -1, -1):
+        depth[child] = depth[parent[child]] + 1
+    return [depth[i] for i in range(len(weights))]
+
+
+@given(weights=st.lists(st.integers(1, 6), min_size=2, max_size=60) | st.lists(st.integers(1, 10**9), min_size=2,
+                                                                                 max_size=300))
+def test_two_queue_huffman_tree_is_the_heap_tree(weights):
+    """The same leaf depths as the heap merge, ties included (small weights make many ties)."""
+    assert huffman._tree_depths(np.array(weights)).tolist() == _heap_depths(weights)
