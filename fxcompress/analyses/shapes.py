@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_aggregate
@@ -74,11 +75,16 @@ class _ShapeProp(ShapeProp):
     of its cost per node: torch describes each tensor's memory format through the symbolic-shape
     checks of `torch._prims_common` (guards imported and built per call, about half of the
     propagation's own time on a small model); on concrete sizes those checks are the plain stride
-    comparisons of `_memory_format` below. Fake-tensor runs keep torch's own ShapeProp."""
+    comparisons of `_memory_format` below. Fake-tensor runs keep torch's own ShapeProp.
+    benchmarks/bench_compile_overhead.py measures it against torch's."""
 
     def run_node(self, n: Node) -> Any:
         try:
-            result = Interpreter.run_node(self, n)
+            if fx_traceback.should_preserve_node_meta:  # torch's own step, which publishes the node it runs
+                result = Interpreter.run_node(self, n)
+            else:  # the same step less its two context managers, which do nothing then
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as e:  # torch's ShapeProp error, so callers see the same exception
             raise RuntimeError(f"ShapeProp error for: node={n.format_node()} with meta={n.meta}") from e
         found = False

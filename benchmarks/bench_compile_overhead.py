@@ -1,0 +1,95 @@
+"""compile()'s own steps against what they replaced, one thread, interleaved, medians of CPU seconds.
+
+1. The shape step (`propagate_shapes`) against torch.fx's ShapeProp on each zoo model (the same
+   `tensor_meta`; tests/test_analysis.py checks it field by field), with the model's own forward as
+   the floor either must pay.
+2. The lowest-n selection of a layer (`LowestN.find`) with few scores (kthvalue on the kept keys)
+   against the two streamed histograms it takes for many (forced here by setting the limit to 0):
+   the same threshold key and ties owed, checked on every round.
+
+    python benchmarks/bench_compile_overhead.py [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxcompress.analyses.shapes import propagate_shapes
+from fxcompress.execution import evaluating
+from fxcompress.pruning import selection
+from fxcompress.pruning.selection import LowestN
+from fxcompress.tracing import trace
+from fxcompress.zoo import ZOO
+
+
+def cpu(fn) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def shape_rows(repeats: int) -> list[str]:
+    rows = []
+    for name in sorted(ZOO):
+        make_model, make_input = ZOO[name]
+        gm, x = trace(make_model().eval()), (make_input(),)
+
+        def torch_shapes():
+            with evaluating(gm):
+                ShapeProp(gm).propagate(*x)
+
+        def forward():
+            with evaluating(gm):
+                gm(*x)
+        steps = {"torch": torch_shapes, "ours": lambda: propagate_shapes(gm, x), "forward": forward}
+        times = {k: [] for k in steps}
+        for _ in range(repeats):
+            for k, fn in steps.items():
+                times[k].append(cpu(fn))
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        over = (med["ours"] - med["forward"]) / max(med["torch"] - med["forward"], 1e-9)
+        rows.append(f"| {name} | {len(gm.graph.nodes)} | {med['torch']:.2f} | {med['ours']:.2f} | "
+                    f"{med['forward']:.2f} | {med['ours'] / med['torch']:.2f} | {over:.2f} |")
+    return rows
+
+
+def selection_rows(repeats: int) -> list[str]:
+    rows = []
+    for shape in ((10, 84), (120, 400), (300, 784), (256, 256)):
+        scores = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        n = round(0.7 * scores.numel())
+        batches = lambda: [("fc", scores)]  # noqa: E731
+        small = selection._SMALL
+        times = {"streamed": [], "ranked": []}
+        for _ in range(repeats):
+            selection._SMALL = 0
+            found = {}
+            times["streamed"].append(cpu(lambda: found.update(streamed=LowestN.find(batches, n))))
+            selection._SMALL = small
+            times["ranked"].append(cpu(lambda: found.update(ranked=LowestN.find(batches, n))))
+            assert vars(found["streamed"]) == vars(found["ranked"]), shape
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        rows.append(f"| {shape[0]}x{shape[1]} | {med['streamed']:.3f} | {med['ranked']:.3f} | "
+                    f"{med['ranked'] / med['streamed']:.3f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| model | nodes | ShapeProp ms | ours ms | forward ms | ratio | overhead ratio |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(shape_rows(args.repeats)))
+    print("\n| scores | histograms ms | kthvalue ms | ratio |")
+    print("|---|---|---|---|")
+    print("\n".join(selection_rows(args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
