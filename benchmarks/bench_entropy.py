@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--skip-coders", action="store_true", help="only the throughput and file tables")
     parser.add_argument("--rans-decoders", action="store_true",
                         help="only rANS decoding in C against the numpy loop (no optional coders needed)")
+    parser.add_argument("--rans-encoders", action="store_true",
+                        help="only rANS encoding in C against the numpy loop (no optional coders needed)")
     parser.add_argument("--lm", nargs="*", default=None, metavar="ARM",
                         help="only the group-wise grid table on bench_llm's checkpoint (default arms if none named)")
     parser.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent / ".cache" / "llama-bytes")
@@ -316,9 +318,12 @@ def main() -> None:
         return lm_groups(args.checkpoint, args.lm or LM_ARMS, 32)
     if args.rans_decoders:
         return rans_decoders(args)
+    if args.rans_encoders:
+        return rans_encoders(args)
     if not args.skip_coders:
         coders(args)
         rans_decoders(args)
+        rans_encoders(args)
     if args.layers:
         throughput(*map(int, args.layers.split("x")))
     if args.load:
@@ -361,6 +366,33 @@ def rans_decoders(args) -> None:
             rans._c_decoder = c_decoder
             print(f"| {name} | {count:,} | {rans.lanes_for(count)} | {count / times['numpy'] / 1e6:.1f} | "
                   f"{count / times['c'] / 1e6:.1f} | {times['numpy'] / times['c']:.1f}x |")
+
+
+def rans_encoders(args) -> None:
+    """rANS encoding in C (csrc/rans_encode.c) against the numpy loop, on the same streams as the decoders:
+    the two run interleaved (the order alternating per repeat), medians of CPU time, identical words
+    and states required."""
+    from fxcompress.encoded import rans
+    c_encoder = rans._c_encoder
+    print("\n| rANS stream | symbols | lanes | numpy loop Msym/s | C Msym/s | C / numpy |\n|---|---:|---:|---:|---:|---:|")
+    for name, (symbols, alphabet) in streams(args.symbols).items():
+        for count in (431_080, len(symbols)):
+            part = symbols[:count]
+            freq = rans.quantize_counts(np.bincount(part, minlength=alphabet), rans.scale_bits_for(alphabet))
+            job = (part, freq, rans.lanes_for(count))
+            times, outs = {"numpy": [], "c": []}, {}
+            for repeat in range(args.repeats):
+                order = [("numpy", lambda: None), ("c", c_encoder)]
+                for label, encoder in order[::-1] if repeat % 2 else order:
+                    rans._c_encoder = encoder
+                    start = time.process_time()
+                    outs[label] = rans.encode_many([job])[0]
+                    times[label].append(time.process_time() - start)
+            rans._c_encoder = c_encoder
+            assert all(np.array_equal(a, b) for a, b in zip(outs["numpy"], outs["c"]))
+            numpy_t, c_t = statistics.median(times["numpy"]), statistics.median(times["c"])
+            print(f"| {name} | {count:,} | {job[2]} | {count / numpy_t / 1e6:.1f} | {count / c_t / 1e6:.1f} | "
+                  f"{numpy_t / c_t:.1f}x |")
 
 
 if __name__ == "__main__":
