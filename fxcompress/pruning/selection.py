@@ -34,8 +34,9 @@ _HALF = 1 << 15
 _LOW = _BINS - 1
 _INF = 0x7F800000  # the bit pattern of +inf; larger magnitudes are NaN
 _CHUNK = 1 << 20  # scores turned into keys at a time: the keys' buffers stay a few MB whatever the layer
-# up to this many scores in all, their keys are kept and ranked at once: 256 KB, less than the histograms
-# themselves, and one kthvalue instead of two 65,536-bin counts (about 9 ms a call, however small the layer)
+# up to this many scores in all, their keys are kept and ranked at once: 256 KB of keys, and with
+# kthvalue's working copy and int64 indices about the 1 MB the two 65,536-bin histograms take themselves;
+# one kthvalue instead of two counts and their running sums (about 9 ms a call, however small the layer)
 _SMALL = 1 << 16
 
 
