@@ -163,6 +163,70 @@ def _linear(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return F.linear(x, weight)
 
 
+# ---- normalization, reduction, attention -------------------------------------------------------------
+
+def _same_float(*tensors: Any) -> bool:
+    """Each a strided meta tensor of one floating-point dtype (None entries are absent optional tensors)."""
+    present = [t for t in tensors if t is not None]
+    return all(_meta_tensor(t) for t in present) and present[0].dtype in FLOATS and \
+        len({t.dtype for t in present}) == 1
+
+
+def _layer_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """F.layer_norm: the input's shape and dtype (contiguous), the trailing sizes equal to normalized_shape
+    and the affine tensors of exactly that shape and the input's dtype."""
+    bound = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5))
+    if bound is None or not _same_float(bound[0], bound[2], bound[3]) or type(bound[4]) not in (int, float):
+        return None
+    x, shape = bound[0], bound[1]
+    if not isinstance(shape, (list, tuple)) or not shape or not all(type(d) is int for d in shape):
+        return None
+    if tuple(x.shape[x.dim() - len(shape):]) != tuple(shape) or len(shape) > x.dim() or \
+            any(t is not None and tuple(t.shape) != tuple(shape) for t in bound[2:4]):
+        return None
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
+def _mean(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """mean over distinct dims (or all) of a floating-point tensor, keepdim as given; contiguous."""
+    bound = _bind(args, kwargs, ("input", "dim", "keepdim"), (None, False))
+    if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS or type(bound[2]) is not bool:
+        return None
+    x, dim, keepdim = bound
+    dims = (dim,) if type(dim) is int else () if dim is None else dim  # none or an empty list: every dim
+    rank = max(x.dim(), 1)
+    if not isinstance(dims, (list, tuple)) or not all(type(d) is int and -rank <= d < rank
+                                                                      for d in dims):
+        return None
+    picked = {d % rank for d in dims} if dims else set(range(rank))
+    if len(picked) != len(dims) and dims or x.dim() == 0:
+        return None  # a repeated dim (torch refuses it) or a 0-d input
+    shape = [1 if i in picked else n for i, n in enumerate(x.shape) if keepdim or i not in picked]
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
+def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """scaled_dot_product_attention on 4-d (batch, heads, length, features) tensors of one float dtype, with
+    no mask, a bool mask or one of their dtype broadcast to (length, source length); no dropout, no groups."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = _bind(args, kwargs, names, (None, 0.0, False, None, False))
+    if bound is None or not _same_float(*bound[:3]) or bound[4] != 0.0 or type(bound[5]) is not bool:
+        return None
+    q, k, v, mask, _, causal, scale, gqa = bound
+    if (gqa is not False or not (scale is None or type(scale) is float) or not q.dim() == k.dim() == v.dim() == 4
+            or not q.shape[:2] == k.shape[:2] == v.shape[:2] or q.shape[3] != k.shape[3] or k.shape[2] != v.shape[2]):
+        return None
+    if mask is not None:
+        if causal or not _meta_tensor(mask) or mask.dtype not in (torch.bool, q.dtype):
+            return None
+        try:
+            if torch.broadcast_shapes(mask.shape, (*q.shape[:3], k.shape[2])) != (*q.shape[:3], k.shape[2]):
+                return None
+        except RuntimeError:
+            return None
+    return torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device="meta")
+
+
 # ---- the tables -------------------------------------------------------------------------------------
 
 _ARITH, _DIV, _COMPARE, _SUB = _binary("arith"), _binary("div"), _binary("compare"), _binary("sub")
@@ -182,13 +246,15 @@ FUNCTIONS: dict[Any, Callable] = {
     F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU,
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
     torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
-    F.linear: _linear,
+    F.linear: _linear, F.layer_norm: _layer_norm, torch.mean: _mean,
+    F.scaled_dot_product_attention: _attention,
 }
 # call_method names (self is the first argument)
 METHODS: dict[str, Callable] = {
     "add": _T_ARITH, "mul": _T_ARITH, "sub": _T_SUB, "div": _T_DIV, "neg": _neg,
     **{name: _T_COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
     "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
+    "mean": _mean,
 }
 
 
