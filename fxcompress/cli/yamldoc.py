@@ -64,16 +64,18 @@ def read(path: str | Path) -> Document:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the recipe ({exc})") from None
-    loader = _loader()
-    try:
-        tree = yaml.compose(text, Loader=loader)
-        data = yaml.load(text, Loader=loader)
+    loader = _loader()(text)
+    try:  # parsed once: the node tree gives the lines, and is then built into data as yaml.load builds it
+        tree = loader.get_single_node()
+        data = None if tree is None else loader.construct_document(tree)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path.name}:{mark.line + 1}" if mark is not None else path.name
         context = getattr(exc, "context_mark", None)  # where the unfinished list or mapping began
         began = f"; {exc.context} at line {context.line + 1}" if context is not None and exc.context else ""
         raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}{began})") from None
+    finally:
+        loader.dispose()
     lines: dict[Path_, int] = {}
     if tree is not None:
         _walk(tree, (), lines, path.name)
