@@ -208,11 +208,30 @@ fxcompress.save(fxcompress.compile(model, passes, example_inputs=(x,)), PATH)
 """
 
 
+# The other process then loads its own file (encoded), a masked LeNet-5 (mul, conv, pooling, linear, relu) and
+# a transformer from the export front end (layer norm, attention, gelu, mean): load's dry run computes their
+# common ops from tables, so a fresh process never imports torch._dynamo (about 2 s) to load a file.
+_FRESH_LOAD_SCRIPT = """
+import sys
+for path in (PATH, LENET5, TRANSFORMER):
+    fxcompress.load(path)
+assert "torch._dynamo" not in sys.modules, "loading a file imported torch._dynamo"
+"""
+
+
 def test_saving_is_byte_identical_across_processes(tmp_path):
-    """The same model, seed and passes saved by another process and by this one: the same bytes."""
+    """The same model, seed and passes saved by another process and by this one: the same bytes; that process
+    then loads files without importing torch._dynamo."""
     import subprocess
     import sys
+    from fxcompress.passes import InsertMasks
+    for name, passes, frontend in (("lenet5", [InsertMasks(sparsity=0.5)], "auto"), ("transformer", [], "export")):
+        make_model, make_input = ZOO[name]
+        x = make_input()
+        fxcompress.save(fxcompress.compile(make_model().eval(), passes, (x,), frontend=frontend), tmp_path / name)
     script = {name: _DETERMINISM_SCRIPT.replace("PATH", repr(str(tmp_path / name))) for name in ("here", "other")}
+    script["other"] += _FRESH_LOAD_SCRIPT.replace("PATH", repr(str(tmp_path / "other"))).replace(
+        "LENET5", repr(str(tmp_path / "lenet5"))).replace("TRANSFORMER", repr(str(tmp_path / "transformer")))
     other = subprocess.Popen([sys.executable, "-c", script["other"]])
     exec(script["here"], {})  # meanwhile the same steps in this process
     assert other.wait(timeout=300) == 0
