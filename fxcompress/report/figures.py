@@ -1,12 +1,14 @@
 """The report's pictures as inline PNG data (base64), drawn with matplotlib, an optional extra.
 
 `available()` says whether matplotlib can be imported; without it the report keeps its tables and
-the graph (which draw.py writes as SVG itself). Every figure is closed after it is encoded.
+the graph (which draw.py writes as SVG itself). Every figure is closed after it is encoded, but the
+histograms' own (one per thread, outside pyplot), which each histogram empties and draws again.
 """
 from __future__ import annotations
 
 import base64
 import io
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +18,7 @@ from .collect import LayerWeights
 
 BLUE, ORANGE, RED, GREY = "#4c78a8", "#f58518", "#d62728", "#9d9d9d"
 MAX_LINES = 64  # more centroids or levels than this are marked by ticks along the axis, not lines
+_SPARE = threading.local()  # each thread's histogram figure, kept for the next layer's histogram
 
 
 def _pyplot():
@@ -33,10 +36,12 @@ def available() -> bool:
     return _pyplot() is not None
 
 
-def _pin_titles(fig) -> None:
+def _pin_titles(fig) -> bool:
     """Put each title where matplotlib's placement would: at the top of its axes, unless the y axis shows
     an offset text ("1e6") there, which the title must clear. matplotlib finds this out on every draw by
-    measuring every tick label (a fifth of a picture's time); the offset is known without drawing."""
+    measuring every tick label (a fifth of a picture's time); the offset is known without drawing.
+    True when every title was pinned."""
+    pinned = True
     for ax in fig.axes:
         if not ax.get_title():
             continue
@@ -44,15 +49,43 @@ def _pin_titles(fig) -> None:
         formatter.set_locs(ax.yaxis.get_majorticklocs())  # the locations the draw will format, limits final
         if not formatter.get_offset():  # pinned: matplotlib no longer moves it
             ax.set_title(ax.get_title(), y=1.0, fontsize=ax.title.get_fontsize())
+        else:
+            pinned = False
+    return pinned
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _encode(fig) -> str:
     """The figure as a data: URI (PNG), and the figure closed."""
     _pin_titles(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    uri = _png(fig)
     _pyplot().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return uri
+
+
+def _spare_figure():
+    """The histograms' two-panel figure: new, or the last one emptied back to a new one's state. A new
+    figure makes every tick of its axes again on its first draw (a third of a histogram's time); an
+    emptied one draws with the ticks it has. Outside pyplot, so a user's plt.show() never sees it."""
+    fig = getattr(_SPARE, "figure", None)
+    if fig is None:
+        _pyplot()
+        from matplotlib.figure import Figure
+        fig = _SPARE.figure = Figure(figsize=(11, 3.0))
+        fig.subplots(1, 2)
+        return fig
+    for ax in fig.axes:  # no artists, no data limits, a new axes' unit view autoscaled, no title or labels
+        for artist in (*ax.lines, *ax.patches, *ax.collections, *ax.texts):
+            artist.remove()
+        ax.relim()
+        ax.set(xlim=(0, 1), ylim=(0, 1), title="", xlabel="", ylabel="")
+        ax.set_autoscale_on(True)
+    return fig
 
 
 def bytes_and_sparsity(rows: Sequence[dict]) -> str:
@@ -122,8 +155,18 @@ def _per_level(ax, weights: LayerWeights) -> None:
 def histogram(weights: LayerWeights) -> str:
     """Deep Compression's picture of a layer: the weights before quantization (zeros left out) with
     the centroids or grid levels marked, and how many weights each centroid or level took after."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.0))
+    reused = getattr(_SPARE, "figure", None) is not None
+    fig = _spare_figure()
+    _draw_histogram(fig, weights)
+    if not _pin_titles(fig):  # an offset text: matplotlib places the titles, and only a new figure lets it
+        _SPARE.figure = None
+        if reused:
+            return histogram(weights)
+    return _png(fig)
+
+
+def _draw_histogram(fig, weights: LayerWeights) -> None:
+    left, right = fig.axes
     after = weights.after.flatten().float()
     before = weights.before.flatten().float() if weights.before is not None else None
     shown = before[before != 0] if before is not None else after[after != 0]
@@ -143,7 +186,6 @@ def histogram(weights: LayerWeights) -> str:
         _mark(left, weights)
     _per_level(right, weights)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.83, wspace=0.2)
-    return _encode(fig)
 
 
 def sensitivity_curves(table: SensitivityTable) -> str:

@@ -104,23 +104,33 @@ def test_a_fully_pruned_layer_is_drawn_as_such():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"  # drawn, with a note, rather than failing on no weights
 
 
-def test_pinned_titles_draw_the_same_pixels_and_clear_an_offset_text(compressed, monkeypatch):
-    """Titles are pinned at the top of their axes instead of matplotlib measuring every tick label to
-    place them: the picture must not change, and a title above an offset text ("1e7") is still moved."""
+def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure(compressed, monkeypatch):
+    """Histograms are drawn on one kept figure, emptied each time, with their titles pinned at the top of
+    the axes instead of matplotlib measuring every tick label to place them: the pictures must not change,
+    after a layer of centroids, a fully pruned one and one whose counts need an offset text ("1e6")."""
     image = pytest.importorskip("matplotlib.image")
     from fxcompress.report import figures
-    weights = layer_weights(compressed[1])[0]
+    from fxcompress.report.collect import LayerWeights
+    zeros = torch.zeros(4, 3)
+    many = torch.full((1_200_000,), 0.5)  # 1.2 million weights on one centroid: the count axes read "1e6"
+    layers = [layer_weights(compressed[1])[0], LayerWeights("fc", zeros, zeros, None),
+              LayerWeights("big", many, many, torch.tensor([0.5]))]
     def pixels(uri):
         return image.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-    pinned = pixels(figures.histogram(weights))
-    monkeypatch.setattr(figures, "_pin_titles", lambda fig: None)
-    assert (pinned == pixels(figures.histogram(weights))).all()  # matplotlib's own placement, pixel for pixel
-    monkeypatch.undo()
+    kept = [pixels(figures.histogram(w)) for w in layers]
+    monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)  # matplotlib's placement, a new figure each
+    for weights, picture in zip(layers, kept):
+        assert (pixels(figures.histogram(weights)) == picture).all(), weights.name
+
+
+def test_a_title_over_an_offset_text_is_left_for_matplotlib_to_place():
+    pytest.importorskip("matplotlib")
+    from fxcompress.report import figures
     plt = figures._pyplot()
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1e7, 3e7])
     ax.set_title("a title as wide as the axes, over the offset text at their top left corner", fontsize=10)
-    figures._pin_titles(fig)
+    assert not figures._pin_titles(fig)
     fig.canvas.draw()
     assert ax.yaxis.offsetText.get_text() and ax.title.get_position()[1] > 1.0  # moved above the offset text
     plt.close(fig)
