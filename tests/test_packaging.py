@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 
@@ -21,15 +20,5 @@ def test_no_top_level_passes_module_outside_the_repository(tmp_path):
     assert out.stdout.strip() == "True"
 
 
-def test_wheel_installs_passes_under_fxcompress_only(built_wheel):
-    wheel = built_wheel
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "fxcompress/passes/__init__.py" in names
-    assert not any(n.startswith("passes/") for n in names)
-    top_level = [n for n in names if n.endswith("top_level.txt")]
-    if top_level:
-        assert zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["fxcompress"]
-    sub_packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")}
-    assert {"fxcompress", "fxcompress/passes", "fxcompress/analyses", "fxcompress/channels", "fxcompress/channels/graph",
-            "fxcompress/fileformat", "fxcompress/encoded", "fxcompress/quant", "fxcompress/pruning"} <= sub_packages
-    assert "fxcompress/zoo.py" in names  # the models demo and the shipped recipes build
+# The wheel's contents (passes under fxcompress only) are checked in tests/cli/test_wheel.py beside its install:
+# a module's tests share a worker, so the session-scoped built_wheel is built there once, not once in each file's worker.

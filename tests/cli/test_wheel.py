@@ -58,6 +58,20 @@ def test_the_installed_wheel_runs_a_shipped_recipe_on_a_zoo_model_outside_the_ch
     assert list(elsewhere.iterdir()) == []  # --check writes nothing
 
 
+def test_wheel_installs_passes_under_fxcompress_only(built_wheel):
+    wheel = built_wheel
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fxcompress/passes/__init__.py" in names
+    assert not any(n.startswith("passes/") for n in names)
+    top_level = [n for n in names if n.endswith("top_level.txt")]
+    if top_level:
+        assert zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["fxcompress"]
+    sub_packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")}
+    assert {"fxcompress", "fxcompress/passes", "fxcompress/analyses", "fxcompress/channels", "fxcompress/channels/graph",
+            "fxcompress/fileformat", "fxcompress/encoded", "fxcompress/quant", "fxcompress/pruning"} <= sub_packages
+    assert "fxcompress/zoo.py" in names  # the models demo and the shipped recipes build
+
+
 _WHERE_THEN_SCRIPT = """
 import runpy, sys
 import fxcompress, fxcompress.zoo
