@@ -36,20 +36,58 @@ def _lower(fq, x, **options):
     return fxcompress.compile(fq, [LowerToInteger(**options)], example_inputs=(x[:2],))
 
 
+CALIBRATION = 256  # training images calibrating every fake-quant model of the trained digits models
+
+
+class Built:
+    """The trained digits models fake-quantized (on the first CALIBRATION training images), lowered and run
+    on the test images, each configuration built once for the module: the tests only read these models
+    (compile copies its input; a test that changes a model deep-copies it first)."""
+
+    def __init__(self, trained) -> None:
+        self.trained, self.x = trained, trained.data.train_x[:CALIBRATION]
+        self._fq, self._lowered, self._outputs = {}, {}, {}
+
+    def fake_quant(self, name, weight_bits=8, activation_bits=8, adds=True):
+        key = (name, weight_bits, activation_bits, adds)
+        if key not in self._fq:
+            self._fq[key] = _fake_quant(self.trained.model(name), self.x, weight_bits, activation_bits, adds=adds)
+        return self._fq[key]
+
+    def lowered(self, name, weight_bits=8, activation_bits=8, adds=True, **options):
+        key = (name, weight_bits, activation_bits, adds, tuple(sorted(options.items())))
+        if key not in self._lowered:
+            self._lowered[key] = _lower(self.fake_quant(name, weight_bits, activation_bits, adds), self.x, **options)
+        return self._lowered[key]
+
+    def reference_outputs(self, name, weight_bits=8, activation_bits=8):
+        """The reference backend's logits on the test images."""
+        key = (name, weight_bits, activation_bits)
+        if key not in self._outputs:
+            with torch.no_grad():
+                self._outputs[key] = self.lowered(name, weight_bits, activation_bits, backend="reference")(
+                    self.trained.data.test_x)
+        return self._outputs[key]
+
+
+@pytest.fixture(scope="module")
+def built(trained_digits):
+    return Built(trained_digits)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("weight_bits, activation_bits", [(8, 7), (7, 8)])
 @pytest.mark.parametrize("kernel", ("int8", "float"))  # c_int8 runs linear layers only: tests/kernels/test_q8.py
-def test_trained_models_agree_with_the_reference(trained_digits, digits, name, weight_bits, activation_bits, kernel):
+def test_trained_models_agree_with_the_reference(built, digits, name, weight_bits, activation_bits, kernel):
     """Every layer on oneDNN's int8 kernel, or every layer on the float kernel (codes in and out)."""
-    x = digits.train_x[:256]
-    fq = _fake_quant(trained_digits.model(name), x, weight_bits, activation_bits)
-    reference, fast = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=(kernel,))
+    fast = built.lowered(name, weight_bits, activation_bits, kernels=(kernel,))
     stats = fxcompress.history(fast)[-1].stats
     assert stats["backend"] == "native" and stats["kernels"][kernel] == stats["integer_layers"]
     assert any(isinstance(m, NativeLayer) for m in fast.modules())
     assert not any(isinstance(m, IntegerLayer) for m in fast.modules())
+    expected = built.reference_outputs(name, weight_bits, activation_bits)
     with torch.no_grad():
-        expected, got = reference(digits.test_x), fast(digits.test_x)
+        got = fast(digits.test_x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
     step = (expected.max() - expected.min()).item() / 255  # one step of an 8-bit grid over the logits
     assert (expected - got).abs().max().item() <= step
@@ -57,15 +95,14 @@ def test_trained_models_agree_with_the_reference(trained_digits, digits, name, w
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_eight_bit_activations_and_weights_run_int8_only_with_vnni(trained_digits, digits, name):
+def test_eight_bit_activations_and_weights_run_int8_only_with_vnni(built, digits, name):
     """u8 x s8 products summed in pairs pass int16 at 8 / 8 bits: oneDNN's int8 is exact only where the CPU
     has VNNI; elsewhere a layer that could saturate runs the float kernel or ours, and int8 alone is refused."""
-    x = digits.train_x[:256]
-    fq = _fake_quant(trained_digits.model(name), x)
-    reference, chosen = _lower(fq, x, backend="reference"), _lower(fq, x)
+    fq, chosen = built.fake_quant(name), built.lowered(name)
     stats = fxcompress.history(chosen)[-1].stats
+    expected = built.reference_outputs(name)
     with torch.no_grad():
-        expected, got = reference(digits.test_x), chosen(digits.test_x)
+        got = chosen(digits.test_x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
     assert stats["backend"] == "native" and stats["native_refused"] == {}
@@ -75,7 +112,7 @@ def test_eight_bit_activations_and_weights_run_int8_only_with_vnni(trained_digit
     if not native.vnni():
         assert any(layer["kernel"] != "int8" for layer in stats["layers"].values())
         with pytest.raises(PreconditionError, match=r"backend='native'\) cannot run .* could pass int16"):
-            _lower(fq, x, backend="native", kernels=("int8",))
+            _lower(fq, built.x, backend="native", kernels=("int8",))
 
 
 def _dtypes(gm, x):
@@ -92,9 +129,9 @@ def _dtypes(gm, x):
     return seen
 
 
-def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(trained_digits, digits):
+def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(built, digits):
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(trained_digits.model("lenet5"), x, activation_bits=7), x, kernels=("int8",))
+    gm = built.lowered("lenet5", activation_bits=7, kernels=("int8",))
     nodes = list(gm.graph.nodes)
     modules = [type(gm.get_submodule(n.target)) for n in nodes if n.op == "call_module"]
     assert modules == [QuantizeToCodes, NativeLayer, NativeLayer, NativeLayer, NativeLayer]
@@ -108,10 +145,9 @@ def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(trained_digits
     assert dtypes[nodes[-2]] == torch.float32
 
 
-def test_residual_adds_stay_integer_and_agree_with_the_reference(trained_digits, digits):
-    x = digits.train_x[:256]
-    fq = _fake_quant(trained_digits.model("resnet"), x, activation_bits=7)
-    reference, gm = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=("int8",))
+def test_residual_adds_stay_integer_and_agree_with_the_reference(built, digits):
+    x = built.x
+    gm = built.lowered("resnet", activation_bits=7, kernels=("int8",))
     stats = fxcompress.history(gm)[-1].stats
     assert stats["integer_adds"] == 2 and stats["float_to_integer_boundaries"] == 2  # the input and fc's
     adds = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NativeAdd)]
@@ -120,17 +156,18 @@ def test_residual_adds_stay_integer_and_agree_with_the_reference(trained_digits,
     dtypes = _dtypes(gm, x)
     assert dtypes[adds[0]] == torch.uint8 and all(dtypes[a] == torch.uint8 for a in adds[0].args)
     assert dtypes[adds[1]] == torch.float32  # the last add dequantizes before the average pool
+    expected = built.reference_outputs("resnet", activation_bits=7)
     with torch.no_grad():
-        expected, got = reference(digits.test_x), gm(digits.test_x)
-        without_adds = _lower(_fake_quant(trained_digits.model("resnet"), x, activation_bits=7, adds=False), x)
+        got = gm(digits.test_x)
+    without_adds = built.lowered("resnet", activation_bits=7, adds=False)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
     assert fxcompress.history(without_adds)[-1].stats["integer_adds"] == 0
 
 
-def test_a_copy_and_a_pickle_run_the_same(trained_digits, digits, tmp_path):
+def test_a_copy_and_a_pickle_run_the_same(built, digits, tmp_path):
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(trained_digits.model("lenet5"), x, activation_bits=7), x)
+    gm = built.lowered("lenet5", activation_bits=7)
     with torch.no_grad():
         expected = gm(x)
         assert torch.equal(copy.deepcopy(gm)(x), expected)  # the packed weights are remade, never copied
@@ -141,9 +178,9 @@ def test_a_copy_and_a_pickle_run_the_same(trained_digits, digits, tmp_path):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("backend", ["native", "reference"])
-def test_lowered_models_with_integer_joins_save_and_load_exactly(trained_digits, digits, tmp_path, name, backend):
+def test_lowered_models_with_integer_joins_save_and_load_exactly(built, digits, tmp_path, name, backend):
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(trained_digits.model(name), x, activation_bits=7), x, backend=backend)
+    gm = built.lowered(name, activation_bits=7, backend=backend)
     kinds = {type(m).__name__ for m in gm.modules()}
     assert ("NativeLayer" in kinds) == (backend == "native")
     if name == "resnet":  # the residual adds stay integer, and the file holds them
@@ -162,12 +199,11 @@ def test_a_native_layer_from_a_file_is_checked_before_it_runs():
         NativeLayer("linear", [4, 4], 1.0, 0, "int32")
 
 
-def test_files_with_the_earlier_float32_bias_load_as_int32_or_are_refused_by_module(trained_digits, digits,
-                                                                                      tmp_path):
+def test_files_with_the_earlier_float32_bias_load_as_int32_or_are_refused_by_module(built, digits, tmp_path):
     """Files of earlier versions held each NativeLayer's bias as its float32 value: where that value is the
     integer bias times the accumulator scale exactly, it loads as those integers; otherwise FormatError."""
     x = digits.train_x[:128]
-    gm = _lower(_fake_quant(trained_digits.model("lenet5"), x, activation_bits=7), x)
+    gm = built.lowered("lenet5", activation_bits=7)
     layers = {name: m for name, m in gm.named_modules() if isinstance(m, NativeLayer)}
     assert all(m.bias.dtype == torch.int32 for m in layers.values()) and any(m.bias.any() for m in layers.values())
     with torch.no_grad():
