@@ -18,6 +18,7 @@ from fxcompress.kernels.compiled import library
 
 LANE_SYMBOLS = 8192
 LOW = 1 << 16  # states live in [LOW, 2^32)
+_SYMBOL_KINDS = {np.dtype(np.int64): 0, np.dtype(np.int32): 1, np.dtype(np.uint16): 2, np.dtype(np.uint8): 3}  # read as is in C
 _GATHERED = 1 << 16  # lane-steps whose four float64 table rows are gathered at once: 2 MiB, whatever the model
 
 
@@ -76,7 +77,8 @@ def encode_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[tuple[np
 
 
 def _checked(job: tuple, j: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(symbols as int64, frequencies as uint32, lanes) of stream `j`, or a ConfigError naming its field."""
+    """(symbols in a type the C encoder reads, frequencies as uint32, lanes) of stream `j`, or a ConfigError
+    naming its field."""
     symbols, freq, lanes = np.asarray(job[0]), np.asarray(job[1]), job[2]
     if symbols.ndim != 1 or (symbols.size and symbols.dtype.kind not in "iu"):
         raise ConfigError(f"rANS stream {j}: symbols must be a 1-D integer array, got {symbols.dtype} "
@@ -88,7 +90,9 @@ def _checked(job: tuple, j: int) -> tuple[np.ndarray, np.ndarray, int]:
     total = int(freq.sum())
     if total == 0 or total & (total - 1) or total > 1 << 16:
         raise ConfigError(f"rANS stream {j}: frequencies sum to {total}, not a power of two up to 2^16")
-    return np.ascontiguousarray(symbols, np.int64), np.ascontiguousarray(freq, np.uint32), int(lanes)
+    if symbols.dtype not in _SYMBOL_KINDS:  # other widths, and other byte orders, are read as int64
+        symbols = symbols.astype(np.int64)
+    return np.ascontiguousarray(symbols), np.ascontiguousarray(freq, np.uint32), int(lanes)
 
 
 def _check_symbols(symbols: np.ndarray, freq: np.ndarray, j: int) -> None:
@@ -114,8 +118,9 @@ def _encode_c(lib: ctypes.CDLL, symbols: np.ndarray, freq: np.ndarray, lanes: in
     capacity = -(-len(symbols) // lanes) * lanes
     words, states, used = np.empty(capacity, np.uint16), np.empty(lanes, np.uint32), ctypes.c_int64(0)
     pad = int(np.argmax(freq))
-    status = lib.rans_encode(symbols.ctypes.data, len(symbols), freq.ctypes.data, len(freq), scale, pad, lanes,
-                             words.ctypes.data, capacity, states.ctypes.data, ctypes.byref(used))
+    status = lib.rans_encode(symbols.ctypes.data, _SYMBOL_KINDS[symbols.dtype], len(symbols), freq.ctypes.data,
+                             len(freq), scale, pad, lanes, words.ctypes.data, capacity, states.ctypes.data,
+                             ctypes.byref(used))
     if status == 1:
         raise ConfigError(_refusal(symbols, freq, j, used.value))
     if status:
@@ -292,6 +297,6 @@ def _c_encoder() -> ctypes.CDLL | None:
     lib = library("rans_encode")
     if lib is not None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.rans_encode.argtypes = [p, i64, p, i64, ctypes.c_int, i64, i64, p, i64, p, p]
+        lib.rans_encode.argtypes = [p, ctypes.c_int, i64, p, i64, ctypes.c_int, i64, i64, p, i64, p, p]
         lib.rans_encode.restype = ctypes.c_int
     return lib

@@ -71,6 +71,10 @@ def test_edges_of_the_format(monkeypatch):
     results = _assert_same(jobs, monkeypatch)
     assert [len(w) for w, _ in results[:4]] == [0, 0, 0, 0]  # states start at 2^16: no word until they grow
     assert np.all(results[0][1] == rans.LOW)
+    symbols = rng.integers(0, 4, 5000)
+    typed = [(symbols.astype(dtype), skewed, 7) for dtype in (np.int64, np.int32, np.uint16, np.uint8, np.int16, ">i8")]
+    first, *others = _assert_same(typed, monkeypatch, oracle=False)  # read in place (C) or widened first
+    assert all(np.array_equal(first[0], w) and np.array_equal(first[1], s) for w, s in others)
     # alone: batched with the others, the numpy loop's grid would be 8,192 steps x 20,000 lanes
     _assert_same([(rng.integers(0, 4, 20_000), skewed, 20_000)], monkeypatch)
 

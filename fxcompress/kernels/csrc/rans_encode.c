@@ -16,9 +16,20 @@
 
 #define LOW (1u << 16)
 
+/* symbol i of an array of the caller's integer type (kind: 0 int64, 1 int32, 2 uint16, 3 uint8), so a
+ * stream is never copied into a wider type first */
+static inline int64_t symbol_at(const void *symbols, int kind, int64_t i) {
+    switch (kind) {
+        case 0: return ((const int64_t *)symbols)[i];
+        case 1: return ((const int32_t *)symbols)[i];
+        case 2: return ((const uint16_t *)symbols)[i];
+        default: return ((const uint8_t *)symbols)[i];
+    }
+}
+
 /* 0 on success, `*used` words at the end of `words`; 1 where symbol `*used` cannot be coded; 2 where
  * memory ran out */
-int rans_encode(const int64_t *symbols, int64_t count, const uint32_t *freq, int64_t alphabet, int scale,
+int rans_encode(const void *symbols, int kind, int64_t count, const uint32_t *freq, int64_t alphabet, int scale,
                 int64_t pad, int64_t lanes, uint16_t *words, int64_t capacity, uint32_t *states, int64_t *used) {
     uint32_t *cum = malloc((size_t)(alphabet > 0 ? alphabet : 1) * sizeof(uint32_t));
     if (cum == NULL) return 2;
@@ -33,7 +44,7 @@ int rans_encode(const int64_t *symbols, int64_t count, const uint32_t *freq, int
     for (int64_t step = steps - 1; step >= 0; step--) {
         for (int64_t lane = lanes - 1; lane >= 0; lane--) {
             const int64_t i = step * lanes + lane;
-            const int64_t s = i < count ? symbols[i] : pad;
+            const int64_t s = i < count ? symbol_at(symbols, kind, i) : pad;
             if (s < 0 || s >= alphabet || freq[s] == 0) {
                 free(cum);
                 *used = i;
