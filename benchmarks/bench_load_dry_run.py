@@ -7,13 +7,22 @@ LowerToEncoded(coding="auto"); untrained weights: load time does not depend on t
 100 M-parameter GPT-style model of benchmarks/bench_scale.py (width 1024, 8 blocks), saved in float.
 
     python benchmarks/bench_load_dry_run.py [--sizes demo,100M] [--repeats 7]
+    python benchmarks/bench_load_dry_run.py --fresh [--repeats 5]
+
+--fresh: what a new process pays for its first `fxcompress.load` (import fxcompress, then load): a masked
+LeNet-5, the same lowered to encoded weights, and the zoo transformer from the export front end, each loaded
+by a fresh interpreter with the dry run's op tables (fileformat/metaops.py) and without them (the tables
+emptied: every op runs through torch's meta references, as before the tables), interleaved; CPU seconds of
+the load alone, and whether it imported torch._dynamo / sympy.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,12 +97,63 @@ def measure(name: str, folder: Path, repeats: int) -> dict:
             "ratio": medians["v2 (dry run)"] / medians["v1 (no dry run)"]}
 
 
+_FRESH = """
+import sys, time, json
+import fxcompress
+from fxcompress.fileformat import metaops
+if sys.argv[2] == "off":
+    metaops.FUNCTIONS.clear(), metaops.METHODS.clear(), metaops.MODULES.clear()
+start = time.process_time()
+fxcompress.load(sys.argv[1])
+print(json.dumps([time.process_time() - start, "torch._dynamo" in sys.modules, "sympy" in sys.modules]))
+"""
+
+
+def fresh_files(folder: Path) -> dict[str, Path]:
+    """The three files --fresh loads (module docstring)."""
+    files = {}
+    for name, passes, frontend in (("lenet5 masked", [InsertMasks(sparsity=0.9, scope="global")], "auto"),
+                                   ("lenet5 encoded", [InsertMasks(sparsity=0.9, scope="global"),
+                                                       InsertFakeQuant(bits=5, method="kmeans"), LowerToEncoded()],
+                                    "auto"),
+                                   ("transformer (export)", [], "export")):
+        make_model, make_input = ZOO[name.split()[0]]
+        x = make_input()
+        files[name] = folder / f"{name.split()[0]}-{len(files)}.fxc"
+        fxcompress.save(fxcompress.compile(make_model().eval(), passes, (x,), frontend=frontend), files[name])
+    return files
+
+
+def fresh(repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        files = fresh_files(Path(folder))
+        runs: dict[tuple[str, str], list] = {}
+        for _ in range(repeats):  # interleaved: drift on a shared machine hits both alike
+            for name, path in files.items():
+                for mode in ("off", "on"):
+                    done = subprocess.run([sys.executable, "-c", _FRESH, str(path), mode], check=True,
+                                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    runs.setdefault((name, mode), []).append(json.loads(done.stdout.splitlines()[-1]))
+    print(f"torch {torch.__version__}, fresh processes, medians of {repeats} interleaved runs (CPU seconds of load)\n")
+    print("| file | load, tables off s | imports (off) | load, tables on s | imports (on) | ratio on/off |")
+    print("|---|---:|---|---:|---|---:|")
+    for name in files:
+        (off, on) = (runs[(name, mode)] for mode in ("off", "on"))
+        def imports(rows):
+            return ", ".join(m for m, i in (("torch._dynamo", 1), ("sympy", 2)) if rows[0][i]) or "neither"
+        t_off, t_on = statistics.median(r[0] for r in off), statistics.median(r[0] for r in on)
+        print(f"| {name} | {t_off:.3f} | {imports(off)} | {t_on:.3f} | {imports(on)} | {t_on / t_off:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="demo,100M")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--fresh", action="store_true", help="first loads in fresh processes (docstring)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fresh:
+        return fresh(args.repeats)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes.split(","):

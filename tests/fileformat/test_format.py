@@ -11,7 +11,7 @@ from fxcompress.fileformat.container import HEADER_BYTES, VERSION, from_bytes, t
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import FormatError
 from fxcompress.layers import find_layers, insert_on_weight
-from fxcompress.passes import LowerToEncoded
+from fxcompress.passes import InsertMasks, LowerToEncoded
 from fxcompress.zoo import ZOO
 
 
@@ -209,14 +209,26 @@ fxcompress.save(fxcompress.compile(model, passes, example_inputs=(x,)), PATH)
 
 
 # The other process then loads its own file (encoded), a masked LeNet-5 (mul, conv, pooling, linear, relu) and
-# a transformer from the export front end (layer norm, attention, gelu, mean): load's dry run computes their
-# common ops from tables, so a fresh process never imports torch._dynamo (about 2 s) to load a file.
+# a transformer from the export front end (layer norm, attention, gelu, mean), which this process writes while
+# the other one starts (READY appears once both are complete): load's dry run computes their common ops from
+# tables, so a fresh process never imports torch._dynamo (about 2 s) to load a file.
 _FRESH_LOAD_SCRIPT = """
-import sys
+import sys, time, pathlib
+deadline = time.monotonic() + 240
+while not pathlib.Path(READY).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
 for path in (PATH, LENET5, TRANSFORMER):
     fxcompress.load(path)
 assert "torch._dynamo" not in sys.modules, "loading a file imported torch._dynamo"
 """
+
+
+def _fresh_load_files(folder):
+    for name, passes, frontend in (("lenet5", [InsertMasks(sparsity=0.5)], "auto"), ("transformer", [], "export")):
+        make_model, make_input = ZOO[name]
+        x = make_input()
+        fxcompress.save(fxcompress.compile(make_model().eval(), passes, (x,), frontend=frontend), folder / name)
+    (folder / "ready").touch()
 
 
 def test_saving_is_byte_identical_across_processes(tmp_path):
@@ -224,16 +236,17 @@ def test_saving_is_byte_identical_across_processes(tmp_path):
     then loads files without importing torch._dynamo."""
     import subprocess
     import sys
-    from fxcompress.passes import InsertMasks
-    for name, passes, frontend in (("lenet5", [InsertMasks(sparsity=0.5)], "auto"), ("transformer", [], "export")):
-        make_model, make_input = ZOO[name]
-        x = make_input()
-        fxcompress.save(fxcompress.compile(make_model().eval(), passes, (x,), frontend=frontend), tmp_path / name)
     script = {name: _DETERMINISM_SCRIPT.replace("PATH", repr(str(tmp_path / name))) for name in ("here", "other")}
     script["other"] += _FRESH_LOAD_SCRIPT.replace("PATH", repr(str(tmp_path / "other"))).replace(
-        "LENET5", repr(str(tmp_path / "lenet5"))).replace("TRANSFORMER", repr(str(tmp_path / "transformer")))
+        "LENET5", repr(str(tmp_path / "lenet5"))).replace("TRANSFORMER", repr(str(tmp_path / "transformer"))).replace(
+        "READY", repr(str(tmp_path / "ready")))
     other = subprocess.Popen([sys.executable, "-c", script["other"]])
-    exec(script["here"], {})  # meanwhile the same steps in this process
+    try:
+        _fresh_load_files(tmp_path)  # meanwhile the files it loads, then the same steps in this process
+        exec(script["here"], {})
+    except BaseException:
+        other.kill()  # it would wait for files that never come
+        raise
     assert other.wait(timeout=300) == 0
     here, there = (tmp_path / "here").read_bytes(), (tmp_path / "other").read_bytes()
     assert here == there and len(here) > 1000
