@@ -2,6 +2,8 @@
 them onto the next grid and the clamp runs on codes (fused into the layer's kernel where it follows it), so a
 MobileNet-style block keeps uint8 channels-last codes from its input boundary to its last layer instead of
 dequantizing around every ReLU6."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,15 +40,23 @@ class Block(nn.Module):
         return self.head(torch.flatten(F.max_pool2d(h, 2), 1))
 
 
-def _lowered(clamps, **options):
+@functools.cache
+def _reference(spelling):
+    """(input, fake-quant model, its reference lowering, that lowering's output), built once per spelling for
+    the module: the tests only read them (compile copies its input)."""
     torch.manual_seed(0)
     x = torch.randn(64, 3, 16, 16)
-    fq = fxcompress.compile(Block(clamps).eval(), [InsertFakeQuant(
+    fq = fxcompress.compile(Block(CLAMPS[spelling]).eval(), [InsertFakeQuant(
         method="linear", bits=8, symmetric=True, per_channel=True, activations=ActivationConfig(bits=7, joins=True))],
         example_inputs=(x[:2],), calibration_data=[x[:32], x[32:]])
     reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
-    lowered = fxcompress.compile(fq, [LowerToInteger(**options)], example_inputs=(x[:2],)) if options else None
-    return x, fq, reference, lowered
+    with torch.no_grad():
+        return x, fq, reference, reference(x)
+
+
+def _lowered(spelling, **options):
+    x, fq, reference, expected = _reference(spelling)
+    return x, fq, reference, expected, fxcompress.compile(fq, [LowerToInteger(**options)], example_inputs=(x[:2],))
 
 
 def _reads(gm, x):
@@ -71,12 +81,12 @@ def _within_one_step(expected, got):
 
 @pytest.mark.parametrize("spelling", list(CLAMPS))
 def test_reference_requantizes_through_clamps_as_the_fake_quant_model_rounds(spelling, tmp_path):
-    x, fq, reference, _ = _lowered(CLAMPS[spelling])
+    x, fq, reference, got = _reference(spelling)
     stats = fxcompress.history(reference)[-1].stats
     assert stats["requantized"] == 3 and stats["dequantized"] == ["head"]  # every conv stays on codes
     assert stats["float_to_integer_boundaries"] == 1  # the input only: no float op between the layers
     with torch.no_grad():
-        expected, got = fq(x), reference(x)
+        expected = fq(x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.95
     assert _within_one_step(expected, got)
     if spelling != "F.hardtanh":  # one spelling makes the file round trip below (a file's first load costs)
@@ -89,7 +99,7 @@ def test_reference_requantizes_through_clamps_as_the_fake_quant_model_rounds(spe
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
 @pytest.mark.parametrize("spelling", list(CLAMPS))
 def test_native_fuses_clamps_and_keeps_channels_last_codes_between_layers(spelling, tmp_path):
-    x, _, reference, gm = _lowered(CLAMPS[spelling], backend="native", kernels=("int8",))
+    x, _, _, expected, gm = _lowered(spelling, backend="native", kernels=("int8",))
     ops = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     assert not [n for n in ops if n.target in (F.relu6, F.hardtanh, torch.clamp, "clamp")]  # all fused
     assert not any(isinstance(m, nn.Hardtanh) for m in gm.modules())
@@ -105,7 +115,7 @@ def test_native_fuses_clamps_and_keeps_channels_last_codes_between_layers(spelli
                 if value.dim() == 4:
                     assert value.is_contiguous(memory_format=torch.channels_last), path
     with torch.no_grad():
-        expected, got = reference(x), gm(x)
+        got = gm(x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.95
     assert _within_one_step(expected, got)
     if spelling != "F.hardtanh":
