@@ -24,12 +24,15 @@ def _fake_quant(model, x):
                               example_inputs=(x[:2],), calibration_data=[x[i:i + 64] for i in range(0, len(x), 64)])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def lenet5(trained_digits):
+    """(data, fake-quant LeNet-5, its reference lowering, that lowering's logits on the test images), built once
+    for the module: the tests only read them (compile copies its input)."""
     data = trained_digits.data
     fq = _fake_quant(trained_digits.model("lenet5"), data.train_x[:256])
     reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(data.train_x[:2],))
-    return data, fq, reference
+    with torch.no_grad():
+        return data, fq, reference, reference(data.test_x)
 
 
 def _inputs(gm, x):
@@ -52,7 +55,7 @@ def _inputs(gm, x):
 def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floats, edges, boundaries):
     """A float layer between int8 ones reads and writes their uint8 codes; between float layers (or after
     the float input) the codes stay float32."""
-    data, fq, reference = lenet5
+    data, fq, _, expected = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("int8",), float_select=floats)],
                             example_inputs=(data.train_x[:2],))
     stats = fxcompress.history(gm)[-1].stats
@@ -65,7 +68,7 @@ def test_float_layers_inside_an_int8_chain_agree_with_the_reference(lenet5, floa
         module = gm.get_submodule(path)
         assert x.dtype == (torch.float32 if module.input == "float_codes" else torch.uint8), path
     with torch.no_grad():
-        expected, got = reference(data.test_x), gm(data.test_x)
+        got = gm(data.test_x)
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
     assert (got.argmax(1) == data.test_y).float().mean().item() >= 0.85  # trained, not a constant
@@ -93,7 +96,7 @@ def rigged(monkeypatch):
 
 
 def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(lenet5, rigged, tmp_path):
-    data, fq, reference = lenet5
+    data, fq, _, expected = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(data.train_x[:2],))
     stats = fxcompress.history(gm)[-1].stats
     assert stats["kernels"] == {"int8": 2, "float": 2, "c_int8": 0}
@@ -112,13 +115,13 @@ def test_each_layer_runs_the_kernel_measured_faster_and_the_choice_is_recorded(l
         saved, back = gm.get_submodule(path), loaded.get_submodule(path)
         assert (back.kernel, back.input, back.kernel_choice) == (saved.kernel, saved.input, saved.kernel_choice)
     with torch.no_grad():
-        assert torch.equal(loaded(data.test_x), gm(data.test_x))
-        expected, got = reference(data.test_x), gm(data.test_x)
+        got = gm(data.test_x)
+        assert torch.equal(loaded(data.test_x), got)
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
 
 
 def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, trained_digits, tmp_path):
-    data, fq, _ = lenet5
+    data, fq, _, _ = lenet5
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(data.train_x[:2],))
     float_model = torch.fx.symbolic_trace(trained_digits.model("lenet5"))
     calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -132,7 +135,7 @@ def test_a_model_of_float_layers_has_as_many_nodes_as_the_float_model(lenet5, tr
 
 
 def test_a_float_selection_that_selects_nothing_names_the_layers(lenet5):
-    data, fq, _ = lenet5
+    data, fq, _, _ = lenet5
     with pytest.raises(ConfigError, match=r"float_select='conv3' selects none of the layers lowered: conv1, conv2, "
                                           r"fc1, fc2"):
         fxcompress.compile(fq, [LowerToInteger(float_select="conv3")], example_inputs=(data.train_x[:2],))
