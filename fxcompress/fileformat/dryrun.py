@@ -10,6 +10,11 @@ the first forward. `save` runs the same dry run on what it records, so a file it
 
 How each kind of node runs:
 
+- the common ops (elementwise arithmetic, comparisons and activations, where, masked_fill, a biased
+  linear, layer norm, mean, attention; `metaops.py`) have their output's shape, strides and dtype
+  computed by table, not run: on meta tensors torch runs them through its Python references, whose
+  type-promotion wrapper imports torch._dynamo at its first call; a call the table does not cover
+  exactly runs as below;
 - torch functions, tensor methods and torch's own modules (the allow-lists' built-in entries) run
   as they are, on meta tensors (a module through `torch.func.functional_call` with its tensors
   swapped for meta ones; factory functions inside make meta tensors under `torch.device("meta")`);
@@ -55,8 +60,8 @@ from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
-from . import metaops
 from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES, fxcompress_modules
+from .metaops import MODULES as TABLED_MODULES, rule_for
 
 MAX_INPUT_DIMS = 32
 MAX_INPUT_ELEMENTS = 1 << 48  # per recorded input: meta tensors cost nothing, but sizes must stay exact integers
@@ -344,9 +349,9 @@ def _tabled(node: Node, args: tuple, kwargs: dict, module: nn.Module | None = No
     """The output metaops' tables compute for a common op without running torch's Python references
     (which import torch._dynamo); None where the call runs on meta tensors."""
     if module is not None:
-        rule = metaops.MODULES.get(type(module))
+        rule = TABLED_MODULES.get(type(module))
         return None if rule is None else rule(module, _state(module, memo), *args, **kwargs)
-    rule = metaops.rule_for(node.op, node.target)
+    rule = rule_for(node.op, node.target)
     return None if rule is None else rule(args, kwargs)
 
 
