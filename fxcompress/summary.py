@@ -201,9 +201,14 @@ def _sparse_row(node, module: SparseLayer) -> dict[str, Any]:
     macs = None if shape is None else math.prod(shape) * module.in_features
     return {"layer": node.target.removesuffix(".sparse"), "op": f"{module.kind} (SparseLayer)",
             "weight_shape": tuple(module.weight_shape), "params": params, "nonzeros": nonzeros,
-            "sparsity": 1 - nonzeros / size, "bits": 8 * getattr(torch, module.dtype).itemsize, "sqnr_db": None,
+            "sparsity": 1 - nonzeros / size, "bits": _sparse_bits(module), "sqnr_db": None,
             "dense_bytes": 4 * params, "compressed_bytes": module.held_bytes(), "exact": "yes", "macs": macs,
             "macs_effective": _effective(macs, nonzeros, size), **_kernel_columns(module)}
+
+
+def _sparse_bits(module: SparseLayer) -> int:
+    """The bits each kept weight is stored in: uint8 codes into a codebook (`shared`), else its values' dtype."""
+    return 8 if module.shared else 8 * getattr(torch, module.dtype).itemsize
 
 
 def _quantized_linear_row(node, module: WeightOnlyLinear | DynamicInt8Linear) -> dict[str, Any]:

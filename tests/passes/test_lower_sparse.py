@@ -100,6 +100,9 @@ def test_encoded_layers_are_decoded_once_into_the_chosen_form(masked_lenet300):
         held = dict(layer.named_buffers())
         assert held.get("values", held.get("codebook", held.get("weight"))).dtype == torch.float32
         assert layer.kernel != "c_relative" or (layer.shared and layer.codebook.numel() <= 2 ** 5 + 1)
+    rows = {row["layer"]: row for row in fxcompress.summary(lowered, (x,)).rows}
+    for path, layer in _sparse_layers(lowered).items():  # the bits a kept weight is stored in: uint8 codes or fp32
+        assert rows[path.removesuffix(".sparse")]["bits"] == (8 if layer.shared else 32), path
 
 
 def test_a_model_without_masks_is_unchanged_with_the_reasons():
