@@ -280,23 +280,23 @@ def _decode_c(lib: ctypes.CDLL, words: np.ndarray, x: np.ndarray, scale: int, ta
                                 out.ctypes.data))
 
 
-@functools.cache
 def _c_decoder() -> ctypes.CDLL | None:
     """csrc/rans_decode.c built for this machine with its argument types set, or None (numpy decodes)."""
-    lib = library("rans_decode")
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.rans_decode.argtypes = [p, i64, p, i64, i64, ctypes.c_int, p, p, p, p]
-        lib.rans_decode.restype = ctypes.c_int
-    return lib
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return _c_library("rans_decode", (p, i64, p, i64, i64, ctypes.c_int, p, p, p, p))
+
+
+def _c_encoder() -> ctypes.CDLL | None:
+    """csrc/rans_encode.c built for this machine with its argument types set, or None (numpy encodes)."""
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return _c_library("rans_encode", (p, ctypes.c_int, i64, p, i64, ctypes.c_int, i64, i64, p, i64, p, p))
 
 
 @functools.cache
-def _c_encoder() -> ctypes.CDLL | None:
-    """csrc/rans_encode.c built for this machine with its argument types set, or None (numpy encodes)."""
-    lib = library("rans_encode")
+def _c_library(name: str, argtypes: tuple) -> ctypes.CDLL | None:
+    """The kernel library `name`, whose one function (of the same name) returns an int status, or None."""
+    lib = library(name)
     if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.rans_encode.argtypes = [p, ctypes.c_int, i64, p, i64, ctypes.c_int, i64, i64, p, i64, p, p]
-        lib.rans_encode.restype = ctypes.c_int
+        function = getattr(lib, name)
+        function.argtypes, function.restype = list(argtypes), ctypes.c_int
     return lib

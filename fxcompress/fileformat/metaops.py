@@ -16,6 +16,8 @@ tensors as before, so every error torch raises is still torch's own error, with 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from typing import Any, Callable
 
@@ -52,15 +54,21 @@ def _result(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | N
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
     """Positional and keyword arguments as a list in the order of `names` (the last len(defaults) have
     defaults); None for anything a plain call of that signature would not accept."""
-    if len(args) > len(names) or any(k not in names[len(args):] for k in kwargs):
+    try:
+        bound = _signature(names, defaults).bind(*args, **kwargs)
+    except TypeError:
         return None
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+@functools.cache
+def _signature(names: tuple[str, ...], defaults: tuple) -> inspect.Signature:
     required = len(names) - len(defaults)
-    values = list(args) + [kwargs.get(n, defaults[i - required] if i >= required else _MISSING)
-                           for i, n in enumerate(names[len(args):], start=len(args))]
-    return None if any(v is _MISSING for v in values) else values
-
-
-_MISSING = object()
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                default=defaults[i - required] if i >= required
+                                                else inspect.Parameter.empty)
+                              for i, name in enumerate(names)])
 
 
 # ---- binary arithmetic and comparisons -------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
 from ..config import Boolean, Interval, Options, Regex, TupleOf, validate
-from fxcompress.rewire import erase_unused
+from ..rewire import erase_unused
 from ..errors import ConfigError, PreconditionError
 from ..execution import evaluating
 from ..layers import (KINDS, Layer, bias_arg, constant_value, find_layers, functionalize, input_arg, kind_of_node,
