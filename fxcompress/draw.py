@@ -16,8 +16,8 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -25,6 +25,9 @@ from .errors import ConfigError, MissingDependencyError
 from .history import history
 from .layers import find_layers
 from .summary import Summary, summary
+
+if TYPE_CHECKING:  # annotations only; each function that builds a graph imports networkx
+    import networkx as nx
 
 STATUS_COLOURS = {"original": "#d9d9d9", "changed": "#f4b942", "created": "#5fa8d3"}
 SIDE_COLOURS = {"original": "#f2f2f2", "changed": "#fbe3b0", "created": "#cfe6f3"}  # lighter: weight chains
@@ -151,6 +154,7 @@ def _side_lines(gm: GraphModule, node: Node) -> list[str]:
 def to_networkx(gm: GraphModule) -> nx.DiGraph:
     """The fx graph as a networkx DiGraph; node attributes: op, target, label, status, side (the
     data-path node it is drawn beside, None on the data path), module (the module path it runs in)."""
+    import networkx as nx  # here, not at the top: `import fxcompress` skips networkx until a graph is drawn
     status, _ = _statuses(gm)
     graph = nx.DiGraph()
     data_path = _data_path(gm)
@@ -239,6 +243,7 @@ def _collapse_depth(graph: nx.DiGraph, main: list[str], max_nodes: int) -> int |
 def _groups(graph: nx.DiGraph, main: list[str], depth: int | None) -> dict[str, str]:
     """data-path node -> the box it is drawn in (itself, or its module at `depth`) keeping the
     collapsed graph acyclic: a module whose nodes interleave with others' stays expanded."""
+    import networkx as nx  # here, not at the top: `import fxcompress` skips networkx until a graph is drawn
     group = {n: n for n in main}
     if depth is None:
         return group
@@ -336,6 +341,7 @@ def _side_blocks(gm: GraphModule, graph: nx.DiGraph, boxes: dict[str, _Box], gro
 
 
 def _ranks(dag: nx.DiGraph) -> dict[str, int]:
+    import networkx as nx  # here, not at the top: `import fxcompress` skips networkx until a graph is drawn
     rank = {}
     for name in nx.topological_sort(dag):
         rank[name] = 1 + max((rank[p] for p in dag.predecessors(name)), default=-1)
@@ -437,6 +443,7 @@ def layout(gm: GraphModule, max_nodes: int = DEFAULT_MAX_NODES, table: Summary |
         raise ConfigError(f"draw.max_nodes must be at least 1, got {max_nodes!r}")
     boxes, group, graph = _boxes(gm, max_nodes, table)
     blocks, side_boxes = _side_blocks(gm, graph, boxes, group)
+    import networkx as nx  # here, not at the top: `import fxcompress` skips networkx until a graph is drawn
     dag = nx.DiGraph()
     dag.add_nodes_from(boxes)
     dag.add_edges_from({(group[u], group[v]) for u, v in graph.edges

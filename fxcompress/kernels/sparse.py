@@ -42,10 +42,9 @@ import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +52,9 @@ from torch import nn
 from ..errors import ConfigError, FormatError, PreconditionError
 from .compiled import library as c_library
 from .timing import KernelChoice, choose_kernel, layer_inputs
+
+if TYPE_CHECKING:  # annotations only; scipy is imported where a scipy kernel builds its matrix
+    import scipy.sparse
 
 KERNELS = ("dense", "torch_csr", "scipy_csr", "scipy_csc", "torch_bsr", "c_relative", "c_relative_csc")
 SPARSE_KERNELS = KERNELS[1:]
@@ -304,6 +306,7 @@ def _scipy_weight(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, i
                   out_features: int, kernel: str) -> scipy.sparse.spmatrix:
     """A scipy view [out, in] of the buffers (their memory, no copy; the buffers were checked when
     built): CSR, or for "scipy_csc" the transpose of the [in, out] CSR they describe."""
+    import scipy.sparse  # here, not at the top: `import fxcompress` skips scipy (about 0.4 s) until it is used
     matrix = scipy.sparse.csr_matrix(compressed_shape(kernel, in_features, out_features), dtype=values.numpy().dtype)
     matrix.data, matrix.indices, matrix.indptr = values.numpy(), col.numpy(), crow.numpy()
     return matrix.T if kernel == "scipy_csc" else matrix

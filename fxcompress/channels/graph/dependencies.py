@@ -13,11 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch.fx import GraphModule
 
 from ...analyses.shapes import ShapeInfo
@@ -25,6 +23,9 @@ from ...analysis import Analysis
 from ...config import check_choice
 from .ops import rule_of
 from .walk import NOT_CHANNEL, Edit, LayerChannels, Walk
+
+if TYPE_CHECKING:  # the graph's type in annotations; networkx itself is imported where a graph is built
+    import networkx as nx
 
 Slot = tuple[str, int]  # (qualified parameter or buffer name, dim)
 
@@ -128,6 +129,8 @@ ATTENTION_MODES = ("head_dims", "heads")
 def _classes(count: int, pairs: list) -> np.ndarray:
     if not pairs:
         return np.arange(count)
+    from scipy.sparse import coo_matrix  # here, not at the top: loading a file never needs scipy
+    from scipy.sparse.csgraph import connected_components
     rows = np.concatenate([a for a, _ in pairs])
     cols = np.concatenate([b for _, b in pairs])
     matrix = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(count, count))
@@ -145,6 +148,7 @@ def _frozen(labels: np.ndarray, frozen: list) -> dict[int, str]:
 
 def _groups(labels, slots, frozen, layers, inexact: set, at_output: set) -> tuple[nx.Graph, tuple[ChannelGroup, ...]]:
     keys = [k for k, ids in slots.items() if frozen.get(int(labels[ids[0]])) != NOT_CHANNEL]
+    import networkx as nx  # here, not at the top: a process that builds no channel graph skips its import
     per_slot = [np.unique(labels[slots[k]]) for k in keys]
     graph = nx.Graph()
     graph.add_nodes_from(keys)
