@@ -10,8 +10,9 @@ SCRIPT = Path(sys.executable).parent / "fxcompress"  # installed beside the inte
 
 
 def test_console_script_inspects_a_file(encoded_file):
-    """... and, loading it, never imports torch._dynamo (load's dry run computes the common ops from tables):
-    Python's import log (PYTHONPROFILEIMPORTTIME) names every module the command imported."""
+    """... and, loading it, never imports torch._dynamo (load's dry run computes the common ops from tables),
+    nor networkx or scipy (imported where a channel graph, a drawing or a scipy kernel needs them): Python's
+    import log (PYTHONPROFILEIMPORTTIME) names every module the command imported."""
     path, _, _ = encoded_file
     assert SCRIPT.is_file(), f"no console script at {SCRIPT}: reinstall the package (pip install -e .)"
     done = subprocess.run([str(SCRIPT), "inspect", str(path)], capture_output=True, text=True, timeout=120,
@@ -19,6 +20,7 @@ def test_console_script_inspects_a_file(encoded_file):
     assert done.returncode == 0, done.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     assert "fxcompress.fileformat.dryrun" in imported and "torch._dynamo" not in imported
+    assert "fxcompress.channels.graph.dependencies" in imported and not {"networkx", "scipy"} & set(imported)
     total = fxcompress.summary(fxcompress.load(path)).totals["compressed_bytes"]
     assert "per-layer bytes:" in done.stdout and str(total) in done.stdout
 
