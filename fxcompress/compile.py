@@ -6,6 +6,7 @@ reported preserved is recomputed from scratch after it and compared with the cac
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import time
 import warnings
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from .analyses.shapes import propagate_shapes
+from .analyses.shapes import ShapeInfo, propagate_shapes, shapes_and_outputs
 from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
 from .memory import release_freed_memory
@@ -27,7 +28,8 @@ from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .quant import sync_trainable
 from .tracing import origin, trace
-from .verify import OutputSignature, check_example_inputs, failing_node, forward, verify_graph
+from .verify import (OutputSignature, check_example_inputs, check_graph, check_outputs, failing_node, verify_forward,
+                     verify_graph)
 
 
 def _node_signatures(gm: GraphModule) -> dict[str, str]:
@@ -146,25 +148,53 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     share = bool(passes) and all(getattr(p, "reads_tensors_only", False) for p in passes) and not specialize_shapes
     gm = _to_graph(model, inputs, frontend, inplace, leaf_modules, concrete_args, share)
 
-    outputs = check_example_inputs(gm, inputs)  # a failure now is the inputs', before any pass is blamed
-    expected = OutputSignature.of(outputs) if verify else None
-    del outputs  # only their structure is kept: a large model's outputs (logits) need not live through the passes
-    if specialize_shapes:
-        fold_shapes(gm, inputs)
-        verify_graph(gm, inputs if verify else None, expected, "specialize_shapes")
+    shapes, expected = _first_run(gm, inputs, verify, specialize_shapes)
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
-    # the explicit shape step, before the first pass too: passes read node.meta (summary() and draw()
-    # after them), and a freshly traced graph has none; after each changing pass _refresh_analyses redoes it
-    ctx.analyses.put(propagate_shapes(gm, inputs))
+    ctx.analyses.put(shapes)
     for index, p in enumerate(passes):
-        gm = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify,
-                       check_analyses, strict)
+        gm, seen = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify,
+                             check_analyses, strict)
         if p.changes_output_shapes and verify:
-            expected = OutputSignature.of(forward(gm, inputs))
+            expected = seen  # the structure its verification run saw is the one later passes keep
     if share and isinstance(model, GraphModule) and gm is not model:
         _own_tensors(gm, model)
     sync_trainable(gm)  # parameters no gradient reaches (behind k-means) must not look trainable
     return gm
+
+
+def _first_run(gm: GraphModule, inputs: tuple, verify: bool,
+               specialize: bool) -> tuple[ShapeInfo, OutputSignature | None]:
+    """Check the example inputs (a failure now is theirs, before any pass is blamed), take the output
+    structure every pass must keep, and write every node's shape (passes read node.meta, summary()
+    and draw() after them, and a freshly traced graph has none): one run of the graph serves all
+    three unless shape specialization rewrites the graph between the check and the shapes."""
+    both = None if specialize else _one_run(gm, inputs)
+    outputs = check_example_inputs(gm, inputs) if both is None else both[1]
+    expected = OutputSignature.of(outputs) if verify else None
+    del outputs  # only their structure is kept: a large model's outputs (logits) need not live through the passes
+    if specialize:
+        fold_shapes(gm, inputs)
+        verify_graph(gm, inputs if verify else None, expected, "specialize_shapes")
+    shapes = propagate_shapes(gm, inputs) if both is None else both[0]
+    del both
+    release_freed_memory()  # glibc keeps the run's freed transients resident under the first pass's peak otherwise
+    return shapes, expected
+
+
+def _one_run(gm: GraphModule, inputs: tuple) -> tuple[ShapeInfo, Any] | None:
+    """The shape step and its outputs, to serve as the forward check too, where running the graph
+    node by node is calling `gm`: no forward hooks on it and `inputs` bind to its generated forward
+    (the interpreter would silently drop an extra input that the call refuses). None where it is not,
+    or where the run fails: the separate steps then run and name the failure as they always did."""
+    hooks = (gm._forward_hooks, gm._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)
+    if any(hooks):
+        return None
+    try:
+        inspect.signature(gm.forward).bind(*inputs)
+        return shapes_and_outputs(gm, inputs)
+    except Exception:  # noqa: BLE001 - the separate forward reruns it, and its error names the culprit
+        return None
 
 
 def _check_options(passes: Sequence[Pass], example_inputs: Any, frontend: str, check_analyses: bool | None,
@@ -185,14 +215,13 @@ def _check_options(passes: Sequence[Pass], example_inputs: Any, frontend: str, c
 
 
 def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: OutputSignature | None,
-              verify: bool, check_analyses: bool, strict: bool = False) -> GraphModule:
+              verify: bool, check_analyses: bool, strict: bool = False) -> tuple[GraphModule, OutputSignature | None]:
+    """Run one pass, verify and annotate the graph, record it; the graph and the signature of the
+    outputs of its verification run (None without verification)."""
     label = f"pass #{index} {p!r}"
     before = _node_signatures(gm)
     start = time.perf_counter()
     ctx.gm = gm
-    # the forwards before the pass (the input check, shapes, the last pass's checks) freed their transients
-    # into glibc's free lists, where they stay resident under the pass's own peak unless handed back
-    release_freed_memory()
     try:
         result = p(gm, ctx)
     except FxCompressError as exc:
@@ -208,14 +237,12 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
         result.gm.meta.update({k: v for k, v in gm.meta.items() if k not in result.gm.meta})
         gm = result.gm
     ctx.gm = gm
-    if verify:
-        verify_graph(gm, ctx.example_inputs, expected, label)  # lints, recompiles, runs
-        release_freed_memory()  # glibc keeps the checking forward's freed activations resident otherwise
-    elif result.changed or result.gm is not None:
-        gm.recompile()
-    if result.changed or result.gm is not None:
-        _refresh_analyses(gm, preserved, ctx, label, check_analyses)
-        release_freed_memory()  # the shape propagation's forward too: what follows (a next stage) starts from what is live
+    seen = _check_and_annotate(gm, result.changed or result.gm is not None, preserved, ctx, label, expected,
+                               verify, check_analyses)
+    if verify or result.changed or result.gm is not None:
+        # the checking run freed its activations into glibc's free lists, where they would stay resident
+        # under the next pass's peak (or a next stage's) unless handed back
+        release_freed_memory()
     after = _node_signatures(gm)
     record = PassRecord(
         name=type(p).__name__, config=p.config(), changed=result.changed,
@@ -231,7 +258,22 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
     if not result.changed and result.gm is None:
         _report_unknown_ops(gm, p, label, strict)
     append_record(gm, record)
-    return gm
+    return gm, seen
+
+
+def _check_and_annotate(gm: GraphModule, changed: bool, preserved: tuple[Preserved, ...], ctx: PassContext,
+                        label: str, expected: OutputSignature | None, verify: bool,
+                        check_analyses: bool) -> OutputSignature | None:
+    """After a pass: verify the graph (lint, recompile, run on the example inputs, output structure)
+    and, if the pass changed it, refresh the analyses and node.meta; one run of the graph serves both
+    where it can. The outputs' signature (None without verification)."""
+    if not changed:
+        return verify_graph(gm, ctx.example_inputs, expected, label) if verify else None
+    if verify:
+        check_graph(gm, label)  # lints and recompiles
+    else:
+        gm.recompile()
+    return _refresh_analyses(gm, preserved, ctx, label, check_analyses, verify, expected)
 
 
 def _handled_node(exc: BaseException, gm: GraphModule) -> str:
@@ -297,15 +339,23 @@ _PUBLIC_MODULES = {"_operator": "operator", "torch._C._nn": "torch.nn.functional
 
 
 def _refresh_analyses(gm: GraphModule, preserved: tuple[Preserved, ...], ctx: PassContext, label: str,
-                      check: bool) -> None:
-    """After a pass that changed the graph: drop what it did not preserve, write every node's shape
-    (the nodes it added too), check what it preserved if asked, and cache the fresh shapes."""
+                      check: bool, verify: bool = False,
+                      expected: OutputSignature | None = None) -> OutputSignature | None:
+    """After a pass that changed the graph: drop what it did not preserve, run the graph on the
+    example inputs (with `verify`, a forward check: it runs, and its outputs have the `expected`
+    structure), write every node's shape (the nodes it added too), check what it preserved if asked,
+    and cache the fresh shapes. The signature of the verified outputs (None without `verify`)."""
     ctx.analyses.invalidate(keep=preserved)
-    try:
-        shapes = propagate_shapes(gm, ctx.example_inputs)
-    except Exception as exc:
-        raise VerificationError(f"{label}: shape propagation failed{failing_node(gm, ctx.example_inputs)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+    seen = None
+    both = _one_run(gm, ctx.example_inputs) if verify else None
+    if both is not None:
+        shapes = both[0]
+        seen = check_outputs(gm, both[1], expected, label)
+        del both
+    else:
+        if verify:  # no shared run: the forward check on gm's code, then the shape step
+            seen = verify_forward(gm, ctx.example_inputs, expected, label)
+        shapes = _propagated(gm, ctx, label)
     if check:
         scratch = PassContext(example_inputs=ctx.example_inputs, calibration_data=ctx.calibration_data, gm=gm)
         scratch.analyses.put(shapes)
@@ -314,3 +364,12 @@ def _refresh_analyses(gm: GraphModule, preserved: tuple[Preserved, ...], ctx: Pa
             return scratch.get(key[0], **dict(key[1]))
         ctx.analyses.check(recompute, label)
     ctx.analyses.put(shapes)
+    return seen
+
+
+def _propagated(gm: GraphModule, ctx: PassContext, label: str) -> ShapeInfo:
+    try:
+        return propagate_shapes(gm, ctx.example_inputs)
+    except Exception as exc:
+        raise VerificationError(f"{label}: shape propagation failed{failing_node(gm, ctx.example_inputs)}: "
+                                f"{type(exc).__name__}: {exc}") from exc

@@ -79,8 +79,26 @@ def failing_node(gm: GraphModule, example_inputs: tuple) -> str:
 
 
 def verify_graph(gm: GraphModule, example_inputs: tuple | None, expected: OutputSignature | None,
-                 label: str) -> None:
-    """Raise VerificationError (naming `label` and the failing node) if `gm` is not sound."""
+                 label: str) -> OutputSignature | None:
+    """Raise VerificationError (naming `label` and the failing node) if `gm` is not sound; the
+    signature of its outputs on `example_inputs` (None without them)."""
+    check_graph(gm, label)
+    return None if example_inputs is None else verify_forward(gm, example_inputs, expected, label)
+
+
+def verify_forward(gm: GraphModule, example_inputs: tuple, expected: OutputSignature | None,
+                   label: str) -> OutputSignature:
+    """verify_graph's forward pass (on gm's current code) and output check; the outputs' signature."""
+    try:
+        outputs = forward(gm, example_inputs)
+    except Exception as exc:
+        raise VerificationError(f"{label}: forward pass failed{failing_node(gm, example_inputs)}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    return check_outputs(gm, outputs, expected, label)
+
+
+def check_graph(gm: GraphModule, label: str) -> None:
+    """verify_graph's first half: the graph lints and compiles to Python (gm's code is then current)."""
     try:
         gm.graph.lint()
     except Exception as exc:
@@ -90,20 +108,18 @@ def verify_graph(gm: GraphModule, example_inputs: tuple | None, expected: Output
         gm.recompile()
     except Exception as exc:
         raise VerificationError(f"{label}: the graph does not compile to Python: {exc}") from exc
-    if example_inputs is None:
-        return
-    try:
-        outputs = forward(gm, example_inputs)
-    except Exception as exc:
-        raise VerificationError(f"{label}: forward pass failed{failing_node(gm, example_inputs)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
-    if expected is not None:
-        got = OutputSignature.of(outputs)
-        if got != expected:
-            output = next(n for n in gm.graph.nodes if n.op == "output")
-            raise VerificationError(
-                f"{label}: outputs changed at {output.format_node()}: expected {expected.leaves} "
-                f"({expected.spec}), got {got.leaves} ({got.spec}); {_changed_leaves(output, expected, got)}")
+
+
+def check_outputs(gm: GraphModule, outputs: Any, expected: OutputSignature | None, label: str) -> OutputSignature:
+    """verify_graph's last step: `outputs` (of a run on the example inputs) have the `expected`
+    structure (any, when None); their signature."""
+    got = OutputSignature.of(outputs)
+    if expected is not None and got != expected:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        raise VerificationError(
+            f"{label}: outputs changed at {output.format_node()}: expected {expected.leaves} "
+            f"({expected.spec}), got {got.leaves} ({got.spec}); {_changed_leaves(output, expected, got)}")
+    return got
 
 
 def _changed_leaves(output: Node, expected: OutputSignature, got: OutputSignature) -> str:

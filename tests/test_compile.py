@@ -164,6 +164,45 @@ def test_shapes_are_computed_by_compile_after_each_change_not_by_passes(monkeypa
     assert tuple(widened.meta["tensor_meta"].shape) == (4, 20)  # a node the pass added has its shape
 
 
+class Counter(nn.Module):
+    """A leaf that counts the runs of the graph: compile's checks call it once per run."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_one_run_of_the_graph_checks_the_inputs_verifies_and_writes_shapes():
+    model, x = nn.Sequential(nn.Linear(8, 8), Counter(), nn.Linear(8, 2)).eval(), torch.randn(4, 8)
+    gm = fxcompress.compile(model, [ScaleWeights(factor=2.0), NeedsShapes()], example_inputs=(x,),
+                            leaf_modules=(Counter,))
+    # before the first pass, after ScaleWeights' change, after NeedsShapes (no change: verification only)
+    assert gm.get_submodule("1").calls == 3
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output")
+    mul = next(n for n in gm.graph.nodes if n.target is operator.mul)  # a node the pass added
+    assert tuple(mul.meta["tensor_meta"].shape) == (8, 8)
+    first, last = model[0], model[2]
+    with torch.no_grad():
+        want = nn.functional.linear(nn.functional.linear(x, 2 * first.weight, first.bias), 2 * last.weight, last.bias)
+        assert torch.allclose(gm(x), want, atol=1e-6)
+
+
+def test_a_forward_hook_on_the_graph_module_runs_in_every_check():
+    """A hook may change what calling the module returns: with one, the checks call the module itself."""
+    x = torch.randn(4, 784)
+    gm = fxcompress.compile(LeNet300100().eval(), [], example_inputs=(x,))
+    seen = []
+    gm.register_forward_hook(lambda module, args, out: seen.append(out.shape) or (out, out))
+    compiled = fxcompress.compile(gm, [ScaleWeights(factor=2.0), NeedsShapes()], example_inputs=(x,), inplace=True)
+    assert compiled is gm and seen == [(4, 10)] * 3  # the input check, after the change, after NeedsShapes
+    with pytest.raises(VerificationError, match=r"pass #0 Breaker\(how='shape'\): outputs changed"):
+        fxcompress.compile(gm, [Breaker(how="shape")], example_inputs=(x,), inplace=True)
+
+
 def test_config_error_names_the_field():
     with pytest.raises(ConfigError, match=r"ScaleWeights\.factor"):
         ScaleWeights(factor=-1.0)

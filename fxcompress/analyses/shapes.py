@@ -54,6 +54,24 @@ def propagate_shapes(gm: GraphModule, example_inputs: tuple | None) -> ShapeInfo
     with evaluating(gm):
         prop = _ShapeProp(gm)
         (prop if prop.fake_mode is None else ShapeProp(gm)).propagate(*example_inputs)
+    return _shape_info(gm)
+
+
+def shapes_and_outputs(gm: GraphModule, example_inputs: tuple) -> tuple[ShapeInfo, Any] | None:
+    """`propagate_shapes(gm, example_inputs)` and the graph's outputs of that same run, which are
+    what calling `gm` returns when `gm` has no forward hooks and the inputs bind to its forward (the
+    interpreter feeds placeholders as the generated code binds its arguments, unpacks as its pytree
+    codegen does, and calls every op with the same arguments). None, having run nothing, where a
+    fake-tensor mode is active: torch's ShapeProp then runs on fake tensors, whose outputs prove nothing."""
+    with evaluating(gm):
+        prop = _ShapeProp(gm)
+        if prop.fake_mode is not None:
+            return None
+        outputs = prop.propagate(*example_inputs)
+    return _shape_info(gm), outputs
+
+
+def _shape_info(gm: GraphModule) -> ShapeInfo:
     meta = {n.name: n.meta["tensor_meta"] for n in gm.graph.nodes if "tensor_meta" in n.meta}
     return ShapeInfo(MappingProxyType(meta))
 
