@@ -1,6 +1,7 @@
 """compile(..., specialize_shapes=True): sizes computed from the inputs' shapes become constants."""
 from __future__ import annotations
 
+import functools
 import operator
 
 import pytest
@@ -51,6 +52,15 @@ def _size_nodes(gm):
     return [n for n in gm.graph.nodes if reads_shape(n)]
 
 
+@functools.cache
+def _dynamic_program():
+    """(model, example input, its program exported with a dynamic batch and length): exported once for
+    the tests that read it; compile copies a program, so none changes it."""
+    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
+    dims = {0: torch.export.Dim("batch", min=2, max=16), 1: torch.export.Dim("length", min=2, max=16)}
+    return model, x, torch.export.export(model, (x,), dynamic_shapes=(dims,))
+
+
 def test_every_size_is_folded_outputs_identical_and_heads_split_by_constants():
     model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
     traced = trace(model)
@@ -71,9 +81,8 @@ def test_unspecialized_sizes_are_rewritten_or_frozen_with_a_reason_never_a_type_
     """Without specialize_shapes the channel analysis reads the same arithmetic: HF's head split is
     rewritten, a width used as a number or a dim computed from z.dim() freezes what it touches,
     named; removing zeroed channels leaves the outputs equal."""
-    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
-    dims = {0: torch.export.Dim("batch", min=2, max=16), 1: torch.export.Dim("length", min=2, max=16)}
-    source = model if frontend == "fx" else torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    model, x, program = _dynamic_program()
+    source = model if frontend == "fx" else program
     gm = fxcompress.compile(source, [], (x,), frontend="fx")  # a program is exported already
     assert _size_nodes(gm)  # the sizes are read at run time: the export's dynamic ones too
     cg = PassContext(example_inputs=(x,), gm=gm).get(ChannelGraph)
@@ -136,9 +145,7 @@ def test_gpt2_block_specialized_prunes_as_much_as_unspecialized_and_stays_exact(
 
 
 def test_sizes_of_an_exported_program_with_dynamic_dims_are_folded():
-    model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
-    dims = {0: torch.export.Dim("batch", min=2, max=16), 1: torch.export.Dim("length", min=2, max=16)}
-    program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    model, x, program = _dynamic_program()
     general = fxcompress.compile(program, [], (x,))
     assert _size_nodes(general)  # the dynamic sizes are read at run time
     gm = fxcompress.compile(program, [], (x,), specialize_shapes=True)
