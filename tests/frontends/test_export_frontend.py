@@ -1,6 +1,7 @@
 """The torch.export front end: exported models compile, every pass works on them, names stay the user's."""
 from __future__ import annotations
 
+import functools
 import operator
 import types
 import warnings
@@ -124,6 +125,21 @@ def _model(name: str):
     return model, (inputs(),)
 
 
+@functools.cache
+def _exported(name: str):
+    """(model, inputs, the model through compile's export front end): exported once per model for the
+    tests that start from its graph; compile copies a GraphModule, so each starts from the same one."""
+    model, inputs = _model(name)
+    return model, inputs, fxcompress.compile(model, [], inputs, frontend="export")
+
+
+@functools.cache
+def _program(name: str):
+    """(model, inputs, torch.export's program of the model), for the tests that hand compile a program."""
+    model, inputs = _model(name)
+    return model, inputs, torch.export.export(model, inputs)
+
+
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -134,8 +150,7 @@ def _aten_ops(gm) -> list:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_exported_graph_is_torch_level_with_the_users_names(name):
-    model, inputs = _model(name)
-    gm = fxcompress.compile(model, [], inputs, frontend="export")
+    model, inputs, gm = _exported(name)
     assert gm.meta["frontend"] == "export"
     assert _aten_ops(gm) == []  # every op of these models has a torch-level spelling
     exported = {layer.name: layer.kind for layer in find_layers(gm)}
@@ -209,9 +224,8 @@ def test_the_issues_op_families_are_spelled_at_torch_level():
 
 
 def test_program_its_module_and_the_model_give_the_same_graph():
-    model, inputs = _model("attention_sdpa")
-    program = torch.export.export(model, inputs)
-    from_model = fxcompress.compile(model, [], inputs, frontend="export")
+    model, inputs, program = _program("attention_sdpa")
+    from_model = _exported("attention_sdpa")[2]  # compile(model, [], inputs, frontend="export")
     from_program = fxcompress.compile(program, [], inputs)
     from_module = fxcompress.compile(program.module(), [], inputs)
     assert from_model.code == from_program.code == from_module.code
@@ -264,9 +278,8 @@ def test_bad_frontend_and_inputs_by_keyword_are_refused_by_name():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_masks_kmeans_encoding_save_and_load_reproduce_the_outputs(name, tmp_path):
-    model, inputs = _model(name)
-    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")],
-                            inputs, frontend="export")
+    _, inputs, exported = _exported(name)
+    gm = fxcompress.compile(exported, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")], inputs)
     fake_quant = gm(*inputs)
     gm = fxcompress.compile(gm, [LowerToEncoded()], inputs)
     fxcompress.save(gm, tmp_path / "model.fxc")
@@ -281,8 +294,8 @@ def test_masks_kmeans_encoding_save_and_load_reproduce_the_outputs(name, tmp_pat
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "attention_sdpa", "attention_softmax"])
 def test_pruning_zeroed_channels_shrinks_and_leaves_outputs_equal(name):
-    model, inputs = _model(name)
-    gm = fxcompress.compile(model, [], inputs, frontend="export")
+    _, inputs, exported = _exported(name)
+    gm = fxcompress.compile(exported, [], inputs)  # a copy: the shared graph is not zeroed
     cg = PassContext(example_inputs=inputs, gm=gm).get(ChannelGraph)
     zero_classes(gm, cg, pick_half(cg))
     expected = gm(*inputs)
@@ -292,8 +305,8 @@ def test_pruning_zeroed_channels_shrinks_and_leaves_outputs_equal(name):
 
 
 def test_channel_graph_of_an_exported_program_prints_its_groups():
-    model, inputs = _model("attention_sdpa")
-    text = str(channel_graph(torch.export.export(model, inputs), inputs))
+    _, inputs, program = _program("attention_sdpa")
+    text = str(channel_graph(program, inputs))
     assert "query" in text and "up" in text
 
 
