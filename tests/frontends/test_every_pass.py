@@ -143,10 +143,11 @@ def test_an_exported_batch_norm_is_folded_like_a_traced_one_and_trains_like_the_
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_activation_grids_of_conv1d_layers_sit_on_their_input_not_on_their_bias(frontend):
-    model, x = _gpt2()
-    gm = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, types=CONV1D,
-                                                    activations=ActivationConfig())],
-                            (x,), calibration_data=[x], frontend=frontend)
+    _, _, x = _program("gpt2")
+    traced_graph, exported_graph = _graphs("gpt2")  # the model through each front end, shared
+    gm = fxcompress.compile(traced_graph if frontend == "fx" else exported_graph,
+                            [InsertFakeQuant(method="linear", bits=8, types=CONV1D, activations=ActivationConfig())],
+                            (x,), calibration_data=[x])
     addmms = [n for n in gm.graph.nodes if n.target is torch.addmm]
     assert len(addmms) == 4
     for node in addmms:
