@@ -421,10 +421,12 @@ def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module] | N
 def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> None:
     """Eval-mode BatchNorm calls back into modules (see `_BATCH_NORMS`), their get_attr nodes erased;
     `root` is the exported module, which also holds the counters the graph never reads."""
+    changed = False
     for node in list(gm.graph.find_nodes(op="call_function", target=F.batch_norm)):
         found = _batch_norm_module(root, node)
         if found is None:
             continue
+        changed = True
         path, module = found
         gm.set_submodule(path, module)
         with gm.graph.inserting_before(node):
@@ -435,7 +437,8 @@ def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> None:
         gm.graph.erase_node(node)
         for attr in attrs:
             gm.graph.erase_node(attr)
-    gm.recompile()
+    if changed:  # the GraphModule was compiled from this graph already: another pass of codegen adds nothing
+        gm.recompile()
 
 
 def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphModule:
