@@ -18,7 +18,7 @@ from .collect import LayerWeights
 
 BLUE, ORANGE, RED, GREY = "#4c78a8", "#f58518", "#d62728", "#9d9d9d"
 MAX_LINES = 64  # more centroids or levels than this are marked by ticks along the axis, not lines
-_SPARE = threading.local()  # each thread's histogram figure, kept for the next layer's histogram
+_SPARE = threading.local()  # each thread's kept figures by kind ("bars", "histogram"), for the next picture
 
 
 def _pyplot():
@@ -68,34 +68,76 @@ def _encode(fig) -> str:
     return uri
 
 
-def _spare_figure():
-    """The histograms' two-panel figure: new, or the last one emptied back to a new one's state. A new
-    figure makes every tick of its axes again on its first draw (a third of a histogram's time); an
-    emptied one draws with the ticks it has. Outside pyplot, so a user's plt.show() never sees it."""
-    fig = getattr(_SPARE, "figure", None)
-    if fig is None:
-        _pyplot()
-        from matplotlib.figure import Figure
-        fig = _SPARE.figure = Figure(figsize=(11, 3.0))
-        fig.subplots(1, 2)
-        return fig
-    for ax in fig.axes:  # no artists, no data limits, a new axes' unit view autoscaled, no title or labels
+def _agg_figure(figsize, **subplots):
+    """A new two-panel figure outside pyplot, on its own Agg canvas. savefig draws a figure without one
+    on a new canvas each time, whose new renderer measures every text and parses every mathtext label
+    ("$10^{3}$") again; a kept canvas keeps its renderer, and the renderer its caches, while the size holds."""
+    _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    fig.subplots(1, 2, **subplots)
+    return fig
+
+
+def _empty(fig) -> None:
+    """Every axes back to a new one's state: no artists, containers (the legend's handles) or legend, no
+    data limits, a new axes' unit view autoscaled (a linear one: a log axis is set log again by its
+    picture), no title or labels."""
+    for ax in fig.axes:
+        for container in list(ax.containers):
+            container.remove()
         for artist in (*ax.lines, *ax.patches, *ax.collections, *ax.texts):
             artist.remove()
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        if ax.get_xscale() != "linear":
+            ax.set_xscale("linear")
         ax.relim()
         ax.set(xlim=(0, 1), ylim=(0, 1), title="", xlabel="", ylabel="")
         ax.set_autoscale_on(True)
+
+
+def _spare_figure(kind: str, figsize, **subplots):
+    """This thread's kept figure of a kind, emptied, or a new one. A new figure makes every tick of its
+    axes again on its first draw (a third of a histogram's time, half the bars' with their log axis'
+    minor ticks); an emptied one draws with the ticks it has. Outside pyplot, so a user's plt.show()
+    never sees it."""
+    fig = getattr(_SPARE, kind, None)
+    if fig is None:
+        fig = _agg_figure(figsize, **subplots)
+        setattr(_SPARE, kind, fig)
+        return fig
+    if tuple(fig.get_size_inches()) != tuple(figsize):
+        fig.set_size_inches(figsize)
+    _empty(fig)
     return fig
+
+
+def _kept_png(kind: str, draw, *args) -> str:
+    """`draw(fig, *args)` on the kept figure of `kind` (made by `draw` itself when there is none), as a
+    data: URI. Titles are pinned at the top of their axes; a picture whose y axis shows an offset text
+    is drawn again on a new figure, the one where matplotlib's own placement of its titles holds."""
+    reused = getattr(_SPARE, kind, None) is not None
+    fig = draw(*args)
+    if not _pin_titles(fig):
+        setattr(_SPARE, kind, None)
+        if reused:
+            return _kept_png(kind, draw, *args)
+    return _png(fig)
 
 
 def bytes_and_sparsity(rows: Sequence[dict]) -> str:
     """Per layer: dense vs compressed bytes (log scale) and weight sparsity, side by side."""
-    plt = _pyplot()
-    rows = [r for r in rows if r.get("dense_bytes")]
+    return _kept_png("bars", _draw_bars, [r for r in rows if r.get("dense_bytes")])
+
+
+def _draw_bars(rows: list[dict]):
     names = [str(r["layer"]) for r in rows]
     height = max(2.6, 0.32 * len(rows) + 1.2)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, height), sharey=True,
-                                      gridspec_kw={"width_ratios": [3, 2]})
+    fig = _spare_figure("bars", (11, height), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    left, right = fig.axes
     where = torch.arange(len(rows)).numpy()
     left.barh(where - 0.2, [r["dense_bytes"] for r in rows], height=0.4, color=GREY, label="dense fp32")
     left.barh(where + 0.2, [r["compressed_bytes"] for r in rows], height=0.4, color=BLUE, label="compressed")
@@ -111,7 +153,7 @@ def bytes_and_sparsity(rows: Sequence[dict]) -> str:
     # fixed margins (tight_layout draws every figure twice): room on the left for the longest name
     fig.subplots_adjust(left=min(0.4, 0.03 + 0.0075 * max(map(len, names), default=0)), right=0.98,
                         bottom=0.9 / height, top=1 - 0.45 / height, wspace=0.08)
-    return _encode(fig)
+    return fig
 
 
 def _mark(ax, weights: LayerWeights) -> None:
@@ -155,17 +197,11 @@ def _per_level(ax, weights: LayerWeights) -> None:
 def histogram(weights: LayerWeights) -> str:
     """Deep Compression's picture of a layer: the weights before quantization (zeros left out) with
     the centroids or grid levels marked, and how many weights each centroid or level took after."""
-    reused = getattr(_SPARE, "figure", None) is not None
-    fig = _spare_figure()
-    _draw_histogram(fig, weights)
-    if not _pin_titles(fig):  # an offset text: matplotlib places the titles, and only a new figure lets it
-        _SPARE.figure = None
-        if reused:
-            return histogram(weights)
-    return _png(fig)
+    return _kept_png("histogram", _draw_histogram, weights)
 
 
-def _draw_histogram(fig, weights: LayerWeights) -> None:
+def _draw_histogram(weights: LayerWeights):
+    fig = _spare_figure("histogram", (11, 3.0))
     left, right = fig.axes
     after = weights.after.flatten().float()
     before = weights.before.flatten().float() if weights.before is not None else None
@@ -186,6 +222,7 @@ def _draw_histogram(fig, weights: LayerWeights) -> None:
         _mark(left, weights)
     _per_level(right, weights)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.83, wspace=0.2)
+    return fig
 
 
 def sensitivity_curves(table: SensitivityTable) -> str:

@@ -123,6 +123,21 @@ def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure
         assert (pixels(figures.histogram(weights)) == picture).all(), weights.name
 
 
+def test_bars_on_the_kept_figure_are_those_of_a_new_figure_byte_for_byte(compressed, monkeypatch):
+    """The bars are drawn on one kept figure too, resized and emptied each time (its legend and bar
+    containers included): after a picture of another height, the PNG is the one a new figure with
+    matplotlib's title placement writes, to the byte."""
+    pytest.importorskip("matplotlib")
+    from fxcompress.report import figures
+    rows = fxcompress.summary(compressed[2], (compressed[3][:1],)).rows
+    other = [{"layer": f"block{i}.attention.output_projection", "dense_bytes": 4 * 10 ** (i + 2),
+              "compressed_bytes": 3 * 10 ** i, "sparsity": None if i == 2 else i / 8} for i in range(6)]
+    kept = [figures.bytes_and_sparsity(other), figures.bytes_and_sparsity(rows), figures.bytes_and_sparsity(other)]
+    monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)  # matplotlib's placement, a new figure each
+    assert kept[0] == kept[2] != kept[1]  # the same picture after the other one: nothing of it was left behind
+    assert [figures.bytes_and_sparsity(r) for r in (rows, other)] == kept[1:]
+
+
 def test_a_title_over_an_offset_text_is_left_for_matplotlib_to_place():
     pytest.importorskip("matplotlib")
     from fxcompress.report import figures
