@@ -9,7 +9,8 @@ was would be a different byte in a file).
 import pytest
 import torch
 
-from fxcompress.quant.quantizers import Grid, _min_max, fake_quantize, fixed_point_grid, from_rows, linear_grid
+from fxcompress.errors import PreconditionError
+from fxcompress.quant.quantizers import Grid, _min_max, check_finite, fake_quantize, fixed_point_grid, from_rows, linear_grid
 
 
 class _ReferenceRound(torch.autograd.Function):
@@ -109,3 +110,20 @@ def test_a_saturating_grid_clamps_the_same_values():
     grid = Grid(torch.tensor(0.1), torch.tensor(7.0), 0, 15)  # most values saturate on either side
     with torch.no_grad():
         assert same_bits(fake_quantize(x, grid), reference_fake_quantize(x, grid, None))
+
+
+def test_check_finite_counts_every_non_finite_value_and_passes_huge_finite_ones():
+    w = torch.randn(1000)
+    check_finite(w, "w")
+    check_finite(torch.full((4,), 1e308, dtype=torch.float64), "huge")  # a float64 sum overflows; no value is bad
+    check_finite(torch.full((70000,), 6e4, dtype=torch.float16), "half")  # past float16's range summed
+    for bad, count in ((float("nan"), 3), (float("inf"), 2), (-float("inf"), 1)):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x = w.to(dtype, copy=True)
+            x[:count] = bad
+            with pytest.raises(PreconditionError, match=rf"layer: {count} of 1000 values are NaN/Inf"):
+                check_finite(x, "layer")
+    mixed = w.clone()
+    mixed[[1, 5]] = torch.tensor([float("inf"), -float("inf")])  # their sum is NaN; both are counted
+    with pytest.raises(PreconditionError, match="2 of 1000"):
+        check_finite(mixed, "layer")
