@@ -24,6 +24,7 @@ from .quant import ActivationQuant, GridWeight, KMeansWeight
 from .quant.channel_grid import per_channel_grid
 from .quant.commuting import commutes_with_quantization
 from .kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from .passes.lower_integer_graph import clamp_bounds, clamp_codes
 from .quant.quantizers import Grid, quantize
 
 __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_json", "to_onnx", "to_onnx_int8",
@@ -261,6 +262,10 @@ class Dequantize(nn.Module):
         return _DequantizeFn.apply(self.codes, self.scale, self.zero_point, self.axis)
 
 
+def _qdq_type(module: QuantizeDequantize) -> torch.dtype:
+    return torch.int8 if module.signed else torch.uint8
+
+
 def _integer_type(qmin: int, qmax: int) -> torch.dtype | None:
     """The ONNX integer type holding every code of [qmin, qmax]: int8 first, then uint8; None if neither."""
     return next((t for t in (torch.int8, torch.uint8) if _ONNX_INTEGERS[t][0] <= qmin and qmax <= _ONNX_INTEGERS[t][1]),
@@ -326,23 +331,75 @@ def _drop_unread_tensors(gm: GraphModule) -> None:
 
 
 def _quantize_output_early(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> None:
-    """Apply the grid the layer's output reaches through commuting ops (max pool, flatten, ReLU) at
-    the output itself too: the same values (rounding is monotone, the grid holds 0, and rounding
-    twice onto one grid is rounding once), and a Conv -> QuantizeLinear pair ORT fuses."""
-    current, steps = node, 0
+    """Apply the grid the layer's output reaches through code-safe ops (max pool, flatten, ReLU, clamps with
+    constant bounds) at the output itself too, so that ORT fuses Conv -> QuantizeLinear into QLinearConv.
+
+    The same values: rounding q onto one grid is monotone, holds 0 and rounding twice is rounding once, so
+    q(op(x)) = op(q(x)) for the commuting ops and q(clamp(x, lo, hi)) = clamp(q(x), q(lo), q(hi)) for a
+    clamp. A clamp whose codes are the grid's ends is the grid's own saturation and goes; any other runs
+    between DequantizeLinear and QuantizeLinear at its bounds' grid points. The early copy saturates at
+    its integer type's ends only (no Clip that would stop the fusion): the grid itself, later, clamps.
+    """
+    found = _grid_reached(gm, node, grids)
+    if found is None:
+        return
+    steps, target = found
+    grid = grids[target]
+    steps = [step for step in steps if not _clamp_onto_grid(gm, step, grid)]
+    module = gm.get_submodule(target.target)
+    full = QuantizeDequantize(module.scale, module.zero_point, *_ONNX_INTEGERS[_qdq_type(module)], module.signed)
+    if not steps and (module.qmin, module.qmax) == (full.qmin, full.qmax):
+        return  # the layer writes straight into its grid: Conv -> QuantizeLinear already
+    name = f"{node.name}_output_quant"
+    gm.add_submodule(name, full)
+    with gm.graph.inserting_after(node):
+        early = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(early, delete_user_cb=lambda u: u is not early)
+
+
+def _grid_reached(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> tuple[list[Node], Node] | None:
+    """The code-safe ops from `node` (each the only user of the one before, reading it first) to the
+    activation grid they reach, and that grid's node; None if another op or a fork comes first."""
+    current, steps = node, []
     while len(current.users) == 1:
         (user,) = current.users
         if user in grids:
-            break
-        if not commutes_with_quantization(gm, user) or user.args[0] is not current:
-            return
-        current, steps = user, steps + 1
-    else:
-        return
-    if steps:
-        with gm.graph.inserting_after(node):
-            early = gm.graph.call_module(user.target, (node,))
-        node.replace_all_uses_with(early, delete_user_cb=lambda u: u is not early)
+            return steps, user
+        if not user.args or user.args[0] is not current \
+                or not (commutes_with_quantization(gm, user) or _clamp(gm, user)):
+            return None
+        current = user
+        steps.append(user)
+    return None
+
+
+def _clamp(gm: GraphModule, node: Node) -> tuple[float | None, float | None] | None:
+    """A clamp's constant (low, high) (LowerToInteger's table); None for any other node or crossed bounds
+    (torch's clamp of an empty interval is its upper bound everywhere, no monotone clamp of codes)."""
+    bounds = clamp_bounds(gm, node)
+    if bounds is None or None not in bounds and bounds[0] > bounds[1]:
+        return None
+    return bounds
+
+
+def _clamp_onto_grid(gm: GraphModule, node: Node, grid: Grid) -> bool:
+    """Erase the clamp `node` if its bounds round to `grid`'s ends: the grid saturates there itself (True).
+    Otherwise respell it at its bounds' grid points, what it is on codes, and keep it (False); any other
+    node stays as it is (False)."""
+    bounds = _clamp(gm, node)
+    if bounds is None:
+        return False
+    low, high = clamp_codes(grid, bounds)
+    if (low, high) == (grid.qmin, grid.qmax):
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        return True
+    points = [float(torch.tensor(float(q - int(grid.zero_point))) * grid.scale.float()) for q in (low, high)]
+    with gm.graph.inserting_before(node):
+        clamp = gm.graph.call_function(torch.clamp, (node.args[0], *points))
+    node.replace_all_uses_with(clamp)
+    gm.graph.erase_node(node)
+    return False
 
 
 def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_grid: Grid | None) -> None:

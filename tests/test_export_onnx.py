@@ -26,7 +26,7 @@ from fxcompress import export
 from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
 from fxcompress.kernels import native
-from fxcompress.quant import set_quantization
+from fxcompress.quant import ActivationQuant, set_quantization
 from fxcompress.zoo import LeNet5
 from small_lenet import SmallLeNet
 
@@ -211,8 +211,14 @@ def test_seven_bit_activation_grids_are_clipped_before_quantize_linear(fake_quan
     model = onnx.load(str(tmp_path / "q.onnx"))
     clips = {n.output[0] for n in model.graph.node if n.op_type == "Clip"}
     quantizes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(quantizes) >= 4 and all(n.input[0] in clips for n in quantizes)  # every grid clips first
-    (got,) = _session(tmp_path / "q.onnx").run(None, {"x": x.numpy()})
+    grids = sum(isinstance(m, ActivationQuant) for m in fq.modules())
+    # every grid clips before its QuantizeLinear; a layer whose output reaches a grid through ReLU and max
+    # pooling quantizes early onto all of uint8 (no Clip: ORT fuses it into the layer), the grid clips later
+    assert grids >= 4 and sum(n.input[0] in clips for n in quantizes) == grids
+    session = _session(tmp_path / "q.onnx", optimized=tmp_path / "opt.onnx")
+    fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert fused["QLinearConv"] == 2 and fused["Conv"] + fused["FusedConv"] == 0
+    (got,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
         ours = export._quantize_dequantize(fq)(x).numpy()
     assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98  # codes at a rounding tie may move by one
@@ -242,3 +248,112 @@ def test_native_lowered_model_is_refused_by_module(fake_quant, digits, tmp_path)
     lowered = fxcompress.compile(fq, [LowerToInteger(backend="native")], example_inputs=(digits.train_x[:2],))
     with pytest.raises(PreconditionError, match="module 'conv1.input_quant' \\(QuantizeToCodes\\) runs oneDNN"):
         export.to_onnx(lowered, tmp_path / "m.onnx", (digits.train_x[:2],))
+
+
+def _conv_bn(cin, cout, kernel, groups=1, relu6=True):
+    layers = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU6()] if relu6 else layers
+
+
+class MobileNetBlock(nn.Module):
+    """A stem and one of MobileNetV2's inverted residual blocks on 8x8 digits: 1x1 expansion, 3x3 depthwise and
+    1x1 projection, each conv -> BN (folded) -> ReLU6 but the projection, then the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(1, 8, 3))
+        self.block = nn.Sequential(*_conv_bn(8, 32, 1), *_conv_bn(32, 32, 3, groups=32),
+                                   *_conv_bn(32, 8, 1, relu6=False))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(F.adaptive_avg_pool2d(x + self.block(x), 1).flatten(1))
+
+
+class ClampChain(nn.Module):
+    """Convolutions each followed by a clamp spelled another way (ReLU6 module, F.hardtanh, a one-sided
+    Tensor.clamp, torch.clamp at bounds off any grid); no biases, so our QDQ model is the fake-quant model."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(cin, 8, 3, padding=1, bias=False) for cin in (1, 8, 8, 8))
+        self.relu6, self.fc = nn.ReLU6(), nn.Linear(8 * 8 * 8, 10, bias=False)
+
+    def forward(self, x):
+        x = F.hardtanh(self.convs[1](self.relu6(self.convs[0](x))), -0.5, 0.5)
+        x = torch.clamp(self.convs[3](self.convs[2](x).clamp(min=-0.1)), -0.3, 0.25)
+        return self.fc(x.flatten(1))
+
+
+def _random_fake_quant(model, digits, activations):
+    """`model` with random weights (BatchNorm statistics from the calibration batches) quantized with
+    `activations`: the test checks the export's arithmetic, which needs no training."""
+    torch.manual_seed(0)
+    x = digits.train_x[:128]
+    calibration = [x[:64], x[64:]]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # a cumulative average over the batches
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.4)
+        for batch in calibration:
+            model.train()(batch)
+    quantize = InsertFakeQuant(method="linear", bits=WEIGHT_BITS, symmetric=True, per_channel=True,
+                               activations=activations)
+    return fxcompress.compile(model.eval(), [FoldBatchNorm(), quantize], example_inputs=(x[:2],),
+                              calibration_data=calibration)
+
+
+def _ort_int8(fq, x, tmp_path, onnx):
+    """Our QDQ export of `fq` run by ONNX Runtime on `x`: its outputs, and the op counts of the exported
+    model and of ORT's optimized one."""
+    export.to_onnx_int8(fq, tmp_path / "q.onnx", (x[:2],))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    session = _session(tmp_path / "q.onnx", optimized=tmp_path / "opt.onnx")
+    (got,) = session.run(None, {"x": x.numpy()})
+    fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    return got, Counter(n.op_type for n in model.graph.node), fused
+
+
+def test_int8_qdq_keeps_mobilenet_relu6_chains_integer(digits, tmp_path, onnx):
+    model = MobileNetBlock()
+    fq = _random_fake_quant(model, digits, ActivationConfig(bits=8, joins=True))
+    assert sum(isinstance(m, nn.ReLU6) for m in fq.modules()) == 3
+    x = digits.test_x
+    got, ops, fused = _ort_int8(fq, x, tmp_path, onnx)
+    # each ReLU6's codes are its grid's ends (0 and >= 255 on a grid calibrated after it): the grid's own
+    # saturation, so the export holds no Clip and every conv writes straight into QuantizeLinear
+    assert ops["Clip"] == 0 and ops["Conv"] == 4 and fused["Clip"] == 0
+    assert fused["QLinearConv"] == 4 and fused["Conv"] + fused["FusedConv"] == 0  # every conv on ORT's int8 kernel
+    with torch.no_grad():
+        ours = export._quantize_dequantize(fq)(x).numpy()
+    step = (ours.max() - ours.min()) / 255  # one 8-bit step over the logits
+    assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98 and np.abs(got - ours).max() <= step
+    assert (got.argmax(1) == ours.argmax(1)).mean() >= 0.995
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, False), (7, False), (8, True)])
+def test_clamps_run_on_codes_between_int8_convs_and_change_no_value(digits, tmp_path, onnx, bits, symmetric):
+    """Asymmetric grids calibrated after a clamp saturate where it does (hardtanh's -0.5 rounds to the grid's
+    first code), so the clamp goes; a 7-bit grid's own Clip and a clamp inside a symmetric grid (ReLU6's 0)
+    run between DequantizeLinear and QuantizeLinear after the int8 conv, which quantizes early onto the
+    whole integer type. Bias-free layers: our QDQ model equals the fake-quant model exactly, also beyond the
+    calibrated range, where the clamps and grids saturate."""
+    fq = _random_fake_quant(ClampChain(), digits, ActivationConfig(bits=bits, symmetric=symmetric))
+    x = digits.test_x * 1.5
+    got, ops, fused = _ort_int8(fq, x, tmp_path, onnx)
+    with torch.no_grad():
+        ours, fake = export._quantize_dequantize(fq)(x), fq(x)
+    assert torch.equal(ours, fake)
+    ours = ours.numpy()
+    assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98
+    assert np.abs(got - ours).max() <= (ours.max() - ours.min()) / 255
+    assert (got.argmax(1) == ours.argmax(1)).mean() >= 0.995
+    assert fused["QLinearConv"] == 4 and fused["Conv"] + fused["FusedConv"] == 0
+    if (bits, symmetric) == (8, False):
+        assert ops["Clip"] == 0 and fused["DequantizeLinear"] == 0
+    else:  # every grid keeps its own Clip (the input's too), before its last QuantizeLinear
+        assert ops["Clip"] >= 5
