@@ -1,8 +1,9 @@
 """The report's pictures as inline PNG data (base64), drawn with matplotlib, an optional extra.
 
 `available()` says whether matplotlib can be imported; without it the report keeps its tables and
-the graph (which draw.py writes as SVG itself). Every figure is closed after it is encoded, but the
-histograms' own (one per thread, outside pyplot), which each histogram empties and draws again.
+the graph (which draw.py writes as SVG itself). Each kind of picture is drawn on one kept figure per
+thread (outside pyplot, on its own Agg canvas), emptied back to a new figure's state for the next
+picture: the PNGs are byte for byte those of a new figure.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .collect import LayerWeights
 
 BLUE, ORANGE, RED, GREY = "#4c78a8", "#f58518", "#d62728", "#9d9d9d"
 MAX_LINES = 64  # more centroids or levels than this are marked by ticks along the axis, not lines
-_SPARE = threading.local()  # each thread's kept figures by kind ("bars", "histogram"), for the next picture
+_SPARE = threading.local()  # each thread's kept figures by kind ("bars", "histogram", "sensitivity")
 
 
 def _pyplot():
@@ -60,15 +61,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _encode(fig) -> str:
-    """The figure as a data: URI (PNG), and the figure closed."""
-    _pin_titles(fig)
-    uri = _png(fig)
-    _pyplot().close(fig)
-    return uri
-
-
-def _agg_figure(figsize, **subplots):
+def _agg_figure(figsize, ncols: int, **subplots):
     """A new two-panel figure outside pyplot, on its own Agg canvas. savefig draws a figure without one
     on a new canvas each time, whose new renderer measures every text and parses every mathtext label
     ("$10^{3}$") again; a kept canvas keeps its renderer, and the renderer its caches, while the size holds."""
@@ -77,14 +70,14 @@ def _agg_figure(figsize, **subplots):
     from matplotlib.figure import Figure
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    fig.subplots(1, 2, **subplots)
+    fig.subplots(1, ncols, **subplots)
     return fig
 
 
 def _empty(fig) -> None:
     """Every axes back to a new one's state: no artists, containers (the legend's handles) or legend, no
     data limits, a new axes' unit view autoscaled (a linear one: a log axis is set log again by its
-    picture), no title or labels."""
+    picture), no title or labels, the colour cycle at its start."""
     for ax in fig.axes:
         for container in list(ax.containers):
             container.remove()
@@ -97,16 +90,17 @@ def _empty(fig) -> None:
         ax.relim()
         ax.set(xlim=(0, 1), ylim=(0, 1), title="", xlabel="", ylabel="")
         ax.set_autoscale_on(True)
+        ax.set_prop_cycle(None)
 
 
-def _spare_figure(kind: str, figsize, **subplots):
+def _spare_figure(kind: str, figsize, ncols: int = 2, **subplots):
     """This thread's kept figure of a kind, emptied, or a new one. A new figure makes every tick of its
     axes again on its first draw (a third of a histogram's time, half the bars' with their log axis'
     minor ticks); an emptied one draws with the ticks it has. Outside pyplot, so a user's plt.show()
     never sees it."""
     fig = getattr(_SPARE, kind, None)
     if fig is None:
-        fig = _agg_figure(figsize, **subplots)
+        fig = _agg_figure(figsize, ncols, **subplots)
         setattr(_SPARE, kind, fig)
         return fig
     if tuple(fig.get_size_inches()) != tuple(figsize):
@@ -226,8 +220,12 @@ def _draw_histogram(weights: LayerWeights):
 
 
 def sensitivity_curves(table: SensitivityTable) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    table.plot(ax)
+    """The sensitivity table's curves: each layer's metric against its sparsity."""
+    return _kept_png("sensitivity", _draw_sensitivity, table)
+
+
+def _draw_sensitivity(table: SensitivityTable):
+    fig = _spare_figure("sensitivity", (8, 4.2), ncols=1)
+    table.plot(fig.axes[0])
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.92)
-    return _encode(fig)
+    return fig
