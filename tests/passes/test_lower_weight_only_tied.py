@@ -64,6 +64,13 @@ def _lowered(fq, lowering=None):
     return fxcompress.compile(fq, [lowering or LowerWeightOnly(repeats=1)], example_inputs=(_tokens(),))
 
 
+@pytest.fixture(scope="module")
+def lowered(fake_quantized):
+    """The default fake-quant model lowered by LowerWeightOnly, once for the module: tests that change it
+    change a deep copy (test_copies_and_conversions_keep_the_tie shows a copy keeps the tie)."""
+    return _lowered(fake_quantized)
+
+
 def _pair(gm, head_type=WeightOnlyLinear, embedding_type=WeightOnlyEmbedding):
     (head,) = [m for m in gm.modules() if isinstance(m, head_type) and m.out_features == VOCAB]
     (embedding,) = [m for m in gm.modules() if isinstance(m, embedding_type)]
@@ -110,9 +117,8 @@ def test_outputs_equal_the_fake_quant_model_and_the_weight_is_held_once(function
     assert tied["params"] == tied["compressed_bytes"] == 0 and rows["wte.weight_only"]["params"] == VOCAB * DIM
 
 
-def test_save_load_keeps_one_copy_and_the_tie(fake_quantized):
-    fq = fake_quantized
-    gm, x = _lowered(fq), _tokens()
+def test_save_load_keeps_one_copy_and_the_tie(lowered):
+    gm, x = lowered, _tokens()
     data = to_bytes(gm)
     manifest = json.loads(zlib.decompress(data[HEADER_BYTES:]))
     ties = {entry["name"]: entry["same_as"] for entry in manifest["tensors"] if "same_as" in entry}
@@ -123,8 +129,8 @@ def test_save_load_keeps_one_copy_and_the_tie(fake_quantized):
     assert torch.equal(loaded(x), gm(x))
 
 
-def _reloaded(fq, change):
-    gm = _lowered(fq)
+def _reloaded(lowered, change):
+    gm = copy.deepcopy(lowered)
     change(*_pair(gm))
     return from_bytes(to_bytes(gm))
 
@@ -136,21 +142,21 @@ def _reloaded(fq, change):
     (lambda head, emb: setattr(emb, "packing", "pairs"), "does not match its head's"),
     (lambda head, emb: setattr(emb, "bits", 5), "WeightOnlyEmbedding: needs positive"),
 ])
-def test_a_file_that_breaks_the_tie_or_its_shapes_is_refused(fake_quantized, change, message):
+def test_a_file_that_breaks_the_tie_or_its_shapes_is_refused(lowered, change, message):
     with pytest.raises(FormatError, match=message):
-        _reloaded(fake_quantized, change)
+        _reloaded(lowered, change)
 
 
 def test_copies_and_conversions_keep_the_tie(fake_quantized):
-    gm = _lowered(fake_quantized)
+    gm = _lowered(fake_quantized)  # its own: _apply converts it in place
     for model in (copy.deepcopy(gm), gm._apply(lambda t: t.clone())):
         head, embedding = _pair(model)
         assert embedding.head is head and all(embedding._buffers[n] is head._buffers[n]
                                               for n in ("codes", "scale", "zero"))
 
 
-def test_torch_export_and_compile_run_the_tied_model(fake_quantized):
-    gm, x = _lowered(fake_quantized), _tokens()
+def test_torch_export_and_compile_run_the_tied_model(lowered):
+    gm, x = lowered, _tokens()
     expected = gm(x)
     exported = torch.export.export(gm, (x,))
     torch.testing.assert_close(exported.module()(x), expected, rtol=0, atol=1e-5)
