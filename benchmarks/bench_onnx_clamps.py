@@ -3,8 +3,9 @@ residual adds) on ONNX Runtime, one thread: this export against the export at an
 (`--before`, read from git), beside ORT's fp32 model of the same net.
 
 For each activation grid (asymmetric 8 bits, the default; asymmetric 7 bits; symmetric 8 bits) it prints
-how many convolutions ORT's optimized model runs on QLinearConv, the largest difference from the
-fake-quant model in 8-bit logit steps, and the median CPU seconds per batch over interleaved rounds
+how many convolutions ORT's optimized model runs on QLinearConv, the largest difference from our QDQ
+model (the same values as the fake-quant model but for biases rounded to int32) in 8-bit logit steps, and
+the median CPU seconds per batch over interleaved rounds
 (ORT runs on the calling thread with one intra-op thread, so process CPU time is its time, and a
 loaded machine's preemption does not inflate it). Weights: 8 bits with VNNI, 7 without (ORT's
 u8 x s8 kernels saturate at 8 / 8 bits there). Random weights, BatchNorm statistics and calibration
@@ -92,16 +93,16 @@ def grid_rows(model: nn.Module, grid: str, exports: dict, args, folder: Path) ->
     sessions, convs = {}, sum(isinstance(m, nn.Conv2d) for m in model.modules())
     x = torch.rand(64, *size)
     with torch.no_grad():
-        fake = fq(x).numpy()
+        ours = export._quantize_dequantize(fq)(x).numpy()
     for name, module in exports.items():
         path = folder / f"{name.split()[0]}.onnx"
         module.to_onnx_int8(fq, path, (x[:2],), input_names=["x"])
         sessions[f"ORT int8, {name}"] = session(path)
         got = sessions[f"ORT int8, {name}"].run(None, {"x": x.numpy()})[0]
-        steps = np.abs(got - fake).max() / ((fake.max() - fake.min()) / 255)
-        same = (got.argmax(1) == fake.argmax(1)).mean()
+        steps = np.abs(got - ours).max() / ((ours.max() - ours.min()) / 255)
+        same = (got.argmax(1) == ours.argmax(1)).mean()
         print(f"  {grid}, {name}: {int8_convs(path, folder)} of {convs} convolutions on QLinearConv; "
-              f"{steps:.2f} steps from fake-quant at most, predictions {100 * same:.1f}% equal", flush=True)
+              f"{steps:.2f} steps from our QDQ model at most, predictions {100 * same:.1f}% equal", flush=True)
     export.to_onnx(fxcompress.compile(model, [], example_inputs=(x[:2],)), folder / "fp32.onnx", (x[:2],),
                    input_names=["x"])
     sessions["ORT fp32"] = session(folder / "fp32.onnx")

@@ -24,7 +24,7 @@ from .quant import ActivationQuant, GridWeight, KMeansWeight
 from .quant.channel_grid import per_channel_grid
 from .quant.commuting import commutes_with_quantization
 from .kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
-from .passes.lower_integer_graph import clamp_bounds, clamp_codes
+from .passes.lower_integer_graph import clamp_bounds, clamp_codes, is_relu
 from .quant.quantizers import Grid, quantize
 
 __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_json", "to_onnx", "to_onnx_int8",
@@ -201,7 +201,8 @@ def _refuse_native(module: nn.Module) -> None:
 
 
 class _QuantizeDequantizeFn(torch.autograd.Function):
-    """Fake-quant of an activation on a grid; exports as [Clip ->] QuantizeLinear -> DequantizeLinear."""
+    """Fake-quant of an activation onto codes [qmin, qmax]; exports as QuantizeLinear [-> Clip of the codes]
+    -> DequantizeLinear (int8: QuantizeLinear [-> DequantizeLinear -> Clip -> QuantizeLinear] -> DequantizeLinear)."""
 
     @staticmethod
     def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):
@@ -211,13 +212,20 @@ class _QuantizeDequantizeFn(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, scale: float, zero_point: int, qmin: int, qmax: int, signed: bool):
         dtype = torch.int8 if signed else torch.uint8
-        if (qmin, qmax) != _ONNX_INTEGERS[dtype]:  # QuantizeLinear saturates at the type's range, not the grid's
-            bounds = [g.op("Constant", value_t=torch.tensor((q - zero_point) * scale, dtype=torch.float32))
-                      for q in (qmin, qmax)]
-            x = g.op("Clip", x, *bounds)
         s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
         z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+        codes = g.op("QuantizeLinear", x, s, z)
+        # QuantizeLinear saturates at the type's ends, not the grid's: a Clip after it, since one before it
+        # would keep ORT from fusing the layer that writes x with QuantizeLinear. ORT runs uint8 codes
+        # through a Clip of the codes; int8 ones only in Q -> DQ pairs (it turns them into uint8 for its
+        # kernels), so their clamp runs on their values, at the grid points of qmin and qmax
+        if (qmin, qmax) != _ONNX_INTEGERS[dtype] and not signed:
+            codes = g.op("Clip", codes, *[g.op("Constant", value_t=torch.tensor(q, dtype=dtype)) for q in (qmin, qmax)])
+        elif (qmin, qmax) != _ONNX_INTEGERS[dtype]:
+            bounds = [g.op("Constant", value_t=torch.tensor((q - zero_point) * scale, dtype=torch.float32))
+                      for q in (qmin, qmax)]
+            codes = g.op("QuantizeLinear", g.op("Clip", g.op("DequantizeLinear", codes, s, z), *bounds), s, z)
+        return g.op("DequantizeLinear", codes, s, z)
 
 
 class _DequantizeFn(torch.autograd.Function):
@@ -331,27 +339,31 @@ def _drop_unread_tensors(gm: GraphModule) -> None:
 
 
 def _quantize_output_early(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> None:
-    """Apply the grid the layer's output reaches through code-safe ops (max pool, flatten, ReLU, clamps with
-    constant bounds) at the output itself too, so that ORT fuses Conv -> QuantizeLinear into QLinearConv.
+    """Quantize the layer's output where the layer writes it when it reaches a grid through code-safe ops
+    only (clamps with constant bounds, ReLU among them; max pooling, flatten and others that move values):
+    a layer -> QuantizeLinear pair that ORT fuses into QLinearConv / QGemm.
 
-    The same values: rounding q onto one grid is monotone, holds 0 and rounding twice is rounding once, so
-    q(op(x)) = op(q(x)) for the commuting ops and q(clamp(x, lo, hi)) = clamp(q(x), q(lo), q(hi)) for a
-    clamp. A clamp whose codes are the grid's ends is the grid's own saturation and goes; any other runs
-    between DequantizeLinear and QuantizeLinear at its bounds' grid points. The early copy saturates at
-    its integer type's ends only (no Clip that would stop the fusion): the grid itself, later, clamps.
-    """
+    The same values: rounding q onto a grid is monotone, so q(clamp(x, lo, hi)) = clamp(q(x), q(lo), q(hi))
+    and the ops that move values commute with it and with clamps. The clamps leave the graph and their
+    codes become the range of the layer's own QDQ (a Clip of the codes after QuantizeLinear, none where
+    they are the grid's ends: the grid saturates there itself); the grid after the ops stays."""
     found = _grid_reached(gm, node, grids)
     if found is None:
         return
     steps, target = found
-    grid = grids[target]
-    steps = [step for step in steps if not _clamp_onto_grid(gm, step, grid)]
-    module = gm.get_submodule(target.target)
-    full = QuantizeDequantize(module.scale, module.zero_point, *_ONNX_INTEGERS[_qdq_type(module)], module.signed)
-    if not steps and (module.qmin, module.qmax) == (full.qmin, full.qmax):
-        return  # the layer writes straight into its grid: Conv -> QuantizeLinear already
+    grid, module = grids[target], gm.get_submodule(target.target)
+    low, high = _code_range(gm, steps, grid, _ONNX_INTEGERS[_qdq_type(module)])
+    clamps = [step for step in steps if _clamp(gm, step) is not None]
+    for step in clamps:
+        step.replace_all_uses_with(step.args[0])
+        gm.graph.erase_node(step)
+    if not clamps and len(steps) == 0:
+        return  # the layer writes straight into its grid: layer -> QuantizeLinear already
     name = f"{node.name}_output_quant"
-    gm.add_submodule(name, full)
+    gm.add_submodule(name, QuantizeDequantize(module.scale, module.zero_point, low, high, module.signed))
+    if len(steps) == len(clamps):  # only clamps: the grid itself takes their range (its own module: a
+        target.target = name       # grid module called elsewhere keeps its range there)
+        return
     with gm.graph.inserting_after(node):
         early = gm.graph.call_module(name, (node,))
     node.replace_all_uses_with(early, delete_user_cb=lambda u: u is not early)
@@ -366,7 +378,7 @@ def _grid_reached(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> tuple
         if user in grids:
             return steps, user
         if not user.args or user.args[0] is not current \
-                or not (commutes_with_quantization(gm, user) or _clamp(gm, user)):
+                or not (commutes_with_quantization(gm, user) or _clamp(gm, user) is not None):
             return None
         current = user
         steps.append(user)
@@ -374,32 +386,20 @@ def _grid_reached(gm: GraphModule, node: Node, grids: dict[Node, Grid]) -> tuple
 
 
 def _clamp(gm: GraphModule, node: Node) -> tuple[float | None, float | None] | None:
-    """A clamp's constant (low, high) (LowerToInteger's table); None for any other node or crossed bounds
-    (torch's clamp of an empty interval is its upper bound everywhere, no monotone clamp of codes)."""
-    bounds = clamp_bounds(gm, node)
-    if bounds is None or None not in bounds and bounds[0] > bounds[1]:
-        return None
-    return bounds
+    """A clamp's constant (low, high) (LowerToInteger's table; ReLU is (0, None)); None for any other node."""
+    return (0.0, None) if is_relu(gm, node) else clamp_bounds(gm, node)
 
 
-def _clamp_onto_grid(gm: GraphModule, node: Node, grid: Grid) -> bool:
-    """Erase the clamp `node` if its bounds round to `grid`'s ends: the grid saturates there itself (True).
-    Otherwise respell it at its bounds' grid points, what it is on codes, and keep it (False); any other
-    node stays as it is (False)."""
-    bounds = _clamp(gm, node)
-    if bounds is None:
-        return False
-    low, high = clamp_codes(grid, bounds)
-    if (low, high) == (grid.qmin, grid.qmax):
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        return True
-    points = [float(torch.tensor(float(q - int(grid.zero_point))) * grid.scale.float()) for q in (low, high)]
-    with gm.graph.inserting_before(node):
-        clamp = gm.graph.call_function(torch.clamp, (node.args[0], *points))
-    node.replace_all_uses_with(clamp)
-    gm.graph.erase_node(node)
-    return False
+def _code_range(gm: GraphModule, steps: list[Node], grid: Grid, codes: tuple[int, int]) -> tuple[int, int]:
+    """The codes [low, high] that the clamps among `steps`, in order, then `grid` leave of the integer type's
+    `codes`: clamps compose into one clamp, whose bounds are where the lowest and highest codes go."""
+    whole = Grid(grid.scale, grid.zero_point, *codes)  # the layer's rounding saturates at the type's ends
+    low, high = codes
+    for step in steps:
+        if (bounds := _clamp(gm, step)) is not None:
+            a, b = clamp_codes(whole, bounds)
+            low, high = min(max(low, a), b), min(max(high, a), b)  # torch.clamp: max first, then min
+    return min(max(low, grid.qmin), grid.qmax), min(max(high, grid.qmin), grid.qmax)
 
 
 def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_grid: Grid | None) -> None:
