@@ -268,7 +268,7 @@ def test_concatenations_stay_integer_in_the_reference():
                                                        (True, 12, torch.int16)])
 def test_weight_codes_are_held_and_saved_in_the_narrowest_integer_type(tmp_path, symmetric, bits, expected):
     torch.manual_seed(0)
-    x = torch.rand(64, 1, 28, 28)
+    x = torch.rand(16, 1, 28, 28)  # one calibration batch: the weights' types and the file's size do not depend on it
     fq = _fake_quant(LeNet5(), x, symmetric=symmetric, bits=bits, per_channel=True)
     gm = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
     layers = [m for m in gm.modules() if isinstance(m, IntegerLayer)]
