@@ -33,7 +33,7 @@ def reference_min_max(weight, axis, group_size=None):
     return (low[0], high[0]) if axis is None else (low, high)
 
 
-def reference_fake_quantize(x, grid, axis):
+def reference_fake_quantize(x, grid, axis=None):
     if grid.group_size is not None:
         scale, zero_point = (from_rows(t.repeat_interleave(grid.group_size, dim=1), x.shape, axis)
                              for t in (grid.scale, grid.zero_point))
