@@ -1,5 +1,5 @@
 """The report in a real browser: Debian's chromium, headless, renders the page with its pictures and
-its graph (skipped only where chromium is absent)."""
+its graph, and draw()'s standalone SVG file beside it, in one run (skipped only where chromium is absent)."""
 import shutil
 import subprocess
 
