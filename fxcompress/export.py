@@ -151,7 +151,11 @@ def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple
     weight grid of at most 8 bits becomes int8 (uint8 when asymmetric) codes -> DequantizeLinear
     with our per-channel scales on axis 0; a bias next to an input grid becomes int32 codes at the
     accumulator's scale (input scale times weight scale), as LowerToInteger rounds it. ONNX Runtime
-    fuses these pairs into its int8 kernels (QLinearConv, QLinearMatMul / QGemm, QLinearAdd).
+    fuses these pairs into its int8 kernels (QLinearConv, QLinearMatMul / QGemm, QLinearAdd). A layer
+    whose output reaches a grid through ReLU, ReLU6 / hardtanh / clamp with constant bounds, max pooling
+    or flatten quantizes where it writes (the clamps become the range of its codes, exactly: rounding is
+    monotone), and a grid narrower than its integer type clips its codes after QuantizeLinear, so each
+    such layer runs on ORT's int8 kernel.
     """
     to_onnx(gm, path, example_inputs, quantized=True, **options)
 
