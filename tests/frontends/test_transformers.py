@@ -11,6 +11,9 @@ outputs bit for bit.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.metadata
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,7 +23,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers (the transformers extra) is not installed")
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("transformers (the transformers extra) is not installed", allow_module_level=True)
 
 import fxcompress  # noqa: E402
 from fxcompress.channels import ChannelGraph  # noqa: E402
@@ -30,8 +34,17 @@ from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels  # noqa: E402
 from zeroing import pick_half, zero_classes  # noqa: E402
 
-# transformers 5 removed its fx tracer (transformers.utils.fx); 4.46 still has it
-HF_MAJOR = int(transformers.__version__.split(".")[0])
+
+@functools.cache
+def hf():
+    """transformers, imported when the first model is built: importing it at collection cost every
+    worker about 1 s CPU, also the workers that never run this module."""
+    return importlib.import_module("transformers")
+
+
+# transformers 5 removed its fx tracer (transformers.utils.fx); 4.46 still has it. The installed
+# version, read without importing the package
+HF_MAJOR = int(importlib.metadata.version("transformers").split(".")[0])
 HF_FX = HF_MAJOR < 5
 VOCAB, BATCH, LENGTH = 100, 2, 8
 # The front end warns, per model, of each aten op it leaves unspelled; what that does to pruning is
@@ -40,7 +53,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:fxcompress. aten ops with no tor
 
 
 def _bert_config():
-    return transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    return hf().BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=64, max_position_embeddings=16, num_labels=3)
 
 
@@ -51,18 +64,18 @@ def _tokens():
 # name -> (model builder, input builder, the forward's input names for HF's tracer). use_cache=False:
 # a DynamicCache in the output is no tensor tree torch.export can return (nor one a compressed model needs).
 MODELS = {
-    "bert_cls": (lambda: transformers.BertForSequenceClassification(_bert_config()), _tokens, ["input_ids"]),
-    "bert": (lambda: transformers.BertModel(_bert_config()), _tokens, ["input_ids"]),
-    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+    "bert_cls": (lambda: hf().BertForSequenceClassification(_bert_config()), _tokens, ["input_ids"]),
+    "bert": (lambda: hf().BertModel(_bert_config()), _tokens, ["input_ids"]),
+    "gpt2": (lambda: hf().GPT2LMHeadModel(hf().GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
         bos_token_id=0, eos_token_id=0)), _tokens, ["input_ids"]),
-    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    "llama": (lambda: hf().LlamaForCausalLM(hf().LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=16, use_cache=False)), _tokens, ["input_ids"]),
-    "vit": (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(
+    "vit": (lambda: hf().ViTForImageClassification(hf().ViTConfig(
         image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=3)), lambda: torch.randn(BATCH, 3, 16, 16), ["pixel_values"]),
-    "t5_encoder": (lambda: transformers.T5EncoderModel(transformers.T5Config(
+    "t5_encoder": (lambda: hf().T5EncoderModel(hf().T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)),
         _tokens, ["input_ids"]),
 }
