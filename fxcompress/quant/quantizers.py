@@ -131,12 +131,9 @@ def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: 
     qmin, qmax = integer_range("linear", bits, symmetric)
     low, high = _min_max(weight, axis, group_size)
     scale = _rounded((torch.maximum(-low, high) if symmetric else high - low) / qmax, scale_dtype)
-    positive = scale > 0
-    if symmetric:
-        zero_point = torch.zeros_like(scale)
-    else:
-        zero_point = torch.round(-low / torch.where(positive, scale, 1.0)).clamp_(0, qmax)
-    return Grid(torch.where(positive, scale, 1.0), zero_point, qmin, qmax, group_size)
+    scale = torch.where(scale > 0, scale, 1.0)  # an all-zero group: any step keeps its zeros exact
+    zero_point = torch.zeros_like(scale) if symmetric else torch.round(-low / scale).clamp_(0, qmax)
+    return Grid(scale, zero_point, qmin, qmax, group_size)
 
 
 def _rounded(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
