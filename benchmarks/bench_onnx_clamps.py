@@ -12,6 +12,10 @@ u8 x s8 kernels saturate at 8 / 8 bits there). Random weights, BatchNorm statist
 from random inputs: a latency needs no training.
 
     python benchmarks/bench_onnx_clamps.py [--before REV] [--batches 1 32] [--rounds 15] [--size 32]
+                                           [--model blocks | mobilenet_v2] [--grids ...]
+
+`--model mobilenet_v2` times bench_deploy's whole mobilenet_v2 (52 convolutions, 35 ReLU6) instead of the
+stem and four blocks.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from fxcompress.kernels import native
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_deploy import InvertedResidual, _conv_bn, settle_batchnorm, time_forms  # noqa: E402
+from bench_deploy import InvertedResidual, MobileNetV2, _conv_bn, settle_batchnorm, time_forms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "3740b2e"  # the export before clamps were kept integer
@@ -122,10 +126,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
+    parser.add_argument("--model", choices=["blocks", "mobilenet_v2"], default="blocks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = MobileNetBlocks()
+    model = MobileNetBlocks() if args.model == "blocks" else MobileNetV2()
     settle_batchnorm(model, [torch.rand(16, 3, args.size, args.size) for _ in range(4)])
     exports = {f"before ({args.before})": export_at(args.before), "this export": export}
     print(f"VNNI {native.vnni()}, weights {8 if native.vnni() else 7} bits, one thread, process CPU time")
