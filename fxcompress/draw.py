@@ -605,6 +605,8 @@ def _draw_matplotlib(plan: _Layout, path: Path) -> None:
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_axis_off()
+    # patches go in with add_artist, not add_patch: the limits are fixed above, and add_patch's update of
+    # the data limits walks every curve of every rounded box and arrow (a fifth of the drawing's time)
     for source, points, target, style in plan.edges:
         if style == "data":
             xy = [(source.x + source.width / 2, source.y + source.height), *(points or []),
@@ -612,13 +614,13 @@ def _draw_matplotlib(plan: _Layout, path: Path) -> None:
         else:
             xy = [(source.x + source.width, source.y + source.height / 2), points[0]]
         ax.plot([p[0] for p in xy[:-1]], [p[1] for p in xy[:-1]], color="#555", lw=0.9 * scale)
-        ax.add_patch(FancyArrowPatch(xy[-2], xy[-1], arrowstyle="-|>", mutation_scale=9 * scale, color="#555",
-                                     lw=0.9 * scale))
+        ax.add_artist(FancyArrowPatch(xy[-2], xy[-1], arrowstyle="-|>", mutation_scale=9 * scale, color="#555",
+                                      lw=0.9 * scale))
     for box in [b for level in plan.ranks for block in level
                 for b in (block.host, *(c for col in block.columns for c in col)) if b.lines]:
         fill = (SIDE_COLOURS if box.side else STATUS_COLOURS)[box.status]
-        ax.add_patch(FancyBboxPatch((box.x, box.y), box.width, box.height, boxstyle="round,pad=0,rounding_size=4",
-                                    facecolor=fill, edgecolor="#444", lw=0.8 * scale))
+        ax.add_artist(FancyBboxPatch((box.x, box.y), box.width, box.height, boxstyle="round,pad=0,rounding_size=4",
+                                     facecolor=fill, edgecolor="#444", lw=0.8 * scale))
         for i, text in enumerate(box.lines):
             ax.text(box.x + PAD, box.y + PAD / 2 + LINE * (i + 1) - 4, text, family="monospace",
                     fontsize=(10 if i == 0 else 8.5) * scale, weight="bold" if i == 0 else "normal")
