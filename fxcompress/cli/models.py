@@ -174,6 +174,19 @@ def export_free_batch(model: LogitsOf, example_inputs: tuple) -> torch.export.Ex
                          f"size: {_first_line(exc)}") from exc
 
 
+def computes_with(program: torch.export.ExportedProgram, model: nn.Module) -> bool:
+    """Whether `program`, an export of `model`, still computes with `model`'s own tensors: torch.export
+    keeps the module's parameter and buffer objects, so values the model's training wrote in place since
+    the export are the program's too, and exporting the trained model again would give the same program.
+    False as soon as one tensor was replaced (assigned anew, not updated in place) or the names differ."""
+    own = model.state_dict(keep_vars=True)
+    held = program.state_dict
+    if held.keys() != own.keys() or any(held[name] is not own[name] for name in held):
+        return False
+    buffers = dict(model.named_buffers(remove_duplicate=False))  # non-persistent ones are program constants
+    return all(value is buffers[name] for name, value in program.constants.items() if name in buffers)
+
+
 def _first_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
 

@@ -30,7 +30,7 @@ from ..sensitivity import SensitivityTable, sensitivity
 from ..summary import summary
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, as_channels, image_folder_classes, subset
-from .models import LogitsOf, build, export_free_batch
+from .models import LogitsOf, build, computes_with, export_free_batch
 from .recipe import Recipe, Step, Training, load_recipe, shipped_recipes
 
 STATE = "state.json"
@@ -84,17 +84,21 @@ def _finetune(recipe: Recipe, gm: nn.Module, data, training: Training | None, in
           seed=recipe.seed + index, loss=loss, step_hook=hook, progress=True, optimizer=training.optimizer)
 
 
-def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list) -> None:
+def dry_run(recipe: Recipe, model: nn.Module, example: tuple,
+            calibration: list) -> torch.export.ExportedProgram | None:
     """Every step compiled (and its checkpoint written to memory) once on the untrained model: a model
     that does not fit the data, a pass that cannot run or a model the file format cannot hold fails
-    here, at its line, before any training."""
+    here, at its line, before any training. Returns the export of a transformers classifier: of the
+    model itself, so it holds the model's own tensors and step 1 compiles it after the dense training
+    (which writes them in place) instead of exporting the model a second time."""
     try:
         with evaluating(model):
             model(*example)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise recipe.error(("model",), f"model {recipe.model} cannot run on the {recipe.data['name']} images "
                                        f"{tuple(example[0].shape)}: {_one_line(exc)[:300]}") from None
-    gm = _compilable(copy.deepcopy(model).eval(), example)
+    exported = export_free_batch(model, example) if isinstance(model, LogitsOf) else None
+    gm = exported if exported is not None else copy.deepcopy(model).eval()
     for step in recipe.steps:
         try:
             gm = compile_model(gm, [step.make()], example_inputs=example, calibration_data=calibration)
@@ -102,6 +106,7 @@ def dry_run(recipe: Recipe, model: nn.Module, example: tuple, calibration: list)
         except FxCompressError as exc:
             raise recipe.error(("steps", step.index, "pass"), f"steps[{step.index}] ({step.name}) cannot run: "
                                                                f"{_one_line(exc)}") from None
+    return exported
 
 
 def _build(recipe: Recipe, shape: tuple[int, int, int]) -> nn.Module:
@@ -113,10 +118,16 @@ def _build(recipe: Recipe, shape: tuple[int, int, int]) -> nn.Module:
         raise recipe.error(("model_args",) if about_args else ("model",), str(exc)) from None
 
 
-def _compilable(model: nn.Module, example: tuple):
+def _compilable(model: nn.Module, example: tuple, exported: torch.export.ExportedProgram | None = None):
     """What the first compile takes: a transformers classifier exported with a free batch size (compile's
-    own export would fix it at the example's two images); any other model as it is."""
-    return export_free_batch(model, example) if isinstance(model, LogitsOf) else model
+    own export would fix it at the example's two images); any other model as it is. `exported`, the dry
+    run's export of this model, is taken while it still computes with the model's own tensors (an export
+    is about a second of CPU for a small ViT)."""
+    if not isinstance(model, LogitsOf):
+        return model
+    if exported is not None and computes_with(exported, model):
+        return exported
+    return export_free_batch(model, example)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -126,8 +137,10 @@ def _one_line(exc: BaseException) -> str:
 class Run:
     """One execution of a recipe into an output folder."""
 
-    def __init__(self, recipe: Recipe, out: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, recipe: Recipe, out: Path, log: Callable[[str], None] = print,
+                 exported: torch.export.ExportedProgram | None = None) -> None:
         self.recipe, self.out, self.log = recipe, out, log
+        self.exported = exported  # the dry run's export of the recipe's model (see dry_run)
         self.state = self._read_state()
 
     def _read_state(self) -> dict:
@@ -216,7 +229,7 @@ class Run:
         del self.state["steps"][step.index:]
         torch.manual_seed(self.recipe.seed + step.index + 1)
         pass_ = step.make()
-        gm = compile_model(_compilable(gm, example), [pass_], example_inputs=example, calibration_data=calibration,
+        gm = compile_model(_compilable(gm, example, self.exported), [pass_], example_inputs=example, calibration_data=calibration,
                            progress=True)
         self._finetune_step(step, pass_, gm, data, teacher)
         accuracy = evaluate(gm, data.test_x, data.test_y)
@@ -244,13 +257,13 @@ def run_recipe(path: str | Path, out: str | Path | None, quick: bool = False,
         example = (data.test_x[:2],)
         step = recipe.calibration["batch_size"]
         calibration = [data.train_x[i:i + step] for i in range(0, step * recipe.calibration["batches"], step)]
-        dry_run(recipe, model, example, [data.train_x[:32]])  # a small batch: the dry run checks structure
+        exported = dry_run(recipe, model, example, [data.train_x[:32]])  # a small batch: it checks structure
         if check_only:
             log(f"{recipe.doc.name}: valid; every step compiles on {recipe.model} with {data.name} images")
             return {"checked": recipe.doc.name}
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        return _execute(Run(recipe, out, log), model, data, example, calibration)
+        return _execute(Run(recipe, out, log, exported), model, data, example, calibration)
 
 
 def _execute(run: Run, model: nn.Module, data, example, calibration) -> dict:

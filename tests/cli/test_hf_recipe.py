@@ -4,8 +4,11 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import fxcompress
+from fxcompress.cli import run as run_module
+from fxcompress.cli.models import computes_with, export_free_batch
 from fxcompress.cli.recipe import load_recipe
 from fxcompress.cli.run import data_shape, load_data, run_recipe
 from fxcompress.encoded.module import EncodedWeight
@@ -19,7 +22,14 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
-def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path):
+def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path, monkeypatch):
+    exports = []  # (model, program) of each export the run made
+
+    def export(model, example):
+        exports.append((model, export_free_batch(model, example)))
+        return exports[-1][1]
+
+    monkeypatch.setattr(run_module, "export_free_batch", export)
     lines = []
     result = run_recipe("hf_vit_digits", tmp_path, quick=True, log=lines.append)
     final = result["model"]
@@ -41,6 +51,14 @@ def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path):
         weight = effective_weight(loaded, layer)
         assert torch.unique(weight[weight != 0]).numel() <= 32, layer.name
     assert result["accuracies"][-1] > 0.4 and result["dense_accuracy"] > 0.4  # ten classes: chance is 0.1
+    # one export, the dry run's, of the model itself: the program holds the model's own tensors, which the
+    # dense training wrote in place, so step 1 compiled what an export of the trained model gives
+    [(dense, program)] = exports
+    assert computes_with(program, dense) and evaluate(dense, data.test_x, data.test_y) == result["dense_accuracy"]
+    with torch.no_grad():
+        assert torch.equal(program.module()(batch), dense(batch))
+    dense.model.classifier.weight = nn.Parameter(dense.model.classifier.weight.detach().clone())
+    assert not computes_with(program, dense)  # a weight assigned anew, not in place: the run exports again
 
 
 def test_a_config_file_beside_the_recipe(tmp_path, write_recipe, transformers):
