@@ -44,6 +44,14 @@ RUN_FIRST = (
 )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+    # pytest's unraisable-exception check collects the whole heap twice as a session ends, about a second
+    # each in a worker that holds torch, sympy and transformers; frozen objects are not scanned again, and
+    # the process exits right after (every test's own garbage was collected while it ran)
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(items):
     rank = {path: i for i, path in enumerate(RUN_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
