@@ -159,6 +159,21 @@ def _mark(ax, weights: LayerWeights) -> None:
             markersize=6, clip_on=False)
 
 
+def _hist(ax, values, **options) -> None:
+    """ax.hist(values, histtype="stepfilled"), its polygon's data limits taken from its vertices. matplotlib
+    finds them by walking each of the polygon's hundreds of edges as a Bezier curve (a tenth of a
+    histogram's time): the edges are straight, so the vertices are the same points and give the same
+    limits. The walk is switched off on this axes only, for this call; should matplotlib name it
+    otherwise, it runs, and the limits are still those of the same points."""
+    ax._update_patch_limits = lambda patch: None
+    try:
+        _, _, patches = ax.hist(values, histtype="stepfilled", **options)
+    finally:
+        del ax._update_patch_limits
+    for patch in patches:
+        ax.update_datalim(patch.get_path().vertices)
+
+
 def _per_level(ax, weights: LayerWeights) -> None:
     """The right panel: how many weights each centroid or grid level took."""
     after = weights.after.flatten().float()
@@ -177,7 +192,7 @@ def _per_level(ax, weights: LayerWeights) -> None:
         title, label = (("after: weights per integer code", "code")
                         if weights.codes_only else ("after quantization: weights per centroid", "centroid value"))
     else:
-        ax.hist(after[after != 0].numpy(), bins=120, color=GREY, histtype="stepfilled")
+        _hist(ax, after[after != 0].numpy(), bins=120, color=GREY)
         ax.set_title("after (not on a codebook)", fontsize=10)
         ax.set(xlabel="weight value", ylabel="count")
         return
@@ -203,7 +218,7 @@ def _draw_histogram(weights: LayerWeights):
     codes = before is None and weights.codes_only  # integer codes: one bin per code
     bins = torch.arange(shown.min() - 0.5, shown.max() + 1.5).numpy() if codes and len(shown) else 120
     if len(shown):
-        left.hist(shown.numpy(), bins=bins, color=BLUE if before is not None else GREY, histtype="stepfilled")
+        _hist(left, shown.numpy(), bins=bins, color=BLUE if before is not None else GREY)
     else:
         left.text(0.5, 0.5, "every weight is zero (pruned)", ha="center", va="center", transform=left.transAxes)
     title = ("integer codes after quantization" if codes else

@@ -142,6 +142,21 @@ def test_bars_and_curves_on_the_kept_figures_are_those_of_new_figures_byte_for_b
     assert figures.sensitivity_curves(curves[1]) == kept[1][1] != kept[1][0]
 
 
+def test_a_histogram_without_the_bezier_walk_has_matplotlibs_own_limits():
+    """figures._hist takes the stepfilled polygon's data limits from its vertices instead of matplotlib's
+    walk over its edges: the limits, the view and the polygon are those of ax.hist itself."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from fxcompress.report import figures
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(0)).numpy() * 3 + 1
+    ours, theirs = Figure().subplots(1, 2)
+    figures._hist(ours, values, bins=120, color=figures.BLUE)
+    theirs.hist(values, bins=120, color=figures.BLUE, histtype="stepfilled")
+    assert "_update_patch_limits" not in vars(ours)  # the walk is back for the axes' next patch
+    assert ours.dataLim.bounds == theirs.dataLim.bounds and ours.viewLim.bounds == theirs.viewLim.bounds
+    assert (ours.patches[0].get_xy() == theirs.patches[0].get_xy()).all()
+
+
 def test_a_title_over_an_offset_text_is_left_for_matplotlib_to_place():
     pytest.importorskip("matplotlib")
     from fxcompress.report import figures
