@@ -62,9 +62,10 @@ def _png(fig) -> str:
 
 
 def _agg_figure(figsize, ncols: int, **subplots):
-    """A new two-panel figure outside pyplot, on its own Agg canvas. savefig draws a figure without one
-    on a new canvas each time, whose new renderer measures every text and parses every mathtext label
-    ("$10^{3}$") again; a kept canvas keeps its renderer, and the renderer its caches, while the size holds."""
+    """A new figure of `ncols` panels in a row, outside pyplot, on its own Agg canvas. savefig draws a
+    figure without one on a new canvas each time, whose new renderer measures every text and parses every
+    mathtext label ("$10^{3}$") again; a kept canvas keeps its renderer, and the renderer its caches,
+    while the size holds."""
     _pyplot()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -110,7 +111,7 @@ def _spare_figure(kind: str, figsize, ncols: int = 2, **subplots):
 
 
 def _kept_png(kind: str, draw, *args) -> str:
-    """`draw(fig, *args)` on the kept figure of `kind` (made by `draw` itself when there is none), as a
+    """The figure `draw(*args)` returns, drawn on the kept figure of `kind` (`_spare_figure`), as a
     data: URI. Titles are pinned at the top of their axes; a picture whose y axis shows an offset text
     is drawn again on a new figure, the one where matplotlib's own placement of its titles holds."""
     reused = getattr(_SPARE, kind, None) is not None
