@@ -237,6 +237,36 @@ def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 # ---- the tables -------------------------------------------------------------------------------------
 
+def _diff(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """diff(input, n, dim, prepend, append): n times the difference of neighbours along dim (sub, or
+    logical_xor for bools: the input's dtype), each the elementwise result of two views of the last one;
+    prepend / append (transformers' masks prepend a column) are joined to a contiguous input first, as
+    torch's cat joins them, when they are contiguous tensors of its dtype and its other sizes."""
+    bound = _bind(args, kwargs, ("input", "n", "dim", "prepend", "append"), (1, -1, None, None))
+    if bound is None:
+        return None
+    x, n, dim, *ends = bound
+    if not _meta_tensor(x) or type(n) is not int or type(dim) is not int or x.dtype.is_complex \
+            or not -x.dim() <= dim < x.dim():
+        return None
+    ends = [e for e in ends if e is not None]
+    if ends:
+        dim %= x.dim()
+        others = [size for i, size in enumerate(x.shape) if i != dim]
+        if not all(_meta_tensor(t) and t.is_contiguous() and t.dtype == x.dtype and t.dim() == x.dim()
+                   and [size for i, size in enumerate(t.shape) if i != dim] == others for t in (x, *ends)):
+            return None
+        shape = list(x.shape)
+        shape[dim] += sum(e.shape[dim] for e in ends)
+        x = torch.empty(shape, dtype=x.dtype, device="meta")
+    if not 0 < n <= x.shape[dim]:
+        return None  # n = 0 returns the input itself, n beyond the size an empty difference: left to torch
+    for _ in range(n):
+        length = x.shape[dim] - 1
+        x = _result([x.narrow(dim, 1, length), x.narrow(dim, 0, length)], x.dtype)
+    return x
+
+
 _ARITH, _DIV, _COMPARE, _SUB = _binary("arith"), _binary("div"), _binary("compare"), _binary("sub")
 _T_ARITH, _T_DIV, _T_COMPARE, _T_SUB = (_binary(kind, tensor_first=True) for kind in ("arith", "div", "compare", "sub"))
 _RELU = _unary(("inplace",), (False,))
@@ -255,14 +285,14 @@ FUNCTIONS: dict[Any, Callable] = {
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
     torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
     F.linear: _linear, F.layer_norm: _layer_norm, torch.mean: _mean,
-    F.scaled_dot_product_attention: _attention,
+    F.scaled_dot_product_attention: _attention, torch.diff: _diff,
 }
 # call_method names (self is the first argument)
 METHODS: dict[str, Callable] = {
     "add": _T_ARITH, "mul": _T_ARITH, "sub": _T_SUB, "div": _T_DIV, "neg": _neg,
     **{name: _T_COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
     "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
-    "mean": _mean,
+    "mean": _mean, "diff": _diff,
 }
 
 

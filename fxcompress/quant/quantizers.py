@@ -206,7 +206,8 @@ def _snap(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: 
     if torch.is_grad_enabled() and (q.requires_grad or zero_point.requires_grad):
         q = torch.clamp(_RoundSTE.apply(q) + zero_point, grid.qmin, grid.qmax)
         return (q - zero_point) * scale
-    if torch.result_type(q, zero_point) != q.dtype:  # adding the zero point widens the type: out of place
+    # adding the zero point widens the type, or a compiler traces this (dynamo cannot trace result_type): out of place
+    if torch.compiler.is_compiling() or torch.result_type(q, zero_point) != q.dtype:
         return (torch.clamp(torch.round(q) + zero_point, grid.qmin, grid.qmax) - zero_point) * scale
     # nothing to differentiate and no widening: the same ops in the same order, in place on the one new
     # tensor (no autograd node, no four temporaries), so every value is bit for bit the same

@@ -84,12 +84,12 @@ UNARY = {operator.neg: [{}], torch.neg: [{}], torch.relu: [{}], torch.sigmoid: [
          torch.clip: [{"min": 0}, {"min": 2, "max": 1}]}
 UNARY_METHODS = {"neg": [{}], "relu": [{}], "sigmoid": [{}], "tanh": [{}], "clamp": [{"min": 0.0}, {}],
                  "clip": [{"max": 1}]}
-OTHERS = [torch.where, torch.masked_fill, F.linear, F.layer_norm, torch.mean, F.scaled_dot_product_attention]
+OTHERS = [torch.where, torch.masked_fill, F.linear, F.layer_norm, torch.mean, F.scaled_dot_product_attention, torch.diff]
 
 
 def test_every_table_entry_is_checked_here():
     assert set(metaops.FUNCTIONS) == set(BINARY) | set(UNARY) | set(OTHERS)
-    assert set(metaops.METHODS) == set(BINARY_METHODS) | set(UNARY_METHODS) | {"masked_fill", "mean"}
+    assert set(metaops.METHODS) == set(BINARY_METHODS) | set(UNARY_METHODS) | {"masked_fill", "mean", "diff"}
 
 
 def test_binary_ops_promote_and_broadcast_as_torch_does():
@@ -187,6 +187,30 @@ def test_layer_norm_mean_and_attention_agree_with_torch():
     _count([c for c in cases if not regular(c)])
     accepted, covered = _count([c for c in cases if regular(c)])
     assert covered == accepted > 30, (accepted, covered)
+
+
+def test_diff_agrees_with_torch():
+    """diff as transformers' masks use it (position ids along the sequence): every dtype and layout, n and dim;
+    prepend / append and n beyond the size are left to torch."""
+    cases = [(call, rule, (x,), options)
+             for call, rule in ((torch.diff, metaops.FUNCTIONS[torch.diff]), (_method("diff"), metaops.METHODS["diff"]))
+             for x in _tensors() if x.dim()
+             for options in ({}, {"dim": 0}, {"n": 2, "dim": -1}, {"n": 1, "dim": 1}, {"dim": 2})]
+    def beyond(case):  # n above the size: torch returns an empty difference, the table leaves it to torch
+        x, options = case[2][0], case[3]
+        return -x.dim() <= options.get("dim", -1) < x.dim() and options.get("n", 1) > x.shape[options.get("dim", -1)]
+    assert _count([c for c in cases if beyond(c)])[1] == 0
+    accepted, covered = _count([c for c in cases if not beyond(c)])
+    assert covered == accepted > 60, (accepted, covered)
+    x = torch.arange(6.0).reshape(2, 3)
+    joined = [(torch.diff, metaops.FUNCTIONS[torch.diff], (x.to(d),), {"dim": dim, end: e.to(d), "n": n})
+              for d in (torch.int64, torch.float32, torch.bool) for dim, e in ((-1, x[:, :1].contiguous()), (0, x), (1, x[:, :2] * 2))
+              for end in ("prepend", "append") for n in (1, 2)]
+    accepted, covered = _count(joined)
+    assert covered == accepted == 36, (accepted, covered)
+    for options in ({"prepend": x.t().contiguous().t()}, {"append": x[:1, :2]}, {"prepend": x.double()}, {"n": 4},
+                    {"n": 0}):  # an end of another layout, other sizes or another dtype: left to torch
+        assert _agrees(torch.diff, metaops.FUNCTIONS[torch.diff], (x,), options)[1] is False
 
 
 class _Binary(nn.Module):
