@@ -30,16 +30,22 @@ def test_inspect_prints_summary_bytes_and_history(cli, encoded_file):
     assert status == 0 and macs == 64 * 300 + 300 * 100 + 100 * 10 and str(macs) in out
 
 
-def test_report_writes_html_with_the_markdown_beside_it(cli, encoded_file):
+def test_report_writes_html_with_the_markdown_beside_it(cli, encoded_file, tmp_path):
     path, _, _ = encoded_file
-    status, out, _ = cli("report", path)
+    # the sensitivity curves read from a saved table (the page without them: the --reference and --markdown tests)
+    table = SensitivityTable(("fc1", "fc2", "fc3"), (0.5, 0.9), ((0.9, 0.5), (0.9, 0.8), (0.9, 0.85)), 0.9, "element")
+    saved = table.save(tmp_path / "sens.json")
+    status, out, err = cli("report", path, "--sensitivity", saved)
+    assert status == 0, err
     page, text = path.with_suffix(".html").read_text(), path.with_suffix(".md").read_text()
-    assert status == 0 and str(path.with_suffix(".html")) in out and str(path.with_suffix(".md")) in out
+    assert str(path.with_suffix(".html")) in out and str(path.with_suffix(".md")) in out
     assert fxcompress.summary(fxcompress.load(path)).to_markdown() in text and "LowerToEncoded(" in text
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "LowerToEncoded" in page
-    assert page.count('src="data:image/png;base64,') >= 1 + 3  # the bars and one histogram per layer
+    assert page.count('src="data:image/png;base64,') >= 1 + 3 + 1  # the bars, one histogram per layer, the curves
     # the encoded file alone holds no weights before quantization: the page says a reference would show them
     assert "pass a reference model" in page
+    assert 'alt="sensitivity curves"' in page and "<td>0.8500</td>" in page
+    assert table.to_markdown() in text
 
 
 def test_report_markdown_only(cli, encoded_file, tmp_path):
@@ -73,18 +79,15 @@ def test_report_sensitivity_swept_on_the_files_own_weights(cli, encoded_file, tm
     assert expected.layers == ("fc1", "fc2", "fc3") and expected.sparsities == (0.5, 0.95)
 
 
-def test_report_sensitivity_read_from_a_saved_table(cli, encoded_file, tmp_path):
+def test_report_sensitivity_read_from_a_bad_table_is_one_error_line(cli, encoded_file, tmp_path):
+    # a good table's curves on the page: test_report_writes_html_with_the_markdown_beside_it
     path, _, _ = encoded_file
     table = SensitivityTable(("fc1", "fc2", "fc3"), (0.5, 0.9), ((0.9, 0.5), (0.9, 0.8), (0.9, 0.85)), 0.9, "element")
     saved = table.save(tmp_path / "sens.json")
-    status, _, err = cli("report", path, "--out", tmp_path / "r.html", "--sensitivity", saved)
-    assert status == 0, err
-    page = (tmp_path / "r.html").read_text()
-    assert 'alt="sensitivity curves"' in page and "<td>0.8500</td>" in page
-    assert table.to_markdown() in (tmp_path / "r.md").read_text()
     saved.write_text(saved.read_text().replace('"baseline": 0.9', '"baseline": "x"'))
     status, _, err = cli("report", path, "--out", tmp_path / "r.html", "--sensitivity", saved)
     assert status == 1 and "sens.json: 'baseline' must be a number" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()  # refused before any drawing
 
 
 def test_sensitivity_out_json_is_what_report_reads(cli, tmp_path):
