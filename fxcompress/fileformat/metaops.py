@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._prims_common import compute_elementwise_output_strides
+from torch._prims_common import compute_elementwise_output_strides, suggest_memory_format
 
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _NUMBER = (bool, int, float)
@@ -75,8 +75,9 @@ def _signature(names: tuple[str, ...], defaults: tuple) -> inspect.Signature:
 
 def _binary(kind: str, tensor_first: bool = False) -> Callable:
     """add / sub / mul ("arith": torch's default promotion), true division ("div": integers and bools
-    promote to the default float dtype) and comparisons ("compare": bool), on tensors and Python numbers
-    (torch's functions take a number second only: `tensor_first`; Python's operators either way)."""
+    promote to the default float dtype), comparisons ("compare": bool), bitwise and / or / xor ("bitwise":
+    bool and integer operands only) and minimum / maximum ("extremum": two tensors), on tensors and Python
+    numbers (torch's functions take a number second only: `tensor_first`; Python's operators either way)."""
     def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
         if kwargs or len(args) != 2 or not _operands(*args) or (tensor_first and not _meta_tensor(args[0])):
             return None
@@ -85,11 +86,31 @@ def _binary(kind: str, tensor_first: bool = False) -> Callable:
             dtype = torch.bool
         elif kind == "div" and not (dtype.is_floating_point or dtype.is_complex):
             dtype = torch.get_default_dtype()
+        elif kind == "extremum" and not all(_meta_tensor(a) for a in args):
+            return None  # minimum / maximum take two tensors
+        elif kind == "bitwise" and (dtype.is_floating_point or dtype.is_complex):
+            return None  # torch refuses bitwise ops on floats, with its own message
         elif kind == "sub" and any(a.dtype == torch.bool if isinstance(a, torch.Tensor) else type(a) is bool
                                    for a in args):
             return None  # torch refuses `-` with a bool operand, with its own message
         return _result([a for a in args if isinstance(a, torch.Tensor)], dtype)
     return rule
+
+
+def _pow(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """pow(float tensor, exponent) (GPT-2's gelu: x ** 3): a number or a tensor of the base's dtype."""
+    if kwargs or len(args) != 2 or not _meta_tensor(args[0]) or not args[0].dtype.is_floating_point:
+        return None
+    base, exponent = args
+    if not (type(exponent) in (int, float) or (_meta_tensor(exponent) and exponent.dtype == base.dtype)):
+        return None
+    return _result([a for a in args if isinstance(a, torch.Tensor)], base.dtype)
+
+
+def _abs(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if kwargs or len(args) != 1 or not _meta_tensor(args[0]) or args[0].dtype in (torch.bool, torch.uint8):
+        return None  # torch refuses abs of a bool tensor (and of uint8 on some builds)
+    return _result([args[0]], args[0].dtype)
 
 
 def _neg(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -240,8 +261,9 @@ def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
 def _diff(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """diff(input, n, dim, prepend, append): n times the difference of neighbours along dim (sub, or
     logical_xor for bools: the input's dtype), each the elementwise result of two views of the last one;
-    prepend / append (transformers' masks prepend a column) are joined to a contiguous input first, as
-    torch's cat joins them, when they are contiguous tensors of its dtype and its other sizes."""
+    prepend / append (transformers' masks prepend a column to expanded position ids) are joined to the
+    input first, as torch's cat joins them when they are tensors of its dtype and its other sizes: into a
+    contiguous tensor (cat keeps another layout only for 4-d and 5-d inputs, left contiguous here)."""
     bound = _bind(args, kwargs, ("input", "n", "dim", "prepend", "append"), (1, -1, None, None))
     if bound is None:
         return None
@@ -253,8 +275,9 @@ def _diff(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if ends:
         dim %= x.dim()
         others = [size for i, size in enumerate(x.shape) if i != dim]
-        if not all(_meta_tensor(t) and t.is_contiguous() and t.dtype == x.dtype and t.dim() == x.dim()
-                   and [size for i, size in enumerate(t.shape) if i != dim] == others for t in (x, *ends)):
+        if not all(_meta_tensor(t) and (t.dim() not in (4, 5) or t.is_contiguous()) and t.dtype == x.dtype
+                   and t.dim() == x.dim() and [size for i, size in enumerate(t.shape) if i != dim] == others
+                   for t in (x, *ends)):
             return None
         shape = list(x.shape)
         shape[dim] += sum(e.shape[dim] for e in ends)
@@ -267,8 +290,66 @@ def _diff(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return x
 
 
+def _cumsum(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """cumsum(input, dim, dtype=None): the input's shape, contiguous (as torch's CPU kernel writes it);
+    integer and bool inputs sum in int64 unless a dtype is given."""
+    bound = _bind(args, kwargs, ("input", "dim", "dtype"), (None,))
+    if bound is None:
+        return None
+    x, dim, dtype = bound
+    if not _meta_tensor(x) or type(dim) is not int or x.dtype.is_complex or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        return None
+    if dtype is None:
+        dtype = x.dtype if x.dtype.is_floating_point else torch.int64
+    elif not isinstance(dtype, torch.dtype) or dtype.is_complex:
+        return None
+    return torch.empty(x.shape, dtype=dtype, device="meta")
+
+
+def _addmm(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """addmm(input, mat1, mat2, beta=, alpha=) (transformers' Conv1D): mat1 @ mat2 plus the input broadcast to
+    it, on tensors of one float dtype; contiguous."""
+    bound = _bind(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"), (1, 1))
+    if bound is None:
+        return None
+    bias, mat1, mat2, beta, alpha = bound
+    if not (_same_float(bias, mat1, mat2) and None not in (bias, mat1, mat2) and mat1.dim() == mat2.dim() == 2
+            and mat1.shape[1] == mat2.shape[0] and type(beta) in _NUMBER and type(alpha) in _NUMBER):
+        return None
+    shape = (mat1.shape[0], mat2.shape[1])
+    try:
+        if torch.broadcast_shapes(bias.shape, shape) != shape:
+            return None
+    except RuntimeError:
+        return None
+    return torch.empty(shape, dtype=mat1.dtype, device="meta")
+
+
+def _cat(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """cat(tensors, dim): tensors of one rank (4-d and 5-d ones not laid out channels-last, a layout cat
+    keeps), equal but for dim, joined in their promoted dtype; contiguous."""
+    bound = _bind(args, kwargs, ("tensors", "dim"), (0,))
+    if bound is None:
+        return None
+    tensors, dim = bound
+    if not isinstance(tensors, (list, tuple)) or not tensors or type(dim) is not int:  # fx: an immutable_list
+        return None
+    rank = tensors[0].dim() if isinstance(tensors[0], torch.Tensor) else 0
+    if not (0 < rank and -rank <= dim < rank) or not all(
+            _meta_tensor(t) and t.dim() == rank and not t.dtype.is_complex
+            and (rank < 4 or suggest_memory_format(t) == torch.contiguous_format) for t in tensors):
+        return None
+    dim %= rank
+    if any(t.shape[:dim] != tensors[0].shape[:dim] or t.shape[dim + 1:] != tensors[0].shape[dim + 1:] for t in tensors):
+        return None
+    shape = (*tensors[0].shape[:dim], sum(t.shape[dim] for t in tensors), *tensors[0].shape[dim + 1:])
+    return torch.empty(shape, dtype=functools.reduce(torch.promote_types, (t.dtype for t in tensors)), device="meta")
+
+
 _ARITH, _DIV, _COMPARE, _SUB = _binary("arith"), _binary("div"), _binary("compare"), _binary("sub")
 _T_ARITH, _T_DIV, _T_COMPARE, _T_SUB = (_binary(kind, tensor_first=True) for kind in ("arith", "div", "compare", "sub"))
+_BITWISE, _T_BITWISE = _binary("bitwise"), _binary("bitwise", tensor_first=True)
+_EXTREMUM = _binary("extremum", tensor_first=True)
 _RELU = _unary(("inplace",), (False,))
 _HARDTANH = _unary(("min_val", "max_val", "inplace"), (-1.0, 1.0, False), _limits)
 _PLAIN = _unary()
@@ -280,19 +361,25 @@ FUNCTIONS: dict[Any, Callable] = {
     torch.add: _T_ARITH, torch.mul: _T_ARITH, torch.sub: _T_SUB, torch.div: _T_DIV, torch.neg: _neg,
     **{op: _COMPARE for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
     **{op: _T_COMPARE for op in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)},
+    **{op: _BITWISE for op in (operator.and_, operator.or_, operator.xor)},
+    **{op: _T_BITWISE for op in (torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor)},
     F.relu: _RELU, torch.relu: _PLAIN, F.relu6: _unary(("inplace",), (False,)),
     F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU,
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
+    **{op: _PLAIN for op in (torch.cos, torch.sin, torch.exp, torch.log, torch.sqrt, torch.rsqrt)},  # rotary, RMSNorm, T5
     torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
     F.linear: _linear, F.layer_norm: _layer_norm, torch.mean: _mean,
-    F.scaled_dot_product_attention: _attention, torch.diff: _diff,
+    F.scaled_dot_product_attention: _attention, torch.diff: _diff, torch.cumsum: _cumsum, torch.abs: _abs,
+    torch.minimum: _EXTREMUM, torch.maximum: _EXTREMUM,
+    torch.addmm: _addmm, torch.cat: _cat, torch.concat: _cat, torch.pow: _pow, operator.pow: _pow,
 }
 # call_method names (self is the first argument)
 METHODS: dict[str, Callable] = {
     "add": _T_ARITH, "mul": _T_ARITH, "sub": _T_SUB, "div": _T_DIV, "neg": _neg,
     **{name: _T_COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
-    "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
-    "mean": _mean, "diff": _diff,
+    **{name: _T_BITWISE for name in ("bitwise_and", "bitwise_or", "bitwise_xor", "__and__", "__or__", "__xor__")},
+    "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, **{name: _PLAIN for name in ("cos", "sin", "exp", "log", "sqrt", "rsqrt")}, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
+    "mean": _mean, "diff": _diff, "cumsum": _cumsum, "pow": _pow, "abs": _abs, "minimum": _EXTREMUM, "maximum": _EXTREMUM,
 }
 
 

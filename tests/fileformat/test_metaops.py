@@ -38,6 +38,8 @@ def _tensors(dtypes=DTYPES, shapes=((), (3,), (2, 1), (2, 3), (4,))):
 def _meta(value):
     if isinstance(value, torch.Tensor):
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if type(value) in (list, tuple):  # cat's tensors
+        return type(value)(_meta(v) for v in value)
     return value
 
 
@@ -73,23 +75,29 @@ def _method(name):
 
 BINARY = [operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub, torch.div,
           operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-          torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge]
-BINARY_METHODS = ["add", "mul", "sub", "div", "eq", "ne", "lt", "le", "gt", "ge"]
+          torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
+          operator.and_, operator.or_, operator.xor, torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor,
+          torch.minimum, torch.maximum]
+BINARY_METHODS = ["add", "mul", "sub", "div", "eq", "ne", "lt", "le", "gt", "ge", "bitwise_and", "bitwise_or",
+                  "bitwise_xor", "__and__", "__or__", "__xor__", "minimum", "maximum"]
 # activation -> keyword settings tried (torch refuses some: an unknown approximation, min above max)
-UNARY = {operator.neg: [{}], torch.neg: [{}], torch.relu: [{}], torch.sigmoid: [{}], F.sigmoid: [{}],
-         torch.tanh: [{}], F.tanh: [{}], F.relu: [{}, {"inplace": True}], F.relu6: [{}, {"inplace": True}],
+UNARY = {operator.neg: [{}], torch.neg: [{}], torch.abs: [{}], torch.relu: [{}], torch.sigmoid: [{}], F.sigmoid: [{}],
+         torch.tanh: [{}], F.tanh: [{}], torch.cos: [{}], torch.sin: [{}], torch.exp: [{}], torch.sqrt: [{}],
+         torch.rsqrt: [{}], torch.log: [{}], F.relu: [{}, {"inplace": True}], F.relu6: [{}, {"inplace": True}],
          F.silu: [{}, {"inplace": True}], F.gelu: [{}, {"approximate": "tanh"}, {"approximate": "exact"}],
          F.hardtanh: [{}, {"min_val": -2, "max_val": 0.5}, {"min_val": 1.0, "max_val": 0.0}, {"inplace": True}],
          torch.clamp: [{"min": 0}, {"max": 0.5}, {"min": -1.0, "max": 1}, {}],
          torch.clip: [{"min": 0}, {"min": 2, "max": 1}]}
-UNARY_METHODS = {"neg": [{}], "relu": [{}], "sigmoid": [{}], "tanh": [{}], "clamp": [{"min": 0.0}, {}],
+UNARY_METHODS = {"neg": [{}], "abs": [{}], "relu": [{}], "sigmoid": [{}], "tanh": [{}], "cos": [{}], "sin": [{}], "exp": [{}],
+                 "sqrt": [{}], "rsqrt": [{}], "log": [{}], "clamp": [{"min": 0.0}, {}],
                  "clip": [{"max": 1}]}
-OTHERS = [torch.where, torch.masked_fill, F.linear, F.layer_norm, torch.mean, F.scaled_dot_product_attention, torch.diff]
+OTHERS = [torch.where, torch.masked_fill, F.linear, F.layer_norm, torch.mean, F.scaled_dot_product_attention, torch.diff,
+          torch.cumsum, torch.addmm, torch.cat, torch.concat, torch.pow, operator.pow]
 
 
 def test_every_table_entry_is_checked_here():
     assert set(metaops.FUNCTIONS) == set(BINARY) | set(UNARY) | set(OTHERS)
-    assert set(metaops.METHODS) == set(BINARY_METHODS) | set(UNARY_METHODS) | {"masked_fill", "mean", "diff"}
+    assert set(metaops.METHODS) == set(BINARY_METHODS) | set(UNARY_METHODS) | {"masked_fill", "mean", "diff", "cumsum", "pow"}
 
 
 def test_binary_ops_promote_and_broadcast_as_torch_does():
@@ -98,12 +106,15 @@ def test_binary_ops_promote_and_broadcast_as_torch_does():
     operands = _tensors() + [True, 2, -1.5]  # 31 operands: every dtype, scalars, broadcasting, layouts
     pairs = [p for p in itertools.product(operands, repeat=2) if any(isinstance(v, torch.Tensor) for v in p)]
     tensor_first = list(itertools.product(_tensors()[::3], _tensors()[1::3] + [True, 2, -1.5]))
-    full = {operator.add, operator.sub, operator.truediv, operator.lt}  # one spelling of each rule: every pair
+    full = {operator.add, operator.sub, operator.truediv, operator.lt, operator.and_}  # one spelling of each rule: every pair
     cases = [(target, metaops.FUNCTIONS[target], pairs if target in full else tensor_first) for target in BINARY]
     cases += [(_method(name), metaops.METHODS[name], tensor_first) for name in BINARY_METHODS]
+    bitwise = {operator.and_, operator.or_, operator.xor, torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor,
+               *(metaops.METHODS[name] for name in BINARY_METHODS if "and" in name or "or" in name)}
     for call, rule, tried in cases:
         accepted, covered = _count((call, rule, pair) for pair in tried)
-        assert covered == accepted > len(tried) / 3, (call, covered, accepted)
+        share = 8 if rule in bitwise or call in bitwise else 3  # bitwise ops: integer and bool operands only
+        assert covered == accepted > len(tried) / share, (call, covered, accepted)
     assert metaops.FUNCTIONS[operator.mul]((3, 4), {}) is None  # sizes multiplied: plain Python runs it
     assert metaops.FUNCTIONS[torch.add]((2, torch.empty(3, device="meta")), {}) is None  # left to torch
 
@@ -208,9 +219,50 @@ def test_diff_agrees_with_torch():
               for end in ("prepend", "append") for n in (1, 2)]
     accepted, covered = _count(joined)
     assert covered == accepted == 36, (accepted, covered)
-    for options in ({"prepend": x.t().contiguous().t()}, {"append": x[:1, :2]}, {"prepend": x.double()}, {"n": 4},
-                    {"n": 0}):  # an end of another layout, other sizes or another dtype: left to torch
+    channels_last = torch.rand(1, 3, 2, 2).to(memory_format=torch.channels_last)
+    views = [(torch.diff, metaops.FUNCTIONS[torch.diff], (v,), {"prepend": e}) for v, e in
+             ((x.t(), x.t()[:, :1]), (x[:, :1].expand(2, 5), x[:, :2].t().contiguous().t()),
+              (channels_last, channels_last))]
+    accepted, covered = _count(views)  # ends and inputs of other layouts: cat's output is contiguous below 4-d
+    assert covered == 2 and accepted == 3, (accepted, covered)
+    for options in ({"append": x[:1, :2]}, {"prepend": x.double()}, {"n": 4}, {"n": 0}):
+        # an end of other sizes or another dtype, n = 0 or beyond the size: left to torch
         assert _agrees(torch.diff, metaops.FUNCTIONS[torch.diff], (x,), options)[1] is False
+
+
+def test_cumsum_agrees_with_torch():
+    cases = [(call, rule, (x, dim), options)
+             for call, rule in ((torch.cumsum, metaops.FUNCTIONS[torch.cumsum]), (_method("cumsum"), metaops.METHODS["cumsum"]))
+             for x in _tensors() for dim in (0, -1, 1, 2)
+             for options in ({}, {"dtype": torch.float64}, {"dtype": torch.int32})]
+    accepted, covered = _count(cases)
+    assert covered == accepted > 150, (accepted, covered)
+    assert metaops.FUNCTIONS[torch.cumsum]((torch.empty(3, device="meta"), 0), {"dtype": "float"}) is None
+
+
+def test_addmm_and_cat_agree_with_torch():
+    floats = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    mats = [(torch.rand(3, 5), torch.rand(5, 4)), (torch.rand(5, 3).t(), torch.rand(4, 5).t()), (torch.rand(3, 5), torch.rand(6, 4))]
+    biases = (torch.rand(4), torch.rand(1, 4), torch.rand(3, 4).t().contiguous().t(), torch.rand(3), torch.rand(2, 3, 4))
+    cases = [(torch.addmm, metaops.FUNCTIONS[torch.addmm], (b.to(d), m1.to(d), m2.to(e)), options)
+             for d, e in ((d, d) for d in floats) for (m1, m2) in mats for b in biases
+             for options in ({}, {"beta": 0.5, "alpha": 2})]
+    cases += [(torch.addmm, metaops.FUNCTIONS[torch.addmm], (torch.rand(4).double(), *mats[0]), {})]
+    accepted, covered = _count(cases)
+    assert covered == accepted > 40, (accepted, covered)
+    x, y = torch.rand(2, 3), torch.rand(3, 2).t()
+    joins = [(call, metaops.FUNCTIONS[call], (tensors,), options) for call in (torch.cat, torch.concat)
+             for tensors in ([x, y], (x, y.double()), [x, x.int(), x.bool()], [x], [x, torch.rand(2, 4)], [x, torch.rand(3)],
+                             [torch.rand(1, 3, 2, 2).to(memory_format=torch.channels_last)] * 2, [torch.rand(2, 3, 2, 2)] * 2)
+             for options in ({}, {"dim": -1}, {"dim": 1}, {"dim": 2})]
+    accepted, covered = _count(joins)
+    assert covered == accepted - 8 > 30, (accepted, covered)  # the 8 channels-last joins are left to torch
+    floats = [t for t in _tensors() if t.dtype.is_floating_point]
+    spellings = ((torch.pow, metaops.FUNCTIONS[torch.pow]), (operator.pow, metaops.FUNCTIONS[operator.pow]),
+                 (_method("pow"), metaops.METHODS["pow"]))
+    accepted, covered = _count((call, rule, (x, e)) for call, rule in spellings for x in floats for e in (3.0, 2, -0.5, x))
+    assert covered == accepted > 40, (accepted, covered)
+    _count((call, rule, (x, torch.rand(3))) for call, rule in spellings for x in floats)  # another dtype: torch's
 
 
 class _Binary(nn.Module):

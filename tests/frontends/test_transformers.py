@@ -269,8 +269,12 @@ LOAD_AND_RUN = textwrap.dedent("""
     import torch
     import fxcompress
     torch.set_num_threads(1)  # as the test process runs it
-    for file, inputs, outputs in zip(*[iter(sys.argv[1:])] * 3):
-        model = fxcompress.load(file).eval()
+    triples = list(zip(*[iter(sys.argv[1:])] * 3))
+    models = []
+    for file, _, _ in triples:  # load's dry run needs no compiler: say which file's load imported one
+        models.append(fxcompress.load(file).eval())
+        print(file, "loaded; torch._dynamo imported:", "torch._dynamo" in sys.modules)
+    for model, (_, inputs, outputs) in zip(models, triples):
         with torch.no_grad():
             torch.save(model(*torch.load(inputs)), outputs)
 """)
@@ -331,6 +335,7 @@ def loaded_in_fresh_process(tmp_path_factory) -> dict[tuple[str, str], list[torc
     done = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, *args], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch._dynamo imported: True" not in done.stdout, done.stdout
     return {case: tensors(torch.load(root / f"{case[0]}-{case[1]}.outputs.pt")) for case in cases}
 
 
