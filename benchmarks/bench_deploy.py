@@ -21,7 +21,8 @@ median over rounds is reported, with its ratio to fp32 eager of the same run: ab
   and our C int8 kernel (linear layers), chosen again at each batch size it is timed at
   (`kernels.timing.remeasure`); ours native int8/float: the same without our C kernel (the choice
   before it existed); ours native compiled: the first through torch.compile (inductor, freezing:
-  oneDNN's packed weights become constants), which removes the per-node Python dispatch between kernels.
+  oneDNN's packed weights become constants; no per-call size asserts), which removes the per-node Python
+  dispatch between kernels but adds torch.compile's own per-call cost (benchmarks/bench_compiled_native.py).
 
 Ours are quantized with InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)
 and 8-bit activations, or 7-bit activations on a CPU without VNNI, where uint8 x int8 products
@@ -221,7 +222,9 @@ def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dic
                                                          example_inputs=(x,))
     if compile_native:
         torch._inductor.config.freezing = True  # inductor lowers oneDNN int8 kernels only with constant packed weights
-        forms["ours native compiled"] = torch.compile(fast, backend="inductor", dynamic=False)
+        # without inductor's per-call size asserts: 5-12% less per call on the LeNets (bench_compiled_native.py)
+        forms["ours native compiled"] = torch.compile(fast, backend="inductor", dynamic=False,
+                                                      options={"size_asserts": False})
     return forms
 
 
