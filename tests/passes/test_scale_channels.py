@@ -15,8 +15,6 @@ from fxcompress.layers import find_layers
 from fxcompress.passes.scale_channels import ScaleChannels, awq_scales, weight_means
 from fxcompress.zoo import Conv1D
 
-transformers = pytest.importorskip("transformers")
-
 
 class NormMLP(nn.Module):
     """LayerNorm -> (fc1, fc2) sharing its output; fc1 -> ReLU -> fc3 (no fold through a ReLU)."""
@@ -45,7 +43,9 @@ def _outlier_model(width: int = 64, outliers: int = 4) -> NormMLP:
 @functools.cache
 def _exported_llama(layers: int, kv_heads: int):
     """A tiny Llama, exported and compiled with no pass, and the generator's state after building it.
-    Built once per shape for the module's tests (compile copies it; no test changes it in place)."""
+    Built once per shape for the module's tests (compile copies it; no test changes it in place).
+    transformers is imported here, not at collection: only the worker that runs these tests pays for it."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=2, num_key_value_heads=kv_heads,
