@@ -37,10 +37,11 @@ demo: install
 	$(PY) examples/deep_compression.py
 
 # one pytest worker per core (pytest-xdist); a test module's tests stay on one worker, so its
-# module-scoped fixtures are built once. The whole suite skips pytest's assertion rewriting (about 8 s
+# module-scoped fixtures are built once (xdist hands out the modules with the most tests first).
+# anyio's pytest plugin is not used here. The whole suite skips pytest's assertion rewriting (about 8 s
 # of every worker's collection here); run a failing test file alone for pytest's detailed assert messages.
 test: install-test
-	$(PY) -m pytest -n auto --dist loadscope --assert=plain
+	$(PY) -m pytest -n auto --dist loadscope --assert=plain -p no:anyio
 
 # The transformers suite once more on 4.46, the newest release whose own fx tracer takes BERT, GPT-2,
 # Llama and ViT (5.x has none): a second venv, since one venv holds one transformers.

@@ -31,33 +31,6 @@ settings.load_profile("long" if LONG else "ci")
 os.environ.setdefault("FXCOMPRESS_CHECK_ANALYSES", "1")
 
 
-# The longest test modules, longest first: they run first, so that under `--dist loadscope` (which hands
-# out whole modules in collection order) the two workers finish together instead of one idling while the
-# other runs a long module handed out last. A stale list costs balance only, never a test.
-RUN_FIRST = (
-    "tests/frontends/test_transformers.py", "tests/cli/test_recipes.py", "tests/test_export_lowered.py",
-    "tests/cli/test_wheel.py", "tests/test_random_models.py", "tests/passes/test_pass_contract.py",
-    "tests/cli/test_console.py", "tests/passes/test_fake_quant.py", "tests/pruning/test_global_threshold.py",
-    "tests/cli/test_hf_recipe.py", "tests/fileformat/test_format.py", "tests/passes/test_scale_channels_clip.py",
-    "tests/test_text.py", "tests/frontends/test_every_pass.py", "tests/report/test_report.py",
-    "tests/passes/test_scale_channels.py", "tests/frontends/test_export_frontend.py", "tests/test_export_onnx.py",
-    "tests/passes/test_pass_contract_calibrated.py", "tests/passes/test_prune_channels.py",
-)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_unconfigure(config):
-    # pytest's unraisable-exception check collects the whole heap twice as a session ends, about a second
-    # each in a worker that holds torch, sympy and transformers; frozen objects are not scanned again, and
-    # the process exits right after (every test's own garbage was collected while it ran)
-    gc.freeze()
-
-
-def pytest_collection_modifyitems(items):
-    rank = {path: i for i, path in enumerate(RUN_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # on small shared machines, torch's thread pool makes tiny models many times slower
