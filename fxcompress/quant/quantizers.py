@@ -203,12 +203,12 @@ def fake_quantize(x: torch.Tensor, grid: Grid, axis: int | None = None) -> torch
 def _snap(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: Grid) -> torch.Tensor:
     """clamp(round(x / scale) + zero_point) - zero_point, times scale: one function of the values, two ways."""
     q = x / scale
-    if torch.is_grad_enabled() and (q.requires_grad or zero_point.requires_grad):
-        q = torch.clamp(_RoundSTE.apply(q) + zero_point, grid.qmin, grid.qmax)
-        return (q - zero_point) * scale
-    # adding the zero point widens the type, or a compiler traces this (dynamo cannot trace result_type): out of place
-    if torch.compiler.is_compiling() or torch.result_type(q, zero_point) != q.dtype:
-        return (torch.clamp(torch.round(q) + zero_point, grid.qmin, grid.qmax) - zero_point) * scale
+    gradient = torch.is_grad_enabled() and (q.requires_grad or zero_point.requires_grad)
+    # out of place: a gradient to pass straight through the rounding, a zero point that widens the type,
+    # or a compiler tracing this (dynamo cannot trace result_type)
+    if gradient or torch.compiler.is_compiling() or torch.result_type(q, zero_point) != q.dtype:
+        rounded = _RoundSTE.apply(q) if gradient else torch.round(q)
+        return (torch.clamp(rounded + zero_point, grid.qmin, grid.qmax) - zero_point) * scale
     # nothing to differentiate and no widening: the same ops in the same order, in place on the one new
     # tensor (no autograd node, no four temporaries), so every value is bit for bit the same
     q = q.round_().add_(zero_point).clamp_(grid.qmin, grid.qmax)
