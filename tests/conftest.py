@@ -31,6 +31,14 @@ settings.load_profile("long" if LONG else "ci")
 os.environ.setdefault("FXCOMPRESS_CHECK_ANALYSES", "1")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_unconfigure(config):
+    # pytest's unraisable-exception check collects the whole heap twice as a session ends, about a second
+    # each in a worker that holds torch, sympy and transformers; frozen objects are not scanned again, and
+    # the process exits right after (every test's own garbage was collected while it ran)
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # on small shared machines, torch's thread pool makes tiny models many times slower
