@@ -1,4 +1,4 @@
-"""Data loading: tiny IDX files built here (no network), digits from scikit-learn."""
+"""Data loading: tiny IDX files built here (no network), digits from scikit-learn's file, split as scikit-learn does."""
 import gzip
 import hashlib
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fxcompress import datasets
 from fxcompress.datasets import FASHION_MNIST_SHA256, load_dataset, load_fashion_mnist, read_idx
-from fxcompress.errors import ConfigError, FormatError
+from fxcompress.errors import ConfigError, FormatError, MissingDependencyError
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -132,3 +133,52 @@ def test_digits_split_is_fixed_stratified_and_scaled():
 def test_unknown_name_is_a_config_error():
     with pytest.raises(ConfigError, match="load_dataset.name"):
         load_dataset("cifar")
+
+
+def _sklearn_digits(test_size, seed):
+    """What load_digits returned when it ran scikit-learn for every call: its loader and its split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+    bunch = sklearn_digits()
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
+
+
+@pytest.mark.parametrize("test_size, seed", [(360, 0), (300, 3)])
+def test_digits_are_scikit_learns_arrays_and_split_exactly(test_size, seed):
+    """The default split comes from the cached indices and the pixels from our reading of the pinned file,
+    another split from scikit-learn's train_test_split: every tensor equals scikit-learn's own, element
+    for element and in order (the training order decides the batches)."""
+    train_x, test_x, train_y, test_y = _sklearn_digits(test_size, seed)
+    data = datasets.load_digits(test_size=test_size, seed=seed)
+    for ours, theirs in ((data.train_x, train_x), (data.train_y, train_y), (data.test_x, test_x),
+                         (data.test_y, test_y)):
+        assert ours.dtype == torch.from_numpy(theirs).dtype and ours.is_contiguous()
+        assert np.array_equal(ours.numpy(), theirs)
+
+
+def test_another_digits_file_is_read_by_scikit_learn(monkeypatch):
+    """A digits file that is not the pinned one (another scikit-learn's) is left to scikit-learn, cached
+    split and all: the result is still its load_digits with its train_test_split."""
+    monkeypatch.setattr(datasets, "DIGITS_SHA256", "0" * 64)
+    datasets._digits_file.cache_clear()
+    try:
+        assert datasets._digits_file() == (None, None)
+        data = datasets.load_digits()
+    finally:
+        monkeypatch.undo()
+        datasets._digits_file.cache_clear()
+    train_x, _, _, test_y = _sklearn_digits(360, 0)
+    assert np.array_equal(data.train_x.numpy(), train_x) and np.array_equal(data.test_y.numpy(), test_y)
+
+
+def test_digits_without_scikit_learn_is_a_typed_error(monkeypatch):
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    datasets._digits_file.cache_clear()
+    try:
+        with pytest.raises(MissingDependencyError, match="scikit-learn"):
+            datasets.load_digits()
+    finally:
+        monkeypatch.undo()
+        datasets._digits_file.cache_clear()
