@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ def chain_module_node(gm: GraphModule, node: Node, types: type | tuple[type, ...
     """The call_module node on a functional layer's weight chain whose module is of `types`, if any."""
     current = weight_arg(node) if node.op == "call_function" else None
     while isinstance(current, Node) and current.op != "get_attr":
-        if current.op == "call_module" and isinstance(gm.get_submodule(current.target), types):
+        if current.op == "call_module" and isinstance(submodule(gm, current.target), types):
             return current
         current = current.args[0] if current.args else None
     return None
@@ -53,7 +53,7 @@ def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
     current = weight_arg(node)
     while current is not None and current.op != "get_attr":
         if current.op == "call_module":
-            module = gm.get_submodule(current.target)
+            module = submodule(gm, current.target)
             if isinstance(module, WeightTransform):
                 found.append(module)
         first = current.args[0] if current.args else None
@@ -117,10 +117,44 @@ def kind_of_type(cls: type) -> str | None:
 def kind_of_node(gm: GraphModule, node: Node) -> LayerKind | None:
     """The layer kind a call_module / call_function node computes, None for any other node."""
     if node.op == "call_module":
-        return _BY_MODULE.get(type(gm.get_submodule(node.target)))
+        return _BY_MODULE.get(type(submodule(gm, node.target)))
     if node.op == "call_function":
         return _BY_FUNCTION.get(node.target)
     return None
+
+
+def submodule(root: nn.Module, target: str) -> nn.Module:
+    """`root.get_submodule(target)`, several times faster on the paths graphs hold (see `_walk`)."""
+    found = _walk(root, target)
+    return root.get_submodule(target) if found is None else found
+
+
+def stored_attr(root: nn.Module, target: str) -> Any:
+    """`operator.attrgetter(target)(root)` (what a get_attr node reads), its module steps read as `_walk` reads them."""
+    owner, _, field = target.rpartition(".")
+    module = _walk(root, owner) if owner else root
+    return operator.attrgetter(target)(root) if module is None else getattr(module, field)
+
+
+def _walk(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at `path`, each step read from the parent's `_modules` where attribute lookup would
+    find exactly that entry: the parent's class neither defines the name nor customizes lookup, and no
+    parameter, buffer or instance attribute has it. None where a step is not provably so (the callers
+    then ask torch, whose answer or error stands)."""
+    module = root
+    for item in path.split("."):
+        child = module._modules.get(item)
+        cls = type(module)
+        if (child is None or cls.__getattr__ is not _MODULE_GETATTR or cls.__getattribute__ is not _OBJECT_GETATTRIBUTE
+                or item in module.__dict__ or item in module._parameters or item in module._buffers
+                or hasattr(cls, item)):
+            return None
+        module = child
+    return module
+
+
+_MODULE_GETATTR = nn.Module.__getattr__
+_OBJECT_GETATTRIBUTE = object.__getattribute__
 
 
 class LayerTypes(Constraint):
@@ -183,12 +217,19 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def _argument(node: Node, name: str) -> Node | None:
     kind = _BY_FUNCTION.get(node.target) or KINDS["linear"]  # a transform's chain call: the linear positions
-    position = {"weight": kind.weight_pos, "bias": kind.bias_pos, "input": kind.input_pos}[name]
+    position, keyword = _ARGUMENTS[kind.name][name]
     if position is None:
         return None
-    keyword = {"addmm": {"weight": "mat2", "bias": "input", "input": "mat1"}}.get(kind.name, {}).get(name, name)
     value = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
     return value if isinstance(value, Node) else None
+
+
+# kind -> argument -> (position, keyword): the keywords are the argument names except for torch.addmm's
+_KEYWORDS = {"addmm": {"weight": "mat2", "bias": "input", "input": "mat1"}}
+_ARGUMENTS: dict[str, dict[str, tuple[int | None, str]]] = {
+    kind.name: {name: (position, _KEYWORDS.get(kind.name, {}).get(name, name)) for name, position in
+                (("weight", kind.weight_pos), ("bias", kind.bias_pos), ("input", kind.input_pos))}
+    for kind in KINDS.values()}
 
 
 def input_arg(node: Node) -> Node | None:
@@ -225,30 +266,42 @@ def weight_source(node: Node) -> Node | None:
 def find_layers(gm: GraphModule) -> list[Layer]:
     """Every layer of `gm`, in graph order, module or functional form. A layer whose weight is the
     very tensor of an earlier layer (a tied LM head) says so in `tied_to`."""
-    layers, owners = [], {}
+    return [layer for layer, _ in _layers(gm)]
+
+
+def _layers(gm: GraphModule) -> Iterator[tuple[Layer, Node]]:
+    """find_layers' layers with their nodes, one at a time (a lookup stops at the one it wants)."""
+    owners: dict[int, Layer] = {}
     for node in gm.graph.nodes:
-        kind = kind_of_node(gm, node)
-        if kind is None:
+        found = _untied_layer(gm, node)
+        if found is None:
             continue
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
-            layer = Layer(node.target, kind.name, node.name, f"{node.target}.weight", bias)
-        else:
-            source = weight_source(node)
-            if source is None:
-                continue  # the weight is computed from inputs: not a stored layer
-            bias_node = bias_arg(node)
-            bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
-            owner, _, _ = source.target.rpartition(".")
-            layer = Layer(owner or source.target, kind.name, node.name, source.target, bias)
-        tensor = _stored_weight(gm, node)
+        layer, tensor = found
         first = owners.setdefault(id(tensor), layer) if tensor is not None else layer
         if first is not layer:
             name = layer.name if layer.name != first.name else _module_path(node, first.name) or node.name
             layer = Layer(name, layer.kind, layer.node, layer.weight, layer.bias, tied_to=first.name)
-        layers.append(layer)
-    return layers
+        yield layer, node
+
+
+def _untied_layer(gm: GraphModule, node: Node) -> tuple[Layer, object | None] | None:
+    """The layer `node` computes as if no other layer shared its weight, and what its weight is stored
+    as (`_stored_weight`); None for a node that computes no stored layer. Each module is looked up once."""
+    if node.op == "call_module":
+        module = submodule(gm, node.target)
+        kind = _BY_MODULE.get(type(module))
+        if kind is None:
+            return None
+        bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+        return Layer(node.target, kind.name, node.name, f"{node.target}.weight", bias), module.weight
+    kind = _BY_FUNCTION.get(node.target) if node.op == "call_function" else None
+    source = weight_source(node) if kind is not None else None
+    if source is None:
+        return None  # no layer, or its weight is computed from inputs: not a stored layer
+    bias_node = bias_arg(node)
+    bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
+    owner, _, _ = source.target.rpartition(".")
+    return Layer(owner or source.target, kind.name, node.name, source.target, bias), _source_object(gm, source)
 
 
 def _module_path(node: Node, taken: str) -> str | None:
@@ -264,11 +317,14 @@ def _stored_weight(gm: GraphModule, node: Node) -> object | None:
     """What a layer node's weight is stored as: the tensor, or the module that produces it (an
     encoded weight); two layers with the same one are tied."""
     if node.op == "call_module":
-        return gm.get_submodule(node.target).weight
+        return submodule(gm, node.target).weight
     source = weight_source(node)
-    if source is None:
-        return None
-    return operator.attrgetter(source.target)(gm) if source.op == "get_attr" else gm.get_submodule(source.target)
+    return None if source is None else _source_object(gm, source)
+
+
+def _source_object(gm: GraphModule, source: Node) -> object:
+    """What a weight chain's source node reads: the stored tensor, or the module producing the weight."""
+    return stored_attr(gm, source.target) if source.op == "get_attr" else submodule(gm, source.target)
 
 
 def tied_readers(gm: GraphModule, node: Node) -> list[Node]:
@@ -276,8 +332,18 @@ def tied_readers(gm: GraphModule, node: Node) -> list[Node]:
     tensor = _stored_weight(gm, node)
     if tensor is None:
         return []
-    return [other for other in gm.graph.nodes if other is not node and kind_of_node(gm, other) is not None
-            and _stored_weight(gm, other) is tensor]
+    return [other for other in gm.graph.nodes if other is not node and _reads_stored(gm, other, tensor)]
+
+
+def _reads_stored(gm: GraphModule, node: Node, stored: object) -> bool:
+    """Whether `node` is a layer whose weight is stored as `stored` (`_stored_weight(gm, node) is stored`)."""
+    if node.op == "call_module":
+        module = submodule(gm, node.target)
+        return type(module) in _BY_MODULE and module.weight is stored
+    if node.op == "call_function" and node.target in _BY_FUNCTION:
+        source = weight_source(node)
+        return source is not None and _source_object(gm, source) is stored
+    return False
 
 
 def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), select: str | None = None, *,
@@ -305,7 +371,7 @@ def name_matches(gm: GraphModule, name: str, patterns: tuple) -> bool:
             return True
         if isinstance(pattern, type) and issubclass(pattern, nn.Module):
             try:
-                if isinstance(gm.get_submodule(name), pattern):
+                if isinstance(submodule(gm, name), pattern):
                     return True
             except AttributeError:  # a functional layer: no module at that path
                 continue
@@ -317,9 +383,9 @@ def layer_node(gm: GraphModule, layer: Layer) -> Node:
     for node in gm.graph.nodes:
         if node.name == layer.node:
             return node
-    for found in find_layers(gm):  # the node was replaced (e.g. functionalized) since `layer` was found
+    for found, node in _layers(gm):  # the node was replaced (e.g. functionalized) since `layer` was found
         if found.weight == layer.weight or found.name == layer.name:
-            return next(n for n in gm.graph.nodes if n.name == found.node)
+            return node  # the first layer that matches: the graph is read no further
     raise KeyError(f"layer {layer.name!r} (node {layer.node!r}) is not in the graph")
 
 
@@ -331,7 +397,7 @@ def functionalize(gm: GraphModule, node: Node) -> Node:
     """
     if node.op == "call_function":
         return node
-    module = gm.get_submodule(node.target)
+    module = submodule(gm, node.target)
     kind = _BY_MODULE[type(module)]
     graph: Graph = gm.graph
     with graph.inserting_before(node):
@@ -376,8 +442,9 @@ def insert_on_weight(gm: GraphModule, layer: Layer,
     and one quantizer; a tied module left without use is removed (its weight lives on in the first).
     """
     node = functionalize(gm, layer_node(gm, layer))
-    tied_modules = [reader.target for reader in tied_readers(gm, node) if reader.op == "call_module"]
-    tied = [functionalize(gm, reader) for reader in tied_readers(gm, node)]
+    readers = tied_readers(gm, node)  # functionalizing one reader leaves the others as they are
+    tied_modules = [reader.target for reader in readers if reader.op == "call_module"]
+    tied = [functionalize(gm, reader) for reader in readers]
     current = weight_arg(node)
     first = next(n for n in gm.graph.nodes if n is node or n in tied)
     with gm.graph.inserting_before(first):
@@ -414,13 +481,13 @@ def constant_value(gm: GraphModule, node: Node) -> torch.Tensor:
         args = torch.fx.node.map_arg(n.args, value)
         kwargs = torch.fx.node.map_arg(n.kwargs, value)
         if n.op == "get_attr":
-            out = operator.attrgetter(n.target)(gm)
+            out = stored_attr(gm, n.target)
         elif n.op == "call_function":
             out = n.target(*args, **kwargs)
         elif n.op == "call_method":
             out = getattr(args[0], n.target)(*args[1:], **kwargs)
         elif n.op == "call_module":
-            out = gm.get_submodule(n.target)(*args, **kwargs)
+            out = submodule(gm, n.target)(*args, **kwargs)
         else:
             raise ValueError(f"cannot evaluate {n.format_node()}")
         env[n] = out
@@ -437,5 +504,5 @@ def effective_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
     """The weight the layer really computes with (after masks, fake-quant, decoding)."""
     node = layer_node(gm, layer)
     if node.op == "call_module":
-        return gm.get_submodule(node.target).weight.detach()
+        return submodule(gm, node.target).weight.detach()
     return constant_value(gm, weight_arg(node)).detach()

@@ -8,7 +8,8 @@ from torch import nn
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import (FUNCTIONS, KINDS, WeightTransform, bias_arg, chain_transforms, effective_weight,
                                find_layers, functionalize, input_arg, insert_on_weight, kind_names, kind_of_node, kind_of_type,
-                               layer_kind, layer_node, select_layers, weight_arg, weight_source)
+                               layer_kind, layer_node, select_layers, stored_attr, submodule, weight_arg,
+                               weight_source)
 from fxcompress.tracing import trace
 
 
@@ -197,3 +198,65 @@ def test_select_layers_filters_by_kind_and_name_and_names_the_layers_when_nothin
     assert select_layers(trace(nn.Sequential(nn.ReLU())), "P") == []
     with pytest.raises(ConfigError, match="P selects no layer"):
         select_layers(trace(nn.Sequential(nn.ReLU())), "P", required=True)
+
+
+class _Shadowing(nn.Module):
+    """Submodules that attribute lookup does not find where `_modules` holds them."""
+
+    head = nn.Identity()  # a class attribute named like a submodule: getattr finds this one
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(2, 2))
+        self._modules["head"] = nn.Linear(2, 2)
+        self._modules["twin"] = nn.Linear(2, 2)
+        self._parameters["twin"] = nn.Parameter(torch.ones(1))  # a parameter of the same name wins
+        self._modules["gone"] = None
+        self.plain = object()
+
+
+class _Redirecting(nn.Module):
+    elsewhere = nn.Identity()
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+    def __getattr__(self, name):  # a custom lookup: only get_submodule's own answer stands
+        return type(self).elsewhere if name == "inner" else super().__getattr__(name)
+
+
+def _outcome(fn):
+    try:
+        return ("value", id(fn()))
+    except Exception as exc:  # noqa: BLE001 - the error type and message are the outcome compared
+        return ("error", type(exc), str(exc))
+
+
+@pytest.mark.parametrize("root", [_Shadowing(), nn.Sequential(_Redirecting(), nn.Sequential(nn.Linear(2, 2)))])
+def test_submodule_and_stored_attr_answer_as_torch_does(root):
+    # layer lookups resolve paths through `_modules` directly; every path where attribute lookup would
+    # answer otherwise (shadowed, redirected, missing, not a module) must give torch's answer or error
+    paths = ["", "body", "body.0", "body.0.weight", "body.1", "head", "twin", "gone", "plain", "plain.x",
+             "missing.weight", "0", "0.inner", "0.inner.weight", "1.0", "1.0.bias", "1.0.nothing"]
+    compared = 0
+    for path in paths:
+        assert _outcome(lambda: submodule(root, path)) == _outcome(lambda: root.get_submodule(path)), path
+        if path:
+            assert _outcome(lambda: stored_attr(root, path)) == _outcome(lambda: operator.attrgetter(path)(root)), path
+            compared += 1
+    assert compared == len(paths) - 1
+
+
+def test_a_stale_layer_is_found_by_the_first_layer_with_its_weight_or_name(zoo_model):
+    # layer_node reads the graph only up to the first match: the node find_layers' list would give
+    name, model, _ = zoo_model
+    gm = trace(model)
+    layers = find_layers(gm)
+    for layer in layers:
+        insert_on_weight(gm, layer, lambda graph, w: graph.call_function(torch.neg, (w,)))
+    after = find_layers(gm)
+    for layer in layers:
+        assert all(n.name != layer.node for n in gm.graph.nodes) or layer.kind == "addmm", (name, layer)
+        first = next(f for f in after if f.weight == layer.weight or f.name == layer.name)
+        assert layer_node(gm, layer).name == first.node, (name, layer)
