@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -379,12 +380,23 @@ def _pair_stats(pairs) -> dict[str, Any]:
     noise = signal = 0.0
     distinct = []
     for w, q in pairs:
-        distinct.append(torch.unique(q))
-        w, q = w.double(), q.double()
-        noise += float(((w - q) ** 2).sum())
+        distinct.append(_distinct(q))
+        w = w.to(torch.float64, copy=True)  # a copy even of a float64 weight: it is overwritten next
         signal += float((w ** 2).sum())
+        w = w.sub_(q).square_()  # (w - q) ** 2 in float64, in place: the same values, no more chunk copies
+        noise += float(w.sum())
     sqnr = float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
-    return {"levels": int(torch.unique(torch.cat(distinct)).numel()), "sqnr_db": round(sqnr, 2)}
+    return {"levels": int(_distinct(torch.cat(distinct)).numel()), "sqnr_db": round(sqnr, 2)}
+
+
+def _distinct(values: torch.Tensor) -> torch.Tensor:
+    """torch.unique(values), by numpy's sort where both give the same set: a CPU float32 / float64
+    tensor without NaN (numpy merges NaNs, torch keeps each; -0.0 and 0.0 are one value in both).
+    torch's CPU sort made the levels count most of the statistics' time: numpy's is 10-20x faster."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and \
+            not bool(values.isnan().any()):
+        return torch.from_numpy(np.unique(values.detach().numpy()))
+    return torch.unique(values)
 
 
 def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.Tensor,

@@ -414,3 +414,26 @@ def test_kmeans_statistics_from_the_codes_equal_those_of_the_whole_quantized_wei
     assert stats["sqnr_db"] == pytest.approx(round(expected_db, 2), abs=0.011)
     pairs = fake_quant._pair_stats(fake_quant._chunks(masked, quantized))  # the chunked sums as before, exactly
     assert {k: stats[k] for k in ("levels", "sqnr_db")} == pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_statistics_count_levels_as_torch_unique_does_and_leave_the_weight_unchanged(dtype):
+    """The levels count takes numpy's sort where it gives torch.unique's set (float32 / float64 without
+    NaN), torch.unique elsewhere; the SQNR sums are the float64 formula's. Checked against the formula
+    written out with torch.unique on chunked weights holding -0.0 and 0.0, and with NaNs (each its own level)."""
+    import math
+    from fxcompress.passes import fake_quant
+    torch.manual_seed(0)
+    weight = torch.randn((1 << 16) + 300).to(dtype)  # two chunks, the second cut short
+    weight[:3], weight[3] = 0.0, -0.0
+    quantized = GridWeight(3, "linear", False, None, None)(weight)
+    kept = weight.clone()
+    noise = float(((weight.double() - quantized.double()) ** 2).sum())
+    expected_db = round(10 * math.log10(float((weight.double() ** 2).sum()) / noise), 2)
+    pairs = fake_quant._pair_stats(fake_quant._chunks(weight, quantized))
+    assert pairs == {"levels": int(torch.unique(quantized).numel()), "sqnr_db": expected_db}
+    assert torch.equal(weight, kept)  # the float64 difference is worked in place on a copy, even of a float64 weight
+    with_nans = quantized.clone()
+    with_nans[[1, 7, (1 << 16) + 5]] = float("nan")
+    levels = fake_quant._pair_stats(fake_quant._chunks(weight, with_nans))["levels"]
+    assert levels == int(torch.unique(with_nans).numel()) == int(torch.unique(quantized).numel()) + 3
