@@ -21,7 +21,9 @@ builds. The pooling is global (8 x 8 maps to 1 x 1): a 4 x 4 channels-last poole
 kernel, a copy to flatten it for `fc`. Inductor's check that the CPU's vector instructions build
 and load (two more C++ programs and a process) is skipped with `cpp.vec_isa_ok`: the CPU's own flags
 choose the instruction set, and the generated kernels are the same; the check probes the machine,
-not the model.
+not the model. The two kernels compile in the test's own process (`compile_threads=1`): inductor's
+default on a machine with several cores starts a pool of worker processes, each importing torch, to
+compile them (about 3 s of CPU, cold cache, for the same kernels).
 """
 import functools
 import shutil
@@ -129,7 +131,9 @@ def test_inductor_compiles_the_native_integer_model_with_frozen_packed_weights()
     assert any(isinstance(m, NativeLayer) for m in gm.modules())
     torch._dynamo.reset()
     compiled = torch.compile(gm, backend="inductor", fullgraph=True)
-    # vec_isa_ok: trust the CPU's flags instead of building and loading probe programs (see above).
-    with torch.no_grad(), torch._inductor.config.patch({"freezing": True, "cpp.vec_isa_ok": True}):
+    # vec_isa_ok: trust the CPU's flags instead of building and loading probe programs; compile_threads=1:
+    # no pool of worker processes for two kernels (see above).
+    config = {"freezing": True, "cpp.vec_isa_ok": True, "compile_threads": 1}
+    with torch.no_grad(), torch._inductor.config.patch(config):
         got = compiled(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
