@@ -12,7 +12,7 @@ import fxcompress
 from fxcompress.cli import run as run_module
 from fxcompress.cli.run import run_recipe
 from fxcompress.layers import find_layers, effective_weight
-from fxcompress.report import ReportFiles
+from fxcompress.report import ReportFiles, write_report
 from fxcompress.sensitivity import SensitivityTable
 from fxcompress.training import OptimizerConfig
 
@@ -58,10 +58,20 @@ def _record_reports(patch, calls):
     """Runs whose report no test reads record where they would write it instead of drawing it (its
     pictures cost a run about 1.5 s of CPU). The report a run draws is read by
     test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends (the encoded model's, with the
-    fake-quant step as reference) and test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model (with
-    the curves); the tests that record it check that the run reached it."""
+    fake-quant step as reference); test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model reads its
+    page's tables (_report_without_pictures); the tests that record it check that the run reached it."""
     patch.setattr(run_module, "write_report", lambda gm, path, **options: calls.append(Path(path))
                   or ReportFiles(Path(path), None, 0))
+
+
+def _report_without_pictures(patch, calls):
+    """The run's report written with its tables and graph but not its pictures, and its options recorded:
+    what the pictures draw from them is write_report's own (tests/report), and a run's drawn report is
+    read by test_a_rerun_skips_finished_steps_and_ends_where_a_fresh_run_ends."""
+    def write(gm, path, **options):
+        calls.append(options)
+        return write_report(gm, path, pictures=False, **options)
+    patch.setattr(run_module, "write_report", write)
 
 
 @pytest.fixture
@@ -202,10 +212,12 @@ def test_the_recipe_asks_for_sensitivity_curves_of_the_dense_model(write_recipe,
     # has them all: the first run here sweeps the loaded dense model and loads the rest
     shutil.copytree(short[1], tmp_path / "out")
     recipe = write_recipe(SGD.replace("steps:", "sensitivity: {sparsities: [0.5, 0.9], layers: 'fc[12]'}\nsteps:"))
-    lines = []
+    lines, drawn = [], []
+    _report_without_pictures(monkeypatch, drawn)
     run_recipe(recipe, tmp_path / "out", quick=True, log=lines.append)
     assert "dense training: done before, loaded dense.pt" in lines and not any("sensitivity: done" in x for x in lines)
     table = SensitivityTable.load(tmp_path / "out" / "sensitivity.json")
+    assert [options["sensitivity"] for options in drawn] == [table]  # the curves the report draws
     assert table.layers == ("fc1", "fc2") and table.sparsities == (0.5, 0.9)
     dense = run_module.build("zoo:lenet300", {}, (1, 8, 10))  # (channels, side, classes) of digits
     dense.load_state_dict(torch.load(tmp_path / "out" / "dense.pt", weights_only=True))
