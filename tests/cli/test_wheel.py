@@ -1,13 +1,15 @@
 """From a wheel, outside the checkout: the zoo and the shipped recipes are part of the installed package,
 so `fxcompress run NAME --check` (a shipped recipe found by name, its zoo model built, every step
-compiled on digits) works in a fresh environment that cannot see the source tree.
+compiled on digits) works in a fresh environment that cannot see the source tree; and this is the test
+that starts the `fxcompress` console script as a real process (tests/cli/test_console.py starts
+`python -m fxcompress`).
 
 Kept cheap: the wheel (the `built_wheel` fixture, shared with tests/test_packaging.py) is built offline,
 installed with --no-deps by this environment's pip run by the interpreter of a venv without pip (torch and
-the other dependencies come from this environment through a .pth line), one fresh process both reports where
-fxcompress was imported from and runs the console script, and `--check` compiles the recipe's steps without
-training. Most of what is left is that process's imports (torch, scikit-learn for digits, torch._dynamo for
-the file format's dry run).
+the other dependencies come from this environment through a .pth line), where fxcompress is imported from is
+asked of the venv's interpreter without importing it (no torch), and `--check` compiles the recipe's steps
+without training. Most of what is left is the script's imports (torch, torch.fx's symbolic shapes for the
+file format's dry run).
 """
 import importlib.util
 import os
@@ -52,13 +54,15 @@ def test_the_installed_wheel_runs_a_shipped_recipe_on_a_zoo_model_outside_the_ch
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     python, script = venv / "bin" / "python", venv / "bin" / "fxcompress"
     assert str(python) in "".join(script.read_text().splitlines(keepends=True)[:2])  # the script runs the venv's python
-    # one process (a fresh one costs an interpreter and a torch import): it prints where fxcompress was
-    # imported from, then runs the wheel's own console script as that interpreter would run it
-    run = subprocess.run([python, "-c", _WHERE_THEN_SCRIPT, script, "run", "deep_compression_lenet300", "--check",
-                          "--quick"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    # where the venv's interpreter imports fxcompress from, found without running it (a process without torch)
+    where = subprocess.run([python, "-c", _WHERE], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert len(where) == 2 and all(Path(p).is_relative_to(venv) for p in where), where  # the installed copy
+    assert Path(where[1], "zoo.py").is_file() and Path(where[1], "recipes").is_dir()
+    # the wheel's console script itself, started as an executable: its first line names the venv's python
+    run = subprocess.run([script, "run", "deep_compression_lenet300", "--check", "--quick"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    where = run.stdout.splitlines()[:2]
-    assert len(where) == 2 and all(Path(p).is_relative_to(venv) for p in where), run.stdout  # the installed copy
     assert "deep_compression_lenet300.yaml: valid; every step compiles on zoo:lenet300 with digits" in run.stdout
     assert list(elsewhere.iterdir()) == []  # --check writes nothing
 
@@ -77,11 +81,9 @@ def test_wheel_installs_passes_under_fxcompress_only(built_wheel):
     assert "fxcompress/zoo.py" in names  # the models demo and the shipped recipes build
 
 
-_WHERE_THEN_SCRIPT = """
-import runpy, sys
-import fxcompress, fxcompress.zoo
-print(fxcompress.__file__)
-print(fxcompress.zoo.__file__, flush=True)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+_WHERE = """
+import importlib.util
+spec = importlib.util.find_spec("fxcompress")  # a top-level package is found, not run
+print(spec.origin)
+print(spec.submodule_search_locations[0])
 """
