@@ -63,6 +63,7 @@ def test_html_page_holds_tables_pictures_and_graph(compressed, table, report_pag
         assert f'<td class="text">{record.name}</td>' in page
     assert page.count('<g class="node">') >= len([n for n in encoded.graph.nodes if n.op != "get_attr"]) - 3
     assert not re.search(r'(src|href)="(https?:)?//|<link|@import|url\(http', page)  # nothing is fetched
+    assert "pass a reference model" not in page  # the reference held the weights before quantization
     text = files.markdown.read_text()
     assert files.markdown == files.html.with_name("r.md") and summary.to_markdown() in text
     assert table.to_markdown() in text and "LowerToEncoded" in text
@@ -100,13 +101,21 @@ def test_write_report_is_exported_at_the_top_level():
     assert "write_report(gm, path" in fxcompress.__doc__  # documented where users look first
 
 
-def test_a_fully_pruned_layer_is_drawn_as_such():
-    pytest.importorskip("matplotlib")
+def test_a_fully_pruned_layer_and_a_layer_not_on_a_codebook_are_drawn():
+    image = pytest.importorskip("matplotlib.image")
     from fxcompress.report.collect import LayerWeights
-    from fxcompress.report.figures import histogram
+    from fxcompress.report.figures import GREY, RED, histogram
     zeros = torch.zeros(4, 3)
     png = base64.b64decode(histogram(LayerWeights("fc", zeros, zeros, None)).split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"  # drawn, with a note, rather than failing on no weights
+    # plain float weights (a channel-pruned conv): nothing before them, no marks, grey histograms both sides
+    plain = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    pixels = image.imread(io.BytesIO(base64.b64decode(histogram(LayerWeights("conv", plain, None, None)).split(",", 1)[1])))
+    rgb = (pixels[..., :3] * 255).round().astype(int)
+    grey, red = (np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)]) for c in (GREY, RED))
+    half = rgb.shape[1] // 2
+    assert min(_pixels_near(rgb[:, :half], grey), _pixels_near(rgb[:, half:], grey)) > 2000
+    assert _pixels_near(rgb, red) == 0
 
 
 def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure(compressed, monkeypatch):
