@@ -1,5 +1,6 @@
-"""The shipped recipe hf_vit_digits (a Hugging Face ViT from its config) runs with --quick end to end, and a
-recipe may name the model's config as a JSON file beside it."""
+"""The shipped recipe hf_vit_digits (a Hugging Face ViT from its config) runs with --quick end to end, its
+report is given the final model and the fake-quant step as reference, and a recipe may name the model's config
+as a JSON file beside it."""
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from fxcompress.cli.recipe import load_recipe
 from fxcompress.cli.run import data_shape, load_data, run_recipe
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.layers import effective_weight, find_layers
+from fxcompress.report import layer_weights, write_report
 from fxcompress.training import evaluate
 
 
@@ -23,13 +25,21 @@ def transformers():
 
 
 def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path, monkeypatch):
-    exports = []  # (model, program) of each export the run made
+    exports, reports = [], []  # (model, program) of each export the run made; (model, options, files) of its report
 
     def export(model, example):
         exports.append((model, export_free_batch(model, example)))
         return exports[-1][1]
 
+    def report(gm, path, **options):
+        # written without its pictures (about a quarter of this run's CPU): what the run gives write_report
+        # is checked below; a run's drawn report is read by tests/cli/test_run.py, each kind of layer's
+        # pictures by tests/report
+        reports.append((gm, options, write_report(gm, path, pictures=False, **options)))
+        return reports[-1][2]
+
     monkeypatch.setattr(run_module, "export_free_batch", export)
+    monkeypatch.setattr(run_module, "write_report", report)
     lines = []
     result = run_recipe("hf_vit_digits", tmp_path, quick=True, log=lines.append)
     final = result["model"]
@@ -51,6 +61,14 @@ def test_hf_vit_digits_runs_quick_and_its_file_is_the_final_model(tmp_path, monk
         weight = effective_weight(loaded, layer)
         assert torch.unique(weight[weight != 0]).numel() <= 32, layer.name
     assert result["accuracies"][-1] > 0.4 and result["dense_accuracy"] > 0.4  # ten classes: chance is 0.1
+    [(reported, options, files)] = reports  # the report is of the final model, its histograms' data complete
+    assert reported is final and files.html == tmp_path / "report.html" and files.markdown == tmp_path / "report.md"
+    page = files.html.read_text()
+    assert "hf_vit_digits.yaml: transformers:ViTForImageClassification" in page and "<svg" in page
+    assert f"{result['accuracies'][-1]:.4f}" in page
+    drawn = layer_weights(reported, options["reference"])  # the encoded layers; before k-means from the fake-quant step
+    assert [w.name for w in drawn] == [layer.name for layer in layers]
+    assert all(w.before is not None and 1 < w.centroids.numel() <= 32 for w in drawn)
     # one export, the dry run's, of the model itself: the program holds the model's own tensors, which the
     # dense training wrote in place, so step 1 compiled what an export of the trained model gives
     [(dense, program)] = exports
