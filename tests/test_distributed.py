@@ -210,7 +210,7 @@ def run_example(rank):
 
 
 def test_torchrun_example_finetunes_in_step_on_two_ranks(tmp_path):
-    load_dataset("digits")  # imports scikit-learn here, once, rather than in each rank
+    load_dataset("digits")  # reads the digits file here, once (kept per process), rather than in each rank
     ranks = run_ranks(tmp_path, run_example)
     assert ranks[0] == ranks[1]  # the same accuracies: one model, held by both ranks
     result = ranks[0]
