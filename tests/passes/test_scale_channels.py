@@ -61,15 +61,22 @@ def _exported_llama(layers: int, kv_heads: int):
 
 
 def _llama(kv_heads: int):
-    gm, x, state = _exported_llama(1, kv_heads)
+    """The exported Llama, its input and its number of blocks. Grouped-query attention runs on the
+    two-block export test_later_groups_calibrate_... reads too (an export costs about a second)."""
+    blocks = 1 if kv_heads == 2 else 2
+    gm, x, state = _exported_llama(blocks, kv_heads)
     torch.random.set_rng_state(state)  # what follows draws the numbers it drew when each test built its own
-    return gm, x
+    return gm, x, blocks
+
+
+def _per_block(blocks: int, producers: dict[str, str]) -> dict[str, str]:
+    return {f"model.layers.{i}.{layer}": producer for i in range(blocks) for layer, producer in producers.items()}
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("method", ["awq", "smoothquant"])
 def test_fold_is_exact_on_llama_and_finds_every_producer(method, kv_heads):
-    gm, x = _llama(kv_heads)
+    gm, x, blocks = _llama(kv_heads)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     reference = gm(x)["logits"].detach()
     cal = [(torch.randint(0, 64, (2, 16)),) for _ in range(2)]
@@ -79,20 +86,24 @@ def test_fold_is_exact_on_llama_and_finds_every_producer(method, kv_heads):
     out = out_gm(x)["logits"].detach()
     assert float((out - reference).abs().max() / reference.abs().max()) < 1e-5
     layers = fxcompress.history(out_gm)[-1].stats["layers"]
-    producers = {name.rsplit(".", 1)[-1]: report["producer"].rsplit(".", 2)[-2]
-                 for name, report in layers.items() if "producer" in report}
-    norms = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
-             "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm", "lm_head": "norm"}
+    producers = {name: report["producer"].rsplit(".", 2)[-2] for name, report in layers.items() if "producer" in report}
+    norms = {"lm_head": "norm", **_per_block(blocks, {
+        "self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+        "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
+        "mlp.up_proj": "post_attention_layernorm"})}
     changed = [k for k, v in out_gm.state_dict().items() if k in before and not torch.equal(v, before[k])]
-    assert "model.layers.0.input_layernorm.weight" in changed and "model.layers.0.self_attn.v_proj.weight" in changed
+    for i in range(blocks):
+        assert f"model.layers.{i}.input_layernorm.weight" in changed and \
+            f"model.layers.{i}.self_attn.v_proj.weight" in changed
     if method == "smoothquant":   # as the paper: only norms take the scales
         assert producers == norms
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            assert "folds only into norms" in layers[f"model.layers.0.{name}"]["skipped"]
+        for name in _per_block(blocks, {"self_attn.o_proj": None, "mlp.down_proj": None}):
+            assert "folds only into norms" in layers[name]["skipped"]
         return
-    assert producers == {**norms, "o_proj": "self_attn", "down_proj": "mlp"}
-    assert layers["model.layers.0.self_attn.o_proj"]["producer"] == "model.layers.0.self_attn.v_proj"
-    assert layers["model.layers.0.mlp.down_proj"]["producer"] == "model.layers.0.mlp.up_proj"
+    assert producers == {**norms, **_per_block(blocks, {"self_attn.o_proj": "self_attn", "mlp.down_proj": "mlp"})}
+    for i in range(blocks):
+        assert layers[f"model.layers.{i}.self_attn.o_proj"]["producer"] == f"model.layers.{i}.self_attn.v_proj"
+        assert layers[f"model.layers.{i}.mlp.down_proj"]["producer"] == f"model.layers.{i}.mlp.up_proj"
 
 
 def test_layernorm_fold_is_exact_and_a_relu_stops_the_query():
@@ -219,15 +230,17 @@ def _llama_blocks(layers: int = 2):
 def test_the_block_output_is_found_in_the_graph_and_searched_on():
     """AWQ's "module to inspect": the value each group's block adds back to the residual stream (o_proj's
     output for q / k / v and v -> o, down_proj's for gate / up and up -> down), found by the graph query."""
-    gm, x, cal = _llama_blocks(1)
-    nodes = {layer.name.rsplit(".", 1)[-1]: layer.node for layer in find_layers(gm)}
+    gm, x, cal = _llama_blocks(2)   # the export the later-groups test reads too: each block's own outputs
+    nodes = {layer.name: layer.node for layer in find_layers(gm)}
     out = fxcompress.compile(gm, [ScaleChannels(group_size=16, select=r"model\.layers\..*")], (x,),
                              calibration_data=cal)
     layers = fxcompress.history(out)[-1].stats["layers"]
-    inspected = {name.rsplit(".", 1)[-1]: (report["inspected"], report["objective"]) for name, report in layers.items()}
-    block = {"q_proj": "o_proj", "k_proj": "o_proj", "v_proj": "o_proj", "o_proj": "o_proj",
-             "gate_proj": "down_proj", "up_proj": "down_proj", "down_proj": "down_proj"}
-    assert inspected == {name: (nodes[output], "block") for name, output in block.items()}
+    inspected = {name: (report["inspected"], report["objective"]) for name, report in layers.items()}
+    block = {"self_attn.q_proj": "self_attn.o_proj", "self_attn.k_proj": "self_attn.o_proj",
+             "self_attn.v_proj": "self_attn.o_proj", "self_attn.o_proj": "self_attn.o_proj",
+             "mlp.gate_proj": "mlp.down_proj", "mlp.up_proj": "mlp.down_proj", "mlp.down_proj": "mlp.down_proj"}
+    assert inspected == {f"model.layers.{i}.{name}": (nodes[f"model.layers.{i}.{output}"], "block")
+                         for i in range(2) for name, output in block.items()}
 
 
 def test_without_a_residual_add_the_search_reads_the_layers_own_errors():
