@@ -158,8 +158,9 @@ def test_activation_grids_of_conv1d_layers_sit_on_their_input_not_on_their_bias(
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_tied_head_keeps_its_module_path_after_passes_share_its_weight(frontend):
-    model, x = _gpt2()
-    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], (x,), frontend=frontend)
+    _, _, x = _program("gpt2")
+    traced_graph, exported_graph = _graphs("gpt2")  # the model through each front end, shared
+    gm = fxcompress.compile(traced_graph if frontend == "fx" else exported_graph, [InsertMasks(sparsity=0.5)], (x,))
     rows = [row["layer"] for row in fxcompress.summary(gm).rows]
     assert "lm_head (tied to wte)" in rows, rows
 
@@ -199,9 +200,9 @@ def test_conv1d_layers_are_linear_layers_for_every_layer_pass(steps):
 def test_scale_channels_folds_norms_into_conv1d_layers_exactly(method):
     """ScaleChannels takes Conv1D layers as linear ones: ln_1 -> c_attn and ln_2 -> c_fc fold; c_proj reads
     attention heads split from c_attn and c_fc's output through gelu, which no scale passes, so both are reported."""
-    model, program, x = _program("gpt2")
+    model, _, x = _program("gpt2")
     awq = {"group_size": 16, "clip": False}   # the fold alone: AWQ's clip changes weights on purpose
-    gm = _run(program, [[ScaleChannels(method=method, **(awq if method == "awq" else {}))]], x)
+    gm = _run(_graphs("gpt2")[1], [[ScaleChannels(method=method, **(awq if method == "awq" else {}))]], x)
     record = fxcompress.history(gm)[-1]
     assert {"attn.c_attn.weight", "c_fc.weight"} <= set(record.params_touched)
     assert record.stats["layers_scaled"] == 2
