@@ -123,13 +123,17 @@ def test_pruned_weights_stay_zero_through_100_steps(make_optimizer):
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     gm = fxcompress.compile(LeNet5(1, 8, 10), [InsertMasks(sparsity=0.7, scope="global")], example_inputs=(x,))
     masks = {layer.weight: mask.clone() for layer, mask in masks_of(gm).values()}
+    # each weight's pruned positions, found once: a boolean index of the gradient every step cost a
+    # quarter of the steps' time, gathering the same positions costs a fifth of that
+    pruned = {name: (gm.get_parameter(name), (mask == 0).reshape(-1).nonzero().squeeze(1))
+              for name, mask in masks.items()}
     optimizer = make_optimizer(gm.parameters())
     gm.train()
     for _ in range(100):
         optimizer.zero_grad()
         nn.functional.cross_entropy(gm(x), y).backward()
-        for name, mask in masks.items():
-            assert not gm.get_parameter(name).grad[mask == 0].any(), f"{name}: pruned weight has a gradient"
+        for name, (weight, positions) in pruned.items():
+            assert not weight.grad.reshape(-1).index_select(0, positions).any(), f"{name}: pruned weight has a gradient"
         optimizer.step()
     for layer in masked_layers(gm):
         effective = fxcompress.layers.effective_weight(gm, layer)
