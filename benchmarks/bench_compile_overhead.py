@@ -11,19 +11,33 @@
    changed the graph, verification (lint, recompile, forward) and the shape step apart against lint,
    recompile and one run. The shared runs' shapes and output structure are checked equal to the
    separate steps' on every model.
+4. Layer lookups and copies, against the previous code (kept below as `_Old`, patched in for its
+   rows): on each zoo model after InsertMasks, `find_layers`, `layer_node` of every layer found
+   before the pass (their nodes were renamed: the lookup by weight) and `tied_readers` of every
+   layer; `copy.deepcopy` against compile's copy of the nn.Module and of the masked GraphModule;
+   and the whole `compile(model, [InsertMasks(sparsity=0.5)])`. Every lookup's answer is checked
+   equal to the old code's.
 
-    python benchmarks/bench_compile_overhead.py [--repeats 15]
+    python benchmarks/bench_compile_overhead.py [--repeats 15] [--section lookups]
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import operator
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
+import fxcompress
+from fxcompress import layers
 from fxcompress.analyses.shapes import propagate_shapes, shapes_and_outputs
+from fxcompress.passes import InsertMasks
+from fxcompress.pruning import masks
 from fxcompress.execution import evaluating
 from fxcompress.pruning import selection
 from fxcompress.pruning.selection import LowestN
@@ -115,21 +129,148 @@ def checking_rows(repeats: int) -> list[str]:
     return rows
 
 
+class _Old:
+    """The lookups as they were: every module path through get_submodule, the stale-layer lookup
+    through find_layers' whole list, and tied_readers asking each node's kind and weight apart."""
+
+    @staticmethod
+    def kind_of_node(gm, node):
+        if node.op == "call_module":
+            return layers._BY_MODULE.get(type(gm.get_submodule(node.target)))
+        return layers._BY_FUNCTION.get(node.target) if node.op == "call_function" else None
+
+    @staticmethod
+    def stored_weight(gm, node):
+        if node.op == "call_module":
+            return gm.get_submodule(node.target).weight
+        source = layers.weight_source(node)
+        if source is None:
+            return None
+        return operator.attrgetter(source.target)(gm) if source.op == "get_attr" else gm.get_submodule(source.target)
+
+    @staticmethod
+    def find_layers(gm):
+        found, owners = [], {}
+        for node in gm.graph.nodes:
+            kind = _Old.kind_of_node(gm, node)
+            if kind is None:
+                continue
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+                layer = layers.Layer(node.target, kind.name, node.name, f"{node.target}.weight", bias)
+            else:
+                source = layers.weight_source(node)
+                if source is None:
+                    continue
+                bias_node = layers.bias_arg(node)
+                bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
+                owner, _, _ = source.target.rpartition(".")
+                layer = layers.Layer(owner or source.target, kind.name, node.name, source.target, bias)
+            tensor = _Old.stored_weight(gm, node)
+            first = owners.setdefault(id(tensor), layer) if tensor is not None else layer
+            if first is not layer:
+                name = layer.name if layer.name != first.name else layers._module_path(node, first.name) or node.name
+                layer = layers.Layer(name, layer.kind, layer.node, layer.weight, layer.bias, tied_to=first.name)
+            found.append(layer)
+        return found
+
+    @staticmethod
+    def layer_node(gm, layer):
+        for node in gm.graph.nodes:
+            if node.name == layer.node:
+                return node
+        for found in _Old.find_layers(gm):
+            if found.weight == layer.weight or found.name == layer.name:
+                return next(n for n in gm.graph.nodes if n.name == found.node)
+        raise KeyError(layer.name)
+
+    @staticmethod
+    def tied_readers(gm, node):
+        tensor = _Old.stored_weight(gm, node)
+        if tensor is None:
+            return []
+        return [other for other in gm.graph.nodes if other is not node and _Old.kind_of_node(gm, other) is not None
+                and _Old.stored_weight(gm, other) is tensor]
+
+
+@contextmanager
+def _old_code():
+    """The old lookups and copy in place of the new, wherever compile and the masks reach them."""
+    compile_module = sys.modules["fxcompress.compile"]
+    patches = [(layers, "find_layers", _Old.find_layers), (layers, "layer_node", _Old.layer_node),
+               (layers, "tied_readers", _Old.tied_readers), (masks, "find_layers", _Old.find_layers),
+               (masks, "layer_node", _Old.layer_node),
+               (compile_module, "_deepcopy", lambda model, memo=None: copy.deepcopy(model, memo))]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def lookup_rows(repeats: int) -> list[str]:
+    rows = []
+    for name in sorted(ZOO):
+        make_model, make_input = ZOO[name]
+        model, x = make_model().eval(), (make_input(),)
+        stale = layers.find_layers(trace(model))
+        gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=x)
+        nodes = [layers.layer_node(gm, layer) for layer in stale]
+        assert nodes == [_Old.layer_node(gm, layer) for layer in stale], name
+        assert layers.find_layers(gm) == _Old.find_layers(gm), name
+        assert all(layers.tied_readers(gm, n) == _Old.tied_readers(gm, n) for n in nodes), name
+
+        def compiled():
+            fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=x)
+
+        def compiled_old():
+            with _old_code():
+                compiled()
+        copy_gm = sys.modules["fxcompress.compile"]._deepcopy
+        med = _medians({
+            "find old": lambda: _Old.find_layers(gm), "find": lambda: layers.find_layers(gm),
+            "node old": lambda: [_Old.layer_node(gm, layer) for layer in stale],
+            "node": lambda: [layers.layer_node(gm, layer) for layer in stale],
+            "tied old": lambda: [_Old.tied_readers(gm, n) for n in nodes],
+            "tied": lambda: [layers.tied_readers(gm, n) for n in nodes],
+            "copy old": lambda: copy.deepcopy(model), "copy": lambda: copy_gm(model),
+            "gm copy old": lambda: copy.deepcopy(gm), "gm copy": lambda: copy_gm(gm),
+            "compile old": compiled_old, "compile": compiled}, repeats)
+        rows.append(f"| {name} | {len(gm.graph.nodes)} | " + " | ".join(
+            f"{med[k + ' old']:.2f} / {med[k]:.2f} ({med[k] / med[k + ' old']:.2f})"
+            for k in ("find", "node", "tied", "copy", "gm copy", "compile")) + " |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--section", choices=("all", "shapes", "selection", "checking", "lookups"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| model | nodes | ShapeProp ms | ours ms | forward ms | ratio | overhead ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(shape_rows(args.repeats)))
-    print("\n| scores | histograms ms | kthvalue ms | ratio |")
-    print("|---|---|---|---|")
-    print("\n".join(selection_rows(args.repeats)))
-    print("\n| model | input check + shapes ms | one run ms | ratio | verify + shapes ms | "
-          "lint, recompile, one run ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(checking_rows(args.repeats)))
+    wanted = {"shapes", "selection", "checking", "lookups"} if args.section == "all" else {args.section}
+    if "shapes" in wanted:
+        print("| model | nodes | ShapeProp ms | ours ms | forward ms | ratio | overhead ratio |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(shape_rows(args.repeats)))
+    if "selection" in wanted:
+        print("\n| scores | histograms ms | kthvalue ms | ratio |")
+        print("|---|---|---|---|")
+        print("\n".join(selection_rows(args.repeats)))
+    if "checking" in wanted:
+        print("\n| model | input check + shapes ms | one run ms | ratio | verify + shapes ms | "
+              "lint, recompile, one run ms | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(checking_rows(args.repeats)))
+    if "lookups" in wanted:
+        print("\nms old / new (ratio)\n\n| model | nodes | find_layers | layer_node, stale layers | "
+              "tied_readers, each layer | copy model | copy masked gm | compile + InsertMasks |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(lookup_rows(args.repeats)))
 
 
 if __name__ == "__main__":
