@@ -105,9 +105,9 @@ def source(name: str, frontend: str):
 @functools.cache
 def graph(name: str, frontend: str):
     """(GraphModule, example inputs): the source through compile's front end once (for an
-    ExportedProgram: unlifted and respelled at torch level), shared by every test that compiles the
-    model; compile copies a GraphModule, so each still starts from the same graph. The front end on
-    its own program runs here, in encode() and in the dynamic-shape test."""
+    ExportedProgram: unlifted and respelled at torch level, about a tenth of a second), shared by every
+    test that compiles the model, encode() included; compile copies a GraphModule, so each still starts
+    from the same graph. The front end on its own program runs here and in the dynamic-shape test."""
     src, inputs = source(name, frontend)
     return fxcompress.compile(src, [], inputs), inputs
 
@@ -285,8 +285,8 @@ def encode(name: str, frontend: str):
     """(encoded GraphModule, its inputs, the fake-quant model's outputs): 80% masks, 4-bit k-means on
     every layer (embeddings included), then LowerToEncoded, whose outputs must equal the fake-quant
     model's bit for bit."""
-    src, inputs = source(name, frontend)
-    gm = fxcompress.compile(src, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")], inputs)
+    dense, inputs = graph(name, frontend)
+    gm = fxcompress.compile(dense, [InsertMasks(sparsity=0.8), InsertFakeQuant(bits=4, method="kmeans")], inputs)
     fake_quant = run(gm, inputs)
     gm = fxcompress.compile(gm, [LowerToEncoded()], inputs)
     encoded = run(gm, inputs)
