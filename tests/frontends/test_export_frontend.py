@@ -215,7 +215,7 @@ ISSUE_SPELLINGS = {  # aten overload export writes -> the torch-level target it 
 def test_the_issues_op_families_are_spelled_at_torch_level():
     model, tokens = IssueSpellings().eval(), torch.randint(0, 20, (2, 6))
     program = torch.export.export(model, (tokens,))
-    assert set(ISSUE_SPELLINGS) <= {n.target for n in program.module().graph.nodes}
+    assert set(ISSUE_SPELLINGS) <= {n.target for n in program.graph.nodes}  # what export wrote, before unlifting
     gm = fxcompress.compile(program, [], (tokens,))
     assert _aten_ops(gm) == []
     assert set(ISSUE_SPELLINGS.values()) <= {n.target for n in gm.graph.nodes}
@@ -437,7 +437,7 @@ class TransformerOps(nn.Module):
 def test_transformer_ops_are_spelled_at_torch_level_and_save_exactly():
     x, t = torch.randn(2, 6, 8), torch.randint(0, 20, (2, 6))
     program = torch.export.export(TransformerOps(), (x, t))
-    written = {n.target for n in program.module().graph.nodes if n.op == "call_function"}
+    written = {n.target for n in program.graph.nodes if n.op == "call_function"}  # as export wrote them
     assert set(TRANSFORMER_OPS) <= written  # each case reaches its overload
     assert aten._assert_tensor_metadata.default in written  # a check export adds to each cast
     gm = fxcompress.compile(program, [], (x, t))
@@ -501,7 +501,7 @@ class Regions(nn.Module):
 def test_no_grad_and_autocast_regions_are_inlined_with_the_models_gradients(tmp_path):
     model, x = Regions().train(), torch.randn(8, 8)
     program = torch.export.export(model, (x,))
-    hops = {n.target for n in program.module().graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)}
+    hops = {n.target for n in program.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)}
     assert hops == {torch.ops.higher_order.wrap_with_set_grad_enabled}  # autocast's is nested in its subgraph
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing left unspelled
