@@ -118,10 +118,20 @@ def test_a_fully_pruned_layer_and_a_layer_not_on_a_codebook_are_drawn():
     assert _pixels_near(rgb, red) == 0
 
 
+def _as_matplotlib_draws(monkeypatch):
+    """figures as matplotlib alone draws: a new figure each picture, on matplotlib's own Agg canvas (each
+    text laid out on every draw), its titles placed by matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from fxcompress.report import figures
+    monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)
+    monkeypatch.setattr(figures, "_canvas_class", lambda: FigureCanvasAgg)
+
+
 def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure(compressed, monkeypatch):
     """Histograms are drawn on one kept figure, emptied each time, with their titles pinned at the top of
-    the axes instead of matplotlib measuring every tick label to place them: the pictures must not change,
-    after a layer of centroids, a fully pruned one and one whose counts need an offset text ("1e6")."""
+    the axes instead of matplotlib measuring every tick label to place them, and each text laid out once:
+    the pictures must not change, after a layer of centroids, a fully pruned one and one whose counts need
+    an offset text ("1e6")."""
     image = pytest.importorskip("matplotlib.image")
     from fxcompress.report import figures
     from fxcompress.report.collect import LayerWeights
@@ -132,15 +142,16 @@ def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure
     def pixels(uri):
         return image.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
     kept = [pixels(figures.histogram(w)) for w in layers]
-    monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)  # matplotlib's placement, a new figure each
+    _as_matplotlib_draws(monkeypatch)
     for weights, picture in zip(layers, kept):
         assert (pixels(figures.histogram(weights)) == picture).all(), weights.name
 
 
 def test_bars_and_curves_on_the_kept_figures_are_those_of_new_figures_byte_for_byte(monkeypatch):
     """The bars and the sensitivity curves are drawn on kept figures too, resized and emptied each time
-    (bar containers, legend, log scale, colour cycle): drawn after a picture of other data, the PNG is the
-    one a new figure with matplotlib's title placement writes, to the byte."""
+    (bar containers, legend, log scale, colour cycle): drawn after a picture of other data (its titles and
+    axis labels laid out then, and drawn from that layout now), the PNG is the one matplotlib alone writes
+    on a new figure, to the byte."""
     pytest.importorskip("matplotlib")
     from fxcompress.report import figures
     from fxcompress.sensitivity import SensitivityTable
@@ -151,7 +162,7 @@ def test_bars_and_curves_on_the_kept_figures_are_those_of_new_figures_byte_for_b
                                "channel", "accuracy") for n in (4, 2)]  # the second starts the colour cycle again
     kept = [[draw(first), draw(second)] for draw, (first, second) in
             ((figures.bytes_and_sparsity, bars), (figures.sensitivity_curves, curves))]
-    monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)  # matplotlib's placement, a new figure each
+    _as_matplotlib_draws(monkeypatch)
     assert figures.bytes_and_sparsity(bars[1]) == kept[0][1] != kept[0][0]
     assert figures.sensitivity_curves(curves[1]) == kept[1][1] != kept[1][0]
 
