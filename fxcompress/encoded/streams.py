@@ -93,6 +93,10 @@ class Request:
     count: int | None = None
     counts: np.ndarray | None = None
     filtered: bool = True
+    # the Huffman code lengths and rANS frequencies of `counts`, made once: the size estimate and the
+    # plan of the same coding read the same ones (each is pure Python or a loop over the alphabet)
+    lengths: np.ndarray | None = field(default=None, repr=False)
+    freq: np.ndarray | None = field(default=None, repr=False)
 
     def materialise(self) -> np.ndarray:
         if callable(self.symbols):
@@ -123,8 +127,7 @@ def _tried(request: Request) -> list[str]:
         codings = ("fixed",)  # a code table that large costs more than it can save
     if codings == ("fixed",):
         return ["fixed"]  # the estimate of a lone coding cannot exclude it: no counts needed
-    counts = _counts(request)
-    estimates = {c: estimate_bytes(counts, c) for c in codings}
+    estimates = {c: _estimate(request, c) for c in codings}
     best = min(estimates.values())
     return [c for c in codings if estimates[c] <= best * 1.05 + 64]
 
@@ -135,6 +138,29 @@ def _counts(request: Request) -> np.ndarray:
     return request.counts
 
 
+def _estimate(request: Request, coding: str) -> float:
+    """estimate_bytes of the request's counts, with the code lengths or frequencies its plan reuses."""
+    counts = _counts(request)
+    if coding == "fixed" or not counts.any():
+        return estimate_bytes(counts, coding)
+    if coding == "huffman":
+        return estimate_bytes(counts, coding, lengths=_lengths(request))
+    return estimate_bytes(counts, coding, freq=_freq(request))
+
+
+def _lengths(request: Request) -> np.ndarray:
+    if request.lengths is None:
+        request.lengths = huffman.code_lengths(_counts(request))
+    return request.lengths
+
+
+def _freq(request: Request) -> np.ndarray:
+    if request.freq is None:
+        counts = _counts(request)
+        request.freq = rans.quantize_counts(counts, rans.scale_bits_for(len(counts)))
+    return request.freq
+
+
 def _plan(request: Request, coding: str, jobs: list) -> Plan | list:
     count = request.count if request.count is not None else len(request.materialise())
     if coding == "fixed" or count == 0:
@@ -142,19 +168,16 @@ def _plan(request: Request, coding: str, jobs: list) -> Plan | list:
         return Plan("fixed", count, request.alphabet, {"width": width}, 0, (count * width + 7) // 8,
                     lambda: Stream("fixed", count, request.alphabet, {"width": width},
                                    payload=pack(request.materialise(), width)))
-    counts = _counts(request)
     if coding == "huffman":
-        return _huffman_plan(request.materialise(), counts)
+        return _huffman_plan(request.materialise(), _counts(request), _lengths(request))
     if coding != "rans":
         raise ValueError(f"unknown coding {coding!r}; expected one of {CODINGS}")
     slot = [None]  # filled once the batched rANS loop has run
-    freq = rans.quantize_counts(counts, rans.scale_bits_for(len(counts)))
-    jobs.append((request.materialise(), freq, rans.lanes_for(count), slot))
+    jobs.append((request.materialise(), _freq(request), rans.lanes_for(count), slot))
     return slot
 
 
-def _huffman_plan(symbols: np.ndarray, counts: np.ndarray) -> Plan:
-    lengths = huffman.code_lengths(counts)
+def _huffman_plan(symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray) -> Plan:
     lanes = huffman.lanes_for(len(symbols))
     lane_bits = huffman.lane_bits(symbols, lengths, lanes)
     starts = lane_bits[:-1]
@@ -324,15 +347,18 @@ def smallest(symbols: np.ndarray, alphabet: int, codings: tuple[str, ...] = CODI
     return choose([Request(np.asarray(symbols, dtype=np.int64), alphabet, codings)])[0].write()
 
 
-def estimate_bytes(counts: np.ndarray, coding: str) -> float:
-    """Bytes a coding would take for symbols with these counts (tables and lane overheads included)."""
+def estimate_bytes(counts: np.ndarray, coding: str, lengths: np.ndarray | None = None,
+                   freq: np.ndarray | None = None) -> float:
+    """Bytes a coding would take for symbols with these counts (tables and lane overheads included);
+    `lengths` / `freq`, when given, are the counts' Huffman code lengths / rANS frequencies, already made."""
     n, alphabet = int(counts.sum()), len(counts)
     if coding == "fixed" or n == 0:
         return (n * width_for(alphabet) + 7) // 8
     if coding == "huffman":
-        bits = int((counts * huffman.code_lengths(counts)).sum())
+        bits = int((counts * (huffman.code_lengths(counts) if lengths is None else lengths)).sum())
         return bits / 8 + (alphabet * _LENGTH_BITS) / 8 + 2 * huffman.lanes_for(n)
-    freq = rans.quantize_counts(counts, rans.scale_bits_for(alphabet))
+    if freq is None:
+        freq = rans.quantize_counts(counts, rans.scale_bits_for(alphabet))
     present = counts > 0
     bits = -(counts[present] * np.log2(freq[present] / freq.sum())).sum()
     lanes = rans.lanes_for(n)
