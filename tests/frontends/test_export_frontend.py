@@ -227,7 +227,7 @@ def test_program_its_module_and_the_model_give_the_same_graph():
     model, inputs, program = _program("attention_sdpa")
     from_model = _exported("attention_sdpa")[2]  # compile(model, [], inputs, frontend="export")
     from_program = fxcompress.compile(program, [], inputs)
-    from_module = fxcompress.compile(program.module(), [], inputs)
+    from_module = fxcompress.compile(program.module(), [], inputs)  # unlifted with its input guards' module
     assert from_model.code == from_program.code == from_module.code
     assert "self.query.weight" in from_program.code and "scaled_dot_product_attention" in from_program.code
     before = program.state_dict["query.weight"].clone()
@@ -334,6 +334,11 @@ def test_dynamic_batch_and_length_survive_pruning_masks_and_the_file(tmp_path):
     model, (x,) = _model("attention_sdpa")
     dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("length", min=2, max=64)}
     program = torch.export.export(model, (x,), dynamic_shapes=(dims,))
+    # the front end unlifts a program without the module that re-checks its input guards (the ranges
+    # here): the same graph as from the program's .module(), which holds that module
+    module = program.module()
+    assert "_guards_fn" in dict(module.named_children())
+    assert fxcompress.compile(module, [], (x,)).code == fxcompress.compile(program, [], (x,)).code
     gm = fxcompress.compile(program, [InsertMasks(sparsity=0.5), PruneChannels(amount=0.5)], (x,))
     assert _params(gm) < 0.75 * _params(model)
     other = torch.randn(7, 9, x.shape[2])
