@@ -31,7 +31,8 @@ _NUMBER = (bool, int, float)
 
 
 def _meta_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "meta" and value.layout == torch.strided
+    # is_meta, not device.type: the same answer without making a torch.device (called for every operand)
+    return isinstance(value, torch.Tensor) and value.is_meta and value.layout == torch.strided
 
 
 def _operands(*values: Any) -> bool:
