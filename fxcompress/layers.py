@@ -434,14 +434,15 @@ def _functional_args(graph: Graph, node: Node, module: nn.Module, kind: LayerKin
 
 
 def insert_on_weight(gm: GraphModule, layer: Layer,
-                     build: Callable[[Graph, Node], Node]) -> Node:
+                     build: Callable[[Graph, Node], Node], *, node: Node | None = None) -> Node:
     """Put `build(graph, weight)` between the layer's current weight value and the layer call.
 
     Returns the node `build` created; the layer is functionalized first when needed. Layers tied to
     it (the same weight tensor) read the same chain, so the weight stays one tensor with one mask
     and one quantizer; a tied module left without use is removed (its weight lives on in the first).
+    `node` is `layer_node(gm, layer)` where the caller has just looked it up (the graph unchanged since).
     """
-    node = functionalize(gm, layer_node(gm, layer))
+    node = functionalize(gm, layer_node(gm, layer) if node is None else node)
     readers = tied_readers(gm, node)  # functionalizing one reader leaves the others as they are
     tied_modules = [reader.target for reader in readers if reader.op == "call_module"]
     tied = [functionalize(gm, reader) for reader in readers]

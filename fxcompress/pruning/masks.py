@@ -13,7 +13,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..layers import Layer, find_layers, insert_on_weight, layer_node, weight_arg, weight_source
+from ..layers import Layer, find_layers, insert_on_weight, layer_node, stored_attr, submodule, weight_arg, weight_source
 
 
 def mask_name(weight: str) -> str:
@@ -23,7 +23,11 @@ def mask_name(weight: str) -> str:
 
 def mask_node(gm: GraphModule, layer: Layer) -> Node | None:
     """The `mul(w, mask)` node on the layer's weight chain, if the layer is masked."""
-    node = layer_node(gm, layer)
+    return _mask_on(layer_node(gm, layer), layer)
+
+
+def _mask_on(node: Node, layer: Layer) -> Node | None:
+    """mask_node's walk down the weight chain of `node`, the layer's node."""
     current = weight_arg(node) if node.op == "call_function" else None
     target = mask_name(layer.weight)
     while isinstance(current, Node) and current.op != "get_attr":
@@ -66,7 +70,7 @@ def masked_layers(gm: GraphModule) -> list[Layer]:
 
 
 def stored_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
-    return operator.attrgetter(layer.weight)(gm)
+    return stored_attr(gm, layer.weight)
 
 
 def set_mask(gm: GraphModule, layer: Layer, keep: torch.Tensor) -> bool:
@@ -78,8 +82,9 @@ def set_mask(gm: GraphModule, layer: Layer, keep: torch.Tensor) -> bool:
     weight = stored_weight(gm, layer)
     mask = keep.to(device=weight.device, dtype=torch.bool)  # a byte per weight, not four
     owner, _, attr = mask_name(layer.weight).rpartition(".")
-    module = gm.get_submodule(owner)
-    created = mask_node(gm, layer) is None
+    module = submodule(gm, owner)
+    node = layer_node(gm, layer)  # looked up once: registering the mask buffer leaves the graph as it is
+    created = _mask_on(node, layer) is None
     with torch.no_grad():
         existing = getattr(module, attr, None)
         if isinstance(existing, torch.Tensor) and existing.shape == mask.shape:
@@ -90,7 +95,8 @@ def set_mask(gm: GraphModule, layer: Layer, keep: torch.Tensor) -> bool:
         weight.mul_(mask)
     if created:
         name = mask_name(layer.weight)
-        insert_on_weight(gm, layer, lambda graph, w: graph.call_function(operator.mul, (w, graph.get_attr(name))))
+        insert_on_weight(gm, layer, lambda graph, w: graph.call_function(operator.mul, (w, graph.get_attr(name))),
+                         node=node)
     return created
 
 
