@@ -419,8 +419,9 @@ def test_kmeans_statistics_from_the_codes_equal_those_of_the_whole_quantized_wei
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_statistics_count_levels_as_torch_unique_does_and_leave_the_weight_unchanged(dtype):
     """The levels count takes numpy's sort where it gives torch.unique's set (float32 / float64 without
-    NaN), torch.unique elsewhere; the SQNR sums are the float64 formula's. Checked against the formula
-    written out with torch.unique on chunked weights holding -0.0 and 0.0, and with NaNs (each its own level)."""
+    NaN, 4096 values or more: the first chunk here), torch.unique elsewhere (the short second chunk); the
+    SQNR sums are the float64 formula's. Checked against the formula written out with torch.unique on
+    weights holding -0.0 and 0.0, and with NaNs (each its own level)."""
     import math
     from fxcompress.passes import fake_quant
     torch.manual_seed(0)
