@@ -12,6 +12,7 @@ returns 2. One module per command group registers its sub-commands.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from ..errors import FxCompressError
@@ -45,7 +46,14 @@ def _message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit status (0 success, 1 an fxcompress error, 2 a usage error)."""
+    """Run one command; returns its exit status (0 success, 1 an fxcompress error, 2 a usage error).
+    Without `argv` (the console script, `python -m fxcompress`) this is the process's command line: what it
+    imported lives until it exits, and the cyclic collector stops scanning it (`gc.freeze`)."""
+    if argv is None:
+        # torch and fxcompress leave about 175,000 tracked objects (none of them garbage once imported);
+        # each full collection walks them all (0.12 s here) and a command triggers several: inspect
+        # 4.5 -> 3.9 s of CPU, run --check 4.9 -> 4.3. A caller passing argv keeps its collector as it was.
+        gc.freeze()
     try:
         args = parser().parse_args(argv)
         return int(args.handler(args) or 0)

@@ -1,6 +1,7 @@
 """The installed entry points: `python -m fxcompress` as a real process here, the `fxcompress` console script as
 a real process from an installed wheel in tests/cli/test_wheel.py (each fresh process costs an interpreter, a
 torch import and fxcompress's own, about 4 s of CPU here; the other checks of an entry point run in this one)."""
+import gc
 import os
 import runpy
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import fxcompress
+from fxcompress.cli import main
 
 SCRIPT = Path(sys.executable).parent / "fxcompress"  # installed beside the interpreter by `pip install -e .`
 
@@ -37,15 +39,24 @@ def test_the_console_script_beside_the_interpreter_calls_main():
 
 def test_python_m_reports_a_bad_recipe_line_and_exits_non_zero(tmp_path, monkeypatch, capsys):
     """fxcompress/__main__.py run as `python -m` runs it (runpy, __name__ "__main__"), in this process: its exit
-    status is the SystemExit code the interpreter would exit with (the real process is the test above)."""
+    status is the SystemExit code the interpreter would exit with (the real process is the test above). As the
+    process's command line it freezes the collector's view of the heap once: recorded here, not done to the
+    test process's heap."""
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model: zoo:lenet300\ndata: digits\nsteps:\n  - pass: InsertMasks\n    config: {bits: 4}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["fxcompress", "run", str(recipe)])
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
     with pytest.raises(SystemExit) as done:
         runpy.run_module("fxcompress", run_name="__main__", alter_sys=True)
     out, err = capsys.readouterr()
-    assert done.value.code == 1 and out == ""
+    assert done.value.code == 1 and out == "" and frozen == [True]
     assert err.startswith("fxcompress: error: bad.yaml:5: unknown key steps[0].config.bits; InsertMasks "
                           "takes sparsity, ")
     assert err.count("\n") == 1 and err.endswith("\n")
+
+
+def test_a_caller_passing_argv_keeps_its_collector(monkeypatch, capsys):
+    monkeypatch.setattr(gc, "freeze", lambda: pytest.fail("main(argv) froze the caller's heap"))
+    assert main(["--help"]) == 0 and "inspect" in capsys.readouterr().out
