@@ -167,11 +167,14 @@ def test_file_bytes_equal_those_of_the_topk_ranking(tmp_path, monkeypatch):
 # glibc reads the allocator setting at start-up. The script imports only what it measures (neither pytest
 # nor this module: about 0.4 s of CPU less).
 _MEMORY_SCRIPT = '''
-import gc, resource, torch
+import gc
+gc.disable()  # while importing: the collector would scan the heap torch's import grows hundreds of times (0.7 s)
+import resource, torch
 from torch import nn
 import fxcompress
 from fxcompress.passes import InsertMasks
 torch.set_num_threads(1)
+gc.enable()
 # what the imports made lives as long as the process: each gc.collect below then scans only what came after
 # (about 0.25 s of CPU each in a process holding torch); the garbage of the warm-up compile is still freed
 gc.freeze()
