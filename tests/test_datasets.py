@@ -1,6 +1,7 @@
 """Data loading: tiny IDX files built here (no network), digits from scikit-learn's file, split as scikit-learn does."""
 import gzip
 import hashlib
+import types
 
 import numpy as np
 import pytest
@@ -174,7 +175,8 @@ def test_another_digits_file_is_read_by_scikit_learn(monkeypatch):
 
 
 def test_digits_without_scikit_learn_is_a_typed_error(monkeypatch):
-    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    no_sklearn = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None))
+    monkeypatch.setattr(datasets, "importlib", no_sklearn)  # what datasets sees; the real finder is untouched
     datasets._digits_file.cache_clear()
     try:
         with pytest.raises(MissingDependencyError, match="scikit-learn"):
