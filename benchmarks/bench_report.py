@@ -1,7 +1,8 @@
 """CPU seconds of the HTML report's pictures for a CLI-sized model, per figure.
 
 The model is what `fxcompress run --quick` reports on: LeNet-300-100 (784 inputs), 90% pruned, 5-bit
-k-means, encoded. One thread; the kinds of picture are interleaved, each drawn --repeats times, and
+k-means, encoded (and a layer of 1.2 million weights on one centroid, whose count axes need an offset
+text). One thread; the kinds of picture are interleaved, each drawn --repeats times, and
 medians are printed. Histograms and the bars are drawn three ways in the same run: on the kept figure
 (the report's way: each text laid out once), on kept figures of matplotlib's own canvas (each text laid
 out on every draw: "text per draw"), and on a new figure each time with matplotlib placing the titles on
@@ -42,7 +43,7 @@ def main() -> None:
 
     import fxcompress
     from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
-    from fxcompress.report import figures, layer_weights, write_report
+    from fxcompress.report import LayerWeights, figures, layer_weights, write_report
     from fxcompress.zoo import LeNet300100
 
     torch.manual_seed(0)
@@ -52,6 +53,8 @@ def main() -> None:
     encoded = fxcompress.compile(fake_quant, [LowerToEncoded()], (x,))
     rows = fxcompress.summary(encoded, (x,)).rows
     layers = layer_weights(encoded, reference=fake_quant)
+    many = torch.full((1_200_000,), 0.5)  # a layer whose count axes need an offset text ("1e6")
+    layers.append(LayerWeights("big", many, many, torch.tensor([0.5])))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     pin, canvas, spare, plain_spare = figures._pin_titles, figures._canvas_class, figures._SPARE, threading.local()
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -119,19 +120,23 @@ def test_a_fully_pruned_layer_and_a_layer_not_on_a_codebook_are_drawn():
 
 
 def _as_matplotlib_draws(monkeypatch):
-    """figures as matplotlib alone draws: a new figure each picture, on matplotlib's own Agg canvas (each
-    text laid out on every draw), its titles placed by matplotlib."""
+    """figures as matplotlib alone draws: a new figure each picture (the kept ones set aside), on
+    matplotlib's own Agg canvas (each text laid out on every draw), its titles placed by matplotlib."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from fxcompress.report import figures
+    monkeypatch.setattr(figures, "_SPARE", threading.local())
+    monkeypatch.setattr(figures, "_spare_figure", lambda kind, figsize, ncols=2, **subplots:
+                        figures._agg_figure(figsize, ncols, **subplots))
     monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)
     monkeypatch.setattr(figures, "_canvas_class", lambda: FigureCanvasAgg)
 
 
 def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure(compressed, monkeypatch):
     """Histograms are drawn on one kept figure, emptied each time, with their titles pinned at the top of
-    the axes instead of matplotlib measuring every tick label to place them, and each text laid out once:
+    the axes instead of matplotlib measuring every tick label to place them (but over an offset text,
+    "1e6", where matplotlib places them on the kept figure as on a new one), and each text laid out once:
     the pictures must not change, after a layer of centroids, a fully pruned one and one whose counts need
-    an offset text ("1e6")."""
+    an offset text, and the layer of centroids again after it (its titles pinned once more)."""
     image = pytest.importorskip("matplotlib.image")
     from fxcompress.report import figures
     from fxcompress.report.collect import LayerWeights
@@ -139,6 +144,7 @@ def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure
     many = torch.full((1_200_000,), 0.5)  # 1.2 million weights on one centroid: the count axes read "1e6"
     layers = [layer_weights(compressed[1])[0], LayerWeights("fc", zeros, zeros, None),
               LayerWeights("big", many, many, torch.tensor([0.5]))]
+    layers.append(layers[0])
     def pixels(uri):
         return image.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
     kept = [pixels(figures.histogram(w)) for w in layers]
