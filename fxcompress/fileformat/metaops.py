@@ -374,7 +374,7 @@ FUNCTIONS: dict[Any, Callable] = {
     **{op: _BITWISE for op in (operator.and_, operator.or_, operator.xor)},
     **{op: _T_BITWISE for op in (torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor)},
     F.relu: _RELU, torch.relu: _PLAIN, F.relu6: _unary(("inplace",), (False,)),
-    F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU,
+    F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU, F.hardswish: _RELU, F.hardsigmoid: _RELU,  # MobileNetV3
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
     **{op: _PLAIN for op in (torch.cos, torch.sin, torch.exp, torch.log, torch.sqrt, torch.rsqrt)},  # rotary, RMSNorm, T5
     torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
@@ -413,6 +413,7 @@ MODULES: dict[type, Callable] = {
     nn.ReLU: _module_call(_RELU, "inplace"), nn.ReLU6: _module_call(_HARDTANH, "min_val", "max_val", "inplace"),
     nn.Hardtanh: _module_call(_HARDTANH, "min_val", "max_val", "inplace"), nn.SiLU: _module_call(_RELU, "inplace"),
     nn.GELU: _module_call(_GELU, "approximate"), nn.Sigmoid: _module_call(_PLAIN), nn.Tanh: _module_call(_PLAIN),
+    nn.Hardswish: _module_call(_RELU, "inplace"), nn.Hardsigmoid: _module_call(_RELU, "inplace"),
     nn.Linear: _linear_module,
 }
 

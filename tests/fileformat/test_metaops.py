@@ -84,7 +84,8 @@ BINARY_METHODS = ["add", "mul", "sub", "div", "eq", "ne", "lt", "le", "gt", "ge"
 UNARY = {operator.neg: [{}], torch.neg: [{}], torch.abs: [{}], torch.relu: [{}], torch.sigmoid: [{}], F.sigmoid: [{}],
          torch.tanh: [{}], F.tanh: [{}], torch.cos: [{}], torch.sin: [{}], torch.exp: [{}], torch.sqrt: [{}],
          torch.rsqrt: [{}], torch.log: [{}], F.relu: [{}, {"inplace": True}], F.relu6: [{}, {"inplace": True}],
-         F.silu: [{}, {"inplace": True}], F.gelu: [{}, {"approximate": "tanh"}, {"approximate": "exact"}],
+         F.silu: [{}, {"inplace": True}], F.hardswish: [{}, {"inplace": True}], F.hardsigmoid: [{}, {"inplace": True}],
+         F.gelu: [{}, {"approximate": "tanh"}, {"approximate": "exact"}],
          F.hardtanh: [{}, {"min_val": -2, "max_val": 0.5}, {"min_val": 1.0, "max_val": 0.0}, {"inplace": True}],
          torch.clamp: [{"min": 0}, {"max": 0.5}, {"min": -1.0, "max": 1}, {}],
          torch.clip: [{"min": 0}, {"min": 2, "max": 1}]}
@@ -161,6 +162,7 @@ def test_where_masked_fill_and_a_biased_linear_agree_with_torch():
 
 
 @pytest.mark.parametrize("module", [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(-2.0, 3.0), nn.SiLU(),
+                                    nn.Hardswish(), nn.Hardsigmoid(inplace=True),
                                     nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Linear(3, 4)])
 def test_each_torch_module_in_the_table_agrees_with_its_forward(module):
     for x in _tensors(shapes=((3,), (2, 3))):
