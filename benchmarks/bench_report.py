@@ -3,11 +3,10 @@
 The model is what `fxcompress run --quick` reports on: LeNet-300-100 (784 inputs), 90% pruned, 5-bit
 k-means, encoded (and a layer of 1.2 million weights on one centroid, whose count axes need an offset
 text). One thread; the kinds of picture are interleaved, each drawn --repeats times, and
-medians are printed. Histograms and the bars are drawn three ways in the same run: on the kept figure
-(the report's way: each text laid out once), on kept figures of matplotlib's own canvas (each text laid
-out on every draw: "text per draw"), and on a new figure each time with matplotlib placing the titles on
-its own canvas (the way before the kept figures); the ratios are kept / new and kept / text per draw.
-The whole write_report is timed both ways too, and matplotlib's import once (it is paid once per process).
+medians are printed. Histograms and the bars are drawn two ways in the same run: on the kept figure
+(the report's way) and on a new figure each time with matplotlib placing the titles (the way before
+the kept figures); the ratio is kept / new. The whole write_report is timed too, and matplotlib's import
+once (it is paid once per process).
 
     python benchmarks/bench_report.py [--repeats 7]
 """
@@ -16,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -55,38 +53,27 @@ def main() -> None:
     layers = layer_weights(encoded, reference=fake_quant)
     many = torch.full((1_200_000,), 0.5)  # a layer whose count axes need an offset text ("1e6")
     layers.append(LayerWeights("big", many, many, torch.tensor([0.5])))
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    pin, canvas, spare, plain_spare = figures._pin_titles, figures._canvas_class, figures._SPARE, threading.local()
+    pin = figures._pin_titles
 
     def new_figure(kind, draw, *data):  # the way before: a new figure, matplotlib placing the titles
         kept = getattr(figures._SPARE, kind, None)
         setattr(figures._SPARE, kind, None)
-        figures._pin_titles, figures._canvas_class = (lambda fig: False), (lambda: FigureCanvasAgg)
+        figures._pin_titles = lambda fig: False
         try:
             draw(*data)
         finally:
-            figures._pin_titles, figures._canvas_class = pin, canvas
+            figures._pin_titles = pin
             setattr(figures._SPARE, kind, kept)
 
-    def text_per_draw(draw, *data):  # kept figures of their own, on matplotlib's canvas
-        figures._SPARE, figures._canvas_class = plain_spare, (lambda: FigureCanvasAgg)
-        try:
-            draw(*data)
-        finally:
-            figures._SPARE, figures._canvas_class = spare, canvas
-
     jobs = {"bars kept": lambda: figures.bytes_and_sparsity(rows),
-            "bars text per draw": lambda: text_per_draw(figures.bytes_and_sparsity, rows),
             "bars new": lambda: new_figure("bars", figures.bytes_and_sparsity, rows)}
     for w in layers:
         jobs[f"hist {w.name} kept"] = lambda w=w: figures.histogram(w)
-        jobs[f"hist {w.name} text per draw"] = lambda w=w: text_per_draw(figures.histogram, w)
         jobs[f"hist {w.name} new"] = lambda w=w: new_figure("histogram", figures.histogram, w)
     with tempfile.TemporaryDirectory() as folder:
         page = Path(folder) / "report.html"
         report = {"reference": fake_quant, "example_inputs": (x,)}
         jobs["write_report"] = lambda: write_report(encoded, page, **report)
-        jobs["write_report text per draw"] = lambda: text_per_draw(lambda: write_report(encoded, page, **report))
         for job in jobs.values():  # warm: fonts, caches, the kept figure
             job()
         seconds = {name: [] for name in jobs}
@@ -98,10 +85,7 @@ def main() -> None:
     for name, value in median.items():
         print(f"{name:28s} {value:14.3f}")
     for label, key in [("bars", "bars"), *((f"histogram {w.name}", f"hist {w.name}") for w in layers)]:
-        print(f"{label}: kept / new figure = {median[f'{key} kept'] / median[f'{key} new']:.2f}, "
-              f"text laid out once / per draw = {median[f'{key} kept'] / median[f'{key} text per draw']:.2f}")
-    print(f"write_report: text laid out once / per draw = "
-          f"{median['write_report'] / median['write_report text per draw']:.2f}")
+        print(f"{label}: kept / new figure = {median[f'{key} kept'] / median[f'{key} new']:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 
 `available()` says whether matplotlib can be imported; without it the report keeps its tables and
 the graph (which draw.py writes as SVG itself). Each kind of picture is drawn on one kept figure per
-thread (outside pyplot, on its own Agg canvas, which lays each text out once), emptied back to a new
-figure's state for the next picture: the PNGs are byte for byte those of a new figure.
+thread (outside pyplot, on its own Agg canvas), emptied back to a new figure's state for the next
+picture: the PNGs are byte for byte those of a new figure.
 """
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import threading
 from collections.abc import Sequence
@@ -20,8 +19,7 @@ from .collect import LayerWeights
 
 BLUE, ORANGE, RED, GREY = "#4c78a8", "#f58518", "#d62728", "#9d9d9d"
 MAX_LINES = 64  # more centroids or levels than this are marked by ticks along the axis, not lines
-_SPARE = threading.local()  # each thread's kept figures by kind ("bars", "histogram", "sensitivity"), its text layouts
-MAX_LAYOUTS = 4096  # texts whose glyph layout a thread keeps (tick labels, titles); past it, they start again
+_SPARE = threading.local()  # each thread's kept figures by kind ("bars", "histogram", "sensitivity")
 
 
 def _pyplot():
@@ -66,61 +64,16 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _draw_text_laid_out_once(renderer, original, gc, x, y, s, prop, angle, ismath=False, mtext=None):
-    """RendererAgg.draw_text (matplotlib 3.11) with each text's glyph layout computed once per thread.
-    matplotlib shapes every string again on every draw (a tenth of a picture's time; kept, the picture
-    costs 0.94-0.95 of its CPU: benchmarks/bench_report.py), though the layout depends only on the font,
-    its size, the dpi, the string, the hinting flags, font features and language, and the same tick labels
-    and titles recur from picture to picture. The glyphs are then drawn at this text's position by
-    matplotlib's own code, so the pixels are those of its draw_text (tests/report compare the pictures with
-    matplotlib's own canvas, byte for byte). Mathtext keeps matplotlib's path (its parser caches)."""
-    from matplotlib.backends.backend_agg import get_hinting_flag
-    if ismath:
-        return original(gc, x, y, s, prop, angle, ismath, mtext)
-    font = renderer._prepare_font(prop)  # the font matplotlib would use, at this size
-    flags, size = get_hinting_flag(), prop.get_size_in_points()
-    features = mtext.get_fontfeatures() if mtext is not None else None
-    language = mtext.get_language() if mtext is not None else None
-    key = (font.fname, size, renderer.dpi, s, flags, None if features is None else tuple(features), language)
-    layouts = getattr(_SPARE, "layouts", None)
-    if layouts is None or len(layouts) >= MAX_LAYOUTS:
-        layouts = _SPARE.layouts = {}
-    kept = layouts.get(key)
-    if kept is None or kept[0] is not font:  # the same font object: its fallbacks and face are those laid out
-        items = font._layout(s, flags=flags, features=features, language=language)
-        kept = layouts[key] = (font, tuple((item.ft_object, item.glyph_index, item.x, item.y) for item in items))
-    renderer._draw_text_glyphs_and_boxes(gc, x, y, angle, ((face, size, glyph, 0, 1, dx, dy)
-                                                           for face, glyph, dx, dy in kept[1]), [])
-
-
-@functools.cache
-def _canvas_class():
-    """The Agg canvas the kept figures draw on: matplotlib's, its renderers drawing text with
-    _draw_text_laid_out_once where matplotlib draws text glyph by glyph from a layout (3.11 on); with
-    any other matplotlib, its own canvas unchanged."""
-    from matplotlib import ft2font
-    from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
-    if not (hasattr(RendererAgg, "_draw_text_glyphs_and_boxes") and hasattr(ft2font.FT2Font, "_layout")):
-        return FigureCanvasAgg
-
-    class Canvas(FigureCanvasAgg):
-        def get_renderer(self):
-            renderer = super().get_renderer()  # a new one when the figure's size changed
-            if "draw_text" not in vars(renderer):
-                renderer.draw_text = functools.partial(_draw_text_laid_out_once, renderer, renderer.draw_text)
-            return renderer
-    return Canvas
-
-
 def _agg_figure(figsize, ncols: int, **subplots):
     """A new figure of `ncols` panels in a row, outside pyplot, on its own Agg canvas. savefig draws a
     figure without one on a new canvas each time, whose new renderer measures every text and parses every
     mathtext label ("$10^{3}$") again; a kept canvas keeps its renderer, and the renderer its caches,
-    while the size holds (and lays each text out once: _canvas_class)."""
+    while the size holds."""
     _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=figsize)
-    _canvas_class()(fig)
+    FigureCanvasAgg(fig)
     fig.subplots(1, ncols, **subplots)
     return fig
 

@@ -120,22 +120,19 @@ def test_a_fully_pruned_layer_and_a_layer_not_on_a_codebook_are_drawn():
 
 
 def _as_matplotlib_draws(monkeypatch):
-    """figures as matplotlib alone draws: a new figure each picture (the kept ones set aside), on
-    matplotlib's own Agg canvas (each text laid out on every draw), its titles placed by matplotlib."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """figures as matplotlib alone draws: a new figure each picture (the kept ones set aside), its
+    titles placed by matplotlib."""
     from fxcompress.report import figures
     monkeypatch.setattr(figures, "_SPARE", threading.local())
     monkeypatch.setattr(figures, "_spare_figure", lambda kind, figsize, ncols=2, **subplots:
                         figures._agg_figure(figsize, ncols, **subplots))
     monkeypatch.setattr(figures, "_pin_titles", lambda fig: False)
-    monkeypatch.setattr(figures, "_canvas_class", lambda: FigureCanvasAgg)
 
 
 def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure(compressed, monkeypatch):
     """Histograms are drawn on one kept figure, emptied each time, with their titles pinned at the top of
     the axes instead of matplotlib measuring every tick label to place them (but over an offset text,
-    "1e6", where matplotlib places them on the kept figure as on a new one), and each text laid out once:
-    the pictures must not change, after a layer of centroids, a fully pruned one and one whose counts need
+    "1e6", where matplotlib places them on the kept figure as on a new one): the pictures must not change, after a layer of centroids, a fully pruned one and one whose counts need
     an offset text, and the layer of centroids again after it (its titles pinned once more)."""
     image = pytest.importorskip("matplotlib.image")
     from fxcompress.report import figures
@@ -155,9 +152,8 @@ def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure
 
 def test_bars_and_curves_on_the_kept_figures_are_those_of_new_figures_byte_for_byte(monkeypatch):
     """The bars and the sensitivity curves are drawn on kept figures too, resized and emptied each time
-    (bar containers, legend, log scale, colour cycle): drawn after a picture of other data (its titles and
-    axis labels laid out then, and drawn from that layout now), the PNG is the one matplotlib alone writes
-    on a new figure, to the byte."""
+    (bar containers, legend, log scale, colour cycle): drawn after a picture of other data, the PNG is the
+    one matplotlib alone writes on a new figure, to the byte."""
     pytest.importorskip("matplotlib")
     from fxcompress.report import figures
     from fxcompress.sensitivity import SensitivityTable
