@@ -11,11 +11,10 @@
    changed the graph, verification (lint, recompile, forward) and the shape step apart against lint,
    recompile and one run. The shared runs' shapes and output structure are checked equal to the
    separate steps' on every model.
-4. Layer lookups and copies, against the previous code (kept below as `_Old`, patched in for its
+4. Layer lookups, against the previous code (kept below as `_Old`, patched in for its
    rows): on each zoo model after InsertMasks, `find_layers`, `layer_node` of every layer found
    before the pass (their nodes were renamed: the lookup by weight) and `tied_readers` of every
-   layer; `copy.deepcopy` against compile's copy of the nn.Module and of the masked GraphModule;
-   and the whole `compile(model, [InsertMasks(sparsity=0.5)])`. Every lookup's answer is checked
+   layer; and the whole `compile(model, [InsertMasks(sparsity=0.5)])`. Every lookup's answer is checked
    equal to the old code's.
 
     python benchmarks/bench_compile_overhead.py [--repeats 15] [--section lookups]
@@ -23,10 +22,8 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import operator
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 
@@ -196,12 +193,10 @@ class _Old:
 
 @contextmanager
 def _old_code():
-    """The old lookups and copy in place of the new, wherever compile and the masks reach them."""
-    compile_module = sys.modules["fxcompress.compile"]
+    """The old lookups in place of the new, wherever compile and the masks reach them."""
     patches = [(layers, "find_layers", _Old.find_layers), (layers, "layer_node", _Old.layer_node),
                (layers, "tied_readers", _Old.tied_readers), (masks, "find_layers", _Old.find_layers),
-               (masks, "layer_node", _Old.layer_node),
-               (compile_module, "_deepcopy", lambda model, memo=None: copy.deepcopy(model, memo))]
+               (masks, "layer_node", _Old.layer_node)]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     for module, name, value in patches:
         setattr(module, name, value)
@@ -230,19 +225,16 @@ def lookup_rows(repeats: int) -> list[str]:
         def compiled_old():
             with _old_code():
                 compiled()
-        copy_gm = sys.modules["fxcompress.compile"]._deepcopy
         med = _medians({
             "find old": lambda: _Old.find_layers(gm), "find": lambda: layers.find_layers(gm),
             "node old": lambda: [_Old.layer_node(gm, layer) for layer in stale],
             "node": lambda: [layers.layer_node(gm, layer) for layer in stale],
             "tied old": lambda: [_Old.tied_readers(gm, n) for n in nodes],
             "tied": lambda: [layers.tied_readers(gm, n) for n in nodes],
-            "copy old": lambda: copy.deepcopy(model), "copy": lambda: copy_gm(model),
-            "gm copy old": lambda: copy.deepcopy(gm), "gm copy": lambda: copy_gm(gm),
             "compile old": compiled_old, "compile": compiled}, repeats)
         rows.append(f"| {name} | {len(gm.graph.nodes)} | " + " | ".join(
             f"{med[k + ' old']:.2f} / {med[k]:.2f} ({med[k] / med[k + ' old']:.2f})"
-            for k in ("find", "node", "tied", "copy", "gm copy", "compile")) + " |")
+            for k in ("find", "node", "tied", "compile")) + " |")
     return rows
 
 
@@ -268,8 +260,8 @@ def main() -> None:
         print("\n".join(checking_rows(args.repeats)))
     if "lookups" in wanted:
         print("\nms old / new (ratio)\n\n| model | nodes | find_layers | layer_node, stale layers | "
-              "tied_readers, each layer | copy model | copy masked gm | compile + InsertMasks |")
-        print("|---|---|---|---|---|---|---|---|")
+              "tied_readers, each layer | compile + InsertMasks |")
+        print("|---|---|---|---|---|---|")
         print("\n".join(lookup_rows(args.repeats)))
 
 

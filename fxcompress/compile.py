@@ -6,12 +6,10 @@ reported preserved is recomputed from scratch after it and compared with the cac
 from __future__ import annotations
 
 import copy
-import copyreg
 import inspect
 import os
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -54,84 +52,13 @@ def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
     parameters and buffers are new tensor objects over the original's storage: the module tree is
     copied, the weights are not, and flags set on the copy (requires_grad) stay on the copy."""
     if not share_tensors:
-        return _deepcopy(model)
+        return copy.deepcopy(model)
     memo: dict[int, Any] = {}
     for _, param in model.named_parameters(remove_duplicate=False):  # tied parameters stay tied
         memo.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=param.requires_grad))
     for _, buffer in model.named_buffers(remove_duplicate=False):
         memo.setdefault(id(buffer), buffer.detach())
-    return _deepcopy(model, memo)
-
-
-def _deepcopy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
-    """`copy.deepcopy(model, memo)`, the same objects built the same way, several times faster: the
-    modules copy.deepcopy would copy by the default protocol (`cls.__new__`, then `__setstate__` of a
-    deep copy of `__getstate__()`) are copied here by that protocol, with their plain containers
-    (dicts, hook OrderedDicts, sets and tuples of atoms) copied as copy.deepcopy copies them; anything
-    else (tensors, parameters, GraphModules, any other object) is copy.deepcopy's own, with the same memo.
-    A GraphModule's children are copied first into the memo, where its own __deepcopy__ finds them."""
-    memo = {} if memo is None else memo
-    if isinstance(model, GraphModule):
-        for child in model._modules.values():
-            _copy_value(child, memo)
-        return copy.deepcopy(model, memo)
-    return _copy_value(model, memo)
-
-
-_NIL = object()
-_ATOMIC = frozenset(cls for cls, copier in copy._deepcopy_dispatch.items() if copier is copy._deepcopy_atomic)
-_PLAIN_CLASSES: dict[type, bool] = {}
-_SHADOWING = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__")
-
-
-def _copy_value(x: Any, memo: dict[int, Any]) -> Any:
-    """copy.deepcopy(x, memo), written out for what module trees hold most (see `_deepcopy`)."""
-    y = memo.get(id(x), _NIL)
-    if y is not _NIL:
-        return y
-    cls = type(x)
-    if cls in _ATOMIC or (cls is tuple and all(type(item) in _ATOMIC for item in x)):
-        return x  # copy.deepcopy's own answer for atoms and tuples of atoms, memoized by nobody
-    if cls is dict:
-        y = {}
-        memo[id(x)] = y
-        for key, value in x.items():
-            y[_copy_value(key, memo)] = _copy_value(value, memo)  # copy._deepcopy_dict's statement
-    elif cls is OrderedDict and not vars(x):  # its reduction: OrderedDict(), then each item, key first
-        y = OrderedDict()
-        memo[id(x)] = y
-        for key, value in x.items():
-            key = _copy_value(key, memo)
-            y[key] = _copy_value(value, memo)
-    elif cls is set and all(type(item) in _ATOMIC for item in x):
-        y = set(x)
-        memo[id(x)] = y
-    elif isinstance(x, nn.Module) and _plain_module(x):
-        y = cls.__new__(cls)  # copyreg.__newobj__(cls)
-        memo[id(x)] = y
-        y.__setstate__(_copy_value(x.__getstate__(), memo))
-    else:
-        return copy.deepcopy(x, memo)
-    memo[id(x)] = y
-    copy._keep_alive(x, memo)
-    return y
-
-
-def _plain_module(module: nn.Module) -> bool:
-    """Whether copy.deepcopy copies `module` by the default protocol: its class defines no copy or
-    reduction of its own, nn.Module's __getstate__ / __setstate__ stand, and no instance entry
-    shadows them (Module.__getattr__ would look a missing __deepcopy__ up among its entries)."""
-    cls = type(module)
-    plain = _PLAIN_CLASSES.get(cls)
-    if plain is None:
-        plain = _PLAIN_CLASSES[cls] = (
-            not issubclass(cls, type) and cls not in copy._deepcopy_dispatch and not hasattr(cls, "__deepcopy__")
-            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is nn.Module.__getstate__ and cls.__setstate__ is nn.Module.__setstate__
-            and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__"))
-    return (plain and cls not in copyreg.dispatch_table
-            and not any(name in table for name in _SHADOWING
-                        for table in (module.__dict__, module._parameters, module._buffers, module._modules)))
+    return copy.deepcopy(model, memo)
 
 
 def _own_tensors(gm: nn.Module, source: nn.Module) -> None:
@@ -158,7 +85,7 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
     torch level, an nn.Module traced by torch.fx or exported by torch.export (per `frontend`)."""
     if isinstance(model, torch.export.ExportedProgram):
         gm = from_exported(model)  # shares the program's tensors: copied below unless inplace
-        return gm if inplace else _deepcopy(gm)
+        return gm if inplace else copy.deepcopy(gm)
     if isinstance(model, GraphModule):
         gm = model if inplace else _copy(model, share_tensors)
         if gm is not model:
@@ -167,7 +94,7 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile.model must be an nn.Module or a torch.export.ExportedProgram, "
                           f"got {type(model).__name__}")
-    model = model if inplace else _deepcopy(model)
+    model = model if inplace else copy.deepcopy(model)
     if frontend == "export":
         return export_module(model, inputs)
     try:

@@ -3,7 +3,6 @@ import io
 import operator
 import re
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,15 +12,11 @@ from torch import nn
 
 import fxcompress
 from fxcompress.analyses import ParamOwnership, ShapeInfo
-from fxcompress.compile import _deepcopy
 from fxcompress.config import check_real
 from fxcompress.errors import ConfigError, UnknownOpError, UnknownOpWarning, VerificationError
 from fxcompress.layers import find_layers, insert_on_weight
 from fxcompress.pass_base import Pass, PassResult
-from fxcompress.frontends import export_module
-from fxcompress.pruning.masks import set_mask
-from fxcompress.tracing import trace
-from fxcompress.zoo import ZOO, LeNet300100
+from fxcompress.zoo import LeNet300100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,168 +468,3 @@ def test_progress_names_each_layer_on_a_terminal_only_when_asked(progress):
     off_terminal = io.StringIO()
     assert list(PassContext(example_inputs=(), progress=progress).each(layers, "x", file=off_terminal)) == layers
     assert off_terminal.getvalue() == ""  # not a terminal: tqdm stays silent
-
-
-def _same_copy(original, a, b, pairs: dict) -> None:
-    """`a` and `b`, two deep copies of `original`, are the same object graph: each object of one copy
-    pairs with exactly one of the other (ties and shared storage alike), the same objects are shared
-    with the original, and paired objects have the same type, atoms, tensor values and layouts."""
-    if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):  # paired by their graph's walk
-        assert pairs["ids"].get(id(a)) == id(b) or (a is original and b is original), (a, b)
-        return
-    if id(a) in pairs["ids"]:
-        assert pairs["ids"][id(a)] == id(b) and pairs["back"][id(b)] == id(a), (a, b)
-        return
-    assert id(b) not in pairs["back"], b
-    pairs["ids"][id(a)], pairs["back"][id(b)] = id(b), id(a)
-    pairs["keep"].append((a, b))  # ids stay valid while the walk runs
-    assert (a is original) == (b is original), (type(a), type(b))
-    if a is original:
-        return
-    assert _class_of(a) == _class_of(b), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        _same_tensor(original, a, b, pairs)
-    elif isinstance(a, torch.fx.Graph):
-        _same_graph(original, a, b, pairs)
-    elif isinstance(a, dict):
-        assert list(a) == list(b), (list(a), list(b))  # a GraphModule's copy has none of its forward hooks
-        for key in a:
-            _same_copy(_part(original, key), a[key], b[key], pairs)
-        if type(a) is not dict:
-            _same_copy(_part(original, vars), vars(a), vars(b), pairs)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for index, items in enumerate(zip(a, b)):
-            _same_copy(_part(original, index), *items, pairs)
-    elif isinstance(a, slice):  # graph arguments: its bounds may be nodes
-        _same_copy(_part(original, "bounds"), (a.start, a.stop, a.step), (b.start, b.stop, b.step), pairs)
-    elif isinstance(a, weakref.ref):
-        _same_copy(_part(original, "()"), a(), b(), pairs)
-    elif hasattr(a, "__dict__") and not isinstance(a, type):
-        _same_copy(_part(original, vars), vars(a), vars(b), pairs)
-    else:
-        assert a == b or (a != a and b != b), (a, b)
-
-
-_MISSING = object()  # what a copy holds and its original does not
-
-
-def _part(original, key):
-    """original[key] (vars(original), original() for "()", a slice's bounds), or _MISSING where it has none."""
-    try:
-        if key == "bounds":
-            return (original.start, original.stop, original.step)
-        return vars(original) if key is vars else original() if key == "()" else original[key]
-    except (KeyError, IndexError, TypeError):
-        return _MISSING
-
-
-def _class_of(obj) -> tuple:
-    cls = type(obj)  # a GraphModule's class is made per instance: its bases and name are what is copied
-    return (cls.__name__, cls.__bases__) if cls.__name__ == "GraphModuleImpl" or cls.__qualname__.endswith(
-        "GraphModuleImpl") else (cls,)
-
-
-def _same_tensor(original, a, b, pairs) -> None:
-    assert (a.dtype, a.shape, a.requires_grad, a.stride(), a.storage_offset()) == \
-        (b.dtype, b.shape, b.requires_grad, b.stride(), b.storage_offset())
-    assert torch.equal(a.detach(), b.detach())
-    storages = pairs.setdefault("storages", {})
-    key = a.untyped_storage().data_ptr()
-    assert storages.setdefault(key, b.untyped_storage().data_ptr()) == b.untyped_storage().data_ptr()
-    _same_copy(_part(original, vars), vars(a), vars(b), pairs)
-
-
-def _same_graph(original, a, b, pairs) -> None:
-    nodes = list(zip(original.nodes, a.nodes, b.nodes))
-    assert len(nodes) == len(a.nodes) == len(b.nodes) == len(original.nodes)
-    for n, x, y in nodes:
-        pairs["ids"][id(x)], pairs["back"][id(y)] = id(y), id(x)
-    for n, x, y in nodes:
-        assert (x.name, x.op, x.type) == (y.name, y.op, y.type) == (n.name, n.op, n.type)
-        for field in ("target", "args", "kwargs", "meta"):
-            _same_copy(getattr(n, field), getattr(x, field), getattr(y, field), pairs)
-    for field in ("_codegen", "_tracer_cls", "_tracer_extras", "_co_fields", "_owning_module"):
-        _same_copy(getattr(original, field), getattr(a, field), getattr(b, field), pairs)
-
-
-class _CopiedItsOwnWay(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.lin(x)
-
-    def __deepcopy__(self, memo):  # shares its weights: the fast copy must leave this to copy.deepcopy
-        copied = _CopiedItsOwnWay()
-        copied.lin = self.lin
-        return copied
-
-
-class _Decorated(nn.Module):
-    scale = 2.0
-
-    def __init__(self, shared: nn.Linear):
-        super().__init__()
-        self.first, self.second = shared, nn.Linear(4, 4)
-        self.second.weight = shared.weight  # tied parameter
-        base = torch.arange(32.0)
-        self.register_buffer("low", base[:16].view(4, 4))  # two views of one storage
-        self.register_buffer("high", base[16:].view(4, 4), persistent=False)
-        self.plain = torch.ones(2)
-        self.names, self.pair, self.mixed = {"a", "b"}, (1, "x"), (1, [2, 3])
-        self.own = _CopiedItsOwnWay()
-        self.register_forward_hook(self._hook)
-        self.register_forward_pre_hook(lambda module, args: None)
-
-    def _hook(self, module, args, output):
-        return output * self.scale
-
-    def forward(self, x):
-        return self.own(self.second(self.first(x)) + self.low.sum() + self.high.sum() + self.plain.sum())
-
-
-def _copy_cases():
-    shared = nn.Linear(4, 4)
-    decorated = nn.Sequential(_Decorated(shared), nn.ReLU(), _Decorated(shared)).eval()
-    yield "decorated", decorated
-    traced = torch.fx.symbolic_trace(decorated)
-    traced.meta["note"] = {"kept": [1, 2]}
-    yield "graph module", traced
-    graph = torch.fx.Graph()
-    graph.output(graph.call_module("lin", (graph.call_module("inner", (graph.placeholder("x"),)),)))
-    yield "nested", torch.fx.GraphModule(nn.ModuleDict({"inner": traced, "lin": nn.Linear(4, 4)}), graph)
-    for name in sorted(ZOO):
-        model = ZOO[name][0]().eval()
-        yield name, model
-        yield f"{name} traced", trace(model)
-        if name in ("resnet", "gpt_block", "transformer"):  # functional layers and mask buffers, as masks leave them
-            yield f"{name} masked", _masked(trace(model))
-    model, x = ZOO["gpt_block"][0]().eval(), ZOO["gpt_block"][1]()
-    yield "gpt_block exported", _masked(export_module(model, (x,)))
-
-
-def _masked(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    for layer in find_layers(gm):
-        set_mask(gm, layer, torch.rand(operator.attrgetter(layer.weight)(gm).shape) > 0.5)
-    gm.recompile()
-    return gm
-
-
-def test_the_fast_deep_copy_builds_what_copy_deepcopy_builds():
-    # compile copies every model it is given: module trees by the default protocol are copied without
-    # copy.deepcopy's generic machinery, and must come out object for object as copy.deepcopy's do
-    checked = []
-    for name, model in _copy_cases():
-        memos = [lambda: {}]
-        if name == "decorated" or name.endswith(("masked", "exported")):  # and compile's copy around the
-            # caller's tensors (for passes that only read them)
-            memos.append(lambda: {id(p): nn.Parameter(p.detach()) for p in model.parameters()})
-        for memo in memos:
-            expected, fast = copy.deepcopy(model, memo()), _deepcopy(model, memo())
-            _same_copy(model, expected, fast, {"ids": {}, "back": {}, "keep": []})
-            if isinstance(model, torch.fx.GraphModule):
-                assert fast.code == expected.code, name
-        checked.append(name)
-    assert len(checked) == 3 + 2 * len(ZOO) + 3 + 1
