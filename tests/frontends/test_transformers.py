@@ -263,11 +263,18 @@ def test_removing_zeroed_channels_leaves_the_outputs_equal(name, frontend, mode)
 # (model, front end) -> the transformers major versions on which encoding (embedding tables included),
 # and the file loaded in a fresh process, are measured to work
 ENCODED = {case: (4, 5) for case in cases()}
-# every file in one fresh process (each start imports torch anew): argv holds (file, inputs, outputs) triples
+# every file in one fresh process (each start imports torch anew): argv holds (file, inputs, outputs) triples.
+# It imports with the cyclic collector off, then freezes what the imports made (it lives until the process
+# exits), so the collections while it loads and runs do not walk torch's heap again; they run, at their
+# defaults, on everything made after.
 LOAD_AND_RUN = textwrap.dedent("""
+    import gc
     import sys
+    gc.disable()
     import torch
     import fxcompress
+    gc.enable()
+    gc.freeze()
     torch.set_num_threads(1)  # as the test process runs it
     triples = list(zip(*[iter(sys.argv[1:])] * 3))
     models = []
