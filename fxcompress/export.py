@@ -361,7 +361,7 @@ def _quantize_output_early(gm: GraphModule, node: Node, grids: dict[Node, Grid])
     for step in clamps:
         step.replace_all_uses_with(step.args[0])
         gm.graph.erase_node(step)
-    if not clamps and len(steps) == 0:
+    if not steps:
         return  # the layer writes straight into its grid: layer -> QuantizeLinear already
     name = f"{node.name}_output_quant"
     gm.add_submodule(name, QuantizeDequantize(module.scale, module.zero_point, low, high, module.signed))

@@ -229,8 +229,8 @@ class Run:
         del self.state["steps"][step.index:]
         torch.manual_seed(self.recipe.seed + step.index + 1)
         pass_ = step.make()
-        gm = compile_model(_compilable(gm, example, self.exported), [pass_], example_inputs=example, calibration_data=calibration,
-                           progress=True)
+        gm = compile_model(_compilable(gm, example, self.exported), [pass_], example_inputs=example,
+                           calibration_data=calibration, progress=True)
         self._finetune_step(step, pass_, gm, data, teacher)
         accuracy = evaluate(gm, data.test_x, data.test_y)
         path = self.out / f"step-{step.index + 1:02d}.fxc"

@@ -266,8 +266,6 @@ def _attention(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device="meta")
 
 
-# ---- the tables -------------------------------------------------------------------------------------
-
 def _diff(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """diff(input, n, dim, prepend, append): n times the difference of neighbours along dim (sub, or
     logical_xor for bools: the input's dtype), each the elementwise result of two views of the last one;
@@ -356,11 +354,13 @@ def _cat(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return torch.empty(shape, dtype=functools.reduce(torch.promote_types, (t.dtype for t in tensors)), device="meta")
 
 
+# ---- the tables -------------------------------------------------------------------------------------
+
 _ARITH, _DIV, _COMPARE, _SUB = _binary("arith"), _binary("div"), _binary("compare"), _binary("sub")
 _T_ARITH, _T_DIV, _T_COMPARE, _T_SUB = (_binary(kind, tensor_first=True) for kind in ("arith", "div", "compare", "sub"))
 _BITWISE, _T_BITWISE = _binary("bitwise"), _binary("bitwise", tensor_first=True)
 _EXTREMUM = _binary("extremum", tensor_first=True)
-_RELU = _unary(("inplace",), (False,))
+_INPLACE = _unary(("inplace",), (False,))  # an activation whose one option is inplace
 _HARDTANH = _unary(("min_val", "max_val", "inplace"), (-1.0, 1.0, False), _limits)
 _PLAIN = _unary()
 _GELU = _unary(("approximate",), ("none",), _approximate)
@@ -373,8 +373,8 @@ FUNCTIONS: dict[Any, Callable] = {
     **{op: _T_COMPARE for op in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)},
     **{op: _BITWISE for op in (operator.and_, operator.or_, operator.xor)},
     **{op: _T_BITWISE for op in (torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor)},
-    F.relu: _RELU, torch.relu: _PLAIN, F.relu6: _unary(("inplace",), (False,)),
-    F.hardtanh: _HARDTANH, F.silu: _RELU, F.gelu: _GELU, F.hardswish: _RELU, F.hardsigmoid: _RELU,  # MobileNetV3
+    F.relu: _INPLACE, torch.relu: _PLAIN, F.relu6: _INPLACE,
+    F.hardtanh: _HARDTANH, F.silu: _INPLACE, F.gelu: _GELU, F.hardswish: _INPLACE, F.hardsigmoid: _INPLACE,  # MobileNetV3
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
     **{op: _PLAIN for op in (torch.cos, torch.sin, torch.exp, torch.log, torch.sqrt, torch.rsqrt)},  # rotary, RMSNorm, T5
     torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
@@ -388,8 +388,9 @@ METHODS: dict[str, Callable] = {
     "add": _T_ARITH, "mul": _T_ARITH, "sub": _T_SUB, "div": _T_DIV, "neg": _neg,
     **{name: _T_COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
     **{name: _T_BITWISE for name in ("bitwise_and", "bitwise_or", "bitwise_xor", "__and__", "__or__", "__xor__")},
-    "relu": _PLAIN, "sigmoid": _PLAIN, "tanh": _PLAIN, **{name: _PLAIN for name in ("cos", "sin", "exp", "log", "sqrt", "rsqrt")}, "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill,
-    "mean": _mean, "diff": _diff, "cumsum": _cumsum, "pow": _pow, "abs": _abs, "minimum": _EXTREMUM, "maximum": _EXTREMUM,
+    **{name: _PLAIN for name in ("relu", "sigmoid", "tanh", "cos", "sin", "exp", "log", "sqrt", "rsqrt")},
+    "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill, "mean": _mean, "diff": _diff, "cumsum": _cumsum,
+    "pow": _pow, "abs": _abs, "minimum": _EXTREMUM, "maximum": _EXTREMUM,
 }
 
 
@@ -410,10 +411,10 @@ def _linear_module(module: nn.Module, state: dict, *args: Any, **kwargs: Any) ->
 
 # call_module types (exact types: a subclass may change forward); `state` holds the module's meta tensors
 MODULES: dict[type, Callable] = {
-    nn.ReLU: _module_call(_RELU, "inplace"), nn.ReLU6: _module_call(_HARDTANH, "min_val", "max_val", "inplace"),
-    nn.Hardtanh: _module_call(_HARDTANH, "min_val", "max_val", "inplace"), nn.SiLU: _module_call(_RELU, "inplace"),
+    nn.ReLU: _module_call(_INPLACE, "inplace"), nn.ReLU6: _module_call(_HARDTANH, "min_val", "max_val", "inplace"),
+    nn.Hardtanh: _module_call(_HARDTANH, "min_val", "max_val", "inplace"), nn.SiLU: _module_call(_INPLACE, "inplace"),
     nn.GELU: _module_call(_GELU, "approximate"), nn.Sigmoid: _module_call(_PLAIN), nn.Tanh: _module_call(_PLAIN),
-    nn.Hardswish: _module_call(_RELU, "inplace"), nn.Hardsigmoid: _module_call(_RELU, "inplace"),
+    nn.Hardswish: _module_call(_INPLACE, "inplace"), nn.Hardsigmoid: _module_call(_INPLACE, "inplace"),
     nn.Linear: _linear_module,
 }
 
