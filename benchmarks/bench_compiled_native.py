@@ -8,7 +8,9 @@ fp32 eager; ours native (eager, each layer's kernel chosen at that batch size); 
 torch.compile with dynamo alone (backend "eager": guards and the frame wrapper, no AOT, no inductor),
 the same with guard evaluation skipped (`set_stance(skip_guard_eval_unsafe=True)`, unsafe: only to measure
 the guards' share), through inductor with freezing (what bench_deploy's compiled row runs), and through
-inductor without its per-call size asserts. Ratios are against eager native and fp32 of the same run (above 1: faster).
+inductor without its per-call size asserts; and the fp32 model through that same inductor call (bench_deploy's
+"fp32 compiled"), which pays torch.compile's per-call cost too. Ratios are against eager native, fp32 eager and
+fp32 compiled of the same run (above 1: faster).
 
 Then the parts of the compiled call, measured on their own: torch.compile's floor (a one-op module compiled
 with backend "eager" and with inductor against its eager call), and one native layer (c_int8) called
@@ -72,11 +74,13 @@ def model_rows(name: str, batches: list[int], rounds: int, clock) -> None:
         x = torch.rand(batch, *shape)
         remeasure(native, (x,))  # each layer's kernel chosen at this batch size, as bench_deploy does
         torch._dynamo.reset()  # compiled after the choice: the graph calls the chosen kernels
-        forms = {"fp32 eager": model, "native eager": native, **compiled(native)}
+        forms = {"fp32 eager": model, "native eager": native, **compiled(native),
+                 "fp32 inductor no asserts": deploy.compiled(model)}
         times = deploy.time_forms({k: (f, x) for k, f in forms.items()}, rounds, clock)
         for form, seconds in times.items():
-            print(f"| {name} | {batch} | {form} | {1e6 * seconds:.1f} | "
-                  f"{times['native eager'] / seconds:.2f}x | {times['fp32 eager'] / seconds:.2f}x |", flush=True)
+            print(f"| {name} | {batch} | {form} | {1e6 * seconds:.1f} | {times['native eager'] / seconds:.2f}x | "
+                  f"{times['fp32 eager'] / seconds:.2f}x | {times['fp32 inductor no asserts'] / seconds:.2f}x |",
+                  flush=True)
 
 
 class _OneOp(nn.Module):
@@ -114,7 +118,8 @@ def main() -> None:
     torch.set_num_threads(1)
     clock = CLOCKS[args.clock]
     print(f"torch {torch.__version__}, one thread, {args.clock} clock, medians of {args.rounds} interleaved rounds")
-    print("\n| model | batch | form | us a call | vs eager native | vs fp32 |\n|---|---|---|---|---|---|")
+    print("\n| model | batch | form | us a call | vs eager native | vs fp32 | vs fp32 compiled |\n"
+          "|---|---|---|---|---|---|---|")
     for name in args.models:
         model_rows(name, args.batches, args.rounds, clock)
     print("\n| part of a compiled call | us a call |\n|---|---|")

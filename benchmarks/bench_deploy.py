@@ -22,7 +22,8 @@ median over rounds is reported, with its ratio to fp32 eager of the same run: ab
   (`kernels.timing.remeasure`); ours native int8/float: the same without our C kernel (the choice
   before it existed); ours native compiled: the first through torch.compile (inductor, freezing:
   oneDNN's packed weights become constants; no per-call size asserts), which removes the per-node Python
-  dispatch between kernels but adds torch.compile's own per-call cost (benchmarks/bench_compiled_native.py).
+  dispatch between kernels but adds torch.compile's own per-call cost (benchmarks/bench_compiled_native.py);
+  fp32 compiled: the fp32 model through the same torch.compile, the like-for-like baseline of that row.
 
 Ours are quantized with InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)
 and 8-bit activations, or 7-bit activations on a CPU without VNNI, where uint8 x int8 products
@@ -221,11 +222,16 @@ def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dic
     forms["ours native int8/float"] = fxcompress.compile(fq, [LowerToInteger(kernels=("int8", "float"))],
                                                          example_inputs=(x,))
     if compile_native:
-        torch._inductor.config.freezing = True  # inductor lowers oneDNN int8 kernels only with constant packed weights
-        # without inductor's per-call size asserts: 5-12% less per call on the LeNets (bench_compiled_native.py)
-        forms["ours native compiled"] = torch.compile(fast, backend="inductor", dynamic=False,
-                                                      options={"size_asserts": False})
+        forms["ours native compiled"] = compiled(fast)
     return forms
+
+
+def compiled(module: nn.Module) -> nn.Module:
+    """torch.compile as the compiled rows run it: inductor with freezing (it lowers oneDNN's int8 kernels only
+    with constant packed weights, and prepacks fp32 weights too) and without its per-call size asserts (5-12%
+    less per call on the LeNets, bench_compiled_native.py)."""
+    torch._inductor.config.freezing = True
+    return torch.compile(module, backend="inductor", dynamic=False, options={"size_asserts": False})
 
 
 class _Calibration:
@@ -296,6 +302,8 @@ def build(make: Callable[[], nn.Module], shape: tuple[int, ...], args, folder: P
     settle_batchnorm(model, calibration)
     forms = {"fp32 eager": model, "fp32 folded": fp32_folded(model, x), **torch_ao(model, x, calibration),
              **torchao_forms(model)}
+    if not args.no_compile:  # the baseline of the compiled native row: torch.compile's own cost on both
+        forms["fp32 compiled"] = compiled(model)
     fq = fake_quant(model, x, calibration, 8, activation_bits())
     forms |= ours(fq, x, not args.no_compile)
     # ORT's u8 x s8 kernels saturate at 8 / 8 bits without VNNI: its QDQ model takes 7-bit weights there
@@ -416,14 +424,24 @@ def choose_native(forms: dict[str, Callable], x: torch.Tensor) -> None:
                     print(f"    {path}: {c['kernel']} (us per call: {times})")
 
 
+LIKE_FOR_LIKE = ("ours native compiled", "fp32 compiled")  # a compiled form against the compiled fp32 model
+
+
 def pivot(rows: list[dict]) -> str:
-    """One line per model / threads / batch, one column per form: speed-up over fp32 eager."""
+    """One line per model / threads / batch, one column per form: speed-up over fp32 eager; the last column
+    is compiled native over compiled fp32, where both ran (torch.compile's own per-call cost on both sides)."""
     forms = list(dict.fromkeys(r["form"] for r in rows if r["form"] != "fp32 eager"))
-    lines = ["| model | threads | batch | " + " | ".join(forms) + " |", "|---|---|---|" + "---|" * len(forms)]
+    paired = all(f in forms for f in LIKE_FOR_LIKE)
+    extra = " | compiled native vs compiled fp32" if paired else ""
+    lines = ["| model | threads | batch | " + " | ".join(forms) + extra + " |",
+             "|---|---|---|" + "---|" * (len(forms) + paired)]
     keys = list(dict.fromkeys((r["model"], r["threads"], r["batch"]) for r in rows))
     for key in keys:
         found = {r["form"]: r["speedup"] for r in rows if (r["model"], r["threads"], r["batch"]) == key}
         cells = [f"{found[f]:.2f}x" if f in found else "-" for f in forms]
+        if paired:
+            ours, base = (found.get(f) for f in LIKE_FOR_LIKE)
+            cells.append(f"{ours / base:.2f}x" if ours and base else "-")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
