@@ -362,8 +362,31 @@ def llmc_recipes() -> dict[str, callable]:
     return table
 
 
+def skip_pinning_without_accelerator() -> list[int]:
+    """llm-compressor 0.14's AWQModifier pins its cached layer inputs before each mapping's grid search
+    (`_apply_smoothing` calls `IntermediatesCache.pin_memory` unconditionally, "for faster onloading"), and
+    `Tensor.pin_memory()` raises "Cannot access accelerator device when none is available" on a torch with
+    no accelerator; no modifier option, offload device or pipeline avoids the call. Pinning only speeds
+    host-to-device copies and changes no value, so without an accelerator it is made a no-op, as its own
+    calibration DataLoader already does (`pin_memory = torch.accelerator.is_available() and ...`). Returns
+    a one-item list counting the skipped calls, so a row can say whether the patch was used."""
+    skipped = [0]
+    if torch.accelerator.is_available():
+        return skipped
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    def pin_memory(self, batch_index, input_names=None):
+        skipped[0] += 1
+
+    IntermediatesCache.pin_memory = pin_memory
+    return skipped
+
+
 def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] | None) -> None:
-    """Run every llm-compressor recipe on a fresh model; write the rows as JSON."""
+    """Run every llm-compressor recipe on a fresh model; write the rows as JSON (after each arm, failed
+    ones included, whose traceback goes to stderr)."""
+    import traceback
+
     import transformers
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -380,31 +403,38 @@ def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] 
     fortunes = [(b,) for b in tensors["fortunes"].split(BATCH)]
     rows = []
     recipes = llmc_recipes()
+    skipped_pins = skip_pinning_without_accelerator()
     for name in [a for a in arms if a in recipes] if arms else list(recipes):   # in the order asked for
         recipe = recipes[name]
         model = load(Path(checkpoint))
-        base, start = _rss(), time.perf_counter()
+        base, start, cpu, pins = _rss(), time.perf_counter(), time.process_time(), skipped_pins[0]
         try:
             with PeakRSS() as peak:
                 oneshot(model=model, processor=processor, dataset=dataset, recipe=recipe(),
                         num_calibration_samples=len(ids), max_seq_length=LENGTH)
         except Exception as exc:   # noqa: BLE001 - a peer's failure is a result to report
+            traceback.print_exc()
             rows.append({"arm": f"llmc {name}", "status": f"failed: {type(exc).__name__}: {exc}"[:300]})
+            Path(out_path).write_text(json.dumps(rows))
             continue
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        status = "ok" if skipped_pins[0] == pins else \
+            f"ok, patched: {skipped_pins[0] - pins} IntermediatesCache.pin_memory calls skipped (no accelerator)"
         forward = lambda x, m=model: m(input_ids=x)  # noqa: E731
-        rows.append({"arm": f"llmc {name}", "status": "ok", "pass_s": time.perf_counter() - start,
+        rows.append({"arm": f"llmc {name}", "status": status, "pass_s": seconds, "pass_cpu_s": cpu_seconds,
                      "peak_mb": (peak.peak - base) / 2**20, "held_ppl": perplexity(forward, held),
                      "fortunes_ppl": perplexity(forward, fortunes)})
         Path(out_path).write_text(json.dumps(rows))
 
 
-def start_llmc(python: str, checkpoint: Path, cal, held, fortunes, arms: list[str] | None):
-    """Start the llm-compressor worker in the other environment (it runs beside our arms)."""
+def start_llmc(python: str, checkpoint: Path, cal, held, fortunes, arms: list[str] | None, threads: int = 1):
+    """Start the llm-compressor worker in the other environment (beside our arms, or after them with
+    --llmc-after), with as many torch threads as ours."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-llmc-"))
     torch.save({"cal": torch.cat([b for (b,) in cal]), "held": torch.cat([b for (b,) in held]),
                 "fortunes": torch.cat([b for (b,) in fortunes])}, tmp / "data.pt")
     cmd = [python, __file__, "--llmc-worker", str(tmp / "data.pt"), str(checkpoint), str(tmp / "rows.json"),
-           *(["--arms", *arms] if arms else [])]
+           "--threads", str(threads), *(["--arms", *arms] if arms else [])]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr.txt", "w")), tmp, time.time()
 
 
@@ -452,12 +482,13 @@ def orderings(results: list[dict]) -> list[str]:
 
 
 def row(r: dict, dense_bytes: int | None) -> str:
-    if r.get("status") != "ok":
+    if not str(r.get("status")).startswith("ok"):
         return f"| {r['arm']} | {r['status']} | | | | | | |"
     ratio = f"{dense_bytes / r['bytes']:.1f}x" if dense_bytes and r.get("bytes") else ""
     kl = f"{1e3 * r['held_kl']:.2f} / {1e3 * r['fortunes_kl']:.2f}" if "held_kl" in r else ""
     kl += f" / {1e3 * r['cal_kl']:.2f}" if "cal_kl" in r else ""
-    return (f"| {r['arm']} | {r['held_ppl']:.3f} | {r['fortunes_ppl']:.3f} | {r.get('bytes', '')} "
+    note = "" if r["status"] == "ok" else f" ({r['status'].removeprefix('ok, ')})"   # e.g. a patched peer
+    return (f"| {r['arm']}{note} | {r['held_ppl']:.3f} | {r['fortunes_ppl']:.3f} | {r.get('bytes', '')} "
             f"({r.get('format', '')}) | {ratio} | {r['pass_s']:.1f} | {r.get('peak_mb', float('nan')):.0f} | {kl} |")
 
 
@@ -476,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="only re-lower the fake-quant models --keep left in this folder and measure their files")
     ap.add_argument("--llmc-python", default=None, help="a python with llmcompressor installed")
     ap.add_argument("--llmc-timeout", type=int, default=1800, help="seconds from its start the worker may run")
+    ap.add_argument("--llmc-after", action="store_true",
+                    help="start llm-compressor's worker after our arms, not beside them (one process at a time)")
     ap.add_argument("--llmc-arms", nargs="*", default=None,
                     help="llm-compressor's arms, run in this order (default: --arms, or all)")
     ap.add_argument("--llmc-worker", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -483,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="print one table and the orderings over rows saved by earlier runs (--json)")
     args = ap.parse_args(argv)
     if args.llmc_worker:
+        torch.set_num_threads(args.threads)
         return llmc_worker(*args.llmc_worker, args.arms)
     if args.from_json:
         return print_saved(args.from_json)
@@ -500,7 +534,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} bytes", flush=True)
     print(HEADER)
     llmc_arms = args.llmc_arms if args.llmc_arms is not None else args.arms
-    llmc = start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, llmc_arms) if args.llmc_python else None
+    start_worker = lambda: start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, llmc_arms,  # noqa: E731
+                                      args.threads) if args.llmc_python else None
+    llmc = None if args.llmc_after else start_worker()
     results = []
     for name in chosen:
         r = run_arm(name, table[name], graph, example, cal, held, fortunes, config)
@@ -513,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
         save(args.json, results)   # each row as it comes: a run stopped for time keeps what it finished
     results += extras(results, model, example, held, fortunes, dense_bytes(results))
+    if args.llmc_after:
+        llmc = start_worker()
     if llmc is not None:
         for r in finish_llmc(*llmc, args.llmc_timeout):
             results.append(r)
