@@ -12,6 +12,8 @@ A oneDNN call costs tens of microseconds whatever its size, so a layer may inste
 kernel (`NativeLayer(kernel="float")`: the weight dequantized from its codes, the scales folded in,
 the same codes read and written), chosen per layer by measurement; between two float layers the
 codes stay in float32 (`float_codes`), so a run of float layers costs about what the float model does.
+A layer of such a run that a later measurement (`timing.remeasure`, another batch size or machine) moves
+to an int8 kernel casts its float32 codes to uint8 and back at its edges: exact, the codes are integers.
 
 A linear layer has a third kernel, our C `c_int8` (`q8`): the reference backend's arithmetic bit
 for bit, in one call. oneDNN's kernels scale the int32 accumulator in float32 and round half to
@@ -48,7 +50,6 @@ KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
 OUTPUTS = ("uint8", "float32", "float_codes")
 # what computes a NativeLayer: oneDNN's int8 kernel, the float one, or our C int8 kernel (linear layers, `q8`)
 LAYER_KERNELS = ("int8", "float", "c_int8")
-CODE_KERNELS = ("int8", "c_int8")  # the kernels reading and writing uint8 codes only
 # what a NativeLayer reads: uint8 codes, (float kernel only) codes held in float32, or (c_int8 only) the real
 # values before the input grid, which it quantizes itself (a model's float input and its first layer in one call)
 INPUTS = ("uint8", "float_codes", "float32")
@@ -122,7 +123,8 @@ class NativeLayer(nn.Module):
     it reads and writes the same codes at the cost of a cast in and a rounding out. Between two
     float layers the codes stay float32 (`input` / `output` "float_codes": integers on the grid,
     no cast), so a run of float layers costs one in-place rounding and clamp per layer over the
-    float model (the clamp is the ReLU). The oneDNN packed weight and the float weight are built
+    float model (the clamp is the ReLU); an int8 kernel chosen there later casts them to uint8 and back.
+    The oneDNN packed weight and the float weight are built
     on first use and never stored or copied: the codes are what a file holds. "c_int8" (linear layers)
     is our C kernel (`q8`): uint8 codes times int8 codes in an int32 accumulator and the reference
     backend's fixed-point requantization, bit for bit the reference, in one call; `input_qmax` (the
@@ -137,12 +139,11 @@ class NativeLayer(nn.Module):
                  input_qmax: int = UINT8_MAX) -> None:
         super().__init__()
         if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
-                or (kernel in CODE_KERNELS and "float_codes" in (input, output)) \
                 or (kernel == "c_int8" and kind != "linear") or (input == "float32" and kernel != "c_int8") \
                 or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
             raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
-                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (int8 and c_int8 read and write no "
-                              f"float codes; c_int8 runs linear layers, and it alone reads float32; input_qmax in "
+                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers, and it "
+                              f"alone reads float32; input_qmax in "
                               f"1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}, "
                               f"input_qmax={input_qmax!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
@@ -175,9 +176,7 @@ class NativeLayer(nn.Module):
         for kernel in kernels:
             if kernel not in LAYER_KERNELS:
                 raise ConfigError(f"NativeLayer: no kernel named {kernel!r}; kernels: {LAYER_KERNELS}")
-            if kernel in CODE_KERNELS and "float_codes" in (self.input, self.output):
-                refused[kernel] = "it reads or writes float32 codes, which only the float kernel does"
-            elif kernel != "c_int8" and self.input == "float32":
+            if kernel != "c_int8" and self.input == "float32":
                 refused[kernel] = "it quantizes its float input itself, which only c_int8 does"
             elif kernel == "int8" and not available():
                 refused[kernel] = "this torch build has no oneDNN int8 kernels"
@@ -223,12 +222,20 @@ class NativeLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "float":
             return self._forward_float(x)
+        if self.input == "float_codes":  # an int8 kernel inside a run of float layers: integers, cast exactly
+            x = x.to(torch.uint8)
+        y = self._forward_codes(x)
+        return y.float() if self.output == "float_codes" else y
+
+    def _forward_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """An int8 kernel (oneDNN's or our C one) on uint8 codes (or c_int8's float input): uint8 codes out,
+        or real values where the layer dequantizes."""
         if self.kernel == "c_int8":
             c = self._c or self.c_packed()
             # traced, straight to the op: tracing into `call`'s closure made guards torch.compile checks in Python
             return q8.traced(x, c) if torch.compiler.is_compiling() else c.call(x)
         post, args = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
-        dtype = torch.uint8 if self.output == "uint8" else torch.float32
+        dtype = torch.float32 if self.output == "float32" else torch.uint8
         common = (x, self.input_scale, self.input_zero_point, self.packed(), self.weight_scale,
                   self.weight_zero_point, self._bias if self._bias is not None else self.float_bias())
         if self.kind == "linear":
@@ -272,8 +279,8 @@ class NativeLayer(nn.Module):
 
     def c_refusal(self) -> str | None:
         """Why our C kernel cannot run this layer here (None: it can)."""
-        if self.kind != "linear" or self.input == "float_codes" or self.output == "float_codes":
-            return "our C kernel runs linear layers on uint8 codes (or float input) only"
+        if self.kind != "linear":
+            return "our C kernel runs linear layers only"
         if self.output == "float32" and self.clamp not in (None, (0.0, None)):
             return f"it dequantizes with ReLU at most, not clamp {self.clamp}"
         return q8.refusal(self.weight, self.bias, self.accumulator_scale(), self._multiplier())

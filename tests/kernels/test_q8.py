@@ -220,12 +220,39 @@ def test_remeasure_chooses_again_among_the_kernels_each_native_layer_can_run_whe
     assert (want - got).abs().max().item() <= (want.max() - want.min()).item() / 255  # oneDNN: within a step
     chosen = remeasure(gm, (x[:1],), repeats=3)  # every kernel: each layer times all three at batch 1
     assert [set(c["times_ms"]) for c in chosen.values()] == [{"c_int8"}] + [{"int8", "float", "c_int8"}] * 2
-    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(x[:2],))
-    chosen = remeasure(gm, (x[:1],), repeats=1)  # float32 codes between float layers: float is all that fits
-    assert all(set(c["times_ms"]) == {"float"} for c in chosen.values())
-    assert "float32 codes" in gm.fc2.native.kernel_refusals(["c_int8"])["c_int8"]
     with pytest.raises(ConfigError, match="no kernel named 'fp16'"):
         gm.fc2.native.kernel_refusals(["fp16"])
+
+
+@pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
+def test_layers_chosen_float_can_move_to_int8_kernels_when_measured_again(lenet300, tmp_path):
+    """A run of float layers passes its codes as float32; measured again (another batch size or machine), any of
+    them may move to an int8 kernel, which casts those integer codes at its edges: nothing else changes."""
+    data, fq, reference, _ = lenet300
+    x = data.test_x
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("float",))], example_inputs=(x[:2],))
+    assert [(m.input, m.output) for m in (gm.fc1.native, gm.fc2.native, gm.fc3.native)] == \
+        [("float_codes", "float_codes"), ("float_codes", "float_codes"), ("float_codes", "float32")]
+    with torch.no_grad():
+        want = reference(x)
+    chosen = remeasure(gm, (x[:1],), repeats=1)  # every kernel fits every layer, float codes or not
+    assert all(set(c["times_ms"]) == {"int8", "float", "c_int8"} for c in chosen.values())
+    remeasure(gm, (x[:33],), {NativeLayer: ("c_int8",)}, repeats=1)
+    assert {m.kernel for m in (gm.fc1.native, gm.fc2.native, gm.fc3.native)} == {"c_int8"}
+    with torch.no_grad():
+        assert torch.equal(gm(x), want)  # our C kernel is the reference bit for bit, float32 codes between
+    remeasure(gm, (x[:33],), {NativeLayer: ("int8",)}, repeats=1)
+    assert gm.fc2.native.kernel == "int8"
+    with torch.no_grad():
+        got = gm(x)
+    step = (want.max() - want.min()).item() / 255
+    assert (want - got).abs().max().item() <= step  # oneDNN rounds requantization its own way: within a step
+    assert (want.argmax(1) == got.argmax(1)).float().mean().item() >= 0.995
+    fxcompress.save(gm, tmp_path / "moved.fxc")
+    loaded = fxcompress.load(tmp_path / "moved.fxc")
+    assert (loaded.fc2.native.kernel, loaded.fc2.native.input) == ("int8", "float_codes")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
 
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
