@@ -251,6 +251,12 @@ def test_native_layer_matches_the_reference_layer_on_strided_grouped_convs():
     expected = reference(x.to(torch.int32) - input_zero)
     got = fast(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # the weight was packed for this input's shape: inputs of other shapes and layouts compute the same
+    assert fast._packed is not None
+    other = torch.randint(0, 128, (5, 8, 13, 9), dtype=torch.uint8)
+    expected = reference(other.to(torch.int32) - input_zero)
+    for x in (other, other.contiguous(memory_format=torch.channels_last)):
+        assert torch.allclose(fast(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_refusals_name_the_layer_and_the_default_keeps_the_reference(digits):
