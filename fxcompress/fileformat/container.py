@@ -430,13 +430,15 @@ def _attach(module: torch.nn.Module, slot: str, entry: dict, tensor: torch.Tenso
 
 
 def _register(module: torch.nn.Module, slot: str, kind: str, tensor: torch.Tensor) -> None:
-    """Put `tensor` in `slot` as a parameter or a buffer, replacing what the rebuilt module had there."""
+    """Put `tensor` in `slot` as a parameter or a buffer, replacing what the rebuilt module had there (a buffer
+    its constructor made non-persistent stays so: its state_dict is the saved module's)."""
+    persistent = slot not in module._non_persistent_buffers_set
     module._parameters.pop(slot, None)
     module._buffers.pop(slot, None)
     if kind == "parameter":
         module.register_parameter(slot, tensor)
     else:
-        module.register_buffer(slot, tensor)
+        module.register_buffer(slot, tensor, persistent=persistent)
 
 
 def _drop_unsaved(root: torch.nn.Module) -> None:

@@ -46,12 +46,13 @@ INT8_RANGE = (-128, 127)
 
 # layer kind -> the oneDNN kernel computing it on uint8 codes; kinds absent here have no native kernel
 KERNELS = {"linear": "qlinear_pointwise", "conv2d": "qconv2d_pointwise"}
-# what a NativeLayer writes: codes for the next layer, real values, or (float kernel only) codes held in float32
+# what a NativeLayer writes: codes for the next layer, real values, or codes held in float32 (between float layers)
 OUTPUTS = ("uint8", "float32", "float_codes")
 # what computes a NativeLayer: oneDNN's int8 kernel, the float one, or our C int8 kernel (linear layers, `q8`)
 LAYER_KERNELS = ("int8", "float", "c_int8")
-# what a NativeLayer reads: uint8 codes, (float kernel only) codes held in float32, or (c_int8 only) the real
-# values before the input grid, which it quantizes itself (a model's float input and its first layer in one call)
+# what a NativeLayer reads: uint8 codes, codes held in float32 (between float layers), or the real values before
+# the input grid (chosen with c_int8, which quantizes them inside its call: a model's float input and its first
+# layer in one call; another kernel measured faster later quantizes them first, onto the same codes)
 INPUTS = ("uint8", "float_codes", "float32")
 
 
@@ -88,17 +89,22 @@ class QuantizeToCodes(nn.Module):
         self.scale, self.zero_point, self.qmax = scale, zero_point, qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = q8.quantize(x, self.scale, self.zero_point, self.qmax)  # one C call where it can
-        if codes is not None:
-            return codes
-        # x / scale, not x * (1 / scale): the same rounding as the reference boundary, code for code
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.qmax).to(torch.uint8)
+        return quantize_to_codes(x, self.scale, self.zero_point, self.qmax)
 
     def config(self) -> dict[str, Any]:
         return {"scale": self.scale, "zero_point": self.zero_point, "qmax": self.qmax}
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}, zero_point={self.zero_point}, qmax={self.qmax}"
+
+
+def quantize_to_codes(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """uint8 codes of float x on an activation grid (qmin 0): one C call where it can, the torch ops otherwise."""
+    codes = q8.quantize(x, scale, zero_point, qmax)
+    if codes is not None:
+        return codes
+    # x / scale, not x * (1 / scale): the same rounding as the reference boundary, code for code
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax).to(torch.uint8)
 
 
 # what a NativeLayer makes from its buffers on first use, dropped whenever the buffers may change
@@ -139,12 +145,11 @@ class NativeLayer(nn.Module):
                  input_qmax: int = UINT8_MAX) -> None:
         super().__init__()
         if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
-                or (kernel == "c_int8" and kind != "linear") or (input == "float32" and kernel != "c_int8") \
+                or (kernel == "c_int8" and kind != "linear") \
                 or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
             raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
-                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers, and it "
-                              f"alone reads float32; input_qmax in "
-                              f"1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}, "
+                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers only; "
+                              f"input_qmax in 1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}, "
                               f"input_qmax={input_qmax!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         self._shape = list(weight_shape)  # what the codes must be (a file's tensors are checked against it)
@@ -176,9 +181,7 @@ class NativeLayer(nn.Module):
         for kernel in kernels:
             if kernel not in LAYER_KERNELS:
                 raise ConfigError(f"NativeLayer: no kernel named {kernel!r}; kernels: {LAYER_KERNELS}")
-            if kernel != "c_int8" and self.input == "float32":
-                refused[kernel] = "it quantizes its float input itself, which only c_int8 does"
-            elif kernel == "int8" and not available():
+            if kernel == "int8" and not available():
                 refused[kernel] = "this torch build has no oneDNN int8 kernels"
             elif kernel == "int8" and not saturation_free(self.weight, self.input_qmax):
                 refused[kernel] = f"two weight codes times input code {self.input_qmax} could pass int16 (no VNNI)"
@@ -224,6 +227,9 @@ class NativeLayer(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input == "float32" and self.kernel != "c_int8":
+            # c_int8 quantizes a float input inside its call; another kernel chosen later takes the same codes first
+            x = quantize_to_codes(x, self.input_scale, self.input_zero_point, self.input_qmax)
         if self.kernel == "float":
             return self._forward_float(x)
         if self.input == "float_codes":  # an int8 kernel inside a run of float layers: integers, cast exactly
@@ -250,7 +256,7 @@ class NativeLayer(nn.Module):
 
     def _forward_float(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, shift, low, high = self._float or self.float_weights()
-        if self.input == "uint8":
+        if x.dtype == torch.uint8:
             x = x.float()
         if shift:
             x = x - shift
@@ -292,10 +298,8 @@ class NativeLayer(nn.Module):
     def c_packed(self) -> q8.Packed:
         """Our C kernel's arguments, made once from the buffers (the codes are what a file holds)."""
         if (refusal := self.c_refusal()) is not None:  # a file lowered on a machine with a compiler
-            way = ("lower the fake-quant model again here (this layer quantizes its float input itself, which only "
-                   "c_int8 does)" if self.input == "float32" else
-                   "lower again, or remeasure the model with kernels 'int8' / 'float'")
-            raise PreconditionError(f"NativeLayer ({self.kind}): kernel 'c_int8' cannot run here ({refusal}); {way}")
+            raise PreconditionError(f"NativeLayer ({self.kind}): kernel 'c_int8' cannot run here ({refusal}); lower "
+                                    "again, or remeasure the model with kernels 'int8' / 'float'")
         self._c = q8.pack(self.weight, self.accumulator_scale(), self.bias, self.input_zero_point,
                           self.input_qmax, self._multiplier(), self.output_zero_point, self.code_range(),
                           self.clamp is not None and self.clamp[1] is None,

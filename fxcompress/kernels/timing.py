@@ -13,6 +13,7 @@ again on another machine or batch size).
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -280,13 +281,24 @@ def remeasure(model: nn.Module, example_inputs: tuple, kernels: Mapping[type, Se
     if not layers:
         raise ConfigError("remeasure: the model holds no layer with a measured kernel (lower it with "
                           "LowerWeightOnly, LowerDynamicInt8 or LowerToInteger's native backend first)")
-    inputs = layer_inputs(model, layers, example_inputs)
-    chosen = {}
-    for path, layer in layers.items():
-        if path in inputs:
+    chosen: dict[str, dict[str, Any]] = {}
+
+    def choose_here(layer: nn.Module, args: tuple, path: str) -> None:
+        # chosen as the run reaches it, so it runs its new kernel at once: a kernel this machine lacks (a file's
+        # C kernel where no compiler is) is left before the layer has to run it, and each layer is timed on
+        # what the layers chosen before it give it
+        if path not in chosen:
             allowed = (kernels or {}).get(type(layer), tuple(layer.KERNELS))
-            chosen[path] = layer.choose(inputs[path], allowed, repeats=repeats, margin=margin, cold=cold).as_stats()
-    return chosen
+            chosen[path] = layer.choose(args[0], allowed, repeats=repeats, margin=margin, cold=cold).as_stats()
+
+    hooks = [m.register_forward_pre_hook(functools.partial(choose_here, path=path)) for path, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {path: chosen[path] for path in layers if path in chosen}
 
 
 def layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: tuple) -> dict[str, torch.Tensor]:

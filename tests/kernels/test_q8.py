@@ -121,8 +121,8 @@ def test_an_integer_bias_float32_could_not_hold_runs_exactly_and_bad_configs_are
     assert torch.equal(layer(x), reference(x.to(torch.int32) - 3))  # bit for bit: the int32 bias as it is
     with pytest.raises(ConfigError, match="c_int8 runs linear layers"):
         NativeLayer("conv2d", [2, 1, 3, 3], 0.1, 0, "uint8", kernel="c_int8")
-    with pytest.raises(ConfigError, match="it alone reads float32"):
-        NativeLayer("linear", [2, 3], 0.1, 0, "uint8", kernel="int8", input="float32")
+    with pytest.raises(ConfigError, match="input one of"):
+        NativeLayer("linear", [2, 3], 0.1, 0, "uint8", kernel="int8", input="int8")
     with pytest.raises(ConfigError, match="input_qmax=300"):
         NativeLayer("linear", [2, 3], 0.1, 0, "uint8", kernel="c_int8", input_qmax=300)
 
@@ -195,11 +195,16 @@ def test_our_kernel_is_timed_beside_the_others_and_absent_without_a_compiler(len
                                                  r"\(c_int8: no C compiler"):
         fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x,))
     loaded = fxcompress.load(tmp_path / "c.fxc")  # the file opens; running it names the kernel and the way out
-    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(no C compiler.*\); lower the "
-                                                 r"fake-quant model again here"):  # fc1 reads the float input
+    with pytest.raises(PreconditionError, match=r"kernel 'c_int8' cannot run here \(no C compiler.*\); lower "
+                                                 r"again, or remeasure"):  # fc1, which reads the float input
         loaded(data.test_x)
     with pytest.raises(PreconditionError, match=r"cannot run here \(no C compiler.*\); lower again, or remeasure"):
         loaded.fc2.native(torch.zeros(1, 300, dtype=torch.uint8))
+    chosen = remeasure(loaded, (x,), repeats=1)  # the way out: every layer, fc1 too, onto a kernel this machine has
+    assert {c["kernel"] for c in chosen.values()} <= {"int8", "float"} and len(chosen) == 3
+    with torch.no_grad():
+        got = loaded(data.test_x)
+    assert (want - got).abs().max().item() <= (want.max() - want.min()).item() / 255
 
 
 @pytest.mark.skipif(not native.available(), reason="this torch build has no oneDNN int8 kernels")
@@ -209,17 +214,24 @@ def test_remeasure_chooses_again_among_the_kernels_each_native_layer_can_run_whe
     gm = fxcompress.compile(fq, [LowerToInteger(kernels=("c_int8",))], example_inputs=(x[:2],))
     with torch.no_grad():
         want = reference(x)
+    assert gm.fc1.native.input == "float32"  # fc1 quantizes the model's input inside our kernel's call
     chosen = remeasure(gm, (x[:33],), {NativeLayer: ("int8",)}, repeats=1)  # only oneDNN's allowed
-    # fc1 quantizes the model's input inside its call: our kernel alone does, so it stays (and is timed)
-    assert {path: c["kernel"] for path, c in chosen.items()} == {"fc1.native": "c_int8", "fc2.native": "int8",
+    # fc1 moves too: it quantizes the float input onto the same codes first, then runs oneDNN's kernel
+    assert {path: c["kernel"] for path, c in chosen.items()} == {"fc1.native": "int8", "fc2.native": "int8",
                                                                  "fc3.native": "int8"}
-    assert "only c_int8 does" in gm.fc1.native.kernel_refusals(["int8"])["int8"]
     assert gm.fc2.native.kernel == "int8" and set(gm.fc2.native.kernel_choice.times_ms) == {"int8"}
     with torch.no_grad():
         got = gm(x)
     assert (want - got).abs().max().item() <= (want.max() - want.min()).item() / 255  # oneDNN: within a step
+    remeasure(gm, (x[:33],), {NativeLayer: ("float",)}, repeats=1)
+    with torch.no_grad():
+        got = gm(x)
+    assert gm.fc1.native.kernel == "float" and (want - got).abs().max().item() <= (want.max() - want.min()).item() / 255
     chosen = remeasure(gm, (x[:1],), repeats=3)  # every kernel: each layer times all three at batch 1
-    assert [set(c["times_ms"]) for c in chosen.values()] == [{"c_int8"}] + [{"int8", "float", "c_int8"}] * 2
+    assert [set(c["times_ms"]) for c in chosen.values()] == [{"int8", "float", "c_int8"}] * 3
+    remeasure(gm, (x[:33],), {NativeLayer: ("c_int8",)}, repeats=1)
+    with torch.no_grad():
+        assert torch.equal(gm(x), want)  # back on our kernel: the reference bit for bit again
     with pytest.raises(ConfigError, match="no kernel named 'fp16'"):
         gm.fc2.native.kernel_refusals(["fp16"])
 
