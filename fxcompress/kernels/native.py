@@ -149,8 +149,8 @@ class NativeLayer(nn.Module):
                 or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
             raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
                               f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers only; "
-                              f"input_qmax in 1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, input={input!r}, "
-                              f"input_qmax={input_qmax!r}")
+                              f"input_qmax in 1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, "
+                              f"input={input!r}, input_qmax={input_qmax!r}")
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         self._shape = list(weight_shape)  # what the codes must be (a file's tensors are checked against it)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
