@@ -401,6 +401,9 @@ def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] 
         tokenizer_object=Tokenizer(WordLevel(vocab={str(i): i for i in range(256)}, unk_token="0")))
     held = [(b,) for b in tensors["held"].split(BATCH)]
     fortunes = [(b,) for b in tensors["fortunes"].split(BATCH)]
+    cal = [(b,) for b in ids.split(BATCH)]
+    dense = load(Path(checkpoint))   # for each arm's KL to dense, as our rows have
+    dense_forward = lambda x: dense(input_ids=x)  # noqa: E731
     rows = []
     recipes = llmc_recipes()
     skipped_pins = skip_pinning_without_accelerator()
@@ -423,7 +426,9 @@ def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] 
         forward = lambda x, m=model: m(input_ids=x)  # noqa: E731
         rows.append({"arm": f"llmc {name}", "status": status, "pass_s": seconds, "pass_cpu_s": cpu_seconds,
                      "peak_mb": (peak.peak - base) / 2**20, "held_ppl": perplexity(forward, held),
-                     "fortunes_ppl": perplexity(forward, fortunes)})
+                     "fortunes_ppl": perplexity(forward, fortunes),
+                     **{f"{k}_kl": kl_to_dense(dense_forward, forward, b)
+                        for k, b in (("held", held), ("fortunes", fortunes), ("cal", cal))}})
         Path(out_path).write_text(json.dumps(rows))
 
 
