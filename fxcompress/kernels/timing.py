@@ -291,25 +291,29 @@ def remeasure(model: nn.Module, example_inputs: tuple, kernels: Mapping[type, Se
             allowed = (kernels or {}).get(type(layer), tuple(layer.KERNELS))
             chosen[path] = layer.choose(args[0], allowed, repeats=repeats, margin=margin, cold=cold).as_stats()
 
-    hooks = [m.register_forward_pre_hook(functools.partial(choose_here, path=path)) for path, m in layers.items()]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_reaching(model, layers, choose_here, example_inputs)
     return {path: chosen[path] for path in layers if path in chosen}
 
 
 def layer_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: tuple) -> dict[str, torch.Tensor]:
     """The input each of `layers` receives in one run of `model` (first call of each)."""
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, path=path: inputs.setdefault(path, args[0]))
-             for path, m in layers.items()]
+
+    def record(_layer: nn.Module, args: tuple, path: str) -> None:
+        inputs.setdefault(path, args[0])
+
+    run_reaching(model, layers, record, example_inputs)
+    return inputs
+
+
+def run_reaching(model: nn.Module, layers: Mapping[str, nn.Module], hook: Callable[..., None],
+                 example_inputs: tuple) -> None:
+    """One run of `model` on `example_inputs` without gradients, `hook(layer, args, path=...)` called as the run
+    reaches each of `layers` (before the layer runs)."""
+    handles = [m.register_forward_pre_hook(functools.partial(hook, path=path)) for path, m in layers.items()]
     try:
         with torch.no_grad():
             model(*example_inputs)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs
+        for handle in handles:
+            handle.remove()
