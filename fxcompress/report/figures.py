@@ -40,10 +40,8 @@ def available() -> bool:
 def _pin_titles(fig) -> bool:
     """Put each title where matplotlib's placement would: at the top of its axes, unless the y axis shows
     an offset text ("1e6") there, which the title must clear. matplotlib finds this out on every draw by
-    measuring every tick label (a fifth of a picture's time); the offset is known without drawing. A title
-    over an offset text is placed by matplotlib as on a new axes (a kept axes may hold a title pinned
-    before). True when every title was pinned."""
-    import matplotlib
+    measuring every tick label (a fifth of a picture's time); the offset is known without drawing.
+    True when every title was pinned."""
     pinned = True
     for ax in fig.axes:
         if not ax.get_title():
@@ -52,8 +50,7 @@ def _pin_titles(fig) -> bool:
         formatter.set_locs(ax.yaxis.get_majorticklocs())  # the locations the draw will format, limits final
         if not formatter.get_offset():  # pinned: matplotlib no longer moves it
             ax.set_title(ax.get_title(), y=1.0, fontsize=ax.title.get_fontsize())
-        else:  # what Axes.clear sets: matplotlib moves the title above the offset text at the draw
-            ax._autotitlepos = matplotlib.rcParams["axes.titley"] is None
+        else:
             pinned = False
     return pinned
 
@@ -113,17 +110,23 @@ def _spare_figure(kind: str, figsize, ncols: int = 2, **subplots):
     return fig
 
 
-def _kept_png(draw, *args) -> str:
-    """The figure `draw(*args)` returns (drawn on a kept figure: `_spare_figure`) as a data: URI, its titles
-    pinned at the top of their axes or, over an offset text, placed by matplotlib (`_pin_titles`)."""
+def _kept_png(kind: str, draw, *args) -> str:
+    """The figure `draw(*args)` returns, drawn on the kept figure of `kind` (`_spare_figure`), as a
+    data: URI. Titles are pinned at the top of their axes; a picture whose y axis shows an offset text
+    is drawn again on a new figure, where matplotlib's own placement of its titles holds (an axes that
+    held a pinned title keeps it pinned, and matplotlib has no public way to hand it back)."""
+    reused = getattr(_SPARE, kind, None) is not None
     fig = draw(*args)
-    _pin_titles(fig)
+    if not _pin_titles(fig):
+        setattr(_SPARE, kind, None)
+        if reused:
+            return _kept_png(kind, draw, *args)
     return _png(fig)
 
 
 def bytes_and_sparsity(rows: Sequence[dict]) -> str:
     """Per layer: dense vs compressed bytes (log scale) and weight sparsity, side by side."""
-    return _kept_png(_draw_bars, [r for r in rows if r.get("dense_bytes")])
+    return _kept_png("bars", _draw_bars, [r for r in rows if r.get("dense_bytes")])
 
 
 def _draw_bars(rows: list[dict]):
@@ -205,7 +208,7 @@ def _per_level(ax, weights: LayerWeights) -> None:
 def histogram(weights: LayerWeights) -> str:
     """Deep Compression's picture of a layer: the weights before quantization (zeros left out) with
     the centroids or grid levels marked, and how many weights each centroid or level took after."""
-    return _kept_png(_draw_histogram, weights)
+    return _kept_png("histogram", _draw_histogram, weights)
 
 
 def _draw_histogram(weights: LayerWeights):
@@ -235,7 +238,7 @@ def _draw_histogram(weights: LayerWeights):
 
 def sensitivity_curves(table: SensitivityTable) -> str:
     """The sensitivity table's curves: each layer's metric against its sparsity."""
-    return _kept_png(_draw_sensitivity, table)
+    return _kept_png("sensitivity", _draw_sensitivity, table)
 
 
 def _draw_sensitivity(table: SensitivityTable):

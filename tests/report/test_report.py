@@ -132,8 +132,9 @@ def _as_matplotlib_draws(monkeypatch):
 def test_histograms_on_the_kept_figure_are_pixel_for_pixel_those_of_a_new_figure(compressed, monkeypatch):
     """Histograms are drawn on one kept figure, emptied each time, with their titles pinned at the top of
     the axes instead of matplotlib measuring every tick label to place them (but over an offset text,
-    "1e6", where matplotlib places them on the kept figure as on a new one): the pictures must not change, after a layer of centroids, a fully pruned one and one whose counts need
-    an offset text, and the layer of centroids again after it (its titles pinned once more)."""
+    "1e6", drawn again on a new figure, where matplotlib places them): the pictures must not change, after
+    a layer of centroids, a fully pruned one and one whose counts need an offset text, and the layer of
+    centroids again after it (its titles pinned once more)."""
     image = pytest.importorskip("matplotlib.image")
     from fxcompress.report import figures
     from fxcompress.report.collect import LayerWeights
