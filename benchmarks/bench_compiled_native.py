@@ -64,8 +64,7 @@ def compiled(native: nn.Module) -> dict[str, nn.Module]:
     dynamo_only = torch.compile(native, backend="eager", dynamic=False)
     return {"native dynamo only": dynamo_only, "native dynamo only, guards skipped": _guards_skipped(dynamo_only),
             "native inductor": torch.compile(native, backend="inductor", dynamic=False),
-            "native inductor no asserts": torch.compile(native, backend="inductor", dynamic=False,
-                                                        options={"size_asserts": False})}
+            "native inductor no asserts": deploy.compiled(native)}
 
 
 def model_rows(name: str, batches: list[int], rounds: int, clock) -> None:
