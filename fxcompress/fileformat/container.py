@@ -40,6 +40,7 @@ from torch.fx import GraphModule
 
 from fxcompress.errors import FormatError
 from fxcompress.history import history, set_history
+from fxcompress.kernels.native import NativeLayer
 from fxcompress.pass_base import PassRecord
 
 from .allowlist import DTYPES, MODULE_NAMES
@@ -112,6 +113,9 @@ def _recorded_inputs(gm: GraphModule, example_inputs: object) -> list | None:
 def _layout(gm: GraphModule, deterministic: bool, example_inputs: object = None) -> tuple[bytes, list[torch.Tensor]]:
     """(header and manifest bytes, the tensors whose bytes follow, in order). Each tensor's CRC32 is
     computed from its bytes one tensor at a time, so no more than one tensor's bytes are held."""
+    for module in gm.modules():  # a layer that keeps its codes only in its kernel's form between calls
+        if isinstance(module, NativeLayer):  # registers them again: the file holds its buffers
+            module.hold_codes()
     inputs = _recorded_inputs(gm, example_inputs)
     table, stored, offset, first_name = [], [], 0, {}
     for name, kind, tensor in _tensors(gm):

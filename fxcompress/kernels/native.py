@@ -131,7 +131,14 @@ class NativeLayer(nn.Module):
     no cast), so a run of float layers costs one in-place rounding and clamp per layer over the
     float model (the clamp is the ReLU); an int8 kernel chosen there later casts them to uint8 and back.
     The oneDNN packed weight and the float weight are built
-    on first use and never stored or copied: the codes are what a file holds. "c_int8" (linear layers)
+    on first use and never stored or copied: the codes are what a file holds.
+
+    A layer holds its weight once: when the chosen kernel's form is built and gives the codes back
+    exactly (oneDNN's packed weight through `to_dense`, the float kernel's weight over its scale,
+    rounded), the next call drops the codes buffer (our C kernel's codes become a view of its padded
+    weight), and `weight` remakes them from that form on demand. `hold_codes` registers them again for
+    whatever reads the module's buffers (a file's writer, state_dict, copies, `.to`); the next call
+    drops them again. Without this a native resnet18 held its 11.7 MB of codes twice. "c_int8" (linear layers)
     is our C kernel (`q8`): uint8 codes times int8 codes in an int32 accumulator and the reference
     backend's fixed-point requantization, bit for bit the reference, in one call; `input_qmax` (the
     input grid's largest code) lets it take vpmaddubsw's int16 pair sums where they cannot saturate.
@@ -163,7 +170,9 @@ class NativeLayer(nn.Module):
         self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
                                                                                     "times_ms": times_ms})
         out = weight_shape[0]
-        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self._buffers["weight"] = torch.zeros(weight_shape, dtype=torch.int8)  # the `weight` property reads it
+        self._codes_in: str | None = None  # the kernel whose form holds the codes while the buffer is dropped
+        self._release_due = False  # whether the next call may drop the codes (a form was built or they came back)
         self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out, dtype=torch.int32))
         self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32), persistent=False)
@@ -173,6 +182,62 @@ class NativeLayer(nn.Module):
         self._bias: torch.Tensor | None = None  # float_bias, made once
 
     KERNELS: ClassVar[tuple[str, ...]] = LAYER_KERNELS  # what `timing.remeasure` may choose among
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 codes [out, in, ...]: the buffer, or remade from the kernel's form that holds them."""
+        codes = self._buffers.get("weight")
+        if codes is None:
+            codes = self._codes_from_form(self._codes_in)
+        if codes is None:  # AttributeError: what register_buffer's hasattr expects of an empty slot
+            raise AttributeError("NativeLayer has no weight codes: neither the buffer nor a kernel form holds them")
+        return codes
+
+    def _codes_from_form(self, kernel: str | None) -> torch.Tensor | None:
+        """The codes as `kernel`'s built form holds them (None where it is not built)."""
+        if kernel == "int8" and self._packed is not None:
+            dense = self._packed.to_dense()  # oneDNN keeps a linear weight as [in, out]
+            return dense.t().contiguous() if self.kind == "linear" else dense
+        if kernel == "float" and self._float is not None:
+            weight, step = self._float[0], self.weight_scale.reshape((-1,) + (1,) * (len(self._shape) - 1))
+            if self.output != "float32":
+                weight = weight * self.output_scale
+            # |codes| <= 128 and float32 keeps 24 bits: the rounding gives the integers back (checked on release)
+            codes = torch.nan_to_num(weight / (step * self.input_scale)).round_().clamp_(*INT8_RANGE)
+            return codes.to(torch.int8)
+        if kernel == "c_int8" and self._c is not None:
+            return self._c.weight[:, :self._c.in_features]  # a view: no copy
+        return None
+
+    def release_codes(self) -> None:
+        """Drop the codes buffer where the chosen kernel's built form gives the codes back exactly."""
+        self._release_due = False
+        codes = self._buffers.get("weight")
+        held = self._codes_from_form(self.kernel)
+        if codes is None or held is None or not torch.equal(held, codes):
+            return
+        if self.kernel == "c_int8":
+            self._buffers["weight"] = held  # the kernel's own memory
+        else:
+            del self._buffers["weight"]
+            self._codes_in = self.kernel
+
+    def held_bytes(self) -> int:
+        """Bytes the layer holds between calls: its buffers and the forms built from them (oneDNN's packed
+        weight, the float kernel's weight and bias, our C kernel's arguments), each memory counted once."""
+        float_form = () if self._float is None else self._float[:2]
+        c_form = () if self._c is None else (self._c.weight, self._c.bias, self._c.mult, self._c.shift, self._c.scale)
+        tensors = [t for t in (*self._buffers.values(), *float_form, *c_form, self._bias) if t is not None]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        packed = 0 if self._packed is None else torch.ops.mkldnn._nbytes(self._packed)
+        return sum(storages.values()) + packed
+
+    def hold_codes(self) -> None:
+        """Register the codes as a buffer again, for readers of the module's buffers; the next call drops them."""
+        if "weight" not in self._buffers:
+            self._buffers["weight"] = self._codes_from_form(self._codes_in)
+            self._codes_in = None
+        self._release_due = True
 
     def kernel_refusals(self, kernels: Sequence[str]) -> dict[str, str]:
         """Why each of `kernels` cannot run this layer where it stands here (its input and output forms are
@@ -204,6 +269,7 @@ class NativeLayer(nn.Module):
                          baseline="float" if "float" in forms else names[0], repeats=repeats, margin=margin,
                          cold=cold)
         chosen = forms[choice.kernel]
+        self._drop_derived()  # the codes back in the buffer before another form replaces the one holding them
         self.kernel, self.kernel_choice = choice.kernel, choice
         self._packed, self._float, self._c = chosen._packed, chosen._float, chosen._c  # built while timing
         return choice
@@ -224,9 +290,16 @@ class NativeLayer(nn.Module):
                 self._packed = torch.ops.onednn.qconv_prepack(
                     self.weight, self.weight_scale, self.input_scale, self.input_zero_point, self.stride,
                     self.padding, self.dilation, self.groups, None if x_shape is None else list(x_shape))
+            self._release_due = True
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward(x)
+        if self._release_due and not torch.compiler.is_compiling():  # the form this call used is built now
+            self.release_codes()
+        return y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input == "float32" and self.kernel != "c_int8":
             # c_int8 quantizes a float input inside its call; another kernel chosen later takes the same codes first
             x = quantize_to_codes(x, self.input_scale, self.input_zero_point, self.input_qmax)
@@ -285,6 +358,7 @@ class NativeLayer(nn.Module):
         if self.output != "float32":
             weight, bias = weight / self.output_scale, bias / self.output_scale + self.output_zero_point
         self._float = (weight.contiguous(), bias, shift, *self.code_range())
+        self._release_due = True
         return self._float
 
     def c_refusal(self) -> str | None:
@@ -304,6 +378,7 @@ class NativeLayer(nn.Module):
                           self.input_qmax, self._multiplier(), self.output_zero_point, self.code_range(),
                           self.clamp is not None and self.clamp[1] is None,
                           self.input_scale if self.input == "float32" else 0.0)
+        self._release_due = True
         return self._c
 
     def float_bias(self) -> torch.Tensor:
@@ -352,24 +427,32 @@ class NativeLayer(nn.Module):
         return low, UINT8_MAX if self.clamp[1] is None else min(UINT8_MAX, zero + round(self.clamp[1] / scale))
 
     def __getstate__(self) -> dict[str, Any]:
+        self.hold_codes()
         state = self.__dict__.copy()
+        state["_buffers"] = dict(self._buffers)
         state.update(dict.fromkeys(_DERIVED))  # remade from the buffers: copies never hold them
         return state
 
     def _drop_derived(self) -> None:
-        """Forget what was made from the buffers (packed weights, the float kernel, C arguments, float bias)."""
+        """Forget what was made from the buffers (packed weights, the float kernel, C arguments, float bias),
+        the codes first taken back from the form that holds them."""
+        self.hold_codes()
         self.__dict__.update(dict.fromkeys(_DERIVED))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._drop_derived()
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _save_to_state_dict(self, *args, **kwargs) -> None:
+        self.hold_codes()
+        super()._save_to_state_dict(*args, **kwargs)
+
     def _apply(self, fn, recurse=True):
         self._drop_derived()
         return super()._apply(fn, recurse)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "weight_shape": list(self.weight.shape), "input_scale": self.input_scale,
+        return {"kind": self.kind, "weight_shape": list(self._shape), "input_scale": self.input_scale,
                 "input_zero_point": self.input_zero_point, "output": self.output,
                 "output_scale": self.output_scale, "output_zero_point": self.output_zero_point,
                 "clamp": None if self.clamp is None else list(self.clamp), "stride": self.stride,
@@ -380,7 +463,7 @@ class NativeLayer(nn.Module):
     def extra_repr(self) -> str:
         clamp = "" if self.clamp is None else f", clamp={self.clamp}"
         chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
-        return (f"{self.kind}, weight={tuple(self.weight.shape)}, {self.kernel} {self.input} -> {self.output}"
+        return (f"{self.kind}, weight={tuple(self._shape)}, {self.kernel} {self.input} -> {self.output}"
                 f"{clamp}{chosen}")
 
 

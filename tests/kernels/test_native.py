@@ -235,6 +235,61 @@ def test_files_with_the_earlier_float32_bias_load_as_int32_or_are_refused_by_mod
         fxcompress.load(tmp_path / "dtype.fxc")
 
 
+@pytest.mark.parametrize("kind, kernel", [("conv2d", "int8"), ("conv2d", "float"), ("linear", "int8"),
+                                          ("linear", "float"), ("linear", "c_int8")])
+def test_a_layer_holds_its_weight_once_and_gives_the_codes_back_exactly(kind, kernel):
+    """After a call, oneDNN's packed weight or the float kernel's weight is the only copy of the codes (our C
+    kernel's padded weight, viewed); `weight`, state_dict, copies, `.to` and files still see the exact codes."""
+    torch.manual_seed(0)
+    shape, options = ([16, 8, 3, 3], {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}) \
+        if kind == "conv2d" else ([24, 40], {})
+    x = torch.randint(0, 200, (2, 8, 9, 9) if kind == "conv2d" else (3, 40), dtype=torch.uint8)
+    layer = NativeLayer(kind, shape, 0.02, 3, "uint8", 0.05, 2, (0.0, None), kernel=kernel, **options)
+    if kernel in layer.kernel_refusals([kernel]):
+        pytest.skip(layer.kernel_refusals([kernel])[kernel])
+    codes = torch.randint(-127, 128, shape, dtype=torch.int8)
+    codes[0] = 0  # an all-zero channel (the float kernel's weight is 0 there) comes back too
+    layer.weight.copy_(codes)
+    layer.weight_scale.copy_(torch.rand(shape[0]) / 100 + 1e-4)
+    fresh = copy.deepcopy(layer)
+    expected = fresh(x)
+    assert torch.equal(layer(x), expected)
+    held = layer._buffers.get("weight")
+    if kernel == "c_int8":  # the buffer is the kernel's own padded weight, viewed
+        assert held.untyped_storage().data_ptr() == layer._c.weight.untyped_storage().data_ptr()
+    else:
+        assert held is None and layer.held_bytes() < fresh.held_bytes() + codes.numel() // 2
+    assert torch.equal(layer.weight, codes)
+    assert torch.equal(layer.state_dict()["weight"], codes)  # registered again for the readers of buffers
+    assert torch.equal(layer(x), expected)
+    assert kernel == "c_int8" or "weight" not in layer._buffers  # ... and dropped again by the next call
+    for other in (copy.deepcopy(layer), layer.to(torch.device("cpu"))):
+        assert torch.equal(other.weight, codes) and torch.equal(other(x), expected)
+    replaced = NativeLayer(**{**layer.config(), "kernel": "float" if kernel != "float" else "int8"})
+    replaced.load_state_dict(layer.state_dict())
+    assert torch.equal(replaced.weight, codes)
+    assert (replaced(x).int() - expected.int()).abs().max() <= 1  # another kernel: within a code
+    assert "weight" not in replaced._buffers
+    with pytest.raises(AttributeError):  # no plain attribute silently set beside the codes the kernel holds
+        replaced.weight = codes.clone()
+
+
+def test_a_native_model_saved_after_running_holds_its_codes_in_the_file(built, digits, tmp_path):
+    x = digits.train_x[:64]
+    gm = copy.deepcopy(built.lowered("resnet", activation_bits=7))
+    with torch.no_grad():
+        expected = gm(x)
+    layers = [m for m in gm.modules() if isinstance(m, NativeLayer)]
+    assert any("weight" not in m._buffers for m in layers)  # dropped: the kernels' forms hold them
+    fxcompress.save(gm, tmp_path / "ran.fxc")
+    loaded = fxcompress.load(tmp_path / "ran.fxc")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    for (name, m), twin in zip(((n, m) for n, m in gm.named_modules() if isinstance(m, NativeLayer)),
+                               (m for m in loaded.modules() if isinstance(m, NativeLayer))):
+        assert torch.equal(twin.weight, m.weight), name
+
+
 def test_native_layer_matches_the_reference_layer_on_strided_grouped_convs():
     torch.manual_seed(0)
     x = torch.randint(0, 128, (2, 8, 11, 11), dtype=torch.uint8)
