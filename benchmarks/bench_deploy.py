@@ -37,11 +37,12 @@ int8 outputs with the reference / fake-quant ones on the timed batch as a sanity
 The other tables of the issue come from the files that build those forms, imported when present:
 `benchmarks/deploy_sparse.py` (Deep Compression's layer table at 91 / 91 / 75% and 96 / 96 / 77%
 sparsity, whole models through LowerToSparse) and `benchmarks/deploy_decode.py` (a GPT-style decoder
-generating one token at a time: weight-only int8 / int4, dynamic int8).
+generating one token at a time: weight-only int8 / int4, dynamic int8) and `benchmarks/deploy_memory.py`
+(the resident memory of each native model loaded from its file, against the bytes it holds).
 
     python benchmarks/bench_deploy.py [--models lenet5 lenet300 resnet18 mobilenet_v2] [--batches 1 32]
                                       [--threads 1 all] [--rounds 5] [--resnet-size 224] [--no-compile]
-                                      [--no-sparse] [--no-decode]
+                                      [--no-sparse] [--no-decode] [--no-memory]
 
 resnet18 and mobilenet_v2 are torchvision's when torchvision is installed, otherwise definitions of our
 own with the same shapes.
@@ -447,11 +448,14 @@ def pivot(rows: list[dict]) -> str:
 
 
 def sibling_tables(args) -> None:
-    """The sparse and decoding tables, from the benchmarks that build those forms, when they exist."""
-    sections = [("sparse", args.no_sparse, "deploy_sparse", ("layer_rows", "model_rows")),
-                ("decode", args.no_decode, "deploy_decode", ("decode_rows",))]
+    """The sparse, decoding and memory tables, from the benchmarks that build those forms, when they exist."""
+    speed = "one thread; speed-up against its own fp32 in the same run"
+    sections = [("sparse", args.no_sparse, "deploy_sparse", ("layer_rows", "model_rows"), speed),
+                ("decode", args.no_decode, "deploy_decode", ("decode_rows",), speed),
+                ("memory", args.no_memory, "deploy_memory", ("resident_rows",),
+                 "resident growth of each native model loaded from its file, against the bytes it holds")]
     torch.set_num_threads(1)
-    for label, skipped, module, functions in sections:
+    for label, skipped, module, functions, caption in sections:
         if skipped:
             print(f"\n{label} rows: skipped (--no-{label})")
             continue
@@ -463,7 +467,7 @@ def sibling_tables(args) -> None:
             print(f"\n{label} rows: not available ({module}.py: {type(exc).__name__}: {exc})")
             continue
         for function in found:
-            print(f"\n{module}.{function.__name__}() (one thread; speed-up against its own fp32 in the same run):")
+            print(f"\n{module}.{function.__name__}() ({caption}):")
             print(format_rows(function()), flush=True)
 
 
@@ -505,6 +509,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     parser.add_argument("--no-sparse", action="store_true", help="leave out deploy_sparse's tables")
     parser.add_argument("--no-decode", action="store_true", help="leave out deploy_decode's table")
+    parser.add_argument("--no-memory", action="store_true", help="leave out deploy_memory's table")
     args = parser.parse_args()
     args.threads = _threads(args.threads)
     if args.clock == "thread" and args.threads != [1]:

@@ -228,12 +228,12 @@ def _selected(names, only: str) -> list[str]:
     return [name for name in names if not prefixes or name.lower().startswith(prefixes)]
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096  # resident pages (Linux)
 
 
-def _release() -> None:
+def release_heap() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, as a long-running server would
@@ -246,15 +246,15 @@ def measure_resident(name: str) -> dict:
     with torch.no_grad():
         small(torch.randn(1, 1, 28, 28))
     del small
-    _release()
-    before = _rss_bytes()
+    release_heap()
+    before = rss_bytes()
     _, lowered, x = lowered_model(name, 1, with_dense=False)
-    _release()
+    release_heap()
     with torch.no_grad():
         lowered(x)
-    _release()
+    release_heap()
     held = sum(m.held_bytes() for m in lowered.modules() if isinstance(m, SparseLayer))
-    return {"model": name, "resident_bytes": _rss_bytes() - before, "held_bytes": held}
+    return {"model": name, "resident_bytes": rss_bytes() - before, "held_bytes": held}
 
 
 def resident_rows(include_vgg: bool = True, only: str = "") -> list[dict]:
