@@ -37,8 +37,9 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.kernels import native
 from fxcompress.kernels.native import LAYER_KERNELS
 
-from .lower_integer_native import (boundary, choose_kernels, fuse_boundaries, native_join_refusal, native_refusal,
-                                   replace_native, replace_native_add, replace_native_cat, float_code_edges)
+from .lower_integer_native import (boundary, choose_kernels, float_code_edges, fuse_boundaries, lay_out_boundaries,
+                                   native_join_refusal, native_refusal, replace_native, replace_native_add,
+                                   replace_native_cat)
 from .lower_integer_reference import boundary as reference_boundary
 from .lower_integer_reference import replace_add, replace_cat, replace_layer
 from .lower_integer_graph import (JoinPlan, LayerPlan, Quantized, integer_join, is_activation_quant, join_plan,
@@ -103,6 +104,7 @@ class LowerToInteger(Pass):
         for node, join in joins.items():
             _replace_join(gm, node, join, backend)
         fused = fuse_boundaries(gm) if backend == "native" else 0
+        laid_out = lay_out_boundaries(gm) if backend == "native" else 0
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         for q in layers:
@@ -117,6 +119,7 @@ class LowerToInteger(Pass):
             "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
             "float_to_integer_boundaries": boundaries,
             "boundaries_fused": fused,  # of those, quantized inside the c_int8 layer reading them
+            "boundaries_channels_last": laid_out,  # of those, writing the layout the convolutions reading them read
             "layers": lowered,
             "kernels": {k: sum(s["kernel"] == k for s in lowered.values()) for k in LAYER_KERNELS} if lowered else {},
             "float_code_edges": len(edges),

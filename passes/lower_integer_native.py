@@ -180,6 +180,21 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
             "input": module.input, "output": module.output}
 
 
+def lay_out_boundaries(gm: GraphModule) -> int:
+    """Each float -> codes boundary read only by convolutions writes channels-last codes, the layout their
+    kernels read (any other is reordered inside each call). Returns how many."""
+    laid = 0
+    for node in gm.graph.find_nodes(op="call_module"):
+        boundary_module = gm.get_submodule(node.target)
+        if not isinstance(boundary_module, QuantizeToCodes):
+            continue
+        readers = [gm.get_submodule(u.target) if u.op == "call_module" else None for u in node.users]
+        if readers and all(isinstance(r, NativeLayer) and r.kind == "conv2d" for r in readers):
+            boundary_module.channels_last = True
+            laid += 1
+    return laid
+
+
 def fuse_boundaries(gm: GraphModule) -> int:
     """Each float -> codes boundary read only by a c_int8 layer on its grid becomes part of that layer's call
     (NativeLayer input "float32": our C kernel quantizes the values itself, code for code as the boundary

@@ -39,7 +39,10 @@ both can be 8-bit.
   AutoAWQ's and llm-compressor's "module to inspect": the value that the first residual add after them
   adds back (found in the graph: the add of a value computed from every consumer and one computed from
   none; o_proj's output for q / k / v and v -> o, down_proj's for gate / up and up -> down), run from the
-  walk's stored states with the consumers set to Q(W s) / s and the rest of the block float; "layer" is
+  walk's stored states with the consumers set to Q(W s) / s and the rest of the block float (where a lone
+  consumer's own output is the block's, o_proj's or down_proj's, that error is its output error
+  tr(dW H dW^T) / out, read from its input Hessian without running the batches; and a candidate stops
+  running batches once its error reaches the best so far: the same decisions, fewer runs); "layer" is
   the sum above. With clip_objective="block" (the default) a consumer's clip is then kept only where
   that block output is closer to float with it: on a trained Llama's MLP the clip lowers gate's and up's
   own errors and raises the block's, since a clamp's error follows the signal and the float down_proj
@@ -61,7 +64,7 @@ import math
 import operator
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -233,12 +236,14 @@ class ScaleChannels(Pass):
     def _group(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats,
                walking: _Walking) -> dict[str, dict[str, Any]]:
         """Scale, then (awq) clip the consumers of x; each consumer's report."""
-        inspected, why = self._inspect(gm, consumers, walking.probe)
+        inspected, why = self._inspect(gm, consumers, stats, walking.probe)
         report, scale = self._scale(gm, consumers, x, stats, walking, inspected)
         if scale is not None:
             # the fold divided x's producer, but the walk stored x as it was: without this the consumers
             # (and every later group of the block, and the next blocks) would see x * s on the scaled weights
             walking.probe.replace(x, lambda value: value / scale.to(value.dtype))
+            if inspected is not None:
+                inspected = inspected.rescaled(scale)
         if why or inspected is not None:   # the block output read, or why none was
             report["inspected"] = why or inspected.node.name
         reports = {layer.name: dict(report) for layer in consumers}
@@ -250,10 +255,12 @@ class ScaleChannels(Pass):
             self._check_clips(gm, consumers, folded, reports, inspected)
         return reports
 
-    def _inspect(self, gm: GraphModule, consumers: tuple[Layer, ...],
-                 probe: Probe) -> tuple[Inspected | None, str]:
+    def _inspect(self, gm: GraphModule, consumers: tuple[Layer, ...], stats,
+                 probe: Probe) -> tuple[Inspected | OwnOutput | None, str]:
         """The consumers' block output and its float value on the calibration batches, where a block
-        objective asks for it; else None, and why where one was asked for and the graph has none."""
+        objective asks for it; else None, and why where one was asked for and the graph has none. Where
+        the block output is a lone consumer's own output (o_proj, down_proj), its error is read from the
+        input Hessian instead of running the batches (OwnOutput: the same value up to float rounding)."""
         wanted = self.objective == "block" or (self._clips and self.clip_objective == "block")
         if self.method != "awq" or not wanted:
             return None, ""
@@ -262,6 +269,8 @@ class ScaleChannels(Pass):
         if node is None:
             return None, (f"no residual add after {', '.join(layer.name for layer in consumers)}: "
                           "the search and the clip read the layers' own output errors")
+        if nodes == [node]:
+            return OwnOutput(node, _rows(gm, consumers[0]).to(torch.float64, copy=True), stats.hessian), ""
         return Inspected(node, probe.run(node), probe), ""
 
     def _check_clips(self, gm: GraphModule, consumers: tuple[Layer, ...], folded: dict[str, torch.Tensor],
@@ -270,21 +279,23 @@ class ScaleChannels(Pass):
         float with it: a clamp's error follows the signal, and a float layer after it (down_proj after
         gate / up) can add it up where rounding errors average out."""
         weights = [_rows(gm, layer) for layer in consumers]
+        current = None   # the block error with the weights as they stand: each decision leaves one it measured
         for i, layer in enumerate(consumers):
             clip = reports[layer.name].get("clip", {})
             if not clip.get("groups_clipped"):
                 continue
             quantized = [self.quantized(w) for w in weights]
-            clipped = inspected.error(weights, quantized)
+            clipped = inspected.error(weights, quantized) if current is None else current
             quantized[i] = self.quantized(folded[layer.name])
             whole = inspected.error(weights, quantized)
             clip.update(block_error_clipped=clipped, block_error_unclipped=whole, kept=clipped < whole)
+            current = clipped if clipped < whole else whole
             if not clipped < whole:
                 with torch.no_grad():
                     weights[i].copy_(folded[layer.name])
 
     def _scale(self, gm: GraphModule, consumers: tuple[Layer, ...], x: Node, stats, walking: _Walking,
-               inspected: Inspected | None) -> tuple[dict[str, Any], torch.Tensor | None]:
+               inspected: Inspected | OwnOutput | None) -> tuple[dict[str, Any], torch.Tensor | None]:
         """Find the producer of x for all its consumers, then fold: the report (or why it was skipped)
         and the scale of each consumer input channel (None when skipped)."""
         producer, why = find_producer(gm, x, {layer_node(gm, layer) for layer in consumers})
@@ -301,7 +312,7 @@ class ScaleChannels(Pass):
         return self._rescale(gm, consumers, producer, channel_map, stats, inspected)
 
     def _rescale(self, gm: GraphModule, layers: tuple[Layer, ...], producer: Producer, channel_map: torch.Tensor,
-                 stats, inspected: Inspected | None) -> tuple[dict[str, Any], torch.Tensor]:
+                 stats, inspected: Inspected | OwnOutput | None) -> tuple[dict[str, Any], torch.Tensor]:
         weights = [_rows(gm, layer) for layer in layers]
         if self.method == "smoothquant":
             alpha = 0.5 if self.alpha is None else self.alpha
@@ -317,19 +328,23 @@ class ScaleChannels(Pass):
         return {"producer": producer.name, **report, "scale_min": round(float(scale.min()), 6),
                 "scale_max": round(float(scale.max()), 6)}, scale[channel_map]
 
-    def _objective(self, weights: list[torch.Tensor], hessian: torch.Tensor,
-                   inspected: Inspected | None) -> tuple[Callable[[torch.Tensor], float], str]:
+    def _objective(self, weights: list[torch.Tensor], hessian: torch.Tensor, inspected: Inspected | OwnOutput | None
+                   ) -> tuple[Callable[[torch.Tensor, float], float], str]:
         """What the search minimizes for a scale of each consumer input channel: the block output's
         mean squared error (objective="block", where the graph has a block output) or the consumers'
-        summed own output errors."""
+        summed own output errors. The second argument is a bound: an error that reaches it is not
+        needed exactly (the block output stops running batches there, see Inspected.error)."""
         if self.objective == "block" and inspected is not None:
-            return lambda scale: inspected.error(weights, [self.quantized(w, scale) for w in weights]), "block"
-        return lambda scale: sum(self.output_error(w, scale, hessian) for w in weights), "layer"
+            return lambda scale, bound=math.inf: inspected.error(
+                weights, [self.quantized(w, scale) for w in weights], bound), "block"
+        return lambda scale, bound=math.inf: sum(self.output_error(w, scale, hessian) for w in weights), "layer"
 
-    def _search(self, weights: list[torch.Tensor], error: Callable[[torch.Tensor], float], mean_abs: torch.Tensor,
-                channel_map: torch.Tensor, channels: int, alphas: list[float]) -> tuple[torch.Tensor, dict]:
+    def _search(self, weights: list[torch.Tensor], error: Callable[[torch.Tensor, float], float],
+                mean_abs: torch.Tensor, channel_map: torch.Tensor, channels: int,
+                alphas: list[float]) -> tuple[torch.Tensor, dict]:
         """AWQ's grid search: the alpha whose scales give the smallest quantized output error (or no
-        scale, where none beats plain rounding)."""
+        scale, where none beats plain rounding). A candidate must be strictly below the best so far to
+        win, so its error is needed only below that bound: above it, it may stop early."""
         magnitude = _fill_unused(_per_producer(mean_abs, channel_map, channels), channel_map)
         magnitude = magnitude.clamp(min=float(magnitude.max()) * 1e-4)   # never divide by a dead channel's 0
         w_mean = None
@@ -341,7 +356,8 @@ class ScaleChannels(Pass):
         best = (math.inf, 0.0, ones)
         for alpha in alphas:
             scale = awq_scales(magnitude, alpha, w_mean)
-            candidate = error(scale[channel_map])
+            # alpha = 0 without duo scaling gives scales of exactly 1: plain rounding, measured above
+            candidate = plain if torch.equal(scale, ones) else error(scale[channel_map], best[0])
             if candidate < best[0]:
                 best = (candidate, alpha, scale)
         if self.alpha is None and plain < best[0]:   # searched: with duo scaling, alpha = 0 is not plain rounding
@@ -429,21 +445,66 @@ class Inspected:
     reference: list[torch.Tensor]
     probe: Probe
 
-    def error(self, weights: list[torch.Tensor], candidates: list[torch.Tensor]) -> float:
+    def rescaled(self, scale: torch.Tensor) -> Inspected:
+        """After a fold: the probe's stored input already reads x / scale, the reference is unchanged."""
+        return self
+
+    def error(self, weights: list[torch.Tensor], candidates: list[torch.Tensor], bound: float = math.inf) -> float:
         """The block output's mean squared difference from float with `weights` set to `candidates`
-        (each restored after)."""
+        (each restored after).
+
+        The batches' squared errors are added in order, each >= 0, so the running mean only grows (IEEE
+        sums and quotients round monotonically): once it reaches `bound`, the whole error would too, and
+        that running value is returned without running the other batches. A caller that keeps a
+        candidate only when its error is strictly below `bound` decides exactly as with every batch run."""
+        count = max(sum(r.numel() for r in self.reference), 1)
         saved = [w.clone() for w in weights]
+        total = 0.0
         try:
             with torch.no_grad():
                 for weight, candidate in zip(weights, candidates):
                     weight.copy_(candidate.to(weight.dtype))
-            outputs = self.probe.run(self.node)
+            for output, reference in zip(self.probe.each(self.node), self.reference):
+                # (o - r)^2 in float64, in place on a float64 copy of o (r widened exactly, as by r.double())
+                total += float(_squared(output.to(torch.float64, copy=True).sub_(reference)).sum())
+                if total / count >= bound:
+                    break
         finally:
             with torch.no_grad():
                 for weight, kept in zip(weights, saved):
                     weight.copy_(kept)
-        total = sum(float(((o.double() - r.double()) ** 2).sum()) for o, r in zip(outputs, self.reference))
-        return total / max(sum(r.numel() for r in self.reference), 1)
+        return total / count
+
+
+def _squared(x: torch.Tensor) -> torch.Tensor:
+    return x.mul_(x)
+
+
+@dataclass(frozen=True)
+class OwnOutput:
+    """A lone consumer whose own output is its block's output (o_proj, down_proj): the block output's mean
+    squared error over the calibration tokens is its output error, mean_t |dW x_t|^2 / out = tr(dW H dW^T) / out
+    with H = mean x^T x, read from the Hessian the walk took of its input instead of running the batches
+    (Inspected's value up to float rounding: float64 here, float32 outputs subtracted there).
+
+    `weight` and `hessian` are as inspected, before the fold; after it (`rescaled`) the layer reads x / scale,
+    so a candidate's rows are divided by the scale to compare them with the float weight on x."""
+
+    node: Node
+    weight: torch.Tensor                 # [out, in] float64
+    hessian: torch.Tensor                # [in, in] float64, mean x^T x
+    scale: torch.Tensor | None = None    # per input channel, once folded
+
+    def rescaled(self, scale: torch.Tensor) -> OwnOutput:
+        return replace(self, scale=scale)
+
+    def error(self, weights: list[torch.Tensor], candidates: list[torch.Tensor], bound: float = math.inf) -> float:
+        """The output's mean squared difference from float with the weight set to the candidate (as
+        Inspected sets it: cast to the weight's dtype); `bound` is not needed here."""
+        (weight,), (candidate,) = weights, candidates
+        rows = candidate.to(weight.dtype).double()
+        delta = (rows if self.scale is None else rows / self.scale) - self.weight
+        return float(((delta @ self.hessian) * delta).sum()) / max(delta.shape[0], 1)
 
 
 @dataclass(frozen=True)

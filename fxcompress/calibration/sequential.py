@@ -14,7 +14,7 @@ kept: they are recomputed on demand, so a layer compressed a moment ago is read 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,16 +181,23 @@ Handler = Callable[..., dict[str, Any]]
 class Probe:
     """The stored per-batch states at a group's input, for a handler that must read more than the
     group's statistics: `run(node)` runs every batch on from there to a later node with the weights as
-    they are now (a candidate's effect on a downstream value), keeping nothing; `replace(node, fn)`
-    rewrites a stored value (a handler that rescaled the producer of its own input)."""
+    they are now (a candidate's effect on a downstream value), keeping nothing (`each(node)`: the same,
+    one batch at a time); `replace(node, fn)` rewrites a stored value (a handler that rescaled the
+    producer of its own input)."""
 
     def __init__(self, runner: _Runner, states: list[dict[Node, Any]], done: Node) -> None:
         self.runner, self.states, self.position = runner, states, runner.index[done] + 1
 
     def run(self, node: Node) -> list[Any]:
+        return list(self.each(node))
+
+    def each(self, node: Node) -> Iterator[Any]:
+        """`run(node)` one batch at a time, each computed when asked for: a caller may stop early, and
+        only one batch's values are held at once. The weights must stay as they are until it is done."""
         self.runner.cache.clear()   # weight-derived values are recomputed: the handler may have changed weights
         stop = max(self.runner.index[node] + 1, self.position)
-        return [self.runner.run(state, self.position, stop, i)[node] for i, state in enumerate(self.states)]
+        for i, state in enumerate(self.states):
+            yield self.runner.run(state, self.position, stop, i)[node]
 
     def replace(self, node: Node, fn: Callable[[Any], Any]) -> None:
         for state in self.states:

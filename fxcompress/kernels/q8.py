@@ -58,11 +58,15 @@ def c_library() -> ctypes.CDLL | None:
         lib.q8_linear.restype = ctypes.c_int
         lib.q8_linear_float.argtypes = [p, i64, p, ctypes.POINTER(Layer), ctypes.c_float, i32]
         lib.q8_linear_float.restype = ctypes.c_int
-        lib.q8_quantize.argtypes = [p, i64, ctypes.c_float, i32, i32, p]
-        lib.q8_quantize.restype = None
         f32 = ctypes.c_float
+        lib.q8_quantize.argtypes = [p, i64, f32, i32, i32, p]
+        lib.q8_quantize.restype = None
+        lib.q8_quantize_nhwc.argtypes = [p, i64, i64, i64, f32, i32, i32, p]
+        lib.q8_quantize_nhwc.restype = None
         lib.q8_add.argtypes = [p, p, i64, f32, f32, f32, i32, i32, p]
         lib.q8_add.restype = None
+        lib.q8_add_values.argtypes = [p, p, i64, f32, f32, f32, i32, p]
+        lib.q8_add_values.restype = None
     return lib
 
 
@@ -279,16 +283,23 @@ def traced(x: torch.Tensor, p: Packed) -> torch.Tensor:
                                           p.y_zero, p.low, p.high, p.relu, p.raw, p.x_scale, p.x_qmax)
 
 
-def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor | None:
+def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int, channels_last: bool = False
+             ) -> torch.Tensor | None:
     """uint8 codes of float32 x in one C call (QuantizeToCodes code for code), or None where the torch ops
     must do it: no compiler, another dtype or device, a strided tensor (channels-last is dense: one pass over
-    its storage, the codes keep its layout), or a traced graph."""
+    its storage, the codes keep its layout), or a traced graph. With `channels_last` a contiguous 4-D x gets
+    channels-last codes, written in the same pass."""
     if type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return None
     lib = c_library()
     if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" \
             or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None
+    if channels_last and x.dim() == 4 and x.is_contiguous():
+        y = torch.empty_like(x, dtype=torch.uint8, memory_format=torch.channels_last)
+        batch, channels, height, width = x.shape
+        lib.q8_quantize_nhwc(x.data_ptr(), batch, channels, height * width, scale, zero_point, qmax, y.data_ptr())
+        return y
     y = torch.empty_like(x, dtype=torch.uint8)  # the same strides: element i of the storage maps to element i
     lib.q8_quantize(x.data_ptr(), x.numel(), scale, zero_point, qmax, y.data_ptr())
     return y
@@ -299,13 +310,29 @@ def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: float, l
     """NativeAdd onto an output grid in one C pass: clamp(round(a * ka + b * kb + offset), low, high) of two
     uint8 code tensors laid out alike (any memory format), or None where the torch ops must do it: no
     compiler, other dtypes, shapes or strides, a layout neither contiguous nor channels-last, or a traced graph."""
-    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or torch.compiler.is_compiling():
-        return None
-    lib = c_library()
-    if (lib is None or a.dtype != torch.uint8 or b.dtype != torch.uint8 or a.device.type != "cpu"
-            or b.device.type != "cpu" or a.shape != b.shape or a.stride() != b.stride()
-            or not (a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last))):
+    if not _same_layout_codes(a, b):
         return None
     y = torch.empty_like(a)  # the same strides: one pass over the storage of each
-    lib.q8_add(a.data_ptr(), b.data_ptr(), a.numel(), ka, kb, offset, low, high, y.data_ptr())
+    c_library().q8_add(a.data_ptr(), b.data_ptr(), a.numel(), ka, kb, offset, low, high, y.data_ptr())
+    return y
+
+
+def _same_layout_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether one C pass over the storage of each can add uint8 codes a and b: CPU tensors of one shape and
+    strides, contiguous or channels-last, outside any trace, with the library built."""
+    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return (c_library() is not None and a.dtype == torch.uint8 and b.dtype == torch.uint8 and a.device.type == "cpu"
+            and b.device.type == "cpu" and a.shape == b.shape and a.stride() == b.stride()
+            and (a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)))
+
+
+def add_values(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: float, relu: bool
+               ) -> torch.Tensor | None:
+    """NativeAdd dequantizing in one C pass: (a * ka + b * kb) + offset as float32, at least 0 with `relu`; None
+    where the torch ops must do it (as `add`)."""
+    if not _same_layout_codes(a, b):
+        return None
+    y = torch.empty_like(a, dtype=torch.float32)  # the same strides: one pass over the storage of each
+    c_library().q8_add_values(a.data_ptr(), b.data_ptr(), a.numel(), ka, kb, offset, int(relu), y.data_ptr())
     return y

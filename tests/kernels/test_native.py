@@ -145,6 +145,25 @@ def test_each_kernel_is_a_node_and_codes_between_layers_are_uint8(built, digits)
     assert dtypes[nodes[-2]] == torch.float32
 
 
+def test_a_boundary_read_only_by_convolutions_writes_channels_last_codes():
+    """The input boundary writes the layout oneDNN's convolution reads (no reorder inside each call); one a
+    linear layer reads through a flatten keeps the input's layout. The outputs are the same either way."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(144, 5))
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    for model, laid_out in ((conv, 1), (dense, 0)):
+        x = torch.rand(64, 3, 8, 8)
+        gm = _lower(_fake_quant(model, x), x, kernels=("int8",))
+        assert fxcompress.history(gm)[-1].stats["boundaries_channels_last"] == laid_out
+        boundary = next(m for m in gm.modules() if isinstance(m, QuantizeToCodes))
+        assert boundary.channels_last == bool(laid_out)
+        assert boundary(x[:2]).is_contiguous(memory_format=torch.channels_last) == bool(laid_out)
+        plain = copy.deepcopy(gm)
+        next(m for m in plain.modules() if isinstance(m, QuantizeToCodes)).channels_last = False
+        with torch.no_grad():
+            assert torch.equal(gm(x), plain(x))
+
+
 def test_residual_adds_stay_integer_and_agree_with_the_reference(built, digits):
     x = built.x
     gm = built.lowered("resnet", activation_bits=7, kernels=("int8",))
@@ -417,3 +436,22 @@ def test_a_residual_add_onto_a_grid_runs_in_one_c_pass_within_a_code_of_the_torc
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
     mixed = add(a, b.contiguous(memory_format=torch.channels_last))  # layouts differ: the torch ops
     assert torch.equal(mixed, torch_ops)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_dequantizing_residual_add_runs_in_one_c_pass_as_the_torch_ops(relu):
+    """q8.add_values: NativeAdd's real sum (ReLU fused) in one pass, within float32 rounding of its torch ops."""
+    if q8.c_library() is None:
+        pytest.skip("no C compiler on this machine")
+    gen = torch.Generator().manual_seed(4)
+    add = NativeAdd((0.031, 120), (0.017, 60), None, relu=relu)
+    a, b = (torch.randint(0, 256, (2, 16, 9, 7), generator=gen, dtype=torch.uint8) for _ in range(2))
+    torch_ops = torch.add(a * add.ka, b, alpha=add.kb).add_(add.offset)
+    torch_ops = torch_ops.clamp_min(0.0) if relu else torch_ops
+    assert bool((torch_ops < 0).any()) != relu  # the ReLU had negatives to clear
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = add(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout))
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
+        assert q8.add_values(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout), add.ka, add.kb,
+                             add.offset, relu) is not None  # the C pass, not the torch ops
+        torch.testing.assert_close(got, torch_ops, rtol=1e-6, atol=1e-6)

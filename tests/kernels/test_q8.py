@@ -107,6 +107,12 @@ def test_the_input_boundary_in_one_call_matches_the_torch_ops():
         codes = boundary(images)
         assert q8.quantize(images, scale, zero, qmax) is not None  # one C pass, not the torch ops' four
         assert torch.equal(codes, want.reshape(2, 5, 20, 20)) and codes.is_contiguous(memory_format=torch.channels_last)
+        nchw = x.reshape(2, 10, 20, 10)  # a model's input, read by convolutions: channels-last codes, one pass
+        laid_out = QuantizeToCodes(scale, zero, qmax, channels_last=True)(nchw)
+        assert laid_out.is_contiguous(memory_format=torch.channels_last) and not laid_out.is_contiguous()
+        assert torch.equal(laid_out, want.reshape(2, 10, 20, 10))
+    nan = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0]).reshape(1, 4, 1, 1)
+    assert QuantizeToCodes(0.1, 3, 255, channels_last=True)(nan).flatten().tolist() == [0, 255, 0, 13]
 
 
 def test_an_integer_bias_float32_could_not_hold_runs_exactly_and_bad_configs_are_refused():

@@ -277,3 +277,58 @@ def test_duo_scaling_divides_by_the_weights_normalized_group_magnitude():
     raw = x_mean.double().sqrt() / (w_mean.sqrt() + 1e-4)
     assert torch.allclose(scale, raw / (raw.max() * raw.min()).sqrt())
     assert torch.allclose(awq_scales(x_mean, 0.5), x_mean.double().sqrt() / 2)   # without: x_mean^a alone (1..4 / 2)
+
+
+def test_the_search_shortcuts_change_no_decision(monkeypatch):
+    """Two shortcuts of the block search: a lone consumer whose own output is the block's (o_proj, down_proj)
+    reads its block error from its input Hessian instead of running the batches, and a candidate stops
+    running batches once its error reaches the best so far. With both undone (every block output run on
+    every batch) the scales, clips and weights are bit for bit the same and the errors agree to float
+    rounding, with fewer batches run."""
+    import math
+
+    from fxcompress.calibration.sequential import Probe
+    from fxcompress.passes import scale_channels as sc
+
+    gm, x, _ = _exported_llama(2, 1)
+    cal = [(torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    config = ScaleChannels(bits=3, group_size=16, select=r"model\.layers\..*")
+    batches = [0]
+    each = Probe.each
+
+    def counted(self, node):
+        for value in each(self, node):
+            batches[0] += 1
+            yield value
+
+    monkeypatch.setattr(Probe, "each", counted)
+    fast = fxcompress.compile(gm, [config], (x,), calibration_data=cal)
+    fast_batches, batches[0] = batches[0], 0
+
+    inspect, error = ScaleChannels._inspect, sc.Inspected.error
+
+    def run_every_block(self, gm, consumers, stats, probe):
+        inspected, why = inspect(self, gm, consumers, stats, probe)
+        if isinstance(inspected, sc.OwnOutput):
+            inspected = sc.Inspected(inspected.node, probe.run(inspected.node), probe)
+        return inspected, why
+
+    monkeypatch.setattr(ScaleChannels, "_inspect", run_every_block)
+    monkeypatch.setattr(sc.Inspected, "error", lambda self, w, c, bound=math.inf: error(self, w, c))
+    slow = fxcompress.compile(gm, [config], (x,), calibration_data=cal)
+    assert fast_batches < batches[0]
+    for name, tensor in slow.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], tensor), name
+    reports = [fxcompress.history(out)[-1].stats["layers"] for out in (fast, slow)]
+    owns = 0
+    for name, report in reports[1].items():
+        got = reports[0][name]
+        assert got["alpha"] == report["alpha"] and got["inspected"] == report["inspected"], name
+        assert got["error"] == pytest.approx(report["error"], rel=1e-5), name
+        assert got["error_plain"] == pytest.approx(report["error_plain"], rel=1e-5), name
+        if "kept" in report.get("clip", {}):
+            assert got["clip"]["kept"] == report["clip"]["kept"], name
+            for key in ("block_error_clipped", "block_error_unclipped"):
+                assert got["clip"][key] == pytest.approx(report["clip"][key], rel=1e-5), (name, key)
+        owns += name.endswith(("o_proj", "down_proj"))
+    assert owns == 4
