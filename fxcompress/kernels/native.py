@@ -485,7 +485,11 @@ def float_codes(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> to
 
 def max_pool2d_codes(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                      dilation: list[int], ceil_mode: bool) -> torch.Tensor:
-    """Max pooling of uint8 codes in any memory format (aten's refuses channels-last uint8)."""
+    """Max pooling of uint8 codes in any memory format (aten's refuses channels-last uint8): channels-last
+    codes in one C pass (`q8.max_pool2d`), others by torch's quantized op."""
+    pooled = q8.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if pooled is not None:
+        return pooled
     return torch.ops.quantized.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
