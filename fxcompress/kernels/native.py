@@ -140,17 +140,17 @@ class NativeLayer(nn.Module):
     no cast), so a run of float layers costs one in-place rounding and clamp per layer over the
     float model (the clamp is the ReLU); an int8 kernel chosen there later casts them to uint8 and back.
     The oneDNN packed weight and the float weight are built
-    on first use and never stored or copied: the codes are what a file holds.
+    on first use and never stored or copied: the codes are what a file holds. "c_int8" (linear layers)
+    is our C kernel (`q8`): uint8 codes times int8 codes in an int32 accumulator and the reference
+    backend's fixed-point requantization, bit for bit the reference, in one call; `input_qmax` (the
+    input grid's largest code) lets it take vpmaddubsw's int16 pair sums where they cannot saturate.
 
     A layer holds its weight once: when the chosen kernel's form is built and gives the codes back
     exactly (oneDNN's packed weight through `to_dense`, the float kernel's weight over its scale,
     rounded), the next call drops the codes buffer (our C kernel's codes become a view of its padded
     weight), and `weight` remakes them from that form on demand. `hold_codes` registers them again for
     whatever reads the module's buffers (a file's writer, state_dict, copies, `.to`); the next call
-    drops them again. Without this a native resnet18 held its 11.7 MB of codes twice. "c_int8" (linear layers)
-    is our C kernel (`q8`): uint8 codes times int8 codes in an int32 accumulator and the reference
-    backend's fixed-point requantization, bit for bit the reference, in one call; `input_qmax` (the
-    input grid's largest code) lets it take vpmaddubsw's int16 pair sums where they cannot saturate.
+    drops them again. Without this a native resnet18 held its 11.7 MB of codes twice.
     """
 
     def __init__(self, kind: str, weight_shape: list[int], input_scale: float, input_zero_point: int,
