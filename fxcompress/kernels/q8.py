@@ -354,8 +354,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], paddi
     batch, channels, height, width = x.shape
     out_h, out_w = (_pooled(size, k, s, p, d, ceil_mode)
                     for size, k, s, p, d in zip((height, width), kernel_size, stride, padding, dilation))
-    if out_h <= 0 or out_w <= 0:
-        return None  # torch's op says why
+    if out_h <= 0 or out_w <= 0 or any(pad > k // 2 for pad, k in zip(padding, kernel_size)):
+        return None  # a window torch refuses: its op says why
     y = torch.empty(batch, channels, out_h, out_w, dtype=torch.uint8, memory_format=torch.channels_last)
     window = (ctypes.c_int64 * 8)(*kernel_size, *stride, *padding, *dilation)
     lib.q8_max_pool2d_nhwc(x.data_ptr(), batch, channels, height, width, out_h, out_w, window, y.data_ptr())

@@ -413,6 +413,8 @@ def test_max_pooling_of_channels_last_codes_in_c_is_torch_s_op_exactly():
             checked += 1
     assert checked > 100
     assert q8.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False) is None  # NCHW codes: torch's op
+    with pytest.raises(RuntimeError, match="padding should be smaller"):  # a window torch refuses is refused here too
+        max_pool2d_codes(laid_out, [2, 2], [2, 2], [2, 2], [1, 1], False)
 
 
 def test_relu_on_codes_clamps_at_the_zero_point():
