@@ -466,7 +466,7 @@ class Inspected:
                     weight.copy_(candidate.to(weight.dtype))
             for output, reference in zip(self.probe.each(self.node), self.reference):
                 # (o - r)^2 in float64, in place on a float64 copy of o (r widened exactly, as by r.double())
-                total += float(_squared(output.to(torch.float64, copy=True).sub_(reference)).sum())
+                total += float(output.to(torch.float64, copy=True).sub_(reference).square_().sum())
                 if total / count >= bound:
                     break
         finally:
@@ -474,10 +474,6 @@ class Inspected:
                 for weight, kept in zip(weights, saved):
                     weight.copy_(kept)
         return total / count
-
-
-def _squared(x: torch.Tensor) -> torch.Tensor:
-    return x.mul_(x)
 
 
 @dataclass(frozen=True)

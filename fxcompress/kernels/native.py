@@ -208,11 +208,9 @@ class NativeLayer(nn.Module):
             dense = self._packed.to_dense()  # oneDNN keeps a linear weight as [in, out]
             return dense.t().contiguous() if self.kind == "linear" else dense
         if kernel == "float" and self._float is not None:
-            weight, step = self._float[0], self.weight_scale.reshape((-1,) + (1,) * (len(self._shape) - 1))
-            if self.output != "float32":
-                weight = weight * self.output_scale
+            weight = self._float[0] if self.output == "float32" else self._float[0] * self.output_scale
             # |codes| <= 128 and float32 keeps 24 bits: the rounding gives the integers back (checked on release)
-            codes = torch.nan_to_num(weight / (step * self.input_scale)).round_().clamp_(*INT8_RANGE)
+            codes = torch.nan_to_num(weight / self._code_step()).round_().clamp_(*INT8_RANGE)
             return codes.to(torch.int8)
         if kernel == "c_int8" and self._c is not None:
             return self._c.weight[:, :self._c.in_features]  # a view: no copy
@@ -357,8 +355,7 @@ class NativeLayer(nn.Module):
         """(weight, bias, input shift, lowest and highest output code) of the float kernel, made once: the
         dequantized weight times the input's scale over the output's (codes out), the bias on the output's
         scale plus its zero-point; the input zero-point folded into the bias where no padding reads it."""
-        view = (-1,) + (1,) * (self.weight.dim() - 1)
-        weight = self.weight.float() * (self.weight_scale.reshape(view) * self.input_scale)
+        weight = self.weight.float() * self._code_step()
         bias, shift = self.float_bias().clone(), 0.0
         if self.input_zero_point and (self.kind == "linear" or not any(self.padding)):
             bias = bias - self.input_zero_point * weight.flatten(1).sum(dim=1)
@@ -369,6 +366,11 @@ class NativeLayer(nn.Module):
         self._float = (weight.contiguous(), bias, shift, *self.code_range())
         self._release_due = True
         return self._float
+
+    def _code_step(self) -> torch.Tensor:
+        """float32, broadcast over the weight: the real value of one weight code times the input's scale, the
+        factor the float kernel's weight carries (`float_weights`) and is divided by to give the codes back."""
+        return self.weight_scale.reshape((-1,) + (1,) * (len(self._shape) - 1)) * self.input_scale
 
     def c_refusal(self) -> str | None:
         """Why our C kernel cannot run this layer here (None: it can)."""

@@ -291,12 +291,10 @@ def quantize(x: torch.Tensor, scale: float, zero_point: int, qmax: int, channels
     must do it: no compiler, another dtype or device, a strided tensor (channels-last is dense: one pass over
     its storage, the codes keep its layout), or a traced graph. With `channels_last` a contiguous 4-D x gets
     channels-last codes, written in the same pass."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-        return None
-    lib = c_library()
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" \
+    if not _c_runs(torch.float32, x) \
             or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return None
+    lib = c_library()
     if channels_last and x.dim() == 4 and x.is_contiguous():
         y = torch.empty_like(x, dtype=torch.uint8, memory_format=torch.channels_last)
         batch, channels, height, width = x.shape
@@ -320,13 +318,17 @@ def add(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: float, l
 
 
 def _same_layout_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether one C pass over the storage of each can add uint8 codes a and b: CPU tensors of one shape and
-    strides, contiguous or channels-last, outside any trace, with the library built."""
-    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or torch.compiler.is_compiling():
-        return False
-    return (c_library() is not None and a.dtype == torch.uint8 and b.dtype == torch.uint8 and a.device.type == "cpu"
-            and b.device.type == "cpu" and a.shape == b.shape and a.stride() == b.stride()
+    """Whether one C pass over the storage of each can add uint8 codes a and b: one shape and strides,
+    contiguous or channels-last (`_c_runs` besides)."""
+    return (_c_runs(torch.uint8, a, b) and a.shape == b.shape and a.stride() == b.stride()
             and (a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)))
+
+
+def _c_runs(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether our C passes can take `tensors`: plain CPU tensors of `dtype`, outside any trace (a traced graph
+    keeps torch's ops), with the library built here."""
+    return (not torch.compiler.is_compiling() and c_library() is not None
+            and all(type(t) is torch.Tensor and t.dtype == dtype and t.device.type == "cpu" for t in tensors))
 
 
 def add_values(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: float, relu: bool
@@ -344,11 +346,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], paddi
                ceil_mode: bool) -> torch.Tensor | None:
     """Max pooling of channels-last uint8 codes in one C pass (channels-last codes out), or None where torch's
     op must do it: no compiler, another dtype, device or layout, or a traced graph."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-        return None
-    lib = c_library()
-    if lib is None or x.dtype != torch.uint8 or x.device.type != "cpu" or x.dim() != 4 \
-            or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+    if not _c_runs(torch.uint8, x) or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) \
+            or x.is_contiguous():
         return None
     stride = stride or kernel_size  # torch's default: the kernel size
     batch, channels, height, width = x.shape
@@ -358,7 +357,7 @@ def max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], paddi
         return None  # a window torch refuses: its op says why
     y = torch.empty(batch, channels, out_h, out_w, dtype=torch.uint8, memory_format=torch.channels_last)
     window = (ctypes.c_int64 * 8)(*kernel_size, *stride, *padding, *dilation)
-    lib.q8_max_pool2d_nhwc(x.data_ptr(), batch, channels, height, width, out_h, out_w, window, y.data_ptr())
+    c_library().q8_max_pool2d_nhwc(x.data_ptr(), batch, channels, height, width, out_h, out_w, window, y.data_ptr())
     return y
 
 
