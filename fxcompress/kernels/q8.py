@@ -67,8 +67,6 @@ def c_library() -> ctypes.CDLL | None:
         lib.q8_add.restype = None
         lib.q8_add_values.argtypes = [p, p, i64, f32, f32, f32, i32, p]
         lib.q8_add_values.restype = None
-        lib.q8_max_pool2d_nhwc.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p]
-        lib.q8_max_pool2d_nhwc.restype = None
     return lib
 
 
@@ -340,30 +338,3 @@ def add_values(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: f
     y = torch.empty_like(a, dtype=torch.float32)  # the same strides: one pass over the storage of each
     c_library().q8_add_values(a.data_ptr(), b.data_ptr(), a.numel(), ka, kb, offset, int(relu), y.data_ptr())
     return y
-
-
-def max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
-               ceil_mode: bool) -> torch.Tensor | None:
-    """Max pooling of channels-last uint8 codes in one C pass (channels-last codes out), or None where torch's
-    op must do it: no compiler, another dtype, device or layout, or a traced graph."""
-    if not _c_runs(torch.uint8, x) or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) \
-            or x.is_contiguous():
-        return None
-    stride = stride or kernel_size  # torch's default: the kernel size
-    batch, channels, height, width = x.shape
-    out_h, out_w = (_pooled(size, k, s, p, d, ceil_mode)
-                    for size, k, s, p, d in zip((height, width), kernel_size, stride, padding, dilation))
-    if out_h <= 0 or out_w <= 0 or any(pad > k // 2 for pad, k in zip(padding, kernel_size)):
-        return None  # a window torch refuses: its op says why
-    y = torch.empty(batch, channels, out_h, out_w, dtype=torch.uint8, memory_format=torch.channels_last)
-    window = (ctypes.c_int64 * 8)(*kernel_size, *stride, *padding, *dilation)
-    c_library().q8_max_pool2d_nhwc(x.data_ptr(), batch, channels, height, width, out_h, out_w, window, y.data_ptr())
-    return y
-
-
-def _pooled(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """An output side of max pooling, as torch computes it (a last window must start inside the input or
-    its left padding)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    return out - 1 if ceil_mode and (out - 1) * stride >= size + padding else out

@@ -1,6 +1,5 @@
 """LowerToInteger's native backend (oneDNN int8 kernels) against the reference backend, its oracle."""
 import copy
-import itertools
 
 import pytest
 import torch
@@ -385,36 +384,6 @@ def test_module_forms_a_relu_on_codes_and_view_run_natively():
         expected, got = reference(x), gm(x)
     assert torch.equal(expected.argmax(1), got.argmax(1))
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
-
-
-def test_max_pooling_of_channels_last_codes_in_c_is_torch_s_op_exactly():
-    """q8.max_pool2d on every kernel / stride / padding / dilation / ceil_mode torch's quantized op accepts, odd
-    and even sides; other layouts keep torch's op."""
-    if q8.c_library() is None:
-        pytest.skip("no C compiler on this machine")
-    gen = torch.Generator().manual_seed(5)
-    checked = 0
-    for kernel, stride, padding, dilation, ceil_mode in itertools.product((1, 2, 3), (1, 2, 3), (0, 1), (1, 2),
-                                                                           (False, True)):
-        if padding > kernel // 2:
-            continue
-        for side in ((7, 9), (8, 8), (5, 6)):
-            x = torch.randint(0, 256, (2, 5, *side), generator=gen, dtype=torch.uint8)
-            args = ([kernel, kernel], [stride, stride], [padding, padding], [dilation, dilation], ceil_mode)
-            try:
-                want = torch.ops.quantized.max_pool2d(x, *args)
-            except RuntimeError:  # torch refuses the window (the output would be empty)
-                continue
-            laid_out = x.contiguous(memory_format=torch.channels_last)
-            got = q8.max_pool2d(laid_out, *args)
-            assert got is not None and got.is_contiguous(memory_format=torch.channels_last)
-            assert torch.equal(got, want), (args, side)
-            assert torch.equal(max_pool2d_codes(laid_out, *args), want)
-            checked += 1
-    assert checked > 100
-    assert q8.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False) is None  # NCHW codes: torch's op
-    with pytest.raises(RuntimeError, match="padding should be smaller"):  # a window torch refuses is refused here too
-        max_pool2d_codes(laid_out, [2, 2], [2, 2], [2, 2], [1, 1], False)
 
 
 def test_relu_on_codes_clamps_at_the_zero_point():
