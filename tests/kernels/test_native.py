@@ -1,6 +1,7 @@
 """LowerToInteger's native backend (oneDNN int8 kernels) against the reference backend, its oracle."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -436,6 +437,23 @@ def test_a_residual_add_onto_a_grid_runs_in_one_c_pass_within_a_code_of_the_torc
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
     mixed = add(a, b.contiguous(memory_format=torch.channels_last))  # layouts differ: the torch ops
     assert torch.equal(mixed, torch_ops)
+
+
+def test_the_c_add_rounds_float32_steps_exactly_in_its_vector_body_and_its_tail():
+    """q8.add is float32 a * ka + b * kb + offset, rounded half to even, clamped: code for code, whether eight
+    at a time (the AVX2 body) or one by one (the tail of a length not a multiple of eight); ties included."""
+    if q8.c_library() is None:
+        pytest.skip("no C compiler on this machine")
+    gen = torch.Generator().manual_seed(5)
+    a, b = (torch.randint(0, 256, (1003,), generator=gen, dtype=torch.uint8) for _ in range(2))
+    for ka, kb, offset, low, high in [(0.5, 0.25, -3.0, 0, 255), (0.031, 0.017, 40.37, 5, 250), (2.5, -1.5, 0.5, 0, 255)]:
+        steps = (a.numpy().astype(np.float32) * np.float32(ka) + b.numpy().astype(np.float32) * np.float32(kb)) \
+            + np.float32(offset)
+        expected = np.clip(np.rint(steps), low, high).astype(np.uint8)
+        got = q8.add(a, b, ka, kb, offset, low, high)
+        assert got is not None and np.array_equal(got.numpy(), expected)
+    ties = (a.numpy().astype(np.float32) * np.float32(0.5) + b.numpy().astype(np.float32) * np.float32(0.25)) % 1
+    assert (ties == 0.5).any()  # the first case has exact halves to round
 
 
 @pytest.mark.parametrize("relu", [False, True])

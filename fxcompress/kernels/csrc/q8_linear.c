@@ -238,7 +238,24 @@ int q8_linear_float(const float *x, int64_t rows, void *y, const Layer *L, float
 void q8_add(const uint8_t *a, const uint8_t *b, int64_t n, float ka, float kb, float offset, int32_t low,
             int32_t high, uint8_t *y) {
     const float lo = (float)low, hi = (float)high;
-    for (int64_t i = 0; i < n; i++) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    /* Eight at a time, clamped before rounding (the bounds are integers, so the same codes) and rounded by the
+       conversion (half to even in the default rounding mode); gcc's own vectorization of the loop below took
+       1.5x longer (64 x 56 x 56 codes: 76 against 50 us). */
+    const __m256 vka = _mm256_set1_ps(ka), vkb = _mm256_set1_ps(kb), voffset = _mm256_set1_ps(offset);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 fa = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(a + i))));
+        const __m256 fb = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + i))));
+        __m256 v = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(fa, vka), _mm256_mul_ps(fb, vkb)), voffset);
+        v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi); /* a NaN lands on `low`, as below */
+        const __m256i q = _mm256_cvtps_epi32(v);
+        const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64((__m128i *)(y + i), _mm_packus_epi16(words, words));
+    }
+#endif
+    for (; i < n; i++) {
         float v = nearbyintf(((float)a[i] * ka + (float)b[i] * kb) + offset);
         v = v > lo ? v : lo;
         v = v < hi ? v : hi;
