@@ -105,6 +105,10 @@ CHANNEL_FUNCTIONS: dict[Callable, str] = {torch.clone: "same", F.dropout: "same"
                                           torch.unsqueeze: "shape", torch.squeeze: "shape"}
 # methods that read only a value's shape, never its values
 SHAPE_READERS: frozenset[str] = frozenset({"size", "dim"})
+# ops that cut a value into pieces (a tuple, read by getitem): a fused projection's q / k / v. Walking back from
+# one piece reaches the fused layer; only the piece's channels are scaled, and no other piece may carry them
+SPLITS: frozenset[Any] = frozenset({torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split",
+                                    "split_with_sizes"})
 # ops whose result is fixed by their output shape alone: ids move by reshaping to it, whatever computed the shape
 RESHAPES: frozenset[Any] = frozenset({"view", "reshape", "flatten", "unflatten", torch.reshape, torch.flatten,
                                       torch.unflatten})
@@ -135,6 +139,7 @@ class Producer:
     channels: int                  # how many output channels
     output: Node                   # the node whose last dim carries those channels
     layer: bool = False            # a linear layer (else a norm's weight)
+    path: tuple[Node, ...] = ()    # the nodes find_producer walked, from `output` to x: what map_channels follows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,6 +329,7 @@ class ScaleChannels(Pass):
             error, objective = self._objective(weights, stats.hessian, inspected)
             scale, report = self._search(weights, error, mean_abs, channel_map, producer.channels, alphas)
             report = {"objective": objective, **report}
+        scale = _unread_unscaled(scale, channel_map)
         fold(gm, producer, layers, scale, channel_map)
         return {"producer": producer.name, **report, "scale_min": round(float(scale.min()), 6),
                 "scale_max": round(float(scale.max()), 6)}, scale[channel_map]
@@ -418,6 +424,13 @@ def weight_means(weights: list[torch.Tensor], group_size: int | None) -> torch.T
     rows = torch.cat([w.detach().double().abs() for w in weights])
     groups = rows.reshape(rows.shape[0], -1, group_size or rows.shape[1])
     return (groups / (groups.amax(-1, keepdim=True) + 1e-6)).reshape(rows.shape).mean(0)
+
+
+def _unread_unscaled(scale: torch.Tensor, channel_map: torch.Tensor) -> torch.Tensor:
+    """Scale 1 on the producer channels the consumers do not read: other ops may read them (a fused q / k / v
+    layer's q and k pieces when v -> o is scaled), and the consumers' error never depended on them."""
+    read = torch.bincount(channel_map, minlength=scale.numel()) > 0
+    return torch.where(read, scale, torch.ones_like(scale))
 
 
 def _fill_unused(values: torch.Tensor, channel_map: torch.Tensor) -> torch.Tensor:
@@ -621,19 +634,26 @@ def find_producer(gm: GraphModule, x: Node, consumers: set[Node]) -> tuple[Produ
     return _walk_back(gm, x, first=True)
 
 
-def _walk_back(gm: GraphModule, node: Node, first: bool = False) -> tuple[Producer | None, str]:
+def _walk_back(gm: GraphModule, node: Node, first: bool = False, after: tuple[Node, ...] = ()
+               ) -> tuple[Producer | None, str]:
+    """The producer found walking back from `node` (`after`: the nodes walked so far, from node's user to x)."""
     users = _value_users(node)
     if not first and len(users) != 1:
         return None, f"{node.name} feeds {len(users)} ops"
+    walked = (node, *after)
     found = _as_producer(gm, node)
     if found is not None:
-        return found
+        producer, why = found
+        return (None if producer is None else replace(producer, path=walked)), why
     if _is_product(node):
-        return _through_product(gm, node)
+        return _through_product(gm, node, walked)
+    split = _piece_of(node)
+    if split is not None:   # the other pieces read other channels of the input (map_channels checks it)
+        return _walk_back(gm, split.args[0], after=(split, *walked))
     step = _channel_step(node)
     if step is None:
         return None, f"{node.name} ({_op_name(node)}) is not an op that keeps channels"
-    return _walk_back(gm, step)
+    return _walk_back(gm, step, after=walked)
 
 
 def _as_producer(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | None:
@@ -670,18 +690,18 @@ def _as_norm(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | None:
     return None
 
 
-def _through_product(gm: GraphModule, node: Node) -> tuple[Producer | None, str]:
+def _through_product(gm: GraphModule, node: Node, walked: tuple[Node, ...]) -> tuple[Producer | None, str]:
     """x = a * b: a 1-D parameter factor is the producer (a norm's weight); else scaling one computed
     factor (up_proj in silu(gate) * up) scales the product, if the other does not depend on it."""
     a, b = node.args[:2]
     for factor, other in ((a, b), (b, a)):
         if isinstance(factor, Node) and _private_param(gm, factor) and _param(gm, factor).dim() == 1:
-            return Producer(factor.target, (factor.target,), (0,), _param(gm, factor).numel(), node), ""
+            return Producer(factor.target, (factor.target,), (0,), _param(gm, factor).numel(), node, path=walked), ""
     reasons = []
     for factor, other in ((b, a), (a, b)):
         if not isinstance(factor, Node):
             continue
-        found, why = _walk_back(gm, factor)
+        found, why = _walk_back(gm, factor, after=walked)
         if found is not None and not (isinstance(other, Node) and _depends_on(other, found.output)):
             return found, ""
         reasons.append(why or f"both factors of {node.name} depend on {found.name}")
@@ -699,6 +719,20 @@ def _channel_step(node: Node) -> Node | None:
         value = node.args[position] if len(node.args) > position else node.kwargs.get("value")
         return value if isinstance(value, Node) else None
     return None
+
+
+def _piece_of(node: Node) -> Node | None:
+    """The split that `node` takes a piece of (`getitem(split(x), i)`), where every reader of the split takes a
+    piece; None otherwise."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
+        return None
+    split = node.args[0]
+    if not (isinstance(split, Node) and split.op in ("call_function", "call_method") and split.target in SPLITS
+            and isinstance(split.args[0], Node)):
+        return None
+    pieces = all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                 for u in split.users)
+    return split if pieces else None
 
 
 def _value_users(node: Node) -> list[Node]:
@@ -743,10 +777,21 @@ def _op_name(node: Node) -> str:
 
 # ---- the channel map -------------------------------------------------------------------------------------
 
+def _take_piece(node: Node, pieces: tuple[torch.Tensor, ...], shapes: ShapeInfo) -> torch.Tensor | None:
+    """The piece a getitem takes of a split's channel ids, or None where another piece carries any of its channels
+    (a split along tokens: scaling them would reach that piece uncompensated)."""
+    index = node.args[1]
+    piece = pieces[index]
+    others = [p.reshape(-1) for i, p in enumerate(pieces) if i != index % len(pieces)]
+    if others and bool(torch.isin(piece.reshape(-1), torch.cat(others)).any()):
+        return None
+    return piece if tuple(piece.shape) == tuple(shapes.shape(node.name) or ()) else None
+
+
 def map_channels(producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.Tensor | None, str]:
     """For each channel of x (its last dim), the producer channel it carries, found by pushing channel
-    ids through the path's ops; None (and why) when a channel of x mixes producer channels."""
-    path = _path(producer.output, x)
+    ids through the ops find_producer walked; None (and why) when a channel of x mixes producer channels."""
+    path = producer.path
     shape = shapes.shape(producer.output.name)
     if shape is None or shape[-1] != producer.channels:
         return None, f"{producer.output.name}'s last dim is not {producer.name}'s {producer.channels} channels"
@@ -761,16 +806,13 @@ def map_channels(producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.
     return rows[0].clone(), ""
 
 
-def _path(start: Node, end: Node) -> list[Node]:
-    """The nodes from `start` to `end` (each on the way has one user, as find_producer checked)."""
-    path, node = [end], end
-    while node is not start:
-        node = next(a for a in node.all_input_nodes if _depends_on(a, start))
-        path.append(node)
-    return path[::-1]
-
-
-def _move_ids(node: Node, prev: Node, ids: torch.Tensor, shapes: ShapeInfo) -> torch.Tensor | None:
+def _move_ids(node: Node, prev: Node, ids: torch.Tensor | tuple, shapes: ShapeInfo) -> torch.Tensor | tuple | None:
+    if node.target in SPLITS and node.args[0] is prev:   # the pieces, each checked where a getitem takes it
+        args = [ids, *node.args[1:]]
+        return getattr(ids, node.target)(*args[1:], **node.kwargs) if node.op == "call_method" else \
+            node.target(*args, **node.kwargs)
+    if isinstance(ids, tuple):
+        return _take_piece(node, ids, shapes)
     out = shapes.shape(node.name)
     if out is None:
         return None

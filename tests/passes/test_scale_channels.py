@@ -220,6 +220,86 @@ def test_conv1d_layers_are_scaled_exactly_and_like_their_linear_twins(method, fr
                                        rtol=1e-6, atol=1e-7)
 
 
+class FusedAttention(nn.Module):
+    """A pre-norm attention block with one fused q / k / v projection cut by `split` (GPT-2's c_attn, Falcon's
+    and GPT-NeoX's query_key_value), then the output projection and the residual add."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.width, self.heads = width, heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).split(self.width, dim=-1)
+        heads = [t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in (q, k, v)]
+        y = torch.nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
+        return x + self.out(y.transpose(1, 2).reshape(batch, tokens, width))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_fused_qkv_layer_scales_only_its_value_piece_for_the_output_projection(frontend):
+    """v -> o through a split: the fused layer's v rows (and bias) are divided, its q and k rows stay bit for bit,
+    and the block computes what it did."""
+    torch.manual_seed(0)
+    model = FusedAttention().eval()
+    with torch.no_grad():
+        model.qkv.weight[64:70] *= 8   # outlier value channels, so the scales are far from 1
+    x = torch.randn(2, 8, 32)
+    config = ScaleChannels(alpha=0.5, duo_scaling=False, group_size=16, clip=False, select="out")  # qkv unscaled
+    gm = fxcompress.compile(model, [config], (x,), calibration_data=[(torch.randn(2, 8, 32),)], frontend=frontend)
+    report = fxcompress.history(gm)[-1].stats["layers"]["out"]
+    assert report["producer"] == "qkv" and report["scale_max"] / report["scale_min"] > 2
+    qkv = gm.get_submodule("qkv")
+    assert torch.equal(qkv.weight[:64], model.qkv.weight[:64]) and torch.equal(qkv.bias[:64], model.qkv.bias[:64])
+    assert not torch.equal(qkv.weight[64:], model.qkv.weight[64:]) and not torch.equal(qkv.bias[64:], model.qkv.bias[64:])
+    with torch.no_grad():
+        reference = model(x)
+        assert float((gm(x) - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+class TokenSplit(nn.Module):
+    """fc1's output cut along tokens: both pieces carry every channel, so fc2's input cannot be rescaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        first, rest = self.fc1(x).split(2, dim=1)
+        return self.fc2(first) + rest.sum(1, keepdim=True)
+
+
+def test_a_split_along_tokens_is_not_a_piece_of_channels():
+    x = torch.randn(2, 4, 16)
+    gm = fxcompress.compile(TokenSplit().eval(), [ScaleChannels(group_size=16, clip=False)], (x,),
+                            calibration_data=[(x,)])
+    report = fxcompress.history(gm)[-1].stats["layers"]["fc2"]
+    assert "channel ids cannot pass getitem" in report["skipped"]
+
+
+def test_gpt2_scales_its_attention_output_from_the_fused_c_attn():
+    """transformers' GPT-2: c_attn (HF's Conv1D, one fused q / k / v) is the producer of attn.c_proj; the MLP's
+    c_proj reads a GELU of c_fc, which no scale passes (skipped with the reason); logits unchanged."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    x = torch.randint(0, 64, (2, 8))
+    cal = [(torch.randint(0, 64, (2, 8)),) for _ in range(2)]
+    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False),
+                            [ScaleChannels(alpha=0.5, group_size=16, clip=False)], (x,), calibration_data=cal)
+    layers = fxcompress.history(gm)[-1].stats["layers"]
+    assert layers["transformer.h.0.attn.c_proj"]["producer"] == "transformer.h.0.attn.c_attn"
+    assert layers["transformer.h.0.attn.c_attn"]["producer"] == "transformer.h.0.ln_1.weight"
+    assert "is not an op that keeps channels" in layers["transformer.h.0.mlp.c_proj"]["skipped"]
+    with torch.no_grad():
+        reference = model(x).logits
+        assert float((gm(x)["logits"] - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
 def _llama_blocks(layers: int = 2):
     """A tiny Llama of `layers` blocks, exported, with norm weights away from 1 so the scales matter."""
     gm, x, _ = _exported_llama(layers, 1)
