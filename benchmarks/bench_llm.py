@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,15 +132,21 @@ def data(n_cal: int, n_eval: int, seed: int = 0):
 
 
 @torch.no_grad()
-def perplexity(forward, batches) -> float:
-    total, count = 0.0, 0
+def batch_nll(forward, batches) -> list[float]:
+    """Each batch's mean next-byte negative log-likelihood, nats per byte (every batch holds as many bytes)."""
+    means = []
     for (batch,) in batches:
-        out = forward(batch)
-        logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       batch[:, 1:].reshape(-1), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+        logits = _logits(forward(batch))
+        means.append(float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))))
+    return means
+
+
+def perplexity(forward, batches) -> float:
+    return from_nll(batch_nll(forward, batches))
+
+
+def from_nll(means: list[float]) -> float:
+    return math.exp(sum(means) / len(means))
 
 
 def _logits(out) -> torch.Tensor:
@@ -205,8 +212,9 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
             fmt = "pack-quantized" if any(isinstance(p, passes.InsertFakeQuant) for p in pass_list) else "dense"
         except fxcompress.errors.FxCompressError:
             size, fmt = to_compressed_tensors(gm, tmp, format="dense", config=config)["bytes"], "dense"
-    return {"arm": name, "status": "ok", "held_ppl": perplexity(gm, held), "fortunes_ppl": perplexity(gm, fortunes),
-            "bytes": size, "format": fmt, "pass_s": seconds, "pass_cpu_s": cpu_seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
+    held_nll, fortunes_nll = batch_nll(gm, held), batch_nll(gm, fortunes)   # per batch: orderings pair them
+    return {"arm": name, "status": "ok", "held_ppl": from_nll(held_nll), "fortunes_ppl": from_nll(fortunes_nll),
+            "held_nll": held_nll, "fortunes_nll": fortunes_nll, "bytes": size, "format": fmt, "pass_s": seconds, "pass_cpu_s": cpu_seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
             "held_kl": kl_to_dense(graph, gm, held), "fortunes_kl": kl_to_dense(graph, gm, fortunes),
             "cal_kl": kl_to_dense(graph, gm, cal),   # what options are chosen by: never the evaluation text
             **scale_layers(gm)}
@@ -481,9 +489,20 @@ def orderings(results: list[dict]) -> list[str]:
             slack = 1.005 if better.startswith("sparsegpt") else 1.0
             verdict = lambda key: "holds" if ppl[better][key] < slack * ppl[worse][key] else "FAILS"  # noqa: E731
             lines.append(f"{better} {'<=' if slack > 1 else '<'} {worse}: held-out {ppl[better]['held_ppl']:.3f} vs {ppl[worse]['held_ppl']:.3f} "
-                         f"{verdict('held_ppl')}; fortunes {ppl[better]['fortunes_ppl']:.3f} vs "
-                         f"{ppl[worse]['fortunes_ppl']:.3f} {verdict('fortunes_ppl')}")
+                         f"{verdict('held_ppl')}{paired(ppl[better], ppl[worse], 'held')}; fortunes "
+                         f"{ppl[better]['fortunes_ppl']:.3f} vs {ppl[worse]['fortunes_ppl']:.3f} {verdict('fortunes_ppl')}"
+                         f"{paired(ppl[better], ppl[worse], 'fortunes')}")
     return lines
+
+
+def paired(better: dict, worse: dict, text: str) -> str:
+    """The mean difference of the two arms' per-batch log-likelihoods on the same batches, with its standard
+    error: whether the evaluation text resolves the ordering (empty where a row has no per-batch values)."""
+    a, b = better.get(f"{text}_nll"), worse.get(f"{text}_nll")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return ""
+    diffs = [x - y for x, y in zip(a, b)]
+    return f" (difference {1e3 * statistics.fmean(diffs):+.3f} ± {1e3 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f} millinats/byte)"
 
 
 def row(r: dict, dense_bytes: int | None) -> str:
