@@ -74,10 +74,10 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration import walk
-from fxcompress.calibration.sequential import Probe
+from fxcompress.calibration.sequential import Probe, value_at
 from fxcompress.calibration.clip import ClipGrid, clamp, clip_ratios, search_clip
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
-from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.errors import ConfigError, PreconditionError, VerificationError
 from fxcompress.layers import (KINDS, Layer, chain_transforms, find_layers, input_arg, kind_of_node, layer_node,
                                select_layers, tied_readers)
 from fxcompress.pass_base import Pass, PassContext, PassResult
@@ -218,7 +218,8 @@ class ScaleChannels(Pass):
             if group.input.name not in by_input:
                 consumers = tuple(l for l in layers if input_arg(layer_node(gm, l)) is group.input)
                 by_input[group.input.name] = self._group(gm, consumers, group.input, stats,
-                                                         _Walking(shapes, touched, probe))
+                                                         _Walking(shapes, touched, probe,
+                                                                  ctx.example_inputs))
             return {layer.name: by_input[group.input.name][layer.name] for layer in group.layers}
 
         walked = walk(gm, layers, ctx.calibration_data, handle, owner="ScaleChannels", hessian=self.method == "awq",
@@ -242,8 +243,10 @@ class ScaleChannels(Pass):
                walking: _Walking) -> dict[str, dict[str, Any]]:
         """Scale, then (awq) clip the consumers of x; each consumer's report."""
         inspected, why = self._inspect(gm, consumers, stats, walking.probe)
+        before = value_at(gm, walking.example, x)
         report, scale = self._scale(gm, consumers, x, stats, walking, inspected)
         if scale is not None:
+            _check_fold(x, before, value_at(gm, walking.example, x), scale, report["producer"])
             # the fold divided x's producer, but the walk stored x as it was: without this the consumers
             # (and every later group of the block, and the next blocks) would see x * s on the scaled weights
             walking.probe.replace(x, lambda value: value / scale.to(value.dtype))
@@ -426,6 +429,16 @@ def weight_means(weights: list[torch.Tensor], group_size: int | None) -> torch.T
     return (groups / (groups.amax(-1, keepdim=True) + 1e-6)).reshape(rows.shape).mean(0)
 
 
+def _check_fold(x: Node, before: torch.Tensor, after: torch.Tensor, scale: torch.Tensor, producer: str) -> None:
+    """The fold must leave x divided by the scales on the example inputs, as the consumers' columns assume: a
+    graph query that took the wrong channels would change the model silently."""
+    expected = before.double() / scale.double()
+    if not torch.allclose(after.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
+        worst = float((after.double() - expected).abs().max())
+        raise VerificationError(f"ScaleChannels: the scales folded into {producer} did not divide {x.name} by them "
+                                f"on the example inputs (off by up to {worst:.3g}): the fold would change the model")
+
+
 def _unread_unscaled(scale: torch.Tensor, channel_map: torch.Tensor) -> torch.Tensor:
     """Scale 1 on the producer channels the consumers do not read: other ops may read them (a fused q / k / v
     layer's q and k pieces when v -> o is scaled), and the consumers' error never depended on them."""
@@ -523,6 +536,7 @@ class _Walking:
     shapes: ShapeInfo
     touched: list[str]
     probe: Probe
+    example: tuple                 # compile's example inputs: each fold is checked on them
 
 
 def _per_producer(values: torch.Tensor, channel_map: torch.Tensor, channels: int) -> torch.Tensor:

@@ -205,6 +205,13 @@ class Probe:
                 state[node] = fn(state[node])
 
 
+def value_at(gm: GraphModule, inputs: tuple, node: Node) -> Any:
+    """`node`'s value when `gm` runs on `inputs`, the graph run only as far as that node."""
+    runner = _Runner(gm)
+    with evaluating(gm), torch.no_grad():
+        return runner.run(runner.start(inputs, 0), 0, runner.index[node] + 1, 0)[node]
+
+
 @dataclass
 class WalkReport:
     """What a walk did: the blocks, each layer's report, and the most bytes it held at once."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.errors import ConfigError, PreconditionError, VerificationError
 from fxcompress.passes import InsertFakeQuant
 from fxcompress.layers import find_layers
 from fxcompress.passes.scale_channels import ScaleChannels, awq_scales, weight_means
@@ -257,6 +257,19 @@ def test_a_fused_qkv_layer_scales_only_its_value_piece_for_the_output_projection
     with torch.no_grad():
         reference = model(x)
         assert float((gm(x) - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_a_fold_that_would_change_the_model_is_refused(monkeypatch):
+    """Each fold is checked on the example inputs: scales put on the wrong channels (here the channel map
+    reversed, as a graph query that took the wrong path would) raise instead of changing the model."""
+    from fxcompress.passes import scale_channels as sc
+
+    found = sc.map_channels
+    monkeypatch.setattr(sc, "map_channels", lambda *args: (found(*args)[0].flip(0), ""))
+    model = _outlier_model()
+    x = torch.randn(16, 64)
+    with pytest.raises(VerificationError, match="folded into norm did not divide .* on the example inputs"):
+        fxcompress.compile(model, [ScaleChannels(alpha=0.5, group_size=16, clip=False)], (x,), calibration_data=[(x,)])
 
 
 class TokenSplit(nn.Module):
