@@ -214,7 +214,8 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
             size, fmt = to_compressed_tensors(gm, tmp, format="dense", config=config)["bytes"], "dense"
     held_nll, fortunes_nll = batch_nll(gm, held), batch_nll(gm, fortunes)   # per batch: orderings pair them
     return {"arm": name, "status": "ok", "held_ppl": from_nll(held_nll), "fortunes_ppl": from_nll(fortunes_nll),
-            "held_nll": held_nll, "fortunes_nll": fortunes_nll, "bytes": size, "format": fmt, "pass_s": seconds, "pass_cpu_s": cpu_seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
+            "held_nll": held_nll, "fortunes_nll": fortunes_nll, "bytes": size, "format": fmt, "pass_s": seconds,
+            "pass_cpu_s": cpu_seconds, "peak_mb": (peak.peak - base) / 2**20, "gm": gm,
             "held_kl": kl_to_dense(graph, gm, held), "fortunes_kl": kl_to_dense(graph, gm, fortunes),
             "cal_kl": kl_to_dense(graph, gm, cal),   # what options are chosen by: never the evaluation text
             **scale_layers(gm)}
@@ -502,7 +503,8 @@ def paired(better: dict, worse: dict, text: str) -> str:
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return ""
     diffs = [x - y for x, y in zip(a, b)]
-    return f" (difference {1e3 * statistics.fmean(diffs):+.3f} ± {1e3 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f} millinats/byte)"
+    error = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f" (difference {1e3 * statistics.fmean(diffs):+.3f} ± {1e3 * error:.3f} millinats/byte)"
 
 
 def row(r: dict, dense_bytes: int | None) -> str:

@@ -449,7 +449,8 @@ def test_the_c_add_rounds_float32_steps_exactly_in_its_vector_body_and_its_tail(
         pytest.skip("no C compiler on this machine")
     gen = torch.Generator().manual_seed(5)
     a, b = (torch.randint(0, 256, (1003,), generator=gen, dtype=torch.uint8) for _ in range(2))
-    for ka, kb, offset, low, high in [(0.5, 0.25, -3.0, 0, 255), (0.031, 0.017, 40.37, 5, 250), (2.5, -1.5, 0.5, 0, 255)]:
+    cases = [(0.5, 0.25, -3.0, 0, 255), (0.031, 0.017, 40.37, 5, 250), (2.5, -1.5, 0.5, 0, 255)]
+    for ka, kb, offset, low, high in cases:
         steps = (a.numpy().astype(np.float32) * np.float32(ka) + b.numpy().astype(np.float32) * np.float32(kb)) \
             + np.float32(offset)
         expected = np.clip(np.rint(steps), low, high).astype(np.uint8)
