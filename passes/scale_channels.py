@@ -243,10 +243,8 @@ class ScaleChannels(Pass):
                walking: _Walking) -> dict[str, dict[str, Any]]:
         """Scale, then (awq) clip the consumers of x; each consumer's report."""
         inspected, why = self._inspect(gm, consumers, stats, walking.probe)
-        before = value_at(gm, walking.example, x)
         report, scale = self._scale(gm, consumers, x, stats, walking, inspected)
         if scale is not None:
-            _check_fold(x, before, value_at(gm, walking.example, x), scale, report["producer"])
             # the fold divided x's producer, but the walk stored x as it was: without this the consumers
             # (and every later group of the block, and the next blocks) would see x * s on the scaled weights
             walking.probe.replace(x, lambda value: value / scale.to(value.dtype))
@@ -317,7 +315,10 @@ class ScaleChannels(Pass):
         if channel_map is None:
             return {"skipped": why}, None
         walking.touched.extend([*producer.tensors, *(layer.weight for layer in consumers)])
-        return self._rescale(gm, consumers, producer, channel_map, stats, inspected)
+        before = value_at(gm, walking.example, x)   # only where a fold follows: a forward pass as far as x
+        report, scale = self._rescale(gm, consumers, producer, channel_map, stats, inspected)
+        _check_fold(x, before, value_at(gm, walking.example, x), scale, producer.name)
+        return report, scale
 
     def _rescale(self, gm: GraphModule, layers: tuple[Layer, ...], producer: Producer, channel_map: torch.Tensor,
                  stats, inspected: Inspected | OwnOutput | None) -> tuple[dict[str, Any], torch.Tensor]:
@@ -439,16 +440,20 @@ def _check_fold(x: Node, before: torch.Tensor, after: torch.Tensor, scale: torch
                                 f"on the example inputs (off by up to {worst:.3g}): the fold would change the model")
 
 
+def _read(channel_map: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per producer channel, whether a consumer reads it."""
+    return torch.bincount(channel_map, minlength=channels) > 0
+
+
 def _unread_unscaled(scale: torch.Tensor, channel_map: torch.Tensor) -> torch.Tensor:
     """Scale 1 on the producer channels the consumers do not read: other ops may read them (a fused q / k / v
     layer's q and k pieces when v -> o is scaled), and the consumers' error never depended on them."""
-    read = torch.bincount(channel_map, minlength=scale.numel()) > 0
-    return torch.where(read, scale, torch.ones_like(scale))
+    return torch.where(_read(channel_map, scale.numel()), scale, torch.ones_like(scale))
 
 
 def _fill_unused(values: torch.Tensor, channel_map: torch.Tensor) -> torch.Tensor:
-    """A producer channel no consumer reads takes the mean of the others: any finite scale is exact there."""
-    used = torch.bincount(channel_map, minlength=values.numel()) > 0
+    """A producer channel no consumer reads takes the mean of the others (only the read ones are folded)."""
+    used = _read(channel_map, values.numel())
     values[~used] = values[used].mean()
     return values
 
