@@ -211,7 +211,8 @@ def fuse_boundaries(gm: GraphModule) -> int:
         if not isinstance(layer, NativeLayer) or layer.kernel != "c_int8" or layer.input != "uint8" \
                 or grid != (layer.input_scale, layer.input_zero_point, layer.input_qmax):
             continue
-        layer.input, layer._c = "float32", None
+        layer._drop_derived()  # its C arguments were made for uint8 input
+        layer.input = "float32"
         users[0].replace_input_with(node, node.args[0])
         gm.graph.erase_node(node)
         fused += 1

@@ -297,6 +297,36 @@ def test_a_layer_holds_its_weight_once_and_gives_the_codes_back_exactly(kind, ke
         replaced.weight = codes.clone()
 
 
+@pytest.mark.parametrize("kind", ("conv2d", "linear"))
+@pytest.mark.parametrize("output", ("uint8", "float32", "float_codes"))
+def test_an_int8_layer_calls_onednn_straight_after_its_first_call(kind, output, monkeypatch):
+    """From the second eager call on, an int8 layer on uint8 codes calls oneDNN's op with arguments made once
+    (same result); codes held in float32 keep the full path (a cast on either side); hold_codes sends the next
+    call through the full path, which drops the codes again."""
+    if not native.available():
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    torch.manual_seed(0)
+    shape, options = ([16, 8, 3, 3], {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}) \
+        if kind == "conv2d" else ([24, 40], {})
+    x = torch.randint(0, 128, (2, 8, 9, 9) if kind == "conv2d" else (3, 40), dtype=torch.uint8)
+    grid = (1.0, 0) if output == "float32" else (0.05, 2)  # dequantizing: real values out
+    layer = NativeLayer(kind, shape, 0.02, 3, output, *grid, (0.0, None), kernel="int8", **options)
+    layer.weight.copy_(torch.randint(-127, 128, shape, dtype=torch.int8))
+    layer.weight_scale.copy_(torch.rand(shape[0]) / 100 + 1e-4)
+    expected = copy.deepcopy(layer)._forward(x)
+    assert torch.equal(layer(x), expected)
+    shortcut = output != "float_codes"
+    assert (layer._call is not None) == shortcut
+    full_path = []
+    original = NativeLayer._forward
+    monkeypatch.setattr(NativeLayer, "_forward", lambda self, x: full_path.append(1) or original(self, x))
+    assert torch.equal(layer(x), expected) and len(full_path) == (0 if shortcut else 1)
+    layer.hold_codes()
+    assert "weight" in layer._buffers and layer._call is None
+    assert torch.equal(layer(x), expected) and "weight" not in layer._buffers
+    assert (layer._call is not None) == shortcut
+
+
 def test_a_native_model_saved_after_running_holds_its_codes_in_the_file(built, digits, tmp_path):
     x = digits.train_x[:64]
     gm = copy.deepcopy(built.lowered("resnet", activation_bits=7))
