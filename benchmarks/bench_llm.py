@@ -88,6 +88,8 @@ def arms() -> dict[str, callable]:
     for bits in (4, 3):
         table[f"w{bits} g64 rtn"] = lambda b=bits: [q(b)]
         table[f"w{bits} g64 gptq"] = lambda b=bits: [q(b, rounding="gptq")]
+        # every group's grid from the weights before the sweep (GPTQ's static_groups), what ours did before
+        table[f"w{bits} g64 gptq static"] = lambda b=bits: [q(b, rounding="gptq", static_groups=True)]
         table[f"w{bits} g64 awq"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS), q(b)]
         # AWQ's scale search alone (AutoAWQ's apply_clip=False; llm-compressor's AWQModifier has no clip step)
         table[f"w{bits} g64 awq noclip"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS,

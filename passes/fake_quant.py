@@ -123,6 +123,9 @@ class InsertFakeQuant(Pass):
     rounding     "nearest", or "gptq": error-feedback rounding through the inverse Hessian of each
                  layer's inputs on compile's calibration_data, block by block (linear layers)
     act_order    gptq only: round the input channels of largest Hessian diagonal first
+    static_groups  gptq with group_size only: every group's grid from the weights before the sweep (GPTQ's
+                 option of that name; act_order implies it) instead of from the group's weights as the sweep
+                 reaches it
     scale_dtype  linear only: "float16" rounds every scale to half precision inside the fake-quant (as GPTQ
                  checkpoints keep them), so LowerToEncoded stores group steps in 16 bits exactly
     fix_zeros    exact zeros (pruned weights) stay exactly zero; k-means leaves them out of the clustering
@@ -149,6 +152,7 @@ class InsertFakeQuant(Pass):
     group_size: int | None = None
     rounding: str = "nearest"
     act_order: bool = False
+    static_groups: bool = False
     scale_dtype: str = "float32"
 
     preserves: ClassVar[tuple[type, ...]] = ()
@@ -160,7 +164,7 @@ class InsertFakeQuant(Pass):
         "fix_zeros": (Boolean(),), "select": (Regex(), None), "types": TYPES_FIELD, "rules": RULES_FIELD,
         "activations": (TypeOf(ActivationConfig, what="an ActivationConfig(...)"), None),
         "seed": (Interval(int, 0),), "group_size": (Interval(int, 1), None),
-        "rounding": (Options("nearest", "gptq"),), "act_order": (Boolean(),),
+        "rounding": (Options("nearest", "gptq"),), "act_order": (Boolean(),), "static_groups": (Boolean(),),
         "scale_dtype": (Options(*SCALE_DTYPES),),
     }
 
@@ -183,7 +187,8 @@ class InsertFakeQuant(Pass):
                     raise ConfigError(f"InsertFakeQuant.{name}={value!r} does not apply with rules: each rule gives "
                                       f"its layer's method and bits, and {differing[0]} says otherwise")
         check_applicable("InsertFakeQuant", self, _METHOD_FIELDS, methods, "method")
-        check_applicable("InsertFakeQuant", self, {"act_order": ("gptq",)}, {self.rounding}, "rounding")
+        check_applicable("InsertFakeQuant", self, {"act_order": ("gptq",), "static_groups": ("gptq",)},
+                         {self.rounding}, "rounding")
 
     def default_spec(self) -> LayerQuant:
         return LayerQuant(self.method, self.bits, self.init, self.symmetric, self.int_bits,
@@ -232,7 +237,8 @@ class InsertFakeQuant(Pass):
         plan = self.plan(gm)
         if self.rounding == "gptq":  # block by block: each layer rounded on inputs the rounded layers before it give
             stats, _ = gptq_layers(gm, ctx.calibration_data, plan,
-                                   lambda layer, spec: self._quantize_weight(gm, layer, spec), act_order=self.act_order)
+                                   lambda layer, spec: self._quantize_weight(gm, layer, spec), act_order=self.act_order,
+                                   static_groups=self.static_groups)
         else:
             stats = {}
             for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name):

@@ -12,6 +12,13 @@ What the graph holds afterwards:
   becomes the rounded values, except at each grid group's smallest and largest weight, which keep
   their float values so that the recomputed grid is exactly the one rounded onto; every other value
   is kept inside that range. The module's output is then exactly the GPTQ result (checked).
+
+A group-wise grid (`group_size`, linear layers) is found as in GPTQ's reference code: when the sweep
+reaches a group, from the group's weights as the earlier columns' errors left them, so the grid fits
+what is rounded onto it (`static_groups`, and act_order, whose column order runs across groups, take
+every group's grid from the weights before the sweep instead). The two weights that set a group's
+range then keep those updated values. A per-channel or per-tensor grid is found before the sweep, as
+the reference does.
 * codebooks (`KMeansWeight`): the codes are rewritten; the centroids stay as k-means found them.
 
 Masked weights (a mask node before the fake-quant) are fixed to exactly zero, as SparseGPT does
@@ -39,46 +46,90 @@ from .sequential import walk
 @dataclass
 class _Target:
     """What a column may be rounded to: per-element grid scale / zero point and the allowed range,
-    or per-row codebook tables; plus the positions whose rounding is fixed in advance (pins)."""
+    or per-row codebook tables; plus the positions whose rounding is fixed in advance (pins): the
+    value the module gives them and the float value the stored weight keeps there. A grid found during
+    the sweep fills its columns' tables and pins when `prepare` is called at its group's first column."""
 
     round_column: Callable[[int, torch.Tensor], torch.Tensor]
     pinned: torch.Tensor          # (out, in) bool
-    pinned_values: torch.Tensor   # (out, in) float64, read where pinned
+    pinned_values: torch.Tensor   # (out, in) float64, read where pinned: what the module rounds them to
+    pinned_stored: torch.Tensor   # (out, in) float64, read where pinned: the float value stored there
+    prepare: Callable[[int, torch.Tensor], None] | None = None
+    group: int | None = None      # the columns each `prepare` call covers
 
     def __post_init__(self) -> None:
         self.any_pinned = bool(self.pinned.any())
-        self.pinned_columns = self.pinned.T.contiguous()
-        self.pinned_column_values = self.pinned_values.T.contiguous()
+        self.pinned_columns = self.pinned.T.contiguous()   # views of the same memory are not kept: prepare
+        self.pinned_column_values = self.pinned_values.T.contiguous()  # writes these and the (out, in) ones
+
+
+class _GridTables:
+    """Per-column scale, zero point and allowed code range of a linear grid, and its pins, for the
+    columns of one or more grids (each row of `rows` one grid, `width` columns wide)."""
+
+    def __init__(self, module: GridWeight, weight: torch.Tensor, kind: str) -> None:
+        grid = module.grid(weight)
+        scale, zero = (as_matrix(t.expand_as(weight).to(torch.float32), kind)
+                       for t in grid.broadcast(weight, module.axis))
+        matrix = as_matrix(weight, kind).to(torch.float32)
+        # one row per grid: the whole tensor, an output channel, or a group of input channels of one
+        width = module.group_size or (matrix.shape[1] if module.axis is not None else matrix.numel())
+        rows = matrix.reshape(-1, width)
+        low, high = rows.amin(1, keepdim=True).clamp(max=0), rows.amax(1, keepdim=True).clamp(min=0)
+        lo, hi = low.expand_as(rows).reshape(matrix.shape), high.expand_as(rows).reshape(matrix.shape)
+        pinned = torch.zeros_like(rows, dtype=torch.bool)
+        pinned.scatter_(1, rows.argmin(1, keepdim=True), low < 0)    # the range's ends define the grid:
+        pinned.scatter_(1, rows.argmax(1, keepdim=True), high > 0)   # their values stay as they are
+        self.pinned = pinned.reshape(matrix.shape)
+        # the codes whose values lie inside the range, computed with the module's own float operations
+        qlo = torch.clamp(torch.round(lo / scale) + zero, grid.qmin, grid.qmax)
+        self.qlo = torch.where((qlo - zero) * scale < lo, qlo + 1, qlo)
+        qhi = torch.clamp(torch.round(hi / scale) + zero, grid.qmin, grid.qmax)
+        self.qhi = torch.where((qhi - zero) * scale > hi, qhi - 1, qhi)
+        self.scale, self.zero = scale, zero
+        with torch.no_grad():  # the pins keep their float value: the module rounds them as it rounds any weight
+            self.own = as_matrix(module(weight), kind).to(torch.float64)
+        self.stored = matrix.to(torch.float64)
+
+    def columns(self) -> list[torch.Tensor]:
+        """scale, zero, lowest and highest code, column j as row j: one contiguous read per column."""
+        return [t.T.contiguous() for t in (self.scale, self.zero, self.qlo, self.qhi)]
+
+
+def _snap(columns: list[torch.Tensor], j: int, x: torch.Tensor) -> torch.Tensor:
+    s, z, low_code, high_code = (t[j] for t in columns)
+    return ((torch.clamp(torch.round(x.to(torch.float32) / s) + z, low_code, high_code) - z) * s).double()
 
 
 def _grid_target(module: GridWeight, weight: torch.Tensor, kind: str) -> _Target:
-    grid = module.grid(weight)
-    scale, zero = (as_matrix(t.expand_as(weight).to(torch.float32), kind) for t in grid.broadcast(weight, module.axis))
-    matrix = as_matrix(weight, kind).to(torch.float32)
-    # one row per grid: the whole tensor, an output channel, or a group of input channels of one
-    width = module.group_size or (matrix.shape[1] if module.axis is not None else matrix.numel())
-    rows = matrix.reshape(-1, width)
-    low, high = rows.amin(1, keepdim=True).clamp(max=0), rows.amax(1, keepdim=True).clamp(min=0)
-    lo, hi = low.expand_as(rows).reshape(matrix.shape), high.expand_as(rows).reshape(matrix.shape)
-    pinned = torch.zeros_like(rows, dtype=torch.bool)
-    pinned.scatter_(1, rows.argmin(1, keepdim=True), low < 0)    # the range's ends define the grid:
-    pinned.scatter_(1, rows.argmax(1, keepdim=True), high > 0)   # their values stay as they are
-    pinned = pinned.reshape(matrix.shape)
+    """Every grid found from the weight before the sweep."""
+    tables = _GridTables(module, weight, kind)
+    columns = tables.columns()
+    return _Target(lambda j, x: _snap(columns, j, x), tables.pinned, tables.own, tables.stored)
 
-    # the codes whose values lie inside the range, computed with the module's own float operations
-    qlo = torch.clamp(torch.round(lo / scale) + zero, grid.qmin, grid.qmax)
-    qlo = torch.where((qlo - zero) * scale < lo, qlo + 1, qlo)
-    qhi = torch.clamp(torch.round(hi / scale) + zero, grid.qmin, grid.qmax)
-    qhi = torch.where((qhi - zero) * scale > hi, qhi - 1, qhi)
-    columns = [t.T.contiguous() for t in (scale, zero, qlo, qhi)]  # column j is row j: one contiguous read
 
-    def snap(j: int, x: torch.Tensor) -> torch.Tensor:
-        s, z, low_code, high_code = (t[j] for t in columns)
-        return ((torch.clamp(torch.round(x.to(torch.float32) / s) + z, low_code, high_code) - z) * s).double()
+def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor | None) -> _Target:
+    """A linear layer's group-wise grids, each found when the sweep reaches its group (`prepare`), from the
+    group's current weights with the pruned ones at the zero they will be (what the module will read)."""
+    shape, group = weight.shape, module.group_size
+    columns = [torch.empty(shape[1], shape[0], dtype=torch.float32) for _ in range(4)]
+    target = _Target(lambda j, x: _snap(columns, j, x), torch.zeros(shape, dtype=torch.bool),
+                     torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), group=group)
 
-    with torch.no_grad():  # the pins keep their float value: the module rounds them as it rounds any weight
-        own = as_matrix(module(weight), kind).to(torch.float64)
-    return _Target(snap, pinned, own)
+    def prepare(start: int, values: torch.Tensor) -> None:
+        span = slice(start, start + group)
+        if pruned is not None:
+            values = values.masked_fill(pruned[:, span], 0.0)
+        tables = _GridTables(module, values.to(weight.dtype), "linear")  # one group wide: one grid per row
+        for table, found in zip(columns, tables.columns()):
+            table[span] = found
+        target.pinned[:, span], target.pinned_values[:, span] = tables.pinned, tables.own
+        target.pinned_stored[:, span] = tables.stored
+        target.pinned_columns[span] = tables.pinned.T
+        target.pinned_column_values[span] = tables.own.T
+
+    target.prepare, target.any_pinned = prepare, True  # pins come with each group's grid
+    return target
 
 
 def _codebook_target(module: KMeansWeight, kind: str, shape: torch.Size) -> _Target:
@@ -90,11 +141,12 @@ def _codebook_target(module: KMeansWeight, kind: str, shape: torch.Size) -> _Tar
         return tables.gather(1, (x.unsqueeze(1) - tables).abs().argmin(1, keepdim=True)).squeeze(1)
 
     matrix_shape = as_matrix(torch.empty(shape), kind).shape
-    return _Target(nearest, torch.zeros(matrix_shape, dtype=torch.bool), torch.zeros(matrix_shape, dtype=torch.float64))
+    nothing = torch.zeros(matrix_shape, dtype=torch.float64)
+    return _Target(nearest, torch.zeros(matrix_shape, dtype=torch.bool), nothing, nothing)
 
 
-def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: bool, blocksize: int = BLOCKSIZE,
-               percdamp: float = 0.01) -> dict[str, Any]:
+def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: bool, static_groups: bool = False,
+               blocksize: int = BLOCKSIZE, percdamp: float = 0.01) -> dict[str, Any]:
     """Re-round one layer's weight (its fake-quant module already on the chain) by GPTQ; the report."""
     node = chain_module_node(gm, layer_node(gm, layer), (GridWeight, KMeansWeight))
     module = gm.get_submodule(node.target)
@@ -106,6 +158,9 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
             raise PreconditionError(f"layer {layer.name!r}: GPTQ onto a codebook keeps pruned weights at zero only "
                                     f"with a fixed zero code (fix_zeros=True)")
         target = _codebook_target(module, layer.kind, weight.shape)
+    elif module.group_size and layer.kind == "linear" and not (act_order or static_groups):
+        target = _group_target(module, weight, pruned)
+        blocksize = max(blocksize // module.group_size, 1) * module.group_size  # a block holds whole groups
     else:
         target = _grid_target(module, weight, layer.kind)
     original = as_matrix(weight, layer.kind).to(torch.float64)
@@ -126,13 +181,15 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
         return torch.where(target.pinned_columns[column], target.pinned_column_values[column], fixed)
 
     result = sweep(start, inverse.factor, pruned=None if pruned is None else pruned[:, order], round_=round_column,
-                   blocksize=blocksize)
+                   prepare=target.prepare, prepare_every=target.group or blocksize, blocksize=blocksize)
     rounded = torch.empty_like(result.weight)
     rounded[:, order] = result.weight
     _store(gm, layer, module, rounded, target, original)
     reference = max(output_error(original, torch.zeros_like(original), stats.hessian), 1e-30)
     noise = float((original - rounded).pow(2).sum())
     return {"levels": int(torch.unique(rounded).numel()), "rounding": "gptq", "act_order": act_order,
+            "group_grids": None if not getattr(module, "group_size", None) else "static" if target.group is None
+            else "sweep",  # found from the weights before the sweep, or as it reaches each group
             "sqnr_db": round(10 * math.log10(float(original.pow(2).sum()) / noise), 2) if noise else float("inf"),
             "zeroed": int(((original != 0) & (rounded == 0)).sum()),
             "error_nearest": round(output_error(original, plain, stats.hessian) / reference, 8),
@@ -149,7 +206,7 @@ def _store(gm: GraphModule, layer: Layer, module: GridWeight | KMeansWeight, rou
             codes = (rounded.unsqueeze(2) - tables.unsqueeze(1)).abs().argmin(2)
             module.codes.copy_(from_matrix(codes, layer.kind).to(module.codes.dtype))
         else:
-            stored = torch.where(target.pinned, original, rounded)
+            stored = torch.where(target.pinned, target.pinned_stored, rounded)
             weight = stored_weight(gm, layer)
             weight.copy_(from_matrix(stored, layer.kind).to(weight.dtype))
         node = chain_module_node(gm, layer_node(gm, layer), (GridWeight, KMeansWeight))
@@ -161,7 +218,7 @@ def _store(gm: GraphModule, layer: Layer, module: GridWeight | KMeansWeight, rou
 
 
 def gptq_layers(gm: GraphModule, data: Sequence | None, plan: Sequence[tuple[Layer, Any]],
-                quantize: Callable[[Layer, Any], dict[str, Any]], *, act_order: bool,
+                quantize: Callable[[Layer, Any], dict[str, Any]], *, act_order: bool, static_groups: bool = False,
                 owner: str = "InsertFakeQuant") -> tuple[dict[str, Any], Any]:
     """Quantize the planned layers block by block: `quantize(layer, spec)` puts the layer's module on
     its chain (from the weights as the earlier layers' updates left them), then GPTQ re-rounds it."""
@@ -172,7 +229,8 @@ def gptq_layers(gm: GraphModule, data: Sequence | None, plan: Sequence[tuple[Lay
         for layer in group.layers:
             report = quantize(layer, specs[layer.name])
             report.pop("saturated", None)  # counted for nearest rounding of the float weights, not for what GPTQ rounds
-            reports[layer.name] = {**report, **gptq_round(gm, layer, stats, act_order=act_order)}
+            reports[layer.name] = {**report, **gptq_round(gm, layer, stats, act_order=act_order,
+                                                                 static_groups=static_groups)}
         return reports
 
     report = walk(gm, [layer for layer, _ in plan], data, handle, owner=owner)

@@ -45,13 +45,15 @@ class SweepResult:
 
 def sweep(weight: torch.Tensor, factor: torch.Tensor, *, pruned: torch.Tensor | None = None,
           select: Selector | None = None, select_every: int = BLOCKSIZE, round_: Rounder | None = None,
+          prepare: Callable[[int, torch.Tensor], None] | None = None, prepare_every: int = BLOCKSIZE,
           blocksize: int = BLOCKSIZE) -> SweepResult:
     """One pass over the columns of `weight` (out, in) with the upper Cholesky factor of H^-1.
 
     `pruned` (bool, weight-shaped) are positions that must end exactly zero; `select` may add
     more, called on every `select_every` columns (a divisor of `blocksize`) with their values as
     the earlier columns' errors left them (SparseGPT's adaptive OBS choice); `round_` fixes each
-    column's kept values.
+    column's kept values; `prepare` sees every `prepare_every` columns (a divisor of `blocksize`) as
+    the earlier columns' errors left them before any is fixed (GPTQ's grid of a group, found there).
     """
     w = weight.to(torch.float64).clone()
     cols = w.shape[1]
@@ -63,6 +65,8 @@ def sweep(weight: torch.Tensor, factor: torch.Tensor, *, pruned: torch.Tensor | 
         errors = torch.zeros_like(w1)
         zeros = select is not None or bool(forced[:, i1:i2].any())  # no masked_fill where nothing is pruned
         for i in range(i2 - i1):
+            if prepare is not None and i % prepare_every == 0:
+                prepare(i1 + i, w1[:, i:i + prepare_every])
             if select is not None and i % select_every == 0:
                 j = min(i + select_every, i2 - i1)
                 forced[:, i1 + i:i1 + j] |= select(w1[:, i:j], torch.diag(h1)[i:j])

@@ -55,13 +55,40 @@ def test_gptq_loses_clearly_less_output_than_rounding_to_nearest_and_stays_on_th
     assert report["error_gptq"] < report["error_nearest"] and report["rounding"] == "gptq"
 
 
-def test_the_grid_is_the_one_the_float_weights_give(layer):
+@pytest.mark.parametrize("options", [{"static_groups": True}, {"act_order": True}])
+def test_static_group_grids_are_the_ones_the_float_weights_give(layer, options):
     model, batches = layer
-    gm = _compile(model, [InsertFakeQuant(method="linear", bits=4, group_size=64, rounding="gptq")], batches)
+    gm = _compile(model, [InsertFakeQuant(method="linear", bits=4, group_size=64, rounding="gptq", **options)],
+                  batches)
     weight, module, _ = _quantized_weight(gm)
     original = module.grid(model[0].weight.detach())
     now = module.grid(gm.get_submodule("0").weight.detach())
     assert torch.equal(original.scale, now.scale) and torch.equal(original.zero_point, now.zero_point)
+    assert fxcompress.history(gm)[-1].stats["0"]["group_grids"] == "static"
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_group_grids_found_in_the_sweep_fit_the_updated_weights_and_lose_less_output(layer, bits):
+    """GPTQ's reference finds a group's grid when the sweep reaches it, from the weights the earlier columns'
+    errors changed: the grids differ from the float weights' and the output error on the calibration
+    inputs (the Hessian's) falls below that of grids found before the sweep."""
+    model, batches = layer
+    config = {"method": "linear", "bits": bits, "group_size": 64, "rounding": "gptq"}
+    static = _compile(model, [InsertFakeQuant(**config, static_groups=True)], batches)
+    gm = _compile(model, [InsertFakeQuant(**config)], batches)
+    report, static_report = (fxcompress.history(g)[-1].stats["0"] for g in (gm, static))
+    assert report["group_grids"] == "sweep" and report["error_gptq"] < static_report["error_gptq"]
+    weight, module, chain_input = _quantized_weight(gm)
+    original, now = module.grid(model[0].weight.detach()), module.grid(chain_input)
+    first = slice(0, 1)  # the first group of each row is found before any error reached it
+    assert torch.equal(original.scale[:, first], now.scale[:, first])
+    assert not torch.equal(original.scale[:, 1:], now.scale[:, 1:])
+    assert torch.equal(fake_quantize(weight, now, module.axis), weight)  # the module gives the rounded weight
+
+
+def test_static_groups_is_read_by_gptq_only():
+    with pytest.raises(ConfigError, match="InsertFakeQuant.static_groups"):
+        InsertFakeQuant(method="linear", group_size=64, static_groups=True)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
