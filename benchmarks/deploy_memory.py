@@ -10,7 +10,7 @@ the float kernel's float32 weight, our C kernel's padded codes; scales and biase
 tensors; the issue's target is a growth of at most 1.2x that. "python_objects" is what Python's allocator
 holds for another copy of the loaded model (tracemalloc: its graph, modules and manifest, not its tensors),
 which dominates the growth of the smallest models. "codes kept" is the same process after
-`hold_codes()` on every layer: each layer's int8 codes registered again beside its kernel's form, what
+`hold_buffers()` on every layer: each layer's int8 codes registered again beside its kernel's form, what
 every native layer held before layers dropped them (both copies).
 
     python benchmarks/deploy_memory.py [--models resnet18 mobilenet_v2 lenet5 lenet300]
@@ -79,7 +79,7 @@ def measure(path: Path, shape: tuple[int, ...]) -> dict:
         grown, held = rss_bytes() - before, held_bytes(model)
         for layer in model.modules():
             if isinstance(layer, NativeLayer):
-                layer.hold_codes()
+                layer.hold_buffers()
         release_heap()
         kept = rss_bytes() - before
         tracemalloc.start()  # another copy: what Python's own objects of a loaded model take (graph, modules)

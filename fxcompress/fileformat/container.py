@@ -40,7 +40,6 @@ from torch.fx import GraphModule
 
 from fxcompress.errors import FormatError
 from fxcompress.history import history, set_history
-from fxcompress.kernels.native import NativeLayer
 from fxcompress.pass_base import PassRecord
 
 from .allowlist import DTYPES, MODULE_NAMES
@@ -50,6 +49,9 @@ from .graphdata import fail, graph_from_data, graph_to_data, modules_from_data, 
 MAGIC = b"\x89FXC\r\n\x1a\n"
 VERSION = 2
 VERSIONS = (1, 2)  # what this reader knows: version 1 files have no `inputs` and load without a dry run
+# the method a module that keeps some of its buffers in another form between calls (a native layer's codes in its
+# kernel's packed weight) defines to register them again before its buffers are read
+HOLD_BUFFERS = "hold_buffers"
 _HEADER = struct.Struct("<8sHII")  # magic, version, manifest length, manifest CRC32; then the header's CRC32
 HEADER_BYTES = _HEADER.size + 4
 # Bounds on the manifest, relative to its compressed size M. Real manifests (24-block models included)
@@ -113,9 +115,10 @@ def _recorded_inputs(gm: GraphModule, example_inputs: object) -> list | None:
 def _layout(gm: GraphModule, deterministic: bool, example_inputs: object = None) -> tuple[bytes, list[torch.Tensor]]:
     """(header and manifest bytes, the tensors whose bytes follow, in order). Each tensor's CRC32 is
     computed from its bytes one tensor at a time, so no more than one tensor's bytes are held."""
-    for module in gm.modules():  # a layer that keeps its codes only in its kernel's form between calls
-        if isinstance(module, NativeLayer):  # registers them again: the file holds its buffers
-            module.hold_codes()
+    for module in gm.modules():  # a module that keeps some buffers in another form between calls (a native
+        hold = getattr(module, HOLD_BUFFERS, None)  # layer's codes in its kernel's) registers them again:
+        if callable(hold):  # the file holds its buffers
+            hold()
     inputs = _recorded_inputs(gm, example_inputs)
     table, stored, offset, first_name = [], [], 0, {}
     for name, kind, tensor in _tensors(gm):

@@ -149,7 +149,7 @@ class NativeLayer(nn.Module):
     A layer holds its weight once: when the chosen kernel's form is built and gives the codes back
     exactly (oneDNN's packed weight through `to_dense`, the float kernel's weight over its scale,
     rounded), the next call drops the codes buffer (our C kernel's codes become a view of its padded
-    weight), and `weight` remakes them from that form on demand. `hold_codes` registers them again for
+    weight), and `weight` remakes them from that form on demand. `hold_buffers` registers them again for
     whatever reads the module's buffers (a file's writer, state_dict, copies, `.to`); the next call
     drops them again. Without this a native resnet18 held its 11.7 MB of codes twice.
     """
@@ -244,7 +244,7 @@ class NativeLayer(nn.Module):
         packed = 0 if self._packed is None else torch.ops.mkldnn._nbytes(self._packed)
         return sum(storages.values()) + packed
 
-    def hold_codes(self) -> None:
+    def hold_buffers(self) -> None:
         """Register the codes as a buffer again, for readers of the module's buffers; the next call drops them."""
         self._call = None  # the next call takes forward's full path, which drops them
         if "weight" not in self._buffers:
@@ -454,7 +454,7 @@ class NativeLayer(nn.Module):
         return low, UINT8_MAX if self.clamp[1] is None else min(UINT8_MAX, zero + round(self.clamp[1] / scale))
 
     def __getstate__(self) -> dict[str, Any]:
-        self.hold_codes()
+        self.hold_buffers()
         state = self.__dict__.copy()
         state["_buffers"] = dict(self._buffers)
         state.update(dict.fromkeys(_DERIVED))  # remade from the buffers: copies never hold them
@@ -463,7 +463,7 @@ class NativeLayer(nn.Module):
     def _drop_derived(self) -> None:
         """Forget what was made from the buffers (packed weights, the float kernel, C arguments, float bias),
         the codes first taken back from the form that holds them."""
-        self.hold_codes()
+        self.hold_buffers()
         self.__dict__.update(dict.fromkeys(_DERIVED))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -471,7 +471,7 @@ class NativeLayer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _save_to_state_dict(self, *args, **kwargs) -> None:
-        self.hold_codes()
+        self.hold_buffers()
         super()._save_to_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):

@@ -301,7 +301,7 @@ def test_a_layer_holds_its_weight_once_and_gives_the_codes_back_exactly(kind, ke
 @pytest.mark.parametrize("output", ("uint8", "float32", "float_codes"))
 def test_an_int8_layer_calls_onednn_straight_after_its_first_call(kind, output, monkeypatch):
     """From the second eager call on, an int8 layer on uint8 codes calls oneDNN's op with arguments made once
-    (same result); codes held in float32 keep the full path (a cast on either side); hold_codes sends the next
+    (same result); codes held in float32 keep the full path (a cast on either side); hold_buffers sends the next
     call through the full path, which drops the codes again."""
     if not native.available():
         pytest.skip("this torch build has no oneDNN int8 kernels")
@@ -321,7 +321,7 @@ def test_an_int8_layer_calls_onednn_straight_after_its_first_call(kind, output, 
     original = NativeLayer._forward
     monkeypatch.setattr(NativeLayer, "_forward", lambda self, x: full_path.append(1) or original(self, x))
     assert torch.equal(layer(x), expected) and len(full_path) == (0 if shortcut else 1)
-    layer.hold_codes()
+    layer.hold_buffers()
     assert "weight" in layer._buffers and layer._call is None
     assert torch.equal(layer(x), expected) and "weight" not in layer._buffers
     assert (layer._call is not None) == shortcut
