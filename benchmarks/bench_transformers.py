@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxcompress
 from fxcompress.errors import MissingDependencyError
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels
+from fxcompress.zoo import hf_model
 
 MODES = {
     "default": lambda: [PruneChannels(amount=0.5)],
@@ -60,28 +61,16 @@ def _transformers():
     return transformers
 
 
-def build(hf, name: str, size: dict) -> tuple[nn.Module, tuple]:
+def build(name: str, size: dict) -> tuple[nn.Module, tuple]:
     """The model in eval mode and its example inputs; vocabularies are the real ones unless --quick."""
-    h, n, a, f = size["hidden"], size["layers"], size["heads"], size["ffn"]
     vocab = {"bert": 30522, "gpt2": 50257, "llama": 32000, "t5": 32128}
     v = {k: size.get("vocab", full) for k, full in vocab.items()}
-    bert = dict(vocab_size=v["bert"], hidden_size=h, num_hidden_layers=n, num_attention_heads=a, intermediate_size=f)
-    makers = {
-        "bert_cls": lambda: hf.BertForSequenceClassification(hf.BertConfig(**bert, num_labels=2)),
-        "bert": lambda: hf.BertModel(hf.BertConfig(**bert)),
-        "gpt2": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=v["gpt2"], n_embd=h, n_layer=n, n_head=a,
-                                                         use_cache=False)),
-        "llama": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(
-            vocab_size=v["llama"], hidden_size=h, num_hidden_layers=n, num_attention_heads=2 * a,
-            num_key_value_heads=a, intermediate_size=f, use_cache=False)),
-        "vit": lambda: hf.ViTForImageClassification(hf.ViTConfig(
-            image_size=size["image"], patch_size=size["patch"], hidden_size=h, num_hidden_layers=n,
-            num_attention_heads=a, intermediate_size=f, num_labels=1000)),
-        "t5_encoder": lambda: hf.T5EncoderModel(hf.T5Config(vocab_size=v["t5"], d_model=h, d_kv=h // a, d_ff=f,
-                                                            num_layers=n, num_heads=a, use_cache=False)),
-    }
+    heads = size["heads"]
     torch.manual_seed(0)
-    model = makers[name]().eval()
+    model = hf_model(name, hidden=size["hidden"], layers=size["layers"], ffn=size["ffn"],
+                     vocab=v.get({"bert_cls": "bert", "t5_encoder": "t5"}.get(name, name), 0),  # ViT: none
+                     heads=2 * heads if name == "llama" else heads, kv_heads=heads,
+                     labels=1000 if name == "vit" else 2, image=size["image"], patch=size["patch"])
     if name == "vit":
         return model, (torch.randn(1, 3, size["image"], size["image"]),)
     return model, (torch.randint(0, min(v.values()), (1, size["tokens"])),)
@@ -244,7 +233,7 @@ def progress(*words) -> None:
 
 
 def bench_model(hf, tp, name: str, size: dict, frontend: str, rounds: int, tp_timeout: int) -> dict:
-    model, inputs = build(hf, name, size)
+    model, inputs = build(name, size)
     src, used, front_seconds = source(hf, name, model, inputs, frontend)
     results = {}
     for mode in MODES:

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["BasicBlock", "Conv1D", "DenseLayer", "DenseNetSmall", "GPT2Attention", "GPT2Block", "GPTBlock",
            "InvertedResidual", "LeNet300100", "LeNet5", "MobileNetV2Small", "ResNetSmall", "SENet", "SelfAttention",
-           "SqueezeExcite", "TransformerBlock", "VGGBN", "ZOO", "gpt2_tokens"]
+           "SqueezeExcite", "TransformerBlock", "VGGBN", "ZOO", "HF_MODELS", "gpt2_tokens", "hf_model"]
 
 
 class LeNet300100(nn.Module):
@@ -335,6 +337,43 @@ class GPT2Block(nn.Module):
 def gpt2_tokens() -> torch.Tensor:
     """Example input of GPT2Block: a batch of 2 sequences of 8 token ids."""
     return torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+# Hugging Face architectures `hf_model` builds from their configs (random weights: nothing is downloaded)
+HF_MODELS = ("bert_cls", "bert", "gpt2", "llama", "vit", "t5_encoder")
+
+
+def hf_model(name: str, *, hidden: int, layers: int, heads: int, ffn: int, vocab: int, kv_heads: int | None = None,
+             positions: int | None = None, labels: int = 2, image: int = 224, patch: int = 16) -> nn.Module:
+    """A transformers model of HF_MODELS from its config, in eval mode (seed torch first for its weights): `heads`
+    attention heads (Llama: `kv_heads` key / value heads, half of them when None), `positions` the longest
+    sequence (the config's own default when None; T5 and ViT have none), `labels` the classes of BERT's and
+    ViT's classifiers, `image` / `patch` ViT's sides. The tests' and bench_transformers.py's models."""
+    import transformers as hf  # an optional dependency: imported when a model is built
+    if name not in HF_MODELS:
+        raise ConfigError(f"hf_model: no model named {name!r}; models: {HF_MODELS}")
+    longest = lambda key: {} if positions is None else {key: positions}  # noqa: E731
+    if name in ("bert", "bert_cls"):
+        config = hf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=ffn, num_labels=labels, **longest("max_position_embeddings"))
+        model = hf.BertForSequenceClassification(config) if name == "bert_cls" else hf.BertModel(config)
+    elif name == "gpt2":  # GPT-2's own special tokens are its vocabulary's last id: a smaller one uses 0
+        tokens = {} if vocab > 50256 else {"bos_token_id": 0, "eos_token_id": 0}
+        model = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads,
+                                                 use_cache=False, **tokens, **longest("n_positions")))
+    elif name == "llama":
+        model = hf.LlamaForCausalLM(hf.LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads // 2, intermediate_size=ffn, use_cache=False,
+            **longest("max_position_embeddings")))
+    elif name == "vit":
+        model = hf.ViTForImageClassification(hf.ViTConfig(
+            image_size=image, patch_size=patch, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, intermediate_size=ffn, num_labels=labels))
+    else:
+        model = hf.T5EncoderModel(hf.T5Config(vocab_size=vocab, d_model=hidden, d_kv=hidden // heads, d_ff=ffn,
+                                              num_layers=layers, num_heads=heads, use_cache=False))
+    return model.eval()
 
 
 def _images(channels: int, side: int) -> Callable[[], torch.Tensor]:

@@ -32,14 +32,8 @@ from fxcompress.fileformat.container import from_bytes, to_bytes  # noqa: E402
 from fxcompress.inspection import channel_graph  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded, PruneChannels  # noqa: E402
+from fxcompress.zoo import hf_model  # noqa: E402
 from zeroing import pick_half, zero_classes  # noqa: E402
-
-
-@functools.cache
-def hf():
-    """transformers, imported when the first model is built: importing it at collection cost every
-    worker about 1 s CPU, also the workers that never run this module."""
-    return importlib.import_module("transformers")
 
 
 # transformers 5 removed its fx tracer (transformers.utils.fx); 4.46 still has it. The installed
@@ -52,32 +46,19 @@ VOCAB, BATCH, LENGTH = 100, 2, 8
 pytestmark = pytest.mark.filterwarnings("ignore:fxcompress. aten ops with no torch-level spelling:UserWarning")
 
 
-def _bert_config():
-    return hf().BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=16, num_labels=3)
-
-
 def _tokens():
     return torch.randint(0, VOCAB, (BATCH, LENGTH))
 
 
-# name -> (model builder, input builder, the forward's input names for HF's tracer). use_cache=False:
+TINY = {"hidden": 32, "layers": 2, "heads": 4, "ffn": 64, "vocab": VOCAB, "labels": 3}
+# name -> (model builder, input builder, the forward's input names for HF's tracer). use_cache=False (hf_model):
 # a DynamicCache in the output is no tensor tree torch.export can return (nor one a compressed model needs).
 MODELS = {
-    "bert_cls": (lambda: hf().BertForSequenceClassification(_bert_config()), _tokens, ["input_ids"]),
-    "bert": (lambda: hf().BertModel(_bert_config()), _tokens, ["input_ids"]),
-    "gpt2": (lambda: hf().GPT2LMHeadModel(hf().GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
-        bos_token_id=0, eos_token_id=0)), _tokens, ["input_ids"]),
-    "llama": (lambda: hf().LlamaForCausalLM(hf().LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=16, use_cache=False)), _tokens, ["input_ids"]),
-    "vit": (lambda: hf().ViTForImageClassification(hf().ViTConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=3)), lambda: torch.randn(BATCH, 3, 16, 16), ["pixel_values"]),
-    "t5_encoder": (lambda: hf().T5EncoderModel(hf().T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, use_cache=False)),
-        _tokens, ["input_ids"]),
+    **{name: (functools.partial(hf_model, name, positions=16, **TINY), _tokens, ["input_ids"])
+       for name in ("bert_cls", "bert", "gpt2", "llama")},
+    "vit": (functools.partial(hf_model, "vit", image=16, patch=4, **TINY), lambda: torch.randn(BATCH, 3, 16, 16),
+            ["pixel_values"]),
+    "t5_encoder": (functools.partial(hf_model, "t5_encoder", **TINY), _tokens, ["input_ids"]),
 }
 FRONTENDS = ("export", "hf_fx") if HF_FX else ("export",)
 MODES = {"default": {}, "heads": {"attention": "heads"}, "normalized": {"prune_normalized": True}}
