@@ -12,6 +12,7 @@ What the graph holds afterwards:
   becomes the rounded values, except at each grid group's smallest and largest weight, which keep
   their float values so that the recomputed grid is exactly the one rounded onto; every other value
   is kept inside that range. The module's output is then exactly the GPTQ result (checked).
+* codebooks (`KMeansWeight`): the codes are rewritten; the centroids stay as k-means found them.
 
 A group-wise grid (`group_size`, linear layers) is found as in GPTQ's reference code: when the sweep
 reaches a group, from the group's weights as the earlier columns' errors left them, so the grid fits
@@ -19,7 +20,6 @@ what is rounded onto it (`static_groups`, and act_order, whose column order runs
 every group's grid from the weights before the sweep instead). The two weights that set a group's
 range then keep those updated values. A per-channel or per-tensor grid is found before the sweep, as
 the reference does.
-* codebooks (`KMeansWeight`): the codes are rewritten; the centroids stay as k-means found them.
 
 Masked weights (a mask node before the fake-quant) are fixed to exactly zero, as SparseGPT does
 when it prunes and quantizes in one sweep.
@@ -59,13 +59,14 @@ class _Target:
 
     def __post_init__(self) -> None:
         self.any_pinned = bool(self.pinned.any())
-        self.pinned_columns = self.pinned.T.contiguous()   # views of the same memory are not kept: prepare
-        self.pinned_column_values = self.pinned_values.T.contiguous()  # writes these and the (out, in) ones
+        # column j as row j, what the sweep reads (copies: `prepare` writes these and the (out, in) forms)
+        self.pinned_columns = self.pinned.T.contiguous()
+        self.pinned_column_values = self.pinned_values.T.contiguous()
 
 
 class _GridTables:
-    """Per-column scale, zero point and allowed code range of a linear grid, and its pins, for the
-    columns of one or more grids (each row of `rows` one grid, `width` columns wide)."""
+    """Per-element scale, zero point and allowed code range of a weight's linear grids, and their pins
+    (each grid's smallest and largest weight), the module's rounding and the float values."""
 
     def __init__(self, module: GridWeight, weight: torch.Tensor, kind: str) -> None:
         grid = module.grid(weight)
