@@ -90,6 +90,8 @@ def arms() -> dict[str, callable]:
         table[f"w{bits} g64 gptq"] = lambda b=bits: [q(b, rounding="gptq")]
         # every group's grid from the weights before the sweep (GPTQ's static_groups), what ours did before
         table[f"w{bits} g64 gptq static"] = lambda b=bits: [q(b, rounding="gptq", static_groups=True)]
+        # columns by decreasing Hessian diagonal, grids from the float weights (llm-compressor's default, "static")
+        table[f"w{bits} g64 gptq act-order"] = lambda b=bits: [q(b, rounding="gptq", act_order=True)]
         table[f"w{bits} g64 awq"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS), q(b)]
         # AWQ's scale search alone (AutoAWQ's apply_clip=False; llm-compressor's AWQModifier has no clip step)
         table[f"w{bits} g64 awq noclip"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS,
@@ -364,7 +366,10 @@ def llmc_recipes() -> dict[str, callable]:
         table[f"sparsegpt {name}"] = lambda s=structure: [SparseGPTModifier(sparsity=0.5, mask_structure=s, **skip)]
     for bits in (4, 3):
         table[f"w{bits} g64 rtn"] = lambda b=bits: [QuantizationModifier(config_groups=wq(b), **skip)]
-        table[f"w{bits} g64 gptq"] = lambda b=bits: [GPTQModifier(config_groups=wq(b), **skip)]
+        # its default order is actorder="static", our act_order=True; None is the natural order, as our "gptq"
+        table[f"w{bits} g64 gptq"] = lambda b=bits: [GPTQModifier(config_groups=wq(b), actorder=None, **skip)]
+        table[f"w{bits} g64 gptq act-order"] = lambda b=bits: [GPTQModifier(config_groups=wq(b), actorder="static",
+                                                                            **skip)]
     table["w8a8"] = lambda: [QuantizationModifier(config_groups=w8a8, **skip)]
     table["w8a8 smoothquant"] = lambda: [SmoothQuantModifier(smoothing_strength=0.5),
                                          QuantizationModifier(config_groups=w8a8, **skip)]
