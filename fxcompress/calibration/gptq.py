@@ -59,6 +59,7 @@ class _Target:
     pinned_stored: torch.Tensor   # (out, in) float64, read where pinned: the value stored there
     prepare: Callable[[int, torch.Tensor], None] | None = None
     group: int | None = None      # the columns each `prepare` call covers
+    every_code: bool | None = None  # grids only: every grid's pins at its end levels, so every code reachable
 
     def __post_init__(self) -> None:
         self.any_pinned = bool(self.pinned.any())
@@ -92,6 +93,7 @@ class _GridTables:
         self.pinned = pinned.reshape(matrix.shape)
         self.stored = matrix.to(torch.float64)
         grid, ends = module.grid(weight), _end_levels(module, weight, kind, width, first, last, low < 0, high > 0)
+        self.every_code = ends is not None
         if ends is not None:
             grid, levels = ends
             self.stored = levels.reshape(matrix.shape).to(torch.float64)  # read at the pins only
@@ -153,7 +155,8 @@ def _grid_target(module: GridWeight, weight: torch.Tensor, kind: str) -> _Target
     """Every grid found from the weight before the sweep."""
     tables = _GridTables(module, weight, kind)
     columns = tables.columns()
-    return _Target(lambda j, x: _snap(columns, j, x), tables.pinned, tables.own, tables.stored)
+    return _Target(lambda j, x: _snap(columns, j, x), tables.pinned, tables.own, tables.stored,
+                   every_code=tables.every_code)
 
 
 def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor | None) -> _Target:
@@ -173,6 +176,7 @@ def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor
             table[span] = found
         target.pinned[:, span], target.pinned_values[:, span] = tables.pinned, tables.own
         target.pinned_stored[:, span] = tables.stored
+        target.every_code = tables.every_code and target.every_code is not False
         target.pinned_columns[span] = tables.pinned.T
         target.pinned_column_values[span] = tables.own.T
 
@@ -236,6 +240,7 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
     reference = max(output_error(original, torch.zeros_like(original), stats.hessian), 1e-30)
     noise = float((original - rounded).pow(2).sum())
     return {"levels": int(torch.unique(rounded).numel()), "rounding": "gptq", "act_order": act_order,
+            "every_code": target.every_code,  # or each value kept inside its grid's float range (None: codebook)
             "group_grids": None if not getattr(module, "group_size", None) else "static" if target.group is None
             else "sweep",  # found from the weights before the sweep, or as it reaches each group
             "sqnr_db": round(10 * math.log10(float(original.pow(2).sum()) / noise), 2) if noise else float("inf"),

@@ -133,6 +133,18 @@ def test_gptq_reaches_every_code_of_a_group_grid_and_loses_about_what_the_textbo
     reference = _reference_gptq(float_weight, hessian, module.grid(float_weight), act_order)
     assert error(weight) < 1.15 * error(reference)
     assert error(reference) < 0.2 * error(module(float_weight))   # the reference is GPTQ: far below rounding
+    assert fxcompress.history(gm)[-1].stats["0"]["every_code"] is True
+
+
+def test_a_symmetric_grid_keeps_its_values_inside_the_float_range_and_says_so(layer):
+    """A symmetric grid's end levels would widen its range (its step follows max |w|): no end levels there."""
+    model, batches = layer
+    gm = _compile(model, [InsertFakeQuant(method="linear", bits=3, per_channel=True, symmetric=True,
+                                          rounding="gptq")], batches)
+    weight, _, _ = _quantized_weight(gm)
+    float_weight = model[0].weight.detach()
+    assert bool((weight.abs() <= float_weight.abs().amax(1, keepdim=True) * (1 + 1e-6)).all())
+    assert fxcompress.history(gm)[-1].stats["0"]["every_code"] is False
 
 
 def test_static_groups_is_read_by_gptq_only():
