@@ -92,7 +92,8 @@ class _GridTables:
         pinned.scatter_(1, last, high > 0)    # their values stay as they are, or become the end levels
         self.pinned = pinned.reshape(matrix.shape)
         self.stored = matrix.to(torch.float64)
-        grid, ends = module.grid(weight), _end_levels(module, weight, kind, width, first, last, low < 0, high > 0)
+        grid = module.grid(weight)
+        ends = _end_levels(module, grid, weight, kind, width, first, last, (low < 0) & (high > 0))
         self.every_code = ends is not None
         if ends is not None:
             grid, levels = ends
@@ -121,17 +122,16 @@ class _GridTables:
 END_LEVEL_TRIES = 4  # min-max -> grid -> end levels -> grid settles in one or two steps (a scale's last bit)
 
 
-def _end_levels(module: GridWeight, weight: torch.Tensor, kind: str, width: int, first: torch.Tensor,
-                last: torch.Tensor, has_low: torch.Tensor, has_high: torch.Tensor
-                ) -> tuple[Grid, torch.Tensor] | None:
+def _end_levels(module: GridWeight, grid: Grid, weight: torch.Tensor, kind: str, width: int, first: torch.Tensor,
+                last: torch.Tensor, spans_zero: torch.Tensor) -> tuple[Grid, torch.Tensor] | None:
     """An asymmetric linear grid whose grids' lowest and highest levels, stored at each grid's smallest and
-    largest weight, give the module that grid back: the grid and the (out, in) levels at those positions
-    (zeros elsewhere: inside every grid's range); None for other grids, a grid whose range does not span
-    zero on both sides (an end at 0 is a level already), or no settled grid."""
-    if module.method != "linear" or module.symmetric or not bool((has_low & has_high).all()):
+    largest weight, give the module that grid back (starting from `grid`, the weight's own): the grid and the
+    levels at those positions, one row per grid (zeros elsewhere: inside every grid's range); None for other
+    grids, a grid whose range does not span zero on both sides (an end at 0 is a level already), or no
+    settled grid."""
+    if module.method != "linear" or module.symmetric or not bool(spans_zero.all()):
         return None
     shape = as_matrix(weight, kind).shape
-    grid = module.grid(weight)
     for _ in range(END_LEVEL_TRIES):
         scale, zero = (as_matrix(t.expand_as(weight).to(torch.float32), kind).reshape(-1, width)[:, :1]
                        for t in grid.broadcast(weight, module.axis))
@@ -165,7 +165,8 @@ def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor
     shape, group = weight.shape, module.group_size
     columns = [torch.empty(shape[1], shape[0], dtype=torch.float32) for _ in range(4)]
     target = _Target(lambda j, x: _snap(columns, j, x), torch.zeros(shape, dtype=torch.bool),
-                     torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), group=group)
+                     torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), group=group,
+                     every_code=True)
 
     def prepare(start: int, values: torch.Tensor) -> None:
         span = slice(start, start + group)
@@ -176,7 +177,7 @@ def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor
             table[span] = found
         target.pinned[:, span], target.pinned_values[:, span] = tables.pinned, tables.own
         target.pinned_stored[:, span] = tables.stored
-        target.every_code = tables.every_code and target.every_code is not False
+        target.every_code = target.every_code and tables.every_code
         target.pinned_columns[span] = tables.pinned.T
         target.pinned_column_values[span] = tables.own.T
 
