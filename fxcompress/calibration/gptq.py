@@ -77,7 +77,7 @@ class _GridTables:
     levels lie between them, and a min-max grid's rounded zero point puts one end level outside in
     nearly every grid: one code in 8 lost at 3 bits. Where both pins are stored at their end levels
     instead (the codes they round to anyway) and that range gives the module the same grid again, every
-    code is allowed, as GPTQ with a stored grid has it (test layer, 3 bits: 35% less output error).
+    code is allowed, as GPTQ with a stored grid has it (test layer, 3 bits, static grids: 27% less output error).
     """
 
     def __init__(self, module: GridWeight, weight: torch.Tensor, kind: str) -> None:
