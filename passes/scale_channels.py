@@ -8,7 +8,7 @@ Weight Quantization"; Xiao et al. 2023, "SmoothQuant").
 For every group of linear layers reading one value x (q / k / v, gate / up, o_proj, down_proj),
 a graph query walks back from x to the op that last scaled its channels: a norm's weight (RMSNorm
 written out as pow / mean / rsqrt / mul, LayerNorm) or a linear layer (v_proj -> attention ->
-o_proj, up -> silu(gate) * up -> down_proj). Then x = x' * s per input channel, so
+o_proj, up -> silu(gate) * up -> down_proj, OPT's fc1 -> ReLU -> fc2: ReLU(x / s) = ReLU(x) / s for s > 0). Then x = x' * s per input channel, so
 
     producer output / s   and   consumer columns * s
 
@@ -112,6 +112,11 @@ SPLITS: frozenset[Any] = frozenset({torch.split, torch.chunk, torch.tensor_split
 # ops whose result is fixed by their output shape alone: ids move by reshaping to it, whatever computed the shape
 RESHAPES: frozenset[Any] = frozenset({"view", "reshape", "flatten", "unflatten", torch.reshape, torch.flatten,
                                       torch.unflatten})
+# positively homogeneous activations: f(x / s) = f(x) / s for every s > 0, so a channel's scale passes them to the
+# layer before (AutoAWQ scales OPT's fc2 into fc1 through its ReLU); GELU, SiLU and tanh are not, and stop the query
+HOMOGENEOUS_FUNCTIONS: frozenset[Any] = frozenset({torch.relu, torch.relu_, F.relu, F.relu_, F.leaky_relu})
+HOMOGENEOUS_METHODS: frozenset[str] = frozenset({"relu", "relu_"})
+HOMOGENEOUS_MODULES: tuple[type, ...] = (nn.ReLU, nn.LeakyReLU)
 # ops that mix tokens, not channels, of one operand: (position of that operand); its channels pass
 VALUE_OPERANDS: dict[Callable, int] = {F.scaled_dot_product_attention: 2, torch.matmul: 1, operator.matmul: 1,
                                        torch.bmm: 1}
@@ -311,7 +316,7 @@ class ScaleChannels(Pass):
             # the paper and llm-compressor smooth only norm -> linear; on a trained 6.9 M Llama, scales
             # folded from up_proj into down_proj reached 100x and 8-bit weights lost (perplexity 6.76 -> 8.53)
             return {"skipped": f"{producer.name} is a linear layer: SmoothQuant folds only into norms"}, None
-        channel_map, why = map_channels(producer, x, walking.shapes)
+        channel_map, why = map_channels(gm, producer, x, walking.shapes)
         if channel_map is None:
             return {"skipped": why}, None
         walking.touched.extend([*producer.tensors, *(layer.weight for layer in consumers)])
@@ -669,7 +674,7 @@ def _walk_back(gm: GraphModule, node: Node, first: bool = False, after: tuple[No
     split = _piece_of(node)
     if split is not None:   # the other pieces read other channels of the input (map_channels checks it)
         return _walk_back(gm, split.args[0], after=(split, *walked))
-    step = _channel_step(node)
+    step = _channel_step(gm, node)
     if step is None:
         return None, f"{node.name} ({_op_name(node)}) is not an op that keeps channels"
     return _walk_back(gm, step, after=walked)
@@ -727,8 +732,10 @@ def _through_product(gm: GraphModule, node: Node, walked: tuple[Node, ...]) -> t
     return None, "; ".join(reasons) or f"{node.name} multiplies no computed value"
 
 
-def _channel_step(node: Node) -> Node | None:
+def _channel_step(gm: GraphModule, node: Node) -> Node | None:
     """The input through which `node` passes its channels on, or None when it mixes them."""
+    if _homogeneous(gm, node):
+        return node.args[0] if node.args and isinstance(node.args[0], Node) else None
     if node.op == "call_method" and node.target in CHANNEL_METHODS:
         return node.args[0] if isinstance(node.args[0], Node) else None
     if node.op == "call_function" and node.target in CHANNEL_FUNCTIONS:
@@ -738,6 +745,14 @@ def _channel_step(node: Node) -> Node | None:
         value = node.args[position] if len(node.args) > position else node.kwargs.get("value")
         return value if isinstance(value, Node) else None
     return None
+
+
+def _homogeneous(gm: GraphModule, node: Node) -> bool:
+    """A positively homogeneous activation (ReLU, leaky ReLU): a positive per-channel scale passes it."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), HOMOGENEOUS_MODULES)
+    return (node.op == "call_function" and node.target in HOMOGENEOUS_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in HOMOGENEOUS_METHODS)
 
 
 def _piece_of(node: Node) -> Node | None:
@@ -807,7 +822,7 @@ def _take_piece(node: Node, pieces: tuple[torch.Tensor, ...], shapes: ShapeInfo)
     return piece if tuple(piece.shape) == tuple(shapes.shape(node.name) or ()) else None
 
 
-def map_channels(producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.Tensor | None, str]:
+def map_channels(gm: GraphModule, producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.Tensor | None, str]:
     """For each channel of x (its last dim), the producer channel it carries, found by pushing channel
     ids through the ops find_producer walked; None (and why) when a channel of x mixes producer channels."""
     path = producer.path
@@ -816,7 +831,7 @@ def map_channels(producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.
         return None, f"{producer.output.name}'s last dim is not {producer.name}'s {producer.channels} channels"
     ids = torch.arange(producer.channels).expand(shape)
     for prev, node in zip(path, path[1:]):
-        ids = _move_ids(node, prev, ids, shapes)
+        ids = _move_ids(gm, node, prev, ids, shapes)
         if ids is None:
             return None, f"channel ids cannot pass {node.name} ({_op_name(node)})"
     rows = ids.reshape(-1, ids.shape[-1])
@@ -825,7 +840,8 @@ def map_channels(producer: Producer, x: Node, shapes: ShapeInfo) -> tuple[torch.
     return rows[0].clone(), ""
 
 
-def _move_ids(node: Node, prev: Node, ids: torch.Tensor | tuple, shapes: ShapeInfo) -> torch.Tensor | tuple | None:
+def _move_ids(gm: GraphModule, node: Node, prev: Node, ids: torch.Tensor | tuple, shapes: ShapeInfo
+              ) -> torch.Tensor | tuple | None:
     if node.target in SPLITS and node.args[0] is prev:   # the pieces, each checked where a getitem takes it
         args = [ids, *node.args[1:]]
         return getattr(ids, node.target)(*args[1:], **node.kwargs) if node.op == "call_method" else \
@@ -835,7 +851,8 @@ def _move_ids(node: Node, prev: Node, ids: torch.Tensor | tuple, shapes: ShapeIn
     out = shapes.shape(node.name)
     if out is None:
         return None
-    if _is_product(node) or CHANNEL_METHODS.get(node.target) == "same" or CHANNEL_FUNCTIONS.get(node.target) == "same":
+    if _is_product(node) or _homogeneous(gm, node) or CHANNEL_METHODS.get(node.target) == "same" \
+            or CHANNEL_FUNCTIONS.get(node.target) == "same":
         return ids.broadcast_to(out) if torch.broadcast_shapes(ids.shape, out) == torch.Size(out) else None
     if node.op == "call_function" and node.target in VALUE_OPERANDS:   # channels kept, tokens mixed
         first = ids.narrow(-2, 0, 1)

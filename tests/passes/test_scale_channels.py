@@ -2,6 +2,7 @@
 finds (norm weights, LayerNorm, a preceding linear through attention and the gated MLP, repeated
 key / value heads), AWQ lowers the 4-bit output error of a layer fed by outlier channels, and
 what cannot be folded is reported or refused by name."""
+import dataclasses
 import functools
 
 import pytest
@@ -106,7 +107,7 @@ def test_fold_is_exact_on_llama_and_finds_every_producer(method, kv_heads):
         assert layers[f"model.layers.{i}.mlp.down_proj"]["producer"] == f"model.layers.{i}.mlp.up_proj"
 
 
-def test_layernorm_fold_is_exact_and_a_relu_stops_the_query():
+def test_layernorm_fold_is_exact_and_smoothquant_takes_only_norms():
     model = _outlier_model()
     x = torch.randn(32, 64)
     gm = fxcompress.compile(model, [ScaleChannels(method="smoothquant")], (x,), calibration_data=[(x,)])
@@ -114,8 +115,76 @@ def test_layernorm_fold_is_exact_and_a_relu_stops_the_query():
         assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5 * float(model(x).abs().max()))
     layers = fxcompress.history(gm)[-1].stats["layers"]
     assert layers["fc1"]["producer"] == layers["fc2"]["producer"] == "norm"
-    assert "relu" in layers["fc3"]["skipped"]
+    # fc3 reads relu(fc1): the query passes the ReLU and finds fc1, a linear layer SmoothQuant leaves alone
+    assert "fc1 is a linear layer: SmoothQuant folds only into norms" in layers["fc3"]["skipped"]
     assert not torch.equal(gm.get_submodule("norm").bias, model.norm.bias)   # the bias is divided too
+
+
+class ActivationMLP(nn.Module):
+    """fc1 -> activation -> fc2, as OPT's (ReLU) or GPT-2's (GELU) MLP; a few fc1 units are outliers,
+    a few never fire (a dead ReLU unit: mean |x| = 0, which a scale must survive)."""
+
+    def __init__(self, activation: str, width: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.act = nn.LeakyReLU(0.1) if activation == "leaky module" else nn.ReLU()
+        self.activation = activation
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.activation == "relu":
+            h = torch.relu(h)
+        elif self.activation == "relu method":
+            h = h.relu()
+        elif self.activation == "gelu":
+            h = torch.nn.functional.gelu(h)
+        else:
+            h = self.act(h)
+        return self.fc2(h)
+
+
+def _activation_mlp(activation: str) -> ActivationMLP:
+    torch.manual_seed(0)
+    model = ActivationMLP(activation).eval()
+    with torch.no_grad():
+        model.fc1.weight[:4] *= 25.0         # outlier units: their activations dominate fc2's input
+        model.fc1.weight[4:8] = 0.0          # dead units: ReLU(bias < 0) is 0 on every input
+        model.fc1.bias[4:8] = -1.0
+    return model
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu method", "module", "leaky module"])
+def test_awq_scales_pass_a_relu_into_the_layer_before(activation):
+    """ReLU and leaky ReLU commute with a positive scale, so fc2's scales fold into fc1's rows (AutoAWQ's
+    OPT fc1 -> fc2): exact in float, dead units included, and fc2's 4-bit output error falls."""
+    model = _activation_mlp(activation)
+    cal = [(torch.randn(64, 64),) for _ in range(4)]
+    test = torch.randn(256, 64)
+    quant = InsertFakeQuant(method="linear", bits=4, group_size=32, select="fc2")
+    awq = ScaleChannels(bits=4, group_size=32, select="fc2")
+    folded = fxcompress.compile(model, [replace_clip(awq)], (test[:4],), calibration_data=cal)
+    with torch.no_grad():
+        reference = model(test)
+        assert float((folded(test) - reference).abs().max() / reference.abs().max()) < 1e-5
+    report = fxcompress.history(folded)[-1].stats["layers"]["fc2"]
+    assert report["producer"] == "fc1" and report["alpha"] > 0
+    assert torch.isfinite(folded.get_submodule("fc1").weight).all()
+    plain = fxcompress.compile(model, [quant], (test[:4],))
+    scaled = fxcompress.compile(model, [awq, quant], (test[:4],), calibration_data=cal)
+    assert _output_error(scaled, model, test) < 0.7 * _output_error(plain, model, test)
+
+
+def test_a_gelu_stops_the_query():
+    """GELU is not homogeneous: GELU(x / s) != GELU(x) / s, so no scale reaches fc1 through it."""
+    model = _activation_mlp("gelu")
+    x = torch.randn(32, 64)
+    gm = fxcompress.compile(model, [ScaleChannels(group_size=32, select="fc2")], (x,), calibration_data=[(x,)])
+    assert "gelu) is not an op that keeps channels" in fxcompress.history(gm)[-1].stats["layers"]["fc2"]["skipped"]
+
+
+def replace_clip(config: ScaleChannels) -> ScaleChannels:
+    """The same search with the clip off: the clip changes weights on purpose, the fold alone is exact."""
+    return dataclasses.replace(config, clip=False)
 
 
 @torch.no_grad()
@@ -309,6 +378,30 @@ def test_gpt2_scales_its_attention_output_from_the_fused_c_attn():
     assert layers["transformer.h.0.attn.c_proj"]["producer"] == "transformer.h.0.attn.c_attn"
     assert layers["transformer.h.0.attn.c_attn"]["producer"] == "transformer.h.0.ln_1.weight"
     assert "is not an op that keeps channels" in layers["transformer.h.0.mlp.c_proj"]["skipped"]
+    with torch.no_grad():
+        reference = model(x).logits
+        assert float((gm(x)["logits"] - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_opt_scales_fc2_into_fc1_through_its_relu():
+    """transformers' OPT: fc2 reads ReLU(fc1), which a positive scale passes, so every linear layer of the block
+    takes scales (fc1 from the final LayerNorm, fc2 from fc1, out_proj from v_proj); logits unchanged."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32,
+                                    use_cache=False)
+    model = transformers.OPTForCausalLM(config).eval()
+    x = torch.randint(0, 64, (2, 8))
+    cal = [(torch.randint(0, 64, (2, 8)),) for _ in range(2)]
+    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False),
+                            [ScaleChannels(alpha=0.5, group_size=16, clip=False)], (x,), calibration_data=cal)
+    layers = fxcompress.history(gm)[-1].stats["layers"]
+    block = "model.decoder.layers.0"
+    assert layers[f"{block}.fc2"]["producer"] == f"{block}.fc1"
+    assert layers[f"{block}.fc1"]["producer"] == f"{block}.final_layer_norm.weight"
+    assert layers[f"{block}.self_attn.out_proj"]["producer"] == f"{block}.self_attn.v_proj"
+    assert not any("skipped" in report for report in layers.values())
     with torch.no_grad():
         reference = model(x).logits
         assert float((gm(x)["logits"] - reference).abs().max() / reference.abs().max()) < 1e-5
