@@ -36,7 +36,7 @@ from torch.fx import GraphModule
 
 from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import (KINDS, Layer, WeightTransform, chain_module_node, chain_transforms, constant_value,
-                     effective_weight, find_layers, layer_node)
+                     effective_weight, find_layers, inverse_scale_name, layer_node)
 from .pruning.masks import get_mask, mask_name
 from .quant.channel_grid import per_channel_grid
 from .quant.modules import ActivationQuant, GridWeight
@@ -63,6 +63,7 @@ def to_compressed_tensors(gm: GraphModule, directory: str | os.PathLike, format:
     plus `quantization_config` when layers are packed) into `directory`; returns what was written."""
     if format not in FORMATS:
         raise ConfigError(f"to_compressed_tensors: format={format!r} is not one of {', '.join(FORMATS)}")
+    _check_no_inserted_scales(gm)
     packed = packed_layers(gm) if format == "pack-quantized" else []
     tensors, tied = _tensors(gm, packed)
     out = Path(directory)
@@ -75,6 +76,19 @@ def to_compressed_tensors(gm: GraphModule, directory: str | os.PathLike, format:
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
     return {"format": format, "packed_layers": [p.layer.name for p in packed], "tied_skipped": tied,
             "bytes": (out / "model.safetensors").stat().st_size}
+
+
+def _check_no_inserted_scales(gm: GraphModule) -> None:
+    """A layer input multiplied by scales of its own (`ScaleChannels(insert_scales=True)`) has no place in
+    the modeling code that reads the checkpoint: written anyway, the buffer would be ignored, the model wrong."""
+    tensors = dict(gm.named_buffers())
+    for layer in find_layers(gm):
+        name = inverse_scale_name(layer.weight)
+        if name in tensors:
+            raise ConfigError(f"to_compressed_tensors: layer {layer.name!r} reads its input times {name}, a scale "
+                              "ScaleChannels(insert_scales=True) put in a node of its own, which a compressed-tensors "
+                              "checkpoint cannot hold; run ScaleChannels without insert_scales for this export, or "
+                              "save with fxcompress.save")
 
 
 def packed_layers(gm: GraphModule) -> list[PackedLayer]:

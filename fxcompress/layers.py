@@ -129,6 +129,13 @@ def submodule(root: nn.Module, target: str) -> nn.Module:
     return root.get_submodule(target) if found is None else found
 
 
+def inverse_scale_name(weight: str) -> str:
+    """The buffer a layer's input is multiplied by where `ScaleChannels(insert_scales=True)` put AWQ's scales
+    into a node of their own (no producer could take them): 1 / s, the layer's columns holding s.
+    "mlp.c_proj.weight" -> "mlp.c_proj.weight_inverse_scale". Exports for other code refuse it by this name."""
+    return f"{weight}_inverse_scale"
+
+
 def stored_attr(root: nn.Module, target: str) -> Any:
     """`operator.attrgetter(target)(root)` (what a get_attr node reads), its module steps read as `_walk` reads them."""
     owner, _, field = target.rpartition(".")

@@ -8,7 +8,8 @@ Weight Quantization"; Xiao et al. 2023, "SmoothQuant").
 For every group of linear layers reading one value x (q / k / v, gate / up, o_proj, down_proj),
 a graph query walks back from x to the op that last scaled its channels: a norm's weight (RMSNorm
 written out as pow / mean / rsqrt / mul, LayerNorm) or a linear layer (v_proj -> attention ->
-o_proj, up -> silu(gate) * up -> down_proj, OPT's fc1 -> ReLU -> fc2: ReLU(x / s) = ReLU(x) / s for s > 0). Then x = x' * s per input channel, so
+o_proj, up -> silu(gate) * up -> down_proj, OPT's fc1 -> ReLU -> fc2: ReLU(x / s) = ReLU(x) / s for
+s > 0). Then x = x' * s per input channel, so
 
     producer output / s   and   consumer columns * s
 
@@ -56,7 +57,9 @@ tables below; the channel map from producer to consumer is found by pushing chan
 the very ops of the path (views, transposes, attention's value operand), so heads, reshapes and
 repeated key / value heads (GQA: one producer channel feeding several consumer channels) are all
 read from the graph, with no per-architecture table. A group whose x comes from anything else (a
-residual add, an embedding) is left as it is and reported with the op that stopped the query.
+GELU, a residual add, an embedding) is left as it is and reported with the op that stopped the query,
+or with insert_scales=True (awq) scaled by a product of its own before the group (AutoAWQ's
+ScaledActivation), a product taken out again where plain rounding wins.
 """
 from __future__ import annotations
 
@@ -78,9 +81,10 @@ from fxcompress.calibration.sequential import Probe, value_at
 from fxcompress.calibration.clip import ClipGrid, clamp, clip_ratios, search_clip
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
 from fxcompress.errors import ConfigError, PreconditionError, VerificationError
-from fxcompress.layers import (KINDS, Layer, chain_transforms, find_layers, input_arg, kind_of_node, layer_node,
-                               select_layers, tied_readers)
+from fxcompress.layers import (KINDS, Layer, chain_transforms, find_layers, input_arg, inverse_scale_name, kind_of_node,
+                               layer_node, select_layers, stored_attr, submodule, tied_readers)
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.rewire import swap_input
 from fxcompress.quant.quantizers import check_groups, fake_quantize, linear_grid
 
 METHODS = ("awq", "smoothquant")
@@ -88,8 +92,8 @@ METHODS = ("awq", "smoothquant")
 # through each kind's in_dim, so both are producers and consumers alike
 LINEAR_KINDS: tuple[str, ...] = tuple(kind.name for kind in KINDS.values() if kind.family == "linear")
 _METHOD_FIELDS = {"grid": ("awq",), "bits": ("awq",), "group_size": ("awq",), "symmetric": ("awq",),
-                  "clip": ("awq",), "clip_grid": ("awq",), "max_shrink": ("awq",), "objective": ("awq",),
-                  "duo_scaling": ("awq",), "clip_objective": ("awq",)}
+                  "insert_scales": ("awq",), "clip": ("awq",), "clip_grid": ("awq",), "max_shrink": ("awq",),
+                  "objective": ("awq",), "duo_scaling": ("awq",), "clip_objective": ("awq",)}
 OBJECTIVES = ("layer", "block")
 
 # ---- op tables: how channel ids travel from a producer's output to a consumer's input ----------------
@@ -173,6 +177,12 @@ class ScaleChannels(Pass):
     clip_objective  awq with clip: "layer": every clip the per-group search chose is kept (AutoAWQ);
                 "block": a consumer's clip is kept only where the block output, every consumer
                 quantized, is closer to float with it than without it (reported)
+    insert_scales  awq: where no producer can take a group's scales (a GELU, SiLU or tanh between the
+                layers, a residual add, the model's input), multiply the group's input by 1 / s in a node
+                of its own (AutoAWQ's ScaledActivation): one element-wise product per such group at run
+                time, its buffer `<weight>_inverse_scale` beside the first layer's weight. Removed again
+                where the search keeps plain rounding. A compressed-tensors export refuses it
+                (transformers' modeling code has no place for it); our own files and GraphModules carry it
     select      full-match regex over the consumer layers' names; None: every linear layer
     """
 
@@ -188,16 +198,18 @@ class ScaleChannels(Pass):
     objective: str = "block"
     duo_scaling: bool = False
     clip_objective: str = "block"
+    insert_scales: bool = False
     select: str | None = None
 
-    preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)   # weights change, the graph does not
+    # weights change; the graph gains only the products insert_scales adds, whose shapes are their inputs'
+    preserves: ClassVar[tuple[type, ...]] = (ShapeInfo,)
     constraints: ClassVar[dict] = {
         "method": (Options(*METHODS),), "alpha": (Interval(float, 0.0, 1.0), None),
         "grid": (Interval(int, 1, 1000),), "bits": (Interval(int, 2, 16),),
         "group_size": (Interval(int, 1), None), "symmetric": (Boolean(),), "clip": (Boolean(), Regex()),
         "clip_grid": (Interval(int, 1, 1000),), "max_shrink": (Interval(float, 0.0, 1.0, hi_open=True),),
         "objective": (Options(*OBJECTIVES),), "duo_scaling": (Boolean(),), "clip_objective": (Options(*OBJECTIVES),),
-        "select": (Regex(), None),
+        "insert_scales": (Boolean(),), "select": (Regex(), None),
     }
 
     def __post_init__(self) -> None:
@@ -216,6 +228,11 @@ class ScaleChannels(Pass):
             if self.method == "awq" and self.group_size is not None:
                 check_groups(_rows(gm, layer), 0, self.group_size, f"ScaleChannels.group_size: layer {layer.name!r}")
         shapes = ctx.get(ShapeInfo)
+        inserted = insert_scales(gm, layers, shapes) if self.insert_scales else {}
+        if inserted:   # the products have their inputs' shapes: described here, as compile would
+            shapes = replace(shapes, meta={**shapes.meta, **{n.name: shapes.meta[n.args[0].name]
+                                                             for n in inserted.values()}})
+            ctx.analyses.put(shapes)
         touched: list[str] = []
         by_input: dict[str, dict[str, Any]] = {}   # the walk may split layers reading one value into groups
 
@@ -229,10 +246,12 @@ class ScaleChannels(Pass):
 
         walked = walk(gm, layers, ctx.calibration_data, handle, owner="ScaleChannels", hessian=self.method == "awq",
                       probe=True)
+        kept = remove_unit_scales(gm, inserted)
         scaled = {n: r for n, r in walked.layers.items() if "skipped" not in r}
         clipped = [n for n, r in walked.layers.items() if r.get("clip", {}).get("groups_clipped", 0)]
         return PassResult(changed=bool(scaled or clipped), params_touched=tuple(dict.fromkeys(touched)),
                           stats={"layers_scaled": len(scaled), "layers_skipped": len(walked.layers) - len(scaled),
+                                 **({"scales_inserted": kept} if self.insert_scales else {}),
                                  **({"layers_clipped": len(clipped)} if self._clips else {}),
                                  "layers": walked.layers, "calibration_batches": walked.batches,
                                  "calibration_peak_bytes": walked.peak_held_bytes})
@@ -567,6 +586,47 @@ def fold(gm: GraphModule, producer: Producer, layers: tuple[Layer, ...], scale: 
         for layer in layers:
             weight = _rows(gm, layer)
             weight.mul_(scale[channel_map].to(weight.dtype).reshape(1, -1))
+
+
+def insert_scales(gm: GraphModule, layers: list[Layer], shapes: ShapeInfo) -> dict[str, Node]:
+    """For each group of layers reading one value x whose scales no producer can take, x * b before them,
+    b a buffer of ones beside the first layer's weight: the product is the group's producer (a 1-D factor, as a
+    norm's weight), so the search and the fold treat it as any other. The products, by buffer name."""
+    groups: dict[Node, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(input_arg(layer_node(gm, layer)), []).append(layer)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    inserted = {}
+    for x, group in groups.items():
+        nodes = sorted((layer_node(gm, layer) for layer in group), key=order.get)
+        shape = shapes.shape(x.name)
+        if find_producer(gm, x, set(nodes))[0] is not None or not shape:
+            continue
+        name = inverse_scale_name(group[0].weight)
+        owner, _, attr = name.rpartition(".")
+        submodule(gm, owner).register_buffer(attr, torch.ones(shape[-1], dtype=shapes.meta[x.name].dtype))
+        with gm.graph.inserting_before(nodes[0]):
+            product = gm.graph.call_function(operator.mul, (x, gm.graph.get_attr(name)))
+        product.meta.update({k: v for k, v in x.meta.items() if k == "tensor_meta"})
+        for node in nodes:
+            node.replace_input_with(x, product)
+        inserted[name] = product
+    gm.recompile()
+    return inserted
+
+
+def remove_unit_scales(gm: GraphModule, inserted: dict[str, Node]) -> list[str]:
+    """Take out the products whose buffer is still all ones (the group was skipped, or plain rounding won);
+    the buffer names of the rest."""
+    kept = []
+    for name, product in inserted.items():
+        if not bool((stored_attr(gm, name) == 1).all()):
+            kept.append(name)
+            continue
+        for user in list(product.users):
+            swap_input(gm, user, product, product.args[0])
+    gm.recompile()
+    return kept
 
 
 def _weight(gm: GraphModule, layer: Layer) -> torch.Tensor:

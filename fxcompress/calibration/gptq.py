@@ -98,8 +98,7 @@ class _GridTables:
         if ends is not None:
             grid, levels = ends
             self.stored = levels.reshape(matrix.shape).to(torch.float64)  # read at the pins only
-        scale, zero = (as_matrix(t.expand_as(weight).to(torch.float32), kind)
-                       for t in grid.broadcast(weight, module.axis))
+        scale, zero = _per_element(grid, module, weight, kind)
         self.scale, self.zero = scale, zero
         if ends is not None:  # every code: the levels all lie between the stored ends
             self.qlo, self.qhi = torch.full_like(scale, grid.qmin), torch.full_like(scale, grid.qmax)
@@ -119,6 +118,11 @@ class _GridTables:
         return [t.T.contiguous() for t in (self.scale, self.zero, self.qlo, self.qhi)]
 
 
+def _per_element(grid: Grid, module: GridWeight, weight: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid's scale and zero point of every weight, as the (out, in) matrix the sweep reads."""
+    return tuple(as_matrix(t.expand_as(weight).to(torch.float32), kind) for t in grid.broadcast(weight, module.axis))
+
+
 END_LEVEL_TRIES = 4  # min-max -> grid -> end levels -> grid settles in one or two steps (a scale's last bit)
 
 
@@ -133,8 +137,7 @@ def _end_levels(module: GridWeight, grid: Grid, weight: torch.Tensor, kind: str,
         return None
     shape = as_matrix(weight, kind).shape
     for _ in range(END_LEVEL_TRIES):
-        scale, zero = (as_matrix(t.expand_as(weight).to(torch.float32), kind).reshape(-1, width)[:, :1]
-                       for t in grid.broadcast(weight, module.axis))
+        scale, zero = (t.reshape(-1, width)[:, :1] for t in _per_element(grid, module, weight, kind))
         rows = torch.zeros(shape, dtype=torch.float32).reshape(-1, width)  # levels as the module computes them:
         rows.scatter_(1, first, (torch.full_like(zero, grid.qmin) - zero) * scale)   # (code - zero) * scale
         rows.scatter_(1, last, (torch.full_like(zero, grid.qmax) - zero) * scale)

@@ -182,6 +182,47 @@ def test_a_gelu_stops_the_query():
     assert "gelu) is not an op that keeps channels" in fxcompress.history(gm)[-1].stats["layers"]["fc2"]["skipped"]
 
 
+def test_insert_scales_puts_awq_scales_where_no_producer_takes_them(tmp_path):
+    """With insert_scales, fc2's scales behind a GELU go into a product of their own (AutoAWQ's
+    ScaledActivation): exact in float, fc2's 4-bit output error falls as through a ReLU, the file keeps the
+    product, and a compressed-tensors export, which has no place for it, refuses by name."""
+    model = _activation_mlp("gelu")
+    cal = [(torch.randn(64, 64),) for _ in range(4)]
+    test = torch.randn(256, 64)
+    awq = ScaleChannels(bits=4, group_size=32, select="fc2", insert_scales=True)
+    folded = fxcompress.compile(model, [replace_clip(awq)], (test[:4],), calibration_data=cal)
+    with torch.no_grad():
+        reference = model(test)
+        assert float((folded(test) - reference).abs().max() / reference.abs().max()) < 1e-5
+    stats = fxcompress.history(folded)[-1].stats
+    assert stats["scales_inserted"] == ["fc2.weight_inverse_scale"]
+    assert stats["layers"]["fc2"]["producer"] == "fc2.weight_inverse_scale" and stats["layers"]["fc2"]["alpha"] > 0
+    inverse = folded.get_buffer("fc2.weight_inverse_scale")
+    assert not torch.equal(inverse, torch.ones_like(inverse))
+    quant = InsertFakeQuant(method="linear", bits=4, group_size=32, select="fc2")
+    plain = fxcompress.compile(model, [quant], (test[:4],))
+    scaled = fxcompress.compile(model, [awq, quant], (test[:4],), calibration_data=cal)
+    assert _output_error(scaled, model, test) < 0.7 * _output_error(plain, model, test)
+    fxcompress.save(scaled, tmp_path / "scaled.fxc")
+    loaded = fxcompress.load(tmp_path / "scaled.fxc")
+    with torch.no_grad():
+        assert torch.equal(loaded(test), scaled(test))
+    from fxcompress.compressed_tensors import to_compressed_tensors
+    with pytest.raises(ConfigError, match="'fc2' reads its input times fc2.weight_inverse_scale"):
+        to_compressed_tensors(scaled, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_an_inserted_scale_that_stays_one_is_taken_out_again():
+    """alpha = 0 (plain rounding) leaves the inserted buffer all ones: the graph and state are as before."""
+    model = _activation_mlp("gelu")
+    x = torch.randn(32, 64)
+    gm = fxcompress.compile(model, [ScaleChannels(alpha=0.0, group_size=32, clip=False, select="fc2",
+                                                  insert_scales=True)], (x,), calibration_data=[(x,)])
+    assert fxcompress.history(gm)[-1].stats["scales_inserted"] == []
+    assert "mul" not in gm.code and set(gm.state_dict()) == set(model.state_dict())
+
+
 def replace_clip(config: ScaleChannels) -> ScaleChannels:
     """The same search with the clip off: the clip changes weights on purpose, the fold alone is exact."""
     return dataclasses.replace(config, clip=False)
@@ -362,49 +403,52 @@ def test_a_split_along_tokens_is_not_a_piece_of_channels():
     assert "channel ids cannot pass getitem" in report["skipped"]
 
 
-def test_gpt2_scales_its_attention_output_from_the_fused_c_attn():
-    """transformers' GPT-2: c_attn (HF's Conv1D, one fused q / k / v) is the producer of attn.c_proj; the MLP's
-    c_proj reads a GELU of c_fc, which no scale passes (skipped with the reason); logits unchanged."""
+def _scaled_hf(name: str, config: ScaleChannels) -> dict[str, dict]:
+    """transformers' `name` (one block, random weights) exported, scaled by `config` on two calibration batches,
+    its logits checked unchanged; the pass's report per layer."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, use_cache=False,
-                                     bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    if name == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, use_cache=False, bos_token_id=0,
+            eos_token_id=0))
+    else:
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=16, word_embed_proj_dim=32, use_cache=False))
+    model.eval()
     x = torch.randint(0, 64, (2, 8))
     cal = [(torch.randint(0, 64, (2, 8)),) for _ in range(2)]
-    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False),
-                            [ScaleChannels(alpha=0.5, group_size=16, clip=False)], (x,), calibration_data=cal)
-    layers = fxcompress.history(gm)[-1].stats["layers"]
-    assert layers["transformer.h.0.attn.c_proj"]["producer"] == "transformer.h.0.attn.c_attn"
-    assert layers["transformer.h.0.attn.c_attn"]["producer"] == "transformer.h.0.ln_1.weight"
-    assert "is not an op that keeps channels" in layers["transformer.h.0.mlp.c_proj"]["skipped"]
+    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False), [config], (x,), calibration_data=cal)
     with torch.no_grad():
         reference = model(x).logits
         assert float((gm(x)["logits"] - reference).abs().max() / reference.abs().max()) < 1e-5
+    return fxcompress.history(gm)[-1].stats["layers"]
+
+
+@pytest.mark.parametrize("insert", [False, True], ids=["folds only", "insert_scales"])
+def test_gpt2_scales_its_attention_output_from_the_fused_c_attn(insert):
+    """transformers' GPT-2: c_attn (HF's Conv1D, one fused q / k / v) is the producer of attn.c_proj; the MLP's
+    c_proj reads a GELU of c_fc, which no scale passes: skipped with the reason, or with insert_scales
+    scaled by a product of its own."""
+    layers = _scaled_hf("gpt2", ScaleChannels(alpha=0.5, group_size=16, clip=False, insert_scales=insert))
+    assert layers["transformer.h.0.attn.c_proj"]["producer"] == "transformer.h.0.attn.c_attn"
+    assert layers["transformer.h.0.attn.c_attn"]["producer"] == "transformer.h.0.ln_1.weight"
+    if insert:
+        assert layers["transformer.h.0.mlp.c_proj"]["producer"] == "transformer.h.0.mlp.c_proj.weight_inverse_scale"
+    else:
+        assert "is not an op that keeps channels" in layers["transformer.h.0.mlp.c_proj"]["skipped"]
 
 
 def test_opt_scales_fc2_into_fc1_through_its_relu():
     """transformers' OPT: fc2 reads ReLU(fc1), which a positive scale passes, so every linear layer of the block
     takes scales (fc1 from the final LayerNorm, fc2 from fc1, out_proj from v_proj); logits unchanged."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                                    num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32,
-                                    use_cache=False)
-    model = transformers.OPTForCausalLM(config).eval()
-    x = torch.randint(0, 64, (2, 8))
-    cal = [(torch.randint(0, 64, (2, 8)),) for _ in range(2)]
-    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False),
-                            [ScaleChannels(alpha=0.5, group_size=16, clip=False)], (x,), calibration_data=cal)
-    layers = fxcompress.history(gm)[-1].stats["layers"]
+    layers = _scaled_hf("opt", ScaleChannels(alpha=0.5, group_size=16, clip=False))
     block = "model.decoder.layers.0"
     assert layers[f"{block}.fc2"]["producer"] == f"{block}.fc1"
     assert layers[f"{block}.fc1"]["producer"] == f"{block}.final_layer_norm.weight"
     assert layers[f"{block}.self_attn.out_proj"]["producer"] == f"{block}.self_attn.v_proj"
     assert not any("skipped" in report for report in layers.values())
-    with torch.no_grad():
-        reference = model(x).logits
-        assert float((gm(x)["logits"] - reference).abs().max() / reference.abs().max()) < 1e-5
 
 
 def _llama_blocks(layers: int = 2):
