@@ -46,7 +46,7 @@ from fxcompress.compressed_tensors import to_compressed_tensors
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINT = HERE / ".cache" / "llama-bytes"
-BLOCKS = r"model\.layers\..*"
+BLOCKS = r"(model\.layers|transformer\.h)\..*"   # the decoder blocks: Llama's, GPT-2's (train_lm.py --arch)
 BATCH, LENGTH = 8, 128
 
 
@@ -54,7 +54,7 @@ def q(bits: int, group_size: int = 64, **kw):
     return passes.InsertFakeQuant(method="linear", bits=bits, group_size=group_size, select=BLOCKS, **kw)
 
 
-EMBEDDING = r"model\.embed_tokens"   # the tied embedding / LM head: one tensor, stored once
+EMBEDDING = r"model\.embed_tokens|transformer\.wte"   # the tied embedding / LM head: one tensor, stored once
 
 
 def file_arms(sgpt, masks) -> dict[str, callable]:
@@ -93,6 +93,9 @@ def arms() -> dict[str, callable]:
         # columns by decreasing Hessian diagonal, grids from the float weights (llm-compressor's default, "static")
         table[f"w{bits} g64 gptq act-order"] = lambda b=bits: [q(b, rounding="gptq", act_order=True)]
         table[f"w{bits} g64 awq"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS), q(b)]
+        # the groups no producer takes (a GELU MLP's output layer) scaled by a product of their own
+        table[f"w{bits} g64 awq insert"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS,
+                                                                                 insert_scales=True), q(b)]
         # AWQ's scale search alone (AutoAWQ's apply_clip=False; llm-compressor's AWQModifier has no clip step)
         table[f"w{bits} g64 awq noclip"] = lambda b=bits: [passes.ScaleChannels(bits=b, group_size=64, select=BLOCKS,
                                                                                 clip=False), q(b)]
@@ -115,9 +118,9 @@ def arms() -> dict[str, callable]:
 
 
 def load(checkpoint: Path):
-    from transformers import LlamaForCausalLM   # optional and slow to import
+    from transformers import AutoModelForCausalLM   # optional and slow to import
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
     model.config.use_cache = False   # a DynamicCache output is no tensor tree torch.export can return
     return model.eval()
 

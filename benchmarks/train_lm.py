@@ -28,17 +28,26 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 DEFAULT_OUT = CACHE / "llama-bytes"
 
 
-def build_model(hidden: int = 128, layers: int = 4, heads: int = 2, intermediate: int = 384, context: int = 128,
-                seed: int = 0):
-    """A LlamaForCausalLM over bytes (vocabulary 256), tied embeddings, no dropout."""
-    from transformers import LlamaConfig, LlamaForCausalLM   # optional and slow to import
+ARCHITECTURES = ("llama", "gpt2")
 
-    config = LlamaConfig(vocab_size=text.VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=None, pad_token_id=None, use_cache=False)
+
+def build_model(hidden: int = 128, layers: int = 4, heads: int = 2, intermediate: int = 384, context: int = 128,
+                seed: int = 0, arch: str = "llama"):
+    """A LlamaForCausalLM over bytes (vocabulary 256), tied embeddings, no dropout; or with arch="gpt2" a
+    GPT2LMHeadModel of the same sizes (LayerNorm, learned positions, a GELU MLP of HF's Conv1D layers)."""
+    import transformers   # optional and slow to import
+
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=text.VOCAB_SIZE, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+            n_positions=context, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False))
+    config = transformers.LlamaConfig(vocab_size=text.VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                      max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=None, use_cache=False)
+    return transformers.LlamaForCausalLM(config)
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -116,10 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokens, held_w, fortune_w = corpora(CACHE, args.context, args.eval_windows)
-    model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.context)
+    model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.context, arch=args.arch)
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f} M parameters; {tokens.numel() / 1e6:.2f} M training bytes; "
           f"{len(held_w)} held-out and {len(fortune_w)} fortune windows of {args.context}", flush=True)
