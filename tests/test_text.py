@@ -125,13 +125,14 @@ def _train_lm():
 STEPS = 100   # each step is a forward and backward of a transformers Llama: about 14 ms here
 
 
-def test_a_tiny_llama_learns_the_plays(plays):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_tiny_model_learns_the_plays(plays, arch):
     pytest.importorskip("transformers")
     train_lm = _train_lm()
     train, held = text.split_plays(plays)
     tokens = text.encode_bytes(text.join_texts(train))
     held_w = text.windows(text.encode_bytes(text.join_texts(held)), 64, limit=16)
-    model = train_lm.build_model(hidden=32, layers=1, heads=2, intermediate=64, context=64)
+    model = train_lm.build_model(hidden=32, layers=1, heads=2, intermediate=64, context=64, arch=arch)
     before = train_lm.perplexity(model, held_w)
     history = train_lm.train(model, tokens, seconds=0, context=64, batch_size=8, max_steps=STEPS, log_every=0)
     after = train_lm.perplexity(model, held_w)
