@@ -264,6 +264,8 @@ def test_refusals_name_the_culprit():
         fxcompress.compile(model, [ScaleChannels()], (x,))
     with pytest.raises(ConfigError, match="ScaleChannels.grid"):
         ScaleChannels(method="smoothquant", grid=5)
+    with pytest.raises(ConfigError, match="ScaleChannels.insert_scales"):
+        ScaleChannels(method="smoothquant", insert_scales=True)
     with pytest.raises(ConfigError, match="'fc1'.*group_size=48 does not divide"):
         fxcompress.compile(model, [ScaleChannels(group_size=48)], (x,), calibration_data=[(x,)])
     quantized = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8)], (x,))
