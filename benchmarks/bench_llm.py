@@ -213,15 +213,7 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
         return {"arm": name, "status": f"failed: {type(exc).__name__}: {exc}"[:300]}
     # CPU seconds too: on a loaded machine the wall time says little
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            size = to_compressed_tensors(gm, tmp, config=config)["bytes"]
-            fmt = "pack-quantized" if any(isinstance(p, passes.InsertFakeQuant) for p in pass_list) else "dense"
-        except fxcompress.errors.FxCompressError:
-            try:
-                size, fmt = to_compressed_tensors(gm, tmp, format="dense", config=config)["bytes"], "dense"
-            except fxcompress.errors.ConfigError:   # a graph the checkpoint cannot hold (inserted scales): our file
-                size, fmt = fxcompress.save(gm, Path(tmp) / "model.fxc"), "fxcompress"
+    size, fmt = checkpoint_bytes(gm, pass_list, config)
     held_nll, fortunes_nll = batch_nll(gm, held), batch_nll(gm, fortunes)   # per batch: orderings pair them
     return {"arm": name, "status": "ok", "held_ppl": from_nll(held_nll), "fortunes_ppl": from_nll(fortunes_nll),
             "held_nll": held_nll, "fortunes_nll": fortunes_nll, "bytes": size, "format": fmt, "pass_s": seconds,
@@ -229,6 +221,19 @@ def run_arm(name: str, build, graph, example, cal, held, fortunes, config: dict)
             "held_kl": kl_to_dense(graph, gm, held), "fortunes_kl": kl_to_dense(graph, gm, fortunes),
             "cal_kl": kl_to_dense(graph, gm, cal),   # what options are chosen by: never the evaluation text
             **scale_layers(gm)}
+
+
+def checkpoint_bytes(gm, pass_list, config: dict) -> tuple[int, str]:
+    """The arm's bytes on disk and their format: pack-quantized where its grids allow, else a dense
+    compressed-tensors checkpoint, else (a graph no such checkpoint holds: inserted scales) our file."""
+    quantized = any(isinstance(p, passes.InsertFakeQuant) for p in pass_list)
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("pack-quantized", "dense") if quantized else ("dense",):
+            try:
+                return to_compressed_tensors(gm, tmp, format=fmt, config=config)["bytes"], fmt
+            except fxcompress.errors.FxCompressError:
+                continue
+        return fxcompress.save(gm, Path(tmp) / "model.fxc"), "fxcompress"
 
 
 def scale_layers(gm) -> dict:

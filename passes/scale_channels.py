@@ -611,21 +611,21 @@ def insert_scales(gm: GraphModule, layers: list[Layer], shapes: ShapeInfo) -> di
         for node in nodes:
             node.replace_input_with(x, product)
         inserted[name] = product
-    gm.recompile()
+    if inserted:
+        gm.recompile()
     return inserted
 
 
 def remove_unit_scales(gm: GraphModule, inserted: dict[str, Node]) -> list[str]:
     """Take out the products whose buffer is still all ones (the group was skipped, or plain rounding won);
     the buffer names of the rest."""
-    kept = []
-    for name, product in inserted.items():
-        if not bool((stored_attr(gm, name) == 1).all()):
-            kept.append(name)
-            continue
+    kept = [name for name, product in inserted.items() if not bool((stored_attr(gm, name) == 1).all())]
+    for name in inserted.keys() - set(kept):
+        product = inserted[name]
         for user in list(product.users):
             swap_input(gm, user, product, product.args[0])
-    gm.recompile()
+    if len(kept) < len(inserted):
+        gm.recompile()
     return kept
 
 

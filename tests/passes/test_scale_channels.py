@@ -14,7 +14,7 @@ from fxcompress.errors import ConfigError, PreconditionError, VerificationError
 from fxcompress.passes import InsertFakeQuant
 from fxcompress.layers import find_layers
 from fxcompress.passes.scale_channels import ScaleChannels, awq_scales, weight_means
-from fxcompress.zoo import Conv1D
+from fxcompress.zoo import Conv1D, hf_model
 
 
 class NormMLP(nn.Module):
@@ -411,10 +411,8 @@ def _scaled_hf(name: str, config: ScaleChannels) -> dict[str, dict]:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if name == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, use_cache=False, bos_token_id=0,
-            eos_token_id=0))
-    else:
+        model = hf_model("gpt2", hidden=32, layers=1, heads=4, ffn=128, vocab=64, positions=16)
+    else:   # OPT is not among the zoo's models: its ReLU MLP is what this file tests
         model = transformers.OPTForCausalLM(transformers.OPTConfig(
             vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
             max_position_embeddings=16, word_embed_proj_dim=32, use_cache=False))
