@@ -206,9 +206,12 @@ def torchao_forms(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def fake_quant(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], weight_bits: int,
-               act_bits: int) -> torch.fx.GraphModule:
+               act_bits: int, fuse_adds: bool = True) -> torch.fx.GraphModule:
+    """The fake-quant model ours lower: residual adds taken into the convolution before them (one rounding,
+    as PT2E's x86 lowering models them) unless `fuse_adds` is off (the QDQ model ONNX Runtime runs: its
+    int8 convolutions need a Q / DQ pair on each output)."""
     quantize = InsertFakeQuant(method="linear", bits=weight_bits, symmetric=True, per_channel=True,
-                               activations=ActivationConfig(bits=act_bits, joins=True))
+                               activations=ActivationConfig(bits=act_bits, joins=True, fuse_adds=fuse_adds))
     return fxcompress.compile(model, [FoldBatchNorm(), quantize], example_inputs=(x,), calibration_data=calibration)
 
 
@@ -308,7 +311,7 @@ def build(make: Callable[[], nn.Module], shape: tuple[int, ...], args, folder: P
     fq = fake_quant(model, x, calibration, 8, activation_bits())
     forms |= ours(fq, x, not args.no_compile)
     # ORT's u8 x s8 kernels saturate at 8 / 8 bits without VNNI: its QDQ model takes 7-bit weights there
-    fq_ort = fq if native.vnni() else fake_quant(model, x, calibration, 7, 8)
+    fq_ort = fake_quant(model, x, calibration, 8 if native.vnni() else 7, 8, fuse_adds=False)
     files = onnx_files(model, fq_ort, x, calibration, folder)
     forms["fake-quant"], forms["fake-quant for ORT"] = fq, fq_ort  # agreement checks only, not timed
     return forms, files

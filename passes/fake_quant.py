@@ -41,6 +41,8 @@ from fxcompress.quant.observers import OBSERVERS
 from fxcompress.quant.quantizers import METHODS, SCALE_DTYPES, check_finite, check_groups
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
 
+from .lower_integer_graph import is_relu
+
 # The origin documents' rule form: (parameter pattern, method, bits[, option]); the option is the
 # k-means init, "symmetric" / "asymmetric" for linear, or the integer bits of a fixed-point format.
 QUANT_RULES = RuleSchema("InsertFakeQuant.rules", [
@@ -66,6 +68,12 @@ class ActivationConfig:
     joins     True: also put every operand of each residual add and concatenation whose operands are
               all quantized layers' outputs or already quantized values on a grid (a layer's output
               gets one of its own), so that LowerToInteger keeps the join integer
+    fuse_adds with joins: a residual add of a convolution's own output (read by nothing else) and a value
+              on a grid, whose sum meets a grid directly or through a ReLU, leaves that output unrounded: the
+              sum is rounded once, where the add's result meets its grid. This is the model of a
+              convolution that adds the residual inside its kernel (oneDNN's sum post-op, as PT2E's x86
+              lowering models it), which LowerToInteger's native backend then runs: one kernel call, no
+              separate add. Of two such convolutions the later in the graph takes the add.
     """
 
     bits: int = 8
@@ -75,11 +83,12 @@ class ActivationConfig:
     percentile: float = 99.99
     freeze: bool = True
     joins: bool = False
+    fuse_adds: bool = False
 
     constraints: ClassVar[dict] = {
         "bits": (Interval(int, 1, 16),), "symmetric": (Boolean(),), "observer": (Options(*OBSERVERS),),
         "momentum": (Interval(float, 0.0, 1.0, lo_open=True),), "percentile": (Interval(float, 50.0, 100.0),),
-        "freeze": (Boolean(),), "joins": (Boolean(),),
+        "freeze": (Boolean(),), "joins": (Boolean(),), "fuse_adds": (Boolean(),),
     }
 
     def __post_init__(self) -> None:
@@ -87,6 +96,9 @@ class ActivationConfig:
         if self.symmetric:  # a symmetric grid needs room for -s, 0 and +s
             check_int("ActivationConfig", "bits", self.bits, 2, 16)
         check_applicable("ActivationConfig", self, _OBSERVER_FIELDS, {self.observer}, "observer")
+        if self.fuse_adds and not self.joins:
+            raise ConfigError("ActivationConfig.fuse_adds=True takes effect on the residual adds joins=True keeps "
+                              "integer; set joins=True as well")
 
     def build(self) -> ActivationQuant:
         options = {"moving_average": {"momentum": self.momentum},
@@ -319,7 +331,8 @@ class InsertFakeQuant(Pass):
 
     def _quantize_joins(self, gm: GraphModule, layers: list[Layer]) -> list[str]:
         """Every operand of each add / cat between quantized values on a grid; the names of new ones."""
-        produced = {layer_node(gm, layer) for layer in layers}
+        kinds = {layer_node(gm, layer): layer.kind for layer in layers}
+        produced = set(kinds)
         inserted = []
         for node in list(gm.graph.nodes):
             operands = join_operands(node)
@@ -328,7 +341,10 @@ class InsertFakeQuant(Pass):
             quants = [_operand_quant(gm, x, produced) for x in operands]
             if any(q is False for q in quants):
                 continue  # an operand on no grid (not a quantized value): the join stays float
+            fused = _fused_operand(gm, node, operands, kinds) if self.activations.fuse_adds else None
             for i, (x, quant) in enumerate(zip(operands, quants)):
+                if x is fused:
+                    continue  # the convolution adds the other operand in its kernel: its own output is not rounded
                 if quant is None:  # a layer's raw output: a grid of its own
                     name = f"{node.name}_input{i}_quant"
                     gm.add_submodule(name, self.activations.build())
@@ -353,6 +369,33 @@ def join_operands(node: Node) -> list[Node] | None:
         return None
     shapes = [getattr(x.meta.get("tensor_meta"), "shape", None) for x in node.args]
     return list(node.args) if shapes[0] is not None and shapes[0] == shapes[1] else None
+
+
+def _fused_operand(gm: GraphModule, add: Node, operands: list[Node], kinds: dict[Node, str]) -> Node | None:
+    """The operand of a residual add a convolution can take into its kernel (ActivationConfig.fuse_adds): the
+    later in the graph of the conv2d outputs read by the add alone, where the sum meets a grid (a dequantizing
+    sum has no codes to accumulate into); None where there is none."""
+    if not is_add(add) or not _reaches_grid(gm, add):
+        return None
+    hosts = [x for x in operands if kinds.get(x) == "conv2d" and len(x.users) == 1]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)} if len(hosts) > 1 else {}
+    return max(hosts, key=order.get) if hosts else None
+
+
+def _reaches_grid(gm: GraphModule, node: Node) -> bool:
+    """Whether `node`'s value meets an activation grid directly or through one ReLU read by nothing else (what
+    oneDNN's sum post-op can end in; the grid may have other readers: the next block's add reads it once its
+    join is quantized)."""
+    def quantized(value: Node) -> bool:
+        return any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), ActivationQuant)
+                   for u in value.users)
+
+    if quantized(node):
+        return True
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return is_relu(gm, user) and user.args[:1] == (node,) and quantized(user)
 
 
 def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None | bool:

@@ -36,8 +36,10 @@ from fxcompress.kernels.timing import CLOCKS
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.kernels import native
 from fxcompress.kernels.native import LAYER_KERNELS
+from fxcompress.quant.integer import dequantize_codes
 
-from .lower_integer_native import (boundary, choose_kernels, float_code_edges, fuse_boundaries, lay_out_boundaries,
+from .lower_integer_native import (boundary, choose_kernels, float_code_edges, fuse_boundaries, fuse_residual_adds,
+                                   lay_out_boundaries,
                                    native_join_refusal, native_refusal, replace_native, replace_native_add,
                                    replace_native_cat)
 from .lower_integer_reference import boundary as reference_boundary
@@ -94,7 +96,7 @@ class LowerToInteger(Pass):
                        "margin": self.margin, "clock": self.clock}
             chosen = choose_kernels(gm, layers, plans, ctx.example_inputs, options)
             edges = float_code_edges(gm, layers, chosen, targets, joins)
-        boundaries = _lower_activations(gm, fed, backend, edges)
+        boundaries = _lower_activations(gm, fed, backend, edges, {q.node for q in layers} | set(joins))
         lowered = {}
         for q in layers:
             if backend == "native":
@@ -103,6 +105,10 @@ class LowerToInteger(Pass):
                 replace_layer(gm, q, plans[q.node])
         for node, join in joins.items():
             _replace_join(gm, node, join, backend)
+        residuals = fuse_residual_adds(gm) if backend == "native" else []
+        for stats in lowered.values():
+            if stats["module"] in residuals:
+                stats.update(output="uint8", residual=True)
         fused = fuse_boundaries(gm) if backend == "native" else 0
         laid_out = lay_out_boundaries(gm) if backend == "native" else 0
         gm.graph.eliminate_dead_code()
@@ -118,6 +124,7 @@ class LowerToInteger(Pass):
             "requantized": sum(t is not None for t in targets.values()),
             "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
             "float_to_integer_boundaries": boundaries,
+            "residual_adds_fused": len(residuals),  # taken into the convolution before them (oneDNN's sum)
             "boundaries_fused": fused,  # of those, quantized inside the c_int8 layer reading them
             "boundaries_channels_last": laid_out,  # of those, writing the layout the convolutions reading them read
             "layers": lowered,
@@ -140,12 +147,6 @@ class LowerToInteger(Pass):
             for node, join in joins.items():
                 if (reason := native_join_refusal(gm, join)) is not None:
                     refused[node.name] = reason
-            consumers = {q.node for q in layers} | set(joins)
-            for node in gm.graph.nodes:  # uint8 codes must reach native kernels only
-                if is_activation_quant(gm, node) and node not in fed:
-                    others = [u for u in node.users if u not in consumers]
-                    if others:
-                        refused[node.target] = f"its codes would also reach {others[0].format_node()}"
         if not refused:
             return "native", {}
         if self.backend == "native":
@@ -155,24 +156,40 @@ class LowerToInteger(Pass):
         return "reference", refused
 
 
-def _lower_activations(gm: GraphModule, fed_by_layer: set[Node], backend: str, edges: set[Node]) -> int:
+def _lower_activations(gm: GraphModule, fed_by_layer: set[Node], backend: str, edges: set[Node],
+                       consumers: set[Node]) -> int:
     """Activation fake-quants fed by an integer layer vanish; the others become the float boundary (into
-    float32 codes where only float-kernel layers read them)."""
+    float32 codes where only float-kernel layers read them). A reader other than an integer layer or join
+    (`consumers`) reads the codes' real values, as it read the fake-quant's output."""
     boundaries = 0
     for node in list(gm.graph.nodes):
         if not is_activation_quant(gm, node):
             continue
-        if node in fed_by_layer:  # the layer before already requantized onto this grid
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            continue
         grid = gm.get_submodule(node.target).grid()
-        if backend == "native":
-            boundary(gm, node, grid, values=node in edges)
+        others = [u for u in node.users if u not in consumers]
+        if node in fed_by_layer:  # the layer before already requantized onto this grid
+            codes = node.args[0]
+            node.replace_all_uses_with(codes)
+            gm.graph.erase_node(node)
         else:
-            gm.add_submodule(node.target, reference_boundary(grid))
-        boundaries += 1
+            codes = node
+            if backend == "native":
+                codes = boundary(gm, node, grid, values=node in edges)
+            else:
+                gm.add_submodule(node.target, reference_boundary(grid))
+            boundaries += 1
+        if others:
+            _dequantize_for(gm, codes, others, grid, centered=backend != "native")
     return boundaries
+
+
+def _dequantize_for(gm: GraphModule, codes: Node, readers: list[Node], grid, centered: bool) -> None:
+    """`readers` (float ops) read the real values of `codes` on `grid` instead of the codes."""
+    zero_point = 0 if centered else int(grid.zero_point)
+    with gm.graph.inserting_after(codes):
+        values = gm.graph.call_function(dequantize_codes, (codes, float(grid.scale), zero_point))
+    for reader in readers:
+        reader.replace_input_with(codes, values)
 
 
 def _replace_join(gm: GraphModule, node: Node, join: JoinPlan, backend: str) -> None:

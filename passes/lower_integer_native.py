@@ -33,7 +33,8 @@ from fxcompress.kernels.timing import KernelChoice, choose_kernel
 from fxcompress.kernels import native
 from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
-from fxcompress.quant.commuting import commutes_with_quantization
+from fxcompress.quant.commuting import commutes_with_quantization, is_add
+from fxcompress.quant.integer import dequantize_codes
 from fxcompress.quant.quantizers import Grid
 
 from .lower_integer_graph import (MAX_POOL_ARGS, Bounds, JoinPlan, LayerPlan, Quantized, cat_operands, clamp_bounds,
@@ -117,17 +118,19 @@ def float_code_edges(gm: GraphModule, layers: list[Quantized], chosen: dict[Node
     return edges
 
 
-def boundary(gm: GraphModule, node: Node, grid: Grid, values: bool) -> None:
+def boundary(gm: GraphModule, node: Node, grid: Grid, values: bool) -> Node:
     """The activation fake-quant `node` where float code meets the integer part: uint8 codes
-    (QuantizeToCodes), or before float-kernel layers float32 codes (one function node: no module call)."""
+    (QuantizeToCodes), or before float-kernel layers float32 codes (one function node: no module call).
+    Returns the node of the codes."""
     if not values:
         gm.add_submodule(node.target, QuantizeToCodes(float(grid.scale), int(grid.zero_point), grid.qmax))
-        return
+        return node
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(float_codes, (node.args[0], float(grid.scale), int(grid.zero_point), grid.qmax))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
 
 
 def fused_clamp(gm: GraphModule, node: Node, chain: tuple[Node, ...]) -> tuple[Node, Bounds] | None:
@@ -193,6 +196,74 @@ def lay_out_boundaries(gm: GraphModule) -> int:
             boundary_module.channels_last = True
             laid += 1
     return laid
+
+
+# what writes a fresh tensor of codes: a residual they hold may take a convolution's sum in place
+_FRESH_MODULES = (NativeLayer, NativeAdd, NativeCat, QuantizeToCodes)
+_FRESH_FUNCTIONS = (max_pool2d_codes, relu_codes)
+
+
+def fuse_residual_adds(gm: GraphModule) -> list[str]:
+    """Each residual add that ActivationConfig(fuse_adds=True) left to a convolution becomes part of it: the
+    float add of an int8 convolution's real output and a residual's dequantized uint8 codes, through at most
+    a ReLU, onto a grid's codes, is one NativeLayer call with oneDNN's sum post-op (`accumulate`), which rounds
+    the sum once as the fake-quant model does. Returns the fused layers' module paths."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    fused = []
+    for add in list(gm.graph.nodes):
+        match = _residual_add(gm, add)
+        if match is None:
+            continue
+        host, values, relu, quantize = match
+        codes = values.args[0]
+        later = [u for u in codes.users if u is not values and order[u] > order[add]]
+        fresh = ((codes.op == "call_module" and isinstance(gm.get_submodule(codes.target), _FRESH_MODULES))
+                 or (codes.op == "call_function" and codes.target in _FRESH_FUNCTIONS))
+        layer, grid = gm.get_submodule(host.target), gm.get_submodule(quantize.target)
+        clamp = None if relu is None else (0.0, None)  # the grid is uint8's whole range (_residual_add)
+        module = NativeLayer(**{**layer.config(), "output": "uint8", "output_scale": grid.scale,
+                                "output_zero_point": grid.zero_point, "clamp": clamp,
+                                "accumulate": [values.args[1], values.args[2]],
+                                "accumulate_in_place": fresh and not later and len(values.users) == 1})
+        module.load_state_dict(layer.state_dict())
+        gm.add_submodule(host.target, module)
+        with gm.graph.inserting_before(quantize):
+            new = gm.graph.call_module(host.target, (host.args[0], codes))
+        new.meta = dict(quantize.meta)
+        quantize.replace_all_uses_with(new)
+        for node in (quantize, relu, add, values, host):
+            if node is not None and not node.users:
+                gm.graph.erase_node(node)
+        fused.append(host.target)
+    return fused
+
+
+def _residual_add(gm: GraphModule, add: Node) -> tuple[Node, Node, Node | None, Node] | None:
+    """(the convolution, the residual's dequantize node, the ReLU or None, the boundary onto codes) of a float
+    add that one oneDNN int8 convolution can take, or None."""
+    if not is_add(add) or len(add.args) != 2 or add.kwargs or len(add.users) != 1:
+        return None
+    hosts = [x for x in add.args if isinstance(x, Node) and x.op == "call_module" and len(x.users) == 1
+             and _can_accumulate(gm.get_submodule(x.target))]
+    values = [x for x in add.args if isinstance(x, Node) and x.op == "call_function" and x.target is dequantize_codes]
+    if not hosts or not values or hosts[0] is values[0]:
+        return None
+    (after,) = add.users
+    relu = after if is_relu(gm, after) and after.args[:1] == (add,) else None
+    if relu is not None:
+        if len(relu.users) != 1:
+            return None
+        (after,) = relu.users
+    grid = gm.get_submodule(after.target) if after.op == "call_module" else None
+    # oneDNN's sum post-op takes a ReLU after it, no other clamp: the grid must span uint8 (8-bit activations)
+    if not isinstance(grid, QuantizeToCodes) or grid.channels_last or grid.qmax != native.UINT8_MAX:
+        return None
+    return hosts[0], values[0], relu, after
+
+
+def _can_accumulate(module: nn.Module) -> bool:
+    return (isinstance(module, NativeLayer) and module.kind == "conv2d" and module.kernel == "int8"
+            and module.input == "uint8" and module.output == "float32" and module.clamp is None)
 
 
 def fuse_boundaries(gm: GraphModule) -> int:

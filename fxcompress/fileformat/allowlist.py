@@ -29,6 +29,7 @@ from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, Quant
 from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
+from fxcompress.quant.integer import dequantize_codes
 
 _FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d relu relu6
 gelu silu mish elu selu leaky_relu hardswish hardsigmoid hardtanh sigmoid tanh softmax log_softmax softplus
@@ -134,6 +135,7 @@ FUNCTIONS: dict[str, object] = _functions() | {
     "fxcompress.quant.native.max_pool2d_codes": max_pool2d_codes,
     "fxcompress.quant.native.relu_codes": relu_codes,
     "fxcompress.quant.native.float_codes": float_codes,
+    "fxcompress.quant.integer.dequantize_codes": dequantize_codes,
 }
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():

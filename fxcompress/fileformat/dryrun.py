@@ -227,14 +227,22 @@ def _linear_or_conv(kind: str, x: torch.Tensor, weight: torch.Tensor, module: nn
     return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, getattr(module, "groups", 1))
 
 
-def _native_layer(module: NativeLayer, state: dict, x: torch.Tensor) -> torch.Tensor:
+def _native_layer(module: NativeLayer, state: dict, x: torch.Tensor, residual: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """The float kernel's arithmetic (it takes any input its casts take); the int8 kernels read uint8 codes
-    (float32 for a layer that quantizes its input itself)."""
+    (float32 for a layer that quantizes its input itself); a layer that accumulates reads a uint8 residual of
+    its output's shape."""
     expected = torch.uint8 if module.input == "uint8" else torch.float32
     if module.kernel != "float" and x.dtype != expected:
         raise TypeError(f"NativeLayer kernel {module.kernel!r} reads {expected} codes, got {x.dtype}")
+    if (residual is None) != (module.accumulate is None):
+        raise TypeError(f"NativeLayer {'with' if module.accumulate else 'without'} accumulate called "
+                        f"{'without' if residual is None else 'with'} a residual")
     x = x.float() if module.input == "uint8" else x
     y = _linear_or_conv(module.kind, x, torch.empty(module.weight.shape, device="meta"), module)
+    if residual is not None and (residual.dtype != torch.uint8 or residual.shape != y.shape):
+        raise TypeError(f"NativeLayer's residual must be uint8 codes of shape {tuple(y.shape)}, got "
+                        f"{residual.dtype} {tuple(residual.shape)}")
     return y.to(torch.uint8) if module.output == "uint8" else y
 
 

@@ -29,6 +29,7 @@ int16 pairs that cannot saturate) instead; only `kernels=("int8",)` refuses it.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -146,6 +147,12 @@ class NativeLayer(nn.Module):
     backend's fixed-point requantization, bit for bit the reference, in one call; `input_qmax` (the
     input grid's largest code) lets it take vpmaddubsw's int16 pair sums where they cannot saturate.
 
+    `accumulate` (scale, zero-point): a convolution that adds a residual inside its kernel (oneDNN's sum
+    post-op; `ActivationConfig(fuse_adds=True)` models it): `forward(x, residual)` adds the real values of
+    the uint8 codes `residual` on that grid to its own before the clamp and the one rounding onto the
+    output grid. oneDNN writes the sum into the residual's memory: with `accumulate_in_place` (nothing
+    reads the residual after this layer) that is the residual itself, otherwise a copy.
+
     A layer holds its weight once: when the chosen kernel's form is built and gives the codes back
     exactly (oneDNN's packed weight through `to_dense`, the float kernel's weight over its scale,
     rounded), the next call drops the codes buffer (our C kernel's codes become a view of its padded
@@ -159,8 +166,16 @@ class NativeLayer(nn.Module):
                  clamp: tuple[float, float | None] | None = None, stride: list[int] | None = None,
                  padding: list[int] | None = None, dilation: list[int] | None = None, groups: int = 1,
                  kernel: str = "int8", input: str = "uint8", times_ms: dict[str, float] | None = None,
-                 input_qmax: int = UINT8_MAX) -> None:
+                 input_qmax: int = UINT8_MAX, accumulate: tuple[float, int] | None = None,
+                 accumulate_in_place: bool = False) -> None:
         super().__init__()
+        if accumulate is not None and (kind != "conv2d" or kernel != "int8" or output != "uint8" or input != "uint8"
+                                       or len(accumulate) != 2 or type(accumulate[1]) is not int
+                                       or not 0 <= accumulate[1] <= UINT8_MAX):
+            raise ConfigError(f"NativeLayer: accumulate (a residual's scale and zero-point) is oneDNN's sum post-op: "
+                              f"a conv2d on kernel 'int8' from uint8 codes to uint8 codes, zero-point in 0..255; got "
+                              f"kind={kind!r}, kernel={kernel!r}, input={input!r}, output={output!r}, "
+                              f"accumulate={accumulate!r}")
         if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
                 or (kernel == "c_int8" and kind != "linear") \
                 or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
@@ -177,6 +192,8 @@ class NativeLayer(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.kernel, self.input = kernel, input
         self.input_qmax = input_qmax  # the largest input code (the grid's qmax): our C kernel's exactness bound
+        self.accumulate = None if accumulate is None else (float(accumulate[0]), int(accumulate[1]))
+        self.accumulate_in_place = bool(accumulate_in_place)
         self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
                                                                                     "times_ms": times_ms})
         out = weight_shape[0]
@@ -192,8 +209,9 @@ class NativeLayer(nn.Module):
         self._bias: torch.Tensor | None = None  # float_bias, made once
         # oneDNN's op and every argument after x, made once where the int8 kernel reads and writes plain codes:
         # eager calls go straight to it (the attribute reads and argument building cost about 20 µs a call,
-        # 4% of resnet18's batch-1 time over its 20 convolutions)
-        self._call: tuple[Any, tuple] | None = None
+        # 4% of resnet18's batch-1 time over its 20 convolutions); with `accumulate`, the arguments before and
+        # after the residual
+        self._call: tuple[Any, tuple] | tuple[Any, tuple, tuple] | None = None
 
     KERNELS: ClassVar[tuple[str, ...]] = LAYER_KERNELS  # what `timing.remeasure` may choose among
 
@@ -263,22 +281,29 @@ class NativeLayer(nn.Module):
                 refused[kernel] = "this torch build has no oneDNN int8 kernels"
             elif kernel == "int8" and not saturation_free(self.weight, self.input_qmax):
                 refused[kernel] = f"two weight codes times input code {self.input_qmax} could pass int16 (no VNNI)"
+            elif kernel != "int8" and self.accumulate is not None:
+                refused[kernel] = "it adds a residual inside oneDNN's int8 kernel (the sum post-op)"
             elif kernel == "c_int8" and (reason := self.c_refusal()) is not None:
                 refused[kernel] = reason
         return refused
 
     def choose(self, x: torch.Tensor, kernels: Sequence[str], *, repeats: int = 7, margin: float = 1.05,
-               cold: bool = False) -> KernelChoice:
-        """Time every kernel of `kernels` that can run this layer here on its input `x` (interleaved medians,
-        `timing.measure`) and switch to the fastest: float unless another wins by `margin` (where only one
-        can run, it is timed and kept). `timing.remeasure` calls this on another machine or batch size."""
+               cold: bool = False, residual: torch.Tensor | None = None) -> KernelChoice:
+        """Time every kernel of `kernels` that can run this layer here on its input `x` (and `residual`, for a
+        layer that accumulates one) (interleaved medians, `timing.measure`) and switch to the fastest: float
+        unless another wins by `margin` (where only one can run, it is timed and kept). `timing.remeasure`
+        calls this on another machine or batch size."""
         refused = self.kernel_refusals(kernels)
         names = [kernel for kernel in kernels if kernel not in refused] or [self.kernel]
         forms = {}
         for kernel in names:
             forms[kernel] = form = NativeLayer(**{**self.config(), "kernel": kernel, "times_ms": None})
             form.load_state_dict(self.state_dict())
-        choice = measure({k: form.forward for k, form in forms.items()}, x.detach(),
+        calls = {k: form.forward for k, form in forms.items()}
+        if self.accumulate is not None:  # timed on a copy: the kernel writes its sum into the residual's memory
+            scratch = residual.detach().clone()
+            calls = {k: functools.partial(form.forward, residual=scratch) for k, form in forms.items()}
+        choice = measure(calls, x.detach(),
                          baseline="float" if "float" in forms else names[0], repeats=repeats, margin=margin,
                          cold=cold)
         chosen = forms[choice.kernel]
@@ -306,10 +331,17 @@ class NativeLayer(nn.Module):
             self._release_due = True
         return self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         call = self._call
         if call is not None and not torch.compiler.is_compiling():
-            return call[0](x, *call[1])
+            if residual is None:
+                return call[0](x, *call[1])
+            return call[0](x, *call[1], self._accumulator(residual), *call[2])
+        if (residual is None) != (self.accumulate is None):
+            raise ConfigError(f"NativeLayer: a layer {'with' if self.accumulate else 'without'} `accumulate` is "
+                              f"called {'without' if residual is None else 'with'} a residual")
+        if residual is not None:
+            return self._forward_accumulating(x, residual)
         y = self._forward(x)
         if self._release_due and not torch.compiler.is_compiling():  # the form this call used is built now
             self.release_codes()
@@ -337,6 +369,46 @@ class NativeLayer(nn.Module):
         if self.input == "uint8" and self.output != "float_codes" and not torch.compiler.is_compiling():
             self._call = op, args  # forward's shortcut from the next call on
         return op(x, *args)
+
+    def _accumulator(self, residual: torch.Tensor) -> torch.Tensor:
+        """The memory oneDNN writes the sum into: the residual itself where nothing reads it later and it is
+        laid out as the output (channels-last), a copy otherwise."""
+        if not residual.is_contiguous(memory_format=torch.channels_last):
+            return residual.contiguous(memory_format=torch.channels_last)
+        return residual if self.accumulate_in_place else residual.clone()
+
+    def _forward_accumulating(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if residual.dtype != torch.uint8 or x.dtype != torch.uint8:
+            raise PreconditionError(f"NativeLayer (conv2d, accumulating): reads uint8 codes and a uint8 residual, "
+                                    f"got {x.dtype} and {residual.dtype}")
+        if torch.compiler.is_compiling():
+            return self._accumulated_by_ops(x, residual)
+        op, head = self._int8_call(x.shape)
+        scale, zero = self.accumulate
+        post, scalars = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
+        # the residual comes after x's scale and zero-point, the packed weight, its scales and zero-points
+        tail = (*head[5:10], self.output_scale, self.output_zero_point, torch.uint8, scale, zero, "sum", 1.0,
+                post, scalars, "")
+        head = head[:5]
+        if not torch.compiler.is_compiling():
+            self._call = torch.ops.onednn.qconv2d_pointwise.binary, head, tail
+        return torch.ops.onednn.qconv2d_pointwise.binary(x, *head, self._accumulator(residual), *tail)
+
+    def _accumulated_by_ops(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The same sum, traced: the convolution's real output from oneDNN, the residual's real values added, one
+        rounding. The sum post-op writes into its residual argument, a mutation that torch.compile's
+        functionalization cannot run on uint8 tensors (aot_eager: no kernel for auto_functionalized_v2);
+        these ops trace anywhere, and inductor fuses the elementwise part into one kernel."""
+        common = (self.input_scale, self.input_zero_point, self.packed(x.shape), self.weight_scale,
+                  self.weight_zero_point, self._bias if self._bias is not None else self.float_bias())
+        real = torch.ops.onednn.qconv2d_pointwise.default(x, *common, self.stride, self.padding, self.dilation,
+                                                          self.groups, 1.0, 0, torch.float32, "none", [], "")
+        scale, zero = self.accumulate
+        real = real + (residual.to(torch.float32) - zero) * scale
+        if self.clamp is not None:
+            real = real.clamp_min(self.clamp[0])
+        codes = torch.round(real / self.output_scale) + self.output_zero_point
+        return codes.clamp(0, UINT8_MAX).to(torch.uint8)
 
     def _int8_call(self, x_shape: Sequence[int]) -> tuple[Any, tuple]:
         """oneDNN's op for this layer and its arguments after the input codes."""
@@ -485,12 +557,15 @@ class NativeLayer(nn.Module):
                 "clamp": None if self.clamp is None else list(self.clamp), "stride": self.stride,
                 "padding": self.padding, "dilation": self.dilation, "groups": self.groups, "kernel": self.kernel,
                 "input": self.input, "input_qmax": self.input_qmax,
+                "accumulate": None if self.accumulate is None else list(self.accumulate),
+                "accumulate_in_place": self.accumulate_in_place,
                 "times_ms": None if self.kernel_choice is None else dict(self.kernel_choice.as_stats()["times_ms"])}
 
     def extra_repr(self) -> str:
         clamp = "" if self.clamp is None else f", clamp={self.clamp}"
         chosen = "" if self.kernel_choice is None else f", {self.kernel_choice.ms:.3f} ms"
-        return (f"{self.kind}, weight={tuple(self._shape)}, {self.kernel} {self.input} -> {self.output}"
+        added = "" if self.accumulate is None else " + residual"
+        return (f"{self.kind}, weight={tuple(self._shape)}, {self.kernel} {self.input}{added} -> {self.output}"
                 f"{clamp}{chosen}")
 
 

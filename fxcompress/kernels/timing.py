@@ -289,7 +289,9 @@ def remeasure(model: nn.Module, example_inputs: tuple, kernels: Mapping[type, Se
         # what the layers chosen before it give it
         if path not in chosen:
             allowed = (kernels or {}).get(type(layer), tuple(layer.KERNELS))
-            chosen[path] = layer.choose(args[0], allowed, repeats=repeats, margin=margin, cold=cold).as_stats()
+            residual = {"residual": args[1]} if len(args) > 1 else {}  # a convolution that adds a residual
+            chosen[path] = layer.choose(args[0], allowed, repeats=repeats, margin=margin, cold=cold,
+                                        **residual).as_stats()
 
     run_reaching(model, layers, choose_here, example_inputs)
     return {path: chosen[path] for path in layers if path in chosen}

@@ -46,6 +46,13 @@ def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor)
     return (acc * multiplier + (torch.ones_like(shift) << (shift - 1))) >> shift
 
 
+def dequantize_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """The real values of activation codes, (q - zero_point) * scale in float32, as the fake-quant model's
+    value: what a float op reads where codes met it (the reference backend's centered codes: zero_point 0)."""
+    values = codes.to(torch.float32)
+    return (values - zero_point if zero_point else values) * scale
+
+
 class QuantizeInput(nn.Module):
     """The float -> integer boundary: centered codes of the input on an activation grid."""
 
