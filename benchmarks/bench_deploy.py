@@ -20,7 +20,9 @@ median over rounds is reported, with its ratio to fp32 eager of the same run: ab
 - ours native: LowerToInteger(), each layer on the fastest of oneDNN's int8 kernel, its float kernel
   and our C int8 kernel (linear layers), chosen again at each batch size it is timed at
   (`kernels.timing.remeasure`); ours native int8/float: the same without our C kernel (the choice
-  before it existed); ours native compiled: the first through torch.compile (inductor, freezing:
+  before it existed); ours native, adds fused: the model quantized with fuse_adds=True, each residual add
+  whose sum meets an 8-bit grid inside the convolution before it (oneDNN's sum post-op; shown where any
+  was); ours native compiled: the first through torch.compile (inductor, freezing:
   oneDNN's packed weights become constants; no per-call size asserts), which removes the per-node Python
   dispatch between kernels but adds torch.compile's own per-call cost (benchmarks/bench_compiled_native.py);
   fp32 compiled: the fp32 model through the same torch.compile, the like-for-like baseline of that row.
@@ -206,16 +208,16 @@ def torchao_forms(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def fake_quant(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], weight_bits: int,
-               act_bits: int, fuse_adds: bool = True) -> torch.fx.GraphModule:
-    """The fake-quant model ours lower: residual adds taken into the convolution before them (one rounding,
-    as PT2E's x86 lowering models them) unless `fuse_adds` is off (the QDQ model ONNX Runtime runs: its
-    int8 convolutions need a Q / DQ pair on each output)."""
+               act_bits: int, fuse_adds: bool = False) -> torch.fx.GraphModule:
+    """The fake-quant model ours lower; with `fuse_adds`, residual adds modelled inside the convolution before
+    them (one rounding of the sum, as PT2E's x86 lowering models them)."""
     quantize = InsertFakeQuant(method="linear", bits=weight_bits, symmetric=True, per_channel=True,
                                activations=ActivationConfig(bits=act_bits, joins=True, fuse_adds=fuse_adds))
     return fxcompress.compile(model, [FoldBatchNorm(), quantize], example_inputs=(x,), calibration_data=calibration)
 
 
-def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dict[str, nn.Module]:
+def ours(fq: torch.fx.GraphModule, fq_fused: torch.fx.GraphModule, x: torch.Tensor,
+         compile_native: bool) -> dict[str, nn.Module]:
     forms = {"ours reference": fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x,))}
     fast = fxcompress.compile(fq, [LowerToInteger()], example_inputs=(x,))
     stats = fxcompress.history(fast)[-1].stats
@@ -223,6 +225,11 @@ def ours(fq: torch.fx.GraphModule, x: torch.Tensor, compile_native: bool) -> dic
         print(f"  native backend refused: {stats['native_refused']}")
         return forms | {"ours default (fell back to reference)": fast}
     forms["ours native"] = fast
+    fused = fxcompress.compile(fq_fused, [LowerToInteger()], example_inputs=(x,))
+    if fxcompress.history(fused)[-1].stats.get("residual_adds_fused"):
+        print(f"  ours native, adds fused: {fxcompress.history(fused)[-1].stats['residual_adds_fused']} residual "
+              "adds inside their convolutions")
+        forms["ours native, adds fused"] = fused
     forms["ours native int8/float"] = fxcompress.compile(fq, [LowerToInteger(kernels=("int8", "float"))],
                                                          example_inputs=(x,))
     if compile_native:
@@ -309,9 +316,10 @@ def build(make: Callable[[], nn.Module], shape: tuple[int, ...], args, folder: P
     if not args.no_compile:  # the baseline of the compiled native row: torch.compile's own cost on both
         forms["fp32 compiled"] = compiled(model)
     fq = fake_quant(model, x, calibration, 8, activation_bits())
-    forms |= ours(fq, x, not args.no_compile)
+    fq_fused = fake_quant(model, x, calibration, 8, activation_bits(), fuse_adds=True) if _has_conv(model) else fq
+    forms |= ours(fq, fq_fused, x, not args.no_compile)
     # ORT's u8 x s8 kernels saturate at 8 / 8 bits without VNNI: its QDQ model takes 7-bit weights there
-    fq_ort = fake_quant(model, x, calibration, 8 if native.vnni() else 7, 8, fuse_adds=False)
+    fq_ort = fq if native.vnni() else fake_quant(model, x, calibration, 7, 8)
     files = onnx_files(model, fq_ort, x, calibration, folder)
     forms["fake-quant"], forms["fake-quant for ORT"] = fq, fq_ort  # agreement checks only, not timed
     return forms, files
@@ -412,7 +420,8 @@ def model_rows(name: str, make: Callable[[], nn.Module], shape: tuple[int, ...],
     return rows
 
 
-NATIVE_KERNELS = {"ours native": NativeLayer.KERNELS, "ours native int8/float": ("int8", "float")}
+NATIVE_KERNELS = {"ours native": NativeLayer.KERNELS, "ours native int8/float": ("int8", "float"),
+                  "ours native, adds fused": NativeLayer.KERNELS}
 
 
 def choose_native(forms: dict[str, Callable], x: torch.Tensor) -> None:

@@ -7,8 +7,11 @@ the grid of the next activation fake-quant when only ReLU / max-pool / reshape o
 between (those run on integer codes), and dequantizes otherwise (e.g. before a float op or the
 model's output). A residual add or a concatenation whose operands all come out of activation fake-quants
 (`ActivationConfig(joins=True)` puts them there) runs on codes too, requantizing onto the next grid
-or dequantizing the same way. The result computes what the fake-quant model computes, up to the
-rounding of the bias and of the requantization.
+or dequantizing the same way; one that ActivationConfig(fuse_adds=True) left to the convolution before it
+runs inside that convolution on the native backend (oneDNN's sum post-op), as a float add of the codes'
+real values on the reference. Any float op reading an activation grid reads its codes' real values. The
+result computes what the fake-quant model computes, up to the rounding of the bias and of the
+requantization.
 
 Two backends compute it. "reference" (`lower_integer_reference`, `quant.integer`) is the exact
 oracle: centered int32 codes and float64 kernels on integer values. "native" (`lower_integer_native`,
