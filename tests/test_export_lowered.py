@@ -28,6 +28,11 @@ compile them (about 3 s of CPU, cold cache, for the same kernels).
 import functools
 import shutil
 
+# inductor's C++ builds import setuptools; in some worker orders of the whole suite (pytest -n 2 --dist load)
+# that first import, late in the worker, failed setuptools' own distutils check (an AssertionError naming the
+# standard library's distutils/core.py). Imported here, at collection, it does not.
+import setuptools  # noqa: F401
+
 import pytest
 import torch
 import torch.nn.functional as F
