@@ -208,13 +208,13 @@ def fuse_residual_adds(gm: GraphModule) -> list[str]:
     float add of an int8 convolution's real output and a residual's dequantized uint8 codes, through at most
     a ReLU, onto a grid's codes, is one NativeLayer call with oneDNN's sum post-op (`accumulate`), which rounds
     the sum once as the fake-quant model does. Returns the fused layers' module paths."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     fused = []
     for add in list(gm.graph.nodes):
         match = _residual_add(gm, add)
         if match is None:
             continue
         host, values, relu, quantize = match
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}  # with the layers fused so far
         codes = values.args[0]
         later = [u for u in codes.users if u is not values and order[u] > order[add]]
         fresh = ((codes.op == "call_module" and isinstance(gm.get_submodule(codes.target), _FRESH_MODULES))

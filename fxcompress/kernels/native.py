@@ -293,6 +293,7 @@ class NativeLayer(nn.Module):
         layer that accumulates one) (interleaved medians, `timing.measure`) and switch to the fastest: float
         unless another wins by `margin` (where only one can run, it is timed and kept). `timing.remeasure`
         calls this on another machine or batch size."""
+        self._check_residual(residual)
         refused = self.kernel_refusals(kernels)
         names = [kernel for kernel in kernels if kernel not in refused] or [self.kernel]
         forms = {}
@@ -337,12 +338,8 @@ class NativeLayer(nn.Module):
             if residual is None:
                 return call[0](x, *call[1])
             return call[0](x, *call[1], self._accumulator(residual), *call[2])
-        if (residual is None) != (self.accumulate is None):
-            raise ConfigError(f"NativeLayer: a layer {'with' if self.accumulate else 'without'} `accumulate` is "
-                              f"called {'without' if residual is None else 'with'} a residual")
-        if residual is not None:
-            return self._forward_accumulating(x, residual)
-        y = self._forward(x)
+        self._check_residual(residual)
+        y = self._forward(x) if residual is None else self._forward_accumulating(x, residual)
         if self._release_due and not torch.compiler.is_compiling():  # the form this call used is built now
             self.release_codes()
         return y
@@ -370,6 +367,11 @@ class NativeLayer(nn.Module):
             self._call = op, args  # forward's shortcut from the next call on
         return op(x, *args)
 
+    def _check_residual(self, residual: torch.Tensor | None) -> None:
+        if (residual is None) != (self.accumulate is None):
+            raise ConfigError(f"NativeLayer: a layer {'with' if self.accumulate else 'without'} `accumulate` is "
+                              f"called {'without' if residual is None else 'with'} a residual")
+
     def _accumulator(self, residual: torch.Tensor) -> torch.Tensor:
         """The memory oneDNN writes the sum into: the residual itself where nothing reads it later and it is
         laid out as the output (channels-last), a copy otherwise."""
@@ -390,8 +392,7 @@ class NativeLayer(nn.Module):
         tail = (*head[5:10], self.output_scale, self.output_zero_point, torch.uint8, scale, zero, "sum", 1.0,
                 post, scalars, "")
         head = head[:5]
-        if not torch.compiler.is_compiling():
-            self._call = torch.ops.onednn.qconv2d_pointwise.binary, head, tail
+        self._call = torch.ops.onednn.qconv2d_pointwise.binary, head, tail
         return torch.ops.onednn.qconv2d_pointwise.binary(x, *head, self._accumulator(residual), *tail)
 
     def _accumulated_by_ops(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

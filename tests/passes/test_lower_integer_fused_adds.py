@@ -122,6 +122,9 @@ def test_native_runs_each_fused_add_inside_its_convolution(resnet, tmp_path):
     step = (expected.max() - expected.min()).item() / 255
     assert (expected - got).abs().max().item() <= step
     assert (expected.argmax(1) == got.argmax(1)).float().mean().item() >= 0.99
+    # each holds its weight once, in oneDNN's packed form, as the other layers do
+    assert all("weight" not in m._buffers and torch.equal(m.weight, m._codes_from_form("int8"))
+               for m in accumulating.values())
     fxcompress.save(gm, tmp_path / "fused.fxc")
     loaded = fxcompress.load(tmp_path / "fused.fxc")
     assert sum(isinstance(m, NativeLayer) and m.accumulate is not None for m in loaded.modules()) == 3
