@@ -42,9 +42,8 @@ from fxcompress.kernels.native import LAYER_KERNELS
 from fxcompress.quant.integer import dequantize_codes
 
 from .lower_integer_native import (boundary, choose_kernels, float_code_edges, fuse_boundaries, fuse_residual_adds,
-                                   lay_out_boundaries,
-                                   native_join_refusal, native_refusal, replace_native, replace_native_add,
-                                   replace_native_cat)
+                                   lay_out_boundaries, native_join_refusal, native_refusal, replace_native,
+                                   replace_native_add, replace_native_cat, time_fused_layers)
 from .lower_integer_reference import boundary as reference_boundary
 from .lower_integer_reference import replace_add, replace_cat, replace_layer
 from .lower_integer_graph import (JoinPlan, LayerPlan, Quantized, integer_join, is_activation_quant, join_plan,
@@ -109,9 +108,12 @@ class LowerToInteger(Pass):
         for node, join in joins.items():
             _replace_join(gm, node, join, backend)
         residuals = fuse_residual_adds(gm) if backend == "native" else []
+        timed = residuals and ctx.example_inputs is not None
+        times = time_fused_layers(gm, residuals, ctx.example_inputs, self.repeats) if timed else {}
         for stats in lowered.values():
             if stats["module"] in residuals:
-                stats.update(output="uint8", residual=True)
+                stats.update(output="uint8", residual=True, speedup=None,
+                             times_ms=times[stats["module"]].as_stats()["times_ms"] if timed else {})
         fused = fuse_boundaries(gm) if backend == "native" else 0
         laid_out = lay_out_boundaries(gm) if backend == "native" else 0
         gm.graph.eliminate_dead_code()

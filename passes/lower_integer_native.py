@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.kernels.lowering import layer_inputs
-from fxcompress.kernels.timing import KernelChoice, choose_kernel
+from fxcompress.kernels.timing import KernelChoice, choose_kernel, run_reaching
 from fxcompress.kernels import native
 from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
                                      max_pool2d_codes, relu_codes)
@@ -236,6 +236,20 @@ def fuse_residual_adds(gm: GraphModule) -> list[str]:
                 gm.graph.erase_node(node)
         fused.append(host.target)
     return fused
+
+
+def time_fused_layers(gm: GraphModule, paths: list[str], example_inputs: tuple, repeats: int) -> dict[str, KernelChoice]:
+    """Each fused layer of `paths` timed as it now runs (with its residual, on the inputs a run of the model
+    gives it): what its kernel choice records, in place of the times of the unfused convolution."""
+    gm.recompile()
+    chosen: dict[str, KernelChoice] = {}
+
+    def time_here(layer: NativeLayer, args: tuple, path: str) -> None:
+        if path not in chosen:
+            chosen[path] = layer.choose(args[0], ("int8",), repeats=repeats, residual=args[1])
+
+    run_reaching(gm, {path: gm.get_submodule(path) for path in paths}, time_here, example_inputs)
+    return chosen
 
 
 def _residual_add(gm: GraphModule, add: Node) -> tuple[Node, Node, Node | None, Node] | None:

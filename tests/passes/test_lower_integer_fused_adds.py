@@ -113,7 +113,12 @@ def test_native_runs_each_fused_add_inside_its_convolution(resnet, tmp_path):
     assert sorted(accumulating) == ["layer1.0.conv2.native", "layer1.1.conv2.native", "layer2.0.shortcut.0.native"]
     # what each reads as its residual is written fresh by a kernel and read by nothing after: summed in place
     assert all(m.accumulate_in_place and m.output == "uint8" and m.post_op == "relu" for m in accumulating.values())
-    assert all(stats["layers"][path.removesuffix(".native")]["residual"] for path in accumulating)
+    for path, module in accumulating.items():  # timed as it runs, fused: the record and summary's latency say so
+        record = stats["layers"][path.removesuffix(".native")]
+        assert record["residual"] and list(record["times_ms"]) == ["int8"] and record["times_ms"]["int8"] > 0
+        assert module.kernel_choice.times_ms == pytest.approx(record["times_ms"])
+    rows = {row["layer"]: row for row in fxcompress.summary(gm).rows}
+    assert all(rows[path]["latency_ms"] == pytest.approx(m.kernel_choice.ms) for path, m in accumulating.items())
     assert not any(n.op == "call_function" and (n.name.startswith("add") or n.target in (F.relu, torch.relu)
                                                 or n.target is dequantize_codes) for n in gm.graph.nodes)
     assert sum(isinstance(m, NativeAdd) for m in gm.modules()) == 1
