@@ -44,6 +44,23 @@ def test_int_mm_kernel_quantizes_each_row_symmetrically():
 
 
 @pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_a_one_feature_layer_over_a_permuted_input_is_computed_right(kernel):
+    """Linear(1, 16): its transposed weight [1, 16] has strides (1, 1), which torch counts as contiguous and
+    torch._int_mm read one element apart per row (outputs 10^4 times off); the rows of a permuted input have
+    odd strides too."""
+    if kernel == "fbgemm" and not fbgemm_available():
+        pytest.skip("this torch build has no fbgemm")
+    module, _ = layer(out=16, columns=1)
+    x = torch.randn(2, 1, 12, 12).permute(0, 2, 3, 1)  # rows of one feature, strides (144, 12, 1, 144)
+    rows = x.reshape(-1, 1).float().contiguous()  # what DynamicInt8Linear.forward hands its kernel
+    assert module.weight.t().contiguous().stride() == (1, 1) and rows.stride() == (1, 144)
+    exact = F.linear(rows, module.dequantize(), module.bias)
+    got = KERNELS[kernel].build(module)(rows)
+    # one input feature: its row grid is its own magnitude, so the rounding is at most half a step of 127
+    assert (got - exact).abs().max().item() <= 0.01 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
 def test_each_kernel_stays_within_the_activation_rounding_bound_of_the_float_layer(kernel):
     if kernel == "fbgemm" and not fbgemm_available():
         pytest.skip("this torch build has no fbgemm")
