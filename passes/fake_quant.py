@@ -41,7 +41,7 @@ from fxcompress.quant.observers import OBSERVERS
 from fxcompress.quant.quantizers import METHODS, SCALE_DTYPES, check_finite, check_groups
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
 
-from .lower_integer_graph import is_relu
+from .lower_integer_graph import is_activation_quant, is_relu
 
 # The origin documents' rule form: (parameter pattern, method, bits[, option]); the option is the
 # k-means init, "symmetric" / "asymmetric" for linear, or the integer bits of a fixed-point format.
@@ -314,8 +314,7 @@ class InsertFakeQuant(Pass):
                 continue  # its input is token indices, not activations
             node = layer_node(gm, layer)
             x = input_arg(node)  # addmm reads its input second, after the bias
-            if isinstance(x, Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target),
-                                                                            ActivationQuant):
+            if is_activation_quant(gm, x):
                 gm.add_submodule(x.target, self.activations.build())  # quantized before: calibrate afresh
                 inserted[x] = x
                 continue
@@ -387,8 +386,7 @@ def _reaches_grid(gm: GraphModule, node: Node) -> bool:
     oneDNN's sum post-op can end in; the grid may have other readers: the next block's add reads it once its
     join is quantized)."""
     def quantized(value: Node) -> bool:
-        return any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), ActivationQuant)
-                   for u in value.users)
+        return any(is_activation_quant(gm, u) for u in value.users)
 
     if quantized(node):
         return True
@@ -401,8 +399,7 @@ def _reaches_grid(gm: GraphModule, node: Node) -> bool:
 def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None | bool:
     """The ActivationQuant already on `x`; None if `x` is a quantized layer's output (through ops that
     commute with quantization, which LowerToInteger runs on codes); False otherwise."""
-    quant = next((u for u in x.users if u.op == "call_module"
-                  and isinstance(gm.get_submodule(u.target), ActivationQuant)), None)
+    quant = next((u for u in x.users if is_activation_quant(gm, u)), None)
     if quant is not None:
         return quant
     current = x

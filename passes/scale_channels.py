@@ -619,9 +619,11 @@ def insert_scales(gm: GraphModule, layers: list[Layer], shapes: ShapeInfo) -> di
 def remove_unit_scales(gm: GraphModule, inserted: dict[str, Node]) -> list[str]:
     """Take out the products whose buffer is still all ones (the group was skipped, or plain rounding won);
     the buffer names of the rest."""
-    kept = [name for name, product in inserted.items() if not bool((stored_attr(gm, name) == 1).all())]
-    for name in inserted.keys() - set(kept):
-        product = inserted[name]
+    kept = []
+    for name, product in inserted.items():
+        if not bool((stored_attr(gm, name) == 1).all()):
+            kept.append(name)
+            continue
         for user in list(product.users):
             swap_input(gm, user, product, product.args[0])
     if len(kept) < len(inserted):

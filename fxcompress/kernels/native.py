@@ -385,13 +385,10 @@ class NativeLayer(nn.Module):
                                     f"got {x.dtype} and {residual.dtype}")
         if torch.compiler.is_compiling():
             return self._accumulated_by_ops(x, residual)
-        op, head = self._int8_call(x.shape)
-        scale, zero = self.accumulate
-        post, scalars = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
-        # the residual comes after x's scale and zero-point, the packed weight, its scales and zero-points
-        tail = (*head[5:10], self.output_scale, self.output_zero_point, torch.uint8, scale, zero, "sum", 1.0,
-                post, scalars, "")
-        head = head[:5]
+        # the residual comes before the bias; the sum post-op takes a ReLU (post_op "relu" or "none") after it
+        head = self._weight_args(x.shape)
+        tail = (self._bias_value(), self.stride, self.padding, self.dilation, self.groups, self.output_scale,
+                self.output_zero_point, torch.uint8, *self.accumulate, "sum", 1.0, self.post_op, [], "")
         self._call = torch.ops.onednn.qconv2d_pointwise.binary, head, tail
         return torch.ops.onednn.qconv2d_pointwise.binary(x, *head, self._accumulator(residual), *tail)
 
@@ -400,10 +397,9 @@ class NativeLayer(nn.Module):
         rounding. The sum post-op writes into its residual argument, a mutation that torch.compile's
         functionalization cannot run on uint8 tensors (aot_eager: no kernel for auto_functionalized_v2);
         these ops trace anywhere, and inductor fuses the elementwise part into one kernel."""
-        common = (self.input_scale, self.input_zero_point, self.packed(x.shape), self.weight_scale,
-                  self.weight_zero_point, self._bias if self._bias is not None else self.float_bias())
-        real = torch.ops.onednn.qconv2d_pointwise.default(x, *common, self.stride, self.padding, self.dilation,
-                                                          self.groups, 1.0, 0, torch.float32, "none", [], "")
+        real = torch.ops.onednn.qconv2d_pointwise.default(x, *self._weight_args(x.shape), self._bias_value(),
+                                                          self.stride, self.padding, self.dilation, self.groups,
+                                                          1.0, 0, torch.float32, "none", [], "")
         scale, zero = self.accumulate
         real = real + (residual.to(torch.float32) - zero) * scale
         if self.clamp is not None:
@@ -411,12 +407,20 @@ class NativeLayer(nn.Module):
         codes = torch.round(real / self.output_scale) + self.output_zero_point
         return codes.clamp(0, UINT8_MAX).to(torch.uint8)
 
+    def _weight_args(self, x_shape: Sequence[int]) -> tuple:
+        """oneDNN's arguments after the input codes, up to the bias: the input's scale and zero-point, the packed
+        weight, its scales and zero-points."""
+        return (self.input_scale, self.input_zero_point, self.packed(x_shape), self.weight_scale,
+                self.weight_zero_point)
+
+    def _bias_value(self) -> torch.Tensor:
+        return self._bias if self._bias is not None else self.float_bias()
+
     def _int8_call(self, x_shape: Sequence[int]) -> tuple[Any, tuple]:
         """oneDNN's op for this layer and its arguments after the input codes."""
         post, scalars = self.post_op, (list(self.clamp) if self.post_op == "hardtanh" else [])
         dtype = torch.float32 if self.output == "float32" else torch.uint8
-        common = (self.input_scale, self.input_zero_point, self.packed(x_shape), self.weight_scale,
-                  self.weight_zero_point, self._bias if self._bias is not None else self.float_bias())
+        common = (*self._weight_args(x_shape), self._bias_value())
         output = (self.output_scale, self.output_zero_point, dtype, post, scalars, "")
         if self.kind == "linear":
             return torch.ops.onednn.qlinear_pointwise.default, (*common, *output)
