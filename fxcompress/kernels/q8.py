@@ -326,7 +326,7 @@ def _c_runs(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
     """Whether our C passes can take `tensors`: plain CPU tensors of `dtype`, outside any trace (a traced graph
     keeps torch's ops), with the library built here."""
     return (not torch.compiler.is_compiling() and c_library() is not None
-            and all(type(t) is torch.Tensor and t.dtype == dtype and t.device.type == "cpu" for t in tensors))
+            and all(type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu for t in tensors))
 
 
 def add_values(a: torch.Tensor, b: torch.Tensor, ka: float, kb: float, offset: float, relu: bool

@@ -473,8 +473,8 @@ def test_a_residual_add_onto_a_grid_runs_in_one_c_pass_within_a_code_of_the_torc
 
 
 def test_the_c_add_rounds_float32_steps_exactly_in_its_vector_body_and_its_tail():
-    """q8.add is float32 a * ka + b * kb + offset, rounded half to even, clamped: code for code, whether eight
-    at a time (the AVX2 body) or one by one (the tail of a length not a multiple of eight); ties included."""
+    """q8.add is float32 a * ka + b * kb + offset, rounded half to even, clamped: code for code, whether sixteen
+    at a time (the AVX-512 body), eight (AVX2) or one by one (1003 = 62 * 16 + 8 + 3 codes); ties included."""
     if q8.c_library() is None:
         pytest.skip("no C compiler on this machine")
     gen = torch.Generator().manual_seed(5)
