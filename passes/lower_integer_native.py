@@ -214,17 +214,13 @@ def fuse_residual_adds(gm: GraphModule) -> list[str]:
         if match is None:
             continue
         host, values, relu, quantize = match
-        order = {node: i for i, node in enumerate(gm.graph.nodes)}  # with the layers fused so far
         codes = values.args[0]
-        later = [u for u in codes.users if u is not values and order[u] > order[add]]
-        fresh = ((codes.op == "call_module" and isinstance(gm.get_submodule(codes.target), _FRESH_MODULES))
-                 or (codes.op == "call_function" and codes.target in _FRESH_FUNCTIONS))
         layer, grid = gm.get_submodule(host.target), gm.get_submodule(quantize.target)
         clamp = None if relu is None else (0.0, None)  # the grid is uint8's whole range (_residual_add)
         module = NativeLayer(**{**layer.config(), "output": "uint8", "output_scale": grid.scale,
                                 "output_zero_point": grid.zero_point, "clamp": clamp,
                                 "accumulate": [values.args[1], values.args[2]],
-                                "accumulate_in_place": fresh and not later and len(values.users) == 1})
+                                "accumulate_in_place": _writable_residual(gm, codes, host, add, values)})
         module.load_state_dict(layer.state_dict())
         gm.add_submodule(host.target, module)
         with gm.graph.inserting_before(quantize):
@@ -236,6 +232,23 @@ def fuse_residual_adds(gm: GraphModule) -> list[str]:
                 gm.graph.erase_node(node)
         fused.append(host.target)
     return fused
+
+
+def _writable_residual(gm: GraphModule, codes: Node, host: Node, add: Node, values: Node) -> bool:
+    """Whether the fused convolution may write its sum into the residual's own codes: a tensor a kernel wrote
+    fresh (no view of another value), whose every other reader ran before the add and wrote a fresh tensor of
+    its own (no view of the codes lives on), and which is not the convolution's own input (oneDNN would
+    overwrite what it is reading: `conv(x) + x`)."""
+    if not _writes_fresh(gm, codes) or len(values.users) != 1:
+        return False
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}  # with the layers fused so far
+    return all(reader is values or (reader is not host and order[reader] < order[add] and _writes_fresh(gm, reader))
+               for reader in codes.users)
+
+
+def _writes_fresh(gm: GraphModule, node: Node) -> bool:
+    return ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), _FRESH_MODULES))
+            or (node.op == "call_function" and node.target in _FRESH_FUNCTIONS))
 
 
 def time_fused_layers(gm: GraphModule, paths: list[str], example_inputs: tuple, repeats: int) -> dict[str, KernelChoice]:

@@ -187,6 +187,35 @@ def test_a_residual_read_after_the_add_is_summed_in_a_copy():
     assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
 
 
+class AddsItsInput(nn.Module):
+    """relu(conv(x) + x): the residual is the convolution's own input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(F.relu(self.conv(h) + h))
+
+
+@needs_vnni
+def test_a_convolution_adding_its_own_input_sums_in_a_copy():
+    """Found by random models: summed in place, oneDNN wrote conv(h) + h over the h it was still reading (here
+    at batch 2, one channel of 8 x 8: 16 to 82 output steps off; other shapes happened to come out right)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    fq = _fake_quant(AddsItsInput().eval(), x)
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("int8",))], example_inputs=(x[:2],))
+    (layer,) = [m for m in gm.modules() if isinstance(m, NativeLayer) and m.accumulate is not None]
+    assert not layer.accumulate_in_place
+    with torch.no_grad():
+        for batch in x.split(2):  # the batch size the layer was packed for
+            expected, got = reference(batch), gm(batch)
+            assert (expected - got).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+
+
 @needs_vnni
 def test_the_fused_form_exports_and_compiles(resnet):
     x, fused, _ = resnet
