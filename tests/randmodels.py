@@ -27,6 +27,7 @@ import fxcompress
 from zeroing import pick_half, zero_classes
 from fxcompress.channels import ChannelGraph
 from fxcompress.errors import FxCompressError, VerificationError
+from fxcompress.kernels.native import NativeLayer
 from fxcompress.quant.integer import IntegerLayer
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerDynamicInt8,
@@ -176,8 +177,8 @@ class TwoInputs(RandomNet):
 class Builder:
     """Grows a random program: each op picks its inputs among the live values and registers modules."""
 
-    def __init__(self, rng: random.Random, avoid: frozenset[str]) -> None:
-        self.rng, self.avoid = rng, avoid
+    def __init__(self, rng: random.Random, avoid: frozenset[str], residual_blocks: bool = False) -> None:
+        self.rng, self.avoid, self.residual_blocks = rng, avoid, residual_blocks
         self.values: list[Value] = []
         self.uses: list[int] = []
         self.steps: list[Step] = []
@@ -243,6 +244,20 @@ class Builder:
     def residual(self, i):
         j = self.partner(i, lambda v: v == self.values[i])
         return None if j is None else self.add("add", (i, j), [self.values[i]])
+
+    def residual_block(self, i):
+        """conv(x) [-> BatchNorm] + x [-> ReLU / ReLU6]: a ResNet block's add, whose convolution may take it."""
+        c = self.values[i].shape[0]
+        k = self.rng.choice([1, 3])
+        conv = nn.Conv2d(c, c, k, 1, k // 2, bias=self.rng.random() < 0.7)
+        j = self.add("module", (i,), [self.values[i]], self.register(self.name("conv"), conv))
+        if self.rng.random() < 0.5:
+            j = self.batchnorm(j)
+        j = self.add("add", (j, i) if self.rng.random() < 0.5 else (i, j), [self.values[i]])
+        if self.rng.random() < 0.7:
+            j = self.add("module", (j,), [self.values[i]],
+                         self.register(self.name("act"), self.rng.choice([nn.ReLU, nn.ReLU6])()))
+        return j
 
     def concat(self, i):
         v = self.values[i]
@@ -365,6 +380,9 @@ KIND_OPS = {
     "tokens": {Builder.embed: 1},
 }
 TO_HEAD = {"image": Builder.to_flat, "seq": Builder.seq_mean, "tokens": Builder.embed}
+# random_model(residual_blocks=True) adds Builder.residual_block to the image ops with this weight (off by default, so
+# every seed keeps its model)
+RESIDUAL_BLOCK_WEIGHT = 8
 
 
 def _inputs(b: Builder) -> list[torch.Tensor]:
@@ -392,6 +410,8 @@ def _grow(b: Builder, steps: int) -> None:
         unused = [i for i, n in enumerate(b.uses) if n == 0]
         i = b.rng.choice(unused) if unused and b.rng.random() < 0.8 else b.rng.randrange(len(b.values))
         ops = KIND_OPS[b.values[i].kind]
+        if b.residual_blocks and b.values[i].kind == "image":
+            ops = {**ops, Builder.residual_block: RESIDUAL_BLOCK_WEIGHT}
         for op in b.rng.choices(list(ops), weights=list(ops.values()), k=4):  # a few tries: some ops need a partner
             if op(b, i) is not None:
                 break
@@ -415,14 +435,16 @@ def _head(b: Builder) -> int:
     return b.add("module", (i,), [Value("flat", (out,))], b.register("head", nn.Linear(b.values[i].shape[0], out)))
 
 
-def random_model(seed: int, avoid: frozenset[str] = frozenset()) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """A random model in eval mode and its example inputs, both determined by `seed`.
+def random_model(seed: int, avoid: frozenset[str] = frozenset(), residual_blocks: bool = False
+                 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """A random model in eval mode and its example inputs, both determined by `seed` (and the options).
 
     `avoid` names constructs to leave out: "dead_branch" (a branch whose result is never read).
+    `residual_blocks` grows ResNet blocks (`Builder.residual_block`) among the image ops.
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        b = Builder(random.Random(seed), avoid)
+        b = Builder(random.Random(seed), avoid, residual_blocks)
         inputs = _inputs(b)
         _grow(b, b.rng.randint(3, 10))
         output = _head(b)
@@ -557,6 +579,30 @@ def check_lower_integer(model, inputs, seed: int) -> str:
     return "verified" if any(isinstance(m, IntegerLayer) for m in gm.modules()) else "nothing lowered"
 
 
+def check_native_integer(model, inputs, seed: int) -> str:
+    """LowerToInteger's native backend (oneDNN's int8 kernels, our C ones, float where they lose, adds inside
+    convolutions) computes what its fake-quant model computes, up to rounding. Symmetric weights, which int8
+    kernels take (the check above gets asymmetric ones, so the default backend falls back to the reference
+    there); grids at joins. On odd seeds residual adds are modelled inside the convolution before them and
+    convolutions run oneDNN's int8 kernel (the one that takes an add), on even seeds the faster of int8 and float."""
+    odd = seed % 2 == 1
+    activations = ActivationConfig(bits=8, joins=True, fuse_adds=odd)
+    passes = [FoldBatchNorm(), InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                               activations=activations)]
+    fake_quant = fxcompress.compile(model, passes, example_inputs=inputs, calibration_data=calibration_batches(inputs, seed))
+    kernels = ("int8", "c_int8") if odd else ("int8", "float", "c_int8")
+    gm = fxcompress.compile(fake_quant, [LowerToInteger(backend="native", kernels=kernels, repeats=1)],
+                            example_inputs=inputs)
+    with torch.no_grad():
+        expected, got = fake_quant(*inputs), gm(*inputs)
+    bound = INTEGER_TOLERANCE * max(expected.abs().max().item(), 1e-3)
+    assert (got - expected).abs().max().item() <= bound, (got - expected).abs().max().item() / bound
+    fused = fxcompress.history(gm)[-1].stats["residual_adds_fused"]
+    if not any(isinstance(m, NativeLayer) for m in gm.modules()):
+        return "nothing lowered"
+    return f"verified, {fused} adds fused" if fused else "verified"
+
+
 # What each measured lowering may change, relative to the output range: the sparse and weight-only
 # kernels compute the model they lower up to float summation order; dynamic int8 also rounds each
 # activation row to 8 bits, as LowerToInteger does.
@@ -581,6 +627,7 @@ def check_measured_lowerings(model, inputs, seed: int) -> str:
 PROPERTIES = {"zeroed pruning is exact": check_zeroed_pruning,
               "encoded save/load bit-identical": check_encoded_round_trip,
               "FoldBatchNorm allclose": check_fold_batchnorm, "LowerToInteger matches reference": check_lower_integer,
+              "LowerToInteger native matches fake quant": check_native_integer,
               "measured lowerings match their model": check_measured_lowerings}
 
 

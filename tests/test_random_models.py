@@ -16,7 +16,7 @@ import randmodels
 import fxcompress.passes
 from fxcompress.pass_base import Pass
 from randmodels import (PROPERTIES, check_encoded_round_trip, check_fold_batchnorm, check_lower_integer,
-                        check_measured_lowerings, check_pass, check_zeroed_pruning, classify, outcome,
+                        check_measured_lowerings, check_native_integer, check_pass, check_zeroed_pruning, classify, outcome,
                         pass_pipelines, random_model)
 
 CHEAP_PASSES = ("InsertMasks", "InsertFakeQuant(linear)", "InsertFakeQuant(kmeans)", "PruneChannels",
@@ -139,9 +139,23 @@ def test_lower_integer_agrees_with_its_fake_quant_reference(seed):
     record("LowerToInteger vs reference", check_lower_integer, model, inputs, seed)
 
 
+@examples(4, ci_graphs=8)
+@given(seed=SEEDS)
+def test_native_integer_agrees_with_its_fake_quant_model(seed):
+    model, inputs = random_model(seed, residual_blocks=True)
+    record("LowerToInteger native vs fake quant", check_native_integer, model, inputs, seed)
+
+
+def test_native_integer_on_a_convolution_adding_its_own_input():
+    # seed 2051 with residual blocks: conv1(x) + x with x the model's input codes; summed in place, oneDNN
+    # overwrote the codes it was still reading (the output 1.6 times the tolerance off)
+    model, inputs = random_model(2051, residual_blocks=True)
+    assert check_native_integer(model, inputs, 2051) == "verified, 1 adds fused"
+
+
 def test_every_property_has_a_test():
     assert set(PROPERTIES.values()) == {check_zeroed_pruning, check_encoded_round_trip, check_fold_batchnorm,
-                                        check_lower_integer, check_measured_lowerings}
+                                        check_lower_integer, check_native_integer, check_measured_lowerings}
 
 
 def test_lower_integer_on_a_model_with_a_dead_branch():
