@@ -583,7 +583,7 @@ def check_native_integer(model, inputs, seed: int) -> str:
     """LowerToInteger's native backend (oneDNN's int8 kernels, our C ones, float where they lose, adds inside
     convolutions) computes what its fake-quant model computes, up to rounding. Symmetric weights, which int8
     kernels take (the check above gets asymmetric ones, so the default backend falls back to the reference
-    there); grids at joins. On odd seeds residual adds are modelled inside the convolution before them and
+    there); grids at joins; saved and loaded, the same outputs bit for bit. On odd seeds residual adds are modelled inside the convolution before them and
     convolutions run oneDNN's int8 kernel (the one that takes an add), on even seeds the faster of int8 and float."""
     odd = seed % 2 == 1
     activations = ActivationConfig(bits=8, joins=True, fuse_adds=odd)
@@ -597,6 +597,11 @@ def check_native_integer(model, inputs, seed: int) -> str:
         expected, got = fake_quant(*inputs), gm(*inputs)
     bound = INTEGER_TOLERANCE * max(expected.abs().max().item(), 1e-3)
     assert (got - expected).abs().max().item() <= bound, (got - expected).abs().max().item() / bound
+    with tempfile.TemporaryDirectory() as folder:  # the file keeps every kernel choice: the same outputs
+        fxcompress.save(gm, Path(folder) / "native.fxc")
+        loaded = fxcompress.load(Path(folder) / "native.fxc")
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), got), "the loaded native model computes something else"
     fused = fxcompress.history(gm)[-1].stats["residual_adds_fused"]
     if not any(isinstance(m, NativeLayer) for m in gm.modules()):
         return "nothing lowered"

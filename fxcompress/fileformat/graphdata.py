@@ -79,8 +79,11 @@ def _check_names_storable(node: Node, where: str) -> None:
 
 
 def graph_to_data(gm: GraphModule) -> list[dict]:
+    """The graph's nodes as data, placeholders first (in their own order, which is the inputs' order): torch.fx
+    lets a pass insert a node between two placeholders, and `graph_from_data` accepts them only at the front."""
     nodes = []
-    for node in gm.graph.nodes:
+    ordered = sorted(gm.graph.nodes, key=lambda node: node.op != "placeholder")  # stable: the rest keep their order
+    for node in ordered:
         where = f"node {node.format_node()}"
         _check_names_storable(node, where)
         target = node.target

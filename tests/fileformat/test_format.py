@@ -197,6 +197,32 @@ def test_getattr_of_anything_but_a_tensor_property_cannot_be_saved(tmp_path):
         fxcompress.save(gm, tmp_path / "m.fxc")
 
 
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        return self.fc(x) - y
+
+
+def test_a_node_between_two_placeholders_saves_and_loads(tmp_path):
+    """torch.fx lets a pass put a node before the second input (InsertFakeQuant did, quantizing a join's operand
+    right after the first one); the file lists inputs first, so the model loads and keeps its input order."""
+    gm = torch.fx.symbolic_trace(_TwoInputs().eval())
+    x, y = gm.graph.find_nodes(op="placeholder")
+    with gm.graph.inserting_after(x):
+        doubled = gm.graph.call_function(torch.mul, (x, 2.0))
+    fc = next(n for n in gm.graph.nodes if n.op == "call_module")
+    fc.replace_input_with(x, doubled)
+    gm.recompile()
+    assert [n.op for n in gm.graph.nodes][:3] == ["placeholder", "call_function", "placeholder"]
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    a, b = torch.randn(2, 4), torch.randn(2, 3)
+    assert torch.equal(loaded(a, b), gm(a, b))  # inputs of two shapes: swapped, they would not run
+
+
 _DETERMINISM_SCRIPT = """
 import torch, fxcompress
 from fxcompress.passes import InsertMasks, InsertFakeQuant, LowerToEncoded

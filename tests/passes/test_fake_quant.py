@@ -438,3 +438,28 @@ def test_the_statistics_count_levels_as_torch_unique_does_and_leave_the_weight_u
     with_nans[[1, 7, (1 << 16) + 5]] = float("nan")
     levels = fake_quant._pair_stats(fake_quant._chunks(weight, with_nans))["levels"]
     assert levels == int(torch.unique(with_nans).numel()) == int(torch.unique(quantized).numel()) + 3
+
+
+class _ResidualOverTwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x, t):
+        return (self.conv(x) + x).flatten(1)[:, :2] + self.fc(t)
+
+
+def test_a_join_reading_the_first_input_quantizes_it_after_every_input(tmp_path):
+    """The add's operand x is the first input: its grid goes after the last input (it had landed between the two
+    placeholders, and the saved model did not load)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(8, 3, 4, 4), torch.randn(8, 4)
+    gm = fxcompress.compile(_ResidualOverTwoInputs().eval(),
+                            [InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(bits=8, joins=True))],
+                            example_inputs=(x, t), calibration_data=[(x, t)])
+    ops = [n.op for n in gm.graph.nodes]
+    assert ops[:2] == ["placeholder", "placeholder"] and "placeholder" not in ops[2:]
+    add = next(n for n in gm.graph.nodes if n.target is operator.add and n.args[1].op == "call_module")
+    assert add.args[1].args == (gm.graph.find_nodes(op="placeholder")[0],)  # x, on its grid
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    assert torch.equal(fxcompress.load(tmp_path / "m.fxc")(x, t), gm(x, t))
