@@ -1,10 +1,11 @@
 """Long-mode property run over seeded random models: every pass and property on N graphs.
 
-    python benchmarks/random_models.py --graphs 500 [--start 0]
+    python benchmarks/random_models.py --graphs 500 [--start 0] [--residual-blocks]
 
 Prints, per pass and per property, how many graphs ended in each outcome ("verified", a typed
 refusal, a crash inside a pass that compile wrapped, a violated property), the first seed of every
-outcome other than "verified" (to reproduce: `random_model(seed)` in tests/randmodels.py), and time.
+outcome other than "verified" (to reproduce: `random_model(seed)` in tests/randmodels.py, with
+`residual_blocks=True` after `--residual-blocks`, which grows ResNet blocks among the image ops), and time.
 """
 import argparse
 import collections
@@ -22,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graphs", type=int, default=200)
     parser.add_argument("--start", type=int, default=0, help="first seed")
+    parser.add_argument("--residual-blocks", action="store_true", help="grow ResNet blocks among the image ops")
     args = parser.parse_args()
     torch.set_num_threads(1)
     checks = {name: (lambda name: lambda m, x, s: check_pass(name, m, x, s))(name) for name in pass_pipelines()}
@@ -29,7 +31,7 @@ def main() -> None:
     counts = {label: collections.Counter() for label in checks}
     first_seed, seconds = {}, collections.Counter()
     for seed in range(args.start, args.start + args.graphs):
-        model, inputs = random_model(seed)
+        model, inputs = random_model(seed, residual_blocks=args.residual_blocks)
         for label, check in checks.items():
             start = time.perf_counter()
             result = outcome(check, model, inputs, seed)
@@ -37,7 +39,8 @@ def main() -> None:
             counts[label][result] += 1
             first_seed.setdefault((label, result), seed)
     last = args.start + args.graphs - 1
-    print(f"{args.graphs} random models, seeds {args.start}..{last}, torch {torch.__version__}, 1 thread\n")
+    blocks = ", residual blocks" if args.residual_blocks else ""
+    print(f"{args.graphs} random models{blocks}, seeds {args.start}..{last}, torch {torch.__version__}, 1 thread\n")
     print("| pass / property | outcome | graphs | first seed | ms per graph |")
     print("|---|---|---:|---:|---:|")
     for label, outcomes in counts.items():
