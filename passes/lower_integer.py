@@ -114,6 +114,7 @@ class LowerToInteger(Pass):
             if stats["module"] in residuals:
                 stats.update(output="uint8", residual=True, speedup=None,
                              times_ms=times[stats["module"]].as_stats()["times_ms"] if timed else {})
+        summing = {name for name, stats in lowered.items() if stats.get("residual")}  # their outputs are codes now
         fused = fuse_boundaries(gm) if backend == "native" else 0
         laid_out = lay_out_boundaries(gm) if backend == "native" else 0
         gm.graph.eliminate_dead_code()
@@ -126,8 +127,8 @@ class LowerToInteger(Pass):
             "integer_layers": len(layers),
             "integer_adds": sum(join.kind == "add" for join in joins.values()),
             "integer_cats": sum(join.kind == "cat" for join in joins.values()),
-            "requantized": sum(t is not None for t in targets.values()),
-            "dequantized": [q.layer.name for q in layers if targets[q.node] is None],
+            "requantized": sum(t is not None for t in targets.values()) + len(summing),
+            "dequantized": [q.layer.name for q in layers if targets[q.node] is None and q.layer.name not in summing],
             "float_to_integer_boundaries": boundaries,
             "residual_adds_fused": len(residuals),  # taken into the convolution before them (oneDNN's sum)
             "boundaries_fused": fused,  # of those, quantized inside the c_int8 layer reading them

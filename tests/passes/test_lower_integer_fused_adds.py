@@ -108,6 +108,9 @@ def test_native_runs_each_fused_add_inside_its_convolution(resnet, tmp_path):
     gm = fxcompress.compile(fused, [LowerToInteger(kernels=("int8",))], example_inputs=(x[:2],))
     stats = fxcompress.history(gm)[-1].stats
     assert stats["residual_adds_fused"] == 3 and stats["integer_adds"] == 1  # the last add dequantizes, on codes
+    summing = {name for name, layer in stats["layers"].items() if layer.get("residual")}
+    assert len(summing) == 3 and not summing & set(stats["dequantized"])  # they write codes: requantized
+    assert stats["requantized"] + len(stats["dequantized"]) == stats["integer_layers"]
     accumulating = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"
                     and isinstance(gm.get_submodule(n.target), NativeLayer) and gm.get_submodule(n.target).accumulate}
     assert sorted(accumulating) == ["layer1.0.conv2.native", "layer1.1.conv2.native", "layer2.0.shortcut.0.native"]
