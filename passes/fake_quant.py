@@ -351,7 +351,7 @@ class InsertFakeQuant(Pass):
                         quant = gm.graph.call_module(name, (x,))
                     inserted.append(name)
                 elif x.op == "placeholder":  # after every input, which torch.fx keeps at the front
-                    [*gm.graph.find_nodes(op="placeholder")][-1].append(quant)
+                    gm.graph.find_nodes(op="placeholder")[-1].append(quant)
                 else:
                     x.append(quant)  # right after its only input: before this join, wherever it stood
                 node.replace_input_with(x, quant)
