@@ -20,7 +20,7 @@ from fxcompress.layers import KINDS, Layer, chain_module_node, constant_value, i
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.channel_grid import per_channel_grid
 from fxcompress.quant.commuting import commutes_with_quantization, is_add
-from fxcompress.quant.integer import ACCUMULATOR_BITS
+from fxcompress.quant.integer import ACCUMULATOR_BITS, steps_of_zero_rows
 from fxcompress.quant.quantizers import Grid, quantize
 
 
@@ -161,13 +161,13 @@ def plan_layer(gm: GraphModule, q: Quantized, target: Node | None) -> LayerPlan:
         codes = codes.t().contiguous()   # addmm's [in, out] weight as a linear layer's [out, in] rows
     kind = INTEGER_KINDS[q.layer.kind]
     out_channels = codes.shape[0]
-    weight_scale = grid.scale.double().expand(out_channels)
+    weight_scale = steps_of_zero_rows(codes, grid.scale.double().expand(out_channels))
     accumulator_scale = q.input_grid.scale.double() * weight_scale
-    bias = None
+    bias = torch.zeros(out_channels, dtype=torch.int64)
     if q.layer.bias is not None:
-        bias = torch.round(gm.get_parameter(q.layer.bias).detach().double() / accumulator_scale).to(torch.int32)
-    check_accumulator(q.layer.name, codes, q.input_grid,
-                       bias if bias is not None else torch.zeros(out_channels, dtype=torch.int32))
+        bias = torch.round(gm.get_parameter(q.layer.bias).detach().double() / accumulator_scale).to(torch.int64)
+    check_accumulator(q.layer.name, codes, q.input_grid, bias)  # before int32 could wrap a bias around
+    bias = bias.to(torch.int32) if q.layer.bias is not None else None
     out_grid = gm.get_submodule(target.target).grid() if target is not None else None
     return LayerPlan(codes, weight_scale, bias, accumulator_scale, out_grid, code_chain(gm, q.node, target), target,
                      conv_options(q.node, kind), kind)
@@ -262,7 +262,7 @@ def check_accumulator(name: str, codes: torch.Tensor, in_grid: Grid, bias: torch
     """Refuse layers whose worst-case accumulator would not fit in int32."""
     zero = int(in_grid.zero_point)
     largest_input = max(abs(in_grid.qmin - zero), abs(in_grid.qmax - zero))
-    per_output = codes.abs().flatten(1).sum(dim=1).to(torch.int64) * largest_input + bias.abs().to(torch.int64)
+    per_output = codes.abs().flatten(1).sum(dim=1).to(torch.int64) * largest_input + bias.to(torch.int64).abs()
     worst = int(per_output.max())
     if worst >= 1 << ACCUMULATOR_BITS:
         raise PreconditionError(f"LowerToInteger: layer '{name}' could reach an accumulator of {worst} "

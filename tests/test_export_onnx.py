@@ -360,3 +360,32 @@ def test_clamps_run_on_codes_between_int8_convs_and_change_no_value(digits, tmp_
         assert ops["Clip"] == 0 and fused["DequantizeLinear"] == 0
     elif not symmetric:  # each uint8 grid clips its codes, an integer op between the int8 layers
         assert ops["Clip"] >= 5 and fused["DequantizeLinear"] == 0
+
+
+class _OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_int8_export_of_a_channel_of_zero_weights_keeps_its_bias_fine(tmp_path, onnx):
+    """A pruned channel's weight step is free (its codes are zero): it takes the largest of the others, as
+    LowerToInteger takes it, so its int32 bias is not rounded to a whole input step (0.37 of one off here)."""
+    torch.manual_seed(0)
+    model, x = _OneLinear().eval(), torch.rand(64, 6) * 4
+    with torch.no_grad():
+        model.fc.weight[1] = 0.0
+    fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                                    activations=ActivationConfig(bits=8))],
+                            example_inputs=(x[:2],), calibration_data=[x])
+    step = next(m for m in fq.modules() if isinstance(m, ActivationQuant)).grid().scale.item()
+    with torch.no_grad():
+        fq.get_parameter("fc.bias")[1] = 7.37 * step
+    got, _, _ = _ort_int8(fq, x, tmp_path, onnx)
+    assert abs(got[:, 1] - 7.37 * step).max() <= 0.01 * step
+    with torch.no_grad():
+        expected = fq(x).numpy()
+    assert abs(got - expected).max() <= (expected.max() - expected.min()) / 255

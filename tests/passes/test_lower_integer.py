@@ -286,3 +286,41 @@ def test_weight_codes_are_held_and_saved_in_the_narrowest_integer_type(tmp_path,
 def test_a_weight_dtype_that_is_no_integer_storage_is_refused():
     with pytest.raises(fxcompress.errors.ConfigError, match="weight_dtype must be one of"):
         IntegerLayer("linear", [4, 4], requantize=False, weight_dtype="float64")
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_channel_of_zero_weights_keeps_its_bias_as_fine_as_the_others(backend):
+    """A pruned channel computes its bias alone. linear_grid gives it a weight step of 1 (its codes are zero
+    whatever the step), and its bias was rounded to s_in * 1, a whole input step: here 0.37 of one off; it now
+    takes the largest step of the other channels, as fine as theirs."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(6, 3).eval(), torch.rand(64, 6) * 4
+    with torch.no_grad():
+        model.weight[1] = 0.0
+    fq = _fake_quant(model, x, symmetric=True, per_channel=True)
+    step = fq.get_submodule("linear_input_quant").grid().scale.item()
+    bias = 7.37 * step
+    with torch.no_grad():
+        fq.get_parameter("bias")[1] = bias  # the fake-quant model adds it as is
+    gm = fxcompress.compile(fq, [LowerToInteger(backend=backend)], example_inputs=(x[:2],))
+    if fxcompress.history(gm)[-1].stats["backend"] != backend:
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    assert torch.allclose(expected[:, 1], torch.tensor(bias))
+    assert (got[:, 1] - bias).abs().max().item() <= 0.01 * step
+    assert (got - expected).abs().max().item() <= (expected.max() - expected.min()).item() / 255
+
+
+def test_a_bias_beyond_int32_at_its_accumulator_scale_is_refused_by_layer():
+    """A channel with one tiny weight has a tiny step, and its bias at s_in * step passes int32: refused (it used
+    to wrap around to -2^31 silently, and the accumulator check took its absolute value, still negative)."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(6, 3).eval(), torch.rand(64, 6) * 4
+    with torch.no_grad():
+        model.weight[1] = 0.0
+        model.weight[1, 0] = 1e-9
+        model.bias[1] = 100.0
+    fq = _fake_quant(model, x, symmetric=True, per_channel=True)
+    with pytest.raises(PreconditionError, match=r"layer '.*' could reach an accumulator of \d+ \(>= 2\^31\)"):
+        fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
