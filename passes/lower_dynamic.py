@@ -64,13 +64,13 @@ def int8_weight(gm: GraphModule, layer: Layer, node: Node) -> Int8Weight | str:
         return "addmm with alpha / beta other than 1"
     out_dim = KINDS[layer.kind].out_dim
     found = fake_quant_module(gm, node)
-    if isinstance(found, str):
+    if isinstance(found, str):  # a float weight, stored or made by a chain without a grid (masks, a decoder)
         source = weight_arg(node) if node.op == "call_function" else None
-        if source is not None and source.op != "get_attr":
-            return f"{found} (its weight chain is not a plain stored weight)"
         weight = (constant_value(gm, source) if source is not None
                   else gm.get_submodule(node.target).weight.detach())
-        module, origin = GridWeight(8, "linear", symmetric=True, axis=out_dim), "symmetric 8-bit per channel (here)"
+        chain = "" if source is None or source.op == "get_attr" else " of the weight its chain computes"
+        module = GridWeight(8, "linear", symmetric=True, axis=out_dim)
+        origin = f"symmetric 8-bit per channel (here){chain}"
     else:
         module, quant = found
         weight, origin = constant_value(gm, quant.args[0]), "fake-quant grid"

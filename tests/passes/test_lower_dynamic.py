@@ -9,7 +9,7 @@ from torch import nn
 import fxcompress
 from fxcompress.kernels.dynamic import DynamicInt8Linear, fbgemm_available
 from fxcompress.kernels.timing import remeasure
-from fxcompress.passes import InsertFakeQuant, LowerDynamicInt8
+from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerDynamicInt8
 
 
 def mlp():
@@ -76,6 +76,28 @@ def test_fake_quant_weights_are_the_ones_lowered(tmp_path):
     loaded = fxcompress.load(tmp_path / "dyn.fxc")
     assert torch.equal(loaded(x), gm(x))
     assert not list(loaded.parameters())  # int8 codes, scales and biases are buffers; no float weight
+
+
+def test_a_masked_model_lowers_its_masked_weights(tmp_path):
+    """Masks are a weight chain without a grid: the layer quantizes the weight the chain computes, so pruned
+    weights stay zero codes (it used to refuse every masked layer)."""
+    model, x = mlp(), torch.randn(2, 96)
+    masked = fxcompress.compile(model, [InsertMasks(sparsity=0.7)], example_inputs=(x,))
+    gm = lower(masked, x)
+    stats = fxcompress.history(gm)[-1].stats
+    assert set(stats["layers"]) == {"0", "2"}
+    assert {s["weights"] for s in stats["layers"].values()} == {"symmetric 8-bit per channel (here) of the weight "
+                                                                "its chain computes"}
+    masks = dict(masked.named_buffers())
+    for layer in ("0", "2"):
+        module = gm.get_submodule(f"{layer}.dynamic_int8")
+        pruned = masks[f"{layer}.weight_mask"] == 0
+        assert bool(pruned.any()) and bool((module.weight[pruned] == 0).all())  # pruned weights are zero codes
+        module.kernel, module._run = "float", None  # no activation rounding: the 8-bit weights alone
+    expected = masked(x)
+    assert (gm(x) - expected).abs().max().item() <= 0.01 * expected.abs().max().item()
+    fxcompress.save(gm, tmp_path / "dyn.fxc")
+    assert torch.equal(fxcompress.load(tmp_path / "dyn.fxc")(x), gm(x))
 
 
 def test_layers_with_other_grids_are_skipped_with_the_reason():
