@@ -115,6 +115,10 @@ def _conv_groups(w: Walk, node: Node, x_ids, weight: dict, groups: int, transpos
         if x_ids is None:
             w.freeze(weight, f"{node.name} is a depthwise conv over channels that cannot be sliced")
             return None, None
+        if w_out is None:  # its weight's output channels are kept (a per-tensor grid on them): so are its groups
+            w.freeze(x_ids, f"{node.name} is a depthwise conv whose weight's output channels cannot be sliced")
+            w.freeze(weight, f"{node.name} is a depthwise conv whose weight's output channels cannot be sliced")
+            return None, None
         if transposed:
             w.couple([(x_ids, c_in), (w_in, c_in)], reason)
             w.freeze(w_out, f"{node.name}: outputs within a depthwise group")

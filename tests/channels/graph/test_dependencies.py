@@ -202,3 +202,32 @@ def test_same_as_tells_a_recomputed_graph_from_one_of_a_pruned_model():
     assert cg.same_as(_graph(model, x))
     pruned = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=(x,))
     assert not cg.same_as(_graph(pruned, x))
+
+
+class _DepthwiseAfterLinear(nn.Module):
+    """A pointwise linear layer over channels-last features, then a depthwise conv (random models' seed 122)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pointwise, self.depthwise = nn.Linear(3, 8), nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.pointwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(torch.relu(self.depthwise(x)))
+
+
+def test_a_depthwise_conv_whose_weight_grid_keeps_its_channels_keeps_its_groups():
+    """A per-tensor fake-quant grid ties every output channel of a weight (pruning one moves the grid), so the
+    depthwise conv's output channels are kept, and with them its groups and the channels feeding them (the
+    walk used to crash on the depthwise conv's missing output channels, found by random models)."""
+    from fxcompress.passes import InsertFakeQuant
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    fq = fxcompress.compile(_DepthwiseAfterLinear().eval(), [InsertFakeQuant(method="linear", bits=8)],
+                            example_inputs=(x,))
+    pruned = fxcompress.compile(fq, [PruneChannels(amount=0.5)], example_inputs=(x,))
+    shapes = {name: tuple(p.shape) for name, p in pruned.named_parameters()}
+    assert shapes["pointwise.weight"][0] == 8 and shapes["depthwise.weight"][0] == 16  # kept
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), fq(x))
