@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 from .encoded.decode import decode
 from .encoded.tensor import grid_codebook
 from .errors import ConfigError, MissingDependencyError, PreconditionError
-from .layers import bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
+from .layers import KINDS, bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
 from .quant import ActivationQuant, GridWeight, KMeansWeight
 from .quant.channel_grid import per_channel_grid
 from .quant.commuting import commutes_with_quantization
@@ -234,11 +234,11 @@ class _QuantizeDequantizeFn(torch.autograd.Function):
 
 
 class _DequantizeFn(torch.autograd.Function):
-    """Stored integer codes to float; exports as DequantizeLinear (per channel on axis 0 when `axis`)."""
+    """Stored integer codes to float; exports as DequantizeLinear (per channel on `axis`, or per tensor)."""
 
     @staticmethod
     def forward(ctx, codes, scale, zero_point, axis: int | None):
-        shape = [-1] + [1] * (codes.ndim - 1) if axis is not None else []
+        shape = [-1 if d == axis else 1 for d in range(codes.ndim)] if axis is not None else []
         return ((codes.to(torch.float32) - zero_point.to(torch.float32).reshape(shape))
                 * scale.reshape(shape))
 
@@ -261,7 +261,7 @@ class QuantizeDequantize(nn.Module):
 
 
 class Dequantize(nn.Module):
-    """Stored integer codes (a weight or a bias) -> DequantizeLinear; per channel on `axis` 0, or per tensor."""
+    """Stored integer codes (a weight or a bias) -> DequantizeLinear; per channel on `axis`, or per tensor."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  axis: int | None) -> None:
@@ -424,7 +424,9 @@ def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has {quantizer.bits}-bit weight codes "
                                 f"[{grid.qmin}, {grid.qmax}]; QDQ ONNX holds at most 8 bits")
     axis = quantizer.axis
-    if axis not in (None, 0):  # DequantizeLinear's axis 0 is the output channel of conv and Gemm weights
+    # DequantizeLinear's axis 0 is the output channel of conv and Gemm weights; an embedding's table has no
+    # accumulator, and its rows are gathered from the dequantized table on any axis
+    if axis not in (None, 0) and KINDS[layer.kind].family != "embedding":
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has per-channel weight scales on "
                                 f"axis {axis}; only axis 0 or per-tensor grids are exported")
     codes = quantize(weight, grid, axis).to(dtype)

@@ -389,3 +389,33 @@ def test_int8_export_of_a_channel_of_zero_weights_keeps_its_bias_fine(tmp_path, 
     with torch.no_grad():
         expected = fq(x).numpy()
     assert abs(got - expected).max() <= (expected.max() - expected.min()) / 255
+
+
+class _EmbeddingBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.fc(self.embed(tokens).mean(dim=1))
+
+
+def test_int8_export_of_an_embedding_with_a_grid_per_column(tmp_path, onnx):
+    """An embedding's per-channel grid is on its columns (axis 1): the table dequantizes on that axis and its rows
+    are gathered from it (it was refused as not axis 0, which only conv and Gemm weights need for their bias)."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 10, (16, 5))
+    fq = fxcompress.compile(_EmbeddingBag().eval(),
+                            [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                             activations=ActivationConfig(bits=8))],
+                            example_inputs=(tokens[:2],), calibration_data=[tokens])
+    assert fq.get_submodule("embed.weight_quant").axis == 1
+    export.to_onnx_int8(fq, tmp_path / "q.onnx", (tokens[:2],))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    axes = [a.i for n in model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert 1 in axes
+    (got,) = _session(tmp_path / "q.onnx").run(None, {"tokens": tokens.numpy()})
+    with torch.no_grad():
+        expected = fq(tokens).numpy()
+    assert abs(got - expected).max() <= (expected.max() - expected.min()) / 255
