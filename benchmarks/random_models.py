@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ge
 from randmodels import PROPERTIES, check_pass, outcome, pass_pipelines, random_model  # noqa: E402
 
 
-def tally(seeds: range, checks: dict[str, Callable], make: Callable = random_model) -> tuple[dict, dict, collections.Counter]:
+def tally(seeds: range, checks: dict[str, Callable], make: Callable = random_model
+          ) -> tuple[dict, dict, collections.Counter]:
     """Run every check on the model `make(seed)` gives for each seed: per label, the count of each outcome, the
     first seed of each (label, outcome), and the seconds spent."""
     counts = {label: collections.Counter() for label in checks}

@@ -23,9 +23,9 @@ from randmodels import INTEGER_TOLERANCE, calibration_batches, random_model  # n
 from random_models import print_table, tally  # noqa: E402
 
 import fxcompress  # noqa: E402
-from fxcompress.passes import (ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerDynamicInt8,  # noqa: E402
-                               LowerToEncoded, LowerToInteger, LowerToSparse, LowerWeightOnly, PruneChannels,
-                               ScaleChannels, SparseGPT)
+from fxcompress.passes import (  # noqa: E402
+    ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded, LowerToInteger,
+    LowerToSparse, LowerWeightOnly, PruneChannels, ScaleChannels, SparseGPT)
 
 
 def pipelines(seed: int) -> dict[str, tuple[list, object, float]]:

@@ -19,7 +19,8 @@ from torch.utils._pytree import tree_leaves
 from .encoded.decode import decode
 from .encoded.tensor import grid_codebook
 from .errors import ConfigError, MissingDependencyError, PreconditionError
-from .layers import KINDS, bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg, layer_node
+from .layers import (KINDS, bias_arg, chain_module_node, constant_value, effective_weight, find_layers, input_arg,
+                     layer_node)
 from .quant import ActivationQuant, GridWeight, KMeansWeight
 from .quant.channel_grid import per_channel_grid
 from .quant.commuting import commutes_with_quantization

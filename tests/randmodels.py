@@ -583,15 +583,17 @@ def check_native_integer(model, inputs, seed: int) -> str:
     """LowerToInteger's native backend (oneDNN's int8 kernels, our C ones, float where they lose, adds inside
     convolutions) computes what its fake-quant model computes, up to rounding. Symmetric weights, which int8
     kernels take (the check above gets asymmetric ones, so the default backend falls back to the reference
-    there); grids at joins; saved and loaded, the same outputs bit for bit. On odd seeds residual adds are modelled inside the convolution before them and
-    convolutions run oneDNN's int8 kernel (the one that takes an add), on even seeds the faster of int8 and float;
-    on every third seed half the weights are masked first (channels of zero weights among them)."""
+    there); grids at joins; saved and loaded, the same outputs bit for bit. On odd seeds residual adds are
+    modelled inside the convolution before them and convolutions run oneDNN's int8 kernel (the one that takes an
+    add), on even seeds the faster of int8 and float; on every third seed half the weights are masked first
+    (channels of zero weights among them)."""
     odd = seed % 2 == 1
     activations = ActivationConfig(bits=8, joins=True, fuse_adds=odd)
     masks = [InsertMasks(sparsity=0.5)] if seed % 3 == 0 else []
     passes = [FoldBatchNorm(), *masks, InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
                                                        activations=activations)]
-    fake_quant = fxcompress.compile(model, passes, example_inputs=inputs, calibration_data=calibration_batches(inputs, seed))
+    fake_quant = fxcompress.compile(model, passes, example_inputs=inputs,
+                                    calibration_data=calibration_batches(inputs, seed))
     kernels = ("int8", "c_int8") if odd else ("int8", "float", "c_int8")
     gm = fxcompress.compile(fake_quant, [LowerToInteger(backend="native", kernels=kernels, repeats=1)],
                             example_inputs=inputs)

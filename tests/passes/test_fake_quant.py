@@ -454,9 +454,9 @@ def test_a_join_reading_the_first_input_quantizes_it_after_every_input(tmp_path)
     placeholders, and the saved model did not load)."""
     torch.manual_seed(0)
     x, t = torch.randn(8, 3, 4, 4), torch.randn(8, 4)
-    gm = fxcompress.compile(_ResidualOverTwoInputs().eval(),
-                            [InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(bits=8, joins=True))],
-                            example_inputs=(x, t), calibration_data=[(x, t)])
+    quantize = InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(bits=8, joins=True))
+    gm = fxcompress.compile(_ResidualOverTwoInputs().eval(), [quantize], example_inputs=(x, t),
+                            calibration_data=[(x, t)])
     ops = [n.op for n in gm.graph.nodes]
     assert ops[:2] == ["placeholder", "placeholder"] and "placeholder" not in ops[2:]
     add = next(n for n in gm.graph.nodes if n.target is operator.add and n.args[1].op == "call_module")

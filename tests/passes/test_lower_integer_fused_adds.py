@@ -195,7 +195,8 @@ class AddsItsInput(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem, self.conv, self.head = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 4, 1)
+        self.stem, self.conv = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Conv2d(1, 4, 1)
 
     def forward(self, x):
         h = self.stem(x)
