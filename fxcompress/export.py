@@ -26,7 +26,6 @@ from .quant.channel_grid import per_channel_grid
 from .quant.commuting import commutes_with_quantization
 from .kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from .passes.lower_integer_graph import clamp_bounds, clamp_codes, is_relu
-from .quant.integer import steps_of_zero_rows
 from .quant.quantizers import Grid, quantize
 
 __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_json", "to_onnx", "to_onnx_int8",
@@ -431,15 +430,12 @@ def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has per-channel weight scales on "
                                 f"axis {axis}; only axis 0 or per-tensor grids are exported")
     codes = quantize(weight, grid, axis).to(dtype)
-    zero_point, weight_scale = grid.zero_point.round(), grid.scale
-    if axis == 0:  # a channel of zero weights: the step its bias is rounded to, as LowerToInteger takes it
-        centered = codes.to(torch.int32) - zero_point.to(torch.int32).reshape(-1, *[1] * (codes.ndim - 1))
-        weight_scale = steps_of_zero_rows(centered, grid.scale)
-    _replace(gm, chain, f"{layer.name}.weight_dequantize", Dequantize(codes, weight_scale, zero_point, axis))
+    _replace(gm, chain, f"{layer.name}.weight_dequantize",
+             Dequantize(codes, grid.scale, grid.zero_point.round(), axis))
     bias = bias_arg(node)
     if bias is None or input_grid is None:
         return  # without an input grid the layer's accumulator has no scale: the bias stays float
-    scale = (input_grid.scale.float() * weight_scale.float()).expand(weight.shape[0])
+    scale = (input_grid.scale.float() * grid.scale.float()).expand(weight.shape[0])
     bias_codes = torch.round(constant_value(gm, bias).float() / scale)
     if bias_codes.abs().max() > _INT32_MAX:
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has a bias beyond int32 at the "

@@ -110,11 +110,10 @@ class LowerToInteger(Pass):
         residuals = fuse_residual_adds(gm) if backend == "native" else []
         timed = residuals and ctx.example_inputs is not None
         times = time_fused_layers(gm, residuals, ctx.example_inputs, self.repeats) if timed else {}
-        for stats in lowered.values():
-            if stats["module"] in residuals:
-                stats.update(output="uint8", residual=True, speedup=None,
-                             times_ms=times[stats["module"]].as_stats()["times_ms"] if timed else {})
-        summing = {name for name, stats in lowered.items() if stats.get("residual")}  # their outputs are codes now
+        summing = {name for name, stats in lowered.items() if stats["module"] in residuals}  # they write codes now
+        for name in summing:
+            lowered[name].update(output="uint8", residual=True, speedup=None,
+                                 times_ms=times[lowered[name]["module"]].as_stats()["times_ms"] if timed else {})
         fused = fuse_boundaries(gm) if backend == "native" else 0
         laid_out = lay_out_boundaries(gm) if backend == "native" else 0
         gm.graph.eliminate_dead_code()

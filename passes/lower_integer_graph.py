@@ -20,7 +20,7 @@ from fxcompress.layers import KINDS, Layer, chain_module_node, constant_value, i
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.quant.channel_grid import per_channel_grid
 from fxcompress.quant.commuting import commutes_with_quantization, is_add
-from fxcompress.quant.integer import ACCUMULATOR_BITS, steps_of_zero_rows
+from fxcompress.quant.integer import ACCUMULATOR_BITS
 from fxcompress.quant.quantizers import Grid, quantize
 
 
@@ -161,7 +161,7 @@ def plan_layer(gm: GraphModule, q: Quantized, target: Node | None) -> LayerPlan:
         codes = codes.t().contiguous()   # addmm's [in, out] weight as a linear layer's [out, in] rows
     kind = INTEGER_KINDS[q.layer.kind]
     out_channels = codes.shape[0]
-    weight_scale = steps_of_zero_rows(codes, grid.scale.double().expand(out_channels))
+    weight_scale = grid.scale.double().expand(out_channels)
     accumulator_scale = q.input_grid.scale.double() * weight_scale
     bias = torch.zeros(out_channels, dtype=torch.int64)
     if q.layer.bias is not None:

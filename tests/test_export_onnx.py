@@ -372,8 +372,8 @@ class _OneLinear(nn.Module):
 
 
 def test_int8_export_of_a_channel_of_zero_weights_keeps_its_bias_fine(tmp_path, onnx):
-    """A pruned channel's weight step is free (its codes are zero): it takes the largest of the others, as
-    LowerToInteger takes it, so its int32 bias is not rounded to a whole input step (0.37 of one off here)."""
+    """A pruned channel's weight step is free (its codes are zero): its grid gives it the largest of the others,
+    so its int32 bias is not rounded to a whole input step (0.37 of one off here with a step of 1)."""
     torch.manual_seed(0)
     model, x = _OneLinear().eval(), torch.rand(64, 6) * 4
     with torch.no_grad():

@@ -46,17 +46,6 @@ def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor)
     return (acc * multiplier + (torch.ones_like(shift) << (shift - 1))) >> shift
 
 
-def steps_of_zero_rows(codes: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel weight steps (`codes` [out, ...], `weight_scale` [out]), where a channel whose codes
-    are all zero (pruned, or masked to nothing) takes the largest step of the others. Its weights are zero
-    whatever the step, so the step only sets the accumulator scale its bias is rounded to: linear_grid gives such
-    a channel a step of 1, which rounded its bias to a whole input step where the fake-quant model adds it as is."""
-    zero = codes.flatten(1).eq(0).all(dim=1)
-    if weight_scale.ndim != 1 or not zero.any() or zero.all():
-        return weight_scale
-    return torch.where(zero, weight_scale[~zero].max(), weight_scale)
-
-
 def dequantize_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """The real values of activation codes, (q - zero_point) * scale in float32, as the fake-quant model's
     value: what a float op reads where codes met it (the reference backend's centered codes: zero_point 0)."""

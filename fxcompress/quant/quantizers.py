@@ -130,10 +130,20 @@ def linear_grid(weight: torch.Tensor, bits: int, symmetric: bool = False, axis: 
         check_groups(weight, axis, group_size, "linear_grid")
     qmin, qmax = integer_range("linear", bits, symmetric)
     low, high = _min_max(weight, axis, group_size)
-    scale = _rounded((torch.maximum(-low, high) if symmetric else high - low) / qmax, scale_dtype)
-    scale = torch.where(scale > 0, scale, 1.0)  # an all-zero group: any step keeps its zeros exact
+    scale = _steps_of_empty_groups(_rounded((torch.maximum(-low, high) if symmetric else high - low) / qmax,
+                                            scale_dtype))
     zero_point = torch.zeros_like(scale) if symmetric else torch.round(-low / scale).clamp_(0, qmax)
     return Grid(scale, zero_point, qmin, qmax, group_size)
+
+
+def _steps_of_empty_groups(scale: torch.Tensor) -> torch.Tensor:
+    """Steps where a group of zero weights (no positive step: pruned, or masked to nothing) takes the largest
+    step of the other groups, 1 where all are empty. Any step keeps its zeros exact; the step matters where an
+    integer lowering rounds the channel's bias to input step * weight step: a step of 1 rounded it to a whole
+    input step, where the fake-quant model adds it as it is."""
+    positive = scale > 0  # branch-free: grids are computed inside torch.export / torch.compile traces too
+    largest = torch.where(positive, scale, 0.0).amax()
+    return torch.where(positive, scale, torch.where(largest > 0, largest, 1.0))
 
 
 def _rounded(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
@@ -169,7 +179,9 @@ def fixed_point_grid(weight: torch.Tensor, bits: int, int_bits: int | None = Non
         fits_high = torch.log2((qmax + 0.5) / high)
         fits_low = torch.log2((-qmin + 0.5) / low.abs())  # abs: -(0.0) would give -inf
         frac = torch.floor(torch.minimum(fits_high, fits_low))
-        frac = torch.where(torch.isfinite(frac), frac, torch.zeros_like(frac)).clamp(-100, 100)
+        fits = torch.isfinite(frac)  # not where a group is all zero: it takes the coarsest step of the others
+        coarsest = torch.where(fits, frac, torch.inf).amin()
+        frac = torch.where(fits, frac, torch.where(torch.isfinite(coarsest), coarsest, 0.0)).clamp(-100, 100)
     scale = torch.exp2(-frac)
     return Grid(scale, torch.zeros_like(scale), qmin, qmax)
 

@@ -288,16 +288,17 @@ def test_a_weight_dtype_that_is_no_integer_storage_is_refused():
         IntegerLayer("linear", [4, 4], requantize=False, weight_dtype="float64")
 
 
+@pytest.mark.parametrize("grid", [{"symmetric": True}, {"method": "fixed_point"}])
 @pytest.mark.parametrize("backend", ["reference", "native"])
-def test_a_channel_of_zero_weights_keeps_its_bias_as_fine_as_the_others(backend):
-    """A pruned channel computes its bias alone. linear_grid gives it a weight step of 1 (its codes are zero
-    whatever the step), and its bias was rounded to s_in * 1, a whole input step: here 0.37 of one off; it now
-    takes the largest step of the other channels, as fine as theirs."""
+def test_a_channel_of_zero_weights_keeps_its_bias_as_fine_as_the_others(backend, grid):
+    """A pruned channel computes its bias alone. Its codes are zero whatever its weight step; the grids gave it a
+    step of 1, and its bias was rounded to s_in * 1, a whole input step: here 0.37 of one off. It now takes the
+    largest step of the other channels (quantizers._steps_of_empty_groups), as fine as theirs."""
     torch.manual_seed(0)
     model, x = torch.nn.Linear(6, 3).eval(), torch.rand(64, 6) * 4
     with torch.no_grad():
         model.weight[1] = 0.0
-    fq = _fake_quant(model, x, symmetric=True, per_channel=True)
+    fq = _fake_quant(model, x, per_channel=True, **grid)
     step = fq.get_submodule("linear_input_quant").grid().scale.item()
     bias = 7.37 * step
     with torch.no_grad():

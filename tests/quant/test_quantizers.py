@@ -116,6 +116,20 @@ def test_constant_and_all_zero_tensors(tensor, bits):
     assert torch.equal(decoded(kmeans_codebook(tensor, bits)), tensor)
 
 
+@pytest.mark.parametrize("make", [lambda w: linear_grid(w, 8, True, axis=0), lambda w: linear_grid(w, 4, False, axis=0),
+                                  lambda w: linear_grid(w, 4, True, axis=0, group_size=8),
+                                  lambda w: fixed_point_grid(w, 8, axis=0)])
+def test_a_group_of_zero_weights_takes_the_largest_step_of_the_others(make):
+    """Its zeros stay exact whatever the step; an integer lowering rounds its channel's bias to input step times
+    this one, so it is the coarsest of the others, not 1 (which rounded that bias to a whole input step)."""
+    w = weights((6, 16), sparsity=0.0)
+    w[2] = 0.0
+    grid = make(w)
+    rows = grid.scale.reshape(6, -1)
+    assert bool((rows[2] == rows[[0, 1, 3, 4, 5]].max()).all()) and float(rows.max()) < 1
+    assert bool((fake_quantize(w, grid, 0)[2] == 0).all())
+
+
 def test_straight_through_gradient_is_one_inside_and_zero_where_saturated():
     w = torch.tensor([-5.0, -0.3, 0.1, 0.6, 5.0], requires_grad=True)
     grid = fixed_point_grid(w, 4, int_bits=2)  # range [-2, 1.75]
