@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from ..layers import Layer
 from ..pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
-from ..pruning.nm import nm_pattern
+from ..pruning.nm import check_nm_width, nm_pattern
 from .hessian import InputStats, damped_inverse
 from .masks import select_keep
 from .second_order import as_matrix, from_matrix, obs_select, obs_select_nm, output_error, sweep
@@ -36,6 +36,8 @@ def reconstruct_layer(gm: GraphModule, layer: Layer, stats: InputStats, *, spars
     pruned = None if mask is None else ~as_matrix(mask.bool(), layer.kind)
     nm = nm_pattern(granularity)
     if importance == "sparsegpt":
+        if nm:
+            check_nm_width(original.shape[1], *nm, layer.name)
         select = obs_select_nm(*nm) if nm else obs_select(sparsity)
         result = sweep(start, inverse.factor, pruned=pruned, select=select, select_every=nm[1] if nm else blocksize,
                        blocksize=blocksize)

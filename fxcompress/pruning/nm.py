@@ -57,13 +57,18 @@ def _channels_last(scores: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
     return scores.movedim(in_dim, -1), in_dim
 
 
+def check_nm_width(width: int, n: int, m: int, layer: str) -> None:
+    """An N:M pattern groups input channels by M: refuse a layer whose width M does not divide."""
+    if width % m:
+        raise PreconditionError(f"layer {layer!r}: {n}:{m} sparsity needs input channels in multiples of {m}; "
+                                f"it has {width}")
+
+
 def nm_keep(scores: torch.Tensor, n: int, m: int, kind: str, layer: str) -> torch.Tensor:
     """Bool, shaped like `scores`: the N highest of every M consecutive input channels."""
     moved, in_dim = _channels_last(scores, kind)
     width = moved.shape[-1]
-    if width % m:
-        raise PreconditionError(f"layer {layer!r}: {n}:{m} sparsity needs input channels in multiples of {m}; "
-                                f"it has {width}")
+    check_nm_width(width, n, m, layer)
     groups = moved.reshape(-1, width // m, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)

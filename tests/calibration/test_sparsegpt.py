@@ -95,3 +95,13 @@ def test_refusals_name_the_field_or_the_layer(layer):
         SparseGPT(granularity="4:8", blocksize=100)
     with pytest.raises(ConfigError, match="SparseGPT.granularity"):
         SparseGPT(granularity="filter")
+
+
+@pytest.mark.parametrize("importance", ["sparsegpt", "abs"])
+def test_an_n_m_pattern_on_a_layer_whose_width_m_does_not_divide_names_the_layer(importance):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    with pytest.raises(PreconditionError, match="layer '2': 2:4 sparsity needs input channels in multiples of 4; "
+                                                "it has 6"):
+        _compile(model, [SparseGPT(granularity="2:4", importance=importance)], batches)
