@@ -61,6 +61,21 @@ def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
     return found[::-1]
 
 
+
+def check_float_weight(gm: GraphModule, layer: Layer, owner: str, *, behind_quantizer: bool = False) -> None:
+    """Refuse a layer whose stored weight a pass cannot rewrite: encoded bytes or integer codes, or, unless
+    `behind_quantizer`, a float weight behind a quantizer or codebook (scales or second-order updates folded
+    into it would no longer be what the layer computes, so such a pass comes before InsertFakeQuant)."""
+    node = layer_node(gm, layer)
+    transforms = chain_transforms(gm, node) if node.op == "call_function" else []
+    stored = stored_attr(gm, layer.weight)
+    encoded = not (isinstance(stored, torch.Tensor) and torch.is_floating_point(stored))
+    if encoded or (transforms and not behind_quantizer):
+        what = ", ".join(type(t).__name__ for t in transforms) or f"stored as {type(stored).__name__}"
+        before = "LowerToEncoded / an integer lowering" if behind_quantizer else "InsertFakeQuant / LowerToEncoded"
+        raise PreconditionError(f"{owner}: layer {layer.name!r} ({layer.weight}) is already quantized or encoded "
+                                f"({what}); run {owner} before {before}")
+
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of weight-bearing layer: the one place its module, functional form and dims are known.

@@ -23,7 +23,7 @@ from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration.masks import calibrated_masks, check_mask_config, keep_for, needs_calibration
 from fxcompress.config import Callables, Interval, Options, Regex, TupleOf, TypeOf, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import TYPES_FIELD, Layer, kind_names, select_layers
+from fxcompress.layers import TYPES_FIELD, Layer, check_float_weight, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
                                            masked_scores)
@@ -168,7 +168,10 @@ class InsertMasks(Pass):
         return final if self.schedule is None or step is None else self.schedule.sparsity(final, step)
 
     def _candidates(self, gm: GraphModule) -> list[Layer]:
-        return select_layers(gm, "InsertMasks", self.types, self.select, required=True)
+        layers = select_layers(gm, "InsertMasks", self.types, self.select, required=True)
+        for layer in layers:  # a mask may sit on a quantized weight, not on encoded bytes or integer codes
+            check_float_weight(gm, layer, "InsertMasks", behind_quantizer=True)
+        return layers
 
     def _apply(self, gm: GraphModule, targets: Sequence[Target], each: Each = None) -> tuple[int, dict[str, float]]:
         """Set every target's mask, one layer at a time: a layer's scores are freed before the next

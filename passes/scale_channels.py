@@ -81,8 +81,8 @@ from fxcompress.calibration.sequential import Probe, value_at
 from fxcompress.calibration.clip import ClipGrid, clamp, clip_ratios, search_clip
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
 from fxcompress.errors import ConfigError, PreconditionError, VerificationError
-from fxcompress.layers import (KINDS, Layer, chain_transforms, find_layers, input_arg, inverse_scale_name, kind_of_node,
-                               layer_node, select_layers, stored_attr, submodule, tied_readers)
+from fxcompress.layers import (KINDS, Layer, check_float_weight, find_layers, input_arg, inverse_scale_name,
+                               kind_of_node, layer_node, select_layers, stored_attr, submodule, tied_readers)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.rewire import swap_input
 from fxcompress.quant.quantizers import check_groups, fake_quantize, linear_grid
@@ -224,7 +224,7 @@ class ScaleChannels(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         layers = select_layers(gm, "ScaleChannels", LINEAR_KINDS, self.select, required=True)
         for layer in layers:
-            _check_float(gm, layer)
+            check_float_weight(gm, layer, "ScaleChannels")
             if self.method == "awq" and self.group_size is not None:
                 check_groups(_rows(gm, layer), 0, self.group_size, f"ScaleChannels.group_size: layer {layer.name!r}")
         shapes = ctx.get(ShapeInfo)
@@ -643,17 +643,6 @@ def _rows(gm: GraphModule, layer: Layer) -> torch.Tensor:
     return weight if KINDS[layer.kind].out_dim == 0 else weight.t()
 
 
-def _check_float(gm: GraphModule, layer: Layer) -> None:
-    """Scales fold into stored float weights: a weight already behind a quantizer or codebook would
-    no longer compute what it did, so the pass must come before InsertFakeQuant."""
-    node = layer_node(gm, layer)
-    transforms = chain_transforms(gm, node) if node.op == "call_function" else []
-    if transforms or not torch.is_floating_point(operator.attrgetter(layer.weight)(gm)):
-        raise PreconditionError(f"ScaleChannels: layer {layer.name!r} ({layer.weight}) is already quantized or "
-                                f"encoded ({', '.join(type(t).__name__ for t in transforms) or 'integer weight'}); "
-                                "run ScaleChannels before InsertFakeQuant / LowerToEncoded")
-
-
 # ---- the graph query -------------------------------------------------------------------------------------
 
 def reaches_scores(gm: GraphModule, start: Node) -> Node | None:
@@ -751,7 +740,7 @@ def _as_producer(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | N
         layer = next((l for l in find_layers(gm) if l.node == node.name), None)
         if layer is None or layer.tied_to is not None or tied_readers(gm, node):
             return None, f"{node.name}'s weight is shared with another layer"
-        _check_float(gm, layer)
+        check_float_weight(gm, layer, "ScaleChannels")
         tensors = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
         return Producer(layer.name, tensors, (kind.out_dim,) + (0,) * (len(tensors) - 1),
                         _weight(gm, layer).shape[kind.out_dim], node, layer=True), ""

@@ -25,7 +25,7 @@ from fxcompress.calibration.second_order import BLOCKSIZE
 from fxcompress.calibration.sparsegpt import SPARSEGPT_IMPORTANCES, reconstruct_layer
 from fxcompress.config import Callables, Interval, Options, Regex, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import TYPES_FIELD, kind_names, select_layers
+from fxcompress.layers import TYPES_FIELD, check_float_weight, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.masks import get_mask, stored_weight
 from fxcompress.pruning.nm import NMPattern, nm_pattern
@@ -82,6 +82,8 @@ class SparseGPT(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         layers = select_layers(gm, "SparseGPT", self.types, self.select, required=True)
+        for layer in layers:  # the update rewrites the float weights the layers compute with
+            check_float_weight(gm, layer, "SparseGPT")
         created = {layer.name: get_mask(gm, layer) is None for layer in layers}
 
         def handle(group, stats) -> dict[str, Any]:

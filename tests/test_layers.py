@@ -260,3 +260,40 @@ def test_a_stale_layer_is_found_by_the_first_layer_with_its_weight_or_name(zoo_m
         assert all(n.name != layer.node for n in gm.graph.nodes) or layer.kind == "addmm", (name, layer)
         first = next(f for f in after if f.weight == layer.weight or f.name == layer.name)
         assert layer_node(gm, layer).name == first.node, (name, layer)
+
+
+def _quantized_and_encoded_models():
+    import fxcompress
+    from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    batches = [torch.randn(32, 16) for _ in range(2)]
+    compile_ = lambda passes: fxcompress.compile(model, passes, example_inputs=(batches[0],),  # noqa: E731
+                                                 calibration_data=batches)
+    quantized = compile_([InsertFakeQuant(method="kmeans", bits=3)])
+    encoded = compile_([InsertMasks(sparsity=0.5), InsertFakeQuant(method="kmeans", bits=3), LowerToEncoded()])
+    return quantized, encoded, batches
+
+
+@pytest.mark.parametrize("name", ["SparseGPT", "ScaleChannels", "InsertMasks"])
+def test_passes_that_rewrite_stored_float_weights_refuse_quantized_or_encoded_ones(name):
+    """SparseGPT's update or ScaleChannels' scales folded under a quantizer would not be what the layer computes
+    (SparseGPT used to rewrite the float weight under a k-means codebook and report an error it did not reach);
+    masks may sit on a quantized weight but not on encoded bytes (InsertMasks and SparseGPT raised AttributeError)."""
+    import fxcompress
+    from fxcompress import passes
+    p = {"SparseGPT": passes.SparseGPT(), "ScaleChannels": passes.ScaleChannels(method="smoothquant"),
+         "InsertMasks": passes.InsertMasks(sparsity=0.5)}[name]
+    quantized, encoded, batches = _quantized_and_encoded_models()
+    run = lambda gm: fxcompress.compile(gm, [p], example_inputs=(batches[0],), calibration_data=batches)  # noqa: E731
+    with pytest.raises(PreconditionError, match=rf"{name}: layer '0' \(0\.weight_encoded\) is already quantized or "
+                                                rf"encoded \(EncodedWeight\); run {name} before"):
+        run(encoded)
+    if name == "InsertMasks":
+        masked = run(quantized)
+        kept = masked.get_buffer("0.weight_mask")
+        assert float(kept.float().mean()) == 0.5 and not effective_weight(masked, find_layers(masked)[0])[~kept].any()
+    else:
+        with pytest.raises(PreconditionError, match=rf"{name}: layer '0' \(0\.weight\) is already quantized or "
+                                                    rf"encoded \(KMeansWeight\); run {name} before InsertFakeQuant"):
+            run(quantized)
