@@ -9,8 +9,12 @@ the node or module.
 """
 from __future__ import annotations
 
+import collections.abc
+import functools
 import inspect
 import math
+import types
+import typing
 from typing import Any, Callable
 
 import torch
@@ -404,7 +408,57 @@ def _fxcompress_module(cls: type, config: dict, where: str) -> nn.Module:
     if not required <= set(config) <= set(parameters):
         raise fail(where, f"config keys {sorted(config)} are not {cls.__name__}'s: it needs {sorted(required)} "
                           f"and accepts {sorted(parameters)}")
+    hints = _constructor_hints(cls)
+    for key, value in config.items():  # before the constructor: its checks may assume the declared types
+        if key in hints and not conforms(value, hints[key]):
+            raise fail(where, f"config {key!r} is {_short(value)}, not a {_annotation_name(hints[key])}")
     return _construct(cls, config, where)
+
+
+@functools.cache
+def _constructor_hints(cls: type) -> dict[str, Any]:
+    """The constructor's resolved annotations; none where they cannot be resolved (a registered class's own
+    forward references), which leaves its checks to the constructor."""
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - any failure to resolve means: no declared types to check against
+        return {}
+
+
+def conforms(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits a constructor's annotation: ints are not bools, floats are finite numbers,
+    lists stand for sequences and tuples (fixed-length ones item by item), objects for mappings with string
+    keys. An annotation these rules do not cover accepts anything (the constructor checks it)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, option) for option in args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is dict or origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict) and (not args or all(isinstance(k, str) and conforms(v, args[1])
+                                                            for k, v in value.items()))
+    if annotation is list or origin in (list, collections.abc.Sequence):
+        return isinstance(value, list) and (not args or all(conforms(v, args[0]) for v in value))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
+        return isinstance(value, list) and len(value) == len(args) and all(map(conforms, value, args))
+    return True
+
+
+def _annotation_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("collections.abc.", "").replace("<class '", "").replace(
+        "'>", "")
 
 
 def _construct(cls: type, kwargs: dict, where: str) -> nn.Module:

@@ -30,6 +30,7 @@ int16 pairs that cannot saturate) instead; only `kernels=("int8",)` refuses it.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -82,6 +83,21 @@ def saturation_free(codes: torch.Tensor, input_max: int) -> bool:
     return int(top.max()) * input_max <= INT16_MAX
 
 
+def check_grid(owner: str, what: str, scale: float, zero_point: int, qmax: int = UINT8_MAX) -> None:
+    """A uint8 activation grid the kernels can run on (they are built from files too): a finite positive
+    scale, a zero-point among the codes 0..qmax, qmax at most 255. A ConfigError naming the grid otherwise."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0) \
+            or type(zero_point) is not int or type(qmax) is not int or not 0 < qmax <= UINT8_MAX \
+            or not 0 <= zero_point <= qmax:
+        raise ConfigError(f"{owner}: {what} needs a finite scale > 0, a zero-point in 0..qmax and qmax in 1..255; "
+                          f"got scale={scale!r}, zero_point={zero_point!r}, qmax={qmax!r}")
+
+
+def check_code_range(owner: str, low: int, high: int) -> None:
+    if type(low) is not int or type(high) is not int or not 0 <= low <= high <= UINT8_MAX:
+        raise ConfigError(f"{owner}: the output codes [low, high] must lie in 0..255 with low <= high; "
+                          f"got [{low!r}, {high!r}]")
+
 class QuantizeToCodes(nn.Module):
     """The float -> native boundary: uint8 codes of the input on an activation grid (qmin 0).
 
@@ -92,6 +108,7 @@ class QuantizeToCodes(nn.Module):
 
     def __init__(self, scale: float, zero_point: int, qmax: int, channels_last: bool = False) -> None:
         super().__init__()
+        check_grid("QuantizeToCodes", "the input grid", scale, zero_point, qmax)
         self.scale, self.zero_point, self.qmax, self.channels_last = scale, zero_point, qmax, channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +200,13 @@ class NativeLayer(nn.Module):
                               f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers only; "
                               f"input_qmax in 1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, "
                               f"input={input!r}, input_qmax={input_qmax!r}")
+        check_grid("NativeLayer", "the input grid", input_scale, input_zero_point, input_qmax)
+        if output == "float32":  # real values out: no output grid (oneDNN then takes exactly scale 1, zero-point 0)
+            output_scale, output_zero_point = 1.0, 0
+        else:
+            check_grid("NativeLayer", "the output grid", output_scale, output_zero_point)
+        if accumulate is not None:
+            check_grid("NativeLayer", "the residual's grid (accumulate)", *accumulate)
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         self._shape = list(weight_shape)  # what the codes must be (a file's tensors are checked against it)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
@@ -605,6 +629,10 @@ class NativeAdd(nn.Module):
     def __init__(self, a: tuple[float, int], b: tuple[float, int], output: tuple[float, int] | None,
                  low: int = 0, high: int = UINT8_MAX, relu: bool = False) -> None:
         super().__init__()
+        for what, grid in (("operand a", a), ("operand b", b), ("the output", output)):
+            if grid is not None:
+                check_grid("NativeAdd", what, *grid)
+        check_code_range("NativeAdd", low, high)
         self.a, self.b, self.output = tuple(a), tuple(b), None if output is None else tuple(output)
         self.low, self.high, self.relu = low, high, relu
         out_scale, out_zero = (1.0, 0) if output is None else output
@@ -645,6 +673,11 @@ class NativeCat(nn.Module):
     def __init__(self, grids: list[tuple[float, int]], output: tuple[float, int] | None, dim: int,
                  low: int = 0, high: int = UINT8_MAX) -> None:
         super().__init__()
+        for index, grid in enumerate(grids):
+            check_grid("NativeCat", f"operand {index}", *grid)
+        if output is not None:
+            check_grid("NativeCat", "the output", *output)
+        check_code_range("NativeCat", low, high)
         self.grids, self.output = [tuple(g) for g in grids], None if output is None else tuple(output)
         self.dim, self.low, self.high = dim, low, high
         out_scale, out_zero = (1.0, 0) if output is None else output
