@@ -528,6 +528,8 @@ class NativeLayer(nn.Module):
                 raise FormatError(f"module {path!r}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}"
                                   f"{list(tensor.shape)}, the layer needs {dtype or 'int32'}{want} "
                                   f"(weight {shape})")
+        if not (torch.isfinite(self.weight_scale).all() and (self.weight_scale > 0).all()):
+            raise FormatError(f"module {path!r}: tensor 'weight_scale' holds a scale that is not finite and > 0")
         if self.bias.dtype == torch.int32:
             return
         integer = q8.integer_bias(self.bias, self.accumulator_scale()) if self.bias.dtype == torch.float32 else None

@@ -4,6 +4,8 @@ loads to fail (or run wrongly) at its first call. Found by mutating saved native
 string reached oneDNN's argument parser, an output scale of 0 overflowed the C kernel's fixed-point multiplier."""
 import functools
 import math
+import struct
+import zlib
 import typing
 from collections.abc import Mapping, Sequence
 
@@ -17,7 +19,7 @@ from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.fileformat.graphdata import conforms
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 
-from .hostile import read_manifest, with_manifest
+from .hostile import read_manifest, tensor_data, with_manifest
 
 
 class _Block(nn.Module):
@@ -114,3 +116,19 @@ def test_a_layer_with_real_outputs_has_no_output_grid_to_break():
 ])
 def test_conforms(value, annotation, fits):
     assert conforms(value, annotation) is fits
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
+def test_a_weight_scale_that_is_not_finite_and_positive_is_refused(value):
+    """Random bytes in a weight_scale tensor (checksum recomputed) made our C kernel's multiplier fail at the first
+    call; the scales are checked with the tensors at load."""
+    data, _, _ = _saved()
+    manifest = read_manifest(data)
+    entry = next(t for t in manifest["tensors"] if t["name"].endswith("weight_scale"))
+    tensors = bytearray(tensor_data(data))
+    tensors[entry["offset"]:entry["offset"] + 4] = struct.pack("<f", value)
+    entry["crc32"] = zlib.crc32(bytes(tensors[entry["offset"]:entry["offset"] + entry["length"]]))
+    layer = entry["name"].rpartition(".")[0]
+    with pytest.raises(FormatError, match=f"module '{layer}': tensor 'weight_scale' holds a scale that is not "
+                                          "finite and > 0"):
+        from_bytes(with_manifest(data, manifest, bytes(tensors)))
