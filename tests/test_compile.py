@@ -468,3 +468,25 @@ def test_progress_names_each_layer_on_a_terminal_only_when_asked(progress):
     off_terminal = io.StringIO()
     assert list(PassContext(example_inputs=(), progress=progress).each(layers, "x", file=off_terminal)) == layers
     assert off_terminal.getvalue() == ""  # not a terminal: tqdm stays silent
+
+
+class _ReturnsADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.fc(x), "all": [x, self.fc(x)]}
+
+
+def test_a_pass_that_changes_nothing_on_a_model_returning_a_dict_verifies():
+    """The first run reads the outputs through the interpreter (torch.fx's immutable dict and list), a pass that
+    changes nothing is verified by calling the module (plain ones): the two used to differ, so FoldBatchNorm on a
+    model without BatchNorm, or ScaleChannels with nothing to scale (Hugging Face's ResNet), was refused as
+    changing the outputs."""
+    from fxcompress.passes import FoldBatchNorm
+    x = torch.randn(2, 4)
+    gm = fxcompress.compile(_ReturnsADict().eval(), [FoldBatchNorm()], example_inputs=(x,))
+    assert fxcompress.history(gm)[-1].changed is False
+    out = gm(x)
+    assert type(out) is dict and type(out["all"]) is list and torch.equal(out["all"][0], x)

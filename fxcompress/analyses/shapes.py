@@ -15,6 +15,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
@@ -68,7 +69,20 @@ def shapes_and_outputs(gm: GraphModule, example_inputs: tuple) -> tuple[ShapeInf
         if prop.fake_mode is not None:
             return None
         outputs = prop.propagate(*example_inputs)
-    return _shape_info(gm), outputs
+    return _shape_info(gm), _as_returned(outputs)
+
+
+def _as_returned(value: Any) -> Any:
+    """The interpreter's outputs as the generated code returns them: the output node's arguments are torch.fx's
+    immutable dicts and lists, which `return {...}` builds as plain ones (their pytree specs differ, so a pass
+    verified by calling the module was refused as changing the outputs of a model returning a dict)."""
+    if isinstance(value, immutable_dict):
+        return {k: _as_returned(v) for k, v in value.items()}
+    if isinstance(value, immutable_list):
+        return [_as_returned(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_as_returned(v) for v in value)
+    return value
 
 
 def _shape_info(gm: GraphModule) -> ShapeInfo:
