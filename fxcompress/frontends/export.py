@@ -111,6 +111,8 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.pad.default: F.pad,  # (input, pad, mode, value), as F.pad: swin's window padding
     aten.einsum.default: torch.einsum, aten.swapaxes.default: torch.swapaxes,  # maxvit's attention
     aten.clamp_min.default: torch.clamp, aten.zero_.default: "zero_",  # swin v2's cosine attention, masks
+    aten.repeat_interleave.self_int: torch.repeat_interleave,  # GPT-J's and Cohere's interleaved rotary tables
+    aten.topk.default: torch.topk, aten.sort.default: torch.sort,  # mixture-of-experts routers
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),
@@ -158,6 +160,31 @@ def _advanced_index(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     return operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)), {}
 
 
+def _numpy_t(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+    x, = args  # x.T: every dim reversed (Falcon's fused query-key-value weight)
+    return torch.permute, (x, tuple(reversed(range(node.args[0].meta["val"].dim())))), {}
+
+
+def _conv_padding(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
+    """A convolution with padding "valid" or "same" (Hugging Face's EfficientNet): as explicit zero padding where
+    it is one (every padded side even: stride 1 and odd dilated kernels), so the layer lowers like any other;
+    the string where "same" pads one side more."""
+    def adapt(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+        x, weight, bias, stride, padding, dilation, groups = (*args, *(None, 1, "valid", 1, 1)[len(args) - 2:])[:7]
+        shape = node.args[1].meta["val"].shape if "val" in node.args[1].meta else None  # the traced weight's
+        if shape is not None and padding in ("valid", "same"):
+            dims, sizes = len(shape) - 2, shape[2:]
+            dilations = [dilation] * dims if isinstance(dilation, int) else list(dilation)
+            spans = [d * (k - 1) for d, k in zip(dilations, sizes)]
+            strides = [stride] * dims if isinstance(stride, int) else list(stride)
+            if padding == "valid":
+                padding = [0] * dims
+            elif all(span % 2 == 0 for span in spans) and all(s == 1 for s in strides):
+                padding = [span // 2 for span in spans]
+        return function, (x, weight, bias, stride, padding, dilation, groups), {}
+    return adapt
+
+
 def _rsub(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     x, other, alpha = (*args, 1)[:3]  # other - alpha * x: `1.0 - mask` (BERT's extended attention mask)
     return (operator.sub, (other, x), {}) if alpha == 1 else (torch.rsub, (x, other, alpha), {})
@@ -174,7 +201,9 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
     aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index.Tensor: _advanced_index,
-    aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub,
+    aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub, aten.numpy_T.default: _numpy_t,
+    aten.conv1d.padding: _conv_padding(F.conv1d), aten.conv2d.padding: _conv_padding(F.conv2d),
+    aten.conv3d.padding: _conv_padding(F.conv3d),
     aten.hardswish_.default: _in_place(F.hardswish), aten.hardsigmoid_.default: _in_place(F.hardsigmoid),
     aten.silu_.default: _in_place(F.silu), aten.hardtanh_.default: _in_place(F.hardtanh),
     aten.leaky_relu_.default: _in_place(F.leaky_relu), aten.dropout_.default: _in_place(F.dropout),

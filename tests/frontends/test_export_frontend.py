@@ -185,6 +185,41 @@ def test_the_rest_of_the_table_is_spelled_at_torch_level():
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
 
+
+class ArchitectureSpellings(nn.Module):
+    """What more Hugging Face architectures write: Falcon's `x @ weight.T`, GPT-J's and Cohere's interleaved
+    rotary tables (repeat_interleave by an int), a mixture-of-experts router's topk and sort, EfficientNet's
+    padding="same" / "valid" convolutions (one "same" with an even kernel, which pads one side more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 8))
+        self.same, self.valid = nn.Conv2d(3, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding="valid")
+        self.uneven = nn.Conv2d(4, 4, 2, padding="same")
+
+    def forward(self, x, image):
+        y = x @ self.weight.T
+        y = y + torch.repeat_interleave(y[:, ::2], 2, -1)
+        top, _ = torch.topk(y, 2, dim=-1)
+        ordered, _ = torch.sort(y, dim=-1)
+        z = self.uneven(self.valid(self.same(image)))
+        return y.sum(-1) + top.sum(-1) + ordered[:, -1] + z.mean((1, 2, 3))
+
+
+def test_more_architectures_ops_are_spelled_at_torch_level_and_save():
+    model, x, image = ArchitectureSpellings().eval(), torch.randn(2, 8), torch.randn(2, 3, 9, 9)
+    program = torch.export.export(model, (x, image))
+    written = {n.target for n in program.graph.nodes}
+    assert {aten.numpy_T.default, aten.repeat_interleave.self_int, aten.topk.default, aten.sort.default,
+            aten.conv2d.padding} <= written
+    gm = fxcompress.compile(program, [], (x, image))
+    assert _aten_ops(gm) == []
+    paddings = {n.args[1].target.split(".")[0]: n.args[4] for n in gm.graph.nodes if n.target is F.conv2d}
+    assert paddings == {"same": [1, 1], "valid": [0, 0], "uneven": "same"}  # explicit where it is one
+    torch.testing.assert_close(gm(x, image), model(x, image), rtol=0, atol=0)
+    torch.testing.assert_close(from_bytes(to_bytes(gm, example_inputs=(x, image)))(x, image), model(x, image),
+                               rtol=0, atol=0)
+
 class IssueSpellings(nn.Module):
     """One of each op family the front end must spell at torch level: linear, conv, embedding, the
     norms, attention, view, slice, split, cat, expand."""
