@@ -185,6 +185,15 @@ def _conv_padding(function: Callable) -> Callable[[Node, tuple], tuple[Callable,
     return adapt
 
 
+def _upsample(mode: str) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
+    """aten's upsample_*.vec(x, output_size, [align_corners,] scale_factors) as F.interpolate (MobileViT)."""
+    def adapt(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+        x, size, *rest = args
+        corners = {} if mode == "nearest" else {"align_corners": rest.pop(0)}
+        return F.interpolate, (x,), {"size": size, "scale_factor": rest[0] if rest else None, "mode": mode, **corners}
+    return adapt
+
+
 def _rsub(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     x, other, alpha = (*args, 1)[:3]  # other - alpha * x: `1.0 - mask` (BERT's extended attention mask)
     return (operator.sub, (other, x), {}) if alpha == 1 else (torch.rsub, (x, other, alpha), {})
@@ -204,6 +213,7 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub, aten.numpy_T.default: _numpy_t,
     aten.conv1d.padding: _conv_padding(F.conv1d), aten.conv2d.padding: _conv_padding(F.conv2d),
     aten.conv3d.padding: _conv_padding(F.conv3d),
+    aten.upsample_nearest2d.vec: _upsample("nearest"), aten.upsample_bilinear2d.vec: _upsample("bilinear"),
     aten.hardswish_.default: _in_place(F.hardswish), aten.hardsigmoid_.default: _in_place(F.hardsigmoid),
     aten.silu_.default: _in_place(F.silu), aten.hardtanh_.default: _in_place(F.hardtanh),
     aten.leaky_relu_.default: _in_place(F.leaky_relu), aten.dropout_.default: _in_place(F.dropout),

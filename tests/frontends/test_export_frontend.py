@@ -203,6 +203,7 @@ class ArchitectureSpellings(nn.Module):
         top, _ = torch.topk(y, 2, dim=-1)
         ordered, _ = torch.sort(y, dim=-1)
         z = self.uneven(self.valid(self.same(image)))
+        z = F.interpolate(z, size=(14, 14), mode="bilinear") + F.interpolate(z, scale_factor=2.0, mode="nearest")
         return y.sum(-1) + top.sum(-1) + ordered[:, -1] + z.mean((1, 2, 3))
 
 
@@ -211,7 +212,7 @@ def test_more_architectures_ops_are_spelled_at_torch_level_and_save():
     program = torch.export.export(model, (x, image))
     written = {n.target for n in program.graph.nodes}
     assert {aten.numpy_T.default, aten.repeat_interleave.self_int, aten.topk.default, aten.sort.default,
-            aten.conv2d.padding} <= written
+            aten.conv2d.padding, aten.upsample_bilinear2d.vec, aten.upsample_nearest2d.vec} <= written
     gm = fxcompress.compile(program, [], (x, image))
     assert _aten_ops(gm) == []
     paddings = {n.args[1].target.split(".")[0]: n.args[4] for n in gm.graph.nodes if n.target is F.conv2d}

@@ -1,0 +1,149 @@
+"""Hugging Face architectures beyond the six the tests build, through the export front end and our pipelines.
+
+    python benchmarks/hf_architectures.py [--models qwen2 falcon ...]
+
+Each architecture is built from a small config with random weights (nothing downloads), exported with
+torch.export, then compiled with each pipeline below: the front end alone (its logits must equal the eager
+model's), channel pruning (default and whole heads), Deep Compression (masks, 4-bit k-means, LowerToEncoded),
+8-bit integers (LowerToInteger native), SparseGPT + GPTQ 4-bit + LowerWeightOnly, AWQ scales, dynamic int8.
+Every compile verifies its passes; every result is saved to our file format and loaded back, and must give
+the same logits bit for bit. A cell says `ok`, or `refused` with the typed error's class (its message below
+the table); anything else (an untyped exception, logits that differ) is a defect and is printed as one.
+"""
+import argparse
+import sys
+import time
+import warnings
+
+import torch
+
+import fxcompress
+from fxcompress.errors import FxCompressError
+from fxcompress.fileformat.container import from_bytes, to_bytes
+from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
+                               LowerToInteger, LowerWeightOnly, PruneChannels, ScaleChannels, SparseGPT)
+
+TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
+            max_position_embeddings=64, use_cache=False)
+CAUSAL = {name: {"num_key_value_heads": 2} for name in (
+    "llama", "qwen2", "qwen3", "mistral", "phi", "opt", "gpt_neox", "falcon", "bloom", "stablelm", "starcoder2",
+    "olmo", "granite", "gpt_bigcode")}
+CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"num_key_value_heads": 2, "head_dim": 8},
+               "gptj": {"rotary_dim": 4}, "cohere": {"num_key_value_heads": 2},
+               "phi3": {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}})
+ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta")
+VISION = {
+    "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),
+    "regnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),
+    "convnext": dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
+    "efficientnet": dict(image_size=32),
+    "swin": dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4),
+    "mobilevit": dict(image_size=32, patch_size=2, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
+                      num_attention_heads=2),
+    "poolformer": dict(image_size=32, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1]),
+    "beit": dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32),
+    "dinov2": dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2),
+}
+MODELS = [*CAUSAL, *ENCODERS, *VISION]
+
+
+def build(name: str):
+    """(model in eval mode, example input, a second calibration input) from a small config."""
+    import transformers as hf
+    torch.manual_seed(0)
+    if name in VISION:
+        config = hf.AutoConfig.for_model(name, num_labels=3, **VISION[name])
+        model = hf.AutoModelForImageClassification.from_config(config)
+        x, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    else:
+        config = hf.AutoConfig.for_model(name, **TEXT, **CAUSAL.get(name, {"num_labels": 3}))
+        auto = hf.AutoModelForCausalLM if name in CAUSAL else hf.AutoModelForSequenceClassification
+        model = auto.from_config(config)
+        x, other = torch.randint(3, 100, (2, 8)), torch.randint(3, 100, (2, 8))
+    return model.eval(), x, other
+
+
+def pipelines() -> dict:
+    activations = ActivationConfig(bits=8)
+    return {
+        "front end": [],
+        "prune": [PruneChannels(amount=0.3)],
+        "prune heads": [PruneChannels(amount=0.5, attention="heads")],
+        "deep compression": [InsertMasks(sparsity=0.7), InsertFakeQuant(method="kmeans", bits=4), LowerToEncoded()],
+        "int8 native": [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
+                                        activations=activations), LowerToInteger(backend="native", repeats=1)],
+        "SparseGPT + GPTQ 4-bit": [SparseGPT(sparsity=0.5),
+                                   InsertFakeQuant(method="linear", bits=4, symmetric=True, per_channel=True,
+                                                   rounding="gptq", types=("linear",)), LowerWeightOnly(repeats=1)],
+        "AWQ": [ScaleChannels(method="awq", group_size=None, grid=5, clip=False)],
+        "dynamic int8": [LowerDynamicInt8(repeats=1)],
+    }
+
+
+def logits(out) -> torch.Tensor:
+    return out["logits"] if isinstance(out, dict) else out.logits if hasattr(out, "logits") else out[0]
+
+
+def run(name: str) -> tuple[dict[str, str], list[str]]:
+    """Each pipeline's cell for one architecture, and the refusals' and defects' messages."""
+    model, x, other = build(name)
+    with torch.no_grad():
+        reference = logits(model(x))
+    program = torch.export.export(model, (x,), strict=False)
+    cells, notes = {}, []
+    for label, passes in pipelines().items():
+        try:
+            gm = fxcompress.compile(program, passes, example_inputs=(x,), calibration_data=[x, other])
+            with torch.no_grad():
+                out = logits(gm(x))
+                again = logits(from_bytes(to_bytes(gm, example_inputs=(x,)))(x))
+            if label == "front end" and not torch.equal(out, reference):
+                cells[label] = "DEFECT"
+                notes.append(f"{name} / {label}: logits differ from the eager model's by "
+                             f"{float((out - reference).abs().max()):.3g}")
+            elif not torch.equal(again, out):
+                cells[label] = "DEFECT"
+                notes.append(f"{name} / {label}: the loaded file computes other logits")
+            else:
+                cells[label] = "ok"
+        except FxCompressError as exc:
+            cells[label] = f"refused ({type(exc).__name__})"
+            notes.append(f"{name} / {label}: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        except Exception as exc:  # noqa: BLE001 - what the table exists to find
+            cells[label] = "DEFECT"
+            notes.append(f"{name} / {label}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+    return cells, notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    labels = list(pipelines())
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}\n")
+    print("| model | " + " | ".join(labels) + " | s |")
+    print("|---|" + "---|" * (len(labels) + 1))
+    notes, tally, start = [], {}, time.perf_counter()
+    for name in args.models:
+        began = time.perf_counter()
+        cells, found = run(name)
+        notes += found
+        for cell in cells.values():
+            tally[cell] = tally.get(cell, 0) + 1
+        print(f"| {name} | " + " | ".join(cells[label] for label in labels) + f" | {time.perf_counter() - began:.0f} |",
+              flush=True)
+    print(f"\n{len(args.models)} architectures x {len(labels)} pipelines in {time.perf_counter() - start:.0f} s: "
+          + ", ".join(f"{count} {cell}" for cell, count in sorted(tally.items())))
+    for note in notes:
+        print("-", note)
+    if tally.get("DEFECT"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
