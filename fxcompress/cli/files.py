@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..encoded.decode import decode
 from ..errors import ConfigError, FormatError
@@ -132,13 +133,25 @@ EXPORTS: dict[str, tuple[Callable, str]] = {
     "json": (lambda gm, out, args: to_json(gm, out, integer=args.integer), ".json"),
     "csr": (_npz("csr"), ".csr.npz"),
     "coo": (_npz("coo"), ".coo.npz"),
-    "onnx": (lambda gm, out, args: to_onnx(gm, out, (torch.zeros(_input_shape(args.input_shape)),)), ".onnx"),
+    "onnx": (lambda gm, out, args: to_onnx(gm, out, _onnx_inputs(gm, args)), ".onnx"),
 }
+
+
+def _onnx_inputs(gm, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """--input-shape as one float input, or else zeros of the inputs the file records (shape and dtype: a
+    language model's token ids stay integers)."""
+    if args.input_shape:
+        return (torch.zeros(_input_shape(args.input_shape)),)
+    metas = [n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder"]
+    if not metas or not all(isinstance(m, TensorMetadata) for m in metas):
+        raise ConfigError(f"{args.file} records no input shapes (saved without example inputs, or by format "
+                          "version 1): give --input-shape, such as 1,1,28,28")
+    return tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
 
 
 def export_file(args: argparse.Namespace) -> int:
     write, suffix = EXPORTS[args.format]
-    if args.format == "onnx":
+    if args.format == "onnx" and args.input_shape is not None:
         _input_shape(args.input_shape)  # before the file is read
     gm = _load(args.file)
     out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
@@ -186,5 +199,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", required=True, choices=sorted(EXPORTS))
     parser.add_argument("--out", help="output path (default: FILE with the format's suffix)")
     parser.add_argument("--integer", action="store_true", help="json: integer codes with codebook or scale")
-    parser.add_argument("--input-shape", help="onnx: the example input's shape, e.g. 1,1,28,28")
+    parser.add_argument("--input-shape", help="onnx: the example input's shape, e.g. 1,1,28,28 (default: the "
+                                              "inputs the file records)")
     parser.set_defaults(handler=export_file)

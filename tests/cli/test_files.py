@@ -167,10 +167,12 @@ def test_a_bad_file_is_one_error_line(cli, tmp_path, command):
     assert status == 1 and f"No such file or directory: {tmp_path / 'absent.fxc'}" in _one_line(err)
 
 
-def test_export_onnx_without_onnx_or_shape_is_one_error_line(cli, encoded_file):
+def test_export_onnx_without_onnx_or_shape_is_one_error_line(cli, encoded_file, tmp_path):
     path, _, _ = encoded_file
-    status, _, err = cli("export", path, "--format", "onnx")
-    assert status == 1 and "--input-shape" in _one_line(err)
+    unrecorded = tmp_path / "unrecorded.fxc"
+    fxcompress.save(torch.fx.symbolic_trace(torch.nn.Linear(4, 2)), unrecorded)  # traced only: no input shapes
+    status, _, err = cli("export", unrecorded, "--format", "onnx")
+    assert status == 1 and f"{unrecorded} records no input shapes" in _one_line(err) and "--input-shape" in err
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -179,3 +181,18 @@ def test_export_onnx_without_onnx_or_shape_is_one_error_line(cli, encoded_file):
     else:
         status, out, _ = cli("export", path, "--format", "onnx", "--input-shape", "1,1,8,8")
         assert status == 0 and path.with_suffix(".onnx").stat().st_size > 0
+
+
+def test_export_onnx_takes_the_inputs_the_file_records(cli, tmp_path):
+    """A language model's file records integer token ids: without --input-shape the export traces with them (a
+    float input of a given shape could not index the embedding)."""
+    onnx = pytest.importorskip("onnx")
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
+    tokens = torch.randint(0, 10, (2, 3))
+    path = tmp_path / "tokens.fxc"
+    fxcompress.save(fxcompress.compile(model, [], example_inputs=(tokens,)), path)
+    status, _, err = cli("export", path, "--format", "onnx")
+    assert status == 0, err
+    (graph_input,) = onnx.load(path.with_suffix(".onnx")).graph.input
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3]
