@@ -419,3 +419,47 @@ def test_int8_export_of_an_embedding_with_a_grid_per_column(tmp_path, onnx):
     with torch.no_grad():
         expected = fq(tokens).numpy()
     assert abs(got - expected).max() <= (expected.max() - expected.min()) / 255
+
+
+class _TiedLM(nn.Module):
+    """Token embedding, a conv-free body and a head tied to the embedding: every lowered linear form's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(32, 16), nn.Linear(16, 16), nn.Linear(16, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.fc(self.embed(tokens))))
+
+
+def _lowered(form):
+    from fxcompress.passes import LowerDynamicInt8, LowerToSparse, LowerWeightOnly
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 32, (2, 5))
+    grid = InsertFakeQuant(method="linear", bits=4, symmetric=True, per_channel=True, group_size=8,
+                           types=("linear", "embedding"))
+    passes = {"sparse": [InsertMasks(sparsity=0.9), LowerToSparse(kernels=("scipy_csr",), repeats=1)],
+              "weight-only": [grid, LowerWeightOnly(kernels=("int4pack",), repeats=1)],
+              "dynamic int8": [LowerDynamicInt8(kernels=("fbgemm",), repeats=1)]}[form]
+    return fxcompress.compile(_TiedLM().eval(), passes, example_inputs=(tokens,)), tokens
+
+
+@pytest.mark.parametrize("form", ["sparse", "weight-only", "dynamic int8"])
+def test_lowered_linear_forms_decode_to_float_layers_that_export(form, tmp_path):
+    """decode replaces a lowered layer by the float layer it computes (to_onnx used to trace the kernels: an untyped
+    RuntimeError from fbgemm's packed weight, an unsupported operator from the weight-only ones)."""
+    gm, tokens = _lowered(form)
+    kinds = {type(m).__name__ for m in gm.modules()}
+    assert kinds & {"SparseLayer", "WeightOnlyLinear", "WeightOnlyEmbedding", "DynamicInt8Linear"}
+    dense = fxcompress.decode(gm)
+    assert not {type(m).__name__ for m in dense.modules()} & {"SparseLayer", "WeightOnlyLinear",
+                                                               "WeightOnlyEmbedding", "DynamicInt8Linear"}
+    with torch.no_grad():
+        expected, got = gm(tokens), dense(tokens)
+    # the sparse and weight-only kernels compute with these very weights; dynamic int8 also rounds its input
+    tolerance = 0.05 if form == "dynamic int8" else 1e-5
+    assert float((got - expected).abs().max()) <= tolerance * float(expected.abs().max())
+    export.to_onnx(gm, tmp_path / "m.onnx", (tokens,))
+    (onnx_out,) = _session(tmp_path / "m.onnx").run(None, {"tokens": tokens.numpy()})
+    np.testing.assert_allclose(onnx_out, got.numpy(), rtol=0, atol=FLOAT_ATOL)

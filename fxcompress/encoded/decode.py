@@ -15,8 +15,16 @@ from fxcompress.rewire import swap_input
 
 
 def decode(gm: GraphModule) -> GraphModule:
-    """A copy of `gm` computing the same outputs with dense float weights."""
+    """A copy of `gm` computing the same outputs with dense float weights: encoded weights decoded, weight chains
+    (masks, codebooks, grids) folded, and the lowered sparse, weight-only and dynamic int8 layers replaced by the
+    nn.Linear / nn.Conv2d / nn.Embedding they compute (`dense_module`; a dynamic int8 layer's input is then no
+    longer rounded at run time). Native-integer layers stay: their activations are integer codes."""
     gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None and hasattr(module, "dense_module"):
+            owner, _, name = node.target.rpartition(".")
+            setattr(gm.get_submodule(owner), name, module.dense_module())
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), EncodedWeight):
             owner, _, name = node.target.rpartition(".")

@@ -443,6 +443,20 @@ class SparseLayer(nn.Module):
             matrix = make(self.crow_indices, self.col_indices, self.values, shape, check_invariants=True).to_dense()
         return (matrix.t() if self.kernel in TRANSPOSED else matrix).reshape(self.weight_shape)
 
+    def dense_module(self) -> nn.Module:
+        """The nn.Linear / nn.Conv2d this layer computes, with its dense weight (`fxcompress.decode`)."""
+        bias = self.bias is not None
+        if self.kind == "linear":
+            dense = nn.Linear(self.in_features, self.out_features, bias=bias)
+        else:
+            out, channels, *kernel_size = self.weight_shape
+            dense = nn.Conv2d(channels, out, kernel_size, self.stride, self.padding, self.dilation, bias=bias)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if bias:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dense":
             if self.kind == "linear":

@@ -190,6 +190,16 @@ class MeasuredLayer(nn.Module):
         """The float weight [out, in]."""
         return self.dequantize_rows(0, self.out_features)
 
+    def dense_module(self) -> nn.Module:
+        """An nn.Linear of the dequantized weight and the bias (what `fxcompress.decode` puts in this one's place;
+        a layer whose kernel quantizes its input at run time computes without that rounding there)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(self.dequantize())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def refusals(self, kernels: Sequence[str]) -> dict[str, str]:
         """Why each of `kernels` cannot run this layer here (kernels that can are absent)."""
         return {name: reason for name in kernels if (reason := self.KERNELS[name].refusal(self)) is not None}

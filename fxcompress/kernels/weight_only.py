@@ -222,6 +222,12 @@ class TiedEmbedding(nn.Module):
     def head(self) -> nn.Module | None:
         return self._head
 
+    def dense_module(self) -> nn.Module:
+        """An nn.Embedding of every row this one gathers, dequantized (`fxcompress.decode`)."""
+        with torch.no_grad():
+            table = self(torch.arange(self.num_embeddings))
+        return nn.Embedding.from_pretrained(table, freeze=False)
+
     def _apply(self, fn, recurse=True):
         """Moving or converting the model converts the shared tensors once: whichever of the head and this
         module comes first converts them, the other takes the result (a conversion returns a tensor it
