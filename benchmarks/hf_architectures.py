@@ -7,7 +7,8 @@ torch.export, then compiled with each pipeline below: the front end alone (its l
 model's), channel pruning (default and whole heads), Deep Compression (masks, 4-bit k-means, LowerToEncoded),
 8-bit integers (LowerToInteger native), SparseGPT + GPTQ 4-bit + LowerWeightOnly, AWQ scales, dynamic int8.
 Every compile verifies its passes; every result is saved to our file format and loaded back, and must give
-the same logits bit for bit. A cell says `ok`, or `refused` with the typed error's class (its message below
+the same logits bit for bit. A last column writes GPTQ 4-bit as a compressed-tensors checkpoint that
+transformers loads with the model's own class (`not loaded` where transformers' loader fails on it). A cell says `ok`, or `refused` with the typed error's class (its message below
 the table); anything else (an untyped exception, logits that differ) is a defect and is printed as one.
 """
 import argparse
@@ -113,7 +114,33 @@ def run(name: str) -> tuple[dict[str, str], list[str]]:
         except Exception as exc:  # noqa: BLE001 - what the table exists to find
             cells[label] = "DEFECT"
             notes.append(f"{name} / {label}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+    cells["compressed-tensors"] = _compressed_tensors(model, program, x, other, name, notes)
     return cells, notes
+
+
+def _compressed_tensors(model, program, x, other, name: str, notes: list[str]) -> str:
+    """GPTQ 4-bit (group 16, symmetric) written as a compressed-tensors checkpoint and loaded by transformers
+    itself (the model's own class, from the folder): its logits must be the fake-quant model's, bit for bit."""
+    import tempfile
+    from fxcompress.compressed_tensors import to_compressed_tensors
+    grid = InsertFakeQuant(method="linear", bits=4, symmetric=True, per_channel=True, group_size=16, rounding="gptq",
+                           types=("linear",))
+    try:
+        gm = fxcompress.compile(program, [grid], example_inputs=(x,), calibration_data=[x, other])
+        with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+            to_compressed_tensors(gm, folder, config=model.config.to_dict())
+            loaded = type(model).from_pretrained(folder).eval()
+            same = torch.equal(logits(loaded(x)), logits(gm(x)))
+    except FxCompressError as exc:
+        notes.append(f"{name} / compressed-tensors: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return f"refused ({type(exc).__name__})"
+    except Exception as exc:  # noqa: BLE001 - transformers' loader failing on the checkpoint is reported as such
+        notes.append(f"{name} / compressed-tensors: transformers could not load it: {type(exc).__name__}: "
+                     f"{' '.join(str(exc).split())[:200]}")
+        return "not loaded"
+    if not same:
+        notes.append(f"{name} / compressed-tensors: transformers' logits differ from the fake-quant model's")
+    return "ok" if same else "DEFECT"
 
 
 def main() -> None:
@@ -124,7 +151,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import transformers
     transformers.logging.set_verbosity_error()
-    labels = list(pipelines())
+    labels = [*pipelines(), "compressed-tensors"]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}\n")
     print("| model | " + " | ".join(labels) + " | s |")
     print("|---|" + "---|" * (len(labels) + 1))
