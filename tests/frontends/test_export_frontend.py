@@ -187,7 +187,7 @@ def test_the_rest_of_the_table_is_spelled_at_torch_level():
 
 
 class ArchitectureSpellings(nn.Module):
-    """What more Hugging Face architectures write: Falcon's `x @ weight.T`, GPT-J's and Cohere's interleaved
+    """What more Hugging Face architectures write: Falcon's `x @ weight.T` (a linear layer), GPT-J's and Cohere's interleaved
     rotary tables (repeat_interleave by an int), a mixture-of-experts router's topk and sort, EfficientNet's
     padding="same" / "valid" convolutions (one "same" with an even kernel, which pads one side more)."""
 
@@ -215,6 +215,9 @@ def test_more_architectures_ops_are_spelled_at_torch_level_and_save():
             aten.conv2d.padding, aten.upsample_bilinear2d.vec, aten.upsample_nearest2d.vec} <= written
     gm = fxcompress.compile(program, [], (x, image))
     assert _aten_ops(gm) == []
+    # x @ weight.T is read as the linear layer it is (Falcon's FalconLinear): the layer tables then see it
+    assert not any(n.target is torch.matmul for n in gm.graph.nodes)
+    assert [(layer.kind, layer.weight) for layer in find_layers(gm) if layer.kind == "linear"] == [("linear", "weight")]
     paddings = {n.args[1].target.split(".")[0]: n.args[4] for n in gm.graph.nodes if n.target is F.conv2d}
     assert paddings == {"same": [1, 1], "valid": [0, 0], "uneven": "same"}  # explicit where it is one
     torch.testing.assert_close(gm(x, image), model(x, image), rtol=0, atol=0)
