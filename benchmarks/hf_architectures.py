@@ -119,11 +119,11 @@ def run(name: str) -> tuple[dict[str, str], list[str]]:
 
 
 def _compressed_tensors(model, program, x, other, name: str, notes: list[str]) -> str:
-    """GPTQ 4-bit (group 16, symmetric) written as a compressed-tensors checkpoint and loaded by transformers
+    """GPTQ 4-bit (per channel, symmetric) written as a compressed-tensors checkpoint and loaded by transformers
     itself (the model's own class, from the folder): its logits must be the fake-quant model's, bit for bit."""
     import tempfile
     from fxcompress.compressed_tensors import to_compressed_tensors
-    grid = InsertFakeQuant(method="linear", bits=4, symmetric=True, per_channel=True, group_size=16, rounding="gptq",
+    grid = InsertFakeQuant(method="linear", bits=4, symmetric=True, per_channel=True, rounding="gptq",
                            types=("linear",))
     try:
         gm = fxcompress.compile(program, [grid], example_inputs=(x,), calibration_data=[x, other])
