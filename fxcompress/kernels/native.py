@@ -94,9 +94,11 @@ def check_grid(owner: str, what: str, scale: float, zero_point: int, qmax: int =
 
 
 def check_code_range(owner: str, low: int, high: int) -> None:
+    """Output codes a uint8 kernel can write: low <= high within 0..255."""
     if type(low) is not int or type(high) is not int or not 0 <= low <= high <= UINT8_MAX:
         raise ConfigError(f"{owner}: the output codes [low, high] must lie in 0..255 with low <= high; "
                           f"got [{low!r}, {high!r}]")
+
 
 class QuantizeToCodes(nn.Module):
     """The float -> native boundary: uint8 codes of the input on an activation grid (qmin 0).
