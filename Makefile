@@ -51,7 +51,7 @@ test: install-test
 HF4 := .venv-transformers4
 HF4_STAMP := $(HF4)/.installed-test-$(SPEC_ID)
 test-transformers4: $(HF4_STAMP)
-	$(HF4)/bin/python -m pytest tests/frontends/test_transformers.py
+	$(HF4)/bin/python -m pytest tests/frontends/test_transformers.py tests/frontends/test_transformers_more.py
 $(HF4_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(HF4)
 	$(HF4)/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==4.46.3" "tokenizers>=0.20,<0.21"
