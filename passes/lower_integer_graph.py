@@ -8,6 +8,8 @@ module takes a node's place.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +120,12 @@ def clamp_bounds(gm: GraphModule, node: Node) -> Bounds | None:
     bounds = [given.get(name, default) for name, default in zip(names, defaults)] if names else list(defaults)
     if len(node.args) > 1 + len(names) or any(b is not None and type(b) not in (int, float) for b in bounds):
         return None
-    return tuple(None if b is None else float(b) for b in bounds)
+    low, high = (None if b is None else float(b) for b in bounds)
+    if (low is not None and (math.isnan(low) or low == math.inf)) or \
+            (high is not None and (math.isnan(high) or high == -math.inf)):
+        return None  # no value passes, or NaN: not a clamp onto codes
+    # an infinite bound is no bound (`clamp(x, 0, float("inf"))`): its code would be an infinite integer
+    return (None if low == -math.inf else low, None if high == math.inf else high)
 
 
 def clamp_codes(grid: Grid, bounds: Bounds) -> tuple[int, int]:

@@ -149,3 +149,30 @@ def test_clamps_fused_into_our_c_kernel_give_the_reference_bit_for_bit():
     assert modules["fc2.native"].output_zero_point < low
     with torch.no_grad():
         assert torch.equal(reference(x), gm(x))
+
+
+class _InfiniteBound(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.clamp(self.conv(x), 0.0, float("inf")).mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_a_clamp_with_an_infinite_bound_is_a_clamp_with_none(backend, tmp_path):
+    """clamp(x, 0, inf) is ReLU: its upper bound is no bound (its code was an infinite integer: OverflowError)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    fq = fxcompress.compile(_InfiniteBound().eval(), [InsertFakeQuant(
+        method="linear", bits=8, symmetric=True, per_channel=True, activations=ActivationConfig())],
+        example_inputs=(x,), calibration_data=[x])
+    gm = fxcompress.compile(fq, [LowerToInteger(backend=backend, repeats=1)], example_inputs=(x,))
+    if backend == "native":
+        assert gm.get_submodule("conv.native").clamp == (0.0, None)
+    with torch.no_grad():
+        expected, got = fq(x), gm(x)
+    assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    assert torch.equal(fxcompress.load(tmp_path / "m.fxc")(x), got)
