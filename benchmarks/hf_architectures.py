@@ -15,54 +15,19 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-import fxcompress
-from fxcompress.errors import FxCompressError
-from fxcompress.fileformat.container import from_bytes, to_bytes
-from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
-                               LowerToInteger, LowerWeightOnly, PruneChannels, ScaleChannels, SparseGPT)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the architecture table lives with the tests
+from hfmodels import MODELS, build, logits  # noqa: E402
 
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
-            max_position_embeddings=64, use_cache=False)
-CAUSAL = {name: {"num_key_value_heads": 2} for name in (
-    "llama", "qwen2", "qwen3", "mistral", "phi", "opt", "gpt_neox", "falcon", "bloom", "stablelm", "starcoder2",
-    "olmo", "granite", "gpt_bigcode")}
-CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"num_key_value_heads": 2, "head_dim": 8},
-               "gptj": {"rotary_dim": 4}, "cohere": {"num_key_value_heads": 2},
-               "phi3": {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}})
-ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta")
-VISION = {
-    "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),
-    "regnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),
-    "convnext": dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
-    "efficientnet": dict(image_size=32),
-    "swin": dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4),
-    "mobilevit": dict(image_size=32, patch_size=2, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
-                      num_attention_heads=2),
-    "poolformer": dict(image_size=32, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1]),
-    "beit": dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=32),
-    "dinov2": dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2),
-}
-MODELS = [*CAUSAL, *ENCODERS, *VISION]
-
-
-def build(name: str):
-    """(model in eval mode, example input, a second calibration input) from a small config."""
-    import transformers as hf
-    torch.manual_seed(0)
-    if name in VISION:
-        config = hf.AutoConfig.for_model(name, num_labels=3, **VISION[name])
-        model = hf.AutoModelForImageClassification.from_config(config)
-        x, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
-    else:
-        config = hf.AutoConfig.for_model(name, **TEXT, **CAUSAL.get(name, {"num_labels": 3}))
-        auto = hf.AutoModelForCausalLM if name in CAUSAL else hf.AutoModelForSequenceClassification
-        model = auto.from_config(config)
-        x, other = torch.randint(3, 100, (2, 8)), torch.randint(3, 100, (2, 8))
-    return model.eval(), x, other
+import fxcompress  # noqa: E402
+from fxcompress.errors import FxCompressError  # noqa: E402
+from fxcompress.fileformat.container import from_bytes, to_bytes  # noqa: E402
+from fxcompress.passes import (  # noqa: E402
+    ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded, LowerToInteger, LowerWeightOnly,
+    PruneChannels, ScaleChannels, SparseGPT)
 
 
 def pipelines() -> dict:
@@ -80,10 +45,6 @@ def pipelines() -> dict:
         "AWQ": [ScaleChannels(method="awq", group_size=None, grid=5, clip=False)],
         "dynamic int8": [LowerDynamicInt8(repeats=1)],
     }
-
-
-def logits(out) -> torch.Tensor:
-    return out["logits"] if isinstance(out, dict) else out.logits if hasattr(out, "logits") else out[0]
 
 
 def run(name: str) -> tuple[dict[str, str], list[str]]:
