@@ -22,6 +22,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import ConfigError, MissingDependencyError
+from .frontends.specialize import reads_shape
 from .history import history
 from .layers import find_layers
 from .summary import Summary, summary
@@ -174,10 +175,13 @@ def _plain_lines(node: Node) -> list[str]:
 
 
 def _data_path(gm: GraphModule) -> set[str]:
-    """The nodes that depend on a graph input (and the output): everything else is a constant chain."""
+    """The nodes that depend on a graph input's values (and the output): everything else is a constant
+    chain. A node reading only an input's size (a free batch's `x.size(0)`, and the positions and masks
+    built from it) is drawn beside the layer it feeds, as a constant is."""
     reached = set()
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output") or any(a.name in reached for a in node.all_input_nodes):
+        if node.op in ("placeholder", "output") or (
+                not reads_shape(node) and any(a.name in reached for a in node.all_input_nodes)):
             reached.add(node.name)
     return reached
 

@@ -24,9 +24,11 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
+from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, weight_arg, weight_source
 from ..pruning.masks import masks_only
+from ..tracing import origin
 
 
 def calibration_batch(data: Iterable) -> tuple[torch.Tensor, ...]:
@@ -120,10 +122,14 @@ class Capture(Interpreter):
         self.bar = tqdm(total=len(watched), desc=progress, unit="layer", disable=None if progress else True,
                         leave=False)
 
+    def run(self, *args, **kwargs) -> Any:
+        self.rows = next((x.shape[0] for x in args if isinstance(x, torch.Tensor) and x.dim()), None)
+        return super().run(*args, **kwargs)
+
     def run_node(self, n: Node) -> Any:
         m = self.watched.get(n.name)
         if m is None:
-            return super().run_node(n)
+            return self._run_graph_node(n)
         self.bar.set_postfix_str(n.name)  # drawn at once: a watched layer's solve is the slow part
         args, _ = self.fetch_args_kwargs_from_env(n)
         windows = _windows(m, args[0])
@@ -132,11 +138,21 @@ class Capture(Interpreter):
         if self.before is not None:
             self.before(n, m, windows[at].flatten(1).double())
             self._rerun_weight_chain(n)
-        result = super().run_node(n)
+        result = self._run_graph_node(n)
         if self.after is not None:
             self.after(n, m, _outputs(m, result)[at].double())
         self.bar.update(1)
         return result
+
+    def _run_graph_node(self, n: Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception as exc:  # the model cannot run the batch: name the node (the solves' errors stay theirs)
+            raise PreconditionError(
+                f"the calibration data, read as one batch of {self.rows}, fails at node {n.name!r} ({origin(n)}): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. A graph whose sizes are "
+                "fixed at the example's (compile's specialize_shapes, or a model torch.export could not give a "
+                "free batch) runs only the example's batch: give the calibration data as one such batch") from exc
 
     def _rerun_weight_chain(self, n: Node) -> None:
         """Recompute a functional layer's weight chain (stored weight -> mul(mask) ... -> layer).

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import CodeGen, Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConfigError, TraceError
 
@@ -432,6 +432,17 @@ def _read_ties_by_their_users(graph: Graph, root: nn.Module) -> None:
             graph.erase_node(node)
 
 
+def _full_slices_dropped(graph: Graph) -> None:
+    """`x[0:]` over a whole dimension is `x`: export writes it where the size is free (a free batch's
+    `hidden[:, 0]` slices the batch from 0 to the end first), and fixes it away where the size is known."""
+    for node in list(graph.find_nodes(op="call_function", target=operator.getitem)):
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if index and all(isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1)
+                         for i in index):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def _is_transpose_2d(node: Node) -> bool:
     """Whether `node` swaps the two dims of a 2-D tensor (`w.T`, `w.t()`, `w.transpose(0, 1)`)."""
     if node.target is torch.t:
@@ -529,6 +540,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
     _input_spec_check(gm)
     graph, unknown = _translate(gm)
     _read_ties_by_their_users(graph, gm)
+    _full_slices_dropped(graph)
     _linears_written_as_matmul(graph, gm)
     if unknown:
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
@@ -558,10 +570,69 @@ def _export_failure(model: nn.Module, exc: Exception) -> str:
 
 
 def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
-    """`torch.export.export(model, example_inputs)` in torch-level form; TraceError if export fails."""
-    try:
-        program = torch.export.export(model, example_inputs, strict=False)
-    except Exception as exc:
-        raise TraceError(f"torch.export could not export {type(model).__name__}: "
-                         f"{_export_failure(model, exc)}") from exc
+    """`torch.export.export(model, example_inputs)` in torch-level form; TraceError if export fails.
+
+    Every input's first dimension is left free where export can keep it so: calibration data, training
+    and later calls run other batch sizes than the example's, and a graph with the example's batch
+    written into its views would reshape another batch into wrong features without an error. Where it
+    cannot (a size the forward fixes), the export is at the example's shapes, as torch.export's default.
+    """
+    program = _export_free_batch(model, example_inputs)
+    if program is None:
+        try:
+            program = torch.export.export(model, example_inputs, strict=False)
+        except Exception as exc:
+            raise TraceError(f"torch.export could not export {type(model).__name__}: "
+                             f"{_export_failure(model, exc)}") from exc
     return from_exported(program)
+
+
+def _export_free_batch(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram | None:
+    """The program with each input's first dimension free (`Dim.AUTO`: export keeps one the forward fixes
+    at its example size), or None where export fails that way or no first dimension stayed free.
+
+    export fixes a dimension of size 1 whatever it is told (its 0/1 specialization), so an example batch of
+    1 is exported at 2 (the example repeated) and kept only if the graph then gives the model's outputs
+    on the example itself: a forward that branches on the batch being 1 took the other branch. That check
+    runs the model, so a model in training mode (whose forward updates its batch statistics or drops at
+    random) is exported at its example's batch of 1.
+    """
+    if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        return None
+    repeat = any(x.dim() and x.shape[0] == 1 for x in example_inputs)
+    if repeat and any(m.training for m in model.modules()):
+        return None
+    inputs = tuple(x.repeat(2, *[1] * (x.dim() - 1)) if x.dim() and x.shape[0] == 1 else x for x in example_inputs)
+    dims = tuple({0: torch.export.Dim.AUTO} if x.dim() and x.shape[0] else None for x in inputs)
+    try:
+        program = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False)
+    except Exception:  # noqa: BLE001 - the export at the example's shapes follows, and names its failure
+        return None
+    firsts = [node.meta["val"].shape[0] for node in program.graph.find_nodes(op="placeholder")
+              if isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim()]
+    if not any(isinstance(size, torch.SymInt) for size in firsts):
+        return None
+    if repeat and not _same_outputs(program, model, example_inputs):
+        return None
+    return program
+
+
+def _same_outputs(program: torch.export.ExportedProgram, model: nn.Module, inputs: tuple) -> bool:
+    """Whether the program's graph computes the model's outputs on `inputs` (to float rounding)."""
+    graph = program.module(check_guards=False) if _UNLIFT_WITHOUT_GUARDS else program.module()
+    try:
+        with torch.no_grad():
+            got, want = tree_flatten(graph(*inputs))[0], tree_flatten(model(*inputs))[0]
+    except Exception:  # noqa: BLE001 - a graph that cannot run the example is not the model's
+        return False
+    return len(got) == len(want) and all(map(_close, got, want))
+
+
+def _close(got: Any, want: Any) -> bool:
+    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)):
+        return type(got) is type(want) and not isinstance(got, torch.Tensor) and got == want
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    if got.is_floating_point():
+        return torch.allclose(got, want, rtol=1e-4, atol=1e-6, equal_nan=True)
+    return torch.equal(got, want)

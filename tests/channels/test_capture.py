@@ -72,3 +72,32 @@ def test_only_max_samples_rows_are_gathered_and_the_same_positions_are_reused():
     assert len(np.unique(picks)) == 100 and picks.max() < 512
     assert _captured(m, x, samples=100)[2].tolist() == picks.tolist()  # same seed, same positions
     assert _captured(m, x, samples=4096)[0].shape[0] == 512  # never more rows than positions
+
+
+class HeadsView(nn.Module):
+    """A linear layer's output viewed into heads by its own sizes: fixed numbers once shapes are specialized."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        heads = F.relu(self.fc(x)).view(b, n, 2, c // 2)
+        return self.out(heads.reshape(b, n, c))
+
+
+def test_a_graph_of_fixed_sizes_names_the_node_the_joined_calibration_batch_fails_at():
+    import fxcompress
+    from fxcompress.errors import PreconditionError
+    from fxcompress.passes import PruneChannels
+
+    torch.manual_seed(0)
+    model, x = HeadsView().eval(), torch.randn(2, 5, 8)
+    prune = PruneChannels(amount=0.5, method="greedy", reconstruct=True)
+    # two batches of the example's shape are read as one batch of 4, which `view(2, 5, 2, 4)` cannot hold
+    with pytest.raises(PreconditionError, match=r"one batch of 4, fails at node 'view' \(.*test_capture\.py.*"
+                                                r"RuntimeError: shape '\[2, 5, 2, 4\]' is invalid.*as one such batch"):
+        fxcompress.compile(model, [prune], (x,), calibration_data=[x, x], specialize_shapes=True)
+    pruned = fxcompress.compile(model, [prune], (x,), calibration_data=[x], specialize_shapes=True)
+    assert pruned.fc.out_features == 4

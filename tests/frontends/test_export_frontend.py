@@ -267,7 +267,10 @@ def test_program_its_module_and_the_model_give_the_same_graph():
     from_model = _exported("attention_sdpa")[2]  # compile(model, [], inputs, frontend="export")
     from_program = fxcompress.compile(program, [], inputs)
     from_module = fxcompress.compile(program.module(), [], inputs)  # unlifted with its input guards' module
-    assert from_model.code == from_program.code == from_module.code
+    assert from_program.code == from_module.code
+    # compile exports a model with each input's first dimension free, as this program does
+    free = torch.export.export(model, inputs, dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    assert from_model.code == fxcompress.compile(free, [], inputs).code != from_program.code
     assert "self.query.weight" in from_program.code and "scaled_dot_product_attention" in from_program.code
     before = program.state_dict["query.weight"].clone()
     fxcompress.compile(program, [InsertMasks(sparsity=0.5)], inputs)
@@ -367,6 +370,63 @@ def test_an_aten_op_with_no_spelling_stays_warned_and_frozen():
     assert "logcumsumexp" in str(cg)
     pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], (x,))
     assert _params(pruned) == _params(model)  # fc1's channels meet an op nobody knows: frozen
+
+
+class BatchOfOneBranch(nn.Module):
+    """A forward that takes another path for a batch of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if x.shape[0] == 1 else y
+
+
+def _constant_views(gm) -> list:
+    return [n.args[1:] for n in gm.graph.nodes if n.target in ("view", "reshape")
+            and all(isinstance(a, int) for a in n.args[1:])]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_model_is_exported_with_a_free_batch_so_calibration_and_later_calls_may_differ(batch):
+    model, (x,) = _model("attention_sdpa")
+    gm = fxcompress.compile(model, [], (x[:batch],), frontend="export")
+    assert _constant_views(gm) == []  # the heads' views read the batch from the input
+    other = torch.randn(7, 5, 32)
+    torch.testing.assert_close(gm(other), model(other), rtol=1e-5, atol=1e-6)
+    # reconstruction reads the calibration batches as one batch of 6: the example's batch written into
+    # the views made that batch's features into wrong widths (a RuntimeError at the output projection)
+    calibration = [torch.randn(3, 5, 32), torch.randn(3, 5, 32)]
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5, method="greedy", reconstruct=True)], (x[:batch],),
+                                calibration_data=calibration)
+    assert _params(pruned) < _params(model)
+    assert pruned(other).shape == other.shape
+
+
+def test_a_slice_over_a_free_batch_from_start_to_end_is_dropped():
+    class FirstToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(x[:, 0])  # export slices the free batch [0:] before selecting the token
+
+    model, x = FirstToken().eval(), torch.randn(2, 5, 8)
+    gm = fxcompress.compile(model, [], (x,), frontend="export")
+    assert [n.args[1] for n in gm.graph.find_nodes(op="call_function", target=operator.getitem)] == [(slice(None), 0)]
+    other = torch.randn(4, 5, 8)
+    assert torch.equal(gm(other), model(other))
+
+
+def test_a_forward_that_branches_on_a_batch_of_one_keeps_its_example_batch():
+    model, x = BatchOfOneBranch().eval(), torch.randn(1, 16)
+    gm = fxcompress.compile(model, [], (x,), frontend="export")
+    assert torch.equal(gm(x), model(x))  # exported at a batch of 2, the graph would have taken the other path
+    wide = fxcompress.compile(model, [], (torch.randn(3, 16),), frontend="export")
+    assert wide(torch.randn(5, 16)).shape == (5, 8)
 
 
 def test_dynamic_batch_and_length_survive_pruning_masks_and_the_file(tmp_path):
