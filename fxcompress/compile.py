@@ -22,7 +22,7 @@ from .analysis import AnalysisKey, Preserved, check_preserved
 from .config import check_bool
 from .memory import release_freed_memory
 from .errors import ConfigError, FxCompressError, TraceError, UnknownOpError, UnknownOpWarning, VerificationError
-from .frontends import export_module, from_exported, is_exported_module
+from .frontends import export_module, from_exported, is_exported_module, linears_written_as_matmul
 from .frontends import specialize_shapes as fold_shapes
 from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
@@ -90,7 +90,7 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
         gm = model if inplace else _copy(model, share_tensors)
         if gm is not model:
             copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
-        return from_exported(gm) if is_exported_module(gm) else gm
+        return from_exported(gm) if is_exported_module(gm) else _linears_read(gm)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile.model must be an nn.Module or a torch.export.ExportedProgram, "
                           f"got {type(model).__name__}")
@@ -98,7 +98,7 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
     if frontend == "export":
         return export_module(model, inputs)
     try:
-        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return _linears_read(trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
     except TraceError as fx_error:
         if frontend == "fx":
             raise
@@ -106,6 +106,14 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
             return export_module(model, inputs)
         except (TraceError, ConfigError) as export_error:
             raise TraceError(f"{fx_error}\nand the torch.export fallback failed too: {export_error}") from export_error
+
+
+def _linears_read(gm: GraphModule) -> GraphModule:
+    """The traced graph with `x @ weight.T` over a stored weight read as the linear layer it is (as the
+    export front end reads it)."""
+    if linears_written_as_matmul(gm.graph, gm):
+        gm.recompile()
+    return gm
 
 
 def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any = None, *,

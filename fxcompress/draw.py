@@ -339,6 +339,8 @@ def _side_blocks(gm: GraphModule, graph: nx.DiGraph, boxes: dict[str, _Box], gro
             columns.append([])
         columns[column[node.name]].append(side_boxes[node.name])
     for block in blocks.values():  # the longer chain (the weight's) on top, a bias below it
+        # a column is left empty where a node's users sit beside another host (a size read by several layers)
+        block.columns = [boxes_ for boxes_ in block.columns if boxes_]
         for boxes_ in block.columns:
             boxes_.sort(key=lambda b: -upstream[b.key])
     return blocks, side_boxes

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 import fxcompress
 from fxcompress.draw import STATUS_COLOURS, layout, to_svg
@@ -156,3 +157,28 @@ def test_a_bert_from_the_export_front_end_collapses_into_its_layers():
     titles = [block.host.lines[0] for level in plan.ranks for block in level if block.host.lines]
     assert len(titles) <= 12 and {"encoder.layer.0", "encoder.layer.1"} <= set(titles)
     assert not any(t.startswith("encoder.layer.0.") for t in titles)  # the layer's inside is one box
+
+
+class SizeReadTwice(nn.Module):
+    """The batch size read once, used by a layer's output and by a table built for a later add."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = x.size(0)
+        positions = torch.arange(n).float()[:, None]  # drawn beside the add that reads it
+        y = self.fc1(x) * n  # the size's first reader on the data path: it is drawn beside this
+        return self.fc2(y) + positions
+
+
+def test_a_size_read_by_two_hosts_is_drawn_beside_the_first():
+    gm = fxcompress.compile(SizeReadTwice().eval(), [], (torch.randn(3, 4),))
+    plan = layout(gm)
+    titles = [block.host.lines[0] for level in plan.ranks for block in level if block.host.lines]
+    assert "size" not in titles and "arange" not in titles  # sizes and what they build are no data path
+    beside = {block.host.lines[0]: [[b.key for b in column] for column in block.columns]
+              for level in plan.ranks for block in level}
+    assert beside["mul"] == [["size"]] and ["arange"] in beside["add"]
+    assert "<svg" in to_svg(gm)

@@ -26,6 +26,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ConfigError, TraceError
+from .matmul import linears_written_as_matmul
 
 aten = torch.ops.aten
 _LAST = torch.iinfo(torch.int64).max  # what aten.slice writes for "to the end"
@@ -165,6 +166,11 @@ def _numpy_t(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     return torch.permute, (x, tuple(reversed(range(node.args[0].meta["val"].dim())))), {}
 
 
+def _matrix_t(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
+    x, = args  # x.mT: the last two dims swapped
+    return torch.transpose, (x, -2, -1), {}
+
+
 def _conv_padding(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
     """A convolution with padding "valid" or "same" (Hugging Face's EfficientNet): as explicit zero padding where
     it is one (every padded side even: stride 1 and odd dilated kernels), so the layer lowers like any other;
@@ -211,6 +217,7 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index.Tensor: _advanced_index,
     aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub, aten.numpy_T.default: _numpy_t,
+    aten.mT.default: _matrix_t,
     aten.conv1d.padding: _conv_padding(F.conv1d), aten.conv2d.padding: _conv_padding(F.conv2d),
     aten.conv3d.padding: _conv_padding(F.conv3d),
     aten.upsample_nearest2d.vec: _upsample("nearest"), aten.upsample_bilinear2d.vec: _upsample("bilinear"),
@@ -443,35 +450,6 @@ def _full_slices_dropped(graph: Graph) -> None:
             graph.erase_node(node)
 
 
-def _is_transpose_2d(node: Node) -> bool:
-    """Whether `node` swaps the two dims of a 2-D tensor (`w.T`, `w.t()`, `w.transpose(0, 1)`)."""
-    if node.target is torch.t:
-        return True
-    if node.target is torch.permute:
-        return tuple(node.args[1]) == (1, 0)
-    return node.target is torch.transpose and {d % 2 for d in node.args[1:3]} == {0, 1}
-
-
-def _linears_written_as_matmul(graph: Graph, root: nn.Module) -> None:
-    """`x @ weight.T` with a stored 2-D weight (Falcon's FalconLinear) as F.linear(x, weight), as nn.Linear
-    computes it (the same product, bit for bit), so the layer tables see a linear layer there."""
-    for node in list(graph.find_nodes(op="call_function", target=torch.matmul)):
-        x, transposed = node.args if len(node.args) == 2 and not node.kwargs else (None, None)
-        if not (isinstance(transposed, Node) and transposed.op == "call_function" and len(transposed.users) == 1
-                and _is_transpose_2d(transposed)):
-            continue
-        weight = transposed.args[0]
-        stored = _attribute(root, weight.target) if isinstance(weight, Node) and weight.op == "get_attr" else None
-        if not (isinstance(stored, torch.Tensor) and stored.dim() == 2 and stored.is_floating_point()):
-            continue
-        with graph.inserting_before(node):
-            linear = graph.call_function(F.linear, (x, weight))
-        linear.meta = dict(node.meta)
-        node.replace_all_uses_with(linear)
-        graph.erase_node(node)
-        graph.erase_node(transposed)
-
-
 # Norm modules whose eval-mode call export writes as F.batch_norm over the module's own tensors: put back
 # as the module, as an fx trace has it, so FoldBatchNorm folds it and train() switches it to batch statistics.
 _BATCH_NORMS: dict[str, type[nn.Module]] = {f"torch.nn.modules.batchnorm.{m.__name__}": m
@@ -541,7 +519,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
     graph, unknown = _translate(gm)
     _read_ties_by_their_users(graph, gm)
     _full_slices_dropped(graph)
-    _linears_written_as_matmul(graph, gm)
+    linears_written_as_matmul(graph, gm)
     if unknown:
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
                       "or refuse them): " + "; ".join(unknown), stacklevel=3)
