@@ -607,6 +607,7 @@ def _same_outputs(program: torch.export.ExportedProgram, model: nn.Module, input
 
 
 def _close(got: Any, want: Any) -> bool:
+    """One output of the graph against the model's: floats to rounding, everything else exactly."""
     if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)):
         return type(got) is type(want) and not isinstance(got, torch.Tensor) and got == want
     if got.shape != want.shape or got.dtype != want.dtype:
