@@ -162,9 +162,10 @@ def build_transformers(spec: str, args: dict[str, Any], shape: tuple[int, int, i
 
 
 def export_free_batch(model: LogitsOf, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """The classifier exported in eval mode with a free batch size. compile's own export would fix the
-    batch at the example's (a ViT expands its class token to it), and fine-tuning and evaluation run
-    other batch sizes; dropout is not in the exported graph, so fine-tuning runs without it."""
+    """The classifier exported in eval mode with a free batch size. compile's own export frees the batch
+    where export can and keeps the example's where it cannot; fine-tuning and evaluation here run other
+    batch sizes, so a batch export cannot free (a ViT expanding its class token to a fixed batch) is a
+    TraceError here. Dropout is not in the exported graph, so fine-tuning runs without it."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         with evaluating(model):
