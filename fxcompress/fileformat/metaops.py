@@ -102,9 +102,25 @@ def _binary(kind: str, tensor_first: bool = False) -> Callable:
             return None  # torch refuses bitwise ops on floats, with its own message
         elif kind == "sub" and any(a.dtype == torch.bool if isinstance(a, torch.Tensor) else type(a) is bool
                                    for a in args):
-            return None  # torch refuses `-` with a bool operand, with its own message
+            _refuse_bool_sub(args)
+            return None
         return _result([a for a in args if isinstance(a, torch.Tensor)], dtype)
     return rule
+
+
+class Refused(RuntimeError):
+    """A call torch refuses on every device, raised by a rule with torch's message where torch's own meta run
+    raises it as NotImplementedError, the type the dry run reads as a missing meta kernel (a check it cannot
+    make): the file would load and fail at its first call."""
+
+
+def _refuse_bool_sub(args: tuple) -> None:
+    """torch refuses `-` with a bool operand, with its own message: a RuntimeError before torch 2.14, a
+    NotImplementedError since."""
+    try:
+        operator.sub(*args)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise Refused(str(exc)) from None
 
 
 def _pow(args: tuple, kwargs: dict) -> torch.Tensor | None:
