@@ -364,3 +364,16 @@ def test_dynamic_batch_and_length_survive_masks_pruning_and_the_file(name):
     torch.testing.assert_close(first[0], outputs[0][:1], rtol=1e-5, atol=1e-5)
     loaded = from_bytes(to_bytes(gm))
     assert all(torch.equal(a, b) for a, b in zip(run(loaded, other), outputs))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile_exports_a_batch_of_one_with_a_free_batch(name):
+    """compile's own export of the model (not a program) from a batch-of-one example: the graph runs another
+    batch as the model does (exported at the example's batch, the heads' views would hold a batch of 1)."""
+    torch.manual_seed(0)
+    model, example = MODELS[name][0]().eval(), MODELS[name][1]()[:1]
+    gm = fxcompress.compile(model, [], (example,), frontend="export")
+    torch.manual_seed(2)
+    other = (torch.cat([MODELS[name][1](), MODELS[name][1]()[:1]]),)  # a batch of 3
+    for a, b in zip(run(gm, other), run(model, other), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
