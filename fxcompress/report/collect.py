@@ -110,8 +110,8 @@ LOWERED: dict[type, Callable[[nn.Module], tuple[torch.Tensor | None, GroupedCode
     IntegerLayer: lambda m: (None, None),
     NativeLayer: lambda m: (m.weight.float() * m.weight_scale.reshape(-1, *[1] * (m.weight.ndim - 1)),
                             _rows_grid(m.weight, m.weight_scale, -128, 127)),
-    DynamicInt8Linear: lambda m: (m.dequantize_rows(0, m.out_features), _rows_grid(m.weight, m.weight_scale, -128, 127)),
-    WeightOnlyLinear: lambda m: (m.dequantize_rows(0, m.out_features), _weight_only_grid(m)),
+    DynamicInt8Linear: lambda m: (m.dequantize(), _rows_grid(m.weight, m.weight_scale, -128, 127)),
+    WeightOnlyLinear: lambda m: (m.dequantize(), _weight_only_grid(m)),
     SparseLayer: lambda m: (m.dense_weight().detach(), None),
 }
 
