@@ -320,7 +320,10 @@ def _side_blocks(gm: GraphModule, graph: nx.DiGraph, boxes: dict[str, _Box], gro
         host = graph.nodes[node.name]["side"]
         if host is None or group.get(host) != host:
             continue  # on the data path, or beside a collapsed module (its box counts it)
-        column[node.name] = 1 + max((column[u.name] for u in node.users if u.name in column), default=-1)
+        # counted along users beside the same host: one beside another host (a size read by two layers) is
+        # no step of this host's chain
+        column[node.name] = 1 + max((column[u.name] for u in node.users
+                                     if u.name in column and graph.nodes[u.name]["side"] == host), default=-1)
     upstream: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.name not in column:
@@ -339,8 +342,6 @@ def _side_blocks(gm: GraphModule, graph: nx.DiGraph, boxes: dict[str, _Box], gro
             columns.append([])
         columns[column[node.name]].append(side_boxes[node.name])
     for block in blocks.values():  # the longer chain (the weight's) on top, a bias below it
-        # a column is left empty where a node's users sit beside another host (a size read by several layers)
-        block.columns = [boxes_ for boxes_ in block.columns if boxes_]
         for boxes_ in block.columns:
             boxes_.sort(key=lambda b: -upstream[b.key])
     return blocks, side_boxes
@@ -540,8 +541,8 @@ def _legend() -> str:
         parts.append(f'<rect x="{x:.0f}" y="14" width="18" height="14" rx="3" fill="{colour}" stroke="#444"/>'
                      f'<text x="{x + 24:.0f}" y="26" font-size="13">{text}</text>')
         x += 40 + len(text) * CHAR[13]
-    parts.append(f'<text x="10" y="48" font-size="11" fill="#555">weight chains (stored tensor -> mask -> '
-                 f'quantizer) beside the layer they feed; hover a box for details</text>')
+    parts.append('<text x="10" y="48" font-size="11" fill="#555">weight chains (stored tensor -> mask -> '
+                 'quantizer) beside the layer they feed; hover a box for details</text>')
     return "".join(parts)
 
 

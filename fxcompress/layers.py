@@ -61,7 +61,6 @@ def chain_transforms(gm: GraphModule, node: Node) -> list[WeightTransform]:
     return found[::-1]
 
 
-
 def check_float_weight(gm: GraphModule, layer: Layer, owner: str, *, behind_quantizer: bool = False) -> None:
     """Refuse a layer whose stored weight a pass cannot rewrite: encoded bytes or integer codes, or, unless
     `behind_quantizer`, a float weight behind a quantizer or codebook (scales or second-order updates folded
@@ -75,6 +74,7 @@ def check_float_weight(gm: GraphModule, layer: Layer, owner: str, *, behind_quan
         before = "LowerToEncoded / an integer lowering" if behind_quantizer else "InsertFakeQuant / LowerToEncoded"
         raise PreconditionError(f"{owner}: layer {layer.name!r} ({layer.weight}) is already quantized or encoded "
                                 f"({what}); run {owner} before {before}")
+
 
 @dataclass(frozen=True)
 class LayerKind:

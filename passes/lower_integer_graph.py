@@ -9,7 +9,6 @@ module takes a node's place.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -80,7 +80,7 @@ from fxcompress.calibration import walk
 from fxcompress.calibration.sequential import Probe, value_at
 from fxcompress.calibration.clip import ClipGrid, clamp, clip_ratios, search_clip
 from fxcompress.config import Boolean, Interval, Options, Regex, check_applicable, validate
-from fxcompress.errors import ConfigError, PreconditionError, VerificationError
+from fxcompress.errors import PreconditionError, VerificationError
 from fxcompress.layers import (KINDS, Layer, check_float_weight, find_layers, input_arg, inverse_scale_name,
                                kind_of_node, layer_node, select_layers, stored_attr, submodule, tied_readers)
 from fxcompress.pass_base import Pass, PassContext, PassResult

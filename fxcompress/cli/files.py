@@ -8,7 +8,6 @@ decode writes a dense model: a `.fxc` OUT is the dense GraphModule in the fxcomp
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 

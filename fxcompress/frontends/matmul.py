@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, Node
 
+from ..layers import stored_attr
+
 # the spellings of a matrix product and of a 2-D transpose: torch functions (fx traces and export's
 # respelled aten), methods (`x.matmul(w.t())`) and the `.T` / `.mT` attributes fx records through getattr
 _PRODUCTS = (torch.matmul, operator.matmul, "matmul")
@@ -23,33 +25,27 @@ _TRANSPOSE_ATTRIBUTES = ("T", "mT")
 
 def _transposed(node: Any) -> Node | None:
     """What `node` transposes, where it swaps the two dims of a 2-D tensor and nothing else reads it."""
-    if not isinstance(node, Node) or len(node.users) != 1 or node.kwargs or node.op not in ("call_function",
-                                                                                            "call_method"):
+    if not (isinstance(node, Node) and node.op in ("call_function", "call_method") and len(node.users) == 1
+            and not node.kwargs):
         return None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    source, rest = node.args[0], node.args[1:]
-    if node.target is getattr:
+    target, (source, *rest) = node.target, node.args
+    if target is getattr:
         swaps = rest[0] in _TRANSPOSE_ATTRIBUTES
-    elif name == "t":
+    elif target in (torch.t, "t"):
         swaps = not rest
-    elif name == "transpose":
+    elif target in (torch.transpose, "transpose"):
         swaps = len(rest) == 2 and all(isinstance(d, int) for d in rest) and {d % 2 for d in rest} == {0, 1}
-    elif name == "permute":
-        dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
-        swaps = dims == (1, 0)
+    elif target in (torch.permute, "permute"):
+        swaps = tuple(rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest) == (1, 0)
     else:
         return None
-    if node.op == "call_function" and node.target is not getattr and getattr(torch, name, None) is not node.target:
-        return None  # a function of that name that is not torch's
     return source if swaps else None
 
 
 def _stored_matrix(root: nn.Module, node: Any) -> bool:
     if not (isinstance(node, Node) and node.op == "get_attr"):
         return False
-    value: Any = root
-    for part in node.target.split("."):
-        value = getattr(value, part, None)
+    value = stored_attr(root, node.target)
     return isinstance(value, torch.Tensor) and value.dim() == 2 and value.is_floating_point()
 
 
@@ -58,9 +54,8 @@ def linears_written_as_matmul(graph: Graph, root: nn.Module) -> bool:
     whether any was. The caller recompiles its GraphModule."""
     changed = False
     for node in list(graph.nodes):
-        if node.target not in _PRODUCTS or node.op not in ("call_function", "call_method") or node.kwargs:
-            continue
-        if (node.op == "call_method") != isinstance(node.target, str) or len(node.args) != 2:
+        if node.op not in ("call_function", "call_method") or node.target not in _PRODUCTS or node.kwargs \
+                or len(node.args) != 2:
             continue
         x, transposed = node.args
         weight = _transposed(transposed)
