@@ -26,6 +26,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import tree_unflatten
 
 from ..errors import ConfigError, TraceError
+from ..layers import stored_attr
 from .matmul import linears_written_as_matmul
 
 aten = torch.ops.aten
@@ -345,13 +346,6 @@ class _Copy:
     unknown: list[str]
 
 
-def _attribute(root: nn.Module, path: str) -> Any:
-    value = root
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _inline(copy: _Copy, target: Any, args: tuple) -> tuple | None:
     """The outputs of a region's subgraph copied in place of its higher-order op (None: it stays)."""
     enabled, subgraph, inputs, detach = _REGIONS[target](args)
@@ -372,8 +366,8 @@ def _copy_node(copy: _Copy, node: Node, args: tuple, kwargs: dict, prefix: str) 
         return None  # a tensor the forward never reads (GoogLeNet's aux heads in eval): fx traces drop it too
     if op == "get_attr":
         target = prefix + target
-        if isinstance(_attribute(copy.root, target), GraphModule):
-            return _Subgraph(_attribute(copy.root, target), target)
+        if isinstance(stored_attr(copy.root, target), GraphModule):
+            return _Subgraph(stored_attr(copy.root, target), target)
     if op == "call_function":
         if target in _CHECKS and not node.users:
             return None
@@ -429,7 +423,7 @@ def _read_ties_by_their_users(graph: Graph, root: nn.Module) -> None:
     for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
         names.setdefault(id(tensor), []).append(name)
     for node in list(graph.find_nodes(op="get_attr")):
-        tied = names.get(id(_attribute(root, node.target)), [])
+        tied = names.get(id(stored_attr(root, node.target)), [])
         for user in list(node.users) if len(tied) > 1 else ():
             own = next((n for n in tied if n.rpartition(".")[0] == _module_path(user)), node.target)
             if own != node.target:
@@ -472,11 +466,11 @@ def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module] | N
             or any(not isinstance(t, Node) or t.op != "get_attr" or t.target != f"{path}.{name}" or len(t.users) != 1
                    for name, t in own.items())):
         return None  # not the module's own tensors (a shared or computed statistic), or batch statistics
-    module = module_type(_attribute(root, f"{path}.running_mean").numel(), eps=eps, momentum=momentum,
+    module = module_type(stored_attr(root, f"{path}.running_mean").numel(), eps=eps, momentum=momentum,
                          affine=weight is not None)
     for name in (*own, "num_batches_tracked"):
-        if hasattr(_attribute(root, path), name):
-            setattr(module, name, _attribute(root, f"{path}.{name}"))  # the very tensors, so ties stay ties
+        if hasattr(stored_attr(root, path), name):
+            setattr(module, name, stored_attr(root, f"{path}.{name}"))  # the very tensors, so ties stay ties
     return path, module.eval()
 
 
