@@ -1,7 +1,45 @@
-"""Graph edits shared by lowering and decoding: swap a layer input, drop what only fed the old one."""
+"""Graph edits shared by the front ends, lowering and decoding: swap a layer input, drop what only fed the old
+one, drop the computations nothing reads."""
 from __future__ import annotations
 
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
+
+# Calls that draw random numbers: dropping an unread one would shift every later draw of the generator.
+RANDOM_FUNCTIONS = frozenset({
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like, torch.randperm,
+    torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu, F.gumbel_softmax})
+RANDOM_METHODS = frozenset({"bernoulli", "multinomial"})  # the in-place ones end in "_"
+
+
+def writes_in_place(op: str, target: Any, kwargs: dict) -> bool:
+    """Whether a call may change a tensor it is given: an in-place function or method (its name ends in `_`),
+    item assignment, `inplace=True`, or an `out=` tensor."""
+    name = target if op == "call_method" else getattr(target, "__name__", "")
+    return (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) \
+        or target is operator.setitem or kwargs.get("inplace") is True or kwargs.get("out") is not None
+
+
+def _has_effect(node: Node) -> bool:
+    """Whether a call does more than compute its value: fx's own rule (outputs, side-effectful and mutating
+    aten ops), plus what it does not see: in-place torch functions and tensor methods, random draws, and
+    any module call (a module may update its state, as BatchNorm's statistics in training)."""
+    if node.is_impure() or node.op == "call_module" or writes_in_place(node.op, node.target, node.kwargs):
+        return True
+    return node.target in RANDOM_FUNCTIONS if node.op == "call_function" else node.target in RANDOM_METHODS
+
+
+def drop_unread(gm: GraphModule) -> int:
+    """Erase every computation whose value nothing reads and which has no other effect; returns how many.
+    (torch.export keeps unread views: BERT's attention mask construction leaves three.)"""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code(is_impure_node=_has_effect)
+    return before - len(gm.graph.nodes)
 
 
 def swap_input(gm: GraphModule, node: Node, old: Node, new: Node) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 import re
 from typing import Any, Callable
 
@@ -59,6 +58,7 @@ from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
+from fxcompress.rewire import writes_in_place
 
 from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES, fxcompress_modules
 from .metaops import MODULES as TABLED_MODULES, rule_for
@@ -433,9 +433,8 @@ def _cache_key(gm: GraphModule, node: Node, args: tuple, kwargs: dict) -> tuple 
             tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
             target = (type(module), _frozen([getattr(module, f) for f in fields]), _frozen(dict(tensors)))
         else:
-            name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-            if (name.endswith("_") or node.target is operator.setitem or kwargs.get("inplace") is True
-                    or (node.op == "call_function" and id(node.target) not in _LIBRARY_FUNCTIONS)):
+            if writes_in_place(node.op, node.target, kwargs) \
+                    or (node.op == "call_function" and id(node.target) not in _LIBRARY_FUNCTIONS):
                 return None
             target = node.target
         key = (node.op, target, _frozen(args), _frozen(kwargs))

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ..errors import ConfigError, TraceError
 from ..layers import stored_attr
+from ..rewire import drop_unread
 from .matmul import linears_written_as_matmul
 
 aten = torch.ops.aten
@@ -518,6 +519,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
                       "or refuse them): " + "; ".join(unknown), stacklevel=3)
     out = GraphModule(gm, graph, type(gm).__name__)
+    drop_unread(out)
     _batch_norms_as_modules(out, gm)
     out.meta["frontend"] = "export"
     return out
