@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ def to_compressed_tensors(gm: GraphModule, directory: str | os.PathLike, format:
     if format not in FORMATS:
         raise ConfigError(f"to_compressed_tensors: format={format!r} is not one of {', '.join(FORMATS)}")
     _check_no_inserted_scales(gm)
+    _check_no_split_experts(gm)
     packed = packed_layers(gm) if format == "pack-quantized" else []
     tensors, tied = _tensors(gm, packed)
     out = Path(directory)
@@ -89,6 +91,22 @@ def _check_no_inserted_scales(gm: GraphModule) -> None:
                               "ScaleChannels(insert_scales=True) put in a node of its own, which a compressed-tensors "
                               "checkpoint cannot hold; run ScaleChannels without insert_scales for this export, or "
                               "save with fxcompress.save")
+
+
+# an expert the export front end split from transformers 5's stacked experts tensor: `...experts.gate_up_proj.3`
+_SPLIT_EXPERT = re.compile(r"\.experts\.[A-Za-z_]\w*\.\d+$")
+
+
+def _check_no_split_experts(gm: GraphModule) -> None:
+    """transformers 5 stores a layer's experts as one (experts, out, in) tensor, which the export front end splits
+    into a linear layer per expert (`frontends.experts`); written under their own names, transformers would not
+    find them (it warns and leaves the experts as initialized) and the checkpoint would compute something else."""
+    split = [layer.name for layer in find_layers(gm) if _SPLIT_EXPERT.search(layer.name)]
+    if split:
+        raise ConfigError(f"to_compressed_tensors: {len(split)} layers are experts of transformers 5's stacked "
+                          f"expert tensors, split into one linear layer each by the export front end (first: "
+                          f"{split[0]!r}); transformers reads such a checkpoint's experts as one tensor per layer "
+                          "and would not load them: save with fxcompress.save")
 
 
 def packed_layers(gm: GraphModule) -> list[PackedLayer]:

@@ -12,7 +12,11 @@ CAUSAL = {name: {"num_key_value_heads": 2} for name in (
     "olmo", "granite", "gpt_bigcode")}
 CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"num_key_value_heads": 2, "head_dim": 8},
                "gptj": {"rotary_dim": 4}, "cohere": {"num_key_value_heads": 2},
-               "phi3": {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}})
+               "phi3": {"num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+               # mixtures of experts: four experts, two per token (Qwen2-MoE adds a shared expert)
+               "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+               "qwen2_moe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}})
 ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta")
 VISION = {
     "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),

@@ -29,6 +29,9 @@ class ShapeInfo(Analysis):
     """`meta[node_name]` is ShapeProp's TensorMetadata (or a tuple / dict of them) for that node."""
 
     meta: Mapping[str, Any]
+    # nodes whose sizes follow the data (`data_sized`): a mixture of experts' rows per expert change with the
+    # router's weights, so a pass that changes no shape still changes theirs
+    data_sized: frozenset[str] = frozenset()
 
     @classmethod
     def compute(cls, gm: GraphModule, ctx) -> ShapeInfo:
@@ -43,7 +46,7 @@ class ShapeInfo(Analysis):
         """Every node this result describes and the graph still has keeps its shapes and dtypes.
         Nodes a pass added are not compared (compile's shape step describes them); gradient flags,
         strides and memory formats are not shapes (lowering turns parameters into buffers)."""
-        return all(_shapes(meta) == _shapes(fresh.meta[name])
+        return all(_shapes(meta, name in self.data_sized) == _shapes(fresh.meta[name], name in self.data_sized)
                    for name, meta in self.meta.items() if name in fresh.meta)
 
 
@@ -87,18 +90,61 @@ def _as_returned(value: Any) -> Any:
 
 def _shape_info(gm: GraphModule) -> ShapeInfo:
     meta = {n.name: n.meta["tensor_meta"] for n in gm.graph.nodes if "tensor_meta" in n.meta}
-    return ShapeInfo(MappingProxyType(meta))
+    return ShapeInfo(MappingProxyType(meta), data_sized(gm))
 
 
-def _shapes(meta: Any) -> Any:
+# Calls whose result's size (or, for `tolist` / `item`, whose Python values, used as sizes) come from tensor values.
+DATA_SIZED_METHODS = frozenset({"tolist", "item", "nonzero", "unique", "masked_select"})
+DATA_SIZED_FUNCTIONS = frozenset({torch.nonzero, torch.unique, torch.masked_select, torch.argwhere})
+
+
+# Calls whose result has the size of their first argument whatever the others hold (scatter-like writes).
+SIZE_OF_FIRST_METHODS = frozenset({"index_add", "index_put", "index_copy", "scatter", "scatter_add", "masked_fill"})
+SIZE_OF_FIRST_FUNCTIONS = frozenset({torch.index_add, torch.index_put, torch.index_copy, torch.scatter,
+                                     torch.scatter_add, torch.masked_fill})
+_RESHAPES = frozenset({"view", "reshape", "expand"})
+
+
+def data_sized(gm: GraphModule) -> frozenset[str]:
+    """The nodes whose sizes may follow tensor values: such calls (and torch.where of a condition alone), and what
+    is computed from them, except where the size is set otherwise: a view / reshape / expand to sizes that are
+    all known (no -1), or a write into a tensor (in place, or scatter-like) whose size is known."""
+    found: set[str] = set()
+
+    def sized(value: Any) -> bool:
+        return isinstance(value, Node) and value.name in found
+
+    for node in gm.graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        if (node.op == "call_method" and node.target in DATA_SIZED_METHODS) or (
+                node.op == "call_function" and (node.target in DATA_SIZED_FUNCTIONS
+                                                or (node.target is torch.where and len(node.args) == 1))):
+            found.add(node.name)
+        elif not any(sized(source) for source in node.all_input_nodes):
+            continue
+        elif node.op == "call_method" and node.target in _RESHAPES and len(node.args) > 1:
+            sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            if any(sized(size) or size == -1 for size in sizes):
+                found.add(node.name)
+        elif (node.op == "call_method" and (node.target in SIZE_OF_FIRST_METHODS or str(node.target).endswith("_"))) \
+                or (node.op == "call_function" and (node.target in SIZE_OF_FIRST_FUNCTIONS
+                                                    or (name or "").endswith("_"))):
+            if node.args and sized(node.args[0]):
+                found.add(node.name)
+        else:
+            found.add(node.name)
+    return frozenset(found)
+
+
+def _shapes(meta: Any, rank_only: bool = False) -> Any:
     """`meta` with each TensorMetadata reduced to (shape, dtype) (it is a named tuple itself, so
-    torch.fx's map_aggregate would take it apart)."""
+    torch.fx's map_aggregate would take it apart); `rank_only`: (number of dims, dtype)."""
     if isinstance(meta, TensorMetadata):
-        return tuple(meta.shape), meta.dtype
+        return len(meta.shape) if rank_only else tuple(meta.shape), meta.dtype
     if isinstance(meta, (tuple, list)):
-        return tuple(_shapes(m) for m in meta)
+        return tuple(_shapes(m, rank_only) for m in meta)
     if isinstance(meta, Mapping):
-        return {k: _shapes(v) for k, v in meta.items()}
+        return {k: _shapes(v, rank_only) for k, v in meta.items()}
     return meta
 
 

@@ -4,7 +4,8 @@ Before pruning, the outputs of every consumer whose inputs will shrink are captu
 calibration data (`capture`). After pruning, reconstruction goes layer by layer, in graph order:
 each consumer sees the inputs of the already pruned and refitted model and is refitted (weights and
 bias, ridge least squares in float64) to reproduce the unpruned model's outputs at the same
-positions. A masked consumer is refitted within its mask, so pruned weights stay zero.
+positions. A masked consumer is refitted within its mask, so pruned weights stay zero. A consumer whose rows
+follow the data (a mixture of experts' routed tokens: `analyses.shapes.data_sized`) is left as it is.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from ..analyses.shapes import data_sized
 from .capture import Capture, Sampling, calibration_batch, consumer_module, owner_path, run_capture, weight_support
 from .graph import ChannelGraph
 
@@ -36,9 +38,12 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
     """Before pruning: the outputs of every consumer whose inputs will shrink (`progress`: a tqdm bar)."""
     watched, kept, outputs = {}, {}, {}
     nodes = {n.name: n for n in gm.graph.nodes}
+    # a layer whose rows follow the data (an expert's routed tokens) reads other tokens once pruning changes the
+    # router's inputs: its rows before and after would not be the same positions, so it is not refitted
+    routed = data_sized(gm)
     for layer in cg.layers:
         m = consumer_module(gm, nodes[layer.node])
-        if m is None or layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any():
+        if m is None or layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any() or layer.node in routed:
             continue
         watched[layer.node] = m
         out = np.ones(m.weight.shape[0], dtype=bool) if layer.out_ids is None else ~removed[cg.labels[layer.out_ids]]

@@ -23,6 +23,7 @@ from torch import nn
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
 from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
+from fxcompress.frontends.experts import grouped_mm
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
@@ -35,14 +36,15 @@ _FUNCTIONAL = """linear bilinear conv1d conv2d conv3d conv_transpose1d conv_tran
 gelu silu mish elu selu leaky_relu hardswish hardsigmoid hardtanh sigmoid tanh softmax log_softmax softplus
 max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
 adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d dropout batch_norm layer_norm group_norm
-instance_norm pad embedding normalize interpolate scaled_dot_product_attention pixel_shuffle glu relu_ rms_norm""".split()
+instance_norm pad embedding normalize interpolate scaled_dot_product_attention pixel_shuffle glu relu_ rms_norm
+one_hot""".split()
 _TORCH = """flatten cat concat stack add sub mul div matmul bmm mm addmm baddbmm einsum relu sigmoid tanh softmax
 log_softmax reshape transpose permute chunk split mean sum prod exp log sqrt rsqrt clamp where zeros_like
 ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maximum minimum conv1d conv2d conv3d
 conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
 adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert swapaxes swapdims movedim
-moveaxis repeat_interleave finfo iinfo clone detach sin cos diff rsub""".split()
+moveaxis repeat_interleave finfo iinfo clone detach sin cos diff rsub histc empty_like""".split()
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem setitem eq ne lt le gt ge and_ or_ xor
 invert abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
@@ -50,7 +52,8 @@ sigmoid tanh chunk split unsqueeze squeeze expand expand_as view_as add sub mul 
 type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argmax narrow repeat flip roll dim
 numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
 mT transpose_ sub_ add_ mul_ div_ relu_ to swapaxes swapdims movedim moveaxis repeat_interleave bmm bool long int
-double type new_ones new_zeros new_full fill_ masked_fill_ tril triu eq ne lt le gt ge sin cos detach_ zero_""".split())
+double type new_ones new_zeros new_full fill_ masked_fill_ tril triu eq ne lt le gt ge sin cos detach_ zero_
+index_put_ index_add_ tolist""".split())
 
 
 # `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.
@@ -136,6 +139,7 @@ FUNCTIONS: dict[str, object] = _functions() | {
     "fxcompress.quant.native.relu_codes": relu_codes,
     "fxcompress.quant.native.float_codes": float_codes,
     "fxcompress.quant.integer.dequantize_codes": dequantize_codes,
+    "fxcompress.frontends.experts.grouped_mm": grouped_mm,  # mixture-of-experts layers (the export front end's)
 }
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_unflatten
 from ..errors import ConfigError, TraceError
 from ..layers import stored_attr
 from ..rewire import drop_unread
+from .experts import experts_as_linears, grouped_mm
 from .matmul import linears_written_as_matmul
 
 aten = torch.ops.aten
@@ -116,6 +117,10 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.clamp_min.default: torch.clamp, aten.zero_.default: "zero_",  # swin v2's cosine attention, masks
     aten.repeat_interleave.self_int: torch.repeat_interleave,  # GPT-J's and Cohere's interleaved rotary tables
     aten.topk.default: torch.topk, aten.sort.default: torch.sort,  # mixture-of-experts routers
+    aten.histc.default: torch.histc,  # ... counting the rows each expert takes,
+    aten.empty_like.default: torch.empty_like, aten.index_put_.default: "index_put_",  # ... inverting the sort
+    aten.one_hot.default: F.one_hot, aten.where.default: torch.where,  # ... transformers 4's loop over experts
+    aten.index_add_.default: "index_add_",
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),
@@ -213,6 +218,19 @@ def _in_place(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tup
     return lambda node, args: (function, args, {"inplace": True})
 
 
+# Other libraries' custom ops, by schema name (they exist only while their library is imported): a graph names
+# ours instead, so the compressed model runs and loads without that library.
+SPELLINGS_BY_NAME: dict[str, Spelling] = {
+    "transformers::grouped_mm_fallback": Spelling(grouped_mm),  # Hugging Face's experts on CPU, float32
+    "fxcompress::grouped_mm": Spelling(grouped_mm),  # ours, in a program exported from a compiled model
+}
+
+
+def _spelling(target: Any) -> Spelling | None:
+    schema = getattr(target, "_schema", None)
+    return SPELLINGS.get(target) or (SPELLINGS_BY_NAME.get(schema.name) if schema is not None else None)
+
+
 # aten overloads whose torch-level form takes its arguments in another order or shape.
 _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
@@ -290,7 +308,7 @@ def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, di
     if node.target in _ADAPTERS and not kwargs:  # adapters read positions only: keywords stay aten
         target, args, kwargs = _ADAPTERS[node.target](node, args)
         return "call_function", target, args, kwargs
-    spelling = SPELLINGS.get(node.target)
+    spelling = _spelling(node.target)
     if spelling is None:
         return node.op, node.target, args, kwargs
     kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULT_KEYWORDS or v != _DEFAULT_KEYWORDS[k]}
@@ -519,6 +537,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
                       "or refuse them): " + "; ".join(unknown), stacklevel=3)
     out = GraphModule(gm, graph, type(gm).__name__)
+    experts_as_linears(out)
     drop_unread(out)
     _batch_norms_as_modules(out, gm)
     out.meta["frontend"] = "export"

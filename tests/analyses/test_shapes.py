@@ -92,3 +92,31 @@ def test_the_first_pass_finds_every_node_shape_in_meta_as_later_passes_do():
     quantized = [sorted(n for n, _ in gm.named_modules() if n.startswith("add_input")) for gm in (fresh, again)]
     assert quantized[0] == quantized[1] == ["add_input0_quant", "add_input0_quant.observer", "add_input1_quant",
                                             "add_input1_quant.observer"]
+
+
+class _RowsAboveZero(torch.nn.Module):
+    """Keeps the rows whose first value is positive: how many follows the data (as a router's rows per expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        count = (self.fc(x)[:, 0] > 0).sum().item()
+        return self.fc(x)[:count] * 2, x + 1
+
+
+def test_sizes_that_follow_the_data_are_compared_by_rank_only():
+    torch.manual_seed(0)
+    gm = trace(_RowsAboveZero())
+    x = torch.randn(8, 4)
+    before = propagate_shapes(gm, (x,))
+    sized = before.data_sized
+    assert any(n.op == "call_method" and n.target == "item" and n.name in sized for n in gm.graph.nodes)
+    assert "mul" in sized and "add" not in sized and "x" not in sized  # x + 1 keeps its size whatever the data
+    with torch.no_grad():  # new weights: another count of rows, the same graph
+        gm.fc.bias.copy_(-gm.fc.bias.sign() * 10)
+    after = propagate_shapes(gm, (x,))
+    assert before.shape("mul") != after.shape("mul")
+    assert before.same_as(after)
+    assert not ShapeInfo(before.meta).same_as(after)  # what the comparison caught before data-sized nodes were known
