@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PreconditionError
 from ..execution import evaluating
-from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, weight_arg, weight_source
+from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, stored_attr, tied_readers, weight_arg, weight_source
 from ..pruning.masks import masks_only
 from ..tracing import origin
 
@@ -53,10 +53,14 @@ def consumer_module(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Mod
     """The module whose parameters a node computes with, if it can be sampled and refitted (grouped
     convs only if asked), else None. A masked layer qualifies through its owner module, which keeps
     its parameters and conv options: its weight must be the stored one times masks and nothing else,
-    its bias the owner's."""
+    its bias the owner's. A functional layer over stored parameters that no layer module owns (the export
+    front end's `F.linear(x, get_attr)`) qualifies through a module made around those very parameters."""
     path = owner_path(node)
     m = gm.get_submodule(path) if path is not None else None
     kind = layer_kind(m) if m is not None else None
+    if kind is None and m is not None and node.op == "call_function":
+        m = _functional_view(gm, node)
+        kind = layer_kind(m) if m is not None else None
     # a transposed conv's output is no product of one input window, which is what rows gather
     if kind is None or KINDS[kind].is_transposed:
         return None
@@ -69,6 +73,40 @@ def consumer_module(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Mod
     if type(m) is not nn.Linear and not grouped and m.groups != 1:
         return None
     return m
+
+
+# the functional conv options after (input, weight, bias), in order, as their nn module takes them
+_CONV_OPTIONS = ("stride", "padding", "dilation", "groups")
+
+
+def _functional_view(gm: GraphModule, node: Node) -> nn.Module | None:
+    """An nn.Linear / nn.Conv module holding the very parameters of a functional linear / conv call (so what is
+    refitted into it is refitted into the graph's tensors), or None: another kind, a transposed conv, a weight or
+    bias that is no stored parameter, or a weight another layer reads too (a tied head: refitting one layer
+    would change the other)."""
+    kind = FUNCTIONS.get(node.target)
+    source, bias_node = weight_source(node), bias_arg(node)
+    if kind is None or KINDS[kind].module is None or KINDS[kind].is_transposed or KINDS[kind].family == "embedding" \
+            or source is None or source.op != "get_attr" or tied_readers(gm, node) \
+            or (bias_node is not None and bias_node.op != "get_attr"):
+        return None
+    weight = stored_attr(gm, source.target)
+    bias = stored_attr(gm, bias_node.target) if bias_node is not None else None
+    if not isinstance(weight, nn.Parameter) or (bias_node is not None and not isinstance(bias, nn.Parameter)):
+        return None
+    if kind == "linear":
+        view = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        given = dict(zip(_CONV_OPTIONS, node.args[3:]), **{k: v for k, v in node.kwargs.items() if k in _CONV_OPTIONS})
+        if any(isinstance(v, Node) for v in given.values()):
+            return None
+        groups = given.get("groups", 1)
+        view = KINDS[kind].module(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                                  bias=bias is not None, device="meta", **given)
+    view.weight = weight
+    if bias is not None:
+        view.bias = bias
+    return view
 
 
 def weight_support(gm: GraphModule, node: Node) -> torch.Tensor | None:

@@ -166,3 +166,33 @@ def test_masked_consumers_are_reconstructed_within_their_masks(granularity):
     assert mask.shape == (8, 8, 3, 3) and bool((mask == 0).any())
     assert torch.equal(effective_weight(rebuilt, layers["2"])[mask == 0], torch.zeros(int((mask == 0).sum())))
     assert not torch.equal(rebuilt.get_parameter("2.weight"), plain.get_parameter("2.weight"))  # really refitted
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding="valid"),
+                                  nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features) + features @ self.head.weight  # the head's weight read twice: tied
+
+
+@pytest.mark.parametrize("method", ["greedy", "lasso"])
+def test_functional_layers_of_the_export_front_end_are_measured_and_refitted_as_modules_are(method):
+    """The export front end writes layers as F.linear / F.conv2d over stored parameters that no nn.Linear owns;
+    channel selection and reconstruction read them through module views of those parameters (they fell back to
+    l1 and refitted nothing there), and give what they give on the fx trace's module calls."""
+    torch.manual_seed(0)
+    model, x = _ConvNet().eval(), torch.randn(64, 3, 8, 8)
+    results = {}
+    for frontend in ("fx", "export"):
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, method=method, reconstruct=True)],
+                                example_inputs=(x,), calibration_data=[x], frontend=frontend)
+        stats = fxcompress.history(gm)[-1].stats
+        assert not stats.get("scored_by_l1")
+        results[frontend] = (sorted(stats["reconstructed"]), gm(x))
+    assert results["export"][0] == results["fx"][0] == ["body.2", "body.5", "body.7"]  # not the tied head
+    torch.testing.assert_close(results["export"][1], results["fx"][1], rtol=1e-5, atol=1e-6)
