@@ -94,6 +94,7 @@ class LayerKind:
     bias_pos: int | None = 2   # position of the bias argument (None: the kind has no bias)
     input_pos: int = 0         # position of the input
     family: str = "conv"       # "linear", "conv" or "embedding": how the weight is applied
+    weight_ndim: int = 2       # dims of its weight (a conv's: 2 + its spatial dims)
 
     @property
     def is_conv(self) -> bool:
@@ -106,12 +107,15 @@ class LayerKind:
 
 KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (
     LayerKind("linear", nn.Linear, F.linear, out_dim=0, in_dim=1, family="linear"),
-    LayerKind("conv1d", nn.Conv1d, F.conv1d, out_dim=0, in_dim=1),
-    LayerKind("conv2d", nn.Conv2d, F.conv2d, out_dim=0, in_dim=1),
-    LayerKind("conv3d", nn.Conv3d, F.conv3d, out_dim=0, in_dim=1),
-    LayerKind("conv_transpose1d", nn.ConvTranspose1d, F.conv_transpose1d, out_dim=1, in_dim=0),
-    LayerKind("conv_transpose2d", nn.ConvTranspose2d, F.conv_transpose2d, out_dim=1, in_dim=0),
-    LayerKind("conv_transpose3d", nn.ConvTranspose3d, F.conv_transpose3d, out_dim=1, in_dim=0),
+    LayerKind("conv1d", nn.Conv1d, F.conv1d, out_dim=0, in_dim=1, weight_ndim=3),
+    LayerKind("conv2d", nn.Conv2d, F.conv2d, out_dim=0, in_dim=1, weight_ndim=4),
+    LayerKind("conv3d", nn.Conv3d, F.conv3d, out_dim=0, in_dim=1, weight_ndim=5),
+    LayerKind("conv_transpose1d", nn.ConvTranspose1d, F.conv_transpose1d, out_dim=1, in_dim=0,
+              weight_ndim=3),
+    LayerKind("conv_transpose2d", nn.ConvTranspose2d, F.conv_transpose2d, out_dim=1, in_dim=0,
+              weight_ndim=4),
+    LayerKind("conv_transpose3d", nn.ConvTranspose3d, F.conv_transpose3d, out_dim=1, in_dim=0,
+              weight_ndim=5),
     # a table of rows [num_embeddings, dim]: its output channels are the embedding dim
     LayerKind("embedding", nn.Embedding, F.embedding, out_dim=1, in_dim=None, bias_pos=None, family="embedding"),
     # Hugging Face's Conv1D (GPT-2): addmm(bias, x2d, weight) with the weight stored [in, out]
@@ -320,10 +324,13 @@ def _untied_layer(gm: GraphModule, node: Node) -> tuple[Layer, object | None] | 
     source = weight_source(node) if kind is not None else None
     if source is None:
         return None  # no layer, or its weight is computed from inputs: not a stored layer
+    stored = _source_object(gm, source)
+    if isinstance(stored, torch.Tensor) and stored.dim() != kind.weight_ndim:
+        return None  # one slice of a larger tensor (an expert of a stacked experts tensor), not a stored layer
     bias_node = bias_arg(node)
     bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
     owner, _, _ = source.target.rpartition(".")
-    return Layer(owner or source.target, kind.name, node.name, source.target, bias), _source_object(gm, source)
+    return Layer(owner or source.target, kind.name, node.name, source.target, bias), stored
 
 
 def _module_path(node: Node, taken: str) -> str | None:

@@ -16,7 +16,15 @@ CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"n
                # mixtures of experts: four experts, two per token (Qwen2-MoE adds a shared expert)
                "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
                "qwen2_moe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}})
+                             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
+               "qwen3_moe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                             "moe_intermediate_size": 32},
+               "olmoe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2},
+               "granitemoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+               "phimoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+               "gpt_oss": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
+                           "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
+               "jetmoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "kv_channels": 8}})
 ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta")
 VISION = {
     "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),

@@ -66,7 +66,10 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
     aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
     aten.div.Tensor: operator.truediv, aten.div.Scalar: operator.truediv,
-    aten.pow.Tensor_Scalar: torch.pow, aten.pow.Tensor_Tensor: torch.pow,
+    aten.pow.Tensor_Scalar: torch.pow, aten.pow.Tensor_Tensor: torch.pow, aten.pow.Scalar: torch.pow,  # Phi-MoE's rope
+    aten.reciprocal.default: torch.reciprocal, aten.clamp.Tensor: torch.clamp,  # ... and its sparsemixer router
+    aten.concat.default: torch.cat, aten.scatter.value: torch.scatter, aten.index_add.default: torch.index_add,
+    aten.div.Tensor_mode: torch.div, aten.item.default: "item",  # JetMoE's routing
     aten.maximum.default: torch.maximum, aten.minimum.default: torch.minimum,
     aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm,
     aten.softmax.int: torch.softmax, aten.log_softmax.int: torch.log_softmax,
@@ -100,6 +103,7 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.where.ScalarOther: torch.where, aten.where.ScalarSelf: torch.where, aten.where.Scalar: torch.where,
     aten.masked_fill.Tensor: torch.masked_fill, aten.tril.default: torch.tril, aten.triu.default: torch.triu,
     aten.min.other: torch.minimum, aten.max.other: torch.maximum, aten.clamp.default: torch.clamp,
+    aten.max.dim: torch.max, aten.min.dim: torch.min,  # (values, indices): GPT-OSS's router
     aten.le.Tensor: operator.le, aten.ge.Tensor: operator.ge, aten.ne.Tensor: operator.ne,
     aten.__and__.Tensor: operator.and_, aten.__or__.Tensor: operator.or_, aten.bitwise_not.default: operator.invert,
     aten.floor_divide.default: operator.floordiv, aten.remainder.Scalar: operator.mod,

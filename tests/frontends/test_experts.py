@@ -1,8 +1,10 @@
 """frontends.experts: a grouped product over a stored experts tensor becomes one linear layer per expert."""
+import pytest
 import torch
 from torch import nn
 
 import fxcompress
+from fxcompress.errors import ConfigError
 from fxcompress.frontends.experts import grouped_mm
 from fxcompress.layers import find_layers
 from fxcompress.passes import InsertFakeQuant, InsertMasks
@@ -60,3 +62,25 @@ def test_a_stacked_tensor_read_elsewhere_stays_whole():
     assert not find_layers(gm) and gm.weight.shape == (2, 12, 8)
     assert any(n.target is grouped_mm for n in gm.graph.nodes)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-5)
+
+
+class _ExpertLoop(nn.Module):
+    """Experts stacked in one tensor and run one at a time on a slice of it (JetMoE's form): F.linear(x, W[e])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 6, 8))
+
+    def forward(self, x):
+        return sum(torch.nn.functional.linear(x, self.weight[e]) for e in range(3))
+
+
+def test_a_linear_over_one_slice_of_a_stacked_tensor_is_no_layer_of_that_tensor():
+    # read as a layer, the 3-D tensor took a mask of its own shape and the graph failed (`t()` of a 3-D weight)
+    torch.manual_seed(0)
+    model, x = _ExpertLoop().eval(), torch.randn(4, 8)
+    gm = fxcompress.compile(model, [], example_inputs=(x,), frontend="export")
+    assert not find_layers(gm)
+    torch.testing.assert_close(gm(x), model(x))
+    with pytest.raises(ConfigError, match="selects no layer"):
+        fxcompress.compile(gm, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
