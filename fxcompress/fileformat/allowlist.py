@@ -22,8 +22,8 @@ from torch import nn
 
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
-from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.frontends.experts import grouped_mm
+from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
