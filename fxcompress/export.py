@@ -16,6 +16,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_leaves
 
+from .analyses.shapes import reads_values_as_sizes
 from .encoded.decode import decode
 from .encoded.tensor import grid_codebook
 from .errors import ConfigError, MissingDependencyError, PreconditionError
@@ -123,6 +124,7 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     example_inputs = _check_inputs(gm, example_inputs)
     module = _quantize_dequantize(gm) if quantized else decode(gm)
     _refuse_native(module)
+    _refuse_values_as_sizes(module)
     with torch.no_grad():
         outputs = [t for t in tree_leaves(module.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -142,6 +144,18 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
                           output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
                           # QDQ functions export by their symbolic; inlined, their traced bodies break the exporter
                           autograd_inlining=not quantized)
+
+
+def _refuse_values_as_sizes(gm: GraphModule) -> None:
+    """ONNX's exporter traces the model once: a size read from tensor values (a mixture of experts' rows per
+    expert, `.item()`, `nonzero`) becomes a constant of the example, and the file computes something else for
+    any input routed otherwise (a Mixtral's logits left the model's by 0.016 on another batch of tokens)."""
+    found = next((node for node in gm.graph.nodes if reads_values_as_sizes(node)), None)
+    if found is not None:
+        raise ConfigError(f"to_onnx: node {found.name!r} ({found.format_node()[:120]}) reads tensor values as "
+                          "sizes, which the ONNX exporter would fix at the example's values, so the file would "
+                          "compute something else for other inputs; save with fxcompress.save, or export a model "
+                          "without data-dependent sizes")
 
 
 def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, **options: Any) -> None:

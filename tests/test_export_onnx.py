@@ -463,3 +463,27 @@ def test_lowered_linear_forms_decode_to_float_layers_that_export(form, tmp_path)
     export.to_onnx(gm, tmp_path / "m.onnx", (tokens,))
     (onnx_out,) = _session(tmp_path / "m.onnx").run(None, {"tokens": tokens.numpy()})
     np.testing.assert_allclose(onnx_out, got.numpy(), rtol=0, atol=FLOAT_ATOL)
+
+
+class _RoutedRows(nn.Module):
+    """Rows sorted by a router and split at counts read from the data, as a mixture of experts splits them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        order = torch.argsort(self.router(x)[:, 0])
+        count = (self.router(x)[:, 0] < 0).sum().item()
+        rows = x[order]
+        return torch.cat([self.a(rows[:count]), self.b(rows[count:])])
+
+
+def test_sizes_read_from_the_data_are_refused_not_fixed_at_the_example(tmp_path):
+    """The exporter traces once: the row count became a constant of the example and another input ran on the
+    example's split (a Mixtral's logits left the model's by 0.016 on other tokens)."""
+    torch.manual_seed(0)
+    gm = fxcompress.compile(_RoutedRows().eval(), [], example_inputs=(torch.randn(8, 4),))
+    with pytest.raises(ConfigError, match="reads tensor values as sizes"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(8, 4),))
+    assert not (tmp_path / "m.onnx").exists()

@@ -105,6 +105,13 @@ SIZE_OF_FIRST_FUNCTIONS = frozenset({torch.index_add, torch.index_put, torch.ind
 _RESHAPES = frozenset({"view", "reshape", "expand"})
 
 
+def reads_values_as_sizes(node: Node) -> bool:
+    """Whether a call's result has a size (or, `tolist` / `item`, Python values) taken from tensor values."""
+    return (node.op == "call_method" and node.target in DATA_SIZED_METHODS) or (
+        node.op == "call_function" and (node.target in DATA_SIZED_FUNCTIONS
+                                        or (node.target is torch.where and len(node.args) == 1)))
+
+
 def data_sized(gm: GraphModule) -> frozenset[str]:
     """The nodes whose sizes may follow tensor values: such calls (and torch.where of a condition alone), and what
     is computed from them, except where the size is set otherwise: a view / reshape / expand to sizes that are
@@ -116,9 +123,7 @@ def data_sized(gm: GraphModule) -> frozenset[str]:
 
     for node in gm.graph.nodes:
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-        if (node.op == "call_method" and node.target in DATA_SIZED_METHODS) or (
-                node.op == "call_function" and (node.target in DATA_SIZED_FUNCTIONS
-                                                or (node.target is torch.where and len(node.args) == 1))):
+        if reads_values_as_sizes(node):
             found.add(node.name)
         elif not any(sized(source) for source in node.all_input_nodes):
             continue
