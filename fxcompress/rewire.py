@@ -39,7 +39,10 @@ def drop_unread(gm: GraphModule) -> int:
     (torch.export keeps unread views: BERT's attention mask construction leaves three.)"""
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code(is_impure_node=_has_effect)
-    return before - len(gm.graph.nodes)
+    dropped = before - len(gm.graph.nodes)
+    if dropped:  # the module's code is generated from the graph: without this it still computed them
+        gm.recompile()
+    return dropped
 
 
 def swap_input(gm: GraphModule, node: Node, old: Node, new: Node) -> None:

@@ -37,8 +37,11 @@ def test_the_export_front_end_drops_views_nothing_reads():
     gm = fxcompress.compile(model, passes=[], example_inputs=(x,), frontend="export")
     assert not [n for n in gm.graph.nodes if not n.users and n.op not in ("output", "placeholder")]
     assert torch.unsqueeze not in _targets(gm) and torch.arange not in _targets(gm)
-    y = torch.randn(5, 4)
+    assert "unsqueeze" not in gm.code  # the code is generated again: it computed them still, and torch.compile,
+    y = torch.randn(5, 4)              # reading the graph's nodes by the code's lines, failed (IndexError)
     torch.testing.assert_close(gm(y), model(y))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(gm, backend="eager")(y), model(y))
 
 
 def _graph_with_unread(make) -> GraphModule:
