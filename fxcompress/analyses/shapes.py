@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 from ..analysis import Analysis
 from ..errors import PreconditionError
 from ..execution import evaluating
+from ..rewire import writes_in_place
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,6 @@ def data_sized(gm: GraphModule) -> frozenset[str]:
         return isinstance(value, Node) and value.name in found
 
     for node in gm.graph.nodes:
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
         if reads_values_as_sizes(node):
             found.add(node.name)
         elif not any(sized(source) for source in node.all_input_nodes):
@@ -131,9 +131,9 @@ def data_sized(gm: GraphModule) -> frozenset[str]:
             sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
             if any(sized(size) or size == -1 for size in sizes):
                 found.add(node.name)
-        elif (node.op == "call_method" and (node.target in SIZE_OF_FIRST_METHODS or str(node.target).endswith("_"))) \
-                or (node.op == "call_function" and (node.target in SIZE_OF_FIRST_FUNCTIONS
-                                                    or (name or "").endswith("_"))):
+        elif writes_in_place(node.op, node.target, node.kwargs) \
+                or (node.op == "call_method" and node.target in SIZE_OF_FIRST_METHODS) \
+                or (node.op == "call_function" and node.target in SIZE_OF_FIRST_FUNCTIONS):
             if node.args and sized(node.args[0]):
                 found.add(node.name)
         else:

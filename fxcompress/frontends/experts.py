@@ -27,6 +27,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from ..layers import stored_attr
+from .matmul import swapped_last_two
 
 _LIBRARY = torch.library.Library("fxcompress", "FRAGMENT")
 _LIBRARY.define("grouped_mm(Tensor input, Tensor weight, Tensor offs) -> Tensor")
@@ -90,8 +91,6 @@ def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) ->
     return torch.ops.fxcompress.grouped_mm(input, weight, offs)
 
 
-# how a graph writes "the matrices' last two dims swapped": torch.transpose(W, -2, -1) and its spellings
-_SWAPS = {(-2, -1), (-1, -2), (1, 2), (2, 1)}
 _KEPT_META = ("nn_module_stack", "stack_trace")
 
 
@@ -100,11 +99,8 @@ def _stored_matrices(weight: Node) -> tuple[Node, bool] | None:
     the product's matrices are no stored tensor (computed from inputs, or read through other ops)."""
     if weight.op == "get_attr":
         return weight, False  # the matrices as they multiply: stored (E, in, out)
-    if weight.op == "call_function" and weight.target is torch.transpose and len(weight.args) == 3 \
-            and isinstance(weight.args[0], Node) and weight.args[0].op == "get_attr" \
-            and tuple(weight.args[1:]) in _SWAPS:
-        return weight.args[0], True
-    return None
+    source = swapped_last_two(weight, 3)  # W.transpose(-2, -1): stored (E, out, in)
+    return (source, True) if isinstance(source, Node) and source.op == "get_attr" else None
 
 
 def _expert_layers(stacked: torch.Tensor, out_first: bool) -> nn.ModuleList:

@@ -17,26 +17,28 @@ from torch.fx import Graph, Node
 
 from ..layers import stored_attr
 
-# the spellings of a matrix product and of a 2-D transpose: torch functions (fx traces and export's
-# respelled aten), methods (`x.matmul(w.t())`) and the `.T` / `.mT` attributes fx records through getattr
+# the spellings of a matrix product: torch functions (fx traces and export's respelled aten) and methods
+# (`x.matmul(w.t())`); a transpose's spellings, `.T` / `.mT` attributes fx records through getattr among them,
+# are read by `swapped_last_two`
 _PRODUCTS = (torch.matmul, operator.matmul, "matmul")
-_TRANSPOSE_ATTRIBUTES = ("T", "mT")
 
 
-def _transposed(node: Any) -> Node | None:
-    """What `node` transposes, where it swaps the two dims of a 2-D tensor and nothing else reads it."""
+def swapped_last_two(node: Any, ndim: int) -> Node | None:
+    """What `node` transposes, where it swaps the last two dims of an `ndim`-D tensor and nothing else reads it
+    (`w.T`, `w.t()`, `w.transpose(0, 1)`, `w.permute(1, 0)`, `w.mT`; of stacked matrices `transpose(-2, -1)`)."""
     if not (isinstance(node, Node) and node.op in ("call_function", "call_method") and len(node.users) == 1
             and not node.kwargs):
         return None
     target, (source, *rest) = node.target, node.args
+    swap = tuple(range(ndim - 2)) + (ndim - 1, ndim - 2)
     if target is getattr:
-        swaps = rest[0] in _TRANSPOSE_ATTRIBUTES
+        swaps = rest[0] == "mT" or (rest[0] == "T" and ndim == 2)
     elif target in (torch.t, "t"):
-        swaps = not rest
+        swaps = not rest and ndim == 2
     elif target in (torch.transpose, "transpose"):
-        swaps = len(rest) == 2 and all(isinstance(d, int) for d in rest) and {d % 2 for d in rest} == {0, 1}
+        swaps = len(rest) == 2 and all(isinstance(d, int) for d in rest) and {d % ndim for d in rest} == set(swap[-2:])
     elif target in (torch.permute, "permute"):
-        swaps = tuple(rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest) == (1, 0)
+        swaps = tuple(rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest) == swap
     else:
         return None
     return source if swaps else None
@@ -58,7 +60,7 @@ def linears_written_as_matmul(graph: Graph, root: nn.Module) -> bool:
                 or len(node.args) != 2:
             continue
         x, transposed = node.args
-        weight = _transposed(transposed)
+        weight = swapped_last_two(transposed, 2)
         if not _stored_matrix(root, weight):
             continue
         with graph.inserting_before(node):
