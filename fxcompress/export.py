@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
 from typing import Any
 
@@ -28,6 +29,7 @@ from .quant.commuting import commutes_with_quantization
 from .kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from .passes.lower_integer_graph import clamp_bounds, clamp_codes, is_relu
 from .quant.quantizers import Grid, quantize
+from .tracing import origin
 
 __all__ = ["Dequantize", "QuantizeDequantize", "decode", "sparse_arrays", "to_json", "to_onnx", "to_onnx_int8",
            "to_yaml", "weights_as_data"]
@@ -138,12 +140,68 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     if dynamic_batch:
         axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
         axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
+    _respell_for_onnx(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is the one with QDQ symbolics
-        torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, input_names=inputs,
-                          output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
-                          # QDQ functions export by their symbolic; inlined, their traced bodies break the exporter
-                          autograd_inlining=not quantized)
+        try:
+            torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, input_names=inputs,
+                              output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
+                              # QDQ functions export by their symbolic; inlined, their traced bodies break it
+                              autograd_inlining=not quantized)
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            raise ConfigError(f"to_onnx: {exc}; {_nodes_calling(module, exc)}") from exc
+
+
+def _diff_as_slices(input: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,
+                    append: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.diff written with ops the exporter has: `n` times each element minus the one before it along `dim`,
+    after joining `prepend` and `append`."""
+    parts = [t for t in (prepend, input, append) if t is not None]
+    x = torch.cat(parts, dim) if len(parts) > 1 else input
+    for _ in range(n):
+        x = x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)
+    return x
+
+
+def _cumsum_counting(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.cumsum with a bool input counted as int64, torch's own result type (ONNX's CumSum takes no bool)."""
+    if dtype is None and input.dtype == torch.bool:
+        dtype = torch.int64
+    return torch.cumsum(input, dim, dtype=dtype)
+
+
+# Calls the TorchScript exporter cannot write as torch makes them, each with an equal spelling it can: Hugging
+# Face's attention masks (transformers 5) take the diff of position ids and the cumsum of a bool tensor.
+ONNX_RESPELLINGS = {torch.diff: _diff_as_slices, torch.cumsum: _cumsum_counting}
+ONNX_METHOD_RESPELLINGS = {"diff": _diff_as_slices, "cumsum": _cumsum_counting}
+
+
+def _respell_for_onnx(module: GraphModule) -> None:
+    """Rewrite, in `module` (the exported copy), the calls of ONNX_RESPELLINGS into their exportable twins."""
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in ONNX_RESPELLINGS:
+            node.target = ONNX_RESPELLINGS[node.target]
+        elif node.op == "call_method" and node.target in ONNX_METHOD_RESPELLINGS:
+            node.op, node.target = "call_function", ONNX_METHOD_RESPELLINGS[node.target]
+        else:
+            continue
+        changed = True
+    if changed:
+        module.recompile()
+
+
+def _nodes_calling(module: GraphModule, exc: Exception) -> str:
+    """The graph's nodes that call the operator an exporter error names ('aten::diff'), with their origin."""
+    found = re.search(r"'(?:aten|prim)::(\w+)'", str(exc))
+    name = found.group(1) if found else None
+    nodes = [node for node in module.graph.nodes if name and node.op in ("call_function", "call_method")
+             and (node.target == name or getattr(node.target, "__name__", None) == name
+                  or str(node.target).split(".")[-2:-1] == [name])]
+    if not nodes:
+        return "no node of the graph calls it by that name (a module or function it calls does)"
+    return "called by " + "; ".join(f"node {node.name!r} ({origin(node)})" for node in nodes[:5]) + \
+        (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
 
 
 def _refuse_values_as_sizes(gm: GraphModule) -> None:

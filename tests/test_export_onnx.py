@@ -487,3 +487,79 @@ def test_sizes_read_from_the_data_are_refused_not_fixed_at_the_example(tmp_path)
     with pytest.raises(ConfigError, match="reads tensor values as sizes"):
         export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(8, 4),))
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _PackedSequences(nn.Module):
+    """Hugging Face's packed-sequence detection (transformers 5's attention masks): the diff of position ids and
+    the cumsum of a bool tensor, two calls the TorchScript exporter cannot write as torch makes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
+        starts = torch.diff(positions, dim=-1, prepend=positions[:, :1] - 1) != 1
+        sequence = starts.cumsum(-1)  # the method spelling: bool counted as int64
+        return self.fc(x) * sequence.unsqueeze(-1) + torch.cumsum(x > 0, 1)
+
+
+@pytest.mark.parametrize("n, dim, ends", [(1, -1, (None, None)), (2, 0, (None, None)), (1, 1, ("prepend", None)),
+                                          (1, -1, ("prepend", "append")), (3, 1, (None, "append"))])
+def test_diff_respelled_with_slices_equals_torch(n, dim, ends):
+    torch.manual_seed(0)
+    x = torch.randint(-5, 5, (4, 7))
+    options = {end: torch.randint(-5, 5, (4, 2) if dim in (1, -1) else (2, 7)) for end in ends if end}
+    assert torch.equal(export._diff_as_slices(x, n, dim, **options), torch.diff(x, n, dim, **options))
+
+
+@pytest.mark.parametrize("x, dtype", [(torch.tensor([[True, False, True], [False, False, True]]), None),
+                                      (torch.tensor([[True, False, True]]), torch.int32),
+                                      (torch.tensor([[0.5, -1.0, 2.0]]), None)])
+def test_cumsum_respelled_counts_bools_as_torch_does(x, dtype):
+    got, expected = export._cumsum_counting(x, 1, dtype), torch.cumsum(x, 1, dtype=dtype)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_calls_the_exporter_lacks_are_respelled_and_run_at_any_batch(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = fxcompress.compile(_PackedSequences().eval(), [], example_inputs=(x,))
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    assert {"diff", "cumsum"} <= {getattr(n.target, "__name__", n.target) for n in gm.graph.nodes}  # gm untouched
+    session = _session(tmp_path / "m.onnx")
+    for batch in (2, 3):
+        other = torch.randn(batch, 5, 6)
+        (out,) = session.run(None, {"x": other.numpy()})
+        np.testing.assert_allclose(out, gm(other).detach().numpy(), rtol=0, atol=FLOAT_ATOL)
+
+
+def test_an_operator_the_exporter_lacks_is_a_config_error_naming_its_node(tmp_path):
+    class Cumulative(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.logcumsumexp(self.fc(x), -1)
+
+    gm = fxcompress.compile(Cumulative().eval(), [], example_inputs=(torch.randn(2, 4),))
+    with pytest.raises(ConfigError, match=r"aten::logcumsumexp.*node 'logcumsumexp' \(.*test_export_onnx.py"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 4),))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_llama_from_transformers_runs_in_onnx_runtime_at_other_batch_sizes(tmp_path):
+    """transformers 5's Llama masks take torch.diff and a bool cumsum: the export failed with torch's untyped
+    UnsupportedOperatorError before they were respelled."""
+    pytest.importorskip("transformers")
+    from hfmodels import build, logits
+    model, tokens, _ = build("llama")
+    gm = fxcompress.compile(model, [], example_inputs=(tokens,))
+    export.to_onnx(gm, tmp_path / "llama.onnx", (tokens,), output_names=["logits"])
+    session = _session(tmp_path / "llama.onnx")
+    for batch in (1, 2, 3):
+        other = torch.randint(3, 100, (batch, tokens.shape[1]))
+        (out,) = session.run(["logits"], {"input_ids": other.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(out, logits(gm(other)).numpy(), rtol=0, atol=FLOAT_ATOL)
