@@ -9,7 +9,9 @@ model's), channel pruning (default and whole heads), Deep Compression (masks, 4-
 Every compile verifies its passes; every result is saved to our file format and loaded back, and must give
 the same logits bit for bit. A last column writes GPTQ 4-bit as a compressed-tensors checkpoint that
 transformers loads with the model's own class (`not loaded` where transformers' loader fails on it). A cell says `ok`, or `refused` with the typed error's class (its message below
-the table); anything else (an untyped exception, logits that differ) is a defect and is printed as one.
+the table); anything else (an untyped exception, logits that differ) is a defect and is printed as one. The ONNX
+column compiles the model itself (exported with a free batch), writes it with `export.to_onnx` and runs it in ONNX
+Runtime on a batch of three, the example having two.
 """
 import argparse
 import sys
@@ -76,7 +78,36 @@ def run(name: str) -> tuple[dict[str, str], list[str]]:
             cells[label] = "DEFECT"
             notes.append(f"{name} / {label}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
     cells["compressed-tensors"] = _compressed_tensors(model, program, x, other, name, notes)
+    cells["ONNX"] = _onnx(model, x, other, name, notes)
     return cells, notes
+
+
+def _onnx(model, x, other, name: str, notes: list[str]) -> str:
+    """The model compiled as it is (the front end exports it with a free batch), written by `export.to_onnx` with a
+    dynamic batch and run by ONNX Runtime on a batch of three (the example has two): its logits must be ours
+    within float32 rounding (1e-5 of their size)."""
+    import tempfile
+    import onnxruntime
+    from fxcompress.export import to_onnx
+    batch = torch.cat([x, other[:1]])
+    try:
+        gm = fxcompress.compile(model, [], example_inputs=(x,))
+        with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+            to_onnx(gm, Path(folder) / "model.onnx", (x,))
+            session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"))
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+            expected = logits(gm(batch))
+    except FxCompressError as exc:
+        notes.append(f"{name} / ONNX: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return f"refused ({type(exc).__name__})"
+    except Exception as exc:  # noqa: BLE001 - what the table exists to find
+        notes.append(f"{name} / ONNX: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return "DEFECT"
+    difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    if difference > 1e-5 * max(1.0, float(expected.abs().max())):
+        notes.append(f"{name} / ONNX: ONNX Runtime's logits at batch 3 differ from ours by {difference:.3g}")
+        return "DEFECT"
+    return "ok"
 
 
 def _compressed_tensors(model, program, x, other, name: str, notes: list[str]) -> str:
@@ -112,7 +143,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import transformers
     transformers.logging.set_verbosity_error()
-    labels = [*pipelines(), "compressed-tensors"]
+    labels = [*pipelines(), "compressed-tensors", "ONNX"]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}\n")
     print("| model | " + " | ".join(labels) + " | s |")
     print("|---|" + "---|" * (len(labels) + 1))

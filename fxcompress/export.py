@@ -138,6 +138,7 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
                           "ONNX names each value once")
     axes = None
     if dynamic_batch:
+        _check_another_batch_runs(module, example_inputs, outputs)
         axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
         axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
     _respell_for_onnx(module)
@@ -150,6 +151,31 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
                               autograd_inlining=not quantized)
         except torch.onnx.errors.UnsupportedOperatorError as exc:
             raise ConfigError(f"to_onnx: {exc}; {_nodes_calling(module, exc)}") from exc
+
+
+def _check_another_batch_runs(module: GraphModule, example_inputs: tuple, outputs: list[torch.Tensor]) -> None:
+    """A file with a symbolic batch must compute one: the exporter traces the graph as it is, and a graph with the
+    example's batch written into its sizes (a program the user exported with static shapes) gives a file that
+    ONNX Runtime refuses at another batch, with a reshape error far from the cause. Each input's first row
+    appended once more must give outputs one row longer."""
+    batched = [t for t in example_inputs if t.ndim]
+    if not batched:
+        return
+    sizes = {t.shape[0] for t in batched}
+    longer = tuple(torch.cat([t, t[:1]]) if t.ndim else t for t in example_inputs)
+    try:
+        with torch.no_grad():
+            got = [t for t in tree_leaves(module(*longer)) if isinstance(t, torch.Tensor)]
+        failure = None if [t.shape[:1] for t in got] == [(t.shape[0] + 1,) if t.ndim else () for t in outputs] \
+            else "its outputs do not grow with it"
+    except Exception as exc:  # noqa: BLE001 - reported below, with what the graph raised
+        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    if failure is not None:
+        raise ConfigError(f"to_onnx: dynamic_batch=True, but the graph does not run a batch other than the "
+                          f"example's {sorted(sizes)} as one ({failure}); a symbolic batch needs sizes that follow "
+                          "the inputs' first dimension (a program exported with static shapes holds the example's) "
+                          "and outputs with the batch first: compile the model itself or export it with a dynamic "
+                          "batch (torch.export.Dim), or pass dynamic_batch=False")
 
 
 def _diff_as_slices(input: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,

@@ -563,3 +563,41 @@ def test_a_llama_from_transformers_runs_in_onnx_runtime_at_other_batch_sizes(tmp
         (out,) = session.run(["logits"], {"input_ids": other.numpy()})
         with torch.no_grad():
             np.testing.assert_allclose(out, logits(gm(other)).numpy(), rtol=0, atol=FLOAT_ATOL)
+
+
+class _Flatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def test_a_graph_holding_the_example_batch_is_refused_a_symbolic_batch(tmp_path):
+    """A program exported with static shapes writes the example's batch into its reshape: the file claimed a
+    symbolic batch that ONNX Runtime then refused at run time with a reshape error."""
+    x = torch.randn(2, 3, 4)
+    program = torch.export.export(_Flatten().eval(), (x,))
+    gm = fxcompress.compile(program, [], example_inputs=(x,))
+    with pytest.raises(ConfigError, match=r"does not run a batch other than the example's \[2\].*dynamic_batch=False"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    assert not (tmp_path / "m.onnx").exists()
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,), dynamic_batch=False)
+    (out,) = _session(tmp_path / "m.onnx").run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out, gm(x).detach().numpy(), rtol=0, atol=FLOAT_ATOL)
+    free = fxcompress.compile(_Flatten().eval(), [], example_inputs=(x,))  # exported by compile: a free batch
+    export.to_onnx(free, tmp_path / "free.onnx", (x,))
+    (out,) = _session(tmp_path / "free.onnx").run(None, {"x": torch.randn(5, 3, 4).numpy()})
+    assert out.shape == (5, 3)
+
+
+def test_outputs_without_the_batch_first_are_refused_a_symbolic_batch(tmp_path):
+    class Pooled(nn.Module):
+        def forward(self, x):
+            return x.sum(0)
+
+    gm = fxcompress.compile(Pooled(), [], example_inputs=(torch.randn(2, 4),))
+    with pytest.raises(ConfigError, match="outputs do not grow with it"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 4),))
+    export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 4),), dynamic_batch=False)
