@@ -136,46 +136,108 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     if set(inputs) & set(outputs_named):
         raise ConfigError(f"to_onnx: {sorted(set(inputs) & set(outputs_named))} name both an input and an output; "
                           "ONNX names each value once")
-    axes = None
+    axes, checks = None, [(example_inputs, outputs)]
     if dynamic_batch:
-        _check_another_batch_runs(module, example_inputs, outputs)
+        checks.append(_another_batch(module, example_inputs, outputs))
         axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
         axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
     _respell_for_onnx(module)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is the one with QDQ symbolics
-        try:
-            torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, input_names=inputs,
-                              output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
-                              # QDQ functions export by their symbolic; inlined, their traced bodies break it
-                              autograd_inlining=not quantized)
-        except torch.onnx.errors.UnsupportedOperatorError as exc:
-            raise ConfigError(f"to_onnx: {exc}; {_nodes_calling(module, exc)}") from exc
+    # written beside the target and moved there once ONNX Runtime ran it: no half-written or failing file is left
+    path = os.fspath(path)
+    partial = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter has the QDQ symbolics
+            try:
+                torch.onnx.export(module, tuple(example_inputs), partial, dynamo=False, input_names=inputs,
+                                  output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
+                                  # QDQ functions export by their symbolic; inlined, their traced bodies break it
+                                  autograd_inlining=not quantized)
+            except torch.onnx.errors.UnsupportedOperatorError as exc:
+                raise ConfigError(f"to_onnx: {exc}; {_nodes_calling(module, exc)}") from exc
+            except torch.onnx.errors.OnnxExporterError as exc:
+                raise ConfigError(f"to_onnx: the ONNX exporter failed: {_first_line(exc)}") from exc
+        _run_in_onnx_runtime(partial, inputs, outputs_named, checks, compare_values=not quantized)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
-def _check_another_batch_runs(module: GraphModule, example_inputs: tuple, outputs: list[torch.Tensor]) -> None:
-    """A file with a symbolic batch must compute one: the exporter traces the graph as it is, and a graph with the
-    example's batch written into its sizes (a program the user exported with static shapes) gives a file that
-    ONNX Runtime refuses at another batch, with a reshape error far from the cause. Each input's first row
-    appended once more must give outputs one row longer."""
-    batched = [t for t in example_inputs if t.ndim]
-    if not batched:
+# how far ONNX Runtime's float outputs may be from the graph's, relative to the outputs' size (at least 1): float32
+# rounding in another order of sums is far below it; an op the exporter wrote otherwise is far above it
+RUNTIME_TOLERANCE = 1e-3
+
+
+def _run_in_onnx_runtime(path: str, input_names: list[str], output_names: list[str],
+                         checks: list[tuple[tuple, list[torch.Tensor]]], compare_values: bool) -> None:
+    """Run the written file in ONNX Runtime on each (inputs, the graph's outputs) of `checks`: it must load, run,
+    give outputs of the graph's shapes and, with `compare_values` (the float export; an int8 QDQ model runs other
+    kernels than the fake-quant graph), the graph's values within RUNTIME_TOLERANCE. The exporter translates op
+    by op and some translations are wrong for some graphs (ONNX Runtime then fails far from the cause, at every
+    batch): such a file is refused here, not left for the user to find. Without onnxruntime, not run."""
+    try:
+        import onnxruntime
+    except ImportError:
         return
-    sizes = {t.shape[0] for t in batched}
+    try:
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own exception types
+        raise ConfigError(f"to_onnx: ONNX Runtime cannot load the exported model: {_first_line(exc)}") from exc
+    takes = {value.name for value in session.get_inputs()}
+    for batch_inputs, expected in checks:
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(input_names, batch_inputs) if name in takes}
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(input_names, batch_inputs))
+        try:
+            got = session.run(output_names, feed)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own exception types
+            raise ConfigError(f"to_onnx: the exported model fails in ONNX Runtime on {shapes} where the graph runs "
+                              f"(the exporter wrote an op otherwise than torch computes it): "
+                              f"{_first_line(exc)}") from exc
+        for name, value, reference in zip(output_names, got, expected):
+            reference = reference.detach().cpu()
+            if tuple(value.shape) != tuple(reference.shape):
+                raise ConfigError(f"to_onnx: output {name!r} of the exported model on {shapes} is {value.shape}, "
+                                  f"the graph's {tuple(reference.shape)}")
+            if not compare_values or reference.numel() == 0:
+                continue
+            if not reference.is_floating_point():
+                same = np.array_equal(value, reference.numpy())
+            else:
+                difference = float(np.abs(value.astype(np.float64) - reference.double().numpy()).max())
+                same = difference <= RUNTIME_TOLERANCE * max(1.0, float(reference.abs().max()))
+            if not same:
+                raise ConfigError(f"to_onnx: output {name!r} of the exported model on {shapes} differs from the "
+                                  "graph's in ONNX Runtime (the exporter wrote an op otherwise than torch computes it)")
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+
+
+def _another_batch(module: GraphModule, example_inputs: tuple, outputs: list[torch.Tensor]
+                   ) -> tuple[tuple, list[torch.Tensor]]:
+    """The example with each input's first row appended once more, and the graph's outputs on it, which must be
+    one row longer. A file with a symbolic batch must compute one: the exporter traces the graph as it is, and a
+    graph with the example's batch written into its sizes (a program the user exported with static shapes)
+    gives a file that ONNX Runtime refuses at another batch, with a reshape error far from the cause."""
+    sizes = {t.shape[0] for t in example_inputs if t.ndim}
     longer = tuple(torch.cat([t, t[:1]]) if t.ndim else t for t in example_inputs)
+    got: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             got = [t for t in tree_leaves(module(*longer)) if isinstance(t, torch.Tensor)]
         failure = None if [t.shape[:1] for t in got] == [(t.shape[0] + 1,) if t.ndim else () for t in outputs] \
             else "its outputs do not grow with it"
     except Exception as exc:  # noqa: BLE001 - reported below, with what the graph raised
-        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    if failure is not None:
+        failure = _first_line(exc)
+    if failure is not None and sizes:
         raise ConfigError(f"to_onnx: dynamic_batch=True, but the graph does not run a batch other than the "
                           f"example's {sorted(sizes)} as one ({failure}); a symbolic batch needs sizes that follow "
                           "the inputs' first dimension (a program exported with static shapes holds the example's) "
                           "and outputs with the batch first: compile the model itself or export it with a dynamic "
                           "batch (torch.export.Dim), or pass dynamic_batch=False")
+    return longer, got
 
 
 def _diff_as_slices(input: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,

@@ -601,3 +601,22 @@ def test_outputs_without_the_batch_first_are_refused_a_symbolic_batch(tmp_path):
     with pytest.raises(ConfigError, match="outputs do not grow with it"):
         export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 4),))
     export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 4),), dynamic_batch=False)
+
+
+def _counting_from_one(input, dim, dtype=None):
+    return export._cumsum_counting(input, dim, dtype) + 1  # an exporter's translation that computes something else
+
+
+def test_a_file_that_computes_otherwise_than_the_graph_is_refused_and_not_left(tmp_path, monkeypatch):
+    """to_onnx runs the file it wrote in ONNX Runtime (at the example and one more batch row): the TorchScript exporter
+    translates op by op and wrote transformers 5's Cohere wrongly (ONNX Runtime failed at every batch size)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = fxcompress.compile(_PackedSequences().eval(), [], example_inputs=(x,))
+    monkeypatch.setitem(export.ONNX_RESPELLINGS, torch.cumsum, _counting_from_one)
+    with pytest.raises(ConfigError, match=r"output 'output' of the exported model on x \(2, 5, 6\) differs"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the partial one beside it
+    monkeypatch.setitem(export.ONNX_RESPELLINGS, torch.cumsum, export._cumsum_counting)
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
