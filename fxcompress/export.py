@@ -258,10 +258,25 @@ def _cumsum_counting(input: torch.Tensor, dim: int, dtype: torch.dtype | None = 
     return torch.cumsum(input, dim, dtype=dtype)
 
 
+def _repeat_interleave_as_expand(input: torch.Tensor, repeats: int | torch.Tensor, dim: int | None = None, *,
+                                 output_size: int | None = None) -> torch.Tensor:
+    """torch.repeat_interleave of a whole number of repeats along `dim` as a broadcast and a flatten: the exporter's
+    own translation lost the rank of what followed (transformers 5's Cohere rotary embedding: the file failed in
+    ONNX Runtime at every batch size). Repeats per element, or no dim, stay torch's op."""
+    if not isinstance(repeats, int) or dim is None or input.dim() == 0:
+        return torch.repeat_interleave(input, repeats, dim, output_size=output_size)
+    dim %= input.dim()
+    broadcast = [-1] * (input.dim() + 1)
+    broadcast[dim + 1] = repeats
+    return input.unsqueeze(dim + 1).expand(*broadcast).flatten(dim, dim + 1)
+
+
 # Calls the TorchScript exporter cannot write as torch makes them, each with an equal spelling it can: Hugging
 # Face's attention masks (transformers 5) take the diff of position ids and the cumsum of a bool tensor.
-ONNX_RESPELLINGS = {torch.diff: _diff_as_slices, torch.cumsum: _cumsum_counting}
-ONNX_METHOD_RESPELLINGS = {"diff": _diff_as_slices, "cumsum": _cumsum_counting}
+ONNX_RESPELLINGS = {torch.diff: _diff_as_slices, torch.cumsum: _cumsum_counting,
+                    torch.repeat_interleave: _repeat_interleave_as_expand}
+ONNX_METHOD_RESPELLINGS = {"diff": _diff_as_slices, "cumsum": _cumsum_counting,
+                           "repeat_interleave": _repeat_interleave_as_expand}
 
 
 def _respell_for_onnx(module: GraphModule) -> None:

@@ -513,6 +513,12 @@ def test_diff_respelled_with_slices_equals_torch(n, dim, ends):
     assert torch.equal(export._diff_as_slices(x, n, dim, **options), torch.diff(x, n, dim, **options))
 
 
+@pytest.mark.parametrize("repeats, dim", [(2, -1), (3, 0), (1, 1), (2, None), (torch.tensor([1, 0, 2]), 1)])
+def test_repeat_interleave_respelled_as_a_broadcast_equals_torch(repeats, dim):
+    x = torch.arange(24).reshape(2, 3, 4) if isinstance(repeats, int) else torch.arange(6).reshape(2, 3)
+    assert torch.equal(export._repeat_interleave_as_expand(x, repeats, dim), torch.repeat_interleave(x, repeats, dim))
+
+
 @pytest.mark.parametrize("x, dtype", [(torch.tensor([[True, False, True], [False, False, True]]), None),
                                       (torch.tensor([[True, False, True]]), torch.int32),
                                       (torch.tensor([[0.5, -1.0, 2.0]]), None)])
@@ -549,15 +555,17 @@ def test_an_operator_the_exporter_lacks_is_a_config_error_naming_its_node(tmp_pa
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_a_llama_from_transformers_runs_in_onnx_runtime_at_other_batch_sizes(tmp_path):
+@pytest.mark.parametrize("name", ["llama", "cohere"])
+def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes(name, tmp_path):
     """transformers 5's Llama masks take torch.diff and a bool cumsum: the export failed with torch's untyped
-    UnsupportedOperatorError before they were respelled."""
+    UnsupportedOperatorError before they were respelled; Cohere's rotary embedding repeats elements
+    (repeat_interleave), which the exporter wrote so that ONNX Runtime failed at every batch size."""
     pytest.importorskip("transformers")
     from hfmodels import build, logits
-    model, tokens, _ = build("llama")
+    model, tokens, _ = build(name)
     gm = fxcompress.compile(model, [], example_inputs=(tokens,))
-    export.to_onnx(gm, tmp_path / "llama.onnx", (tokens,), output_names=["logits"])
-    session = _session(tmp_path / "llama.onnx")
+    export.to_onnx(gm, tmp_path / "model.onnx", (tokens,), output_names=["logits"])
+    session = _session(tmp_path / "model.onnx")
     for batch in (1, 2, 3):
         other = torch.randint(3, 100, (batch, tokens.shape[1]))
         (out,) = session.run(["logits"], {"input_ids": other.numpy()})
