@@ -35,6 +35,7 @@ from torch import nn
 import fxcompress
 from fxcompress import export
 from fxcompress.kernels import native
+from fxcompress.onnx.qdq import quantize_dequantize
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,7 +98,7 @@ def grid_rows(model: nn.Module, grid: str, exports: dict, args, folder: Path) ->
     sessions, convs = {}, sum(isinstance(m, nn.Conv2d) for m in model.modules())
     x = torch.rand(64, *size)
     with torch.no_grad():
-        ours = export._quantize_dequantize(fq)(x).numpy()
+        ours = quantize_dequantize(fq)(x).numpy()
     for name, module in exports.items():
         path = folder / f"{name.split()[0]}.onnx"
         module.to_onnx_int8(fq, path, (x[:2],), input_names=["x"])

@@ -16,7 +16,7 @@ FLOORS = [
     ("pass protocol", ["pass_base", "history"]),
     ("analyses and primitives", ["analyses", "pruning", "quant", "encoded", "channels", "kernels", "calibration"]),
     ("passes", ["passes"]),
-    ("front door", ["compile", "fileformat", "summary", "draw", "export", "inspection", "sensitivity",
+    ("front door", ["compile", "fileformat", "summary", "draw", "export", "onnx", "inspection", "sensitivity",
                     "pruning.interop", "cli", "report", "integrations", "compressed_tensors", "__main__", ""]),
 ]
 

@@ -1,5 +1,5 @@
 """The one answer to "has this weight grid a per-channel form", and its three readers: LowerToInteger
-(tests/passes/test_lower_integer.py), the QDQ ONNX export (tests/test_export_onnx.py) and the
+(tests/passes/test_lower_integer.py), the QDQ ONNX export (tests/onnx/test_export.py) and the
 compressed-tensors export (here: which strategy a layer is written with)."""
 import pytest
 import torch

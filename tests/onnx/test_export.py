@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress import export
+from fxcompress.onnx import export
+from fxcompress.onnx import respellings
+from fxcompress.onnx.qdq import quantize_dequantize
 from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
 from fxcompress.kernels import native
@@ -192,7 +194,7 @@ def test_int8_qdq_model_runs_on_ort_int8_kernels_and_agrees_with_ours(trained_di
     convs = sum(isinstance(m, nn.Conv2d) for m in trained_digits.model(name).modules())
     assert fused["QLinearConv"] == convs and fused["Conv"] == 0  # every conv runs on ORT's int8 kernel
     assert fused["QGemm"] + fused["QLinearMatMul"] + fused["MatMulInteger"] >= 1
-    qdq = export._quantize_dequantize(fq)
+    qdq = quantize_dequantize(fq)
     reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
     for batch in (x[:1], x):
         (got,) = session.run(None, {"x": batch.numpy()})
@@ -222,7 +224,7 @@ def test_seven_bit_activation_grids_clip_their_codes_and_layers_stay_int8(fake_q
     assert fused["QLinearConv"] == 2 and fused["Conv"] + fused["FusedConv"] == 0
     (got,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
-        ours = export._quantize_dequantize(fq)(x).numpy()
+        ours = quantize_dequantize(fq)(x).numpy()
     assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98  # codes at a rounding tie may move by one
     assert np.abs(got - ours).max() <= (ours.max() - ours.min()) / 255
 
@@ -331,7 +333,7 @@ def test_int8_qdq_keeps_mobilenet_relu6_chains_integer(digits, tmp_path, onnx):
     assert ops["Clip"] == 0 and ops["Conv"] == 4 and fused["Clip"] == 0
     assert fused["QLinearConv"] == 4 and fused["Conv"] + fused["FusedConv"] == 0  # every conv on ORT's int8 kernel
     with torch.no_grad():
-        ours = export._quantize_dequantize(fq)(x).numpy()
+        ours = quantize_dequantize(fq)(x).numpy()
     step = (ours.max() - ours.min()) / 255  # one 8-bit step over the logits
     assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98 and np.abs(got - ours).max() <= step
     assert (got.argmax(1) == ours.argmax(1)).mean() >= 0.995
@@ -349,7 +351,7 @@ def test_clamps_run_on_codes_between_int8_convs_and_change_no_value(digits, tmp_
     x = digits.test_x * 1.5
     got, ops, fused = _ort_int8(fq, x, tmp_path, onnx)
     with torch.no_grad():
-        ours, fake = export._quantize_dequantize(fq)(x), fq(x)
+        ours, fake = quantize_dequantize(fq)(x), fq(x)
     assert torch.equal(ours, fake)
     ours = ours.numpy()
     assert (np.abs(got - ours).max(1) <= 5e-6).mean() >= 0.98
@@ -504,29 +506,6 @@ class _PackedSequences(nn.Module):
         return self.fc(x) * sequence.unsqueeze(-1) + torch.cumsum(x > 0, 1)
 
 
-@pytest.mark.parametrize("n, dim, ends", [(1, -1, (None, None)), (2, 0, (None, None)), (1, 1, ("prepend", None)),
-                                          (1, -1, ("prepend", "append")), (3, 1, (None, "append"))])
-def test_diff_respelled_with_slices_equals_torch(n, dim, ends):
-    torch.manual_seed(0)
-    x = torch.randint(-5, 5, (4, 7))
-    options = {end: torch.randint(-5, 5, (4, 2) if dim in (1, -1) else (2, 7)) for end in ends if end}
-    assert torch.equal(export._diff_as_slices(x, n, dim, **options), torch.diff(x, n, dim, **options))
-
-
-@pytest.mark.parametrize("repeats, dim", [(2, -1), (3, 0), (1, 1), (2, None), (torch.tensor([1, 0, 2]), 1)])
-def test_repeat_interleave_respelled_as_a_broadcast_equals_torch(repeats, dim):
-    x = torch.arange(24).reshape(2, 3, 4) if isinstance(repeats, int) else torch.arange(6).reshape(2, 3)
-    assert torch.equal(export._repeat_interleave_as_expand(x, repeats, dim), torch.repeat_interleave(x, repeats, dim))
-
-
-@pytest.mark.parametrize("x, dtype", [(torch.tensor([[True, False, True], [False, False, True]]), None),
-                                      (torch.tensor([[True, False, True]]), torch.int32),
-                                      (torch.tensor([[0.5, -1.0, 2.0]]), None)])
-def test_cumsum_respelled_counts_bools_as_torch_does(x, dtype):
-    got, expected = export._cumsum_counting(x, 1, dtype), torch.cumsum(x, 1, dtype=dtype)
-    assert got.dtype == expected.dtype and torch.equal(got, expected)
-
-
 def test_calls_the_exporter_lacks_are_respelled_and_run_at_any_batch(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6)
@@ -550,7 +529,7 @@ def test_an_operator_the_exporter_lacks_is_a_config_error_naming_its_node(tmp_pa
             return torch.logcumsumexp(self.fc(x), -1)
 
     gm = fxcompress.compile(Cumulative().eval(), [], example_inputs=(torch.randn(2, 4),))
-    with pytest.raises(ConfigError, match=r"aten::logcumsumexp.*node 'logcumsumexp' \(.*test_export_onnx.py"):
+    with pytest.raises(ConfigError, match=r"aten::logcumsumexp.*node 'logcumsumexp' \(.*test_export.py"):
         export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(2, 4),))
     assert not (tmp_path / "m.onnx").exists()
 
@@ -612,7 +591,7 @@ def test_outputs_without_the_batch_first_are_refused_a_symbolic_batch(tmp_path):
 
 
 def _counting_from_one(input, dim, dtype=None):
-    return export._cumsum_counting(input, dim, dtype) + 1  # an exporter's translation that computes something else
+    return respellings.cumsum_counting(input, dim, dtype) + 1  # an exporter's translation that computes something else
 
 
 def test_a_file_that_computes_otherwise_than_the_graph_is_refused_and_not_left(tmp_path, monkeypatch):
@@ -621,10 +600,10 @@ def test_a_file_that_computes_otherwise_than_the_graph_is_refused_and_not_left(t
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6)
     gm = fxcompress.compile(_PackedSequences().eval(), [], example_inputs=(x,))
-    monkeypatch.setitem(export.ONNX_RESPELLINGS, torch.cumsum, _counting_from_one)
+    monkeypatch.setitem(respellings.ONNX_RESPELLINGS, torch.cumsum, _counting_from_one)
     with pytest.raises(ConfigError, match=r"output 'output' of the exported model on x \(2, 5, 6\) differs"):
         export.to_onnx(gm, tmp_path / "m.onnx", (x,))
     assert list(tmp_path.iterdir()) == []  # neither the file nor the partial one beside it
-    monkeypatch.setitem(export.ONNX_RESPELLINGS, torch.cumsum, export._cumsum_counting)
+    monkeypatch.setitem(respellings.ONNX_RESPELLINGS, torch.cumsum, respellings.cumsum_counting)
     export.to_onnx(gm, tmp_path / "m.onnx", (x,))
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

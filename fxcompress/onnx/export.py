@@ -1,0 +1,205 @@
+"""`to_onnx`: a compressed GraphModule as an ONNX file with named inputs and a symbolic batch, the decoded float
+model or the int8 QDQ model of a fake-quant one; ops the exporter cannot write are respelled first
+(`respellings`), and the file is run in ONNX Runtime before it is kept (`runtime_check`)."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
+
+from ..analyses.shapes import reads_values_as_sizes
+from ..encoded.decode import decode
+from ..errors import ConfigError, MissingDependencyError, PreconditionError
+from ..kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from ..tracing import origin
+from .qdq import quantize_dequantize
+from .respellings import respell
+from .runtime_check import first_line, run_in_onnx_runtime
+
+NATIVE_MODULES = (NativeLayer, QuantizeToCodes, NativeAdd, NativeCat)  # oneDNN kernels: no ONNX operator
+# ONNX: the TorchScript exporter's opsets from the first with per-channel QuantizeLinear (13) to its newest
+OPSETS = (13, 20)
+DEFAULT_OPSET = 17
+BATCH = "batch"  # the symbolic first axis of every input and output under dynamic_batch
+
+
+def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
+            input_names: list[str] | None = None, output_names: list[str] | None = None,
+            dynamic_batch: bool = True, opset: int = DEFAULT_OPSET, quantized: bool = False) -> None:
+    """Write `gm` as an ONNX model (needs the `onnx` extra).
+
+    Inputs are named `input_names` (default: the GraphModule's placeholder names), outputs
+    `output_names` (default: "output", or "output_0", "output_1", ...). With `dynamic_batch`, the
+    first axis of every input and output is the symbol "batch", so any batch size runs. `quantized`
+    writes the int8 QDQ form of a fake-quant model (see `to_onnx_int8`); otherwise the decoded
+    dense float model.
+    """
+    _check_onnx()
+    if not isinstance(gm, GraphModule):
+        raise ConfigError(f"to_onnx needs a GraphModule from fxcompress.compile, got {type(gm).__name__}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ConfigError(f"to_onnx.opset must be an int in [{OPSETS[0]}, {OPSETS[1]}], got {opset!r}")
+    if not isinstance(dynamic_batch, bool) or not isinstance(quantized, bool):
+        raise ConfigError(f"to_onnx.dynamic_batch and to_onnx.quantized must be True or False, "
+                          f"got {dynamic_batch!r} and {quantized!r}")
+    example_inputs = _check_inputs(gm, example_inputs)
+    module = quantize_dequantize(gm) if quantized else decode(gm)
+    _refuse_native(module)
+    _refuse_values_as_sizes(module)
+    with torch.no_grad():
+        outputs = [t for t in tree_leaves(module.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = _names("input_names", input_names, len(example_inputs), placeholders)
+    outputs_named = _names("output_names", output_names, len(outputs),
+                           ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))])
+    if set(inputs) & set(outputs_named):
+        raise ConfigError(f"to_onnx: {sorted(set(inputs) & set(outputs_named))} name both an input and an output; "
+                          "ONNX names each value once")
+    axes, checks = None, [(example_inputs, outputs)]
+    if dynamic_batch:
+        checks.append(_another_batch(module, example_inputs, outputs))
+        axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
+        axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
+    respell(module)
+    # written beside the target and moved there once ONNX Runtime ran it: no half-written or failing file is left
+    path = os.fspath(path)
+    partial = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter has the QDQ symbolics
+            try:
+                torch.onnx.export(module, tuple(example_inputs), partial, dynamo=False, input_names=inputs,
+                                  output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
+                                  # QDQ functions export by their symbolic; inlined, their traced bodies break it
+                                  autograd_inlining=not quantized)
+            except torch.onnx.errors.UnsupportedOperatorError as exc:
+                raise ConfigError(f"to_onnx: {exc}; {_nodes_calling(module, exc)}") from exc
+            except torch.onnx.errors.OnnxExporterError as exc:
+                raise ConfigError(f"to_onnx: the ONNX exporter failed: {first_line(exc)}") from exc
+        run_in_onnx_runtime(partial, inputs, outputs_named, checks, compare_values=not quantized)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+
+def _another_batch(module: GraphModule, example_inputs: tuple, outputs: list[torch.Tensor]
+                   ) -> tuple[tuple, list[torch.Tensor]]:
+    """The example with each input's first row appended once more, and the graph's outputs on it, which must be
+    one row longer. A file with a symbolic batch must compute one: the exporter traces the graph as it is, and a
+    graph with the example's batch written into its sizes (a program the user exported with static shapes)
+    gives a file that ONNX Runtime refuses at another batch, with a reshape error far from the cause."""
+    sizes = {t.shape[0] for t in example_inputs if t.ndim}
+    longer = tuple(torch.cat([t, t[:1]]) if t.ndim else t for t in example_inputs)
+    got: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            got = [t for t in tree_leaves(module(*longer)) if isinstance(t, torch.Tensor)]
+        failure = None if [t.shape[:1] for t in got] == [(t.shape[0] + 1,) if t.ndim else () for t in outputs] \
+            else "its outputs do not grow with it"
+    except Exception as exc:  # noqa: BLE001 - reported below, with what the graph raised
+        failure = first_line(exc)
+    if failure is not None and sizes:
+        raise ConfigError(f"to_onnx: dynamic_batch=True, but the graph does not run a batch other than the "
+                          f"example's {sorted(sizes)} as one ({failure}); a symbolic batch needs sizes that follow "
+                          "the inputs' first dimension (a program exported with static shapes holds the example's) "
+                          "and outputs with the batch first: compile the model itself or export it with a dynamic "
+                          "batch (torch.export.Dim), or pass dynamic_batch=False")
+    return longer, got
+
+
+
+def _nodes_calling(module: GraphModule, exc: Exception) -> str:
+    """The graph's nodes that call the operator an exporter error names ('aten::diff'), with their origin."""
+    found = re.search(r"'(?:aten|prim)::(\w+)'", str(exc))
+    name = found.group(1) if found else None
+    nodes = [node for node in module.graph.nodes if name and node.op in ("call_function", "call_method")
+             and (node.target == name or getattr(node.target, "__name__", None) == name
+                  or str(node.target).split(".")[-2:-1] == [name])]
+    if not nodes:
+        return "no node of the graph calls it by that name (a module or function it calls does)"
+    return "called by " + "; ".join(f"node {node.name!r} ({origin(node)})" for node in nodes[:5]) + \
+        (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+
+
+
+def _refuse_values_as_sizes(gm: GraphModule) -> None:
+    """ONNX's exporter traces the model once: a size read from tensor values (a mixture of experts' rows per
+    expert, `.item()`, `nonzero`) becomes a constant of the example, and the file computes something else for
+    any input routed otherwise (a Mixtral's logits left the model's by 0.016 on another batch of tokens)."""
+    found = next((node for node in gm.graph.nodes if reads_values_as_sizes(node)), None)
+    if found is not None:
+        raise ConfigError(f"to_onnx: node {found.name!r} ({found.format_node()[:120]}) reads tensor values as "
+                          "sizes, which the ONNX exporter would fix at the example's values, so the file would "
+                          "compute something else for other inputs; save with fxcompress.save, or export a model "
+                          "without data-dependent sizes")
+
+
+
+def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, **options: Any) -> None:
+    """The int8 QDQ ONNX model of a fake-quant GraphModule: `to_onnx(..., quantized=True)`.
+
+    Every calibrated ActivationQuant becomes QuantizeLinear -> DequantizeLinear with its scale and
+    zero point (uint8 for asymmetric grids, int8 for symmetric ones); every linear / fixed-point
+    weight grid of at most 8 bits becomes int8 (uint8 when asymmetric) codes -> DequantizeLinear
+    with our per-channel scales on axis 0; a bias next to an input grid becomes int32 codes at the
+    accumulator's scale (input scale times weight scale), as LowerToInteger rounds it. ONNX Runtime
+    fuses these pairs into its int8 kernels (QLinearConv, QLinearMatMul / QGemm, QLinearAdd). A layer
+    whose output reaches a grid through ReLU, ReLU6 / hardtanh / clamp with constant bounds, max pooling
+    or flatten quantizes where it writes (the clamps become the range of its codes, exactly: rounding is
+    monotone), and a grid narrower than its integer type clips its codes after QuantizeLinear, so each
+    such layer runs on ORT's int8 kernel.
+    """
+    to_onnx(gm, path, example_inputs, quantized=True, **options)
+
+
+
+def _check_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError("to_onnx needs onnx: pip install 'fxcompress[onnx]'") from exc
+
+
+def _check_inputs(gm: GraphModule, example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        raise ConfigError(f"to_onnx.example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"to_onnx.example_inputs[{i}] must be a tensor, got {type(t).__name__}")
+    count = sum(n.op == "placeholder" for n in gm.graph.nodes)
+    if len(example_inputs) != count:
+        raise ConfigError(f"to_onnx.example_inputs holds {len(example_inputs)} tensors but the model takes {count}")
+    return tuple(example_inputs)
+
+
+def _names(field: str, names: Any, count: int, default: list[str]) -> list[str]:
+    """`names` checked (a list of `count` distinct non-empty strings), or `default`."""
+    if names is None:
+        return default
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"to_onnx.{field} must be a list of strings, got {names!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ConfigError(f"to_onnx.{field}: {bad!r} are not names (non-empty strings)")
+    if len(names) != count:
+        raise ConfigError(f"to_onnx.{field} gives {len(names)} names {list(names)} but the model has {count}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"to_onnx.{field} repeats {repeated}; each value needs its own name")
+    return list(names)
+
+
+def _refuse_native(module: nn.Module) -> None:
+    for name, m in module.named_modules():
+        if isinstance(m, NATIVE_MODULES):
+            raise PreconditionError(f"to_onnx: module '{name}' ({type(m).__name__}) runs oneDNN kernels that ONNX "
+                                    "has no operator for; export the fake-quant model it was lowered from with "
+                                    "to_onnx(..., quantized=True)")

@@ -1,0 +1,61 @@
+"""Calls the TorchScript ONNX exporter cannot write, or writes wrongly, each with an equal spelling in ops it
+handles: a table from the torch function (or method name) to its twin, applied to the copy of the graph being
+exported. Each twin is tested equal to torch's op."""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+
+def diff_as_slices(input: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,
+                    append: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.diff written with ops the exporter has: `n` times each element minus the one before it along `dim`,
+    after joining `prepend` and `append`."""
+    parts = [t for t in (prepend, input, append) if t is not None]
+    x = torch.cat(parts, dim) if len(parts) > 1 else input
+    for _ in range(n):
+        x = x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)
+    return x
+
+
+def cumsum_counting(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.cumsum with a bool input counted as int64, torch's own result type (ONNX's CumSum takes no bool)."""
+    if dtype is None and input.dtype == torch.bool:
+        dtype = torch.int64
+    return torch.cumsum(input, dim, dtype=dtype)
+
+
+def repeat_interleave_as_expand(input: torch.Tensor, repeats: int | torch.Tensor, dim: int | None = None, *,
+                                 output_size: int | None = None) -> torch.Tensor:
+    """torch.repeat_interleave of a whole number of repeats along `dim` as a broadcast and a flatten: the exporter's
+    own translation lost the rank of what followed (transformers 5's Cohere rotary embedding: the file failed in
+    ONNX Runtime at every batch size). Repeats per element, or no dim, stay torch's op."""
+    if not isinstance(repeats, int) or dim is None or input.dim() == 0:
+        return torch.repeat_interleave(input, repeats, dim, output_size=output_size)
+    dim %= input.dim()
+    broadcast = [-1] * (input.dim() + 1)
+    broadcast[dim + 1] = repeats
+    return input.unsqueeze(dim + 1).expand(*broadcast).flatten(dim, dim + 1)
+
+
+# Calls the TorchScript exporter cannot write as torch makes them, each with an equal spelling it can: Hugging
+# Face's attention masks (transformers 5) take the diff of position ids and the cumsum of a bool tensor.
+ONNX_RESPELLINGS = {torch.diff: diff_as_slices, torch.cumsum: cumsum_counting,
+                    torch.repeat_interleave: repeat_interleave_as_expand}
+ONNX_METHOD_RESPELLINGS = {"diff": diff_as_slices, "cumsum": cumsum_counting,
+                           "repeat_interleave": repeat_interleave_as_expand}
+
+
+def respell(module: GraphModule) -> None:
+    """Rewrite, in `module` (the exported copy), the calls of ONNX_RESPELLINGS into their exportable twins."""
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in ONNX_RESPELLINGS:
+            node.target = ONNX_RESPELLINGS[node.target]
+        elif node.op == "call_method" and node.target in ONNX_METHOD_RESPELLINGS:
+            node.op, node.target = "call_function", ONNX_METHOD_RESPELLINGS[node.target]
+        else:
+            continue
+        changed = True
+    if changed:
+        module.recompile()
