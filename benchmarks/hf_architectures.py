@@ -10,8 +10,10 @@ Every compile verifies its passes; every result is saved to our file format and 
 the same logits bit for bit. A last column writes GPTQ 4-bit as a compressed-tensors checkpoint that
 transformers loads with the model's own class (`not loaded` where transformers' loader fails on it). A cell says `ok`, or `refused` with the typed error's class (its message below
 the table); anything else (an untyped exception, logits that differ) is a defect and is printed as one. The ONNX
-column compiles the model itself (exported with a free batch), writes it with `export.to_onnx` and runs it in ONNX
-Runtime on a batch of three, the example having two.
+column compiles the model itself (exported with a free batch and length), writes it with `export.to_onnx` and runs
+it in ONNX Runtime on a batch of three, the example having two (token ids of length 5, a symbolic length in the
+file). The lengths column runs the model compiled as it is on token ids of lengths 1, 5, 13 and 64
+(the example's is 8) and compares its logits with the eager model's, bit for bit.
 """
 import argparse
 import sys
@@ -78,22 +80,53 @@ def run(name: str) -> tuple[dict[str, str], list[str]]:
             cells[label] = "DEFECT"
             notes.append(f"{name} / {label}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
     cells["compressed-tensors"] = _compressed_tensors(model, program, x, other, name, notes)
+    cells["lengths"] = _lengths(model, x, name, notes)
     cells["ONNX"] = _onnx(model, x, other, name, notes)
     return cells, notes
 
 
+LENGTHS = (1, 5, 13, 64)  # other prompt lengths than the example's 8, to the configs' position tables
+
+
+def _lengths(model, x, name: str, notes: list[str]) -> str:
+    """The model compiled as it is (the front end exports token ids with a free batch and length) run on token ids of
+    other lengths: its logits must be the eager model's, bit for bit ("-" for image models)."""
+    if x.is_floating_point():
+        return "-"
+    try:
+        gm = fxcompress.compile(model, [], example_inputs=(x,))
+        for length in LENGTHS:
+            tokens = torch.randint(3, 100, (x.shape[0], length))
+            with torch.no_grad():
+                if not torch.equal(logits(gm(tokens)), logits(model(tokens))):
+                    notes.append(f"{name} / lengths: the logits at length {length} differ from the eager model's")
+                    return "DEFECT"
+    except FxCompressError as exc:
+        notes.append(f"{name} / lengths: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return f"refused ({type(exc).__name__})"
+    except Exception as exc:  # noqa: BLE001 - what the table exists to find
+        notes.append(f"{name} / lengths: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return "DEFECT"
+    return "ok"
+
+
 def _onnx(model, x, other, name: str, notes: list[str]) -> str:
-    """The model compiled as it is (the front end exports it with a free batch), written by `export.to_onnx` with a
-    dynamic batch and run by ONNX Runtime on a batch of three (the example has two): its logits must be ours
-    within float32 rounding (1e-5 of their size)."""
+    """The model compiled as it is (the front end exports it with a free batch, and token ids with a free length),
+    written by `export.to_onnx` with a dynamic batch (and length) and run by ONNX Runtime on a batch of three (the
+    example has two; token ids of length 5, the example's 8): its logits must be ours within float32 rounding
+    (1e-5 of their size)."""
     import tempfile
     import onnxruntime
     from fxcompress.export import to_onnx
     batch = torch.cat([x, other[:1]])
+    tokens = not x.is_floating_point()
+    if tokens:
+        batch = batch[:, :5]  # another length too
     try:
         gm = fxcompress.compile(model, [], example_inputs=(x,))
         with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-            to_onnx(gm, Path(folder) / "model.onnx", (x,))
+            to_onnx(gm, Path(folder) / "model.onnx", (x,),
+                    dynamic_axes={"input_ids": {1: "length"}} if tokens else None)
             session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"))
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
             expected = logits(gm(batch))
@@ -143,7 +176,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import transformers
     transformers.logging.set_verbosity_error()
-    labels = [*pipelines(), "compressed-tensors", "ONNX"]
+    labels = [*pipelines(), "compressed-tensors", "lengths", "ONNX"]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}\n")
     print("| model | " + " | ".join(labels) + " | s |")
     print("|---|" + "---|" * (len(labels) + 1))

@@ -571,10 +571,14 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
 
     Every input's first dimension is left free where export can keep it so: calibration data, training
     and later calls run other batch sizes than the example's, and a graph with the example's batch
-    written into its views would reshape another batch into wrong features without an error. Where it
-    cannot (a size the forward fixes), the export is at the example's shapes, as torch.export's default.
+    written into its views would reshape another batch into wrong features without an error. The length
+    of (batch, length) token ids is left free too (a language model's prompts and calibration windows
+    have any length), or, where export cannot keep it so, the batch alone. Where neither stays free (a size
+    the forward fixes), the export is at the example's shapes, as torch.export's default.
     """
-    program = _export_free_batch(model, example_inputs)
+    program = _export_free_batch(model, example_inputs, tokens_free=True)
+    if program is None:
+        program = _export_free_batch(model, example_inputs)
     if program is None:
         try:
             program = torch.export.export(model, example_inputs, strict=False)
@@ -584,9 +588,11 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     return from_exported(program)
 
 
-def _export_free_batch(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram | None:
+def _export_free_batch(model: nn.Module, example_inputs: tuple, tokens_free: bool = False
+                       ) -> torch.export.ExportedProgram | None:
     """The program with each input's first dimension free (`Dim.AUTO`: export keeps one the forward fixes
-    at its example size), or None where export fails that way or no first dimension stayed free.
+    at its example size), and with `tokens_free` the second of token ids (`_tokens`) too, or None where
+    export fails that way or no first dimension stayed free.
 
     export fixes a dimension of size 1 whatever it is told (its 0/1 specialization), so an example batch of
     1 is exported at 2 (the example repeated) and kept only if the graph then gives the model's outputs
@@ -600,7 +606,8 @@ def _export_free_batch(model: nn.Module, example_inputs: tuple) -> torch.export.
     if repeat and any(m.training for m in model.modules()):
         return None
     inputs = tuple(x.repeat(2, *[1] * (x.dim() - 1)) if x.dim() and x.shape[0] == 1 else x for x in example_inputs)
-    dims = tuple({0: torch.export.Dim.AUTO} if x.dim() and x.shape[0] else None for x in inputs)
+    dims = tuple(({0: torch.export.Dim.AUTO} | ({1: torch.export.Dim.AUTO} if tokens_free and _tokens(x) else {}))
+                 if x.dim() and x.shape[0] else None for x in inputs)
     try:
         program = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False)
     except Exception:  # noqa: BLE001 - the export at the example's shapes follows, and names its failure
@@ -612,6 +619,12 @@ def _export_free_batch(model: nn.Module, example_inputs: tuple) -> torch.export.
     if repeat and not _same_outputs(program, model, example_inputs):
         return None
     return program
+
+
+def _tokens(x: torch.Tensor) -> bool:
+    """Whether an input reads as (batch, sequence) integer ids, a sequence of more than one (export fixes one)."""
+    return x.dim() == 2 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool \
+        and x.shape[1] > 1
 
 
 def _same_outputs(program: torch.export.ExportedProgram, model: nn.Module, inputs: tuple) -> bool:

@@ -31,12 +31,16 @@ BATCH = "batch"  # the symbolic first axis of every input and output under dynam
 
 def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
             input_names: list[str] | None = None, output_names: list[str] | None = None,
-            dynamic_batch: bool = True, opset: int = DEFAULT_OPSET, quantized: bool = False) -> None:
+            dynamic_batch: bool = True, dynamic_axes: dict[str, dict[int, str]] | None = None,
+            opset: int = DEFAULT_OPSET, quantized: bool = False) -> None:
     """Write `gm` as an ONNX model (needs the `onnx` extra).
 
     Inputs are named `input_names` (default: the GraphModule's placeholder names), outputs
     `output_names` (default: "output", or "output_0", "output_1", ...). With `dynamic_batch`, the
-    first axis of every input and output is the symbol "batch", so any batch size runs. `quantized`
+    first axis of every input and output is the symbol "batch", so any batch size runs. `dynamic_axes` names
+    more symbolic axes of inputs, as torch.onnx.export takes them ({"input_ids": {1: "length"}}): each must
+    be one the graph computes with (it runs the example grown by one along each), and the outputs' axes that
+    follow them become symbolic under the same name. `quantized`
     writes the int8 QDQ form of a fake-quant model (see `to_onnx_int8`); otherwise the decoded
     dense float model.
     """
@@ -61,11 +65,24 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     if set(inputs) & set(outputs_named):
         raise ConfigError(f"to_onnx: {sorted(set(inputs) & set(outputs_named))} name both an input and an output; "
                           "ONNX names each value once")
-    axes, checks = None, [(example_inputs, outputs)]
+    axes, checks = {}, [(example_inputs, outputs)]
     if dynamic_batch:
         checks.append(_another_batch(module, example_inputs, outputs))
         axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
         axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
+    if dynamic_axes:
+        wanted = _check_axes(dynamic_axes, inputs, example_inputs)
+        grown, grown_outputs = _grown(module, example_inputs, inputs, wanted)
+        checks.append((grown, grown_outputs))
+        for name, named in wanted.items():
+            axes[name] = axes.get(name, {}) | named
+        symbols = {symbol for named in wanted.values() for symbol in named.values()}
+        for name, before, after in zip(outputs_named, outputs, grown_outputs):
+            # an output axis that grew with them is symbolic too: named as theirs where they share one name
+            followed = {d: next(iter(symbols)) if len(symbols) == 1 else f"{name}_{d}" for d in range(before.ndim)
+                        if before.shape[d] != after.shape[d] and d not in axes.get(name, {})}
+            if followed:
+                axes[name] = axes.get(name, {}) | followed
     respell(module)
     # written beside the target and moved there once ONNX Runtime ran it: no half-written or failing file is left
     path = os.fspath(path)
@@ -75,7 +92,7 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter has the QDQ symbolics
             try:
                 torch.onnx.export(module, tuple(example_inputs), partial, dynamo=False, input_names=inputs,
-                                  output_names=outputs_named, dynamic_axes=axes, opset_version=opset,
+                                  output_names=outputs_named, dynamic_axes=axes or None, opset_version=opset,
                                   # QDQ functions export by their symbolic; inlined, their traced bodies break it
                                   autograd_inlining=not quantized)
             except torch.onnx.errors.UnsupportedOperatorError as exc:
@@ -88,6 +105,42 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
         if os.path.exists(partial):
             os.remove(partial)
 
+
+
+def _check_axes(dynamic_axes: Any, inputs: list[str], example_inputs: tuple) -> dict[str, dict[int, str]]:
+    """`dynamic_axes` checked: input names to {axis: symbol}, each axis inside its input's dims."""
+    if not isinstance(dynamic_axes, dict):
+        raise ConfigError(f"to_onnx.dynamic_axes must be a dict of input names to {{axis: name}}, got {dynamic_axes!r}")
+    ranks = {name: t.ndim for name, t in zip(inputs, example_inputs)}
+    checked = {}
+    for name, named in dynamic_axes.items():
+        if name not in ranks:
+            raise ConfigError(f"to_onnx.dynamic_axes names {name!r}, which is no input of the model ({inputs})")
+        if not isinstance(named, dict) or not named or not all(
+                isinstance(d, int) and not isinstance(d, bool) and -ranks[name] <= d < ranks[name]
+                and isinstance(symbol, str) and symbol.strip() for d, symbol in named.items()):
+            raise ConfigError(f"to_onnx.dynamic_axes[{name!r}] must map axes of its {ranks[name]} dims to names, "
+                              f"got {named!r}")
+        checked[name] = {d % ranks[name]: symbol for d, symbol in named.items()}
+    return checked
+
+
+def _grown(module: GraphModule, example_inputs: tuple, inputs: list[str], wanted: dict[str, dict[int, str]]
+           ) -> tuple[tuple, list[torch.Tensor]]:
+    """The example grown by one along each axis of `wanted` (its first slice there appended once more) and the
+    graph's outputs on it: a symbolic axis the graph does not compute with (a size the export fixed) is refused
+    here, where ONNX Runtime would fail far from the cause."""
+    grown = []
+    for name, t in zip(inputs, example_inputs):
+        for d in wanted.get(name, {}):
+            t = torch.cat([t, t.narrow(d, 0, 1)], d)
+        grown.append(t)
+    try:
+        with torch.no_grad():
+            return tuple(grown), [t for t in tree_leaves(module(*grown)) if isinstance(t, torch.Tensor)]
+    except Exception as exc:  # noqa: BLE001 - reported with what the graph raised
+        raise ConfigError(f"to_onnx.dynamic_axes {wanted}: the graph does not run the example grown along them "
+                          f"({first_line(exc)}); its sizes hold the example's there") from exc
 
 
 def _another_batch(module: GraphModule, example_inputs: tuple, outputs: list[torch.Tensor]

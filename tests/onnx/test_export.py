@@ -535,7 +535,7 @@ def test_an_operator_the_exporter_lacks_is_a_config_error_naming_its_node(tmp_pa
 
 
 @pytest.mark.parametrize("name", ["llama", "cohere"])
-def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes(name, tmp_path):
+def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes_and_lengths(name, tmp_path, onnx):
     """transformers 5's Llama masks take torch.diff and a bool cumsum: the export failed with torch's untyped
     UnsupportedOperatorError before they were respelled; Cohere's rotary embedding repeats elements
     (repeat_interleave), which the exporter wrote so that ONNX Runtime failed at every batch size."""
@@ -543,10 +543,13 @@ def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes(name, tmp_
     from hfmodels import build, logits
     model, tokens, _ = build(name)
     gm = fxcompress.compile(model, [], example_inputs=(tokens,))
-    export.to_onnx(gm, tmp_path / "model.onnx", (tokens,), output_names=["logits"])
+    export.to_onnx(gm, tmp_path / "model.onnx", (tokens,), output_names=["logits"],
+                   dynamic_axes={"input_ids": {1: "length"}})
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert [_dims(value) for value in (*graph.input, *graph.output)] == [["batch", "length"], ["batch", "length", 100]]
     session = _session(tmp_path / "model.onnx")
-    for batch in (1, 2, 3):
-        other = torch.randint(3, 100, (batch, tokens.shape[1]))
+    for batch, length in ((1, 8), (2, 8), (3, 8), (3, 5), (1, 13)):
+        other = torch.randint(3, 100, (batch, length))
         (out,) = session.run(["logits"], {"input_ids": other.numpy()})
         with torch.no_grad():
             np.testing.assert_allclose(out, logits(gm(other)).numpy(), rtol=0, atol=FLOAT_ATOL)
@@ -577,6 +580,39 @@ def test_a_graph_holding_the_example_batch_is_refused_a_symbolic_batch(tmp_path)
     export.to_onnx(free, tmp_path / "free.onnx", (x,))
     (out,) = _session(tmp_path / "free.onnx").run(None, {"x": torch.randn(5, 3, 4).numpy()})
     assert out.shape == (5, 3)
+
+
+def test_dynamic_axes_the_graph_holds_or_that_name_no_input_are_refused(tmp_path):
+    x = torch.randn(2, 3, 4)
+    gm = fxcompress.compile(_Flatten().eval(), [], example_inputs=(x,))  # its linear layer holds 3 * 4 features
+    with pytest.raises(ConfigError, match=r"does not run the example grown along them .*hold the example's"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (x,), dynamic_axes={"x": {1: "rows"}})
+    for axes, match in [({"y": {1: "rows"}}, "no input of the model"), ({"x": {3: "rows"}}, "axes of its 3 dims"),
+                        ({"x": {1: ""}}, "axes of its 3 dims"), ([1], "must be a dict")]:
+        with pytest.raises(ConfigError, match=match):
+            export.to_onnx(gm, tmp_path / "m.onnx", (x,), dynamic_axes=axes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_axis_that_follows_a_dynamic_input_axis_is_named_after_it(tmp_path, onnx):
+    class PerRow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x), self.fc(x).sum(1)
+
+    x = torch.randn(2, 3, 4)
+    gm = fxcompress.compile(PerRow().eval(), [], example_inputs=(x,))
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,), dynamic_axes={"x": {1: "rows"}})
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [_dims(value) for value in (*graph.input, *graph.output)] == [["batch", "rows", 4], ["batch", "rows", 2],
+                                                                         ["batch", 2]]
+    other = torch.randn(5, 7, 4)
+    got = _session(tmp_path / "m.onnx").run(None, {"x": other.numpy()})
+    for a, b in zip(got, gm(other)):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=0, atol=FLOAT_ATOL)
 
 
 def test_outputs_without_the_batch_first_are_refused_a_symbolic_batch(tmp_path):
