@@ -80,37 +80,44 @@ def run(name: str) -> tuple[dict[str, str], list[str]]:
             cells[label] = "DEFECT"
             notes.append(f"{name} / {label}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
     cells["compressed-tensors"] = _compressed_tensors(model, program, x, other, name, notes)
-    cells["lengths"] = _lengths(model, x, name, notes)
-    cells["ONNX"] = _onnx(model, x, other, name, notes)
+    cells["lengths"] = "-" if x.is_floating_point() else _cell(name, "lengths", notes, lambda: _lengths(model, x))
+    cells["ONNX"] = _cell(name, "ONNX", notes, lambda: _onnx(model, x, other))
     return cells, notes
+
+
+def _cell(name: str, column: str, notes: list[str], check) -> str:
+    """The cell of `check()`, which returns a defect's message or None: "ok", "DEFECT" (the message noted), or, as
+    in `run`, a typed refusal or an untyped exception (a defect) with its message noted."""
+    try:
+        defect = check()
+    except FxCompressError as exc:
+        notes.append(f"{name} / {column}: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return f"refused ({type(exc).__name__})"
+    except Exception as exc:  # noqa: BLE001 - what the table exists to find
+        notes.append(f"{name} / {column}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        return "DEFECT"
+    if defect:
+        notes.append(f"{name} / {column}: {defect}")
+        return "DEFECT"
+    return "ok"
 
 
 LENGTHS = (1, 5, 13, 64)  # other prompt lengths than the example's 8, to the configs' position tables
 
 
-def _lengths(model, x, name: str, notes: list[str]) -> str:
+def _lengths(model, x) -> str | None:
     """The model compiled as it is (the front end exports token ids with a free batch and length) run on token ids of
-    other lengths: its logits must be the eager model's, bit for bit ("-" for image models)."""
-    if x.is_floating_point():
-        return "-"
-    try:
-        gm = fxcompress.compile(model, [], example_inputs=(x,))
-        for length in LENGTHS:
-            tokens = torch.randint(3, 100, (x.shape[0], length))
-            with torch.no_grad():
-                if not torch.equal(logits(gm(tokens)), logits(model(tokens))):
-                    notes.append(f"{name} / lengths: the logits at length {length} differ from the eager model's")
-                    return "DEFECT"
-    except FxCompressError as exc:
-        notes.append(f"{name} / lengths: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
-        return f"refused ({type(exc).__name__})"
-    except Exception as exc:  # noqa: BLE001 - what the table exists to find
-        notes.append(f"{name} / lengths: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
-        return "DEFECT"
-    return "ok"
+    other lengths: its logits must be the eager model's, bit for bit."""
+    gm = fxcompress.compile(model, [], example_inputs=(x,))
+    for length in LENGTHS:
+        tokens = torch.randint(3, 100, (x.shape[0], length))
+        with torch.no_grad():
+            if not torch.equal(logits(gm(tokens)), logits(model(tokens))):
+                return f"the logits at length {length} differ from the eager model's"
+    return None
 
 
-def _onnx(model, x, other, name: str, notes: list[str]) -> str:
+def _onnx(model, x, other) -> str | None:
     """The model compiled as it is (the front end exports it with a free batch, and token ids with a free length),
     written by `export.to_onnx` with a dynamic batch (and length) and run by ONNX Runtime on a batch of three (the
     example has two; token ids of length 5, the example's 8): its logits must be ours within float32 rounding
@@ -118,29 +125,18 @@ def _onnx(model, x, other, name: str, notes: list[str]) -> str:
     import tempfile
     import onnxruntime
     from fxcompress.export import to_onnx
-    batch = torch.cat([x, other[:1]])
     tokens = not x.is_floating_point()
-    if tokens:
-        batch = batch[:, :5]  # another length too
-    try:
-        gm = fxcompress.compile(model, [], example_inputs=(x,))
-        with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-            to_onnx(gm, Path(folder) / "model.onnx", (x,),
-                    dynamic_axes={"input_ids": {1: "length"}} if tokens else None)
-            session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"))
-            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
-            expected = logits(gm(batch))
-    except FxCompressError as exc:
-        notes.append(f"{name} / ONNX: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
-        return f"refused ({type(exc).__name__})"
-    except Exception as exc:  # noqa: BLE001 - what the table exists to find
-        notes.append(f"{name} / ONNX: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
-        return "DEFECT"
+    batch = torch.cat([x, other[:1]])[:, :5] if tokens else torch.cat([x, other[:1]])  # token ids: another length
+    gm = fxcompress.compile(model, [], example_inputs=(x,))
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        to_onnx(gm, Path(folder) / "model.onnx", (x,), dynamic_axes={"input_ids": {1: "length"}} if tokens else None)
+        session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"))
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+        expected = logits(gm(batch))
     difference = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
     if difference > 1e-5 * max(1.0, float(expected.abs().max())):
-        notes.append(f"{name} / ONNX: ONNX Runtime's logits at batch 3 differ from ours by {difference:.3g}")
-        return "DEFECT"
-    return "ok"
+        return f"ONNX Runtime's logits on {tuple(batch.shape)} differ from ours by {difference:.3g}"
+    return None
 
 
 def _compressed_tensors(model, program, x, other, name: str, notes: list[str]) -> str:
