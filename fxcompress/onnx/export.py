@@ -76,13 +76,8 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
         checks.append((grown, grown_outputs))
         for name, named in wanted.items():
             axes[name] = axes.get(name, {}) | named
-        symbols = {symbol for named in wanted.values() for symbol in named.values()}
-        for name, before, after in zip(outputs_named, outputs, grown_outputs):
-            # an output axis that grew with them is symbolic too: named as theirs where they share one name
-            followed = {d: next(iter(symbols)) if len(symbols) == 1 else f"{name}_{d}" for d in range(before.ndim)
-                        if before.shape[d] != after.shape[d] and d not in axes.get(name, {})}
-            if followed:
-                axes[name] = axes.get(name, {}) | followed
+        for name, named in _following(wanted, outputs_named, outputs, grown_outputs).items():
+            axes[name] = named | axes.get(name, {})  # an output's batch axis keeps its name
     respell(module)
     # written beside the target and moved there once ONNX Runtime ran it: no half-written or failing file is left
     path = os.fspath(path)
@@ -104,7 +99,6 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-
 
 
 def _check_axes(dynamic_axes: Any, inputs: list[str], example_inputs: tuple) -> dict[str, dict[int, str]]:
@@ -143,6 +137,19 @@ def _grown(module: GraphModule, example_inputs: tuple, inputs: list[str], wanted
                           f"({first_line(exc)}); its sizes hold the example's there") from exc
 
 
+def _following(wanted: dict[str, dict[int, str]], names: list[str], outputs: list[torch.Tensor],
+               grown_outputs: list[torch.Tensor]) -> dict[str, dict[int, str]]:
+    """The output axes that grew with the inputs' axes of `wanted`: symbolic too, named as those where they share
+    one name (a length), else after the output and axis."""
+    symbols = {symbol for named in wanted.values() for symbol in named.values()}
+    following = {}
+    for name, before, after in zip(names, outputs, grown_outputs):
+        grew = [d for d in range(before.ndim) if before.shape[d] != after.shape[d]]
+        if grew:
+            following[name] = {d: next(iter(symbols)) if len(symbols) == 1 else f"{name}_{d}" for d in grew}
+    return following
+
+
 def _another_batch(module: GraphModule, example_inputs: tuple, outputs: list[torch.Tensor]
                    ) -> tuple[tuple, list[torch.Tensor]]:
     """The example with each input's first row appended once more, and the graph's outputs on it, which must be
@@ -168,7 +175,6 @@ def _another_batch(module: GraphModule, example_inputs: tuple, outputs: list[tor
     return longer, got
 
 
-
 def _nodes_calling(module: GraphModule, exc: Exception) -> str:
     """The graph's nodes that call the operator an exporter error names ('aten::diff'), with their origin."""
     found = re.search(r"'(?:aten|prim)::(\w+)'", str(exc))
@@ -182,7 +188,6 @@ def _nodes_calling(module: GraphModule, exc: Exception) -> str:
         (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
 
 
-
 def _refuse_values_as_sizes(gm: GraphModule) -> None:
     """ONNX's exporter traces the model once: a size read from tensor values (a mixture of experts' rows per
     expert, `.item()`, `nonzero`) becomes a constant of the example, and the file computes something else for
@@ -193,7 +198,6 @@ def _refuse_values_as_sizes(gm: GraphModule) -> None:
                           "sizes, which the ONNX exporter would fix at the example's values, so the file would "
                           "compute something else for other inputs; save with fxcompress.save, or export a model "
                           "without data-dependent sizes")
-
 
 
 def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, **options: Any) -> None:
@@ -211,7 +215,6 @@ def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple
     such layer runs on ORT's int8 kernel.
     """
     to_onnx(gm, path, example_inputs, quantized=True, **options)
-
 
 
 def _check_onnx() -> None:

@@ -8,7 +8,7 @@ from torch.fx import GraphModule
 
 
 def diff_as_slices(input: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,
-                    append: torch.Tensor | None = None) -> torch.Tensor:
+                   append: torch.Tensor | None = None) -> torch.Tensor:
     """torch.diff written with ops the exporter has: `n` times each element minus the one before it along `dim`,
     after joining `prepend` and `append`."""
     parts = [t for t in (prepend, input, append) if t is not None]
@@ -26,7 +26,7 @@ def cumsum_counting(input: torch.Tensor, dim: int, dtype: torch.dtype | None = N
 
 
 def repeat_interleave_as_expand(input: torch.Tensor, repeats: int | torch.Tensor, dim: int | None = None, *,
-                                 output_size: int | None = None) -> torch.Tensor:
+                                output_size: int | None = None) -> torch.Tensor:
     """torch.repeat_interleave of a whole number of repeats along `dim` as a broadcast and a flatten: the exporter's
     own translation lost the rank of what followed (transformers 5's Cohere rotary embedding: the file failed in
     ONNX Runtime at every batch size). Repeats per element, or no dim, stay torch's op."""
@@ -38,8 +38,8 @@ def repeat_interleave_as_expand(input: torch.Tensor, repeats: int | torch.Tensor
     return input.unsqueeze(dim + 1).expand(*broadcast).flatten(dim, dim + 1)
 
 
-# Calls the TorchScript exporter cannot write as torch makes them, each with an equal spelling it can: Hugging
-# Face's attention masks (transformers 5) take the diff of position ids and the cumsum of a bool tensor.
+# torch function (or tensor method name) -> its twin. Hugging Face's attention masks (transformers 5) take the diff of
+# position ids and the cumsum of a bool tensor; rotary embeddings (Cohere, GPT-J) repeat elements in place.
 ONNX_RESPELLINGS = {torch.diff: diff_as_slices, torch.cumsum: cumsum_counting,
                     torch.repeat_interleave: repeat_interleave_as_expand}
 ONNX_METHOD_RESPELLINGS = {"diff": diff_as_slices, "cumsum": cumsum_counting,
