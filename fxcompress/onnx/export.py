@@ -65,19 +65,8 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     if set(inputs) & set(outputs_named):
         raise ConfigError(f"to_onnx: {sorted(set(inputs) & set(outputs_named))} name both an input and an output; "
                           "ONNX names each value once")
-    axes, checks = {}, [(example_inputs, outputs)]
-    if dynamic_batch:
-        checks.append(_another_batch(module, example_inputs, outputs))
-        axes = {name: {0: BATCH} for name, t in zip(inputs, example_inputs) if t.ndim}
-        axes |= {name: {0: BATCH} for name, t in zip(outputs_named, outputs) if t.ndim}
-    if dynamic_axes:
-        wanted = _check_axes(dynamic_axes, inputs, example_inputs)
-        grown, grown_outputs = _grown(module, example_inputs, inputs, wanted)
-        checks.append((grown, grown_outputs))
-        for name, named in wanted.items():
-            axes[name] = axes.get(name, {}) | named
-        for name, named in _following(wanted, outputs_named, outputs, grown_outputs).items():
-            axes[name] = named | axes.get(name, {})  # an output's batch axis keeps its name
+    axes, checks = _symbolic_axes(module, (inputs, example_inputs), (outputs_named, outputs), dynamic_batch,
+                                  dynamic_axes)
     respell(module)
     # written beside the target and moved there once ONNX Runtime ran it: no half-written or failing file is left
     path = os.fspath(path)
@@ -99,6 +88,28 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+def _symbolic_axes(module: GraphModule, inputs: tuple[list[str], tuple], outputs: tuple[list[str], list],
+                   dynamic_batch: bool, dynamic_axes: Any) -> tuple[dict, list[tuple[tuple, list[torch.Tensor]]]]:
+    """The exporter's `dynamic_axes` ({name: {axis: symbol}}) for a symbolic batch and the user's axes, and the
+    (inputs, the graph's outputs) the file must then reproduce in ONNX Runtime: the example, the example with one
+    more batch row, the example grown along the user's axes."""
+    (input_names, example_inputs), (output_names, example_outputs) = inputs, outputs
+    axes, checks = {}, [(example_inputs, example_outputs)]
+    if dynamic_batch:
+        checks.append(_another_batch(module, example_inputs, example_outputs))
+        axes = {name: {0: BATCH} for name, t in zip(input_names, example_inputs) if t.ndim}
+        axes |= {name: {0: BATCH} for name, t in zip(output_names, example_outputs) if t.ndim}
+    if dynamic_axes:
+        wanted = _check_axes(dynamic_axes, input_names, example_inputs)
+        grown, grown_outputs = _grown(module, example_inputs, input_names, wanted)
+        checks.append((grown, grown_outputs))
+        for name, named in wanted.items():
+            axes[name] = axes.get(name, {}) | named
+        for name, named in _following(wanted, output_names, example_outputs, grown_outputs).items():
+            axes[name] = named | axes.get(name, {})  # an output's batch axis keeps its name
+    return axes, checks
 
 
 def _check_axes(dynamic_axes: Any, inputs: list[str], example_inputs: tuple) -> dict[str, dict[int, str]]:
