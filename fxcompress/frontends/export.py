@@ -594,11 +594,13 @@ def _export_free_batch(model: nn.Module, example_inputs: tuple, tokens_free: boo
     at its example size), and with `tokens_free` the second of token ids (`_tokens`) too, or None where
     export fails that way or no first dimension stayed free.
 
-    export fixes a dimension of size 1 whatever it is told (its 0/1 specialization), so an example batch of
-    1 is exported at 2 (the example repeated) and kept only if the graph then gives the model's outputs
-    on the example itself: a forward that branches on the batch being 1 took the other branch. That check
-    runs the model, so a model in training mode (whose forward updates its batch statistics or drops at
-    random) is exported at its example's batch of 1.
+    export fixes a dimension of size 1 whatever it is told (its 0/1 specialization) and traces the free ones
+    at sizes of 2 or more, so an example batch of 1 is exported at 2 (the example repeated), and the program
+    is kept only if its graph gives the model's outputs on the example and on the example cut to sizes of 1
+    (its first row, and first token): a forward that branches on a size being 1 took the other branch, and
+    the graph would silently compute something else there (a size of 1 the model itself refuses is not
+    checked). These checks run the model, so a model in training mode (whose forward updates its batch
+    statistics or drops at random) is exported at its example's batch of 1, and otherwise unchecked.
     """
     if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         return None
@@ -616,7 +618,11 @@ def _export_free_batch(model: nn.Module, example_inputs: tuple, tokens_free: boo
               if isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim()]
     if not any(isinstance(size, torch.SymInt) for size in firsts):
         return None
-    if repeat and not _same_outputs(program, model, example_inputs):
+    if any(m.training for m in model.modules()):
+        return program
+    ones = tuple(x[:1, :1] if tokens_free and _tokens(x) else x[:1] if x.dim() and x.shape[0] else x
+                 for x in example_inputs)
+    if not all(_same_outputs(program, model, inputs) for inputs in ([example_inputs] if repeat else []) + [ones]):
         return None
     return program
 
@@ -628,11 +634,17 @@ def _tokens(x: torch.Tensor) -> bool:
 
 
 def _same_outputs(program: torch.export.ExportedProgram, model: nn.Module, inputs: tuple) -> bool:
-    """Whether the program's graph computes the model's outputs on `inputs` (floats to rounding)."""
+    """Whether the program's graph computes the model's outputs on `inputs` (floats to rounding), where the
+    model runs them."""
+    try:
+        with torch.no_grad():
+            expected = model(*inputs)
+    except Exception:  # noqa: BLE001 - inputs the model itself refuses: nothing the graph must reproduce
+        return True
     graph = program.module(check_guards=False) if _UNLIFT_WITHOUT_GUARDS else program.module()
     try:
         with torch.no_grad():
-            torch.testing.assert_close(graph(*inputs), model(*inputs), rtol=1e-4, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(graph(*inputs), expected, rtol=1e-4, atol=1e-6, equal_nan=True)
     except Exception:  # noqa: BLE001 - a graph that cannot run the example, or runs it otherwise, is not the model's
         return False
     return True

@@ -669,3 +669,30 @@ def test_iinfo_fields_and_tensor_properties_save_and_load(field):
     loaded = from_bytes(to_bytes(gm))
     assert torch.equal(loaded(tokens), gm(tokens))
     assert (loaded(tokens) == getattr(torch.iinfo(torch.int64), field)).sum() == 2
+
+
+class DecodingBranch(nn.Module):
+    """A forward that takes another branch for a single token, as decoders do for their mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.fc(self.embed(ids))
+        if ids.shape[1] == 1:
+            return h * 0
+        return h.view(ids.shape[0], ids.shape[1], 2, 4).flatten(2)
+
+
+def test_a_length_of_one_the_graph_would_compute_otherwise_stays_fixed():
+    """compile frees the length of token ids, and export traces free sizes at 2 or more: the graph of a forward
+    that branches on one token computed the other branch there, silently. The program is checked at sizes of
+    one against the model and, disagreeing, the length stays the example's (another fails loudly)."""
+    torch.manual_seed(0)
+    model, ids = DecodingBranch().eval(), torch.randint(0, 20, (2, 6))
+    gm = fxcompress.compile(model, [], (ids,), frontend="export")
+    other = torch.randint(0, 20, (3, 6))
+    torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
+    with pytest.raises(RuntimeError):  # a length of one fails in the graph: it was traced for another branch
+        gm(torch.randint(0, 20, (2, 1)))
