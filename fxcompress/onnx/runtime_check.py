@@ -14,7 +14,7 @@ RUNTIME_TOLERANCE = 1e-3
 
 
 def run_in_onnx_runtime(path: str, input_names: list[str], output_names: list[str],
-                         checks: list[tuple[tuple, list[torch.Tensor]]], compare_values: bool) -> None:
+                        checks: list[tuple[tuple, list[torch.Tensor]]], compare_values: bool) -> None:
     """Run the written file in ONNX Runtime on each (inputs, the graph's outputs) of `checks`: it must load, run,
     give outputs of the graph's shapes and, with `compare_values` (the float export; an int8 QDQ model runs other
     kernels than the fake-quant graph), the graph's values within RUNTIME_TOLERANCE. The exporter translates op
@@ -45,14 +45,24 @@ def run_in_onnx_runtime(path: str, input_names: list[str], output_names: list[st
                                   f"the graph's {tuple(reference.shape)}")
             if not compare_values or reference.numel() == 0:
                 continue
-            if not reference.is_floating_point():
-                same = np.array_equal(value, reference.numpy())
-            else:
-                difference = float(np.abs(value.astype(np.float64) - reference.double().numpy()).max())
-                same = difference <= RUNTIME_TOLERANCE * max(1.0, float(reference.abs().max()))
-            if not same:
+            if not _same(value, reference):
                 raise ConfigError(f"to_onnx: output {name!r} of the exported model on {shapes} differs from the "
                                   "graph's in ONNX Runtime (the exporter wrote an op otherwise than torch computes it)")
+
+
+def _same(value: np.ndarray, reference: torch.Tensor) -> bool:
+    """Integers equal; floats within RUNTIME_TOLERANCE where the graph's are finite, and its NaN and infinities
+    where they are not."""
+    if not reference.is_floating_point():
+        return np.array_equal(value, reference.numpy())
+    expected, got = reference.double().numpy(), value.astype(np.float64)
+    finite = np.isfinite(expected)
+    if not np.array_equal(expected[~finite], got[~finite], equal_nan=True):
+        return False
+    if not finite.any():
+        return True
+    difference = float(np.abs(got[finite] - expected[finite]).max())  # NaN where ours is finite: not within
+    return difference <= RUNTIME_TOLERANCE * max(1.0, float(np.abs(expected[finite]).max()))
 
 
 def first_line(exc: Exception) -> str:

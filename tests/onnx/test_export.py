@@ -643,3 +643,13 @@ def test_a_file_that_computes_otherwise_than_the_graph_is_refused_and_not_left(t
     monkeypatch.setitem(respellings.ONNX_RESPELLINGS, torch.cumsum, respellings.cumsum_counting)
     export.to_onnx(gm, tmp_path / "m.onnx", (x,))
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("got, ok", [([1.0, NAN, INF], True), ([1.0005, NAN, INF], True), ([1.01, NAN, INF], False),
+                                     ([1.0, 0.0, INF], False), ([NAN, NAN, INF], False)])
+def test_the_runtime_check_compares_values_where_finite_and_non_finite_values_exactly(got, ok):
+    from fxcompress.onnx.runtime_check import _same
+    assert _same(np.array(got, dtype=np.float32), torch.tensor([1.0, NAN, INF])) is ok
