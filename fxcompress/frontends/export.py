@@ -576,9 +576,9 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     have any length), or, where export cannot keep it so, the batch alone. Where neither stays free (a size
     the forward fixes), the export is at the example's shapes, as torch.export's default.
     """
-    program = _export_free_batch(model, example_inputs, tokens_free=True)
+    program = _export_free_sizes(model, example_inputs, tokens_free=True)
     if program is None:
-        program = _export_free_batch(model, example_inputs)
+        program = _export_free_sizes(model, example_inputs)
     if program is None:
         try:
             program = torch.export.export(model, example_inputs, strict=False)
@@ -588,7 +588,7 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     return from_exported(program)
 
 
-def _export_free_batch(model: nn.Module, example_inputs: tuple, tokens_free: bool = False
+def _export_free_sizes(model: nn.Module, example_inputs: tuple, tokens_free: bool = False
                        ) -> torch.export.ExportedProgram | None:
     """The program with each input's first dimension free (`Dim.AUTO`: export keeps one the forward fixes
     at its example size), and with `tokens_free` the second of token ids (`_tokens`) too, or None where
