@@ -132,8 +132,20 @@ EXPORTS: dict[str, tuple[Callable, str]] = {
     "json": (lambda gm, out, args: to_json(gm, out, integer=args.integer), ".json"),
     "csr": (_npz("csr"), ".csr.npz"),
     "coo": (_npz("coo"), ".coo.npz"),
-    "onnx": (lambda gm, out, args: to_onnx(gm, out, _onnx_inputs(gm, args)), ".onnx"),
+    "onnx": (lambda gm, out, args: to_onnx(gm, out, _onnx_inputs(gm, args), dynamic_axes=_dynamic_axes(args)),
+             ".onnx"),
 }
+
+
+def _dynamic_axes(args: argparse.Namespace) -> dict[str, dict[int, str]] | None:
+    """--dynamic-axis INPUT:AXIS:NAME (repeatable) as to_onnx's dynamic_axes."""
+    axes: dict[str, dict[int, str]] = {}
+    for given in args.dynamic_axis or []:
+        parts = given.split(":")
+        if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].lstrip("-").isdigit():
+            raise ConfigError(f"--dynamic-axis {given!r}: give INPUT:AXIS:NAME, such as input_ids:1:length")
+        axes.setdefault(parts[0], {})[int(parts[1])] = parts[2]
+    return axes or None
 
 
 def _onnx_inputs(gm, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
@@ -152,6 +164,8 @@ def export_file(args: argparse.Namespace) -> int:
     write, suffix = EXPORTS[args.format]
     if args.format == "onnx" and args.input_shape is not None:
         _input_shape(args.input_shape)  # before the file is read
+    if args.format == "onnx":
+        _dynamic_axes(args)  # likewise
     gm = _load(args.file)
     out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
     write(gm, out, args)
@@ -200,4 +214,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--integer", action="store_true", help="json: integer codes with codebook or scale")
     parser.add_argument("--input-shape", help="onnx: the example input's shape, e.g. 1,1,28,28 (default: the "
                                               "inputs the file records)")
+    parser.add_argument("--dynamic-axis", action="append", metavar="INPUT:AXIS:NAME",
+                        help="onnx: one more symbolic axis besides the batch, e.g. input_ids:1:length (repeatable)")
     parser.set_defaults(handler=export_file)

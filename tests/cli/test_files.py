@@ -196,3 +196,28 @@ def test_export_onnx_takes_the_inputs_the_file_records(cli, tmp_path):
     (graph_input,) = onnx.load(path.with_suffix(".onnx")).graph.input
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [3]
+
+
+class _PerToken(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_export_onnx_with_a_dynamic_length(cli, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "tokens.fxc"
+    fxcompress.save(fxcompress.compile(_PerToken().eval(), [], example_inputs=(torch.randint(0, 10, (2, 3)),)), path)
+    status, _, err = cli("export", path, "--format", "onnx", "--dynamic-axis", "ids:1:length")
+    assert status == 0, err
+    graph = onnx.load(path.with_suffix(".onnx")).graph
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.input, *graph.output)]
+    assert dims == [["batch", "length"], ["batch", "length", 2]]
+    for bad in ("ids:one:length", "ids:1", ":1:length"):
+        status, _, err = cli("export", path, "--format", "onnx", "--dynamic-axis", bad)
+        assert status == 1 and f"--dynamic-axis {bad!r}: give INPUT:AXIS:NAME" in _one_line(err)
+    status, _, err = cli("export", path, "--format", "onnx", "--dynamic-axis", "tokens:1:length")
+    assert status == 1 and "names 'tokens', which is no input of the model" in _one_line(err)
