@@ -17,6 +17,7 @@ file). The lengths column runs the model compiled as it is on token ids of lengt
 (past its position table) refused by the graph too.
 """
 import argparse
+import functools
 import sys
 import time
 import warnings
@@ -60,30 +61,26 @@ def run(name: str) -> tuple[dict[str, str], list[str]]:
     program = torch.export.export(model, (x,), strict=False)
     cells, notes = {}, []
     for label, passes in pipelines().items():
-        try:
-            gm = fxcompress.compile(program, passes, example_inputs=(x,), calibration_data=[x, other])
-            with torch.no_grad():
-                out = logits(gm(x))
-                again = logits(from_bytes(to_bytes(gm, example_inputs=(x,)))(x))
-            if label == "front end" and not torch.equal(out, reference):
-                cells[label] = "DEFECT"
-                notes.append(f"{name} / {label}: logits differ from the eager model's by "
-                             f"{float((out - reference).abs().max()):.3g}")
-            elif not torch.equal(again, out):
-                cells[label] = "DEFECT"
-                notes.append(f"{name} / {label}: the loaded file computes other logits")
-            else:
-                cells[label] = "ok"
-        except FxCompressError as exc:
-            cells[label] = f"refused ({type(exc).__name__})"
-            notes.append(f"{name} / {label}: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
-        except Exception as exc:  # noqa: BLE001 - what the table exists to find
-            cells[label] = "DEFECT"
-            notes.append(f"{name} / {label}: untyped {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+        cells[label] = _cell(name, label, notes, lambda passes=passes, label=label: _pipeline(
+            program, passes, x, other, reference if label == "front end" else None))
     cells["compressed-tensors"] = _compressed_tensors(model, program, x, other, name, notes)
-    cells["lengths"] = "-" if x.is_floating_point() else _cell(name, "lengths", notes, lambda: _lengths(model, x))
-    cells["ONNX"] = _cell(name, "ONNX", notes, lambda: _onnx(model, x, other))
+    front = functools.cache(lambda: fxcompress.compile(model, [], example_inputs=(x,)))  # both columns read it
+    cells["lengths"] = "-" if x.is_floating_point() else _cell(name, "lengths", notes,
+                                                               lambda: _lengths(front(), model, x))
+    cells["ONNX"] = _cell(name, "ONNX", notes, lambda: _onnx(front(), x, other))
     return cells, notes
+
+
+def _pipeline(program, passes: list, x, other, reference) -> str | None:
+    """The program compiled with `passes` (verified by compile), saved and loaded: the loaded file must compute its
+    logits bit for bit, and with a `reference` (the front end alone) so must the graph the eager model's."""
+    gm = fxcompress.compile(program, passes, example_inputs=(x,), calibration_data=[x, other])
+    with torch.no_grad():
+        out = logits(gm(x))
+        again = logits(from_bytes(to_bytes(gm, example_inputs=(x,)))(x))
+    if reference is not None and not torch.equal(out, reference):
+        return f"logits differ from the eager model's by {float((out - reference).abs().max()):.3g}"
+    return None if torch.equal(again, out) else "the loaded file computes other logits"
 
 
 def _cell(name: str, column: str, notes: list[str], check) -> str:
@@ -106,11 +103,10 @@ def _cell(name: str, column: str, notes: list[str], check) -> str:
 LENGTHS = (1, 5, 13, 64)  # other prompt lengths than the example's 8, to the configs' position tables
 
 
-def _lengths(model, x) -> str | None:
+def _lengths(gm, model, x) -> str | None:
     """The model compiled as it is (the front end exports token ids with a free batch and length) run on token ids of
     other lengths: its logits must be the eager model's within float32 rounding (1e-5 of their size), and a length
     the eager model refuses (past a position table) must fail in the graph too."""
-    gm = fxcompress.compile(model, [], example_inputs=(x,))
     for length in LENGTHS:
         tokens = torch.randint(3, 100, (x.shape[0], length))
         with torch.no_grad():
@@ -131,7 +127,7 @@ def _lengths(model, x) -> str | None:
     return None
 
 
-def _onnx(model, x, other) -> str | None:
+def _onnx(gm, x, other) -> str | None:
     """The model compiled as it is (the front end exports it with a free batch, and token ids with a free length),
     written by `export.to_onnx` with a dynamic batch (and length) and run by ONNX Runtime on a batch of three (the
     example has two; token ids of length 5, the example's 8): its logits must be ours within float32 rounding
@@ -141,7 +137,6 @@ def _onnx(model, x, other) -> str | None:
     from fxcompress.export import to_onnx
     tokens = not x.is_floating_point()
     batch = torch.cat([x, other[:1]])[:, :5] if tokens else torch.cat([x, other[:1]])  # token ids: another length
-    gm = fxcompress.compile(model, [], example_inputs=(x,))
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         to_onnx(gm, Path(folder) / "model.onnx", (x,), dynamic_axes={"input_ids": {1: "length"}} if tokens else None)
         session = onnxruntime.InferenceSession(str(Path(folder) / "model.onnx"))

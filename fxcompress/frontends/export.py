@@ -576,8 +576,10 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     have any length), or, where export cannot keep it so, the batch alone. Where neither stays free (a size
     the forward fixes), the export is at the example's shapes, as torch.export's default.
     """
-    program = _export_free_sizes(model, example_inputs, tokens_free=True)
-    if program is None:
+    program = None
+    if any(isinstance(x, torch.Tensor) and _tokens(x) for x in example_inputs):
+        program = _export_free_sizes(model, example_inputs, tokens_free=True)
+    if program is None:  # no token ids, or their length could not stay free: the batch alone
         program = _export_free_sizes(model, example_inputs)
     if program is None:
         try:
@@ -622,9 +624,7 @@ def _export_free_sizes(model: nn.Module, example_inputs: tuple, tokens_free: boo
         return program
     ones = tuple(x[:1, :1] if tokens_free and _tokens(x) else x[:1] if x.dim() and x.shape[0] else x
                  for x in example_inputs)
-    if not all(_same_outputs(program, model, inputs) for inputs in ([example_inputs] if repeat else []) + [ones]):
-        return None
-    return program
+    return program if _same_outputs(program, model, ([example_inputs] if repeat else []) + [ones]) else None
 
 
 def _tokens(x: torch.Tensor) -> bool:
@@ -633,18 +633,21 @@ def _tokens(x: torch.Tensor) -> bool:
         and x.shape[1] > 1
 
 
-def _same_outputs(program: torch.export.ExportedProgram, model: nn.Module, inputs: tuple) -> bool:
-    """Whether the program's graph computes the model's outputs on `inputs` (floats to rounding), where the
-    model runs them."""
-    try:
-        with torch.no_grad():
-            expected = model(*inputs)
-    except Exception:  # noqa: BLE001 - inputs the model itself refuses: nothing the graph must reproduce
-        return True
+def _same_outputs(program: torch.export.ExportedProgram, model: nn.Module, batches: list[tuple]) -> bool:
+    """Whether the program's graph computes the model's outputs on each of `batches` (floats to rounding), where
+    the model runs them."""
     graph = program.module(check_guards=False) if _UNLIFT_WITHOUT_GUARDS else program.module()
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(graph(*inputs), expected, rtol=1e-4, atol=1e-6, equal_nan=True)
-    except Exception:  # noqa: BLE001 - a graph that cannot run the example, or runs it otherwise, is not the model's
-        return False
+    for inputs in batches:
+        try:
+            with torch.no_grad():
+                expected = model(*inputs)
+        except Exception:  # noqa: BLE001 - inputs the model itself refuses: nothing the graph must reproduce
+            continue
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(graph(*inputs), expected, rtol=1e-4, atol=1e-6, equal_nan=True)
+        except Exception:  # noqa: BLE001 - a graph that cannot run them, or runs them otherwise, is not the model's
+            return False
     return True
+
+

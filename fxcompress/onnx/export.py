@@ -132,20 +132,26 @@ def _check_axes(dynamic_axes: Any, inputs: list[str], example_inputs: tuple) -> 
 
 def _grown(module: GraphModule, example_inputs: tuple, inputs: list[str], wanted: dict[str, dict[int, str]]
            ) -> tuple[tuple, list[torch.Tensor]]:
-    """The example grown by one along each axis of `wanted` (its first slice there appended once more) and the
-    graph's outputs on it: a symbolic axis the graph does not compute with (a size the export fixed) is refused
-    here, where ONNX Runtime would fail far from the cause."""
-    grown = []
-    for name, t in zip(inputs, example_inputs):
-        for d in wanted.get(name, {}):
-            t = torch.cat([t, t.narrow(d, 0, 1)], d)
-        grown.append(t)
+    """The example grown by one along each axis of `wanted` and the graph's outputs on it: a symbolic axis the
+    graph does not compute with (a size the export fixed) is refused here, where ONNX Runtime would fail far
+    from the cause."""
     try:
-        with torch.no_grad():
-            return tuple(grown), [t for t in tree_leaves(module(*grown)) if isinstance(t, torch.Tensor)]
+        return _run_grown(module, example_inputs, [wanted.get(name, {}) for name in inputs])
     except Exception as exc:  # noqa: BLE001 - reported with what the graph raised
         raise ConfigError(f"to_onnx.dynamic_axes {wanted}: the graph does not run the example grown along them "
                           f"({first_line(exc)}); its sizes hold the example's there") from exc
+
+
+def _run_grown(module: GraphModule, example_inputs: tuple, axes: list) -> tuple[tuple, list[torch.Tensor]]:
+    """The example with its first slice appended once more along each of its inputs' `axes`, and the graph's
+    output tensors on it (what the graph raises propagates)."""
+    grown = []
+    for t, dims in zip(example_inputs, axes):
+        for d in dims:
+            t = torch.cat([t, t.narrow(d, 0, 1)], d)
+        grown.append(t)
+    with torch.no_grad():
+        return tuple(grown), [t for t in tree_leaves(module(*grown)) if isinstance(t, torch.Tensor)]
 
 
 def _following(wanted: dict[str, dict[int, str]], names: list[str], outputs: list[torch.Tensor],
@@ -168,16 +174,15 @@ def _another_batch(module: GraphModule, example_inputs: tuple, outputs: list[tor
     graph with the example's batch written into its sizes (a program the user exported with static shapes)
     gives a file that ONNX Runtime refuses at another batch, with a reshape error far from the cause."""
     sizes = {t.shape[0] for t in example_inputs if t.ndim}
-    longer = tuple(torch.cat([t, t[:1]]) if t.ndim else t for t in example_inputs)
-    got: list[torch.Tensor] = []
+    if not sizes:
+        return example_inputs, outputs  # no input has a batch to grow
     try:
-        with torch.no_grad():
-            got = [t for t in tree_leaves(module(*longer)) if isinstance(t, torch.Tensor)]
+        longer, got = _run_grown(module, example_inputs, [(0,) if t.ndim else () for t in example_inputs])
         failure = None if [t.shape[:1] for t in got] == [(t.shape[0] + 1,) if t.ndim else () for t in outputs] \
             else "its outputs do not grow with it"
     except Exception as exc:  # noqa: BLE001 - reported below, with what the graph raised
         failure = first_line(exc)
-    if failure is not None and sizes:
+    if failure is not None:
         raise ConfigError(f"to_onnx: dynamic_batch=True, but the graph does not run a batch other than the "
                           f"example's {sorted(sizes)} as one ({failure}); a symbolic batch needs sizes that follow "
                           "the inputs' first dimension (a program exported with static shapes holds the example's) "
