@@ -20,6 +20,7 @@ from ..kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from ..tracing import origin
 from .qdq import quantize_dequantize
 from .respellings import respell
+from .row_groups import keep_row_counts_as_tensors
 from .runtime_check import first_line, run_in_onnx_runtime
 
 NATIVE_MODULES = (NativeLayer, QuantizeToCodes, NativeAdd, NativeCat)  # oneDNN kernels: no ONNX operator
@@ -55,6 +56,7 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
     example_inputs = _check_inputs(gm, example_inputs)
     module = quantize_dequantize(gm) if quantized else decode(gm)
     _refuse_native(module)
+    keep_row_counts_as_tensors(module)  # a mixture of experts' rows per expert follow the data in the file
     _refuse_values_as_sizes(module)
     with torch.no_grad():
         outputs = [t for t in tree_leaves(module.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
@@ -205,9 +207,10 @@ def _nodes_calling(module: GraphModule, exc: Exception) -> str:
 
 
 def _refuse_values_as_sizes(gm: GraphModule) -> None:
-    """ONNX's exporter traces the model once: a size read from tensor values (a mixture of experts' rows per
-    expert, `.item()`, `nonzero`) becomes a constant of the example, and the file computes something else for
-    any input routed otherwise (a Mixtral's logits left the model's by 0.016 on another batch of tokens)."""
+    """ONNX's exporter traces the model once: a size read from tensor values (`.item()`, `nonzero`) becomes a
+    constant of the example, and the file computes something else for any input routed otherwise (a Mixtral's
+    logits left the model's by 0.016 on another batch of tokens). Rows sliced or split at such numbers, as
+    mixtures of experts take them, were rewritten before (`row_groups`); any other such read is refused."""
     found = next((node for node in gm.graph.nodes if reads_values_as_sizes(node)), None)
     if found is not None:
         raise ConfigError(f"to_onnx: node {found.name!r} ({found.format_node()[:120]}) reads tensor values as "

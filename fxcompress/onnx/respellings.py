@@ -38,12 +38,54 @@ def repeat_interleave_as_expand(input: torch.Tensor, repeats: int | torch.Tensor
     return input.unsqueeze(dim + 1).expand(*broadcast).flatten(dim, dim + 1)
 
 
+def histc_counting(input: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:
+    """torch.histc over a given range as a count of each element's bin (ONNX has no histogram): the bin is the
+    truncated (x - min) / (max - min) * bins as torch's CPU kernel computes it, max itself in the last bin, elements
+    outside the range not counted. A range of zero width (torch then takes the data's) stays torch's op."""
+    if min == max:
+        return torch.histc(input, bins, min, max)
+    values = input.flatten()
+    inside = (values >= min) & (values <= max)
+    position = ((values - min) / (max - min) * bins).clamp(0, bins - 1).to(torch.int64)
+    one_hot = (position.unsqueeze(1) == torch.arange(bins, device=input.device)) & inside.unsqueeze(1)
+    return one_hot.sum(0).to(input.dtype)
+
+
+def _index_as_source(index: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
+    """A 1-D `index` along `dim` broadcast to `source`'s shape, as scatter_add takes its positions."""
+    shape = [1] * source.dim()
+    shape[dim % source.dim()] = -1
+    return index.reshape(shape).expand_as(source)
+
+
+def index_add_scattering(input: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *,
+                         alpha: float = 1) -> torch.Tensor:
+    """torch.index_add as scatter_add, which ONNX (opset 16 on) writes with reduction="add": the exporter's own
+    index_add assigns, so of rows sent to one index all but one were lost (JetMoE's tokens, each summed from two
+    experts, left the model's logits at every input). Opsets before 16 cannot add duplicates either way: the file
+    check refuses what they write."""
+    if source.dim() == 0:
+        return torch.index_add(input, dim, index, source, alpha=alpha)
+    return torch.scatter_add(input, dim, _index_as_source(index, source, dim), source if alpha == 1 else source * alpha)
+
+
+def index_add_scattering_(input: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *,
+                          alpha: float = 1) -> torch.Tensor:
+    """Tensor.index_add_ (in place) as Tensor.scatter_add_: see `index_add_scattering`."""
+    if source.dim() == 0:
+        return input.index_add_(dim, index, source, alpha=alpha)
+    return input.scatter_add_(dim, _index_as_source(index, source, dim), source if alpha == 1 else source * alpha)
+
+
 # torch function (or tensor method name) -> its twin. Hugging Face's attention masks (transformers 5) take the diff of
-# position ids and the cumsum of a bool tensor; rotary embeddings (Cohere, GPT-J) repeat elements in place.
+# position ids and the cumsum of a bool tensor; rotary embeddings (Cohere, GPT-J) repeat elements in place; mixtures
+# of experts count tokens per expert with histc and sum each token's experts with index_add.
 ONNX_RESPELLINGS = {torch.diff: diff_as_slices, torch.cumsum: cumsum_counting,
-                    torch.repeat_interleave: repeat_interleave_as_expand}
+                    torch.repeat_interleave: repeat_interleave_as_expand, torch.histc: histc_counting,
+                    torch.index_add: index_add_scattering}
 ONNX_METHOD_RESPELLINGS = {"diff": diff_as_slices, "cumsum": cumsum_counting,
-                           "repeat_interleave": repeat_interleave_as_expand}
+                           "repeat_interleave": repeat_interleave_as_expand, "histc": histc_counting,
+                           "index_add": index_add_scattering, "index_add_": index_add_scattering_}
 
 
 def respell(module: GraphModule) -> None:

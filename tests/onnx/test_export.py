@@ -481,11 +481,36 @@ class _RoutedRows(nn.Module):
         return torch.cat([self.a(rows[:count]), self.b(rows[count:])])
 
 
-def test_sizes_read_from_the_data_are_refused_not_fixed_at_the_example(tmp_path):
+def test_rows_split_at_counts_read_from_the_data_follow_the_data_in_the_file(tmp_path):
     """The exporter traces once: the row count became a constant of the example and another input ran on the
-    example's split (a Mixtral's logits left the model's by 0.016 on other tokens)."""
+    example's split (a Mixtral's logits left the model's by 0.016 on other tokens). The count stays a tensor in
+    the file (`row_groups`), so each input is split where its own router splits it."""
+    import onnxruntime
     torch.manual_seed(0)
-    gm = fxcompress.compile(_RoutedRows().eval(), [], example_inputs=(torch.randn(8, 4),))
+    example = torch.randn(8, 4)
+    gm = fxcompress.compile(_RoutedRows().eval(), [], example_inputs=(example,))
+    export.to_onnx(gm, tmp_path / "m.onnx", (example,))
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    low_rows = set()
+    for x in (example, -example, torch.randn(3, 4), torch.randn(20, 4) * 5):
+        with torch.no_grad():
+            expected = gm(x)
+            low_rows.add(int((gm.router(x)[:, 0] < 0).sum()))
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+    assert len(low_rows) == 4  # each input split at another count than the example's
+
+
+class _SizedByData(nn.Module):
+    """A count read from the data used as the size of a new tensor: no tensor can stand for it in the export."""
+
+    def forward(self, x):
+        count = (x[:, 0] > 0).sum().item()
+        return torch.cat([x[:count], x.new_zeros(count, x.shape[1])])
+
+
+def test_sizes_read_from_the_data_for_anything_else_are_refused_not_fixed_at_the_example(tmp_path):
+    gm = fxcompress.compile(_SizedByData(), [], example_inputs=(torch.randn(8, 4),))
     with pytest.raises(ConfigError, match="reads tensor values as sizes"):
         export.to_onnx(gm, tmp_path / "m.onnx", (torch.randn(8, 4),))
     assert not (tmp_path / "m.onnx").exists()
@@ -534,11 +559,14 @@ def test_an_operator_the_exporter_lacks_is_a_config_error_naming_its_node(tmp_pa
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("name", ["llama", "cohere"])
+@pytest.mark.parametrize("name", ["llama", "cohere", "mixtral", "jetmoe"])
 def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes_and_lengths(name, tmp_path, onnx):
     """transformers 5's Llama masks take torch.diff and a bool cumsum: the export failed with torch's untyped
     UnsupportedOperatorError before they were respelled; Cohere's rotary embedding repeats elements
-    (repeat_interleave), which the exporter wrote so that ONNX Runtime failed at every batch size."""
+    (repeat_interleave), which the exporter wrote so that ONNX Runtime failed at every batch size. Mixtures of
+    experts were refused: Mixtral's rows per expert are read from the data (`tolist`, counted by histc, which ONNX
+    lacks), JetMoE's too (`item`), and JetMoE sums each token's experts with index_add, which the exporter wrote
+    as an assignment (one expert's rows lost). Each batch below routes its tokens otherwise."""
     pytest.importorskip("transformers")
     from hfmodels import build, logits
     model, tokens, _ = build(name)

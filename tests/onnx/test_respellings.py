@@ -26,3 +26,29 @@ def test_repeat_interleave_respelled_as_a_broadcast_equals_torch(repeats, dim):
 def test_cumsum_respelled_counts_bools_as_torch_does(x, dtype):
     got, expected = respellings.cumsum_counting(x, 1, dtype), torch.cumsum(x, 1, dtype=dtype)
     assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("values, bins, low, high", [
+    ((torch.arange(64) * 5 % 8).float(), 8, 0, 7),  # expert ids, as a mixture of experts counts its tokens
+    (torch.randn(500, generator=torch.Generator().manual_seed(0)), 10, -1.5, 2.0),  # elements outside the range
+    (torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, -0.1, 1.1]), 4, 0.0, 1.0),
+    (torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), 7, -0.5, 0.5)])
+def test_histc_respelled_as_counted_bins_equals_torch(values, bins, low, high):
+    got, expected = respellings.histc_counting(values, bins, low, high), torch.histc(values, bins, low, high)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert expected.sum() > 0
+
+
+@pytest.mark.parametrize("dim, shape", [(0, (6, 5)), (1, (3, 6, 2)), (-1, (4, 6))])
+def test_index_add_respelled_as_scatter_add_sums_repeated_indices_as_torch_does(dim, shape):
+    torch.manual_seed(0)
+    source = torch.randint(-8, 8, shape).float()  # integers: sums are exact in any order
+    index = torch.tensor([0, 2, 2, 1, 0, 2])  # repeated: each of those rows is a sum
+    input_shape = list(shape)
+    input_shape[dim] = 3
+    input = torch.randint(-8, 8, input_shape).float()
+    expected = torch.index_add(input, dim, index, source, alpha=2)
+    assert torch.equal(respellings.index_add_scattering(input, dim, index, source, alpha=2), expected)
+    in_place = input.clone()
+    assert respellings.index_add_scattering_(in_place, dim, index, source, alpha=2) is in_place
+    assert torch.equal(in_place, expected)
