@@ -90,6 +90,8 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
         gm = model if inplace else _copy(model, share_tensors)
         if gm is not model:
             copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
+            if hasattr(model, "range_constraints"):  # an unlifted program's input ranges, which a copy drops
+                gm.range_constraints = model.range_constraints
         return from_exported(gm) if is_exported_module(gm) else _linears_read(gm)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile.model must be an nn.Module or a torch.export.ExportedProgram, "

@@ -22,6 +22,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import ConfigError, MissingDependencyError
+from .frontends.guards import check_input_shape
 from .frontends.specialize import reads_shape
 from .history import history
 from .layers import find_layers
@@ -177,11 +178,13 @@ def _plain_lines(node: Node) -> list[str]:
 def _data_path(gm: GraphModule) -> set[str]:
     """The nodes that depend on a graph input's values (and the output): everything else is a constant
     chain. A node reading only an input's size (a free batch's `x.size(0)`, and the positions and masks
-    built from it) is drawn beside the layer it feeds, as a constant is."""
+    built from it) is drawn beside the layer it feeds, as a constant is, and an input's shape check beside
+    the input."""
     reached = set()
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output") or (
-                not reads_shape(node) and any(a.name in reached for a in node.all_input_nodes)):
+                not reads_shape(node) and node.target is not check_input_shape
+                and any(a.name in reached for a in node.all_input_nodes)):
             reached.add(node.name)
     return reached
 
@@ -193,6 +196,9 @@ def _hosts(gm: GraphModule, data_path: set[str]) -> dict[str, str]:
     output = next((n.name for n in gm.graph.nodes if n.op == "output"), None)
     for node in reversed(list(gm.graph.nodes)):
         if node.name in data_path:
+            continue
+        if node.target is check_input_shape:
+            hosts[node.name] = node.args[0].name
             continue
         candidates = [u.name if u.name in data_path else hosts.get(u.name) for u in node.users]
         order = [c for c in candidates if c is not None]

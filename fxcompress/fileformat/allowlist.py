@@ -23,6 +23,7 @@ from torch import nn
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError
 from fxcompress.frontends.experts import grouped_mm
+from fxcompress.frontends.guards import check_input_shape
 from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
@@ -140,6 +141,7 @@ FUNCTIONS: dict[str, object] = _functions() | {
     "fxcompress.quant.native.float_codes": float_codes,
     "fxcompress.quant.integer.dequantize_codes": dequantize_codes,
     "fxcompress.frontends.experts.grouped_mm": grouped_mm,  # mixture-of-experts layers (the export front end's)
+    "fxcompress.frontends.guards.check_input_shape": check_input_shape,  # the shapes an exported graph takes
 }
 FUNCTION_NAMES: dict[object, str] = {}
 for _name, _fn in FUNCTIONS.items():

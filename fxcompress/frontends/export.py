@@ -29,6 +29,7 @@ from ..errors import ConfigError, TraceError
 from ..layers import stored_attr
 from ..rewire import drop_unread
 from .experts import experts_as_linears, grouped_mm
+from .guards import insert_input_checks, traced_shapes
 from .matmul import linears_written_as_matmul
 
 aten = torch.ops.aten
@@ -520,11 +521,14 @@ def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> None:
         gm.recompile()
 
 
-def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphModule:
+def from_exported(program: torch.export.ExportedProgram | GraphModule,
+                  traced_at_one: frozenset[tuple[int, int]] = frozenset()) -> GraphModule:
     """A GraphModule in torch-level form from an ExportedProgram or its `.module()`.
 
     Parameters and buffers are attributes under their original module paths; the new module shares
-    them with `program` (compile deep-copies unless `inplace=True`).
+    them with `program` (compile deep-copies unless `inplace=True`). The input shapes the program was traced
+    for are checked at each call (`guards`; `traced_at_one`: the (input, axis) pairs a size of one must not
+    take).
     """
     if isinstance(program, torch.export.ExportedProgram):
         gm = program.module(check_guards=False) if _UNLIFT_WITHOUT_GUARDS else program.module()
@@ -537,6 +541,7 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule) -> GraphM
     _read_ties_by_their_users(graph, gm)
     _full_slices_dropped(graph)
     linears_written_as_matmul(graph, gm)
+    insert_input_checks(graph, traced_shapes(program, traced_at_one))
     if unknown:
         warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
                       "or refuse them): " + "; ".join(unknown), stacklevel=3)
@@ -576,32 +581,33 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     have any length), or, where export cannot keep it so, the batch alone. Where neither stays free (a size
     the forward fixes), the export is at the example's shapes, as torch.export's default.
     """
-    program = None
+    found = None
     if any(isinstance(x, torch.Tensor) and _tokens(x) for x in example_inputs):
-        program = _export_free_sizes(model, example_inputs, tokens_free=True)
-    if program is None:  # no token ids, or their length could not stay free: the batch alone
-        program = _export_free_sizes(model, example_inputs)
-    if program is None:
+        found = _export_free_sizes(model, example_inputs, tokens_free=True)
+    if found is None:  # no token ids, or their length could not stay free: the batch alone
+        found = _export_free_sizes(model, example_inputs)
+    if found is None:
         try:
-            program = torch.export.export(model, example_inputs, strict=False)
+            found = torch.export.export(model, example_inputs, strict=False), frozenset()
         except Exception as exc:
             raise TraceError(f"torch.export could not export {type(model).__name__}: "
                              f"{_export_failure(model, exc)}") from exc
-    return from_exported(program)
+    return from_exported(*found)
 
 
 def _export_free_sizes(model: nn.Module, example_inputs: tuple, tokens_free: bool = False
-                       ) -> torch.export.ExportedProgram | None:
+                       ) -> tuple[torch.export.ExportedProgram, frozenset[tuple[int, int]]] | None:
     """The program with each input's first dimension free (`Dim.AUTO`: export keeps one the forward fixes
-    at its example size), and with `tokens_free` the second of token ids (`_tokens`) too, or None where
-    export fails that way or no first dimension stayed free.
+    at its example size), and with `tokens_free` the second of token ids (`_tokens`) too, and the (input, axis)
+    pairs it must not run at a size of one; None where export fails that way or no first dimension stayed free.
 
     export fixes a dimension of size 1 whatever it is told (its 0/1 specialization) and traces the free ones
-    at sizes of 2 or more, so an example batch of 1 is exported at 2 (the example repeated), and the program
-    is kept only if its graph gives the model's outputs on the example and on the example cut to sizes of 1
-    (its first row, and first token): a forward that branches on a size being 1 took the other branch, and
-    the graph would silently compute something else there (a size of 1 the model itself refuses is not
-    checked). These checks run the model, so a model in training mode (whose forward updates its batch
+    at sizes of 2 or more, so an example batch of 1 is exported at 2 (the example repeated). The graph is run
+    against the model on the example cut to a batch of one, and to one token: a forward that branches on a
+    size being 1 took the other branch, and the graph would silently compute something else there, so such
+    an axis keeps the lower bound of 2 export traced (the graph's input check refuses a size of one; a size
+    the model itself refuses is not checked), and where that is the example's own batch the program is not
+    kept. These checks run the model, so a model in training mode (whose forward updates its batch
     statistics or drops at random) is exported at its example's batch of 1, and otherwise unchecked.
     """
     if not example_inputs or not all(isinstance(x, torch.Tensor) for x in example_inputs):
@@ -621,10 +627,18 @@ def _export_free_sizes(model: nn.Module, example_inputs: tuple, tokens_free: boo
     if not any(isinstance(size, torch.SymInt) for size in firsts):
         return None
     if any(m.training for m in model.modules()):
-        return program
-    ones = tuple(x[:1, :1] if tokens_free and _tokens(x) else x[:1] if x.dim() and x.shape[0] else x
-                 for x in example_inputs)
-    return program if _same_outputs(program, model, ([example_inputs] if repeat else []) + [ones]) else None
+        return program, frozenset()
+    traced_at_one = set()
+    batch_of_one = tuple(x[:1] if x.dim() and x.shape[0] else x for x in example_inputs)
+    if not _same_outputs(program, model, [batch_of_one]):
+        if repeat:  # the example's own batch
+            return None
+        traced_at_one |= {(i, 0) for i, x in enumerate(example_inputs) if x.dim() and x.shape[0]}
+    tokens = [i for i, x in enumerate(example_inputs) if tokens_free and _tokens(x)]
+    if tokens and not _same_outputs(program, model, [tuple(x[:, :1] if i in tokens else x
+                                                          for i, x in enumerate(example_inputs))]):
+        traced_at_one |= {(i, 1) for i in tokens}
+    return program, frozenset(traced_at_one)
 
 
 def _tokens(x: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 from ..analyses.shapes import reads_values_as_sizes
 from ..encoded.decode import decode
 from ..errors import ConfigError, MissingDependencyError, PreconditionError
+from ..frontends.guards import describe, input_checks
 from ..kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
 from ..tracing import origin
 from .qdq import quantize_dequantize
@@ -54,10 +55,7 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
         raise ConfigError(f"to_onnx.dynamic_batch and to_onnx.quantized must be True or False, "
                           f"got {dynamic_batch!r} and {quantized!r}")
     example_inputs = _check_inputs(gm, example_inputs)
-    module = quantize_dequantize(gm) if quantized else decode(gm)
-    _refuse_native(module)
-    keep_row_counts_as_tensors(module)  # a mixture of experts' rows per expert follow the data in the file
-    _refuse_values_as_sizes(module)
+    module = _exportable(gm, quantized)
     with torch.no_grad():
         outputs = [t for t in tree_leaves(module.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -69,6 +67,7 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
                           "ONNX names each value once")
     axes, checks = _symbolic_axes(module, (inputs, example_inputs), (outputs_named, outputs), dynamic_batch,
                                   dynamic_axes)
+    _refuse_bounded_axes(module, example_inputs, inputs, axes)
     respell(module)
     # written beside the target and moved there once ONNX Runtime ran it: no half-written or failing file is left
     path = os.fspath(path)
@@ -92,6 +91,16 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
             os.remove(partial)
 
 
+def _exportable(gm: GraphModule, quantized: bool) -> GraphModule:
+    """The copy of `gm` to export: the QDQ or decoded float model, whose rows per expert (a mixture of experts')
+    follow the data in the file; refused where it holds native kernels or reads other sizes from values."""
+    module = quantize_dequantize(gm) if quantized else decode(gm)
+    _refuse_native(module)
+    keep_row_counts_as_tensors(module)
+    _refuse_values_as_sizes(module)
+    return module
+
+
 def _symbolic_axes(module: GraphModule, inputs: tuple[list[str], tuple], outputs: tuple[list[str], list],
                    dynamic_batch: bool, dynamic_axes: Any) -> tuple[dict, list[tuple[tuple, list[torch.Tensor]]]]:
     """The exporter's `dynamic_axes` ({name: {axis: symbol}}) for a symbolic batch and the user's axes, and the
@@ -112,6 +121,38 @@ def _symbolic_axes(module: GraphModule, inputs: tuple[list[str], tuple], outputs
         for name, named in _following(wanted, output_names, example_outputs, grown_outputs).items():
             axes[name] = named | axes.get(name, {})  # an output's batch axis keeps its name
     return axes, checks
+
+
+def _refuse_bounded_axes(module: GraphModule, example_inputs: tuple, input_names: list[str], axes: dict) -> None:
+    """The graph's input checks (`frontends.guards`) leave the copy being exported, where ONNX Runtime takes any
+    size along a symbolic axis. A symbolic axis a check bounds is refused where the graph, unchecked, runs a size
+    just outside the bound: it would compute the traced branch there, silently (a model that branches on that
+    size). Where it fails there (a position table's length) the file fails there too, and is written."""
+    names = {node: name for node, name in zip(module.graph.find_nodes(op="placeholder"), input_names)}
+    bounded = []
+    for check in input_checks(module.graph):
+        name = names.get(check.args[0])
+        for axis, symbol in axes.get(name, {}).items():
+            lowest, highest = check.args[2][axis]
+            outside = [size for size in (lowest - 1 if lowest > 1 else None,
+                                         highest + 1 if highest is not None else None) if size is not None]
+            bounded += [(name, axis, symbol, (lowest, highest), size) for size in outside]
+        module.graph.erase_node(check)
+    module.recompile()
+    for name, axis, symbol, (lowest, highest), size in bounded:
+        index = input_names.index(name)
+        x = example_inputs[index]
+        resized = x.repeat_interleave(-(-size // x.shape[axis]), axis).narrow(axis, 0, size)
+        try:
+            with torch.no_grad():
+                # the generated forward itself: a GraphModule's call prints the failing line, which is expected here
+                module.forward(*example_inputs[:index], resized, *example_inputs[index + 1:])
+        except Exception:  # noqa: BLE001 - a size the graph cannot run: the file cannot either
+            continue
+        raise ConfigError(f"to_onnx: input {name!r} is symbolic along axis {axis} ({symbol!r}), but the graph was "
+                          f"traced by torch.export for {describe(lowest, highest)} there and runs a size of {size} "
+                          "as the model may not (it branches on that size); an ONNX file cannot hold that bound: "
+                          f"export without that axis{' (dynamic_batch=False)' if axis == 0 else ''}")
 
 
 def _check_axes(dynamic_axes: Any, inputs: list[str], example_inputs: tuple) -> dict[str, dict[int, str]]:

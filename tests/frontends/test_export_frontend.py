@@ -425,8 +425,15 @@ def test_a_forward_that_branches_on_a_batch_of_one_keeps_its_example_batch():
     model, x = BatchOfOneBranch().eval(), torch.randn(1, 16)
     gm = fxcompress.compile(model, [], (x,), frontend="export")
     assert torch.equal(gm(x), model(x))  # exported at a batch of 2, the graph would have taken the other path
+    with pytest.raises(ConfigError, match=r"input 'x' has size 2 along axis 0 .*for size 1 there"):
+        gm(torch.randn(2, 16))  # the graph of the example's batch of one would double it (silently, before)
+    # exported at a batch of 3, the graph takes the batches of 2 and more it computes right, and refuses one
     wide = fxcompress.compile(model, [], (torch.randn(3, 16),), frontend="export")
-    assert wide(torch.randn(5, 16)).shape == (5, 8)
+    for batch in (2, 5, 7):
+        other = torch.randn(batch, 16)
+        assert torch.equal(wide(other), model(other))
+    with pytest.raises(ConfigError, match="input 'x' has size 1 along axis 0"):
+        wide(torch.randn(1, 16))
 
 
 def test_dynamic_batch_and_length_survive_pruning_masks_and_the_file(tmp_path):
@@ -685,14 +692,16 @@ class DecodingBranch(nn.Module):
         return h.view(ids.shape[0], ids.shape[1], 2, 4).flatten(2)
 
 
-def test_a_length_of_one_the_graph_would_compute_otherwise_stays_fixed():
+def test_a_length_of_one_the_graph_would_compute_otherwise_is_refused_by_the_graph():
     """compile frees the length of token ids, and export traces free sizes at 2 or more: the graph of a forward
     that branches on one token computed the other branch there, silently. The program is checked at sizes of
-    one against the model and, disagreeing, the length stays the example's (another fails loudly)."""
+    one against the model and, disagreeing, the graph's input check refuses a length of one by name; other
+    lengths, and a batch of one, run as the model runs them."""
     torch.manual_seed(0)
     model, ids = DecodingBranch().eval(), torch.randint(0, 20, (2, 6))
     gm = fxcompress.compile(model, [], (ids,), frontend="export")
-    other = torch.randint(0, 20, (3, 6))
-    torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
-    with pytest.raises(RuntimeError):  # a length of one fails in the graph: it was traced for another branch
+    for shape in ((3, 6), (2, 9), (1, 4), (1, 2)):
+        other = torch.randint(0, 20, shape)
+        torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"input 'ids' has size 1 along axis 1 .*sizes of 2 or more"):
         gm(torch.randint(0, 20, (2, 1)))

@@ -681,3 +681,27 @@ NAN, INF = float("nan"), float("inf")
 def test_the_runtime_check_compares_values_where_finite_and_non_finite_values_exactly(got, ok):
     from fxcompress.onnx.runtime_check import _same
     assert _same(np.array(got, dtype=np.float32), torch.tensor([1.0, NAN, INF])) is ok
+
+
+class _WideBatchBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 2 if x.shape[0] > 4 else self.fc(x)
+
+
+def test_a_symbolic_axis_the_graph_takes_only_in_a_range_is_refused(tmp_path):
+    """torch.export traced this model for batches of 1 to 4 (the graph checks them: `frontends.guards`); a file with
+    a symbolic batch would compute that branch at every batch, so it is refused, and a fixed batch is written."""
+    x = torch.randn(3, 4)
+    gm = fxcompress.compile(_WideBatchBranch().eval(), [], example_inputs=(x,))
+    with pytest.raises(ConfigError, match=r"input 'x' is symbolic along axis 0 \('batch'\).*sizes 1 to 4 there "
+                                          "and runs a size of 5"):
+        export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    assert not (tmp_path / "m.onnx").exists()
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,), dynamic_batch=False)
+    session = _session(tmp_path / "m.onnx")
+    (out,) = session.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out, gm(x).detach().numpy(), rtol=0, atol=FLOAT_ATOL)
