@@ -69,7 +69,7 @@ def traced_shapes(source: torch.export.ExportedProgram | torch.fx.GraphModule,
 
 
 def _axis_range(size: int | torch.SymInt, ranges: dict, one_as_two: bool) -> AxisRange:
-    if not isinstance(size, torch.SymInt):
+    if not isinstance(size, torch.SymInt) or size.node.expr.is_number:  # a size export fixed (Mamba's length)
         return (int(size), int(size))
     bounds = ranges.get(str(size.node.expr))
     if bounds is None:  # an expression of free sizes (2 * s0): the sizes it is made of are checked

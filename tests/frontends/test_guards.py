@@ -95,3 +95,37 @@ def test_models_fx_traces_get_no_checks():
     gm = fxcompress.compile(nn.Linear(4, 2), [], (torch.randn(3, 4),))
     assert gm.meta.get("frontend") != "export" and not input_checks(gm.graph)
     assert gm(torch.randn(9, 4)).shape == (9, 2)
+
+
+class Scan(nn.Module):
+    """A recurrence over the positions in a Python loop (Mamba's slow path): export unrolls it at the example's
+    length and keeps that length as a size fixed to a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        state, states = torch.zeros_like(h[:, 0]), []
+        for i in range(ids.shape[1]):
+            state = 0.5 * state + h[:, i]
+            states.append(state)
+        return self.fc(torch.stack(states, 1))
+
+
+def test_a_length_export_unrolled_is_checked_as_fixed():
+    torch.manual_seed(0)
+    model, ids = Scan().eval(), torch.randint(0, 20, (2, 6))
+    gm = fxcompress.compile(model, [], (ids,), frontend="export")
+    assert [check.args[2] for check in input_checks(gm.graph)] == [((1, None), (6, 6))]
+    other = torch.randint(0, 20, (3, 6))
+    assert torch.equal(gm(other), model(other))
+    longer = torch.randint(0, 20, (2, 9))
+    unchecked = fxcompress.compile(gm, [], (ids,))
+    for check in input_checks(unchecked.graph):
+        unchecked.graph.erase_node(check)
+    unchecked.recompile()
+    assert unchecked(longer).shape == (2, 6, 3) != model(longer).shape  # six of the nine positions, silently
+    with pytest.raises(ConfigError, match=r"input 'ids' has size 9 along axis 1 .*for size 6 there"):
+        gm(longer)
