@@ -25,20 +25,24 @@ def writes_in_place(op: str, target: Any, kwargs: dict) -> bool:
         or target is operator.setitem or kwargs.get("inplace") is True or kwargs.get("out") is not None
 
 
-def _has_effect(node: Node) -> bool:
+def _has_effect(node: Node, module_calls: bool = True) -> bool:
     """Whether a call does more than compute its value: fx's own rule (outputs, side-effectful and mutating
     aten ops), plus what it does not see: in-place torch functions and tensor methods, random draws, and
-    any module call (a module may update its state, as BatchNorm's statistics in training)."""
-    if node.is_impure() or node.op == "call_module" or writes_in_place(node.op, node.target, node.kwargs):
+    (with `module_calls`) any module call (a module may update its state, as BatchNorm's statistics in training)."""
+    if node.is_impure() or (module_calls and node.op == "call_module") \
+            or writes_in_place(node.op, node.target, node.kwargs):
         return True
     return node.target in RANDOM_FUNCTIONS if node.op == "call_function" else node.target in RANDOM_METHODS
 
 
-def drop_unread(gm: GraphModule) -> int:
+def drop_unread(gm: GraphModule, module_calls_have_effects: bool = True) -> int:
     """Erase every computation whose value nothing reads and which has no other effect; returns how many.
-    (torch.export keeps unread views: BERT's attention mask construction leaves three.)"""
+    (torch.export keeps unread views: BERT's attention mask construction leaves three.) A lowered inference graph
+    passes `module_calls_have_effects=False`: a layer whose output nothing reads goes too. fx's own
+    `eliminate_dead_code` is no substitute: it drops in-place writes nothing reads (`keys[..., :8] = k`, which
+    export writes as a view and a `copy_`)."""
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code(is_impure_node=_has_effect)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: _has_effect(node, module_calls_have_effects))
     dropped = before - len(gm.graph.nodes)
     if dropped:  # the module's code is generated from the graph: without this it still computed them
         gm.recompile()

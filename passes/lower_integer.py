@@ -40,6 +40,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.kernels import native
 from fxcompress.kernels.native import LAYER_KERNELS
 from fxcompress.quant.integer import dequantize_codes
+from fxcompress.rewire import drop_unread
 
 from .lower_integer_native import (boundary, choose_kernels, float_code_edges, fuse_boundaries, fuse_residual_adds,
                                    lay_out_boundaries, native_join_refusal, native_refusal, replace_native,
@@ -116,7 +117,7 @@ class LowerToInteger(Pass):
                                  times_ms=times[lowered[name]["module"]].as_stats()["times_ms"] if timed else {})
         fused = fuse_boundaries(gm) if backend == "native" else 0
         laid_out = lay_out_boundaries(gm) if backend == "native" else 0
-        gm.graph.eliminate_dead_code()
+        drop_unread(gm, module_calls_have_effects=False)  # keeps in-place writes (DeepSeek-V3's keys)
         gm.delete_all_unused_submodules()
         for q in layers:
             _drop_float_parameters(gm, q.layer.weight.rpartition(".")[0])

@@ -24,7 +24,20 @@ CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"n
                "phimoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
                "gpt_oss": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
                            "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
-               "jetmoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "kv_channels": 8}})
+               "jetmoe": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "kv_channels": 8},
+               # DeepSeek-V3's latent attention and grouped routing with a shared expert, GLM-4.5's, ERNIE 4.5's
+               # and Hunyuan's mixtures, Gemma 3, LFM2's short convolutions, Seed-OSS
+               "deepseek_v3": {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                               "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                               "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                               "v_head_dim": 8, "n_shared_experts": 1},
+               "glm4_moe": {"num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                            "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+                            "head_dim": 8},
+               "ernie4_5_moe": {"num_key_value_heads": 2, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+               "hunyuan_v1_moe": {"num_key_value_heads": 2, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
+               "gemma3_text": {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4},
+               "lfm2": {"num_key_value_heads": 2}, "seed_oss": {"num_key_value_heads": 2, "head_dim": 8}})
 ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta")
 VISION = {
     "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),

@@ -58,6 +58,8 @@ def _encode_arg(value: Any, where: str) -> Any:
         return {"dt": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"dev": str(value)}
+    if isinstance(value, torch.memory_format):
+        return {"mf": str(value).removeprefix("torch.")}
     raise FormatError(f"cannot save {where}: argument {value!r} of type {type(value).__name__} is not storable")
 
 
@@ -159,6 +161,16 @@ def _dtype(inner: Any, where: str) -> torch.dtype:
     return DTYPES[inner]
 
 
+MEMORY_FORMATS = {name: getattr(torch, name) for name in
+                  ("contiguous_format", "preserve_format", "channels_last", "channels_last_3d")}
+
+
+def _memory_format(inner: Any, where: str) -> torch.memory_format:
+    if not isinstance(inner, str) or inner not in MEMORY_FORMATS:
+        raise fail(where, f"memory format {inner!r} is not supported")
+    return MEMORY_FORMATS[inner]
+
+
 def _typed(value: Any, kind: type | tuple, where: str, what: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise fail(where, f"{what} must be {getattr(kind, '__name__', kind)}, not {type(value).__name__}")
@@ -187,6 +199,7 @@ _TAGS: dict[str, Callable] = {
     "f": lambda inner, dec, w: _number(inner, w),
     "dt": lambda inner, dec, w: _dtype(inner, w),
     "dev": lambda inner, dec, w: _device(inner, w),
+    "mf": lambda inner, dec, w: _memory_format(inner, w),
 }
 
 

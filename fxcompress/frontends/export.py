@@ -126,6 +126,10 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.empty_like.default: torch.empty_like, aten.index_put_.default: "index_put_",  # ... inverting the sort
     aten.one_hot.default: F.one_hot, aten.where.default: torch.where,  # ... transformers 4's loop over experts
     aten.index_add_.default: "index_add_",
+    aten.scatter_.value: "scatter_",  # GLM-4.5's router masks its expert groups in place
+    aten.tensor_split.indices: torch.tensor_split, aten.eye.default: torch.eye,  # Qwen3-Next's gated delta rule
+    aten.new_empty.default: "new_empty", aten.copy_.default: "copy_",  # DeepSeek-V3's values written into a
+    # wider empty tensor, the heads of its queries and keys padded alike
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),
@@ -255,6 +259,9 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
 # defaults, and a layout or memory format is no value a file stores): dropped from respelled calls.
 _DEFAULT_KEYWORDS: dict[str, Any] = {"layout": torch.strided, "pin_memory": False,
                                      "memory_format": torch.preserve_format}
+# aten overloads whose torch-level method takes its arguments from this position on by keyword only (Tensor.to's
+# memory format: Qwen3-Next's `x.transpose(1, 2).contiguous().to(torch.float32)` is one `to` with it)
+_KEYWORDS_FROM = {aten.to.dtype: 4, aten.to.device: 5}
 # Checks export inserts (an input's dtype / device as traced): nothing reads them; compile verifies anew.
 _CHECKS = frozenset({aten._assert_tensor_metadata.default, aten._assert_scalar.default})
 # Ops that return their input as it is (a view of the same data): readers read the input itself.
@@ -316,6 +323,10 @@ def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, di
     spelling = _spelling(node.target)
     if spelling is None:
         return node.op, node.target, args, kwargs
+    position = _KEYWORDS_FROM.get(node.target)
+    if position is not None and len(args) > position:
+        names = [argument.name for argument in node.target._schema.arguments]
+        args, kwargs = args[:position], {**dict(zip(names[position:], args[position:])), **kwargs}
     kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULT_KEYWORDS or v != _DEFAULT_KEYWORDS[k]}
     if spelling.spread is not None:
         args = (*args[:spelling.spread], *args[spelling.spread], *args[spelling.spread + 1:])

@@ -18,6 +18,7 @@ from ..quant import ActivationQuant, GridWeight, KMeansWeight
 from ..quant.channel_grid import per_channel_grid
 from ..quant.commuting import commutes_with_quantization
 from ..quant.quantizers import Grid, quantize
+from ..rewire import drop_unread
 
 # the integer types ONNX quantizes to, each with its full range: QuantizeLinear saturates there
 _ONNX_INTEGERS = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
@@ -143,7 +144,7 @@ def quantize_dequantize(gm: GraphModule) -> GraphModule:
         raise PreconditionError("to_onnx(quantized=True): the model has no activation or weight fake-quant; run "
                                 "InsertFakeQuant(method='linear', bits=8, activations=ActivationConfig(bits=8)) "
                                 "with calibration_data first")
-    gm.graph.eliminate_dead_code()
+    drop_unread(gm, module_calls_have_effects=False)  # keeps in-place writes, which fx's own drops
     gm.delete_all_unused_submodules()
     _drop_unread_tensors(gm)
     gm.recompile()

@@ -3,8 +3,10 @@ handles: a table from the torch function (or method name) to its twin, applied t
 exported. Each twin is tested equal to torch's op."""
 from __future__ import annotations
 
+import operator
+
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 
 def diff_as_slices(input: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,
@@ -89,8 +91,9 @@ ONNX_METHOD_RESPELLINGS = {"diff": diff_as_slices, "cumsum": cumsum_counting,
 
 
 def respell(module: GraphModule) -> None:
-    """Rewrite, in `module` (the exported copy), the calls of ONNX_RESPELLINGS into their exportable twins."""
-    changed = False
+    """Rewrite, in `module` (the exported copy), the calls of ONNX_RESPELLINGS into their exportable twins, and
+    writes into views as item assignments (`writes_into_views_as_setitem`)."""
+    changed = writes_into_views_as_setitem(module)
     for node in module.graph.nodes:
         if node.op == "call_function" and node.target in ONNX_RESPELLINGS:
             node.target = ONNX_RESPELLINGS[node.target]
@@ -101,3 +104,31 @@ def respell(module: GraphModule) -> None:
         changed = True
     if changed:
         module.recompile()
+
+
+def writes_into_views_as_setitem(module: GraphModule) -> bool:
+    """`view = base[index]; view.copy_(source)`, torch.export's form of `base[index] = source`, as that item
+    assignment: the exporter wrote the copy into a slice it had made of `base` and the write never reached `base`
+    (DeepSeek-V3 assembles its keys so: the file's attention read the empty tensor). Returns whether any."""
+    changed = False
+    for node in list(module.graph.nodes):
+        if not (node.op == "call_method" and node.target == "copy_" and len(node.args) == 2 and not node.kwargs
+                and not node.users):
+            continue
+        view, source = node.args
+        if not (isinstance(view, Node) and view.op == "call_function" and view.target is operator.getitem
+                and len(view.users) == 1 and _indexes_a_tensor(view.args[1])):
+            continue
+        with module.graph.inserting_before(node):
+            module.graph.call_function(operator.setitem, (view.args[0], view.args[1], source))
+        module.graph.erase_node(node)
+        module.graph.erase_node(view)
+        changed = True
+    return changed
+
+
+def _indexes_a_tensor(index: object) -> bool:
+    """Whether `index` is a tensor's basic index (slices, with ints, None or ...), not an element of a tuple."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(part, slice) for part in parts) and all(
+        isinstance(part, (slice, int, type(None), type(Ellipsis))) for part in parts)

@@ -705,3 +705,39 @@ def test_a_length_of_one_the_graph_would_compute_otherwise_is_refused_by_the_gra
         torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
     with pytest.raises(ConfigError, match=r"input 'ids' has size 1 along axis 1 .*sizes of 2 or more"):
         gm(torch.randint(0, 20, (2, 1)))
+
+
+class NewerSpellings(nn.Module):
+    """What DeepSeek-V3 (keys written into an empty tensor), GLM-4.5 (an in-place scatter of a value) and
+    Qwen3-Next (tensor_split, eye, a `to` with a memory format) export to: aten ops with no torch-level spelling
+    before, so no file could hold them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        keys = h.new_empty(h.shape[0], h.shape[1], 12)
+        keys[..., :8] = h
+        keys[..., 8:] = h[..., :4] * 2
+        groups = torch.zeros_like(h[..., 0])
+        groups.scatter_(1, h[..., 0].topk(2, dim=1).indices, 1)
+        first, rest = torch.tensor_split(keys, [5], dim=2)
+        columns = h.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        return first.sum(-1) + rest.sum(-1) + groups + (h @ torch.eye(8)).sum(-1) + columns.sum(1)
+
+
+def test_newer_models_ops_are_spelled_at_torch_level_and_saved(tmp_path):
+    torch.manual_seed(0)
+    model, x = NewerSpellings().eval(), torch.randn(2, 6, 8)
+    gm = fxcompress.compile(model, [], (x,), frontend="export")
+    assert _aten_ops(gm) == []
+    assert {"new_empty", "copy_", "scatter_", "to"} <= {n.target for n in gm.graph.nodes if n.op == "call_method"}
+    assert [n.kwargs for n in gm.graph.nodes if n.target == "to"] == [{"memory_format": torch.contiguous_format}]
+    other = torch.randn(3, 6, 8)
+    assert torch.equal(gm(other), model(other))
+    loaded = from_bytes(to_bytes(gm, example_inputs=(x,)))
+    assert torch.equal(loaded(other), model(other))
+    masked = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], (x,), frontend="export")
+    assert torch.equal(from_bytes(to_bytes(masked, example_inputs=(x,)))(other), masked(other))

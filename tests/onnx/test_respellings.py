@@ -1,4 +1,6 @@
 """onnx.respellings: each twin the ONNX export writes instead of a torch call computes what torch's op computes."""
+import operator
+
 import pytest
 import torch
 
@@ -52,3 +54,46 @@ def test_index_add_respelled_as_scatter_add_sums_repeated_indices_as_torch_does(
     in_place = input.clone()
     assert respellings.index_add_scattering_(in_place, dim, index, source, alpha=2) is in_place
     assert torch.equal(in_place, expected)
+
+
+def _written_into_slices() -> torch.fx.GraphModule:
+    """torch.export's form of `keys = a.new_zeros(...); keys[..., :8] = a; keys[..., 8:] = b`: copies into views."""
+    graph = torch.fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    keys = graph.call_method("new_zeros", (a, [2, 3, 16]))
+    for source, bounds in ((a, slice(0, 8)), (b, slice(8, None))):
+        view = graph.call_function(operator.getitem, (keys, (slice(None), slice(None), bounds)))
+        graph.call_method("copy_", (view, source))
+    graph.output(graph.call_function(operator.mul, (keys, 2)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_writes_into_views_become_item_assignments_the_exporter_keeps(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    a, b = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    expected = torch.cat([a, b], -1) * 2
+    gm = _written_into_slices()
+    assert torch.equal(gm(a, b), expected)
+    torch.onnx.export(gm, (a, b), tmp_path / "copies.onnx", dynamo=False, input_names=["a", "b"])
+    session = ort.InferenceSession(str(tmp_path / "copies.onnx"))
+    assert [i.name for i in session.get_inputs()] == []  # both writes were lost: the file returns zeros
+    assert not session.run(None, {})[0].any()
+    assert respellings.writes_into_views_as_setitem(gm)
+    gm.recompile()
+    assert [n.target for n in gm.graph.nodes].count(operator.setitem) == 2 and torch.equal(gm(a, b), expected)
+    torch.onnx.export(gm, (a, b), tmp_path / "assigned.onnx", dynamo=False, input_names=["a", "b"])
+    session = ort.InferenceSession(str(tmp_path / "assigned.onnx"))
+    got = session.run(None, {"a": a.numpy(), "b": b.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), expected)
+
+
+def test_a_copy_into_a_tuple_element_is_no_item_assignment():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    parts = graph.call_function(torch.split, (x, 2))
+    first = graph.call_function(operator.getitem, (parts, 0))
+    graph.call_method("copy_", (first, graph.call_function(torch.ones_like, (first,))))
+    graph.output(x)
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert not respellings.writes_into_views_as_setitem(gm)
+    assert torch.equal(gm(torch.zeros(4))[:2], torch.ones(2))

@@ -325,3 +325,34 @@ def test_a_bias_beyond_int32_at_its_accumulator_scale_is_refused_by_layer():
     fq = _fake_quant(model, x, symmetric=True, per_channel=True)
     with pytest.raises(PreconditionError, match=r"layer '.*' could reach an accumulator of \d+ \(>= 2\^31\)"):
         fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+
+
+class _KeysWrittenInPlace(torch.nn.Module):
+    """Keys assembled by writing into slices of an empty tensor (DeepSeek-V3's attention), which torch.export
+    writes as views and `copy_` calls nothing reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        keys = x.new_empty(x.shape[0], 8)
+        keys[:, :4] = self.a(x)
+        keys[:, 4:] = self.b(x)
+        return self.out(keys)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_writes_into_views_survive_the_lowering(backend):
+    """The lowering's dead-code elimination was fx's, which erased the `copy_` calls: the lowered graph read the
+    empty tensor, whatever memory it got (a DeepSeek-V3's logits changed from call to call)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    fq = fxcompress.compile(_KeysWrittenInPlace().eval(), [InsertFakeQuant(method="linear", bits=8, symmetric=True,
+                                                                            activations=ActivationConfig(bits=8))],
+                            example_inputs=(x,), calibration_data=[(x,)], frontend="export")
+    writes = [n for n in fq.graph.nodes if n.target == "copy_"]
+    assert len(writes) == 2
+    gm = fxcompress.compile(fq, [LowerToInteger(backend=backend, repeats=1)], example_inputs=(x,))
+    assert len([n for n in gm.graph.nodes if n.target == "copy_"]) == 2
+    assert torch.allclose(gm(x), fq(x), atol=0.05 * fq(x).abs().max().item())
