@@ -34,7 +34,8 @@ CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"n
                "glm4_moe": {"num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
                             "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
                             "head_dim": 8},
-               "ernie4_5_moe": {"num_key_value_heads": 2, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+               "ernie4_5_moe": {"num_key_value_heads": 2, "moe_num_experts": 4, "moe_k": 2,
+                                "moe_intermediate_size": 32},
                "hunyuan_v1_moe": {"num_key_value_heads": 2, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
                "gemma3_text": {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4},
                "lfm2": {"num_key_value_heads": 2}, "seed_oss": {"num_key_value_heads": 2, "head_dim": 8}})

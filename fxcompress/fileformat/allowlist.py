@@ -45,7 +45,8 @@ ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maxim
 conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf argmax argmin topk sort cumsum
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
 adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert swapaxes swapdims movedim
-moveaxis repeat_interleave finfo iinfo clone detach sin cos diff rsub histc empty_like reciprocal scatter index_add tensor_split eye""".split()
+moveaxis repeat_interleave finfo iinfo clone detach sin cos diff rsub histc empty_like reciprocal scatter index_add
+tensor_split eye""".split()
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem setitem eq ne lt le gt ge and_ or_ xor
 invert abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
@@ -53,8 +54,8 @@ sigmoid tanh chunk split unsqueeze squeeze expand expand_as view_as add sub mul 
 type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argmax narrow repeat flip roll dim
 numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
 mT transpose_ sub_ add_ mul_ div_ relu_ to swapaxes swapdims movedim moveaxis repeat_interleave bmm bool long int
-double type new_ones new_zeros new_full new_empty scatter_ copy_ fill_ masked_fill_ tril triu eq ne lt le gt ge sin cos detach_ zero_
-index_put_ index_add_ tolist item""".split())
+double type new_ones new_zeros new_full new_empty scatter_ copy_ fill_ masked_fill_ tril triu eq ne lt le gt ge sin
+cos detach_ zero_ index_put_ index_add_ tolist item""".split())
 
 
 # `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.

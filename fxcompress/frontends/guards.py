@@ -30,9 +30,9 @@ def check_input_shape(input: torch.Tensor, name: str, axes: tuple[AxisRange, ...
         size = input.shape[axis]
         if size < lowest or (highest is not None and size > highest):
             raise ConfigError(f"input {name!r} has size {size} along axis {axis} (shape {tuple(input.shape)}); this "
-                              f"graph was traced by torch.export for {describe(lowest, highest)} there and computes something else "
-                              "outside (the model fixes or branches on that size): compile with an example of that "
-                              "shape")
+                              f"graph was traced by torch.export for {describe(lowest, highest)} there and computes "
+                              "something else outside (the model fixes or branches on that size): compile with an "
+                              "example of that shape")
 
 
 def describe(lowest: int, highest: int | None) -> str:
