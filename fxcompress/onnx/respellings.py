@@ -79,12 +79,24 @@ def index_add_scattering_(input: torch.Tensor, dim: int, index: torch.Tensor, so
     return input.scatter_add_(dim, _index_as_source(index, source, dim), source if alpha == 1 else source * alpha)
 
 
+def tensor_split_as_slices(input: torch.Tensor, indices_or_sections, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """torch.tensor_split at given indices as slices between them: the exporter built its own translation's
+    repeats two-dimensional where an index is a size computed in the forward (Qwen3-Next's gated delta rule), and
+    ONNX Runtime refused the file. A number of sections stays torch's op."""
+    if not isinstance(indices_or_sections, (list, tuple)):
+        return torch.tensor_split(input, indices_or_sections, dim)
+    before = (slice(None),) * (dim % input.dim())
+    bounds = [None, *indices_or_sections, None]
+    return tuple(input[(*before, slice(start, end))] for start, end in zip(bounds, bounds[1:]))
+
+
 # torch function (or tensor method name) -> its twin. Hugging Face's attention masks (transformers 5) take the diff of
 # position ids and the cumsum of a bool tensor; rotary embeddings (Cohere, GPT-J) repeat elements in place; mixtures
-# of experts count tokens per expert with histc and sum each token's experts with index_add.
+# of experts count tokens per expert with histc and sum each token's experts with index_add; Qwen3-Next splits its
+# chunks with tensor_split.
 ONNX_RESPELLINGS = {torch.diff: diff_as_slices, torch.cumsum: cumsum_counting,
                     torch.repeat_interleave: repeat_interleave_as_expand, torch.histc: histc_counting,
-                    torch.index_add: index_add_scattering}
+                    torch.index_add: index_add_scattering, torch.tensor_split: tensor_split_as_slices}
 ONNX_METHOD_RESPELLINGS = {"diff": diff_as_slices, "cumsum": cumsum_counting,
                            "repeat_interleave": repeat_interleave_as_expand, "histc": histc_counting,
                            "index_add": index_add_scattering, "index_add_": index_add_scattering_}

@@ -97,3 +97,10 @@ def test_a_copy_into_a_tuple_element_is_no_item_assignment():
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     assert not respellings.writes_into_views_as_setitem(gm)
     assert torch.equal(gm(torch.zeros(4))[:2], torch.ones(2))
+
+
+@pytest.mark.parametrize("indices, dim", [([2], 1), ([1, 3], -1), ([0, 5, 9], 1), ([-2], 0), (3, 1), ([4, 2], 1)])
+def test_tensor_split_respelled_as_slices_equals_torch(indices, dim):
+    x = torch.arange(3 * 7).reshape(3, 7)
+    got, expected = respellings.tensor_split_as_slices(x, indices, dim), torch.tensor_split(x, indices, dim)
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
