@@ -83,16 +83,15 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
               concrete_args: Mapping[str, Any] | None, share_tensors: bool = False) -> GraphModule:
     """The GraphModule the passes rewrite: a compiled one as it is, an exported one respelled at
     torch level, an nn.Module traced by torch.fx or exported by torch.export (per `frontend`)."""
-    if isinstance(model, torch.export.ExportedProgram):
-        gm = from_exported(model)  # shares the program's tensors: copied below unless inplace
+    if isinstance(model, torch.export.ExportedProgram) or is_exported_module(model):
+        # translated before any copy, which would drop an unlifted program's input ranges; shares its tensors
+        gm = from_exported(model)
         return gm if inplace else copy.deepcopy(gm)
     if isinstance(model, GraphModule):
         gm = model if inplace else _copy(model, share_tensors)
         if gm is not model:
             copy_history(model, gm)  # one from torch.load holds it where a deep copy drops it
-            if hasattr(model, "range_constraints"):  # an unlifted program's input ranges, which a copy drops
-                gm.range_constraints = model.range_constraints
-        return from_exported(gm) if is_exported_module(gm) else _linears_read(gm)
+        return _linears_read(gm)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile.model must be an nn.Module or a torch.export.ExportedProgram, "
                           f"got {type(model).__name__}")

@@ -53,8 +53,7 @@ def traced_shapes(source: torch.export.ExportedProgram | torch.fx.GraphModule,
     axis it was traced for: an int size fixed, a free one its range (a size written as an expression of others,
     unchecked); None where every axis takes any size. A free lower bound of 2 becomes 1 except on the (input,
     axis) pairs of `traced_at_one`, where a size of one was found to compute otherwise."""
-    # by the symbol's name: a deep copy of the unlifted module (compile copies its model) has copies of the symbols
-    ranges = {str(symbol): bounds for symbol, bounds in (getattr(source, "range_constraints", None) or {}).items()}
+    ranges = getattr(source, "range_constraints", None) or {}  # a deep copy of `.module()` has none left
     placeholders = list(source.graph.find_nodes(op="placeholder"))
     if isinstance(source, torch.export.ExportedProgram):
         user_inputs = set(source.graph_signature.user_inputs)
@@ -71,7 +70,7 @@ def traced_shapes(source: torch.export.ExportedProgram | torch.fx.GraphModule,
 def _axis_range(size: int | torch.SymInt, ranges: dict, one_as_two: bool) -> AxisRange:
     if not isinstance(size, torch.SymInt) or size.node.expr.is_number:  # a size export fixed (Mamba's length)
         return (int(size), int(size))
-    bounds = ranges.get(str(size.node.expr))
+    bounds = ranges.get(size.node.expr)
     if bounds is None:  # an expression of free sizes (2 * s0): the sizes it is made of are checked
         return (0, None)
     lowest = int(bounds.lower) if bounds.lower.is_Integer else 0
@@ -79,16 +78,15 @@ def _axis_range(size: int | torch.SymInt, ranges: dict, one_as_two: bool) -> Axi
     return (1 if lowest == 2 and one_as_two else lowest, highest)
 
 
-def insert_input_checks(graph: Graph, shapes: list[tuple[AxisRange, ...] | None]) -> int:
+def insert_input_checks(graph: Graph, shapes: list[tuple[AxisRange, ...] | None]) -> None:
     """After the inputs of `graph`, one `check_input_shape` per input with traced shapes (`shapes`, in the graph's
-    placeholder order). Returns how many."""
+    placeholder order)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     checks = [(node, axes) for node, axes in zip(placeholders, shapes) if axes is not None]
     if checks:
         with graph.inserting_after(placeholders[-1]):
             for node, axes in reversed(checks):
                 graph.call_function(check_input_shape, (node, node.target, axes))
-    return len(checks)
 
 
 def input_checks(graph: Graph) -> list[Node]:
