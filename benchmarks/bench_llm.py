@@ -1,11 +1,11 @@
-"""Language-model compression arms on the byte-level Llama that benchmarks/train_lm.py trains.
+"""Language-model compression arms on the small Llama that benchmarks/train_lm.py trains.
 
     nice -n 10 python benchmarks/bench_llm.py [--cal 32] [--eval 32] [--arms dense awq4 ...] [--json out.json]
         [--files [--keep DIR]] [--relower DIR]
 
 Every arm compiles the same exported graph (torch.export of the checkpoint, shapes fixed to
-batches of 8 x 128 bytes) with its passes, calibrated on the same windows of the training plays,
-and reports perplexity per byte on the held-out plays and on Debian's fortunes, bytes on disk
+batches of 8 x 128 tokens) with its passes, calibrated on the same windows of the training plays,
+and reports perplexity per token on the held-out plays and on Debian's fortunes, bytes on disk
 (the compressed-tensors checkpoint: pack-quantized when the weights are on a linear grid, dense
 otherwise; the Deep Compression arm's fxcompress file), the passes' seconds and the peak resident
 memory above the loaded model while they ran. Only the decoder blocks' linear layers are
@@ -23,6 +23,9 @@ Beside them, when torchao is importable: its plain rounding at 4 and 3 bits, gro
 `--llmc-python PYTHON` (an environment with llmcompressor; it must import this checkout too), the
 same recipes through llm-compressor's `oneshot` on the same windows, run by this file as a worker
 in that environment (`--llmc-worker`), each arm on a freshly loaded model.
+
+Tokens are bytes, or the checkpoint's byte-level BPE where train_lm.py --vocab left a tokenizer.json
+beside it; perplexity, KL and the orderings' differences are then per BPE token.
 """
 from __future__ import annotations
 
@@ -125,22 +128,29 @@ def load(checkpoint: Path):
     return model.eval()
 
 
-def data(n_cal: int, n_eval: int, seed: int = 0):
-    """Calibration batches (random windows of the training plays) and held-out / fortune batches."""
+def tokenizer(checkpoint: Path):
+    """The checkpoint's BPE (its tokenizer.json), or None: byte tokens."""
+    path = checkpoint / "tokenizer.json"
+    return text.load_tokenizer(path) if path.exists() else None
+
+
+def data(n_cal: int, n_eval: int, seed: int = 0, bpe=None):
+    """Calibration batches (random windows of the training plays) and held-out / fortune batches, in
+    bytes or in the tokens of `bpe`."""
     train_plays, held = text.split_plays(text.shakespeare(HERE / ".cache"))
-    tokens = text.encode_bytes(text.join_texts(train_plays))
+    tokens = text.encode(text.join_texts(train_plays), bpe)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - LENGTH, (n_cal,), generator=gen).tolist()
     cal = torch.stack([tokens[s:s + LENGTH] for s in starts])
-    held_w = text.windows(text.encode_bytes(text.join_texts(held)), LENGTH, limit=n_eval)
-    fortune_w = text.windows(text.encode_bytes(text.join_texts(text.fortunes())), LENGTH, limit=n_eval)
+    held_w = text.windows(text.encode(text.join_texts(held), bpe), LENGTH, limit=n_eval)
+    fortune_w = text.windows(text.encode(text.join_texts(text.fortunes()), bpe), LENGTH, limit=n_eval)
     split = lambda w: [(w[i:i + BATCH],) for i in range(0, len(w) - BATCH + 1, BATCH)]  # noqa: E731
     return split(cal), split(held_w), split(fortune_w)
 
 
 @torch.no_grad()
 def batch_nll(forward, batches) -> list[float]:
-    """Each batch's mean next-byte negative log-likelihood, nats per byte (every batch holds as many bytes)."""
+    """Each batch's mean next-token negative log-likelihood, nats per token (every batch holds as many tokens)."""
     means = []
     for (batch,) in batches:
         logits = _logits(forward(batch))
@@ -162,7 +172,7 @@ def _logits(out) -> torch.Tensor:
 
 @torch.no_grad()
 def kl_to_dense(dense, forward, batches) -> float:
-    """Mean KL(dense || compressed) of the next-byte distributions, nats per byte: how far an arm moved the
+    """Mean KL(dense || compressed) of the next-token distributions, nats per token: how far an arm moved the
     model, which perplexity (a model may gain on some text by chance) measures only through the text."""
     total, count = 0.0, 0
     for (batch,) in batches:
@@ -423,9 +433,11 @@ def llmc_worker(data_path: str, checkpoint: str, out_path: str, arms: list[str] 
     tensors = torch.load(data_path)
     ids = tensors["cal"]
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    # oneshot insists on a processor; the model reads bytes, so any tokenizer object will do
-    processor = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab={str(i): i for i in range(256)}, unk_token="0")))
+    # oneshot insists on a processor; the windows are token ids already, so for bytes any tokenizer will do
+    bpe = tokenizer(Path(checkpoint))
+    if bpe is None:
+        bpe = Tokenizer(WordLevel(vocab={str(i): i for i in range(256)}, unk_token="0"))
+    processor = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
     held = [(b,) for b in tensors["held"].split(BATCH)]
     fortunes = [(b,) for b in tensors["fortunes"].split(BATCH)]
     cal = [(b,) for b in ids.split(BATCH)]
@@ -486,7 +498,7 @@ def finish_llmc(process, tmp: Path, started: float, timeout: int) -> list[dict]:
 
 
 HEADER = ("| arm | held-out ppl | fortunes ppl | bytes (format) | vs fp32 | pass s | peak MB | "
-          "KL to dense, 1e-3 nats/byte: held-out / fortunes / calibration |\n|---|---:|---:|---|---:|---:|---:|---:|")
+          "KL to dense, 1e-3 nats/token: held-out / fortunes / calibration |\n|---|---:|---:|---|---:|---:|---:|---:|")
 
 # the published orderings: (better, worse) arm pairs, each arm named as in arms()
 ORDERINGS = [*((f"sparsegpt {p}", f"wanda {p}") for p in ("50%", "4:8", "2:4")),
@@ -522,7 +534,7 @@ def paired(better: dict, worse: dict, text: str) -> str:
         return ""
     diffs = [x - y for x, y in zip(a, b)]
     error = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f" (difference {1e3 * statistics.fmean(diffs):+.3f} ± {1e3 * error:.3f} millinats/byte)"
+    return f" (difference {1e3 * statistics.fmean(diffs):+.3f} ± {1e3 * error:.3f} millinats/token)"
 
 
 def row(r: dict, dense_bytes: int | None) -> str:
@@ -539,8 +551,8 @@ def row(r: dict, dense_bytes: int | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
-    ap.add_argument("--cal", type=int, default=32, help="calibration windows of 128 bytes")
-    ap.add_argument("--eval", type=int, default=32, help="held-out and fortune windows of 128 bytes")
+    ap.add_argument("--cal", type=int, default=32, help="calibration windows of 128 tokens")
+    ap.add_argument("--eval", type=int, default=32, help="held-out and fortune windows of 128 tokens")
     ap.add_argument("--arms", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
@@ -566,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         return print_saved(args.from_json)
     torch.set_num_threads(args.threads)
     model = load(args.checkpoint)
-    cal, held, fortunes = data(args.cal, args.eval)
+    cal, held, fortunes = data(args.cal, args.eval, bpe=tokenizer(args.checkpoint))
     example = cal[0]
     if args.relower:
         return relower(args.relower, example, held, fortunes, 4 * sum(p.numel() for p in model.parameters()))
@@ -575,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     table = arms()
     chosen = args.arms or list(table)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {len(cal) * BATCH} calibration, "
-          f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} bytes", flush=True)
+          f"{len(held) * BATCH} held-out and {len(fortunes) * BATCH} fortune windows of {LENGTH} tokens", flush=True)
     print(HEADER)
     llmc_arms = args.llmc_arms if args.llmc_arms is not None else args.arms
     start_worker = lambda: start_llmc(args.llmc_python, args.checkpoint, cal, held, fortunes, llmc_arms,  # noqa: E731

@@ -1,10 +1,12 @@
 """Train a small byte-level Llama (transformers' LlamaForCausalLM built from a config) on
 Shakespeare's plays, holding whole plays out, and save it for bench_llm.py.
+With `--vocab N` (N > 256) the tokens are a byte-level BPE of N tokens learned from the training plays
+(`fxcompress.text.train_tokenizer`), saved as tokenizer.json beside the weights; bench_llm.py reads it.
 
     nice -n 10 python benchmarks/train_lm.py --minutes 25 --threads 1 > train_lm.log 2>&1 &
 
 Writes benchmarks/.cache/llama-bytes/ (save_pretrained: config.json + model.safetensors) and
-prints held-out perplexity (per byte) on the held-out plays and on Debian's fortunes.
+prints held-out perplexity (per token: byte or BPE token) on the held-out plays and on Debian's fortunes.
 The default config has 4 layers of width 128 (2 heads of 64, MLP 384): 0.88 M parameters, every
 linear layer's input width a multiple of 64 (and of 128 but for the MLP's 384) so group-wise grids
 fit. Larger configs are flags away (`--hidden 256 --layers 8 --intermediate 768 --heads 4`: 6.9 M),
@@ -32,18 +34,18 @@ ARCHITECTURES = ("llama", "gpt2")
 
 
 def build_model(hidden: int = 128, layers: int = 4, heads: int = 2, intermediate: int = 384, context: int = 128,
-                seed: int = 0, arch: str = "llama"):
-    """A LlamaForCausalLM over bytes (vocabulary 256), tied embeddings, no dropout; or with arch="gpt2" a
+                seed: int = 0, arch: str = "llama", vocab: int = text.VOCAB_SIZE):
+    """A LlamaForCausalLM over `vocab` tokens (bytes: 256), tied embeddings, no dropout; or with arch="gpt2" a
     GPT2LMHeadModel of the same sizes (LayerNorm, learned positions, a GELU MLP of HF's Conv1D layers)."""
     import transformers   # optional and slow to import
 
     torch.manual_seed(seed)
     if arch == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=text.VOCAB_SIZE, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
             n_positions=context, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
             bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False))
-    config = transformers.LlamaConfig(vocab_size=text.VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                                       max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=None,
                                       eos_token_id=None, pad_token_id=None, use_cache=False)
@@ -51,14 +53,14 @@ def build_model(hidden: int = 128, layers: int = 4, heads: int = 2, intermediate
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross entropy (nats) of a B x T batch."""
+    """Mean next-token cross entropy (nats) of a B x T batch."""
     logits = model(input_ids=batch).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 16) -> float:
-    """exp(mean next-byte cross entropy) over all windows, weighting every predicted byte equally."""
+    """exp(mean next-token cross entropy) over all windows, weighting every predicted token equally."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
@@ -104,13 +106,15 @@ def _lr(step: int, progress: float, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def corpora(cache: Path, context: int, eval_windows: int):
-    """Training tokens, held-out-play windows and fortune windows."""
-    train_plays, held = text.split_plays(text.shakespeare(cache))
-    tokens = text.encode_bytes(text.join_texts(train_plays))
-    held_w = text.windows(text.encode_bytes(text.join_texts(held)), context, limit=eval_windows)
-    fortune_w = text.windows(text.encode_bytes(text.join_texts(text.fortunes())), context, limit=eval_windows)
-    return tokens, held_w, fortune_w
+def corpora(cache: Path | None, context: int, eval_windows: int, vocab: int = text.VOCAB_SIZE, plays=None):
+    """Training tokens, held-out-play windows, fortune windows and the tokenizer (None for bytes; a BPE
+    of `vocab` tokens learned from the training plays only). `plays`: the texts, if already read."""
+    train_plays, held = text.split_plays(plays if plays is not None else text.shakespeare(cache))
+    bpe = text.train_tokenizer(train_plays.values(), vocab) if vocab != text.VOCAB_SIZE else None
+    tokens = text.encode(text.join_texts(train_plays), bpe)
+    held_w = text.windows(text.encode(text.join_texts(held), bpe), context, limit=eval_windows)
+    fortune_w = text.windows(text.encode(text.join_texts(text.fortunes()), bpe), context, limit=eval_windows)
+    return tokens, held_w, fortune_w, bpe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,17 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")
+    ap.add_argument("--vocab", type=int, default=text.VOCAB_SIZE,
+                    help="256: byte tokens; more: a byte-level BPE of this many tokens from the training plays")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tokens, held_w, fortune_w = corpora(CACHE, args.context, args.eval_windows)
-    model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.context, arch=args.arch)
+    tokens, held_w, fortune_w, bpe = corpora(CACHE, args.context, args.eval_windows, args.vocab)
+    model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.context, arch=args.arch,
+                        vocab=args.vocab)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{params / 1e6:.2f} M parameters; {tokens.numel() / 1e6:.2f} M training bytes; "
+    print(f"{params / 1e6:.2f} M parameters; {tokens.numel() / 1e6:.2f} M training tokens; "
           f"{len(held_w)} held-out and {len(fortune_w)} fortune windows of {args.context}", flush=True)
     t0 = time.perf_counter()
     train(model, tokens, seconds=args.minutes * 60, context=args.context, batch_size=args.batch_size)
     print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
     model.save_pretrained(args.out)
+    if bpe is not None:
+        bpe.save(str(args.out / "tokenizer.json"))
     print(f"held-out plays perplexity {perplexity(model, held_w):.3f}; fortunes perplexity "
           f"{perplexity(model, fortune_w):.3f}; saved to {args.out}", flush=True)
 

