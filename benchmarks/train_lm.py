@@ -130,18 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-windows", type=int, default=128)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")
+    ap.add_argument("--seed", type=int, default=0, help="the initial weights' and the batches' seed")
     ap.add_argument("--vocab", type=int, default=text.VOCAB_SIZE,
                     help="256: byte tokens; more: a byte-level BPE of this many tokens from the training plays")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokens, held_w, fortune_w, bpe = corpora(CACHE, args.context, args.eval_windows, args.vocab)
     model = build_model(args.hidden, args.layers, args.heads, args.intermediate, args.context, arch=args.arch,
-                        vocab=args.vocab)
+                        vocab=args.vocab, seed=args.seed)
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f} M parameters; {tokens.numel() / 1e6:.2f} M training tokens; "
           f"{len(held_w)} held-out and {len(fortune_w)} fortune windows of {args.context}", flush=True)
     t0 = time.perf_counter()
-    train(model, tokens, seconds=args.minutes * 60, context=args.context, batch_size=args.batch_size)
+    train(model, tokens, seconds=args.minutes * 60, context=args.context, batch_size=args.batch_size, seed=args.seed)
     print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
     model.save_pretrained(args.out)
     if bpe is not None:
