@@ -192,10 +192,6 @@ def encode(text: str, tokenizer=None) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text).ids, dtype=torch.int64)
 
 
-def vocab_size(tokenizer=None) -> int:
-    return VOCAB_SIZE if tokenizer is None else tokenizer.get_vocab_size()
-
-
 def _tokenizers():
     try:
         import tokenizers

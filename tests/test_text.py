@@ -152,7 +152,7 @@ CORPUS = ["Shall I compare thee to a summer's day? Thou art more lovely and more
 def test_a_bpe_learns_merges_deterministically_and_decodes_any_text(tmp_path):
     pytest.importorskip("tokenizers")
     bpe = text.train_tokenizer(CORPUS, 300)
-    assert text.vocab_size(bpe) == 300 and text.vocab_size() == text.VOCAB_SIZE
+    assert bpe.get_vocab_size() == 300
     assert text.train_tokenizer(CORPUS, 300).to_str() == bpe.to_str()   # the same texts, the same merges
     line = "summer's day"
     assert text.encode(line, bpe).numel() < len(line.encode()) == text.encode(line).numel()  # merges shorten it
