@@ -336,8 +336,11 @@ def encoded_parts(lowered) -> dict:
                 parts[key] = parts.get(key, 0) + value
             kind = f"{encoded.layout}/{encoded.codebook}"
             kinds[kind] = kinds.get(kind, 0) + 1
-    floats = sum(t.numel() * t.element_size() for name, t in lowered.state_dict().items()
-                 if not name.endswith("_encoded.payload"))
+    # a tied tensor (the embedding and the LM head) is in the state dict twice and in the file once
+    stored = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape): t.numel() * t.element_size()
+              for name, t in lowered.state_dict().items()
+              if not name.endswith("_encoded.payload")}
+    floats = sum(stored.values())
     return {"parts": parts, "kinds": kinds, "block_numel": numel, "other_encoded": other, "float_tensors": floats}
 
 
