@@ -39,6 +39,14 @@ CAUSAL.update({"gemma": {"num_key_value_heads": 2, "head_dim": 8}, "gemma2": {"n
                "hunyuan_v1_moe": {"num_key_value_heads": 2, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
                "gemma3_text": {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4},
                "lfm2": {"num_key_value_heads": 2}, "seed_oss": {"num_key_value_heads": 2, "head_dim": 8}})
+# causal models whose torch.export program is not the eager model bit for bit (Qwen3-Next's gated delta rule,
+# 3e-8 to 6e-8 from it, as torch.export's own program.module() is): not in the architecture table, whose
+# front-end column is bit for bit; tested where a tolerance is the claim (ONNX)
+CAUSAL_NOT_EXACT = {"qwen3_next": {
+    "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+    "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
+    "layer_types": ["linear_attention", "full_attention"]}}
 ENCODERS = ("bert", "distilbert", "roberta", "albert", "electra", "deberta-v2", "mpnet", "xlm-roberta")
 VISION = {
     "resnet": dict(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8),
@@ -66,8 +74,9 @@ def build(name: str, **config_overrides):
         model = hf.AutoModelForImageClassification.from_config(config)
         x, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     else:
-        config = hf.AutoConfig.for_model(name, **{**TEXT, **CAUSAL.get(name, {"num_labels": 3}), **config_overrides})
-        auto = hf.AutoModelForCausalLM if name in CAUSAL else hf.AutoModelForSequenceClassification
+        causal = CAUSAL | CAUSAL_NOT_EXACT
+        config = hf.AutoConfig.for_model(name, **{**TEXT, **causal.get(name, {"num_labels": 3}), **config_overrides})
+        auto = hf.AutoModelForCausalLM if name in causal else hf.AutoModelForSequenceClassification
         model = auto.from_config(config)
         x, other = torch.randint(3, 100, (2, 8)), torch.randint(3, 100, (2, 8))
     return model.eval(), x, other

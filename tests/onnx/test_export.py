@@ -559,7 +559,7 @@ def test_an_operator_the_exporter_lacks_is_a_config_error_naming_its_node(tmp_pa
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("name", ["llama", "cohere", "mixtral", "jetmoe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["llama", "cohere", "mixtral", "jetmoe", "deepseek_v3", "qwen3_next"])
 def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes_and_lengths(name, tmp_path, onnx):
     """transformers 5's Llama masks take torch.diff and a bool cumsum: the export failed with torch's untyped
     UnsupportedOperatorError before they were respelled; Cohere's rotary embedding repeats elements
@@ -567,7 +567,8 @@ def test_transformers_models_run_in_onnx_runtime_at_other_batch_sizes_and_length
     experts were refused: Mixtral's rows per expert are read from the data (`tolist`, counted by histc, which ONNX
     lacks), JetMoE's too (`item`), and JetMoE sums each token's experts with index_add, which the exporter wrote
     as an assignment (one expert's rows lost). DeepSeek-V3 writes its keys into slices of an empty tensor, which
-    the exporter lost (`writes_into_views_as_setitem`). Each batch below routes its tokens otherwise."""
+    the exporter lost (`writes_into_views_as_setitem`). Qwen3-Next's gated delta rule (tensor_split, eye, its
+    chunked recurrence) at a symbolic length. Each batch below routes its tokens otherwise."""
     pytest.importorskip("transformers")
     from hfmodels import build, logits
     model, tokens, _ = build(name)
