@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ...frontends.guards import check_input_shape
 from ...layers import KINDS, LayerKind
 from .layer_rules import (addmm, batch_norm, channel_shuffle, conv, conv_transpose, embedding, group_norm, instance_norm,
                           layer_norm, linear, mha, prelu)
@@ -97,6 +98,7 @@ FUNCTION_RULES.update({
     F.instance_norm: instance_norm, F.group_norm: group_norm, F.layer_norm: layer_norm, F.rms_norm: layer_norm,
     F.prelu: prelu, torch.channel_shuffle: channel_shuffle, F.channel_shuffle: channel_shuffle,
     getattr: shape,
+    check_input_shape: shape,   # the export front end's check of an input's sizes: reads them, no width changes
 })
 
 METHOD_RULES: dict[str, Rule] = {name: same for name in (

@@ -82,3 +82,19 @@ def test_layers_are_the_kinds_of_the_layer_vocabulary_in_both_forms():
         if kind.module is not None:  # addmm (HF's Conv1D) is a function inside a user module
             assert ops.MODULE_RULES[kind.module] is expected, kind.name
             assert kind.module in _FIXERS, kind.name  # pruning it fixes the module's width attributes
+
+
+def test_the_export_front_ends_input_checks_are_known_and_leave_channels_prunable():
+    """compile's export front end puts a check of the input's sizes after each input; channel pruning
+    named it an op it does not know (in its warning) though it only reads sizes."""
+    import fxcompress
+    from fxcompress.frontends.guards import check_input_shape
+    from fxcompress.passes import PruneChannels
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(4, 6)
+    gm = fxcompress.compile(model, [], (x,), frontend="export")
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][:1] == [check_input_shape]
+    assert PruneChannels(amount=0.5).unknown_ops(gm) == []
+    pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], (x,))
+    assert [p.shape for p in pruned.parameters()][:2] == [torch.Size([4, 6]), torch.Size([4])]
