@@ -1,4 +1,4 @@
-"""Train a small byte-level Llama (transformers' LlamaForCausalLM built from a config) on
+"""Train a small Llama (transformers' LlamaForCausalLM built from a config) over bytes on
 Shakespeare's plays, holding whole plays out, and save it for bench_llm.py.
 With `--vocab N` (N > 256) the tokens are a byte-level BPE of N tokens learned from the training plays
 (`fxcompress.text.train_tokenizer`), saved as tokenizer.json beside the weights; bench_llm.py reads it.
