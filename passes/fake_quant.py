@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -38,7 +37,7 @@ from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrat
 from fxcompress.quant.kmeans1d import INITS
 from fxcompress.quant.commuting import commutes_with_quantization, is_add
 from fxcompress.quant.observers import OBSERVERS
-from fxcompress.quant.quantizers import METHODS, SCALE_DTYPES, check_finite, check_groups
+from fxcompress.quant.quantizers import METHODS, SCALE_DTYPES, check_finite, check_groups, distinct_values
 from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, integer
 
 from .lower_integer_graph import is_activation_quant, is_relu
@@ -414,7 +413,6 @@ def _operand_quant(gm: GraphModule, x: Node, produced: set[Node]) -> Node | None
 # Statistics are summed 65536 values at a time: whole-layer float64 copies of a large layer's
 # weight, its quantized value, their difference and its square would cost 32 bytes a weight at once.
 _CHUNK = 1 << 16
-_NUMPY_UNIQUE = 4096  # values from which numpy's unique beats torch's (measured: equal near 3000)
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -429,24 +427,13 @@ def _pair_stats(pairs) -> dict[str, Any]:
     noise = signal = 0.0
     distinct = []
     for w, q in pairs:
-        distinct.append(_distinct(q))
+        distinct.append(distinct_values(q))
         w = w.to(torch.float64, copy=True)  # a copy even of a float64 weight: it is overwritten next
         signal += float((w ** 2).sum())
         w = w.sub_(q).square_()  # (w - q) ** 2 in float64, in place: the same values, no more chunk copies
         noise += float(w.sum())
     sqnr = float("inf") if noise == 0 else 10.0 * math.log10(signal / noise)
-    return {"levels": int(_distinct(torch.cat(distinct)).numel()), "sqnr_db": round(sqnr, 2)}
-
-
-def _distinct(values: torch.Tensor) -> torch.Tensor:
-    """torch.unique(values), by numpy's sort where both give the same set: a CPU float32 / float64
-    tensor without NaN (numpy merges NaNs, torch keeps each; -0.0 and 0.0 are one value in both).
-    torch's CPU sort made the levels count most of the statistics' time on a large layer: numpy's is
-    10x faster on 65536 values; below about 3000 torch's is faster, so small tensors stay with it."""
-    if values.numel() >= _NUMPY_UNIQUE and values.device.type == "cpu" and \
-            values.dtype in (torch.float32, torch.float64) and not bool(values.isnan().any()):
-        return torch.from_numpy(np.unique(values.detach().numpy()))
-    return torch.unique(values)
+    return {"levels": int(distinct_values(torch.cat(distinct)).numel()), "sqnr_db": round(sqnr, 2)}
 
 
 def _grid_losses(name: str, spec: LayerQuant, module: GridWeight, weight: torch.Tensor,

@@ -40,7 +40,7 @@ from ..errors import PreconditionError, VerificationError
 from ..layers import Layer, chain_module_node, constant_value, layer_node
 from ..pruning.masks import get_mask, stored_weight
 from ..quant.modules import GridWeight, KMeansWeight
-from ..quant.quantizers import Grid
+from ..quant.quantizers import Grid, distinct_values
 from .hessian import InputStats, damped_inverse
 from .second_order import BLOCKSIZE, as_matrix, from_matrix, output_error, sweep
 from .sequential import walk
@@ -243,7 +243,7 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
     _store(gm, layer, module, rounded, target, original)
     reference = max(output_error(original, torch.zeros_like(original), stats.hessian), 1e-30)
     noise = float((original - rounded).pow(2).sum())
-    return {"levels": int(torch.unique(rounded).numel()), "rounding": "gptq", "act_order": act_order,
+    return {"levels": int(distinct_values(rounded).numel()), "rounding": "gptq", "act_order": act_order,
             "every_code": target.every_code,  # or each value kept inside its grid's float range (None: codebook)
             "group_grids": None if not getattr(module, "group_size", None) else "static" if target.group is None
             else "sweep",  # found from the weights before the sweep, or as it reaches each group

@@ -3,7 +3,11 @@
 For a linear layer y = x W^T, the layer-wise reconstruction loss ||W X - W' X||^2 has the Hessian
 2 X^T X over the calibration tokens (Hassibi & Stork's OBS, as SparseGPT and GPTQ use it). It is
 accumulated in float64: summing millions of float32 outer products loses the small eigenvalues
-that the Cholesky factorization needs.
+that the Cholesky factorization needs. Each chunk's product is taken in float32 (the float64 one
+is 2.5-3.5x slower on this code's CPUs and was a third of a GPTQ pass) from rows shifted by a fixed
+per-channel offset, the first chunk's mean, and the offset's part is added back in float64: what
+float32 rounds is then only the spread of one chunk of at most CHUNK_ELEMENTS values around that
+offset, never a large common value (the case float32 sums lose).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class InputStats:
         self.abs_sum = torch.zeros(self.channels, dtype=torch.float64)
         self.abs_max = torch.zeros(self.channels, dtype=torch.float64)
         self.hessian = torch.zeros(self.channels, self.channels, dtype=torch.float64) if self.with_hessian else None
+        self._shift: torch.Tensor | None = None   # float64 per-channel offset of the float32 products
 
     def update(self, x: torch.Tensor, batch: int = 0) -> None:
         """Add a batch; the last dimension of `x` is the input channels."""
@@ -62,8 +67,20 @@ class InputStats:
         self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
         if self.hessian is not None:
             # running mean: the scale stays that of one token however many batches come
-            self.hessian.mul_(self.rows / (self.rows + n)).addmm_(rows.T, rows, alpha=1.0 / (self.rows + n))
+            self.hessian.mul_(self.rows / (self.rows + n)).add_(self._outer_sum(rows), alpha=1.0 / (self.rows + n))
         self.rows += n
+
+    def _outer_sum(self, rows: torch.Tensor) -> torch.Tensor:
+        """X^T X of a float64 chunk: (X - m)^T (X - m) in float32, plus m t^T + t m^T + n m m^T in float64,
+        where t is the chunk's sum of X - m (the expansion of X = (X - m) + m)."""
+        if self._shift is None:
+            self._shift = rows.mean(0)
+        centered = rows - self._shift
+        spread = centered.to(torch.float32)
+        product = (spread.T @ spread).to(torch.float64)
+        total = centered.sum(0)
+        product.addr_(self._shift, total).addr_(total, self._shift).addr_(self._shift, self._shift, alpha=rows.shape[0])
+        return product
 
     @property
     def norms(self) -> torch.Tensor:

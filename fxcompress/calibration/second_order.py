@@ -63,6 +63,7 @@ def sweep(weight: torch.Tensor, factor: torch.Tensor, *, pruned: torch.Tensor | 
         i2 = min(i1 + blocksize, cols)
         w1, h1 = w[:, i1:i2].clone(), factor[i1:i2, i1:i2]
         errors = torch.zeros_like(w1)
+        diagonal = torch.diag(h1).tolist()
         zeros = select is not None or bool(forced[:, i1:i2].any())  # no masked_fill where nothing is pruned
         for i in range(i2 - i1):
             if prepare is not None and i % prepare_every == 0:
@@ -76,8 +77,8 @@ def sweep(weight: torch.Tensor, factor: torch.Tensor, *, pruned: torch.Tensor | 
                 fixed = round_(i1 + i, fixed)
                 fixed = fixed.masked_fill(forced[:, i1 + i], 0.0) if zeros else fixed
             out[:, i1 + i] = fixed
-            error = (column - fixed) / h1[i, i]
-            w1[:, i:] -= error.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            error = (column - fixed).div_(diagonal[i])
+            w1[:, i:].addr_(error, h1[i, i:], alpha=-1)  # the rank-one update in place, no (out, block) temporary
             errors[:, i] = error
         w[:, i2:] -= errors @ factor[i1:i2, i2:]
     return SweepResult(out, forced)

@@ -42,6 +42,20 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
                                 f"can be quantized (check the training run that produced them)")
 
 
+NUMPY_UNIQUE = 4096  # values from which numpy's unique beats torch's (measured: equal near 3000)
+
+
+def distinct_values(values: torch.Tensor) -> torch.Tensor:
+    """torch.unique(values), by numpy's sort where both give the same set: a CPU float32 / float64
+    tensor without NaN (numpy merges NaNs, torch keeps each; -0.0 and 0.0 are one value in both).
+    torch's CPU sort made the levels count most of the statistics' time on a large layer: numpy's is
+    10x faster on 65536 values; below about 3000 torch's is faster, so small tensors stay with it."""
+    if values.numel() >= NUMPY_UNIQUE and values.device.type == "cpu" and \
+            values.dtype in (torch.float32, torch.float64) and not bool(values.isnan().any()):
+        return torch.from_numpy(np.unique(values.detach().numpy()))
+    return torch.unique(values)
+
+
 def as_rows(tensor: torch.Tensor, axis: int | None) -> torch.Tensor:
     """The tensor as (groups, values): one row per output channel along `axis`, or one row."""
     if axis is None:

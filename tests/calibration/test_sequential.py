@@ -89,11 +89,16 @@ def test_each_group_sees_the_inputs_the_compressed_groups_before_it_produce():
     final, before = _layer_inputs(gm, layers, batches), _layer_inputs(dense, layers, batches)
     for name, hessian in recorded.items():
         x = final[name]  # a layer's input depends only on the layers before it, all pruned by the end
-        torch.testing.assert_close(hessian, x.T @ x / x.shape[0], rtol=1e-10, atol=1e-12)
+        _assert_float32_close(hessian, x.T @ x / x.shape[0])
     x = before["layers.0.q"]
-    torch.testing.assert_close(recorded["layers.0.q"], x.T @ x / x.shape[0], rtol=1e-10, atol=1e-12)
+    _assert_float32_close(recorded["layers.0.q"], x.T @ x / x.shape[0])
     x = before["head"]  # the unpruned model's statistics are not what the head was calibrated on
     assert float((recorded["head"] - x.T @ x / x.shape[0]).abs().max()) > 1e-2 * float(recorded["head"].abs().max())
+
+
+def _assert_float32_close(hessian: torch.Tensor, exact: torch.Tensor) -> None:
+    """Equal up to the float32 products the statistics take (a millionth of the largest entry)."""
+    torch.testing.assert_close(hessian, exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
 
 
 def _peak_rss_growth(run) -> int:
