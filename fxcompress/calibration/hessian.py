@@ -4,7 +4,7 @@ For a linear layer y = x W^T, the layer-wise reconstruction loss ||W X - W' X||^
 2 X^T X over the calibration tokens (Hassibi & Stork's OBS, as SparseGPT and GPTQ use it). It is
 accumulated in float64: summing millions of float32 outer products loses the small eigenvalues
 that the Cholesky factorization needs. Each chunk's product is taken in float32 (the float64 one
-is 2.5-3.5x slower on this code's CPUs and was a third of a GPTQ pass) from rows shifted by a fixed
+was 2.5-3.5x slower on an AVX-512 CPU, a third of a GPTQ pass) from rows shifted by a fixed
 per-channel offset, the first chunk's mean, and the offset's part is added back in float64: what
 float32 rounds is then only the spread of one chunk of at most CHUNK_ELEMENTS values around that
 offset, never a large common value (the case float32 sums lose).
