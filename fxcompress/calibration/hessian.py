@@ -3,8 +3,8 @@
 For a linear layer y = x W^T, the layer-wise reconstruction loss ||W X - W' X||^2 has the Hessian
 2 X^T X over the calibration tokens (Hassibi & Stork's OBS, as SparseGPT and GPTQ use it). It is
 accumulated in float64: summing millions of float32 outer products loses the small eigenvalues
-that the Cholesky factorization needs. Each chunk's product is taken in float32 (the float64 one
-was 2.5-3.5x slower on an AVX-512 CPU, a third of a GPTQ pass) from rows shifted by a fixed
+that the Cholesky factorization needs. Each chunk's product is taken in float32 (float64 products
+were the largest part of a GPTQ pass's time) from rows shifted by a fixed
 per-channel offset, the first chunk's mean, and the offset's part is added back in float64: what
 float32 rounds is then only the spread of one chunk of at most CHUNK_ELEMENTS values around that
 offset, never a large common value (the case float32 sums lose).
@@ -88,8 +88,8 @@ class InputStats:
         return self.sq_sum.sqrt().float()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sq_sum, self.abs_sum, self.abs_max, self.hessian)
-                   if t is not None)
+        held = (self.sq_sum, self.abs_sum, self.abs_max, self.hessian, self._shift)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def test_memory_is_one_block_boundary_plus_one_hessian_not_every_blocks_activati
     growth = _peak_rss_growth(lambda: reports.append(walk(gm, select_layers(gm, "test"), batches,
                                                           lambda g, s: {}, owner="test")))
     hessian = width * width * 8
-    assert reports[0].peak_held_bytes <= boundary + hessian + 3 * width * 8
+    # and four per-channel float64 vectors: norms, mean |x|, max |x| and the products' offset
+    assert reports[0].peak_held_bytes <= boundary + hessian + 4 * width * 8
     assert growth < every_block / 2, f"peak grew by {growth / 2**20:.1f} MiB; every block's inputs are {every_block / 2**20:.0f} MiB"
 
 
