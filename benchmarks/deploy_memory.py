@@ -8,9 +8,10 @@ the system before each reading, as a long-running server would). "held" is what 
 calls by `NativeLayer.held_bytes` (the weight in the form its kernel reads: oneDNN's packed int8 layout,
 the float kernel's float32 weight, our C kernel's padded codes; scales and biases) plus the model's other
 tensors; the issue's target is a growth of at most 1.2x that. "python_objects" is what Python's allocator
-holds for another copy of the loaded model (tracemalloc: its graph, modules and manifest, not its tensors),
-which dominates the growth of the smallest models. "codes kept" is the same process after
-`hold_buffers()` on every layer: each layer's int8 codes registered again beside its kernel's form, what
+holds for another copy of the loaded model, kept alive while it is read (tracemalloc: its graph, modules
+and history; not its tensors, whose bytes numpy allocates on a plain load and reports to tracemalloc
+under a domain of its own: they are in "held"), which dominates the growth of the smallest models.
+"codes kept" is the same process after `hold_buffers()` on every layer: each layer's int8 codes registered again beside its kernel's form, what
 every native layer held before layers dropped them (both copies).
 
     python benchmarks/deploy_memory.py [--models resnet18 mobilenet_v2 lenet5 lenet300]
@@ -29,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
+import numpy as np
 import torch
 from deploy_sparse import format_rows, release_heap, rss_bytes
 
@@ -63,6 +65,13 @@ def held_bytes(model: torch.nn.Module) -> int:
     return sum(layer.held_bytes() for layer in layers) + sum(t.numel() * t.element_size() for t in others.values())
 
 
+def python_object_bytes(snapshot: tracemalloc.Snapshot) -> int:
+    """The traced bytes of Python's allocator alone: numpy reports its array data (a plain load's tensor
+    bytes, counted in "held") to tracemalloc under its own domain."""
+    own = snapshot.filter_traces([tracemalloc.DomainFilter(inclusive=False, domain=np.lib.tracemalloc_domain)])
+    return sum(stat.size for stat in own.statistics("filename"))
+
+
 def measure(path: Path, shape: tuple[int, ...]) -> dict:
     """In this (fresh) process: the resident growth of the model in `path` run at batch 1."""
     torch.set_num_threads(1)
@@ -83,9 +92,11 @@ def measure(path: Path, shape: tuple[int, ...]) -> dict:
         release_heap()
         kept = rss_bytes() - before
         tracemalloc.start()  # another copy: what Python's own objects of a loaded model take (graph, modules)
-        fxcompress.load(path)(x)
-        python = tracemalloc.get_traced_memory()[0]
+        copy = fxcompress.load(path)
+        copy(x)
+        python = python_object_bytes(tracemalloc.take_snapshot())
         tracemalloc.stop()
+        del copy
     return {"file_bytes": path.stat().st_size, "held_bytes": held, "resident_bytes": grown,
             "ratio": grown / held, "python_objects": python, "ratio without them": (grown - python) / held,
             "codes kept: resident_bytes": kept, "codes kept: ratio": kept / held}
