@@ -146,8 +146,22 @@ def trace(model: nn.Module, *, leaf_modules: Collection[Any] = (),
             f"hint: mark '{where}' as a leaf (compile(..., leaf_modules=['{where}'])) or pass "
             "concrete_args for inputs that the forward branches on"
         ) from exc
-    name = type(model).__name__
-    return GraphModule(tracer.root, graph, name)
+    gm = GraphModule(tracer.root, graph, type(model).__name__)
+    keep_non_persistent_buffers(tracer.root, gm)
+    return gm
+
+
+def keep_non_persistent_buffers(source: nn.Module, gm: GraphModule) -> None:
+    """The buffers `source` keeps out of its state_dict stay out of `gm`'s (torch.fx registers a buffer
+    the graph reads by `get_attr` again on the modules it makes, as a persistent one)."""
+    for name, _ in gm.named_buffers(remove_duplicate=False):
+        owner, _, slot = name.rpartition(".")
+        try:
+            original = source.get_submodule(owner)
+        except AttributeError:  # a path only the GraphModule has
+            continue
+        if slot in original._non_persistent_buffers_set:
+            gm.get_submodule(owner)._non_persistent_buffers_set.add(slot)
 
 
 def source_line(node: Node) -> str | None:

@@ -97,6 +97,95 @@ def _arange(args: tuple, kwargs: dict) -> int:
 _UNBOUNDED = 1 << 62
 
 
+def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _sizes(value: Any) -> tuple:
+    """A size written as one number or as a list of them."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _factor(value: Any) -> int:
+    """A scale factor written in the file (a float, or an int), rounded up; a node counts 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 1
+    if not math.isfinite(value) or value >= _UNBOUNDED:
+        return _UNBOUNDED
+    return max(math.ceil(value), 1)
+
+
+def _sequence_times(args: tuple, kwargs: dict) -> int:
+    """`[0] * n`, `"a" * n`, `n * (1, 2)`: a sequence written in the file repeated n times (the dry run
+    computes calls on constants for real)."""
+    if len(args) != 2:
+        return 1
+    for items, times in (args, args[::-1]):
+        if isinstance(items, (list, tuple, str)) and isinstance(times, int) and not isinstance(times, bool):
+            return max(len(items), 1) * max(times, 1)
+    return 1
+
+
+def _power(args: tuple, kwargs: dict) -> int:
+    """`7 ** n` on literal integers: the bits of the result (a huge integer costs memory and time)."""
+    if len(args) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+        return 1
+    base, exponent = args
+    return max(exponent, 1) * max(abs(base).bit_length(), 1) if abs(base) > 1 else 1
+
+
+def _padded(args: tuple, kwargs: dict) -> int:
+    """F.pad: each padded dimension grows by its two pads (as a factor of the input's size)."""
+    pads = _sizes(_argument(args, kwargs, 1, "pad", ()))
+    return math.prod(1 + _count(low) + _count(high) for low, high in zip(pads[::2], pads[1::2]))
+
+
+def _per_dim(value: Any, dims: int) -> tuple:
+    """A size or factor per spatial dimension: one number stands for every one of `dims`."""
+    values = _sizes(value)
+    return values * dims if len(values) == 1 else values
+
+
+def _interpolated(args: tuple, kwargs: dict) -> int:
+    """F.interpolate: the output size written in the file, or the scale factors. The input's rank is not
+    known here: one number counts once as a size (a long 1-d output is real) and over three dimensions as
+    a factor (real ones are small)."""
+    size, scale = _argument(args, kwargs, 1, "size"), _argument(args, kwargs, 2, "scale_factor")
+    if size is not None:
+        return _shape(_sizes(size))
+    return min(math.prod(_factor(f) for f in _per_dim(scale, 3 if not isinstance(scale, (list, tuple)) else 1)),
+               _UNBOUNDED)
+
+
+def _output_size(dims: int) -> Callable[[tuple, dict], int]:
+    """An adaptive pool's output size over its `dims` spatial dimensions (None keeps the input's)."""
+    return lambda args, kwargs: _shape(_per_dim(_argument(args, kwargs, 1, "output_size", ()), dims))
+
+
+def _transposed(dims: int) -> Callable[[tuple, dict], int]:
+    """conv_transpose over `dims` spatial dimensions: each grows by its stride, dilation and output padding."""
+    def count(args: tuple, kwargs: dict) -> int:
+        stride, output_padding, dilation = (_argument(args, kwargs, i, n, d) for i, n, d in
+                                            ((3, "stride", 1), (5, "output_padding", 0), (7, "dilation", 1)))
+        return _grown(stride, dilation, output_padding, dims)
+    return count
+
+
+def _grown(stride: Any, dilation: Any, output_padding: Any, dims: int) -> int:
+    """How much a transposed convolution can multiply its input's size (its weight's extent aside)."""
+    return math.prod(_count(s) + _count(d) + _count(o) for s, d, o in
+                     zip(_per_dim(stride, dims), _per_dim(dilation, dims), _per_dim(output_padding, dims)))
+
+
+def _padded_by(padding: Any, dims: int) -> int:
+    """A convolution's input grows by twice its padding in each dimension ('same' / 'valid' do not grow it)."""
+    return 1 if isinstance(padding, str) else math.prod(1 + 2 * _count(p) for p in _per_dim(padding, dims))
+
+
+def _convolved(dims: int) -> Callable[[tuple, dict], int]:
+    return lambda args, kwargs: _padded_by(_argument(args, kwargs, 4, "padding", 0), dims)
+
+
 # function or method name -> elements created, from (args, kwargs) as the graph node holds them
 CREATED_ELEMENTS: dict[Any, Callable[[tuple, dict], int]] = {
     torch.arange: _arange,
@@ -111,6 +200,34 @@ CREATED_ELEMENTS: dict[Any, Callable[[tuple, dict], int]] = {
     "new_full": lambda args, kwargs: _shape((args[1] if len(args) > 1 else kwargs.get("size", ()),)),
     "expand": lambda args, kwargs: _shape(args[1:] or (kwargs.get("size", ()),)),  # a view, read in full later
     "repeat": lambda args, kwargs: _shape(args[1:] or (kwargs.get("repeats", ()),)),  # times the input's size
+    # the ones below multiply the input's size by what the file writes
+    torch.repeat_interleave: lambda args, kwargs: _count(_argument(args, kwargs, 1, "repeats", 1)) * _count(
+        kwargs.get("output_size", 1)),
+    "repeat_interleave": lambda args, kwargs: _count(_argument(args, kwargs, 1, "repeats", 1)) * _count(
+        kwargs.get("output_size", 1)),
+    F.one_hot: lambda args, kwargs: _count(_argument(args, kwargs, 1, "num_classes", 1)),
+    torch.histc: lambda args, kwargs: _count(_argument(args, kwargs, 1, "bins", 1)),
+    F.pad: _padded,
+    F.interpolate: _interpolated,
+    **{fn: _output_size(dims) for fn, dims in ((F.adaptive_avg_pool1d, 1), (F.adaptive_avg_pool2d, 2),
+                                                (F.adaptive_avg_pool3d, 3), (F.adaptive_max_pool1d, 1),
+                                                (F.adaptive_max_pool2d, 2), (torch.adaptive_avg_pool1d, 1))},
+    **{fn: _convolved(dims) for fn, dims in ((F.conv1d, 1), (F.conv2d, 2), (F.conv3d, 3))},
+    **{fn: _transposed(dims) for fn, dims in ((F.conv_transpose1d, 1), (F.conv_transpose2d, 2),
+                                              (F.conv_transpose3d, 3))},
+    operator.mul: _sequence_times,
+    operator.pow: _power,
+}
+# module type -> elements its forward creates per input element from the sizes its configuration writes
+# (the standard layers a file may name: MODULES below; their configurations are checked like their calls)
+MODULE_CREATED_ELEMENTS: dict[type, Callable[[nn.Module], int]] = {
+    nn.Conv1d: lambda m: _padded_by(m.padding, 1), nn.Conv2d: lambda m: _padded_by(m.padding, 2),
+    nn.Conv3d: lambda m: _padded_by(m.padding, 3),
+    nn.ConvTranspose1d: lambda m: _grown(m.stride, m.dilation, m.output_padding, 1),
+    nn.ConvTranspose2d: lambda m: _grown(m.stride, m.dilation, m.output_padding, 2),
+    nn.ConvTranspose3d: lambda m: _grown(m.stride, m.dilation, m.output_padding, 3),
+    nn.AdaptiveAvgPool1d: lambda m: _shape(_per_dim(m.output_size, 1)),
+    nn.AdaptiveAvgPool2d: lambda m: _shape(_per_dim(m.output_size, 2)),
 }
 # Elements a call may create from sizes written in the file: as many as the model's own tensors hold
 # together (the file carries at least that many bytes), plus this much for a parameter-free graph's

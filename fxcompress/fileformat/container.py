@@ -47,8 +47,10 @@ from .dryrun import dry_run, record_inputs
 from .graphdata import fail, graph_from_data, graph_to_data, modules_from_data, modules_to_data, split_slot
 
 MAGIC = b"\x89FXC\r\n\x1a\n"
-VERSION = 2
-VERSIONS = (1, 2)  # what this reader knows: version 1 files have no `inputs` and load without a dry run
+VERSION = 3
+# what this reader knows: version 1 files have no `inputs` and load without a dry run; version 3 adds
+# buffers that stay out of the state_dict (`non_persistent_buffer`) and modules held under two paths (`alias`)
+VERSIONS = (1, 2, 3)
 # the method a module that keeps some of its buffers in another form between calls (a native layer's codes in its
 # kernel's packed weight) defines to register them again before its buffers are read
 HOLD_BUFFERS = "hold_buffers"
@@ -69,20 +71,29 @@ _INFLATE_CHUNK = 1 << 16  # what one decompress call may add: a small file costs
 MAX_JSON_DEPTH = 64  # real manifests nest about 10 levels
 MAX_TENSOR_DIMS = 32
 _MANIFEST_KEYS = {"graph", "modules", "tensors", "history", "data_bytes"}
-_KEYS_BY_VERSION = {1: _MANIFEST_KEYS, 2: _MANIFEST_KEYS | {"inputs"}}
+_KEYS_BY_VERSION = {1: _MANIFEST_KEYS, 2: _MANIFEST_KEYS | {"inputs"}, 3: _MANIFEST_KEYS | {"inputs"}}
+# a tensor entry's kind -> the module store it fills
+_STORES = {"parameter": "_parameters", "buffer": "_buffers", "non_persistent_buffer": "_buffers"}
 _TENSOR_KEYS = {"name", "kind", "dtype", "shape", "offset", "length", "crc32", "requires_grad"}
 _HISTORY_TYPES = {"name": str, "config": dict, "changed": bool, "nodes_created": list, "nodes_erased": list,
                   "nodes_changed": list, "params_touched": list, "stats": dict, "seconds": (int, float)}
 
 
+_SAVED_DTYPES = frozenset(DTYPES.values())
 _TIE_KEYS = {"name", "same_as"}  # a second name of a tensor stored earlier (an LM head tied to its embedding)
 
 
 def _tensors(gm: GraphModule) -> list[tuple[str, str, torch.Tensor]]:
     # every name of a shared tensor: the first carries its bytes, the others name it (`same_as`)
     found = [(name, "parameter", p) for name, p in gm.named_parameters(remove_duplicate=False)]
-    found += [(name, "buffer", b) for name, b in gm.named_buffers(remove_duplicate=False)]
+    found += [(name, _buffer_kind(gm, name), b) for name, b in gm.named_buffers(remove_duplicate=False)]
     return found
+
+
+def _buffer_kind(gm: GraphModule, name: str) -> str:
+    owner, _, slot = name.rpartition(".")
+    persistent = slot not in gm.get_submodule(owner)._non_persistent_buffers_set
+    return "buffer" if persistent else "non_persistent_buffer"
 
 
 def _raw(tensor: torch.Tensor) -> memoryview:
@@ -126,6 +137,9 @@ def _layout(gm: GraphModule, deterministic: bool, example_inputs: object = None)
             table.append({"name": name, "same_as": first_name[id(tensor)]})
             continue
         first_name[id(tensor)] = name
+        if tensor.dtype not in _SAVED_DTYPES:
+            raise FormatError(f"cannot save tensor {name!r}: dtype {str(tensor.dtype).removeprefix('torch.')} is not "
+                              f"supported (the format holds {', '.join(DTYPES)})")
         data = _raw(tensor)
         table.append({"name": name, "kind": kind, "dtype": str(tensor.dtype).removeprefix("torch."),
                       "shape": list(tensor.shape), "offset": offset, "length": len(data),
@@ -179,6 +193,7 @@ def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp's is 0600: other readers (a model server) could not open it
         with os.fdopen(fd, "wb") as f:
             size = _write(gm, f, deterministic, example_inputs)
             f.flush()
@@ -189,6 +204,16 @@ def save(gm: GraphModule, path: str | os.PathLike, *, deterministic: bool = True
             os.unlink(tmp)
         raise
     return size
+
+
+def _file_mode(path: Path) -> int:
+    """The mode `path` has, or a new file's (what `open` would give it under the process's umask)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def load(path: str | os.PathLike, *, mmap: bool = False) -> GraphModule:
@@ -224,6 +249,7 @@ def _from_buffer(data, mapped: mmap_module.mmap | None = None) -> GraphModule:
         _load_tensors(root, manifest["tensors"], data, start, manifest["data_bytes"], mapped)
         _check_loaded(root)
         gm = GraphModule(root, graph_from_data(manifest["graph"], root))
+        _keep_out_of_state_dict(gm, manifest["tensors"])
         gm.graph.lint()
         set_history(gm, _history(manifest["history"]))
         if inputs is not None:
@@ -352,8 +378,8 @@ def _check_entry(entry: object, index: int, seen: set, offset: int, data_bytes: 
     shape, length = entry["shape"], entry["length"]
     if not isinstance(name, str) or name in seen:
         raise fail(where, "name must be a string, used once")
-    if entry["kind"] not in ("parameter", "buffer") or not isinstance(entry["requires_grad"], bool):
-        raise fail(where, "kind must be 'parameter' or 'buffer' and requires_grad a boolean")
+    if entry["kind"] not in _STORES or not isinstance(entry["requires_grad"], bool):
+        raise fail(where, f"kind must be one of {sorted(_STORES)} and requires_grad a boolean")
     if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
         raise fail(where, f"dtype {entry['dtype']!r} is not supported")
     if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
@@ -381,11 +407,11 @@ def _check_slot(module: torch.nn.Module, slot: str, entry: dict) -> None:
     """An existing slot keeps its kind, shape and kind of dtype (a module with `check_loaded` checks its
     own shapes); a new slot may not shadow an attribute."""
     where = f"tensor {entry['name']!r}"
-    stores = {"parameter": module._parameters, "buffer": module._buffers}
-    if slot in stores["parameter"] or slot in stores["buffer"]:
-        if slot not in stores[entry["kind"]]:
+    store = getattr(module, _STORES[entry["kind"]])
+    if slot in module._parameters or slot in module._buffers:
+        if slot not in store:
             raise fail(where, f"is stored as a {entry['kind']}, but the rebuilt module has it as the other kind")
-        current = stores[entry["kind"]][slot]
+        current = store[slot]
         dtype = DTYPES[entry["dtype"]]
         if current is not None and not hasattr(type(module), "check_loaded") and (list(current.shape) != entry["shape"]
                                     or current.dtype.is_floating_point != dtype.is_floating_point
@@ -438,14 +464,23 @@ def _attach(module: torch.nn.Module, slot: str, entry: dict, tensor: torch.Tenso
 
 def _register(module: torch.nn.Module, slot: str, kind: str, tensor: torch.Tensor) -> None:
     """Put `tensor` in `slot` as a parameter or a buffer, replacing what the rebuilt module had there (a buffer
-    its constructor made non-persistent stays so: its state_dict is the saved module's)."""
-    persistent = slot not in module._non_persistent_buffers_set
+    the file or its constructor makes non-persistent stays so: its state_dict is the saved module's)."""
+    persistent = kind != "non_persistent_buffer" and slot not in module._non_persistent_buffers_set
     module._parameters.pop(slot, None)
     module._buffers.pop(slot, None)
     if kind == "parameter":
         module.register_parameter(slot, tensor)
     else:
         module.register_buffer(slot, tensor, persistent=persistent)
+
+
+def _keep_out_of_state_dict(gm: GraphModule, table: list) -> None:
+    """The file's non-persistent buffers stay so in the GraphModule (torch.fx registers the buffers a graph
+    reads by `get_attr` again on the modules it makes, as persistent ones)."""
+    for entry in table:
+        if entry.get("kind") == "non_persistent_buffer":
+            module, slot = split_slot(gm, entry["name"], f"tensor {entry['name']!r}")
+            module._non_persistent_buffers_set.add(slot)
 
 
 def _drop_unsaved(root: torch.nn.Module) -> None:

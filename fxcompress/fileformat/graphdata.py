@@ -24,9 +24,10 @@ from torch.fx import Graph, GraphModule, Node
 from fxcompress.errors import FormatError
 
 from .allowlist import (CREATED_ELEMENTS, CREATED_SLACK, DEVICE_FIELDS, DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS,
-                        MODULE_NAMES, MODULES, NUMERIC_LIMITS, TENSOR_PROPERTIES,
+                        MODULE_CREATED_ELEMENTS, MODULE_NAMES, MODULES, NUMERIC_LIMITS, TENSOR_PROPERTIES,
                         ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
 
+ALIAS = "alias"  # a module table entry naming a module listed earlier under another path
 MAX_ARG_DEPTH = 32  # nesting of one argument (tuples, lists, dicts, slices)
 _NODE_KEYS = {"name", "op", "target", "args", "kwargs"}
 _MODULE_KEYS = {"path", "type", "config", "training"}
@@ -105,8 +106,9 @@ def graph_to_data(gm: GraphModule) -> list[dict]:
 def modules_to_data(gm: GraphModule) -> list[dict]:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     ours = {cls: name for name, cls in fxcompress_modules().items()}
-    described, rebuilt = [], []  # rebuilt: paths of our modules, whose children their config recreates
-    for path, module in gm.named_modules():
+    described, rebuilt = [], []  # rebuilt: paths whose children are recreated with them (our modules, aliases)
+    first_path: dict[int, str] = {}  # a module held under several paths is described once, under its first
+    for path, module in gm.named_modules(remove_duplicate=False):
         if not path:
             described.append({"path": "", "type": "root", "config": {}, "training": module.training})
             continue
@@ -115,7 +117,10 @@ def modules_to_data(gm: GraphModule) -> list[dict]:
         if not all(map(is_safe_path_part, path.split("."))):
             raise FormatError(f"cannot save module {path!r}: a path step is not a plain identifier")
         cls = type(module)
-        if cls in MODULE_NAMES:
+        if id(module) in first_path:
+            described.append({"path": path, "type": ALIAS, "config": {"same_as": first_path[id(module)]}})
+            rebuilt.append(path)
+        elif cls in MODULE_NAMES:
             fields = MODULES[MODULE_NAMES[cls]][1]
             described.append({"path": path, "type": MODULE_NAMES[cls],
                               "config": {f: _encode_arg(getattr(module, f), path) for f in fields}})
@@ -127,6 +132,7 @@ def modules_to_data(gm: GraphModule) -> list[dict]:
                               "(fxcompress.register_module adds a trusted one)")
         else:
             described.append({"path": path, "type": "container", "config": {}})
+        first_path.setdefault(id(module), path)
         described[-1]["training"] = module.training
     return described
 
@@ -333,12 +339,19 @@ def _check_call(op: str, target: Any, args: tuple, kwargs: dict, where: str) -> 
         raise fail(where, f"the arguments do not match the signature of {getattr(target, '__name__', target)}")
 
 
-def _check_sizes(op: str, target: Any, args: tuple, kwargs: dict, budget: int, where: str) -> None:
-    """A call that allocates by sizes written in the file stays within `budget` elements."""
-    count = CREATED_ELEMENTS.get(target) if op in ("call_function", "call_method") else None
-    if count is not None and count(args, kwargs) > budget:
-        raise fail(where, f"{getattr(target, '__name__', target)} would create {count(args, kwargs)} elements from "
-                          f"sizes the file states, more than the model's tensors hold plus {CREATED_SLACK} ({budget})")
+def _check_sizes(root: nn.Module, op: str, target: Any, args: tuple, kwargs: dict, budget: int, where: str) -> None:
+    """A call that allocates by sizes written in the file (its arguments, or its module's configuration)
+    stays within `budget` elements."""
+    if op == "call_module":
+        module = submodule(root, target, where)
+        count = MODULE_CREATED_ELEMENTS.get(type(module))
+        created, what = (count(module), type(module).__name__) if count is not None else (0, "")
+    else:
+        count = CREATED_ELEMENTS.get(target) if op in ("call_function", "call_method") else None
+        created, what = (count(args, kwargs), getattr(target, "__name__", target)) if count is not None else (0, "")
+    if created > budget:
+        raise fail(where, f"{what} would create {created} elements from sizes the file states, more than the "
+                          f"model's tensors hold plus {CREATED_SLACK} ({budget})")
 
 
 def _mentions_node(value: Any) -> bool:
@@ -395,7 +408,7 @@ def graph_from_data(items: Any, root: nn.Module) -> Graph:
             raise fail(where, "args must be a tuple")
         kwargs = _kwargs(item["kwargs"], nodes, where)
         _check_call(op, target, args, kwargs, where)
-        _check_sizes(op, target, args, kwargs, budget, where)
+        _check_sizes(root, op, target, args, kwargs, budget, where)
         node = graph.create_node(op, target, args, kwargs, name=name)
         if node.name != name:
             raise fail(where, f"name is already used or reserved (torch.fx renamed it {node.name!r})")
@@ -515,22 +528,40 @@ def _module_entry(root: nn.Module, item: Any, index: int) -> tuple[nn.Module, st
     return parent, name, where
 
 
+def _aliased(root: nn.Module, item: dict, listed: set, where: str) -> nn.Module:
+    """The module an alias entry names: listed before it, and not one that contains the alias (a cycle)."""
+    config = _typed(item["config"], dict, where, "config")
+    if set(config) != {"same_as"} or config["same_as"] not in listed - {"", item["path"]}:
+        raise fail(where, "an alias's config is exactly {'same_as': <the path of a module listed before it>}")
+    module = submodule(root, config["same_as"], where)
+    steps = item["path"].split(".")[:-1]
+    containers = [submodule(root, ".".join(steps[:i]), where) for i in range(len(steps) + 1)]
+    if any(container is module for container in containers):
+        raise fail(where, f"an alias of {_short(config['same_as'])} inside it would make the module tree a cycle")
+    return module
+
+
 def modules_from_data(described: Any) -> nn.Module:
     """The module tree, built on the meta device: no constructor allocates by the sizes a file declares.
 
     The tensor table then provides every real tensor.
     """
-    root, paths = nn.Module(), set()
+    root, paths, aliases = nn.Module(), set(), []
     for index, item in enumerate(_typed(described, list, "modules", "the module table")):
         parent, name, where = _module_entry(root, item, index)
         if item["path"] in paths:
             raise fail(where, "is listed twice")
+        if any(item["path"].startswith(alias + ".") for alias in aliases):
+            raise fail(where, "lies below an alias (its module's entries are under the path it was first listed at)")
         paths.add(item["path"])
         if index == 0:
             _typed(item["config"], dict, where, "config")
             root.training = item["training"]
             continue
-        if name in parent._modules:  # made by its parent's constructor; its tensors follow
+        if item["type"] == ALIAS:  # a second path of a module listed earlier: the very module
+            module = _aliased(root, item, paths, where)
+            aliases.append(item["path"])
+        elif name in parent._modules:  # made by its parent's constructor; its tensors follow
             if item["type"] != "container" or parent._modules[name] is None:
                 raise fail(where, "a submodule its parent builds can only be listed as a container")
             module = parent._modules[name]

@@ -1,7 +1,12 @@
+import operator
 import sys
+import time
+import tracemalloc
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import fx, nn
 
 import fxcompress
 from fxcompress.fileformat import allowlist
@@ -12,6 +17,8 @@ from fxcompress.quant.integer import IntegerLayer, QuantizeInput
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 from fxcompress.quant import ActivationQuant
 from fxcompress.zoo import LeNet5
+
+from .hostile import read_manifest, with_manifest
 
 
 def _activation_quantized(x):
@@ -221,3 +228,141 @@ def test_a_size_computed_in_the_forward_counts_one_element():
     assert allowlist.CREATED_ELEMENTS["expand"]((x, length, 1000), {}) == 1000
     assert allowlist.CREATED_ELEMENTS[torch.arange]((0, float("inf")), {}) > 1 << 60
     assert allowlist.CREATED_ELEMENTS[torch.arange]((0, 10 ** 400), {}) == 10 ** 400  # exact, no float overflow
+
+
+# ---- sizes a file states that multiply the input's --------------------------------------------------
+
+# (function or method, the input, args after it, kwargs): calls whose output grows with a size the file writes
+_GROWTHS = [
+    (F.pad, torch.randn(2, 3, 4), ((1, 2, 0, 3),), {}),
+    (F.pad, torch.randn(1, 5), (), {"pad": [4, 4]}),
+    (torch.repeat_interleave, torch.randn(3, 2), (4,), {}),
+    (torch.repeat_interleave, torch.randn(3, 2), (2,), {"dim": 0, "output_size": 6}),
+    ("repeat_interleave", torch.randn(3, 2), (5,), {}),
+    (F.one_hot, torch.tensor([0, 2, 1]), (7,), {}),
+    (torch.histc, torch.randn(10), (), {"bins": 33}),
+    (F.interpolate, torch.randn(1, 2, 3, 3), (None, 4.0), {}),
+    (F.interpolate, torch.randn(1, 2, 3, 3), (), {"scale_factor": (2.0, 3.5)}),
+    (F.interpolate, torch.randn(1, 2, 3, 3), ((9, 12),), {}),
+    (F.interpolate, torch.randn(1, 2, 4), (), {"size": 11}),
+    (F.adaptive_avg_pool2d, torch.randn(1, 2, 3, 3), ((8, 5),), {}),
+    (F.adaptive_avg_pool1d, torch.randn(1, 2, 3), (13,), {}),
+    (F.adaptive_max_pool2d, torch.randn(1, 2, 2, 2), (6,), {}),
+    (F.conv2d, torch.randn(1, 2, 3, 3), (torch.randn(2, 2, 1, 1), None, 1, 5), {}),  # channels kept: the
+    # weight's own growth is the file's tensors
+    (F.conv1d, torch.randn(1, 2, 3), (torch.randn(2, 2, 3),), {"padding": "same"}),
+    (F.conv_transpose2d, torch.randn(1, 2, 3, 3), (torch.randn(2, 2, 2, 2), None, 4), {"output_padding": 1}),
+    (F.conv_transpose1d, torch.randn(1, 2, 3), (torch.randn(2, 2, 3), None, 2, 1, 1, 1, 3), {}),
+]
+
+
+@pytest.mark.parametrize("target, x, args, kwargs", _GROWTHS, ids=lambda v: getattr(v, "__name__", None))
+def test_a_growth_count_bounds_what_torch_creates_per_input_element(target, x, args, kwargs):
+    """The count is a factor on the input's size: at least what torch's output holds per input element
+    (of the input, and of a weight, the file's own tensors)."""
+    count = allowlist.CREATED_ELEMENTS[target]
+    node_args = (x, *args)
+    made = getattr(x, target)(*args, **kwargs) if isinstance(target, str) else target(*node_args, **kwargs)
+    assert isinstance(target, str) or target in allowlist.FUNCTION_NAMES
+    assert count(node_args, kwargs) * x.numel() >= made.numel()
+
+
+@pytest.mark.parametrize("module, x", [
+    (nn.Conv2d(2, 3, 1, padding=(2, 4)), torch.randn(1, 2, 2, 2)),
+    (nn.Conv1d(2, 3, 3, padding="same"), torch.randn(1, 2, 5)),
+    (nn.ConvTranspose2d(2, 3, 3, stride=3, output_padding=2, dilation=1), torch.randn(1, 2, 2, 2)),
+    (nn.ConvTranspose1d(2, 1, 2, stride=5, dilation=2), torch.randn(1, 2, 3)),
+    (nn.AdaptiveAvgPool2d((7, None)), torch.randn(1, 2, 3, 3)),
+    (nn.AdaptiveAvgPool1d(9), torch.randn(1, 2, 3)),
+], ids=lambda v: type(v).__name__)
+def test_a_module_growth_count_bounds_what_its_forward_creates(module, x):
+    count = allowlist.MODULE_CREATED_ELEMENTS[type(module)](module)
+    assert count * max(x.numel(), module.weight.numel() if hasattr(module, "weight") else 0) >= module(x).numel()
+
+
+def test_python_values_a_file_repeats_count_their_size():
+    """The dry run computes calls on constants for real: `[0] * n` and `7 ** n` count what they make."""
+    mul, power = allowlist.CREATED_ELEMENTS[operator.mul], allowlist.CREATED_ELEMENTS[operator.pow]
+    assert mul(([0, 1], 5), {}) == len([0, 1] * 5) and mul((3, "ab"), {}) == len(3 * "ab")
+    assert mul((3, 4), {}) == 1 and mul((2.5, 4), {}) == 1
+    assert power((7, 100), {}) >= (7 ** 100).bit_length() and power((2.0, 3), {}) == 1
+
+
+def _saved_call(target, x, args, kwargs=None):
+    graph = fx.Graph()
+    node = graph.placeholder("x")
+    made = (graph.call_method(target, (node, *args), kwargs or {}) if isinstance(target, str)
+            else graph.call_function(target, (node, *args), kwargs or {}))
+    graph.output(made)
+    return to_bytes(fx.GraphModule(nn.Module(), graph), example_inputs=(x,))
+
+
+def _with_huge(data, edit):
+    manifest = read_manifest(data)
+    edit(manifest)
+    return with_manifest(data, manifest)
+
+
+def _call_args(manifest):
+    return next(n for n in manifest["graph"] if n["op"] in ("call_function", "call_method"))["args"]["t"]
+
+
+_HUGE = 1 << 40
+# name -> (file of a small call, its edit to a size of 2**40 written in the file)
+_HOSTILE_GROWTHS = {
+    "pad": (lambda: _saved_call(F.pad, torch.randn(1, 4), ((0, 3),)),
+            lambda m: _call_args(m).__setitem__(1, {"t": [0, _HUGE]})),
+    "repeat_interleave": (lambda: _saved_call(torch.repeat_interleave, torch.randn(4), (3,)),
+                          lambda m: _call_args(m).__setitem__(1, _HUGE)),
+    "one_hot": (lambda: _saved_call(F.one_hot, torch.tensor([0, 1]), (3,)),
+                lambda m: _call_args(m).__setitem__(1, _HUGE)),
+    "interpolate": (lambda: _saved_call(F.interpolate, torch.randn(1, 1, 4), (None, 2.0)),
+                    lambda m: _call_args(m).__setitem__(2, 1e12)),
+    "adaptive_avg_pool2d": (lambda: _saved_call(F.adaptive_avg_pool2d, torch.randn(1, 1, 2, 2), ((2, 2),)),
+                            lambda m: _call_args(m).__setitem__(1, {"t": [_HUGE, _HUGE]})),
+    "list_times": (lambda: _saved_call(operator.add, torch.randn(2), (1,)),
+                   lambda m: _to_constant_call(m, "operator.mul", [[0], 50_000_000])),
+    "power": (lambda: _saved_call(operator.add, torch.randn(2), (1,)),
+              lambda m: _to_constant_call(m, "operator.pow", [7, 20_000_000])),
+}
+
+
+def _to_constant_call(manifest, function, args):
+    """The call becomes `function(*args)` on constants, its result returned beside the input."""
+    call = next(n for n in manifest["graph"] if n["op"] == "call_function")
+    call.update(target=function, args={"t": args})
+    output = manifest["graph"][-1]
+    output["args"] = {"t": [{"t": [{"n": manifest["graph"][0]["name"]}, {"n": call["name"]}]}]}
+
+
+@pytest.mark.parametrize("name", sorted(_HOSTILE_GROWTHS))
+def test_a_file_writing_a_huge_growth_is_refused_before_anything_runs(name):
+    """A few hundred bytes naming a size of 2**40 (or a list repeated 5e7 times, an integer with 6e7
+    bits, which the dry run would compute for real) are refused by name, at once and without memory."""
+    make, edit = _HOSTILE_GROWTHS[name]
+    data = make()
+    from_bytes(data)  # the small call loads
+    hostile = _with_huge(data, edit)
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(FormatError, match=r"graph node '\w+'.* would create \d+ elements from sizes the file states"):
+        from_bytes(hostile)
+    seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 2.0 and peak < 20 * 2 ** 20, (seconds, peak)
+
+
+@pytest.mark.parametrize("module, x, field, value", [
+    (nn.Conv2d(1, 1, 1), torch.randn(1, 1, 2, 2), "padding", [_HUGE, 0]),
+    (nn.ConvTranspose2d(1, 1, 1), torch.randn(1, 1, 2, 2), "stride", [_HUGE, _HUGE]),
+    (nn.AdaptiveAvgPool2d(2), torch.randn(1, 1, 2, 2), "output_size", [_HUGE, _HUGE]),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None)
+def test_a_module_whose_configuration_writes_a_huge_growth_is_refused(module, x, field, value):
+    data = to_bytes(fx.symbolic_trace(nn.Sequential(module)), example_inputs=(x,))
+    from_bytes(data)
+
+    def edit(manifest):
+        entry = next(e for e in manifest["modules"] if e["path"] == "0")
+        entry["config"][field] = {"t": value}
+    with pytest.raises(FormatError, match=r"graph node '\w+'.* would create \d+ elements from sizes the file states"):
+        from_bytes(_with_huge(data, edit))

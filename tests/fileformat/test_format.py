@@ -1,5 +1,6 @@
 """save / load: exact round trips, safety (no pickle, allow-lists), and damage always detected."""
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -293,3 +294,75 @@ def test_saving_is_byte_identical_across_processes(tmp_path):
     records = fxcompress.history(from_bytes(here))
     assert [r.name for r in records] == ["InsertMasks", "InsertFakeQuant", "LowerToEncoded"]
     assert all(r.seconds == 0.0 for r in records)
+
+
+# ---- what a module holds beyond its tensors: non-persistent buffers, a module under two paths ----------
+
+class _Scaled(torch.nn.Module):
+    """A buffer kept out of the state_dict (a constant the forward reads), on the root and on a layer."""
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.fc.register_buffer("offset", torch.full((4,), 0.5), persistent=False)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+    def forward(self, x):
+        return (self.fc(x) + self.fc.offset) * self.scale
+
+
+def test_non_persistent_buffers_stay_out_of_the_state_dict(tmp_path):
+    gm = fxcompress.compile(_Scaled().eval(), [], example_inputs=(torch.randn(2, 4),))
+    assert sorted(gm.state_dict()) == ["fc.bias", "fc.weight"]
+    fxcompress.save(gm, tmp_path / "m.fxc")
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    assert sorted(loaded.state_dict()) == ["fc.bias", "fc.weight"]
+    loaded.load_state_dict(gm.state_dict())  # strict: the keys are the saved model's
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded(x), gm(x))
+
+
+def test_a_module_held_under_two_paths_loads_as_one_module(tmp_path):
+    shared = torch.nn.Linear(4, 4)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_module("b", (graph.call_function(torch.relu, (graph.call_module("a", (x,)),)),)))
+    gm = torch.fx.GraphModule({"a": shared, "b": shared}, graph)
+    fxcompress.save(gm, tmp_path / "m.fxc", example_inputs=(torch.randn(2, 4),))
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    assert loaded.a is loaded.b and loaded.a.weight is loaded.b.weight
+    inputs = torch.randn(3, 4)
+    assert torch.equal(loaded(inputs), gm(inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.uint16, torch.float8_e4m3fn])
+def test_a_tensor_the_format_cannot_hold_is_refused_at_save_naming_it(tmp_path, dtype):
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    gm.register_buffer("extra", torch.ones(3).to(dtype))
+    with pytest.raises(FormatError, match=r"cannot save tensor 'extra': dtype \w+ is not supported"):
+        fxcompress.save(gm, tmp_path / "m.fxc")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+
+
+def test_a_saved_file_gets_the_mode_open_would_give_it_and_keeps_an_existing_ones(tmp_path):
+    import os
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    old = os.umask(0o022)
+    try:
+        fxcompress.save(gm, tmp_path / "new.fxc")
+        assert os.stat(tmp_path / "new.fxc").st_mode & 0o777 == 0o644
+        (tmp_path / "old.fxc").touch()
+        os.chmod(tmp_path / "old.fxc", 0o640)
+        fxcompress.save(gm, tmp_path / "old.fxc")
+        assert os.stat(tmp_path / "old.fxc").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_version_2_file_still_loads(lenet300_bytes):
+    """Version 3 added buffer kinds and aliases only: a file without them is the version 2 file."""
+    data = bytearray(lenet300_bytes)
+    struct.pack_into("<H", data, 8, 2)
+    header_crc = zlib.crc32(bytes(data[:HEADER_BYTES - 4]))
+    struct.pack_into("<I", data, HEADER_BYTES - 4, header_crc)
+    x = ZOO["lenet300"][1]()
+    assert torch.equal(from_bytes(bytes(data))(x), from_bytes(lenet300_bytes)(x))

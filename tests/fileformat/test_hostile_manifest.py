@@ -173,10 +173,12 @@ def test_exactly_one_output_node_and_it_is_last(change):
     _refused(_edited("lenet300", edit), "must end with its one output node")
 
 
-@pytest.mark.parametrize("depth, match", [(100_000, "inflates beyond"), (10_000, "nested too deeply")])
+@pytest.mark.parametrize("depth, match", [(100_000, "inflates beyond"), (10_000, "nested too deeply"),
+                                          (100, "nested deeper than 64 levels")])
 def test_manifest_nested_100000_levels_is_refused(depth, match):
     """100,000 levels are 200 kB of text from a few hundred compressed bytes: refused by size; 10,000
-    stay within the size bound and are refused for their nesting (once a RecursionError)."""
+    stay within the size bound and are refused for their nesting (once a RecursionError); 100 parse, and
+    are refused by the depth bound."""
     data, _ = saved("lenet300")
     deep = "[" * depth + "]" * depth
     manifest = read_manifest(data)
@@ -487,3 +489,16 @@ def test_report_of_generated_files(capsys):
               f"{max(n for _, n in PEAKS)} bytes; peak RSS growth during one load: max {max(RSS_GROWTH)} KiB")
         for failure in FORWARD_FAILURES[:20]:
             print(f"  loaded, then the forward failed: {failure}")
+
+
+@pytest.mark.parametrize("alias, match", [
+    (lambda first: {"path": f"{first}.loop", "config": {"same_as": first}}, "would make the module tree a cycle"),
+    (lambda first: {"path": "later", "config": {"same_as": "later_still"}}, "an alias's config is exactly"),
+    (lambda first: {"path": "itself", "config": {"same_as": "itself"}}, "an alias's config is exactly"),
+    (lambda first: {"path": "extra", "config": {"same_as": first, "code": "1"}}, "an alias's config is exactly"),
+])
+def test_a_module_alias_names_a_module_listed_before_it_and_never_makes_a_cycle(alias, match):
+    def edit(m):
+        first = m["modules"][1]["path"]
+        m["modules"].append({"type": "alias", "training": False, **alias(first)})
+    _refused(_edited("lenet300", edit), match)
