@@ -752,7 +752,14 @@ def _as_norm(gm: GraphModule, node: Node) -> tuple[Producer | None, str] | None:
         module = gm.get_submodule(node.target)
         if getattr(module, "weight", None) is None or len(module.normalized_shape) != 1:
             return None, f"{node.target} has no per-channel affine weight"
-        names = tuple(f"{node.target}.{p}" for p in ("weight", "bias") if getattr(module, p, None) is not None)
+        params = [p for p in ("weight", "bias") if getattr(module, p, None) is not None]
+        # dividing the weight changes every use of it: a second call of the module (one LayerNorm applied
+        # twice) or another reader of its tensors would see x / s with nothing to compensate it
+        others = _other_readers(gm, node, [getattr(module, p) for p in params])
+        if others:
+            return None, (f"{node.target}'s affine weight is also read by "
+                          f"{', '.join(n.name for n in others)}: dividing it would change those uses too")
+        names = tuple(f"{node.target}.{p}" for p in params)
         return Producer(node.target, names, (0,) * len(names), module.weight.numel(), node), ""
     if node.op == "call_function" and node.target in NORM_FUNCTIONS:
         positions = NORM_FUNCTIONS[node.target]
@@ -838,6 +845,21 @@ def _private_param(gm: GraphModule, node: Node) -> bool:
     tensor = _param(gm, node)
     readers = [n for n in gm.graph.nodes if n.op == "get_attr" and _param(gm, n) is tensor]
     return isinstance(tensor, torch.Tensor) and torch.is_floating_point(tensor) and len(readers) == 1
+
+
+def _other_readers(gm: GraphModule, node: Node, tensors: list[torch.Tensor]) -> list[Node]:
+    """The nodes besides `node` that read any of `tensors`: a call of a module holding one (the same module
+    called again, or one sharing the parameter) or a get_attr of one."""
+    def reads(other: Node) -> bool:
+        if other.op == "call_module":
+            module = gm.get_submodule(other.target)
+            held = [*module.parameters(), *module.buffers()]
+        elif other.op == "get_attr":
+            held = [_param(gm, other)]
+        else:
+            return False
+        return any(h is t for h in held for t in tensors)
+    return [other for other in gm.graph.nodes if other is not node and reads(other)]
 
 
 def _param(gm: GraphModule, node: Node) -> Any:

@@ -11,6 +11,7 @@ offset, never a large common value (the case float32 sums lose).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,24 @@ class InputStats:
         total = centered.sum(0)
         product.addr_(self._shift, total).addr_(total, self._shift).addr_(self._shift, self._shift, alpha=rows.shape[0])
         return product
+
+    def check(self, owner: str, layers: Sequence[str]) -> None:
+        """Refuse statistics no weight should be chosen from, once every batch is in (one look per group, not
+        per batch): no token at all (a pruner would find every input dead and zero the weights) or NaN / Inf
+        inputs (NaN norms sort anywhere, so Wanda's top-k would keep or drop channels at random).
+        `layers`: the names of the layers reading this input, for the message."""
+        named = ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(repr, layers))
+        if self.rows == 0:
+            raise PreconditionError(f"{owner}: no calibration token reaches the input of {named} (every batch "
+                                    f"gives it 0 rows): there are no statistics to compress from")
+        # a NaN or Inf input value makes its channel's sum of squares (and max |x|) NaN or Inf
+        bad = ~(torch.isfinite(self.sq_sum) & torch.isfinite(self.abs_max))
+        if bool(bad.any()):
+            channels = bad.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+            raise PreconditionError(f"{owner}: the input of {named} holds NaN / Inf in {len(channels)} of "
+                                    f"{self.channels} channels ({shown}); the calibration data reach them "
+                                    f"as non-finite values")
 
     @property
     def norms(self) -> torch.Tensor:

@@ -248,6 +248,7 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
                 x = input_arg(layer_node(gm, group.layers[0]))
                 stats = InputStats(_width(gm, group), with_hessian=hessian, name=", ".join(group.names))
                 done = _advance(runner, states, done, x, lambda i, env: stats.update(env[x], i))
+                stats.check(owner, group.names)   # no tokens, or NaN / Inf: refused by name, never compressed from
                 peak = max(peak, _held(states) + stats.nbytes())
                 reports.update(handle(group, stats, Probe(runner, states, done)) if probe else handle(group, stats))
             runner = _Runner(gm)

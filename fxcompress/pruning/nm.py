@@ -50,10 +50,13 @@ class NMPattern(Constraint):
         return ("4:4", "0:4", "2:x", "3:200")
 
 
-def _channels_last(scores: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+def _channels_last(scores: torch.Tensor, n: int, m: int, kind: str, layer: str) -> tuple[torch.Tensor, int]:
     in_dim = KINDS[kind].in_dim
-    if in_dim is None:
-        raise PreconditionError(f"a {kind} weight has no input channels to group")
+    if in_dim is None:   # an embedding table: a pass that selects every layer reaches it unless told not to
+        grouped = tuple(name for name, k in KINDS.items() if k.in_dim is not None)
+        raise PreconditionError(f"layer {layer!r}: {n}:{m} sparsity groups input channels, which its {kind} weight "
+                                f"does not have; leave the layer out with types={grouped} (the kinds that have them) "
+                                f"or select=...")
     return scores.movedim(in_dim, -1), in_dim
 
 
@@ -66,7 +69,7 @@ def check_nm_width(width: int, n: int, m: int, layer: str) -> None:
 
 def nm_keep(scores: torch.Tensor, n: int, m: int, kind: str, layer: str) -> torch.Tensor:
     """Bool, shaped like `scores`: the N highest of every M consecutive input channels."""
-    moved, in_dim = _channels_last(scores, kind)
+    moved, in_dim = _channels_last(scores, n, m, kind, layer)
     width = moved.shape[-1]
     check_nm_width(width, n, m, layer)
     groups = moved.reshape(-1, width // m, m)

@@ -64,6 +64,23 @@ def test_input_channels_that_do_not_split_into_groups_are_an_error_naming_the_la
         fxcompress.compile(model, [InsertMasks(granularity="2:4")], example_inputs=(torch.randn(2, 16),))
 
 
+def test_an_embedding_has_no_input_channels_to_group_and_the_error_names_it_and_the_way_out():
+    """An embedding table has no input channels: the refusal names the layer and the types= that leave it
+    out, and those types do leave it out (the linear layer after it is masked 2:4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 8))
+    x = torch.randint(0, 64, (2, 5))
+    with pytest.raises(PreconditionError, match=r"layer '0': 2:4 sparsity groups input channels, which its "
+                                                r"embedding weight does not have; leave the layer out with "
+                                                r"types=\(('[a-z_0-9]+', )+'addmm'\)"):
+        fxcompress.compile(model, [InsertMasks(granularity="2:4")], example_inputs=(x,))
+    types = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+             "addmm")
+    gm = fxcompress.compile(model, [InsertMasks(granularity="2:4", types=types)], example_inputs=(x,))
+    assert (_groups(gm.get_buffer("1.weight_mask"), 4).sum(-1) == 2).all()
+    assert not hasattr(gm.get_submodule("0"), "weight_mask")
+
+
 @pytest.mark.parametrize("config, field", [
     ({"granularity": "4:4"}, "InsertMasks.granularity"),
     ({"granularity": "0:4"}, "InsertMasks.granularity"),
