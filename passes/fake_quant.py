@@ -262,6 +262,11 @@ class InsertFakeQuant(Pass):
                 inserted += self._quantize_joins(gm, layers)
             gm.recompile()
             stats["calibration_batches"] = calibrate(gm, ctx.calibration_data, progress=ctx.progress)
+            if stats["calibration_batches"] == 0:  # no observer saw anything: every activation would stay float
+                raise PreconditionError(
+                    f"InsertFakeQuant.activations: calibration_data yielded no batches; its {len(inserted)} activation "
+                    "quantizers would observe nothing and stay off: give at least one batch "
+                    "(a generator is used up after one pass: pass a list)")
             stats["activation_quant"] = inserted
             for name in inserted:
                 gm.get_submodule(name).observing = not self.activations.freeze

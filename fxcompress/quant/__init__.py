@@ -108,8 +108,11 @@ def calibrate(gm: nn.Module, data: Iterable[Any], *, progress: bool = False) -> 
     """Run `data` (tensors or tuples of inputs) through `gm` in eval mode, feeding every observer.
 
     Returns the number of batches seen. The model's training flags are restored afterwards.
+    A batch that gives an activation NaN or Inf raises PreconditionError naming the quantizer and
+    the batch's index; quantizers it reached before that one have already taken it in.
     """
-    modules = [m for _, m in fake_quant_modules(gm, (ActivationQuant,))]
+    named = list(fake_quant_modules(gm, (ActivationQuant,)))
+    modules = [m for _, m in named]
     if not modules:
         raise PreconditionError("calibrate: the model has no activation fake-quant (InsertFakeQuant(activations=...))")
     if progress:
@@ -121,7 +124,14 @@ def calibrate(gm: nn.Module, data: Iterable[Any], *, progress: bool = False) -> 
     try:
         with evaluating(gm):
             for batch in data:
-                gm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                try:
+                    gm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                except PreconditionError as exc:
+                    culprit = next((name for name, m in named if m.observer is getattr(exc, "observer", None)), None)
+                    if culprit is None:
+                        raise  # not an observer's refusal
+                    raise PreconditionError(f"calibrate: batch {batches} (counting from 0), activation quantizer "
+                                            f"{culprit!r}: {exc}") from exc
                 batches += 1
     finally:
         for module in modules:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import check_int, check_real
+from ..errors import PreconditionError
 
 OBSERVERS = ("minmax", "moving_average", "percentile")
 
@@ -63,9 +64,24 @@ class Observer(nn.Module):
         return {}
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's extremes, over every rank's batch when distributed (one MAX reduction of -low, high)."""
+        """The batch's extremes, over every rank's batch when distributed (one MAX reduction of -low, high).
+
+        A batch holding NaN or Inf is refused with PreconditionError before any state changes: its
+        range would give the grid an infinite or NaN scale, turning every later input to NaN. The
+        error carries the refusing observer as `.observer`, so `calibrate` can name its quantizer.
+        """
         low, high = x.detach().float().aminmax()
-        extremes = all_reduce(torch.stack([-low, high]), "MAX")
+        extremes = torch.stack([-low, high])
+        # NaN enters the reduction as +inf: MAX is unordered on NaN, and every rank must refuse together
+        extremes = all_reduce(torch.where(extremes.isnan(), torch.inf, extremes), "MAX")
+        if not bool(extremes.isfinite().all()):  # the only check: two values already computed
+            error = PreconditionError(
+                f"activation observer: the batch's activation holds NaN or Inf (range [{float(low)}, {float(high)}] "
+                "here); a grid over it would turn every input to NaN, so the batch is refused and this observer "
+                "keeps its state: clean the data (in training, check for diverged weights too, or "
+                "freeze_observers(gm))")
+            error.observer = self
+            raise error
         return -extremes[0], extremes[1]
 
 
