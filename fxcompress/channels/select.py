@@ -166,12 +166,14 @@ def layer_units(cg: ChannelGraph, group: ChannelGroup) -> list[ChannelGroup]:
 
 def removal_count(group: ChannelGroup, amount: float, min_channels: int, round_to: int) -> int:
     """How many classes of `group` to remove: `amount` of them, keeping a multiple of `round_to`
-    and at least `min_channels` (and never all)."""
+    and at least `min_channels` (and never all). The frozen classes stay too, so the kept number is
+    rounded up only after they are counted (a partly frozen group removes fewer); where no multiple
+    fits below the whole group, it loses none."""
     total = len(group.classes)
     keep = total - math.floor(amount * total + 1e-9)
-    keep = min(total, math.ceil(keep / round_to) * round_to)
-    keep = max(keep, min(min_channels, total), 1)
-    return max(0, min(total - keep, len(group.prunable)))
+    keep = max(keep, min_channels, 1, total - len(group.prunable))
+    keep = math.ceil(keep / round_to) * round_to
+    return max(0, total - keep)
 
 
 def lowest(group: ChannelGroup, scores: np.ndarray, count: int, cg: ChannelGraph,

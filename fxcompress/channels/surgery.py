@@ -146,7 +146,8 @@ def _edit_sizes(gm, node: Node, edit, count, kept) -> None:
     head split their constant size (-1 stays -1). Sizes computed as one tuple (`x.size()[:-1] +
     (heads, d)`) are indexed item by item, so the other items keep their run-time values."""
     sizes = size_items(node)
-    new = {**edit.fixed, **{d: count(ids) for d, ids in edit.ids.items()}}
+    written = {d: ids for d, ids in edit.ids.items() if d not in edit.runtime}  # the others compute it
+    new = {**edit.fixed, **{d: count(ids) for d, ids in written.items()}}
     if edit.spread:
         with gm.graph.inserting_before(node):
             sizes = [new[d] if d in new else gm.graph.call_function(operator.getitem, (sizes[0], d))

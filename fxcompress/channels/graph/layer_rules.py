@@ -193,8 +193,9 @@ def group_norm(w: Walk, node: Node) -> dict:
     per_group = sx[1] // groups
     if groups == 1:
         w.freeze(track.get(1), f"{node.name} normalizes over every channel (one group)")
-    elif 1 in track and per_group > 1:  # whole groups go, so the statistics of the others stay exact
+    elif 1 in track:  # whole groups go, so the statistics of the others stay exact
         w.union(track[1], np.repeat(track[1][::per_group], per_group))
+        # recorded with one channel per group too: F.group_norm(x, C) spells the count in the graph
         w.edits[node.name] = Edit("num_groups", {1: track[1]}, per_group=per_group)
     return _per_channel(w, node, [("weight", 2, "weight"), ("bias", 3, "bias")])
 

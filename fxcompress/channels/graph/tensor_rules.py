@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,36 +134,143 @@ def _regroup(w: Walk, node: Node, track: dict, ins: list[int], outs: list[int], 
     return {outs[keep]: columns[0].copy()}, {outs[k]: b[outs[k]] for k in varying if k != keep}
 
 
-def _reshape_track(w: Walk, node: Node, x: Node) -> tuple[dict, dict]:
-    """The output track of a reshape and its fixed sizes (see _regroup)."""
+@dataclass
+class _Block:
+    """A block of a reshape's dims holding a channel dim: the output dims whose sizes the pass writes."""
+
+    channels: np.ndarray  # the input's ids of the channel dim
+    kept: dict            # {out dim: ids}, as _regroup gives them
+    fixed: dict           # {out dim: size}
+
+
+def _reshape_track(w: Walk, node: Node, x: Node) -> tuple[dict, dict, list[_Block]]:
+    """The output track of a reshape, its fixed sizes (see _regroup) and its blocks holding channels."""
     a, b = w.shape(x), w.shape(node)
-    track, out, fixed = w.tensor_track(x), {}, {}
+    track, out, fixed, blocks = w.tensor_track(x), {}, {}, []
     if not track:
-        return out, fixed
+        return out, fixed, blocks
     for ins, outs in _align(a, b):
         kept, sizes = _regroup(w, node, track, ins, outs, (a, b))
         out.update(kept)
         fixed.update(sizes)
+        if kept:
+            blocks.append(_Block(next(track[d] for d in ins if d in track), kept, sizes))
     covered = {d for ins, _ in _align(a, b) for d in ins}
     for d in set(track) - covered:
         w.freeze(track[d], f"{node.name} reshapes a channel dimension")
-    return out, fixed
+    return out, fixed, blocks
 
 
-def _sizes_edit(w: Walk, node: Node, ids: dict, fixed: dict | None = None) -> Edit:
+def _sizes_edit(w: Walk, node: Node, ids: dict, fixed: dict | None = None, runtime: tuple = ()) -> Edit:
     """The edit of a view / reshape / expand's sizes; one computed tuple for a shape of several
     dims (`x.size()[:-1] + (heads, d)`) is spread into its items by the pass."""
     items, rank = size_items(node), len(w.shape(node))
     spread = rank if len(items) == 1 and isinstance(items[0], Node) and rank > 1 else 0
-    return Edit("sizes", dict(ids), fixed=fixed or {}, spread=spread)
+    return Edit("sizes", dict(ids), fixed=fixed or {}, spread=spread, runtime=tuple(runtime))
 
 
 def reshape(w: Walk, node: Node) -> dict:
-    out, fixed = _reshape_track(w, node, _first(node))
+    out, fixed, blocks = _reshape_track(w, node, _first(node))
     sized = node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
     if out and sized:
-        w.edits[node.name] = _sizes_edit(w, node, out, fixed)
+        runtime = [d for block in blocks for d in _computed_sizes(w, node, block, out, fixed)]
+        if out:
+            w.edits[node.name] = _sizes_edit(w, node, out, fixed, runtime)
     return out
+
+
+def _computed_sizes(w: Walk, node: Node, block: _Block, out: dict, fixed: dict) -> list[int]:
+    """The out dims of a block whose computed size is left to run time; freezes the block (dropping
+    it from `out` and `fixed`) where no size can be written.
+
+    The pass writes the pruned sizes as constants, which is right for a -1 (it stays), a constant
+    (the model fixed the sizes itself) and a size computed from channel widths only (`c // heads`,
+    or a residual stream's `d` for heads * head_dim: it reads no run-time size, so the dims merged
+    with the channels have constant sizes). A size that also reads a dim sized at run time is no
+    constant: `y.reshape(b * c, -1)` written as `reshape(8, -1)` fixes the example's batch (an
+    example batch of 1 hides the merge from the shapes). Where it reads the width of these channels,
+    it computes the pruned size itself at run time and is left alone; else (`b * 8`) it can be
+    neither written nor kept, and the channels stay."""
+    runtime = []
+    for d in (*block.kept, *block.fixed):
+        size = _size_argument(w, node, d)
+        if isinstance(size, int):
+            continue
+        read = w.tracks.get(size) if isinstance(size, Node) else size
+        if isinstance(read, Width) and not _reads_other_sizes(w, size):
+            continue
+        if d in block.kept and _reads_merged(read, block.channels):
+            runtime.append(d)
+            continue
+        for k in block.kept:
+            w.freeze(out.pop(k), f"{node.name} sizes channels with a size known only at run time")
+        for k in block.fixed:
+            fixed.pop(k)
+        return []
+    return runtime
+
+
+def _reads_merged(read: Width | None, channels: np.ndarray) -> bool:
+    """Whether a computed size reads channel widths only of dims holding these channels: the dim
+    itself (`b * c`), or the dim they were split from (their other heads coupled with them), so
+    that at run time it reads their pruned width."""
+    return (isinstance(read, Width) and bool(read.parts)
+            and all(np.isin(channels, part).all() for part in read.parts))
+
+
+def _reads_other_sizes(w: Walk, size: Any) -> bool:
+    """Whether a computed size reads a size of a dim that holds no channel (a batch, a length), or
+    anything else the graph knows only at run time, so that no constant may stand for it."""
+    stack, seen = [size], set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, Node) or n in seen:
+            continue
+        seen.add(n)
+        read = w.tracks.get(n)
+        if n.op in ("placeholder", "get_attr") or w.shape(n) is not None:
+            return True  # an input or a tensor's value
+        if n.op == "call_method" and n.target == "numel":
+            if len(w.tensor_track(n.args[0])) < len(w.shape(n.args[0])):
+                return True
+        elif isinstance(read, Widths) or _reads_a_size(w, n):
+            items = read.items if isinstance(read, Widths) else (read,)
+            if any(not isinstance(item, Width) for item in items):
+                return True
+        elif n.op != "call_method" or n.target != "dim":  # arithmetic on sizes: what it reads
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _reads_a_size(w: Walk, n: Node) -> bool:
+    """`x.size(d)`, `x.size()`, `x.shape`, or an item of one."""
+    if n.op == "call_method" and n.target == "size":
+        return True
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] == "shape"
+    return n.target is operator.getitem and isinstance(w.tracks.get(n.args[0]), Widths)
+
+
+def _size_argument(w: Walk, node: Node, d: int) -> Any:
+    """The size a view / reshape is given at out dim d: an int or a node as written, or, for an
+    item of a computed tuple of sizes that no `+` join spells, the Width it reads (None: no channel)."""
+    items = size_items(node)
+    one_tuple = len(items) == 1 and isinstance(items[0], Node) and len(w.shape(node)) > 1
+    return _tuple_item(w, items[0], d) if one_tuple else items[d]
+
+
+def _tuple_item(w: Walk, sizes: Node, d: int) -> Any:
+    """Item d of a tuple of sizes: the literal int or node where a `+` join spells it, else the
+    Width (or None) the analysis has for it."""
+    if sizes.op == "call_function" and sizes.target is operator.add:
+        for part in sizes.args:
+            joined = w.as_sizes(part)
+            n = len(joined.items) if joined is not None else 0
+            if d < n:
+                return part[d] if isinstance(part, (tuple, list)) else _tuple_item(w, part, d)
+            d -= n
+    track = w.tracks.get(sizes)
+    return track.items[d] if isinstance(track, Widths) and d < len(track.items) else None
 
 
 def reshape_as(w: Walk, node: Node) -> dict:
@@ -178,7 +287,12 @@ unsqueeze = squeeze
 def expand(w: Walk, node: Node) -> dict:
     x, out = node.args[0], w.shape(node)
     shift = len(out) - len(w.shape(x))
-    track = {d + shift: ids for d, ids in w.tensor_track(x).items()}
+    track = {}
+    for d, ids in w.tensor_track(x).items():
+        if len(ids) == 1 and out[d + shift] > 1:  # one channel repeated: it holds no channel of the output
+            w.freeze(ids, f"{node.name} expands one channel over {out[d + shift]}")
+        else:
+            track[d + shift] = ids
     if track and node.target == "expand":
         w.edits[node.name] = _sizes_edit(w, node, track)
     return track
@@ -253,8 +367,10 @@ def softmax(w: Walk, node: Node) -> dict:
     x = node.args[0]
     nd = len(w.shape(x))
     dim = w.gm.get_submodule(node.target).dim if node.op == "call_module" else _arg(node, 1, "dim")
+    if dim is None:  # nn.Softmax() / F.softmax(x): the dim torch picks (torch.nn.functional._get_softmax_dim)
+        dim = 0 if nd in (0, 1, 3) else 1
     track = dict(w.tensor_track(x))
-    if dim is not None and _dim(dim, nd) in track:
+    if _dim(dim, nd) in track:
         w.freeze(track.pop(_dim(dim, nd)), f"{node.name} normalizes over a channel dimension")
     return track
 

@@ -57,7 +57,9 @@ class Edit:
     of the sizes when they come as one computed tuple (`x.size()[:-1] + (heads, d)`; 0 if not),
     which the pass indexes item by item so that single items can change; "split": pieces of
     split/chunk along `dim`; "slice": getitem slices {index position: ids}, with `fixed` {index
-    position: the slice with constant bounds} (bounds computed from the width resolved); "groups"/"num_groups":
+    position: the slice with constant bounds} (bounds computed from the width resolved), and `runtime`:
+    the dims of "sizes" whose computed size reads the pruned width at run time (`b * c` where channels
+    merge with the batch), left as written; "groups"/"num_groups":
     group counts of functional conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin
     attention's scale to `value`.
     """
@@ -70,6 +72,7 @@ class Edit:
     per_group: int = 1
     value: float = 0.0
     spread: int = 0
+    runtime: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Walk:
         self.inexact: list[tuple[np.ndarray, str]] = []
         self.at_output: list[tuple[np.ndarray, str]] = []  # removable only if the output shape may change
         self.slots: dict[tuple[str, int], np.ndarray] = {}
+        self.tensor_names: dict[int, str] = {}  # id of a stored tensor -> the first name it was read under
         self.layers: list[LayerChannels] = []
         self.edits: dict[str, Edit] = {}
         self.tracks: dict[Node, Any] = {}
@@ -152,11 +156,17 @@ class Walk:
     def couple(self, entries: list[tuple[np.ndarray | None, int]], reason: str) -> np.ndarray | None:
         """Positions of same-size dims hold the same channel: union their ids.
 
-        `entries` are (ids or None, size). A size-1 dim broadcasts and couples nothing; a dim of the
-        full size that carries no ids (a constant, an input) cannot shrink, so the others freeze.
+        `entries` are (ids or None, size). An untracked size-1 dim broadcasts and couples nothing; a
+        tracked one (a one-channel slice, `y[:, 7:8]`) that broadcasts over a wider dim freezes, since
+        removing its channel would leave it empty and so empty the whole result. A dim of the full
+        size that carries no ids (a constant, an input, a layer's one-wide weight) cannot shrink, so
+        the others freeze.
         """
         size = max((s for _, s in entries), default=1)
-        full = [(ids, s) for ids, s in entries if s == size and size > 1]
+        if size > 1:
+            self.freeze([ids for ids, s in entries if s == 1 and ids is not None],
+                        f"{reason} (one channel broadcast over {size})")
+        full = [(ids, s) for ids, s in entries if s == size]
         tracked = [ids for ids, _ in full if ids is not None]
         if not tracked:
             return None
@@ -167,17 +177,19 @@ class Walk:
         return tracked[0]
 
     def param_track(self, name: str, dims: tuple[int, ...] | None = None) -> Track:
-        """The elements of a stored tensor's dims (created once per parameter dim)."""
+        """The elements of a stored tensor's dims (created once per tensor dim). A tensor tied under
+        several names (`b.weight = a.weight`) has the same elements under each: it is cut once, so
+        its channels go together or stay together, whichever name a use reads."""
         tensor = operator.attrgetter(name)(self.gm)
         if not isinstance(tensor, torch.Tensor):
             return {}
+        first = self.tensor_names.setdefault(id(tensor), name)
         track = {}
         for d in range(tensor.dim()) if dims is None else dims:
             if tensor.shape[d] > 1:
-                key = (name, d)
-                if key not in self.slots:
-                    self.slots[key] = self.fresh(tensor.shape[d])
-                track[d] = self.slots[key]
+                if (first, d) not in self.slots:
+                    self.slots[(first, d)] = self.fresh(tensor.shape[d])
+                track[d] = self.slots.setdefault((name, d), self.slots[(first, d)])
         return track
 
     def module_param(self, node: Node, attr: str, dims: tuple[int, ...]) -> Track | None:

@@ -1,0 +1,264 @@
+"""PruneChannels on ops whose channel bookkeeping is easy to get wrong: the pruned model must equal
+the original with exactly the removed channels zeroed, also at a batch size other than the
+example's, or leave those channels whole (with the reason in the pass's statistics)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress
+from fxcompress.passes import PruneChannels
+
+
+def _prune(model: nn.Module, x: torch.Tensor, **options) -> nn.Module:
+    return fxcompress.compile(model, [PruneChannels(**{"amount": 0.5, **options})], example_inputs=(x,))
+
+
+def _zeroed_like(model: nn.Module, pruned: nn.Module, *layers: str, readers: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of `model` with the output channels each of `layers` lost in `pruned` zeroed (weight
+    rows and bias, and the input columns of `readers`), as zeroing.zero_classes zeroes a class; the
+    lost channels are found by matching the rows left (the layers read the model's input, so their
+    rows are whole)."""
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in layers:
+            dense, cut = zeroed.get_submodule(name), pruned.get_submodule(name)
+            kept = [any(torch.equal(row, r) for r in cut.weight) for row in model.get_submodule(name).weight]
+            assert sum(kept) == cut.weight.shape[0]
+            gone = torch.tensor([not k for k in kept])
+            dense.weight[gone] = 0.0
+            dense.bias[gone] = 0.0
+            for reader in readers:
+                zeroed.get_submodule(reader).weight[:, gone] = 0.0
+    return zeroed
+
+
+def _assert_same(pruned: nn.Module, zeroed: nn.Module, *inputs: torch.Tensor) -> None:
+    for x in inputs:
+        torch.testing.assert_close(pruned(x), zeroed(x), atol=1e-5, rtol=1e-5)
+
+
+def _frozen(pruned: nn.Module) -> dict:
+    return fxcompress.history(pruned)[-1].stats["frozen"]
+
+
+# ---- a reshape that merges channels with the batch ------------------------------------------------
+class SpatialSoftmax(nn.Module):
+    """A softmax over each channel's positions: channels folded into the batch dim and back."""
+
+    def __init__(self, constant_channels: bool = False) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.constant_channels = constant_channels
+
+    def forward(self, x):
+        y = self.c1(x)
+        b, c, h, w = y.shape
+        rows = b * 8 if self.constant_channels else b * c  # the width written as a constant, or read
+        z = F.softmax(y.reshape(rows, -1), dim=-1).reshape(b, c, h, w)
+        return self.c2(z)
+
+
+@pytest.mark.parametrize("batch", [2, 1])  # at batch 1 the shapes show no merge at all
+def test_channels_merged_with_the_batch_keep_the_batch_read_at_run_time(batch):
+    """`y.reshape(b * c, -1)` became `reshape(8, -1)` at batch 2: batch 4 differed, batch 3 crashed."""
+    torch.manual_seed(0)
+    model = SpatialSoftmax().eval()
+    pruned = _prune(model, torch.randn(batch, 3, 5, 5))
+    assert pruned.c1.out_channels == 4 and pruned.c2.in_channels == 4
+    zeroed = _zeroed_like(model, pruned, "c1", readers=("c2",))  # a zero channel's softmax is uniform
+    _assert_same(pruned, zeroed, *(torch.randn(n, 3, 5, 5) for n in (1, 2, 3, 4)))
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_channels_merged_with_the_batch_by_a_constant_width_stay(batch):
+    """`b * 8` reads the batch but spells the width as a constant: it can be neither written nor kept."""
+    torch.manual_seed(0)
+    model = SpatialSoftmax(constant_channels=True).eval()
+    pruned = _prune(model, torch.randn(batch, 3, 5, 5))
+    assert pruned.c1.out_channels == 8
+    assert _frozen(pruned)["c1"] == "reshape sizes channels with a size known only at run time"
+    _assert_same(pruned, model, *(torch.randn(n, 3, 5, 5) for n in (1, 2, 3)))
+
+
+# ---- a one-channel slice that broadcasts ----------------------------------------------------------
+class Gate(nn.Module):
+    """The head's output gated by channel 7 of y (a one-channel slice), whose filter is the weakest."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(5, 8), nn.Linear(8, heads)
+        with torch.no_grad():
+            self.a.weight[7] *= 0.01
+
+    def forward(self, x):
+        y = self.a(x)
+        return (self.o(y) * torch.sigmoid(y[:, 7:8])).sum(1)
+
+
+@pytest.mark.parametrize("heads, why", [
+    (1, "mul combines channels with a tensor whose channels cannot be sliced"),  # o's one column cannot go
+    (2, "mul combines channels with a tensor whose channels cannot be sliced (one channel broadcast over 2)"),
+])
+def test_a_one_channel_slice_that_broadcasts_keeps_its_channel(heads, why):
+    """Channel 7 went and the slice became empty: the outputs were all zero (or the product failed)."""
+    torch.manual_seed(0)
+    model = Gate(heads).eval()
+    pruned = _prune(model, torch.randn(4, 5))
+    assert pruned.a.out_features == 4 and torch.equal(pruned.a.weight[-1], model.a.weight[7])
+    assert _frozen(pruned)["a"] == why
+    _assert_same(pruned, _zeroed_like(model, pruned, "a"), torch.randn(4, 5), torch.randn(3, 5))
+
+
+# ---- softmax over an implicit dim -----------------------------------------------------------------
+class ImplicitSoftmax(nn.Module):
+    def __init__(self, softmax) -> None:
+        super().__init__()
+        self.a, self.o, self.softmax = nn.Linear(5, 8), nn.Linear(8, 2), softmax
+
+    def forward(self, x):
+        return self.o(self.softmax(self.a(x)))
+
+
+@pytest.mark.parametrize("softmax", [nn.Softmax(), nn.LogSoftmax(), F.softmax, F.log_softmax],
+                         ids=["Softmax", "LogSoftmax", "F.softmax", "F.log_softmax"])
+def test_softmax_without_a_dim_normalizes_over_the_channels_torch_picks(softmax):
+    """dim=None is dim 1 of a 2-D input (torch's _get_softmax_dim): the channels were pruned."""
+    torch.manual_seed(0)
+    model = ImplicitSoftmax(softmax).eval()
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        pruned = _prune(model, torch.randn(4, 5))
+    assert pruned.a.out_features == 8
+    assert "normalizes over a channel dimension" in _frozen(pruned)["a"]
+    with pytest.warns(UserWarning):
+        _assert_same(pruned, model, torch.randn(4, 5), torch.randn(3, 5))
+
+
+# ---- round_to with frozen channels ----------------------------------------------------------------
+class PartlyFrozen(nn.Module):
+    """y's first `frozen` channels are summed into the output: they must stay."""
+
+    def __init__(self, width: int, frozen: int) -> None:
+        super().__init__()
+        self.a, self.o, self.frozen = nn.Linear(5, width), nn.Linear(width, 2), frozen
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.o(y) + y[:, :self.frozen].sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("amount", [0.5, 0.75, 0.9])
+def test_round_to_holds_when_frozen_channels_cap_the_removal(amount):
+    """8 channels, 3 frozen, round_to=2: 5 went at 0.75 and 0.9, leaving 3."""
+    torch.manual_seed(0)
+    model = PartlyFrozen(8, 3).eval()
+    pruned = _prune(model, torch.randn(4, 5), amount=amount, round_to=2)
+    assert pruned.a.out_features == 4
+    _assert_same(pruned, _zeroed_like(model, pruned, "a"), torch.randn(3, 5))
+
+
+def test_round_to_that_no_multiple_fits_removes_nothing():
+    """6 channels, 5 frozen, round_to=4: keeping 8 is impossible, so the group keeps all 6 (not 5)."""
+    torch.manual_seed(0)
+    model = PartlyFrozen(6, 5).eval()
+    pruned = _prune(model, torch.randn(4, 5), amount=0.5, round_to=4)
+    assert pruned.a.out_features == 6
+    assert fxcompress.history(pruned)[-1].stats["channels_removed"] == 0
+
+
+# ---- F.group_norm with one channel per group ------------------------------------------------------
+class ChannelwiseGroupNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.o(F.group_norm(self.a(x), 8))
+
+
+def test_functional_group_norm_with_one_channel_per_group_loses_groups():
+    """The group count 8 stayed in the graph over 4 channels: the pruned model failed."""
+    torch.manual_seed(0)
+    model = ChannelwiseGroupNorm().eval()
+    pruned = _prune(model, torch.randn(2, 3, 4, 4))
+    assert pruned.a.out_channels == 4
+    _assert_same(pruned, _zeroed_like(model, pruned, "a"), torch.randn(3, 3, 4, 4))
+
+
+# ---- a weight tied under two module names ---------------------------------------------------------
+class Tied(nn.Module):
+    """b.weight is a.weight."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.a, self.b, self.o, self.o2 = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+        self.b.weight = self.a.weight
+        self.use = use
+
+    def forward(self, x):
+        if self.use == "output":  # b's channels reach the model output
+            return self.o(torch.relu(self.a(x))), self.b(x)
+        if self.use == "chain":  # a's outputs are b's inputs: one tensor, both dims
+            return self.o(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.o(torch.relu(self.a(x))) + self.o2(torch.relu(self.b(x)))  # two branches
+
+
+def test_a_tied_weight_whose_other_name_is_frozen_stays_whole():
+    """The tied tensor was cut for a while b's channels were frozen: a VerificationError on b."""
+    torch.manual_seed(0)
+    model = Tied("output").eval()
+    pruned = _prune(model, torch.randn(2, 6))
+    assert pruned.a.weight is pruned.b.weight and pruned.a.weight.shape == (6, 6)
+    assert fxcompress.history(pruned)[-1].stats["channels_removed"] == 0
+    x = torch.randn(3, 6)
+    for got, expected in zip(pruned(x), model(x)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_tied_weight_read_as_input_and_output_channels_stays_whole():
+    """a's outputs are the tied tensor's rows, b's inputs its columns, which read x: nothing can go
+    (it raised a PreconditionError: the tied tensor would be cut differently)."""
+    torch.manual_seed(0)
+    model = Tied("chain").eval()
+    pruned = _prune(model, torch.randn(2, 6))
+    assert pruned.a.weight is pruned.b.weight and pruned.a.weight.shape == (6, 6)
+    _assert_same(pruned, model, torch.randn(3, 6))
+
+
+def test_a_tied_weight_in_two_branches_loses_the_same_channels_under_both_names():
+    """Nothing couples the branches but the tied tensor: scored apart (at random, so the rows are
+    no tie-breaker) they were cut differently, a PreconditionError."""
+    torch.manual_seed(0)
+    model = Tied("branches").eval()
+    pruned = _prune(model, torch.randn(2, 6), method="random")
+    assert pruned.a.weight is pruned.b.weight and pruned.a.weight.shape == (3, 6)
+    assert pruned.a.out_features == pruned.b.out_features == pruned.o.in_features == pruned.o2.in_features == 3
+    _assert_same(pruned, _zeroed_like(model, pruned, "a", "b"), torch.randn(3, 6))
+
+
+# ---- expand of a one-channel slice ----------------------------------------------------------------
+class ExpandedSlice(nn.Module):
+    """Channel 3 of y repeated over b's 8 channels."""
+
+    def __init__(self, as_: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(8, 2)
+        self.as_ = as_
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(x)
+        column = y[:, 3:4].expand_as(z) if self.as_ else y[:, 3:4].expand(-1, 8)
+        return self.o(z + column) + y[:, :2]
+
+
+@pytest.mark.parametrize("as_", [False, True], ids=["expand", "expand_as"])
+def test_an_expanded_one_channel_slice_keeps_its_channel_and_the_channels_it_meets(as_):
+    """The expanded track kept one id for eight positions: a bare scipy ValueError in the walk."""
+    torch.manual_seed(0)
+    model = ExpandedSlice(as_).eval()
+    pruned = _prune(model, torch.randn(4, 5))
+    assert pruned.b.out_features == 8  # it is added to a repeated channel: no channel of it can go
+    assert pruned.a.out_features == 5 and any(torch.equal(r, model.a.weight[3]) for r in pruned.a.weight)
+    _assert_same(pruned, _zeroed_like(model, pruned, "a"), torch.randn(3, 5))
