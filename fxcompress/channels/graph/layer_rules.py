@@ -154,9 +154,12 @@ def conv_transpose(w: Walk, node: Node) -> dict:
 
 
 def embedding(w: Walk, node: Node) -> dict:
-    weight = _weight(w, node, "weight", 1, "weight", dims=(1,))
+    """The rows are looked up by token index: never channels, and held whole in both front ends'
+    spellings, so a linear head tied to the table (`lm_head.weight = wte.weight`) keeps its outputs."""
+    weight = _weight(w, node, "weight", 1, "weight", dims=(0, 1))
     nd = len(w.shape(node))
     w.add_layer(node, "embedding", weight.get(1), None, out_dim=1)
+    w.freeze(weight.get(0), f"{w.layers[-1].name} looks its rows up by index")
     return {nd - 1: weight[1]} if 1 in weight else {}
 
 
