@@ -47,6 +47,18 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _threads_restored(_one_thread):
+    # code that leaves torch's thread count changed changes later tests' numerics (a CPU attention kernel
+    # splits its sums by thread): caught at the test that leaks it, not at an exact comparison far away
+    import torch
+    yield
+    leaked = torch.get_num_threads()
+    if leaked != 1:
+        torch.set_num_threads(1)
+        pytest.fail(f"the test left torch's intra-op thread count at {leaked} (it was 1)")
+
+
+@pytest.fixture(autouse=True)
 def _seeded():
     # the CPU generator only: torch.manual_seed also queues a seed for every lazy accelerator backend,
     # formatting the caller's stack each time (about 2 ms a test here, for backends the tests never use)

@@ -30,8 +30,9 @@ from ..report import write_report
 from ..sensitivity import sensitivity
 from ..passes import ActivationConfig, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger, PruneChannels
 from ..summary import summary
-from ..training import evaluate, train
+from ..training import evaluate, torch_threads, train
 from ..zoo import LeNet300100
+from .arguments import at_least
 
 STAGES = (0.6, 0.8, 0.9)  # global weight sparsity after each pruning stage
 QUICK = {"epochs": 4, "retrain_epochs": 1}  # --quick: a minute's run that still shows every stage
@@ -151,20 +152,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options, shared by `fxcompress demo` and examples/deep_compression.py."""
     parser.add_argument("--data", default="digits", choices=["digits", "fashion-mnist", "auto"],
                         help="digits: scikit-learn's 8x8 digits, offline; fashion-mnist: its files on disk")
-    parser.add_argument("--epochs", type=int, default=30, help="dense training epochs")
-    parser.add_argument("--retrain-epochs", type=int, default=8, help="epochs after each stage")
+    parser.add_argument("--epochs", type=at_least(0), default=30, help="dense training epochs")
+    parser.add_argument("--retrain-epochs", type=at_least(0), default=8, help="epochs after each stage")
     parser.add_argument("--bits", type=int, default=5, help="k-means bits per weight")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
 
 
 def demo(args: argparse.Namespace, model_class: type[nn.Module], out: str | None = None) -> dict[str, float]:
     """Seed, load the data, build LeNet-300-100 and run the pipeline with the parsed options."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    data = load_dataset(args.data)
-    model = model_class(in_features=data.channels * data.image_size ** 2, num_classes=data.num_classes)
-    return deep_compression(model, data, epochs=args.epochs, retrain_epochs=args.retrain_epochs, bits=args.bits,
-                            out=out)
+    with torch_threads(args.threads):  # restored after: a caller's process keeps its own thread count
+        torch.manual_seed(0)
+        data = load_dataset(args.data)
+        model = model_class(in_features=data.channels * data.image_size ** 2, num_classes=data.num_classes)
+        return deep_compression(model, data, epochs=args.epochs, retrain_epochs=args.retrain_epochs,
+                                bits=args.bits, out=out)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
