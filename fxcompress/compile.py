@@ -24,6 +24,7 @@ from .memory import release_freed_memory
 from .errors import ConfigError, FxCompressError, TraceError, UnknownOpError, UnknownOpWarning, VerificationError
 from .frontends import export_module, from_exported, is_exported_module, linears_written_as_matmul
 from .frontends import specialize_shapes as fold_shapes
+from .frontends.guards import insert_exact_input_checks
 from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .quant import sync_trainable
@@ -145,8 +146,9 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     `specialize_shapes=True` folds every size the graph computes from the inputs' shapes
     (`x.size()[:-1] + (heads, head_dim)`, `x.shape[-1]`, `x.dim()`) into its value on
     `example_inputs` before any pass runs: `view(x, (2, 8, 4, 8))`. The returned GraphModule then
-    accepts only inputs of exactly the example inputs' shapes (batch size included); sizes that
-    depend on the data, not only on shapes, are kept and named in a warning.
+    accepts only inputs of exactly the example inputs' shapes (batch size included; a check after the
+    inputs raises ConfigError naming the input and axis otherwise); sizes that depend on the data, not
+    only on shapes, are kept and named in a warning.
     """
     check_analyses = _check_options(passes, example_inputs, frontend, check_analyses, inplace=inplace,
                                     verify=verify, progress=progress, strict=strict,
@@ -183,6 +185,9 @@ def _first_run(gm: GraphModule, inputs: tuple, verify: bool,
     del outputs  # only their structure is kept: a large model's outputs (logits) need not live through the passes
     if specialize:
         fold_shapes(gm, inputs)
+        # a folded view(2, 8, 4, 4) runs any input of as many elements, mixing its rows: refuse other shapes
+        insert_exact_input_checks(gm.graph, inputs)
+        gm.recompile()
         verify_graph(gm, inputs if verify else None, expected, "specialize_shapes")
     shapes = propagate_shapes(gm, inputs) if both is None else both[0]
     del both
@@ -209,6 +214,10 @@ def _one_run(gm: GraphModule, inputs: tuple) -> tuple[ShapeInfo, Any] | None:
 def _check_options(passes: Sequence[Pass], example_inputs: Any, frontend: str, check_analyses: bool | None,
                    **flags: bool) -> bool:
     """Refuse bad options by name before anything runs; returns check_analyses with its default applied."""
+    if not isinstance(passes, (list, tuple)):
+        hint = f" (a single Pass: wrap it in a list, [{passes!r}])" if isinstance(passes, Pass) else ""
+        raise ConfigError(f"compile.passes must be a list or tuple of Pass instances, got "
+                          f"{type(passes).__name__} {passes!r}{hint}")
     for index, p in enumerate(passes):
         if not isinstance(p, Pass):
             raise ConfigError(f"compile.passes[{index}] must be a Pass instance, got {p!r}")

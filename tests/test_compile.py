@@ -216,6 +216,17 @@ def test_config_error_names_the_field():
         fxcompress.compile("resnet", [], example_inputs=(torch.randn(1, 784),))
 
 
+@pytest.mark.parametrize("passes, match", [
+    (ScaleWeights(factor=2.0), r"compile.passes must be a list or tuple of Pass instances, got ScaleWeights "
+                               r"ScaleWeights\(factor=2.0\) \(a single Pass: wrap it in a list"),
+    (5, r"compile.passes must be a list or tuple of Pass instances, got int 5$"),
+    ("prune", r"compile.passes must be a list or tuple of Pass instances, got str 'prune'$"),
+])
+def test_passes_not_a_list_is_refused_by_name(passes, match):
+    with pytest.raises(ConfigError, match=match):
+        fxcompress.compile(LeNet300100(), passes, example_inputs=(torch.randn(1, 784),))
+
+
 @pytest.mark.parametrize("how, match", [
     ("forward", r"pass #1 Breaker\(how='forward'\): forward pass failed at node .*matmul"),
     ("shape", r"pass #1 Breaker\(how='shape'\): outputs changed"),

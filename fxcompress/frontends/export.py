@@ -479,8 +479,8 @@ def _full_slices_dropped(graph: Graph) -> None:
             graph.erase_node(node)
 
 
-# Norm modules whose eval-mode call export writes as F.batch_norm over the module's own tensors: put back
-# as the module, as an fx trace has it, so FoldBatchNorm folds it and train() switches it to batch statistics.
+# Norm modules whose call export writes as F.batch_norm over the module's own tensors: put back as the module, as
+# an fx trace has it, so FoldBatchNorm folds it and train() / eval() switch it between batch and running statistics.
 _BATCH_NORMS: dict[str, type[nn.Module]] = {f"torch.nn.modules.batchnorm.{m.__name__}": m
                                             for m in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
 
@@ -489,36 +489,51 @@ def _norm_module_type(node: Node) -> type[nn.Module] | None:
     return _BATCH_NORMS.get(_innermost_module(node)[1])
 
 
-def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module] | None:
-    """(path, module) for an eval-mode `F.batch_norm` node over one BatchNorm's own statistics and
-    affine pair, read by nothing else; None for any other batch_norm (computed statistics, training)."""
+def _batch_count(graph: Graph, path: str) -> Node | None:
+    """The `num_batches_tracked.add_(1)` of the BatchNorm at `path` (a training-mode call's), read by nothing."""
+    for node in graph.find_nodes(op="call_method", target="add_"):
+        counter = node.args[0]
+        if (node.args[1:] == (1,) and not node.kwargs and not node.users and counter.op == "get_attr"
+                and counter.target == f"{path}.num_batches_tracked" and len(counter.users) == 1):
+            return node
+    return None
+
+
+def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module, Node | None] | None:
+    """(path, module, its batch counter's update) for an `F.batch_norm` node over one BatchNorm's own statistics
+    and affine pair, read by nothing else, in the mode it was exported in (training mode: the counter's update
+    the module makes itself, None in eval mode); None for any other batch_norm (computed statistics)."""
     if len(node.args) != 8 or node.kwargs:
         return None
     x, mean, var, weight, bias, training, momentum, eps = node.args
     module_type, path = _norm_module_type(node), _module_path(node)
     own = {"running_mean": mean, "running_var": var} | ({"weight": weight, "bias": bias} if weight is not None else {})
-    if (training is not False or module_type is None or (weight is None) != (bias is None)
+    if (not isinstance(training, bool) or module_type is None or (weight is None) != (bias is None)
             or any(not isinstance(t, Node) or t.op != "get_attr" or t.target != f"{path}.{name}" or len(t.users) != 1
                    for name, t in own.items())):
-        return None  # not the module's own tensors (a shared or computed statistic), or batch statistics
+        return None  # not the module's own tensors (a shared or computed statistic)
+    count = _batch_count(node.graph, path) if training else None
+    if training and (count is None or not isinstance(momentum, float)):
+        return None  # a cumulative average (momentum None) reads the counter in the graph: the call stays as it is
     module = module_type(stored_attr(root, f"{path}.running_mean").numel(), eps=eps, momentum=momentum,
                          affine=weight is not None)
     for name in (*own, "num_batches_tracked"):
         if hasattr(stored_attr(root, path), name):
             setattr(module, name, stored_attr(root, f"{path}.{name}"))  # the very tensors, so ties stay ties
-    return path, module.eval()
+    return path, module.train(training), count
 
 
-def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> None:
-    """Eval-mode BatchNorm calls back into modules (see `_BATCH_NORMS`), their get_attr nodes erased;
-    `root` is the exported module, which also holds the counters the graph never reads."""
+def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> bool:
+    """BatchNorm calls back into modules (see `_BATCH_NORMS`), their get_attr nodes and (in training mode) the
+    update of their batch counter erased; `root` is the exported module, which also holds the counters the graph
+    never reads. Whether the graph changed."""
     changed = False
     for node in list(gm.graph.find_nodes(op="call_function", target=F.batch_norm)):
         found = _batch_norm_module(root, node)
         if found is None:
             continue
         changed = True
-        path, module = found
+        path, module, count = found
         gm.set_submodule(path, module)
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(path, (node.args[0],))
@@ -526,20 +541,86 @@ def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> None:
         node.replace_all_uses_with(call)
         attrs = [a for a in node.args[1:5] if isinstance(a, Node)]
         gm.graph.erase_node(node)
+        if count is not None:  # the module counts its batches itself
+            attrs.append(count.args[0])
+            gm.graph.erase_node(count)
         for attr in attrs:
             gm.graph.erase_node(attr)
-    if changed:  # the GraphModule was compiled from this graph already: another pass of codegen adds nothing
-        gm.recompile()
+    return changed
+
+
+# The dropout module whose call export writes as aten.dropout: put back as the module, so train() / eval() switch
+# it as in the model (the exported call holds the flag fixed at its value when exported).
+_DROPOUTS: dict[str, type[nn.Module]] = {"torch.nn.modules.dropout.Dropout": nn.Dropout}
+
+
+def _dropouts_as_modules(gm: GraphModule, modes: dict[str, bool] | None) -> bool:
+    """Each `F.dropout` as a call of an `nn.Dropout` whose mode follows the graph's train() / eval(): the module's
+    own where the call is an nn.Dropout's, else one added under the module that calls it (the usual
+    `F.dropout(x, p, training=self.training)`). `modes` holds each module path's training flag when exported;
+    a call whose fixed flag is not its module's (`F.dropout(x, p)` in eval mode, always dropping) stays as it is,
+    the same in both modes, as in the model. Whether the graph changed."""
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function", target=F.dropout)):
+        x, p, training = (*node.args, *(0.5, True)[len(node.args) - 1:])[:3]
+        inplace = node.kwargs.get("inplace", False)
+        if not isinstance(training, bool) or isinstance(p, bool) or not isinstance(p, (int, float)) or p == 0 \
+                or set(node.kwargs) - {"inplace"}:
+            continue  # a rate of 0 drops nothing in either mode (Hugging Face's attention dropout in eval mode)
+        path, kind = _innermost_module(node)
+        if kind in _DROPOUTS:
+            target = path
+        elif modes is not None and modes.get(path, training) != training:
+            continue  # a fixed flag, not the module's
+        else:
+            target = _free_name(gm, f"{path}.dropout".lstrip("."))
+        gm.add_submodule(target, nn.Dropout(p, inplace=inplace).train(training))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(target, (x,))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _free_name(gm: GraphModule, path: str) -> str:
+    """`path`, or with a numbered suffix (`dropout_1`: names a file stores) where the graph module has an attribute
+    of that name already."""
+    parent, _, name = path.rpartition(".")
+    taken, suffix = set(), 1
+    try:
+        taken = set(dir(gm.get_submodule(parent)))
+    except AttributeError:  # no module there yet: add_submodule makes it
+        pass
+    candidate = name
+    while candidate in taken:
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    return f"{parent}.{candidate}" if parent else candidate
+
+
+def _warn_fixed_training(gm: GraphModule) -> None:
+    """A batch_norm left in training mode (not one BatchNorm's call) keeps using and updating batch statistics
+    after eval(): say so where it is."""
+    fixed = [n for n in gm.graph.find_nodes(op="call_function", target=F.batch_norm)
+             if len(n.args) > 5 and n.args[5] is True and n.args[1] is not None]
+    if fixed:
+        warnings.warn("fxcompress: batch_norm in training mode that is not the call of one BatchNorm module stays in "
+                      "training mode (batch statistics, running ones updated) whatever train() / eval() says: "
+                      + "; ".join(f"{n.name} at {where(n)}" for n in fixed)
+                      + ". Compile the model in eval mode, or with frontend='fx'", stacklevel=4)
 
 
 def from_exported(program: torch.export.ExportedProgram | GraphModule,
-                  traced_at_one: frozenset[tuple[int, int]] = frozenset()) -> GraphModule:
+                  traced_at_one: frozenset[tuple[int, int]] = frozenset(),
+                  modes: dict[str, bool] | None = None) -> GraphModule:
     """A GraphModule in torch-level form from an ExportedProgram or its `.module()`.
 
     Parameters and buffers are attributes under their original module paths; the new module shares
     them with `program` (compile deep-copies unless `inplace=True`). The input shapes the program was traced
     for are checked at each call (`guards`; `traced_at_one`: the (input, axis) pairs a size of one must not
-    take).
+    take). BatchNorm and dropout calls become modules whose mode train() / eval() switch; `modes` holds each
+    module path's training flag when the program was exported, where known (see `_dropouts_as_modules`).
     """
     if isinstance(program, torch.export.ExportedProgram):
         gm = program.module(check_guards=False) if _UNLIFT_WITHOUT_GUARDS else program.module()
@@ -559,7 +640,13 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule,
     out = GraphModule(gm, graph, type(gm).__name__)
     experts_as_linears(out)
     drop_unread(out)
-    _batch_norms_as_modules(out, gm)
+    changed = _batch_norms_as_modules(out, gm)
+    changed = _dropouts_as_modules(out, modes) or changed
+    if changed:  # the GraphModule was compiled from this graph already: another pass of codegen adds nothing
+        out.recompile()
+    _warn_fixed_training(out)
+    if modes is not None:
+        out.training = modes[""]  # as the model's root (an exported module is always in training mode)
     out.meta["frontend"] = "export"
     return out
 
@@ -603,7 +690,7 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
         except Exception as exc:
             raise TraceError(f"torch.export could not export {type(model).__name__}: "
                              f"{_export_failure(model, exc)}") from exc
-    return from_exported(*found)
+    return from_exported(*found, modes={path: m.training for path, m in model.named_modules()})
 
 
 def _export_free_sizes(model: nn.Module, example_inputs: tuple, tokens_free: bool = False

@@ -21,18 +21,33 @@ from ..errors import ConfigError
 AxisRange = tuple[int, "int | None"]
 
 
-def check_input_shape(input: torch.Tensor, name: str, axes: tuple[AxisRange, ...]) -> None:
-    """Raise ConfigError unless `input` has len(axes) axes, each within its (lowest, highest) sizes."""
+# Why a graph takes only some sizes of an input, by the cause a check names: for its message.
+WHY_FIXED = {
+    "torch.export": "traced by torch.export for {sizes} there and computes something else outside (the model "
+                    "fixes or branches on that size)",
+    "specialize_shapes": "compiled with specialize_shapes=True, which folded its sizes to the example inputs' "
+                         "({sizes} there), and computes something else for any other (a view of other sizes "
+                         "mixes rows, silently)",
+}
+
+
+def check_input_shape(input: torch.Tensor, name: str, axes: tuple[AxisRange, ...],
+                      cause: str = "torch.export") -> None:
+    """Raise ConfigError unless `input` has len(axes) axes, each within its (lowest, highest) sizes; the message
+    gives the `cause` (a key of WHY_FIXED) of the bounds."""
     if not isinstance(input, torch.Tensor) or input.dim() != len(axes):
         got = f"{input.dim()} axes {tuple(input.shape)}" if isinstance(input, torch.Tensor) else type(input).__name__
-        raise ConfigError(f"input {name!r} has {got}; this graph was traced for {len(axes)} axes")
+        raise ConfigError(f"input {name!r} has {got}; this graph was {_traced(cause)} for {len(axes)} axes")
     for axis, (lowest, highest) in enumerate(axes):
         size = input.shape[axis]
         if size < lowest or (highest is not None and size > highest):
+            why = WHY_FIXED.get(cause, WHY_FIXED["torch.export"]).format(sizes=describe(lowest, highest))
             raise ConfigError(f"input {name!r} has size {size} along axis {axis} (shape {tuple(input.shape)}); this "
-                              f"graph was traced by torch.export for {describe(lowest, highest)} there and computes "
-                              "something else outside (the model fixes or branches on that size): compile with an "
-                              "example of that shape")
+                              f"graph was {why}: compile with an example of that shape")
+
+
+def _traced(cause: str) -> str:
+    return "compiled with specialize_shapes=True" if cause == "specialize_shapes" else "traced"
 
 
 def describe(lowest: int, highest: int | None) -> str:
@@ -78,15 +93,26 @@ def _axis_range(size: int | torch.SymInt, ranges: dict, one_as_two: bool) -> Axi
     return (1 if lowest == 2 and one_as_two else lowest, highest)
 
 
-def insert_input_checks(graph: Graph, shapes: list[tuple[AxisRange, ...] | None]) -> None:
+def insert_input_checks(graph: Graph, shapes: list[tuple[AxisRange, ...] | None], cause: str = "torch.export") -> None:
     """After the inputs of `graph`, one `check_input_shape` per input with traced shapes (`shapes`, in the graph's
-    placeholder order)."""
+    placeholder order), for `cause` (a key of WHY_FIXED)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     checks = [(node, axes) for node, axes in zip(placeholders, shapes) if axes is not None]
+    extra = () if cause == "torch.export" else (cause,)  # the default stays unwritten: files keep their form
     if checks:
         with graph.inserting_after(placeholders[-1]):
             for node, axes in reversed(checks):
-                graph.call_function(check_input_shape, (node, node.target, axes))
+                graph.call_function(check_input_shape, (node, node.target, axes, *extra))
+
+
+def insert_exact_input_checks(graph: Graph, example_inputs: tuple) -> None:
+    """Checks that each tensor input has exactly its example's shape (compile's specialize_shapes, which folds sizes
+    to the example's), in place of any checks the graph held (the example's shape lies within those)."""
+    for check in input_checks(graph):
+        graph.erase_node(check)
+    shapes = [tuple((size, size) for size in x.shape) if isinstance(x, torch.Tensor) else None
+              for x in example_inputs]
+    insert_input_checks(graph, shapes, cause="specialize_shapes")
 
 
 def input_checks(graph: Graph) -> list[Node]:

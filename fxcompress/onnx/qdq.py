@@ -243,25 +243,39 @@ def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_
     if dtype is None:
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has {quantizer.bits}-bit weight codes "
                                 f"[{grid.qmin}, {grid.qmax}]; QDQ ONNX holds at most 8 bits")
-    axis = quantizer.axis
-    # DequantizeLinear's axis 0 is the output channel of conv and Gemm weights; an embedding's table has no
-    # accumulator, and its rows are gathered from the dequantized table on any axis
-    if axis not in (None, 0) and KINDS[layer.kind].family != "embedding":
+    axis, out_dim = quantizer.axis, KINDS[layer.kind].out_dim
+    # DequantizeLinear's axis must be the weight's output channel (0 for conv and Gemm weights, 1 for a transposed
+    # convolution's), so that each output's accumulator has one scale; an embedding's table has no accumulator,
+    # and its rows are gathered from the dequantized table on any axis
+    if axis not in (None, out_dim) and KINDS[layer.kind].family != "embedding":
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has per-channel weight scales on "
-                                f"axis {axis}; only axis 0 or per-tensor grids are exported")
+                                f"axis {axis}; only per-tensor grids or ones along its output channels (axis "
+                                f"{out_dim}) are exported")
     codes = quantize(weight, grid, axis).to(dtype)
     _replace(gm, chain, f"{layer.name}.weight_dequantize",
              Dequantize(codes, grid.scale, grid.zero_point.round(), axis))
     bias = bias_arg(node)
     if bias is None or input_grid is None:
         return  # without an input grid the layer's accumulator has no scale: the bias stays float
-    scale = (input_grid.scale.float() * grid.scale.float()).expand(weight.shape[0])
-    bias_codes = torch.round(constant_value(gm, bias).float() / scale)
+    bias_value = constant_value(gm, bias).float()
+    scale = _accumulator_scale(layer.name, input_grid.scale.float() * grid.scale.float(), bias_value.numel())
+    bias_codes = torch.round(bias_value / scale)
     if bias_codes.abs().max() > _INT32_MAX:
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has a bias beyond int32 at the "
                                 f"accumulator's scale (largest |code| {bias_codes.abs().max():.3g})")
     _replace(gm, bias, f"{layer.name}.bias_dequantize",
              Dequantize(bias_codes.to(torch.int32), scale, torch.zeros_like(scale), 0), users=[node])
+
+
+def _accumulator_scale(layer: str, scale: torch.Tensor, outputs: int) -> torch.Tensor:
+    """The accumulator's scale of each of the layer's `outputs` (its bias's length) from the product of input and
+    weight scales: one per tensor, one per output channel, or, for a grouped transposed convolution (whose weight
+    holds out_channels / groups output columns, each group's outputs reading the same ones), one per column."""
+    scale = scale.flatten()
+    if outputs % scale.numel():
+        raise PreconditionError(f"to_onnx(quantized=True): layer '{layer}' has {scale.numel()} weight scales for its "
+                                f"{outputs} outputs; QDQ ONNX needs one per output channel or per tensor")
+    return scale.repeat(outputs // scale.numel())
 
 
 def _replace(gm: GraphModule, node: Node, target: str, module: nn.Module, users: list[Node] | None = None) -> None:

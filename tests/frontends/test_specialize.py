@@ -13,6 +13,8 @@ import fxcompress
 from zeroing import pick_half, zero_classes
 from fxcompress.zoo import GPT2Block, gpt2_tokens
 from fxcompress.channels import ChannelGraph
+from fxcompress.errors import ConfigError
+from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.frontends import specialize_shapes
 from fxcompress.frontends.specialize import reads_shape
 from fxcompress.pass_base import PassContext
@@ -102,14 +104,55 @@ def test_unspecialized_sizes_are_rewritten_or_frozen_with_a_reason_never_a_type_
         torch.testing.assert_close(pruned(other), gm(other), atol=1e-5, rtol=1e-5)  # any batch and length
 
 
+class TokenAttention(nn.Module):
+    """Heads split by the input's own sizes, tokens flattened: an input of another shape but as many elements
+    runs through a folded `view(2, 8, 4, 4)`, its rows mixed."""
+
+    def __init__(self, width: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def split(y):
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b * t, d))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("shape", [(4, 4, 16), (1, 16, 16), (3, 5, 16), (2, 8)], ids=str)
+def test_the_specialized_model_refuses_any_other_shape_by_name(frontend, shape):
+    torch.manual_seed(0)
+    model, x = TokenAttention().eval(), torch.randn(2, 8, 16)
+    gm = fxcompress.compile(model, [], (x,), specialize_shapes=True, frontend=frontend)
+    general = fxcompress.compile(model, [], (x,), frontend=frontend)
+    other = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+        if len(shape) == 3 and frontend == "fx":  # export fixes the length of this model (a free batch only)
+            torch.testing.assert_close(general(other), model(other))  # unspecialized: any batch and length
+        with pytest.raises(ConfigError, match=r"input 'x' has .*this graph was compiled with specialize_shapes=True"):
+            gm(other)
+
+
 def test_the_specialized_model_accepts_only_the_example_shapes():
     model, x = SizeArithmetic().eval(), torch.randn(2, 8, 32)
     gm = fxcompress.compile(model, [], (x,), specialize_shapes=True)
     general = fxcompress.compile(model, [], (x,))
     other = torch.randn(3, 5, 32)
     assert general(other).shape == (3, 6)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError, match=r"input 'x' has size 3 along axis 0 \(shape \(3, 5, 32\)\); this graph "
+                                          r"was compiled with specialize_shapes=True, which folded its sizes to the "
+                                          r"example inputs' \(size 2 there\)"):
         gm(other)
+    loaded = from_bytes(to_bytes(gm, example_inputs=(x,)))  # the file keeps the check and its cause
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+    with pytest.raises(ConfigError, match="compiled with specialize_shapes=True"):
+        loaded(torch.randn(4, 4, 32))
 
 
 def test_prune_channels_prunes_through_specialized_sizes_and_zeroed_channels_stay_equal():

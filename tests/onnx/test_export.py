@@ -393,6 +393,39 @@ def test_int8_export_of_a_channel_of_zero_weights_keeps_its_bias_fine(tmp_path, 
     assert abs(got - expected).max() <= (expected.max() - expected.min()) / 255
 
 
+class _TransposedConv(nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.up, self.fc = nn.ConvTranspose2d(4, 6, 3, groups=groups), nn.Linear(6 * 10 * 10, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.up(x)).flatten(1))
+
+
+@pytest.mark.parametrize("per_channel, groups", [(False, 1), (True, 1), (True, 2)])
+def test_int8_export_of_a_transposed_conv_with_a_bias(tmp_path, onnx, per_channel, groups):
+    """A transposed convolution's weight is (in, out / groups, ...): its bias's accumulator scales are one per
+    output channel (they were taken from the weight's first dim, the inputs, and the export crashed), and its
+    per-channel grid is on axis 1, where DequantizeLinear dequantizes it."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 8, 8)
+    fq = fxcompress.compile(_TransposedConv(groups).eval(),
+                            [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=per_channel,
+                                             activations=ActivationConfig(bits=8))],
+                            example_inputs=(x[:2],), calibration_data=[x[:8], x[8:]])
+    assert fq.get_submodule("up.weight_quant").axis == (1 if per_channel else None)
+    export.to_onnx_int8(fq, tmp_path / "q.onnx", (x[:2],))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    session = _session(tmp_path / "q.onnx")
+    for batch in (1, 5):
+        other = torch.randn(batch, 4, 8, 8)
+        (got,) = session.run(None, {"x": other.numpy()})
+        with torch.no_grad():
+            expected = fq(other).numpy()
+        assert got.shape == expected.shape and abs(got - expected).max() <= (expected.max() - expected.min()) / 255
+
+
 class _EmbeddingBag(nn.Module):
     def __init__(self) -> None:
         super().__init__()
