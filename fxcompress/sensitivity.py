@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from .config import TypeOf, check, check_choice, check_real
+from .config import Regex, TypeOf, check, check_choice, check_real
 from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import chain_transforms, find_layers, kind_of_type, layer_node
 from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
@@ -174,6 +174,7 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
     for s in sparsities:
         check_real("sensitivity", "sparsities", s, 0.0, 1.0)
     check_choice("sensitivity", "granularity", granularity, GRANULARITIES)
+    check("sensitivity", "layers", layers, Regex(), None)  # before the baseline's evaluation, not a bare re.error
     targets = _prunable(model, layers)
     baseline = float(evaluate(model))
     values = []
@@ -203,6 +204,13 @@ def _graph_layers(gm: GraphModule, found: list[tuple[str, nn.Module, str]]) -> l
         if layer.name not in known and attribute == "weight" and layer.tied_to is None:
             extra.append((layer.name, gm.get_submodule(owner), layer.kind))
     return extra
+
+
+def prunable_layers(model: nn.Module, layers: str | None = None) -> tuple[str, ...]:
+    """The names of the layers `sensitivity(model, ..., layers=layers)` sweeps, found without evaluating
+    anything; ConfigError for a pattern that is no regular expression or matches no layer."""
+    check("sensitivity", "layers", layers, Regex(), None)
+    return tuple(name for name, _, _ in _prunable(model, layers))
 
 
 def _prunable(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Module, str]]:

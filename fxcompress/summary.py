@@ -212,16 +212,26 @@ def _sparse_bits(module: SparseLayer) -> int:
 
 
 def _quantized_linear_row(node, module: WeightOnlyLinear | DynamicInt8Linear) -> dict[str, Any]:
-    """A weight-only or dynamic int8 linear layer: the bytes of its codes, scales and bias."""
+    """A weight-only or dynamic int8 linear layer: the bytes of its codes, scales and bias; its nonzeros
+    are those of the weight it computes with (a pruned weight stays pruned through the codes)."""
     size = module.in_features * module.out_features
     params = size + (module.out_features if module.has_bias else 0)
+    nonzeros = _dequantized_nonzeros(module)
     shape = _output_shape(node)
     macs = None if shape is None else math.prod(shape) * module.in_features
     return {"layer": node.target, "op": f"linear ({type(module).__name__})",
-            "weight_shape": (module.out_features, module.in_features), "params": params, "nonzeros": None,
-            "sparsity": None, "bits": getattr(module, "bits", 8), "sqnr_db": None, "dense_bytes": 4 * params,
-            "compressed_bytes": module.held_bytes(), "exact": "yes", "macs": macs, "macs_effective": macs,
-            **_kernel_columns(module)}
+            "weight_shape": (module.out_features, module.in_features), "params": params, "nonzeros": nonzeros,
+            "sparsity": 1 - nonzeros / size, "bits": getattr(module, "bits", 8), "sqnr_db": None,
+            "dense_bytes": 4 * params, "compressed_bytes": module.held_bytes(), "exact": "yes", "macs": macs,
+            "macs_effective": _effective(macs, nonzeros, size), **_kernel_columns(module)}
+
+
+_ROWS_AT_ONCE = 1024  # rows dequantized at a time: a language model's head is not made float whole
+
+
+def _dequantized_nonzeros(module: WeightOnlyLinear | DynamicInt8Linear) -> int:
+    return sum(int(torch.count_nonzero(module.dequantize_rows(start, min(start + _ROWS_AT_ONCE, module.out_features))))
+               for start in range(0, module.out_features, _ROWS_AT_ONCE))
 
 
 def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
@@ -274,7 +284,8 @@ def _totals(rows: tuple[dict[str, Any], ...]) -> dict[str, Any]:
         values = [r[key] for r in rows if r[key] is not None]
         return sum(values) if values else None
 
-    weights = sum(math.prod(r["weight_shape"]) for r in rows if r["weight_shape"])
+    # the weights whose nonzeros are counted: a row without a count (a tied layer's) adds none of either
+    weights = sum(math.prod(r["weight_shape"]) for r in rows if r["weight_shape"] and r["nonzeros"] is not None)
     nonzeros = total("nonzeros") or 0
     return {
         "layer": "total", "op": "", "weight_shape": None, "params": total("params") or 0, "nonzeros": nonzeros,

@@ -210,6 +210,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Run the block with `count` intra-op threads (small models train fastest on one), then restore."""
+    check_int("torch_threads", "count", count, lo=1)  # torch's own refusal of 0 is a bare RuntimeError
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

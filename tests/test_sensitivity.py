@@ -66,10 +66,22 @@ def test_text_markdown_and_png(tmp_path):
     ({"sparsities": [1.2]}, "sensitivity.sparsities must be in"),
     ({"granularity": "rows"}, "sensitivity.granularity must be one of"),
     ({"layers": "conv.*"}, "no linear / conv layer matches"),
+    ({"layers": "fc(("}, r"sensitivity.layers: 'fc\(\(' is not a valid regular expression \(missing \)"),
+    ({"layers": 3}, "sensitivity.layers must be"),
 ])
 def test_bad_arguments(kwargs, message):
+    evaluated = []
     with pytest.raises(ConfigError, match=message):
-        sensitivity(LeNet300100(), lambda m: 0.0, **kwargs)
+        sensitivity(LeNet300100(), lambda m: evaluated.append(m) or 0.0, **kwargs)
+    assert evaluated == []  # refused before the baseline's evaluation
+
+
+def test_prunable_layers_names_what_a_sweep_would_prune():
+    from fxcompress.sensitivity import prunable_layers
+    assert prunable_layers(LeNet300100()) == ("fc1", "fc2", "fc3")
+    assert prunable_layers(LeNet300100(), "fc[13]") == ("fc1", "fc3")
+    with pytest.raises(ConfigError, match="is not a valid regular expression"):
+        prunable_layers(LeNet300100(), "[")
 
 
 def test_public_name():

@@ -131,3 +131,29 @@ def test_integer_lowered_layers_are_rows_with_the_bytes_they_hold(backend, calib
         assert row["compressed_bytes"] == held and row["bits"] <= 8
     float_macs = {row["layer"]: row["macs"] for row in fxcompress.summary(fq).rows}
     assert {name: row["macs"] for name, row in rows.items()} == float_macs and all(float_macs.values())
+
+
+@pytest.mark.parametrize("lowering", ["dynamic_int8", "weight_only"])
+def test_a_weight_only_or_dynamic_int8_layer_counts_in_the_total_sparsity(lowering):
+    """Its row counts the zeros of the weight it computes with; the total divides the zeros of every
+    counted row by those rows' weights (it once added this layer's weights, and none of its zeros)."""
+    from fxcompress.passes import InsertFakeQuant, LowerDynamicInt8, LowerWeightOnly
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():  # half of each layer pruned by hand
+        for layer in (model[1], model[3]):
+            layer.weight[:, ::2] = 0
+    x = torch.randn(4, 1, 8, 8)
+    if lowering == "dynamic_int8":
+        gm = fxcompress.compile(model, [LowerDynamicInt8(select="3", repeats=1)], example_inputs=(x,))
+    else:
+        passes = [InsertFakeQuant(method="linear", bits=8, select="3"), LowerWeightOnly(repeats=1)]
+        gm = fxcompress.compile(model, passes, example_inputs=(x,))
+    table = fxcompress.summary(gm)
+    [row] = [r for r in table.rows if r["layer"] == f"3.{lowering}"]
+    lowered = gm.get_submodule(f"3.{lowering}")
+    zeros = int((lowered.dequantize_rows(0, 10) == 0).sum())
+    assert zeros >= 160 and row["nonzeros"] == 320 - zeros and row["sparsity"] == zeros / 320
+    first = gm.get_submodule("1").weight
+    expected = (int((first == 0).sum()) + zeros) / (first.numel() + 320)
+    assert table.totals["sparsity"] == pytest.approx(expected, abs=1e-12) and expected >= 0.5

@@ -15,7 +15,7 @@ import fxcompress
 from fxcompress.datasets import load_dataset
 from fxcompress.errors import ConfigError
 from fxcompress.passes import PruneChannels
-from fxcompress.training import OptimizerConfig, evaluate, train
+from fxcompress.training import OptimizerConfig, evaluate, torch_threads, train
 from fxcompress.zoo import LeNet300100
 
 
@@ -190,3 +190,12 @@ def test_bad_optimizer_options_are_refused_naming_the_field(kwargs, message):
         OptimizerConfig(**kwargs)
     with pytest.raises(ConfigError, match="train.optimizer must be"):
         train(fresh_model(), (torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), 1, optimizer="sgd")
+
+
+@pytest.mark.parametrize("count", [0, -2, 1.5])
+def test_torch_threads_refuses_a_count_that_is_not_positive(count):
+    before = torch.get_num_threads()
+    with pytest.raises(ConfigError, match=r"torch_threads.count must be"):
+        with torch_threads(count):
+            pytest.fail("the block ran")
+    assert torch.get_num_threads() == before

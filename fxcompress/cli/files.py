@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..encoded.decode import decode
 from ..errors import ConfigError, FormatError
+from ..execution import NodeLocatingInterpreter, evaluating
 from ..export import sparse_arrays, to_json, to_onnx
 from ..fileformat import load, save
 from ..draw import DEFAULT_MAX_NODES
@@ -24,7 +25,8 @@ from ..report import write_report
 from ..sensitivity import SensitivityTable
 from ..summary import summary
 from ..training import torch_threads
-from .sweep import add_sweep_arguments, sweep, sweep_data
+from .arguments import not_the_input
+from .sweep import add_sweep_arguments, check_layers_pattern, sweep, sweep_data
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 BYTE_COLUMNS = ("layer", "dense_bytes", "compressed_bytes", "exact")  # the per-layer bytes table of inspect
@@ -47,10 +49,38 @@ def _per_layer_bytes(rows) -> str:
                      for r in cells)
 
 
+def _example(gm, args: argparse.Namespace) -> tuple[torch.Tensor, ...] | None:
+    """--input-shape as one input of zeros, run through the model once node by node: a shape the model
+    cannot take is a ConfigError naming the option and the node that fails (a bare RuntimeError from
+    deep inside shape propagation or the ONNX export otherwise)."""
+    if not args.input_shape:
+        return None
+    example = (torch.zeros(_input_shape(args.input_shape)),)
+    interpreter = NodeLocatingInterpreter(gm)  # not gm(...): a GraphModule prints its failing line to stderr
+    try:
+        with evaluating(gm):
+            interpreter.run(*example)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises on these inputs is the shape's fault
+        node = interpreter.current
+        where = f" at node {_node(gm, node)}" if node is not None else ""
+        cause = str(exc).split("\n\nWhile executing")[0]  # torch.fx appends the node, named here already
+        raise ConfigError(f"--input-shape {args.input_shape}: {args.file} cannot run on an input of shape "
+                          f"{tuple(example[0].shape)}{where}: {' '.join(cause.split())[:300]}") from None
+    return example
+
+
+def _node(gm, node) -> str:
+    """`fc1_1 (linear)`, `_1 (Linear module 1)`: a loaded file keeps no source lines to point at."""
+    if node.op == "call_module":
+        return f"{node.name} ({type(gm.get_submodule(node.target)).__name__} module {node.target})"
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+
+
 def inspect_file(args: argparse.Namespace) -> int:
-    example = (torch.zeros(_input_shape(args.input_shape)),) if args.input_shape else None
+    if args.input_shape:
+        _input_shape(args.input_shape)  # before the file is read
     gm = _load(args.file)
-    table = summary(gm, example)  # MACs need shapes, which a file does not store
+    table = summary(gm, _example(gm, args))  # MACs need shapes, which a file does not store
     size = Path(args.file).stat().st_size
     print(f"{args.file}: {size} bytes on disk; {table.totals['params']} parameters "
           f"({table.totals['dense_bytes']} bytes in fp32, {table.totals['dense_bytes'] / size:.1f}x the file)")
@@ -65,14 +95,20 @@ def inspect_file(args: argparse.Namespace) -> int:
 
 def report_file(args: argparse.Namespace) -> int:
     """The HTML report with its pictures and the Markdown beside it (only the Markdown with --markdown)."""
-    example = (torch.zeros(_input_shape(args.input_shape)),) if args.input_shape else None
-    gm = _load(args.file)
-    reference = _load(args.reference) if args.reference else None
+    if args.input_shape:
+        _input_shape(args.input_shape)  # before the file is read
+    if args.sensitivity == "":
+        check_layers_pattern(args)  # likewise
     suffix = ".md" if args.markdown else ".html"
     out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
     if out.suffix.lower() != suffix:
         raise ConfigError(f"report --out must end in {suffix}{' (with --markdown)' if args.markdown else ''}, "
                           f"got {out.name!r}")
+    for written in {out, out.with_suffix(".md")}:  # the Markdown is written beside the page
+        not_the_input(written, args.file, "report output")
+    gm = _load(args.file)
+    example = _example(gm, args)
+    reference = _load(args.reference) if args.reference else None
     facts = {"file": f"{Path(args.file).name}, {Path(args.file).stat().st_size} bytes on disk"}
     table = _sensitivity(gm, args)
     files = write_report(gm, out, title=f"Report of {Path(args.file).name}", reference=reference,
@@ -96,8 +132,13 @@ def _sensitivity(gm, args: argparse.Namespace) -> SensitivityTable | None:
 
 
 def decode_file(args: argparse.Namespace) -> int:
-    dense = decode(_load(args.file))
     out = Path(args.out)
+    # the suffix chooses the format: any other would be written as a .fxc file under a misleading name
+    if out.suffix.lower() not in (".fxc", *STATE_DICT_SUFFIXES):
+        raise ConfigError(f"decode OUT must end in .fxc (a dense fxcompress file) or "
+                          f"{' / '.join(STATE_DICT_SUFFIXES)} (a state dict), got {out.name!r}")
+    not_the_input(out, args.file, "decode OUT")
+    dense = decode(_load(args.file))
     if out.suffix.lower() in STATE_DICT_SUFFIXES:
         torch.save(dense.state_dict(), out)
         what = "state dict"
@@ -160,14 +201,26 @@ def _onnx_inputs(gm, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     return tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
 
 
+# the options each format reads: another format would ignore them, so they are refused
+FORMAT_OPTIONS = {"--integer": ("integer", ("json",)), "--input-shape": ("input_shape", ("onnx",)),
+                  "--dynamic-axis": ("dynamic_axis", ("onnx",))}
+
+
 def export_file(args: argparse.Namespace) -> int:
     write, suffix = EXPORTS[args.format]
-    if args.format == "onnx" and args.input_shape is not None:
+    for option, (key, formats) in FORMAT_OPTIONS.items():
+        if getattr(args, key) not in (None, False) and args.format not in formats:
+            raise ConfigError(f"export {option} applies to --format {' / '.join(formats)} only; "
+                              f"--format {args.format} would ignore it")
+    if args.input_shape is not None:
         _input_shape(args.input_shape)  # before the file is read
     if args.format == "onnx":
         _dynamic_axes(args)  # likewise
-    gm = _load(args.file)
     out = Path(args.out) if args.out else Path(args.file).with_suffix(suffix)
+    not_the_input(out, args.file, "export --out")
+    gm = _load(args.file)
+    if args.format == "onnx":
+        _example(gm, args)  # a shape the model cannot take, named here rather than deep in the export
     write(gm, out, args)
     print(f"{out}: {args.format}, {out.stat().st_size} bytes")
     return 0

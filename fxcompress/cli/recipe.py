@@ -2,8 +2,9 @@
 each. `load_recipe` validates all of it before any work and reports a bad key or value at its line.
 
     model: zoo:lenet300            # zoo:NAME, torchvision:NAME, transformers:ClassName or package.module:factory
-    data: digits                   # or {name: cifar-10, root: DIR, channels: 3}
+    data: digits                   # or {name: cifar-10, root: DIR, channels: 3}; image_size: image-folder only
     train: {epochs: 30, lr: 1e-3}  # dense training first (optional)
+    calibration: {batches: 4, batch_size: 128}   # the data set's first training images; at most all of them
     steps:
       - pass: InsertMasks
         config: {sparsity: 0.8, scope: global}
@@ -267,6 +268,10 @@ def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
     top = check_section(doc, (), doc.data if doc.data is not None else {}, TOP, REQUIRED["top"])
     data = top["data"] if isinstance(top["data"], dict) else {"name": top["data"]}
     check_section(doc, ("data",), data, DATA, REQUIRED["data"])
+    fixed = DATASETS[data["name"]].shape.image_size  # None: the images are resized to image_size (a folder)
+    if "image_size" in data and fixed is not None:
+        raise doc.error(("data", "image_size"), f"data.image_size: {data['name']} images are {fixed}x{fixed} and "
+                                                f"are not resized (only image-folder takes image_size)")
     calibration = {**DEFAULTS["calibration"], **check_section(doc, ("calibration",), top.get("calibration", {}),
                                                               CALIBRATION)}
     quick_caps = {**DEFAULTS["quick"], **check_section(doc, ("quick",), top.get("quick", {}), QUICK)}

@@ -26,7 +26,7 @@ from ..errors import ConfigError, FxCompressError
 from ..execution import evaluating
 from ..fileformat import load, save, to_bytes
 from ..report import write_report
-from ..sensitivity import SensitivityTable, sensitivity
+from ..sensitivity import SensitivityTable, prunable_layers, sensitivity
 from ..summary import summary
 from ..training import evaluate, torch_threads, train
 from .data import DATASETS, as_channels, image_folder_classes, subset
@@ -61,12 +61,31 @@ def check_files(recipe: Recipe) -> None:
 
 
 def load_data(recipe: Recipe, shape: tuple[int, int, int]):
+    """The recipe's data set, capped as its quick: says in a quick run."""
+    return _quick_subset(recipe, _whole_data(recipe, shape))
+
+
+def _whole_data(recipe: Recipe, shape: tuple[int, int, int]):
     spec = recipe.data
     root = Path(spec["root"]) if "root" in spec else None
-    data = as_channels(DATASETS[spec["name"]].load(root, shape[1]), shape[0])
-    if recipe.quick:
-        data = subset(data, recipe.quick["train_samples"], recipe.quick["test_samples"])
-    return data
+    return as_channels(DATASETS[spec["name"]].load(root, shape[1]), shape[0])
+
+
+def _quick_subset(recipe: Recipe, data):
+    return subset(data, recipe.quick["train_samples"], recipe.quick["test_samples"]) if recipe.quick else data
+
+
+def calibration_batches(recipe: Recipe, data) -> list[torch.Tensor]:
+    """The first `batches` x `batch_size` training images of the whole data set (a quick run's cap on the
+    training set does not shrink them), in batches. A calibration: the data set cannot fill is refused at
+    its line: a batch past the end would be empty (observers fail on it after the training; channel
+    reconstruction would silently use fewer images). The default calibration takes what there is."""
+    batches, size = recipe.calibration["batches"], recipe.calibration["batch_size"]
+    images = data.train_x
+    if batches * size > len(images) and "calibration" in recipe.doc.data:
+        raise recipe.error(("calibration",), f"calibration: {batches} batches of {size} need {batches * size} "
+                                             f"training images; data {data.name} holds {len(images)}")
+    return [images[i:i + size] for i in range(0, min(batches * size, len(images)), size)]
 
 
 def _epochs(recipe: Recipe, training: Training) -> int:
@@ -106,6 +125,11 @@ def dry_run(recipe: Recipe, model: nn.Module, example: tuple,
         except FxCompressError as exc:
             raise recipe.error(("steps", step.index, "pass"), f"steps[{step.index}] ({step.name}) cannot run: "
                                                                f"{_one_line(exc)}") from None
+    if recipe.sensitivity is not None:  # the sweep runs after the dense training: its layers are checked now
+        try:
+            prunable_layers(model, recipe.sensitivity["layers"])
+        except ConfigError as exc:
+            raise recipe.error(("sensitivity", "layers"), _one_line(exc)) from None
     return exported
 
 
@@ -144,14 +168,20 @@ class Run:
         self.state = self._read_state()
 
     def _read_state(self) -> dict:
+        """What earlier runs finished; a state file this run cannot read means nothing is finished (every
+        step runs again, its checkpoint rewritten), said in the log."""
         path = self.out / STATE
         if not path.is_file():
             return {"dense": None, "steps": []}
         try:
             state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {"dense": None, "steps": []}  # a broken state file means nothing is finished
-        return state if isinstance(state, dict) and isinstance(state.get("steps"), list) else {"dense": None, "steps": []}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            state = None
+        if not (isinstance(state, dict) and isinstance(state.get("steps"), list)
+                and all(_finished_step(entry) for entry in state["steps"])):
+            self.log(f"warning: {path} is damaged; it is ignored and every step runs again")
+            return {"dense": None, "steps": []}
+        return state
 
     def _write_state(self) -> None:
         temp = self.out / (STATE + ".tmp")
@@ -242,6 +272,12 @@ class Run:
         return gm, accuracy
 
 
+def _finished_step(entry) -> bool:
+    """A step entry of state.json as Run.step writes it: its name, fingerprint, accuracy and file."""
+    return (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("name", "fingerprint", "file"))
+            and isinstance(entry.get("accuracy"), (int, float)) and not isinstance(entry["accuracy"], bool))
+
+
 def run_recipe(path: str | Path, out: str | Path | None, quick: bool = False,
                log: Callable[[str], None] = print, check_only: bool = False) -> dict:
     """Validate the recipe (a file, or a shipped recipe's name), then run (or resume) it into `out`;
@@ -253,10 +289,10 @@ def run_recipe(path: str | Path, out: str | Path | None, quick: bool = False,
     torch.manual_seed(recipe.seed)
     model = _build(recipe, shape)
     with torch_threads(recipe.threads):
-        data = load_data(recipe, shape)
+        whole = _whole_data(recipe, shape)
+        data = _quick_subset(recipe, whole)
         example = (data.test_x[:2],)
-        step = recipe.calibration["batch_size"]
-        calibration = [data.train_x[i:i + step] for i in range(0, step * recipe.calibration["batches"], step)]
+        calibration = calibration_batches(recipe, whole)
         exported = dry_run(recipe, model, example, [data.train_x[:32]])  # a small batch: it checks structure
         if check_only:
             log(f"{recipe.doc.name}: valid; every step compiles on {recipe.model} with {data.name} images")

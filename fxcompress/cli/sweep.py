@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import Regex, explain, satisfies
 from ..errors import ConfigError
 from ..fileformat import load
-from ..sensitivity import SensitivityTable, sensitivity
+from ..sensitivity import SensitivityTable, prunable_layers, sensitivity
 from ..training import evaluate, torch_threads, train
+from .arguments import at_least, not_the_input
 from .data import DATASETS, subset
 from .models import build
 
@@ -29,6 +31,11 @@ def sweep_data(args: argparse.Namespace):
     if kind.needs_root and args.root is None:
         raise ConfigError(f"sensitivity --data {args.data} needs --root (the folder holding "
                           f"{', '.join(kind.files)})")
+    if args.image_size is not None and kind.shape.image_size is not None:
+        # only an image folder is resized; these images keep their side, and the size would be ignored
+        raise ConfigError(f"--image-size {args.image_size}: --data {args.data} images are "
+                          f"{kind.shape.image_size}x{kind.shape.image_size} and are not resized "
+                          f"(only --data image-folder takes --image-size)")
     side = args.image_size or kind.shape.image_size
     if side is None:
         raise ConfigError(f"sensitivity --data {args.data} needs --image-size")
@@ -42,10 +49,25 @@ def _model(args: argparse.Namespace, data):
     if args.file is not None:
         return load(args.file)
     model = build(args.model, {}, (data.channels, data.image_size, data.num_classes))
+    _layers(model, args)  # before the training: a pattern that matches no layer fails now
     epochs = min(args.epochs, QUICK["epochs"]) if args.quick else args.epochs
     if epochs:
         train(model, data, epochs, lr=1e-3, batch_size=64, progress=True)
     return model.eval()
+
+
+def check_layers_pattern(args: argparse.Namespace) -> None:
+    """--layers must be a regular expression (checked before any data is read or model trained)."""
+    if args.layers is not None and not satisfies(args.layers, (Regex(),)):
+        raise ConfigError(explain("--layers", args.layers, (Regex(),)))
+
+
+def _layers(model, args: argparse.Namespace) -> None:
+    """--layers must match a layer of the model; the error names the option."""
+    try:
+        prunable_layers(model, args.layers)
+    except ConfigError as exc:
+        raise ConfigError(f"--layers {args.layers!r}: {exc}") from None
 
 
 def sweep(model, data, args: argparse.Namespace) -> SensitivityTable:
@@ -64,6 +86,9 @@ def sweep(model, data, args: argparse.Namespace) -> SensitivityTable:
 
 def sensitivity_command(args: argparse.Namespace) -> int:
     _sparsities(args.sparsities)  # a typo fails before any training
+    check_layers_pattern(args)
+    if args.out and args.file:
+        not_the_input(Path(args.out), args.file, "sensitivity --out")
     with torch_threads(args.threads):
         torch.manual_seed(0)
         data = sweep_data(args)
@@ -80,7 +105,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     """The data set and sweep options, shared by `sensitivity` and `report --sensitivity`."""
     parser.add_argument("--data", default="digits", choices=sorted(DATASETS))
     parser.add_argument("--root", help="the data set's folder (mnist, cifar-10, cifar-100, image-folder)")
-    parser.add_argument("--image-size", type=int, help="image side (image-folder)")
+    parser.add_argument("--image-size", type=at_least(4), help="image side (image-folder)")
     parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
     parser.add_argument("--granularity", default="element", choices=["element", "kernel", "filter", "channel"])
     parser.add_argument("--layers", help="full-match regex over layer names (default: every layer)")
@@ -94,8 +119,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="zoo:NAME, torchvision:NAME or package.module:factory (trained first)")
     parser.add_argument("--file", help="a .fxc file to sweep instead of --model")
     add_sweep_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of --model before the sweep")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=at_least(0), default=10, help="training epochs of --model before the sweep")
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--out", help="also write the table to this file: .json (what report --sensitivity "
                                       "reads) or Markdown")
     parser.set_defaults(handler=sensitivity_command)

@@ -12,8 +12,9 @@ module is replaced by the GraphModule, so the optimizers Lightning builds next t
 schedule counts epochs (`unit="epoch"`: the masks follow it at every epoch's end, as Lightning's
 own ModelPruning prunes there) or optimizer steps (`unit="step"`). At the start of epoch
 `quantize_epoch` the model is compiled again with `quantize` (fake-quant in the graph: k-means
-centroids then train) and the optimizers are built again for the new parameters. Example inputs
-come from `example_inputs` or the module's `example_input_array`.
+centroids then train) and the optimizers are built again for the new parameters; a `quantize_epoch`
+the trainer's `max_epochs` never reaches is refused at setup. Example inputs come from `example_inputs`
+or the module's `example_input_array`.
 """
 from __future__ import annotations
 
@@ -86,7 +87,15 @@ class Compression(_Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before the optimizers exist: the model with masks (at the schedule's start) in its graph."""
-        if stage == "fit" and self.prune is not None:
+        if stage != "fit":
+            return
+        epochs = getattr(trainer, "max_epochs", None)  # None or -1: no limit
+        if self.quantize is not None and epochs is not None and epochs >= 0 and self.quantize_epoch >= epochs:
+            # the epoch would never start: the model would end the fit without fake-quant, silently
+            raise ConfigError(f"Compression.quantize_epoch={self.quantize_epoch} is never reached: the trainer's "
+                              f"max_epochs={epochs} runs epochs numbered from 0 to {epochs - 1}, so the model "
+                              f"would never be quantized")
+        if self.prune is not None:
             self._replace(pl_module, [self.prune])
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -99,6 +108,8 @@ class Compression(_Callback):
             self.prune.update_masks(self.model, trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.model is None:  # quantization only, before its epoch: nothing compiled, no masks to follow
+            return
         if self.prune is not None and self.unit == "epoch":
             self.prune.update_masks(self.model, trainer.current_epoch + 1)
         layers = {layer.name: sparsity_of(get_mask(self.model, layer)) for layer in masked_layers(self.model)}

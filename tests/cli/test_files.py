@@ -221,3 +221,59 @@ def test_export_onnx_with_a_dynamic_length(cli, tmp_path):
         assert status == 1 and f"--dynamic-axis {bad!r}: give INPUT:AXIS:NAME" in _one_line(err)
     status, _, err = cli("export", path, "--format", "onnx", "--dynamic-axis", "tokens:1:length")
     assert status == 1 and "names 'tokens', which is no input of the model" in _one_line(err)
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["report"], ["export", "--format", "onnx"]])
+def test_an_input_shape_the_model_cannot_take_is_one_error_line(cli, encoded_file, command):
+    path, _, _ = encoded_file  # a LeNet-300-100 for 8x8 images: 81 inputs do not fit fc1's 64
+    before = set(path.parent.iterdir())
+    status, out, err = cli(command[0], path, *command[1:], "--input-shape", "1,1,9,9")
+    assert status == 1 and out == ""
+    assert (f"--input-shape 1,1,9,9: {path} cannot run on an input of shape (1, 1, 9, 9) at node fc1_1 (linear): "
+            f"mat1 and mat2 shapes cannot be multiplied (1x81 and 64x300)") in _one_line(err)
+    assert set(path.parent.iterdir()) == before  # no report, no export
+
+
+def test_decode_and_export_refuse_to_overwrite_their_input(cli, encoded_file, tmp_path):
+    path, _, _ = encoded_file
+    original = path.read_bytes()
+    linked = tmp_path / "linked.fxc"
+    linked.symlink_to(path)
+    for argv in (["decode", path, path], ["decode", path, linked], ["export", path, "--format", "json", "--out", path]):
+        status, _, err = cli(*argv)
+        assert status == 1 and f"{argv[-1]} is the input file {path}: it would be overwritten" in _one_line(err)
+    dense = tmp_path / "dense.fxc"  # a file the sweep takes: its table would have replaced it
+    assert cli("decode", path, dense)[0] == 0
+    decoded = dense.read_bytes()
+    status, _, err = cli("sensitivity", "--file", dense, "--out", dense, "--quick", "--sparsities", "0.5")
+    assert status == 1 and f"sensitivity --out {dense} is the input file" in _one_line(err)
+    assert dense.read_bytes() == decoded
+    # the format's default name beside the input is the input itself
+    named = tmp_path / "weights.json"
+    named.write_bytes(original)
+    status, _, err = cli("export", named, "--format", "json")
+    assert status == 1 and f"export --out {named} is the input file" in _one_line(err)
+    # the report's Markdown, written beside the page, would replace an input of that name
+    status, _, err = cli("report", named.rename(tmp_path / "weights.md"), "--markdown")
+    assert status == 1 and "is the input file" in _one_line(err)
+    assert path.read_bytes() == original and (tmp_path / "weights.md").read_bytes() == original
+
+
+def test_decode_refuses_a_suffix_that_names_no_format(cli, encoded_file, tmp_path):
+    path, _, _ = encoded_file  # .fxc and .pt: test_decode_writes_the_dense_weights
+    status, out, err = cli("decode", path, tmp_path / "dense.npz")
+    assert status == 1 and out == "" and not (tmp_path / "dense.npz").exists()
+    assert "decode OUT must end in .fxc (a dense fxcompress file) or .pt / .pth (a state dict), got 'dense.npz'" \
+        in _one_line(err)
+    assert cli("decode", path, tmp_path / "dense.PTH")[0] == 0  # the suffix's case does not matter
+    assert torch.load(tmp_path / "dense.PTH", weights_only=True).keys() >= {"fc1.weight", "fc3.bias"}
+
+
+@pytest.mark.parametrize("fmt, option", [("csr", ["--integer"]), ("onnx", ["--integer"]),
+                                         ("json", ["--input-shape", "1,1,8,8"]), ("coo", ["--dynamic-axis", "x:1:n"])])
+def test_export_refuses_an_option_its_format_ignores(cli, encoded_file, tmp_path, fmt, option):
+    path, _, _ = encoded_file
+    out = tmp_path / "out.bin"
+    status, _, err = cli("export", path, "--format", fmt, "--out", out, *option)
+    assert status == 1 and not out.exists()
+    assert f"export {option[0]} applies to --format" in _one_line(err) and f"--format {fmt} would ignore it" in err

@@ -3,6 +3,7 @@ non-zero status (bad recipe key with its line, unknown model, missing optional d
 import pytest
 
 from fxcompress.cli import main, parser, yamldoc
+from fxcompress.cli import sweep as sweep_module
 
 COMMANDS = ["demo", "run", "inspect", "report", "decode", "export", "sensitivity"]
 
@@ -27,6 +28,12 @@ def test_every_command_has_help(cli):
     (["run"], "fxcompress run: error: the following arguments are required: recipe"),
     (["export", "x.fxc", "--format", "xml"], "invalid choice: 'xml'"),
     (["demo", "--data", "imagenet"], "invalid choice: 'imagenet'"),
+    # a count torch would refuse with a bare RuntimeError (threads) or a training loop with a ConfigError later
+    (["sensitivity", "--model", "zoo:lenet300", "--threads", "0"], "argument --threads: must be an integer >= 1, "
+                                                                   "got '0'"),
+    (["sensitivity", "--model", "zoo:lenet300", "--epochs", "-1"], "argument --epochs: must be an integer >= 0"),
+    (["demo", "--threads", "two"], "argument --threads: must be an integer >= 1, got 'two'"),
+    (["report", "x.fxc", "--sensitivity", "--image-size", "2"], "argument --image-size: must be an integer >= 4"),
 ])
 def test_usage_errors_are_one_line_with_status_2(cli, argv, words):
     status, out, err = cli(*argv)
@@ -93,6 +100,19 @@ def test_sensitivity_sweeps_each_layer(cli, tmp_path):
 ])
 def test_sensitivity_errors_are_one_line(cli, argv, words):
     status, _, err = cli("sensitivity", *argv)
+    assert status == 1 and words in _one_line(err)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--layers", "fc(("], "--layers: 'fc((' is not a valid regular expression (missing ), unterminated subpattern"),
+    (["--layers", "conv.*"], "--layers 'conv.*': sensitivity: no linear / conv layer matches layers='conv.*'"),
+    # digits images stay 8x8: the model would be built for 16x16 images the data set never gives
+    (["--image-size", "16"], "--image-size 16: --data digits images are 8x8 and are not resized (only --data "
+                             "image-folder takes --image-size)"),
+])
+def test_sensitivity_options_are_checked_before_training(cli, monkeypatch, argv, words):
+    monkeypatch.setattr(sweep_module, "train", lambda *a, **k: pytest.fail("trained before the check"))
+    status, _, err = cli("sensitivity", "--model", "zoo:lenet300", "--quick", *argv)
     assert status == 1 and words in _one_line(err)
 
 

@@ -88,6 +88,10 @@ def _line_of(text, needle):
     ("data: digits", "data: digits\nsensitivity: {granularity: row}", "sensitivity:", "sensitivity.granularity"),
     ("data: digits", "data: digits\nseed: -1", "seed:", "seed must be in"),
     ("  - pass: LowerToInteger", "  - pass: LowerToInteger\nseed: 1\nseed: 2", "seed: 2", "seed is given twice"),
+    # a data set of fixed-size images is not resized: an image_size would be ignored (the model built for it)
+    ("data: digits", "data:\n  name: digits\n  image_size: 16", "image_size:",
+     "data.image_size: digits images are 8x8 and are not resized (only image-folder takes image_size)"),
+    ("data: digits", "data: {name: cifar-10, root: c, image_size: 16}", "data:", "cifar-10 images are 32x32"),
 ])
 def test_a_bad_key_or_value_is_reported_at_its_line(write_recipe, old, new, needle, words):
     assert old in GOOD
@@ -138,3 +142,8 @@ def test_fingerprints_change_from_the_changed_step_on(write_recipe):
     assert first.steps[1].fingerprint != changed.steps[1].fingerprint
     assert first.steps[2].fingerprint != changed.steps[2].fingerprint
     assert load_recipe(write_recipe(GOOD), quick=True).fingerprint != first.fingerprint
+
+
+def test_an_image_folder_takes_its_image_size(write_recipe):
+    recipe = load_recipe(write_recipe(GOOD.replace("data: digits", "data: {name: image-folder, root: f, image_size: 16}")))
+    assert recipe.data == {"name": "image-folder", "root": "f", "image_size": 16}

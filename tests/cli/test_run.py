@@ -243,3 +243,58 @@ def test_check_validates_and_compiles_every_step_without_training(cli, write_rec
     bad = write_recipe(BASE.replace("config: {bits: 4}", "config: {bits: 4}\n  - pass: LowerToInteger"), "bad.yaml")
     status, _, err = cli("run", bad, "--check")
     assert status == 1 and "bad.yaml:13: steps[2] (3-LowerToInteger) cannot run" in err
+
+
+def test_a_calibration_larger_than_the_data_set_fails_the_check_at_its_line(cli, write_recipe, monkeypatch):
+    # digits holds 1437 training images: 8 batches of 256 would end in empty ones (observers then failed
+    # after the training, channel reconstruction ran on fewer images than asked)
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained before validating"))
+    recipe = write_recipe(BASE.replace("threads: 1", "threads: 1\ncalibration: {batches: 8, batch_size: 256}"))
+    for quick in ([], ["--quick"]):
+        status, out, err = cli("run", recipe, "--check", *quick)
+        assert status == 1 and out == ""
+        assert err == ("fxcompress: error: recipe.yaml:5: calibration: 8 batches of 256 need 2048 training images; "
+                       "data digits holds 1437\n")
+
+
+def test_calibration_batches_are_whole_batches_of_the_data_sets_training_images(write_recipe):
+    # the quick run keeps 400 training images: its 4 batches of 128 still are the first 512 of the data set
+    recipe = run_module.load_recipe(write_recipe(BASE.replace("threads: 1", "threads: 1\ncalibration: "
+                                                                            "{batches: 4, batch_size: 128}")), quick=True)
+    whole = run_module.load_data(run_module.load_recipe(write_recipe(BASE, "whole.yaml")), (1, 8, 10))
+    batches = run_module.calibration_batches(recipe, whole)
+    assert [len(b) for b in batches] == [128] * 4 and torch.equal(torch.cat(batches), whole.train_x[:512])
+    # a recipe that names no calibration takes the default's images where the data set holds them, none empty
+    small = type(whole)("small", whole.train_x[:300], whole.train_y[:300], whole.test_x, whole.test_y,
+                        channels=1, image_size=8, num_classes=10)
+    default = run_module.load_recipe(write_recipe(BASE, "default.yaml"))
+    assert [len(b) for b in run_module.calibration_batches(default, small)] == [128, 128, 44]
+
+
+def test_sensitivity_layers_matching_no_layer_fail_the_check_at_their_line(cli, write_recipe, monkeypatch):
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained before validating"))
+    recipe = write_recipe(BASE.replace("steps:", "sensitivity:\n  sparsities: [0.5]\n  layers: 'conv.*'\nsteps:"))
+    status, _, err = cli("run", recipe, "--check")
+    assert status == 1
+    assert err == "fxcompress: error: recipe.yaml:9: sensitivity: no linear / conv layer matches layers='conv.*'\n"
+
+
+@pytest.mark.parametrize("damage", [
+    lambda state: state["steps"].__setitem__(0, "1-InsertMasks"),        # an entry that is not a mapping
+    lambda state: state["steps"][0].pop("accuracy"),                     # a key missing
+    lambda state: state["steps"][0].__setitem__("accuracy", "0.9"),      # a value of the wrong kind
+])
+def test_a_damaged_state_file_means_nothing_is_finished(tmp_path, short, damage):
+    shutil.copytree(short[1], tmp_path / "out")  # a finished run of SGD's two steps
+    recipe = run_module.load_recipe(_recipe(tmp_path, SGD, "short.yaml"), quick=True)
+    lines = []
+    intact = run_module.Run(recipe, tmp_path / "out", log=lines.append)
+    assert [intact.finished(step) for step in recipe.steps] == [tmp_path / "out" / "step-01.fxc",
+                                                                tmp_path / "out" / "step-02.fxc"] and lines == []
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    damage(state)
+    (tmp_path / "out" / "state.json").write_text(json.dumps(state))
+    run = run_module.Run(recipe, tmp_path / "out", log=lines.append)
+    assert run.state == {"dense": None, "steps": []}
+    assert [run.finished(step) for step in recipe.steps] == [None, None]  # every step runs again
+    assert lines == [f"warning: {tmp_path / 'out' / 'state.json'} is damaged; it is ignored and every step runs again"]

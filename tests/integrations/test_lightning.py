@@ -154,3 +154,23 @@ def test_a_missing_model_attribute_is_named(digits, lightning, fit):
     callback = lightning.Compression(prune=InsertMasks(sparsity=0.5), attribute="net")
     with pytest.raises(ConfigError, match="Classifier.net is not a torch.nn.Module"):
         fit(callback, digits, epochs=1)
+
+
+def test_quantization_alone_joins_at_its_epoch(digits, lightning, fit):
+    # nothing is compiled before epoch 1: the end of epoch 0 has no model of the callback's to read
+    callback = lightning.Compression(quantize=InsertFakeQuant(bits=4, method="kmeans"), quantize_epoch=1)
+    module = fit(callback, digits)
+    gm = module.model
+    assert gm is callback.model and [r.name for r in fxcompress.history(gm)] == ["InsertFakeQuant"]
+    assert len([m for m in gm.modules() if isinstance(m, KMeansWeight)]) == 3
+    assert callback.history == [{"epoch": 1, "sparsity": {}}]  # no masks: an entry from the quantized epoch on
+    assert evaluate(gm, digits.test_x, digits.test_y) > 0.75
+
+
+def test_a_quantize_epoch_the_trainer_never_reaches_is_refused(digits, lightning, fit):
+    callback = lightning.Compression(prune=InsertMasks(sparsity=0.5), quantize=InsertFakeQuant(bits=4),
+                                     quantize_epoch=2)
+    with pytest.raises(ConfigError, match=r"Compression.quantize_epoch=2 is never reached: the trainer's "
+                                          r"max_epochs=2 runs epochs numbered from 0 to 1"):
+        fit(callback, digits, epochs=2)
+    assert callback.model is None  # refused at setup, before the model was compiled
