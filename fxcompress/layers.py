@@ -298,8 +298,9 @@ def find_layers(gm: GraphModule) -> list[Layer]:
 def _layers(gm: GraphModule) -> Iterator[tuple[Layer, Node]]:
     """find_layers' layers with their nodes, one at a time (a lookup stops at the one it wants)."""
     owners: dict[int, Layer] = {}
+    crowded = _crowded_owners(gm)
     for node in gm.graph.nodes:
-        found = _untied_layer(gm, node)
+        found = _untied_layer(gm, node, crowded)
         if found is None:
             continue
         layer, tensor = found
@@ -310,7 +311,7 @@ def _layers(gm: GraphModule) -> Iterator[tuple[Layer, Node]]:
         yield layer, node
 
 
-def _untied_layer(gm: GraphModule, node: Node) -> tuple[Layer, object | None] | None:
+def _untied_layer(gm: GraphModule, node: Node, crowded: set[str]) -> tuple[Layer, object | None] | None:
     """The layer `node` computes as if no other layer shared its weight, and what its weight is stored
     as (`_stored_weight`); None for a node that computes no stored layer. Each module is looked up once."""
     if node.op == "call_module":
@@ -329,8 +330,22 @@ def _untied_layer(gm: GraphModule, node: Node) -> tuple[Layer, object | None] | 
         return None  # one slice of a larger tensor (an expert of a stacked experts tensor), not a stored layer
     bias_node = bias_arg(node)
     bias = bias_node.target if bias_node is not None and bias_node.op == "get_attr" else None
-    owner, _, _ = source.target.rpartition(".")
-    return Layer(owner or source.target, kind.name, node.name, source.target, bias), stored
+    owner = source.target.rpartition(".")[0]
+    # named by its module, as a module layer is (it keeps its name once functionalized), unless that module
+    # holds the weights of several functional layers (attention's wq, wk): then each by its weight's path,
+    # or their statistics would collide under one name
+    name = source.target if not owner or owner in crowded else owner
+    return Layer(name, kind.name, node.name, source.target, bias), stored
+
+
+def _crowded_owners(gm: GraphModule) -> set[str]:
+    """The module paths that hold the stored weights of two or more functional layers."""
+    weights: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        source = weight_source(node) if node.op == "call_function" and node.target in _BY_FUNCTION else None
+        if source is not None:
+            weights.setdefault(source.target.rpartition(".")[0], set()).add(source.target)
+    return {owner for owner, targets in weights.items() if len(targets) > 1}
 
 
 def _module_path(node: Node, taken: str) -> str | None:
@@ -383,9 +398,16 @@ def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), sele
     the pass `required` a layer."""
     every = find_layers(gm)
     patterns = () if select is None else (select,)
-    layers = [layer for layer in every if layer.tied_to is None  # a tied weight is handled once, by its first layer
-              and (not types or layer.kind in types) and (not patterns or name_matches(gm, layer.name, patterns))]
+    chosen = [layer for layer in every
+              if (not types or layer.kind in types) and (not patterns or name_matches(gm, layer.name, patterns))]
+    layers = [layer for layer in chosen if layer.tied_to is None]  # a tied weight is handled once, by its first layer
     if not layers and (required or types or select is not None):
+        tied = [layer for layer in chosen if layer.tied_to is not None]
+        if tied:  # the selection matched, but only layers whose weight is another layer's tensor
+            names = ", ".join(f"{layer.name!r} (tied to {layer.tied_to!r})" for layer in tied)
+            raise ConfigError(f"{owner} (select={select!r}, types={types!r}) selects only tied layers: {names}; a "
+                              "tied layer's weight is the very tensor of the layer it is tied to and is compressed "
+                              f"once, through that layer: select {tied[0].tied_to!r} instead")
         raise ConfigError(f"{owner} selects no layer (select={select!r}, types={types!r}); "
                           f"the layers are {[layer.name for layer in every]}")
     return layers
@@ -443,7 +465,7 @@ def functionalize(gm: GraphModule, node: Node) -> Node:
 def _functional_args(graph: Graph, node: Node, module: nn.Module, kind: LayerKind, weight: Node,
                      bias: Node | None) -> tuple:
     """The arguments of the functional call that computes what `module` computes at `node`."""
-    x = node.args[0]
+    x = call_input(node)
     if kind.family == "linear":
         return (x, weight, bias)
     if kind.family == "embedding":
@@ -452,14 +474,26 @@ def _functional_args(graph: Graph, node: Node, module: nn.Module, kind: LayerKin
                                     "rewritten in place on each call, so no mask or quantizer can sit on them")
         return (x, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
     if kind.is_transposed:
-        if len(node.args) > 1 or node.kwargs:
-            raise NotImplementedError("ConvTranspose called with output_size cannot be functionalized")
+        if len(node.args) > 1 or set(node.kwargs) - {"input"}:  # forward(input, output_size=None)
+            raise PreconditionError(f"{type(module).__name__} '{node.target}' is called with output_size: the "
+                                    "output padding it implies depends on the input's run-time size, so the layer "
+                                    "cannot be rewritten into its functional form (to mask or quantize its weight); "
+                                    "give the module output_padding instead, or leave it out of the selection")
         return (x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
                 module.dilation)
     if module.padding_mode != "zeros":
         pad = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
         return (pad, weight, bias, module.stride, 0, module.dilation, module.groups)
     return (x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+
+
+def call_input(node: Node) -> Node:
+    """The input of a call_module node, passed by position or as `input=` (`bn(input=y)`)."""
+    if node.args:
+        return node.args[0]
+    if "input" in node.kwargs:
+        return node.kwargs["input"]
+    raise PreconditionError(f"module '{node.target}' is called with no input argument ({node.format_node()})")
 
 
 def insert_on_weight(gm: GraphModule, layer: Layer,

@@ -13,11 +13,13 @@ A pass declares its field schema once and then accepts the same rules as
     rules = schema.load("prune.rule")       # ConfigError "prune.rule:3: ..." on a bad line
     assigned = rules.assign(["fc1.weight", "fc2.weight"])   # first matching rule wins
 
-Trailing fields with a default may be left out. A rule whose pattern matches no name is an error.
+Trailing fields with a default may be left out. A rule whose pattern matches no name, a rule every name
+of which an earlier rule takes (it could never apply), and a source holding no rule at all are errors.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -76,7 +78,9 @@ def integer(lo: int | None = None, hi: int | None = None) -> Parser:
     """An integer in [lo, hi]."""
     def parse(raw: Any) -> int:
         value = _number(raw)
-        if value != int(value) or (isinstance(raw, str) and not raw.strip().lstrip("+-").isdigit()):
+        # inf / nan first: int() of them raises OverflowError / ValueError, which would lose the rule's place
+        if not math.isfinite(value) or value != int(value) or \
+                (isinstance(raw, str) and not raw.strip().lstrip("+-").isdigit()):
             raise ValueError(f"expected an integer, got {raw!r}")
         value = int(value)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -144,14 +148,22 @@ class RuleSet:
         return next((rule for rule in self.rules if rule.matches(name)), None)
 
     def assign(self, names: Iterable[str]) -> dict[str, Rule]:
-        """`{name: rule}` for every name some rule matches; ConfigError if a rule matches nothing."""
+        """`{name: rule}` for every name some rule matches; ConfigError if a rule matches nothing, or
+        only names an earlier rule takes (first match wins, so it would silently never apply)."""
         names = list(names)
         assigned = {name: rule for name in names if (rule := self.match(name)) is not None}
         for rule in self.rules:
-            if not any(rule.matches(name) for name in names):
+            matched = [name for name in names if rule.matches(name)]
+            if not matched:
                 sample = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
                 raise ConfigError(f"{rule.origin}: {self.owner} pattern {rule.pattern!r} matches no name "
                                   f"(names look like: {sample or 'none'})")
+            if all(assigned[name] is not rule for name in matched):
+                earlier = ", ".join(dict.fromkeys(assigned[name].origin for name in matched))
+                raise ConfigError(f"{rule.origin}: {self.owner} pattern {rule.pattern!r} never applies: every name "
+                                  f"it matches ({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}) is "
+                                  f"taken by the earlier rule at {earlier} (the first matching rule wins; put the "
+                                  "more specific rule first)")
         return assigned
 
     def __len__(self) -> int:
@@ -169,14 +181,22 @@ class RuleSchema:
     fields: Sequence[Field]
 
     def load(self, source: Any) -> RuleSet:
-        """Parse rules from a list (tuples / mappings / Rules), a RuleSet, or a path to a rule file."""
+        """Parse rules from a list (tuples / mappings / Rules), a RuleSet, or a path to a rule file.
+        A source with no rule is an error: rules select what a pass changes, so none would change nothing."""
         if isinstance(source, RuleSet):
-            return source
-        if isinstance(source, (str, os.PathLike)):
-            return self._load_file(Path(source))
-        if not isinstance(source, (list, tuple)):
+            rules, empty = source, f"{self.owner}: the RuleSet holds no rule"
+        elif isinstance(source, (str, os.PathLike)):
+            rules = self._load_file(Path(source))
+            empty = (f"{Path(source).name}: {self.owner} rule file holds no rule (blank lines and comments only, "
+                     "or an empty list)")
+        elif isinstance(source, (list, tuple)):
+            rules = RuleSet(tuple(self.rule(item, f"{self.owner}[{i}]") for i, item in enumerate(source)), self.owner)
+            empty = f"{self.owner} is an empty list"
+        else:
             raise ConfigError(f"{self.owner} must be a list of rules or a path to a rule file, got {source!r}")
-        return RuleSet(tuple(self.rule(item, f"{self.owner}[{i}]") for i, item in enumerate(source)), self.owner)
+        if not rules.rules:
+            raise ConfigError(f"{empty}, so it would select nothing; give at least one rule, or rules=None")
+        return rules
 
     def rule(self, item: Any, origin: str) -> Rule:
         """One rule from a sequence (pattern first, then the fields in order) or a mapping."""

@@ -8,12 +8,13 @@ conv -> activation chains with no float BatchNorm in between.
 A layer whose weight goes through masks (`mul(weight, weight_mask)`, after InsertMasks) folds too:
 scaling a weight's output rows commutes with the element-wise mask, so the stored weight is scaled
 and pruned weights stay exactly zero. A layer whose output is read by anything besides the
-BatchNorm, or whose weight goes through fake-quant or an encoding (scaling would move it off its
-grid), keeps its BatchNorm, and the reason is reported in the pass's statistics.
+BatchNorm, whose weight or bias has any other reader (the module called twice, a weight tied under
+two names, a masked weight read by two calls: folding would change what those compute), or whose
+weight goes through fake-quant or an encoding (scaling would move it off its grid), keeps its
+BatchNorm, and the reason is reported in the pass's statistics.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import bias_arg, kind_of_node, weight_source
+from fxcompress.layers import bias_arg, call_input, kind_of_node, stored_attr, submodule, weight_arg, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult, is_unspelled_aten
 from fxcompress.pruning.masks import masks_only
 
@@ -48,7 +49,7 @@ class FoldBatchNorm(Pass):
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         for node in _norm_nodes(gm):
-            producer = node.args[0]
+            producer = call_input(node)
             module_form = isinstance(producer, Node) and producer.op == "call_module"
             for path in [node.target] + ([producer.target] if module_form else []):
                 if gm.get_submodule(path).training:
@@ -61,11 +62,11 @@ class FoldBatchNorm(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         shapes = ctx.get(ShapeInfo)
-        uses = Counter((n.op, n.target) for n in gm.graph.nodes)  # folding changes no module / weight use
+        readers = _tensor_readers(gm)  # folding adds no reader, and folds nothing another node reads
         folded, skipped, touched = {}, {}, []
         for node in list(_norm_nodes(gm)):
-            producer = node.args[0]
-            reason = _why_not(gm, node, producer, shapes, uses)
+            producer = call_input(node)
+            reason = _why_not(gm, node, producer, shapes, readers)
             if reason:
                 skipped[node.target] = reason
                 continue
@@ -91,7 +92,7 @@ def _norm_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) in _NORMS]
 
 
-def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Counter) -> str | None:
+def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: dict) -> str | None:
     """Why this BatchNorm cannot be folded into what feeds it (None: it can)."""
     bn = gm.get_submodule(norm.target)
     if bn.running_mean is None or bn.running_var is None:
@@ -104,6 +105,12 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Cou
         return f"fed by {module}, which cannot absorb a per-channel affine map"
     if kind is None or (producer.op == "call_function" and kind.is_transposed):  # stored rows are scaled: dim 0
         return f"fed by {producer.name}, which is not a conv / linear layer"
+    if kind.family == "embedding":
+        return f"fed by embedding {producer.name}, which has no bias to absorb the BatchNorm's shift"
+    if producer.op == "call_module" and kind.is_transposed and gm.get_submodule(producer.target).groups > 1:
+        # torch's fusion scales a transposed weight's dim 1 as if it held every output channel; grouped,
+        # it holds out_channels / groups of them and the fused bias is sized wrong
+        return f"fed by {producer.name}, a grouped ConvTranspose, whose output channels torch's fusion cannot scale"
     if producer.op == "call_function":
         reason = _functional_reason(gm, producer)
         if reason:
@@ -111,20 +118,56 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, uses: Cou
     linear = not kind.is_conv
     if len(producer.users) > 1:
         return f"{producer.name}'s un-normalized output is also read by {_others(producer, norm)}"
-    if _shared(producer, uses):
-        return f"{producer.name}'s weight is shared with another call (folding would change it too)"
+    others = _other_readers(gm, producer, readers)
+    if others:
+        return (f"{producer.name}'s weight or bias is shared with another call: also read by {', '.join(others)} "
+                "(folding would change what those compute too)")
     if linear and len(shapes.shape(producer.name) or ()) != 2:
         return f"{producer.name} writes features on its last dim, the BatchNorm normalizes dim 1"
     return None
 
 
 
-def _shared(producer: Node, uses: Counter) -> bool:
-    """Whether the module (or stored weight) of `producer` is used by another node too."""
+def _tensor_readers(gm: GraphModule) -> dict[int, tuple[torch.Tensor, list[Node]]]:
+    """`{id(tensor): (tensor, nodes)}`: every node that reads each stored tensor, whatever name it reads it
+    by (get_attr of any of a tied tensor's names, or a call_module holding it). The tensor is kept in the
+    entry so its id cannot be reused while the map lives."""
+    readers: dict[int, tuple[torch.Tensor, list[Node]]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = stored_attr(gm, node.target)
+            tensors = value.parameters() if isinstance(value, nn.Module) else [value]
+        elif node.op == "call_module":
+            tensors = submodule(gm, node.target).parameters()
+        else:
+            continue
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                readers.setdefault(id(tensor), (tensor, []))[1].append(node)
+    return readers
+
+
+def _other_readers(gm: GraphModule, producer: Node, readers: dict) -> list[str]:
+    """The nodes besides `producer` and its own weight chain that read the weight or bias folding rewrites:
+    another call of its module, another name of a tied tensor, another call reading its masked weight."""
+    own = {producer}
     if producer.op == "call_module":
-        return uses[("call_module", producer.target)] > 1
-    source = weight_source(producer)
-    return uses[("get_attr", source.target)] > 1 or len(source.users) > 1
+        module = submodule(gm, producer.target)
+        tensors = [module.weight, module.bias]
+    else:  # the chain from the stored weight through its masks, and the bias read
+        current, source, bias = weight_arg(producer), weight_source(producer), bias_arg(producer)
+        while current is not source:
+            own.add(current)
+            current = current.args[0]
+        own |= {source} | ({bias} if bias is not None else set())
+        tensors = [stored_attr(gm, source.target)] + ([stored_attr(gm, bias.target)] if bias is not None else [])
+    others = {user for node in own - {producer} for user in node.users if user not in own}  # e.g. a 2nd call
+    for tensor in tensors:
+        if tensor is not None:
+            others |= {node for node in readers.get(id(tensor), (None, []))[1] if node not in own}
+    # a weight read by get_attr is named by the calls that use it ("conv_3", not its bias read "conv_bias_1")
+    return sorted({user.name for node in others for user in (node.users if node.op == "get_attr" and node.users
+                                                               else [node])})
 
 
 def _functional_reason(gm: GraphModule, producer: Node) -> str | None:

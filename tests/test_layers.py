@@ -297,3 +297,94 @@ def test_passes_that_rewrite_stored_float_weights_refuse_quantized_or_encoded_on
         with pytest.raises(PreconditionError, match=rf"{name}: layer '0' \(0\.weight\) is already quantized or "
                                                     rf"encoded \(KMeansWeight\); run {name} before InsertFakeQuant"):
             run(quantized)
+
+
+class _TwoWeightsOneModule(nn.Module):
+    """Attention-style projections: two stored weights of one module, each used by a functional linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return F.linear(x, self.wq) * F.linear(x, self.wk)
+
+
+class _HoldsAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _TwoWeightsOneModule()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_two_functional_weights_of_one_module_are_two_layers_with_their_own_statistics():
+    import fxcompress
+    from fxcompress.passes import InsertMasks
+    from fxcompress.pruning import get_mask
+    gm = trace(_HoldsAttention())
+    assert [(l.name, l.weight) for l in find_layers(gm)] == [("attn.wq", "attn.wq"), ("attn.wk", "attn.wk")]
+    # both named "attn", the second layer's sparsity overwrote the first's in the pass's statistics
+    rules = [("attn.wq", "element", 0.25), ("attn.wk", "element", 0.75)]
+    gm = fxcompress.compile(_HoldsAttention(), [InsertMasks(rules=rules)], example_inputs=(torch.randn(2, 8),))
+    assert fxcompress.history(gm)[-1].stats["layers"] == {"attn.wq": 0.25, "attn.wk": 0.75}
+    assert {l.name: 1 - get_mask(gm, l).float().mean().item() for l in find_layers(gm)} == \
+        {"attn.wq": 0.25, "attn.wk": 0.75}
+    # a module's single functional weight keeps the module's name (as a module layer is named)
+    assert [l.name for l in find_layers(trace(nn.Sequential(nn.Linear(2, 2))))] == ["0"]
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.lm_head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.lm_head(self.fc(self.embed(x)))
+
+
+def test_selecting_only_a_tied_layer_says_it_is_tied_and_names_its_first_layer():
+    gm = trace(_TiedHead())
+    # the selection used to drop the tied layer first, then say "selects no layer" while listing it
+    with pytest.raises(ConfigError, match=r"P \(select='lm_head', types=\(\)\) selects only tied layers: 'lm_head' "
+                                          r"\(tied to 'embed'\).*select 'embed' instead"):
+        select_layers(gm, "P", (), "lm_head")
+    assert [l.name for l in select_layers(gm, "P", (), "embed|lm_head")] == ["embed"]  # handled once, by its first
+    assert [l.name for l in select_layers(gm, "P", ("linear",))] == ["fc"]
+
+
+class _KeywordCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(input=self.conv(input=x).mean((2, 3)))
+
+
+def test_modules_called_with_input_as_a_keyword_are_functionalized():
+    model = _KeywordCalls().eval()
+    gm = trace(model)
+    for layer in find_layers(gm):  # raised IndexError reading node.args[0]
+        functionalize(gm, layer_node(gm, layer))
+    gm.recompile()
+    x = torch.randn(2, 3, 6, 6)
+    assert all(n.op != "call_module" for n in gm.graph.nodes)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+
+
+class _OutputSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2)
+
+    def forward(self, x):
+        return self.up(x, output_size=[14, 14])
+
+
+def test_a_conv_transpose_called_with_output_size_is_refused_by_name():
+    gm = trace(_OutputSize())
+    with pytest.raises(PreconditionError, match="ConvTranspose2d 'up' is called with output_size"):
+        functionalize(gm, layer_node(gm, find_layers(gm)[0]))

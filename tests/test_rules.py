@@ -133,3 +133,43 @@ def test_bad_yaml_items_name_their_line(tmp_path):
     path.write_text("- [fc1.weight, element, 0.5\n- x: [\n")
     with pytest.raises(ConfigError, match="r.yml:.*not valid YAML"):
         SCHEMA.load(path)
+
+
+def test_a_rule_every_name_of_which_an_earlier_rule_takes_is_an_error_naming_both_lines(tmp_path):
+    # first match wins, so a specific rule after a general one would silently never apply
+    path = tmp_path / "prune.rule"
+    path.write_text("# general first\nfc.*  element 0.25\nfc2\\.weight  element 0.75\n")
+    with pytest.raises(ConfigError, match=r"prune.rule:3: .*'fc2\\\\.weight' never applies: .*\(fc2.weight\) "
+                                          r"is taken by the earlier rule at prune.rule:2"):
+        SCHEMA.load(path).assign(NAMES)
+    # the specific rule first is the working order: each rule wins some name
+    path.write_text("fc2\\.weight  element 0.75\nfc.*  element 0.25\n")
+    assigned = SCHEMA.load(path).assign(NAMES)
+    assert assigned["fc2.weight"]["sparsity"] == (0.75,) and assigned["fc1.weight"]["sparsity"] == (0.25,)
+
+
+@pytest.mark.parametrize("name, text", [("empty.rule", "# every rule commented out\n# fc1.weight element 0.5\n\n"),
+                                        ("empty.json", "[]"), ("empty.yaml", "[]\n")])
+def test_a_rule_file_holding_no_rule_is_an_error_naming_the_file(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=rf"{name}: Demo.rules rule file holds no rule"):
+        SCHEMA.load(tmp_path / name)
+
+
+def test_an_empty_rule_list_is_an_error():
+    with pytest.raises(ConfigError, match=r"Demo.rules is an empty list, so it would select nothing"):
+        SCHEMA.load([])
+
+
+@pytest.mark.parametrize("name, text, where, value", [
+    ("q.rule", "fc1.weight linear 4\nfc2.weight linear inf\n", "q.rule:2", "'inf'"),
+    ("q.json", '[["fc1.weight", "linear", 4],\n ["fc2.weight", "linear", Infinity]]', "q.json: rule 2", "inf"),
+    ("q.yaml", "- [fc1.weight, linear, 4]\n- [fc2.weight, linear, .nan]\n", "q.yaml:2", "nan"),
+])
+def test_an_infinite_or_nan_integer_is_refused_at_its_line(tmp_path, name, text, where, value):
+    # int(inf) raises OverflowError, which used to escape without the rule's place
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=rf"{where}: field 'bits': expected an integer, got {value}"):
+        QUANT.load(tmp_path / name)
+    with pytest.raises(ConfigError, match=r"Quant.rules\[0\]: field 'bits': expected an integer, got inf"):
+        QUANT.load([("fc1.weight", "linear", float("inf"))])

@@ -153,3 +153,91 @@ def test_folding_first_leaves_fewer_float_boundaries_in_integer_lowering():
                                 calibration_data=calibration)
         boundaries[fold] = fxcompress.history(gm)[-1].stats["float_to_integer_boundaries"]
     assert boundaries[True] < boundaries[False]
+
+
+class ConvCalledTwice(nn.Module):
+    """The conv's second call reads its weight without a BatchNorm: folding would change that call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x * 2)
+
+
+class TiedConvs(nn.Module):
+    """Two conv modules holding one weight tensor under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.b(x)
+
+
+@pytest.mark.parametrize("make", [ConvCalledTwice, TiedConvs])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_weight_with_another_reader_keeps_its_batchnorm_masked_or_not(make, masked):
+    # masked, both calls read one mask node (ConvCalledTwice) or one chain under the tied name (TiedConvs):
+    # the count of get_attr uses saw no sharing, the fold scaled the weight and changed the other call
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    model = _randomize_statistics(make())
+    if masked:
+        model = fxcompress.compile(model, [InsertMasks(sparsity=0.3)], example_inputs=(x,))
+    gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=(x,))
+    record = fxcompress.history(gm)[-1]
+    assert not record.changed and record.stats["folded"] == {}
+    (why,) = record.stats["skipped"].values()
+    assert "shared with another call" in why
+    with torch.no_grad():
+        assert torch.equal(model(x), gm(x))
+
+
+class EmbeddingNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.bn = nn.Embedding(10, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.embed(x))
+
+
+@pytest.mark.parametrize("model, x, reason", [
+    # torch's fusion scales a transposed weight's dim 1 as if ungrouped: a crash, not a fold
+    (nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=4), nn.BatchNorm2d(4)), torch.randn(2, 4, 6, 6),
+     "grouped ConvTranspose"),
+    (nn.Sequential(nn.ConvTranspose2d(4, 8, 3, groups=2), nn.BatchNorm2d(8)), torch.randn(2, 4, 6, 6),
+     "grouped ConvTranspose"),
+    (EmbeddingNorm(), torch.randint(0, 10, (4,)), "fed by embedding embed, which has no bias"),  # AttributeError
+])
+def test_a_layer_torch_cannot_fuse_keeps_its_batchnorm(model, x, reason):
+    model = _randomize_statistics(model)
+    gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=(x,))
+    record = fxcompress.history(gm)[-1]
+    assert not record.changed and record.stats["folded"] == {}
+    (why,) = record.stats["skipped"].values()
+    assert reason in why
+    with torch.no_grad():
+        assert torch.equal(model(x), gm(x))
+
+
+class KeywordCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(input=self.conv(input=x))
+
+
+def test_modules_called_with_input_as_a_keyword_fold():
+    torch.manual_seed(0)
+    model, x = _randomize_statistics(KeywordCalls()), torch.randn(2, 3, 6, 6)
+    gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=(x,))  # raised IndexError on node.args[0]
+    assert fxcompress.history(gm)[-1].stats["folded"] == {"conv": "bn"} and _norms(gm) == []
+    with torch.no_grad():
+        assert torch.allclose(model(x), gm(x), atol=1e-5)

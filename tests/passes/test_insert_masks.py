@@ -292,3 +292,73 @@ def test_global_kernel_pruning_counts_kernels_across_convs():
     kernels = [m.flatten(2).amax(dim=2) for m in masks]  # one entry per (out, in) kernel
     assert all(groups_are_uniform(m, (0, 1)) for m in masks)
     assert sum((k == 0).sum().item() for k in kernels) == round(0.7 * sum(k.numel() for k in kernels))
+
+
+def test_a_rule_shadowed_by_an_earlier_rule_is_refused_at_its_line(tmp_path):
+    # "fc3.weight 0.9" after "fc.* 0.5": first match wins, so fc3 was silently pruned to 0.5
+    rule_file = tmp_path / "prune.rule"
+    rule_file.write_text("fc.*  element 0.5\nfc3\\.weight  element 0.9\n")
+    with pytest.raises(ConfigError, match=r"prune.rule:2: .* never applies: .* taken by the earlier rule at "
+                                          r"prune.rule:1"):
+        compile_zoo("lenet300", InsertMasks(rules=rule_file))
+
+
+def test_rules_that_hold_no_rule_are_refused(tmp_path):
+    # an empty list or a file of comments pruned nothing and reported no change
+    with pytest.raises(ConfigError, match="InsertMasks.rules is an empty list, so it would select nothing"):
+        InsertMasks(rules=[])
+    rule_file = tmp_path / "prune.rule"
+    rule_file.write_text("# every rule commented out\n# fc1\\.weight element 0.5\n")
+    with pytest.raises(ConfigError, match="prune.rule: InsertMasks.rules rule file holds no rule"):
+        InsertMasks(rules=rule_file)
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.lm_head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.lm_head(self.fc(self.embed(x)))
+
+
+def test_a_rule_for_a_tied_layer_says_it_is_tied():
+    # it said the pattern "matches no name" and listed names without lm_head.weight
+    masks = InsertMasks(rules=[("fc.weight", "element", 0.5), ("lm_head.weight", "element", 0.5)])
+    with pytest.raises(ConfigError, match=r"InsertMasks.rules\[1\]: .*'lm_head.weight' only, the weight of layer "
+                                          r"'lm_head', which is tied to 'embed'.*write the rule for 'embed.weight'"):
+        fxcompress.compile(_TiedHead(), [masks], example_inputs=(torch.randint(0, 16, (2, 5)),))
+
+
+class _KeywordLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(input=x)
+
+
+def test_a_layer_called_with_a_keyword_input_is_masked():
+    torch.manual_seed(0)
+    model, x = _KeywordLinear(), torch.randn(2, 8)
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    (_, mask), = masks_of(gm).values()
+    assert mask.numel() - mask.count_nonzero() == 32
+    with torch.no_grad():
+        assert torch.allclose(gm(x), nn.functional.linear(x, model.fc.weight * mask, model.fc.bias))
+
+
+class _OutputSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2)
+
+    def forward(self, x):
+        return self.up(x, output_size=[14, 14])
+
+
+def test_a_conv_transpose_called_with_output_size_is_refused_by_module_path():
+    with pytest.raises(PreconditionError, match="ConvTranspose2d 'up' is called with output_size"):
+        fxcompress.compile(_OutputSize(), [InsertMasks(sparsity=0.5)], example_inputs=(torch.randn(1, 4, 6, 6),))
