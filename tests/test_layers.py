@@ -11,6 +11,7 @@ from fxcompress.layers import (FUNCTIONS, KINDS, WeightTransform, bias_arg, chai
                                layer_kind, layer_node, select_layers, stored_attr, submodule, weight_arg,
                                weight_source)
 from fxcompress.tracing import trace
+from tied_head import TiedHead
 
 
 def test_functional_form_is_equivalent_on_zoo(zoo_model):
@@ -335,18 +336,8 @@ def test_two_functional_weights_of_one_module_are_two_layers_with_their_own_stat
     assert [l.name for l in find_layers(trace(nn.Sequential(nn.Linear(2, 2))))] == ["0"]
 
 
-class _TiedHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed, self.fc, self.lm_head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, x):
-        return self.lm_head(self.fc(self.embed(x)))
-
-
 def test_selecting_only_a_tied_layer_says_it_is_tied_and_names_its_first_layer():
-    gm = trace(_TiedHead())
+    gm = trace(TiedHead())
     # the selection used to drop the tied layer first, then say "selects no layer" while listing it
     with pytest.raises(ConfigError, match=r"P \(select='lm_head', types=\(\)\) selects only tied layers: 'lm_head' "
                                           r"\(tied to 'embed'\).*select 'embed' instead"):

@@ -15,6 +15,7 @@ from fxcompress.pruning import AGP, get_mask, masked_layers
 from fxcompress.pruning.importance import count_to_prune, group_dims
 from fxcompress.training import torch_threads
 from fxcompress.zoo import ZOO, LeNet5, LeNet300100
+from tied_head import TiedHead
 
 
 @pytest.fixture(autouse=True)
@@ -313,22 +314,12 @@ def test_rules_that_hold_no_rule_are_refused(tmp_path):
         InsertMasks(rules=rule_file)
 
 
-class _TiedHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed, self.fc, self.lm_head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, x):
-        return self.lm_head(self.fc(self.embed(x)))
-
-
 def test_a_rule_for_a_tied_layer_says_it_is_tied():
     # it said the pattern "matches no name" and listed names without lm_head.weight
     masks = InsertMasks(rules=[("fc.weight", "element", 0.5), ("lm_head.weight", "element", 0.5)])
     with pytest.raises(ConfigError, match=r"InsertMasks.rules\[1\]: .*'lm_head.weight' only, the weight of layer "
                                           r"'lm_head', which is tied to 'embed'.*write the rule for 'embed.weight'"):
-        fxcompress.compile(_TiedHead(), [masks], example_inputs=(torch.randint(0, 16, (2, 5)),))
+        fxcompress.compile(TiedHead(), [masks], example_inputs=(torch.randint(0, 16, (2, 5)),))
 
 
 class _KeywordLinear(nn.Module):
