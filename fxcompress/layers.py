@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,10 @@ from torch.fx import Graph, GraphModule, Node
 
 from .config import Constraint, TupleOf
 from .errors import ConfigError, PreconditionError
+
+if TYPE_CHECKING:  # rules.py is the rule language, which layers.py need not import to run
+    from .rules import RuleSet
+
 
 class WeightTransform(nn.Module):
     """Base class of modules that sit on a weight chain (fake-quant, encoded weights, ...).
@@ -570,3 +574,20 @@ def effective_weight(gm: GraphModule, layer: Layer) -> torch.Tensor:
     if node.op == "call_module":
         return submodule(gm, node.target).weight.detach()
     return constant_value(gm, weight_arg(node)).detach()
+
+
+def check_tied_rules(gm: GraphModule, rules: RuleSet, layers: Sequence[Layer]) -> None:
+    """Before `rules.assign` over `layers` (a pass's selection): a rule that names only a tied layer's
+    weight (an LM head's, which is its token table) would be reported as matching no name at all, though
+    the name is in the model: say that the layer is tied."""
+    candidates = [layer.weight for layer in layers]
+    every = find_layers(gm)
+    weight_of = {layer.name: layer.weight for layer in every if layer.tied_to is None}
+    tied = [layer for layer in every if layer.tied_to is not None]
+    for rule in rules.rules:
+        hit = next((layer for layer in tied if rule.matches(layer.weight)), None)
+        if hit is not None and not any(rule.matches(weight) for weight in candidates):
+            first = weight_of.get(hit.tied_to, hit.tied_to)
+            raise ConfigError(f"{rule.origin}: {rules.owner} pattern {rule.pattern!r} matches {hit.weight!r} only, "
+                              f"the weight of layer {hit.name!r}, which is tied to {hit.tied_to!r} (the same tensor, "
+                              f"compressed once through that layer): write the rule for {first!r} instead")

@@ -30,8 +30,8 @@ from fxcompress.calibration.gptq import gptq_layers
 from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
 from fxcompress.memory import release_freed_memory
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, constant_value, insert_on_weight,
-                               input_arg, kind_names, layer_node, select_layers, weight_arg)
+from fxcompress.layers import (KINDS, TYPES_FIELD, Layer, chain_module_node, check_tied_rules, constant_value,
+                               insert_on_weight, input_arg, kind_names, layer_node, select_layers, weight_arg)
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant import ActivationQuant, GridWeight, KMeansWeight, calibrate
 from fxcompress.quant.kmeans1d import INITS
@@ -231,6 +231,7 @@ class InsertFakeQuant(Pass):
         layers = select_layers(gm, "InsertFakeQuant", self.types, self.select, required=True)
         if self.rules is None:
             return [(layer, self.default_spec()) for layer in layers]
+        check_tied_rules(gm, self.rules, layers)
         assigned = self.rules.assign(layer.weight for layer in layers)
         specs = [(layer, self.rule_spec(rule.values, rule.origin)) for layer in layers
                  if (rule := assigned.get(layer.weight)) is not None]

@@ -23,7 +23,7 @@ from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration.masks import calibrated_masks, check_mask_config, keep_for, needs_calibration
 from fxcompress.config import Callables, Interval, Options, Regex, TupleOf, TypeOf, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import TYPES_FIELD, Layer, check_float_weight, find_layers, kind_names, select_layers
+from fxcompress.layers import TYPES_FIELD, Layer, check_float_weight, check_tied_rules, kind_names, select_layers
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
                                            masked_scores)
@@ -32,7 +32,7 @@ from fxcompress.pruning.nm import NMPattern, nm_pattern
 from fxcompress.pruning.owl import OWL
 from fxcompress.pruning.schedule import AGP
 from fxcompress.pruning.selection import LowestN
-from fxcompress.rules import RULES_FIELD, Field, RuleSchema, RuleSet, choice, real_list
+from fxcompress.rules import RULES_FIELD, Field, RuleSchema, choice, real_list
 
 # The origin documents' rule form: (parameter pattern, granularity, sparsity per stage[, importance]).
 MASK_RULES = RuleSchema("InsertMasks.rules", [
@@ -157,7 +157,7 @@ class InsertMasks(Pass):
             final = _stage_value(sparsities, self.stage, "InsertMasks.sparsity")
             plan = [(layer, self.granularity, final, self.importance) for layer in layers]
         else:
-            _check_tied_rules(gm, self.rules, layers)
+            check_tied_rules(gm, self.rules, layers)
             assigned = self.rules.assign(layer.weight for layer in layers)
             plan = [(layer, rule["granularity"], _stage_value(rule["sparsity"], self.stage, rule.origin),
                      rule["importance"] or self.importance)
@@ -243,22 +243,6 @@ def _target_name(target: Target) -> str:
 def _mask_zeros(gm: GraphModule, layer: Layer) -> int:
     mask = get_mask(gm, layer)
     return 0 if mask is None else mask.numel() - mask.count_nonzero().item()
-
-
-def _check_tied_rules(gm: GraphModule, rules: RuleSet, layers: Sequence[Layer]) -> None:
-    """A rule that names only a tied layer's weight (an LM head's, which is its token table) would be
-    reported as matching no name at all, though the name is in the model: say that the layer is tied."""
-    candidates = [layer.weight for layer in layers]
-    every = find_layers(gm)
-    weight_of = {layer.name: layer.weight for layer in every if layer.tied_to is None}
-    tied = [layer for layer in every if layer.tied_to is not None]
-    for rule in rules.rules:
-        hit = next((layer for layer in tied if rule.matches(layer.weight)), None)
-        if hit is not None and not any(rule.matches(weight) for weight in candidates):
-            first = weight_of.get(hit.tied_to, hit.tied_to)
-            raise ConfigError(f"{rule.origin}: {rules.owner} pattern {rule.pattern!r} matches {hit.weight!r} only, "
-                              f"the weight of layer {hit.name!r}, which is tied to {hit.tied_to!r} (the same tensor, "
-                              f"masked once through that layer): write the rule for {first!r} instead")
 
 
 def _stage_value(values: Sequence[float], stage: int, origin: str) -> float:

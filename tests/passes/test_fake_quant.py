@@ -9,6 +9,7 @@ import fxcompress
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import chain_transforms, effective_weight, find_layers, layer_node, weight_arg
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
+from tied_head import TiedHead
 from fxcompress.quant import (ActivationQuant, GridWeight, KMeansWeight, freeze_observers, recluster,
                               set_quantization)
 from fxcompress.zoo import ZOO, LeNet5, LeNet300100
@@ -463,3 +464,14 @@ def test_a_join_reading_the_first_input_quantizes_it_after_every_input(tmp_path)
     assert add.args[1].args == (gm.graph.find_nodes(op="placeholder")[0],)  # x, on its grid
     fxcompress.save(gm, tmp_path / "m.fxc")
     assert torch.equal(fxcompress.load(tmp_path / "m.fxc")(x, t), gm(x, t))
+
+
+def test_a_rule_for_a_tied_layer_says_it_is_tied():
+    # it said the pattern "matches no name", listing names without lm_head.weight, which is in the model
+    quant = InsertFakeQuant(rules=[("fc\\.weight", "kmeans", 4), ("lm_head\\.weight", "kmeans", 4)])
+    with pytest.raises(ConfigError, match=r"InsertFakeQuant.rules\[1\]: .*'lm_head.weight' only, the weight of layer "
+                                          r"'lm_head', which is tied to 'embed'.*write the rule for 'embed.weight'"):
+        fxcompress.compile(TiedHead(), [quant], example_inputs=(torch.randint(0, 16, (2, 5)),))
+    both = InsertFakeQuant(rules=[("fc\\.weight", "kmeans", 4), ("embed\\.weight", "kmeans", 4)])
+    gm = fxcompress.compile(TiedHead(), [both], example_inputs=(torch.randint(0, 16, (2, 5)),))
+    assert sorted(fxcompress.history(gm)[-1].params_touched) == ["embed.weight", "fc.weight"]
