@@ -103,8 +103,11 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: 
     if kind is None and producer.op == "call_module":
         module = type(gm.get_submodule(producer.target)).__name__
         return f"fed by {module}, which cannot absorb a per-channel affine map"
-    if kind is None or (producer.op == "call_function" and kind.is_transposed):  # stored rows are scaled: dim 0
+    if kind is None:
         return f"fed by {producer.name}, which is not a conv / linear layer"
+    if producer.op == "call_function" and kind.is_transposed:  # stored rows are scaled: dim 0
+        return (f"fed by {producer.name}, a transposed convolution called functionally (after masks), whose output "
+                "channels are its weight's dim 1: folding scales dim 0")
     if kind.family == "embedding":
         return f"fed by embedding {producer.name}, which has no bias to absorb the BatchNorm's shift"
     if producer.op == "call_module" and kind.is_transposed and gm.get_submodule(producer.target).groups > 1:

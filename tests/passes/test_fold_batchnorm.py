@@ -241,3 +241,16 @@ def test_modules_called_with_input_as_a_keyword_fold():
     assert fxcompress.history(gm)[-1].stats["folded"] == {"conv": "bn"} and _norms(gm) == []
     with torch.no_grad():
         assert torch.allclose(model(x), gm(x), atol=1e-5)
+
+
+def test_a_masked_transposed_convolution_keeps_its_batchnorm_and_says_why():
+    # it said the masked transposed convolution was "not a conv / linear layer"
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 5, 5)
+    masked = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    gm = fxcompress.compile(masked, [FoldBatchNorm()], example_inputs=(x,))
+    record = fxcompress.history(gm)[-1]
+    assert not record.changed and "a transposed convolution called functionally" in record.stats["skipped"]["1"]
+    with torch.no_grad():
+        assert torch.equal(masked(x), gm(x))
