@@ -4,7 +4,8 @@ Runs after InsertFakeQuant with linear or fixed-point weights and calibrated act
 fake-quant on the layers' inputs. Each `ActivationQuant` fed by float values becomes an explicit
 boundary into codes; each quantized layer becomes an integer layer that requantizes straight onto
 the grid of the next activation fake-quant when only ReLU / max-pool / reshape ops stand in
-between (those run on integer codes), and dequantizes otherwise (e.g. before a float op or the
+between (those run on integer codes; an nn.Dropout there, the identity in eval mode, is taken out: the lowered
+model is for inference), and dequantizes otherwise (e.g. before a float op or the
 model's output). A residual add or a concatenation whose operands all come out of activation fake-quants
 (`ActivationConfig(joins=True)` puts them there) runs on codes too, requantizing onto the next grid
 or dequantizing the same way; one that ActivationConfig(fuse_adds=True) left to the convolution before it
@@ -27,7 +28,7 @@ refuses it by layer instead. `lower_integer_graph` reads the fake-quant graph fo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from torch import nn
@@ -91,6 +92,8 @@ class LowerToInteger(Pass):
         targets = {q.node: requant_target(gm, q.node) for q in layers}
         plans = {q.node: plan_layer(gm, q, targets[q.node]) for q in layers}
         joins = {node: join_plan(gm, node, kind) for node in gm.graph.nodes if (kind := integer_join(gm, node))}
+        plans = {node: _without_dropouts(gm, plan) for node, plan in plans.items()}
+        joins = {node: _without_dropouts(gm, join) for node, join in joins.items()}
         fed = {t for t in targets.values() if t is not None} | {a.target for a in joins.values() if a.target}
         backend, refused = self._choose_backend(gm, layers, plans, joins, fed)
         chosen, edges = {}, set()
@@ -160,6 +163,20 @@ class LowerToInteger(Pass):
             raise PreconditionError(f"LowerToInteger(backend='native') cannot run this model on int8 kernels "
                                     f"exactly: {reasons}; backend='reference' runs any grid")
         return "reference", refused
+
+
+def _without_dropouts(gm: GraphModule, plan: LayerPlan | JoinPlan) -> LayerPlan | JoinPlan:
+    """The plan with the nn.Dropout modules of its code chain taken out of the graph. They are the identity in
+    eval mode, and the lowered model is for inference; left in, `model.train()` made them scale integer codes
+    (a RuntimeError on int32 / uint8 tensors, and a dropped uint8 code is the zero-point's value, not 0)."""
+    kept = []
+    for node in plan.chain:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        else:
+            kept.append(node)
+    return replace(plan, chain=tuple(kept))
 
 
 def _lower_activations(gm: GraphModule, fed_by_layer: set[Node], backend: str, edges: set[Node],

@@ -491,6 +491,8 @@ class SparseLayer(nn.Module):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """im2col, one sparse matmul over every output position of every image, back to N x C x H x W."""
+        if x.dim() == 3:  # an unbatched image (C, H, W), which F.conv2d (the dense form) accepts too
+            return self._conv(x.unsqueeze(0)).squeeze(0)
         kh, kw = self.weight_shape[2:]
         batch, height, width = x.shape[0], *_conv_out(x.shape[2:], (kh, kw), self.stride, self.padding,
                                                      self.dilation)

@@ -118,7 +118,13 @@ class WeightOnlyLinear(MeasuredLayer):
         module = cls(columns, out, bits, grouped.group_size, kernel, bias is not None, times_ms, packing)
         unsigned = (grouped.codes - grouped.qmin).to(torch.uint8)
         module.codes.copy_(PACKINGS[packing][0](unsigned) if bits == 4 else unsigned)
-        module.scale.copy_(grouped.scale)
+        # a group of zero weights (pruned) keeps a step borrowed from other groups (or 1): any step gives its
+        # zeros, but the C kernel computes s * (sum u x - z sum x), whose two terms cancel only up to rounding,
+        # so a borrowed step turned exact zeros into noise (1e-3 of the outputs for a pruned layer). Step 0
+        # gives exact zeros in every kernel, and (u - z) * 0 is still the fake-quant weight's 0.
+        centered = grouped.codes - grouped.zero_point.repeat_interleave(grouped.group_size, dim=1)
+        empty = (centered.reshape(out, -1, grouped.group_size) == 0).all(dim=2)
+        module.scale.copy_(torch.where(empty, 0.0, grouped.scale))
         module.zero.copy_((grouped.zero_point - grouped.qmin).to(torch.uint8))
         if bias is not None:
             module.bias.copy_(bias.detach().float())

@@ -124,6 +124,10 @@ class IntegerLayer(nn.Module):
         return acc.round().to(torch.int64) + self.bias.reshape(-1, *([1] * (acc.ndim - 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "linear" and x.dim() == self.weight.dim() - 1:
+            # an unbatched input (C, *spatial), which F.conv*d accepts: its channels are on dim 0, where the
+            # bias and the per-channel multipliers below (laid out for dim 1) would broadcast onto the wrong dim
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         acc = self.accumulate(x)
         view = (-1,) if self.kind == "linear" else (-1, *([1] * (acc.ndim - 2)))
         if not self.requantize:

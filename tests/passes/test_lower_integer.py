@@ -356,3 +356,46 @@ def test_writes_into_views_survive_the_lowering(backend):
     gm = fxcompress.compile(fq, [LowerToInteger(backend=backend, repeats=1)], example_inputs=(x,))
     assert len([n for n in gm.graph.nodes if n.target == "copy_"]) == 2
     assert torch.allclose(gm(x), fq(x), atol=0.05 * fq(x).abs().max().item())
+
+
+class _TwoConvs(torch.nn.Module):
+    """8 output channels on 8 x 8 images: channels on dim 0 of an unbatched input meet rows of the same size."""
+
+    def __init__(self, middle=None):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.middle = middle or torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.c2(self.middle(self.c1(x)))
+
+
+def test_an_unbatched_image_gets_what_it_gets_in_a_batch_of_one():
+    """An unbatched (C, H, W) input, which F.conv2d takes: the integer layer laid the bias and the per-channel
+    multipliers along dim 1, its rows there, and returned another model's outputs (0.27 off outputs of 0.39)."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8)
+    fq = _fake_quant(_TwoConvs(), x, per_channel=True, symmetric=True)
+    gm = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    image = torch.rand(3, 8, 8)
+    with torch.no_grad():
+        got, batched, expected = gm(image), gm(image[None]), fq(image)
+    assert got.shape == expected.shape == (8, 8, 8)
+    assert torch.equal(got, batched[0])
+    assert (got - expected).abs().max().item() < 4 * expected.abs().max().item() / 127
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_dropout_on_codes_is_gone_so_train_mode_runs(backend):
+    """nn.Dropout between a layer and the next grid ran on integer codes: `model.train()` then crashed in torch
+    (float dropout into an int32 / uint8 tensor), and a dropped uint8 code is the zero-point, not 0."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8)
+    model = _TwoConvs(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5)))
+    fq = _fake_quant(model, x, symmetric=True)
+    gm = fxcompress.compile(fq, [LowerToInteger(backend=backend, repeats=1)], example_inputs=(x[:2],))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in gm.modules())
+    with torch.no_grad():
+        evaluated = gm(x)
+        assert (evaluated - fq(x)).abs().max().item() < 4 * fq(x).abs().max().item() / 127
+        assert torch.equal(gm.train()(x), evaluated)  # an inference model: the same outputs in either mode

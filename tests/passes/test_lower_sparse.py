@@ -188,3 +188,22 @@ def test_c_relative_layers_save_load_and_remeasure(tmp_path, masked_lenet300_one
     stats = remeasure(loaded, (batch,), repeats=2)
     assert all(kernel in s["times_ms"] for s in stats.values())
     torch.testing.assert_close(loaded(batch), masked(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["torch_csr", "scipy_csr", "scipy_csc", *C_KERNELS])
+def test_an_unbatched_image_runs_every_sparse_form(kernel):
+    """F.conv2d takes an unbatched (C, H, W) image, so the masked model did; the sparse forms' im2col read its
+    channels as the batch and raised a ValueError from Python's unpacking."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    masked = _masked(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=(1, 2))).eval(), x, sparsity=0.8)
+    lowered = fxcompress.compile(masked, [LowerToSparse(min_sparsity=0.0, kernels=(kernel,), margin=1.0, **FAST)],
+                                 example_inputs=(x,))
+    (layer,) = _sparse_layers(lowered).values()
+    layer.adopt(SparseLayer.from_dense("conv2d", layer.dense_weight().clone(), layer.bias, kernel,
+                                       {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}))
+    image = torch.randn(3, 10, 10)
+    with torch.no_grad():
+        got, expected = lowered(image), masked(image)
+    assert layer.kernel == kernel and got.shape == expected.shape == (8, 5, 6)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
