@@ -11,7 +11,7 @@ from fxcompress.layers import (FUNCTIONS, KINDS, WeightTransform, bias_arg, chai
                                layer_kind, layer_node, select_layers, stored_attr, submodule, weight_arg,
                                weight_source)
 from fxcompress.tracing import trace
-from tied_head import TiedHead
+from layer_cases import TiedHead, TransposedWithOutputSize
 
 
 def test_functional_form_is_equivalent_on_zoo(zoo_model):
@@ -366,16 +366,7 @@ def test_modules_called_with_input_as_a_keyword_are_functionalized():
     assert torch.allclose(gm(x), model(x), atol=1e-6)
 
 
-class _OutputSize(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2)
-
-    def forward(self, x):
-        return self.up(x, output_size=[14, 14])
-
-
 def test_a_conv_transpose_called_with_output_size_is_refused_by_name():
-    gm = trace(_OutputSize())
+    gm = trace(TransposedWithOutputSize())
     with pytest.raises(PreconditionError, match="ConvTranspose2d 'up' is called with output_size"):
         functionalize(gm, layer_node(gm, find_layers(gm)[0]))

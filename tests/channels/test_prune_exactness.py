@@ -10,6 +10,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.passes import PruneChannels
+from layer_cases import TiedHead
 
 
 def _prune(model: nn.Module, x: torch.Tensor, **options) -> nn.Module:
@@ -265,29 +266,17 @@ def test_an_expanded_one_channel_slice_keeps_its_channel_and_the_channels_it_mee
 
 
 # ---- an output head tied to the embedding table ----------------------------------------------------
-class TiedHead(nn.Module):
-    """head.weight is emb.weight: the head's outputs are the table's rows, looked up by index."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb, self.mid, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, idx):
-        return self.head(torch.relu(self.mid(self.emb(idx))))
-
-
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_head_tied_to_the_embedding_keeps_its_outputs_even_when_outputs_may_go(frontend):
     """prune_outputs=True let the traced head lose outputs, and so the table its rows: the token ids
     above the cut then read past the table (the exported graph kept them: the two front ends differed)."""
     torch.manual_seed(0)
-    model, idx = TiedHead().eval(), torch.randint(0, 10, (2, 5))
+    model, idx = TiedHead().eval(), torch.randint(0, 16, (2, 8))
     source = model if frontend == "fx" else torch.export.export(model, (idx,))
     pruned = fxcompress.compile(source, [PruneChannels(amount=0.5, prune_outputs=True)], (idx,), frontend=frontend)
-    # the table's columns are mid's inputs, the head's inputs and so mid's outputs: one group, halved
-    assert pruned.get_parameter("emb.weight").shape == (10, 4)
-    assert pruned.get_parameter("head.weight") is pruned.get_parameter("emb.weight")
-    assert _frozen(pruned)["head"] == "emb looks its rows up by index"
-    every_token = torch.arange(10).reshape(2, 5)
+    # the table's columns are fc's inputs, the head's inputs and so fc's outputs: one group, halved
+    assert pruned.get_parameter("embed.weight").shape == (16, 4)
+    assert pruned.get_parameter("lm_head.weight") is pruned.get_parameter("embed.weight")
+    assert _frozen(pruned)["lm_head"] == "embed looks its rows up by index"
+    every_token = torch.arange(16).reshape(2, 8)
     assert pruned(every_token).shape == model(every_token).shape

@@ -9,7 +9,7 @@ import fxcompress
 from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import chain_transforms, effective_weight, find_layers, layer_node, weight_arg
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
-from tied_head import TiedHead
+from layer_cases import TiedHead
 from fxcompress.quant import (ActivationQuant, GridWeight, KMeansWeight, freeze_observers, recluster,
                               set_quantization)
 from fxcompress.zoo import ZOO, LeNet5, LeNet300100

@@ -15,7 +15,7 @@ from fxcompress.pruning import AGP, get_mask, masked_layers
 from fxcompress.pruning.importance import count_to_prune, group_dims
 from fxcompress.training import torch_threads
 from fxcompress.zoo import ZOO, LeNet5, LeNet300100
-from tied_head import TiedHead
+from layer_cases import TiedHead, TransposedWithOutputSize
 
 
 @pytest.fixture(autouse=True)
@@ -341,15 +341,6 @@ def test_a_layer_called_with_a_keyword_input_is_masked():
         assert torch.allclose(gm(x), nn.functional.linear(x, model.fc.weight * mask, model.fc.bias))
 
 
-class _OutputSize(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2)
-
-    def forward(self, x):
-        return self.up(x, output_size=[14, 14])
-
-
 def test_a_conv_transpose_called_with_output_size_is_refused_by_module_path():
     with pytest.raises(PreconditionError, match="ConvTranspose2d 'up' is called with output_size"):
-        fxcompress.compile(_OutputSize(), [InsertMasks(sparsity=0.5)], example_inputs=(torch.randn(1, 4, 6, 6),))
+        fxcompress.compile(TransposedWithOutputSize(), [InsertMasks(sparsity=0.5)], example_inputs=(torch.randn(1, 4, 6, 6),))
