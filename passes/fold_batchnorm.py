@@ -23,10 +23,11 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval, fuse_linear_bn_weights
 
+from fxcompress.analyses.ownership import ParamOwnership
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import bias_arg, call_input, kind_of_node, stored_attr, submodule, weight_arg, weight_source
+from fxcompress.layers import bias_arg, call_input, kind_of_node, weight_arg, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult, is_unspelled_aten
 from fxcompress.pruning.masks import masks_only
 
@@ -62,7 +63,10 @@ class FoldBatchNorm(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         shapes = ctx.get(ShapeInfo)
-        readers = _tensor_readers(gm)  # folding adds no reader, and folds nothing another node reads
+        # every node reading each stored tensor under any of its names; folding adds no reader, and folds
+        # nothing another node reads
+        ownership, nodes = ctx.get(ParamOwnership), {n.name: n for n in gm.graph.nodes}
+        readers = {name: [nodes[r] for r in read] for name, read in ownership.readers.items()}
         folded, skipped, touched = {}, {}, []
         for node in list(_norm_nodes(gm)):
             producer = call_input(node)
@@ -92,7 +96,7 @@ def _norm_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) in _NORMS]
 
 
-def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: dict) -> str | None:
+def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: dict[str, list[Node]]) -> str | None:
     """Why this BatchNorm cannot be folded into what feeds it (None: it can)."""
     bn = gm.get_submodule(norm.target)
     if bn.running_mean is None or bn.running_var is None:
@@ -105,11 +109,11 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: 
         return f"fed by {module}, which cannot absorb a per-channel affine map"
     if kind is None:
         return f"fed by {producer.name}, which is not a conv / linear layer"
+    if kind.family == "embedding":
+        return f"fed by embedding {producer.name}, which has no bias to absorb the BatchNorm's shift"
     if producer.op == "call_function" and kind.is_transposed:  # stored rows are scaled: dim 0
         return (f"fed by {producer.name}, a transposed convolution called functionally (after masks), whose output "
                 "channels are its weight's dim 1: folding scales dim 0")
-    if kind.family == "embedding":
-        return f"fed by embedding {producer.name}, which has no bias to absorb the BatchNorm's shift"
     if producer.op == "call_module" and kind.is_transposed and gm.get_submodule(producer.target).groups > 1:
         # torch's fusion scales a transposed weight's dim 1 as if it held every output channel; grouped,
         # it holds out_channels / groups of them and the fused bias is sized wrong
@@ -121,7 +125,7 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: 
     linear = not kind.is_conv
     if len(producer.users) > 1:
         return f"{producer.name}'s un-normalized output is also read by {_others(producer, norm)}"
-    others = _other_readers(gm, producer, readers)
+    others = _other_readers(producer, readers)
     if others:
         return (f"{producer.name}'s weight or bias is shared with another call: also read by {', '.join(others)} "
                 "(folding would change what those compute too)")
@@ -131,43 +135,22 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: 
 
 
 
-def _tensor_readers(gm: GraphModule) -> dict[int, tuple[torch.Tensor, list[Node]]]:
-    """`{id(tensor): (tensor, nodes)}`: every node that reads each stored tensor, whatever name it reads it
-    by (get_attr of any of a tied tensor's names, or a call_module holding it). The tensor is kept in the
-    entry so its id cannot be reused while the map lives."""
-    readers: dict[int, tuple[torch.Tensor, list[Node]]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value = stored_attr(gm, node.target)
-            tensors = value.parameters() if isinstance(value, nn.Module) else [value]
-        elif node.op == "call_module":
-            tensors = submodule(gm, node.target).parameters()
-        else:
-            continue
-        for tensor in tensors:
-            if isinstance(tensor, torch.Tensor):
-                readers.setdefault(id(tensor), (tensor, []))[1].append(node)
-    return readers
-
-
-def _other_readers(gm: GraphModule, producer: Node, readers: dict) -> list[str]:
+def _other_readers(producer: Node, readers: dict[str, list[Node]]) -> list[str]:
     """The nodes besides `producer` and its own weight chain that read the weight or bias folding rewrites:
     another call of its module, another name of a tied tensor, another call reading its masked weight."""
     own = {producer}
     if producer.op == "call_module":
-        module = submodule(gm, producer.target)
-        tensors = [module.weight, module.bias]
+        names = [f"{producer.target}.weight", f"{producer.target}.bias"]
     else:  # the chain from the stored weight through its masks, and the bias read
         current, source, bias = weight_arg(producer), weight_source(producer), bias_arg(producer)
         while current is not source:
             own.add(current)
             current = current.args[0]
         own |= {source} | ({bias} if bias is not None else set())
-        tensors = [stored_attr(gm, source.target)] + ([stored_attr(gm, bias.target)] if bias is not None else [])
+        names = [source.target] + ([bias.target] if bias is not None else [])
     others = {user for node in own - {producer} for user in node.users if user not in own}  # e.g. a 2nd call
-    for tensor in tensors:
-        if tensor is not None:
-            others |= {node for node in readers.get(id(tensor), (None, []))[1] if node not in own}
+    for name in names:
+        others |= {node for node in readers.get(name, ()) if node not in own}
     # a weight read by get_attr is named by the calls that use it ("conv_3", not its bias read "conv_bias_1")
     return sorted({user.name for node in others for user in (node.users if node.op == "get_attr" and node.users
                                                                else [node])})

@@ -254,3 +254,15 @@ def test_a_masked_transposed_convolution_keeps_its_batchnorm_and_says_why():
     assert not record.changed and "a transposed convolution called functionally" in record.stats["skipped"]["1"]
     with torch.no_grad():
         assert torch.equal(masked(x), gm(x))
+
+
+def test_a_masked_embedding_keeps_its_batchnorm_and_says_it_is_an_embedding():
+    # its functional call holds its output on the weight's dim 1, as a transposed convolution does: the
+    # skip named it one
+    model, x = _randomize_statistics(EmbeddingNorm()).eval(), torch.randint(0, 10, (4,))
+    masked = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    gm = fxcompress.compile(masked, [FoldBatchNorm()], example_inputs=(x,))
+    (why,) = fxcompress.history(gm)[-1].stats["skipped"].values()
+    assert why.startswith("fed by embedding ") and "no bias to absorb" in why
+    with torch.no_grad():
+        assert torch.equal(masked(x), gm(x))
