@@ -34,6 +34,13 @@ class DataKind:
     needs_root: bool
     files: tuple[str, ...] = ()  # what must be in root (checked before any work)
 
+    def why_not_resized(self, name: str) -> str | None:
+        """Why an image size given for this data set would be ignored (None: its images are resized)."""
+        side = self.shape.image_size
+        if side is None:
+            return None
+        return f"{name} images are {side}x{side} and are not resized (only image-folder takes an image size)"
+
 
 def _digits(root, size) -> Dataset:
     return load_digits()

@@ -268,10 +268,9 @@ def load_recipe(path: str | Path, quick: bool = False) -> Recipe:
     top = check_section(doc, (), doc.data if doc.data is not None else {}, TOP, REQUIRED["top"])
     data = top["data"] if isinstance(top["data"], dict) else {"name": top["data"]}
     check_section(doc, ("data",), data, DATA, REQUIRED["data"])
-    fixed = DATASETS[data["name"]].shape.image_size  # None: the images are resized to image_size (a folder)
-    if "image_size" in data and fixed is not None:
-        raise doc.error(("data", "image_size"), f"data.image_size: {data['name']} images are {fixed}x{fixed} and "
-                                                f"are not resized (only image-folder takes image_size)")
+    ignored = DATASETS[data["name"]].why_not_resized(data["name"])
+    if "image_size" in data and ignored:
+        raise doc.error(("data", "image_size"), f"data.image_size: {ignored}")
     calibration = {**DEFAULTS["calibration"], **check_section(doc, ("calibration",), top.get("calibration", {}),
                                                               CALIBRATION)}
     quick_caps = {**DEFAULTS["quick"], **check_section(doc, ("quick",), top.get("quick", {}), QUICK)}

@@ -31,11 +31,9 @@ def sweep_data(args: argparse.Namespace):
     if kind.needs_root and args.root is None:
         raise ConfigError(f"sensitivity --data {args.data} needs --root (the folder holding "
                           f"{', '.join(kind.files)})")
-    if args.image_size is not None and kind.shape.image_size is not None:
-        # only an image folder is resized; these images keep their side, and the size would be ignored
-        raise ConfigError(f"--image-size {args.image_size}: --data {args.data} images are "
-                          f"{kind.shape.image_size}x{kind.shape.image_size} and are not resized "
-                          f"(only --data image-folder takes --image-size)")
+    ignored = kind.why_not_resized(args.data)
+    if args.image_size is not None and ignored:
+        raise ConfigError(f"--image-size {args.image_size}: {ignored}")
     side = args.image_size or kind.shape.image_size
     if side is None:
         raise ConfigError(f"sensitivity --data {args.data} needs --image-size")

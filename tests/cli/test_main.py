@@ -107,8 +107,8 @@ def test_sensitivity_errors_are_one_line(cli, argv, words):
     (["--layers", "fc(("], "--layers: 'fc((' is not a valid regular expression (missing ), unterminated subpattern"),
     (["--layers", "conv.*"], "--layers 'conv.*': sensitivity: no linear / conv layer matches layers='conv.*'"),
     # digits images stay 8x8: the model would be built for 16x16 images the data set never gives
-    (["--image-size", "16"], "--image-size 16: --data digits images are 8x8 and are not resized (only --data "
-                             "image-folder takes --image-size)"),
+    (["--image-size", "16"], "--image-size 16: digits images are 8x8 and are not resized (only image-folder "
+                             "takes an image size)"),
 ])
 def test_sensitivity_options_are_checked_before_training(cli, monkeypatch, argv, words):
     monkeypatch.setattr(sweep_module, "train", lambda *a, **k: pytest.fail("trained before the check"))

@@ -90,7 +90,7 @@ def _line_of(text, needle):
     ("  - pass: LowerToInteger", "  - pass: LowerToInteger\nseed: 1\nseed: 2", "seed: 2", "seed is given twice"),
     # a data set of fixed-size images is not resized: an image_size would be ignored (the model built for it)
     ("data: digits", "data:\n  name: digits\n  image_size: 16", "image_size:",
-     "data.image_size: digits images are 8x8 and are not resized (only image-folder takes image_size)"),
+     "data.image_size: digits images are 8x8 and are not resized (only image-folder takes an image size)"),
     ("data: digits", "data: {name: cifar-10, root: c, image_size: 16}", "data:", "cifar-10 images are 32x32"),
 ])
 def test_a_bad_key_or_value_is_reported_at_its_line(write_recipe, old, new, needle, words):
