@@ -21,6 +21,7 @@ every native layer held before layers dropped them (both copies).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def measure(path: Path, shape: tuple[int, ...]) -> dict:
         tracemalloc.start()  # another copy: what Python's own objects of a loaded model take (graph, modules)
         copy = fxcompress.load(path)
         copy(x)
+        gc.collect()  # the load's garbage cycles are not the model's (the resident readings collect them too)
         python = python_object_bytes(tracemalloc.take_snapshot())
         tracemalloc.stop()
         del copy

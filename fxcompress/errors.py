@@ -36,3 +36,8 @@ class UnknownOpError(PreconditionError):
 
 class UnknownOpWarning(UserWarning):
     """The same as UnknownOpError, as a warning: compile's default (strict=False)."""
+
+
+class TiedLayerWarning(UserWarning):
+    """A pass's selection named a layer whose weight is tied to a layer it did not select (an LM head
+    tied to its token embedding): that weight is left as it is."""

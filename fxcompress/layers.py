@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .config import Constraint, TupleOf
-from .errors import ConfigError, PreconditionError
+from .errors import ConfigError, PreconditionError, TiedLayerWarning
 
 if TYPE_CHECKING:  # rules.py is the rule language, which layers.py need not import to run
     from .rules import RuleSet
@@ -395,11 +396,13 @@ def _reads_stored(gm: GraphModule, node: Node, stored: object) -> bool:
 
 
 def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), select: str | None = None, *,
-                  required: bool = False) -> list[Layer]:
+                  required: bool = False, warn_tied: bool = False) -> list[Layer]:
     """The layers of `gm` whose kind is in `types` (kind names, see `kind_names`; any if empty) and
     whose name fully matches `select` (any if None), in graph order. Every pass selects its layers
     here. Selecting nothing is a ConfigError naming the layers there are, when a filter was given or
-    the pass `required` a layer."""
+    the pass `required` a layer. A tied layer is left to the layer it is tied to; with `warn_tied` (a
+    pass that compresses weights) a TiedLayerWarning names each tied layer selected whose first layer
+    is not, since its weight then stays as it is though the selection named it."""
     every = find_layers(gm)
     patterns = () if select is None else (select,)
     chosen = [layer for layer in every
@@ -414,6 +417,14 @@ def select_layers(gm: GraphModule, owner: str, types: tuple[str, ...] = (), sele
                               f"once, through that layer: select {tied[0].tied_to!r} instead")
         raise ConfigError(f"{owner} selects no layer (select={select!r}, types={types!r}); "
                           f"the layers are {[layer.name for layer in every]}")
+    if warn_tied:
+        kept = {layer.name for layer in layers}
+        for layer in chosen:
+            if layer.tied_to is not None and layer.tied_to not in kept:
+                warnings.warn(f"{owner} (select={select!r}, types={types!r}) leaves out {layer.name!r}: its weight is "
+                              f"the very tensor of {layer.tied_to!r}, which the selection does not hold, and a tied "
+                              f"weight is compressed once, through that layer (select {layer.tied_to!r} too to "
+                              "compress it)", TiedLayerWarning, stacklevel=3)
     return layers
 
 

@@ -228,7 +228,7 @@ class InsertFakeQuant(Pass):
 
     def plan(self, gm: GraphModule) -> list[tuple[Layer, LayerQuant]]:
         """The layers this pass quantizes and how, in graph order."""
-        layers = select_layers(gm, "InsertFakeQuant", self.types, self.select, required=True)
+        layers = select_layers(gm, "InsertFakeQuant", self.types, self.select, required=True, warn_tied=True)
         if self.rules is None:
             return [(layer, self.default_spec()) for layer in layers]
         check_tied_rules(gm, self.rules, layers)

@@ -169,7 +169,7 @@ class InsertMasks(Pass):
         return final if self.schedule is None or step is None else self.schedule.sparsity(final, step)
 
     def _candidates(self, gm: GraphModule) -> list[Layer]:
-        layers = select_layers(gm, "InsertMasks", self.types, self.select, required=True)
+        layers = select_layers(gm, "InsertMasks", self.types, self.select, required=True, warn_tied=True)
         for layer in layers:  # a mask may sit on a quantized weight, not on encoded bytes or integer codes
             check_float_weight(gm, layer, "InsertMasks", behind_quantizer=True)
         return layers

@@ -81,7 +81,7 @@ class SparseGPT(Pass):
             raise PreconditionError("SparseGPT needs calibration data: pass compile(..., calibration_data=batches)")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        layers = select_layers(gm, "SparseGPT", self.types, self.select, required=True)
+        layers = select_layers(gm, "SparseGPT", self.types, self.select, required=True, warn_tied=True)
         for layer in layers:  # the update rewrites the float weights the layers compute with
             check_float_weight(gm, layer, "SparseGPT")
         created = {layer.name: get_mask(gm, layer) is None for layer in layers}

@@ -346,6 +346,25 @@ def test_selecting_only_a_tied_layer_says_it_is_tied_and_names_its_first_layer()
     assert [l.name for l in select_layers(gm, "P", ("linear",))] == ["fc"]
 
 
+def test_a_compressing_pass_warns_when_its_selection_leaves_a_tied_head_as_it_is():
+    import warnings
+
+    import fxcompress
+    from fxcompress.errors import TiedLayerWarning
+    from fxcompress.passes import InsertFakeQuant, InsertMasks
+    tokens = torch.randint(0, 16, (2, 5))
+    for compress in (InsertMasks(sparsity=0.5, types=("linear",)), InsertFakeQuant(bits=4, types=("linear",))):
+        # "linear" names the head too, but its weight is the embedding table, which is not selected: the
+        # head stayed float without a word
+        with pytest.warns(TiedLayerWarning, match=r"leaves out 'lm_head': its weight is the very tensor of 'embed'"):
+            gm = fxcompress.compile(TiedHead(), [compress], example_inputs=(tokens,))
+        assert fxcompress.history(gm)[-1].params_touched == ("fc.weight",)
+    with warnings.catch_warnings():  # selecting the first layer too compresses the tied weight once: no warning
+        warnings.simplefilter("error", TiedLayerWarning)
+        fxcompress.compile(TiedHead(), [InsertMasks(sparsity=0.5, select="embed|fc|lm_head")], example_inputs=(tokens,))
+        select_layers(trace(TiedHead()), "P", ("linear",))  # a bare selection (lowerings handle heads themselves)
+
+
 class _KeywordCalls(nn.Module):
     def __init__(self):
         super().__init__()
