@@ -6,7 +6,8 @@ The channel dependency graph (`ChannelGraph`) says which channels must go togeth
 scores them, picks the lowest per group (or globally), removes them physically (smaller weights,
 BN statistics, group counts, attention heads, view sizes), and optionally refits the consumers by
 least squares on calibration data (He et al. 2017). Groups that cannot be pruned are reported in
-`stats["frozen"]` with the reason.
+`stats["frozen"]` with the reason, as are groups that round_to leaves whole (no multiple of it fits
+between the channels they must keep and their width).
 """
 from __future__ import annotations
 
@@ -124,12 +125,15 @@ class PruneChannels(Pass):
         groups, skipped = self._eligible(gm, units)
         sampling = Sampling(self.max_samples, self.seed)
         selection = Selection(self.method, self.global_, self.min_channels, self.round_to, sampling)
-        removed, fallbacks = choose_removal(gm, cg, groups, selection, ctx.calibration_data)
+        choice = choose_removal(gm, cg, groups, selection, ctx.calibration_data)
+        removed = choice.removed
         before = sum(p.numel() for p in gm.parameters())
-        stats: dict[str, Any] = {"groups": len(cg.groups),
-                                 "frozen": _frozen_report(cg, skipped, self.prune_normalized, self.prune_outputs)}
-        if fallbacks:
-            stats["scored_by_l1"] = fallbacks
+        report = _frozen_report(cg, skipped, self.prune_normalized, self.prune_outputs)
+        for label, why in choice.held.items():  # a partly frozen group: its frozen reason, then round_to's
+            report[label] = f"{report[label]}; {why}" if label in report else why
+        stats: dict[str, Any] = {"groups": len(cg.groups), "frozen": report}
+        if choice.scored_by_l1:
+            stats["scored_by_l1"] = choice.scored_by_l1
         if not removed.any():
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
         targets = (capture_targets(gm, cg, removed, ctx.calibration_data, sampling, progress=ctx.progress)

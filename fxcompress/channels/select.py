@@ -42,38 +42,60 @@ class Selection:
         return self.method in DATA_METHODS
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What choose_removal decided: the classes to remove (bool per class), the groups a data-driven
+    method scored by l1 because no consumer's output could be measured, and {group label: why} for
+    the groups that were to lose channels but lose none because no multiple of round_to fits."""
+
+    removed: np.ndarray
+    scored_by_l1: list[str]
+    held: dict[str, str]
+
+
 def choose_removal(gm: GraphModule, cg: ChannelGraph, groups: list[tuple[ChannelGroup, float]],
-                   selection: Selection, data=None) -> tuple[np.ndarray, list[str]]:
-    """The classes to remove (bool per class) when each group of `groups` loses its amount, and the
-    groups a data-driven method scored by l1 because no consumer's output could be measured."""
+                   selection: Selection, data=None) -> Removal:
+    """The classes to remove when each group of `groups` loses its amount (see Removal)."""
     removed = np.zeros(cg.labels.max() + 1 if len(cg.labels) else 0, dtype=bool)
     if not groups:
-        return removed, []
-    counts = _counts(gm, cg, groups, selection)
+        return Removal(removed, [], {})
+    counts, held = _counts(gm, cg, groups, selection)
     if selection.data_driven:
         per_group, fallbacks = data_driven_scores(gm, cg, counts, data, selection.method, selection.sampling)
     else:
         per_group, fallbacks = [_scores(gm, cg, groups, selection)] * len(counts), []
     for (group, count), scores in zip(counts, per_group):
         removed[lowest(group, scores, count, cg, selection.min_channels)] = True
-    return removed, fallbacks
+    return Removal(removed, fallbacks, held)
 
 
-def _counts(gm, cg: ChannelGraph, groups, selection: Selection) -> list[tuple[ChannelGroup, int]]:
+def _counts(gm, cg: ChannelGraph, groups, selection: Selection) -> tuple[list[tuple[ChannelGroup, int]], dict]:
     """How many classes each group loses: its own amount, or with `global_` its share of one ranking
     of every group's scores (each normalized by its group's mean, as filter norms of different
-    layers are not on one scale)."""
+    layers are not on one scale); and {label: why} of the groups round_to leaves whole.
+
+    The global ranking takes exactly its budget. Equal scores are shared out between the groups in
+    proportion to their sizes: ranked by the class's place in its group (lowest class first, as
+    `lowest` takes them), then by group, in the graph's order. (A threshold on the score took every
+    class tied with the last one: groups of equal filter norms all went down to one channel.)"""
     bounds = (selection.min_channels, selection.round_to)
-    if not selection.global_:
-        return [(g, removal_count(g, a, *bounds)) for g, a in groups]
-    scores = norm_scores(gm, cg, 1) if selection.data_driven else _scores(gm, cg, groups, selection)
-    normalized = [scores[g.prunable] / max(scores[g.prunable].mean(), 1e-12) for g, _ in groups]
-    total = sum(len(g.classes) for g, _ in groups)
-    budget = int(np.floor(np.mean([a for _, a in groups]) * total))
-    pooled = np.sort(np.concatenate(normalized))
-    threshold = pooled[min(budget, len(pooled)) - 1] if budget > 0 else -np.inf
-    return [(g, removal_count(g, float((n <= threshold).sum()) / len(g.classes), *bounds))
-            for (g, _), n in zip(groups, normalized)]
+    amounts = list(groups)
+    if selection.global_:
+        scores = norm_scores(gm, cg, 1) if selection.data_driven else _scores(gm, cg, groups, selection)
+        normalized = np.concatenate([scores[g.prunable] / max(scores[g.prunable].mean(), 1e-12) for g, _ in groups])
+        owner = np.concatenate([np.full(len(g.prunable), i) for i, (g, _) in enumerate(groups)])
+        place = np.concatenate([np.arange(len(g.prunable)) / len(g.prunable) for g, _ in groups])
+        total = sum(len(g.classes) for g, _ in groups)
+        budget = int(np.floor(np.mean([a for _, a in groups]) * total))
+        taken = np.bincount(owner[np.lexsort((owner, place, normalized))[:budget]], minlength=len(groups))
+        amounts = [(g, float(taken[i]) / len(g.classes)) for i, (g, _) in enumerate(groups)]
+    counts, held = [], {}
+    for g, amount in amounts:
+        counts.append((g, removal_count(g, amount, *bounds)))
+        why = rounding_holds(g, amount, *bounds)
+        if why is not None:
+            held[g.label] = why
+    return counts, held
 
 
 def _scores(gm, cg: ChannelGraph, groups, selection: Selection) -> np.ndarray:
@@ -168,19 +190,44 @@ def removal_count(group: ChannelGroup, amount: float, min_channels: int, round_t
     """How many classes of `group` to remove: `amount` of them, keeping a multiple of `round_to`
     and at least `min_channels` (and never all). The frozen classes stay too, so the kept number is
     rounded up only after they are counted (a partly frozen group removes fewer); where no multiple
-    fits below the whole group, it loses none."""
+    fits below the whole group, it loses none (`rounding_holds` says why)."""
+    total = len(group.classes)
+    keep = math.ceil(_least_kept(group, amount, min_channels) / round_to) * round_to
+    return max(0, total - keep)
+
+
+def _least_kept(group: ChannelGroup, amount: float, min_channels: int) -> int:
+    """The classes `group` keeps at `amount` before rounding: at least `min_channels`, one, and its frozen ones."""
     total = len(group.classes)
     keep = total - math.floor(amount * total + 1e-9)
-    keep = max(keep, min_channels, 1, total - len(group.prunable))
-    keep = math.ceil(keep / round_to) * round_to
-    return max(0, total - keep)
+    return max(keep, min_channels, 1, total - len(group.prunable))
+
+
+def rounding_holds(group: ChannelGroup, amount: float, min_channels: int, round_to: int) -> str | None:
+    """Why `group` loses none of the channels `amount` asks for: the least it may keep (its frozen
+    channels, min_channels) leaves no multiple of round_to below its width. None if it loses some,
+    or if it was to lose none anyway."""
+    total = len(group.classes)
+    least = _least_kept(group, amount, min_channels)
+    if least >= total or removal_count(group, amount, min_channels, round_to) > 0:
+        return None
+    frozen = total - len(group.prunable)
+    held = f" ({frozen} of them frozen)" if frozen else ""
+    return (f"round_to={round_to}: keeping at least {least} of its {total} channels{held} leaves no multiple "
+            f"of {round_to} below {total}, so none are removed")
 
 
 def lowest(group: ChannelGroup, scores: np.ndarray, count: int, cg: ChannelGraph,
            min_channels: int) -> np.ndarray:
     """The `count` prunable classes of lowest score, skipping any whose removal would empty a
-    tensor: every producer keeps `min_channels` outputs, every other slot and split piece one."""
-    order = group.prunable[np.argsort(scores[group.prunable], kind="stable")]
+    tensor: every producer keeps `min_channels` outputs, every other slot and split piece one.
+
+    Equal scores (channels whose filters are equal or all zero) go lowest class first, in every
+    group and every method alike, so the choice is deterministic. Classes are numbered in the order
+    of their first element, and the walk numbers a tensor's channels in position order when it
+    first meets the tensor: the lowest class is the lowest channel index of the group's first
+    producer (in graph order)."""
+    order = group.prunable[np.lexsort((group.prunable, scores[group.prunable]))]
     containers = _containers(group, cg, min_channels)
     chosen = []
     for c in order.tolist():

@@ -41,6 +41,12 @@ def _assert_same(pruned: nn.Module, zeroed: nn.Module, *inputs: torch.Tensor) ->
         torch.testing.assert_close(pruned(x), zeroed(x), atol=1e-5, rtol=1e-5)
 
 
+def _kept(model: nn.Module, pruned: nn.Module, name: str) -> list[int]:
+    """The output channels of layer `name` that `pruned` kept (its rows matched against the model's)."""
+    rows = pruned.get_submodule(name).weight
+    return [i for i, row in enumerate(model.get_submodule(name).weight) if any(torch.equal(row, r) for r in rows)]
+
+
 def _frozen(pruned: nn.Module) -> dict:
     return fxcompress.history(pruned)[-1].stats["frozen"]
 
@@ -167,6 +173,31 @@ def test_round_to_that_no_multiple_fits_removes_nothing():
     pruned = _prune(model, torch.randn(4, 5), amount=0.5, round_to=4)
     assert pruned.a.out_features == 6
     assert fxcompress.history(pruned)[-1].stats["channels_removed"] == 0
+    # the statistics said only why 5 channels were frozen, not that the sixth stayed too
+    assert _frozen(pruned)["a"] == ("sum_1 reduces over a channel dimension; round_to=4: "
+                                    "keeping at least 5 of its 6 channels (5 of them frozen) leaves no "
+                                    "multiple of 4 below 6, so none are removed")
+
+
+def test_round_to_wider_than_a_layer_is_reported_for_it():
+    """No frozen channel: a's 6 channels cannot keep a multiple of 8, so a stays whole and says so;
+    b (16 wide) loses half."""
+    class TwoWidths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(5, 6), nn.Linear(6, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.o(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    model = TwoWidths().eval()
+    pruned = _prune(model, torch.randn(4, 5), round_to=8)
+    assert (pruned.a.out_features, pruned.b.out_features) == (6, 8)
+    assert _frozen(pruned) == {"a": "round_to=8: keeping at least 3 of its 6 channels leaves no multiple of 8 "
+                                    "below 6, so none are removed",
+                               "o": "reaches the model output (output)"}
+    _assert_same(pruned, _zeroed_like(model, pruned, "b", readers=("o",)), torch.randn(3, 5))
 
 
 # ---- F.group_norm with one channel per group ------------------------------------------------------
@@ -254,15 +285,103 @@ class ExpandedSlice(nn.Module):
         return self.o(z + column) + y[:, :2]
 
 
-@pytest.mark.parametrize("as_", [False, True], ids=["expand", "expand_as"])
-def test_an_expanded_one_channel_slice_keeps_its_channel_and_the_channels_it_meets(as_):
+def test_an_expanded_one_channel_slice_keeps_its_channel_and_the_channels_it_meets():
     """The expanded track kept one id for eight positions: a bare scipy ValueError in the walk."""
     torch.manual_seed(0)
-    model = ExpandedSlice(as_).eval()
+    model = ExpandedSlice(as_=False).eval()
     pruned = _prune(model, torch.randn(4, 5))
-    assert pruned.b.out_features == 8  # it is added to a repeated channel: no channel of it can go
+    assert pruned.b.out_features == 8  # added to a channel repeated 8 times as written: none of it can go
     assert pruned.a.out_features == 5 and any(torch.equal(r, model.a.weight[3]) for r in pruned.a.weight)
     _assert_same(pruned, _zeroed_like(model, pruned, "a"), torch.randn(3, 5))
+
+
+def test_a_one_channel_slice_expanded_as_a_tensor_follows_that_tensors_width():
+    """expand_as reads z's width at run time: the repeated channel stays, and z loses channels, each
+    position of the expansion going with z's channel there (the repeated value is o's input there)."""
+    torch.manual_seed(0)
+    model = ExpandedSlice(as_=True).eval()
+    pruned = _prune(model, torch.randn(4, 5))
+    assert pruned.b.out_features == 4 and pruned.o.in_features == 4
+    assert pruned.a.out_features == 5 and any(torch.equal(r, model.a.weight[3]) for r in pruned.a.weight)
+    zeroed = _zeroed_like(_zeroed_like(model, pruned, "a"), pruned, "b", readers=("o",))
+    _assert_same(pruned, zeroed, torch.randn(3, 5))
+
+
+# ---- view_as / reshape_as / expand_as: the shape comes from another tensor ------------------------
+class SizedAs(nn.Module):
+    """a's channels viewed (or expanded) as `other`: the input z, or b's output split into heads."""
+
+    def __init__(self, op: str, other: str) -> None:
+        super().__init__()
+        self.a, self.b, self.o, self.o2 = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+        self.op, self.other = op, other
+
+    def forward(self, x, z):
+        y = self.a(x)
+        if self.op == "expand_as":  # other: (batch, 3, 8), a's channels on its last dim
+            other = z if self.other == "input" else self.b(x)[:, None, :].expand(-1, 3, -1)
+            return self.o(y[:, None, :].expand_as(other).sum(1)) + self.o2(other.sum(1))
+        other = z if self.other == "input" else self.b(x).view(-1, 2, 4)  # (batch, 2, 4): two heads of 4
+        return self.o(getattr(y, self.op)(other).flatten(1)) + self.o2(other.flatten(1))
+
+
+def _inputs(op: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 5), torch.randn(batch, 3, 8) if op == "expand_as" else torch.randn(batch, 2, 4)
+
+
+@pytest.mark.parametrize("op", ["view_as", "reshape_as", "expand_as"])
+def test_a_view_as_an_input_keeps_the_channels_it_views(op):
+    """z's shape cannot shrink: a lost channels and the view failed (a VerificationError)."""
+    torch.manual_seed(0)
+    model = SizedAs(op, "input").eval()
+    pruned = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=_inputs(op, 4))
+    assert pruned.a.out_features == 8
+    what = "expands to" if op == "expand_as" else "takes"
+    assert _frozen(pruned)["a"] == f"{op} {what} the shape of a tensor whose channels cannot be sliced alike"
+    for batch in (3, 4):
+        inputs = _inputs(op, batch)
+        torch.testing.assert_close(pruned(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("op", ["view_as", "reshape_as", "expand_as"])
+def test_a_view_as_another_layers_output_loses_the_same_channels_as_that_layer(op):
+    """a and b were separate groups: at their own amounts (a half, b a quarter) a kept 4 channels and
+    b 6, and the view of a's as b's failed. Each position of the view holds a's and b's channel
+    there: they go together, at the amount of the first pattern that names one of them."""
+    torch.manual_seed(0)
+    model = SizedAs(op, "b").eval()
+    pruned = fxcompress.compile(model, [PruneChannels(amount={"a": 0.5, "b": 0.25})], example_inputs=_inputs(op, 4))
+    assert pruned.a.out_features == pruned.b.out_features == 4
+    zeroed = _zeroed_like(model, pruned, "a", "b", readers=("o", "o2"))
+    assert _kept(model, pruned, "a") == _kept(model, pruned, "b")  # the same positions of both
+    for batch in (3, 4):
+        inputs = _inputs(op, batch)
+        torch.testing.assert_close(pruned(*inputs), zeroed(*inputs), atol=1e-5, rtol=1e-5)
+
+
+# ---- cat / stack of a sequence one node computes ---------------------------------------------------
+class JoinsASequence(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.a, self.o = nn.Linear(5, 8), nn.Linear(8, 2)
+        self.op = op
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.op == "cat":  # the halves swapped: a slice of chunk's tuple
+            return self.o(torch.cat(y.chunk(2, -1)[::-1], -1))
+        return self.o(torch.stack(y.unsqueeze(-1).unbind(-1), -1).squeeze(-1))
+
+
+@pytest.mark.parametrize("op, why", [("cat", "getitem slices a tuple"),
+                                     ("stack", "stack stacks a sequence computed in the graph")])
+def test_cat_or_stack_of_a_computed_sequence_keeps_its_channels(op, why):
+    """The rules read the tensors argument as a list: a bare TypeError ('Node' object is not iterable)."""
+    torch.manual_seed(0)
+    model = JoinsASequence(op).eval()
+    pruned = _prune(model, torch.randn(4, 5))
+    assert pruned.a.out_features == 8 and _frozen(pruned)["a"] == why
+    _assert_same(pruned, model, torch.randn(3, 5))
 
 
 # ---- an output head tied to the embedding table ----------------------------------------------------

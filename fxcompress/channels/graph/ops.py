@@ -17,6 +17,8 @@ Rules:
   binary     element-wise with broadcasting: channels of aligned dimensions are coupled
   reshape    view / reshape / flatten: channels fold into blocks of features or split into heads
   expand     broadcast to a larger shape (size arguments rewritten when they name a channel dim)
+  reshape_as / expand_as   view_as / reshape_as / expand_as: the sizes are the other tensor's, read at
+             run time, so each output dim's channels couple with that tensor's channels of the dim
   permute / transpose   dimensions move, channels follow them
   squeeze / unsqueeze   a dimension of size 1 appears or goes
   reduce     mean / sum / amax ... over dims (reducing a channel dim freezes it)

@@ -274,7 +274,27 @@ def _tuple_item(w: Walk, sizes: Node, d: int) -> Any:
 
 
 def reshape_as(w: Walk, node: Node) -> dict:
-    return _reshape_track(w, node, node.args[0])[0]
+    """`x.view_as(z)` / `x.reshape_as(z)`: x's channels laid out as a reshape lays them out, but the
+    sizes are z's, read at run time, not written in the graph (there is nothing for the pass to
+    rewrite). So each output dim must shrink exactly as z's dim does: its channels couple with z's
+    channels of that dim. Where z's dim cannot shrink (no channels: an input, a constant, another
+    layer's frozen output) x's channels there freeze, and where x's channels cannot follow (a dim
+    the view keeps whole, a head count) z's freeze; otherwise the pruned shapes still agree."""
+    out = _reshape_track(w, node, node.args[0])[0]
+    return _sized_as(w, node, out, _arg(node, 1, "other"))
+
+
+def _sized_as(w: Walk, node: Node, track: dict, other: Node) -> dict:
+    """The output track of an op whose output takes `other`'s shape at run time: per dim, the
+    channels `track` places there coupled with `other`'s channels of that dim."""
+    sizes, theirs = w.shape(node), w.tensor_track(other)
+    reason = f"{node.name} takes the shape of a tensor whose channels cannot be sliced alike"
+    out = {}
+    for d, size in enumerate(sizes):
+        ids = w.couple([(track.get(d), size), (theirs.get(d), size)], reason)
+        if ids is not None:
+            out[d] = ids
+    return out
 
 
 def squeeze(w: Walk, node: Node) -> dict:
@@ -298,7 +318,29 @@ def expand(w: Walk, node: Node) -> dict:
     return track
 
 
-expand_as = expand
+def expand_as(w: Walk, node: Node) -> dict:
+    """`x.expand_as(z)`: the sizes are z's, read at run time. A dim x repeats (size 1, or one it
+    lacks) follows z's width: its positions are z's channels, each a copy of x's value, so they go
+    with z's. A dim x has at full size must shrink as z's does: their channels couple (one side
+    unable to shrink freezes the other)."""
+    x, other = node.args[0], _arg(node, 1, "other")
+    sx, out = w.shape(x), w.shape(node)
+    shift = len(out) - len(sx)
+    mine, theirs = w.tensor_track(x), w.tensor_track(other)
+    reason = f"{node.name} expands to the shape of a tensor whose channels cannot be sliced alike"
+    track = {}
+    for d, size in enumerate(out):
+        k = d - shift
+        if k < 0 or (sx[k] == 1 and size > 1):
+            if k in mine:  # one channel repeated: removing it would empty the expansion
+                w.freeze(mine[k], f"{node.name} expands one channel over {size}")
+            if d in theirs:
+                track[d] = theirs[d]
+            continue
+        ids = w.couple([(mine.get(k), sx[k]), (theirs.get(d), size)], reason)
+        if ids is not None:
+            track[d] = ids
+    return track
 
 
 def _dims_arg(node: Node, start: int) -> list[int]:
@@ -375,8 +417,18 @@ def softmax(w: Walk, node: Node) -> dict:
     return track
 
 
+def _joined(w: Walk, node: Node) -> list | None:
+    """The tensors cat / stack join, when the graph spells them as a list; None when one node computes
+    the whole sequence (`torch.cat(x.chunk(2, -1)[::-1])`, `torch.stack(x.unbind(1))`): its items
+    have no nodes of their own to read tracks and shapes from."""
+    tensors = _arg(node, 0, "tensors")
+    return list(tensors) if isinstance(tensors, (list, tuple)) else None
+
+
 def cat(w: Walk, node: Node) -> dict:
-    tensors, out = list(_arg(node, 0, "tensors")), w.shape(node)
+    tensors, out = _joined(w, node), w.shape(node)
+    if tensors is None:
+        return w.unknown(node, f"{node.name} concatenates a sequence computed in the graph")
     dim = _dim(_arg(node, 1, "dim", 0), len(out))
     track = _couple_dims(w, node, tensors, len(out), skip=dim)
     pieces = [w.tensor_track(t).get(dim) for t in tensors]
@@ -401,7 +453,9 @@ def _couple_dims(w: Walk, node: Node, tensors: list, ndim: int, skip: int | None
 
 
 def stack(w: Walk, node: Node) -> dict:
-    tensors, out = list(_arg(node, 0, "tensors")), w.shape(node)
+    tensors, out = _joined(w, node), w.shape(node)
+    if tensors is None:
+        return w.unknown(node, f"{node.name} stacks a sequence computed in the graph")
     dim = _dim(_arg(node, 1, "dim", 0), len(out))
     inner = _couple_dims(w, node, tensors, len(w.shape(tensors[0])))
     return {d + (d >= dim): ids for d, ids in inner.items()}
