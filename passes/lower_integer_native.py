@@ -175,6 +175,7 @@ def replace_native(gm: GraphModule, q: Quantized, plan: LayerPlan, choice: Kerne
     if isinstance(choice, KernelChoice):
         module.kernel_choice = choice = KernelChoice.from_stats(choice.as_stats())  # as stats and files hold it
     new = swap(gm, q, module, "native")
+    module._where = f"NativeLayer {new.target}"  # its errors at run time name it by its place in the model
     respell_chain(gm, new, taken, plan.chain, plan.out_grid, in_float=values_out)
     times = {} if not isinstance(choice, KernelChoice) else choice.as_stats()["times_ms"]
     return {"module": new.target, "kernel": module.kernel, "times_ms": times,
@@ -222,6 +223,7 @@ def fuse_residual_adds(gm: GraphModule) -> list[str]:
                                 "accumulate": [values.args[1], values.args[2]],
                                 "accumulate_in_place": _writable_residual(gm, codes, host, add, values)})
         module.load_state_dict(layer.state_dict())
+        module._where = layer._where
         gm.add_submodule(host.target, module)
         with gm.graph.inserting_before(quantize):
             new = gm.graph.call_module(host.target, (host.args[0], codes))

@@ -220,6 +220,11 @@ class NativeLayer(nn.Module):
         self.input_qmax = input_qmax  # the largest input code (the grid's qmax): our C kernel's exactness bound
         self.accumulate = None if accumulate is None else (float(accumulate[0]), int(accumulate[1]))
         self.accumulate_in_place = bool(accumulate_in_place)
+        # the input ranks oneDNN's call takes as they are (forward's shortcut checks only these): a convolution's
+        # batched (N, C, H, W) codes; a linear layer's (..., in_features), a 1-D vector included (qlinear_pointwise
+        # flattens the leading dims, as F.linear does). An unbatched (C, H, W) image runs as a batch of one.
+        self._min_rank, self._max_rank = (4, 4) if kind == "conv2d" else (1, math.inf)
+        self._where = "NativeLayer"  # what errors call it: LowerToInteger and files set its module path
         self.kernel_choice = None if times_ms is None else KernelChoice.from_stats({"kernel": kernel,
                                                                                     "times_ms": times_ms})
         out = weight_shape[0]
@@ -360,11 +365,18 @@ class NativeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         call = self._call
-        if call is not None and not torch.compiler.is_compiling():
+        if call is not None and self._min_rank <= x.dim() <= self._max_rank and not torch.compiler.is_compiling():
             if residual is None:
                 return call[0](x, *call[1])
             return call[0](x, *call[1], self._accumulator(residual), *call[2])
         self._check_residual(residual)
+        if self.kind == "conv2d" and x.dim() == 3:
+            # an unbatched image (C, H, W), which F.conv2d and the reference backend take: oneDNN's qconv2d reads a
+            # 3-D tensor as a batch of 1-d signals and fails ("negative dimension"), so it runs as a batch of one
+            # (a residual with it: the sum post-op still writes into the residual's memory, through the view)
+            batched = None if residual is None else residual.unsqueeze(0)
+            return self.forward(x.unsqueeze(0), batched).squeeze(0)
+        self._check_rank(x)
         y = self._forward(x) if residual is None else self._forward_accumulating(x, residual)
         if self._release_due and not torch.compiler.is_compiling():  # the form this call used is built now
             self.release_codes()
@@ -392,6 +404,15 @@ class NativeLayer(nn.Module):
         if self.input == "uint8" and self.output != "float_codes" and not torch.compiler.is_compiling():
             self._call = op, args  # forward's shortcut from the next call on
         return op(x, *args)
+
+    def _check_rank(self, x: torch.Tensor) -> None:
+        """A PreconditionError naming the layer for an input no kernel of it can read (oneDNN's own error
+        names neither the layer nor the shape it wanted)."""
+        if not self._min_rank <= x.dim() <= self._max_rank:
+            wanted = ("4-D codes (N, C, H, W) or an unbatched 3-D image (C, H, W)" if self.kind == "conv2d"
+                      else f"an input of at least 1 dim (..., {self._shape[1]})")
+            raise PreconditionError(f"{self._where} ({self.kind}): reads {wanted}, got a {x.dim()}-D input of shape "
+                                    f"{list(x.shape)}")
 
     def _check_residual(self, residual: torch.Tensor | None) -> None:
         if (residual is None) != (self.accumulate is None):
@@ -521,6 +542,7 @@ class NativeLayer(nn.Module):
         """A layer rebuilt from a file: its tensors' dtypes and shapes against its configuration; an older
         file's float32 bias (its value, not its integers) becomes the int32 bias it stands for where float32
         kept it exactly, and the file is refused by module path where it did not."""
+        self._where = f"NativeLayer {path}"
         shape, out = list(self.weight.shape), self.weight.shape[0] if self.weight.dim() else 0
         expected = {"weight": (torch.int8, self._shape), "weight_scale": (torch.float32, [out]),
                     "bias": (None, [out])}
@@ -612,6 +634,11 @@ def float_codes(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> to
 def max_pool2d_codes(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                      dilation: list[int], ceil_mode: bool) -> torch.Tensor:
     """Max pooling of uint8 codes in any memory format (aten's refuses channels-last uint8)."""
+    # an unbatched image (C, H, W), which F.max_pool2d takes and this op refuses (it wants rank 4); a symbolic
+    # trace (a pickled model's graph is traced again as it loads) cannot branch on a rank: it records the op
+    if not isinstance(x, torch.fx.Proxy) and x.dim() == 3:
+        return torch.ops.quantized.max_pool2d(x.unsqueeze(0), kernel_size, stride, padding, dilation,
+                                              ceil_mode).squeeze(0)
     return torch.ops.quantized.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -651,6 +678,10 @@ class NativeAdd(nn.Module):
             out = q8.add(a, b, self.ka, self.kb, self.offset, self.low, self.high)
         if out is not None:
             return out
+        if a.dim() == 3 and b.dim() == 3 and not torch.compiler.is_compiling():
+            # an unbatched image (C, H, W): a convolution's channels-last codes squeezed are no layout our C pass
+            # takes, and torch's ops round apart from it; as the batch of one they came from, they are channels-last
+            return self.forward(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
         real = torch.add(a * self.ka, b, alpha=self.kb)  # uint8 times a float promotes: no conversion pass
         real.add_(self.offset)
         if self.output is None:

@@ -507,3 +507,98 @@ def test_a_dequantizing_residual_add_runs_in_one_c_pass_as_the_torch_ops(relu):
         assert q8.add_values(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout), add.ka, add.kb,
                              add.offset, relu) is not None  # the C pass, not the torch ops
         torch.testing.assert_close(got, torch_ops, rtol=1e-6, atol=1e-6)
+
+
+class ImageOps(nn.Module):
+    """Every native op an image meets: convolutions, a residual add of codes, max pooling on codes and a linear
+    layer over the last dim; its output is an image too, so an unbatched input keeps every dim its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        return self.fc(self.pool(F.relu(self.conv(h) + h)))
+
+
+@pytest.mark.parametrize("kernel", ("int8", "float"))
+def test_an_unbatched_image_gets_what_it_gets_in_a_batch(kernel, tmp_path):
+    """A (C, H, W) image, which torch's Conv2d takes: oneDNN's convolution read it as 1-d signals and raised
+    "negative dimension" (and the quantized max pooling refused a 3-D tensor). Called first, the image also
+    chooses the layout oneDNN packs the weight for; called after a batch, it passes the prepared shortcut; a
+    model loaded from a file runs it too."""
+    if kernel == "int8" and not native.available():
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    fq = _fake_quant(ImageOps().eval(), x, activation_bits=7)  # 7-bit codes: int8 is exact without VNNI too
+    reference, lowered = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=(kernel,))
+    assert lowered.get_submodule("stem.native").kernel == kernel
+    image_first = copy.deepcopy(lowered)  # nothing built yet: its first input is the image
+    fxcompress.save(lowered, tmp_path / "image.fxc")
+    loaded = fxcompress.load(tmp_path / "image.fxc")
+    with torch.no_grad():
+        expected = reference(x)
+        batched = lowered(x)
+        got = [lowered(x[i]) for i in range(3)]
+        got_first = [image_first(x[i]) for i in range(3)]
+        assert torch.equal(image_first(x), batched) and torch.equal(lowered(x), batched)
+        assert torch.equal(loaded(x[0]), got[0])
+    step = (expected.max() - expected.min()).item() / 255
+    assert (expected - batched).abs().max().item() <= step
+    for i in range(3):
+        assert got[i].shape == expected[i].shape == (8, 4, 5)
+        assert torch.equal(got[i], batched[i]) and torch.equal(got_first[i], batched[i])
+        assert (got[i] - reference(x[i])).abs().max().item() <= step
+
+
+@pytest.mark.parametrize("kernel", ("int8", "float", "c_int8"))
+def test_a_linear_layer_takes_a_vector_as_a_batch_of_one_row(kernel):
+    """torch's Linear takes a 1-D vector: so does each native kernel (c_int8 quantizing the float input itself),
+    giving what a batch of one row gets (the float kernel's products of one row and of 64 may round apart)."""
+    if kernel == "int8" and not native.available():
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    if kernel == "c_int8" and q8.c_library() is None:
+        pytest.skip("no C compiler on this machine to build our int8 kernel")
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    fq = _fake_quant(mlp, x, activation_bits=7)
+    reference, lowered = _lower(fq, x, backend="reference"), _lower(fq, x, kernels=(kernel,))
+    assert {m.kernel for m in lowered.modules() if isinstance(m, NativeLayer)} == {kernel}
+    with torch.no_grad():
+        expected = reference(x)
+        vectors = [lowered(x[i]) for i in range(3)]
+        rows = [lowered(x[i:i + 1])[0] for i in range(3)]
+    step = (expected.max() - expected.min()).item() / 255
+    for i, vector in enumerate(vectors):
+        assert vector.shape == (5,) and torch.equal(vector, rows[i])
+        assert (vector - expected[i]).abs().max().item() <= step
+
+
+def test_an_input_of_a_rank_no_kernel_reads_is_refused_naming_the_layer(tmp_path):
+    """A 2-D or 5-D input to a native convolution: a PreconditionError naming the layer by its module path
+    (before, oneDNN's own error, naming neither), whether or not the layer has its shortcut prepared, and in a
+    model loaded from a file."""
+    if not native.available():
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    lowered = _lower(_fake_quant(ImageOps().eval(), x, activation_bits=7), x, kernels=("int8",))
+    fxcompress.save(lowered, tmp_path / "image.fxc")
+    loaded = fxcompress.load(tmp_path / "image.fxc")
+    wanted = r"NativeLayer stem\.native \(conv2d\): reads 4-D codes \(N, C, H, W\) or an unbatched 3-D image"
+    with torch.no_grad():
+        for model in (lowered, loaded):
+            with pytest.raises(PreconditionError, match=wanted + r".* got a 2-D input of shape \[8, 8\]"):
+                model(x[0, 0])
+            model(x[:2])  # the shortcut prepared: it serves 4-D inputs only
+            with pytest.raises(PreconditionError, match=wanted + r".* got a 2-D input of shape \[8, 8\]"):
+                model(x[0, 0])
+            with pytest.raises(PreconditionError, match=wanted + r".* got a 5-D input"):
+                model(x[None])
+    layer = lowered.get_submodule("fc.native")  # a linear layer reads any rank but 0
+    with pytest.raises(PreconditionError, match=r"NativeLayer fc\.native \(linear\): .* at least 1 dim \(\.\.\., 4\)"):
+        layer(torch.tensor(3, dtype=torch.uint8))

@@ -264,3 +264,61 @@ def test_the_accumulating_layer_adds_the_residual_before_its_one_rounding():
         NativeLayer(**{**layer.config(), "kernel": "float"})
     assert layer.kernel_refusals(("float", "int8")) == {"float": "it adds a residual inside oneDNN's int8 kernel "
                                                                  "(the sum post-op)"}
+
+
+class SumsInPlace(nn.Module):
+    """A residual block whose input nothing reads after its add: the convolution sums into the input's codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        return self.head(F.relu(self.conv2(F.relu(self.conv1(h))) + h))
+
+
+@needs_vnni
+@pytest.mark.parametrize("make, in_place", [(SumsInPlace, True), (ReadAfter, False)])
+def test_an_unbatched_image_sums_its_residual_as_in_a_batch(make, in_place):
+    """A (C, H, W) image through a convolution that adds its residual inside oneDNN's kernel: what the same image
+    gets in a batch, within one output step of the reference (before, oneDNN raised "negative dimension"). In
+    place, the sum goes into the residual's memory through the batch-of-one view, as a batch's does."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    fq = _fake_quant(make().eval(), x)
+    reference = fxcompress.compile(fq, [LowerToInteger(backend="reference")], example_inputs=(x[:2],))
+    gm = fxcompress.compile(fq, [LowerToInteger(kernels=("int8",))], example_inputs=(x[:2],))
+    (layer,) = [m for m in gm.modules() if isinstance(m, NativeLayer) and m.accumulate is not None]
+    assert layer.accumulate_in_place == in_place
+    image_first = copy.deepcopy(gm)  # nothing built yet: its first input is the image
+    with torch.no_grad():
+        expected, batched = reference(x), gm(x)
+        got = [gm(x[i]) for i in range(3)]
+        got_first = [image_first(x[i]) for i in range(3)]
+        assert torch.equal(gm(x), batched) and torch.equal(image_first(x), batched)
+    step = (expected.max() - expected.min()).item() / 255
+    for i in range(3):
+        assert got[i].shape == (4, 8, 8)
+        assert torch.equal(got[i], batched[i]) and torch.equal(got_first[i], batched[i])
+        assert (got[i] - reference(x[i])).abs().max().item() <= step
+
+
+@needs_vnni
+def test_an_unbatched_image_exports_and_compiles():
+    """Traced, the batch of one is ops in the graph (the accumulating layer sums by ops there) and gives what the
+    eager model gives."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    gm = fxcompress.compile(_fake_quant(SumsInPlace().eval(), x), [LowerToInteger(kernels=("int8",))],
+                            example_inputs=(x[:2],))
+    with torch.no_grad():
+        expected = gm(x[0])
+        exported = torch.export.export(gm, (x[0],)).module()(x[0])
+        torch._dynamo.reset()
+        compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)(x[0])
+    assert expected.shape == (4, 8, 8)
+    torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
