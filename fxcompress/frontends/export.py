@@ -14,7 +14,8 @@ import inspect
 import operator
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -221,6 +222,29 @@ def _rsub(node: Node, args: tuple) -> tuple[Callable, tuple, dict]:
     return (operator.sub, (other, x), {}) if alpha == 1 else (torch.rsub, (x, other, alpha), {})
 
 
+# aten.feature_dropout by its input's dims: the F form whose call is exactly that op (F.dropout1d and F.dropout3d
+# add a batch dim to an unbatched input, which export writes as an unsqueeze before the op, so the op always sees
+# the batched form; F.dropout2d warns on any other number of dims)
+_FEATURE_DROPOUTS: dict[int, Callable] = {3: F.dropout1d, 4: F.dropout2d, 5: F.dropout3d}
+
+
+def _feature_dropout(inplace: bool) -> Callable[[Node, tuple], tuple[Callable, tuple, dict] | None]:
+    """`aten.feature_dropout(x, p, train)` (nn.Dropout1d / 2d / 3d) as the F function of its input's dims; None
+    (the aten op stays) for dims no F form takes without a warning."""
+    def adapt(node: Node, args: tuple) -> tuple[Callable, tuple, dict] | None:
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+        function = _FEATURE_DROPOUTS.get(value.dim()) if isinstance(value, torch.Tensor) else None
+        if function is None:
+            return None
+        return function, args, {"inplace": True} if inplace else {}
+    return adapt
+
+
+def _as(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
+    """The aten op as `function`, its arguments as they are."""
+    return lambda node, args: (function, args, {})
+
+
 def _in_place(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
     """`aten.hardswish_(x)` is `F.hardswish(x, inplace=True)` (nn.Hardswish(inplace=True)): in place, so
     a later reader of x sees what the module wrote, as in the model."""
@@ -241,7 +265,7 @@ def _spelling(target: Any) -> Spelling | None:
 
 
 # aten overloads whose torch-level form takes its arguments in another order or shape.
-_ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
+_ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict] | None]] = {
     aten.embedding.default: _embedding, aten.layer_norm.default: _layer_norm,
     aten.group_norm.default: _group_norm, aten.batch_norm.default: _batch_norm,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.index.Tensor: _advanced_index,
@@ -253,6 +277,12 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict]]] = {
     aten.hardswish_.default: _in_place(F.hardswish), aten.hardsigmoid_.default: _in_place(F.hardsigmoid),
     aten.silu_.default: _in_place(F.silu), aten.hardtanh_.default: _in_place(F.hardtanh),
     aten.leaky_relu_.default: _in_place(F.leaky_relu), aten.dropout_.default: _in_place(F.dropout),
+    aten.feature_dropout.default: _feature_dropout(inplace=False),
+    aten.feature_dropout_.default: _feature_dropout(inplace=True),
+    # the alpha dropouts (not in SPELLINGS: the file format names neither function; their calls become modules)
+    aten.alpha_dropout.default: _as(F.alpha_dropout), aten.alpha_dropout_.default: _in_place(F.alpha_dropout),
+    aten.feature_alpha_dropout.default: _as(F.feature_alpha_dropout),
+    aten.feature_alpha_dropout_.default: _in_place(F.feature_alpha_dropout),
 }
 
 # Keyword arguments export writes out at their defaults (every torch-level form takes them as its own
@@ -317,8 +347,9 @@ def is_exported_module(gm: nn.Module) -> bool:
 
 def _respell(node: Node, args: tuple, kwargs: dict) -> tuple[str, Any, tuple, dict]:
     """The torch-level (op, target, args, kwargs) of an aten call; unknown overloads unchanged."""
-    if node.target in _ADAPTERS and not kwargs:  # adapters read positions only: keywords stay aten
-        target, args, kwargs = _ADAPTERS[node.target](node, args)
+    adapted = _ADAPTERS[node.target](node, args) if node.target in _ADAPTERS and not kwargs else None
+    if adapted is not None:  # adapters read positions only: keywords stay aten, as does a call one has no form for
+        target, args, kwargs = adapted
         return "call_function", target, args, kwargs
     spelling = _spelling(node.target)
     if spelling is None:
@@ -499,10 +530,13 @@ def _batch_count(graph: Graph, path: str) -> Node | None:
     return None
 
 
-def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module, Node | None] | None:
+def _batch_norm_module(root: nn.Module, node: Node, momenta: dict[str, float | None] | None
+                       ) -> tuple[str, nn.Module, Node | None] | None:
     """(path, module, its batch counter's update) for an `F.batch_norm` node over one BatchNorm's own statistics
     and affine pair, read by nothing else, in the mode it was exported in (training mode: the counter's update
-    the module makes itself, None in eval mode); None for any other batch_norm (computed statistics)."""
+    the module makes itself, None in eval mode); None for any other batch_norm (computed statistics). `momenta`
+    holds the model's own momentum of each BatchNorm path, where the model is known: the call's argument is not
+    it for a cumulative average (momentum None), which eval mode writes as 0.0."""
     if len(node.args) != 8 or node.kwargs:
         return None
     x, mean, var, weight, bias, training, momentum, eps = node.args
@@ -514,7 +548,9 @@ def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module, Nod
         return None  # not the module's own tensors (a shared or computed statistic)
     count = _batch_count(node.graph, path) if training else None
     if training and (count is None or not isinstance(momentum, float)):
-        return None  # a cumulative average (momentum None) reads the counter in the graph: the call stays as it is
+        return None  # a momentum computed in the graph: the call stays as it is
+    if momenta is not None and path in momenta:
+        momentum = momenta[path]
     module = module_type(stored_attr(root, f"{path}.running_mean").numel(), eps=eps, momentum=momentum,
                          affine=weight is not None)
     for name in (*own, "num_batches_tracked"):
@@ -523,17 +559,18 @@ def _batch_norm_module(root: nn.Module, node: Node) -> tuple[str, nn.Module, Nod
     return path, module.train(training), count
 
 
-def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> bool:
+def _batch_norms_as_modules(gm: GraphModule, root: nn.Module, momenta: dict[str, float | None] | None
+                            ) -> dict[str, nn.Module]:
     """BatchNorm calls back into modules (see `_BATCH_NORMS`), their get_attr nodes and (in training mode) the
     update of their batch counter erased; `root` is the exported module, which also holds the counters the graph
-    never reads. Whether the graph changed."""
-    changed = False
+    never reads; `momenta` as `_batch_norm_module` reads it. The modules made, by path."""
+    made = {}
     for node in list(gm.graph.find_nodes(op="call_function", target=F.batch_norm)):
-        found = _batch_norm_module(root, node)
+        found = _batch_norm_module(root, node, momenta)
         if found is None:
             continue
-        changed = True
         path, module, count = found
+        made[path] = module
         gm.set_submodule(path, module)
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(path, (node.args[0],))
@@ -546,40 +583,81 @@ def _batch_norms_as_modules(gm: GraphModule, root: nn.Module) -> bool:
             gm.graph.erase_node(count)
         for attr in attrs:
             gm.graph.erase_node(attr)
-    return changed
+    return made
 
 
-# The dropout module whose call export writes as aten.dropout: put back as the module, so train() / eval() switch
-# it as in the model (the exported call holds the flag fixed at its value when exported).
-_DROPOUTS: dict[str, type[nn.Module]] = {"torch.nn.modules.dropout.Dropout": nn.Dropout}
+# Each dropout function and the module whose forward is that one call: a call is put back as the module, so train()
+# / eval() switch it as in the model (the exported call holds the flag fixed at its value when exported).
+# nn.Dropout1d / 2d / 3d export as aten.feature_dropout, spelled as the F function of its input's dims.
+_DROPOUTS: dict[Callable, type[nn.Module]] = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
+    F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout}
+_DROPOUT_KINDS = frozenset(f"{cls.__module__}.{cls.__qualname__}" for cls in _DROPOUTS.values())
 
 
-def _dropouts_as_modules(gm: GraphModule, modes: dict[str, bool] | None) -> bool:
-    """Each `F.dropout` as a call of an `nn.Dropout` whose mode follows the graph's train() / eval(): the module's
-    own where the call is an nn.Dropout's, else one added under the module that calls it (the usual
-    `F.dropout(x, p, training=self.training)`). `modes` holds each module path's training flag when exported;
-    a call whose fixed flag is not its module's (`F.dropout(x, p)` in eval mode, always dropping) stays as it is,
-    the same in both modes, as in the model. Whether the graph changed."""
-    changed = False
-    for node in list(gm.graph.find_nodes(op="call_function", target=F.dropout)):
-        x, p, training = (*node.args, *(0.5, True)[len(node.args) - 1:])[:3]
-        inplace = node.kwargs.get("inplace", False)
+class _DropoutCall(NamedTuple):
+    """One dropout call in the graph: the module it becomes, its arguments, the module it was exported in (`own`:
+    a dropout module, whose flag is its own mode; else the flag the forward passed, `self.training` or fixed)."""
+
+    node: Node
+    module_type: type[nn.Module]
+    p: float
+    training: bool
+    inplace: bool
+    path: str
+    own: bool
+
+
+def _dropout_calls(gm: GraphModule) -> list[_DropoutCall]:
+    """The graph's dropout calls a module can take the place of: a constant flag and a rate above 0 (a rate of 0
+    drops nothing in either mode: Hugging Face's attention dropout in eval mode)."""
+    calls = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _DROPOUTS:
+            continue
+        p, training = (*node.args[1:], *(0.5, True)[len(node.args) - 1:])[:2]
         if not isinstance(training, bool) or isinstance(p, bool) or not isinstance(p, (int, float)) or p == 0 \
                 or set(node.kwargs) - {"inplace"}:
-            continue  # a rate of 0 drops nothing in either mode (Hugging Face's attention dropout in eval mode)
+            continue
         path, kind = _innermost_module(node)
-        if kind in _DROPOUTS:
-            target = path
-        elif modes is not None and modes.get(path, training) != training:
-            continue  # a fixed flag, not the module's
+        calls.append(_DropoutCall(node, _DROPOUTS[node.target], p, training, node.kwargs.get("inplace", False),
+                                  path, kind in _DROPOUT_KINDS and path != ""))
+    return calls
+
+
+def _exported_modes(batch_norms: dict[str, nn.Module], calls: list[_DropoutCall]) -> dict[str, bool]:
+    """The training flag each module path had when a program was exported, read from its graph (the model is not
+    at hand): a BatchNorm's or a dropout module's own call holds its module's, and the root ("") was in training
+    mode if any of them was (model.train() then bn.eval() freezes statistics; the reverse is rare). A program with
+    neither is taken to be in the mode of its dropout functions' flags (any True: training), which is all the
+    graph tells; a program with no dropout or BatchNorm at all has no mode the graph shows (an empty dict)."""
+    known = {path: m.training for path, m in batch_norms.items()} | {c.path: c.training for c in calls if c.own}
+    flags = list(known.values()) or [c.training for c in calls]
+    return known | {"": any(flags)} if flags else known
+
+
+def _dropouts_as_modules(gm: GraphModule, calls: list[_DropoutCall], modes: dict[str, bool]) -> bool:
+    """Each of `calls` as a call of its dropout module, in the mode it was exported in: a dropout module's own call
+    as that module (the class that computes the call: nn.Dropout2d over 3-dim inputs drops as nn.Dropout1d), any
+    other under the module that calls it (the usual `F.dropout(x, p, training=self.training)`). `modes` holds the
+    training flag of module paths when exported (the root's under ""); a call whose fixed flag is not its module's
+    (`F.dropout(x, p)` in eval mode, always dropping) stays as it is, the same in both modes, as in the model.
+    Whether the graph changed."""
+    changed = False
+    for call in calls:
+        if call.own:
+            target = call.path
+        elif modes.get(call.path, modes.get("", call.training)) != call.training:
+            continue
         else:
-            target = _free_name(gm, f"{path}.dropout".lstrip("."))
-        gm.add_submodule(target, nn.Dropout(p, inplace=inplace).train(training))
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(target, (x,))
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+            target = _free_name(gm, f"{call.path}.dropout".lstrip("."))
+        gm.add_submodule(target, call.module_type(call.p, inplace=call.inplace).train(call.training))
+        with gm.graph.inserting_before(call.node):
+            # its input read now: an earlier call this loop made a module may be it
+            module_call = gm.graph.call_module(target, call.node.args[:1])
+        module_call.meta.update(call.node.meta)
+        call.node.replace_all_uses_with(module_call)
+        gm.graph.erase_node(call.node)
         changed = True
     return changed
 
@@ -611,16 +689,38 @@ def _warn_fixed_training(gm: GraphModule) -> None:
                       + ". Compile the model in eval mode, or with frontend='fx'", stacklevel=4)
 
 
+def _warn_momentum_unknown(batch_norms: dict[str, nn.Module]) -> None:
+    """An eval-mode program writes a BatchNorm's momentum None (a cumulative average) as 0.0, as it writes a
+    momentum of 0.0: the module made keeps 0.0 (running statistics unchanged in training mode); say so."""
+    unknown = [path for path, m in batch_norms.items() if not m.training and m.momentum == 0.0]
+    if unknown:
+        warnings.warn("fxcompress: BatchNorm " + ", ".join(f"'{p}'" for p in unknown) + " was exported in eval mode "
+                      "with momentum 0.0, as torch.export writes momentum=None (a cumulative average) too: it keeps "
+                      "momentum 0.0, so after train() its running statistics stay as they are. Compile the "
+                      "nn.Module itself to keep a cumulative average", stacklevel=4)
+
+
 def from_exported(program: torch.export.ExportedProgram | GraphModule,
                   traced_at_one: frozenset[tuple[int, int]] = frozenset(),
-                  modes: dict[str, bool] | None = None) -> GraphModule:
+                  source: nn.Module | None = None) -> GraphModule:
     """A GraphModule in torch-level form from an ExportedProgram or its `.module()`.
 
     Parameters and buffers are attributes under their original module paths; the new module shares
     them with `program` (compile deep-copies unless `inplace=True`). The input shapes the program was traced
     for are checked at each call (`guards`; `traced_at_one`: the (input, axis) pairs a size of one must not
-    take). BatchNorm and dropout calls become modules whose mode train() / eval() switch; `modes` holds each
-    module path's training flag when the program was exported, where known (see `_dropouts_as_modules`).
+    take).
+
+    BatchNorm and dropout calls (F.dropout, nn.Dropout1d / 2d / 3d, alpha and feature alpha dropout) become
+    modules in the mode they were exported in, which train() / eval() then switch, as they switch the model.
+    `source` is the nn.Module the program was exported from, where known: its modules' training flags say which
+    dropout calls follow their module's mode and which hold a fixed flag (`F.dropout(x, p)` always drops), and its
+    BatchNorms' momenta are theirs. A program given alone does not record its model's modes: they are read from
+    its graph (see `_exported_modes`). A program exported in eval mode keeps its dropout calls with their flag
+    False, so it comes back in eval mode (`training` False) and train() makes them drop, as the model's train()
+    would; one exported in training mode comes back in training mode, and eval() stops them. What the graph
+    cannot tell: a dropout function with a fixed flag in a program with no BatchNorm or dropout module is taken
+    to follow the mode, and an eval-mode BatchNorm's momentum None (a cumulative average) is indistinguishable
+    from 0.0 and kept as 0.0, with a warning.
     """
     if isinstance(program, torch.export.ExportedProgram):
         gm = program.module(check_guards=False) if _UNLIFT_WITHOUT_GUARDS else program.module()
@@ -640,12 +740,18 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule,
     out = GraphModule(gm, graph, type(gm).__name__)
     experts_as_linears(out)
     drop_unread(out)
-    changed = _batch_norms_as_modules(out, gm)
-    changed = _dropouts_as_modules(out, modes) or changed
-    if changed:  # the GraphModule was compiled from this graph already: another pass of codegen adds nothing
-        out.recompile()
+    momenta = None if source is None else {
+        path: m.momentum for path, m in source.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    batch_norms = _batch_norms_as_modules(out, gm, momenta)
+    calls = _dropout_calls(out)
+    modes = {path: m.training for path, m in source.named_modules()} if source is not None \
+        else _exported_modes(batch_norms, calls)
+    if _dropouts_as_modules(out, calls, modes) or batch_norms:  # the GraphModule was compiled from this graph
+        out.recompile()  # already: another pass of codegen adds nothing
     _warn_fixed_training(out)
-    if modes is not None:
+    if source is None:
+        _warn_momentum_unknown(batch_norms)
+    if "" in modes:
         out.training = modes[""]  # as the model's root (an exported module is always in training mode)
     out.meta["frontend"] = "export"
     return out
@@ -669,6 +775,24 @@ def _export_failure(model: nn.Module, exc: Exception) -> str:
     return reason
 
 
+@contextmanager
+def _cumulative_averages_exportable(model: nn.Module) -> Iterator[set[str]]:
+    """While exporting, each training-mode BatchNorm with momentum None (a cumulative average) holds a momentum
+    of 0.0; yields their paths. Its forward computes 1 / num_batches_tracked from the counter's value, which export
+    cannot trace (strict or not); the module the front end makes in place of its call takes the model's momentum
+    None back, and the graph then reads no momentum."""
+    cumulative = {path: m for path, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and m.momentum is None and m.training and m.track_running_stats
+                  and m.num_batches_tracked is not None}
+    for m in cumulative.values():
+        m.momentum = 0.0
+    try:
+        yield set(cumulative)
+    finally:
+        for m in cumulative.values():
+            m.momentum = None
+
+
 def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     """`torch.export.export(model, example_inputs)` in torch-level form; TraceError if export fails.
 
@@ -679,18 +803,28 @@ def export_module(model: nn.Module, example_inputs: tuple) -> GraphModule:
     have any length), or, where export cannot keep it so, the batch alone. Where neither stays free (a size
     the forward fixes), the export is at the example's shapes, as torch.export's default.
     """
-    found = None
-    if any(isinstance(x, torch.Tensor) and _tokens(x) for x in example_inputs):
-        found = _export_free_sizes(model, example_inputs, tokens_free=True)
-    if found is None:  # no token ids, or their length could not stay free: the batch alone
-        found = _export_free_sizes(model, example_inputs)
-    if found is None:
-        try:
-            found = torch.export.export(model, example_inputs, strict=False), frozenset()
-        except Exception as exc:
-            raise TraceError(f"torch.export could not export {type(model).__name__}: "
-                             f"{_export_failure(model, exc)}") from exc
-    return from_exported(*found, modes={path: m.training for path, m in model.named_modules()})
+    with _cumulative_averages_exportable(model) as cumulative:
+        found = None
+        if any(isinstance(x, torch.Tensor) and _tokens(x) for x in example_inputs):
+            found = _export_free_sizes(model, example_inputs, tokens_free=True)
+        if found is None:  # no token ids, or their length could not stay free: the batch alone
+            found = _export_free_sizes(model, example_inputs)
+        if found is None:
+            try:
+                found = torch.export.export(model, example_inputs, strict=False), frozenset()
+            except Exception as exc:
+                raise TraceError(f"torch.export could not export {type(model).__name__}: "
+                                 f"{_export_failure(model, exc)}") from exc
+    gm = from_exported(*found, source=model)
+    # a cumulative average's call the front end could not make its module holds the momentum it was exported with
+    fixed = sorted(cumulative & {_module_path(n) for n in gm.graph.find_nodes(op="call_function", target=F.batch_norm)})
+    if fixed:
+        raise TraceError(f"torch.export could not export {type(model).__name__}: BatchNorm "
+                         + ", ".join(f"'{p}'" for p in fixed) + " with momentum=None (a cumulative average) in "
+                         "training mode: export cannot trace its 1 / num_batches_tracked, and its call is not one "
+                         "BatchNorm's over its own statistics, which the front end would make the module again. "
+                         "Compile the model in eval mode, or with frontend='fx'")
+    return gm
 
 
 def _export_free_sizes(model: nn.Module, example_inputs: tuple, tokens_free: bool = False
