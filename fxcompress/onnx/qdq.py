@@ -252,8 +252,8 @@ def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_
                                 f"axis {axis}; only per-tensor grids or ones along its output channels (axis "
                                 f"{out_dim}) are exported")
     codes = quantize(weight, grid, axis).to(dtype)
-    _replace(gm, chain, f"{layer.name}.weight_dequantize",
-             Dequantize(codes, grid.scale, grid.zero_point.round(), axis))
+    prefix = _module_prefix(gm, layer.name)
+    _replace(gm, chain, f"{prefix}weight_dequantize", Dequantize(codes, grid.scale, grid.zero_point.round(), axis))
     bias = bias_arg(node)
     if bias is None or input_grid is None:
         return  # without an input grid the layer's accumulator has no scale: the bias stays float
@@ -263,8 +263,21 @@ def _quantize_layer(gm: GraphModule, layer: Any, node: Node, chain: Node, input_
     if bias_codes.abs().max() > _INT32_MAX:
         raise PreconditionError(f"to_onnx(quantized=True): layer '{layer.name}' has a bias beyond int32 at the "
                                 f"accumulator's scale (largest |code| {bias_codes.abs().max():.3g})")
-    _replace(gm, bias, f"{layer.name}.bias_dequantize",
+    _replace(gm, bias, f"{prefix}bias_dequantize",
              Dequantize(bias_codes.to(torch.int32), scale, torch.zeros_like(scale), 0), users=[node])
+
+
+def _module_prefix(gm: GraphModule, name: str) -> str:
+    """Where a layer's Dequantize modules go: inside the layer's module ("fc." -> fc.weight_dequantize), or beside the
+    weight where the layer is a parameter read by a functional call (F.linear(x, self.w): "w_"), which cannot hold
+    a submodule (add_submodule raised torch's AttributeError there)."""
+    found: Any = gm
+    for part in name.split("."):
+        found = getattr(found, part, None)  # None: nothing of that name yet, add_submodule makes the path
+    if found is None or isinstance(found, nn.Module):
+        return f"{name}."
+    owner, _, attr = name.rpartition(".")
+    return f"{owner}.{attr}_" if owner else f"{attr}_"
 
 
 def _accumulator_scale(layer: str, scale: torch.Tensor, outputs: int) -> torch.Tensor:

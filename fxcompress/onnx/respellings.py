@@ -6,6 +6,8 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.fx import GraphModule, Node
 
 
@@ -90,22 +92,54 @@ def tensor_split_as_slices(input: torch.Tensor, indices_or_sections, dim: int = 
     return tuple(input[(*before, slice(start, end))] for start, end in zip(bounds, bounds[1:]))
 
 
+def _conv_same_padded(conv, dims: int):
+    """torch's convolution `conv` (of `dims` spatial dims) with padding="same" written with explicit padding where a
+    dilation is above 1: the exporter writes "same" as auto_pad=SAME_UPPER, and ONNX Runtime refuses a dilated
+    convolution with auto_pad (its Conv and QLinearConv alike), at every input. Torch pads d * (k - 1) per dim, half
+    (rounded down) before and the rest after: equal halves become the convolution's own padding, unequal ones a
+    zero F.pad of the input first, as torch's own kernel pads it (correct, though in an int8 file that Pad between
+    DequantizeLinear and Conv keeps ONNX Runtime from fusing the convolution: it runs in float). Any other padding
+    stays torch's op."""
+    def padded(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+               padding=0, dilation=1, groups: int = 1) -> torch.Tensor:  # torch's defaults
+        dilations = tuple(dilation) if isinstance(dilation, (list, tuple)) else (dilation,) * dims
+        if not (isinstance(padding, str) and padding == "same") or all(d == 1 for d in dilations):
+            return conv(input, weight, bias, stride, padding, dilation, groups)
+        totals = [d * (k - 1) for d, k in zip(dilations, weight.shape[2:])]
+        if all(t % 2 == 0 for t in totals):
+            return conv(input, weight, bias, stride, [t // 2 for t in totals], dilation, groups)
+        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]  # F.pad: the last dim first
+        return conv(F.pad(input, pads), weight, bias, stride, 0, dilation, groups)
+    padded.__name__ = f"{conv.__name__}_same_padded"
+    return padded
+
+
+conv1d_same_padded = _conv_same_padded(torch.conv1d, 1)
+conv2d_same_padded = _conv_same_padded(torch.conv2d, 2)
+conv3d_same_padded = _conv_same_padded(torch.conv3d, 3)
+_SAME_PADDED = {nn.Conv1d: conv1d_same_padded, nn.Conv2d: conv2d_same_padded, nn.Conv3d: conv3d_same_padded}
+
+
 # torch function (or tensor method name) -> its twin. Hugging Face's attention masks (transformers 5) take the diff of
 # position ids and the cumsum of a bool tensor; rotary embeddings (Cohere, GPT-J) repeat elements in place; mixtures
 # of experts count tokens per expert with histc and sum each token's experts with index_add; Qwen3-Next splits its
-# chunks with tensor_split.
+# chunks with tensor_split. Dilated convolutions with padding="same" (WaveNet / TCN-style stacks) take explicit pads.
 ONNX_RESPELLINGS = {torch.diff: diff_as_slices, torch.cumsum: cumsum_counting,
                     torch.repeat_interleave: repeat_interleave_as_expand, torch.histc: histc_counting,
-                    torch.index_add: index_add_scattering, torch.tensor_split: tensor_split_as_slices}
+                    torch.index_add: index_add_scattering, torch.tensor_split: tensor_split_as_slices,
+                    torch.conv1d: conv1d_same_padded, torch.conv2d: conv2d_same_padded,
+                    torch.conv3d: conv3d_same_padded}
 ONNX_METHOD_RESPELLINGS = {"diff": diff_as_slices, "cumsum": cumsum_counting,
                            "repeat_interleave": repeat_interleave_as_expand, "histc": histc_counting,
                            "index_add": index_add_scattering, "index_add_": index_add_scattering_}
 
 
 def respell(module: GraphModule) -> None:
-    """Rewrite, in `module` (the exported copy), the calls of ONNX_RESPELLINGS into their exportable twins, and
-    writes into views as item assignments (`writes_into_views_as_setitem`)."""
+    """Rewrite, in `module` (the exported copy), the calls of ONNX_RESPELLINGS into their exportable twins, writes
+    into views as item assignments (`writes_into_views_as_setitem`) and convolution modules with padding="same" and
+    a dilation into calls of their twins (`same_padded_modules_as_calls`)."""
     changed = writes_into_views_as_setitem(module)
+    changed = same_padded_modules_as_calls(module) or changed
     for node in module.graph.nodes:
         if node.op == "call_function" and node.target in ONNX_RESPELLINGS:
             node.target = ONNX_RESPELLINGS[node.target]
@@ -144,3 +178,26 @@ def _indexes_a_tensor(index: object) -> bool:
     parts = index if isinstance(index, tuple) else (index,)
     return any(isinstance(part, slice) for part in parts) and all(
         isinstance(part, (slice, int, type(None), type(Ellipsis))) for part in parts)
+
+
+def same_padded_modules_as_calls(module: GraphModule) -> bool:
+    """Each call of an nn.Conv1d / 2d / 3d module with padding="same" (zeros) and a dilation above 1 as a call of
+    its `_conv_same_padded` twin on the module's weight and bias: the module itself would run torch's "same",
+    which the exporter writes as auto_pad (see `_conv_same_padded`). The node's module is left as it is (another
+    graph may share it). Returns whether any."""
+    changed = False
+    for node in list(module.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = module.get_submodule(node.target)
+        twin = _SAME_PADDED.get(type(conv))
+        if twin is None or conv.padding != "same" or conv.padding_mode != "zeros" \
+                or all(d == 1 for d in conv.dilation):
+            continue
+        with module.graph.inserting_before(node):
+            weight = module.graph.get_attr(f"{node.target}.weight")
+            bias = module.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
+        node.op, node.target = "call_function", twin
+        node.args = (node.args[0], weight, bias, conv.stride, "same", conv.dilation, conv.groups)
+        changed = True
+    return changed

@@ -740,3 +740,96 @@ def test_a_symbolic_axis_the_graph_takes_only_in_a_range_is_refused(tmp_path):
     session = _session(tmp_path / "m.onnx")
     (out,) = session.run(None, {"x": x.numpy()})
     np.testing.assert_allclose(out, gm(x).detach().numpy(), rtol=0, atol=FLOAT_ATOL)
+
+
+class _DilatedSame(nn.Module):
+    """A TCN-style stack: dilated convolutions with padding="same", as a module (odd kernel: 2 zeros each side) and
+    as F.conv1d (an even kernel at an odd dilation: 9 zeros, 4 before and 5 after, as torch pads them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(3, 6, 3, padding="same", dilation=2)
+        self.kernel = nn.Parameter(torch.randn(6, 6, 4) * 0.2)
+        self.fc = nn.Linear(6 * 16, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.fc(torch.relu(F.conv1d(y, self.kernel, padding="same", dilation=3)).flatten(1))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_dilated_convolutions_with_same_padding_run_in_onnx_runtime(tmp_path, onnx, quantized):
+    """The exporter wrote padding="same" as auto_pad=SAME_UPPER, which ONNX Runtime refuses for a dilated
+    convolution (float Conv and QLinearConv alike), so the export failed at every input; the exported copy takes
+    explicit pads (`respellings.conv1d_same_padded`)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16)
+    passes = [InsertFakeQuant(method="linear", bits=WEIGHT_BITS, symmetric=True, per_channel=True,
+                              activations=ActivationConfig(bits=8))] if quantized else []
+    gm = fxcompress.compile(_DilatedSame().eval(), passes, example_inputs=(x[:2],), calibration_data=[x])
+    export.to_onnx(gm, tmp_path / "m.onnx", (x[:2],), quantized=quantized)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert not [a for n in model.graph.node for a in n.attribute if a.name == "auto_pad"]
+    session = _session(tmp_path / "m.onnx")
+    for batch in (x[:2], torch.randn(5, 3, 16)):
+        (got,) = session.run(None, {"x": batch.numpy()})
+        with torch.no_grad():
+            expected = gm(batch).numpy()
+        if quantized:  # the bias rounded to the accumulator's scale: within one 8-bit step of the logits' range
+            assert np.abs(got - expected).max() <= (expected.max() - expected.min()) / 255
+        else:
+            np.testing.assert_allclose(got, expected, rtol=0, atol=FLOAT_ATOL)
+
+
+class _FunctionalLinear(nn.Module):
+    """A layer that is a parameter of the root read by F.linear (its layer is named after the parameter, 'w')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 6) * 0.3), nn.Parameter(torch.randn(8) * 0.1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(F.linear(x, self.w, self.b)))
+
+
+def test_int8_export_of_a_layer_that_is_a_parameter_read_by_a_functional_call(tmp_path, onnx):
+    """Its Dequantize modules went inside the layer's name, a parameter that holds no submodule: torch's
+    AttributeError ("`w` is not an nn.Module") came out of to_onnx_int8. They go beside it now."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    fq = fxcompress.compile(_FunctionalLinear().eval(),
+                            [InsertFakeQuant(method="linear", bits=WEIGHT_BITS, symmetric=True, per_channel=True,
+                                             activations=ActivationConfig(bits=8))],
+                            example_inputs=(x[:2],), calibration_data=[x])
+    qdq = quantize_dequantize(fq)
+    assert {"w_weight_dequantize", "w_bias_dequantize", "fc.weight_dequantize"} <= dict(qdq.named_modules()).keys()
+    got, ops, _ = _ort_int8(fq, x, tmp_path, onnx)
+    assert ops["DequantizeLinear"] >= 4  # both weights and both biases stored as integer codes
+    with torch.no_grad():
+        expected = fq(x).numpy()
+    assert np.abs(got - expected).max() <= (expected.max() - expected.min()) / 255
+
+
+class _StridedCircular(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, stride=2, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.a(x)).flatten(1))
+
+
+def test_convolutions_with_torch_default_arguments_keep_them_when_respelled(tmp_path, onnx):
+    """torch.export writes a convolution without the arguments at torch's defaults (padding 0 after the circular
+    pad here); its respelled twin must default to them too (a default of "same" made a strided one fail)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxcompress.compile(_StridedCircular().eval(), [], example_inputs=(x,), frontend="export")
+    assert any(n.target is torch.conv2d and len(n.args) < 5 and "padding" not in n.kwargs for n in gm.graph.nodes)
+    export.to_onnx(gm, tmp_path / "m.onnx", (x,))
+    other = torch.randn(5, 3, 8, 8)
+    (got,) = _session(tmp_path / "m.onnx").run(None, {"x": other.numpy()})
+    np.testing.assert_allclose(got, gm(other).detach().numpy(), rtol=0, atol=FLOAT_ATOL)

@@ -104,3 +104,22 @@ def test_tensor_split_respelled_as_slices_equals_torch(indices, dim):
     x = torch.arange(3 * 7).reshape(3, 7)
     got, expected = respellings.tensor_split_as_slices(x, indices, dim), torch.tensor_split(x, indices, dim)
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("dims, kernel, dilation", [(1, 3, 2), (1, 4, 3), (2, 3, (2, 1)), (2, (4, 3), 3), (3, 2, 3),
+                                                    (2, 3, 1)])
+def test_same_padded_convolution_twins_equal_torch(dims, kernel, dilation):
+    """padding="same" as explicit pads: equal halves as the convolution's padding, odd totals (even kernel, odd
+    dilation) as a zero pad of the input, more after than before as torch pads."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, *[7] * dims)
+    weight = torch.randn(6, 2, *(kernel if isinstance(kernel, tuple) else (kernel,) * dims))
+    conv = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[dims]
+    twin = respellings.ONNX_RESPELLINGS[conv]
+    bias = torch.randn(6)
+    expected = conv(x, weight, bias, 1, "same", dilation, 2)
+    assert torch.allclose(twin(x, weight, bias, 1, "same", dilation, 2), expected, atol=1e-5)
+    assert torch.allclose(twin(x, weight, bias, padding="same", dilation=dilation, groups=2), expected, atol=1e-5)
+    assert torch.equal(twin(x, weight, None, 2, 5, dilation, 2), conv(x, weight, None, 2, 5, dilation, 2))  # as it is
+    assert torch.equal(twin(x, weight.narrow(1, 0, 1).repeat(1, 4, *[1] * dims)),  # torch's defaults: padding 0
+                       conv(x, weight.narrow(1, 0, 1).repeat(1, 4, *[1] * dims)))
