@@ -189,6 +189,32 @@ def _edit_slice(gm, node: Node, edit, count, kept) -> None:
     node.args = (container, tuple(items) if isinstance(index, tuple) else items[0])
 
 
+def _edit_narrow(gm, node: Node, edit, count, kept) -> None:
+    """narrow along a channel dim: start and length over the kept channels (as a slice's bounds)."""
+    survivors, bounds = kept(edit.ids[edit.dim]), edit.fixed[edit.dim]
+    start, stop = (int(np.searchsorted(survivors, b)) for b in (bounds.start, bounds.stop))
+    _set_arg(node, 2, "start", start)
+    _set_arg(node, 3, "length", stop - start)
+
+
+def _edit_unflatten(gm, node: Node, edit, count, kept) -> None:
+    """unflatten: the sizes that split a channel dim; a -1 stays, the other dims of a head split get
+    their constant size."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    sizes = list(module.unflattened_size if module is not None
+                 else node.args[2] if len(node.args) > 2 else node.kwargs["sizes"])
+    sizes_before = list(sizes)
+    for k, size in edit.fixed.items():
+        sizes[k] = size
+    for k, ids in edit.ids.items():
+        if sizes_before[k] != -1:
+            sizes[k] = count(ids)
+    if module is not None:
+        module.unflattened_size = tuple(sizes)
+    else:
+        _set_arg(node, 2, "sizes", tuple(sizes))
+
+
 def _edit_groups(gm, node: Node, edit, count, kept) -> None:
     if node.op != "call_function":
         return  # a module's groups are fixed from its weights
@@ -235,4 +261,5 @@ def _set_arg(node: Node, index: int, name: str, value) -> None:
 _EDITORS: dict[str, Callable] = {
     "sizes": _edit_sizes, "split": _edit_split, "slice": _edit_slice, "groups": _edit_groups,
     "num_groups": _edit_num_groups, "sdpa_scale": _edit_sdpa_scale, "normalized_shape": _edit_normalized_shape,
+    "narrow": _edit_narrow, "unflatten": _edit_unflatten,
 }

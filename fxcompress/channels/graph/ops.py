@@ -16,17 +16,29 @@ Rules:
   pad        F.pad: freezes a channel dimension only if it is really padded
   binary     element-wise with broadcasting: channels of aligned dimensions are coupled
   reshape    view / reshape / flatten: channels fold into blocks of features or split into heads
+  unflatten  splits one dim as a view does (a head split included); the sizes written are rewritten
   expand     broadcast to a larger shape (size arguments rewritten when they name a channel dim)
   reshape_as / expand_as   view_as / reshape_as / expand_as: the sizes are the other tensor's, read at
              run time, so each output dim's channels couple with that tensor's channels of the dim
-  permute / transpose   dimensions move, channels follow them
+  repeat     repeat / tile: a channel dim tiled holds its channels over and over (the factors stay)
+  repeat_interleave   each channel repeated in place (an int count); counts from a tensor freeze
+  permute / transpose / movedim   dimensions move, channels follow them
   squeeze / unsqueeze   a dimension of size 1 appears or goes
-  reduce     mean / sum / amax ... over dims (reducing a channel dim freezes it)
+  reduce     mean / sum / amax / logsumexp / norm (`at`: where the dims are) ... over dims (reducing a
+             channel dim freezes it); variance: var / std, whose dims may be an `unbiased` flag
   softmax    normalizes along one dim (freezes it if it carries channels)
-  cat / stack / split / chunk / unbind / getitem    index maps of concatenation and slicing
+  normalize / cumulative / roll / sort / topk   act along one dim (or some): channels of the others are
+             untouched, a channel dim there freezes (its positions mix, or hold ranks)
+  flip       reverses dims: a channel dim's ids reversed
+  cat / stack / split / chunk / unbind / getitem / narrow    index maps of concatenation and slicing
+             (tensor_split is a split: its pieces are rewritten as split sizes)
+  pixel_shuffle / pixel_unshuffle   channels fold into space in blocks of r²: a block goes with its
+             output channel (shuffle), a channel's id repeats r² times in place (unshuffle)
   matmul, sdpa, linear, addmm, conv, conv_transpose, embedding, batch_norm, instance_norm, group_norm,
   layer_norm, prelu, mha, channel_shuffle     layers and normalizations (parameters are sliced)
   shape      reads a size (x.size(1), x.shape, x.dim()): no channels flow through it
+  attribute  getattr: x.shape (shape), topk's / sort's .values / .indices, x.T / x.mT / x.data; any
+             other tensor attribute freezes
 """
 from __future__ import annotations
 
@@ -43,9 +55,10 @@ from ...frontends.guards import check_input_shape
 from ...layers import KINDS, LayerKind
 from .layer_rules import (addmm, batch_norm, channel_shuffle, conv, conv_transpose, embedding, group_norm, instance_norm,
                           layer_norm, linear, mha, prelu)
-from .tensor_rules import (binary, cat, chunk, expand, expand_as, getitem, matmul, pad, permute, reduce, reshape,
-                           reshape_as, same, sdpa, shape, softmax, spatial, split, squeeze, stack, transpose, unbind,
-                           unsqueeze)
+from .tensor_rules import (attribute, binary, cat, chunk, cumulative, expand, expand_as, flip, getitem, matmul,
+                           movedim, narrow, normalize, pad, permute, pixel_shuffle, pixel_unshuffle, reduce, repeat,
+                           repeat_interleave, reshape, reshape_as, roll, same, sdpa, shape, softmax, sort, spatial,
+                           split, squeeze, stack, topk, transpose, unbind, unflatten, unsqueeze, variance)
 from .walk import Rule
 
 
@@ -65,6 +78,10 @@ _LAYER_MODULES = {kind.module: _layer_rule(kind) for kind in KINDS.values() if k
 
 # pooling, interpolation and padding modules act on this many trailing dims (None: all but batch and channel)
 _SPATIAL = {count: partial(spatial, count=count) for count in (1, 2, 3, None)}
+
+# torch.norm(x, p, dim, keepdim) / x.norm(p, dim, keepdim) / torch.linalg.vector_norm(x, ord, dim,
+# keepdim): a reduction whose dims follow the order of the norm
+_NORM = partial(reduce, at=2)
 
 _UNARY_FUNCTIONS = (
     F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid,
@@ -95,11 +112,19 @@ FUNCTION_RULES.update({
     torch.softmax: softmax, F.softmax: softmax, F.log_softmax: softmax, torch.log_softmax: softmax,
     torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
     torch.split: split, torch.chunk: chunk, torch.unbind: unbind, operator.getitem: getitem,
+    torch.movedim: movedim, torch.moveaxis: movedim, torch.unflatten: unflatten,
+    torch.narrow: narrow,  # a slice of one dim: along channels its bounds are rewritten
+    torch.tensor_split: split,  # its pieces are split's: the pass writes them as split sizes
+    torch.tile: repeat, torch.repeat_interleave: repeat_interleave,
+    torch.flip: flip, torch.roll: roll, torch.cumsum: cumulative, torch.cumprod: cumulative,
+    torch.sort: sort, torch.topk: topk, F.normalize: normalize,
+    torch.logsumexp: reduce, torch.norm: _NORM, torch.linalg.vector_norm: _NORM, torch.var: variance, torch.std: variance,
+    F.pixel_shuffle: pixel_shuffle, F.pixel_unshuffle: pixel_unshuffle,  # torch.pixel_shuffle is the same function
     torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
     F.scaled_dot_product_attention: sdpa, F.batch_norm: batch_norm,
     F.instance_norm: instance_norm, F.group_norm: group_norm, F.layer_norm: layer_norm, F.rms_norm: layer_norm,
     F.prelu: prelu, torch.channel_shuffle: channel_shuffle, F.channel_shuffle: channel_shuffle,
-    getattr: shape,
+    getattr: attribute,
     check_input_shape: shape,   # the export front end's check of an input's sizes: reads them, no width changes
 })
 
@@ -119,6 +144,10 @@ METHOD_RULES.update({
     "mean": reduce, "sum": reduce, "amax": reduce, "amin": reduce,
     "softmax": softmax, "log_softmax": softmax,
     "split": split, "chunk": chunk, "unbind": unbind,
+    "movedim": movedim, "moveaxis": movedim, "unflatten": unflatten, "narrow": narrow, "tensor_split": split,
+    "repeat": repeat, "tile": repeat, "repeat_interleave": repeat_interleave,
+    "flip": flip, "roll": roll, "cumsum": cumulative, "cumprod": cumulative, "sort": sort, "topk": topk,
+    "logsumexp": reduce, "norm": _NORM, "var": variance, "std": variance,
     "matmul": matmul, "bmm": matmul,
     "size": shape, "dim": shape, "numel": shape,
 })
@@ -145,6 +174,7 @@ MODULE_RULES.update({
     nn.InstanceNorm1d: instance_norm, nn.InstanceNorm2d: instance_norm, nn.InstanceNorm3d: instance_norm,
     nn.GroupNorm: group_norm, nn.LayerNorm: layer_norm, nn.RMSNorm: layer_norm, nn.PReLU: prelu,
     nn.MultiheadAttention: mha, nn.ChannelShuffle: channel_shuffle,
+    nn.Unflatten: unflatten, nn.PixelShuffle: pixel_shuffle, nn.PixelUnshuffle: pixel_unshuffle,
 })
 
 

@@ -45,6 +45,33 @@ def shape(w: Walk, node: Node) -> Width | Widths | None:
     return None  # x.dim(), other attributes
 
 
+def attribute(w: Walk, node: Node) -> Any:
+    """getattr: `x.shape` reads sizes (see `shape`); `.values` / `.indices` of topk's or sort's result
+    is that result; `.T` / `.mT` move dims as permute does, `.data` is x. Any other attribute that
+    is a tensor is an op these rules do not know: its channels freeze (read as no channels, the
+    readers' widths would not follow x's)."""
+    x, name = node.args[0], node.args[1]
+    if name == "shape":
+        return shape(w, node)
+    inner = w.track(x)
+    if isinstance(inner, tuple) and name in _RESULT_FIELDS:
+        return inner[_RESULT_FIELDS[name]]
+    if w.shape(x) is not None and w.shape(node) is not None:
+        nd, track = len(w.shape(x)), w.tensor_track(x)
+        if name == "data":
+            return dict(track)
+        if name in ("T", "mT"):
+            order = list(range(nd))[::-1] if name == "T" else [*range(nd - 2), nd - 1, nd - 2]
+            return {new: track[old] for new, old in enumerate(order) if old in track}
+    if w.empty_output(node) is not None:
+        return w.unknown(node, f"unsupported attribute .{name} at {node.name}")
+    return None  # x.dtype, x.device, x.ndim
+
+
+# the fields of the (values, indices) results of topk and sort, and their positions
+_RESULT_FIELDS = {"values": 0, "indices": 1}
+
+
 def spatial(w: Walk, node: Node, count: int | None) -> dict:
     x = _first(node)
     track, nd = dict(w.tensor_track(x)), len(w.shape(x) or ())
@@ -297,6 +324,32 @@ def _sized_as(w: Walk, node: Node, track: dict, other: Node) -> dict:
     return out
 
 
+def unflatten(w: Walk, node: Node) -> dict:
+    """torch.unflatten(x, dim, sizes), x.unflatten(dim, sizes), nn.Unflatten: a view splitting one
+    dim. Its channels are laid out as a reshape lays them out (a head split included); the sizes
+    written for them are rewritten by the pass (an "unflatten" edit: {offset in sizes: ids}, fixed
+    {offset: size}). A size the graph computes there freezes the channels (no constant to write)."""
+    x = node.args[0]
+    nd = len(w.shape(x))
+    if node.op == "call_module":
+        module = w.gm.get_submodule(node.target)
+        dim, sizes = module.dim, module.unflattened_size
+    else:
+        dim, sizes = _arg(node, 1, "dim"), _arg(node, 2, "sizes")
+    dim = _dim(dim, nd)
+    out, fixed, _ = _reshape_track(w, node, x)
+    span = range(dim, dim + len(sizes))
+    written = {d - dim: ids for d, ids in out.items() if d in span}
+    pinned = {d - dim: size for d, size in fixed.items() if d in span}
+    if any(not isinstance(sizes[k], int) for k in (*written, *pinned)):
+        for k in written:
+            w.freeze(out.pop(k + dim), f"{node.name} sizes channels with a size computed in the graph")
+        return out
+    if written:
+        w.edits[node.name] = Edit("unflatten", written, dim=dim, fixed=pinned)
+    return out
+
+
 def squeeze(w: Walk, node: Node) -> dict:
     return _reshape_track(w, node, _first(node))[0]
 
@@ -343,6 +396,35 @@ def expand_as(w: Walk, node: Node) -> dict:
     return track
 
 
+def repeat(w: Walk, node: Node) -> dict:
+    """x.repeat(*factors) / torch.tile: each dim tiled, new leading dims prepended. A channel dim
+    tiled r times holds its ids r times over: pruned, it tiles the kept channels, which are what
+    the kept positions hold. The factors count copies, not channels, and stay as written."""
+    x = node.args[0]
+    sx, out = w.shape(x), w.shape(node)
+    shift = len(out) - len(sx)
+    return {d + shift: np.tile(ids, out[d + shift] // sx[d]) for d, ids in w.tensor_track(x).items()}
+
+
+def repeat_interleave(w: Walk, node: Node) -> dict:
+    """repeat_interleave(x, repeats, dim): each position repeated in place. A channel dim repeated
+    r times (an int) holds each id r times in a row (as GQA's repeat_kv does): exact. Counts read
+    from a tensor, an output_size spelling the width, no dim (the flattened tensor) or torch's
+    one-argument form (indices of counts) freeze the channels."""
+    x, repeats, dim = node.args[0], _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+    nd = len(w.shape(x))
+    track = dict(w.tensor_track(x))
+    if repeats is None or (dim is None and nd > 1):
+        return w.unknown(node, f"{node.name} repeats the flattened channels")
+    dim = _dim(0 if dim is None else dim, nd)
+    if dim in track:
+        if not isinstance(repeats, int) or node.kwargs.get("output_size") is not None:
+            w.freeze(track.pop(dim), f"{node.name} repeats channels by counts or to a size given in the graph")
+        else:
+            track[dim] = np.repeat(track[dim], repeats)
+    return track
+
+
 def _dims_arg(node: Node, start: int) -> list[int]:
     rest = node.args[start:] or (node.kwargs.get("dims"),)
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
@@ -364,11 +446,39 @@ def transpose(w: Walk, node: Node) -> dict:
     return {swap.get(d, d): ids for d, ids in w.tensor_track(x).items()}
 
 
-def reduce(w: Walk, node: Node) -> dict:
+def movedim(w: Walk, node: Node) -> dict:
+    """movedim / moveaxis(x, source, destination): the source dims go to the destinations, the
+    others keep their order in the dims left (numpy's moveaxis); channels follow their dims."""
     x = node.args[0]
     nd = len(w.shape(x))
+    source, destination = _arg(node, 1, "source"), _arg(node, 2, "destination")
+    source = [_dim(d, nd) for d in (source if isinstance(source, (list, tuple)) else [source])]
+    destination = [_dim(d, nd) for d in (destination if isinstance(destination, (list, tuple)) else [destination])]
+    order = [d for d in range(nd) if d not in source]
+    for new, old in sorted(zip(destination, source)):
+        order.insert(new, old)
+    track = w.tensor_track(x)
+    return {new: track[old] for new, old in enumerate(order) if old in track}
+
+
+def reduce(w: Walk, node: Node, at: int = 1) -> dict:
+    """A reduction over the dims given at argument `at` (None: all), keepdim next: `x.sum(1)`,
+    `torch.logsumexp(x, -1)`; at 2 `torch.norm(x, p, dim, keepdim)`. Channels of a dim it keeps are
+    reduced each on its own; a channel dim it reduces freezes (each result mixes all its channels)."""
+    return _reduce_over(w, node, _arg(node, at, "dim"), _arg(node, at + 1, "keepdim", False))
+
+
+def variance(w: Walk, node: Node) -> dict:
+    """var / std in torch's three spellings: (x, dim, unbiased, keepdim), (x, dim, *, correction,
+    keepdim) and (x, unbiased): a bool where the dims go is `unbiased`, the statistic then of all dims."""
     dims = _arg(node, 1, "dim")
-    keep = _arg(node, 2, "keepdim", False)
+    keep = node.kwargs.get("keepdim", node.args[3] if len(node.args) > 3 else False)
+    return _reduce_over(w, node, None if isinstance(dims, bool) else dims, keep)
+
+
+def _reduce_over(w: Walk, node: Node, dims: Any, keep: bool) -> dict:
+    x = node.args[0]
+    nd = len(w.shape(x))
     listed = dims if isinstance(dims, (list, tuple)) else [dims]
     dims = set(range(nd)) if dims is None else {_dim(d, nd) for d in listed}
     track, out = w.tensor_track(x), {}
@@ -415,6 +525,56 @@ def softmax(w: Walk, node: Node) -> dict:
     if _dim(dim, nd) in track:
         w.freeze(track.pop(_dim(dim, nd)), f"{node.name} normalizes over a channel dimension")
     return track
+
+
+def _along(w: Walk, node: Node, dims: Any, verb: str) -> dict:
+    """The input's track, less the channel dims among `dims` (None: every dim), frozen: the op
+    mixes the positions along them, so a channel's output there depends on its neighbours."""
+    x = node.args[0]
+    nd = len(w.shape(x))
+    listed = range(nd) if dims is None else dims if isinstance(dims, (list, tuple)) else [dims]
+    track = dict(w.tensor_track(x))
+    for d in {_dim(d, nd) for d in listed} & set(track):
+        w.freeze(track.pop(d), f"{node.name} {verb} a channel dimension")
+    return track
+
+
+def cumulative(w: Walk, node: Node) -> dict:
+    """cumsum / cumprod along dim: each position accumulates the ones before it."""
+    return _along(w, node, _arg(node, 1, "dim"), "accumulates along")
+
+
+def roll(w: Walk, node: Node) -> dict:
+    """roll(x, shifts, dims): position i takes i - shift modulo the width, which pruning changes;
+    without dims the flattened tensor rolls, every dim mixed."""
+    dims = _arg(node, 2, "dims")
+    return _along(w, node, None if dims in (None, (), []) else dims, "rolls")
+
+
+def flip(w: Walk, node: Node) -> dict:
+    """flip(x, dims): a channel dim reversed is a fixed reordering, its ids reversed: the kept
+    channels of the flipped tensor are the flipped kept ones."""
+    x = node.args[0]
+    nd = len(w.shape(x))
+    flipped = {_dim(d, nd) for d in _dims_arg(node, 1)}
+    return {d: ids[::-1].copy() if d in flipped else ids for d, ids in w.tensor_track(x).items()}
+
+
+def normalize(w: Walk, node: Node) -> dict:
+    """F.normalize(x, p, dim=1): divides by the norm along dim, which reads every channel there."""
+    return _along(w, node, _arg(node, 2, "dim", 1), "normalizes over")
+
+
+def sort(w: Walk, node: Node) -> tuple:
+    """sort(x, dim=-1) -> (values, indices): along a channel dim positions hold ranks, not channels."""
+    track = _along(w, node, _arg(node, 1, "dim", -1), "sorts along")
+    return track, dict(track)
+
+
+def topk(w: Walk, node: Node) -> tuple:
+    """topk(x, k, dim=-1) -> (values, indices): along a channel dim, k ranks, not channels."""
+    track = _along(w, node, _arg(node, 2, "dim", -1), "selects the top k along")
+    return track, dict(track)
 
 
 def _joined(w: Walk, node: Node) -> list | None:
@@ -568,6 +728,28 @@ def _reads_only(read, ids: np.ndarray) -> bool:
     return isinstance(read, Width) and bool(read.parts) and all(p is ids or np.array_equal(p, ids) for p in read.parts)
 
 
+def narrow(w: Walk, node: Node) -> dict:
+    """narrow(x, dim, start, length) is x[..., start:start + length] on dim: along a channel dim a
+    slice with constant bounds, which the pass rewrites as it rewrites slicing's (a "narrow" edit:
+    the slice in `fixed`), so the kept channels inside it are what it keeps. Bounds the graph
+    computes (a tensor, a size read) freeze the channels."""
+    x = node.args[0]
+    sx = w.shape(x)
+    dim = _dim(_arg(node, 1, "dim"), len(sx))
+    start, length = _arg(node, 2, "start"), _arg(node, 3, "length")
+    track = dict(w.tensor_track(x))
+    if dim not in track:
+        return track
+    if not (isinstance(start, int) and isinstance(length, int)):
+        w.freeze(track.pop(dim), f"{node.name} narrows channels with computed bounds")
+        return track
+    first = start + sx[dim] if start < 0 else start
+    bounds = slice(first, first + length)
+    w.edits[node.name] = Edit("narrow", {dim: track[dim]}, dim=dim, fixed={dim: bounds})
+    track[dim] = track[dim][bounds]
+    return track
+
+
 def matmul(w: Walk, node: Node) -> dict:
     a, b = node.args[0], node.args[1]
     sa, sb, out = w.shape(a), w.shape(b), w.shape(node)
@@ -624,3 +806,41 @@ def _gqa_heads(w: Walk, node: Node, qkv: tuple, reason: str) -> None:
 def _sdpa_scale(head_dim: int) -> float:
     """F.scaled_dot_product_attention's default scale for a head_dim."""
     return 1.0 / math.sqrt(head_dim)
+
+
+def _pixel_factor(w: Walk, node: Node, attr: str) -> int:
+    if node.op == "call_module":
+        return getattr(w.gm.get_submodule(node.target), attr)
+    return _arg(node, 1, attr)
+
+
+def _spatial_channels(w: Walk, node: Node, track: dict, nd: int) -> dict:
+    for d in [d for d in track if d >= nd - 2]:
+        w.freeze(track.pop(d), f"{node.name} interleaves a channel dimension with space")
+    return track
+
+
+def pixel_shuffle(w: Walk, node: Node) -> dict:
+    """(*, C r², H, W) -> (*, C, H r, W r): output channel c spreads input channels c r² ..
+    c r² + r² - 1 over space. Each block of r² goes with its output channel (coupled, as whole
+    heads are); pruned by whole blocks, the shuffle of the kept ones is the kept output channels,
+    and r stays."""
+    x = node.args[0]
+    nd, r = len(w.shape(x)), _pixel_factor(w, node, "upscale_factor")
+    track = _spatial_channels(w, node, dict(w.tensor_track(x)), nd)
+    if nd - 3 in track:
+        blocks = track[nd - 3].reshape(-1, r * r)
+        w.union(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
+        track[nd - 3] = blocks[:, 0].copy()
+    return track
+
+
+def pixel_unshuffle(w: Walk, node: Node) -> dict:
+    """(*, C, H r, W r) -> (*, C r², H, W): input channel c becomes the r² output channels c r² ..
+    c r² + r² - 1, its id repeated in place (as repeat_interleave's); r stays."""
+    x = node.args[0]
+    nd, r = len(w.shape(x)), _pixel_factor(w, node, "downscale_factor")
+    track = _spatial_channels(w, node, dict(w.tensor_track(x)), nd)
+    if nd - 3 in track:
+        track[nd - 3] = np.repeat(track[nd - 3], r * r)
+    return track

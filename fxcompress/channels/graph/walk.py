@@ -59,7 +59,9 @@ class Edit:
     split/chunk along `dim`; "slice": getitem slices {index position: ids}, with `fixed` {index
     position: the slice with constant bounds} (bounds computed from the width resolved), and `runtime`:
     the dims of "sizes" whose computed size reads the pruned width at run time (`b * c` where channels
-    merge with the batch), left as written; "groups"/"num_groups":
+    merge with the batch), left as written; "narrow": narrow along a channel `dim`, {dim: ids} and
+    `fixed` {dim: the slice it takes}; "unflatten": {offset in its sizes: ids} and `fixed` {offset:
+    size}, as "sizes" has them; "groups"/"num_groups":
     group counts of functional conv / group_norm from `ids` and `per_group`; "sdpa_scale": pin
     attention's scale to `value`.
     """
