@@ -107,6 +107,7 @@ class LowerToSparse(Pass):
             module = choose_form(kind, weight, bias, x, self.kernels, conv=conv, repeats=self.repeats,
                                  margin=self.margin, clock=self.clock)
         path = _take_the_layers_place(gm, install(gm, layer, node, module, "sparse"))
+        module._where = f"SparseLayer {path}"  # its run-time errors name the layer, as a loaded file's do
         choice = module.kernel_choice
         dense_bytes = (weight.numel() + (0 if bias is None else bias.numel())) * weight.element_size()
         times = {} if choice is None else choice.as_stats()["times_ms"]

@@ -14,19 +14,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxcompress.errors import FormatError
+from fxcompress.errors import ConfigError, FormatError
 from fxcompress.layers import WeightTransform
 
-from .tensor import EncodedTensor, decode_tensor, tensor_from_header
+from .tensor import DTYPES, EncodedTensor, decode_tensor, tensor_from_header
 
 
 class EncodedWeight(WeightTransform):
-    """A weight (or bias) kept as packed, entropy-coded bytes; `forward()` returns the dense tensor."""
+    """A weight (or bias) kept as packed, entropy-coded bytes; `forward()` returns the dense tensor.
 
-    def __init__(self, header: dict, bits: int | None = None) -> None:
+    `dtype` (None: the encoded tensor's own) is the dtype the model was converted to after lowering
+    (`model.double()`, `.half()`): the payload is bytes, which a conversion leaves as they are, so the
+    decoded tensor follows the conversion instead, as the float parameter it replaced would have.
+    """
+
+    def __init__(self, header: dict, bits: int | None = None, dtype: str | None = None) -> None:
         super().__init__()
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"EncodedWeight: dtype must be None or one of {sorted(DTYPES)}, got {dtype!r}")
         self.header = header
         self.bits = bits
+        self.dtype = dtype
         self.register_buffer("payload", torch.zeros(0, dtype=torch.uint8))
         self._dense: torch.Tensor | None = None
         self._where = "encoded weight"  # the module path once check_loaded has named it
@@ -70,16 +78,33 @@ class EncodedWeight(WeightTransform):
         if self._dense is None or self._dense.device != self.payload.device:
             encoded = self.encoded()
             try:
-                self._dense = decode_tensor(encoded).to(self.payload.device)
+                dense = decode_tensor(encoded)
             except FormatError as exc:
                 raise FormatError(f"{self._where}: {exc}") from None
+            self._dense = dense.to(self.payload.device, None if self.dtype is None else DTYPES[self.dtype])
         return self._dense
+
+    def _apply(self, fn, recurse=True):
+        """Move the payload as `fn` says; where `fn` converts floats (model.double()), the decoded tensor
+        is converted as its float parameter would have been: `fn` is asked what it makes of an empty
+        tensor of the decoded dtype. A conversion to a dtype no encoded tensor has is refused by name."""
+        header = self.header.get("dtype", "float32") if isinstance(self.header, dict) else "float32"
+        decoded = DTYPES.get(self.dtype or header, torch.float32)
+        target = fn(torch.empty(0, dtype=decoded, device=self.payload.device)).dtype
+        if target is not decoded:
+            name = str(target).removeprefix("torch.")
+            if name not in DTYPES:
+                raise ConfigError(f"{self._where}: decodes to {sorted(DTYPES)} only, cannot follow a conversion "
+                                  f"to {target}")
+            self.dtype, self._dense = (None if name == header else name), None
+        return super()._apply(fn, recurse)
 
     def storage_bytes(self) -> dict[str, int]:
         return self.encoded().storage_bytes()
 
     def config(self) -> dict:
-        return {"header": self.header, "bits": self.bits}
+        # dtype only once converted: files of unconverted models stay as they were
+        return {"header": self.header, "bits": self.bits} | ({"dtype": self.dtype} if self.dtype is not None else {})
 
     def extra_repr(self) -> str:
         h = self.header
@@ -100,7 +125,7 @@ class EncodedWeight(WeightTransform):
         return state
 
     def __setstate__(self, state):
-        super().__setstate__({"_where": "encoded weight"} | state)  # pickles from before paths were kept
+        super().__setstate__({"_where": "encoded weight", "dtype": None} | state)  # pickles from before these
 
 
 def layer_shapes(layer: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError
 from .timing import FLOAT, Kernel, KernelChoice, MeasuredLayer, Rows
-from .weight_only import TiedEmbedding, expect_tensor
+from .weight_only import TiedEmbedding, expect_tensor, keeping_float32
 
 
 class DynamicInt8Linear(MeasuredLayer):
@@ -70,6 +70,9 @@ class DynamicInt8Linear(MeasuredLayer):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.choice_repr()}"
 
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keeping_float32(fn), recurse)  # float32 scales and bias, whatever the model's dtype
+
     def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
         self._where = f"DynamicInt8Linear {path}"
         expect_tensor(self, "weight", torch.int8, (self.out_features, self.in_features))
@@ -94,13 +97,13 @@ class DynamicInt8Embedding(TiedEmbedding):
     HEAD: ClassVar[type] = DynamicInt8Linear
     TIED: ClassVar[tuple[str, ...]] = ("weight", "weight_scale")
 
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: str | None = None) -> None:
         super().__init__()
         sizes = (num_embeddings, embedding_dim)
         if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
             raise ConfigError(f"DynamicInt8Embedding: needs positive num_embeddings / embedding_dim; got "
                               f"{num_embeddings!r}, {embedding_dim!r}")
-        self._init_tie(num_embeddings, embedding_dim)
+        self._init_tie(num_embeddings, embedding_dim, dtype)
         for name, (dtype, shape) in self.expected().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
 
@@ -115,10 +118,10 @@ class DynamicInt8Embedding(TiedEmbedding):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         flat = indices.reshape(-1)
         rows = dequantize_int8(self.weight.index_select(0, flat), self.weight_scale.index_select(0, flat))
-        return rows.reshape(*indices.shape, self.embedding_dim)
+        return self.rows_in_dtype(rows).reshape(*indices.shape, self.embedding_dim)
 
     def config(self) -> dict[str, Any]:
-        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim}
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, **self.dtype_config()}
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied head's int8 weight"

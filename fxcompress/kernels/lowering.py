@@ -98,6 +98,7 @@ class MeasuredLowering(Pass):
             # token embeddings only (plan_layers refused any other tie), as calls reading the weight value
             readers = [functionalize(gm, reader) for reader in tied_readers(gm, node)]
             path = install(gm, layer, node, module, self.suffix)
+            module._where = f"{type(module).__name__} {path}"  # its run-time errors name the layer
             tied = [install_tied(gm, reader, self.tied_module(module), self.suffix) for reader in readers]
             stats[layer.name] = {"module": path, **module.choice_stats(self.kernels),
                                  "input_shape": list(inputs[node].shape), "held_bytes": module.held_bytes(),

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError, PreconditionError
 from .compiled import library as c_library
-from .timing import KernelChoice, choose_kernel, layer_inputs
+from .timing import KernelChoice, choose_kernel, run_reaching
 
 if TYPE_CHECKING:  # annotations only; scipy is imported where a scipy kernel builds its matrix
     import scipy.sparse
@@ -71,6 +71,13 @@ CODEBOOK_MAX = 256                           # c_relative's codes are uint8
 RELATIVE_BUFFERS = ("gaps", "codes", "codebook")  # c_relative's tensors besides crow_indices / values
 RELATIVE = ("c_relative", "c_relative_csc")  # our C kernels: the weight's rows, or (csc) its columns
 TRANSPOSED = ("scipy_csc", "c_relative_csc")  # kernels storing the transposed weight [in, out]
+# the value dtypes each kernel multiplies: torch's dense ops take every float dtype, its sparse CSR / BSR
+# products and scipy only DTYPES (no float16 product exists), our C kernels float32 alone (they read raw
+# float32 memory). A conversion of the model (model.half()) leaves a layer's tensors in their dtype where
+# its kernel cannot multiply the new one, and forward then refuses inputs of that dtype by name.
+KERNEL_DTYPES = {"dense": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 **{kernel: DTYPES for kernel in ("torch_csr", "scipy_csr", "scipy_csc", "torch_bsr")},
+                 **{kernel: (torch.float32,) for kernel in RELATIVE}}
 
 
 def sparse_linear_eager(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -334,10 +341,11 @@ class SparseLayer(nn.Module):
                  dilation: Sequence[int] = (1, 1), dtype: str = "float32", gap_dtype: str | None = None,
                  shared: bool = False) -> None:
         super().__init__()
+        _check_relative_config(kernel, gap_dtype, shared, dtype)  # first: it says what our C kernels need
         _check_config(kind, weight_shape, kernel, blocksize, dtype)
-        _check_relative_config(kernel, gap_dtype, shared, dtype)
         self.kind, self.weight_shape, self.kernel = kind, [int(s) for s in weight_shape], kernel
         self.has_bias, self.blocksize, self.dtype = has_bias, blocksize, dtype
+        self._dtype = getattr(torch, dtype)  # forward's one check on every call: an identity test, not a lookup
         self.gap_dtype, self.shared = gap_dtype, shared
         self._features = (self.in_features, self.out_features)
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
@@ -458,6 +466,8 @@ class SparseLayer(nn.Module):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not self._dtype:  # the kernels would raise torch's or scipy's error, or (C) read garbage
+            raise PreconditionError(self._dtype_refusal(x.dtype))
         if self.kernel == "dense":
             if self.kind == "linear":
                 return F.linear(x, self.weight, self.bias)
@@ -471,6 +481,15 @@ class SparseLayer(nn.Module):
             out = self._matmul(x.reshape(-1, self.in_features))
             return out.reshape(*x.shape[:-1], self.out_features)
         return self._conv(x)
+
+    def _dtype_refusal(self, dtype: torch.dtype) -> str:
+        """Why an input of `dtype` is refused, and what to do."""
+        name = str(dtype).removeprefix("torch.")
+        multiplies = [str(d).removeprefix("torch.") for d in KERNEL_DTYPES[self.kernel]]
+        hint = "" if name in multiplies else (f" (this kernel multiplies {', '.join(multiplies)} only: to run in "
+                                              f"{name}, remeasure the converted model)")
+        return (f"{self._where}: kernel {self.kernel!r} holds {self.dtype} weights and takes {self.dtype} inputs "
+                f"only, got a {name} input; convert the input{hint} or the model")
 
     def _relative_tensors(self) -> tuple[torch.Tensor | None, ...]:
         """crow_indices, gaps, values, codes, codebook (None where this form has none)."""
@@ -552,7 +571,30 @@ class SparseLayer(nn.Module):
         for name, tensor in other._buffers.items():
             self._buffers[name] = tensor
         self.kernel, self.blocksize, self.kernel_choice = other.kernel, other.blocksize, other.kernel_choice
-        self.gap_dtype, self.shared = other.gap_dtype, other.shared
+        self.gap_dtype, self.shared, self.dtype, self._dtype = other.gap_dtype, other.shared, other.dtype, other._dtype
+
+    def _apply(self, fn, recurse=True):
+        """Convert or move the layer's tensors as `fn` says, except to a float dtype its kernel cannot
+        multiply (KERNEL_DTYPES): those keep theirs (moved, where `fn` moves them), so `model.double()` on a
+        c_relative layer does not hand float64 memory to a kernel reading float32."""
+        holds = KERNEL_DTYPES[self.kernel]
+
+        def converted(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.dtype is not t.dtype and out.is_floating_point() and out.dtype not in holds:
+                return t if out.device == t.device else t.to(out.device)
+            return out
+        result = super()._apply(converted, recurse)
+        value = self._buffers.get("weight" if self.kernel == "dense" else
+                                  "codebook" if self.shared else "values")
+        if value is not None and value.dtype is not self._dtype and value.is_floating_point():
+            self.dtype, self._dtype = str(value.dtype).removeprefix("torch."), value.dtype  # files keep it
+        return result
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_dtype" not in state:  # pickled before the attribute existed
+            self._dtype = getattr(torch, self.dtype)
 
     def _check_relative(self, value_dtype: torch.dtype) -> None:
         """c_relative's tensors: row pointers, every row's columns inside the layer, codes inside the
@@ -587,11 +629,13 @@ class SparseLayer(nn.Module):
 def _check_config(kind: str, weight_shape: Sequence[int], kernel: str, blocksize: int | None, dtype: str) -> None:
     """A configuration read from a file is checked before anything is built from it."""
     dims = 2 if kind == "linear" else 4
-    if (kind not in KINDS or kernel not in KERNELS or dtype not in {str(d).removeprefix("torch.") for d in DTYPES}
+    dtypes = [str(d).removeprefix("torch.") for d in KERNEL_DTYPES.get(kernel, ())]
+    if (kind not in KINDS or kernel not in KERNELS or dtype not in dtypes
             or len(weight_shape) != dims or not all(isinstance(s, int) and s > 0 for s in weight_shape)):
-        raise ConfigError(f"SparseLayer: kind must be one of {KINDS}, kernel one of {KERNELS}, dtype float32 / "
-                          f"float64 and weight_shape {dims} positive sizes; got kind={kind!r}, kernel={kernel!r}, "
-                          f"dtype={dtype!r}, weight_shape={list(weight_shape)!r}")
+        raise ConfigError(f"SparseLayer: kind must be one of {KINDS}, kernel one of {KERNELS}, dtype one of those "
+                          f"the kernel multiplies ({' / '.join(dtypes) or 'none'}) and weight_shape {dims} positive "
+                          f"sizes; got kind={kind!r}, kernel={kernel!r}, dtype={dtype!r}, "
+                          f"weight_shape={list(weight_shape)!r}")
     rows, cols = weight_shape[0], math.prod(weight_shape[1:])
     if (blocksize is not None) != (kernel == "torch_bsr") or (
             blocksize is not None and (blocksize not in BSR_BLOCKS or rows % blocksize or cols % blocksize)):
@@ -658,11 +702,11 @@ def bsr_blocksize(weight: torch.Tensor) -> int | None:
 
 
 def candidate_kernels(weight: torch.Tensor, allowed: Sequence[str]) -> list[str]:
-    """The kernels worth timing for this weight: dense always, BSR only with full enough blocks,
-    our C kernels for float32 weights where their library builds."""
-    return ["dense"] + [k for k in allowed if k in SPARSE_KERNELS
+    """The kernels worth timing for this weight: dense always, the others where they multiply its dtype
+    (KERNEL_DTYPES), BSR only with full enough blocks, our C kernels where their library builds."""
+    return ["dense"] + [k for k in allowed if k in SPARSE_KERNELS and weight.dtype in KERNEL_DTYPES[k]
                         and (k != "torch_bsr" or bsr_blocksize(weight) is not None)
-                        and (k not in RELATIVE or (weight.dtype == torch.float32 and relative_available()))]
+                        and (k not in RELATIVE or relative_available())]
 
 
 def choose_form(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
@@ -688,8 +732,11 @@ def remeasure_layer(layer: SparseLayer, x: torch.Tensor, allowed: Sequence[str] 
     """Time every form of `layer` again on input `x` (another machine, another batch size) and switch
     it, in place, to the fastest form."""
     conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+    weight, bias = layer.dense_weight(), layer.bias
+    if x.is_floating_point() and x.dtype is not weight.dtype:  # a converted model: forms for the dtype it runs in
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     with torch.no_grad():
-        chosen = choose_form(layer.kind, layer.dense_weight(), layer.bias, x, allowed,
+        chosen = choose_form(layer.kind, weight, bias, x, allowed,
                              conv=conv if layer.kind == "conv2d" else None, repeats=repeats, margin=margin,
                              clock=clock)
     layer.adopt(chosen)
@@ -705,7 +752,14 @@ def remeasure(gm: nn.Module, example_inputs: tuple, allowed: Sequence[str] = SPA
     layers = {path: m for path, m in gm.named_modules() if isinstance(m, SparseLayer)}
     if not layers:
         raise ConfigError("remeasure: the model holds no SparseLayer (lower it with LowerToSparse first)")
-    inputs = layer_inputs(gm, layers, example_inputs)
-    return {path: remeasure_layer(layers[path], inputs[path], allowed, repeats=repeats, margin=margin,
-                                  clock=clock).as_stats()
-            for path in layers if path in inputs}
+    chosen: dict[str, dict[str, Any]] = {}
+
+    def choose_here(layer: SparseLayer, args: tuple, path: str) -> None:
+        # chosen as the run reaches it, before it runs: a layer whose kernel cannot take the input's dtype (a
+        # c_relative layer of a model converted with .double()) gets a form that can, rather than failing the run
+        if path not in chosen:
+            chosen[path] = remeasure_layer(layer, args[0], allowed, repeats=repeats, margin=margin,
+                                           clock=clock).as_stats()
+
+    run_reaching(gm, layers, choose_here, example_inputs)
+    return {path: chosen[path] for path in layers if path in chosen}

@@ -53,6 +53,9 @@ INT4_N_MULTIPLE = 16              # its packed layout needs output channels in m
 FP16_EXACT = 2048                 # every integer of magnitude up to this is exact in fp16
 C_BLOCK = 32                      # columns the C kernel unpacks at once (csrc/wo_gemv.c: BLOCK)
 RENAMED = {"dequantize": "float"}  # kernels files may name that are now another: the float kernel dequantizes
+# the dtypes a tied embedding's rows follow a model's conversion to (`.double()`, `.half()`)
+ROW_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,22 @@ def pack_blocks(codes: torch.Tensor) -> torch.Tensor:
 def unpack_blocks(packed: torch.Tensor) -> torch.Tensor:
     blocks = packed.reshape(packed.shape[0], -1, C_BLOCK // 2)
     return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def keeping_float32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Module._apply conversion `fn` that leaves float32 tensors float32 (moved where `fn` moves them).
+
+    The lowered layers hold integer codes with float32 scales and bias, which their kernels read as
+    float32 (the C kernel by address: float64 scales there gave outputs of 1e21), while their forward
+    takes inputs of every float dtype and returns that dtype; so `model.double()` / `.half()` converts
+    the model around them and nothing in them. A float32 tensor is returned itself where only its dtype
+    would change, so a lowered head and its tied embedding keep sharing one tensor."""
+    def converted(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        if t.dtype is torch.float32 and out.dtype is not torch.float32:
+            return t if out.device == t.device else t.to(out.device)
+        return out
+    return converted
 
 
 # packing name -> (pack, unpack) of 4-bit codes [rows, in] <-> [rows, in / 2]
@@ -153,6 +172,9 @@ class WeightOnlyLinear(MeasuredLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, {self.choice_repr()}")
 
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keeping_float32(fn), recurse)
+
     def check_loaded(self, path: str, root: nn.Module | None = None) -> None:
         """FormatError naming `path` and the tensor when a file attached tensors of the wrong kind."""
         self._where = f"WeightOnlyLinear {path}"
@@ -191,9 +213,17 @@ class TiedEmbedding(nn.Module):
 
     HEAD: ClassVar[type] = nn.Module
     TIED: ClassVar[tuple[str, ...]] = ()
+    dtype: str | None = None  # see _init_tie (here too for pickles from before it existed)
 
-    def _init_tie(self, num_embeddings: int, embedding_dim: int) -> None:
+    def _init_tie(self, num_embeddings: int, embedding_dim: int, dtype: str | None = None) -> None:
+        if dtype is not None and dtype not in ROW_DTYPES:
+            raise ConfigError(f"{type(self).__name__}: dtype must be None or one of {sorted(ROW_DTYPES)}, "
+                              f"got {dtype!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # the dtype of the rows it returns, once the model was converted (None: float32, the scales' own): the
+        # codes and scales stay as the head reads them, and the rows follow the conversion as the nn.Embedding
+        # they replace would (a half model's LayerNorm refuses float32 rows)
+        self.dtype = dtype
         self._where = type(self).__name__
         object.__setattr__(self, "_head", None)  # not a child: the head sits at its own path in the model
 
@@ -215,8 +245,15 @@ class TiedEmbedding(nn.Module):
     def head_mismatch(self, head: nn.Module) -> str | None:
         """What differs between this embedding's configuration and the one its head implies, if anything."""
         theirs = self.config_for(head)
-        ours = self.config()
+        ours = {k: v for k, v in self.config().items() if k != "dtype"}  # the head's scales stay float32 in any case
         return None if ours == theirs else f"{ours} against {theirs}"
+
+    def rows_in_dtype(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantized float32 rows in the dtype the model was converted to."""
+        return rows if self.dtype is None else rows.to(ROW_DTYPES[self.dtype])
+
+    def dtype_config(self) -> dict[str, Any]:
+        return {} if self.dtype is None else {"dtype": self.dtype}  # files of unconverted models stay as they were
 
     def tie(self, head: nn.Module) -> None:
         """Share `head`'s tensors (this module's own placeholders are dropped)."""
@@ -240,7 +277,10 @@ class TiedEmbedding(nn.Module):
         already converted unchanged, so the head converting ours again keeps the tie)."""
         head = self._head
         before = None if head is None else tuple(head._buffers[name] for name in self.TIED)
-        result = super()._apply(fn, recurse)
+        rows = fn(torch.empty(0, dtype=ROW_DTYPES[self.dtype or "float32"])).dtype  # what fn makes of a float row
+        if str(rows).removeprefix("torch.") in ROW_DTYPES:
+            self.dtype = None if rows is torch.float32 else str(rows).removeprefix("torch.")
+        result = super()._apply(keeping_float32(fn), recurse)  # the head's scales: float32, as the head keeps them
         if head is not None:
             if any(head._buffers[name] is not old for name, old in zip(self.TIED, before)):
                 self.tie(head)  # the head was converted first: take its tensors
@@ -280,10 +320,10 @@ class WeightOnlyEmbedding(TiedEmbedding):
     TIED = ("codes", "scale", "zero")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
-                 packing: str = "blocks") -> None:
+                 packing: str = "blocks", dtype: str | None = None) -> None:
         super().__init__()
         _check_config(embedding_dim, num_embeddings, bits, group_size, "float", packing, "WeightOnlyEmbedding")
-        self._init_tie(num_embeddings, embedding_dim)
+        self._init_tie(num_embeddings, embedding_dim, dtype)
         self.bits, self.group_size, self.packing = bits, group_size, packing
         for name, (dtype, shape) in self.expected().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
@@ -302,11 +342,11 @@ class WeightOnlyEmbedding(TiedEmbedding):
         flat = indices.reshape(-1)
         rows = dequantize(self.codes.index_select(0, flat), self.scale.index_select(0, flat),
                           self.zero.index_select(0, flat), self.bits, self.group_size, self.packing)
-        return rows.reshape(*indices.shape, self.embedding_dim)
+        return self.rows_in_dtype(rows).reshape(*indices.shape, self.embedding_dim)
 
     def config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
-                "group_size": self.group_size, "packing": self.packing}
+                "group_size": self.group_size, "packing": self.packing, **self.dtype_config()}
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
@@ -472,7 +512,9 @@ def _fbgemm_fp16(module: WeightOnlyLinear) -> Rows:
 
     def run(x: torch.Tensor) -> torch.Tensor:
         blocks = (x.unsqueeze(1) * select).reshape(-1, module.in_features)
-        partial = torch.ops.quantized.linear_dynamic_fp16(blocks, packed).reshape(x.shape[0], groups, -1)
+        # sizes spelled out: -1 is ambiguous for an empty batch
+        partial = torch.ops.quantized.linear_dynamic_fp16(blocks, packed).reshape(x.shape[0], groups,
+                                                                                  module.out_features)
         return _with_bias(module, (partial * scale_t).sum(dim=1))
     return run
 

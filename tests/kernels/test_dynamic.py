@@ -103,3 +103,18 @@ def test_the_float_kernel_dequantizes_on_the_fly_and_holds_no_float_weight():
     torch.testing.assert_close(run(x), F.linear(x, module.dequantize(), module.bias), rtol=1e-6, atol=1e-6)
     cells = [c.cell_contents for c in run.__closure__]
     assert not [c for c in cells if isinstance(c, torch.Tensor)]  # the module's int8 buffers only
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_converting_the_layer_keeps_its_float32_scales_and_bias(dtype):
+    """`model.double()` converted the scales and bias, which every kernel then refused with torch's own error."""
+    module, x = layer()
+    for name in [name for name in KERNELS if KERNELS[name].refusal(module) is None]:
+        module.kernel, module._run = name, None
+        expected = module(x)
+        module.to(dtype)
+        assert module.weight_scale.dtype == module.bias.dtype == torch.float32
+        out = module(x.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.02 if dtype == torch.float16 else 1e-6,
+                                   msg=name)

@@ -366,7 +366,8 @@ def test_without_a_compiler_c_relative_is_no_candidate_and_a_loaded_one_runs_on_
 @needs_c
 def test_c_relative_refuses_inputs_it_cannot_multiply_by_name():
     layer = SparseLayer.from_dense("linear", _pruned(8, 16), None, "c_relative")
-    with pytest.raises(PreconditionError, match="'c_relative' needs .* float32 CPU inputs, got torch.float64"):
+    with pytest.raises(PreconditionError, match="'c_relative' holds float32 weights and takes float32 inputs only, "
+                                                "got a float64 input"):
         layer(torch.randn(2, 16, dtype=torch.float64))
 
 
@@ -393,3 +394,43 @@ def test_c_relative_keeps_nan_and_inf_weights_as_values():
     assert not layer.shared  # a codebook would sort nan away from its code
     out = layer(torch.ones(1, 300))
     assert out[0, 0].isnan() and out[0, 1] == float("inf")
+
+
+@pytest.mark.parametrize("kernel", ["dense", "torch_csr", "scipy_csr", "scipy_csc", *C_KERNELS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_input_of_another_dtype_is_refused_by_name_whatever_the_kernel(kernel, dtype):
+    """The kernel is chosen by timing, so what an input of another dtype does must not depend on it: each
+    raised torch's or scipy's own error, or (scipy, float64) silently returned float64."""
+    layer = SparseLayer.from_dense("linear", _pruned(8, 16), torch.randn(8), kernel)
+    layer._where = "SparseLayer fc1"
+    with pytest.raises(PreconditionError, match=f"SparseLayer fc1: kernel '{kernel}' holds float32 weights .* got a "
+                                                f"{str(dtype).removeprefix('torch.')} input"):
+        layer(torch.randn(2, 16).to(dtype))
+
+
+@pytest.mark.parametrize("kernel", [*C_KERNELS])
+def test_converting_a_c_relative_layer_leaves_the_float32_its_kernel_reads(kernel):
+    """model.double() gave the C kernel float64 codebooks and biases to read as float32: outputs of 1e20."""
+    weight, bias = _pruned(8, 16), torch.randn(8)
+    for shared_weight in (weight, torch.round(weight * 2) / 2):  # values, and codes into a codebook
+        layer = SparseLayer.from_dense("linear", shared_weight, bias, kernel).double()
+        assert all(t.dtype != torch.float64 for t in layer.buffers()) and layer.dtype == "float32"
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(layer(x), F.linear(x, shared_weight, bias), rtol=1e-5, atol=1e-5)
+        with pytest.raises(PreconditionError, match="multiplies float32 only: to run in float64, remeasure"):
+            layer(x.double())
+
+
+def test_half_converts_the_dense_form_and_keeps_sparse_forms_torch_cannot_multiply_in_half():
+    weight, bias = _pruned(8, 16), torch.randn(8)
+    dense = SparseLayer.from_dense("linear", weight, bias, "dense").half()
+    assert dense.dtype == "float16" and dense.weight.dtype == torch.float16
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(dense(x.half()), F.linear(x.half(), weight.half(), bias.half()))
+    csr = SparseLayer.from_dense("linear", weight, bias, "torch_csr").half()  # torch has no float16 CSR product
+    assert csr.dtype == "float32" and csr.values.dtype == torch.float32 and csr.bias.dtype == torch.float32
+    with pytest.raises(PreconditionError, match="torch_csr' holds float32 .* got a float16 input"):
+        csr(x.half())
+    remeasure_layer(csr, x.half(), repeats=1)  # chooses again among the forms that multiply float16
+    assert csr.kernel == "dense" and csr.dtype == "float16"
+    torch.testing.assert_close(csr(x.half()), F.linear(x.half(), weight.half(), bias.half()))

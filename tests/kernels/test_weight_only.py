@@ -233,3 +233,32 @@ def test_without_a_compiler_the_c_kernel_is_refused_and_torch_kernels_remain(mon
 def test_a_file_naming_the_former_dequantize_kernel_loads_on_the_float_kernel():
     module = WeightOnlyLinear(256, 48, 4, 32, kernel="dequantize", times_ms={"float": 1.0, "dequantize": 2.0})
     assert module.kernel == "float" and module.kernel_choice.ms == 1.0 and module.packing == "pairs"
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (8, None, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_converting_the_layer_keeps_the_float32_scales_every_kernel_reads(bits, group_size, symmetric, dtype):
+    """`model.double()` / `.half()` converted the scales and bias, which the C kernel then read as float32
+    (outputs of 1e21, silently) and torch's kernels refused with their own errors. The layer takes inputs of
+    every float dtype and returns theirs, so nothing in it needs converting."""
+    module, fake, bias = layer(bits, group_size, symmetric)
+    x = torch.randn(5, 256)
+    for name in [name for name in KERNELS if KERNELS[name].refusal(module) is None]:
+        module.kernel, module._run = name, None
+        converted = module.to(dtype)
+        assert converted is module and all(t.dtype in (torch.uint8, torch.float32) for t in module.buffers())
+        out = module(x.to(dtype))
+        assert out.dtype == dtype
+        # computed in float32 from the input converted: the output rounded once to its dtype
+        exact = 1e-5 if dtype == torch.float64 else 1e-2
+        torch.testing.assert_close(out.float(), F.linear(x.to(dtype).float(), fake, bias), rtol=exact, atol=exact,
+                                   msg=name)
+
+
+def test_the_fp16_kernel_takes_an_empty_batch():
+    module, fake, bias = layer(4, 32, False)  # groups: the kernel splits the input block-diagonally
+    module.kernel, module._run = "fbgemm_fp16", None
+    if module.refusals(["fbgemm_fp16"]):
+        pytest.skip(module.refusals(["fbgemm_fp16"])["fbgemm_fp16"])
+    for empty in (torch.randn(0, 256), torch.randn(2, 0, 256)):
+        assert module(empty).shape == (*empty.shape[:-1], 48)  # was a bare reshape error

@@ -128,3 +128,15 @@ def test_remeasure_chooses_again_among_the_allowed_kernels():
     assert all(c["kernel"] == "float" and set(c["times_ms"]) == {"fp32", "float"} for c in chosen.values())
     first = gm.get_submodule("0.dynamic_int8")
     torch.testing.assert_close(first(x), torch.nn.functional.linear(x, first.dequantize(), first.bias))
+
+
+def test_a_model_converted_after_lowering_runs_in_its_new_dtype():
+    """`.double()` converted the float32 scales and bias every kernel reads: each raised torch's own error."""
+    x = torch.randn(16, 96)
+    gm = lower(mlp(), x)
+    expected = gm(x)
+    gm.double()
+    assert all(m.weight_scale.dtype == torch.float32 for m in gm.modules() if isinstance(m, DynamicInt8Linear))
+    out = gm(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), expected, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
 """LowerToEncoded: bit-identical outputs, stable names, exact bytes, decode() back to dense."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -227,3 +229,24 @@ def test_an_integer_weight_is_refused_naming_the_layer():
     layer = next(layer for layer in find_layers(gm) if layer.name == "fc1")
     with pytest.raises(PreconditionError, match="fc1"):
         LowerToEncoded()._encode_weight(gm, layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_lowered_model_converted_after_lowering_computes_as_the_converted_masked_model(tmp_path, dtype):
+    """`model.double()` / `.half()` converts float parameters; an encoded weight is bytes, which it left as they
+    were, so every layer raised torch's dtype mismatch where the masked model, converted, ran."""
+    from fxcompress.passes import InsertFakeQuant, InsertMasks
+    x = torch.randn(4, 3, 4, 4)
+    gm = fxcompress.compile(small_mlp(), [InsertMasks(sparsity=0.8, scope="global"),
+                                          InsertFakeQuant(bits=4, method="kmeans")], example_inputs=(x,))
+    lowered = fxcompress.compile(gm, [LowerToEncoded()], example_inputs=(x,))
+    before = {name: m().clone() for name, m in lowered.named_modules() if isinstance(m, EncodedWeight)}
+    lowered.to(dtype)
+    expected = copy.deepcopy(gm).to(dtype)(x.to(dtype))
+    assert torch.equal(lowered(x.to(dtype)), expected)  # the same weights, converted as the masked model's were
+    fxcompress.save(lowered, tmp_path / "model.fxc")  # the conversion is part of the file
+    assert torch.equal(fxcompress.load(tmp_path / "model.fxc")(x.to(dtype)), expected)
+    # and back: the bytes never changed, so the encoded tensors' own float32 values come back exactly
+    lowered.float()
+    assert all(m.dtype is None and torch.equal(m(), before[name]) for name, m in lowered.named_modules()
+               if isinstance(m, EncodedWeight))

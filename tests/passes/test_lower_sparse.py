@@ -207,3 +207,25 @@ def test_an_unbatched_image_runs_every_sparse_form(kernel):
         got, expected = lowered(image), masked(image)
     assert layer.kernel == kernel and got.shape == expected.shape == (8, 5, 6)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_model_converted_after_lowering_refuses_by_name_then_remeasures_for_its_dtype(masked_lenet300,
+                                                                                      lowered_lenet300, dtype):
+    """After `.double()` a c_relative layer handed float64 memory to a kernel reading float32 (outputs of 1e20,
+    silently), and the CSR / scipy forms raised torch's or scipy's own errors on other dtypes."""
+    x, masked = masked_lenet300
+    lowered = copy.deepcopy(lowered_lenet300)  # its layers change form below
+    kernels = (*C_KERNELS, "torch_csr", "scipy_csr")
+    for layer, kernel in zip(_sparse_layers(lowered).values(), kernels):
+        layer.adopt(SparseLayer.from_dense(layer.kind, layer.dense_weight(), layer.bias, kernel))
+    lowered.to(dtype)
+    first = kernels[0]
+    with pytest.raises(fxcompress.errors.PreconditionError, match=f"SparseLayer fc1: kernel '{first}' holds float32 "
+                                                                  f"weights .* got a {str(dtype)[6:]} input"):
+        lowered(x.to(dtype))
+    remeasure(lowered, (x.to(dtype),), repeats=1)  # each layer chooses among the forms that multiply the dtype
+    assert all(layer.dtype == str(dtype)[6:] for layer in _sparse_layers(lowered).values())
+    expected = copy.deepcopy(masked).to(dtype)(x.to(dtype))
+    tolerance = 1e-5 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(lowered(x.to(dtype)), expected, rtol=tolerance, atol=tolerance)

@@ -174,3 +174,30 @@ def test_pruned_rows_and_a_pruned_layer_give_exactly_their_bias(kernel, pruned):
         got, expected = gm(x), fq(x)
     assert torch.equal(got[:, pruned], model[0].bias[pruned].expand(4, -1))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_model_converted_after_lowering_computes_as_the_fake_quant_model(dtype):
+    """`.double()` converted the scales the C kernel reads as float32 (outputs of 1e21, silently) and made
+    torch's kernels raise their own errors; the lowered layers keep their float32 scales and take any float input."""
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    for module in gm.modules():
+        if isinstance(module, WeightOnlyLinear):
+            module.kernel, module._run = "c_gemv" if not module.refusals(["c_gemv"]) else module.kernel, None
+    gm.to(dtype)
+    # computed in float32 (the codes' own grid, not one recomputed from converted weights), rounded to the
+    # dtype after each layer
+    expected = fq(x.to(dtype).float())
+    tolerance = 1e-5 if dtype == torch.float64 else 1e-2
+    out = gm(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_a_kernel_that_cannot_run_names_the_layer():
+    fq, x = quantized([InsertFakeQuant(method="linear", bits=4, group_size=32)])
+    gm = lowered(fq, x)
+    gm.fc.weight_only.kernel, gm.fc.weight_only._run = "int8pack", None  # grouped codes: int8pack refuses them
+    with pytest.raises(PreconditionError, match="WeightOnlyLinear fc.weight_only: kernel 'int8pack' cannot run here"):
+        gm(x)

@@ -205,3 +205,16 @@ def test_select_may_name_the_tied_head_alone_and_a_weight_shared_by_two_linear_l
                             example_inputs=(x,))
     with pytest.raises(PreconditionError, match=r"tied to another layer's \(fc2_1?, linear\), not only to token"):
         fxcompress.compile(fq, [LowerWeightOnly(repeats=1)], example_inputs=(x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_converting_the_model_keeps_the_tie_and_the_float32_codes_scales(fake_quantized, dtype):
+    """The head and its embedding share their scales: `.double()` must leave one float32 tensor, read by both."""
+    gm, x = _lowered(fake_quantized), _tokens()
+    expected = gm(x)
+    gm.to(dtype)
+    head, embedding = _pair(gm)
+    assert embedding.head is head and all(embedding._buffers[n] is head._buffers[n] for n in ("codes", "scale", "zero"))
+    assert head.scale.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float64 else 5e-2
+    torch.testing.assert_close(gm(x).float(), expected, rtol=tolerance, atol=tolerance)
