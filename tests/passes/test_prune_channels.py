@@ -183,8 +183,8 @@ class HFSelfAttention(nn.Module):
         return self.dense(context)
 
 
-class UnknownOpNet(nn.Module):
-    """An op the analysis does not know (torch.cumsum) between two convs: that group must freeze."""
+class ChannelCumsumNet(nn.Module):
+    """A cumulative sum along the channels between two convs (its output positions mix channels): that group must freeze."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,7 +205,7 @@ EXTRA = {
     "attention": (AttentionNet, lambda: (torch.randn(2, 6, 10),)),
     "hand_attention": (HandAttention, lambda: (torch.randn(2, 6, 32),)),
     "hand_sdpa": (lambda: HandAttention(sdpa=True), lambda: (torch.randn(2, 6, 32),)),
-    "unknown_op": (UnknownOpNet, lambda: (torch.randn(2, 3, 8, 8),)),
+    "channel_cumsum": (ChannelCumsumNet, lambda: (torch.randn(2, 3, 8, 8),)),
     "unet": (UNet, lambda: (torch.randn(2, 3, 10, 10),)),
     "hf_attention": (HFSelfAttention, lambda: (torch.randn(2, 6, 32),)),
 }
@@ -298,7 +298,7 @@ def test_attention_heads_and_split_sizes_are_rewritten():
 
 
 def test_frozen_groups_are_reported_with_the_reason():
-    gm, inputs = _traced("unknown_op")
+    gm, inputs = _traced("channel_cumsum")
     pruned = fxcompress.compile(gm, [PruneChannels(amount=0.5)], example_inputs=inputs)
     frozen = fxcompress.history(pruned)[-1].stats["frozen"]
     assert "cumsum" in frozen["a"] and "output" in frozen["c"]
