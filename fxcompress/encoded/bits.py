@@ -50,9 +50,16 @@ def read_fixed(data: np.ndarray, width: int, count: int, start_bit: int = 0) -> 
 
 
 def pack(codes: np.ndarray, width: int) -> np.ndarray:
-    """Fixed-width packing: every code on `width` bits (0 bits when there is a single symbol)."""
+    """Fixed-width packing: every code on `width` bits (0 bits when there is a single symbol). Widths past
+    MAX_CODE_BITS (a single-symbol rANS stream over more than 256 symbols has the frequency 2^16: 17 bits)
+    are written as each code's high bits then its low 16, which is the same bit string MSB first; write_codes
+    alone wrote 16 of the 17 bits, and the stream then failed to decode."""
     if width == 0:
         return np.zeros(0, np.uint8)
+    if width > MAX_CODE_BITS:
+        codes = np.asarray(codes, dtype=np.int64)
+        halves = np.stack([codes >> MAX_CODE_BITS, codes & ((1 << MAX_CODE_BITS) - 1)], axis=1).reshape(-1)
+        return write_codes(halves, np.tile([width - MAX_CODE_BITS, MAX_CODE_BITS], codes.size))
     return write_codes(codes, width)
 
 

@@ -378,7 +378,8 @@ def _pattern_blocks(flat: np.ndarray) -> list[tuple[int, int]]:
 
 def pattern_applies(weight: torch.Tensor) -> bool:
     """Whether the pattern layout can code this tensor: blocks of 4 or 8 elements, each at most half nonzero."""
-    return bool(_pattern_blocks(weight.detach().reshape(-1).cpu().numpy()))
+    # zero or not is all it reads: a bool array, which numpy has for every dtype (it has no bfloat16)
+    return bool(_pattern_blocks((weight.detach() != 0).reshape(-1).cpu().numpy()))
 
 
 def _smallest(candidates: list, plans: dict) -> EncodedTensor:

@@ -132,3 +132,24 @@ def _heap_depths(weights):
 def test_two_queue_huffman_tree_is_the_heap_tree(weights):
     """The same leaf depths as the heap merge, ties included (small weights make many ties)."""
     assert huffman._tree_depths(np.array(weights)).tolist() == _heap_depths(weights)
+
+
+@pytest.mark.parametrize("alphabet", [257, 512, 1 << 16])
+@pytest.mark.parametrize("count", [1, 1000])
+def test_a_single_symbol_rans_stream_over_a_large_alphabet_round_trips(alphabet, count):
+    """Over more than 256 symbols rANS frequencies sum to 2^16, so a lone symbol's is 2^16: 17 bits, of which
+    `pack` wrote 16. Reached by LowerToEncoded(coding="rans", index_bits=9..16) on a layer whose relative
+    indices are all equal (one kept input, a single nonzero): the model then failed with an IndexError."""
+    symbols = np.full(count, alphabet - 1)
+    stream = encode_symbols(symbols, alphabet, "rans")
+    assert stream.meta["freq_width"] == 17
+    assert np.array_equal(decode_symbols(stream), symbols)
+
+
+def test_packing_past_sixteen_bits_is_the_same_bit_string():
+    codes = np.random.default_rng(0).integers(0, 1 << 17, 301)
+    data = pack(codes, 17)
+    assert data.size == (301 * 17 + 7) // 8
+    assert np.array_equal(read_fixed(data, 17, 301), codes)
+    bits = "".join(format(int(c), "017b") for c in codes)
+    assert np.array_equal(data, np.packbits(np.array([int(b) for b in bits], np.uint8)))

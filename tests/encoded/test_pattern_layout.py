@@ -118,3 +118,16 @@ def test_half_scales_survive_save_and_load_and_a_bad_one_in_a_file_is_refused(tm
         GridWeight(4, group_size=64, axis=0, scale_dtype="bfloat16")
     with pytest.raises(fxcompress.errors.ConfigError, match="scale_dtype='float16' needs method='linear'"):
         GridWeight(4, method="fixed_point", scale_dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_layer_lowers_to_the_pattern_layout(dtype):
+    """pattern_applies handed a bfloat16 tensor to numpy, which has no bfloat16: a bare TypeError."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, dtype=dtype)
+    gm = fxcompress.compile(nn.Sequential(nn.Linear(64, 8)).eval().to(dtype),
+                            [InsertMasks(sparsity=0.5, scope="global")], example_inputs=(x,))
+    gm.get_buffer("0.weight_mask").copy_(torch.tensor([1, 0, 1, 0] * 16, dtype=dtype).expand(8, 64))  # 2:4
+    lowered = fxcompress.compile(gm, [LowerToEncoded(layout="pattern")], example_inputs=(x,))
+    assert fxcompress.history(lowered)[-1].stats["0"]["layout"] == "pattern"
+    assert torch.equal(lowered(x), gm(x))
