@@ -61,7 +61,8 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.silu.default: F.silu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
     aten.hardtanh.default: F.hardtanh, aten.hardswish.default: F.hardswish,
     aten.hardsigmoid.default: F.hardsigmoid, aten.leaky_relu.default: F.leaky_relu,
-    aten.elu.default: F.elu, aten.mish.default: F.mish, aten.softplus.default: F.softplus,
+    aten.elu.default: F.elu, aten.selu.default: F.selu, aten.mish.default: F.mish,
+    aten.softplus.default: F.softplus,
     aten.dropout.default: F.dropout, aten.exp.default: torch.exp, aten.sqrt.default: torch.sqrt,
     aten.rsqrt.default: torch.rsqrt, aten.neg.default: operator.neg, aten.abs.default: torch.abs,
     aten.clone.default: torch.clone, aten.detach.default: torch.detach,
@@ -131,6 +132,21 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.tensor_split.indices: torch.tensor_split, aten.eye.default: torch.eye,  # Qwen3-Next's gated delta rule
     aten.new_empty.default: "new_empty", aten.copy_.default: "copy_",  # DeepSeek-V3's values written into a
     # wider empty tensor, the heads of its queries and keys padded alike
+    # shape, scan and reduction ops the channel tables follow: each aten overload takes the torch function's
+    # positional arguments in its order, and its keywords by the function's names
+    aten.movedim.int: torch.movedim, aten.movedim.intlist: torch.movedim,
+    aten.moveaxis.int: torch.moveaxis, aten.moveaxis.intlist: torch.moveaxis,
+    aten.tile.default: torch.tile,  # (x, dims): export writes the dims as given, torch.tile pads them with ones
+    aten.tensor_split.sections: torch.tensor_split,  # (x, sections, dim): the int form (.indices is above)
+    aten.tensor_split.tensor_indices_or_sections: torch.tensor_split,  # (x, tensor, dim): sections or indices
+    # (x, ord, dim, keepdim, *, dtype): torch.norm, x.norm and F.normalize's norm are exported as this op
+    aten.linalg_vector_norm.default: torch.linalg.vector_norm,
+    # std / var by what export writes: .dim is (x, dim, unbiased, keepdim), .default (x, unbiased), and
+    # .correction (x, dim, *, correction, keepdim): correction and keepdim stay keywords, as torch.std takes them
+    aten.std.dim: torch.std, aten.std.default: torch.std, aten.std.correction: torch.std,
+    aten.var.dim: torch.var, aten.var.default: torch.var, aten.var.correction: torch.var,
+    aten.logsumexp.default: torch.logsumexp,  # (x, dim, keepdim)
+    aten.pixel_shuffle.default: F.pixel_shuffle, aten.pixel_unshuffle.default: F.pixel_unshuffle,
 }.items()} | {
     aten.view.default: Spelling("view", spread=1), aten.reshape.default: Spelling("reshape", spread=1),
     aten.permute.default: Spelling("permute", spread=1), aten.expand.default: Spelling("expand", spread=1),
@@ -277,6 +293,7 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict] | None
     aten.hardswish_.default: _in_place(F.hardswish), aten.hardsigmoid_.default: _in_place(F.hardsigmoid),
     aten.silu_.default: _in_place(F.silu), aten.hardtanh_.default: _in_place(F.hardtanh),
     aten.leaky_relu_.default: _in_place(F.leaky_relu), aten.dropout_.default: _in_place(F.dropout),
+    aten.selu_.default: _in_place(F.selu),
     aten.feature_dropout.default: _feature_dropout(inplace=False),
     aten.feature_dropout_.default: _feature_dropout(inplace=True),
     # the alpha dropouts (not in SPELLINGS: the file format names neither function; their calls become modules)
@@ -405,11 +422,11 @@ _REGIONS: dict[Any, Callable[[tuple], tuple[bool, Any, tuple, bool]]] = {
 
 @dataclass
 class _Copy:
-    """The graph being written, the module its get_attr paths start from, the unknown ops met."""
+    """The graph being written, the module its get_attr paths start from, the nodes of unknown ops written."""
 
     graph: Graph
     root: GraphModule
-    unknown: list[str]
+    unknown: list[Node]
 
 
 def _inline(copy: _Copy, target: Any, args: tuple) -> tuple | None:
@@ -447,10 +464,10 @@ def _copy_node(copy: _Copy, node: Node, args: tuple, kwargs: dict, prefix: str) 
         args = tuple(copy.graph.get_attr(a.path) if isinstance(a, _Subgraph) else a for a in args)
         if isinstance(target, torch._ops.OpOverload):
             op, target, args, kwargs = _respell(node, args, kwargs)
-        if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
-            copy.unknown.append(f"{target} at {where(node)}")
     new = copy.graph.create_node(op, target, args, kwargs, name=_node_name(node, op, prefix))
     new.meta.update({k: node.meta[k] for k in _KEPT_META if k in node.meta})
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+        copy.unknown.append(new)
     return new
 
 
@@ -466,8 +483,8 @@ def _copy_nodes(copy: _Copy, nodes: list[Node], env: dict, prefix: str) -> Any:
     raise ConfigError("compile: an exported graph has no output node")
 
 
-def _translate(gm: GraphModule) -> tuple[Graph, list[str]]:
-    """A plain-codegen copy of `gm`'s graph with aten calls respelled; the unknown ops, described."""
+def _translate(gm: GraphModule) -> tuple[Graph, list[Node]]:
+    """A plain-codegen copy of `gm`'s graph with aten calls respelled; the nodes of the unknown ops in it."""
     copy = _Copy(Graph(), gm, [])
     # placeholders first, as in fx traces (export puts the parameters' get_attr before them)
     outputs = _copy_nodes(copy, sorted(gm.graph.nodes, key=lambda n: n.op != "placeholder"), {}, "")
@@ -734,12 +751,16 @@ def from_exported(program: torch.export.ExportedProgram | GraphModule,
     _full_slices_dropped(graph)
     linears_written_as_matmul(graph, gm)
     insert_input_checks(graph, traced_shapes(program, traced_at_one))
-    if unknown:
-        warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
-                      "or refuse them): " + "; ".join(unknown), stacklevel=3)
     out = GraphModule(gm, graph, type(gm).__name__)
     experts_as_linears(out)
     drop_unread(out)
+    # only the unknown ops still in the graph: export's own runtime assertions (dropped) read sizes and storage
+    # offsets through ops of their own (aten.sym_storage_offset after a tensor_split by a tensor), then unread
+    remaining = set(out.graph.nodes)
+    unknown = [f"{n.target} at {where(n)}" for n in unknown if n in remaining]
+    if unknown:
+        warnings.warn("fxcompress: aten ops with no torch-level spelling stay as they are (passes freeze "
+                      "or refuse them): " + "; ".join(unknown), stacklevel=3)
     momenta = None if source is None else {
         path: m.momentum for path, m in source.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     batch_norms = _batch_norms_as_modules(out, gm, momenta)

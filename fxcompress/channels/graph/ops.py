@@ -86,7 +86,8 @@ _NORM = partial(reduce, at=2)
 _UNARY_FUNCTIONS = (
     F.relu, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.mish, F.softplus, F.softsign, F.tanh, F.sigmoid, F.logsigmoid, F.dropout, F.dropout1d,
-    F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,  # the feature ones drop whole channels,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs,  # each on its own: pruning one changes no other
     torch.neg, torch.sqrt, torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.erf, torch.log,
     F.relu_, torch.sin, torch.cos,
     operator.neg, operator.pos, torch.clone, torch.detach,
@@ -155,7 +156,7 @@ METHOD_RULES.update({
 _SAME_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.LogSigmoid,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
 )
 
 MODULE_RULES: dict[type, Rule] = {cls: same for cls in _SAME_MODULES} | _LAYER_MODULES
