@@ -84,7 +84,8 @@ def to_onnx(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple, *,
                 raise ConfigError(f"to_onnx: {exc}; {_nodes_calling(module, exc)}") from exc
             except torch.onnx.errors.OnnxExporterError as exc:
                 raise ConfigError(f"to_onnx: the ONNX exporter failed: {first_line(exc)}") from exc
-        run_in_onnx_runtime(partial, inputs, outputs_named, checks, compare_values=not quantized)
+        run_in_onnx_runtime(partial, inputs, outputs_named, checks, compare_values=not quantized,
+                            qdq=module if quantized else None)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -273,6 +274,12 @@ def to_onnx_int8(gm: GraphModule, path: str | os.PathLike, example_inputs: tuple
     or flatten quantizes where it writes (the clamps become the range of its codes, exactly: rounding is
     monotone), and a grid narrower than its integer type clips its codes after QuantizeLinear, so each
     such layer runs on ORT's int8 kernel.
+
+    The file is kept only where ONNX Runtime's outputs on the example inputs are those of the QDQ module it was
+    exported from within one step of the module's last activation grids carried to the outputs, plus a float
+    tolerance (`int8_check`); a file that computes otherwise is a ConfigError and is not left. On x86 CPUs
+    without VNNI, whose uint8 x int8 kernels saturate with 8-bit weights and 8-bit activations, the error says
+    to quantize activations to 7 bits.
     """
     to_onnx(gm, path, example_inputs, quantized=True, **options)
 

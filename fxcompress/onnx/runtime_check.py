@@ -1,11 +1,13 @@
 """The check an ONNX file passes before it is kept: ONNX Runtime loads it and runs it on inputs whose outputs the
-graph gave, with the graph's output shapes and (float files) values."""
+graph gave, with the graph's output shapes and values (float files within a float tolerance; int8 QDQ files within
+one step of their last activation grids, `int8_check`)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .int8_check import out_of_bounds, saturation_hint
 
 
 # how far ONNX Runtime's float outputs may be from the graph's, relative to the outputs' size (at least 1): float32
@@ -14,12 +16,15 @@ RUNTIME_TOLERANCE = 1e-3
 
 
 def run_in_onnx_runtime(path: str, input_names: list[str], output_names: list[str],
-                        checks: list[tuple[tuple, list[torch.Tensor]]], compare_values: bool) -> None:
+                        checks: list[tuple[tuple, list[torch.Tensor]]], compare_values: bool,
+                        qdq: torch.nn.Module | None = None) -> None:
     """Run the written file in ONNX Runtime on each (inputs, the graph's outputs) of `checks`: it must load, run,
-    give outputs of the graph's shapes and, with `compare_values` (the float export; an int8 QDQ model runs other
-    kernels than the fake-quant graph), the graph's values within RUNTIME_TOLERANCE. The exporter translates op
-    by op and some translations are wrong for some graphs (ONNX Runtime then fails far from the cause, at every
-    batch): such a file is refused here, not left for the user to find. Without onnxruntime, not run."""
+    give outputs of the graph's shapes and, with `compare_values` (the float export), the graph's values within
+    RUNTIME_TOLERANCE, or, given the QDQ module `qdq` whose outputs `checks` hold (the int8 export: ORT runs
+    other kernels on the same codes), its values within one step of its last activation grids
+    (`int8_check.out_of_bounds`). The exporter translates op by op and some translations are wrong for some
+    graphs (ONNX Runtime then fails far from the cause, at every batch): such a file is refused here, not left
+    for the user to find. Without onnxruntime, not run."""
     try:
         import onnxruntime
     except ImportError:
@@ -48,6 +53,13 @@ def run_in_onnx_runtime(path: str, input_names: list[str], output_names: list[st
             if not _same(value, reference):
                 raise ConfigError(f"to_onnx: output {name!r} of the exported model on {shapes} differs from the "
                                   "graph's in ONNX Runtime (the exporter wrote an op otherwise than torch computes it)")
+        if qdq is not None:
+            found = out_of_bounds(qdq, batch_inputs, got, expected)
+            if found is not None:
+                index, where = found
+                raise ConfigError(f"to_onnx: output {output_names[index]!r} of the int8 exported model on {shapes} "
+                                  f"differs from the QDQ graph's in ONNX Runtime {where} (the file computes "
+                                  f"otherwise than the graph){saturation_hint(qdq)}")
 
 
 def _same(value: np.ndarray, reference: torch.Tensor) -> bool:

@@ -8,6 +8,8 @@ move by one) and every output stays within one 8-bit step of the logits' range o
 (the bias is rounded to the accumulator's scale, as LowerToInteger rounds it).
 ONNX Runtime multiplies uint8 by int8 with vpmaddubsw on x86 CPUs without VNNI, which saturates in
 int16 at 8 / 8 bits (its documentation says so): there the int8 tests quantize weights to 7 bits.
+to_onnx_int8 itself refuses a file beyond one step of the QDQ module's last activation grids carried to the
+outputs (`int8_check`); the tests here hold the outputs to tighter, statistical bounds on more inputs.
 About 4 s on one core (two small models trained for 3 epochs on digits), and about 1 s for each clamp
 test (a MobileNet-style block and clamp chains at three activation grids: random weights calibrated on
 digits, since they check the export's arithmetic, not a trained model's accuracy). onnx and onnxruntime are
@@ -26,7 +28,7 @@ from torch import nn
 import fxcompress
 from fxcompress.onnx import export
 from fxcompress.onnx import respellings
-from fxcompress.onnx.qdq import quantize_dequantize
+from fxcompress.onnx.qdq import QuantizeDequantize, quantize_dequantize
 from fxcompress.errors import ConfigError, MissingDependencyError, PreconditionError
 from fxcompress.passes import ActivationConfig, FoldBatchNorm, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
 from fxcompress.kernels import native
@@ -833,3 +835,112 @@ def test_convolutions_with_torch_default_arguments_keep_them_when_respelled(tmp_
     other = torch.randn(5, 3, 8, 8)
     (got,) = _session(tmp_path / "m.onnx").run(None, {"x": other.numpy()})
     np.testing.assert_allclose(got, gm(other).detach().numpy(), rtol=0, atol=FLOAT_ATOL)
+
+
+def _corrupting_export(corrupt):
+    """torch.onnx.export, then `corrupt` applied to the written model: a file that computes otherwise than the
+    graph it was exported from, as a wrong translation of the exporter would write it."""
+    import onnx as onnx_module
+    real = torch.onnx.export
+
+    def export_then_corrupt(module, args, f, **options):
+        real(module, args, f, **options)
+        model = onnx_module.load(f)
+        corrupt(model)
+        onnx_module.save(model, f)
+    return export_then_corrupt
+
+
+def _weight_initializers(model):
+    """(codes, scale) initializers of each int8 weight's DequantizeLinear, in the graph's order."""
+    import onnx as onnx_module
+    initializers = {i.name: i for i in model.graph.initializer}
+    return [(initializers[n.input[0]], initializers[n.input[1]]) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+            and initializers[n.input[0]].data_type == onnx_module.TensorProto.INT8]
+
+
+def _negate_first_weight(model):
+    from onnx import numpy_helper
+    codes, _ = _weight_initializers(model)[0]
+    negated = np.clip(-numpy_helper.to_array(codes).astype(np.int16), -128, 127).astype(np.int8)
+    codes.CopyFrom(numpy_helper.from_array(negated, codes.name))
+
+
+def _scale_last_weight(model):
+    from onnx import numpy_helper
+    _, scale = _weight_initializers(model)[-1]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.5), scale.name))
+
+
+@pytest.mark.parametrize("corrupt", [_negate_first_weight, _scale_last_weight])
+def test_an_int8_file_that_computes_otherwise_than_the_qdq_graph_is_refused_and_not_left(fake_quant, digits, tmp_path,
+                                                                                        monkeypatch, corrupt):
+    """The int8 file was checked for its output shapes only: a first conv's weight codes of the other sign, or a last
+    layer's weight scale 1.5 times too large, were saved silently. ORT's values are held within one step of the last
+    activation grids of our QDQ module (`int8_check`), which the right file keeps (it is written after)."""
+    monkeypatch.setattr(native, "vnni", lambda: True)  # no saturation hint: that is the next test's
+    fq, x = fake_quant("lenet5"), digits.test_x[:2]
+    monkeypatch.setattr(torch.onnx, "export", _corrupting_export(corrupt))
+    with pytest.raises(ConfigError, match=r"output 'output' of the int8 exported model on x \(2, 1, 8, 8\) differs "
+                                          r"from the QDQ graph's in ONNX Runtime at \(\d+, \d+\) by [\d.e+-]+, beyond "
+                                          r"one step of its last activation grids") as refused:
+        export.to_onnx_int8(fq, tmp_path / "q.onnx", (x,))
+    assert "VNNI" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the partial one beside it
+    monkeypatch.undo()
+    export.to_onnx_int8(fq, tmp_path / "q.onnx", (x,))
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"]
+
+
+@pytest.mark.parametrize("activation_bits, hint", [(8, True), (7, False)])
+def test_an_int8_file_refused_on_a_cpu_without_vnni_says_to_quantize_activations_to_seven_bits(
+        fake_quant, digits, tmp_path, monkeypatch, activation_bits, hint):
+    """Without VNNI, ORT's uint8 x int8 kernels add pairs of products in int16 and saturate with 8-bit weights and
+    8-bit activations: the value check refuses such a file, and its message says what to do. This CPU's kernels
+    do not saturate (or, without VNNI, the file would be refused for real): a wrong file stands for the saturated
+    one, with the CPU's VNNI detection answering no. With 7-bit activations no pair can pass int16: no hint."""
+    monkeypatch.setattr(native, "vnni", lambda: False)
+    fq, x = fake_quant("lenet5", weight_bits=8, activation_bits=activation_bits), digits.test_x[:2]
+    monkeypatch.setattr(torch.onnx, "export", _corrupting_export(_scale_last_weight))
+    with pytest.raises(ConfigError, match="differs from the QDQ graph's") as refused:
+        export.to_onnx_int8(fq, tmp_path / "q.onnx", (x,))
+    message = str(refused.value)
+    assert ("this CPU has no VNNI" in message and "quantize activations to 7 bits" in message
+            and "ActivationConfig(bits=7)" in message) is hint
+    assert list(tmp_path.iterdir()) == []
+
+
+class _GridThenLinear(nn.Module):
+    """A layer reading a grid's codes, its output quantized by another grid or left float."""
+
+    def __init__(self, quantized_output: bool) -> None:
+        super().__init__()
+        self.input_grid = QuantizeDequantize(0.1, 0, 0, 255, False)
+        self.fc = nn.Linear(4, 3)
+        self.output_grid = QuantizeDequantize(0.25, 128, 0, 255, False) if quantized_output else nn.Identity()
+
+    def forward(self, x):
+        return self.output_grid(self.fc(self.input_grid(x)))
+
+
+@pytest.mark.parametrize("quantized_output", [True, False])
+def test_the_int8_bound_is_one_step_of_the_last_grids_carried_to_the_output(quantized_output):
+    """A quantized output may move by one step of its grid (a code at a rounding tie), a float one by one step of
+    each input code carried through the layer (0.1 times the L1 norm of its weight row), each plus the float
+    tolerance (1e-3 of the outputs' size, at least 1); twice that is refused, naming the element."""
+    from fxcompress.onnx.int8_check import out_of_bounds
+    torch.manual_seed(0)
+    module, x = _GridThenLinear(quantized_output).eval(), torch.rand(2, 4) * 3
+    with torch.no_grad():
+        expected = module(x)
+    step = torch.full((3,), 0.25) if quantized_output else 0.1 * module.fc.weight.detach().abs().sum(1)
+    tolerance = 1e-3 * max(1.0, expected.abs().max().item())
+    for factor, refused in ((0.99, False), (2.0, True)):
+        got = expected.clone()
+        got[1] += factor * step + tolerance * (1 if refused else 0)
+        found = out_of_bounds(module, (x,), [got.numpy()], [expected])
+        assert (found is not None) is refused
+        if refused:
+            assert found[0] == 0 and found[1].startswith("at (1, ")
+    assert out_of_bounds(module, (x,), [expected.numpy()], [expected]) is None
