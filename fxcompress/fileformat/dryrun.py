@@ -38,8 +38,10 @@ recorded inputs (version 1), and files of graphs that carried no input shapes wh
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import operator
 import re
 from typing import Any, Callable
 
@@ -61,7 +63,7 @@ from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.rewire import writes_in_place
 
 from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES, fxcompress_modules
-from .metaops import MODULES as TABLED_MODULES, rule_for
+from .metaops import MODULES as TABLED_MODULES, Refused, rule_for
 
 MAX_INPUT_DIMS = 32
 MAX_INPUT_ELEMENTS = 1 << 48  # per recorded input: meta tensors cost nothing, but sizes must stay exact integers
@@ -218,12 +220,21 @@ def _weight_like(module: nn.Module, state: dict, weight: torch.Tensor) -> torch.
 
 
 def _activation(module: ActivationQuant, state: dict, x: torch.Tensor) -> torch.Tensor:
+    """x's shape and dtype. Its forward first makes its grid from the range its observer holds and the bits and
+    symmetry the file gives, on any input: that runs here as it will there (on the CPU, a few scalars), so a
+    grid it cannot make (bits=-8) fails the load, not the first call."""
+    if module.enabled:
+        with torch.device("cpu"):
+            module.grid()
     return torch.empty_like(x)
 
 
 def _linear_or_conv(kind: str, x: torch.Tensor, weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if kind == "linear":
         return F.linear(x, weight)
+    # our kernels (oneDNN's, the sparse im2col) take exactly two of each
+    check_conv(2, weight, None, {"stride": module.stride, "padding": module.padding, "dilation": module.dilation},
+               lengths=(2,))
     return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, getattr(module, "groups", 1))
 
 
@@ -235,6 +246,10 @@ def _native_layer(module: NativeLayer, state: dict, x: torch.Tensor, residual: t
     expected = torch.uint8 if module.input == "uint8" else torch.float32
     if module.kernel != "float" and x.dtype != expected:
         raise TypeError(f"NativeLayer kernel {module.kernel!r} reads {expected} codes, got {x.dtype}")
+    # the float kernel multiplies float32 weights: by codes it converts (uint8, or those it quantizes a float32
+    # input to) or by float32 values, nothing else (a float16 input met F.conv2d's dtype check at the first call)
+    if module.kernel == "float" and module.input != "float32" and x.dtype not in (torch.uint8, torch.float32):
+        raise TypeError(f"NativeLayer kernel 'float' reads uint8 codes or float32 values, got {x.dtype}")
     if (residual is None) != (module.accumulate is None):
         raise TypeError(f"NativeLayer {'with' if module.accumulate else 'without'} accumulate called "
                         f"{'without' if residual is None else 'with'} a residual")
@@ -247,8 +262,21 @@ def _native_layer(module: NativeLayer, state: dict, x: torch.Tensor, residual: t
 
 
 def _sparse_layer(module: SparseLayer, state: dict, x: torch.Tensor) -> torch.Tensor:
+    """Every kernel multiplies the input by a weight of the layer's dtype and takes no other input dtype (F.linear
+    and F.conv2d refuse a mix, torch's sparse products too, our C kernel reads float32 only), which meta kernels
+    do not check."""
     weight = torch.empty(module.weight_shape, dtype=getattr(torch, module.dtype), device="meta")
-    return _linear_or_conv(module.kind, x if module.kernel == "dense" else x.to(weight.dtype), weight, module)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"SparseLayer kernel {module.kernel!r} reads {weight.dtype} inputs, got {x.dtype}")
+    return _linear_or_conv(module.kind, x, weight, module)
+
+
+def _integer_layer(module: IntegerLayer, state: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Its own forward (torch ops), after `check_conv` on the stride, padding and dilation it was built with."""
+    if module.kind != "linear":
+        check_conv(module.weight.dim() - 2, module.weight, None,
+                   {"stride": module.stride, "padding": module.padding, "dilation": module.dilation})
+    return _own_forward(module, state, *args, **kwargs)
 
 
 def _measured_linear(module: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +288,7 @@ def _measured_linear(module: nn.Module, state: dict, x: torch.Tensor) -> torch.T
 MODULE_RULES: dict[type, Callable] = {
     EncodedWeight: _encoded,
     KMeansWeight: _weight_like, GridWeight: _weight_like, ActivationQuant: _activation,
-    QuantizeInput: _own_forward, IntegerLayer: _own_forward, IntegerAdd: _own_forward, IntegerCat: _own_forward,
+    QuantizeInput: _own_forward, IntegerLayer: _integer_layer, IntegerAdd: _own_forward, IntegerCat: _own_forward,
     QuantizeToCodes: _own_forward, NativeAdd: _own_forward, NativeCat: _own_forward,
     NativeLayer: _native_layer, SparseLayer: _sparse_layer,
     WeightOnlyLinear: _measured_linear, DynamicInt8Linear: _measured_linear,
@@ -413,6 +441,124 @@ def _what(gm: GraphModule, node: Node) -> str:
     return f"{node.op} {node.target}"
 
 
+# ---- what meta kernels do not check -------------------------------------------------------------------
+# The meta kernels of linear, the matrix products and the convolutions compute a shape from any mix of
+# dtypes (a bool input times a float weight), and relu takes a bool tensor (gelu an int one), where the CPU
+# kernels refuse them at the first forward. Such calls are probed on CPU tensors of one element per channel
+# group and the same dtypes, which tests the kernels' dtype dispatch only (the meta run checked the shapes);
+# operands all of float32 or all of float64, which every one of these CPU kernels takes, need no probe. The
+# meta convolutions do not check a bias's size, or a stride's or padding's length and sign (`check_conv`).
+# Found by fuzzing saved files (tests/fileformat/fuzz_harness.py): each loaded, then failed at its forward.
+_PLAIN_DTYPES = frozenset({torch.float32, torch.float64})
+_CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
+                 F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3, torch.conv_transpose1d: 1,
+                 torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
+_CONV_MODULES = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d, nn.ConvTranspose1d: F.conv_transpose1d,
+                 nn.ConvTranspose2d: F.conv_transpose2d, nn.ConvTranspose3d: F.conv_transpose3d}
+_ACTIVATIONS = {F.relu, torch.relu, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.gelu, F.silu, F.hardswish,
+                F.hardsigmoid, F.elu, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh, "relu", "relu_", "sigmoid", "tanh"}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+                       nn.ELU, nn.Sigmoid, nn.Tanh)
+
+
+def _cpu(tensor: Any, shape: tuple) -> Any:
+    return torch.zeros(shape, dtype=tensor.dtype, device="cpu") if isinstance(tensor, torch.Tensor) else tensor
+
+
+def _named(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list:
+    return [args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)]
+
+
+_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TRANSPOSED_NAMES = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_PRODUCT_NAMES = {torch.matmul: ("input", "other"), operator.matmul: ("input", "other"), torch.mm: ("input", "mat2"),
+                  torch.bmm: ("input", "mat2"), "matmul": ("self", "other"), "bmm": ("self", "mat2"),
+                  torch.addmm: ("input", "mat1", "mat2"), torch.baddbmm: ("input", "batch1", "batch2")}
+_PRODUCT_DIMS = {torch.bmm: 3, "bmm": 3, torch.baddbmm: 3}
+_TRANSPOSED = frozenset({F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d,
+                         torch.conv_transpose2d, torch.conv_transpose3d})
+
+
+def check_conv(dims: int, weight: Any, bias: Any, options: dict[str, Any], groups: Any = 1,
+               transposed: bool = False, lengths: tuple[int, ...] = ()) -> None:
+    """What a convolution's CPU kernel checks and its meta kernel does not: a stride, padding, dilation or output
+    padding given per dimension has one entry (torch's kernels repeat it) or one per spatial dimension (only
+    `lengths`, where given), strides and dilations are positive, paddings not negative, and the bias holds one
+    value per output channel."""
+    for name, value in options.items():
+        if isinstance(value, (tuple, list, torch.Size)) and len(value) not in (lengths or (1, dims)):
+            counts = " or ".join(map(str, lengths)) if lengths else f"1 or {dims}"
+            raise ValueError(f"expected {name} to be a single integer value or a list of {counts} values, got "
+                             f"{value!r}")
+        least = 1 if name in ("stride", "dilation") else 0
+        entries = value if isinstance(value, (tuple, list, torch.Size)) else [value]
+        if any(type(v) is int and v < least for v in entries):
+            raise ValueError(f"{name} {value!r} is not supported (each entry must be at least {least})")
+    if isinstance(bias, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+        out = weight.shape[1] * groups if transposed and type(groups) is int else weight.shape[0]
+        if bias.dim() != 1 or bias.shape[0] != out:
+            raise ValueError(f"a weight of size {list(weight.shape)} needs a bias of {out} elements, got "
+                             f"{list(bias.shape)}")
+
+
+def _check_unchecked(gm: GraphModule, node: Node, args: tuple, kwargs: dict) -> None:
+    """For the calls listed above: raise what the CPU kernel raises for the dtypes of this call (Refused), and for a
+    convolution what `check_conv` raises."""
+    target = node.target
+    if node.op == "call_module":
+        module = gm.get_submodule(target)
+        kind = type(module)
+        if kind in _ACTIVATION_MODULES:  # no tensors of their own: the module itself is the probe
+            target, args, kwargs = module, args[:1], {}
+        elif (kind is nn.Linear or kind in _CONV_MODULES) and len(args) == 1 and not kwargs:
+            target = F.linear if kind is nn.Linear else _CONV_MODULES[kind]
+            if kind is not nn.Linear:  # the stride and the rest come from the file's configuration of the module
+                fields = ("stride", "padding", "dilation", "output_padding") if module.transposed else \
+                    ("stride", "padding", "dilation")
+                check_conv(_CONVOLUTIONS[target], module.weight, module.bias,
+                           {f: getattr(module, f) for f in fields}, module.groups, module.transposed)
+            args = (args[0], module._parameters.get("weight"), module._parameters.get("bias"))
+            kwargs = {"groups": module.groups} if kind is not nn.Linear else {}
+        else:
+            return
+    elif node.op not in ("call_function", "call_method"):
+        return
+    try:
+        listed = (target in _ACTIVATIONS or isinstance(target, _ACTIVATION_MODULES) or target is F.linear
+                  or target in _PRODUCT_NAMES or target in _CONVOLUTIONS)
+    except TypeError:  # an unhashable target is none of these
+        return
+    if node.op == "call_function" and target in _CONVOLUTIONS:
+        names = _TRANSPOSED_NAMES if target in _TRANSPOSED else _CONV_NAMES
+        values = dict(zip(names, _named(args, kwargs, names)))
+        check_conv(_CONVOLUTIONS[target], values["weight"], values["bias"],
+                   {k: v for k, v in values.items() if k in ("stride", "padding", "dilation", "output_padding")},
+                   values["groups"] if values["groups"] is not None else 1, target in _TRANSPOSED)
+    dtypes = {v.dtype for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)}
+    if not listed or not dtypes or (len(dtypes) == 1 and dtypes <= _PLAIN_DTYPES):
+        return
+    try:
+        if isinstance(target, nn.Module) or target in _ACTIVATIONS:  # with its options (numbers, inplace) as given
+            tiny_args, tiny_kwargs = torch.fx.node.map_aggregate((args, kwargs), lambda v: _cpu(v, (1,)))
+            call = getattr(tiny_args[0], target) if isinstance(target, str) else functools.partial(target, tiny_args[0])
+            call(*tiny_args[1:], **tiny_kwargs)
+        elif target is F.linear:
+            x, weight, bias = _named(args, kwargs, ("input", "weight", "bias"))
+            F.linear(_cpu(x, (1, 1)), _cpu(weight, (1, 1)), _cpu(bias, (1,)))
+        elif target in _PRODUCT_NAMES:
+            operands = _named(args, kwargs, _PRODUCT_NAMES[target])
+            shape = (1,) * _PRODUCT_DIMS.get(target, 2)
+            (torch.matmul if len(operands) == 2 else target)(*(_cpu(v, shape) for v in operands))
+        else:
+            x, weight, bias, *_, groups = _named(args, kwargs, _CONV_NAMES)  # groups: 7th in both signatures
+            groups = groups if type(groups) is int and 0 < groups <= MAX_PIECES else 1
+            spatial = (1,) * _CONVOLUTIONS[target]
+            target(_cpu(x, (1, groups, *spatial)), _cpu(weight, (groups, 1, *spatial)), _cpu(bias, (groups,)),
+                   groups=groups)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # NotImplementedError would read as a missing
+        raise Refused(f"the CPU kernel refuses these dtypes ({exc})") from None  # meta kernel: not a refusal
+
+
 # ---- repeated calls: a model's blocks repeat the same calls on the same shapes ----------------------
 _TENSOR = object()  # marks a tensor's (shape, strides, dtype) in a cache key or a cached result
 _SEQUENCES = (tuple, list, torch.Size, torch.fx.immutable_collections.immutable_list)  # each rebuilt from an iterable
@@ -477,6 +623,7 @@ def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict, cache: dict) -
         return _thawed(cache[key])
     try:
         result = _call(gm, node, args, kwargs, memo)
+        _check_unchecked(gm, node, args, kwargs)
         if key is not None:
             _remember(cache, key, result)
         return result

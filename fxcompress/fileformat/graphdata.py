@@ -24,8 +24,8 @@ from torch.fx import Graph, GraphModule, Node
 from fxcompress.errors import FormatError
 
 from .allowlist import (CREATED_ELEMENTS, CREATED_SLACK, DEVICE_FIELDS, DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS,
-                        MODULE_CREATED_ELEMENTS, MODULE_NAMES, MODULES, NUMERIC_LIMITS, TENSOR_PROPERTIES,
-                        ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
+                        MODULE_CREATED_ELEMENTS, MODULE_NAMES, MODULES, NUMERIC_LIMITS, STANDARD_MODULES,
+                        TENSOR_PROPERTIES, ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
 
 ALIAS = "alias"  # a module table entry naming a module listed earlier under another path
 MAX_ARG_DEPTH = 32  # nesting of one argument (tuples, lists, dicts, slices)
@@ -268,7 +268,11 @@ def _attribute_target(root: nn.Module, target: Any, where: str) -> str:
 def _module_target(root: nn.Module, target: Any, where: str) -> str:
     if not _typed(target, str, where, "a module target"):
         raise fail(where, "call_module needs a submodule path")
-    submodule(root, target, where)
+    module = submodule(root, target, where)
+    # a container has no forward: calling it raises NotImplementedError, which the dry run reads as a missing
+    # meta kernel (not a refusal), so the file would load and fail at its first call
+    if type(module).forward is nn.Module.forward:
+        raise fail(where, f"call_module target {_short(target)} is a container, which has no forward to call")
     return target
 
 
@@ -354,6 +358,36 @@ def _check_sizes(root: nn.Module, op: str, target: Any, args: tuple, kwargs: dic
                           f"model's tensors hold plus {CREATED_SLACK} ({budget})")
 
 
+_SCALARS = (bool, int, float)
+
+
+def _check_module_call(root: nn.Module, target: str, args: tuple, kwargs: dict, where: str) -> None:
+    """The constants a call gives one of torch's modules fit its forward's annotated bool / int / float parameters.
+    The dry run runs such a module on meta tensors, where its forward may take another path than on the CPU:
+    nn.MultiheadAttention's fast path hands need_weights to a C++ op that takes a bool only, its meta path only
+    asks whether it is true, so `need_weights=[]` loaded and failed at the first call."""
+    module = submodule(root, target, where)
+    if MODULE_NAMES.get(type(module)) not in STANDARD_MODULES:
+        return
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        raise fail(where, f"the arguments do not match the signature of {type(module).__name__}.forward") from None
+    hints = _forward_hints(type(module))
+    for name, value in bound.items():
+        if hints.get(name) in _SCALARS and not _mentions_node(value) and not conforms(value, hints[name]):
+            raise fail(where, f"argument {name!r} of {type(module).__name__} is {_short(value)}, not a "
+                              f"{hints[name].__name__}")
+
+
+@functools.cache
+def _forward_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.forward)
+    except Exception:  # noqa: BLE001 - annotations that do not resolve: nothing to check against
+        return {}
+
+
 def _mentions_node(value: Any) -> bool:
     found = []
     torch.fx.node.map_arg(value, found.append)
@@ -408,6 +442,8 @@ def graph_from_data(items: Any, root: nn.Module) -> Graph:
             raise fail(where, "args must be a tuple")
         kwargs = _kwargs(item["kwargs"], nodes, where)
         _check_call(op, target, args, kwargs, where)
+        if op == "call_module":
+            _check_module_call(root, target, args, kwargs, where)
         _check_sizes(root, op, target, args, kwargs, budget, where)
         node = graph.create_node(op, target, args, kwargs, name=name)
         if node.name != name:
@@ -451,10 +487,16 @@ def _constructor_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
+# what torch takes as an integer scalar: a larger JSON integer given as an int or float field (a scale of 2 ** 100)
+# raised OverflowError at the first call, where it met a tensor
+_INT64 = range(-2 ** 63, 2 ** 63)
+
+
 def conforms(value: Any, annotation: Any) -> bool:
-    """Whether a JSON value fits a constructor's annotation: ints are not bools, floats are finite numbers,
-    lists stand for sequences and tuples (fixed-length ones item by item), objects for mappings with string
-    keys. An annotation these rules do not cover accepts anything (the constructor checks it)."""
+    """Whether a JSON value fits a constructor's annotation: ints are not bools and fit int64, floats are finite
+    numbers (an int among them fits int64), lists stand for sequences and tuples (fixed-length ones item by
+    item), objects for mappings with string keys. An annotation these rules do not cover accepts anything (the
+    constructor checks it)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return True
@@ -465,9 +507,10 @@ def conforms(value: Any, annotation: Any) -> bool:
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and value in _INT64
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (isinstance(value, float) or value in _INT64))
     if annotation is str:
         return isinstance(value, str)
     if annotation is dict or origin in (dict, collections.abc.Mapping):
