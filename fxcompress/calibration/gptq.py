@@ -97,7 +97,8 @@ class _GridTables:
         self.every_code = ends is not None
         if ends is not None:
             grid, levels = ends
-            self.stored = levels.reshape(matrix.shape).to(torch.float64)  # read at the pins only
+            # read at the pins only; as the weight's dtype holds them, which is what the module gives back
+            self.stored = levels.reshape(matrix.shape).to(weight.dtype).to(torch.float64)
         scale, zero = _per_element(grid, module, weight, kind)
         self.scale, self.zero = scale, zero
         if ends is not None:  # every code: the levels all lie between the stored ends
@@ -149,16 +150,18 @@ def _end_levels(module: GridWeight, grid: Grid, weight: torch.Tensor, kind: str,
     return None
 
 
-def _snap(columns: list[torch.Tensor], j: int, x: torch.Tensor) -> torch.Tensor:
+def _snap(columns: list[torch.Tensor], j: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column j's values on its grid, as the module gives them: its float32 level in the weight's dtype (a
+    float16 / bfloat16 weight holds the level rounded, and the error carried on must be that value's)."""
     s, z, low_code, high_code = (t[j] for t in columns)
-    return ((torch.clamp(torch.round(x.to(torch.float32) / s) + z, low_code, high_code) - z) * s).double()
+    return ((torch.clamp(torch.round(x.to(torch.float32) / s) + z, low_code, high_code) - z) * s).to(dtype).double()
 
 
 def _grid_target(module: GridWeight, weight: torch.Tensor, kind: str) -> _Target:
     """Every grid found from the weight before the sweep."""
     tables = _GridTables(module, weight, kind)
     columns = tables.columns()
-    return _Target(lambda j, x: _snap(columns, j, x), tables.pinned, tables.own, tables.stored,
+    return _Target(lambda j, x: _snap(columns, j, x, weight.dtype), tables.pinned, tables.own, tables.stored,
                    every_code=tables.every_code)
 
 
@@ -167,7 +170,7 @@ def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor
     group's current weights with the pruned ones at the zero they will be (what the module will read)."""
     shape, group = weight.shape, module.group_size
     columns = [torch.empty(shape[1], shape[0], dtype=torch.float32) for _ in range(4)]
-    target = _Target(lambda j, x: _snap(columns, j, x), torch.zeros(shape, dtype=torch.bool),
+    target = _Target(lambda j, x: _snap(columns, j, x, weight.dtype), torch.zeros(shape, dtype=torch.bool),
                      torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64), group=group,
                      every_code=True)
 
@@ -188,8 +191,9 @@ def _group_target(module: GridWeight, weight: torch.Tensor, pruned: torch.Tensor
     return target
 
 
-def _codebook_target(module: KMeansWeight, kind: str, shape: torch.Size) -> _Target:
-    table = module.table().detach().to(torch.float64)  # (groups, entries); entry index = code
+def _codebook_target(module: KMeansWeight, kind: str, shape: torch.Size, dtype: torch.dtype) -> _Target:
+    # (groups, entries); entry index = code. The entries as the module gives them: in the weight's dtype
+    table = module.table().detach().to(dtype).to(torch.float64)
     rows = as_matrix(torch.empty(shape), kind).shape[0]
     tables = table.expand(rows, -1) if table.shape[0] == 1 else table
 
@@ -213,7 +217,7 @@ def gptq_round(gm: GraphModule, layer: Layer, stats: InputStats, *, act_order: b
         if pruned is not None and bool(pruned.any()) and not module.fixed_zero:
             raise PreconditionError(f"layer {layer.name!r}: GPTQ onto a codebook keeps pruned weights at zero only "
                                     f"with a fixed zero code (fix_zeros=True)")
-        target = _codebook_target(module, layer.kind, weight.shape)
+        target = _codebook_target(module, layer.kind, weight.shape, weight.dtype)
     elif module.group_size and layer.kind == "linear" and not (act_order or static_groups):
         target = _group_target(module, weight, pruned)
         blocksize = max(blocksize // module.group_size, 1) * module.group_size  # a block holds whole groups
@@ -258,7 +262,7 @@ def _store(gm: GraphModule, layer: Layer, module: GridWeight | KMeansWeight, rou
     """Write the rounded weight where the module reads it, and check the module now gives exactly it."""
     with torch.no_grad():
         if isinstance(module, KMeansWeight):
-            table = module.table().detach().to(torch.float64)
+            table = module.table().detach().to(stored_weight(gm, layer).dtype).to(torch.float64)  # as in the sweep
             tables = table.expand(rounded.shape[0], -1) if table.shape[0] == 1 else table
             codes = (rounded.unsqueeze(2) - tables.unsqueeze(1)).abs().argmin(2)
             module.codes.copy_(from_matrix(codes, layer.kind).to(module.codes.dtype))

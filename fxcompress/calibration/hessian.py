@@ -79,6 +79,10 @@ class InputStats:
         centered = rows - self._shift
         spread = centered.to(torch.float32)
         product = (spread.T @ spread).to(torch.float64)
+        if not bool(torch.isfinite(product).all()):
+            # finite inputs beyond ~1e19 overflow float32 products: take this chunk in float64 (a NaN / Inf
+            # input stays non-finite there and is refused by `check`)
+            product = centered.T @ centered
         total = centered.sum(0)
         product.addr_(self._shift, total).addr_(total, self._shift).addr_(self._shift, self._shift, alpha=rows.shape[0])
         return product
@@ -86,7 +90,8 @@ class InputStats:
     def check(self, owner: str, layers: Sequence[str]) -> None:
         """Refuse statistics no weight should be chosen from, once every batch is in (one look per group, not
         per batch): no token at all (a pruner would find every input dead and zero the weights) or NaN / Inf
-        inputs (NaN norms sort anywhere, so Wanda's top-k would keep or drop channels at random).
+        inputs (NaN norms sort anywhere, so Wanda's top-k would keep or drop channels at random), or inputs
+        that are zero in every channel (every weight would be dropped, or chosen at random).
         `layers`: the names of the layers reading this input, for the message."""
         named = ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(repr, layers))
         if self.rows == 0:
@@ -100,6 +105,11 @@ class InputStats:
             raise PreconditionError(f"{owner}: the input of {named} holds NaN / Inf in {len(channels)} of "
                                     f"{self.channels} channels ({shown}); the calibration data reach them "
                                     f"as non-finite values")
+        if not bool(self.abs_max.any()):
+            # every channel dead: GPTQ / SparseGPT zero a dead channel's weights (H[i, i] = 1, W[:, i] = 0), so the
+            # whole layer would become zero, and Wanda's scores would all tie and prune at random
+            raise PreconditionError(f"{owner}: the input of {named} is zero in every channel on all {self.rows} "
+                                    f"calibration tokens: there are no statistics to compress from")
 
     @property
     def norms(self) -> torch.Tensor:

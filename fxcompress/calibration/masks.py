@@ -19,7 +19,7 @@ from ..pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
 from ..pruning.nm import nm_keep, nm_pattern, row_keep
 from ..pruning.owl import OWL, outlier_ratio, owl_sparsities
 from .hessian import InputStats
-from .sequential import Group, walk
+from .sequential import Group, calibration_batches, walk
 
 
 def needs_calibration(importance: Any, profile: OWL | None) -> bool:
@@ -78,7 +78,8 @@ def calibrated_masks(gm: GraphModule, data: Sequence | None, targets: Sequence[A
     layers = [t.layer for t in targets]
     sparsities = {t.layer.name: t.sparsity for t in targets}
     stats: dict[str, Any] = {}
-    if profile is not None:
+    if profile is not None:  # two walks: a generator would be used up by the first and give the second nothing
+        data = calibration_batches(data, owner)
         ratios = walk(gm, layers, data, lambda group, inputs: _ratios(gm, group, inputs, profile),
                       owner=owner, hessian=False).layers
         sizes = {name: stored_weight(gm, t.layer).numel() for name, t in by_name.items()}

@@ -14,7 +14,8 @@ kept: they are recomputed on demand, so a layer compressed a moment ago is read 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,40 @@ from .hessian import InputStats
 
 # The layer families whose input is (..., in_features) and whose weight reads it as a matrix.
 CALIBRATED_FAMILIES = ("linear",)
+# The graph input whose zeros mark padded positions (transformers' name): those tokens are left out of every
+# statistic, as GPTQ / llm-compressor leave them out, since a pad token's activations are no text the model reads.
+TOKEN_MASK = "attention_mask"
+
+
+class PaddingIncludedWarning(UserWarning):
+    """Calibration batches carry padding (zeros in the attention mask), but a layer's input rows do not line
+    up with the mask's positions (experts reading routed tokens, a reshaped value): its statistics include
+    the padded positions."""
+
+
+def token_rows(value: Any, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows (..., channels) of `value` at unpadded positions, flattened: all of them when `keep` is None,
+    None when the rows do not line up with `keep`'s positions (batch, sequence): neither the same leading
+    shape nor one row per position in order (a (batch * sequence, channels) value, as addmm reads)."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value if keep is None else None
+    if keep is None:
+        return value.reshape(-1, value.shape[-1])
+    if tuple(value.shape[:-1]) == tuple(keep.shape):
+        return value[keep]
+    if value.ndim == 2 and value.shape[0] == keep.numel():
+        return value[keep.reshape(-1)]
+    return None
+
+
+def token_mask(value: Any) -> torch.Tensor | None:
+    """A batch's kept positions from its attention-mask input: a (batch, sequence) tensor whose zeros are
+    padding; None when there is none to leave out (no mask, all ones, or another form such as a 4-D
+    additive mask, whose positions are not tokens)."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.is_complex():
+        return None
+    keep = value != 0
+    return None if bool(keep.all()) else keep
 
 
 @dataclass(frozen=True)
@@ -114,8 +149,12 @@ class _Runner:
         self.interpreter = Interpreter(gm, garbage_collect_values=False)
 
     def start(self, batch: Any, index: int) -> dict[Node, Any]:
-        """The environment of a batch: its values bound to the placeholders."""
-        inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        """The environment of a batch: its values bound to the placeholders (a dict binds them by name, as
+        a tokenizer's output is passed to a model: gm(**batch))."""
+        if isinstance(batch, Mapping):
+            inputs = self._by_name(batch, index)
+        else:
+            inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         self.interpreter.args_iter = iter(inputs)
         env: dict[Node, Any] = {}
         self.interpreter.env = env
@@ -134,6 +173,29 @@ class _Runner:
             self._ensure_inputs(node, env)
             env[node] = self._run_node(node, index)
         return env
+
+    def _by_name(self, batch: Mapping, index: int) -> tuple:
+        """A dict batch as positional inputs in placeholder order; a placeholder it leaves out takes its
+        default, and a key no placeholder has is refused (a misspelled attention_mask would otherwise be
+        dropped, and its padding computed with)."""
+        placeholders = [node for node in self.nodes if node.op == "placeholder"]
+        names = [node.target for node in placeholders]
+        unknown = [key for key in batch if key not in names]
+        if unknown:
+            hint = (f"; to leave padding out of the statistics, trace the model with its {TOKEN_MASK} among the "
+                    f"example inputs" if TOKEN_MASK in unknown else "")
+            raise PreconditionError(f"calibration batch {index}: the graph has no input named "
+                                    f"{', '.join(map(repr, unknown))}; its inputs are {names}{hint}")
+        inputs = []
+        for node in placeholders:
+            if node.target in batch:
+                inputs.append(batch[node.target])
+            elif node.args:
+                inputs.append(node.args[0])
+            else:
+                raise PreconditionError(f"calibration batch {index}: no value for the graph input {node.target!r} "
+                                        f"(the batch holds {sorted(batch)}), which has no default")
+        return tuple(inputs)
 
     def _run_node(self, node: Node, index: int) -> Any:
         try:
@@ -185,8 +247,10 @@ class Probe:
     one batch at a time); `replace(node, fn)` rewrites a stored value (a handler that rescaled the
     producer of its own input)."""
 
-    def __init__(self, runner: _Runner, states: list[dict[Node, Any]], done: Node) -> None:
+    def __init__(self, runner: _Runner, states: list[dict[Node, Any]], done: Node,
+                 keeps: Sequence[torch.Tensor | None] = ()) -> None:
         self.runner, self.states, self.position = runner, states, runner.index[done] + 1
+        self.keeps = list(keeps) or [None] * len(states)
 
     def run(self, node: Node) -> list[Any]:
         return list(self.each(node))
@@ -198,6 +262,13 @@ class Probe:
         stop = max(self.runner.index[node] + 1, self.position)
         for i, state in enumerate(self.states):
             yield self.runner.run(state, self.position, stop, i)[node]
+
+    def tokens(self, node: Node) -> Iterator[Any]:
+        """`each(node)` as its rows (n, channels) at unpadded positions where a batch has padding; a batch
+        without padding, or a value whose rows do not line up with the positions, is given as it is."""
+        for i, value in enumerate(self.each(node)):
+            rows = None if self.keeps[i] is None else token_rows(value, self.keeps[i])
+            yield value if rows is None else rows
 
     def replace(self, node: Node, fn: Callable[[Any], Any]) -> None:
         for state in self.states:
@@ -220,6 +291,8 @@ class WalkReport:
     layers: dict[str, Any]
     batches: int
     peak_held_bytes: int
+    padded_tokens: int = 0                       # positions the attention mask left out of the statistics
+    padding_included: tuple[str, ...] = ()       # layers whose statistics still hold them (rows not aligned)
 
 
 def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle: Handler, *, owner: str,
@@ -232,8 +305,12 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
     nodes read. A group's input does not depend on the group itself, so nothing is run twice: one
     walk costs one forward pass of the calibration data. `data` is compile's `calibration_data`.
     With `probe`, the handler is called as `handle(group, stats, Probe(...))`.
+
+    Padding: where the graph has an input named `attention_mask` of shape (batch, sequence), its zero
+    positions are left out of every group's statistics (and of a probe's `tokens`); a group whose input rows
+    do not line up with those positions keeps them, with a PaddingIncludedWarning naming it.
     """
-    batches = _batches(data, owner)
+    batches = calibration_batches(data, owner)
     check_calibrated(layers, owner)
     blocks = plan_blocks(gm, layers)
     reports: dict[str, Any] = {}
@@ -241,20 +318,42 @@ def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle
     with evaluating(gm), torch.no_grad():
         runner = _Runner(gm)
         states = [runner.start(batch, i) for i, batch in enumerate(batches)]
+        # the mask is read now: the states drop the input once no later node reads it
+        masks = [node for node in runner.nodes if node.op == "placeholder" and node.target == TOKEN_MASK]
+        keeps = [token_mask(state[masks[0]]) if masks else None for state in states]
+        included: list[str] = []
         for block in blocks:
             for group in block:
                 # a handler may rewrite the graph (a layer turned functional, chain nodes added): re-read it
                 runner = _Runner(gm)
                 x = input_arg(layer_node(gm, group.layers[0]))
                 stats = InputStats(_width(gm, group), with_hessian=hessian, name=", ".join(group.names))
-                done = _advance(runner, states, done, x, lambda i, env: stats.update(env[x], i))
+
+                def visit(i: int, env: dict[Node, Any]) -> None:
+                    value = env[x]
+                    plain = keeps[i] is None or not isinstance(value, torch.Tensor)
+                    rows = value if plain else token_rows(value, keeps[i])
+                    if rows is None:   # not one row per position: every row, padding too (warned below)
+                        rows = value
+                        if not included or included[-1] != stats.name:
+                            included.append(stats.name)
+                    stats.update(rows, i)   # a value of the wrong kind or width is refused there, as it is
+
+                done = _advance(runner, states, done, x, visit)
                 stats.check(owner, group.names)   # no tokens, or NaN / Inf: refused by name, never compressed from
                 peak = max(peak, _held(states) + stats.nbytes())
-                reports.update(handle(group, stats, Probe(runner, states, done)) if probe else handle(group, stats))
+                reports.update(handle(group, stats, Probe(runner, states, done, keeps)) if probe
+                               else handle(group, stats))
             runner = _Runner(gm)
             last = max((layer_node(gm, layer) for group in block for layer in group.layers), key=runner.index.get)
             done = _advance(runner, states, done, last, None)  # through the block's last layer, compressed
-    return WalkReport([[g.names for g in block] for block in blocks], reports, len(batches), peak)
+    if included:
+        warnings.warn(f"{owner}: the calibration batches' attention_mask marks padding, but the input rows of "
+                      f"{'; '.join(included)} do not line up with its (batch, sequence) positions: their statistics "
+                      f"include the padded positions", PaddingIncludedWarning, stacklevel=3)
+    padded = sum(int((~keep).sum()) for keep in keeps if keep is not None)
+    return WalkReport([[g.names for g in block] for block in blocks], reports, len(batches), peak, padded,
+                      tuple(included))
 
 
 def _advance(runner: _Runner, states: list[dict[Node, Any]], done: Node | None, until: Node,
@@ -273,12 +372,17 @@ def _advance(runner: _Runner, states: list[dict[Node, Any]], done: Node | None, 
     return runner.nodes[stop - 1]
 
 
-def _batches(data: Sequence | None, owner: str) -> list:
+def calibration_batches(data: Sequence | None, owner: str) -> list:
+    """compile's calibration_data as a list: a caller that walks it twice must list it once (a generator is
+    used up by the first walk)."""
     if data is None:
         raise PreconditionError(f"{owner} needs calibration data: pass compile(..., calibration_data=batches)")
+    if isinstance(data, Mapping):  # iterating it would make each key a batch
+        raise PreconditionError(f"{owner}: calibration_data is one dict; pass a list of batches ([batch])")
     batches = list(data)
     if not batches:
-        raise PreconditionError(f"{owner}: calibration_data holds no batch")
+        raise PreconditionError(f"{owner}: calibration_data yielded no batch (a generator is used up after one "
+                                f"pass: pass a list)")
     return batches
 
 

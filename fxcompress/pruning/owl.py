@@ -23,7 +23,9 @@ class OWL:
     """The OWL profile of InsertMasks(importance="wanda", profile=OWL(...)).
 
     threshold  M: a weight is an outlier when its score exceeds M times its layer's mean score (paper: 5)
-    spread     lambda: layer sparsities stay within target +- spread (paper: 0.08)
+    spread     lambda: layer sparsities span at most 2 * spread (paper: 0.08): target +- spread before the shift
+               that makes the mean over all weights the target, so layers of unequal sizes may end farther
+               from the target than spread
     """
 
     threshold: float = 5.0
