@@ -141,6 +141,34 @@ def quantize_to_codes(x: torch.Tensor, scale: float, zero_point: int, qmax: int,
 _DERIVED = ("_packed", "_float", "_c", "_bias", "_call")
 
 
+def _check_layer_config(kind: str, output: str, kernel: str, input: str, input_qmax: int, input_scale: float,
+                        input_zero_point: int, output_scale: float, output_zero_point: int,
+                        accumulate: tuple[float, int] | None) -> tuple[float, int]:
+    """ConfigError for a NativeLayer configuration its kernels cannot run; the output grid it keeps."""
+    if accumulate is not None and (kind != "conv2d" or kernel != "int8" or output != "uint8" or input != "uint8"
+                                   or len(accumulate) != 2 or type(accumulate[1]) is not int
+                                   or not 0 <= accumulate[1] <= UINT8_MAX):
+        raise ConfigError(f"NativeLayer: accumulate (a residual's scale and zero-point) is oneDNN's sum post-op: "
+                          f"a conv2d on kernel 'int8' from uint8 codes to uint8 codes, zero-point in 0..255; got "
+                          f"kind={kind!r}, kernel={kernel!r}, input={input!r}, output={output!r}, "
+                          f"accumulate={accumulate!r}")
+    if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
+            or (kernel == "c_int8" and kind != "linear") \
+            or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
+        raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
+                          f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers only; "
+                          f"input_qmax in 1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, "
+                          f"input={input!r}, input_qmax={input_qmax!r}")
+    check_grid("NativeLayer", "the input grid", input_scale, input_zero_point, input_qmax)
+    if output == "float32":  # real values out: no output grid (oneDNN then takes exactly scale 1, zero-point 0)
+        output_scale, output_zero_point = 1.0, 0
+    else:
+        check_grid("NativeLayer", "the output grid", output_scale, output_zero_point)
+    if accumulate is not None:
+        check_grid("NativeLayer", "the residual's grid (accumulate)", *accumulate)
+    return output_scale, output_zero_point
+
+
 class NativeLayer(nn.Module):
     """A linear / conv2d layer on uint8 codes with bias, requantization and clamp fused.
 
@@ -188,27 +216,9 @@ class NativeLayer(nn.Module):
                  input_qmax: int = UINT8_MAX, accumulate: tuple[float, int] | None = None,
                  accumulate_in_place: bool = False) -> None:
         super().__init__()
-        if accumulate is not None and (kind != "conv2d" or kernel != "int8" or output != "uint8" or input != "uint8"
-                                       or len(accumulate) != 2 or type(accumulate[1]) is not int
-                                       or not 0 <= accumulate[1] <= UINT8_MAX):
-            raise ConfigError(f"NativeLayer: accumulate (a residual's scale and zero-point) is oneDNN's sum post-op: "
-                              f"a conv2d on kernel 'int8' from uint8 codes to uint8 codes, zero-point in 0..255; got "
-                              f"kind={kind!r}, kernel={kernel!r}, input={input!r}, output={output!r}, "
-                              f"accumulate={accumulate!r}")
-        if kind not in KERNELS or output not in OUTPUTS or kernel not in LAYER_KERNELS or input not in INPUTS \
-                or (kernel == "c_int8" and kind != "linear") \
-                or type(input_qmax) is not int or not 0 < input_qmax <= UINT8_MAX:  # files are checked too
-            raise ConfigError(f"NativeLayer: kind must be one of {sorted(KERNELS)}, output one of {OUTPUTS}, kernel "
-                              f"one of {LAYER_KERNELS} and input one of {INPUTS} (c_int8 runs linear layers only; "
-                              f"input_qmax in 1..255), got kind={kind!r}, output={output!r}, kernel={kernel!r}, "
-                              f"input={input!r}, input_qmax={input_qmax!r}")
-        check_grid("NativeLayer", "the input grid", input_scale, input_zero_point, input_qmax)
-        if output == "float32":  # real values out: no output grid (oneDNN then takes exactly scale 1, zero-point 0)
-            output_scale, output_zero_point = 1.0, 0
-        else:
-            check_grid("NativeLayer", "the output grid", output_scale, output_zero_point)
-        if accumulate is not None:
-            check_grid("NativeLayer", "the residual's grid (accumulate)", *accumulate)
+        output_scale, output_zero_point = _check_layer_config(kind, output, kernel, input, input_qmax, input_scale,
+                                                              input_zero_point, output_scale,
+                                                              output_zero_point, accumulate)
         self.kind, self.output, self.clamp = kind, output, None if clamp is None else tuple(clamp)
         self._shape = list(weight_shape)  # what the codes must be (a file's tensors are checked against it)
         # the fused clamp: ReLU alone (no upper bound) is oneDNN's "relu"; a bounded range is "hardtanh"
