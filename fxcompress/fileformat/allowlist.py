@@ -38,7 +38,7 @@ gelu silu mish elu selu leaky_relu hardswish hardsigmoid hardtanh sigmoid tanh s
 max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
 adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d dropout batch_norm layer_norm group_norm
 instance_norm pad embedding normalize interpolate scaled_dot_product_attention pixel_shuffle glu relu_ rms_norm
-one_hot""".split()
+one_hot dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout pixel_unshuffle""".split()
 _TORCH = """flatten cat concat stack add sub mul div matmul bmm mm addmm baddbmm einsum relu sigmoid tanh softmax
 log_softmax reshape transpose permute chunk split mean sum prod exp log sqrt rsqrt clamp where zeros_like
 ones_like full_like narrow squeeze unsqueeze neg pow abs max min amax amin maximum minimum conv1d conv2d conv3d
@@ -46,7 +46,8 @@ conv_transpose1d conv_transpose2d conv_transpose3d batch_norm layer_norm erf arg
 gather masked_fill arange ones zeros full tril triu roll flip round floor ceil sign square var std norm
 adaptive_avg_pool1d max_pool1d max_pool2d avg_pool1d dropout t unbind index_select _assert swapaxes swapdims movedim
 moveaxis repeat_interleave finfo iinfo clone detach sin cos diff rsub histc empty_like reciprocal scatter index_add
-tensor_split eye""".split()
+tensor_split eye tile cumprod logsumexp unflatten""".split()
+_LINALG = "vector_norm".split()  # torch.linalg: norms the export front end spells (torch.norm, F.normalize)
 _OPERATOR = """add sub mul truediv floordiv mod pow neg pos matmul getitem setitem eq ne lt le gt ge and_ or_ xor
 invert abs""".split()
 METHODS = frozenset("""view reshape flatten size permute transpose contiguous mean sum softmax log_softmax relu
@@ -55,7 +56,7 @@ type_as masked_fill clamp pow sqrt rsqrt exp log neg abs max min amax amin argma
 numel unbind gather index_select cumsum norm std var square detach clone split_with_sizes unflatten
 mT transpose_ sub_ add_ mul_ div_ relu_ to swapaxes swapdims movedim moveaxis repeat_interleave bmm bool long int
 double type new_ones new_zeros new_full new_empty scatter_ copy_ fill_ masked_fill_ tril triu eq ne lt le gt ge sin
-cos detach_ zero_ index_put_ index_add_ tolist item""".split())
+cos detach_ zero_ index_put_ index_add_ tolist item tile cumprod logsumexp tensor_split topk sort""".split())
 
 
 # `getattr(x, name)` (fx's form of `x.shape`) is saved only for these tensor properties.
@@ -64,6 +65,10 @@ TENSOR_PROPERTIES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT"})
 NUMERIC_LIMITS = frozenset({"min", "max", "eps", "tiny", "smallest_normal", "resolution", "bits"})
 # ... and for the fields of a tensor's device (`x.device.type == "cuda"`, Llama's rotary embedding).
 DEVICE_FIELDS = frozenset({"type", "index"})
+# ... and for the fields of the (values, indices) results of these calls (`torch.topk(x, k).values`, which the
+# channel tables follow): a torch.return_types tuple, whose other attributes a file has no use for.
+RESULT_FIELDS = frozenset({"values", "indices"})
+NAMED_RESULTS = frozenset({torch.topk, torch.sort, torch.max, torch.min, "topk", "sort", "max", "min"})
 
 
 # ---- sizes a file states: functions and methods that allocate by their arguments -----------------
@@ -200,6 +205,8 @@ CREATED_ELEMENTS: dict[Any, Callable[[tuple, dict], int]] = {
     "new_full": lambda args, kwargs: _shape((args[1] if len(args) > 1 else kwargs.get("size", ()),)),
     "expand": lambda args, kwargs: _shape(args[1:] or (kwargs.get("size", ()),)),  # a view, read in full later
     "repeat": lambda args, kwargs: _shape(args[1:] or (kwargs.get("repeats", ()),)),  # times the input's size
+    "tile": lambda args, kwargs: _shape(args[1:] or (kwargs.get("dims", ()),)),  # repeat's, with ones prepended
+    torch.tile: lambda args, kwargs: _shape((_argument(args, kwargs, 1, "dims", ()),)),
     # the ones below multiply the input's size by what the file writes
     torch.repeat_interleave: lambda args, kwargs: _count(_argument(args, kwargs, 1, "repeats", 1)) * _count(
         kwargs.get("output_size", 1)),
@@ -218,6 +225,23 @@ CREATED_ELEMENTS: dict[Any, Callable[[tuple, dict], int]] = {
     operator.mul: _sequence_times,
     operator.pow: _power,
 }
+
+
+def _sections(args: tuple, kwargs: dict) -> int:
+    """tensor_split's pieces: a number of sections makes that many tensors whatever the input's size (empty ones
+    past its end), a list of indices one more than it holds (the file carries the list)."""
+    value = _argument(args, kwargs, 1, "indices_or_sections")
+    for name in ("sections", "indices", "tensor_indices_or_sections"):
+        value = kwargs.get(name, value)
+    return len(value) + 1 if isinstance(value, (list, tuple)) else _count(value)
+
+
+# A split makes one tensor (a Python object each) per piece: split / chunk / unbind make at most one per position of
+# the recorded input, but tensor_split makes as many as the file writes (tensor_split(x, 10**9) is 10**9 empty
+# tensors). Loading refuses a call of more pieces than this, which is more than a real model's graph reads.
+MAX_PIECES = 1 << 16
+# function or method name -> the tensors a call makes, from (args, kwargs) as the graph node holds them
+CREATED_PIECES: dict[Any, Callable[[tuple, dict], int]] = {torch.tensor_split: _sections, "tensor_split": _sections}
 # module type -> elements its forward creates per input element from the sizes its configuration writes
 # (the standard layers a file may name: MODULES below; their configurations are checked like their calls)
 MODULE_CREATED_ELEMENTS: dict[type, Callable[[nn.Module], int]] = {
@@ -247,7 +271,7 @@ TORCHVISION_FUNCTIONS = (
 def _functions() -> dict[str, object]:
     table = {"builtins.getattr": builtins.getattr}
     for prefix, module, names in (("torch.nn.functional", F, _FUNCTIONAL), ("torch", torch, _TORCH),
-                                  ("operator", operator, _OPERATOR)):
+                                  ("torch.linalg", torch.linalg, _LINALG), ("operator", operator, _OPERATOR)):
         for name in names:
             if hasattr(module, name):
                 table.setdefault(f"{prefix}.{name}", getattr(module, name))
@@ -280,6 +304,7 @@ MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
     "ConvTranspose3d": (nn.ConvTranspose3d, _CONV + ("output_padding",)),
     "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
     "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
+    "BatchNorm3d": (nn.BatchNorm3d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
     "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
     "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
     "MultiheadAttention": (nn.MultiheadAttention, ("embed_dim", "num_heads", "dropout", "batch_first", "kdim",
@@ -290,7 +315,14 @@ MODULES: dict[str, tuple[type, tuple[str, ...]]] = {
     "Hardswish": (nn.Hardswish, ("inplace",)), "Hardsigmoid": (nn.Hardsigmoid, ("inplace",)),
     "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")), "Identity": (nn.Identity, ()),
     "Softmax": (nn.Softmax, ("dim",)), "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
-    "Dropout": (nn.Dropout, ("p", "inplace")),
+    "Dropout": (nn.Dropout, ("p", "inplace")), "Dropout1d": (nn.Dropout1d, ("p", "inplace")),
+    "Dropout2d": (nn.Dropout2d, ("p", "inplace")), "Dropout3d": (nn.Dropout3d, ("p", "inplace")),
+    "AlphaDropout": (nn.AlphaDropout, ("p", "inplace")),
+    "FeatureAlphaDropout": (nn.FeatureAlphaDropout, ("p", "inplace")),
+    # views and rearrangements of the input's elements (the channel tables follow them): nothing grows
+    "Unflatten": (nn.Unflatten, ("dim", "unflattened_size")),
+    "PixelShuffle": (nn.PixelShuffle, ("upscale_factor",)),
+    "PixelUnshuffle": (nn.PixelUnshuffle, ("downscale_factor",)),
     "MaxPool2d": (nn.MaxPool2d, _POOL + ("dilation", "ceil_mode")), "AvgPool2d": (nn.AvgPool2d, _POOL),
     "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),

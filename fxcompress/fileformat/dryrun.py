@@ -62,16 +62,16 @@ from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, Quant
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.rewire import writes_in_place
 
-from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MODULES, STANDARD_MODULES, fxcompress_modules
+from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MAX_PIECES, MODULES, STANDARD_MODULES, fxcompress_modules
 from .metaops import MODULES as TABLED_MODULES, Refused, rule_for
 
 MAX_INPUT_DIMS = 32
 MAX_INPUT_ELEMENTS = 1 << 48  # per recorded input: meta tensors cost nothing, but sizes must stay exact integers
 MAX_INPUT_DEPTH = 8  # nesting of one recorded input (tuples of tensors)
 # An op that splits a tensor makes one meta tensor per piece (a Python object each): a recorded shape
-# chosen by the file must not turn `unbind` into millions of them. More pieces than this leave the
-# node unknown (a real model's graph reads far fewer).
-MAX_PIECES = 1 << 16
+# chosen by the file must not turn `unbind` into millions of them. More pieces than MAX_PIECES (allowlist.py,
+# where loading refuses a tensor_split into more, a count the file writes) leave the node unknown (a real
+# model's graph reads far fewer).
 UNKNOWN = object()  # a value the dry run could not compute: the nodes reading it are skipped
 _LIBRARY_FUNCTIONS = frozenset(id(fn) for fn in FUNCTIONS.values())  # before any registration
 _STANDARD_MODULES = frozenset(MODULES[name][0] for name in STANDARD_MODULES)
@@ -206,8 +206,11 @@ def _own_forward(module: nn.Module, state: dict, *args: Any, **kwargs: Any) -> A
 
 
 def _encoded(module: EncodedWeight, state: dict) -> torch.Tensor:
-    header = module.header  # checked against the payload by check_loaded already
-    return torch.empty(header["shape"], dtype=DTYPES[header.get("dtype", "float32")], device="meta")
+    """The decoded weight: the header's shape, in the dtype the model was converted to (`module.dtype`, set by
+    model.double() / .half(): its forward casts to it) or else the header's (both checked by then: the
+    constructor refuses another dtype name, check_loaded the header against the payload)."""
+    header = module.header
+    return torch.empty(header["shape"], dtype=DTYPES[module.dtype or header.get("dtype", "float32")], device="meta")
 
 
 def _weight_like(module: nn.Module, state: dict, weight: torch.Tensor) -> torch.Tensor:
@@ -317,7 +320,8 @@ def _on_meta(args: tuple, kwargs: dict, method: str | None) -> tuple[tuple, dict
     allocate for real, and a real tensor must not meet the meta ones."""
     def device(value: Any) -> Any:
         return torch.device("meta") if isinstance(value, torch.device) else value
-    args = torch.fx.node.map_aggregate(args, device)
+    if any(isinstance(v, torch.device) for v in _leaves(args)):  # map_aggregate rebuilds every tuple it walks: a
+        args = torch.fx.node.map_aggregate(args, device)  # topk's (values, indices) lost its fields, `.values` failed
     kwargs = {k: "meta" if k == "device" and isinstance(v, str) else device(v) for k, v in kwargs.items()}
     if method == "to":
         args = tuple("meta" if isinstance(a, str) else a for a in args)
@@ -501,6 +505,42 @@ def check_conv(dims: int, weight: Any, bias: Any, options: dict[str, Any], group
                              f"{list(bias.shape)}")
 
 
+# Calls whose dim, k or bounds the file writes: (argument names, the dim's default). Their meta kernels check
+# them today, except sort's (it takes a dim of 2**62, the CPU kernel raises IndexError); each is checked here as
+# the CPU kernel checks it, so a file whose topk(x, k) or narrow(x, dim, start, length) does not fit the recorded
+# input is refused by name whatever the meta kernels of the torch at hand let through.
+_ALONG: dict[Any, tuple[tuple[str, ...], int | None]] = {
+    torch.topk: (("input", "k", "dim"), -1), "topk": (("self", "k", "dim"), -1),
+    torch.sort: (("input", "dim"), -1), "sort": (("self", "dim"), -1),
+    torch.narrow: (("input", "dim", "start", "length"), None), "narrow": (("self", "dim", "start", "length"), None),
+}
+
+
+def check_along(target: Any, args: tuple, kwargs: dict) -> None:
+    """IndexError / ValueError unless the dim, topk's k and narrow's start and length given to a call of `_ALONG`
+    fit its input (values of other types are torch's to refuse)."""
+    try:
+        names, default = _ALONG[target]
+    except (KeyError, TypeError):  # not listed, or an unhashable target
+        return
+    values = dict(zip(names, _named(args, kwargs, names)))
+    x, dim = values[names[0]], values.get("dim")
+    dim = default if dim is None else dim
+    if not isinstance(x, torch.Tensor) or type(dim) is not int:
+        return
+    rank = max(x.dim(), 1)
+    if not -rank <= dim < rank:
+        raise IndexError(f"dim {dim} is outside a tensor of {x.dim()} dims")
+    size = x.shape[dim] if x.dim() else 1
+    k, start, length = values.get("k"), values.get("start"), values.get("length")
+    if type(k) is int and not 0 <= k <= size:
+        raise ValueError(f"k={k} is outside 0..{size}, the size of dim {dim}")
+    if type(start) is int and not -size <= start <= size:
+        raise IndexError(f"start {start} is outside -{size}..{size}, the size of dim {dim}")
+    if type(start) is int and type(length) is int and not 0 <= length <= size - (start + size if start < 0 else start):
+        raise ValueError(f"length {length} from start {start} does not fit dim {dim} of size {size}")
+
+
 def _check_unchecked(gm: GraphModule, node: Node, args: tuple, kwargs: dict) -> None:
     """For the calls listed above: raise what the CPU kernel raises for the dtypes of this call (Refused), and for a
     convolution what `check_conv` raises."""
@@ -624,6 +664,8 @@ def _run_node(gm: GraphModule, node: Node, env: dict, memo: dict, cache: dict) -
     try:
         result = _call(gm, node, args, kwargs, memo)
         _check_unchecked(gm, node, args, kwargs)
+        if node.op in ("call_function", "call_method"):
+            check_along(node.target, args, kwargs)
         if key is not None:
             _remember(cache, key, result)
         return result

@@ -23,9 +23,10 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxcompress.errors import FormatError
 
-from .allowlist import (CREATED_ELEMENTS, CREATED_SLACK, DEVICE_FIELDS, DTYPES, FUNCTION_NAMES, FUNCTIONS, METHODS,
-                        MODULE_CREATED_ELEMENTS, MODULE_NAMES, MODULES, NUMERIC_LIMITS, STANDARD_MODULES,
-                        TENSOR_PROPERTIES, ensure_torchvision, fxcompress_modules, is_safe_name, is_safe_path_part)
+from .allowlist import (CREATED_ELEMENTS, CREATED_PIECES, CREATED_SLACK, DEVICE_FIELDS, DTYPES, FUNCTION_NAMES,
+                        FUNCTIONS, MAX_PIECES, METHODS, MODULE_CREATED_ELEMENTS, MODULE_NAMES, MODULES, NAMED_RESULTS,
+                        NUMERIC_LIMITS, RESULT_FIELDS, STANDARD_MODULES, TENSOR_PROPERTIES, ensure_torchvision,
+                        fxcompress_modules, is_safe_name, is_safe_path_part)
 
 ALIAS = "alias"  # a module table entry naming a module listed earlier under another path
 MAX_ARG_DEPTH = 32  # nesting of one argument (tuples, lists, dicts, slices)
@@ -72,7 +73,8 @@ def _function_name(node: Node, where: str) -> str:
                           "(fxcompress.register_function adds a trusted one)")
     if node.target is getattr and not _is_property_read(node.args, node.kwargs):
         raise FormatError(f"cannot save {where}: getattr is stored only for tensor properties "
-                          f"{sorted(TENSOR_PROPERTIES)} and torch.finfo / iinfo fields {sorted(NUMERIC_LIMITS)}")
+                          f"{sorted(TENSOR_PROPERTIES)}, torch.finfo / iinfo fields {sorted(NUMERIC_LIMITS)} and "
+                          f"the fields {sorted(RESULT_FIELDS)} of topk / sort / max / min results")
     return FUNCTION_NAMES[node.target]
 
 
@@ -324,6 +326,8 @@ def _is_property_read(args: tuple, kwargs: dict) -> bool:
         return args[1] in NUMERIC_LIMITS
     if args[0].op == "call_function" and args[0].target is getattr and args[0].args[1:] == ("device",):
         return args[1] in DEVICE_FIELDS
+    if args[0].op in ("call_function", "call_method") and args[0].target in NAMED_RESULTS:
+        return args[1] in RESULT_FIELDS
     return args[1] in TENSOR_PROPERTIES
 
 
@@ -356,6 +360,10 @@ def _check_sizes(root: nn.Module, op: str, target: Any, args: tuple, kwargs: dic
     if created > budget:
         raise fail(where, f"{what} would create {created} elements from sizes the file states, more than the "
                           f"model's tensors hold plus {CREATED_SLACK} ({budget})")
+    pieces = CREATED_PIECES.get(target) if op in ("call_function", "call_method") else None
+    if pieces is not None and pieces(args, kwargs) > MAX_PIECES:
+        raise fail(where, f"{getattr(target, '__name__', target)} would make {pieces(args, kwargs)} tensors from a "
+                          f"count the file states, more than {MAX_PIECES}")
 
 
 _SCALARS = (bool, int, float)

@@ -187,6 +187,11 @@ class WeightOnlyLinear(MeasuredLayer):
             expect_tensor(self, name, dtype, shape)
         if not bool(torch.isfinite(self.scale).all()):
             raise FormatError(f"{self._where}: scales must be finite")
+        # int8pack's refusals are the file's, not the machine's (the other kernels' depend on the build): codes
+        # whose u - z leave int8, or groups, would load and raise PreconditionError at the first forward
+        refusal = _int8pack_refusal(self) if self.kernel == "int8pack" else None
+        if refusal is not None:
+            raise FormatError(f"{self._where}: kernel 'int8pack' cannot run these tensors: {refusal}")
         self._run = None
 
 

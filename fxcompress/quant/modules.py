@@ -13,11 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_int
 from ..errors import ConfigError, PreconditionError
 from ..layers import WeightTransform
 from .observers import make_observer
 from .quantizers import (SCALE_DTYPES, Grid, GroupedCodes, as_rows, check_finite, fake_quantize, fixed_point_grid,
                          from_rows, grouped_codes, kmeans_codebook, linear_grid, quantize)
+
+
+MAX_BITS = 16  # InsertFakeQuant's and ActivationConfig's range of bits (1..16)
+
+
+def check_bits(owner: str, bits: Any, symmetric: bool = False) -> None:
+    """ConfigError naming `owner.bits` unless it is an integer of 1..MAX_BITS (2.. for a symmetric grid, which needs
+    room for -s, 0 and +s). A constructor checks it (a file's configuration reaches the constructor): a grid of
+    bits=-8 or 10**6 failed at its first forward (a negative shift count, a grid of 2**10**6 levels)."""
+    check_int(owner, "bits", bits, 2 if symmetric is True else 1, MAX_BITS)
 
 
 def code_dtype(bits: int) -> torch.dtype:
@@ -41,6 +52,7 @@ class KMeansWeight(WeightTransform):
     def __init__(self, shape: list[int], bits: int, size: int, groups: int = 1, axis: int | None = None,
                  fixed_zero: bool = True, enabled: bool = True) -> None:
         super().__init__()
+        check_bits("KMeansWeight", bits)
         self.bits, self.size, self.groups, self.axis, self.fixed_zero = bits, size, groups, axis, fixed_zero
         self.codebook = nn.Parameter(torch.zeros(groups, size))
         # the narrowest type the codes fit (0 .. size): a uint8 buffer is a quarter of the float weight
@@ -169,6 +181,7 @@ class GridWeight(WeightTransform):
                  axis: int | None = None, enabled: bool = True, group_size: int | None = None,
                  scale_dtype: str = "float32") -> None:
         super().__init__()
+        check_bits("GridWeight", bits, symmetric and method == "linear")
         if scale_dtype not in SCALE_DTYPES or (scale_dtype != "float32" and method != "linear"):  # a file's too
             raise ConfigError(f"GridWeight: scale_dtype={scale_dtype!r} needs method='linear' and one of "
                               f"{sorted(SCALE_DTYPES)}")
@@ -218,6 +231,7 @@ class ActivationQuant(nn.Module):
     def __init__(self, bits: int = 8, symmetric: bool = False, observer: str = "minmax",
                  options: dict[str, Any] | None = None, enabled: bool = True, observing: bool = True) -> None:
         super().__init__()
+        check_bits("ActivationQuant", bits, symmetric)
         self.bits, self.symmetric = bits, symmetric
         self.observer = make_observer(observer, **(options or {}))
         self.kind = observer

@@ -4,6 +4,7 @@ now refuses it, naming the node. The common cause: torch's meta kernels compute 
 the CPU kernels make (dtypes that must agree, a bias's size, a stride's length), and a module with no forward
 raises NotImplementedError, which the dry run reads as a missing meta kernel rather than a refusal."""
 import functools
+import zlib
 
 import pytest
 import torch
@@ -11,13 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
-from fxcompress.errors import FormatError
+from fxcompress.errors import ConfigError, FormatError, PreconditionError
 from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.fileformat.graphdata import conforms
-from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks, LowerToInteger, LowerToSparse
+from fxcompress.kernels.weight_only import WeightOnlyLinear
+from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerToInteger, LowerToSparse,
+                               LowerWeightOnly)
+from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.zoo import ZOO
 
-from .hostile import read_manifest, with_manifest
+from .hostile import read_manifest, tensor_data, with_manifest
 
 
 def _file(model, x):
@@ -204,21 +208,116 @@ def test_an_integer_layer_padding_for_other_dimensions_is_refused():
         from_bytes(with_manifest(data, manifest))
 
 
-def test_an_activation_grid_of_impossible_bits_is_refused():
-    """Found as an observed ActivationQuant's bits made -8: its constructor keeps them, its forward's grid fails
-    (ValueError: negative shift count)."""
+@functools.cache
+def _fake_quant_file():
+    """(file, input) of a small model with linear weight grids, a k-means codebook and an observed activation grid."""
     torch.manual_seed(0)
     x = torch.randn(2, 6)
-    gm = fxcompress.compile(nn.Sequential(nn.Linear(6, 4)).eval(),
-                            [InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(bits=8))],
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    gm = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, activations=ActivationConfig(bits=8))],
                             example_inputs=(x,), calibration_data=[x])
+    gm.add_submodule("kmeans", KMeansWeight.fit(torch.randn(3, 4), 3))  # a module the file rebuilds, unused
     data = to_bytes(gm, example_inputs=(x,))
     torch.testing.assert_close(from_bytes(data)(x), gm(x))  # the grid made at load is the one forward makes
+    return data, x
+
+
+@pytest.mark.parametrize("kind", ["ActivationQuant", "GridWeight", "KMeansWeight"])
+@pytest.mark.parametrize("bits", [-8, 0, 17, 10 ** 6, True, 4.0])
+def test_a_grid_of_impossible_bits_is_refused_when_its_module_is_built(kind, bits):
+    """Found as an observed ActivationQuant's bits made -8: its constructor kept them, its forward's grid failed
+    (ValueError: negative shift count). The constructors of the three fake-quant modules check bits (1..16, as
+    InsertFakeQuant takes them), so the file is refused naming the module before anything runs."""
+    data, _ = _fake_quant_file()
     manifest = read_manifest(data)
-    entry = next(m for m in manifest["modules"] if m["type"].endswith(".ActivationQuant"))
-    entry["config"]["bits"] = -8
-    with pytest.raises(FormatError, match=f"call_module {entry['path']} \\(ActivationQuant\\)\\): fails"):
+    entry = next(m for m in manifest["modules"] if m["type"].endswith(f".{kind}"))
+    entry["config"]["bits"] = bits
+    with pytest.raises(FormatError, match=f"module '{entry['path']}': {kind}\\(.*\\) cannot be built \\((ConfigError: "
+                                          f"{kind}.bits must be|.*config 'bits')|module '{entry['path']}': config 'bits' "
+                                          f"is .*, not a int"):
         from_bytes(with_manifest(data, manifest))
+
+
+@pytest.mark.parametrize("make", [
+    lambda bits: ActivationQuant(bits), lambda bits: GridWeight(bits), lambda bits: GridWeight(bits, "fixed_point"),
+    lambda bits: KMeansWeight([2, 3], bits, 4),
+])
+def test_the_fake_quant_constructors_check_bits(make):
+    for bits in (1, 8, 16):
+        assert make(bits).bits == bits
+    for bits in (0, -8, 17, True, 2.5, "8", None):
+        with pytest.raises(ConfigError, match=r"(ActivationQuant|GridWeight|KMeansWeight)\.bits must be"):
+            make(bits)
+
+
+def test_a_symmetric_grid_needs_two_bits_from_its_constructor():
+    """A symmetric linear grid of 1 bit has no room for -s, 0 and +s (linear_grid refused it at the first call)."""
+    for make in (lambda: ActivationQuant(1, symmetric=True), lambda: GridWeight(1, symmetric=True)):
+        with pytest.raises(ConfigError, match=r"\.bits must be in \[2, 16\], got 1"):
+            make()
+    assert GridWeight(1, "fixed_point", symmetric=True).bits == 1  # symmetry is a linear grid's option only
+
+
+@functools.cache
+def _int8pack_file():
+    """(file, input, output) of a layer lowered to symmetric 8-bit weight-only codes and set to the int8pack kernel."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    fq = fxcompress.compile(model, [InsertFakeQuant(method="linear", bits=8, per_channel=True, symmetric=True)],
+                            example_inputs=(x,))
+    gm = fxcompress.compile(fq, [LowerWeightOnly(repeats=1)], example_inputs=(x,))
+    (layer,) = [m for m in gm.modules() if isinstance(m, WeightOnlyLinear)]
+    assert not layer.refusals(["int8pack"])
+    layer.kernel, layer._run = "int8pack", None
+    return to_bytes(gm, example_inputs=(x,)), x, gm(x)
+
+
+def _with_tensor(data, suffix, change):
+    """`data` with the tensor whose name ends with `suffix` replaced by `change(tensor)` (same dtype and size),
+    its checksum recomputed."""
+    manifest, segment = read_manifest(data), bytearray(tensor_data(data))
+    entry = next(t for t in manifest["tensors"] if t["name"].endswith(suffix))
+    start, length = entry["offset"], entry["length"]
+    old = torch.frombuffer(bytes(segment[start:start + length]), dtype=getattr(torch, entry["dtype"]))
+    segment[start:start + length] = change(old.clone()).numpy().tobytes()
+    entry["crc32"] = zlib.crc32(bytes(segment[start:start + length]))
+    return with_manifest(data, manifest, bytes(segment))
+
+
+def test_int8pack_codes_that_leave_int8_are_refused_at_load():
+    """Found as an int8pack layer's zero-points set to 0: every check of shapes and dtypes passed, the file loaded,
+    and the first forward raised PreconditionError (codes minus zero-point do not fit int8). The kernel is the
+    file's choice, and whether it can run is in the file's tensors: load refuses it naming the layer."""
+    data, x, expected = _int8pack_file()
+    loaded = from_bytes(data)
+    assert loaded.get_submodule("0.weight_only").kernel == "int8pack"
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    for tampered in (_with_tensor(data, ".zero", lambda z: z.zero_()),  # u - 0 reaches 254
+                     _with_tensor(data, ".codes", lambda u: u.fill_(255))):  # 255 - 127 = 128
+        with pytest.raises(FormatError, match="WeightOnlyLinear 0.weight_only: kernel 'int8pack' cannot run these "
+                                              "tensors: codes minus zero-point do not fit int8"):
+            from_bytes(tampered)
+    manifest = read_manifest(data)  # the codes of another kernel still load (whose refusals are the machine's)
+    next(m for m in manifest["modules"] if m["type"].endswith(".WeightOnlyLinear"))["config"]["kernel"] = "float"
+    lenient = from_bytes(_with_tensor(with_manifest(data, manifest), ".zero", lambda z: z.zero_()))
+    assert lenient(x).shape == expected.shape
+
+
+def test_int8pack_of_grouped_codes_is_refused_at_load():
+    """The other int8pack refusal is the file's too: groups of input channels (one scale per output channel only)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    fq = fxcompress.compile(nn.Sequential(nn.Linear(64, 32)).eval(),
+                            [InsertFakeQuant(method="linear", bits=8, group_size=32, symmetric=True)], example_inputs=(x,))
+    gm = fxcompress.compile(fq, [LowerWeightOnly(repeats=1, kernels=("c_gemv",))], example_inputs=(x,))
+    layer = gm.get_submodule("0.weight_only")
+    layer.kernel, layer.kernel_choice, layer._run = "int8pack", None, None  # set by hand: no measurement
+    with pytest.raises(PreconditionError, match="kernel 'int8pack' cannot run here"):
+        gm(x)  # what a loaded file did at its first forward
+    with pytest.raises(FormatError, match="WeightOnlyLinear 0.weight_only: kernel 'int8pack' cannot run these tensors: "
+                                          "one scale per output channel only"):
+        from_bytes(to_bytes(gm))
 
 
 def test_a_native_float_kernel_given_inputs_of_another_float_dtype_is_refused():

@@ -7,6 +7,7 @@ import ast
 import collections
 import copy
 import functools
+import math
 import os
 import resource
 import tempfile
@@ -346,6 +347,98 @@ def test_declared_sizes_are_not_allocated(with_entry):
     assert time.perf_counter() - start < 2.0
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert grown_kib < 200 * 1024, f"loading grew the peak RSS by {grown_kib} KiB"
+
+
+# ---- sizes, counts and bounds the ops the channel tables follow take from the file ----------------------
+
+class _Along(torch.nn.Module):
+    """repeat, tile, tensor_split, topk, sort and narrow with small arguments; each test makes one of them hostile."""
+
+    def forward(self, x):  # x: [2, 8]
+        a, b = torch.tensor_split(x.repeat(1, 2).tile(1, 1), 2, dim=1)
+        top = torch.topk(a + b, 3, 1).values
+        return top.sum() + torch.sort(x, 1).values.sum() + torch.narrow(x, 1, 2, 4).sum()
+
+
+@functools.cache
+def _along():
+    x = torch.randn(2, 8)
+    gm = torch.fx.symbolic_trace(_Along())
+    data = to_bytes(gm, example_inputs=(x,))
+    torch.testing.assert_close(from_bytes(data)(x), gm(x))
+    return data
+
+
+def _along_edited(target, position, value):
+    """The file of _Along with argument `position` of its call of `target` set to `value`; that call's name."""
+    manifest = read_manifest(_along())
+    node = next(n for n in manifest["graph"] if n["target"] == target)
+    node["args"]["t"][position] = value
+    return with_manifest(_along(), manifest), node["name"]
+
+
+@pytest.mark.parametrize("target, factors", [
+    ("repeat", [10 ** 6, 10 ** 6]), ("repeat", [1, 2 ** 40]), ("tile", [2 ** 40, 1]), ("tile", [1, 2 ** 40]),
+])
+def test_a_repeat_of_a_million_by_a_million_is_refused_by_name_without_allocating(target, factors):
+    """x.repeat(10**6, 10**6) would make 10**12 copies of x at the first forward (and the dry run's meta tensor
+    would hold that shape): refused while the graph is read, naming the node. The count is a factor on the input's
+    size, refused past what the model's tensors hold plus CREATED_SLACK, as F.pad's and repeat_interleave's."""
+    manifest = read_manifest(_along())
+    node = next(n for n in manifest["graph"] if n["target"] == target)
+    node["args"]["t"][1:3] = factors
+    tracemalloc.start()
+    start = time.perf_counter()
+    _refused(with_manifest(_along(), manifest),
+             f"graph node '{node['name']}': {target} would create {math.prod(factors)} elements from sizes the file "
+             "states")
+    seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 2.0 and peak < 20 * 2 ** 20, (seconds, peak)
+
+
+def test_a_tensor_split_into_more_pieces_than_a_graph_reads_is_refused():
+    """tensor_split(x, 2**40) makes 2**40 tensors (empty ones past x's end) whatever x's size."""
+    data, name = _along_edited("torch.tensor_split", 1, 2 ** 40)
+    tracemalloc.start()
+    _refused(data, f"graph node '{name}': tensor_split would make 1099511627776 tensors from a count the file states")
+    assert tracemalloc.get_traced_memory()[1] < 20 * 2 ** 20
+    tracemalloc.stop()
+
+
+@pytest.mark.parametrize("target, position, value, match", [
+    ("torch.topk", 1, 100, "k=100 is outside 0..16|k not in range"),
+    ("torch.topk", 1, -1, "k=-1 is outside 0..16|Expected cond"),
+    ("torch.topk", 2, 7, "Dimension out of range|dim 7"),
+    ("torch.sort", 1, 2 ** 62, "dim 4611686018427387904 is outside a tensor of 2 dims"),  # meta sort takes it
+    ("torch.sort", 1, -2 ** 63, "is outside a tensor of 2 dims"),
+    ("torch.narrow", 2, 7, "start \\(7\\) \\+ length \\(4\\) exceeds|length 4 from start 7"),
+    ("torch.narrow", 2, -9, "start out of range|start -9 is outside"),
+    ("torch.narrow", 3, -1, "length must be non-negative|length -1"),
+    ("torch.narrow", 1, 5, "Dimension out of range|dim 5"),
+])
+def test_a_k_dim_or_bounds_outside_the_recorded_input_are_refused_by_name(target, position, value, match):
+    """Each loaded and failed at its first forward with a RuntimeError or IndexError if the dry run let it
+    through (the meta sort kernel does: it takes any dim); load refuses it naming the node."""
+    data, name = _along_edited(target, position, value)
+    _refused(data, f"graph node '{name}' \\(call_function {target}\\): fails on the recorded input shapes.*({match})")
+
+
+def test_values_and_indices_are_read_only_from_the_results_that_have_them():
+    """`.values` is a field of topk's / sort's / max's result; of a tensor it is a method of sparse tensors, which a
+    file has no use for: the getattr is refused as any other attribute."""
+    manifest = read_manifest(_along())
+    read = next(n for n in manifest["graph"] if n["target"] == "builtins.getattr")
+    assert read["args"]["t"][1] == "values"
+    read["args"]["t"][0] = {"n": manifest["graph"][0]["name"]}  # x.values
+    _refused(with_manifest(_along(), manifest), f"graph node '{read['name']}': the arguments of this call_function "
+                                                 "node have the wrong form")
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(getattr, (x, "values")))
+    with pytest.raises(FormatError, match="getattr is stored only for .* the fields \\['indices', 'values'\\] of "
+                                          "topk / sort / max / min results"):
+        to_bytes(torch.fx.GraphModule(torch.nn.Module(), graph))
 
 
 # ---- generated hostile files ------------------------------------------------------------------------
