@@ -63,7 +63,9 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.hardsigmoid.default: F.hardsigmoid, aten.leaky_relu.default: F.leaky_relu,
     aten.elu.default: F.elu, aten.selu.default: F.selu, aten.mish.default: F.mish,
     aten.softplus.default: F.softplus,
-    aten.dropout.default: F.dropout, aten.exp.default: torch.exp, aten.sqrt.default: torch.sqrt,
+    aten.dropout.default: F.dropout, aten.alpha_dropout.default: F.alpha_dropout,
+    aten.feature_alpha_dropout.default: F.feature_alpha_dropout,
+    aten.exp.default: torch.exp, aten.sqrt.default: torch.sqrt,
     aten.rsqrt.default: torch.rsqrt, aten.neg.default: operator.neg, aten.abs.default: torch.abs,
     aten.clone.default: torch.clone, aten.detach.default: torch.detach,
     aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
@@ -94,7 +96,8 @@ SPELLINGS: dict[Any, Spelling] = {op: Spelling(target) for op, target in {
     aten.gt.Scalar: operator.gt, aten.gt.Tensor: operator.gt, aten.ge.Scalar: operator.ge,
     aten.sym_size.int: "size", aten.contiguous.default: "contiguous",
     # what transformer forwards build: position ids, token-type lookups, masks, casts, rotary tables
-    aten.gather.default: torch.gather, aten.cumsum.default: torch.cumsum, aten.diff.default: torch.diff,
+    aten.gather.default: torch.gather, aten.cumsum.default: torch.cumsum, aten.cumprod.default: torch.cumprod,
+    aten.diff.default: torch.diff,
     aten.log.default: torch.log, aten.erf.default: torch.erf,
     aten.arange.default: torch.arange, aten.arange.start: torch.arange, aten.arange.start_step: torch.arange,
     aten.full.default: torch.full, aten.zeros.default: torch.zeros, aten.ones.default: torch.ones,
@@ -256,11 +259,6 @@ def _feature_dropout(inplace: bool) -> Callable[[Node, tuple], tuple[Callable, t
     return adapt
 
 
-def _as(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
-    """The aten op as `function`, its arguments as they are."""
-    return lambda node, args: (function, args, {})
-
-
 def _in_place(function: Callable) -> Callable[[Node, tuple], tuple[Callable, tuple, dict]]:
     """`aten.hardswish_(x)` is `F.hardswish(x, inplace=True)` (nn.Hardswish(inplace=True)): in place, so
     a later reader of x sees what the module wrote, as in the model."""
@@ -296,9 +294,7 @@ _ADAPTERS: dict[Any, Callable[[Node, tuple], tuple[Callable, tuple, dict] | None
     aten.selu_.default: _in_place(F.selu),
     aten.feature_dropout.default: _feature_dropout(inplace=False),
     aten.feature_dropout_.default: _feature_dropout(inplace=True),
-    # the alpha dropouts (not in SPELLINGS: the file format names neither function; their calls become modules)
-    aten.alpha_dropout.default: _as(F.alpha_dropout), aten.alpha_dropout_.default: _in_place(F.alpha_dropout),
-    aten.feature_alpha_dropout.default: _as(F.feature_alpha_dropout),
+    aten.alpha_dropout_.default: _in_place(F.alpha_dropout),
     aten.feature_alpha_dropout_.default: _in_place(F.feature_alpha_dropout),
 }
 

@@ -117,20 +117,17 @@ def test_the_spellings_save_load_and_compute_alike_under_both_front_ends():
 # ---- the ops the channel tables follow, in each form ---------------------------------------------
 
 class FunctionOps(nn.Module):
-    """Each op as a torch function (or F.), between a convolution and a head whose channels are pruned. The export
-    front end has no spelling of aten.cumprod (it warns, and the aten op is no name the file format knows): exported
-    models leave it out (`cumprod=False`)."""
+    """Each op as a torch function (or F.), between a convolution and a head whose channels are pruned."""
 
-    def __init__(self, cumprod=True):
+    def __init__(self):
         super().__init__()
-        self.cumprod = cumprod
         self.conv, self.mid, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
 
     def forward(self, x):  # x: [2, 3, 8, 8]
         h = torch.relu(self.conv(x))
         h = torch.moveaxis(torch.movedim(h, 1, -1), -1, 1)
         h = torch.flip(torch.roll(torch.narrow(h, 2, 1, 6), 1, 3), (2,))  # [2, 8, 6, 8]
-        h = h + 0.1 * torch.cumsum(h, 3) + (torch.cumprod(torch.sigmoid(h), 2) if self.cumprod else 0)
+        h = h + 0.1 * torch.cumsum(h, 3) + torch.cumprod(torch.sigmoid(h), 2)
         h = torch.repeat_interleave(torch.tile(h, (1, 1, 2, 1)), 2, dim=3)  # [2, 8, 12, 16]
         a, b = torch.tensor_split(h, 2, dim=2)
         h = F.pixel_shuffle(F.pixel_unshuffle(a + b, 2), 2)  # [2, 8, 6, 16]
@@ -145,15 +142,14 @@ class FunctionOps(nn.Module):
 class MethodOps(nn.Module):
     """The same ops as tensor methods."""
 
-    def __init__(self, cumprod=True):
+    def __init__(self):
         super().__init__()
-        self.cumprod = cumprod
         self.conv, self.mid, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
 
     def forward(self, x):
         h = torch.relu(self.conv(x))
         h = h.movedim(1, -1).moveaxis(-1, 1).narrow(2, 1, 6).roll(1, 3).flip(2)
-        h = h + 0.1 * h.cumsum(3) + (h.sigmoid().cumprod(2) if self.cumprod else 0)
+        h = h + 0.1 * h.cumsum(3) + h.sigmoid().cumprod(2)
         h = h.tile(1, 1, 2, 1).repeat(1, 1, 1, 2).repeat_interleave(1, dim=3)  # [2, 8, 12, 16]
         a, b = h.tensor_split(2, dim=2)
         h = self.mid((a + b).unflatten(3, (4, 4)).sum(-1))
@@ -166,7 +162,7 @@ class MethodOps(nn.Module):
 class ModuleOps(nn.Module):
     """nn.Unflatten, nn.PixelShuffle and nn.PixelUnshuffle."""
 
-    def __init__(self, cumprod=None):
+    def __init__(self):
         super().__init__()
         self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
         self.unshuffle, self.shuffle = nn.PixelUnshuffle(2), nn.PixelShuffle(2)
@@ -181,7 +177,7 @@ class ModuleOps(nn.Module):
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_pruned_model_using_the_channel_tables_ops_saves_and_loads(make, frontend):
     torch.manual_seed(0)
-    model, x = make(cumprod=frontend == "fx").eval(), torch.randn(2, 3, 8, 8)
+    model, x = make().eval(), torch.randn(2, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # every op reaches a torch-level spelling
         gm = fxcompress.compile(model, [], (x,), frontend=frontend)
