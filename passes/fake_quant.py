@@ -14,8 +14,10 @@ after the mask's `mul(weight, weight_mask)` when the layer is pruned:
 
 With `activations=ActivationConfig(...)`, each quantized layer's input gets an `ActivationQuant`
 node whose observer is calibrated on `compile(..., calibration_data=...)`, then frozen or left to
-follow the data in training (QAT). `fxcompress.quant.set_quantization(gm, False)` gives the float
-model back on the same GraphModule.
+follow the data in training (QAT). Calibration batches are read as GPTQ's walk reads them: dicts bind
+to the graph's inputs by name, and positions an `attention_mask` input marks as padding are left out of
+every observer (`fxcompress.quant.calibrate`). `fxcompress.quant.set_quantization(gm, False)` gives the
+float model back on the same GraphModule.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxcompress.calibration.gptq import gptq_layers
+from fxcompress.calibration.sequential import calibration_batches
 from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
 from fxcompress.memory import release_freed_memory
 from fxcompress.errors import ConfigError, PreconditionError
@@ -247,10 +250,19 @@ class InsertFakeQuant(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         plan = self.plan(gm)
+        data = ctx.calibration_data
+        if self.rounding == "gptq" and self.activations is not None:
+            # two passes over the data (GPTQ's walk, then the observers): a generator would be used up by the
+            # first. Listing holds the batches themselves until the pass ends: a list's are held already, and
+            # a generator's are what GPTQ's walk holds at once anyway (it keeps every batch's inputs)
+            data = calibration_batches(data, "InsertFakeQuant")
         if self.rounding == "gptq":  # block by block: each layer rounded on inputs the rounded layers before it give
-            stats, _ = gptq_layers(gm, ctx.calibration_data, plan,
-                                   lambda layer, spec: self._quantize_weight(gm, layer, spec), act_order=self.act_order,
-                                   static_groups=self.static_groups)
+            stats, report = gptq_layers(gm, data, plan, lambda layer, spec: self._quantize_weight(gm, layer, spec),
+                                        act_order=self.act_order, static_groups=self.static_groups)
+            if report.padded_tokens:  # only then: the keys beside the layers' reports are otherwise all layers
+                stats["calibration_padded_tokens"] = report.padded_tokens   # left out of the Hessians
+            if report.padding_included:  # layers whose Hessians hold the padding all the same (the walk warned)
+                stats["calibration_padding_included"] = list(report.padding_included)
         else:
             stats = {}
             for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name):
@@ -262,7 +274,7 @@ class InsertFakeQuant(Pass):
             if self.activations.joins:
                 inserted += self._quantize_joins(gm, layers)
             gm.recompile()
-            stats["calibration_batches"] = calibrate(gm, ctx.calibration_data, progress=ctx.progress)
+            stats["calibration_batches"] = calibrate(gm, data, progress=ctx.progress)
             if stats["calibration_batches"] == 0:  # no observer saw anything: every activation would stay float
                 raise PreconditionError(
                     f"InsertFakeQuant.activations: calibration_data yielded no batches; its {len(inserted)} activation "

@@ -8,13 +8,15 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from ..calibration.sequential import TOKEN_MASK, PaddingIncludedWarning, _Runner, token_mask
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import constant_value
@@ -105,7 +107,14 @@ def freeze_observers(gm: nn.Module, frozen: bool = True) -> int:
 
 
 def calibrate(gm: nn.Module, data: Iterable[Any], *, progress: bool = False) -> int:
-    """Run `data` (tensors or tuples of inputs) through `gm` in eval mode, feeding every observer.
+    """Run `data` through `gm` in eval mode, feeding every observer.
+
+    A batch is a tensor, a tuple of inputs, or a dict bound to the inputs by name as the calibration
+    walk binds it (a tokenizer's output: unknown keys are refused, a left-out input takes its default;
+    a plain nn.Module is called as gm(**batch)). Where the model has an input named `attention_mask`
+    of shape (batch, sequence), its zeros are padding: observers leave those positions out, as the
+    calibration walk leaves them out of GPTQ's and Wanda's statistics; an activation whose layout does
+    not line up with them is observed whole, with a PaddingIncludedWarning naming its quantizer.
 
     Returns the number of batches seen. The model's training flags are restored afterwards.
     A batch that gives an activation NaN or Inf raises PreconditionError naming the quantizer and
@@ -115,17 +124,24 @@ def calibrate(gm: nn.Module, data: Iterable[Any], *, progress: bool = False) -> 
     modules = [m for _, m in named]
     if not modules:
         raise PreconditionError("calibrate: the model has no activation fake-quant (InsertFakeQuant(activations=...))")
+    if isinstance(data, Mapping):  # iterating it would make each key a batch (the walk refuses it alike)
+        raise PreconditionError("calibrate: calibration_data is one dict; pass a list of batches ([batch])")
+    bind = _binder(gm)
     if progress:
         from tqdm.auto import tqdm
         data = tqdm(data, desc="calibrating", unit="batch")
     batches = 0
     for module in modules:
         module.calibrating = True
+        module.observer.padding_included = False
     try:
         with evaluating(gm):
             for batch in data:
+                args, kwargs, keep = bind(batch, batches)
+                for module in modules:
+                    module.observer.keep = keep
                 try:
-                    gm(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                    gm(*args, **kwargs)
                 except PreconditionError as exc:
                     culprit = next((name for name, m in named if m.observer is getattr(exc, "observer", None)), None)
                     if culprit is None:
@@ -136,7 +152,41 @@ def calibrate(gm: nn.Module, data: Iterable[Any], *, progress: bool = False) -> 
     finally:
         for module in modules:
             module.calibrating = False
+            module.observer.keep = None  # the batch's mask is no state: later training observes every value
+    included = [name for name, m in named if m.observer.padding_included]
+    if included:
+        warnings.warn(f"calibrate: the calibration batches' {TOKEN_MASK} marks padding, but the activations of "
+                      f"{', '.join(included)} do not line up with its (batch, sequence) positions: their grids "
+                      f"include the padded positions", PaddingIncludedWarning, stacklevel=2)
     return batches
+
+
+def _binder(gm: nn.Module):
+    """`bind(batch, index) -> (args, kwargs, keep)`: how `calibrate` calls `gm` on a batch, and the batch's
+    kept positions (None: no padding to leave out). A GraphModule binds a dict by its placeholders' names
+    with the calibration walk's own rule (so a batch either both accept or both refuse, in the same words),
+    and its mask is its `attention_mask` placeholder's value, however the batch gave it."""
+    if not isinstance(gm, GraphModule):
+        def bind_module(batch: Any, index: int) -> tuple[tuple, dict, torch.Tensor | None]:
+            if isinstance(batch, Mapping):  # the module's own signature binds (and refuses) the names
+                return (), dict(batch), token_mask(batch.get(TOKEN_MASK))
+            return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}, None
+        return bind_module
+    runner = _Runner(gm)
+    placeholders = [node for node in runner.nodes if node.op == "placeholder"]
+    at = next((i for i, node in enumerate(placeholders) if node.target == TOKEN_MASK), None)
+
+    def bind_graph(batch: Any, index: int) -> tuple[tuple, dict, torch.Tensor | None]:
+        if isinstance(batch, Mapping):
+            args = runner._by_name(batch, index)  # the walk's own binding: one rule, one set of messages
+        else:
+            args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        if at is None:
+            return args, {}, None
+        # a batch that stops short of the mask leaves it to its default, as the graph itself would
+        default = placeholders[at].args[0] if placeholders[at].args else None
+        return args, {}, token_mask(args[at] if at < len(args) else default)
+    return bind_graph
 
 
 def recluster(gm: GraphModule, seed: int = 0) -> int:

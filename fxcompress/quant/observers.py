@@ -14,6 +14,13 @@ across ranks before folding them in (extremes with MAX, histogram counts with SU
 holds the state one process would reach on the concatenation of the ranks' batches: identical
 grids everywhere, as calibration over the union of the data. Every rank must therefore feed its
 observers the same number of batches (calibrate on every rank, each on its own shard).
+
+Padding: while `calibrate` runs a batch whose attention mask marks padded positions, it sets each
+observer's `keep` to the batch's kept (batch, sequence) positions, and `update` observes only the
+activation's values there (a pad token's activations are no text the model reads, and an outlier
+there would stretch the grid every real token is rounded on). An activation not laid out as
+(batch, sequence, ...) or (batch * sequence, ...) is observed whole, and `padding_included` says so.
+A subclass's `update` should read `self.tokens(x)` rather than `x` to follow this.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..calibration.sequential import token_rows
 from ..config import check_int, check_real
 from ..errors import PreconditionError
 
@@ -45,8 +53,25 @@ def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     return tensor
 
 
+def kept_values(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """`x`'s values at the positions `keep` (batch, sequence) marks, or None where `x` does not line up with
+    them. An observer reads values, not channels, so any layout that starts (batch, sequence) qualifies
+    (a (batch, sequence) value, heads split off (batch, sequence, heads, dim)); the calibration walk's
+    `token_rows` decides the rest, a (batch * sequence, channels) value included."""
+    if x.ndim >= 2 and tuple(x.shape[:2]) == tuple(keep.shape) and x.numel():
+        x = x.reshape(*keep.shape, -1)
+    return token_rows(x, keep)
+
+
 class Observer(nn.Module):
-    """Base class: buffers `low` / `high` hold the observed range once `seen` is set."""
+    """Base class: buffers `low` / `high` hold the observed range once `seen` is set.
+
+    `keep` and `padding_included` are plain attributes, not state: `calibrate` sets them around each batch
+    (class defaults, so an observer saved whole before they existed still loads and observes everything).
+    """
+
+    keep: torch.Tensor | None = None      # the batch's kept (batch, sequence) positions; None: observe all
+    padding_included: bool = False        # a batch with padding was observed whole (its layout did not line up)
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,18 +88,35 @@ class Observer(nn.Module):
     def config(self) -> dict[str, Any]:
         return {}
 
-    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's extremes, over every rank's batch when distributed (one MAX reduction of -low, high).
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """What `update` observes of `x`: its values at the kept positions while `keep` is set (flattened),
+        else `x` itself; an `x` that does not line up with them is observed whole and flagged."""
+        if self.keep is None:
+            return x
+        kept = kept_values(x, self.keep)
+        if kept is None:
+            self.padding_included = True
+            return x
+        return kept
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's extremes, over every rank's batch when distributed (one MAX reduction of -low, high);
+        None when no rank observed any value (every position of the batch was padding): nothing to fold in.
 
         A batch holding NaN or Inf is refused with PreconditionError before any state changes: its
         range would give the grid an infinite or NaN scale, turning every later input to NaN. The
         error carries the refusing observer as `.observer`, so `calibrate` can name its quantizer.
         """
-        low, high = x.detach().float().aminmax()
+        if x.numel():
+            low, high = x.detach().float().aminmax()
+        else:  # no value (padding only): the MAX identity, so that this rank still takes part in the reduction
+            low, high = (torch.full((), value, device=x.device) for value in (torch.inf, -torch.inf))
         extremes = torch.stack([-low, high])
         # NaN enters the reduction as +inf: MAX is unordered on NaN, and every rank must refuse together
         extremes = all_reduce(torch.where(extremes.isnan(), torch.inf, extremes), "MAX")
-        if not bool(extremes.isfinite().all()):  # the only check: two values already computed
+        # +inf is the only non-finite a batch of values can give here (low <= high: a -inf end means an Inf
+        # value, whose negation or itself is +inf); -inf at both ends is the empty identity, not a value
+        if bool((extremes == torch.inf).any()):  # the only check: two values already computed
             error = PreconditionError(
                 f"activation observer: the batch's activation holds NaN or Inf (range [{float(low)}, {float(high)}] "
                 "here); a grid over it would turn every input to NaN, so the batch is refused and this observer "
@@ -82,6 +124,8 @@ class Observer(nn.Module):
                 "freeze_observers(gm))")
             error.observer = self
             raise error
+        if bool(extremes[1] == -torch.inf):
+            return None
         return -extremes[0], extremes[1]
 
 
@@ -89,7 +133,10 @@ class MinMaxObserver(Observer):
     """The smallest and largest value seen."""
 
     def update(self, x: torch.Tensor) -> None:
-        low, high = self._batch_range(x)
+        extremes = self._batch_range(self.tokens(x))
+        if extremes is None:
+            return
+        low, high = extremes
         if bool(self.seen):
             low, high = torch.minimum(low, self.low), torch.maximum(high, self.high)
         self.low.copy_(low)
@@ -106,7 +153,10 @@ class MovingAverageMinMaxObserver(Observer):
         self.momentum = float(momentum)
 
     def update(self, x: torch.Tensor) -> None:
-        low, high = self._batch_range(x)
+        extremes = self._batch_range(self.tokens(x))
+        if extremes is None:  # no token in the batch: it must not pull the average
+            return
+        low, high = extremes
         if bool(self.seen):
             low = torch.lerp(self.low, low, self.momentum)
             high = torch.lerp(self.high, high, self.momentum)
@@ -136,8 +186,11 @@ class PercentileObserver(Observer):
         self.register_buffer("limit", torch.tensor(0.0))  # the histogram covers [-limit, limit]
 
     def update(self, x: torch.Tensor) -> None:
-        values = x.detach().float().reshape(-1)
-        low, high = self._batch_range(values)  # every rank's extremes: all ranks grow the same limit
+        values = self.tokens(x).detach().float().reshape(-1)
+        extremes = self._batch_range(values)  # every rank's extremes: all ranks grow the same limit
+        if extremes is None:  # no rank observed a value: every rank skips the counts' reduction together
+            return
+        low, high = extremes
         extent = float(torch.maximum(low.abs(), high.abs()))
         if not bool(self.seen) or float(self.limit) == 0.0:
             self.limit.fill_(max(extent, 1e-8))
