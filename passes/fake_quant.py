@@ -259,10 +259,7 @@ class InsertFakeQuant(Pass):
         if self.rounding == "gptq":  # block by block: each layer rounded on inputs the rounded layers before it give
             stats, report = gptq_layers(gm, data, plan, lambda layer, spec: self._quantize_weight(gm, layer, spec),
                                         act_order=self.act_order, static_groups=self.static_groups)
-            if report.padded_tokens:  # only then: the keys beside the layers' reports are otherwise all layers
-                stats["calibration_padded_tokens"] = report.padded_tokens   # left out of the Hessians
-            if report.padding_included:  # layers whose Hessians hold the padding all the same (the walk warned)
-                stats["calibration_padding_included"] = list(report.padding_included)
+            stats.update(report.padding_stats())  # the padded positions left out of the Hessians
         else:
             stats = {}
             for layer, spec in ctx.each(plan, f"{self.method} weights", lambda item: item[0].name):

@@ -99,4 +99,4 @@ class SparseGPT(Pass):
                           stats={"sparsity": round(zeros / max(total, 1), 6), "masks_created": sum(created.values()),
                                  "layers": report.layers, "blocks": report.blocks,
                                  "calibration_batches": report.batches,
-                                 "calibration_peak_bytes": report.peak_held_bytes})
+                                 "calibration_peak_bytes": report.peak_held_bytes, **report.padding_stats()})

@@ -94,7 +94,8 @@ def calibrated_masks(gm: GraphModule, data: Sequence | None, targets: Sequence[A
         return {layer.name: round(sparsity_of(get_mask(gm, layer)), 6) for layer in group.layers}
 
     report = walk(gm, layers, data, prune, owner=owner, hessian=False)
-    stats.update(calibration_batches=report.batches, calibration_peak_bytes=report.peak_held_bytes)
+    stats.update(calibration_batches=report.batches, calibration_peak_bytes=report.peak_held_bytes,
+                 **report.padding_stats())
     return created[0], {"layers": report.layers, **stats}
 
 

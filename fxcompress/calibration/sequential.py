@@ -133,6 +133,31 @@ def plan_blocks(gm: GraphModule, layers: Sequence[Layer]) -> list[list[Group]]:
     return blocks
 
 
+def bind_inputs(nodes: Sequence[Node], batch: Mapping, index: int) -> tuple:
+    """A dict batch as positional inputs in the order of the placeholders among `nodes` (a tokenizer's output
+    passed as gm(**batch)); a placeholder it leaves out takes its default, and a key no placeholder has is
+    refused (a misspelled attention_mask would otherwise be dropped, and its padding computed with). The
+    one binding of calibration: the walk and activation calibration accept and refuse the same batches."""
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    names = [node.target for node in placeholders]
+    unknown = [key for key in batch if key not in names]
+    if unknown:
+        hint = (f"; to leave padding out of the statistics, trace the model with its {TOKEN_MASK} among the "
+                f"example inputs" if TOKEN_MASK in unknown else "")
+        raise PreconditionError(f"calibration batch {index}: the graph has no input named "
+                                f"{', '.join(map(repr, unknown))}; its inputs are {names}{hint}")
+    inputs = []
+    for node in placeholders:
+        if node.target in batch:
+            inputs.append(batch[node.target])
+        elif node.args:
+            inputs.append(node.args[0])
+        else:
+            raise PreconditionError(f"calibration batch {index}: no value for the graph input {node.target!r} "
+                                    f"(the batch holds {sorted(batch)}), which has no default")
+    return tuple(inputs)
+
+
 class _Runner:
     """Runs slices of a graph node by node on per-batch environments (torch.fx's Interpreter)."""
 
@@ -152,7 +177,7 @@ class _Runner:
         """The environment of a batch: its values bound to the placeholders (a dict binds them by name, as
         a tokenizer's output is passed to a model: gm(**batch))."""
         if isinstance(batch, Mapping):
-            inputs = self._by_name(batch, index)
+            inputs = bind_inputs(self.nodes, batch, index)
         else:
             inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         self.interpreter.args_iter = iter(inputs)
@@ -173,29 +198,6 @@ class _Runner:
             self._ensure_inputs(node, env)
             env[node] = self._run_node(node, index)
         return env
-
-    def _by_name(self, batch: Mapping, index: int) -> tuple:
-        """A dict batch as positional inputs in placeholder order; a placeholder it leaves out takes its
-        default, and a key no placeholder has is refused (a misspelled attention_mask would otherwise be
-        dropped, and its padding computed with)."""
-        placeholders = [node for node in self.nodes if node.op == "placeholder"]
-        names = [node.target for node in placeholders]
-        unknown = [key for key in batch if key not in names]
-        if unknown:
-            hint = (f"; to leave padding out of the statistics, trace the model with its {TOKEN_MASK} among the "
-                    f"example inputs" if TOKEN_MASK in unknown else "")
-            raise PreconditionError(f"calibration batch {index}: the graph has no input named "
-                                    f"{', '.join(map(repr, unknown))}; its inputs are {names}{hint}")
-        inputs = []
-        for node in placeholders:
-            if node.target in batch:
-                inputs.append(batch[node.target])
-            elif node.args:
-                inputs.append(node.args[0])
-            else:
-                raise PreconditionError(f"calibration batch {index}: no value for the graph input {node.target!r} "
-                                        f"(the batch holds {sorted(batch)}), which has no default")
-        return tuple(inputs)
 
     def _run_node(self, node: Node, index: int) -> Any:
         try:
@@ -293,6 +295,16 @@ class WalkReport:
     peak_held_bytes: int
     padded_tokens: int = 0                       # positions the attention mask left out of the statistics
     padding_included: tuple[str, ...] = ()       # layers whose statistics still hold them (rows not aligned)
+
+    def padding_stats(self) -> dict[str, Any]:
+        """The padding a pass reports beside its layers, only where there was some (InsertFakeQuant's other
+        keys are all layer names)."""
+        stats: dict[str, Any] = {}
+        if self.padded_tokens:
+            stats["calibration_padded_tokens"] = self.padded_tokens
+        if self.padding_included:  # the walk warned as well
+            stats["calibration_padding_included"] = list(self.padding_included)
+        return stats
 
 
 def walk(gm: GraphModule, layers: Sequence[Layer], data: Sequence | None, handle: Handler, *, owner: str,

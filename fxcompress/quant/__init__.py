@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..calibration.sequential import TOKEN_MASK, PaddingIncludedWarning, _Runner, token_mask
+from ..calibration.sequential import TOKEN_MASK, PaddingIncludedWarning, bind_inputs, token_mask
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import constant_value
@@ -172,13 +172,13 @@ def _binder(gm: nn.Module):
                 return (), dict(batch), token_mask(batch.get(TOKEN_MASK))
             return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}, None
         return bind_module
-    runner = _Runner(gm)
-    placeholders = [node for node in runner.nodes if node.op == "placeholder"]
+    nodes = list(gm.graph.nodes)
+    placeholders = [node for node in nodes if node.op == "placeholder"]
     at = next((i for i, node in enumerate(placeholders) if node.target == TOKEN_MASK), None)
 
     def bind_graph(batch: Any, index: int) -> tuple[tuple, dict, torch.Tensor | None]:
         if isinstance(batch, Mapping):
-            args = runner._by_name(batch, index)  # the walk's own binding: one rule, one set of messages
+            args = bind_inputs(nodes, batch, index)  # the walk's own binding: one rule, one set of messages
         else:
             args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         if at is None:

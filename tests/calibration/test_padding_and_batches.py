@@ -60,6 +60,16 @@ def test_padded_positions_do_not_change_what_a_pass_computes(llama, make):
     assert not changed
 
 
+@pytest.mark.parametrize("name", ["SparseGPT", "Wanda"])
+def test_the_mask_passes_report_the_padded_tokens_they_left_out(llama, name):
+    gm, ids = llama
+    compiled = fxcompress.compile(gm, [PASSES[name]()], (ids, torch.ones_like(ids)),
+                                  calibration_data=_padded(pad_token=0))
+    stats = fxcompress.history(compiled)[-1].stats  # the walk counted them; the passes did not say so
+    assert stats["calibration_padded_tokens"] == 7 + 4 and stats["calibration_batches"] == 2
+    assert "calibration_padding_included" not in stats
+
+
 def test_the_statistics_count_exactly_the_unpadded_tokens(llama):
     gm, _ = llama
     layers = select_layers(gm, "test", types=("linear",), select=DECODER)
