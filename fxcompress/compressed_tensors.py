@@ -20,13 +20,20 @@ leaves (q - z) * scale, and so every dequantized weight, bit-identical to our fa
 (checked here before anything is written). Every other tensor is written as it is computed
 (masked, fake-quantized weights as their float values); the file layout is written here, so the
 export needs only `safetensors`, while `compressed-tensors` reads it back in the tests.
+
+A half-precision model's packed weights dequantize (in float32) to values that round to its fake-quant
+weights in its dtype. A disabled quantizer's layer is written as the float weight it computes with;
+activation fake-quant, which the format cannot hold, is refused. Both files are written to temporary
+files renamed into place: a failed export leaves the directory as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,18 +73,20 @@ def to_compressed_tensors(gm: GraphModule, directory: str | os.PathLike, format:
         raise ConfigError(f"to_compressed_tensors: format={format!r} is not one of {', '.join(FORMATS)}")
     _check_no_inserted_scales(gm)
     _check_no_split_experts(gm)
+    _check_no_activation_quant(gm)
     packed = packed_layers(gm) if format == "pack-quantized" else []
     tensors, tied = _tensors(gm, packed)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _save(tensors, out / "model.safetensors")
-    data = dict(config or {})
+    # a quantization_config the caller's config brought (that of the checkpoint the model was loaded from)
+    # describes tensors this export did not write: transformers would read the dense weights as packed ones
+    data = {key: value for key, value in dict(config or {}).items() if key != "quantization_config"}
     if packed:
         data["quantization_config"] = quantization_config(packed, [l.name for l in find_layers(gm)
                                                                     if l.name not in {p.layer.name for p in packed}])
-    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    text = _config_text(data)   # before anything is written: a config json cannot hold leaves no files behind
+    out = Path(directory)
+    size = _write_directory(out, tensors, text)
     return {"format": format, "packed_layers": [p.layer.name for p in packed], "tied_skipped": tied,
-            "bytes": (out / "model.safetensors").stat().st_size}
+            "bytes": size}
 
 
 def _check_no_inserted_scales(gm: GraphModule) -> None:
@@ -109,6 +118,19 @@ def _check_no_split_experts(gm: GraphModule) -> None:
                           "and would not load them: save with fxcompress.save")
 
 
+def _check_no_activation_quant(gm: GraphModule) -> None:
+    """An input fake-quant (`InsertFakeQuant(activations=...)`) is a step of the model's computation the
+    export cannot write (its observers are ours, the config's input_activations stay None): left out, the
+    checkpoint would compute with float activations, a different model than the one calibrated."""
+    active = [name for name, module in gm.named_modules()
+              if isinstance(module, ActivationQuant) and module.enabled and module.grid() is not None]
+    if active:
+        raise ConfigError(f"to_compressed_tensors: {len(active)} activations are fake-quantized (first: {active[0]!r}, "
+                          "from InsertFakeQuant(activations=...)), which a W4A16 / W8A16 checkpoint does not "
+                          "hold; quantize weights only, or turn activation quantization off first "
+                          "(fxcompress.quant.set_quantization), or save with fxcompress.save")
+
+
 def packed_layers(gm: GraphModule) -> list[PackedLayer]:
     """Every linear layer whose weight ends in a linear grid of at most 8 bits, with its codes;
     a quantized layer the format cannot express is a ConfigError naming it and why."""
@@ -125,12 +147,17 @@ def packed_layers(gm: GraphModule) -> list[PackedLayer]:
         if grid_node is None or layer.tied_to is not None:
             continue
         module: GridWeight = gm.get_submodule(grid_node.target)
+        if not module.enabled:
+            continue   # set_quantization(gm, False): the layer computes with float weights, written as such
         why = _unpackable(layer, module)
         if why:
             raise ConfigError(f"to_compressed_tensors: layer {layer.name!r} ({grid_node.target}): {why}; "
                               "use format='dense' to write its float values")
         codes, group_size = _codes(module, constant_value(gm, grid_node.args[0]))
-        if not torch.equal(codes.dequantize(), effective_weight(gm, layer).float()):
+        weight = effective_weight(gm, layer)
+        # compressed-tensors dequantizes in the scales' float32; a half-precision model's fake-quant weight is
+        # that value rounded to its dtype, which is what loading the checkpoint into the model gives it
+        if not torch.equal(codes.dequantize().to(weight.dtype), weight):
             raise FormatError(f"to_compressed_tensors: layer {layer.name!r}: its weight chain does not end in "
                               f"its grid ({grid_node.target} is followed by other steps)")
         found.append(PackedLayer(layer, module.bits, module.symmetric, group_size, codes))
@@ -230,9 +257,72 @@ def quantization_config(packed: list[PackedLayer], ignore: list[str]) -> dict[st
             "sparsity_config": {}}
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _config_text(data: dict[str, Any]) -> str:
+    try:
+        return json.dumps(data, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        bad = [key for key, value in data.items() if not _json_ok(value)]
+        raise ConfigError(f"to_compressed_tensors: config[{bad[0] if bad else '?'!r}] cannot be written to "
+                          f"config.json ({exc}); pass plain JSON values (a transformers config's to_dict() "
+                          "holds them)") from exc
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _write_directory(out: Path, tensors: dict[str, torch.Tensor], config_text: str) -> int:
+    """Write model.safetensors and config.json into `out`, each to a temporary file renamed into place once
+    complete: on any error the temporary files, and the folders this call created, are removed, and files
+    already in `out` are left as they were. Returns the size of model.safetensors."""
     try:
         from safetensors.torch import save_file   # optional: only this export needs it
     except ImportError as exc:
         raise MissingDependencyError("to_compressed_tensors needs safetensors: pip install safetensors") from exc
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"to_compressed_tensors: {str(out)!r} is a file, not a directory to write the "
+                          "checkpoint into")
+    created = [parent for parent in (out, *out.parents) if not parent.exists()]
+    temporary: list[str] = []
+    done = False
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"to_compressed_tensors: cannot create the directory {str(out)!r}: {exc}") from exc
+        weights = _temporary(out, "model.safetensors", temporary)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        config = _temporary(out, "config.json", temporary)
+        with open(config, "w") as f:
+            f.write(config_text)
+        for path, name in ((weights, "model.safetensors"), (config, "config.json")):
+            os.replace(path, out / name)
+        done = True
+        return (out / "model.safetensors").stat().st_size
+    finally:
+        if not done:
+            for path in temporary:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            for folder in created:  # innermost first; only the folders this call made, and only if empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _temporary(out: Path, name: str, temporary: list[str]) -> str:
+    """A new temporary file beside `out / name`, with the mode a plain new file gets (mkstemp's is 0600,
+    which a model server run as another user could not read)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+    except OSError as exc:
+        raise ConfigError(f"to_compressed_tensors: cannot write into {str(out)!r}: {exc}") from exc
+    temporary.append(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return path

@@ -12,7 +12,8 @@ import fxcompress
 from fxcompress.compressed_tensors import pack_int32, to_compressed_tensors
 from fxcompress.errors import ConfigError
 from fxcompress.layers import effective_weight, find_layers
-from fxcompress.passes import InsertFakeQuant, InsertMasks
+from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks
+from fxcompress.quant import set_quantization
 
 
 # compressed-tensors takes over a second to import: imported by the tests that read files back with it,
@@ -123,3 +124,99 @@ def test_refusals_name_the_layer(tmp_path, safetensors):
     with pytest.raises(ConfigError, match="layer '0'.*per-tensor"):
         to_compressed_tensors(per_tensor, tmp_path)
     to_compressed_tensors(kmeans, tmp_path / "dense", format="dense")   # the float values are always writable
+
+
+def test_activation_fake_quant_is_refused_not_dropped(tmp_path, safetensors):
+    # the checkpoint cannot hold input fake-quant: written without it, it would compute with float activations
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertFakeQuant(method="linear", bits=4, per_channel=True,
+                                                     activations=ActivationConfig(bits=8))], (x,), calibration_data=[x])
+    for format in ("pack-quantized", "dense"):
+        with pytest.raises(ConfigError, match=r"activations are fake-quantized \(first: '0.input_quant'"):
+            to_compressed_tensors(gm, tmp_path / format, format=format)
+        assert not (tmp_path / format).exists()
+    set_quantization(gm, False)   # the float model: nothing of the grids is left to write
+    assert to_compressed_tensors(gm, tmp_path / "float")["packed_layers"] == []
+
+
+def test_a_disabled_quantizer_is_written_as_the_float_weight_it_computes_with(tmp_path, ct):
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertMasks(sparsity=0.5),
+                                     InsertFakeQuant(method="linear", bits=4, group_size=32)], (x,))
+    set_quantization(gm, False)
+    report = to_compressed_tensors(gm, tmp_path)
+    assert report["packed_layers"] == [] and "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    stored = ct.safetensors.load_file(tmp_path / "model.safetensors")
+    for layer in find_layers(gm):
+        assert torch.equal(stored[layer.weight], effective_weight(gm, layer))
+
+
+def test_a_bfloat16_model_loads_back_to_its_fake_quant_weights(tmp_path, ct):
+    # compressed-tensors dequantizes in the float32 scales; loading into the bfloat16 model rounds to its weights
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    gm = fxcompress.compile(_mlp().to(torch.bfloat16), [InsertFakeQuant(method="linear", bits=4, group_size=32)], (x,))
+    assert to_compressed_tensors(gm, tmp_path)["packed_layers"] == ["0", "2", "4"]
+    layers = {layer.name: layer for layer in find_layers(gm)}
+    for name, weight in _decompressed(ct, tmp_path).items():
+        assert torch.equal(weight.to(torch.bfloat16), effective_weight(gm, layers[name])), name
+    assert ct.safetensors.load_file(tmp_path / "model.safetensors")["0.bias"].dtype == torch.bfloat16
+
+
+def test_asymmetric_eight_bit_channels_with_rules_leaving_a_layer_float(tmp_path, ct):
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertFakeQuant(per_channel=True, rules=[
+        ("0.weight", "linear", 8), ("2.weight", "float", 4), ("4.weight", "linear", 3, "symmetric")])], (x,))
+    assert to_compressed_tensors(gm, tmp_path)["packed_layers"] == ["0", "4"]
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == ["2"]
+    assert sorted((g["targets"], g["weights"]["num_bits"], g["weights"]["symmetric"], g["weights"]["strategy"])
+                  for g in config["config_groups"].values()) == [(["0"], 8, False, "channel"),
+                                                                 (["4"], 3, True, "channel")]
+    layers = {layer.name: layer for layer in find_layers(gm)}
+    assert {name: torch.equal(w, effective_weight(gm, layers[name]))
+            for name, w in _decompressed(ct, tmp_path).items()} == {"0": True, "4": True}
+    stored = ct.safetensors.load_file(tmp_path / "model.safetensors")
+    assert torch.equal(stored["2.weight"], effective_weight(gm, layers["2"])) and "0.weight_zero_point" in stored
+
+
+def test_a_stale_quantization_config_is_not_carried_into_a_dense_export(tmp_path, safetensors):
+    # the config of a model loaded from a quantized checkpoint: its quantization_config describes other tensors
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertMasks(sparsity=0.5)], (x,))
+    to_compressed_tensors(gm, tmp_path, format="dense", config={"model_type": "mlp", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized"}})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "mlp"}
+
+
+def test_bad_directories_and_configs_are_refused_and_leave_nothing_behind(tmp_path, safetensors, monkeypatch):
+    x = torch.randn(4, 64)
+    gm = fxcompress.compile(_mlp(), [InsertFakeQuant(method="linear", bits=4, per_channel=True)], (x,))
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match="'.*file' is a file, not a directory"):
+        to_compressed_tensors(gm, tmp_path / "file")
+    with pytest.raises(ConfigError, match="cannot create the directory '.*file/sub'"):
+        to_compressed_tensors(gm, tmp_path / "file" / "sub")
+    assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(ConfigError, match=r"config\['dtype'\] cannot be written to config.json"):
+        to_compressed_tensors(gm, tmp_path / "new" / "out", config={"dtype": torch.float32})
+    assert not (tmp_path / "new").exists()
+    # a failure while writing: the folders made are removed, an existing one keeps the files it had
+    import safetensors.torch as st
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        to_compressed_tensors(gm, tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="No space left"):
+        to_compressed_tensors(gm, tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["config.json"]
+    assert (tmp_path / "old" / "config.json").read_text() == "{}"
+    monkeypatch.undo()
+    to_compressed_tensors(gm, tmp_path / "old")   # over an existing export: replaced in place
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["config.json", "model.safetensors"]
+    assert "quantization_config" in json.loads((tmp_path / "old" / "config.json").read_text())

@@ -15,6 +15,9 @@ own ModelPruning prunes there) or optimizer steps (`unit="step"`). At the start 
 centroids then train) and the optimizers are built again for the new parameters; a `quantize_epoch`
 the trainer's `max_epochs` never reaches is refused at setup. Example inputs come from `example_inputs`
 or the module's `example_input_array`.
+
+Resuming (`fit(ckpt_path=...)`) restores the masks, the quantizers (a checkpoint saved after the
+quantization epoch began is quantized again before its state is loaded, then not again) and `history`.
 """
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ class Compression(_Callback):
         self.attribute, self.example_inputs = attribute, example_inputs
         self.model: nn.Module | None = None
         self.history: list[dict[str, Any]] = []
+        self.quantized = False
+        self._hook = None
 
     def _inputs(self, module) -> tuple:
         inputs = self.example_inputs if self.example_inputs is not None else getattr(module, "example_input_array",
@@ -95,12 +100,44 @@ class Compression(_Callback):
             raise ConfigError(f"Compression.quantize_epoch={self.quantize_epoch} is never reached: the trainer's "
                               f"max_epochs={epochs} runs epochs numbered from 0 to {epochs - 1}, so the model "
                               f"would never be quantized")
+        self.quantized = False
         if self.prune is not None:
             self._replace(pl_module, [self.prune])
+        # Resuming (fit(ckpt_path=...)): Lightning loads the module's state before this callback's and after
+        # setup, so the graph must hold the fake-quant of a checkpoint saved after the quantization epoch began
+        # by the time the module's state is loaded, or its quantizers' tensors are unexpected keys.
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
+
+    def _before_load(self, module, state_dict, prefix, *args) -> None:
+        """Quantize the model before a state that holds fake-quant tensors it does not have is loaded into
+        it; the masks, codes and centroids themselves then come from that state."""
+        if self.quantize is None or self.quantized:
+            return
+        model = getattr(module, self.attribute, None)
+        ours = f"{prefix}{self.attribute}."
+        own = set(model.state_dict()) if isinstance(model, nn.Module) else set()
+        if any(key.startswith(ours) and key[len(ours):] not in own for key in state_dict):
+            # compiled on the checkpoint's weights and masks, as it was when it was first quantized: what the
+            # quantizers hold depends on them (a k-means codebook keeps a fixed zero apart where weights are 0)
+            model.load_state_dict({key[len(ours):]: value for key, value in state_dict.items()
+                                   if key.startswith(ours) and key[len(ours):] in own}, strict=False)
+            self._replace(module, [self.quantize])
+            self.quantized = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"quantized": self.quantized, "history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.quantize is not None and trainer.current_epoch == self.quantize_epoch:
+        # at or after its epoch (a run resumed past it from a checkpoint saved before), once only (a run
+        # resumed within that epoch is quantized already: compiling again would quantize the codebooks)
+        if self.quantize is not None and not self.quantized and trainer.current_epoch >= self.quantize_epoch:
             self._replace(pl_module, [self.quantize])
+            self.quantized = True
             trainer.strategy.setup_optimizers(trainer)  # the new graph's parameters (centroids) train too
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

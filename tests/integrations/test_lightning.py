@@ -174,3 +174,75 @@ def test_a_quantize_epoch_the_trainer_never_reaches_is_refused(digits, lightning
                                           r"max_epochs=2 runs epochs numbered from 0 to 1"):
         fit(callback, digits, epochs=2)
     assert callback.model is None  # refused at setup, before the model was compiled
+
+
+def _resumable(pl, classes, tmp_path):
+    """run(callback, epochs, ckpt_path=None, extra=()) -> (module, trainer) on 64 random examples (4 steps an
+    epoch), each run from a different initialization: what a resumed run holds comes from the checkpoint."""
+    x, y = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 10
+    runs = []
+
+    def run(callback, epochs, ckpt_path=None, extra=()):
+        torch.manual_seed(len(runs))
+        runs.append(module := classes[0]())
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback, *extra])
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16),
+                    ckpt_path=ckpt_path)
+        return module, trainer
+
+    return run
+
+
+def _first_state(pl):
+    """A callback keeping the model's state as training starts (after the checkpoint was restored)."""
+
+    class First(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+            self.step = trainer.global_step
+
+    return First()
+
+
+def test_a_resumed_fit_continues_the_schedule_with_the_saved_masks(pl, lightning, classes, tmp_path):
+    run = _resumable(pl, classes, tmp_path)
+    module, trainer = run(lightning.Compression(prune=InsertMasks(sparsity=0.8, schedule=AGP(end=4))), 2)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    saved = {k: v.clone() for k, v in module.model.state_dict().items()}
+    callback, first = lightning.Compression(prune=InsertMasks(sparsity=0.8, schedule=AGP(end=4))), _first_state(pl)
+    resumed, _ = run(callback, 4, tmp_path / "half.ckpt", extra=[first])
+    assert first.step == 8 and first.state.keys() == saved.keys()
+    assert all(torch.equal(first.state[k], v) for k, v in saved.items())   # masks included, exactly
+    assert [h["epoch"] for h in callback.history] == [0, 1, 2, 3]            # the callback's history came back
+    assert all(abs(s - 0.8) < 0.005 for s in callback.history[-1]["sparsity"].values())
+    for layer in fxcompress.layers.find_layers(resumed.model):                # the masks hold after the steps
+        mask = get_mask(resumed.model, layer)
+        assert not fxcompress.layers.effective_weight(resumed.model, layer)[mask == 0].any()
+
+
+def test_a_fit_resumed_after_quantization_began_restores_the_quantizers(pl, lightning, classes, tmp_path):
+    # the checkpoint's model holds k-means codebooks the freshly set up one has not: they were unexpected keys
+    def compression():
+        return lightning.Compression(prune=InsertMasks(sparsity=0.5, schedule=AGP(end=1)),
+                                     quantize=InsertFakeQuant(bits=4, method="kmeans"), quantize_epoch=1)
+
+    class SaveAt(pl.Callback):   # a checkpoint within the quantization epoch, as ModelCheckpoint(every_n_train_steps)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 6:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+                self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    run = _resumable(pl, classes, tmp_path)
+    saver = SaveAt()
+    module, trainer = run(compression(), 2, extra=[saver])
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    for path, saved, epochs in (("end.ckpt", module.model.state_dict(), 3), ("mid.ckpt", saver.state, 2)):
+        callback, first = compression(), _first_state(pl)
+        resumed, _ = run(callback, epochs, tmp_path / path, extra=[first])
+        assert first.state.keys() == saved.keys() and all(torch.equal(first.state[k], v) for k, v in saved.items())
+        # quantized once: resuming within the quantization epoch does not compile the quantizers again
+        assert [r.name for r in fxcompress.history(resumed.model)] == ["InsertMasks", "InsertFakeQuant"], path
+        assert len([m for m in resumed.model.modules() if isinstance(m, KMeansWeight)]) == 3
+        assert [h["epoch"] for h in callback.history] == list(range(epochs)), path
