@@ -48,11 +48,15 @@ def set_history(gm: GraphModule, records: tuple[PassRecord, ...]) -> None:
 
 
 def format_history(gm: GraphModule) -> str:
-    """One block per pass: its configuration, whether it changed the graph, and its statistics."""
+    """One block per pass: its configuration, whether it changed the graph, its time and its statistics.
+
+    A record without a time (seconds 0.0: a file saved deterministically, the default, zeroes them) says
+    nothing of its time rather than that the pass took none."""
     lines = []
     for i, r in enumerate(history(gm)):
         config = ", ".join(f"{k}={v!r}" for k, v in r.config.items())
-        lines.append(f"#{i} {r.name}({config}) changed={r.changed} in {r.seconds:.3f}s")
+        took = f" in {r.seconds:.3f}s" if r.seconds else ""
+        lines.append(f"#{i} {r.name}({config}) changed={r.changed}{took}")
         lines.append(f"   nodes +{len(r.nodes_created)} -{len(r.nodes_erased)} ~{len(r.nodes_changed)}, "
                      f"params touched {len(r.params_touched)}")
         for key, value in r.stats.items():

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import Regex, TypeOf, check, check_choice, check_real
 from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import chain_transforms, find_layers, kind_of_type, layer_node
+from .summary import LOWERED
 from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -176,7 +177,8 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
     check_choice("sensitivity", "granularity", granularity, GRANULARITIES)
     check("sensitivity", "layers", layers, Regex(), None)  # before the baseline's evaluation, not a bare re.error
     targets = _prunable(model, layers)
-    baseline = float(evaluate(model))
+    evaluate = _restoring_buffers(model, evaluate)
+    baseline = evaluate(model)
     values = []
     with tqdm(total=len(targets) * len(sparsities), desc="sensitivity", unit="eval",
               disable=None if progress else True, leave=False) as bar:
@@ -186,6 +188,28 @@ def sensitivity(model: nn.Module, evaluate: Callable[[nn.Module], float],
     check("sensitivity", "metric", metric, TypeOf(str, what="a name"))
     return SensitivityTable(tuple(t[0] for t in targets), tuple(sparsities), tuple(values), baseline, granularity,
                             metric)
+
+
+def _restoring_buffers(model: nn.Module, evaluate: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
+    """`evaluate`, after which (returning or raising) every buffer holds what it held before the sweep.
+
+    An evaluation that runs the model in training mode updates BatchNorm's running statistics and the
+    activation observers; left alone, each later evaluation (and the model after the sweep) would see
+    statistics gathered with some layer pruned. Boolean buffers (masks) are not copied: forwards never
+    write them, and a large model's masks are as many bytes as it has weights."""
+    saved = [(module, name, tensor, tensor.detach().clone())
+             for module in model.modules() for name, tensor in module._buffers.items()
+             if tensor is not None and tensor.dtype != torch.bool]
+
+    def run(m: nn.Module) -> float:
+        try:
+            return float(evaluate(m))
+        finally:
+            with torch.no_grad():
+                for module, name, tensor, copy in saved:
+                    module._buffers[name] = tensor  # the very tensor: one the evaluation replaced is put back
+                    tensor.copy_(copy)  # always: torch.equal calls -0.0 and 0.0 (and no NaN) equal
+    return run
 
 
 def _graph_layers(gm: GraphModule, found: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module, str]]:
@@ -220,7 +244,12 @@ def _prunable(model: nn.Module, pattern: str | None) -> list[tuple[str, nn.Modul
     if pattern is not None:
         found = [t for t in found if re.fullmatch(pattern, t[0])]
     if not found:
-        raise ConfigError(f"sensitivity: no linear / conv layer matches layers={pattern!r}")
+        # a lowered layer (integer, weight-only, dynamic int8, sparse) holds no float weight to prune: say so,
+        # rather than that the model has no layers
+        lowered = [name for name, m in model.named_modules() if isinstance(m, LOWERED)]
+        held = (f"; {', '.join(lowered[:5])}{' ...' if len(lowered) > 5 else ''} are lowered to run-time modules "
+                "that hold no float weight to prune: sweep the model before lowering") if lowered else ""
+        raise ConfigError(f"sensitivity: no linear / conv layer matches layers={pattern!r}{held}")
     return found
 
 
@@ -239,7 +268,7 @@ def _sweep_layer(model, evaluate, target, sparsities, how, bar) -> list[float]:
         try:
             with torch.no_grad():
                 weight.mul_(keep)
-            row.append(float(evaluate(model)))
+            row.append(evaluate(model))
         finally:
             with torch.no_grad():
                 weight.copy_(saved)

@@ -1,9 +1,11 @@
 """summary(gm): one row per weight-bearing layer — size, sparsity, bits, bytes, MACs — and totals.
 
 Bytes are exact for layers whose weight chain holds an encoded weight (`storage_bytes()`), and
-estimated otherwise: nonzeros at the chain's bits per weight, plus relative indices when sparse
-(Deep Compression's 5 bits for fc, 8 for conv), plus a codebook of 2^bits fp32 entries when the
-bits are below 32, plus the bias in fp32.
+estimated otherwise: the weights at the chain's bits each, stored dense or, when that is smaller,
+as nonzeros plus relative indices (Deep Compression's 5 bits for fc, 8 for conv); plus what the
+quantizer needs to decode them (`_decoding_bytes`: a k-means codebook as held, a linear grid's
+scales and zero-points, one per grid, or 2^bits fp32 entries for any other quantizer), plus the
+bias as stored. A bias shared by two calls of one layer is counted once, as a tied weight is.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from .kernels.dynamic import DynamicInt8Linear
 from .kernels.sparse import SparseLayer
 from .kernels.weight_only import TiedEmbedding, WeightOnlyLinear
 from .quant.integer import IntegerLayer
+from .quant.modules import GridWeight, KMeansWeight
+from .quant.quantizers import SCALE_DTYPES
 from .kernels.native import NativeLayer
 from .layers import (Layer, WeightTransform, bias_arg, chain_transforms, constant_value, effective_weight,
                      find_layers, layer_node, weight_arg)
@@ -118,6 +122,14 @@ def _sqnr(gm: GraphModule, node, weight: torch.Tensor) -> float | None:
     return 10 * math.log10(signal / noise) if signal > 0 else None
 
 
+def _bias_key(node) -> str | None:
+    """What names the layer's stored bias: two calls of one layer (a module called twice) read the same."""
+    if node.op == "call_module":
+        return f"{node.target}.bias"
+    arg = bias_arg(node)
+    return None if arg is None else f"{arg.op}:{arg.target}"
+
+
 def _bias(gm: GraphModule, node) -> tuple[int, int]:
     """(values, stored bytes) of the layer's bias: exact for an encoded bias, else its dtype's size."""
     if node.op == "call_module":
@@ -132,23 +144,59 @@ def _bias(gm: GraphModule, node) -> tuple[int, int]:
     return value.numel(), sum(parts.values()) if parts is not None else value.numel() * value.element_size()
 
 
-def _row(gm: GraphModule, layer: Layer) -> dict[str, Any]:
+def _quantizer(gm: GraphModule, node):
+    """(module, node) of the transform on the weight chain that sets the bits (the last one with bits)."""
+    current = weight_arg(node)
+    while current is not None and current.op != "get_attr":
+        if current.op == "call_module":
+            module = gm.get_submodule(current.target)
+            if isinstance(module, WeightTransform) and module.bits:
+                return module, current
+        first = current.args[0] if current.args else None
+        current = first if hasattr(first, "op") else None
+    return None, None
+
+
+def _decoding_bytes(gm: GraphModule, node, bits: int) -> int:
+    """Bytes besides the codes that turn them back into weights. A k-means codebook as the module holds it
+    (one table per channel when per-channel); a linear grid's scales (in its scale dtype) and, when
+    asymmetric, its zero-points (one integer of the code width each), one of each per grid: per tensor,
+    per output channel or per group; a fixed-point grid its exponents (one byte per grid, none when
+    `int_bits` fixes the format). Any other quantizer: a codebook of 2^bits fp32 entries."""
+    module, qnode = _quantizer(gm, node) if node.op == "call_function" else (None, None)
+    if isinstance(module, KMeansWeight):
+        return module.codebook.numel() * module.codebook.element_size()
+    if isinstance(module, GridWeight) and module.enabled and qnode.args and hasattr(qnode.args[0], "op"):
+        grids = module.grid(constant_value(gm, qnode.args[0]).detach()).scale.numel()
+        if module.method == "fixed_point":
+            return 0 if module.int_bits is not None else grids
+        zero_points = 0 if module.symmetric else grids * math.ceil(bits / 8)
+        return grids * SCALE_DTYPES[module.scale_dtype].itemsize + zero_points
+    return 4 * 2 ** bits if bits < 32 else 0
+
+
+def _row(gm: GraphModule, layer: Layer, counted_biases: set[str]) -> dict[str, Any]:
     node = layer_node(gm, layer)
     weight = effective_weight(gm, layer)
     transforms = chain_transforms(gm, node) if node.op == "call_function" else []
     bits = next((t.bits for t in reversed(transforms) if t.bits), 32)
     bias_count, bias_bytes = _bias(gm, node)
+    key = _bias_key(node)
+    if key is not None and key in counted_biases:  # a second call of the layer: its bias is counted once
+        bias_count, bias_bytes = 0, 0
+    counted_biases.add(key)
     params, nonzeros = weight.numel() + bias_count, int(torch.count_nonzero(weight))
     exact_parts = next((t.storage_bytes() for t in reversed(transforms) if t.storage_bytes() is not None), None)
     if exact_parts is not None:
         exact_parts = {**exact_parts, "bias": bias_bytes}
         compressed, exact = sum(exact_parts.values()), True
     else:
-        sparse = nonzeros < weight.numel()
-        index_bits = _INDEX_BITS.get(layer.kind, 8) if sparse else 0
-        stored = nonzeros if sparse else weight.numel()
-        codebook = 4 * 2 ** bits if bits < 32 else 0
-        compressed, exact = math.ceil(stored * (bits + index_bits) / 8) + codebook + bias_bytes, False
+        # a storage format keeps the weights sparse only where that is smaller: a linear grid that rounds a
+        # few weights to zero is not worth an index per remaining weight
+        dense = math.ceil(weight.numel() * bits / 8)
+        sparse = math.ceil(nonzeros * (bits + _INDEX_BITS.get(layer.kind, 8)) / 8)
+        decoding = _decoding_bytes(gm, node, bits) if layer.tied_to is None else 0
+        compressed, exact = min(dense, sparse) + decoding + bias_bytes, False
     macs = _macs(layer, weight, node)
     if layer.tied_to is not None:  # the weight is counted, and stored, once: in the row of `tied_to`
         params, compressed, exact = bias_count, bias_bytes, exact_parts is not None
@@ -176,7 +224,8 @@ def summary(gm: GraphModule, example_inputs: Any = None) -> Summary:
     lowered = [(node, gm.get_submodule(node.target)) for node in gm.graph.find_nodes(op="call_module")
                if isinstance(gm.get_submodule(node.target), LOWERED)]
     other = _other_parameters(gm, layers, {node.target for node, _ in lowered})
-    rows = (tuple(_row(gm, layer) for layer in layers)
+    counted_biases: set[str] = set()
+    rows = (tuple(_row(gm, layer, counted_biases) for layer in layers)
             + tuple(_ROWS.get(type(m), _lowered_row)(node, m) for node, m in lowered)
             + _tied_embedding_rows(gm) + ((other,) if other else ()))
     return Summary(rows, _totals(rows), format_history(gm))
@@ -235,13 +284,15 @@ def _dequantized_nonzeros(module: WeightOnlyLinear | DynamicInt8Linear) -> int:
 
 
 def _lowered_row(node, module: IntegerLayer | NativeLayer) -> dict[str, Any]:
-    """An integer-lowered layer: its weight codes as the module holds them (int32 codes for the
-    reference backend, int8 for the native one), the bias in its dtype; bits are those the codes
-    span (sign included)."""
+    """An integer-lowered layer: its weight codes as the module holds them, and every other tensor it
+    needs to run (the bias in its dtype, the requantization's multipliers and shifts or output scales,
+    the native backend's weight scales and zero-points); bits are those the codes span (sign included).
+    The native backend may keep its codes only inside its kernel, so they are read through `weight`."""
     weight, bias = module.weight, module.bias
     params, nonzeros = weight.numel() + bias.numel(), int(torch.count_nonzero(weight))
     largest = int(weight.abs().max()) if weight.numel() else 0
-    held = weight.numel() * weight.element_size() + bias.numel() * bias.element_size()
+    held = weight.numel() * weight.element_size() + sum(
+        t.numel() * t.element_size() for name, t in module.named_buffers(recurse=False) if name != "weight")
     macs = _output_macs(_output_shape(node), weight)
     return {"layer": node.target, "op": f"{module.kind} ({type(module).__name__})",
             "weight_shape": tuple(weight.shape), "params": params, "nonzeros": nonzeros,

@@ -143,3 +143,43 @@ def test_a_loaded_file_is_swept_by_its_functional_layers_and_a_quantized_one_is_
     assert table.layers == ("fc1", "fc2", "fc3")
     assert table.values[1] == (pytest.approx(0.5, abs=0.01), pytest.approx(0.75, abs=0.01))  # fc2 pruned further
     assert table.values[0][1] == table.baseline == pytest.approx(0.5, abs=0.01)  # fc1 swept: fc2 untouched
+
+
+def test_an_evaluation_in_training_mode_leaves_every_buffer_as_it_was_even_when_it_raises():
+    """BatchNorm in training mode updates its running statistics on each evaluation: they were left as the
+    last (pruned) evaluation made them, and each evaluation saw the statistics of the ones before."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(144, 3))  # left in training mode, as a user may
+    x = torch.randn(8, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def evaluate(m):
+        seen.append(m[1].running_mean.clone())
+        return m(x).sum().item()
+
+    sensitivity(model, evaluate, sparsities=[0.5, 0.9])
+    assert all(torch.equal(mean, before["1.running_mean"]) for mean in seen)  # each from the same statistics
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    calls = []
+
+    def failing(m):
+        calls.append(m(x).sum().item())
+        if len(calls) == 3:
+            raise RuntimeError("evaluation failed")
+        return calls[-1]
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        sensitivity(model, failing, sparsities=[0.5, 0.9])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_lowered_model_is_refused_naming_its_lowered_layers():
+    from fxcompress.passes import LowerDynamicInt8
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    gm = fxcompress.compile(model, [LowerDynamicInt8(repeats=1)], example_inputs=(torch.randn(2, 16),))
+    with pytest.raises(ConfigError, match=r"0\.dynamic_int8, 2\.dynamic_int8 are lowered"):
+        sensitivity(gm, lambda m: 1.0, sparsities=[0.5])

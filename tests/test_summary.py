@@ -127,8 +127,16 @@ def test_integer_lowered_layers_are_rows_with_the_bytes_they_hold(backend, calib
         assert row["layer"] == f"{name}.{backend}" if backend == "native" else row["layer"].startswith(name)
         assert row["params"] == layer.weight.numel() + layer.bias.numel()
         assert row["weight_shape"] == tuple(layer.weight.shape)
-        held = layer.weight.numel() + layer.bias.numel() * 4  # int8 codes (symmetric 8-bit) in both backends
-        assert row["compressed_bytes"] == held and row["bits"] <= 8
+        # int8 codes (symmetric 8-bit) in both backends, an int32 bias, and what requantizes: reference
+        # multipliers and shifts (int64 a channel) or output scales (float64), native weight scales (float32)
+        # and zero-points (int32); the rows once left all of these out
+        lowered = gm.get_submodule(row["layer"])
+        requant = {"reference": {"multiplier": 8, "shift": 8, "output_scale": 8},
+                   "native": {"weight_scale": 4, "weight_zero_point": 4}}[backend]
+        per_channel = sum(size for name, size in requant.items() if hasattr(lowered, name)) * len(layer.bias)
+        ranges = 16 if hasattr(lowered, "low") else 0  # the reference's int64 output range [low, high]
+        held = layer.weight.numel() + layer.bias.numel() * 4 + per_channel + ranges
+        assert per_channel > 0 and row["compressed_bytes"] == held and row["bits"] <= 8
     float_macs = {row["layer"]: row["macs"] for row in fxcompress.summary(fq).rows}
     assert {name: row["macs"] for name, row in rows.items()} == float_macs and all(float_macs.values())
 
@@ -157,3 +165,80 @@ def test_a_weight_only_or_dynamic_int8_layer_counts_in_the_total_sparsity(loweri
     first = gm.get_submodule("1").weight
     expected = (int((first == 0).sum()) + zeros) / (first.numel() + 320)
     assert table.totals["sparsity"] == pytest.approx(expected, abs=1e-12) and expected >= 0.5
+
+
+def _two_linears():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval(), torch.randn(4, 1, 8, 8)
+
+
+# (InsertFakeQuant options, bytes of what decodes fc "1"'s 32x64 codes): a linear grid stores a scale per grid
+# (per tensor, per output channel, per group of 16 inputs) and, when asymmetric, a one-byte zero-point per grid;
+# fixed point with int_bits stores nothing (the format is its configuration); per-channel k-means one table of
+# 2^bits fp32 centroids per channel. The estimate once added a 2^bits-entry fp32 codebook to every grid.
+GRID_DECODING = [
+    (dict(method="linear", bits=4), 4 + 1),
+    (dict(method="linear", bits=4, per_channel=True), 32 * (4 + 1)),
+    (dict(method="linear", bits=4, per_channel=True, group_size=16), 32 * 4 * (4 + 1)),
+    (dict(method="linear", bits=4, per_channel=True, group_size=16, symmetric=True), 32 * 4 * 4),
+    (dict(method="linear", bits=4, per_channel=True, group_size=16, scale_dtype="float16"), 32 * 4 * (2 + 1)),
+    (dict(method="fixed_point", bits=8, int_bits=2), 0),
+    (dict(method="kmeans", bits=4, per_channel=True, fix_zeros=False), 32 * 16 * 4),
+]
+
+
+@pytest.mark.parametrize("options, decoding", GRID_DECODING, ids=[str(o) for o, _ in GRID_DECODING])
+def test_a_grid_or_codebook_estimate_counts_what_decodes_the_codes(options, decoding):
+    from fxcompress.passes import InsertFakeQuant
+    model, x = _two_linears()
+    gm = fxcompress.compile(model, [InsertFakeQuant(select="1", **options)], example_inputs=(x,))
+    row = next(r for r in fxcompress.summary(gm).rows if r["layer"] == "1")
+    # a grid rounds a few weights to zero: storing the rest with 5-bit indices would be larger than dense codes
+    assert row["sparsity"] < 0.2
+    codes = 32 * 64 * options["bits"] // 8
+    assert row["compressed_bytes"] == codes + decoding + 4 * 32  # + the fp32 bias
+    assert row["exact"] == "no"
+
+
+def test_a_sparse_estimate_is_taken_only_where_it_is_smaller_than_dense_codes():
+    from fxcompress.passes import InsertFakeQuant, InsertMasks
+    model, x = _two_linears()
+    passes = [InsertMasks(sparsity=0.9, select="1"), InsertFakeQuant(method="kmeans", bits=4, select="1")]
+    gm = fxcompress.compile(model, passes, example_inputs=(x,))
+    row = next(r for r in fxcompress.summary(gm).rows if r["layer"] == "1")
+    centroids = gm.get_submodule(next(n for n, m in gm.named_modules() if type(m).__name__ == "KMeansWeight"))
+    kept = int(gm.get_buffer("1.weight_mask").sum())
+    assert row["nonzeros"] == kept == round(0.1 * 2048)  # k-means keeps pruned weights at its fixed zero
+    sparse = math.ceil(kept * (4 + 5) / 8)  # 4-bit codes and 5-bit relative indices (fc)
+    assert sparse < 32 * 64 * 4 // 8
+    assert row["compressed_bytes"] == sparse + centroids.codebook.numel() * 4 + 4 * 32
+
+
+def test_a_layer_called_twice_counts_its_bias_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.fc(torch.relu(self.fc(x))))
+
+    model = Twice().eval()
+    table = fxcompress.summary(fxcompress.compile(model, [], example_inputs=(torch.randn(3, 16),)))
+    assert table.totals["params"] == sum(p.numel() for p in model.parameters()) == 16 * 16 + 16 + 4 * 16 + 4
+    assert table.totals["compressed_bytes"] == 4 * table.totals["params"]  # dense fp32: once each
+    [second] = [r for r in table.rows if "(tied to fc)" in r["layer"]]
+    assert second["params"] == 0 and second["compressed_bytes"] == 0
+
+
+def test_the_history_of_a_saved_file_claims_no_times(tmp_path):
+    from fxcompress.passes import InsertMasks
+    model, x = _two_linears()
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    assert fxcompress.history(gm)[0].seconds > 0 and "changed=True in " in fxcompress.format_history(gm)
+    fxcompress.save(gm, tmp_path / "m.fxc")  # deterministic by default: the seconds are zeroed
+    loaded = fxcompress.load(tmp_path / "m.fxc")
+    first = fxcompress.format_history(loaded).splitlines()[0]
+    assert first.endswith("changed=True") and " in 0.000s" not in fxcompress.format_history(loaded)
+    fxcompress.save(gm, tmp_path / "timed.fxc", deterministic=False)
+    assert fxcompress.format_history(fxcompress.load(tmp_path / "timed.fxc")) == fxcompress.format_history(gm)

@@ -62,6 +62,10 @@ def build_content(gm: GraphModule, *, title: str, reference: nn.Module | None = 
                    facts={str(k): str(v) for k, v in (facts or {}).items()}, sensitivity=sensitivity, **extra)
 
 
+OPTIONS = frozenset({"reference", "sensitivity", "example_inputs", "facts", "draw_graph", "max_nodes",
+                     "max_histograms", "pictures"})  # write_report's keywords besides title and markdown
+
+
 def write_report(gm: GraphModule, path: str | os.PathLike, *, title: str | None = None, markdown: bool = True,
                  **options: Any) -> ReportFiles:
     """Write the report of `gm` to `path`: a .html page with the Markdown beside it (same name, .md;
@@ -72,6 +76,9 @@ def write_report(gm: GraphModule, path: str | os.PathLike, *, title: str | None 
     `example_inputs` (to count MACs), `facts` (name -> value lines at the top: accuracy, file size),
     `draw_graph`, `max_nodes` (the graph's collapse threshold), `max_histograms`.
     """
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:  # a misspelt option would otherwise be a bare TypeError from build_content
+        raise ConfigError(f"write_report: unknown option {unknown[0]!r}; the options are {', '.join(sorted(OPTIONS))}")
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm", ".md"):
         raise ConfigError(f"report.path must end in .html or .md, got {path.name!r}")

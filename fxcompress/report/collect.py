@@ -39,7 +39,7 @@ class LayerWeights:
     """One layer's weights: `after` as the model computes with them (real values; an integer layer's
     codes when no reference gives their scale), `before` quantization (None if neither the model nor
     the reference holds them), `centroids`: the values to mark — a codebook's centroids (the distinct
-    nonzero values of `after` when it has at most MAX_CENTROIDS of them), or the levels of the
+    nonzero values of `after` when it has at most MAX_CENTROIDS of them, shared by its weights), or the levels of the
     representative grid of `grid` — and `marks`, what they are in words."""
 
     name: str
@@ -89,8 +89,11 @@ def _reference_weight(reference: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def _centroids(weight: torch.Tensor) -> torch.Tensor | None:
-    values = torch.unique(weight[weight != 0].float())
-    return values if 0 < values.numel() <= MAX_CENTROIDS else None
+    """The distinct nonzero values when the weights share them. A small (or heavily pruned) float layer has
+    few distinct values too, each taken by one weight: those are no codebook and are not marked as one."""
+    kept = weight[weight != 0].float()
+    values = torch.unique(kept)
+    return values if 0 < values.numel() <= MAX_CENTROIDS and values.numel() < kept.numel() else None
 
 
 def _rows_grid(codes: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> GroupedCodes:

@@ -101,7 +101,7 @@ def _history_html(records: Sequence[PassRecord]) -> str:
         stats = "; ".join(f"{k}: {json.dumps(v, default=str)[:200]}" for k, v in r.stats.items())
         values = [str(i), r.name, str(r.changed),
                   f"+{len(r.nodes_created)} -{len(r.nodes_erased)} ~{len(r.nodes_changed)}",
-                  str(len(r.params_touched)), f"{r.seconds:.3f}"]
+                  str(len(r.params_touched)), f"{r.seconds:.3f}" if r.seconds else "-"]  # 0.0: not recorded (a saved file)
         cells.append(f"<tr><td>{values[0]}</td><td class=\"text\">{html.escape(values[1])}</td>"
                      + f'<td class="wrap">{html.escape(config)}</td>'
                      + "".join(f"<td>{html.escape(v)}</td>" for v in values[2:])

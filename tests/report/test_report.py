@@ -246,3 +246,35 @@ def test_the_report_and_the_graph_view_render_in_chromium(report_page, compresse
     assert report[..., :3].std() > 20  # not blank
     assert _pixels_near(report, ORANGE_RGB) > 500  # the bars picture was decoded and drawn
     assert _pixels_near(graph, CREATED) > 2000  # the layer boxes InsertMasks created, drawn in blue
+
+
+def test_distinct_float_weights_are_not_marked_as_centroids():
+    """A heavily pruned float layer has few distinct values, one weight each: they were marked as its
+    "centroids" whenever there were at most 256 of them."""
+    from fxcompress.passes import InsertFakeQuant, InsertMasks
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    passes = [InsertMasks(sparsity=0.9), InsertFakeQuant(method="kmeans", bits=3, select="2")]
+    gm = fxcompress.compile(model, passes, example_inputs=(torch.randn(2, 64),))
+    weights = {w.name: w for w in layer_weights(gm)}
+    plain, shared = weights["0"], weights["2"]
+    assert 0 < int(torch.count_nonzero(plain.after)) <= 256 and plain.centroids is None and plain.marks == ""
+    values = torch.unique(shared.after[shared.after != 0])
+    assert torch.equal(shared.centroids, values) and shared.marks == f"{len(values)} centroids" and len(values) <= 7
+
+
+def test_a_misspelt_option_is_a_config_error_naming_it(compressed, tmp_path):
+    _, fake_quant, _, _ = compressed
+    with pytest.raises(ConfigError, match="unknown option 'refrence'"):
+        write_report(fake_quant, tmp_path / "r.html", refrence=fake_quant)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_loaded_files_pass_times_are_not_shown_as_zero(compressed, tmp_path):
+    from html.parser import HTMLParser
+    _, fake_quant, _, _ = compressed
+    fxcompress.save(fake_quant, tmp_path / "m.fxc")  # deterministic: the file holds no times
+    page = write_report(fxcompress.load(tmp_path / "m.fxc"), tmp_path / "r.html", draw_graph=False).html.read_text()
+    HTMLParser().feed(page)
+    history = page.split("<h2>Passes</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<td>0.000</td>" not in history and "<td>-</td>" in history
