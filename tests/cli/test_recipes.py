@@ -49,10 +49,10 @@ def _deep_compression_lenet5(gm, state, dense_params, report):
 def _channel_pruning_resnet(gm, state, dense_params, report):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())  # folded
     assert sum(p.numel() for p in gm.parameters()) < 0.6 * dense_params  # half the channels of each conv
-    # no reference fits the pruned shapes, and nothing is quantized: every layer's plain weights, no marks
-    # but on a layer small enough (at most 256 weights) to be its own codebook
+    # no reference fits the pruned shapes, and nothing is quantized: every layer's plain weights, and no
+    # centroids marked (distinct float weights share no value, however few they are)
     assert [w.name for w in report] == [layer.name for layer in find_layers(gm)] and len(report) == 11
-    assert all(w.before is None and (w.centroids is None) == (w.after.numel() > 256) for w in report)
+    assert all(w.before is None and w.centroids is None for w in report)
 
 
 def _integer_lenet5(gm, state, dense_params, report):
