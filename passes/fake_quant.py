@@ -29,7 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxcompress.calibration.gptq import gptq_layers
-from fxcompress.calibration.sequential import calibration_batches
+from fxcompress.batches import calibration_batches
 from fxcompress.config import Boolean, Interval, Options, Regex, TypeOf, check_applicable, check_int, validate
 from fxcompress.memory import release_freed_memory
 from fxcompress.errors import ConfigError, PreconditionError

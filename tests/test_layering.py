@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Floors, lowest first; a module's floor is the first prefix that names it (longest match wins).
 FLOORS = [
-    ("foundation", ["errors", "config", "execution", "memory"]),
+    ("foundation", ["errors", "config", "execution", "memory", "batches"]),
     ("graph vocabulary", ["analysis", "layers", "rules", "tracing", "verify", "datasets", "training", "distill",
                           "frontends", "text", "zoo", "rewire"]),
     ("pass protocol", ["pass_base", "history"]),

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from ..batches import calibration_batches
 from ..errors import ConfigError
 from ..pruning.importance import CALIBRATED_IMPORTANCES, count_to_prune, element_scores, keep_highest
 from ..pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
 from ..pruning.nm import nm_keep, nm_pattern, row_keep
 from ..pruning.owl import OWL, outlier_ratio, owl_sparsities
 from .hessian import InputStats
-from .sequential import Group, calibration_batches, walk
+from .sequential import Group, walk
 
 
 def needs_calibration(importance: Any, profile: OWL | None) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..calibration.sequential import TOKEN_MASK, PaddingIncludedWarning, bind_inputs, token_mask
+from ..batches import TOKEN_MASK, PaddingIncludedWarning, bind_inputs, token_mask
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import constant_value

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..calibration.sequential import token_rows
+from ..batches import token_rows
 from ..config import check_int, check_real
 from ..errors import PreconditionError
 

@@ -10,7 +10,7 @@ from torch import nn
 import fxcompress
 from calibration.tiny_lm import VOCAB, tiny_llama, token_batches
 from fxcompress.calibration import InputStats, walk
-from fxcompress.calibration.sequential import PaddingIncludedWarning
+from fxcompress.batches import PaddingIncludedWarning
 from fxcompress.errors import PreconditionError
 from fxcompress.layers import select_layers
 from fxcompress.passes import InsertFakeQuant, InsertMasks, ScaleChannels, SparseGPT

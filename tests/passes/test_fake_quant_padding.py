@@ -9,7 +9,7 @@ from torch import nn
 
 import fxcompress
 from calibration.tiny_lm import VOCAB, tiny_llama, token_batches
-from fxcompress.calibration.sequential import PaddingIncludedWarning
+from fxcompress.batches import PaddingIncludedWarning
 from fxcompress.errors import PreconditionError
 from fxcompress.passes import ActivationConfig, InsertFakeQuant
 from fxcompress.quant import ActivationQuant, calibrate
