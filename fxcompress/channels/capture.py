@@ -61,6 +61,13 @@ def consumer_module(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Mod
     if kind is None and m is not None and node.op == "call_function":
         m = _functional_view(gm, node)
         kind = layer_kind(m) if m is not None else None
+    elif kind is not None and node.op == "call_function" and FUNCTIONS.get(node.target) == kind != "linear" \
+            and not KINDS[kind].is_transposed:
+        # a masked conv computes with its own call's options, not its owner module's: a padding mode other
+        # than zeros is an F.pad before the call, which then pads nothing; gathering windows with the owner's
+        # padding would pad twice and misplace every sampled position
+        m = _conv_view(node, kind, m.weight, m.bias)
+        kind = layer_kind(m) if m is not None else None
     # a transposed conv's output is no product of one input window, which is what rows gather
     if kind is None or KINDS[kind].is_transposed:
         return None
@@ -96,13 +103,22 @@ def _functional_view(gm: GraphModule, node: Node) -> nn.Module | None:
         return None
     if kind == "linear":
         view = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    else:
-        given = dict(zip(_CONV_OPTIONS, node.args[3:]), **{k: v for k, v in node.kwargs.items() if k in _CONV_OPTIONS})
-        if any(isinstance(v, Node) for v in given.values()):
-            return None
-        groups = given.get("groups", 1)
-        view = KINDS[kind].module(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                                  bias=bias is not None, device="meta", **given)
+        view.weight = weight
+        if bias is not None:
+            view.bias = bias
+        return view
+    return _conv_view(node, kind, weight, bias)
+
+
+def _conv_view(node: Node, kind: str, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module | None:
+    """An nn.Conv module over `weight` and `bias` with the options of the functional conv call `node` (None where
+    an option is computed in the graph)."""
+    given = dict(zip(_CONV_OPTIONS, node.args[3:]), **{k: v for k, v in node.kwargs.items() if k in _CONV_OPTIONS})
+    if any(isinstance(v, Node) for v in given.values()):
+        return None
+    groups = given.get("groups", 1)
+    view = KINDS[kind].module(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                              bias=bias is not None, device="meta", **given)
     view.weight = weight
     if bias is not None:
         view.bias = bias

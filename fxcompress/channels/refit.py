@@ -5,7 +5,9 @@ calibration data (`capture`). After pruning, reconstruction goes layer by layer,
 each consumer sees the inputs of the already pruned and refitted model and is refitted (weights and
 bias, ridge least squares in float64) to reproduce the unpruned model's outputs at the same
 positions. A masked consumer is refitted within its mask, so pruned weights stay zero. A consumer whose rows
-follow the data (a mixture of experts' routed tokens: `analyses.shapes.data_sized`) is left as it is.
+follow the data (a mixture of experts' routed tokens: `analyses.shapes.data_sized`) is left as it is, and so is
+a weight several layer calls compute with (a module called twice, a tied head): one fit per call would overwrite
+the others.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..analyses.shapes import data_sized
+from ..layers import tied_readers
 from .capture import Capture, Sampling, calibration_batch, consumer_module, owner_path, run_capture, weight_support
 from .graph import ChannelGraph
 
@@ -44,6 +47,11 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
     for layer in cg.layers:
         m = consumer_module(gm, nodes[layer.node])
         if m is None or layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any() or layer.node in routed:
+            continue
+        # a module called twice (or a weight two layers read) is one weight for several calls: each call's refit
+        # would overwrite the last, fitted to that call's inputs alone, and the earlier call's output (which later
+        # layers are refitted on) would come from a weight the model no longer holds. Not refitted, as a tied head.
+        if tied_readers(gm, nodes[layer.node]):
             continue
         watched[layer.node] = m
         out = np.ones(m.weight.shape[0], dtype=bool) if layer.out_ids is None else ~removed[cg.labels[layer.out_ids]]

@@ -1,4 +1,6 @@
 """Least-squares reconstruction of the layers whose input channels were removed."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,3 +198,159 @@ def test_functional_layers_of_the_export_front_end_are_measured_and_refitted_as_
         results[frontend] = (sorted(stats["reconstructed"]), gm(x))
     assert results["export"][0] == results["fx"][0] == ["body.2", "body.5", "body.7"]  # not the tied head
     torch.testing.assert_close(results["export"][1], results["fx"][1], rtol=1e-5, atol=1e-6)
+
+
+# ---- the refit is the ridge least-squares solution, checked against torch.linalg.lstsq -----------------------
+def _tap_features(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Per group, the refit's features at every output position, computed without the capture's windows: a
+    linear layer's are its inputs; a conv's column j is the conv itself run with a one-hot weight at tap j
+    (its padding mode and all), so what the layer reads is what its own forward reads."""
+    if isinstance(layer, nn.Linear):
+        return [x.reshape(-1, x.shape[-1]).double()]
+    groups, per_group = layer.groups, layer.out_channels // layer.groups
+    probe = copy.deepcopy(layer).double()
+    probe.bias = None
+    taps = probe.weight[0].numel()
+    columns = [[] for _ in range(groups)]
+    for j in range(taps):
+        onehot = torch.zeros(layer.out_channels, taps, dtype=torch.float64)
+        onehot[:, j] = 1.0
+        probe.weight = nn.Parameter(onehot.reshape(probe.weight.shape))
+        y = probe(x.double()).detach().movedim(1, -1).reshape(-1, layer.out_channels)
+        for g in range(groups):
+            columns[g].append(y[:, g * per_group])
+    return [torch.stack(c, 1) for c in columns]
+
+
+def _ridge_lstsq(features: list[torch.Tensor], y: torch.Tensor, bias: bool,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(out, in-per-group [+ bias]) by lstsq on [X; sqrt(lam) I] with the refit's ridge term, output by output
+    over its allowed inputs when a mask is given."""
+    from fxcompress.channels.refit import RIDGE
+    per_group, rows = y.shape[1] // len(features), []
+    for g, x in enumerate(features):
+        yg = y[:, g * per_group:(g + 1) * per_group]
+        if bias:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        lam = RIDGE * max(float((x * x).sum(0).mean()), 1e-12)
+        block = torch.zeros(per_group, x.shape[1], dtype=x.dtype)
+        for o in range(per_group):
+            cols = torch.arange(x.shape[1]) if allowed is None else \
+                torch.cat([allowed[g * per_group + o].flatten(), torch.ones(int(bias), dtype=torch.bool)]).nonzero()[:, 0]
+            a = torch.cat([x[:, cols], lam ** 0.5 * torch.eye(len(cols), dtype=x.dtype)])
+            b = torch.cat([yg[:, o:o + 1], torch.zeros(len(cols), 1, dtype=x.dtype)])
+            block[o, cols] = torch.linalg.lstsq(a, b).solution[:, 0]
+        rows.append(block)
+    return torch.cat(rows)
+
+
+class _Pair(nn.Module):
+    def __init__(self, producer: nn.Module, consumer: nn.Module) -> None:
+        super().__init__()
+        self.p, self.c = producer, consumer
+
+    def forward(self, x):
+        return self.c(torch.relu(self.p(x)))
+
+
+def _layer_io(gm: torch.fx.GraphModule, path: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and output of the layer computing with `{path}.weight` (a module call or a masked F.conv)."""
+    from fxcompress.channels.capture import owner_path
+    node = next(n for n in gm.graph.nodes if n.op in ("call_module", "call_function") and owner_path(n) == path)
+    interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interpreter.run(x)
+    source = node.args[0]
+    if source.op == "call_function" and source.target is F.pad:  # a masked conv's padding mode: the module pads
+        source = source.args[0]
+    return interpreter.env[source].double(), interpreter.env[node].double()
+
+
+def _flat(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return y.reshape(-1, y.shape[-1]) if isinstance(layer, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def _check_against_lstsq(model, shape, sizes=(4, 4), dtype=torch.float32, masks=None, method="l1"):
+    from fxcompress.passes import InsertMasks
+    torch.manual_seed(0)
+    for layer in model.modules():  # the parameters drawn here, not in whatever order the cases were collected
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    model = model.to(dtype).eval()
+    calibration = [torch.randn(n, *shape, dtype=dtype) for n in sizes]
+    x = torch.cat(calibration)
+    if masks is not None:
+        model = fxcompress.compile(model, [InsertMasks(sparsity=0.5, granularity=masks)], example_inputs=(x[:1],))
+    expected = model(x)
+    pruned = {}
+    for reconstruct in (False, True):  # max_samples covers every position: the fit uses them all
+        pruned[reconstruct] = fxcompress.compile(
+            model, [PruneChannels(amount=0.5, reconstruct=reconstruct, select=("p",), max_samples=10 ** 6,
+                                  method=method)], example_inputs=(x[:1],), calibration_data=calibration)
+    gm = pruned[True]
+    assert fxcompress.history(gm)[-1].stats["reconstructed"] == ["c"]
+    layer = gm.get_submodule("c")
+    inputs, _ = _layer_io(gm, "c", x)
+    _, target = _layer_io(model, "c", x) if masks is not None else (None, model.c(torch.relu(model.p(x))).double())
+    allowed = gm.get_buffer("c.weight_mask") != 0 if masks is not None else None
+    want = _ridge_lstsq(_tap_features(layer, inputs), _flat(layer, target).detach(), layer.bias is not None, allowed)
+    got = layer.weight.detach().double().reshape(len(want), -1)
+    if layer.bias is not None:
+        got = torch.cat([got, layer.bias.detach().double()[:, None]], 1)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+    if allowed is not None:
+        assert torch.equal(layer.weight[~allowed], torch.zeros(int((~allowed).sum()), dtype=layer.weight.dtype))
+    errors = {r: ((g(x) - expected).norm() / expected.norm()).item() for r, g in pruned.items()}
+    assert errors[True] <= errors[False] + 1e-6  # the ridge term costs ~1e-7 where pruning alone lost nothing
+
+
+@pytest.mark.parametrize("producer, consumer, shape, sizes, dtype", [
+    (nn.Linear(6, 8), nn.Linear(8, 5), (7, 6), (1, 3, 5), torch.float32),  # 3-D input, batches of three sizes
+    (nn.Linear(6, 8), nn.Linear(8, 5, bias=False), (9, 6), (1,), torch.float64),  # a single sample, float64
+    (nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 3, stride=2, dilation=2, padding=3), (3, 12), (4, 4), torch.float32),
+    (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, (3, 2), padding="same", padding_mode="reflect", groups=2),
+     (3, 9, 9), (4, 4), torch.float32),
+    (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding="valid", bias=False), (3, 9, 9), (1,), torch.float64),
+    (nn.Conv3d(2, 8, 3, padding=1), nn.Conv3d(8, 4, 3, padding=1, padding_mode="circular"), (2, 5, 5, 5), (2, 2),
+     torch.float32),
+    (nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 4, padding="same", padding_mode="replicate"), (3, 12), (4, 4),
+     torch.float32),
+])
+def test_the_refitted_weights_are_the_ridge_least_squares_solution(producer, consumer, shape, sizes, dtype):
+    _check_against_lstsq(_Pair(producer, consumer), shape, sizes, dtype)
+
+
+@pytest.mark.parametrize("consumer", [nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect"),
+                                      nn.Conv2d(8, 4, 3, padding=2, padding_mode="circular", groups=2, bias=False),
+                                      nn.Conv2d(8, 4, 3, padding=1)])
+@pytest.mark.parametrize("method", ["l1", "greedy"])
+def test_a_masked_conv_with_a_padding_mode_is_refitted_on_its_own_windows(consumer, method):
+    """A masked conv whose padding mode is not zeros is F.pad then a conv that pads nothing; its windows were
+    gathered with the owner module's padding, so padded twice: positions past the output were drawn (an
+    IndexError) or, when the draw missed them, every sampled row came from the wrong place."""
+    _check_against_lstsq(_Pair(nn.Conv2d(3, 8, 3, padding=1), consumer), (3, 8, 8), masks="element", method=method)
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        make = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if conv else nn.Linear
+        self.p, self.q, self.c = make(3, 8), make(3, 8), make(8, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.p(x))) + self.c(torch.relu(self.q(x)))
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_module_called_twice_is_not_refitted(conv):
+    """One weight, two calls: each call's refit overwrote the last, fitted to the second call's inputs alone (and
+    `reconstructed` named the module twice). It is left as it is, as a tied head is."""
+    torch.manual_seed(0)
+    model, x = _CalledTwice(conv).eval(), torch.randn(16, 3, 6, 6) if conv else torch.randn(16, 3)
+    results = []
+    for reconstruct in (False, True):
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=reconstruct, select=("p", "q"))],
+                                example_inputs=(x,), calibration_data=[x])
+        results.append((gm.get_parameter("c.weight").detach(), fxcompress.history(gm)[-1].stats))
+    assert results[1][1]["reconstructed"] == []
+    assert torch.equal(results[0][0], results[1][0])
