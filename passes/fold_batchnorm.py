@@ -1,37 +1,45 @@
 """FoldBatchNorm: fold each inference-mode BatchNorm into the conv / linear layer that feeds it.
 
 `bn(conv(x))` with running statistics is an affine map per output channel, so the conv's weight
-rows and bias can absorb it (torch.nn.utils.fusion does the arithmetic) and the BatchNorm node
-disappears. A deployed model then skips one memory-bound op per layer, and integer lowering sees
-conv -> activation chains with no float BatchNorm in between.
+and bias can absorb it (torch.nn.utils.fusion's arithmetic, a transposed weight's output channels
+taken per group, see `_fused`) and the BatchNorm node disappears. A deployed model then skips one
+memory-bound op per layer, and integer lowering sees conv -> activation chains with no float
+BatchNorm in between.
 
 A layer whose weight goes through masks (`mul(weight, weight_mask)`, after InsertMasks) folds too:
 scaling a weight's output rows commutes with the element-wise mask, so the stored weight is scaled
 and pruned weights stay exactly zero. A layer whose output is read by anything besides the
 BatchNorm, whose weight or bias has any other reader (the module called twice, a weight tied under
-two names, a masked weight read by two calls: folding would change what those compute), or whose
-weight goes through fake-quant or an encoding (scaling would move it off its grid), keeps its
-BatchNorm, and the reason is reported in the pass's statistics.
+two names, a masked weight read by two calls: folding would change what those compute), whose
+weight goes through fake-quant or an encoding (scaling would move it off its grid), whose output is
+unbatched or holds its channels elsewhere than dim 1 (the BatchNorm normalizes dim 1, which is then
+not the layer's channels), or whose BatchNorm has no running statistics (it normalizes with each
+batch's own, which no fixed weight can absorb), keeps its BatchNorm, and the reason is reported in the
+pass's statistics; so is every other BatchNorm left in the graph (a subclass, a functional call).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval, fuse_linear_bn_weights
 
 from fxcompress.analyses.ownership import ParamOwnership
 from fxcompress.analyses.shapes import ShapeInfo
 from fxcompress.config import validate
 from fxcompress.errors import PreconditionError
-from fxcompress.layers import bias_arg, call_input, kind_of_node, weight_arg, weight_source
+from fxcompress.layers import LayerKind, bias_arg, call_input, kind_of_node, weight_arg, weight_source
 from fxcompress.pass_base import Pass, PassContext, PassResult, is_unspelled_aten
 from fxcompress.pruning.masks import masks_only
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# matched by exact type (a subclass may override forward); SyncBatchNorm computes in eval mode what
+# BatchNorm does (F.batch_norm over its running statistics), so it folds the same way
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_FUNCTIONAL_NORMS = (F.batch_norm, torch.batch_norm)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,8 +47,10 @@ class FoldBatchNorm(Pass):
     """Fold BatchNorm{1,2,3}d into the Conv / ConvTranspose / Linear module that feeds it, or into
     the stored weight and bias of a masked functional conv / linear.
 
-    The model must be in eval mode (the running statistics are what gets folded, as torch.ao's
-    fusion requires); a BatchNorm still in training mode is refused by name.
+    The model's BatchNorms must be in eval mode (the running statistics are what gets folded; in
+    training mode a BatchNorm normalizes with the batch's statistics and updates its running ones, which
+    no fixed weight reproduces); a BatchNorm still in training mode is refused by name. The layer's own
+    mode does not matter: a conv or linear computes the same in both.
     """
 
     constraints: ClassVar[dict] = {}  # no options: every foldable BatchNorm is folded
@@ -50,12 +60,9 @@ class FoldBatchNorm(Pass):
 
     def requires(self, gm: GraphModule, ctx: PassContext) -> None:
         for node in _norm_nodes(gm):
-            producer = call_input(node)
-            module_form = isinstance(producer, Node) and producer.op == "call_module"
-            for path in [node.target] + ([producer.target] if module_form else []):
-                if gm.get_submodule(path).training:
-                    raise PreconditionError(f"FoldBatchNorm folds running statistics, but {path} is in training "
-                                            "mode: call model.eval() before compiling")
+            if gm.get_submodule(node.target).training:
+                raise PreconditionError(f"FoldBatchNorm folds running statistics, but {node.target} is in training "
+                                        "mode: call model.eval() before compiling")
 
     def unknown_ops(self, gm: GraphModule) -> list[Node]:
         """Only aten ops left unspelled could hide a BatchNorm from it; other layers it never reads."""
@@ -68,18 +75,30 @@ class FoldBatchNorm(Pass):
         ownership, nodes = ctx.get(ParamOwnership), {n.name: n for n in gm.graph.nodes}
         readers = {name: [nodes[r] for r in read] for name, read in ownership.readers.items()}
         folded, skipped, touched = {}, {}, []
+
+        def skip(name: str, reason: str) -> None:
+            # one BatchNorm module called at several places can be kept at each for a different reason
+            if reason not in skipped.get(name, "").split("; "):
+                skipped[name] = f"{skipped[name]}; {reason}" if name in skipped else reason
+
+        for node, reason in _other_norms(gm):
+            skip(node.target if node.op == "call_module" else node.name, reason)
         for node in list(_norm_nodes(gm)):
             producer = call_input(node)
             reason = _why_not(gm, node, producer, shapes, readers)
             if reason:
-                skipped[node.target] = reason
+                skip(node.target, reason)
                 continue
             norm = gm.get_submodule(node.target)
             if producer.op == "call_module":
-                layer, kind = gm.get_submodule(producer.target), kind_of_node(gm, producer)
-                fused = (fuse_conv_bn_eval(layer, norm, transpose=kind.is_transposed) if kind.is_conv
-                         else fuse_linear_bn_eval(layer, norm))
-                gm.set_submodule(producer.target, fused)  # same path, so names in reports stay stable
+                layer = gm.get_submodule(producer.target)
+                weight, bias = _fused(layer.weight, layer.bias, norm, kind_of_node(gm, producer), layer.groups
+                                      if kind_of_node(gm, producer).is_conv else 1)
+                # the module keeps its path (names in reports stay stable), hooks and mode; it gets fresh
+                # Parameters, as torch's fusion gives, since a bias-less layer has no tensor to write into
+                layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+                layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad if layer.bias is None
+                                          else layer.bias.requires_grad)
                 params = (f"{producer.target}.weight", f"{producer.target}.bias")
             else:
                 params = _fold_into_stored(gm, producer, norm)
@@ -94,6 +113,33 @@ class FoldBatchNorm(Pass):
 
 def _norm_nodes(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) in _NORMS]
+
+
+def _other_norms(gm: GraphModule) -> list[tuple[Node, str]]:
+    """The batch norms this pass leaves alone whatever feeds them, each with the reason, so that the
+    statistics account for every batch norm still in the graph."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in _NORMS:
+                found.append((node, f"a {type(module).__name__}, not exactly a BatchNorm1d / 2d / 3d: its forward may "
+                                    "compute something else, so it is not folded"))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_NORMS:
+            found.append((node, _functional_norm_reason(node)))
+    return found
+
+
+def _functional_norm_reason(node: Node) -> str:
+    """F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) or
+    torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)."""
+    names = (["input", "running_mean", "running_var", "weight", "bias", "training"] if node.target is F.batch_norm
+             else ["input", "weight", "bias", "running_mean", "running_var", "training"])
+    args = dict(zip(names, node.args)) | {k: v for k, v in node.kwargs.items() if k in names}
+    if args.get("training", False) is not False or args.get("running_mean") is None:
+        return (f"{node.name} normalizes with each batch's own statistics (training, or no running statistics), "
+                "which no fixed weight can absorb")
+    return f"{node.name} is a functional batch_norm call, not a BatchNorm module: only modules are folded"
 
 
 def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: dict[str, list[Node]]) -> str | None:
@@ -111,13 +157,6 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: 
         return f"fed by {producer.name}, which is not a conv / linear layer"
     if kind.family == "embedding":
         return f"fed by embedding {producer.name}, which has no bias to absorb the BatchNorm's shift"
-    if producer.op == "call_function" and kind.is_transposed:  # stored rows are scaled: dim 0
-        return (f"fed by {producer.name}, a transposed convolution called functionally (after masks), whose output "
-                "channels are its weight's dim 1: folding scales dim 0")
-    if producer.op == "call_module" and kind.is_transposed and gm.get_submodule(producer.target).groups > 1:
-        # torch's fusion scales a transposed weight's dim 1 as if it held every output channel; grouped,
-        # it holds out_channels / groups of them and the fused bias is sized wrong
-        return f"fed by {producer.name}, a grouped ConvTranspose, whose output channels torch's fusion cannot scale"
     if producer.op == "call_function":
         reason = _functional_reason(gm, producer)
         if reason:
@@ -129,8 +168,15 @@ def _why_not(gm: GraphModule, norm: Node, producer, shapes: ShapeInfo, readers: 
     if others:
         return (f"{producer.name}'s weight or bias is shared with another call: also read by {', '.join(others)} "
                 "(folding would change what those compute too)")
-    if linear and len(shapes.shape(producer.name) or ()) != 2:
+    # the BatchNorm normalizes dim 1: the layer's channels only where its output is batched (N, C, ...); a
+    # linear's features are its last dim, dim 1 only on 2-D output; an unbatched conv's (C, L) or (C, H, W)
+    # output puts a spatial dim there
+    rank = len(shapes.shape(producer.name) or ())
+    if linear and rank != 2:
         return f"{producer.name} writes features on its last dim, the BatchNorm normalizes dim 1"
+    if not linear and rank != kind.weight_ndim:
+        return (f"{producer.name} writes its channels on dim 0 of an unbatched (or unknown-rank) output, the "
+                "BatchNorm normalizes dim 1")
     return None
 
 
@@ -159,24 +205,66 @@ def _other_readers(producer: Node, readers: dict[str, list[Node]]) -> list[str]:
 def _functional_reason(gm: GraphModule, producer: Node) -> str | None:
     """Why a functional layer cannot absorb a BatchNorm: its weight must be a stored tensor through
     mask multiplications only, its bias a stored tensor or absent."""
+    source = weight_source(producer)
+    if source is not None and source.op == "get_attr" and not isinstance(_stored(gm, source.target), nn.Parameter):
+        # a buffer or a plain tensor attribute: masks_only reads the weight with gm.get_parameter, and a stored
+        # tensor that is no parameter may be a constant the model shares or rebuilds
+        return f"{producer.name}'s weight {source.target} is held as a buffer or plain tensor, not a parameter"
+    if kind_of_node(gm, producer).is_transposed and not isinstance(_groups(producer), int):
+        return f"{producer.name}'s groups is computed, not a number"
     if masks_only(gm, producer) is None:
         return (f"{producer.name}'s weight is not a stored tensor through masks only (fake-quant or an "
                 "encoding): fold BatchNorm before quantizing")
     bias = bias_arg(producer)
-    if bias is not None and bias.op != "get_attr":
+    if bias is not None and (bias.op != "get_attr" or not isinstance(_stored(gm, bias.target), torch.Tensor)):
         return f"{producer.name}'s bias is computed, not stored"
     return None
+
+
+def _stored(gm: GraphModule, target: str):
+    """What a get_attr reads: a parameter, a buffer or a plain tensor attribute (gm.get_parameter raises
+    on the last two, and masks_only reads the weight through it)."""
+    try:
+        return attrgetter(target)(gm)
+    except AttributeError:
+        return None
+
+
+def _fused(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module, kind: LayerKind,
+           groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias computing `bn(layer(x))` in eval mode: each output channel's weight scaled by
+    gamma / sqrt(var + eps), its bias shifted to (b - mean) * scale + beta.
+
+    Not torch's fuse_*_bn_weights: fuse_linear_bn_weights fails on an affine=False BatchNorm (weight
+    None), fuse_conv_bn_weights takes a transposed weight's dim 1 for every output channel, which a
+    grouped one holds out_channels / groups of (the fused bias came out the wrong size), and both compute
+    in a half-precision model's dtype; here the arithmetic runs in at least float32 and is cast back."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    mean, var = bn.running_mean.to(compute), bn.running_var.to(compute)
+    gamma = bn.weight.detach().to(compute) if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().to(compute) if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * torch.rsqrt(var + bn.eps)
+    w = weight.detach().to(compute)
+    if kind.out_dim == 0:
+        w = w * scale.reshape(-1, *[1] * (w.dim() - 1))
+    else:  # [in, out / groups, *kernel] (a transposed conv; addmm's [in, out] with one group): per group
+        per_group = w.shape[1]
+        spatial = [1] * (w.dim() - 2)
+        w = (w.reshape(groups, -1, per_group, *w.shape[2:]) * scale.reshape(groups, 1, per_group, *spatial)
+             ).reshape(weight.shape)
+    b = bias.detach().to(compute) if bias is not None else torch.zeros_like(mean)
+    return w.to(weight.dtype), ((b - mean) * scale + beta).to(bias.dtype if bias is not None else weight.dtype)
 
 
 def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str, str]:
     """Scale a functional layer's stored weight rows and shift (or create) its stored bias; the
     masks on the weight chain multiply the scaled weight as they did the original."""
     weight_name = weight_source(layer).target
-    weight = gm.get_parameter(weight_name)
+    weight = _stored(gm, weight_name)
     bias_node = bias_arg(layer)
-    bias = gm.get_parameter(bias_node.target) if bias_node is not None else None
-    fuse = fuse_conv_bn_weights if kind_of_node(gm, layer).is_conv else fuse_linear_bn_weights
-    new_weight, new_bias = fuse(weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    bias = _stored(gm, bias_node.target) if bias_node is not None else None
+    kind = kind_of_node(gm, layer)
+    new_weight, new_bias = _fused(weight, bias, bn, kind, _groups(layer) if kind.is_transposed else 1)
     with torch.no_grad():
         weight.copy_(new_weight)
         if bias is not None:
@@ -187,7 +275,7 @@ def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str,
     # the layer had no bias: it gets one beside its weight (`conv.bias`, unless that name is taken)
     free = not hasattr(holder, "bias") or holder._parameters.get("bias", ...) is None  # an empty bias slot
     attr = "bias" if free else f"{name}_bias"
-    holder.register_parameter(attr, nn.Parameter(new_bias.detach()))
+    holder.register_parameter(attr, nn.Parameter(new_bias, requires_grad=weight.requires_grad))
     bias_name = f"{owner}.{attr}" if owner else attr
     with gm.graph.inserting_before(layer):
         fresh = gm.graph.get_attr(bias_name)
@@ -196,6 +284,12 @@ def _fold_into_stored(gm: GraphModule, layer: Node, bn: nn.Module) -> tuple[str,
     else:
         layer.update_kwarg("bias", fresh)
     return weight_name, bias_name
+
+
+def _groups(node: Node):
+    """The groups of a functional transposed conv call: conv_transposeNd(input, weight, bias, stride, padding,
+    output_padding, groups, dilation)."""
+    return node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
 
 
 def _others(producer: Node, norm: Node) -> str:

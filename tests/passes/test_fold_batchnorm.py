@@ -1,6 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 import fxcompress
 from fxcompress.errors import PreconditionError
@@ -16,10 +18,12 @@ def _randomize_statistics(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+                if m.running_mean is not None:  # track_running_stats=False has none
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+                if m.weight is not None:  # affine=False has none
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
     return model.eval()
 
 
@@ -207,11 +211,6 @@ class EmbeddingNorm(nn.Module):
 
 
 @pytest.mark.parametrize("model, x, reason", [
-    # torch's fusion scales a transposed weight's dim 1 as if ungrouped: a crash, not a fold
-    (nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=4), nn.BatchNorm2d(4)), torch.randn(2, 4, 6, 6),
-     "grouped ConvTranspose"),
-    (nn.Sequential(nn.ConvTranspose2d(4, 8, 3, groups=2), nn.BatchNorm2d(8)), torch.randn(2, 4, 6, 6),
-     "grouped ConvTranspose"),
     (EmbeddingNorm(), torch.randint(0, 10, (4,)), "fed by embedding embed, which has no bias"),  # AttributeError
 ])
 def test_a_layer_torch_cannot_fuse_keeps_its_batchnorm(model, x, reason):
@@ -243,17 +242,21 @@ def test_modules_called_with_input_as_a_keyword_fold():
         assert torch.allclose(model(x), gm(x), atol=1e-5)
 
 
-def test_a_masked_transposed_convolution_keeps_its_batchnorm_and_says_why():
-    # it said the masked transposed convolution was "not a conv / linear layer"
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_masked_transposed_convolution_folds_on_its_output_channels(groups):
+    # it was kept ("folding scales dim 0"): the stored weight's output channels are dim 1, per group
     torch.manual_seed(0)
-    model = _randomize_statistics(nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
-    x = torch.randn(2, 3, 5, 5)
+    model = _randomize_statistics(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=groups), nn.BatchNorm2d(6)))
+    x = torch.randn(2, 4, 5, 5)
     masked = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    zeros = {l.name: effective_weight(masked, l) == 0 for l in find_layers(masked)}
     gm = fxcompress.compile(masked, [FoldBatchNorm()], example_inputs=(x,))
-    record = fxcompress.history(gm)[-1]
-    assert not record.changed and "a transposed convolution called functionally" in record.stats["skipped"]["1"]
+    assert fxcompress.history(gm)[-1].stats["folded"] == {"0": "1"} and _norms(gm) == []
+    for layer in find_layers(gm):
+        assert torch.equal(effective_weight(gm, layer) == 0, zeros[layer.name])
     with torch.no_grad():
-        assert torch.equal(masked(x), gm(x))
+        expected = masked(x)
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_a_masked_embedding_keeps_its_batchnorm_and_says_it_is_an_embedding():
@@ -266,3 +269,266 @@ def test_a_masked_embedding_keeps_its_batchnorm_and_says_it_is_an_embedding():
     assert why.startswith("fed by embedding ") and "no bias to absorb" in why
     with torch.no_grad():
         assert torch.equal(masked(x), gm(x))
+
+
+def _fold(model: nn.Module, x: torch.Tensor, **kwargs):
+    gm = fxcompress.compile(model, [FoldBatchNorm()], example_inputs=(x,), **kwargs)
+    return gm, fxcompress.history(gm)[-1].stats
+
+
+def _assert_same_outputs(model: nn.Module, gm: nn.Module, x: torch.Tensor, rtol: float = 1e-5) -> None:
+    with torch.no_grad():
+        expected, got = model(x), gm(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+_CONVS = {1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),
+          3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)}
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups, bias, norm", [
+    (1, True, {}), (2, True, {}), (4, False, {}),  # plain, grouped, depthwise without bias
+    (1, False, {"affine": False}), (1, True, {"momentum": None}), (2, True, {"eps": 0.3})])
+def test_convolutions_fold_as_torch_fuses_them_and_compute_what_they_did(dims, transposed, groups, bias, norm):
+    torch.manual_seed(0)
+    conv, conv_t, batch_norm = _CONVS[dims]
+    layer = conv_t(4, 8 if groups < 4 else 4, 3, groups=groups, bias=bias) if transposed else \
+        conv(4, 8 if groups < 4 else 4, 3, groups=groups, bias=bias)
+    model = _randomize_statistics(nn.Sequential(layer, batch_norm(layer.out_channels, **norm)))
+    x = torch.randn(2, 4, *[6] * dims)
+    gm, stats = _fold(model, x)
+    assert stats == {"folded": {"0": "1"}, "skipped": {}}
+    _assert_same_outputs(model, gm, x)
+    if not (transposed and groups > 1):  # torch's fusion is the reference where it is right
+        fused = fuse_conv_bn_eval(model[0], model[1], transpose=transposed)
+        torch.testing.assert_close(gm.get_submodule("0").weight, fused.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gm.get_submodule("0").bias, fused.bias, rtol=1e-6, atol=1e-7)
+
+
+def test_a_grouped_transposed_convolution_folds_per_group_where_torch_fusion_breaks():
+    # it was kept: torch's fusion scales dim 1 of the [in, out / groups, k] weight as if it held every
+    # output channel (a shape error); each group's output channels are scaled by their own factors here
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)))
+    with pytest.raises(RuntimeError):
+        fuse_conv_bn_eval(model[0], model[1], transpose=True)
+    x = torch.randn(2, 4, 5, 5)
+    gm, stats = _fold(model, x)
+    assert stats["folded"] == {"0": "1"} and _norms(gm) == []
+    _assert_same_outputs(model, gm, x)
+
+
+@pytest.mark.parametrize("bias, affine", [(True, True), (False, True), (True, False), (False, False)])
+def test_a_linear_folds_as_torch_fuses_it_also_into_a_batchnorm_without_affine(bias, affine):
+    # affine=False: torch's fuse_linear_bn_weights multiplies by the BatchNorm's weight, None; the pass
+    # raised that TypeError
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Linear(5, 7, bias=bias), nn.BatchNorm1d(7, affine=affine)))
+    x = torch.randn(3, 5)
+    gm, stats = _fold(model, x)
+    assert stats == {"folded": {"0": "1"}, "skipped": {}}
+    _assert_same_outputs(model, gm, x)
+    if affine:
+        fused = fuse_linear_bn_eval(model[0], model[1])
+        torch.testing.assert_close(gm.get_submodule("0").weight, fused.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gm.get_submodule("0").bias, fused.bias, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("model, x", [
+    # unbatched: the conv's channels are dim 0, the BatchNorm normalizes dim 1 (a length / height / depth that
+    # happens to equal the channel count); the fold scaled the wrong dim and changed the outputs silently
+    (nn.Sequential(nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6)), torch.randn(4, 6)),
+    (nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm1d(6)), torch.randn(4, 6, 5)),
+    (nn.Sequential(nn.Conv3d(4, 6, 1), nn.BatchNorm2d(6)), torch.randn(4, 6, 3, 3)),
+    (nn.Sequential(nn.ConvTranspose1d(4, 6, 1), nn.BatchNorm1d(6)), torch.randn(4, 6)),
+])
+def test_an_unbatched_convolution_keeps_its_batchnorm(model, x):
+    model = _randomize_statistics(model)
+    gm, stats = _fold(model, x)
+    assert stats["folded"] == {} and "unbatched" in stats["skipped"]["1"]
+    with torch.no_grad():
+        assert torch.equal(model(x), gm(x))
+
+
+class ConvTwoNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.a(y) + self.b(y)
+
+
+class NormAfterAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + x)
+
+
+def test_a_conv_feeding_two_batchnorms_and_a_batchnorm_after_an_add_are_kept_with_reasons():
+    x = torch.randn(2, 3, 4, 4)
+    model = _randomize_statistics(ConvTwoNorms())
+    gm, stats = _fold(model, x)
+    assert stats == {"folded": {}, "skipped": {"a": "conv's un-normalized output is also read by b",
+                                               "b": "conv's un-normalized output is also read by a"}}
+    model = _randomize_statistics(NormAfterAdd())
+    gm, stats = _fold(model, x)
+    assert stats == {"folded": {}, "skipped": {"bn": "fed by add, which is not a conv / linear layer"}}
+    with torch.no_grad():
+        assert torch.equal(model(x), gm(x))
+
+
+class OneNormManyCalls(nn.Module):
+    """One BatchNorm module called after a conv (folds there), after an add and after a ReLU (kept at both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn(x + 1) + self.bn(torch.relu(x))
+
+
+def test_a_batchnorm_kept_at_several_calls_reports_every_reason():
+    # the second reason overwrote the first in the statistics
+    torch.manual_seed(0)
+    model, x = _randomize_statistics(OneNormManyCalls()), torch.randn(2, 3, 4, 4)
+    gm, stats = _fold(model, x)
+    assert stats["folded"] == {"conv": "bn"}
+    assert stats["skipped"] == {"bn": "fed by add, which is not a conv / linear layer; "
+                                      "fed by relu, which is not a conv / linear layer"}
+    _assert_same_outputs(model, gm, x)
+
+
+class FunctionalNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("mean", torch.zeros(3))
+        self.register_buffer("var", torch.ones(3))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var)
+
+
+class SubclassedNorm(nn.BatchNorm2d):
+    """A subclass may override forward: kept as a leaf, it is not folded (matched by exact type)."""
+
+
+@pytest.mark.parametrize("model, options, key, reason", [
+    (FunctionalNorm(), {}, "batch_norm", "a functional batch_norm call, not a BatchNorm module"),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), SubclassedNorm(3)), {"leaf_modules": ["1"]}, "1",
+     "a SubclassedNorm, not exactly a BatchNorm1d / 2d / 3d"),
+    # export keeps a BatchNorm without running statistics as F.batch_norm over the batch's own
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)), {"frontend": "export"}, "_1",
+     "normalizes with each batch's own statistics"),
+])
+def test_every_batch_norm_left_in_the_graph_is_reported(model, options, key, reason):
+    # these were in neither "folded" nor "skipped"
+    model, x = _randomize_statistics(model), torch.randn(2, 3, 4, 4)
+    gm, stats = _fold(model, x, **options)
+    assert stats["folded"] == {} and list(stats["skipped"]) == [key] and reason in stats["skipped"][key]
+    with torch.no_grad():
+        assert torch.equal(model(x), gm(x))
+
+
+def test_a_sync_batchnorm_folds_like_a_batchnorm():
+    # in eval mode it is F.batch_norm over its running statistics; it was neither folded nor reported
+    torch.manual_seed(0)
+    model, x = _randomize_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))), torch.randn(2, 3, 6, 6)
+    gm, stats = _fold(model, x)
+    assert stats == {"folded": {"0": "1"}, "skipped": {}}
+    _assert_same_outputs(model, gm, x)
+
+
+@pytest.mark.parametrize("model, x", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), torch.randn(2, 3, 6, 6)),
+    (nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7, momentum=None)), torch.randn(3, 5)),
+    (nn.Sequential(nn.ConvTranspose2d(3, 4, 3, groups=1), nn.BatchNorm2d(4)), torch.randn(2, 3, 6, 6)),
+])
+def test_the_export_front_ends_batchnorms_fold(model, x):
+    # export writes the transposed conv as a functional call: it was kept ("folding scales dim 0")
+    torch.manual_seed(0)
+    model = _randomize_statistics(model)
+    gm, stats = _fold(model, x, frontend="export")
+    assert len(stats["folded"]) == 1 and stats["skipped"] == {} and _norms(gm) == []
+    _assert_same_outputs(model, gm, x)
+
+
+class AddmmNorm(nn.Module):
+    """Hugging Face's Conv1D form: addmm(bias, x, weight) with the weight stored [in, out]."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias, self.bn = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6)), \
+            nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(torch.addmm(self.bias, x, self.weight))
+
+
+class BufferLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(6, 5))
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(F.linear(x, self.weight))
+
+
+def test_functional_layers_fold_on_their_output_channels_or_say_why_not():
+    # addmm was kept as "a transposed convolution"; its [in, out] weight folds on dim 1
+    torch.manual_seed(0)
+    model, x = _randomize_statistics(AddmmNorm()), torch.randn(4, 6)
+    gm, stats = _fold(model, x)
+    assert stats == {"folded": {"weight": "bn"}, "skipped": {}}
+    _assert_same_outputs(model, gm, x)
+    # a weight held as a buffer raised a bare AttributeError (gm.get_parameter)
+    model, x = _randomize_statistics(BufferLinear()), torch.randn(4, 5)
+    gm, stats = _fold(model, x)
+    assert stats["folded"] == {} and "weight weight is held as a buffer" in stats["skipped"]["bn"]
+    with torch.no_grad():
+        assert torch.equal(model(x), gm(x))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_double_and_half_precision_models_fold_in_their_dtype(dtype, rtol, masked):
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.Flatten(),
+                                                nn.Linear(8 * 16, 6), nn.BatchNorm1d(6))).to(dtype)
+    x = torch.randn(2, 4, 6, 6, dtype=dtype)
+    if masked:
+        model = fxcompress.compile(model, [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    gm, stats = _fold(model, x)
+    assert len(stats["folded"]) == 2 and stats["skipped"] == {}
+    assert {p.dtype for p in gm.parameters()} == {dtype}
+    _assert_same_outputs(model, gm, x, rtol=rtol)
+
+
+def test_a_conv_in_training_mode_folds_into_an_eval_batchnorm_and_train_after_folding_adds_no_batchnorm():
+    # only the BatchNorm's mode matters (a conv computes the same in both): the conv's was refused
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                                nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)))
+    model[0].train()
+    x = torch.randn(2, 3, 6, 6)
+    gm, stats = _fold(model, x)
+    assert stats["folded"] == {"0": "1"} and "no running statistics" in stats["skipped"]["4"]
+    with torch.no_grad():
+        folded = gm(x)
+        gm.train()
+        # in training mode the folded conv computes what it did (no BatchNorm behind it comes back), and the
+        # kept BatchNorm normalizes with batch statistics as before
+        torch.testing.assert_close(gm(x), folded, rtol=0, atol=0)
+        by_hand = gm.get_submodule("4")(gm.get_submodule("3")(torch.relu(gm.get_submodule("0")(x))))
+        torch.testing.assert_close(gm(x), by_hand, rtol=0, atol=0)
+    assert _norms(gm) == ["4"] and gm.get_submodule("0").training
