@@ -23,7 +23,8 @@ export needs only `safetensors`, while `compressed-tensors` reads it back in the
 
 A half-precision model's packed weights dequantize (in float32) to values that round to its fake-quant
 weights in its dtype. A disabled quantizer's layer is written as the float weight it computes with;
-activation fake-quant, which the format cannot hold, is refused. Both files are written to temporary
+activation fake-quant, which the format cannot hold, is refused, and so is a quantized weight that another
+layer reads tied (an LM head tied to its quantized token embedding): the format would give that layer none. Both files are written to temporary
 files renamed into place: a failed export leaves the directory as it was.
 """
 from __future__ import annotations
@@ -135,7 +136,8 @@ def packed_layers(gm: GraphModule) -> list[PackedLayer]:
     """Every linear layer whose weight ends in a linear grid of at most 8 bits, with its codes;
     a quantized layer the format cannot express is a ConfigError naming it and why."""
     found = []
-    for layer in find_layers(gm):
+    layers = find_layers(gm)
+    for layer in layers:
         node = layer_node(gm, layer)
         grid_node = chain_module_node(gm, node, GridWeight) if node.op == "call_function" else None
         others = [type(t).__name__ for t in (chain_transforms(gm, node) if node.op == "call_function" else [])
@@ -149,6 +151,7 @@ def packed_layers(gm: GraphModule) -> list[PackedLayer]:
         module: GridWeight = gm.get_submodule(grid_node.target)
         if not module.enabled:
             continue   # set_quantization(gm, False): the layer computes with float weights, written as such
+        _check_not_tied(layer, module, grid_node.target, layers)
         why = _unpackable(layer, module)
         if why:
             raise ConfigError(f"to_compressed_tensors: layer {layer.name!r} ({grid_node.target}): {why}; "
@@ -164,6 +167,26 @@ def packed_layers(gm: GraphModule) -> list[PackedLayer]:
     return found
 
 
+def _check_not_tied(layer: Layer, module: GridWeight, quantizer: str, layers: list[Layer]) -> None:
+    """A quantized weight that other layers read too (an LM head tied to its token embedding, whose table
+    is then quantized once, through the embedding): the format holds one target's weight under that target's
+    name (`<target>.weight_packed`, no `.weight`), and a config group describes Linear targets only, so the
+    tied layer would have no weight to load (transformers ties the head to a `weight` that is not there) and
+    an embedding target cannot be packed at all. Refused by the tied layer's name, with what to do."""
+    tied = [other for other in layers if other.tied_to == layer.name]
+    if not tied:
+        return
+    names = ", ".join(f"{other.name!r} ({other.kind})" for other in tied)
+    # the common case, a head tied to its token embedding: leaving embeddings out leaves the pair float
+    how = " (InsertFakeQuant(types=('linear',)) leaves the embedding and its tied head float)" \
+        if layer.kind == "embedding" else ""
+    raise ConfigError(f"to_compressed_tensors: layer {names} is tied to {layer.name!r} ({layer.kind}), whose weight "
+                      f"tensor it reads, and that weight is quantized ({quantizer}: {module.method}, {module.bits} "
+                      f"bits); a pack-quantized checkpoint holds it packed under {layer.name!r} only, which leaves "
+                      f"{tied[0].name!r} no weight to load. Quantize without {layer.name!r}{how}, untie the weights "
+                      "before compiling, or use format='dense' to write the quantized values as floats")
+
+
 def _codes(module: GridWeight, weight: torch.Tensor) -> tuple[GroupedCodes, int | None]:
     """The layer's codes and group size: a group-wise grid whose groups agree within every output
     channel is that channel's grid, written with the "channel" strategy (one scale per row)."""
@@ -174,7 +197,7 @@ def _codes(module: GridWeight, weight: torch.Tensor) -> tuple[GroupedCodes, int 
 
 def _unpackable(layer: Layer, module: GridWeight) -> str:
     if KINDS[layer.kind].name != "linear":
-        return f"a {layer.kind} layer (pack-quantized holds nn.Linear weights)"
+        return f"{'an' if layer.kind[0] in 'aeiou' else 'a'} {layer.kind} layer (pack-quantized holds nn.Linear weights)"
     if module.method != "linear":
         return f"a {module.method} grid (pack-quantized holds linear integer grids)"
     if module.bits > 8:

@@ -220,3 +220,62 @@ def test_bad_directories_and_configs_are_refused_and_leave_nothing_behind(tmp_pa
     to_compressed_tensors(gm, tmp_path / "old")   # over an existing export: replaced in place
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["config.json", "model.safetensors"]
     assert "quantization_config" in json.loads((tmp_path / "old" / "config.json").read_text())
+
+
+def _tied_llama(transformers):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, use_cache=False,
+                                      tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_a_quantized_table_under_a_tied_lm_head_is_refused_packed_and_exported_dense(tmp_path, ct):
+    # the head's weight is the embedding table, quantized once, through the embedding (one grid per embedding-dim
+    # column, for the head its input channels: no strategy of the format's either): packed, it would exist only as
+    # model.embed_tokens.weight_packed, an embedding target the format cannot describe, and leave lm_head, which
+    # transformers ties to a `weight`, nothing to load
+    transformers = pytest.importorskip("transformers")
+    model = _tied_llama(transformers)
+    x = torch.randint(0, 64, (2, 16))
+    gm = fxcompress.compile(torch.export.export(model, (x,), strict=False),
+                            [InsertFakeQuant(method="linear", bits=4, per_channel=True, symmetric=True,
+                                             types=("linear", "embedding"))], (x,))
+    layers = {layer.name: layer for layer in find_layers(gm)}
+    assert layers["lm_head"].tied_to == "model.embed_tokens"
+    with pytest.raises(ConfigError, match=r"layer 'lm_head' \(linear\) is tied to 'model.embed_tokens' \(embedding\)"
+                                          r".*quantized \(model.embed_tokens.weight_quant: linear, 4 bits\).*"
+                                          r"types=\('linear',\).*format='dense'"):
+        to_compressed_tensors(gm, tmp_path / "packed", config=model.config.to_dict())
+    assert not (tmp_path / "packed").exists()
+    # dense: the quantized table written once, as the floats it computes with, and read by the tied head
+    report = to_compressed_tensors(gm, tmp_path / "dense", format="dense", config=model.config.to_dict())
+    assert report["tied_skipped"] == ["lm_head.weight"]
+    stored = ct.safetensors.load_file(tmp_path / "dense" / "model.safetensors")
+    table = stored["model.embed_tokens.weight"]
+    assert "lm_head.weight" not in stored and torch.equal(table, effective_weight(gm, layers["model.embed_tokens"]))
+    assert max(torch.unique(column).numel() for column in table.T) <= 16 and not torch.equal(table, model.lm_head.weight)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()   # still tied
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, gm(x)["logits"])
+
+
+def test_a_packed_weight_another_layer_reads_tied_is_refused_by_that_layer(tmp_path, safetensors):
+    # the tensor's first reader is a linear layer: packed under its name only, the second reader gets no weight
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    gm = fxcompress.compile(Shared(), [InsertFakeQuant(method="linear", bits=4, per_channel=True)], (torch.randn(2, 16),))
+    with pytest.raises(ConfigError, match=r"layer 'b' \(linear\) is tied to 'a' \(linear\).*leaves 'b' no weight"):
+        to_compressed_tensors(gm, tmp_path)
+    assert not tmp_path.joinpath("model.safetensors").exists()
+    stored = safetensors.load_file(to_compressed_tensors(gm, tmp_path, format="dense") and tmp_path / "model.safetensors")
+    assert list(stored) == ["a.weight"] and torch.unique(stored["a.weight"][0]).numel() <= 16

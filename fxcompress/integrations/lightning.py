@@ -18,6 +18,13 @@ or the module's `example_input_array`.
 
 Resuming (`fit(ckpt_path=...)`) restores the masks, the quantizers (a checkpoint saved after the
 quantization epoch began is quantized again before its state is loaded, then not again) and `history`.
+When the optimizers are rebuilt for the quantizers, every one is built by `configure_optimizers` again
+(several, manual optimization, parameter subsets alike), and the learning-rate schedulers it returns keep
+their progress: each takes the state of the one it replaces, and its optimizer's groups the hyperparameters
+(the scheduled `lr`) the old groups had; per-parameter state (momentum) restarts.
+A second `fit` of the module this callback compiled continues it (no second compile, not quantized again)
+where the trainer continues its epochs (the same Trainer with more `max_epochs`, or `ckpt_path`); one that
+starts the pruning schedule over at an epoch already done is refused.
 """
 from __future__ import annotations
 
@@ -72,6 +79,7 @@ class Compression(_Callback):
         self.model: nn.Module | None = None
         self.history: list[dict[str, Any]] = []
         self.quantized = False
+        self._carried = False   # this fit's module holds the model an earlier fit compiled
         self._hook = None
 
     def _inputs(self, module) -> tuple:
@@ -94,14 +102,19 @@ class Compression(_Callback):
         """Before the optimizers exist: the model with masks (at the schedule's start) in its graph."""
         if stage != "fit":
             return
+        # a second fit of the same module: its model is the graph compiled here already, masks (and quantizers)
+        # in it; compiling it again would put a second set of masks in the graph (and quantize the codebooks)
+        self._carried = self.model is not None and getattr(pl_module, self.attribute, None) is self.model
+        if not self._carried:   # a model of its own (or the first fit): nothing of an earlier fit applies to it
+            self.model, self.quantized, self.history = None, False, []
         epochs = getattr(trainer, "max_epochs", None)  # None or -1: no limit
-        if self.quantize is not None and epochs is not None and epochs >= 0 and self.quantize_epoch >= epochs:
+        if (self.quantize is not None and not self.quantized and epochs is not None and epochs >= 0
+                and self.quantize_epoch >= epochs):
             # the epoch would never start: the model would end the fit without fake-quant, silently
             raise ConfigError(f"Compression.quantize_epoch={self.quantize_epoch} is never reached: the trainer's "
                               f"max_epochs={epochs} runs epochs numbered from 0 to {epochs - 1}, so the model "
                               f"would never be quantized")
-        self.quantized = False
-        if self.prune is not None:
+        if self.prune is not None and not self._carried:
             self._replace(pl_module, [self.prune])
         # Resuming (fit(ckpt_path=...)): Lightning loads the module's state before this callback's and after
         # setup, so the graph must hold the fake-quant of a checkpoint saved after the quantization epoch began
@@ -132,13 +145,31 @@ class Compression(_Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after a checkpoint, if any, restored the epoch: a carried model whose schedule would start over at an
+        # epoch it has passed would get lower sparsities again, its masks recomputed from the pruned weights
+        schedule = self.prune.schedule if self.prune is not None else None
+        if self._carried and schedule is not None and self.history and \
+                trainer.current_epoch <= self.history[-1]["epoch"]:
+            raise ConfigError(f"Compression: {type(pl_module).__name__}.{self.attribute} was compiled by this callback "
+                              f"in an earlier fit and trained to epoch {self.history[-1]['epoch']}, but this fit "
+                              f"starts at epoch {trainer.current_epoch}: the pruning schedule would run again from "
+                              "there. Continue the earlier Trainer (raise its fit_loop.max_epochs and fit again), "
+                              "resume its checkpoint with fit(ckpt_path=...), or fit a fresh module with a new "
+                              "Compression callback")
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         # at or after its epoch (a run resumed past it from a checkpoint saved before), once only (a run
         # resumed within that epoch is quantized already: compiling again would quantize the codebooks)
         if self.quantize is not None and not self.quantized and trainer.current_epoch >= self.quantize_epoch:
             self._replace(pl_module, [self.quantize])
             self.quantized = True
-            trainer.strategy.setup_optimizers(trainer)  # the new graph's parameters (centroids) train too
+            optimizers, schedulers = list(trainer.optimizers), [c.scheduler for c in trainer.lr_scheduler_configs]
+            # configure_optimizers again: the old optimizers hold the parameters of the graph replaced, and the
+            # new graph's parameters (centroids) train too, each with the optimizer of the submodule it is in
+            trainer.strategy.setup_optimizers(trainer)
+            _carry_progress(optimizers, trainer.optimizers, schedulers,
+                            [c.scheduler for c in trainer.lr_scheduler_configs])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.prune is not None and self.unit == "step":
@@ -153,3 +184,22 @@ class Compression(_Callback):
         self.history.append({"epoch": trainer.current_epoch, "sparsity": layers})
         for name, value in layers.items():
             pl_module.log(f"sparsity/{name}", value)
+
+
+def _carry_progress(old_optimizers: list, optimizers: list, old_schedulers: list, schedulers: list) -> None:
+    """The rebuilt optimizers' schedules go on where the old ones were: rebuilt from scratch, a scheduler
+    would restart (a decayed learning rate back at its initial value, a warmup run again). Each rebuilt
+    group takes the old group's hyperparameters (the `lr` a scheduler set) and each scheduler the old
+    one's state, when `configure_optimizers` built the same optimizers, groups and schedulers again."""
+    if len(old_optimizers) != len(optimizers) or len(old_schedulers) != len(schedulers):
+        return
+    for old, new in zip(old_optimizers, optimizers):
+        if type(old) is not type(new) or len(old.param_groups) != len(new.param_groups):
+            return
+    if any(type(old) is not type(new) for old, new in zip(old_schedulers, schedulers)):
+        return
+    for old, new in zip(old_optimizers, optimizers):
+        for old_group, group in zip(old.param_groups, new.param_groups):
+            group.update({key: value for key, value in old_group.items() if key != "params"})
+    for old, new in zip(old_schedulers, schedulers):
+        new.load_state_dict(old.state_dict())

@@ -246,3 +246,106 @@ def test_a_fit_resumed_after_quantization_began_restores_the_quantizers(pl, ligh
         assert [r.name for r in fxcompress.history(resumed.model)] == ["InsertMasks", "InsertFakeQuant"], path
         assert len([m for m in resumed.model.modules() if isinstance(m, KMeansWeight)]) == 3
         assert [h["epoch"] for h in callback.history] == list(range(epochs)), path
+
+
+def _gan(pl):
+    """A GAN-style LightningModule: manual optimization, an optimizer and a StepLR each over the generator and
+    over the discriminator (each a parameter subset), returned as {"optimizer", "lr_scheduler"} dicts."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gen = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+            self.disc = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.disc(self.gen(x))
+
+    class GAN(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.example_input_array, self.automatic_optimization = Pair(), torch.zeros(2, 8), False
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            for optimizer, target in zip(self.optimizers(), (0.0, 1.0)):
+                loss = (self.model(x) - target).pow(2).mean()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
+
+        def configure_optimizers(self):
+            gen = torch.optim.Adam(self.model.gen.parameters(), lr=1e-2)
+            disc = torch.optim.SGD(self.model.disc.parameters(), lr=1e-2, momentum=0.9)
+            return ({"optimizer": gen, "lr_scheduler": torch.optim.lr_scheduler.StepLR(gen, 1, 0.5)},
+                    {"optimizer": disc, "lr_scheduler": torch.optim.lr_scheduler.StepLR(disc, 1, 0.5)})
+
+    class Seen(pl.Callback):   # after Compression's hook: the optimizers as the quantization epoch begins
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                names = {id(p): n for n, p in pl_module.model.named_parameters()}
+                self.params = [[names.get(id(p), "stale") for g in o.param_groups for p in g["params"]]
+                               for o in trainer.optimizers]
+                self.lrs = [o.param_groups[0]["lr"] for o in trainer.optimizers]
+                self.schedulers = [(c.scheduler.optimizer is o, c.scheduler.last_epoch)
+                                   for c, o in zip(trainer.lr_scheduler_configs, trainer.optimizers)]
+                self.wrapped = [w.optimizer is o for w, o in zip(pl_module.optimizers(), trainer.optimizers)]
+                self.codebooks = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()
+                                  if n.endswith("codebook")}
+
+    return GAN, Seen
+
+
+def _trainer(pl, epochs, callbacks):
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+
+
+def test_several_optimizers_and_schedulers_are_rebuilt_for_the_quantizers(pl, lightning):
+    torch.manual_seed(0)
+    gan, seen = _gan(pl)
+    module, seen = gan(), seen()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), batch_size=16)
+    callback = lightning.Compression(prune=InsertMasks(sparsity=0.5, schedule=AGP(end=1)),
+                                     quantize=InsertFakeQuant(bits=4, method="kmeans"), quantize_epoch=1)
+    _trainer(pl, 3, [callback, seen]).fit(module, data)
+    # each optimizer: its own submodule's new parameters and codebooks, nothing of the graph replaced
+    assert seen.params == [[f"{part}.{i}.{name}" for i in (0, 2) for name in ("weight", "bias", "weight_quant.codebook")]
+                           for part in ("gen", "disc")]
+    assert seen.wrapped == [True, True]   # self.optimizers() in training_step hands out the rebuilt ones
+    # the schedulers step the rebuilt optimizers and go on from epoch 0's 4 steps (they restarted at lr 1e-2)
+    assert seen.schedulers == [(True, 4), (True, 4)] and seen.lrs == [1e-2 * 0.5 ** 4] * 2
+    gm = module.model
+    assert [r.name for r in fxcompress.history(gm)] == ["InsertMasks", "InsertFakeQuant"]
+    trained = {n: p for n, p in gm.named_parameters() if n.endswith("codebook")}
+    assert trained.keys() == seen.codebooks.keys() and all(not torch.equal(p, seen.codebooks[n])
+                                                           for n, p in trained.items())
+    for layer in fxcompress.layers.find_layers(gm):   # the masks still hold: pruned weights exactly zero
+        mask = get_mask(gm, layer)
+        assert sparsity_of(mask) == pytest.approx(0.5, abs=0.01)
+        assert not fxcompress.layers.effective_weight(gm, layer)[mask == 0].any()
+
+
+def test_a_second_fit_continues_the_compiled_model_or_is_refused(pl, lightning):
+    torch.manual_seed(0)
+    gan, _ = _gan(pl)
+    module = gan()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), batch_size=16)
+    callback = lightning.Compression(prune=InsertMasks(sparsity=0.5, schedule=AGP(end=1)),
+                                     quantize=InsertFakeQuant(bits=4, method="kmeans"), quantize_epoch=1)
+    trainer = _trainer(pl, 2, [callback])
+    trainer.fit(module, data)
+    gm = module.model
+    trainer.fit_loop.max_epochs = 3   # the same Trainer, one epoch more: the compiled model goes on
+    trainer.fit(module, data)
+    assert module.model is gm and [r.name for r in fxcompress.history(gm)] == ["InsertMasks", "InsertFakeQuant"]
+    assert [h["epoch"] for h in callback.history] == [0, 1, 2]
+    assert len([m for m in gm.modules() if isinstance(m, KMeansWeight)]) == 4
+    # a new Trainer starts at epoch 0: the schedule would lower the masks again; refused, the model untouched
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"GAN.model was compiled by this callback in an earlier fit and trained "
+                                          r"to epoch 2, but this fit starts at epoch 0"):
+        _trainer(pl, 2, [callback]).fit(module, data)
+    assert module.model is gm and all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
