@@ -23,10 +23,11 @@ from fxcompress.analyses import ShapeInfo
 from fxcompress.calibration.masks import calibrated_masks, check_mask_config, keep_for, needs_calibration
 from fxcompress.config import Callables, Interval, Options, Regex, TupleOf, TypeOf, check_int, validate
 from fxcompress.errors import ConfigError, PreconditionError
-from fxcompress.layers import TYPES_FIELD, Layer, check_float_weight, check_tied_rules, kind_names, select_layers
+from fxcompress.layers import (TYPES_FIELD, Layer, check_float_weight, check_tied_rules, kind_names, layer_node,
+                               select_layers)
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_dims,
-                                           masked_scores)
+from fxcompress.pruning.importance import (GRANULARITIES, IMPORTANCES, Importance, count_to_prune, group_layout,
+                                           masked_scores, split_groups)
 from fxcompress.pruning.masks import get_mask, set_mask, sparsity_of, stored_weight
 from fxcompress.pruning.nm import NMPattern, nm_pattern
 from fxcompress.pruning.owl import OWL
@@ -191,10 +192,31 @@ class InsertMasks(Pass):
 
 def _scores(gm: GraphModule, target: Target) -> torch.Tensor:
     """Group scores of the layer's masked weight (groups pruned before score -inf)."""
+    dims, split = _layout(gm, target)
+    return masked_scores(stored_weight(gm, target.layer), get_mask(gm, target.layer), dims, target.importance, split)
+
+
+def _layout(gm: GraphModule, target: Target) -> tuple[tuple[int, ...], int]:
+    """`group_layout` of the target: a grouped conv's channels are real input channels, not dim 1 of its
+    weight (which holds one group's), so the layer's conv groups are read from its call."""
     layer = target.layer
-    weight = stored_weight(gm, layer)
-    dims = group_dims(target.granularity, layer.kind, weight.ndim, layer.name)
-    return masked_scores(weight, get_mask(gm, layer), dims, target.importance)
+    grouped = layer.is_conv and target.granularity in ("channel", "filter")  # the only groups conv groups change
+    return group_layout(target.granularity, layer.kind, stored_weight(gm, layer).ndim, layer.name,
+                        _conv_groups(gm, layer) if grouped else 1)
+
+
+def _conv_groups(gm: GraphModule, layer: Layer) -> int:
+    """The `groups` of a conv layer's call: its module's, or the functional call's argument 6 / keyword
+    (conv and conv_transpose alike take it there; its default is 1)."""
+    node = layer_node(gm, layer)
+    if node.op == "call_module":
+        groups = getattr(gm.get_submodule(node.target), "groups", None)
+    else:
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise PreconditionError(f"InsertMasks: layer {layer.name!r} ({layer.kind}) has conv groups {groups!r}, "
+                                "not an int the graph fixes; channel and filter groups need it")
+    return groups
 
 
 def _local_keep(gm: GraphModule, target: Target) -> torch.Tensor:
@@ -213,14 +235,16 @@ def _scored_keep(gm: GraphModule, target: Target, selection: Callable[[torch.Ten
     weight = stored_weight(gm, target.layer)
     keep = torch.empty(_score_shape(gm, target), dtype=torch.bool, device=weight.device)
     scores = _scores(gm, target)
-    return selection(scores).keep(scores, target.layer.name, out=keep).expand(weight.shape)
+    keep = selection(scores).keep(scores, target.layer.name, out=keep)
+    # a grouped conv's scores index its weight viewed as [groups, dim 0 / groups, ...]: back to the weight's shape
+    return keep.expand(split_groups(weight, _layout(gm, target)[1]).shape).reshape(weight.shape)
 
 
 def _score_shape(gm: GraphModule, target: Target) -> tuple[int, ...]:
-    """The shape of a layer's group scores: the weight's, with the dims reduced into a group at 1."""
-    weight = stored_weight(gm, target.layer)
-    dims = group_dims(target.granularity, target.layer.kind, weight.ndim, target.layer.name)
-    return tuple(size if d in dims else 1 for d, size in enumerate(weight.shape))
+    """The shape of a layer's group scores: the (group-split) weight's, with the dims reduced into a group at 1."""
+    dims, split = _layout(gm, target)
+    view = split_groups(stored_weight(gm, target.layer), split)
+    return tuple(size if d in dims else 1 for d, size in enumerate(view.shape))
 
 
 def _global_selection(gm: GraphModule, targets: Sequence[Target], each: Each) -> LowestN:

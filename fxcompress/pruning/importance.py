@@ -7,6 +7,12 @@ A *group* is the unit a granularity removes at once:
 * filter  - everything that produces one output channel (rows of a linear weight);
 * channel - everything that reads one input channel (columns of a linear weight).
 
+A grouped convolution stores only its own group's channels along the weight's dim 1 (a conv's
+inputs, [out, in/groups, ...]; a transposed conv's outputs, [in, out/groups, ...]): index j there
+is a different channel in each group. Its channels (a conv's) or filters (a transposed conv's) are
+therefore grouped on the weight viewed as [groups, dim 0 / groups, dim 1, ...], so that each group
+is one real channel: channel g * (in/groups) + j, numbered (and its ties broken) in that order.
+
 A group's score is the L1 norm of its weights ("abs" and "l1"), their L2 norm ("l2"), or the sum
 of a user callable's per-element scores. "wanda" (Sun et al. 2023) scores each weight |W_ij| *
 ||X_j||_2, the norm of its input channel over the calibration tokens: it needs calibration
@@ -21,6 +27,7 @@ import torch
 
 from ..errors import ConfigError, PreconditionError
 from ..layers import KINDS
+from .selection import LowestN
 
 GRANULARITIES = ("element", "kernel", "filter", "channel")
 IMPORTANCES = ("abs", "l1", "l2", "wanda")
@@ -28,8 +35,34 @@ CALIBRATED_IMPORTANCES = ("wanda",)  # these read per-input-channel statistics o
 Importance = str | Callable[[torch.Tensor], torch.Tensor]
 
 
+def group_layout(granularity: str, kind: str, ndim: int, layer: str = "",
+                 groups: int = 1) -> tuple[tuple[int, ...], int]:
+    """(dims, split): the dims that index a group in the weight viewed by `split_groups(weight, split)`.
+
+    `split` is 1 (the weight as it is) except for the channels of a grouped conv and the filters of
+    a grouped transposed conv, whose dim 1 holds one group's channels only (the module docstring):
+    there dim 0 is split into (groups, dim 0 / groups) and the groups are indexed by dims (0, 2).
+    """
+    dims = group_dims(granularity, kind, ndim, layer)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise PreconditionError(f"{layer or 'the layer'}: conv groups must be a positive int, got {groups!r}")
+    if groups > 1 and granularity in ("channel", "filter") and dims == (1,) and KINDS[kind].is_conv:
+        return (0, 2), groups
+    return dims, 1
+
+
+def split_groups(tensor: torch.Tensor, split: int) -> torch.Tensor:
+    """`tensor` (weight-shaped) viewed as [split, dim 0 / split, ...]; itself when `split` is 1."""
+    if split == 1:
+        return tensor
+    if tensor.shape[0] % split:
+        raise PreconditionError(f"a weight of shape {tuple(tensor.shape)} cannot hold {split} conv groups along dim 0")
+    return tensor.unflatten(0, (split, tensor.shape[0] // split))
+
+
 def group_dims(granularity: str, kind: str, ndim: int, layer: str = "") -> tuple[int, ...]:
-    """The weight dimensions that index a group (the others are reduced into its score)."""
+    """The weight dimensions that index a group (the others are reduced into its score), for a layer
+    without conv groups (a grouped conv's channels need `group_layout`)."""
     if granularity == "element":
         return tuple(range(ndim))
     if granularity == "kernel":
@@ -43,9 +76,10 @@ def group_dims(granularity: str, kind: str, ndim: int, layer: str = "") -> tuple
     return (KINDS[kind].out_dim,) if granularity == "filter" else (KINDS[kind].in_dim,)
 
 
-def group_scores(weight: torch.Tensor, dims: Sequence[int], importance: Importance) -> torch.Tensor:
-    """One score per group, shaped like `weight` with the reduced dimensions kept at size 1."""
-    reduce = [d for d in range(weight.ndim) if d not in dims]
+def group_scores(weight: torch.Tensor, dims: Sequence[int], importance: Importance, split: int = 1) -> torch.Tensor:
+    """One score per group, shaped like `split_groups(weight, split)` with the reduced dimensions kept at
+    size 1 (`dims` index that view). A callable importance sees the weight itself, never the view."""
+    reduce = [d for d in range(weight.ndim + (split > 1)) if d not in dims]
     weight = weight.detach().float()
     if isinstance(importance, str) and importance in CALIBRATED_IMPORTANCES:
         raise PreconditionError(f"importance {importance!r} needs the inputs' statistics: use it as the pass's "
@@ -56,26 +90,28 @@ def group_scores(weight: torch.Tensor, dims: Sequence[int], importance: Importan
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise ConfigError(f"importance callable must return scores shaped like the weight "
                               f"{tuple(weight.shape)}, got {got}")
-        scores = scores.detach().float()
+        scores = split_groups(scores.detach().float(), split)
         return scores.sum(reduce, keepdim=True) if reduce else scores
+    weight = split_groups(weight, split)
     if importance == "l2":
         return weight.pow(2).sum(reduce, keepdim=True).sqrt() if reduce else weight.abs()
     return weight.abs().sum(reduce, keepdim=True) if reduce else weight.abs()
 
 
-def pruned_groups(mask: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+def pruned_groups(mask: torch.Tensor, dims: Sequence[int], split: int = 1) -> torch.Tensor:
     """Groups of an existing mask that are entirely pruned (bool, shaped like the group scores)."""
+    mask = split_groups(mask, split)
     reduce = [d for d in range(mask.ndim) if d not in dims]
     alive = mask.ne(0)
     return ~alive.any(dim=tuple(reduce), keepdim=True) if reduce else ~alive
 
 
 def keep_highest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """A bool tensor shaped like `scores`: False for exactly the `n_prune` lowest scores."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_prune > 0:
-        keep[torch.topk(scores.flatten(), n_prune, largest=False).indices] = False
-    return keep.view(scores.shape)
+    """A bool tensor shaped like `scores`: False for exactly the `n_prune` lowest scores, ties at the
+    threshold earliest (flat index) first, as InsertMasks's local and global scopes choose them:
+    torch.topk breaks such ties in no specified order (on CPU not the earliest), so the same layer
+    would lose other weights under OWL or sensitivity than under InsertMasks."""
+    return LowestN.find(lambda: [("", scores)], n_prune).keep(scores)
 
 
 def count_to_prune(sparsity: float, groups: int) -> int:
@@ -84,11 +120,11 @@ def count_to_prune(sparsity: float, groups: int) -> int:
 
 
 def masked_scores(weight: torch.Tensor, mask: torch.Tensor | None, dims: Sequence[int],
-                  importance: Importance) -> torch.Tensor:
+                  importance: Importance, split: int = 1) -> torch.Tensor:
     """Group scores of `weight * mask`; groups the mask already pruned score -inf, so they go first
-    and a new selection never revives them."""
-    scores = group_scores(weight if mask is None else weight.detach() * mask, dims, importance)
-    return scores if mask is None else scores.masked_fill(pruned_groups(mask, dims), float("-inf"))
+    and a new selection never revives them. `dims` / `split`: as `group_layout` gives them."""
+    scores = group_scores(weight if mask is None else weight.detach() * mask, dims, importance, split)
+    return scores if mask is None else scores.masked_fill(pruned_groups(mask, dims, split), float("-inf"))
 
 
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, kind: str) -> torch.Tensor:

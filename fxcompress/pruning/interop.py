@@ -27,19 +27,37 @@ def export_to_torch_prune(gm: GraphModule, model: nn.Module) -> nn.Module:
     """Load `gm`'s weights into `model` (same architecture, not yet pruned) and prune it with `gm`'s masks.
 
     Afterwards `model` carries torch.nn.utils.prune's `weight_orig` / `weight_mask` and computes
-    what `gm` computes. Returns `model`.
+    what `gm` computes. A weight the model ties to another (an LM head's, its embedding's tensor) is
+    pruned under each of its names with the one mask. Returns `model`.
     """
     masks = {layer.weight: get_mask(gm, layer) for layer in masked_layers(gm)}
     state = {k: v for k, v in gm.state_dict().items() if k not in {mask_name(w) for w in masks}}
+    # the GraphModule stores a tied tensor once, under its first name; the model lists it under each
+    aliases = _aliases(model)
+    for name, first in aliases.items():
+        if name not in state and first in state:
+            state[name] = state[first]
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(f"export_to_torch_prune: the model does not match the GraphModule's parameters "
                           f"(is it already pruned, or another architecture?): {exc}") from exc
     for weight, mask in masks.items():
-        owner, _, attr = weight.rpartition(".")
-        prune.custom_from_mask(model.get_submodule(owner), attr, mask.clone())
+        # torch.nn.utils.prune swaps the named attribute only: a tied reader left out would keep the dense tensor
+        for name in [weight, *(alias for alias, first in aliases.items() if first == weight)]:
+            owner, _, attr = name.rpartition(".")
+            prune.custom_from_mask(model.get_submodule(owner), attr, mask.clone())
     return model
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Each later name of a tensor the model holds under several names -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.update({name: first[id(tensor)]} if id(tensor) in first else {})
+        first.setdefault(id(tensor), name)
+    return aliases
 
 
 def import_from_torch_prune(model: nn.Module, example_inputs: tuple, **compile_options) -> GraphModule:
@@ -56,14 +74,26 @@ def import_from_torch_prune(model: nn.Module, example_inputs: tuple, **compile_o
                 getattr(module, f"{hook._tensor_name}_mask").detach().clone()
             prune.remove(module, hook._tensor_name)  # weight = weight_orig * weight_mask, made permanent
     gm = compile_model(model, [], example_inputs, inplace=True, **compile_options)
-    layers = {layer.weight: layer for layer in find_layers(gm)}
+    found = find_layers(gm)
+    layers, by_name = {}, {layer.name: layer for layer in found}
+    for layer in found:
+        layers.setdefault(layer.weight, layer)  # a tied weight's first layer owns its mask
     unknown = sorted(set(masks) - set(layers))
     if unknown:
         raise PreconditionError(f"import_from_torch_prune: masks on {unknown} are not weights of linear / conv "
                                 f"layers fxcompress can mask")
     expected = OutputSignature.of(forward(gm, tuple(example_inputs)))
     for weight, mask in masks.items():
-        set_mask(gm, layers[weight], mask.ne(0))
+        layer = layers[weight]
+        if layer.tied_to is not None:
+            # one tensor, one mask node on its first layer's chain, read by both: the tied reader's mask
+            # must be that one (torch.nn.utils.prune let each name carry its own)
+            first = by_name[layer.tied_to].weight
+            if first not in masks or not torch.equal(masks[first].ne(0), mask.ne(0)):
+                raise PreconditionError(f"import_from_torch_prune: {weight} is tied to {first}, but their torch "
+                                        f"pruning masks differ; a tied weight carries one mask here")
+            continue
+        set_mask(gm, layer, mask.ne(0))
     verify_graph(gm, tuple(example_inputs), expected, "import_from_torch_prune")
     append_record(gm, PassRecord("import_from_torch_prune", {"masks": sorted(masks)}, changed=bool(masks),
                                  params_touched=tuple(sorted(masks))))

@@ -12,7 +12,7 @@ from fxcompress.errors import ConfigError, PreconditionError
 from fxcompress.layers import find_layers
 from fxcompress.passes import InsertMasks
 from fxcompress.pruning import AGP, get_mask, masked_layers
-from fxcompress.pruning.importance import count_to_prune, group_dims
+from fxcompress.pruning.importance import count_to_prune, group_layout, split_groups
 from fxcompress.training import torch_threads
 from fxcompress.zoo import ZOO, LeNet5, LeNet300100
 from layer_cases import TiedHead, TransposedWithOutputSize
@@ -54,7 +54,10 @@ def test_local_sparsity_is_exact_and_structured(name, granularity):
     masks = masks_of(gm)
     assert masks, "no layer was masked"
     for layer, mask in masks.values():
-        dims = group_dims(granularity, layer.kind, mask.ndim)
+        # a depthwise conv's (MobileNetV2) channels are its real input channels, one per conv group
+        conv_groups = getattr(gm.get_submodule(layer.name), "groups", 1)
+        dims, split = group_layout(granularity, layer.kind, mask.ndim, layer.name, conv_groups)
+        mask = split_groups(mask, split)
         groups = 1
         for d in dims:
             groups *= mask.shape[d]
@@ -344,3 +347,66 @@ def test_a_layer_called_with_a_keyword_input_is_masked():
 def test_a_conv_transpose_called_with_output_size_is_refused_by_module_path():
     with pytest.raises(PreconditionError, match="ConvTranspose2d 'up' is called with output_size"):
         fxcompress.compile(TransposedWithOutputSize(), [InsertMasks(sparsity=0.5)], example_inputs=(torch.randn(1, 4, 6, 6),))
+
+
+def _lowest_real_channels(weight, conv_groups, sparsity):
+    """Independent reference: keep mask pruning the round(s x n) lowest-L1 real channels of a grouped
+    weight whose dim 1 holds one group's channels (a conv's inputs, a transposed conv's outputs); real
+    channel g * dim1 + j is read by dim-0 rows of group g at column j. Ties: lowest channel first."""
+    rows, per_group = weight.shape[0] // conv_groups, weight.shape[1]
+    cells = [(slice(g * rows, (g + 1) * rows), j) for g in range(conv_groups) for j in range(per_group)]
+    scores = torch.stack([weight[cell].abs().sum() for cell in cells])
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    for i in torch.sort(scores, stable=True).indices[:round(sparsity * len(cells))].tolist():
+        keep[cells[i]] = False
+    return keep
+
+
+@pytest.mark.parametrize("front", ["module", "export"])
+@pytest.mark.parametrize("conv_groups, channels", [(4, 4), (2, 6), (3, 6)])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.6])
+def test_grouped_conv_channels_and_transposed_filters_are_real_channels(front, conv_groups, channels, sparsity):
+    # dim 1 of a depthwise conv's weight has size 1: it used to be one "channel" for the whole layer, so
+    # 0.5 pruned nothing and 0.6 everything; a grouped transposed conv's "filters" likewise spanned groups
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(channels, channels, 3, groups=conv_groups),
+                          nn.ConvTranspose2d(channels, 2 * channels, 3, groups=conv_groups))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((p * 3).round())  # integer weights: tied scores, broken earliest channel first
+    weights = [model[0].weight.detach().clone(), model[1].weight.detach().clone()]
+    x = torch.randn(1, channels, 6, 6)
+    source = model if front == "module" else torch.export.export(model, (x,))
+    for kind, granularity, weight in (("conv2d", "channel", weights[0]), ("conv_transpose2d", "filter", weights[1])):
+        gm = fxcompress.compile(source, [InsertMasks(sparsity=sparsity, granularity=granularity, types=(kind,))],
+                                example_inputs=(x,))
+        (layer, mask), = masks_of(gm).values()
+        assert torch.equal(mask.bool(), _lowest_real_channels(weight, conv_groups, sparsity)), (kind, granularity)
+
+
+def test_advancing_a_grouped_conv_keeps_its_pruned_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))
+    x = torch.randn(1, 8, 6, 6)
+    gm = fxcompress.compile(model, [InsertMasks(sparsity=0.25, granularity="channel")], example_inputs=(x,))
+    first = next(iter(masks_of(gm).values()))[1].clone()
+    gm = fxcompress.compile(gm, [InsertMasks(sparsity=0.5, granularity="channel")], example_inputs=(x,))
+    mask = next(iter(masks_of(gm).values()))[1]
+    assert (mask.flatten(1).amax(1) == 0).sum() == 4 and not (mask & ~first).any()
+
+
+def test_agp_reaches_its_target_at_end_from_a_loop_that_stops_there(tmp_path):
+    # every=3 does not divide end=10: the final sparsity used to wait for step 12, which train(...,
+    # step_hook=...) with 10 steps never calls; the masks also carry on after save / load
+    masks = InsertMasks(sparsity=0.8, schedule=AGP(end=10, every=3))
+    gm = compile_zoo("lenet300", masks)
+    for step in range(1, 7):
+        masks.update_masks(gm, step)
+    path = tmp_path / "half.fxc"
+    fxcompress.save(gm, path)
+    gm = fxcompress.load(path)
+    for step in range(7, 11):
+        layers = masks.update_masks(gm, step)
+    for name, (layer, mask) in masks_of(gm).items():
+        assert mask.numel() - mask.count_nonzero() == count_to_prune(0.8, mask.numel()), name
+        assert layers[name] == pytest.approx(0.8, abs=1e-6)

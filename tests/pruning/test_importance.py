@@ -4,9 +4,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 import torch
 
-from fxcompress.errors import ConfigError
-from fxcompress.pruning.importance import (count_to_prune, group_dims, group_scores, keep_highest, masked_scores,
-                                           pruned_groups)
+from fxcompress.errors import ConfigError, PreconditionError
+from fxcompress.pruning.importance import (count_to_prune, group_dims, group_layout, group_scores, keep_highest,
+                                           masked_scores, pruned_groups)
 
 W = torch.tensor([[3.0, -4.0], [1.0, 0.0], [-2.0, 2.0]])
 
@@ -50,3 +50,32 @@ def test_selection_prunes_exactly_the_requested_groups(rows, cols, sparsity, dim
     assert (~keep).sum().item() == round(sparsity * scores.numel())
     if (~keep).any() and keep.any():
         assert scores[~keep].max() <= scores[keep].min()  # nothing kept scores below anything pruned
+
+
+def test_keep_highest_prunes_tied_scores_earliest_first():
+    # it used torch.topk, whose ties on CPU fell on later weights (here index 4 and 7 of the zeros):
+    # OWL with a magnitude importance and sensitivity then pruned other weights than InsertMasks does
+    scores = torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0])
+    assert keep_highest(scores, 2).tolist() == [True, False, False, True, True, True, True, True]
+    many = torch.zeros(100_000)
+    many[::3] = 1.0
+    pruned = (~keep_highest(many, 40_000)).nonzero().flatten()
+    expected = torch.sort(many, stable=True).indices[:40_000].sort().values
+    assert torch.equal(pruned, expected)
+    assert keep_highest(scores, 0).all() and not keep_highest(scores, 8).any()
+
+
+def test_grouped_conv_channels_are_split_by_conv_group():
+    # a depthwise conv's weight [4, 1, 3, 3]: its 4 input channels, not 1 column for the whole layer
+    assert group_layout("channel", "conv2d", 4, "dw", 4) == ((0, 2), 4)
+    assert group_layout("filter", "conv_transpose2d", 4, "up", 2) == ((0, 2), 2)
+    assert group_layout("filter", "conv2d", 4, "dw", 4) == ((0,), 1)  # dim 0 already holds every filter
+    assert group_layout("channel", "conv_transpose2d", 4, "up", 2) == ((0,), 1)
+    assert group_layout("kernel", "conv2d", 4, "dw", 4) == ((0, 1), 1)
+    weight = torch.arange(4 * 9, dtype=torch.float32).view(4, 1, 3, 3)
+    seen = []
+    scores = group_scores(weight, (0, 2), lambda w: seen.append(tuple(w.shape)) or w.abs(), split=4)
+    assert seen == [(4, 1, 3, 3)]  # a callable sees the weight, not the split view
+    assert scores.flatten().tolist() == weight.flatten(1).sum(1).tolist()
+    with pytest.raises(PreconditionError, match="dw: conv groups must be a positive int"):
+        group_layout("channel", "conv2d", 4, "dw", 0)

@@ -102,3 +102,30 @@ def test_exported_model_trains_with_torch_prune_semantics(masked):
     exported = export_to_torch_prune(gm, LeNet5())
     nn.functional.cross_entropy(exported(X), torch.zeros(3, dtype=torch.long)).backward()
     assert not exported.fc1.weight_orig.grad[exported.fc1.weight_mask == 0].any()
+
+
+def test_a_tied_head_exports_and_imports_with_its_one_mask():
+    # the GraphModule stores a tied tensor once: export used to fail to load its state ("Missing key(s):
+    # lm_head.weight", reported as another architecture), and import raised a bare AttributeError
+    from layer_cases import TiedHead
+
+    torch.manual_seed(0)
+    x = torch.tensor([[1, 2, 3, 15]])
+    gm = fxcompress.compile(TiedHead(), [InsertMasks(sparsity=0.5)], example_inputs=(x,))
+    model = export_to_torch_prune(gm, TiedHead())
+    mask = get_mask(gm, next(layer for layer in masked_layers(gm) if layer.name == "embed"))
+    for module in (model.embed, model.lm_head):  # both readers compute with the masked tensor
+        assert torch.equal(module.weight_mask.bool(), mask) and torch.equal(module.weight == 0, ~mask | (module.weight_orig == 0))
+    assert torch.equal(model(x), gm(x))
+    back = import_from_torch_prune(model, (x,))
+    assert torch.equal(back(x), gm(x))
+    assert torch.equal(get_mask(back, next(layer for layer in masked_layers(back) if layer.name == "embed")), mask)
+
+
+def test_a_tied_head_pruned_apart_by_torch_is_refused():
+    from layer_cases import TiedHead
+
+    model, x = TiedHead(), torch.tensor([[1, 2, 3]])
+    prune.random_unstructured(model.lm_head, "weight", amount=0.5)
+    with pytest.raises(PreconditionError, match="lm_head.weight is tied to embed.weight"):
+        import_from_torch_prune(model, (x,))

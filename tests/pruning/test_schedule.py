@@ -28,3 +28,18 @@ def test_updates_only_every_n_steps_until_the_end():
     agp = AGP(begin=4, end=14, every=5)
     assert [s for s in range(30) if agp.updates_at(s)] == [4, 9, 14]
     assert agp.sparsity(0.8, 8) == agp.sparsity(0.8, 4)
+
+
+@pytest.mark.parametrize("begin, end, every", [(0, 10, 3), (2, 10, 3), (0, 2000, 300), (5, 6, 4)])
+def test_the_final_sparsity_holds_at_end_when_every_does_not_divide_the_span(begin, end, every):
+    # the last update used to be the first multiple of `every` past `end`: a loop that stops at
+    # `end` (train(..., step_hook=...) calls steps 1..end) never reached the final sparsity
+    agp = AGP(begin=begin, end=end, every=every, initial=0.1)
+    assert agp.updates_at(end)
+    assert agp.sparsity(0.9, end) == 0.9
+    updates = [s for s in range(begin, end) if (s - begin) % every == 0]
+    assert [s for s in range(end + 2 * every) if agp.updates_at(s)] == updates + [end] + \
+        [s for s in range(end + 1, end + 2 * every) if (s - begin) % every == 0][:1]
+    for step in range(begin, end):  # between updates the last update's value holds
+        last = begin + (step - begin) // every * every
+        assert agp.sparsity(0.9, step) == pytest.approx(0.9 + (0.1 - 0.9) * (1 - (last - begin) / (end - begin)) ** 3)
