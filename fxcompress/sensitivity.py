@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from .config import Regex, TypeOf, check, check_choice, check_real
 from .errors import ConfigError, FormatError, MissingDependencyError
 from .layers import chain_transforms, find_layers, kind_of_type, layer_node
+from .pruning.importance import (GRANULARITIES, Importance, count_to_prune, group_layout, keep_highest, masked_scores,
+                                 split_groups)
 from .summary import LOWERED
-from .pruning.importance import GRANULARITIES, Importance, count_to_prune, group_dims, keep_highest, masked_scores
 
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -258,13 +259,15 @@ def _sweep_layer(model, evaluate, target, sparsities, how, bar) -> list[float]:
     name, module, kind = target
     granularity, importance = how
     weight = module.weight
-    dims = group_dims(granularity, kind, weight.ndim, name)
-    scores = masked_scores(weight, getattr(module, "weight_mask", None), dims, importance)
+    # a grouped conv's channels are its real input channels, as InsertMasks groups them (group_layout)
+    dims, split = group_layout(granularity, kind, weight.ndim, name, getattr(module, "groups", 1))
+    scores = masked_scores(weight, getattr(module, "weight_mask", None), dims, importance, split)
+    grouped_shape = split_groups(weight, split).shape
     saved = weight.detach().clone()
     row = []
     for s in sparsities:
         bar.set_postfix_str(f"{name} at {s:g}")
-        keep = keep_highest(scores, count_to_prune(s, scores.numel())).expand(weight.shape)
+        keep = keep_highest(scores, count_to_prune(s, scores.numel())).expand(grouped_shape).reshape(weight.shape)
         try:
             with torch.no_grad():
                 weight.mul_(keep)

@@ -53,6 +53,25 @@ def test_structured_granularity_and_existing_masks():
     assert filters.values[0][0] == pytest.approx(0.4)
 
 
+def test_a_grouped_convolution_loses_whole_input_channels_as_insert_masks_chooses_them():
+    """A depthwise conv's weight is [8, 1, 3, 3]: dim 1 holds one group's single channel, so the sweep took the
+    whole layer for one "channel" (0% then 100%); its channels are the 8 real input channels."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 4, 1)).eval()
+    seen = []
+
+    def evaluate(m):
+        seen.append((m[0].weight == 0).flatten(1).all(1).tolist())
+        return 0.0
+
+    sensitivity(model, evaluate, sparsities=[0.25, 0.5], granularity="channel", layers="0")
+    x = torch.randn(1, 8, 6, 6)
+    for sparsity, pruned in zip((0.25, 0.5), seen[1:]):
+        gm = fxcompress.compile(model, [InsertMasks(sparsity=sparsity, granularity="channel", select="0")], (x,))
+        assert pruned == (gm.get_submodule("0").weight_mask == 0).flatten(1).all(1).tolist()
+        assert sum(pruned) == round(8 * sparsity)
+
+
 def test_text_markdown_and_png(tmp_path):
     table = sensitivity(LeNet300100(), weight_sparsity_metric("fc1"), sparsities=[0.5], progress=True)
     text, markdown = table.to_text(), table.to_markdown()
