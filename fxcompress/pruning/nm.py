@@ -73,8 +73,10 @@ def nm_keep(scores: torch.Tensor, n: int, m: int, kind: str, layer: str) -> torc
     width = moved.shape[-1]
     check_nm_width(width, n, m, layer)
     groups = moved.reshape(-1, width // m, m)
+    # a stable sort, not topk (which breaks ties in no specified order): of equal scores the earliest are
+    # pruned, as InsertMasks's other selections choose them
     keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    keep.scatter_(2, torch.sort(groups, dim=2, stable=True).indices[..., m - n:], True)
     return keep.reshape(moved.shape).movedim(-1, in_dim)
 
 
@@ -85,6 +87,6 @@ def row_keep(scores: torch.Tensor, sparsity: float, kind: str) -> torch.Tensor:
     count = min(rows.shape[1], round(sparsity * rows.shape[1]))
     keep = torch.ones_like(rows, dtype=torch.bool)
     if count:
-        keep.scatter_(1, torch.topk(rows, count, dim=1, largest=False).indices, False)
+        keep.scatter_(1, torch.sort(rows, dim=1, stable=True).indices[:, :count], False)  # ties: earliest pruned
     moved = (scores.shape[out_dim], *scores.shape[:out_dim], *scores.shape[out_dim + 1:])
     return keep.reshape(moved).movedim(0, out_dim)

@@ -91,3 +91,12 @@ def test_bad_patterns_and_fields_the_pattern_does_not_read_are_refused(config, f
     with pytest.raises(ConfigError, match=field):
         InsertMasks(**config)
     InsertMasks(granularity="2:4", sparsity=0.5)  # the sparsity the pattern implies is no contradiction
+
+
+def test_ties_are_pruned_earliest_first_in_n_m_groups_and_in_wanda_rows():
+    """Equal scores: torch.topk breaks such ties in no specified order (on CPU the later ones went), so N:M and
+    per-row selections pruned other weights than InsertMasks's element selection; earliest first, as it does."""
+    from fxcompress.pruning.nm import nm_keep, row_keep
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 2.0, 1.0]])
+    assert nm_keep(scores, 2, 4, "linear", "fc").tolist() == [[False, False, True, True, True, False, True, False]]
+    assert row_keep(scores, 0.5, "linear").tolist() == [[False, False, False, False, True, True, True, True]]
