@@ -7,7 +7,9 @@ scores them, picks the lowest per group (or globally), removes them physically (
 BN statistics, group counts, attention heads, view sizes), and optionally refits the consumers by
 least squares on calibration data (He et al. 2017). Groups that cannot be pruned are reported in
 `stats["frozen"]` with the reason, as are groups that round_to leaves whole (no multiple of it fits
-between the channels they must keep and their width).
+between the channels they must keep and their width). With reconstruct, `stats["reconstructed"]` lists the
+refitted layers and `stats["not_reconstructed"]` maps each other layer whose inputs shrank to why it was left as
+it is (a weight another node reads, a tied head, a transposed conv, a fake-quantized weight, experts).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.analyses.ownership import ParamOwnership
 from fxcompress.channels.capture import Sampling
 from fxcompress.channels.graph import ATTENTION_MODES, ChannelGraph, ChannelGroup
 from fxcompress.channels.graph.ops import rule_of
@@ -48,7 +51,10 @@ class PruneChannels(Pass):
     method: "l1" | "l2" (filter norms summed over a group) | "random" | "greedy" (ThiNet) |
         "lasso" (He et al.) | a callable `(gm, graph, group) -> scores` (one per `group.prunable`,
         higher = keep).
-    reconstruct: refit consumer layers by least squares on `calibration_data`.
+    reconstruct: refit consumer layers by least squares on `calibration_data` (batches as the calibration walk
+        takes them: tensors, tuples, or dicts bound to the graph's inputs by name; their sizes beyond the
+        batch dim may differ, as sequences of different lengths do). Layers left as they are are named in
+        `stats["not_reconstructed"]` with the reason.
     select: regexes (full match over layer names) or module types of the layers whose output
         channels may be pruned; empty = every layer. Each must match a prunable layer.
     keep: regexes or module types of layers that must not change at all. Each must match a layer.
@@ -136,11 +142,17 @@ class PruneChannels(Pass):
             stats["scored_by_l1"] = choice.scored_by_l1
         if not removed.any():
             return PassResult(changed=False, stats={**stats, "channels_removed": 0})
-        targets = (capture_targets(gm, cg, removed, ctx.calibration_data, sampling, progress=ctx.progress)
+        # ParamOwnership names every node reading a consumer's weight or bias: one read by anything but its
+        # layer is not refitted, since the fit would change what that node computes
+        targets = (capture_targets(gm, cg, removed, ctx.calibration_data, sampling, progress=ctx.progress,
+                                   ownership=ctx.get(ParamOwnership))
                    if self.reconstruct else None)
         touched = apply_removal(gm, cg, removed)
         if targets is not None:
             stats["reconstructed"] = refit(gm, targets, progress=ctx.progress)
+            # the consumers whose inputs shrank but which keep their weights, each with why (a reader of the
+            # weight, a tied head, ...): otherwise seen only by their absence from `reconstructed`
+            stats["not_reconstructed"] = targets.skipped
         after = sum(p.numel() for p in gm.parameters())
         outputs = sum(int(removed[cg.labels[l.out_ids]].sum()) for l in cg.layers if l.out_ids is not None)
         stats.update(groups_pruned=int(sum(removed[g.classes].any() for g in cg.groups)),

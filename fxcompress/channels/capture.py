@@ -8,11 +8,16 @@ its (padded) input, so a large feature map is never materialized as one row per 
 A *consumer* is a linear, conv1d, conv2d or conv3d layer (any padding and padding mode; grouped
 convs group by group): a module, or a masked layer (its stored weight times masks) through the
 module that owns its weight.
+
+Each calibration batch runs as it is given (a dict bound to the graph's inputs by name, as the calibration
+walk binds it), all of them in step, node by node: a layer's rows are drawn from the positions of every batch
+and concatenated, so batches whose sizes differ beyond the batch dim (sequences of different lengths) give
+rows alike, and a graph whose sizes are fixed at the example's runs batches of the example's sizes.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +29,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
+from ..batches import bind_inputs, calibration_batches
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, stored_attr, tied_readers, weight_arg, weight_source
@@ -31,10 +37,13 @@ from ..pruning.masks import masks_only
 from ..tracing import origin
 
 
-def calibration_batch(data: Iterable) -> tuple[torch.Tensor, ...]:
-    """All calibration inputs as one batch (each item a tensor or a tuple of tensors)."""
-    items = [item if isinstance(item, (tuple, list)) else (item,) for item in data]
-    return tuple(torch.cat([item[i] for item in items]) for i in range(len(items[0])))
+def calibration_batch(data: Iterable) -> list[tuple | Mapping]:
+    """The calibration batches as `run_capture` runs them: each a tuple of positional inputs (a tensor is a
+    tuple of one) or a dict, which is bound to the graph's inputs by name when the graph is known
+    (`batches.bind_inputs`). They are not concatenated: a layer's rows are per position, so batches whose
+    sequences differ in length are captured one by one and their rows joined (see `Capture.run_batches`)."""
+    return [item if isinstance(item, Mapping) else tuple(item) if isinstance(item, (tuple, list)) else (item,)
+            for item in calibration_batches(data, "PruneChannels")]
 
 
 def owner_path(node: Node) -> str | None:
@@ -51,63 +60,122 @@ def owner_path(node: Node) -> str | None:
 
 def consumer_module(gm: GraphModule, node: Node, grouped: bool = True) -> nn.Module | None:
     """The module whose parameters a node computes with, if it can be sampled and refitted (grouped
-    convs only if asked), else None. A masked layer qualifies through its owner module, which keeps
-    its parameters and conv options: its weight must be the stored one times masks and nothing else,
-    its bias the owner's. A functional layer over stored parameters that no layer module owns (the export
-    front end's `F.linear(x, get_attr)`) qualifies through a module made around those very parameters."""
+    convs only if asked), else None (`why_not_consumer` says why). A masked layer qualifies through its owner
+    module, which keeps its parameters and conv options: its weight must be the stored one times masks and
+    nothing else, its bias the owner's. A functional layer over stored parameters that no layer module owns (the
+    export front end's `F.linear(x, get_attr)`) qualifies through a module made around those very parameters."""
+    return _consumer(gm, node, grouped)[0]
+
+
+def why_not_consumer(gm: GraphModule, node: Node, grouped: bool = True) -> str | None:
+    """Why `consumer_module` has no module for a node (None: it has one), in words for a pass's report."""
+    return _consumer(gm, node, grouped)[1]
+
+
+# why a layer's rows cannot be gathered or its weight refitted, as the reports word it
+TRANSPOSED = ("a transposed conv: each output sums several input positions' contributions, no one input window, "
+              "which is what the refit's rows gather")
+COMPUTED_OPTIONS = "a conv whose options (stride, padding, ...) are computed in the graph"
+
+
+def tied_reason(gm: GraphModule, node: Node) -> str | None:
+    """Why a layer whose weight other layer calls compute with too is not refitted (None: no other does, or the
+    node is no linear / conv layer, such as an nn.MultiheadAttention, which has no `weight`)."""
+    if not (node.op == "call_module" and layer_kind(gm.get_submodule(node.target)) is not None
+            or node.op == "call_function" and node.target in FUNCTIONS):
+        return None
+    others = tied_readers(gm, node)
+    if not others:
+        return None
+    if node.op == "call_module" and all(o.op == "call_module" and o.target == node.target for o in others):
+        return (f"called at {len(others) + 1} places: one weight for several calls, each call's fit would overwrite "
+                "the others'")
+    names = ", ".join(repr(o.target if o.op == "call_module" else o.name) for o in others)
+    return (f"its weight is shared with {names} (a tied head, or a weight several layers compute with): a fit for "
+            "one call would change the others")
+
+
+def _consumer(gm: GraphModule, node: Node, grouped: bool) -> tuple[nn.Module | None, str | None]:
+    """`consumer_module`'s module, or None and the reason."""
     path = owner_path(node)
-    m = gm.get_submodule(path) if path is not None else None
-    kind = layer_kind(m) if m is not None else None
-    if kind is None and m is not None and node.op == "call_function":
-        m = _functional_view(gm, node)
-        kind = layer_kind(m) if m is not None else None
+    if path is None:
+        if node.op == "call_function" and node.target in FUNCTIONS:
+            return None, ("its weight is no stored parameter of a module (computed from the inputs, or produced "
+                          "by an encoded weight's module): there is no tensor to refit into")
+        return None, "not a linear or conv layer"
+    m = gm.get_submodule(path)
+    kind = layer_kind(m)
+    if kind is None and node.op == "call_function":
+        m, why = _functional_view(gm, node)
+        if m is None:
+            return None, why
+        kind = layer_kind(m)
     elif kind is not None and node.op == "call_function" and FUNCTIONS.get(node.target) == kind != "linear" \
             and not KINDS[kind].is_transposed:
         # a masked conv computes with its own call's options, not its owner module's: a padding mode other
         # than zeros is an F.pad before the call, which then pads nothing; gathering windows with the owner's
         # padding would pad twice and misplace every sampled position
         m = _conv_view(node, kind, m.weight, m.bias)
-        kind = layer_kind(m) if m is not None else None
+        if m is None:
+            return None, COMPUTED_OPTIONS
+        kind = layer_kind(m)
+    if kind is None:
+        return None, f"a {type(m).__name__}, not a linear or conv layer whose input rows can be gathered"
     # a transposed conv's output is no product of one input window, which is what rows gather
-    if kind is None or KINDS[kind].is_transposed:
-        return None
+    if KINDS[kind].is_transposed:
+        return None, TRANSPOSED
     if node.op == "call_function":
         bias = bias_arg(node)
         same_bias = (bias is None and m.bias is None) or (bias is not None and bias.op == "get_attr"
                                                           and bias.target == f"{path}.bias")
-        if FUNCTIONS[node.target] != kind or masks_only(gm, node) is None or not same_bias:
-            return None
+        if FUNCTIONS[node.target] != kind:
+            return None, f"a {FUNCTIONS[node.target]} call computing with the weight of a {kind} layer"
+        if masks_only(gm, node) is None:
+            # a fake-quantized (or otherwise transformed) weight: the layer computes with a function of the
+            # stored tensor, so a least-squares fit of the stored tensor is not what the layer would compute with
+            return None, ("its weight is transformed in the graph (fake-quantized, or more than the stored tensor "
+                          "times masks): the fit would not be the weight it computes with")
+        if not same_bias:
+            return None, f"its bias is not its module's stored bias ({path}.bias)"
     if type(m) is not nn.Linear and not grouped and m.groups != 1:
-        return None
-    return m
+        return None, "a grouped conv"
+    return m, None
 
 
 # the functional conv options after (input, weight, bias), in order, as their nn module takes them
 _CONV_OPTIONS = ("stride", "padding", "dilation", "groups")
 
 
-def _functional_view(gm: GraphModule, node: Node) -> nn.Module | None:
+def _functional_view(gm: GraphModule, node: Node) -> tuple[nn.Module | None, str | None]:
     """An nn.Linear / nn.Conv module holding the very parameters of a functional linear / conv call (so what is
-    refitted into it is refitted into the graph's tensors), or None: another kind, a transposed conv, a weight or
-    bias that is no stored parameter, or a weight another layer reads too (a tied head: refitting one layer
-    would change the other)."""
+    refitted into it is refitted into the graph's tensors), or None and why: another kind, a transposed conv, a
+    weight or bias that is no stored parameter, or a weight another layer reads too (a tied head: refitting one
+    layer would change the other)."""
     kind = FUNCTIONS.get(node.target)
     source, bias_node = weight_source(node), bias_arg(node)
-    if kind is None or KINDS[kind].module is None or KINDS[kind].is_transposed or KINDS[kind].family == "embedding" \
-            or source is None or source.op != "get_attr" or tied_readers(gm, node) \
-            or (bias_node is not None and bias_node.op != "get_attr"):
-        return None
+    if kind is None or KINDS[kind].module is None or KINDS[kind].family == "embedding":
+        return None, "not a linear or conv layer whose input rows can be gathered"
+    if KINDS[kind].is_transposed:
+        return None, TRANSPOSED
+    if source is None or source.op != "get_attr":
+        return None, "its weight is no stored tensor: there is no tensor to refit into"
+    tied = tied_reason(gm, node)
+    if tied:
+        return None, tied
+    if bias_node is not None and bias_node.op != "get_attr":
+        return None, "its bias is computed in the graph, no stored tensor"
     weight = stored_attr(gm, source.target)
     bias = stored_attr(gm, bias_node.target) if bias_node is not None else None
     if not isinstance(weight, nn.Parameter) or (bias_node is not None and not isinstance(bias, nn.Parameter)):
-        return None
+        return None, "its weight or bias is a buffer, not a parameter"
     if kind == "linear":
         view = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         view.weight = weight
         if bias is not None:
             view.bias = bias
-        return view
-    return _conv_view(node, kind, weight, bias)
+        return view, None
+    view = _conv_view(node, kind, weight, bias)
+    return (view, None) if view is not None else (None, COMPUTED_OPTIONS)
 
 
 def _conv_view(node: Node, kind: str, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module | None:
@@ -164,7 +232,11 @@ class Sampling:
 
 class Capture(Interpreter):
     """Runs the graph; at each watched node calls `before(node, module, input rows)` and
-    `after(node, module, output rows)`, both sampled at the same positions (kept in `picks`)."""
+    `after(node, module, output rows)`, both sampled at the same positions (kept in `picks`).
+
+    Several batches run in step (`run_batches`): every node is run for each batch before the next node, so
+    a watched layer's rows come from all of them at once, and `before` (a refit) changes the weight for
+    every batch's later nodes alike."""
 
     def __init__(self, gm: GraphModule, watched: dict[str, nn.Module], sampling: Sampling, *,
                  before=None, after=None, picks: dict | None = None, progress: str | None = None) -> None:
@@ -175,40 +247,83 @@ class Capture(Interpreter):
         # `progress` names the work for a tqdm bar over the watched layers (off where not a terminal)
         self.bar = tqdm(total=len(watched), desc=progress, unit="layer", disable=None if progress else True,
                         leave=False)
+        # the batch whose environment is `self.env`, and each batch's size: named when a node fails on it
+        self.batch, self.sizes = 0, []
 
     def run(self, *args, **kwargs) -> Any:
-        self.rows = next((x.shape[0] for x in args if isinstance(x, torch.Tensor) and x.dim()), None)
-        return super().run(*args, **kwargs)
+        """One batch of positional inputs (Interpreter's signature)."""
+        if kwargs:
+            raise TypeError(f"Capture.run takes the graph's inputs positionally, not {sorted(kwargs)}")
+        return self.run_batches([args])[0]
 
-    def run_node(self, n: Node) -> Any:
-        m = self.watched.get(n.name)
-        if m is None:
-            return self._run_graph_node(n)
+    def run_batches(self, batches: list[tuple | Mapping]) -> list[Any]:
+        """Run every batch (positional inputs, or a dict bound to the graph's inputs by name), in step; returns
+        the graph's output for each."""
+        nodes = list(self.graph.nodes)
+        envs: list[dict[Node, Any]] = []
+        iters, self.sizes = [], []
+        for i, batch in enumerate(batches):
+            # a dict is bound by the rule of the calibration walk: the two readers accept the same batches
+            inputs = bind_inputs(nodes, batch, i) if isinstance(batch, Mapping) else self.graph.process_inputs(*batch)
+            envs.append({})
+            iters.append(iter(inputs))
+            self.sizes.append(next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), None))
+        outputs: list[Any] = [None] * len(batches)
+        for n in nodes:
+            m = self.watched.get(n.name)
+            if m is None:
+                for i, env in enumerate(envs):
+                    self._enter(i, env, iters[i])
+                    env[n] = self._run_graph_node(n)
+            else:
+                self._run_watched(n, m, envs)
+            for env in envs:  # values no later node reads go, as Interpreter.run lets them go
+                for gone in self.user_to_last_uses.get(n, []):
+                    env.pop(gone, None)
+            if n.op == "output":
+                outputs = [self.graph.process_outputs(env[n]) for env in envs]
+        return outputs
+
+    def _enter(self, i: int, env: dict[Node, Any], args=None) -> None:
+        """Make batch `i`'s environment the one Interpreter's methods read."""
+        self.batch, self.env = i, env
+        if args is not None:
+            self.args_iter = args
+
+    def _run_watched(self, n: Node, m: nn.Module, envs: list[dict[Node, Any]]) -> None:
         self.bar.set_postfix_str(n.name)  # drawn at once: a watched layer's solve is the slow part
-        args, _ = self.fetch_args_kwargs_from_env(n)
-        windows = _windows(m, args[0])
-        # the trailing dims are one row's features, as many as the weight has besides its outputs
-        at = self._positions(n.name, windows.shape[:windows.dim() + 1 - m.weight.dim()])
+        windows = []
+        for i, env in enumerate(envs):
+            self._enter(i, env)
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            windows.append(_windows(m, args[0]))
+        # the trailing dims are one row's features, as many as the weight has besides its outputs; the leading
+        # ones are a batch's positions, which may differ from batch to batch (sequences of other lengths)
+        at = self._positions(n.name, [w.shape[:w.dim() + 1 - m.weight.dim()] for w in windows])
         if self.before is not None:
-            self.before(n, m, windows[at].flatten(1).double())
-            self._rerun_weight_chain(n)
-        result = self._run_graph_node(n)
+            self.before(n, m, torch.cat([w[a].flatten(1).double() for w, a in zip(windows, at)]))
+            self._rerun_weight_chain(n, envs)
+        del windows
+        results = []
+        for i, env in enumerate(envs):
+            self._enter(i, env)
+            env[n] = self._run_graph_node(n)
+            results.append(env[n])
         if self.after is not None:
-            self.after(n, m, _outputs(m, result)[at].double())
+            self.after(n, m, torch.cat([_outputs(m, y)[a].double() for y, a in zip(results, at)]))
         self.bar.update(1)
-        return result
 
     def _run_graph_node(self, n: Node) -> Any:
         try:
             return super().run_node(n)
-        except Exception as exc:  # the model cannot run the batch: name the node (the solves' errors stay theirs)
+        except Exception as exc:  # a batch the model cannot run: name it and the node (the solves' errors stay theirs)
             raise PreconditionError(
-                f"the calibration data, read as one batch of {self.rows}, fails at node {n.name!r} ({origin(n)}): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. A graph whose sizes are "
-                "fixed at the example's (compile's specialize_shapes, or a model torch.export could not give a "
-                "free batch) runs only the example's batch: give the calibration data as one such batch") from exc
+                f"calibration batch {self.batch} (leading size {self.sizes[self.batch]}) fails at node {n.name!r} "
+                f"({origin(n)}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. A graph "
+                "whose sizes are fixed at the example's (compile's specialize_shapes, or a model torch.export could "
+                "not give a free batch) runs only batches of the example's sizes")from exc
 
-    def _rerun_weight_chain(self, n: Node) -> None:
+    def _rerun_weight_chain(self, n: Node, envs: list[dict[Node, Any]]) -> None:
         """Recompute a functional layer's weight chain (stored weight -> mul(mask) ... -> layer).
 
         `before` has just refitted the stored weight, but the chain's product was computed earlier
@@ -225,25 +340,35 @@ class Capture(Interpreter):
             args, kwargs = map_arg((node.args, node.kwargs), lambda a: values[a] if a in values
                                    else self.fetch_attr(a.target))
             values[node] = node.target(*args, **kwargs)
-        if chain:
-            self.env[chain[0]] = values[chain[0]]
+        if chain:  # the same stored tensors for every batch: one product, read by each
+            for env in envs:
+                env[chain[0]] = values[chain[0]]
 
-    def _positions(self, name: str, shape: torch.Size) -> tuple[torch.Tensor, ...]:
-        """Indices, one tensor per dim of `shape`, of the sampled output positions of a layer.
+    def _positions(self, name: str, shapes: list[torch.Size]) -> list[tuple[torch.Tensor, ...]]:
+        """Per batch, indices (one tensor per dim of its `shapes` entry) of the sampled output positions of a
+        layer.
 
-        Drawn (as flat indices) the first time a layer is seen and reused after, so the features
-        before and after pruning are taken at the same positions.
+        Drawn (as flat indices over the batches' positions one after another, as if the batches were joined)
+        the first time a layer is seen and reused after, so the features before and after pruning are taken at
+        the same positions.
         """
+        sizes = [math.prod(shape) for shape in shapes]
+        total = sum(sizes)
         if name not in self.picks:
-            total = math.prod(shape)
             self.picks[name] = np.sort(self.rng.choice(total, min(self.samples, total), replace=False))
-        return tuple(torch.as_tensor(i) for i in np.unravel_index(self.picks[name], shape))
+        picks, found, start = self.picks[name], [], 0
+        for shape, size in zip(shapes, sizes):
+            mine = picks[(picks >= start) & (picks < start + size)] - start
+            found.append(tuple(torch.as_tensor(i) for i in np.unravel_index(mine, shape)))
+            start += size
+        return found
 
 
-def run_capture(capture: Capture, batch: tuple) -> dict:
-    """Run the captured graph on the batch in eval mode; returns the sampled positions."""
+def run_capture(capture: Capture, batches: list[tuple | Mapping]) -> dict:
+    """Run the captured graph on the batches (`calibration_batch`) in eval mode; returns the sampled
+    positions."""
     with evaluating(capture.module), capture.bar:
-        capture.run(*batch)
+        capture.run_batches(batches)
     return capture.picks
 
 

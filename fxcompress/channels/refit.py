@@ -7,20 +7,28 @@ bias, ridge least squares in float64) to reproduce the unpruned model's outputs 
 positions. A masked consumer is refitted within its mask, so pruned weights stay zero. A consumer whose rows
 follow the data (a mixture of experts' routed tokens: `analyses.shapes.data_sized`) is left as it is, and so is
 a weight several layer calls compute with (a module called twice, a tied head): one fit per call would overwrite
-the others.
+the others; so is a weight or bias any other node reads (`analyses.ownership.ParamOwnership`: a regularizer, a
+matmul of the weight), whose result the fit would change, and a layer whose rows cannot be gathered (a transposed
+conv) or whose weight is transformed (fake-quantized). `Targets.skipped` names each with its reason.
+
+The calibration batches run one by one, in step (`capture.Capture.run_batches`): their rows are joined, not their
+inputs, so batches of different sequence lengths and dicts bound to the graph's inputs by name are refitted on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
+from ..analyses.ownership import ParamOwnership
 from ..analyses.shapes import data_sized
-from ..layers import tied_readers
-from .capture import Capture, Sampling, calibration_batch, consumer_module, owner_path, run_capture, weight_support
+from ..layers import bias_arg, weight_arg
+from .capture import (Capture, Sampling, calibration_batch, consumer_module, owner_path, run_capture, tied_reason,
+                      weight_support, why_not_consumer)
 from .graph import ChannelGraph
 
 RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equations well posed
@@ -28,31 +36,47 @@ RIDGE = 1e-6  # relative to the mean diagonal of X^T X: keeps the normal equatio
 
 @dataclass
 class Targets:
-    """What the unpruned model's consumers produced at the sampled positions (kept outputs only)."""
+    """What the unpruned model's consumers produced at the sampled positions (kept outputs only), and the
+    consumers whose inputs shrink but which are not refitted, each with the reason."""
 
     outputs: dict[str, torch.Tensor]
     picks: dict[str, np.ndarray]
-    batch: tuple
+    batch: list
     sampling: Sampling
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+ROUTED = ("its rows follow the data (a mixture of experts' routed tokens): pruning changes the router's inputs, "
+          "so its rows before and after pruning are not the same positions")
 
 
 def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data, sampling: Sampling,
-                    progress: bool = False) -> Targets:
-    """Before pruning: the outputs of every consumer whose inputs will shrink (`progress`: a tqdm bar)."""
-    watched, kept, outputs = {}, {}, {}
+                    progress: bool = False, ownership: ParamOwnership | None = None) -> Targets:
+    """Before pruning: the outputs of every consumer whose inputs will shrink (`progress`: a tqdm bar), and in
+    `skipped` those left out of the refit, by layer name, with the reason. `ownership` is the graph's
+    ParamOwnership (computed here when not given)."""
+    watched, kept, outputs, skipped = {}, {}, {}, {}
     nodes = {n.name: n for n in gm.graph.nodes}
+    readers = (ownership or ParamOwnership.compute(gm, None)).readers
     # a layer whose rows follow the data (an expert's routed tokens) reads other tokens once pruning changes the
     # router's inputs: its rows before and after would not be the same positions, so it is not refitted
     routed = data_sized(gm)
     for layer in cg.layers:
-        m = consumer_module(gm, nodes[layer.node])
-        if m is None or layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any() or layer.node in routed:
-            continue
+        if layer.in_ids is None or not removed[cg.labels[layer.in_ids]].any():
+            continue  # its inputs keep every channel: nothing to make up for
+        node = nodes[layer.node]
         # a module called twice (or a weight two layers read) is one weight for several calls: each call's refit
         # would overwrite the last, fitted to that call's inputs alone, and the earlier call's output (which later
         # layers are refitted on) would come from a weight the model no longer holds. Not refitted, as a tied head.
-        if tied_readers(gm, nodes[layer.node]):
+        # A weight or bias any other node reads (a regularizer, a matmul of the weight) would change under it.
+        why = (tied_reason(gm, node) or why_not_consumer(gm, node) or (ROUTED if layer.node in routed else None)
+               or _other_readers(gm, node, readers, nodes))
+        if why:
+            # one module called at several places is one entry: each distinct reason once
+            if why not in skipped.get(layer.name, "").split("; "):
+                skipped[layer.name] = f"{skipped[layer.name]}; {why}" if layer.name in skipped else why
             continue
+        m = consumer_module(gm, node)
         watched[layer.node] = m
         out = np.ones(m.weight.shape[0], dtype=bool) if layer.out_ids is None else ~removed[cg.labels[layer.out_ids]]
         kept[layer.node] = torch.as_tensor(np.flatnonzero(out))
@@ -63,7 +87,41 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
     batch = calibration_batch(data)
     picks = run_capture(Capture(gm, watched, sampling, after=after,
                                 progress="capture features" if progress else None), batch)
-    return Targets(outputs, picks, batch, sampling)
+    return Targets(outputs, picks, batch, sampling, skipped)
+
+
+def _other_readers(gm: GraphModule, node: Node, readers: Mapping[str, tuple[str, ...]],
+                   nodes: Mapping[str, Node]) -> str | None:
+    """Why a consumer's weight or bias may not be refitted: another node reads it (ParamOwnership's readers,
+    under any name of the tensor), besides the layer itself and its own weight chain (get_attr, mask
+    products). None when only the layer reads them."""
+    path = owner_path(node)
+    chains = {"weight": [], "bias": []}
+    if node.op == "call_function":
+        current = weight_arg(node)
+        while isinstance(current, Node):  # the chain get_attr -> mul(mask) ... -> the layer's weight argument
+            chains["weight"].append(current)
+            current = current.args[0] if current.op != "get_attr" and current.args else None
+        if isinstance(bias_arg(node), Node):
+            chains["bias"].append(bias_arg(node))
+    found = []
+    for what, chain in chains.items():
+        own, others = {node, *chain}, {}
+        for reader in readers.get(f"{path}.{what}", ()):
+            r = nodes[reader]
+            if r not in own:
+                # a get_attr is only a reference: the nodes computing with it are the readers to name
+                for user in (r.users if r.op == "get_attr" else (r,)):
+                    others[user.name] = None
+        for chained in chain:  # one get_attr node can feed the layer and something else alike
+            for user in chained.users:
+                if user not in own:
+                    others[user.name] = None
+        if others:
+            found.append(f"its {what} is also read by {', '.join(map(repr, others))}")
+    if not found:
+        return None
+    return f"{' and '.join(found)}, not as this layer's parameter: a refit would change what they compute"
 
 
 def refit(gm: GraphModule, targets: Targets, progress: bool = False) -> list[str]:

@@ -5,14 +5,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.channels.capture import Capture, Sampling, _windows, calibration_batch
+from fxcompress.channels.capture import Capture, Sampling, _windows, calibration_batch, run_capture
+from fxcompress.errors import PreconditionError
 
 
-def test_calibration_items_are_concatenated_into_one_batch():
-    batch = calibration_batch([torch.ones(2, 3), torch.zeros(1, 3)])
-    assert len(batch) == 1 and batch[0].shape == (3, 3)
-    pairs = calibration_batch([(torch.ones(2, 3), torch.ones(2)), (torch.ones(1, 3), torch.ones(1))])
-    assert [t.shape[0] for t in pairs] == [3, 3]
+def test_calibration_batches_are_kept_apart_as_given():
+    """Each batch stays a batch (a tensor a tuple of one, a dict as it is, bound by name when run): they are
+    no longer joined, so batches whose sizes differ past the batch dim can be read."""
+    a, b, c = torch.ones(2, 3), torch.zeros(1, 5), {"x": torch.ones(1, 3)}
+    batches = calibration_batch([a, (b, torch.ones(1)), c])
+    assert len(batches) == 3 and batches[0] == (a,) and batches[1][0] is b and batches[2] is c
+    assert calibration_batch(iter([a]))[0] == (a,)  # a generator is listed once
+    with pytest.raises(PreconditionError, match="calibration_data is one dict"):
+        calibration_batch({"x": a})
+    with pytest.raises(PreconditionError, match="yielded no batch"):
+        calibration_batch([])
 
 
 def _all_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -87,18 +94,94 @@ class HeadsView(nn.Module):
         return self.out(heads.reshape(b, n, c))
 
 
-def test_a_graph_of_fixed_sizes_names_the_node_the_joined_calibration_batch_fails_at():
+def test_a_graph_of_fixed_sizes_runs_batches_of_the_example_size_and_names_the_batch_that_fails():
     import fxcompress
-    from fxcompress.errors import PreconditionError
     from fxcompress.passes import PruneChannels
 
     torch.manual_seed(0)
     model, x = HeadsView().eval(), torch.randn(2, 5, 8)
     prune = PruneChannels(amount=0.5, method="greedy", reconstruct=True)
-    # two batches of the example's shape are read as one batch of 4, which `view(2, 5, 2, 4)` cannot hold:
-    # the graph's check of its input's exact shape refuses it first
-    with pytest.raises(PreconditionError, match=r"one batch of 4, fails at node 'check_input_shape' .*"
-                                                r"input 'x' has size 4 along axis 0.*as one such batch"):
-        fxcompress.compile(model, [prune], (x,), calibration_data=[x, x], specialize_shapes=True)
-    pruned = fxcompress.compile(model, [prune], (x,), calibration_data=[x], specialize_shapes=True)
-    assert pruned.fc.out_features == 4
+    # each batch runs as given: two batches of the example's shape fit `view(2, 5, 2, 4)` (joined, they were one
+    # batch of 4, which it cannot hold)
+    pruned = fxcompress.compile(model, [prune], (x,), calibration_data=[x, x], specialize_shapes=True)
+    assert pruned.fc.out_features == 4 and fxcompress.history(pruned)[-1].stats["reconstructed"] == ["out"]
+    # a batch of another size is refused by the graph's check of its input's exact shape, naming that batch
+    with pytest.raises(PreconditionError, match=r"calibration batch 1 \(leading size 4\) fails at node "
+                                                r"'check_input_shape' .*input 'x' has size 4 along axis 0.*"
+                                                r"runs only batches of the example's sizes"):
+        fxcompress.compile(model, [prune], (x,), calibration_data=[x, torch.cat([x, x])], specialize_shapes=True)
+
+
+class _Sequence(nn.Module):
+    """A linear layer over (batch, sequence, features) and a conv1d over (batch, channels, length), with a gate
+    input that a dict batch names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.conv = nn.Linear(6, 4), nn.Conv1d(4, 3, 3, padding=1)
+
+    def forward(self, x, gate):
+        return self.conv((self.fc(x) * gate).transpose(1, 2))
+
+
+def _rows_of(batches, samples: int = 10 ** 6) -> tuple[dict, dict, dict]:
+    """{layer: input rows}, {layer: output rows}, picks, as the capture gathers them from `batches`."""
+    torch.manual_seed(0)
+    model = _Sequence().double().eval()
+    gm = torch.fx.symbolic_trace(model)
+    watched = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    rows, outputs = {}, {}
+    capture = Capture(gm, watched, Sampling(samples), before=lambda n, _, r: rows.update({n.name: r}),
+                      after=lambda n, _, y: outputs.update({n.name: y}))
+    picks = run_capture(capture, calibration_batch(batches))
+    return rows, outputs, picks
+
+
+def test_batches_of_different_lengths_give_each_batch_s_rows():
+    """Sequences of 3 and 7 positions: joining the inputs failed in torch.cat; the rows are per position, so
+    each batch is captured as it is and its rows joined."""
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 6, generator=gen, dtype=torch.float64), torch.randn(1, 7, 6, generator=gen,
+                                                                                   dtype=torch.float64)]
+    gates = [torch.rand(2, 3, 1, generator=gen, dtype=torch.float64), torch.rand(1, 7, 1, generator=gen,
+                                                                                dtype=torch.float64)]
+    rows, outputs, picks = _rows_of(list(zip(xs, gates)))
+    torch.manual_seed(0)
+    model = _Sequence().double().eval()
+    assert rows["fc"].shape == (2 * 3 + 7, 6) and rows["conv"].shape == (2 * 3 + 7, 4 * 3)
+    torch.testing.assert_close(rows["fc"], torch.cat([x.reshape(-1, 6) for x in xs]))
+    with torch.no_grad():
+        hidden = [(model.fc(x) * g).transpose(1, 2) for x, g in zip(xs, gates)]
+        convs = [model.conv(h) for h in hidden]
+    # every output position of both batches, in batch order, and each row reproduces the conv there
+    torch.testing.assert_close(outputs["conv"], torch.cat([y.movedim(1, -1).reshape(-1, 3) for y in convs]))
+    torch.testing.assert_close(rows["conv"] @ model.conv.weight.detach().reshape(3, -1).T + model.conv.bias.detach(),
+                               outputs["conv"])
+    assert picks["conv"].tolist() == list(range(13))
+
+
+def test_rows_of_batches_of_one_shape_are_those_of_the_joined_batch():
+    """The positions are drawn over the batches one after another, as over their concatenation: the same
+    draw, so features do not change for calibration data that joining could already read."""
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(4, 5, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gates = [torch.rand(4, 5, 1, generator=gen, dtype=torch.float64) for _ in range(3)]
+    apart = _rows_of(list(zip(xs, gates)), samples=17)
+    joined = _rows_of([(torch.cat(xs), torch.cat(gates))], samples=17)
+    for a, b in zip(apart, joined):
+        assert a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    assert len(apart[2]["fc"]) == 17
+
+
+def test_dict_batches_are_bound_to_the_graph_inputs_by_name():
+    """A tokenizer-style dict is bound by the calibration walk's rule (`batches.bind_inputs`): any key order, and
+    a key no input has is refused naming the batch (it was unsupported: a dict's keys were read as tensors)."""
+    gen = torch.Generator().manual_seed(3)
+    x, gate = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64), torch.rand(2, 4, 1, generator=gen,
+                                                                                  dtype=torch.float64)
+    named = _rows_of([{"gate": gate, "x": x}])
+    positional = _rows_of([(x, gate)])
+    for a, b in zip(named, positional):
+        assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    with pytest.raises(PreconditionError, match=r"calibration batch 1: the graph has no input named 'gates'"):
+        _rows_of([(x, gate), {"x": x, "gates": gate}])

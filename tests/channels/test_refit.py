@@ -341,10 +341,56 @@ class _CalledTwice(nn.Module):
         return self.c(torch.relu(self.p(x))) + self.c(torch.relu(self.q(x)))
 
 
+# ---- the consumers left out of the refit, each with its reason ---------------------------------------------------
+class _ReadElsewhere(nn.Module):
+    """`c`'s weight (or bias) is read by something besides `c`: a reweighting of `d`'s inputs by the weight's
+    column magnitudes, through the module (`c.weight` a get_attr of its own) or through one get_attr node that
+    feeds an F.linear and the reweighting alike; or the bias scaling the output."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.p, self.d = how, nn.Linear(6, 8), nn.Linear(8, 4)
+        self.c = nn.Linear(8, 4)
+        if how == "functional":  # parameters no layer module owns, as the export front end leaves them
+            self.c = nn.Module()
+            self.c.weight, self.c.bias = nn.Parameter(torch.randn(4, 8) / 3), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.relu(self.p(x))
+        if self.how == "bias":
+            return self.c(h) * self.c.bias
+        y = F.linear(h, self.c.weight, self.c.bias) if self.how == "functional" else self.c(h)
+        return y + self.d(h * self.c.weight.abs().mean(0))
+
+
+@pytest.mark.parametrize("how, tensor, reader", [("module", "weight", "abs_1"), ("functional", "weight", "abs_1"),
+                                                 ("bias", "bias", "mul")])
+def test_a_weight_another_node_reads_is_not_refitted(how, tensor, reader):
+    """Only layer calls counted as other readers: a weight (or bias) that a non-layer node also computes with was
+    refitted, silently changing that node's result. ParamOwnership names every reader; such a layer keeps its
+    parameters and is reported with them."""
+    torch.manual_seed(0)
+    model, x = _ReadElsewhere(how).eval(), torch.randn(64, 6)
+    results = {}
+    for reconstruct in (False, True):
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=reconstruct, select=("p",))],
+                                example_inputs=(x,), calibration_data=[x])
+        results[reconstruct] = (gm, fxcompress.history(gm)[-1].stats)
+    (plain, _), (gm, stats) = results[False], results[True]
+    assert "c" not in stats["reconstructed"]
+    assert stats["not_reconstructed"] == {"c": f"its {tensor} is also read by {reader!r}, not as this layer's "
+                                               "parameter: a refit would change what they compute"}
+    for name in ("c.weight", "c.bias"):
+        assert torch.equal(gm.get_parameter(name), plain.get_parameter(name))
+    if how != "bias":  # d, which reads the reweighted inputs, is still refitted
+        assert stats["reconstructed"] == ["d"]
+        assert not torch.equal(gm.get_parameter("d.weight"), plain.get_parameter("d.weight"))
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_a_module_called_twice_is_not_refitted(conv):
     """One weight, two calls: each call's refit overwrote the last, fitted to the second call's inputs alone (and
-    `reconstructed` named the module twice). It is left as it is, as a tied head is."""
+    `reconstructed` named the module twice). It is left as it is, as a tied head is, and reported once."""
     torch.manual_seed(0)
     model, x = _CalledTwice(conv).eval(), torch.randn(16, 3, 6, 6) if conv else torch.randn(16, 3)
     results = []
@@ -353,4 +399,157 @@ def test_a_module_called_twice_is_not_refitted(conv):
                                 example_inputs=(x,), calibration_data=[x])
         results.append((gm.get_parameter("c.weight").detach(), fxcompress.history(gm)[-1].stats))
     assert results[1][1]["reconstructed"] == []
+    assert results[1][1]["not_reconstructed"] == {
+        "c": "called at 2 places: one weight for several calls, each call's fit would overwrite the others'"}
     assert torch.equal(results[0][0], results[1][0])
+
+
+class _Tied(nn.Module):
+    """`c`'s weight computed with twice: by `c` and by a matmul of its transpose (an F.linear once traced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.c = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.p(x))
+        return self.c(h) + h @ self.c.weight.T
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_tied_weight_is_reported_with_the_layer_calls_sharing_it(frontend):
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    gm = fxcompress.compile(_Tied().eval(), [PruneChannels(amount=0.5, reconstruct=True)], example_inputs=(x,),
+                            calibration_data=[x], frontend=frontend)
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["channels_removed"] == 4 and stats["reconstructed"] == []
+    assert list(stats["not_reconstructed"]) == ["c"]  # both calls are the one weight of `c`
+    reasons = stats["not_reconstructed"]["c"].split("; ")
+    assert len(reasons) == 2 and all(r.startswith("its weight is shared with '") for r in reasons)
+    assert all(r.endswith("a fit for one call would change the others") for r in reasons)
+
+
+class _Upsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.p(x)))
+
+
+def test_a_transposed_conv_is_reported_not_refitted():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    gm = fxcompress.compile(_Upsample().eval(), [PruneChannels(amount=0.5, reconstruct=True)], example_inputs=(x,),
+                            calibration_data=[x])
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["channels_removed"] == 4 and stats["reconstructed"] == []
+    assert stats["not_reconstructed"] == {"c": "a transposed conv: each output sums several input positions' "
+                                               "contributions, no one input window, which is what the refit's rows "
+                                               "gather"}
+
+
+def test_routed_experts_are_reported_not_refitted():
+    """An expert's rows are the tokens its router sends it, other tokens once pruning changes the router's inputs:
+    each expert whose inputs shrank is named with that reason (it showed only by its absence)."""
+    pytest.importorskip("transformers")
+    from hfmodels import build
+
+    from fxcompress.channels.refit import ROUTED
+    model, x, other = build("mixtral")
+    gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=True)], example_inputs=(x,),
+                            calibration_data=[x, other])
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["reconstructed"] and not [path for path in stats["reconstructed"] if ".experts." in path]
+    experts = [path for path in stats["not_reconstructed"] if ".experts." in path]
+    assert experts and all(stats["not_reconstructed"][path] == ROUTED for path in experts)
+
+
+class _FakeQuantized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.c = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        w = torch.fake_quantize_per_tensor_affine(self.c.weight, 0.05, 0, -128, 127)
+        return F.linear(torch.relu(self.p(x)), w, self.c.bias)
+
+
+def test_a_fake_quantized_weight_is_no_consumer_and_says_why():
+    """The layer computes with a function of its stored weight: a fit of the stored tensor is not the weight it
+    computes with (fake-quantized layers freeze their channels in the pass, so the reason is checked here)."""
+    from fxcompress.channels.capture import consumer_module, why_not_consumer
+    gm = torch.fx.symbolic_trace(_FakeQuantized())
+    node = next(n for n in gm.graph.nodes if n.target is F.linear)
+    assert consumer_module(gm, node) is None
+    assert why_not_consumer(gm, node).startswith("its weight is transformed in the graph (fake-quantized")
+    plain = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert consumer_module(gm, plain) is gm.p and why_not_consumer(gm, plain) is None
+
+
+def test_every_consumer_refitted_leaves_nothing_to_report():
+    torch.manual_seed(0)
+    model, x = _Pair(nn.Linear(6, 8), nn.Linear(8, 5)).eval(), torch.randn(32, 6)
+    gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=True)], example_inputs=(x,),
+                            calibration_data=[x])
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["reconstructed"] == ["c"] and stats["not_reconstructed"] == {}
+    plain = fxcompress.compile(model, [PruneChannels(amount=0.5)], example_inputs=(x,))
+    assert "not_reconstructed" not in fxcompress.history(plain)[-1].stats  # no refit asked, none reported
+
+
+# ---- calibration batches of different lengths, and dicts -------------------------------------------------------
+class _Tokens(nn.Module):
+    """(batch, sequence, features) through two linear layers, gated by a second input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.c = nn.Linear(6, 8), nn.Linear(8, 5)
+
+    def forward(self, x, gate):
+        return self.c(torch.relu(self.p(x)) * gate)
+
+
+def test_sequences_of_different_lengths_are_refitted_on_every_position():
+    """Batches of 3, 9 and 5 positions failed in torch.cat before any refit; each is now run as it is and the
+    refit is the ridge least-squares solution over all their positions."""
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    batches = [(torch.randn(2, n, 6), torch.rand(2, n, 1)) for n in (3, 9, 5)]
+    gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=True, select=("p",), max_samples=10 ** 6)],
+                            example_inputs=batches[0], calibration_data=batches)
+    assert fxcompress.history(gm)[-1].stats["reconstructed"] == ["c"]
+    interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    inputs, targets = [], []
+    for x, gate in batches:
+        with torch.no_grad():
+            interpreter.run(x, gate)
+            node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "c")
+            inputs.append(interpreter.env[node.args[0]].double().reshape(-1, 4))
+            targets.append(model(x, gate).double().reshape(-1, 5))
+    want = _ridge_lstsq([torch.cat(inputs)], torch.cat(targets), bias=True)
+    got = torch.cat([gm.c.weight.detach().double(), gm.c.bias.detach().double()[:, None]], 1)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["l1", "greedy"])
+def test_dict_batches_are_bound_by_name_as_the_calibration_walk_binds_them(method):
+    """A tokenizer-style dict batch (any key order) refits as the same batch given positionally, in selection
+    (greedy reads the features too) and reconstruction; a key the graph has no input for is refused by name."""
+    from fxcompress.errors import PreconditionError
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    batches = [(torch.randn(2, n, 6), torch.rand(2, n, 1)) for n in (4, 7)]
+    prune = PruneChannels(amount=0.5, reconstruct=True, select=("p",), method=method)
+    positional = fxcompress.compile(model, [prune], example_inputs=batches[0], calibration_data=batches)
+    named = fxcompress.compile(model, [prune], example_inputs=batches[0],
+                               calibration_data=[{"gate": g, "x": x} for x, g in batches])
+    assert fxcompress.history(named)[-1].stats["reconstructed"] == ["c"]
+    for name, value in positional.state_dict().items():
+        assert torch.equal(named.state_dict()[name], value), name
+    with pytest.raises(PreconditionError, match=r"calibration batch 1: the graph has no input named 'gates'"):
+        fxcompress.compile(model, [prune], example_inputs=batches[0],
+                           calibration_data=[{"x": batches[0][0], "gate": batches[0][1]}, {"x": batches[1][0],
+                                                                                           "gates": batches[1][1]}])

@@ -621,3 +621,29 @@ def test_prune_outputs_cuts_the_output_width_and_leaves_the_kept_outputs_exact()
     assert len(set(kept)) == 6
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x)[:, kept], rtol=0, atol=1e-6)  # a narrower GEMM rounds differently
+
+
+@pytest.mark.parametrize("name", ["resnet", "gpt_block", "transformer"])
+def test_every_layer_whose_inputs_shrank_is_reconstructed_or_reported(name):
+    """With reconstruct, each layer whose input channels were removed is in `reconstructed` or, with its reason,
+    in `not_reconstructed` (a layer left out showed only by its absence: the transformer's attention), never
+    both."""
+    ctor, make = ZOO[name]
+    torch.manual_seed(0)
+    model = ctor().eval()
+    gm = fxcompress.compile(model, [PruneChannels(amount=0.5, reconstruct=True, prune_normalized=True,
+                                                  max_samples=256)],
+                            example_inputs=(make(),), calibration_data=[make(), make()])
+    stats = fxcompress.history(gm)[-1].stats
+    unpruned = fxcompress.compile(model, [], example_inputs=(make(),))
+    widths = {l.name: unpruned.get_parameter(l.weight).shape[1] for l in find_layers(unpruned)}
+    shrank = {l.name for l in find_layers(gm) if l.name in widths and l.kind != "embedding"
+              and gm.get_parameter(l.weight).shape[1] < widths[l.name]}
+    shrank |= {path for path, m in gm.named_modules() if isinstance(m, nn.MultiheadAttention)  # no `find_layers` layer
+               and m.in_proj_weight.shape[1] < unpruned.get_submodule(path).in_proj_weight.shape[1]}
+    assert shrank and set(stats["reconstructed"]) | set(stats["not_reconstructed"]) == shrank
+    if name == "transformer":  # nn.MultiheadAttention: its rows are no one layer's input windows
+        assert stats["not_reconstructed"] == {
+            "attn": "a MultiheadAttention, not a linear or conv layer whose input rows can be gathered"}
+    assert not set(stats["reconstructed"]) & set(stats["not_reconstructed"])
+    assert all(isinstance(why, str) and why for why in stats["not_reconstructed"].values())
