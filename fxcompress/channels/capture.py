@@ -13,10 +13,17 @@ Each calibration batch runs as it is given (a dict bound to the graph's inputs b
 walk binds it), all of them in step, node by node: a layer's rows are drawn from the positions of every batch
 and concatenated, so batches whose sizes differ beyond the batch dim (sequences of different lengths) give
 rows alike, and a graph whose sizes are fixed at the example's runs batches of the example's sizes.
+
+Padding: where the graph has an `attention_mask` input of shape (batch, sequence) with zeros, a linear layer whose
+input rows line up with those positions ((batch, sequence, features), or (batch * sequence, features)) is
+captured at the unpadded positions only, and its positions are drawn among those, as the calibration walk leaves
+padding out of every statistic (`batches.token_rows`). A layer whose rows do not line up (a conv, a reshaped
+value) keeps every row, and `run_capture` warns with a PaddingIncludedWarning naming it.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +36,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
-from ..batches import bind_inputs, calibration_batches
+from ..batches import TOKEN_MASK, PaddingIncludedWarning, bind_inputs, calibration_batches, token_mask, token_rows
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, stored_attr, tied_readers, weight_arg, weight_source
@@ -249,6 +256,10 @@ class Capture(Interpreter):
                         leave=False)
         # the batch whose environment is `self.env`, and each batch's size: named when a node fails on it
         self.batch, self.sizes = 0, []
+        # each batch's kept positions (None: no padding), and the watched layers whose rows kept the padding
+        # anyway because they do not line up with the (batch, sequence) positions
+        self.keeps: list[torch.Tensor | None] = []
+        self.padding_included: list[str] = []
 
     def run(self, *args, **kwargs) -> Any:
         """One batch of positional inputs (Interpreter's signature)."""
@@ -260,14 +271,21 @@ class Capture(Interpreter):
         """Run every batch (positional inputs, or a dict bound to the graph's inputs by name), in step; returns
         the graph's output for each."""
         nodes = list(self.graph.nodes)
+        placeholders = [node for node in nodes if node.op == "placeholder"]
+        at = next((i for i, node in enumerate(placeholders) if node.target == TOKEN_MASK), None)
         envs: list[dict[Node, Any]] = []
-        iters, self.sizes = [], []
+        iters, self.sizes, self.keeps = [], [], []
         for i, batch in enumerate(batches):
             # a dict is bound by the rule of the calibration walk: the two readers accept the same batches
             inputs = bind_inputs(nodes, batch, i) if isinstance(batch, Mapping) else self.graph.process_inputs(*batch)
             envs.append({})
             iters.append(iter(inputs))
             self.sizes.append(next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), None))
+            # read now: the environments drop the input once no later node reads it. A batch that stops short
+            # of the mask leaves it to its default, as the graph itself would
+            mask = None if at is None else (inputs[at] if at < len(inputs) else
+                                            placeholders[at].args[0] if placeholders[at].args else None)
+            self.keeps.append(token_mask(mask))
         outputs: list[Any] = [None] * len(batches)
         for n in nodes:
             m = self.watched.get(n.name)
@@ -292,11 +310,14 @@ class Capture(Interpreter):
 
     def _run_watched(self, n: Node, m: nn.Module, envs: list[dict[Node, Any]]) -> None:
         self.bar.set_postfix_str(n.name)  # drawn at once: a watched layer's solve is the slow part
-        windows = []
+        windows, keeps = [], []
         for i, env in enumerate(envs):
             self._enter(i, env)
             args, _ = self.fetch_args_kwargs_from_env(n)
-            windows.append(_windows(m, args[0]))
+            # only the kept positions' rows where they line up: the draw below is then among them alone
+            rows, keep = self._token_rows(n, m, args[0], self.keeps[i])
+            windows.append(_windows(m, args[0]) if rows is None else rows)
+            keeps.append(keep)
         # the trailing dims are one row's features, as many as the weight has besides its outputs; the leading
         # ones are a batch's positions, which may differ from batch to batch (sequences of other lengths)
         at = self._positions(n.name, [w.shape[:w.dim() + 1 - m.weight.dim()] for w in windows])
@@ -310,8 +331,27 @@ class Capture(Interpreter):
             env[n] = self._run_graph_node(n)
             results.append(env[n])
         if self.after is not None:
-            self.after(n, m, torch.cat([_outputs(m, y)[a].double() for y, a in zip(results, at)]))
+            # a linear layer's outputs share its inputs' leading dims: the same positions are kept
+            self.after(n, m, torch.cat([(_outputs(m, y) if k is None else token_rows(y, k))[a].double()
+                                        for y, a, k in zip(results, at, keeps)]))
         self.bar.update(1)
+
+    def _token_rows(self, n: Node, m: nn.Module, x: Any, keep: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The layer's input rows at the batch's kept positions, and those positions; (None, None) where every row
+        is read: no padding, or rows that do not line up with the positions (noted in `padding_included`)."""
+        if keep is None:
+            return None, None
+        if isinstance(m, nn.Linear) and isinstance(x, torch.Tensor):
+            # a linear layer's rows are its input's leading positions; a conv's rows are windows over several
+            # positions (its channels before its length), so no conv row is one token
+            keep = keep.to(x.device)
+            rows = token_rows(x, keep)
+            if rows is not None:
+                return rows, keep
+        if n.name not in self.padding_included:
+            self.padding_included.append(n.name)
+        return None, None
 
     def _run_graph_node(self, n: Node) -> Any:
         try:
@@ -364,11 +404,18 @@ class Capture(Interpreter):
         return found
 
 
-def run_capture(capture: Capture, batches: list[tuple | Mapping]) -> dict:
+def run_capture(capture: Capture, batches: list[tuple | Mapping], purpose: str | None = None) -> dict:
     """Run the captured graph on the batches (`calibration_batch`) in eval mode; returns the sampled
-    positions."""
+    positions. With a `purpose` (what the rows are for, in the warning's words), a PaddingIncludedWarning names
+    the layers whose rows keep padded positions; a capture that re-reads the same layers (the refit after the
+    targets' capture) passes none, so a user is told once."""
     with evaluating(capture.module), capture.bar:
         capture.run_batches(batches)
+    if purpose is not None and capture.padding_included:
+        warnings.warn(f"PruneChannels ({purpose}): the calibration batches' {TOKEN_MASK} marks padding, but the "
+                      f"input rows of {', '.join(map(repr, capture.padding_included))} do not line up with its "
+                      f"(batch, sequence) positions: their rows include the padded positions",
+                      PaddingIncludedWarning, stacklevel=3)
     return capture.picks
 
 

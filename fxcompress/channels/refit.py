@@ -13,6 +13,8 @@ conv) or whose weight is transformed (fake-quantized). `Targets.skipped` names e
 
 The calibration batches run one by one, in step (`capture.Capture.run_batches`): their rows are joined, not their
 inputs, so batches of different sequence lengths and dicts bound to the graph's inputs by name are refitted on.
+Padded positions (zeros of an `attention_mask` input) are left out of the rows of every consumer whose rows line
+up with them, as the calibration walk leaves them out; the others keep them, with a PaddingIncludedWarning.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class Targets:
     batch: list
     sampling: Sampling
     skipped: dict[str, str] = field(default_factory=dict)
+    # consumers whose rows keep padded positions (not lined up with the attention mask's), as warned
+    padding_included: tuple[str, ...] = ()
 
 
 ROUTED = ("its rows follow the data (a mixture of experts' routed tokens): pruning changes the router's inputs, "
@@ -85,9 +89,9 @@ def capture_targets(gm: GraphModule, cg: ChannelGraph, removed: np.ndarray, data
         outputs[n.name] = y[:, kept[n.name]]
 
     batch = calibration_batch(data)
-    picks = run_capture(Capture(gm, watched, sampling, after=after,
-                                progress="capture features" if progress else None), batch)
-    return Targets(outputs, picks, batch, sampling, skipped)
+    capture = Capture(gm, watched, sampling, after=after, progress="capture features" if progress else None)
+    picks = run_capture(capture, batch, purpose="reconstruction")
+    return Targets(outputs, picks, batch, sampling, skipped, tuple(capture.padding_included))
 
 
 def _other_readers(gm: GraphModule, node: Node, readers: Mapping[str, tuple[str, ...]],
@@ -137,6 +141,7 @@ def refit(gm: GraphModule, targets: Targets, progress: bool = False) -> list[str
         _solve_into(m, rows, targets.outputs[n.name], supports[n.name])
         done.append(owner_path(n))
 
+    # the same layers and positions as the targets' capture, which already warned of any padding kept
     run_capture(Capture(gm, watched, targets.sampling, before=before, picks=targets.picks,
                         progress="reconstruct" if progress else None), targets.batch)
     return done

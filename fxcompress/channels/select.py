@@ -266,7 +266,7 @@ def data_driven_scores(gm: GraphModule, cg: ChannelGraph, counts: list[tuple[Cha
                        method: str, sampling: Sampling) -> tuple[list[np.ndarray], list[str]]:
     """Per group, scores by ThiNet greedy or lasso (lowest removed first), and the groups that fell
     back to l1 (no consumer whose output could be measured)."""
-    contributions = _contributions(gm, cg, calibration_batch(data), sampling)
+    contributions = _contributions(gm, cg, calibration_batch(data), sampling, purpose=f"{method} selection")
     fallback_scores, per_group, fallbacks = None, [], []
     for group, count in counts:
         z = _class_columns(cg, group, contributions)
@@ -281,9 +281,11 @@ def data_driven_scores(gm: GraphModule, cg: ChannelGraph, counts: list[tuple[Cha
     return per_group, fallbacks
 
 
-def _contributions(gm, cg, batch, sampling: Sampling) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+def _contributions(gm, cg, batch, sampling: Sampling, purpose: str | None = None
+                   ) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
     """Per consumer: (in_ids, Z) where Z[s, c] is input channel c's contribution to one randomly
-    chosen output channel at sampled position s (ThiNet's sampling)."""
+    chosen output channel at sampled position s (ThiNet's sampling), positions drawn among the unpadded ones
+    where the consumer's rows line up with the attention mask (`purpose` words the warning where they do not)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     layers = {l.node: l for l in cg.layers
               if l.in_ids is not None and consumer_module(gm, nodes[l.node], grouped=False) is not None}
@@ -298,7 +300,7 @@ def _contributions(gm, cg, batch, sampling: Sampling) -> dict[str, tuple[np.ndar
         x = rows.reshape(rows.shape[0], w.shape[1], -1)
         found[n.name] = (layers[n.name].in_ids, torch.einsum("sck,sck->sc", x, w[outs]))
 
-    run_capture(Capture(gm, watched, sampling, before=before), batch)
+    run_capture(Capture(gm, watched, sampling, before=before), batch, purpose)
     return found
 
 

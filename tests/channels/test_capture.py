@@ -1,10 +1,13 @@
 """Feature capture: calibration batches, input rows of linear / conv layers, sampled positions."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxcompress.batches import PaddingIncludedWarning
 from fxcompress.channels.capture import Capture, Sampling, _windows, calibration_batch, run_capture
 from fxcompress.errors import PreconditionError
 
@@ -185,3 +188,79 @@ def test_dict_batches_are_bound_to_the_graph_inputs_by_name():
         assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
     with pytest.raises(PreconditionError, match=r"calibration batch 1: the graph has no input named 'gates'"):
         _rows_of([(x, gate), {"x": x, "gates": gate}])
+
+
+# ---- padded positions (zeros of an attention_mask input) ----------------------------------------------------------
+class _Masked(nn.Module):
+    """A linear layer over (batch, sequence, features), one over (batch * sequence, features) rows, and a conv1d
+    over the sequence, with the attention mask as the graph's second input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.flat, self.conv = nn.Linear(6, 4), nn.Linear(4, 4), nn.Conv1d(4, 3, 3, padding=1)
+
+    def forward(self, x, attention_mask):
+        h = self.fc(x) * attention_mask[..., None]
+        h = self.flat(h.flatten(0, 1)).reshape(h.shape)
+        return self.conv(h.transpose(1, 2))
+
+
+def _masked_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two batches of 2 x 5 positions; the first right-padded (3 and 4 real tokens): 17 kept positions of 20."""
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(2, 5, 6, generator=gen, dtype=torch.float64) for _ in range(2)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:], mask[1, 4:] = 0, 0
+    return [(xs[0], mask), (xs[1], torch.ones_like(mask))]
+
+
+def _masked_capture(batches, samples: int = 10 ** 6):
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_Masked().double().eval())
+    watched = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    rows, outputs = {}, {}
+    capture = Capture(gm, watched, Sampling(samples), before=lambda n, _, r: rows.update({n.name: r}),
+                      after=lambda n, _, y: outputs.update({n.name: y}))
+    picks = run_capture(capture, calibration_batch(batches), purpose="a test")
+    return gm, rows, outputs, picks
+
+
+def test_padded_positions_are_left_out_of_the_rows_that_line_up_with_them():
+    """A linear layer's rows, (batch, sequence, features) or (batch * sequence, features), are taken at the
+    unpadded positions only, inputs and outputs alike; a conv's windows span several positions, so it keeps them
+    all, and the warning names it and only it."""
+    batches = _masked_batches()
+    with pytest.warns(PaddingIncludedWarning, match=r"a test.*input rows of 'conv' do not line up") as caught:
+        gm, rows, outputs, picks = _masked_capture(batches)
+    assert len(caught) == 1 and "'fc'" not in str(caught[0].message) and "'flat'" not in str(caught[0].message)
+    keep = torch.cat([mask for _, mask in batches]).bool()
+    xs = torch.cat([x for x, _ in batches])
+    assert rows["fc"].shape == (17, 6) and torch.equal(rows["fc"], xs[keep])
+    with torch.no_grad():
+        hidden = gm.fc(xs) * keep[..., None]
+        flat = gm.flat(hidden.flatten(0, 1))
+    torch.testing.assert_close(outputs["fc"], gm.fc(xs)[keep].detach())
+    assert rows["flat"].shape == (17, 4) and torch.equal(rows["flat"], hidden[keep])
+    torch.testing.assert_close(outputs["flat"], flat[keep.flatten()])
+    assert rows["conv"].shape == (20, 4 * 3)  # every position, padding included (warned)
+    assert picks["fc"].tolist() == list(range(17)) and picks["conv"].tolist() == list(range(20))
+
+
+def test_sampled_positions_are_drawn_among_the_unpadded_ones_only():
+    """With fewer samples than kept positions, every sampled row is an unpadded position's, and the draw is over
+    the 17 kept positions (it was over all 20, so a padded position could be drawn)."""
+    batches = _masked_batches()
+    with pytest.warns(PaddingIncludedWarning):
+        _, rows, _, picks = _masked_capture(batches, samples=12)
+    kept = torch.cat([x for x, _ in batches])[torch.cat([mask for _, mask in batches]).bool()]
+    assert rows["fc"].shape == (12, 6) and torch.equal(rows["fc"], kept[torch.as_tensor(picks["fc"])])
+    assert len(np.unique(picks["fc"])) == 12 and picks["fc"].max() < 17
+
+
+def test_batches_without_padding_read_every_position_and_warn_nothing():
+    """An all-ones mask is no padding: every row is read, and nothing is said."""
+    batches = [(x, torch.ones_like(mask)) for x, mask in _masked_batches()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PaddingIncludedWarning)
+        _, rows, _, _ = _masked_capture(batches)
+    assert rows["fc"].shape == (20, 6) and rows["conv"].shape == (20, 12)

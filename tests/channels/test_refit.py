@@ -1,12 +1,15 @@
 """Least-squares reconstruction of the layers whose input channels were removed."""
 import copy
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxcompress
+from fxcompress.batches import PaddingIncludedWarning
 from fxcompress.channels.capture import _outputs, _windows
 from fxcompress.channels.refit import _solve_into
 from fxcompress.passes import PruneChannels
@@ -553,3 +556,106 @@ def test_dict_batches_are_bound_by_name_as_the_calibration_walk_binds_them(metho
         fxcompress.compile(model, [prune], example_inputs=batches[0],
                            calibration_data=[{"x": batches[0][0], "gate": batches[0][1]}, {"x": batches[1][0],
                                                                                            "gates": batches[1][1]}])
+
+
+# ---- padded positions (zeros of an attention_mask input) ----------------------------------------------------------
+VOCAB, LENGTH = 64, 12
+
+
+class _TinyLM(nn.Module):
+    """Embedding, one self-attention that reads the unpadded keys only (the mask applied as transformers applies
+    it), an MLP and a head: the real tokens' values do not depend on what the padded positions hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        scores = (self.q(h) @ self.k(h).transpose(1, 2)) / 4
+        # a padded key weighs exactly zero after the softmax (exp underflows), as in transformers' masks
+        scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e9)
+        h = h + self.o(scores.softmax(-1) @ self.v(h))
+        return self.head(h + self.down(torch.relu(self.up(h))))
+
+
+def _padded_tokens(pad_token: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two batches; the first right-padded (row 0 holds 7 real tokens, row 1 holds 10, the rest `pad_token`)."""
+    gen = torch.Generator().manual_seed(5)
+    first, second = (torch.randint(0, VOCAB, (2, LENGTH), generator=gen) for _ in range(2))
+    mask = torch.ones_like(first)
+    mask[0, 7:], mask[1, 10:] = 0, 0
+    return [(first.masked_fill(mask == 0, pad_token), mask), (second, torch.ones_like(second))]
+
+
+def _prune_tiny_lm(pad_token: int, **options) -> tuple[torch.fx.GraphModule, dict]:
+    torch.manual_seed(0)
+    model = _TinyLM().eval()
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings():  # every consumer here reads (batch, sequence, features) rows: nothing to warn
+        warnings.simplefilter("error", PaddingIncludedWarning)
+        gm = fxcompress.compile(model, [PruneChannels(amount=0.5, **options)],
+                                example_inputs=(ids, torch.ones_like(ids)), calibration_data=_padded_tokens(pad_token))
+    return gm, fxcompress.history(gm)[-1].stats
+
+
+def _float_state(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in gm.state_dict().items() if v.is_floating_point()}
+
+
+def test_padded_positions_do_not_change_the_refitted_weights():
+    """The padded positions hold other token ids in the two runs, nothing else differs: the refit reads the
+    unpadded positions only, so the weights are bit-identical (its rows held the padded positions, and they
+    differed)."""
+    one, stats = _prune_tiny_lm(0, reconstruct=True)
+    other, _ = _prune_tiny_lm(VOCAB - 1, reconstruct=True)
+    assert stats["reconstructed"] and stats["channels_removed"] > 0
+    a, b = _float_state(one), _float_state(other)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_padded_positions_do_not_change_the_greedy_selection(monkeypatch):
+    """ThiNet's contributions are measured at unpadded positions only: bit-identical in the two runs, and so are
+    the channels chosen and the refitted weights."""
+    from fxcompress.channels import select
+    seen = []
+
+    def greedy(z, *args):
+        seen.append(z.copy())
+        return select._greedy_order(z, *args)
+
+    monkeypatch.setitem(select._DATA_SCORES, "greedy", greedy)
+    one, stats = _prune_tiny_lm(0, method="greedy", reconstruct=True)
+    runs = len(seen)
+    other, _ = _prune_tiny_lm(VOCAB - 1, method="greedy", reconstruct=True)
+    assert runs > 0 and len(seen) == 2 * runs and stats["channels_removed"] > 0
+    assert all(np.array_equal(z, w) for z, w in zip(seen[:runs], seen[runs:]))
+    a, b = _float_state(one), _float_state(other)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+class _ConvOverTokens(nn.Module):
+    """A conv1d over the sequence reading a pruned linear layer's outputs: its windows span several positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.conv = nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.relu(self.fc(self.embed(input_ids))) * attention_mask[..., None]
+        return self.conv(h.transpose(1, 2))
+
+
+def test_a_conv_whose_windows_span_padded_positions_is_refitted_on_them_and_named():
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(6))
+    prune = PruneChannels(amount=0.5, reconstruct=True, select=("fc",))
+    with pytest.warns(PaddingIncludedWarning, match=r"PruneChannels \(reconstruction\).*'conv'") as caught:
+        gm = fxcompress.compile(_ConvOverTokens().eval(), [prune], example_inputs=(ids, torch.ones_like(ids)),
+                                calibration_data=_padded_tokens(0))
+    assert fxcompress.history(gm)[-1].stats["reconstructed"] == ["conv"]
+    # told once: the refit re-reads the layers the targets' capture read and warned of
+    assert len([w for w in caught if issubclass(w.category, PaddingIncludedWarning)]) == 1
