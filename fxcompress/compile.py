@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_flatten
 
 from .analyses.shapes import ShapeInfo, propagate_shapes, shapes_and_outputs
 from .analysis import AnalysisKey, Preserved, check_preserved
@@ -28,9 +29,9 @@ from .frontends.guards import insert_exact_input_checks
 from .history import append_record, copy_history
 from .pass_base import Pass, PassContext, PassRecord, PassResult
 from .quant import sync_trainable
-from .tracing import origin, trace
-from .verify import (OutputSignature, check_example_inputs, check_graph, check_outputs, failing_node, verify_forward,
-                     verify_graph)
+from .tracing import check_trace_options, origin, trace
+from .verify import (OutputSignature, check_example_inputs, check_graph, check_outputs, failing_node, forward,
+                     verify_forward, verify_graph)
 
 
 def _node_signatures(gm: GraphModule) -> dict[str, str]:
@@ -96,6 +97,14 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compile.model must be an nn.Module or a torch.export.ExportedProgram, "
                           f"got {type(model).__name__}")
+    check_trace_options(model, leaf_modules, concrete_args)
+    # torch.export traces through every module and fixes every input it is not given to its default:
+    # it would drop both options without a word (a concrete flag=True traced as the default False)
+    fx_only = [name for name, given in (("leaf_modules", leaf_modules),
+                                        ("concrete_args", _not_defaults(model, inputs, concrete_args))) if given]
+    if frontend == "export" and fx_only:
+        raise ConfigError(f"compile: {' and '.join(fx_only)} are options of the fx front end, which "
+                          f"frontend='export' does not use; drop them or use frontend='fx'")
     model = model if inplace else copy.deepcopy(model)
     if frontend == "export":
         return export_module(model, inputs)
@@ -104,10 +113,30 @@ def _to_graph(model: Any, inputs: tuple, frontend: str, inplace: bool, leaf_modu
     except TraceError as fx_error:
         if frontend == "fx":
             raise
+        if fx_only:
+            fx_error.add_note(f"the torch.export fallback was not tried: it cannot honour {' and '.join(fx_only)}")
+            raise
         try:
             return export_module(model, inputs)
         except (TraceError, ConfigError) as export_error:
             raise TraceError(f"{fx_error}\nand the torch.export fallback failed too: {export_error}") from export_error
+
+
+def _not_defaults(model: nn.Module, inputs: tuple, concrete_args: Mapping[str, Any] | None) -> list[str]:
+    """The concrete arguments torch.export would not honour: all but those fixed to the default of a
+    parameter that `inputs` leave out (export runs the forward with that default too)."""
+    if not concrete_args:
+        return []
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return list(concrete_args)
+    honoured = {p.name for p in parameters[len(inputs):]
+                if p.name in concrete_args and p.default is not inspect.Parameter.empty
+                and (concrete_args[p.name] is p.default
+                     or (type(p.default) in (bool, int, float, str) and type(concrete_args[p.name]) is type(p.default)
+                         and concrete_args[p.name] == p.default))}
+    return [name for name in concrete_args if name not in honoured]
 
 
 def _linears_read(gm: GraphModule) -> GraphModule:
@@ -138,6 +167,11 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     `check_analyses=True` recomputes every analysis a pass reported preserved and raises
     VerificationError naming the pass and the analysis if it differs (default: the environment
     variable FXCOMPRESS_CHECK_ANALYSES, off unless set to something other than 0).
+    A pass that reports changed=False must leave the outputs on `example_inputs` as they were (up to
+    rounding): one that edits a weight, a buffer or a submodule without saying so raises VerificationError.
+    `leaf_modules` and `concrete_args` are the fx front end's: a path no module has, an argument the
+    forward does not take, or either with frontend="export" raises ConfigError naming it, and with
+    frontend="auto" the export fallback, which would drop them, is not tried.
 
     A pass that changes nothing on a graph holding ops it does not know (`Pass.unknown_ops`) is
     named with those ops, their module paths and source lines: an UnknownOpWarning, or an
@@ -162,11 +196,13 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     shapes, expected = _first_run(gm, inputs, verify, specialize_shapes)
     ctx = PassContext(example_inputs=inputs, calibration_data=calibration_data, gm=gm, progress=progress)
     ctx.analyses.put(shapes)
+    last = expected  # the outputs of the latest run, which a pass that reports no change must reproduce
     for index, p in enumerate(passes):
         gm, seen = _run_pass(gm, p, index, ctx, expected if not p.changes_output_shapes else None, verify,
-                             check_analyses, strict)
+                             check_analyses, strict, last)
         if p.changes_output_shapes and verify:
             expected = seen  # the structure its verification run saw is the one later passes keep
+        last = seen if verify else None
     if share and isinstance(model, GraphModule) and gm is not model:
         _own_tensors(gm, model)
     sync_trainable(gm)  # parameters no gradient reaches (behind k-means) must not look trainable
@@ -233,9 +269,11 @@ def _check_options(passes: Sequence[Pass], example_inputs: Any, frontend: str, c
 
 
 def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: OutputSignature | None,
-              verify: bool, check_analyses: bool, strict: bool = False) -> tuple[GraphModule, OutputSignature | None]:
+              verify: bool, check_analyses: bool, strict: bool = False,
+              last: OutputSignature | None = None) -> tuple[GraphModule, OutputSignature | None]:
     """Run one pass, verify and annotate the graph, record it; the graph and the signature of the
-    outputs of its verification run (None without verification)."""
+    outputs of its verification run (None without verification). A pass that reports changed=False
+    must compute the outputs of `last` (the run before it) again."""
     label = f"pass #{index} {p!r}"
     before = _node_signatures(gm)
     start = time.perf_counter()
@@ -273,6 +311,8 @@ def _run_pass(gm: GraphModule, p: Pass, index: int, ctx: PassContext, expected: 
         raise VerificationError(f"{label} reported changed=False but rewrote nodes "
                                 f"{list(record.nodes_created + record.nodes_erased + record.nodes_changed)[:5]}"
                                 + "".join(f"; {n.name}: {origin(n)}" for n in rewritten[:5]))
+    if not result.changed and seen is not None and last is not None:
+        _check_unchanged_outputs(gm, ctx, label, last, seen)
     if not result.changed and result.gm is None:
         _report_unknown_ops(gm, p, label, strict)
     append_record(gm, record)
@@ -292,6 +332,33 @@ def _check_and_annotate(gm: GraphModule, changed: bool, preserved: tuple[Preserv
     else:
         gm.recompile()
     return _refresh_analyses(gm, preserved, ctx, label, check_analyses, verify, expected)
+
+
+def _check_unchanged_outputs(gm: GraphModule, ctx: PassContext, label: str, before: OutputSignature,
+                             after: OutputSignature) -> None:
+    """VerificationError if a pass that reported changed=False changed the outputs on the example inputs:
+    the node diff sees a rewritten graph, not a weight scaled in place, a buffer or a submodule replaced,
+    and history would record that such a pass changed nothing."""
+    changed = after.changed_values(before)
+    if not changed:
+        return
+    # a graph that draws random numbers or updates state of its own in its forward does not reproduce its
+    # own outputs: one more run tells such a graph from a pass that edited it, and of it nothing is concluded
+    try:
+        again = OutputSignature.of(forward(gm, ctx.example_inputs))
+    except Exception as exc:  # it ran a moment ago: what fails now is state its own run left behind
+        raise VerificationError(f"{label}: a second run on example_inputs failed"
+                                f"{failing_node(gm, ctx.example_inputs)}: {type(exc).__name__}: {exc}") from exc
+    if again.changed_values(after):
+        return
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = tree_flatten(output.args[0])[0]
+    named = [f"output {i}" + (f" {leaves[i].name} ({origin(leaves[i])})"
+                              if len(leaves) == len(after.leaves) and isinstance(leaves[i], Node) else "")
+             for i in changed[:5]]
+    raise VerificationError(f"{label} reported changed=False, but the outputs on example_inputs changed: "
+                            f"{'; '.join(named)}. A pass that edits weights, buffers or submodules must "
+                            f"report changed=True")
 
 
 def _handled_node(exc: BaseException, gm: GraphModule) -> str:

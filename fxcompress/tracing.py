@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node, Tracer
 
-from .errors import TraceError
+from .errors import ConfigError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # torch, fxcompress and the standard library (functools' wrappers) are never the user's line
@@ -132,6 +132,7 @@ def trace(model: nn.Module, *, leaf_modules: Collection[Any] = (),
     `leaf_modules` holds module types and/or qualified module paths to keep as single call_module
     nodes; `concrete_args` fixes inputs (e.g. flags) that the forward branches on.
     """
+    check_trace_options(model, leaf_modules, concrete_args)
     tracer = _LocatingTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=dict(concrete_args) if concrete_args else None)
@@ -140,15 +141,55 @@ def trace(model: nn.Module, *, leaf_modules: Collection[Any] = (),
         failed = model.get_submodule(where)
         kind = type(failed).__name__
         line = _user_frame(exc, failed)
+        # the root itself cannot be a leaf: what is left to suggest there is fixing what it branches on
+        leaf = f"mark '{where}' as a leaf (compile(..., leaf_modules=['{where}'])) or " if where else ""
         raise TraceError(
             f"torch.fx could not trace module '{where or '<root>'}' ({kind})"
             f"{' at ' + line if line else ''}: {type(exc).__name__}: {exc}\n"
-            f"hint: mark '{where}' as a leaf (compile(..., leaf_modules=['{where}'])) or pass "
-            "concrete_args for inputs that the forward branches on"
+            f"hint: {leaf}pass concrete_args for inputs that the forward branches on"
         ) from exc
     gm = GraphModule(tracer.root, graph, type(model).__name__)
     keep_non_persistent_buffers(tracer.root, gm)
     return gm
+
+
+def check_trace_options(model: nn.Module, leaf_modules: Collection[Any],
+                        concrete_args: Mapping[str, Any] | None) -> None:
+    """ConfigError naming a leaf module or concrete argument that cannot mean anything for `model`:
+    torch.fx ignores a leaf path no module has (the module it meant is then traced through, and its
+    weights compressed) and a concrete argument the forward does not take, without a word."""
+    if isinstance(leaf_modules, (str, nn.Module)) or not isinstance(leaf_modules, Collection):
+        # a bare string would be read letter by letter, each letter a path no module has
+        raise ConfigError(f"compile.leaf_modules must be a list of module types or module paths, got "
+                          f"{type(leaf_modules).__name__} {leaf_modules!r}"
+                          + (f" (wrap it in a list: [{leaf_modules!r}])" if isinstance(leaf_modules, str) else ""))
+    paths = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    for entry in leaf_modules:
+        if isinstance(entry, type) and issubclass(entry, nn.Module):
+            continue
+        if not isinstance(entry, str):
+            raise ConfigError(f"compile.leaf_modules: {entry!r} is neither an nn.Module subclass nor a module path")
+        if not entry:
+            raise ConfigError("compile.leaf_modules: '' is the root module itself, which cannot be a leaf")
+        if entry not in paths:
+            near = sorted(p for p in paths if p and (p.startswith(entry) or entry.startswith(p)))[:5]
+            raise ConfigError(f"compile.leaf_modules: {type(model).__name__} has no module at path {entry!r}"
+                              + (f" (paths near it: {near})" if near else ""))
+    if concrete_args is None:
+        return
+    if not isinstance(concrete_args, Mapping):
+        raise ConfigError(f"compile.concrete_args must be a dict of the forward's argument names to values, "
+                          f"got {type(concrete_args).__name__}")
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward written in C: torch.fx reads no names from it either
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # forward(**kwargs) takes any name
+    for name in concrete_args:
+        if name not in parameters:
+            raise ConfigError(f"compile.concrete_args: {type(model).__name__}.forward takes no argument {name!r} "
+                              f"(it takes {list(parameters)})")
 
 
 def keep_non_persistent_buffers(source: nn.Module, gm: GraphModule) -> None:

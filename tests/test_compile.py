@@ -501,3 +501,149 @@ def test_a_pass_that_changes_nothing_on_a_model_returning_a_dict_verifies():
     assert fxcompress.history(gm)[-1].changed is False
     out = gm(x)
     assert type(out) is dict and type(out["all"]) is list and torch.equal(out["all"][0], x)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditsInPlace(Pass):
+    """Changes what the model computes without touching a node, and reports changed=False."""
+
+    how: str
+
+    def run(self, gm, ctx):
+        with torch.no_grad():
+            if self.how == "scale":  # a weight scaled by 1%
+                gm.fc1.weight.mul_(1.01)
+            elif self.how == "scale_data":  # through .data, which no version counter sees
+                gm.fc1.weight.data.mul_(1.01)
+            elif self.how == "swap":  # two output channels of the last layer swapped
+                gm.fc3.weight[[0, 1]] = gm.fc3.weight[[1, 0]].clone()
+            elif self.how == "module":  # a submodule replaced by a fresh one
+                gm.fc2 = nn.Linear(300, 100)
+            elif self.how == "new_graph_module":  # a new GraphModule with other weights
+                new = copy.deepcopy(gm)
+                new.fc1.weight.mul_(2)
+                return PassResult(changed=False, gm=new)
+        return PassResult(changed=False)
+
+
+@pytest.mark.parametrize("how", ["scale", "scale_data", "swap", "module", "new_graph_module"])
+def test_a_pass_that_changes_the_outputs_but_reports_no_change_is_refused(how):
+    """The node diff sees only rewritten nodes: a weight edited in place used to pass verification, and history
+    recorded a pass that changed nothing."""
+    x = torch.randn(4, 784)
+    with pytest.raises(VerificationError, match=rf"pass #1 EditsInPlace\(how='{how}'\) reported changed=False, "
+                                                r"but the outputs on example_inputs changed: output 0 fc3"):
+        fxcompress.compile(LeNet300100().eval(), [ScaleWeights(factor=1.0), EditsInPlace(how=how)],
+                           example_inputs=(x,))
+
+
+class _Buffered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("shift", torch.ones(3))
+
+    def forward(self, x):
+        return {"y": self.fc(x) + self.shift, "x": x}
+
+
+def test_a_buffer_edited_by_a_pass_that_reports_no_change_is_named_by_output():
+    @dataclass(frozen=True, kw_only=True)
+    class ShiftsBuffer(Pass):
+        def run(self, gm, ctx):
+            gm.shift.add_(1e-3)
+            return PassResult(changed=False)
+
+    with pytest.raises(VerificationError, match=r"output 0 add .*at test_compile.py.*changed=True"):  # y, not x
+        fxcompress.compile(_Buffered().eval(), [ShiftsBuffer()], example_inputs=torch.randn(2, 4))
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) + torch.randn(3)
+
+
+def test_a_pass_that_changes_nothing_on_a_model_with_random_draws_verifies():
+    """The graph does not reproduce its own outputs there: no conclusion about the pass is drawn."""
+    gm = fxcompress.compile(_Noisy().eval(), [Breaker(how="silent_ok")], example_inputs=torch.randn(2, 4))
+    assert fxcompress.history(gm)[-1].changed is False
+
+
+def test_a_pass_that_changes_nothing_verifies_and_one_that_scales_reports_its_change():
+    model, x = LeNet300100().eval(), torch.randn(4, 784)
+    gm = fxcompress.compile(model, [Breaker(how="silent_ok"), ScaleWeights(factor=1.01)], example_inputs=x)
+    assert [r.changed for r in fxcompress.history(gm)] == [False, True]
+    assert not torch.allclose(gm(x), model(x))  # a change a pass reports is the pass's to make
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"leaf_modules": ["fc9"]}, r"compile.leaf_modules: LeNet300100 has no module at path 'fc9'"),
+    ({"leaf_modules": ["fc1.weight"]}, r"no module at path 'fc1.weight' \(paths near it: \['fc1'\]\)"),
+    ({"leaf_modules": "fc1"}, r"compile.leaf_modules must be a list .* got str 'fc1' \(wrap it in a list: \['fc1'\]\)"),
+    ({"leaf_modules": [3]}, r"compile.leaf_modules: 3 is neither an nn.Module subclass nor a module path"),
+    ({"leaf_modules": [""]}, r"compile.leaf_modules: '' is the root module itself, which cannot be a leaf"),
+    ({"concrete_args": {"flag": True}}, r"compile.concrete_args: LeNet300100.forward takes no argument 'flag' "
+                                        r"\(it takes \['x'\]\)"),
+    ({"concrete_args": [("x", None)]}, r"compile.concrete_args must be a dict .* got list"),
+    ({"concrete_args": {"x": None}, "frontend": "export"}, r"concrete_args are options of the fx front end"),
+    ({"leaf_modules": ["fc1"], "frontend": "export"}, r"leaf_modules are options of the fx front end"),
+])
+def test_leaf_modules_and_concrete_args_that_mean_nothing_are_refused_by_name(kwargs, match):
+    """torch.fx ignored a leaf path no module has (the module it meant was traced through and compressed) and a
+    concrete argument the forward does not take; the export front end ignored both."""
+    with pytest.raises(ConfigError, match=match):
+        fxcompress.compile(LeNet300100().eval(), [], example_inputs=torch.randn(2, 784), **kwargs)
+
+
+class _FlagAfterALoop(nn.Module):
+    """torch.fx cannot trace the loop over a traced value; torch.export can, but it would fix `double` to its
+    default."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, double: bool = False):
+        y = self.fc(x)
+        if y.shape[0] > 1:  # a size in control flow: fx refuses, export specializes
+            y = y + 0
+        return y * 2 if double else y
+
+
+def test_the_export_fallback_is_not_taken_where_it_would_drop_concrete_args():
+    model, x = _FlagAfterALoop().eval(), torch.randn(2, 4)
+    with pytest.raises(fxcompress.errors.TraceError) as info:
+        fxcompress.compile(model, [], example_inputs=x, concrete_args={"double": True})
+    assert "the torch.export fallback was not tried: it cannot honour concrete_args" in "\n".join(
+        getattr(info.value, "__notes__", []))
+    # what the fallback used to return: the forward at the default double=False
+    assert torch.equal(fxcompress.compile(model, [], example_inputs=x)(x), model(x, False))
+
+
+class _OptionalScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale=None):
+        y = self.fc(x)
+        return y if scale is None else y * scale
+
+
+def test_an_argument_left_at_its_default_none_is_named_with_the_concrete_args_fix():
+    x = torch.randn(2, 4)
+    with pytest.raises(ConfigError, match=r"torch.fx traced \['scale'\] as tensors .* concrete_args=\{'scale': value\}"):
+        fxcompress.compile(_OptionalScale().eval(), [], example_inputs=x)
+    model = _OptionalScale().eval()
+    gm = fxcompress.compile(model, [], example_inputs=x, concrete_args={"scale": None})
+    assert torch.equal(gm(x), model(x))
+
+
+def test_the_export_fallback_is_taken_where_the_concrete_args_are_the_defaults_it_runs_with():
+    model, x = _FlagAfterALoop().eval(), torch.randn(2, 4)
+    gm = fxcompress.compile(model, [], example_inputs=x, concrete_args={"double": False})
+    assert torch.equal(gm(x), model(x))

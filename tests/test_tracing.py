@@ -59,6 +59,14 @@ def test_concrete_args_fix_a_branching_flag():
     assert torch.equal(gm(x, True), model(x, True))
 
 
+def test_a_failure_in_the_root_forward_suggests_concrete_args_not_the_root_as_a_leaf():
+    """The root module cannot be a leaf: the hint used to say leaf_modules=['']."""
+    with pytest.raises(TraceError) as info:
+        fxcompress.compile(Flagged().eval(), [], example_inputs=(torch.randn(2, 4), True), frontend="fx")
+    assert "leaf_modules" not in str(info.value)
+    assert "hint: pass concrete_args for inputs that the forward branches on" in str(info.value)
+
+
 def test_compiled_graph_module_survives_torch_save(tmp_path):
     from fxcompress.passes import InsertMasks
     model, x = Net().eval(), torch.randn(2, 4)
