@@ -153,6 +153,8 @@ class PruneChannels(Pass):
             # the consumers whose inputs shrank but which keep their weights, each with why (a reader of the
             # weight, a tied head, ...): otherwise seen only by their absence from `reconstructed`
             stats["not_reconstructed"] = targets.skipped
+            if targets.padding_included:  # refitted on rows that keep padded positions (the capture warned)
+                stats["calibration_padding_included"] = list(targets.padding_included)
         after = sum(p.numel() for p in gm.parameters())
         outputs = sum(int(removed[cg.labels[l.out_ids]].sum()) for l in cg.layers if l.out_ids is not None)
         stats.update(groups_pruned=int(sum(removed[g.classes].any() for g in cg.groups)),

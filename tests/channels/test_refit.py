@@ -656,6 +656,7 @@ def test_a_conv_whose_windows_span_padded_positions_is_refitted_on_them_and_name
     with pytest.warns(PaddingIncludedWarning, match=r"PruneChannels \(reconstruction\).*'conv'") as caught:
         gm = fxcompress.compile(_ConvOverTokens().eval(), [prune], example_inputs=(ids, torch.ones_like(ids)),
                                 calibration_data=_padded_tokens(0))
-    assert fxcompress.history(gm)[-1].stats["reconstructed"] == ["conv"]
+    stats = fxcompress.history(gm)[-1].stats
+    assert stats["reconstructed"] == ["conv"] and stats["calibration_padding_included"] == ["conv"]
     # told once: the refit re-reads the layers the targets' capture read and warned of
     assert len([w for w in caught if issubclass(w.category, PaddingIncludedWarning)]) == 1
