@@ -10,7 +10,9 @@ LowerToEncoded(coding="auto"); untrained weights: load time does not depend on t
     python benchmarks/bench_load_dry_run.py --fresh [--repeats 5]
 
 --fresh: what a new process pays for its first `fxcompress.load` (import fxcompress, then load): a masked
-LeNet-5, the same lowered to encoded weights, and the zoo transformer from the export front end, each loaded
+LeNet-5, the same lowered to encoded weights, LeNet-5 lowered to integers (LowerToInteger, native backend: the
+dry run's rule for its input quantizer computes that module's `/`, `+` and `clamp` by the same tables), and the
+zoo transformer from the export front end, each loaded
 by a fresh interpreter with the dry run's op tables (fileformat/metaops.py) and without them (the tables
 emptied: every op runs through torch's meta references, as before the tables), interleaved; CPU seconds of
 the load alone, and whether it imported torch._dynamo / sympy.
@@ -36,7 +38,7 @@ import fxcompress
 from fxcompress.fileformat import metaops
 from fxcompress.fileformat.container import HEADER_BYTES
 from fxcompress.fileformat.dryrun import dry_run
-from fxcompress.passes import InsertFakeQuant, InsertMasks, LowerToEncoded
+from fxcompress.passes import ActivationConfig, InsertFakeQuant, InsertMasks, LowerToEncoded, LowerToInteger
 from fxcompress.zoo import ZOO
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -131,7 +133,7 @@ print(json.dumps([time.process_time() - start, "torch._dynamo" in sys.modules, "
 
 
 def fresh_files(folder: Path) -> dict[str, Path]:
-    """The three files --fresh loads (module docstring)."""
+    """The four files --fresh loads (module docstring)."""
     files = {}
     for name, passes, frontend in (("lenet5 masked", [InsertMasks(sparsity=0.9, scope="global")], "auto"),
                                    ("lenet5 encoded", [InsertMasks(sparsity=0.9, scope="global"),
@@ -142,6 +144,13 @@ def fresh_files(folder: Path) -> dict[str, Path]:
         x = make_input()
         files[name] = folder / f"{name.split()[0]}-{len(files)}.fxc"
         fxcompress.save(fxcompress.compile(make_model().eval(), passes, (x,), frontend=frontend), files[name])
+    make_model, make_input = ZOO["lenet5"]
+    x = make_input()
+    calibrate = InsertFakeQuant(bits=8, method="linear", symmetric=True, per_channel=True,
+                                activations=ActivationConfig(bits=8))
+    fq = fxcompress.compile(make_model().eval(), [calibrate], (x,), calibration_data=[(x,)])
+    files["lenet5 native"] = folder / "lenet5-native.fxc"
+    fxcompress.save(fxcompress.compile(fq, [LowerToInteger(backend="native", repeats=1)], (x,)), files["lenet5 native"])
     return files
 
 

@@ -19,9 +19,11 @@ How each kind of node runs:
   as they are, on meta tensors (a module through `torch.func.functional_call` with its tensors
   swapped for meta ones; factory functions inside make meta tensors under `torch.device("meta")`);
 - fxcompress's own modules run by the table `MODULE_RULES`: those written in plain torch ops
-  (k-means weights, the integer reference runtime, the native add / cat and the input quantizer, the
-  embeddings tied to a weight-only or dynamic int8 head) run
-  their own forward on meta tensors; those whose forward calls our C kernels, oneDNN or decodes
+  (k-means weights, the integer reference runtime, the embeddings tied to a weight-only or dynamic
+  int8 head) run their own forward on meta tensors; the native input quantizer, add and cat (and
+  the native functions `float_codes` and `relu_codes`, `FUNCTION_RULES`) run their forward's ops
+  in its order with the common ones by table, as above, so loading a native file does not import
+  torch._dynamo either; those whose forward calls our C kernels, oneDNN or decodes
   bytes (encoded weights, native layers, sparse, weight-only and dynamic int8 layers) and the
   fake-quant modules whose grids read values (grid weights, activation quantizers) compute their
   output's shape and dtype from their configuration and input, as their forward would; a module type
@@ -55,7 +57,8 @@ from fxcompress.encoded.module import EncodedWeight
 from fxcompress.errors import ConfigError, FormatError
 from fxcompress.execution import evaluating
 from fxcompress.kernels.dynamic import DynamicInt8Embedding, DynamicInt8Linear
-from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes,
+                                      relu_codes)
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
@@ -63,7 +66,7 @@ from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.rewire import writes_in_place
 
 from .allowlist import DTYPES, FUNCTION_NAMES, FUNCTIONS, MAX_PIECES, MODULES, STANDARD_MODULES, fxcompress_modules
-from .metaops import MODULES as TABLED_MODULES, Refused, rule_for
+from .metaops import FLOATS, MODULES as TABLED_MODULES, Refused, rule_for
 
 MAX_INPUT_DIMS = 32
 MAX_INPUT_ELEMENTS = 1 << 48  # per recorded input: meta tensors cost nothing, but sizes must stay exact integers
@@ -282,6 +285,94 @@ def _integer_layer(module: IntegerLayer, state: dict, *args: Any, **kwargs: Any)
     return _own_forward(module, state, *args, **kwargs)
 
 
+def _by_table(fn: Callable, *args: Any) -> Any:
+    """`fn(*args)`, computed by metaops' table where it covers the call, else run on meta as it is."""
+    rule = rule_for("call_function", fn)
+    result = None if rule is None else rule(args, {})
+    return fn(*args) if result is None else result
+
+
+def _quantize_to_codes(module: QuantizeToCodes, state: dict, x: Any) -> Any:
+    """QuantizeToCodes.forward's torch ops (its C call takes CPU tensors only), in its order, with `/`, `+` and
+    `clamp` by table: on meta tensors torch runs those three through its Python references, whose wrapper imports
+    torch._dynamo, so the first load of an integer-lowered file in a fresh process paid 1-3 s for it. A call the
+    table does not cover (another operand type or dtype) runs on meta as the forward would run it."""
+    codes = _by_table(operator.truediv, x, module.scale)
+    codes = _by_table(torch.clamp, _by_table(operator.add, torch.round(codes), module.zero_point), 0, module.qmax)
+    codes = codes.to(torch.uint8)
+    return codes.contiguous(memory_format=torch.channels_last) if module.channels_last and codes.dim() == 4 else codes
+
+
+# the Python ints torch converts to a scalar (int64 or uint64); a larger one is an OverflowError at the call
+_SCALAR_INTS = (-(1 << 63), 1 << 64)
+
+
+def _in_place(t: Any, method: str, *numbers: Any) -> Any:
+    """`getattr(t, method)(*numbers)`, the in-place arithmetic of the native modules' forward on a tensor it just
+    made: on a floating-point meta tensor and Python numbers that is `t` itself (nothing to check: a fresh tensor
+    of a floating dtype takes any number), without torch's references (they import torch._dynamo)."""
+    if isinstance(t, torch.Tensor) and t.is_meta and t.layout == torch.strided and t.dtype in FLOATS \
+            and all(type(v) is float or (type(v) is int and _SCALAR_INTS[0] <= v < _SCALAR_INTS[1]) for v in numbers):
+        return t
+    return getattr(t, method)(*numbers)
+
+
+def _native_add(module: NativeAdd, state: dict, a: Any, b: Any) -> Any:
+    """NativeAdd.forward's torch ops (its C passes take CPU tensors only), in its order, the common ones by table
+    (`_quantize_to_codes`); anything but two meta tensors runs the forward itself."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return _own_forward(module, state, a, b)
+    if a.dim() == 3 and b.dim() == 3:  # the forward runs an unbatched image as a batch of one
+        return _native_add(module, state, a.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
+    scaled = _by_table(operator.mul, a, module.ka)
+    # torch.add(scaled, b, alpha=kb): the table takes no alpha; for a floating-point `scaled` (what `* ka`, a float,
+    # makes of any real tensor) the alpha changes neither the output's layout nor its dtype, and torch accepts it
+    real = rule_for("call_function", operator.add)((scaled, b), {}) \
+        if isinstance(scaled, torch.Tensor) and scaled.dtype in FLOATS else None
+    real = torch.add(scaled, b, alpha=module.kb) if real is None else real
+    real = _in_place(real, "add_", module.offset)
+    if module.output is None:
+        return _in_place(real, "clamp_min_", 0.0) if module.relu else real
+    return _in_place(real.round_(), "clamp_", module.low, module.high).to(torch.uint8)
+
+
+def _native_cat(module: NativeCat, state: dict, *tensors: Any) -> Any:
+    """NativeCat.forward's torch ops, in its order, the common ones by table (`_quantize_to_codes`)."""
+    parts = []
+    for t, grid, (factor, offset) in zip(tensors, module.grids, module.factors):
+        if grid == module.output:
+            parts.append(t)
+            continue
+        real = _in_place(_by_table(operator.mul, t, factor), "add_", offset)
+        parts.append(real if module.output is None else
+                     _in_place(real.round_(), "clamp_", module.low, module.high).to(torch.uint8))
+    return _by_table(torch.cat, parts, module.dim)
+
+
+def _float_codes(x: Any, scale: Any, zero_point: Any, qmax: Any) -> Any:
+    """native.float_codes' torch ops, in its order, the common ones by table (`_quantize_to_codes`)."""
+    codes = _by_table(operator.truediv, x, scale).round_()
+    codes = _in_place(codes, "add_", zero_point) if zero_point else codes
+    return _in_place(codes, "clamp_", 0, qmax)
+
+
+def _relu_codes(x: Any, zero_point: Any) -> Any:
+    """native.relu_codes, `torch.clamp_min(x, zero_point)`: for a real meta tensor and a Python number, the
+    elementwise output of x in torch's promotion of the two (metaops' rule for binary arithmetic computes exactly
+    that); anything else runs on meta."""
+    if isinstance(x, torch.Tensor) and x.dtype != torch.bool and not x.dtype.is_complex \
+            and type(zero_point) in (int, float):
+        result = rule_for("call_function", operator.add)((x, zero_point), {})
+        if result is not None:
+            return result
+    return torch.clamp_min(x, zero_point)
+
+
+# the native functions a lowered graph calls whose torch ops meet torch's references on meta tensors: each by its
+# forward's ops with the common ones by table (max_pool2d_codes' quantized op has a C++ meta kernel: it runs)
+FUNCTION_RULES: dict[Callable, Callable] = {float_codes: _float_codes, relu_codes: _relu_codes}
+
+
 def _measured_linear(module: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
     """MeasuredLayer.forward's reshapes around any kernel: rows of in_features in, out_features out."""
     rows = x.reshape(-1, module.in_features)
@@ -292,7 +383,7 @@ MODULE_RULES: dict[type, Callable] = {
     EncodedWeight: _encoded,
     KMeansWeight: _weight_like, GridWeight: _weight_like, ActivationQuant: _activation,
     QuantizeInput: _own_forward, IntegerLayer: _integer_layer, IntegerAdd: _own_forward, IntegerCat: _own_forward,
-    QuantizeToCodes: _own_forward, NativeAdd: _own_forward, NativeCat: _own_forward,
+    QuantizeToCodes: _quantize_to_codes, NativeAdd: _native_add, NativeCat: _native_cat,
     NativeLayer: _native_layer, SparseLayer: _sparse_layer,
     WeightOnlyLinear: _measured_linear, DynamicInt8Linear: _measured_linear,
     WeightOnlyEmbedding: _own_forward, DynamicInt8Embedding: _own_forward,  # index_select and torch arithmetic
@@ -377,6 +468,13 @@ def _call(gm: GraphModule, node: Node, args: tuple, kwargs: dict, memo: dict) ->
     tabled = _tabled(node, args, kwargs)
     if tabled is not None:
         return tabled
+    try:
+        native = FUNCTION_RULES.get(node.target) if node.op == "call_function" else None
+    except TypeError:  # an unhashable target is none of them
+        native = None
+    if native is not None:
+        inspect.signature(node.target).bind(*args, **kwargs)  # a call the function would refuse, refused alike
+        return native(*args, **kwargs)
     if _pieces(name, args, kwargs) > MAX_PIECES:
         raise _Unknown(f"{name} would make more than {MAX_PIECES} tensors")
     if node.op == "call_method":

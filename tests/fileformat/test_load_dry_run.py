@@ -2,6 +2,7 @@
 cannot take their arguments is a FormatError naming the node at load, not a PyTorch error at the first
 forward: a Linear whose in_features changed together with its weight, a view with a wrong size constant,
 a swapped argument. Every lowered module kind runs on meta tensors with the shapes of its real forward."""
+import functools
 import operator
 import struct
 import warnings
@@ -19,13 +20,13 @@ from fxcompress.execution import locate_failure
 from fxcompress.fileformat import register_function
 from fxcompress.fileformat.container import HEADER_BYTES, from_bytes, to_bytes
 from fxcompress.fileformat.allowlist import fxcompress_modules
-from fxcompress.fileformat.dryrun import MODULE_RULES, UNKNOWN, dry_run, record_inputs
+from fxcompress.fileformat.dryrun import FUNCTION_RULES, MODULE_RULES, UNKNOWN, dry_run, record_inputs
 from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
                                LowerToInteger, LowerToSparse, LowerWeightOnly)
 
 from fxcompress.encoded.module import EncodedWeight
 from fxcompress.kernels.dynamic import DynamicInt8Linear
-from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes
+from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes, relu_codes
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyLinear
 from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
@@ -297,3 +298,121 @@ def test_the_native_boundary_runs_on_meta_as_it_runs():
 def test_every_module_type_a_file_may_name_has_a_meta_rule():
     """A new kernel module must say how it runs on meta tensors (its forward may call C on data pointers)."""
     assert set(fxcompress_modules().values()) <= set(MODULE_RULES), set(fxcompress_modules().values()) - set(MODULE_RULES)
+
+
+
+# A fresh process that loads integer-lowered files (native backend) must not import torch._dynamo (1-3 s): on meta
+# tensors torch runs `/`, `+`, `clamp`, `cat` and their in-place forms through its Python references, whose wrapper
+# imports it, and the native modules' forward (input quantizer, add, cat, float_codes) made exactly those calls.
+_FRESH_NATIVE_LOAD = """
+import sys
+import fxcompress
+for path in sys.argv[1:]:
+    fxcompress.load(path)
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_fresh_process_loads_native_integer_files_without_importing_dynamo(tmp_path):
+    import subprocess
+    import sys
+    from fxcompress.zoo import ZOO
+
+    make_model, make_input = ZOO["lenet5"]
+    paths, made = [], set()
+    for model, x in ((make_model(), make_input()), (Residual(), torch.rand(2, 3, 4, 4))):
+        torch.manual_seed(0)
+        gm = fxcompress.compile(model.eval(), CALIBRATED, example_inputs=(x,), calibration_data=[(x,)])
+        gm = fxcompress.compile(gm, [LowerToInteger(backend="native", repeats=1)], example_inputs=(x,))
+        made |= {type(m) for m in gm.modules()}
+        paths.append(tmp_path / f"{len(paths)}.fxc")
+        fxcompress.save(gm, paths[-1])
+    assert {QuantizeToCodes, NativeLayer, NativeAdd, NativeCat} <= made
+    done = subprocess.run([sys.executable, "-c", _FRESH_NATIVE_LOAD, *map(str, paths)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"], "loading native integer files imported torch._dynamo"
+
+
+def _on_meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+def _same_metadata(rule, call, *inputs):
+    """The dry run's rule on meta copies of `inputs` against the real call on them: shape, strides, dtype."""
+    real, meta = call(*inputs), rule(*map(_on_meta, inputs))
+    assert (meta.shape, meta.stride(), meta.dtype) == (real.shape, real.stride(), real.dtype), \
+        [(t.dtype, t.shape, t.stride()) for t in inputs if isinstance(t, torch.Tensor)]
+
+
+# inputs of the layouts and dtypes the native modules' torch ops take: dense, channels-last, sliced, expanded
+_LAYOUTS = [torch.randn(2, 3, 5, 5), torch.randn(2, 5, 5, 3).permute(0, 3, 1, 2), torch.randn(4, 6)[:, ::2],
+            torch.randn(1, 1, 3).expand(2, 4, 3), torch.randn(3, 7, dtype=torch.float64)]
+_CODES = [torch.randint(0, 255, (2, 3, 5, 5), dtype=torch.uint8),
+          torch.randint(0, 255, (2, 5, 5, 3), dtype=torch.uint8).permute(0, 3, 1, 2),
+          torch.randint(0, 255, (3, 5, 5), dtype=torch.uint8), torch.randint(0, 255, (4, 6), dtype=torch.uint8)[:, ::2]]
+
+
+def test_the_native_boundary_rule_gives_the_forwards_shape_strides_and_dtype():
+    """The dry run's QuantizeToCodes rule computes the forward's torch ops by table: the same metadata as those ops
+    on CPU tensors (the C call writes the same), for each input dtype and layout they take."""
+    inputs = [*_LAYOUTS, torch.randint(0, 9, (3, 7)), torch.randn(3, 7).bool()]
+    for channels_last in (False, True):
+        module = QuantizeToCodes(0.05, 3, 255, channels_last)
+        for x in inputs:
+            _same_metadata(functools.partial(MODULE_RULES[QuantizeToCodes], module, {}), module, x)
+
+
+def test_the_native_add_and_cat_rules_give_the_forwards_shape_strides_and_dtype():
+    for output, relu in ((None, False), (None, True), ((0.1, 7), False)):
+        add = NativeAdd((0.05, 3), (0.02, 9), output, low=7 if relu else 0, relu=relu)
+        for a in _CODES:
+            for b in (a, a.contiguous(), a[:1]):
+                if a.dim() == 3 and b.dim() != 3:
+                    continue
+                _same_metadata(functools.partial(MODULE_RULES[NativeAdd], add, {}), add, a, b)
+        for dim in (0, 1):
+            cat = NativeCat([(0.05, 3), (0.1, 7), (0.02, 9)], output, dim)
+            for a in _CODES:
+                _same_metadata(functools.partial(MODULE_RULES[NativeCat], cat, {}), cat, a, a.contiguous(), a)
+
+
+def test_the_native_function_rules_give_the_functions_shape_strides_and_dtype():
+    for x in _LAYOUTS:
+        for zero_point in (0, 3):
+            _same_metadata(lambda v: FUNCTION_RULES[float_codes](v, 0.05, zero_point, 255),
+                           lambda v: float_codes(v, 0.05, zero_point, 255), x)
+    for x in [*_CODES, *_LAYOUTS]:
+        for zero_point in (3, 3.0):
+            _same_metadata(lambda v: FUNCTION_RULES[relu_codes](v, zero_point), lambda v: relu_codes(v, zero_point), x)
+
+
+def test_the_native_rules_refuse_what_the_forward_refuses():
+    """Operands that do not broadcast still fail the load (the table leaves them to torch's own meta run)."""
+    add = NativeAdd((0.05, 3), (0.02, 9), (0.1, 7))
+    with pytest.raises(RuntimeError):
+        MODULE_RULES[NativeAdd](add, {}, *map(_on_meta, (_CODES[0], _CODES[3])))
+    cat = NativeCat([(0.05, 3), (0.1, 7)], (0.1, 7), 1)
+    with pytest.raises(RuntimeError):
+        MODULE_RULES[NativeCat](cat, {}, *map(_on_meta, (_CODES[0], _CODES[3])))
+    with pytest.raises(TypeError):
+        FUNCTION_RULES[float_codes](_on_meta(_LAYOUTS[0]), "0.05", 0, 255)
+
+
+def test_the_native_rules_in_place_steps_fail_where_torch_does():
+    """A number torch cannot convert (a file writes float_codes' zero-point) fails the table's in-place step as it
+    fails torch's own meta run; the numbers it converts give the tensor itself."""
+    from fxcompress.fileformat.dryrun import _in_place
+    for number in (3, 0.5, float("nan"), -(1 << 63), (1 << 64) - 1, -(1 << 63) - 1, 1 << 64, 1 << 70):
+        for method, numbers in (("add_", (number,)), ("clamp_", (0, number)), ("clamp_min_", (number,))):
+            x = torch.empty(2, 3, device="meta")
+            try:
+                expected = getattr(x, method)(*numbers)
+            except Exception as exc:  # noqa: BLE001 - whatever torch raises, the rule raises too
+                with pytest.raises(type(exc)):
+                    _in_place(torch.empty(2, 3, device="meta"), method, *numbers)
+            else:
+                got = _in_place(x, method, *numbers)
+                assert got is x and (got.shape, got.dtype) == (expected.shape, expected.dtype)
