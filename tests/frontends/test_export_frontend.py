@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import operator
 import types
@@ -894,3 +895,49 @@ def test_feature_alpha_dropout_keeps_channels_apart(frontend):
     other = torch.randn(3, 3, H, W)
     torch.testing.assert_close(pruned(other), zeroed(other), rtol=1e-5, atol=1e-5)
     assert pruned.train()(other).shape == (3, 4, H, W)
+
+
+def test_model_output_classes_are_returned_wherever_the_output_structure_has_them():
+    """A dict subclass filled by dataclass fields (Hugging Face's ModelOutput) in the output becomes a plain dict
+    in the graph's output node; the compiled forward and the Interpreter's run rebuild it at any depth (in a tuple,
+    a dict, a list), where the plain containers around it stay what they were. Passes and the file format read
+    the graph's plain structure; a loaded file returns the same tensors in it."""
+    model_output = pytest.importorskip("transformers.utils").ModelOutput
+
+    @dataclasses.dataclass
+    class Heads(model_output):
+        logits: torch.Tensor | None = None
+        hidden: torch.Tensor | None = None
+
+    class Model(MLP):
+        def forward(self, x):
+            h = self.body(x)
+            return Heads(logits=self.head(h), hidden=h), {"h": Heads(logits=h)}, [h.sum(-1)]
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(3, 16)
+    expected = model(x)
+    gm = fxcompress.compile(model, [], (x,), frontend="export")
+    assert gm.meta["frontend"] == "export"
+    for out in (gm(x), torch.fx.Interpreter(gm).run(x)):
+        assert type(out) is tuple and type(out[0]) is Heads and type(out[1]) is dict and type(out[2]) is list
+        assert type(out[1]["h"]) is Heads and list(out[1]["h"].keys()) == ["logits"]
+        assert torch.equal(out[0].logits, expected[0].logits) and torch.equal(out[0][1], expected[0].hidden)
+        assert torch.equal(out[1]["h"][0], expected[1]["h"].logits) and torch.equal(out[2][0], expected[2][0])
+    masked = fxcompress.compile(gm, [InsertMasks(sparsity=0.5)], (x,))
+    assert type(masked(x)[0]) is Heads
+    loaded = from_bytes(to_bytes(masked))(x)
+    assert torch.equal(loaded[0]["logits"], masked(x)[0].logits) and torch.equal(loaded[1]["h"]["logits"],
+                                                                                 masked(x)[1]["h"].logits)
+
+
+def test_an_output_without_model_output_classes_keeps_the_plain_codegen():
+    """Outputs of plain dicts, lists and tuples come back as the model returns them with torch.fx's own codegen."""
+    class Model(MLP):
+        def forward(self, x):
+            return {"y": self.head(self.body(x))}, [x]
+
+    gm = fxcompress.compile(Model().eval(), [], (torch.randn(2, 16),), frontend="export")
+    assert type(gm.graph._codegen) is torch.fx.CodeGen
+    out = gm(torch.randn(2, 16))
+    assert type(out) is tuple and type(out[0]) is dict and type(out[1]) is list

@@ -395,3 +395,39 @@ def test_compile_exports_a_batch_of_one_with_a_free_batch(name):
     other = (torch.cat([MODELS[name][1](), MODELS[name][1]()[:1]]),)  # a batch of 3
     for a, b in zip(run(gm, other), run(model, other), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- the model's own output class --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert_cls", "bert"])
+def test_the_compiled_model_returns_the_models_output_class(name):
+    """The export front end's graph holds a ModelOutput as a plain dict (torch.fx stores every dict so); the
+    compiled forward returns the model's own class with its fields, which user code reads (`out.logits`,
+    `out[0]`, `to_tuple()`), and keeps it through a pass, whose verification compares the output structure.
+    A file stores the graph alone: the loaded model returns the same tensors under the same keys."""
+    torch.manual_seed(0)
+    model, ids = MODELS[name][0]().eval(), _tokens()
+    with torch.no_grad():
+        expected = model(ids)
+        gm = fxcompress.compile(model, [], (ids,), frontend="export")
+        out = gm(ids)
+    assert type(out) is type(expected) and list(out.keys()) == list(expected.keys())
+    if "logits" in expected:
+        assert torch.equal(out.logits, expected.logits)
+    assert torch.equal(out[0], expected[0])
+    assert len(out.to_tuple()) == len(expected.to_tuple())
+    assert all(torch.equal(a, b) for a, b in zip(out.to_tuple(), expected.to_tuple(), strict=True))
+    # the Interpreter (shape propagation, the passes' runs) unpacks the graph's outputs as the forward does
+    assert type(torch.fx.Interpreter(gm).run(ids)) is type(expected)
+    auto = fxcompress.compile(model, [], (ids,))  # the default front end: fx cannot trace these, export does
+    assert auto.meta["frontend"] == "export" and type(auto(ids)) is type(expected)
+
+    masked = fxcompress.compile(gm, [InsertMasks(sparsity=0.5)], (ids,))
+    assert fxcompress.history(masked)[-1].name == "InsertMasks" and fxcompress.history(masked)[-1].changed
+    with torch.no_grad():
+        masked_out = masked(ids)
+        assert type(masked_out) is type(expected) and list(masked_out.keys()) == list(expected.keys())
+        assert torch.equal(masked_out[0], masked_out.to_tuple()[0])
+        loaded = from_bytes(to_bytes(masked))(ids)
+    assert list(loaded.keys()) == list(expected.keys())
+    assert all(torch.equal(loaded[key], masked_out[key]) for key in expected.keys())
