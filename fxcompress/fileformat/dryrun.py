@@ -19,10 +19,12 @@ How each kind of node runs:
   as they are, on meta tensors (a module through `torch.func.functional_call` with its tensors
   swapped for meta ones; factory functions inside make meta tensors under `torch.device("meta")`);
 - fxcompress's own modules run by the table `MODULE_RULES`: those written in plain torch ops
-  (k-means weights, the integer reference runtime, the embeddings tied to a weight-only or dynamic
-  int8 head) run their own forward on meta tensors; the native input quantizer, add and cat (and
-  the native functions `float_codes` and `relu_codes`, `FUNCTION_RULES`) run their forward's ops
-  in its order with the common ones by table, as above, so loading a native file does not import
+  (k-means weights, the embeddings tied to a weight-only or dynamic int8 head) run their own forward
+  on meta tensors; the integer modules of either backend (the reference runtime's input quantizer,
+  layer, add and cat; the native input quantizer, add and cat) and the functions a lowered graph
+  calls on codes (`float_codes`, `relu_codes`, `dequantize_codes`, and relu and the respelled clamps
+  on integer codes, which the table leaves alone: `FUNCTION_RULES`) run their forward's ops in its
+  order with the common ones by table, as above, so loading an integer file does not import
   torch._dynamo either; those whose forward calls our C kernels, oneDNN or decodes
   bytes (encoded weights, native layers, sparse, weight-only and dynamic int8 layers) and the
   fake-quant modules whose grids read values (grid weights, activation quantizers) compute their
@@ -61,7 +63,8 @@ from fxcompress.kernels.native import (NativeAdd, NativeCat, NativeLayer, Quanti
                                       relu_codes)
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
-from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
+from fxcompress.layers import KINDS
+from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput, dequantize_codes
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 from fxcompress.rewire import writes_in_place
 
@@ -277,14 +280,6 @@ def _sparse_layer(module: SparseLayer, state: dict, x: torch.Tensor) -> torch.Te
     return _linear_or_conv(module.kind, x, weight, module)
 
 
-def _integer_layer(module: IntegerLayer, state: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Its own forward (torch ops), after `check_conv` on the stride, padding and dilation it was built with."""
-    if module.kind != "linear":
-        check_conv(module.weight.dim() - 2, module.weight, None,
-                   {"stride": module.stride, "padding": module.padding, "dilation": module.dilation})
-    return _own_forward(module, state, *args, **kwargs)
-
-
 def _by_table(fn: Callable, *args: Any) -> Any:
     """`fn(*args)`, computed by metaops' table where it covers the call, else run on meta as it is."""
     rule = rule_for("call_function", fn)
@@ -368,9 +363,138 @@ def _relu_codes(x: Any, zero_point: Any) -> Any:
     return torch.clamp_min(x, zero_point)
 
 
-# the native functions a lowered graph calls whose torch ops meet torch's references on meta tensors: each by its
-# forward's ops with the common ones by table (max_pool2d_codes' quantized op has a C++ meta kernel: it runs)
-FUNCTION_RULES: dict[Callable, Callable] = {float_codes: _float_codes, relu_codes: _relu_codes}
+# ---- the reference integer backend (quant/integer.py): each forward's torch ops in its order, the common ones by
+# table. Its int64 `*`, `+`, `-`, its float64 `*`, its clamps between 0-d tensors and its `cat` went through torch's
+# Python references on meta tensors, which import torch._dynamo (a fresh process's first load of a reference-
+# lowered LeNet-5 paid about 0.9 s for it); `round`, `.to`, `<<`, `>>`, `ones_like`, the products without a bias and
+# the indexing have C++ meta kernels and run as the forward runs them.
+
+def _same_elementwise(x: Any) -> Any:
+    """An elementwise output of x's shape, layout and dtype, for a strided meta tensor of a real non-bool dtype
+    (`x + 0` by the table: 0 promotes no such dtype); None for anything else."""
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.dtype.is_complex:
+        return None
+    return rule_for("call_function", operator.add)((x, 0), {})
+
+
+def _clamp_between(x: Any, low: Any, high: Any) -> Any:
+    """torch.clamp(x, low, high) with the bounds 0-d tensors (the reference modules' `low` / `high` buffers). For
+    a real non-bool x and integer 0-d bounds the output is elementwise in x's dtype (a 0-d tensor of the same
+    category promotes nothing, and its zero strides choose no layout); anything else runs on meta."""
+    if all(isinstance(b, torch.Tensor) and b.is_meta and b.dim() == 0 and b.dtype != torch.bool
+           and not b.dtype.is_floating_point and not b.dtype.is_complex for b in (low, high)):
+        result = _same_elementwise(x)
+        if result is not None:
+            return result
+    return torch.clamp(x, low, high)
+
+
+def _requantize(acc: Any, multiplier: Any, shift: Any) -> Any:
+    """quant.integer.requantize's ops, in its order: `*`, `-` and `+` by table."""
+    product = _by_table(operator.mul, acc, multiplier)
+    return _by_table(operator.add, product, torch.ones_like(shift) << _by_table(operator.sub, shift, 1)) >> shift
+
+
+def _quantize_input(module: QuantizeInput, state: dict, x: Any) -> Any:
+    """QuantizeInput.forward's ops, in its order: `/`, `+`, `clamp` and `-` by table."""
+    q = _by_table(operator.add, torch.round(_by_table(operator.truediv, x, module.scale)), module.zero_point)
+    q = _by_table(torch.clamp, q, module.qmin, module.qmax)
+    return _by_table(operator.sub, q, module.zero_point).to(torch.int32)
+
+
+def _integer_layer(module: IntegerLayer, state: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`check_conv` on the stride, padding and dilation it was built with, then IntegerLayer.forward's ops on the
+    module's meta tensors, in its order: the bias's `+`, the output scale's `*` and requantize by table. A call
+    other than one tensor runs the forward itself (which refuses it as the real call does)."""
+    if module.kind != "linear":
+        check_conv(module.weight.dim() - 2, module.weight, None,
+                   {"stride": module.stride, "padding": module.padding, "dilation": module.dilation})
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return _own_forward(module, state, *args, **kwargs)
+    x, weight = args[0], state["weight"]
+    if module.kind != "linear" and x.dim() == weight.dim() - 1:  # unbatched: run as a batch of one, as forward does
+        return _integer_layer(module, state, x.unsqueeze(0)).squeeze(0)
+    x, w = x.double(), weight.double()
+    if module.kind == "linear":
+        acc = _by_table(operator.add, F.linear(x, w).round().to(torch.int64), state["bias"])
+    else:
+        acc = KINDS[module.kind].function(x, w, None, module.stride, module.padding, module.dilation, module.groups)
+        acc = _by_table(operator.add, acc.round().to(torch.int64), state["bias"].reshape(-1, *([1] * (acc.ndim - 2))))
+    view = (-1,) if module.kind == "linear" else (-1, *([1] * (acc.ndim - 2)))
+    if not module.requantize:
+        return _by_table(operator.mul, acc.double(), state["output_scale"].reshape(view)).float()
+    out = _requantize(acc, state["multiplier"].reshape(view), state["shift"].reshape(view))
+    return _clamp_between(out, state["low"], state["high"]).to(torch.int32)
+
+
+def _integer_add(module: IntegerAdd, state: dict, a: Any, b: Any) -> Any:
+    """IntegerAdd.forward's ops, in its order, `*` and `+` by table; anything but two tensors runs the forward."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return _own_forward(module, state, a, b)
+    if not module.requantize:
+        scales = state["scales"]
+        return _by_table(operator.add, _by_table(operator.mul, a.double(), scales[0]),
+                         _by_table(operator.mul, b.double(), scales[1])).float()
+    multipliers, shift = state["multipliers"], state["shift"]
+    total = _by_table(operator.add, _by_table(operator.mul, a.to(torch.int64), multipliers[0]),
+                      _by_table(operator.mul, b.to(torch.int64), multipliers[1]))
+    rounding = torch.ones_like(shift) << _by_table(operator.sub, shift, 1)
+    out = _by_table(operator.add, total, rounding) >> shift
+    return _clamp_between(out, state["low"], state["high"]).to(torch.int32)
+
+
+def _integer_cat(module: IntegerCat, state: dict, *tensors: Any) -> Any:
+    """IntegerCat.forward's ops, in its order, `*`, requantize and `cat` by table."""
+    if not module.requantize:
+        return _by_table(torch.cat, [_by_table(operator.mul, t.double(), s).float()
+                                     for t, s in zip(tensors, state["scales"])], module.dim)
+    parts = [_clamp_between(_requantize(t.to(torch.int64), m, s), state["low"], state["high"]).to(torch.int32)
+             for t, m, s in zip(tensors, state["multipliers"], state["shifts"])]
+    return _by_table(torch.cat, parts, module.dim)
+
+
+def _dequantize_codes(codes: Any, scale: Any, zero_point: Any) -> Any:
+    """quant.integer.dequantize_codes' ops, in its order (either backend's codes read by a float op), `-` and `*`
+    by table."""
+    values = codes.to(torch.float32)
+    return _by_table(operator.mul, _by_table(operator.sub, values, zero_point) if zero_point else values, scale)
+
+
+def _integer_relu(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """F.relu / torch.relu on the reference backend's int32 codes (the table covers float tensors only): x's
+    elementwise output in its dtype, x itself in place; any other call runs on meta as it is."""
+    names = ("input", "inplace") if fn is F.relu else ("input",)
+    if len(args) + len(kwargs) <= len(names) and set(kwargs) <= set(names[len(args):]):
+        given = dict(zip(names, args), **kwargs)
+        x, inplace = given.get("input"), given.get("inplace", False)
+        result = _same_elementwise(x) if type(inplace) is bool else None
+        if result is not None and not x.dtype.is_floating_point:
+            return x if inplace else result
+    return fn(*args, **kwargs)
+
+
+def _integer_clamp(*args: Any, **kwargs: Any) -> Any:
+    """torch.clamp(codes, low, high) as the lowering respells a ReLU6 or hardtanh on integer codes: Python int
+    bounds within the codes' dtype give its elementwise output in that dtype (the table covers float tensors
+    only); any other call runs on meta as it is."""
+    if len(args) == 3 and not kwargs and isinstance(args[0], torch.Tensor) and not args[0].dtype.is_floating_point:
+        x, low, high = args
+        result = _same_elementwise(x)
+        info = torch.iinfo(x.dtype) if result is not None else None
+        if info is not None and all(type(b) is int and info.min <= b <= info.max for b in (low, high)):
+            return result
+    return torch.clamp(*args, **kwargs)
+
+
+# the functions a lowered graph calls whose torch ops meet torch's references on meta tensors: each by its
+# forward's ops with the common ones by table (max_pool2d_codes' quantized op and max pooling of int32 codes have
+# C++ meta kernels: they run). F.relu, torch.relu and torch.clamp on integer codes (the reference backend's) come
+# here after the table has declined them.
+FUNCTION_RULES: dict[Callable, Callable] = {
+    float_codes: _float_codes, relu_codes: _relu_codes, dequantize_codes: _dequantize_codes,
+    F.relu: functools.partial(_integer_relu, F.relu), torch.relu: functools.partial(_integer_relu, torch.relu),
+    torch.clamp: _integer_clamp,
+}
 
 
 def _measured_linear(module: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +506,7 @@ def _measured_linear(module: nn.Module, state: dict, x: torch.Tensor) -> torch.T
 MODULE_RULES: dict[type, Callable] = {
     EncodedWeight: _encoded,
     KMeansWeight: _weight_like, GridWeight: _weight_like, ActivationQuant: _activation,
-    QuantizeInput: _own_forward, IntegerLayer: _integer_layer, IntegerAdd: _own_forward, IntegerCat: _own_forward,
+    QuantizeInput: _quantize_input, IntegerLayer: _integer_layer, IntegerAdd: _integer_add, IntegerCat: _integer_cat,
     QuantizeToCodes: _quantize_to_codes, NativeAdd: _native_add, NativeCat: _native_cat,
     NativeLayer: _native_layer, SparseLayer: _sparse_layer,
     WeightOnlyLinear: _measured_linear, DynamicInt8Linear: _measured_linear,
@@ -473,7 +597,8 @@ def _call(gm: GraphModule, node: Node, args: tuple, kwargs: dict, memo: dict) ->
     except TypeError:  # an unhashable target is none of them
         native = None
     if native is not None:
-        inspect.signature(node.target).bind(*args, **kwargs)  # a call the function would refuse, refused alike
+        if inspect.isfunction(node.target):  # a call the function would refuse, refused alike (torch's builtins
+            inspect.signature(node.target).bind(*args, **kwargs)  # have no signature: their rules call them)
         return native(*args, **kwargs)
     if _pieces(name, args, kwargs) > MAX_PIECES:
         raise _Unknown(f"{name} would make more than {MAX_PIECES} tensors")

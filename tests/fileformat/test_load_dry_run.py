@@ -29,7 +29,7 @@ from fxcompress.kernels.dynamic import DynamicInt8Linear
 from fxcompress.kernels.native import NativeAdd, NativeCat, NativeLayer, QuantizeToCodes, float_codes, relu_codes
 from fxcompress.kernels.sparse import SparseLayer
 from fxcompress.kernels.weight_only import WeightOnlyLinear
-from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput
+from fxcompress.quant.integer import IntegerAdd, IntegerCat, IntegerLayer, QuantizeInput, dequantize_codes
 from fxcompress.quant.modules import ActivationQuant, GridWeight, KMeansWeight
 
 from .hostile import read_manifest, tensor_data, with_manifest
@@ -301,10 +301,11 @@ def test_every_module_type_a_file_may_name_has_a_meta_rule():
 
 
 
-# A fresh process that loads integer-lowered files (native backend) must not import torch._dynamo (1-3 s): on meta
-# tensors torch runs `/`, `+`, `clamp`, `cat` and their in-place forms through its Python references, whose wrapper
-# imports it, and the native modules' forward (input quantizer, add, cat, float_codes) made exactly those calls.
-_FRESH_NATIVE_LOAD = """
+# A fresh process that loads integer-lowered files (either backend) must not import torch._dynamo (1-3 s): on meta
+# tensors torch runs `/`, `+`, `*`, `clamp`, `cat` and their in-place forms through its Python references, whose
+# wrapper imports it, and the native modules' forward (input quantizer, add, cat, float_codes) made exactly those
+# calls, as the reference modules' did.
+_FRESH_LOAD = """
 import sys
 import fxcompress
 for path in sys.argv[1:]:
@@ -313,7 +314,15 @@ print("torch._dynamo" in sys.modules)
 """
 
 
-def test_a_fresh_process_loads_native_integer_files_without_importing_dynamo(tmp_path):
+# the module types each backend's LeNet-5 and residual model must leave in the files (so the test loads them all)
+_INTEGER_BACKENDS = {"native": {QuantizeToCodes, NativeLayer, NativeAdd, NativeCat},
+                     "reference": {QuantizeInput, IntegerLayer, IntegerAdd, IntegerCat}}
+
+
+@pytest.mark.parametrize("backend", sorted(_INTEGER_BACKENDS))
+def test_a_fresh_process_loads_integer_files_without_importing_dynamo(tmp_path, backend):
+    """Either backend: the reference modules' forwards made the same calls on int64 / float64 tensors, and the
+    reference graph keeps relu on int32 codes."""
     import subprocess
     import sys
     from fxcompress.zoo import ZOO
@@ -323,15 +332,16 @@ def test_a_fresh_process_loads_native_integer_files_without_importing_dynamo(tmp
     for model, x in ((make_model(), make_input()), (Residual(), torch.rand(2, 3, 4, 4))):
         torch.manual_seed(0)
         gm = fxcompress.compile(model.eval(), CALIBRATED, example_inputs=(x,), calibration_data=[(x,)])
-        gm = fxcompress.compile(gm, [LowerToInteger(backend="native", repeats=1)], example_inputs=(x,))
+        options = {"repeats": 1} if backend == "native" else {}
+        gm = fxcompress.compile(gm, [LowerToInteger(backend=backend, **options)], example_inputs=(x,))
         made |= {type(m) for m in gm.modules()}
         paths.append(tmp_path / f"{len(paths)}.fxc")
         fxcompress.save(gm, paths[-1])
-    assert {QuantizeToCodes, NativeLayer, NativeAdd, NativeCat} <= made
-    done = subprocess.run([sys.executable, "-c", _FRESH_NATIVE_LOAD, *map(str, paths)], capture_output=True,
+    assert _INTEGER_BACKENDS[backend] <= made
+    done = subprocess.run([sys.executable, "-c", _FRESH_LOAD, *map(str, paths)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False"], "loading native integer files imported torch._dynamo"
+    assert done.stdout.split() == ["False"], f"loading {backend} integer files imported torch._dynamo"
 
 
 def _on_meta(value):
@@ -416,3 +426,119 @@ def test_the_native_rules_in_place_steps_fail_where_torch_does():
             else:
                 got = _in_place(x, method, *numbers)
                 assert got is x and (got.shape, got.dtype) == (expected.shape, expected.dtype)
+
+
+def _meta_state(module):
+    """The module's tensors on meta, as the dry run hands them to a rule."""
+    return {name: _on_meta(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _filled_integer_layer(kind, weight_shape, requantize, **options):
+    torch.manual_seed(0)
+    layer = IntegerLayer(kind, weight_shape, requantize, weight_dtype="int8", **options)
+    layer.weight.copy_(torch.randint(-127, 128, weight_shape, dtype=torch.int8))
+    layer.bias.copy_(torch.randint(-1000, 1000, (weight_shape[0],), dtype=torch.int32))
+    if requantize:
+        layer.multiplier.fill_(1 << 30)
+        layer.shift.fill_(40)
+        layer.low.fill_(-128)
+        layer.high.fill_(127)
+    return layer
+
+
+def _filled_join(module):
+    module.multipliers.fill_(1 << 30)
+    for name in ("shift", "shifts"):
+        if hasattr(module, name):
+            getattr(module, name).fill_(32)
+    module.low.fill_(-128)
+    module.high.fill_(127)
+    module.scales.copy_(torch.linspace(0.01, 0.05, len(module.scales), dtype=torch.float64))
+    return module
+
+
+# centered int32 codes in the layouts the reference graph hands its modules: dense, channels-last, sliced, expanded
+_CENTERED = [torch.randint(-128, 128, (2, 3, 5, 5), dtype=torch.int32),
+             torch.randint(-128, 128, (2, 5, 5, 3), dtype=torch.int32).permute(0, 3, 1, 2),
+             torch.randint(-128, 128, (3, 5, 5), dtype=torch.int32),
+             torch.randint(-128, 128, (4, 12), dtype=torch.int32)[:, ::2],
+             torch.randint(-128, 128, (1, 1, 6), dtype=torch.int32).expand(2, 4, 6)]
+
+
+def _reference_rule(module, *inputs, cpu_layout=True):
+    """The dry run's rule for a reference module on meta copies of `inputs`: the metadata of the forward on the
+    CPU tensors (shape and dtype only where `cpu_layout` is False) and exactly that of the forward itself run on
+    the meta copies, which is what the dry run ran before the rule."""
+    from fxcompress.fileformat.dryrun import _own_forward
+    state = _meta_state(module)
+    rule = functools.partial(MODULE_RULES[type(module)], module, state)
+    if cpu_layout:
+        _same_metadata(rule, module, *inputs)
+    else:
+        real, meta = module(*inputs), rule(*map(_on_meta, inputs))
+        assert (meta.shape, meta.dtype) == (real.shape, real.dtype)
+    _same_metadata(rule, lambda *meta: _own_forward(module, state, *meta), *map(_on_meta, inputs))
+
+
+def test_the_reference_module_rules_give_the_forwards_shape_strides_and_dtype():
+    """Each reference module's rule computes its forward's ops by table on the module's meta tensors: the same
+    metadata as the forward itself on CPU tensors, for each input dtype and layout it takes."""
+    for x in [*_LAYOUTS, torch.randint(0, 9, (3, 7)), torch.randn(3, 7).bool()]:
+        _reference_rule(QuantizeInput(0.05, 3, 0, 255), x)
+    conv_options = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
+    for requantize in (True, False):
+        linear = _filled_integer_layer("linear", [5, 6], requantize)
+        for x in (_CENTERED[3], _CENTERED[4], _CENTERED[4].contiguous()):
+            _reference_rule(linear, x)
+        conv = _filled_integer_layer("conv2d", [4, 3, 3, 3], requantize, **conv_options)
+        for x in _CENTERED[:3]:
+            # a channels-last input: torch's meta convolution writes a contiguous output where the CPU one keeps
+            # channels-last (the dry run ran that meta kernel before too; it checks sizes, not strides)
+            _reference_rule(conv, x, cpu_layout=x.is_contiguous())
+        add = _filled_join(IntegerAdd(requantize))
+        for a in _CENTERED:
+            for b in (a, a.contiguous(), a[:1]):
+                _reference_rule(add, a, b)
+        for dim in (0, 1):
+            cat = _filled_join(IntegerCat(3, dim, requantize))
+            for a in _CENTERED:
+                _reference_rule(cat, a, a.contiguous(), a)
+
+
+def test_the_reference_function_rules_give_the_functions_shape_strides_and_dtype():
+    """What the reference graph calls on codes (relu, the respelled clamps) and the dequantization either backend
+    inserts before a float reader: the same metadata as the function on CPU tensors."""
+    codes = [*_CENTERED, *_CODES, _CENTERED[0].to(torch.int64), _CENTERED[0].to(torch.int8)]
+    for x in codes:
+        for zero_point in (0, 3):
+            _same_metadata(lambda v: FUNCTION_RULES[dequantize_codes](v, 0.05, zero_point),
+                           lambda v: dequantize_codes(v, 0.05, zero_point), x)
+        for relu in (F.relu, torch.relu):
+            _same_metadata(FUNCTION_RULES[relu], relu, x)
+        for low, high in ((-6, 6), (0, 127)):
+            _same_metadata(lambda v: FUNCTION_RULES[torch.clamp](v, low, high), lambda v: torch.clamp(v, low, high), x)
+    meta = _on_meta(_CENTERED[0])
+    assert FUNCTION_RULES[F.relu](meta, inplace=True) is meta  # in place: the codes themselves, as F.relu gives
+    # bounds outside the codes' dtype are left to torch's own meta run, as the dry run ran them before
+    for dtype in (torch.int8, torch.uint8):
+        x = torch.empty(2, 3, dtype=dtype, device="meta")
+        _same_metadata(lambda v: FUNCTION_RULES[torch.clamp](v, -300, 300), lambda v: torch.clamp(v, -300, 300), x)
+
+
+def test_the_reference_rules_refuse_what_the_forward_refuses():
+    """Operands that do not fit still fail the load: the rules leave them to torch's own meta run."""
+    add = _filled_join(IntegerAdd(True))
+    with pytest.raises(RuntimeError):
+        MODULE_RULES[IntegerAdd](add, _meta_state(add), *map(_on_meta, (_CENTERED[0], _CENTERED[3])))
+    cat = _filled_join(IntegerCat(2, 1, True))
+    with pytest.raises(RuntimeError):
+        MODULE_RULES[IntegerCat](cat, _meta_state(cat), *map(_on_meta, (_CENTERED[0], _CENTERED[3])))
+    linear = _filled_integer_layer("linear", [5, 7], True)
+    with pytest.raises(RuntimeError):
+        MODULE_RULES[IntegerLayer](linear, _meta_state(linear), _on_meta(_CENTERED[3]))
+    with pytest.raises(TypeError):
+        MODULE_RULES[QuantizeInput](QuantizeInput("0.05", 3, 0, 255), {}, _on_meta(_LAYOUTS[0]))
+    with pytest.raises(TypeError):
+        FUNCTION_RULES[torch.relu]("codes")
+    with pytest.raises(TypeError):
+        FUNCTION_RULES[torch.clamp](_on_meta(_CENTERED[0]), -6, "6")
