@@ -2,6 +2,7 @@
 where each node came from: its module path and the user's source line, for every later message."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import linecache
@@ -11,13 +12,14 @@ import sys
 import sysconfig
 import threading
 import traceback
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node, Tracer
+from torch.fx import CodeGen, GraphModule, Node, Tracer
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import ConfigError, TraceError
 
@@ -49,11 +51,21 @@ class _LocatingTracer(Tracer):
         self.stack: list[str] = []
         self.failed_in: str | None = None
         self.thread: int | None = None
+        self.depth = 0  # create_arg's recursion (it converts a container's items by calling itself)
+        self.converted: Any = None  # the value the last outermost create_arg call converted
+        self.output_shape: OutputShape | None = None
 
     def trace(self, root, concrete_args=None):
         with TRACE_LOCK:
             self.thread = threading.get_ident()
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        if self.output_shape is not None and type(graph._codegen) is CodeGen:
+            # a ModelOutput in the forward's return value is a plain dict in the output node: the codegen returns
+            # its class, as the export front end's does (a pytree codegen, from structured concrete_args, is left
+            # alone). Set here, not by trace() below, because unpickling a GraphModule (torch.save) re-traces its
+            # generated forward with the graph's tracer class, this one, and would otherwise return the dicts.
+            graph.set_codegen(RecordOutputs(self.output_shape))
+        return graph
 
     def _elsewhere(self) -> bool:
         """Whether the caller is another thread, running some model's forward while this trace patches."""
@@ -64,7 +76,21 @@ class _LocatingTracer(Tracer):
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
+    def create_arg(self, a: Any) -> Any:
+        self.depth += 1
+        try:
+            return super().create_arg(a)
+        finally:
+            self.depth -= 1
+            if not self.depth and not self._elsewhere():
+                self.converted = a
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> Node:
+        if kind == "output":
+            # Tracer.trace converts the forward's return value with one create_arg call right before this: its
+            # dict subclasses (ModelOutput) are plain dicts in `args` now, so their classes are read from it
+            self.output_shape = output_shape(self.converted)
+            self.converted = None
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if not node.stack_trace:
             frame = _traced_user_frame()
@@ -203,6 +229,109 @@ def keep_non_persistent_buffers(source: nn.Module, gm: GraphModule) -> None:
             continue
         if slot in original._non_persistent_buffers_set:
             gm.get_submodule(owner)._non_persistent_buffers_set.add(slot)
+
+
+# ---- the model's own output classes ----------------------------------------------------------------------
+
+def record_type(cls: type) -> bool:
+    """Whether an output class is a dict that a dataclass's fields fill (Hugging Face's ModelOutput): torch.fx
+    stores any dict as a plain one in the output node, so the generated forward would return a dict."""
+    return isinstance(cls, type) and issubclass(cls, dict) and dataclasses.is_dataclass(cls)
+
+
+class OutputShape(NamedTuple):
+    """A container of the model's output structure that holds a record somewhere: its type (the record's class,
+    dict, list or tuple), its keys (a record's or dict's) and its items' shapes (None: kept as the graph has it).
+    Kept instead of export's TreeSpec, which torch warns about (a deprecated LeafSpec check) when deep-copied, and
+    compile deep-copies the graph with its codegen."""
+
+    type: type
+    keys: tuple
+    items: tuple
+
+
+def _matched(value: Any, shape: OutputShape | None) -> list | None:
+    """The items of the graph's output `value` where `shape` has a container that `value` still has the form of;
+    None anywhere else (a leaf, a namedtuple, which torch.fx keeps itself, or a container a pass reshaped)."""
+    if shape is None:
+        return None
+    if issubclass(shape.type, dict) and isinstance(value, dict) and tuple(value) == shape.keys:
+        return list(value.values())
+    if shape.type in (list, tuple) and type(value) in (list, tuple, immutable_list) and len(value) == len(shape.items):
+        return list(value)
+    return None
+
+
+class RecordOutputs(CodeGen):
+    """Plain codegen whose forward returns the model's own output classes where its output structure has them
+    (`CausalLMOutputWithPast(logits=...)`), so `out.logits`, `out[0]` and `to_tuple()` work on the compiled model
+    as on the model. The graph's output node keeps plain dicts in their place, as an fx trace of the same forward
+    has them: the passes and the file format read only that (a loaded file returns the dicts)."""
+
+    def __init__(self, shape: OutputShape) -> None:
+        super().__init__()
+        self.shape = shape
+        # global names for the classes the return statement calls, fixed here: torch.fx gives a name its namespace
+        # already holds (a node's, another global's, another class's of the same name) a suffix, which the return
+        # would not follow; so each is numbered, prefixed and long
+        self.names: dict[type, str] = {}
+        pending = [shape]
+        while pending:
+            node = pending.pop()
+            pending += [item for item in node.items if item is not None]
+            if record_type(node.type):
+                self.names.setdefault(node.type, f"fxcompress_output{len(self.names)}_{node.type.__name__}")
+
+    def additional_globals(self) -> list[tuple[str, Any]]:
+        return [(name, cls) for cls, name in self.names.items()]
+
+    def generate_output(self, output_args: Any, *, descs: Any = None,
+                        repr_fn: Callable[[object], str] | None = None) -> str:
+        shown = repr_fn or repr
+
+        def source(value: Any, shape: OutputShape | None) -> str:
+            items = _matched(value, shape)
+            if items is None:
+                return shown(value)
+            parts = [source(v, item) for v, item in zip(items, shape.items)]
+            if record_type(shape.type):
+                return f"{self.names[shape.type]}(" + ", ".join(f"{k}={p}" for k, p in zip(shape.keys, parts)) + ")"
+            if shape.type is dict:
+                return "{" + ", ".join(f"{k!r}: {p}" for k, p in zip(shape.keys, parts)) + "}"
+            return f"[{', '.join(parts)}]" if shape.type is list else f"({''.join(p + ', ' for p in parts)})"
+
+        return f"return {source(output_args, self.shape)}"
+
+    def process_outputs(self, outputs: Any) -> Any:
+        """The graph's outputs (an Interpreter's run of it) as the generated forward returns them: the records
+        rebuilt, and within them torch.fx's immutable dicts and lists as the plain ones `return` builds."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, immutable_dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, immutable_list):
+                return [plain(v) for v in value]
+            return tuple(map(plain, value)) if type(value) is tuple else value
+
+        def rebuilt(value: Any, shape: OutputShape | None) -> Any:
+            items = _matched(value, shape)
+            if items is None:
+                return plain(value)
+            parts = [rebuilt(v, item) for v, item in zip(items, shape.items)]
+            if record_type(shape.type):
+                return shape.type(**dict(zip(shape.keys, parts)))
+            return dict(zip(shape.keys, parts)) if shape.type is dict else shape.type(parts)
+
+        return rebuilt(outputs, self.shape)
+
+
+def output_shape(value: Any) -> OutputShape | None:
+    """The containers of a traced forward's return value down to its records; None where it holds none."""
+    if not record_type(type(value)) and type(value) not in (dict, list, tuple):
+        return None  # a leaf, a proxy, or a container of another type (a namedtuple, which torch.fx keeps itself)
+    items = tuple(map(output_shape, value.values() if isinstance(value, dict) else value))
+    if not record_type(type(value)) and all(i is None for i in items):
+        return None
+    return OutputShape(type(value), tuple(value) if isinstance(value, dict) else (), items)
 
 
 def source_line(node: Node) -> str | None:

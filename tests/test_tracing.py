@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +150,67 @@ def test_source_lines_skip_torch_and_fxcompress_frames():
     assert source_line(node) == "model.py:7: y = self.fc(x)"
     node.stack_trace = f'File "{torch.__file__}", line 3, in forward\n    return F.linear(input, w)'
     assert source_line(node) is None
+
+
+# ---- the model's own output classes --------------------------------------------------------------
+
+@dataclasses.dataclass
+class Record(dict):
+    """A dict whose dataclass fields fill it, as Hugging Face's ModelOutput is (without needing transformers)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+    def __post_init__(self):
+        self.update((field.name, getattr(self, field.name)) for field in dataclasses.fields(self))
+
+
+class ReturnsRecords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        # a record, a record nested in a plain list and dict, and a plain tuple torch.fx keeps as it is
+        return Record(logits=h * 2, hidden=h), [x, {"inner": Record(logits=h + 1, hidden=x)}], (h, x)
+
+
+def test_the_fx_front_end_returns_the_models_output_classes(tmp_path):
+    """torch.fx stores any dict as a plain one in the output node; the compiled forward (and an Interpreter run)
+    returns the forward's own record classes, nested ones too, and keeps them through a pass and torch.save."""
+    from fxcompress.passes import InsertMasks
+    model, x = ReturnsRecords().eval(), torch.randn(2, 4)
+    expected = model(x)
+
+    def same(out):
+        assert type(out) is tuple and type(out[0]) is Record and type(out[1]) is list and type(out[1][1]) is dict
+        inner = out[1][1]["inner"]
+        assert type(inner) is Record and list(inner) == ["logits", "hidden"] and list(out[0]) == ["logits", "hidden"]
+        assert torch.equal(out[0].logits, expected[0].logits) and torch.equal(out[0]["hidden"], expected[0].hidden)
+        assert torch.equal(inner.logits, expected[1][1]["inner"].logits) and torch.equal(out[1][0], x)
+        assert type(out[2]) is tuple and torch.equal(out[2][0], expected[2][0])
+
+    gm = fxcompress.compile(model, [], example_inputs=x)
+    same(gm(x))
+    same(torch.fx.Interpreter(gm).run(x))
+    # the graph itself keeps plain dicts: the passes and the file format read the output node as fx writes it
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert type(output.args[0][0]) is not Record and isinstance(output.args[0][0], dict)
+
+    masked = fxcompress.compile(gm, [InsertMasks(sparsity=0.5)], example_inputs=x)
+    assert fxcompress.history(masked)[-1].changed
+    assert type(masked(x)[0]) is Record and type(masked(x)[1][1]["inner"]) is Record
+    torch.save(masked, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    assert type(loaded(x)[0]) is Record and torch.equal(loaded(x)[0].logits, masked(x)[0].logits)
+
+
+def test_a_forward_returning_plain_containers_keeps_the_plain_codegen():
+    class Plain(nn.Module):
+        def forward(self, x):
+            return {"a": x * 2}, [x]
+
+    gm = fxcompress.compile(Plain(), [], example_inputs=torch.randn(2))
+    assert type(gm.graph._codegen) is torch.fx.CodeGen
+    assert type(gm(torch.randn(2))[0]) is dict

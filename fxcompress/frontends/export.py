@@ -10,7 +10,6 @@ refused saving, each with its reason), and a warning names each such op with its
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import operator
 import re
@@ -25,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import CodeGen, Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
-from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..errors import ConfigError, TraceError
 from ..layers import stored_attr
+from ..tracing import OutputShape, RecordOutputs, record_type
 from ..rewire import drop_unread
 from .experts import experts_as_linears, grouped_mm
 from .guards import insert_input_checks, traced_shapes
@@ -481,108 +480,17 @@ def _copy_nodes(copy: _Copy, nodes: list[Node], env: dict, prefix: str) -> Any:
     raise ConfigError("compile: an exported graph has no output node")
 
 
-def _record_type(cls: type) -> bool:
-    """Whether an output class is a dict that a dataclass's fields fill (Hugging Face's ModelOutput): torch.fx
-    stores any dict as a plain one in the output node, so the generated forward would return a dict."""
-    return isinstance(cls, type) and issubclass(cls, dict) and dataclasses.is_dataclass(cls)
-
-
-class _Shape(NamedTuple):
-    """A container of the model's output structure that holds a record somewhere: its type (the record's class,
-    dict, list or tuple), its keys (a record's or dict's) and its items' shapes (None: kept as the graph has it).
-    Kept instead of export's TreeSpec, which torch warns about (a deprecated LeafSpec check) when deep-copied, and
-    compile deep-copies the graph with its codegen."""
-
-    type: type
-    keys: tuple
-    items: tuple
-
-
-def _shape(spec: TreeSpec) -> _Shape | None:
+def _shape(spec: TreeSpec) -> OutputShape | None:
     """The containers of export's output structure `spec` down to its records; None where it holds none."""
     items = tuple(_shape(child) for child in spec.children())
-    if not _record_type(spec.type) and (spec.type not in (dict, list, tuple) or all(i is None for i in items)):
+    if not record_type(spec.type) and (spec.type not in (dict, list, tuple) or all(i is None for i in items)):
         return None  # a leaf, a container with no record in it, or one of another type (kept as the graph has it)
-    return _Shape(spec.type, tuple(spec.context) if issubclass(spec.type, dict) else (), items)
-
-
-def _matched(value: Any, shape: _Shape | None) -> list | None:
-    """The items of the graph's output `value` where `shape` has a container that `value` still has the form of;
-    None anywhere else (a leaf, a namedtuple, which torch.fx keeps itself, or a container a pass reshaped)."""
-    if shape is None:
-        return None
-    if issubclass(shape.type, dict) and isinstance(value, dict) and tuple(value) == shape.keys:
-        return list(value.values())
-    if shape.type in (list, tuple) and type(value) in (list, tuple, immutable_list) and len(value) == len(shape.items):
-        return list(value)
-    return None
-
-
-class _RecordOutputs(CodeGen):
-    """Plain codegen whose forward returns the model's own output classes where its output structure has them
-    (`CausalLMOutputWithPast(logits=...)`), so `out.logits`, `out[0]` and `to_tuple()` work on the compiled model
-    as on the model. The graph's output node keeps plain dicts in their place, as an fx trace of the same forward
-    has them: the passes and the file format read only that (a loaded file returns the dicts)."""
-
-    def __init__(self, shape: _Shape) -> None:
-        super().__init__()
-        self.shape = shape
-        # global names for the classes the return statement calls, fixed here: torch.fx gives a name its namespace
-        # already holds (a node's, another global's, another class's of the same name) a suffix, which the return
-        # would not follow; so each is numbered, prefixed and long
-        self.names: dict[type, str] = {}
-        pending = [shape]
-        while pending:
-            node = pending.pop()
-            pending += [item for item in node.items if item is not None]
-            if _record_type(node.type):
-                self.names.setdefault(node.type, f"fxcompress_output{len(self.names)}_{node.type.__name__}")
-
-    def additional_globals(self) -> list[tuple[str, Any]]:
-        return [(name, cls) for cls, name in self.names.items()]
-
-    def generate_output(self, output_args: Any, *, descs: Any = None,
-                        repr_fn: Callable[[object], str] | None = None) -> str:
-        shown = repr_fn or repr
-
-        def source(value: Any, shape: _Shape | None) -> str:
-            items = _matched(value, shape)
-            if items is None:
-                return shown(value)
-            parts = [source(v, item) for v, item in zip(items, shape.items)]
-            if _record_type(shape.type):
-                return f"{self.names[shape.type]}(" + ", ".join(f"{k}={p}" for k, p in zip(shape.keys, parts)) + ")"
-            if shape.type is dict:
-                return "{" + ", ".join(f"{k!r}: {p}" for k, p in zip(shape.keys, parts)) + "}"
-            return f"[{', '.join(parts)}]" if shape.type is list else f"({''.join(p + ', ' for p in parts)})"
-
-        return f"return {source(output_args, self.shape)}"
-
-    def process_outputs(self, outputs: Any) -> Any:
-        """The graph's outputs (an Interpreter's run of it) as the generated forward returns them: the records
-        rebuilt, and within them torch.fx's immutable dicts and lists as the plain ones `return` builds."""
-        def plain(value: Any) -> Any:
-            if isinstance(value, immutable_dict):
-                return {k: plain(v) for k, v in value.items()}
-            if isinstance(value, immutable_list):
-                return [plain(v) for v in value]
-            return tuple(map(plain, value)) if type(value) is tuple else value
-
-        def rebuilt(value: Any, shape: _Shape | None) -> Any:
-            items = _matched(value, shape)
-            if items is None:
-                return plain(value)
-            parts = [rebuilt(v, item) for v, item in zip(items, shape.items)]
-            if _record_type(shape.type):
-                return shape.type(**dict(zip(shape.keys, parts)))
-            return dict(zip(shape.keys, parts)) if shape.type is dict else shape.type(parts)
-
-        return rebuilt(outputs, self.shape)
+    return OutputShape(spec.type, tuple(spec.context) if issubclass(spec.type, dict) else (), items)
 
 
 def _translate(gm: GraphModule) -> tuple[Graph, list[Node]]:
     """A copy of `gm`'s graph with aten calls respelled, its codegen plain but for the model's output classes
-    (`_RecordOutputs`); the nodes of the unknown ops in it."""
+    (`RecordOutputs`); the nodes of the unknown ops in it."""
     copy = _Copy(Graph(), gm, [])
     # placeholders first, as in fx traces (export puts the parameters' get_attr before them)
     outputs = _copy_nodes(copy, sorted(gm.graph.nodes, key=lambda n: n.op != "placeholder"), {}, "")
@@ -590,7 +498,7 @@ def _translate(gm: GraphModule) -> tuple[Graph, list[Node]]:
     copy.graph.output(tree_unflatten(list(outputs), spec))
     # a ModelOutput in the structure becomes a plain dict in the output node: the codegen returns its class
     shape = _shape(spec)
-    copy.graph.set_codegen(CodeGen() if shape is None else _RecordOutputs(shape))
+    copy.graph.set_codegen(CodeGen() if shape is None else RecordOutputs(shape))
     return copy.graph, copy.unknown
 
 

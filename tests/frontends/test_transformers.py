@@ -431,3 +431,49 @@ def test_the_compiled_model_returns_the_models_output_class(name):
         loaded = from_bytes(to_bytes(masked))(ids)
     assert list(loaded.keys()) == list(expected.keys())
     assert all(torch.equal(loaded[key], masked_out[key]) for key in expected.keys())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert_cls"])
+def test_the_default_front_end_returns_the_models_output_class(name):
+    """fxcompress.compile(model, [], (ids,)): on transformers 4.x too, where torch.fx's plain tracer still fails on
+    these models and the export fallback traces them, the compiled model returns the model's class."""
+    model, ids = MODELS[name][0]().eval(), _tokens()
+    with torch.no_grad():
+        expected = model(ids)
+        gm = fxcompress.compile(model, [], (ids,))
+        out = gm(ids)
+    assert type(out) is type(expected) and list(out.keys()) == list(expected.keys())
+    assert torch.equal(out.logits, expected.logits) and torch.equal(out[0], expected[0])
+
+
+def test_the_fx_front_end_returns_a_model_output_class():
+    """A module torch.fx traces whose forward returns a ModelOutput: torch.fx writes it as a plain dict in the
+    output node, the compiled forward (and an Interpreter run) returns the class, with attribute, index and
+    to_tuple() access."""
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class Out(ModelOutput):
+        logits: torch.Tensor | None = None
+        hidden_states: torch.Tensor | None = None
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            hidden = torch.relu(x)
+            return Out(logits=self.fc(hidden), hidden_states=hidden)
+
+    model, x = Head().eval(), torch.randn(2, 4)
+    expected = model(x)
+    gm = fxcompress.compile(model, [], (x,), frontend="fx")
+    with torch.no_grad():
+        out, run = gm(x), torch.fx.Interpreter(gm).run(x)
+    for got in (out, run):
+        assert type(got) is Out and list(got.keys()) == ["logits", "hidden_states"]
+        assert torch.equal(got[1], expected.hidden_states) and torch.equal(got.hidden_states, got.to_tuple()[1])
+        assert torch.equal(got.logits, expected.logits) and torch.equal(got[0], expected.logits)
