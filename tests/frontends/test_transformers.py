@@ -433,19 +433,6 @@ def test_the_compiled_model_returns_the_models_output_class(name):
     assert all(torch.equal(loaded[key], masked_out[key]) for key in expected.keys())
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert_cls"])
-def test_the_default_front_end_returns_the_models_output_class(name):
-    """fxcompress.compile(model, [], (ids,)): on transformers 4.x too, where torch.fx's plain tracer still fails on
-    these models and the export fallback traces them, the compiled model returns the model's class."""
-    model, ids = MODELS[name][0]().eval(), _tokens()
-    with torch.no_grad():
-        expected = model(ids)
-        gm = fxcompress.compile(model, [], (ids,))
-        out = gm(ids)
-    assert type(out) is type(expected) and list(out.keys()) == list(expected.keys())
-    assert torch.equal(out.logits, expected.logits) and torch.equal(out[0], expected[0])
-
-
 def test_the_fx_front_end_returns_a_model_output_class():
     """A module torch.fx traces whose forward returns a ModelOutput: torch.fx writes it as a plain dict in the
     output node, the compiled forward (and an Interpreter run) returns the class, with attribute, index and
