@@ -22,8 +22,8 @@ How each kind of node runs:
   (k-means weights, the embeddings tied to a weight-only or dynamic int8 head) run their own forward
   on meta tensors; the integer modules of either backend (the reference runtime's input quantizer,
   layer, add and cat; the native input quantizer, add and cat) and the functions a lowered graph
-  calls on codes (`float_codes`, `relu_codes`, `dequantize_codes`, and relu and the respelled clamps
-  on integer codes, which the table leaves alone: `FUNCTION_RULES`) run their forward's ops in its
+  calls on codes (`float_codes`, `relu_codes`, `dequantize_codes`: `FUNCTION_RULES`; relu and the
+  respelled clamps on integer codes are in the table) run their forward's ops in its
   order with the common ones by table, as above, so loading an integer file does not import
   torch._dynamo either; those whose forward calls our C kernels, oneDNN or decodes
   bytes (encoded weights, native layers, sparse, weight-only and dynamic int8 layers) and the
@@ -460,40 +460,12 @@ def _dequantize_codes(codes: Any, scale: Any, zero_point: Any) -> Any:
     return _by_table(operator.mul, _by_table(operator.sub, values, zero_point) if zero_point else values, scale)
 
 
-def _integer_relu(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """F.relu / torch.relu on the reference backend's int32 codes (the table covers float tensors only): x's
-    elementwise output in its dtype, x itself in place; any other call runs on meta as it is."""
-    names = ("input", "inplace") if fn is F.relu else ("input",)
-    if len(args) + len(kwargs) <= len(names) and set(kwargs) <= set(names[len(args):]):
-        given = dict(zip(names, args), **kwargs)
-        x, inplace = given.get("input"), given.get("inplace", False)
-        result = _same_elementwise(x) if type(inplace) is bool else None
-        if result is not None and not x.dtype.is_floating_point:
-            return x if inplace else result
-    return fn(*args, **kwargs)
-
-
-def _integer_clamp(*args: Any, **kwargs: Any) -> Any:
-    """torch.clamp(codes, low, high) as the lowering respells a ReLU6 or hardtanh on integer codes: Python int
-    bounds within the codes' dtype give its elementwise output in that dtype (the table covers float tensors
-    only); any other call runs on meta as it is."""
-    if len(args) == 3 and not kwargs and isinstance(args[0], torch.Tensor) and not args[0].dtype.is_floating_point:
-        x, low, high = args
-        result = _same_elementwise(x)
-        info = torch.iinfo(x.dtype) if result is not None else None
-        if info is not None and all(type(b) is int and info.min <= b <= info.max for b in (low, high)):
-            return result
-    return torch.clamp(*args, **kwargs)
-
-
 # the functions a lowered graph calls whose torch ops meet torch's references on meta tensors: each by its
 # forward's ops with the common ones by table (max_pool2d_codes' quantized op and max pooling of int32 codes have
-# C++ meta kernels: they run). F.relu, torch.relu and torch.clamp on integer codes (the reference backend's) come
-# here after the table has declined them.
+# C++ meta kernels: they run). relu and the respelled clamps on the reference backend's integer codes need no rule
+# here: metaops' tables cover integer tensors for those.
 FUNCTION_RULES: dict[Callable, Callable] = {
     float_codes: _float_codes, relu_codes: _relu_codes, dequantize_codes: _dequantize_codes,
-    F.relu: functools.partial(_integer_relu, F.relu), torch.relu: functools.partial(_integer_relu, torch.relu),
-    torch.clamp: _integer_clamp,
 }
 
 

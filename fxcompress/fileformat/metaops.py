@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import operator
 from typing import Any, Callable
 
@@ -27,6 +28,9 @@ from torch import nn
 from torch._prims_common import compute_elementwise_output_strides, suggest_memory_format
 
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# the integer dtypes whose relu and clamp CPU kernels exist (bool has neither: torch refuses a bool relu, and a
+# clamp whose bounds keep it bool); the unsigned ones wider than uint8 are left to torch
+INTEGERS = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 _NUMBER = (bool, int, float)
 
 
@@ -145,14 +149,16 @@ def _neg(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _result([args[0]], args[0].dtype)
 
 
-# ---- unary float activations ------------------------------------------------------------------------
+# ---- unary activations and clamps ----------------------------------------------------------------------------
 
-def _unary(names: tuple[str, ...] = (), defaults: tuple = (), check: Callable = lambda **options: True) -> Callable:
-    """An activation on a floating-point tensor: same shape and dtype (integer and bool inputs, which some
-    of these refuse and others promote, run on meta as before). With inplace=True the output is the input."""
+def _unary(names: tuple[str, ...] = (), defaults: tuple = (), check: Callable = lambda **options: True,
+           dtypes: frozenset = FLOATS) -> Callable:
+    """An activation on a tensor of one of `dtypes` (floating point unless the activation keeps integers as
+    they are): same shape and dtype (other inputs, which some of these refuse and others promote, run on meta
+    as before). With inplace=True the output is the input."""
     def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
         bound = _bind(args, kwargs, ("input", *names), defaults)
-        if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS:
+        if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in dtypes:
             return None
         options = dict(zip(names, bound[1:]))
         if not check(**options) or options.get("inplace", False) not in (True, False):
@@ -169,15 +175,40 @@ def _approximate(approximate: Any = "none") -> bool:
     return approximate in ("none", "tanh")
 
 
-def _clamp(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """clamp / clip of a floating-point tensor between Python numbers (at least one bound, as torch asks)."""
-    bound = _bind(args, kwargs, ("input", "min", "max"), (None, None))
-    if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS:
-        return None
-    low, high = bound[1:]
-    if (low is None and high is None) or not all(v is None or type(v) in (int, float) for v in (low, high)):
-        return None
-    return _result([bound[0]], bound[0].dtype)
+def _clamping(names: tuple[str, ...]) -> Callable:
+    """clamp / clip (`names` min and max, at least one given, as torch asks), clamp_min and clamp_max (one,
+    required) of a real tensor between Python numbers. As torch's CPU kernels: the output is elementwise in the
+    promotion of the tensor with each bound (an integer tensor with a float bound computes in the default float
+    dtype, a bool tensor with an int bound in int64), and each bound must convert to that dtype without overflow.
+    What those kernels refuse is left to torch: a bool result (no bool clamp kernel) and a bound out of range
+    (which torch's meta run lets through: it still runs there, as before); tensor bounds are left to it too."""
+    def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        bound = _bind(args, kwargs, ("input", *names), (None,) * len(names) if len(names) == 2 else ())
+        if bound is None or not _meta_tensor(bound[0]) or bound[0].dtype not in FLOATS | INTEGERS | {torch.bool}:
+            return None
+        x, limits = bound[0], [v for v in bound[1:] if v is not None]
+        if not limits or not all(type(v) in _NUMBER and (type(v) is not int or -2 ** 63 <= v < 2 ** 63)
+                                 for v in limits):
+            return None  # tensor bounds; ints beyond int64, which torch's argument parser converts or refuses
+        dtype = functools.reduce(torch.promote_types, (torch.result_type(x, v) for v in limits))
+        # with both bounds given and one NaN, torch's kernel fills the output with NaN without converting either
+        nan = len(limits) == 2 and any(type(v) is float and math.isnan(v) for v in limits)
+        if dtype == torch.bool or not (nan or all(_converts(v, dtype) for v in limits)):
+            return None
+        return _result([x], dtype)
+    return rule
+
+
+def _converts(value: bool | int | float, dtype: torch.dtype) -> bool:
+    """Whether torch converts the Python number to `dtype` without its overflow error (c10's `overflows`): a
+    float dtype takes infinities, NaN and finite values up to its largest; a signed integer dtype its range; an
+    unsigned one -max..max too (torch lets negative values wrap, so uint8 takes -255)."""
+    if type(value) is bool:
+        return True
+    if dtype.is_floating_point:
+        return math.isinf(value) or math.isnan(value) or abs(float(value)) <= torch.finfo(dtype).max
+    info = torch.iinfo(dtype)
+    return -info.max <= value <= info.max if info.min == 0 else info.min <= value <= info.max
 
 
 def _where(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -380,6 +411,9 @@ _INPLACE = _unary(("inplace",), (False,))  # an activation whose one option is i
 _HARDTANH = _unary(("min_val", "max_val", "inplace"), (-1.0, 1.0, False), _limits)
 _PLAIN = _unary()
 _GELU = _unary(("approximate",), ("none",), _approximate)
+# relu keeps integer tensors as they are (the reference integer backend's codes): the same rule on their dtypes
+_RELU, _RELU_PLAIN = _unary(("inplace",), (False,), dtypes=FLOATS | INTEGERS), _unary(dtypes=FLOATS | INTEGERS)
+_CLAMP, _CLAMP_MIN, _CLAMP_MAX = _clamping(("min", "max")), _clamping(("min",)), _clamping(("max",))
 
 # call_function targets
 FUNCTIONS: dict[Any, Callable] = {
@@ -389,11 +423,12 @@ FUNCTIONS: dict[Any, Callable] = {
     **{op: _T_COMPARE for op in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge)},
     **{op: _BITWISE for op in (operator.and_, operator.or_, operator.xor)},
     **{op: _T_BITWISE for op in (torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor)},
-    F.relu: _INPLACE, torch.relu: _PLAIN, F.relu6: _INPLACE,
+    F.relu: _RELU, torch.relu: _RELU_PLAIN, F.relu6: _INPLACE,
     F.hardtanh: _HARDTANH, F.silu: _INPLACE, F.gelu: _GELU, F.hardswish: _INPLACE, F.hardsigmoid: _INPLACE,  # MobileNetV3
     torch.sigmoid: _PLAIN, F.sigmoid: _PLAIN, torch.tanh: _PLAIN, F.tanh: _PLAIN,
     **{op: _PLAIN for op in (torch.cos, torch.sin, torch.exp, torch.log, torch.sqrt, torch.rsqrt)},  # rotary, RMSNorm, T5
-    torch.clamp: _clamp, torch.clip: _clamp, torch.where: _where, torch.masked_fill: _masked_fill,
+    torch.clamp: _CLAMP, torch.clip: _CLAMP, torch.clamp_min: _CLAMP_MIN,
+    torch.clamp_max: _CLAMP_MAX, torch.where: _where, torch.masked_fill: _masked_fill,
     F.linear: _linear, F.layer_norm: _layer_norm, torch.mean: _mean,
     F.scaled_dot_product_attention: _attention, torch.diff: _diff, torch.cumsum: _cumsum, torch.abs: _abs,
     torch.minimum: _EXTREMUM, torch.maximum: _EXTREMUM,
@@ -404,8 +439,9 @@ METHODS: dict[str, Callable] = {
     "add": _T_ARITH, "mul": _T_ARITH, "sub": _T_SUB, "div": _T_DIV, "neg": _neg,
     **{name: _T_COMPARE for name in ("eq", "ne", "lt", "le", "gt", "ge")},
     **{name: _T_BITWISE for name in ("bitwise_and", "bitwise_or", "bitwise_xor", "__and__", "__or__", "__xor__")},
-    **{name: _PLAIN for name in ("relu", "sigmoid", "tanh", "cos", "sin", "exp", "log", "sqrt", "rsqrt")},
-    "clamp": _clamp, "clip": _clamp, "masked_fill": _masked_fill, "mean": _mean, "diff": _diff, "cumsum": _cumsum,
+    **{name: _PLAIN for name in ("sigmoid", "tanh", "cos", "sin", "exp", "log", "sqrt", "rsqrt")}, "relu": _RELU_PLAIN,
+    "clamp": _CLAMP, "clip": _CLAMP, "clamp_min": _CLAMP_MIN, "clamp_max": _CLAMP_MAX,
+    "masked_fill": _masked_fill, "mean": _mean, "diff": _diff, "cumsum": _cumsum,
     "pow": _pow, "abs": _abs, "minimum": _EXTREMUM, "maximum": _EXTREMUM,
 }
 
@@ -427,7 +463,7 @@ def _linear_module(module: nn.Module, state: dict, *args: Any, **kwargs: Any) ->
 
 # call_module types (exact types: a subclass may change forward); `state` holds the module's meta tensors
 MODULES: dict[type, Callable] = {
-    nn.ReLU: _module_call(_INPLACE, "inplace"), nn.ReLU6: _module_call(_HARDTANH, "min_val", "max_val", "inplace"),
+    nn.ReLU: _module_call(_RELU, "inplace"), nn.ReLU6: _module_call(_HARDTANH, "min_val", "max_val", "inplace"),
     nn.Hardtanh: _module_call(_HARDTANH, "min_val", "max_val", "inplace"), nn.SiLU: _module_call(_INPLACE, "inplace"),
     nn.GELU: _module_call(_GELU, "approximate"), nn.Sigmoid: _module_call(_PLAIN), nn.Tanh: _module_call(_PLAIN),
     nn.Hardswish: _module_call(_INPLACE, "inplace"), nn.Hardsigmoid: _module_call(_INPLACE, "inplace"),

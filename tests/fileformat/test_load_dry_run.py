@@ -21,6 +21,7 @@ from fxcompress.fileformat import register_function
 from fxcompress.fileformat.container import HEADER_BYTES, from_bytes, to_bytes
 from fxcompress.fileformat.allowlist import fxcompress_modules
 from fxcompress.fileformat.dryrun import FUNCTION_RULES, MODULE_RULES, UNKNOWN, dry_run, record_inputs
+from fxcompress.fileformat.metaops import rule_for
 from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
                                LowerToInteger, LowerToSparse, LowerWeightOnly)
 
@@ -314,6 +315,20 @@ print("torch._dynamo" in sys.modules)
 """
 
 
+class ReluModules(nn.Module):
+    """relu as nn.ReLU modules (one in place) and the `.relu()` method: the reference lowering keeps each on the
+    int32 codes between integer layers."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True)
+        self.conv3, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(torch.flatten(self.conv3(y).relu(), 1))
+
+
 # the module types each backend's LeNet-5 and residual model must leave in the files (so the test loads them all)
 _INTEGER_BACKENDS = {"native": {QuantizeToCodes, NativeLayer, NativeAdd, NativeCat},
                      "reference": {QuantizeInput, IntegerLayer, IntegerAdd, IntegerCat}}
@@ -329,12 +344,20 @@ def test_a_fresh_process_loads_integer_files_without_importing_dynamo(tmp_path, 
 
     make_model, make_input = ZOO["lenet5"]
     paths, made = [], set()
-    for model, x in ((make_model(), make_input()), (Residual(), torch.rand(2, 3, 4, 4))):
+    models = [(make_model(), make_input()), (Residual(), torch.rand(2, 3, 4, 4))]
+    if backend == "reference":  # relu modules and methods on int32 codes: metaops' table, not torch's references
+        models.append((ReluModules(), torch.rand(2, 3, 4, 4)))
+    for model, x in models:
         torch.manual_seed(0)
         gm = fxcompress.compile(model.eval(), CALIBRATED, example_inputs=(x,), calibration_data=[(x,)])
         options = {"repeats": 1} if backend == "native" else {}
         gm = fxcompress.compile(gm, [LowerToInteger(backend=backend, **options)], example_inputs=(x,))
         made |= {type(m) for m in gm.modules()}
+        if isinstance(model, ReluModules):  # the relus stay on the codes the integer layers return
+            relus = [n for n in gm.graph.nodes if n.target == "relu" or n.op == "call_module"
+                     and isinstance(gm.get_submodule(n.target), nn.ReLU)]
+            assert len(relus) == 3 and all(isinstance(gm.get_submodule(n.args[0].target), IntegerLayer)
+                                           for n in relus), gm.graph
         paths.append(tmp_path / f"{len(paths)}.fxc")
         fxcompress.save(gm, paths[-1])
     assert _INTEGER_BACKENDS[backend] <= made
@@ -513,16 +536,22 @@ def test_the_reference_function_rules_give_the_functions_shape_strides_and_dtype
         for zero_point in (0, 3):
             _same_metadata(lambda v: FUNCTION_RULES[dequantize_codes](v, 0.05, zero_point),
                            lambda v: dequantize_codes(v, 0.05, zero_point), x)
-        for relu in (F.relu, torch.relu):
-            _same_metadata(FUNCTION_RULES[relu], relu, x)
+        for relu in (F.relu, torch.relu):  # by metaops' table, which covers integer codes
+            _same_metadata(lambda v: rule_for("call_function", relu)((v,), {}), relu, x)
+        _same_metadata(lambda v: rule_for("call_method", "relu")((v,), {}), torch.Tensor.relu, x)
         for low, high in ((-6, 6), (0, 127)):
-            _same_metadata(lambda v: FUNCTION_RULES[torch.clamp](v, low, high), lambda v: torch.clamp(v, low, high), x)
+            _same_metadata(lambda v: rule_for("call_function", torch.clamp)((v, low, high), {}),
+                           lambda v: torch.clamp(v, low, high), x)
+            _same_metadata(lambda v: rule_for("call_method", "clamp")((v,), {"min": low}), lambda v: v.clamp(min=low), x)
     meta = _on_meta(_CENTERED[0])
-    assert FUNCTION_RULES[F.relu](meta, inplace=True) is meta  # in place: the codes themselves, as F.relu gives
-    # bounds outside the codes' dtype are left to torch's own meta run, as the dry run ran them before
+    assert rule_for("call_function", F.relu)((meta,), {"inplace": True}) is meta  # in place: the codes themselves
+    assert not set(FUNCTION_RULES) & {F.relu, torch.relu, torch.clamp}  # the table's ops need no rule of their own
+    # bounds outside the codes' dtype are refused by the CPU kernel: the table leaves them to torch's own meta run
     for dtype in (torch.int8, torch.uint8):
         x = torch.empty(2, 3, dtype=dtype, device="meta")
-        _same_metadata(lambda v: FUNCTION_RULES[torch.clamp](v, -300, 300), lambda v: torch.clamp(v, -300, 300), x)
+        assert rule_for("call_function", torch.clamp)((x, -300, 300), {}) is None
+        with pytest.raises(RuntimeError, match="without overflow"):
+            torch.clamp(torch.zeros(2, 3, dtype=dtype), -300, 300)
 
 
 def test_the_reference_rules_refuse_what_the_forward_refuses():
@@ -538,7 +567,8 @@ def test_the_reference_rules_refuse_what_the_forward_refuses():
         MODULE_RULES[IntegerLayer](linear, _meta_state(linear), _on_meta(_CENTERED[3]))
     with pytest.raises(TypeError):
         MODULE_RULES[QuantizeInput](QuantizeInput("0.05", 3, 0, 255), {}, _on_meta(_LAYOUTS[0]))
+    # relu and clamp calls torch refuses are declined by the table, so torch's own run refuses them as before
+    assert rule_for("call_function", torch.relu)(("codes",), {}) is None
+    assert rule_for("call_function", torch.clamp)((_on_meta(_CENTERED[0]), -6, "6"), {}) is None
     with pytest.raises(TypeError):
-        FUNCTION_RULES[torch.relu]("codes")
-    with pytest.raises(TypeError):
-        FUNCTION_RULES[torch.clamp](_on_meta(_CENTERED[0]), -6, "6")
+        torch.clamp(_on_meta(_CENTERED[0]), -6, "6")

@@ -50,8 +50,10 @@ def _agrees(call, rule, args, kwargs=None):
     kwargs = kwargs or {}
     try:
         expected = call(*args, **kwargs)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError):
-        expected = None  # torch 2.14 refuses `-` with a bool operand by NotImplementedError
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError, OverflowError):
+        # torch 2.14 refuses `-` with a bool operand by NotImplementedError; its argument parser refuses an int
+        # bound beyond int64 by OverflowError
+        expected = None
     meta_args = tuple(_meta(a) for a in args)
     with torch.device("meta"):
         try:
@@ -92,10 +94,10 @@ UNARY = {operator.neg: [{}], torch.neg: [{}], torch.abs: [{}], torch.relu: [{}],
          F.gelu: [{}, {"approximate": "tanh"}, {"approximate": "exact"}],
          F.hardtanh: [{}, {"min_val": -2, "max_val": 0.5}, {"min_val": 1.0, "max_val": 0.0}, {"inplace": True}],
          torch.clamp: [{"min": 0}, {"max": 0.5}, {"min": -1.0, "max": 1}, {}],
-         torch.clip: [{"min": 0}, {"min": 2, "max": 1}]}
+         torch.clip: [{"min": 0}, {"min": 2, "max": 1}], torch.clamp_min: [{"min": 0}], torch.clamp_max: [{"max": 0.5}]}
 UNARY_METHODS = {"neg": [{}], "abs": [{}], "relu": [{}], "sigmoid": [{}], "tanh": [{}], "cos": [{}], "sin": [{}], "exp": [{}],
                  "sqrt": [{}], "rsqrt": [{}], "log": [{}], "clamp": [{"min": 0.0}, {}],
-                 "clip": [{"max": 1}]}
+                 "clip": [{"max": 1}], "clamp_min": [{"min": -1}], "clamp_max": [{"max": 2.0}]}
 OTHERS = [torch.where, torch.masked_fill, F.linear, F.layer_norm, torch.mean, F.scaled_dot_product_attention, torch.diff,
           torch.cumsum, torch.addmm, torch.cat, torch.concat, torch.pow, operator.pow]
 
@@ -165,6 +167,54 @@ def test_where_masked_fill_and_a_biased_linear_agree_with_torch():
     assert _agrees(F.linear, metaops.FUNCTIONS[F.linear], (x, w, torch.rand(3, dtype=torch.float64))) == (False, False)
 
 
+# bounds at and just past each integer dtype's limits (uint8 takes -255..255: torch lets negative values wrap),
+# a bool, floats that promote an integer tensor or overflow float16 / float32, infinities, NaN, ints beyond int64
+_BOUNDS = [0, -1, True, 127, 128, -128, -129, 255, 256, -255, -256, 32767, 32768, -32769, 2 ** 31 - 1, 2 ** 31,
+           -2 ** 31 - 1, 2 ** 63 - 1, -2 ** 63, 2 ** 63, -2 ** 63 - 1, 0.5, -2.5, 65504.0, 65505.0, 70000, 1e10,
+           1e300, float("inf"), float("-inf"), float("nan")]
+
+
+def _beyond_int64(bounds):
+    """An int bound torch's argument parser converts or refuses before any kernel: the table leaves it to torch."""
+    return any(type(b) is int and not -2 ** 63 <= b < 2 ** 63 for b in bounds)
+
+
+def test_relu_and_number_clamps_cover_integer_and_bool_tensors_as_torch_does():
+    """relu keeps an integer tensor's dtype and refuses a bool one (left to torch); clamp, clip, clamp_min and
+    clamp_max between numbers promote as torch's CPU kernels do (a bool tensor with an int bound: int64), and
+    every call those kernels refuse (a bound that does not convert to the result dtype, a bool result) is
+    declined: on every dtype, the table covers exactly the calls torch accepts."""
+    operands = _tensors(dtypes=DTYPES + (torch.int8, torch.int16))
+    relus = [(F.relu, metaops.FUNCTIONS[F.relu], {}), (F.relu, metaops.FUNCTIONS[F.relu], {"inplace": True}),
+             (torch.relu, metaops.FUNCTIONS[torch.relu], {}), (_method("relu"), metaops.METHODS["relu"], {})]
+    for call, rule, kwargs in relus:
+        accepted, covered = _count((call, rule, (t.clone(),), kwargs) for t in operands)
+        assert covered == accepted == sum(t.dtype != torch.bool for t in operands), (call, kwargs)
+    one_bound = [(torch.clamp, metaops.FUNCTIONS[torch.clamp], "min"),
+                 (torch.clamp, metaops.FUNCTIONS[torch.clamp], "max"), (torch.clip, metaops.FUNCTIONS[torch.clip], "max"),
+                 (_method("clamp"), metaops.METHODS["clamp"], "min"),
+                 (torch.clamp_min, metaops.FUNCTIONS[torch.clamp_min], "min"),
+                 (torch.clamp_max, metaops.FUNCTIONS[torch.clamp_max], "max"),
+                 (_method("clamp_min"), metaops.METHODS["clamp_min"], "min"),
+                 (_method("clamp_max"), metaops.METHODS["clamp_max"], "max")]
+    cases = [(call, rule, (t,), {name: b}) for call, rule, name in one_bound for t in operands for b in _BOUNDS]
+    cases += [(call, rule, (t, b)) for call, rule, _ in one_bound[4:] for t in operands for b in _BOUNDS[::4]]
+    cases += [(call, rule, (t, low, high)) for call, rule in ((torch.clamp, metaops.FUNCTIONS[torch.clamp]),
+                                                              (_method("clamp"), metaops.METHODS["clamp"]))
+              for t in operands[::2] for low in _BOUNDS[::3] for high in _BOUNDS[1::3]]
+    def bounds(case):
+        return [*case[2][1:], *(case[3].values() if len(case) > 3 else ())]
+    accepted, covered = _count([c for c in cases if not _beyond_int64(bounds(c))])
+    assert covered == accepted > len(cases) / 2, (accepted, covered, len(cases))
+    _count([c for c in cases if _beyond_int64(bounds(c))])  # declined or refused, never wrong
+    meta = torch.empty(2, 3, dtype=torch.uint8, device="meta")
+    assert metaops.FUNCTIONS[torch.clamp]((meta, -255, 255), {}).dtype == torch.uint8  # torch's wrap: accepted
+    for refused in ((meta, -256), (meta, 0, 256), (meta.bool(), True)):  # out of range, a bool clamp: torch's
+        assert metaops.FUNCTIONS[torch.clamp](refused, {}) is None
+    assert metaops.FUNCTIONS[torch.clamp]((meta.bool(), 0, 1), {}).dtype == torch.int64
+    assert metaops.FUNCTIONS[torch.clamp]((meta, torch.zeros((), dtype=torch.uint8, device="meta")), {}) is None
+
+
 @pytest.mark.parametrize("module", [nn.ReLU(), nn.ReLU(inplace=True), nn.ReLU6(), nn.Hardtanh(-2.0, 3.0), nn.SiLU(),
                                     nn.Hardswish(), nn.Hardsigmoid(inplace=True),
                                     nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Linear(3, 4)])
@@ -176,6 +226,8 @@ def test_each_torch_module_in_the_table_agrees_with_its_forward(module):
         result = _agrees(own, lambda args, kwargs: rule(own, state, *args, **kwargs), (x.clone(),))
         if x.dtype.is_floating_point and (x.shape[-1] == 3 or not isinstance(module, nn.Linear)):
             assert result == (True, True), (module, x.dtype, x.shape)
+        elif isinstance(module, nn.ReLU):  # integer tensors too (the reference backend's codes); bool: torch refuses
+            assert result == ((True, True) if x.dtype != torch.bool else (False, False)), (module, x.dtype)
 
 
 def test_layer_norm_mean_and_attention_agree_with_torch():
