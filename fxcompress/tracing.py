@@ -62,8 +62,8 @@ class _LocatingTracer(Tracer):
         if self.output_shape is not None and type(graph._codegen) is CodeGen:
             # a ModelOutput in the forward's return value is a plain dict in the output node: the codegen returns
             # its class, as the export front end's does (a pytree codegen, from structured concrete_args, is left
-            # alone). Set here, not by trace() below, because unpickling a GraphModule (torch.save) re-traces its
-            # generated forward with the graph's tracer class, this one, and would otherwise return the dicts.
+            # alone). Set by the tracer, not by this module's trace(): unpickling a GraphModule (torch.save)
+            # re-traces its generated forward with the graph's tracer class, this one, and would return the dicts.
             graph.set_codegen(RecordOutputs(self.output_shape))
         return graph
 

@@ -28,8 +28,8 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ..errors import ConfigError, TraceError
 from ..layers import stored_attr
-from ..tracing import OutputShape, RecordOutputs, record_type
 from ..rewire import drop_unread
+from ..tracing import OutputShape, RecordOutputs, record_type
 from .experts import experts_as_linears, grouped_mm
 from .guards import insert_input_checks, traced_shapes
 from .matmul import linears_written_as_matmul
