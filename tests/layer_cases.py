@@ -1,5 +1,6 @@
 """Small modules that exercise layer finding, shared by the tests of layer selection, mask rules,
-fake-quant rules and channel pruning."""
+fake-quant rules, channel pruning and the file format."""
+import torch
 from torch import nn
 
 
@@ -24,3 +25,19 @@ class TransposedWithOutputSize(nn.Module):
 
     def forward(self, x):
         return self.up(x, output_size=[14, 14])
+
+
+class NativeBlock(nn.Module):
+    """A convolution, a residual add and a concatenation: every native integer module kind, ending in real
+    values (a linear head on the pooled features). Input: (N, 3, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.side, self.head = nn.Conv2d(8, 4, 1), nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.conv(y) + y)
+        y = torch.cat([y, self.side(y)], 1)
+        return self.head(y.mean((2, 3)))

@@ -47,25 +47,13 @@ _LEN = struct.Struct("<I")
 def build_corpus() -> dict[str, tuple[bytes, object]]:
     """name -> (file bytes, example input) of each saved model kind."""
     import torch
-    from torch import nn
 
     import fxcompress
     from fxcompress.fileformat.container import to_bytes
     from fxcompress.passes import (ActivationConfig, InsertFakeQuant, InsertMasks, LowerDynamicInt8, LowerToEncoded,
                                    LowerToInteger, LowerToSparse, LowerWeightOnly)
     from fxcompress.zoo import ZOO
-
-    class Block(nn.Module):  # every native module kind: a convolution, a residual add, a concatenation
-        def __init__(self):
-            super().__init__()
-            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-            self.side, self.head = nn.Conv2d(8, 4, 1), nn.Linear(12, 5)
-
-        def forward(self, x):
-            y = torch.relu(self.stem(x))
-            y = torch.relu(self.conv(y) + y)
-            y = torch.cat([y, self.side(y)], 1)
-            return self.head(y.mean((2, 3)))
+    from tests.layer_cases import NativeBlock  # run from the repository root as a module
 
     torch.manual_seed(0)
     calibrated = [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True,
@@ -77,9 +65,10 @@ def build_corpus() -> dict[str, tuple[bytes, object]]:
                                                         activations=ActivationConfig(bits=8))]]),
         "lenet300_encoded": (ZOO["lenet300"][0], ZOO["lenet300"][1](), [
             [InsertMasks(sparsity=0.8), InsertFakeQuant(method="kmeans", bits=4)], [LowerToEncoded()]]),
-        "block_integer_native": (Block, block_x, [calibrated, [LowerToInteger(backend="native", repeats=1)]]),
-        "block_integer_reference": (Block, block_x, [calibrated, [LowerToInteger(backend="reference")]]),
-        "block_sparse": (Block, block_x, [[InsertMasks(sparsity=0.9)], [LowerToSparse(min_sparsity=0.0, repeats=1)]]),
+        "block_integer_native": (NativeBlock, block_x, [calibrated, [LowerToInteger(backend="native", repeats=1)]]),
+        "block_integer_reference": (NativeBlock, block_x, [calibrated, [LowerToInteger(backend="reference")]]),
+        "block_sparse": (NativeBlock, block_x,
+                         [[InsertMasks(sparsity=0.9)], [LowerToSparse(min_sparsity=0.0, repeats=1)]]),
         "lenet300_weight_only": (ZOO["lenet300"][0], ZOO["lenet300"][1](), [
             [InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True)],
             [LowerWeightOnly(repeats=1)]]),

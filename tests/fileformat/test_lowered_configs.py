@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
-from torch import nn
 
 import fxcompress
 from fxcompress.errors import FormatError
@@ -19,22 +18,9 @@ from fxcompress.fileformat.container import from_bytes, to_bytes
 from fxcompress.fileformat.graphdata import conforms
 from fxcompress.passes import ActivationConfig, InsertFakeQuant, LowerToInteger
 
+from layer_cases import NativeBlock
+
 from .hostile import read_manifest, tensor_data, with_manifest
-
-
-class _Block(nn.Module):
-    """A convolution, a residual add and a concatenation: every native module kind, ending in real values."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.side, self.head = nn.Conv2d(8, 4, 1), nn.Linear(12, 5)
-
-    def forward(self, x):
-        y = torch.relu(self.stem(x))
-        y = torch.relu(self.conv(y) + y)
-        y = torch.cat([y, self.side(y)], 1)
-        return self.head(y.mean((2, 3)))
 
 
 @functools.cache
@@ -42,7 +28,7 @@ def _saved():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     grids = ActivationConfig(bits=8, joins=True)
-    gm = fxcompress.compile(_Block().eval(), [
+    gm = fxcompress.compile(NativeBlock().eval(), [
         InsertFakeQuant(method="linear", bits=8, symmetric=True, per_channel=True, activations=grids),
         LowerToInteger(backend="native", kernels=("int8",), repeats=1)], example_inputs=(x,), calibration_data=[x])
     return to_bytes(gm, example_inputs=(x,)), x, gm(x)
