@@ -10,6 +10,7 @@ bias as stored. A bias shared by two calls of one layer is counted once, as a ti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,34 +145,21 @@ def _bias(gm: GraphModule, node) -> tuple[int, int]:
     return value.numel(), sum(parts.values()) if parts is not None else value.numel() * value.element_size()
 
 
-def _quantizer(gm: GraphModule, node):
-    """(module, node) of the transform on the weight chain that sets the bits (the last one with bits)."""
-    current = weight_arg(node)
-    while current is not None and current.op != "get_attr":
-        if current.op == "call_module":
-            module = gm.get_submodule(current.target)
-            if isinstance(module, WeightTransform) and module.bits:
-                return module, current
-        first = current.args[0] if current.args else None
-        current = first if hasattr(first, "op") else None
-    return None, None
-
-
-def _decoding_bytes(gm: GraphModule, node, bits: int) -> int:
+def _decoding_bytes(quantizer: WeightTransform | None, bits: int, shape: Sequence[int]) -> int:
     """Bytes besides the codes that turn them back into weights. A k-means codebook as the module holds it
     (one table per channel when per-channel); a linear grid's scales (in its scale dtype) and, when
     asymmetric, its zero-points (one integer of the code width each), one of each per grid: per tensor,
     per output channel or per group; a fixed-point grid its exponents (one byte per grid, none when
-    `int_bits` fixes the format). Any other quantizer: a codebook of 2^bits fp32 entries."""
-    module, qnode = _quantizer(gm, node) if node.op == "call_function" else (None, None)
-    if isinstance(module, KMeansWeight):
-        return module.codebook.numel() * module.codebook.element_size()
-    if isinstance(module, GridWeight) and module.enabled and qnode.args and hasattr(qnode.args[0], "op"):
-        grids = module.grid(constant_value(gm, qnode.args[0]).detach()).scale.numel()
-        if module.method == "fixed_point":
-            return 0 if module.int_bits is not None else grids
-        zero_points = 0 if module.symmetric else grids * math.ceil(bits / 8)
-        return grids * SCALE_DTYPES[module.scale_dtype].itemsize + zero_points
+    `int_bits` fixes the format). Any other quantizer: a codebook of 2^bits fp32 entries. `quantizer` is
+    the transform of the weight chain that sets the bits."""
+    if isinstance(quantizer, KMeansWeight):
+        return quantizer.codebook.numel() * quantizer.codebook.element_size()
+    if isinstance(quantizer, GridWeight) and quantizer.enabled:
+        grids = quantizer.grid_count(shape)
+        if quantizer.method == "fixed_point":
+            return 0 if quantizer.int_bits is not None else grids
+        zero_points = 0 if quantizer.symmetric else grids * math.ceil(bits / 8)
+        return grids * SCALE_DTYPES[quantizer.scale_dtype].itemsize + zero_points
     return 4 * 2 ** bits if bits < 32 else 0
 
 
@@ -179,7 +167,8 @@ def _row(gm: GraphModule, layer: Layer, counted_biases: set[str]) -> dict[str, A
     node = layer_node(gm, layer)
     weight = effective_weight(gm, layer)
     transforms = chain_transforms(gm, node) if node.op == "call_function" else []
-    bits = next((t.bits for t in reversed(transforms) if t.bits), 32)
+    quantizer = next((t for t in reversed(transforms) if t.bits), None)  # the last transform with bits
+    bits = quantizer.bits if quantizer is not None else 32
     bias_count, bias_bytes = _bias(gm, node)
     key = _bias_key(node)
     if key is not None and key in counted_biases:  # a second call of the layer: its bias is counted once
@@ -195,7 +184,7 @@ def _row(gm: GraphModule, layer: Layer, counted_biases: set[str]) -> dict[str, A
         # few weights to zero is not worth an index per remaining weight
         dense = math.ceil(weight.numel() * bits / 8)
         sparse = math.ceil(nonzeros * (bits + _INDEX_BITS.get(layer.kind, 8)) / 8)
-        decoding = _decoding_bytes(gm, node, bits) if layer.tied_to is None else 0
+        decoding = _decoding_bytes(quantizer, bits, weight.shape) if layer.tied_to is None else 0
         compressed, exact = min(dense, sparse) + decoding + bias_bytes, False
     macs = _macs(layer, weight, node)
     if layer.tied_to is not None:  # the weight is counted, and stored, once: in the row of `tied_to`

@@ -7,6 +7,7 @@ rebuilds from `type(m)(**m.config())` plus `load_state_dict`, and can be switche
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -195,6 +196,13 @@ class GridWeight(WeightTransform):
         if self.method == "fixed_point":
             return fixed_point_grid(weight, self.bits, self.int_bits, self.axis)
         return linear_grid(weight, self.bits, self.symmetric, self.axis, self.group_size, self.scale_dtype)
+
+    def grid_count(self, shape: Sequence[int]) -> int:
+        """How many grids (scales) `grid` makes for a weight of `shape`, without computing them: one per
+        tensor, one per slice along `axis`, and with `group_size` one per group of the other dim's channels."""
+        if self.axis is None:
+            return 1
+        return shape[self.axis] * (shape[1 - self.axis] // self.group_size if self.group_size else 1)
 
     def grouped(self, weight: torch.Tensor) -> GroupedCodes:
         """`weight` on its grid as codes, scales and zero-points per (output channel, group), for lowering."""

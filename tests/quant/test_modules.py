@@ -174,3 +174,11 @@ def test_forward_without_autograd_gathers_block_by_block_the_same_values(shape, 
             got = module(w)
         assert torch.equal(got, expected.detach()), block
         assert got.shape == w.shape and not got.requires_grad
+
+
+@pytest.mark.parametrize("config", [dict(), dict(axis=0), dict(axis=0, group_size=4), dict(method="fixed_point"),
+                                    dict(method="fixed_point", axis=0), dict(axis=1)])
+def test_grid_count_is_the_number_of_scales_grid_makes(config):
+    weight = torch.randn(6, 8)
+    quantizer = GridWeight(4, **config)
+    assert quantizer.grid_count(weight.shape) == quantizer.grid(weight).scale.numel()
