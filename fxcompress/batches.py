@@ -49,6 +49,17 @@ def token_mask(value: Any) -> torch.Tensor | None:
     return None if bool(keep.all()) else keep
 
 
+def batch_keep(nodes: Sequence[Node], inputs: Sequence) -> torch.Tensor | None:
+    """A batch's kept positions from its positional graph inputs: the value of the graph's `attention_mask`
+    placeholder among `nodes` (its default where the batch stops short of it, as the graph itself would take
+    it), as `token_mask` reads it; None when the graph has no such input or nothing is padded."""
+    placeholders = [node for node in nodes if node.op == "placeholder"]
+    at = next((i for i, node in enumerate(placeholders) if node.target == TOKEN_MASK), None)
+    if at is None:
+        return None
+    return token_mask(inputs[at] if at < len(inputs) else placeholders[at].args[0] if placeholders[at].args else None)
+
+
 def bind_inputs(nodes: Sequence[Node], batch: Mapping, index: int) -> tuple:
     """A dict batch as positional inputs in the order of the placeholders among `nodes` (a tokenizer's output
     passed as gm(**batch)); a placeholder it leaves out takes its default, and a key no placeholder has is

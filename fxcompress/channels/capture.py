@@ -36,7 +36,8 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
-from ..batches import TOKEN_MASK, PaddingIncludedWarning, bind_inputs, calibration_batches, token_mask, token_rows
+from ..batches import (TOKEN_MASK, PaddingIncludedWarning, batch_keep, bind_inputs, calibration_batches,
+                       token_rows)
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import FUNCTIONS, KINDS, bias_arg, layer_kind, stored_attr, tied_readers, weight_arg, weight_source
@@ -271,8 +272,6 @@ class Capture(Interpreter):
         """Run every batch (positional inputs, or a dict bound to the graph's inputs by name), in step; returns
         the graph's output for each."""
         nodes = list(self.graph.nodes)
-        placeholders = [node for node in nodes if node.op == "placeholder"]
-        at = next((i for i, node in enumerate(placeholders) if node.target == TOKEN_MASK), None)
         envs: list[dict[Node, Any]] = []
         iters, self.sizes, self.keeps = [], [], []
         for i, batch in enumerate(batches):
@@ -281,11 +280,8 @@ class Capture(Interpreter):
             envs.append({})
             iters.append(iter(inputs))
             self.sizes.append(next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), None))
-            # read now: the environments drop the input once no later node reads it. A batch that stops short
-            # of the mask leaves it to its default, as the graph itself would
-            mask = None if at is None else (inputs[at] if at < len(inputs) else
-                                            placeholders[at].args[0] if placeholders[at].args else None)
-            self.keeps.append(token_mask(mask))
+            # read now: the environments drop the input once no later node reads it
+            self.keeps.append(batch_keep(nodes, inputs))
         outputs: list[Any] = [None] * len(batches)
         for n in nodes:
             m = self.watched.get(n.name)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ..batches import TOKEN_MASK, PaddingIncludedWarning, bind_inputs, token_mask
+from ..batches import TOKEN_MASK, PaddingIncludedWarning, batch_keep, bind_inputs, token_mask
 from ..errors import PreconditionError
 from ..execution import evaluating
 from ..layers import constant_value
@@ -173,19 +173,13 @@ def _binder(gm: nn.Module):
             return (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {}, None
         return bind_module
     nodes = list(gm.graph.nodes)
-    placeholders = [node for node in nodes if node.op == "placeholder"]
-    at = next((i for i, node in enumerate(placeholders) if node.target == TOKEN_MASK), None)
 
     def bind_graph(batch: Any, index: int) -> tuple[tuple, dict, torch.Tensor | None]:
         if isinstance(batch, Mapping):
             args = bind_inputs(nodes, batch, index)  # the walk's own binding: one rule, one set of messages
         else:
             args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        if at is None:
-            return args, {}, None
-        # a batch that stops short of the mask leaves it to its default, as the graph itself would
-        default = placeholders[at].args[0] if placeholders[at].args else None
-        return args, {}, token_mask(args[at] if at < len(args) else default)
+        return args, {}, batch_keep(nodes, args)
     return bind_graph
 
 
